@@ -1,0 +1,211 @@
+//! Command-line interface: `corecast serve ...`.
+
+use crate::proto::handshake::DEFAULT_MAX_HEAD_BYTES;
+use crate::proto::ws::DEFAULT_MAX_MESSAGE_BYTES;
+use crate::server::Config;
+use crate::server::config::{
+    DEFAULT_DRAIN_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_OUTBOUND_BYTES,
+};
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// corecast: a thread-per-core WebSocket push server (RFC 6455).
+#[derive(Debug, Parser)]
+#[command(name = "corecast", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server until SIGINT or SIGTERM.
+    Serve(ServeArgs),
+}
+
+/// Flags of `corecast serve`. Sizes accept a suffix (`KiB`, `MiB`, `GiB`, or
+/// `K`, `M`, `G`), durations a unit (`ms`, `s`, `m`).
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on; every worker binds it with SO_REUSEPORT.
+    #[arg(long, default_value = "0.0.0.0:9001", value_name = "ADDR")]
+    pub listen: SocketAddr,
+
+    /// Worker threads (event loops); 0 = one per available core.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub workers: usize,
+
+    /// Do not pin worker threads to cores.
+    #[arg(long)]
+    pub no_pin: bool,
+
+    /// Largest message a client may send (after reassembly); larger closes with 1009.
+    #[arg(long, default_value_t = DEFAULT_MAX_MESSAGE_BYTES, value_parser = parse_size, value_name = "BYTES")]
+    pub max_message_size: usize,
+
+    /// Largest HTTP request head; larger is answered 431 (capped at 32 KiB).
+    #[arg(long, default_value_t = DEFAULT_MAX_HEAD_BYTES, value_parser = parse_size, value_name = "BYTES")]
+    pub max_handshake_size: usize,
+
+    /// Per-connection bound on queued outbound bytes; above it the connection
+    /// is not read until the queue drains to half.
+    #[arg(long, default_value_t = DEFAULT_MAX_OUTBOUND_BYTES, value_parser = parse_size, value_name = "BYTES")]
+    pub max_outbound_bytes: usize,
+
+    /// A subprotocol the server accepts (repeat, in order of preference).
+    #[arg(long = "subprotocol", value_name = "NAME")]
+    pub subprotocols: Vec<String>,
+
+    /// Time a client has to send its complete request head.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub handshake_timeout: Duration,
+
+    /// On SIGINT/SIGTERM, how long to wait for clients to finish closing.
+    #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    pub drain_timeout: Duration,
+}
+
+impl ServeArgs {
+    /// The server configuration these flags describe.
+    pub fn to_config(&self) -> Config {
+        Config {
+            listen: self.listen,
+            workers: self.workers,
+            pin_cores: !self.no_pin,
+            max_message_size: self.max_message_size,
+            max_handshake_size: self.max_handshake_size,
+            max_outbound_bytes: self.max_outbound_bytes,
+            subprotocols: self.subprotocols.clone(),
+            handshake_timeout: self.handshake_timeout,
+            drain_timeout: self.drain_timeout,
+        }
+    }
+}
+
+// The defaults shown in --help come from the same constants as `Config::default`.
+const _: () =
+    assert!(DEFAULT_HANDSHAKE_TIMEOUT.as_secs() == 10 && DEFAULT_DRAIN_TIMEOUT.as_secs() == 5);
+
+/// Parses `4096`, `64K`, `64KiB`, `16M`, `16MiB`, `1G` (binary multiples).
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: expected e.g. 4096, 64KiB, 16MiB"))?;
+    let mult: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => return Err(format!("invalid size unit {other:?}: use KiB, MiB or GiB")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} overflows"))
+}
+
+/// Parses `250ms`, `10s`, `2m`; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 10s, 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        other => Err(format!("invalid duration unit {other:?}: use ms, s or m")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("16M"), Ok(16 << 20));
+        assert_eq!(parse_size("1gib"), Ok(1 << 30));
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("99999999999999999999G").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("1h").is_err());
+    }
+
+    #[test]
+    fn defaults_match_config_defaults() {
+        let cli = Cli::try_parse_from(["corecast", "serve"]).unwrap();
+        let Command::Serve(args) = cli.command;
+        let c = args.to_config();
+        let d = Config::default();
+        assert_eq!(c.listen, d.listen);
+        assert_eq!(c.workers, d.workers);
+        assert_eq!(c.pin_cores, d.pin_cores);
+        assert_eq!(c.max_message_size, d.max_message_size);
+        assert_eq!(c.max_handshake_size, d.max_handshake_size);
+        assert_eq!(c.max_outbound_bytes, d.max_outbound_bytes);
+        assert_eq!(c.handshake_timeout, d.handshake_timeout);
+        assert_eq!(c.drain_timeout, d.drain_timeout);
+    }
+
+    #[test]
+    fn flags_parse() {
+        let cli = Cli::try_parse_from([
+            "corecast",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "3",
+            "--no-pin",
+            "--max-message-size",
+            "1MiB",
+            "--subprotocol",
+            "a",
+            "--subprotocol",
+            "b",
+            "--drain-timeout",
+            "100ms",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command;
+        let c = args.to_config();
+        assert_eq!(
+            (c.workers, c.pin_cores, c.max_message_size),
+            (3, false, 1 << 20)
+        );
+        assert_eq!(c.subprotocols, vec!["a", "b"]);
+        assert_eq!(c.drain_timeout, Duration::from_millis(100));
+        assert!(Cli::try_parse_from(["corecast", "serve", "--workers", "x"]).is_err());
+    }
+
+    #[test]
+    fn help_documents_every_flag() {
+        let mut cmd = Cli::command();
+        let serve = cmd.find_subcommand_mut("serve").unwrap();
+        let help = serve.render_long_help().to_string();
+        for arg in serve.get_arguments() {
+            if let Some(long) = arg.get_long() {
+                assert!(
+                    help.contains(&format!("--{long}")),
+                    "--{long} missing from help"
+                );
+                assert!(arg.get_help().is_some(), "--{long} has no help text");
+            }
+        }
+    }
+}

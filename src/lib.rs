@@ -1,0 +1,8 @@
+//! corecast: a thread-per-core WebSocket push server.
+//!
+//! - [`proto`]: the RFC 6455 protocol core, free of I/O.
+//! - [`server`]: configuration, workers and the epoll (mio) event loop.
+
+pub mod cli;
+pub mod proto;
+pub mod server;

@@ -1,0 +1,478 @@
+//! The HTTP/1.1 side of a connection: finding and parsing a request head in
+//! place, validating a WebSocket upgrade (RFC 6455 §4.2.1), computing
+//! `Sec-WebSocket-Accept` (§4.2.2), and rendering responses.
+//!
+//! Nothing here allocates per header: [`parse_head`] fills a caller-owned
+//! array of `httparse::Header`s that borrow the read buffer.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use sha1::{Digest, Sha1};
+use std::fmt::Write as _;
+
+/// Default cap on a request head, in bytes (flag `--max-handshake-size`).
+pub const DEFAULT_MAX_HEAD_BYTES: usize = 8 * 1024;
+/// Headers parsed per request; a head with more is answered 431.
+pub const MAX_HEADERS: usize = 64;
+/// The GUID of RFC 6455 §1.3, appended to the key before hashing.
+pub const WS_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// HTTP statuses corecast answers with, each with its reason phrase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    BadRequest,
+    NotFound,
+    MethodNotAllowed,
+    UpgradeRequired,
+    HeadTooLarge,
+    ServiceUnavailable,
+}
+
+impl Status {
+    pub fn code(self) -> u16 {
+        match self {
+            Self::BadRequest => 400,
+            Self::NotFound => 404,
+            Self::MethodNotAllowed => 405,
+            Self::UpgradeRequired => 426,
+            Self::HeadTooLarge => 431,
+            Self::ServiceUnavailable => 503,
+        }
+    }
+
+    pub fn phrase(self) -> &'static str {
+        match self {
+            Self::BadRequest => "Bad Request",
+            Self::NotFound => "Not Found",
+            Self::MethodNotAllowed => "Method Not Allowed",
+            Self::UpgradeRequired => "Upgrade Required",
+            Self::HeadTooLarge => "Request Header Fields Too Large",
+            Self::ServiceUnavailable => "Service Unavailable",
+        }
+    }
+}
+
+/// A refused request: the status and a short human reason for the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reject {
+    pub status: Status,
+    pub reason: &'static str,
+}
+
+impl Reject {
+    pub const fn new(status: Status, reason: &'static str) -> Self {
+        Self { status, reason }
+    }
+}
+
+/// Finds the end of a request head across reads without rescanning from byte 0.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HeadScanner {
+    /// Bytes already known not to contain the end of the head.
+    scanned: u32,
+}
+
+impl HeadScanner {
+    /// Length of the head (through the blank line) if `buf` holds all of it.
+    /// `buf` must be the same bytes as on the previous call, possibly longer.
+    pub fn find_end(&mut self, buf: &[u8]) -> Option<usize> {
+        // Back up over a terminator that may straddle the previous end
+        // ("\r\n\r" seen, "\n" arriving now).
+        let start = (self.scanned as usize).saturating_sub(3);
+        let mut i = start;
+        while let Some(off) = memchr_newline(&buf[i..]) {
+            let nl = i + off;
+            // A blank line: "\n\n" or "\n\r\n".
+            match buf.get(nl + 1) {
+                Some(b'\n') => return Some(nl + 2),
+                Some(b'\r') if buf.get(nl + 2) == Some(&b'\n') => return Some(nl + 3),
+                _ => {}
+            }
+            i = nl + 1;
+        }
+        self.scanned = buf.len() as u32;
+        None
+    }
+}
+
+#[inline]
+fn memchr_newline(hay: &[u8]) -> Option<usize> {
+    hay.iter().position(|&b| b == b'\n')
+}
+
+/// A header that must appear once appeared more than once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DuplicateHeader;
+
+/// A parsed request head, borrowing the read buffer.
+#[derive(Debug)]
+pub struct Request<'b, 'h> {
+    pub method: &'b str,
+    /// The path without the query string.
+    pub path: &'b str,
+    /// The query string without `?`, if any.
+    pub query: Option<&'b str>,
+    /// Minor HTTP version: 1 for HTTP/1.1.
+    pub version: u8,
+    pub headers: &'h [httparse::Header<'b>],
+}
+
+impl<'b> Request<'b, '_> {
+    /// Every value of header `name` (case-insensitive), in order.
+    pub fn header_values<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'b [u8]> + 's {
+        self.headers
+            .iter()
+            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    }
+
+    /// The single value of header `name`; `Err` if it appears more than once.
+    pub fn header(&self, name: &str) -> Result<Option<&'b [u8]>, DuplicateHeader> {
+        let mut it = self.header_values(name);
+        let first = it.next();
+        if it.next().is_some() {
+            Err(DuplicateHeader)
+        } else {
+            Ok(first)
+        }
+    }
+
+    /// Does any value of header `name`, read as a comma list, contain `token`
+    /// (case-insensitive)?
+    pub fn has_token(&self, name: &str, token: &str) -> bool {
+        self.header_values(name).any(|v| {
+            v.split(|&b| b == b',')
+                .any(|t| trim(t).eq_ignore_ascii_case(token.as_bytes()))
+        })
+    }
+}
+
+fn trim(mut s: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = s {
+        s = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = s {
+        s = rest;
+    }
+    s
+}
+
+/// Parses a complete request head (as found by [`HeadScanner`]).
+pub fn parse_head<'b, 'h>(
+    head: &'b [u8],
+    headers: &'h mut [httparse::Header<'b>; MAX_HEADERS],
+) -> Result<Request<'b, 'h>, Reject> {
+    let mut req = httparse::Request::new(headers);
+    match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => {
+            return Err(Reject::new(Status::BadRequest, "incomplete request head"));
+        }
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Reject::new(Status::HeadTooLarge, "too many header fields"));
+        }
+        Err(_) => return Err(Reject::new(Status::BadRequest, "malformed request head")),
+    }
+    let (method, target, version) = (
+        req.method.unwrap_or(""),
+        req.path.unwrap_or(""),
+        req.version.unwrap_or(0),
+    );
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (target, None),
+    };
+    Ok(Request {
+        method,
+        path,
+        query,
+        version,
+        headers: req.headers,
+    })
+}
+
+/// What a valid upgrade request carries forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpgradeRequest<'b> {
+    /// `Sec-WebSocket-Key` as sent (24 base64 characters).
+    pub key: &'b [u8],
+}
+
+/// Validates the WebSocket-specific parts of a request (§4.2.1). The path has
+/// already been routed by the caller.
+pub fn validate_upgrade<'b>(req: &Request<'b, '_>) -> Result<UpgradeRequest<'b>, Reject> {
+    use Status::*;
+    if req.method != "GET" {
+        return Err(Reject::new(
+            MethodNotAllowed,
+            "WebSocket upgrade requires GET",
+        ));
+    }
+    if req.version != 1 {
+        return Err(Reject::new(
+            BadRequest,
+            "WebSocket upgrade requires HTTP/1.1",
+        ));
+    }
+    if req
+        .header("host")
+        .map_err(|_| Reject::new(BadRequest, "duplicate Host header"))?
+        .is_none()
+    {
+        return Err(Reject::new(BadRequest, "missing Host header"));
+    }
+    if !req.has_token("upgrade", "websocket") {
+        return Err(Reject::new(BadRequest, "missing Upgrade: websocket"));
+    }
+    if !req.has_token("connection", "upgrade") {
+        return Err(Reject::new(
+            BadRequest,
+            "Connection header lacks the Upgrade token",
+        ));
+    }
+    let version = req
+        .header("sec-websocket-version")
+        .map_err(|_| Reject::new(UpgradeRequired, "duplicate Sec-WebSocket-Version"))?;
+    if version.map(trim) != Some(b"13") {
+        return Err(Reject::new(
+            UpgradeRequired,
+            "unsupported WebSocket version; use 13",
+        ));
+    }
+    let key = req
+        .header("sec-websocket-key")
+        .map_err(|_| Reject::new(BadRequest, "duplicate Sec-WebSocket-Key"))?
+        .ok_or(Reject::new(BadRequest, "missing Sec-WebSocket-Key"))?;
+    let key = trim(key);
+    let mut raw = [0u8; 18];
+    match BASE64.decode_slice(key, &mut raw) {
+        Ok(16) => {}
+        _ => {
+            return Err(Reject::new(
+                BadRequest,
+                "Sec-WebSocket-Key is not 16 base64-encoded bytes",
+            ));
+        }
+    }
+    Ok(UpgradeRequest { key })
+}
+
+/// Picks the subprotocol: the first of `supported` (server preference order)
+/// that the client offered. Never returns one the server does not support.
+pub fn choose_subprotocol<'c, S: AsRef<str>>(
+    req: &Request<'_, '_>,
+    supported: &'c [S],
+) -> Option<&'c str> {
+    if supported.is_empty() {
+        return None;
+    }
+    supported.iter().map(AsRef::as_ref).find(|want| {
+        req.header_values("sec-websocket-protocol")
+            .flat_map(|v| v.split(|&b| b == b','))
+            .any(|offered| trim(offered) == want.as_bytes())
+    })
+}
+
+/// `Sec-WebSocket-Accept` for a key: base64(SHA-1(key ++ GUID)).
+pub fn accept_key(key: &[u8]) -> [u8; 28] {
+    let mut sha = Sha1::new();
+    sha.update(key);
+    sha.update(WS_GUID);
+    let digest = sha.finalize();
+    let mut out = [0u8; 28];
+    let n = BASE64
+        .encode_slice(digest, &mut out)
+        .expect("20 bytes encode to 28");
+    debug_assert_eq!(n, 28);
+    out
+}
+
+/// Appends the `101 Switching Protocols` response to `out`.
+pub fn write_switching_protocols(out: &mut Vec<u8>, key: &[u8], subprotocol: Option<&str>) {
+    out.extend_from_slice(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ",
+    );
+    out.extend_from_slice(&accept_key(key));
+    if let Some(p) = subprotocol {
+        out.extend_from_slice(b"\r\nSec-WebSocket-Protocol: ");
+        out.extend_from_slice(p.as_bytes());
+    }
+    out.extend_from_slice(b"\r\n\r\n");
+}
+
+/// Renders a refusal: status line, a plain-text reason, `Connection: close`,
+/// and the headers the status calls for (426 names the supported version,
+/// 405 the allowed method).
+pub fn error_response(reject: Reject) -> Vec<u8> {
+    let body_len = reject.reason.len() + 1;
+    let mut s = String::with_capacity(160 + body_len);
+    let _ = write!(
+        s,
+        "HTTP/1.1 {} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n",
+        reject.status.code(),
+        reject.status.phrase(),
+        body_len
+    );
+    match reject.status {
+        Status::UpgradeRequired => {
+            s.push_str("Sec-WebSocket-Version: 13\r\nUpgrade: websocket\r\n")
+        }
+        Status::MethodNotAllowed => s.push_str("Allow: GET\r\n"),
+        _ => {}
+    }
+    let _ = write!(s, "\r\n{}\n", reject.reason);
+    s.into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "GET /echo?x=1 HTTP/1.1\r\nHost: localhost\r\nUpgrade: WebSocket\r\n\
+        Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+        Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: chat, superchat\r\n\r\n";
+
+    fn with<R>(raw: &str, f: impl FnOnce(Result<Request<'_, '_>, Reject>) -> R) -> R {
+        let mut h = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        f(parse_head(raw.as_bytes(), &mut h))
+    }
+
+    fn upgrade(raw: &str) -> Result<(), Reject> {
+        with(raw, |r| validate_upgrade(&r?).map(|_| ()))
+    }
+
+    #[test]
+    fn rfc_accept_example() {
+        // RFC 6455 §1.3.
+        assert_eq!(
+            &accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
+
+    #[test]
+    fn parses_and_validates_a_good_request() {
+        with(GOOD, |r| {
+            let r = r.unwrap();
+            assert_eq!(
+                (r.method, r.path, r.query, r.version),
+                ("GET", "/echo", Some("x=1"), 1)
+            );
+            let u = validate_upgrade(&r).unwrap();
+            assert_eq!(u.key, b"dGhlIHNhbXBsZSBub25jZQ==");
+            assert_eq!(
+                choose_subprotocol(&r, &["superchat", "chat"]),
+                Some("superchat")
+            );
+            assert_eq!(choose_subprotocol(&r, &["mqtt"]), None);
+            assert_eq!(choose_subprotocol::<&str>(&r, &[]), None);
+        });
+    }
+
+    #[test]
+    fn switching_protocols_response() {
+        let mut out = Vec::new();
+        write_switching_protocols(&mut out, b"dGhlIHNhbXBsZSBub25jZQ==", Some("chat"));
+        let s = String::from_utf8(out).unwrap();
+        assert!(s.starts_with("HTTP/1.1 101 Switching Protocols\r\n"));
+        assert!(s.contains("\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+        assert!(s.contains("\r\nSec-WebSocket-Protocol: chat\r\n"));
+        assert!(s.ends_with("\r\n\r\n"));
+    }
+
+    #[test]
+    fn each_violation_gets_its_status() {
+        use Status::*;
+        let cases: &[(&str, &str, Status)] = &[
+            ("GET ", "POST ", MethodNotAllowed),
+            ("HTTP/1.1\r\nHost", "HTTP/1.0\r\nHost", BadRequest),
+            ("Host: localhost\r\n", "", BadRequest),
+            ("Host: localhost\r\n", "Host: a\r\nHost: b\r\n", BadRequest),
+            ("Upgrade: WebSocket", "Upgrade: h2c", BadRequest),
+            ("keep-alive, Upgrade", "keep-alive", BadRequest),
+            ("Version: 13", "Version: 8", UpgradeRequired),
+            ("Sec-WebSocket-Version: 13\r\n", "", UpgradeRequired),
+            ("dGhlIHNhbXBsZSBub25jZQ==", "dGhlIHNhbXBsZQ==", BadRequest),
+            (
+                "dGhlIHNhbXBsZSBub25jZQ==",
+                "!!!!!!!!!!!!!!!!!!!!!!!!",
+                BadRequest,
+            ),
+            (
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+                "",
+                BadRequest,
+            ),
+        ];
+        for (from, to, status) in cases {
+            let raw = GOOD.replacen(from, to, 1);
+            assert_ne!(raw, GOOD, "pattern {from:?} not found");
+            assert_eq!(
+                upgrade(&raw).unwrap_err().status,
+                *status,
+                "{from:?} -> {to:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn tokens_are_case_insensitive_lists() {
+        let raw = GOOD
+            .replace("Upgrade: WebSocket", "upgrade: foo, websocket")
+            .replace(
+                "Connection: keep-alive, Upgrade",
+                "connection: keep-alive\r\nConnection: UPGRADE",
+            );
+        assert_eq!(upgrade(&raw), Ok(()));
+    }
+
+    #[test]
+    fn too_many_headers_is_431() {
+        let mut raw = String::from("GET / HTTP/1.1\r\n");
+        for i in 0..MAX_HEADERS + 1 {
+            raw.push_str(&format!("X-{i}: v\r\n"));
+        }
+        raw.push_str("\r\n");
+        assert_eq!(with(&raw, |r| r.unwrap_err().status), Status::HeadTooLarge);
+    }
+
+    #[test]
+    fn garbage_is_400() {
+        assert_eq!(
+            with("\x00\x01\x02 \r\n\r\n", |r| r.unwrap_err().status),
+            Status::BadRequest
+        );
+    }
+
+    #[test]
+    fn scanner_finds_end_across_reads_without_rescanning() {
+        let bytes = GOOD.as_bytes();
+        for split in 0..bytes.len() {
+            let mut sc = HeadScanner::default();
+            let first = sc.find_end(&bytes[..split]);
+            let end = first.or_else(|| sc.find_end(bytes));
+            assert_eq!(end, Some(bytes.len()), "split at {split}");
+        }
+        // Bare LF line endings are accepted too.
+        assert_eq!(
+            HeadScanner::default().find_end(b"GET / HTTP/1.1\nHost: a\n\nrest"),
+            Some(24)
+        );
+    }
+
+    #[test]
+    fn error_responses_are_well_formed() {
+        let r = String::from_utf8(error_response(Reject::new(
+            Status::UpgradeRequired,
+            "use 13",
+        )))
+        .unwrap();
+        assert!(r.starts_with("HTTP/1.1 426 Upgrade Required\r\n"));
+        assert!(r.contains("Sec-WebSocket-Version: 13\r\n"));
+        assert!(r.contains("Content-Length: 7\r\n"));
+        assert!(r.ends_with("\r\n\r\nuse 13\n"));
+        let r =
+            String::from_utf8(error_response(Reject::new(Status::HeadTooLarge, "big"))).unwrap();
+        assert!(r.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"));
+    }
+}

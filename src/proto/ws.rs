@@ -1,0 +1,477 @@
+//! The server side of an open WebSocket connection, free of I/O.
+//!
+//! [`WsConn::decode`] takes bytes read from the client (mutably: payloads are
+//! unmasked in place), enforces every framing rule of RFC 6455 §5, answers
+//! pings and closes by pushing frames to the caller's [`OutQueue`], and
+//! returns at most one [`Event`] per call together with how many input bytes
+//! it consumed. The caller calls again with the rest.
+//!
+//! Memory: an unfragmented frame that arrived whole is delivered straight
+//! from the caller's buffer (zero copy). Only a message that spans reads or
+//! frames is gathered in a buffer of its own, freed once delivered. Control
+//! frames and headers are never buffered here: when one is incomplete,
+//! `decode` consumes nothing and the caller keeps the bytes (at most
+//! [`MAX_HEADER_LEN`] + 125) until more arrive.
+
+use super::frame::{
+    CloseCode, HeaderError, MAX_HEADER_LEN, OpCode, close_payload, parse_header, server_frame,
+};
+use super::mask::apply_mask;
+use super::outbound::OutQueue;
+use super::utf8::{self, Utf8Validator};
+use bytes::Bytes;
+
+/// Default cap on a reassembled message, in bytes (flag `--max-message-size`).
+/// 16 MiB admits every Autobahn case (9.1.6 sends 16 MiB).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Data message types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageKind {
+    Text,
+    Binary,
+}
+
+impl MessageKind {
+    pub fn opcode(self) -> OpCode {
+        match self {
+            Self::Text => OpCode::Text,
+            Self::Binary => OpCode::Binary,
+        }
+    }
+}
+
+/// What the peer did that the application may care about.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event<'a> {
+    /// A complete (reassembled, validated) message.
+    Message {
+        kind: MessageKind,
+        payload: &'a [u8],
+    },
+    /// A pong arrived (pings are answered by the core itself).
+    Pong(&'a [u8]),
+    /// The peer closed; the reply, if one was due, is queued. Not an error.
+    Closed { code: Option<u16> },
+    /// The peer broke the protocol; a close frame with `code` is queued.
+    Failed {
+        code: CloseCode,
+        reason: &'static str,
+    },
+}
+
+/// The result of one [`WsConn::decode`] call.
+#[derive(Debug)]
+pub struct Decoded<'a> {
+    /// Input bytes used; the caller must keep `input[consumed..]` for the next call.
+    pub consumed: usize,
+    pub event: Option<Event<'a>>,
+}
+
+/// Where the close handshake stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseState {
+    /// Both directions open.
+    Open,
+    /// We sent a close frame and wait for the peer's.
+    CloseSent,
+    /// Done: both sent, or the connection was failed. Input is ignored.
+    Closed,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum RecvState {
+    /// Expecting a frame header.
+    Header,
+    /// Inside a data frame's payload.
+    Payload {
+        remaining: u64,
+        mask: [u8; 4],
+        phase: u8,
+        fin: bool,
+    },
+}
+
+/// Protocol state of one open connection. About 60 bytes when idle.
+#[derive(Debug)]
+pub struct WsConn {
+    recv: RecvState,
+    /// Kind of the message being received, if one is in progress.
+    msg_kind: Option<MessageKind>,
+    /// Payload gathered so far for a message that spans reads or frames.
+    msg_buf: Vec<u8>,
+    /// Declared payload bytes of the message so far (checked against the cap
+    /// before the bytes arrive).
+    msg_len: u64,
+    utf8: Utf8Validator,
+    /// `msg_buf` was handed out in the last event; clear it on the next call.
+    delivered: bool,
+    close: CloseState,
+    max_message: u64,
+}
+
+impl WsConn {
+    /// A connection that accepts messages up to `max_message` bytes.
+    pub fn new(max_message: usize) -> Self {
+        Self {
+            recv: RecvState::Header,
+            msg_kind: None,
+            msg_buf: Vec::new(),
+            msg_len: 0,
+            utf8: Utf8Validator::new(),
+            delivered: false,
+            close: CloseState::Open,
+            max_message: max_message as u64,
+        }
+    }
+
+    /// Where the close handshake stands.
+    pub fn close_state(&self) -> CloseState {
+        self.close
+    }
+
+    /// May the application still send data (no close frame sent yet)?
+    pub fn can_send(&self) -> bool {
+        self.close == CloseState::Open
+    }
+
+    /// Heap bytes held for a partly received message.
+    pub fn buffered(&self) -> usize {
+        self.msg_buf.capacity()
+    }
+
+    /// Queues a message as one unmasked frame. Returns `false` (and queues
+    /// nothing) once a close frame has been sent.
+    pub fn send(&mut self, kind: MessageKind, payload: &[u8], out: &mut OutQueue) -> bool {
+        if !self.can_send() {
+            return false;
+        }
+        out.push(Bytes::from(server_frame(kind.opcode(), payload)));
+        true
+    }
+
+    /// Queues an already encoded frame (shared between connections).
+    pub fn send_frame(&mut self, frame: Bytes, out: &mut OutQueue) -> bool {
+        if !self.can_send() {
+            return false;
+        }
+        out.push(frame);
+        true
+    }
+
+    /// Queues a ping. `false` once closing.
+    pub fn ping(&mut self, payload: &[u8], out: &mut OutQueue) -> bool {
+        if !self.can_send() {
+            return false;
+        }
+        out.push(Bytes::from(server_frame(OpCode::Ping, payload)));
+        true
+    }
+
+    /// Starts the close handshake from our side (e.g. 1001 on shutdown).
+    pub fn close(&mut self, code: CloseCode, reason: &str, out: &mut OutQueue) {
+        if self.close == CloseState::Open {
+            out.push(Bytes::from(server_frame(
+                OpCode::Close,
+                &close_payload(code, reason),
+            )));
+            self.close = CloseState::CloseSent;
+        }
+    }
+
+    /// Fails the connection: queue a close frame (unless one was sent) and stop reading.
+    fn fail<'a>(
+        &mut self,
+        code: CloseCode,
+        reason: &'static str,
+        out: &mut OutQueue,
+        consumed: usize,
+    ) -> Decoded<'a> {
+        if self.close == CloseState::Open {
+            out.push(Bytes::from(server_frame(
+                OpCode::Close,
+                &close_payload(code, reason),
+            )));
+        }
+        self.close = CloseState::Closed;
+        self.msg_buf = Vec::new();
+        Decoded {
+            consumed,
+            event: Some(Event::Failed { code, reason }),
+        }
+    }
+
+    /// Consumes bytes from the client; see the module docs.
+    pub fn decode<'a>(&'a mut self, input: &'a mut [u8], out: &mut OutQueue) -> Decoded<'a> {
+        if self.delivered {
+            self.delivered = false;
+            self.msg_buf = Vec::new();
+            self.msg_len = 0;
+        }
+        if self.close == CloseState::Closed {
+            // Nothing more is read after the close handshake or a failure.
+            return Decoded {
+                consumed: input.len(),
+                event: None,
+            };
+        }
+        let mut pos = 0;
+        loop {
+            match self.recv {
+                RecvState::Header => {
+                    let header = match parse_header(&input[pos..]) {
+                        Ok(Some(h)) => h,
+                        Ok(None) => {
+                            return Decoded {
+                                consumed: pos,
+                                event: None,
+                            };
+                        }
+                        Err(e) => {
+                            return self.fail(
+                                CloseCode::PROTOCOL_ERROR,
+                                header_reason(e),
+                                out,
+                                input.len(),
+                            );
+                        }
+                    };
+                    let Some(mask) = header.mask else {
+                        return self.fail(
+                            CloseCode::PROTOCOL_ERROR,
+                            "client frame not masked",
+                            out,
+                            input.len(),
+                        );
+                    };
+                    let hlen = header.header_len;
+                    let plen = header.payload_len;
+                    if header.opcode.is_control() {
+                        // Whole control frames only (<= 139 bytes); the caller keeps partial ones.
+                        let total = hlen + plen as usize;
+                        if input.len() - pos < total {
+                            return Decoded {
+                                consumed: pos,
+                                event: None,
+                            };
+                        }
+                        let payload = &mut input[pos + hlen..pos + total];
+                        apply_mask(payload, mask, 0);
+                        pos += total;
+                        match header.opcode {
+                            OpCode::Ping => {
+                                if self.close == CloseState::Open {
+                                    out.push(Bytes::from(server_frame(OpCode::Pong, payload)));
+                                }
+                            }
+                            OpCode::Pong => {
+                                return Decoded {
+                                    consumed: pos,
+                                    event: Some(Event::Pong(&input[pos - plen as usize..pos])),
+                                };
+                            }
+                            _ => return self.on_close(pos, plen as usize, input, out),
+                        }
+                        continue;
+                    }
+                    // A data frame.
+                    let starts_message = header.opcode != OpCode::Continuation;
+                    match (starts_message, self.msg_kind.is_some()) {
+                        (false, false) => {
+                            return self.fail(
+                                CloseCode::PROTOCOL_ERROR,
+                                "continuation without a message",
+                                out,
+                                input.len(),
+                            );
+                        }
+                        (true, true) => {
+                            return self.fail(
+                                CloseCode::PROTOCOL_ERROR,
+                                "new message inside a fragmented one",
+                                out,
+                                input.len(),
+                            );
+                        }
+                        _ => {}
+                    }
+                    if self.msg_len + plen > self.max_message {
+                        return self.fail(
+                            CloseCode::MESSAGE_TOO_BIG,
+                            "message too big",
+                            out,
+                            input.len(),
+                        );
+                    }
+                    let kind = if header.opcode == OpCode::Text {
+                        MessageKind::Text
+                    } else {
+                        MessageKind::Binary
+                    };
+                    let total = hlen as u64 + plen;
+                    if starts_message && header.fin && (input.len() - pos) as u64 >= total {
+                        // Fast path: a whole unfragmented message in the caller's buffer.
+                        let start = pos + hlen;
+                        let end = pos + total as usize;
+                        let payload = &mut input[start..end];
+                        apply_mask(payload, mask, 0);
+                        if kind == MessageKind::Text && utf8::validate(payload).is_err() {
+                            return self.fail(
+                                CloseCode::INVALID_PAYLOAD,
+                                "invalid UTF-8 in text message",
+                                out,
+                                input.len(),
+                            );
+                        }
+                        return Decoded {
+                            consumed: end,
+                            event: Some(Event::Message {
+                                kind,
+                                payload: &input[start..end],
+                            }),
+                        };
+                    }
+                    if starts_message {
+                        self.msg_kind = Some(kind);
+                    }
+                    self.msg_len += plen;
+                    pos += hlen;
+                    self.recv = RecvState::Payload {
+                        remaining: plen,
+                        mask,
+                        phase: 0,
+                        fin: header.fin,
+                    };
+                }
+                RecvState::Payload {
+                    remaining,
+                    mask,
+                    phase,
+                    fin,
+                } => {
+                    let avail = remaining.min((input.len() - pos) as u64) as usize;
+                    let chunk = &mut input[pos..pos + avail];
+                    let phase = apply_mask(chunk, mask, phase as usize) as u8;
+                    if self.msg_kind == Some(MessageKind::Text) && self.utf8.feed(chunk).is_err() {
+                        return self.fail(
+                            CloseCode::INVALID_PAYLOAD,
+                            "invalid UTF-8 in text message",
+                            out,
+                            input.len(),
+                        );
+                    }
+                    self.msg_buf.extend_from_slice(chunk);
+                    pos += avail;
+                    let remaining = remaining - avail as u64;
+                    if remaining > 0 {
+                        self.recv = RecvState::Payload {
+                            remaining,
+                            mask,
+                            phase,
+                            fin,
+                        };
+                        return Decoded {
+                            consumed: pos,
+                            event: None,
+                        };
+                    }
+                    self.recv = RecvState::Header;
+                    if fin {
+                        let kind = self
+                            .msg_kind
+                            .take()
+                            .expect("payload state implies a message");
+                        if kind == MessageKind::Text && self.utf8.finish().is_err() {
+                            return self.fail(
+                                CloseCode::INVALID_PAYLOAD,
+                                "truncated UTF-8 sequence",
+                                out,
+                                input.len(),
+                            );
+                        }
+                        self.delivered = true;
+                        return Decoded {
+                            consumed: pos,
+                            event: Some(Event::Message {
+                                kind,
+                                payload: &self.msg_buf,
+                            }),
+                        };
+                    }
+                }
+            }
+        }
+    }
+
+    /// A complete close frame ends at `end` with `plen` payload bytes.
+    fn on_close<'a>(
+        &mut self,
+        end: usize,
+        plen: usize,
+        input: &[u8],
+        out: &mut OutQueue,
+    ) -> Decoded<'a> {
+        let payload = &input[end - plen..end];
+        let code = match payload {
+            [] => None,
+            [_] => {
+                return self.fail(
+                    CloseCode::PROTOCOL_ERROR,
+                    "close payload of one byte",
+                    out,
+                    input.len(),
+                );
+            }
+            [hi, lo, reason @ ..] => {
+                let code = u16::from_be_bytes([*hi, *lo]);
+                if !CloseCode::is_valid_on_wire(code) {
+                    return self.fail(
+                        CloseCode::PROTOCOL_ERROR,
+                        "invalid close code",
+                        out,
+                        input.len(),
+                    );
+                }
+                if utf8::validate(reason).is_err() {
+                    return self.fail(
+                        CloseCode::INVALID_PAYLOAD,
+                        "close reason not UTF-8",
+                        out,
+                        input.len(),
+                    );
+                }
+                Some(code)
+            }
+        };
+        if self.close == CloseState::Open {
+            // Echo the code (§5.5.1); an empty close is answered with an empty one.
+            let code_bytes = code.map(u16::to_be_bytes);
+            let reply = code_bytes.as_ref().map_or(&[][..], |b| &b[..]);
+            out.push(Bytes::from(server_frame(OpCode::Close, reply)));
+        }
+        self.close = CloseState::Closed;
+        self.msg_buf = Vec::new();
+        Decoded {
+            consumed: input.len(),
+            event: Some(Event::Closed { code }),
+        }
+    }
+}
+
+fn header_reason(e: HeaderError) -> &'static str {
+    match e {
+        HeaderError::ReservedBits => "reserved bits set without an extension",
+        HeaderError::ReservedOpcode(_) => "reserved opcode",
+        HeaderError::FragmentedControl => "fragmented control frame",
+        HeaderError::ControlTooLong => "control frame payload over 125 bytes",
+        HeaderError::LengthOverflow => "frame length over 2^63",
+    }
+}
+
+/// Upper bound on the bytes a caller may have to keep between reads: one
+/// control frame with its header.
+pub const MAX_PENDING_BYTES: usize = MAX_HEADER_LEN + 125;
+
+#[cfg(test)]
+#[path = "ws_tests.rs"]
+mod tests;

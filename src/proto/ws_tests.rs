@@ -1,0 +1,392 @@
+//! Unit tests for [`WsConn`]: every framing rule, checked for its exact close code.
+
+use super::*;
+use crate::proto::frame::{client_frame, parse_header};
+use proptest::prelude::*;
+use std::io::IoSlice;
+
+const MASK: [u8; 4] = [0xa1, 0x07, 0x5c, 0xe3];
+const MAX: usize = 1 << 20;
+
+/// An owned copy of an event, for assertions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Ev {
+    Msg(MessageKind, Vec<u8>),
+    Pong(Vec<u8>),
+    Closed(Option<u16>),
+    Failed(u16),
+}
+
+/// Drives a connection the way an I/O backend does: keeps unconsumed bytes
+/// and appends each new read to them.
+struct Harness {
+    conn: WsConn,
+    out: OutQueue,
+    pending: Vec<u8>,
+    events: Vec<Ev>,
+}
+
+impl Harness {
+    fn new(max: usize) -> Self {
+        Self {
+            conn: WsConn::new(max),
+            out: OutQueue::new(),
+            pending: Vec::new(),
+            events: Vec::new(),
+        }
+    }
+
+    fn feed(&mut self, bytes: &[u8]) {
+        self.pending.extend_from_slice(bytes);
+        let mut buf = std::mem::take(&mut self.pending);
+        let mut pos = 0;
+        loop {
+            let d = self.conn.decode(&mut buf[pos..], &mut self.out);
+            pos += d.consumed;
+            let Some(ev) = d.event else { break };
+            self.events.push(match ev {
+                Event::Message { kind, payload } => Ev::Msg(kind, payload.to_vec()),
+                Event::Pong(p) => Ev::Pong(p.to_vec()),
+                Event::Closed { code } => Ev::Closed(code),
+                Event::Failed { code, .. } => Ev::Failed(code.0),
+            });
+        }
+        self.pending = buf[pos..].to_vec();
+        assert!(
+            self.pending.len() <= MAX_PENDING_BYTES,
+            "caller would keep {} bytes",
+            self.pending.len()
+        );
+    }
+
+    /// Frames the server queued: (opcode, payload).
+    fn sent(&mut self) -> Vec<(OpCode, Vec<u8>)> {
+        let mut iov = [IoSlice::new(&[]); 1024];
+        let n = self.out.gather(&mut iov);
+        let mut bytes: Vec<u8> = iov[..n].iter().flat_map(|s| s.iter().copied()).collect();
+        self.out.advance(self.out.len());
+        let mut frames = Vec::new();
+        let mut pos = 0;
+        while pos < bytes.len() {
+            let h = parse_header(&bytes[pos..]).unwrap().unwrap();
+            assert!(h.mask.is_none(), "server frames are never masked");
+            assert!(h.fin);
+            let start = pos + h.header_len;
+            let end = start + h.payload_len as usize;
+            frames.push((h.opcode, bytes[start..end].to_vec()));
+            pos = end;
+        }
+        bytes.clear();
+        frames
+    }
+
+    /// The close code of the single close frame the server sent.
+    fn sent_close_code(&mut self) -> Option<u16> {
+        let frames = self.sent();
+        let (op, p) = frames.last().expect("a frame was sent");
+        assert_eq!(*op, OpCode::Close);
+        (p.len() >= 2).then(|| u16::from_be_bytes([p[0], p[1]]))
+    }
+}
+
+fn frame(fin: bool, op: OpCode, payload: &[u8]) -> Vec<u8> {
+    client_frame(fin, op, payload, MASK)
+}
+
+fn expect_failure(bytes: &[u8], code: u16) {
+    let mut h = Harness::new(MAX);
+    h.feed(bytes);
+    assert_eq!(
+        h.events,
+        vec![Ev::Failed(code)],
+        "input {:02x?}",
+        &bytes[..bytes.len().min(16)]
+    );
+    assert_eq!(h.sent_close_code(), Some(code));
+    assert_eq!(h.conn.close_state(), CloseState::Closed);
+    // Nothing more is processed afterwards.
+    h.feed(&frame(true, OpCode::Text, b"ignored"));
+    assert_eq!(h.events.len(), 1);
+    assert!(h.sent().is_empty());
+}
+
+#[test]
+fn text_and_binary_messages() {
+    let mut h = Harness::new(MAX);
+    h.feed(&frame(true, OpCode::Text, "héllo".as_bytes()));
+    h.feed(&frame(true, OpCode::Binary, &[0, 1, 2, 255]));
+    h.feed(&frame(true, OpCode::Binary, &[]));
+    assert_eq!(
+        h.events,
+        vec![
+            Ev::Msg(MessageKind::Text, "héllo".as_bytes().to_vec()),
+            Ev::Msg(MessageKind::Binary, vec![0, 1, 2, 255]),
+            Ev::Msg(MessageKind::Binary, vec![]),
+        ]
+    );
+}
+
+#[test]
+fn fragmented_message_with_interleaved_ping() {
+    let mut h = Harness::new(MAX);
+    let mut bytes = frame(false, OpCode::Text, b"frag");
+    bytes.extend(frame(true, OpCode::Ping, b"p!"));
+    bytes.extend(frame(false, OpCode::Continuation, b"men"));
+    bytes.extend(frame(true, OpCode::Continuation, b"ted"));
+    h.feed(&bytes);
+    assert_eq!(
+        h.events,
+        vec![Ev::Msg(MessageKind::Text, b"fragmented".to_vec())]
+    );
+    assert_eq!(h.sent(), vec![(OpCode::Pong, b"p!".to_vec())]);
+    assert_eq!(h.conn.buffered(), 0, "message buffer freed after delivery");
+    // Delivery frees it on the next call.
+    h.feed(&[]);
+    assert_eq!(h.conn.buffered(), 0);
+}
+
+#[test]
+fn every_split_point_gives_the_same_events() {
+    let mut bytes = frame(true, OpCode::Text, "κόσμε".as_bytes());
+    bytes.extend(frame(false, OpCode::Binary, &[1; 200]));
+    bytes.extend(frame(true, OpCode::Ping, b"x"));
+    bytes.extend(frame(true, OpCode::Continuation, &[2; 70000]));
+    bytes.extend(frame(true, OpCode::Close, &[0x03, 0xe8, b'b', b'y', b'e']));
+    let mut whole = Harness::new(MAX);
+    whole.feed(&bytes);
+    assert_eq!(whole.events.len(), 3);
+    for split in (0..bytes.len())
+        .step_by(97)
+        .chain([1, 2, 5, 6, 7, 8, 9, 10, 11, 12])
+    {
+        let mut h = Harness::new(MAX);
+        h.feed(&bytes[..split]);
+        h.feed(&bytes[split..]);
+        assert_eq!(h.events, whole.events, "split at {split}");
+    }
+}
+
+#[test]
+fn ping_is_answered_with_same_payload() {
+    let mut h = Harness::new(MAX);
+    h.feed(&frame(true, OpCode::Ping, &[7; 125]));
+    assert_eq!(h.sent(), vec![(OpCode::Pong, vec![7; 125])]);
+    assert!(h.events.is_empty());
+}
+
+#[test]
+fn pong_is_reported() {
+    let mut h = Harness::new(MAX);
+    h.feed(&frame(true, OpCode::Pong, b"abc"));
+    assert_eq!(h.events, vec![Ev::Pong(b"abc".to_vec())]);
+    assert!(h.sent().is_empty());
+}
+
+#[test]
+fn close_is_echoed_and_is_not_an_error() {
+    let mut h = Harness::new(MAX);
+    h.feed(&frame(true, OpCode::Close, &[0x0f, 0xa0, b'o', b'k'])); // 4000 "ok"
+    assert_eq!(h.events, vec![Ev::Closed(Some(4000))]);
+    assert_eq!(h.sent(), vec![(OpCode::Close, vec![0x0f, 0xa0])]);
+    assert_eq!(h.conn.close_state(), CloseState::Closed);
+    assert!(!h.conn.can_send());
+}
+
+#[test]
+fn empty_close_gets_empty_close() {
+    let mut h = Harness::new(MAX);
+    h.feed(&frame(true, OpCode::Close, &[]));
+    assert_eq!(h.events, vec![Ev::Closed(None)]);
+    assert_eq!(h.sent(), vec![(OpCode::Close, vec![])]);
+}
+
+#[test]
+fn server_initiated_close_waits_for_peer() {
+    let mut h = Harness::new(MAX);
+    h.conn.close(CloseCode::GOING_AWAY, "shutdown", &mut h.out);
+    assert_eq!(h.sent_close_code(), Some(1001));
+    assert_eq!(h.conn.close_state(), CloseState::CloseSent);
+    assert!(!h.conn.send(MessageKind::Text, b"late", &mut h.out));
+    // A ping during closing is not answered; the peer's close is not echoed again.
+    h.feed(&frame(true, OpCode::Ping, b"p"));
+    h.feed(&frame(true, OpCode::Close, &[0x03, 0xe9]));
+    assert_eq!(h.events, vec![Ev::Closed(Some(1001))]);
+    assert!(h.sent().is_empty());
+    assert_eq!(h.conn.close_state(), CloseState::Closed);
+}
+
+#[test]
+fn unmasked_frame_is_1002() {
+    expect_failure(&[0x81, 0x02, b'h', b'i'], 1002);
+}
+
+#[test]
+fn reserved_bits_are_1002() {
+    for rsv in [0x40u8, 0x20, 0x10] {
+        let mut f = frame(true, OpCode::Text, b"x");
+        f[0] |= rsv;
+        expect_failure(&f, 1002);
+    }
+}
+
+#[test]
+fn reserved_opcodes_are_1002() {
+    for op in [3u8, 4, 5, 6, 7, 0xb, 0xc, 0xd, 0xe, 0xf] {
+        expect_failure(&[0x80 | op, 0x80, 1, 2, 3, 4], 1002);
+    }
+}
+
+#[test]
+fn control_frame_rules_are_1002() {
+    // 126-byte ping.
+    expect_failure(&frame(true, OpCode::Ping, &[0; 126]), 1002);
+    // Fragmented ping.
+    expect_failure(&frame(false, OpCode::Ping, b"x"), 1002);
+    // Close with a one-byte payload.
+    expect_failure(&frame(true, OpCode::Close, &[3]), 1002);
+}
+
+#[test]
+fn invalid_close_codes_are_1002() {
+    for code in [
+        0u16, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000,
+    ] {
+        expect_failure(&frame(true, OpCode::Close, &code.to_be_bytes()), 1002);
+    }
+}
+
+#[test]
+fn close_reason_must_be_utf8() {
+    expect_failure(&frame(true, OpCode::Close, &[0x03, 0xe8, 0xff, 0xfe]), 1007);
+}
+
+#[test]
+fn continuation_rules_are_1002() {
+    expect_failure(&frame(true, OpCode::Continuation, b"orphan"), 1002);
+    let mut b = frame(false, OpCode::Text, b"a");
+    b.extend(frame(true, OpCode::Text, b"b"));
+    expect_failure(&b, 1002);
+}
+
+#[test]
+fn length_with_top_bit_is_1002() {
+    let mut b = vec![0x82, 0xff];
+    b.extend_from_slice(&(1u64 << 63).to_be_bytes());
+    b.extend_from_slice(&MASK);
+    expect_failure(&b, 1002);
+}
+
+#[test]
+fn oversized_message_is_1009_before_payload_arrives() {
+    let mut h = Harness::new(1000);
+    // Header only, announcing 1001 bytes: fails at once.
+    h.feed(&frame(true, OpCode::Binary, &[0; 1001])[..8]);
+    assert_eq!(h.events, vec![Ev::Failed(1009)]);
+    assert_eq!(h.sent_close_code(), Some(1009));
+    // Fragments that add up over the limit.
+    let mut h = Harness::new(1000);
+    h.feed(&frame(false, OpCode::Binary, &[0; 600]));
+    h.feed(&frame(true, OpCode::Continuation, &[0; 401])[..8]);
+    assert_eq!(h.events, vec![Ev::Failed(1009)]);
+    // Exactly at the limit is fine.
+    let mut h = Harness::new(1000);
+    h.feed(&frame(false, OpCode::Binary, &[0; 600]));
+    h.feed(&frame(true, OpCode::Continuation, &[0; 400]));
+    assert_eq!(h.events, vec![Ev::Msg(MessageKind::Binary, vec![0; 1000])]);
+}
+
+#[test]
+fn invalid_utf8_is_1007() {
+    expect_failure(&frame(true, OpCode::Text, &[b'a', 0xff]), 1007);
+    // Truncated sequence at the end of a fragmented message.
+    let mut b = frame(false, OpCode::Text, b"ok");
+    b.extend(frame(true, OpCode::Continuation, &[0xe2, 0x82]));
+    expect_failure(&b, 1007);
+}
+
+#[test]
+fn invalid_utf8_fails_fast_inside_an_incomplete_frame() {
+    // A 64 KiB text frame whose first bytes are invalid: fail before the rest arrives.
+    let mut payload = vec![b'a'; 65536];
+    payload[1] = 0xc0;
+    let f = frame(true, OpCode::Text, &payload);
+    let mut h = Harness::new(MAX);
+    h.feed(&f[..100]);
+    assert_eq!(h.events, vec![Ev::Failed(1007)]);
+    // And on the first bad fragment of a fragmented message.
+    let mut h = Harness::new(MAX);
+    h.feed(&frame(false, OpCode::Text, b"fine"));
+    h.feed(&frame(false, OpCode::Continuation, &[0xf4, 0x90]));
+    assert_eq!(h.events, vec![Ev::Failed(1007)]);
+}
+
+#[test]
+fn binary_may_be_any_bytes() {
+    let mut h = Harness::new(MAX);
+    h.feed(&frame(true, OpCode::Binary, &[0xff, 0xfe, 0xc0]));
+    assert_eq!(
+        h.events,
+        vec![Ev::Msg(MessageKind::Binary, vec![0xff, 0xfe, 0xc0])]
+    );
+}
+
+#[test]
+fn send_encodes_one_unmasked_frame() {
+    let mut h = Harness::new(MAX);
+    assert!(h.conn.send(MessageKind::Text, b"hi", &mut h.out));
+    assert!(h.conn.ping(b"k", &mut h.out));
+    assert_eq!(
+        h.sent(),
+        vec![
+            (OpCode::Text, b"hi".to_vec()),
+            (OpCode::Ping, b"k".to_vec())
+        ]
+    );
+}
+
+proptest! {
+    /// Any sequence of valid frames, cut into arbitrary reads, yields the same
+    /// messages as the frames describe, and never asks the caller to keep more
+    /// than one control frame.
+    #[test]
+    fn arbitrary_valid_streams_round_trip(
+        msgs in proptest::collection::vec((any::<bool>(), proptest::collection::vec(any::<u8>(), 0..300), 1usize..4), 1..8),
+        cuts in proptest::collection::vec(any::<usize>(), 0..10),
+    ) {
+        let mut bytes = Vec::new();
+        let mut expect = Vec::new();
+        for (is_text, payload, parts) in &msgs {
+            let (kind, data) = if *is_text {
+                (MessageKind::Text, String::from_utf8_lossy(payload).into_owned().into_bytes())
+            } else {
+                (MessageKind::Binary, payload.clone())
+            };
+            let step = data.len().div_ceil(*parts).max(1);
+            let pieces: Vec<&[u8]> = if data.is_empty() { vec![&[][..]] } else { data.chunks(step).collect() };
+            for (i, p) in pieces.iter().enumerate() {
+                let op = if i == 0 { kind.opcode() } else { OpCode::Continuation };
+                bytes.extend(frame(i + 1 == pieces.len(), op, p));
+            }
+            expect.push(Ev::Msg(kind, data));
+        }
+        let mut points: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+        points.sort_unstable();
+        let mut h = Harness::new(MAX);
+        let mut start = 0;
+        for p in points.into_iter().chain(std::iter::once(bytes.len())) {
+            h.feed(&bytes[start..p]);
+            start = p;
+        }
+        prop_assert_eq!(h.events, expect);
+    }
+
+    /// Arbitrary bytes never panic and never make the caller keep more than a control frame.
+    #[test]
+    fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..2000), cut in any::<usize>()) {
+        let mut h = Harness::new(4096);
+        let cut = cut % (data.len() + 1);
+        h.feed(&data[..cut]);
+        h.feed(&data[cut..]);
+        prop_assert!(h.events.len() <= data.len());
+    }
+}
