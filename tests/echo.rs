@@ -427,3 +427,52 @@ fn shutdown_sends_1001_and_finishes_within_drain_time() {
     // The listener is gone.
     assert!(std::net::TcpStream::connect(addr).is_err());
 }
+
+#[test]
+fn a_client_that_never_reads_is_throttled_and_others_are_served() {
+    let server = start_with(|c| c.max_outbound_bytes = 64 * 1024);
+    let addr = server.local_addr();
+    let mut flood = raw_ws(addr, "/echo");
+    flood
+        .set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let frame = client_frame(true, OpCode::Binary, &[7u8; 16 * 1024], MASK);
+    // Write echo requests without ever reading the echoes. Once the socket
+    // buffers and the server's bounded queue are full, the server stops
+    // reading and our writes block.
+    let limit = 512 * 1024 * 1024;
+    let mut written = 0usize;
+    let blocked = loop {
+        match flood.write_all(&frame) {
+            Ok(()) => written += frame.len(),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break true;
+            }
+            Err(e) => panic!("flood write failed: {e}"),
+        }
+        if written > limit {
+            break false;
+        }
+    };
+    assert!(
+        blocked,
+        "server kept reading {written} bytes from a client that never reads"
+    );
+    // Meanwhile an honest client is served normally.
+    let mut ws = connect(addr, "/echo");
+    for i in 0..50 {
+        ws.send(Message::text(format!("m{i}"))).unwrap();
+        assert_eq!(ws.read().unwrap(), Message::text(format!("m{i}")));
+    }
+    // And the flooder's echoes are all still there, in order, once it reads.
+    flood.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    for _ in 0..written / frame.len() {
+        let (fin, op, payload) = read_frame(&mut flood);
+        assert!(fin && op == 0x2 && payload.len() == 16 * 1024);
+    }
+}
