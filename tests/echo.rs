@@ -476,3 +476,29 @@ fn a_client_that_never_reads_is_throttled_and_others_are_served() {
         assert!(fin && op == 0x2 && payload.len() == 16 * 1024);
     }
 }
+
+#[test]
+fn a_peer_that_stops_reading_while_closing_is_dropped() {
+    // A queue bound high enough that the server keeps reading: it will reach
+    // the close frame with megabytes it cannot deliver.
+    let server = start_with(|c| c.max_outbound_bytes = 256 * 1024 * 1024);
+    let addr = server.local_addr();
+    let mut s = raw_ws(addr, "/echo");
+    let frame = client_frame(true, OpCode::Binary, &[1u8; 64 * 1024], MASK);
+    for _ in 0..640 {
+        s.write_all(&frame).unwrap(); // 40 MiB of echoes we never read
+    }
+    s.write_all(&client_frame(
+        true,
+        OpCode::Close,
+        &1000u16.to_be_bytes(),
+        MASK,
+    ))
+    .unwrap();
+    // The server cannot flush its echoes and close reply, yet must not hold
+    // the connection forever: it is dropped after the closing bound.
+    assert!(eventually(Duration::from_secs(15), || server
+        .stats()
+        .connections_open
+        == 0));
+}

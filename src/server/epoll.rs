@@ -44,7 +44,9 @@ pub const MAX_READS_PER_TURN: usize = 16;
 pub const MAX_ACCEPTS_PER_TURN: usize = 256;
 /// Readiness events fetched per `epoll_wait`.
 const EVENTS_PER_POLL: usize = 1024;
-/// After our FIN, how long a peer has to close its side before we drop it.
+/// How long a closing connection may take: to read our last bytes (close
+/// frame, refusal) and then to send its FIN. A peer that stops reading
+/// while we close is dropped after this, once per phase.
 const LINGER: Duration = Duration::from_secs(2);
 /// Pause before accepting again after the process ran out of descriptors.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
@@ -56,6 +58,7 @@ enum IoState {
     /// Writing what is queued; then shut down the write side.
     Closing,
     /// Write side shut down; discarding input until the peer's FIN or the linger deadline.
+    /// (`Closing` and `Lingering` each get a deadline of [`LINGER`].)
     Lingering,
 }
 
@@ -327,6 +330,9 @@ impl Worker {
             }
         }
         let serial = conn.serial;
+        if conn.state == IoState::Closing {
+            self.linger_deadlines.push_back((Instant::now() + LINGER, (key, serial)));
+        }
         if budget_used_up {
             // Still readable, but others get their turn first.
             self.reread.push((key, serial));
@@ -423,7 +429,7 @@ impl Worker {
                 break;
             }
             self.linger_deadlines.pop_front();
-            if self.is_current(key, serial) && self.conns[key].state == IoState::Lingering {
+            if self.is_current(key, serial) && self.conns[key].state != IoState::Active {
                 self.remove(key);
             }
         }
