@@ -331,7 +331,8 @@ impl Worker {
         }
         let serial = conn.serial;
         if conn.state == IoState::Closing {
-            self.linger_deadlines.push_back((Instant::now() + LINGER, (key, serial)));
+            self.linger_deadlines
+                .push_back((Instant::now() + LINGER, (key, serial)));
         }
         if budget_used_up {
             // Still readable, but others get their turn first.
