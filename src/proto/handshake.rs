@@ -97,7 +97,7 @@ impl HeadScanner {
 
 #[inline]
 fn memchr_newline(hay: &[u8]) -> Option<usize> {
-    hay.iter().position(|&b| b == b'\n')
+    memchr::memchr(b'\n', hay)
 }
 
 /// A header that must appear once appeared more than once.
