@@ -161,10 +161,10 @@ impl Worker {
             if self.shared.shutdown.load(Ordering::Acquire) && self.drain_deadline.is_none() {
                 self.begin_drain();
             }
-            if let Some(deadline) = self.drain_deadline {
-                if self.conns.is_empty() || Instant::now() >= deadline {
-                    break;
-                }
+            if let Some(deadline) = self.drain_deadline
+                && (self.conns.is_empty() || Instant::now() >= deadline)
+            {
+                break;
             }
         }
         if !self.conns.is_empty() {

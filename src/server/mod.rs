@@ -79,10 +79,10 @@ pub fn start(mut config: Config) -> io::Result<ServerHandle> {
         let thread = std::thread::Builder::new()
             .name(format!("corecast-w{id}"))
             .spawn(move || {
-                if let Some(core) = core {
-                    if !core_affinity::set_for_current(core) {
-                        warn!(worker = id, core = core.id, "could not pin worker to core");
-                    }
+                if let Some(core) = core
+                    && !core_affinity::set_for_current(core)
+                {
+                    warn!(worker = id, core = core.id, "could not pin worker to core");
                 }
                 worker.run();
             })?;
