@@ -218,28 +218,46 @@ pub fn check_response(buf: &[u8], key: &[u8; 24]) -> Result<Option<usize>, Failu
     }
 }
 
-/// A frame from the server.
+/// A frame from the server, borrowed from the reader's buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Frame {
+pub struct Frame<'a> {
     pub fin: bool,
     pub opcode: OpCode,
-    pub payload: Vec<u8>,
+    pub payload: &'a [u8],
 }
 
 /// Splits server bytes into frames. Server frames must be unmasked.
+///
+/// Consumed frames are skipped by a cursor and the buffer is compacted once
+/// per [`FrameReader::push`], not once per frame: a read holding hundreds of
+/// small frames costs one move, not hundreds.
 #[derive(Debug, Default)]
 pub struct FrameReader {
     buf: Vec<u8>,
+    /// Start of the first unconsumed byte.
+    pos: usize,
 }
 
 impl FrameReader {
     pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.drain(..self.pos);
+        self.pos = 0;
         self.buf.extend_from_slice(bytes);
     }
 
-    /// The next complete frame, if any.
-    pub fn next_frame(&mut self) -> Result<Option<Frame>, &'static str> {
-        let h = match parse_header(&self.buf) {
+    /// The next complete frame, if any. Once everything is consumed, a
+    /// large buffer is given back: thousands of idle connections must not
+    /// each keep their last read.
+    pub fn next_frame(&mut self) -> Result<Option<Frame<'_>>, &'static str> {
+        if self.pos > 0 && self.pos == self.buf.len() {
+            self.pos = 0;
+            self.buf.clear();
+            if self.buf.capacity() > 4096 {
+                self.buf = Vec::new();
+            }
+        }
+        let buf = &self.buf[self.pos..];
+        let h = match parse_header(buf) {
             Ok(Some(h)) => h,
             Ok(None) => return Ok(None),
             Err(_) => return Err("bad_frame_header"),
@@ -251,14 +269,11 @@ impl FrameReader {
             return Err("frame_too_large");
         }
         let end = h.header_len + h.payload_len as usize;
-        if self.buf.len() < end {
+        if buf.len() < end {
             return Ok(None);
         }
-        let payload = self.buf[h.header_len..end].to_vec();
-        self.buf.drain(..end);
-        if self.buf.is_empty() && self.buf.capacity() > 4096 {
-            self.buf = Vec::new();
-        }
+        let payload = &buf[h.header_len..end];
+        self.pos += end;
         Ok(Some(Frame {
             fin: h.fin,
             opcode: h.opcode,
@@ -300,6 +315,23 @@ pub struct Counters {
     pub pings_answered: u64,
     pub pongs_received: u64,
     pub messages_received: u64,
+    /// Data frames with FIN clear, or continuations (a scenario that expects
+    /// one frame per message sees them only through this counter).
+    pub fragments_received: u64,
+}
+
+/// Receives every unfragmented data message of an open connection.
+pub trait Sink {
+    /// `conn` is the connection's token, `at` when the read that completed
+    /// the message returned.
+    fn message(&mut self, conn: usize, opcode: OpCode, payload: &[u8], at: Instant);
+}
+
+/// A [`Sink`] that ignores messages (they are still counted in [`Counters`]).
+pub struct NoSink;
+
+impl Sink for NoSink {
+    fn message(&mut self, _: usize, _: OpCode, _: &[u8], _: Instant) {}
 }
 
 /// One client connection.
@@ -379,7 +411,15 @@ impl Conn {
     }
 
     /// Makes progress after a readiness event (or a deferred re-read).
-    pub fn drive(&mut self, scratch: &mut [u8], rng: &mut Rng, counters: &mut Counters) -> Step {
+    /// Complete data messages go to `sink`, tagged with `token`.
+    pub fn drive(
+        &mut self,
+        token: usize,
+        scratch: &mut [u8],
+        rng: &mut Rng,
+        counters: &mut Counters,
+        sink: &mut dyn Sink,
+    ) -> Step {
         self.reread = false;
         if self.phase == Phase::Connecting {
             match self.stream.take_error() {
@@ -411,6 +451,7 @@ impl Conn {
                     _ => Step::Ended(End::Eof),
                 };
             }
+            let at = Instant::now();
             let mut data = &scratch[..n];
             if self.phase == Phase::Handshaking {
                 self.head.extend_from_slice(data);
@@ -420,14 +461,14 @@ impl Conn {
                         self.frames.push(&self.head[len..]);
                         self.head = Vec::new();
                         self.phase = Phase::Open;
-                        self.opened_at = Some(Instant::now());
+                        self.opened_at = Some(at);
                         data = &[];
                     }
                     Err(f) => return Step::Failed(f),
                 }
             }
             self.frames.push(data);
-            if let Some(end) = self.on_frames(rng, counters) {
+            if let Some(end) = self.on_frames(token, at, rng, counters, sink) {
                 return Step::Ended(end);
             }
             if let Err(e) = self.flush() {
@@ -447,7 +488,14 @@ impl Conn {
     }
 
     /// Handles every complete frame; `Some` if the connection must end now.
-    fn on_frames(&mut self, rng: &mut Rng, counters: &mut Counters) -> Option<End> {
+    fn on_frames(
+        &mut self,
+        token: usize,
+        at: Instant,
+        rng: &mut Rng,
+        counters: &mut Counters,
+        sink: &mut dyn Sink,
+    ) -> Option<End> {
         loop {
             let frame = match self.frames.next_frame() {
                 Ok(Some(f)) => f,
@@ -461,7 +509,7 @@ impl Conn {
                         self.out.extend_from_slice(&client_frame(
                             true,
                             OpCode::Pong,
-                            &frame.payload,
+                            frame.payload,
                             rng.mask(),
                         ));
                         counters.pings_answered += 1;
@@ -491,7 +539,12 @@ impl Conn {
                         _ => return Some(End::Protocol("second_close")),
                     }
                 }
+                OpCode::Text | OpCode::Binary if frame.fin => {
+                    counters.messages_received += 1;
+                    sink.message(token, frame.opcode, frame.payload, at);
+                }
                 OpCode::Text | OpCode::Binary | OpCode::Continuation => {
+                    counters.fragments_received += 1;
                     if frame.fin {
                         counters.messages_received += 1;
                     }
@@ -500,8 +553,19 @@ impl Conn {
         }
     }
 
+    /// Bytes queued but not yet taken by the socket.
+    pub fn pending(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Queues bytes (e.g. frames built in place by a publisher); send them
+    /// with [`Conn::flush`].
+    pub fn outbox(&mut self) -> &mut Vec<u8> {
+        &mut self.out
+    }
+
     /// Writes queued bytes until done or the socket is full.
-    fn flush(&mut self) -> io::Result<()> {
+    pub fn flush(&mut self) -> io::Result<()> {
         let mut written = 0;
         // Each write either makes progress or returns; bounded by the queue length.
         while written < self.out.len() {
@@ -627,12 +691,28 @@ mod tests {
         assert_eq!(r.next_frame(), Ok(None));
         r.push(&bytes[3..]);
         let f = r.next_frame().unwrap().unwrap();
-        assert_eq!((f.opcode, f.payload.as_slice()), (OpCode::Ping, &b"hi"[..]));
+        assert_eq!((f.opcode, f.payload), (OpCode::Ping, &b"hi"[..]));
         let f = r.next_frame().unwrap().unwrap();
         assert_eq!((f.opcode, f.fin), (OpCode::Text, true));
         assert_eq!(r.next_frame(), Ok(None));
         r.push(&client_frame(true, OpCode::Text, b"x", [1, 2, 3, 4]));
         assert_eq!(r.next_frame(), Err("masked_server_frame"));
+    }
+
+    #[test]
+    fn frame_reader_keeps_partial_frames_and_frees_consumed_buffers() {
+        let mut r = FrameReader::default();
+        let big = server_frame(OpCode::Binary, &[7; 10_000]);
+        let mut bytes = big.clone();
+        bytes.extend_from_slice(&big[..5000]);
+        r.push(&bytes);
+        assert_eq!(r.next_frame().unwrap().unwrap().payload.len(), 10_000);
+        assert_eq!(r.next_frame(), Ok(None));
+        r.push(&big[5000..]);
+        let f = r.next_frame().unwrap().unwrap();
+        assert_eq!(f.payload, &big[4..]);
+        assert_eq!(r.next_frame(), Ok(None));
+        assert_eq!(r.buf.capacity(), 0, "an emptied large buffer is freed");
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! A set of client connections driven by one thread over one mio `Poll`:
 //! ramp-up with a bounded number of handshakes in flight, idle service
-//! (pings answered, closes echoed), and a bounded close.
+//! (pings answered, closes echoed), and a bounded close. A scenario can add
+//! a connection with its own request (`fanout`'s publisher) and drive
+//! single turns whose data messages go to a [`Sink`].
 //!
 //! Scenarios are built from these phases; every loop here ends at a
 //! deadline or after a bounded number of steps.
 
-use crate::client::{Conn, Counters, Failure, RequestTemplate, Rng, Step};
+use crate::client::{Conn, Counters, Failure, NoSink, RequestTemplate, Rng, Sink, Step};
 use mio::{Events, Interest, Poll, Token};
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
@@ -139,7 +141,10 @@ impl Fleet {
             let wait = self.next_expiry().map_or(MAX_POLL_WAIT, |t| {
                 t.saturating_duration_since(now).min(MAX_POLL_WAIT)
             });
-            self.turn(wait.min(deadline.saturating_duration_since(now)))?;
+            self.turn(
+                wait.min(deadline.saturating_duration_since(now)),
+                &mut NoSink,
+            )?;
         }
         let mut latencies_us = std::mem::take(&mut self.latencies_us);
         latencies_us.sort_unstable();
@@ -156,8 +161,63 @@ impl Fleet {
             if now >= deadline {
                 return Ok(());
             }
-            self.turn(deadline.saturating_duration_since(now).min(MAX_POLL_WAIT))?;
+            self.turn(
+                deadline.saturating_duration_since(now).min(MAX_POLL_WAIT),
+                &mut NoSink,
+            )?;
         }
+    }
+
+    /// Opens one more connection, outside the ramp-up's count, with its own
+    /// request (e.g. a publisher beside the subscribers), and waits until it
+    /// is open, failed, or `deadline`. Returns its token when it opened.
+    pub fn open_extra(
+        &mut self,
+        dst: SocketAddr,
+        request: &RequestTemplate,
+        deadline: Instant,
+    ) -> io::Result<Option<usize>> {
+        let t = self.conns.len();
+        let src = self.cfg.sources.first().map(|&ip| SocketAddr::new(ip, 0));
+        let key = self.rng.ws_key();
+        match Conn::connect(src, dst, key, request.render(&key)) {
+            Ok(c) => self.add(t, c)?,
+            Err(e) => {
+                self.conns.push(None);
+                *self
+                    .failures
+                    .entry(Failure::Connect(e.kind()).key())
+                    .or_default() += 1;
+                return Ok(None);
+            }
+        }
+        loop {
+            let now = Instant::now();
+            match self.conns[t].as_ref() {
+                Some(c) if !c.is_opening() => return Ok(Some(t)),
+                None => return Ok(None),
+                Some(_) if now >= deadline => {
+                    self.fail(t, Failure::Timeout);
+                    return Ok(None);
+                }
+                Some(_) => {}
+            }
+            self.turn(
+                deadline.saturating_duration_since(now).min(MAX_POLL_WAIT),
+                &mut NoSink,
+            )?;
+        }
+    }
+
+    /// The connection behind `token`, while it is open or opening.
+    pub fn conn_mut(&mut self, token: usize) -> Option<&mut Conn> {
+        self.conns.get_mut(token).and_then(Option::as_mut)
+    }
+
+    /// One event-loop turn, waiting at most `wait`, with data messages
+    /// going to `sink`.
+    pub fn serve(&mut self, wait: Duration, sink: &mut dyn Sink) -> io::Result<()> {
+        self.turn(wait.min(MAX_POLL_WAIT), sink)
     }
 
     /// Sends a close (1000) on every open connection and waits until the
@@ -176,7 +236,10 @@ impl Fleet {
             if self.open == 0 || now >= deadline {
                 break;
             }
-            self.turn(deadline.saturating_duration_since(now).min(MAX_POLL_WAIT))?;
+            self.turn(
+                deadline.saturating_duration_since(now).min(MAX_POLL_WAIT),
+                &mut NoSink,
+            )?;
         }
         let timed_out = self.open;
         for slot in &mut self.conns {
@@ -197,16 +260,7 @@ impl Fleet {
         };
         let key = self.rng.ws_key();
         match Conn::connect(src, self.cfg.dst, key, self.cfg.request.render(&key)) {
-            Ok(mut c) => {
-                self.poll.registry().register(
-                    &mut c.stream,
-                    Token(t),
-                    Interest::READABLE | Interest::WRITABLE,
-                )?;
-                self.conns.push(Some(c));
-                self.opening.push_back(t);
-                self.in_flight += 1;
-            }
+            Ok(c) => self.add(t, c)?,
             Err(e) => {
                 self.conns.push(None);
                 self.last_done = Instant::now();
@@ -219,8 +273,21 @@ impl Fleet {
         Ok(())
     }
 
+    fn add(&mut self, t: usize, mut c: Conn) -> io::Result<()> {
+        debug_assert_eq!(t, self.conns.len());
+        self.poll.registry().register(
+            &mut c.stream,
+            Token(t),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        self.conns.push(Some(c));
+        self.opening.push_back(t);
+        self.in_flight += 1;
+        Ok(())
+    }
+
     /// One `poll` and the work it reports (plus deferred re-reads).
-    fn turn(&mut self, wait: Duration) -> io::Result<()> {
+    fn turn(&mut self, wait: Duration, sink: &mut dyn Sink) -> io::Result<()> {
         let wait = if self.reread.is_empty() {
             wait
         } else {
@@ -238,7 +305,13 @@ impl Fleet {
                 continue;
             };
             let was_opening = c.is_opening();
-            let step = c.drive(&mut self.scratch, &mut self.rng, &mut self.counters);
+            let step = c.drive(
+                t,
+                &mut self.scratch,
+                &mut self.rng,
+                &mut self.counters,
+                sink,
+            );
             if c.reread {
                 self.reread.push(t);
             }

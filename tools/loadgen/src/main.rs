@@ -1,18 +1,24 @@
 //! `loadgen`: a load generator for corecast (and any RFC 6455 server).
 //!
 //! One thread drives thousands of non-blocking sockets through mio. Each
-//! scenario is a subcommand; today there is `hold` (open N connections,
-//! hold them idle, measure the server's memory per connection).
+//! scenario is a subcommand:
+//!
+//! - `hold`: open N connections, hold them idle, measure the server's
+//!   memory per connection;
+//! - `fanout`: open N subscribers and one publisher, publish a burst or a
+//!   steady rate, measure delivered frames/s, losses, reordering and
+//!   publish-to-receive latency.
 //!
 //! One process holds at most [`MAX_CONNECTIONS_PER_PROCESS`] connections
 //! (the open-file limit is 20 000); spreading a run over several processes
 //! is future work.
 //!
-//! Exit status: 0 when every connection opened and stayed open, 1 when some
-//! did not (the report is still printed) or the run failed, 2 for bad
-//! arguments.
+//! Exit status: 0 when every connection opened and stayed open (and, for
+//! `fanout`, every message arrived once and in order), 1 when not (the
+//! report is still printed) or the run failed, 2 for bad arguments.
 
 mod client;
+mod fanout;
 mod fleet;
 mod hold;
 mod report;
@@ -50,6 +56,10 @@ enum Command {
     /// Open N connections, hold them idle (answering pings), and report what
     /// they cost the server: RSS per connection, socket memory, CPU.
     Hold(HoldArgs),
+    /// Open N subscribers and one publisher, publish K messages (burst) or
+    /// R per second for T seconds, and report delivered frames/s, lost and
+    /// reordered messages and publish-to-receive latency.
+    Fanout(FanoutArgs),
 }
 
 /// How to open connections; shared by every scenario.
@@ -100,6 +110,92 @@ struct HoldArgs {
     /// Also write the report as one JSON object to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+struct FanoutArgs {
+    /// Subscribers' URL, e.g. ws://HOST:PORT/ws?topics=T; --connections of them.
+    #[command(flatten)]
+    connect: ConnectArgs,
+
+    /// Publisher URL: ws://HOST:PORT/publish/T (one WebSocket connection;
+    /// every message it sends is published).
+    #[arg(long, value_parser = url::parse, value_name = "URL")]
+    publish_url: WsUrl,
+
+    /// Burst mode: publish K messages as fast as the socket takes them.
+    #[arg(long, value_name = "K", required_unless_present = "rate", conflicts_with_all = ["rate", "duration"])]
+    messages: Option<u64>,
+
+    /// Rate mode: messages per second, for --duration seconds.
+    #[arg(long, value_name = "R", requires = "duration")]
+    rate: Option<f64>,
+
+    /// Rate mode: seconds to publish for.
+    #[arg(long, value_name = "SECS", requires = "rate")]
+    duration: Option<u64>,
+
+    /// Payload bytes per message (at least 16: sequence number and send time).
+    #[arg(long, default_value_t = 64, value_name = "BYTES")]
+    size: usize,
+
+    /// Seconds to wait for deliveries after the last publish.
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    drain_timeout: u64,
+
+    /// Server process whose CPU time over the delivery phase is reported.
+    #[arg(long, value_name = "PID")]
+    server_pid: Option<u32>,
+
+    /// Also write the report as one JSON object to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+}
+
+/// Most messages one fanout run publishes (bounds its time and memory).
+const MAX_MESSAGES: u64 = 100_000_000;
+/// Highest publish rate accepted, in messages per second.
+const MAX_RATE: f64 = 10_000_000.0;
+
+/// How the publisher sends.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PublishMode {
+    /// K messages as fast as the socket takes them.
+    Burst { messages: u64 },
+    /// `per_s` messages per second for `duration`.
+    Rate { per_s: f64, duration: Duration },
+}
+
+impl PublishMode {
+    /// Messages the run publishes.
+    pub fn messages(&self) -> u64 {
+        match *self {
+            Self::Burst { messages } => messages,
+            Self::Rate { per_s, duration } => (per_s * duration.as_secs_f64()).round() as u64,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match *self {
+            Self::Burst { messages } => format!("burst of {messages}"),
+            Self::Rate { per_s, duration } => {
+                format!("{per_s} messages/s for {} s", duration.as_secs())
+            }
+        }
+    }
+}
+
+/// Validated `fanout` parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FanoutPlan {
+    pub connect: ConnectPlan,
+    pub publish_url: WsUrl,
+    pub publish_dst: SocketAddr,
+    pub mode: PublishMode,
+    pub size: usize,
+    pub drain_timeout: Duration,
+    pub server_pid: Option<u32>,
+    pub json: Option<PathBuf>,
 }
 
 /// Validated connection parameters.
@@ -236,13 +332,70 @@ impl HoldArgs {
     }
 }
 
+impl FanoutArgs {
+    fn plan(
+        &self,
+        dst: SocketAddr,
+        publish_dst: SocketAddr,
+        limits: Limits,
+    ) -> Result<FanoutPlan, String> {
+        let mode = match (self.messages, self.rate, self.duration) {
+            (Some(k), None, None) => {
+                if k == 0 || k > MAX_MESSAGES {
+                    return Err(format!(
+                        "--messages {k}: must be between 1 and {MAX_MESSAGES}"
+                    ));
+                }
+                PublishMode::Burst { messages: k }
+            }
+            (None, Some(r), Some(t)) => {
+                if !(r > 0.0 && r <= MAX_RATE) {
+                    return Err(format!(
+                        "--rate {r}: must be above 0 and at most {MAX_RATE}"
+                    ));
+                }
+                let mode = PublishMode::Rate {
+                    per_s: r,
+                    duration: secs("duration", t, 1)?,
+                };
+                if mode.messages() == 0 || mode.messages() > MAX_MESSAGES {
+                    return Err(format!(
+                        "--rate {r} --duration {t} publishes {} messages: must be between 1 and {MAX_MESSAGES}",
+                        mode.messages()
+                    ));
+                }
+                mode
+            }
+            _ => return Err("give either --messages K, or --rate R with --duration T".into()),
+        };
+        let max_size = client::MAX_FRAME_PAYLOAD as usize;
+        if self.size < fanout::PAYLOAD_HEADER || self.size > max_size {
+            return Err(format!(
+                "--size {}: must be between {} and {max_size} bytes",
+                self.size,
+                fanout::PAYLOAD_HEADER
+            ));
+        }
+        Ok(FanoutPlan {
+            connect: self.connect.plan(dst, limits)?,
+            publish_url: self.publish_url.clone(),
+            publish_dst,
+            mode,
+            size: self.size,
+            drain_timeout: secs("drain-timeout", self.drain_timeout, 1)?,
+            server_pid: self.server_pid,
+            json: self.json.clone(),
+        })
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let usage_error = |msg: String| {
         eprintln!("loadgen: error: {msg}");
         ExitCode::from(2)
     };
-    match cli.command {
+    let result = match cli.command {
         Command::Hold(args) => {
             let dst = match args.connect.url.resolve() {
                 Ok(d) => d,
@@ -252,19 +405,41 @@ fn main() -> ExitCode {
                 Ok(p) => p,
                 Err(e) => return usage_error(e),
             };
-            if let Some(pid) = plan.server_pid {
-                if let Err(e) = sys::rss_bytes(pid) {
-                    return usage_error(format!("--server-pid {pid}: cannot read its VmRSS: {e}"));
-                }
+            if let Some(pid) = plan.server_pid
+                && let Err(e) = sys::rss_bytes(pid)
+            {
+                return usage_error(format!("--server-pid {pid}: cannot read its VmRSS: {e}"));
             }
-            match hold::run(&plan) {
-                Ok(true) => ExitCode::SUCCESS,
-                Ok(false) => ExitCode::FAILURE,
-                Err(e) => {
-                    eprintln!("loadgen: error: {e}");
-                    ExitCode::FAILURE
-                }
+            hold::run(&plan)
+        }
+        Command::Fanout(args) => {
+            let resolved = args
+                .connect
+                .url
+                .resolve()
+                .and_then(|d| Ok((d, args.publish_url.resolve()?)));
+            let (dst, publish_dst) = match resolved {
+                Ok(d) => d,
+                Err(e) => return usage_error(e),
+            };
+            let plan = match args.plan(dst, publish_dst, Limits::current()) {
+                Ok(p) => p,
+                Err(e) => return usage_error(e),
+            };
+            if let Some(pid) = plan.server_pid
+                && let Err(e) = sys::process_cpu_s(pid)
+            {
+                return usage_error(format!("--server-pid {pid}: cannot read its CPU time: {e}"));
             }
+            fanout::run(&plan)
+        }
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("loadgen: error: {e}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -283,9 +458,89 @@ mod tests {
         let mut argv = vec!["loadgen", "hold", "--url", "ws://127.0.0.1:9101/echo"];
         argv.extend_from_slice(extra);
         let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
-        let Command::Hold(args) = cli.command;
+        let Command::Hold(args) = cli.command else {
+            return Err("not hold".into());
+        };
         let dst = args.connect.url.resolve()?;
         args.plan(dst, LIMITS)
+    }
+
+    fn fanout(extra: &[&str]) -> Result<FanoutPlan, String> {
+        let mut argv = vec![
+            "loadgen",
+            "fanout",
+            "--url",
+            "ws://127.0.0.1:9201/ws?topics=bench",
+            "--publish-url",
+            "ws://127.0.0.1:9201/publish/bench",
+            "--connections",
+            "100",
+        ];
+        argv.extend_from_slice(extra);
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        let Command::Fanout(args) = cli.command else {
+            return Err("not fanout".into());
+        };
+        let dst = args.connect.url.resolve()?;
+        let pdst = args.publish_url.resolve()?;
+        args.plan(dst, pdst, LIMITS)
+    }
+
+    #[test]
+    fn fanout_modes_parse() {
+        let p = fanout(&["--messages", "200", "--size", "64"]).unwrap();
+        assert_eq!(p.mode, PublishMode::Burst { messages: 200 });
+        assert_eq!((p.size, p.drain_timeout), (64, Duration::from_secs(10)));
+        assert_eq!(p.connect.url.target, "/ws?topics=bench");
+        assert_eq!(p.publish_url.target, "/publish/bench");
+        assert_eq!(p.publish_dst, "127.0.0.1:9201".parse().unwrap());
+        let p = fanout(&[
+            "--rate",
+            "1000",
+            "--duration",
+            "5",
+            "--size",
+            "16384",
+            "--drain-timeout",
+            "3",
+            "--json",
+            "f.json",
+            "--server-pid",
+            "7",
+        ])
+        .unwrap();
+        assert_eq!(
+            p.mode,
+            PublishMode::Rate {
+                per_s: 1000.0,
+                duration: Duration::from_secs(5)
+            }
+        );
+        assert_eq!(p.mode.messages(), 5000);
+        assert_eq!(p.drain_timeout, Duration::from_secs(3));
+        assert_eq!(
+            (p.server_pid, p.json),
+            (Some(7), Some(PathBuf::from("f.json")))
+        );
+    }
+
+    #[test]
+    fn fanout_rejects_bad_arguments() {
+        for bad in [
+            &[][..],
+            &["--messages", "0"],
+            &["--messages", "10", "--rate", "5", "--duration", "1"],
+            &["--rate", "5"],
+            &["--duration", "5"],
+            &["--rate", "0", "--duration", "5"],
+            &["--rate", "-1", "--duration", "5"],
+            &["--rate", "0.1", "--duration", "1"],
+            &["--messages", "10", "--size", "15"],
+            &["--messages", "10", "--size", "2000000"],
+            &["--messages", "10", "--drain-timeout", "0"],
+        ] {
+            assert!(fanout(bad).is_err(), "{bad:?} should be rejected");
+        }
     }
 
     #[test]

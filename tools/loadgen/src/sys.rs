@@ -131,6 +131,32 @@ impl SelfUsage {
     }
 }
 
+/// Whole-machine CPU time from the `cpu` line of `/proc/stat`, in clock
+/// ticks: `(busy, total)`, where idle and iowait are the non-busy part.
+/// Other processes count too: this tells whether the machine was saturated.
+pub fn machine_cpu_ticks() -> io::Result<(u64, u64)> {
+    let s = fs::read_to_string("/proc/stat")?;
+    parse_proc_stat(&s).ok_or_else(|| io::Error::other("no cpu line in /proc/stat"))
+}
+
+fn parse_proc_stat(s: &str) -> Option<(u64, u64)> {
+    let line = s.lines().find_map(|l| l.strip_prefix("cpu "))?;
+    // user nice system idle iowait irq softirq steal (guest is inside user).
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .take(8)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let total: u64 = v.iter().sum();
+    let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+/// CPUs this process may run on.
+pub fn online_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Raises the soft open-file limit to the hard one; returns the soft limit
 /// now in force.
 pub fn raise_nofile_limit() -> u64 {
@@ -193,6 +219,13 @@ mod tests {
     }
 
     #[test]
+    fn parses_proc_stat() {
+        let s = "cpu  100 5 50 800 20 1 4 0 7 0\ncpu0 50 2 25 400 10 0 2 0 0 0\n";
+        assert_eq!(parse_proc_stat(s), Some((160, 980)));
+        assert_eq!(parse_proc_stat("cpu0 1 2 3 4\n"), None);
+    }
+
+    #[test]
     fn reads_this_process() {
         let pid = std::process::id();
         assert!(rss_bytes(pid).unwrap() > 0);
@@ -200,5 +233,7 @@ mod tests {
         assert!(SelfUsage::now().max_rss_bytes > 0);
         assert!(Sockstat::read().is_ok());
         assert!(ephemeral_ports() > 0);
+        let (busy, total) = machine_cpu_ticks().unwrap();
+        assert!(busy <= total && total > 0);
     }
 }

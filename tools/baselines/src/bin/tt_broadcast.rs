@@ -1,0 +1,228 @@
+//! `tt-broadcast`: the idiomatic async baseline for corecast's fan-out
+//! benchmarks: tokio (multi-thread runtime) + tokio-tungstenite + one
+//! `tokio::sync::broadcast` channel.
+//!
+//! - `GET /ws?topics=...` (WebSocket): a subscriber. Its task receives from
+//!   the broadcast channel and writes each message with `ws.send` (one
+//!   flush per message, as most tokio-tungstenite servers do).
+//! - `GET /publish/{topic}` (WebSocket): a publisher. Every text or binary
+//!   message it sends goes into the broadcast channel as is (same opcode).
+//!
+//! What it deliberately does not do:
+//! - **Topics are ignored**: there is one channel and every subscriber gets
+//!   every message. The fan-out benchmark uses a single topic, so a map of
+//!   channels would only add a lookup.
+//! - No HTTP `POST /publish`, no batching of writes, no backpressure beyond
+//!   the channel: a subscriber that falls more than `--capacity` messages
+//!   behind is *lagged* (it skips the messages it missed, which are counted
+//!   and printed on exit) and keeps going.
+//! - No per-message logging, no TLS, no compression.
+//!
+//! Exits on SIGINT (ctrl-c) or SIGTERM, printing its counters.
+
+use clap::Parser;
+use futures_util::{SinkExt, StreamExt};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::broadcast::{self, error::RecvError};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::StatusCode;
+
+/// Idiomatic tokio + tokio-tungstenite broadcast server (fan-out baseline).
+#[derive(Debug, Parser)]
+#[command(name = "tt-broadcast", version, about, long_about = None)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:9201", value_name = "ADDR")]
+    listen: SocketAddr,
+    /// Runtime worker threads (0 = one per core).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    workers: usize,
+    /// Broadcast channel capacity, in messages.
+    #[arg(long, default_value_t = 65536, value_name = "N")]
+    capacity: usize,
+}
+
+/// Counters printed on exit.
+#[derive(Debug, Default)]
+struct Stats {
+    subscribers: AtomicU64,
+    publishers: AtomicU64,
+    rejected: AtomicU64,
+    published: AtomicU64,
+    sent: AtomicU64,
+    /// Times a subscriber found it had lagged.
+    lag_events: AtomicU64,
+    /// Messages lagged subscribers skipped, summed.
+    lagged_messages: AtomicU64,
+}
+
+/// What a request path asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Subscriber,
+    Publisher,
+}
+
+fn role_of(path: &str) -> Option<Role> {
+    if path == "/ws" {
+        Some(Role::Subscriber)
+    } else if path
+        .strip_prefix("/publish/")
+        .is_some_and(|t| !t.is_empty())
+    {
+        Some(Role::Publisher)
+    } else {
+        None
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    let workers = match args.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .expect("cannot build the tokio runtime");
+    if let Err(e) = rt.block_on(serve(args, workers)) {
+        eprintln!("tt-broadcast: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn serve(args: Args, workers: usize) -> std::io::Result<()> {
+    let listener = TcpListener::bind(args.listen).await?;
+    println!(
+        "tt-broadcast listening on {} ({workers} workers, broadcast capacity {})",
+        listener.local_addr()?,
+        args.capacity
+    );
+    let (tx, _) = broadcast::channel::<Message>(args.capacity.max(1));
+    let stats = Arc::new(Stats::default());
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                // Accept errors (EMFILE, ECONNABORTED) are per connection: keep serving.
+                if let Ok((stream, _)) = accepted {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(connection(stream, tx.clone(), stats.clone()));
+                }
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    let c = |a: &AtomicU64| a.load(Relaxed);
+    println!(
+        "tt-broadcast: subscribers {}, publishers {}, rejected {}, published {}, sent {}, \
+         lag events {}, lagged messages skipped {}",
+        c(&stats.subscribers),
+        c(&stats.publishers),
+        c(&stats.rejected),
+        c(&stats.published),
+        c(&stats.sent),
+        c(&stats.lag_events),
+        c(&stats.lagged_messages)
+    );
+    Ok(())
+}
+
+async fn connection(stream: TcpStream, tx: broadcast::Sender<Message>, stats: Arc<Stats>) {
+    let mut role = None;
+    let mut rx = None;
+    // The signature is tungstenite's `Callback`; its error type is large by design.
+    #[allow(clippy::result_large_err)]
+    let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+        role = role_of(req.uri().path());
+        match role {
+            None => {
+                let mut e = ErrorResponse::new(Some("unknown path\n".into()));
+                *e.status_mut() = StatusCode::NOT_FOUND;
+                Err(e)
+            }
+            Some(r) => {
+                // Subscribe before the 101 goes out, so a message published
+                // right after the client sees the 101 is not missed.
+                if r == Role::Subscriber {
+                    rx = Some(tx.subscribe());
+                }
+                Ok(resp)
+            }
+        }
+    };
+    let ws = match tokio_tungstenite::accept_hdr_async(stream, callback).await {
+        Ok(ws) => ws,
+        Err(_) => {
+            stats.rejected.fetch_add(1, Relaxed);
+            return;
+        }
+    };
+    let (mut sink, mut stream) = ws.split();
+    match (role, rx) {
+        (Some(Role::Subscriber), Some(mut rx)) => {
+            stats.subscribers.fetch_add(1, Relaxed);
+            loop {
+                tokio::select! {
+                    msg = rx.recv() => match msg {
+                        Ok(m) => {
+                            if sink.send(m).await.is_err() {
+                                break;
+                            }
+                            stats.sent.fetch_add(1, Relaxed);
+                        }
+                        Err(RecvError::Lagged(n)) => {
+                            stats.lag_events.fetch_add(1, Relaxed);
+                            stats.lagged_messages.fetch_add(n, Relaxed);
+                        }
+                        Err(RecvError::Closed) => break,
+                    },
+                    // tungstenite answers pings and closes itself while
+                    // reading; we only notice the end.
+                    incoming = stream.next() => match incoming {
+                        Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                        Some(Ok(_)) => {}
+                    },
+                }
+            }
+        }
+        (Some(Role::Publisher), _) => {
+            stats.publishers.fetch_add(1, Relaxed);
+            while let Some(Ok(m)) = stream.next().await {
+                match m {
+                    Message::Text(_) | Message::Binary(_) => {
+                        stats.published.fetch_add(1, Relaxed);
+                        // Err only when nobody is subscribed: the message is dropped.
+                        let _ = tx.send(m);
+                    }
+                    Message::Close(_) => break,
+                    _ => {}
+                }
+            }
+        }
+        _ => unreachable!("the callback accepted only known roles"),
+    }
+    // Flush any queued close reply; errors here only mean the peer is gone.
+    let _ = sink.close().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_paths() {
+        assert_eq!(role_of("/ws"), Some(Role::Subscriber));
+        assert_eq!(role_of("/publish/bench"), Some(Role::Publisher));
+        assert_eq!(role_of("/publish/"), None);
+        assert_eq!(role_of("/echo"), None);
+        assert_eq!(role_of("/wsx"), None);
+    }
+}
