@@ -78,11 +78,6 @@ impl OutQueue {
             self.chunks = VecDeque::new();
         }
     }
-
-    /// Drops everything queued.
-    pub fn clear(&mut self) {
-        *self = Self::new();
-    }
 }
 
 #[cfg(test)]

@@ -63,7 +63,7 @@ impl Harness {
     fn sent(&mut self) -> Vec<(OpCode, Vec<u8>)> {
         let mut iov = [IoSlice::new(&[]); 1024];
         let n = self.out.gather(&mut iov);
-        let mut bytes: Vec<u8> = iov[..n].iter().flat_map(|s| s.iter().copied()).collect();
+        let bytes: Vec<u8> = iov[..n].iter().flat_map(|s| s.iter().copied()).collect();
         self.out.advance(self.out.len());
         let mut frames = Vec::new();
         let mut pos = 0;
@@ -76,7 +76,6 @@ impl Harness {
             frames.push((h.opcode, bytes[start..end].to_vec()));
             pos = end;
         }
-        bytes.clear();
         frames
     }
 

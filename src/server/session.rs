@@ -185,15 +185,6 @@ impl Session {
         }
     }
 
-    /// Heap bytes this session holds beyond its own size (for memory accounting).
-    pub fn heap_bytes(&self) -> usize {
-        let msg = match &self.phase {
-            Phase::Ws { ws, .. } => ws.buffered(),
-            _ => 0,
-        };
-        self.pending.capacity() + msg
-    }
-
     /// Parses, routes and validates a complete request head; on success the
     /// `101` response is queued.
     fn upgrade(&mut self, head: &[u8], cfg: &Config) -> Result<Endpoint, Reject> {

@@ -27,7 +27,7 @@
 //! the wall time, and says so when it was CPU-bound.
 
 use crate::client::{RequestTemplate, Rng, Sink};
-use crate::fleet::{Fleet, FleetConfig};
+use crate::fleet::Fleet;
 use crate::report;
 use crate::sys::{self, SelfUsage};
 use crate::{FanoutPlan, PublishMode};
@@ -330,15 +330,7 @@ pub fn run(plan: &FanoutPlan) -> Result<bool, String> {
         plan.size,
         plan.mode.describe()
     );
-    let mut fleet = Fleet::new(FleetConfig {
-        dst: c.dst,
-        sources: c.sources.clone(),
-        connections: c.connections,
-        in_flight: c.in_flight,
-        handshake_timeout: c.handshake_timeout,
-        request: RequestTemplate::new(&c.url),
-    })
-    .map_err(|e| format!("cannot create the poller: {e}"))?;
+    let mut fleet = Fleet::for_plan(c)?;
     let ramp = fleet
         .ramp_up(Instant::now() + c.connect_timeout)
         .map_err(|e| format!("event loop failed during ramp-up: {e}"))?;

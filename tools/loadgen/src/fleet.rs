@@ -76,6 +76,19 @@ pub struct Fleet {
 }
 
 impl Fleet {
+    /// A fleet that opens the connections a scenario's validated plan asks for.
+    pub fn for_plan(plan: &crate::ConnectPlan) -> Result<Self, String> {
+        Self::new(FleetConfig {
+            dst: plan.dst,
+            sources: plan.sources.clone(),
+            connections: plan.connections,
+            in_flight: plan.in_flight,
+            handshake_timeout: plan.handshake_timeout,
+            request: RequestTemplate::new(&plan.url),
+        })
+        .map_err(|e| format!("cannot create the poller: {e}"))
+    }
+
     pub fn new(cfg: FleetConfig) -> io::Result<Self> {
         Ok(Self {
             poll: Poll::new()?,

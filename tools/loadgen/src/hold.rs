@@ -6,7 +6,7 @@
 //! ("before"), once all are up ("after"), and at the end of the hold
 //! ("end"). `server_bytes_per_conn = (after - before) / connections_up`.
 
-use crate::fleet::{Fleet, FleetConfig};
+use crate::fleet::Fleet;
 use crate::report::{self, Latency};
 use crate::sys::{self, SelfUsage, Sockstat};
 use crate::{ConnectPlan, HoldPlan};
@@ -48,15 +48,7 @@ pub fn run(plan: &HoldPlan) -> Result<bool, String> {
         describe_sources(c),
         plan.duration.as_secs()
     );
-    let mut fleet = Fleet::new(FleetConfig {
-        dst: c.dst,
-        sources: c.sources.clone(),
-        connections: c.connections,
-        in_flight: c.in_flight,
-        handshake_timeout: c.handshake_timeout,
-        request: crate::client::RequestTemplate::new(&c.url),
-    })
-    .map_err(|e| format!("cannot create the poller: {e}"))?;
+    let mut fleet = Fleet::for_plan(c)?;
 
     let before = Snapshot::take(pid);
     let ramp = fleet
