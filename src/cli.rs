@@ -2,9 +2,11 @@
 
 use crate::proto::handshake::DEFAULT_MAX_HEAD_BYTES;
 use crate::proto::ws::DEFAULT_MAX_MESSAGE_BYTES;
+use crate::pubsub::topic::{DEFAULT_MAX_TOPIC_LEN, DEFAULT_MAX_TOPICS_PER_CONN};
 use crate::server::Config;
 use crate::server::config::{
     DEFAULT_DRAIN_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_OUTBOUND_BYTES,
+    DEFAULT_PING_INTERVAL, DEFAULT_PING_TIMEOUT, SlowConsumerPolicy,
 };
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
@@ -48,8 +50,9 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = DEFAULT_MAX_HEAD_BYTES, value_parser = parse_size, value_name = "BYTES")]
     pub max_handshake_size: usize,
 
-    /// Per-connection bound on queued outbound bytes; above it the connection
-    /// is not read until the queue drains to half.
+    /// Per-connection bound on queued outbound bytes. A subscriber over it is
+    /// handled by --slow-consumer; an echo client is not read until its queue
+    /// drains to half.
     #[arg(long, default_value_t = DEFAULT_MAX_OUTBOUND_BYTES, value_parser = parse_size, value_name = "BYTES")]
     pub max_outbound_bytes: usize,
 
@@ -64,6 +67,41 @@ pub struct ServeArgs {
     /// On SIGINT/SIGTERM, how long to wait for clients to finish closing.
     #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
     pub drain_timeout: Duration,
+
+    /// What to do with a subscriber whose queue would pass --max-outbound-bytes:
+    /// `disconnect` (close 1008 "slow consumer") or `drop-newest` (skip the message for it).
+    #[arg(long, default_value = "disconnect", value_parser = parse_policy, value_name = "POLICY")]
+    pub slow_consumer: SlowConsumerPolicy,
+
+    /// Most topics one subscriber connection may hold.
+    #[arg(long, default_value_t = DEFAULT_MAX_TOPICS_PER_CONN, value_name = "N")]
+    pub max_topics_per_conn: usize,
+
+    /// Longest topic name, in bytes.
+    #[arg(long, default_value_t = DEFAULT_MAX_TOPIC_LEN, value_name = "BYTES")]
+    pub max_topic_len: usize,
+
+    /// Ping a connection after this long without input; 0 disables keepalive.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub ping_interval: Duration,
+
+    /// Close (1001 "keepalive timeout") a pinged connection that sends nothing for this long.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub ping_timeout: Duration,
+
+    /// Serve /metrics and /healthz on this address instead of the main port.
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<SocketAddr>,
+
+    /// Shared secret publishers must present (`Authorization: Bearer TOKEN` or
+    /// `?token=TOKEN`); unset = publishing is open.
+    #[arg(
+        long,
+        env = "CORECAST_PUBLISH_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub publish_token: Option<String>,
 }
 
 impl ServeArgs {
@@ -79,13 +117,35 @@ impl ServeArgs {
             subprotocols: self.subprotocols.clone(),
             handshake_timeout: self.handshake_timeout,
             drain_timeout: self.drain_timeout,
+            max_topics_per_conn: self.max_topics_per_conn,
+            max_topic_len: self.max_topic_len,
+            slow_consumer: self.slow_consumer,
+            ping_interval: (!self.ping_interval.is_zero()).then_some(self.ping_interval),
+            ping_timeout: self.ping_timeout,
+            admin_listen: self.admin_listen,
+            publish_token: self.publish_token.clone().filter(|t| !t.is_empty()),
         }
     }
 }
 
 // The defaults shown in --help come from the same constants as `Config::default`.
-const _: () =
-    assert!(DEFAULT_HANDSHAKE_TIMEOUT.as_secs() == 10 && DEFAULT_DRAIN_TIMEOUT.as_secs() == 5);
+const _: () = assert!(
+    DEFAULT_HANDSHAKE_TIMEOUT.as_secs() == 10
+        && DEFAULT_DRAIN_TIMEOUT.as_secs() == 5
+        && DEFAULT_PING_INTERVAL.as_secs() == 30
+        && DEFAULT_PING_TIMEOUT.as_secs() == 10
+);
+
+/// Parses `disconnect` or `drop-newest`.
+pub fn parse_policy(s: &str) -> Result<SlowConsumerPolicy, String> {
+    match s {
+        "disconnect" => Ok(SlowConsumerPolicy::Disconnect),
+        "drop-newest" => Ok(SlowConsumerPolicy::DropNewest),
+        other => Err(format!(
+            "unknown policy {other:?}: use disconnect or drop-newest"
+        )),
+    }
+}
 
 /// Parses `4096`, `64K`, `64KiB`, `16M`, `16MiB`, `1G` (binary multiples).
 pub fn parse_size(s: &str) -> Result<usize, String> {
@@ -160,6 +220,36 @@ mod tests {
         assert_eq!(c.max_outbound_bytes, d.max_outbound_bytes);
         assert_eq!(c.handshake_timeout, d.handshake_timeout);
         assert_eq!(c.drain_timeout, d.drain_timeout);
+        assert_eq!(c.slow_consumer, d.slow_consumer);
+        assert_eq!(c.max_topics_per_conn, d.max_topics_per_conn);
+        assert_eq!(c.max_topic_len, d.max_topic_len);
+        assert_eq!(c.ping_interval, d.ping_interval);
+        assert_eq!(c.ping_timeout, d.ping_timeout);
+        assert_eq!(c.admin_listen, d.admin_listen);
+    }
+
+    #[test]
+    fn pubsub_flags() {
+        let cli = Cli::try_parse_from([
+            "corecast",
+            "serve",
+            "--slow-consumer",
+            "drop-newest",
+            "--ping-interval",
+            "0",
+            "--publish-token",
+            "s3cret",
+            "--admin-listen",
+            "127.0.0.1:9100",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command;
+        let c = args.to_config();
+        assert_eq!(c.slow_consumer, SlowConsumerPolicy::DropNewest);
+        assert_eq!(c.ping_interval, None, "0 disables keepalive");
+        assert_eq!(c.publish_token.as_deref(), Some("s3cret"));
+        assert_eq!(c.admin_listen, Some("127.0.0.1:9100".parse().unwrap()));
+        assert!(parse_policy("sometimes").is_err());
     }
 
     #[test]

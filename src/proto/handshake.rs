@@ -21,31 +21,62 @@ pub const WS_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
     BadRequest,
+    Unauthorized,
     NotFound,
     MethodNotAllowed,
+    LengthRequired,
+    PayloadTooLarge,
     UpgradeRequired,
+    TooManyRequests,
     HeadTooLarge,
     ServiceUnavailable,
 }
 
 impl Status {
+    /// Every status, in code order (metrics iterate it).
+    pub const ALL: [Status; 10] = [
+        Self::BadRequest,
+        Self::Unauthorized,
+        Self::NotFound,
+        Self::MethodNotAllowed,
+        Self::LengthRequired,
+        Self::PayloadTooLarge,
+        Self::UpgradeRequired,
+        Self::TooManyRequests,
+        Self::HeadTooLarge,
+        Self::ServiceUnavailable,
+    ];
+
     pub fn code(self) -> u16 {
         match self {
             Self::BadRequest => 400,
+            Self::Unauthorized => 401,
             Self::NotFound => 404,
             Self::MethodNotAllowed => 405,
+            Self::LengthRequired => 411,
+            Self::PayloadTooLarge => 413,
             Self::UpgradeRequired => 426,
+            Self::TooManyRequests => 429,
             Self::HeadTooLarge => 431,
             Self::ServiceUnavailable => 503,
         }
     }
 
+    /// Position in [`Status::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn phrase(self) -> &'static str {
         match self {
             Self::BadRequest => "Bad Request",
+            Self::Unauthorized => "Unauthorized",
             Self::NotFound => "Not Found",
             Self::MethodNotAllowed => "Method Not Allowed",
+            Self::LengthRequired => "Length Required",
+            Self::PayloadTooLarge => "Payload Too Large",
             Self::UpgradeRequired => "Upgrade Required",
+            Self::TooManyRequests => "Too Many Requests",
             Self::HeadTooLarge => "Request Header Fields Too Large",
             Self::ServiceUnavailable => "Service Unavailable",
         }
@@ -57,11 +88,26 @@ impl Status {
 pub struct Reject {
     pub status: Status,
     pub reason: &'static str,
+    /// Methods named in `Allow` on a 405.
+    pub allow: &'static str,
 }
 
 impl Reject {
     pub const fn new(status: Status, reason: &'static str) -> Self {
-        Self { status, reason }
+        Self {
+            status,
+            reason,
+            allow: "GET",
+        }
+    }
+
+    /// A 405 naming the methods the resource does take.
+    pub const fn method(reason: &'static str, allow: &'static str) -> Self {
+        Self {
+            status: Status::MethodNotAllowed,
+            reason,
+            allow,
+        }
     }
 }
 
@@ -317,7 +363,11 @@ pub fn error_response(reject: Reject) -> Vec<u8> {
         Status::UpgradeRequired => {
             s.push_str("Sec-WebSocket-Version: 13\r\nUpgrade: websocket\r\n")
         }
-        Status::MethodNotAllowed => s.push_str("Allow: GET\r\n"),
+        Status::MethodNotAllowed => {
+            let _ = write!(s, "Allow: {}\r\n", reject.allow);
+        }
+        Status::Unauthorized => s.push_str("WWW-Authenticate: Bearer\r\n"),
+        Status::TooManyRequests | Status::ServiceUnavailable => s.push_str("Retry-After: 1\r\n"),
         _ => {}
     }
     let _ = write!(s, "\r\n{}\n", reject.reason);

@@ -1,12 +1,17 @@
-//! Publish/subscribe: the pieces of the fan-out that need no I/O.
+//! Publish/subscribe: the fan-out engine and the pieces that need no I/O.
 //!
 //! | module | holds |
 //! |---|---|
 //! | [`topic`] | topic-name rules, `?topics=` lists |
 //! | [`control`] | subscriber control messages (JSON): parse, replies, errors |
+//! | [`directory`] | process-wide topic → interested workers (atomic masks) |
+//! | [`bus`] | cross-worker publication batches and wake-ups |
+//! | [`shard`] | one worker's registry (topic → local subscribers) and outbox |
 //!
-//! The engine (per-worker registries, the cross-worker view of interest,
-//! encode-once delivery) builds on these; see docs/ARCHITECTURE.md.
+//! See docs/ARCHITECTURE.md for the path of one publication.
 
+pub mod bus;
 pub mod control;
+pub mod directory;
+pub mod shard;
 pub mod topic;

@@ -2,6 +2,7 @@
 
 use crate::proto::handshake::DEFAULT_MAX_HEAD_BYTES;
 use crate::proto::ws::DEFAULT_MAX_MESSAGE_BYTES;
+use crate::pubsub::topic::{DEFAULT_MAX_TOPIC_LEN, DEFAULT_MAX_TOPICS_PER_CONN};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -12,8 +13,23 @@ use std::time::Duration;
 pub const DEFAULT_MAX_OUTBOUND_BYTES: usize = 4 * 1024 * 1024;
 /// Default time a client has to send its whole request head.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default interval after which an idle connection (nothing received) is pinged.
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
+/// Default time a pinged connection has to send anything before it is closed.
+pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default time shutdown waits for clients to finish the close handshake.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What happens to a subscriber whose queue would pass `max_outbound_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SlowConsumerPolicy {
+    /// Close with 1008 "slow consumer" (queued frames not yet started are
+    /// discarded), then drop the socket if it does not read the close in time.
+    #[default]
+    Disconnect,
+    /// Skip the message for that subscriber, keep the connection.
+    DropNewest,
+}
 
 /// Everything a server needs to start.
 #[derive(Debug, Clone)]
@@ -36,6 +52,20 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Bound on the graceful shutdown.
     pub drain_timeout: Duration,
+    /// Most topics one subscriber connection may hold.
+    pub max_topics_per_conn: usize,
+    /// Longest topic name, in bytes.
+    pub max_topic_len: usize,
+    /// What to do with a subscriber that cannot keep up.
+    pub slow_consumer: SlowConsumerPolicy,
+    /// Ping connections idle this long; `None` disables keepalive.
+    pub ping_interval: Option<Duration>,
+    /// Close a pinged connection that sends nothing for this long.
+    pub ping_timeout: Duration,
+    /// Serve `/metrics` and `/healthz` on this address instead of the main port.
+    pub admin_listen: Option<SocketAddr>,
+    /// Shared secret publishers must present (`Authorization: Bearer` or `?token=`).
+    pub publish_token: Option<String>,
 }
 
 impl Default for Config {
@@ -50,6 +80,13 @@ impl Default for Config {
             subprotocols: Vec::new(),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            max_topics_per_conn: DEFAULT_MAX_TOPICS_PER_CONN,
+            max_topic_len: DEFAULT_MAX_TOPIC_LEN,
+            slow_consumer: SlowConsumerPolicy::Disconnect,
+            ping_interval: Some(DEFAULT_PING_INTERVAL),
+            ping_timeout: DEFAULT_PING_TIMEOUT,
+            admin_listen: None,
+            publish_token: None,
         }
     }
 }

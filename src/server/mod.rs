@@ -11,13 +11,21 @@
 //! | [`epoll`] | the mio event loop |
 //! | [`listener`] | `SO_REUSEPORT` listeners |
 //! | [`stats`] | per-worker counters |
+//! | [`metrics`] | Prometheus rendering of the counters |
+//! | [`http`] | plain-HTTP responses and the publisher token check |
+//! | [`admin`] | the optional separate `/metrics` + `/healthz` listener |
 
+pub mod admin;
 pub mod config;
 pub mod epoll;
+pub mod http;
 pub mod listener;
+pub mod metrics;
 pub mod session;
 pub mod stats;
 
+use crate::pubsub::bus::{Bus, Wake};
+use crate::pubsub::directory::{Directory, MAX_WORKERS};
 pub use config::Config;
 use mio::{Poll, Waker};
 use stats::{Snapshot, WorkerStats};
@@ -28,20 +36,36 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use tracing::{info, warn};
 
-/// State shared by all workers (read-mostly).
-pub(crate) struct Shared {
+/// State shared by all workers (read-mostly); opaque outside the crate.
+pub struct Shared {
     pub(crate) config: Config,
     pub(crate) shutdown: AtomicBool,
     /// One entry per worker, indexed by worker id.
     pub(crate) stats: Box<[WorkerStats]>,
+    /// Which workers have subscribers of which topic.
+    pub(crate) directory: Arc<Directory>,
+    /// Cross-worker publication batches and wake-ups.
+    pub(crate) bus: Arc<Bus>,
 }
 
 /// A running server. Dropping it shuts the server down and waits for it.
 pub struct ServerHandle {
     local_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
-    wakers: Vec<Waker>,
+    admin: Option<admin::AdminHandle>,
     threads: Vec<JoinHandle<()>>,
+}
+
+/// mio's waker (an eventfd on Linux) as the bus's wake-up.
+struct MioWake(Waker);
+
+impl Wake for MioWake {
+    fn wake(&self) {
+        // Fails only if the eventfd counter would overflow, i.e. the worker
+        // already has a wake-up pending.
+        let _ = self.0.wake();
+    }
 }
 
 /// The largest request head the worker's read buffer can hold with room to spare.
@@ -50,6 +74,12 @@ const MAX_HANDSHAKE_CAP: usize = epoll::READ_BUF_BYTES / 2;
 /// Starts a server with `config`; returns once every listener is bound.
 pub fn start(mut config: Config) -> io::Result<ServerHandle> {
     let workers = config.worker_count();
+    if workers > MAX_WORKERS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("at most {MAX_WORKERS} workers are supported"),
+        ));
+    }
     if config.max_handshake_size > MAX_HANDSHAKE_CAP {
         warn!(
             requested = config.max_handshake_size,
@@ -64,17 +94,33 @@ pub fn start(mut config: Config) -> io::Result<ServerHandle> {
     } else {
         Vec::new()
     };
+    let mut polls = Vec::with_capacity(workers);
+    let mut wakers: Vec<Box<dyn Wake>> = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let poll = Poll::new()?;
+        wakers.push(Box::new(MioWake(Waker::new(
+            poll.registry(),
+            epoll::WAKER,
+        )?)));
+        polls.push(poll);
+    }
+    let (bus, inboxes) = Bus::new(wakers);
     let shared = Arc::new(Shared {
         config,
         shutdown: AtomicBool::new(false),
         stats: (0..workers).map(|_| WorkerStats::default()).collect(),
+        directory: Arc::new(Directory::new()),
+        bus,
     });
-    let mut wakers = Vec::with_capacity(workers);
+    let admin = match shared.config.admin_listen {
+        Some(addr) => Some(admin::start(addr, Arc::clone(&shared))?),
+        None => None,
+    };
+    let admin_addr = admin.as_ref().map(|a| a.local_addr());
     let mut threads = Vec::with_capacity(workers);
-    for (id, listener) in listeners.into_iter().enumerate() {
-        let poll = Poll::new()?;
-        wakers.push(Waker::new(poll.registry(), epoll::WAKER)?);
-        let worker = epoll::Worker::new(id, poll, listener, Arc::clone(&shared))?;
+    for (id, ((listener, poll), inbox)) in listeners.into_iter().zip(polls).zip(inboxes).enumerate()
+    {
+        let worker = epoll::Worker::new(id, poll, listener, inbox, Arc::clone(&shared))?;
         let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
         let thread = std::thread::Builder::new()
             .name(format!("corecast-w{id}"))
@@ -91,8 +137,9 @@ pub fn start(mut config: Config) -> io::Result<ServerHandle> {
     info!(%local_addr, workers, pinned = !cores.is_empty(), "corecast listening");
     Ok(ServerHandle {
         local_addr,
+        admin_addr,
         shared,
-        wakers,
+        admin,
         threads,
     })
 }
@@ -101,6 +148,16 @@ impl ServerHandle {
     /// The bound address (with the real port when started on port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The admin listener's address, when `admin_listen` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// The Prometheus text `/metrics` serves.
+    pub fn metrics(&self) -> String {
+        metrics::render(&self.shared.stats, self.shared.directory.len())
     }
 
     /// Counters summed over all workers.
@@ -112,8 +169,11 @@ impl ServerHandle {
     /// and exit within the drain timeout. Returns at once; see [`Self::join`].
     pub fn shutdown(&self) {
         self.shared.shutdown.store(true, Ordering::Release);
-        for w in &self.wakers {
-            let _ = w.wake();
+        for w in 0..self.shared.bus.workers() {
+            self.shared.bus.wake(w);
+        }
+        if let Some(a) = &self.admin {
+            a.stop();
         }
     }
 
@@ -123,6 +183,10 @@ impl ServerHandle {
     }
 
     fn join_workers(&mut self) {
+        if let Some(a) = self.admin.take() {
+            a.stop();
+            a.join();
+        }
         for t in self.threads.drain(..) {
             if t.join().is_err() {
                 warn!("a worker thread panicked");

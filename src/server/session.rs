@@ -1,45 +1,76 @@
 //! What a connection *is*, independent of the I/O backend: its phase
-//! (request head, open WebSocket, draining), the bytes kept between reads,
-//! and its outbound queue. Routing and the endpoints live here.
+//! (HTTP request, open WebSocket, closing), its role (echo, subscriber,
+//! publisher), the bytes kept between reads, and its outbound queue.
+//! Routing and the endpoints live here.
 //!
 //! A backend reads into its shared buffer after [`Session::restore_pending`],
-//! hands the bytes to [`Session::on_input`], and writes [`Session::out`]. No
-//! syscalls here: tests drive sessions with plain byte slices.
+//! hands the bytes to [`Session::on_input`] with a [`Ctx`], and writes
+//! [`Session::out`]. Published frames come in through
+//! [`Session::push_published`]. No syscalls here: tests drive sessions with
+//! plain byte slices.
 
-use super::config::Config;
+use super::Shared;
+use super::config::{Config, SlowConsumerPolicy};
+use super::http;
+use super::metrics;
 use super::stats::WorkerStats;
 use crate::proto::frame::server_frame;
 use crate::proto::handshake::{
-    self, HeadScanner, MAX_HEADERS, Reject, Status, choose_subprotocol, parse_head,
+    self, HeadScanner, MAX_HEADERS, Reject, Request, Status, choose_subprotocol, parse_head,
     validate_upgrade, write_switching_protocols,
 };
-use crate::proto::{CloseState, Event, OutQueue, WsConn};
+use crate::proto::{CloseCode, CloseState, Event, MessageKind, OutQueue, WsConn};
+use crate::pubsub::control::{self, Op};
+use crate::pubsub::directory::TopicInterest;
+use crate::pubsub::shard::{ConnRef, Shard, Subscription};
+use crate::pubsub::topic::{self, TopicError};
 use bytes::Bytes;
+use std::sync::Arc;
+use std::time::Instant;
 use tracing::debug;
 
-/// The endpoints a WebSocket can be opened on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
-    /// Echo every message back with its opcode.
-    Echo,
+/// What a session may touch while it handles input.
+pub struct Ctx<'a> {
+    pub shared: &'a Shared,
+    /// This worker's counters.
+    pub stats: &'a WorkerStats,
+    /// This worker's topic registry and outbox.
+    pub shard: &'a mut Shard,
+    /// This connection, as the shard names it.
+    pub me: ConnRef,
+    pub now: Instant,
 }
 
-/// Maps a request path to an endpoint.
-pub fn route(path: &str) -> Option<Endpoint> {
-    match path {
-        "/echo" => Some(Endpoint::Echo),
-        _ => None,
-    }
+/// What an open WebSocket is for.
+#[derive(Debug)]
+enum Role {
+    /// `/echo`: every message comes back with its opcode.
+    Echo,
+    /// `/ws`: receives the topics it subscribed to; sends control messages.
+    Subscriber { subs: Vec<Subscription> },
+    /// `/publish/{topic}`: every message it sends is published.
+    Publisher { topic: Option<Arc<TopicInterest>> },
 }
 
 #[derive(Debug)]
 enum Phase {
-    /// Reading the HTTP request head.
+    /// Reading an HTTP request head.
     Head(HeadScanner),
+    /// Reading the body of `POST /publish/{topic}`.
+    Body(Box<BodyState>),
     /// An open WebSocket.
-    Ws { ws: WsConn, endpoint: Endpoint },
+    Ws { ws: WsConn, role: Role },
     /// A final HTTP response is queued: write it, then close.
-    Refused,
+    Done,
+}
+
+#[derive(Debug)]
+struct BodyState {
+    topic: Box<str>,
+    kind: MessageKind,
+    len: usize,
+    keep_alive: bool,
+    body: Vec<u8>,
 }
 
 /// What the backend should do after [`Session::on_input`].
@@ -49,16 +80,34 @@ pub enum Next {
     Read,
     /// Stop reading: flush what is queued, then shut the write side down and
     /// linger until the peer closes (close handshake done, connection failed,
-    /// or an HTTP refusal).
+    /// or a final HTTP response).
     FlushAndClose,
 }
 
-/// One connection's state. About 140 bytes, no heap when idle.
+/// The outcome of [`Session::push_published`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Push {
+    /// Queued for writing.
+    Queued,
+    /// Not for this connection (not a subscriber, or closing): nothing done.
+    Ignored,
+    /// Skipped: the queue is full and the policy is drop-newest.
+    Dropped,
+    /// The queue is full and the policy is disconnect: the not-yet-started
+    /// frames (`discarded` bytes) were dropped and a 1008 close queued. The
+    /// backend detaches the session and closes the connection.
+    SlowConsumer { discarded: usize },
+}
+
+/// One connection's state. No heap when idle, apart from its subscriptions.
 #[derive(Debug)]
 pub struct Session {
     phase: Phase,
     /// Input not yet consumed: a partial head, frame header or control frame.
     pending: Vec<u8>,
+    /// HTTP requests completed (the backend re-arms the request deadline
+    /// when this changes).
+    requests: u32,
     /// Bytes waiting to be written.
     pub out: OutQueue,
 }
@@ -69,25 +118,119 @@ impl Default for Session {
     }
 }
 
+/// Where a request goes.
+enum Route<'p> {
+    Upgrade(Upgrade<'p>),
+    Publish(&'p str),
+    Metrics,
+    Health,
+}
+
+enum Upgrade<'p> {
+    Echo,
+    Subscribe,
+    Publish(&'p str),
+}
+
+fn route<'p>(req: &Request<'p, '_>, cfg: &Config) -> Result<Route<'p>, Reject> {
+    let admin_here = cfg.admin_listen.is_none();
+    match req.path {
+        "/echo" => Ok(Route::Upgrade(Upgrade::Echo)),
+        "/ws" => Ok(Route::Upgrade(Upgrade::Subscribe)),
+        "/metrics" | "/healthz" if admin_here => match req.method {
+            "GET" | "HEAD" if req.path == "/metrics" => Ok(Route::Metrics),
+            "GET" | "HEAD" => Ok(Route::Health),
+            _ => Err(Reject::method("use GET", "GET, HEAD")),
+        },
+        p => match p.strip_prefix("/publish/") {
+            Some(t) if req.method == "POST" => Ok(Route::Publish(t)),
+            Some(t) if req.method == "GET" => Ok(Route::Upgrade(Upgrade::Publish(t))),
+            Some(_) => Err(Reject::method(
+                "publish with POST or a WebSocket (GET)",
+                "GET, POST",
+            )),
+            None => Err(Reject::new(Status::NotFound, "no such endpoint")),
+        },
+    }
+}
+
+fn topic_reject(e: TopicError) -> Reject {
+    Reject::new(
+        Status::BadRequest,
+        match e {
+            TopicError::Empty => "empty topic name",
+            TopicError::TooLong { .. } => "topic name too long (see --max-topic-len)",
+            TopicError::BadChar(_) => "bad topic name; allowed: A-Z a-z 0-9 - _ . : / @ ~",
+        },
+    )
+}
+
+fn check_publisher(req: &Request<'_, '_>, cfg: &Config) -> Result<(), Reject> {
+    let Some(token) = &cfg.publish_token else {
+        return Ok(());
+    };
+    let authorization = req.header("authorization").ok().flatten();
+    if http::authorized(token, authorization, req.query) {
+        Ok(())
+    } else {
+        Err(Reject::new(
+            Status::Unauthorized,
+            "publisher token missing or wrong",
+        ))
+    }
+}
+
+/// Does the client want the connection kept open after this request?
+fn keep_alive(req: &Request<'_, '_>) -> bool {
+    if req.version == 1 {
+        !req.has_token("connection", "close")
+    } else {
+        req.has_token("connection", "keep-alive")
+    }
+}
+
 impl Session {
     /// A new connection, waiting for its request head.
     pub fn new() -> Self {
         Self {
             phase: Phase::Head(HeadScanner::default()),
             pending: Vec::new(),
+            requests: 0,
             out: OutQueue::new(),
         }
     }
 
-    /// Has the handshake completed?
-    pub fn is_open(&self) -> bool {
+    /// Is the connection waiting for (or inside) an HTTP request, so that
+    /// the request deadline applies?
+    pub fn awaiting_request(&self) -> bool {
+        matches!(self.phase, Phase::Head(_) | Phase::Body(_))
+    }
+
+    /// HTTP requests completed on this connection so far.
+    pub fn requests(&self) -> u32 {
+        self.requests
+    }
+
+    /// Is this an open WebSocket?
+    pub fn is_websocket(&self) -> bool {
         matches!(self.phase, Phase::Ws { .. })
     }
 
-    /// Is the connection done reading (after a refusal, failure or close)?
+    /// Is this a WebSocket publisher (whose reads the backend may throttle)?
+    pub fn is_publisher(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Ws {
+                role: Role::Publisher { .. },
+                ..
+            }
+        )
+    }
+
+    /// What the backend should do now.
     pub fn next(&self) -> Next {
         match &self.phase {
-            Phase::Head(_) => Next::Read,
+            Phase::Head(_) | Phase::Body(_) => Next::Read,
             Phase::Ws { ws, .. } if ws.close_state() != CloseState::Closed => Next::Read,
             _ => Next::FlushAndClose,
         }
@@ -102,55 +245,112 @@ impl Session {
     }
 
     /// Processes `buf` (previous pending bytes followed by new ones).
-    pub fn on_input(&mut self, buf: &mut [u8], cfg: &Config, stats: &WorkerStats) -> Next {
+    pub fn on_input(&mut self, buf: &mut [u8], ctx: &mut Ctx<'_>) -> Next {
         let mut pos = 0;
-        if let Phase::Head(scanner) = &mut self.phase {
-            let Some(end) = scanner.find_end(buf) else {
-                if buf.len() > cfg.max_handshake_size {
-                    self.refuse(
-                        Reject::new(Status::HeadTooLarge, "request head too large"),
-                        stats,
-                    );
-                    return Next::FlushAndClose;
-                }
-                self.keep(buf, 0);
-                return Next::Read;
-            };
-            if end > cfg.max_handshake_size {
-                self.refuse(
-                    Reject::new(Status::HeadTooLarge, "request head too large"),
-                    stats,
-                );
-                return Next::FlushAndClose;
-            }
-            match self.upgrade(&buf[..end], cfg) {
-                Ok(endpoint) => {
-                    stats.handshake_accepted();
-                    self.phase = Phase::Ws {
-                        ws: WsConn::new(cfg.max_message_size),
-                        endpoint,
+        loop {
+            match &mut self.phase {
+                Phase::Head(scanner) => {
+                    let cfg = &ctx.shared.config;
+                    let rest = &buf[pos..];
+                    let Some(end) = scanner.find_end(rest) else {
+                        if rest.len() > cfg.max_handshake_size {
+                            self.refuse(
+                                Reject::new(Status::HeadTooLarge, "request head too large"),
+                                ctx.stats,
+                            );
+                            return Next::FlushAndClose;
+                        }
+                        self.keep(buf, pos);
+                        return Next::Read;
                     };
-                    pos = end;
+                    if end > cfg.max_handshake_size {
+                        self.refuse(
+                            Reject::new(Status::HeadTooLarge, "request head too large"),
+                            ctx.stats,
+                        );
+                        return Next::FlushAndClose;
+                    }
+                    let head_end = pos + end;
+                    if let Err(reject) = self.request(&buf[pos..head_end], ctx) {
+                        self.refuse(reject, ctx.stats);
+                        return Next::FlushAndClose;
+                    }
+                    self.requests = self.requests.wrapping_add(1);
+                    pos = head_end;
                 }
-                Err(reject) => {
-                    self.refuse(reject, stats);
+                Phase::Body(body) => {
+                    let want = body.len - body.body.len();
+                    let take = want.min(buf.len() - pos);
+                    let complete = take == want;
+                    if complete && body.body.is_empty() {
+                        // The whole body is in this read: publish straight from the buffer.
+                        let state = std::mem::replace(&mut self.phase, Phase::Done);
+                        let Phase::Body(state) = state else {
+                            unreachable!()
+                        };
+                        self.finish_publish(&state, &buf[pos..pos + take], ctx);
+                    } else {
+                        body.body.extend_from_slice(&buf[pos..pos + take]);
+                        if !complete {
+                            self.pending = Vec::new();
+                            return Next::Read;
+                        }
+                        let state = std::mem::replace(&mut self.phase, Phase::Done);
+                        let Phase::Body(state) = state else {
+                            unreachable!()
+                        };
+                        self.finish_publish(&state, &state.body, ctx);
+                    }
+                    pos += take;
+                    if matches!(self.phase, Phase::Done) {
+                        self.pending = Vec::new();
+                        return Next::FlushAndClose;
+                    }
+                }
+                Phase::Ws { .. } => {
+                    pos = self.on_frames(buf, pos, ctx);
+                    let next = self.next();
+                    self.keep(buf, pos);
+                    return next;
+                }
+                Phase::Done => {
+                    // Whatever else the client sends is ignored.
+                    self.pending = Vec::new();
                     return Next::FlushAndClose;
                 }
             }
         }
-        let Phase::Ws { ws, endpoint } = &mut self.phase else {
-            // Refused: whatever else the client sends is ignored.
-            self.pending = Vec::new();
-            return Next::FlushAndClose;
+    }
+
+    /// Decodes frames from `buf[pos..]`; returns the new position.
+    fn on_frames(&mut self, buf: &mut [u8], mut pos: usize, ctx: &mut Ctx<'_>) -> usize {
+        let Phase::Ws { ws, role } = &mut self.phase else {
+            return pos;
         };
         loop {
             let decoded = ws.decode(&mut buf[pos..], &mut self.out);
             pos += decoded.consumed;
-            // Build the reply while the event still borrows the input, send it after.
-            let reply = match decoded.event {
+            // Act while the event still borrows the input; replies go out after.
+            let control = match decoded.event {
                 None => break,
-                Some(Event::Message { kind, payload }) => match endpoint {
-                    Endpoint::Echo => Some(Bytes::from(server_frame(kind.opcode(), payload))),
+                Some(Event::Message { kind, payload }) => match role {
+                    Role::Echo => {
+                        ctx.stats.message_echoed();
+                        Some(Reply::Frame(Bytes::from(server_frame(
+                            kind.opcode(),
+                            payload,
+                        ))))
+                    }
+                    Role::Subscriber { .. } if kind == MessageKind::Text => {
+                        Some(Reply::Control(payload.to_vec()))
+                    }
+                    Role::Subscriber { .. } => Some(Reply::Text(control::error(
+                        "binary messages are not control messages; send JSON text",
+                    ))),
+                    Role::Publisher { topic } => {
+                        publish(ctx, topic.as_ref(), kind, payload);
+                        None
+                    }
                 },
                 Some(Event::Pong(_)) => None,
                 Some(Event::Closed { code }) => {
@@ -158,24 +358,80 @@ impl Session {
                     None
                 }
                 Some(Event::Failed { code, reason }) => {
-                    stats.protocol_error();
+                    ctx.stats.protocol_error();
                     debug!(code = code.0, reason, "connection failed");
                     None
                 }
             };
-            if let Some(frame) = reply {
-                stats.message_echoed();
-                ws.send_frame(frame, &mut self.out);
+            match control {
+                None => {}
+                Some(Reply::Frame(frame)) => {
+                    ws.send_frame(frame, &mut self.out);
+                }
+                Some(Reply::Text(text)) => {
+                    ws.send(MessageKind::Text, text.as_bytes(), &mut self.out);
+                }
+                Some(Reply::Control(mut msg)) => {
+                    let Role::Subscriber { subs } = role else {
+                        unreachable!("control messages come from subscribers")
+                    };
+                    let reply = control_message(&mut msg, subs, ctx);
+                    ws.send(MessageKind::Text, reply.as_bytes(), &mut self.out);
+                }
             }
         }
-        let next = self.next();
-        self.keep(buf, pos);
-        next
+        pos
     }
 
-    /// Starts the close handshake from the server side (shutdown: 1001).
-    /// Returns `false` for a connection that is not an open WebSocket.
-    pub fn close(&mut self, code: crate::proto::CloseCode, reason: &str) -> bool {
+    /// Queues a published frame for this subscriber, applying the
+    /// slow-consumer policy at the queue bound. A queue always takes one
+    /// frame when empty, so a message bigger than the bound still goes out.
+    pub fn push_published(&mut self, frame: &Bytes, cfg: &Config) -> Push {
+        let Phase::Ws { ws, .. } = &mut self.phase else {
+            return Push::Ignored;
+        };
+        if !ws.can_send() {
+            return Push::Ignored;
+        }
+        if !self.out.is_empty() && self.out.len() + frame.len() > cfg.max_outbound_bytes {
+            return match cfg.slow_consumer {
+                SlowConsumerPolicy::DropNewest => Push::Dropped,
+                SlowConsumerPolicy::Disconnect => {
+                    let discarded = self.out.truncate_to_front();
+                    ws.close(CloseCode::POLICY_VIOLATION, "slow consumer", &mut self.out);
+                    Push::SlowConsumer { discarded }
+                }
+            };
+        }
+        self.out.push_frame(frame);
+        Push::Queued
+    }
+
+    /// Leaves every topic and lets go of the publisher's topic. Called once
+    /// the connection is closing or gone; idempotent.
+    pub fn detach(&mut self, shard: &mut Shard, stats: &WorkerStats) {
+        if let Phase::Ws { role, .. } = &mut self.phase {
+            match role {
+                Role::Subscriber { subs } => {
+                    stats.unsubscribed(subs.len());
+                    for sub in std::mem::take(subs) {
+                        shard.unsubscribe(sub);
+                    }
+                }
+                Role::Publisher { topic } => {
+                    if let Some(t) = topic.take() {
+                        shard.directory().release(t);
+                    }
+                }
+                Role::Echo => {}
+            }
+        }
+    }
+
+    /// Starts the close handshake from the server side (shutdown: 1001,
+    /// keepalive timeout). Returns `false` for a connection that is not an
+    /// open WebSocket.
+    pub fn close(&mut self, code: CloseCode, reason: &str) -> bool {
         match &mut self.phase {
             Phase::Ws { ws, .. } => {
                 ws.close(code, reason, &mut self.out);
@@ -185,18 +441,175 @@ impl Session {
         }
     }
 
-    /// Parses, routes and validates a complete request head; on success the
-    /// `101` response is queued.
-    fn upgrade(&mut self, head: &[u8], cfg: &Config) -> Result<Endpoint, Reject> {
+    /// Queues a keepalive ping; `false` when the connection cannot take one.
+    pub fn ping(&mut self) -> bool {
+        match &mut self.phase {
+            Phase::Ws { ws, .. } => ws.ping(b"", &mut self.out),
+            _ => false,
+        }
+    }
+
+    /// Handles a complete request head: upgrade, publish request, metrics.
+    fn request(&mut self, head: &[u8], ctx: &mut Ctx<'_>) -> Result<(), Reject> {
+        let cfg = &ctx.shared.config;
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let req = parse_head(head, &mut headers)?;
-        let endpoint = route(req.path).ok_or(Reject::new(Status::NotFound, "no such endpoint"))?;
-        let upgrade = validate_upgrade(&req)?;
-        let subprotocol = choose_subprotocol(&req, &cfg.subprotocols);
+        match route(&req, cfg)? {
+            Route::Upgrade(up) => self.upgrade(&req, up, ctx),
+            Route::Publish(name) => {
+                check_publisher(&req, cfg)?;
+                self.begin_publish(&req, name, ctx)
+            }
+            route @ (Route::Metrics | Route::Health) => {
+                ctx.stats.http_request();
+                let ka = keep_alive(&req);
+                let (ct, body) = match route {
+                    Route::Metrics => (
+                        metrics::CONTENT_TYPE,
+                        metrics::render(&ctx.shared.stats, ctx.shard.directory().len()),
+                    ),
+                    _ => ("text/plain; charset=utf-8", "ok\n".to_string()),
+                };
+                let mut resp = http::ok(ct, &body, ka);
+                if req.method == "HEAD" {
+                    resp.truncate(resp.len() - body.len());
+                }
+                self.out.push(Bytes::from(resp));
+                self.phase = if ka {
+                    Phase::Head(HeadScanner::default())
+                } else {
+                    Phase::Done
+                };
+                Ok(())
+            }
+        }
+    }
+
+    /// Validates an upgrade; on success queues the `101` and opens the WebSocket.
+    fn upgrade(
+        &mut self,
+        req: &Request<'_, '_>,
+        up: Upgrade<'_>,
+        ctx: &mut Ctx<'_>,
+    ) -> Result<(), Reject> {
+        let cfg = &ctx.shared.config;
+        let upgrade = validate_upgrade(req)?;
+        let role = match up {
+            Upgrade::Echo => Role::Echo,
+            Upgrade::Publish(name) => {
+                check_publisher(req, cfg)?;
+                topic::validate(name, cfg.max_topic_len).map_err(topic_reject)?;
+                Role::Publisher {
+                    topic: Some(ctx.shard.directory().entry(name)),
+                }
+            }
+            Upgrade::Subscribe => {
+                let list = topic::from_query(req.query).unwrap_or("");
+                let names = topic::parse_list(list, cfg.max_topic_len).map_err(topic_reject)?;
+                if names.len() > cfg.max_topics_per_conn {
+                    return Err(Reject::new(
+                        Status::BadRequest,
+                        "too many topics for one connection (see --max-topics-per-conn)",
+                    ));
+                }
+                let subs: Vec<Subscription> = names
+                    .iter()
+                    .map(|n| ctx.shard.subscribe(n, ctx.me))
+                    .collect();
+                ctx.stats.subscribed(subs.len());
+                Role::Subscriber { subs }
+            }
+        };
+        let subprotocol = choose_subprotocol(req, &cfg.subprotocols);
         let mut response = Vec::with_capacity(192);
         write_switching_protocols(&mut response, upgrade.key, subprotocol);
         self.out.push(Bytes::from(response));
-        Ok(endpoint)
+        ctx.stats.handshake_accepted();
+        self.phase = Phase::Ws {
+            ws: WsConn::new(cfg.max_message_size),
+            role,
+        };
+        Ok(())
+    }
+
+    /// Checks a `POST /publish/{topic}` head and starts reading its body.
+    fn begin_publish(
+        &mut self,
+        req: &Request<'_, '_>,
+        name: &str,
+        ctx: &mut Ctx<'_>,
+    ) -> Result<(), Reject> {
+        let cfg = &ctx.shared.config;
+        topic::validate(name, cfg.max_topic_len).map_err(topic_reject)?;
+        if req.header_values("transfer-encoding").next().is_some() {
+            return Err(Reject::new(
+                Status::LengthRequired,
+                "chunked bodies are not supported; send Content-Length",
+            ));
+        }
+        let len = req
+            .header("content-length")
+            .map_err(|_| Reject::new(Status::BadRequest, "duplicate Content-Length"))?
+            .ok_or(Reject::new(
+                Status::LengthRequired,
+                "Content-Length required",
+            ))?;
+        let len: usize = std::str::from_utf8(len.trim_ascii())
+            .ok()
+            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|s| s.parse().ok())
+            .ok_or(Reject::new(Status::BadRequest, "bad Content-Length"))?;
+        if len > cfg.max_message_size {
+            return Err(Reject::new(
+                Status::PayloadTooLarge,
+                "body over the message size limit (see --max-message-size)",
+            ));
+        }
+        let is_text = req
+            .header("content-type")
+            .ok()
+            .flatten()
+            .is_some_and(|ct| ct.len() >= 5 && ct[..5].eq_ignore_ascii_case(b"text/"));
+        if len > 0 && req.has_token("expect", "100-continue") {
+            self.out.push(Bytes::from_static(http::CONTINUE));
+        }
+        self.phase = Phase::Body(Box::new(BodyState {
+            topic: name.into(),
+            kind: if is_text {
+                MessageKind::Text
+            } else {
+                MessageKind::Binary
+            },
+            len,
+            keep_alive: keep_alive(req),
+            body: Vec::new(),
+        }));
+        Ok(())
+    }
+
+    /// Publishes a complete HTTP body and answers 204 (or 400 for a text
+    /// body that is not UTF-8). Leaves the phase at `Head` (keep-alive) or `Done`.
+    fn finish_publish(&mut self, state: &BodyState, body: &[u8], ctx: &mut Ctx<'_>) {
+        if state.kind == MessageKind::Text && simdutf8::basic::from_utf8(body).is_err() {
+            self.refuse(
+                Reject::new(Status::BadRequest, "text/* body is not valid UTF-8"),
+                ctx.stats,
+            );
+            return;
+        }
+        ctx.stats.http_request();
+        let topic = ctx.shard.directory().get(&state.topic);
+        publish(ctx, topic.as_ref(), state.kind, body);
+        if let Some(t) = topic {
+            ctx.shard.directory().release(t);
+        }
+        self.out
+            .push(Bytes::from_static(http::no_content(state.keep_alive)));
+        self.phase = if state.keep_alive {
+            Phase::Head(HeadScanner::default())
+        } else {
+            Phase::Done
+        };
     }
 
     /// Keeps `buf[pos..]` for the next read; frees the buffer when nothing is left.
@@ -215,11 +628,75 @@ impl Session {
         debug!(
             status = reject.status.code(),
             reason = reject.reason,
-            "handshake rejected"
+            "request refused"
         );
         self.out
             .push(Bytes::from(handshake::error_response(reject)));
-        self.phase = Phase::Refused;
+        self.phase = Phase::Done;
         self.pending = Vec::new();
     }
+}
+
+/// A reply decided while the input was borrowed.
+enum Reply {
+    Frame(Bytes),
+    Text(String),
+    Control(Vec<u8>),
+}
+
+/// Encodes a message once and queues it for every subscriber of `topic`
+/// (`None`: nobody anywhere subscribes; counted, nothing to deliver).
+fn publish(
+    ctx: &mut Ctx<'_>,
+    topic: Option<&Arc<TopicInterest>>,
+    kind: MessageKind,
+    payload: &[u8],
+) {
+    ctx.stats.message_published();
+    if let Some(t) = topic {
+        let frame = Bytes::from(server_frame(kind.opcode(), payload));
+        ctx.shard.publish(t, frame, ctx.now);
+    }
+}
+
+/// Applies a subscriber's control message; returns the JSON reply.
+fn control_message(msg: &mut [u8], subs: &mut Vec<Subscription>, ctx: &mut Ctx<'_>) -> String {
+    let cfg = &ctx.shared.config;
+    let c = match control::parse(msg, cfg.max_topic_len) {
+        Ok(c) => c,
+        Err(reason) => return control::error(&reason),
+    };
+    let held = |shard: &Shard, subs: &[Subscription], name: &str| {
+        shard
+            .topic_id(name)
+            .and_then(|id| subs.iter().position(|s| s.topic() == id))
+    };
+    match c.op {
+        Op::Subscribe => {
+            let new: Vec<&String> = c
+                .topics
+                .iter()
+                .filter(|n| held(ctx.shard, subs, n).is_none())
+                .collect();
+            if subs.len() + new.len() > cfg.max_topics_per_conn {
+                return control::error(&format!(
+                    "too many topics: at most {} per connection",
+                    cfg.max_topics_per_conn
+                ));
+            }
+            for name in new {
+                subs.push(ctx.shard.subscribe(name, ctx.me));
+                ctx.stats.subscribed(1);
+            }
+        }
+        Op::Unsubscribe => {
+            for name in &c.topics {
+                if let Some(i) = held(ctx.shard, subs, name) {
+                    ctx.shard.unsubscribe(subs.swap_remove(i));
+                    ctx.stats.unsubscribed(1);
+                }
+            }
+        }
+    }
+    control::reply(c.op, &c.topics)
 }

@@ -3,6 +3,14 @@
 
 use crate::proto::handshake::Status;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Upper bounds of the publish-to-write latency histogram buckets, in
+/// microseconds (Prometheus `le`); one more bucket counts everything above.
+pub const LATENCY_BUCKETS_US: [u64; 16] = [
+    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+    500_000, 1_000_000,
+];
 
 /// Counters of one worker. Aligned to a cache line so workers never share one.
 #[derive(Debug, Default)]
@@ -11,21 +19,34 @@ pub struct WorkerStats {
     pub connections_open: AtomicU64,
     pub connections_accepted: AtomicU64,
     pub handshakes_accepted: AtomicU64,
-    pub handshakes_rejected_400: AtomicU64,
-    pub handshakes_rejected_404: AtomicU64,
-    pub handshakes_rejected_405: AtomicU64,
-    pub handshakes_rejected_426: AtomicU64,
-    pub handshakes_rejected_431: AtomicU64,
-    pub handshakes_rejected_other: AtomicU64,
+    /// Refused requests by [`Status::index`].
+    pub handshakes_rejected: [AtomicU64; Status::ALL.len()],
     pub handshake_timeouts: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub messages_echoed: AtomicU64,
     pub accept_errors: AtomicU64,
+    pub http_requests: AtomicU64,
+    pub subscriptions: AtomicU64,
+    pub messages_published: AtomicU64,
+    pub frames_sent: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub frames_dropped: AtomicU64,
+    pub slow_consumer_disconnects: AtomicU64,
+    pub slow_consumer_discarded_bytes: AtomicU64,
+    pub keepalive_pings: AtomicU64,
+    pub keepalive_timeouts: AtomicU64,
+    pub publishers_throttled: AtomicU64,
+    pub latency_buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    pub latency_sum_ns: AtomicU64,
+}
+
+fn add(c: &AtomicU64, n: u64) {
+    // Only the owning worker writes, so load+store is exact and cheaper than a locked RMW.
+    c.store(c.load(Relaxed) + n, Relaxed);
 }
 
 fn bump(c: &AtomicU64) {
-    // Only the owning worker writes, so load+store is exact and cheaper than a locked RMW.
-    c.store(c.load(Relaxed) + 1, Relaxed);
+    add(c, 1);
 }
 
 impl WorkerStats {
@@ -34,14 +55,7 @@ impl WorkerStats {
     }
 
     pub fn handshake_rejected(&self, status: Status) {
-        bump(match status.code() {
-            400 => &self.handshakes_rejected_400,
-            404 => &self.handshakes_rejected_404,
-            405 => &self.handshakes_rejected_405,
-            426 => &self.handshakes_rejected_426,
-            431 => &self.handshakes_rejected_431,
-            _ => &self.handshakes_rejected_other,
-        });
+        bump(&self.handshakes_rejected[status.index()]);
     }
 
     pub fn handshake_timeout(&self) {
@@ -58,6 +72,60 @@ impl WorkerStats {
 
     pub fn accept_error(&self) {
         bump(&self.accept_errors);
+    }
+
+    pub fn http_request(&self) {
+        bump(&self.http_requests);
+    }
+
+    pub fn message_published(&self) {
+        bump(&self.messages_published);
+    }
+
+    pub fn subscribed(&self, n: usize) {
+        add(&self.subscriptions, n as u64);
+    }
+
+    pub fn unsubscribed(&self, n: usize) {
+        let c = &self.subscriptions;
+        c.store(c.load(Relaxed) - n as u64, Relaxed);
+    }
+
+    pub fn frames_sent(&self, n: u64) {
+        add(&self.frames_sent, n);
+    }
+
+    pub fn bytes_sent(&self, n: usize) {
+        add(&self.bytes_sent, n as u64);
+    }
+
+    pub fn frame_dropped(&self) {
+        bump(&self.frames_dropped);
+    }
+
+    pub fn slow_consumer_disconnect(&self, discarded_bytes: usize) {
+        bump(&self.slow_consumer_disconnects);
+        add(&self.slow_consumer_discarded_bytes, discarded_bytes as u64);
+    }
+
+    pub fn keepalive_ping(&self) {
+        bump(&self.keepalive_pings);
+    }
+
+    pub fn keepalive_timeout(&self) {
+        bump(&self.keepalive_timeouts);
+    }
+
+    pub fn publisher_throttled(&self) {
+        bump(&self.publishers_throttled);
+    }
+
+    /// Records one publish-to-write latency.
+    pub fn observe_latency(&self, d: Duration) {
+        let us = d.as_micros() as u64;
+        let i = LATENCY_BUCKETS_US.partition_point(|&b| b < us);
+        bump(&self.latency_buckets[i]);
+        add(&self.latency_sum_ns, d.as_nanos() as u64);
     }
 
     pub fn connection_opened(&self) {
@@ -82,32 +150,65 @@ pub struct Snapshot {
     pub protocol_errors: u64,
     pub messages_echoed: u64,
     pub accept_errors: u64,
+    pub http_requests: u64,
+    pub subscriptions: u64,
+    pub messages_published: u64,
+    pub frames_sent: u64,
+    pub bytes_sent: u64,
+    pub frames_dropped: u64,
+    pub slow_consumer_disconnects: u64,
+    pub keepalive_pings: u64,
+    pub keepalive_timeouts: u64,
+    /// Publications whose publish-to-write latency was recorded.
+    pub latency_count: u64,
 }
 
 impl Snapshot {
     /// Sums the counters of `workers`.
     pub fn sum<'a>(workers: impl IntoIterator<Item = &'a WorkerStats>) -> Self {
         let mut s = Self::default();
+        let total = |a: &[AtomicU64]| a.iter().map(|c| c.load(Relaxed)).sum::<u64>();
         for w in workers {
             s.connections_open += w.connections_open.load(Relaxed);
             s.connections_accepted += w.connections_accepted.load(Relaxed);
             s.handshakes_accepted += w.handshakes_accepted.load(Relaxed);
-            s.handshakes_rejected += [
-                &w.handshakes_rejected_400,
-                &w.handshakes_rejected_404,
-                &w.handshakes_rejected_405,
-                &w.handshakes_rejected_426,
-                &w.handshakes_rejected_431,
-                &w.handshakes_rejected_other,
-            ]
-            .iter()
-            .map(|c| c.load(Relaxed))
-            .sum::<u64>();
+            s.handshakes_rejected += total(&w.handshakes_rejected);
             s.handshake_timeouts += w.handshake_timeouts.load(Relaxed);
             s.protocol_errors += w.protocol_errors.load(Relaxed);
             s.messages_echoed += w.messages_echoed.load(Relaxed);
             s.accept_errors += w.accept_errors.load(Relaxed);
+            s.http_requests += w.http_requests.load(Relaxed);
+            s.subscriptions += w.subscriptions.load(Relaxed);
+            s.messages_published += w.messages_published.load(Relaxed);
+            s.frames_sent += w.frames_sent.load(Relaxed);
+            s.bytes_sent += w.bytes_sent.load(Relaxed);
+            s.frames_dropped += w.frames_dropped.load(Relaxed);
+            s.slow_consumer_disconnects += w.slow_consumer_disconnects.load(Relaxed);
+            s.keepalive_pings += w.keepalive_pings.load(Relaxed);
+            s.keepalive_timeouts += w.keepalive_timeouts.load(Relaxed);
+            s.latency_count += total(&w.latency_buckets);
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_lands_in_the_right_bucket() {
+        let w = WorkerStats::default();
+        w.observe_latency(Duration::from_micros(10));
+        w.observe_latency(Duration::from_micros(11));
+        w.observe_latency(Duration::from_secs(5));
+        assert_eq!(w.latency_buckets[0].load(Relaxed), 1, "le=10 includes 10");
+        assert_eq!(w.latency_buckets[1].load(Relaxed), 1);
+        assert_eq!(
+            w.latency_buckets[LATENCY_BUCKETS_US.len()].load(Relaxed),
+            1,
+            "+Inf"
+        );
+        assert_eq!(Snapshot::sum([&w]).latency_count, 3);
     }
 }

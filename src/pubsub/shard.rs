@@ -1,0 +1,306 @@
+//! One worker's share of the fan-out: its local topic registry (topic →
+//! local subscribers) and the publications its own publishers produced this
+//! loop turn. No I/O: the backend supplies the delivery closure and the
+//! [`Bus`] does the cross-thread handoff.
+//!
+//! Per turn, the backend
+//! 1. drains its [`Inbox`](super::bus::Inbox) and calls [`Shard::deliver`]
+//!    for each publication from other workers;
+//! 2. calls [`Shard::dispatch`]: this turn's local publications are sent, one
+//!    batch per interested peer, and delivered locally;
+//! 3. flushes every connection that received something, once.
+
+use super::bus::{Bus, Publication};
+use super::directory::{Directory, TopicInterest};
+use bytes::Bytes;
+use slab::Slab;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// A connection as the backend names it: slab key and serial.
+pub type ConnRef = (usize, u32);
+
+/// One connection's membership of one local topic; kept by the connection
+/// so that leaving is O(1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subscription {
+    topic: u32,
+    slot: u32,
+}
+
+impl Subscription {
+    /// The local topic id (stable while the topic has subscribers here).
+    pub fn topic(&self) -> u32 {
+        self.topic
+    }
+}
+
+#[derive(Debug)]
+struct LocalTopic {
+    interest: Arc<TopicInterest>,
+    subs: Slab<ConnRef>,
+}
+
+/// A worker's topic registry and outbox.
+pub struct Shard {
+    id: usize,
+    directory: Arc<Directory>,
+    bus: Arc<Bus>,
+    topics: Slab<LocalTopic>,
+    by_name: HashMap<Arc<str>, u32>,
+    /// Local topic id by the address of its shared interest entry: what a
+    /// publication is looked up by (no string hashing per delivery).
+    by_interest: HashMap<usize, u32>,
+    outbox: Vec<Publication>,
+    /// Reused per-peer batches for [`Shard::dispatch`].
+    batches: Vec<Vec<Publication>>,
+}
+
+impl Shard {
+    pub fn new(id: usize, directory: Arc<Directory>, bus: Arc<Bus>) -> Self {
+        let workers = bus.workers();
+        Self {
+            id,
+            directory,
+            bus,
+            topics: Slab::new(),
+            by_name: HashMap::new(),
+            by_interest: HashMap::new(),
+            outbox: Vec::new(),
+            batches: (0..workers).map(|_| Vec::new()).collect(),
+        }
+    }
+
+    /// The worker this shard belongs to.
+    pub fn worker(&self) -> usize {
+        self.id
+    }
+
+    /// The shared directory (publishers take their topic's entry from it).
+    pub fn directory(&self) -> &Arc<Directory> {
+        &self.directory
+    }
+
+    /// The bus (for its backpressure level).
+    pub fn bus(&self) -> &Bus {
+        &self.bus
+    }
+
+    /// The local id of topic `name`, if it has subscribers on this worker.
+    pub fn topic_id(&self, name: &str) -> Option<u32> {
+        self.by_name.get(name).copied()
+    }
+
+    /// Topics with local subscribers.
+    pub fn topic_count(&self) -> usize {
+        self.topics.len()
+    }
+
+    /// Local subscribers of `name`.
+    pub fn subscriber_count(&self, name: &str) -> usize {
+        self.topic_id(name)
+            .map_or(0, |id| self.topics[id as usize].subs.len())
+    }
+
+    /// Adds `conn` to the subscribers of `name`. The caller makes sure a
+    /// connection subscribes to a topic at most once.
+    pub fn subscribe(&mut self, name: &str, conn: ConnRef) -> Subscription {
+        let topic = match self.by_name.get(name) {
+            Some(&id) => id,
+            None => {
+                let interest = self.directory.entry(name);
+                self.directory.set(&interest, self.id, true);
+                let addr = Arc::as_ptr(&interest) as usize;
+                let name: Arc<str> = Arc::from(name);
+                let id = self.topics.insert(LocalTopic {
+                    interest,
+                    subs: Slab::new(),
+                }) as u32;
+                self.by_name.insert(name, id);
+                self.by_interest.insert(addr, id);
+                id
+            }
+        };
+        let slot = self.topics[topic as usize].subs.insert(conn) as u32;
+        Subscription { topic, slot }
+    }
+
+    /// Removes a subscription; the last one of a topic here clears this
+    /// worker's interest bit.
+    pub fn unsubscribe(&mut self, sub: Subscription) {
+        let t = &mut self.topics[sub.topic as usize];
+        t.subs.remove(sub.slot as usize);
+        if t.subs.is_empty() {
+            let t = self.topics.remove(sub.topic as usize);
+            self.directory.set(&t.interest, self.id, false);
+            self.by_name.remove(t.interest.name());
+            self.by_interest
+                .remove(&(Arc::as_ptr(&t.interest) as usize));
+            self.directory.release(t.interest);
+        }
+    }
+
+    /// Queues a publication made on this worker; it leaves in [`Self::dispatch`].
+    pub fn publish(&mut self, topic: &Arc<TopicInterest>, frame: Bytes, now: Instant) {
+        self.outbox.push(Publication {
+            topic: Arc::clone(topic),
+            frame,
+            published_at: now,
+        });
+    }
+
+    /// Publications queued this turn.
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.len()
+    }
+
+    /// Sends this turn's publications to the interested peers (one batch
+    /// each) and delivers the local ones through `deliver`, in publish order.
+    /// Returns the publications dispatched.
+    pub fn dispatch(&mut self, mut deliver: impl FnMut(&Publication, &[ConnRef])) -> usize {
+        if self.outbox.is_empty() {
+            return 0;
+        }
+        let outbox = std::mem::take(&mut self.outbox);
+        let me = 1u64 << self.id;
+        for p in &outbox {
+            let mut peers = p.topic.workers() & !me;
+            while peers != 0 {
+                let w = peers.trailing_zeros() as usize;
+                peers &= peers - 1;
+                self.batches[w].push(p.clone());
+            }
+        }
+        for w in 0..self.batches.len() {
+            if !self.batches[w].is_empty() {
+                let batch = std::mem::take(&mut self.batches[w]);
+                self.bus.send(w, batch);
+            }
+        }
+        for p in &outbox {
+            self.deliver(p, &mut deliver);
+        }
+        let n = outbox.len();
+        // Keep the allocation for the next turn.
+        let mut outbox = outbox;
+        outbox.clear();
+        self.outbox = outbox;
+        n
+    }
+
+    /// Calls `deliver` with `p` and its local subscribers, if any.
+    pub fn deliver(&self, p: &Publication, deliver: &mut impl FnMut(&Publication, &[ConnRef])) {
+        let Some(&id) = self.by_interest.get(&(Arc::as_ptr(&p.topic) as usize)) else {
+            return;
+        };
+        let subs = &self.topics[id as usize].subs;
+        // Slab iteration skips holes; gather into a reused contiguous slice
+        // would cost a copy per publish, so hand out chunks instead.
+        let mut chunk: [ConnRef; 64] = [(0, 0); 64];
+        let mut n = 0;
+        for (_, &c) in subs.iter() {
+            chunk[n] = c;
+            n += 1;
+            if n == chunk.len() {
+                deliver(p, &chunk);
+                n = 0;
+            }
+        }
+        if n > 0 {
+            deliver(p, &chunk[..n]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pubsub::bus::Wake;
+
+    struct NoWake;
+    impl Wake for NoWake {
+        fn wake(&self) {}
+    }
+
+    fn shards(
+        n: usize,
+    ) -> (
+        Arc<Directory>,
+        Arc<Bus>,
+        Vec<crate::pubsub::bus::Inbox>,
+        Vec<Shard>,
+    ) {
+        let d = Arc::new(Directory::new());
+        let (bus, inboxes) = Bus::new((0..n).map(|_| Box::new(NoWake) as Box<dyn Wake>).collect());
+        let shards = (0..n)
+            .map(|i| Shard::new(i, Arc::clone(&d), Arc::clone(&bus)))
+            .collect();
+        (d, bus, inboxes, shards)
+    }
+
+    fn collect(shard: &mut Shard) -> Vec<(Bytes, ConnRef)> {
+        let mut got = Vec::new();
+        shard.dispatch(|p, conns| got.extend(conns.iter().map(|&c| (p.frame.clone(), c))));
+        got
+    }
+
+    #[test]
+    fn publish_reaches_local_and_remote_subscribers_in_order() {
+        let (d, bus, inboxes, mut s) = shards(3);
+        let a0 = s[0].subscribe("a", (1, 0));
+        s[0].subscribe("b", (2, 0));
+        s[2].subscribe("a", (7, 0));
+        assert_eq!(d.get("a").unwrap().workers(), 0b101);
+        let a = d.entry("a");
+        for i in 0..3u8 {
+            s[0].publish(&a, Bytes::from(vec![i]), Instant::now());
+        }
+        let local = collect(&mut s[0]);
+        assert_eq!(
+            local,
+            (0..3u8)
+                .map(|i| (Bytes::from(vec![i]), (1, 0)))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(bus.queued_bytes(2), 3);
+        assert_eq!(bus.queued_bytes(1), 0, "worker 1 has no subscriber of a");
+        let mut remote = Vec::new();
+        inboxes[2].drain(&bus, |batch| {
+            for p in &batch {
+                s[2].deliver(p, &mut |p: &Publication, c: &[ConnRef]| {
+                    remote.extend(c.iter().map(|&c| (p.frame[0], c)))
+                });
+            }
+        });
+        assert_eq!(remote, vec![(0, (7, 0)), (1, (7, 0)), (2, (7, 0))]);
+        s[0].unsubscribe(a0);
+        assert_eq!(a.workers(), 0b100);
+        assert_eq!(s[0].topic_count(), 1);
+    }
+
+    #[test]
+    fn many_subscribers_are_handed_out_in_chunks() {
+        let (d, _bus, _inboxes, mut s) = shards(1);
+        let subs: Vec<_> = (0..150).map(|i| s[0].subscribe("t", (i, 0))).collect();
+        for sub in subs.iter().step_by(3) {
+            s[0].unsubscribe(*sub);
+        }
+        s[0].publish(&d.entry("t"), Bytes::from_static(b"x"), Instant::now());
+        let got: Vec<usize> = collect(&mut s[0]).into_iter().map(|(_, c)| c.0).collect();
+        let want: Vec<usize> = (0..150).filter(|i| i % 3 != 0).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn the_last_unsubscribe_forgets_the_topic() {
+        let (d, _bus, _inboxes, mut s) = shards(2);
+        let x = s[1].subscribe("x", (0, 0));
+        let y = s[1].subscribe("x", (1, 0));
+        s[1].unsubscribe(x);
+        assert_eq!(s[1].subscriber_count("x"), 1);
+        s[1].unsubscribe(y);
+        assert!(s[1].topic_id("x").is_none());
+        assert!(d.is_empty());
+    }
+}

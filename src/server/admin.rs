@@ -1,0 +1,148 @@
+//! The optional admin listener (`--admin-listen`): `/metrics` and `/healthz`
+//! on their own address, so scrapers and health checks stay off the public
+//! port. Low traffic by nature, so one plain thread serves it, one request
+//! per connection, with short socket timeouts so a stuck client cannot
+//! hold it for long.
+
+use super::Shared;
+use super::http;
+use super::metrics;
+use crate::proto::handshake::{self, HeadScanner, MAX_HEADERS, Reject, Status, parse_head};
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token, Waker};
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+use std::time::Duration;
+use tracing::{info, warn};
+
+const LISTENER: Token = Token(0);
+const WAKER: Token = Token(1);
+/// How long one admin client may take to send its request or read the answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Largest admin request head.
+const MAX_HEAD: usize = 8 * 1024;
+
+/// The running admin thread.
+pub(crate) struct AdminHandle {
+    addr: SocketAddr,
+    waker: Waker,
+    thread: JoinHandle<()>,
+}
+
+impl AdminHandle {
+    pub(crate) fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub(crate) fn stop(&self) {
+        let _ = self.waker.wake();
+    }
+
+    pub(crate) fn join(self) {
+        if self.thread.join().is_err() {
+            warn!("admin thread panicked");
+        }
+    }
+}
+
+pub(crate) fn start(addr: SocketAddr, shared: Arc<Shared>) -> io::Result<AdminHandle> {
+    let mut listener = TcpListener::bind(addr)?;
+    let addr = listener.local_addr()?;
+    let poll = Poll::new()?;
+    poll.registry()
+        .register(&mut listener, LISTENER, Interest::READABLE)?;
+    let waker = Waker::new(poll.registry(), WAKER)?;
+    let thread = std::thread::Builder::new()
+        .name("corecast-admin".into())
+        .spawn(move || run(poll, listener, shared))?;
+    info!(%addr, "admin listener (metrics, healthz)");
+    Ok(AdminHandle {
+        addr,
+        waker,
+        thread,
+    })
+}
+
+fn run(mut poll: Poll, listener: TcpListener, shared: Arc<Shared>) {
+    let mut events = Events::with_capacity(16);
+    while !shared.shutdown.load(Ordering::Acquire) {
+        if let Err(e) = poll.poll(&mut events, None) {
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            warn!(error = %e, "admin poll failed; admin listener stops");
+            return;
+        }
+        loop {
+            match listener.accept() {
+                Ok((sock, _)) => {
+                    let fd = std::os::fd::OwnedFd::from(sock);
+                    let sock = TcpStream::from(fd);
+                    let _ = serve(sock, &shared);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+/// Answers one request, then closes.
+fn serve(mut sock: TcpStream, shared: &Shared) -> io::Result<()> {
+    sock.set_nonblocking(false)?;
+    sock.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    sock.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    let mut buf = vec![0u8; MAX_HEAD];
+    let mut len = 0;
+    let mut scanner = HeadScanner::default();
+    let end = loop {
+        if let Some(end) = scanner.find_end(&buf[..len]) {
+            break Some(end);
+        }
+        if len == buf.len() {
+            break None;
+        }
+        let n = sock.read(&mut buf[len..])?;
+        if n == 0 {
+            return Ok(());
+        }
+        len += n;
+    };
+    let response = match end {
+        None => {
+            handshake::error_response(Reject::new(Status::HeadTooLarge, "request head too large"))
+        }
+        Some(end) => respond(&buf[..end], shared),
+    };
+    sock.write_all(&response)
+}
+
+fn respond(head: &[u8], shared: &Shared) -> Vec<u8> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let req = match parse_head(head, &mut headers) {
+        Ok(r) => r,
+        Err(reject) => return handshake::error_response(reject),
+    };
+    let body = match req.path {
+        "/metrics" => metrics::render(&shared.stats, shared.directory.len()),
+        "/healthz" => "ok\n".to_string(),
+        _ => return handshake::error_response(Reject::new(Status::NotFound, "no such endpoint")),
+    };
+    if req.method != "GET" && req.method != "HEAD" {
+        return handshake::error_response(Reject::method("use GET", "GET, HEAD"));
+    }
+    let ct = if req.path == "/metrics" {
+        metrics::CONTENT_TYPE
+    } else {
+        "text/plain; charset=utf-8"
+    };
+    let mut r = http::ok(ct, &body, false);
+    if req.method == "HEAD" {
+        r.truncate(r.len() - body.len());
+    }
+    r
+}

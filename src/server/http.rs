@@ -1,0 +1,84 @@
+//! The plain-HTTP side of the port: response heads for `POST /publish/{topic}`,
+//! `GET /metrics` and `GET /healthz`, and the publisher token check. Refusals
+//! use [`handshake::error_response`](crate::proto::handshake::error_response).
+
+/// `204 No Content`, the answer to an accepted publish.
+pub fn no_content(keep_alive: bool) -> &'static [u8] {
+    if keep_alive {
+        b"HTTP/1.1 204 No Content\r\n\r\n"
+    } else {
+        b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n"
+    }
+}
+
+/// The interim answer to `Expect: 100-continue`.
+pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// `200 OK` with a body.
+pub fn ok(content_type: &str, body: &str, keep_alive: bool) -> Vec<u8> {
+    let mut r = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n",
+        body.len()
+    );
+    if !keep_alive {
+        r.push_str("Connection: close\r\n");
+    }
+    r.push_str("\r\n");
+    r.push_str(body);
+    r.into_bytes()
+}
+
+/// Does the request carry `token`, as `Authorization: Bearer <token>` or a
+/// `token=` query parameter? Compared in constant time.
+pub fn authorized(token: &str, authorization: Option<&[u8]>, query: Option<&str>) -> bool {
+    let bearer = authorization
+        .and_then(|v| {
+            let v = v.trim_ascii();
+            let (scheme, rest) = v.split_at(v.len().min(7));
+            scheme
+                .eq_ignore_ascii_case(b"bearer ")
+                .then_some(rest.trim_ascii())
+        })
+        .is_some_and(|t| constant_time_eq(t, token.as_bytes()));
+    let in_query = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .filter_map(|kv| kv.strip_prefix("token="))
+        .any(|t| constant_time_eq(t.as_bytes(), token.as_bytes()));
+    bearer || in_query
+}
+
+/// Equality whose time depends on the lengths only, not on where bytes differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens() {
+        assert!(authorized("s3", Some(b"Bearer s3"), None));
+        assert!(authorized("s3", Some(b"bearer   s3 "), None));
+        assert!(!authorized("s3", Some(b"Bearer s4"), None));
+        assert!(!authorized("s3", Some(b"Basic s3"), None));
+        assert!(!authorized("s3", Some(b"Bearer"), None));
+        assert!(authorized("s3", None, Some("a=1&token=s3")));
+        assert!(!authorized("s3", None, Some("token=s")));
+        assert!(!authorized("s3", None, None));
+    }
+
+    #[test]
+    fn responses() {
+        let r = String::from_utf8(ok("text/plain", "ok\n", false)).unwrap();
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"));
+        assert!(r.contains("Content-Length: 3\r\n"));
+        assert!(r.contains("Connection: close\r\n"));
+        assert!(r.ends_with("\r\n\r\nok\n"));
+        assert!(!String::from_utf8_lossy(no_content(true)).contains("close"));
+    }
+}

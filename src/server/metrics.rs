@@ -1,0 +1,229 @@
+//! `GET /metrics`: the counters of every worker in the Prometheus text
+//! exposition format (version 0.0.4). Names are listed in README.md.
+
+use super::stats::{LATENCY_BUCKETS_US, WorkerStats};
+use crate::proto::handshake::Status;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// The `Content-Type` of [`render`]'s output.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+fn get(c: &AtomicU64) -> u64 {
+    c.load(Relaxed)
+}
+
+/// A summed metric: name, help text, and which counter of a worker it reads.
+type Counter = (&'static str, &'static str, fn(&WorkerStats) -> &AtomicU64);
+
+/// Renders every metric. `topics` is the number of topics known process-wide.
+pub fn render(workers: &[WorkerStats], topics: usize) -> String {
+    let mut s = String::with_capacity(4096);
+    let header = |s: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    let sum = |f: fn(&WorkerStats) -> &AtomicU64| workers.iter().map(|w| get(f(w))).sum::<u64>();
+
+    header(
+        &mut s,
+        "corecast_connections_open",
+        "gauge",
+        "Open TCP connections, per worker.",
+    );
+    for (i, w) in workers.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "corecast_connections_open{{worker=\"{i}\"}} {}",
+            get(&w.connections_open)
+        );
+    }
+    let counters: [Counter; 17] = [
+        (
+            "corecast_connections_accepted_total",
+            "TCP connections accepted.",
+            |w| &w.connections_accepted,
+        ),
+        (
+            "corecast_accept_errors_total",
+            "Failed accept calls (e.g. out of descriptors).",
+            |w| &w.accept_errors,
+        ),
+        (
+            "corecast_handshakes_accepted_total",
+            "WebSocket upgrades completed (101).",
+            |w| &w.handshakes_accepted,
+        ),
+        (
+            "corecast_handshake_timeouts_total",
+            "Connections closed for not completing a request head in time.",
+            |w| &w.handshake_timeouts,
+        ),
+        (
+            "corecast_http_requests_total",
+            "Plain HTTP requests answered (publish POST, metrics, health).",
+            |w| &w.http_requests,
+        ),
+        (
+            "corecast_protocol_errors_total",
+            "WebSocket connections failed for breaking RFC 6455.",
+            |w| &w.protocol_errors,
+        ),
+        (
+            "corecast_messages_echoed_total",
+            "Messages echoed on /echo.",
+            |w| &w.messages_echoed,
+        ),
+        (
+            "corecast_messages_published_total",
+            "Messages published (WebSocket and HTTP publishers).",
+            |w| &w.messages_published,
+        ),
+        (
+            "corecast_frames_sent_total",
+            "Published frames queued to subscribers.",
+            |w| &w.frames_sent,
+        ),
+        (
+            "corecast_bytes_sent_total",
+            "Bytes written to sockets (all traffic).",
+            |w| &w.bytes_sent,
+        ),
+        (
+            "corecast_frames_dropped_total",
+            "Published frames skipped for a subscriber over its queue bound (policy drop-newest).",
+            |w| &w.frames_dropped,
+        ),
+        (
+            "corecast_slow_consumer_disconnects_total",
+            "Subscribers closed 1008 for exceeding their queue bound (policy disconnect).",
+            |w| &w.slow_consumer_disconnects,
+        ),
+        (
+            "corecast_slow_consumer_discarded_bytes_total",
+            "Queued bytes discarded when closing slow consumers.",
+            |w| &w.slow_consumer_discarded_bytes,
+        ),
+        (
+            "corecast_keepalive_pings_total",
+            "Pings sent to idle connections.",
+            |w| &w.keepalive_pings,
+        ),
+        (
+            "corecast_keepalive_timeouts_total",
+            "Connections closed for not answering a keepalive ping.",
+            |w| &w.keepalive_timeouts,
+        ),
+        (
+            "corecast_publishers_throttled_total",
+            "Times a publisher's reads were paused because a worker's mailbox was full.",
+            |w| &w.publishers_throttled,
+        ),
+        (
+            "corecast_subscriptions",
+            "Current (connection, topic) subscriptions.",
+            |w| &w.subscriptions,
+        ),
+    ];
+    for (name, help, f) in counters {
+        let kind = if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        };
+        header(&mut s, name, kind, help);
+        let _ = writeln!(s, "{name} {}", sum(f));
+    }
+
+    header(
+        &mut s,
+        "corecast_handshakes_rejected_total",
+        "counter",
+        "Requests refused, by HTTP status.",
+    );
+    for st in Status::ALL {
+        let n: u64 = workers
+            .iter()
+            .map(|w| get(&w.handshakes_rejected[st.index()]))
+            .sum();
+        let _ = writeln!(
+            s,
+            "corecast_handshakes_rejected_total{{status=\"{}\"}} {n}",
+            st.code()
+        );
+    }
+
+    header(
+        &mut s,
+        "corecast_topics",
+        "gauge",
+        "Topics with a subscriber or a WebSocket publisher.",
+    );
+    let _ = writeln!(s, "corecast_topics {topics}");
+
+    let name = "corecast_publish_to_write_seconds";
+    header(
+        &mut s,
+        name,
+        "histogram",
+        "Time from a publication's decode to its write to every local subscriber socket, per worker that delivered it.",
+    );
+    let mut cumulative = 0u64;
+    for (i, le) in LATENCY_BUCKETS_US.iter().enumerate() {
+        cumulative += workers
+            .iter()
+            .map(|w| get(&w.latency_buckets[i]))
+            .sum::<u64>();
+        let _ = writeln!(
+            s,
+            "{name}_bucket{{le=\"{}\"}} {cumulative}",
+            *le as f64 / 1e6
+        );
+    }
+    cumulative += workers
+        .iter()
+        .map(|w| get(&w.latency_buckets[LATENCY_BUCKETS_US.len()]))
+        .sum::<u64>();
+    let _ = writeln!(s, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+    let sum_ns: u64 = workers.iter().map(|w| get(&w.latency_sum_ns)).sum();
+    let _ = writeln!(s, "{name}_sum {}", sum_ns as f64 / 1e9);
+    let _ = writeln!(s, "{name}_count {cumulative}");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn renders_sums_and_a_cumulative_histogram() {
+        let ws: Vec<WorkerStats> = (0..2).map(|_| WorkerStats::default()).collect();
+        ws[0].connection_opened();
+        ws[1].connection_opened();
+        ws[1].frames_sent(5);
+        ws[0].handshake_rejected(Status::NotFound);
+        ws[0].observe_latency(Duration::from_micros(30));
+        ws[1].observe_latency(Duration::from_millis(2));
+        let text = render(&ws, 3);
+        for line in [
+            "corecast_connections_open{worker=\"1\"} 1",
+            "corecast_frames_sent_total 5",
+            "corecast_handshakes_rejected_total{status=\"404\"} 1",
+            "corecast_topics 3",
+            "corecast_publish_to_write_seconds_bucket{le=\"0.00005\"} 1",
+            "corecast_publish_to_write_seconds_bucket{le=\"0.0025\"} 2",
+            "corecast_publish_to_write_seconds_bucket{le=\"+Inf\"} 2",
+            "corecast_publish_to_write_seconds_count 2",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        // Every sample line is `name{labels} value` with a numeric value.
+        for l in text.lines().filter(|l| !l.starts_with('#')) {
+            let v = l.rsplit(' ').next().unwrap();
+            assert!(v.parse::<f64>().is_ok(), "{l}");
+        }
+    }
+}

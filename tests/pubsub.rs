@@ -1,0 +1,548 @@
+//! Publish/subscribe end to end: subscribers are tungstenite clients (an
+//! independent implementation) or raw sockets where a test needs byte-level
+//! control (a client that never reads, one that never answers pings).
+
+mod common;
+
+use common::*;
+use corecast::proto::frame::{OpCode, client_frame};
+use corecast::server::config::SlowConsumerPolicy;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+use tungstenite::Message;
+
+type Ws = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>;
+
+fn text(ws: &mut Ws) -> String {
+    match ws.read().expect("a message") {
+        Message::Text(t) => t.to_string(),
+        other => panic!("expected text, got {other:?}"),
+    }
+}
+
+/// Sends a control message and returns the server's JSON reply.
+fn control(ws: &mut Ws, json: &str) -> String {
+    ws.send(Message::text(json)).unwrap();
+    text(ws)
+}
+
+/// One HTTP request on `s`; returns the response head and body.
+fn http(s: &mut TcpStream, req: &[u8]) -> (String, Vec<u8>) {
+    s.write_all(req).unwrap();
+    let head = read_head(s);
+    let len = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).unwrap();
+    (head, body)
+}
+
+fn post(topic: &str, content_type: &str, body: &[u8], extra: &str) -> Vec<u8> {
+    let mut r = format!(
+        "POST /publish/{topic} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra}\r\n",
+        body.len()
+    )
+    .into_bytes();
+    r.extend_from_slice(body);
+    r
+}
+
+fn metric(addr: SocketAddr, name: &str) -> u64 {
+    let mut s = raw(addr);
+    let (head, body) = http(&mut s, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    let body = String::from_utf8(body).unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{name} not in\n{body}"))
+        .parse()
+        .unwrap()
+}
+
+fn seq_payload(topic: u8, i: u32) -> Vec<u8> {
+    let mut p = vec![topic];
+    p.extend_from_slice(&i.to_be_bytes());
+    p
+}
+
+#[test]
+fn every_subscriber_gets_every_message_of_its_topics_in_order() {
+    let server = start_with(|c| c.workers = 3);
+    let addr = server.local_addr();
+    // 30 subscribers spread by the kernel over three workers: 10 on a, 10 on b, 10 on both.
+    let mut subs: Vec<(Ws, bool, bool)> = (0..30)
+        .map(|i| {
+            let (path, a, b) = match i % 3 {
+                0 => ("/ws?topics=a", true, false),
+                1 => ("/ws?topics=b", false, true),
+                _ => ("/ws?topics=a,b", true, true),
+            };
+            (connect(addr, path), a, b)
+        })
+        .collect();
+    let mut pub_a = connect(addr, "/publish/a");
+    let mut pub_b = connect(addr, "/publish/b");
+    const N: u32 = 300;
+    for i in 0..N {
+        pub_a.send(Message::binary(seq_payload(b'a', i))).unwrap();
+        pub_b.send(Message::text(format!("b{i}"))).unwrap();
+    }
+    for (ws, a, b) in &mut subs {
+        let (mut next_a, mut next_b) = (0u32, 0u32);
+        let want = if *a { N } else { 0 } + if *b { N } else { 0 };
+        for _ in 0..want {
+            match ws.read().unwrap() {
+                Message::Binary(p) => {
+                    assert!(*a, "binary messages only come from topic a");
+                    assert_eq!(
+                        &p[..],
+                        &seq_payload(b'a', next_a)[..],
+                        "payload unchanged, in order"
+                    );
+                    next_a += 1;
+                }
+                Message::Text(t) => {
+                    assert!(*b, "text messages only come from topic b");
+                    assert_eq!(t.as_str(), format!("b{next_b}"));
+                    next_b += 1;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(
+            (next_a, next_b),
+            (if *a { N } else { 0 }, if *b { N } else { 0 })
+        );
+    }
+    let s = server.stats();
+    assert_eq!(s.messages_published, 2 * u64::from(N));
+    assert_eq!(s.frames_sent, 40 * u64::from(N), "20 subscribers per topic");
+    assert_eq!(s.subscriptions, 40);
+    assert_eq!(s.frames_dropped + s.slow_consumer_disconnects, 0);
+}
+
+#[test]
+fn control_messages_subscribe_unsubscribe_and_errors_keep_the_connection() {
+    let server = start();
+    let addr = server.local_addr();
+    let mut sub = connect(addr, "/ws");
+    assert_eq!(
+        control(&mut sub, r#"{"op":"subscribe","topics":["x","marker"]}"#),
+        r#"{"op":"subscribed","topics":["x","marker"]}"#
+    );
+    let mut px = connect(addr, "/publish/x");
+    let mut pm = connect(addr, "/publish/marker");
+    px.send(Message::text("x1")).unwrap();
+    assert_eq!(text(&mut sub), "x1");
+    assert_eq!(
+        control(&mut sub, r#"{"op":"unsubscribe","topics":["x"]}"#),
+        r#"{"op":"unsubscribed","topics":["x"]}"#
+    );
+    px.send(Message::text("x2")).unwrap();
+    // Give x2 every chance to arrive before the marker if it were (wrongly) delivered.
+    std::thread::sleep(Duration::from_millis(50));
+    pm.send(Message::text("m1")).unwrap();
+    assert_eq!(text(&mut sub), "m1", "unsubscribed: x2 never arrives");
+
+    for (bad, needle) in [
+        ("{not json", "malformed"),
+        (r#"{"op":"dance","topics":[]}"#, "unknown op"),
+        (r#"{"op":"subscribe","topics":["a b"]}"#, "allowed"),
+    ] {
+        let reply = control(&mut sub, bad);
+        assert!(reply.starts_with(r#"{"op":"error","reason":""#), "{reply}");
+        assert!(reply.contains(needle), "{reply}");
+    }
+    sub.send(Message::binary(vec![1, 2, 3])).unwrap();
+    assert!(text(&mut sub).contains("binary"));
+    // Still subscribed to marker and still served.
+    pm.send(Message::text("m2")).unwrap();
+    assert_eq!(text(&mut sub), "m2");
+    assert_eq!(server.stats().protocol_errors, 0);
+}
+
+#[test]
+fn topic_limits_are_enforced_with_clear_answers() {
+    let server = start_with(|c| {
+        c.max_topics_per_conn = 3;
+        c.max_topic_len = 8;
+    });
+    let addr = server.local_addr();
+    let mut sub = connect(addr, "/ws?topics=t1,t2");
+    let reply = control(&mut sub, r#"{"op":"subscribe","topics":["t3","t4"]}"#);
+    assert!(reply.contains("at most 3"), "{reply}");
+    assert_eq!(
+        control(&mut sub, r#"{"op":"subscribe","topics":["t3","t1"]}"#),
+        r#"{"op":"subscribed","topics":["t3","t1"]}"#,
+        "re-subscribing is idempotent and does not count twice"
+    );
+    let reply = control(
+        &mut sub,
+        r#"{"op":"subscribe","topics":["waytoolongname"]}"#,
+    );
+    assert!(reply.contains("longer than 8"), "{reply}");
+
+    let r = refused(addr, upgrade_request("/ws?topics=a,b,c,d").as_bytes());
+    assert!(r.starts_with("HTTP/1.1 400 "), "{r}");
+    assert!(r.contains("too many topics"), "{r}");
+    let r = refused(addr, upgrade_request("/ws?topics=a%20b").as_bytes());
+    assert!(
+        r.starts_with("HTTP/1.1 400 ") && r.contains("bad topic name"),
+        "{r}"
+    );
+    let r = refused(addr, upgrade_request("/publish/").as_bytes());
+    assert!(
+        r.starts_with("HTTP/1.1 400 ") && r.contains("empty topic"),
+        "{r}"
+    );
+}
+
+#[test]
+fn http_publish_with_keep_alive_text_and_binary() {
+    let server = start();
+    let addr = server.local_addr();
+    let mut sub = connect(addr, "/ws?topics=news");
+    let mut s = raw(addr);
+    let (head, _) = http(
+        &mut s,
+        &post("news", "text/plain; charset=utf-8", "héllo".as_bytes(), ""),
+    );
+    assert!(head.starts_with("HTTP/1.1 204 "), "{head}");
+    assert_eq!(sub.read().unwrap(), Message::text("héllo"));
+    // Same connection, binary body, body split from its head.
+    let req = post("news", "application/octet-stream", &[0, 159, 146, 150], "");
+    let (h, b) = req.split_at(req.len() - 2);
+    s.write_all(h).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    s.write_all(b).unwrap();
+    let head = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 204 "), "{head}");
+    assert_eq!(
+        sub.read().unwrap(),
+        Message::binary(vec![0u8, 159, 146, 150])
+    );
+    // Two pipelined requests in one write.
+    let mut two = post("news", "text/plain", b"p1", "");
+    two.extend(post("news", "text/plain", b"p2", ""));
+    s.write_all(&two).unwrap();
+    assert!(read_head(&mut s).starts_with("HTTP/1.1 204 "));
+    assert!(read_head(&mut s).starts_with("HTTP/1.1 204 "));
+    assert_eq!(sub.read().unwrap(), Message::text("p1"));
+    assert_eq!(sub.read().unwrap(), Message::text("p2"));
+    // Expect: 100-continue gets its interim answer before the body is sent.
+    let req = post("news", "text/plain", b"late", "Expect: 100-continue\r\n");
+    let split = req.len() - 4;
+    s.write_all(&req[..split]).unwrap();
+    assert!(read_head(&mut s).starts_with("HTTP/1.1 100 Continue"));
+    s.write_all(&req[split..]).unwrap();
+    assert!(read_head(&mut s).starts_with("HTTP/1.1 204 "));
+    assert_eq!(sub.read().unwrap(), Message::text("late"));
+    // A 1 MiB body arriving over many reads.
+    let big = vec![7u8; 1 << 20];
+    let (head, _) = http(&mut s, &post("news", "application/octet-stream", &big, ""));
+    assert!(head.starts_with("HTTP/1.1 204 "), "{head}");
+    assert_eq!(sub.read().unwrap(), Message::binary(big));
+    assert_eq!(server.stats().messages_published, 6);
+}
+
+#[test]
+fn http_publish_refusals() {
+    let server = start_with(|c| c.max_message_size = 1000);
+    let addr = server.local_addr();
+    for (req, status, needle) in [
+        (
+            post("t", "text/plain", &[b'a'; 1001], ""),
+            413,
+            "size limit",
+        ),
+        (post("bad%topic", "text/plain", b"x", ""), 400, "bad topic"),
+        (post("t", "text/plain", &[0xff, 0xfe], ""), 400, "UTF-8"),
+        (
+            b"POST /publish/t HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            411,
+            "Content-Length",
+        ),
+        (
+            b"POST /publish/t HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(),
+            411,
+            "chunked",
+        ),
+        (
+            b"POST /publish/t HTTP/1.1\r\nHost: x\r\nContent-Length: 1x\r\n\r\n".to_vec(),
+            400,
+            "Content-Length",
+        ),
+        (
+            b"PUT /publish/t HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx".to_vec(),
+            405,
+            "POST",
+        ),
+    ] {
+        let r = refused(addr, &req);
+        assert!(
+            r.starts_with(&format!("HTTP/1.1 {status} ")),
+            "want {status}: {r}"
+        );
+        assert!(r.contains(needle), "{needle:?} not in {r}");
+    }
+    let r = refused(addr, b"PUT /publish/t HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(r.contains("Allow: GET, POST\r\n"), "{r}");
+    assert_eq!(server.stats().messages_published, 0);
+}
+
+#[test]
+fn publishers_need_the_token_when_one_is_set() {
+    let server = start_with(|c| c.publish_token = Some("s3cret".into()));
+    let addr = server.local_addr();
+    let mut sub = connect(addr, "/ws?topics=t");
+    let r = refused(addr, &post("t", "text/plain", b"x", ""));
+    assert!(
+        r.starts_with("HTTP/1.1 401 ") && r.contains("WWW-Authenticate: Bearer"),
+        "{r}"
+    );
+    let r = refused(
+        addr,
+        &post("t", "text/plain", b"x", "Authorization: Bearer wrong\r\n"),
+    );
+    assert!(r.starts_with("HTTP/1.1 401 "), "{r}");
+    let r = refused(addr, upgrade_request("/publish/t").as_bytes());
+    assert!(r.starts_with("HTTP/1.1 401 "), "{r}");
+
+    let mut s = raw(addr);
+    let (head, _) = http(
+        &mut s,
+        &post(
+            "t",
+            "text/plain",
+            b"ok1",
+            "Authorization: Bearer s3cret\r\n",
+        ),
+    );
+    assert!(head.starts_with("HTTP/1.1 204 "), "{head}");
+    assert_eq!(sub.read().unwrap(), Message::text("ok1"));
+    let mut p = connect(addr, "/publish/t?token=s3cret");
+    p.send(Message::text("ok2")).unwrap();
+    assert_eq!(sub.read().unwrap(), Message::text("ok2"));
+    // Subscribers need no token.
+    assert_eq!(server.stats().handshakes_rejected, 3);
+}
+
+/// A subscriber that never reads, with a tiny receive buffer so the server's
+/// queue fills fast.
+fn stalled_subscriber(addr: SocketAddr, topic: &str) -> TcpStream {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&addr.into()).unwrap();
+    let mut s: TcpStream = sock.into();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.write_all(upgrade_request(&format!("/ws?topics={topic}")).as_bytes())
+        .unwrap();
+    assert!(read_head(&mut s).starts_with("HTTP/1.1 101 "));
+    s
+}
+
+/// Publishes `n` binary messages of `size` bytes (numbered in their first 4
+/// bytes) in rounds of `round`; after each round every `readers` subscriber
+/// reads it, so healthy subscribers never lag by more than one round.
+fn publish_in_rounds(
+    addr: SocketAddr,
+    topic: &str,
+    n: usize,
+    size: usize,
+    round: usize,
+    readers: &mut [Ws],
+) {
+    let mut p = connect(addr, &format!("/publish/{topic}"));
+    let mut next = 0;
+    while next < n {
+        let end = (next + round).min(n);
+        for i in next..end {
+            let mut m = vec![0u8; size];
+            m[..4].copy_from_slice(&(i as u32).to_be_bytes());
+            p.send(Message::binary(m)).unwrap();
+        }
+        for ws in readers.iter_mut() {
+            for i in next..end {
+                match ws.read().unwrap() {
+                    Message::Binary(m) => {
+                        assert_eq!(&m[..4], &(i as u32).to_be_bytes(), "message {i}")
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+        next = end;
+    }
+}
+
+#[test]
+fn a_stalled_subscriber_is_disconnected_and_the_others_get_everything() {
+    let server = start_with(|c| c.max_outbound_bytes = 64 * 1024);
+    let addr = server.local_addr();
+    let mut stalled = stalled_subscriber(addr, "f");
+    let mut good: Vec<Ws> = (0..4).map(|_| connect(addr, "/ws?topics=f")).collect();
+    const N: usize = 4000;
+    publish_in_rounds(addr, "f", N, 1024, 50, &mut good);
+    assert!(eventually(Duration::from_secs(5), || server
+        .stats()
+        .slow_consumer_disconnects
+        == 1));
+    // The stalled client now reads what its socket and the server still
+    // held: an unbroken prefix of the messages, then a 1008 close.
+    let mut seen = 0u32;
+    let code = loop {
+        let (_, op, p) = read_frame(&mut stalled);
+        if op == 0x8 {
+            assert_eq!(&p[2..], b"slow consumer");
+            break u16::from_be_bytes([p[0], p[1]]);
+        }
+        assert_eq!(
+            u32::from_be_bytes(p[..4].try_into().unwrap()),
+            seen,
+            "no gap before the close"
+        );
+        seen += 1;
+    };
+    assert_eq!(code, 1008);
+    assert!(
+        (seen as usize) < N,
+        "the backlog past the bound was discarded ({seen} delivered)"
+    );
+    assert_eq!(metric(addr, "corecast_slow_consumer_disconnects_total"), 1);
+    assert_eq!(
+        server.stats().subscriptions,
+        4,
+        "the slow consumer left its topic"
+    );
+}
+
+#[test]
+fn drop_newest_skips_messages_for_the_stalled_subscriber_only() {
+    let server = start_with(|c| {
+        c.max_outbound_bytes = 64 * 1024;
+        c.slow_consumer = SlowConsumerPolicy::DropNewest;
+    });
+    let addr = server.local_addr();
+    let mut stalled = stalled_subscriber(addr, "f");
+    let mut good = vec![connect(addr, "/ws?topics=f")];
+    const N: usize = 4000;
+    publish_in_rounds(addr, "f", N, 1024, 50, &mut good);
+    let s = server.stats();
+    assert!(s.frames_dropped > 0, "{s:?}");
+    assert_eq!(s.slow_consumer_disconnects, 0);
+    assert_eq!(
+        s.frames_sent + s.frames_dropped,
+        2 * N as u64,
+        "every frame is sent or counted"
+    );
+    // The stalled subscriber is still connected: it reads what was queued, in
+    // order with gaps.
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut last = None;
+    for _ in 0..s.frames_sent - N as u64 {
+        let (_, op, p) = read_frame(&mut stalled);
+        assert_eq!(op, 0x2);
+        let i = u32::from_be_bytes(p[..4].try_into().unwrap());
+        assert!(last.is_none_or(|l| i > l), "order kept across drops");
+        last = Some(i);
+    }
+}
+
+#[test]
+fn metrics_and_health_on_the_main_port_or_the_admin_listener() {
+    let server = start();
+    let addr = server.local_addr();
+    let mut s = raw(addr);
+    let (head, body) = http(&mut s, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    assert_eq!(body, b"ok\n");
+    let (head, body) = http(&mut s, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    let body = String::from_utf8(body).unwrap();
+    assert!(body.contains("# TYPE corecast_publish_to_write_seconds histogram"));
+    assert!(
+        body.contains("corecast_http_requests_total 2"),
+        "healthz and this request counted:\n{body}"
+    );
+
+    let _sub = connect(addr, "/ws?topics=m");
+    let mut p = connect(addr, "/publish/m");
+    for _ in 0..5 {
+        p.send(Message::text("x")).unwrap();
+    }
+    assert!(eventually(Duration::from_secs(5), || server
+        .stats()
+        .frames_sent
+        == 5));
+    assert_eq!(metric(addr, "corecast_messages_published_total"), 5);
+    assert_eq!(metric(addr, "corecast_frames_sent_total"), 5);
+    assert!(eventually(Duration::from_secs(5), || metric(
+        addr,
+        "corecast_publish_to_write_seconds_count"
+    ) >= 5));
+    assert_eq!(metric(addr, "corecast_topics"), 1);
+
+    let server = start_with(|c| c.admin_listen = Some("127.0.0.1:0".parse().unwrap()));
+    let r = refused(
+        server.local_addr(),
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert!(
+        r.starts_with("HTTP/1.1 404 "),
+        "moved off the main port: {r}"
+    );
+    let admin = server.admin_addr().unwrap();
+    let r = refused(admin, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(
+        r.starts_with("HTTP/1.1 200 ") && r.contains("corecast_connections_open"),
+        "{r}"
+    );
+    let r = refused(admin, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(r.ends_with("\r\n\r\nok\n"), "{r}");
+}
+
+#[test]
+fn keepalive_pings_idle_connections_and_closes_silent_ones() {
+    let server = start_with(|c| {
+        c.ping_interval = Some(Duration::from_millis(100));
+        c.ping_timeout = Duration::from_millis(200);
+    });
+    let addr = server.local_addr();
+    // A raw client that never answers: ping, then close 1001.
+    let mut silent = raw_ws(addr, "/ws?topics=k");
+    let (_, op, _) = read_frame(&mut silent);
+    assert_eq!(op, 0x9, "first a ping");
+    assert_eq!(read_close_code(&mut silent), 1001);
+    // A client that answers pings (tungstenite does) stays.
+    let mut alive = connect(addr, "/ws?topics=k");
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = alive.get_ref() {
+        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    }
+    let end = std::time::Instant::now() + Duration::from_millis(800);
+    while std::time::Instant::now() < end {
+        match alive.read() {
+            Ok(Message::Ping(_)) => {}
+            Ok(other) => panic!("{other:?}"),
+            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("the answering client was dropped: {e}"),
+        }
+        let _ = alive.flush();
+    }
+    let s = server.stats();
+    assert_eq!(s.keepalive_timeouts, 1);
+    assert!(s.keepalive_pings >= 3, "{s:?}");
+    // A raw client answering with a pong is fine too.
+    let mut raw_alive = raw_ws(addr, "/ws");
+    let (_, op, payload) = read_frame(&mut raw_alive);
+    assert_eq!(op, 0x9);
+    raw_alive
+        .write_all(&client_frame(true, OpCode::Pong, &payload, [1, 2, 3, 4]))
+        .unwrap();
+    let (_, op, _) = read_frame(&mut raw_alive);
+    assert_eq!(op, 0x9, "pinged again later, not closed");
+}
