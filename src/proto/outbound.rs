@@ -81,6 +81,15 @@ impl OutQueue {
         }
     }
 
+    /// Makes room for `bytes` more in the tail (at most up to its sealing
+    /// size), so a run of small frames is copied without reallocations.
+    pub fn reserve_tail(&mut self, bytes: usize) {
+        let want = bytes.min(TAIL_MAX_BYTES.saturating_sub(self.tail.len()));
+        if self.tail.capacity() - self.tail.len() < want {
+            self.tail.reserve(want.max(TAIL_INITIAL_BYTES));
+        }
+    }
+
     /// Appends a shared frame: copied when small, referenced when large.
     pub fn push_frame(&mut self, frame: &Bytes) {
         if frame.len() < COPY_BELOW {

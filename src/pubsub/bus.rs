@@ -17,9 +17,9 @@
 
 use super::directory::TopicInterest;
 use bytes::Bytes;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 /// Bytes of frames queued for one worker above which publishers pause.
@@ -30,7 +30,11 @@ pub const MAILBOX_HIGH_WATER: usize = 64 * 1024 * 1024;
 /// subscriber's queue on every worker.
 #[derive(Debug, Clone)]
 pub struct Publication {
-    pub topic: Arc<TopicInterest>,
+    /// The topic, by identity. Weak, so a publication in flight does not keep
+    /// a topic nobody uses in the directory; the allocation (and so the
+    /// address receivers look it up by) stays reserved while it exists, so
+    /// the address cannot be reused by another topic meanwhile.
+    pub topic: Weak<TopicInterest>,
     /// The complete server frame (header + payload), ready to write.
     pub frame: Bytes,
     /// When the publisher's worker decoded it (for the latency histogram).
@@ -157,8 +161,9 @@ mod tests {
             Box::new(Count(Arc::new(AtomicUsize::new(0)))),
         ]);
         let d = Directory::new();
+        let topic = d.entry("t");
         let p = Publication {
-            topic: d.entry("t"),
+            topic: Arc::downgrade(&topic),
             frame: Bytes::from_static(b"12345"),
             published_at: Instant::now(),
         };

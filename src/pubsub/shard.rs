@@ -52,7 +52,8 @@ pub struct Shard {
     /// Local topic id by the address of its shared interest entry: what a
     /// publication is looked up by (no string hashing per delivery).
     by_interest: HashMap<usize, u32>,
-    outbox: Vec<Publication>,
+    /// This turn's publications with the workers interested at publish time.
+    outbox: Vec<(Publication, u64)>,
     /// Reused per-peer batches for [`Shard::dispatch`].
     batches: Vec<Vec<Publication>>,
 }
@@ -143,11 +144,15 @@ impl Shard {
 
     /// Queues a publication made on this worker; it leaves in [`Self::dispatch`].
     pub fn publish(&mut self, topic: &Arc<TopicInterest>, frame: Bytes, now: Instant) {
-        self.outbox.push(Publication {
-            topic: Arc::clone(topic),
-            frame,
-            published_at: now,
-        });
+        let workers = topic.workers();
+        self.outbox.push((
+            Publication {
+                topic: Arc::downgrade(topic),
+                frame,
+                published_at: now,
+            },
+            workers,
+        ));
     }
 
     /// Publications queued this turn.
@@ -156,20 +161,23 @@ impl Shard {
     }
 
     /// Sends this turn's publications to the interested peers (one batch
-    /// each) and delivers the local ones through `deliver`, in publish order.
-    /// Returns the publications dispatched.
-    pub fn dispatch(&mut self, mut deliver: impl FnMut(&Publication, &[ConnRef])) -> usize {
+    /// each) and delivers the local ones through `deliver` (see
+    /// [`Self::deliver`]). Returns the publications dispatched.
+    pub fn dispatch(&mut self, mut deliver: impl FnMut(&[Publication], &[ConnRef])) -> usize {
         if self.outbox.is_empty() {
             return 0;
         }
-        let outbox = std::mem::take(&mut self.outbox);
         let me = 1u64 << self.id;
-        for p in &outbox {
-            let mut peers = p.topic.workers() & !me;
+        let mut local = Vec::with_capacity(self.outbox.len());
+        for (p, workers) in self.outbox.drain(..) {
+            let mut peers = workers & !me;
             while peers != 0 {
                 let w = peers.trailing_zeros() as usize;
                 peers &= peers - 1;
                 self.batches[w].push(p.clone());
+            }
+            if workers & me != 0 {
+                local.push(p);
             }
         }
         for w in 0..self.batches.len() {
@@ -178,37 +186,48 @@ impl Shard {
                 self.bus.send(w, batch);
             }
         }
-        for p in &outbox {
-            self.deliver(p, &mut deliver);
-        }
-        let n = outbox.len();
-        // Keep the allocation for the next turn.
-        let mut outbox = outbox;
-        outbox.clear();
-        self.outbox = outbox;
-        n
+        self.deliver(&local, &mut deliver);
+        local.len()
     }
 
-    /// Calls `deliver` with `p` and its local subscribers, if any.
-    pub fn deliver(&self, p: &Publication, deliver: &mut impl FnMut(&Publication, &[ConnRef])) {
-        let Some(&id) = self.by_interest.get(&(Arc::as_ptr(&p.topic) as usize)) else {
-            return;
-        };
-        let subs = &self.topics[id as usize].subs;
-        // Slab iteration skips holes; gather into a reused contiguous slice
-        // would cost a copy per publish, so hand out chunks instead.
-        let mut chunk: [ConnRef; 64] = [(0, 0); 64];
-        let mut n = 0;
-        for (_, &c) in subs.iter() {
-            chunk[n] = c;
-            n += 1;
-            if n == chunk.len() {
-                deliver(p, &chunk);
-                n = 0;
+    /// Calls `deliver(run, subscribers)` for `pubs` in order: each run is a
+    /// maximal sequence of consecutive publications to one topic, and
+    /// `subscribers` a chunk (≤ 64) of that topic's local subscribers. So the
+    /// backend can push a whole run into one subscriber's queue while it is
+    /// in cache, subscriber by subscriber, and every subscriber still sees
+    /// the publications in order.
+    pub fn deliver(
+        &self,
+        pubs: &[Publication],
+        deliver: &mut impl FnMut(&[Publication], &[ConnRef]),
+    ) {
+        let mut start = 0;
+        while start < pubs.len() {
+            let topic = pubs[start].topic.as_ptr();
+            let end = start
+                + pubs[start..]
+                    .iter()
+                    .position(|p| p.topic.as_ptr() != topic)
+                    .unwrap_or(pubs.len() - start);
+            let run = &pubs[start..end];
+            start = end;
+            let Some(&id) = self.by_interest.get(&(topic as usize)) else {
+                continue;
+            };
+            let subs = &self.topics[id as usize].subs;
+            let mut chunk: [ConnRef; 64] = [(0, 0); 64];
+            let mut n = 0;
+            for (_, &c) in subs.iter() {
+                chunk[n] = c;
+                n += 1;
+                if n == chunk.len() {
+                    deliver(run, &chunk);
+                    n = 0;
+                }
             }
-        }
-        if n > 0 {
-            deliver(p, &chunk[..n]);
+            if n > 0 {
+                deliver(run, &chunk[..n]);
+            }
         }
     }
 }
@@ -241,7 +260,11 @@ mod tests {
 
     fn collect(shard: &mut Shard) -> Vec<(Bytes, ConnRef)> {
         let mut got = Vec::new();
-        shard.dispatch(|p, conns| got.extend(conns.iter().map(|&c| (p.frame.clone(), c))));
+        shard.dispatch(|run, conns| {
+            for &c in conns {
+                got.extend(run.iter().map(|p| (p.frame.clone(), c)));
+            }
+        });
         got
     }
 
@@ -267,11 +290,11 @@ mod tests {
         assert_eq!(bus.queued_bytes(1), 0, "worker 1 has no subscriber of a");
         let mut remote = Vec::new();
         inboxes[2].drain(&bus, |batch| {
-            for p in &batch {
-                s[2].deliver(p, &mut |p: &Publication, c: &[ConnRef]| {
-                    remote.extend(c.iter().map(|&c| (p.frame[0], c)))
-                });
-            }
+            s[2].deliver(&batch, &mut |run: &[Publication], c: &[ConnRef]| {
+                for &c in c {
+                    remote.extend(run.iter().map(|p| (p.frame[0], c)))
+                }
+            });
         });
         assert_eq!(remote, vec![(0, (7, 0)), (1, (7, 0)), (2, (7, 0))]);
         s[0].unsubscribe(a0);
@@ -290,6 +313,57 @@ mod tests {
         let got: Vec<usize> = collect(&mut s[0]).into_iter().map(|(_, c)| c.0).collect();
         let want: Vec<usize> = (0..150).filter(|i| i % 3 != 0).collect();
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn runs_keep_each_subscribers_order_across_topics() {
+        let (d, _bus, _inboxes, mut s) = shards(1);
+        s[0].subscribe("a", (1, 0));
+        s[0].subscribe("b", (1, 0));
+        s[0].subscribe("b", (2, 0));
+        let (a, b) = (d.entry("a"), d.entry("b"));
+        for (t, x) in [(&a, 1u8), (&a, 2), (&b, 3), (&a, 4), (&b, 5), (&b, 6)] {
+            s[0].publish(t, Bytes::from(vec![x]), Instant::now());
+        }
+        let mut runs = 0;
+        let mut got: Vec<(usize, u8)> = Vec::new();
+        s[0].dispatch(|run, conns| {
+            runs += 1;
+            for &c in conns {
+                got.extend(run.iter().map(|p| (c.0, p.frame[0])));
+            }
+        });
+        assert_eq!(runs, 4, "a a | b | a | b b");
+        let of = |c: usize| {
+            got.iter()
+                .filter(|g| g.0 == c)
+                .map(|g| g.1)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(of(1), vec![1, 2, 3, 4, 5, 6]);
+        assert_eq!(of(2), vec![3, 5, 6]);
+    }
+
+    #[test]
+    fn publications_in_flight_do_not_keep_a_topic_alive() {
+        let (d, bus, inboxes, mut s) = shards(2);
+        let sub = s[1].subscribe("gone", (0, 0));
+        let t = d.entry("gone");
+        s[0].publish(&t, Bytes::from_static(b"x"), Instant::now());
+        d.release(t);
+        s[0].dispatch(|_, _| {});
+        s[1].unsubscribe(sub);
+        assert!(
+            d.is_empty(),
+            "the queued publication holds no strong reference"
+        );
+        let mut delivered = 0;
+        inboxes[1].drain(&bus, |batch| {
+            s[1].deliver(&batch, &mut |_: &[Publication], _: &[ConnRef]| {
+                delivered += 1
+            })
+        });
+        assert_eq!(delivered, 0, "nobody left to deliver to");
     }
 
     #[test]

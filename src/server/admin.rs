@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
-/// How long one admin client may take to send its request or read the answer.
+/// How long one admin client may take, in all, to send its request and read the answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest admin request head.
 const MAX_HEAD: usize = 8 * 1024;
@@ -94,7 +94,9 @@ fn run(mut poll: Poll, listener: TcpListener, shared: Arc<Shared>) {
 /// Answers one request, then closes.
 fn serve(mut sock: TcpStream, shared: &Shared) -> io::Result<()> {
     sock.set_nonblocking(false)?;
-    sock.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    // One deadline for the whole request, not per read: a client trickling
+    // a byte at a time cannot hold the admin thread past it.
+    let deadline = std::time::Instant::now() + CLIENT_TIMEOUT;
     sock.set_write_timeout(Some(CLIENT_TIMEOUT))?;
     let mut buf = vec![0u8; MAX_HEAD];
     let mut len = 0;
@@ -106,6 +108,11 @@ fn serve(mut sock: TcpStream, shared: &Shared) -> io::Result<()> {
         if len == buf.len() {
             break None;
         }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        sock.set_read_timeout(Some(left))?;
         let n = sock.read(&mut buf[len..])?;
         if n == 0 {
             return Ok(());

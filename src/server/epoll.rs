@@ -20,7 +20,7 @@ use super::config::Config;
 use super::session::{Ctx, Next, Push, Session};
 use super::stats::WorkerStats;
 use crate::proto::CloseCode;
-use crate::proto::outbound::MAX_IOVECS;
+use crate::proto::outbound::{COPY_BELOW, MAX_IOVECS};
 use crate::pubsub::bus::{Inbox, MAILBOX_HIGH_WATER, Publication};
 use crate::pubsub::shard::Shard;
 use mio::net::{TcpListener, TcpStream};
@@ -281,17 +281,16 @@ impl Worker {
         let delivered = &mut self.delivered;
         let shard = &mut self.shard;
         let mut last: *const Publication = std::ptr::null();
-        let mut to_conns = |p: &Publication, targets: &[(usize, u32)]| {
-            if !std::ptr::eq(last, p) {
-                last = p;
-                delivered.push(p.published_at);
+        let mut to_conns = |run: &[Publication], targets: &[(usize, u32)]| {
+            // Called once per chunk of subscribers: record each run's times once.
+            if !std::ptr::eq(last, run.as_ptr()) {
+                last = run.as_ptr();
+                delivered.extend(run.iter().map(|p| p.published_at));
             }
-            push_to(conns, dirty, slow, cfg, stats, &p.frame, targets);
+            push_to(conns, dirty, slow, cfg, stats, run, targets);
         };
         self.inbox.drain(&self.shared.bus, |batch| {
-            for p in &batch {
-                shard.deliver(p, &mut to_conns);
-            }
+            shard.deliver(&batch, &mut to_conns);
         });
         shard.dispatch(&mut to_conns);
         for (key, serial) in std::mem::take(&mut self.slow) {
@@ -335,7 +334,9 @@ impl Worker {
         let stats = &self.shared.stats[self.id];
         let mut timed_out = Vec::new();
         for (key, conn) in self.conns.iter_mut() {
-            if conn.state != IoState::Active || !conn.session.is_websocket() {
+            // A connection we are not reading (its queue is over the bound, or a
+            // throttled publisher) cannot show us its pong: not judged while paused.
+            if conn.state != IoState::Active || !conn.session.is_websocket() || conn.read_paused {
                 continue;
             }
             if conn.ping_pending {
@@ -684,35 +685,49 @@ impl Worker {
     }
 }
 
-/// Queues `frame` for each target, applying the slow-consumer policy.
+/// Queues a run of publications of one topic for each target, subscriber by
+/// subscriber, applying the slow-consumer policy.
 fn push_to(
     conns: &mut Slab<Conn>,
     dirty: &mut Vec<ConnRef>,
     slow: &mut Vec<ConnRef>,
     cfg: &Config,
     stats: &WorkerStats,
-    frame: &bytes::Bytes,
+    run: &[Publication],
     targets: &[ConnRef],
 ) {
+    // Room for the run's small frames, reserved once per subscriber instead
+    // of growing the tail buffer step by step.
+    let small: usize = run
+        .iter()
+        .map(|p| p.frame.len())
+        .filter(|&n| n < COPY_BELOW)
+        .sum();
     let mut sent = 0;
     for &(key, serial) in targets {
         let Some(conn) = conns.get_mut(key) else {
             continue;
         };
         debug_assert_eq!(conn.serial, serial, "registry holds a stale connection");
-        match conn.session.push_published(frame, cfg) {
-            Push::Queued => sent += 1,
-            Push::Ignored => continue,
-            Push::Dropped => {
-                stats.frame_dropped();
-                continue;
-            }
-            Push::SlowConsumer { discarded } => {
-                stats.slow_consumer_disconnect(discarded);
-                slow.push((key, serial));
+        conn.session.out.reserve_tail(small);
+        let mut queued = false;
+        for p in run {
+            match conn.session.push_published(&p.frame, cfg) {
+                Push::Queued => {
+                    sent += 1;
+                    queued = true;
+                }
+                Push::Ignored => break,
+                Push::Dropped => stats.frame_dropped(),
+                Push::SlowConsumer { discarded } => {
+                    stats.slow_consumer_disconnect(discarded);
+                    slow.push((key, serial));
+                    queued = true;
+                    break;
+                }
             }
         }
-        if !conn.dirty {
+        if queued && !conn.dirty {
             conn.dirty = true;
             dirty.push((key, serial));
         }

@@ -1,5 +1,5 @@
 //! `GET /metrics`: the counters of every worker in the Prometheus text
-//! exposition format (version 0.0.4). Names are listed in README.md.
+//! exposition format (version 0.0.4). Names are listed in docs/PROTOCOL.md.
 
 use super::stats::{LATENCY_BUCKETS_US, WorkerStats};
 use crate::proto::handshake::Status;
@@ -165,7 +165,7 @@ pub fn render(workers: &[WorkerStats], topics: usize) -> String {
         &mut s,
         name,
         "histogram",
-        "Time from a publication's decode to its write to every local subscriber socket, per worker that delivered it.",
+        "Time from the start of the loop turn that read a publication to the end of the first write pass to its local subscribers, per worker that delivered it.",
     );
     let mut cumulative = 0u64;
     for (i, le) in LATENCY_BUCKETS_US.iter().enumerate() {
