@@ -36,6 +36,74 @@ impl Subscription {
     }
 }
 
+/// A connection's subscriptions: one inline (the common case costs no heap
+/// allocation and 16 bytes), more behind one pointer.
+#[derive(Debug, Default)]
+pub enum SubList {
+    #[default]
+    Empty,
+    One(Subscription),
+    Many(Box<Vec<Subscription>>),
+}
+
+impl SubList {
+    pub fn as_slice(&self) -> &[Subscription] {
+        match self {
+            Self::Empty => &[],
+            Self::One(s) => std::slice::from_ref(s),
+            Self::Many(v) => v,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        matches!(self, Self::Empty)
+    }
+
+    pub fn push(&mut self, sub: Subscription) {
+        *self = match std::mem::take(self) {
+            Self::Empty => Self::One(sub),
+            Self::One(a) => Self::Many(Box::new(vec![a, sub])),
+            Self::Many(mut v) => {
+                v.push(sub);
+                Self::Many(v)
+            }
+        };
+    }
+
+    /// Removes entry `i` (order not kept).
+    pub fn swap_remove(&mut self, i: usize) -> Subscription {
+        match std::mem::take(self) {
+            Self::Empty => panic!("swap_remove on an empty SubList"),
+            Self::One(s) => {
+                assert_eq!(i, 0);
+                s
+            }
+            Self::Many(mut v) => {
+                let s = v.swap_remove(i);
+                *self = match v.len() {
+                    0 => Self::Empty,
+                    1 => Self::One(v[0]),
+                    _ => Self::Many(v),
+                };
+                s
+            }
+        }
+    }
+
+    /// Takes every subscription, leaving the list empty.
+    pub fn take(&mut self) -> Vec<Subscription> {
+        match std::mem::take(self) {
+            Self::Empty => Vec::new(),
+            Self::One(s) => vec![s],
+            Self::Many(v) => *v,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct LocalTopic {
     interest: Arc<TopicInterest>,
@@ -364,6 +432,26 @@ mod tests {
             })
         });
         assert_eq!(delivered, 0, "nobody left to deliver to");
+    }
+
+    #[test]
+    fn sub_lists_grow_and_shrink() {
+        let sub = |t| Subscription { topic: t, slot: 0 };
+        let mut l = SubList::default();
+        assert!(l.is_empty());
+        for t in 0..3 {
+            l.push(sub(t));
+        }
+        assert_eq!(
+            l.as_slice().iter().map(|s| s.topic()).collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
+        assert_eq!(l.swap_remove(0).topic(), 0);
+        assert_eq!(l.len(), 2);
+        l.swap_remove(1);
+        assert!(matches!(l, SubList::One(_)));
+        assert_eq!(l.take().len(), 1);
+        assert!(l.is_empty());
     }
 
     #[test]

@@ -53,6 +53,8 @@ const EVENTS_PER_POLL: usize = 1024;
 const LINGER: Duration = Duration::from_secs(2);
 /// Pause before accepting again after the process ran out of descriptors.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// Deadline queues emptied with more capacity than this are shrunk.
+const SHRINK_ABOVE: usize = 1024;
 /// How often throttled publishers check whether the mailboxes drained.
 const THROTTLE_RECHECK: Duration = Duration::from_millis(1);
 /// Bounds on the keepalive sweep period (a quarter of the shorter of the
@@ -110,8 +112,12 @@ pub(super) struct Worker {
     /// Connections to read again at the end of the turn (budget used up or unpaused).
     reread: Vec<ConnRef>,
     /// Request-head deadlines, with the request generation they guard.
-    handshake_deadlines: VecDeque<(Instant, ConnRef, u32)>,
-    linger_deadlines: VecDeque<(Instant, ConnRef)>,
+    /// (deadline, key, serial, generation); times in ms on the worker's
+    /// clock, keys as u32: 24 bytes an entry, since there is one per
+    /// connection accepted in the last timeout period.
+    handshake_deadlines: VecDeque<(u64, u32, u32, u32)>,
+    /// (deadline, key, serial).
+    linger_deadlines: VecDeque<(u64, u32, u32)>,
     shard: Shard,
     inbox: Inbox,
     /// Publication times of what was delivered this turn (latency histogram).
@@ -203,7 +209,12 @@ impl Worker {
                             self.on_readable(key);
                         }
                         if ev.is_writable() {
-                            self.flush(key);
+                            // Written at the end of the turn, together with whatever
+                            // this turn queues for it: one writev, not two.
+                            if let Some(c) = self.conns.get(key) {
+                                let serial = c.serial;
+                                self.mark_dirty(key, serial);
+                            }
                         }
                     }
                 }
@@ -244,17 +255,29 @@ impl Worker {
             self.accept_retry_at = None;
             self.accept();
         }
-        for (key, serial) in std::mem::take(&mut self.reread) {
+        // Taken out while walked (the walk may queue more), then handed back
+        // cleared so the capacity is reused turn after turn.
+        let mut reread = std::mem::take(&mut self.reread);
+        for &(key, serial) in &reread {
             if self.is_current(key, serial) {
                 self.on_readable(key);
             }
         }
+        reread.clear();
+        if self.reread.is_empty() {
+            self.reread = reread;
+        }
         self.deliver();
-        for (key, serial) in std::mem::take(&mut self.dirty) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for &(key, serial) in &dirty {
             if self.is_current(key, serial) {
                 self.conns[key].dirty = false;
                 self.flush(key);
             }
+        }
+        dirty.clear();
+        if self.dirty.is_empty() {
+            self.dirty = dirty;
         }
         if !self.delivered.is_empty() {
             let written = Instant::now();
@@ -299,8 +322,8 @@ impl Worker {
                 conn.session.detach(&mut self.shard, stats);
                 if conn.state == IoState::Active {
                     conn.state = IoState::Closing;
-                    self.linger_deadlines
-                        .push_back((self.now + LINGER, (key, serial)));
+                    let at = ms_after(self.epoch, self.now, LINGER);
+                    self.linger_deadlines.push_back((at, key as u32, serial));
                 }
             }
         }
@@ -361,8 +384,8 @@ impl Worker {
                 .close(CloseCode::GOING_AWAY, "keepalive timeout");
             conn.session.detach(&mut self.shard, stats);
             conn.state = IoState::Closing;
-            self.linger_deadlines
-                .push_back((self.now + LINGER, (key, serial)));
+            let at = ms_after(self.epoch, self.now, LINGER);
+            self.linger_deadlines.push_back((at, key as u32, serial));
             if !conn.dirty {
                 conn.dirty = true;
                 self.dirty.push((key, serial));
@@ -379,8 +402,12 @@ impl Worker {
             return Some(Duration::ZERO);
         }
         [
-            self.handshake_deadlines.front().map(|d| d.0),
-            self.linger_deadlines.front().map(|d| d.0),
+            self.handshake_deadlines
+                .front()
+                .map(|d| self.epoch + Duration::from_millis(d.0)),
+            self.linger_deadlines
+                .front()
+                .map(|d| self.epoch + Duration::from_millis(d.0)),
             self.accept_retry_at,
             self.drain_deadline,
             self.next_sweep,
@@ -428,9 +455,13 @@ impl Worker {
                         request_gen: 0,
                     });
                     self.shared.stats[self.id].connection_opened();
-                    let deadline = Instant::now() + self.shared.config.handshake_timeout;
+                    let at = ms_after(
+                        self.epoch,
+                        Instant::now(),
+                        self.shared.config.handshake_timeout,
+                    );
                     self.handshake_deadlines
-                        .push_back((deadline, (key, serial), 0));
+                        .push_back((at, key as u32, serial, 0));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -524,16 +555,14 @@ impl Worker {
         if conn.session.awaiting_request() && conn.session.requests() != conn.request_gen {
             // A keep-alive HTTP connection finished a request: the next one gets a fresh deadline.
             conn.request_gen = conn.session.requests();
-            self.handshake_deadlines.push_back((
-                self.now + cfg.handshake_timeout,
-                (key, serial),
-                conn.request_gen,
-            ));
+            let at = ms_after(self.epoch, self.now, cfg.handshake_timeout);
+            self.handshake_deadlines
+                .push_back((at, key as u32, serial, conn.request_gen));
         }
         if conn.state == IoState::Closing {
             conn.session.detach(&mut self.shard, stats);
-            self.linger_deadlines
-                .push_back((self.now + LINGER, (key, serial)));
+            let at = ms_after(self.epoch, self.now, LINGER);
+            self.linger_deadlines.push_back((at, key as u32, serial));
         }
         if budget_used_up {
             // Still readable, but others get their turn first.
@@ -578,6 +607,7 @@ impl Worker {
         while !conn.session.out.is_empty() {
             let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
             let n = conn.session.out.gather(&mut iov);
+            let offered: usize = iov[..n].iter().map(|s| s.len()).sum();
             match conn.sock.write_vectored(&iov[..n]) {
                 Ok(0) => {
                     self.remove(key);
@@ -586,6 +616,12 @@ impl Worker {
                 Ok(written) => {
                     stats.bytes_sent(written);
                     conn.session.out.advance(written);
+                    if written < offered {
+                        // A short write means the send buffer is full (the kernel has
+                        // set SOCK_NOSPACE): the writable edge will come. Trying again
+                        // now would only cost a syscall returning EAGAIN.
+                        break;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -610,8 +646,8 @@ impl Worker {
             let _ = conn.sock.shutdown(Shutdown::Write);
             conn.state = IoState::Lingering;
             let r = (key, conn.serial);
-            self.linger_deadlines
-                .push_back((Instant::now() + LINGER, r));
+            let at = ms_after(self.epoch, Instant::now(), LINGER);
+            self.linger_deadlines.push_back((at, r.0 as u32, r.1));
             // Input may already be waiting (the peer's close reply): consume it now,
             // since the edge that announced it may have passed.
             self.discard_input(key);
@@ -619,8 +655,10 @@ impl Worker {
     }
 
     fn expire(&mut self, now: Instant) {
-        while let Some(&(deadline, (key, serial), generation)) = self.handshake_deadlines.front() {
-            if deadline > now {
+        let now_ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        while let Some(&(deadline, key, serial, generation)) = self.handshake_deadlines.front() {
+            let key = key as usize;
+            if deadline > now_ms {
                 break;
             }
             self.handshake_deadlines.pop_front();
@@ -636,8 +674,17 @@ impl Worker {
                 }
             }
         }
-        while let Some(&(deadline, (key, serial))) = self.linger_deadlines.front() {
-            if deadline > now {
+        // After a connection storm, give the queues' memory back.
+        if self.handshake_deadlines.is_empty() && self.handshake_deadlines.capacity() > SHRINK_ABOVE
+        {
+            self.handshake_deadlines.shrink_to_fit();
+        }
+        if self.linger_deadlines.is_empty() && self.linger_deadlines.capacity() > SHRINK_ABOVE {
+            self.linger_deadlines.shrink_to_fit();
+        }
+        while let Some(&(deadline, key, serial)) = self.linger_deadlines.front() {
+            let key = key as usize;
+            if deadline > now_ms {
                 break;
             }
             self.linger_deadlines.pop_front();
@@ -733,6 +780,14 @@ fn push_to(
         }
     }
     stats.frames_sent(sent);
+}
+
+/// `now + after` in milliseconds since `epoch` (rounded up, so a deadline
+/// never fires early).
+fn ms_after(epoch: Instant, now: Instant, after: Duration) -> u64 {
+    (now.saturating_duration_since(epoch) + after)
+        .as_micros()
+        .div_ceil(1000) as u64
 }
 
 /// The keepalive sweep period, or `None` with keepalive off.

@@ -22,7 +22,7 @@ use crate::proto::handshake::{
 use crate::proto::{CloseCode, CloseState, Event, MessageKind, OutQueue, WsConn};
 use crate::pubsub::control::{self, Op};
 use crate::pubsub::directory::TopicInterest;
-use crate::pubsub::shard::{ConnRef, Shard, Subscription};
+use crate::pubsub::shard::{ConnRef, Shard, SubList};
 use crate::pubsub::topic::{self, TopicError};
 use bytes::Bytes;
 use std::sync::Arc;
@@ -47,7 +47,7 @@ enum Role {
     /// `/echo`: every message comes back with its opcode.
     Echo,
     /// `/ws`: receives the topics it subscribed to; sends control messages.
-    Subscriber { subs: Vec<Subscription> },
+    Subscriber { subs: SubList },
     /// `/publish/{topic}`: every message it sends is published.
     Publisher { topic: Option<Arc<TopicInterest>> },
 }
@@ -414,7 +414,7 @@ impl Session {
             match role {
                 Role::Subscriber { subs } => {
                     stats.unsubscribed(subs.len());
-                    for sub in std::mem::take(subs) {
+                    for sub in subs.take() {
                         shard.unsubscribe(sub);
                     }
                 }
@@ -512,10 +512,10 @@ impl Session {
                         "too many topics for one connection (see --max-topics-per-conn)",
                     ));
                 }
-                let subs: Vec<Subscription> = names
-                    .iter()
-                    .map(|n| ctx.shard.subscribe(n, ctx.me))
-                    .collect();
+                let mut subs = SubList::default();
+                for n in &names {
+                    subs.push(ctx.shard.subscribe(n, ctx.me));
+                }
                 ctx.stats.subscribed(subs.len());
                 Role::Subscriber { subs }
             }
@@ -660,16 +660,16 @@ fn publish(
 }
 
 /// Applies a subscriber's control message; returns the JSON reply.
-fn control_message(msg: &mut [u8], subs: &mut Vec<Subscription>, ctx: &mut Ctx<'_>) -> String {
+fn control_message(msg: &mut [u8], subs: &mut SubList, ctx: &mut Ctx<'_>) -> String {
     let cfg = &ctx.shared.config;
     let c = match control::parse(msg, cfg.max_topic_len) {
         Ok(c) => c,
         Err(reason) => return control::error(&reason),
     };
-    let held = |shard: &Shard, subs: &[Subscription], name: &str| {
+    let held = |shard: &Shard, subs: &SubList, name: &str| {
         shard
             .topic_id(name)
-            .and_then(|id| subs.iter().position(|s| s.topic() == id))
+            .and_then(|id| subs.as_slice().iter().position(|s| s.topic() == id))
     };
     match c.op {
         Op::Subscribe => {
