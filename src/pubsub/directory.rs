@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 /// Most workers a mask can describe.
 pub const MAX_WORKERS: usize = 64;
@@ -79,6 +79,14 @@ impl Directory {
         self.map().get(name).cloned()
     }
 
+    /// For a publish that takes no reference: the topic by identity and
+    /// its interested workers, under one lock; `None` if nobody uses it.
+    pub fn interest(&self, name: &str) -> Option<(Weak<TopicInterest>, u64)> {
+        self.map()
+            .get(name)
+            .map(|t| (Arc::downgrade(t), t.workers()))
+    }
+
     /// Marks `worker` as interested in `topic` or not.
     pub fn set(&self, topic: &TopicInterest, worker: usize, interested: bool) {
         let bit = 1u64 << worker;
@@ -127,6 +135,10 @@ mod tests {
         assert_eq!(a2.workers(), 0b100001);
         d.set(&a, 0, false);
         assert_eq!(a.workers(), 0b100000);
+        let (weak, mask) = d.interest("a").expect("known");
+        assert_eq!(mask, 0b100000);
+        assert!(std::ptr::eq(weak.as_ptr(), Arc::as_ptr(&a)), "same topic, by identity");
+        assert!(d.interest("nobody").is_none());
         d.release(a);
         assert_eq!(d.len(), 1, "still held by a2");
         let seen = d.get("a").expect("alive");

@@ -15,7 +15,7 @@ use super::directory::{Directory, TopicInterest};
 use bytes::Bytes;
 use slab::Slab;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 /// A connection as the backend names it: slab key and serial.
@@ -122,6 +122,8 @@ pub struct Shard {
     by_interest: HashMap<usize, u32>,
     /// This turn's publications with the workers interested at publish time.
     outbox: Vec<(Publication, u64)>,
+    /// This turn's publications with local subscribers (reused buffer).
+    local: Vec<Publication>,
     /// Reused per-peer batches for [`Shard::dispatch`].
     batches: Vec<Vec<Publication>>,
 }
@@ -137,13 +139,9 @@ impl Shard {
             by_name: HashMap::new(),
             by_interest: HashMap::new(),
             outbox: Vec::new(),
+            local: Vec::new(),
             batches: (0..workers).map(|_| Vec::new()).collect(),
         }
-    }
-
-    /// The worker this shard belongs to.
-    pub fn worker(&self) -> usize {
-        self.id
     }
 
     /// The shared directory (publishers take their topic's entry from it).
@@ -212,20 +210,27 @@ impl Shard {
 
     /// Queues a publication made on this worker; it leaves in [`Self::dispatch`].
     pub fn publish(&mut self, topic: &Arc<TopicInterest>, frame: Bytes, now: Instant) {
-        let workers = topic.workers();
+        self.publish_weak(Arc::downgrade(topic), topic.workers(), frame, now);
+    }
+
+    /// [`Self::publish`] for a caller holding no strong reference, with the
+    /// interested `workers` read together with `topic` (see
+    /// [`Directory::interest`]).
+    pub fn publish_weak(
+        &mut self,
+        topic: Weak<TopicInterest>,
+        workers: u64,
+        frame: Bytes,
+        now: Instant,
+    ) {
         self.outbox.push((
             Publication {
-                topic: Arc::downgrade(topic),
+                topic,
                 frame,
                 published_at: now,
             },
             workers,
         ));
-    }
-
-    /// Publications queued this turn.
-    pub fn outbox_len(&self) -> usize {
-        self.outbox.len()
     }
 
     /// Sends this turn's publications to the interested peers (one batch
@@ -236,7 +241,7 @@ impl Shard {
             return 0;
         }
         let me = 1u64 << self.id;
-        let mut local = Vec::with_capacity(self.outbox.len());
+        let mut local = std::mem::take(&mut self.local);
         for (p, workers) in self.outbox.drain(..) {
             let mut peers = workers & !me;
             while peers != 0 {
@@ -255,7 +260,11 @@ impl Shard {
             }
         }
         self.deliver(&local, &mut deliver);
-        local.len()
+        let n = local.len();
+        // Keep the allocation for the next turn.
+        local.clear();
+        self.local = local;
+        n
     }
 
     /// Calls `deliver(run, subscribers)` for `pubs` in order: each run is a

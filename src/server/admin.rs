@@ -6,7 +6,6 @@
 
 use super::Shared;
 use super::http;
-use super::metrics;
 use crate::proto::handshake::{self, HeadScanner, MAX_HEADERS, Reject, Status, parse_head};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -134,22 +133,9 @@ fn respond(head: &[u8], shared: &Shared) -> Vec<u8> {
         Ok(r) => r,
         Err(reject) => return handshake::error_response(reject),
     };
-    let body = match req.path {
-        "/metrics" => metrics::render(&shared.stats, shared.directory.len()),
-        "/healthz" => "ok\n".to_string(),
-        _ => return handshake::error_response(Reject::new(Status::NotFound, "no such endpoint")),
-    };
-    if req.method != "GET" && req.method != "HEAD" {
-        return handshake::error_response(Reject::method("use GET", "GET, HEAD"));
+    match http::admin_response(&req, shared, false, None) {
+        Some(Ok(response)) => response,
+        Some(Err(reject)) => handshake::error_response(reject),
+        None => handshake::error_response(Reject::new(Status::NotFound, "no such endpoint")),
     }
-    let ct = if req.path == "/metrics" {
-        metrics::CONTENT_TYPE
-    } else {
-        "text/plain; charset=utf-8"
-    };
-    let mut r = http::ok(ct, &body, false);
-    if req.method == "HEAD" {
-        r.truncate(r.len() - body.len());
-    }
-    r
 }

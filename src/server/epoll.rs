@@ -96,6 +96,16 @@ struct Conn {
     request_gen: u32,
 }
 
+impl Conn {
+    /// Lists the connection (slab key `key`) for the end-of-turn flush, once.
+    fn mark_dirty(&mut self, key: usize, list: &mut Vec<ConnRef>) {
+        if !self.dirty {
+            self.dirty = true;
+            list.push((key, self.serial));
+        }
+    }
+}
+
 /// A (slab key, serial) pair that survives key reuse.
 type ConnRef = (usize, u32);
 
@@ -211,9 +221,8 @@ impl Worker {
                         if ev.is_writable() {
                             // Written at the end of the turn, together with whatever
                             // this turn queues for it: one writev, not two.
-                            if let Some(c) = self.conns.get(key) {
-                                let serial = c.serial;
-                                self.mark_dirty(key, serial);
+                            if let Some(c) = self.conns.get_mut(key) {
+                                c.mark_dirty(key, &mut self.dirty);
                             }
                         }
                     }
@@ -317,14 +326,8 @@ impl Worker {
         });
         shard.dispatch(&mut to_conns);
         for (key, serial) in std::mem::take(&mut self.slow) {
-            if self.is_current(key, serial) {
-                let conn = &mut self.conns[key];
-                conn.session.detach(&mut self.shard, stats);
-                if conn.state == IoState::Active {
-                    conn.state = IoState::Closing;
-                    let at = ms_after(self.epoch, self.now, LINGER);
-                    self.linger_deadlines.push_back((at, key as u32, serial));
-                }
+            if self.is_current(key, serial) && self.conns[key].state == IoState::Active {
+                self.start_closing(key);
             }
         }
     }
@@ -364,32 +367,22 @@ impl Worker {
             }
             if conn.ping_pending {
                 if now.wrapping_sub(conn.ping_sent_ms) >= timeout {
-                    timed_out.push((key, conn.serial));
+                    timed_out.push(key);
                 }
             } else if now.wrapping_sub(conn.last_rx_ms) >= interval && conn.session.ping() {
                 stats.keepalive_ping();
                 conn.ping_pending = true;
                 conn.ping_sent_ms = now;
-                if !conn.dirty {
-                    conn.dirty = true;
-                    self.dirty.push((key, conn.serial));
-                }
+                conn.mark_dirty(key, &mut self.dirty);
             }
         }
-        for (key, serial) in timed_out {
-            stats.keepalive_timeout();
+        for key in timed_out {
+            self.shared.stats[self.id].keepalive_timeout();
             debug!(worker = self.id, "keepalive timeout");
-            let conn = &mut self.conns[key];
-            conn.session
+            self.conns[key]
+                .session
                 .close(CloseCode::GOING_AWAY, "keepalive timeout");
-            conn.session.detach(&mut self.shard, stats);
-            conn.state = IoState::Closing;
-            let at = ms_after(self.epoch, self.now, LINGER);
-            self.linger_deadlines.push_back((at, key as u32, serial));
-            if !conn.dirty {
-                conn.dirty = true;
-                self.dirty.push((key, serial));
-            }
+            self.start_closing(key);
         }
     }
 
@@ -559,16 +552,14 @@ impl Worker {
             self.handshake_deadlines
                 .push_back((at, key as u32, serial, conn.request_gen));
         }
-        if conn.state == IoState::Closing {
-            conn.session.detach(&mut self.shard, stats);
-            let at = ms_after(self.epoch, self.now, LINGER);
-            self.linger_deadlines.push_back((at, key as u32, serial));
-        }
+        let (closing, has_output) = (conn.state == IoState::Closing, !conn.session.out.is_empty());
         if budget_used_up {
             // Still readable, but others get their turn first.
             self.reread.push((key, serial));
         }
-        if !conn.session.out.is_empty() || conn.state == IoState::Closing {
+        if closing {
+            self.start_closing(key);
+        } else if has_output {
             self.mark_dirty(key, serial);
         }
     }
@@ -590,11 +581,25 @@ impl Worker {
     }
 
     fn mark_dirty(&mut self, key: usize, serial: u32) {
+        debug_assert_eq!(self.conns[key].serial, serial);
+        self.conns[key].mark_dirty(key, &mut self.dirty);
+    }
+
+    /// Stops reading `key`: it leaves its topics, what is queued is flushed
+    /// at the end of the turn, and it is dropped after [`LINGER`] at the latest.
+    fn start_closing(&mut self, key: usize) {
         let conn = &mut self.conns[key];
-        if !conn.dirty {
-            conn.dirty = true;
-            self.dirty.push((key, serial));
-        }
+        conn.state = IoState::Closing;
+        conn.session
+            .detach(&mut self.shard, &self.shared.stats[self.id]);
+        let serial = conn.serial;
+        self.push_linger(key, serial, self.now);
+        self.mark_dirty(key, serial);
+    }
+
+    fn push_linger(&mut self, key: usize, serial: u32, now: Instant) {
+        let at = ms_after(self.epoch, now, LINGER);
+        self.linger_deadlines.push_back((at, key as u32, serial));
     }
 
     /// Writes the outbound queue with vectored writes until empty or `WouldBlock`.
@@ -645,9 +650,8 @@ impl Worker {
             }
             let _ = conn.sock.shutdown(Shutdown::Write);
             conn.state = IoState::Lingering;
-            let r = (key, conn.serial);
-            let at = ms_after(self.epoch, Instant::now(), LINGER);
-            self.linger_deadlines.push_back((at, r.0 as u32, r.1));
+            let serial = conn.serial;
+            self.push_linger(key, serial, Instant::now());
             // Input may already be waiting (the peer's close reply): consume it now,
             // since the edge that announced it may have passed.
             self.discard_input(key);
@@ -774,9 +778,8 @@ fn push_to(
                 }
             }
         }
-        if queued && !conn.dirty {
-            conn.dirty = true;
-            dirty.push((key, serial));
+        if queued {
+            conn.mark_dirty(key, dirty);
         }
     }
     stats.frames_sent(sent);

@@ -2,6 +2,49 @@
 //! `GET /metrics` and `GET /healthz`, and the publisher token check. Refusals
 //! use [`handshake::error_response`](crate::proto::handshake::error_response).
 
+use super::Shared;
+use super::metrics;
+use super::stats::WorkerStats;
+use crate::proto::handshake::{Reject, Request};
+
+/// `Content-Type` of plain-text answers.
+const PLAIN: &str = "text/plain; charset=utf-8";
+
+/// Answers `GET|HEAD /metrics` and `/healthz` (on the main port or the admin
+/// listener); `None` for any other path. `counted` is bumped before the
+/// metrics are rendered, so they include this request.
+pub(crate) fn admin_response(
+    req: &Request<'_, '_>,
+    shared: &Shared,
+    keep_alive: bool,
+    counted: Option<&WorkerStats>,
+) -> Option<Result<Vec<u8>, Reject>> {
+    let is_metrics = match req.path {
+        "/metrics" => true,
+        "/healthz" => false,
+        _ => return None,
+    };
+    if req.method != "GET" && req.method != "HEAD" {
+        return Some(Err(Reject::method("use GET", "GET, HEAD")));
+    }
+    if let Some(stats) = counted {
+        stats.http_request();
+    }
+    let (content_type, body) = if is_metrics {
+        (
+            metrics::CONTENT_TYPE,
+            metrics::render(&shared.stats, shared.directory.len()),
+        )
+    } else {
+        (PLAIN, "ok\n".to_string())
+    };
+    let mut response = ok(content_type, &body, keep_alive);
+    if req.method == "HEAD" {
+        response.truncate(response.len() - body.len());
+    }
+    Some(Ok(response))
+}
+
 /// `204 No Content`, the answer to an accepted publish.
 pub fn no_content(keep_alive: bool) -> &'static [u8] {
     if keep_alive {

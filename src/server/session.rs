@@ -12,7 +12,6 @@
 use super::Shared;
 use super::config::{Config, SlowConsumerPolicy};
 use super::http;
-use super::metrics;
 use super::stats::WorkerStats;
 use crate::proto::frame::server_frame;
 use crate::proto::handshake::{
@@ -123,8 +122,8 @@ impl Default for Session {
 enum Route<'p> {
     Upgrade(Upgrade<'p>),
     Publish(&'p str),
-    Metrics,
-    Health,
+    /// `/metrics` or `/healthz` on the main port.
+    Admin,
 }
 
 enum Upgrade<'p> {
@@ -138,11 +137,7 @@ fn route<'p>(req: &Request<'p, '_>, cfg: &Config) -> Result<Route<'p>, Reject> {
     match req.path {
         "/echo" => Ok(Route::Upgrade(Upgrade::Echo)),
         "/ws" => Ok(Route::Upgrade(Upgrade::Subscribe)),
-        "/metrics" | "/healthz" if admin_here => match req.method {
-            "GET" | "HEAD" if req.path == "/metrics" => Ok(Route::Metrics),
-            "GET" | "HEAD" => Ok(Route::Health),
-            _ => Err(Reject::method("use GET", "GET, HEAD")),
-        },
+        "/metrics" | "/healthz" if admin_here => Ok(Route::Admin),
         p => match p.strip_prefix("/publish/") {
             Some(t) if req.method == "POST" => Ok(Route::Publish(t)),
             Some(t) if req.method == "GET" => Ok(Route::Upgrade(Upgrade::Publish(t))),
@@ -282,26 +277,25 @@ impl Session {
                 Phase::Body(body) => {
                     let want = body.len - body.body.len();
                     let take = want.min(buf.len() - pos);
-                    let complete = take == want;
-                    if complete && body.body.is_empty() {
-                        // The whole body is in this read: publish straight from the buffer.
-                        let state = std::mem::replace(&mut self.phase, Phase::Done);
-                        let Phase::Body(state) = state else {
-                            unreachable!()
-                        };
-                        self.finish_publish(&state, &buf[pos..pos + take], ctx);
-                    } else {
-                        body.body.extend_from_slice(&buf[pos..pos + take]);
-                        if !complete {
-                            self.pending = Box::default();
-                            return Next::Read;
-                        }
-                        let state = std::mem::replace(&mut self.phase, Phase::Done);
-                        let Phase::Body(state) = state else {
-                            unreachable!()
-                        };
-                        self.finish_publish(&state, &state.body, ctx);
+                    if take < want {
+                        body.body.extend_from_slice(&buf[pos..]);
+                        self.pending = Box::default();
+                        return Next::Read;
                     }
+                    if !body.body.is_empty() {
+                        body.body.extend_from_slice(&buf[pos..pos + take]);
+                    }
+                    let Phase::Body(state) = std::mem::replace(&mut self.phase, Phase::Done) else {
+                        unreachable!()
+                    };
+                    // A body that arrived whole in this read is published straight
+                    // from the read buffer, without a copy.
+                    let payload = if state.body.is_empty() {
+                        &buf[pos..pos + take]
+                    } else {
+                        &state.body[..]
+                    };
+                    self.finish_publish(&state, payload, ctx);
                     pos += take;
                     if matches!(self.phase, Phase::Done) {
                         self.pending = Box::default();
@@ -337,10 +331,7 @@ impl Session {
                 Some(Event::Message { kind, payload }) => match role {
                     Role::Echo => {
                         ctx.stats.message_echoed();
-                        Some(Reply::Frame(Bytes::from(server_frame(
-                            kind.opcode(),
-                            payload,
-                        ))))
+                        Some(Reply::Frame(encode(kind, payload)))
                     }
                     Role::Subscriber { .. } if kind == MessageKind::Text => {
                         Some(Reply::Control(payload.to_vec()))
@@ -349,7 +340,10 @@ impl Session {
                         "binary messages are not control messages; send JSON text",
                     ))),
                     Role::Publisher { topic } => {
-                        publish(ctx, topic.as_ref(), kind, payload);
+                        ctx.stats.message_published();
+                        if let Some(t) = topic {
+                            ctx.shard.publish(t, encode(kind, payload), ctx.now);
+                        }
                         None
                     }
                 },
@@ -461,21 +455,11 @@ impl Session {
                 check_publisher(&req, cfg)?;
                 self.begin_publish(&req, name, ctx)
             }
-            route @ (Route::Metrics | Route::Health) => {
-                ctx.stats.http_request();
+            Route::Admin => {
                 let ka = keep_alive(&req);
-                let (ct, body) = match route {
-                    Route::Metrics => (
-                        metrics::CONTENT_TYPE,
-                        metrics::render(&ctx.shared.stats, ctx.shard.directory().len()),
-                    ),
-                    _ => ("text/plain; charset=utf-8", "ok\n".to_string()),
-                };
-                let mut resp = http::ok(ct, &body, ka);
-                if req.method == "HEAD" {
-                    resp.truncate(resp.len() - body.len());
-                }
-                self.out.push(Bytes::from(resp));
+                let response = http::admin_response(&req, ctx.shared, ka, Some(ctx.stats))
+                    .expect("routed by path")?;
+                self.out.push(Bytes::from(response));
                 self.phase = if ka {
                     Phase::Head(HeadScanner::default())
                 } else {
@@ -599,10 +583,12 @@ impl Session {
             return;
         }
         ctx.stats.http_request();
-        let topic = ctx.shard.directory().get(&state.topic);
-        publish(ctx, topic.as_ref(), state.kind, body);
-        if let Some(t) = topic {
-            ctx.shard.directory().release(t);
+        ctx.stats.message_published();
+        // One directory lookup, no reference taken: nobody anywhere
+        // subscribed means nothing to encode or deliver.
+        if let Some((topic, workers)) = ctx.shard.directory().interest(&state.topic) {
+            let frame = encode(state.kind, body);
+            ctx.shard.publish_weak(topic, workers, frame, ctx.now);
         }
         self.out
             .push(Bytes::from_static(http::no_content(state.keep_alive)));
@@ -640,19 +626,9 @@ enum Reply {
     Control(Vec<u8>),
 }
 
-/// Encodes a message once and queues it for every subscriber of `topic`
-/// (`None`: nobody anywhere subscribes; counted, nothing to deliver).
-fn publish(
-    ctx: &mut Ctx<'_>,
-    topic: Option<&Arc<TopicInterest>>,
-    kind: MessageKind,
-    payload: &[u8],
-) {
-    ctx.stats.message_published();
-    if let Some(t) = topic {
-        let frame = Bytes::from(server_frame(kind.opcode(), payload));
-        ctx.shard.publish(t, frame, ctx.now);
-    }
+/// A message as one server frame, encoded once for every subscriber.
+fn encode(kind: MessageKind, payload: &[u8]) -> Bytes {
+    Bytes::from(server_frame(kind.opcode(), payload))
 }
 
 /// Applies a subscriber's control message; returns the JSON reply.
