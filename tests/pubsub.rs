@@ -162,6 +162,12 @@ fn control_messages_subscribe_unsubscribe_and_errors_keep_the_connection() {
     pm.send(Message::text("m2")).unwrap();
     assert_eq!(text(&mut sub), "m2");
     assert_eq!(server.stats().protocol_errors, 0);
+    assert_eq!(
+        server.stats().control_errors,
+        4,
+        "three bad messages and a binary one"
+    );
+    assert_eq!(metric(addr, "corecast_control_errors_total"), 4);
 }
 
 #[test]
@@ -184,6 +190,11 @@ fn topic_limits_are_enforced_with_clear_answers() {
         r#"{"op":"subscribe","topics":["waytoolongname"]}"#,
     );
     assert!(reply.contains("longer than 8"), "{reply}");
+    assert_eq!(
+        server.stats().control_errors,
+        2,
+        "over the topic limit, name too long"
+    );
 
     let r = refused(addr, upgrade_request("/ws?topics=a,b,c,d").as_bytes());
     assert!(r.starts_with("HTTP/1.1 400 "), "{r}");

@@ -137,7 +137,10 @@ mod tests {
         assert_eq!(a.workers(), 0b100000);
         let (weak, mask) = d.interest("a").expect("known");
         assert_eq!(mask, 0b100000);
-        assert!(std::ptr::eq(weak.as_ptr(), Arc::as_ptr(&a)), "same topic, by identity");
+        assert!(
+            std::ptr::eq(weak.as_ptr(), Arc::as_ptr(&a)),
+            "same topic, by identity"
+        );
         assert!(d.interest("nobody").is_none());
         d.release(a);
         assert_eq!(d.len(), 1, "still held by a2");

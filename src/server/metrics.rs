@@ -37,7 +37,7 @@ pub fn render(workers: &[WorkerStats], topics: usize) -> String {
             get(&w.connections_open)
         );
     }
-    let counters: [Counter; 17] = [
+    let counters: [Counter; 18] = [
         (
             "corecast_connections_accepted_total",
             "TCP connections accepted.",
@@ -62,6 +62,11 @@ pub fn render(workers: &[WorkerStats], topics: usize) -> String {
             "corecast_http_requests_total",
             "Plain HTTP requests answered (publish POST, metrics, health).",
             |w| &w.http_requests,
+        ),
+        (
+            "corecast_control_errors_total",
+            "Subscriber control messages answered with an error (malformed, unknown op, bad topic, over a limit, binary).",
+            |w| &w.control_errors,
         ),
         (
             "corecast_protocol_errors_total",

@@ -336,9 +336,12 @@ impl Session {
                     Role::Subscriber { .. } if kind == MessageKind::Text => {
                         Some(Reply::Control(payload.to_vec()))
                     }
-                    Role::Subscriber { .. } => Some(Reply::Text(control::error(
-                        "binary messages are not control messages; send JSON text",
-                    ))),
+                    Role::Subscriber { .. } => {
+                        ctx.stats.control_error();
+                        Some(Reply::Text(control::error(
+                            "binary messages are not control messages; send JSON text",
+                        )))
+                    }
                     Role::Publisher { topic } => {
                         ctx.stats.message_published();
                         if let Some(t) = topic {
@@ -636,7 +639,10 @@ fn control_message(msg: &mut [u8], subs: &mut SubList, ctx: &mut Ctx<'_>) -> Str
     let cfg = &ctx.shared.config;
     let c = match control::parse(msg, cfg.max_topic_len) {
         Ok(c) => c,
-        Err(reason) => return control::error(&reason),
+        Err(reason) => {
+            ctx.stats.control_error();
+            return control::error(&reason);
+        }
     };
     let held = |shard: &Shard, subs: &SubList, name: &str| {
         shard
@@ -651,6 +657,7 @@ fn control_message(msg: &mut [u8], subs: &mut SubList, ctx: &mut Ctx<'_>) -> Str
                 .filter(|n| held(ctx.shard, subs, n).is_none())
                 .collect();
             if subs.len() + new.len() > cfg.max_topics_per_conn {
+                ctx.stats.control_error();
                 return control::error(&format!(
                     "too many topics: at most {} per connection",
                     cfg.max_topics_per_conn

@@ -26,6 +26,7 @@ pub struct WorkerStats {
     pub messages_echoed: AtomicU64,
     pub accept_errors: AtomicU64,
     pub http_requests: AtomicU64,
+    pub control_errors: AtomicU64,
     pub subscriptions: AtomicU64,
     pub messages_published: AtomicU64,
     pub frames_sent: AtomicU64,
@@ -76,6 +77,10 @@ impl WorkerStats {
 
     pub fn http_request(&self) {
         bump(&self.http_requests);
+    }
+
+    pub fn control_error(&self) {
+        bump(&self.control_errors);
     }
 
     pub fn message_published(&self) {
@@ -151,6 +156,7 @@ pub struct Snapshot {
     pub messages_echoed: u64,
     pub accept_errors: u64,
     pub http_requests: u64,
+    pub control_errors: u64,
     pub subscriptions: u64,
     pub messages_published: u64,
     pub frames_sent: u64,
@@ -178,6 +184,7 @@ impl Snapshot {
             s.messages_echoed += w.messages_echoed.load(Relaxed);
             s.accept_errors += w.accept_errors.load(Relaxed);
             s.http_requests += w.http_requests.load(Relaxed);
+            s.control_errors += w.control_errors.load(Relaxed);
             s.subscriptions += w.subscriptions.load(Relaxed);
             s.messages_published += w.messages_published.load(Relaxed);
             s.frames_sent += w.frames_sent.load(Relaxed);
