@@ -23,6 +23,7 @@ pub mod listener;
 pub mod metrics;
 pub mod session;
 pub mod stats;
+pub mod worker;
 
 use crate::pubsub::bus::{Bus, Wake};
 use crate::pubsub::directory::{Directory, MAX_WORKERS};

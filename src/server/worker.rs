@@ -1,0 +1,645 @@
+//! The backend-independent half of a worker: every connection's protocol
+//! state, deadlines, keepalive, fan-out delivery and the drain.
+//!
+//! Both event loops ([`super::epoll`] and [`super::uring`]) own a
+//! [`Core`] and add only what differs between them: how bytes come in, how
+//! queued bytes go out, and how a socket is closed. Everything a client can
+//! observe — limits, policies, timeouts, counters — is decided here, once,
+//! so the two backends behave the same by construction.
+//!
+//! Timeouts use FIFO queues: each kind has one constant duration, so
+//! deadlines are pushed in order and checked from the front.
+
+use super::Shared;
+use super::config::Config;
+use super::session::{Ctx, Next, Push, Session};
+use super::stats::WorkerStats;
+use crate::proto::CloseCode;
+use crate::proto::outbound::COPY_BELOW;
+use crate::pubsub::bus::{Inbox, MAILBOX_HIGH_WATER, Publication};
+use crate::pubsub::shard::Shard;
+use slab::Slab;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{debug, info};
+
+/// How long a closing connection may take: to read our last bytes (close
+/// frame, refusal) and then to send its FIN. A peer that stops reading
+/// while we close is dropped after this, once per phase.
+pub const LINGER: Duration = Duration::from_secs(2);
+/// Pause before accepting again after the process ran out of descriptors.
+pub const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// Deadline queues emptied with more capacity than this are shrunk.
+const SHRINK_ABOVE: usize = 1024;
+/// How often throttled publishers check whether the mailboxes drained.
+const THROTTLE_RECHECK: Duration = Duration::from_millis(1);
+/// Bounds on the keepalive sweep period (a quarter of the shorter of the
+/// ping interval and timeout): often enough to be accurate to ~25 %, rare
+/// enough that walking 100 000 connections costs < 0.1 % of a core.
+const SWEEP_MIN: Duration = Duration::from_millis(10);
+const SWEEP_MAX: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoState {
+    /// Reading and writing.
+    Active,
+    /// Writing what is queued; then shut down the write side.
+    Closing,
+    /// Write side shut down; discarding input until the peer's FIN or the linger deadline.
+    /// (`Closing` and `Lingering` each get a deadline of [`LINGER`].)
+    Lingering,
+    /// Closed as far as the server is concerned; the entry only waits for
+    /// the kernel to finish operations that still point into it (io_uring).
+    Gone,
+}
+
+/// One connection: the backend's handle `S` and the protocol state.
+pub struct Conn<S> {
+    pub io: S,
+    pub session: Session,
+    /// Distinguishes this connection from later ones reusing its slab key.
+    pub serial: u32,
+    pub state: IoState,
+    /// Stopped reading because the outbound queue is over its bound.
+    pub read_paused: bool,
+    /// The peer sent FIN: once the queue is flushed there is nothing to wait for.
+    pub peer_eof: bool,
+    /// Already in the dirty list this turn.
+    dirty: bool,
+    /// A keepalive ping is out and unanswered (nothing received since).
+    ping_pending: bool,
+    /// When input last arrived, or the ping went out: milliseconds since
+    /// the worker started (wrapping; compared by difference).
+    last_rx_ms: u32,
+    ping_sent_ms: u32,
+    /// `session.requests()` when the current request deadline was armed.
+    request_gen: u32,
+}
+
+impl<S> Conn<S> {
+    /// Lists the connection (slab key `key`) for the end-of-turn flush, once.
+    fn mark_dirty(&mut self, key: usize, list: &mut Vec<ConnRef>) {
+        if !self.dirty {
+            self.dirty = true;
+            list.push((key, self.serial));
+        }
+    }
+}
+
+/// A (slab key, serial) pair that survives key reuse.
+pub type ConnRef = (usize, u32);
+
+/// What a backend does after flushing a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterFlush {
+    /// Nothing to do (still open, or still has bytes to write).
+    Keep,
+    /// Everything is written and the peer already sent FIN: close it.
+    Remove,
+    /// Everything is written: shut the write side down (the connection is
+    /// now lingering) and discard whatever the peer still sends.
+    ShutdownWrite,
+}
+
+/// What one chunk of input did to a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Input {
+    /// Keep reading.
+    More,
+    /// Stop reading for now (closing, or paused by backpressure).
+    Stop,
+}
+
+/// A worker's state apart from its sockets' I/O.
+pub struct Core<S> {
+    pub id: usize,
+    pub shared: Arc<Shared>,
+    pub conns: Slab<Conn<S>>,
+    next_serial: u32,
+    /// Connections to flush at the end of the turn.
+    pub dirty: Vec<ConnRef>,
+    /// Connections to read again (epoll: budget used up; both: unpaused).
+    pub reread: Vec<ConnRef>,
+    /// Request-head deadlines, with the request generation they guard.
+    /// (deadline, key, serial, generation); times in ms on the worker's
+    /// clock, keys as u32: 24 bytes an entry, since there is one per
+    /// connection accepted in the last timeout period.
+    handshake_deadlines: VecDeque<(u64, u32, u32, u32)>,
+    /// (deadline, key, serial).
+    linger_deadlines: VecDeque<(u64, u32, u32)>,
+    pub shard: Shard,
+    inbox: Inbox,
+    /// Publication times of what was delivered this turn (latency histogram).
+    delivered: Vec<Instant>,
+    /// Subscribers found over their bound while delivering.
+    slow: Vec<ConnRef>,
+    /// Publishers paused because a mailbox is over its high-water mark.
+    throttled: Vec<ConnRef>,
+    /// Start of the worker's millisecond clock.
+    epoch: Instant,
+    /// Time at the top of this loop turn.
+    pub now: Instant,
+    next_sweep: Option<Instant>,
+    pub drain_deadline: Option<Instant>,
+}
+
+impl<S> Core<S> {
+    pub fn new(id: usize, inbox: Inbox, shared: Arc<Shared>) -> Self {
+        let shard = Shard::new(id, Arc::clone(&shared.directory), Arc::clone(&shared.bus));
+        let now = Instant::now();
+        let next_sweep = sweep_period(&shared.config).map(|p| now + p);
+        Self {
+            id,
+            shared,
+            conns: Slab::new(),
+            next_serial: 0,
+            dirty: Vec::new(),
+            reread: Vec::new(),
+            handshake_deadlines: VecDeque::new(),
+            linger_deadlines: VecDeque::new(),
+            shard,
+            inbox,
+            delivered: Vec::new(),
+            slow: Vec::new(),
+            throttled: Vec::new(),
+            epoch: now,
+            now,
+            next_sweep,
+            drain_deadline: None,
+        }
+    }
+
+    pub fn stats(&self) -> &WorkerStats {
+        &self.shared.stats[self.id]
+    }
+
+    /// Milliseconds on the worker's clock at the top of this turn.
+    fn now_ms(&self) -> u32 {
+        self.now.duration_since(self.epoch).as_millis() as u32
+    }
+
+    /// Is `key` still the connection `serial` names, and not yet gone?
+    pub fn is_current(&self, key: usize, serial: u32) -> bool {
+        self.conns
+            .get(key)
+            .is_some_and(|c| c.serial == serial && c.state != IoState::Gone)
+    }
+
+    /// Adds a freshly accepted connection; returns its key. Its request
+    /// head has the handshake timeout from now.
+    pub fn admit(&mut self, io: S) -> usize {
+        let now_ms = self.now_ms();
+        let serial = self.next_serial;
+        self.next_serial = self.next_serial.wrapping_add(1);
+        let key = self.conns.insert(Conn {
+            io,
+            session: Session::new(),
+            serial,
+            state: IoState::Active,
+            read_paused: false,
+            peer_eof: false,
+            dirty: false,
+            ping_pending: false,
+            last_rx_ms: now_ms,
+            ping_sent_ms: 0,
+            request_gen: 0,
+        });
+        self.stats().connection_opened();
+        let at = ms_after(
+            self.epoch,
+            Instant::now(),
+            self.shared.config.handshake_timeout,
+        );
+        self.handshake_deadlines
+            .push_back((at, key as u32, serial, 0));
+        key
+    }
+
+    /// Processes input for `key`: `buf` holds the bytes kept from earlier
+    /// input (see [`Session::restore_pending`]) followed by the new ones.
+    pub fn input(&mut self, key: usize, buf: &mut [u8]) -> Input {
+        let now_ms = self.now_ms();
+        let stats = &self.shared.stats[self.id];
+        let conn = &mut self.conns[key];
+        conn.last_rx_ms = now_ms;
+        conn.ping_pending = false;
+        let mut ctx = Ctx {
+            shared: &self.shared,
+            stats,
+            shard: &mut self.shard,
+            me: (key, conn.serial),
+            now: self.now,
+        };
+        if conn.session.on_input(buf, &mut ctx) == Next::FlushAndClose {
+            conn.state = IoState::Closing;
+            return Input::Stop;
+        }
+        if conn.session.out.len() > self.shared.config.max_outbound_bytes {
+            // Resumed by `after_flush` once the queue is down to half.
+            conn.read_paused = true;
+            return Input::Stop;
+        }
+        if conn.session.is_publisher() && self.shard.bus().max_queued_bytes() > MAILBOX_HIGH_WATER {
+            // Resumed by `unthrottle` once the mailboxes drain.
+            stats.publisher_throttled();
+            conn.read_paused = true;
+            self.throttled.push((key, conn.serial));
+            return Input::Stop;
+        }
+        Input::More
+    }
+
+    /// The peer sent FIN.
+    pub fn eof(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        conn.peer_eof = true;
+        conn.state = IoState::Closing;
+    }
+
+    /// After a batch of input for `key`: re-arms the request deadline of a
+    /// keep-alive connection, and starts closing or schedules the flush.
+    pub fn after_input(&mut self, key: usize) {
+        let cfg = &self.shared.config;
+        let conn = &mut self.conns[key];
+        let serial = conn.serial;
+        if conn.session.awaiting_request() && conn.session.requests() != conn.request_gen {
+            // A keep-alive HTTP connection finished a request: the next one gets a fresh deadline.
+            conn.request_gen = conn.session.requests();
+            let at = ms_after(self.epoch, self.now, cfg.handshake_timeout);
+            self.handshake_deadlines
+                .push_back((at, key as u32, serial, conn.request_gen));
+        }
+        if conn.state == IoState::Closing {
+            self.start_closing(key);
+        } else if !conn.session.out.is_empty() {
+            self.mark_dirty(key);
+        }
+    }
+
+    /// Lists `key` for the end-of-turn flush (once per turn).
+    pub fn mark_dirty(&mut self, key: usize) {
+        self.conns[key].mark_dirty(key, &mut self.dirty);
+    }
+
+    /// Takes the dirty list for the flush; each entry is cleared of its
+    /// dirty mark (stale entries are skipped). Hand the vector back with
+    /// [`Self::return_dirty`] to reuse its capacity.
+    pub fn take_dirty(&mut self) -> Vec<ConnRef> {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        dirty.retain(|&(key, serial)| {
+            let current = self.conns.get(key).is_some_and(|c| c.serial == serial);
+            if current {
+                self.conns[key].dirty = false;
+            }
+            current && self.conns[key].state != IoState::Gone
+        });
+        dirty
+    }
+
+    /// Gives a list taken with [`Self::take_dirty`] or [`Self::take_reread`] back, cleared.
+    pub fn return_dirty(&mut self, mut list: Vec<ConnRef>) {
+        list.clear();
+        if self.dirty.is_empty() {
+            self.dirty = list;
+        }
+    }
+
+    /// Takes the re-read list; hand it back with [`Self::return_reread`].
+    pub fn take_reread(&mut self) -> Vec<ConnRef> {
+        std::mem::take(&mut self.reread)
+    }
+
+    pub fn return_reread(&mut self, mut list: Vec<ConnRef>) {
+        list.clear();
+        if self.reread.is_empty() {
+            self.reread = list;
+        }
+    }
+
+    /// Stops reading `key`: it leaves its topics, what is queued is flushed
+    /// at the end of the turn, and it is dropped after [`LINGER`] at the latest.
+    pub fn start_closing(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        conn.state = IoState::Closing;
+        conn.session
+            .detach(&mut self.shard, &self.shared.stats[self.id]);
+        let serial = conn.serial;
+        self.push_linger(key, serial, self.now);
+        self.mark_dirty(key);
+    }
+
+    fn push_linger(&mut self, key: usize, serial: u32, now: Instant) {
+        let at = ms_after(self.epoch, now, LINGER);
+        self.linger_deadlines.push_back((at, key as u32, serial));
+    }
+
+    /// After the backend wrote (some of) `key`'s queue: resumes reading a
+    /// connection paused by backpressure, and finishes a close once the
+    /// queue is empty.
+    pub fn after_flush(&mut self, key: usize) -> AfterFlush {
+        let max_outbound = self.shared.config.max_outbound_bytes;
+        let conn = &mut self.conns[key];
+        let serial = conn.serial;
+        if conn.read_paused
+            && conn.session.out.len() <= max_outbound / 2
+            && !self.throttled.contains(&(key, serial))
+        {
+            conn.read_paused = false;
+            self.reread.push((key, serial));
+        }
+        if !conn.session.out.is_empty() || conn.state != IoState::Closing {
+            return AfterFlush::Keep;
+        }
+        if conn.peer_eof {
+            return AfterFlush::Remove;
+        }
+        conn.state = IoState::Lingering;
+        self.push_linger(key, serial, Instant::now());
+        AfterFlush::ShutdownWrite
+    }
+
+    /// Hands every publication of this turn (from other workers' batches and
+    /// from local publishers) to the local subscribers' queues.
+    pub fn deliver(&mut self) {
+        let cfg = &self.shared.config;
+        let stats = &self.shared.stats[self.id];
+        let conns = &mut self.conns;
+        let dirty = &mut self.dirty;
+        let slow = &mut self.slow;
+        let delivered = &mut self.delivered;
+        let shard = &mut self.shard;
+        let mut last: *const Publication = std::ptr::null();
+        let mut to_conns = |run: &[Publication], targets: &[(usize, u32)]| {
+            // Called once per chunk of subscribers: record each run's times once.
+            if !std::ptr::eq(last, run.as_ptr()) {
+                last = run.as_ptr();
+                delivered.extend(run.iter().map(|p| p.published_at));
+            }
+            push_to(conns, dirty, slow, cfg, stats, run, targets);
+        };
+        self.inbox.drain(&self.shared.bus, |batch| {
+            shard.deliver(&batch, &mut to_conns);
+        });
+        shard.dispatch(&mut to_conns);
+        for (key, serial) in std::mem::take(&mut self.slow) {
+            if self.is_current(key, serial) && self.conns[key].state == IoState::Active {
+                self.start_closing(key);
+            }
+        }
+    }
+
+    /// Records the publish-to-write latency of what this turn delivered,
+    /// now that it has been handed to the kernel.
+    pub fn observe_written(&mut self) {
+        if !self.delivered.is_empty() {
+            let written = Instant::now();
+            let stats = &self.shared.stats[self.id];
+            for t in self.delivered.drain(..) {
+                stats.observe_latency(written.saturating_duration_since(t));
+            }
+        }
+    }
+
+    /// Resumes throttled publishers once every mailbox is below half its mark.
+    pub fn unthrottle(&mut self) {
+        if self.throttled.is_empty() || self.shared.bus.max_queued_bytes() > MAILBOX_HIGH_WATER / 2
+        {
+            return;
+        }
+        for (key, serial) in std::mem::take(&mut self.throttled) {
+            if self.is_current(key, serial) {
+                self.conns[key].read_paused = false;
+                self.reread.push((key, serial));
+            }
+        }
+    }
+
+    /// Runs the keepalive sweep when it is due.
+    pub fn keepalive(&mut self) {
+        if self.next_sweep.is_some_and(|t| self.now >= t) {
+            self.keepalive_sweep();
+        }
+    }
+
+    /// Pings connections idle for the ping interval; closes those whose ping
+    /// went unanswered for the ping timeout.
+    fn keepalive_sweep(&mut self) {
+        let cfg = &self.shared.config;
+        let Some(period) = sweep_period(cfg) else {
+            return;
+        };
+        self.next_sweep = Some(self.now + period);
+        let interval = cfg.ping_interval.map_or(u32::MAX, |d| d.as_millis() as u32);
+        let timeout = cfg.ping_timeout.as_millis() as u32;
+        let now = self.now_ms();
+        let stats = &self.shared.stats[self.id];
+        let mut timed_out = Vec::new();
+        for (key, conn) in self.conns.iter_mut() {
+            // A connection we are not reading (its queue is over the bound, or a
+            // throttled publisher) cannot show us its pong: not judged while paused.
+            if conn.state != IoState::Active || !conn.session.is_websocket() || conn.read_paused {
+                continue;
+            }
+            if conn.ping_pending {
+                if now.wrapping_sub(conn.ping_sent_ms) >= timeout {
+                    timed_out.push(key);
+                }
+            } else if now.wrapping_sub(conn.last_rx_ms) >= interval && conn.session.ping() {
+                stats.keepalive_ping();
+                conn.ping_pending = true;
+                conn.ping_sent_ms = now;
+                conn.mark_dirty(key, &mut self.dirty);
+            }
+        }
+        for key in timed_out {
+            self.stats().keepalive_timeout();
+            debug!(worker = self.id, "keepalive timeout");
+            self.conns[key]
+                .session
+                .close(CloseCode::GOING_AWAY, "keepalive timeout");
+            self.start_closing(key);
+        }
+    }
+
+    /// The earliest time the worker must wake up for a deadline of its own
+    /// (besides `extra`, the backend's).
+    pub fn next_deadline(&self, now: Instant, extra: Option<Instant>) -> Option<Instant> {
+        [
+            self.handshake_deadlines
+                .front()
+                .map(|d| self.epoch + Duration::from_millis(d.0)),
+            self.linger_deadlines
+                .front()
+                .map(|d| self.epoch + Duration::from_millis(d.0)),
+            extra,
+            self.drain_deadline,
+            self.next_sweep,
+            (!self.throttled.is_empty()).then(|| now + THROTTLE_RECHECK),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Has work that must not wait for an event?
+    pub fn busy(&self) -> bool {
+        !self.reread.is_empty() || !self.dirty.is_empty()
+    }
+
+    /// Closes connections whose request head or linger time ran out, with
+    /// `remove` (the backend's close).
+    pub fn expire(&mut self, now: Instant, mut remove: impl FnMut(&mut Self, usize)) {
+        let now_ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        while let Some(&(deadline, key, serial, generation)) = self.handshake_deadlines.front() {
+            let key = key as usize;
+            if deadline > now_ms {
+                break;
+            }
+            self.handshake_deadlines.pop_front();
+            if self.is_current(key, serial) {
+                let conn = &self.conns[key];
+                if conn.session.awaiting_request()
+                    && conn.state == IoState::Active
+                    && conn.request_gen == generation
+                {
+                    self.stats().handshake_timeout();
+                    debug!(worker = self.id, "request timed out");
+                    remove(self, key);
+                }
+            }
+        }
+        // After a connection storm, give the queues' memory back.
+        if self.handshake_deadlines.is_empty() && self.handshake_deadlines.capacity() > SHRINK_ABOVE
+        {
+            self.handshake_deadlines.shrink_to_fit();
+        }
+        if self.linger_deadlines.is_empty() && self.linger_deadlines.capacity() > SHRINK_ABOVE {
+            self.linger_deadlines.shrink_to_fit();
+        }
+        while let Some(&(deadline, key, serial)) = self.linger_deadlines.front() {
+            let key = key as usize;
+            if deadline > now_ms {
+                break;
+            }
+            self.linger_deadlines.pop_front();
+            if self.is_current(key, serial) && self.conns[key].state != IoState::Active {
+                remove(self, key);
+            }
+        }
+    }
+
+    /// Starts the close handshake on every open WebSocket; connections
+    /// still in an HTTP request are closed with `remove`.
+    pub fn begin_drain(&mut self, mut remove: impl FnMut(&mut Self, usize)) {
+        info!(worker = self.id, connections = self.conns.len(), "draining");
+        self.drain_deadline = Some(Instant::now() + self.shared.config.drain_timeout);
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            let conn = &mut self.conns[key];
+            if conn.state != IoState::Active {
+                continue;
+            }
+            if conn
+                .session
+                .close(CloseCode::GOING_AWAY, "server shutting down")
+            {
+                self.mark_dirty(key);
+            } else {
+                // Still in an HTTP request: nothing to say goodbye to.
+                remove(self, key);
+            }
+        }
+    }
+
+    /// Is the drain over (everything closed, or the deadline passed)?
+    pub fn drained(&self) -> bool {
+        self.drain_deadline
+            .is_some_and(|d| self.conns.is_empty() || Instant::now() >= d)
+    }
+
+    /// Leaves the connection's topics and counts it closed; the backend
+    /// then releases its socket. Idempotent per connection.
+    pub fn retire(&mut self, key: usize) {
+        let stats = &self.shared.stats[self.id];
+        let conn = &mut self.conns[key];
+        if conn.state == IoState::Gone {
+            return;
+        }
+        conn.session.detach(&mut self.shard, stats);
+        conn.state = IoState::Gone;
+        stats.connection_closed();
+    }
+}
+
+/// Queues a run of publications of one topic for each target, subscriber by
+/// subscriber, applying the slow-consumer policy.
+fn push_to<S>(
+    conns: &mut Slab<Conn<S>>,
+    dirty: &mut Vec<ConnRef>,
+    slow: &mut Vec<ConnRef>,
+    cfg: &Config,
+    stats: &WorkerStats,
+    run: &[Publication],
+    targets: &[ConnRef],
+) {
+    // Room for the run's small frames, reserved once per subscriber instead
+    // of growing the tail buffer step by step.
+    let small: usize = run
+        .iter()
+        .map(|p| p.frame.len())
+        .filter(|&n| n < COPY_BELOW)
+        .sum();
+    let mut sent = 0;
+    for &(key, serial) in targets {
+        let Some(conn) = conns.get_mut(key) else {
+            continue;
+        };
+        debug_assert_eq!(conn.serial, serial, "registry holds a stale connection");
+        conn.session.out.reserve_tail(small);
+        let mut queued = false;
+        for p in run {
+            match conn.session.push_published(&p.frame, cfg) {
+                Push::Queued => {
+                    sent += 1;
+                    queued = true;
+                }
+                Push::Ignored => break,
+                Push::Dropped => stats.frame_dropped(),
+                Push::SlowConsumer { discarded } => {
+                    stats.slow_consumer_disconnect(discarded);
+                    slow.push((key, serial));
+                    queued = true;
+                    break;
+                }
+            }
+        }
+        if queued {
+            conn.mark_dirty(key, dirty);
+        }
+    }
+    stats.frames_sent(sent);
+}
+
+/// `now + after` in milliseconds since `epoch` (rounded up, so a deadline
+/// never fires early).
+fn ms_after(epoch: Instant, now: Instant, after: Duration) -> u64 {
+    (now.saturating_duration_since(epoch) + after)
+        .as_micros()
+        .div_ceil(1000) as u64
+}
+
+/// The keepalive sweep period, or `None` with keepalive off.
+fn sweep_period(cfg: &Config) -> Option<Duration> {
+    let interval = cfg.ping_interval?;
+    Some((interval.min(cfg.ping_timeout) / 4).clamp(SWEEP_MIN, SWEEP_MAX))
+}
+
+/// Accept errors that mean "out of descriptors or memory": retry after
+/// [`ACCEPT_RETRY`] instead of spinning.
+pub fn is_resource_exhaustion(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+    )
+}
