@@ -6,7 +6,7 @@ use crate::pubsub::topic::{DEFAULT_MAX_TOPIC_LEN, DEFAULT_MAX_TOPICS_PER_CONN};
 use crate::server::Config;
 use crate::server::config::{
     DEFAULT_DRAIN_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_OUTBOUND_BYTES,
-    DEFAULT_PING_INTERVAL, DEFAULT_PING_TIMEOUT, SlowConsumerPolicy,
+    DEFAULT_PING_INTERVAL, DEFAULT_PING_TIMEOUT, IoMode, SlowConsumerPolicy,
 };
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
@@ -68,6 +68,11 @@ pub struct ServeArgs {
     #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
     pub drain_timeout: Duration,
 
+    /// I/O backend: `uring` (io_uring), `epoll`, or `auto` (io_uring when the
+    /// kernel supports everything it uses, else epoll).
+    #[arg(long, default_value = "auto", value_parser = parse_io, value_name = "BACKEND")]
+    pub io: IoMode,
+
     /// What to do with a subscriber whose queue would pass --max-outbound-bytes:
     /// `disconnect` (close 1008 "slow consumer") or `drop-newest` (skip the message for it).
     #[arg(long, default_value = "disconnect", value_parser = parse_policy, value_name = "POLICY")]
@@ -111,6 +116,7 @@ impl ServeArgs {
             listen: self.listen,
             workers: self.workers,
             pin_cores: !self.no_pin,
+            io: self.io,
             max_message_size: self.max_message_size,
             max_handshake_size: self.max_handshake_size,
             max_outbound_bytes: self.max_outbound_bytes,
@@ -135,6 +141,18 @@ const _: () = assert!(
         && DEFAULT_PING_INTERVAL.as_secs() == 30
         && DEFAULT_PING_TIMEOUT.as_secs() == 10
 );
+
+/// Parses `auto`, `epoll` or `uring`.
+pub fn parse_io(s: &str) -> Result<IoMode, String> {
+    match s {
+        "auto" => Ok(IoMode::Auto),
+        "epoll" => Ok(IoMode::Epoll),
+        "uring" | "io_uring" | "io-uring" => Ok(IoMode::Uring),
+        _ => Err(format!(
+            "unknown I/O backend {s:?}; expected auto, epoll or uring"
+        )),
+    }
+}
 
 /// Parses `disconnect` or `drop-newest`.
 pub fn parse_policy(s: &str) -> Result<SlowConsumerPolicy, String> {

@@ -101,6 +101,20 @@ impl OutQueue {
         self.inner.as_ref().map_or(0, |i| i.gather(iov))
     }
 
+    /// For completion-based I/O, where the kernel reads the queue after this
+    /// call returns: seals the tail into a chunk and pins up to `max` chunks
+    /// at the front; returns how many. Until the next [`Self::advance`],
+    /// pinned chunks are neither moved nor freed (later pushes go to a new
+    /// tail; [`Self::truncate_to_front`] keeps them), so their addresses,
+    /// gathered with [`Self::gather`] into `max` slots, stay valid.
+    pub fn pin_front(&mut self, max: usize) -> usize {
+        self.inner.as_mut().map_or(0, |i| {
+            i.seal_tail();
+            i.pinned = i.chunks.len().min(max);
+            i.pinned
+        })
+    }
+
     /// Drops `n` written bytes from the front.
     pub fn advance(&mut self, n: usize) {
         if let Some(i) = self.inner.as_mut() {
@@ -123,6 +137,8 @@ struct Inner {
     tail: BytesMut,
     /// Total bytes not yet written.
     len: usize,
+    /// Chunks at the front the kernel may be reading ([`OutQueue::pin_front`]).
+    pinned: usize,
 }
 
 impl Inner {
@@ -131,6 +147,7 @@ impl Inner {
             chunks: VecDeque::new(),
             tail: BytesMut::new(),
             len: 0,
+            pinned: 0,
         }
     }
 
@@ -172,11 +189,12 @@ impl Inner {
     /// the bytes dropped. Used before a slow consumer's close frame.
     fn truncate_to_front(&mut self) -> usize {
         let before = self.len;
-        if let Some(front) = self.chunks.pop_front() {
-            self.chunks = VecDeque::new();
+        let keep = self.pinned.max(1);
+        if self.chunks.len() >= keep {
+            // Pinned chunks are in the kernel's hands: they stay where they are.
+            self.chunks.truncate(keep);
             self.tail = BytesMut::new();
-            self.len = front.len();
-            self.chunks.push_back(front);
+            self.len = self.chunks.iter().map(|c| c.len()).sum();
         }
         // With no sealed chunk, the tail alone holds < TAIL_MAX_BYTES: kept
         // whole, since it has no frame index to cut at.
@@ -201,6 +219,7 @@ impl Inner {
     fn advance(&mut self, mut n: usize) {
         debug_assert!(n <= self.len);
         self.len -= n;
+        self.pinned = 0;
         while n > 0 {
             let Some(front) = self.chunks.front_mut() else {
                 self.tail.advance(n);
@@ -348,5 +367,42 @@ mod tests {
             }
             prop_assert_eq!(written, expected);
         }
+    }
+
+    #[test]
+    fn pinned_chunks_stay_put_until_advanced() {
+        let mut q = OutQueue::new();
+        q.push_copy(b"small frame");
+        q.push(Bytes::from(vec![7u8; 4096]));
+        q.push_copy(b"tail");
+        assert_eq!(q.pin_front(64), 3, "the tail is sealed into a third chunk");
+        let mut iov = [IoSlice::new(&[]); 3];
+        let n = q.gather(&mut iov);
+        let addrs: Vec<(usize, usize)> = iov[..n]
+            .iter()
+            .map(|s| (s.as_ptr() as usize, s.len()))
+            .collect();
+        // More frames while the kernel reads: they go behind, nothing moves.
+        for _ in 0..100 {
+            q.push_copy(&[1u8; 700]);
+        }
+        q.push(Bytes::from(vec![2u8; 2000]));
+        // A slow consumer's cut keeps every pinned chunk, not just the first.
+        let dropped = q.truncate_to_front();
+        assert_eq!(dropped, 100 * 700 + 2000);
+        assert_eq!(q.len(), 11 + 4096 + 4);
+        let mut again = [IoSlice::new(&[]); 8];
+        let m = q.gather(&mut again);
+        let now: Vec<(usize, usize)> = again[..m]
+            .iter()
+            .map(|s| (s.as_ptr() as usize, s.len()))
+            .collect();
+        assert_eq!(now, addrs);
+        // Completion: the pin is released; a later cut keeps only the front chunk.
+        q.advance(5);
+        q.push_copy(b"x");
+        q.push(Bytes::from(vec![3u8; 1500]));
+        assert_eq!(q.truncate_to_front(), 4096 + 4 + 1 + 1500);
+        assert_eq!(q.len(), 6);
     }
 }

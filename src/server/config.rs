@@ -31,6 +31,19 @@ pub enum SlowConsumerPolicy {
     DropNewest,
 }
 
+/// Which event loop the workers run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoMode {
+    /// io_uring when the kernel runs everything the backend uses (probed at
+    /// start), else epoll, with one log line saying why.
+    #[default]
+    Auto,
+    /// mio (epoll).
+    Epoll,
+    /// io_uring; starting fails if the kernel does not support it.
+    Uring,
+}
+
 /// Everything a server needs to start.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -40,6 +53,8 @@ pub struct Config {
     pub workers: usize,
     /// Pin worker `i` to core `i % cores`.
     pub pin_cores: bool,
+    /// The I/O backend.
+    pub io: IoMode,
     /// Largest accepted message (reassembled), in bytes; bigger ones close 1009.
     pub max_message_size: usize,
     /// Largest accepted request head, in bytes; bigger ones get 431.
@@ -74,6 +89,7 @@ impl Default for Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 9001)),
             workers: 0,
             pin_cores: true,
+            io: IoMode::Auto,
             max_message_size: DEFAULT_MAX_MESSAGE_BYTES,
             max_handshake_size: DEFAULT_MAX_HEAD_BYTES,
             max_outbound_bytes: DEFAULT_MAX_OUTBOUND_BYTES,

@@ -8,7 +8,9 @@
 //! |---|---|
 //! | [`config`] | [`Config`] and its defaults |
 //! | [`session`] | per-connection state and endpoints, independent of the backend |
+//! | [`worker`] | the backend-independent half of a worker: connection state, deadlines, delivery |
 //! | [`epoll`] | the mio event loop |
+//! | [`uring`] | the io_uring event loop |
 //! | [`listener`] | `SO_REUSEPORT` listeners |
 //! | [`stats`] | per-worker counters |
 //! | [`metrics`] | Prometheus rendering of the counters |
@@ -23,11 +25,12 @@ pub mod listener;
 pub mod metrics;
 pub mod session;
 pub mod stats;
+pub mod uring;
 pub mod worker;
 
 use crate::pubsub::bus::{Bus, Wake};
 use crate::pubsub::directory::{Directory, MAX_WORKERS};
-pub use config::Config;
+pub use config::{Config, IoMode};
 use mio::{Poll, Waker};
 use stats::{Snapshot, WorkerStats};
 use std::io;
@@ -56,6 +59,40 @@ pub struct ServerHandle {
     shared: Arc<Shared>,
     admin: Option<admin::AdminHandle>,
     threads: Vec<JoinHandle<()>>,
+    backend: Backend,
+}
+
+/// The event loop the workers run (resolved from [`IoMode`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Epoll,
+    Uring,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Epoll => "epoll",
+            Backend::Uring => "io_uring",
+        }
+    }
+
+    /// Resolves `mode`, probing the kernel for io_uring where needed.
+    pub fn choose(mode: IoMode) -> io::Result<Self> {
+        match mode {
+            IoMode::Epoll => Ok(Backend::Epoll),
+            IoMode::Uring => uring::probe()
+                .map(|()| Backend::Uring)
+                .map_err(|e| io::Error::other(format!("io_uring unavailable: {e}"))),
+            IoMode::Auto => Ok(match uring::probe() {
+                Ok(()) => Backend::Uring,
+                Err(e) => {
+                    warn!(reason = %e, "io_uring unavailable; using epoll");
+                    Backend::Epoll
+                }
+            }),
+        }
+    }
 }
 
 /// mio's waker (an eventfd on Linux) as the bus's wake-up.
@@ -89,21 +126,33 @@ pub fn start(mut config: Config) -> io::Result<ServerHandle> {
         );
         config.max_handshake_size = MAX_HANDSHAKE_CAP;
     }
+    let backend = Backend::choose(config.io)?;
     let (local_addr, listeners) = listener::bind_group(config.listen, workers)?;
     let cores = if config.pin_cores {
         core_affinity::get_core_ids().unwrap_or_default()
     } else {
         Vec::new()
     };
+    // Each worker's wake-up: mio's waker for epoll, an eventfd read by the ring for io_uring.
     let mut polls = Vec::with_capacity(workers);
+    let mut eventfds = Vec::with_capacity(workers);
     let mut wakers: Vec<Box<dyn Wake>> = Vec::with_capacity(workers);
     for _ in 0..workers {
-        let poll = Poll::new()?;
-        wakers.push(Box::new(MioWake(Waker::new(
-            poll.registry(),
-            epoll::WAKER,
-        )?)));
-        polls.push(poll);
+        match backend {
+            Backend::Epoll => {
+                let poll = Poll::new()?;
+                wakers.push(Box::new(MioWake(Waker::new(
+                    poll.registry(),
+                    epoll::WAKER,
+                )?)));
+                polls.push(poll);
+            }
+            Backend::Uring => {
+                let efd = Arc::new(uring::EventFd::new()?);
+                wakers.push(Box::new(uring::EventFdWake(Arc::clone(&efd))));
+                eventfds.push(efd);
+            }
+        }
     }
     let (bus, inboxes) = Bus::new(wakers);
     let shared = Arc::new(Shared {
@@ -119,29 +168,78 @@ pub fn start(mut config: Config) -> io::Result<ServerHandle> {
     };
     let admin_addr = admin.as_ref().map(|a| a.local_addr());
     let mut threads = Vec::with_capacity(workers);
-    for (id, ((listener, poll), inbox)) in listeners.into_iter().zip(polls).zip(inboxes).enumerate()
-    {
-        let worker = epoll::Worker::new(id, poll, listener, inbox, Arc::clone(&shared))?;
+    let mut polls = polls.into_iter();
+    let mut eventfds = eventfds.into_iter();
+    // io_uring workers build their ring on their own thread and report here.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
+    for (id, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
         let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
-        let thread = std::thread::Builder::new()
-            .name(format!("corecast-w{id}"))
-            .spawn(move || {
-                if let Some(core) = core
-                    && !core_affinity::set_for_current(core)
-                {
-                    warn!(worker = id, core = core.id, "could not pin worker to core");
-                }
-                worker.run();
-            })?;
+        let pin = move || {
+            if let Some(core) = core
+                && !core_affinity::set_for_current(core)
+            {
+                warn!(worker = id, core = core.id, "could not pin worker to core");
+            }
+        };
+        let builder = std::thread::Builder::new().name(format!("corecast-w{id}"));
+        let thread = match backend {
+            Backend::Epoll => {
+                let poll = polls.next().expect("one poll per worker");
+                let worker = epoll::Worker::new(id, poll, listener, inbox, Arc::clone(&shared))?;
+                builder.spawn(move || {
+                    pin();
+                    worker.run();
+                })?
+            }
+            Backend::Uring => {
+                let efd = eventfds.next().expect("one eventfd per worker");
+                let shared = Arc::clone(&shared);
+                let ready = ready_tx.clone();
+                builder.spawn(move || {
+                    pin();
+                    match uring::Worker::new(id, listener, inbox, efd, shared) {
+                        Ok(worker) => {
+                            let _ = ready.send(Ok(()));
+                            worker.run();
+                        }
+                        Err(e) => {
+                            let _ = ready.send(Err(e));
+                        }
+                    }
+                })?
+            }
+        };
         threads.push(thread);
     }
-    info!(%local_addr, workers, pinned = !cores.is_empty(), "corecast listening");
+    drop(ready_tx);
+    if backend == Backend::Uring {
+        let mut failure = None;
+        for _ in 0..workers {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failure = Some(e),
+                Err(_) => failure = Some(io::Error::other("an io_uring worker died starting")),
+            }
+        }
+        if let Some(e) = failure {
+            shared.shutdown.store(true, Ordering::Release);
+            for w in 0..shared.bus.workers() {
+                shared.bus.wake(w);
+            }
+            for t in threads {
+                let _ = t.join();
+            }
+            return Err(io::Error::other(format!("io_uring worker setup: {e}")));
+        }
+    }
+    info!(%local_addr, workers, io = backend.name(), pinned = !cores.is_empty(), "corecast listening");
     Ok(ServerHandle {
         local_addr,
         admin_addr,
         shared,
         admin,
         threads,
+        backend,
     })
 }
 
@@ -149,6 +247,11 @@ impl ServerHandle {
     /// The bound address (with the real port when started on port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The I/O backend the workers run.
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// The admin listener's address, when `admin_listen` is set.

@@ -2,7 +2,7 @@
 //! a raw TCP client for byte-exact probes, and a tungstenite client.
 #![allow(dead_code)]
 
-use corecast::server::{self, Config, ServerHandle};
+use corecast::server::{self, Config, IoMode, ServerHandle};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
@@ -10,12 +10,24 @@ use std::time::{Duration, Instant};
 /// Socket timeout so a broken server fails a test instead of hanging it.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The backend under test: `CORECAST_IO=epoll|uring|auto` (default `auto`,
+/// the server's own default). `.ci/run` runs the suite once per backend.
+pub fn io_mode() -> IoMode {
+    match std::env::var("CORECAST_IO").as_deref() {
+        Ok("epoll") => IoMode::Epoll,
+        Ok("uring") => IoMode::Uring,
+        Ok("auto") | Err(_) => IoMode::Auto,
+        Ok(other) => panic!("CORECAST_IO={other}: expected epoll, uring or auto"),
+    }
+}
+
 /// A server on 127.0.0.1:0 with two unpinned workers and `tweak` applied.
 pub fn start_with(tweak: impl FnOnce(&mut Config)) -> ServerHandle {
     let mut cfg = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         workers: 2,
         pin_cores: false,
+        io: io_mode(),
         ..Config::default()
     };
     tweak(&mut cfg);

@@ -1,0 +1,1064 @@
+//! The io_uring backend: one ring per worker thread, driving the same
+//! [`Core`] as the epoll loop.
+//!
+//! Per worker:
+//! - one multishot accept on the worker's `SO_REUSEPORT` listener, which
+//!   installs each connection straight into the ring's sparse fixed-file
+//!   table (a *direct descriptor*: no slot in the process's descriptor table,
+//!   so the open-file limit caps each ring, not the process);
+//! - one multishot receive per connection, into a provided-buffer ring shared
+//!   by all of the worker's connections: an idle connection owns no receive
+//!   buffer, and a buffer goes back to the ring as soon as the core has
+//!   consumed it;
+//! - at the end of each loop turn, one `sendmsg` per dirty connection (up to
+//!   [`MAX_IOVECS`] queued chunks), all submitted with the next
+//!   `io_uring_enter`. A connection has at most one send in flight, so its
+//!   bytes never reorder; a short send leaves the rest queued for the next
+//!   turn;
+//! - cross-worker wake-ups through an eventfd read kept armed in the ring.
+//!
+//! # Who owns what the kernel reads or writes
+//!
+//! Every operation's memory stays valid until its completion (CQE) is reaped:
+//! - **receive buffers** belong to the kernel while published in the buffer
+//!   ring; a CQE naming buffer `bid` hands it to us; we publish it again once
+//!   its bytes are processed (or at once, when the connection is gone);
+//! - **send data** is the connection's [`OutQueue`](crate::proto::outbound::OutQueue)
+//!   front, pinned ([`pin_front`](crate::proto::outbound::OutQueue::pin_front))
+//!   so that neither new frames nor a slow-consumer cut move or free it;
+//!   the `msghdr` and iovec array live in a boxed [`SendOp`] held by the
+//!   connection. Both are released only by the send's CQE;
+//! - a **closed connection** stays in the slab (state `Gone`, out of every
+//!   list, no longer counted) until its receive, send and close operations
+//!   have all completed; removing it cancels the receive and the send first;
+//! - the **wake-up counter** (8 bytes) belongs to the worker;
+//! - at **exit**, the worker cancels everything and waits (bounded) for the
+//!   completions; if the kernel has not finished in time, the memory is
+//!   leaked rather than freed under it.
+
+use super::Shared;
+use super::worker::{ACCEPT_RETRY, AfterFlush, Conn, Core, Input, IoState, is_resource_exhaustion};
+use crate::proto::outbound::MAX_IOVECS;
+use crate::pubsub::bus::{Inbox, Wake};
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+use std::io::{self, IoSlice};
+use std::net::TcpListener;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
+
+/// Size of one provided receive buffer.
+pub const RECV_BUF_BYTES: usize = 8 * 1024;
+/// Receive buffers per worker (a power of two): 8 MiB of buffer space,
+/// touched only as far as concurrent receives reach.
+pub const RECV_BUFS: u16 = 1024;
+/// The buffer group of the worker's receive buffers.
+const BGID: u16 = 0;
+/// Submission queue entries.
+const SQ_ENTRIES: u32 = 4096;
+/// Completion queue entries: room for a receive from every connection of a
+/// busy turn before the kernel has to buffer overflowed completions.
+const CQ_ENTRIES: u32 = 65536;
+/// Largest fixed-file table per ring; the kernel also caps it at RLIMIT_NOFILE.
+const MAX_FIXED_FILES: u32 = 1 << 20;
+/// How long an exiting worker waits for the kernel to finish its operations.
+const EXIT_WAIT: Duration = Duration::from_secs(2);
+/// Spare send arguments kept for reuse (1 KiB each).
+const SEND_POOL_MAX: usize = 256;
+/// The worker's scratch buffer: receive data behind bytes kept from earlier input.
+const SCRATCH_BYTES: usize = super::epoll::READ_BUF_BYTES;
+
+/// Operation kinds, in the top byte of `user_data`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Op {
+    Accept = 1,
+    Recv = 2,
+    Send = 3,
+    Close = 4,
+    Shutdown = 5,
+    Cancel = 6,
+    Wake = 7,
+}
+
+/// A `user_data` key for no connection.
+const NO_KEY: usize = 0xFF_FFFF;
+
+/// `user_data`: kind (8 bits), slab key (24 bits), serial (32 bits).
+fn user_data(op: Op, key: usize, serial: u32) -> u64 {
+    debug_assert!(key <= NO_KEY);
+    ((op as u64) << 56) | (((key as u64) & 0xFF_FFFF) << 32) | serial as u64
+}
+
+fn split_user_data(ud: u64) -> (u8, usize, u32) {
+    (
+        (ud >> 56) as u8,
+        ((ud >> 32) & 0xFF_FFFF) as usize,
+        ud as u32,
+    )
+}
+
+/// A connection's handle: its direct descriptor and the operations in flight.
+pub(super) struct Sock {
+    /// Index in the ring's fixed-file table.
+    slot: u32,
+    /// A multishot receive is armed.
+    recv_armed: bool,
+    /// The send in flight, if any (its msghdr and iovecs).
+    send: Option<Box<SendOp>>,
+    /// A close of `slot` is in flight.
+    close_pending: bool,
+}
+
+/// A `sendmsg`'s arguments, kept at a stable heap address while in flight.
+struct SendOp {
+    iov: [libc::iovec; MAX_IOVECS],
+    msg: libc::msghdr,
+}
+
+impl SendOp {
+    fn new() -> Box<Self> {
+        // SAFETY: iovec and msghdr are plain C structs for which all-zero is valid.
+        Box::new(unsafe { std::mem::zeroed() })
+    }
+}
+
+/// The receive buffers and the ring that hands them to the kernel.
+struct BufRing {
+    /// `RECV_BUFS` entries, page-aligned (an anonymous mapping).
+    entries: *mut types::BufRingEntry,
+    map_len: usize,
+    /// Our copy of the tail: entries published so far (wrapping).
+    tail: u16,
+    bufs: Box<[u8]>,
+}
+
+impl BufRing {
+    fn new(ring: &IoUring) -> io::Result<Self> {
+        let map_len = RECV_BUFS as usize * std::mem::size_of::<types::BufRingEntry>();
+        // SAFETY: an anonymous private mapping; the result is checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let mut me = Self {
+            entries: ptr.cast(),
+            map_len,
+            tail: 0,
+            bufs: vec![0u8; RECV_BUFS as usize * RECV_BUF_BYTES].into_boxed_slice(),
+        };
+        // SAFETY: the mapping holds RECV_BUFS entries and lives until `Drop`,
+        // which runs only after the buffer group is unregistered (or the
+        // ring is gone).
+        unsafe {
+            ring.submitter()
+                .register_buf_ring_with_flags(ptr as u64, RECV_BUFS, BGID, 0)?;
+        }
+        for bid in 0..RECV_BUFS {
+            me.put(bid);
+        }
+        me.publish();
+        Ok(me)
+    }
+
+    /// Writes buffer `bid` into the next ring entry (published by [`Self::publish`]).
+    fn put(&mut self, bid: u16) {
+        let idx = (self.tail & (RECV_BUFS - 1)) as usize;
+        let addr = self.bufs[bid as usize * RECV_BUF_BYTES..].as_ptr() as u64;
+        // SAFETY: idx < RECV_BUFS, the number of entries mapped; the kernel
+        // reads entries only up to the published tail, and this one is past it.
+        let e = unsafe { &mut *self.entries.add(idx) };
+        e.set_addr(addr);
+        e.set_len(RECV_BUF_BYTES as u32);
+        e.set_bid(bid);
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Makes the entries written so far visible to the kernel.
+    fn publish(&self) {
+        // SAFETY: `entries` is the ring's first entry; its `resv` field is
+        // the ring's tail, a u16 the kernel reads with acquire semantics.
+        let tail = unsafe { types::BufRingEntry::tail(self.entries) } as *mut u16;
+        // SAFETY: the tail is a valid, aligned u16 in our mapping.
+        unsafe { AtomicU16::from_ptr(tail) }.store(self.tail, Ordering::Release);
+    }
+
+    /// Hands buffer `bid` back to the kernel.
+    fn recycle(&mut self, bid: u16) {
+        self.put(bid);
+        self.publish();
+    }
+
+    fn buf(&mut self, bid: u16, len: usize) -> &mut [u8] {
+        let start = bid as usize * RECV_BUF_BYTES;
+        &mut self.bufs[start..start + len.min(RECV_BUF_BYTES)]
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was created in `new` with this length; the
+        // owner unregistered the group (or leaked the whole ring) before.
+        unsafe { libc::munmap(self.entries.cast(), self.map_len) };
+    }
+}
+
+/// The ring and a place for completions reaped while the submission queue was full.
+struct Ring {
+    ring: IoUring,
+    backlog: Vec<(u64, i32, u32)>,
+    /// Operations whose memory the kernel may still touch (receives, sends,
+    /// the wake-up read, the accept): the exit waits for this to reach 0.
+    in_flight: usize,
+}
+
+impl Ring {
+    /// Queues `sqe`; when the queue is full, submits first.
+    fn push(&mut self, sqe: &squeue::Entry) {
+        loop {
+            // SAFETY: every pointer in an SQE built by this module stays valid
+            // until its CQE (see the module's ownership rules).
+            if unsafe { self.ring.submission().push(sqe) }.is_ok() {
+                return;
+            }
+            if let Err(e) = self.ring.submit() {
+                if e.raw_os_error() == Some(libc::EBUSY) {
+                    // The completion queue is full: take completions aside
+                    // so the kernel can post more.
+                    self.stash();
+                } else if e.kind() != io::ErrorKind::Interrupted {
+                    warn!(error = %e, "io_uring_enter failed");
+                    self.stash();
+                }
+            }
+        }
+    }
+
+    fn stash(&mut self) {
+        let backlog = &mut self.backlog;
+        backlog.extend(
+            self.ring
+                .completion()
+                .map(|c| (c.user_data(), c.result(), c.flags())),
+        );
+    }
+}
+
+/// The eventfd that wakes a worker (other workers' publications, shutdown).
+pub(super) struct EventFd(OwnedFd);
+
+impl EventFd {
+    pub(super) fn new() -> io::Result<Self> {
+        // Blocking: io_uring would complete a read of a non-blocking eventfd
+        // at once with EAGAIN instead of waiting for a wake-up. (A write
+        // blocks only if the counter would pass 2^64 - 2.)
+        // SAFETY: plain syscall; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor we own.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    fn raw(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// The bus's wake-up for an io_uring worker.
+pub(super) struct EventFdWake(pub(super) Arc<EventFd>);
+
+impl Wake for EventFdWake {
+    fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
+        let _ = unsafe { libc::write(self.0.raw(), (&raw const one).cast(), 8) };
+    }
+}
+
+pub(super) struct Worker {
+    core: Core<Sock>,
+    ring: Ring,
+    bufs: BufRing,
+    listener: Option<TcpListener>,
+    accept_armed: bool,
+    accept_retry_at: Option<Instant>,
+    wake: Arc<EventFd>,
+    /// Where the armed eventfd read puts the counter.
+    wake_buf: Box<u64>,
+    wake_armed: bool,
+    scratch: Box<[u8]>,
+    cqes: Vec<(u64, i32, u32)>,
+    /// Spare send arguments, reused. Boxed on purpose: a box moves into a
+    /// connection while its send is in flight, and its address must not change.
+    #[allow(clippy::vec_box)]
+    send_pool: Vec<Box<SendOp>>,
+}
+
+/// Does the kernel run everything this backend uses? Tries it for real on
+/// loopback: a multishot accept into a sparse fixed-file table, a multishot
+/// receive into a provided-buffer ring, cancellation and a close by index.
+/// Probed once per process, on a thread of its own: the probe ring's
+/// teardown may run task work on the thread that used it, which would
+/// interrupt (EINTR) that thread's blocking calls.
+pub fn probe() -> Result<(), String> {
+    static RESULT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    RESULT
+        .get_or_init(|| {
+            std::thread::Builder::new()
+                .name("corecast-probe".into())
+                .spawn(probe_now)
+                .map_err(|e| format!("probe thread: {e}"))?
+                .join()
+                .unwrap_or_else(|_| Err("the probe panicked".into()))
+        })
+        .clone()
+}
+
+fn probe_now() -> Result<(), String> {
+    let mut ring = IoUring::new(8).map_err(|e| format!("io_uring_setup: {e}"))?;
+    let mut p = io_uring::Probe::new();
+    ring.submitter()
+        .register_probe(&mut p)
+        .map_err(|e| format!("probe: {e}"))?;
+    for (code, name) in [
+        (opcode::AcceptMulti::CODE, "accept"),
+        (opcode::RecvMulti::CODE, "recv"),
+        (opcode::SendMsg::CODE, "sendmsg"),
+        (opcode::Close::CODE, "close"),
+        (opcode::AsyncCancel::CODE, "cancel"),
+        (opcode::Read::CODE, "read"),
+        (opcode::Shutdown::CODE, "shutdown"),
+    ] {
+        if !p.is_supported(code) {
+            return Err(format!("opcode {name} not supported"));
+        }
+    }
+    ring.submitter()
+        .register_files_sparse(4)
+        .map_err(|e| format!("sparse file table: {e}"))?;
+    let mut bufs = BufRing::new(&ring).map_err(|e| format!("buffer ring: {e}"))?;
+    let result = probe_loopback(&mut ring, &mut bufs);
+    if result.is_err() {
+        // An operation may still point into the buffers: never unmap them.
+        std::mem::forget(bufs);
+        return result;
+    }
+    // Nothing is in flight any more.
+    let _ = ring.submitter().unregister_buf_ring(BGID);
+    drop(ring);
+    drop(bufs);
+    result
+}
+
+fn probe_loopback(ring: &mut IoUring, bufs: &mut BufRing) -> Result<(), String> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let accept = opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd()))
+        .allocate_file_index(true)
+        .build()
+        .user_data(1);
+    // SAFETY: the accept carries no pointers.
+    unsafe { ring.submission().push(&accept) }.map_err(|_| "queue full".to_string())?;
+    ring.submit().map_err(|e| format!("submit: {e}"))?;
+    let mut client =
+        std::net::TcpStream::connect(addr).map_err(|e| format!("loopback connect: {e}"))?;
+    let cqe = wait_one(ring)?;
+    if cqe.1 < 0 {
+        return Err(format!(
+            "multishot accept: {}",
+            io::Error::from_raw_os_error(-cqe.1)
+        ));
+    }
+    if !cqueue::more(cqe.2) {
+        return Err("multishot accept not supported".into());
+    }
+    let slot = cqe.1 as u32;
+    let recv = opcode::RecvMulti::new(types::Fixed(slot), BGID)
+        .build()
+        .user_data(2);
+    // SAFETY: the receive uses the registered buffer ring, alive until after the ring.
+    unsafe { ring.submission().push(&recv) }.map_err(|_| "queue full".to_string())?;
+    ring.submit().map_err(|e| format!("submit: {e}"))?;
+    io::Write::write_all(&mut client, b"probe").map_err(|e| e.to_string())?;
+    let cqe = wait_one(ring)?;
+    let Some(bid) = cqueue::buffer_select(cqe.2) else {
+        return Err(format!(
+            "multishot recv: {}",
+            io::Error::from_raw_os_error(-cqe.1.min(0))
+        ));
+    };
+    let got = bufs.buf(bid, cqe.1.max(0) as usize) == b"probe";
+    bufs.recycle(bid);
+    if !got {
+        return Err("multishot recv returned the wrong bytes".into());
+    }
+    let cancel = opcode::AsyncCancel::new(2).build().user_data(3);
+    let close = opcode::Close::new(types::Fixed(slot)).build().user_data(4);
+    let cancel_accept = opcode::AsyncCancel::new(1).build().user_data(5);
+    for sqe in [&cancel, &close, &cancel_accept] {
+        // SAFETY: no pointers in these entries.
+        unsafe { ring.submission().push(sqe) }.map_err(|_| "queue full".to_string())?;
+    }
+    ring.submit().map_err(|e| format!("submit: {e}"))?;
+    // Reap until the receive and the accept have ended (both are cancelled).
+    let mut open = 2;
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while open > 0 && Instant::now() < deadline {
+        let (ud, _, flags) = wait_one(ring)?;
+        if let Some(bid) = cqueue::buffer_select(flags) {
+            bufs.recycle(bid);
+        }
+        if (ud == 1 || ud == 2) && !cqueue::more(flags) {
+            open -= 1;
+        }
+    }
+    if open > 0 {
+        return Err("cancellation did not complete".into());
+    }
+    Ok(())
+}
+
+fn wait_one(ring: &mut IoUring) -> Result<(u64, i32, u32), String> {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        if let Some(c) = ring.completion().next() {
+            return Ok((c.user_data(), c.result(), c.flags()));
+        }
+        if Instant::now() >= deadline {
+            return Err("no completion within 1 s".into());
+        }
+        let ts = types::Timespec::from(Duration::from_millis(50));
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ETIME) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("io_uring_enter: {e}")),
+        }
+    }
+}
+
+impl Worker {
+    /// Builds the worker's ring; call on the worker's own thread (the ring
+    /// is created single-issuer where the kernel supports it).
+    pub(super) fn new(
+        id: usize,
+        listener: TcpListener,
+        inbox: Inbox,
+        wake: Arc<EventFd>,
+        shared: Arc<Shared>,
+    ) -> io::Result<Self> {
+        let ring = build_ring()?;
+        ring.submitter().register_files_sparse(fixed_table_size())?;
+        let bufs = BufRing::new(&ring)?;
+        // Accepted sockets inherit TCP_NODELAY from the listener: pushed
+        // frames leave at once, without a setsockopt per direct descriptor.
+        socket2::SockRef::from(&listener).set_nodelay(true)?;
+        Ok(Self {
+            core: Core::new(id, inbox, shared),
+            ring: Ring {
+                ring,
+                backlog: Vec::new(),
+                in_flight: 0,
+            },
+            bufs,
+            listener: Some(listener),
+            accept_armed: false,
+            accept_retry_at: None,
+            wake,
+            wake_buf: Box::new(0),
+            wake_armed: false,
+            scratch: vec![0u8; SCRATCH_BYTES].into_boxed_slice(),
+            cqes: Vec::with_capacity(1024),
+            send_pool: Vec::new(),
+        })
+    }
+
+    /// Runs the event loop until shutdown has drained every connection.
+    pub(super) fn run(mut self) {
+        let id = self.core.id;
+        info!(worker = id, "worker started (io_uring)");
+        loop {
+            self.arm_accept();
+            self.arm_wake();
+            self.enter();
+            self.core.now = Instant::now();
+            self.reap();
+            self.end_of_turn();
+            if self.core.shared.shutdown.load(Ordering::Acquire)
+                && self.core.drain_deadline.is_none()
+            {
+                self.begin_drain();
+            }
+            if self.core.drained() {
+                break;
+            }
+        }
+        self.exit();
+        info!(worker = id, "worker stopped");
+    }
+
+    /// Submits what is queued and waits for a completion or the next deadline.
+    fn enter(&mut self) {
+        let now = Instant::now();
+        let busy = self.core.busy() || !self.ring.backlog.is_empty();
+        let deadline = self.core.next_deadline(now, self.accept_retry_at);
+        let result = match (busy, deadline) {
+            (true, _) => self.ring.ring.submit(),
+            (false, None) => self.ring.ring.submit_and_wait(1),
+            (false, Some(t)) => {
+                let ts = types::Timespec::from(t.saturating_duration_since(now));
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.ring.submitter().submit_with_args(1, &args)
+            }
+        };
+        match result {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) => {}
+            Err(e) => warn!(worker = self.core.id, error = %e, "io_uring_enter failed"),
+        }
+    }
+
+    /// Handles every completion available.
+    fn reap(&mut self) {
+        let mut cqes = std::mem::take(&mut self.cqes);
+        cqes.append(&mut self.ring.backlog);
+        cqes.extend(
+            self.ring
+                .ring
+                .completion()
+                .map(|c| (c.user_data(), c.result(), c.flags())),
+        );
+        for &(ud, res, flags) in &cqes {
+            self.complete(ud, res, flags);
+        }
+        cqes.clear();
+        self.cqes = cqes;
+    }
+
+    fn complete(&mut self, ud: u64, res: i32, flags: u32) {
+        let (op, key, serial) = split_user_data(ud);
+        match op {
+            x if x == Op::Accept as u8 => self.on_accept(res, flags),
+            x if x == Op::Recv as u8 => self.on_recv(key, serial, res, flags),
+            x if x == Op::Send as u8 => self.on_send(key, serial, res),
+            x if x == Op::Close as u8 => {
+                if let Some(conn) = conn_of(&mut self.core, key, serial) {
+                    conn.io.close_pending = false;
+                    self.free_if_done(key);
+                }
+            }
+            x if x == Op::Wake as u8 => {
+                self.wake_armed = false;
+                self.ring.in_flight -= 1;
+            }
+            // Shutdown and cancel results need no action: what they act on
+            // reports through its own completion.
+            _ => {}
+        }
+    }
+
+    fn arm_accept(&mut self) {
+        if self.accept_armed || self.accept_retry_at.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        let Some(listener) = &self.listener else {
+            return;
+        };
+        self.accept_retry_at = None;
+        let sqe = opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd()))
+            .allocate_file_index(true)
+            .build()
+            .user_data(user_data(Op::Accept, NO_KEY, 0));
+        self.ring.push(&sqe);
+        self.ring.in_flight += 1;
+        self.accept_armed = true;
+    }
+
+    fn on_accept(&mut self, res: i32, flags: u32) {
+        if !cqueue::more(flags) {
+            self.accept_armed = false;
+            self.ring.in_flight -= 1;
+        }
+        if res >= 0 {
+            let slot = res as u32;
+            if self.listener.is_none() || self.core.conns.vacant_key() >= NO_KEY {
+                // Draining (or out of keys): not taken.
+                self.close_slot(slot, NO_KEY, 0);
+                return;
+            }
+            let key = self.core.admit(Sock {
+                slot,
+                recv_armed: false,
+                send: None,
+                close_pending: false,
+            });
+            self.arm_recv(key);
+            return;
+        }
+        let errno = -res;
+        if errno == libc::ECANCELED {
+            return;
+        }
+        self.core.stats().accept_error();
+        let e = io::Error::from_raw_os_error(errno);
+        if is_resource_exhaustion(errno) {
+            // ENFILE here is usually the fixed-file table: full until connections close.
+            warn!(worker = self.core.id, error = %e, "accept failed: out of resources; retrying shortly");
+            self.accept_retry_at = Some(Instant::now() + ACCEPT_RETRY);
+        } else {
+            debug!(worker = self.core.id, error = %e, "accept failed");
+        }
+    }
+
+    fn arm_wake(&mut self) {
+        if self.wake_armed {
+            return;
+        }
+        let sqe = opcode::Read::new(
+            types::Fd(self.wake.raw()),
+            (&raw mut *self.wake_buf).cast(),
+            8,
+        )
+        .build()
+        .user_data(user_data(Op::Wake, NO_KEY, 0));
+        self.ring.push(&sqe);
+        self.ring.in_flight += 1;
+        self.wake_armed = true;
+    }
+
+    fn arm_recv(&mut self, key: usize) {
+        let conn = &mut self.core.conns[key];
+        debug_assert!(!conn.io.recv_armed);
+        let sqe = opcode::RecvMulti::new(types::Fixed(conn.io.slot), BGID)
+            .build()
+            .user_data(user_data(Op::Recv, key, conn.serial));
+        conn.io.recv_armed = true;
+        self.ring.push(&sqe);
+        self.ring.in_flight += 1;
+    }
+
+    /// Should `conn` have a receive armed?
+    fn wants_recv(conn: &Conn<Sock>) -> bool {
+        !conn.peer_eof
+            && !conn.io.recv_armed
+            && match conn.state {
+                IoState::Active => !conn.read_paused,
+                IoState::Lingering => true,
+                IoState::Closing | IoState::Gone => false,
+            }
+    }
+
+    fn on_recv(&mut self, key: usize, serial: u32, res: i32, flags: u32) {
+        let bid = cqueue::buffer_select(flags);
+        let Some(conn) = conn_of(&mut self.core, key, serial) else {
+            // Cannot happen (entries outlive their operations); the buffer goes back regardless.
+            if let Some(bid) = bid {
+                self.bufs.recycle(bid);
+            }
+            return;
+        };
+        if !cqueue::more(flags) {
+            conn.io.recv_armed = false;
+            self.ring.in_flight -= 1;
+        }
+        let state = conn.state;
+        if res > 0 {
+            let bid = bid.expect("a receive with data names its buffer");
+            if state == IoState::Active {
+                self.input(key, bid, res as usize);
+            } else if state == IoState::Closing || state == IoState::Lingering {
+                // Discarded: a closing connection reads nothing more.
+            }
+            self.bufs.recycle(bid);
+        } else {
+            if let Some(bid) = bid {
+                self.bufs.recycle(bid);
+            }
+            match (res, state) {
+                (_, IoState::Gone) => {}
+                (0, IoState::Active) => {
+                    self.core.eof(key);
+                    self.core.after_input(key);
+                }
+                (0, IoState::Closing) => self.core.conns[key].peer_eof = true,
+                (0, IoState::Lingering) => self.remove(key),
+                (e, _) if -e == libc::ENOBUFS || -e == libc::ECANCELED => {}
+                (_, _) => self.remove(key),
+            }
+        }
+        let conn = &self.core.conns[key];
+        if conn.state == IoState::Gone {
+            self.free_if_done(key);
+        } else if Self::wants_recv(conn) {
+            self.arm_recv(key);
+        }
+    }
+
+    /// Feeds `len` bytes of receive buffer `bid` to the core.
+    fn input(&mut self, key: usize, bid: u16, len: usize) {
+        let data = self.bufs.buf(bid, len);
+        let kept = self.core.conns[key]
+            .session
+            .restore_pending(&mut self.scratch);
+        let verdict = if kept == 0 {
+            // The common case: processed (and unmasked) in place.
+            self.core.input(key, data)
+        } else {
+            self.scratch[kept..kept + data.len()].copy_from_slice(data);
+            let n = kept + data.len();
+            self.core.input(key, &mut self.scratch[..n])
+        };
+        let conn = &self.core.conns[key];
+        if verdict == Input::Stop && conn.read_paused && conn.io.recv_armed {
+            // Backpressure: stop the multishot receive; re-armed when unpaused.
+            let sqe = opcode::AsyncCancel::new(user_data(Op::Recv, key, conn.serial))
+                .build()
+                .user_data(user_data(Op::Cancel, key, conn.serial));
+            self.ring.push(&sqe);
+        }
+        self.core.after_input(key);
+    }
+
+    /// Work that is batched per turn: re-armed receives, delivery of this
+    /// turn's publications, one send per dirty connection, deadlines.
+    fn end_of_turn(&mut self) {
+        let reread = self.core.take_reread();
+        for &(key, serial) in &reread {
+            if self.core.is_current(key, serial) && Self::wants_recv(&self.core.conns[key]) {
+                self.arm_recv(key);
+            }
+        }
+        self.core.return_reread(reread);
+        self.core.deliver();
+        let dirty = self.core.take_dirty();
+        for &(key, serial) in &dirty {
+            if self.core.is_current(key, serial) {
+                self.flush(key);
+            }
+        }
+        self.core.return_dirty(dirty);
+        self.core.observe_written();
+        self.core.unthrottle();
+        self.core.keepalive();
+        let ring = &mut self.ring;
+        self.core
+            .expire(Instant::now(), |core, key| remove(core, ring, key));
+    }
+
+    /// Sends `key`'s queue (up to [`MAX_IOVECS`] chunks), unless a send is in flight.
+    fn flush(&mut self, key: usize) {
+        let conn = &mut self.core.conns[key];
+        if conn.io.send.is_some() {
+            // Its completion flushes the rest.
+            return;
+        }
+        if conn.session.out.is_empty() {
+            self.after_flush(key);
+            return;
+        }
+        let n = conn.session.out.pin_front(MAX_IOVECS);
+        let mut op = self.send_pool.pop().unwrap_or_else(SendOp::new);
+        let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
+        let filled = conn.session.out.gather(&mut iov[..n]);
+        debug_assert_eq!(filled, n);
+        for (dst, src) in op.iov.iter_mut().zip(&iov[..filled]) {
+            *dst = libc::iovec {
+                iov_base: src.as_ptr() as *mut libc::c_void,
+                iov_len: src.len(),
+            };
+        }
+        op.msg.msg_iov = op.iov.as_mut_ptr();
+        op.msg.msg_iovlen = filled as _;
+        let sqe = opcode::SendMsg::new(types::Fixed(conn.io.slot), &raw const op.msg)
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .build()
+            .user_data(user_data(Op::Send, key, conn.serial));
+        // The box moves into the connection; the heap data it points to does not.
+        conn.io.send = Some(op);
+        self.ring.push(&sqe);
+        self.ring.in_flight += 1;
+    }
+
+    fn on_send(&mut self, key: usize, serial: u32, res: i32) {
+        let Some(conn) = conn_of(&mut self.core, key, serial) else {
+            return;
+        };
+        let op = conn.io.send.take();
+        // Also releases the pin: the queue may move again.
+        conn.session.out.advance(res.max(0) as usize);
+        let gone = conn.state == IoState::Gone;
+        let pending = !conn.session.out.is_empty();
+        if let Some(op) = op
+            && self.send_pool.len() < SEND_POOL_MAX
+        {
+            self.send_pool.push(op);
+        }
+        self.ring.in_flight -= 1;
+        if res > 0 {
+            self.core.stats().bytes_sent(res as usize);
+        }
+        if gone {
+            self.free_if_done(key);
+            return;
+        }
+        if res <= 0 {
+            // Reset, broken pipe, or nothing taken: the connection is dead.
+            self.remove(key);
+            return;
+        }
+        if pending {
+            // What the kernel did not take, and what queued meanwhile, goes
+            // at the end of this turn in one send.
+            self.core.mark_dirty(key);
+        }
+        self.after_flush(key);
+    }
+
+    fn after_flush(&mut self, key: usize) {
+        match self.core.after_flush(key) {
+            AfterFlush::Keep => {}
+            AfterFlush::Remove => self.remove(key),
+            AfterFlush::ShutdownWrite => {
+                let conn = &self.core.conns[key];
+                let sqe = opcode::Shutdown::new(types::Fixed(conn.io.slot), libc::SHUT_WR)
+                    .build()
+                    .user_data(user_data(Op::Shutdown, key, conn.serial));
+                let wants = Self::wants_recv(conn);
+                self.ring.push(&sqe);
+                if wants {
+                    // Lingering: read (and drop) until the peer's FIN.
+                    self.arm_recv(key);
+                }
+            }
+        }
+    }
+
+    fn remove(&mut self, key: usize) {
+        remove(&mut self.core, &mut self.ring, key);
+        self.free_if_done(key);
+    }
+
+    /// Frees a gone connection's entry once the kernel is done with it.
+    fn free_if_done(&mut self, key: usize) {
+        let conn = &self.core.conns[key];
+        if conn.state == IoState::Gone
+            && !conn.io.recv_armed
+            && conn.io.send.is_none()
+            && !conn.io.close_pending
+        {
+            drop(self.core.conns.remove(key));
+        }
+    }
+
+    fn close_slot(&mut self, slot: u32, key: usize, serial: u32) {
+        let sqe = opcode::Close::new(types::Fixed(slot))
+            .build()
+            .user_data(user_data(Op::Close, key, serial));
+        self.ring.push(&sqe);
+    }
+
+    /// Stops accepting and starts the close handshake on every open WebSocket.
+    fn begin_drain(&mut self) {
+        self.stop_accepting();
+        let ring = &mut self.ring;
+        self.core.begin_drain(|core, key| remove(core, ring, key));
+        self.free_gone();
+    }
+
+    fn stop_accepting(&mut self) {
+        if self.accept_armed {
+            let sqe = opcode::AsyncCancel::new(user_data(Op::Accept, NO_KEY, 0))
+                .build()
+                .user_data(user_data(Op::Cancel, NO_KEY, 0));
+            self.ring.push(&sqe);
+        }
+        // The armed accept holds its own reference to the socket.
+        self.listener = None;
+        self.accept_retry_at = None;
+    }
+
+    /// Frees every gone entry the kernel is done with.
+    fn free_gone(&mut self) {
+        let keys: Vec<usize> = self
+            .core
+            .conns
+            .iter()
+            .filter(|(_, c)| c.state == IoState::Gone)
+            .map(|(k, _)| k)
+            .collect();
+        for key in keys {
+            self.free_if_done(key);
+        }
+    }
+
+    /// Closes whatever is left, cancels every operation and waits for the
+    /// kernel to let go of the memory they use.
+    fn exit(&mut self) {
+        let id = self.core.id;
+        let open = self
+            .core
+            .conns
+            .iter()
+            .filter(|(_, c)| c.state != IoState::Gone)
+            .count();
+        if open > 0 {
+            warn!(
+                worker = id,
+                left = open,
+                "drain deadline passed; dropping connections"
+            );
+        }
+        self.stop_accepting();
+        let keys: Vec<usize> = self.core.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            if self.core.conns[key].state != IoState::Gone {
+                self.remove(key);
+            }
+        }
+        if self.wake_armed {
+            let sqe = opcode::AsyncCancel::new(user_data(Op::Wake, NO_KEY, 0))
+                .build()
+                .user_data(user_data(Op::Cancel, NO_KEY, 0));
+            self.ring.push(&sqe);
+        }
+        let deadline = Instant::now() + EXIT_WAIT;
+        while (self.ring.in_flight > 0 || !self.core.conns.is_empty()) && Instant::now() < deadline
+        {
+            let ts = types::Timespec::from(Duration::from_millis(10));
+            let args = types::SubmitArgs::new().timespec(&ts);
+            let _ = self.ring.ring.submitter().submit_with_args(1, &args);
+            self.reap();
+            self.free_gone();
+        }
+        if self.ring.in_flight > 0 || !self.core.conns.is_empty() {
+            warn!(
+                worker = id,
+                in_flight = self.ring.in_flight,
+                "the kernel still holds operations; leaking their memory"
+            );
+            // Never free what the kernel may still write to or read from.
+            std::mem::forget(std::mem::take(&mut self.core.conns));
+            std::mem::forget(std::mem::replace(&mut self.wake_buf, Box::new(0)));
+            let bufs = std::mem::replace(&mut self.bufs, BufRing::leaked());
+            std::mem::forget(bufs);
+            return;
+        }
+        let _ = self.ring.ring.submitter().unregister_buf_ring(BGID);
+    }
+}
+
+impl BufRing {
+    /// An empty stand-in for a buffer ring that had to be leaked.
+    fn leaked() -> Self {
+        Self {
+            entries: std::ptr::null_mut(),
+            map_len: 0,
+            tail: 0,
+            bufs: Box::new([]),
+        }
+    }
+}
+
+/// The connection `key` if it is still `serial` (gone ones included).
+fn conn_of(core: &mut Core<Sock>, key: usize, serial: u32) -> Option<&mut Conn<Sock>> {
+    core.conns.get_mut(key).filter(|c| c.serial == serial)
+}
+
+/// Closes `key`: it leaves its topics and stops counting; its receive and
+/// send are cancelled and its slot closed. The entry is freed once all
+/// three have completed (see [`Worker::free_if_done`]).
+fn remove(core: &mut Core<Sock>, ring: &mut Ring, key: usize) {
+    core.retire(key);
+    let conn = &mut core.conns[key];
+    let serial = conn.serial;
+    if conn.io.close_pending {
+        return;
+    }
+    if conn.io.recv_armed {
+        let sqe = opcode::AsyncCancel::new(user_data(Op::Recv, key, serial))
+            .build()
+            .user_data(user_data(Op::Cancel, key, serial));
+        ring.push(&sqe);
+    }
+    if conn.io.send.is_some() {
+        let sqe = opcode::AsyncCancel::new(user_data(Op::Send, key, serial))
+            .build()
+            .user_data(user_data(Op::Cancel, key, serial));
+        ring.push(&sqe);
+    }
+    let sqe = opcode::Close::new(types::Fixed(conn.io.slot))
+        .build()
+        .user_data(user_data(Op::Close, key, serial));
+    conn.io.close_pending = true;
+    ring.push(&sqe);
+}
+
+/// A ring with the flags that help a single-threaded loop, where the kernel has them.
+fn build_ring() -> io::Result<IoUring> {
+    let attempts: [fn(&mut io_uring::Builder); 2] = [
+        |b| {
+            b.setup_single_issuer().setup_coop_taskrun();
+        },
+        |_| {},
+    ];
+    let mut last = None;
+    for tweak in attempts {
+        let mut b = IoUring::builder();
+        b.setup_cqsize(CQ_ENTRIES);
+        tweak(&mut b);
+        match b.build(SQ_ENTRIES) {
+            Ok(r) => return Ok(r),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.expect("at least one attempt"))
+}
+
+/// Fixed-file table size: the kernel refuses more than RLIMIT_NOFILE.
+fn fixed_table_size() -> u32 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
+    if !ok {
+        return 1024;
+    }
+    (lim.rlim_cur.min(MAX_FIXED_FILES as u64) as u32).max(16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_data_round_trips() {
+        for (op, key, serial) in [
+            (Op::Recv, 0, 0),
+            (Op::Send, 12345, u32::MAX),
+            (Op::Close, NO_KEY, 7),
+        ] {
+            let (o, k, s) = split_user_data(user_data(op, key, serial));
+            assert_eq!((o, k, s), (op as u8, key, serial));
+        }
+    }
+}
