@@ -51,9 +51,12 @@ use tracing::{debug, info, warn};
 
 /// Size of one provided receive buffer.
 pub const RECV_BUF_BYTES: usize = 8 * 1024;
-/// Receive buffers per worker (a power of two): 8 MiB of buffer space,
-/// touched only as far as concurrent receives reach.
-pub const RECV_BUFS: u16 = 1024;
+/// Receive buffers per worker (a power of two): 2 MiB. The kernel takes
+/// them in ring order, so over time every one is touched and resident:
+/// this is per-worker memory that idle connections share. When more
+/// receives complete in one turn than there are buffers, a connection's
+/// multishot receive ends with ENOBUFS and is re-armed once buffers are back.
+pub const RECV_BUFS: u16 = 256;
 /// The buffer group of the worker's receive buffers.
 const BGID: u16 = 0;
 /// Submission queue entries.
@@ -299,7 +302,7 @@ pub(super) struct Worker {
     /// Where the armed eventfd read puts the counter.
     wake_buf: Box<u64>,
     wake_armed: bool,
-    scratch: Box<[u8]>,
+    scratch: Vec<u8>,
     cqes: Vec<(u64, i32, u32)>,
     /// Spare send arguments, reused. Boxed on purpose: a box moves into a
     /// connection while its send is in flight, and its address must not change.
@@ -481,7 +484,7 @@ impl Worker {
             wake,
             wake_buf: Box::new(0),
             wake_armed: false,
-            scratch: vec![0u8; SCRATCH_BYTES].into_boxed_slice(),
+            scratch: vec![0u8; SCRATCH_BYTES],
             cqes: Vec::with_capacity(1024),
             send_pool: Vec::new(),
         })
@@ -722,6 +725,11 @@ impl Worker {
             // The common case: processed (and unmasked) in place.
             self.core.input(key, data)
         } else {
+            if self.scratch.len() < kept + data.len() {
+                // Kept bytes are at most a request head (capped at half the
+                // scratch size) or a frame header; never panic regardless.
+                self.scratch.resize(kept + data.len(), 0);
+            }
             self.scratch[kept..kept + data.len()].copy_from_slice(data);
             let n = kept + data.len();
             self.core.input(key, &mut self.scratch[..n])
