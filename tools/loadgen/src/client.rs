@@ -75,28 +75,47 @@ impl Rng {
     }
 }
 
-/// The upgrade request, rendered once per run; only the key varies.
+/// The `{topic}` placeholder in a request target (see `topics`).
+pub const TOPIC_PLACEHOLDER: &str = "{topic}";
+
+/// The upgrade request, rendered once per run; only the key (and, when the
+/// target has a `{topic}` placeholder, the topic number) varies.
 #[derive(Debug, Clone)]
 pub struct RequestTemplate {
+    /// Up to the placeholder (or up to the key when there is none).
     head: Vec<u8>,
+    /// After the placeholder, up to the key; `None`: no placeholder.
+    mid: Option<Vec<u8>>,
 }
 
 impl RequestTemplate {
     pub fn new(url: &WsUrl) -> Self {
-        let head = format!(
-            "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        let rest = format!(
+            " HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: ",
-            url.target,
             url.host_header()
         );
-        Self {
-            head: head.into_bytes(),
+        match url.target.split_once(TOPIC_PLACEHOLDER) {
+            Some((before, after)) => Self {
+                head: format!("GET {before}").into_bytes(),
+                mid: Some(format!("{after}{rest}").into_bytes()),
+            },
+            None => Self {
+                head: format!("GET {}{rest}", url.target).into_bytes(),
+                mid: None,
+            },
         }
     }
 
-    pub fn render(&self, key: &[u8; 24]) -> Vec<u8> {
-        let mut v = Vec::with_capacity(self.head.len() + 28);
+    /// The request with `key`, and `topic` in place of the placeholder
+    /// (topic 0 when none is given).
+    pub fn render(&self, key: &[u8; 24], topic: Option<usize>) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.head.len() + 64);
         v.extend_from_slice(&self.head);
+        if let Some(mid) = &self.mid {
+            v.extend_from_slice(topic.unwrap_or(0).to_string().as_bytes());
+            v.extend_from_slice(mid);
+        }
         v.extend_from_slice(key);
         v.extend_from_slice(b"\r\n\r\n");
         v
@@ -718,10 +737,17 @@ mod tests {
     #[test]
     fn request_carries_the_key() {
         let url = crate::url::parse("ws://127.0.0.1:9101/echo").unwrap();
-        let req = RequestTemplate::new(&url).render(KEY);
+        let req = RequestTemplate::new(&url).render(KEY, None);
         let s = String::from_utf8(req).unwrap();
         assert!(s.starts_with("GET /echo HTTP/1.1\r\nHost: 127.0.0.1:9101\r\n"));
         assert!(s.ends_with("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"));
+        let url = crate::url::parse("ws://127.0.0.1:9101/ws?topics=t{topic}").unwrap();
+        let t = RequestTemplate::new(&url);
+        let s = String::from_utf8(t.render(KEY, Some(42))).unwrap();
+        assert!(s.starts_with("GET /ws?topics=t42 HTTP/1.1\r\nHost: 127.0.0.1:9101\r\n"));
+        assert!(s.ends_with("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"));
+        let s = String::from_utf8(t.render(KEY, None)).unwrap();
+        assert!(s.starts_with("GET /ws?topics=t0 HTTP/1.1"));
     }
 
     #[test]

@@ -1,13 +1,21 @@
 //! A set of client connections driven by one thread over one mio `Poll`:
 //! ramp-up with a bounded number of handshakes in flight, idle service
 //! (pings answered, closes echoed), and a bounded close. A scenario can add
-//! a connection with its own request (`fanout`'s publisher) and drive
-//! single turns whose data messages go to a [`Sink`].
+//! a connection with its own request (a publisher) and drive single turns
+//! whose data messages go to a [`Sink`].
+//!
+//! A fleet opens the connections `first .. first + connections` of a run
+//! (one shard's share; see `shard`): connection `g` of the run goes to
+//! destination `g mod D` from source address `(g div D) mod S`, so every
+//! (source, destination) pair gets an equal share of the ports, however the
+//! run is split over processes. Local token `t` is connection `first + t`.
 //!
 //! Scenarios are built from these phases; every loop here ends at a
 //! deadline or after a bounded number of steps.
 
 use crate::client::{Conn, Counters, Failure, NoSink, RequestTemplate, Rng, Sink, Step};
+use crate::hist::Hist;
+use crate::topics::TopicMap;
 use mio::{Events, Interest, Poll, Token};
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
@@ -16,33 +24,64 @@ use std::time::{Duration, Instant};
 
 /// Longest single wait in `poll`, so deadlines and timeouts are checked often.
 const MAX_POLL_WAIT: Duration = Duration::from_millis(100);
-/// How often ramp-up progress is printed.
-const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+/// How often the ramp-up reports progress (the live progress line's rate).
+pub const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+/// Where the connections of a run go.
+#[derive(Debug, Clone)]
+pub struct Targets {
+    /// Destinations, used round-robin by connection index, each with its request.
+    pub dsts: Vec<(SocketAddr, RequestTemplate)>,
+    /// Source addresses; empty: let the kernel choose.
+    pub sources: Vec<IpAddr>,
+    /// Subscribers' topics, for a `{topic}` in the request target.
+    pub topics: Option<TopicMap>,
+}
+
+impl Targets {
+    /// Destination and request template of connection `g`.
+    pub fn dst(&self, g: usize) -> &(SocketAddr, RequestTemplate) {
+        &self.dsts[g % self.dsts.len()]
+    }
+
+    /// Source address (port 0) of connection `g`.
+    pub fn src(&self, g: usize) -> Option<SocketAddr> {
+        match self.sources.as_slice() {
+            [] => None,
+            s => Some(SocketAddr::new(s[(g / self.dsts.len()) % s.len()], 0)),
+        }
+    }
+
+    /// Topic of connection `g`, when topics are in use.
+    pub fn topic(&self, g: usize) -> Option<usize> {
+        self.topics.as_ref().map(|m| m.topic_of(g))
+    }
+}
 
 /// How to open connections.
 #[derive(Debug, Clone)]
 pub struct FleetConfig {
-    pub dst: SocketAddr,
-    /// Source addresses, used round-robin; empty: let the kernel choose.
-    pub sources: Vec<IpAddr>,
+    pub targets: Targets,
+    /// Index in the run of this fleet's first connection.
+    pub first: usize,
     pub connections: usize,
     pub in_flight: usize,
     /// Per connection: connect through verified 101.
     pub handshake_timeout: Duration,
-    pub request: RequestTemplate,
 }
 
 /// What ramp-up achieved.
 #[derive(Debug, Clone)]
 pub struct RampStats {
-    /// First connect to the last handshake finishing (success or failure).
-    pub elapsed: Duration,
-    /// Connect-to-101 latency of each opened connection, in microseconds.
-    pub latencies_us: Vec<u32>,
+    pub started: Instant,
+    /// When the last handshake finished (success or failure).
+    pub finished: Instant,
+    /// Connect-to-101 latency of each opened connection.
+    pub latency: Hist,
 }
 
 /// What the close phase achieved.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CloseStats {
     pub clean: usize,
     /// Still open at the close deadline; dropped without a handshake.
@@ -68,7 +107,7 @@ pub struct Fleet {
     /// Open connections that ended, by how; the close phase's are in [`CloseStats`].
     pub ended: BTreeMap<String, u64>,
     pub counters: Counters,
-    latencies_us: Vec<u32>,
+    latency: Hist,
     /// When the latest handshake finished (opened or failed).
     last_done: Instant,
     closing: bool,
@@ -76,19 +115,6 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// A fleet that opens the connections a scenario's validated plan asks for.
-    pub fn for_plan(plan: &crate::ConnectPlan) -> Result<Self, String> {
-        Self::new(FleetConfig {
-            dst: plan.dst,
-            sources: plan.sources.clone(),
-            connections: plan.connections,
-            in_flight: plan.in_flight,
-            handshake_timeout: plan.handshake_timeout,
-            request: RequestTemplate::new(&plan.url),
-        })
-        .map_err(|e| format!("cannot create the poller: {e}"))
-    }
-
     pub fn new(cfg: FleetConfig) -> io::Result<Self> {
         Ok(Self {
             poll: Poll::new()?,
@@ -103,7 +129,7 @@ impl Fleet {
             failures: BTreeMap::new(),
             ended: BTreeMap::new(),
             counters: Counters::default(),
-            latencies_us: Vec::with_capacity(cfg.connections),
+            latency: Hist::default(),
             last_done: Instant::now(),
             closing: false,
             clean_closes: 0,
@@ -116,10 +142,29 @@ impl Fleet {
         self.open
     }
 
+    /// Handshakes in flight right now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Connections that failed to open so far.
+    pub fn failed(&self) -> u64 {
+        self.failures.values().sum()
+    }
+
+    /// Is connection `t` (a local token) open or opening?
+    pub fn is_live(&self, t: usize) -> bool {
+        self.conns.get(t).is_some_and(Option::is_some)
+    }
+
     /// Opens `connections` connections, at most `in_flight` at a time, until
     /// all have opened or failed or `deadline` passes (the rest then count as
-    /// timeouts).
-    pub fn ramp_up(&mut self, deadline: Instant) -> io::Result<RampStats> {
+    /// timeouts). Calls `tick` every [`PROGRESS_EVERY`].
+    pub fn ramp_up(
+        &mut self,
+        deadline: Instant,
+        tick: &mut dyn FnMut(&Fleet),
+    ) -> io::Result<RampStats> {
         let t0 = Instant::now();
         self.last_done = t0;
         let mut next_progress = t0 + PROGRESS_EVERY;
@@ -134,6 +179,12 @@ impl Fleet {
                         self.fail(t, Failure::Timeout);
                     }
                 }
+                // Never started: timeouts too.
+                let unstarted = self.cfg.connections - self.conns.len();
+                if unstarted > 0 {
+                    *self.failures.entry(Failure::Timeout.key()).or_default() += unstarted as u64;
+                    self.conns.resize_with(self.cfg.connections, || None);
+                }
                 break;
             }
             self.expire_handshakes(now);
@@ -142,28 +193,21 @@ impl Fleet {
             }
             if now >= next_progress {
                 next_progress = now + PROGRESS_EVERY;
-                eprintln!(
-                    "  ramp-up {:>5.1}s: {} open, {} in flight, {} failed, {} to start",
-                    (now - t0).as_secs_f64(),
-                    self.open,
-                    self.in_flight,
-                    self.failures.values().sum::<u64>(),
-                    self.cfg.connections - self.conns.len()
-                );
+                tick(self);
             }
             let wait = self.next_expiry().map_or(MAX_POLL_WAIT, |t| {
                 t.saturating_duration_since(now).min(MAX_POLL_WAIT)
             });
             self.turn(
-                wait.min(deadline.saturating_duration_since(now)),
+                wait.min(deadline.saturating_duration_since(now))
+                    .min(next_progress.saturating_duration_since(now)),
                 &mut NoSink,
             )?;
         }
-        let mut latencies_us = std::mem::take(&mut self.latencies_us);
-        latencies_us.sort_unstable();
         Ok(RampStats {
-            elapsed: self.last_done.saturating_duration_since(t0),
-            latencies_us,
+            started: t0,
+            finished: self.last_done,
+            latency: std::mem::take(&mut self.latency),
         })
     }
 
@@ -182,18 +226,19 @@ impl Fleet {
     }
 
     /// Opens one more connection, outside the ramp-up's count, with its own
-    /// request (e.g. a publisher beside the subscribers), and waits until it
-    /// is open, failed, or `deadline`. Returns its token when it opened.
+    /// request (e.g. a publisher), and waits until it is open, failed, or
+    /// `deadline`. Returns its token when it opened.
     pub fn open_extra(
         &mut self,
+        src: Option<SocketAddr>,
         dst: SocketAddr,
         request: &RequestTemplate,
+        topic: Option<usize>,
         deadline: Instant,
     ) -> io::Result<Option<usize>> {
         let t = self.conns.len();
-        let src = self.cfg.sources.first().map(|&ip| SocketAddr::new(ip, 0));
         let key = self.rng.ws_key();
-        match Conn::connect(src, dst, key, request.render(&key)) {
+        match Conn::connect(src, dst, key, request.render(&key, topic)) {
             Ok(c) => self.add(t, c)?,
             Err(e) => {
                 self.conns.push(None);
@@ -220,6 +265,11 @@ impl Fleet {
                 &mut NoSink,
             )?;
         }
+    }
+
+    /// Bytes queued but unwritten on connection `token`, while it is live.
+    pub fn pending_of(&self, token: usize) -> Option<usize> {
+        self.conns.get(token)?.as_ref().map(Conn::pending)
     }
 
     /// The connection behind `token`, while it is open or opening.
@@ -267,12 +317,12 @@ impl Fleet {
 
     fn start_one(&mut self) -> io::Result<()> {
         let t = self.conns.len();
-        let src = match self.cfg.sources.as_slice() {
-            [] => None,
-            s => Some(SocketAddr::new(s[t % s.len()], 0)),
-        };
+        let g = self.cfg.first + t;
+        let targets = &self.cfg.targets;
+        let (dst, template) = targets.dst(g);
         let key = self.rng.ws_key();
-        match Conn::connect(src, self.cfg.dst, key, self.cfg.request.render(&key)) {
+        let request = template.render(&key, targets.topic(g));
+        match Conn::connect(targets.src(g), *dst, key, request) {
             Ok(c) => self.add(t, c)?,
             Err(e) => {
                 self.conns.push(None);
@@ -329,8 +379,8 @@ impl Fleet {
                 self.reread.push(t);
             }
             if let (true, Some(at)) = (was_opening, c.opened_at) {
-                let us = at.duration_since(c.started).as_micros();
-                self.latencies_us.push(us.min(u128::from(u32::MAX)) as u32);
+                self.latency
+                    .record_ns(at.saturating_duration_since(c.started).as_nanos() as u64);
                 self.in_flight -= 1;
                 self.open += 1;
                 self.last_done = at;
@@ -413,12 +463,15 @@ mod tests {
     fn fleet(dst: SocketAddr, path: &str, n: usize) -> Fleet {
         let url = crate::url::parse(&format!("ws://{dst}{path}")).unwrap();
         Fleet::new(FleetConfig {
-            dst,
-            sources: vec![IpAddr::from([127, 0, 0, 1])],
+            targets: Targets {
+                dsts: vec![(dst, RequestTemplate::new(&url))],
+                sources: vec![IpAddr::from([127, 0, 0, 1])],
+                topics: None,
+            },
+            first: 0,
             connections: n,
             in_flight: 8,
             handshake_timeout: Duration::from_secs(5),
-            request: RequestTemplate::new(&url),
         })
         .unwrap()
     }
@@ -431,9 +484,8 @@ mod tests {
     fn opens_holds_and_closes_against_corecast() {
         let srv = server();
         let mut f = fleet(srv.local_addr(), "/echo", 40);
-        let ramp = f.ramp_up(soon(10)).unwrap();
-        assert_eq!(ramp.latencies_us.len(), 40, "failures: {:?}", f.failures);
-        assert!(ramp.latencies_us.is_sorted());
+        let ramp = f.ramp_up(soon(10), &mut |_| {}).unwrap();
+        assert_eq!(ramp.latency.len(), 40, "failures: {:?}", f.failures);
         f.hold_until(Instant::now() + Duration::from_millis(50))
             .unwrap();
         assert_eq!(f.open(), 40);
@@ -442,11 +494,42 @@ mod tests {
     }
 
     #[test]
+    fn spreads_connections_over_destinations_and_sources() {
+        let url = crate::url::parse("ws://127.0.0.1:1/ws?topics=t{topic}").unwrap();
+        let d = |p: u16| {
+            (
+                SocketAddr::from(([127, 0, 0, 1], p)),
+                RequestTemplate::new(&url),
+            )
+        };
+        let t = Targets {
+            dsts: vec![d(1), d(2), d(3)],
+            sources: vec![IpAddr::from([127, 0, 0, 1]), IpAddr::from([127, 0, 0, 2])],
+            topics: Some(TopicMap::new(12, 4, crate::topics::TopicDist::Uniform)),
+        };
+        let pairs: Vec<(u16, u8)> = (0..12)
+            .map(|g| {
+                let IpAddr::V4(src) = t.src(g).unwrap().ip() else {
+                    unreachable!()
+                };
+                (t.dst(g).0.port(), src.octets()[3])
+            })
+            .collect();
+        // Every destination gets every source equally often.
+        for port in 1..=3 {
+            for src in 1..=2 {
+                assert_eq!(pairs.iter().filter(|&&p| p == (port, src)).count(), 2);
+            }
+        }
+        assert_eq!(t.topic(5), Some(1));
+    }
+
+    #[test]
     fn counts_refusals_by_status() {
         let srv = server();
         let mut f = fleet(srv.local_addr(), "/nowhere", 5);
-        let ramp = f.ramp_up(soon(10)).unwrap();
-        assert!(ramp.latencies_us.is_empty());
+        let ramp = f.ramp_up(soon(10), &mut |_| {}).unwrap();
+        assert!(ramp.latency.is_empty());
         assert_eq!(f.failures.get("handshake_status_404"), Some(&5));
     }
 
@@ -459,7 +542,7 @@ mod tests {
             .unwrap()
             .port();
         let mut f = fleet(SocketAddr::from(([127, 0, 0, 1], port)), "/", 3);
-        f.ramp_up(soon(10)).unwrap();
+        f.ramp_up(soon(10), &mut |_| {}).unwrap();
         assert_eq!(
             f.failures.get("connect_error:ConnectionRefused"),
             Some(&3),
@@ -472,7 +555,7 @@ mod tests {
     fn records_server_shutdown_as_server_close() {
         let srv = server();
         let mut f = fleet(srv.local_addr(), "/echo", 3);
-        f.ramp_up(soon(10)).unwrap();
+        f.ramp_up(soon(10), &mut |_| {}).unwrap();
         srv.shutdown();
         f.hold_until(soon(3)).unwrap();
         srv.join();
@@ -523,8 +606,8 @@ mod tests {
         let dst = listener.local_addr().unwrap();
         let srv = pinging_server(listener);
         let mut f = fleet(dst, "/", 1);
-        let ramp = f.ramp_up(soon(10)).unwrap();
-        assert_eq!(ramp.latencies_us.len(), 1, "{:?}", f.failures);
+        let ramp = f.ramp_up(soon(10), &mut |_| {}).unwrap();
+        assert_eq!(ramp.latency.len(), 1, "{:?}", f.failures);
         let deadline = soon(5);
         while f.counters.pings_answered == 0 && Instant::now() < deadline {
             f.hold_until(Instant::now() + Duration::from_millis(20))

@@ -112,10 +112,25 @@ pub struct SelfUsage {
 }
 
 impl SelfUsage {
+    /// This process (every thread).
     pub fn now() -> Self {
+        Self::of(libc::RUSAGE_SELF)
+    }
+
+    /// Every child process that has exited and been waited for.
+    pub fn children() -> Self {
+        Self::of(libc::RUSAGE_CHILDREN)
+    }
+
+    /// The calling thread.
+    pub fn thread() -> Self {
+        Self::of(libc::RUSAGE_THREAD)
+    }
+
+    fn of(who: libc::c_int) -> Self {
         // SAFETY: getrusage fills the zeroed struct it is given.
         let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        if unsafe { libc::getrusage(who, &mut ru) } != 0 {
             return Self::default();
         }
         let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
@@ -129,6 +144,11 @@ impl SelfUsage {
     pub fn cpu_s(&self) -> f64 {
         self.user_s + self.sys_s
     }
+}
+
+/// CPU time of the calling thread, in seconds.
+pub fn thread_cpu_s() -> f64 {
+    SelfUsage::thread().cpu_s()
 }
 
 /// Whole-machine CPU time from the `cpu` line of `/proc/stat`, in clock
@@ -231,6 +251,7 @@ mod tests {
         assert!(rss_bytes(pid).unwrap() > 0);
         assert!(process_cpu_s(pid).unwrap() >= 0.0);
         assert!(SelfUsage::now().max_rss_bytes > 0);
+        assert!(thread_cpu_s() <= SelfUsage::now().cpu_s() + 0.01);
         assert!(Sockstat::read().is_ok());
         assert!(ephemeral_ports() > 0);
         let (busy, total) = machine_cpu_ticks().unwrap();

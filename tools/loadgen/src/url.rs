@@ -1,14 +1,20 @@
-//! `ws://` URLs: just enough of RFC 3986 for a load generator.
+//! `ws://` and `http://` URLs: just enough of RFC 3986 for a load generator.
 //!
 //! `ws://HOST[:PORT][/PATH][?QUERY]`, where HOST is a name, an IPv4 address
-//! or a bracketed IPv6 address. `wss://` is refused (no TLS yet).
+//! or a bracketed IPv6 address. `wss://` and `https://` are refused (no TLS
+//! yet). `http://` is accepted where a plain HTTP request is made: HTTP
+//! publishers (`POST /publish/T`) and `/metrics`.
 
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 
-/// A parsed `ws://` URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A parsed `ws://` (or, from [`parse_any`] and [`parse_http`], `http://`) URL.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WsUrl {
+    /// `http://` rather than `ws://`.
+    #[serde(default)]
+    pub http: bool,
     /// Host as written, without brackets for IPv6.
     pub host: String,
     pub port: u16,
@@ -43,22 +49,49 @@ impl WsUrl {
 
 impl fmt::Display for WsUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ws://{}{}", self.host_header(), self.target)
+        let scheme = if self.http { "http" } else { "ws" };
+        write!(f, "{scheme}://{}{}", self.host_header(), self.target)
     }
 }
 
 /// Parses a `ws://` URL.
 pub fn parse(s: &str) -> Result<WsUrl, String> {
+    parse_with(s, false, true)
+}
+
+/// Parses an `http://` URL.
+pub fn parse_http(s: &str) -> Result<WsUrl, String> {
+    parse_with(s, true, false)
+}
+
+/// Parses a `ws://` or an `http://` URL.
+pub fn parse_any(s: &str) -> Result<WsUrl, String> {
+    parse_with(s, true, true)
+}
+
+fn parse_with(s: &str, http_ok: bool, ws_ok: bool) -> Result<WsUrl, String> {
     let s = s.trim();
-    let rest = match s.split_once("://") {
-        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("ws") => rest,
-        Some((scheme, _)) if scheme.eq_ignore_ascii_case("wss") => {
-            return Err(format!("{s:?}: wss:// (TLS) is not supported; use ws://"));
+    let expected = match (ws_ok, http_ok) {
+        (true, true) => "ws:// or http://",
+        (false, true) => "http://",
+        _ => "ws://",
+    };
+    let (http, rest) = match s.split_once("://") {
+        Some((scheme, rest)) if ws_ok && scheme.eq_ignore_ascii_case("ws") => (false, rest),
+        Some((scheme, rest)) if http_ok && scheme.eq_ignore_ascii_case("http") => (true, rest),
+        Some((scheme, _))
+            if scheme.eq_ignore_ascii_case("wss") || scheme.eq_ignore_ascii_case("https") =>
+        {
+            return Err(format!(
+                "{s:?}: TLS ({scheme}://) is not supported; use {expected}"
+            ));
         }
         Some((scheme, _)) => {
-            return Err(format!("{s:?}: unsupported scheme {scheme:?}; use ws://"));
+            return Err(format!(
+                "{s:?}: unsupported scheme {scheme:?}; use {expected}"
+            ));
         }
-        None => return Err(format!("{s:?}: expected ws://HOST:PORT/PATH")),
+        None => return Err(format!("{s:?}: expected {expected}HOST:PORT/PATH")),
     };
     // A fragment is never sent to the server.
     let rest = rest.split_once('#').map_or(rest, |(r, _)| r);
@@ -118,6 +151,7 @@ pub fn parse(s: &str) -> Result<WsUrl, String> {
         ));
     }
     Ok(WsUrl {
+        http,
         host: host.to_string(),
         port,
         target,
@@ -183,6 +217,18 @@ mod tests {
             assert!(parse(bad).is_err(), "{bad:?} should be rejected");
         }
         assert!(parse("wss://h/").unwrap_err().contains("not supported"));
+    }
+
+    #[test]
+    fn http_urls_where_allowed() {
+        let u = parse_any("http://127.0.0.1:9/publish/t").unwrap();
+        assert!(u.http);
+        assert_eq!(u.to_string(), "http://127.0.0.1:9/publish/t");
+        assert!(!parse_any("ws://h/").unwrap().http);
+        assert!(parse("http://h/").is_err());
+        assert!(parse_http("ws://h/").is_err());
+        assert!(parse_http("https://h/").unwrap_err().contains("TLS"));
+        assert_eq!(parse_http("http://h:1/metrics").unwrap().target, "/metrics");
     }
 
     #[test]

@@ -1,0 +1,937 @@
+//! The parent's side of every scenario: start the shards, take the
+//! server's figures around the barriers, publish (fanout), merge the
+//! shards' reports, print the summary, write `--json` and `--plot`.
+
+use crate::cli::{FanoutPlan, Plan, PublishMode, Work};
+use crate::clock::Anchor;
+use crate::coord::{Coordinator, Spawn, Stage};
+use crate::hist::Hist;
+use crate::metrics;
+use crate::publish::{Publisher, Schedule};
+use crate::report::{self, Totals, pct, per_s};
+use crate::shard::CLOSE_TIMEOUT;
+use crate::sys::{self, SelfUsage, Sockstat};
+use crate::topics::per_topic;
+use crate::wire::ToShard;
+use serde_json::{Value, json};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// Extra time every barrier allows beyond what the plan needs (process
+/// start, a slow last shard).
+const BARRIER_SLACK: Duration = Duration::from_secs(30);
+/// Burst mode gives up publishing after this long (a server that stops
+/// reading would otherwise hold the run forever).
+const BURST_PUBLISH_LIMIT: Duration = Duration::from_secs(120);
+/// Longest wait of the publishing loop.
+const TURN: Duration = Duration::from_millis(20);
+/// How often the progress line is redrawn while publishing.
+const DRAW_EVERY: Duration = Duration::from_millis(250);
+/// Measured-phase CPU over wall time above which an event loop counts as
+/// CPU-bound (then the figures are a floor for the server, not its ceiling).
+const CPU_BOUND: f64 = 0.9;
+
+/// Server-side figures at one moment, summed over the `--server-pid`s.
+#[derive(Debug, Clone, Copy, Default)]
+struct Snapshot {
+    rss: Option<u64>,
+    cpu_s: Option<f64>,
+    sockstat: Option<Sockstat>,
+}
+
+impl Snapshot {
+    fn take(pids: &[u32]) -> Self {
+        let all = |f: &dyn Fn(u32) -> Option<f64>| -> Option<f64> {
+            if pids.is_empty() {
+                return None;
+            }
+            pids.iter().map(|&p| f(p)).sum()
+        };
+        Self {
+            rss: all(&|p| sys::rss_bytes(p).ok().map(|b| b as f64)).map(|b| b as u64),
+            cpu_s: all(&|p| sys::process_cpu_s(p).ok()),
+            sockstat: Sockstat::read().ok(),
+        }
+    }
+}
+
+fn diff(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    Some(b? - a?)
+}
+
+/// What the publisher did (fanout).
+#[derive(Debug, Default)]
+struct Published {
+    published: u64,
+    planned: u64,
+    publish_s: f64,
+    max_lag: Duration,
+    problem: Option<String>,
+    connections: usize,
+    first: Option<Instant>,
+    frames_sent_before: Option<f64>,
+    metrics_problem: Option<String>,
+}
+
+/// Runs `plan`; `Ok(true)` when everything went as it should (see each
+/// scenario's summary), `Ok(false)` when the run completed but not cleanly.
+pub fn run(plan: &Plan, how: Spawn, argv: &[String]) -> Result<bool, String> {
+    let c = &plan.connect;
+    let name = plan.work.name();
+    eprintln!(
+        "{name}: {} connections to {} over {} process{}, {} handshakes in flight, {}",
+        c.connections,
+        c.targets
+            .iter()
+            .map(|t| t.url.to_string())
+            .collect::<Vec<_>>()
+            .join(" "),
+        c.processes,
+        if c.processes == 1 { "" } else { "es" },
+        c.in_flight,
+        describe_sources(&c.sources)
+    );
+    let anchor = Anchor::now();
+    let pids = &plan.server_pids;
+    let before = Snapshot::take(pids);
+    let mut coord = Coordinator::spawn(plan, how)?;
+    coord.barrier(
+        Stage::Ready,
+        Instant::now() + c.connect_timeout + BARRIER_SLACK,
+        "ramp-up",
+    )?;
+    let ready = Totals::merge(&coord.reports);
+    let after = Snapshot::take(pids);
+    eprintln!(
+        "{name}: {} of {} up in {:.3} s ({:.0} handshakes/s), {} failed",
+        ready.up,
+        c.connections,
+        ready.ramp_s(),
+        ready.handshakes_per_s(),
+        ready.failed()
+    );
+
+    let machine0 = sys::machine_cpu_ticks().ok();
+    let parent_cpu0 = sys::thread_cpu_s();
+    let phase_start = Instant::now();
+    let go_at = |d: Duration| ToShard::Go {
+        end_ns: anchor.ns(Instant::now() + d),
+    };
+    let mut published = None;
+    let done_within = match &plan.work {
+        Work::Connect => {
+            coord.broadcast(&go_at(Duration::ZERO))?;
+            Duration::ZERO
+        }
+        Work::Hold { duration } => {
+            eprintln!("hold: holding {} s", duration.as_secs());
+            coord.broadcast(&go_at(*duration))?;
+            *duration
+        }
+        Work::Echo(e) => {
+            coord.broadcast(&go_at(e.duration))?;
+            e.duration + e.drain_timeout
+        }
+        Work::Fanout(f) => {
+            let p = publish(plan, f, &mut coord, &anchor)?;
+            published = Some(p);
+            f.drain_timeout
+        }
+    };
+    coord.barrier(
+        Stage::Done,
+        Instant::now() + done_within + BARRIER_SLACK,
+        match &plan.work {
+            Work::Fanout(_) => "draining",
+            Work::Echo(_) => "echo",
+            _ => "hold",
+        },
+    )?;
+    let phase_end = Instant::now();
+    let parent_phase_cpu = sys::thread_cpu_s() - parent_cpu0;
+    let machine1 = sys::machine_cpu_ticks().ok();
+    let end = Snapshot::take(pids);
+    let mut frames_sent = None;
+    if let (Work::Fanout(f), Some(p)) = (&plan.work, published.as_mut())
+        && !f.metrics.is_empty()
+    {
+        match metrics::scrape_sum(&f.metrics, metrics::FRAMES_SENT) {
+            Ok(v) => frames_sent = p.frames_sent_before.map(|b| v - b),
+            Err(e) => p.metrics_problem = Some(e),
+        }
+    }
+    coord.broadcast(&ToShard::Close)?;
+    coord.barrier(
+        Stage::Finished,
+        Instant::now() + CLOSE_TIMEOUT + BARRIER_SLACK,
+        "closing",
+    )?;
+    let reports = coord.reports.clone();
+    let reap = coord.finish();
+    let own = SelfUsage::now();
+    let children = SelfUsage::children();
+    let t = Totals::merge(&reports);
+
+    // Figures every scenario has.
+    let phase_wall_s = phase_end.duration_since(phase_start).as_secs_f64();
+    let machine_busy_cores = match (machine0, machine1) {
+        (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
+            Some((b1 - b0) as f64 / (t1 - t0) as f64 * sys::online_cpus() as f64)
+        }
+        _ => None,
+    };
+    let server_phase_cpu = diff(after.cpu_s, end.cpu_s);
+    let loadgen_cpu = own.cpu_s() + children.cpu_s();
+    let procs = if how == Spawn::Processes {
+        format!("{} worker processes + the parent", t.shards)
+    } else {
+        format!(
+            "{} event loop{} in one process",
+            t.shards,
+            if t.shards == 1 { "" } else { "s" }
+        )
+    };
+
+    let mut out = Vec::<String>::new();
+    let mut say = |label: &str, text: String| out.push(format!("{label:<15} {text}"));
+    say("scenario", format!("{name} ({procs})"));
+    say(
+        "connections",
+        format!(
+            "{} requested, {} up, {} failed to open, {} ended during the run, {} open at the end",
+            c.connections,
+            t.up,
+            t.failed(),
+            t.ended_early(),
+            t.open_at_end
+        ),
+    );
+    say("failures", report::counts(&t.failures));
+    if t.ended_early() > 0 {
+        say("ended", report::counts(&t.ended));
+    }
+    say(
+        "handshakes",
+        format!(
+            "{} in {:.3} s = {:.0}/s ({} in flight)",
+            t.up,
+            t.ramp_s(),
+            t.handshakes_per_s(),
+            c.in_flight
+        ),
+    );
+    say("connect latency", t.connect_latency.describe());
+
+    let mut j = serde_json::Map::new();
+    let mut put = |k: &str, v: Value| {
+        j.insert(k.to_string(), v);
+    };
+    put("scenario", json!(name));
+    put("connections", json!(c.connections));
+    put("processes", json!(c.processes));
+    put("connections_up", json!(t.up));
+    put("failures", json!(t.failures));
+    put("ended", json!(t.ended));
+    put("connections_open_at_end", json!(t.open_at_end));
+    put("connect_phase_s", json!(t.ramp_s()));
+    put("handshakes_per_s", json!(t.handshakes_per_s()));
+    put("connect_latency_us", t.connect_latency.to_json_us());
+    put("server_pids", json!(pids));
+    put("server_phase_cpu_s", json!(server_phase_cpu));
+    put("pings_answered", json!(t.pings_answered));
+    put("pongs_received", json!(t.pongs_received));
+    put("messages_received", json!(t.messages_received));
+    put("close", json!(t.close));
+
+    let mut ok = t.up == c.connections && t.ended_early() == 0;
+    let plot_hist: &Hist;
+    let plot_title: String;
+    match &plan.work {
+        Work::Connect => {
+            plot_hist = &t.connect_latency;
+            plot_title = "connect latency".into();
+            put("latency_us", t.connect_latency.to_json_us());
+            put("frames_expected", json!(0));
+            put("frames_received", json!(0));
+            put("delivered_fps", json!(0.0));
+            put("lost", json!(0));
+            put("out_of_order", json!(0));
+            if let Some(s) = diff(before.cpu_s, after.cpu_s) {
+                say("server CPU", format!("{s:.2} s during the ramp-up"));
+            }
+            put("server_cpu_s", json!(diff(before.cpu_s, after.cpu_s)));
+        }
+        Work::Hold { duration } => {
+            plot_hist = &t.connect_latency;
+            plot_title = "connect latency".into();
+            put("latency_us", t.connect_latency.to_json_us());
+            ok &= t.open_at_end == t.up;
+            let bytes_per_conn = match (before.rss, after.rss) {
+                (Some(b), Some(a)) if t.up > 0 => Some((a as f64 - b as f64) / t.up as f64),
+                _ => None,
+            };
+            if !pids.is_empty() {
+                let show = |v: Option<u64>| v.map_or("n/a".into(), report::bytes);
+                say(
+                    "server RSS",
+                    format!(
+                        "pid {pids:?} (summed): before {}, after {}, end {}",
+                        show(before.rss),
+                        show(after.rss),
+                        show(end.rss)
+                    ),
+                );
+                say(
+                    "server memory",
+                    bytes_per_conn.map_or("n/a".into(), |b| {
+                        format!(
+                            "{b:.0} bytes per connection (RSS after - before) / {}",
+                            t.up
+                        )
+                    }),
+                );
+                if let Some(s) = diff(before.cpu_s, end.cpu_s) {
+                    say(
+                        "server CPU",
+                        format!("{s:.2} s from before the ramp-up to the end of the hold"),
+                    );
+                }
+            }
+            let page = sys::page_size();
+            for (label, s) in [
+                ("before", before.sockstat),
+                ("after", after.sockstat),
+                ("end", end.sockstat),
+            ] {
+                if let Some(s) = s {
+                    say(
+                        &format!("sockstat {label}"),
+                        format!(
+                            "TCP inuse {}, orphan {}, tw {}, alloc {}, mem {} pages ({})",
+                            s.inuse,
+                            s.orphan,
+                            s.tw,
+                            s.alloc,
+                            s.mem_pages,
+                            report::bytes(s.mem_pages * page)
+                        ),
+                    );
+                }
+            }
+            say(
+                "held",
+                format!(
+                    "{} of {} open after {} s; {} pings answered, {} pongs and {} messages received",
+                    t.open_at_end,
+                    t.up,
+                    duration.as_secs(),
+                    t.pings_answered,
+                    t.pongs_received,
+                    t.messages_received
+                ),
+            );
+            let sock = |s: Option<Sockstat>| s.map(Sockstat::to_json);
+            put("connections_held", json!(t.open_at_end));
+            put("hold_s", json!(duration.as_secs_f64()));
+            put("server_rss_before", json!(before.rss));
+            put("server_rss_after", json!(after.rss));
+            put("server_rss_end", json!(end.rss));
+            put("server_bytes_per_conn", json!(bytes_per_conn));
+            put("server_cpu_s", json!(diff(before.cpu_s, end.cpu_s)));
+            put("sockstat_before", json!(sock(before.sockstat)));
+            put("sockstat_after", json!(sock(after.sockstat)));
+            put("sockstat_end", json!(sock(end.sockstat)));
+            put(
+                "sockstat_mem_bytes_per_conn",
+                json!(match (after.sockstat, before.sockstat) {
+                    (Some(a), Some(b)) if t.up > 0 =>
+                        Some((a.mem_pages as f64 - b.mem_pages as f64) * page as f64 / t.up as f64),
+                    _ => None,
+                }),
+            );
+            put("frames_expected", json!(0));
+            put("frames_received", json!(t.frames));
+            put("delivered_fps", json!(0.0));
+            put("lost", json!(t.ended_early()));
+            put("out_of_order", json!(0));
+        }
+        Work::Echo(e) => {
+            plot_hist = &t.latency;
+            plot_title = format!("round trip, {} in flight per connection", e.window);
+            ok &= t.lost == 0 && t.out_of_order == 0 && t.duplicates == 0;
+            ok &= t.malformed == 0 && t.not_binary == 0;
+            let span = match (t.phase_start_ns, t.last_receive_ns) {
+                (Some(a), Some(b)) => b.saturating_sub(a) as f64 / 1e9,
+                _ => 0.0,
+            };
+            let rate = per_s(t.frames as f64, span);
+            say(
+                "echo",
+                format!(
+                    "{} sent, {} echoed, lost {}, out of order {}, duplicates {}, malformed {}, not binary {}{}",
+                    t.sent,
+                    t.frames,
+                    t.lost,
+                    t.out_of_order,
+                    t.duplicates,
+                    t.malformed,
+                    t.not_binary,
+                    if t.drain_timed_out {
+                        "; ended at the drain timeout"
+                    } else {
+                        ""
+                    }
+                ),
+            );
+            say(
+                "throughput",
+                format!(
+                    "{rate:.0} messages/s ({}/s of payload each way) over {span:.3} s",
+                    report::bytes((rate * e.size as f64) as u64)
+                ),
+            );
+            say("round trip", t.latency.describe());
+            say(
+                "loadgen phase",
+                format!(
+                    "{:.2} s CPU in the {phase_wall_s:.3} s phase; busiest event loop {:.0}% of a core",
+                    t.phase_cpu_s,
+                    t.max_phase_load * 100.0
+                ),
+            );
+            if t.max_phase_load > CPU_BOUND {
+                say(
+                    "note",
+                    "a loadgen event loop was CPU-bound: add --processes to measure the server, not loadgen".into(),
+                );
+            }
+            if let Some(s) = server_phase_cpu {
+                say(
+                    "server CPU",
+                    format!(
+                        "{s:.2} s in the echo phase ({:.0}% of one core)",
+                        pct(s, phase_wall_s)
+                    ),
+                );
+            }
+            put("loadgen_cpu_bound", json!(t.max_phase_load > CPU_BOUND));
+            put("latency_us", t.latency.to_json_us());
+            put("messages_sent", json!(t.sent));
+            put("frames_expected", json!(t.sent));
+            put("frames_received", json!(t.frames));
+            put("delivered_fps", json!(rate));
+            put("echo_bytes_per_s", json!(rate * e.size as f64));
+            put("echo_s", json!(span));
+            put("lost", json!(t.lost));
+            put("out_of_order", json!(t.out_of_order));
+            put("duplicates", json!(t.duplicates));
+            put("malformed", json!(t.malformed));
+            put("not_binary", json!(t.not_binary));
+            put("connections_with_loss", json!(t.with_loss));
+            put("connections_out_of_order", json!(t.with_reorder));
+            put("drain_timed_out", json!(t.drain_timed_out));
+        }
+        Work::Fanout(f) => {
+            let p = published.as_ref().expect("fanout published");
+            plot_hist = &t.latency;
+            plot_title = format!("fanout publish-to-receive, {}", f.mode.describe());
+            ok &= p.problem.is_none() && t.lost == 0 && t.out_of_order == 0;
+            ok &= t.duplicates == 0 && t.malformed == 0 && t.not_binary == 0;
+            let first_publish_ns = p.first.map(|i| anchor.ns(i));
+            let delivery_s = match (first_publish_ns, t.last_receive_ns) {
+                (Some(a), Some(b)) => b.saturating_sub(a) as f64 / 1e9,
+                _ => 0.0,
+            };
+            let delivered_fps = per_s(t.frames as f64, delivery_s);
+            say(
+                "published",
+                format!(
+                    "{} of {} messages of {} B to {} topic{} in {:.3} s ({:.0}/s) over {} publisher connection{}{}",
+                    p.published,
+                    p.planned,
+                    f.size,
+                    f.topics,
+                    if f.topics == 1 { "" } else { "s" },
+                    p.publish_s,
+                    per_s(p.published as f64, p.publish_s),
+                    p.connections,
+                    if p.connections == 1 { "" } else { "s" },
+                    match f.mode {
+                        PublishMode::Rate { .. } => format!(
+                            ", max lag behind schedule {:.3} ms",
+                            p.max_lag.as_secs_f64() * 1e3
+                        ),
+                        PublishMode::Burst { .. } => String::new(),
+                    }
+                ),
+            );
+            if let Some(pr) = &p.problem {
+                say("publish problem", pr.clone());
+            }
+            say(
+                "frames",
+                format!(
+                    "{} expected, {} received ({:.3}%), lost {}, out of order {}, duplicates {}, malformed {}, not binary {}, fragments {}",
+                    t.expected,
+                    t.frames,
+                    pct(t.frames as f64, t.expected as f64),
+                    t.lost,
+                    t.out_of_order,
+                    t.duplicates,
+                    t.malformed,
+                    t.not_binary,
+                    t.fragments_received
+                ),
+            );
+            say(
+                "subscribers",
+                format!(
+                    "{} followed, {} complete, {} with gaps, {} with reordering",
+                    t.tracked, t.complete, t.with_loss, t.with_reorder
+                ),
+            );
+            if !f.metrics.is_empty() {
+                say(
+                    "server frames",
+                    match (&p.metrics_problem, frames_sent) {
+                        (Some(e), _) => format!("cannot read: {e}"),
+                        (None, Some(n)) => format!(
+                            "{n:.0} sent by the server ({}), {} received: {}",
+                            metrics::FRAMES_SENT,
+                            t.frames,
+                            if n == t.frames as f64 {
+                                "equal"
+                            } else {
+                                "DIFFERENT"
+                            }
+                        ),
+                        (None, None) => "n/a".into(),
+                    },
+                );
+            }
+            say(
+                "delivery",
+                format!(
+                    "{delivered_fps:.0} frames/s ({}/s of payload) over {delivery_s:.3} s from first publish to last receive{}",
+                    report::bytes((delivered_fps * f.size as f64) as u64),
+                    if t.drain_timed_out {
+                        "; ended at the drain timeout"
+                    } else {
+                        ""
+                    }
+                ),
+            );
+            say("latency", t.latency.describe());
+            let loadgen_phase_cpu = t.phase_cpu_s + parent_phase_cpu;
+            let bound =
+                t.max_phase_load > CPU_BOUND || per_s(parent_phase_cpu, phase_wall_s) > CPU_BOUND;
+            say(
+                "loadgen phase",
+                format!(
+                    "{loadgen_phase_cpu:.2} s CPU in the {phase_wall_s:.3} s delivery phase (publisher {parent_phase_cpu:.2} s, subscribers {:.2} s; busiest subscriber loop {:.0}% of a core)",
+                    t.phase_cpu_s,
+                    t.max_phase_load * 100.0
+                ),
+            );
+            if bound {
+                say(
+                    "note",
+                    format!(
+                        "a loadgen event loop was CPU-bound (>{:.0}% in the delivery phase): these figures are a floor for the server, not its ceiling",
+                        CPU_BOUND * 100.0
+                    ),
+                );
+            }
+            if let Some(s) = server_phase_cpu {
+                say(
+                    "server CPU",
+                    format!(
+                        "{s:.2} s in the delivery phase ({:.0}% of one core)",
+                        pct(s, phase_wall_s)
+                    ),
+                );
+            }
+            let (mode, rate, duration_s) = match f.mode {
+                PublishMode::Burst { .. } => ("burst", None, None),
+                PublishMode::Rate { per_s, duration } => {
+                    ("rate", Some(per_s), Some(duration.as_secs()))
+                }
+            };
+            put("mode", json!(mode));
+            put("rate", json!(rate));
+            put("duration_s", json!(duration_s));
+            put("size", json!(f.size));
+            put("topics", json!(f.topics));
+            put("subscribers_up", json!(t.up));
+            put("subscribers_followed", json!(t.tracked));
+            put("subscribers_complete", json!(t.complete));
+            put("subscribers_with_gaps", json!(t.with_loss));
+            put("subscribers_out_of_order", json!(t.with_reorder));
+            put("published", json!(p.published));
+            put("publish_s", json!(p.publish_s));
+            put("publish_problem", json!(p.problem));
+            put("publish_max_lag_ms", json!(p.max_lag.as_secs_f64() * 1e3));
+            put("publisher_connections", json!(p.connections));
+            put("frames_expected", json!(t.expected));
+            put("frames_received", json!(t.frames));
+            put("server_frames_sent", json!(frames_sent));
+            put("metrics_problem", json!(p.metrics_problem));
+            put("delivery_s", json!(delivery_s));
+            put("delivered_fps", json!(delivered_fps));
+            put("lost", json!(t.lost));
+            put("out_of_order", json!(t.out_of_order));
+            put("duplicates", json!(t.duplicates));
+            put("malformed", json!(t.malformed));
+            put("not_binary", json!(t.not_binary));
+            put("fragments", json!(t.fragments_received));
+            put("drain_timed_out", json!(t.drain_timed_out));
+            put("latency_us", t.latency.to_json_us());
+            put("loadgen_delivery_cpu_s", json!(loadgen_phase_cpu));
+            put("publisher_cpu_s", json!(parent_phase_cpu));
+            put("loadgen_cpu_bound", json!(bound));
+            put("delivery_phase_wall_s", json!(phase_wall_s));
+            put("server_delivery_cpu_s", json!(server_phase_cpu));
+        }
+    }
+    say(
+        "loadgen CPU",
+        format!(
+            "{loadgen_cpu:.2} s in total (user {:.2}, sys {:.2}; {procs}); largest event-loop RSS {}",
+            own.user_s + children.user_s,
+            own.sys_s + children.sys_s,
+            report::bytes(t.max_rss)
+        ),
+    );
+    if let (Some(b), false) = (machine_busy_cores, plan.work == Work::Connect) {
+        say(
+            "machine CPU",
+            format!(
+                "{b:.2} of {} cores busy in the measured phase (all processes)",
+                sys::online_cpus()
+            ),
+        );
+    }
+    say(
+        "close",
+        format!(
+            "{} clean, {} dropped at the {} s close deadline",
+            t.close.clean,
+            t.close.timed_out,
+            CLOSE_TIMEOUT.as_secs()
+        ),
+    );
+    if let Err(e) = &reap {
+        say("workers", e.clone());
+    }
+    for line in &out {
+        println!("{line}");
+    }
+
+    put("loadgen_cpu_s", json!(loadgen_cpu));
+    put("loadgen_cpu_user_s", json!(own.user_s + children.user_s));
+    put("loadgen_cpu_sys_s", json!(own.sys_s + children.sys_s));
+    put("loadgen_max_rss", json!(t.max_rss));
+    put("loadgen_phase_wall_s", json!(phase_wall_s));
+    put(
+        "loadgen_phase_cpu_s",
+        json!(t.phase_cpu_s + parent_phase_cpu),
+    );
+    put("loadgen_busiest_loop_load", json!(t.max_phase_load));
+    put("machine_busy_cores", json!(machine_busy_cores));
+    put("machine_cores", json!(sys::online_cpus()));
+    put(
+        "shards",
+        json!(
+            reports
+                .iter()
+                .map(|r| json!({
+                    "shard": r.shard, "pid": r.pid, "connections": r.requested, "up": r.up,
+                    "frames": r.frames, "cpu_s": r.cpu_s, "phase_cpu_s": r.phase_cpu_s,
+                    "max_rss": r.max_rss,
+                }))
+                .collect::<Vec<_>>()
+        ),
+    );
+    put("ok", json!(ok));
+    put("argv", json!(argv));
+    put(
+        "params",
+        serde_json::to_value(plan).expect("plans serialize"),
+    );
+
+    if let Some(path) = &plan.plot {
+        match crate::plot::latency_svg(path, &format!("{name}: {plot_title}"), plot_hist) {
+            Ok(()) => eprintln!("{name}: wrote {}", path.display()),
+            Err(e) => eprintln!("{name}: no plot: {e}"),
+        }
+    }
+    if let Some(path) = &plan.json {
+        let text = serde_json::to_string_pretty(&Value::Object(j)).expect("JSON serializes");
+        std::fs::write(path, text + "\n")
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        eprintln!("{name}: wrote {}", path.display());
+    }
+    Ok(ok && reap.is_ok())
+}
+
+/// Opens the publishers, starts the shards' receiving phase, publishes,
+/// and tells the shards what was published.
+fn publish(
+    plan: &Plan,
+    f: &FanoutPlan,
+    coord: &mut Coordinator,
+    anchor: &Anchor,
+) -> Result<Published, String> {
+    let mut out = Published {
+        planned: f.mode.messages(),
+        ..Default::default()
+    };
+    if !f.metrics.is_empty() {
+        match metrics::scrape_sum(&f.metrics, metrics::FRAMES_SENT) {
+            Ok(v) => out.frames_sent_before = Some(v),
+            Err(e) => out.metrics_problem = Some(e),
+        }
+    }
+    let src = plan
+        .connect
+        .sources
+        .first()
+        .map(|&ip| SocketAddr::new(ip, 0));
+    let mut publisher = Publisher::open(f, src)?;
+    out.connections = publisher.connections();
+    let start = Instant::now();
+    let limit = start
+        + match f.mode {
+            PublishMode::Burst { .. } => BURST_PUBLISH_LIMIT,
+            PublishMode::Rate { duration, .. } => duration + f.drain_timeout,
+        };
+    // The shards' own limit, should `Published` never reach them.
+    coord.broadcast(&ToShard::Go {
+        end_ns: anchor.ns(limit + f.drain_timeout + BARRIER_SLACK),
+    })?;
+    let mut s = Schedule::new(f.mode, f.topics, start);
+    let mut next_draw = start;
+    loop {
+        let now = Instant::now();
+        if let Err(e) = publisher.fill(&mut s) {
+            out.problem = Some(e);
+            break;
+        }
+        if s.done() && publisher.idle() {
+            break;
+        }
+        if now >= limit {
+            out.problem = Some(format!(
+                "publishing stopped at the time limit after {} of {} messages",
+                s.sent, s.planned
+            ));
+            break;
+        }
+        coord.pump(Duration::ZERO)?;
+        if now >= next_draw {
+            next_draw = now + DRAW_EVERY;
+            coord.draw(&format!("published {}/{}", s.sent, s.planned));
+        }
+        // After `fill`, a message already due means the sockets are full:
+        // wait for them; otherwise wait until the next one is due.
+        let wait = match s.next_due() {
+            Some(d) if d > now => (d - now).min(TURN),
+            _ => TURN,
+        };
+        if let Err(e) = publisher.serve(wait) {
+            out.problem = Some(e);
+            break;
+        }
+    }
+    let last = Instant::now();
+    out.published = s.sent;
+    out.max_lag = s.max_lag;
+    out.first = s.first;
+    out.publish_s = s
+        .first
+        .map_or(0.0, |f| last.saturating_duration_since(f).as_secs_f64());
+    coord.broadcast(&ToShard::Published {
+        per_topic: per_topic(s.sent, f.topics),
+        drain_until_ns: anchor.ns(last + f.drain_timeout),
+    })?;
+    publisher.close();
+    Ok(out)
+}
+
+fn describe_sources(sources: &[std::net::IpAddr]) -> String {
+    match sources {
+        [] => "source address chosen by the kernel".into(),
+        [one] => format!("source {one}"),
+        many => format!(
+            "{} source addresses {}..{}",
+            many.len(),
+            many[0],
+            many[many.len() - 1]
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Limits};
+    use clap::Parser;
+
+    fn server() -> corecast::server::ServerHandle {
+        corecast::server::start(corecast::server::Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            workers: 2,
+            pin_cores: false,
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    /// Runs a command line in this process, each shard a thread; returns
+    /// the exit verdict and the JSON report.
+    fn run_threads(argv: &[String]) -> (bool, Value) {
+        let json = std::env::temp_dir().join(format!(
+            "loadgen-run-{}-{:?}.json",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let mut full = vec!["loadgen".to_string()];
+        full.extend_from_slice(argv);
+        full.extend(["--json".into(), json.display().to_string()]);
+        let cli = Cli::try_parse_from(&full).unwrap();
+        let limits = Limits {
+            nofile: 20_000,
+            ports_per_source: 28_232,
+        };
+        let plan = cli.command.plan(limits).unwrap().unwrap();
+        let ok = run(&plan, Spawn::Threads, &full).unwrap();
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        std::fs::remove_file(&json).unwrap();
+        (ok, v)
+    }
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn connect_over_three_shards_and_two_servers() {
+        let (a, b) = (server(), server());
+        let (ok, v) = run_threads(&args(&format!(
+            "connect --url ws://{}/echo --url ws://{}/echo --connections 90 --in-flight 9 --processes 3",
+            a.local_addr(),
+            b.local_addr()
+        )));
+        assert!(ok, "{v}");
+        assert_eq!(v["connections_up"], 90);
+        assert_eq!(v["processes"], 3);
+        assert_eq!(v["shards"].as_array().unwrap().len(), 3);
+        assert!(v["handshakes_per_s"].as_f64().unwrap() > 0.0);
+        assert_eq!(v["connect_latency_us"]["count"], 90);
+        assert!(v["latency_us"]["p99"].as_f64().unwrap() > 0.0);
+        assert_eq!(v["close"]["clean"], 90);
+        // Round-robin over the two servers.
+        assert_eq!(a.stats().handshakes_accepted, 45);
+        assert_eq!(b.stats().handshakes_accepted, 45);
+        assert_eq!(v["params"]["connect"]["connections"], 90);
+        for s in [a, b] {
+            s.shutdown();
+            s.join();
+        }
+    }
+
+    #[test]
+    fn hold_reports_server_memory() {
+        let srv = server();
+        let (ok, v) = run_threads(&args(&format!(
+            "hold --url ws://{}/ws?topics=idle --connections 40 --processes 2 --duration 1 --server-pid {}",
+            srv.local_addr(),
+            std::process::id()
+        )));
+        assert!(ok, "{v}");
+        assert_eq!(v["connections_held"], 40);
+        assert!(v["server_bytes_per_conn"].is_number(), "{v}");
+        assert!(v["sockstat_after"]["tcp_inuse"].is_number());
+        assert!(v["loadgen_cpu_s"].as_f64().unwrap() > 0.0);
+        srv.shutdown();
+        srv.join();
+    }
+
+    #[test]
+    fn fanout_over_shards_and_topics_delivers_what_the_server_sent() {
+        let srv = server();
+        let a = srv.local_addr();
+        let (ok, v) = run_threads(&args(&format!(
+            "fanout --url ws://{a}/ws?topics=t{{topic}} --publish-url ws://{a}/publish/t{{topic}} \
+             --connections 60 --processes 3 --topics 4 --topic-dist zipf:1 --messages 50 --size 32 \
+             --metrics-url http://{a}/metrics"
+        )));
+        assert!(ok, "{v}");
+        let expected = v["frames_expected"].as_u64().unwrap();
+        assert!(expected > 60 * 10, "{v}");
+        assert_eq!(v["frames_received"].as_u64(), Some(expected));
+        assert_eq!(v["server_frames_sent"].as_f64(), Some(expected as f64));
+        assert_eq!(
+            (v["lost"].as_u64(), v["out_of_order"].as_u64()),
+            (Some(0), Some(0))
+        );
+        assert_eq!(v["subscribers_complete"], 60);
+        assert_eq!(v["publisher_connections"], 4);
+        assert!(v["latency_us"]["p999"].as_f64().unwrap() > 0.0);
+        assert!(v["delivered_fps"].as_f64().unwrap() > 0.0);
+        srv.shutdown();
+        srv.join();
+    }
+
+    #[test]
+    fn fanout_with_an_http_publisher_at_a_rate() {
+        let srv = server();
+        let a = srv.local_addr();
+        let (ok, v) = run_threads(&args(&format!(
+            "fanout --url ws://{a}/ws?topics=h --publish-url http://{a}/publish/h \
+             --connections 20 --processes 2 --rate 40 --duration 1 --size 100"
+        )));
+        assert!(ok, "{v}");
+        assert_eq!(v["published"], 40);
+        assert_eq!(v["frames_received"], 800);
+        assert_eq!(v["lost"], 0);
+        // Paced: 40 messages at 40/s take about a second, not a burst.
+        assert!(v["publish_s"].as_f64().unwrap() > 0.9, "{v}");
+        srv.shutdown();
+        srv.join();
+    }
+
+    #[test]
+    fn echo_keeps_messages_in_flight() {
+        let srv = server();
+        let (ok, v) = run_threads(&args(&format!(
+            "echo --url ws://{}/echo --connections 10 --processes 2 --messages-in-flight 4 --duration 1 --size 64",
+            srv.local_addr()
+        )));
+        assert!(ok, "{v}");
+        let sent = v["messages_sent"].as_u64().unwrap();
+        assert!(sent > 40, "{v}");
+        assert_eq!(v["frames_received"].as_u64(), Some(sent));
+        assert_eq!(
+            (v["lost"].as_u64(), v["out_of_order"].as_u64()),
+            (Some(0), Some(0))
+        );
+        assert!(v["latency_us"]["p50"].as_f64().unwrap() > 0.0);
+        srv.shutdown();
+        srv.join();
+    }
+
+    #[test]
+    fn refusals_are_counted_and_fail_the_run() {
+        let srv = server();
+        let (ok, v) = run_threads(&args(&format!(
+            "connect --url ws://{}/nowhere --connections 6 --processes 2",
+            srv.local_addr()
+        )));
+        assert!(!ok);
+        assert_eq!(v["failures"]["handshake_status_404"], 6);
+        assert_eq!(v["connections_up"], 0);
+        srv.shutdown();
+        srv.join();
+    }
+}

@@ -1,0 +1,67 @@
+//! The multi-process path end to end: the real `loadgen` binary starts
+//! worker processes (`loadgen shard`), which report over pipes.
+
+use std::process::Command;
+
+fn server() -> corecast::server::ServerHandle {
+    corecast::server::start(corecast::server::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        workers: 2,
+        pin_cores: false,
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+#[test]
+fn fanout_over_worker_processes() {
+    let srv = server();
+    let a = srv.local_addr();
+    let dir = std::env::temp_dir();
+    let json = dir.join(format!("loadgen-proc-{}.json", std::process::id()));
+    let svg = dir.join(format!("loadgen-proc-{}.svg", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["fanout", "--url", &format!("ws://{a}/ws?topics=p")])
+        .args(["--publish-url", &format!("ws://{a}/publish/p")])
+        .args([
+            "--connections",
+            "90",
+            "--processes",
+            "3",
+            "--messages",
+            "30",
+        ])
+        .args(["--metrics-url", &format!("http://{a}/metrics")])
+        .arg("--json")
+        .arg(&json)
+        .arg("--plot")
+        .arg(&svg)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("3 worker processes"), "{stdout}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["frames_received"], 2700);
+    assert_eq!(v["frames_expected"], 2700);
+    assert_eq!(v["server_frames_sent"], 2700.0);
+    assert_eq!(v["lost"], 0);
+    let pids: Vec<u64> = v["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["pid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 3);
+    assert!(pids.iter().all(|&p| p != u64::from(std::process::id())));
+    assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
+    std::fs::remove_file(&json).unwrap();
+    std::fs::remove_file(&svg).unwrap();
+    srv.shutdown();
+    srv.join();
+}
