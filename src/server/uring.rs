@@ -586,8 +586,11 @@ impl Worker {
             return;
         };
         self.accept_retry_at = None;
+        // Non-blocking sockets: an operation that cannot complete waits on
+        // the ring's internal poll, never in a blocking call on an io-wq thread.
         let sqe = opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd()))
             .allocate_file_index(true)
+            .flags(libc::SOCK_NONBLOCK)
             .build()
             .user_data(user_data(Op::Accept, NO_KEY, 0));
         self.ring.push(&sqe);
