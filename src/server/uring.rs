@@ -687,13 +687,23 @@ impl Worker {
         }
         let state = conn.state;
         if res > 0 {
-            let bid = bid.expect("a receive with data names its buffer");
-            if state == IoState::Active {
-                self.input(key, bid, res as usize);
-            } else if state == IoState::Closing || state == IoState::Lingering {
-                // Discarded: a closing connection reads nothing more.
+            match bid {
+                Some(bid) => {
+                    // A closing or lingering connection reads nothing more: discarded.
+                    if state == IoState::Active {
+                        self.input(key, bid, res as usize);
+                    }
+                    self.bufs.recycle(bid);
+                }
+                None => {
+                    // A receive with data always names its buffer; if a kernel
+                    // ever did otherwise, the stream is lost: close, don't panic.
+                    warn!(worker = self.core.id, "receive completion without a buffer");
+                    if state != IoState::Gone {
+                        self.remove(key);
+                    }
+                }
             }
-            self.bufs.recycle(bid);
         } else {
             if let Some(bid) = bid {
                 self.bufs.recycle(bid);

@@ -1,0 +1,55 @@
+//! What differs between the backends, observed from outside: the backend
+//! the server reports, and where its connections' descriptors live.
+
+mod common;
+
+use common::*;
+use corecast::server::{Backend, IoMode};
+use std::time::Duration;
+
+/// Descriptors open in this process (the server runs in-process).
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+#[test]
+fn the_requested_backend_is_the_one_running() {
+    let server = start();
+    match io_mode() {
+        IoMode::Epoll => assert_eq!(server.backend(), Backend::Epoll),
+        IoMode::Uring => assert_eq!(server.backend(), Backend::Uring),
+        IoMode::Auto => {}
+    }
+}
+
+/// epoll connections are ordinary descriptors; io_uring accepts them as
+/// direct descriptors in the ring's table, outside the process's table:
+/// with N client sockets in this process, the count grows by ~2N on epoll
+/// and by ~N (the clients' ends only) on io_uring.
+#[test]
+fn io_uring_connections_take_no_process_descriptors() {
+    let server = start();
+    let addr = server.local_addr();
+    const N: usize = 200;
+    let before = open_fds();
+    let conns: Vec<_> = (0..N).map(|_| raw_ws(addr, "/echo")).collect();
+    assert!(eventually(Duration::from_secs(5), || server
+        .stats()
+        .connections_open
+        >= N as u64));
+    let grown = open_fds() - before;
+    // Margins, not exact counts: the other test in this binary opens and
+    // closes a few descriptors (listeners, rings, eventfds) concurrently.
+    match server.backend() {
+        Backend::Epoll => assert!(grown > N * 3 / 2, "epoll: {grown} new descriptors"),
+        Backend::Uring => assert!(
+            grown < N * 5 / 4,
+            "io_uring: {grown} new descriptors for {N} connections"
+        ),
+    }
+    drop(conns);
+    assert!(eventually(Duration::from_secs(5), || server
+        .stats()
+        .connections_open
+        == 0));
+}
