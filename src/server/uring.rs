@@ -111,8 +111,26 @@ pub(super) struct Sock {
     recv_armed: bool,
     /// The send in flight, if any (its msghdr and iovecs).
     send: Option<Box<SendOp>>,
-    /// A close of `slot` is in flight.
-    close_pending: bool,
+    /// A `shutdown(SHUT_WR)` is in flight.
+    shutdown_pending: bool,
+    /// Where closing `slot` stands.
+    close: SlotClose,
+}
+
+/// Closing a direct descriptor. The close is submitted only once no other
+/// operation on the slot is in flight: io_uring resolves a fixed file when
+/// an operation *executes*, and a shutdown (always run by an io-wq thread)
+/// still queued when the slot is closed and re-filled by the next accept
+/// would shut down the new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotClose {
+    Open,
+    /// Wanted, waiting for the slot's other operations to complete.
+    Wanted,
+    /// Submitted.
+    Pending,
+    /// Completed: the slot may already hold another connection.
+    Done,
 }
 
 /// A `sendmsg`'s arguments, kept at a stable heap address while in flight.
@@ -564,16 +582,24 @@ impl Worker {
             x if x == Op::Send as u8 => self.on_send(key, serial, res),
             x if x == Op::Close as u8 => {
                 if let Some(conn) = conn_of(&mut self.core, key, serial) {
-                    conn.io.close_pending = false;
+                    conn.io.close = SlotClose::Done;
                     self.free_if_done(key);
+                }
+            }
+            x if x == Op::Shutdown as u8 => {
+                if let Some(conn) = conn_of(&mut self.core, key, serial) {
+                    conn.io.shutdown_pending = false;
+                    if conn.state == IoState::Gone {
+                        self.free_if_done(key);
+                    }
                 }
             }
             x if x == Op::Wake as u8 => {
                 self.wake_armed = false;
                 self.ring.in_flight -= 1;
             }
-            // Shutdown and cancel results need no action: what they act on
-            // reports through its own completion.
+            // Cancel results need no action: what they cancel reports
+            // through its own completion.
             _ => {}
         }
     }
@@ -614,7 +640,8 @@ impl Worker {
                 slot,
                 recv_armed: false,
                 send: None,
-                close_pending: false,
+                shutdown_pending: false,
+                close: SlotClose::Open,
             });
             self.arm_recv(key);
             return;
@@ -858,10 +885,11 @@ impl Worker {
             AfterFlush::Keep => {}
             AfterFlush::Remove => self.remove(key),
             AfterFlush::ShutdownWrite => {
-                let conn = &self.core.conns[key];
+                let conn = &mut self.core.conns[key];
                 let sqe = opcode::Shutdown::new(types::Fixed(conn.io.slot), libc::SHUT_WR)
                     .build()
                     .user_data(user_data(Op::Shutdown, key, conn.serial));
+                conn.io.shutdown_pending = true;
                 let wants = Self::wants_recv(conn);
                 self.ring.push(&sqe);
                 if wants {
@@ -877,14 +905,15 @@ impl Worker {
         self.free_if_done(key);
     }
 
-    /// Frees a gone connection's entry once the kernel is done with it.
+    /// For a gone connection: closes its slot once nothing else runs on
+    /// it, and frees its entry once the close has completed too.
     fn free_if_done(&mut self, key: usize) {
-        let conn = &self.core.conns[key];
-        if conn.state == IoState::Gone
-            && !conn.io.recv_armed
-            && conn.io.send.is_none()
-            && !conn.io.close_pending
-        {
+        let conn = &mut self.core.conns[key];
+        if conn.state != IoState::Gone {
+            return;
+        }
+        close_when_idle(conn, &mut self.ring, key);
+        if conn.io.close == SlotClose::Done && !conn.io.recv_armed && conn.io.send.is_none() {
             drop(self.core.conns.remove(key));
         }
     }
@@ -1004,13 +1033,14 @@ fn conn_of(core: &mut Core<Sock>, key: usize, serial: u32) -> Option<&mut Conn<S
 }
 
 /// Closes `key`: it leaves its topics and stops counting; its receive and
-/// send are cancelled and its slot closed. The entry is freed once all
-/// three have completed (see [`Worker::free_if_done`]).
+/// send are cancelled, and its slot is closed once they (and a shutdown)
+/// have completed. The entry is freed after the close (see
+/// [`Worker::free_if_done`]).
 fn remove(core: &mut Core<Sock>, ring: &mut Ring, key: usize) {
     core.retire(key);
     let conn = &mut core.conns[key];
     let serial = conn.serial;
-    if conn.io.close_pending {
+    if conn.io.close != SlotClose::Open {
         return;
     }
     if conn.io.recv_armed {
@@ -1025,11 +1055,22 @@ fn remove(core: &mut Core<Sock>, ring: &mut Ring, key: usize) {
             .user_data(user_data(Op::Cancel, key, serial));
         ring.push(&sqe);
     }
-    let sqe = opcode::Close::new(types::Fixed(conn.io.slot))
-        .build()
-        .user_data(user_data(Op::Close, key, serial));
-    conn.io.close_pending = true;
-    ring.push(&sqe);
+    conn.io.close = SlotClose::Wanted;
+    close_when_idle(conn, ring, key);
+}
+
+/// Submits the wanted close of `conn`'s slot once no other operation on it
+/// is in flight (see [`SlotClose`]).
+fn close_when_idle(conn: &mut Conn<Sock>, ring: &mut Ring, key: usize) {
+    let io = &mut conn.io;
+    if io.close == SlotClose::Wanted && !io.recv_armed && io.send.is_none() && !io.shutdown_pending
+    {
+        let sqe = opcode::Close::new(types::Fixed(io.slot))
+            .build()
+            .user_data(user_data(Op::Close, key, conn.serial));
+        io.close = SlotClose::Pending;
+        ring.push(&sqe);
+    }
 }
 
 /// A ring with the flags that help a single-threaded loop, where the kernel has them.
