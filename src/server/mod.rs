@@ -52,6 +52,41 @@ pub struct Shared {
     pub(crate) bus: Arc<Bus>,
 }
 
+/// Builds what a [`session::Session`] needs outside a running server, for
+/// the fuzz targets in `fuzz/` (a separate crate, so `Shared`'s crate-private
+/// fields are out of its reach). Not part of the API: hidden, and free to change.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::{Config, Shared, WorkerStats};
+    use crate::pubsub::bus::{Bus, Wake};
+    use crate::pubsub::directory::Directory;
+    use crate::pubsub::shard::Shard;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    /// A wake-up nobody listens to: a single worker never sends itself a batch.
+    struct NoWake;
+
+    impl Wake for NoWake {
+        fn wake(&self) {}
+    }
+
+    /// A one-worker [`Shared`] for `config`, and worker 0's [`Shard`].
+    pub fn single_worker(config: Config) -> (Shared, Shard) {
+        let (bus, _inboxes) = Bus::new(vec![Box::new(NoWake)]);
+        let directory = Arc::new(Directory::new());
+        let shard = Shard::new(0, Arc::clone(&directory), Arc::clone(&bus));
+        let shared = Shared {
+            config,
+            shutdown: AtomicBool::new(false),
+            stats: Box::new([WorkerStats::default()]),
+            directory,
+            bus,
+        };
+        (shared, shard)
+    }
+}
+
 /// A running server. Dropping it shuts the server down and waits for it.
 pub struct ServerHandle {
     local_addr: SocketAddr,

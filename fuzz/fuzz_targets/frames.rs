@@ -1,0 +1,141 @@
+//! Arbitrary client bytes through `WsConn::decode`, driven as a backend
+//! drives it: unconsumed bytes are kept and the next read appended. Covers
+//! header parsing, unmasking at every phase, fast-path and streaming UTF-8
+//! validation, reassembly, control frames between fragments, and the close
+//! handshake.
+//!
+//! Input: one byte choosing the message cap (a small power of two or the
+//! default), then cut bytes and the stream (see `corecast_fuzz::Reads`).
+//! Invariants:
+//! - no panic; `consumed` never exceeds the input, and after a call that
+//!   returns no event at most `MAX_PENDING_BYTES` are left for next time;
+//! - a message is at most the cap, a text message is valid UTF-8, a pong at
+//!   most 125 bytes; a peer's close code is allowed on the wire; a failure
+//!   uses 1002, 1007 or 1009; nothing happens after a close or a failure;
+//! - everything queued is a valid sequence of server frames (see
+//!   `corecast_fuzz::read_frames`): in particular every close has a valid code;
+//! - cutting the stream into reads changes nothing: the events and the
+//!   frames written are those of the same stream in one read.
+#![no_main]
+
+use corecast::proto::frame::MAX_CONTROL_PAYLOAD;
+use corecast::proto::ws::{DEFAULT_MAX_MESSAGE_BYTES, MAX_PENDING_BYTES};
+use corecast::proto::{CloseCode, CloseState, Event, MessageKind, OutQueue, WsConn};
+use corecast_fuzz::{Item, Reads, drain, read_frames};
+use libfuzzer_sys::fuzz_target;
+
+/// An owned copy of an event, for comparing runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Ev {
+    Message(MessageKind, Vec<u8>),
+    Pong(Vec<u8>),
+    Closed(Option<u16>),
+    Failed(u16),
+}
+
+/// Feeds `reads` to a fresh connection; returns its events and the frames it wrote.
+fn run<'a>(max_message: usize, reads: impl Iterator<Item = &'a [u8]>) -> (Vec<Ev>, Vec<Item>) {
+    let mut conn = WsConn::new(max_message);
+    let mut out = OutQueue::new();
+    let mut pending: Vec<u8> = Vec::new();
+    let mut events = Vec::new();
+    let mut wire = Vec::new();
+    for read in reads {
+        let mut buf = std::mem::take(&mut pending);
+        buf.extend_from_slice(read);
+        let mut pos = 0;
+        loop {
+            let ended = matches!(events.last(), Some(Ev::Closed(_) | Ev::Failed(_)));
+            let avail = buf.len() - pos;
+            let decoded = conn.decode(&mut buf[pos..], &mut out);
+            assert!(decoded.consumed <= avail, "consumed past the input");
+            let consumed = decoded.consumed;
+            // An owned copy: the event borrows both the input and the connection.
+            let event = decoded.event.map(|event| match event {
+                Event::Message { kind, payload } => {
+                    assert!(payload.len() <= max_message, "message over the cap");
+                    if kind == MessageKind::Text {
+                        assert!(
+                            std::str::from_utf8(payload).is_ok(),
+                            "invalid UTF-8 delivered"
+                        );
+                    }
+                    Ev::Message(kind, payload.to_vec())
+                }
+                Event::Pong(p) => {
+                    assert!(p.len() <= MAX_CONTROL_PAYLOAD);
+                    Ev::Pong(p.to_vec())
+                }
+                Event::Closed { code } => {
+                    assert!(
+                        code.is_none_or(CloseCode::is_valid_on_wire),
+                        "close code {code:?}"
+                    );
+                    Ev::Closed(code)
+                }
+                Event::Failed { code, reason } => {
+                    assert!(
+                        [
+                            CloseCode::PROTOCOL_ERROR,
+                            CloseCode::INVALID_PAYLOAD,
+                            CloseCode::MESSAGE_TOO_BIG
+                        ]
+                        .contains(&code),
+                        "failed with {code:?} ({reason})"
+                    );
+                    Ev::Failed(code.0)
+                }
+            });
+            pos += consumed;
+            let Some(event) = event else {
+                assert!(
+                    buf.len() - pos <= MAX_PENDING_BYTES,
+                    "{} bytes left pending",
+                    buf.len() - pos
+                );
+                break;
+            };
+            assert!(!ended, "event after the connection ended: {event:?}");
+            if matches!(event, Ev::Closed(_) | Ev::Failed(_)) {
+                assert_eq!(conn.close_state(), CloseState::Closed);
+            }
+            events.push(event);
+        }
+        pending = buf.split_off(pos);
+        drain(&mut out, &mut wire);
+        // Vec growth may double the capacity (and allocates at least 8 bytes).
+        assert!(
+            conn.buffered() <= (2 * max_message).max(8),
+            "reassembly buffer of {} bytes for a cap of {max_message}",
+            conn.buffered()
+        );
+    }
+    let mut items = Vec::new();
+    // The server only answers here: pongs and closes, no data frames.
+    read_frames(&wire, 0, &mut items);
+    assert!(
+        items
+            .iter()
+            .all(|i| matches!(i, Item::Pong(_) | Item::Close(_))),
+        "unexpected frame written: {items:?}"
+    );
+    (events, items)
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&cap, data)) = data.split_first() else {
+        return;
+    };
+    // Small caps reach "message too big" within a fuzz input.
+    let max_message = match cap & 0x0f {
+        0x0f => DEFAULT_MAX_MESSAGE_BYTES,
+        n => 1 << n,
+    };
+    let reads = Reads::new(data);
+    let whole = run(max_message, std::iter::once(reads.stream()));
+    let cut = run(max_message, reads);
+    assert_eq!(
+        whole, cut,
+        "cutting the stream into reads changed the outcome"
+    );
+});
