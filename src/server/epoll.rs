@@ -24,7 +24,6 @@ use mio::{Events, Interest, Poll, Token};
 use std::io::{self, IoSlice, Read, Write};
 use std::net::Shutdown;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
@@ -105,9 +104,7 @@ impl Worker {
                 }
             }
             self.end_of_turn();
-            if self.core.shared.shutdown.load(Ordering::Acquire)
-                && self.core.drain_deadline.is_none()
-            {
+            if self.core.drain_requested() {
                 self.begin_drain();
             }
             if self.core.drained() {

@@ -519,9 +519,7 @@ impl Worker {
             self.core.now = Instant::now();
             self.reap();
             self.end_of_turn();
-            if self.core.shared.shutdown.load(Ordering::Acquire)
-                && self.core.drain_deadline.is_none()
-            {
+            if self.core.drain_requested() {
                 self.begin_drain();
             }
             if self.core.drained() {

@@ -21,6 +21,7 @@ use crate::pubsub::shard::Shard;
 use slab::Slab;
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tracing::{debug, info};
 
@@ -297,7 +298,7 @@ impl<S> Core<S> {
         dirty
     }
 
-    /// Gives a list taken with [`Self::take_dirty`] or [`Self::take_reread`] back, cleared.
+    /// Gives a list taken with [`Self::take_dirty`] back, cleared, to reuse its capacity.
     pub fn return_dirty(&mut self, mut list: Vec<ConnRef>) {
         list.clear();
         if self.dirty.is_empty() {
@@ -550,6 +551,11 @@ impl<S> Core<S> {
                 remove(self, key);
             }
         }
+    }
+
+    /// Has shutdown been asked for, and the drain not yet begun?
+    pub fn drain_requested(&self) -> bool {
+        self.shared.shutdown.load(Ordering::Acquire) && self.drain_deadline.is_none()
     }
 
     /// Is the drain over (everything closed, or the deadline passed)?

@@ -11,7 +11,7 @@ use crate::cli::EchoPlan;
 use crate::client::{Rng, Sink};
 use crate::clock::{Anchor, mono_ns};
 use crate::coord::Link;
-use crate::fanout::{Arrival, SeqTracker, decode_payload, push_message};
+use crate::fanout::{Arrival, Arrivals, SeqTracker, push_message};
 use crate::fleet::{Fleet, PROGRESS_EVERY};
 use crate::hist::Hist;
 use crate::wire::ShardReport;
@@ -37,12 +37,8 @@ pub struct Echoes {
     slots: Vec<Slot>,
     /// Connections that got an echo this turn and may send again.
     pub wake: Vec<usize>,
-    pub received: u64,
-    pub malformed: u64,
-    pub not_binary: u64,
+    pub arrivals: Arrivals,
     pub latency: Hist,
-    pub first_receive: Option<Instant>,
-    pub last_receive: Option<Instant>,
 }
 
 impl Echoes {
@@ -57,12 +53,8 @@ impl Echoes {
                 })
                 .collect(),
             wake: Vec::new(),
-            received: 0,
-            malformed: 0,
-            not_binary: 0,
+            arrivals: Arrivals::default(),
             latency: Hist::default(),
-            first_receive: None,
-            last_receive: None,
         }
     }
 
@@ -73,12 +65,8 @@ impl Echoes {
 
     /// Totals into `r`.
     pub fn report(&self, r: &mut ShardReport) {
-        r.frames = self.received;
-        r.malformed = self.malformed;
-        r.not_binary = self.not_binary;
+        self.arrivals.report(r, &self.anchor);
         r.latency = self.latency.to_wire();
-        r.first_receive_ns = self.first_receive.map(|i| self.anchor.ns(i));
-        r.last_receive_ns = self.last_receive.map(|i| self.anchor.ns(i));
         for s in self.slots.iter().filter(|s| s.live) {
             let lost = s.tracker.lost(s.next);
             r.tracked += 1;
@@ -98,14 +86,7 @@ impl Sink for Echoes {
         let Some(slot) = self.slots.get_mut(conn).filter(|s| s.live) else {
             return;
         };
-        self.received += 1;
-        self.first_receive.get_or_insert(at);
-        self.last_receive = Some(at);
-        if opcode != OpCode::Binary {
-            self.not_binary += 1;
-        }
-        let Some((seq, sent_ns)) = decode_payload(payload) else {
-            self.malformed += 1;
+        let Some((seq, sent_ns)) = self.arrivals.record(opcode, payload, at) else {
             return;
         };
         if slot.tracker.record(seq) == Arrival::Duplicate {
@@ -168,7 +149,7 @@ pub fn phase(
             next_progress = now + PROGRESS_EVERY;
             // A parent that went away ends the phase early.
             link.try_recv()?;
-            link.send(&crate::shard::progress(fleet, e.received));
+            link.send(&crate::shard::progress(fleet, e.arrivals.frames));
         }
         let wait = if sending { TURN.min(end - now) } else { TURN };
         fleet
@@ -217,7 +198,7 @@ mod tests {
         e.message(1, OpCode::Binary, &msg(0), at);
         e.message(1, OpCode::Binary, &msg(0), at); // duplicate
         e.message(2, OpCode::Binary, &msg(0), at); // not live: ignored
-        assert_eq!(e.received, 4);
+        assert_eq!(e.arrivals.frames, 4);
         assert_eq!(e.wake, [0, 0, 1]);
         assert_eq!(e.in_flight(), 2);
         assert_eq!(e.latency.len(), 3);

@@ -57,6 +57,45 @@ pub fn decode_payload(payload: &[u8]) -> Option<(u64, u64)> {
     Some((seq, sent))
 }
 
+/// What every received data frame updates, in fanout and in echo alike.
+#[derive(Debug, Default)]
+pub struct Arrivals {
+    pub frames: u64,
+    /// Too short to carry a sequence number and a send time.
+    pub malformed: u64,
+    /// Not a binary frame (counted; still decoded).
+    pub not_binary: u64,
+    pub first: Option<Instant>,
+    pub last: Option<Instant>,
+}
+
+impl Arrivals {
+    /// Counts a data frame received at `at`; returns its `(seq, sent_ns)`,
+    /// or `None` (counted as malformed) when it carries none.
+    pub fn record(&mut self, opcode: OpCode, payload: &[u8], at: Instant) -> Option<(u64, u64)> {
+        self.frames += 1;
+        self.first.get_or_insert(at);
+        self.last = Some(at);
+        if opcode != OpCode::Binary {
+            self.not_binary += 1;
+        }
+        let decoded = decode_payload(payload);
+        if decoded.is_none() {
+            self.malformed += 1;
+        }
+        decoded
+    }
+
+    /// The counts and the receive window into `r`.
+    pub fn report(&self, r: &mut ShardReport, anchor: &Anchor) {
+        r.frames = self.frames;
+        r.malformed = self.malformed;
+        r.not_binary = self.not_binary;
+        r.first_receive_ns = self.first.map(|i| anchor.ns(i));
+        r.last_receive_ns = self.last.map(|i| anchor.ns(i));
+    }
+}
+
 /// Appends one masked, unfragmented binary client frame whose payload is
 /// the header for `(seq, sent_ns)` padded with zeros to `size` bytes
 /// (`size >= PAYLOAD_HEADER`).
@@ -174,12 +213,8 @@ pub struct Delivery {
     targets: Vec<u64>,
     /// Tracked subscribers with all of their topic's messages.
     pub complete: usize,
-    pub frames: u64,
-    pub malformed: u64,
-    pub not_binary: u64,
+    pub arrivals: Arrivals,
     pub latency: Hist,
-    pub first_receive: Option<Instant>,
-    pub last_receive: Option<Instant>,
 }
 
 impl Delivery {
@@ -191,12 +226,8 @@ impl Delivery {
             topic,
             targets: Vec::new(),
             complete: 0,
-            frames: 0,
-            malformed: 0,
-            not_binary: 0,
+            arrivals: Arrivals::default(),
             latency: Hist::default(),
-            first_receive: None,
-            last_receive: None,
         };
         d.set_targets(targets);
         d
@@ -216,13 +247,9 @@ impl Delivery {
 
     /// Totals over the tracked subscribers, into `r`.
     pub fn report(&self, r: &mut ShardReport) {
-        r.frames = self.frames;
-        r.malformed = self.malformed;
-        r.not_binary = self.not_binary;
+        self.arrivals.report(r, &self.anchor);
         r.complete = self.complete as u64;
         r.latency = self.latency.to_wire();
-        r.first_receive_ns = self.first_receive.map(|i| self.anchor.ns(i));
-        r.last_receive_ns = self.last_receive.map(|i| self.anchor.ns(i));
         for (t, tr) in self.trackers.iter().enumerate() {
             if !self.tracked[t] {
                 continue;
@@ -245,14 +272,7 @@ impl Sink for Delivery {
         if !self.tracked.get(conn).copied().unwrap_or(false) {
             return;
         }
-        self.frames += 1;
-        self.first_receive.get_or_insert(at);
-        self.last_receive = Some(at);
-        if opcode != OpCode::Binary {
-            self.not_binary += 1;
-        }
-        let Some((seq, sent_ns)) = decode_payload(payload) else {
-            self.malformed += 1;
+        let Some((seq, sent_ns)) = self.arrivals.record(opcode, payload, at) else {
             return;
         };
         let target = self.target(conn);
@@ -323,7 +343,7 @@ pub fn subscribe_phase(
         }
         if now >= next_progress {
             next_progress = now + PROGRESS_EVERY;
-            link.send(&crate::shard::progress(fleet, d.frames));
+            link.send(&crate::shard::progress(fleet, d.arrivals.frames));
         }
         fleet
             .serve(TURN, &mut d)
@@ -458,7 +478,12 @@ mod tests {
         d.message(2, OpCode::Binary, b"short", at);
         d.message(3, OpCode::Binary, &frame(0, origin), at);
         assert_eq!(
-            (d.frames, d.complete, d.not_binary, d.malformed),
+            (
+                d.arrivals.frames,
+                d.complete,
+                d.arrivals.not_binary,
+                d.arrivals.malformed
+            ),
             (6, 2, 1, 1)
         );
         assert_eq!(d.latency.len(), 4);
