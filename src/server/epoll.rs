@@ -174,7 +174,7 @@ impl Worker {
         };
         for _ in 0..MAX_ACCEPTS_PER_TURN {
             match listener.accept() {
-                Ok((mut sock, _peer)) => {
+                Ok((mut sock, peer)) => {
                     // Pushed frames must leave at once, not wait for Nagle.
                     let _ = sock.set_nodelay(true);
                     let key = self.core.conns.vacant_key();
@@ -186,7 +186,7 @@ impl Worker {
                         warn!(worker = self.core.id, error = %e, "register failed");
                         continue;
                     }
-                    let admitted = self.core.admit(sock);
+                    let admitted = self.core.admit(sock, Some(peer.ip()));
                     debug_assert_eq!(admitted, key);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,

@@ -634,13 +634,16 @@ impl Worker {
                 self.close_slot(slot, NO_KEY, 0);
                 return;
             }
-            let key = self.core.admit(Sock {
-                slot,
-                recv_armed: false,
-                send: None,
-                shutdown_pending: false,
-                close: SlotClose::Open,
-            });
+            let key = self.core.admit(
+                Sock {
+                    slot,
+                    recv_armed: false,
+                    send: None,
+                    shutdown_pending: false,
+                    close: SlotClose::Open,
+                },
+                None,
+            );
             self.arm_recv(key);
             return;
         }

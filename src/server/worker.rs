@@ -20,6 +20,7 @@ use crate::pubsub::bus::{Inbox, MAILBOX_HIGH_WATER, Publication};
 use crate::pubsub::shard::Shard;
 use slab::Slab;
 use std::collections::VecDeque;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -187,9 +188,11 @@ impl<S> Core<S> {
             .is_some_and(|c| c.serial == serial && c.state != IoState::Gone)
     }
 
-    /// Adds a freshly accepted connection; returns its key. Its request
-    /// head has the handshake timeout from now.
-    pub fn admit(&mut self, io: S) -> usize {
+    /// Adds a freshly accepted connection from `peer` (when the backend
+    /// knows it); returns its key. Its request head has the handshake
+    /// timeout from now.
+    pub fn admit(&mut self, io: S, peer: Option<IpAddr>) -> usize {
+        let _ = peer;
         let now_ms = self.now_ms();
         let serial = self.next_serial;
         self.next_serial = self.next_serial.wrapping_add(1);
