@@ -1,12 +1,17 @@
 //! Command-line interface: `corecast serve ...`.
 
 use crate::proto::handshake::DEFAULT_MAX_HEAD_BYTES;
-use crate::proto::ws::DEFAULT_MAX_MESSAGE_BYTES;
+use crate::proto::ws::{
+    DEFAULT_MAX_CONTROL_RATE, DEFAULT_MAX_FRAGMENTS, DEFAULT_MAX_FRAME_BYTES,
+    DEFAULT_MAX_MESSAGE_BYTES,
+};
 use crate::pubsub::topic::{DEFAULT_MAX_TOPIC_LEN, DEFAULT_MAX_TOPICS_PER_CONN};
 use crate::server::Config;
+use crate::server::admission::DEFAULT_MAX_CONNECTIONS;
 use crate::server::config::{
-    DEFAULT_DRAIN_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_OUTBOUND_BYTES,
-    DEFAULT_PING_INTERVAL, DEFAULT_PING_TIMEOUT, IoMode, SlowConsumerPolicy,
+    DEFAULT_DRAIN_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_BUFFERED_BYTES,
+    DEFAULT_MAX_OUTBOUND_BYTES, DEFAULT_MESSAGE_TIMEOUT, DEFAULT_PING_INTERVAL,
+    DEFAULT_PING_TIMEOUT, DEFAULT_TCP_KEEPALIVE, IoMode, SlowConsumerPolicy,
 };
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
@@ -107,6 +112,56 @@ pub struct ServeArgs {
         value_name = "TOKEN"
     )]
     pub publish_token: Option<String>,
+
+    /// Most open connections in the process; more are answered
+    /// `503 Service Unavailable` with `Retry-After`.
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS, value_name = "N")]
+    pub max_connections: usize,
+
+    /// Most open connections from one source address (503 over it); 0 = no
+    /// limit. Off by default: clients behind a proxy or NAT share an address.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub max_connections_per_ip: u32,
+
+    /// New connections per second from one source address, with a burst of
+    /// one second's worth (503 over it); 0 = no limit.
+    #[arg(long, default_value_t = 0, value_name = "PER_SECOND")]
+    pub max_connect_rate_per_ip: u32,
+
+    /// Messages per second one publisher may publish: an HTTP publisher's
+    /// address over it gets 429 with Retry-After; a WebSocket publisher is
+    /// paced (not read until it is back under the rate). 0 = no limit.
+    #[arg(long, default_value_t = 0, value_name = "PER_SECOND")]
+    pub max_publish_rate: u32,
+
+    /// Largest frame payload a client may send; larger closes with 1009.
+    #[arg(long, default_value_t = DEFAULT_MAX_FRAME_BYTES, value_parser = parse_size, value_name = "BYTES")]
+    pub max_frame_size: usize,
+
+    /// Most frames (fragments) in one client message; more closes with 1009.
+    #[arg(long, default_value_t = DEFAULT_MAX_FRAGMENTS, value_name = "N")]
+    pub max_fragments: u32,
+
+    /// Pings and pongs one client may send per second (burst: one second's
+    /// worth); more closes with 1008. 0 = no limit.
+    #[arg(long, default_value_t = DEFAULT_MAX_CONTROL_RATE, value_name = "PER_SECOND")]
+    pub max_control_rate: u32,
+
+    /// Time a client has to finish a message it started; over it closes with
+    /// 1008 "message timeout". 0 disables.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub message_timeout: Duration,
+
+    /// TCP keepalive idle time on accepted sockets (probes every 10 s, 6
+    /// unanswered close the socket); 0 disables.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    pub tcp_keepalive: Duration,
+
+    /// Process-wide budget for bytes held on behalf of connections (partial
+    /// requests and messages, queued replies, copied frames). A connection
+    /// that would grow past it is closed with 1013 (or refused with 503).
+    #[arg(long, default_value_t = DEFAULT_MAX_BUFFERED_BYTES, value_parser = parse_size, value_name = "BYTES")]
+    pub max_buffered_bytes: usize,
 }
 
 impl ServeArgs {
@@ -130,6 +185,16 @@ impl ServeArgs {
             ping_timeout: self.ping_timeout,
             admin_listen: self.admin_listen,
             publish_token: self.publish_token.clone().filter(|t| !t.is_empty()),
+            max_connections: self.max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
+            max_connect_rate_per_ip: self.max_connect_rate_per_ip,
+            max_publish_rate: self.max_publish_rate,
+            max_frame_size: self.max_frame_size,
+            max_fragments: self.max_fragments,
+            max_control_rate: self.max_control_rate,
+            message_timeout: (!self.message_timeout.is_zero()).then_some(self.message_timeout),
+            tcp_keepalive: (!self.tcp_keepalive.is_zero()).then_some(self.tcp_keepalive),
+            max_buffered_bytes: self.max_buffered_bytes,
         }
     }
 }
@@ -140,6 +205,8 @@ const _: () = assert!(
         && DEFAULT_DRAIN_TIMEOUT.as_secs() == 5
         && DEFAULT_PING_INTERVAL.as_secs() == 30
         && DEFAULT_PING_TIMEOUT.as_secs() == 10
+        && DEFAULT_MESSAGE_TIMEOUT.as_secs() == 30
+        && DEFAULT_TCP_KEEPALIVE.as_secs() == 60
 );
 
 /// Parses `auto`, `epoll` or `uring`.
@@ -244,6 +311,16 @@ mod tests {
         assert_eq!(c.ping_interval, d.ping_interval);
         assert_eq!(c.ping_timeout, d.ping_timeout);
         assert_eq!(c.admin_listen, d.admin_listen);
+        assert_eq!(c.max_connections, d.max_connections);
+        assert_eq!(c.max_connections_per_ip, d.max_connections_per_ip);
+        assert_eq!(c.max_connect_rate_per_ip, d.max_connect_rate_per_ip);
+        assert_eq!(c.max_publish_rate, d.max_publish_rate);
+        assert_eq!(c.max_frame_size, d.max_frame_size);
+        assert_eq!(c.max_fragments, d.max_fragments);
+        assert_eq!(c.max_control_rate, d.max_control_rate);
+        assert_eq!(c.message_timeout, d.message_timeout);
+        assert_eq!(c.tcp_keepalive, d.tcp_keepalive);
+        assert_eq!(c.max_buffered_bytes, d.max_buffered_bytes);
     }
 
     #[test]

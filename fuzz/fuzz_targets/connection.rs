@@ -80,7 +80,7 @@ fn run<'a>(cfg: &Config, reads: impl Iterator<Item = &'a [u8]>) -> Vec<Item> {
     let mut session = Session::new();
     let mut wire = Vec::new();
     let mut kept: Vec<u8> = Vec::new();
-    for read in reads {
+    for (i, read) in reads.enumerate() {
         let mut buf = kept.clone();
         buf.extend_from_slice(read);
         let requests = session.requests();
@@ -91,6 +91,9 @@ fn run<'a>(cfg: &Config, reads: impl Iterator<Item = &'a [u8]>) -> Vec<Item> {
                 shard: &mut shard,
                 me: (0, 0),
                 now,
+                // 7 ms per read: the control-frame allowance refills as it would.
+                now_ms: (i as u32).wrapping_mul(7),
+                peer: Some(std::net::IpAddr::from([127, 0, 0, 1])),
             };
             session.on_input(&mut buf, &mut ctx)
         };

@@ -204,6 +204,8 @@ impl CloseCode {
     pub const POLICY_VIOLATION: Self = Self(1008);
     pub const MESSAGE_TOO_BIG: Self = Self(1009);
     pub const INTERNAL_ERROR: Self = Self(1011);
+    /// "Try Again Later" (IANA registry): the server is out of a resource.
+    pub const TRY_AGAIN_LATER: Self = Self(1013);
 
     /// May this code appear in a close frame on the wire (§7.4.1, §7.4.2 and
     /// the IANA registry)? 1005, 1006 and 1015 are for local use only.

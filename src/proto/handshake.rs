@@ -24,6 +24,7 @@ pub enum Status {
     Unauthorized,
     NotFound,
     MethodNotAllowed,
+    RequestTimeout,
     LengthRequired,
     PayloadTooLarge,
     UpgradeRequired,
@@ -34,11 +35,12 @@ pub enum Status {
 
 impl Status {
     /// Every status, in code order (metrics iterate it).
-    pub const ALL: [Status; 10] = [
+    pub const ALL: [Status; 11] = [
         Self::BadRequest,
         Self::Unauthorized,
         Self::NotFound,
         Self::MethodNotAllowed,
+        Self::RequestTimeout,
         Self::LengthRequired,
         Self::PayloadTooLarge,
         Self::UpgradeRequired,
@@ -53,6 +55,7 @@ impl Status {
             Self::Unauthorized => 401,
             Self::NotFound => 404,
             Self::MethodNotAllowed => 405,
+            Self::RequestTimeout => 408,
             Self::LengthRequired => 411,
             Self::PayloadTooLarge => 413,
             Self::UpgradeRequired => 426,
@@ -73,6 +76,7 @@ impl Status {
             Self::Unauthorized => "Unauthorized",
             Self::NotFound => "Not Found",
             Self::MethodNotAllowed => "Method Not Allowed",
+            Self::RequestTimeout => "Request Timeout",
             Self::LengthRequired => "Length Required",
             Self::PayloadTooLarge => "Payload Too Large",
             Self::UpgradeRequired => "Upgrade Required",

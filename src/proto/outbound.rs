@@ -49,6 +49,13 @@ impl OutQueue {
         self.inner.as_ref().map_or(0, |i| i.len)
     }
 
+    /// Bytes this queue alone keeps alive: everything queued except shared
+    /// frames ([`Self::push_frame`] above [`COPY_BELOW`]), which exist once
+    /// however many queues hold them. What the memory budget charges.
+    pub fn owned(&self) -> usize {
+        self.inner.as_ref().map_or(0, |i| i.len - i.shared)
+    }
+
     /// Nothing left to write.
     pub fn is_empty(&self) -> bool {
         self.inner.is_none()
@@ -85,7 +92,7 @@ impl OutQueue {
         if frame.len() < COPY_BELOW {
             self.push_copy(frame);
         } else {
-            self.push(frame.clone());
+            self.get().push_chunk(frame.clone(), true);
         }
     }
 
@@ -130,13 +137,22 @@ impl OutQueue {
 }
 
 /// The queue's contents: `chunks`, then `tail`.
+/// A queued chunk, and whether other queues share it.
+#[derive(Debug)]
+struct Chunk {
+    bytes: Bytes,
+    shared: bool,
+}
+
 #[derive(Debug, Default)]
 struct Inner {
-    chunks: VecDeque<Bytes>,
+    chunks: VecDeque<Chunk>,
     /// Small frames copied back to back; logically after every chunk.
     tail: BytesMut,
     /// Total bytes not yet written.
     len: usize,
+    /// Of `len`, bytes in shared chunks.
+    shared: usize,
     /// Chunks at the front the kernel may be reading ([`OutQueue::pin_front`]).
     pinned: usize,
 }
@@ -147,18 +163,27 @@ impl Inner {
             chunks: VecDeque::new(),
             tail: BytesMut::new(),
             len: 0,
+            shared: 0,
             pinned: 0,
         }
     }
 
-    /// Appends a chunk by reference (empty chunks are ignored).
+    /// Appends a chunk this queue owns (empty chunks are ignored).
     fn push(&mut self, chunk: Bytes) {
-        if chunk.is_empty() {
+        self.push_chunk(chunk, false);
+    }
+
+    /// Appends a chunk by reference.
+    fn push_chunk(&mut self, bytes: Bytes, shared: bool) {
+        if bytes.is_empty() {
             return;
         }
         self.seal_tail();
-        self.len += chunk.len();
-        self.chunks.push_back(chunk);
+        self.len += bytes.len();
+        if shared {
+            self.shared += bytes.len();
+        }
+        self.chunks.push_back(Chunk { bytes, shared });
     }
 
     /// Appends a copy of `bytes` to the tail buffer.
@@ -194,7 +219,13 @@ impl Inner {
             // Pinned chunks are in the kernel's hands: they stay where they are.
             self.chunks.truncate(keep);
             self.tail = BytesMut::new();
-            self.len = self.chunks.iter().map(|c| c.len()).sum();
+            self.len = self.chunks.iter().map(|c| c.bytes.len()).sum();
+            self.shared = self
+                .chunks
+                .iter()
+                .filter(|c| c.shared)
+                .map(|c| c.bytes.len())
+                .sum();
         }
         // With no sealed chunk, the tail alone holds < TAIL_MAX_BYTES: kept
         // whole, since it has no frame index to cut at.
@@ -205,7 +236,7 @@ impl Inner {
     fn gather<'a>(&'a self, iov: &mut [IoSlice<'a>]) -> usize {
         let mut n = 0;
         for (slot, chunk) in iov.iter_mut().zip(self.chunks.iter()) {
-            *slot = IoSlice::new(chunk);
+            *slot = IoSlice::new(&chunk.bytes);
             n += 1;
         }
         if !self.tail.is_empty() && n < iov.len() {
@@ -225,13 +256,16 @@ impl Inner {
                 self.tail.advance(n);
                 break;
             };
-            if n >= front.len() {
-                n -= front.len();
+            let take = n.min(front.bytes.len());
+            if front.shared {
+                self.shared -= take;
+            }
+            if take == front.bytes.len() {
                 self.chunks.pop_front();
             } else {
-                front.advance(n);
-                n = 0;
+                front.bytes.advance(take);
             }
+            n -= take;
         }
         if self.len == 0 {
             // Give back the ring and the tail: an idle connection keeps no heap memory.
@@ -243,7 +277,11 @@ impl Inner {
     /// Moves the tail into `chunks` so that a later shared chunk follows it.
     fn seal_tail(&mut self) {
         if !self.tail.is_empty() {
-            self.chunks.push_back(self.tail.split().freeze());
+            let bytes = self.tail.split().freeze();
+            self.chunks.push_back(Chunk {
+                bytes,
+                shared: false,
+            });
         }
     }
 }
@@ -275,6 +313,27 @@ mod tests {
         q.advance(1);
         assert!(q.is_empty());
         assert!(q.inner.is_none(), "an empty queue frees everything");
+    }
+
+    #[test]
+    fn owned_bytes_leave_out_shared_frames() {
+        let mut q = OutQueue::new();
+        let big = Bytes::from(vec![7u8; COPY_BELOW]);
+        q.push_frame(&Bytes::from_static(b"small"));
+        q.push_frame(&big);
+        q.push(Bytes::from_static(b"reply"));
+        assert_eq!(q.len(), 10 + COPY_BELOW);
+        assert_eq!(q.owned(), 10, "the shared frame is not this queue's");
+        q.advance(7); // "small" and 2 bytes of the shared frame
+        assert_eq!(q.owned(), 5);
+        q.advance(COPY_BELOW - 2);
+        assert_eq!((q.len(), q.owned()), (5, 5));
+        q.push_frame(&big);
+        q.push_frame(&big);
+        assert_eq!(q.truncate_to_front(), 2 * COPY_BELOW);
+        assert_eq!(q.owned(), 5);
+        q.advance(5);
+        assert_eq!(q.owned(), 0);
     }
 
     #[test]
@@ -333,7 +392,7 @@ mod tests {
         let inner = q.inner.as_ref().unwrap();
         assert!(inner.tail.len() < TAIL_MAX_BYTES);
         assert!(
-            inner.chunks.iter().all(|c| c.len() % 1000 == 0),
+            inner.chunks.iter().all(|c| c.bytes.len() % 1000 == 0),
             "chunks end on frame boundaries"
         );
         q.advance(10);

@@ -20,10 +20,56 @@ use super::mask::apply_mask;
 use super::outbound::OutQueue;
 use super::utf8::{self, Utf8Validator};
 use bytes::Bytes;
+use std::sync::Arc;
 
 /// Default cap on a reassembled message, in bytes (flag `--max-message-size`).
 /// 16 MiB admits every Autobahn case (9.1.6 sends 16 MiB).
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Default cap on one frame's payload (flag `--max-frame-size`).
+pub const DEFAULT_MAX_FRAME_BYTES: usize = DEFAULT_MAX_MESSAGE_BYTES;
+/// Default cap on the frames of one message (flag `--max-fragments`).
+/// Autobahn 9.3.1 sends a 4 MiB message in 64-byte fragments: 65 536.
+pub const DEFAULT_MAX_FRAGMENTS: u32 = 131_072;
+/// Default ping/pong frames a client may send per second, sustained, with
+/// as many again in a burst (flag `--max-control-rate`).
+pub const DEFAULT_MAX_CONTROL_RATE: u32 = 100;
+
+/// The limits a connection enforces on what the client sends. Shared by
+/// every connection of a server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WsLimits {
+    /// Largest reassembled message; bigger closes 1009.
+    pub max_message: u64,
+    /// Largest frame payload; bigger closes 1009.
+    pub max_frame: u64,
+    /// Most frames in one message; more closes 1009.
+    pub max_fragments: u32,
+    /// Pings and pongs per second (token bucket holding one second's worth);
+    /// more closes 1008. 0: unlimited.
+    pub control_rate: u32,
+}
+
+impl Default for WsLimits {
+    fn default() -> Self {
+        Self {
+            max_message: DEFAULT_MAX_MESSAGE_BYTES as u64,
+            max_frame: DEFAULT_MAX_FRAME_BYTES as u64,
+            max_fragments: DEFAULT_MAX_FRAGMENTS,
+            control_rate: DEFAULT_MAX_CONTROL_RATE,
+        }
+    }
+}
+
+impl WsLimits {
+    /// The defaults with messages (and frames) capped at `max_message`.
+    pub fn with_max_message(max_message: usize) -> Self {
+        Self {
+            max_message: max_message as u64,
+            max_frame: max_message as u64,
+            ..Self::default()
+        }
+    }
+}
 
 /// Data message types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,12 +153,28 @@ pub struct WsConn {
     /// `msg_buf` was handed out in the last event; clear it on the next call.
     delivered: bool,
     close: CloseState,
-    max_message: u64,
+    limits: Arc<WsLimits>,
+    /// Frames of the message in progress.
+    fragments: u32,
+    /// Control frames the client may still send, in thousandths.
+    control_credit: u32,
+    /// The caller's clock at the last [`Self::tick`], in milliseconds.
+    clock_ms: u32,
+    /// When the message in progress started (its first frame header).
+    msg_started_ms: u32,
 }
 
 impl WsConn {
-    /// A connection that accepts messages up to `max_message` bytes.
+    /// A connection that accepts messages up to `max_message` bytes, with
+    /// the other limits at their defaults.
     pub fn new(max_message: usize) -> Self {
+        Self::with_limits(Arc::new(WsLimits::with_max_message(max_message)), 0)
+    }
+
+    /// A connection enforcing `limits`, opened at `now_ms` on the caller's
+    /// millisecond clock (see [`Self::tick`]).
+    pub fn with_limits(limits: Arc<WsLimits>, now_ms: u32) -> Self {
+        let control_credit = limits.control_rate.saturating_mul(1000);
         Self {
             recv: RecvState::Header,
             msg_kind: None,
@@ -121,8 +183,45 @@ impl WsConn {
             utf8: Utf8Validator::new(),
             delivered: false,
             close: CloseState::Open,
-            max_message: max_message as u64,
+            limits,
+            fragments: 0,
+            control_credit,
+            clock_ms: now_ms,
+            msg_started_ms: now_ms,
         }
+    }
+
+    /// Tells the connection the time (milliseconds on any clock that only
+    /// moves forward, wrapping) before a [`Self::decode`]: refills the
+    /// control-frame allowance. No clock is read here (sans-IO).
+    pub fn tick(&mut self, now_ms: u32) {
+        let rate = self.limits.control_rate;
+        let elapsed = now_ms.wrapping_sub(self.clock_ms);
+        self.clock_ms = now_ms;
+        if rate == 0 || elapsed == 0 {
+            return;
+        }
+        let cap = rate.saturating_mul(1000);
+        // `rate` per second is `rate` thousandths per millisecond.
+        let gain = (elapsed as u64 * rate as u64).min(cap as u64) as u32;
+        self.control_credit = self.control_credit.saturating_add(gain).min(cap);
+    }
+
+    /// Is a message (or a frame of one) partly received?
+    pub fn in_message(&self) -> bool {
+        self.msg_kind.is_some() || matches!(self.recv, RecvState::Payload { .. })
+    }
+
+    /// When the message in progress started, on the [`Self::tick`] clock;
+    /// `None` between messages and once closed.
+    pub fn message_started(&self) -> Option<u32> {
+        (self.close != CloseState::Closed && self.in_message()).then_some(self.msg_started_ms)
+    }
+
+    /// Fails the connection from outside the decoder (memory budget,
+    /// message deadline): queues the close frame, frees the partial message.
+    pub fn abort(&mut self, code: CloseCode, reason: &'static str, out: &mut OutQueue) {
+        let _ = self.fail(code, reason, out, 0);
     }
 
     /// Where the close handshake stands.
@@ -255,6 +354,17 @@ impl WsConn {
                                 event: None,
                             };
                         }
+                        if header.opcode != OpCode::Close && self.limits.control_rate > 0 {
+                            if self.control_credit < 1000 {
+                                return self.fail(
+                                    CloseCode::POLICY_VIOLATION,
+                                    "control frame flood",
+                                    out,
+                                    input.len(),
+                                );
+                            }
+                            self.control_credit -= 1000;
+                        }
                         let payload = &mut input[pos + hlen..pos + total];
                         apply_mask(payload, mask, 0);
                         pos += total;
@@ -295,7 +405,28 @@ impl WsConn {
                         }
                         _ => {}
                     }
-                    if self.msg_len + plen > self.max_message {
+                    if plen > self.limits.max_frame {
+                        return self.fail(
+                            CloseCode::MESSAGE_TOO_BIG,
+                            "frame too big",
+                            out,
+                            input.len(),
+                        );
+                    }
+                    self.fragments = if starts_message {
+                        1
+                    } else {
+                        self.fragments + 1
+                    };
+                    if self.fragments > self.limits.max_fragments {
+                        return self.fail(
+                            CloseCode::MESSAGE_TOO_BIG,
+                            "too many fragments",
+                            out,
+                            input.len(),
+                        );
+                    }
+                    if self.msg_len + plen > self.limits.max_message {
                         return self.fail(
                             CloseCode::MESSAGE_TOO_BIG,
                             "message too big",
@@ -333,6 +464,7 @@ impl WsConn {
                     }
                     if starts_message {
                         self.msg_kind = Some(kind);
+                        self.msg_started_ms = self.clock_ms;
                     }
                     self.msg_len += plen;
                     pos += hlen;

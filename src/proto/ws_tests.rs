@@ -4,6 +4,7 @@ use super::*;
 use crate::proto::frame::{client_frame, parse_header};
 use proptest::prelude::*;
 use std::io::IoSlice;
+use std::sync::Arc;
 
 const MASK: [u8; 4] = [0xa1, 0x07, 0x5c, 0xe3];
 const MAX: usize = 1 << 20;
@@ -28,8 +29,12 @@ struct Harness {
 
 impl Harness {
     fn new(max: usize) -> Self {
+        Self::with(WsLimits::with_max_message(max))
+    }
+
+    fn with(limits: WsLimits) -> Self {
         Self {
-            conn: WsConn::new(max),
+            conn: WsConn::with_limits(Arc::new(limits), 0),
             out: OutQueue::new(),
             pending: Vec::new(),
             events: Vec::new(),
@@ -388,4 +393,99 @@ proptest! {
         h.feed(&data[cut..]);
         prop_assert!(h.events.len() <= data.len());
     }
+}
+
+#[test]
+fn a_frame_over_the_frame_limit_closes_1009_before_its_payload() {
+    let mut h = Harness::with(WsLimits {
+        max_frame: 100,
+        ..WsLimits::with_max_message(1000)
+    });
+    h.feed(&frame(false, OpCode::Binary, &[1; 100]));
+    assert!(h.events.is_empty(), "a frame at the limit is fine");
+    // Only the header of the next frame: refused before any payload.
+    let big = frame(true, OpCode::Continuation, &[2; 101]);
+    h.feed(&big[..8]);
+    assert_eq!(h.events, vec![Ev::Failed(1009)]);
+    assert_eq!(h.sent_close_code(), Some(1009));
+}
+
+#[test]
+fn too_many_fragments_close_1009() {
+    let mut h = Harness::with(WsLimits {
+        max_fragments: 3,
+        ..WsLimits::default()
+    });
+    // Two messages of exactly three fragments pass; the counter restarts.
+    for _ in 0..2 {
+        h.feed(&frame(false, OpCode::Text, b"a"));
+        h.feed(&frame(false, OpCode::Continuation, b""));
+        h.feed(&frame(true, OpCode::Continuation, b"c"));
+    }
+    assert_eq!(h.events.len(), 2);
+    h.feed(&frame(false, OpCode::Binary, b""));
+    h.feed(&frame(false, OpCode::Continuation, b""));
+    h.feed(&frame(false, OpCode::Continuation, b""));
+    h.feed(&frame(false, OpCode::Continuation, b""));
+    assert_eq!(h.events.last(), Some(&Ev::Failed(1009)));
+    assert_eq!(h.sent_close_code(), Some(1009));
+}
+
+#[test]
+fn pings_are_answered_up_to_the_rate_then_close_1008() {
+    let mut h = Harness::with(WsLimits {
+        control_rate: 10,
+        ..WsLimits::default()
+    });
+    for _ in 0..10 {
+        h.feed(&frame(true, OpCode::Ping, b"p"));
+    }
+    assert_eq!(h.sent().len(), 10, "a second's worth answered at once");
+    assert!(h.events.is_empty());
+    // 100 ms later one more is allowed, not two.
+    h.conn.tick(100);
+    h.feed(&frame(true, OpCode::Ping, b"p"));
+    assert_eq!(h.sent().len(), 1);
+    h.feed(&frame(true, OpCode::Pong, b"unsolicited"));
+    assert_eq!(h.events, vec![Ev::Failed(1008)], "pongs count too");
+    assert_eq!(h.sent_close_code(), Some(1008));
+}
+
+#[test]
+fn a_steady_ping_rate_under_the_limit_is_never_closed() {
+    let mut h = Harness::with(WsLimits {
+        control_rate: 10,
+        ..WsLimits::default()
+    });
+    for i in 0..1000u32 {
+        h.conn.tick(i * 100);
+        h.feed(&frame(true, OpCode::Ping, b""));
+    }
+    assert!(h.events.is_empty());
+    assert_eq!(h.sent().len(), 1000);
+    // The close handshake is never rate limited.
+    h.feed(&frame(true, OpCode::Close, &1000u16.to_be_bytes()));
+    assert_eq!(h.events, vec![Ev::Closed(Some(1000))]);
+}
+
+#[test]
+fn message_start_time_is_reported_until_the_message_ends() {
+    let mut h = Harness::new(MAX);
+    h.conn.tick(5);
+    assert_eq!(h.conn.message_started(), None);
+    h.feed(&frame(false, OpCode::Text, b"a"));
+    h.conn.tick(70);
+    h.feed(&frame(false, OpCode::Continuation, b"b"));
+    assert_eq!(h.conn.message_started(), Some(5), "from the first fragment");
+    h.feed(&frame(true, OpCode::Continuation, b"c"));
+    assert_eq!(h.conn.message_started(), None);
+    // A single frame cut in two is a message in progress too.
+    let f = frame(true, OpCode::Binary, &[0; 300]);
+    h.feed(&f[..100]);
+    assert_eq!(h.conn.message_started(), Some(70));
+    let mut out = OutQueue::new();
+    h.conn
+        .abort(CloseCode::POLICY_VIOLATION, "message timeout", &mut out);
+    assert_eq!(h.conn.message_started(), None, "nothing after a failure");
+    assert_eq!(h.conn.buffered(), 0, "the partial message is freed");
 }

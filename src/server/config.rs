@@ -1,8 +1,12 @@
 //! Server configuration, shared read-only by every worker.
 
 use crate::proto::handshake::DEFAULT_MAX_HEAD_BYTES;
-use crate::proto::ws::DEFAULT_MAX_MESSAGE_BYTES;
+use crate::proto::ws::{
+    DEFAULT_MAX_CONTROL_RATE, DEFAULT_MAX_FRAGMENTS, DEFAULT_MAX_FRAME_BYTES,
+    DEFAULT_MAX_MESSAGE_BYTES, WsLimits,
+};
 use crate::pubsub::topic::{DEFAULT_MAX_TOPIC_LEN, DEFAULT_MAX_TOPICS_PER_CONN};
+use crate::server::admission::{AdmissionLimits, DEFAULT_MAX_CONNECTIONS};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -19,6 +23,15 @@ pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default time shutdown waits for clients to finish the close handshake.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time a client has to finish a message it started (all its
+/// fragments, or one frame's payload).
+pub const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default idle time before the kernel sends TCP keepalive probes.
+pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+/// Default process-wide budget for bytes held on behalf of connections
+/// (partial requests and messages, replies and copied frames waiting to be
+/// written); see docs/SECURITY.md.
+pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 1024 * 1024 * 1024;
 
 /// What happens to a subscriber whose queue would pass `max_outbound_bytes`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -81,6 +94,29 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     /// Shared secret publishers must present (`Authorization: Bearer` or `?token=`).
     pub publish_token: Option<String>,
+    /// Most open connections in the process; more are answered 503.
+    pub max_connections: usize,
+    /// Most open connections from one source address; 0 = no limit.
+    pub max_connections_per_ip: u32,
+    /// New connections per second from one source address (burst: one
+    /// second's worth); 0 = no limit.
+    pub max_connect_rate_per_ip: u32,
+    /// Messages per second one publisher may publish (HTTP: per source
+    /// address, answered 429 over it; WebSocket: per connection, paced by
+    /// not reading it); 0 = no limit.
+    pub max_publish_rate: u32,
+    /// Largest frame payload a client may send; bigger closes 1009.
+    pub max_frame_size: usize,
+    /// Most frames in one client message; more closes 1009.
+    pub max_fragments: u32,
+    /// Pings and pongs per second one client may send; more closes 1008. 0 = no limit.
+    pub max_control_rate: u32,
+    /// Time a client has to finish a message it started; `None`: no limit.
+    pub message_timeout: Option<Duration>,
+    /// TCP keepalive idle time on accepted sockets; `None`: off.
+    pub tcp_keepalive: Option<Duration>,
+    /// Process-wide budget for bytes held on behalf of connections.
+    pub max_buffered_bytes: usize,
 }
 
 impl Default for Config {
@@ -103,11 +139,46 @@ impl Default for Config {
             ping_timeout: DEFAULT_PING_TIMEOUT,
             admin_listen: None,
             publish_token: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_ip: 0,
+            max_connect_rate_per_ip: 0,
+            max_publish_rate: 0,
+            max_frame_size: DEFAULT_MAX_FRAME_BYTES,
+            max_fragments: DEFAULT_MAX_FRAGMENTS,
+            max_control_rate: DEFAULT_MAX_CONTROL_RATE,
+            message_timeout: Some(DEFAULT_MESSAGE_TIMEOUT),
+            tcp_keepalive: Some(DEFAULT_TCP_KEEPALIVE),
+            max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
         }
     }
 }
 
 impl Config {
+    /// What every WebSocket enforces on its client's frames.
+    pub fn ws_limits(&self) -> WsLimits {
+        WsLimits {
+            max_message: self.max_message_size as u64,
+            max_frame: self.max_frame_size.min(self.max_message_size) as u64,
+            max_fragments: self.max_fragments.max(1),
+            control_rate: self.max_control_rate,
+        }
+    }
+
+    /// The admission limits.
+    pub fn admission_limits(&self) -> AdmissionLimits {
+        AdmissionLimits {
+            max_connections: self.max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
+            connect_rate_per_ip: self.max_connect_rate_per_ip,
+            publish_rate_per_ip: self.max_publish_rate,
+        }
+    }
+
+    /// Each worker's share of the buffer budget.
+    pub fn buffered_bytes_per_worker(&self) -> usize {
+        self.max_buffered_bytes / self.worker_count().max(1)
+    }
+
     /// The worker count after resolving 0 to the number of available cores.
     pub fn worker_count(&self) -> usize {
         if self.workers > 0 {

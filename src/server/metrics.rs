@@ -1,7 +1,8 @@
 //! `GET /metrics`: the counters of every worker in the Prometheus text
 //! exposition format (version 0.0.4). Names are listed in docs/PROTOCOL.md.
 
-use super::stats::{LATENCY_BUCKETS_US, WorkerStats};
+use super::admission::Refusal;
+use super::stats::{FAILURE_CODES, LATENCY_BUCKETS_US, WorkerStats};
 use crate::proto::handshake::Status;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -37,7 +38,7 @@ pub fn render(workers: &[WorkerStats], topics: usize) -> String {
             get(&w.connections_open)
         );
     }
-    let counters: [Counter; 18] = [
+    let counters: [Counter; 23] = [
         (
             "corecast_connections_accepted_total",
             "TCP connections accepted.",
@@ -124,6 +125,31 @@ pub fn render(workers: &[WorkerStats], topics: usize) -> String {
             |w| &w.publishers_throttled,
         ),
         (
+            "corecast_publish_rate_limited_total",
+            "HTTP publications answered 429 (--max-publish-rate).",
+            |w| &w.publish_rate_limited,
+        ),
+        (
+            "corecast_publishers_paced_total",
+            "Times a WebSocket publisher was not read for a while to hold it to --max-publish-rate.",
+            |w| &w.publishers_paced,
+        ),
+        (
+            "corecast_buffer_budget_closes_total",
+            "Connections closed (1013, or 503 in a request) because --max-buffered-bytes was spent.",
+            |w| &w.budget_closes,
+        ),
+        (
+            "corecast_message_timeouts_total",
+            "Connections closed 1008 for not finishing a message within --message-timeout.",
+            |w| &w.message_timeouts,
+        ),
+        (
+            "corecast_buffered_bytes",
+            "Bytes held for connections and charged to --max-buffered-bytes.",
+            |w| &w.buffered_bytes,
+        ),
+        (
             "corecast_subscriptions",
             "Current (connection, topic) subscriptions.",
             |w| &w.subscriptions,
@@ -155,6 +181,35 @@ pub fn render(workers: &[WorkerStats], topics: usize) -> String {
             "corecast_handshakes_rejected_total{{status=\"{}\"}} {n}",
             st.code()
         );
+    }
+
+    header(
+        &mut s,
+        "corecast_connections_refused_total",
+        "counter",
+        "Connections answered 503 at accept, by the limit they hit.",
+    );
+    for r in Refusal::ALL {
+        let n: u64 = workers
+            .iter()
+            .map(|w| get(&w.connections_refused[r.index()]))
+            .sum();
+        let _ = writeln!(
+            s,
+            "corecast_connections_refused_total{{limit=\"{}\"}} {n}",
+            r.label()
+        );
+    }
+
+    header(
+        &mut s,
+        "corecast_ws_failures_total",
+        "counter",
+        "WebSocket connections the server failed, by close code (1002 protocol, 1007 bad UTF-8, 1008 policy, 1009 too big, 1013 out of buffer budget).",
+    );
+    for (i, code) in FAILURE_CODES.iter().enumerate() {
+        let n: u64 = workers.iter().map(|w| get(&w.ws_failures[i])).sum();
+        let _ = writeln!(s, "corecast_ws_failures_total{{code=\"{code}\"}} {n}");
     }
 
     header(

@@ -7,6 +7,7 @@
 //! | module | holds |
 //! |---|---|
 //! | [`config`] | [`Config`] and its defaults |
+//! | [`admission`] | the connection cap and the per-address limits |
 //! | [`session`] | per-connection state and endpoints, independent of the backend |
 //! | [`worker`] | the backend-independent half of a worker: connection state, deadlines, delivery |
 //! | [`epoll`] | the mio event loop |
@@ -18,6 +19,7 @@
 //! | [`admin`] | the optional separate `/metrics` + `/healthz` listener |
 
 pub mod admin;
+pub mod admission;
 pub mod config;
 pub mod epoll;
 pub mod http;
@@ -50,6 +52,29 @@ pub struct Shared {
     pub(crate) directory: Arc<Directory>,
     /// Cross-worker publication batches and wake-ups.
     pub(crate) bus: Arc<Bus>,
+    /// Connection counts and per-address limits.
+    pub(crate) admission: admission::Admission,
+    /// What every WebSocket enforces on its client's frames.
+    pub(crate) ws_limits: Arc<crate::proto::ws::WsLimits>,
+}
+
+impl Shared {
+    fn new(
+        config: Config,
+        stats: Box<[WorkerStats]>,
+        directory: Arc<Directory>,
+        bus: Arc<Bus>,
+    ) -> Self {
+        Self {
+            admission: admission::Admission::new(config.admission_limits()),
+            ws_limits: Arc::new(config.ws_limits()),
+            config,
+            shutdown: AtomicBool::new(false),
+            stats,
+            directory,
+            bus,
+        }
+    }
 }
 
 /// Builds what a [`session::Session`] needs outside a running server, for
@@ -62,7 +87,6 @@ pub mod fuzzing {
     use crate::pubsub::directory::Directory;
     use crate::pubsub::shard::Shard;
     use std::sync::Arc;
-    use std::sync::atomic::AtomicBool;
 
     /// A wake-up nobody listens to: a single worker never sends itself a batch.
     struct NoWake;
@@ -76,13 +100,7 @@ pub mod fuzzing {
         let (bus, _inboxes) = Bus::new(vec![Box::new(NoWake)]);
         let directory = Arc::new(Directory::new());
         let shard = Shard::new(0, Arc::clone(&directory), Arc::clone(&bus));
-        let shared = Shared {
-            config,
-            shutdown: AtomicBool::new(false),
-            stats: Box::new([WorkerStats::default()]),
-            directory,
-            bus,
-        };
+        let shared = Shared::new(config, Box::new([WorkerStats::default()]), directory, bus);
         (shared, shard)
     }
 }
@@ -162,7 +180,8 @@ pub fn start(mut config: Config) -> io::Result<ServerHandle> {
         config.max_handshake_size = MAX_HANDSHAKE_CAP;
     }
     let backend = Backend::choose(config.io)?;
-    let (local_addr, listeners) = listener::bind_group(config.listen, workers)?;
+    let (local_addr, listeners) =
+        listener::bind_group(config.listen, workers, config.tcp_keepalive)?;
     let cores = if config.pin_cores {
         core_affinity::get_core_ids().unwrap_or_default()
     } else {
@@ -190,13 +209,12 @@ pub fn start(mut config: Config) -> io::Result<ServerHandle> {
         }
     }
     let (bus, inboxes) = Bus::new(wakers);
-    let shared = Arc::new(Shared {
+    let shared = Arc::new(Shared::new(
         config,
-        shutdown: AtomicBool::new(false),
-        stats: (0..workers).map(|_| WorkerStats::default()).collect(),
-        directory: Arc::new(Directory::new()),
+        (0..workers).map(|_| WorkerStats::default()).collect(),
+        Arc::new(Directory::new()),
         bus,
-    });
+    ));
     let admin = match shared.config.admin_listen {
         Some(addr) => Some(admin::start(addr, Arc::clone(&shared))?),
         None => None,

@@ -24,6 +24,7 @@ use crate::pubsub::directory::TopicInterest;
 use crate::pubsub::shard::{ConnRef, Shard, SubList};
 use crate::pubsub::topic::{self, TopicError};
 use bytes::Bytes;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 use tracing::debug;
@@ -38,6 +39,10 @@ pub struct Ctx<'a> {
     /// This connection, as the shard names it.
     pub me: ConnRef,
     pub now: Instant,
+    /// `now` in milliseconds on the worker's clock (wrapping).
+    pub now_ms: u32,
+    /// The client's address, when the backend knows it.
+    pub peer: Option<IpAddr>,
 }
 
 /// What an open WebSocket is for.
@@ -48,7 +53,54 @@ enum Role {
     /// `/ws`: receives the topics it subscribed to; sends control messages.
     Subscriber { subs: SubList },
     /// `/publish/{topic}`: every message it sends is published.
-    Publisher { topic: Option<Arc<TopicInterest>> },
+    Publisher {
+        topic: Option<Arc<TopicInterest>>,
+        pace: Pace,
+    },
+}
+
+/// A WebSocket publisher's allowance under `--max-publish-rate`: a token
+/// bucket (one second's worth) that may go into debt by one read's worth
+/// of messages; the backend then stops reading until the debt is repaid.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    /// Thousandths of a message; negative while in debt.
+    milli: i64,
+    last_ms: u32,
+}
+
+impl Pace {
+    fn new(rate: u32, now_ms: u32) -> Self {
+        Self {
+            milli: rate as i64 * 1000,
+            last_ms: now_ms,
+        }
+    }
+
+    /// Spends one message at `now_ms`.
+    fn spend(&mut self, rate: u32, now_ms: u32) {
+        if rate == 0 {
+            return;
+        }
+        self.refill(rate, now_ms);
+        self.milli -= 1000;
+    }
+
+    fn refill(&mut self, rate: u32, now_ms: u32) {
+        let elapsed = now_ms.wrapping_sub(self.last_ms) as i64;
+        self.last_ms = now_ms;
+        self.milli = (self.milli + elapsed * rate as i64).min(rate as i64 * 1000);
+    }
+
+    /// Milliseconds until the debt is repaid (0: not in debt).
+    fn wait_ms(&self, rate: u32) -> u32 {
+        if rate == 0 || self.milli >= 0 {
+            return 0;
+        }
+        (-self.milli as u64)
+            .div_ceil(rate as u64)
+            .min(u32::MAX as u64) as u32
+    }
 }
 
 #[derive(Debug)]
@@ -202,6 +254,15 @@ impl Session {
         matches!(self.phase, Phase::Head(_) | Phase::Body(_))
     }
 
+    /// Has part of an HTTP request (head or body) arrived?
+    pub fn partial_request(&self) -> bool {
+        match &self.phase {
+            Phase::Head(_) => !self.pending.is_empty(),
+            Phase::Body(_) => true,
+            _ => false,
+        }
+    }
+
     /// HTTP requests completed on this connection so far.
     pub fn requests(&self) -> u32 {
         self.requests
@@ -322,6 +383,8 @@ impl Session {
         let Phase::Ws { ws, role } = &mut self.phase else {
             return pos;
         };
+        ws.tick(ctx.now_ms);
+        let rate = ctx.shared.config.max_publish_rate;
         loop {
             let decoded = ws.decode(&mut buf[pos..], &mut self.out);
             pos += decoded.consumed;
@@ -342,8 +405,9 @@ impl Session {
                             "binary messages are not control messages; send JSON text",
                         )))
                     }
-                    Role::Publisher { topic } => {
+                    Role::Publisher { topic, pace } => {
                         ctx.stats.message_published();
+                        pace.spend(rate, ctx.now_ms);
                         if let Some(t) = topic {
                             ctx.shard.publish(t, encode(kind, payload), ctx.now);
                         }
@@ -357,6 +421,7 @@ impl Session {
                 }
                 Some(Event::Failed { code, reason }) => {
                     ctx.stats.protocol_error();
+                    ctx.stats.ws_failure(code.0);
                     debug!(code = code.0, reason, "connection failed");
                     None
                 }
@@ -382,16 +447,19 @@ impl Session {
     }
 
     /// Queues a published frame for this subscriber, applying the
-    /// slow-consumer policy at the queue bound. A queue always takes one
-    /// frame when empty, so a message bigger than the bound still goes out.
-    pub fn push_published(&mut self, frame: &Bytes, cfg: &Config) -> Push {
+    /// slow-consumer policy at the queue bound, or at any backlog at all
+    /// when the worker is `over_budget`. A queue always takes one frame
+    /// when empty, so a message bigger than the bound still goes out.
+    pub fn push_published(&mut self, frame: &Bytes, cfg: &Config, over_budget: bool) -> Push {
         let Phase::Ws { ws, .. } = &mut self.phase else {
             return Push::Ignored;
         };
         if !ws.can_send() {
             return Push::Ignored;
         }
-        if !self.out.is_empty() && self.out.len() + frame.len() > cfg.max_outbound_bytes {
+        if !self.out.is_empty()
+            && (over_budget || self.out.len() + frame.len() > cfg.max_outbound_bytes)
+        {
             return match cfg.slow_consumer {
                 SlowConsumerPolicy::DropNewest => Push::Dropped,
                 SlowConsumerPolicy::Disconnect => {
@@ -416,7 +484,7 @@ impl Session {
                         shard.unsubscribe(sub);
                     }
                 }
-                Role::Publisher { topic } => {
+                Role::Publisher { topic, .. } => {
                     if let Some(t) = topic.take() {
                         shard.directory().release(t);
                     }
@@ -444,6 +512,57 @@ impl Session {
         match &mut self.phase {
             Phase::Ws { ws, .. } => ws.ping(b"", &mut self.out),
             _ => false,
+        }
+    }
+
+    /// How long a WebSocket publisher must not be read to stay under
+    /// `--max-publish-rate` (0: read on).
+    pub fn publish_wait_ms(&self, rate: u32) -> u32 {
+        match &self.phase {
+            Phase::Ws {
+                role: Role::Publisher { pace, .. },
+                ..
+            } => pace.wait_ms(rate),
+            _ => 0,
+        }
+    }
+
+    /// When the WebSocket message in progress started (worker milliseconds,
+    /// see [`Ctx::now_ms`]); `None` between messages. The message deadline
+    /// runs from there.
+    pub fn message_started(&self) -> Option<u32> {
+        match &self.phase {
+            Phase::Ws { ws, .. } => ws.message_started(),
+            _ => None,
+        }
+    }
+
+    /// Bytes held for this connection that the memory budget charges:
+    /// partial input, a partial message or body, and owned queued bytes.
+    pub fn held_bytes(&self) -> usize {
+        let phase = match &self.phase {
+            Phase::Ws { ws, .. } => ws.buffered(),
+            Phase::Body(b) => b.body.capacity(),
+            _ => 0,
+        };
+        self.pending.len() + phase + self.out.owned()
+    }
+
+    /// Gives up on the connection from the server's side: an open WebSocket
+    /// is failed with `code` (its partial message freed), an HTTP request is
+    /// answered with `status`. The backend then closes it.
+    pub fn abort(
+        &mut self,
+        code: CloseCode,
+        status: Status,
+        reason: &'static str,
+        stats: &WorkerStats,
+    ) {
+        self.pending = Box::default();
+        match &mut self.phase {
+            Phase::Ws { ws, .. } => ws.abort(code, reason, &mut self.out),
+            Phase::Head(_) | Phase::Body(_) => self.refuse(Reject::new(status, reason), stats),
+            Phase::Done => {}
         }
     }
 
@@ -489,6 +608,7 @@ impl Session {
                 topic::validate(name, cfg.max_topic_len).map_err(topic_reject)?;
                 Role::Publisher {
                     topic: Some(ctx.shard.directory().entry(name)),
+                    pace: Pace::new(cfg.max_publish_rate, ctx.now_ms),
                 }
             }
             Upgrade::Subscribe => {
@@ -514,7 +634,7 @@ impl Session {
         self.out.push(Bytes::from(response));
         ctx.stats.handshake_accepted();
         self.phase = Phase::Ws {
-            ws: WsConn::new(cfg.max_message_size),
+            ws: WsConn::with_limits(Arc::clone(&ctx.shared.ws_limits), ctx.now_ms),
             role,
         };
         Ok(())
@@ -529,6 +649,13 @@ impl Session {
     ) -> Result<(), Reject> {
         let cfg = &ctx.shared.config;
         topic::validate(name, cfg.max_topic_len).map_err(topic_reject)?;
+        if !ctx.shared.admission.allow_publish(ctx.peer) {
+            ctx.stats.publish_rate_limited();
+            return Err(Reject::new(
+                Status::TooManyRequests,
+                "publishing too fast (see --max-publish-rate)",
+            ));
+        }
         if req.header_values("transfer-encoding").next().is_some() {
             return Err(Reject::new(
                 Status::LengthRequired,
@@ -606,6 +733,11 @@ impl Session {
     fn keep(&mut self, buf: &[u8], pos: usize) {
         let rest = &buf[pos..];
         self.pending = rest.into();
+    }
+
+    /// Answers `reject` at once and closes (connection refused at accept).
+    pub fn refuse_now(&mut self, reject: Reject, stats: &WorkerStats) {
+        self.refuse(reject, stats);
     }
 
     fn refuse(&mut self, reject: Reject, stats: &WorkerStats) {

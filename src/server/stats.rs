@@ -1,6 +1,7 @@
 //! Per-worker counters. Each worker writes only its own (relaxed atomics on
 //! its own cache lines, no contention); readers sum them.
 
+use super::admission::Refusal;
 use crate::proto::handshake::Status;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -11,6 +12,10 @@ pub const LATENCY_BUCKETS_US: [u64; 16] = [
     10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
     500_000, 1_000_000,
 ];
+
+/// Close codes counted by `corecast_ws_failures_total`: the codes the
+/// server fails a connection with.
+pub const FAILURE_CODES: [u16; 5] = [1002, 1007, 1008, 1009, 1013];
 
 /// Counters of one worker. Aligned to a cache line so workers never share one.
 #[derive(Debug, Default)]
@@ -37,6 +42,20 @@ pub struct WorkerStats {
     pub keepalive_pings: AtomicU64,
     pub keepalive_timeouts: AtomicU64,
     pub publishers_throttled: AtomicU64,
+    /// Connections refused at accept, by [`Refusal::index`].
+    pub connections_refused: [AtomicU64; Refusal::ALL.len()],
+    /// HTTP publications answered 429.
+    pub publish_rate_limited: AtomicU64,
+    /// Times a WebSocket publisher's reads were paused by `--max-publish-rate`.
+    pub publishers_paced: AtomicU64,
+    /// Connections the server failed, by close code ([`FAILURE_CODES`]).
+    pub ws_failures: [AtomicU64; FAILURE_CODES.len()],
+    /// Connections closed (1013 / 503) because the buffer budget was spent.
+    pub budget_closes: AtomicU64,
+    /// Connections closed for not finishing a message in time.
+    pub message_timeouts: AtomicU64,
+    /// Bytes currently charged to this worker's connections (gauge).
+    pub buffered_bytes: AtomicU64,
     pub latency_buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
     pub latency_sum_ns: AtomicU64,
 }
@@ -125,6 +144,39 @@ impl WorkerStats {
         bump(&self.publishers_throttled);
     }
 
+    pub fn connection_refused(&self, why: Refusal) {
+        bump(&self.connections_refused[why.index()]);
+    }
+
+    pub fn publish_rate_limited(&self) {
+        bump(&self.publish_rate_limited);
+    }
+
+    pub fn publisher_paced(&self) {
+        bump(&self.publishers_paced);
+    }
+
+    /// Counts a connection failed with close `code`.
+    pub fn ws_failure(&self, code: u16) {
+        if let Some(i) = FAILURE_CODES.iter().position(|&c| c == code) {
+            bump(&self.ws_failures[i]);
+        }
+    }
+
+    pub fn budget_close(&self) {
+        bump(&self.budget_closes);
+    }
+
+    pub fn message_timeout(&self) {
+        bump(&self.message_timeouts);
+    }
+
+    /// Moves the buffered-bytes gauge by `delta`.
+    pub fn buffered(&self, delta: isize) {
+        let c = &self.buffered_bytes;
+        c.store(c.load(Relaxed).wrapping_add(delta as u64), Relaxed);
+    }
+
     /// Records one publish-to-write latency.
     pub fn observe_latency(&self, d: Duration) {
         let us = d.as_micros() as u64;
@@ -165,6 +217,12 @@ pub struct Snapshot {
     pub slow_consumer_disconnects: u64,
     pub keepalive_pings: u64,
     pub keepalive_timeouts: u64,
+    pub connections_refused: u64,
+    pub publish_rate_limited: u64,
+    pub publishers_paced: u64,
+    pub budget_closes: u64,
+    pub message_timeouts: u64,
+    pub buffered_bytes: u64,
     /// Publications whose publish-to-write latency was recorded.
     pub latency_count: u64,
 }
@@ -193,6 +251,12 @@ impl Snapshot {
             s.slow_consumer_disconnects += w.slow_consumer_disconnects.load(Relaxed);
             s.keepalive_pings += w.keepalive_pings.load(Relaxed);
             s.keepalive_timeouts += w.keepalive_timeouts.load(Relaxed);
+            s.connections_refused += total(&w.connections_refused);
+            s.publish_rate_limited += w.publish_rate_limited.load(Relaxed);
+            s.publishers_paced += w.publishers_paced.load(Relaxed);
+            s.budget_closes += w.budget_closes.load(Relaxed);
+            s.message_timeouts += w.message_timeouts.load(Relaxed);
+            s.buffered_bytes += w.buffered_bytes.load(Relaxed);
             s.latency_count += total(&w.latency_buckets);
         }
         s

@@ -11,10 +11,12 @@
 //! deadlines are pushed in order and checked from the front.
 
 use super::Shared;
+use super::admission::Ticket;
 use super::config::Config;
 use super::session::{Ctx, Next, Push, Session};
 use super::stats::WorkerStats;
 use crate::proto::CloseCode;
+use crate::proto::handshake::{Reject, Status};
 use crate::proto::outbound::COPY_BELOW;
 use crate::pubsub::bus::{Inbox, MAILBOX_HIGH_WATER, Publication};
 use crate::pubsub::shard::Shard;
@@ -77,6 +79,12 @@ pub struct Conn<S> {
     ping_sent_ms: u32,
     /// `session.requests()` when the current request deadline was armed.
     request_gen: u32,
+    /// Bytes of this connection charged to the worker's buffer budget.
+    charged: u32,
+    /// The client's address, when the backend knows it.
+    peer: Option<IpAddr>,
+    /// Counted by the admission limits (`None`: refused at accept).
+    ticket: Option<Ticket>,
 }
 
 impl<S> Conn<S> {
@@ -138,6 +146,11 @@ pub struct Core<S> {
     slow: Vec<ConnRef>,
     /// Publishers paused because a mailbox is over its high-water mark.
     throttled: Vec<ConnRef>,
+    /// Publishers paused by `--max-publish-rate`, until the given time.
+    paced: Vec<(Instant, usize, u32)>,
+    /// Bytes charged to this worker's connections, and the worker's budget.
+    buffered: usize,
+    budget: usize,
     /// Start of the worker's millisecond clock.
     epoch: Instant,
     /// Time at the top of this loop turn.
@@ -151,6 +164,7 @@ impl<S> Core<S> {
         let shard = Shard::new(id, Arc::clone(&shared.directory), Arc::clone(&shared.bus));
         let now = Instant::now();
         let next_sweep = sweep_period(&shared.config).map(|p| now + p);
+        let budget = shared.config.buffered_bytes_per_worker();
         Self {
             id,
             shared,
@@ -165,6 +179,9 @@ impl<S> Core<S> {
             delivered: Vec::new(),
             slow: Vec::new(),
             throttled: Vec::new(),
+            paced: Vec::new(),
+            buffered: 0,
+            budget,
             epoch: now,
             now,
             next_sweep,
@@ -190,12 +207,13 @@ impl<S> Core<S> {
 
     /// Adds a freshly accepted connection from `peer` (when the backend
     /// knows it); returns its key. Its request head has the handshake
-    /// timeout from now.
+    /// timeout from now. A connection over an admission limit is answered
+    /// 503 at once and closed: the backend treats it like any other.
     pub fn admit(&mut self, io: S, peer: Option<IpAddr>) -> usize {
-        let _ = peer;
         let now_ms = self.now_ms();
         let serial = self.next_serial;
         self.next_serial = self.next_serial.wrapping_add(1);
+        let admitted = self.shared.admission.admit(peer);
         let key = self.conns.insert(Conn {
             io,
             session: Session::new(),
@@ -208,8 +226,26 @@ impl<S> Core<S> {
             last_rx_ms: now_ms,
             ping_sent_ms: 0,
             request_gen: 0,
+            charged: 0,
+            peer,
+            ticket: admitted.ok(),
         });
         self.stats().connection_opened();
+        if let Err(why) = admitted {
+            let stats = &self.shared.stats[self.id];
+            stats.connection_refused(why);
+            debug!(
+                worker = self.id,
+                ?peer,
+                limit = why.label(),
+                "connection refused"
+            );
+            self.conns[key]
+                .session
+                .refuse_now(Reject::new(Status::ServiceUnavailable, why.reason()), stats);
+            self.start_closing(key);
+            return key;
+        }
         let at = ms_after(
             self.epoch,
             Instant::now(),
@@ -218,6 +254,14 @@ impl<S> Core<S> {
         self.handshake_deadlines
             .push_back((at, key as u32, serial, 0));
         key
+    }
+
+    /// Re-measures what `key` holds against the buffer budget; `true` when
+    /// it grew and the worker is now over its budget.
+    fn recharge(&mut self, key: usize) -> bool {
+        let conn = &mut self.conns[key];
+        recharge(conn, &mut self.buffered, &self.shared.stats[self.id])
+            && self.buffered > self.budget
     }
 
     /// Processes input for `key`: `buf` holds the bytes kept from earlier
@@ -234,9 +278,45 @@ impl<S> Core<S> {
             shard: &mut self.shard,
             me: (key, conn.serial),
             now: self.now,
+            now_ms,
+            peer: conn.peer,
         };
-        if conn.session.on_input(buf, &mut ctx) == Next::FlushAndClose {
+        let next = conn.session.on_input(buf, &mut ctx);
+        if self.recharge(key) {
+            // Over the buffer budget: this connection, which just grew, goes.
+            let stats = &self.shared.stats[self.id];
+            stats.budget_close();
+            stats.ws_failure(CloseCode::TRY_AGAIN_LATER.0);
+            debug!(
+                worker = self.id,
+                buffered = self.buffered,
+                "buffer budget spent"
+            );
+            let conn = &mut self.conns[key];
+            conn.session.abort(
+                CloseCode::TRY_AGAIN_LATER,
+                Status::ServiceUnavailable,
+                "server memory budget exceeded",
+                stats,
+            );
             conn.state = IoState::Closing;
+            self.recharge(key);
+            return Input::Stop;
+        }
+        let stats = &self.shared.stats[self.id];
+        let conn = &mut self.conns[key];
+        if next == Next::FlushAndClose {
+            conn.state = IoState::Closing;
+            return Input::Stop;
+        }
+        let rate = self.shared.config.max_publish_rate;
+        let wait = conn.session.publish_wait_ms(rate);
+        if wait > 0 {
+            // Over --max-publish-rate: not read until the debt is repaid.
+            stats.publisher_paced();
+            conn.read_paused = true;
+            let at = self.now + Duration::from_millis(wait as u64);
+            self.paced.push((at, key, conn.serial));
             return Input::Stop;
         }
         if conn.session.out.len() > self.shared.config.max_outbound_bytes {
@@ -343,11 +423,13 @@ impl<S> Core<S> {
     /// queue is empty.
     pub fn after_flush(&mut self, key: usize) -> AfterFlush {
         let max_outbound = self.shared.config.max_outbound_bytes;
+        self.recharge(key);
         let conn = &mut self.conns[key];
         let serial = conn.serial;
         if conn.read_paused
             && conn.session.out.len() <= max_outbound / 2
             && !self.throttled.contains(&(key, serial))
+            && !self.paced.iter().any(|&(_, k, s)| (k, s) == (key, serial))
         {
             conn.read_paused = false;
             self.reread.push((key, serial));
@@ -373,6 +455,10 @@ impl<S> Core<S> {
         let slow = &mut self.slow;
         let delivered = &mut self.delivered;
         let shard = &mut self.shard;
+        let mut budget = Budget {
+            buffered: &mut self.buffered,
+            limit: self.budget,
+        };
         let mut last: *const Publication = std::ptr::null();
         let mut to_conns = |run: &[Publication], targets: &[(usize, u32)]| {
             // Called once per chunk of subscribers: record each run's times once.
@@ -380,7 +466,7 @@ impl<S> Core<S> {
                 last = run.as_ptr();
                 delivered.extend(run.iter().map(|p| p.published_at));
             }
-            push_to(conns, dirty, slow, cfg, stats, run, targets);
+            push_to(conns, dirty, slow, &mut budget, cfg, stats, run, targets);
         };
         self.inbox.drain(&self.shared.bus, |batch| {
             shard.deliver(&batch, &mut to_conns);
@@ -405,8 +491,25 @@ impl<S> Core<S> {
         }
     }
 
-    /// Resumes throttled publishers once every mailbox is below half its mark.
+    /// Resumes throttled publishers once every mailbox is below half its
+    /// mark, and paced publishers whose pause is over.
     pub fn unthrottle(&mut self) {
+        if !self.paced.is_empty() {
+            let now = self.now;
+            let mut i = 0;
+            while i < self.paced.len() {
+                let (at, key, serial) = self.paced[i];
+                if at > now {
+                    i += 1;
+                    continue;
+                }
+                self.paced.swap_remove(i);
+                if self.is_current(key, serial) && !self.throttled.contains(&(key, serial)) {
+                    self.conns[key].read_paused = false;
+                    self.reread.push((key, serial));
+                }
+            }
+        }
         if self.throttled.is_empty() || self.shared.bus.max_queued_bytes() > MAILBOX_HIGH_WATER / 2
         {
             return;
@@ -419,32 +522,49 @@ impl<S> Core<S> {
         }
     }
 
-    /// Runs the keepalive sweep when it is due.
+    /// Runs the periodic sweep (keepalive, message deadline, admission
+    /// table) when it is due.
     pub fn keepalive(&mut self) {
         if self.next_sweep.is_some_and(|t| self.now >= t) {
-            self.keepalive_sweep();
+            self.sweep();
         }
     }
 
     /// Pings connections idle for the ping interval; closes those whose ping
-    /// went unanswered for the ping timeout.
-    fn keepalive_sweep(&mut self) {
+    /// went unanswered for the ping timeout, and those that started a
+    /// message longer than the message timeout ago.
+    fn sweep(&mut self) {
         let cfg = &self.shared.config;
         let Some(period) = sweep_period(cfg) else {
             return;
         };
         self.next_sweep = Some(self.now + period);
-        let interval = cfg.ping_interval.map_or(u32::MAX, |d| d.as_millis() as u32);
+        self.shared
+            .admission
+            .sweep(self.id, self.shared.stats.len());
+        let interval = cfg.ping_interval.map(|d| d.as_millis() as u32);
         let timeout = cfg.ping_timeout.as_millis() as u32;
+        let message_timeout = cfg.message_timeout.map(|d| d.as_millis() as u32);
         let now = self.now_ms();
         let stats = &self.shared.stats[self.id];
         let mut timed_out = Vec::new();
+        let mut slow_messages = Vec::new();
         for (key, conn) in self.conns.iter_mut() {
             // A connection we are not reading (its queue is over the bound, or a
-            // throttled publisher) cannot show us its pong: not judged while paused.
+            // throttled publisher) cannot show us its pong or finish its
+            // message: not judged while paused.
             if conn.state != IoState::Active || !conn.session.is_websocket() || conn.read_paused {
                 continue;
             }
+            if let (Some(limit), Some(started)) = (message_timeout, conn.session.message_started())
+                && now.wrapping_sub(started) >= limit
+            {
+                slow_messages.push(key);
+                continue;
+            }
+            let Some(interval) = interval else {
+                continue;
+            };
             if conn.ping_pending {
                 if now.wrapping_sub(conn.ping_sent_ms) >= timeout {
                     timed_out.push(key);
@@ -464,6 +584,20 @@ impl<S> Core<S> {
                 .close(CloseCode::GOING_AWAY, "keepalive timeout");
             self.start_closing(key);
         }
+        for key in slow_messages {
+            let stats = &self.shared.stats[self.id];
+            stats.message_timeout();
+            stats.ws_failure(CloseCode::POLICY_VIOLATION.0);
+            debug!(worker = self.id, "message timeout");
+            self.conns[key].session.abort(
+                CloseCode::POLICY_VIOLATION,
+                Status::RequestTimeout,
+                "message not finished in time",
+                stats,
+            );
+            self.recharge(key);
+            self.start_closing(key);
+        }
     }
 
     /// The earliest time the worker must wake up for a deadline of its own
@@ -480,6 +614,7 @@ impl<S> Core<S> {
             self.drain_deadline,
             self.next_sweep,
             (!self.throttled.is_empty()).then(|| now + THROTTLE_RECHECK),
+            self.paced.iter().map(|p| p.0).min(),
         ]
         .into_iter()
         .flatten()
@@ -507,9 +642,23 @@ impl<S> Core<S> {
                     && conn.state == IoState::Active
                     && conn.request_gen == generation
                 {
-                    self.stats().handshake_timeout();
+                    let stats = &self.shared.stats[self.id];
+                    stats.handshake_timeout();
                     debug!(worker = self.id, "request timed out");
-                    remove(self, key);
+                    if !conn.session.partial_request() {
+                        // Sent nothing (an idle keep-alive or preconnect): just close.
+                        remove(self, key);
+                        continue;
+                    }
+                    // Part of a request: 408, then the usual close (linger-bounded).
+                    self.conns[key].session.abort(
+                        CloseCode::POLICY_VIOLATION,
+                        Status::RequestTimeout,
+                        "request not received in time (see --handshake-timeout)",
+                        stats,
+                    );
+                    self.recharge(key);
+                    self.start_closing(key);
                 }
             }
         }
@@ -578,15 +727,24 @@ impl<S> Core<S> {
         conn.session.detach(&mut self.shard, stats);
         conn.state = IoState::Gone;
         stats.connection_closed();
+        if let Some(ticket) = conn.ticket.take() {
+            self.shared.admission.release(conn.peer, ticket);
+        }
+        // Whatever the entry still holds is freed with it.
+        self.buffered -= conn.charged as usize;
+        stats.buffered(-(conn.charged as isize));
+        conn.charged = 0;
     }
 }
 
 /// Queues a run of publications of one topic for each target, subscriber by
 /// subscriber, applying the slow-consumer policy.
+#[allow(clippy::too_many_arguments)]
 fn push_to<S>(
     conns: &mut Slab<Conn<S>>,
     dirty: &mut Vec<ConnRef>,
     slow: &mut Vec<ConnRef>,
+    budget: &mut Budget<'_>,
     cfg: &Config,
     stats: &WorkerStats,
     run: &[Publication],
@@ -607,8 +765,9 @@ fn push_to<S>(
         debug_assert_eq!(conn.serial, serial, "registry holds a stale connection");
         conn.session.out.reserve_tail(small);
         let mut queued = false;
+        let over = *budget.buffered > budget.limit;
         for p in run {
-            match conn.session.push_published(&p.frame, cfg) {
+            match conn.session.push_published(&p.frame, cfg, over) {
                 Push::Queued => {
                     sent += 1;
                     queued = true;
@@ -625,9 +784,30 @@ fn push_to<S>(
         }
         if queued {
             conn.mark_dirty(key, dirty);
+            recharge(conn, budget.buffered, stats);
         }
     }
     stats.frames_sent(sent);
+}
+
+/// The worker's buffer budget, lent to [`push_to`].
+struct Budget<'a> {
+    buffered: &'a mut usize,
+    limit: usize,
+}
+
+/// Re-measures what `conn` holds and moves the worker's total (and its
+/// gauge) by the difference; `true` when it grew.
+fn recharge<S>(conn: &mut Conn<S>, buffered: &mut usize, stats: &WorkerStats) -> bool {
+    let held = conn.session.held_bytes().min(u32::MAX as usize) as u32;
+    let delta = held as isize - conn.charged as isize;
+    if delta == 0 {
+        return false;
+    }
+    conn.charged = held;
+    *buffered = (*buffered as isize + delta) as usize;
+    stats.buffered(delta);
+    delta > 0
 }
 
 /// `now + after` in milliseconds since `epoch` (rounded up, so a deadline
@@ -638,10 +818,20 @@ fn ms_after(epoch: Instant, now: Instant, after: Duration) -> u64 {
         .div_ceil(1000) as u64
 }
 
-/// The keepalive sweep period, or `None` with keepalive off.
+/// The sweep period: a quarter of the shortest timeout it enforces (ping
+/// interval and timeout, message timeout; the admission table is swept
+/// every second when it exists), or `None` with nothing to sweep for.
 fn sweep_period(cfg: &Config) -> Option<Duration> {
-    let interval = cfg.ping_interval?;
-    Some((interval.min(cfg.ping_timeout) / 4).clamp(SWEEP_MIN, SWEEP_MAX))
+    let keepalive = cfg.ping_interval.map(|i| i.min(cfg.ping_timeout));
+    let per_ip = (cfg.max_connections_per_ip > 0
+        || cfg.max_connect_rate_per_ip > 0
+        || cfg.max_publish_rate > 0)
+        .then_some(SWEEP_MAX * 4);
+    let shortest = [keepalive, cfg.message_timeout, per_ip]
+        .into_iter()
+        .flatten()
+        .min()?;
+    Some((shortest / 4).clamp(SWEEP_MIN, SWEEP_MAX))
 }
 
 /// Accept errors that mean "out of descriptors or memory": retry after
