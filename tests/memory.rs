@@ -1,0 +1,174 @@
+//! The worst-case memory statement of docs/SECURITY.md, attacked: thousands
+//! of connections each push a message towards the 16 MiB limit at once
+//! (32 GiB if every one were buffered), against the real binary with every
+//! limit at its default. The server's peak RSS must stay under the buffer
+//! budget plus its fixed costs, the budget's counters must move, and an
+//! honest client must still be served.
+
+mod common;
+
+use common::*;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tungstenite::Message;
+
+/// Kills the server when the test ends, however it ends.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_server() -> (Server, SocketAddr) {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let io = std::env::var("CORECAST_IO").unwrap_or_else(|_| "auto".into());
+    let child = Command::new(env!("CARGO_BIN_EXE_corecast"))
+        .args(["serve", "--listen", &addr.to_string(), "--workers", "2"])
+        .args(["--no-pin", "--io", &io])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("server binary starts");
+    let server = Server(child);
+    assert!(
+        eventually(Duration::from_secs(10), || TcpStream::connect(addr).is_ok()),
+        "server listening"
+    );
+    (server, addr)
+}
+
+/// A field of /proc/PID/status, in KiB.
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.trim().strip_suffix(" kB"))
+        .unwrap_or_else(|| panic!("{field} not in status"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn metric(addr: SocketAddr, name: &str) -> u64 {
+    let mut s = raw(addr);
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let all = String::from_utf8(read_to_eof(&mut s)).unwrap();
+    all.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{name} not in\n{all}"))
+        .parse()
+        .unwrap()
+}
+
+const ATTACKERS: usize = 2000;
+const CHUNK: usize = 64 * 1024;
+/// The defaults under attack (docs/SECURITY.md).
+const BUDGET: u64 = 1 << 30;
+const MAX_MESSAGE: u64 = 16 << 20;
+
+#[test]
+fn thousands_of_max_size_messages_stay_within_the_buffer_budget() {
+    let (server, addr) = spawn_server();
+    let pid = server.0.id();
+    let baseline_kib = status_kib(pid, "VmRSS:");
+
+    // Every attacker opens a 16 MiB binary frame (mask 0: the payload is
+    // sent as is) and then feeds it 64 KiB at a time, round robin.
+    let mut header = vec![0x82, 0xff];
+    header.extend_from_slice(&MAX_MESSAGE.to_be_bytes());
+    header.extend_from_slice(&[0; 4]);
+    let mut attackers: Vec<Option<TcpStream>> = (0..ATTACKERS)
+        .map(|_| {
+            let mut s = raw_ws(addr, "/echo");
+            s.write_all(&header).unwrap();
+            s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+            Some(s)
+        })
+        .collect();
+    let chunk = vec![0u8; CHUNK];
+    let started = Instant::now();
+    let mut sent: u64 = 0;
+    let mut closed = 0;
+    // Bounded: at most 4 GiB in total, or 120 s.
+    while closed < ATTACKERS && sent < 4 * BUDGET && started.elapsed() < Duration::from_secs(120) {
+        for slot in attackers.iter_mut() {
+            let Some(s) = slot else { continue };
+            match s.write_all(&chunk) {
+                Ok(()) => sent += CHUNK as u64,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::BrokenPipe | ErrorKind::ConnectionReset | ErrorKind::WouldBlock
+                    ) =>
+                {
+                    *slot = None;
+                    closed += 1;
+                }
+                Err(e) => panic!("attacker write: {e}"),
+            }
+        }
+        // Enough sent to spend the budget twice over: the rest of the
+        // attackers stay open, holding what they were allowed.
+        if sent > 2 * BUDGET {
+            break;
+        }
+    }
+    let peak_kib = status_kib(pid, "VmHWM:");
+    let refused = metric(addr, "corecast_buffer_budget_closes_total");
+    eprintln!(
+        "sent {} MiB in {:?}; {closed} attackers cut off; {refused} budget closes; \
+         baseline {} MiB, peak RSS {} MiB",
+        sent >> 20,
+        started.elapsed(),
+        baseline_kib >> 10,
+        peak_kib >> 10
+    );
+    assert!(refused > 0, "the budget was never reached");
+    // Budget + fixed costs (binary, read buffers or buffer rings, per
+    // connection state for ~2000 connections, allocator slack): 256 MiB.
+    let bound_kib = (BUDGET >> 10) + baseline_kib + 256 * 1024;
+    assert!(
+        peak_kib < bound_kib,
+        "peak RSS {} MiB over the bound {} MiB",
+        peak_kib >> 10,
+        bound_kib >> 10
+    );
+
+    // An honest client is served while the survivors still hold their share.
+    let (mut ws, _) = tungstenite::connect(format!("ws://{addr}/echo")).unwrap();
+    ws.send(Message::text("still serving")).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::text("still serving"));
+
+    // The attackers the budget cut off were told why: close 1013.
+    let mut told = 0;
+    for s in attackers.iter_mut().flatten() {
+        s.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 4];
+        if s.read(&mut b).is_ok_and(|n| n == 4) && b[0] == 0x88 {
+            assert_eq!(u16::from_be_bytes([b[2], b[3]]), 1013);
+            told += 1;
+        }
+    }
+    assert!(told > 0, "no attacker received a close frame");
+
+    // Everything held comes back once the attackers leave.
+    drop(attackers);
+    assert!(
+        eventually(Duration::from_secs(10), || metric(
+            addr,
+            "corecast_buffered_bytes"
+        ) == 0),
+        "buffered bytes return to 0"
+    );
+}
