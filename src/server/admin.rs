@@ -6,6 +6,7 @@
 
 use super::Shared;
 use super::http;
+use super::worker::{ACCEPT_RETRY, is_resource_exhaustion};
 use crate::proto::handshake::{self, HeadScanner, MAX_HEADERS, Reject, Status, parse_head};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -67,14 +68,18 @@ pub(crate) fn start(addr: SocketAddr, shared: Arc<Shared>) -> io::Result<AdminHa
 
 fn run(mut poll: Poll, listener: TcpListener, shared: Arc<Shared>) {
     let mut events = Events::with_capacity(16);
+    // Set while out of descriptors: the pending connection stays in the
+    // backlog and no new event will announce it, so look again shortly.
+    let mut retry = None;
     while !shared.shutdown.load(Ordering::Acquire) {
-        if let Err(e) = poll.poll(&mut events, None) {
+        if let Err(e) = poll.poll(&mut events, retry) {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
             warn!(error = %e, "admin poll failed; admin listener stops");
             return;
         }
+        retry = None;
         loop {
             match listener.accept() {
                 Ok((sock, _)) => {
@@ -84,7 +89,13 @@ fn run(mut poll: Poll, listener: TcpListener, shared: Arc<Shared>) {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break,
+                Err(e) => {
+                    if is_resource_exhaustion(e.raw_os_error().unwrap_or(0)) {
+                        retry = Some(ACCEPT_RETRY);
+                    }
+                    warn!(error = %e, "admin accept failed");
+                    break;
+                }
             }
         }
     }
