@@ -2,14 +2,18 @@
 //! [`Core`] as the epoll loop.
 //!
 //! Per worker:
-//! - one multishot accept on the worker's `SO_REUSEPORT` listener, which
-//!   installs each connection straight into the ring's sparse fixed-file
-//!   table (a *direct descriptor*: no slot in the process's descriptor table,
-//!   so the open-file limit caps each ring, not the process);
+//! - [`ACCEPTS_IN_FLIGHT`] single-shot accepts on the worker's
+//!   `SO_REUSEPORT` listener, each re-armed after it completes, which install
+//!   each connection straight into the ring's sparse fixed-file table (a
+//!   *direct descriptor*: no slot in the process's descriptor table, so the
+//!   open-file limit caps each ring, not the process). Single-shot, not
+//!   multishot: a multishot accept has one address buffer for all its
+//!   completions, so it cannot tell each connection's peer address;
 //! - one multishot receive per connection, into a provided-buffer ring shared
-//!   by all of the worker's connections: an idle connection owns no receive
-//!   buffer, and a buffer goes back to the ring as soon as the core has
-//!   consumed it;
+//!   by all of the worker's connections and consumed incrementally (a
+//!   receive takes only the bytes it needs; see `BufRing`): an idle
+//!   connection owns no receive buffer, and a used-up buffer goes back to
+//!   the ring as soon as the core has consumed its bytes;
 //! - at the end of each loop turn, one `sendmsg` per dirty connection (up to
 //!   [`MAX_IOVECS`] queued chunks), all submitted with the next
 //!   `io_uring_enter`. A connection has at most one send in flight, so its
@@ -21,8 +25,11 @@
 //!
 //! Every operation's memory stays valid until its completion (CQE) is reaped:
 //! - **receive buffers** belong to the kernel while published in the buffer
-//!   ring; a CQE naming buffer `bid` hands it to us; we publish it again once
-//!   its bytes are processed (or at once, when the connection is gone);
+//!   ring (incrementally consumed, it also rewrites the head entry, so we
+//!   write only entries past the published tail); a CQE hands us the bytes
+//!   it names, and one without `IORING_CQE_F_BUF_MORE` hands back the
+//!   whole buffer `bid`, which we publish again once its bytes are
+//!   processed (or at once, when the connection is gone);
 //! - **send data** is the connection's [`OutQueue`](crate::proto::outbound::OutQueue)
 //!   front, pinned ([`pin_front`](crate::proto::outbound::OutQueue::pin_front))
 //!   so that neither new frames nor a slow-consumer cut move or free it;
@@ -32,8 +39,16 @@
 //!   list, no longer counted) until its receive, send and close operations
 //!   have all completed; removing it cancels the receive and the send first;
 //! - the **wake-up counter** (8 bytes) belongs to the worker;
+//! - each **accept's peer address** (a `sockaddr_storage` and its
+//!   `socklen_t`, which the kernel reads and writes when the connection
+//!   arrives) is one entry of the worker's boxed `Acceptor` array,
+//!   allocated once and never resized; entry `i` is the kernel's from the
+//!   arming of accept `i` until its CQE (every accept posts exactly one,
+//!   also when cancelled), and only then read; the listener stays open
+//!   while any accept names it;
 //! - at **exit**, the worker cancels everything and waits (bounded) for the
-//!   completions; if the kernel has not finished in time, the memory is
+//!   completions; if the kernel has not finished in time, the memory
+//!   (connections, receive buffers, wake-up counter, accept addresses) is
 //!   leaked rather than freed under it.
 
 use super::Shared;
@@ -42,21 +57,51 @@ use crate::proto::outbound::MAX_IOVECS;
 use crate::pubsub::bus::{Inbox, Wake};
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use std::io::{self, IoSlice};
-use std::net::TcpListener;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
-/// Size of one provided receive buffer.
-pub const RECV_BUF_BYTES: usize = 8 * 1024;
-/// Receive buffers per worker (a power of two): 2 MiB. The kernel takes
-/// them in ring order, so over time every one is touched and resident:
-/// this is per-worker memory that idle connections share. When more
-/// receives complete in one turn than there are buffers, a connection's
-/// multishot receive ends with ENOBUFS and is re-armed once buffers are back.
-pub const RECV_BUFS: u16 = 256;
+/// How a worker's receive buffers are laid out, and whether the kernel
+/// consumes them incrementally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Geometry {
+    /// Buffers in the ring (a power of two).
+    count: u16,
+    /// Bytes per buffer.
+    size: usize,
+    /// Registered with `IOU_PBUF_RING_INC`.
+    incremental: bool,
+}
+
+/// Receive buffers with incremental consumption (`IOU_PBUF_RING_INC`,
+/// Linux 6.12+): a receive takes only the bytes it needs from the head
+/// buffer, and the next receive, from any connection, continues behind
+/// them, so a few large buffers serve thousands of small receives. The
+/// kernel fills them in ring order and every page ends up resident; at
+/// 256 KiB per worker that is what the ring costs (it was 2 MiB with 256
+/// whole 8 KiB buffers, docs/BENCHMARKS.md). 32 KiB per buffer: a 16 KiB
+/// frame spans at most two receives.
+const INCREMENTAL: Geometry = Geometry {
+    count: 8,
+    size: 32 * 1024,
+    incremental: true,
+};
+/// Without incremental consumption (kernels before 6.12) every receive
+/// takes a whole buffer, so a turn's receives need one each: 256 of 8 KiB.
+/// When more complete in one turn than there are buffers, a connection's
+/// multishot receive ends with ENOBUFS and is re-armed once buffers are
+/// back.
+const WHOLE_BUFFERS: Geometry = Geometry {
+    count: 256,
+    size: 8 * 1024,
+    incremental: false,
+};
+/// `IOU_PBUF_RING_INC` from `<linux/io_uring.h>` (not exported by the
+/// io-uring crate): register the buffer ring for incremental consumption.
+const IOU_PBUF_RING_INC: u16 = 2;
 /// The buffer group of the worker's receive buffers.
 const BGID: u16 = 0;
 /// Submission queue entries.
@@ -72,6 +117,12 @@ const EXIT_WAIT: Duration = Duration::from_secs(2);
 const SEND_POOL_MAX: usize = 256;
 /// The worker's scratch buffer: receive data behind bytes kept from earlier input.
 const SCRATCH_BYTES: usize = super::epoll::READ_BUF_BYTES;
+/// Single-shot accepts each worker keeps in flight. Each completion takes
+/// one connection and its slot is re-armed at the top of the next turn, so
+/// this bounds the connections a worker takes per turn: 32 keeps up with a
+/// load generator's 256 handshakes in flight on two workers (see
+/// docs/BENCHMARKS.md, handshakes) for 32 × 136 bytes of address buffers.
+pub const ACCEPTS_IN_FLIGHT: usize = 32;
 
 /// Operation kinds, in the top byte of `user_data`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +135,23 @@ enum Op {
     Shutdown = 5,
     Cancel = 6,
     Wake = 7,
+}
+
+/// The hidden switch for plain descriptors (see [`Ring::plain_fds`]).
+const PLAIN_FDS_ENV: &str = "CORECAST_URING_PLAIN_FDS";
+
+/// Builds an operation on a connection's socket: `$slot` is an index in
+/// the ring's fixed-file table, or, with plain descriptors, a descriptor.
+macro_rules! on_socket {
+    ($plain:expr, $slot:expr, |$fd:ident| $build:expr) => {
+        if $plain {
+            let $fd = types::Fd($slot as RawFd);
+            $build
+        } else {
+            let $fd = types::Fixed($slot);
+            $build
+        }
+    };
 }
 
 /// A `user_data` key for no connection.
@@ -105,7 +173,8 @@ fn split_user_data(ud: u64) -> (u8, usize, u32) {
 
 /// A connection's handle: its direct descriptor and the operations in flight.
 pub(super) struct Sock {
-    /// Index in the ring's fixed-file table.
+    /// Index in the ring's fixed-file table (with plain descriptors: the
+    /// process descriptor).
     slot: u32,
     /// A multishot receive is armed.
     recv_armed: bool,
@@ -146,19 +215,144 @@ impl SendOp {
     }
 }
 
+/// Where one accept writes its peer's address. `repr(C)` and boxed in
+/// [`Acceptor::addrs`]: the kernel holds pointers to both fields from the
+/// accept's submission until its completion.
+#[repr(C)]
+struct AcceptAddr {
+    addr: libc::sockaddr_storage,
+    len: libc::socklen_t,
+}
+
+/// The worker's accepts: [`ACCEPTS_IN_FLIGHT`] single-shot accepts, each
+/// with its own address buffer, re-armed as they complete.
+struct Acceptor {
+    /// One per accept slot; allocated once, never resized or moved (the
+    /// kernel writes into an armed slot's entry), leaked at exit if an
+    /// accept is still in flight.
+    addrs: Box<[AcceptAddr]>,
+    /// Slot `i` has an accept in flight.
+    armed: [bool; ACCEPTS_IN_FLIGHT],
+    /// Kept while an accept is in flight, even after accepting stopped: an
+    /// armed (or queued, not yet submitted) accept names it by number.
+    listener: Option<TcpListener>,
+    /// False once the drain began: nothing is armed again, what still
+    /// completes is closed.
+    accepting: bool,
+    /// Out of resources: nothing is re-armed before this.
+    retry_at: Option<Instant>,
+    /// Since the last time out of resources, no accept has succeeded: only
+    /// one is armed, so a still-exhausted table or descriptor limit costs
+    /// one failure per retry, not one per slot.
+    probing: bool,
+}
+
+impl AcceptAddr {
+    /// What `len` says before an accept: the room in `addr`.
+    const CAPACITY: libc::socklen_t = std::mem::size_of::<libc::sockaddr_storage>() as _;
+
+    fn new() -> Self {
+        Self {
+            // SAFETY: sockaddr_storage is a plain C struct; all-zero is valid.
+            addr: unsafe { std::mem::zeroed() },
+            len: 0,
+        }
+    }
+}
+
+impl Acceptor {
+    fn new(listener: TcpListener) -> Self {
+        let addrs = (0..ACCEPTS_IN_FLIGHT).map(|_| AcceptAddr::new()).collect();
+        Self {
+            addrs,
+            armed: [false; ACCEPTS_IN_FLIGHT],
+            listener: Some(listener),
+            accepting: true,
+            retry_at: None,
+            probing: false,
+        }
+    }
+
+    fn any_armed(&self) -> bool {
+        self.armed.iter().any(|&a| a)
+    }
+
+    /// Cancels every armed accept; each still reports through its own
+    /// completion (a connection, an error, or `ECANCELED`).
+    fn cancel_armed(&self, ring: &mut Ring) {
+        for (i, _) in self.armed.iter().enumerate().filter(|(_, a)| **a) {
+            let sqe = opcode::AsyncCancel::new(user_data(Op::Accept, NO_KEY, i as u32))
+                .build()
+                .user_data(user_data(Op::Cancel, NO_KEY, 0));
+            ring.push(&sqe);
+        }
+    }
+
+    /// The peer address accept `i` reported (read after its completion).
+    fn peer(&self, i: usize) -> Option<IpAddr> {
+        peer_ip(&self.addrs[i].addr, self.addrs[i].len)
+    }
+}
+
+/// The IP address in a `sockaddr` the kernel filled (`len` bytes of it).
+fn peer_ip(addr: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<IpAddr> {
+    let len = len as usize;
+    match i32::from(addr.ss_family) {
+        libc::AF_INET if len >= std::mem::size_of::<libc::sockaddr_in>() => {
+            // SAFETY: the family says the storage holds a sockaddr_in, and
+            // sockaddr_storage is large and aligned enough for any sockaddr.
+            let sin = unsafe { &*(&raw const *addr).cast::<libc::sockaddr_in>() };
+            Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                sin.sin_addr.s_addr,
+            ))))
+        }
+        libc::AF_INET6 if len >= std::mem::size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: as above, for a sockaddr_in6.
+            let sin6 = unsafe { &*(&raw const *addr).cast::<libc::sockaddr_in6>() };
+            Some(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)))
+        }
+        _ => None,
+    }
+}
+
 /// The receive buffers and the ring that hands them to the kernel.
+///
+/// Incrementally consumed buffers ([`Geometry::incremental`]): a
+/// completion naming buffer `bid` with `IORING_CQE_F_BUF_MORE` set got
+/// `res` bytes at `bid`'s current offset, and the kernel keeps filling
+/// `bid` behind them (it advanced the ring entry itself); without the
+/// flag, `bid` is used up and ours until we publish it again. Completions
+/// for one buffer arrive in the order the kernel filled it, so the offset
+/// is the sum of the earlier parts ([`Self::consumed`]). Whole buffers are
+/// the special case where the flag never comes.
 struct BufRing {
-    /// `RECV_BUFS` entries, page-aligned (an anonymous mapping).
+    /// `geometry.count` entries, page-aligned (an anonymous mapping).
     entries: *mut types::BufRingEntry,
     map_len: usize,
     /// Our copy of the tail: entries published so far (wrapping).
     tail: u16,
+    geometry: Geometry,
+    /// Per buffer: bytes already handed to us from it (incremental mode).
+    offsets: Box<[u32]>,
     bufs: Box<[u8]>,
 }
 
 impl BufRing {
+    /// Incrementally consumed buffers where the kernel has them, whole
+    /// ones otherwise.
     fn new(ring: &IoUring) -> io::Result<Self> {
-        let map_len = RECV_BUFS as usize * std::mem::size_of::<types::BufRingEntry>();
+        match Self::with_geometry(ring, INCREMENTAL) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                Self::with_geometry(ring, WHOLE_BUFFERS)
+            }
+            other => other,
+        }
+    }
+
+    fn with_geometry(ring: &IoUring, geometry: Geometry) -> io::Result<Self> {
+        let count = geometry.count;
+        debug_assert!(count.is_power_of_two());
+        let map_len = count as usize * std::mem::size_of::<types::BufRingEntry>();
         // SAFETY: an anonymous private mapping; the result is checked below.
         let ptr = unsafe {
             libc::mmap(
@@ -177,16 +371,24 @@ impl BufRing {
             entries: ptr.cast(),
             map_len,
             tail: 0,
-            bufs: vec![0u8; RECV_BUFS as usize * RECV_BUF_BYTES].into_boxed_slice(),
+            geometry,
+            offsets: vec![0; count as usize].into_boxed_slice(),
+            // Zeroed: pages become resident only when the kernel fills them.
+            bufs: vec![0u8; count as usize * geometry.size].into_boxed_slice(),
         };
-        // SAFETY: the mapping holds RECV_BUFS entries and lives until `Drop`,
+        let flags = if geometry.incremental {
+            IOU_PBUF_RING_INC
+        } else {
+            0
+        };
+        // SAFETY: the mapping holds `count` entries and lives until `Drop`,
         // which runs only after the buffer group is unregistered (or the
-        // ring is gone).
+        // ring is gone). On failure `me` is dropped unregistered.
         unsafe {
             ring.submitter()
-                .register_buf_ring_with_flags(ptr as u64, RECV_BUFS, BGID, 0)?;
+                .register_buf_ring_with_flags(ptr as u64, count, BGID, flags)?;
         }
-        for bid in 0..RECV_BUFS {
+        for bid in 0..count {
             me.put(bid);
         }
         me.publish();
@@ -195,13 +397,16 @@ impl BufRing {
 
     /// Writes buffer `bid` into the next ring entry (published by [`Self::publish`]).
     fn put(&mut self, bid: u16) {
-        let idx = (self.tail & (RECV_BUFS - 1)) as usize;
-        let addr = self.bufs[bid as usize * RECV_BUF_BYTES..].as_ptr() as u64;
-        // SAFETY: idx < RECV_BUFS, the number of entries mapped; the kernel
-        // reads entries only up to the published tail, and this one is past it.
+        let size = self.geometry.size;
+        let idx = (self.tail & (self.geometry.count - 1)) as usize;
+        let addr = self.bufs[bid as usize * size..].as_ptr() as u64;
+        // SAFETY: idx < count, the number of entries mapped; the kernel
+        // reads (and, incrementally, rewrites) only entries between its
+        // head and the published tail, and this one is past the tail: at
+        // most `count` buffers are ever published, and `bid` was not.
         let e = unsafe { &mut *self.entries.add(idx) };
         e.set_addr(addr);
-        e.set_len(RECV_BUF_BYTES as u32);
+        e.set_len(size as u32);
         e.set_bid(bid);
         self.tail = self.tail.wrapping_add(1);
     }
@@ -215,15 +420,26 @@ impl BufRing {
         unsafe { AtomicU16::from_ptr(tail) }.store(self.tail, Ordering::Release);
     }
 
-    /// Hands buffer `bid` back to the kernel.
-    fn recycle(&mut self, bid: u16) {
-        self.put(bid);
-        self.publish();
+    /// The `len` bytes a completion naming buffer `bid` received.
+    fn data(&mut self, bid: u16, len: usize) -> &mut [u8] {
+        let size = self.geometry.size;
+        let off = (self.offsets[bid as usize] as usize).min(size);
+        let start = bid as usize * size + off;
+        &mut self.bufs[start..start + len.min(size - off)]
     }
 
-    fn buf(&mut self, bid: u16, len: usize) -> &mut [u8] {
-        let start = bid as usize * RECV_BUF_BYTES;
-        &mut self.bufs[start..start + len.min(RECV_BUF_BYTES)]
+    /// A completion's `len` bytes of buffer `bid` are processed. With
+    /// `more` (`IORING_CQE_F_BUF_MORE`) the kernel goes on filling `bid`
+    /// behind them; otherwise `bid` goes back to the ring.
+    fn consumed(&mut self, bid: u16, len: usize, more: bool) {
+        let off = &mut self.offsets[bid as usize];
+        if more {
+            *off = off.saturating_add(len as u32);
+        } else {
+            *off = 0;
+            self.put(bid);
+            self.publish();
+        }
     }
 }
 
@@ -240,8 +456,14 @@ struct Ring {
     ring: IoUring,
     backlog: Vec<(u64, i32, u32)>,
     /// Operations whose memory the kernel may still touch (receives, sends,
-    /// the wake-up read, the accept): the exit waits for this to reach 0.
+    /// the wake-up read, the accepts): the exit waits for this to reach 0.
     in_flight: usize,
+    /// Connections are plain process descriptors (`types::Fd`), not direct
+    /// descriptors (`types::Fixed`): `CORECAST_URING_PLAIN_FDS=1`, read
+    /// once when the worker starts. A measuring aid only (it shows what
+    /// direct descriptors save per operation); the process's open-file
+    /// limit then caps the connections, as with epoll.
+    plain_fds: bool,
 }
 
 impl Ring {
@@ -313,9 +535,7 @@ pub(super) struct Worker {
     core: Core<Sock>,
     ring: Ring,
     bufs: BufRing,
-    listener: Option<TcpListener>,
-    accept_armed: bool,
-    accept_retry_at: Option<Instant>,
+    accept: Acceptor,
     wake: Arc<EventFd>,
     /// Where the armed eventfd read puts the counter.
     wake_buf: Box<u64>,
@@ -329,8 +549,9 @@ pub(super) struct Worker {
 }
 
 /// Does the kernel run everything this backend uses? Tries it for real on
-/// loopback: a multishot accept into a sparse fixed-file table, a multishot
-/// receive into a provided-buffer ring, cancellation and a close by index.
+/// loopback: an accept into a sparse fixed-file table that reports the
+/// peer's address, a multishot receive into a provided-buffer ring,
+/// cancellation and a close by index.
 /// Probed once per process, on a thread of its own: the probe ring's
 /// teardown may run task work on the thread that used it, which would
 /// interrupt (EINTR) that thread's blocking calls.
@@ -355,7 +576,7 @@ fn probe_now() -> Result<(), String> {
         .register_probe(&mut p)
         .map_err(|e| format!("probe: {e}"))?;
     for (code, name) in [
-        (opcode::AcceptMulti::CODE, "accept"),
+        (opcode::Accept::CODE, "accept"),
         (opcode::RecvMulti::CODE, "recv"),
         (opcode::SendMsg::CODE, "sendmsg"),
         (opcode::Close::CODE, "close"),
@@ -371,10 +592,13 @@ fn probe_now() -> Result<(), String> {
         .register_files_sparse(4)
         .map_err(|e| format!("sparse file table: {e}"))?;
     let mut bufs = BufRing::new(&ring).map_err(|e| format!("buffer ring: {e}"))?;
-    let result = probe_loopback(&mut ring, &mut bufs);
+    let mut peer = Box::new(AcceptAddr::new());
+    let result = probe_loopback(&mut ring, &mut bufs, &mut peer);
     if result.is_err() {
-        // An operation may still point into the buffers: never unmap them.
+        // An operation may still point into the buffers or the address:
+        // never free them.
         std::mem::forget(bufs);
+        std::mem::forget(peer);
         return result;
     }
     // Nothing is in flight any more.
@@ -384,27 +608,35 @@ fn probe_now() -> Result<(), String> {
     result
 }
 
-fn probe_loopback(ring: &mut IoUring, bufs: &mut BufRing) -> Result<(), String> {
+fn probe_loopback(
+    ring: &mut IoUring,
+    bufs: &mut BufRing,
+    peer: &mut AcceptAddr,
+) -> Result<(), String> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let accept = opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd()))
-        .allocate_file_index(true)
-        .build()
-        .user_data(1);
-    // SAFETY: the accept carries no pointers.
+    peer.len = AcceptAddr::CAPACITY;
+    let accept = opcode::Accept::new(
+        types::Fd(listener.as_raw_fd()),
+        (&raw mut peer.addr).cast(),
+        &raw mut peer.len,
+    )
+    .file_index(Some(types::DestinationSlot::auto_target()))
+    .build()
+    .user_data(1);
+    // SAFETY: the accept writes into `peer`, which the caller leaks if the
+    // probe fails (the accept may then still be in flight).
     unsafe { ring.submission().push(&accept) }.map_err(|_| "queue full".to_string())?;
     ring.submit().map_err(|e| format!("submit: {e}"))?;
     let mut client =
         std::net::TcpStream::connect(addr).map_err(|e| format!("loopback connect: {e}"))?;
     let cqe = wait_one(ring)?;
     if cqe.1 < 0 {
-        return Err(format!(
-            "multishot accept: {}",
-            io::Error::from_raw_os_error(-cqe.1)
-        ));
+        return Err(format!("accept: {}", io::Error::from_raw_os_error(-cqe.1)));
     }
-    if !cqueue::more(cqe.2) {
-        return Err("multishot accept not supported".into());
+    let local = client.local_addr().map_err(|e| e.to_string())?;
+    if peer_ip(&peer.addr, peer.len) != Some(local.ip()) {
+        return Err("accept did not report the peer address".into());
     }
     let slot = cqe.1 as u32;
     let recv = opcode::RecvMulti::new(types::Fixed(slot), BGID)
@@ -421,28 +653,28 @@ fn probe_loopback(ring: &mut IoUring, bufs: &mut BufRing) -> Result<(), String> 
             io::Error::from_raw_os_error(-cqe.1.min(0))
         ));
     };
-    let got = bufs.buf(bid, cqe.1.max(0) as usize) == b"probe";
-    bufs.recycle(bid);
+    let len = cqe.1.max(0) as usize;
+    let got = bufs.data(bid, len) == b"probe";
+    bufs.consumed(bid, len, cqueue::buffer_more(cqe.2));
     if !got {
         return Err("multishot recv returned the wrong bytes".into());
     }
     let cancel = opcode::AsyncCancel::new(2).build().user_data(3);
     let close = opcode::Close::new(types::Fixed(slot)).build().user_data(4);
-    let cancel_accept = opcode::AsyncCancel::new(1).build().user_data(5);
-    for sqe in [&cancel, &close, &cancel_accept] {
+    for sqe in [&cancel, &close] {
         // SAFETY: no pointers in these entries.
         unsafe { ring.submission().push(sqe) }.map_err(|_| "queue full".to_string())?;
     }
     ring.submit().map_err(|e| format!("submit: {e}"))?;
-    // Reap until the receive and the accept have ended (both are cancelled).
-    let mut open = 2;
+    // Reap until the receive has ended (it is cancelled).
+    let mut open = 1;
     let deadline = Instant::now() + Duration::from_secs(1);
     while open > 0 && Instant::now() < deadline {
         let (ud, _, flags) = wait_one(ring)?;
         if let Some(bid) = cqueue::buffer_select(flags) {
-            bufs.recycle(bid);
+            bufs.consumed(bid, 0, cqueue::buffer_more(flags));
         }
-        if (ud == 1 || ud == 2) && !cqueue::more(flags) {
+        if ud == 2 && !cqueue::more(flags) {
             open -= 1;
         }
     }
@@ -482,8 +714,16 @@ impl Worker {
         wake: Arc<EventFd>,
         shared: Arc<Shared>,
     ) -> io::Result<Self> {
+        let plain_fds = std::env::var_os(PLAIN_FDS_ENV).is_some_and(|v| v == "1");
         let ring = build_ring()?;
-        ring.submitter().register_files_sparse(fixed_table_size())?;
+        if plain_fds {
+            info!(
+                worker = id,
+                "io_uring with plain descriptors ({PLAIN_FDS_ENV}=1)"
+            );
+        } else {
+            ring.submitter().register_files_sparse(fixed_table_size())?;
+        }
         let bufs = BufRing::new(&ring)?;
         // Accepted sockets inherit TCP_NODELAY from the listener: pushed
         // frames leave at once, without a setsockopt per direct descriptor.
@@ -494,11 +734,10 @@ impl Worker {
                 ring,
                 backlog: Vec::new(),
                 in_flight: 0,
+                plain_fds,
             },
             bufs,
-            listener: Some(listener),
-            accept_armed: false,
-            accept_retry_at: None,
+            accept: Acceptor::new(listener),
             wake,
             wake_buf: Box::new(0),
             wake_armed: false,
@@ -513,7 +752,7 @@ impl Worker {
         let id = self.core.id;
         info!(worker = id, "worker started (io_uring)");
         loop {
-            self.arm_accept();
+            self.arm_accepts();
             self.arm_wake();
             self.enter();
             self.core.now = Instant::now();
@@ -534,7 +773,7 @@ impl Worker {
     fn enter(&mut self) {
         let now = Instant::now();
         let busy = self.core.busy() || !self.ring.backlog.is_empty();
-        let deadline = self.core.next_deadline(now, self.accept_retry_at);
+        let deadline = self.core.next_deadline(now, self.accept.retry_at);
         let result = match (busy, deadline) {
             (true, _) => self.ring.ring.submit(),
             (false, None) => self.ring.ring.submit_and_wait(1),
@@ -575,7 +814,7 @@ impl Worker {
     fn complete(&mut self, ud: u64, res: i32, flags: u32) {
         let (op, key, serial) = split_user_data(ud);
         match op {
-            x if x == Op::Accept as u8 => self.on_accept(res, flags),
+            x if x == Op::Accept as u8 => self.on_accept(serial as usize, res),
             x if x == Op::Recv as u8 => self.on_recv(key, serial, res, flags),
             x if x == Op::Send as u8 => self.on_send(key, serial, res),
             x if x == Op::Close as u8 => {
@@ -602,38 +841,76 @@ impl Worker {
         }
     }
 
-    fn arm_accept(&mut self) {
-        if self.accept_armed || self.accept_retry_at.is_some_and(|t| Instant::now() < t) {
+    /// Arms every idle accept slot, unless accepting stopped or is
+    /// paused after running out of resources.
+    fn arm_accepts(&mut self) {
+        let acc = &mut self.accept;
+        if !acc.accepting || acc.retry_at.is_some_and(|t| Instant::now() < t) {
             return;
         }
-        let Some(listener) = &self.listener else {
+        acc.retry_at = None;
+        let Some(listener) = &acc.listener else {
             return;
         };
-        self.accept_retry_at = None;
-        // Non-blocking sockets: an operation that cannot complete waits on
-        // the ring's internal poll, never in a blocking call on an io-wq thread.
-        let sqe = opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd()))
-            .allocate_file_index(true)
-            .flags(libc::SOCK_NONBLOCK)
-            .build()
-            .user_data(user_data(Op::Accept, NO_KEY, 0));
-        self.ring.push(&sqe);
-        self.ring.in_flight += 1;
-        self.accept_armed = true;
+        let fd = listener.as_raw_fd();
+        let want = if acc.probing { 1 } else { ACCEPTS_IN_FLIGHT };
+        let mut armed = acc.armed.iter().filter(|&&a| a).count();
+        for i in 0..ACCEPTS_IN_FLIGHT {
+            if armed >= want {
+                break;
+            }
+            if acc.armed[i] {
+                continue;
+            }
+            let slot = &mut acc.addrs[i];
+            slot.len = AcceptAddr::CAPACITY;
+            // Non-blocking sockets: an operation that cannot complete waits
+            // on the ring's internal poll, never in a blocking call on an
+            // io-wq thread.
+            let accept = opcode::Accept::new(
+                types::Fd(fd),
+                (&raw mut slot.addr).cast(),
+                &raw mut slot.len,
+            );
+            let accept = if self.ring.plain_fds {
+                accept.flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+            } else {
+                // Into a free slot of the fixed-file table (CLOEXEC means
+                // nothing there, and the kernel refuses it).
+                accept
+                    .file_index(Some(types::DestinationSlot::auto_target()))
+                    .flags(libc::SOCK_NONBLOCK)
+            };
+            let sqe = accept
+                .build()
+                .user_data(user_data(Op::Accept, NO_KEY, i as u32));
+            self.ring.push(&sqe);
+            self.ring.in_flight += 1;
+            acc.armed[i] = true;
+            armed += 1;
+        }
     }
 
-    fn on_accept(&mut self, res: i32, flags: u32) {
-        if !cqueue::more(flags) {
-            self.accept_armed = false;
-            self.ring.in_flight -= 1;
+    /// Accept slot `i` completed: `res` is the new connection's slot or an error.
+    fn on_accept(&mut self, i: usize, res: i32) {
+        let Some(armed) = self.accept.armed.get_mut(i) else {
+            return;
+        };
+        *armed = false;
+        self.ring.in_flight -= 1;
+        if !self.accept.accepting && !self.accept.any_armed() {
+            // The last accept has ended: nothing names the listener any more.
+            self.accept.listener = None;
         }
         if res >= 0 {
             let slot = res as u32;
-            if self.listener.is_none() || self.core.conns.vacant_key() >= NO_KEY {
+            if !self.accept.accepting || self.core.conns.vacant_key() >= NO_KEY {
                 // Draining (or out of keys): not taken.
                 self.close_slot(slot, NO_KEY, 0);
                 return;
             }
+            self.accept.probing = false;
+            let peer = self.accept.peer(i);
             let key = self.core.admit(
                 Sock {
                     slot,
@@ -642,7 +919,7 @@ impl Worker {
                     shutdown_pending: false,
                     close: SlotClose::Open,
                 },
-                None,
+                peer,
             );
             self.arm_recv(key);
             return;
@@ -654,9 +931,18 @@ impl Worker {
         self.core.stats().accept_error();
         let e = io::Error::from_raw_os_error(errno);
         if is_resource_exhaustion(errno) {
-            // ENFILE here is usually the fixed-file table: full until connections close.
-            warn!(worker = self.core.id, error = %e, "accept failed: out of resources; retrying shortly");
-            self.accept_retry_at = Some(Instant::now() + ACCEPT_RETRY);
+            // ENFILE here is usually the fixed-file table: full until
+            // connections close. The other armed accepts are cancelled:
+            // each would fail too (a direct one after taking a connection
+            // off the backlog, and dropping it). After the pause one accept
+            // probes; the rest are armed once one succeeds.
+            let acc = &mut self.accept;
+            if acc.retry_at.is_none() {
+                warn!(worker = self.core.id, error = %e, "accept failed: out of resources; retrying shortly");
+                acc.retry_at = Some(Instant::now() + ACCEPT_RETRY);
+                acc.probing = true;
+                acc.cancel_armed(&mut self.ring);
+            }
         } else {
             debug!(worker = self.core.id, error = %e, "accept failed");
         }
@@ -681,9 +967,10 @@ impl Worker {
     fn arm_recv(&mut self, key: usize) {
         let conn = &mut self.core.conns[key];
         debug_assert!(!conn.io.recv_armed);
-        let sqe = opcode::RecvMulti::new(types::Fixed(conn.io.slot), BGID)
-            .build()
-            .user_data(user_data(Op::Recv, key, conn.serial));
+        let sqe = on_socket!(self.ring.plain_fds, conn.io.slot, |fd| {
+            opcode::RecvMulti::new(fd, BGID).build()
+        })
+        .user_data(user_data(Op::Recv, key, conn.serial));
         conn.io.recv_armed = true;
         self.ring.push(&sqe);
         self.ring.in_flight += 1;
@@ -702,10 +989,12 @@ impl Worker {
 
     fn on_recv(&mut self, key: usize, serial: u32, res: i32, flags: u32) {
         let bid = cqueue::buffer_select(flags);
+        let buf_more = cqueue::buffer_more(flags);
+        let len = res.max(0) as usize;
         let Some(conn) = conn_of(&mut self.core, key, serial) else {
-            // Cannot happen (entries outlive their operations); the buffer goes back regardless.
+            // Cannot happen (entries outlive their operations); the buffer is accounted for regardless.
             if let Some(bid) = bid {
-                self.bufs.recycle(bid);
+                self.bufs.consumed(bid, len, buf_more);
             }
             return;
         };
@@ -719,9 +1008,9 @@ impl Worker {
                 Some(bid) => {
                     // A closing or lingering connection reads nothing more: discarded.
                     if state == IoState::Active {
-                        self.input(key, bid, res as usize);
+                        self.input(key, bid, len);
                     }
-                    self.bufs.recycle(bid);
+                    self.bufs.consumed(bid, len, buf_more);
                 }
                 None => {
                     // A receive with data always names its buffer; if a kernel
@@ -734,7 +1023,7 @@ impl Worker {
             }
         } else {
             if let Some(bid) = bid {
-                self.bufs.recycle(bid);
+                self.bufs.consumed(bid, 0, buf_more);
             }
             match (res, state) {
                 (_, IoState::Gone) => {}
@@ -758,7 +1047,7 @@ impl Worker {
 
     /// Feeds `len` bytes of receive buffer `bid` to the core.
     fn input(&mut self, key: usize, bid: u16, len: usize) {
-        let data = self.bufs.buf(bid, len);
+        let data = self.bufs.data(bid, len);
         let kept = self.core.conns[key]
             .session
             .restore_pending(&mut self.scratch);
@@ -836,10 +1125,12 @@ impl Worker {
         }
         op.msg.msg_iov = op.iov.as_mut_ptr();
         op.msg.msg_iovlen = filled as _;
-        let sqe = opcode::SendMsg::new(types::Fixed(conn.io.slot), &raw const op.msg)
-            .flags(libc::MSG_NOSIGNAL as u32)
-            .build()
-            .user_data(user_data(Op::Send, key, conn.serial));
+        let sqe = on_socket!(self.ring.plain_fds, conn.io.slot, |fd| {
+            opcode::SendMsg::new(fd, &raw const op.msg)
+                .flags(libc::MSG_NOSIGNAL as u32)
+                .build()
+        })
+        .user_data(user_data(Op::Send, key, conn.serial));
         // The box moves into the connection; the heap data it points to does not.
         conn.io.send = Some(op);
         self.ring.push(&sqe);
@@ -887,9 +1178,10 @@ impl Worker {
             AfterFlush::Remove => self.remove(key),
             AfterFlush::ShutdownWrite => {
                 let conn = &mut self.core.conns[key];
-                let sqe = opcode::Shutdown::new(types::Fixed(conn.io.slot), libc::SHUT_WR)
-                    .build()
-                    .user_data(user_data(Op::Shutdown, key, conn.serial));
+                let sqe = on_socket!(self.ring.plain_fds, conn.io.slot, |fd| {
+                    opcode::Shutdown::new(fd, libc::SHUT_WR).build()
+                })
+                .user_data(user_data(Op::Shutdown, key, conn.serial));
                 conn.io.shutdown_pending = true;
                 let wants = Self::wants_recv(conn);
                 self.ring.push(&sqe);
@@ -920,9 +1212,9 @@ impl Worker {
     }
 
     fn close_slot(&mut self, slot: u32, key: usize, serial: u32) {
-        let sqe = opcode::Close::new(types::Fixed(slot))
-            .build()
-            .user_data(user_data(Op::Close, key, serial));
+        let sqe = on_socket!(self.ring.plain_fds, slot, |fd| opcode::Close::new(fd)
+            .build())
+        .user_data(user_data(Op::Close, key, serial));
         self.ring.push(&sqe);
     }
 
@@ -934,16 +1226,17 @@ impl Worker {
         self.free_gone();
     }
 
+    /// Stops accepting: cancels the accepts in flight. The listener is
+    /// closed once the last of them has completed (an accept that still
+    /// delivers a connection has it closed at once).
     fn stop_accepting(&mut self) {
-        if self.accept_armed {
-            let sqe = opcode::AsyncCancel::new(user_data(Op::Accept, NO_KEY, 0))
-                .build()
-                .user_data(user_data(Op::Cancel, NO_KEY, 0));
-            self.ring.push(&sqe);
+        let acc = &mut self.accept;
+        acc.accepting = false;
+        acc.retry_at = None;
+        acc.cancel_armed(&mut self.ring);
+        if !acc.any_armed() {
+            acc.listener = None;
         }
-        // The armed accept holds its own reference to the socket.
-        self.listener = None;
-        self.accept_retry_at = None;
     }
 
     /// Frees every gone entry the kernel is done with.
@@ -1008,6 +1301,7 @@ impl Worker {
             // Never free what the kernel may still write to or read from.
             std::mem::forget(std::mem::take(&mut self.core.conns));
             std::mem::forget(std::mem::replace(&mut self.wake_buf, Box::new(0)));
+            std::mem::forget(std::mem::take(&mut self.accept.addrs));
             let bufs = std::mem::replace(&mut self.bufs, BufRing::leaked());
             std::mem::forget(bufs);
             return;
@@ -1023,6 +1317,8 @@ impl BufRing {
             entries: std::ptr::null_mut(),
             map_len: 0,
             tail: 0,
+            geometry: WHOLE_BUFFERS,
+            offsets: Box::new([]),
             bufs: Box::new([]),
         }
     }
@@ -1066,8 +1362,7 @@ fn close_when_idle(conn: &mut Conn<Sock>, ring: &mut Ring, key: usize) {
     let io = &mut conn.io;
     if io.close == SlotClose::Wanted && !io.recv_armed && io.send.is_none() && !io.shutdown_pending
     {
-        let sqe = opcode::Close::new(types::Fixed(io.slot))
-            .build()
+        let sqe = on_socket!(ring.plain_fds, io.slot, |fd| opcode::Close::new(fd).build())
             .user_data(user_data(Op::Close, key, conn.serial));
         io.close = SlotClose::Pending;
         ring.push(&sqe);
@@ -1123,5 +1418,93 @@ mod tests {
             let (o, k, s) = split_user_data(user_data(op, key, serial));
             assert_eq!((o, k, s), (op as u8, key, serial));
         }
+    }
+
+    /// The probe's whole sequence passes with either buffer geometry, so
+    /// the fallback for kernels without incremental buffers is exercised
+    /// here too.
+    #[test]
+    fn the_probe_passes_with_both_buffer_geometries() {
+        for geometry in [INCREMENTAL, WHOLE_BUFFERS] {
+            let mut ring = IoUring::new(8).unwrap();
+            ring.submitter().register_files_sparse(4).unwrap();
+            let mut bufs = BufRing::with_geometry(&ring, geometry).unwrap();
+            let mut peer = Box::new(AcceptAddr::new());
+            probe_loopback(&mut ring, &mut bufs, &mut peer).unwrap();
+            ring.submitter().unregister_buf_ring(BGID).unwrap();
+        }
+    }
+
+    /// Incremental consumption: consecutive receives land one behind the
+    /// other in the same buffer (`IORING_CQE_F_BUF_MORE`), and `data`
+    /// finds each part where `consumed` says the previous one ended.
+    #[test]
+    fn incremental_receives_continue_in_the_same_buffer() {
+        let mut ring = IoUring::new(8).unwrap();
+        ring.submitter().register_files_sparse(4).unwrap();
+        let mut bufs = BufRing::with_geometry(&ring, INCREMENTAL).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let recv = opcode::RecvMulti::new(types::Fd(server.as_raw_fd()), BGID)
+            .build()
+            .user_data(2);
+        // SAFETY: the receive uses the registered buffer ring, which
+        // outlives the ring (it is unregistered, below, after the cancel).
+        unsafe { ring.submission().push(&recv) }.unwrap();
+        ring.submit().unwrap();
+        let mut parts = Vec::new();
+        for part in [&b"first"[..], b"second part", b"3"] {
+            io::Write::write_all(&mut client, part).unwrap();
+            let (ud, res, flags) = wait_one(&mut ring).unwrap();
+            assert_eq!(ud, 2);
+            assert!(cqueue::more(flags), "the multishot receive goes on");
+            let bid = cqueue::buffer_select(flags).expect("a buffer");
+            assert!(cqueue::buffer_more(flags), "the buffer is not used up");
+            let len = res as usize;
+            assert_eq!(bufs.data(bid, len), part);
+            bufs.consumed(bid, len, true);
+            parts.push(bid);
+        }
+        assert!(
+            parts.iter().all(|&b| b == parts[0]),
+            "one buffer: {parts:?}"
+        );
+        let cancel = opcode::AsyncCancel::new(2).build().user_data(3);
+        // SAFETY: no pointers in this entry.
+        unsafe { ring.submission().push(&cancel) }.unwrap();
+        ring.submit().unwrap();
+        loop {
+            let (ud, _, flags) = wait_one(&mut ring).unwrap();
+            if ud == 2 && !cqueue::more(flags) {
+                break;
+            }
+        }
+        ring.submitter().unregister_buf_ring(BGID).unwrap();
+    }
+
+    /// `peer_ip` reads what the kernel writes for each family, and nothing
+    /// from an address too short for its family or of another family.
+    #[test]
+    fn peer_ip_reads_both_families() {
+        for want in [
+            "127.0.0.2:4000".parse::<std::net::SocketAddr>().unwrap(),
+            "[2001:db8::7]:4000".parse().unwrap(),
+            "[::ffff:10.1.2.3]:4000".parse().unwrap(),
+        ] {
+            let sa = socket2::SockAddr::from(want);
+            let mut a = AcceptAddr::new();
+            // SAFETY: `sa.len()` bytes fit in a sockaddr_storage.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    sa.as_ptr().cast::<u8>(),
+                    (&raw mut a.addr).cast::<u8>(),
+                    sa.len() as usize,
+                )
+            };
+            assert_eq!(peer_ip(&a.addr, sa.len()), Some(want.ip()));
+            assert_eq!(peer_ip(&a.addr, sa.len() - 1), None);
+        }
+        assert_eq!(peer_ip(&AcceptAddr::new().addr, AcceptAddr::CAPACITY), None);
     }
 }
