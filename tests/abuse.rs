@@ -1453,7 +1453,12 @@ fn at_the_descriptor_limit_the_server_waits_without_spinning_and_recovers() {
     assert!(took < Duration::from_secs(1), "served after {took:?}");
     let m = server.metrics();
     let errors = metric(&m, "corecast_accept_errors_total");
-    assert!(errors > 0, "accept errors counted");
+    // epoll meets EMFILE and counts it; io_uring knows its fixed-file table
+    // is full and arms no accept until a slot frees (an accept completing
+    // into a full table would reset the client).
+    if std::env::var("CORECAST_IO").as_deref() == Ok("epoll") {
+        assert!(errors > 0, "accept errors counted");
+    }
     assert!(
         errors < 100,
         "{errors} accept errors: retried in a tight loop"
@@ -1466,7 +1471,6 @@ fn at_the_descriptor_limit_the_server_waits_without_spinning_and_recovers() {
 }
 
 #[test]
-#[ignore = "BUG: io_uring only (passes on epoll): while the fixed-file table is full, each 100 ms accept retry takes one waiting client from the backlog and the kernel resets it (ENFILE on install), instead of leaving it queued until a slot frees"]
 fn clients_waiting_at_the_descriptor_limit_are_served_once_descriptors_free() {
     let _one = exclusive();
     let (server, mut served, first_waiting) = server_at_the_limit();

@@ -245,6 +245,12 @@ struct Acceptor {
     /// one is armed, so a still-exhausted table or descriptor limit costs
     /// one failure per retry, not one per slot.
     probing: bool,
+    /// Direct descriptors: slots of the fixed-file table, and how many hold
+    /// a socket (accepted, close not yet completed). An accept is armed only
+    /// for a free slot: one that completes into a full table has already
+    /// taken the connection off the backlog, and the kernel resets it.
+    table: u32,
+    slots_used: u32,
 }
 
 impl AcceptAddr {
@@ -270,6 +276,8 @@ impl Acceptor {
             accepting: true,
             retry_at: None,
             probing: false,
+            table: u32::MAX,
+            slots_used: 0,
         }
     }
 
@@ -724,10 +732,14 @@ impl Worker {
         } else {
             ring.submitter().register_files_sparse(fixed_table_size())?;
         }
+        let mut accept = Acceptor::new(listener);
+        if !plain_fds {
+            accept.table = fixed_table_size();
+        }
         let bufs = BufRing::new(&ring)?;
         // Accepted sockets inherit TCP_NODELAY from the listener: pushed
         // frames leave at once, without a setsockopt per direct descriptor.
-        socket2::SockRef::from(&listener).set_nodelay(true)?;
+        socket2::SockRef::from(accept.listener.as_ref().expect("just bound")).set_nodelay(true)?;
         Ok(Self {
             core: Core::new(id, inbox, shared),
             ring: Ring {
@@ -737,7 +749,7 @@ impl Worker {
                 plain_fds,
             },
             bufs,
-            accept: Acceptor::new(listener),
+            accept,
             wake,
             wake_buf: Box::new(0),
             wake_armed: false,
@@ -818,6 +830,10 @@ impl Worker {
             x if x == Op::Recv as u8 => self.on_recv(key, serial, res, flags),
             x if x == Op::Send as u8 => self.on_send(key, serial, res),
             x if x == Op::Close as u8 => {
+                if !self.ring.plain_fds {
+                    // Every accepted slot is closed exactly once.
+                    self.accept.slots_used = self.accept.slots_used.saturating_sub(1);
+                }
                 if let Some(conn) = conn_of(&mut self.core, key, serial) {
                     conn.io.close = SlotClose::Done;
                     self.free_if_done(key);
@@ -853,8 +869,9 @@ impl Worker {
             return;
         };
         let fd = listener.as_raw_fd();
-        let want = if acc.probing { 1 } else { ACCEPTS_IN_FLIGHT };
         let mut armed = acc.armed.iter().filter(|&&a| a).count();
+        let free = acc.table.saturating_sub(acc.slots_used) as usize;
+        let want = if acc.probing { 1 } else { ACCEPTS_IN_FLIGHT }.min(free);
         for i in 0..ACCEPTS_IN_FLIGHT {
             if armed >= want {
                 break;
@@ -904,6 +921,9 @@ impl Worker {
         }
         if res >= 0 {
             let slot = res as u32;
+            if !self.ring.plain_fds {
+                self.accept.slots_used += 1;
+            }
             if !self.accept.accepting || self.core.conns.vacant_key() >= NO_KEY {
                 // Draining (or out of keys): not taken.
                 self.close_slot(slot, NO_KEY, 0);

@@ -316,7 +316,13 @@ impl<S> Core<S> {
             stats.publisher_paced();
             conn.read_paused = true;
             let at = self.now + Duration::from_millis(wait as u64);
-            self.paced.push((at, key, conn.serial));
+            // io_uring may deliver input already received while paused: one
+            // entry per connection, holding the latest resume time.
+            let serial = conn.serial;
+            match self.paced.iter_mut().find(|p| (p.1, p.2) == (key, serial)) {
+                Some(p) => p.0 = p.0.max(at),
+                None => self.paced.push((at, key, serial)),
+            }
             return Input::Stop;
         }
         if conn.session.out.len() > self.shared.config.max_outbound_bytes {
