@@ -495,7 +495,7 @@ fn main() -> io::Result<()> {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    let (addr, listeners) = corecast::server::listener::bind_group(args.listen, workers)?;
+    let (addr, listeners) = corecast::server::listener::bind_group(args.listen, workers, None)?;
     let stop = Arc::new(AtomicBool::new(false));
     let mut polls = Vec::new();
     let mut peers = Vec::new();
