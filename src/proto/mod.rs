@@ -12,11 +12,13 @@
 //! | [`utf8`] | incremental, fail-fast UTF-8 validation |
 //! | [`ws`] | [`ws::WsConn`], the state machine of an open connection |
 //! | [`outbound`] | [`outbound::OutQueue`], a connection's queue of frames to write |
+//! | [`rate`] | [`rate::TokenBucket`], the rate limits' bucket, on a clock the caller passes in |
 
 pub mod frame;
 pub mod handshake;
 pub mod mask;
 pub mod outbound;
+pub mod rate;
 pub mod utf8;
 pub mod ws;
 

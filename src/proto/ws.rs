@@ -18,6 +18,7 @@ use super::frame::{
 };
 use super::mask::apply_mask;
 use super::outbound::OutQueue;
+use super::rate::TokenBucket;
 use super::utf8::{self, Utf8Validator};
 use bytes::Bytes;
 use std::sync::Arc;
@@ -156,8 +157,8 @@ pub struct WsConn {
     limits: Arc<WsLimits>,
     /// Frames of the message in progress.
     fragments: u32,
-    /// Control frames the client may still send, in thousandths.
-    control_credit: u32,
+    /// Pings and pongs the client may still send (`limits.control_rate`).
+    control: TokenBucket,
     /// The caller's clock at the last [`Self::tick`], in milliseconds.
     clock_ms: u32,
     /// When the message in progress started (its first frame header).
@@ -174,7 +175,7 @@ impl WsConn {
     /// A connection enforcing `limits`, opened at `now_ms` on the caller's
     /// millisecond clock (see [`Self::tick`]).
     pub fn with_limits(limits: Arc<WsLimits>, now_ms: u32) -> Self {
-        let control_credit = limits.control_rate.saturating_mul(1000);
+        let control = TokenBucket::full(limits.control_rate, now_ms);
         Self {
             recv: RecvState::Header,
             msg_kind: None,
@@ -185,26 +186,18 @@ impl WsConn {
             close: CloseState::Open,
             limits,
             fragments: 0,
-            control_credit,
+            control,
             clock_ms: now_ms,
             msg_started_ms: now_ms,
         }
     }
 
     /// Tells the connection the time (milliseconds on any clock that only
-    /// moves forward, wrapping) before a [`Self::decode`]: refills the
-    /// control-frame allowance. No clock is read here (sans-IO).
+    /// moves forward, wrapping) before a [`Self::decode`]: the control-frame
+    /// allowance refills by it and a message starting now is stamped with
+    /// it. No clock is read here (sans-IO).
     pub fn tick(&mut self, now_ms: u32) {
-        let rate = self.limits.control_rate;
-        let elapsed = now_ms.wrapping_sub(self.clock_ms);
         self.clock_ms = now_ms;
-        if rate == 0 || elapsed == 0 {
-            return;
-        }
-        let cap = rate.saturating_mul(1000);
-        // `rate` per second is `rate` thousandths per millisecond.
-        let gain = (elapsed as u64 * rate as u64).min(cap as u64) as u32;
-        self.control_credit = self.control_credit.saturating_add(gain).min(cap);
     }
 
     /// Is a message (or a frame of one) partly received?
@@ -354,16 +347,15 @@ impl WsConn {
                                 event: None,
                             };
                         }
-                        if header.opcode != OpCode::Close && self.limits.control_rate > 0 {
-                            if self.control_credit < 1000 {
-                                return self.fail(
-                                    CloseCode::POLICY_VIOLATION,
-                                    "control frame flood",
-                                    out,
-                                    input.len(),
-                                );
-                            }
-                            self.control_credit -= 1000;
+                        if header.opcode != OpCode::Close
+                            && !self.control.take(self.limits.control_rate, self.clock_ms)
+                        {
+                            return self.fail(
+                                CloseCode::POLICY_VIOLATION,
+                                "control frame flood",
+                                out,
+                                input.len(),
+                            );
                         }
                         let payload = &mut input[pos + hlen..pos + total];
                         apply_mask(payload, mask, 0);

@@ -8,6 +8,7 @@
 //! connection and until its rate buckets have refilled; a full table
 //! refuses new addresses rather than grow without bound.
 
+use crate::proto::rate::TokenBucket;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
@@ -79,55 +80,11 @@ pub struct AdmissionLimits {
     pub publish_rate_per_ip: u32,
 }
 
-/// A token bucket holding one second's worth (`rate` tokens), in
-/// thousandths of a token, refilled on use.
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    milli: u32,
-    last_ms: u32,
-}
-
-impl Bucket {
-    fn full(rate: u32, now_ms: u32) -> Self {
-        Self {
-            milli: rate.saturating_mul(1000),
-            last_ms: now_ms,
-        }
-    }
-
-    fn refill(&mut self, rate: u32, now_ms: u32) {
-        let elapsed = now_ms.wrapping_sub(self.last_ms);
-        self.last_ms = now_ms;
-        let cap = rate.saturating_mul(1000);
-        let gain = (elapsed as u64 * rate as u64).min(cap as u64) as u32;
-        self.milli = self.milli.saturating_add(gain).min(cap);
-    }
-
-    /// Takes a token; `false` (nothing taken) when the bucket is empty.
-    fn take(&mut self, rate: u32, now_ms: u32) -> bool {
-        if rate == 0 {
-            return true;
-        }
-        self.refill(rate, now_ms);
-        if self.milli < 1000 {
-            return false;
-        }
-        self.milli -= 1000;
-        true
-    }
-
-    fn is_full(&self, rate: u32, now_ms: u32) -> bool {
-        let mut b = *self;
-        b.refill(rate, now_ms);
-        b.milli >= rate.saturating_mul(1000)
-    }
-}
-
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     conns: u32,
-    connect: Bucket,
-    publish: Bucket,
+    connect: TokenBucket,
+    publish: TokenBucket,
 }
 
 /// Process-wide admission state (one per server).
@@ -211,14 +168,14 @@ impl Admission {
                 Err(Refusal::TableFull)
             }
             None => {
-                let mut connect = Bucket::full(l.connect_rate_per_ip, now);
+                let mut connect = TokenBucket::full(l.connect_rate_per_ip, now);
                 connect.take(l.connect_rate_per_ip, now);
                 map.insert(
                     ip,
                     Entry {
                         conns: 1,
                         connect,
-                        publish: Bucket::full(l.publish_rate_per_ip, now),
+                        publish: TokenBucket::full(l.publish_rate_per_ip, now),
                     },
                 );
                 self.tracked.fetch_add(1, Ordering::Relaxed);
@@ -394,19 +351,5 @@ mod tests {
         assert!(!a.allow_publish(ip(1)));
         assert!(a.allow_publish(ip(2)));
         assert!(a.allow_publish(None), "unknown address: not limited");
-    }
-
-    #[test]
-    fn bucket_refills_at_its_rate_up_to_one_second() {
-        let mut b = Bucket::full(10, 0);
-        for _ in 0..10 {
-            assert!(b.take(10, 0));
-        }
-        assert!(!b.take(10, 0));
-        assert!(!b.take(10, 99), "0.99 tokens after 99 ms");
-        assert!(b.take(10, 100));
-        assert!(b.is_full(10, 100_000));
-        b.refill(10, 100_000);
-        assert_eq!(b.milli, 10_000, "capped at one second's worth");
     }
 }

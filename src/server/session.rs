@@ -18,6 +18,7 @@ use crate::proto::handshake::{
     self, HeadScanner, MAX_HEADERS, Reject, Request, Status, choose_subprotocol, parse_head,
     validate_upgrade, write_switching_protocols,
 };
+use crate::proto::rate::TokenBucket;
 use crate::proto::{CloseCode, CloseState, Event, MessageKind, OutQueue, WsConn};
 use crate::pubsub::control::{self, Op};
 use crate::pubsub::directory::TopicInterest;
@@ -55,52 +56,11 @@ enum Role {
     /// `/publish/{topic}`: every message it sends is published.
     Publisher {
         topic: Option<Arc<TopicInterest>>,
-        pace: Pace,
+        /// `--max-publish-rate`: what one read delivers is published, going
+        /// into debt if need be; the backend then stops reading until the
+        /// debt is repaid (pacing, nothing lost).
+        pace: TokenBucket,
     },
-}
-
-/// A WebSocket publisher's allowance under `--max-publish-rate`: a token
-/// bucket (one second's worth) that may go into debt by one read's worth
-/// of messages; the backend then stops reading until the debt is repaid.
-#[derive(Debug, Clone, Copy)]
-struct Pace {
-    /// Thousandths of a message; negative while in debt.
-    milli: i64,
-    last_ms: u32,
-}
-
-impl Pace {
-    fn new(rate: u32, now_ms: u32) -> Self {
-        Self {
-            milli: rate as i64 * 1000,
-            last_ms: now_ms,
-        }
-    }
-
-    /// Spends one message at `now_ms`.
-    fn spend(&mut self, rate: u32, now_ms: u32) {
-        if rate == 0 {
-            return;
-        }
-        self.refill(rate, now_ms);
-        self.milli -= 1000;
-    }
-
-    fn refill(&mut self, rate: u32, now_ms: u32) {
-        let elapsed = now_ms.wrapping_sub(self.last_ms) as i64;
-        self.last_ms = now_ms;
-        self.milli = (self.milli + elapsed * rate as i64).min(rate as i64 * 1000);
-    }
-
-    /// Milliseconds until the debt is repaid (0: not in debt).
-    fn wait_ms(&self, rate: u32) -> u32 {
-        if rate == 0 || self.milli >= 0 {
-            return 0;
-        }
-        (-self.milli as u64)
-            .div_ceil(rate as u64)
-            .min(u32::MAX as u64) as u32
-    }
 }
 
 #[derive(Debug)]
@@ -608,7 +568,7 @@ impl Session {
                 topic::validate(name, cfg.max_topic_len).map_err(topic_reject)?;
                 Role::Publisher {
                     topic: Some(ctx.shard.directory().entry(name)),
-                    pace: Pace::new(cfg.max_publish_rate, ctx.now_ms),
+                    pace: TokenBucket::full(cfg.max_publish_rate, ctx.now_ms),
                 }
             }
             Upgrade::Subscribe => {
