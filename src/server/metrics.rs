@@ -165,52 +165,53 @@ pub fn render(workers: &[WorkerStats], topics: usize) -> String {
         let _ = writeln!(s, "{name} {}", sum(f));
     }
 
-    header(
+    // Counters with one label: (label value, the counter array's index).
+    let labeled = |s: &mut String,
+                   name: &str,
+                   help: &str,
+                   label: &str,
+                   values: Vec<(String, usize)>,
+                   f: fn(&WorkerStats) -> &[AtomicU64]| {
+        header(s, name, "counter", help);
+        for (value, i) in values {
+            let n: u64 = workers.iter().map(|w| get(&f(w)[i])).sum();
+            let _ = writeln!(s, "{name}{{{label}=\"{value}\"}} {n}");
+        }
+    };
+    labeled(
         &mut s,
         "corecast_handshakes_rejected_total",
-        "counter",
         "Requests refused, by HTTP status.",
-    );
-    for st in Status::ALL {
-        let n: u64 = workers
+        "status",
+        Status::ALL
             .iter()
-            .map(|w| get(&w.handshakes_rejected[st.index()]))
-            .sum();
-        let _ = writeln!(
-            s,
-            "corecast_handshakes_rejected_total{{status=\"{}\"}} {n}",
-            st.code()
-        );
-    }
-
-    header(
+            .map(|st| (st.code().to_string(), st.index()))
+            .collect(),
+        |w| &w.handshakes_rejected,
+    );
+    labeled(
         &mut s,
         "corecast_connections_refused_total",
-        "counter",
         "Connections answered 503 at accept, by the limit they hit.",
-    );
-    for r in Refusal::ALL {
-        let n: u64 = workers
+        "limit",
+        Refusal::ALL
             .iter()
-            .map(|w| get(&w.connections_refused[r.index()]))
-            .sum();
-        let _ = writeln!(
-            s,
-            "corecast_connections_refused_total{{limit=\"{}\"}} {n}",
-            r.label()
-        );
-    }
-
-    header(
+            .map(|r| (r.label().to_string(), r.index()))
+            .collect(),
+        |w| &w.connections_refused,
+    );
+    labeled(
         &mut s,
         "corecast_ws_failures_total",
-        "counter",
         "WebSocket connections the server failed, by close code (1002 protocol, 1007 bad UTF-8, 1008 policy, 1009 too big, 1013 out of buffer budget).",
+        "code",
+        FAILURE_CODES
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.to_string(), i))
+            .collect(),
+        |w| &w.ws_failures,
     );
-    for (i, code) in FAILURE_CODES.iter().enumerate() {
-        let n: u64 = workers.iter().map(|w| get(&w.ws_failures[i])).sum();
-        let _ = writeln!(s, "corecast_ws_failures_total{{code=\"{code}\"}} {n}");
-    }
 
     header(
         &mut s,
