@@ -98,11 +98,12 @@ pub struct Admission {
     epoch: Instant,
 }
 
-/// What [`Admission::admit`] granted; hand it back to [`Admission::release`].
+/// What [`Admission::admit`] granted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ticket {
-    /// Counted in the per-address table.
-    per_ip: bool,
+    /// Counted in the per-address table: give the address back to
+    /// [`Admission::release`].
+    pub per_ip: bool,
 }
 
 impl Admission {
@@ -192,13 +193,11 @@ impl Admission {
         }
     }
 
-    /// Uncounts a connection admitted with `ticket`.
-    pub fn release(&self, peer: Option<IpAddr>, ticket: Ticket) {
+    /// Uncounts an admitted connection; `per_ip` is its address when its
+    /// [`Ticket`] said it was counted per address.
+    pub fn release(&self, per_ip: Option<IpAddr>) {
         self.open.fetch_sub(1, Ordering::Relaxed);
-        if !ticket.per_ip {
-            return;
-        }
-        let Some((ip, stripe)) = peer.and_then(|ip| Some((ip, self.stripe(&ip)?))) else {
+        let Some((ip, stripe)) = per_ip.and_then(|ip| Some((ip, self.stripe(&ip)?))) else {
             return;
         };
         let mut map = stripe.lock().unwrap_or_else(|e| e.into_inner());
@@ -282,7 +281,7 @@ mod tests {
         let tickets: Vec<_> = (0..10).map(|i| a.admit(ip(i)).unwrap()).collect();
         assert_eq!(a.admit(ip(99)), Err(Refusal::ProcessFull));
         assert_eq!(a.admit(None), Err(Refusal::ProcessFull));
-        a.release(ip(0), tickets[0]);
+        a.release(tickets[0].per_ip.then(|| ip(0)).flatten());
         assert!(a.admit(None).is_ok());
         assert_eq!(a.open(), 10);
         assert_eq!(a.tracked(), 0, "no per-address limit, no table");
@@ -295,7 +294,7 @@ mod tests {
         let _t2 = a.admit(ip(1)).unwrap();
         assert_eq!(a.admit(ip(1)), Err(Refusal::AddressFull));
         assert!(a.admit(ip(2)).is_ok(), "another address is not affected");
-        a.release(ip(1), t1);
+        a.release(t1.per_ip.then(|| ip(1)).flatten());
         assert!(a.admit(ip(1)).is_ok());
         assert_eq!(a.open(), 3, "refusals are not counted");
     }
@@ -305,7 +304,7 @@ mod tests {
         let a = Admission::new(limits(5, 0));
         let t = a.admit(ip(1)).unwrap();
         assert_eq!(a.tracked(), 1);
-        a.release(ip(1), t);
+        a.release(t.per_ip.then(|| ip(1)).flatten());
         assert_eq!(a.tracked(), 0);
     }
 
@@ -314,7 +313,7 @@ mod tests {
         let a = Admission::new(limits(0, 3));
         for _ in 0..3 {
             let t = a.admit(ip(1)).unwrap();
-            a.release(ip(1), t);
+            a.release(t.per_ip.then(|| ip(1)).flatten());
         }
         assert_eq!(
             a.admit(ip(1)),
@@ -332,7 +331,7 @@ mod tests {
     fn sweep_forgets_refilled_addresses() {
         let a = Admission::new(limits(0, 1000));
         let t = a.admit(ip(1)).unwrap();
-        a.release(ip(1), t);
+        a.release(t.per_ip.then(|| ip(1)).flatten());
         std::thread::sleep(std::time::Duration::from_millis(5));
         a.sweep(0, 1);
         assert_eq!(a.tracked(), 0);

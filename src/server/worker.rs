@@ -11,7 +11,6 @@
 //! deadlines are pushed in order and checked from the front.
 
 use super::Shared;
-use super::admission::Ticket;
 use super::config::Config;
 use super::session::{Ctx, Next, Push, Session};
 use super::stats::WorkerStats;
@@ -21,7 +20,7 @@ use crate::proto::outbound::COPY_BELOW;
 use crate::pubsub::bus::{Inbox, MAILBOX_HIGH_WATER, Publication};
 use crate::pubsub::shard::Shard;
 use slab::Slab;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -81,10 +80,8 @@ pub struct Conn<S> {
     request_gen: u32,
     /// Bytes of this connection charged to the worker's buffer budget.
     charged: u32,
-    /// The client's address, when the backend knows it.
-    peer: Option<IpAddr>,
-    /// Counted by the admission limits (`None`: refused at accept).
-    ticket: Option<Ticket>,
+    /// Counted by the admission limits (false: refused at accept).
+    admitted: bool,
 }
 
 impl<S> Conn<S> {
@@ -151,6 +148,9 @@ pub struct Core<S> {
     /// Bytes charged to this worker's connections, and the worker's budget.
     buffered: usize,
     budget: usize,
+    /// The addresses of the connections counted per address (only with a
+    /// per-address limit set): kept here, not in every connection's entry.
+    addresses: HashMap<usize, IpAddr>,
     /// Start of the worker's millisecond clock.
     epoch: Instant,
     /// Time at the top of this loop turn.
@@ -182,6 +182,7 @@ impl<S> Core<S> {
             paced: Vec::new(),
             buffered: 0,
             budget,
+            addresses: HashMap::new(),
             epoch: now,
             now,
             next_sweep,
@@ -227,9 +228,13 @@ impl<S> Core<S> {
             ping_sent_ms: 0,
             request_gen: 0,
             charged: 0,
-            peer,
-            ticket: admitted.ok(),
+            admitted: admitted.is_ok(),
         });
+        if let (Ok(ticket), Some(ip)) = (admitted, peer)
+            && ticket.per_ip
+        {
+            self.addresses.insert(key, ip);
+        }
         self.stats().connection_opened();
         if let Err(why) = admitted {
             let stats = &self.shared.stats[self.id];
@@ -279,7 +284,11 @@ impl<S> Core<S> {
             me: (key, conn.serial),
             now: self.now,
             now_ms,
-            peer: conn.peer,
+            peer: if self.addresses.is_empty() {
+                None
+            } else {
+                self.addresses.get(&key).copied()
+            },
         };
         let next = conn.session.on_input(buf, &mut ctx);
         if self.recharge(key) {
@@ -676,6 +685,9 @@ impl<S> Core<S> {
         if self.linger_deadlines.is_empty() && self.linger_deadlines.capacity() > SHRINK_ABOVE {
             self.linger_deadlines.shrink_to_fit();
         }
+        if self.addresses.is_empty() && self.addresses.capacity() > SHRINK_ABOVE {
+            self.addresses.shrink_to_fit();
+        }
         while let Some(&(deadline, key, serial)) = self.linger_deadlines.front() {
             let key = key as usize;
             if deadline > now_ms {
@@ -733,8 +745,9 @@ impl<S> Core<S> {
         conn.session.detach(&mut self.shard, stats);
         conn.state = IoState::Gone;
         stats.connection_closed();
-        if let Some(ticket) = conn.ticket.take() {
-            self.shared.admission.release(conn.peer, ticket);
+        if std::mem::take(&mut conn.admitted) {
+            let per_ip = self.addresses.remove(&key);
+            self.shared.admission.release(per_ip);
         }
         // Whatever the entry still holds is freed with it.
         self.buffered -= conn.charged as usize;
