@@ -121,7 +121,10 @@ fn the_per_address_cap_only_affects_that_address() {
 
 #[test]
 fn the_connect_rate_refuses_a_burst_from_one_address() {
-    let server = start_with(|c| c.max_connect_rate_per_ip = 5);
+    // 2 per second with a burst of 2: eight connections in a row get at
+    // least the burst and at least one refusal, even on a slow machine
+    // (one more token per 500 ms).
+    let server = start_with(|c| c.max_connect_rate_per_ip = 2);
     let addr = server.local_addr();
     let from: IpAddr = [127, 0, 0, 3].into();
     let mut answers = Vec::new();
@@ -137,8 +140,8 @@ fn the_connect_rate_refuses_a_burst_from_one_address() {
         .iter()
         .filter(|h| h.starts_with("HTTP/1.1 503"))
         .count();
-    assert!(ok >= 5, "a second's worth gets in: {answers:?}");
-    assert!(refused >= 2, "the rest are refused: {answers:?}");
+    assert!(ok >= 2, "a second's worth gets in: {answers:?}");
+    assert!(refused >= 1, "the rest are refused: {answers:?}");
     assert_eq!(ok + refused, 8);
     // Another address is not affected.
     let mut s = raw_from([127, 0, 0, 4].into(), addr);
@@ -147,7 +150,7 @@ fn the_connect_rate_refuses_a_burst_from_one_address() {
         metric(
             addr,
             "corecast_connections_refused_total{limit=\"connect_rate\"}"
-        ) >= 2
+        ) >= 1
     );
 }
 
@@ -167,7 +170,7 @@ fn http_publishers_over_the_rate_get_429() {
     let addr = server.local_addr();
     let mut s = raw(addr);
     let mut statuses = Vec::new();
-    for i in 0..5u8 {
+    for i in 0..20u8 {
         s.write_all(&post("prices", &[i])).unwrap();
         let head = read_head(&mut s);
         statuses.push(head[9..12].to_string());
@@ -178,7 +181,13 @@ fn http_publishers_over_the_rate_get_429() {
             break;
         }
     }
-    assert_eq!(statuses, ["204", "204", "204", "429"]);
+    // A second's worth (3) at least, then 429 (one more token per 333 ms).
+    let (last, published) = statuses.split_last().unwrap();
+    assert_eq!(last, "429", "{statuses:?}");
+    assert!(
+        published.len() >= 3 && published.iter().all(|s| s == "204"),
+        "{statuses:?}"
+    );
     assert_eq!(server.stats().publish_rate_limited, 1);
     assert_eq!(metric(addr, "corecast_publish_rate_limited_total"), 1);
 }
