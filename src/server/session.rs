@@ -253,12 +253,28 @@ impl Session {
         }
     }
 
+    /// Bytes kept from previous input.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
     /// Copies the bytes kept from the previous read to the start of `buf`;
     /// returns how many. The backend reads new bytes after them.
     pub fn restore_pending(&mut self, buf: &mut [u8]) -> usize {
         let n = self.pending.len();
         buf[..n].copy_from_slice(&self.pending);
         n
+    }
+
+    /// Keeps `data` after the pending bytes without processing it (input
+    /// that arrived while the backend had paused reading); the next
+    /// [`Self::restore_pending`] returns it. Charged to the buffer budget
+    /// like any pending input.
+    pub fn hold(&mut self, data: &[u8]) {
+        let mut all = Vec::with_capacity(self.pending.len() + data.len());
+        all.extend_from_slice(&self.pending);
+        all.extend_from_slice(data);
+        self.pending = all.into_boxed_slice();
     }
 
     /// Processes `buf` (previous pending bytes followed by new ones).

@@ -184,6 +184,10 @@ pub(super) struct Sock {
     shutdown_pending: bool,
     /// Where closing `slot` stands.
     close: SlotClose,
+    /// Input that arrived while reading was paused (a multishot receive
+    /// can complete after its cancel was submitted) is kept, unprocessed,
+    /// in the session's pending bytes; fed to the core on resume.
+    held: bool,
 }
 
 /// Closing a direct descriptor. The close is submitted only once no other
@@ -938,6 +942,7 @@ impl Worker {
                     send: None,
                     shutdown_pending: false,
                     close: SlotClose::Open,
+                    held: false,
                 },
                 peer,
             );
@@ -1028,7 +1033,15 @@ impl Worker {
                 Some(bid) => {
                     // A closing or lingering connection reads nothing more: discarded.
                     if state == IoState::Active {
-                        self.input(key, bid, len);
+                        if conn.read_paused {
+                            // Received before the pause took effect: not
+                            // processed while paused (a paced publisher,
+                            // backpressure), kept for the resume.
+                            conn.session.hold(self.bufs.data(bid, len));
+                            conn.io.held = true;
+                        } else {
+                            self.input(key, bid, len);
+                        }
                     }
                     self.bufs.consumed(bid, len, buf_more);
                 }
@@ -1065,25 +1078,46 @@ impl Worker {
         }
     }
 
+    /// Feeds the input held while reading was paused to the core.
+    fn input_held(&mut self, key: usize) {
+        self.core.conns[key].io.held = false;
+        let kept = self.restore_pending(key);
+        let verdict = self.core.input(key, &mut self.scratch[..kept]);
+        self.after_core_input(key, verdict);
+    }
+
+    /// Copies `key`'s pending bytes to the front of the scratch buffer
+    /// (grown if held input made them longer than it); returns how many.
+    fn restore_pending(&mut self, key: usize) -> usize {
+        let session = &mut self.core.conns[key].session;
+        if self.scratch.len() < session.pending_len() {
+            self.scratch.resize(session.pending_len(), 0);
+        }
+        session.restore_pending(&mut self.scratch)
+    }
+
     /// Feeds `len` bytes of receive buffer `bid` to the core.
     fn input(&mut self, key: usize, bid: u16, len: usize) {
+        let kept = self.restore_pending(key);
         let data = self.bufs.data(bid, len);
-        let kept = self.core.conns[key]
-            .session
-            .restore_pending(&mut self.scratch);
         let verdict = if kept == 0 {
             // The common case: processed (and unmasked) in place.
             self.core.input(key, data)
         } else {
             if self.scratch.len() < kept + data.len() {
-                // Kept bytes are at most a request head (capped at half the
-                // scratch size) or a frame header; never panic regardless.
+                // Kept bytes are a request head (capped at half the scratch
+                // size), a frame header or input held while paused.
                 self.scratch.resize(kept + data.len(), 0);
             }
             self.scratch[kept..kept + data.len()].copy_from_slice(data);
             let n = kept + data.len();
             self.core.input(key, &mut self.scratch[..n])
         };
+        self.after_core_input(key, verdict);
+    }
+
+    /// After the core took input: a pause cancels the multishot receive.
+    fn after_core_input(&mut self, key: usize, verdict: Input) {
         let conn = &self.core.conns[key];
         if verdict == Input::Stop && conn.read_paused && conn.io.recv_armed {
             // Backpressure: stop the multishot receive; re-armed when unpaused.
@@ -1100,7 +1134,14 @@ impl Worker {
     fn end_of_turn(&mut self) {
         let reread = self.core.take_reread();
         for &(key, serial) in &reread {
-            if self.core.is_current(key, serial) && Self::wants_recv(&self.core.conns[key]) {
+            if !self.core.is_current(key, serial) {
+                continue;
+            }
+            let conn = &self.core.conns[key];
+            if conn.io.held && !conn.read_paused && conn.state == IoState::Active {
+                self.input_held(key);
+            }
+            if Self::wants_recv(&self.core.conns[key]) {
                 self.arm_recv(key);
             }
         }
