@@ -711,12 +711,9 @@ impl Session {
         self.pending = rest.into();
     }
 
-    /// Answers `reject` at once and closes (connection refused at accept).
-    pub fn refuse_now(&mut self, reject: Reject, stats: &WorkerStats) {
-        self.refuse(reject, stats);
-    }
-
-    fn refuse(&mut self, reject: Reject, stats: &WorkerStats) {
+    /// Answers `reject` and closes: a refused request, or a connection
+    /// refused at accept.
+    pub fn refuse(&mut self, reject: Reject, stats: &WorkerStats) {
         stats.handshake_rejected(reject.status);
         debug!(
             status = reject.status.code(),

@@ -247,7 +247,7 @@ impl<S> Core<S> {
             );
             self.conns[key]
                 .session
-                .refuse_now(Reject::new(Status::ServiceUnavailable, why.reason()), stats);
+                .refuse(Reject::new(Status::ServiceUnavailable, why.reason()), stats);
             self.start_closing(key);
             return key;
         }
