@@ -152,6 +152,13 @@ pub struct ServeArgs {
     #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     pub message_timeout: Duration,
 
+    /// Time a connection's outbound queue may make no progress (the client
+    /// reads nothing) before the connection is closed, with 1008 "send
+    /// timeout" for a WebSocket; applies in every state, paused or not.
+    /// 0 disables.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub send_timeout: Duration,
+
     /// TCP keepalive idle time on accepted sockets (probes every 10 s, 6
     /// unanswered close the socket); 0 disables.
     #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
@@ -193,8 +200,10 @@ impl ServeArgs {
             max_fragments: self.max_fragments,
             max_control_rate: self.max_control_rate,
             message_timeout: (!self.message_timeout.is_zero()).then_some(self.message_timeout),
+            send_timeout: (!self.send_timeout.is_zero()).then_some(self.send_timeout),
             tcp_keepalive: (!self.tcp_keepalive.is_zero()).then_some(self.tcp_keepalive),
             max_buffered_bytes: self.max_buffered_bytes,
+            ..Config::default()
         }
     }
 }
@@ -319,6 +328,7 @@ mod tests {
         assert_eq!(c.max_fragments, d.max_fragments);
         assert_eq!(c.max_control_rate, d.max_control_rate);
         assert_eq!(c.message_timeout, d.message_timeout);
+        assert_eq!(c.send_timeout, d.send_timeout);
         assert_eq!(c.tcp_keepalive, d.tcp_keepalive);
         assert_eq!(c.max_buffered_bytes, d.max_buffered_bytes);
     }

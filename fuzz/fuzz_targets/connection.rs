@@ -94,6 +94,7 @@ fn run<'a>(cfg: &Config, reads: impl Iterator<Item = &'a [u8]>) -> Vec<Item> {
                 // 7 ms per read: the control-frame allowance refills as it would.
                 now_ms: (i as u32).wrapping_mul(7),
                 peer: Some(std::net::IpAddr::from([127, 0, 0, 1])),
+                metrics: &mut None,
             };
             session.on_input(&mut buf, &mut ctx)
         };

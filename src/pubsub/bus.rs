@@ -10,10 +10,13 @@
 //! Either the receiver's drain sees the batch, or the sender sees the cleared
 //! flag and wakes it: no batch is left waiting for a wake-up that never comes.
 //!
-//! Backpressure: each mailbox counts the bytes queued in it. A publisher's
-//! worker stops reading its publishers while any mailbox is over
+//! Backpressure: each mailbox counts the bytes queued in it, until the
+//! receiver has delivered them. A publisher's worker stops reading its
+//! publishers (WebSocket and HTTP alike) while any mailbox is over
 //! [`MAILBOX_HIGH_WATER`] and resumes below half of it, so a burst faster than
-//! the subscribers' workers cannot grow memory without bound.
+//! the subscribers' workers cannot grow memory without bound. The receiver
+//! takes batches one at a time ([`Inbox::next`]) and may stop between them,
+//! so its drain is bounded per loop turn.
 
 use super::directory::TopicInterest;
 use bytes::Bytes;
@@ -90,19 +93,22 @@ impl Bus {
         self.mailboxes.len()
     }
 
-    /// Hands `batch` to `worker` and wakes it if needed.
-    pub fn send(&self, worker: usize, batch: Vec<Publication>) {
+    /// Hands `batch` to `worker` and wakes it if needed. Returns the
+    /// publications lost because that worker has already exited (shutdown),
+    /// for the caller to count; 0 normally.
+    pub fn send(&self, worker: usize, batch: Vec<Publication>) -> usize {
         let m = &self.mailboxes[worker];
-        let bytes: usize = batch.iter().map(|p| p.frame.len()).sum();
+        let bytes = frame_bytes(&batch);
         m.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
-        if m.tx.send(batch).is_err() {
+        if let Err(lost) = m.tx.send(batch) {
             // The worker has exited (shutdown): nobody left to deliver to.
             m.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
-            return;
+            return lost.0.len();
         }
         if !m.notified.swap(true, Ordering::AcqRel) {
             m.waker.wake();
         }
+        0
     }
 
     /// Wakes `worker` without a batch (shutdown).
@@ -125,16 +131,39 @@ impl Bus {
     }
 }
 
+fn frame_bytes(batch: &[Publication]) -> usize {
+    batch.iter().map(|p| p.frame.len()).sum()
+}
+
 impl Inbox {
+    /// Starts a drain: clears the wake-up flag *before* taking batches (see
+    /// the wake-up protocol above). Call once per loop turn, then
+    /// [`Self::next`] until `None` or until the turn's delivery bound.
+    pub fn begin_drain(&self, bus: &Bus) {
+        bus.mailboxes[self.worker]
+            .notified
+            .store(false, Ordering::Release);
+    }
+
+    /// The next batch queued for this worker, in arrival order. Its bytes
+    /// still count against the mailbox until [`Self::done`].
+    pub fn next(&self) -> Option<Vec<Publication>> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Marks `batch` (from [`Self::next`]) as delivered: its bytes leave the
+    /// mailbox's count.
+    pub fn done(&self, bus: &Bus, batch: &[Publication]) {
+        bus.mailboxes[self.worker]
+            .queued_bytes
+            .fetch_sub(frame_bytes(batch), Ordering::Relaxed);
+    }
+
     /// Takes every batch queued for this worker, in arrival order.
     pub fn drain(&self, bus: &Bus, mut f: impl FnMut(Vec<Publication>)) {
-        let m = &bus.mailboxes[self.worker];
-        m.notified.store(false, Ordering::Release);
-        // Bounded by what is queued now plus what arrives meanwhile; senders
-        // are throttled by `queued_bytes`, so this ends.
-        while let Ok(batch) = self.rx.try_recv() {
-            let bytes: usize = batch.iter().map(|p| p.frame.len()).sum();
-            m.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.begin_drain(bus);
+        while let Some(batch) = self.next() {
+            self.done(bus, &batch);
             f(batch);
         }
     }

@@ -13,5 +13,6 @@
 pub mod bus;
 pub mod control;
 pub mod directory;
+pub mod ledger;
 pub mod shard;
 pub mod topic;

@@ -12,11 +12,27 @@
 
 use super::bus::{Bus, Publication};
 use super::directory::{Directory, TopicInterest};
+use super::ledger::SharedFrames;
+use crate::proto::outbound::COPY_BELOW;
 use bytes::Bytes;
 use slab::Slab;
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::Instant;
+
+/// Heap bytes one topic costs the registries besides its name, measured
+/// (tests/registry_memory.rs): the directory's map slot and
+/// `TopicInterest`, this worker's `LocalTopic` with its subscriber slab,
+/// and its two map slots, with the maps' growth slack.
+pub const TOPIC_ENTRY_BYTES: usize = 512;
+
+/// What the buffer budget charges one subscription for the topic
+/// registry: as if it had created its topic, with a name of `max_topic_len`
+/// bytes (kept twice: the directory's and the worker's copy). An upper
+/// bound, so that a client creating many topics pays for all of them.
+pub const fn registry_charge(max_topic_len: usize) -> usize {
+    TOPIC_ENTRY_BYTES + 2 * max_topic_len
+}
 
 /// A connection as the backend names it: slab key and serial.
 pub type ConnRef = (usize, u32);
@@ -126,6 +142,11 @@ pub struct Shard {
     local: Vec<Publication>,
     /// Reused per-peer batches for [`Shard::dispatch`].
     batches: Vec<Vec<Publication>>,
+    /// Publications a peer could not take (it had exited), not yet counted.
+    lost: usize,
+    /// Large frames published here, charged to this worker's budget while
+    /// any queue holds them.
+    frames: SharedFrames,
 }
 
 impl Shard {
@@ -141,6 +162,8 @@ impl Shard {
             outbox: Vec::new(),
             local: Vec::new(),
             batches: (0..workers).map(|_| Vec::new()).collect(),
+            lost: 0,
+            frames: SharedFrames::default(),
         }
     }
 
@@ -208,6 +231,24 @@ impl Shard {
         }
     }
 
+    /// Releases the charge of published frames no queue holds any more;
+    /// returns the bytes still charged.
+    pub fn release_frames(&mut self) -> usize {
+        self.frames.release_unheld();
+        self.frames.bytes()
+    }
+
+    /// Bytes of published frames charged to this worker now.
+    pub fn frame_bytes(&self) -> usize {
+        self.frames.bytes()
+    }
+
+    /// Publications sent to a worker that had already exited (only during
+    /// shutdown) since the last call; the caller counts them.
+    pub fn take_lost(&mut self) -> usize {
+        std::mem::take(&mut self.lost)
+    }
+
     /// Queues a publication made on this worker; it leaves in [`Self::dispatch`].
     pub fn publish(&mut self, topic: &Arc<TopicInterest>, frame: Bytes, now: Instant) {
         self.publish_weak(Arc::downgrade(topic), topic.workers(), frame, now);
@@ -223,6 +264,10 @@ impl Shard {
         frame: Bytes,
         now: Instant,
     ) {
+        if frame.len() >= COPY_BELOW {
+            // Queued by reference wherever it goes: charged here, once.
+            self.frames.charge(&frame);
+        }
         self.outbox.push((
             Publication {
                 topic,
@@ -256,7 +301,7 @@ impl Shard {
         for w in 0..self.batches.len() {
             if !self.batches[w].is_empty() {
                 let batch = std::mem::take(&mut self.batches[w]);
-                self.bus.send(w, batch);
+                self.lost += self.bus.send(w, batch);
             }
         }
         self.deliver(&local, &mut deliver);

@@ -144,8 +144,8 @@ fn respond(head: &[u8], shared: &Shared) -> Vec<u8> {
         Ok(r) => r,
         Err(reject) => return handshake::error_response(reject),
     };
-    match http::admin_response(&req, shared, false, None) {
-        Some(Ok(response)) => response,
+    match http::admin_response(&req, false, None, || http::render_metrics(shared)) {
+        Some(Ok(r)) => [r.head, r.body.to_vec()].concat(),
         Some(Err(reject)) => handshake::error_response(reject),
         None => handshake::error_response(Reject::new(Status::NotFound, "no such endpoint")),
     }

@@ -5,6 +5,7 @@ use crate::proto::ws::{
     DEFAULT_MAX_CONTROL_RATE, DEFAULT_MAX_FRAGMENTS, DEFAULT_MAX_FRAME_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES, WsLimits,
 };
+use crate::pubsub::bus::MAILBOX_HIGH_WATER;
 use crate::pubsub::topic::{DEFAULT_MAX_TOPIC_LEN, DEFAULT_MAX_TOPICS_PER_CONN};
 use crate::server::admission::{AdmissionLimits, DEFAULT_MAX_CONNECTIONS};
 use std::net::SocketAddr;
@@ -26,6 +27,14 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default time a client has to finish a message it started (all its
 /// fragments, or one frame's payload).
 pub const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time a connection's outbound queue may go without progress (no
+/// byte taken by the kernel while something is queued) before the
+/// connection is closed: the deadline that covers a peer which stops
+/// reading, whatever state the connection is in (see docs/SECURITY.md,
+/// "Deadlines"). 30 s: as long as the message timeout; a live client on a
+/// poor link drains something well within it, and a stalled one holds its
+/// queue (up to `--max-outbound-bytes`, budgeted) no longer than this.
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default idle time before the kernel sends TCP keepalive probes.
 pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// Default process-wide budget for bytes held on behalf of connections
@@ -113,10 +122,16 @@ pub struct Config {
     pub max_control_rate: u32,
     /// Time a client has to finish a message it started; `None`: no limit.
     pub message_timeout: Option<Duration>,
+    /// Time an outbound queue may make no progress before the connection is
+    /// closed (1008 for a WebSocket); `None`: no limit.
+    pub send_timeout: Option<Duration>,
     /// TCP keepalive idle time on accepted sockets; `None`: off.
     pub tcp_keepalive: Option<Duration>,
     /// Process-wide budget for bytes held on behalf of connections.
     pub max_buffered_bytes: usize,
+    /// Bytes queued in a worker's mailbox above which every publisher is
+    /// held (not a flag: tests lower it to reach the mark with little data).
+    pub mailbox_high_water: usize,
 }
 
 impl Default for Config {
@@ -147,8 +162,10 @@ impl Default for Config {
             max_fragments: DEFAULT_MAX_FRAGMENTS,
             max_control_rate: DEFAULT_MAX_CONTROL_RATE,
             message_timeout: Some(DEFAULT_MESSAGE_TIMEOUT),
+            send_timeout: Some(DEFAULT_SEND_TIMEOUT),
             tcp_keepalive: Some(DEFAULT_TCP_KEEPALIVE),
             max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
+            mailbox_high_water: MAILBOX_HIGH_WATER,
         }
     }
 }
@@ -161,6 +178,20 @@ impl Config {
             max_frame: self.max_frame_size.min(self.max_message_size) as u64,
             max_fragments: self.max_fragments.max(1),
             control_rate: self.max_control_rate,
+        }
+    }
+
+    /// What a subscriber's WebSocket enforces: its messages are control
+    /// messages, so nothing longer than one is ever buffered.
+    pub fn subscriber_limits(&self) -> WsLimits {
+        let max = self
+            .max_message_size
+            .min(crate::pubsub::control::MAX_CONTROL_BYTES) as u64;
+        let limits = self.ws_limits();
+        WsLimits {
+            max_message: max,
+            max_frame: limits.max_frame.min(max),
+            ..limits
         }
     }
 

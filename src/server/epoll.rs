@@ -274,6 +274,7 @@ impl Worker {
     fn flush(&mut self, key: usize) {
         let core = &mut self.core;
         let conn = &mut core.conns[key];
+        let mut total = 0;
         while !conn.session.out.is_empty() {
             let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
             let n = conn.session.out.gather(&mut iov);
@@ -286,6 +287,7 @@ impl Worker {
                 Ok(written) => {
                     core.shared.stats[core.id].bytes_sent(written);
                     conn.session.out.advance(written);
+                    total += written;
                     if written < offered {
                         // A short write means the send buffer is full (the kernel has
                         // set SOCK_NOSPACE): the writable edge will come. Trying again
@@ -301,7 +303,7 @@ impl Worker {
                 }
             }
         }
-        match core.after_flush(key) {
+        match core.after_flush(key, total) {
             AfterFlush::Keep => {}
             AfterFlush::Remove => remove(core, key),
             AfterFlush::ShutdownWrite => {

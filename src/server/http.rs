@@ -6,19 +6,30 @@ use super::Shared;
 use super::metrics;
 use super::stats::WorkerStats;
 use crate::proto::handshake::{Reject, Request};
+use bytes::Bytes;
 
 /// `Content-Type` of plain-text answers.
 const PLAIN: &str = "text/plain; charset=utf-8";
 
+/// An answer to an admin request: the head, and the body (shared: one
+/// `/metrics` rendering serves every request of a loop turn).
+pub(crate) struct AdminResponse {
+    pub head: Vec<u8>,
+    /// Empty for `HEAD`.
+    pub body: Bytes,
+}
+
 /// Answers `GET|HEAD /metrics` and `/healthz` (on the main port or the admin
 /// listener); `None` for any other path. `counted` is bumped before the
-/// metrics are rendered, so they include this request.
+/// metrics are rendered, so they include this request. `render` returns
+/// the metrics body: the caller decides how often it is really rendered
+/// (the workers: at most once per loop turn, whatever is pipelined).
 pub(crate) fn admin_response(
     req: &Request<'_, '_>,
-    shared: &Shared,
     keep_alive: bool,
     counted: Option<&WorkerStats>,
-) -> Option<Result<Vec<u8>, Reject>> {
+    render: impl FnOnce() -> Bytes,
+) -> Option<Result<AdminResponse, Reject>> {
     let is_metrics = match req.path {
         "/metrics" => true,
         "/healthz" => false,
@@ -31,18 +42,22 @@ pub(crate) fn admin_response(
         stats.http_request();
     }
     let (content_type, body) = if is_metrics {
-        (
-            metrics::CONTENT_TYPE,
-            metrics::render(&shared.stats, shared.directory.len()),
-        )
+        (metrics::CONTENT_TYPE, render())
     } else {
-        (PLAIN, "ok\n".to_string())
+        (PLAIN, Bytes::from_static(b"ok\n"))
     };
-    let mut response = ok(content_type, &body, keep_alive);
-    if req.method == "HEAD" {
-        response.truncate(response.len() - body.len());
-    }
-    Some(Ok(response))
+    let head = ok_head(content_type, body.len(), keep_alive);
+    let body = if req.method == "HEAD" {
+        Bytes::new()
+    } else {
+        body
+    };
+    Some(Ok(AdminResponse { head, body }))
+}
+
+/// The metrics as `/metrics` serves them.
+pub(crate) fn render_metrics(shared: &Shared) -> Bytes {
+    Bytes::from(metrics::render(&shared.stats, shared.directory.len()))
 }
 
 /// `204 No Content`, the answer to an accepted publish.
@@ -57,17 +72,15 @@ pub fn no_content(keep_alive: bool) -> &'static [u8] {
 /// The interim answer to `Expect: 100-continue`.
 pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
-/// `200 OK` with a body.
-pub fn ok(content_type: &str, body: &str, keep_alive: bool) -> Vec<u8> {
+/// The head of a `200 OK` with a body of `len` bytes.
+pub fn ok_head(content_type: &str, len: usize, keep_alive: bool) -> Vec<u8> {
     let mut r = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n",
-        body.len()
+        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {len}\r\nCache-Control: no-store\r\n"
     );
     if !keep_alive {
         r.push_str("Connection: close\r\n");
     }
     r.push_str("\r\n");
-    r.push_str(body);
     r.into_bytes()
 }
 
@@ -117,11 +130,11 @@ mod tests {
 
     #[test]
     fn responses() {
-        let r = String::from_utf8(ok("text/plain", "ok\n", false)).unwrap();
+        let r = String::from_utf8(ok_head("text/plain", 3, false)).unwrap();
         assert!(r.starts_with("HTTP/1.1 200 OK\r\n"));
         assert!(r.contains("Content-Length: 3\r\n"));
         assert!(r.contains("Connection: close\r\n"));
-        assert!(r.ends_with("\r\n\r\nok\n"));
+        assert!(r.ends_with("\r\n\r\n"));
         assert!(!String::from_utf8_lossy(no_content(true)).contains("close"));
     }
 }

@@ -2,7 +2,7 @@
 //! exposition format (version 0.0.4). Names are listed in docs/PROTOCOL.md.
 
 use super::admission::Refusal;
-use super::stats::{FAILURE_CODES, LATENCY_BUCKETS_US, WorkerStats};
+use super::stats::{FAILURE_CODES, LATENCY_BUCKETS_US, Undelivered, WorkerStats};
 use crate::proto::handshake::Status;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -38,7 +38,7 @@ pub fn render(workers: &[WorkerStats], topics: usize) -> String {
             get(&w.connections_open)
         );
     }
-    let counters: [Counter; 23] = [
+    let counters: [Counter; 25] = [
         (
             "corecast_connections_accepted_total",
             "TCP connections accepted.",
@@ -145,6 +145,16 @@ pub fn render(workers: &[WorkerStats], topics: usize) -> String {
             |w| &w.message_timeouts,
         ),
         (
+            "corecast_send_timeouts_total",
+            "Connections closed (1008 for a WebSocket) because their outbound queue made no progress within --send-timeout.",
+            |w| &w.send_timeouts,
+        ),
+        (
+            "corecast_metrics_renders_total",
+            "Renderings of /metrics by the workers (pipelined requests of one loop turn share one).",
+            |w| &w.metrics_renders,
+        ),
+        (
             "corecast_buffered_bytes",
             "Bytes held for connections and charged to --max-buffered-bytes.",
             |w| &w.buffered_bytes,
@@ -211,6 +221,18 @@ pub fn render(workers: &[WorkerStats], topics: usize) -> String {
             .map(|(i, c)| (c.to_string(), i))
             .collect(),
         |w| &w.ws_failures,
+    );
+
+    labeled(
+        &mut s,
+        "corecast_frames_undelivered_total",
+        "Publications not delivered to a subscriber they were meant for, by reason (closing: the subscriber had sent its close frame; worker_stopped: its worker had exited during shutdown). Slow-consumer drops are counted by corecast_frames_dropped_total and corecast_slow_consumer_discarded_bytes_total.",
+        "reason",
+        Undelivered::ALL
+            .iter()
+            .map(|r| (r.label().to_string(), r.index()))
+            .collect(),
+        |w| &w.undelivered,
     );
 
     header(

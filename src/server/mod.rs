@@ -56,6 +56,10 @@ pub struct Shared {
     pub(crate) admission: admission::Admission,
     /// What every WebSocket enforces on its client's frames.
     pub(crate) ws_limits: Arc<crate::proto::ws::WsLimits>,
+    /// The same for subscribers, whose messages are control messages: a
+    /// message over [`MAX_CONTROL_BYTES`](crate::pubsub::control::MAX_CONTROL_BYTES)
+    /// closes 1009 as it arrives instead of being buffered to be refused.
+    pub(crate) subscriber_limits: Arc<crate::proto::ws::WsLimits>,
 }
 
 impl Shared {
@@ -68,6 +72,7 @@ impl Shared {
         Self {
             admission: admission::Admission::new(config.admission_limits()),
             ws_limits: Arc::new(config.ws_limits()),
+            subscriber_limits: Arc::new(config.subscriber_limits()),
             config,
             shutdown: AtomicBool::new(false),
             stats,

@@ -44,6 +44,8 @@ pub struct Ctx<'a> {
     pub now_ms: u32,
     /// The client's address, when the backend knows it.
     pub peer: Option<IpAddr>,
+    /// The worker's `/metrics` rendering of this turn (made at `now`).
+    pub metrics: &'a mut Option<(Instant, Bytes)>,
 }
 
 /// What an open WebSocket is for.
@@ -100,8 +102,11 @@ pub enum Next {
 pub enum Push {
     /// Queued for writing.
     Queued,
-    /// Not for this connection (not a subscriber, or closing): nothing done.
+    /// Not for this connection (not an open WebSocket): nothing done.
     Ignored,
+    /// The subscriber has sent its close frame: nothing may follow it, so
+    /// the frame is not delivered (counted as undelivered, "closing").
+    Closing,
     /// Skipped: the queue is full and the policy is drop-newest.
     Dropped,
     /// The queue is full and the policy is disconnect: the not-yet-started
@@ -120,6 +125,10 @@ pub struct Session {
     /// HTTP requests completed (the backend re-arms the request deadline
     /// when this changes).
     requests: u32,
+    /// Published something (HTTP or WebSocket) since the last
+    /// [`Session::take_published`]: the backend applies the mailbox
+    /// backpressure to it.
+    published: bool,
     /// Bytes waiting to be written.
     pub out: OutQueue,
 }
@@ -204,6 +213,7 @@ impl Session {
             phase: Phase::Head(HeadScanner::default()),
             pending: Box::default(),
             requests: 0,
+            published: false,
             out: OutQueue::new(),
         }
     }
@@ -226,6 +236,11 @@ impl Session {
     /// HTTP requests completed on this connection so far.
     pub fn requests(&self) -> u32 {
         self.requests
+    }
+
+    /// Did this connection publish since the last call? Clears the mark.
+    pub fn take_published(&mut self) -> bool {
+        std::mem::take(&mut self.published)
     }
 
     /// Is this an open WebSocket?
@@ -386,6 +401,7 @@ impl Session {
                         pace.spend(rate, ctx.now_ms);
                         if let Some(t) = topic {
                             ctx.shard.publish(t, encode(kind, payload), ctx.now);
+                            self.published = true;
                         }
                         None
                     }
@@ -431,7 +447,7 @@ impl Session {
             return Push::Ignored;
         };
         if !ws.can_send() {
-            return Push::Ignored;
+            return Push::Closing;
         }
         if !self.out.is_empty()
             && (over_budget || self.out.len() + frame.len() > cfg.max_outbound_bytes)
@@ -514,9 +530,16 @@ impl Session {
     }
 
     /// Bytes held for this connection that the memory budget charges:
-    /// partial input, a partial message or body, and owned queued bytes.
-    pub fn held_bytes(&self) -> usize {
+    /// partial input, a partial message or body, owned queued bytes, and
+    /// its subscriptions' share of the topic registry.
+    /// Each subscription is charged `per_subscription` bytes for the topic
+    /// registry (see [`crate::pubsub::shard::registry_charge`]).
+    pub fn held_bytes(&self, per_subscription: usize) -> usize {
         let phase = match &self.phase {
+            Phase::Ws {
+                ws,
+                role: Role::Subscriber { subs },
+            } => ws.buffered() + subs.len() * per_subscription,
             Phase::Ws { ws, .. } => ws.buffered(),
             Phase::Body(b) => b.body.capacity(),
             _ => 0,
@@ -555,9 +578,22 @@ impl Session {
             }
             Route::Admin => {
                 let ka = keep_alive(&req);
-                let response = http::admin_response(&req, ctx.shared, ka, Some(ctx.stats))
+                let (shared, now, stats) = (ctx.shared, ctx.now, ctx.stats);
+                let cache = &mut *ctx.metrics;
+                let render = || match cache {
+                    // Pipelined requests in one turn share one rendering.
+                    Some((at, body)) if *at == now => body.clone(),
+                    _ => {
+                        stats.metrics_rendered();
+                        cache.insert((now, http::render_metrics(shared))).1.clone()
+                    }
+                };
+                let response = http::admin_response(&req, ka, Some(ctx.stats), render)
                     .expect("routed by path")?;
-                self.out.push(Bytes::from(response));
+                self.out.push_copy(&response.head);
+                // Shared with the turn's other requests, and bounded per
+                // connection by --max-outbound-bytes (reading pauses above it).
+                self.out.push_shared(response.body);
                 self.phase = if ka {
                     Phase::Head(HeadScanner::default())
                 } else {
@@ -609,8 +645,12 @@ impl Session {
         write_switching_protocols(&mut response, upgrade.key, subprotocol);
         self.out.push(Bytes::from(response));
         ctx.stats.handshake_accepted();
+        let limits = match role {
+            Role::Subscriber { .. } => &ctx.shared.subscriber_limits,
+            _ => &ctx.shared.ws_limits,
+        };
         self.phase = Phase::Ws {
-            ws: WsConn::with_limits(Arc::clone(&ctx.shared.ws_limits), ctx.now_ms),
+            ws: WsConn::with_limits(Arc::clone(limits), ctx.now_ms),
             role,
         };
         Ok(())
@@ -695,6 +735,7 @@ impl Session {
         if let Some((topic, workers)) = ctx.shard.directory().interest(&state.topic) {
             let frame = encode(state.kind, body);
             ctx.shard.publish_weak(topic, workers, frame, ctx.now);
+            self.published = true;
         }
         self.out
             .push(Bytes::from_static(http::no_content(state.keep_alive)));

@@ -17,6 +17,33 @@ pub const LATENCY_BUCKETS_US: [u64; 16] = [
 /// server fails a connection with.
 pub const FAILURE_CODES: [u16; 5] = [1002, 1007, 1008, 1009, 1013];
 
+/// Why a publication did not reach a subscriber it was meant for, besides
+/// the slow-consumer policies (counted on their own): the label of
+/// `corecast_frames_undelivered_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Undelivered {
+    /// The subscriber was closing (its close frame already queued, e.g.
+    /// during the shutdown drain): nothing may follow a close frame.
+    Closing,
+    /// The subscriber's worker had already stopped (shutdown).
+    WorkerStopped,
+}
+
+impl Undelivered {
+    pub const ALL: [Undelivered; 2] = [Self::Closing, Self::WorkerStopped];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Closing => "closing",
+            Self::WorkerStopped => "worker_stopped",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// Counters of one worker. Aligned to a cache line so workers never share one.
 #[derive(Debug, Default)]
 #[repr(align(64))]
@@ -54,6 +81,12 @@ pub struct WorkerStats {
     pub budget_closes: AtomicU64,
     /// Connections closed for not finishing a message in time.
     pub message_timeouts: AtomicU64,
+    /// Connections closed because their queue made no progress in time.
+    pub send_timeouts: AtomicU64,
+    /// `/metrics` renderings on the main port (at most one per turn).
+    pub metrics_renders: AtomicU64,
+    /// Publications not delivered, by [`Undelivered::index`].
+    pub undelivered: [AtomicU64; Undelivered::ALL.len()],
     /// Bytes currently charged to this worker's connections (gauge).
     pub buffered_bytes: AtomicU64,
     pub latency_buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
@@ -171,6 +204,19 @@ impl WorkerStats {
         bump(&self.message_timeouts);
     }
 
+    pub fn metrics_rendered(&self) {
+        bump(&self.metrics_renders);
+    }
+
+    pub fn send_timeout(&self) {
+        bump(&self.send_timeouts);
+    }
+
+    /// Counts `n` publications not delivered for `why`.
+    pub fn undelivered(&self, why: Undelivered, n: usize) {
+        add(&self.undelivered[why.index()], n as u64);
+    }
+
     /// Moves the buffered-bytes gauge by `delta`.
     pub fn buffered(&self, delta: isize) {
         let c = &self.buffered_bytes;
@@ -222,6 +268,9 @@ pub struct Snapshot {
     pub publishers_paced: u64,
     pub budget_closes: u64,
     pub message_timeouts: u64,
+    pub send_timeouts: u64,
+    pub metrics_renders: u64,
+    pub undelivered: u64,
     pub buffered_bytes: u64,
     /// Publications whose publish-to-write latency was recorded.
     pub latency_count: u64,
@@ -256,6 +305,9 @@ impl Snapshot {
             s.publishers_paced += w.publishers_paced.load(Relaxed);
             s.budget_closes += w.budget_closes.load(Relaxed);
             s.message_timeouts += w.message_timeouts.load(Relaxed);
+            s.send_timeouts += w.send_timeouts.load(Relaxed);
+            s.metrics_renders += w.metrics_renders.load(Relaxed);
+            s.undelivered += total(&w.undelivered);
             s.buffered_bytes += w.buffered_bytes.load(Relaxed);
             s.latency_count += total(&w.latency_buckets);
         }

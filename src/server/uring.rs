@@ -1170,7 +1170,7 @@ impl Worker {
             return;
         }
         if conn.session.out.is_empty() {
-            self.after_flush(key);
+            self.after_flush(key, 0);
             return;
         }
         let n = conn.session.out.pin_front(MAX_IOVECS);
@@ -1230,11 +1230,11 @@ impl Worker {
             // at the end of this turn in one send.
             self.core.mark_dirty(key);
         }
-        self.after_flush(key);
+        self.after_flush(key, res as usize);
     }
 
-    fn after_flush(&mut self, key: usize) {
-        match self.core.after_flush(key) {
+    fn after_flush(&mut self, key: usize, wrote: usize) {
+        match self.core.after_flush(key, wrote) {
             AfterFlush::Keep => {}
             AfterFlush::Remove => self.remove(key),
             AfterFlush::ShutdownWrite => {

@@ -13,12 +13,13 @@
 use super::Shared;
 use super::config::Config;
 use super::session::{Ctx, Next, Push, Session};
-use super::stats::WorkerStats;
+use super::stats::{Undelivered, WorkerStats};
 use crate::proto::CloseCode;
 use crate::proto::handshake::{Reject, Status};
 use crate::proto::outbound::COPY_BELOW;
-use crate::pubsub::bus::{Inbox, MAILBOX_HIGH_WATER, Publication};
-use crate::pubsub::shard::Shard;
+use crate::pubsub::bus::{Inbox, Publication};
+use crate::pubsub::shard::{Shard, registry_charge};
+use bytes::Bytes;
 use slab::Slab;
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -42,6 +43,15 @@ const THROTTLE_RECHECK: Duration = Duration::from_millis(1);
 /// enough that walking 100 000 connections costs < 0.1 % of a core.
 const SWEEP_MIN: Duration = Duration::from_millis(10);
 const SWEEP_MAX: Duration = Duration::from_secs(1);
+/// Deliveries (one publication into one subscriber's queue) a worker makes
+/// from its mailbox per loop turn before it goes back to its own sockets,
+/// accepts and timers; the rest waits for the next turn. 262 144: a few
+/// milliseconds of delivery (docs/BENCHMARKS.md measures tens of millions
+/// per second per core), long enough to amortise the turn's syscalls.
+pub const MAX_DELIVERIES_PER_TURN: usize = 256 * 1024;
+/// Publications handed to the shard at a time while draining the mailbox,
+/// so the delivery bound is checked at least this often.
+const DRAIN_STEP: usize = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IoState {
@@ -80,6 +90,9 @@ pub struct Conn<S> {
     request_gen: u32,
     /// Bytes of this connection charged to the worker's buffer budget.
     charged: u32,
+    /// When the outbound queue last made progress (bytes taken by the
+    /// kernel) or was seen empty: the send timeout runs from here.
+    tx_ms: u32,
     /// Counted by the admission limits (false: refused at accept).
     admitted: bool,
 }
@@ -145,9 +158,21 @@ pub struct Core<S> {
     throttled: Vec<ConnRef>,
     /// Publishers paused by `--max-publish-rate`, until the given time.
     paced: Vec<(Instant, usize, u32)>,
-    /// Bytes charged to this worker's connections, and the worker's budget.
+    /// A mailbox batch whose delivery the per-turn bound interrupted, with
+    /// the index of its next publication.
+    carry: Option<(Vec<Publication>, usize)>,
+    /// Bytes charged to this worker's connections and shared frames, and
+    /// the worker's budget.
     buffered: usize,
     budget: usize,
+    /// Bytes of published frames charged to `buffered` (the shard's ledger
+    /// as of the last [`Self::sync_frame_charge`]).
+    frames_charged: usize,
+    /// What one subscription is charged for the topic registry.
+    per_subscription: usize,
+    /// `/metrics` rendered this turn (at `now`), shared by every request
+    /// that asks for it in the same turn.
+    metrics: Option<(Instant, Bytes)>,
     /// The addresses of the connections counted per address (only with a
     /// per-address limit set): kept here, not in every connection's entry.
     addresses: HashMap<usize, IpAddr>,
@@ -165,6 +190,7 @@ impl<S> Core<S> {
         let now = Instant::now();
         let next_sweep = sweep_period(&shared.config).map(|p| now + p);
         let budget = shared.config.buffered_bytes_per_worker();
+        let per_subscription = registry_charge(shared.config.max_topic_len);
         Self {
             id,
             shared,
@@ -180,8 +206,12 @@ impl<S> Core<S> {
             slow: Vec::new(),
             throttled: Vec::new(),
             paced: Vec::new(),
+            carry: None,
             buffered: 0,
             budget,
+            frames_charged: 0,
+            per_subscription,
+            metrics: None,
             addresses: HashMap::new(),
             epoch: now,
             now,
@@ -228,6 +258,7 @@ impl<S> Core<S> {
             ping_sent_ms: 0,
             request_gen: 0,
             charged: 0,
+            tx_ms: now_ms,
             admitted: admitted.is_ok(),
         });
         if let (Ok(ticket), Some(ip)) = (admitted, peer)
@@ -265,8 +296,13 @@ impl<S> Core<S> {
     /// it grew and the worker is now over its budget.
     fn recharge(&mut self, key: usize) -> bool {
         let conn = &mut self.conns[key];
-        recharge(conn, &mut self.buffered, &self.shared.stats[self.id])
-            && self.buffered > self.budget
+        let per_sub = self.per_subscription;
+        recharge(
+            conn,
+            &mut self.buffered,
+            &self.shared.stats[self.id],
+            per_sub,
+        ) && self.buffered > self.budget
     }
 
     /// Processes input for `key`: `buf` holds the bytes kept from earlier
@@ -289,6 +325,7 @@ impl<S> Core<S> {
             } else {
                 self.addresses.get(&key).copied()
             },
+            metrics: &mut self.metrics,
         };
         let next = conn.session.on_input(buf, &mut ctx);
         if self.recharge(key) {
@@ -339,8 +376,13 @@ impl<S> Core<S> {
             conn.read_paused = true;
             return Input::Stop;
         }
-        if conn.session.is_publisher() && self.shard.bus().max_queued_bytes() > MAILBOX_HIGH_WATER {
-            // Resumed by `unthrottle` once the mailboxes drain.
+        let published = conn.session.take_published();
+        if (published || conn.session.is_publisher())
+            && self.shard.bus().max_queued_bytes() > self.shared.config.mailbox_high_water
+        {
+            // Every publisher, WebSocket or HTTP, is held alike: not read
+            // until the mailboxes drain (`unthrottle`), so pipelined
+            // requests wait in the socket, not in a mailbox.
             stats.publisher_throttled();
             conn.read_paused = true;
             self.throttled.push((key, conn.serial));
@@ -433,13 +475,17 @@ impl<S> Core<S> {
         self.linger_deadlines.push_back((at, key as u32, serial));
     }
 
-    /// After the backend wrote (some of) `key`'s queue: resumes reading a
-    /// connection paused by backpressure, and finishes a close once the
-    /// queue is empty.
-    pub fn after_flush(&mut self, key: usize) -> AfterFlush {
+    /// After the backend wrote `wrote` bytes of `key`'s queue (0: none, or
+    /// nothing was queued): resumes reading a connection paused by
+    /// backpressure, and finishes a close once the queue is empty.
+    pub fn after_flush(&mut self, key: usize, wrote: usize) -> AfterFlush {
         let max_outbound = self.shared.config.max_outbound_bytes;
+        let now_ms = self.now_ms();
         self.recharge(key);
         let conn = &mut self.conns[key];
+        if wrote > 0 || conn.session.out.is_empty() {
+            conn.tx_ms = now_ms;
+        }
         let serial = conn.serial;
         if conn.read_paused
             && conn.session.out.len() <= max_outbound / 2
@@ -460,9 +506,15 @@ impl<S> Core<S> {
         AfterFlush::ShutdownWrite
     }
 
-    /// Hands every publication of this turn (from other workers' batches and
-    /// from local publishers) to the local subscribers' queues.
+    /// Hands this turn's publications (from other workers' batches and from
+    /// local publishers) to the local subscribers' queues. Mailbox delivery
+    /// stops after [`MAX_DELIVERIES_PER_TURN`]; the rest is carried to the
+    /// next turn ([`Self::busy`] stays true meanwhile), so a flood from
+    /// other workers never keeps this one from its sockets and timers.
     pub fn deliver(&mut self) {
+        // What the last turn's writes freed no longer counts.
+        self.shard.release_frames();
+        self.sync_frame_charge();
         let cfg = &self.shared.config;
         let stats = &self.shared.stats[self.id];
         let conns = &mut self.conns;
@@ -473,24 +525,67 @@ impl<S> Core<S> {
         let mut budget = Budget {
             buffered: &mut self.buffered,
             limit: self.budget,
+            per_subscription: self.per_subscription,
         };
-        let mut last: *const Publication = std::ptr::null();
+        // The run last seen, reset before each `Shard::deliver` call (its
+        // slice is alive for the call, so addresses cannot repeat within it).
+        let last = std::cell::Cell::new(std::ptr::null::<Publication>());
+        let work = std::cell::Cell::new(0usize);
         let mut to_conns = |run: &[Publication], targets: &[(usize, u32)]| {
             // Called once per chunk of subscribers: record each run's times once.
-            if !std::ptr::eq(last, run.as_ptr()) {
-                last = run.as_ptr();
+            if !std::ptr::eq(last.get(), run.as_ptr()) {
+                last.set(run.as_ptr());
                 delivered.extend(run.iter().map(|p| p.published_at));
             }
+            work.set(work.get() + run.len() * targets.len());
             push_to(conns, dirty, slow, &mut budget, cfg, stats, run, targets);
         };
-        self.inbox.drain(&self.shared.bus, |batch| {
-            shard.deliver(&batch, &mut to_conns);
-        });
+        let bus = &self.shared.bus;
+        self.inbox.begin_drain(bus);
+        loop {
+            let (batch, mut pos) = match self.carry.take() {
+                Some(carried) => carried,
+                None => match self.inbox.next() {
+                    Some(batch) => (batch, 0),
+                    None => break,
+                },
+            };
+            while pos < batch.len() && work.get() < MAX_DELIVERIES_PER_TURN {
+                let end = (pos + DRAIN_STEP).min(batch.len());
+                last.set(std::ptr::null());
+                shard.deliver(&batch[pos..end], &mut to_conns);
+                pos = end;
+            }
+            if pos < batch.len() {
+                self.carry = Some((batch, pos));
+                break;
+            }
+            self.inbox.done(bus, &batch);
+        }
+        last.set(std::ptr::null());
         shard.dispatch(&mut to_conns);
+        // This turn's publications are charged from now on.
+        self.sync_frame_charge();
+        let lost = self.shard.take_lost();
+        if lost > 0 {
+            self.stats().undelivered(Undelivered::WorkerStopped, lost);
+        }
         for (key, serial) in std::mem::take(&mut self.slow) {
             if self.is_current(key, serial) && self.conns[key].state == IoState::Active {
                 self.start_closing(key);
             }
+        }
+    }
+
+    /// Moves the budget (and its gauge) by the change in the published
+    /// frames charged to this worker since the last call.
+    fn sync_frame_charge(&mut self) {
+        let now = self.shard.frame_bytes();
+        let delta = now as isize - self.frames_charged as isize;
+        if delta != 0 {
+            self.frames_charged = now;
+            self.buffered = (self.buffered as isize + delta) as usize;
+            self.stats().buffered(delta);
         }
     }
 
@@ -525,7 +620,8 @@ impl<S> Core<S> {
                 }
             }
         }
-        if self.throttled.is_empty() || self.shared.bus.max_queued_bytes() > MAILBOX_HIGH_WATER / 2
+        if self.throttled.is_empty()
+            || self.shared.bus.max_queued_bytes() > self.shared.config.mailbox_high_water / 2
         {
             return;
         }
@@ -560,15 +656,32 @@ impl<S> Core<S> {
         let interval = cfg.ping_interval.map(|d| d.as_millis() as u32);
         let timeout = cfg.ping_timeout.as_millis() as u32;
         let message_timeout = cfg.message_timeout.map(|d| d.as_millis() as u32);
+        let send_timeout = cfg.send_timeout.map(|d| d.as_millis() as u32);
         let now = self.now_ms();
         let stats = &self.shared.stats[self.id];
         let mut timed_out = Vec::new();
         let mut slow_messages = Vec::new();
+        let mut stalled = Vec::new();
         for (key, conn) in self.conns.iter_mut() {
+            // Closing and lingering connections have the linger deadline.
+            if conn.state != IoState::Active {
+                continue;
+            }
+            // The send timeout judges every open connection, read or paused,
+            // WebSocket or HTTP: a peer that stops reading is cut however it
+            // got there (docs/SECURITY.md, "Deadlines").
+            if conn.session.out.is_empty() {
+                conn.tx_ms = now;
+            } else if send_timeout.is_some_and(|limit| now.wrapping_sub(conn.tx_ms) >= limit) {
+                stalled.push(key);
+                continue;
+            }
             // A connection we are not reading (its queue is over the bound, or a
-            // throttled publisher) cannot show us its pong or finish its
-            // message: not judged while paused.
-            if conn.state != IoState::Active || !conn.session.is_websocket() || conn.read_paused {
+            // throttled or paced publisher) cannot show us its pong or finish
+            // its message: not judged by those while paused. Its pause ends by
+            // itself (the queue drains or the send timeout cuts it; the
+            // mailboxes drain; the pace runs out).
+            if !conn.session.is_websocket() || conn.read_paused {
                 continue;
             }
             if let (Some(limit), Some(started)) = (message_timeout, conn.session.message_started())
@@ -597,6 +710,26 @@ impl<S> Core<S> {
             self.conns[key]
                 .session
                 .close(CloseCode::GOING_AWAY, "keepalive timeout");
+            self.start_closing(key);
+        }
+        for key in stalled {
+            let stats = &self.shared.stats[self.id];
+            stats.send_timeout();
+            debug!(worker = self.id, "send timeout");
+            let conn = &mut self.conns[key];
+            // Nothing queued is going anywhere: free it now, keeping only a
+            // frame already partly on the wire.
+            conn.session.out.truncate_to_front();
+            if conn.session.is_websocket() {
+                stats.ws_failure(CloseCode::POLICY_VIOLATION.0);
+            }
+            conn.session.abort(
+                CloseCode::POLICY_VIOLATION,
+                Status::RequestTimeout,
+                "send timeout",
+                stats,
+            );
+            self.recharge(key);
             self.start_closing(key);
         }
         for key in slow_messages {
@@ -638,7 +771,7 @@ impl<S> Core<S> {
 
     /// Has work that must not wait for an event?
     pub fn busy(&self) -> bool {
-        !self.reread.is_empty() || !self.dirty.is_empty()
+        !self.reread.is_empty() || !self.dirty.is_empty() || self.carry.is_some()
     }
 
     /// Closes connections whose request head or linger time ran out, with
@@ -785,13 +918,17 @@ fn push_to<S>(
         conn.session.out.reserve_tail(small);
         let mut queued = false;
         let over = *budget.buffered > budget.limit;
-        for p in run {
+        for (i, p) in run.iter().enumerate() {
             match conn.session.push_published(&p.frame, cfg, over) {
                 Push::Queued => {
                     sent += 1;
                     queued = true;
                 }
                 Push::Ignored => break,
+                Push::Closing => {
+                    stats.undelivered(Undelivered::Closing, run.len() - i);
+                    break;
+                }
                 Push::Dropped => stats.frame_dropped(),
                 Push::SlowConsumer { discarded } => {
                     stats.slow_consumer_disconnect(discarded);
@@ -803,7 +940,7 @@ fn push_to<S>(
         }
         if queued {
             conn.mark_dirty(key, dirty);
-            recharge(conn, budget.buffered, stats);
+            recharge(conn, budget.buffered, stats, budget.per_subscription);
         }
     }
     stats.frames_sent(sent);
@@ -813,12 +950,21 @@ fn push_to<S>(
 struct Budget<'a> {
     buffered: &'a mut usize,
     limit: usize,
+    per_subscription: usize,
 }
 
 /// Re-measures what `conn` holds and moves the worker's total (and its
 /// gauge) by the difference; `true` when it grew.
-fn recharge<S>(conn: &mut Conn<S>, buffered: &mut usize, stats: &WorkerStats) -> bool {
-    let held = conn.session.held_bytes().min(u32::MAX as usize) as u32;
+fn recharge<S>(
+    conn: &mut Conn<S>,
+    buffered: &mut usize,
+    stats: &WorkerStats,
+    per_subscription: usize,
+) -> bool {
+    let held = conn
+        .session
+        .held_bytes(per_subscription)
+        .min(u32::MAX as usize) as u32;
     let delta = held as isize - conn.charged as isize;
     if delta == 0 {
         return false;
@@ -846,7 +992,7 @@ fn sweep_period(cfg: &Config) -> Option<Duration> {
         || cfg.max_connect_rate_per_ip > 0
         || cfg.max_publish_rate > 0)
         .then_some(SWEEP_MAX * 4);
-    let shortest = [keepalive, cfg.message_timeout, per_ip]
+    let shortest = [keepalive, cfg.message_timeout, cfg.send_timeout, per_ip]
         .into_iter()
         .flatten()
         .min()?;
