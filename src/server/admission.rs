@@ -4,9 +4,12 @@
 //! Shared by every worker. The process-wide count is one atomic; the
 //! per-address state is a table split into [`STRIPES`] mutex-guarded maps
 //! (one lock per accept, held for a hash lookup), consulted only when a
-//! per-address limit is set. Entries live while the address holds a
-//! connection and until its rate buckets have refilled; a full table
-//! refuses new addresses rather than grow without bound.
+//! per-address limit is set. The stripe of an address is chosen by a hash
+//! with random keys drawn at start, so a client cannot pick addresses that
+//! all land in one stripe (one contended lock, one huge map). Entries live
+//! while the address holds a connection and until its rate buckets have
+//! refilled; a full table refuses new addresses rather than grow without
+//! bound.
 //!
 //! A "source address" is what one client controls: an IPv4 address, or an
 //! IPv6 prefix (`--ipv6-prefix-len`, /64 by default), since anyone with an
@@ -17,6 +20,7 @@
 
 use crate::proto::rate::TokenBucket;
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -127,6 +131,8 @@ pub struct Admission {
     limits: AdmissionLimits,
     /// [`ipv6_mask`] of `limits.ipv6_prefix_len`.
     ipv6_mask: u128,
+    /// Picks a key's stripe, with random keys drawn when the server starts.
+    stripe_hasher: RandomState,
     open: AtomicUsize,
     /// Present when a per-address limit is set.
     table: Option<Box<[Stripe]>>,
@@ -150,6 +156,7 @@ impl Admission {
         Self {
             limits,
             ipv6_mask: ipv6_mask(limits.ipv6_prefix_len),
+            stripe_hasher: RandomState::new(),
             open: AtomicUsize::new(0),
             table: per_ip.then(|| (0..STRIPES).map(|_| Mutex::default()).collect()),
             tracked: AtomicUsize::new(0),
@@ -169,14 +176,12 @@ impl Admission {
         Some((key, &table[self.stripe_index(&key)]))
     }
 
-    /// Which stripe holds `key`.
+    /// Which stripe holds `key`. A keyed hash (SipHash), not a fixed fold
+    /// of the address: with a fixed fold a client can compute addresses
+    /// that share a stripe. Costs one more SipHash of the key per lookup
+    /// (the stripe's map hashes it again with its own keys).
     fn stripe_index(&self, key: &IpAddr) -> usize {
-        // Fold the address: cheap, and spreads 127.0.x.y and /64s alike.
-        let h = match key {
-            IpAddr::V4(a) => u32::from(*a).wrapping_mul(0x9e37_79b9) >> 16,
-            IpAddr::V6(a) => (u128::from(*a) >> 64) as u32 ^ (u128::from(*a) as u32),
-        };
-        h as usize % STRIPES
+        (self.stripe_hasher.hash_one(key) % STRIPES as u64) as usize
     }
 
     /// Open connections counted against `--max-connections`.
@@ -485,5 +490,49 @@ mod tests {
         assert_eq!(key(200), u128::MAX, "past 128: the address itself");
         let v4 = IpAddr::from([192, 0, 2, 255]);
         assert_eq!(source_key(v4, ipv6_mask(1)), v4, "IPv4 is never masked");
+    }
+
+    /// Distinct /64s that all shared stripe 0 under the fixed fold this
+    /// module used before, which kept only the third, fourth, seventh and
+    /// eighth 16-bit groups of an IPv6 address: these differ in the second.
+    fn one_stripe_under_the_old_fold() -> Vec<IpAddr> {
+        let keys: Vec<IpAddr> = (0..=255u16)
+            .map(|i| IpAddr::V6(Ipv6Addr::new(0x2001, i, 0, 0, 0, 0, 0, 0)))
+            .collect();
+        let old_fold = |k: &IpAddr| match k {
+            IpAddr::V6(a) => (u128::from(*a) >> 64) as u32 ^ (u128::from(*a) as u32),
+            IpAddr::V4(_) => unreachable!(),
+        };
+        assert!(
+            keys.iter()
+                .all(|k| (old_fold(k) as usize).is_multiple_of(STRIPES))
+        );
+        keys
+    }
+
+    #[test]
+    fn addresses_that_collided_under_the_old_fold_spread_over_the_stripes() {
+        let a = Admission::new(limits(1, 0));
+        let mut used = [false; STRIPES];
+        for key in one_stripe_under_the_old_fold() {
+            used[a.stripe_index(&key)] = true;
+        }
+        // 256 keys thrown at random into 64 stripes fill about 63. Filling
+        // at most 31 means all 256 fell into some 31 stripes: fewer than
+        // 2^64 such sets, each hit with odds below 2^-256, so this bound
+        // does not flake.
+        let spread = used.iter().filter(|&&u| u).count();
+        assert!(spread >= STRIPES / 2, "only {spread} stripes used");
+    }
+
+    #[test]
+    fn two_servers_put_the_same_addresses_in_different_stripes() {
+        let (a, b) = (Admission::new(limits(1, 0)), Admission::new(limits(1, 0)));
+        let keys = one_stripe_under_the_old_fold();
+        // Agreement on all 256 by chance: 64^-256.
+        assert!(
+            keys.iter().any(|k| a.stripe_index(k) != b.stripe_index(k)),
+            "the stripe of an address is not fixed, so it cannot be predicted"
+        );
     }
 }
