@@ -9,11 +9,11 @@ use crate::pubsub::topic::{DEFAULT_MAX_TOPIC_LEN, DEFAULT_MAX_TOPICS_PER_CONN};
 use crate::server::Config;
 use crate::server::admission::DEFAULT_MAX_CONNECTIONS;
 use crate::server::config::{
-    DEFAULT_DRAIN_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_BUFFERED_BYTES,
-    DEFAULT_MAX_OUTBOUND_BYTES, DEFAULT_MESSAGE_TIMEOUT, DEFAULT_PING_INTERVAL,
-    DEFAULT_PING_TIMEOUT, DEFAULT_TCP_KEEPALIVE, IoMode, SlowConsumerPolicy,
+    DEFAULT_DRAIN_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IPV6_PREFIX_LEN,
+    DEFAULT_MAX_BUFFERED_BYTES, DEFAULT_MAX_OUTBOUND_BYTES, DEFAULT_MESSAGE_TIMEOUT,
+    DEFAULT_PING_INTERVAL, DEFAULT_PING_TIMEOUT, DEFAULT_TCP_KEEPALIVE, IoMode, SlowConsumerPolicy,
 };
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, value_parser};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -134,6 +134,14 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 0, value_name = "PER_SECOND")]
     pub max_publish_rate: u32,
 
+    /// Leading bits of an IPv6 address that make one source address for
+    /// --max-connections-per-ip, --max-connect-rate-per-ip and the HTTP
+    /// --max-publish-rate (1 to 128; 128 = each address alone). The default
+    /// /64 is the smallest network an IPv6 site is given, and its owner can
+    /// use every address in it. IPv4 (also IPv4-mapped IPv6) counts per address.
+    #[arg(long, default_value_t = DEFAULT_IPV6_PREFIX_LEN, value_parser = value_parser!(u8).range(1..=128), value_name = "BITS")]
+    pub ipv6_prefix_len: u8,
+
     /// Largest frame payload a client may send; larger closes with 1009.
     #[arg(long, default_value_t = DEFAULT_MAX_FRAME_BYTES, value_parser = parse_size, value_name = "BYTES")]
     pub max_frame_size: usize,
@@ -196,6 +204,7 @@ impl ServeArgs {
             max_connections_per_ip: self.max_connections_per_ip,
             max_connect_rate_per_ip: self.max_connect_rate_per_ip,
             max_publish_rate: self.max_publish_rate,
+            ipv6_prefix_len: self.ipv6_prefix_len,
             max_frame_size: self.max_frame_size,
             max_fragments: self.max_fragments,
             max_control_rate: self.max_control_rate,
@@ -324,6 +333,7 @@ mod tests {
         assert_eq!(c.max_connections_per_ip, d.max_connections_per_ip);
         assert_eq!(c.max_connect_rate_per_ip, d.max_connect_rate_per_ip);
         assert_eq!(c.max_publish_rate, d.max_publish_rate);
+        assert_eq!(c.ipv6_prefix_len, d.ipv6_prefix_len);
         assert_eq!(c.max_frame_size, d.max_frame_size);
         assert_eq!(c.max_fragments, d.max_fragments);
         assert_eq!(c.max_control_rate, d.max_control_rate);
@@ -386,6 +396,23 @@ mod tests {
         assert_eq!(c.subprotocols, vec!["a", "b"]);
         assert_eq!(c.drain_timeout, Duration::from_millis(100));
         assert!(Cli::try_parse_from(["corecast", "serve", "--workers", "x"]).is_err());
+    }
+
+    #[test]
+    fn ipv6_prefix_len_takes_1_to_128_bits_and_names_the_range_otherwise() {
+        let parse =
+            |v: &str| Cli::try_parse_from(["corecast", "serve", &format!("--ipv6-prefix-len={v}")]);
+        for ok in [1u8, 48, 64, 128] {
+            let Command::Serve(args) = parse(&ok.to_string()).unwrap().command;
+            assert_eq!(args.to_config().ipv6_prefix_len, ok);
+            assert_eq!(args.to_config().admission_limits().ipv6_prefix_len, ok);
+        }
+        for bad in ["0", "129", "-1", "64bits", ""] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(err.contains("--ipv6-prefix-len"), "{bad}: {err}");
+        }
+        let err = parse("129").unwrap_err().to_string();
+        assert!(err.contains("1..=128"), "the error names the range: {err}");
     }
 
     #[test]

@@ -4,13 +4,24 @@
 //! Shared by every worker. The process-wide count is one atomic; the
 //! per-address state is a table split into [`STRIPES`] mutex-guarded maps
 //! (one lock per accept, held for a hash lookup), consulted only when a
-//! per-address limit is set. Entries live while the address holds a
-//! connection and until its rate buckets have refilled; a full table
-//! refuses new addresses rather than grow without bound.
+//! per-address limit is set. The stripe of an address is chosen by a hash
+//! with random keys drawn at start, so a client cannot pick addresses that
+//! all land in one stripe (one contended lock, one huge map). Entries live
+//! while the address holds a connection and until its rate buckets have
+//! refilled; a full table refuses new addresses rather than grow without
+//! bound.
+//!
+//! A "source address" is what one client controls: an IPv4 address, or an
+//! IPv6 prefix (`--ipv6-prefix-len`, /64 by default), since anyone with an
+//! IPv6 network can pick a fresh address from it for every connection. An
+//! IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, what a dual-stack listener
+//! reports for an IPv4 client) is its IPv4 address. The table is keyed by
+//! that source (`source_key`), never by the raw address.
 
 use crate::proto::rate::TokenBucket;
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::hash::{BuildHasher, RandomState};
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -74,10 +85,37 @@ impl Refusal {
 /// The limits, as configured (0 = off for the per-address ones).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AdmissionLimits {
+    /// Most open connections in the process.
     pub max_connections: usize,
+    /// Most open connections from one source address.
     pub max_connections_per_ip: u32,
+    /// New connections per second from one source address.
     pub connect_rate_per_ip: u32,
+    /// HTTP publications per second from one source address.
     pub publish_rate_per_ip: u32,
+    /// Leading bits of an IPv6 address that name its source (1..=128 from
+    /// the command line; 0 would make all of IPv6 one source, and more
+    /// than 128 is taken as 128).
+    pub ipv6_prefix_len: u8,
+}
+
+/// The first `prefix_len` bits set, the rest clear (all clear for 0, all
+/// set from 128 up).
+fn ipv6_mask(prefix_len: u8) -> u128 {
+    // /0 needs a shift by all 128 bits, which checked_shl refuses: no bit.
+    u128::MAX
+        .checked_shl(128 - u32::from(prefix_len.min(128)))
+        .unwrap_or(0)
+}
+
+/// The per-address table's key for `ip`: an IPv4 address as it is (also
+/// when it arrives IPv4-mapped), an IPv6 address with every bit after its
+/// prefix cleared (`mask` from [`ipv6_mask`]).
+fn source_key(ip: IpAddr, mask: u128) -> IpAddr {
+    match ip.to_canonical() {
+        v4 @ IpAddr::V4(_) => v4,
+        IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask)),
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -91,6 +129,10 @@ struct Entry {
 #[derive(Debug)]
 pub struct Admission {
     limits: AdmissionLimits,
+    /// [`ipv6_mask`] of `limits.ipv6_prefix_len`.
+    ipv6_mask: u128,
+    /// Picks a key's stripe, with random keys drawn when the server starts.
+    stripe_hasher: RandomState,
     open: AtomicUsize,
     /// Present when a per-address limit is set.
     table: Option<Box<[Stripe]>>,
@@ -113,6 +155,8 @@ impl Admission {
             || limits.publish_rate_per_ip > 0;
         Self {
             limits,
+            ipv6_mask: ipv6_mask(limits.ipv6_prefix_len),
+            stripe_hasher: RandomState::new(),
             open: AtomicUsize::new(0),
             table: per_ip.then(|| (0..STRIPES).map(|_| Mutex::default()).collect()),
             tracked: AtomicUsize::new(0),
@@ -124,14 +168,20 @@ impl Admission {
         self.epoch.elapsed().as_millis() as u32
     }
 
-    fn stripe(&self, ip: &IpAddr) -> Option<&Stripe> {
+    /// The source key of `peer` and the stripe that holds it, when the
+    /// table exists.
+    fn locate(&self, peer: Option<IpAddr>) -> Option<(IpAddr, &Stripe)> {
         let table = self.table.as_ref()?;
-        // Fold the address: cheap, and spreads 127.0.x.y and /64s alike.
-        let h = match ip {
-            IpAddr::V4(a) => u32::from(*a).wrapping_mul(0x9e37_79b9) >> 16,
-            IpAddr::V6(a) => (u128::from(*a) >> 64) as u32 ^ (u128::from(*a) as u32),
-        };
-        Some(&table[h as usize % table.len()])
+        let key = source_key(peer?, self.ipv6_mask);
+        Some((key, &table[self.stripe_index(&key)]))
+    }
+
+    /// Which stripe holds `key`. A keyed hash (SipHash), not a fixed fold
+    /// of the address: with a fixed fold a client can compute addresses
+    /// that share a stripe. Costs one more SipHash of the key per lookup
+    /// (the stripe's map hashes it again with its own keys).
+    fn stripe_index(&self, key: &IpAddr) -> usize {
+        (self.stripe_hasher.hash_one(key) % STRIPES as u64) as usize
     }
 
     /// Open connections counted against `--max-connections`.
@@ -146,7 +196,7 @@ impl Admission {
             self.open.fetch_sub(1, Ordering::Relaxed);
             return Err(Refusal::ProcessFull);
         }
-        let Some((ip, stripe)) = peer.and_then(|ip| Some((ip, self.stripe(&ip)?))) else {
+        let Some((ip, stripe)) = self.locate(peer) else {
             return Ok(Ticket { per_ip: false });
         };
         let l = &self.limits;
@@ -197,7 +247,7 @@ impl Admission {
     /// [`Ticket`] said it was counted per address.
     pub fn release(&self, per_ip: Option<IpAddr>) {
         self.open.fetch_sub(1, Ordering::Relaxed);
-        let Some((ip, stripe)) = per_ip.and_then(|ip| Some((ip, self.stripe(&ip)?))) else {
+        let Some((ip, stripe)) = self.locate(per_ip) else {
             return;
         };
         let mut map = stripe.lock().unwrap_or_else(|e| e.into_inner());
@@ -217,7 +267,7 @@ impl Admission {
         if rate == 0 {
             return true;
         }
-        let Some((ip, stripe)) = peer.and_then(|ip| Some((ip, self.stripe(&ip)?))) else {
+        let Some((ip, stripe)) = self.locate(peer) else {
             return true;
         };
         let now = self.now_ms();
@@ -261,6 +311,7 @@ impl Admission {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::config::DEFAULT_IPV6_PREFIX_LEN;
 
     fn limits(per_ip: u32, rate: u32) -> AdmissionLimits {
         AdmissionLimits {
@@ -268,11 +319,16 @@ mod tests {
             max_connections_per_ip: per_ip,
             connect_rate_per_ip: rate,
             publish_rate_per_ip: 0,
+            ipv6_prefix_len: DEFAULT_IPV6_PREFIX_LEN,
         }
     }
 
     fn ip(d: u8) -> Option<IpAddr> {
         Some(IpAddr::from([127, 0, 0, d]))
+    }
+
+    fn v6(s: &str) -> Option<IpAddr> {
+        Some(s.parse().unwrap())
     }
 
     #[test]
@@ -350,5 +406,133 @@ mod tests {
         assert!(!a.allow_publish(ip(1)));
         assert!(a.allow_publish(ip(2)));
         assert!(a.allow_publish(None), "unknown address: not limited");
+    }
+
+    #[test]
+    fn two_addresses_in_one_slash_64_share_a_connection_cap() {
+        let a = Admission::new(limits(2, 0));
+        assert!(a.admit(v6("2001:db8:1:2::1")).is_ok());
+        assert!(a.admit(v6("2001:db8:1:2:ffff:ffff:ffff:ffff")).is_ok());
+        assert_eq!(
+            a.admit(v6("2001:db8:1:2:1234::9")),
+            Err(Refusal::AddressFull)
+        );
+        assert_eq!(a.tracked(), 1, "one entry for the whole /64");
+        a.release(v6("2001:db8:1:2::1"));
+        assert!(
+            a.admit(v6("2001:db8:1:2:1234::9")).is_ok(),
+            "released by its own address"
+        );
+        a.release(v6("2001:db8:1:2:ffff:ffff:ffff:ffff"));
+        a.release(v6("2001:db8:1:2:1234::9"));
+        assert_eq!(a.tracked(), 0, "every release found the shared entry");
+    }
+
+    #[test]
+    fn addresses_in_different_slash_64s_do_not_share_a_cap() {
+        let a = Admission::new(limits(1, 0));
+        assert!(a.admit(v6("2001:db8:1:2::1")).is_ok());
+        assert!(a.admit(v6("2001:db8:1:3::1")).is_ok(), "the next /64");
+        assert!(
+            a.admit(v6("2001:db9:1:2::1")).is_ok(),
+            "same low bits, other prefix"
+        );
+        assert_eq!(a.admit(v6("2001:db8:1:3::2")), Err(Refusal::AddressFull));
+        assert_eq!(a.tracked(), 3);
+    }
+
+    #[test]
+    fn a_prefix_of_128_bits_counts_every_ipv6_address_alone() {
+        let a = Admission::new(AdmissionLimits {
+            ipv6_prefix_len: 128,
+            ..limits(1, 0)
+        });
+        assert!(a.admit(v6("2001:db8::1")).is_ok());
+        assert!(
+            a.admit(v6("2001:db8::2")).is_ok(),
+            "a neighbour is another source"
+        );
+        assert_eq!(a.admit(v6("2001:db8::1")), Err(Refusal::AddressFull));
+        assert_eq!(a.tracked(), 2);
+    }
+
+    #[test]
+    fn an_ipv4_mapped_address_counts_as_its_ipv4_address() {
+        let a = Admission::new(limits(1, 0));
+        assert!(a.admit(ip(1)).is_ok());
+        assert_eq!(
+            a.admit(v6("::ffff:127.0.0.1")),
+            Err(Refusal::AddressFull),
+            "the same client over a dual-stack listener"
+        );
+        assert!(
+            a.admit(v6("::ffff:127.0.0.2")).is_ok(),
+            "IPv4 stays per address: mapped ones are not grouped by the IPv6 prefix"
+        );
+        assert_eq!(a.admit(ip(2)), Err(Refusal::AddressFull));
+        a.release(v6("::ffff:127.0.0.1"));
+        a.release(ip(2));
+        assert_eq!(a.tracked(), 0, "released under either form");
+    }
+
+    #[test]
+    fn the_prefix_mask_keeps_exactly_the_first_n_bits() {
+        let all_ones = IpAddr::V6(Ipv6Addr::from(u128::MAX));
+        let key = |n| match source_key(all_ones, ipv6_mask(n)) {
+            IpAddr::V6(a) => u128::from(a),
+            IpAddr::V4(_) => panic!("an IPv6 address stays IPv6"),
+        };
+        assert_eq!(key(1), 1 << 127, "/1: the top bit only");
+        assert_eq!(key(64), u128::MAX << 64, "/64: the network half");
+        assert_eq!(key(127), u128::MAX - 1, "/127: all but the last bit");
+        assert_eq!(key(128), u128::MAX, "/128: the address itself");
+        assert_eq!(key(0), 0, "/0 (not accepted by the flag): one source");
+        assert_eq!(key(200), u128::MAX, "past 128: the address itself");
+        let v4 = IpAddr::from([192, 0, 2, 255]);
+        assert_eq!(source_key(v4, ipv6_mask(1)), v4, "IPv4 is never masked");
+    }
+
+    /// Distinct /64s that all shared stripe 0 under the fixed fold this
+    /// module used before, which kept only the third, fourth, seventh and
+    /// eighth 16-bit groups of an IPv6 address: these differ in the second.
+    fn one_stripe_under_the_old_fold() -> Vec<IpAddr> {
+        let keys: Vec<IpAddr> = (0..=255u16)
+            .map(|i| IpAddr::V6(Ipv6Addr::new(0x2001, i, 0, 0, 0, 0, 0, 0)))
+            .collect();
+        let old_fold = |k: &IpAddr| match k {
+            IpAddr::V6(a) => (u128::from(*a) >> 64) as u32 ^ (u128::from(*a) as u32),
+            IpAddr::V4(_) => unreachable!(),
+        };
+        assert!(
+            keys.iter()
+                .all(|k| (old_fold(k) as usize).is_multiple_of(STRIPES))
+        );
+        keys
+    }
+
+    #[test]
+    fn addresses_that_collided_under_the_old_fold_spread_over_the_stripes() {
+        let a = Admission::new(limits(1, 0));
+        let mut used = [false; STRIPES];
+        for key in one_stripe_under_the_old_fold() {
+            used[a.stripe_index(&key)] = true;
+        }
+        // 256 keys thrown at random into 64 stripes fill about 63. Filling
+        // at most 31 means all 256 fell into some 31 stripes: fewer than
+        // 2^64 such sets, each hit with odds below 2^-256, so this bound
+        // does not flake.
+        let spread = used.iter().filter(|&&u| u).count();
+        assert!(spread >= STRIPES / 2, "only {spread} stripes used");
+    }
+
+    #[test]
+    fn two_servers_put_the_same_addresses_in_different_stripes() {
+        let (a, b) = (Admission::new(limits(1, 0)), Admission::new(limits(1, 0)));
+        let keys = one_stripe_under_the_old_fold();
+        // Agreement on all 256 by chance: 64^-256.
+        assert!(
+            keys.iter().any(|k| a.stripe_index(k) != b.stripe_index(k)),
+            "the stripe of an address is not fixed, so it cannot be predicted"
+        );
     }
 }

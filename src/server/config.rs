@@ -41,6 +41,13 @@ pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// (partial requests and messages, replies and copied frames waiting to be
 /// written); see docs/SECURITY.md.
 pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 1024 * 1024 * 1024;
+/// Default IPv6 prefix, in bits, that counts as one source address for the
+/// per-address limits. A /64 is the smallest network an IPv6 site is given
+/// (SLAAC fills in a 64-bit interface identifier: RFC 4291 section 2.5.1,
+/// RFC 7421), so every ordinary IPv6 client can use 2^64 addresses; many
+/// sites get a /56 or a /48 (RFC 6177), which a shorter prefix covers at
+/// the cost of grouping more neighbours.
+pub const DEFAULT_IPV6_PREFIX_LEN: u8 = 64;
 
 /// What happens to a subscriber whose queue would pass `max_outbound_bytes`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -114,6 +121,10 @@ pub struct Config {
     /// address, answered 429 over it; WebSocket: per connection, paced by
     /// not reading it); 0 = no limit.
     pub max_publish_rate: u32,
+    /// IPv6 clients whose addresses share this many leading bits count as
+    /// one source address for the per-address limits (1 to 128). IPv4
+    /// clients, also IPv4-mapped ones, count per address.
+    pub ipv6_prefix_len: u8,
     /// Largest frame payload a client may send; bigger closes 1009.
     pub max_frame_size: usize,
     /// Most frames in one client message; more closes 1009.
@@ -158,6 +169,7 @@ impl Default for Config {
             max_connections_per_ip: 0,
             max_connect_rate_per_ip: 0,
             max_publish_rate: 0,
+            ipv6_prefix_len: DEFAULT_IPV6_PREFIX_LEN,
             max_frame_size: DEFAULT_MAX_FRAME_BYTES,
             max_fragments: DEFAULT_MAX_FRAGMENTS,
             max_control_rate: DEFAULT_MAX_CONTROL_RATE,
@@ -202,6 +214,7 @@ impl Config {
             max_connections_per_ip: self.max_connections_per_ip,
             connect_rate_per_ip: self.max_connect_rate_per_ip,
             publish_rate_per_ip: self.max_publish_rate,
+            ipv6_prefix_len: self.ipv6_prefix_len,
         }
     }
 
