@@ -312,6 +312,39 @@ impl Shard {
         n
     }
 
+    /// Where to end a delivery step that starts at `pubs[start]` and should
+    /// cost about `budget` deliveries (publications × local subscribers):
+    /// after as many whole runs of one topic as fit, or, when the first run
+    /// alone is over the budget, after the part of it that fits (at least
+    /// one publication). One lookup per run.
+    pub fn step_end(&self, pubs: &[Publication], start: usize, budget: usize) -> usize {
+        let mut end = start;
+        let mut cost = 0usize;
+        while end < pubs.len() {
+            let topic = pubs[end].topic.as_ptr();
+            let run = pubs[end..]
+                .iter()
+                .position(|p| p.topic.as_ptr() != topic)
+                .unwrap_or(pubs.len() - end);
+            let subs = self
+                .by_interest
+                .get(&(topic as usize))
+                .map_or(0, |&id| self.topics[id as usize].subs.len());
+            let run_cost = run.saturating_mul(subs);
+            if cost + run_cost <= budget {
+                cost += run_cost;
+                end += run;
+                continue;
+            }
+            if end == start {
+                // Part of the first run: what fits, at least one.
+                end += (budget / subs.max(1)).clamp(1, run);
+            }
+            break;
+        }
+        end
+    }
+
     /// Calls `deliver(run, subscribers)` for `pubs` in order: each run is a
     /// maximal sequence of consecutive publications to one topic, and
     /// `subscribers` a chunk (≤ 64) of that topic's local subscribers. So the
@@ -486,6 +519,37 @@ mod tests {
             })
         });
         assert_eq!(delivered, 0, "nobody left to deliver to");
+    }
+
+    #[test]
+    fn delivery_steps_keep_whole_runs_and_stay_near_the_budget() {
+        let (d, _bus, _inboxes, mut s) = shards(1);
+        for c in 0..100 {
+            s[0].subscribe("a", (c, 0));
+        }
+        s[0].subscribe("b", (0, 0));
+        let (a, b) = (d.entry("a"), d.entry("b"));
+        let p = |t: &Arc<TopicInterest>| Publication {
+            topic: Arc::downgrade(t),
+            frame: Bytes::from_static(b"x"),
+            published_at: Instant::now(),
+        };
+        // a×10 (1 000 deliveries), b×5 (5), a×3 (300).
+        let pubs: Vec<Publication> = (0..10)
+            .map(|_| p(&a))
+            .chain((0..5).map(|_| p(&b)))
+            .chain((0..3).map(|_| p(&a)))
+            .collect();
+        assert_eq!(s[0].step_end(&pubs, 0, 10_000), 18, "everything fits");
+        assert_eq!(s[0].step_end(&pubs, 0, 1_005), 15, "two whole runs");
+        assert_eq!(
+            s[0].step_end(&pubs, 0, 1_100),
+            15,
+            "not part of a later run"
+        );
+        assert_eq!(s[0].step_end(&pubs, 0, 450), 4, "part of the first run");
+        assert_eq!(s[0].step_end(&pubs, 0, 0), 1, "at least one publication");
+        assert_eq!(s[0].step_end(&pubs, 10, 3), 13, "a run with one subscriber");
     }
 
     #[test]

@@ -122,6 +122,7 @@ impl Worker {
         for key in keys {
             remove(&mut self.core, key);
         }
+        self.core.finish();
         info!(worker = id, "worker stopped");
     }
 

@@ -1353,6 +1353,7 @@ impl Worker {
             self.reap();
             self.free_gone();
         }
+        self.core.finish();
         if self.ring.in_flight > 0 || !self.core.conns.is_empty() {
             warn!(
                 worker = id,

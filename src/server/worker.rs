@@ -45,13 +45,13 @@ const SWEEP_MIN: Duration = Duration::from_millis(10);
 const SWEEP_MAX: Duration = Duration::from_secs(1);
 /// Deliveries (one publication into one subscriber's queue) a worker makes
 /// from its mailbox per loop turn before it goes back to its own sockets,
-/// accepts and timers; the rest waits for the next turn. 262 144: a few
-/// milliseconds of delivery (docs/BENCHMARKS.md measures tens of millions
-/// per second per core), long enough to amortise the turn's syscalls.
-pub const MAX_DELIVERIES_PER_TURN: usize = 256 * 1024;
-/// Publications handed to the shard at a time while draining the mailbox,
-/// so the delivery bound is checked at least this often.
-const DRAIN_STEP: usize = 16;
+/// accepts and timers; the rest waits for the next turn. 1 Mi: about
+/// 130 ms of delivery on this machine (~7.5 M per second per worker,
+/// docs/BENCHMARKS.md), and the whole of the benchmark's burst (200
+/// messages to 5 000 subscribers per worker) in one turn. A smaller bound
+/// splits bursts over more turns, and each turn costs every subscriber
+/// another write.
+pub const MAX_DELIVERIES_PER_TURN: usize = 1024 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IoState {
@@ -551,7 +551,9 @@ impl<S> Core<S> {
                 },
             };
             while pos < batch.len() && work.get() < MAX_DELIVERIES_PER_TURN {
-                let end = (pos + DRAIN_STEP).min(batch.len());
+                // Whole runs of one topic while they fit the bound, so each
+                // subscriber still takes a run at a time.
+                let end = shard.step_end(&batch, pos, MAX_DELIVERIES_PER_TURN - work.get());
                 last.set(std::ptr::null());
                 shard.deliver(&batch[pos..end], &mut to_conns);
                 pos = end;
@@ -865,6 +867,24 @@ impl<S> Core<S> {
     pub fn drained(&self) -> bool {
         self.drain_deadline
             .is_some_and(|d| self.conns.is_empty() || Instant::now() >= d)
+    }
+
+    /// At the worker's exit: publications still waiting for it (carried or
+    /// in its mailbox) will never be delivered; count them.
+    pub fn finish(&mut self) {
+        let bus = &self.shared.bus;
+        let mut lost = 0;
+        if let Some((batch, pos)) = self.carry.take() {
+            lost += batch.len() - pos;
+            self.inbox.done(bus, &batch);
+        }
+        while let Some(batch) = self.inbox.next() {
+            lost += batch.len();
+            self.inbox.done(bus, &batch);
+        }
+        if lost > 0 {
+            self.stats().undelivered(Undelivered::WorkerStopped, lost);
+        }
     }
 
     /// Leaves the connection's topics and counts it closed; the backend
