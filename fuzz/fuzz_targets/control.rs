@@ -43,7 +43,8 @@ fuzz_target!(|data: &[u8]| {
                 .collect();
             assert_eq!(topics, c.topics);
         }
-        Err(reason) => {
+        Err(e) => {
+            let reason = e.to_string();
             let mut reply = control::error(&reason).into_bytes();
             let v = simd_json::to_borrowed_value(&mut reply).expect("error reply is JSON");
             assert_eq!(v.get("op").and_then(|o| o.as_str()), Some("error"));

@@ -10,6 +10,7 @@
 
 use super::topic::{self, TopicError};
 use simd_json::prelude::*;
+use std::fmt;
 
 /// Largest control message accepted, in bytes: 64 topics of 128 bytes fit
 /// several times over; anything bigger is an error reply, not a parse.
@@ -28,28 +29,70 @@ pub struct Control {
     pub topics: Vec<String>,
 }
 
-/// Parses a control message; `Err` holds the reason for the error reply.
-pub fn parse(buf: &mut [u8], max_topic_len: usize) -> Result<Control, String> {
-    if buf.len() > MAX_CONTROL_BYTES {
-        return Err(format!("control message over {MAX_CONTROL_BYTES} bytes"));
+/// Why a control message was refused; its `Display` is the `reason` of the
+/// `{"op":"error"}` reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlError {
+    /// Over [`MAX_CONTROL_BYTES`].
+    TooLarge,
+    /// Not JSON.
+    Malformed,
+    /// No `"op"` string (or not an object at all).
+    MissingOp,
+    /// An `"op"` other than `subscribe` or `unsubscribe`.
+    UnknownOp,
+    /// `"topics"` missing, not an array, or holding a non-string.
+    TopicsNotStrings,
+    /// A topic name that breaks the [`topic`] rules.
+    Topic(TopicError),
+    /// More topics than one connection may hold.
+    TooManyTopics { max: usize },
+}
+
+impl fmt::Display for ControlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TooLarge => write!(f, "control message over {MAX_CONTROL_BYTES} bytes"),
+            Self::Malformed => f.write_str("malformed JSON"),
+            Self::MissingOp => f.write_str("missing \"op\""),
+            Self::UnknownOp => f.write_str("unknown op; expected subscribe or unsubscribe"),
+            Self::TopicsNotStrings => f.write_str("\"topics\" must be an array of strings"),
+            Self::Topic(e) => e.fmt(f),
+            Self::TooManyTopics { max } => {
+                write!(f, "too many topics: at most {max} per connection")
+            }
+        }
     }
-    let value = simd_json::to_borrowed_value(buf).map_err(|_| "malformed JSON".to_string())?;
+}
+
+impl std::error::Error for ControlError {}
+
+impl From<TopicError> for ControlError {
+    fn from(e: TopicError) -> Self {
+        Self::Topic(e)
+    }
+}
+
+/// Parses a control message.
+pub fn parse(buf: &mut [u8], max_topic_len: usize) -> Result<Control, ControlError> {
+    if buf.len() > MAX_CONTROL_BYTES {
+        return Err(ControlError::TooLarge);
+    }
+    let value = simd_json::to_borrowed_value(buf).map_err(|_| ControlError::Malformed)?;
     let op = match value.get("op").and_then(|v| v.as_str()) {
         Some("subscribe") => Op::Subscribe,
         Some("unsubscribe") => Op::Unsubscribe,
-        Some(_) => return Err("unknown op; expected subscribe or unsubscribe".into()),
-        None => return Err("missing \"op\"".into()),
+        Some(_) => return Err(ControlError::UnknownOp),
+        None => return Err(ControlError::MissingOp),
     };
     let list = value
         .get("topics")
         .and_then(|v| v.as_array())
-        .ok_or_else(|| "\"topics\" must be an array of strings".to_string())?;
+        .ok_or(ControlError::TopicsNotStrings)?;
     let mut topics: Vec<String> = Vec::with_capacity(list.len());
     for t in list {
-        let name = t
-            .as_str()
-            .ok_or_else(|| "\"topics\" must be an array of strings".to_string())?;
-        topic::validate(name, max_topic_len).map_err(|e: TopicError| e.to_string())?;
+        let name = t.as_str().ok_or(ControlError::TopicsNotStrings)?;
+        topic::validate(name, max_topic_len)?;
         if !topics.iter().any(|x| x == name) {
             topics.push(name.to_owned());
         }
@@ -96,7 +139,7 @@ pub fn error(reason: &str) -> String {
 mod tests {
     use super::*;
 
-    fn p(s: &str) -> Result<Control, String> {
+    fn p(s: &str) -> Result<Control, ControlError> {
         parse(&mut s.as_bytes().to_vec(), 16)
     }
 
@@ -135,14 +178,19 @@ mod tests {
             (r#"{"op":"subscribe","topics":[""]}"#, "empty"),
             ("[1,2]", "missing \"op\""),
         ] {
-            let err = p(input).unwrap_err();
+            let err = p(input).unwrap_err().to_string();
             assert!(err.contains(needle), "{input}: {err}");
         }
         let big = format!(
             r#"{{"op":"subscribe","topics":["{}"]}}"#,
             "a".repeat(MAX_CONTROL_BYTES)
         );
-        assert!(p(&big).unwrap_err().contains("over"));
+        assert_eq!(p(&big), Err(ControlError::TooLarge));
+        assert!(
+            ControlError::TooLarge
+                .to_string()
+                .contains("over 65536 bytes")
+        );
     }
 
     #[test]

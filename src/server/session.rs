@@ -744,9 +744,9 @@ fn control_message(msg: &mut [u8], subs: &mut SubList, ctx: &mut Ctx<'_>) -> Str
     let cfg = &ctx.shared.config;
     let c = match control::parse(msg, cfg.max_topic_len) {
         Ok(c) => c,
-        Err(reason) => {
+        Err(e) => {
             ctx.stats.control_error();
-            return control::error(&reason);
+            return control::error(&e.to_string());
         }
     };
     let held = |shard: &Shard, subs: &SubList, name: &str| {
@@ -763,10 +763,8 @@ fn control_message(msg: &mut [u8], subs: &mut SubList, ctx: &mut Ctx<'_>) -> Str
                 .collect();
             if subs.len() + new.len() > cfg.max_topics_per_conn {
                 ctx.stats.control_error();
-                return control::error(&format!(
-                    "too many topics: at most {} per connection",
-                    cfg.max_topics_per_conn
-                ));
+                let max = cfg.max_topics_per_conn;
+                return control::error(&control::ControlError::TooManyTopics { max }.to_string());
             }
             for name in new {
                 subs.push(ctx.shard.subscribe(name, ctx.me));
