@@ -6,7 +6,11 @@
 //! → anything else                             ← {"op":"error","reason":"..."}
 //! ```
 //!
-//! Parsed in place with simd-json (the frame payload is a scratch buffer).
+//! Parsed in place with simd-json (the frame payload is a scratch buffer),
+//! after two checks that bound what the parse costs a worker: the size
+//! ([`MAX_CONTROL_BYTES`]) and, in one pass over the bytes, the nesting
+//! depth ([`MAX_CONTROL_DEPTH`]), because simd-json builds its value
+//! recursively, one stack frame per level.
 
 use super::topic::{self, TopicError};
 use simd_json::prelude::*;
@@ -15,6 +19,16 @@ use std::fmt;
 /// Largest control message accepted, in bytes: 64 topics of 128 bytes fit
 /// several times over; anything bigger is an error reply, not a parse.
 pub const MAX_CONTROL_BYTES: usize = 64 * 1024;
+
+/// Deepest nesting of arrays and objects accepted in a control message.
+///
+/// A control message needs 2 levels (`{"op":…,"topics":[…]}`). Other keys
+/// are ignored, so 16 leaves room for later protocol fields and a client's
+/// own nested metadata. The bound is what keeps a parse off the end of a
+/// worker's stack ([`WORKER_STACK_BYTES`](crate::server::WORKER_STACK_BYTES)):
+/// simd-json's value builder recurses once per level, about 0.5 KiB each in a
+/// debug build, so 16 levels take a few KiB where 6 000 overflowed 2 MiB.
+pub const MAX_CONTROL_DEPTH: usize = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
@@ -35,6 +49,8 @@ pub struct Control {
 pub enum ControlError {
     /// Over [`MAX_CONTROL_BYTES`].
     TooLarge,
+    /// Arrays and objects nested deeper than [`MAX_CONTROL_DEPTH`].
+    TooDeep,
     /// Not JSON.
     Malformed,
     /// No `"op"` string (or not an object at all).
@@ -53,6 +69,10 @@ impl fmt::Display for ControlError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::TooLarge => write!(f, "control message over {MAX_CONTROL_BYTES} bytes"),
+            Self::TooDeep => write!(
+                f,
+                "control message nested deeper than {MAX_CONTROL_DEPTH} levels"
+            ),
             Self::Malformed => f.write_str("malformed JSON"),
             Self::MissingOp => f.write_str("missing \"op\""),
             Self::UnknownOp => f.write_str("unknown op; expected subscribe or unsubscribe"),
@@ -78,6 +98,7 @@ pub fn parse(buf: &mut [u8], max_topic_len: usize) -> Result<Control, ControlErr
     if buf.len() > MAX_CONTROL_BYTES {
         return Err(ControlError::TooLarge);
     }
+    check_depth(buf, MAX_CONTROL_DEPTH)?;
     let value = simd_json::to_borrowed_value(buf).map_err(|_| ControlError::Malformed)?;
     let op = match value.get("op").and_then(|v| v.as_str()) {
         Some("subscribe") => Op::Subscribe,
@@ -98,6 +119,47 @@ pub fn parse(buf: &mut [u8], max_topic_len: usize) -> Result<Control, ControlErr
         }
     }
     Ok(Control { op, topics })
+}
+
+/// Refuses `buf` if it nests arrays and objects deeper than `max`, in one
+/// pass over its bytes and without recursion: what makes it safe to hand
+/// `buf` to a recursive parser afterwards.
+///
+/// Counts each `[` and `{` outside strings, less the `]` and `}` outside
+/// strings. A string runs from a `"` to the next `"` not escaped; inside it
+/// a backslash escapes the byte after it, and brackets are text. For valid
+/// JSON the count at each byte is the nesting depth there, so the check
+/// agrees with the parser's structure (`check_depth_agrees_with_the_tree`).
+/// Invalid JSON may count otherwise (a stray closer cannot take the count
+/// below zero), but the parser refuses it without building a value.
+fn check_depth(buf: &[u8], max: usize) -> Result<(), ControlError> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in buf {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return Err(ControlError::TooDeep);
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// `{"op":"subscribed"|"unsubscribed","topics":[...]}`. Topic names need no
@@ -191,6 +253,170 @@ mod tests {
                 .to_string()
                 .contains("over 65536 bytes")
         );
+    }
+
+    /// `n` nested arrays: `[[…]]`.
+    fn nested_arrays(n: usize) -> String {
+        "[".repeat(n) + &"]".repeat(n)
+    }
+
+    /// A valid subscribe whose extra key `"x"` holds `value`.
+    fn subscribe_with(value: &str) -> String {
+        format!(r#"{{"op":"subscribe","topics":["a"],"x":{value}}}"#)
+    }
+
+    /// Parses on a thread with a worker's stack, as a worker would.
+    fn p_on_worker_stack(s: String) -> Result<Control, ControlError> {
+        std::thread::Builder::new()
+            .stack_size(crate::server::WORKER_STACK_BYTES)
+            .spawn(move || p(&s))
+            .expect("spawn")
+            .join()
+            .expect("the parse did not panic")
+    }
+
+    #[test]
+    fn six_thousand_nested_brackets_get_an_error_reply_not_a_stack_overflow() {
+        // Issue #12: 6 000 `[` then 6 000 `]` (12 kB) overflowed a worker's
+        // stack inside simd-json's recursive value builder.
+        assert_eq!(
+            p_on_worker_stack(nested_arrays(6000)),
+            Err(ControlError::TooDeep)
+        );
+        let objects = r#"{"a":"#.repeat(6000) + "1" + &"}".repeat(6000);
+        assert_eq!(p_on_worker_stack(objects), Err(ControlError::TooDeep));
+        let mixed = r#"[{"a":"#.repeat(3000) + "1" + &"}]".repeat(3000);
+        assert_eq!(p_on_worker_stack(mixed), Err(ControlError::TooDeep));
+        assert!(error(&ControlError::TooDeep.to_string()).contains("nested deeper than 16 levels"));
+    }
+
+    #[test]
+    fn nesting_at_the_limit_parses_and_one_level_more_is_refused() {
+        // The message object is level 1; `"x"` adds the rest.
+        let at_limit = subscribe_with(&nested_arrays(MAX_CONTROL_DEPTH - 1));
+        assert_eq!(
+            p_on_worker_stack(at_limit).map(|c| c.topics),
+            Ok(vec!["a".into()])
+        );
+        let over = subscribe_with(&nested_arrays(MAX_CONTROL_DEPTH));
+        assert_eq!(p_on_worker_stack(over), Err(ControlError::TooDeep));
+    }
+
+    #[test]
+    fn brackets_inside_strings_do_not_count_toward_the_depth() {
+        let deep_text = format!(r#""{}""#, nested_arrays(6000));
+        assert_eq!(
+            p_on_worker_stack(subscribe_with(&deep_text)).map(|c| c.op),
+            Ok(Op::Subscribe)
+        );
+        // An escaped quote does not end the string, so the brackets after
+        // it are still text.
+        let escaped_quote = format!(r#""\"{}""#, "[".repeat(6000));
+        assert_eq!(
+            p_on_worker_stack(subscribe_with(&escaped_quote)).map(|c| c.op),
+            Ok(Op::Subscribe)
+        );
+        // An escaped backslash does not escape the quote after it: the
+        // string ends there and the brackets after it are structure.
+        let escaped_backslash = format!(r#"["\\",{}]"#, nested_arrays(MAX_CONTROL_DEPTH));
+        assert_eq!(
+            p_on_worker_stack(subscribe_with(&escaped_backslash)),
+            Err(ControlError::TooDeep)
+        );
+        // A topic name with brackets is still refused as a name, not for depth.
+        assert_eq!(
+            p(r#"{"op":"subscribe","topics":["[[[["]}"#),
+            Err(ControlError::Topic(TopicError::BadChar(b'[')))
+        );
+    }
+
+    /// A JSON value built by the tests, serialised by hand: independent of
+    /// simd-json, so it can judge the depth check.
+    #[derive(Debug, Clone)]
+    enum Json {
+        Str(String),
+        Arr(Vec<Json>),
+        Obj(Vec<(String, Json)>),
+    }
+
+    impl Json {
+        fn depth(&self) -> usize {
+            match self {
+                Self::Str(_) => 0,
+                Self::Arr(v) => 1 + v.iter().map(Json::depth).max().unwrap_or(0),
+                Self::Obj(v) => 1 + v.iter().map(|(_, j)| j.depth()).max().unwrap_or(0),
+            }
+        }
+
+        fn write(&self, out: &mut String) {
+            let string = |s: &str, out: &mut String| {
+                out.push('"');
+                for c in s.chars() {
+                    if c == '"' || c == '\\' {
+                        out.push('\\');
+                    }
+                    out.push(c);
+                }
+                out.push('"');
+            };
+            match self {
+                Self::Str(s) => string(s, out),
+                Self::Arr(v) => {
+                    out.push('[');
+                    for (i, j) in v.iter().enumerate() {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        j.write(out);
+                    }
+                    out.push(']');
+                }
+                Self::Obj(v) => {
+                    out.push('{');
+                    for (i, (k, j)) in v.iter().enumerate() {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        string(k, out);
+                        out.push(':');
+                        j.write(out);
+                    }
+                    out.push('}');
+                }
+            }
+        }
+    }
+
+    fn arb_json() -> impl proptest::strategy::Strategy<Value = Json> {
+        use proptest::prelude::*;
+        // Strings full of what the scan must not mistake for structure.
+        let text = r#"[\[\]{}"\\a:,]{0,6}"#;
+        text.prop_map(Json::Str)
+            .prop_recursive(24, 128, 4, move |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(Json::Arr),
+                    prop::collection::vec((text, inner), 0..4).prop_map(Json::Obj),
+                ]
+            })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn check_depth_agrees_with_the_tree(json in arb_json()) {
+            let mut text = String::new();
+            json.write(&mut text);
+            // The text is JSON: simd-json reads it back.
+            let mut copy = text.clone().into_bytes();
+            proptest::prop_assert!(simd_json::to_borrowed_value(&mut copy).is_ok());
+            let depth = json.depth();
+            proptest::prop_assert_eq!(check_depth(text.as_bytes(), depth), Ok(()));
+            if depth > 0 {
+                proptest::prop_assert_eq!(
+                    check_depth(text.as_bytes(), depth - 1),
+                    Err(ControlError::TooDeep)
+                );
+            }
+        }
     }
 
     #[test]
