@@ -10,7 +10,9 @@
 //! after two checks that bound what the parse costs a worker: the size
 //! ([`MAX_CONTROL_BYTES`]) and, in one pass over the bytes, the nesting
 //! depth ([`MAX_CONTROL_DEPTH`]), because simd-json builds its value
-//! recursively, one stack frame per level.
+//! recursively, one stack frame per level. simd-json (from 0.18) also stops
+//! at 1 024 levels itself; the check here keeps the limit ours, small and
+//! documented, whatever version is linked.
 
 use super::topic::{self, TopicError};
 use simd_json::prelude::*;
@@ -288,6 +290,23 @@ mod tests {
         let mixed = r#"[{"a":"#.repeat(3000) + "1" + &"}]".repeat(3000);
         assert_eq!(p_on_worker_stack(mixed), Err(ControlError::TooDeep));
         assert!(error(&ControlError::TooDeep.to_string()).contains("nested deeper than 16 levels"));
+    }
+
+    #[test]
+    fn simd_json_alone_refuses_six_thousand_levels_on_a_worker_stack() {
+        // The second line of defence: simd-json 0.18 stops at 1 024 levels
+        // (its `DEFAULT_MAX_DEPTH`) before building a value, should the
+        // depth check ever be bypassed. 0.17 overflowed here.
+        let refused = std::thread::Builder::new()
+            .stack_size(crate::server::WORKER_STACK_BYTES)
+            .spawn(|| {
+                let mut deep = nested_arrays(6000).into_bytes();
+                simd_json::to_borrowed_value(&mut deep).is_err()
+            })
+            .expect("spawn")
+            .join()
+            .expect("no panic");
+        assert!(refused);
     }
 
     #[test]
