@@ -20,9 +20,14 @@ fuzz_target!(|data: &[u8]| {
     };
     let max_topic_len = max_topic_len as usize;
     let mut buf = msg.to_vec();
-    match control::parse(&mut buf, max_topic_len) {
+    let limits = control::Limits {
+        max_topic_len,
+        max_topics: topic::DEFAULT_MAX_TOPICS_PER_CONN,
+    };
+    match control::parse(&mut buf, limits) {
         Ok(c) => {
             assert!(msg.len() <= MAX_CONTROL_BYTES);
+            assert!(c.topics.len() <= limits.max_topics);
             for (i, t) in c.topics.iter().enumerate() {
                 assert_eq!(topic::validate(t, max_topic_len), Ok(t.as_str()));
                 assert!(!c.topics[..i].contains(t), "duplicate topic {t:?}");

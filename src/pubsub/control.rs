@@ -14,7 +14,7 @@
 //! at 1 024 levels itself; the check here keeps the limit ours, small and
 //! documented, whatever version is linked.
 
-use super::topic::{self, TopicError};
+use super::topic::{DistinctNames, ListError, TopicError};
 use simd_json::prelude::*;
 use std::fmt;
 
@@ -36,6 +36,17 @@ pub const MAX_CONTROL_DEPTH: usize = 16;
 pub enum Op {
     Subscribe,
     Unsubscribe,
+}
+
+/// What a control message may ask for: the `--max-topic-len` and
+/// `--max-topics-per-conn` in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest topic name, in bytes.
+    pub max_topic_len: usize,
+    /// Most distinct topics one connection holds, so the most one message
+    /// may name (either op: a connection cannot hold more to unsubscribe).
+    pub max_topics: usize,
 }
 
 /// A well-formed control message with validated topic names.
@@ -61,9 +72,10 @@ pub enum ControlError {
     UnknownOp,
     /// `"topics"` missing, not an array, or holding a non-string.
     TopicsNotStrings,
-    /// A topic name that breaks the [`topic`] rules.
+    /// A topic name that breaks the [`topic`](super::topic) rules.
     Topic(TopicError),
-    /// More topics than one connection may hold.
+    /// More distinct topics than one connection may hold: named in the
+    /// message, or the message's new ones added to those held.
     TooManyTopics { max: usize },
 }
 
@@ -80,23 +92,37 @@ impl fmt::Display for ControlError {
             Self::UnknownOp => f.write_str("unknown op; expected subscribe or unsubscribe"),
             Self::TopicsNotStrings => f.write_str("\"topics\" must be an array of strings"),
             Self::Topic(e) => e.fmt(f),
-            Self::TooManyTopics { max } => {
-                write!(f, "too many topics: at most {max} per connection")
-            }
+            Self::TooManyTopics { max } => ListError::TooMany { max: *max }.fmt(f),
         }
     }
 }
 
 impl std::error::Error for ControlError {}
 
-impl From<TopicError> for ControlError {
-    fn from(e: TopicError) -> Self {
-        Self::Topic(e)
+impl From<ListError> for ControlError {
+    fn from(e: ListError) -> Self {
+        match e {
+            ListError::Name(e) => Self::Topic(e),
+            ListError::TooMany { max } => Self::TooManyTopics { max },
+        }
     }
 }
 
-/// Parses a control message.
-pub fn parse(buf: &mut [u8], max_topic_len: usize) -> Result<Control, ControlError> {
+/// Parses a control message. The work is linear in the message: its depth
+/// is checked in one pass before simd-json parses it, and its topic names
+/// are read into a [`DistinctNames`], which refuses the message at the
+/// first distinct name past `limits.max_topics`.
+pub fn parse(buf: &mut [u8], limits: Limits) -> Result<Control, ControlError> {
+    parse_counting(buf, limits, &mut 0)
+}
+
+/// [`parse`], adding to `read` the topic names it read: the tests' measure
+/// of its work.
+fn parse_counting(
+    buf: &mut [u8],
+    limits: Limits,
+    read: &mut usize,
+) -> Result<Control, ControlError> {
     if buf.len() > MAX_CONTROL_BYTES {
         return Err(ControlError::TooLarge);
     }
@@ -112,14 +138,14 @@ pub fn parse(buf: &mut [u8], max_topic_len: usize) -> Result<Control, ControlErr
         .get("topics")
         .and_then(|v| v.as_array())
         .ok_or(ControlError::TopicsNotStrings)?;
-    let mut topics: Vec<String> = Vec::with_capacity(list.len());
-    for t in list {
+    let mut names = DistinctNames::new(limits.max_topic_len, limits.max_topics);
+    let result = list.iter().try_for_each(|t| {
         let name = t.as_str().ok_or(ControlError::TopicsNotStrings)?;
-        topic::validate(name, max_topic_len)?;
-        if !topics.iter().any(|x| x == name) {
-            topics.push(name.to_owned());
-        }
-    }
+        Ok::<(), ControlError>(names.add(name)?)
+    });
+    *read += names.read();
+    result?;
+    let topics = names.into_vec().into_iter().map(str::to_owned).collect();
     Ok(Control { op, topics })
 }
 
@@ -165,7 +191,7 @@ fn check_depth(buf: &[u8], max: usize) -> Result<(), ControlError> {
 }
 
 /// `{"op":"subscribed"|"unsubscribed","topics":[...]}`. Topic names need no
-/// escaping (see [`topic`]).
+/// escaping (see [`topic`](super::topic)).
 pub fn reply<S: AsRef<str>>(op: Op, topics: &[S]) -> String {
     let word = match op {
         Op::Subscribe => "subscribed",
@@ -203,8 +229,60 @@ pub fn error(reason: &str) -> String {
 mod tests {
     use super::*;
 
+    const LIMITS: Limits = Limits {
+        max_topic_len: 16,
+        max_topics: 64,
+    };
+
     fn p(s: &str) -> Result<Control, ControlError> {
-        parse(&mut s.as_bytes().to_vec(), 16)
+        parse(&mut s.as_bytes().to_vec(), LIMITS)
+    }
+
+    /// A subscribe naming `names`, and how many names parsing it read.
+    fn subscribe_counting(
+        names: impl Iterator<Item = String>,
+    ) -> (Result<Control, ControlError>, usize) {
+        let list: Vec<String> = names.map(|n| format!("\"{n}\"")).collect();
+        let msg = format!(r#"{{"op":"subscribe","topics":[{}]}}"#, list.join(","));
+        assert!(msg.len() <= MAX_CONTROL_BYTES, "{} bytes", msg.len());
+        let mut read = 0;
+        let result = parse_counting(&mut msg.into_bytes(), LIMITS, &mut read);
+        (result, read)
+    }
+
+    #[test]
+    fn a_subscribe_naming_nine_thousand_topics_is_refused_after_reading_sixty_five() {
+        // Issue #12: 9 000 distinct short names (63 kB) held a worker for
+        // ~150 ms, each name compared with every name kept before it.
+        let (result, read) = subscribe_counting((0..9000).map(|i| format!("{i:x}")));
+        assert_eq!(result, Err(ControlError::TooManyTopics { max: 64 }));
+        assert_eq!(read, 65, "the limit plus the one name that passed it");
+        assert_eq!(
+            ControlError::TooManyTopics { max: 64 }.to_string(),
+            "too many topics: at most 64 per connection"
+        );
+    }
+
+    #[test]
+    fn nine_thousand_names_with_sixty_four_distinct_are_read_once_each_and_accepted() {
+        let (result, read) = subscribe_counting((0..9000).map(|i| format!("{:x}", i % 64)));
+        let topics = result.expect("64 distinct names fit").topics;
+        assert_eq!(read, 9000);
+        assert_eq!(topics.len(), 64);
+        assert_eq!(topics[..3], ["0", "1", "2"]);
+    }
+
+    #[test]
+    fn an_unsubscribe_may_not_name_more_topics_than_a_connection_holds() {
+        let limits = Limits {
+            max_topic_len: 16,
+            max_topics: 2,
+        };
+        let mut msg = br#"{"op":"unsubscribe","topics":["a","b","a","c"]}"#.to_vec();
+        assert_eq!(
+            parse(&mut msg, limits),
+            Err(ControlError::TooManyTopics { max: 2 })
+        );
     }
 
     #[test]

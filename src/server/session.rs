@@ -589,13 +589,14 @@ impl Session {
             }
             Upgrade::Subscribe => {
                 let list = topic::from_query(req.query).unwrap_or("");
-                let names = topic::parse_list(list, cfg.max_topic_len).map_err(topic_reject)?;
-                if names.len() > cfg.max_topics_per_conn {
-                    return Err(Reject::new(
-                        Status::BadRequest,
-                        "too many topics for one connection (see --max-topics-per-conn)",
-                    ));
-                }
+                let names = topic::parse_list(list, cfg.max_topic_len, cfg.max_topics_per_conn)
+                    .map_err(|e| match e {
+                        topic::ListError::Name(e) => topic_reject(e),
+                        topic::ListError::TooMany { .. } => Reject::new(
+                            Status::BadRequest,
+                            "too many topics for one connection (see --max-topics-per-conn)",
+                        ),
+                    })?;
                 let mut subs = SubList::default();
                 for n in &names {
                     subs.push(ctx.shard.subscribe(n, ctx.me));
@@ -742,7 +743,11 @@ fn encode(kind: MessageKind, payload: &[u8]) -> Bytes {
 /// Applies a subscriber's control message; returns the JSON reply.
 fn control_message(msg: &mut [u8], subs: &mut SubList, ctx: &mut Ctx<'_>) -> String {
     let cfg = &ctx.shared.config;
-    let c = match control::parse(msg, cfg.max_topic_len) {
+    let limits = control::Limits {
+        max_topic_len: cfg.max_topic_len,
+        max_topics: cfg.max_topics_per_conn,
+    };
+    let c = match control::parse(msg, limits) {
         Ok(c) => c,
         Err(e) => {
             ctx.stats.control_error();
