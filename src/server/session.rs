@@ -754,17 +754,16 @@ fn control_message(msg: &mut [u8], subs: &mut SubList, ctx: &mut Ctx<'_>) -> Str
             return control::error(&e.to_string());
         }
     };
-    let held = |shard: &Shard, subs: &SubList, name: &str| {
-        shard
-            .topic_id(name)
-            .and_then(|id| subs.as_slice().iter().position(|s| s.topic() == id))
-    };
+    // Linear in the names plus the topics held: each name costs hash
+    // lookups, never a search of `subs` (held at most max_topics_per_conn).
     match c.op {
         Op::Subscribe => {
+            let held: std::collections::HashSet<u32> =
+                subs.as_slice().iter().map(|s| s.topic()).collect();
             let new: Vec<&String> = c
                 .topics
                 .iter()
-                .filter(|n| held(ctx.shard, subs, n).is_none())
+                .filter(|n| ctx.shard.topic_id(n).is_none_or(|id| !held.contains(&id)))
                 .collect();
             if subs.len() + new.len() > cfg.max_topics_per_conn {
                 ctx.stats.control_error();
@@ -777,12 +776,22 @@ fn control_message(msg: &mut [u8], subs: &mut SubList, ctx: &mut Ctx<'_>) -> Str
             }
         }
         Op::Unsubscribe => {
-            for name in &c.topics {
-                if let Some(i) = held(ctx.shard, subs, name) {
-                    ctx.shard.unsubscribe(subs.swap_remove(i));
-                    ctx.stats.unsubscribed(1);
+            let gone: std::collections::HashSet<u32> = c
+                .topics
+                .iter()
+                .filter_map(|n| ctx.shard.topic_id(n))
+                .collect();
+            let shard = &mut *ctx.shard;
+            let mut dropped = 0;
+            subs.retain(|s| {
+                let keep = !gone.contains(&s.topic());
+                if !keep {
+                    shard.unsubscribe(*s);
+                    dropped += 1;
                 }
-            }
+                keep
+            });
+            ctx.stats.unsubscribed(dropped);
         }
     }
     control::reply(c.op, &c.topics)
