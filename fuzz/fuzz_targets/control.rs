@@ -11,10 +11,17 @@
 
 use corecast::pubsub::control::{self, MAX_CONTROL_BYTES, Op};
 use corecast::pubsub::topic;
+use corecast_fuzz::on_worker_stack;
 use libfuzzer_sys::fuzz_target;
 use simd_json::prelude::*;
 
 fuzz_target!(|data: &[u8]| {
+    let data = data.to_vec();
+    on_worker_stack(move || check(&data));
+});
+
+/// Checks one input (on a worker-sized stack).
+fn check(data: &[u8]) {
     let Some((&max_topic_len, msg)) = data.split_first() else {
         return;
     };
@@ -59,4 +66,4 @@ fuzz_target!(|data: &[u8]| {
             );
         }
     }
-});
+}
