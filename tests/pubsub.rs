@@ -563,3 +563,35 @@ fn keepalive_pings_idle_connections_and_closes_silent_ones() {
     let (_, op, _) = read_frame(&mut raw_alive);
     assert_eq!(op, 0x9, "pinged again later, not closed");
 }
+
+#[test]
+fn hostile_control_messages_get_error_replies_and_the_connection_keeps_its_topics() {
+    // Issue #12, end to end on real workers (WORKER_STACK_BYTES stacks).
+    let server = start();
+    let addr = server.local_addr();
+    let mut sub = connect(addr, "/ws?topics=a,b,c,marker");
+    let deep = "[".repeat(6000) + &"]".repeat(6000);
+    let reply = control(&mut sub, &deep);
+    assert!(reply.contains("nested deeper than 16 levels"), "{reply}");
+    let names: Vec<String> = (0..9000).map(|i| format!("\"{i:x}\"")).collect();
+    let many = format!(r#"{{"op":"subscribe","topics":[{}]}}"#, names.join(","));
+    let reply = control(&mut sub, &many);
+    assert!(reply.contains("too many topics: at most 64"), "{reply}");
+    assert_eq!(server.stats().subscriptions, 4, "nothing added");
+
+    // Several topics dropped in one message, one never held: the rest stay.
+    assert_eq!(
+        control(&mut sub, r#"{"op":"unsubscribe","topics":["c","zz","a"]}"#),
+        r#"{"op":"unsubscribed","topics":["c","zz","a"]}"#
+    );
+    assert_eq!(server.stats().subscriptions, 2);
+    let mut pb = connect(addr, "/publish/b");
+    let mut pa = connect(addr, "/publish/a");
+    let mut pm = connect(addr, "/publish/marker");
+    pa.send(Message::text("a1")).unwrap();
+    pb.send(Message::text("b1")).unwrap();
+    assert_eq!(text(&mut sub), "b1", "unsubscribed: a1 never arrives");
+    pm.send(Message::text("m1")).unwrap();
+    assert_eq!(text(&mut sub), "m1");
+    assert_eq!(server.stats().control_errors, 2);
+}

@@ -30,7 +30,7 @@ use corecast::server::fuzzing;
 use corecast::server::metrics;
 use corecast::server::session::{Ctx, Next, Session};
 use corecast::server::stats::WorkerStats;
-use corecast_fuzz::{Item, Reads, drain, read_transcript};
+use corecast_fuzz::{Item, Reads, drain, on_worker_stack, read_transcript};
 use libfuzzer_sys::fuzz_target;
 use std::time::Instant;
 
@@ -125,6 +125,12 @@ fn run<'a>(cfg: &Config, reads: impl Iterator<Item = &'a [u8]>) -> Vec<Item> {
 }
 
 fuzz_target!(|data: &[u8]| {
+    let data = data.to_vec();
+    on_worker_stack(move || check(&data));
+});
+
+/// Checks one input (on a worker-sized stack).
+fn check(data: &[u8]) {
     let [a, b, data @ ..] = data else {
         return;
     };
@@ -136,4 +142,4 @@ fuzz_target!(|data: &[u8]| {
         whole, cut,
         "cutting the stream into reads changed the output"
     );
-});
+}

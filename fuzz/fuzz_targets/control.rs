@@ -1,30 +1,102 @@
 //! Arbitrary bytes as a subscriber control message (`pubsub::control::parse`,
-//! simd-json in place on a mutable copy), and the replies built from it.
+//! its depth check, then simd-json in place on a mutable copy), and the
+//! replies built from it. Runs on a worker-sized stack
+//! (`corecast_fuzz::on_worker_stack`), so a parse that would overflow a
+//! worker crashes here.
 //!
-//! Input: one byte for `max_topic_len` (0..=255), then the message.
+//! Input: one byte for `max_topic_len` (0..=255), one for `max_topics`
+//! (0..=255), then the message.
 //! Invariants:
 //! - no panic; input over `MAX_CONTROL_BYTES` is refused without parsing;
-//! - an accepted message has valid, distinct topic names within the limit,
-//!   and its reply is JSON naming the same op and topics;
+//! - the depth check agrees with simd-json's own structure, read from its
+//!   tape (built without recursion): valid JSON nested deeper than
+//!   `MAX_CONTROL_DEPTH` is refused as too deep, valid JSON within it is
+//!   not, and JSON simd-json finds too deep for itself is refused as too
+//!   deep;
+//! - an accepted message is valid JSON with valid, distinct topic names
+//!   within both limits, and its reply is JSON naming the same op and
+//!   topics;
 //! - a refusal's reason survives `control::error` as a JSON string.
 #![no_main]
 
-use corecast::pubsub::control::{self, MAX_CONTROL_BYTES, Op};
+use corecast::pubsub::control::{self, ControlError, MAX_CONTROL_BYTES, MAX_CONTROL_DEPTH, Op};
 use corecast::pubsub::topic;
+use corecast_fuzz::on_worker_stack;
 use libfuzzer_sys::fuzz_target;
 use simd_json::prelude::*;
+use simd_json::{ErrorType, Node};
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&max_topic_len, msg)) = data.split_first() else {
+    let data = data.to_vec();
+    on_worker_stack(move || check(&data));
+});
+
+/// What simd-json makes of a message on its own.
+#[derive(Debug)]
+enum Structure {
+    /// Valid JSON, arrays and objects nested this deep.
+    Depth(usize),
+    /// Nested deeper than simd-json's own limit.
+    TooDeep,
+    /// Not JSON.
+    Invalid,
+}
+
+/// The message's structure from simd-json's tape: each array or object
+/// node counts the nodes inside it, so depth is a walk with a stack of
+/// where the open containers end. No recursion, independent of the depth
+/// check under test.
+fn structure(msg: &[u8]) -> Structure {
+    let mut copy = msg.to_vec();
+    let tape = match simd_json::to_tape(&mut copy) {
+        Ok(tape) => tape,
+        Err(e) if *e.error() == ErrorType::DepthLimitExceeded => return Structure::TooDeep,
+        Err(_) => return Structure::Invalid,
+    };
+    let mut ends: Vec<usize> = Vec::new();
+    let mut deepest = 0;
+    for (i, node) in tape.0.iter().enumerate() {
+        while ends.last().is_some_and(|&end| end <= i) {
+            ends.pop();
+        }
+        if let Node::Array { count, .. } | Node::Object { count, .. } = node {
+            ends.push(i + 1 + count);
+            deepest = deepest.max(ends.len());
+        }
+    }
+    Structure::Depth(deepest)
+}
+
+/// Checks one input (on a worker-sized stack).
+fn check(data: &[u8]) {
+    let [max_topic_len, max_topics, msg @ ..] = data else {
         return;
     };
-    let max_topic_len = max_topic_len as usize;
+    let limits = control::Limits {
+        max_topic_len: *max_topic_len as usize,
+        max_topics: *max_topics as usize,
+    };
     let mut buf = msg.to_vec();
-    match control::parse(&mut buf, max_topic_len) {
+    let result = control::parse(&mut buf, limits);
+    if msg.len() > MAX_CONTROL_BYTES {
+        assert_eq!(result, Err(ControlError::TooLarge));
+        return;
+    }
+    let too_deep = result == Err(ControlError::TooDeep);
+    match structure(msg) {
+        Structure::Depth(d) => assert_eq!(
+            too_deep,
+            d > MAX_CONTROL_DEPTH,
+            "valid JSON {d} deep, parse gave {result:?}"
+        ),
+        Structure::TooDeep => assert!(too_deep, "simd-json: too deep; parse gave {result:?}"),
+        Structure::Invalid => assert!(result.is_err(), "invalid JSON accepted"),
+    }
+    match result {
         Ok(c) => {
-            assert!(msg.len() <= MAX_CONTROL_BYTES);
+            assert!(c.topics.len() <= limits.max_topics);
             for (i, t) in c.topics.iter().enumerate() {
-                assert_eq!(topic::validate(t, max_topic_len), Ok(t.as_str()));
+                assert_eq!(topic::validate(t, limits.max_topic_len), Ok(t.as_str()));
                 assert!(!c.topics[..i].contains(t), "duplicate topic {t:?}");
             }
             let mut reply = control::reply(c.op, &c.topics).into_bytes();
@@ -43,7 +115,8 @@ fuzz_target!(|data: &[u8]| {
                 .collect();
             assert_eq!(topics, c.topics);
         }
-        Err(reason) => {
+        Err(e) => {
+            let reason = e.to_string();
             let mut reply = control::error(&reason).into_bytes();
             let v = simd_json::to_borrowed_value(&mut reply).expect("error reply is JSON");
             assert_eq!(v.get("op").and_then(|o| o.as_str()), Some("error"));
@@ -53,4 +126,4 @@ fuzz_target!(|data: &[u8]| {
             );
         }
     }
-});
+}

@@ -21,7 +21,7 @@
 use corecast::proto::frame::MAX_CONTROL_PAYLOAD;
 use corecast::proto::ws::{DEFAULT_MAX_MESSAGE_BYTES, MAX_PENDING_BYTES};
 use corecast::proto::{CloseCode, CloseState, Event, MessageKind, OutQueue, WsConn};
-use corecast_fuzz::{Item, Reads, drain, read_frames};
+use corecast_fuzz::{Item, Reads, drain, on_worker_stack, read_frames};
 use libfuzzer_sys::fuzz_target;
 
 /// An owned copy of an event, for comparing runs.
@@ -127,6 +127,12 @@ fn run<'a>(max_message: usize, reads: impl Iterator<Item = &'a [u8]>) -> (Vec<Ev
 }
 
 fuzz_target!(|data: &[u8]| {
+    let data = data.to_vec();
+    on_worker_stack(move || check(&data));
+});
+
+/// Checks one input (on a worker-sized stack).
+fn check(data: &[u8]) {
     let Some((&cap, data)) = data.split_first() else {
         return;
     };
@@ -142,4 +148,4 @@ fuzz_target!(|data: &[u8]| {
         whole, cut,
         "cutting the stream into reads changed the outcome"
     );
-});
+}

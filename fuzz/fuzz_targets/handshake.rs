@@ -16,6 +16,7 @@ use corecast::proto::handshake::{
     HeadScanner, MAX_HEADERS, Reject, choose_subprotocol, error_response, parse_head,
     validate_upgrade, write_switching_protocols,
 };
+use corecast_fuzz::on_worker_stack;
 use libfuzzer_sys::fuzz_target;
 
 /// What the server is configured to speak, in preference order.
@@ -60,6 +61,12 @@ fn check_refusal(reject: Reject) {
 }
 
 fuzz_target!(|data: &[u8]| {
+    let data = data.to_vec();
+    on_worker_stack(move || check(&data));
+});
+
+/// Checks one input (on a worker-sized stack).
+fn check(data: &[u8]) {
     let Some((&cut, buf)) = data.split_first() else {
         return;
     };
@@ -109,4 +116,4 @@ fuzz_target!(|data: &[u8]| {
         "101 is not one complete head"
     );
     assert_eq!(resp.code, Some(101));
-});
+}

@@ -1,6 +1,7 @@
-//! What the fuzz targets share: how one input is cut into reads, and an
-//! independent reader of what the server wrote (HTTP responses, then server
-//! frames) that panics on anything a conforming client would have to reject.
+//! What the fuzz targets share: a thread with a worker's stack to run each
+//! input on, how one input is cut into reads, and an independent reader of
+//! what the server wrote (HTTP responses, then server frames) that panics on
+//! anything a conforming client would have to reject.
 //!
 //! The reader deliberately does not reuse `corecast::proto::frame`: a bug in
 //! the parser under test must not also hide in the oracle.
@@ -8,7 +9,49 @@
 use corecast::proto::OutQueue;
 use corecast::proto::frame::{CloseCode, MAX_CONTROL_PAYLOAD};
 use corecast::proto::outbound::MAX_IOVECS;
+use corecast::server::WORKER_STACK_BYTES;
 use std::io::IoSlice;
+use std::sync::OnceLock;
+use std::sync::mpsc;
+
+/// Work for the worker-stack thread.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Runs `f` on a thread whose stack is a corecast worker's
+/// ([`WORKER_STACK_BYTES`]) and returns its result.
+///
+/// libFuzzer calls a target on the process's main thread, whose stack is
+/// `ulimit -s` (8 MiB by default): code that would overflow a worker could
+/// pass there. So every target runs its input here. The thread is spawned
+/// once and fed through a channel; spawning one per input would cost an
+/// `mmap` of the stack and AddressSanitizer's per-thread set-up each time.
+/// Coverage counters are process-wide, so inputs run here guide the fuzzer
+/// as before.
+///
+/// A panic on this thread aborts the process (libfuzzer-sys's panic hook
+/// aborts on every thread), and a stack overflow kills it with a signal:
+/// either way libFuzzer saves the input as a crash, as for the main thread.
+pub fn on_worker_stack<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+    static JOBS: OnceLock<mpsc::Sender<Job>> = OnceLock::new();
+    let jobs = JOBS.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("fuzz-worker".into())
+            .stack_size(WORKER_STACK_BYTES)
+            .spawn(move || rx.into_iter().for_each(|job| job()))
+            .expect("spawn the worker-stack thread");
+        tx
+    });
+    let (done, result) = mpsc::sync_channel(1);
+    jobs.send(Box::new(move || {
+        // The receiver waits below; it cannot be gone.
+        let _ = done.send(f());
+    }))
+    .expect("the worker-stack thread is running");
+    result
+        .recv()
+        .expect("the worker-stack thread finished the input")
+}
 
 /// Read sizes given by the cut bytes at the front of an input.
 const MAX_CUTS: usize = 15;

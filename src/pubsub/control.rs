@@ -6,19 +6,47 @@
 //! → anything else                             ← {"op":"error","reason":"..."}
 //! ```
 //!
-//! Parsed in place with simd-json (the frame payload is a scratch buffer).
+//! Parsed in place with simd-json (the frame payload is a scratch buffer),
+//! after two checks that bound what the parse costs a worker: the size
+//! ([`MAX_CONTROL_BYTES`]) and, in one pass over the bytes, the nesting
+//! depth ([`MAX_CONTROL_DEPTH`]), because simd-json builds its value
+//! recursively, one stack frame per level. simd-json (from 0.18) also stops
+//! at 1 024 levels itself; the check here keeps the limit ours, small and
+//! documented, whatever version is linked.
 
-use super::topic::{self, TopicError};
+use super::topic::{DistinctNames, ListError, TopicError};
 use simd_json::prelude::*;
+use std::fmt;
 
 /// Largest control message accepted, in bytes: 64 topics of 128 bytes fit
 /// several times over; anything bigger is an error reply, not a parse.
 pub const MAX_CONTROL_BYTES: usize = 64 * 1024;
 
+/// Deepest nesting of arrays and objects accepted in a control message.
+///
+/// A control message needs 2 levels (`{"op":…,"topics":[…]}`). Other keys
+/// are ignored, so 16 leaves room for later protocol fields and a client's
+/// own nested metadata. The bound is what keeps a parse off the end of a
+/// worker's stack ([`WORKER_STACK_BYTES`](crate::server::WORKER_STACK_BYTES)):
+/// simd-json's value builder recurses once per level, about 0.5 KiB each in a
+/// debug build, so 16 levels take a few KiB where 6 000 overflowed 2 MiB.
+pub const MAX_CONTROL_DEPTH: usize = 16;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
     Subscribe,
     Unsubscribe,
+}
+
+/// What a control message may ask for: the `--max-topic-len` and
+/// `--max-topics-per-conn` in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest topic name, in bytes.
+    pub max_topic_len: usize,
+    /// Most distinct topics one connection holds, so the most one message
+    /// may name (either op: a connection cannot hold more to unsubscribe).
+    pub max_topics: usize,
 }
 
 /// A well-formed control message with validated topic names.
@@ -28,37 +56,142 @@ pub struct Control {
     pub topics: Vec<String>,
 }
 
-/// Parses a control message; `Err` holds the reason for the error reply.
-pub fn parse(buf: &mut [u8], max_topic_len: usize) -> Result<Control, String> {
-    if buf.len() > MAX_CONTROL_BYTES {
-        return Err(format!("control message over {MAX_CONTROL_BYTES} bytes"));
+/// Why a control message was refused; its `Display` is the `reason` of the
+/// `{"op":"error"}` reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlError {
+    /// Over [`MAX_CONTROL_BYTES`].
+    TooLarge,
+    /// Arrays and objects nested deeper than [`MAX_CONTROL_DEPTH`].
+    TooDeep,
+    /// Not JSON.
+    Malformed,
+    /// No `"op"` string (or not an object at all).
+    MissingOp,
+    /// An `"op"` other than `subscribe` or `unsubscribe`.
+    UnknownOp,
+    /// `"topics"` missing, not an array, or holding a non-string.
+    TopicsNotStrings,
+    /// A topic name that breaks the [`topic`](super::topic) rules.
+    Topic(TopicError),
+    /// More distinct topics than one connection may hold: named in the
+    /// message, or the message's new ones added to those held.
+    TooManyTopics { max: usize },
+}
+
+impl fmt::Display for ControlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TooLarge => write!(f, "control message over {MAX_CONTROL_BYTES} bytes"),
+            Self::TooDeep => write!(
+                f,
+                "control message nested deeper than {MAX_CONTROL_DEPTH} levels"
+            ),
+            Self::Malformed => f.write_str("malformed JSON"),
+            Self::MissingOp => f.write_str("missing \"op\""),
+            Self::UnknownOp => f.write_str("unknown op; expected subscribe or unsubscribe"),
+            Self::TopicsNotStrings => f.write_str("\"topics\" must be an array of strings"),
+            Self::Topic(e) => e.fmt(f),
+            Self::TooManyTopics { max } => ListError::TooMany { max: *max }.fmt(f),
+        }
     }
-    let value = simd_json::to_borrowed_value(buf).map_err(|_| "malformed JSON".to_string())?;
+}
+
+impl std::error::Error for ControlError {}
+
+impl From<ListError> for ControlError {
+    fn from(e: ListError) -> Self {
+        match e {
+            ListError::Name(e) => Self::Topic(e),
+            ListError::TooMany { max } => Self::TooManyTopics { max },
+        }
+    }
+}
+
+/// Parses a control message. The work is linear in the message: its depth
+/// is checked in one pass before simd-json parses it, and its topic names
+/// are read into a [`DistinctNames`], which refuses the message at the
+/// first distinct name past `limits.max_topics`.
+pub fn parse(buf: &mut [u8], limits: Limits) -> Result<Control, ControlError> {
+    parse_counting(buf, limits, &mut 0)
+}
+
+/// [`parse`], adding to `read` the topic names it read: the tests' measure
+/// of its work.
+fn parse_counting(
+    buf: &mut [u8],
+    limits: Limits,
+    read: &mut usize,
+) -> Result<Control, ControlError> {
+    if buf.len() > MAX_CONTROL_BYTES {
+        return Err(ControlError::TooLarge);
+    }
+    check_depth(buf, MAX_CONTROL_DEPTH)?;
+    let value = simd_json::to_borrowed_value(buf).map_err(|_| ControlError::Malformed)?;
     let op = match value.get("op").and_then(|v| v.as_str()) {
         Some("subscribe") => Op::Subscribe,
         Some("unsubscribe") => Op::Unsubscribe,
-        Some(_) => return Err("unknown op; expected subscribe or unsubscribe".into()),
-        None => return Err("missing \"op\"".into()),
+        Some(_) => return Err(ControlError::UnknownOp),
+        None => return Err(ControlError::MissingOp),
     };
     let list = value
         .get("topics")
         .and_then(|v| v.as_array())
-        .ok_or_else(|| "\"topics\" must be an array of strings".to_string())?;
-    let mut topics: Vec<String> = Vec::with_capacity(list.len());
-    for t in list {
-        let name = t
-            .as_str()
-            .ok_or_else(|| "\"topics\" must be an array of strings".to_string())?;
-        topic::validate(name, max_topic_len).map_err(|e: TopicError| e.to_string())?;
-        if !topics.iter().any(|x| x == name) {
-            topics.push(name.to_owned());
-        }
-    }
+        .ok_or(ControlError::TopicsNotStrings)?;
+    let mut names = DistinctNames::new(limits.max_topic_len, limits.max_topics);
+    let result = list.iter().try_for_each(|t| {
+        let name = t.as_str().ok_or(ControlError::TopicsNotStrings)?;
+        Ok::<(), ControlError>(names.add(name)?)
+    });
+    *read += names.read();
+    result?;
+    let topics = names.into_vec().into_iter().map(str::to_owned).collect();
     Ok(Control { op, topics })
 }
 
+/// Refuses `buf` if it nests arrays and objects deeper than `max`, in one
+/// pass over its bytes and without recursion: what makes it safe to hand
+/// `buf` to a recursive parser afterwards.
+///
+/// Counts each `[` and `{` outside strings, less the `]` and `}` outside
+/// strings. A string runs from a `"` to the next `"` not escaped; inside it
+/// a backslash escapes the byte after it, and brackets are text. For valid
+/// JSON the count at each byte is the nesting depth there, so the check
+/// agrees with the parser's structure (`check_depth_agrees_with_the_tree`).
+/// Invalid JSON may count otherwise (a stray closer cannot take the count
+/// below zero), but the parser refuses it without building a value.
+fn check_depth(buf: &[u8], max: usize) -> Result<(), ControlError> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in buf {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return Err(ControlError::TooDeep);
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// `{"op":"subscribed"|"unsubscribed","topics":[...]}`. Topic names need no
-/// escaping (see [`topic`]).
+/// escaping (see [`topic`](super::topic)).
 pub fn reply<S: AsRef<str>>(op: Op, topics: &[S]) -> String {
     let word = match op {
         Op::Subscribe => "subscribed",
@@ -96,8 +229,60 @@ pub fn error(reason: &str) -> String {
 mod tests {
     use super::*;
 
-    fn p(s: &str) -> Result<Control, String> {
-        parse(&mut s.as_bytes().to_vec(), 16)
+    const LIMITS: Limits = Limits {
+        max_topic_len: 16,
+        max_topics: 64,
+    };
+
+    fn p(s: &str) -> Result<Control, ControlError> {
+        parse(&mut s.as_bytes().to_vec(), LIMITS)
+    }
+
+    /// A subscribe naming `names`, and how many names parsing it read.
+    fn subscribe_counting(
+        names: impl Iterator<Item = String>,
+    ) -> (Result<Control, ControlError>, usize) {
+        let list: Vec<String> = names.map(|n| format!("\"{n}\"")).collect();
+        let msg = format!(r#"{{"op":"subscribe","topics":[{}]}}"#, list.join(","));
+        assert!(msg.len() <= MAX_CONTROL_BYTES, "{} bytes", msg.len());
+        let mut read = 0;
+        let result = parse_counting(&mut msg.into_bytes(), LIMITS, &mut read);
+        (result, read)
+    }
+
+    #[test]
+    fn a_subscribe_naming_nine_thousand_topics_is_refused_after_reading_sixty_five() {
+        // Issue #12: 9 000 distinct short names (63 kB) held a worker for
+        // ~150 ms, each name compared with every name kept before it.
+        let (result, read) = subscribe_counting((0..9000).map(|i| format!("{i:x}")));
+        assert_eq!(result, Err(ControlError::TooManyTopics { max: 64 }));
+        assert_eq!(read, 65, "the limit plus the one name that passed it");
+        assert_eq!(
+            ControlError::TooManyTopics { max: 64 }.to_string(),
+            "too many topics: at most 64 per connection"
+        );
+    }
+
+    #[test]
+    fn nine_thousand_names_with_sixty_four_distinct_are_read_once_each_and_accepted() {
+        let (result, read) = subscribe_counting((0..9000).map(|i| format!("{:x}", i % 64)));
+        let topics = result.expect("64 distinct names fit").topics;
+        assert_eq!(read, 9000);
+        assert_eq!(topics.len(), 64);
+        assert_eq!(topics[..3], ["0", "1", "2"]);
+    }
+
+    #[test]
+    fn an_unsubscribe_may_not_name_more_topics_than_a_connection_holds() {
+        let limits = Limits {
+            max_topic_len: 16,
+            max_topics: 2,
+        };
+        let mut msg = br#"{"op":"unsubscribe","topics":["a","b","a","c"]}"#.to_vec();
+        assert_eq!(
+            parse(&mut msg, limits),
+            Err(ControlError::TooManyTopics { max: 2 })
+        );
     }
 
     #[test]
@@ -135,14 +320,200 @@ mod tests {
             (r#"{"op":"subscribe","topics":[""]}"#, "empty"),
             ("[1,2]", "missing \"op\""),
         ] {
-            let err = p(input).unwrap_err();
+            let err = p(input).unwrap_err().to_string();
             assert!(err.contains(needle), "{input}: {err}");
         }
         let big = format!(
             r#"{{"op":"subscribe","topics":["{}"]}}"#,
             "a".repeat(MAX_CONTROL_BYTES)
         );
-        assert!(p(&big).unwrap_err().contains("over"));
+        assert_eq!(p(&big), Err(ControlError::TooLarge));
+        assert!(
+            ControlError::TooLarge
+                .to_string()
+                .contains("over 65536 bytes")
+        );
+    }
+
+    /// `n` nested arrays: `[[…]]`.
+    fn nested_arrays(n: usize) -> String {
+        "[".repeat(n) + &"]".repeat(n)
+    }
+
+    /// A valid subscribe whose extra key `"x"` holds `value`.
+    fn subscribe_with(value: &str) -> String {
+        format!(r#"{{"op":"subscribe","topics":["a"],"x":{value}}}"#)
+    }
+
+    /// Parses on a thread with a worker's stack, as a worker would.
+    fn p_on_worker_stack(s: String) -> Result<Control, ControlError> {
+        std::thread::Builder::new()
+            .stack_size(crate::server::WORKER_STACK_BYTES)
+            .spawn(move || p(&s))
+            .expect("spawn")
+            .join()
+            .expect("the parse did not panic")
+    }
+
+    #[test]
+    fn six_thousand_nested_brackets_get_an_error_reply_not_a_stack_overflow() {
+        // Issue #12: 6 000 `[` then 6 000 `]` (12 kB) overflowed a worker's
+        // stack inside simd-json's recursive value builder.
+        assert_eq!(
+            p_on_worker_stack(nested_arrays(6000)),
+            Err(ControlError::TooDeep)
+        );
+        let objects = r#"{"a":"#.repeat(6000) + "1" + &"}".repeat(6000);
+        assert_eq!(p_on_worker_stack(objects), Err(ControlError::TooDeep));
+        let mixed = r#"[{"a":"#.repeat(3000) + "1" + &"}]".repeat(3000);
+        assert_eq!(p_on_worker_stack(mixed), Err(ControlError::TooDeep));
+        assert!(error(&ControlError::TooDeep.to_string()).contains("nested deeper than 16 levels"));
+    }
+
+    #[test]
+    fn simd_json_alone_refuses_six_thousand_levels_on_a_worker_stack() {
+        // The second line of defence: simd-json 0.18 stops at 1 024 levels
+        // (its `DEFAULT_MAX_DEPTH`) before building a value, should the
+        // depth check ever be bypassed. 0.17 overflowed here.
+        let refused = std::thread::Builder::new()
+            .stack_size(crate::server::WORKER_STACK_BYTES)
+            .spawn(|| {
+                let mut deep = nested_arrays(6000).into_bytes();
+                simd_json::to_borrowed_value(&mut deep).is_err()
+            })
+            .expect("spawn")
+            .join()
+            .expect("no panic");
+        assert!(refused);
+    }
+
+    #[test]
+    fn nesting_at_the_limit_parses_and_one_level_more_is_refused() {
+        // The message object is level 1; `"x"` adds the rest.
+        let at_limit = subscribe_with(&nested_arrays(MAX_CONTROL_DEPTH - 1));
+        assert_eq!(
+            p_on_worker_stack(at_limit).map(|c| c.topics),
+            Ok(vec!["a".into()])
+        );
+        let over = subscribe_with(&nested_arrays(MAX_CONTROL_DEPTH));
+        assert_eq!(p_on_worker_stack(over), Err(ControlError::TooDeep));
+    }
+
+    #[test]
+    fn brackets_inside_strings_do_not_count_toward_the_depth() {
+        let deep_text = format!(r#""{}""#, nested_arrays(6000));
+        assert_eq!(
+            p_on_worker_stack(subscribe_with(&deep_text)).map(|c| c.op),
+            Ok(Op::Subscribe)
+        );
+        // An escaped quote does not end the string, so the brackets after
+        // it are still text.
+        let escaped_quote = format!(r#""\"{}""#, "[".repeat(6000));
+        assert_eq!(
+            p_on_worker_stack(subscribe_with(&escaped_quote)).map(|c| c.op),
+            Ok(Op::Subscribe)
+        );
+        // An escaped backslash does not escape the quote after it: the
+        // string ends there and the brackets after it are structure.
+        let escaped_backslash = format!(r#"["\\",{}]"#, nested_arrays(MAX_CONTROL_DEPTH));
+        assert_eq!(
+            p_on_worker_stack(subscribe_with(&escaped_backslash)),
+            Err(ControlError::TooDeep)
+        );
+        // A topic name with brackets is still refused as a name, not for depth.
+        assert_eq!(
+            p(r#"{"op":"subscribe","topics":["[[[["]}"#),
+            Err(ControlError::Topic(TopicError::BadChar(b'[')))
+        );
+    }
+
+    /// A JSON value built by the tests, serialised by hand: independent of
+    /// simd-json, so it can judge the depth check.
+    #[derive(Debug, Clone)]
+    enum Json {
+        Str(String),
+        Arr(Vec<Json>),
+        Obj(Vec<(String, Json)>),
+    }
+
+    impl Json {
+        fn depth(&self) -> usize {
+            match self {
+                Self::Str(_) => 0,
+                Self::Arr(v) => 1 + v.iter().map(Json::depth).max().unwrap_or(0),
+                Self::Obj(v) => 1 + v.iter().map(|(_, j)| j.depth()).max().unwrap_or(0),
+            }
+        }
+
+        fn write(&self, out: &mut String) {
+            let string = |s: &str, out: &mut String| {
+                out.push('"');
+                for c in s.chars() {
+                    if c == '"' || c == '\\' {
+                        out.push('\\');
+                    }
+                    out.push(c);
+                }
+                out.push('"');
+            };
+            match self {
+                Self::Str(s) => string(s, out),
+                Self::Arr(v) => {
+                    out.push('[');
+                    for (i, j) in v.iter().enumerate() {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        j.write(out);
+                    }
+                    out.push(']');
+                }
+                Self::Obj(v) => {
+                    out.push('{');
+                    for (i, (k, j)) in v.iter().enumerate() {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        string(k, out);
+                        out.push(':');
+                        j.write(out);
+                    }
+                    out.push('}');
+                }
+            }
+        }
+    }
+
+    fn arb_json() -> impl proptest::strategy::Strategy<Value = Json> {
+        use proptest::prelude::*;
+        // Strings full of what the scan must not mistake for structure.
+        let text = r#"[\[\]{}"\\a:,]{0,6}"#;
+        text.prop_map(Json::Str)
+            .prop_recursive(24, 128, 4, move |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(Json::Arr),
+                    prop::collection::vec((text, inner), 0..4).prop_map(Json::Obj),
+                ]
+            })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn check_depth_agrees_with_the_tree(json in arb_json()) {
+            let mut text = String::new();
+            json.write(&mut text);
+            // The text is JSON: simd-json reads it back.
+            let mut copy = text.clone().into_bytes();
+            proptest::prop_assert!(simd_json::to_borrowed_value(&mut copy).is_ok());
+            let depth = json.depth();
+            proptest::prop_assert_eq!(check_depth(text.as_bytes(), depth), Ok(()));
+            if depth > 0 {
+                proptest::prop_assert_eq!(
+                    check_depth(text.as_bytes(), depth - 1),
+                    Err(ControlError::TooDeep)
+                );
+            }
+        }
     }
 
     #[test]

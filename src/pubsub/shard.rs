@@ -110,6 +110,25 @@ impl SubList {
         }
     }
 
+    /// Keeps the subscriptions for which `keep` returns true, in order, in
+    /// one pass: how a control message drops many topics at once without a
+    /// search per topic. `keep` sees each subscription once.
+    pub fn retain(&mut self, mut keep: impl FnMut(&Subscription) -> bool) {
+        *self = match std::mem::take(self) {
+            Self::Empty => Self::Empty,
+            Self::One(s) if keep(&s) => Self::One(s),
+            Self::One(_) => Self::Empty,
+            Self::Many(mut v) => {
+                v.retain(|s| keep(s));
+                match v.len() {
+                    0 => Self::Empty,
+                    1 => Self::One(v[0]),
+                    _ => Self::Many(v),
+                }
+            }
+        };
+    }
+
     /// Takes every subscription, leaving the list empty.
     pub fn take(&mut self) -> Vec<Subscription> {
         match std::mem::take(self) {
@@ -570,6 +589,32 @@ mod tests {
         assert!(matches!(l, SubList::One(_)));
         assert_eq!(l.take().len(), 1);
         assert!(l.is_empty());
+    }
+
+    #[test]
+    fn retain_visits_each_subscription_once_and_keeps_the_list_compact() {
+        let sub = |t| Subscription { topic: t, slot: 0 };
+        let mut l = SubList::default();
+        for t in 0..5 {
+            l.push(sub(t));
+        }
+        let mut seen = Vec::new();
+        l.retain(|s| {
+            seen.push(s.topic());
+            s.topic() % 2 == 0
+        });
+        assert_eq!(seen, vec![0, 1, 2, 3, 4]);
+        assert_eq!(
+            l.as_slice().iter().map(|s| s.topic()).collect::<Vec<_>>(),
+            vec![0, 2, 4]
+        );
+        l.retain(|s| s.topic() == 2);
+        assert!(matches!(l, SubList::One(s) if s.topic() == 2));
+        l.retain(|_| true);
+        assert!(matches!(l, SubList::One(_)));
+        l.retain(|_| false);
+        assert!(l.is_empty());
+        l.retain(|_| panic!("an empty list has nothing to visit"));
     }
 
     #[test]

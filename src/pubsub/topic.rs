@@ -4,6 +4,7 @@
 //! needs no escaping in a path (`/publish/{topic}`), a query
 //! (`?topics=a,b`) or JSON, so a name means the same wherever it appears.
 
+use std::collections::HashSet;
 use std::fmt;
 
 /// Default longest topic name, in bytes (flag `--max-topic-len`).
@@ -32,6 +33,32 @@ impl fmt::Display for TopicError {
     }
 }
 
+/// Why a list of topic names was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListError {
+    /// A name in the list is refused.
+    Name(TopicError),
+    /// More distinct names than one connection may hold.
+    TooMany { max: usize },
+}
+
+impl fmt::Display for ListError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Name(e) => e.fmt(f),
+            Self::TooMany { max } => write!(f, "too many topics: at most {max} per connection"),
+        }
+    }
+}
+
+impl std::error::Error for ListError {}
+
+impl From<TopicError> for ListError {
+    fn from(e: TopicError) -> Self {
+        Self::Name(e)
+    }
+}
+
 fn allowed(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'/' | b'@' | b'~')
 }
@@ -57,15 +84,86 @@ pub fn from_query(query: Option<&str>) -> Option<&str> {
 }
 
 /// Splits and validates a comma list; duplicates are removed, order kept.
-pub fn parse_list(list: &str, max_len: usize) -> Result<Vec<&str>, TopicError> {
-    let mut out: Vec<&str> = Vec::new();
-    for name in list.split(',').filter(|s| !s.is_empty()) {
-        let name = validate(name, max_len)?;
-        if !out.contains(&name) {
-            out.push(name);
+/// Refused as soon as it names more than `max_count` distinct topics (see
+/// [`DistinctNames`]): the rest of the list is not read.
+pub fn parse_list(list: &str, max_len: usize, max_count: usize) -> Result<Vec<&str>, ListError> {
+    parse_list_counting(list, max_len, max_count, &mut 0)
+}
+
+/// [`parse_list`], adding to `read` the names it read: the tests' measure
+/// of its work.
+fn parse_list_counting<'a>(
+    list: &'a str,
+    max_len: usize,
+    max_count: usize,
+    read: &mut usize,
+) -> Result<Vec<&'a str>, ListError> {
+    let mut names = DistinctNames::new(max_len, max_count);
+    let result = list
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .try_for_each(|name| names.add(name));
+    *read += names.read();
+    result.map(|()| names.into_vec())
+}
+
+/// Valid, distinct topic names in the order first seen, at most
+/// `max_count` of them: what a `?topics=` list or a control message's
+/// `"topics"` array is read into.
+///
+/// Every [`add`](Self::add) costs one validation (linear in the name) and
+/// one probe of a hash set, and the name that would be distinct number
+/// `max_count + 1` is refused as it is read. So reading a list costs time
+/// linear in its length whatever it holds: no name is compared with every
+/// name before it, and a list of thousands of names is refused at the
+/// first one past the limit. The set's hasher is std's, keyed per process,
+/// so names chosen to collide cannot turn probes into scans.
+#[derive(Debug)]
+pub struct DistinctNames<'a> {
+    names: Vec<&'a str>,
+    seen: HashSet<&'a str>,
+    max_len: usize,
+    max_count: usize,
+    read: usize,
+}
+
+impl<'a> DistinctNames<'a> {
+    /// An empty list for names of at most `max_len` bytes, at most
+    /// `max_count` distinct.
+    pub fn new(max_len: usize, max_count: usize) -> Self {
+        Self {
+            names: Vec::new(),
+            seen: HashSet::new(),
+            max_len,
+            max_count,
+            read: 0,
         }
     }
-    Ok(out)
+
+    /// Validates `name` and adds it unless it is already in the list.
+    pub fn add(&mut self, name: &'a str) -> Result<(), ListError> {
+        self.read += 1;
+        let name = validate(name, self.max_len)?;
+        if self.seen.insert(name) {
+            if self.names.len() == self.max_count {
+                return Err(ListError::TooMany {
+                    max: self.max_count,
+                });
+            }
+            self.names.push(name);
+        }
+        Ok(())
+    }
+
+    /// Names passed to [`add`](Self::add) so far, refused ones included.
+    pub fn read(&self) -> usize {
+        self.read
+    }
+
+    /// The distinct names, in the order first seen.
+    pub fn into_vec(self) -> Vec<&'a str> {
+        self.names
+    }
 }
 
 #[cfg(test)]
@@ -90,8 +188,63 @@ mod tests {
         assert_eq!(from_query(Some("topics=")), Some(""));
         assert_eq!(from_query(Some("x=1")), None);
         assert_eq!(from_query(None), None);
-        assert_eq!(parse_list("a,b,,a,c", 128), Ok(vec!["a", "b", "c"]));
-        assert_eq!(parse_list("", 128), Ok(vec![]));
-        assert_eq!(parse_list("a,b c", 128), Err(TopicError::BadChar(b' ')));
+        assert_eq!(parse_list("a,b,,a,c", 128, 64), Ok(vec!["a", "b", "c"]));
+        assert_eq!(parse_list("", 128, 64), Ok(vec![]));
+        assert_eq!(
+            parse_list("a,b c", 128, 64),
+            Err(ListError::Name(TopicError::BadChar(b' ')))
+        );
+    }
+
+    #[test]
+    fn a_query_list_may_repeat_names_but_not_hold_more_distinct_ones_than_the_limit() {
+        assert_eq!(parse_list("a,b,a,b,a", 128, 2), Ok(vec!["a", "b"]));
+        assert_eq!(
+            parse_list("a,b,c", 128, 2),
+            Err(ListError::TooMany { max: 2 })
+        );
+        assert_eq!(parse_list("", 128, 0), Ok(vec![]));
+        assert_eq!(parse_list("a", 128, 0), Err(ListError::TooMany { max: 0 }));
+        assert!(
+            ListError::TooMany { max: 64 }
+                .to_string()
+                .contains("at most 64")
+        );
+    }
+
+    #[test]
+    fn a_query_list_of_nine_thousand_names_is_refused_after_reading_sixty_five() {
+        let list: Vec<String> = (0..9000).map(|i| format!("t{i}")).collect();
+        let list = list.join(",");
+        let mut read = 0;
+        assert_eq!(
+            parse_list_counting(&list, 128, 64, &mut read),
+            Err(ListError::TooMany { max: 64 })
+        );
+        assert_eq!(read, 65, "the limit plus the one name that passed it");
+    }
+
+    #[test]
+    fn repeated_names_are_kept_once_in_first_seen_order_and_count_once() {
+        // 9 000 names, 64 of them distinct: accepted at a limit of 64.
+        let list: Vec<String> = (0..9000).map(|i| format!("t{}", i % 64)).collect();
+        let list = list.join(",");
+        let mut read = 0;
+        let kept = parse_list_counting(&list, 128, 64, &mut read).expect("64 distinct fit");
+        assert_eq!(read, 9000);
+        assert_eq!(kept.len(), 64);
+        assert_eq!(kept[..3], ["t0", "t1", "t2"]);
+    }
+
+    #[test]
+    fn a_bad_name_is_refused_before_it_counts() {
+        let mut list = DistinctNames::new(4, 1);
+        assert_eq!(list.add("a"), Ok(()));
+        assert_eq!(
+            list.add("toolong"),
+            Err(ListError::Name(TopicError::TooLong { max: 4 }))
+        );
+        assert_eq!(list.add("a"), Ok(()), "a repeat does not count again");
+        assert_eq!(list.add("b"), Err(ListError::TooMany { max: 1 }));
     }
 }

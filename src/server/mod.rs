@@ -167,6 +167,22 @@ impl Wake for MioWake {
 /// The largest request head the worker's read buffer can hold with room to spare.
 const MAX_HANDSHAKE_CAP: usize = epoll::READ_BUF_BYTES / 2;
 
+/// Stack size of every worker thread, in bytes: 2 MiB.
+///
+/// That is std's default for a spawned thread, the stack the workers always
+/// ran on, but the default moves with `RUST_MIN_STACK` in the environment;
+/// pinned here, a worker's stack is the one its code was tested on. Public
+/// so that tests and fuzz targets run worker code on a thread of this size:
+/// a recursion that would overflow a worker then overflows there first.
+///
+/// The one recursive code a worker runs on client input is simd-json's
+/// value builder (control messages): about 0.5 KiB of stack per nesting
+/// level in a debug build, so 2 MiB holds some 4 000 levels and a message of
+/// 6 000 nested arrays overflows it. Raising this size would only move that
+/// line; the input's depth has to be bounded. Only the pages a thread
+/// touches are backed by memory, so the size costs address space, not RAM.
+pub const WORKER_STACK_BYTES: usize = 2 * 1024 * 1024;
+
 /// Starts a server with `config`; returns once every listener is bound.
 pub fn start(mut config: Config) -> io::Result<ServerHandle> {
     let workers = config.worker_count();
@@ -239,7 +255,9 @@ pub fn start(mut config: Config) -> io::Result<ServerHandle> {
                 warn!(worker = id, core = core.id, "could not pin worker to core");
             }
         };
-        let builder = std::thread::Builder::new().name(format!("corecast-w{id}"));
+        let builder = std::thread::Builder::new()
+            .name(format!("corecast-w{id}"))
+            .stack_size(WORKER_STACK_BYTES);
         let thread = match backend {
             Backend::Epoll => {
                 let poll = polls.next().expect("one poll per worker");

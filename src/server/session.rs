@@ -625,13 +625,14 @@ impl Session {
             }
             Upgrade::Subscribe => {
                 let list = topic::from_query(req.query).unwrap_or("");
-                let names = topic::parse_list(list, cfg.max_topic_len).map_err(topic_reject)?;
-                if names.len() > cfg.max_topics_per_conn {
-                    return Err(Reject::new(
-                        Status::BadRequest,
-                        "too many topics for one connection (see --max-topics-per-conn)",
-                    ));
-                }
+                let names = topic::parse_list(list, cfg.max_topic_len, cfg.max_topics_per_conn)
+                    .map_err(|e| match e {
+                        topic::ListError::Name(e) => topic_reject(e),
+                        topic::ListError::TooMany { .. } => Reject::new(
+                            Status::BadRequest,
+                            "too many topics for one connection (see --max-topics-per-conn)",
+                        ),
+                    })?;
                 let mut subs = SubList::default();
                 for n in &names {
                     subs.push(ctx.shard.subscribe(n, ctx.me));
@@ -783,31 +784,32 @@ fn encode(kind: MessageKind, payload: &[u8]) -> Bytes {
 /// Applies a subscriber's control message; returns the JSON reply.
 fn control_message(msg: &mut [u8], subs: &mut SubList, ctx: &mut Ctx<'_>) -> String {
     let cfg = &ctx.shared.config;
-    let c = match control::parse(msg, cfg.max_topic_len) {
+    let limits = control::Limits {
+        max_topic_len: cfg.max_topic_len,
+        max_topics: cfg.max_topics_per_conn,
+    };
+    let c = match control::parse(msg, limits) {
         Ok(c) => c,
-        Err(reason) => {
+        Err(e) => {
             ctx.stats.control_error();
-            return control::error(&reason);
+            return control::error(&e.to_string());
         }
     };
-    let held = |shard: &Shard, subs: &SubList, name: &str| {
-        shard
-            .topic_id(name)
-            .and_then(|id| subs.as_slice().iter().position(|s| s.topic() == id))
-    };
+    // Linear in the names plus the topics held: each name costs hash
+    // lookups, never a search of `subs` (held at most max_topics_per_conn).
     match c.op {
         Op::Subscribe => {
+            let held: std::collections::HashSet<u32> =
+                subs.as_slice().iter().map(|s| s.topic()).collect();
             let new: Vec<&String> = c
                 .topics
                 .iter()
-                .filter(|n| held(ctx.shard, subs, n).is_none())
+                .filter(|n| ctx.shard.topic_id(n).is_none_or(|id| !held.contains(&id)))
                 .collect();
             if subs.len() + new.len() > cfg.max_topics_per_conn {
                 ctx.stats.control_error();
-                return control::error(&format!(
-                    "too many topics: at most {} per connection",
-                    cfg.max_topics_per_conn
-                ));
+                let max = cfg.max_topics_per_conn;
+                return control::error(&control::ControlError::TooManyTopics { max }.to_string());
             }
             for name in new {
                 subs.push(ctx.shard.subscribe(name, ctx.me));
@@ -815,12 +817,22 @@ fn control_message(msg: &mut [u8], subs: &mut SubList, ctx: &mut Ctx<'_>) -> Str
             }
         }
         Op::Unsubscribe => {
-            for name in &c.topics {
-                if let Some(i) = held(ctx.shard, subs, name) {
-                    ctx.shard.unsubscribe(subs.swap_remove(i));
-                    ctx.stats.unsubscribed(1);
+            let gone: std::collections::HashSet<u32> = c
+                .topics
+                .iter()
+                .filter_map(|n| ctx.shard.topic_id(n))
+                .collect();
+            let shard = &mut *ctx.shard;
+            let mut dropped = 0;
+            subs.retain(|s| {
+                let keep = !gone.contains(&s.topic());
+                if !keep {
+                    shard.unsubscribe(*s);
+                    dropped += 1;
                 }
-            }
+                keep
+            });
+            ctx.stats.unsubscribed(dropped);
         }
     }
     control::reply(c.op, &c.topics)
