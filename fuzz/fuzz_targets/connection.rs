@@ -76,7 +76,7 @@ fn run<'a>(cfg: &Config, reads: impl Iterator<Item = &'a [u8]>) -> Vec<Item> {
     let now = Instant::now();
     let keep_bound = cfg.max_handshake_size.max(MAX_PENDING_BYTES);
     // The largest HTTP answer: `/metrics` (its numbers stay small here).
-    let max_response = metrics::render(&[WorkerStats::default()], 0).len() + 512;
+    let max_response = metrics::render(&[WorkerStats::default()], 0, 0).len() + 512;
     let mut session = Session::new();
     let mut wire = Vec::new();
     let mut kept: Vec<u8> = Vec::new();
@@ -99,7 +99,7 @@ fn run<'a>(cfg: &Config, reads: impl Iterator<Item = &'a [u8]>) -> Vec<Item> {
             session.on_input(&mut buf, &mut ctx)
         };
         // End of the loop turn: publications leave (nobody else is subscribed).
-        shard.dispatch(|_, _| {});
+        shard.dispatch();
         let wrote = drain(&mut session.out, &mut wire);
         let responses = session.requests().wrapping_sub(requests) as usize;
         assert!(

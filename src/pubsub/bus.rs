@@ -20,14 +20,19 @@
 
 use super::directory::TopicInterest;
 use bytes::Bytes;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
-/// Bytes of frames queued for one worker above which publishers pause.
+/// Bytes queued for one worker above which publishers pause.
 /// 64 MiB: a few hundred milliseconds of the fastest fan-out measured here.
 pub const MAILBOX_HIGH_WATER: usize = 64 * 1024 * 1024;
+/// What a mailbox counts for one publication besides its frame: the
+/// `Publication` in its batch, the frame's allocation and the shared
+/// count (~100 B with the allocator's rounding). Without it a flood of
+/// empty messages would hold 60× what the mailbox counted.
+pub const PUBLICATION_OVERHEAD_BYTES: usize = 128;
 
 /// One published message: encoded once as a server frame, shared by every
 /// subscriber's queue on every worker.
@@ -59,24 +64,34 @@ struct Mailbox {
 /// Every worker's mailbox.
 pub struct Bus {
     mailboxes: Box<[Mailbox]>,
+    /// See [`Bus::stranded`].
+    stranded: Arc<AtomicU64>,
 }
 
 /// A worker's receiving end.
 pub struct Inbox {
     worker: usize,
     rx: Receiver<Vec<Publication>>,
+    /// Shared with the bus: publications this inbox still held when it was
+    /// dropped (its worker exited), counted by [`Drop`].
+    stranded: Arc<AtomicU64>,
 }
 
 impl Bus {
     /// A bus for `wakers.len()` workers; returns it with each worker's inbox.
     pub fn new(wakers: Vec<Box<dyn Wake>>) -> (Arc<Self>, Vec<Inbox>) {
         let mut inboxes = Vec::with_capacity(wakers.len());
+        let stranded = Arc::new(AtomicU64::new(0));
         let mailboxes = wakers
             .into_iter()
             .enumerate()
             .map(|(worker, waker)| {
                 let (tx, rx) = channel();
-                inboxes.push(Inbox { worker, rx });
+                inboxes.push(Inbox {
+                    worker,
+                    rx,
+                    stranded: Arc::clone(&stranded),
+                });
                 Mailbox {
                     tx,
                     notified: AtomicBool::new(false),
@@ -85,7 +100,19 @@ impl Bus {
                 }
             })
             .collect();
-        (Arc::new(Self { mailboxes }), inboxes)
+        (
+            Arc::new(Self {
+                mailboxes,
+                stranded,
+            }),
+            inboxes,
+        )
+    }
+
+    /// Publications left in a worker's mailbox when it exited (shutdown):
+    /// batches sent after its last drain and before its inbox was dropped.
+    pub fn stranded(&self) -> u64 {
+        self.stranded.load(Ordering::Relaxed)
     }
 
     /// Number of workers.
@@ -98,7 +125,7 @@ impl Bus {
     /// for the caller to count; 0 normally.
     pub fn send(&self, worker: usize, batch: Vec<Publication>) -> usize {
         let m = &self.mailboxes[worker];
-        let bytes = frame_bytes(&batch);
+        let bytes = counted_bytes(&batch);
         m.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
         if let Err(lost) = m.tx.send(batch) {
             // The worker has exited (shutdown): nobody left to deliver to.
@@ -109,6 +136,21 @@ impl Bus {
             m.waker.wake();
         }
         0
+    }
+
+    /// [`Self::send`] to the calling worker's own mailbox: counted the
+    /// same, but no wake-up (the worker drains it right after).
+    pub fn send_local(&self, worker: usize, batch: Vec<Publication>) -> usize {
+        let m = &self.mailboxes[worker];
+        let bytes = counted_bytes(&batch);
+        m.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+        match m.tx.send(batch) {
+            Ok(()) => 0,
+            Err(lost) => {
+                m.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                lost.0.len()
+            }
+        }
     }
 
     /// Wakes `worker` without a batch (shutdown).
@@ -131,8 +173,12 @@ impl Bus {
     }
 }
 
-fn frame_bytes(batch: &[Publication]) -> usize {
-    batch.iter().map(|p| p.frame.len()).sum()
+/// What a batch counts against its mailbox: frames plus overhead.
+fn counted_bytes(batch: &[Publication]) -> usize {
+    batch
+        .iter()
+        .map(|p| p.frame.len() + PUBLICATION_OVERHEAD_BYTES)
+        .sum()
 }
 
 impl Inbox {
@@ -156,7 +202,7 @@ impl Inbox {
     pub fn done(&self, bus: &Bus, batch: &[Publication]) {
         bus.mailboxes[self.worker]
             .queued_bytes
-            .fetch_sub(frame_bytes(batch), Ordering::Relaxed);
+            .fetch_sub(counted_bytes(batch), Ordering::Relaxed);
     }
 
     /// Takes every batch queued for this worker, in arrival order.
@@ -166,6 +212,19 @@ impl Inbox {
             self.done(bus, &batch);
             f(batch);
         }
+    }
+}
+
+impl Drop for Inbox {
+    /// A worker's inbox goes when the worker exits: whatever is still in
+    /// it (sent after the worker's last drain) is counted, not lost
+    /// silently. Batches sent after this fail at the sender, who counts them.
+    fn drop(&mut self) {
+        let mut n = 0;
+        while let Ok(batch) = self.rx.try_recv() {
+            n += batch.len() as u64;
+        }
+        self.stranded.fetch_add(n, Ordering::Relaxed);
     }
 }
 
@@ -203,8 +262,9 @@ mod tests {
             1,
             "second send finds the flag set"
         );
-        assert_eq!(bus.queued_bytes(0), 15);
-        assert_eq!(bus.max_queued_bytes(), 15);
+        let counted = 15 + 3 * PUBLICATION_OVERHEAD_BYTES;
+        assert_eq!(bus.queued_bytes(0), counted, "frames plus overhead");
+        assert_eq!(bus.max_queued_bytes(), counted);
         let mut got = 0;
         inboxes[0].drain(&bus, |b| got += b.len());
         assert_eq!(got, 3);

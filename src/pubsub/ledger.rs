@@ -16,18 +16,17 @@
 //! has left every queue (written, or dropped with its connection).
 
 use bytes::Bytes;
+use std::collections::VecDeque;
 
-/// Ledger length below which a full scan is never forced: a small ledger
-/// is cheap to keep, and the front-pop handles the in-order case.
+/// Ledger length up to which every release scans it all: a short ledger is
+/// cheap to scan, and a frame stuck at its front then never keeps the
+/// others charged.
 const COMPACT_MIN: usize = 64;
 
 /// Frames charged to one worker's budget (kept by its [`Shard`](super::shard::Shard)).
 #[derive(Debug)]
 pub struct SharedFrames {
-    held: Vec<Bytes>,
-    /// Index of the oldest entry still charged (entries before it are
-    /// released and waiting to be compacted away).
-    start: usize,
+    held: VecDeque<Bytes>,
     bytes: usize,
     /// Scan the whole ledger once it is this long: each scan costs the
     /// ledger's length and happens only after as many new entries, so the
@@ -38,8 +37,7 @@ pub struct SharedFrames {
 impl Default for SharedFrames {
     fn default() -> Self {
         Self {
-            held: Vec::new(),
-            start: 0,
+            held: VecDeque::new(),
             bytes: 0,
             compact_at: COMPACT_MIN,
         }
@@ -54,53 +52,49 @@ impl SharedFrames {
 
     /// Frames charged now.
     pub fn len(&self) -> usize {
-        self.held.len() - self.start
+        self.held.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.held.is_empty()
     }
 
     /// Charges `frame` (a frame this worker's client just published);
     /// returns the bytes added.
     pub fn charge(&mut self, frame: &Bytes) -> usize {
-        self.held.push(frame.clone());
+        self.held.push_back(frame.clone());
         self.bytes += frame.len();
         frame.len()
     }
 
     /// Releases the frames no queue holds any more; returns the bytes freed.
     /// Frames mostly leave queues in the order they were charged, so the
-    /// front is popped first; a frame stuck in one stalled queue does not
-    /// keep the later ones charged for longer than one compaction.
-    pub fn release_unheld(&mut self) -> usize {
+    /// front is popped first; the whole ledger is scanned when it is short,
+    /// when it has doubled since the last scan, or when `full` (the
+    /// worker's periodic sweep), so a frame stuck in one stalled queue
+    /// keeps the later ones charged for at most one sweep period.
+    pub fn release_unheld(&mut self, full: bool) -> usize {
         let mut freed = 0;
-        while let Some(f) = self.held.get(self.start) {
+        while let Some(f) = self.held.front() {
             if !f.is_unique() {
                 break;
             }
             freed += f.len();
-            self.start += 1;
+            self.held.pop_front();
         }
-        if self.start == self.held.len() {
-            self.held.clear();
-            self.start = 0;
-        } else if self.held.len() >= self.compact_at {
-            let start = self.start;
-            let mut i = 0;
+        let len = self.held.len();
+        if len > 0 && (full || len <= COMPACT_MIN || len >= self.compact_at) {
             self.held.retain(|f| {
-                i += 1;
-                if i <= start {
-                    return false;
-                }
                 let unheld = f.is_unique();
                 if unheld {
                     freed += f.len();
                 }
                 !unheld
             });
-            self.start = 0;
             self.compact_at = (self.held.len() * 2).max(COMPACT_MIN);
+        }
+        if self.held.is_empty() && self.held.capacity() > 4 * COMPACT_MIN {
+            self.held = VecDeque::new();
         }
         self.bytes -= freed;
         freed
@@ -119,18 +113,16 @@ mod tests {
     fn a_frame_held_by_many_queues_is_charged_once_and_released_with_the_last() {
         let mut l = SharedFrames::default();
         let f = frame(4096);
-        let queues: Vec<Bytes> = (0..1000).map(|_| f.clone()).collect();
+        let mut queues: Vec<Bytes> = (0..1000).map(|_| f.clone()).collect();
         assert_eq!(l.charge(&f), 4096);
         drop(f);
-        assert_eq!(l.release_unheld(), 0, "queues still hold it");
+        assert_eq!(l.release_unheld(false), 0, "queues still hold it");
         assert_eq!(l.bytes(), 4096);
-        let (a, b) = queues.split_at(999);
-        drop(a.to_vec());
-        let last = b[0].clone();
+        let last = queues.pop().unwrap();
         drop(queues);
-        assert_eq!(l.release_unheld(), 0, "one queue still holds it");
+        assert_eq!(l.release_unheld(false), 0, "one queue still holds it");
         drop(last);
-        assert_eq!(l.release_unheld(), 4096);
+        assert_eq!(l.release_unheld(false), 4096);
         assert_eq!((l.bytes(), l.len()), (0, 0));
     }
 
@@ -139,55 +131,52 @@ mod tests {
         let mut l = SharedFrames::default();
         let stuck = frame(2000);
         l.charge(&stuck);
-        for _ in 0..10 * COMPACT_MIN {
-            let f = frame(1000);
-            l.charge(&f);
-            // Written and dropped by its queue right away.
-            l.release_unheld();
+        // Below the scan threshold every release looks at everything.
+        for _ in 0..10 {
+            l.charge(&frame(1000));
         }
-        assert!(
-            l.len() < 2 * COMPACT_MIN,
-            "released frames are compacted away: {} left",
-            l.len()
-        );
-        l.release_unheld();
-        assert!(l.bytes() < 2000 + 2 * COMPACT_MIN * 1000);
-        // Forced compaction happens when the ledger doubles: everything
-        // written is gone after the next one.
-        while l.len() > 1 {
-            let f = frame(1000);
-            l.charge(&f);
-            drop(f);
-            l.release_unheld();
-            if l.len() == 1 {
-                break;
-            }
-        }
+        assert_eq!(l.release_unheld(false), 10_000);
         assert_eq!(l.bytes(), 2000);
+        // Above it: at the latest when the ledger doubles, or at a full scan.
+        // 99 more frames still queued: the next forced scan is at 200.
+        let queued: Vec<Bytes> = (0..99).map(|_| frame(1000)).collect();
+        for f in &queued {
+            l.charge(f);
+        }
+        l.release_unheld(false);
+        assert_eq!((l.len(), l.bytes()), (100, 101_000));
+        for _ in 0..50 {
+            l.charge(&frame(1000)); // written at once
+        }
+        assert_eq!(
+            l.release_unheld(false),
+            0,
+            "not scanned: the front is stuck"
+        );
+        assert_eq!(l.release_unheld(true), 50_000, "the sweep's full scan");
+        assert_eq!(l.bytes(), 101_000);
+        drop(queued);
         drop(stuck);
-        assert_eq!(l.release_unheld(), 2000);
+        assert_eq!(l.release_unheld(false), 101_000);
         assert!(l.is_empty());
     }
 
     #[test]
-    fn scans_stay_linear_in_the_frames_charged() {
-        // Count the entries a release looks at: amortised O(1) per charge.
+    fn releases_look_at_each_charged_frame_a_constant_number_of_times() {
+        // With a stuck frame at the front, scans happen at doublings only:
+        // the ledger never grows past twice the threshold.
         let mut l = SharedFrames::default();
         let stuck = frame(1500);
         l.charge(&stuck);
-        let mut looked = 0usize;
-        let n = 100_000;
-        for _ in 0..n {
-            let f = frame(1024);
-            l.charge(&f);
-            drop(f);
-            looked += l.held.len();
-            l.release_unheld();
+        let mut longest = 0;
+        for _ in 0..100_000 {
+            l.charge(&frame(1024));
+            l.release_unheld(false);
+            longest = longest.max(l.len());
         }
-        // Each release looks at most at the ledger length; with compaction
-        // at doubling the ledger never exceeds 2 * COMPACT_MIN here, so the
-        // total is O(n), not O(n^2).
-        assert!(looked <= n * 2 * COMPACT_MIN, "{looked}");
-        assert!(l.len() <= 2 * COMPACT_MIN);
+        assert!(longest <= 2 * COMPACT_MIN + 1, "{longest}");
+        drop(stuck);
+        l.release_unheld(true);
+        assert!(l.is_empty());
     }
 }

@@ -20,18 +20,20 @@ use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
-/// Heap bytes one topic costs the registries besides its name, measured
-/// (tests/registry_memory.rs): the directory's map slot and
-/// `TopicInterest`, this worker's `LocalTopic` with its subscriber slab,
-/// and its two map slots, with the maps' growth slack.
+/// Heap bytes one topic costs the registries besides its name (kept
+/// twice: the directory's copy and this worker's), measured
+/// (tests/registry_memory.rs: 349–380 B): the directory's map slot and
+/// `TopicInterest`, this worker's `LocalTopic` with its first subscriber
+/// slab, and its two map slots, with the maps' growth slack.
 pub const TOPIC_ENTRY_BYTES: usize = 512;
+/// Heap bytes one more subscription to an existing topic costs, measured
+/// the same way (40–63 B; the most just after the subscriber slab doubled):
+/// its slab entry and its 8 B in the connection's list, with margin.
+pub const SUBSCRIPTION_BYTES: usize = 80;
 
-/// What the buffer budget charges one subscription for the topic
-/// registry: as if it had created its topic, with a name of `max_topic_len`
-/// bytes (kept twice: the directory's and the worker's copy). An upper
-/// bound, so that a client creating many topics pays for all of them.
-pub const fn registry_charge(max_topic_len: usize) -> usize {
-    TOPIC_ENTRY_BYTES + 2 * max_topic_len
+/// What the registries are charged for a topic named `name_len` bytes.
+pub const fn topic_charge(name_len: usize) -> usize {
+    TOPIC_ENTRY_BYTES + 2 * name_len
 }
 
 /// A connection as the backend names it: slab key and serial.
@@ -157,8 +159,6 @@ pub struct Shard {
     by_interest: HashMap<usize, u32>,
     /// This turn's publications with the workers interested at publish time.
     outbox: Vec<(Publication, u64)>,
-    /// This turn's publications with local subscribers (reused buffer).
-    local: Vec<Publication>,
     /// Reused per-peer batches for [`Shard::dispatch`].
     batches: Vec<Vec<Publication>>,
     /// Publications a peer could not take (it had exited), not yet counted.
@@ -166,6 +166,10 @@ pub struct Shard {
     /// Large frames published here, charged to this worker's budget while
     /// any queue holds them.
     frames: SharedFrames,
+    /// What the topic registry costs for this worker's topics and
+    /// subscriptions ([`topic_charge`], [`SUBSCRIPTION_BYTES`]), charged to
+    /// its budget.
+    registry_bytes: usize,
 }
 
 impl Shard {
@@ -179,10 +183,10 @@ impl Shard {
             by_name: HashMap::new(),
             by_interest: HashMap::new(),
             outbox: Vec::new(),
-            local: Vec::new(),
             batches: (0..workers).map(|_| Vec::new()).collect(),
             lost: 0,
             frames: SharedFrames::default(),
+            registry_bytes: 0,
         }
     }
 
@@ -226,11 +230,13 @@ impl Shard {
                     interest,
                     subs: Slab::new(),
                 }) as u32;
+                self.registry_bytes += topic_charge(name.len());
                 self.by_name.insert(name, id);
                 self.by_interest.insert(addr, id);
                 id
             }
         };
+        self.registry_bytes += SUBSCRIPTION_BYTES;
         let slot = self.topics[topic as usize].subs.insert(conn) as u32;
         Subscription { topic, slot }
     }
@@ -240,8 +246,10 @@ impl Shard {
     pub fn unsubscribe(&mut self, sub: Subscription) {
         let t = &mut self.topics[sub.topic as usize];
         t.subs.remove(sub.slot as usize);
+        self.registry_bytes -= SUBSCRIPTION_BYTES;
         if t.subs.is_empty() {
             let t = self.topics.remove(sub.topic as usize);
+            self.registry_bytes -= topic_charge(t.interest.name().len());
             self.directory.set(&t.interest, self.id, false);
             self.by_name.remove(t.interest.name());
             self.by_interest
@@ -252,14 +260,17 @@ impl Shard {
 
     /// Releases the charge of published frames no queue holds any more;
     /// returns the bytes still charged.
-    pub fn release_frames(&mut self) -> usize {
-        self.frames.release_unheld();
+    /// `full`: scan the whole ledger (the periodic sweep), not only its front.
+    pub fn release_frames(&mut self, full: bool) -> usize {
+        self.frames.release_unheld(full);
         self.frames.bytes()
     }
 
-    /// Bytes of published frames charged to this worker now.
-    pub fn frame_bytes(&self) -> usize {
-        self.frames.bytes()
+    /// Bytes this worker's budget is charged for what its clients made the
+    /// shard hold: published frames still queued anywhere, and the topic
+    /// registry of its subscribers.
+    pub fn charged_bytes(&self) -> usize {
+        self.frames.bytes() + self.registry_bytes
     }
 
     /// Publications sent to a worker that had already exited (only during
@@ -297,37 +308,32 @@ impl Shard {
         ));
     }
 
-    /// Sends this turn's publications to the interested peers (one batch
-    /// each) and delivers the local ones through `deliver` (see
-    /// [`Self::deliver`]). Returns the publications dispatched.
-    pub fn dispatch(&mut self, mut deliver: impl FnMut(&[Publication], &[ConnRef])) -> usize {
-        if self.outbox.is_empty() {
-            return 0;
-        }
-        let me = 1u64 << self.id;
-        let mut local = std::mem::take(&mut self.local);
+    /// Sends this turn's publications to the mailbox of every interested
+    /// worker, one batch each, this worker's own included (without a
+    /// wake-up: the caller drains it next). Local publications thus take
+    /// the same bounded, backpressured path as remote ones: a publisher's
+    /// own worker is never held longer per turn than any other. Returns the
+    /// publications dispatched.
+    pub fn dispatch(&mut self) -> usize {
+        let n = self.outbox.len();
         for (p, workers) in self.outbox.drain(..) {
-            let mut peers = workers & !me;
-            while peers != 0 {
-                let w = peers.trailing_zeros() as usize;
-                peers &= peers - 1;
+            let mut targets = workers;
+            while targets != 0 {
+                let w = targets.trailing_zeros() as usize;
+                targets &= targets - 1;
                 self.batches[w].push(p.clone());
-            }
-            if workers & me != 0 {
-                local.push(p);
             }
         }
         for w in 0..self.batches.len() {
             if !self.batches[w].is_empty() {
                 let batch = std::mem::take(&mut self.batches[w]);
-                self.lost += self.bus.send(w, batch);
+                self.lost += if w == self.id {
+                    self.bus.send_local(w, batch)
+                } else {
+                    self.bus.send(w, batch)
+                };
             }
         }
-        self.deliver(&local, &mut deliver);
-        let n = local.len();
-        // Keep the allocation for the next turn.
-        local.clear();
-        self.local = local;
         n
     }
 
@@ -349,7 +355,9 @@ impl Shard {
                 .by_interest
                 .get(&(topic as usize))
                 .map_or(0, |&id| self.topics[id as usize].subs.len());
-            let run_cost = run.saturating_mul(subs);
+            // A run nobody here subscribes to still costs a lookup and a
+            // drop per publication.
+            let run_cost = run.saturating_mul(subs.max(1));
             if cost + run_cost <= budget {
                 cost += run_cost;
                 end += run;
@@ -432,9 +440,25 @@ mod tests {
         (d, bus, inboxes, shards)
     }
 
-    fn collect(shard: &mut Shard) -> Vec<(Bytes, ConnRef)> {
+    /// Dispatches `shard`'s outbox and delivers what its own mailbox got,
+    /// calling `f` per (run, subscribers) as a worker would.
+    fn dispatch_local(
+        shard: &mut Shard,
+        inbox: &crate::pubsub::bus::Inbox,
+        bus: &Bus,
+        mut f: impl FnMut(&[Publication], &[ConnRef]),
+    ) {
+        shard.dispatch();
+        inbox.drain(bus, |batch| shard.deliver(&batch, &mut f));
+    }
+
+    fn collect(
+        shard: &mut Shard,
+        inbox: &crate::pubsub::bus::Inbox,
+        bus: &Bus,
+    ) -> Vec<(Bytes, ConnRef)> {
         let mut got = Vec::new();
-        shard.dispatch(|run, conns| {
+        dispatch_local(shard, inbox, bus, |run, conns| {
             for &c in conns {
                 got.extend(run.iter().map(|p| (p.frame.clone(), c)));
             }
@@ -453,14 +477,17 @@ mod tests {
         for i in 0..3u8 {
             s[0].publish(&a, Bytes::from(vec![i]), Instant::now());
         }
-        let local = collect(&mut s[0]);
+        let local = collect(&mut s[0], &inboxes[0], &bus);
         assert_eq!(
             local,
             (0..3u8)
                 .map(|i| (Bytes::from(vec![i]), (1, 0)))
                 .collect::<Vec<_>>()
         );
-        assert_eq!(bus.queued_bytes(2), 3);
+        assert_eq!(
+            bus.queued_bytes(2),
+            3 * (1 + crate::pubsub::bus::PUBLICATION_OVERHEAD_BYTES)
+        );
         assert_eq!(bus.queued_bytes(1), 0, "worker 1 has no subscriber of a");
         let mut remote = Vec::new();
         inboxes[2].drain(&bus, |batch| {
@@ -478,20 +505,23 @@ mod tests {
 
     #[test]
     fn many_subscribers_are_handed_out_in_chunks() {
-        let (d, _bus, _inboxes, mut s) = shards(1);
+        let (d, bus, inboxes, mut s) = shards(1);
         let subs: Vec<_> = (0..150).map(|i| s[0].subscribe("t", (i, 0))).collect();
         for sub in subs.iter().step_by(3) {
             s[0].unsubscribe(*sub);
         }
         s[0].publish(&d.entry("t"), Bytes::from_static(b"x"), Instant::now());
-        let got: Vec<usize> = collect(&mut s[0]).into_iter().map(|(_, c)| c.0).collect();
+        let got: Vec<usize> = collect(&mut s[0], &inboxes[0], &bus)
+            .into_iter()
+            .map(|(_, c)| c.0)
+            .collect();
         let want: Vec<usize> = (0..150).filter(|i| i % 3 != 0).collect();
         assert_eq!(got, want);
     }
 
     #[test]
     fn runs_keep_each_subscribers_order_across_topics() {
-        let (d, _bus, _inboxes, mut s) = shards(1);
+        let (d, bus, inboxes, mut s) = shards(1);
         s[0].subscribe("a", (1, 0));
         s[0].subscribe("b", (1, 0));
         s[0].subscribe("b", (2, 0));
@@ -501,7 +531,7 @@ mod tests {
         }
         let mut runs = 0;
         let mut got: Vec<(usize, u8)> = Vec::new();
-        s[0].dispatch(|run, conns| {
+        dispatch_local(&mut s[0], &inboxes[0], &bus, |run, conns| {
             runs += 1;
             for &c in conns {
                 got.extend(run.iter().map(|p| (c.0, p.frame[0])));
@@ -525,7 +555,7 @@ mod tests {
         let t = d.entry("gone");
         s[0].publish(&t, Bytes::from_static(b"x"), Instant::now());
         d.release(t);
-        s[0].dispatch(|_, _| {});
+        s[0].dispatch();
         s[1].unsubscribe(sub);
         assert!(
             d.is_empty(),

@@ -57,7 +57,11 @@ pub(crate) fn admin_response(
 
 /// The metrics as `/metrics` serves them.
 pub(crate) fn render_metrics(shared: &Shared) -> Bytes {
-    Bytes::from(metrics::render(&shared.stats, shared.directory.len()))
+    Bytes::from(metrics::render(
+        &shared.stats,
+        shared.directory.len(),
+        shared.bus.stranded(),
+    ))
 }
 
 /// `204 No Content`, the answer to an accepted publish.

@@ -17,8 +17,11 @@ fn get(c: &AtomicU64) -> u64 {
 /// A summed metric: name, help text, and which counter of a worker it reads.
 type Counter = (&'static str, &'static str, fn(&WorkerStats) -> &AtomicU64);
 
-/// Renders every metric. `topics` is the number of topics known process-wide.
-pub fn render(workers: &[WorkerStats], topics: usize) -> String {
+/// Renders every metric. `topics` is the number of topics known
+/// process-wide; `stranded` the publications left in exited workers'
+/// mailboxes ([`Bus::stranded`](crate::pubsub::bus::Bus::stranded)),
+/// reported as undelivered `worker_stopped`.
+pub fn render(workers: &[WorkerStats], topics: usize, stranded: u64) -> String {
     let mut s = String::with_capacity(4096);
     let header = |s: &mut String, name: &str, kind: &str, help: &str| {
         let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -38,7 +41,7 @@ pub fn render(workers: &[WorkerStats], topics: usize) -> String {
             get(&w.connections_open)
         );
     }
-    let counters: [Counter; 25] = [
+    let counters: [Counter; 26] = [
         (
             "corecast_connections_accepted_total",
             "TCP connections accepted.",
@@ -146,8 +149,13 @@ pub fn render(workers: &[WorkerStats], topics: usize) -> String {
         ),
         (
             "corecast_send_timeouts_total",
-            "Connections closed (1008 for a WebSocket) because their outbound queue made no progress within --send-timeout.",
+            "Connections closed (1008 for a WebSocket) because a queued byte waited longer than --send-timeout.",
             |w| &w.send_timeouts,
+        ),
+        (
+            "corecast_send_timeout_discarded_bytes_total",
+            "Queued bytes (published frames, echoes, replies) discarded when closing connections for --send-timeout.",
+            |w| &w.send_timeout_discarded_bytes,
         ),
         (
             "corecast_metrics_renders_total",
@@ -184,7 +192,12 @@ pub fn render(workers: &[WorkerStats], topics: usize) -> String {
                    f: fn(&WorkerStats) -> &[AtomicU64]| {
         header(s, name, "counter", help);
         for (value, i) in values {
-            let n: u64 = workers.iter().map(|w| get(&f(w)[i])).sum();
+            let mut n: u64 = workers.iter().map(|w| get(&f(w)[i])).sum();
+            if name == "corecast_frames_undelivered_total"
+                && i == Undelivered::WorkerStopped.index()
+            {
+                n += stranded;
+            }
             let _ = writeln!(s, "{name}{{{label}=\"{value}\"}} {n}");
         }
     };
@@ -287,7 +300,7 @@ mod tests {
         ws[0].handshake_rejected(Status::NotFound);
         ws[0].observe_latency(Duration::from_micros(30));
         ws[1].observe_latency(Duration::from_millis(2));
-        let text = render(&ws, 3);
+        let text = render(&ws, 3, 0);
         for line in [
             "corecast_connections_open{worker=\"1\"} 1",
             "corecast_frames_sent_total 5",

@@ -337,12 +337,18 @@ impl ServerHandle {
 
     /// The Prometheus text `/metrics` serves.
     pub fn metrics(&self) -> String {
-        metrics::render(&self.shared.stats, self.shared.directory.len())
+        metrics::render(
+            &self.shared.stats,
+            self.shared.directory.len(),
+            self.shared.bus.stranded(),
+        )
     }
 
     /// Counters summed over all workers.
     pub fn stats(&self) -> Snapshot {
-        Snapshot::sum(self.shared.stats.iter())
+        let mut s = Snapshot::sum(self.shared.stats.iter());
+        s.undelivered += self.shared.bus.stranded();
+        s
     }
 
     /// Asks every worker to stop accepting, close its connections with 1001

@@ -530,16 +530,10 @@ impl Session {
     }
 
     /// Bytes held for this connection that the memory budget charges:
-    /// partial input, a partial message or body, owned queued bytes, and
-    /// its subscriptions' share of the topic registry.
-    /// Each subscription is charged `per_subscription` bytes for the topic
-    /// registry (see [`crate::pubsub::shard::registry_charge`]).
-    pub fn held_bytes(&self, per_subscription: usize) -> usize {
+    /// partial input, a partial message or body, and owned queued bytes.
+    /// (Its subscriptions and published frames are charged by the shard.)
+    pub fn held_bytes(&self) -> usize {
         let phase = match &self.phase {
-            Phase::Ws {
-                ws,
-                role: Role::Subscriber { subs },
-            } => ws.buffered() + subs.len() * per_subscription,
             Phase::Ws { ws, .. } => ws.buffered(),
             Phase::Body(b) => b.body.capacity(),
             _ => 0,

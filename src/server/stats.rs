@@ -81,8 +81,10 @@ pub struct WorkerStats {
     pub budget_closes: AtomicU64,
     /// Connections closed for not finishing a message in time.
     pub message_timeouts: AtomicU64,
-    /// Connections closed because their queue made no progress in time.
+    /// Connections closed because a queued byte waited too long.
     pub send_timeouts: AtomicU64,
+    /// Queued bytes discarded when closing them.
+    pub send_timeout_discarded_bytes: AtomicU64,
     /// `/metrics` renderings on the main port (at most one per turn).
     pub metrics_renders: AtomicU64,
     /// Publications not delivered, by [`Undelivered::index`].
@@ -210,6 +212,10 @@ impl WorkerStats {
 
     pub fn send_timeout(&self) {
         bump(&self.send_timeouts);
+    }
+
+    pub fn send_timeout_discarded(&self, bytes: usize) {
+        add(&self.send_timeout_discarded_bytes, bytes as u64);
     }
 
     /// Counts `n` publications not delivered for `why`.

@@ -18,7 +18,7 @@ use crate::proto::CloseCode;
 use crate::proto::handshake::{Reject, Status};
 use crate::proto::outbound::COPY_BELOW;
 use crate::pubsub::bus::{Inbox, Publication};
-use crate::pubsub::shard::{Shard, registry_charge};
+use crate::pubsub::shard::Shard;
 use bytes::Bytes;
 use slab::Slab;
 use std::collections::{HashMap, VecDeque};
@@ -90,9 +90,14 @@ pub struct Conn<S> {
     request_gen: u32,
     /// Bytes of this connection charged to the worker's buffer budget.
     charged: u32,
-    /// When the outbound queue last made progress (bytes taken by the
-    /// kernel) or was seen empty: the send timeout runs from here.
+    /// The send deadline, by epochs: at `tx_ms` the queue held everything
+    /// up to byte `tx_goal` of the connection's output (counted by `sent`,
+    /// wrapping). Once `sent` passes `tx_goal` a new epoch starts; an epoch
+    /// older than the send timeout means a queued byte waited that long.
     tx_ms: u32,
+    tx_goal: u32,
+    /// Bytes the kernel has taken from this connection's queue (wrapping).
+    sent: u32,
     /// Counted by the admission limits (false: refused at accept).
     admitted: bool,
 }
@@ -165,11 +170,9 @@ pub struct Core<S> {
     /// the worker's budget.
     buffered: usize,
     budget: usize,
-    /// Bytes of published frames charged to `buffered` (the shard's ledger
-    /// as of the last [`Self::sync_frame_charge`]).
-    frames_charged: usize,
-    /// What one subscription is charged for the topic registry.
-    per_subscription: usize,
+    /// Bytes the shard holds for this worker's clients, as charged to
+    /// `buffered` at the last [`Self::sync_shard_charge`].
+    shard_charged: usize,
     /// `/metrics` rendered this turn (at `now`), shared by every request
     /// that asks for it in the same turn.
     metrics: Option<(Instant, Bytes)>,
@@ -190,7 +193,6 @@ impl<S> Core<S> {
         let now = Instant::now();
         let next_sweep = sweep_period(&shared.config).map(|p| now + p);
         let budget = shared.config.buffered_bytes_per_worker();
-        let per_subscription = registry_charge(shared.config.max_topic_len);
         Self {
             id,
             shared,
@@ -209,8 +211,7 @@ impl<S> Core<S> {
             carry: None,
             buffered: 0,
             budget,
-            frames_charged: 0,
-            per_subscription,
+            shard_charged: 0,
             metrics: None,
             addresses: HashMap::new(),
             epoch: now,
@@ -259,6 +260,8 @@ impl<S> Core<S> {
             request_gen: 0,
             charged: 0,
             tx_ms: now_ms,
+            tx_goal: 0,
+            sent: 0,
             admitted: admitted.is_ok(),
         });
         if let (Ok(ticket), Some(ip)) = (admitted, peer)
@@ -296,13 +299,8 @@ impl<S> Core<S> {
     /// it grew and the worker is now over its budget.
     fn recharge(&mut self, key: usize) -> bool {
         let conn = &mut self.conns[key];
-        let per_sub = self.per_subscription;
-        recharge(
-            conn,
-            &mut self.buffered,
-            &self.shared.stats[self.id],
-            per_sub,
-        ) && self.buffered > self.budget
+        recharge(conn, &mut self.buffered, &self.shared.stats[self.id])
+            && self.buffered > self.budget
     }
 
     /// Processes input for `key`: `buf` holds the bytes kept from earlier
@@ -328,7 +326,9 @@ impl<S> Core<S> {
             metrics: &mut self.metrics,
         };
         let next = conn.session.on_input(buf, &mut ctx);
-        if self.recharge(key) {
+        // What it subscribed to or published is charged here too.
+        let shard_grew = self.sync_shard_charge();
+        if self.recharge(key) || (shard_grew && self.buffered > self.budget) {
             // Over the buffer budget: this connection, which just grew, goes.
             let stats = &self.shared.stats[self.id];
             stats.budget_close();
@@ -480,12 +480,9 @@ impl<S> Core<S> {
     /// backpressure, and finishes a close once the queue is empty.
     pub fn after_flush(&mut self, key: usize, wrote: usize) -> AfterFlush {
         let max_outbound = self.shared.config.max_outbound_bytes;
-        let now_ms = self.now_ms();
         self.recharge(key);
         let conn = &mut self.conns[key];
-        if wrote > 0 || conn.session.out.is_empty() {
-            conn.tx_ms = now_ms;
-        }
+        conn.sent = conn.sent.wrapping_add(wrote as u32);
         let serial = conn.serial;
         if conn.read_paused
             && conn.session.out.len() <= max_outbound / 2
@@ -506,15 +503,22 @@ impl<S> Core<S> {
         AfterFlush::ShutdownWrite
     }
 
-    /// Hands this turn's publications (from other workers' batches and from
-    /// local publishers) to the local subscribers' queues. Mailbox delivery
-    /// stops after [`MAX_DELIVERIES_PER_TURN`]; the rest is carried to the
-    /// next turn ([`Self::busy`] stays true meanwhile), so a flood from
-    /// other workers never keeps this one from its sockets and timers.
+    /// Sends this turn's publications to the interested workers' mailboxes
+    /// (this one's included), then hands what the mailbox holds to the
+    /// local subscribers' queues. Delivery stops after
+    /// [`MAX_DELIVERIES_PER_TURN`]; the rest is carried to the next turn
+    /// ([`Self::busy`] stays true meanwhile), so no flood, from this
+    /// worker's publishers or another's, keeps it from its sockets and timers.
     pub fn deliver(&mut self) {
-        // What the last turn's writes freed no longer counts.
-        self.shard.release_frames();
-        self.sync_frame_charge();
+        self.shard.dispatch();
+        let lost = self.shard.take_lost();
+        if lost > 0 {
+            self.stats().undelivered(Undelivered::WorkerStopped, lost);
+        }
+        // What the last turn's writes freed no longer counts; this turn's
+        // publications do.
+        self.shard.release_frames(false);
+        self.sync_shard_charge();
         let cfg = &self.shared.config;
         let stats = &self.shared.stats[self.id];
         let conns = &mut self.conns;
@@ -525,7 +529,6 @@ impl<S> Core<S> {
         let mut budget = Budget {
             buffered: &mut self.buffered,
             limit: self.budget,
-            per_subscription: self.per_subscription,
         };
         // The run last seen, reset before each `Shard::deliver` call (its
         // slice is alive for the call, so addresses cannot repeat within it).
@@ -564,14 +567,6 @@ impl<S> Core<S> {
             }
             self.inbox.done(bus, &batch);
         }
-        last.set(std::ptr::null());
-        shard.dispatch(&mut to_conns);
-        // This turn's publications are charged from now on.
-        self.sync_frame_charge();
-        let lost = self.shard.take_lost();
-        if lost > 0 {
-            self.stats().undelivered(Undelivered::WorkerStopped, lost);
-        }
         for (key, serial) in std::mem::take(&mut self.slow) {
             if self.is_current(key, serial) && self.conns[key].state == IoState::Active {
                 self.start_closing(key);
@@ -579,16 +574,18 @@ impl<S> Core<S> {
         }
     }
 
-    /// Moves the budget (and its gauge) by the change in the published
-    /// frames charged to this worker since the last call.
-    fn sync_frame_charge(&mut self) {
-        let now = self.shard.frame_bytes();
-        let delta = now as isize - self.frames_charged as isize;
+    /// Moves the budget (and its gauge) by the change in what the shard
+    /// holds for this worker's clients (published frames, the topic
+    /// registry) since the last call; `true` when it grew.
+    fn sync_shard_charge(&mut self) -> bool {
+        let now = self.shard.charged_bytes();
+        let delta = now as isize - self.shard_charged as isize;
         if delta != 0 {
-            self.frames_charged = now;
+            self.shard_charged = now;
             self.buffered = (self.buffered as isize + delta) as usize;
             self.stats().buffered(delta);
         }
+        delta > 0
     }
 
     /// Records the publish-to-write latency of what this turn delivered,
@@ -647,14 +644,18 @@ impl<S> Core<S> {
     /// went unanswered for the ping timeout, and those that started a
     /// message longer than the message timeout ago.
     fn sweep(&mut self) {
-        let cfg = &self.shared.config;
-        let Some(period) = sweep_period(cfg) else {
+        let Some(period) = sweep_period(&self.shared.config) else {
             return;
         };
         self.next_sweep = Some(self.now + period);
         self.shared
             .admission
             .sweep(self.id, self.shared.stats.len());
+        // A published frame stuck in one stalled queue keeps the later ones
+        // charged until the next full scan of the ledger: this one.
+        self.shard.release_frames(true);
+        self.sync_shard_charge();
+        let cfg = &self.shared.config;
         let interval = cfg.ping_interval.map(|d| d.as_millis() as u32);
         let timeout = cfg.ping_timeout.as_millis() as u32;
         let message_timeout = cfg.message_timeout.map(|d| d.as_millis() as u32);
@@ -670,10 +671,17 @@ impl<S> Core<S> {
                 continue;
             }
             // The send timeout judges every open connection, read or paused,
-            // WebSocket or HTTP: a peer that stops reading is cut however it
-            // got there (docs/SECURITY.md, "Deadlines").
-            if conn.session.out.is_empty() {
+            // WebSocket or HTTP: no queued byte may wait longer (a peer that
+            // stops reading, or reads too slowly to ever catch up, is cut
+            // however it got there; docs/SECURITY.md, "Deadlines").
+            let out = conn.session.out.len();
+            if out == 0 {
                 conn.tx_ms = now;
+                conn.tx_goal = conn.sent;
+            } else if conn.sent.wrapping_sub(conn.tx_goal) as i32 >= 0 {
+                // Everything queued when the epoch began has left: a new one.
+                conn.tx_ms = now;
+                conn.tx_goal = conn.sent.wrapping_add(out as u32);
             } else if send_timeout.is_some_and(|limit| now.wrapping_sub(conn.tx_ms) >= limit) {
                 stalled.push(key);
                 continue;
@@ -721,7 +729,7 @@ impl<S> Core<S> {
             let conn = &mut self.conns[key];
             // Nothing queued is going anywhere: free it now, keeping only a
             // frame already partly on the wire.
-            conn.session.out.truncate_to_front();
+            stats.send_timeout_discarded(conn.session.out.truncate_to_front());
             if conn.session.is_websocket() {
                 stats.ws_failure(CloseCode::POLICY_VIOLATION.0);
             }
@@ -788,6 +796,18 @@ impl<S> Core<S> {
             self.handshake_deadlines.pop_front();
             if self.is_current(key, serial) {
                 let conn = &self.conns[key];
+                if conn.read_paused
+                    && conn.session.awaiting_request()
+                    && conn.request_gen == generation
+                {
+                    // Not read because of us (a held publisher, a full queue):
+                    // its next request cannot arrive. Judged again once read;
+                    // the send timeout covers a queue that does not drain.
+                    let at = ms_after(self.epoch, now, self.shared.config.handshake_timeout);
+                    self.handshake_deadlines
+                        .push_back((at, key as u32, serial, generation));
+                    continue;
+                }
                 if conn.session.awaiting_request()
                     && conn.state == IoState::Active
                     && conn.request_gen == generation
@@ -960,7 +980,7 @@ fn push_to<S>(
         }
         if queued {
             conn.mark_dirty(key, dirty);
-            recharge(conn, budget.buffered, stats, budget.per_subscription);
+            recharge(conn, budget.buffered, stats);
         }
     }
     stats.frames_sent(sent);
@@ -970,21 +990,12 @@ fn push_to<S>(
 struct Budget<'a> {
     buffered: &'a mut usize,
     limit: usize,
-    per_subscription: usize,
 }
 
 /// Re-measures what `conn` holds and moves the worker's total (and its
 /// gauge) by the difference; `true` when it grew.
-fn recharge<S>(
-    conn: &mut Conn<S>,
-    buffered: &mut usize,
-    stats: &WorkerStats,
-    per_subscription: usize,
-) -> bool {
-    let held = conn
-        .session
-        .held_bytes(per_subscription)
-        .min(u32::MAX as usize) as u32;
+fn recharge<S>(conn: &mut Conn<S>, buffered: &mut usize, stats: &WorkerStats) -> bool {
+    let held = conn.session.held_bytes().min(u32::MAX as usize) as u32;
     let delta = held as isize - conn.charged as isize;
     if delta == 0 {
         return false;
