@@ -375,3 +375,40 @@ fn a_silent_peer_is_closed_within_its_deadline_in_every_connection_state() {
     assert!(server.stats().slow_consumer_disconnects >= 1);
     eprintln!("closed after: {report:?}");
 }
+
+#[test]
+fn a_publisher_fanning_out_to_its_own_worker_is_bounded_per_turn_and_loses_nothing() {
+    // One worker: every subscriber is local to the publisher. 1 000
+    // messages to 2 000 subscribers are 2 M deliveries, more than one
+    // turn's bound (1 Mi) even if the publisher's bytes arrive in 8 KiB
+    // pieces (800 messages: 1.6 M deliveries).
+    let server = start_with(|c| c.workers = 1);
+    let addr = server.local_addr();
+    let n_subs = 2000;
+    let n_msgs = 1000u32;
+    let mut subs: Vec<TcpStream> = (0..n_subs)
+        .map(|_| raw_ws(addr, "/ws?topics=own"))
+        .collect();
+    let mut publisher = raw_ws(addr, "/publish/own");
+    let mut burst = Vec::new();
+    for i in 0..n_msgs {
+        burst.extend(client_frame(true, OpCode::Binary, &i.to_be_bytes(), MASK));
+    }
+    publisher.write_all(&burst).unwrap();
+    // Every subscriber gets every message, in order: 6 bytes each
+    // (a 2-byte header and the 4-byte number).
+    for (k, s) in subs.iter_mut().enumerate() {
+        let mut got = vec![0u8; 6 * n_msgs as usize];
+        s.read_exact(&mut got).unwrap();
+        for (i, frame) in got.chunks(6).enumerate() {
+            assert_eq!(frame[..2], [0x82, 4], "subscriber {k}, message {i}");
+            assert_eq!(frame[2..], (i as u32).to_be_bytes(), "subscriber {k}");
+        }
+    }
+    let st = server.stats();
+    assert!(
+        st.deliveries_deferred >= 1,
+        "2 M local deliveries were made in one turn: {st:?}"
+    );
+    assert_eq!((st.frames_dropped, st.undelivered), (0, 0), "{st:?}");
+}

@@ -41,7 +41,7 @@ pub fn render(workers: &[WorkerStats], topics: usize, stranded: u64) -> String {
             get(&w.connections_open)
         );
     }
-    let counters: [Counter; 26] = [
+    let counters: [Counter; 27] = [
         (
             "corecast_connections_accepted_total",
             "TCP connections accepted.",
@@ -156,6 +156,11 @@ pub fn render(workers: &[WorkerStats], topics: usize, stranded: u64) -> String {
             "corecast_send_timeout_discarded_bytes_total",
             "Queued bytes (published frames, echoes, replies) discarded when closing connections for --send-timeout.",
             |w| &w.send_timeout_discarded_bytes,
+        ),
+        (
+            "corecast_deliveries_deferred_total",
+            "Loop turns in which a worker reached its per-turn delivery bound and carried the rest to the next turn (it is saturated: publications wait in its mailbox).",
+            |w| &w.deliveries_deferred,
         ),
         (
             "corecast_metrics_renders_total",

@@ -87,6 +87,8 @@ pub struct WorkerStats {
     pub send_timeout_discarded_bytes: AtomicU64,
     /// `/metrics` renderings on the main port (at most one per turn).
     pub metrics_renders: AtomicU64,
+    /// Loop turns that stopped delivering at the per-turn bound.
+    pub deliveries_deferred: AtomicU64,
     /// Publications not delivered, by [`Undelivered::index`].
     pub undelivered: [AtomicU64; Undelivered::ALL.len()],
     /// Bytes currently charged to this worker's connections (gauge).
@@ -206,6 +208,10 @@ impl WorkerStats {
         bump(&self.message_timeouts);
     }
 
+    pub fn delivery_deferred(&self) {
+        bump(&self.deliveries_deferred);
+    }
+
     pub fn metrics_rendered(&self) {
         bump(&self.metrics_renders);
     }
@@ -276,6 +282,7 @@ pub struct Snapshot {
     pub message_timeouts: u64,
     pub send_timeouts: u64,
     pub metrics_renders: u64,
+    pub deliveries_deferred: u64,
     pub undelivered: u64,
     pub buffered_bytes: u64,
     /// Publications whose publish-to-write latency was recorded.
@@ -313,6 +320,7 @@ impl Snapshot {
             s.message_timeouts += w.message_timeouts.load(Relaxed);
             s.send_timeouts += w.send_timeouts.load(Relaxed);
             s.metrics_renders += w.metrics_renders.load(Relaxed);
+            s.deliveries_deferred += w.deliveries_deferred.load(Relaxed);
             s.undelivered += total(&w.undelivered);
             s.buffered_bytes += w.buffered_bytes.load(Relaxed);
             s.latency_count += total(&w.latency_buckets);

@@ -562,6 +562,7 @@ impl<S> Core<S> {
                 pos = end;
             }
             if pos < batch.len() {
+                stats.delivery_deferred();
                 self.carry = Some((batch, pos));
                 break;
             }
