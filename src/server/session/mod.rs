@@ -1,7 +1,15 @@
 //! What a connection *is*, independent of the I/O backend: its phase
 //! (HTTP request, open WebSocket, closing), its role (echo, subscriber,
 //! publisher), the bytes kept between reads, and its outbound queue.
-//! Routing and the endpoints live here.
+//! Routing and the endpoints live beside it, one file per concern:
+//!
+//! | file | holds |
+//! |---|---|
+//! | `mod.rs` | [`Session`]: phases, input, frames, closing |
+//! | `request.rs` | routing and the WebSocket upgrade |
+//! | `publish.rs` | `POST /publish/{topic}` |
+//! | `subscriber.rs` | a subscriber's control messages |
+//! | `delivery.rs` | published frames into the queue, the slow-consumer policy |
 //!
 //! A backend reads into its shared buffer after [`Session::restore_pending`],
 //! hands the bytes to [`Session::on_input`] with a [`Ctx`], and writes
@@ -9,22 +17,22 @@
 //! [`Session::push_published`]. No syscalls here: tests drive sessions with
 //! plain byte slices.
 
-use super::Shared;
-use super::config::{Config, SlowConsumerPolicy};
-use super::http;
-use super::stats::WorkerStats;
+mod delivery;
+mod publish;
+mod request;
+mod subscriber;
+
 use crate::proto::frame::server_frame;
-use crate::proto::handshake::{
-    self, HeadScanner, MAX_HEADERS, Reject, Request, Status, choose_subprotocol, parse_head,
-    validate_upgrade, write_switching_protocols,
-};
+use crate::proto::handshake::{self, HeadScanner, Reject, Status};
 use crate::proto::rate::TokenBucket;
 use crate::proto::{CloseCode, CloseState, Event, MessageKind, OutQueue, WsConn};
-use crate::pubsub::control::{self, Op};
+use crate::pubsub::control;
 use crate::pubsub::directory::TopicInterest;
 use crate::pubsub::shard::{ConnRef, Shard, SubList};
-use crate::pubsub::topic::{self, TopicError};
+use crate::server::Shared;
+use crate::server::stats::WorkerStats;
 use bytes::Bytes;
+use publish::BodyState;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -77,15 +85,6 @@ enum Phase {
     Done,
 }
 
-#[derive(Debug)]
-struct BodyState {
-    topic: Box<str>,
-    kind: MessageKind,
-    len: usize,
-    keep_alive: bool,
-    body: Vec<u8>,
-}
-
 /// What the backend should do after [`Session::on_input`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Next {
@@ -136,73 +135,6 @@ pub struct Session {
 impl Default for Session {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-/// Where a request goes.
-enum Route<'p> {
-    Upgrade(Upgrade<'p>),
-    Publish(&'p str),
-    /// `/metrics` or `/healthz` on the main port.
-    Admin,
-}
-
-enum Upgrade<'p> {
-    Echo,
-    Subscribe,
-    Publish(&'p str),
-}
-
-fn route<'p>(req: &Request<'p, '_>, cfg: &Config) -> Result<Route<'p>, Reject> {
-    let admin_here = cfg.admin_listen.is_none();
-    match req.path {
-        "/echo" => Ok(Route::Upgrade(Upgrade::Echo)),
-        "/ws" => Ok(Route::Upgrade(Upgrade::Subscribe)),
-        "/metrics" | "/healthz" if admin_here => Ok(Route::Admin),
-        p => match p.strip_prefix("/publish/") {
-            Some(t) if req.method == "POST" => Ok(Route::Publish(t)),
-            Some(t) if req.method == "GET" => Ok(Route::Upgrade(Upgrade::Publish(t))),
-            Some(_) => Err(Reject::method(
-                "publish with POST or a WebSocket (GET)",
-                "GET, POST",
-            )),
-            None => Err(Reject::new(Status::NotFound, "no such endpoint")),
-        },
-    }
-}
-
-fn topic_reject(e: TopicError) -> Reject {
-    Reject::new(
-        Status::BadRequest,
-        match e {
-            TopicError::Empty => "empty topic name",
-            TopicError::TooLong { .. } => "topic name too long (see --max-topic-len)",
-            TopicError::BadChar(_) => "bad topic name; allowed: A-Z a-z 0-9 - _ . : / @ ~",
-        },
-    )
-}
-
-fn check_publisher(req: &Request<'_, '_>, cfg: &Config) -> Result<(), Reject> {
-    let Some(token) = &cfg.publish_token else {
-        return Ok(());
-    };
-    let authorization = req.header("authorization").ok().flatten();
-    if http::authorized(token, authorization, req.query) {
-        Ok(())
-    } else {
-        Err(Reject::new(
-            Status::Unauthorized,
-            "publisher token missing or wrong",
-        ))
-    }
-}
-
-/// Does the client want the connection kept open after this request?
-fn keep_alive(req: &Request<'_, '_>) -> bool {
-    if req.version == 1 {
-        !req.has_token("connection", "close")
-    } else {
-        req.has_token("connection", "keep-alive")
     }
 }
 
@@ -430,60 +362,12 @@ impl Session {
                     let Role::Subscriber { subs } = role else {
                         unreachable!("control messages come from subscribers")
                     };
-                    let reply = control_message(&mut msg, subs, ctx);
+                    let reply = subscriber::control_message(&mut msg, subs, ctx);
                     ws.send(MessageKind::Text, reply.as_bytes(), &mut self.out);
                 }
             }
         }
         pos
-    }
-
-    /// Queues a published frame for this subscriber, applying the
-    /// slow-consumer policy at the queue bound, or at any backlog at all
-    /// when the worker is `over_budget`. A queue always takes one frame
-    /// when empty, so a message bigger than the bound still goes out.
-    pub fn push_published(&mut self, frame: &Bytes, cfg: &Config, over_budget: bool) -> Push {
-        let Phase::Ws { ws, .. } = &mut self.phase else {
-            return Push::Ignored;
-        };
-        if !ws.can_send() {
-            return Push::Closing;
-        }
-        if !self.out.is_empty()
-            && (over_budget || self.out.len() + frame.len() > cfg.max_outbound_bytes)
-        {
-            return match cfg.slow_consumer {
-                SlowConsumerPolicy::DropNewest => Push::Dropped,
-                SlowConsumerPolicy::Disconnect => {
-                    let discarded = self.out.truncate_to_front();
-                    ws.close(CloseCode::POLICY_VIOLATION, "slow consumer", &mut self.out);
-                    Push::SlowConsumer { discarded }
-                }
-            };
-        }
-        self.out.push_frame(frame);
-        Push::Queued
-    }
-
-    /// Leaves every topic and lets go of the publisher's topic. Called once
-    /// the connection is closing or gone; idempotent.
-    pub fn detach(&mut self, shard: &mut Shard, stats: &WorkerStats) {
-        if let Phase::Ws { role, .. } = &mut self.phase {
-            match role {
-                Role::Subscriber { subs } => {
-                    stats.unsubscribed(subs.len());
-                    for sub in subs.take() {
-                        shard.unsubscribe(sub);
-                    }
-                }
-                Role::Publisher { topic, .. } => {
-                    if let Some(t) = topic.take() {
-                        shard.directory().release(t);
-                    }
-                }
-                Role::Echo => {}
-            }
-        }
     }
 
     /// Starts the close handshake from the server side (shutdown: 1001,
@@ -559,188 +443,6 @@ impl Session {
         }
     }
 
-    /// Handles a complete request head: upgrade, publish request, metrics.
-    fn request(&mut self, head: &[u8], ctx: &mut Ctx<'_>) -> Result<(), Reject> {
-        let cfg = &ctx.shared.config;
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let req = parse_head(head, &mut headers)?;
-        match route(&req, cfg)? {
-            Route::Upgrade(up) => self.upgrade(&req, up, ctx),
-            Route::Publish(name) => {
-                check_publisher(&req, cfg)?;
-                self.begin_publish(&req, name, ctx)
-            }
-            Route::Admin => {
-                let ka = keep_alive(&req);
-                let (shared, now, stats) = (ctx.shared, ctx.now, ctx.stats);
-                let cache = &mut *ctx.metrics;
-                let render = || match cache {
-                    // Pipelined requests in one turn share one rendering.
-                    Some((at, body)) if *at == now => body.clone(),
-                    _ => {
-                        stats.metrics_rendered();
-                        cache.insert((now, http::render_metrics(shared))).1.clone()
-                    }
-                };
-                let response = http::admin_response(&req, ka, Some(ctx.stats), render)
-                    .expect("routed by path")?;
-                self.out.push_copy(&response.head);
-                // Shared with the turn's other requests, and bounded per
-                // connection by --max-outbound-bytes (reading pauses above it).
-                self.out.push_shared(response.body);
-                self.phase = if ka {
-                    Phase::Head(HeadScanner::default())
-                } else {
-                    Phase::Done
-                };
-                Ok(())
-            }
-        }
-    }
-
-    /// Validates an upgrade; on success queues the `101` and opens the WebSocket.
-    fn upgrade(
-        &mut self,
-        req: &Request<'_, '_>,
-        up: Upgrade<'_>,
-        ctx: &mut Ctx<'_>,
-    ) -> Result<(), Reject> {
-        let cfg = &ctx.shared.config;
-        let upgrade = validate_upgrade(req)?;
-        let role = match up {
-            Upgrade::Echo => Role::Echo,
-            Upgrade::Publish(name) => {
-                check_publisher(req, cfg)?;
-                topic::validate(name, cfg.max_topic_len).map_err(topic_reject)?;
-                Role::Publisher {
-                    topic: Some(ctx.shard.directory().entry(name)),
-                    pace: TokenBucket::full(cfg.max_publish_rate, ctx.now_ms),
-                }
-            }
-            Upgrade::Subscribe => {
-                let list = topic::from_query(req.query).unwrap_or("");
-                let names = topic::parse_list(list, cfg.max_topic_len, cfg.max_topics_per_conn)
-                    .map_err(|e| match e {
-                        topic::ListError::Name(e) => topic_reject(e),
-                        topic::ListError::TooMany { .. } => Reject::new(
-                            Status::BadRequest,
-                            "too many topics for one connection (see --max-topics-per-conn)",
-                        ),
-                    })?;
-                let mut subs = SubList::default();
-                for n in &names {
-                    subs.push(ctx.shard.subscribe(n, ctx.me));
-                }
-                ctx.stats.subscribed(subs.len());
-                Role::Subscriber { subs }
-            }
-        };
-        let subprotocol = choose_subprotocol(req, &cfg.subprotocols);
-        let mut response = Vec::with_capacity(192);
-        write_switching_protocols(&mut response, upgrade.key, subprotocol);
-        self.out.push(Bytes::from(response));
-        ctx.stats.handshake_accepted();
-        let limits = match role {
-            Role::Subscriber { .. } => &ctx.shared.subscriber_limits,
-            _ => &ctx.shared.ws_limits,
-        };
-        self.phase = Phase::Ws {
-            ws: WsConn::with_limits(Arc::clone(limits), ctx.now_ms),
-            role,
-        };
-        Ok(())
-    }
-
-    /// Checks a `POST /publish/{topic}` head and starts reading its body.
-    fn begin_publish(
-        &mut self,
-        req: &Request<'_, '_>,
-        name: &str,
-        ctx: &mut Ctx<'_>,
-    ) -> Result<(), Reject> {
-        let cfg = &ctx.shared.config;
-        topic::validate(name, cfg.max_topic_len).map_err(topic_reject)?;
-        if !ctx.shared.admission.allow_publish(ctx.peer) {
-            ctx.stats.publish_rate_limited();
-            return Err(Reject::new(
-                Status::TooManyRequests,
-                "publishing too fast (see --max-publish-rate)",
-            ));
-        }
-        if req.header_values("transfer-encoding").next().is_some() {
-            return Err(Reject::new(
-                Status::LengthRequired,
-                "chunked bodies are not supported; send Content-Length",
-            ));
-        }
-        let len = req
-            .header("content-length")
-            .map_err(|_| Reject::new(Status::BadRequest, "duplicate Content-Length"))?
-            .ok_or(Reject::new(
-                Status::LengthRequired,
-                "Content-Length required",
-            ))?;
-        let len: usize = std::str::from_utf8(len.trim_ascii())
-            .ok()
-            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|s| s.parse().ok())
-            .ok_or(Reject::new(Status::BadRequest, "bad Content-Length"))?;
-        if len > cfg.max_message_size {
-            return Err(Reject::new(
-                Status::PayloadTooLarge,
-                "body over the message size limit (see --max-message-size)",
-            ));
-        }
-        let is_text = req
-            .header("content-type")
-            .ok()
-            .flatten()
-            .is_some_and(|ct| ct.len() >= 5 && ct[..5].eq_ignore_ascii_case(b"text/"));
-        if len > 0 && req.has_token("expect", "100-continue") {
-            self.out.push(Bytes::from_static(http::CONTINUE));
-        }
-        self.phase = Phase::Body(Box::new(BodyState {
-            topic: name.into(),
-            kind: if is_text {
-                MessageKind::Text
-            } else {
-                MessageKind::Binary
-            },
-            len,
-            keep_alive: keep_alive(req),
-            body: Vec::new(),
-        }));
-        Ok(())
-    }
-
-    /// Publishes a complete HTTP body and answers 204 (or 400 for a text
-    /// body that is not UTF-8). Leaves the phase at `Head` (keep-alive) or `Done`.
-    fn finish_publish(&mut self, state: &BodyState, body: &[u8], ctx: &mut Ctx<'_>) {
-        if state.kind == MessageKind::Text && simdutf8::basic::from_utf8(body).is_err() {
-            self.refuse(
-                Reject::new(Status::BadRequest, "text/* body is not valid UTF-8"),
-                ctx.stats,
-            );
-            return;
-        }
-        ctx.stats.http_request();
-        ctx.stats.message_published();
-        // One directory lookup, no reference taken: nobody anywhere
-        // subscribed means nothing to encode or deliver.
-        if let Some((topic, workers)) = ctx.shard.directory().interest(&state.topic) {
-            let frame = encode(state.kind, body);
-            ctx.shard.publish_weak(topic, workers, frame, ctx.now);
-            self.published = true;
-        }
-        self.out
-            .push(Bytes::from_static(http::no_content(state.keep_alive)));
-        self.phase = if state.keep_alive {
-            Phase::Head(HeadScanner::default())
-        } else {
-            Phase::Done
-        };
-    }
-
     /// Keeps `buf[pos..]` for the next read; frees the buffer when nothing is left.
     fn keep(&mut self, buf: &[u8], pos: usize) {
         let rest = &buf[pos..];
@@ -773,61 +475,4 @@ enum Reply {
 /// A message as one server frame, encoded once for every subscriber.
 fn encode(kind: MessageKind, payload: &[u8]) -> Bytes {
     Bytes::from(server_frame(kind.opcode(), payload))
-}
-
-/// Applies a subscriber's control message; returns the JSON reply.
-fn control_message(msg: &mut [u8], subs: &mut SubList, ctx: &mut Ctx<'_>) -> String {
-    let cfg = &ctx.shared.config;
-    let limits = control::Limits {
-        max_topic_len: cfg.max_topic_len,
-        max_topics: cfg.max_topics_per_conn,
-    };
-    let c = match control::parse(msg, limits) {
-        Ok(c) => c,
-        Err(e) => {
-            ctx.stats.control_error();
-            return control::error(&e.to_string());
-        }
-    };
-    // Linear in the names plus the topics held: each name costs hash
-    // lookups, never a search of `subs` (held at most max_topics_per_conn).
-    match c.op {
-        Op::Subscribe => {
-            let held: std::collections::HashSet<u32> =
-                subs.as_slice().iter().map(|s| s.topic()).collect();
-            let new: Vec<&String> = c
-                .topics
-                .iter()
-                .filter(|n| ctx.shard.topic_id(n).is_none_or(|id| !held.contains(&id)))
-                .collect();
-            if subs.len() + new.len() > cfg.max_topics_per_conn {
-                ctx.stats.control_error();
-                let max = cfg.max_topics_per_conn;
-                return control::error(&control::ControlError::TooManyTopics { max }.to_string());
-            }
-            for name in new {
-                subs.push(ctx.shard.subscribe(name, ctx.me));
-                ctx.stats.subscribed(1);
-            }
-        }
-        Op::Unsubscribe => {
-            let gone: std::collections::HashSet<u32> = c
-                .topics
-                .iter()
-                .filter_map(|n| ctx.shard.topic_id(n))
-                .collect();
-            let shard = &mut *ctx.shard;
-            let mut dropped = 0;
-            subs.retain(|s| {
-                let keep = !gone.contains(&s.topic());
-                if !keep {
-                    shard.unsubscribe(*s);
-                    dropped += 1;
-                }
-                keep
-            });
-            ctx.stats.unsubscribed(dropped);
-        }
-    }
-    control::reply(c.op, &c.topics)
 }

@@ -1,0 +1,59 @@
+//! Published frames into a subscriber's queue, with the slow-consumer
+//! policy, and leaving every topic when the connection goes.
+
+use super::{Phase, Push, Role, Session};
+use crate::proto::CloseCode;
+use crate::pubsub::shard::Shard;
+use crate::server::config::{Config, SlowConsumerPolicy};
+use crate::server::stats::WorkerStats;
+use bytes::Bytes;
+
+impl Session {
+    /// Queues a published frame for this subscriber, applying the
+    /// slow-consumer policy at the queue bound, or at any backlog at all
+    /// when the worker is `over_budget`. A queue always takes one frame
+    /// when empty, so a message bigger than the bound still goes out.
+    pub fn push_published(&mut self, frame: &Bytes, cfg: &Config, over_budget: bool) -> Push {
+        let Phase::Ws { ws, .. } = &mut self.phase else {
+            return Push::Ignored;
+        };
+        if !ws.can_send() {
+            return Push::Closing;
+        }
+        if !self.out.is_empty()
+            && (over_budget || self.out.len() + frame.len() > cfg.max_outbound_bytes)
+        {
+            return match cfg.slow_consumer {
+                SlowConsumerPolicy::DropNewest => Push::Dropped,
+                SlowConsumerPolicy::Disconnect => {
+                    let discarded = self.out.truncate_to_front();
+                    ws.close(CloseCode::POLICY_VIOLATION, "slow consumer", &mut self.out);
+                    Push::SlowConsumer { discarded }
+                }
+            };
+        }
+        self.out.push_frame(frame);
+        Push::Queued
+    }
+
+    /// Leaves every topic and lets go of the publisher's topic. Called once
+    /// the connection is closing or gone; idempotent.
+    pub fn detach(&mut self, shard: &mut Shard, stats: &WorkerStats) {
+        if let Phase::Ws { role, .. } = &mut self.phase {
+            match role {
+                Role::Subscriber { subs } => {
+                    stats.unsubscribed(subs.len());
+                    for sub in subs.take() {
+                        shard.unsubscribe(sub);
+                    }
+                }
+                Role::Publisher { topic, .. } => {
+                    if let Some(t) = topic.take() {
+                        shard.directory().release(t);
+                    }
+                }
+                Role::Echo => {}
+            }
+        }
+    }
+}

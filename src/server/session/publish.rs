@@ -1,0 +1,111 @@
+//! `POST /publish/{topic}`: the head's checks, the body, and the
+//! publication it becomes.
+
+use super::request::{keep_alive, topic_reject};
+use super::{Ctx, Phase, Session, encode};
+use crate::proto::MessageKind;
+use crate::proto::handshake::{HeadScanner, Reject, Request, Status};
+use crate::pubsub::topic;
+use crate::server::http;
+use bytes::Bytes;
+
+#[derive(Debug)]
+pub(super) struct BodyState {
+    pub(super) topic: Box<str>,
+    pub(super) kind: MessageKind,
+    pub(super) len: usize,
+    pub(super) keep_alive: bool,
+    pub(super) body: Vec<u8>,
+}
+
+impl Session {
+    /// Checks a `POST /publish/{topic}` head and starts reading its body.
+    pub(super) fn begin_publish(
+        &mut self,
+        req: &Request<'_, '_>,
+        name: &str,
+        ctx: &mut Ctx<'_>,
+    ) -> Result<(), Reject> {
+        let cfg = &ctx.shared.config;
+        topic::validate(name, cfg.max_topic_len).map_err(topic_reject)?;
+        if !ctx.shared.admission.allow_publish(ctx.peer) {
+            ctx.stats.publish_rate_limited();
+            return Err(Reject::new(
+                Status::TooManyRequests,
+                "publishing too fast (see --max-publish-rate)",
+            ));
+        }
+        if req.header_values("transfer-encoding").next().is_some() {
+            return Err(Reject::new(
+                Status::LengthRequired,
+                "chunked bodies are not supported; send Content-Length",
+            ));
+        }
+        let len = req
+            .header("content-length")
+            .map_err(|_| Reject::new(Status::BadRequest, "duplicate Content-Length"))?
+            .ok_or(Reject::new(
+                Status::LengthRequired,
+                "Content-Length required",
+            ))?;
+        let len: usize = std::str::from_utf8(len.trim_ascii())
+            .ok()
+            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|s| s.parse().ok())
+            .ok_or(Reject::new(Status::BadRequest, "bad Content-Length"))?;
+        if len > cfg.max_message_size {
+            return Err(Reject::new(
+                Status::PayloadTooLarge,
+                "body over the message size limit (see --max-message-size)",
+            ));
+        }
+        let is_text = req
+            .header("content-type")
+            .ok()
+            .flatten()
+            .is_some_and(|ct| ct.len() >= 5 && ct[..5].eq_ignore_ascii_case(b"text/"));
+        if len > 0 && req.has_token("expect", "100-continue") {
+            self.out.push(Bytes::from_static(http::CONTINUE));
+        }
+        self.phase = Phase::Body(Box::new(BodyState {
+            topic: name.into(),
+            kind: if is_text {
+                MessageKind::Text
+            } else {
+                MessageKind::Binary
+            },
+            len,
+            keep_alive: keep_alive(req),
+            body: Vec::new(),
+        }));
+        Ok(())
+    }
+
+    /// Publishes a complete HTTP body and answers 204 (or 400 for a text
+    /// body that is not UTF-8). Leaves the phase at `Head` (keep-alive) or `Done`.
+    pub(super) fn finish_publish(&mut self, state: &BodyState, body: &[u8], ctx: &mut Ctx<'_>) {
+        if state.kind == MessageKind::Text && simdutf8::basic::from_utf8(body).is_err() {
+            self.refuse(
+                Reject::new(Status::BadRequest, "text/* body is not valid UTF-8"),
+                ctx.stats,
+            );
+            return;
+        }
+        ctx.stats.http_request();
+        ctx.stats.message_published();
+        // One directory lookup, no reference taken: nobody anywhere
+        // subscribed means nothing to encode or deliver.
+        if let Some((topic, workers)) = ctx.shard.directory().interest(&state.topic) {
+            let frame = encode(state.kind, body);
+            ctx.shard.publish_weak(topic, workers, frame, ctx.now);
+            self.published = true;
+        }
+        self.out
+            .push(Bytes::from_static(http::no_content(state.keep_alive)));
+        self.phase = if state.keep_alive {
+            Phase::Head(HeadScanner::default())
+        } else {
+            Phase::Done
+        };
+    }
+}

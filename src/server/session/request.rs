@@ -1,0 +1,177 @@
+//! Requests: where each goes (routing), and the WebSocket upgrade that
+//! gives an open connection its role.
+
+use super::{Ctx, Phase, Role, Session};
+use crate::proto::WsConn;
+use crate::proto::handshake::{
+    HeadScanner, MAX_HEADERS, Reject, Request, Status, choose_subprotocol, parse_head,
+    validate_upgrade, write_switching_protocols,
+};
+use crate::proto::rate::TokenBucket;
+use crate::pubsub::shard::SubList;
+use crate::pubsub::topic::{self, TopicError};
+use crate::server::config::Config;
+use crate::server::http;
+use bytes::Bytes;
+use std::sync::Arc;
+
+/// Where a request goes.
+enum Route<'p> {
+    Upgrade(Upgrade<'p>),
+    Publish(&'p str),
+    /// `/metrics` or `/healthz` on the main port.
+    Admin,
+}
+
+enum Upgrade<'p> {
+    Echo,
+    Subscribe,
+    Publish(&'p str),
+}
+
+fn route<'p>(req: &Request<'p, '_>, cfg: &Config) -> Result<Route<'p>, Reject> {
+    let admin_here = cfg.admin_listen.is_none();
+    match req.path {
+        "/echo" => Ok(Route::Upgrade(Upgrade::Echo)),
+        "/ws" => Ok(Route::Upgrade(Upgrade::Subscribe)),
+        "/metrics" | "/healthz" if admin_here => Ok(Route::Admin),
+        p => match p.strip_prefix("/publish/") {
+            Some(t) if req.method == "POST" => Ok(Route::Publish(t)),
+            Some(t) if req.method == "GET" => Ok(Route::Upgrade(Upgrade::Publish(t))),
+            Some(_) => Err(Reject::method(
+                "publish with POST or a WebSocket (GET)",
+                "GET, POST",
+            )),
+            None => Err(Reject::new(Status::NotFound, "no such endpoint")),
+        },
+    }
+}
+
+pub(super) fn topic_reject(e: TopicError) -> Reject {
+    Reject::new(
+        Status::BadRequest,
+        match e {
+            TopicError::Empty => "empty topic name",
+            TopicError::TooLong { .. } => "topic name too long (see --max-topic-len)",
+            TopicError::BadChar(_) => "bad topic name; allowed: A-Z a-z 0-9 - _ . : / @ ~",
+        },
+    )
+}
+
+pub(super) fn check_publisher(req: &Request<'_, '_>, cfg: &Config) -> Result<(), Reject> {
+    let Some(token) = &cfg.publish_token else {
+        return Ok(());
+    };
+    let authorization = req.header("authorization").ok().flatten();
+    if http::authorized(token, authorization, req.query) {
+        Ok(())
+    } else {
+        Err(Reject::new(
+            Status::Unauthorized,
+            "publisher token missing or wrong",
+        ))
+    }
+}
+
+/// Does the client want the connection kept open after this request?
+pub(super) fn keep_alive(req: &Request<'_, '_>) -> bool {
+    if req.version == 1 {
+        !req.has_token("connection", "close")
+    } else {
+        req.has_token("connection", "keep-alive")
+    }
+}
+
+impl Session {
+    /// Handles a complete request head: upgrade, publish request, metrics.
+    pub(super) fn request(&mut self, head: &[u8], ctx: &mut Ctx<'_>) -> Result<(), Reject> {
+        let cfg = &ctx.shared.config;
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let req = parse_head(head, &mut headers)?;
+        match route(&req, cfg)? {
+            Route::Upgrade(up) => self.upgrade(&req, up, ctx),
+            Route::Publish(name) => {
+                check_publisher(&req, cfg)?;
+                self.begin_publish(&req, name, ctx)
+            }
+            Route::Admin => {
+                let ka = keep_alive(&req);
+                let (shared, now, stats) = (ctx.shared, ctx.now, ctx.stats);
+                let cache = &mut *ctx.metrics;
+                let render = || match cache {
+                    // Pipelined requests in one turn share one rendering.
+                    Some((at, body)) if *at == now => body.clone(),
+                    _ => {
+                        stats.metrics_rendered();
+                        cache.insert((now, http::render_metrics(shared))).1.clone()
+                    }
+                };
+                let response = http::admin_response(&req, ka, Some(ctx.stats), render)
+                    .expect("routed by path")?;
+                self.out.push_copy(&response.head);
+                // Shared with the turn's other requests, and bounded per
+                // connection by --max-outbound-bytes (reading pauses above it).
+                self.out.push_shared(response.body);
+                self.phase = if ka {
+                    Phase::Head(HeadScanner::default())
+                } else {
+                    Phase::Done
+                };
+                Ok(())
+            }
+        }
+    }
+
+    /// Validates an upgrade; on success queues the `101` and opens the WebSocket.
+    fn upgrade(
+        &mut self,
+        req: &Request<'_, '_>,
+        up: Upgrade<'_>,
+        ctx: &mut Ctx<'_>,
+    ) -> Result<(), Reject> {
+        let cfg = &ctx.shared.config;
+        let upgrade = validate_upgrade(req)?;
+        let role = match up {
+            Upgrade::Echo => Role::Echo,
+            Upgrade::Publish(name) => {
+                check_publisher(req, cfg)?;
+                topic::validate(name, cfg.max_topic_len).map_err(topic_reject)?;
+                Role::Publisher {
+                    topic: Some(ctx.shard.directory().entry(name)),
+                    pace: TokenBucket::full(cfg.max_publish_rate, ctx.now_ms),
+                }
+            }
+            Upgrade::Subscribe => {
+                let list = topic::from_query(req.query).unwrap_or("");
+                let names = topic::parse_list(list, cfg.max_topic_len, cfg.max_topics_per_conn)
+                    .map_err(|e| match e {
+                        topic::ListError::Name(e) => topic_reject(e),
+                        topic::ListError::TooMany { .. } => Reject::new(
+                            Status::BadRequest,
+                            "too many topics for one connection (see --max-topics-per-conn)",
+                        ),
+                    })?;
+                let mut subs = SubList::default();
+                for n in &names {
+                    subs.push(ctx.shard.subscribe(n, ctx.me));
+                }
+                ctx.stats.subscribed(subs.len());
+                Role::Subscriber { subs }
+            }
+        };
+        let subprotocol = choose_subprotocol(req, &cfg.subprotocols);
+        let mut response = Vec::with_capacity(192);
+        write_switching_protocols(&mut response, upgrade.key, subprotocol);
+        self.out.push(Bytes::from(response));
+        ctx.stats.handshake_accepted();
+        let limits = match role {
+            Role::Subscriber { .. } => &ctx.shared.subscriber_limits,
+            _ => &ctx.shared.ws_limits,
+        };
+        self.phase = Phase::Ws {
+            ws: WsConn::with_limits(Arc::clone(limits), ctx.now_ms),
+            role,
+        };
+        Ok(())
+    }
+}
