@@ -26,6 +26,8 @@ pub mod http;
 pub mod listener;
 pub mod metrics;
 pub mod session;
+#[cfg(test)]
+mod sim_tests;
 pub mod stats;
 pub mod uring;
 pub mod worker;

@@ -285,11 +285,7 @@ impl<S> Core<S> {
             self.start_closing(key);
             return key;
         }
-        let at = ms_after(
-            self.epoch,
-            Instant::now(),
-            self.shared.config.handshake_timeout,
-        );
+        let at = ms_after(self.epoch, self.now, self.shared.config.handshake_timeout);
         self.handshake_deadlines
             .push_back((at, key as u32, serial, 0));
         key
@@ -499,7 +495,7 @@ impl<S> Core<S> {
             return AfterFlush::Remove;
         }
         conn.state = IoState::Lingering;
-        self.push_linger(key, serial, Instant::now());
+        self.push_linger(key, serial, self.now);
         AfterFlush::ShutdownWrite
     }
 
@@ -860,7 +856,7 @@ impl<S> Core<S> {
     /// still in an HTTP request are closed with `remove`.
     pub fn begin_drain(&mut self, mut remove: impl FnMut(&mut Self, usize)) {
         info!(worker = self.id, connections = self.conns.len(), "draining");
-        self.drain_deadline = Some(Instant::now() + self.shared.config.drain_timeout);
+        self.drain_deadline = Some(self.now + self.shared.config.drain_timeout);
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
             let conn = &mut self.conns[key];
@@ -887,7 +883,7 @@ impl<S> Core<S> {
     /// Is the drain over (everything closed, or the deadline passed)?
     pub fn drained(&self) -> bool {
         self.drain_deadline
-            .is_some_and(|d| self.conns.is_empty() || Instant::now() >= d)
+            .is_some_and(|d| self.conns.is_empty() || self.now >= d)
     }
 
     /// At the worker's exit: publications still waiting for it (carried or

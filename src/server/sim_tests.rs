@@ -1,0 +1,367 @@
+//! [`Core`] driven by a simulated backend with virtual time, quinn-style:
+//! no sockets, no threads, no sleeps. Each peer is a byte pipe whose
+//! receive window the test sets (0: a peer that stops reading); time moves
+//! only when a test says so. What the real backends do per loop turn
+//! (read, end of turn: re-reads, delivery, one flush per dirty connection,
+//! unthrottle, sweep, deadlines) is done here in the same order.
+
+use super::Shared;
+use super::config::Config;
+use super::stats::WorkerStats;
+use super::worker::{AfterFlush, Core, IoState};
+use crate::proto::frame::{OpCode, client_frame};
+use crate::pubsub::bus::{Bus, Wake};
+use crate::pubsub::directory::Directory;
+use std::collections::HashMap;
+use std::io::IoSlice;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const MASK: [u8; 4] = [1, 2, 3, 4];
+const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+struct NoWake;
+impl Wake for NoWake {
+    fn wake(&self) {}
+}
+
+/// One simulated peer: what it has received, how much more its socket
+/// takes, and whether the server closed or shut down its side.
+#[derive(Debug, Default)]
+struct Peer {
+    received: Vec<u8>,
+    window: usize,
+    shut_down: bool,
+}
+
+/// A one-worker server core and its simulated peers.
+struct Sim {
+    core: Core<()>,
+    now: Instant,
+    peers: HashMap<usize, Peer>,
+    closed: Vec<usize>,
+}
+
+impl Sim {
+    fn new(tweak: impl FnOnce(&mut Config)) -> Self {
+        let mut config = Config {
+            workers: 1,
+            ..Config::default()
+        };
+        tweak(&mut config);
+        let (bus, mut inboxes) = Bus::new(vec![Box::new(NoWake) as Box<dyn Wake>]);
+        let shared = Arc::new(Shared::new(
+            config,
+            Box::new([WorkerStats::default()]),
+            Arc::new(Directory::new()),
+            bus,
+        ));
+        let core = Core::new(0, inboxes.remove(0), shared);
+        let now = core.now;
+        Self {
+            core,
+            now,
+            peers: HashMap::new(),
+            closed: Vec::new(),
+        }
+    }
+
+    fn stats(&self) -> &WorkerStats {
+        self.core.stats()
+    }
+
+    /// A new connection whose socket takes `window` bytes before it blocks.
+    fn connect(&mut self, window: usize) -> usize {
+        self.core.now = self.now;
+        let key = self.core.admit((), None);
+        self.peers.insert(
+            key,
+            Peer {
+                window,
+                ..Peer::default()
+            },
+        );
+        self.turn();
+        key
+    }
+
+    /// A connection upgraded on `path`, its 101 read.
+    fn upgrade(&mut self, path: &str, window: usize) -> usize {
+        let key = self.connect(window + 256);
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        self.send(key, req.as_bytes());
+        let peer = self.peers.get_mut(&key).unwrap();
+        assert!(peer.received.starts_with(b"HTTP/1.1 101 "));
+        peer.received.clear();
+        peer.window = window;
+        key
+    }
+
+    /// The peer sends `bytes` (one read), then a loop turn ends.
+    fn send(&mut self, key: usize, bytes: &[u8]) {
+        self.core.now = self.now;
+        if self
+            .core
+            .conns
+            .get(key)
+            .is_some_and(|c| c.state == IoState::Active && !c.read_paused)
+        {
+            let mut buf = vec![0u8; self.core.conns[key].session.pending_len()];
+            self.core.conns[key].session.restore_pending(&mut buf);
+            buf.extend_from_slice(bytes);
+            self.core.input(key, &mut buf);
+            self.core.after_input(key);
+        }
+        self.turn();
+    }
+
+    /// The peer reads: its socket takes `n` more bytes.
+    fn read(&mut self, key: usize, n: usize) {
+        self.peers.get_mut(&key).unwrap().window += n;
+        if self.core.conns.contains(key) {
+            self.core.mark_dirty(key);
+        }
+        self.turn();
+    }
+
+    /// Virtual time passes, one loop turn per `step`.
+    fn wait(&mut self, total: Duration, step: Duration) {
+        let end = self.now + total;
+        while self.now < end {
+            self.now += step;
+            self.turn();
+        }
+    }
+
+    /// The end of a loop turn, as both backends run it.
+    fn turn(&mut self) {
+        self.core.now = self.now;
+        let _ = self.core.take_reread();
+        self.core.deliver();
+        let dirty = self.core.take_dirty();
+        for &(key, _) in &dirty {
+            if self.core.conns.contains(key) {
+                self.flush(key);
+            }
+        }
+        self.core.return_dirty(dirty);
+        self.core.observe_written();
+        self.core.unthrottle();
+        self.core.keepalive();
+        let closed = &mut self.closed;
+        self.core.expire(self.now, |core, key| {
+            core.retire(key);
+            core.conns.remove(key);
+            closed.push(key);
+        });
+    }
+
+    fn flush(&mut self, key: usize) {
+        let peer = self.peers.get_mut(&key).unwrap();
+        let out = &mut self.core.conns[key].session.out;
+        let mut wrote = 0;
+        while !out.is_empty() && peer.window > 0 {
+            let mut iov = [IoSlice::new(&[]); 64];
+            let n = out.gather(&mut iov);
+            let mut take = peer.window.min(out.len());
+            let mut taken = 0;
+            for s in &iov[..n] {
+                let k = s.len().min(take);
+                peer.received.extend_from_slice(&s[..k]);
+                take -= k;
+                taken += k;
+            }
+            out.advance(taken);
+            peer.window -= taken;
+            wrote += taken;
+        }
+        match self.core.after_flush(key, wrote) {
+            AfterFlush::Keep => {}
+            AfterFlush::ShutdownWrite => peer.shut_down = true,
+            AfterFlush::Remove => {
+                self.core.retire(key);
+                self.core.conns.remove(key);
+                self.closed.push(key);
+            }
+        }
+    }
+
+    fn received(&mut self, key: usize) -> Vec<u8> {
+        std::mem::take(&mut self.peers.get_mut(&key).unwrap().received)
+    }
+}
+
+/// The close code of the first close frame in `wire`, if any.
+fn close_code(wire: &[u8]) -> Option<u16> {
+    let mut pos = 0;
+    while pos + 2 <= wire.len() {
+        let (op, len7) = (wire[pos] & 0x0f, (wire[pos + 1] & 0x7f) as usize);
+        let (len, head) = match len7 {
+            126 => (
+                u16::from_be_bytes([wire[pos + 2], wire[pos + 3]]) as usize,
+                4,
+            ),
+            127 => (
+                u64::from_be_bytes(wire[pos + 2..pos + 10].try_into().unwrap()) as usize,
+                10,
+            ),
+            n => (n, 2),
+        };
+        if op == 0x8 {
+            return Some(u16::from_be_bytes([wire[pos + head], wire[pos + head + 1]]));
+        }
+        pos += head + len;
+    }
+    None
+}
+
+fn publish(sim: &mut Sim, topic: &str, body: &[u8]) {
+    let key = sim.connect(1 << 20);
+    let mut req = format!(
+        "POST /publish/{topic} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    sim.send(key, &req);
+    assert!(sim.received(key).starts_with(b"HTTP/1.1 204 "));
+}
+
+const SECOND: Duration = Duration::from_secs(1);
+const TICK: Duration = Duration::from_millis(100);
+
+#[test]
+fn a_silent_subscriber_is_pinged_then_closed_1001_in_virtual_time() {
+    let mut sim = Sim::new(|_| {});
+    let s = sim.upgrade("/ws?topics=a", 1 << 20);
+    sim.wait(29 * SECOND, TICK);
+    assert!(sim.received(s).is_empty(), "nothing before the interval");
+    sim.wait(2 * SECOND, TICK);
+    assert_eq!(sim.received(s), [0x89, 0x00], "a ping after 30 s");
+    sim.wait(11 * SECOND, TICK);
+    assert_eq!(close_code(&sim.received(s)), Some(1001));
+    assert_eq!(
+        sim.stats()
+            .keepalive_timeouts
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    sim.wait(3 * SECOND, TICK);
+    assert!(sim.closed.contains(&s), "dropped after the linger");
+}
+
+#[test]
+fn a_subscriber_that_stops_reading_is_cut_at_its_bound_and_the_others_get_everything() {
+    let mut sim = Sim::new(|c| c.max_outbound_bytes = 64 * 1024);
+    let stalled = sim.upgrade("/ws?topics=t", 0);
+    let reader = sim.upgrade("/ws?topics=t", usize::MAX / 2);
+    for i in 0..10u8 {
+        publish(&mut sim, "t", &[i; 16 * 1024]);
+    }
+    let got = sim.received(reader);
+    assert_eq!(got.len(), 10 * (4 + 16 * 1024), "every message, whole");
+    let st = sim.stats();
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(st.slow_consumer_disconnects.load(Relaxed), 1);
+    // The stalled one reads at last: an unbroken prefix, then 1008.
+    sim.read(stalled, usize::MAX / 2);
+    let wire = sim.received(stalled);
+    assert_eq!(close_code(&wire), Some(1008));
+    assert_eq!(wire[4..4 + 16], [0u8; 16], "starting at the first message");
+}
+
+#[test]
+fn a_queued_byte_that_waits_past_the_send_timeout_closes_the_connection() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut sim = Sim::new(|c| {
+        c.send_timeout = Some(5 * SECOND);
+        c.ping_interval = None;
+    });
+    let slow = sim.upgrade("/echo", 0);
+    for _ in 0..3 {
+        sim.send(slow, &client_frame(true, OpCode::Binary, &[7; 1000], MASK));
+    }
+    // It reads 50 bytes a second: progress, but its first 1 004-byte echo
+    // needs 20 s. Not cut before the deadline...
+    for _ in 0..4 {
+        sim.wait(SECOND, TICK);
+        sim.read(slow, 50);
+    }
+    assert_eq!(sim.stats().send_timeouts.load(Relaxed), 0);
+    // ...cut once the first queued byte has waited 5 s (one sweep later at most).
+    for _ in 0..3 {
+        sim.wait(SECOND, TICK);
+        sim.read(slow, 50);
+    }
+    assert_eq!(sim.stats().send_timeouts.load(Relaxed), 1);
+    assert!(sim.stats().send_timeout_discarded_bytes.load(Relaxed) > 0);
+    sim.wait(3 * SECOND, TICK);
+    assert!(sim.closed.contains(&slow));
+    assert_eq!(sim.core.stats().buffered_bytes.load(Relaxed), 0);
+}
+
+#[test]
+fn a_reader_that_keeps_up_with_a_steady_backlog_is_never_cut() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut sim = Sim::new(|c| {
+        c.send_timeout = Some(2 * SECOND);
+        c.ping_interval = None;
+    });
+    let s = sim.upgrade("/ws?topics=feed", 0);
+    // 60 s of a feed where the reader always lags by five messages (its
+    // queue is never empty) but each byte leaves within half a second.
+    for _ in 0..5 {
+        publish(&mut sim, "feed", &[1; 2000]);
+    }
+    for _ in 0..600 {
+        publish(&mut sim, "feed", &[1; 2000]);
+        sim.now += TICK;
+        sim.read(s, 2004);
+        assert!(
+            !sim.core.conns[s].session.out.is_empty(),
+            "a steady backlog"
+        );
+    }
+    assert_eq!(sim.stats().send_timeouts.load(Relaxed), 0);
+    assert!(!sim.closed.contains(&s));
+}
+
+#[test]
+fn half_a_request_head_gets_408_at_the_handshake_deadline() {
+    let mut sim = Sim::new(|_| {});
+    let c = sim.connect(1 << 20);
+    sim.send(c, b"GET /ws HTTP/1.1\r\nHost: x\r\n");
+    sim.wait(9 * SECOND, TICK);
+    assert!(sim.received(c).is_empty());
+    sim.wait(2 * SECOND, TICK);
+    assert!(sim.received(c).starts_with(b"HTTP/1.1 408 "));
+    sim.wait(3 * SECOND, TICK);
+    assert!(sim.closed.contains(&c), "then closed after the linger");
+}
+
+#[test]
+fn the_connection_that_grows_past_the_budget_is_closed_1013_and_the_others_keep_theirs() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut sim = Sim::new(|c| c.max_buffered_bytes = 1 << 20);
+    let a = sim.upgrade("/echo", 1 << 20);
+    let b = sim.upgrade("/echo", 1 << 20);
+    // A 4 MiB message announced on each; 300 KiB of it arrives on a, then
+    // 800 KiB on b: together over the 1 MiB budget.
+    let header = {
+        let mut h = vec![0x82, 0xff];
+        h.extend_from_slice(&(4u64 << 20).to_be_bytes());
+        h.extend_from_slice(&MASK);
+        h
+    };
+    sim.send(a, &header);
+    sim.send(a, &vec![0u8; 300 * 1024]);
+    assert!(sim.received(a).is_empty(), "a is within the budget");
+    sim.send(b, &header);
+    sim.send(b, &vec![0u8; 800 * 1024]);
+    assert_eq!(close_code(&sim.received(b)), Some(1013), "b took it past");
+    assert!(sim.received(a).is_empty(), "a keeps what it holds");
+    assert_eq!(sim.stats().budget_closes.load(Relaxed), 1);
+}
