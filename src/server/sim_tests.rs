@@ -32,14 +32,18 @@ struct Peer {
     received: Vec<u8>,
     window: usize,
     shut_down: bool,
+    /// Sent by the peer, not yet read by the server (its socket buffer).
+    unread: Vec<u8>,
 }
 
-/// A one-worker server core and its simulated peers.
+/// Worker 0's core and its simulated peers; the other workers of the
+/// configuration exist only as mailboxes (`others`) the test drains, or not.
 struct Sim {
     core: Core<()>,
     now: Instant,
     peers: HashMap<usize, Peer>,
     closed: Vec<usize>,
+    others: Vec<crate::pubsub::bus::Inbox>,
 }
 
 impl Sim {
@@ -49,10 +53,15 @@ impl Sim {
             ..Config::default()
         };
         tweak(&mut config);
-        let (bus, mut inboxes) = Bus::new(vec![Box::new(NoWake) as Box<dyn Wake>]);
+        let workers = config.workers;
+        let (bus, mut inboxes) = Bus::new(
+            (0..workers)
+                .map(|_| Box::new(NoWake) as Box<dyn Wake>)
+                .collect(),
+        );
         let shared = Arc::new(Shared::new(
             config,
-            Box::new([WorkerStats::default()]),
+            (0..workers).map(|_| WorkerStats::default()).collect(),
             Arc::new(Directory::new()),
             bus,
         ));
@@ -63,6 +72,7 @@ impl Sim {
             now,
             peers: HashMap::new(),
             closed: Vec::new(),
+            others: inboxes,
         }
     }
 
@@ -100,22 +110,36 @@ impl Sim {
         key
     }
 
-    /// The peer sends `bytes` (one read), then a loop turn ends.
+    /// The peer sends `bytes`; the server reads them (one read) unless it
+    /// is not reading that connection; then a loop turn ends.
     fn send(&mut self, key: usize, bytes: &[u8]) {
+        self.peers
+            .get_mut(&key)
+            .unwrap()
+            .unread
+            .extend_from_slice(bytes);
         self.core.now = self.now;
-        if self
+        self.pump(key);
+        self.turn();
+    }
+
+    /// The server reads what `key` sent, if it reads that connection now.
+    fn pump(&mut self, key: usize) {
+        let readable = self
             .core
             .conns
             .get(key)
-            .is_some_and(|c| c.state == IoState::Active && !c.read_paused)
-        {
-            let mut buf = vec![0u8; self.core.conns[key].session.pending_len()];
-            self.core.conns[key].session.restore_pending(&mut buf);
-            buf.extend_from_slice(bytes);
-            self.core.input(key, &mut buf);
-            self.core.after_input(key);
+            .is_some_and(|c| c.state == IoState::Active && !c.read_paused);
+        let unread = std::mem::take(&mut self.peers.get_mut(&key).unwrap().unread);
+        if !readable || unread.is_empty() {
+            self.peers.get_mut(&key).unwrap().unread = unread;
+            return;
         }
-        self.turn();
+        let mut buf = vec![0u8; self.core.conns[key].session.pending_len()];
+        self.core.conns[key].session.restore_pending(&mut buf);
+        buf.extend_from_slice(&unread);
+        self.core.input(key, &mut buf);
+        self.core.after_input(key);
     }
 
     /// The peer reads: its socket takes `n` more bytes.
@@ -139,7 +163,12 @@ impl Sim {
     /// The end of a loop turn, as both backends run it.
     fn turn(&mut self) {
         self.core.now = self.now;
-        let _ = self.core.take_reread();
+        let reread = self.core.take_reread();
+        for &(key, serial) in &reread {
+            if self.core.is_current(key, serial) {
+                self.pump(key);
+            }
+        }
         self.core.deliver();
         let dirty = self.core.take_dirty();
         for &(key, _) in &dirty {
@@ -364,4 +393,53 @@ fn the_connection_that_grows_past_the_budget_is_closed_1013_and_the_others_keep_
     assert_eq!(close_code(&sim.received(b)), Some(1013), "b took it past");
     assert!(sim.received(a).is_empty(), "a keeps what it holds");
     assert_eq!(sim.stats().budget_closes.load(Relaxed), 1);
+}
+
+#[test]
+fn an_http_publisher_is_not_read_while_a_peer_mailbox_is_over_its_mark() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut sim = Sim::new(|c| {
+        c.workers = 2;
+        c.mailbox_high_water = 4096;
+    });
+    // A subscriber on worker 1, whose mailbox the test drains by hand.
+    let directory = Arc::clone(&sim.core.shared.directory);
+    let bus = Arc::clone(&sim.core.shared.bus);
+    let mut shard1 = crate::pubsub::shard::Shard::new(1, directory, Arc::clone(&bus));
+    shard1.subscribe("t", (0, 0));
+    let publisher = sim.connect(1 << 20);
+    let post = |i: u8| {
+        let mut r = b"POST /publish/t HTTP/1.1\r\nHost: x\r\nContent-Length: 3000\r\n\r\n".to_vec();
+        r.extend_from_slice(&[i; 3000]);
+        r
+    };
+    let answers = |wire: &[u8]| wire.windows(12).filter(|w| w == b"HTTP/1.1 204").count();
+    // Two requests in one read: both published; they reach worker 1's
+    // mailbox (6 KiB and overhead, over the 4 KiB mark) at the end of the
+    // turn.
+    sim.send(publisher, &[post(1), post(2)].concat());
+    assert_eq!(answers(&sim.received(publisher)), 2);
+    // The next read is still processed (the mark is checked after each
+    // read: a publisher overshoots by at most one read), then the
+    // publisher is held: its next requests wait in the socket, however
+    // long, unanswered.
+    sim.send(publisher, &post(3));
+    assert_eq!(answers(&sim.received(publisher)), 1);
+    assert_eq!(sim.stats().publishers_throttled.load(Relaxed), 1);
+    for i in 4..10 {
+        sim.send(publisher, &post(i));
+    }
+    sim.wait(20 * SECOND, TICK);
+    let wire = sim.received(publisher);
+    assert!(wire.is_empty(), "{}", String::from_utf8_lossy(&wire));
+    assert_eq!(sim.stats().messages_published.load(Relaxed), 3);
+    assert!(!sim.closed.contains(&publisher), "held, not timed out");
+    // Worker 1 drains its mailbox: the publisher is read again and every
+    // request is answered, in order.
+    let mut delivered = 0;
+    sim.others[0].drain(&bus, |batch| delivered += batch.len());
+    assert_eq!(delivered, 3);
+    sim.wait(SECOND, TICK);
+    assert_eq!(answers(&sim.received(publisher)), 6);
+    assert_eq!(sim.stats().messages_published.load(Relaxed), 9);
 }
