@@ -18,7 +18,7 @@ use crate::proto::CloseCode;
 use crate::proto::handshake::{Reject, Status};
 use crate::proto::outbound::COPY_BELOW;
 use crate::pubsub::bus::{Inbox, Publication};
-use crate::pubsub::shard::Shard;
+use crate::pubsub::shard::{ConnRef, Shard};
 use bytes::Bytes;
 use slab::Slab;
 use std::collections::{HashMap, VecDeque};
@@ -112,8 +112,6 @@ impl<S> Conn<S> {
     }
 }
 
-/// A (slab key, serial) pair that survives key reuse.
-pub type ConnRef = (usize, u32);
 
 /// What a backend does after flushing a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
