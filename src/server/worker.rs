@@ -112,7 +112,6 @@ impl<S> Conn<S> {
     }
 }
 
-
 /// What a backend does after flushing a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AfterFlush {
