@@ -1,8 +1,12 @@
 //! corecast: a thread-per-core WebSocket push server.
 //!
 //! - [`proto`]: the RFC 6455 protocol core, free of I/O.
-//! - [`pubsub`]: topic names and subscriber control messages (fan-out, in progress).
-//! - [`server`]: configuration, workers and the epoll (mio) event loop.
+//! - [`pubsub`]: the fan-out engine, free of I/O: topic names, subscriber
+//!   control messages, the topic directory, the cross-worker bus, per-worker
+//!   registries.
+//! - [`server`]: configuration, admission limits, workers and their event
+//!   loops (io_uring, or epoll through mio), metrics.
+//! - [`cli`]: the `corecast` command's flags.
 
 pub mod cli;
 pub mod proto;

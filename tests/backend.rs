@@ -13,11 +13,6 @@ fn uring_plain_fds() -> bool {
     std::env::var_os("CORECAST_URING_PLAIN_FDS").is_some_and(|v| v == "1")
 }
 
-/// Descriptors open in this process (the server runs in-process).
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
-
 #[test]
 fn the_requested_backend_is_the_one_running() {
     let server = start();

@@ -11,8 +11,6 @@ use tungstenite::Message;
 use tungstenite::protocol::frame::Frame;
 use tungstenite::protocol::frame::coding::{Data, OpCode as TOp};
 
-const MASK: [u8; 4] = [0x11, 0x22, 0x33, 0x44];
-
 #[test]
 fn echoes_text_and_binary() {
     let server = start();

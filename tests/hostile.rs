@@ -9,55 +9,15 @@ mod common;
 use common::*;
 use corecast::proto::frame::{OpCode, client_frame};
 use corecast::server::ServerHandle;
-use socket2::{Domain, Socket, Type};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-const MASK: [u8; 4] = [0x11, 0x22, 0x33, 0x44];
-const KIB: usize = 1024;
-const MIB: usize = 1024 * 1024;
 /// Slack on top of a documented deadline: the sweep period, a loaded CI
 /// machine's scheduling, and the test's own polling.
 const SLACK: Duration = Duration::from_secs(3);
 /// How long a closing connection may take (`worker::LINGER`).
 const LINGER: Duration = Duration::from_secs(2);
-
-fn text(payload: &[u8]) -> Vec<u8> {
-    client_frame(true, OpCode::Text, payload, MASK)
-}
-
-/// A connection with the smallest receive buffer the kernel allows, for a
-/// client that never reads: the server's writes to it stall quickly.
-fn tiny_window(addr: SocketAddr) -> TcpStream {
-    let sock = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    sock.set_recv_buffer_size(4 * KIB).unwrap();
-    sock.connect(&addr.into()).unwrap();
-    let s: TcpStream = sock.into();
-    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    s
-}
-
-fn upgrade(mut s: TcpStream, path: &str) -> TcpStream {
-    s.write_all(upgrade_request(path).as_bytes()).unwrap();
-    let head = read_head(&mut s);
-    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
-    s
-}
-
-/// Publishes `body` to `topic` over HTTP and waits for the 204.
-fn publish(addr: SocketAddr, topic: &str, body: &[u8]) {
-    let mut s = raw(addr);
-    let mut req = format!(
-        "POST /publish/{topic} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    req.extend_from_slice(body);
-    s.write_all(&req).unwrap();
-    let head = read_head(&mut s);
-    assert!(head.starts_with("HTTP/1.1 204 "), "{head}");
-}
 
 fn reply_text(s: &mut TcpStream) -> String {
     let (_, op, payload) = read_frame(s);
@@ -71,12 +31,14 @@ fn six_thousand_nested_brackets_get_an_error_reply_and_the_subscriber_lives_on()
     let addr = server.local_addr();
     let mut s = raw_ws(addr, "/ws?topics=nest");
     let bomb = format!("{}{}", "[".repeat(6000), "]".repeat(6000));
-    s.write_all(&text(bomb.as_bytes())).unwrap();
+    s.write_all(&client_frame(true, OpCode::Text, bomb.as_bytes(), MASK))
+        .unwrap();
     let reply = reply_text(&mut s);
     assert!(reply.starts_with(r#"{"op":"error""#), "{reply}");
     // Objects nest the same way.
     let objects = format!("{}{}", r#"{"a":"#.repeat(5000), "}".repeat(5000));
-    s.write_all(&text(objects.as_bytes())).unwrap();
+    s.write_all(&client_frame(true, OpCode::Text, objects.as_bytes(), MASK))
+        .unwrap();
     assert!(reply_text(&mut s).starts_with(r#"{"op":"error""#));
     // The worker is alive and this subscriber still subscribed.
     publish(addr, "nest", b"still here");
@@ -107,7 +69,8 @@ fn a_subscribe_naming_nine_thousand_topics_is_refused_without_subscribing_any() 
     let names: Vec<String> = (0..9000).map(base36).collect();
     let msg = format!(r#"{{"op":"subscribe","topics":[{}]}}"#, names.join(","));
     assert!(msg.len() < 64 * KIB, "within the control-message size");
-    s.write_all(&text(msg.as_bytes())).unwrap();
+    s.write_all(&client_frame(true, OpCode::Text, msg.as_bytes(), MASK))
+        .unwrap();
     let reply = reply_text(&mut s);
     assert!(
         reply.starts_with(r#"{"op":"error""#) && reply.contains("too many"),
@@ -115,8 +78,13 @@ fn a_subscribe_naming_nine_thousand_topics_is_refused_without_subscribing_any() 
     );
     assert_eq!(server.stats().subscriptions, 0);
     // A message within the limit still works on the same connection.
-    s.write_all(&text(br#"{"op":"subscribe","topics":["a","b","a"]}"#))
-        .unwrap();
+    s.write_all(&client_frame(
+        true,
+        OpCode::Text,
+        br#"{"op":"subscribe","topics":["a","b","a"]}"#,
+        MASK,
+    ))
+    .unwrap();
     assert_eq!(
         reply_text(&mut s),
         r#"{"op":"subscribed","topics":["a","b"]}"#

@@ -6,48 +6,14 @@ mod common;
 
 use common::*;
 use corecast::proto::frame::{OpCode, client_frame};
-use socket2::{Domain, Socket, Type};
 use std::io::Write;
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 use tungstenite::Message;
 
-const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
-
-fn frame(fin: bool, op: OpCode, payload: &[u8]) -> Vec<u8> {
-    client_frame(fin, op, payload, MASK)
-}
-
-/// A raw connection to `addr` from the source address `from`.
-fn raw_from(from: IpAddr, addr: SocketAddr) -> TcpStream {
-    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    s.bind(&SocketAddr::new(from, 0).into()).unwrap();
-    s.connect(&addr.into()).unwrap();
-    let s: TcpStream = s.into();
-    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    s.set_nodelay(true).unwrap();
-    s
-}
-
-/// Upgrades `s` on `path`; returns the response head.
-fn upgrade(s: &mut TcpStream, path: &str) -> String {
-    s.write_all(upgrade_request(path).as_bytes()).unwrap();
-    read_head(s)
-}
-
-/// The value of the metric line starting with `prefix` (name and labels).
-/// Asked from an address of its own, so per-address limits never refuse it.
-fn metric(addr: SocketAddr, prefix: &str) -> u64 {
-    let mut s = raw_from([127, 0, 0, 250].into(), addr);
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let all = String::from_utf8(read_to_eof(&mut s)).unwrap();
-    all.lines()
-        .find_map(|l| l.strip_prefix(prefix)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("{prefix} not in\n{all}"))
-        .parse()
-        .unwrap()
-}
+/// The source address `/metrics` is asked from: one of its own, so
+/// per-address limits never refuse it.
+const METRICS_FROM: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 250));
 
 fn assert_503(head: &str, reason: &str, all: &str) {
     assert!(
@@ -73,7 +39,7 @@ fn the_connection_cap_answers_503_and_frees_with_closes() {
     let mut s = raw(addr);
     assert!(eventually(Duration::from_secs(3), || {
         s = raw(addr);
-        upgrade(&mut s, "/echo").starts_with("HTTP/1.1 101")
+        request_upgrade(&mut s, "/echo").starts_with("HTTP/1.1 101")
     }));
     drop(s);
     drop(held.pop());
@@ -94,8 +60,8 @@ fn the_per_address_cap_only_affects_that_address() {
     let two: IpAddr = [127, 0, 0, 2].into();
     let mut a = raw_from(one, addr);
     let mut b = raw_from(one, addr);
-    assert!(upgrade(&mut a, "/echo").starts_with("HTTP/1.1 101"));
-    assert!(upgrade(&mut b, "/echo").starts_with("HTTP/1.1 101"));
+    assert!(request_upgrade(&mut a, "/echo").starts_with("HTTP/1.1 101"));
+    assert!(request_upgrade(&mut b, "/echo").starts_with("HTTP/1.1 101"));
     let mut c = raw_from(one, addr);
     let head = read_head(&mut c);
     assert_503(
@@ -104,16 +70,16 @@ fn the_per_address_cap_only_affects_that_address() {
         &String::from_utf8(read_to_eof(&mut c)).unwrap(),
     );
     let mut d = raw_from(two, addr);
-    assert!(upgrade(&mut d, "/echo").starts_with("HTTP/1.1 101"));
+    assert!(request_upgrade(&mut d, "/echo").starts_with("HTTP/1.1 101"));
     drop(a);
     // The slot comes back once the server has seen the close.
     assert!(eventually(Duration::from_secs(3), || {
         let mut e = raw_from(one, addr);
-        upgrade(&mut e, "/echo").starts_with("HTTP/1.1 101")
+        request_upgrade(&mut e, "/echo").starts_with("HTTP/1.1 101")
     }));
     assert!(
         metric(
-            addr,
+            &metrics_from(METRICS_FROM, addr),
             "corecast_connections_refused_total{limit=\"max_connections_per_ip\"}"
         ) >= 1
     );
@@ -130,7 +96,7 @@ fn the_connect_rate_refuses_a_burst_from_one_address() {
     let mut answers = Vec::new();
     for _ in 0..8 {
         let mut s = raw_from(from, addr);
-        answers.push(upgrade(&mut s, "/echo"));
+        answers.push(request_upgrade(&mut s, "/echo"));
     }
     let ok = answers
         .iter()
@@ -145,23 +111,13 @@ fn the_connect_rate_refuses_a_burst_from_one_address() {
     assert_eq!(ok + refused, 8);
     // Another address is not affected.
     let mut s = raw_from([127, 0, 0, 4].into(), addr);
-    assert!(upgrade(&mut s, "/echo").starts_with("HTTP/1.1 101"));
+    assert!(request_upgrade(&mut s, "/echo").starts_with("HTTP/1.1 101"));
     assert!(
         metric(
-            addr,
+            &metrics_from(METRICS_FROM, addr),
             "corecast_connections_refused_total{limit=\"connect_rate\"}"
         ) >= 1
     );
-}
-
-fn post(topic: &str, body: &[u8]) -> Vec<u8> {
-    let mut r = format!(
-        "POST /publish/{topic} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    r.extend_from_slice(body);
-    r
 }
 
 #[test]
@@ -189,7 +145,13 @@ fn http_publishers_over_the_rate_get_429() {
         "{statuses:?}"
     );
     assert_eq!(server.stats().publish_rate_limited, 1);
-    assert_eq!(metric(addr, "corecast_publish_rate_limited_total"), 1);
+    assert_eq!(
+        metric(
+            &metrics_from(METRICS_FROM, addr),
+            "corecast_publish_rate_limited_total"
+        ),
+        1
+    );
 }
 
 #[test]
@@ -240,17 +202,17 @@ fn websocket_publishers_over_the_rate_are_paced_and_lose_nothing() {
 fn a_frame_over_the_frame_limit_closes_1009() {
     let server = start_with(|c| c.max_frame_size = 1000);
     let mut s = raw_ws(server.local_addr(), "/echo");
-    s.write_all(&frame(true, OpCode::Binary, &[7; 1000]))
+    s.write_all(&client_frame(true, OpCode::Binary, &[7; 1000], MASK))
         .unwrap();
     let (_, op, p) = read_frame(&mut s);
     assert_eq!((op, p.len()), (0x2, 1000), "at the limit: echoed");
     // The header alone is enough to refuse the next one.
-    s.write_all(&frame(true, OpCode::Binary, &[7; 1001])[..8])
+    s.write_all(&client_frame(true, OpCode::Binary, &[7; 1001], MASK)[..8])
         .unwrap();
     assert_eq!(read_close_code(&mut s), 1009);
     assert_eq!(
         metric(
-            server.local_addr(),
+            &metrics_from(METRICS_FROM, server.local_addr()),
             "corecast_ws_failures_total{code=\"1009\"}"
         ),
         1
@@ -261,16 +223,16 @@ fn a_frame_over_the_frame_limit_closes_1009() {
 fn too_many_fragments_close_1009() {
     let server = start_with(|c| c.max_fragments = 4);
     let mut s = raw_ws(server.local_addr(), "/echo");
-    let mut msg = frame(false, OpCode::Text, b"a");
+    let mut msg = client_frame(false, OpCode::Text, b"a", MASK);
     for _ in 0..2 {
-        msg.extend(frame(false, OpCode::Continuation, b"b"));
+        msg.extend(client_frame(false, OpCode::Continuation, b"b", MASK));
     }
-    msg.extend(frame(true, OpCode::Continuation, b"c"));
+    msg.extend(client_frame(true, OpCode::Continuation, b"c", MASK));
     s.write_all(&msg).unwrap();
     assert_eq!(read_frame(&mut s), (true, 0x1, b"abbc".to_vec()));
-    let mut msg = frame(false, OpCode::Text, b"a");
+    let mut msg = client_frame(false, OpCode::Text, b"a", MASK);
     for _ in 0..4 {
-        msg.extend(frame(false, OpCode::Continuation, b""));
+        msg.extend(client_frame(false, OpCode::Continuation, b"", MASK));
     }
     s.write_all(&msg).unwrap();
     assert_eq!(read_close_code(&mut s), 1009);
@@ -282,7 +244,7 @@ fn a_ping_flood_is_answered_up_to_the_rate_then_closed_1008() {
     let mut s = raw_ws(server.local_addr(), "/echo");
     let mut flood = Vec::new();
     for _ in 0..500 {
-        flood.extend(frame(true, OpCode::Ping, b"are you there"));
+        flood.extend(client_frame(true, OpCode::Ping, b"are you there", MASK));
     }
     s.write_all(&flood).unwrap();
     let mut pongs = 0;
@@ -299,7 +261,7 @@ fn a_ping_flood_is_answered_up_to_the_rate_then_closed_1008() {
     assert!((50..=60).contains(&pongs), "{pongs} pongs");
     assert_eq!(
         metric(
-            server.local_addr(),
+            &metrics_from(METRICS_FROM, server.local_addr()),
             "corecast_ws_failures_total{code=\"1008\"}"
         ),
         1
@@ -314,8 +276,8 @@ fn a_message_that_never_completes_is_closed_1008_after_the_deadline() {
     let mut steady = connect(addr, "/echo");
     let mut s = raw_ws(addr, "/echo");
     // The first fragment, and half of a frame's payload: then silence.
-    let mut start = frame(false, OpCode::Text, b"part one");
-    start.extend_from_slice(&frame(false, OpCode::Continuation, &[b'x'; 100])[..50]);
+    let mut start = client_frame(false, OpCode::Text, b"part one", MASK);
+    start.extend_from_slice(&client_frame(false, OpCode::Continuation, &[b'x'; 100], MASK)[..50]);
     s.write_all(&start).unwrap();
     let sent = Instant::now();
     for i in 0..8 {
@@ -432,7 +394,7 @@ fn closing_before_the_head_completes_leaves_nothing_counted() {
     let mut held = Vec::new();
     for _ in 0..10 {
         let mut s = raw(addr);
-        let head = upgrade(&mut s, "/echo");
+        let head = request_upgrade(&mut s, "/echo");
         assert!(
             head.starts_with("HTTP/1.1 101"),
             "{head} {:?}",

@@ -47,30 +47,6 @@ fn spawn_server() -> (Server, SocketAddr) {
     (server, addr)
 }
 
-/// A field of /proc/PID/status, in KiB.
-fn status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.trim().strip_suffix(" kB"))
-        .unwrap_or_else(|| panic!("{field} not in status"))
-        .trim()
-        .parse()
-        .unwrap()
-}
-
-fn metric(addr: SocketAddr, name: &str) -> u64 {
-    let mut s = raw(addr);
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let all = String::from_utf8(read_to_eof(&mut s)).unwrap();
-    all.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("{name} not in\n{all}"))
-        .parse()
-        .unwrap()
-}
-
 const ATTACKERS: usize = 2000;
 const CHUNK: usize = 64 * 1024;
 /// The defaults under attack (docs/SECURITY.md).
@@ -128,7 +104,7 @@ fn thousands_of_max_size_messages_stay_within_the_buffer_budget() {
     // MiB each): let the server read its way to the budget.
     let mut refused = 0;
     eventually(Duration::from_secs(60), || {
-        refused = metric(addr, "corecast_buffer_budget_closes_total");
+        refused = metric(&metrics(addr), "corecast_buffer_budget_closes_total");
         refused > 0
     });
     let peak_kib = status_kib(pid, "VmHWM:");
@@ -172,7 +148,7 @@ fn thousands_of_max_size_messages_stay_within_the_buffer_budget() {
     drop(attackers);
     assert!(
         eventually(Duration::from_secs(10), || metric(
-            addr,
+            &metrics(addr),
             "corecast_buffered_bytes"
         ) == 0),
         "buffered bytes return to 0"

@@ -12,8 +12,6 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 use tungstenite::Message;
 
-type Ws = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>;
-
 fn text(ws: &mut Ws) -> String {
     match ws.read().expect("a message") {
         Message::Text(t) => t.to_string(),
@@ -38,28 +36,6 @@ fn http(s: &mut TcpStream, req: &[u8]) -> (String, Vec<u8>) {
     let mut body = vec![0u8; len];
     s.read_exact(&mut body).unwrap();
     (head, body)
-}
-
-fn post(topic: &str, content_type: &str, body: &[u8], extra: &str) -> Vec<u8> {
-    let mut r = format!(
-        "POST /publish/{topic} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra}\r\n",
-        body.len()
-    )
-    .into_bytes();
-    r.extend_from_slice(body);
-    r
-}
-
-fn metric(addr: SocketAddr, name: &str) -> u64 {
-    let mut s = raw(addr);
-    let (head, body) = http(&mut s, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
-    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
-    let body = String::from_utf8(body).unwrap();
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("{name} not in\n{body}"))
-        .parse()
-        .unwrap()
 }
 
 fn seq_payload(topic: u8, i: u32) -> Vec<u8> {
@@ -167,7 +143,7 @@ fn control_messages_subscribe_unsubscribe_and_errors_keep_the_connection() {
         4,
         "three bad messages and a binary one"
     );
-    assert_eq!(metric(addr, "corecast_control_errors_total"), 4);
+    assert_eq!(metric(&metrics(addr), "corecast_control_errors_total"), 4);
 }
 
 #[test]
@@ -219,12 +195,12 @@ fn http_publish_with_keep_alive_text_and_binary() {
     let mut s = raw(addr);
     let (head, _) = http(
         &mut s,
-        &post("news", "text/plain; charset=utf-8", "héllo".as_bytes(), ""),
+        &post_with("news", "text/plain; charset=utf-8", "héllo".as_bytes(), ""),
     );
     assert!(head.starts_with("HTTP/1.1 204 "), "{head}");
     assert_eq!(sub.read().unwrap(), Message::text("héllo"));
     // Same connection, binary body, body split from its head.
-    let req = post("news", "application/octet-stream", &[0, 159, 146, 150], "");
+    let req = post_with("news", "application/octet-stream", &[0, 159, 146, 150], "");
     let (h, b) = req.split_at(req.len() - 2);
     s.write_all(h).unwrap();
     std::thread::sleep(Duration::from_millis(20));
@@ -236,15 +212,15 @@ fn http_publish_with_keep_alive_text_and_binary() {
         Message::binary(vec![0u8, 159, 146, 150])
     );
     // Two pipelined requests in one write.
-    let mut two = post("news", "text/plain", b"p1", "");
-    two.extend(post("news", "text/plain", b"p2", ""));
+    let mut two = post_with("news", "text/plain", b"p1", "");
+    two.extend(post_with("news", "text/plain", b"p2", ""));
     s.write_all(&two).unwrap();
     assert!(read_head(&mut s).starts_with("HTTP/1.1 204 "));
     assert!(read_head(&mut s).starts_with("HTTP/1.1 204 "));
     assert_eq!(sub.read().unwrap(), Message::text("p1"));
     assert_eq!(sub.read().unwrap(), Message::text("p2"));
     // Expect: 100-continue gets its interim answer before the body is sent.
-    let req = post("news", "text/plain", b"late", "Expect: 100-continue\r\n");
+    let req = post_with("news", "text/plain", b"late", "Expect: 100-continue\r\n");
     let split = req.len() - 4;
     s.write_all(&req[..split]).unwrap();
     assert!(read_head(&mut s).starts_with("HTTP/1.1 100 Continue"));
@@ -253,7 +229,10 @@ fn http_publish_with_keep_alive_text_and_binary() {
     assert_eq!(sub.read().unwrap(), Message::text("late"));
     // A 1 MiB body arriving over many reads.
     let big = vec![7u8; 1 << 20];
-    let (head, _) = http(&mut s, &post("news", "application/octet-stream", &big, ""));
+    let (head, _) = http(
+        &mut s,
+        &post_with("news", "application/octet-stream", &big, ""),
+    );
     assert!(head.starts_with("HTTP/1.1 204 "), "{head}");
     assert_eq!(sub.read().unwrap(), Message::binary(big));
     assert_eq!(server.stats().messages_published, 6);
@@ -265,12 +244,20 @@ fn http_publish_refusals() {
     let addr = server.local_addr();
     for (req, status, needle) in [
         (
-            post("t", "text/plain", &[b'a'; 1001], ""),
+            post_with("t", "text/plain", &[b'a'; 1001], ""),
             413,
             "size limit",
         ),
-        (post("bad%topic", "text/plain", b"x", ""), 400, "bad topic"),
-        (post("t", "text/plain", &[0xff, 0xfe], ""), 400, "UTF-8"),
+        (
+            post_with("bad%topic", "text/plain", b"x", ""),
+            400,
+            "bad topic",
+        ),
+        (
+            post_with("t", "text/plain", &[0xff, 0xfe], ""),
+            400,
+            "UTF-8",
+        ),
         (
             b"POST /publish/t HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
             411,
@@ -309,14 +296,14 @@ fn publishers_need_the_token_when_one_is_set() {
     let server = start_with(|c| c.publish_token = Some("s3cret".into()));
     let addr = server.local_addr();
     let mut sub = connect(addr, "/ws?topics=t");
-    let r = refused(addr, &post("t", "text/plain", b"x", ""));
+    let r = refused(addr, &post_with("t", "text/plain", b"x", ""));
     assert!(
         r.starts_with("HTTP/1.1 401 ") && r.contains("WWW-Authenticate: Bearer"),
         "{r}"
     );
     let r = refused(
         addr,
-        &post("t", "text/plain", b"x", "Authorization: Bearer wrong\r\n"),
+        &post_with("t", "text/plain", b"x", "Authorization: Bearer wrong\r\n"),
     );
     assert!(r.starts_with("HTTP/1.1 401 "), "{r}");
     let r = refused(addr, upgrade_request("/publish/t").as_bytes());
@@ -325,7 +312,7 @@ fn publishers_need_the_token_when_one_is_set() {
     let mut s = raw(addr);
     let (head, _) = http(
         &mut s,
-        &post(
+        &post_with(
             "t",
             "text/plain",
             b"ok1",
@@ -344,15 +331,7 @@ fn publishers_need_the_token_when_one_is_set() {
 /// A subscriber that never reads, with a tiny receive buffer so the server's
 /// queue fills fast.
 fn stalled_subscriber(addr: SocketAddr, topic: &str) -> TcpStream {
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    sock.connect(&addr.into()).unwrap();
-    let mut s: TcpStream = sock.into();
-    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    s.write_all(upgrade_request(&format!("/ws?topics={topic}")).as_bytes())
-        .unwrap();
-    assert!(read_head(&mut s).starts_with("HTTP/1.1 101 "));
-    s
+    upgrade(tiny_window(addr), &format!("/ws?topics={topic}"))
 }
 
 /// Publishes `n` binary messages of `size` bytes (numbered in their first 4
@@ -422,7 +401,10 @@ fn a_stalled_subscriber_is_disconnected_and_the_others_get_everything() {
         (seen as usize) < N,
         "the backlog past the bound was discarded ({seen} delivered)"
     );
-    assert_eq!(metric(addr, "corecast_slow_consumer_disconnects_total"), 1);
+    assert_eq!(
+        metric(&metrics(addr), "corecast_slow_consumer_disconnects_total"),
+        1
+    );
     assert_eq!(
         server.stats().subscriptions,
         4,
@@ -496,13 +478,16 @@ fn metrics_and_health_on_the_main_port_or_the_admin_listener() {
         .stats()
         .frames_sent
         == 5));
-    assert_eq!(metric(addr, "corecast_messages_published_total"), 5);
-    assert_eq!(metric(addr, "corecast_frames_sent_total"), 5);
+    assert_eq!(
+        metric(&metrics(addr), "corecast_messages_published_total"),
+        5
+    );
+    assert_eq!(metric(&metrics(addr), "corecast_frames_sent_total"), 5);
     assert!(eventually(Duration::from_secs(5), || metric(
-        addr,
+        &metrics(addr),
         "corecast_publish_to_write_seconds_count"
     ) >= 5));
-    assert_eq!(metric(addr, "corecast_topics"), 1);
+    assert_eq!(metric(&metrics(addr), "corecast_topics"), 1);
 
     let server = start_with(|c| c.admin_listen = Some("127.0.0.1:0".parse().unwrap()));
     let r = refused(

@@ -7,6 +7,7 @@
 //! | [`directory`] | process-wide topic → interested workers (atomic masks) |
 //! | [`bus`] | cross-worker publication batches and wake-ups |
 //! | [`shard`] | one worker's registry (topic → local subscribers) and outbox |
+//! | [`ledger`] | published frames shared by reference, each charged once to the buffer budget |
 //!
 //! See docs/ARCHITECTURE.md for the path of one publication.
 

@@ -1,14 +1,30 @@
-//! Shared helpers for the integration tests: an in-process server on port 0,
-//! a raw TCP client for byte-exact probes, and a tungstenite client.
+//! Shared helpers for the integration tests, written once: an in-process
+//! server on port 0 and a tungstenite client here; raw sockets
+//! ([`sockets`]), HTTP requests and answers ([`http`]), WebSocket frames
+//! ([`frames`]), and the `corecast` binary in a child process with `/proc`
+//! measurements ([`process`]). Each test file takes `use common::*;`.
+//!
+//! Each test binary compiles its own copy of this module: a `static` here
+//! (the [`exclusive`] lock) is one per test file, never shared across files.
 #![allow(dead_code)]
 
-use corecast::server::{self, Config, IoMode, ServerHandle};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::time::{Duration, Instant};
+pub mod frames;
+pub mod http;
+pub mod process;
+pub mod sockets;
 
-/// Socket timeout so a broken server fails a test instead of hanging it.
-pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+// One `use common::*;` per test file; each file uses part of them.
+#[allow(unused_imports)]
+pub use {frames::*, http::*, process::*, sockets::*};
+
+use corecast::server::{self, Config, IoMode, ServerHandle};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tungstenite::Message;
+
+pub const KIB: usize = 1024;
+pub const MIB: usize = 1024 * 1024;
 
 /// The backend under test: `CORECAST_IO=epoll|uring|auto` (default `auto`,
 /// the server's own default). `.ci/run` runs the suite once per backend.
@@ -38,15 +54,15 @@ pub fn start() -> ServerHandle {
     start_with(|_| {})
 }
 
+/// A tungstenite client over plain TCP.
+pub type Ws = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>;
+
 pub fn ws_url(addr: SocketAddr, path: &str) -> String {
     format!("ws://{addr}{path}")
 }
 
 /// A tungstenite client connected to `path`.
-pub fn connect(
-    addr: SocketAddr,
-    path: &str,
-) -> tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>> {
+pub fn connect(addr: SocketAddr, path: &str) -> Ws {
     let (ws, resp) = tungstenite::connect(ws_url(addr, path)).expect("handshake");
     assert_eq!(resp.status(), 101);
     if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
@@ -55,98 +71,14 @@ pub fn connect(
     ws
 }
 
-/// A raw TCP connection with a read timeout.
-pub fn raw(addr: SocketAddr) -> TcpStream {
-    let s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    s.set_nodelay(true).unwrap();
-    s
-}
-
-pub const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
-pub const ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
-
-/// A valid upgrade request for `path`.
-pub fn upgrade_request(path: &str) -> String {
-    format!(
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-}
-
-/// Reads an HTTP response head (through the blank line) byte by byte, so no
-/// frame bytes after it are consumed.
-pub fn read_head(s: &mut TcpStream) -> String {
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match s.read(&mut b) {
-            Ok(0) => break,
-            Ok(_) => head.push(b[0]),
-            Err(e) => panic!(
-                "reading response head: {e}; got {:?}",
-                String::from_utf8_lossy(&head)
-            ),
-        }
-    }
-    String::from_utf8(head).expect("ASCII head")
-}
-
-/// Reads until EOF (bounded by the socket timeout); returns everything.
-pub fn read_to_eof(s: &mut TcpStream) -> Vec<u8> {
-    let mut all = Vec::new();
-    let _ = s.read_to_end(&mut all);
-    all
-}
-
-/// Sends `req` and returns the whole response (server closes after refusals).
-pub fn refused(addr: SocketAddr, req: &[u8]) -> String {
-    let mut s = raw(addr);
-    s.write_all(req).unwrap();
-    String::from_utf8_lossy(&read_to_eof(&mut s)).into_owned()
-}
-
-/// A server frame: (fin, opcode, payload).
-pub fn read_frame(s: &mut TcpStream) -> (bool, u8, Vec<u8>) {
-    let mut h = [0u8; 2];
-    s.read_exact(&mut h).expect("frame header");
-    assert_eq!(h[1] & 0x80, 0, "server frames must not be masked");
-    let len = match h[1] & 0x7f {
-        126 => {
-            let mut b = [0u8; 2];
-            s.read_exact(&mut b).unwrap();
-            u16::from_be_bytes(b) as usize
-        }
-        127 => {
-            let mut b = [0u8; 8];
-            s.read_exact(&mut b).unwrap();
-            u64::from_be_bytes(b) as usize
-        }
-        n => n as usize,
-    };
-    let mut p = vec![0u8; len];
-    s.read_exact(&mut p).unwrap();
-    (h[0] & 0x80 != 0, h[0] & 0x0f, p)
-}
-
-/// Reads the server's close frame and returns its code.
-pub fn read_close_code(s: &mut TcpStream) -> u16 {
-    loop {
-        let (_, op, p) = read_frame(s);
-        if op == 0x8 {
-            assert!(p.len() >= 2, "close frame carries a code");
-            return u16::from_be_bytes([p[0], p[1]]);
-        }
-    }
-}
-
-/// A raw connection that has completed the handshake on `path`.
-pub fn raw_ws(addr: SocketAddr, path: &str) -> TcpStream {
-    let mut s = raw(addr);
-    s.write_all(upgrade_request(path).as_bytes()).unwrap();
-    let head = read_head(&mut s);
-    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
-    s
+/// One echo round trip through tungstenite on a fresh connection; returns
+/// how long the whole thing (connect, upgrade, echo) took.
+pub fn honest_round_trip(addr: SocketAddr, text: &str) -> Duration {
+    let started = Instant::now();
+    let mut ws = connect(addr, "/echo");
+    ws.send(Message::text(text)).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::text(text));
+    started.elapsed()
 }
 
 /// Polls `cond` until true or `limit` passes.
@@ -159,4 +91,32 @@ pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(10));
     }
     cond()
+}
+
+/// Polls `read` every 100 ms until it returns `target` or `limit` passes;
+/// returns the last value read.
+pub fn settle(limit: Duration, mut read: impl FnMut() -> u64, target: u64) -> u64 {
+    let end = Instant::now() + limit;
+    loop {
+        let v = read();
+        if v == target || Instant::now() >= end {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+static EXCLUSIVE: Mutex<()> = Mutex::new(());
+
+/// Runs the calling test alone among the tests of its file that take it
+/// too: for tests that compare process-wide quantities (open descriptors,
+/// resident memory) before and after, which a test running alongside would
+/// disturb, or that load a small machine enough to make another's latency
+/// bounds noise. Test files are separate binaries, which `cargo test` runs
+/// one at a time. A test that panicked while holding it does not stop the
+/// others.
+pub fn exclusive() -> MutexGuard<'static, ()> {
+    EXCLUSIVE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -1,0 +1,512 @@
+//! The parent's side of every scenario: start the shards, take the
+//! server's figures around the barriers, publish (fanout), then merge the
+//! shards' reports, print the summary and write `--json` and `--plot`
+//! ([`summary`]).
+
+mod summary;
+
+use crate::cli::{FanoutPlan, Plan, PublishMode, Work};
+use crate::clock::Anchor;
+use crate::coord::{Coordinator, Spawn, Stage};
+use crate::metrics;
+use crate::publish::{Publisher, Schedule};
+use crate::report::Totals;
+use crate::shard::CLOSE_TIMEOUT;
+use crate::sys::{self, SelfUsage, Sockstat};
+use crate::topics::per_topic;
+use crate::wire::{ShardReport, ToShard};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use summary::summarize;
+
+/// Extra time every barrier allows beyond what the plan needs (process
+/// start, a slow last shard).
+const BARRIER_SLACK: Duration = Duration::from_secs(30);
+/// Burst mode gives up publishing after this long (a server that stops
+/// reading would otherwise hold the run forever).
+const BURST_PUBLISH_LIMIT: Duration = Duration::from_secs(120);
+/// Longest wait of the publishing loop.
+const TURN: Duration = Duration::from_millis(20);
+/// How often the progress line is redrawn while publishing.
+const DRAW_EVERY: Duration = Duration::from_millis(250);
+
+/// Server-side figures at one moment, summed over the `--server-pid`s.
+#[derive(Debug, Clone, Copy, Default)]
+struct Snapshot {
+    rss: Option<u64>,
+    cpu_s: Option<f64>,
+    sockstat: Option<Sockstat>,
+}
+
+impl Snapshot {
+    fn take(pids: &[u32]) -> Self {
+        let all = |f: &dyn Fn(u32) -> Option<f64>| -> Option<f64> {
+            if pids.is_empty() {
+                return None;
+            }
+            pids.iter().map(|&p| f(p)).sum()
+        };
+        Self {
+            rss: all(&|p| sys::rss_bytes(p).ok().map(|b| b as f64)).map(|b| b as u64),
+            cpu_s: all(&|p| sys::process_cpu_s(p).ok()),
+            sockstat: Sockstat::read().ok(),
+        }
+    }
+}
+
+/// What the publisher did (fanout).
+#[derive(Debug, Default)]
+struct Published {
+    published: u64,
+    planned: u64,
+    publish_s: f64,
+    max_lag: Duration,
+    problem: Option<String>,
+    connections: usize,
+    first: Option<Instant>,
+    frames_sent_before: Option<f64>,
+    metrics_problem: Option<String>,
+}
+
+/// The server's figures around the phases: before the ramp-up, after it
+/// (the start of the measured phase) and at the end of the measured phase.
+struct Server {
+    before: Snapshot,
+    after: Snapshot,
+    end: Snapshot,
+}
+
+/// The measured phase (hold, echo, or publishing and draining), timed.
+struct Phase {
+    wall_s: f64,
+    /// CPU of the parent's thread in the phase: the publisher, in fanout.
+    parent_cpu_s: f64,
+    /// Cores of the whole machine busy in the phase (all processes).
+    machine_busy_cores: Option<f64>,
+    /// The server's figures at its end.
+    end: Snapshot,
+    /// What the publisher did (fanout).
+    published: Option<Published>,
+    /// Frames the server counted sent during the phase (fanout with
+    /// `--metrics-url`).
+    frames_sent: Option<f64>,
+}
+
+/// What is left once the shards are gone.
+struct Closed {
+    reports: Vec<ShardReport>,
+    /// How the shards ended (`Err`: a worker failed or had to be killed).
+    reap: Result<(), String>,
+    own: SelfUsage,
+    children: SelfUsage,
+}
+
+/// Runs `plan`; `Ok(true)` when everything went as it should (see each
+/// scenario's summary), `Ok(false)` when the run completed but not cleanly.
+pub fn run(plan: &Plan, how: Spawn, argv: &[String]) -> Result<bool, String> {
+    announce(plan);
+    let anchor = Anchor::now();
+    let before = Snapshot::take(&plan.server_pids);
+    let mut coord = Coordinator::spawn(plan, how)?;
+    let after = ramp_up(plan, &mut coord)?;
+    let phase = measured_phase(plan, &mut coord, &anchor)?;
+    let closed = close(coord)?;
+    let server = Server {
+        before,
+        after,
+        end: phase.end,
+    };
+    summarize(plan, how, argv, &anchor, &server, &phase, closed)
+}
+
+/// Says what the run is about to do.
+fn announce(plan: &Plan) {
+    let c = &plan.connect;
+    eprintln!(
+        "{}: {} connections to {} over {} process{}, {} handshakes in flight, {}",
+        plan.work.name(),
+        c.connections,
+        c.targets
+            .iter()
+            .map(|t| t.url.to_string())
+            .collect::<Vec<_>>()
+            .join(" "),
+        c.processes,
+        if c.processes == 1 { "" } else { "es" },
+        c.in_flight,
+        describe_sources(&c.sources)
+    );
+}
+
+/// Waits until every shard has its connections up (or given up on), says
+/// how that went, and returns the server's figures right after.
+fn ramp_up(plan: &Plan, coord: &mut Coordinator) -> Result<Snapshot, String> {
+    let c = &plan.connect;
+    coord.barrier(
+        Stage::Ready,
+        Instant::now() + c.connect_timeout + BARRIER_SLACK,
+        "ramp-up",
+    )?;
+    let ready = Totals::merge(&coord.reports);
+    let after = Snapshot::take(&plan.server_pids);
+    eprintln!(
+        "{}: {} of {} up in {:.3} s ({:.0} handshakes/s), {} failed",
+        plan.work.name(),
+        ready.up,
+        c.connections,
+        ready.ramp_s(),
+        ready.handshakes_per_s(),
+        ready.failed()
+    );
+    Ok(after)
+}
+
+/// Starts the shards' measured phase (publishing meanwhile, for fanout),
+/// waits for its end, and measures it: wall time, CPU, the server's
+/// figures, and the server's count of frames sent.
+fn measured_phase(plan: &Plan, coord: &mut Coordinator, anchor: &Anchor) -> Result<Phase, String> {
+    let machine0 = sys::machine_cpu_ticks().ok();
+    let parent_cpu0 = sys::thread_cpu_s();
+    let phase_start = Instant::now();
+    let go_at = |d: Duration| ToShard::Go {
+        end_ns: anchor.ns(Instant::now() + d),
+    };
+    let mut published = None;
+    let done_within = match &plan.work {
+        Work::Connect => {
+            coord.broadcast(&go_at(Duration::ZERO))?;
+            Duration::ZERO
+        }
+        Work::Hold { duration } => {
+            eprintln!("hold: holding {} s", duration.as_secs());
+            coord.broadcast(&go_at(*duration))?;
+            *duration
+        }
+        Work::Echo(e) => {
+            coord.broadcast(&go_at(e.duration))?;
+            e.duration + e.drain_timeout
+        }
+        Work::Fanout(f) => {
+            let p = publish(plan, f, coord, anchor)?;
+            published = Some(p);
+            f.drain_timeout
+        }
+    };
+    coord.barrier(
+        Stage::Done,
+        Instant::now() + done_within + BARRIER_SLACK,
+        match &plan.work {
+            Work::Fanout(_) => "draining",
+            Work::Echo(_) => "echo",
+            _ => "hold",
+        },
+    )?;
+    let phase_end = Instant::now();
+    let parent_cpu_s = sys::thread_cpu_s() - parent_cpu0;
+    let machine1 = sys::machine_cpu_ticks().ok();
+    let end = Snapshot::take(&plan.server_pids);
+    let mut frames_sent = None;
+    if let (Work::Fanout(f), Some(p)) = (&plan.work, published.as_mut())
+        && !f.metrics.is_empty()
+    {
+        match metrics::scrape_sum(&f.metrics, metrics::FRAMES_SENT) {
+            Ok(v) => frames_sent = p.frames_sent_before.map(|b| v - b),
+            Err(e) => p.metrics_problem = Some(e),
+        }
+    }
+    let machine_busy_cores = match (machine0, machine1) {
+        (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
+            Some((b1 - b0) as f64 / (t1 - t0) as f64 * sys::online_cpus() as f64)
+        }
+        _ => None,
+    };
+    Ok(Phase {
+        wall_s: phase_end.duration_since(phase_start).as_secs_f64(),
+        parent_cpu_s,
+        machine_busy_cores,
+        end,
+        published,
+        frames_sent,
+    })
+}
+
+/// Has the shards close their connections, waits for them, and reaps them.
+fn close(mut coord: Coordinator) -> Result<Closed, String> {
+    coord.broadcast(&ToShard::Close)?;
+    coord.barrier(
+        Stage::Finished,
+        Instant::now() + CLOSE_TIMEOUT + BARRIER_SLACK,
+        "closing",
+    )?;
+    let reports = coord.reports.clone();
+    let reap = coord.finish();
+    Ok(Closed {
+        reports,
+        reap,
+        own: SelfUsage::now(),
+        children: SelfUsage::children(),
+    })
+}
+
+/// Opens the publishers, starts the shards' receiving phase, publishes,
+/// and tells the shards what was published.
+fn publish(
+    plan: &Plan,
+    f: &FanoutPlan,
+    coord: &mut Coordinator,
+    anchor: &Anchor,
+) -> Result<Published, String> {
+    let mut out = Published {
+        planned: f.mode.messages(),
+        ..Default::default()
+    };
+    if !f.metrics.is_empty() {
+        match metrics::scrape_sum(&f.metrics, metrics::FRAMES_SENT) {
+            Ok(v) => out.frames_sent_before = Some(v),
+            Err(e) => out.metrics_problem = Some(e),
+        }
+    }
+    let src = plan
+        .connect
+        .sources
+        .first()
+        .map(|&ip| SocketAddr::new(ip, 0));
+    let mut publisher = Publisher::open(f, src)?;
+    out.connections = publisher.connections();
+    let start = Instant::now();
+    let limit = start
+        + match f.mode {
+            PublishMode::Burst { .. } => BURST_PUBLISH_LIMIT,
+            PublishMode::Rate { duration, .. } => duration + f.drain_timeout,
+        };
+    // The shards' own limit, should `Published` never reach them.
+    coord.broadcast(&ToShard::Go {
+        end_ns: anchor.ns(limit + f.drain_timeout + BARRIER_SLACK),
+    })?;
+    let mut s = Schedule::new(f.mode, f.topics, start);
+    let mut next_draw = start;
+    loop {
+        let now = Instant::now();
+        if let Err(e) = publisher.fill(&mut s) {
+            out.problem = Some(e);
+            break;
+        }
+        if s.done() && publisher.idle() {
+            break;
+        }
+        if now >= limit {
+            out.problem = Some(format!(
+                "publishing stopped at the time limit after {} of {} messages",
+                s.sent, s.planned
+            ));
+            break;
+        }
+        coord.pump(Duration::ZERO)?;
+        if now >= next_draw {
+            next_draw = now + DRAW_EVERY;
+            coord.draw(&format!("published {}/{}", s.sent, s.planned));
+        }
+        // After `fill`, a message already due means the sockets are full:
+        // wait for them; otherwise wait until the next one is due.
+        let wait = match s.next_due() {
+            Some(d) if d > now => (d - now).min(TURN),
+            _ => TURN,
+        };
+        if let Err(e) = publisher.serve(wait) {
+            out.problem = Some(e);
+            break;
+        }
+    }
+    let last = Instant::now();
+    out.published = s.sent;
+    out.max_lag = s.max_lag;
+    out.first = s.first;
+    out.publish_s = s
+        .first
+        .map_or(0.0, |f| last.saturating_duration_since(f).as_secs_f64());
+    coord.broadcast(&ToShard::Published {
+        per_topic: per_topic(s.sent, f.topics),
+        drain_until_ns: anchor.ns(last + f.drain_timeout),
+    })?;
+    publisher.close();
+    Ok(out)
+}
+
+fn describe_sources(sources: &[std::net::IpAddr]) -> String {
+    match sources {
+        [] => "source address chosen by the kernel".into(),
+        [one] => format!("source {one}"),
+        many => format!(
+            "{} source addresses {}..{}",
+            many.len(),
+            many[0],
+            many[many.len() - 1]
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Limits};
+    use clap::Parser;
+    use serde_json::Value;
+
+    fn server() -> corecast::server::ServerHandle {
+        corecast::server::start(corecast::server::Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            workers: 2,
+            pin_cores: false,
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    /// Runs a command line in this process, each shard a thread; returns
+    /// the exit verdict and the JSON report.
+    fn run_threads(argv: &[String]) -> (bool, Value) {
+        let json = std::env::temp_dir().join(format!(
+            "loadgen-run-{}-{:?}.json",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let mut full = vec!["loadgen".to_string()];
+        full.extend_from_slice(argv);
+        full.extend(["--json".into(), json.display().to_string()]);
+        let cli = Cli::try_parse_from(&full).unwrap();
+        let limits = Limits {
+            nofile: 20_000,
+            ports_per_source: 28_232,
+        };
+        let plan = cli.command.plan(limits).unwrap().unwrap();
+        let ok = run(&plan, Spawn::Threads, &full).unwrap();
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        std::fs::remove_file(&json).unwrap();
+        (ok, v)
+    }
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn connect_over_three_shards_and_two_servers() {
+        let (a, b) = (server(), server());
+        let (ok, v) = run_threads(&args(&format!(
+            "connect --url ws://{}/echo --url ws://{}/echo --connections 90 --in-flight 9 --processes 3",
+            a.local_addr(),
+            b.local_addr()
+        )));
+        assert!(ok, "{v}");
+        assert_eq!(v["connections_up"], 90);
+        assert_eq!(v["processes"], 3);
+        assert_eq!(v["shards"].as_array().unwrap().len(), 3);
+        assert!(v["handshakes_per_s"].as_f64().unwrap() > 0.0);
+        assert_eq!(v["connect_latency_us"]["count"], 90);
+        assert!(v["latency_us"]["p99"].as_f64().unwrap() > 0.0);
+        assert_eq!(v["close"]["clean"], 90);
+        // Round-robin over the two servers.
+        assert_eq!(a.stats().handshakes_accepted, 45);
+        assert_eq!(b.stats().handshakes_accepted, 45);
+        assert_eq!(v["params"]["connect"]["connections"], 90);
+        for s in [a, b] {
+            s.shutdown();
+            s.join();
+        }
+    }
+
+    #[test]
+    fn hold_reports_server_memory() {
+        let srv = server();
+        let (ok, v) = run_threads(&args(&format!(
+            "hold --url ws://{}/ws?topics=idle --connections 40 --processes 2 --duration 1 --server-pid {}",
+            srv.local_addr(),
+            std::process::id()
+        )));
+        assert!(ok, "{v}");
+        assert_eq!(v["connections_held"], 40);
+        assert!(v["server_bytes_per_conn"].is_number(), "{v}");
+        assert!(v["sockstat_after"]["tcp_inuse"].is_number());
+        assert!(v["loadgen_cpu_s"].as_f64().unwrap() > 0.0);
+        srv.shutdown();
+        srv.join();
+    }
+
+    #[test]
+    fn fanout_over_shards_and_topics_delivers_what_the_server_sent() {
+        let srv = server();
+        let a = srv.local_addr();
+        let (ok, v) = run_threads(&args(&format!(
+            "fanout --url ws://{a}/ws?topics=t{{topic}} --publish-url ws://{a}/publish/t{{topic}} \
+             --connections 60 --processes 3 --topics 4 --topic-dist zipf:1 --messages 50 --size 32 \
+             --metrics-url http://{a}/metrics"
+        )));
+        assert!(ok, "{v}");
+        let expected = v["frames_expected"].as_u64().unwrap();
+        assert!(expected > 60 * 10, "{v}");
+        assert_eq!(v["frames_received"].as_u64(), Some(expected));
+        assert_eq!(v["server_frames_sent"].as_f64(), Some(expected as f64));
+        assert_eq!(
+            (v["lost"].as_u64(), v["out_of_order"].as_u64()),
+            (Some(0), Some(0))
+        );
+        assert_eq!(v["subscribers_complete"], 60);
+        assert_eq!(v["publisher_connections"], 4);
+        assert!(v["latency_us"]["p999"].as_f64().unwrap() > 0.0);
+        assert!(v["delivered_fps"].as_f64().unwrap() > 0.0);
+        srv.shutdown();
+        srv.join();
+    }
+
+    #[test]
+    fn fanout_with_an_http_publisher_at_a_rate() {
+        let srv = server();
+        let a = srv.local_addr();
+        let (ok, v) = run_threads(&args(&format!(
+            "fanout --url ws://{a}/ws?topics=h --publish-url http://{a}/publish/h \
+             --connections 20 --processes 2 --rate 40 --duration 1 --size 100"
+        )));
+        assert!(ok, "{v}");
+        assert_eq!(v["published"], 40);
+        assert_eq!(v["frames_received"], 800);
+        assert_eq!(v["lost"], 0);
+        // Paced: 40 messages at 40/s take about a second, not a burst.
+        assert!(v["publish_s"].as_f64().unwrap() > 0.9, "{v}");
+        srv.shutdown();
+        srv.join();
+    }
+
+    #[test]
+    fn echo_keeps_messages_in_flight() {
+        let srv = server();
+        let (ok, v) = run_threads(&args(&format!(
+            "echo --url ws://{}/echo --connections 10 --processes 2 --messages-in-flight 4 --duration 1 --size 64",
+            srv.local_addr()
+        )));
+        assert!(ok, "{v}");
+        let sent = v["messages_sent"].as_u64().unwrap();
+        assert!(sent > 40, "{v}");
+        assert_eq!(v["frames_received"].as_u64(), Some(sent));
+        assert_eq!(
+            (v["lost"].as_u64(), v["out_of_order"].as_u64()),
+            (Some(0), Some(0))
+        );
+        assert!(v["latency_us"]["p50"].as_f64().unwrap() > 0.0);
+        srv.shutdown();
+        srv.join();
+    }
+
+    #[test]
+    fn refusals_are_counted_and_fail_the_run() {
+        let srv = server();
+        let (ok, v) = run_threads(&args(&format!(
+            "connect --url ws://{}/nowhere --connections 6 --processes 2",
+            srv.local_addr()
+        )));
+        assert!(!ok);
+        assert_eq!(v["failures"]["handshake_status_404"], 6);
+        assert_eq!(v["connections_up"], 0);
+        srv.shutdown();
+        srv.join();
+    }
+}
