@@ -1,0 +1,284 @@
+//! The worker's accepts and where each writes its peer's address.
+
+use super::Worker;
+use super::conn::{SlotClose, Sock};
+use super::ring::{NO_KEY, Op, Ring, user_data};
+use crate::server::worker::{ACCEPT_RETRY, is_resource_exhaustion};
+use io_uring::{opcode, types};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::time::Instant;
+use tracing::{debug, warn};
+
+/// Single-shot accepts each worker keeps in flight. Each completion takes
+/// one connection and its slot is re-armed at the top of the next turn, so
+/// this bounds the connections a worker takes per turn: 32 keeps up with a
+/// load generator's 256 handshakes in flight on two workers (see
+/// docs/BENCHMARKS.md, handshakes) for 32 × 136 bytes of address buffers.
+pub const ACCEPTS_IN_FLIGHT: usize = 32;
+
+/// Where one accept writes its peer's address. `repr(C)` and boxed in
+/// [`Acceptor::addrs`]: the kernel holds pointers to both fields from the
+/// accept's submission until its completion.
+#[repr(C)]
+pub(super) struct AcceptAddr {
+    pub(super) addr: libc::sockaddr_storage,
+    pub(super) len: libc::socklen_t,
+}
+
+/// The worker's accepts: [`ACCEPTS_IN_FLIGHT`] single-shot accepts, each
+/// with its own address buffer, re-armed as they complete.
+pub(super) struct Acceptor {
+    /// One per accept slot; allocated once, never resized or moved (the
+    /// kernel writes into an armed slot's entry), leaked at exit if an
+    /// accept is still in flight.
+    pub(super) addrs: Box<[AcceptAddr]>,
+    /// Slot `i` has an accept in flight.
+    pub(super) armed: [bool; ACCEPTS_IN_FLIGHT],
+    /// Kept while an accept is in flight, even after accepting stopped: an
+    /// armed (or queued, not yet submitted) accept names it by number.
+    pub(super) listener: Option<TcpListener>,
+    /// False once the drain began: nothing is armed again, what still
+    /// completes is closed.
+    pub(super) accepting: bool,
+    /// Out of resources: nothing is re-armed before this.
+    pub(super) retry_at: Option<Instant>,
+    /// Since the last time out of resources, no accept has succeeded: only
+    /// one is armed, so a still-exhausted table or descriptor limit costs
+    /// one failure per retry, not one per slot.
+    pub(super) probing: bool,
+    /// Direct descriptors: slots of the fixed-file table, and how many hold
+    /// a socket (accepted, close not yet completed). An accept is armed only
+    /// for a free slot: one that completes into a full table has already
+    /// taken the connection off the backlog, and the kernel resets it.
+    pub(super) table: u32,
+    pub(super) slots_used: u32,
+}
+
+impl AcceptAddr {
+    /// What `len` says before an accept: the room in `addr`.
+    pub(super) const CAPACITY: libc::socklen_t = std::mem::size_of::<libc::sockaddr_storage>() as _;
+
+    pub(super) fn new() -> Self {
+        Self {
+            // SAFETY: sockaddr_storage is a plain C struct; all-zero is valid.
+            addr: unsafe { std::mem::zeroed() },
+            len: 0,
+        }
+    }
+}
+
+impl Acceptor {
+    pub(super) fn new(listener: TcpListener) -> Self {
+        let addrs = (0..ACCEPTS_IN_FLIGHT).map(|_| AcceptAddr::new()).collect();
+        Self {
+            addrs,
+            armed: [false; ACCEPTS_IN_FLIGHT],
+            listener: Some(listener),
+            accepting: true,
+            retry_at: None,
+            probing: false,
+            table: u32::MAX,
+            slots_used: 0,
+        }
+    }
+
+    fn any_armed(&self) -> bool {
+        self.armed.iter().any(|&a| a)
+    }
+
+    /// Cancels every armed accept; each still reports through its own
+    /// completion (a connection, an error, or `ECANCELED`).
+    fn cancel_armed(&self, ring: &mut Ring) {
+        for (i, _) in self.armed.iter().enumerate().filter(|(_, a)| **a) {
+            let sqe = opcode::AsyncCancel::new(user_data(Op::Accept, NO_KEY, i as u32))
+                .build()
+                .user_data(user_data(Op::Cancel, NO_KEY, 0));
+            ring.push(&sqe);
+        }
+    }
+
+    /// The peer address accept `i` reported (read after its completion).
+    fn peer(&self, i: usize) -> Option<IpAddr> {
+        peer_ip(&self.addrs[i].addr, self.addrs[i].len)
+    }
+}
+
+/// The IP address in a `sockaddr` the kernel filled (`len` bytes of it).
+pub(super) fn peer_ip(addr: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<IpAddr> {
+    let len = len as usize;
+    match i32::from(addr.ss_family) {
+        libc::AF_INET if len >= std::mem::size_of::<libc::sockaddr_in>() => {
+            // SAFETY: the family says the storage holds a sockaddr_in, and
+            // sockaddr_storage is large and aligned enough for any sockaddr.
+            let sin = unsafe { &*(&raw const *addr).cast::<libc::sockaddr_in>() };
+            Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                sin.sin_addr.s_addr,
+            ))))
+        }
+        libc::AF_INET6 if len >= std::mem::size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: as above, for a sockaddr_in6.
+            let sin6 = unsafe { &*(&raw const *addr).cast::<libc::sockaddr_in6>() };
+            Some(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)))
+        }
+        _ => None,
+    }
+}
+
+impl Worker {
+    /// Arms every idle accept slot, unless accepting stopped or is
+    /// paused after running out of resources.
+    pub(super) fn arm_accepts(&mut self) {
+        let acc = &mut self.accept;
+        if !acc.accepting || acc.retry_at.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        acc.retry_at = None;
+        let Some(listener) = &acc.listener else {
+            return;
+        };
+        let fd = listener.as_raw_fd();
+        let mut armed = acc.armed.iter().filter(|&&a| a).count();
+        let free = acc.table.saturating_sub(acc.slots_used) as usize;
+        let want = if acc.probing { 1 } else { ACCEPTS_IN_FLIGHT }.min(free);
+        for i in 0..ACCEPTS_IN_FLIGHT {
+            if armed >= want {
+                break;
+            }
+            if acc.armed[i] {
+                continue;
+            }
+            let slot = &mut acc.addrs[i];
+            slot.len = AcceptAddr::CAPACITY;
+            // Non-blocking sockets: an operation that cannot complete waits
+            // on the ring's internal poll, never in a blocking call on an
+            // io-wq thread.
+            let accept = opcode::Accept::new(
+                types::Fd(fd),
+                (&raw mut slot.addr).cast(),
+                &raw mut slot.len,
+            );
+            let accept = if self.ring.plain_fds {
+                accept.flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+            } else {
+                // Into a free slot of the fixed-file table (CLOEXEC means
+                // nothing there, and the kernel refuses it).
+                accept
+                    .file_index(Some(types::DestinationSlot::auto_target()))
+                    .flags(libc::SOCK_NONBLOCK)
+            };
+            let sqe = accept
+                .build()
+                .user_data(user_data(Op::Accept, NO_KEY, i as u32));
+            self.ring.push(&sqe);
+            self.ring.in_flight += 1;
+            acc.armed[i] = true;
+            armed += 1;
+        }
+    }
+
+    /// Accept slot `i` completed: `res` is the new connection's slot or an error.
+    pub(super) fn on_accept(&mut self, i: usize, res: i32) {
+        let Some(armed) = self.accept.armed.get_mut(i) else {
+            return;
+        };
+        *armed = false;
+        self.ring.in_flight -= 1;
+        if !self.accept.accepting && !self.accept.any_armed() {
+            // The last accept has ended: nothing names the listener any more.
+            self.accept.listener = None;
+        }
+        if res >= 0 {
+            let slot = res as u32;
+            if !self.ring.plain_fds {
+                self.accept.slots_used += 1;
+            }
+            if !self.accept.accepting || self.core.conns.vacant_key() >= NO_KEY {
+                // Draining (or out of keys): not taken.
+                self.close_slot(slot, NO_KEY, 0);
+                return;
+            }
+            self.accept.probing = false;
+            let peer = self.accept.peer(i);
+            let key = self.core.admit(
+                Sock {
+                    slot,
+                    recv_armed: false,
+                    send: None,
+                    shutdown_pending: false,
+                    close: SlotClose::Open,
+                    held: false,
+                },
+                peer,
+            );
+            self.arm_recv(key);
+            return;
+        }
+        let errno = -res;
+        if errno == libc::ECANCELED {
+            return;
+        }
+        self.core.stats().accept_error();
+        let e = io::Error::from_raw_os_error(errno);
+        if is_resource_exhaustion(errno) {
+            // ENFILE here is usually the fixed-file table: full until
+            // connections close. The other armed accepts are cancelled:
+            // each would fail too (a direct one after taking a connection
+            // off the backlog, and dropping it). After the pause one accept
+            // probes; the rest are armed once one succeeds.
+            let acc = &mut self.accept;
+            if acc.retry_at.is_none() {
+                warn!(worker = self.core.id, error = %e, "accept failed: out of resources; retrying shortly");
+                acc.retry_at = Some(Instant::now() + ACCEPT_RETRY);
+                acc.probing = true;
+                acc.cancel_armed(&mut self.ring);
+            }
+        } else {
+            debug!(worker = self.core.id, error = %e, "accept failed");
+        }
+    }
+
+    /// Stops accepting: cancels the accepts in flight. The listener is
+    /// closed once the last of them has completed (an accept that still
+    /// delivers a connection has it closed at once).
+    pub(super) fn stop_accepting(&mut self) {
+        let acc = &mut self.accept;
+        acc.accepting = false;
+        acc.retry_at = None;
+        acc.cancel_armed(&mut self.ring);
+        if !acc.any_armed() {
+            acc.listener = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `peer_ip` reads what the kernel writes for each family, and nothing
+    /// from an address too short for its family or of another family.
+    #[test]
+    fn peer_ip_reads_both_families() {
+        for want in [
+            "127.0.0.2:4000".parse::<std::net::SocketAddr>().unwrap(),
+            "[2001:db8::7]:4000".parse().unwrap(),
+            "[::ffff:10.1.2.3]:4000".parse().unwrap(),
+        ] {
+            let sa = socket2::SockAddr::from(want);
+            let mut a = AcceptAddr::new();
+            // SAFETY: `sa.len()` bytes fit in a sockaddr_storage.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    sa.as_ptr().cast::<u8>(),
+                    (&raw mut a.addr).cast::<u8>(),
+                    sa.len() as usize,
+                )
+            };
+            assert_eq!(peer_ip(&a.addr, sa.len()), Some(want.ip()));
+            assert_eq!(peer_ip(&a.addr, sa.len() - 1), None);
+        }
+        assert_eq!(peer_ip(&AcceptAddr::new().addr, AcceptAddr::CAPACITY), None);
+    }
+}

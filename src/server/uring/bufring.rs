@@ -1,0 +1,253 @@
+//! The provided-buffer ring: the receive buffers the kernel fills.
+
+use io_uring::{IoUring, types};
+use std::io;
+use std::sync::atomic::{AtomicU16, Ordering};
+
+/// How a worker's receive buffers are laid out, and whether the kernel
+/// consumes them incrementally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Geometry {
+    /// Buffers in the ring (a power of two).
+    count: u16,
+    /// Bytes per buffer.
+    size: usize,
+    /// Registered with `IOU_PBUF_RING_INC`.
+    incremental: bool,
+}
+
+/// Receive buffers with incremental consumption (`IOU_PBUF_RING_INC`,
+/// Linux 6.12+): a receive takes only the bytes it needs from the head
+/// buffer, and the next receive, from any connection, continues behind
+/// them, so a few large buffers serve thousands of small receives. The
+/// kernel fills them in ring order and every page ends up resident; at
+/// 256 KiB per worker that is what the ring costs (it was 2 MiB with 256
+/// whole 8 KiB buffers, docs/BENCHMARKS.md). 32 KiB per buffer: a 16 KiB
+/// frame spans at most two receives.
+pub(super) const INCREMENTAL: Geometry = Geometry {
+    count: 8,
+    size: 32 * 1024,
+    incremental: true,
+};
+/// Without incremental consumption (kernels before 6.12) every receive
+/// takes a whole buffer, so a turn's receives need one each: 256 of 8 KiB.
+/// When more complete in one turn than there are buffers, a connection's
+/// multishot receive ends with ENOBUFS and is re-armed once buffers are
+/// back.
+pub(super) const WHOLE_BUFFERS: Geometry = Geometry {
+    count: 256,
+    size: 8 * 1024,
+    incremental: false,
+};
+/// `IOU_PBUF_RING_INC` from `<linux/io_uring.h>` (not exported by the
+/// io-uring crate): register the buffer ring for incremental consumption.
+const IOU_PBUF_RING_INC: u16 = 2;
+/// The buffer group of the worker's receive buffers.
+pub(super) const BGID: u16 = 0;
+
+/// The receive buffers and the ring that hands them to the kernel.
+///
+/// Incrementally consumed buffers ([`Geometry::incremental`]): a
+/// completion naming buffer `bid` with `IORING_CQE_F_BUF_MORE` set got
+/// `res` bytes at `bid`'s current offset, and the kernel keeps filling
+/// `bid` behind them (it advanced the ring entry itself); without the
+/// flag, `bid` is used up and ours until we publish it again. Completions
+/// for one buffer arrive in the order the kernel filled it, so the offset
+/// is the sum of the earlier parts ([`Self::consumed`]). Whole buffers are
+/// the special case where the flag never comes.
+pub(super) struct BufRing {
+    /// `geometry.count` entries, page-aligned (an anonymous mapping).
+    entries: *mut types::BufRingEntry,
+    map_len: usize,
+    /// Our copy of the tail: entries published so far (wrapping).
+    tail: u16,
+    geometry: Geometry,
+    /// Per buffer: bytes already handed to us from it (incremental mode).
+    offsets: Box<[u32]>,
+    bufs: Box<[u8]>,
+}
+
+impl BufRing {
+    /// Incrementally consumed buffers where the kernel has them, whole
+    /// ones otherwise.
+    pub(super) fn new(ring: &IoUring) -> io::Result<Self> {
+        match Self::with_geometry(ring, INCREMENTAL) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                Self::with_geometry(ring, WHOLE_BUFFERS)
+            }
+            other => other,
+        }
+    }
+
+    pub(super) fn with_geometry(ring: &IoUring, geometry: Geometry) -> io::Result<Self> {
+        let count = geometry.count;
+        debug_assert!(count.is_power_of_two());
+        let map_len = count as usize * std::mem::size_of::<types::BufRingEntry>();
+        // SAFETY: an anonymous private mapping; the result is checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let mut me = Self {
+            entries: ptr.cast(),
+            map_len,
+            tail: 0,
+            geometry,
+            offsets: vec![0; count as usize].into_boxed_slice(),
+            // Zeroed: pages become resident only when the kernel fills them.
+            bufs: vec![0u8; count as usize * geometry.size].into_boxed_slice(),
+        };
+        let flags = if geometry.incremental {
+            IOU_PBUF_RING_INC
+        } else {
+            0
+        };
+        // SAFETY: the mapping holds `count` entries and lives until `Drop`,
+        // which runs only after the buffer group is unregistered (or the
+        // ring is gone). On failure `me` is dropped unregistered.
+        unsafe {
+            ring.submitter()
+                .register_buf_ring_with_flags(ptr as u64, count, BGID, flags)?;
+        }
+        for bid in 0..count {
+            me.put(bid);
+        }
+        me.publish();
+        Ok(me)
+    }
+
+    /// Writes buffer `bid` into the next ring entry (published by [`Self::publish`]).
+    fn put(&mut self, bid: u16) {
+        let size = self.geometry.size;
+        let idx = (self.tail & (self.geometry.count - 1)) as usize;
+        let addr = self.bufs[bid as usize * size..].as_ptr() as u64;
+        // SAFETY: idx < count, the number of entries mapped; the kernel
+        // reads (and, incrementally, rewrites) only entries between its
+        // head and the published tail, and this one is past the tail: at
+        // most `count` buffers are ever published, and `bid` was not.
+        let e = unsafe { &mut *self.entries.add(idx) };
+        e.set_addr(addr);
+        e.set_len(size as u32);
+        e.set_bid(bid);
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Makes the entries written so far visible to the kernel.
+    fn publish(&self) {
+        // SAFETY: `entries` is the ring's first entry; its `resv` field is
+        // the ring's tail, a u16 the kernel reads with acquire semantics.
+        let tail = unsafe { types::BufRingEntry::tail(self.entries) } as *mut u16;
+        // SAFETY: the tail is a valid, aligned u16 in our mapping.
+        unsafe { AtomicU16::from_ptr(tail) }.store(self.tail, Ordering::Release);
+    }
+
+    /// The `len` bytes a completion naming buffer `bid` received.
+    pub(super) fn data(&mut self, bid: u16, len: usize) -> &mut [u8] {
+        let size = self.geometry.size;
+        let off = (self.offsets[bid as usize] as usize).min(size);
+        let start = bid as usize * size + off;
+        &mut self.bufs[start..start + len.min(size - off)]
+    }
+
+    /// A completion's `len` bytes of buffer `bid` are processed. With
+    /// `more` (`IORING_CQE_F_BUF_MORE`) the kernel goes on filling `bid`
+    /// behind them; otherwise `bid` goes back to the ring.
+    pub(super) fn consumed(&mut self, bid: u16, len: usize, more: bool) {
+        let off = &mut self.offsets[bid as usize];
+        if more {
+            *off = off.saturating_add(len as u32);
+        } else {
+            *off = 0;
+            self.put(bid);
+            self.publish();
+        }
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was created in `new` with this length; the
+        // owner unregistered the group (or leaked the whole ring) before.
+        unsafe { libc::munmap(self.entries.cast(), self.map_len) };
+    }
+}
+
+impl BufRing {
+    /// An empty stand-in for a buffer ring that had to be leaked.
+    pub(super) fn leaked() -> Self {
+        Self {
+            entries: std::ptr::null_mut(),
+            map_len: 0,
+            tail: 0,
+            geometry: WHOLE_BUFFERS,
+            offsets: Box::new([]),
+            bufs: Box::new([]),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::probe::wait_one;
+    use super::*;
+    use io_uring::{cqueue, opcode};
+    use std::net::TcpListener;
+    use std::os::fd::AsRawFd;
+
+    /// Incremental consumption: consecutive receives land one behind the
+    /// other in the same buffer (`IORING_CQE_F_BUF_MORE`), and `data`
+    /// finds each part where `consumed` says the previous one ended.
+    #[test]
+    fn incremental_receives_continue_in_the_same_buffer() {
+        let mut ring = IoUring::new(8).unwrap();
+        ring.submitter().register_files_sparse(4).unwrap();
+        let mut bufs = BufRing::with_geometry(&ring, INCREMENTAL).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let recv = opcode::RecvMulti::new(types::Fd(server.as_raw_fd()), BGID)
+            .build()
+            .user_data(2);
+        // SAFETY: the receive uses the registered buffer ring, which
+        // outlives the ring (it is unregistered, below, after the cancel).
+        unsafe { ring.submission().push(&recv) }.unwrap();
+        ring.submit().unwrap();
+        let mut parts = Vec::new();
+        for part in [&b"first"[..], b"second part", b"3"] {
+            io::Write::write_all(&mut client, part).unwrap();
+            let (ud, res, flags) = wait_one(&mut ring).unwrap();
+            assert_eq!(ud, 2);
+            assert!(cqueue::more(flags), "the multishot receive goes on");
+            let bid = cqueue::buffer_select(flags).expect("a buffer");
+            assert!(cqueue::buffer_more(flags), "the buffer is not used up");
+            let len = res as usize;
+            assert_eq!(bufs.data(bid, len), part);
+            bufs.consumed(bid, len, true);
+            parts.push(bid);
+        }
+        assert!(
+            parts.iter().all(|&b| b == parts[0]),
+            "one buffer: {parts:?}"
+        );
+        let cancel = opcode::AsyncCancel::new(2).build().user_data(3);
+        // SAFETY: no pointers in this entry.
+        unsafe { ring.submission().push(&cancel) }.unwrap();
+        ring.submit().unwrap();
+        loop {
+            let (ud, _, flags) = wait_one(&mut ring).unwrap();
+            if ud == 2 && !cqueue::more(flags) {
+                break;
+            }
+        }
+        ring.submitter().unregister_buf_ring(BGID).unwrap();
+    }
+}

@@ -1,0 +1,151 @@
+//! The receive path: a multishot receive per connection, its bytes to the core.
+
+use super::Worker;
+use super::bufring::BGID;
+use super::conn::{Sock, conn_of};
+use super::ring::{Op, on_socket, user_data};
+use crate::server::worker::{Conn, Input, IoState};
+use io_uring::{cqueue, opcode};
+use tracing::warn;
+
+impl Worker {
+    pub(super) fn arm_recv(&mut self, key: usize) {
+        let conn = &mut self.core.conns[key];
+        debug_assert!(!conn.io.recv_armed);
+        let sqe = on_socket!(self.ring.plain_fds, conn.io.slot, |fd| {
+            opcode::RecvMulti::new(fd, BGID).build()
+        })
+        .user_data(user_data(Op::Recv, key, conn.serial));
+        conn.io.recv_armed = true;
+        self.ring.push(&sqe);
+        self.ring.in_flight += 1;
+    }
+
+    /// Should `conn` have a receive armed?
+    pub(super) fn wants_recv(conn: &Conn<Sock>) -> bool {
+        !conn.peer_eof
+            && !conn.io.recv_armed
+            && match conn.state {
+                IoState::Active => !conn.read_paused,
+                IoState::Lingering => true,
+                IoState::Closing | IoState::Gone => false,
+            }
+    }
+
+    pub(super) fn on_recv(&mut self, key: usize, serial: u32, res: i32, flags: u32) {
+        let bid = cqueue::buffer_select(flags);
+        let buf_more = cqueue::buffer_more(flags);
+        let len = res.max(0) as usize;
+        let Some(conn) = conn_of(&mut self.core, key, serial) else {
+            // Cannot happen (entries outlive their operations); the buffer is accounted for regardless.
+            if let Some(bid) = bid {
+                self.bufs.consumed(bid, len, buf_more);
+            }
+            return;
+        };
+        if !cqueue::more(flags) {
+            conn.io.recv_armed = false;
+            self.ring.in_flight -= 1;
+        }
+        let state = conn.state;
+        if res > 0 {
+            match bid {
+                Some(bid) => {
+                    // A closing or lingering connection reads nothing more: discarded.
+                    if state == IoState::Active {
+                        if conn.read_paused {
+                            // Received before the pause took effect: not
+                            // processed while paused (a paced publisher,
+                            // backpressure), kept for the resume.
+                            conn.session.hold(self.bufs.data(bid, len));
+                            conn.io.held = true;
+                        } else {
+                            self.input(key, bid, len);
+                        }
+                    }
+                    self.bufs.consumed(bid, len, buf_more);
+                }
+                None => {
+                    // A receive with data always names its buffer; if a kernel
+                    // ever did otherwise, the stream is lost: close, don't panic.
+                    warn!(worker = self.core.id, "receive completion without a buffer");
+                    if state != IoState::Gone {
+                        self.remove(key);
+                    }
+                }
+            }
+        } else {
+            if let Some(bid) = bid {
+                self.bufs.consumed(bid, 0, buf_more);
+            }
+            match (res, state) {
+                (_, IoState::Gone) => {}
+                (0, IoState::Active) => {
+                    self.core.eof(key);
+                    self.core.after_input(key);
+                }
+                (0, IoState::Closing) => self.core.conns[key].peer_eof = true,
+                (0, IoState::Lingering) => self.remove(key),
+                (e, _) if -e == libc::ENOBUFS || -e == libc::ECANCELED => {}
+                (_, _) => self.remove(key),
+            }
+        }
+        let conn = &self.core.conns[key];
+        if conn.state == IoState::Gone {
+            self.free_if_done(key);
+        } else if Self::wants_recv(conn) {
+            self.arm_recv(key);
+        }
+    }
+
+    /// Feeds the input held while reading was paused to the core.
+    pub(super) fn input_held(&mut self, key: usize) {
+        self.core.conns[key].io.held = false;
+        let kept = self.restore_pending(key);
+        let verdict = self.core.input(key, &mut self.scratch[..kept]);
+        self.after_core_input(key, verdict);
+    }
+
+    /// Copies `key`'s pending bytes to the front of the scratch buffer
+    /// (grown if held input made them longer than it); returns how many.
+    fn restore_pending(&mut self, key: usize) -> usize {
+        let session = &mut self.core.conns[key].session;
+        if self.scratch.len() < session.pending_len() {
+            self.scratch.resize(session.pending_len(), 0);
+        }
+        session.restore_pending(&mut self.scratch)
+    }
+
+    /// Feeds `len` bytes of receive buffer `bid` to the core.
+    fn input(&mut self, key: usize, bid: u16, len: usize) {
+        let kept = self.restore_pending(key);
+        let data = self.bufs.data(bid, len);
+        let verdict = if kept == 0 {
+            // The common case: processed (and unmasked) in place.
+            self.core.input(key, data)
+        } else {
+            if self.scratch.len() < kept + data.len() {
+                // Kept bytes are a request head (capped at half the scratch
+                // size), a frame header or input held while paused.
+                self.scratch.resize(kept + data.len(), 0);
+            }
+            self.scratch[kept..kept + data.len()].copy_from_slice(data);
+            let n = kept + data.len();
+            self.core.input(key, &mut self.scratch[..n])
+        };
+        self.after_core_input(key, verdict);
+    }
+
+    /// After the core took input: a pause cancels the multishot receive.
+    fn after_core_input(&mut self, key: usize, verdict: Input) {
+        let conn = &self.core.conns[key];
+        if verdict == Input::Stop && conn.read_paused && conn.io.recv_armed {
+            // Backpressure: stop the multishot receive; re-armed when unpaused.
+            let sqe = opcode::AsyncCancel::new(user_data(Op::Recv, key, conn.serial))
+                .build()
+                .user_data(user_data(Op::Cancel, key, conn.serial));
+            self.ring.push(&sqe);
+        }
+        self.core.after_input(key);
+    }
+}

@@ -1,0 +1,160 @@
+//! The ring wrapper and the `user_data` encoding.
+
+use io_uring::{IoUring, squeue};
+use std::io;
+use tracing::warn;
+
+/// Submission queue entries.
+const SQ_ENTRIES: u32 = 4096;
+/// Completion queue entries: room for a receive from every connection of a
+/// busy turn before the kernel has to buffer overflowed completions.
+const CQ_ENTRIES: u32 = 65536;
+/// Largest fixed-file table per ring; the kernel also caps it at RLIMIT_NOFILE.
+const MAX_FIXED_FILES: u32 = 1 << 20;
+
+/// Operation kinds, in the top byte of `user_data`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(super) enum Op {
+    Accept = 1,
+    Recv = 2,
+    Send = 3,
+    Close = 4,
+    Shutdown = 5,
+    Cancel = 6,
+    Wake = 7,
+}
+
+/// The hidden switch for plain descriptors (see [`Ring::plain_fds`]).
+pub(super) const PLAIN_FDS_ENV: &str = "CORECAST_URING_PLAIN_FDS";
+
+/// Builds an operation on a connection's socket: `$slot` is an index in
+/// the ring's fixed-file table, or, with plain descriptors, a descriptor.
+macro_rules! on_socket {
+    ($plain:expr, $slot:expr, |$fd:ident| $build:expr) => {
+        if $plain {
+            let $fd = ::io_uring::types::Fd($slot as ::std::os::fd::RawFd);
+            $build
+        } else {
+            let $fd = ::io_uring::types::Fixed($slot);
+            $build
+        }
+    };
+}
+pub(super) use on_socket;
+
+/// A `user_data` key for no connection.
+pub(super) const NO_KEY: usize = 0xFF_FFFF;
+
+/// `user_data`: kind (8 bits), slab key (24 bits), serial (32 bits).
+pub(super) fn user_data(op: Op, key: usize, serial: u32) -> u64 {
+    debug_assert!(key <= NO_KEY);
+    ((op as u64) << 56) | (((key as u64) & 0xFF_FFFF) << 32) | serial as u64
+}
+
+pub(super) fn split_user_data(ud: u64) -> (u8, usize, u32) {
+    (
+        (ud >> 56) as u8,
+        ((ud >> 32) & 0xFF_FFFF) as usize,
+        ud as u32,
+    )
+}
+
+/// The ring and a place for completions reaped while the submission queue was full.
+pub(super) struct Ring {
+    pub(super) ring: IoUring,
+    pub(super) backlog: Vec<(u64, i32, u32)>,
+    /// Operations whose memory the kernel may still touch (receives, sends,
+    /// the wake-up read, the accepts): the exit waits for this to reach 0.
+    pub(super) in_flight: usize,
+    /// Connections are plain process descriptors (`types::Fd`), not direct
+    /// descriptors (`types::Fixed`): `CORECAST_URING_PLAIN_FDS=1`, read
+    /// once when the worker starts. A measuring aid only (it shows what
+    /// direct descriptors save per operation); the process's open-file
+    /// limit then caps the connections, as with epoll.
+    pub(super) plain_fds: bool,
+}
+
+impl Ring {
+    /// Queues `sqe`; when the queue is full, submits first.
+    pub(super) fn push(&mut self, sqe: &squeue::Entry) {
+        loop {
+            // SAFETY: every pointer in an SQE built by this module stays valid
+            // until its CQE (see the module's ownership rules).
+            if unsafe { self.ring.submission().push(sqe) }.is_ok() {
+                return;
+            }
+            if let Err(e) = self.ring.submit() {
+                if e.raw_os_error() == Some(libc::EBUSY) {
+                    // The completion queue is full: take completions aside
+                    // so the kernel can post more.
+                    self.stash();
+                } else if e.kind() != io::ErrorKind::Interrupted {
+                    warn!(error = %e, "io_uring_enter failed");
+                    self.stash();
+                }
+            }
+        }
+    }
+
+    fn stash(&mut self) {
+        let backlog = &mut self.backlog;
+        backlog.extend(
+            self.ring
+                .completion()
+                .map(|c| (c.user_data(), c.result(), c.flags())),
+        );
+    }
+}
+
+/// A ring with the flags that help a single-threaded loop, where the kernel has them.
+pub(super) fn build_ring() -> io::Result<IoUring> {
+    let attempts: [fn(&mut io_uring::Builder); 2] = [
+        |b| {
+            b.setup_single_issuer().setup_coop_taskrun();
+        },
+        |_| {},
+    ];
+    let mut last = None;
+    for tweak in attempts {
+        let mut b = IoUring::builder();
+        b.setup_cqsize(CQ_ENTRIES);
+        tweak(&mut b);
+        match b.build(SQ_ENTRIES) {
+            Ok(r) => return Ok(r),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.expect("at least one attempt"))
+}
+
+/// Fixed-file table size: the kernel refuses more than RLIMIT_NOFILE.
+pub(super) fn fixed_table_size() -> u32 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
+    if !ok {
+        return 1024;
+    }
+    (lim.rlim_cur.min(MAX_FIXED_FILES as u64) as u32).max(16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_data_round_trips() {
+        for (op, key, serial) in [
+            (Op::Recv, 0, 0),
+            (Op::Send, 12345, u32::MAX),
+            (Op::Close, NO_KEY, 7),
+        ] {
+            let (o, k, s) = split_user_data(user_data(op, key, serial));
+            assert_eq!((o, k, s), (op as u8, key, serial));
+        }
+    }
+}

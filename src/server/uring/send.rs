@@ -1,0 +1,119 @@
+//! The send path: one `sendmsg` per dirty connection and turn.
+
+use super::Worker;
+use super::conn::conn_of;
+use super::ring::{Op, on_socket, user_data};
+use crate::proto::outbound::MAX_IOVECS;
+use crate::server::worker::{AfterFlush, IoState};
+use io_uring::opcode;
+use std::io::IoSlice;
+
+/// Spare send arguments kept for reuse (1 KiB each).
+const SEND_POOL_MAX: usize = 256;
+
+/// A `sendmsg`'s arguments, kept at a stable heap address while in flight.
+pub(super) struct SendOp {
+    iov: [libc::iovec; MAX_IOVECS],
+    msg: libc::msghdr,
+}
+
+impl SendOp {
+    pub(super) fn new() -> Box<Self> {
+        // SAFETY: iovec and msghdr are plain C structs for which all-zero is valid.
+        Box::new(unsafe { std::mem::zeroed() })
+    }
+}
+
+impl Worker {
+    /// Sends `key`'s queue (up to [`MAX_IOVECS`] chunks), unless a send is in flight.
+    pub(super) fn flush(&mut self, key: usize) {
+        let conn = &mut self.core.conns[key];
+        if conn.io.send.is_some() {
+            // Its completion flushes the rest.
+            return;
+        }
+        if conn.session.out.is_empty() {
+            self.after_flush(key, 0);
+            return;
+        }
+        let n = conn.session.out.pin_front(MAX_IOVECS);
+        let mut op = self.send_pool.pop().unwrap_or_else(SendOp::new);
+        let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
+        let filled = conn.session.out.gather(&mut iov[..n]);
+        debug_assert_eq!(filled, n);
+        for (dst, src) in op.iov.iter_mut().zip(&iov[..filled]) {
+            *dst = libc::iovec {
+                iov_base: src.as_ptr() as *mut libc::c_void,
+                iov_len: src.len(),
+            };
+        }
+        op.msg.msg_iov = op.iov.as_mut_ptr();
+        op.msg.msg_iovlen = filled as _;
+        let sqe = on_socket!(self.ring.plain_fds, conn.io.slot, |fd| {
+            opcode::SendMsg::new(fd, &raw const op.msg)
+                .flags(libc::MSG_NOSIGNAL as u32)
+                .build()
+        })
+        .user_data(user_data(Op::Send, key, conn.serial));
+        // The box moves into the connection; the heap data it points to does not.
+        conn.io.send = Some(op);
+        self.ring.push(&sqe);
+        self.ring.in_flight += 1;
+    }
+
+    pub(super) fn on_send(&mut self, key: usize, serial: u32, res: i32) {
+        let Some(conn) = conn_of(&mut self.core, key, serial) else {
+            return;
+        };
+        let op = conn.io.send.take();
+        // Also releases the pin: the queue may move again.
+        conn.session.out.advance(res.max(0) as usize);
+        let gone = conn.state == IoState::Gone;
+        let pending = !conn.session.out.is_empty();
+        if let Some(op) = op
+            && self.send_pool.len() < SEND_POOL_MAX
+        {
+            self.send_pool.push(op);
+        }
+        self.ring.in_flight -= 1;
+        if res > 0 {
+            self.core.stats().bytes_sent(res as usize);
+        }
+        if gone {
+            self.free_if_done(key);
+            return;
+        }
+        if res <= 0 {
+            // Reset, broken pipe, or nothing taken: the connection is dead.
+            self.remove(key);
+            return;
+        }
+        if pending {
+            // What the kernel did not take, and what queued meanwhile, goes
+            // at the end of this turn in one send.
+            self.core.mark_dirty(key);
+        }
+        self.after_flush(key, res as usize);
+    }
+
+    fn after_flush(&mut self, key: usize, wrote: usize) {
+        match self.core.after_flush(key, wrote) {
+            AfterFlush::Keep => {}
+            AfterFlush::Remove => self.remove(key),
+            AfterFlush::ShutdownWrite => {
+                let conn = &mut self.core.conns[key];
+                let sqe = on_socket!(self.ring.plain_fds, conn.io.slot, |fd| {
+                    opcode::Shutdown::new(fd, libc::SHUT_WR).build()
+                })
+                .user_data(user_data(Op::Shutdown, key, conn.serial));
+                conn.io.shutdown_pending = true;
+                let wants = Self::wants_recv(conn);
+                self.ring.push(&sqe);
+                if wants {
+                    // Lingering: read (and drop) until the peer's FIN.
+                    self.arm_recv(key);
+                }
+            }
+        }
+    }
+}
