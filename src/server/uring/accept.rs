@@ -1,7 +1,11 @@
 //! The worker's accepts and where each writes its peer's address.
+//!
+//! Each accept slot `i` owns entry `i` of a boxed address array: the
+//! kernel's from the arming of accept `i` until its completion (every
+//! accept posts exactly one, also when cancelled), and only then read.
 
 use super::Worker;
-use super::conn::{SlotClose, Sock};
+use super::conn::Sock;
 use super::ring::{NO_KEY, Op, Ring, user_data};
 use crate::server::worker::{ACCEPT_RETRY, is_resource_exhaustion};
 use io_uring::{opcode, types};
@@ -23,42 +27,13 @@ pub const ACCEPTS_IN_FLIGHT: usize = 32;
 /// accept's submission until its completion.
 #[repr(C)]
 pub(super) struct AcceptAddr {
-    pub(super) addr: libc::sockaddr_storage,
-    pub(super) len: libc::socklen_t,
-}
-
-/// The worker's accepts: [`ACCEPTS_IN_FLIGHT`] single-shot accepts, each
-/// with its own address buffer, re-armed as they complete.
-pub(super) struct Acceptor {
-    /// One per accept slot; allocated once, never resized or moved (the
-    /// kernel writes into an armed slot's entry), leaked at exit if an
-    /// accept is still in flight.
-    pub(super) addrs: Box<[AcceptAddr]>,
-    /// Slot `i` has an accept in flight.
-    pub(super) armed: [bool; ACCEPTS_IN_FLIGHT],
-    /// Kept while an accept is in flight, even after accepting stopped: an
-    /// armed (or queued, not yet submitted) accept names it by number.
-    pub(super) listener: Option<TcpListener>,
-    /// False once the drain began: nothing is armed again, what still
-    /// completes is closed.
-    pub(super) accepting: bool,
-    /// Out of resources: nothing is re-armed before this.
-    pub(super) retry_at: Option<Instant>,
-    /// Since the last time out of resources, no accept has succeeded: only
-    /// one is armed, so a still-exhausted table or descriptor limit costs
-    /// one failure per retry, not one per slot.
-    pub(super) probing: bool,
-    /// Direct descriptors: slots of the fixed-file table, and how many hold
-    /// a socket (accepted, close not yet completed). An accept is armed only
-    /// for a free slot: one that completes into a full table has already
-    /// taken the connection off the backlog, and the kernel resets it.
-    pub(super) table: u32,
-    pub(super) slots_used: u32,
+    addr: libc::sockaddr_storage,
+    len: libc::socklen_t,
 }
 
 impl AcceptAddr {
     /// What `len` says before an accept: the room in `addr`.
-    pub(super) const CAPACITY: libc::socklen_t = std::mem::size_of::<libc::sockaddr_storage>() as _;
+    const CAPACITY: libc::socklen_t = std::mem::size_of::<libc::sockaddr_storage>() as _;
 
     pub(super) fn new() -> Self {
         Self {
@@ -67,10 +42,75 @@ impl AcceptAddr {
             len: 0,
         }
     }
+
+    /// An accept on `listener` that writes its peer's address here. The
+    /// entry points into `self`: it must stay where it is, and not be read
+    /// or written, until the accept's completion.
+    pub(super) fn accept(&mut self, listener: types::Fd) -> opcode::Accept {
+        self.len = Self::CAPACITY;
+        opcode::Accept::new(listener, (&raw mut self.addr).cast(), &raw mut self.len)
+    }
+
+    /// The peer address an accept reported (read after its completion).
+    pub(super) fn peer(&self) -> Option<IpAddr> {
+        peer_ip(&self.addr, self.len)
+    }
+}
+
+/// The IP address in a `sockaddr` the kernel filled (`len` bytes of it).
+fn peer_ip(addr: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<IpAddr> {
+    let len = len as usize;
+    match i32::from(addr.ss_family) {
+        libc::AF_INET if len >= std::mem::size_of::<libc::sockaddr_in>() => {
+            // SAFETY: the family says the storage holds a sockaddr_in, and
+            // sockaddr_storage is large and aligned enough for any sockaddr.
+            let sin = unsafe { &*(&raw const *addr).cast::<libc::sockaddr_in>() };
+            Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                sin.sin_addr.s_addr,
+            ))))
+        }
+        libc::AF_INET6 if len >= std::mem::size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: as above, for a sockaddr_in6.
+            let sin6 = unsafe { &*(&raw const *addr).cast::<libc::sockaddr_in6>() };
+            Some(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)))
+        }
+        _ => None,
+    }
+}
+
+/// The worker's accepts: [`ACCEPTS_IN_FLIGHT`] single-shot accepts, each
+/// with its own address buffer, re-armed as they complete.
+pub(super) struct Acceptor {
+    /// One per accept slot; allocated once, never resized or moved (the
+    /// kernel writes into an armed slot's entry), leaked at exit if an
+    /// accept is still in flight.
+    addrs: Box<[AcceptAddr]>,
+    /// Slot `i` has an accept in flight.
+    armed: [bool; ACCEPTS_IN_FLIGHT],
+    /// Kept while an accept is in flight, even after accepting stopped: an
+    /// armed (or queued, not yet submitted) accept names it by number.
+    listener: Option<TcpListener>,
+    /// False once the drain began: nothing is armed again, what still
+    /// completes is closed.
+    accepting: bool,
+    /// Out of resources: nothing is re-armed before this.
+    retry_at: Option<Instant>,
+    /// Since the last time out of resources, no accept has succeeded: only
+    /// one is armed, so a still-exhausted table or descriptor limit costs
+    /// one failure per retry, not one per slot.
+    probing: bool,
+    /// Direct descriptors: slots of the fixed-file table, and how many hold
+    /// a socket (accepted, close not yet completed). An accept is armed only
+    /// for a free slot: one that completes into a full table has already
+    /// taken the connection off the backlog, and the kernel resets it.
+    table: u32,
+    slots_used: u32,
 }
 
 impl Acceptor {
-    pub(super) fn new(listener: TcpListener) -> Self {
+    /// Accepts on `listener` into a fixed-file table of `table` slots
+    /// (`u32::MAX` with plain descriptors: no table to fill).
+    pub(super) fn new(listener: TcpListener, table: u32) -> Self {
         let addrs = (0..ACCEPTS_IN_FLIGHT).map(|_| AcceptAddr::new()).collect();
         Self {
             addrs,
@@ -79,8 +119,64 @@ impl Acceptor {
             accepting: true,
             retry_at: None,
             probing: false,
-            table: u32::MAX,
+            table,
             slots_used: 0,
+        }
+    }
+
+    /// Arms every idle accept slot, unless accepting stopped or is
+    /// paused after running out of resources.
+    pub(super) fn arm(&mut self, ring: &mut Ring) {
+        if !self.accepting || self.retry_at.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        self.retry_at = None;
+        let Some(listener) = &self.listener else {
+            return;
+        };
+        let fd = listener.as_raw_fd();
+        let mut armed = self.armed.iter().filter(|&&a| a).count();
+        let free = self.table.saturating_sub(self.slots_used) as usize;
+        let want = if self.probing { 1 } else { ACCEPTS_IN_FLIGHT }.min(free);
+        for i in 0..ACCEPTS_IN_FLIGHT {
+            if armed >= want {
+                break;
+            }
+            if self.armed[i] {
+                continue;
+            }
+            // Non-blocking sockets: an operation that cannot complete waits
+            // on the ring's internal poll, never in a blocking call on an
+            // io-wq thread.
+            let accept = self.addrs[i].accept(types::Fd(fd));
+            let accept = if ring.plain_fds() {
+                accept.flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+            } else {
+                // Into a free slot of the fixed-file table (CLOEXEC means
+                // nothing there, and the kernel refuses it).
+                accept
+                    .file_index(Some(types::DestinationSlot::auto_target()))
+                    .flags(libc::SOCK_NONBLOCK)
+            };
+            let sqe = accept
+                .build()
+                .user_data(user_data(Op::Accept, NO_KEY, i as u32));
+            ring.push(&sqe);
+            ring.in_flight_started();
+            self.armed[i] = true;
+            armed += 1;
+        }
+    }
+
+    /// Stops accepting: cancels the accepts in flight. The listener is
+    /// closed once the last of them has completed (an accept that still
+    /// delivers a connection has it closed at once).
+    pub(super) fn stop(&mut self, ring: &mut Ring) {
+        self.accepting = false;
+        self.retry_at = None;
+        self.cancel_armed(ring);
+        if !self.any_armed() {
+            self.listener = None;
         }
     }
 
@@ -101,97 +197,43 @@ impl Acceptor {
 
     /// The peer address accept `i` reported (read after its completion).
     fn peer(&self, i: usize) -> Option<IpAddr> {
-        peer_ip(&self.addrs[i].addr, self.addrs[i].len)
+        self.addrs[i].peer()
     }
-}
 
-/// The IP address in a `sockaddr` the kernel filled (`len` bytes of it).
-pub(super) fn peer_ip(addr: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<IpAddr> {
-    let len = len as usize;
-    match i32::from(addr.ss_family) {
-        libc::AF_INET if len >= std::mem::size_of::<libc::sockaddr_in>() => {
-            // SAFETY: the family says the storage holds a sockaddr_in, and
-            // sockaddr_storage is large and aligned enough for any sockaddr.
-            let sin = unsafe { &*(&raw const *addr).cast::<libc::sockaddr_in>() };
-            Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
-                sin.sin_addr.s_addr,
-            ))))
-        }
-        libc::AF_INET6 if len >= std::mem::size_of::<libc::sockaddr_in6>() => {
-            // SAFETY: as above, for a sockaddr_in6.
-            let sin6 = unsafe { &*(&raw const *addr).cast::<libc::sockaddr_in6>() };
-            Some(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)))
-        }
-        _ => None,
+    /// Out of resources: nothing is re-armed before this.
+    pub(super) fn retry_at(&self) -> Option<Instant> {
+        self.retry_at
+    }
+
+    /// The close of an accepted direct descriptor completed: its slot of
+    /// the fixed-file table is free again (every accepted slot is closed
+    /// exactly once).
+    pub(super) fn slot_closed(&mut self) {
+        self.slots_used = self.slots_used.saturating_sub(1);
+    }
+
+    /// Leaks the address buffers: an accept still in flight at exit may
+    /// write into them.
+    pub(super) fn leak_addrs(&mut self) {
+        std::mem::forget(std::mem::take(&mut self.addrs));
     }
 }
 
 impl Worker {
-    /// Arms every idle accept slot, unless accepting stopped or is
-    /// paused after running out of resources.
-    pub(super) fn arm_accepts(&mut self) {
-        let acc = &mut self.accept;
-        if !acc.accepting || acc.retry_at.is_some_and(|t| Instant::now() < t) {
-            return;
-        }
-        acc.retry_at = None;
-        let Some(listener) = &acc.listener else {
-            return;
-        };
-        let fd = listener.as_raw_fd();
-        let mut armed = acc.armed.iter().filter(|&&a| a).count();
-        let free = acc.table.saturating_sub(acc.slots_used) as usize;
-        let want = if acc.probing { 1 } else { ACCEPTS_IN_FLIGHT }.min(free);
-        for i in 0..ACCEPTS_IN_FLIGHT {
-            if armed >= want {
-                break;
-            }
-            if acc.armed[i] {
-                continue;
-            }
-            let slot = &mut acc.addrs[i];
-            slot.len = AcceptAddr::CAPACITY;
-            // Non-blocking sockets: an operation that cannot complete waits
-            // on the ring's internal poll, never in a blocking call on an
-            // io-wq thread.
-            let accept = opcode::Accept::new(
-                types::Fd(fd),
-                (&raw mut slot.addr).cast(),
-                &raw mut slot.len,
-            );
-            let accept = if self.ring.plain_fds {
-                accept.flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
-            } else {
-                // Into a free slot of the fixed-file table (CLOEXEC means
-                // nothing there, and the kernel refuses it).
-                accept
-                    .file_index(Some(types::DestinationSlot::auto_target()))
-                    .flags(libc::SOCK_NONBLOCK)
-            };
-            let sqe = accept
-                .build()
-                .user_data(user_data(Op::Accept, NO_KEY, i as u32));
-            self.ring.push(&sqe);
-            self.ring.in_flight += 1;
-            acc.armed[i] = true;
-            armed += 1;
-        }
-    }
-
     /// Accept slot `i` completed: `res` is the new connection's slot or an error.
     pub(super) fn on_accept(&mut self, i: usize, res: i32) {
         let Some(armed) = self.accept.armed.get_mut(i) else {
             return;
         };
         *armed = false;
-        self.ring.in_flight -= 1;
+        self.ring.in_flight_ended();
         if !self.accept.accepting && !self.accept.any_armed() {
             // The last accept has ended: nothing names the listener any more.
             self.accept.listener = None;
         }
         if res >= 0 {
             let slot = res as u32;
-            if !self.ring.plain_fds {
+            if !self.ring.plain_fds() {
                 self.accept.slots_used += 1;
             }
             if !self.accept.accepting || self.core.conns.vacant_key() >= NO_KEY {
@@ -201,17 +243,7 @@ impl Worker {
             }
             self.accept.probing = false;
             let peer = self.accept.peer(i);
-            let key = self.core.admit(
-                Sock {
-                    slot,
-                    recv_armed: false,
-                    send: None,
-                    shutdown_pending: false,
-                    close: SlotClose::Open,
-                    held: false,
-                },
-                peer,
-            );
+            let key = self.core.admit(Sock::new(slot), peer);
             self.arm_recv(key);
             return;
         }
@@ -236,19 +268,6 @@ impl Worker {
             }
         } else {
             debug!(worker = self.core.id, error = %e, "accept failed");
-        }
-    }
-
-    /// Stops accepting: cancels the accepts in flight. The listener is
-    /// closed once the last of them has completed (an accept that still
-    /// delivers a connection has it closed at once).
-    pub(super) fn stop_accepting(&mut self) {
-        let acc = &mut self.accept;
-        acc.accepting = false;
-        acc.retry_at = None;
-        acc.cancel_armed(&mut self.ring);
-        if !acc.any_armed() {
-            acc.listener = None;
         }
     }
 }

@@ -24,7 +24,7 @@ pub(super) struct Geometry {
 /// 256 KiB per worker that is what the ring costs (it was 2 MiB with 256
 /// whole 8 KiB buffers, docs/BENCHMARKS.md). 32 KiB per buffer: a 16 KiB
 /// frame spans at most two receives.
-pub(super) const INCREMENTAL: Geometry = Geometry {
+const INCREMENTAL: Geometry = Geometry {
     count: 8,
     size: 32 * 1024,
     incremental: true,
@@ -34,11 +34,14 @@ pub(super) const INCREMENTAL: Geometry = Geometry {
 /// When more complete in one turn than there are buffers, a connection's
 /// multishot receive ends with ENOBUFS and is re-armed once buffers are
 /// back.
-pub(super) const WHOLE_BUFFERS: Geometry = Geometry {
+const WHOLE_BUFFERS: Geometry = Geometry {
     count: 256,
     size: 8 * 1024,
     incremental: false,
 };
+/// Both geometries, for the tests that run with each.
+#[cfg(test)]
+pub(super) const GEOMETRIES: [Geometry; 2] = [INCREMENTAL, WHOLE_BUFFERS];
 /// `IOU_PBUF_RING_INC` from `<linux/io_uring.h>` (not exported by the
 /// io-uring crate): register the buffer ring for incremental consumption.
 const IOU_PBUF_RING_INC: u16 = 2;
@@ -64,6 +67,10 @@ pub(super) struct BufRing {
     geometry: Geometry,
     /// Per buffer: bytes already handed to us from it (incremental mode).
     offsets: Box<[u32]>,
+    /// The buffers, `count` × `size` bytes, buffer `bid` at `bid × size`.
+    /// Allocated once and never resized: the kernel writes into every
+    /// buffer published in the ring, so this is freed only once the group
+    /// is unregistered, or leaked ([`Self::leak`]).
     bufs: Box<[u8]>,
 }
 
@@ -79,6 +86,8 @@ impl BufRing {
         }
     }
 
+    /// Maps the ring, registers it as buffer group [`BGID`] of `ring`, and
+    /// publishes every buffer.
     pub(super) fn with_geometry(ring: &IoUring, geometry: Geometry) -> io::Result<Self> {
         let count = geometry.count;
         debug_assert!(count.is_power_of_two());
@@ -171,19 +180,22 @@ impl BufRing {
             self.publish();
         }
     }
-}
 
-impl Drop for BufRing {
-    fn drop(&mut self) {
-        // SAFETY: the mapping was created in `new` with this length; the
-        // owner unregistered the group (or leaked the whole ring) before.
-        unsafe { libc::munmap(self.entries.cast(), self.map_len) };
+    /// Unregisters the worker's buffer group from `ring`: once no receive
+    /// is in flight, the buffers are ours again and may be freed.
+    pub(super) fn unregister(ring: &IoUring) -> io::Result<()> {
+        ring.submitter().unregister_buf_ring(BGID)
     }
-}
 
-impl BufRing {
+    /// Leaks the mapping and the buffers (the kernel may still write to
+    /// them: a receive is in flight at exit), leaving [`Self::leaked`] in
+    /// their place.
+    pub(super) fn leak(&mut self) {
+        std::mem::forget(std::mem::replace(self, Self::leaked()));
+    }
+
     /// An empty stand-in for a buffer ring that had to be leaked.
-    pub(super) fn leaked() -> Self {
+    fn leaked() -> Self {
         Self {
             entries: std::ptr::null_mut(),
             map_len: 0,
@@ -192,6 +204,14 @@ impl BufRing {
             offsets: Box::new([]),
             bufs: Box::new([]),
         }
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was created in `new` with this length; the
+        // owner unregistered the group (or leaked the whole ring) before.
+        unsafe { libc::munmap(self.entries.cast(), self.map_len) };
     }
 }
 
@@ -248,6 +268,6 @@ mod tests {
                 break;
             }
         }
-        ring.submitter().unregister_buf_ring(BGID).unwrap();
+        BufRing::unregister(&ring).unwrap();
     }
 }

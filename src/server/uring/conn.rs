@@ -7,22 +7,27 @@ use crate::server::worker::{Conn, Core, IoState};
 use io_uring::opcode;
 
 /// A connection's handle: its direct descriptor and the operations in flight.
+///
+/// Its connection stays in the slab (state `Gone` once removed) until the
+/// close of `slot` and every other operation on it have completed
+/// ([`Worker::free_if_done`]): a receive's completion names its entry, and
+/// an in-flight send's arguments and data are owned through it.
 pub(super) struct Sock {
     /// Index in the ring's fixed-file table (with plain descriptors: the
     /// process descriptor).
-    pub(super) slot: u32,
+    slot: u32,
     /// A multishot receive is armed.
-    pub(super) recv_armed: bool,
+    recv_armed: bool,
     /// The send in flight, if any (its msghdr and iovecs).
-    pub(super) send: Option<Box<SendOp>>,
+    send: Option<Box<SendOp>>,
     /// A `shutdown(SHUT_WR)` is in flight.
-    pub(super) shutdown_pending: bool,
+    shutdown_pending: bool,
     /// Where closing `slot` stands.
-    pub(super) close: SlotClose,
+    close: SlotClose,
     /// Input that arrived while reading was paused (a multishot receive
     /// can complete after its cancel was submitted) is kept, unprocessed,
     /// in the session's pending bytes; fed to the core on resume.
-    pub(super) held: bool,
+    held: bool,
 }
 
 /// Closing a direct descriptor. The close is submitted only once no other
@@ -31,7 +36,7 @@ pub(super) struct Sock {
 /// still queued when the slot is closed and re-filled by the next accept
 /// would shut down the new connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum SlotClose {
+enum SlotClose {
     Open,
     /// Wanted, waiting for the slot's other operations to complete.
     Wanted,
@@ -41,7 +46,81 @@ pub(super) enum SlotClose {
     Done,
 }
 
+impl Sock {
+    /// The socket accepted into `slot`, nothing in flight yet.
+    pub(super) fn new(slot: u32) -> Self {
+        Self {
+            slot,
+            recv_armed: false,
+            send: None,
+            shutdown_pending: false,
+            close: SlotClose::Open,
+            held: false,
+        }
+    }
+
+    /// See the field.
+    pub(super) fn slot(&self) -> u32 {
+        self.slot
+    }
+
+    /// A multishot receive is armed.
+    pub(super) fn recv_armed(&self) -> bool {
+        self.recv_armed
+    }
+
+    /// A multishot receive was pushed (`true`) or has posted its last
+    /// completion (`false`).
+    pub(super) fn set_recv_armed(&mut self, armed: bool) {
+        self.recv_armed = armed;
+    }
+
+    /// A send is in flight.
+    pub(super) fn sending(&self) -> bool {
+        self.send.is_some()
+    }
+
+    /// A send naming `op` is pushed: `op` is kept here until
+    /// [`Self::send_ended`]. The box moves; the heap data it points to does not.
+    pub(super) fn send_started(&mut self, op: Box<SendOp>) {
+        self.send = Some(op);
+    }
+
+    /// The send's completion was reaped: its arguments are free again.
+    pub(super) fn send_ended(&mut self) -> Option<Box<SendOp>> {
+        self.send.take()
+    }
+
+    /// A `shutdown(SHUT_WR)` was pushed.
+    pub(super) fn shutdown_started(&mut self) {
+        self.shutdown_pending = true;
+    }
+
+    /// The shutdown's completion was reaped.
+    pub(super) fn shutdown_ended(&mut self) {
+        self.shutdown_pending = false;
+    }
+
+    /// The close of `slot` completed: the slot may already hold another
+    /// connection.
+    pub(super) fn close_ended(&mut self) {
+        self.close = SlotClose::Done;
+    }
+
+    /// See the field.
+    pub(super) fn held(&self) -> bool {
+        self.held
+    }
+
+    /// Input is kept for the resume (`true`), or was fed to the core.
+    pub(super) fn set_held(&mut self, held: bool) {
+        self.held = held;
+    }
+}
+
 impl Worker {
+    /// Closes `key` (see [`remove`]) and frees its entry if nothing is in
+    /// flight on it any more.
     pub(super) fn remove(&mut self, key: usize) {
         remove(&mut self.core, &mut self.ring, key);
         self.free_if_done(key);
@@ -60,8 +139,10 @@ impl Worker {
         }
     }
 
+    /// Closes `slot`, which holds no connection of the slab (one accepted
+    /// while draining or out of keys).
     pub(super) fn close_slot(&mut self, slot: u32, key: usize, serial: u32) {
-        let sqe = on_socket!(self.ring.plain_fds, slot, |fd| opcode::Close::new(fd)
+        let sqe = on_socket!(self.ring.plain_fds(), slot, |fd| opcode::Close::new(fd)
             .build())
         .user_data(user_data(Op::Close, key, serial));
         self.ring.push(&sqe);
@@ -120,8 +201,9 @@ fn close_when_idle(conn: &mut Conn<Sock>, ring: &mut Ring, key: usize) {
     let io = &mut conn.io;
     if io.close == SlotClose::Wanted && !io.recv_armed && io.send.is_none() && !io.shutdown_pending
     {
-        let sqe = on_socket!(ring.plain_fds, io.slot, |fd| opcode::Close::new(fd).build())
-            .user_data(user_data(Op::Close, key, conn.serial));
+        let sqe = on_socket!(ring.plain_fds(), io.slot, |fd| opcode::Close::new(fd)
+            .build())
+        .user_data(user_data(Op::Close, key, conn.serial));
         io.close = SlotClose::Pending;
         ring.push(&sqe);
     }

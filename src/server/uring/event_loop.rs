@@ -1,17 +1,14 @@
 //! The worker and its loop: one turn submits, reaps and batches.
 
 use super::accept::Acceptor;
-use super::bufring::{BGID, BufRing};
-use super::conn::{SlotClose, Sock, conn_of, remove};
-use super::ring::{
-    NO_KEY, Op, PLAIN_FDS_ENV, Ring, build_ring, fixed_table_size, split_user_data, user_data,
-};
+use super::bufring::BufRing;
+use super::conn::{Sock, conn_of, remove};
+use super::ring::{Cqe, Op, PLAIN_FDS_ENV, Ring, fixed_table_size, split_user_data};
 use super::send::SendOp;
-use super::wake::EventFd;
+use super::wake::{EventFd, WakeRead};
 use crate::pubsub::bus::Inbox;
 use crate::server::Shared;
 use crate::server::worker::{Core, IoState};
-use io_uring::{opcode, types};
 use std::io;
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -20,20 +17,30 @@ use tracing::{info, warn};
 
 /// How long an exiting worker waits for the kernel to finish its operations.
 const EXIT_WAIT: Duration = Duration::from_secs(2);
+/// One wait of the exit's loop: short, so that it frees gone connections
+/// as their operations complete and notices the deadline.
+const EXIT_POLL: Duration = Duration::from_millis(10);
 /// The worker's scratch buffer: receive data behind bytes kept from earlier input.
 const SCRATCH_BYTES: usize = crate::server::epoll::READ_BUF_BYTES;
 
+/// An io_uring worker: the backend-independent [`Core`] and what the
+/// kernel shares with it.
+///
+/// The impl is split by path, one file each (accept.rs, recv.rs, send.rs,
+/// conn.rs); the fields those files use are `pub(super)`, visible inside
+/// `uring` only. The kernel-facing state they hold keeps its own fields
+/// private.
 pub(in crate::server) struct Worker {
     pub(super) core: Core<Sock>,
     pub(super) ring: Ring,
     pub(super) bufs: BufRing,
     pub(super) accept: Acceptor,
-    pub(super) wake: Arc<EventFd>,
-    /// Where the armed eventfd read puts the counter.
-    pub(super) wake_buf: Box<u64>,
-    pub(super) wake_armed: bool,
+    wake: WakeRead,
+    /// The receive path's scratch buffer ([`SCRATCH_BYTES`], grown when
+    /// kept input needs more).
     pub(super) scratch: Vec<u8>,
-    pub(super) cqes: Vec<(u64, i32, u32)>,
+    /// This turn's completions (reused).
+    cqes: Vec<Cqe>,
     /// Spare send arguments, reused. Boxed on purpose: a box moves into a
     /// connection while its send is in flight, and its address must not change.
     #[allow(clippy::vec_box)]
@@ -51,36 +58,29 @@ impl Worker {
         shared: Arc<Shared>,
     ) -> io::Result<Self> {
         let plain_fds = std::env::var_os(PLAIN_FDS_ENV).is_some_and(|v| v == "1");
-        let ring = build_ring()?;
         if plain_fds {
             info!(
                 worker = id,
                 "io_uring with plain descriptors ({PLAIN_FDS_ENV}=1)"
             );
+        }
+        // With plain descriptors there is no table to fill.
+        let table = if plain_fds {
+            u32::MAX
         } else {
-            ring.submitter().register_files_sparse(fixed_table_size())?;
-        }
-        let mut accept = Acceptor::new(listener);
-        if !plain_fds {
-            accept.table = fixed_table_size();
-        }
-        let bufs = BufRing::new(&ring)?;
+            fixed_table_size()
+        };
+        let ring = Ring::new(plain_fds, table)?;
+        let bufs = BufRing::new(ring.uring())?;
         // Accepted sockets inherit TCP_NODELAY from the listener: pushed
         // frames leave at once, without a setsockopt per direct descriptor.
-        socket2::SockRef::from(accept.listener.as_ref().expect("just bound")).set_nodelay(true)?;
+        socket2::SockRef::from(&listener).set_nodelay(true)?;
         Ok(Self {
             core: Core::new(id, inbox, shared),
-            ring: Ring {
-                ring,
-                backlog: Vec::new(),
-                in_flight: 0,
-                plain_fds,
-            },
+            ring,
             bufs,
-            accept,
-            wake,
-            wake_buf: Box::new(0),
-            wake_armed: false,
+            accept: Acceptor::new(listener, table),
+            wake: WakeRead::new(wake),
             scratch: vec![0u8; SCRATCH_BYTES],
             cqes: Vec::with_capacity(1024),
             send_pool: Vec::new(),
@@ -92,8 +92,8 @@ impl Worker {
         let id = self.core.id;
         info!(worker = id, "worker started (io_uring)");
         loop {
-            self.arm_accepts();
-            self.arm_wake();
+            self.accept.arm(&mut self.ring);
+            self.wake.arm(&mut self.ring);
             self.enter();
             self.core.now = Instant::now();
             self.reap();
@@ -112,18 +112,9 @@ impl Worker {
     /// Submits what is queued and waits for a completion or the next deadline.
     fn enter(&mut self) {
         let now = Instant::now();
-        let busy = self.core.busy() || !self.ring.backlog.is_empty();
-        let deadline = self.core.next_deadline(now, self.accept.retry_at);
-        let result = match (busy, deadline) {
-            (true, _) => self.ring.ring.submit(),
-            (false, None) => self.ring.ring.submit_and_wait(1),
-            (false, Some(t)) => {
-                let ts = types::Timespec::from(t.saturating_duration_since(now));
-                let args = types::SubmitArgs::new().timespec(&ts);
-                self.ring.ring.submitter().submit_with_args(1, &args)
-            }
-        };
-        match result {
+        let busy = self.core.busy();
+        let deadline = self.core.next_deadline(now, self.accept.retry_at());
+        match self.ring.enter(busy, now, deadline) {
             Ok(_) => {}
             Err(e)
                 if matches!(
@@ -137,13 +128,7 @@ impl Worker {
     /// Handles every completion available.
     fn reap(&mut self) {
         let mut cqes = std::mem::take(&mut self.cqes);
-        cqes.append(&mut self.ring.backlog);
-        cqes.extend(
-            self.ring
-                .ring
-                .completion()
-                .map(|c| (c.user_data(), c.result(), c.flags())),
-        );
+        self.ring.reap_into(&mut cqes);
         for &(ud, res, flags) in &cqes {
             self.complete(ud, res, flags);
         }
@@ -158,27 +143,23 @@ impl Worker {
             x if x == Op::Recv as u8 => self.on_recv(key, serial, res, flags),
             x if x == Op::Send as u8 => self.on_send(key, serial, res),
             x if x == Op::Close as u8 => {
-                if !self.ring.plain_fds {
-                    // Every accepted slot is closed exactly once.
-                    self.accept.slots_used = self.accept.slots_used.saturating_sub(1);
+                if !self.ring.plain_fds() {
+                    self.accept.slot_closed();
                 }
                 if let Some(conn) = conn_of(&mut self.core, key, serial) {
-                    conn.io.close = SlotClose::Done;
+                    conn.io.close_ended();
                     self.free_if_done(key);
                 }
             }
             x if x == Op::Shutdown as u8 => {
                 if let Some(conn) = conn_of(&mut self.core, key, serial) {
-                    conn.io.shutdown_pending = false;
+                    conn.io.shutdown_ended();
                     if conn.state == IoState::Gone {
                         self.free_if_done(key);
                     }
                 }
             }
-            x if x == Op::Wake as u8 => {
-                self.wake_armed = false;
-                self.ring.in_flight -= 1;
-            }
+            x if x == Op::Wake as u8 => self.wake.completed(&mut self.ring),
             // Cancel results need no action: what they cancel reports
             // through its own completion.
             _ => {}
@@ -194,7 +175,7 @@ impl Worker {
                 continue;
             }
             let conn = &self.core.conns[key];
-            if conn.io.held && !conn.read_paused && conn.state == IoState::Active {
+            if conn.io.held() && !conn.read_paused && conn.state == IoState::Active {
                 self.input_held(key);
             }
             if Self::wants_recv(&self.core.conns[key]) {
@@ -220,7 +201,7 @@ impl Worker {
 
     /// Stops accepting and starts the close handshake on every open WebSocket.
     fn begin_drain(&mut self) {
-        self.stop_accepting();
+        self.accept.stop(&mut self.ring);
         let ring = &mut self.ring;
         self.core.begin_drain(|core, key| remove(core, ring, key));
         self.free_gone();
@@ -243,43 +224,36 @@ impl Worker {
                 "drain deadline passed; dropping connections"
             );
         }
-        self.stop_accepting();
+        self.accept.stop(&mut self.ring);
         let keys: Vec<usize> = self.core.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
             if self.core.conns[key].state != IoState::Gone {
                 self.remove(key);
             }
         }
-        if self.wake_armed {
-            let sqe = opcode::AsyncCancel::new(user_data(Op::Wake, NO_KEY, 0))
-                .build()
-                .user_data(user_data(Op::Cancel, NO_KEY, 0));
-            self.ring.push(&sqe);
-        }
+        self.wake.cancel(&mut self.ring);
         let deadline = Instant::now() + EXIT_WAIT;
-        while (self.ring.in_flight > 0 || !self.core.conns.is_empty()) && Instant::now() < deadline
+        while (self.ring.in_flight() > 0 || !self.core.conns.is_empty())
+            && Instant::now() < deadline
         {
-            let ts = types::Timespec::from(Duration::from_millis(10));
-            let args = types::SubmitArgs::new().timespec(&ts);
-            let _ = self.ring.ring.submitter().submit_with_args(1, &args);
+            let _ = self.ring.submit_and_wait_for(EXIT_POLL);
             self.reap();
             self.free_gone();
         }
         self.core.finish();
-        if self.ring.in_flight > 0 || !self.core.conns.is_empty() {
+        if self.ring.in_flight() > 0 || !self.core.conns.is_empty() {
             warn!(
                 worker = id,
-                in_flight = self.ring.in_flight,
+                in_flight = self.ring.in_flight(),
                 "the kernel still holds operations; leaking their memory"
             );
             // Never free what the kernel may still write to or read from.
             std::mem::forget(std::mem::take(&mut self.core.conns));
-            std::mem::forget(std::mem::replace(&mut self.wake_buf, Box::new(0)));
-            std::mem::forget(std::mem::take(&mut self.accept.addrs));
-            let bufs = std::mem::replace(&mut self.bufs, BufRing::leaked());
-            std::mem::forget(bufs);
+            self.wake.leak_buf();
+            self.accept.leak_addrs();
+            self.bufs.leak();
             return;
         }
-        let _ = self.ring.ring.submitter().unregister_buf_ring(BGID);
+        let _ = BufRing::unregister(self.ring.uring());
     }
 }

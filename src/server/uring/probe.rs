@@ -1,6 +1,6 @@
 //! The start-up probe: does the kernel run everything this backend uses?
 
-use super::accept::{AcceptAddr, peer_ip};
+use super::accept::AcceptAddr;
 use super::bufring::{BGID, BufRing};
 use io_uring::{IoUring, cqueue, opcode, types};
 use std::io;
@@ -62,7 +62,7 @@ fn probe_now() -> Result<(), String> {
         return result;
     }
     // Nothing is in flight any more.
-    let _ = ring.submitter().unregister_buf_ring(BGID);
+    let _ = BufRing::unregister(&ring);
     drop(ring);
     drop(bufs);
     result
@@ -75,15 +75,11 @@ fn probe_loopback(
 ) -> Result<(), String> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    peer.len = AcceptAddr::CAPACITY;
-    let accept = opcode::Accept::new(
-        types::Fd(listener.as_raw_fd()),
-        (&raw mut peer.addr).cast(),
-        &raw mut peer.len,
-    )
-    .file_index(Some(types::DestinationSlot::auto_target()))
-    .build()
-    .user_data(1);
+    let accept = peer
+        .accept(types::Fd(listener.as_raw_fd()))
+        .file_index(Some(types::DestinationSlot::auto_target()))
+        .build()
+        .user_data(1);
     // SAFETY: the accept writes into `peer`, which the caller leaks if the
     // probe fails (the accept may then still be in flight).
     unsafe { ring.submission().push(&accept) }.map_err(|_| "queue full".to_string())?;
@@ -95,7 +91,7 @@ fn probe_loopback(
         return Err(format!("accept: {}", io::Error::from_raw_os_error(-cqe.1)));
     }
     let local = client.local_addr().map_err(|e| e.to_string())?;
-    if peer_ip(&peer.addr, peer.len) != Some(local.ip()) {
+    if peer.peer() != Some(local.ip()) {
         return Err("accept did not report the peer address".into());
     }
     let slot = cqe.1 as u32;
@@ -166,7 +162,7 @@ pub(super) fn wait_one(ring: &mut IoUring) -> Result<(u64, i32, u32), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::bufring::{INCREMENTAL, WHOLE_BUFFERS};
+    use super::super::bufring::GEOMETRIES;
     use super::*;
 
     /// The probe's whole sequence passes with either buffer geometry, so
@@ -174,13 +170,13 @@ mod tests {
     /// here too.
     #[test]
     fn the_probe_passes_with_both_buffer_geometries() {
-        for geometry in [INCREMENTAL, WHOLE_BUFFERS] {
+        for geometry in GEOMETRIES {
             let mut ring = IoUring::new(8).unwrap();
             ring.submitter().register_files_sparse(4).unwrap();
             let mut bufs = BufRing::with_geometry(&ring, geometry).unwrap();
             let mut peer = Box::new(AcceptAddr::new());
             probe_loopback(&mut ring, &mut bufs, &mut peer).unwrap();
-            ring.submitter().unregister_buf_ring(BGID).unwrap();
+            BufRing::unregister(&ring).unwrap();
         }
     }
 }

@@ -11,20 +11,20 @@ use tracing::warn;
 impl Worker {
     pub(super) fn arm_recv(&mut self, key: usize) {
         let conn = &mut self.core.conns[key];
-        debug_assert!(!conn.io.recv_armed);
-        let sqe = on_socket!(self.ring.plain_fds, conn.io.slot, |fd| {
+        debug_assert!(!conn.io.recv_armed());
+        let sqe = on_socket!(self.ring.plain_fds(), conn.io.slot(), |fd| {
             opcode::RecvMulti::new(fd, BGID).build()
         })
         .user_data(user_data(Op::Recv, key, conn.serial));
-        conn.io.recv_armed = true;
+        conn.io.set_recv_armed(true);
         self.ring.push(&sqe);
-        self.ring.in_flight += 1;
+        self.ring.in_flight_started();
     }
 
     /// Should `conn` have a receive armed?
     pub(super) fn wants_recv(conn: &Conn<Sock>) -> bool {
         !conn.peer_eof
-            && !conn.io.recv_armed
+            && !conn.io.recv_armed()
             && match conn.state {
                 IoState::Active => !conn.read_paused,
                 IoState::Lingering => true,
@@ -44,8 +44,8 @@ impl Worker {
             return;
         };
         if !cqueue::more(flags) {
-            conn.io.recv_armed = false;
-            self.ring.in_flight -= 1;
+            conn.io.set_recv_armed(false);
+            self.ring.in_flight_ended();
         }
         let state = conn.state;
         if res > 0 {
@@ -58,7 +58,7 @@ impl Worker {
                             // processed while paused (a paced publisher,
                             // backpressure), kept for the resume.
                             conn.session.hold(self.bufs.data(bid, len));
-                            conn.io.held = true;
+                            conn.io.set_held(true);
                         } else {
                             self.input(key, bid, len);
                         }
@@ -100,7 +100,7 @@ impl Worker {
 
     /// Feeds the input held while reading was paused to the core.
     pub(super) fn input_held(&mut self, key: usize) {
-        self.core.conns[key].io.held = false;
+        self.core.conns[key].io.set_held(false);
         let kept = self.restore_pending(key);
         let verdict = self.core.input(key, &mut self.scratch[..kept]);
         self.after_core_input(key, verdict);
@@ -139,7 +139,7 @@ impl Worker {
     /// After the core took input: a pause cancels the multishot receive.
     fn after_core_input(&mut self, key: usize, verdict: Input) {
         let conn = &self.core.conns[key];
-        if verdict == Input::Stop && conn.read_paused && conn.io.recv_armed {
+        if verdict == Input::Stop && conn.read_paused && conn.io.recv_armed() {
             // Backpressure: stop the multishot receive; re-armed when unpaused.
             let sqe = opcode::AsyncCancel::new(user_data(Op::Recv, key, conn.serial))
                 .build()

@@ -1,7 +1,8 @@
 //! The ring wrapper and the `user_data` encoding.
 
-use io_uring::{IoUring, squeue};
+use io_uring::{IoUring, squeue, types};
 use std::io;
+use std::time::{Duration, Instant};
 use tracing::warn;
 
 /// Submission queue entries.
@@ -60,22 +61,52 @@ pub(super) fn split_user_data(ud: u64) -> (u8, usize, u32) {
     )
 }
 
+/// A completion as the loop handles it: `user_data`, result, flags.
+pub(super) type Cqe = (u64, i32, u32);
+
 /// The ring and a place for completions reaped while the submission queue was full.
 pub(super) struct Ring {
-    pub(super) ring: IoUring,
-    pub(super) backlog: Vec<(u64, i32, u32)>,
+    ring: IoUring,
+    /// Completions taken aside by [`Self::push`] to make room in a full
+    /// completion queue; [`Self::reap_into`] hands them out first.
+    backlog: Vec<Cqe>,
     /// Operations whose memory the kernel may still touch (receives, sends,
     /// the wake-up read, the accepts): the exit waits for this to reach 0.
-    pub(super) in_flight: usize,
+    in_flight: usize,
     /// Connections are plain process descriptors (`types::Fd`), not direct
     /// descriptors (`types::Fixed`): `CORECAST_URING_PLAIN_FDS=1`, read
     /// once when the worker starts. A measuring aid only (it shows what
     /// direct descriptors save per operation); the process's open-file
     /// limit then caps the connections, as with epoll.
-    pub(super) plain_fds: bool,
+    plain_fds: bool,
 }
 
 impl Ring {
+    /// Builds a worker's ring; with direct descriptors (not `plain_fds`),
+    /// registers a sparse fixed-file table of `table` slots.
+    pub(super) fn new(plain_fds: bool, table: u32) -> io::Result<Self> {
+        let ring = build_ring()?;
+        if !plain_fds {
+            ring.submitter().register_files_sparse(table)?;
+        }
+        Ok(Self {
+            ring,
+            backlog: Vec::new(),
+            in_flight: 0,
+            plain_fds,
+        })
+    }
+
+    /// The ring itself, to register and unregister the buffer ring.
+    pub(super) fn uring(&self) -> &IoUring {
+        &self.ring
+    }
+
+    /// See the field.
+    pub(super) fn plain_fds(&self) -> bool {
+        self.plain_fds
+    }
+
     /// Queues `sqe`; when the queue is full, submits first.
     pub(super) fn push(&mut self, sqe: &squeue::Entry) {
         loop {
@@ -105,10 +136,60 @@ impl Ring {
                 .map(|c| (c.user_data(), c.result(), c.flags())),
         );
     }
+
+    /// An operation that [`Self::in_flight`] counts was pushed.
+    pub(super) fn in_flight_started(&mut self) {
+        self.in_flight += 1;
+    }
+
+    /// The last completion of an operation that [`Self::in_flight`] counts
+    /// was reaped.
+    pub(super) fn in_flight_ended(&mut self) {
+        self.in_flight -= 1;
+    }
+
+    /// Operations whose memory the kernel may still touch.
+    pub(super) fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Submits what is queued. Unless `busy` (work is waiting for the next
+    /// turn) or completions are taken aside, also waits for a completion,
+    /// or until `deadline`.
+    pub(super) fn enter(
+        &mut self,
+        busy: bool,
+        now: Instant,
+        deadline: Option<Instant>,
+    ) -> io::Result<usize> {
+        let busy = busy || !self.backlog.is_empty();
+        match (busy, deadline) {
+            (true, _) => self.ring.submit(),
+            (false, None) => self.ring.submit_and_wait(1),
+            (false, Some(t)) => self.submit_and_wait_for(t.saturating_duration_since(now)),
+        }
+    }
+
+    /// Submits what is queued and waits for a completion, at most `timeout`.
+    pub(super) fn submit_and_wait_for(&mut self, timeout: Duration) -> io::Result<usize> {
+        let ts = types::Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        self.ring.submitter().submit_with_args(1, &args)
+    }
+
+    /// Appends the completions taken aside, then every one available.
+    pub(super) fn reap_into(&mut self, cqes: &mut Vec<Cqe>) {
+        cqes.append(&mut self.backlog);
+        cqes.extend(
+            self.ring
+                .completion()
+                .map(|c| (c.user_data(), c.result(), c.flags())),
+        );
+    }
 }
 
 /// A ring with the flags that help a single-threaded loop, where the kernel has them.
-pub(super) fn build_ring() -> io::Result<IoUring> {
+fn build_ring() -> io::Result<IoUring> {
     let attempts: [fn(&mut io_uring::Builder); 2] = [
         |b| {
             b.setup_single_issuer().setup_coop_taskrun();

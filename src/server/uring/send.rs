@@ -12,13 +12,18 @@ use std::io::IoSlice;
 const SEND_POOL_MAX: usize = 256;
 
 /// A `sendmsg`'s arguments, kept at a stable heap address while in flight.
+///
+/// Boxed, and owned by the connection's [`Sock`](super::conn::Sock) from
+/// the push until the send's completion is reaped: the kernel reads `msg`,
+/// which points at `iov`, whose entries point at the connection's pinned
+/// queue front. Only then does it go back to the worker's pool.
 pub(super) struct SendOp {
     iov: [libc::iovec; MAX_IOVECS],
     msg: libc::msghdr,
 }
 
 impl SendOp {
-    pub(super) fn new() -> Box<Self> {
+    fn new() -> Box<Self> {
         // SAFETY: iovec and msghdr are plain C structs for which all-zero is valid.
         Box::new(unsafe { std::mem::zeroed() })
     }
@@ -28,7 +33,7 @@ impl Worker {
     /// Sends `key`'s queue (up to [`MAX_IOVECS`] chunks), unless a send is in flight.
     pub(super) fn flush(&mut self, key: usize) {
         let conn = &mut self.core.conns[key];
-        if conn.io.send.is_some() {
+        if conn.io.sending() {
             // Its completion flushes the rest.
             return;
         }
@@ -49,23 +54,23 @@ impl Worker {
         }
         op.msg.msg_iov = op.iov.as_mut_ptr();
         op.msg.msg_iovlen = filled as _;
-        let sqe = on_socket!(self.ring.plain_fds, conn.io.slot, |fd| {
+        let sqe = on_socket!(self.ring.plain_fds(), conn.io.slot(), |fd| {
             opcode::SendMsg::new(fd, &raw const op.msg)
                 .flags(libc::MSG_NOSIGNAL as u32)
                 .build()
         })
         .user_data(user_data(Op::Send, key, conn.serial));
         // The box moves into the connection; the heap data it points to does not.
-        conn.io.send = Some(op);
+        conn.io.send_started(op);
         self.ring.push(&sqe);
-        self.ring.in_flight += 1;
+        self.ring.in_flight_started();
     }
 
     pub(super) fn on_send(&mut self, key: usize, serial: u32, res: i32) {
         let Some(conn) = conn_of(&mut self.core, key, serial) else {
             return;
         };
-        let op = conn.io.send.take();
+        let op = conn.io.send_ended();
         // Also releases the pin: the queue may move again.
         conn.session.out.advance(res.max(0) as usize);
         let gone = conn.state == IoState::Gone;
@@ -75,7 +80,7 @@ impl Worker {
         {
             self.send_pool.push(op);
         }
-        self.ring.in_flight -= 1;
+        self.ring.in_flight_ended();
         if res > 0 {
             self.core.stats().bytes_sent(res as usize);
         }
@@ -102,11 +107,11 @@ impl Worker {
             AfterFlush::Remove => self.remove(key),
             AfterFlush::ShutdownWrite => {
                 let conn = &mut self.core.conns[key];
-                let sqe = on_socket!(self.ring.plain_fds, conn.io.slot, |fd| {
+                let sqe = on_socket!(self.ring.plain_fds(), conn.io.slot(), |fd| {
                     opcode::Shutdown::new(fd, libc::SHUT_WR).build()
                 })
                 .user_data(user_data(Op::Shutdown, key, conn.serial));
-                conn.io.shutdown_pending = true;
+                conn.io.shutdown_started();
                 let wants = Self::wants_recv(conn);
                 self.ring.push(&sqe);
                 if wants {

@@ -1,7 +1,6 @@
 //! The eventfd that wakes a worker, and the read the ring keeps armed on it.
 
-use super::Worker;
-use super::ring::{NO_KEY, Op, user_data};
+use super::ring::{NO_KEY, Op, Ring, user_data};
 use crate::pubsub::bus::Wake;
 use io_uring::{opcode, types};
 use std::io;
@@ -12,6 +11,7 @@ use std::sync::Arc;
 pub(in crate::server) struct EventFd(OwnedFd);
 
 impl EventFd {
+    /// A new eventfd, counter 0.
     pub(in crate::server) fn new() -> io::Result<Self> {
         // Blocking: io_uring would complete a read of a non-blocking eventfd
         // at once with EAGAIN instead of waiting for a wake-up. (A write
@@ -41,20 +41,58 @@ impl Wake for EventFdWake {
     }
 }
 
-impl Worker {
-    pub(super) fn arm_wake(&mut self) {
-        if self.wake_armed {
+/// The read of the worker's eventfd that the ring keeps armed: its
+/// completion is the wake-up.
+pub(super) struct WakeRead {
+    fd: Arc<EventFd>,
+    /// Where the armed read puts the counter (8 bytes): the kernel's from
+    /// [`Self::arm`] until the read's completion; leaked at exit if the
+    /// read is still in flight.
+    buf: Box<u64>,
+    armed: bool,
+}
+
+impl WakeRead {
+    pub(super) fn new(fd: Arc<EventFd>) -> Self {
+        Self {
+            fd,
+            buf: Box::new(0),
+            armed: false,
+        }
+    }
+
+    /// Arms the read, unless it is armed.
+    pub(super) fn arm(&mut self, ring: &mut Ring) {
+        if self.armed {
             return;
         }
-        let sqe = opcode::Read::new(
-            types::Fd(self.wake.raw()),
-            (&raw mut *self.wake_buf).cast(),
-            8,
-        )
-        .build()
-        .user_data(user_data(Op::Wake, NO_KEY, 0));
-        self.ring.push(&sqe);
-        self.ring.in_flight += 1;
-        self.wake_armed = true;
+        let sqe = opcode::Read::new(types::Fd(self.fd.raw()), (&raw mut *self.buf).cast(), 8)
+            .build()
+            .user_data(user_data(Op::Wake, NO_KEY, 0));
+        ring.push(&sqe);
+        ring.in_flight_started();
+        self.armed = true;
+    }
+
+    /// The read completed (a wake-up, or its cancellation).
+    pub(super) fn completed(&mut self, ring: &mut Ring) {
+        self.armed = false;
+        ring.in_flight_ended();
+    }
+
+    /// Cancels the read if it is armed; it still reports through its own
+    /// completion.
+    pub(super) fn cancel(&self, ring: &mut Ring) {
+        if self.armed {
+            let sqe = opcode::AsyncCancel::new(user_data(Op::Wake, NO_KEY, 0))
+                .build()
+                .user_data(user_data(Op::Cancel, NO_KEY, 0));
+            ring.push(&sqe);
+        }
+    }
+
+    /// Leaks the counter's buffer: the read is still in flight at exit.
+    pub(super) fn leak_buf(&mut self) {
+        std::mem::forget(std::mem::replace(&mut self.buf, Box::new(0)));
     }
 }
