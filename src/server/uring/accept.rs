@@ -161,7 +161,11 @@ impl Acceptor {
             let sqe = accept
                 .build()
                 .user_data(user_data(Op::Accept, NO_KEY, i as u32));
-            ring.push(&sqe);
+            // SAFETY: the accept writes into `addrs[i]`, an entry of a boxed
+            // slice never resized or moved and leaked at exit while an
+            // accept is in flight; `armed[i]`, set below, keeps it from
+            // being re-armed or read (`peer`) before this accept completes.
+            unsafe { ring.push(&sqe) };
             ring.in_flight_started();
             self.armed[i] = true;
             armed += 1;
@@ -191,7 +195,8 @@ impl Acceptor {
             let sqe = opcode::AsyncCancel::new(user_data(Op::Accept, NO_KEY, i as u32))
                 .build()
                 .user_data(user_data(Op::Cancel, NO_KEY, 0));
-            ring.push(&sqe);
+            // SAFETY: a cancel names no memory, only the `user_data` of what it cancels.
+            unsafe { ring.push(&sqe) };
         }
     }
 

@@ -145,7 +145,8 @@ impl Worker {
         let sqe = on_socket!(self.ring.plain_fds(), slot, |fd| opcode::Close::new(fd)
             .build())
         .user_data(user_data(Op::Close, key, serial));
-        self.ring.push(&sqe);
+        // SAFETY: a close names no memory.
+        unsafe { self.ring.push(&sqe) };
     }
 
     /// Frees every gone entry the kernel is done with.
@@ -183,13 +184,15 @@ pub(super) fn remove(core: &mut Core<Sock>, ring: &mut Ring, key: usize) {
         let sqe = opcode::AsyncCancel::new(user_data(Op::Recv, key, serial))
             .build()
             .user_data(user_data(Op::Cancel, key, serial));
-        ring.push(&sqe);
+        // SAFETY: a cancel names no memory, only the `user_data` of what it cancels.
+        unsafe { ring.push(&sqe) };
     }
     if conn.io.send.is_some() {
         let sqe = opcode::AsyncCancel::new(user_data(Op::Send, key, serial))
             .build()
             .user_data(user_data(Op::Cancel, key, serial));
-        ring.push(&sqe);
+        // SAFETY: a cancel names no memory, only the `user_data` of what it cancels.
+        unsafe { ring.push(&sqe) };
     }
     conn.io.close = SlotClose::Wanted;
     close_when_idle(conn, ring, key);
@@ -205,6 +208,7 @@ fn close_when_idle(conn: &mut Conn<Sock>, ring: &mut Ring, key: usize) {
             .build())
         .user_data(user_data(Op::Close, key, conn.serial));
         io.close = SlotClose::Pending;
-        ring.push(&sqe);
+        // SAFETY: a close names no memory.
+        unsafe { ring.push(&sqe) };
     }
 }

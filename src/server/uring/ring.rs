@@ -1,4 +1,9 @@
 //! The ring wrapper and the `user_data` encoding.
+//!
+//! Every entry goes to the kernel through [`Ring::push`], an `unsafe fn`:
+//! the kernel uses what an entry points to after the push returns, so the
+//! caller answers, in a `// SAFETY:` line at each call, for who owns that
+//! memory until the completion (the module header's ownership rules).
 
 use io_uring::{IoUring, squeue, types};
 use std::io;
@@ -108,10 +113,24 @@ impl Ring {
     }
 
     /// Queues `sqe`; when the queue is full, submits first.
-    pub(super) fn push(&mut self, sqe: &squeue::Entry) {
+    ///
+    /// # Safety
+    ///
+    /// The kernel reads or writes what `sqe` names from now until the
+    /// operation completes. Every buffer and pointer in the entry (an
+    /// address buffer, a `msghdr` and the iovecs and data it points to, a
+    /// read's target) must stay valid and unmoved, and must not be read or
+    /// written by us, until the operation's completion has been handled
+    /// (it may first wait in the backlog; for a multishot operation, its
+    /// last completion, the one without `IORING_CQE_F_MORE`). A receive
+    /// from the buffer group names no memory itself: the group's buffers
+    /// must stay mapped and registered instead. Entries that name no
+    /// memory (cancels, closes, shutdowns) need nothing.
+    pub(super) unsafe fn push(&mut self, sqe: &squeue::Entry) {
         loop {
-            // SAFETY: every pointer in an SQE built by this module stays valid
-            // until its CQE (see the module's ownership rules).
+            // SAFETY: the caller keeps what `sqe` names valid until its
+            // completion (this function's contract); the queue copies the
+            // entry itself.
             if unsafe { self.ring.submission().push(sqe) }.is_ok() {
                 return;
             }

@@ -62,7 +62,13 @@ impl Worker {
         .user_data(user_data(Op::Send, key, conn.serial));
         // The box moves into the connection; the heap data it points to does not.
         conn.io.send_started(op);
-        self.ring.push(&sqe);
+        // SAFETY: `msg` and `iov` live in the boxed `op`, now held by
+        // `conn.io` until `on_send` takes it back at the send's completion
+        // (a gone connection is freed only once no send is in flight; the
+        // exit leaks what is still in flight); the iovecs point at the
+        // queue's front, pinned by `pin_front` until `advance` at that
+        // same completion.
+        unsafe { self.ring.push(&sqe) };
         self.ring.in_flight_started();
     }
 
@@ -113,7 +119,8 @@ impl Worker {
                 .user_data(user_data(Op::Shutdown, key, conn.serial));
                 conn.io.shutdown_started();
                 let wants = Self::wants_recv(conn);
-                self.ring.push(&sqe);
+                // SAFETY: a shutdown names no memory.
+                unsafe { self.ring.push(&sqe) };
                 if wants {
                     // Lingering: read (and drop) until the peer's FIN.
                     self.arm_recv(key);
