@@ -59,7 +59,8 @@ impl Sock {
         }
     }
 
-    /// See the field.
+    /// Index in the ring's fixed-file table (with plain descriptors: the
+    /// process descriptor).
     pub(super) fn slot(&self) -> u32 {
         self.slot
     }
@@ -107,7 +108,7 @@ impl Sock {
         self.close = SlotClose::Done;
     }
 
-    /// See the field.
+    /// Input that arrived while reading was paused is kept for the resume.
     pub(super) fn held(&self) -> bool {
         self.held
     }

@@ -136,6 +136,7 @@ impl Worker {
         self.cqes = cqes;
     }
 
+    /// Dispatches one completion by the operation in its `user_data`.
     fn complete(&mut self, ud: u64, res: i32, flags: u32) {
         let (op, key, serial) = split_user_data(ud);
         match op {

@@ -15,8 +15,8 @@
 //!   connection owns no receive buffer, and a used-up buffer goes back to
 //!   the ring as soon as the core has consumed its bytes;
 //! - at the end of each loop turn, one `sendmsg` per dirty connection (up to
-//!   [`MAX_IOVECS`](crate::proto::outbound::MAX_IOVECS) queued chunks), all submitted with the next
-//!   `io_uring_enter`. A connection has at most one send in flight, so its
+//!   [`MAX_IOVECS`](crate::proto::outbound::MAX_IOVECS) queued chunks), all
+//!   submitted with the next `io_uring_enter`. A connection has at most one send in flight, so its
 //!   bytes never reorder; a short send leaves the rest queued for the next
 //!   turn;
 //! - cross-worker wake-ups through an eventfd read kept armed in the ring.
@@ -53,19 +53,21 @@
 //!
 //! # Where things are
 //!
-//! One concern per file, in the order a connection meets them:
+//! One concern per file. A connection's bytes flow accept.rs → recv.rs
+//! (from bufring.rs) → the core → send.rs, and it ends in conn.rs; each
+//! file states the invariants of the state it keeps.
 //!
 //! | file | holds |
 //! |---|---|
-//! | `ring.rs` | the ring wrapper ([`Ring`](ring::Ring)), the submission rule, `user_data` encoding |
-//! | `probe.rs` | the start-up probe: does the kernel run all of this? |
-//! | `event_loop.rs` | [`Worker`]: building it, the loop turn, completion dispatch, exit |
-//! | `wake.rs` | the eventfd other workers use to wake this one |
-//! | `accept.rs` | the single-shot accepts and their peer addresses |
-//! | `conn.rs` | a connection's socket state ([`Sock`](conn::Sock)) and how it closes |
+//! | `ring.rs` | the ring wrapper; `Ring::push`, which every worker entry goes through, and its safety contract; `user_data` encoding |
+//! | `event_loop.rs` | `Worker`: building it, the loop turn, completion dispatch, exit |
+//! | `accept.rs` | the single-shot accepts and the peer addresses they write |
 //! | `bufring.rs` | the provided-buffer ring the receives fill |
 //! | `recv.rs` | the receive path: multishot receives to the core |
-//! | `send.rs` | the send path: one `sendmsg` per dirty connection |
+//! | `send.rs` | the send path: `SendOp`, one `sendmsg` per dirty connection |
+//! | `conn.rs` | a connection's socket state (`Sock`) and how it closes (`SlotClose`) |
+//! | `wake.rs` | the eventfd other workers use to wake this one, and its armed read |
+//! | `probe.rs` | the start-up probe: does the kernel run all of this? |
 
 mod accept;
 mod bufring;

@@ -9,6 +9,7 @@ use io_uring::{cqueue, opcode};
 use tracing::warn;
 
 impl Worker {
+    /// Arms `key`'s multishot receive.
     pub(super) fn arm_recv(&mut self, key: usize) {
         let conn = &mut self.core.conns[key];
         debug_assert!(!conn.io.recv_armed());
@@ -36,6 +37,9 @@ impl Worker {
             }
     }
 
+    /// A receive completion for `key`: bytes for the core (held while
+    /// reading is paused), the peer's end of stream, or an error; re-arms
+    /// the receive if it ended and the connection still reads.
     pub(super) fn on_recv(&mut self, key: usize, serial: u32, res: i32, flags: u32) {
         let bid = cqueue::buffer_select(flags);
         let buf_more = cqueue::buffer_more(flags);

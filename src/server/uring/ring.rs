@@ -58,6 +58,7 @@ pub(super) fn user_data(op: Op, key: usize, serial: u32) -> u64 {
     ((op as u64) << 56) | (((key as u64) & 0xFF_FFFF) << 32) | serial as u64
 }
 
+/// The kind byte, slab key and serial of a [`user_data`].
 pub(super) fn split_user_data(ud: u64) -> (u8, usize, u32) {
     (
         (ud >> 56) as u8,
@@ -107,7 +108,8 @@ impl Ring {
         &self.ring
     }
 
-    /// See the field.
+    /// Connections are plain process descriptors, not direct ones (see the
+    /// field).
     pub(super) fn plain_fds(&self) -> bool {
         self.plain_fds
     }

@@ -72,6 +72,7 @@ impl Worker {
         self.ring.in_flight_started();
     }
 
+    /// `key`'s send completed: `res` bytes left its queue (or an error).
     pub(super) fn on_send(&mut self, key: usize, serial: u32, res: i32) {
         let Some(conn) = conn_of(&mut self.core, key, serial) else {
             return;
@@ -107,6 +108,7 @@ impl Worker {
         self.after_flush(key, res as usize);
     }
 
+    /// After a flush wrote `wrote` bytes: what the core wants next.
     fn after_flush(&mut self, key: usize, wrote: usize) {
         match self.core.after_flush(key, wrote) {
             AfterFlush::Keep => {}
