@@ -5,8 +5,8 @@
 //! hold it for long.
 
 use super::Shared;
+use super::backend::{ACCEPT_RETRY, is_resource_exhaustion};
 use super::http;
-use super::worker::{ACCEPT_RETRY, is_resource_exhaustion};
 use crate::proto::handshake::{self, HeadScanner, MAX_HEADERS, Reject, Status, parse_head};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};

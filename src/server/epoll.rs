@@ -12,11 +12,14 @@
 //! - a connection whose outbound queue passes the bound stops being read until
 //!   the queue drains to half (backpressure, never unbounded memory).
 //!
-//! Everything else (protocol state, deadlines, delivery, drain) lives in
-//! [`super::worker::Core`], shared with the io_uring backend.
+//! The loop itself is [`super::backend::run`], the skeleton both backends
+//! share; this file implements its [`Backend`] contract. Everything else
+//! (protocol state, deadlines, delivery, drain) lives in
+//! [`super::worker::Core`].
 
 use super::Shared;
-use super::worker::{ACCEPT_RETRY, AfterFlush, Core, Input, IoState, is_resource_exhaustion};
+use super::backend::{self, Backend, READ_BUF_BYTES, is_resource_exhaustion};
+use super::worker::{AfterFlush, Core, Input, IoState};
 use crate::proto::outbound::MAX_IOVECS;
 use crate::pubsub::bus::Inbox;
 use mio::net::{TcpListener, TcpStream};
@@ -31,9 +34,6 @@ use tracing::{debug, info, warn};
 pub const LISTENER: Token = Token(usize::MAX - 1);
 /// Token of the worker's waker (shutdown, cross-worker publishes).
 pub const WAKER: Token = Token(usize::MAX - 2);
-/// The worker's shared read buffer. 64 KiB: one read drains a full default
-/// socket receive queue chunk while staying in L2.
-pub const READ_BUF_BYTES: usize = 64 * 1024;
 /// Reads per connection per loop turn before other connections get a turn.
 pub const MAX_READS_PER_TURN: usize = 16;
 /// Accepts per loop turn before connections get a turn.
@@ -44,7 +44,10 @@ const EVENTS_PER_POLL: usize = 1024;
 pub(super) struct Worker {
     core: Core<TcpStream>,
     poll: Poll,
+    /// The last wait's readiness events.
+    events: Events,
     listener: Option<TcpListener>,
+    /// The worker's one read buffer ([`READ_BUF_BYTES`]).
     buf: Box<[u8]>,
     accept_again: bool,
     accept_retry_at: Option<Instant>,
@@ -64,6 +67,7 @@ impl Worker {
         Ok(Self {
             core: Core::new(id, inbox, shared),
             poll,
+            events: Events::with_capacity(EVENTS_PER_POLL),
             listener: Some(listener),
             buf: vec![0u8; READ_BUF_BYTES].into_boxed_slice(),
             accept_again: false,
@@ -73,100 +77,9 @@ impl Worker {
 
     /// Runs the event loop until shutdown has drained every connection.
     pub(super) fn run(mut self) {
-        let id = self.core.id;
-        info!(worker = id, "worker started (epoll)");
-        let mut events = Events::with_capacity(EVENTS_PER_POLL);
-        loop {
-            let timeout = self.poll_timeout(Instant::now());
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                warn!(worker = id, error = %e, "epoll_wait failed; worker stops");
-                break;
-            }
-            self.core.now = Instant::now();
-            for ev in events.iter() {
-                match ev.token() {
-                    LISTENER => self.accept(),
-                    // The inbox is drained every turn; the wake-up only ends the wait.
-                    WAKER => {}
-                    Token(key) => {
-                        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-                            self.on_readable(key);
-                        }
-                        if ev.is_writable() && self.core.conns.contains(key) {
-                            // Written at the end of the turn, together with whatever
-                            // this turn queues for it: one writev, not two.
-                            self.core.mark_dirty(key);
-                        }
-                    }
-                }
-            }
-            self.end_of_turn();
-            if self.core.drain_requested() {
-                self.begin_drain();
-            }
-            if self.core.drained() {
-                break;
-            }
-        }
-        if !self.core.conns.is_empty() {
-            warn!(
-                worker = id,
-                left = self.core.conns.len(),
-                "drain deadline passed; dropping connections"
-            );
-        }
-        let keys: Vec<usize> = self.core.conns.iter().map(|(k, _)| k).collect();
-        for key in keys {
-            remove(&mut self.core, key);
-        }
-        self.core.finish();
-        info!(worker = id, "worker stopped");
-    }
-
-    /// Work that is batched per turn: deferred reads and accepts, delivery
-    /// of this turn's publications, the flush of every dirty connection, and
-    /// expired deadlines.
-    fn end_of_turn(&mut self) {
-        if self.accept_again {
-            self.accept_again = false;
-            self.accept();
-        }
-        if self.accept_retry_at.is_some_and(|t| self.core.now >= t) {
-            self.accept_retry_at = None;
-            self.accept();
-        }
-        let reread = self.core.take_reread();
-        for &(key, serial) in &reread {
-            if self.core.is_current(key, serial) {
-                self.on_readable(key);
-            }
-        }
-        self.core.return_reread(reread);
-        self.core.deliver();
-        let dirty = self.core.take_dirty();
-        for &(key, _) in &dirty {
-            // A flush earlier in this walk may have removed it.
-            if self.core.conns.contains(key) {
-                self.flush(key);
-            }
-        }
-        self.core.return_dirty(dirty);
-        self.core.observe_written();
-        self.core.unthrottle();
-        self.core.keepalive();
-        self.core.expire(Instant::now(), remove);
-    }
-
-    fn poll_timeout(&self, now: Instant) -> Option<Duration> {
-        if self.core.busy() || self.accept_again {
-            return Some(Duration::ZERO);
-        }
-        self.core
-            .next_deadline(now, self.accept_retry_at)
-            .map(|t| t.saturating_duration_since(now))
+        info!(worker = self.core.id, "worker started (epoll)");
+        backend::run(&mut self);
+        info!(worker = self.core.id, "worker stopped");
     }
 
     fn accept(&mut self) {
@@ -194,10 +107,14 @@ impl Worker {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     self.core.stats().accept_error();
-                    if is_resource_exhaustion(e.raw_os_error().unwrap_or(0)) {
+                    let errno = e.raw_os_error().unwrap_or(0);
+                    if is_resource_exhaustion(errno) {
                         // The pending connection stays in the backlog; retry soon instead of spinning.
-                        warn!(worker = self.core.id, error = %e, "accept failed: out of resources; retrying shortly");
-                        self.accept_retry_at = Some(Instant::now() + ACCEPT_RETRY);
+                        self.accept_retry_at = Some(backend::accept_exhausted(
+                            self.core.id,
+                            errno,
+                            self.core.now(),
+                        ));
                         return;
                     }
                     debug!(worker = self.core.id, error = %e, "accept failed");
@@ -315,16 +232,6 @@ impl Worker {
             }
         }
     }
-
-    /// Stops accepting and starts the close handshake on every open WebSocket.
-    fn begin_drain(&mut self) {
-        if let Some(mut l) = self.listener.take() {
-            let _ = self.poll.registry().deregister(&mut l);
-        }
-        self.accept_again = false;
-        self.accept_retry_at = None;
-        self.core.begin_drain(remove);
-    }
 }
 
 /// Closes `key`: it leaves its topics and its socket is closed (which also
@@ -332,4 +239,100 @@ impl Worker {
 fn remove(core: &mut Core<TcpStream>, key: usize) {
     core.retire(key);
     drop(core.conns.remove(key));
+}
+
+impl Backend for Worker {
+    type Io = TcpStream;
+
+    fn core(&mut self) -> &mut Core<TcpStream> {
+        &mut self.core
+    }
+
+    fn wait(&mut self, busy: bool, deadline: Option<Instant>) -> io::Result<()> {
+        let now = Instant::now();
+        let timeout = if busy || self.accept_again {
+            Some(Duration::ZERO)
+        } else {
+            deadline.map(|t| t.saturating_duration_since(now))
+        };
+        match self.poll.poll(&mut self.events, timeout) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                self.events.clear();
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    fn handle_events(&mut self) {
+        let events = std::mem::replace(&mut self.events, Events::with_capacity(0));
+        for ev in events.iter() {
+            match ev.token() {
+                LISTENER => self.accept(),
+                // The inbox is drained every turn; the wake-up only ends the wait.
+                WAKER => {}
+                Token(key) => {
+                    if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                        self.on_readable(key);
+                    }
+                    if ev.is_writable() && self.core.conns.contains(key) {
+                        // Written at the end of the turn, together with whatever
+                        // this turn queues for it: one writev, not two.
+                        self.core.mark_dirty(key);
+                    }
+                }
+            }
+        }
+        self.events = events;
+    }
+
+    fn before_end_of_turn(&mut self) {
+        if self.accept_again {
+            self.accept_again = false;
+            self.accept();
+        }
+        if self.accept_retry_at.is_some_and(|t| self.core.now() >= t) {
+            self.accept_retry_at = None;
+            self.accept();
+        }
+    }
+
+    fn reread(&mut self, key: usize) {
+        self.on_readable(key);
+    }
+
+    fn flush(&mut self, key: usize) {
+        Worker::flush(self, key);
+    }
+
+    fn remove(&mut self, key: usize) {
+        remove(&mut self.core, key);
+    }
+
+    fn stop_accepting(&mut self) {
+        if let Some(mut l) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
+        self.accept_again = false;
+        self.accept_retry_at = None;
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.accept_retry_at
+    }
+
+    fn exit(&mut self) {
+        if !self.core.conns.is_empty() {
+            warn!(
+                worker = self.core.id,
+                left = self.core.conns.len(),
+                "drain deadline passed; dropping connections"
+            );
+        }
+        let keys: Vec<usize> = self.core.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            remove(&mut self.core, key);
+        }
+        self.core.finish();
+    }
 }

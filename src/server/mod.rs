@@ -9,6 +9,7 @@
 //! | [`config`] | [`Config`] and its defaults |
 //! | [`admission`] | the connection cap and the per-address limits |
 //! | [`session`] | per-connection state and endpoints, independent of the backend |
+//! | [`backend`] | the backend contract and the loop skeleton both backends share |
 //! | [`worker`] | the backend-independent half of a worker: connection state, deadlines, delivery |
 //! | [`epoll`] | the mio event loop |
 //! | [`uring`] | the io_uring event loop |
@@ -20,6 +21,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod backend;
 pub mod config;
 pub mod epoll;
 pub mod http;
@@ -167,7 +169,7 @@ impl Wake for MioWake {
 }
 
 /// The largest request head the worker's read buffer can hold with room to spare.
-const MAX_HANDSHAKE_CAP: usize = epoll::READ_BUF_BYTES / 2;
+const MAX_HANDSHAKE_CAP: usize = backend::READ_BUF_BYTES / 2;
 
 /// Stack size of every worker thread, in bytes: 2 MiB.
 ///

@@ -6,6 +6,7 @@
 //! unthrottle, sweep, deadlines) is done here in the same order.
 
 use super::Shared;
+use super::backend::{self, Backend};
 use super::config::Config;
 use super::stats::WorkerStats;
 use super::worker::{AfterFlush, Core, IoState};
@@ -66,7 +67,7 @@ impl Sim {
             bus,
         ));
         let core = Core::new(0, inboxes.remove(0), shared);
-        let now = core.now;
+        let now = core.now();
         Self {
             core,
             now,
@@ -82,7 +83,7 @@ impl Sim {
 
     /// A new connection whose socket takes `window` bytes before it blocks.
     fn connect(&mut self, window: usize) -> usize {
-        self.core.now = self.now;
+        self.core.begin_turn(self.now);
         let key = self.core.admit((), None);
         self.peers.insert(
             key,
@@ -118,7 +119,7 @@ impl Sim {
             .unwrap()
             .unread
             .extend_from_slice(bytes);
-        self.core.now = self.now;
+        self.core.begin_turn(self.now);
         self.pump(key);
         self.turn();
     }
@@ -160,32 +161,10 @@ impl Sim {
         }
     }
 
-    /// The end of a loop turn, as both backends run it.
+    /// The end of a loop turn: the skeleton both backends run.
     fn turn(&mut self) {
-        self.core.now = self.now;
-        let reread = self.core.take_reread();
-        for &(key, serial) in &reread {
-            if self.core.is_current(key, serial) {
-                self.pump(key);
-            }
-        }
-        self.core.deliver();
-        let dirty = self.core.take_dirty();
-        for &(key, _) in &dirty {
-            if self.core.conns.contains(key) {
-                self.flush(key);
-            }
-        }
-        self.core.return_dirty(dirty);
-        self.core.observe_written();
-        self.core.unthrottle();
-        self.core.keepalive();
-        let closed = &mut self.closed;
-        self.core.expire(self.now, |core, key| {
-            core.retire(key);
-            core.conns.remove(key);
-            closed.push(key);
-        });
+        self.core.begin_turn(self.now);
+        backend::end_of_turn(self);
     }
 
     fn flush(&mut self, key: usize) {
@@ -210,17 +189,47 @@ impl Sim {
         match self.core.after_flush(key, wrote) {
             AfterFlush::Keep => {}
             AfterFlush::ShutdownWrite => peer.shut_down = true,
-            AfterFlush::Remove => {
-                self.core.retire(key);
-                self.core.conns.remove(key);
-                self.closed.push(key);
-            }
+            AfterFlush::Remove => Backend::remove(self, key),
         }
     }
 
     fn received(&mut self, key: usize) -> Vec<u8> {
         std::mem::take(&mut self.peers.get_mut(&key).unwrap().received)
     }
+}
+
+/// The simulated backend: no event source (the test is the event source),
+/// byte pipes for sockets.
+impl Backend for Sim {
+    type Io = ();
+
+    fn core(&mut self) -> &mut Core<()> {
+        &mut self.core
+    }
+
+    fn wait(&mut self, _busy: bool, _deadline: Option<Instant>) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn handle_events(&mut self) {}
+
+    fn reread(&mut self, key: usize) {
+        self.pump(key);
+    }
+
+    fn flush(&mut self, key: usize) {
+        Sim::flush(self, key);
+    }
+
+    fn remove(&mut self, key: usize) {
+        self.core.retire(key);
+        self.core.conns.remove(key);
+        self.closed.push(key);
+    }
+
+    fn stop_accepting(&mut self) {}
+
+    fn exit(&mut self) {}
 }
 
 /// The close code of the first close frame in `wire`, if any.

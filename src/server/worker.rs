@@ -32,8 +32,6 @@ use tracing::{debug, info};
 /// frame, refusal) and then to send its FIN. A peer that stops reading
 /// while we close is dropped after this, once per phase.
 pub const LINGER: Duration = Duration::from_secs(2);
-/// Pause before accepting again after the process ran out of descriptors.
-pub const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// Deadline queues emptied with more capacity than this are shrunk.
 const SHRINK_ABOVE: usize = 1024;
 /// How often throttled publishers check whether the mailboxes drained.
@@ -178,8 +176,8 @@ pub struct Core<S> {
     addresses: HashMap<usize, IpAddr>,
     /// Start of the worker's millisecond clock.
     epoch: Instant,
-    /// Time at the top of this loop turn.
-    pub now: Instant,
+    /// Time at the top of this loop turn ([`Self::begin_turn`]).
+    now: Instant,
     next_sweep: Option<Instant>,
     pub drain_deadline: Option<Instant>,
 }
@@ -220,6 +218,17 @@ impl<S> Core<S> {
 
     pub fn stats(&self) -> &WorkerStats {
         &self.shared.stats[self.id]
+    }
+
+    /// Starts a loop turn at `now`: every deadline and rate decided until
+    /// the next call uses it (the core reads no clock of its own).
+    pub fn begin_turn(&mut self, now: Instant) {
+        self.now = now;
+    }
+
+    /// The time of this loop turn.
+    pub fn now(&self) -> Instant {
+        self.now
     }
 
     /// Milliseconds on the worker's clock at the top of this turn.
@@ -778,9 +787,11 @@ impl<S> Core<S> {
         !self.reread.is_empty() || !self.dirty.is_empty() || self.carry.is_some()
     }
 
-    /// Closes connections whose request head or linger time ran out, with
-    /// `remove` (the backend's close).
-    pub fn expire(&mut self, now: Instant, mut remove: impl FnMut(&mut Self, usize)) {
+    /// Handles the request and linger deadlines that ran out by `now`;
+    /// returns the connections the backend must close now (check each with
+    /// [`Self::is_current`]: one may be listed twice).
+    pub fn expire(&mut self, now: Instant) -> Vec<ConnRef> {
+        let mut remove = Vec::new();
         let now_ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
         while let Some(&(deadline, key, serial, generation)) = self.handshake_deadlines.front() {
             let key = key as usize;
@@ -811,7 +822,7 @@ impl<S> Core<S> {
                     debug!(worker = self.id, "request timed out");
                     if !conn.session.partial_request() {
                         // Sent nothing (an idle keep-alive or preconnect): just close.
-                        remove(self, key);
+                        remove.push((key, serial));
                         continue;
                     }
                     // Part of a request: 408, then the usual close (linger-bounded).
@@ -844,14 +855,16 @@ impl<S> Core<S> {
             }
             self.linger_deadlines.pop_front();
             if self.is_current(key, serial) && self.conns[key].state != IoState::Active {
-                remove(self, key);
+                remove.push((key, serial));
             }
         }
+        remove
     }
 
-    /// Starts the close handshake on every open WebSocket; connections
-    /// still in an HTTP request are closed with `remove`.
-    pub fn begin_drain(&mut self, mut remove: impl FnMut(&mut Self, usize)) {
+    /// Starts the close handshake on every open WebSocket; returns the
+    /// connections still in an HTTP request, for the backend to close now.
+    pub fn begin_drain(&mut self) -> Vec<usize> {
+        let mut remove = Vec::new();
         info!(worker = self.id, connections = self.conns.len(), "draining");
         self.drain_deadline = Some(self.now + self.shared.config.drain_timeout);
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
@@ -867,9 +880,10 @@ impl<S> Core<S> {
                 self.mark_dirty(key);
             } else {
                 // Still in an HTTP request: nothing to say goodbye to.
-                remove(self, key);
+                remove.push(key);
             }
         }
+        remove
     }
 
     /// Has shutdown been asked for, and the drain not yet begun?
@@ -1022,13 +1036,4 @@ fn sweep_period(cfg: &Config) -> Option<Duration> {
         .flatten()
         .min()?;
     Some((shortest / 4).clamp(SWEEP_MIN, SWEEP_MAX))
-}
-
-/// Accept errors that mean "out of descriptors or memory": retry after
-/// [`ACCEPT_RETRY`] instead of spinning.
-pub fn is_resource_exhaustion(errno: i32) -> bool {
-    matches!(
-        errno,
-        libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
-    )
 }

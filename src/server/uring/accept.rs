@@ -7,13 +7,13 @@
 use super::Worker;
 use super::conn::Sock;
 use super::ring::{NO_KEY, Op, Ring, user_data};
-use crate::server::worker::{ACCEPT_RETRY, is_resource_exhaustion};
+use crate::server::backend::{accept_exhausted, is_resource_exhaustion};
 use io_uring::{opcode, types};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::time::Instant;
-use tracing::{debug, warn};
+use tracing::debug;
 
 /// Single-shot accepts each worker keeps in flight. Each completion takes
 /// one connection and its slot is re-armed at the top of the next turn, so
@@ -257,7 +257,6 @@ impl Worker {
             return;
         }
         self.core.stats().accept_error();
-        let e = io::Error::from_raw_os_error(errno);
         if is_resource_exhaustion(errno) {
             // ENFILE here is usually the fixed-file table: full until
             // connections close. The other armed accepts are cancelled:
@@ -266,12 +265,12 @@ impl Worker {
             // probes; the rest are armed once one succeeds.
             let acc = &mut self.accept;
             if acc.retry_at.is_none() {
-                warn!(worker = self.core.id, error = %e, "accept failed: out of resources; retrying shortly");
-                acc.retry_at = Some(Instant::now() + ACCEPT_RETRY);
+                acc.retry_at = Some(accept_exhausted(self.core.id, errno, self.core.now()));
                 acc.probing = true;
                 acc.cancel_armed(&mut self.ring);
             }
         } else {
+            let e = io::Error::from_raw_os_error(errno);
             debug!(worker = self.core.id, error = %e, "accept failed");
         }
     }

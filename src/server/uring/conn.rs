@@ -12,7 +12,7 @@ use io_uring::opcode;
 /// close of `slot` and every other operation on it have completed
 /// ([`Worker::free_if_done`]): a receive's completion names its entry, and
 /// an in-flight send's arguments and data are owned through it.
-pub(super) struct Sock {
+pub(in crate::server) struct Sock {
     /// Index in the ring's fixed-file table (with plain descriptors: the
     /// process descriptor).
     slot: u32,

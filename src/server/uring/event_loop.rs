@@ -2,12 +2,13 @@
 
 use super::accept::Acceptor;
 use super::bufring::BufRing;
-use super::conn::{Sock, conn_of, remove};
+use super::conn::{Sock, conn_of};
 use super::ring::{Cqe, Op, PLAIN_FDS_ENV, Ring, fixed_table_size, split_user_data};
 use super::send::SendOp;
 use super::wake::{EventFd, WakeRead};
 use crate::pubsub::bus::Inbox;
 use crate::server::Shared;
+use crate::server::backend::{self, Backend};
 use crate::server::worker::{Core, IoState};
 use std::io;
 use std::net::TcpListener;
@@ -21,7 +22,7 @@ const EXIT_WAIT: Duration = Duration::from_secs(2);
 /// as their operations complete and notices the deadline.
 const EXIT_POLL: Duration = Duration::from_millis(10);
 /// The worker's scratch buffer: receive data behind bytes kept from earlier input.
-const SCRATCH_BYTES: usize = crate::server::epoll::READ_BUF_BYTES;
+const SCRATCH_BYTES: usize = crate::server::backend::READ_BUF_BYTES;
 
 /// An io_uring worker: the backend-independent [`Core`] and what the
 /// kernel shares with it.
@@ -89,40 +90,9 @@ impl Worker {
 
     /// Runs the event loop until shutdown has drained every connection.
     pub(in crate::server) fn run(mut self) {
-        let id = self.core.id;
-        info!(worker = id, "worker started (io_uring)");
-        loop {
-            self.accept.arm(&mut self.ring);
-            self.wake.arm(&mut self.ring);
-            self.enter();
-            self.core.now = Instant::now();
-            self.reap();
-            self.end_of_turn();
-            if self.core.drain_requested() {
-                self.begin_drain();
-            }
-            if self.core.drained() {
-                break;
-            }
-        }
-        self.exit();
-        info!(worker = id, "worker stopped");
-    }
-
-    /// Submits what is queued and waits for a completion or the next deadline.
-    fn enter(&mut self) {
-        let now = Instant::now();
-        let busy = self.core.busy();
-        let deadline = self.core.next_deadline(now, self.accept.retry_at());
-        match self.ring.enter(busy, now, deadline) {
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
-                ) => {}
-            Err(e) => warn!(worker = self.core.id, error = %e, "io_uring_enter failed"),
-        }
+        info!(worker = self.core.id, "worker started (io_uring)");
+        backend::run(&mut self);
+        info!(worker = self.core.id, "worker stopped");
     }
 
     /// Handles every completion available.
@@ -167,50 +137,9 @@ impl Worker {
         }
     }
 
-    /// Work that is batched per turn: re-armed receives, delivery of this
-    /// turn's publications, one send per dirty connection, deadlines.
-    fn end_of_turn(&mut self) {
-        let reread = self.core.take_reread();
-        for &(key, serial) in &reread {
-            if !self.core.is_current(key, serial) {
-                continue;
-            }
-            let conn = &self.core.conns[key];
-            if conn.io.held() && !conn.read_paused && conn.state == IoState::Active {
-                self.input_held(key);
-            }
-            if Self::wants_recv(&self.core.conns[key]) {
-                self.arm_recv(key);
-            }
-        }
-        self.core.return_reread(reread);
-        self.core.deliver();
-        let dirty = self.core.take_dirty();
-        for &(key, serial) in &dirty {
-            if self.core.is_current(key, serial) {
-                self.flush(key);
-            }
-        }
-        self.core.return_dirty(dirty);
-        self.core.observe_written();
-        self.core.unthrottle();
-        self.core.keepalive();
-        let ring = &mut self.ring;
-        self.core
-            .expire(Instant::now(), |core, key| remove(core, ring, key));
-    }
-
-    /// Stops accepting and starts the close handshake on every open WebSocket.
-    fn begin_drain(&mut self) {
-        self.accept.stop(&mut self.ring);
-        let ring = &mut self.ring;
-        self.core.begin_drain(|core, key| remove(core, ring, key));
-        self.free_gone();
-    }
-
     /// Closes whatever is left, cancels every operation and waits for the
     /// kernel to let go of the memory they use.
-    fn exit(&mut self) {
+    fn close_all_and_wait(&mut self) {
         let id = self.core.id;
         let open = self
             .core
@@ -256,5 +185,68 @@ impl Worker {
             return;
         }
         let _ = BufRing::unregister(self.ring.uring());
+    }
+}
+
+impl Backend for Worker {
+    type Io = Sock;
+
+    fn core(&mut self) -> &mut Core<Sock> {
+        &mut self.core
+    }
+
+    /// Arms accepts and the wake-up read, submits what is queued, and
+    /// waits for a completion or the deadline.
+    fn wait(&mut self, busy: bool, deadline: Option<Instant>) -> io::Result<()> {
+        self.accept.arm(&mut self.ring);
+        self.wake.arm(&mut self.ring);
+        match self.ring.enter(busy, Instant::now(), deadline) {
+            Err(e)
+                if !matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) =>
+            {
+                // Not fatal: the ring is still usable; the next turn retries.
+                warn!(worker = self.core.id, error = %e, "io_uring_enter failed");
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn handle_events(&mut self) {
+        self.reap();
+    }
+
+    /// Feeds input held while paused, and re-arms the multishot receive.
+    fn reread(&mut self, key: usize) {
+        let conn = &self.core.conns[key];
+        if conn.io.held() && !conn.read_paused && conn.state == IoState::Active {
+            self.input_held(key);
+        }
+        if Self::wants_recv(&self.core.conns[key]) {
+            self.arm_recv(key);
+        }
+    }
+
+    fn flush(&mut self, key: usize) {
+        Worker::flush(self, key);
+    }
+
+    fn remove(&mut self, key: usize) {
+        Worker::remove(self, key);
+    }
+
+    fn stop_accepting(&mut self) {
+        self.accept.stop(&mut self.ring);
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.accept.retry_at()
+    }
+
+    fn exit(&mut self) {
+        self.close_all_and_wait();
     }
 }
