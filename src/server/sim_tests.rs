@@ -452,3 +452,32 @@ fn an_http_publisher_is_not_read_while_a_peer_mailbox_is_over_its_mark() {
     assert_eq!(answers(&sim.received(publisher)), 6);
     assert_eq!(sim.stats().messages_published.load(Relaxed), 9);
 }
+
+#[test]
+fn large_holders_are_cut_at_ninety_percent_so_a_small_client_is_still_served() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut sim = Sim::new(|c| c.max_buffered_bytes = 4 << 20);
+    let header = {
+        let mut h = vec![0x82, 0xff];
+        h.extend_from_slice(&(16u64 << 20).to_be_bytes());
+        h.extend_from_slice(&MASK);
+        h
+    };
+    // Two large partial messages: 2 MiB (50 %), then 1.7 MiB (92 %).
+    let a = sim.upgrade("/echo", 1 << 20);
+    sim.send(a, &header);
+    sim.send(a, &vec![0u8; 2 << 20]);
+    let b = sim.upgrade("/echo", 1 << 20);
+    sim.send(b, &header);
+    sim.send(b, &vec![0u8; 1700 << 10]);
+    assert_eq!(close_code(&sim.received(b)), Some(1013), "b passed 90 %");
+    assert!(sim.received(a).is_empty(), "a keeps what it holds");
+    // The headroom is for small clients: an echo goes through.
+    let c = sim.upgrade("/echo", 1 << 20);
+    sim.send(c, &client_frame(true, OpCode::Text, b"still serving", MASK));
+    assert_eq!(
+        sim.received(c),
+        [&[0x81, 13][..], b"still serving"].concat()
+    );
+    assert_eq!(sim.stats().budget_closes.load(Relaxed), 1);
+}

@@ -9,6 +9,15 @@
 //!
 //! Timeouts use FIFO queues: each kind has one constant duration, so
 //! deadlines are pushed in order and checked from the front.
+//!
+//! | file | holds |
+//! |---|---|
+//! | `mod.rs` | [`Core`] and [`Conn`]: admission, input, flush results, closing, retiring |
+//! | `delivery.rs` | the fan-out half of a turn: dispatch, the bounded mailbox drain, `push_to`, the shard's budget charge, unthrottling |
+//! | `deadlines.rs` | the sweep (keepalive, message and send deadlines), the FIFO deadline queues, the next wake-up, the drain |
+
+mod deadlines;
+mod delivery;
 
 use super::Shared;
 use super::config::Config;
@@ -20,6 +29,7 @@ use crate::proto::outbound::COPY_BELOW;
 use crate::pubsub::bus::{Inbox, Publication};
 use crate::pubsub::shard::{ConnRef, Shard};
 use bytes::Bytes;
+use deadlines::{ms_after, sweep_period};
 use slab::Slab;
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -32,6 +42,13 @@ use tracing::{debug, info};
 /// frame, refusal) and then to send its FIN. A peer that stops reading
 /// while we close is dropped after this, once per phase.
 pub const LINGER: Duration = Duration::from_secs(2);
+/// What a connection must hold to count as a large holder for the buffer
+/// budget (see [`Core::input`]'s budget check): 1 MiB, far above any
+/// request head, control message or reply, well below a large message.
+const LARGE_HOLDER_BYTES: usize = 1024 * 1024;
+/// The share of a worker's budget large holders may fill: 90 %, leaving
+/// 10 % (51 MiB per worker with the defaults) for everyone else.
+const LARGE_HOLDER_SHARE_PERCENT: usize = 90;
 /// Deadline queues emptied with more capacity than this are shrunk.
 const SHRINK_ABOVE: usize = 1024;
 /// How often throttled publishers check whether the mailboxes drained.
@@ -299,10 +316,21 @@ impl<S> Core<S> {
 
     /// Re-measures what `key` holds against the buffer budget; `true` when
     /// it grew and the worker is now over its budget.
+    ///
+    /// A connection holding [`LARGE_HOLDER_BYTES`] or more is cut earlier,
+    /// once the worker is over [`LARGE_HOLDER_SHARE_PERCENT`] of its budget:
+    /// large holders (partial 16 MiB messages, stalled queues) can then never
+    /// fill the budget to its last byte, and the headroom left is for the
+    /// small requests, replies and echoes of everyone else.
     fn recharge(&mut self, key: usize) -> bool {
         let conn = &mut self.conns[key];
-        recharge(conn, &mut self.buffered, &self.shared.stats[self.id])
-            && self.buffered > self.budget
+        let grew = recharge(conn, &mut self.buffered, &self.shared.stats[self.id]);
+        let limit = if conn.charged as usize >= LARGE_HOLDER_BYTES {
+            self.budget / 100 * LARGE_HOLDER_SHARE_PERCENT
+        } else {
+            self.budget
+        };
+        grew && self.buffered > limit
     }
 
     /// Processes input for `key`: `buf` holds the bytes kept from earlier
@@ -505,414 +533,9 @@ impl<S> Core<S> {
         AfterFlush::ShutdownWrite
     }
 
-    /// Sends this turn's publications to the interested workers' mailboxes
-    /// (this one's included), then hands what the mailbox holds to the
-    /// local subscribers' queues. Delivery stops after
-    /// [`MAX_DELIVERIES_PER_TURN`]; the rest is carried to the next turn
-    /// ([`Self::busy`] stays true meanwhile), so no flood, from this
-    /// worker's publishers or another's, keeps it from its sockets and timers.
-    pub fn deliver(&mut self) {
-        self.shard.dispatch();
-        let lost = self.shard.take_lost();
-        if lost > 0 {
-            self.stats().undelivered(Undelivered::WorkerStopped, lost);
-        }
-        // What the last turn's writes freed no longer counts; this turn's
-        // publications do.
-        self.shard.release_frames(false);
-        self.sync_shard_charge();
-        let cfg = &self.shared.config;
-        let stats = &self.shared.stats[self.id];
-        let conns = &mut self.conns;
-        let dirty = &mut self.dirty;
-        let slow = &mut self.slow;
-        let delivered = &mut self.delivered;
-        let shard = &mut self.shard;
-        let mut budget = Budget {
-            buffered: &mut self.buffered,
-            limit: self.budget,
-        };
-        // The run last seen, reset before each `Shard::deliver` call (its
-        // slice is alive for the call, so addresses cannot repeat within it).
-        let last = std::cell::Cell::new(std::ptr::null::<Publication>());
-        let work = std::cell::Cell::new(0usize);
-        let mut to_conns = |run: &[Publication], targets: &[(usize, u32)]| {
-            // Called once per chunk of subscribers: record each run's times once.
-            if !std::ptr::eq(last.get(), run.as_ptr()) {
-                last.set(run.as_ptr());
-                delivered.extend(run.iter().map(|p| p.published_at));
-            }
-            work.set(work.get() + run.len() * targets.len());
-            push_to(conns, dirty, slow, &mut budget, cfg, stats, run, targets);
-        };
-        let bus = &self.shared.bus;
-        self.inbox.begin_drain(bus);
-        loop {
-            let (batch, mut pos) = match self.carry.take() {
-                Some(carried) => carried,
-                None => match self.inbox.next() {
-                    Some(batch) => (batch, 0),
-                    None => break,
-                },
-            };
-            while pos < batch.len() && work.get() < MAX_DELIVERIES_PER_TURN {
-                // Whole runs of one topic while they fit the bound, so each
-                // subscriber still takes a run at a time.
-                let end = shard.step_end(&batch, pos, MAX_DELIVERIES_PER_TURN - work.get());
-                last.set(std::ptr::null());
-                shard.deliver(&batch[pos..end], &mut to_conns);
-                pos = end;
-            }
-            if pos < batch.len() {
-                stats.delivery_deferred();
-                self.carry = Some((batch, pos));
-                break;
-            }
-            self.inbox.done(bus, &batch);
-        }
-        for (key, serial) in std::mem::take(&mut self.slow) {
-            if self.is_current(key, serial) && self.conns[key].state == IoState::Active {
-                self.start_closing(key);
-            }
-        }
-    }
-
-    /// Moves the budget (and its gauge) by the change in what the shard
-    /// holds for this worker's clients (published frames, the topic
-    /// registry) since the last call; `true` when it grew.
-    fn sync_shard_charge(&mut self) -> bool {
-        let now = self.shard.charged_bytes();
-        let delta = now as isize - self.shard_charged as isize;
-        if delta != 0 {
-            self.shard_charged = now;
-            self.buffered = (self.buffered as isize + delta) as usize;
-            self.stats().buffered(delta);
-        }
-        delta > 0
-    }
-
-    /// Records the publish-to-write latency of what this turn delivered,
-    /// now that it has been handed to the kernel.
-    pub fn observe_written(&mut self) {
-        if !self.delivered.is_empty() {
-            let written = Instant::now();
-            let stats = &self.shared.stats[self.id];
-            for t in self.delivered.drain(..) {
-                stats.observe_latency(written.saturating_duration_since(t));
-            }
-        }
-    }
-
-    /// Resumes throttled publishers once every mailbox is below half its
-    /// mark, and paced publishers whose pause is over.
-    pub fn unthrottle(&mut self) {
-        if !self.paced.is_empty() {
-            let now = self.now;
-            let mut i = 0;
-            while i < self.paced.len() {
-                let (at, key, serial) = self.paced[i];
-                if at > now {
-                    i += 1;
-                    continue;
-                }
-                self.paced.swap_remove(i);
-                if self.is_current(key, serial) && !self.throttled.contains(&(key, serial)) {
-                    self.conns[key].read_paused = false;
-                    self.reread.push((key, serial));
-                }
-            }
-        }
-        if self.throttled.is_empty()
-            || self.shared.bus.max_queued_bytes() > self.shared.config.mailbox_high_water / 2
-        {
-            return;
-        }
-        for (key, serial) in std::mem::take(&mut self.throttled) {
-            if self.is_current(key, serial) {
-                self.conns[key].read_paused = false;
-                self.reread.push((key, serial));
-            }
-        }
-    }
-
-    /// Runs the periodic sweep (keepalive, message deadline, admission
-    /// table) when it is due.
-    pub fn keepalive(&mut self) {
-        if self.next_sweep.is_some_and(|t| self.now >= t) {
-            self.sweep();
-        }
-    }
-
-    /// Pings connections idle for the ping interval; closes those whose ping
-    /// went unanswered for the ping timeout, and those that started a
-    /// message longer than the message timeout ago.
-    fn sweep(&mut self) {
-        let Some(period) = sweep_period(&self.shared.config) else {
-            return;
-        };
-        self.next_sweep = Some(self.now + period);
-        self.shared
-            .admission
-            .sweep(self.id, self.shared.stats.len());
-        // A published frame stuck in one stalled queue keeps the later ones
-        // charged until the next full scan of the ledger: this one.
-        self.shard.release_frames(true);
-        self.sync_shard_charge();
-        let cfg = &self.shared.config;
-        let interval = cfg.ping_interval.map(|d| d.as_millis() as u32);
-        let timeout = cfg.ping_timeout.as_millis() as u32;
-        let message_timeout = cfg.message_timeout.map(|d| d.as_millis() as u32);
-        let send_timeout = cfg.send_timeout.map(|d| d.as_millis() as u32);
-        let now = self.now_ms();
-        let stats = &self.shared.stats[self.id];
-        let mut timed_out = Vec::new();
-        let mut slow_messages = Vec::new();
-        let mut stalled = Vec::new();
-        for (key, conn) in self.conns.iter_mut() {
-            // Closing and lingering connections have the linger deadline.
-            if conn.state != IoState::Active {
-                continue;
-            }
-            // The send timeout judges every open connection, read or paused,
-            // WebSocket or HTTP: no queued byte may wait longer (a peer that
-            // stops reading, or reads too slowly to ever catch up, is cut
-            // however it got there; docs/SECURITY.md, "Deadlines").
-            let out = conn.session.out.len();
-            if out == 0 {
-                conn.tx_ms = now;
-                conn.tx_goal = conn.sent;
-            } else if conn.sent.wrapping_sub(conn.tx_goal) as i32 >= 0 {
-                // Everything queued when the epoch began has left: a new one.
-                conn.tx_ms = now;
-                conn.tx_goal = conn.sent.wrapping_add(out as u32);
-            } else if send_timeout.is_some_and(|limit| now.wrapping_sub(conn.tx_ms) >= limit) {
-                stalled.push(key);
-                continue;
-            }
-            // A connection we are not reading (its queue is over the bound, or a
-            // throttled or paced publisher) cannot show us its pong or finish
-            // its message: not judged by those while paused. Its pause ends by
-            // itself (the queue drains or the send timeout cuts it; the
-            // mailboxes drain; the pace runs out).
-            if !conn.session.is_websocket() || conn.read_paused {
-                continue;
-            }
-            if let (Some(limit), Some(started)) = (message_timeout, conn.session.message_started())
-                && now.wrapping_sub(started) >= limit
-            {
-                slow_messages.push(key);
-                continue;
-            }
-            let Some(interval) = interval else {
-                continue;
-            };
-            if conn.ping_pending {
-                if now.wrapping_sub(conn.ping_sent_ms) >= timeout {
-                    timed_out.push(key);
-                }
-            } else if now.wrapping_sub(conn.last_rx_ms) >= interval && conn.session.ping() {
-                stats.keepalive_ping();
-                conn.ping_pending = true;
-                conn.ping_sent_ms = now;
-                conn.mark_dirty(key, &mut self.dirty);
-            }
-        }
-        for key in timed_out {
-            self.stats().keepalive_timeout();
-            debug!(worker = self.id, "keepalive timeout");
-            self.conns[key]
-                .session
-                .close(CloseCode::GOING_AWAY, "keepalive timeout");
-            self.start_closing(key);
-        }
-        for key in stalled {
-            let stats = &self.shared.stats[self.id];
-            stats.send_timeout();
-            debug!(worker = self.id, "send timeout");
-            let conn = &mut self.conns[key];
-            // Nothing queued is going anywhere: free it now, keeping only a
-            // frame already partly on the wire.
-            stats.send_timeout_discarded(conn.session.out.truncate_to_front());
-            if conn.session.is_websocket() {
-                stats.ws_failure(CloseCode::POLICY_VIOLATION.0);
-            }
-            conn.session.abort(
-                CloseCode::POLICY_VIOLATION,
-                Status::RequestTimeout,
-                "send timeout",
-                stats,
-            );
-            self.recharge(key);
-            self.start_closing(key);
-        }
-        for key in slow_messages {
-            let stats = &self.shared.stats[self.id];
-            stats.message_timeout();
-            stats.ws_failure(CloseCode::POLICY_VIOLATION.0);
-            debug!(worker = self.id, "message timeout");
-            self.conns[key].session.abort(
-                CloseCode::POLICY_VIOLATION,
-                Status::RequestTimeout,
-                "message not finished in time",
-                stats,
-            );
-            self.recharge(key);
-            self.start_closing(key);
-        }
-    }
-
-    /// The earliest time the worker must wake up for a deadline of its own
-    /// (besides `extra`, the backend's).
-    pub fn next_deadline(&self, now: Instant, extra: Option<Instant>) -> Option<Instant> {
-        [
-            self.handshake_deadlines
-                .front()
-                .map(|d| self.epoch + Duration::from_millis(d.0)),
-            self.linger_deadlines
-                .front()
-                .map(|d| self.epoch + Duration::from_millis(d.0)),
-            extra,
-            self.drain_deadline,
-            self.next_sweep,
-            (!self.throttled.is_empty()).then(|| now + THROTTLE_RECHECK),
-            self.paced.iter().map(|p| p.0).min(),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-    }
-
     /// Has work that must not wait for an event?
     pub fn busy(&self) -> bool {
         !self.reread.is_empty() || !self.dirty.is_empty() || self.carry.is_some()
-    }
-
-    /// Handles the request and linger deadlines that ran out by `now`;
-    /// returns the connections the backend must close now (check each with
-    /// [`Self::is_current`]: one may be listed twice).
-    pub fn expire(&mut self, now: Instant) -> Vec<ConnRef> {
-        let mut remove = Vec::new();
-        let now_ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
-        while let Some(&(deadline, key, serial, generation)) = self.handshake_deadlines.front() {
-            let key = key as usize;
-            if deadline > now_ms {
-                break;
-            }
-            self.handshake_deadlines.pop_front();
-            if self.is_current(key, serial) {
-                let conn = &self.conns[key];
-                if conn.read_paused
-                    && conn.session.awaiting_request()
-                    && conn.request_gen == generation
-                {
-                    // Not read because of us (a held publisher, a full queue):
-                    // its next request cannot arrive. Judged again once read;
-                    // the send timeout covers a queue that does not drain.
-                    let at = ms_after(self.epoch, now, self.shared.config.handshake_timeout);
-                    self.handshake_deadlines
-                        .push_back((at, key as u32, serial, generation));
-                    continue;
-                }
-                if conn.session.awaiting_request()
-                    && conn.state == IoState::Active
-                    && conn.request_gen == generation
-                {
-                    let stats = &self.shared.stats[self.id];
-                    stats.handshake_timeout();
-                    debug!(worker = self.id, "request timed out");
-                    if !conn.session.partial_request() {
-                        // Sent nothing (an idle keep-alive or preconnect): just close.
-                        remove.push((key, serial));
-                        continue;
-                    }
-                    // Part of a request: 408, then the usual close (linger-bounded).
-                    self.conns[key].session.abort(
-                        CloseCode::POLICY_VIOLATION,
-                        Status::RequestTimeout,
-                        "request not received in time (see --handshake-timeout)",
-                        stats,
-                    );
-                    self.recharge(key);
-                    self.start_closing(key);
-                }
-            }
-        }
-        // After a connection storm, give the queues' memory back.
-        if self.handshake_deadlines.is_empty() && self.handshake_deadlines.capacity() > SHRINK_ABOVE
-        {
-            self.handshake_deadlines.shrink_to_fit();
-        }
-        if self.linger_deadlines.is_empty() && self.linger_deadlines.capacity() > SHRINK_ABOVE {
-            self.linger_deadlines.shrink_to_fit();
-        }
-        if self.addresses.is_empty() && self.addresses.capacity() > SHRINK_ABOVE {
-            self.addresses.shrink_to_fit();
-        }
-        while let Some(&(deadline, key, serial)) = self.linger_deadlines.front() {
-            let key = key as usize;
-            if deadline > now_ms {
-                break;
-            }
-            self.linger_deadlines.pop_front();
-            if self.is_current(key, serial) && self.conns[key].state != IoState::Active {
-                remove.push((key, serial));
-            }
-        }
-        remove
-    }
-
-    /// Starts the close handshake on every open WebSocket; returns the
-    /// connections still in an HTTP request, for the backend to close now.
-    pub fn begin_drain(&mut self) -> Vec<usize> {
-        let mut remove = Vec::new();
-        info!(worker = self.id, connections = self.conns.len(), "draining");
-        self.drain_deadline = Some(self.now + self.shared.config.drain_timeout);
-        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
-        for key in keys {
-            let conn = &mut self.conns[key];
-            if conn.state != IoState::Active {
-                continue;
-            }
-            if conn
-                .session
-                .close(CloseCode::GOING_AWAY, "server shutting down")
-            {
-                self.mark_dirty(key);
-            } else {
-                // Still in an HTTP request: nothing to say goodbye to.
-                remove.push(key);
-            }
-        }
-        remove
-    }
-
-    /// Has shutdown been asked for, and the drain not yet begun?
-    pub fn drain_requested(&self) -> bool {
-        self.shared.shutdown.load(Ordering::Acquire) && self.drain_deadline.is_none()
-    }
-
-    /// Is the drain over (everything closed, or the deadline passed)?
-    pub fn drained(&self) -> bool {
-        self.drain_deadline
-            .is_some_and(|d| self.conns.is_empty() || self.now >= d)
-    }
-
-    /// At the worker's exit: publications still waiting for it (carried or
-    /// in its mailbox) will never be delivered; count them.
-    pub fn finish(&mut self) {
-        let bus = &self.shared.bus;
-        let mut lost = 0;
-        if let Some((batch, pos)) = self.carry.take() {
-            lost += batch.len() - pos;
-            self.inbox.done(bus, &batch);
-        }
-        while let Some(batch) = self.inbox.next() {
-            lost += batch.len();
-            self.inbox.done(bus, &batch);
-        }
-        if lost > 0 {
-            self.stats().undelivered(Undelivered::WorkerStopped, lost);
-        }
     }
 
     /// Leaves the connection's topics and counts it closed; the backend
@@ -937,69 +560,6 @@ impl<S> Core<S> {
     }
 }
 
-/// Queues a run of publications of one topic for each target, subscriber by
-/// subscriber, applying the slow-consumer policy.
-#[allow(clippy::too_many_arguments)]
-fn push_to<S>(
-    conns: &mut Slab<Conn<S>>,
-    dirty: &mut Vec<ConnRef>,
-    slow: &mut Vec<ConnRef>,
-    budget: &mut Budget<'_>,
-    cfg: &Config,
-    stats: &WorkerStats,
-    run: &[Publication],
-    targets: &[ConnRef],
-) {
-    // Room for the run's small frames, reserved once per subscriber instead
-    // of growing the tail buffer step by step.
-    let small: usize = run
-        .iter()
-        .map(|p| p.frame.len())
-        .filter(|&n| n < COPY_BELOW)
-        .sum();
-    let mut sent = 0;
-    for &(key, serial) in targets {
-        let Some(conn) = conns.get_mut(key) else {
-            continue;
-        };
-        debug_assert_eq!(conn.serial, serial, "registry holds a stale connection");
-        conn.session.out.reserve_tail(small);
-        let mut queued = false;
-        let over = *budget.buffered > budget.limit;
-        for (i, p) in run.iter().enumerate() {
-            match conn.session.push_published(&p.frame, cfg, over) {
-                Push::Queued => {
-                    sent += 1;
-                    queued = true;
-                }
-                Push::Ignored => break,
-                Push::Closing => {
-                    stats.undelivered(Undelivered::Closing, run.len() - i);
-                    break;
-                }
-                Push::Dropped => stats.frame_dropped(),
-                Push::SlowConsumer { discarded } => {
-                    stats.slow_consumer_disconnect(discarded);
-                    slow.push((key, serial));
-                    queued = true;
-                    break;
-                }
-            }
-        }
-        if queued {
-            conn.mark_dirty(key, dirty);
-            recharge(conn, budget.buffered, stats);
-        }
-    }
-    stats.frames_sent(sent);
-}
-
-/// The worker's buffer budget, lent to [`push_to`].
-struct Budget<'a> {
-    buffered: &'a mut usize,
-    limit: usize,
-}
-
 /// Re-measures what `conn` holds and moves the worker's total (and its
 /// gauge) by the difference; `true` when it grew.
 fn recharge<S>(conn: &mut Conn<S>, buffered: &mut usize, stats: &WorkerStats) -> bool {
@@ -1012,28 +572,4 @@ fn recharge<S>(conn: &mut Conn<S>, buffered: &mut usize, stats: &WorkerStats) ->
     *buffered = (*buffered as isize + delta) as usize;
     stats.buffered(delta);
     delta > 0
-}
-
-/// `now + after` in milliseconds since `epoch` (rounded up, so a deadline
-/// never fires early).
-fn ms_after(epoch: Instant, now: Instant, after: Duration) -> u64 {
-    (now.saturating_duration_since(epoch) + after)
-        .as_micros()
-        .div_ceil(1000) as u64
-}
-
-/// The sweep period: a quarter of the shortest timeout it enforces (ping
-/// interval and timeout, message timeout; the admission table is swept
-/// every second when it exists), or `None` with nothing to sweep for.
-fn sweep_period(cfg: &Config) -> Option<Duration> {
-    let keepalive = cfg.ping_interval.map(|i| i.min(cfg.ping_timeout));
-    let per_ip = (cfg.max_connections_per_ip > 0
-        || cfg.max_connect_rate_per_ip > 0
-        || cfg.max_publish_rate > 0)
-        .then_some(SWEEP_MAX * 4);
-    let shortest = [keepalive, cfg.message_timeout, cfg.send_timeout, per_ip]
-        .into_iter()
-        .flatten()
-        .min()?;
-    Some((shortest / 4).clamp(SWEEP_MIN, SWEEP_MAX))
 }

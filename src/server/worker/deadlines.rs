@@ -1,0 +1,288 @@
+//! Time in a worker: the periodic sweep (keepalive, message and send
+//! deadlines, the ledger's full scan), the FIFO deadline queues (request
+//! heads, lingering), the wait's next deadline, and the drain.
+
+use super::*;
+
+impl<S> Core<S> {
+    /// Runs the periodic sweep (keepalive, message deadline, admission
+    /// table) when it is due.
+    pub fn keepalive(&mut self) {
+        if self.next_sweep.is_some_and(|t| self.now >= t) {
+            self.sweep();
+        }
+    }
+
+    /// Pings connections idle for the ping interval; closes those whose ping
+    /// went unanswered for the ping timeout, and those that started a
+    /// message longer than the message timeout ago.
+    fn sweep(&mut self) {
+        let Some(period) = sweep_period(&self.shared.config) else {
+            return;
+        };
+        self.next_sweep = Some(self.now + period);
+        self.shared
+            .admission
+            .sweep(self.id, self.shared.stats.len());
+        // A published frame stuck in one stalled queue keeps the later ones
+        // charged until the next full scan of the ledger: this one.
+        self.shard.release_frames(true);
+        self.sync_shard_charge();
+        let cfg = &self.shared.config;
+        let interval = cfg.ping_interval.map(|d| d.as_millis() as u32);
+        let timeout = cfg.ping_timeout.as_millis() as u32;
+        let message_timeout = cfg.message_timeout.map(|d| d.as_millis() as u32);
+        let send_timeout = cfg.send_timeout.map(|d| d.as_millis() as u32);
+        let now = self.now_ms();
+        let stats = &self.shared.stats[self.id];
+        let mut timed_out = Vec::new();
+        let mut slow_messages = Vec::new();
+        let mut stalled = Vec::new();
+        for (key, conn) in self.conns.iter_mut() {
+            // Closing and lingering connections have the linger deadline.
+            if conn.state != IoState::Active {
+                continue;
+            }
+            // The send timeout judges every open connection, read or paused,
+            // WebSocket or HTTP: no queued byte may wait longer (a peer that
+            // stops reading, or reads too slowly to ever catch up, is cut
+            // however it got there; docs/SECURITY.md, "Deadlines").
+            let out = conn.session.out.len();
+            if out == 0 {
+                conn.tx_ms = now;
+                conn.tx_goal = conn.sent;
+            } else if conn.sent.wrapping_sub(conn.tx_goal) as i32 >= 0 {
+                // Everything queued when the epoch began has left: a new one.
+                conn.tx_ms = now;
+                conn.tx_goal = conn.sent.wrapping_add(out as u32);
+            } else if send_timeout.is_some_and(|limit| now.wrapping_sub(conn.tx_ms) >= limit) {
+                stalled.push(key);
+                continue;
+            }
+            // A connection we are not reading (its queue is over the bound, or a
+            // throttled or paced publisher) cannot show us its pong or finish
+            // its message: not judged by those while paused. Its pause ends by
+            // itself (the queue drains or the send timeout cuts it; the
+            // mailboxes drain; the pace runs out).
+            if !conn.session.is_websocket() || conn.read_paused {
+                continue;
+            }
+            if let (Some(limit), Some(started)) = (message_timeout, conn.session.message_started())
+                && now.wrapping_sub(started) >= limit
+            {
+                slow_messages.push(key);
+                continue;
+            }
+            let Some(interval) = interval else {
+                continue;
+            };
+            if conn.ping_pending {
+                if now.wrapping_sub(conn.ping_sent_ms) >= timeout {
+                    timed_out.push(key);
+                }
+            } else if now.wrapping_sub(conn.last_rx_ms) >= interval && conn.session.ping() {
+                stats.keepalive_ping();
+                conn.ping_pending = true;
+                conn.ping_sent_ms = now;
+                conn.mark_dirty(key, &mut self.dirty);
+            }
+        }
+        for key in timed_out {
+            self.stats().keepalive_timeout();
+            debug!(worker = self.id, "keepalive timeout");
+            self.conns[key]
+                .session
+                .close(CloseCode::GOING_AWAY, "keepalive timeout");
+            self.start_closing(key);
+        }
+        for key in stalled {
+            let stats = &self.shared.stats[self.id];
+            stats.send_timeout();
+            debug!(worker = self.id, "send timeout");
+            let conn = &mut self.conns[key];
+            // Nothing queued is going anywhere: free it now, keeping only a
+            // frame already partly on the wire.
+            stats.send_timeout_discarded(conn.session.out.truncate_to_front());
+            if conn.session.is_websocket() {
+                stats.ws_failure(CloseCode::POLICY_VIOLATION.0);
+            }
+            conn.session.abort(
+                CloseCode::POLICY_VIOLATION,
+                Status::RequestTimeout,
+                "send timeout",
+                stats,
+            );
+            self.recharge(key);
+            self.start_closing(key);
+        }
+        for key in slow_messages {
+            let stats = &self.shared.stats[self.id];
+            stats.message_timeout();
+            stats.ws_failure(CloseCode::POLICY_VIOLATION.0);
+            debug!(worker = self.id, "message timeout");
+            self.conns[key].session.abort(
+                CloseCode::POLICY_VIOLATION,
+                Status::RequestTimeout,
+                "message not finished in time",
+                stats,
+            );
+            self.recharge(key);
+            self.start_closing(key);
+        }
+    }
+
+    /// The earliest time the worker must wake up for a deadline of its own
+    /// (besides `extra`, the backend's).
+    pub fn next_deadline(&self, now: Instant, extra: Option<Instant>) -> Option<Instant> {
+        [
+            self.handshake_deadlines
+                .front()
+                .map(|d| self.epoch + Duration::from_millis(d.0)),
+            self.linger_deadlines
+                .front()
+                .map(|d| self.epoch + Duration::from_millis(d.0)),
+            extra,
+            self.drain_deadline,
+            self.next_sweep,
+            (!self.throttled.is_empty()).then(|| now + THROTTLE_RECHECK),
+            self.paced.iter().map(|p| p.0).min(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Handles the request and linger deadlines that ran out by `now`;
+    /// returns the connections the backend must close now (check each with
+    /// [`Self::is_current`]: one may be listed twice).
+    pub fn expire(&mut self, now: Instant) -> Vec<ConnRef> {
+        let mut remove = Vec::new();
+        let now_ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        while let Some(&(deadline, key, serial, generation)) = self.handshake_deadlines.front() {
+            let key = key as usize;
+            if deadline > now_ms {
+                break;
+            }
+            self.handshake_deadlines.pop_front();
+            if self.is_current(key, serial) {
+                let conn = &self.conns[key];
+                if conn.read_paused
+                    && conn.session.awaiting_request()
+                    && conn.request_gen == generation
+                {
+                    // Not read because of us (a held publisher, a full queue):
+                    // its next request cannot arrive. Judged again once read;
+                    // the send timeout covers a queue that does not drain.
+                    let at = ms_after(self.epoch, now, self.shared.config.handshake_timeout);
+                    self.handshake_deadlines
+                        .push_back((at, key as u32, serial, generation));
+                    continue;
+                }
+                if conn.session.awaiting_request()
+                    && conn.state == IoState::Active
+                    && conn.request_gen == generation
+                {
+                    let stats = &self.shared.stats[self.id];
+                    stats.handshake_timeout();
+                    debug!(worker = self.id, "request timed out");
+                    if !conn.session.partial_request() {
+                        // Sent nothing (an idle keep-alive or preconnect): just close.
+                        remove.push((key, serial));
+                        continue;
+                    }
+                    // Part of a request: 408, then the usual close (linger-bounded).
+                    self.conns[key].session.abort(
+                        CloseCode::POLICY_VIOLATION,
+                        Status::RequestTimeout,
+                        "request not received in time (see --handshake-timeout)",
+                        stats,
+                    );
+                    self.recharge(key);
+                    self.start_closing(key);
+                }
+            }
+        }
+        // After a connection storm, give the queues' memory back.
+        if self.handshake_deadlines.is_empty() && self.handshake_deadlines.capacity() > SHRINK_ABOVE
+        {
+            self.handshake_deadlines.shrink_to_fit();
+        }
+        if self.linger_deadlines.is_empty() && self.linger_deadlines.capacity() > SHRINK_ABOVE {
+            self.linger_deadlines.shrink_to_fit();
+        }
+        if self.addresses.is_empty() && self.addresses.capacity() > SHRINK_ABOVE {
+            self.addresses.shrink_to_fit();
+        }
+        while let Some(&(deadline, key, serial)) = self.linger_deadlines.front() {
+            let key = key as usize;
+            if deadline > now_ms {
+                break;
+            }
+            self.linger_deadlines.pop_front();
+            if self.is_current(key, serial) && self.conns[key].state != IoState::Active {
+                remove.push((key, serial));
+            }
+        }
+        remove
+    }
+
+    /// Starts the close handshake on every open WebSocket; returns the
+    /// connections still in an HTTP request, for the backend to close now.
+    pub fn begin_drain(&mut self) -> Vec<usize> {
+        let mut remove = Vec::new();
+        info!(worker = self.id, connections = self.conns.len(), "draining");
+        self.drain_deadline = Some(self.now + self.shared.config.drain_timeout);
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            let conn = &mut self.conns[key];
+            if conn.state != IoState::Active {
+                continue;
+            }
+            if conn
+                .session
+                .close(CloseCode::GOING_AWAY, "server shutting down")
+            {
+                self.mark_dirty(key);
+            } else {
+                // Still in an HTTP request: nothing to say goodbye to.
+                remove.push(key);
+            }
+        }
+        remove
+    }
+
+    /// Has shutdown been asked for, and the drain not yet begun?
+    pub fn drain_requested(&self) -> bool {
+        self.shared.shutdown.load(Ordering::Acquire) && self.drain_deadline.is_none()
+    }
+
+    /// Is the drain over (everything closed, or the deadline passed)?
+    pub fn drained(&self) -> bool {
+        self.drain_deadline
+            .is_some_and(|d| self.conns.is_empty() || self.now >= d)
+    }
+}
+
+/// `now + after` in milliseconds since `epoch` (rounded up, so a deadline
+/// never fires early).
+pub(super) fn ms_after(epoch: Instant, now: Instant, after: Duration) -> u64 {
+    (now.saturating_duration_since(epoch) + after)
+        .as_micros()
+        .div_ceil(1000) as u64
+}
+
+/// The sweep period: a quarter of the shortest timeout it enforces (ping
+/// interval and timeout, message timeout; the admission table is swept
+/// every second when it exists), or `None` with nothing to sweep for.
+pub(super) fn sweep_period(cfg: &Config) -> Option<Duration> {
+    let keepalive = cfg.ping_interval.map(|i| i.min(cfg.ping_timeout));
+    let per_ip = (cfg.max_connections_per_ip > 0
+        || cfg.max_connect_rate_per_ip > 0
+        || cfg.max_publish_rate > 0)
+        .then_some(SWEEP_MAX * 4);
+    let shortest = [keepalive, cfg.message_timeout, cfg.send_timeout, per_ip]
+        .into_iter()
+        .flatten()
+        .min()?;
+    Some((shortest / 4).clamp(SWEEP_MIN, SWEEP_MAX))
+}

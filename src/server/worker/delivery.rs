@@ -1,0 +1,219 @@
+//! The fan-out half of a worker's turn: this turn's publications out to
+//! the mailboxes, the mailbox into subscribers' queues (bounded per turn),
+//! the budget's share of what the shard holds, throttled and paced
+//! publishers resumed, and what an exiting worker leaves undelivered.
+
+use super::*;
+
+impl<S> Core<S> {
+    /// Sends this turn's publications to the interested workers' mailboxes
+    /// (this one's included), then hands what the mailbox holds to the
+    /// local subscribers' queues. Delivery stops after
+    /// [`MAX_DELIVERIES_PER_TURN`]; the rest is carried to the next turn
+    /// ([`Self::busy`] stays true meanwhile), so no flood, from this
+    /// worker's publishers or another's, keeps it from its sockets and timers.
+    pub fn deliver(&mut self) {
+        self.shard.dispatch();
+        let lost = self.shard.take_lost();
+        if lost > 0 {
+            self.stats().undelivered(Undelivered::WorkerStopped, lost);
+        }
+        // What the last turn's writes freed no longer counts; this turn's
+        // publications do.
+        self.shard.release_frames(false);
+        self.sync_shard_charge();
+        let cfg = &self.shared.config;
+        let stats = &self.shared.stats[self.id];
+        let conns = &mut self.conns;
+        let dirty = &mut self.dirty;
+        let slow = &mut self.slow;
+        let delivered = &mut self.delivered;
+        let shard = &mut self.shard;
+        let mut budget = Budget {
+            buffered: &mut self.buffered,
+            limit: self.budget,
+        };
+        // The run last seen, reset before each `Shard::deliver` call (its
+        // slice is alive for the call, so addresses cannot repeat within it).
+        let last = std::cell::Cell::new(std::ptr::null::<Publication>());
+        let work = std::cell::Cell::new(0usize);
+        let mut to_conns = |run: &[Publication], targets: &[(usize, u32)]| {
+            // Called once per chunk of subscribers: record each run's times once.
+            if !std::ptr::eq(last.get(), run.as_ptr()) {
+                last.set(run.as_ptr());
+                delivered.extend(run.iter().map(|p| p.published_at));
+            }
+            work.set(work.get() + run.len() * targets.len());
+            push_to(conns, dirty, slow, &mut budget, cfg, stats, run, targets);
+        };
+        let bus = &self.shared.bus;
+        self.inbox.begin_drain(bus);
+        loop {
+            let (batch, mut pos) = match self.carry.take() {
+                Some(carried) => carried,
+                None => match self.inbox.next() {
+                    Some(batch) => (batch, 0),
+                    None => break,
+                },
+            };
+            while pos < batch.len() && work.get() < MAX_DELIVERIES_PER_TURN {
+                // Whole runs of one topic while they fit the bound, so each
+                // subscriber still takes a run at a time.
+                let end = shard.step_end(&batch, pos, MAX_DELIVERIES_PER_TURN - work.get());
+                last.set(std::ptr::null());
+                shard.deliver(&batch[pos..end], &mut to_conns);
+                pos = end;
+            }
+            if pos < batch.len() {
+                stats.delivery_deferred();
+                self.carry = Some((batch, pos));
+                break;
+            }
+            self.inbox.done(bus, &batch);
+        }
+        for (key, serial) in std::mem::take(&mut self.slow) {
+            if self.is_current(key, serial) && self.conns[key].state == IoState::Active {
+                self.start_closing(key);
+            }
+        }
+    }
+
+    /// Moves the budget (and its gauge) by the change in what the shard
+    /// holds for this worker's clients (published frames, the topic
+    /// registry) since the last call; `true` when it grew.
+    pub(super) fn sync_shard_charge(&mut self) -> bool {
+        let now = self.shard.charged_bytes();
+        let delta = now as isize - self.shard_charged as isize;
+        if delta != 0 {
+            self.shard_charged = now;
+            self.buffered = (self.buffered as isize + delta) as usize;
+            self.stats().buffered(delta);
+        }
+        delta > 0
+    }
+
+    /// Records the publish-to-write latency of what this turn delivered,
+    /// now that it has been handed to the kernel.
+    pub fn observe_written(&mut self) {
+        if !self.delivered.is_empty() {
+            let written = Instant::now();
+            let stats = &self.shared.stats[self.id];
+            for t in self.delivered.drain(..) {
+                stats.observe_latency(written.saturating_duration_since(t));
+            }
+        }
+    }
+
+    /// Resumes throttled publishers once every mailbox is below half its
+    /// mark, and paced publishers whose pause is over.
+    pub fn unthrottle(&mut self) {
+        if !self.paced.is_empty() {
+            let now = self.now;
+            let mut i = 0;
+            while i < self.paced.len() {
+                let (at, key, serial) = self.paced[i];
+                if at > now {
+                    i += 1;
+                    continue;
+                }
+                self.paced.swap_remove(i);
+                if self.is_current(key, serial) && !self.throttled.contains(&(key, serial)) {
+                    self.conns[key].read_paused = false;
+                    self.reread.push((key, serial));
+                }
+            }
+        }
+        if self.throttled.is_empty()
+            || self.shared.bus.max_queued_bytes() > self.shared.config.mailbox_high_water / 2
+        {
+            return;
+        }
+        for (key, serial) in std::mem::take(&mut self.throttled) {
+            if self.is_current(key, serial) {
+                self.conns[key].read_paused = false;
+                self.reread.push((key, serial));
+            }
+        }
+    }
+
+    /// At the worker's exit: publications still waiting for it (carried or
+    /// in its mailbox) will never be delivered; count them.
+    pub fn finish(&mut self) {
+        let bus = &self.shared.bus;
+        let mut lost = 0;
+        if let Some((batch, pos)) = self.carry.take() {
+            lost += batch.len() - pos;
+            self.inbox.done(bus, &batch);
+        }
+        while let Some(batch) = self.inbox.next() {
+            lost += batch.len();
+            self.inbox.done(bus, &batch);
+        }
+        if lost > 0 {
+            self.stats().undelivered(Undelivered::WorkerStopped, lost);
+        }
+    }
+}
+
+/// Queues a run of publications of one topic for each target, subscriber by
+/// subscriber, applying the slow-consumer policy.
+#[allow(clippy::too_many_arguments)]
+fn push_to<S>(
+    conns: &mut Slab<Conn<S>>,
+    dirty: &mut Vec<ConnRef>,
+    slow: &mut Vec<ConnRef>,
+    budget: &mut Budget<'_>,
+    cfg: &Config,
+    stats: &WorkerStats,
+    run: &[Publication],
+    targets: &[ConnRef],
+) {
+    // Room for the run's small frames, reserved once per subscriber instead
+    // of growing the tail buffer step by step.
+    let small: usize = run
+        .iter()
+        .map(|p| p.frame.len())
+        .filter(|&n| n < COPY_BELOW)
+        .sum();
+    let mut sent = 0;
+    for &(key, serial) in targets {
+        let Some(conn) = conns.get_mut(key) else {
+            continue;
+        };
+        debug_assert_eq!(conn.serial, serial, "registry holds a stale connection");
+        conn.session.out.reserve_tail(small);
+        let mut queued = false;
+        let over = *budget.buffered > budget.limit;
+        for (i, p) in run.iter().enumerate() {
+            match conn.session.push_published(&p.frame, cfg, over) {
+                Push::Queued => {
+                    sent += 1;
+                    queued = true;
+                }
+                Push::Ignored => break,
+                Push::Closing => {
+                    stats.undelivered(Undelivered::Closing, run.len() - i);
+                    break;
+                }
+                Push::Dropped => stats.frame_dropped(),
+                Push::SlowConsumer { discarded } => {
+                    stats.slow_consumer_disconnect(discarded);
+                    slow.push((key, serial));
+                    queued = true;
+                    break;
+                }
+            }
+        }
+        if queued {
+            conn.mark_dirty(key, dirty);
+            recharge(conn, budget.buffered, stats);
+        }
+    }
+    stats.frames_sent(sent);
+}
+
+/// The worker's buffer budget, lent to [`push_to`].
+struct Budget<'a> {
+    buffered: &'a mut usize,
+    limit: usize,
+}
