@@ -93,7 +93,7 @@ pub(super) fn run<B: Backend>(backend: &mut B) {
         let busy = core.busy();
         let deadline = core.next_deadline(now, extra);
         if let Err(e) = backend.wait(busy, deadline) {
-            warn!(worker = backend.core().id, error = %e, "waiting for events failed; worker stops");
+            warn!(worker = backend.core().id(), error = %e, "waiting for events failed; worker stops");
             break;
         }
         backend.core().begin_turn(Instant::now());

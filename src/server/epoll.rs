@@ -77,9 +77,9 @@ impl Worker {
 
     /// Runs the event loop until shutdown has drained every connection.
     pub(super) fn run(mut self) {
-        info!(worker = self.core.id, "worker started (epoll)");
+        info!(worker = self.core.id(), "worker started (epoll)");
         backend::run(&mut self);
-        info!(worker = self.core.id, "worker stopped");
+        info!(worker = self.core.id(), "worker stopped");
     }
 
     fn accept(&mut self) {
@@ -91,13 +91,13 @@ impl Worker {
                 Ok((mut sock, peer)) => {
                     // Pushed frames must leave at once, not wait for Nagle.
                     let _ = sock.set_nodelay(true);
-                    let key = self.core.conns.vacant_key();
+                    let key = self.core.vacant_key();
                     if let Err(e) = self.poll.registry().register(
                         &mut sock,
                         Token(key),
                         Interest::READABLE | Interest::WRITABLE,
                     ) {
-                        warn!(worker = self.core.id, error = %e, "register failed");
+                        warn!(worker = self.core.id(), error = %e, "register failed");
                         continue;
                     }
                     let admitted = self.core.admit(sock, Some(peer.ip()));
@@ -111,13 +111,13 @@ impl Worker {
                     if is_resource_exhaustion(errno) {
                         // The pending connection stays in the backlog; retry soon instead of spinning.
                         self.accept_retry_at = Some(backend::accept_exhausted(
-                            self.core.id,
+                            self.core.id(),
                             errno,
                             self.core.now(),
                         ));
                         return;
                     }
-                    debug!(worker = self.core.id, error = %e, "accept failed");
+                    debug!(worker = self.core.id(), error = %e, "accept failed");
                 }
             }
         }
@@ -125,11 +125,11 @@ impl Worker {
     }
 
     fn on_readable(&mut self, key: usize) {
-        let Some(conn) = self.core.conns.get_mut(key) else {
+        let Some(conn) = self.core.get(key) else {
             return;
         };
-        match conn.state {
-            IoState::Active if !conn.read_paused => self.read(key),
+        match conn.state() {
+            IoState::Active if !conn.read_paused() => self.read(key),
             IoState::Lingering => self.discard_input(key),
             _ => {}
         }
@@ -139,9 +139,9 @@ impl Worker {
     fn read(&mut self, key: usize) {
         let mut budget_used_up = true;
         for _ in 0..MAX_READS_PER_TURN {
-            let conn = &mut self.core.conns[key];
-            let kept = conn.session.restore_pending(&mut self.buf);
-            match conn.io.read(&mut self.buf[kept..]) {
+            let conn = self.core.conn_mut(key);
+            let kept = conn.restore_pending(&mut self.buf);
+            match conn.io_mut().read(&mut self.buf[kept..]) {
                 Ok(0) => {
                     self.core.eof(key);
                     budget_used_up = false;
@@ -166,17 +166,16 @@ impl Worker {
         }
         if budget_used_up {
             // Still readable, but others get their turn first.
-            let serial = self.core.conns[key].serial;
-            self.core.reread.push((key, serial));
+            self.core.read_again(key);
         }
         self.core.after_input(key);
     }
 
     /// In the lingering state: read and drop input until EOF.
     fn discard_input(&mut self, key: usize) {
-        let conn = &mut self.core.conns[key];
+        let conn = self.core.conn_mut(key);
         for _ in 0..MAX_READS_PER_TURN {
-            match conn.io.read(&mut self.buf) {
+            match conn.io_mut().read(&mut self.buf) {
                 Ok(0) => break,
                 Ok(_) => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -191,20 +190,20 @@ impl Worker {
     /// Writes the outbound queue with vectored writes until empty or `WouldBlock`.
     fn flush(&mut self, key: usize) {
         let core = &mut self.core;
-        let conn = &mut core.conns[key];
+        let (io, out) = core.conn_mut(key).io_and_out();
         let mut total = 0;
-        while !conn.session.out.is_empty() {
+        let mut failed = false;
+        while !out.is_empty() {
             let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
-            let n = conn.session.out.gather(&mut iov);
+            let n = out.gather(&mut iov);
             let offered: usize = iov[..n].iter().map(|s| s.len()).sum();
-            match conn.io.write_vectored(&iov[..n]) {
+            match io.write_vectored(&iov[..n]) {
                 Ok(0) => {
-                    remove(core, key);
-                    return;
+                    failed = true;
+                    break;
                 }
                 Ok(written) => {
-                    core.shared.stats[core.id].bytes_sent(written);
-                    conn.session.out.advance(written);
+                    out.advance(written);
                     total += written;
                     if written < offered {
                         // A short write means the send buffer is full (the kernel has
@@ -216,16 +215,21 @@ impl Worker {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => {
-                    remove(core, key);
-                    return;
+                    failed = true;
+                    break;
                 }
             }
+        }
+        core.stats().bytes_sent(total);
+        if failed {
+            remove(core, key);
+            return;
         }
         match core.after_flush(key, total) {
             AfterFlush::Keep => {}
             AfterFlush::Remove => remove(core, key),
             AfterFlush::ShutdownWrite => {
-                let _ = core.conns[key].io.shutdown(Shutdown::Write);
+                let _ = core.conn_mut(key).io_mut().shutdown(Shutdown::Write);
                 // Input may already be waiting (the peer's close reply): consume it now,
                 // since the edge that announced it may have passed.
                 self.discard_input(key);
@@ -238,7 +242,7 @@ impl Worker {
 /// takes it out of the epoll set: no deregister call needed).
 fn remove(core: &mut Core<TcpStream>, key: usize) {
     core.retire(key);
-    drop(core.conns.remove(key));
+    drop(core.free(key));
 }
 
 impl Backend for Worker {
@@ -275,7 +279,7 @@ impl Backend for Worker {
                     if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                         self.on_readable(key);
                     }
-                    if ev.is_writable() && self.core.conns.contains(key) {
+                    if ev.is_writable() && self.core.get(key).is_some() {
                         // Written at the end of the turn, together with whatever
                         // this turn queues for it: one writev, not two.
                         self.core.mark_dirty(key);
@@ -322,14 +326,14 @@ impl Backend for Worker {
     }
 
     fn exit(&mut self) {
-        if !self.core.conns.is_empty() {
+        if !self.core.is_empty() {
             warn!(
-                worker = self.core.id,
-                left = self.core.conns.len(),
+                worker = self.core.id(),
+                left = self.core.len(),
                 "drain deadline passed; dropping connections"
             );
         }
-        let keys: Vec<usize> = self.core.conns.iter().map(|(k, _)| k).collect();
+        let keys = self.core.keys();
         for key in keys {
             remove(&mut self.core, key);
         }

@@ -128,16 +128,15 @@ impl Sim {
     fn pump(&mut self, key: usize) {
         let readable = self
             .core
-            .conns
             .get(key)
-            .is_some_and(|c| c.state == IoState::Active && !c.read_paused);
+            .is_some_and(|c| c.state() == IoState::Active && !c.read_paused());
         let unread = std::mem::take(&mut self.peers.get_mut(&key).unwrap().unread);
         if !readable || unread.is_empty() {
             self.peers.get_mut(&key).unwrap().unread = unread;
             return;
         }
-        let mut buf = vec![0u8; self.core.conns[key].session.pending_len()];
-        self.core.conns[key].session.restore_pending(&mut buf);
+        let mut buf = vec![0u8; self.core.conn(key).pending_len()];
+        self.core.conn_mut(key).restore_pending(&mut buf);
         buf.extend_from_slice(&unread);
         self.core.input(key, &mut buf);
         self.core.after_input(key);
@@ -146,7 +145,7 @@ impl Sim {
     /// The peer reads: its socket takes `n` more bytes.
     fn read(&mut self, key: usize, n: usize) {
         self.peers.get_mut(&key).unwrap().window += n;
-        if self.core.conns.contains(key) {
+        if self.core.get(key).is_some() {
             self.core.mark_dirty(key);
         }
         self.turn();
@@ -169,7 +168,7 @@ impl Sim {
 
     fn flush(&mut self, key: usize) {
         let peer = self.peers.get_mut(&key).unwrap();
-        let out = &mut self.core.conns[key].session.out;
+        let out = self.core.conn_mut(key).out_mut();
         let mut wrote = 0;
         while !out.is_empty() && peer.window > 0 {
             let mut iov = [IoSlice::new(&[]); 64];
@@ -223,7 +222,7 @@ impl Backend for Sim {
 
     fn remove(&mut self, key: usize) {
         self.core.retire(key);
-        self.core.conns.remove(key);
+        self.core.free(key);
         self.closed.push(key);
     }
 
@@ -358,10 +357,7 @@ fn a_reader_that_keeps_up_with_a_steady_backlog_is_never_cut() {
         publish(&mut sim, "feed", &[1; 2000]);
         sim.now += TICK;
         sim.read(s, 2004);
-        assert!(
-            !sim.core.conns[s].session.out.is_empty(),
-            "a steady backlog"
-        );
+        assert!(!sim.core.conn(s).out().is_empty(), "a steady backlog");
     }
     assert_eq!(sim.stats().send_timeouts.load(Relaxed), 0);
     assert!(!sim.closed.contains(&s));
@@ -412,8 +408,8 @@ fn an_http_publisher_is_not_read_while_a_peer_mailbox_is_over_its_mark() {
         c.mailbox_high_water = 4096;
     });
     // A subscriber on worker 1, whose mailbox the test drains by hand.
-    let directory = Arc::clone(&sim.core.shared.directory);
-    let bus = Arc::clone(&sim.core.shared.bus);
+    let directory = Arc::clone(&sim.core.shared().directory);
+    let bus = Arc::clone(&sim.core.shared().bus);
     let mut shard1 = crate::pubsub::shard::Shard::new(1, directory, Arc::clone(&bus));
     shard1.subscribe("t", (0, 0));
     let publisher = sim.connect(1 << 20);

@@ -241,7 +241,7 @@ impl Worker {
             if !self.ring.plain_fds() {
                 self.accept.slots_used += 1;
             }
-            if !self.accept.accepting || self.core.conns.vacant_key() >= NO_KEY {
+            if !self.accept.accepting || self.core.vacant_key() >= NO_KEY {
                 // Draining (or out of keys): not taken.
                 self.close_slot(slot, NO_KEY, 0);
                 return;
@@ -265,13 +265,13 @@ impl Worker {
             // probes; the rest are armed once one succeeds.
             let acc = &mut self.accept;
             if acc.retry_at.is_none() {
-                acc.retry_at = Some(accept_exhausted(self.core.id, errno, self.core.now()));
+                acc.retry_at = Some(accept_exhausted(self.core.id(), errno, self.core.now()));
                 acc.probing = true;
                 acc.cancel_armed(&mut self.ring);
             }
         } else {
             let e = io::Error::from_raw_os_error(errno);
-            debug!(worker = self.core.id, error = %e, "accept failed");
+            debug!(worker = self.core.id(), error = %e, "accept failed");
         }
     }
 }

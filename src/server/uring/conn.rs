@@ -130,13 +130,16 @@ impl Worker {
     /// For a gone connection: closes its slot once nothing else runs on
     /// it, and frees its entry once the close has completed too.
     pub(super) fn free_if_done(&mut self, key: usize) {
-        let conn = &mut self.core.conns[key];
-        if conn.state != IoState::Gone {
+        let conn = self.core.conn_mut(key);
+        if conn.state() != IoState::Gone {
             return;
         }
         close_when_idle(conn, &mut self.ring, key);
-        if conn.io.close == SlotClose::Done && !conn.io.recv_armed && conn.io.send.is_none() {
-            drop(self.core.conns.remove(key));
+        if conn.io_mut().close == SlotClose::Done
+            && !conn.io_mut().recv_armed
+            && conn.io_mut().send.is_none()
+        {
+            drop(self.core.free(key));
         }
     }
 
@@ -152,13 +155,8 @@ impl Worker {
 
     /// Frees every gone entry the kernel is done with.
     pub(super) fn free_gone(&mut self) {
-        let keys: Vec<usize> = self
-            .core
-            .conns
-            .iter()
-            .filter(|(_, c)| c.state == IoState::Gone)
-            .map(|(k, _)| k)
-            .collect();
+        let mut keys = self.core.keys();
+        keys.retain(|&k| self.core.conn(k).state() == IoState::Gone);
         for key in keys {
             self.free_if_done(key);
         }
@@ -167,7 +165,7 @@ impl Worker {
 
 /// The connection `key` if it is still `serial` (gone ones included).
 pub(super) fn conn_of(core: &mut Core<Sock>, key: usize, serial: u32) -> Option<&mut Conn<Sock>> {
-    core.conns.get_mut(key).filter(|c| c.serial == serial)
+    core.get_mut(key).filter(|c| c.serial() == serial)
 }
 
 /// Closes `key`: it leaves its topics and stops counting; its receive and
@@ -176,38 +174,39 @@ pub(super) fn conn_of(core: &mut Core<Sock>, key: usize, serial: u32) -> Option<
 /// [`Worker::free_if_done`]).
 pub(super) fn remove(core: &mut Core<Sock>, ring: &mut Ring, key: usize) {
     core.retire(key);
-    let conn = &mut core.conns[key];
-    let serial = conn.serial;
-    if conn.io.close != SlotClose::Open {
+    let conn = core.conn_mut(key);
+    let serial = conn.serial();
+    if conn.io_mut().close != SlotClose::Open {
         return;
     }
-    if conn.io.recv_armed {
+    if conn.io_mut().recv_armed {
         let sqe = opcode::AsyncCancel::new(user_data(Op::Recv, key, serial))
             .build()
             .user_data(user_data(Op::Cancel, key, serial));
         // SAFETY: a cancel names no memory, only the `user_data` of what it cancels.
         unsafe { ring.push(&sqe) };
     }
-    if conn.io.send.is_some() {
+    if conn.io_mut().send.is_some() {
         let sqe = opcode::AsyncCancel::new(user_data(Op::Send, key, serial))
             .build()
             .user_data(user_data(Op::Cancel, key, serial));
         // SAFETY: a cancel names no memory, only the `user_data` of what it cancels.
         unsafe { ring.push(&sqe) };
     }
-    conn.io.close = SlotClose::Wanted;
+    conn.io_mut().close = SlotClose::Wanted;
     close_when_idle(conn, ring, key);
 }
 
 /// Submits the wanted close of `conn`'s slot once no other operation on it
 /// is in flight (see [`SlotClose`]).
 fn close_when_idle(conn: &mut Conn<Sock>, ring: &mut Ring, key: usize) {
-    let io = &mut conn.io;
+    let serial = conn.serial();
+    let io = conn.io_mut();
     if io.close == SlotClose::Wanted && !io.recv_armed && io.send.is_none() && !io.shutdown_pending
     {
         let sqe = on_socket!(ring.plain_fds(), io.slot, |fd| opcode::Close::new(fd)
             .build())
-        .user_data(user_data(Op::Close, key, conn.serial));
+        .user_data(user_data(Op::Close, key, serial));
         io.close = SlotClose::Pending;
         // SAFETY: a close names no memory.
         unsafe { ring.push(&sqe) };

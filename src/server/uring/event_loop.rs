@@ -90,9 +90,9 @@ impl Worker {
 
     /// Runs the event loop until shutdown has drained every connection.
     pub(in crate::server) fn run(mut self) {
-        info!(worker = self.core.id, "worker started (io_uring)");
+        info!(worker = self.core.id(), "worker started (io_uring)");
         backend::run(&mut self);
-        info!(worker = self.core.id, "worker stopped");
+        info!(worker = self.core.id(), "worker stopped");
     }
 
     /// Handles every completion available.
@@ -118,14 +118,14 @@ impl Worker {
                     self.accept.slot_closed();
                 }
                 if let Some(conn) = conn_of(&mut self.core, key, serial) {
-                    conn.io.close_ended();
+                    conn.io_mut().close_ended();
                     self.free_if_done(key);
                 }
             }
             x if x == Op::Shutdown as u8 => {
                 if let Some(conn) = conn_of(&mut self.core, key, serial) {
-                    conn.io.shutdown_ended();
-                    if conn.state == IoState::Gone {
+                    conn.io_mut().shutdown_ended();
+                    if conn.state() == IoState::Gone {
                         self.free_if_done(key);
                     }
                 }
@@ -140,12 +140,12 @@ impl Worker {
     /// Closes whatever is left, cancels every operation and waits for the
     /// kernel to let go of the memory they use.
     fn close_all_and_wait(&mut self) {
-        let id = self.core.id;
+        let id = self.core.id();
         let open = self
             .core
-            .conns
-            .iter()
-            .filter(|(_, c)| c.state != IoState::Gone)
+            .keys()
+            .into_iter()
+            .filter(|&k| self.core.conn(k).state() != IoState::Gone)
             .count();
         if open > 0 {
             warn!(
@@ -155,30 +155,28 @@ impl Worker {
             );
         }
         self.accept.stop(&mut self.ring);
-        let keys: Vec<usize> = self.core.conns.iter().map(|(k, _)| k).collect();
+        let keys = self.core.keys();
         for key in keys {
-            if self.core.conns[key].state != IoState::Gone {
+            if self.core.conn(key).state() != IoState::Gone {
                 self.remove(key);
             }
         }
         self.wake.cancel(&mut self.ring);
         let deadline = Instant::now() + EXIT_WAIT;
-        while (self.ring.in_flight() > 0 || !self.core.conns.is_empty())
-            && Instant::now() < deadline
-        {
+        while (self.ring.in_flight() > 0 || !self.core.is_empty()) && Instant::now() < deadline {
             let _ = self.ring.submit_and_wait_for(EXIT_POLL);
             self.reap();
             self.free_gone();
         }
         self.core.finish();
-        if self.ring.in_flight() > 0 || !self.core.conns.is_empty() {
+        if self.ring.in_flight() > 0 || !self.core.is_empty() {
             warn!(
                 worker = id,
                 in_flight = self.ring.in_flight(),
                 "the kernel still holds operations; leaking their memory"
             );
             // Never free what the kernel may still write to or read from.
-            std::mem::forget(std::mem::take(&mut self.core.conns));
+            self.core.leak_connections();
             self.wake.leak_buf();
             self.accept.leak_addrs();
             self.bufs.leak();
@@ -208,7 +206,7 @@ impl Backend for Worker {
                 ) =>
             {
                 // Not fatal: the ring is still usable; the next turn retries.
-                warn!(worker = self.core.id, error = %e, "io_uring_enter failed");
+                warn!(worker = self.core.id(), error = %e, "io_uring_enter failed");
                 Ok(())
             }
             _ => Ok(()),
@@ -221,11 +219,11 @@ impl Backend for Worker {
 
     /// Feeds input held while paused, and re-arms the multishot receive.
     fn reread(&mut self, key: usize) {
-        let conn = &self.core.conns[key];
-        if conn.io.held() && !conn.read_paused && conn.state == IoState::Active {
+        let conn = self.core.conn(key);
+        if conn.io().held() && !conn.read_paused() && conn.state() == IoState::Active {
             self.input_held(key);
         }
-        if Self::wants_recv(&self.core.conns[key]) {
+        if Self::wants_recv(self.core.conn(key)) {
             self.arm_recv(key);
         }
     }

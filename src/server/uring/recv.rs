@@ -11,13 +11,13 @@ use tracing::warn;
 impl Worker {
     /// Arms `key`'s multishot receive.
     pub(super) fn arm_recv(&mut self, key: usize) {
-        let conn = &mut self.core.conns[key];
-        debug_assert!(!conn.io.recv_armed());
-        let sqe = on_socket!(self.ring.plain_fds(), conn.io.slot(), |fd| {
+        let conn = self.core.conn_mut(key);
+        debug_assert!(!conn.io().recv_armed());
+        let sqe = on_socket!(self.ring.plain_fds(), conn.io().slot(), |fd| {
             opcode::RecvMulti::new(fd, BGID).build()
         })
-        .user_data(user_data(Op::Recv, key, conn.serial));
-        conn.io.set_recv_armed(true);
+        .user_data(user_data(Op::Recv, key, conn.serial()));
+        conn.io_mut().set_recv_armed(true);
         // SAFETY: a receive from group BGID names no memory of its own; the
         // group's buffers (`self.bufs`) stay mapped and registered until the
         // exit, which unregisters them only once no receive is in flight
@@ -28,10 +28,10 @@ impl Worker {
 
     /// Should `conn` have a receive armed?
     pub(super) fn wants_recv(conn: &Conn<Sock>) -> bool {
-        !conn.peer_eof
-            && !conn.io.recv_armed()
-            && match conn.state {
-                IoState::Active => !conn.read_paused,
+        !conn.peer_eof()
+            && !conn.io().recv_armed()
+            && match conn.state() {
+                IoState::Active => !conn.read_paused(),
                 IoState::Lingering => true,
                 IoState::Closing | IoState::Gone => false,
             }
@@ -52,21 +52,21 @@ impl Worker {
             return;
         };
         if !cqueue::more(flags) {
-            conn.io.set_recv_armed(false);
+            conn.io_mut().set_recv_armed(false);
             self.ring.in_flight_ended();
         }
-        let state = conn.state;
+        let state = conn.state();
         if res > 0 {
             match bid {
                 Some(bid) => {
                     // A closing or lingering connection reads nothing more: discarded.
                     if state == IoState::Active {
-                        if conn.read_paused {
+                        if conn.read_paused() {
                             // Received before the pause took effect: not
                             // processed while paused (a paced publisher,
                             // backpressure), kept for the resume.
-                            conn.session.hold(self.bufs.data(bid, len));
-                            conn.io.set_held(true);
+                            conn.hold(self.bufs.data(bid, len));
+                            conn.io_mut().set_held(true);
                         } else {
                             self.input(key, bid, len);
                         }
@@ -76,7 +76,10 @@ impl Worker {
                 None => {
                     // A receive with data always names its buffer; if a kernel
                     // ever did otherwise, the stream is lost: close, don't panic.
-                    warn!(worker = self.core.id, "receive completion without a buffer");
+                    warn!(
+                        worker = self.core.id(),
+                        "receive completion without a buffer"
+                    );
                     if state != IoState::Gone {
                         self.remove(key);
                     }
@@ -92,14 +95,14 @@ impl Worker {
                     self.core.eof(key);
                     self.core.after_input(key);
                 }
-                (0, IoState::Closing) => self.core.conns[key].peer_eof = true,
+                (0, IoState::Closing) => self.core.peer_closed(key),
                 (0, IoState::Lingering) => self.remove(key),
                 (e, _) if -e == libc::ENOBUFS || -e == libc::ECANCELED => {}
                 (_, _) => self.remove(key),
             }
         }
-        let conn = &self.core.conns[key];
-        if conn.state == IoState::Gone {
+        let conn = self.core.conn(key);
+        if conn.state() == IoState::Gone {
             self.free_if_done(key);
         } else if Self::wants_recv(conn) {
             self.arm_recv(key);
@@ -108,7 +111,7 @@ impl Worker {
 
     /// Feeds the input held while reading was paused to the core.
     pub(super) fn input_held(&mut self, key: usize) {
-        self.core.conns[key].io.set_held(false);
+        self.core.conn_mut(key).io_mut().set_held(false);
         let kept = self.restore_pending(key);
         let verdict = self.core.input(key, &mut self.scratch[..kept]);
         self.after_core_input(key, verdict);
@@ -117,11 +120,11 @@ impl Worker {
     /// Copies `key`'s pending bytes to the front of the scratch buffer
     /// (grown if held input made them longer than it); returns how many.
     fn restore_pending(&mut self, key: usize) -> usize {
-        let session = &mut self.core.conns[key].session;
-        if self.scratch.len() < session.pending_len() {
-            self.scratch.resize(session.pending_len(), 0);
+        let conn = self.core.conn_mut(key);
+        if self.scratch.len() < conn.pending_len() {
+            self.scratch.resize(conn.pending_len(), 0);
         }
-        session.restore_pending(&mut self.scratch)
+        conn.restore_pending(&mut self.scratch)
     }
 
     /// Feeds `len` bytes of receive buffer `bid` to the core.
@@ -146,12 +149,12 @@ impl Worker {
 
     /// After the core took input: a pause cancels the multishot receive.
     fn after_core_input(&mut self, key: usize, verdict: Input) {
-        let conn = &self.core.conns[key];
-        if verdict == Input::Stop && conn.read_paused && conn.io.recv_armed() {
+        let conn = self.core.conn(key);
+        if verdict == Input::Stop && conn.read_paused() && conn.io().recv_armed() {
             // Backpressure: stop the multishot receive; re-armed when unpaused.
-            let sqe = opcode::AsyncCancel::new(user_data(Op::Recv, key, conn.serial))
+            let sqe = opcode::AsyncCancel::new(user_data(Op::Recv, key, conn.serial()))
                 .build()
-                .user_data(user_data(Op::Cancel, key, conn.serial));
+                .user_data(user_data(Op::Cancel, key, conn.serial()));
             // SAFETY: a cancel names no memory, only the `user_data` of what it cancels.
             unsafe { self.ring.push(&sqe) };
         }

@@ -32,19 +32,19 @@ impl SendOp {
 impl Worker {
     /// Sends `key`'s queue (up to [`MAX_IOVECS`] chunks), unless a send is in flight.
     pub(super) fn flush(&mut self, key: usize) {
-        let conn = &mut self.core.conns[key];
-        if conn.io.sending() {
+        let conn = self.core.conn_mut(key);
+        if conn.io().sending() {
             // Its completion flushes the rest.
             return;
         }
-        if conn.session.out.is_empty() {
+        if conn.out().is_empty() {
             self.after_flush(key, 0);
             return;
         }
-        let n = conn.session.out.pin_front(MAX_IOVECS);
+        let n = conn.out_mut().pin_front(MAX_IOVECS);
         let mut op = self.send_pool.pop().unwrap_or_else(SendOp::new);
         let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
-        let filled = conn.session.out.gather(&mut iov[..n]);
+        let filled = conn.out().gather(&mut iov[..n]);
         debug_assert_eq!(filled, n);
         for (dst, src) in op.iov.iter_mut().zip(&iov[..filled]) {
             *dst = libc::iovec {
@@ -54,14 +54,14 @@ impl Worker {
         }
         op.msg.msg_iov = op.iov.as_mut_ptr();
         op.msg.msg_iovlen = filled as _;
-        let sqe = on_socket!(self.ring.plain_fds(), conn.io.slot(), |fd| {
+        let sqe = on_socket!(self.ring.plain_fds(), conn.io().slot(), |fd| {
             opcode::SendMsg::new(fd, &raw const op.msg)
                 .flags(libc::MSG_NOSIGNAL as u32)
                 .build()
         })
-        .user_data(user_data(Op::Send, key, conn.serial));
+        .user_data(user_data(Op::Send, key, conn.serial()));
         // The box moves into the connection; the heap data it points to does not.
-        conn.io.send_started(op);
+        conn.io_mut().send_started(op);
         // SAFETY: `msg` and `iov` live in the boxed `op`, now held by
         // `conn.io` until `on_send` takes it back at the send's completion
         // (a gone connection is freed only once no send is in flight; the
@@ -77,11 +77,11 @@ impl Worker {
         let Some(conn) = conn_of(&mut self.core, key, serial) else {
             return;
         };
-        let op = conn.io.send_ended();
+        let op = conn.io_mut().send_ended();
         // Also releases the pin: the queue may move again.
-        conn.session.out.advance(res.max(0) as usize);
-        let gone = conn.state == IoState::Gone;
-        let pending = !conn.session.out.is_empty();
+        conn.out_mut().advance(res.max(0) as usize);
+        let gone = conn.state() == IoState::Gone;
+        let pending = !conn.out().is_empty();
         if let Some(op) = op
             && self.send_pool.len() < SEND_POOL_MAX
         {
@@ -114,12 +114,12 @@ impl Worker {
             AfterFlush::Keep => {}
             AfterFlush::Remove => self.remove(key),
             AfterFlush::ShutdownWrite => {
-                let conn = &mut self.core.conns[key];
-                let sqe = on_socket!(self.ring.plain_fds(), conn.io.slot(), |fd| {
+                let conn = self.core.conn_mut(key);
+                let sqe = on_socket!(self.ring.plain_fds(), conn.io().slot(), |fd| {
                     opcode::Shutdown::new(fd, libc::SHUT_WR).build()
                 })
-                .user_data(user_data(Op::Shutdown, key, conn.serial));
-                conn.io.shutdown_started();
+                .user_data(user_data(Op::Shutdown, key, conn.serial()));
+                conn.io_mut().shutdown_started();
                 let wants = Self::wants_recv(conn);
                 // SAFETY: a shutdown names no memory.
                 unsafe { self.ring.push(&sqe) };

@@ -23,9 +23,9 @@ use super::Shared;
 use super::config::Config;
 use super::session::{Ctx, Next, Push, Session};
 use super::stats::{Undelivered, WorkerStats};
-use crate::proto::CloseCode;
 use crate::proto::handshake::{Reject, Status};
 use crate::proto::outbound::COPY_BELOW;
+use crate::proto::{CloseCode, OutQueue};
 use crate::pubsub::bus::{Inbox, Publication};
 use crate::pubsub::shard::{ConnRef, Shard};
 use bytes::Bytes;
@@ -83,16 +83,19 @@ pub enum IoState {
 }
 
 /// One connection: the backend's handle `S` and the protocol state.
+///
+/// The backend reaches its handle and the queue it writes through the
+/// methods below; everything else is the core's.
 pub struct Conn<S> {
-    pub io: S,
-    pub session: Session,
+    io: S,
+    session: Session,
     /// Distinguishes this connection from later ones reusing its slab key.
-    pub serial: u32,
-    pub state: IoState,
+    serial: u32,
+    state: IoState,
     /// Stopped reading because the outbound queue is over its bound.
-    pub read_paused: bool,
+    read_paused: bool,
     /// The peer sent FIN: once the queue is flushed there is nothing to wait for.
-    pub peer_eof: bool,
+    peer_eof: bool,
     /// Already in the dirty list this turn.
     dirty: bool,
     /// A keepalive ping is out and unanswered (nothing received since).
@@ -118,6 +121,65 @@ pub struct Conn<S> {
 }
 
 impl<S> Conn<S> {
+    /// The backend's socket handle.
+    pub fn io(&self) -> &S {
+        &self.io
+    }
+
+    pub fn io_mut(&mut self) -> &mut S {
+        &mut self.io
+    }
+
+    /// Tells this connection from a later one reusing its slab key.
+    pub fn serial(&self) -> u32 {
+        self.serial
+    }
+
+    pub fn state(&self) -> IoState {
+        self.state
+    }
+
+    /// Not to be read: paused by backpressure, pacing or throttling.
+    pub fn read_paused(&self) -> bool {
+        self.read_paused
+    }
+
+    /// The peer has sent its FIN.
+    pub fn peer_eof(&self) -> bool {
+        self.peer_eof
+    }
+
+    /// The socket handle and the queue together, for a write that gathers
+    /// one and writes to the other.
+    pub fn io_and_out(&mut self) -> (&mut S, &mut OutQueue) {
+        (&mut self.io, &mut self.session.out)
+    }
+
+    /// The bytes waiting to be written, for the backend's write.
+    pub fn out(&self) -> &OutQueue {
+        &self.session.out
+    }
+
+    /// The queue, to gather it, pin it for the kernel and advance it by
+    /// what was written (then report with [`Core::after_flush`]).
+    pub fn out_mut(&mut self) -> &mut OutQueue {
+        &mut self.session.out
+    }
+
+    /// Input kept from the previous read (see [`Session::restore_pending`]).
+    pub fn pending_len(&self) -> usize {
+        self.session.pending_len()
+    }
+
+    pub fn restore_pending(&mut self, buf: &mut [u8]) -> usize {
+        self.session.restore_pending(buf)
+    }
+
+    /// Keeps input that arrived while reading was paused (see [`Session::hold`]).
+    pub fn hold(&mut self, data: &[u8]) {
+        self.session.hold(data);
+    }
+
     /// Lists the connection (slab key `key`) for the end-of-turn flush, once.
     fn mark_dirty(&mut self, key: usize, list: &mut Vec<ConnRef>) {
         if !self.dirty {
@@ -150,14 +212,14 @@ pub enum Input {
 
 /// A worker's state apart from its sockets' I/O.
 pub struct Core<S> {
-    pub id: usize,
-    pub shared: Arc<Shared>,
-    pub conns: Slab<Conn<S>>,
+    id: usize,
+    shared: Arc<Shared>,
+    conns: Slab<Conn<S>>,
     next_serial: u32,
     /// Connections to flush at the end of the turn.
-    pub dirty: Vec<ConnRef>,
+    dirty: Vec<ConnRef>,
     /// Connections to read again (epoll: budget used up; both: unpaused).
-    pub reread: Vec<ConnRef>,
+    reread: Vec<ConnRef>,
     /// Request-head deadlines, with the request generation they guard.
     /// (deadline, key, serial, generation); times in ms on the worker's
     /// clock, keys as u32: 24 bytes an entry, since there is one per
@@ -165,7 +227,7 @@ pub struct Core<S> {
     handshake_deadlines: VecDeque<(u64, u32, u32, u32)>,
     /// (deadline, key, serial).
     linger_deadlines: VecDeque<(u64, u32, u32)>,
-    pub shard: Shard,
+    shard: Shard,
     inbox: Inbox,
     /// Publication times of what was delivered this turn (latency histogram).
     delivered: Vec<Instant>,
@@ -196,7 +258,7 @@ pub struct Core<S> {
     /// Time at the top of this loop turn ([`Self::begin_turn`]).
     now: Instant,
     next_sweep: Option<Instant>,
-    pub drain_deadline: Option<Instant>,
+    drain_deadline: Option<Instant>,
 }
 
 impl<S> Core<S> {
@@ -231,6 +293,78 @@ impl<S> Core<S> {
             next_sweep,
             drain_deadline: None,
         }
+    }
+
+    /// This worker's index.
+    pub fn id(&self) -> usize {
+        self.id
+    }
+
+    /// What every worker shares (configuration, counters, directory, bus).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// The connection at `key` (which must exist).
+    pub fn conn(&self, key: usize) -> &Conn<S> {
+        &self.conns[key]
+    }
+
+    pub fn conn_mut(&mut self, key: usize) -> &mut Conn<S> {
+        &mut self.conns[key]
+    }
+
+    /// The connection at `key`, if any.
+    pub fn get(&self, key: usize) -> Option<&Conn<S>> {
+        self.conns.get(key)
+    }
+
+    pub fn get_mut(&mut self, key: usize) -> Option<&mut Conn<S>> {
+        self.conns.get_mut(key)
+    }
+
+    /// The key the next [`Self::admit`] will use.
+    pub fn vacant_key(&self) -> usize {
+        self.conns.vacant_key()
+    }
+
+    /// Entries in the slab (open, closing, and gone ones the kernel still
+    /// holds).
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    /// Every entry's key.
+    pub fn keys(&self) -> Vec<usize> {
+        self.conns.iter().map(|(k, _)| k).collect()
+    }
+
+    /// Frees `key`'s entry: after [`Self::retire`], once nothing (no
+    /// kernel operation) points into it any more.
+    pub fn free(&mut self, key: usize) -> Conn<S> {
+        debug_assert_eq!(self.conns[key].state, IoState::Gone);
+        self.conns.remove(key)
+    }
+
+    /// Never frees the entries: the kernel may still write into them (an
+    /// io_uring worker that could not wait for its operations to end).
+    pub fn leak_connections(&mut self) {
+        std::mem::forget(std::mem::take(&mut self.conns));
+    }
+
+    /// Reads `key` again at the end of this turn (its read budget ran out).
+    pub fn read_again(&mut self, key: usize) {
+        let serial = self.conns[key].serial;
+        self.reread.push((key, serial));
+    }
+
+    /// While closing, the peer's FIN arrived: once flushed, nothing to wait for.
+    pub fn peer_closed(&mut self, key: usize) {
+        self.conns[key].peer_eof = true;
     }
 
     pub fn stats(&self) -> &WorkerStats {
