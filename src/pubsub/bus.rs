@@ -120,22 +120,21 @@ impl Bus {
         self.mailboxes.len()
     }
 
-    /// Hands `batch` to `worker` and wakes it if needed. Returns the
-    /// publications lost because that worker has already exited (shutdown),
-    /// for the caller to count; 0 normally.
-    pub fn send(&self, worker: usize, batch: Vec<Publication>) -> usize {
+    /// Hands `batch` to `worker`. `Ok(true)`: the worker must be woken
+    /// (its flag was clear), which the caller does with [`Self::wake`]
+    /// once its turn's sends are done, so no wake-up happens inside the
+    /// fan-out core. `Err(n)`: that worker has already exited (shutdown)
+    /// and its `n` publications are lost, for the caller to count.
+    pub fn send(&self, worker: usize, batch: Vec<Publication>) -> Result<bool, usize> {
         let m = &self.mailboxes[worker];
         let bytes = counted_bytes(&batch);
         m.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
         if let Err(lost) = m.tx.send(batch) {
             // The worker has exited (shutdown): nobody left to deliver to.
             m.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
-            return lost.0.len();
+            return Err(lost.0.len());
         }
-        if !m.notified.swap(true, Ordering::AcqRel) {
-            m.waker.wake();
-        }
-        0
+        Ok(!m.notified.swap(true, Ordering::AcqRel))
     }
 
     /// [`Self::send`] to the calling worker's own mailbox: counted the
@@ -153,7 +152,8 @@ impl Bus {
         }
     }
 
-    /// Wakes `worker` without a batch (shutdown).
+    /// Wakes `worker`: after a [`Self::send`] that asked for it, or
+    /// without a batch (shutdown).
     pub fn wake(&self, worker: usize) {
         self.mailboxes[worker].waker.wake();
     }
@@ -255,13 +255,14 @@ mod tests {
             frame: Bytes::from_static(b"12345"),
             published_at: Instant::now(),
         };
-        bus.send(0, vec![p.clone(), p.clone()]);
-        bus.send(0, vec![p.clone()]);
+        assert_eq!(bus.send(0, vec![p.clone(), p.clone()]), Ok(true));
+        bus.wake(0);
         assert_eq!(
-            wakes.load(Ordering::SeqCst),
-            1,
+            bus.send(0, vec![p.clone()]),
+            Ok(false),
             "second send finds the flag set"
         );
+        assert_eq!(wakes.load(Ordering::SeqCst), 1);
         let counted = 15 + 3 * PUBLICATION_OVERHEAD_BYTES;
         assert_eq!(bus.queued_bytes(0), counted, "frames plus overhead");
         assert_eq!(bus.max_queued_bytes(), counted);
@@ -269,10 +270,9 @@ mod tests {
         inboxes[0].drain(&bus, |b| got += b.len());
         assert_eq!(got, 3);
         assert_eq!(bus.queued_bytes(0), 0);
-        bus.send(0, vec![p]);
         assert_eq!(
-            wakes.load(Ordering::SeqCst),
-            2,
+            bus.send(0, vec![p]),
+            Ok(true),
             "drained: the next send wakes again"
         );
     }

@@ -163,6 +163,8 @@ pub struct Shard {
     batches: Vec<Vec<Publication>>,
     /// Publications a peer could not take (it had exited), not yet counted.
     lost: usize,
+    /// Workers to wake for this turn's batches (bit `w`), not yet woken.
+    wakes: u64,
     /// Large frames published here, charged to this worker's budget while
     /// any queue holds them.
     frames: SharedFrames,
@@ -185,6 +187,7 @@ impl Shard {
             outbox: Vec::new(),
             batches: (0..workers).map(|_| Vec::new()).collect(),
             lost: 0,
+            wakes: 0,
             frames: SharedFrames::default(),
             registry_bytes: 0,
         }
@@ -273,6 +276,12 @@ impl Shard {
         self.frames.bytes() + self.registry_bytes
     }
 
+    /// The workers whose mailboxes got a batch needing a wake-up since the
+    /// last call (bit `w`): the caller wakes them ([`Bus::wake`]).
+    pub fn take_wakes(&mut self) -> u64 {
+        std::mem::take(&mut self.wakes)
+    }
+
     /// Publications sent to a worker that had already exited (only during
     /// shutdown) since the last call; the caller counts them.
     pub fn take_lost(&mut self) -> usize {
@@ -327,11 +336,14 @@ impl Shard {
         for w in 0..self.batches.len() {
             if !self.batches[w].is_empty() {
                 let batch = std::mem::take(&mut self.batches[w]);
-                self.lost += if w == self.id {
-                    self.bus.send_local(w, batch)
+                if w == self.id {
+                    self.lost += self.bus.send_local(w, batch);
                 } else {
-                    self.bus.send(w, batch)
-                };
+                    match self.bus.send(w, batch) {
+                        Ok(wake) => self.wakes |= u64::from(wake) << w,
+                        Err(lost) => self.lost += lost,
+                    }
+                }
             }
         }
         n

@@ -17,7 +17,8 @@
 //! 3. [`Backend::handle_events`]: accepts, input and EOFs go to the core;
 //! 4. the end of the turn: [`Backend::before_end_of_turn`], every
 //!    connection the core resumed is read again ([`Backend::reread`]),
-//!    the core delivers this turn's publications, every connection with
+//!    the core dispatches this turn's publications to the mailboxes, the
+//!    workers that need it are woken, the core delivers its mailbox, every connection with
 //!    something queued is flushed once ([`Backend::flush`]), throttles,
 //!    keepalive and deadlines run, and what they close is removed
 //!    ([`Backend::remove`]);
@@ -123,7 +124,16 @@ pub(super) fn end_of_turn<B: Backend>(backend: &mut B) {
         }
     }
     backend.core().return_reread(reread);
-    backend.core().deliver();
+    let core = backend.core();
+    // This turn's publications go to the mailboxes; the workers that must
+    // be woken for them are woken here, before this one delivers.
+    let mut wakes = core.dispatch();
+    while wakes != 0 {
+        let w = wakes.trailing_zeros() as usize;
+        wakes &= wakes - 1;
+        core.shared().bus.wake(w);
+    }
+    core.deliver();
     let dirty = backend.core().take_dirty();
     for &(key, serial) in &dirty {
         // A flush earlier in this walk may have closed it.

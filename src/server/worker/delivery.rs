@@ -7,17 +7,25 @@ use super::*;
 
 impl<S> Core<S> {
     /// Sends this turn's publications to the interested workers' mailboxes
-    /// (this one's included), then hands what the mailbox holds to the
-    /// local subscribers' queues. Delivery stops after
-    /// [`MAX_DELIVERIES_PER_TURN`]; the rest is carried to the next turn
-    /// ([`Self::busy`] stays true meanwhile), so no flood, from this
-    /// worker's publishers or another's, keeps it from its sockets and timers.
-    pub fn deliver(&mut self) {
+    /// (this one's included); returns the workers to wake (bit `w`), which
+    /// the caller wakes before [`Self::deliver`] so that they work while
+    /// this one delivers. The core itself performs no wake-up.
+    pub fn dispatch(&mut self) -> u64 {
         self.shard.dispatch();
         let lost = self.shard.take_lost();
         if lost > 0 {
             self.stats().undelivered(Undelivered::WorkerStopped, lost);
         }
+        self.shard.take_wakes()
+    }
+
+    /// Hands what the mailbox holds (this turn's local publications and
+    /// other workers' batches) to the local subscribers' queues. Delivery
+    /// stops after [`MAX_DELIVERIES_PER_TURN`]; the rest is carried to the
+    /// next turn ([`Self::busy`] stays true meanwhile), so no flood, from
+    /// this worker's publishers or another's, keeps it from its sockets and
+    /// timers.
+    pub fn deliver(&mut self) {
         // What the last turn's writes freed no longer counts; this turn's
         // publications do.
         self.shard.release_frames(false);
