@@ -143,7 +143,7 @@ pub(super) fn end_of_turn<B: Backend>(backend: &mut B) {
     }
     backend.core().return_dirty(dirty);
     let core = backend.core();
-    core.observe_written();
+    core.observe_written(Instant::now());
     core.unthrottle();
     core.keepalive();
     let now = core.now();

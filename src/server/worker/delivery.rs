@@ -102,9 +102,9 @@ impl<S> Core<S> {
 
     /// Records the publish-to-write latency of what this turn delivered,
     /// now that it has been handed to the kernel.
-    pub fn observe_written(&mut self) {
+    /// `written`: when the turn's writes were handed to the kernel.
+    pub fn observe_written(&mut self, written: Instant) {
         if !self.delivered.is_empty() {
-            let written = Instant::now();
             let stats = &self.shared.stats[self.id];
             for t in self.delivered.drain(..) {
                 stats.observe_latency(written.saturating_duration_since(t));

@@ -12,10 +12,12 @@
 //!
 //! | file | holds |
 //! |---|---|
-//! | `mod.rs` | [`Core`] and [`Conn`]: admission, input, flush results, closing, retiring |
+//! | `mod.rs` | [`Core`]: admission, input, flush results, closing, retiring |
+//! | `conn.rs` | [`Conn`]: one connection's entry, and what a backend may reach of it |
 //! | `delivery.rs` | the fan-out half of a turn: dispatch, the bounded mailbox drain, `push_to`, the shard's budget charge, unthrottling |
 //! | `deadlines.rs` | the sweep (keepalive, message and send deadlines), the FIFO deadline queues, the next wake-up, the drain |
 
+mod conn;
 mod deadlines;
 mod delivery;
 
@@ -23,12 +25,13 @@ use super::Shared;
 use super::config::Config;
 use super::session::{Ctx, Next, Push, Session};
 use super::stats::{Undelivered, WorkerStats};
+use crate::proto::CloseCode;
 use crate::proto::handshake::{Reject, Status};
 use crate::proto::outbound::COPY_BELOW;
-use crate::proto::{CloseCode, OutQueue};
 use crate::pubsub::bus::{Inbox, Publication};
 use crate::pubsub::shard::{ConnRef, Shard};
 use bytes::Bytes;
+pub use conn::Conn;
 use deadlines::{ms_after, sweep_period};
 use slab::Slab;
 use std::collections::{HashMap, VecDeque};
@@ -80,113 +83,6 @@ pub enum IoState {
     /// Closed as far as the server is concerned; the entry only waits for
     /// the kernel to finish operations that still point into it (io_uring).
     Gone,
-}
-
-/// One connection: the backend's handle `S` and the protocol state.
-///
-/// The backend reaches its handle and the queue it writes through the
-/// methods below; everything else is the core's.
-pub struct Conn<S> {
-    io: S,
-    session: Session,
-    /// Distinguishes this connection from later ones reusing its slab key.
-    serial: u32,
-    state: IoState,
-    /// Stopped reading because the outbound queue is over its bound.
-    read_paused: bool,
-    /// The peer sent FIN: once the queue is flushed there is nothing to wait for.
-    peer_eof: bool,
-    /// Already in the dirty list this turn.
-    dirty: bool,
-    /// A keepalive ping is out and unanswered (nothing received since).
-    ping_pending: bool,
-    /// When input last arrived, or the ping went out: milliseconds since
-    /// the worker started (wrapping; compared by difference).
-    last_rx_ms: u32,
-    ping_sent_ms: u32,
-    /// `session.requests()` when the current request deadline was armed.
-    request_gen: u32,
-    /// Bytes of this connection charged to the worker's buffer budget.
-    charged: u32,
-    /// The send deadline, by epochs: at `tx_ms` the queue held everything
-    /// up to byte `tx_goal` of the connection's output (counted by `sent`,
-    /// wrapping). Once `sent` passes `tx_goal` a new epoch starts; an epoch
-    /// older than the send timeout means a queued byte waited that long.
-    tx_ms: u32,
-    tx_goal: u32,
-    /// Bytes the kernel has taken from this connection's queue (wrapping).
-    sent: u32,
-    /// Counted by the admission limits (false: refused at accept).
-    admitted: bool,
-}
-
-impl<S> Conn<S> {
-    /// The backend's socket handle.
-    pub fn io(&self) -> &S {
-        &self.io
-    }
-
-    pub fn io_mut(&mut self) -> &mut S {
-        &mut self.io
-    }
-
-    /// Tells this connection from a later one reusing its slab key.
-    pub fn serial(&self) -> u32 {
-        self.serial
-    }
-
-    pub fn state(&self) -> IoState {
-        self.state
-    }
-
-    /// Not to be read: paused by backpressure, pacing or throttling.
-    pub fn read_paused(&self) -> bool {
-        self.read_paused
-    }
-
-    /// The peer has sent its FIN.
-    pub fn peer_eof(&self) -> bool {
-        self.peer_eof
-    }
-
-    /// The socket handle and the queue together, for a write that gathers
-    /// one and writes to the other.
-    pub fn io_and_out(&mut self) -> (&mut S, &mut OutQueue) {
-        (&mut self.io, &mut self.session.out)
-    }
-
-    /// The bytes waiting to be written, for the backend's write.
-    pub fn out(&self) -> &OutQueue {
-        &self.session.out
-    }
-
-    /// The queue, to gather it, pin it for the kernel and advance it by
-    /// what was written (then report with [`Core::after_flush`]).
-    pub fn out_mut(&mut self) -> &mut OutQueue {
-        &mut self.session.out
-    }
-
-    /// Input kept from the previous read (see [`Session::restore_pending`]).
-    pub fn pending_len(&self) -> usize {
-        self.session.pending_len()
-    }
-
-    pub fn restore_pending(&mut self, buf: &mut [u8]) -> usize {
-        self.session.restore_pending(buf)
-    }
-
-    /// Keeps input that arrived while reading was paused (see [`Session::hold`]).
-    pub fn hold(&mut self, data: &[u8]) {
-        self.session.hold(data);
-    }
-
-    /// Lists the connection (slab key `key`) for the end-of-turn flush, once.
-    fn mark_dirty(&mut self, key: usize, list: &mut Vec<ConnRef>) {
-        if !self.dirty {
-            self.dirty = true;
-            list.push((key, self.serial));
-        }
-    }
 }
 
 /// What a backend does after flushing a connection.
