@@ -1,0 +1,245 @@
+//! Unit tests of the shard (`pubsub/shard.rs`): registry, dispatch through
+//! the mailboxes, runs and chunks, delivery steps, lifetimes.
+
+use super::*;
+use crate::pubsub::bus::Wake;
+
+struct NoWake;
+impl Wake for NoWake {
+    fn wake(&self) {}
+}
+
+fn shards(
+    n: usize,
+) -> (
+    Arc<Directory>,
+    Arc<Bus>,
+    Vec<crate::pubsub::bus::Inbox>,
+    Vec<Shard>,
+) {
+    let d = Arc::new(Directory::new());
+    let (bus, inboxes) = Bus::new((0..n).map(|_| Box::new(NoWake) as Box<dyn Wake>).collect());
+    let shards = (0..n)
+        .map(|i| Shard::new(i, Arc::clone(&d), Arc::clone(&bus)))
+        .collect();
+    (d, bus, inboxes, shards)
+}
+
+/// Dispatches `shard`'s outbox and delivers what its own mailbox got,
+/// calling `f` per (run, subscribers) as a worker would.
+fn dispatch_local(
+    shard: &mut Shard,
+    inbox: &crate::pubsub::bus::Inbox,
+    bus: &Bus,
+    mut f: impl FnMut(&[Publication], &[ConnRef]),
+) {
+    shard.dispatch();
+    inbox.drain(bus, |batch| shard.deliver(&batch, &mut f));
+}
+
+fn collect(
+    shard: &mut Shard,
+    inbox: &crate::pubsub::bus::Inbox,
+    bus: &Bus,
+) -> Vec<(Bytes, ConnRef)> {
+    let mut got = Vec::new();
+    dispatch_local(shard, inbox, bus, |run, conns| {
+        for &c in conns {
+            got.extend(run.iter().map(|p| (p.frame.clone(), c)));
+        }
+    });
+    got
+}
+
+#[test]
+fn publish_reaches_local_and_remote_subscribers_in_order() {
+    let (d, bus, inboxes, mut s) = shards(3);
+    let a0 = s[0].subscribe("a", (1, 0));
+    s[0].subscribe("b", (2, 0));
+    s[2].subscribe("a", (7, 0));
+    assert_eq!(d.get("a").unwrap().workers(), 0b101);
+    let a = d.entry("a");
+    for i in 0..3u8 {
+        s[0].publish(&a, Bytes::from(vec![i]), Instant::now());
+    }
+    let local = collect(&mut s[0], &inboxes[0], &bus);
+    assert_eq!(
+        local,
+        (0..3u8)
+            .map(|i| (Bytes::from(vec![i]), (1, 0)))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        bus.queued_bytes(2),
+        3 * (1 + crate::pubsub::bus::PUBLICATION_OVERHEAD_BYTES)
+    );
+    assert_eq!(bus.queued_bytes(1), 0, "worker 1 has no subscriber of a");
+    let mut remote = Vec::new();
+    inboxes[2].drain(&bus, |batch| {
+        s[2].deliver(&batch, &mut |run: &[Publication], c: &[ConnRef]| {
+            for &c in c {
+                remote.extend(run.iter().map(|p| (p.frame[0], c)))
+            }
+        });
+    });
+    assert_eq!(remote, vec![(0, (7, 0)), (1, (7, 0)), (2, (7, 0))]);
+    s[0].unsubscribe(a0);
+    assert_eq!(a.workers(), 0b100);
+    assert_eq!(s[0].topic_count(), 1);
+}
+
+#[test]
+fn many_subscribers_are_handed_out_in_chunks() {
+    let (d, bus, inboxes, mut s) = shards(1);
+    let subs: Vec<_> = (0..150).map(|i| s[0].subscribe("t", (i, 0))).collect();
+    for sub in subs.iter().step_by(3) {
+        s[0].unsubscribe(*sub);
+    }
+    s[0].publish(&d.entry("t"), Bytes::from_static(b"x"), Instant::now());
+    let got: Vec<usize> = collect(&mut s[0], &inboxes[0], &bus)
+        .into_iter()
+        .map(|(_, c)| c.0)
+        .collect();
+    let want: Vec<usize> = (0..150).filter(|i| i % 3 != 0).collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn runs_keep_each_subscribers_order_across_topics() {
+    let (d, bus, inboxes, mut s) = shards(1);
+    s[0].subscribe("a", (1, 0));
+    s[0].subscribe("b", (1, 0));
+    s[0].subscribe("b", (2, 0));
+    let (a, b) = (d.entry("a"), d.entry("b"));
+    for (t, x) in [(&a, 1u8), (&a, 2), (&b, 3), (&a, 4), (&b, 5), (&b, 6)] {
+        s[0].publish(t, Bytes::from(vec![x]), Instant::now());
+    }
+    let mut runs = 0;
+    let mut got: Vec<(usize, u8)> = Vec::new();
+    dispatch_local(&mut s[0], &inboxes[0], &bus, |run, conns| {
+        runs += 1;
+        for &c in conns {
+            got.extend(run.iter().map(|p| (c.0, p.frame[0])));
+        }
+    });
+    assert_eq!(runs, 4, "a a | b | a | b b");
+    let of = |c: usize| {
+        got.iter()
+            .filter(|g| g.0 == c)
+            .map(|g| g.1)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(of(1), vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(of(2), vec![3, 5, 6]);
+}
+
+#[test]
+fn publications_in_flight_do_not_keep_a_topic_alive() {
+    let (d, bus, inboxes, mut s) = shards(2);
+    let sub = s[1].subscribe("gone", (0, 0));
+    let t = d.entry("gone");
+    s[0].publish(&t, Bytes::from_static(b"x"), Instant::now());
+    d.release(t);
+    s[0].dispatch();
+    s[1].unsubscribe(sub);
+    assert!(
+        d.is_empty(),
+        "the queued publication holds no strong reference"
+    );
+    let mut delivered = 0;
+    inboxes[1].drain(&bus, |batch| {
+        s[1].deliver(&batch, &mut |_: &[Publication], _: &[ConnRef]| {
+            delivered += 1
+        })
+    });
+    assert_eq!(delivered, 0, "nobody left to deliver to");
+}
+
+#[test]
+fn delivery_steps_keep_whole_runs_and_stay_near_the_budget() {
+    let (d, _bus, _inboxes, mut s) = shards(1);
+    for c in 0..100 {
+        s[0].subscribe("a", (c, 0));
+    }
+    s[0].subscribe("b", (0, 0));
+    let (a, b) = (d.entry("a"), d.entry("b"));
+    let p = |t: &Arc<TopicInterest>| Publication {
+        topic: Arc::downgrade(t),
+        frame: Bytes::from_static(b"x"),
+        published_at: Instant::now(),
+    };
+    // a×10 (1 000 deliveries), b×5 (5), a×3 (300).
+    let pubs: Vec<Publication> = (0..10)
+        .map(|_| p(&a))
+        .chain((0..5).map(|_| p(&b)))
+        .chain((0..3).map(|_| p(&a)))
+        .collect();
+    assert_eq!(s[0].step_end(&pubs, 0, 10_000), 18, "everything fits");
+    assert_eq!(s[0].step_end(&pubs, 0, 1_005), 15, "two whole runs");
+    assert_eq!(
+        s[0].step_end(&pubs, 0, 1_100),
+        15,
+        "not part of a later run"
+    );
+    assert_eq!(s[0].step_end(&pubs, 0, 450), 4, "part of the first run");
+    assert_eq!(s[0].step_end(&pubs, 0, 0), 1, "at least one publication");
+    assert_eq!(s[0].step_end(&pubs, 10, 3), 13, "a run with one subscriber");
+}
+
+#[test]
+fn sub_lists_grow_and_shrink() {
+    let sub = |t| Subscription { topic: t, slot: 0 };
+    let mut l = SubList::default();
+    assert!(l.is_empty());
+    for t in 0..3 {
+        l.push(sub(t));
+    }
+    assert_eq!(
+        l.as_slice().iter().map(|s| s.topic()).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+    assert_eq!(l.swap_remove(0).topic(), 0);
+    assert_eq!(l.len(), 2);
+    l.swap_remove(1);
+    assert!(matches!(l, SubList::One(_)));
+    assert_eq!(l.take().len(), 1);
+    assert!(l.is_empty());
+}
+
+#[test]
+fn retain_visits_each_subscription_once_and_keeps_the_list_compact() {
+    let sub = |t| Subscription { topic: t, slot: 0 };
+    let mut l = SubList::default();
+    for t in 0..5 {
+        l.push(sub(t));
+    }
+    let mut seen = Vec::new();
+    l.retain(|s| {
+        seen.push(s.topic());
+        s.topic() % 2 == 0
+    });
+    assert_eq!(seen, vec![0, 1, 2, 3, 4]);
+    assert_eq!(
+        l.as_slice().iter().map(|s| s.topic()).collect::<Vec<_>>(),
+        vec![0, 2, 4]
+    );
+    l.retain(|s| s.topic() == 2);
+    assert!(matches!(l, SubList::One(s) if s.topic() == 2));
+    l.retain(|_| true);
+    assert!(matches!(l, SubList::One(_)));
+    l.retain(|_| false);
+    assert!(l.is_empty());
+    l.retain(|_| panic!("an empty list has nothing to visit"));
+}
+
+#[test]
+fn the_last_unsubscribe_forgets_the_topic() {
+    let (d, _bus, _inboxes, mut s) = shards(2);
+    let x = s[1].subscribe("x", (0, 0));
+    let y = s[1].subscribe("x", (1, 0));
+    s[1].unsubscribe(x);
+    assert_eq!(s[1].subscriber_count("x"), 1);
+    s[1].unsubscribe(y);
+    assert!(s[1].topic_id("x").is_none());
+    assert!(d.is_empty());
+}
