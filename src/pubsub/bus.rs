@@ -137,21 +137,6 @@ impl Bus {
         Ok(!m.notified.swap(true, Ordering::AcqRel))
     }
 
-    /// [`Self::send`] to the calling worker's own mailbox: counted the
-    /// same, but no wake-up (the worker drains it right after).
-    pub fn send_local(&self, worker: usize, batch: Vec<Publication>) -> usize {
-        let m = &self.mailboxes[worker];
-        let bytes = counted_bytes(&batch);
-        m.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
-        match m.tx.send(batch) {
-            Ok(()) => 0,
-            Err(lost) => {
-                m.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
-                lost.0.len()
-            }
-        }
-    }
-
     /// Wakes `worker`: after a [`Self::send`] that asked for it, or
     /// without a batch (shutdown).
     pub fn wake(&self, worker: usize) {

@@ -336,13 +336,11 @@ impl Shard {
         for w in 0..self.batches.len() {
             if !self.batches[w].is_empty() {
                 let batch = std::mem::take(&mut self.batches[w]);
-                if w == self.id {
-                    self.lost += self.bus.send_local(w, batch);
-                } else {
-                    match self.bus.send(w, batch) {
-                        Ok(wake) => self.wakes |= u64::from(wake) << w,
-                        Err(lost) => self.lost += lost,
-                    }
+                match self.bus.send(w, batch) {
+                    // This worker drains its own mailbox right after: no wake-up.
+                    Ok(wake) if w != self.id => self.wakes |= u64::from(wake) << w,
+                    Ok(_) => {}
+                    Err(lost) => self.lost += lost,
                 }
             }
         }
