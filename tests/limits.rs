@@ -269,43 +269,6 @@ fn a_ping_flood_is_answered_up_to_the_rate_then_closed_1008() {
 }
 
 #[test]
-fn a_message_that_never_completes_is_closed_1008_after_the_deadline() {
-    let server = start_with(|c| c.message_timeout = Some(Duration::from_millis(300)));
-    let addr = server.local_addr();
-    // A steady talker whose messages complete is never affected.
-    let mut steady = connect(addr, "/echo");
-    let mut s = raw_ws(addr, "/echo");
-    // The first fragment, and half of a frame's payload: then silence.
-    let mut start = client_frame(false, OpCode::Text, b"part one", MASK);
-    start.extend_from_slice(&client_frame(false, OpCode::Continuation, &[b'x'; 100], MASK)[..50]);
-    s.write_all(&start).unwrap();
-    let sent = Instant::now();
-    for i in 0..8 {
-        steady.send(Message::text(format!("m{i}"))).unwrap();
-        assert_eq!(steady.read().unwrap(), Message::text(format!("m{i}")));
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(read_close_code(&mut s), 1008);
-    assert!(sent.elapsed() < Duration::from_secs(5));
-    assert_eq!(server.stats().message_timeouts, 1);
-    steady.send(Message::text("still open")).unwrap();
-    assert_eq!(steady.read().unwrap(), Message::text("still open"));
-}
-
-#[test]
-fn a_request_head_that_stalls_part_way_gets_408() {
-    let server = start_with(|c| c.handshake_timeout = Duration::from_millis(300));
-    let mut s = raw(server.local_addr());
-    s.write_all(b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgr")
-        .unwrap();
-    let head = read_head(&mut s);
-    assert!(head.starts_with("HTTP/1.1 408 Request Timeout"), "{head}");
-    let rest = String::from_utf8(read_to_eof(&mut s)).unwrap();
-    assert!(rest.contains("--handshake-timeout"), "{rest}");
-    assert_eq!(server.stats().handshake_timeouts, 1);
-}
-
-#[test]
 fn too_many_header_fields_get_431() {
     let server = start();
     let mut req = String::from("GET /echo HTTP/1.1\r\nHost: x\r\n");

@@ -1,11 +1,11 @@
 //! Publish/subscribe end to end: subscribers are tungstenite clients (an
 //! independent implementation) or raw sockets where a test needs byte-level
-//! control (a client that never reads, one that never answers pings).
+//! control (a client that never reads). Keepalive and deadlines in virtual
+//! time: src/server/sim_tests.rs.
 
 mod common;
 
 use common::*;
-use corecast::proto::frame::{OpCode, client_frame};
 use corecast::server::config::SlowConsumerPolicy;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -506,47 +506,6 @@ fn metrics_and_health_on_the_main_port_or_the_admin_listener() {
     );
     let r = refused(admin, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(r.ends_with("\r\n\r\nok\n"), "{r}");
-}
-
-#[test]
-fn keepalive_pings_idle_connections_and_closes_silent_ones() {
-    let server = start_with(|c| {
-        c.ping_interval = Some(Duration::from_millis(100));
-        c.ping_timeout = Duration::from_millis(200);
-    });
-    let addr = server.local_addr();
-    // A raw client that never answers: ping, then close 1001.
-    let mut silent = raw_ws(addr, "/ws?topics=k");
-    let (_, op, _) = read_frame(&mut silent);
-    assert_eq!(op, 0x9, "first a ping");
-    assert_eq!(read_close_code(&mut silent), 1001);
-    // A client that answers pings (tungstenite does) stays.
-    let mut alive = connect(addr, "/ws?topics=k");
-    if let tungstenite::stream::MaybeTlsStream::Plain(s) = alive.get_ref() {
-        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-    }
-    let end = std::time::Instant::now() + Duration::from_millis(800);
-    while std::time::Instant::now() < end {
-        match alive.read() {
-            Ok(Message::Ping(_)) => {}
-            Ok(other) => panic!("{other:?}"),
-            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => panic!("the answering client was dropped: {e}"),
-        }
-        let _ = alive.flush();
-    }
-    let s = server.stats();
-    assert_eq!(s.keepalive_timeouts, 1);
-    assert!(s.keepalive_pings >= 3, "{s:?}");
-    // A raw client answering with a pong is fine too.
-    let mut raw_alive = raw_ws(addr, "/ws");
-    let (_, op, payload) = read_frame(&mut raw_alive);
-    assert_eq!(op, 0x9);
-    raw_alive
-        .write_all(&client_frame(true, OpCode::Pong, &payload, [1, 2, 3, 4]))
-        .unwrap();
-    let (_, op, _) = read_frame(&mut raw_alive);
-    assert_eq!(op, 0x9, "pinged again later, not closed");
 }
 
 #[test]
