@@ -12,7 +12,8 @@
 //!
 //! | file | holds |
 //! |---|---|
-//! | `mod.rs` | [`Core`]: admission, input, flush results, closing, retiring |
+//! | `mod.rs` | [`Core`]: admission, the dirty and re-read lists, flush results, closing, retiring |
+//! | `input.rs` | what a read does: the session's input, the budget charge, pacing and throttling |
 //! | `conn.rs` | [`Conn`]: one connection's entry, and what a backend may reach of it |
 //! | `delivery.rs` | the fan-out half of a turn: dispatch, the bounded mailbox drain, `push_to`, the shard's budget charge, unthrottling |
 //! | `deadlines.rs` | the sweep (keepalive, message and send deadlines), the FIFO deadline queues, the next wake-up, the drain |
@@ -20,6 +21,8 @@
 mod conn;
 mod deadlines;
 mod delivery;
+mod input;
+use input::recharge;
 
 use super::Shared;
 use super::config::Config;
@@ -344,140 +347,6 @@ impl<S> Core<S> {
         key
     }
 
-    /// Re-measures what `key` holds against the buffer budget; `true` when
-    /// it grew and the worker is now over its budget.
-    ///
-    /// A connection holding [`LARGE_HOLDER_BYTES`] or more is cut earlier,
-    /// once the worker is over [`LARGE_HOLDER_SHARE_PERCENT`] of its budget:
-    /// large holders (partial 16 MiB messages, stalled queues) can then never
-    /// fill the budget to its last byte, and the headroom left is for the
-    /// small requests, replies and echoes of everyone else.
-    fn recharge(&mut self, key: usize) -> bool {
-        let conn = &mut self.conns[key];
-        let grew = recharge(conn, &mut self.buffered, &self.shared.stats[self.id]);
-        let limit = if conn.charged as usize >= LARGE_HOLDER_BYTES {
-            self.budget / 100 * LARGE_HOLDER_SHARE_PERCENT
-        } else {
-            self.budget
-        };
-        grew && self.buffered > limit
-    }
-
-    /// Processes input for `key`: `buf` holds the bytes kept from earlier
-    /// input (see [`Session::restore_pending`]) followed by the new ones.
-    pub fn input(&mut self, key: usize, buf: &mut [u8]) -> Input {
-        let now_ms = self.now_ms();
-        let stats = &self.shared.stats[self.id];
-        let conn = &mut self.conns[key];
-        conn.last_rx_ms = now_ms;
-        conn.ping_pending = false;
-        let mut ctx = Ctx {
-            shared: &self.shared,
-            stats,
-            shard: &mut self.shard,
-            me: (key, conn.serial),
-            now: self.now,
-            now_ms,
-            peer: if self.addresses.is_empty() {
-                None
-            } else {
-                self.addresses.get(&key).copied()
-            },
-            metrics: &mut self.metrics,
-        };
-        let next = conn.session.on_input(buf, &mut ctx);
-        // What it subscribed to or published is charged here too.
-        let shard_grew = self.sync_shard_charge();
-        if self.recharge(key) || (shard_grew && self.buffered > self.budget) {
-            // Over the buffer budget: this connection, which just grew, goes.
-            let stats = &self.shared.stats[self.id];
-            stats.budget_close();
-            stats.ws_failure(CloseCode::TRY_AGAIN_LATER.0);
-            debug!(
-                worker = self.id,
-                buffered = self.buffered,
-                "buffer budget spent"
-            );
-            let conn = &mut self.conns[key];
-            conn.session.abort(
-                CloseCode::TRY_AGAIN_LATER,
-                Status::ServiceUnavailable,
-                "server memory budget exceeded",
-                stats,
-            );
-            conn.state = IoState::Closing;
-            self.recharge(key);
-            return Input::Stop;
-        }
-        let stats = &self.shared.stats[self.id];
-        let conn = &mut self.conns[key];
-        if next == Next::FlushAndClose {
-            conn.state = IoState::Closing;
-            return Input::Stop;
-        }
-        let rate = self.shared.config.max_publish_rate;
-        let wait = conn.session.publish_wait_ms(rate);
-        if wait > 0 {
-            // Over --max-publish-rate: not read until the debt is repaid.
-            stats.publisher_paced();
-            conn.read_paused = true;
-            let at = self.now + Duration::from_millis(wait as u64);
-            // io_uring may deliver input already received while paused: one
-            // entry per connection, holding the latest resume time.
-            let serial = conn.serial;
-            match self.paced.iter_mut().find(|p| (p.1, p.2) == (key, serial)) {
-                Some(p) => p.0 = p.0.max(at),
-                None => self.paced.push((at, key, serial)),
-            }
-            return Input::Stop;
-        }
-        if conn.session.out.len() > self.shared.config.max_outbound_bytes {
-            // Resumed by `after_flush` once the queue is down to half.
-            conn.read_paused = true;
-            return Input::Stop;
-        }
-        let published = conn.session.take_published();
-        if (published || conn.session.is_publisher())
-            && self.shard.bus().max_queued_bytes() > self.shared.config.mailbox_high_water
-        {
-            // Every publisher, WebSocket or HTTP, is held alike: not read
-            // until the mailboxes drain (`unthrottle`), so pipelined
-            // requests wait in the socket, not in a mailbox.
-            stats.publisher_throttled();
-            conn.read_paused = true;
-            self.throttled.push((key, conn.serial));
-            return Input::Stop;
-        }
-        Input::More
-    }
-
-    /// The peer sent FIN.
-    pub fn eof(&mut self, key: usize) {
-        let conn = &mut self.conns[key];
-        conn.peer_eof = true;
-        conn.state = IoState::Closing;
-    }
-
-    /// After a batch of input for `key`: re-arms the request deadline of a
-    /// keep-alive connection, and starts closing or schedules the flush.
-    pub fn after_input(&mut self, key: usize) {
-        let cfg = &self.shared.config;
-        let conn = &mut self.conns[key];
-        let serial = conn.serial;
-        if conn.session.awaiting_request() && conn.session.requests() != conn.request_gen {
-            // A keep-alive HTTP connection finished a request: the next one gets a fresh deadline.
-            conn.request_gen = conn.session.requests();
-            let at = ms_after(self.epoch, self.now, cfg.handshake_timeout);
-            self.handshake_deadlines
-                .push_back((at, key as u32, serial, conn.request_gen));
-        }
-        if conn.state == IoState::Closing {
-            self.start_closing(key);
-        } else if !conn.session.out.is_empty() {
-            self.mark_dirty(key);
-        }
-    }
-
     /// Lists `key` for the end-of-turn flush (once per turn).
     pub fn mark_dirty(&mut self, key: usize) {
         self.conns[key].mark_dirty(key, &mut self.dirty);
@@ -588,18 +457,4 @@ impl<S> Core<S> {
         stats.buffered(-(conn.charged as isize));
         conn.charged = 0;
     }
-}
-
-/// Re-measures what `conn` holds and moves the worker's total (and its
-/// gauge) by the difference; `true` when it grew.
-fn recharge<S>(conn: &mut Conn<S>, buffered: &mut usize, stats: &WorkerStats) -> bool {
-    let held = conn.session.held_bytes().min(u32::MAX as usize) as u32;
-    let delta = held as isize - conn.charged as isize;
-    if delta == 0 {
-        return false;
-    }
-    conn.charged = held;
-    *buffered = (*buffered as isize + delta) as usize;
-    stats.buffered(delta);
-    delta > 0
 }
