@@ -30,6 +30,8 @@ fn the_requested_backend_is_the_one_running() {
 /// plain-descriptor switch on).
 #[test]
 fn io_uring_connections_take_no_process_descriptors() {
+    // Counts the process's descriptors: no other test may open hundreds meanwhile.
+    let _alone = exclusive();
     let server = start();
     let addr = server.local_addr();
     const N: usize = 200;
@@ -87,4 +89,50 @@ fn every_short_lived_connection_gets_its_own_answer() {
         .stats()
         .connections_open
         == 0));
+}
+
+/// io_uring holds connections as direct descriptors, at most a table's
+/// worth per ring: the server starts overflow workers to reach
+/// `max_connections`, fills the primaries first, then one overflow worker
+/// at a time, and a publication still reaches every subscriber.
+#[test]
+fn full_rings_overflow_into_more_workers_and_every_subscriber_is_served() {
+    let _alone = exclusive();
+    let server = start_with(|c| {
+        c.workers = 1;
+        c.max_connections = 256;
+        c.ring_slots = Some(64);
+    });
+    let addr = server.local_addr();
+    let open = |server: &corecast::server::ServerHandle| -> Vec<u64> {
+        let m = server.metrics();
+        (0..)
+            .map_while(|w| {
+                let name = format!("corecast_connections_open{{worker=\"{w}\"}} ");
+                m.lines()
+                    .find_map(|l| l.strip_prefix(name.as_str()))
+                    .map(|v| v.parse().unwrap())
+            })
+            .collect()
+    };
+    let uring = server.backend() == Backend::Uring && !uring_plain_fds();
+    // 64 slots, 8 kept free: 56 per ring, five rings for 256.
+    assert_eq!(open(&server).len(), if uring { 5 } else { 1 });
+    let mut subs: Vec<Ws> = (0..130).map(|_| connect(addr, "/ws?topics=o")).collect();
+    let per_worker = open(&server);
+    eprintln!("connections per worker: {per_worker:?}");
+    assert_eq!(per_worker.iter().sum::<u64>(), 130);
+    if uring {
+        // Filled in order: worker 0 to its mark, then 1, then 2.
+        assert!((56..=64).contains(&per_worker[0]), "{per_worker:?}");
+        assert!((56..=64).contains(&per_worker[1]), "{per_worker:?}");
+        assert_eq!(per_worker[3..], [0, 0], "{per_worker:?}");
+    }
+    publish(addr, "o", b"to all");
+    for ws in &mut subs {
+        assert_eq!(
+            ws.read().unwrap(),
+            tungstenite::Message::binary(&b"to all"[..])
+        );
+    }
 }

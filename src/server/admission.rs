@@ -26,8 +26,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-/// Default process-wide cap on open connections (flag `--max-connections`).
-pub const DEFAULT_MAX_CONNECTIONS: usize = 250_000;
+/// Default process-wide cap on open connections (flag `--max-connections`):
+/// 250 000 subscribers with room for their publishers and scrapes.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 262_144;
 /// Mutex-guarded shards of the per-address table.
 const STRIPES: usize = 64;
 /// Most addresses tracked at once, beyond those holding a connection.

@@ -143,6 +143,10 @@ pub struct Config {
     /// Bytes queued in a worker's mailbox above which every publisher is
     /// held (not a flag: tests lower it to reach the mark with little data).
     pub mailbox_high_water: usize,
+    /// Slots of each io_uring ring's fixed-file table, below the open-file
+    /// limit that caps it (not a flag: tests lower it to fill rings, and
+    /// so start overflow workers, with few connections).
+    pub ring_slots: Option<u32>,
 }
 
 impl Default for Config {
@@ -178,6 +182,7 @@ impl Default for Config {
             tcp_keepalive: Some(DEFAULT_TCP_KEEPALIVE),
             max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
             mailbox_high_water: MAILBOX_HIGH_WATER,
+            ring_slots: None,
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The server: configuration, worker threads and their event loops.
 //!
 //! [`start`] binds one `SO_REUSEPORT` listener per worker, spawns the
-//! workers (each pinned to a core unless disabled) and returns a
+//! workers (each pinned to a core unless disabled; with io_uring, as many
+//! more as its rings need to hold `--max-connections`) and returns a
 //! [`ServerHandle`] for the local address, statistics and shutdown.
 //!
 //! | module | holds |
@@ -14,6 +15,7 @@
 //! | [`epoll`] | the mio event loop |
 //! | [`uring`] | the io_uring event loop |
 //! | [`listener`] | `SO_REUSEPORT` listeners |
+//! | [`steering`] | which listener takes a new connection when io_uring needs overflow workers for room |
 //! | [`stats`] | per-worker counters |
 //! | [`metrics`] | Prometheus rendering of the counters |
 //! | [`http`] | plain-HTTP responses and the publisher token check |
@@ -31,6 +33,7 @@ pub mod session;
 #[cfg(test)]
 mod sim_tests;
 pub mod stats;
+pub mod steering;
 pub mod uring;
 pub mod worker;
 
@@ -64,6 +67,8 @@ pub struct Shared {
     /// message over [`MAX_CONTROL_BYTES`](crate::pubsub::control::MAX_CONTROL_BYTES)
     /// closes 1009 as it arrives instead of being buffered to be refused.
     pub(crate) subscriber_limits: Arc<crate::proto::ws::WsLimits>,
+    /// Which listeners take new connections (overflow workers wait).
+    pub(crate) steering: steering::Steering,
 }
 
 impl Shared {
@@ -77,6 +82,7 @@ impl Shared {
             admission: admission::Admission::new(config.admission_limits()),
             ws_limits: Arc::new(config.ws_limits()),
             subscriber_limits: Arc::new(config.subscriber_limits()),
+            steering: steering::Steering::new(stats.len(), stats.len()),
             config,
             shutdown: AtomicBool::new(false),
             stats,
@@ -187,10 +193,92 @@ const MAX_HANDSHAKE_CAP: usize = backend::READ_BUF_BYTES / 2;
 /// touches are backed by memory, so the size costs address space, not RAM.
 pub const WORKER_STACK_BYTES: usize = 2 * 1024 * 1024;
 
+/// Worker threads to start: `primaries` (one per core by default), and
+/// for io_uring as many more *overflow* workers as it takes for the rings'
+/// fixed-file tables, each capped at the open-file limit, to hold
+/// `--max-connections` (see [`steering`]). An overflow worker takes
+/// connections only once every primary is full, and costs little until
+/// then (a thread blocked in its ring, untouched buffers). epoll's
+/// descriptors all count against the one process limit: it says so.
+fn worker_threads(backend: Backend, config: &Config, primaries: usize) -> usize {
+    match backend {
+        Backend::Uring => {
+            let Some(slots) = uring::table_slots(config) else {
+                return primaries;
+            };
+            let needed = steering::rings_needed(config.max_connections, slots, primaries);
+            // Each worker holds a few descriptors of its own (listener,
+            // ring, eventfd): at most one worker per 256 of the limit, so
+            // that a small limit is spent on connections.
+            let most = usize::try_from(open_file_limit() / 256)
+                .unwrap_or(usize::MAX)
+                .clamp(primaries, MAX_WORKERS);
+            if needed > most {
+                warn!(
+                    max_connections = config.max_connections,
+                    ring_slots = slots,
+                    "{most} rings of {slots} descriptors hold fewer connections than --max-connections; raise the open-file limit"
+                );
+            }
+            needed.min(most)
+        }
+        Backend::Epoll => {
+            let limit = open_file_limit();
+            if (config.max_connections as u64) >= limit {
+                warn!(
+                    open_file_limit = limit,
+                    max_connections = config.max_connections,
+                    "epoll: the open-file limit caps connections below --max-connections (the io_uring backend holds more)"
+                );
+            }
+            primaries
+        }
+    }
+}
+
+/// Raises the soft open-file limit to the hard one, as the Go runtime and
+/// many servers do: the soft default (often 1 024) exists for programs
+/// that use `select`, which nothing here does. It sizes epoll's reach and
+/// each io_uring ring's table.
+fn raise_open_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass; setrlimit reads it.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let from = lim.rlim_cur;
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                info!(
+                    from,
+                    to = lim.rlim_max,
+                    "open-file limit raised to its hard limit"
+                );
+            }
+        }
+    }
+}
+
+/// The process's open-file limit (`RLIMIT_NOFILE`, soft).
+fn open_file_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur
+    } else {
+        u64::MAX
+    }
+}
+
 /// Starts a server with `config`; returns once every listener is bound.
 pub fn start(mut config: Config) -> io::Result<ServerHandle> {
-    let workers = config.worker_count();
-    if workers > MAX_WORKERS {
+    let primaries = config.worker_count();
+    if primaries > MAX_WORKERS {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("at most {MAX_WORKERS} workers are supported"),
@@ -205,8 +293,14 @@ pub fn start(mut config: Config) -> io::Result<ServerHandle> {
         config.max_handshake_size = MAX_HANDSHAKE_CAP;
     }
     let backend = Backend::choose(config.io)?;
+    raise_open_file_limit();
+    let workers = worker_threads(backend, &config, primaries);
     let (local_addr, listeners) =
         listener::bind_group(config.listen, workers, config.tcp_keepalive)?;
+    let steering = steering::Steering::new(primaries, workers);
+    if let Err(e) = steering.start(&listeners[0]) {
+        warn!(error = %e, "could not steer connections: overflow workers take them from the start");
+    }
     let cores = if config.pin_cores {
         core_affinity::get_core_ids().unwrap_or_default()
     } else {
@@ -234,12 +328,14 @@ pub fn start(mut config: Config) -> io::Result<ServerHandle> {
         }
     }
     let (bus, inboxes) = Bus::new(wakers);
-    let shared = Arc::new(Shared::new(
+    let mut shared = Shared::new(
         config,
         (0..workers).map(|_| WorkerStats::default()).collect(),
         Arc::new(Directory::new()),
         bus,
-    ));
+    );
+    shared.steering = steering;
+    let shared = Arc::new(shared);
     let admin = match shared.config.admin_listen {
         Some(addr) => Some(admin::start(addr, Arc::clone(&shared))?),
         None => None,
@@ -312,7 +408,7 @@ pub fn start(mut config: Config) -> io::Result<ServerHandle> {
             return Err(io::Error::other(format!("io_uring worker setup: {e}")));
         }
     }
-    info!(%local_addr, workers, io = backend.name(), pinned = !cores.is_empty(), "corecast listening");
+    info!(%local_addr, workers = primaries, overflow_workers = workers - primaries, io = backend.name(), pinned = !cores.is_empty(), "corecast listening");
     Ok(ServerHandle {
         local_addr,
         admin_addr,

@@ -8,6 +8,7 @@ use super::Worker;
 use super::conn::Sock;
 use super::ring::{NO_KEY, Op, Ring, user_data};
 use crate::server::backend::{accept_exhausted, is_resource_exhaustion};
+use crate::server::steering;
 use io_uring::{opcode, types};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener};
@@ -105,6 +106,9 @@ pub(super) struct Acceptor {
     /// taken the connection off the backlog, and the kernel resets it.
     table: u32,
     slots_used: u32,
+    /// Reported full to the listener group's steering (see
+    /// [`steering`](crate::server::steering)): new connections go elsewhere.
+    full: bool,
 }
 
 impl Acceptor {
@@ -121,7 +125,31 @@ impl Acceptor {
             probing: false,
             table,
             slots_used: 0,
+            full: false,
         }
+    }
+
+    /// Whether the table just became full (`Some(true)`) or has room again
+    /// (`Some(false)`), with hysteresis; `None` when that did not change.
+    pub(super) fn fullness_changed(&mut self) -> Option<bool> {
+        if self.table == u32::MAX || !self.accepting {
+            return None;
+        }
+        let free = self.table.saturating_sub(self.slots_used);
+        let full = if self.full {
+            free < steering::room_above(self.table)
+        } else {
+            free < steering::full_below(self.table)
+        };
+        (full != self.full).then(|| {
+            self.full = full;
+            full
+        })
+    }
+
+    /// The listener, while it is open.
+    pub(super) fn listener(&self) -> Option<&TcpListener> {
+        self.listener.as_ref()
     }
 
     /// Arms every idle accept slot, unless accepting stopped or is
@@ -225,6 +253,17 @@ impl Acceptor {
 }
 
 impl Worker {
+    /// Tells the listener group's steering when this worker's table
+    /// becomes full or has room again.
+    pub(super) fn steer(&mut self) {
+        if let Some(full) = self.accept.fullness_changed()
+            && let Some(listener) = self.accept.listener()
+        {
+            let steering = &self.core.shared().steering;
+            steering.set_full(self.core.id(), full, listener);
+        }
+    }
+
     /// Accept slot `i` completed: `res` is the new connection's slot or an error.
     pub(super) fn on_accept(&mut self, i: usize, res: i32) {
         let Some(armed) = self.accept.armed.get_mut(i) else {
@@ -250,6 +289,9 @@ impl Worker {
             let peer = self.accept.peer(i);
             let key = self.core.admit(Sock::new(slot), peer);
             self.arm_recv(key);
+            // Full now? Then new connections go elsewhere at once, not a
+            // turn later.
+            self.steer();
             return;
         }
         let errno = -res;

@@ -3,7 +3,7 @@
 use super::accept::Acceptor;
 use super::bufring::BufRing;
 use super::conn::{Sock, conn_of};
-use super::ring::{Cqe, Op, PLAIN_FDS_ENV, Ring, fixed_table_size, split_user_data};
+use super::ring::{Cqe, Op, PLAIN_FDS_ENV, Ring, split_user_data, table_slots};
 use super::send::SendOp;
 use super::wake::{EventFd, WakeRead};
 use crate::pubsub::bus::Inbox;
@@ -58,7 +58,8 @@ impl Worker {
         wake: Arc<EventFd>,
         shared: Arc<Shared>,
     ) -> io::Result<Self> {
-        let plain_fds = std::env::var_os(PLAIN_FDS_ENV).is_some_and(|v| v == "1");
+        let slots = table_slots(&shared.config);
+        let plain_fds = slots.is_none();
         if plain_fds {
             info!(
                 worker = id,
@@ -66,11 +67,7 @@ impl Worker {
             );
         }
         // With plain descriptors there is no table to fill.
-        let table = if plain_fds {
-            u32::MAX
-        } else {
-            fixed_table_size()
-        };
+        let table = slots.unwrap_or(u32::MAX);
         let ring = Ring::new(plain_fds, table)?;
         let bufs = BufRing::new(ring.uring())?;
         // Accepted sockets inherit TCP_NODELAY from the listener: pushed
@@ -196,6 +193,8 @@ impl Backend for Worker {
     /// Arms accepts and the wake-up read, submits what is queued, and
     /// waits for a completion or the deadline.
     fn wait(&mut self, busy: bool, deadline: Option<Instant>) -> io::Result<()> {
+        // Closes completed in the last turn may have made room.
+        self.steer();
         self.accept.arm(&mut self.ring);
         self.wake.arm(&mut self.ring);
         match self.ring.enter(busy, Instant::now(), deadline) {

@@ -82,4 +82,5 @@ mod wake;
 pub use accept::ACCEPTS_IN_FLIGHT;
 pub(super) use event_loop::Worker;
 pub use probe::probe;
+pub(super) use ring::table_slots;
 pub(super) use wake::{EventFd, EventFdWake};

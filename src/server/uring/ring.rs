@@ -230,8 +230,27 @@ fn build_ring() -> io::Result<IoUring> {
     Err(last.expect("at least one attempt"))
 }
 
+/// The fixed-file table each ring gets for `config`: the open-file limit
+/// (the kernel refuses more), or `ring_slots` when lower; `None` with plain
+/// descriptors (hidden `CORECAST_URING_PLAIN_FDS=1`): no table to fill.
+pub(in crate::server) fn table_slots(config: &crate::server::Config) -> Option<u32> {
+    if plain_fds() {
+        return None;
+    }
+    Some(
+        fixed_table_size()
+            .min(config.ring_slots.unwrap_or(u32::MAX))
+            .max(1),
+    )
+}
+
+/// Whether the rings use plain descriptors (a measurement mode).
+pub(super) fn plain_fds() -> bool {
+    std::env::var_os(PLAIN_FDS_ENV).is_some_and(|v| v == "1")
+}
+
 /// Fixed-file table size: the kernel refuses more than RLIMIT_NOFILE.
-pub(super) fn fixed_table_size() -> u32 {
+fn fixed_table_size() -> u32 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
