@@ -1,4 +1,11 @@
-//! The send path: one `sendmsg` per dirty connection and turn.
+//! The send path: one send per dirty connection and turn: a plain `send`
+//! when the queue's front is one buffer (one frame, or a run of small
+//! frames copied into one tail: the common case of a fan-out), a
+//! `sendmsg` over up to [`MAX_IOVECS`] buffers otherwise.
+//!
+//! A plain send needs no arguments of its own, so a publication written
+//! to 20 000 subscribers at once allocates nothing per subscriber here; a
+//! `sendmsg` holds a 1 KiB [`SendOp`] while in flight.
 
 use super::Worker;
 use super::conn::conn_of;
@@ -42,6 +49,26 @@ impl Worker {
             return;
         }
         let n = conn.out_mut().pin_front(MAX_IOVECS);
+        if n == 1 {
+            let mut iov = [IoSlice::new(&[])];
+            conn.out().gather(&mut iov);
+            // A longer chunk goes in parts, like any short send.
+            let (ptr, len) = (iov[0].as_ptr(), iov[0].len().min(u32::MAX as usize) as u32);
+            let sqe = on_socket!(self.ring.plain_fds(), conn.io().slot(), |fd| {
+                opcode::Send::new(fd, ptr, len)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+            })
+            .user_data(user_data(Op::Send, key, conn.serial()));
+            conn.io_mut().single_send_started();
+            // SAFETY: the buffer is the queue's front chunk, pinned by
+            // `pin_front` (neither moved nor freed) until `advance` at this
+            // send's completion; a gone connection is freed only once no
+            // send is in flight, and the exit leaks what is still in flight.
+            unsafe { self.ring.push(&sqe) };
+            self.ring.in_flight_started();
+            return;
+        }
         let mut op = self.send_pool.pop().unwrap_or_else(SendOp::new);
         let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
         let filled = conn.out().gather(&mut iov[..n]);
