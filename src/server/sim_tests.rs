@@ -608,3 +608,35 @@ fn large_holders_are_cut_at_ninety_percent_so_a_small_client_is_still_served() {
     );
     assert_eq!(sim.stats().budget_closes.load(Relaxed), 1);
 }
+
+#[test]
+fn a_websocket_publisher_over_the_publish_rate_is_not_read_until_its_debt_is_repaid() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut sim = Sim::new(|c| {
+        c.max_publish_rate = 10;
+        c.ping_interval = None;
+    });
+    let sub = sim.upgrade("/ws?topics=p", 1 << 20);
+    let publisher = sim.upgrade("/publish/p", 1 << 20);
+    // 30 messages in one read: all published (the pace loses nothing), 20
+    // past the burst of 10, so 2 s of debt at 10 per second.
+    let burst: Vec<u8> = (0..30u8)
+        .flat_map(|i| client_frame(true, OpCode::Binary, &[i], MASK))
+        .collect();
+    sim.send(publisher, &burst);
+    let expected: Vec<u8> = (0..30u8).flat_map(|i| [0x82, 1, i]).collect();
+    assert_eq!(sim.received(sub), expected, "the whole read, in order");
+    assert_eq!(sim.stats().messages_published.load(Relaxed), 30);
+    assert_eq!(sim.stats().publishers_paced.load(Relaxed), 1);
+    // The next message waits in the socket while the debt lasts...
+    sim.send(publisher, &client_frame(true, OpCode::Binary, &[30], MASK));
+    sim.wait(Duration::from_millis(1900), TICK);
+    assert!(sim.received(sub).is_empty(), "not read before 2 s");
+    assert_eq!(sim.stats().messages_published.load(Relaxed), 30);
+    // ...and is read, published and delivered once it is repaid.
+    sim.wait(2 * TICK, TICK);
+    assert_eq!(sim.received(sub), [0x82, 1, 30]);
+    assert_eq!(sim.stats().messages_published.load(Relaxed), 31);
+    assert!(!sim.closed.contains(&publisher), "paced, never cut");
+    assert_eq!(ws_failures(&sim), []);
+}
