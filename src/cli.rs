@@ -156,14 +156,15 @@ pub struct ServeArgs {
     pub max_control_rate: u32,
 
     /// Time a client has to finish a message it started; over it closes with
-    /// 1008 "message timeout". 0 disables.
+    /// 1008 "message not finished in time". 0 disables.
     #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     pub message_timeout: Duration,
 
-    /// Time a connection's outbound queue may make no progress (the client
-    /// reads nothing) before the connection is closed, with 1008 "send
-    /// timeout" for a WebSocket; applies in every state, paused or not.
-    /// 0 disables.
+    /// Longest a byte queued for a client may wait to be sent: a client
+    /// that stops reading, or reads too slowly to ever catch up (the bytes
+    /// queued when a check begins must all have left within this time), is
+    /// closed, with 1008 "send timeout" for a WebSocket and 408 in HTTP;
+    /// applies in every state, paused or not. 0 disables.
     #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     pub send_timeout: Duration,
 

@@ -153,4 +153,11 @@ fn thousands_of_max_size_messages_stay_within_the_buffer_budget() {
         ) == 0),
         "buffered bytes return to 0"
     );
+    // Every connection the budget cut was a WebSocket (an attacker): each
+    // counts as a failure with 1013.
+    let m = metrics(addr);
+    assert_eq!(
+        metric(&m, "corecast_ws_failures_total{code=\"1013\"}"),
+        metric(&m, "corecast_buffer_budget_closes_total"),
+    );
 }

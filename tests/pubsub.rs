@@ -401,9 +401,12 @@ fn a_stalled_subscriber_is_disconnected_and_the_others_get_everything() {
         (seen as usize) < N,
         "the backlog past the bound was discarded ({seen} delivered)"
     );
+    let m = metrics(addr);
+    assert_eq!(metric(&m, "corecast_slow_consumer_disconnects_total"), 1);
     assert_eq!(
-        metric(&metrics(addr), "corecast_slow_consumer_disconnects_total"),
-        1
+        metric(&m, "corecast_ws_failures_total{code=\"1008\"}"),
+        1,
+        "a slow consumer is a failed WebSocket"
     );
     assert_eq!(
         server.stats().subscriptions,

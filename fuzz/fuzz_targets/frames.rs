@@ -11,7 +11,8 @@
 //!   returns no event at most `MAX_PENDING_BYTES` are left for next time;
 //! - a message is at most the cap, a text message is valid UTF-8, a pong at
 //!   most 125 bytes; a peer's close code is allowed on the wire; a failure
-//!   uses 1002, 1007 or 1009; nothing happens after a close or a failure;
+//!   uses 1002, 1007 or 1009, or 1008 for a control frame flood only;
+//!   nothing happens after a close or a failure;
 //! - everything queued is a valid sequence of server frames (see
 //!   `corecast_fuzz::read_frames`): in particular every close has a valid code;
 //! - cutting the stream into reads changes nothing: the events and the

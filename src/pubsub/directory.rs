@@ -2,10 +2,12 @@
 //! least one subscriber. A publish reads one atomic mask and visits only
 //! those workers.
 //!
-//! The map itself sits behind a mutex, but it is touched only when a worker
+//! The map itself sits behind a mutex, but it is locked only when a worker
 //! gains its first or loses its last subscriber of a topic, when a WebSocket
-//! publisher opens, and once per HTTP publish; the delivery path reads the
-//! mask through an `Arc` it already holds, lock-free.
+//! publisher opens or closes ([`Directory::entry`], [`Directory::release`]),
+//! once per HTTP publish, and on every `/metrics` rendering
+//! ([`Directory::len`]); the delivery path reads the mask through an `Arc`
+//! it already holds, lock-free.
 //!
 //! Lifetime rule: an entry stays in the map while anyone holds its `Arc`
 //! besides the map (a worker with local subscribers, a publisher). So a

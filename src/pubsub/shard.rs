@@ -1,13 +1,16 @@
 //! One worker's share of the fan-out: its local topic registry (topic →
 //! local subscribers) and the publications its own publishers produced this
-//! loop turn. No I/O: the backend supplies the delivery closure and the
-//! [`Bus`] does the cross-thread handoff.
+//! loop turn. No I/O: the worker's core supplies the delivery closure and
+//! the [`Bus`] does the cross-thread handoff.
 //!
-//! Per turn, the backend
-//! 1. drains its [`Inbox`](super::bus::Inbox) and calls [`Shard::deliver`]
-//!    for each publication from other workers;
-//! 2. calls [`Shard::dispatch`]: this turn's local publications are sent, one
-//!    batch per interested peer, and delivered locally;
+//! At the end of each loop turn, the worker
+//! 1. calls [`Shard::dispatch`] (from `Core::dispatch`): this turn's local
+//!    publications are sent, one batch per interested worker, this
+//!    worker's own batch into its own mailbox; nothing is delivered here;
+//! 2. wakes the other workers that need it, then drains its
+//!    [`Inbox`](super::bus::Inbox) (`Core::deliver`), its own publications
+//!    included, and calls [`Shard::deliver`] for each step of a batch
+//!    (bounded per turn);
 //! 3. flushes every connection that received something, once.
 
 use super::bus::{Bus, Publication};

@@ -410,6 +410,42 @@ mod tests {
     }
 
     #[test]
+    fn a_full_address_table_refuses_new_addresses_until_an_entry_is_freed() {
+        // Room for max_connections + SPARE_ENTRIES addresses.
+        let a = Admission::new(AdmissionLimits {
+            max_connections: 2,
+            publish_rate_per_ip: 1,
+            ..limits(0, 0)
+        });
+        let addr = |i: u32| Some(IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i)));
+        let room = 2 + SPARE_ENTRIES as u32;
+        // Each of these published over HTTP and left: its entry stays until
+        // its publish bucket has refilled (a second at this rate).
+        for i in 0..room - 1 {
+            let t = a.admit(addr(i)).unwrap();
+            assert!(a.allow_publish(addr(i)));
+            a.release(t.per_ip.then(|| addr(i)).flatten());
+        }
+        // The last free entry, held by an open connection.
+        let held = a.admit(addr(room - 1)).unwrap();
+        assert_eq!(a.tracked(), room as usize);
+        assert_eq!(a.admit(addr(room)), Err(Refusal::TableFull));
+        assert_eq!(a.open(), 1, "the refusal is not counted");
+        let last = addr(room - 2);
+        assert!(
+            a.admit(last).is_ok(),
+            "a tracked address still has its entry"
+        );
+        a.release(last);
+        // The held connection closes: its entry (buckets full) goes at once
+        // and makes room for a new address.
+        a.release(held.per_ip.then(|| addr(room - 1)).flatten());
+        assert_eq!(a.tracked(), room as usize - 1);
+        assert!(a.admit(addr(room)).is_ok());
+        assert_eq!(a.tracked(), room as usize);
+    }
+
+    #[test]
     fn two_addresses_in_one_slash_64_share_a_connection_cap() {
         let a = Admission::new(limits(2, 0));
         assert!(a.admit(v6("2001:db8:1:2::1")).is_ok());

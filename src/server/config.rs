@@ -27,13 +27,15 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default time a client has to finish a message it started (all its
 /// fragments, or one frame's payload).
 pub const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Default time a connection's outbound queue may go without progress (no
-/// byte taken by the kernel while something is queued) before the
-/// connection is closed: the deadline that covers a peer which stops
-/// reading, whatever state the connection is in (see docs/SECURITY.md,
-/// "Deadlines"). 30 s: as long as the message timeout; a live client on a
-/// poor link drains something well within it, and a stalled one holds its
-/// queue (up to `--max-outbound-bytes`, budgeted) no longer than this.
+/// Default longest time a byte queued for a client may wait to be taken by
+/// the kernel before the connection is closed (the bytes queued when a send
+/// epoch begins must all have left by its end): the deadline that covers a
+/// peer which stops reading, or reads too slowly to ever catch up, whatever
+/// state the connection is in (see docs/SECURITY.md, "Deadlines"). 30 s: as
+/// long as the message timeout; a client that keeps up, even with a steady
+/// backlog, is never cut (a full 4 MiB queue asks for about 140 KB/s), and
+/// a stalled one holds its queue (up to `--max-outbound-bytes`, budgeted)
+/// no longer than this.
 pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default idle time before the kernel sends TCP keepalive probes.
 pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(60);
@@ -133,8 +135,10 @@ pub struct Config {
     pub max_control_rate: u32,
     /// Time a client has to finish a message it started; `None`: no limit.
     pub message_timeout: Option<Duration>,
-    /// Time an outbound queue may make no progress before the connection is
-    /// closed (1008 for a WebSocket); `None`: no limit.
+    /// Longest a queued byte may wait to be sent before the connection is
+    /// closed (1008 for a WebSocket, 408 in HTTP): the bytes queued when a
+    /// send epoch begins must all leave within it, so a client that reads
+    /// but too slowly is cut too; `None`: no limit.
     pub send_timeout: Option<Duration>,
     /// TCP keepalive idle time on accepted sockets; `None`: off.
     pub tcp_keepalive: Option<Duration>,

@@ -74,7 +74,7 @@ pub fn render(workers: &[WorkerStats], topics: usize, stranded: u64) -> String {
         ),
         (
             "corecast_protocol_errors_total",
-            "WebSocket connections failed for breaking RFC 6455.",
+            "WebSocket connections failed by the frame decoder (1002, 1007, 1009, 1008 control frame flood).",
             |w| &w.protocol_errors,
         ),
         (

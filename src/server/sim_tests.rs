@@ -8,7 +8,7 @@
 use super::Shared;
 use super::backend::{self, Backend};
 use super::config::Config;
-use super::stats::WorkerStats;
+use super::stats::{FAILURE_CODES, WorkerStats};
 use super::worker::{AfterFlush, Core, IoState};
 use crate::proto::frame::{OpCode, client_frame};
 use crate::pubsub::bus::{Bus, Wake};
@@ -267,6 +267,16 @@ fn publish(sim: &mut Sim, topic: &str, body: &[u8]) {
     assert!(sim.received(key).starts_with(b"HTTP/1.1 204 "));
 }
 
+/// The non-zero `corecast_ws_failures_total` samples: (close code, count).
+fn ws_failures(sim: &Sim) -> Vec<(u16, u64)> {
+    FAILURE_CODES
+        .iter()
+        .zip(&sim.stats().ws_failures)
+        .map(|(&code, n)| (code, n.load(std::sync::atomic::Ordering::Relaxed)))
+        .filter(|&(_, n)| n > 0)
+        .collect()
+}
+
 const SECOND: Duration = Duration::from_secs(1);
 const TICK: Duration = Duration::from_millis(100);
 
@@ -303,6 +313,11 @@ fn a_subscriber_that_stops_reading_is_cut_at_its_bound_and_the_others_get_everyt
     let st = sim.stats();
     use std::sync::atomic::Ordering::Relaxed;
     assert_eq!(st.slow_consumer_disconnects.load(Relaxed), 1);
+    assert_eq!(
+        ws_failures(&sim),
+        [(1008, 1)],
+        "a slow consumer is a failed WebSocket"
+    );
     // The stalled one reads at last: an unbroken prefix, then 1008.
     sim.read(stalled, usize::MAX / 2);
     let wire = sim.received(stalled);
@@ -491,6 +506,29 @@ fn the_connection_that_grows_past_the_budget_is_closed_1013_and_the_others_keep_
     assert_eq!(close_code(&sim.received(b)), Some(1013), "b took it past");
     assert!(sim.received(a).is_empty(), "a keeps what it holds");
     assert_eq!(sim.stats().budget_closes.load(Relaxed), 1);
+    assert_eq!(ws_failures(&sim), [(1013, 1)]);
+}
+
+#[test]
+fn an_http_body_past_the_budget_is_answered_503_and_is_no_websocket_failure() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut sim = Sim::new(|c| c.max_buffered_bytes = 1 << 20);
+    let c = sim.connect(1 << 20);
+    sim.send(
+        c,
+        b"POST /publish/t HTTP/1.1\r\nHost: x\r\nContent-Length: 4194304\r\n\r\n",
+    );
+    sim.send(c, &vec![0u8; 600 * 1024]);
+    assert!(sim.received(c).is_empty(), "within the budget");
+    sim.send(c, &vec![0u8; 600 * 1024]);
+    let answer = String::from_utf8(sim.received(c)).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 503 Service Unavailable"),
+        "{answer}"
+    );
+    assert_eq!(sim.stats().budget_closes.load(Relaxed), 1);
+    assert_eq!(ws_failures(&sim), [], "an HTTP request is not a WebSocket");
+    assert_eq!(sim.stats().messages_published.load(Relaxed), 0);
 }
 
 #[test]
@@ -569,4 +607,36 @@ fn large_holders_are_cut_at_ninety_percent_so_a_small_client_is_still_served() {
         [&[0x81, 13][..], b"still serving"].concat()
     );
     assert_eq!(sim.stats().budget_closes.load(Relaxed), 1);
+}
+
+#[test]
+fn a_websocket_publisher_over_the_publish_rate_is_not_read_until_its_debt_is_repaid() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut sim = Sim::new(|c| {
+        c.max_publish_rate = 10;
+        c.ping_interval = None;
+    });
+    let sub = sim.upgrade("/ws?topics=p", 1 << 20);
+    let publisher = sim.upgrade("/publish/p", 1 << 20);
+    // 30 messages in one read: all published (the pace loses nothing), 20
+    // past the burst of 10, so 2 s of debt at 10 per second.
+    let burst: Vec<u8> = (0..30u8)
+        .flat_map(|i| client_frame(true, OpCode::Binary, &[i], MASK))
+        .collect();
+    sim.send(publisher, &burst);
+    let expected: Vec<u8> = (0..30u8).flat_map(|i| [0x82, 1, i]).collect();
+    assert_eq!(sim.received(sub), expected, "the whole read, in order");
+    assert_eq!(sim.stats().messages_published.load(Relaxed), 30);
+    assert_eq!(sim.stats().publishers_paced.load(Relaxed), 1);
+    // The next message waits in the socket while the debt lasts...
+    sim.send(publisher, &client_frame(true, OpCode::Binary, &[30], MASK));
+    sim.wait(Duration::from_millis(1900), TICK);
+    assert!(sim.received(sub).is_empty(), "not read before 2 s");
+    assert_eq!(sim.stats().messages_published.load(Relaxed), 30);
+    // ...and is read, published and delivered once it is repaid.
+    sim.wait(2 * TICK, TICK);
+    assert_eq!(sim.received(sub), [0x82, 1, 30]);
+    assert_eq!(sim.stats().messages_published.load(Relaxed), 31);
+    assert!(!sim.closed.contains(&publisher), "paced, never cut");
+    assert_eq!(ws_failures(&sim), []);
 }

@@ -11,9 +11,9 @@
 //! | `subscriber.rs` | a subscriber's control messages |
 //! | `delivery.rs` | published frames into the queue, the slow-consumer policy |
 //!
-//! A backend reads into its shared buffer after [`Session::restore_pending`],
-//! hands the bytes to [`Session::on_input`] with a [`Ctx`], and writes
-//! [`Session::out`]. Published frames come in through
+//! A backend reads into its shared buffer after [`Session::restore_pending`]
+//! and hands the bytes to `Core::input`, which builds the [`Ctx`] and calls
+//! [`Session::on_input`]; the backend writes [`Session::out`]. Published frames come in through
 //! [`Session::push_published`]. No syscalls here: tests drive sessions with
 //! plain byte slices.
 

@@ -5,8 +5,8 @@
 use super::*;
 
 impl<S> Core<S> {
-    /// Runs the periodic sweep (keepalive, message deadline, admission
-    /// table) when it is due.
+    /// Runs the periodic sweep (keepalive, message and send deadlines,
+    /// admission table, the ledger's full scan) when it is due.
     pub fn keepalive(&mut self) {
         if self.next_sweep.is_some_and(|t| self.now >= t) {
             self.sweep();
@@ -14,8 +14,10 @@ impl<S> Core<S> {
     }
 
     /// Pings connections idle for the ping interval; closes those whose ping
-    /// went unanswered for the ping timeout, and those that started a
-    /// message longer than the message timeout ago.
+    /// went unanswered for the ping timeout, those that started a message
+    /// longer than the message timeout ago, and those with bytes queued at
+    /// the start of a send epoch that have not all left within the send
+    /// timeout.
     fn sweep(&mut self) {
         let Some(period) = sweep_period(&self.shared.config) else {
             return;
@@ -272,8 +274,9 @@ pub(super) fn ms_after(epoch: Instant, now: Instant, after: Duration) -> u64 {
 }
 
 /// The sweep period: a quarter of the shortest timeout it enforces (ping
-/// interval and timeout, message timeout; the admission table is swept
-/// every second when it exists), or `None` with nothing to sweep for.
+/// interval and timeout, message timeout, send timeout; 4 s when the
+/// admission table exists, so it is swept every second), kept between
+/// [`SWEEP_MIN`] and [`SWEEP_MAX`], or `None` with nothing to sweep for.
 pub(super) fn sweep_period(cfg: &Config) -> Option<Duration> {
     let keepalive = cfg.ping_interval.map(|i| i.min(cfg.ping_timeout));
     let per_ip = (cfg.max_connections_per_ip > 0

@@ -206,6 +206,8 @@ fn push_to<S>(
                 Push::Dropped => stats.frame_dropped(),
                 Push::SlowConsumer { discarded } => {
                     stats.slow_consumer_disconnect(discarded);
+                    // Only an open WebSocket is queued to: failed with 1008.
+                    stats.ws_failure(CloseCode::POLICY_VIOLATION.0);
                     slow.push((key, serial));
                     queued = true;
                     break;

@@ -54,13 +54,17 @@ impl<S> Core<S> {
             // Over the buffer budget: this connection, which just grew, goes.
             let stats = &self.shared.stats[self.id];
             stats.budget_close();
-            stats.ws_failure(CloseCode::TRY_AGAIN_LATER.0);
             debug!(
                 worker = self.id,
                 buffered = self.buffered,
                 "buffer budget spent"
             );
             let conn = &mut self.conns[key];
+            // A WebSocket is failed with 1013; an HTTP request is answered
+            // 503, which `corecast_ws_failures_total` does not count.
+            if conn.session.is_websocket() {
+                stats.ws_failure(CloseCode::TRY_AGAIN_LATER.0);
+            }
             conn.session.abort(
                 CloseCode::TRY_AGAIN_LATER,
                 Status::ServiceUnavailable,

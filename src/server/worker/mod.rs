@@ -7,8 +7,10 @@
 //! observe — limits, policies, timeouts, counters — is decided here, once,
 //! so the two backends behave the same by construction.
 //!
-//! Timeouts use FIFO queues: each kind has one constant duration, so
-//! deadlines are pushed in order and checked from the front.
+//! The request-head and linger deadlines use FIFO queues: each kind has one
+//! constant duration, so deadlines are pushed in order and checked from the
+//! front. The keepalive, message and send deadlines are judged by a periodic
+//! sweep over the connections instead.
 //!
 //! | file | holds |
 //! |---|---|
@@ -59,9 +61,10 @@ const LARGE_HOLDER_SHARE_PERCENT: usize = 90;
 const SHRINK_ABOVE: usize = 1024;
 /// How often throttled publishers check whether the mailboxes drained.
 const THROTTLE_RECHECK: Duration = Duration::from_millis(1);
-/// Bounds on the keepalive sweep period (a quarter of the shorter of the
-/// ping interval and timeout): often enough to be accurate to ~25 %, rare
-/// enough that walking 100 000 connections costs < 0.1 % of a core.
+/// Bounds on the sweep period (a quarter of the shortest of the ping
+/// interval and timeout, the message timeout and the send timeout, see
+/// `sweep_period`): often enough to be accurate to ~25 %, rare enough that
+/// walking 100 000 connections costs < 0.1 % of a core.
 const SWEEP_MIN: Duration = Duration::from_millis(10);
 const SWEEP_MAX: Duration = Duration::from_secs(1);
 /// Deliveries (one publication into one subscriber's queue) a worker makes
