@@ -33,8 +33,13 @@ impl TokenBucket {
     pub fn refill(&mut self, rate: u32, now_ms: u32) {
         let elapsed = now_ms.wrapping_sub(self.last_ms);
         self.last_ms = now_ms;
-        let gain = (elapsed as i64 * rate.min(MAX_RATE) as i64).min(cap(rate) as i64 * 2) as i32;
-        self.milli = self.milli.saturating_add(gain).min(cap(rate));
+        // In i64: a gap of 2^32 ms at the highest rate, and a debt of
+        // nearly i32::MIN, both fit; the result lies between the old level
+        // and the cap, so it fits back in i32. (Capping the gain itself, as
+        // this once did at two seconds' worth, left a debt of more than
+        // that unpaid however long the wait.)
+        let gain = elapsed as i64 * rate.min(MAX_RATE) as i64;
+        self.milli = (self.milli as i64 + gain).min(cap(rate) as i64) as i32;
     }
 
     /// Takes a token if there is one; `false` (nothing taken) when empty.
@@ -105,6 +110,18 @@ mod tests {
         assert_eq!(b.wait_ms(40), 500);
         assert!(!b.take(40, 999));
         assert!(b.take(40, 1025), "one token after the debt is repaid");
+    }
+
+    #[test]
+    fn a_debt_of_many_seconds_is_repaid_by_the_wait_it_announced() {
+        let mut b = TokenBucket::full(10, 0);
+        for _ in 0..100 {
+            b.spend(10, 0);
+        }
+        assert_eq!(b.wait_ms(10), 9000, "90 tokens of debt at 10/s");
+        b.refill(10, 9000);
+        assert_eq!(b.wait_ms(10), 0, "repaid in one refill after the wait");
+        assert!(b.take(10, 9100));
     }
 
     #[test]
