@@ -134,12 +134,19 @@ enum RecvState {
     /// Expecting a frame header.
     Header,
     /// Inside a data frame's payload.
-    Payload {
-        remaining: u64,
-        mask: [u8; 4],
-        phase: u8,
-        fin: bool,
-    },
+    Payload(PayloadState),
+}
+
+/// Where the payload of the data frame being received stands.
+#[derive(Debug, Clone, Copy)]
+struct PayloadState {
+    /// Payload bytes still to come.
+    remaining: u64,
+    mask: [u8; 4],
+    /// Where in the mask the next byte falls (0..4).
+    phase: u8,
+    /// The frame is its message's last.
+    fin: bool,
 }
 
 /// Protocol state of one open connection. About 60 bytes when idle.
@@ -205,7 +212,7 @@ impl WsConn {
 
     /// Is a message (or a frame of one) partly received?
     pub fn in_message(&self) -> bool {
-        self.msg_kind.is_some() || matches!(self.recv, RecvState::Payload { .. })
+        self.msg_kind.is_some() || matches!(self.recv, RecvState::Payload(_))
     }
 
     /// When the message in progress started, on the [`Self::tick`] clock;
