@@ -10,7 +10,7 @@
 //! | [`frame`] | frame header parse/encode, opcodes, close codes |
 //! | [`mask`] | payload (un)masking: bytewise reference, word, SSE2, AVX2 |
 //! | [`utf8`] | incremental, fail-fast UTF-8 validation |
-//! | [`ws`] | [`ws::WsConn`], the state machine of an open connection |
+//! | [`ws`] | [`ws::WsConn`], the state machine of an open connection (its `decode` in `ws_decode.rs`) |
 //! | [`outbound`] | [`outbound::OutQueue`], a connection's queue of frames to write |
 //! | [`rate`] | [`rate::TokenBucket`], the rate limits' bucket, on a clock the caller passes in |
 

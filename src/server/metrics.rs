@@ -17,19 +17,207 @@ fn get(c: &AtomicU64) -> u64 {
 /// A summed metric: name, help text, and which counter of a worker it reads.
 type Counter = (&'static str, &'static str, fn(&WorkerStats) -> &AtomicU64);
 
+/// A labelled counter: name, help text, label name, and which counters of a
+/// worker it reads (one per label value).
+type Labelled = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&WorkerStats) -> &[AtomicU64],
+);
+
+/// Connections and what came of them: accepted (or not), upgraded, plain
+/// HTTP requests, handshake deadlines, control-message and protocol errors,
+/// echoes.
+const CONNECTION_COUNTERS: [Counter; 8] = [
+    (
+        "corecast_connections_accepted_total",
+        "TCP connections accepted.",
+        |w| &w.connections_accepted,
+    ),
+    (
+        "corecast_accept_errors_total",
+        "Failed accept calls (e.g. out of descriptors).",
+        |w| &w.accept_errors,
+    ),
+    (
+        "corecast_handshakes_accepted_total",
+        "WebSocket upgrades completed (101).",
+        |w| &w.handshakes_accepted,
+    ),
+    (
+        "corecast_handshake_timeouts_total",
+        "Connections closed for not completing a request head in time.",
+        |w| &w.handshake_timeouts,
+    ),
+    (
+        "corecast_http_requests_total",
+        "Plain HTTP requests answered (publish POST, metrics, health).",
+        |w| &w.http_requests,
+    ),
+    (
+        "corecast_control_errors_total",
+        "Subscriber control messages answered with an error (malformed, unknown op, bad topic, over a limit, binary).",
+        |w| &w.control_errors,
+    ),
+    (
+        "corecast_protocol_errors_total",
+        "WebSocket connections failed by the frame decoder (1002, 1007, 1009, 1008 control frame flood).",
+        |w| &w.protocol_errors,
+    ),
+    (
+        "corecast_messages_echoed_total",
+        "Messages echoed on /echo.",
+        |w| &w.messages_echoed,
+    ),
+];
+
+/// Publication and delivery: messages published, frames and bytes sent,
+/// slow consumers, keepalive, publishers held back (mailbox full, rate).
+const DELIVERY_COUNTERS: [Counter; 11] = [
+    (
+        "corecast_messages_published_total",
+        "Messages published (WebSocket and HTTP publishers).",
+        |w| &w.messages_published,
+    ),
+    (
+        "corecast_frames_sent_total",
+        "Published frames queued to subscribers.",
+        |w| &w.frames_sent,
+    ),
+    (
+        "corecast_bytes_sent_total",
+        "Bytes written to sockets (all traffic).",
+        |w| &w.bytes_sent,
+    ),
+    (
+        "corecast_frames_dropped_total",
+        "Published frames skipped for a subscriber over its queue bound (policy drop-newest).",
+        |w| &w.frames_dropped,
+    ),
+    (
+        "corecast_slow_consumer_disconnects_total",
+        "Subscribers closed 1008 for exceeding their queue bound (policy disconnect).",
+        |w| &w.slow_consumer_disconnects,
+    ),
+    (
+        "corecast_slow_consumer_discarded_bytes_total",
+        "Queued bytes discarded when closing slow consumers.",
+        |w| &w.slow_consumer_discarded_bytes,
+    ),
+    (
+        "corecast_keepalive_pings_total",
+        "Pings sent to idle connections.",
+        |w| &w.keepalive_pings,
+    ),
+    (
+        "corecast_keepalive_timeouts_total",
+        "Connections closed for not answering a keepalive ping.",
+        |w| &w.keepalive_timeouts,
+    ),
+    (
+        "corecast_publishers_throttled_total",
+        "Times a publisher's reads were paused because a worker's mailbox was full.",
+        |w| &w.publishers_throttled,
+    ),
+    (
+        "corecast_publish_rate_limited_total",
+        "HTTP publications answered 429 (--max-publish-rate).",
+        |w| &w.publish_rate_limited,
+    ),
+    (
+        "corecast_publishers_paced_total",
+        "Times a WebSocket publisher was not read for a while to hold it to --max-publish-rate.",
+        |w| &w.publishers_paced,
+    ),
+];
+
+/// The buffer budget and the message and send deadlines, the workers' own
+/// work (deferred deliveries, renderings), then two gauges: the bytes
+/// charged to the budget and the subscriptions.
+const LIMIT_COUNTERS: [Counter; 8] = [
+    (
+        "corecast_buffer_budget_closes_total",
+        "Connections closed (1013, or 503 in a request) because --max-buffered-bytes was spent.",
+        |w| &w.budget_closes,
+    ),
+    (
+        "corecast_message_timeouts_total",
+        "Connections closed 1008 for not finishing a message within --message-timeout.",
+        |w| &w.message_timeouts,
+    ),
+    (
+        "corecast_send_timeouts_total",
+        "Connections closed (1008 for a WebSocket) because a queued byte waited longer than --send-timeout.",
+        |w| &w.send_timeouts,
+    ),
+    (
+        "corecast_send_timeout_discarded_bytes_total",
+        "Queued bytes (published frames, echoes, replies) discarded when closing connections for --send-timeout.",
+        |w| &w.send_timeout_discarded_bytes,
+    ),
+    (
+        "corecast_deliveries_deferred_total",
+        "Loop turns in which a worker reached its per-turn delivery bound and carried the rest to the next turn (it is saturated: publications wait in its mailbox).",
+        |w| &w.deliveries_deferred,
+    ),
+    (
+        "corecast_metrics_renders_total",
+        "Renderings of /metrics by the workers (pipelined requests of one loop turn share one).",
+        |w| &w.metrics_renders,
+    ),
+    (
+        "corecast_buffered_bytes",
+        "Bytes held for connections and charged to --max-buffered-bytes.",
+        |w| &w.buffered_bytes,
+    ),
+    (
+        "corecast_subscriptions",
+        "Current (connection, topic) subscriptions.",
+        |w| &w.subscriptions,
+    ),
+];
+
 /// Renders every metric. `topics` is the number of topics known
 /// process-wide; `stranded` the publications left in exited workers'
 /// mailboxes ([`Bus::stranded`](crate::pubsub::bus::Bus::stranded)),
 /// reported as undelivered `worker_stopped`.
 pub fn render(workers: &[WorkerStats], topics: usize, stranded: u64) -> String {
     let mut s = String::with_capacity(4096);
-    let header = |s: &mut String, name: &str, kind: &str, help: &str| {
-        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    };
-    let sum = |f: fn(&WorkerStats) -> &AtomicU64| workers.iter().map(|w| get(f(w))).sum::<u64>();
-
+    connections_open(&mut s, workers);
+    for counters in [
+        &CONNECTION_COUNTERS[..],
+        &DELIVERY_COUNTERS,
+        &LIMIT_COUNTERS,
+    ] {
+        summed(&mut s, workers, counters);
+    }
+    labelled_counters(&mut s, workers, stranded);
     header(
         &mut s,
+        "corecast_topics",
+        "gauge",
+        "Topics with a subscriber or a WebSocket publisher.",
+    );
+    let _ = writeln!(s, "corecast_topics {topics}");
+    latency_histogram(&mut s, workers);
+    s
+}
+
+/// A metric's `# HELP` and `# TYPE` lines.
+fn header(s: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// One counter summed over the workers.
+fn sum(workers: &[WorkerStats], f: fn(&WorkerStats) -> &AtomicU64) -> u64 {
+    workers.iter().map(|w| get(f(w))).sum()
+}
+
+/// The one metric with a sample per worker.
+fn connections_open(s: &mut String, workers: &[WorkerStats]) {
+    header(
+        s,
         "corecast_connections_open",
         "gauge",
         "Open TCP connections, per worker.",
@@ -41,229 +229,110 @@ pub fn render(workers: &[WorkerStats], topics: usize, stranded: u64) -> String {
             get(&w.connections_open)
         );
     }
-    let counters: [Counter; 27] = [
-        (
-            "corecast_connections_accepted_total",
-            "TCP connections accepted.",
-            |w| &w.connections_accepted,
-        ),
-        (
-            "corecast_accept_errors_total",
-            "Failed accept calls (e.g. out of descriptors).",
-            |w| &w.accept_errors,
-        ),
-        (
-            "corecast_handshakes_accepted_total",
-            "WebSocket upgrades completed (101).",
-            |w| &w.handshakes_accepted,
-        ),
-        (
-            "corecast_handshake_timeouts_total",
-            "Connections closed for not completing a request head in time.",
-            |w| &w.handshake_timeouts,
-        ),
-        (
-            "corecast_http_requests_total",
-            "Plain HTTP requests answered (publish POST, metrics, health).",
-            |w| &w.http_requests,
-        ),
-        (
-            "corecast_control_errors_total",
-            "Subscriber control messages answered with an error (malformed, unknown op, bad topic, over a limit, binary).",
-            |w| &w.control_errors,
-        ),
-        (
-            "corecast_protocol_errors_total",
-            "WebSocket connections failed by the frame decoder (1002, 1007, 1009, 1008 control frame flood).",
-            |w| &w.protocol_errors,
-        ),
-        (
-            "corecast_messages_echoed_total",
-            "Messages echoed on /echo.",
-            |w| &w.messages_echoed,
-        ),
-        (
-            "corecast_messages_published_total",
-            "Messages published (WebSocket and HTTP publishers).",
-            |w| &w.messages_published,
-        ),
-        (
-            "corecast_frames_sent_total",
-            "Published frames queued to subscribers.",
-            |w| &w.frames_sent,
-        ),
-        (
-            "corecast_bytes_sent_total",
-            "Bytes written to sockets (all traffic).",
-            |w| &w.bytes_sent,
-        ),
-        (
-            "corecast_frames_dropped_total",
-            "Published frames skipped for a subscriber over its queue bound (policy drop-newest).",
-            |w| &w.frames_dropped,
-        ),
-        (
-            "corecast_slow_consumer_disconnects_total",
-            "Subscribers closed 1008 for exceeding their queue bound (policy disconnect).",
-            |w| &w.slow_consumer_disconnects,
-        ),
-        (
-            "corecast_slow_consumer_discarded_bytes_total",
-            "Queued bytes discarded when closing slow consumers.",
-            |w| &w.slow_consumer_discarded_bytes,
-        ),
-        (
-            "corecast_keepalive_pings_total",
-            "Pings sent to idle connections.",
-            |w| &w.keepalive_pings,
-        ),
-        (
-            "corecast_keepalive_timeouts_total",
-            "Connections closed for not answering a keepalive ping.",
-            |w| &w.keepalive_timeouts,
-        ),
-        (
-            "corecast_publishers_throttled_total",
-            "Times a publisher's reads were paused because a worker's mailbox was full.",
-            |w| &w.publishers_throttled,
-        ),
-        (
-            "corecast_publish_rate_limited_total",
-            "HTTP publications answered 429 (--max-publish-rate).",
-            |w| &w.publish_rate_limited,
-        ),
-        (
-            "corecast_publishers_paced_total",
-            "Times a WebSocket publisher was not read for a while to hold it to --max-publish-rate.",
-            |w| &w.publishers_paced,
-        ),
-        (
-            "corecast_buffer_budget_closes_total",
-            "Connections closed (1013, or 503 in a request) because --max-buffered-bytes was spent.",
-            |w| &w.budget_closes,
-        ),
-        (
-            "corecast_message_timeouts_total",
-            "Connections closed 1008 for not finishing a message within --message-timeout.",
-            |w| &w.message_timeouts,
-        ),
-        (
-            "corecast_send_timeouts_total",
-            "Connections closed (1008 for a WebSocket) because a queued byte waited longer than --send-timeout.",
-            |w| &w.send_timeouts,
-        ),
-        (
-            "corecast_send_timeout_discarded_bytes_total",
-            "Queued bytes (published frames, echoes, replies) discarded when closing connections for --send-timeout.",
-            |w| &w.send_timeout_discarded_bytes,
-        ),
-        (
-            "corecast_deliveries_deferred_total",
-            "Loop turns in which a worker reached its per-turn delivery bound and carried the rest to the next turn (it is saturated: publications wait in its mailbox).",
-            |w| &w.deliveries_deferred,
-        ),
-        (
-            "corecast_metrics_renders_total",
-            "Renderings of /metrics by the workers (pipelined requests of one loop turn share one).",
-            |w| &w.metrics_renders,
-        ),
-        (
-            "corecast_buffered_bytes",
-            "Bytes held for connections and charged to --max-buffered-bytes.",
-            |w| &w.buffered_bytes,
-        ),
-        (
-            "corecast_subscriptions",
-            "Current (connection, topic) subscriptions.",
-            |w| &w.subscriptions,
-        ),
-    ];
-    for (name, help, f) in counters {
+}
+
+/// Unlabelled metrics summed over the workers: a counter if the name ends
+/// in `_total`, else a gauge.
+fn summed(s: &mut String, workers: &[WorkerStats], counters: &[Counter]) {
+    for &(name, help, f) in counters {
         let kind = if name.ends_with("_total") {
             "counter"
         } else {
             "gauge"
         };
-        header(&mut s, name, kind, help);
-        let _ = writeln!(s, "{name} {}", sum(f));
+        header(s, name, kind, help);
+        let _ = writeln!(s, "{name} {}", sum(workers, f));
     }
+}
 
-    // Counters with one label: (label value, the counter array's index).
-    let labeled = |s: &mut String,
-                   name: &str,
-                   help: &str,
-                   label: &str,
-                   values: Vec<(String, usize)>,
-                   f: fn(&WorkerStats) -> &[AtomicU64]| {
-        header(s, name, "counter", help);
-        for (value, i) in values {
-            let mut n: u64 = workers.iter().map(|w| get(&f(w)[i])).sum();
-            if name == "corecast_frames_undelivered_total"
-                && i == Undelivered::WorkerStopped.index()
-            {
-                n += stranded;
-            }
-            let _ = writeln!(s, "{name}{{{label}=\"{value}\"}} {n}");
-        }
-    };
-    labeled(
-        &mut s,
-        "corecast_handshakes_rejected_total",
-        "Requests refused, by HTTP status.",
-        "status",
+/// The counters with one label, summed over the workers; `stranded` is
+/// added to undelivered `worker_stopped`.
+fn labelled_counters(s: &mut String, workers: &[WorkerStats], stranded: u64) {
+    labelled(
+        s,
+        workers,
+        (
+            "corecast_handshakes_rejected_total",
+            "Requests refused, by HTTP status.",
+            "status",
+            |w| &w.handshakes_rejected,
+        ),
         Status::ALL
             .iter()
-            .map(|st| (st.code().to_string(), st.index()))
-            .collect(),
-        |w| &w.handshakes_rejected,
+            .map(|st| (st.code().to_string(), st.index())),
+        None,
     );
-    labeled(
-        &mut s,
-        "corecast_connections_refused_total",
-        "Connections answered 503 at accept, by the limit they hit.",
-        "limit",
+    labelled(
+        s,
+        workers,
+        (
+            "corecast_connections_refused_total",
+            "Connections answered 503 at accept, by the limit they hit.",
+            "limit",
+            |w| &w.connections_refused,
+        ),
         Refusal::ALL
             .iter()
-            .map(|r| (r.label().to_string(), r.index()))
-            .collect(),
-        |w| &w.connections_refused,
+            .map(|r| (r.label().to_string(), r.index())),
+        None,
     );
-    labeled(
-        &mut s,
-        "corecast_ws_failures_total",
-        "WebSocket connections the server failed, by close code (1002 protocol, 1007 bad UTF-8, 1008 policy, 1009 too big, 1013 out of buffer budget).",
-        "code",
+    labelled(
+        s,
+        workers,
+        (
+            "corecast_ws_failures_total",
+            "WebSocket connections the server failed, by close code (1002 protocol, 1007 bad UTF-8, 1008 policy, 1009 too big, 1013 out of buffer budget).",
+            "code",
+            |w| &w.ws_failures,
+        ),
         FAILURE_CODES
             .iter()
             .enumerate()
-            .map(|(i, c)| (c.to_string(), i))
-            .collect(),
-        |w| &w.ws_failures,
+            .map(|(i, c)| (c.to_string(), i)),
+        None,
     );
-
-    labeled(
-        &mut s,
-        "corecast_frames_undelivered_total",
-        "Publications not delivered to a subscriber they were meant for, by reason (closing: the subscriber had sent its close frame; worker_stopped: its worker had exited during shutdown). Slow-consumer drops are counted by corecast_frames_dropped_total and corecast_slow_consumer_discarded_bytes_total.",
-        "reason",
+    labelled(
+        s,
+        workers,
+        (
+            "corecast_frames_undelivered_total",
+            "Publications not delivered to a subscriber they were meant for, by reason (closing: the subscriber had sent its close frame; worker_stopped: its worker had exited during shutdown). Slow-consumer drops are counted by corecast_frames_dropped_total and corecast_slow_consumer_discarded_bytes_total.",
+            "reason",
+            |w| &w.undelivered,
+        ),
         Undelivered::ALL
             .iter()
-            .map(|r| (r.label().to_string(), r.index()))
-            .collect(),
-        |w| &w.undelivered,
+            .map(|r| (r.label().to_string(), r.index())),
+        Some((Undelivered::WorkerStopped.index(), stranded)),
     );
+}
 
-    header(
-        &mut s,
-        "corecast_topics",
-        "gauge",
-        "Topics with a subscriber or a WebSocket publisher.",
-    );
-    let _ = writeln!(s, "corecast_topics {topics}");
+/// One labelled counter: a sample per (label value, index into the
+/// worker's counters); `extra` adds a count to the sample of one index.
+fn labelled(
+    s: &mut String,
+    workers: &[WorkerStats],
+    (name, help, label, f): Labelled,
+    values: impl Iterator<Item = (String, usize)>,
+    extra: Option<(usize, u64)>,
+) {
+    header(s, name, "counter", help);
+    for (value, i) in values {
+        let mut n: u64 = workers.iter().map(|w| get(&f(w)[i])).sum();
+        if let Some((at, more)) = extra
+            && at == i
+        {
+            n += more;
+        }
+        let _ = writeln!(s, "{name}{{{label}=\"{value}\"}} {n}");
+    }
+}
 
+/// The publish-to-write latency histogram: cumulative buckets, sum, count.
+fn latency_histogram(s: &mut String, workers: &[WorkerStats]) {
     let name = "corecast_publish_to_write_seconds";
     header(
-        &mut s,
+        s,
         name,
         "histogram",
         "Time from the start of the loop turn that read a publication to the end of the first write pass to its local subscribers, per worker that delivered it.",
@@ -288,43 +357,8 @@ pub fn render(workers: &[WorkerStats], topics: usize, stranded: u64) -> String {
     let sum_ns: u64 = workers.iter().map(|w| get(&w.latency_sum_ns)).sum();
     let _ = writeln!(s, "{name}_sum {}", sum_ns as f64 / 1e9);
     let _ = writeln!(s, "{name}_count {cumulative}");
-    s
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    #[test]
-    fn renders_sums_and_a_cumulative_histogram() {
-        let ws: Vec<WorkerStats> = (0..2).map(|_| WorkerStats::default()).collect();
-        ws[0].connection_opened();
-        ws[1].connection_opened();
-        ws[1].frames_sent(5);
-        ws[0].handshake_rejected(Status::NotFound);
-        ws[0].observe_latency(Duration::from_micros(30));
-        ws[1].observe_latency(Duration::from_millis(2));
-        let text = render(&ws, 3, 0);
-        for line in [
-            "corecast_connections_open{worker=\"1\"} 1",
-            "corecast_frames_sent_total 5",
-            "corecast_handshakes_rejected_total{status=\"404\"} 1",
-            "corecast_topics 3",
-            "corecast_publish_to_write_seconds_bucket{le=\"0.00005\"} 1",
-            "corecast_publish_to_write_seconds_bucket{le=\"0.0025\"} 2",
-            "corecast_publish_to_write_seconds_bucket{le=\"+Inf\"} 2",
-            "corecast_publish_to_write_seconds_count 2",
-        ] {
-            assert!(
-                text.lines().any(|l| l == line),
-                "missing {line:?} in\n{text}"
-            );
-        }
-        // Every sample line is `name{labels} value` with a numeric value.
-        for l in text.lines().filter(|l| !l.starts_with('#')) {
-            let v = l.rsplit(' ').next().unwrap();
-            assert!(v.parse::<f64>().is_ok(), "{l}");
-        }
-    }
-}
+#[path = "metrics_tests.rs"]
+mod tests;

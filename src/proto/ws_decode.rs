@@ -1,0 +1,334 @@
+//! The inbound half of [`WsConn`]: [`WsConn::decode`] and its steps. The
+//! rules it enforces and its memory use are in the docs of [`super`]
+//! (`ws.rs`), which holds the connection's state and its outbound side.
+//!
+//! `decode` is a loop of steps, each on the bytes at the current position,
+//! the one that `recv` calls for:
+//! - `on_header`: parses a frame header (`parse_header` checks its bits and
+//!   length); a control frame goes to `on_control` (a ping is answered, a
+//!   pong returned, a close handled by `on_close`), a data frame to
+//!   `admit_data_frame` (message sequence, frame, fragment and message
+//!   caps) and `start_data_frame` (the zero-copy fast path for a whole
+//!   unfragmented message, else the frame's payload is entered);
+//! - `on_payload`: unmasks, validates (text) and gathers the next bytes of
+//!   a payload that spans reads or frames; `finish_message` completes a
+//!   message after its last frame.
+//!
+//! A step returns a [`Step`]: go on, or what `decode` is to return.
+
+use super::{CloseState, Decoded, Event, MessageKind, PayloadState, RecvState, WsConn};
+use crate::proto::frame::{
+    CloseCode, FrameHeader, HeaderError, OpCode, parse_header, server_frame,
+};
+use crate::proto::mask::apply_mask;
+use crate::proto::outbound::OutQueue;
+use crate::proto::utf8;
+use bytes::Bytes;
+
+/// What one step of [`WsConn::decode`] leaves it to do. Positions, not
+/// slices: `decode` makes the event's borrow of `input` (or of `msg_buf`).
+///
+/// Plain values only, and a failure is only named here: `decode` calls
+/// [`WsConn::fail`]. A step that called `fail` itself would have it write
+/// its `Decoded` into the step's result, which then lives in memory and
+/// costs every frame a dispatch through a jump table (`benches/frame.rs`
+/// `decode/*`: 5-9 % slower). As it is, the steps inline into `decode` and
+/// each branches straight to what it returns.
+enum Step {
+    /// Decode on from the new position.
+    Next,
+    /// Return what was consumed, with no event: more bytes are needed.
+    Wait,
+    /// Return `input[start..pos]` as a whole message (the zero-copy path).
+    Message { kind: MessageKind, start: usize },
+    /// Return `input[start..pos]` as a pong's payload.
+    Pong { start: usize },
+    /// Return the message gathered in `msg_buf`.
+    Reassembled(MessageKind),
+    /// The peer closed (the reply is queued): return that, all input consumed.
+    Closed(Option<u16>),
+    /// The peer broke a rule: fail the connection ([`WsConn::fail`]).
+    Fail(CloseCode, &'static str),
+}
+
+impl WsConn {
+    /// Consumes bytes from the client; see the [`ws`](super) module docs.
+    pub fn decode<'a>(&'a mut self, input: &'a mut [u8], out: &mut OutQueue) -> Decoded<'a> {
+        if self.delivered {
+            self.delivered = false;
+            self.msg_buf = Vec::new();
+            self.msg_len = 0;
+        }
+        if self.close == CloseState::Closed {
+            // Nothing more is read after the close handshake or a failure.
+            return Decoded {
+                consumed: input.len(),
+                event: None,
+            };
+        }
+        let mut pos = 0;
+        loop {
+            let step = match self.recv {
+                RecvState::Header => self.on_header(input, &mut pos, out),
+                RecvState::Payload(frame) => self.on_payload(frame, input, &mut pos),
+            };
+            let event = match step {
+                Step::Next => continue,
+                Step::Wait => None,
+                Step::Message { kind, start } => Some(Event::Message {
+                    kind,
+                    payload: &input[start..pos],
+                }),
+                Step::Pong { start } => Some(Event::Pong(&input[start..pos])),
+                Step::Reassembled(kind) => Some(Event::Message {
+                    kind,
+                    payload: &self.msg_buf,
+                }),
+                Step::Closed(code) => {
+                    return Decoded {
+                        consumed: input.len(),
+                        event: Some(Event::Closed { code }),
+                    };
+                }
+                Step::Fail(code, reason) => return self.fail(code, reason, out, input.len()),
+            };
+            return Decoded {
+                consumed: pos,
+                event,
+            };
+        }
+    }
+
+    /// A frame header at `input[*pos..]`: a control frame is handled whole,
+    /// a data frame is checked against the message in progress and the
+    /// limits, then delivered at once or entered.
+    #[inline]
+    fn on_header(&mut self, input: &mut [u8], pos: &mut usize, out: &mut OutQueue) -> Step {
+        let header = match parse_header(&input[*pos..]) {
+            Ok(Some(h)) => h,
+            Ok(None) => return Step::Wait,
+            Err(e) => return Step::Fail(CloseCode::PROTOCOL_ERROR, header_reason(e)),
+        };
+        let Some(mask) = header.mask else {
+            return Step::Fail(CloseCode::PROTOCOL_ERROR, "client frame not masked");
+        };
+        if header.opcode.is_control() {
+            return self.on_control(&header, mask, input, pos, out);
+        }
+        if let Err((code, reason)) = self.admit_data_frame(&header) {
+            return Step::Fail(code, reason);
+        }
+        self.start_data_frame(&header, mask, input, pos)
+    }
+
+    /// A control frame with its header at `input[*pos..]`: waits until it
+    /// is whole (at most 139 bytes, kept by the caller), spends the control
+    /// allowance, unmasks it, then answers a ping, returns a pong or ends
+    /// with a close.
+    #[inline]
+    fn on_control(
+        &mut self,
+        header: &FrameHeader,
+        mask: [u8; 4],
+        input: &mut [u8],
+        pos: &mut usize,
+        out: &mut OutQueue,
+    ) -> Step {
+        let plen = header.payload_len as usize;
+        let total = header.header_len + plen;
+        if input.len() - *pos < total {
+            return Step::Wait;
+        }
+        if header.opcode != OpCode::Close
+            && !self.control.take(self.limits.control_rate, self.clock_ms)
+        {
+            return Step::Fail(CloseCode::POLICY_VIOLATION, "control frame flood");
+        }
+        let start = *pos + header.header_len;
+        let payload = &mut input[start..*pos + total];
+        apply_mask(payload, mask, 0);
+        *pos += total;
+        match header.opcode {
+            OpCode::Ping => {
+                if self.close == CloseState::Open {
+                    out.push(Bytes::from(server_frame(OpCode::Pong, payload)));
+                }
+                Step::Next
+            }
+            OpCode::Pong => Step::Pong { start },
+            _ => self.on_close(payload, out),
+        }
+    }
+
+    /// May a data frame with this header come now? Checks it against the
+    /// message in progress (a continuation needs one, a new message must
+    /// not interrupt one) and against the frame, fragment and message caps;
+    /// counts the frame as a fragment. On refusal: the close code and reason.
+    #[inline]
+    fn admit_data_frame(&mut self, header: &FrameHeader) -> Result<(), (CloseCode, &'static str)> {
+        let starts_message = header.opcode != OpCode::Continuation;
+        match (starts_message, self.msg_kind.is_some()) {
+            (false, false) => {
+                return Err((CloseCode::PROTOCOL_ERROR, "continuation without a message"));
+            }
+            (true, true) => {
+                return Err((
+                    CloseCode::PROTOCOL_ERROR,
+                    "new message inside a fragmented one",
+                ));
+            }
+            _ => {}
+        }
+        let plen = header.payload_len;
+        if plen > self.limits.max_frame {
+            return Err((CloseCode::MESSAGE_TOO_BIG, "frame too big"));
+        }
+        self.fragments = if starts_message {
+            1
+        } else {
+            self.fragments + 1
+        };
+        if self.fragments > self.limits.max_fragments {
+            return Err((CloseCode::MESSAGE_TOO_BIG, "too many fragments"));
+        }
+        if self.msg_len + plen > self.limits.max_message {
+            return Err((CloseCode::MESSAGE_TOO_BIG, "message too big"));
+        }
+        Ok(())
+    }
+
+    /// An admitted data frame with its header at `input[*pos..]`. The fast
+    /// path: a whole unfragmented message in `input` is unmasked, validated
+    /// and delivered in place. Otherwise the frame's payload is entered
+    /// (and, for a first frame, its message started): [`Self::on_payload`]
+    /// gathers it.
+    #[inline]
+    fn start_data_frame(
+        &mut self,
+        header: &FrameHeader,
+        mask: [u8; 4],
+        input: &mut [u8],
+        pos: &mut usize,
+    ) -> Step {
+        let starts_message = header.opcode != OpCode::Continuation;
+        let kind = if header.opcode == OpCode::Text {
+            MessageKind::Text
+        } else {
+            MessageKind::Binary
+        };
+        let hlen = header.header_len;
+        let plen = header.payload_len;
+        let total = hlen as u64 + plen;
+        if starts_message && header.fin && (input.len() - *pos) as u64 >= total {
+            // Fast path: a whole unfragmented message in the caller's buffer.
+            let start = *pos + hlen;
+            let end = *pos + total as usize;
+            let payload = &mut input[start..end];
+            apply_mask(payload, mask, 0);
+            if kind == MessageKind::Text && utf8::validate(payload).is_err() {
+                return Step::Fail(CloseCode::INVALID_PAYLOAD, "invalid UTF-8 in text message");
+            }
+            *pos = end;
+            return Step::Message { kind, start };
+        }
+        if starts_message {
+            self.msg_kind = Some(kind);
+            self.msg_started_ms = self.clock_ms;
+        }
+        self.msg_len += plen;
+        *pos += hlen;
+        self.recv = RecvState::Payload(PayloadState {
+            remaining: plen,
+            mask,
+            phase: 0,
+            fin: header.fin,
+        });
+        Step::Next
+    }
+
+    /// The next bytes of a data frame's payload at `input[*pos..]`: unmasks
+    /// them, validates them as they come for text, gathers them in
+    /// `msg_buf`. Waits for more unless the frame is done; a final frame
+    /// completes the message ([`Self::finish_message`]).
+    #[inline]
+    fn on_payload(&mut self, frame: PayloadState, input: &mut [u8], pos: &mut usize) -> Step {
+        let avail = frame.remaining.min((input.len() - *pos) as u64) as usize;
+        let chunk = &mut input[*pos..*pos + avail];
+        let phase = apply_mask(chunk, frame.mask, frame.phase as usize) as u8;
+        if self.msg_kind == Some(MessageKind::Text) && self.utf8.feed(chunk).is_err() {
+            return Step::Fail(CloseCode::INVALID_PAYLOAD, "invalid UTF-8 in text message");
+        }
+        self.msg_buf.extend_from_slice(chunk);
+        *pos += avail;
+        let remaining = frame.remaining - avail as u64;
+        if remaining > 0 {
+            self.recv = RecvState::Payload(PayloadState {
+                remaining,
+                phase,
+                ..frame
+            });
+            return Step::Wait;
+        }
+        self.recv = RecvState::Header;
+        if frame.fin {
+            self.finish_message()
+        } else {
+            Step::Next
+        }
+    }
+
+    /// The last frame of a gathered message is in: a text message must not
+    /// end inside a UTF-8 sequence. `msg_buf` is handed out, and freed on
+    /// the next call.
+    #[inline]
+    fn finish_message(&mut self) -> Step {
+        let kind = self
+            .msg_kind
+            .take()
+            .expect("payload state implies a message");
+        if kind == MessageKind::Text && self.utf8.finish().is_err() {
+            return Step::Fail(CloseCode::INVALID_PAYLOAD, "truncated UTF-8 sequence");
+        }
+        self.delivered = true;
+        Step::Reassembled(kind)
+    }
+
+    /// A whole close frame's (unmasked) payload: a code with a UTF-8
+    /// reason, or nothing. The code is echoed (unless we had sent a close)
+    /// and the connection is done.
+    fn on_close(&mut self, payload: &[u8], out: &mut OutQueue) -> Step {
+        let code = match payload {
+            [] => None,
+            [_] => return Step::Fail(CloseCode::PROTOCOL_ERROR, "close payload of one byte"),
+            [hi, lo, reason @ ..] => {
+                let code = u16::from_be_bytes([*hi, *lo]);
+                if !CloseCode::is_valid_on_wire(code) {
+                    return Step::Fail(CloseCode::PROTOCOL_ERROR, "invalid close code");
+                }
+                if utf8::validate(reason).is_err() {
+                    return Step::Fail(CloseCode::INVALID_PAYLOAD, "close reason not UTF-8");
+                }
+                Some(code)
+            }
+        };
+        if self.close == CloseState::Open {
+            // Echo the code (§5.5.1); an empty close is answered with an empty one.
+            let code_bytes = code.map(u16::to_be_bytes);
+            let reply = code_bytes.as_ref().map_or(&[][..], |b| &b[..]);
+            out.push(Bytes::from(server_frame(OpCode::Close, reply)));
+        }
+        self.close = CloseState::Closed;
+        self.msg_buf = Vec::new();
+        Step::Closed(code)
+    }
+}
+
+fn header_reason(e: HeaderError) -> &'static str {
+    match e {
+        HeaderError::ReservedBits => "reserved bits set without an extension",
+        HeaderError::ReservedOpcode(_) => "reserved opcode",
+        HeaderError::FragmentedControl => "fragmented control frame",
+        HeaderError::ControlTooLong => "control frame payload over 125 bytes",
+        HeaderError::LengthOverflow => "frame length over 2^63",
+    }
+}
