@@ -1,0 +1,186 @@
+//! Backpressure in virtual time: slow consumers, the buffer budget,
+//! publishers held by full mailboxes or paced by their rate.
+
+use super::*;
+
+#[test]
+fn a_subscriber_that_stops_reading_is_cut_at_its_bound_and_the_others_get_everything() {
+    let mut sim = Sim::new(|c| c.max_outbound_bytes = 64 * 1024);
+    let stalled = sim.upgrade("/ws?topics=t", 0);
+    let reader = sim.upgrade("/ws?topics=t", usize::MAX / 2);
+    for i in 0..10u8 {
+        publish(&mut sim, "t", &[i; 16 * 1024]);
+    }
+    let got = sim.received(reader);
+    assert_eq!(got.len(), 10 * (4 + 16 * 1024), "every message, whole");
+    let st = sim.stats();
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(st.slow_consumer_disconnects.load(Relaxed), 1);
+    assert_eq!(
+        ws_failures(&sim),
+        [(1008, 1)],
+        "a slow consumer is a failed WebSocket"
+    );
+    // The stalled one reads at last: an unbroken prefix, then 1008.
+    sim.read(stalled, usize::MAX / 2);
+    let wire = sim.received(stalled);
+    assert_eq!(close_code(&wire), Some(1008));
+    assert_eq!(wire[4..4 + 16], [0u8; 16], "starting at the first message");
+}
+
+#[test]
+fn the_connection_that_grows_past_the_budget_is_closed_1013_and_the_others_keep_theirs() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut sim = Sim::new(|c| c.max_buffered_bytes = 1 << 20);
+    let a = sim.upgrade("/echo", 1 << 20);
+    let b = sim.upgrade("/echo", 1 << 20);
+    // A 4 MiB message announced on each; 300 KiB of it arrives on a, then
+    // 800 KiB on b: together over the 1 MiB budget.
+    let header = {
+        let mut h = vec![0x82, 0xff];
+        h.extend_from_slice(&(4u64 << 20).to_be_bytes());
+        h.extend_from_slice(&MASK);
+        h
+    };
+    sim.send(a, &header);
+    sim.send(a, &vec![0u8; 300 * 1024]);
+    assert!(sim.received(a).is_empty(), "a is within the budget");
+    sim.send(b, &header);
+    sim.send(b, &vec![0u8; 800 * 1024]);
+    assert_eq!(close_code(&sim.received(b)), Some(1013), "b took it past");
+    assert!(sim.received(a).is_empty(), "a keeps what it holds");
+    assert_eq!(sim.stats().budget_closes.load(Relaxed), 1);
+    assert_eq!(ws_failures(&sim), [(1013, 1)]);
+}
+
+#[test]
+fn an_http_body_past_the_budget_is_answered_503_and_is_no_websocket_failure() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut sim = Sim::new(|c| c.max_buffered_bytes = 1 << 20);
+    let c = sim.connect(1 << 20);
+    sim.send(
+        c,
+        b"POST /publish/t HTTP/1.1\r\nHost: x\r\nContent-Length: 4194304\r\n\r\n",
+    );
+    sim.send(c, &vec![0u8; 600 * 1024]);
+    assert!(sim.received(c).is_empty(), "within the budget");
+    sim.send(c, &vec![0u8; 600 * 1024]);
+    let answer = String::from_utf8(sim.received(c)).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 503 Service Unavailable"),
+        "{answer}"
+    );
+    assert_eq!(sim.stats().budget_closes.load(Relaxed), 1);
+    assert_eq!(ws_failures(&sim), [], "an HTTP request is not a WebSocket");
+    assert_eq!(sim.stats().messages_published.load(Relaxed), 0);
+}
+
+#[test]
+fn an_http_publisher_is_not_read_while_a_peer_mailbox_is_over_its_mark() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut sim = Sim::new(|c| {
+        c.workers = 2;
+        c.mailbox_high_water = 4096;
+    });
+    // A subscriber on worker 1, whose mailbox the test drains by hand.
+    let directory = Arc::clone(&sim.core.shared().directory);
+    let bus = Arc::clone(&sim.core.shared().bus);
+    let mut shard1 = crate::pubsub::shard::Shard::new(1, directory, Arc::clone(&bus));
+    shard1.subscribe("t", (0, 0));
+    let publisher = sim.connect(1 << 20);
+    let post = |i: u8| {
+        let mut r = b"POST /publish/t HTTP/1.1\r\nHost: x\r\nContent-Length: 3000\r\n\r\n".to_vec();
+        r.extend_from_slice(&[i; 3000]);
+        r
+    };
+    let answers = |wire: &[u8]| wire.windows(12).filter(|w| w == b"HTTP/1.1 204").count();
+    // Two requests in one read: both published; they reach worker 1's
+    // mailbox (6 KiB and overhead, over the 4 KiB mark) at the end of the
+    // turn.
+    sim.send(publisher, &[post(1), post(2)].concat());
+    assert_eq!(answers(&sim.received(publisher)), 2);
+    // The next read is still processed (the mark is checked after each
+    // read: a publisher overshoots by at most one read), then the
+    // publisher is held: its next requests wait in the socket, however
+    // long, unanswered.
+    sim.send(publisher, &post(3));
+    assert_eq!(answers(&sim.received(publisher)), 1);
+    assert_eq!(sim.stats().publishers_throttled.load(Relaxed), 1);
+    for i in 4..10 {
+        sim.send(publisher, &post(i));
+    }
+    sim.wait(20 * SECOND, TICK);
+    let wire = sim.received(publisher);
+    assert!(wire.is_empty(), "{}", String::from_utf8_lossy(&wire));
+    assert_eq!(sim.stats().messages_published.load(Relaxed), 3);
+    assert!(!sim.closed.contains(&publisher), "held, not timed out");
+    // Worker 1 drains its mailbox: the publisher is read again and every
+    // request is answered, in order.
+    let mut delivered = 0;
+    sim.others[0].drain(&bus, |batch| delivered += batch.len());
+    assert_eq!(delivered, 3);
+    sim.wait(SECOND, TICK);
+    assert_eq!(answers(&sim.received(publisher)), 6);
+    assert_eq!(sim.stats().messages_published.load(Relaxed), 9);
+}
+
+#[test]
+fn large_holders_are_cut_at_ninety_percent_so_a_small_client_is_still_served() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut sim = Sim::new(|c| c.max_buffered_bytes = 4 << 20);
+    let header = {
+        let mut h = vec![0x82, 0xff];
+        h.extend_from_slice(&(16u64 << 20).to_be_bytes());
+        h.extend_from_slice(&MASK);
+        h
+    };
+    // Two large partial messages: 2 MiB (50 %), then 1.7 MiB (92 %).
+    let a = sim.upgrade("/echo", 1 << 20);
+    sim.send(a, &header);
+    sim.send(a, &vec![0u8; 2 << 20]);
+    let b = sim.upgrade("/echo", 1 << 20);
+    sim.send(b, &header);
+    sim.send(b, &vec![0u8; 1700 << 10]);
+    assert_eq!(close_code(&sim.received(b)), Some(1013), "b passed 90 %");
+    assert!(sim.received(a).is_empty(), "a keeps what it holds");
+    // The headroom is for small clients: an echo goes through.
+    let c = sim.upgrade("/echo", 1 << 20);
+    sim.send(c, &client_frame(true, OpCode::Text, b"still serving", MASK));
+    assert_eq!(
+        sim.received(c),
+        [&[0x81, 13][..], b"still serving"].concat()
+    );
+    assert_eq!(sim.stats().budget_closes.load(Relaxed), 1);
+}
+
+#[test]
+fn a_websocket_publisher_over_the_publish_rate_is_not_read_until_its_debt_is_repaid() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut sim = Sim::new(|c| {
+        c.max_publish_rate = 10;
+        c.ping_interval = None;
+    });
+    let sub = sim.upgrade("/ws?topics=p", 1 << 20);
+    let publisher = sim.upgrade("/publish/p", 1 << 20);
+    // 30 messages in one read: all published (the pace loses nothing), 20
+    // past the burst of 10, so 2 s of debt at 10 per second.
+    let burst: Vec<u8> = (0..30u8)
+        .flat_map(|i| client_frame(true, OpCode::Binary, &[i], MASK))
+        .collect();
+    sim.send(publisher, &burst);
+    let expected: Vec<u8> = (0..30u8).flat_map(|i| [0x82, 1, i]).collect();
+    assert_eq!(sim.received(sub), expected, "the whole read, in order");
+    assert_eq!(sim.stats().messages_published.load(Relaxed), 30);
+    assert_eq!(sim.stats().publishers_paced.load(Relaxed), 1);
+    // The next message waits in the socket while the debt lasts...
+    sim.send(publisher, &client_frame(true, OpCode::Binary, &[30], MASK));
+    sim.wait(Duration::from_millis(1900), TICK);
+    assert!(sim.received(sub).is_empty(), "not read before 2 s");
+    assert_eq!(sim.stats().messages_published.load(Relaxed), 30);
+    // ...and is read, published and delivered once it is repaid.
+    sim.wait(2 * TICK, TICK);
+    assert_eq!(sim.received(sub), [0x82, 1, 30]);
+    assert_eq!(sim.stats().messages_published.load(Relaxed), 31);
+    assert!(!sim.closed.contains(&publisher), "paced, never cut");
+    assert_eq!(ws_failures(&sim), []);
+}

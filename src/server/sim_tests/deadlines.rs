@@ -1,0 +1,183 @@
+//! Deadlines in virtual time: keepalive, the request head, an unfinished
+//! message, the send timeout, the linger after a close.
+
+use super::*;
+
+#[test]
+fn a_silent_subscriber_is_pinged_then_closed_1001_in_virtual_time() {
+    let mut sim = Sim::new(|_| {});
+    let s = sim.upgrade("/ws?topics=a", 1 << 20);
+    sim.wait(29 * SECOND, TICK);
+    assert!(sim.received(s).is_empty(), "nothing before the interval");
+    sim.wait(2 * SECOND, TICK);
+    assert_eq!(sim.received(s), [0x89, 0x00], "a ping after 30 s");
+    sim.wait(11 * SECOND, TICK);
+    assert_eq!(close_code(&sim.received(s)), Some(1001));
+    assert_eq!(
+        sim.stats()
+            .keepalive_timeouts
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    sim.wait(3 * SECOND, TICK);
+    assert!(sim.closed.contains(&s), "dropped after the linger");
+}
+
+#[test]
+fn a_queued_byte_that_waits_past_the_send_timeout_closes_the_connection() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut sim = Sim::new(|c| {
+        c.send_timeout = Some(5 * SECOND);
+        c.ping_interval = None;
+    });
+    let slow = sim.upgrade("/echo", 0);
+    for _ in 0..3 {
+        sim.send(slow, &client_frame(true, OpCode::Binary, &[7; 1000], MASK));
+    }
+    // It reads 50 bytes a second: progress, but its first 1 004-byte echo
+    // needs 20 s. Not cut before the deadline...
+    for _ in 0..4 {
+        sim.wait(SECOND, TICK);
+        sim.read(slow, 50);
+    }
+    assert_eq!(sim.stats().send_timeouts.load(Relaxed), 0);
+    // ...cut once the first queued byte has waited 5 s (one sweep later at most).
+    for _ in 0..3 {
+        sim.wait(SECOND, TICK);
+        sim.read(slow, 50);
+    }
+    assert_eq!(sim.stats().send_timeouts.load(Relaxed), 1);
+    assert!(sim.stats().send_timeout_discarded_bytes.load(Relaxed) > 0);
+    sim.wait(3 * SECOND, TICK);
+    assert!(sim.closed.contains(&slow));
+    assert_eq!(sim.core.stats().buffered_bytes.load(Relaxed), 0);
+}
+
+#[test]
+fn a_reader_that_keeps_up_with_a_steady_backlog_is_never_cut() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut sim = Sim::new(|c| {
+        c.send_timeout = Some(2 * SECOND);
+        c.ping_interval = None;
+    });
+    let s = sim.upgrade("/ws?topics=feed", 0);
+    // 60 s of a feed where the reader always lags by five messages (its
+    // queue is never empty) but each byte leaves within half a second.
+    for _ in 0..5 {
+        publish(&mut sim, "feed", &[1; 2000]);
+    }
+    for _ in 0..600 {
+        publish(&mut sim, "feed", &[1; 2000]);
+        sim.now += TICK;
+        sim.read(s, 2004);
+        assert!(!sim.core.conn(s).out().is_empty(), "a steady backlog");
+    }
+    assert_eq!(sim.stats().send_timeouts.load(Relaxed), 0);
+    assert!(!sim.closed.contains(&s));
+}
+
+#[test]
+fn half_a_request_head_gets_408_at_the_handshake_deadline() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut sim = Sim::new(|_| {});
+    let c = sim.connect(1 << 20);
+    sim.send(c, b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgr");
+    sim.wait(9 * SECOND, TICK);
+    assert!(sim.received(c).is_empty());
+    sim.wait(2 * SECOND, TICK);
+    let answer = String::from_utf8(sim.received(c)).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 408 Request Timeout"),
+        "{answer}"
+    );
+    assert!(
+        answer.contains("--handshake-timeout"),
+        "names the flag: {answer}"
+    );
+    assert_eq!(sim.stats().handshake_timeouts.load(Relaxed), 1);
+    sim.wait(3 * SECOND, TICK);
+    assert!(sim.closed.contains(&c), "then closed after the linger");
+}
+
+#[test]
+fn a_connection_that_says_nothing_is_closed_silently_at_the_handshake_deadline() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut sim = Sim::new(|_| {});
+    let silent = sim.connect(1 << 20);
+    sim.wait(9 * SECOND, TICK);
+    // An honest client arriving meanwhile is served.
+    let honest = sim.upgrade("/echo", 1 << 20);
+    sim.send(honest, &client_frame(true, OpCode::Text, b"hi", MASK));
+    assert_eq!(sim.received(honest), [&[0x81, 2][..], b"hi"].concat());
+    assert!(!sim.closed.contains(&silent));
+    sim.wait(2 * SECOND, TICK);
+    assert!(sim.received(silent).is_empty(), "no answer to no request");
+    assert!(sim.closed.contains(&silent));
+    assert!(!sim.closed.contains(&honest), "its own deadline is later");
+    assert_eq!(sim.stats().handshake_timeouts.load(Relaxed), 1);
+}
+
+#[test]
+fn a_message_that_never_completes_is_closed_1008_while_a_steady_talker_stays() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut sim = Sim::new(|c| c.ping_interval = None);
+    let steady = sim.upgrade("/echo", 1 << 20);
+    let stuck = sim.upgrade("/echo", 1 << 20);
+    // A first fragment, then half of a continuation frame's payload: then silence.
+    let mut start = client_frame(false, OpCode::Text, b"part one", MASK);
+    start.extend_from_slice(&client_frame(false, OpCode::Continuation, &[b'x'; 100], MASK)[..50]);
+    sim.send(stuck, &start);
+    // The steady talker's messages complete, one a second, past the deadline.
+    for i in 0..35u8 {
+        sim.send(steady, &client_frame(true, OpCode::Binary, &[i], MASK));
+        assert_eq!(sim.received(steady), [0x82, 1, i]);
+        if i == 28 {
+            assert!(sim.received(stuck).is_empty(), "not before 30 s");
+        }
+        sim.wait(SECOND, TICK);
+    }
+    assert_eq!(close_code(&sim.received(stuck)), Some(1008));
+    assert_eq!(sim.stats().message_timeouts.load(Relaxed), 1);
+    assert!(!sim.closed.contains(&steady));
+}
+
+#[test]
+fn a_subscriber_that_answers_pings_is_kept_and_pinged_again() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut sim = Sim::new(|_| {});
+    let s = sim.upgrade("/ws?topics=k", 1 << 20);
+    for round in 1..=3u64 {
+        sim.wait(31 * SECOND, TICK);
+        assert_eq!(sim.received(s), [0x89, 0x00], "ping {round}");
+        sim.send(s, &client_frame(true, OpCode::Pong, b"", MASK));
+        assert_eq!(sim.stats().keepalive_pings.load(Relaxed), round);
+    }
+    sim.wait(15 * SECOND, TICK);
+    assert!(sim.received(s).is_empty(), "no close: it answered");
+    assert_eq!(sim.stats().keepalive_timeouts.load(Relaxed), 0);
+    assert!(!sim.closed.contains(&s));
+}
+
+#[test]
+fn a_peer_that_stops_reading_while_closing_is_dropped_after_the_linger() {
+    let mut sim = Sim::new(|c| c.max_outbound_bytes = 256 << 20);
+    let s = sim.upgrade("/echo", 0);
+    // 4 MiB of echoes it never reads, then its close frame: the server
+    // cannot send its echoes nor the close reply...
+    for _ in 0..64 {
+        sim.send(
+            s,
+            &client_frame(true, OpCode::Binary, &[1; 64 * 1024], MASK),
+        );
+    }
+    sim.send(
+        s,
+        &client_frame(true, OpCode::Close, &1000u16.to_be_bytes(), MASK),
+    );
+    sim.wait(SECOND, TICK);
+    assert!(!sim.closed.contains(&s));
+    // ...and does not hold the connection past the linger bound.
+    sim.wait(crate::server::worker::LINGER, TICK);
+    assert!(sim.closed.contains(&s));
+    assert!(sim.received(s).is_empty());
+}
