@@ -11,7 +11,8 @@ use crate::server::admission::DEFAULT_MAX_CONNECTIONS;
 use crate::server::config::{
     DEFAULT_DRAIN_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IPV6_PREFIX_LEN,
     DEFAULT_MAX_BUFFERED_BYTES, DEFAULT_MAX_OUTBOUND_BYTES, DEFAULT_MESSAGE_TIMEOUT,
-    DEFAULT_PING_INTERVAL, DEFAULT_PING_TIMEOUT, DEFAULT_TCP_KEEPALIVE, IoMode, SlowConsumerPolicy,
+    DEFAULT_PING_INTERVAL, DEFAULT_PING_TIMEOUT, DEFAULT_TCP_KEEPALIVE, IoMode, PinMode,
+    SlowConsumerPolicy,
 };
 use clap::{Args, Parser, Subcommand, value_parser};
 use std::net::SocketAddr;
@@ -43,8 +44,14 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub workers: usize,
 
-    /// Do not pin worker threads to cores.
-    #[arg(long)]
+    /// Pin worker threads to cores: `auto` (only when the process was
+    /// given fewer CPUs than the machine has, e.g. by a cpuset or taskset),
+    /// `always` or `never`.
+    #[arg(long, default_value = "auto", value_parser = parse_pin, value_name = "MODE")]
+    pub pin: PinMode,
+
+    /// The same as `--pin never`.
+    #[arg(long, conflicts_with = "pin")]
     pub no_pin: bool,
 
     /// Largest message a client may send (after reassembly); larger closes with 1009.
@@ -186,7 +193,11 @@ impl ServeArgs {
         Config {
             listen: self.listen,
             workers: self.workers,
-            pin_cores: !self.no_pin,
+            pin: if self.no_pin {
+                PinMode::Never
+            } else {
+                self.pin
+            },
             io: self.io,
             max_message_size: self.max_message_size,
             max_handshake_size: self.max_handshake_size,
@@ -227,6 +238,18 @@ const _: () = assert!(
         && DEFAULT_MESSAGE_TIMEOUT.as_secs() == 30
         && DEFAULT_TCP_KEEPALIVE.as_secs() == 60
 );
+
+/// Parses `auto`, `always` or `never`.
+pub fn parse_pin(s: &str) -> Result<PinMode, String> {
+    match s {
+        "auto" => Ok(PinMode::Auto),
+        "always" => Ok(PinMode::Always),
+        "never" => Ok(PinMode::Never),
+        _ => Err(format!(
+            "unknown pinning mode {s:?}; expected auto, always or never"
+        )),
+    }
+}
 
 /// Parses `auto`, `epoll` or `uring`.
 pub fn parse_io(s: &str) -> Result<IoMode, String> {
@@ -318,7 +341,7 @@ mod tests {
         let d = Config::default();
         assert_eq!(c.listen, d.listen);
         assert_eq!(c.workers, d.workers);
-        assert_eq!(c.pin_cores, d.pin_cores);
+        assert_eq!(c.pin, d.pin);
         assert_eq!(c.max_message_size, d.max_message_size);
         assert_eq!(c.max_handshake_size, d.max_handshake_size);
         assert_eq!(c.max_outbound_bytes, d.max_outbound_bytes);
@@ -391,8 +414,8 @@ mod tests {
         let Command::Serve(args) = cli.command;
         let c = args.to_config();
         assert_eq!(
-            (c.workers, c.pin_cores, c.max_message_size),
-            (3, false, 1 << 20)
+            (c.workers, c.pin, c.max_message_size),
+            (3, PinMode::Never, 1 << 20)
         );
         assert_eq!(c.subprotocols, vec!["a", "b"]);
         assert_eq!(c.drain_timeout, Duration::from_millis(100));

@@ -75,6 +75,22 @@ pub enum IoMode {
     Uring,
 }
 
+/// Whether worker threads are pinned to cores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PinMode {
+    /// Decided from the CPUs the process may run on: pinned (`Always`)
+    /// when that set is smaller than the machine's (the operator gave the
+    /// server its own cores, with a cpuset or `taskset`); otherwise left
+    /// to the scheduler (`Never`), so that a worker sharing its core with
+    /// another busy process can move. See [`crate::server::pinning`].
+    #[default]
+    Auto,
+    /// Worker `i` runs only on core `i % cores` (of the process's CPUs).
+    Always,
+    /// The scheduler places the workers.
+    Never,
+}
+
 /// Everything a server needs to start.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -82,8 +98,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Worker threads (event loops); 0 means one per available core.
     pub workers: usize,
-    /// Pin worker `i` to core `i % cores`.
-    pub pin_cores: bool,
+    /// Whether worker `i` is pinned to core `i % cores`.
+    pub pin: PinMode,
     /// The I/O backend.
     pub io: IoMode,
     /// Largest accepted message (reassembled), in bytes; bigger ones close 1009.
@@ -158,7 +174,7 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 9001)),
             workers: 0,
-            pin_cores: true,
+            pin: PinMode::Auto,
             io: IoMode::Auto,
             max_message_size: DEFAULT_MAX_MESSAGE_BYTES,
             max_handshake_size: DEFAULT_MAX_HEAD_BYTES,

@@ -15,6 +15,7 @@
 //! | [`epoll`] | the mio event loop |
 //! | [`uring`] | the io_uring event loop |
 //! | [`listener`] | `SO_REUSEPORT` listeners |
+//! | [`pinning`] | whether worker threads are pinned to cores (`--pin`) |
 //! | [`steering`] | which listener takes a new connection when io_uring needs overflow workers for room |
 //! | [`stats`] | per-worker counters |
 //! | [`metrics`] | Prometheus rendering of the counters |
@@ -29,6 +30,7 @@ pub mod epoll;
 pub mod http;
 pub mod listener;
 pub mod metrics;
+pub mod pinning;
 pub mod session;
 #[cfg(test)]
 mod sim_tests;
@@ -39,7 +41,7 @@ pub mod worker;
 
 use crate::pubsub::bus::{Bus, Wake};
 use crate::pubsub::directory::{Directory, MAX_WORKERS};
-pub use config::{Config, IoMode};
+pub use config::{Config, IoMode, PinMode};
 use mio::{Poll, Waker};
 use stats::{Snapshot, WorkerStats};
 use std::io;
@@ -301,11 +303,7 @@ pub fn start(mut config: Config) -> io::Result<ServerHandle> {
     if let Err(e) = steering.start(&listeners[0]) {
         warn!(error = %e, "could not steer connections: overflow workers take them from the start");
     }
-    let cores = if config.pin_cores {
-        core_affinity::get_core_ids().unwrap_or_default()
-    } else {
-        Vec::new()
-    };
+    let placement = pinning::Placement::decide(config.pin);
     // Each worker's wake-up: mio's waker for epoll, an eventfd read by the ring for io_uring.
     let mut polls = Vec::with_capacity(workers);
     let mut eventfds = Vec::with_capacity(workers);
@@ -347,14 +345,8 @@ pub fn start(mut config: Config) -> io::Result<ServerHandle> {
     // io_uring workers build their ring on their own thread and report here.
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
     for (id, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
-        let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
-        let pin = move || {
-            if let Some(core) = core
-                && !core_affinity::set_for_current(core)
-            {
-                warn!(worker = id, core = core.id, "could not pin worker to core");
-            }
-        };
+        let placement = placement.clone();
+        let pin = move || placement.apply(id);
         let builder = std::thread::Builder::new()
             .name(format!("corecast-w{id}"))
             .stack_size(WORKER_STACK_BYTES);
@@ -408,7 +400,7 @@ pub fn start(mut config: Config) -> io::Result<ServerHandle> {
             return Err(io::Error::other(format!("io_uring worker setup: {e}")));
         }
     }
-    info!(%local_addr, workers = primaries, overflow_workers = workers - primaries, io = backend.name(), pinned = !cores.is_empty(), "corecast listening");
+    info!(%local_addr, workers = primaries, overflow_workers = workers - primaries, io = backend.name(), pinned = placement.pinned(), "corecast listening");
     Ok(ServerHandle {
         local_addr,
         admin_addr,

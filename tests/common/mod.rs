@@ -42,7 +42,7 @@ pub fn start_with(tweak: impl FnOnce(&mut Config)) -> ServerHandle {
     let mut cfg = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         workers: 2,
-        pin_cores: false,
+        pin: corecast::server::PinMode::Never,
         io: io_mode(),
         ..Config::default()
     };

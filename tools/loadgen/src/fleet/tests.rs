@@ -13,7 +13,7 @@ fn server() -> corecast::server::ServerHandle {
     corecast::server::start(corecast::server::Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         workers: 1,
-        pin_cores: false,
+        pin: corecast::server::PinMode::Never,
         ..Default::default()
     })
     .unwrap()

@@ -356,7 +356,7 @@ mod tests {
         corecast::server::start(corecast::server::Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             workers: 2,
-            pin_cores: false,
+            pin: corecast::server::PinMode::Never,
             ..Default::default()
         })
         .unwrap()
