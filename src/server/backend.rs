@@ -134,6 +134,9 @@ pub(super) fn end_of_turn<B: Backend>(backend: &mut B) {
         core.shared().bus.wake(w);
     }
     core.deliver();
+    if core.delivered_any() {
+        core.observe_write_pass(Instant::now());
+    }
     let dirty = backend.core().take_dirty();
     for &(key, serial) in &dirty {
         // A flush earlier in this walk may have closed it.

@@ -2,7 +2,7 @@
 //! exposition format (version 0.0.4). Names are listed in docs/PROTOCOL.md.
 
 use super::admission::Refusal;
-use super::stats::{FAILURE_CODES, LATENCY_BUCKETS_US, Undelivered, WorkerStats};
+use super::stats::{FAILURE_CODES, Histogram, LATENCY_BUCKETS_US, Undelivered, WorkerStats};
 use crate::proto::handshake::Status;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -330,19 +330,40 @@ fn labelled(
 
 /// The publish-to-write latency histogram: cumulative buckets, sum, count.
 fn latency_histogram(s: &mut String, workers: &[WorkerStats]) {
-    let name = "corecast_publish_to_write_seconds";
-    header(
+    histogram(
         s,
-        name,
-        "histogram",
+        "corecast_publish_to_write_seconds",
         "Time from the start of the loop turn that read a publication to the end of the first write pass to its local subscribers, per worker that delivered it.",
+        workers,
+        |w| &w.latency,
     );
+    histogram(
+        s,
+        "corecast_publish_to_delivery_seconds",
+        "Time from the start of the loop turn that read a publication to the start of the turn that delivers it, per worker (the publisher's turn, the hand-off between workers, the wake-up).",
+        workers,
+        |w| &w.handoff_latency,
+    );
+    histogram(
+        s,
+        "corecast_publish_to_first_write_seconds",
+        "Time from the start of the loop turn that read a publication to the start of the write pass after it was queued to every local subscriber, per worker.",
+        workers,
+        |w| &w.first_write_latency,
+    );
+}
+
+fn histogram(
+    s: &mut String,
+    name: &str,
+    help: &str,
+    workers: &[WorkerStats],
+    of: impl Fn(&WorkerStats) -> &Histogram,
+) {
+    header(s, name, "histogram", help);
     let mut cumulative = 0u64;
     for (i, le) in LATENCY_BUCKETS_US.iter().enumerate() {
-        cumulative += workers
-            .iter()
-            .map(|w| get(&w.latency_buckets[i]))
-            .sum::<u64>();
+        cumulative += workers.iter().map(|w| get(&of(w).buckets[i])).sum::<u64>();
         let _ = writeln!(
             s,
             "{name}_bucket{{le=\"{}\"}} {cumulative}",
@@ -351,10 +372,10 @@ fn latency_histogram(s: &mut String, workers: &[WorkerStats]) {
     }
     cumulative += workers
         .iter()
-        .map(|w| get(&w.latency_buckets[LATENCY_BUCKETS_US.len()]))
+        .map(|w| get(&of(w).buckets[LATENCY_BUCKETS_US.len()]))
         .sum::<u64>();
     let _ = writeln!(s, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
-    let sum_ns: u64 = workers.iter().map(|w| get(&w.latency_sum_ns)).sum();
+    let sum_ns: u64 = workers.iter().map(|w| get(&of(w).sum_ns)).sum();
     let _ = writeln!(s, "{name}_sum {}", sum_ns as f64 / 1e9);
     let _ = writeln!(s, "{name}_count {cumulative}");
 }

@@ -46,8 +46,10 @@ fn busy_workers() -> Vec<WorkerStats> {
         set(&w.deliveries_deferred);
         w.undelivered.iter().for_each(&mut set);
         set(&w.buffered_bytes);
-        w.latency_buckets.iter().for_each(&mut set);
-        set(&w.latency_sum_ns);
+        for h in [&w.latency, &w.handoff_latency, &w.first_write_latency] {
+            h.buckets.iter().for_each(&mut set);
+            set(&h.sum_ns);
+        }
     }
     ws
 }
@@ -110,8 +112,9 @@ fn every_metric_once_with_help_and_type_as_documented() {
         assert!(*n > 0, "{name} has no sample");
     }
     let both = |f: fn(&WorkerStats) -> &AtomicU64| get(f(&ws[0])) + get(f(&ws[1]));
-    let latency_sum_s = both(|w| &w.latency_sum_ns) as f64 / 1e9;
-    let buckets: u64 = ws.iter().flat_map(|w| &w.latency_buckets).map(get).sum();
+    let latency_sum_s = both(|w| &w.latency.sum_ns) as f64 / 1e9;
+    let buckets: u64 = ws.iter().flat_map(|w| &w.latency.buckets).map(get).sum();
+    let handoff: u64 = ws.iter().map(|w| w.handoff_latency.count()).sum();
     let stopped = Undelivered::WorkerStopped.index();
     for line in [
         "corecast_connections_open{worker=\"0\"} 1".to_string(),
@@ -134,6 +137,7 @@ fn every_metric_once_with_help_and_type_as_documented() {
         format!("corecast_publish_to_write_seconds_bucket{{le=\"+Inf\"}} {buckets}"),
         format!("corecast_publish_to_write_seconds_count {buckets}"),
         format!("corecast_publish_to_write_seconds_sum {latency_sum_s}"),
+        format!("corecast_publish_to_delivery_seconds_count {handoff}"),
     ] {
         assert!(
             text.lines().any(|l| l == line),

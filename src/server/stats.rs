@@ -13,6 +13,28 @@ pub const LATENCY_BUCKETS_US: [u64; 16] = [
     500_000, 1_000_000,
 ];
 
+/// A latency histogram over [`LATENCY_BUCKETS_US`], written by one worker.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    pub buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    pub sum_ns: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one duration.
+    pub fn observe(&self, d: Duration) {
+        let us = d.as_micros() as u64;
+        let i = LATENCY_BUCKETS_US.partition_point(|&b| b < us);
+        bump(&self.buckets[i]);
+        add(&self.sum_ns, d.as_nanos() as u64);
+    }
+
+    /// Durations recorded.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|c| c.load(Relaxed)).sum()
+    }
+}
+
 /// Close codes counted by `corecast_ws_failures_total`: the codes the
 /// server fails a connection with.
 pub const FAILURE_CODES: [u16; 5] = [1002, 1007, 1008, 1009, 1013];
@@ -93,8 +115,15 @@ pub struct WorkerStats {
     pub undelivered: [AtomicU64; Undelivered::ALL.len()],
     /// Bytes currently charged to this worker's connections (gauge).
     pub buffered_bytes: AtomicU64,
-    pub latency_buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
-    pub latency_sum_ns: AtomicU64,
+    /// Publish (the start of the turn that read it) to the end of the
+    /// delivering worker's write pass: `corecast_publish_to_write_seconds`.
+    pub latency: Histogram,
+    /// Publish to the start of the turn that delivers it on each worker:
+    /// the rest of the publisher's turn, the hand-off, the wake-up.
+    pub handoff_latency: Histogram,
+    /// Publish to the start of that worker's write pass: the above plus
+    /// queueing to every local subscriber.
+    pub first_write_latency: Histogram,
 }
 
 fn add(c: &AtomicU64, n: u64) {
@@ -237,10 +266,7 @@ impl WorkerStats {
 
     /// Records one publish-to-write latency.
     pub fn observe_latency(&self, d: Duration) {
-        let us = d.as_micros() as u64;
-        let i = LATENCY_BUCKETS_US.partition_point(|&b| b < us);
-        bump(&self.latency_buckets[i]);
-        add(&self.latency_sum_ns, d.as_nanos() as u64);
+        self.latency.observe(d);
     }
 
     pub fn connection_opened(&self) {
@@ -323,7 +349,7 @@ impl Snapshot {
             s.deliveries_deferred += w.deliveries_deferred.load(Relaxed);
             s.undelivered += total(&w.undelivered);
             s.buffered_bytes += w.buffered_bytes.load(Relaxed);
-            s.latency_count += total(&w.latency_buckets);
+            s.latency_count += w.latency.count();
         }
         s
     }
@@ -339,10 +365,10 @@ mod tests {
         w.observe_latency(Duration::from_micros(10));
         w.observe_latency(Duration::from_micros(11));
         w.observe_latency(Duration::from_secs(5));
-        assert_eq!(w.latency_buckets[0].load(Relaxed), 1, "le=10 includes 10");
-        assert_eq!(w.latency_buckets[1].load(Relaxed), 1);
+        assert_eq!(w.latency.buckets[0].load(Relaxed), 1, "le=10 includes 10");
+        assert_eq!(w.latency.buckets[1].load(Relaxed), 1);
         assert_eq!(
-            w.latency_buckets[LATENCY_BUCKETS_US.len()].load(Relaxed),
+            w.latency.buckets[LATENCY_BUCKETS_US.len()].load(Relaxed),
             1,
             "+Inf"
         );

@@ -45,10 +45,15 @@ impl<S> Core<S> {
         // slice is alive for the call, so addresses cannot repeat within it).
         let last = std::cell::Cell::new(std::ptr::null::<Publication>());
         let work = std::cell::Cell::new(0usize);
+        let now = self.now;
         let mut to_conns = |run: &[Publication], targets: &[(usize, u32)]| {
             // Called once per chunk of subscribers: record each run's times once.
             if !std::ptr::eq(last.get(), run.as_ptr()) {
                 last.set(run.as_ptr());
+                for p in run {
+                    let waited = now.saturating_duration_since(p.published_at);
+                    stats.handoff_latency.observe(waited);
+                }
                 delivered.extend(run.iter().map(|p| p.published_at));
             }
             work.set(work.get() + run.len() * targets.len());
@@ -98,6 +103,23 @@ impl<S> Core<S> {
             self.stats().buffered(delta);
         }
         delta > 0
+    }
+
+    /// Whether this turn queued publications (whose latencies the write
+    /// pass then records).
+    pub fn delivered_any(&self) -> bool {
+        !self.delivered.is_empty()
+    }
+
+    /// Records the publish-to-first-write latency of what this turn
+    /// delivered: `started`, when the write pass began.
+    pub fn observe_write_pass(&mut self, started: Instant) {
+        let stats = &self.shared.stats[self.id];
+        for &t in &self.delivered {
+            stats
+                .first_write_latency
+                .observe(started.saturating_duration_since(t));
+        }
     }
 
     /// Records the publish-to-write latency of what this turn delivered,
