@@ -152,6 +152,44 @@ impl<S> Core<S> {
         .min()
     }
 
+    /// Queues a request deadline: at `at`, `key` (`serial`) must have
+    /// finished request number `generation`.
+    ///
+    /// An entry outlives its purpose as soon as the connection upgrades,
+    /// closes or completes the request, and would otherwise wait for its
+    /// time to be popped: at 10 000 connections opened within one handshake
+    /// timeout, 24 bytes each, nearly all dead. So before the queue would
+    /// grow, its dead entries are dropped ([`request_pending`], order
+    /// kept): it holds about as many entries as requests in progress, not
+    /// connections opened. A purge that frees less than half makes room
+    /// for as many again, so each costs O(capacity) once per capacity / 2
+    /// pushes at the least (amortised O(1), however many stay alive).
+    pub(super) fn push_request_deadline(
+        &mut self,
+        at: u64,
+        key: usize,
+        serial: u32,
+        generation: u32,
+    ) {
+        let queue = &mut self.handshake_deadlines;
+        if queue.len() == queue.capacity() && !queue.is_empty() {
+            let conns = &self.conns;
+            queue.retain(|&(_, key, serial, generation)| {
+                request_pending(conns, key as usize, serial, generation)
+            });
+            if queue.len() > queue.capacity() / 2 {
+                queue.reserve(queue.capacity());
+            }
+        }
+        queue.push_back((at, key as u32, serial, generation));
+    }
+
+    /// Request deadlines queued (live or not yet purged).
+    #[cfg(test)]
+    pub fn request_deadlines(&self) -> usize {
+        self.handshake_deadlines.len()
+    }
+
     /// Handles the request and linger deadlines that ran out by `now`;
     /// returns the connections the backend must close now (check each with
     /// [`Self::is_current`]: one may be listed twice).
@@ -174,8 +212,7 @@ impl<S> Core<S> {
                     // its next request cannot arrive. Judged again once read;
                     // the send timeout covers a queue that does not drain.
                     let at = ms_after(self.epoch, now, self.shared.config.handshake_timeout);
-                    self.handshake_deadlines
-                        .push_back((at, key as u32, serial, generation));
+                    self.push_request_deadline(at, key, serial, generation);
                     continue;
                 }
                 if conn.session.awaiting_request()
@@ -261,6 +298,20 @@ impl<S> Core<S> {
         self.drain_deadline
             .is_some_and(|d| self.conns.is_empty() || self.now >= d)
     }
+}
+
+/// Can the request deadline `(key, serial, generation)` still act: is the
+/// connection still `serial`, not gone, reading request number
+/// `generation`? (What [`Core::expire`] checks before it does anything;
+/// once false it stays false: the phase never returns to a request and
+/// the generation only moves on.)
+fn request_pending<S>(conns: &Slab<Conn<S>>, key: usize, serial: u32, generation: u32) -> bool {
+    conns.get(key).is_some_and(|c| {
+        c.serial == serial
+            && c.state != IoState::Gone
+            && c.session.awaiting_request()
+            && c.request_gen == generation
+    })
 }
 
 /// `now + after` in milliseconds since `epoch` (rounded up, so a deadline

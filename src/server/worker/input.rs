@@ -123,16 +123,16 @@ impl<S> Core<S> {
     /// After a batch of input for `key`: re-arms the request deadline of a
     /// keep-alive connection, and starts closing or schedules the flush.
     pub fn after_input(&mut self, key: usize) {
-        let cfg = &self.shared.config;
         let conn = &mut self.conns[key];
         let serial = conn.serial;
         if conn.session.awaiting_request() && conn.session.requests() != conn.request_gen {
             // A keep-alive HTTP connection finished a request: the next one gets a fresh deadline.
             conn.request_gen = conn.session.requests();
-            let at = ms_after(self.epoch, self.now, cfg.handshake_timeout);
-            self.handshake_deadlines
-                .push_back((at, key as u32, serial, conn.request_gen));
+            let generation = conn.request_gen;
+            let at = ms_after(self.epoch, self.now, self.shared.config.handshake_timeout);
+            self.push_request_deadline(at, key, serial, generation);
         }
+        let conn = &self.conns[key];
         if conn.state == IoState::Closing {
             self.start_closing(key);
         } else if !conn.session.out.is_empty() {

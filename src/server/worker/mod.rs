@@ -121,8 +121,9 @@ pub struct Core<S> {
     reread: Vec<ConnRef>,
     /// Request-head deadlines, with the request generation they guard.
     /// (deadline, key, serial, generation); times in ms on the worker's
-    /// clock, keys as u32: 24 bytes an entry, since there is one per
-    /// connection accepted in the last timeout period.
+    /// clock, keys as u32: 24 bytes an entry. Entries whose connection has
+    /// moved on are dropped before the queue grows
+    /// ([`Self::push_request_deadline`]).
     handshake_deadlines: VecDeque<(u64, u32, u32, u32)>,
     /// (deadline, key, serial).
     linger_deadlines: VecDeque<(u64, u32, u32)>,
@@ -342,8 +343,7 @@ impl<S> Core<S> {
             return key;
         }
         let at = ms_after(self.epoch, self.now, self.shared.config.handshake_timeout);
-        self.handshake_deadlines
-            .push_back((at, key as u32, serial, 0));
+        self.push_request_deadline(at, key, serial, 0);
         key
     }
 
