@@ -27,8 +27,9 @@ use std::time::Instant;
 /// slab, and its two map slots, with the maps' growth slack.
 pub const TOPIC_ENTRY_BYTES: usize = 512;
 /// Heap bytes one more subscription to an existing topic costs, measured
-/// the same way (40–63 B; the most just after the subscriber slab doubled):
-/// its slab entry and its 8 B in the connection's list, with margin.
+/// the same way (24–31 B; the most just after the subscriber slots
+/// doubled): its 8 B slot, its 8 B in a connection's list of several, with
+/// margin.
 pub const SUBSCRIPTION_BYTES: usize = 80;
 
 /// What the registries are charged for a topic named `name_len` bytes.
@@ -144,7 +145,92 @@ impl SubList {
 #[derive(Debug)]
 struct LocalTopic {
     interest: Arc<TopicInterest>,
-    subs: Slab<ConnRef>,
+    subs: Subscribers,
+}
+
+/// One local topic's subscribers: a slab of 8-byte slots (a connection's
+/// key and serial as `u32`s; `slab::Slab<ConnRef>` takes 24), since there
+/// is one slot per subscription and idle memory is what a subscriber
+/// costs. Same behaviour as `Slab`: a slot is reused last-freed first, and
+/// iteration goes in slot order.
+#[derive(Debug, Default)]
+struct Subscribers {
+    slots: Vec<Slot>,
+    /// Head of the free list (`NONE`: no free slot).
+    free: u32,
+    len: u32,
+}
+
+/// An occupied slot holds a connection; a free one has `key == VACANT`
+/// and the next free slot in `serial`.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    key: u32,
+    serial: u32,
+}
+
+/// The key of a free slot: no connection has it (a worker holds far fewer
+/// than 2^32 - 1 connections).
+const VACANT: u32 = u32::MAX;
+/// The end of the free list.
+const NONE: u32 = u32::MAX;
+
+impl Subscribers {
+    fn new() -> Self {
+        Self {
+            slots: Vec::new(),
+            free: NONE,
+            len: 0,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Adds `conn`; returns its slot.
+    fn insert(&mut self, (key, serial): ConnRef) -> u32 {
+        let key = u32::try_from(key)
+            .ok()
+            .filter(|&k| k != VACANT)
+            .expect("connection keys fit in u32");
+        let slot = Slot { key, serial };
+        self.len += 1;
+        if self.free == NONE {
+            self.slots.push(slot);
+            return (self.slots.len() - 1) as u32;
+        }
+        let at = self.free;
+        let vacant = &mut self.slots[at as usize];
+        debug_assert_eq!(vacant.key, VACANT);
+        self.free = vacant.serial;
+        *vacant = slot;
+        at
+    }
+
+    /// Frees `slot`, which must hold a connection.
+    fn remove(&mut self, slot: u32) {
+        let s = &mut self.slots[slot as usize];
+        assert_ne!(s.key, VACANT, "removing a free subscriber slot");
+        *s = Slot {
+            key: VACANT,
+            serial: self.free,
+        };
+        self.free = slot;
+        self.len -= 1;
+    }
+
+    /// The subscribers, in slot order.
+    fn iter(&self) -> impl Iterator<Item = ConnRef> + '_ {
+        self.slots
+            .iter()
+            .filter(|s| s.key != VACANT)
+            .map(|s| (s.key as usize, s.serial))
+    }
 }
 
 /// A worker's topic registry and outbox.
@@ -231,7 +317,7 @@ impl Shard {
                 let name: Arc<str> = Arc::from(name);
                 let id = self.topics.insert(LocalTopic {
                     interest,
-                    subs: Slab::new(),
+                    subs: Subscribers::new(),
                 }) as u32;
                 self.registry_bytes += topic_charge(name.len());
                 self.by_name.insert(name, id);
@@ -240,7 +326,7 @@ impl Shard {
             }
         };
         self.registry_bytes += SUBSCRIPTION_BYTES;
-        let slot = self.topics[topic as usize].subs.insert(conn) as u32;
+        let slot = self.topics[topic as usize].subs.insert(conn);
         Subscription { topic, slot }
     }
 
@@ -248,7 +334,7 @@ impl Shard {
     /// worker's interest bit.
     pub fn unsubscribe(&mut self, sub: Subscription) {
         let t = &mut self.topics[sub.topic as usize];
-        t.subs.remove(sub.slot as usize);
+        t.subs.remove(sub.slot);
         self.registry_bytes -= SUBSCRIPTION_BYTES;
         if t.subs.is_empty() {
             let t = self.topics.remove(sub.topic as usize);
@@ -409,7 +495,7 @@ impl Shard {
             let subs = &self.topics[id as usize].subs;
             let mut chunk: [ConnRef; 64] = [(0, 0); 64];
             let mut n = 0;
-            for (_, &c) in subs.iter() {
+            for c in subs.iter() {
                 chunk[n] = c;
                 n += 1;
                 if n == chunk.len() {
