@@ -139,30 +139,41 @@ enum RecvState {
     },
 }
 
-/// Protocol state of one open connection. About 60 bytes when idle.
+/// Protocol state of one open connection: 32 bytes. What only a message
+/// in progress needs (across reads or frames) is boxed in [`Partial`],
+/// present only while there is one: an idle connection pays one pointer.
 #[derive(Debug)]
 pub struct WsConn {
-    recv: RecvState,
-    /// Kind of the message being received, if one is in progress.
-    msg_kind: Option<MessageKind>,
-    /// Payload gathered so far for a message that spans reads or frames.
-    msg_buf: Vec<u8>,
-    /// Declared payload bytes of the message so far (checked against the cap
-    /// before the bytes arrive).
-    msg_len: u64,
-    utf8: Utf8Validator,
-    /// `msg_buf` was handed out in the last event; clear it on the next call.
-    delivered: bool,
-    close: CloseState,
+    /// The message that spans reads or frames, if one is in progress (or
+    /// was just delivered from its buffer).
+    msg: Option<Box<Partial>>,
     limits: Arc<WsLimits>,
-    /// Frames of the message in progress.
-    fragments: u32,
     /// Pings and pongs the client may still send (`limits.control_rate`).
     control: TokenBucket,
     /// The caller's clock at the last [`Self::tick`], in milliseconds.
     clock_ms: u32,
-    /// When the message in progress started (its first frame header).
-    msg_started_ms: u32,
+    close: CloseState,
+}
+
+/// A message being received across reads or frames. A message that
+/// arrives whole in one read never gets one (zero copy, no allocation).
+#[derive(Debug)]
+struct Partial {
+    recv: RecvState,
+    /// Kind of the message; `None` once delivered.
+    kind: Option<MessageKind>,
+    /// Payload gathered so far.
+    buf: Vec<u8>,
+    /// Declared payload bytes of the message so far (checked against the cap
+    /// before the bytes arrive).
+    len: u64,
+    utf8: Utf8Validator,
+    /// Frames of the message so far.
+    fragments: u32,
+    /// When the message started (its first frame header).
+    started_ms: u32,
+    /// `buf` was handed out in the last event; dropped on the next call.
+    delivered: bool,
 }
 
 impl WsConn {
@@ -177,18 +188,11 @@ impl WsConn {
     pub fn with_limits(limits: Arc<WsLimits>, now_ms: u32) -> Self {
         let control = TokenBucket::full(limits.control_rate, now_ms);
         Self {
-            recv: RecvState::Header,
-            msg_kind: None,
-            msg_buf: Vec::new(),
-            msg_len: 0,
-            utf8: Utf8Validator::new(),
-            delivered: false,
-            close: CloseState::Open,
+            msg: None,
             limits,
-            fragments: 0,
             control,
             clock_ms: now_ms,
-            msg_started_ms: now_ms,
+            close: CloseState::Open,
         }
     }
 
@@ -202,13 +206,18 @@ impl WsConn {
 
     /// Is a message (or a frame of one) partly received?
     pub fn in_message(&self) -> bool {
-        self.msg_kind.is_some() || matches!(self.recv, RecvState::Payload { .. })
+        self.msg
+            .as_ref()
+            .is_some_and(|m| m.kind.is_some() || matches!(m.recv, RecvState::Payload { .. }))
     }
 
     /// When the message in progress started, on the [`Self::tick`] clock;
     /// `None` between messages and once closed.
     pub fn message_started(&self) -> Option<u32> {
-        (self.close != CloseState::Closed && self.in_message()).then_some(self.msg_started_ms)
+        match &self.msg {
+            Some(m) if self.close != CloseState::Closed && self.in_message() => Some(m.started_ms),
+            _ => None,
+        }
     }
 
     /// Fails the connection from outside the decoder (memory budget,
@@ -229,7 +238,7 @@ impl WsConn {
 
     /// Heap bytes held for a partly received message.
     pub fn buffered(&self) -> usize {
-        self.msg_buf.capacity()
+        self.msg.as_ref().map_or(0, |m| m.buf.capacity())
     }
 
     /// Queues a message as one unmasked frame. Returns `false` (and queues
@@ -286,7 +295,7 @@ impl WsConn {
             )));
         }
         self.close = CloseState::Closed;
-        self.msg_buf = Vec::new();
+        self.msg = None;
         Decoded {
             consumed,
             event: Some(Event::Failed { code, reason }),
@@ -295,10 +304,8 @@ impl WsConn {
 
     /// Consumes bytes from the client; see the module docs.
     pub fn decode<'a>(&'a mut self, input: &'a mut [u8], out: &mut OutQueue) -> Decoded<'a> {
-        if self.delivered {
-            self.delivered = false;
-            self.msg_buf = Vec::new();
-            self.msg_len = 0;
+        if self.msg.as_ref().is_some_and(|m| m.delivered) {
+            self.msg = None;
         }
         if self.close == CloseState::Closed {
             // Nothing more is read after the close handshake or a failure.
@@ -309,7 +316,7 @@ impl WsConn {
         }
         let mut pos = 0;
         loop {
-            match self.recv {
+            match self.msg.as_ref().map_or(RecvState::Header, |m| m.recv) {
                 RecvState::Header => {
                     let header = match parse_header(&input[pos..]) {
                         Ok(Some(h)) => h,
@@ -376,9 +383,11 @@ impl WsConn {
                         }
                         continue;
                     }
-                    // A data frame.
+                    // A data frame. Between messages there is no `Partial`
+                    // (a delivered one was dropped above); in the middle of
+                    // one, its kind is set.
                     let starts_message = header.opcode != OpCode::Continuation;
-                    match (starts_message, self.msg_kind.is_some()) {
+                    match (starts_message, self.msg.is_some()) {
                         (false, false) => {
                             return self.fail(
                                 CloseCode::PROTOCOL_ERROR,
@@ -405,12 +414,11 @@ impl WsConn {
                             input.len(),
                         );
                     }
-                    self.fragments = if starts_message {
-                        1
-                    } else {
-                        self.fragments + 1
-                    };
-                    if self.fragments > self.limits.max_fragments {
+                    let (fragments, so_far) = self
+                        .msg
+                        .as_ref()
+                        .map_or((1, 0), |m| (m.fragments + 1, m.len));
+                    if fragments > self.limits.max_fragments {
                         return self.fail(
                             CloseCode::MESSAGE_TOO_BIG,
                             "too many fragments",
@@ -418,7 +426,7 @@ impl WsConn {
                             input.len(),
                         );
                     }
-                    if self.msg_len + plen > self.limits.max_message {
+                    if so_far + plen > self.limits.max_message {
                         return self.fail(
                             CloseCode::MESSAGE_TOO_BIG,
                             "message too big",
@@ -454,18 +462,32 @@ impl WsConn {
                             }),
                         };
                     }
-                    if starts_message {
-                        self.msg_kind = Some(kind);
-                        self.msg_started_ms = self.clock_ms;
-                    }
-                    self.msg_len += plen;
-                    pos += hlen;
-                    self.recv = RecvState::Payload {
+                    let recv = RecvState::Payload {
                         remaining: plen,
                         mask,
                         phase: 0,
                         fin: header.fin,
                     };
+                    match &mut self.msg {
+                        Some(m) => {
+                            m.fragments = fragments;
+                            m.len += plen;
+                            m.recv = recv;
+                        }
+                        None => {
+                            self.msg = Some(Box::new(Partial {
+                                recv,
+                                kind: Some(kind),
+                                buf: Vec::new(),
+                                len: plen,
+                                utf8: Utf8Validator::new(),
+                                fragments,
+                                started_ms: self.clock_ms,
+                                delivered: false,
+                            }));
+                        }
+                    }
+                    pos += hlen;
                 }
                 RecvState::Payload {
                     remaining,
@@ -473,10 +495,11 @@ impl WsConn {
                     phase,
                     fin,
                 } => {
+                    let m = self.msg.as_mut().expect("payload state implies a message");
                     let avail = remaining.min((input.len() - pos) as u64) as usize;
                     let chunk = &mut input[pos..pos + avail];
                     let phase = apply_mask(chunk, mask, phase as usize) as u8;
-                    if self.msg_kind == Some(MessageKind::Text) && self.utf8.feed(chunk).is_err() {
+                    if m.kind == Some(MessageKind::Text) && m.utf8.feed(chunk).is_err() {
                         return self.fail(
                             CloseCode::INVALID_PAYLOAD,
                             "invalid UTF-8 in text message",
@@ -484,11 +507,11 @@ impl WsConn {
                             input.len(),
                         );
                     }
-                    self.msg_buf.extend_from_slice(chunk);
+                    m.buf.extend_from_slice(chunk);
                     pos += avail;
                     let remaining = remaining - avail as u64;
                     if remaining > 0 {
-                        self.recv = RecvState::Payload {
+                        m.recv = RecvState::Payload {
                             remaining,
                             mask,
                             phase,
@@ -499,13 +522,10 @@ impl WsConn {
                             event: None,
                         };
                     }
-                    self.recv = RecvState::Header;
+                    m.recv = RecvState::Header;
                     if fin {
-                        let kind = self
-                            .msg_kind
-                            .take()
-                            .expect("payload state implies a message");
-                        if kind == MessageKind::Text && self.utf8.finish().is_err() {
+                        let kind = m.kind.take().expect("payload state implies a message");
+                        if kind == MessageKind::Text && m.utf8.finish().is_err() {
                             return self.fail(
                                 CloseCode::INVALID_PAYLOAD,
                                 "truncated UTF-8 sequence",
@@ -513,12 +533,13 @@ impl WsConn {
                                 input.len(),
                             );
                         }
-                        self.delivered = true;
+                        m.delivered = true;
+                        let m = self.msg.as_deref().expect("just delivered");
                         return Decoded {
                             consumed: pos,
                             event: Some(Event::Message {
                                 kind,
-                                payload: &self.msg_buf,
+                                payload: &m.buf,
                             }),
                         };
                     }
@@ -574,7 +595,7 @@ impl WsConn {
             out.push(Bytes::from(server_frame(OpCode::Close, reply)));
         }
         self.close = CloseState::Closed;
-        self.msg_buf = Vec::new();
+        self.msg = None;
         Decoded {
             consumed: input.len(),
             event: Some(Event::Closed { code }),
