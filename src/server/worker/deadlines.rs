@@ -47,15 +47,9 @@ impl<S> Core<S> {
             // WebSocket or HTTP: no queued byte may wait longer (a peer that
             // stops reading, or reads too slowly to ever catch up, is cut
             // however it got there; docs/SECURITY.md, "Deadlines").
-            let out = conn.session.out.len();
-            if out == 0 {
-                conn.tx_ms = now;
-                conn.tx_goal = conn.sent;
-            } else if conn.sent.wrapping_sub(conn.tx_goal) as i32 >= 0 {
-                // Everything queued when the epoch began has left: a new one.
-                conn.tx_ms = now;
-                conn.tx_goal = conn.sent.wrapping_add(out as u32);
-            } else if send_timeout.is_some_and(|limit| now.wrapping_sub(conn.tx_ms) >= limit) {
+            if let Some(since) = conn.session.out.send_epoch(now)
+                && send_timeout.is_some_and(|limit| now.wrapping_sub(since) >= limit)
+            {
                 stalled.push(key);
                 continue;
             }
@@ -64,7 +58,7 @@ impl<S> Core<S> {
             // its message: not judged by those while paused. Its pause ends by
             // itself (the queue drains or the send timeout cuts it; the
             // mailboxes drain; the pace runs out).
-            if !conn.session.is_websocket() || conn.read_paused {
+            if !conn.session.is_websocket() || conn.flag(READ_PAUSED) {
                 continue;
             }
             if let (Some(limit), Some(started)) = (message_timeout, conn.session.message_started())
@@ -76,14 +70,14 @@ impl<S> Core<S> {
             let Some(interval) = interval else {
                 continue;
             };
-            if conn.ping_pending {
-                if now.wrapping_sub(conn.ping_sent_ms) >= timeout {
+            if conn.flag(PING_PENDING) {
+                if now.wrapping_sub(conn.keepalive_ms) >= timeout {
                     timed_out.push(key);
                 }
-            } else if now.wrapping_sub(conn.last_rx_ms) >= interval && conn.session.ping() {
+            } else if now.wrapping_sub(conn.keepalive_ms) >= interval && conn.session.ping() {
                 stats.keepalive_ping();
-                conn.ping_pending = true;
-                conn.ping_sent_ms = now;
+                conn.set_flag(PING_PENDING, true);
+                conn.keepalive_ms = now;
                 conn.mark_dirty(key, &mut self.dirty);
             }
         }
@@ -204,9 +198,9 @@ impl<S> Core<S> {
             self.handshake_deadlines.pop_front();
             if self.is_current(key, serial) {
                 let conn = &self.conns[key];
-                if conn.read_paused
+                if conn.flag(READ_PAUSED)
                     && conn.session.awaiting_request()
-                    && conn.request_gen == generation
+                    && conn.session.requests() == generation
                 {
                     // Not read because of us (a held publisher, a full queue):
                     // its next request cannot arrive. Judged again once read;
@@ -217,7 +211,7 @@ impl<S> Core<S> {
                 }
                 if conn.session.awaiting_request()
                     && conn.state == IoState::Active
-                    && conn.request_gen == generation
+                    && conn.session.requests() == generation
                 {
                     let stats = &self.shared.stats[self.id];
                     stats.handshake_timeout();
@@ -310,7 +304,7 @@ fn request_pending<S>(conns: &Slab<Conn<S>>, key: usize, serial: u32, generation
         c.serial == serial
             && c.state != IoState::Gone
             && c.session.awaiting_request()
-            && c.request_gen == generation
+            && c.session.requests() == generation
     })
 }
 

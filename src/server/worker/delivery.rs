@@ -126,7 +126,7 @@ impl<S> Core<S> {
                 }
                 self.paced.swap_remove(i);
                 if self.is_current(key, serial) && !self.throttled.contains(&(key, serial)) {
-                    self.conns[key].read_paused = false;
+                    self.conns[key].set_flag(READ_PAUSED, false);
                     self.reread.push((key, serial));
                 }
             }
@@ -138,7 +138,7 @@ impl<S> Core<S> {
         }
         for (key, serial) in std::mem::take(&mut self.throttled) {
             if self.is_current(key, serial) {
-                self.conns[key].read_paused = false;
+                self.conns[key].set_flag(READ_PAUSED, false);
                 self.reread.push((key, serial));
             }
         }

@@ -31,8 +31,9 @@ impl<S> Core<S> {
         let now_ms = self.now_ms();
         let stats = &self.shared.stats[self.id];
         let conn = &mut self.conns[key];
-        conn.last_rx_ms = now_ms;
-        conn.ping_pending = false;
+        conn.keepalive_ms = now_ms;
+        conn.set_flag(PING_PENDING, false);
+        let requests = conn.session.requests();
         let mut ctx = Ctx {
             shared: &self.shared,
             stats,
@@ -48,6 +49,9 @@ impl<S> Core<S> {
             metrics: &mut self.metrics,
         };
         let next = conn.session.on_input(buf, &mut ctx);
+        if conn.session.requests() != requests {
+            conn.set_flag(REQUEST_DONE, true);
+        }
         // What it subscribed to or published is charged here too.
         let shard_grew = self.sync_shard_charge();
         if self.recharge(key) || (shard_grew && self.buffered > self.budget) {
@@ -82,7 +86,7 @@ impl<S> Core<S> {
         if wait > 0 {
             // Over --max-publish-rate: not read until the debt is repaid.
             stats.publisher_paced();
-            conn.read_paused = true;
+            conn.set_flag(READ_PAUSED, true);
             let at = self.now + Duration::from_millis(wait as u64);
             // io_uring may deliver input already received while paused: one
             // entry per connection, holding the latest resume time.
@@ -95,7 +99,7 @@ impl<S> Core<S> {
         }
         if conn.session.out.len() > self.shared.config.max_outbound_bytes {
             // Resumed by `after_flush` once the queue is down to half.
-            conn.read_paused = true;
+            conn.set_flag(READ_PAUSED, true);
             return Input::Stop;
         }
         let published = conn.session.take_published();
@@ -106,7 +110,7 @@ impl<S> Core<S> {
             // until the mailboxes drain (`unthrottle`), so pipelined
             // requests wait in the socket, not in a mailbox.
             stats.publisher_throttled();
-            conn.read_paused = true;
+            conn.set_flag(READ_PAUSED, true);
             self.throttled.push((key, conn.serial));
             return Input::Stop;
         }
@@ -116,7 +120,7 @@ impl<S> Core<S> {
     /// The peer sent FIN.
     pub fn eof(&mut self, key: usize) {
         let conn = &mut self.conns[key];
-        conn.peer_eof = true;
+        conn.set_flag(PEER_EOF, true);
         conn.state = IoState::Closing;
     }
 
@@ -125,10 +129,13 @@ impl<S> Core<S> {
     pub fn after_input(&mut self, key: usize) {
         let conn = &mut self.conns[key];
         let serial = conn.serial;
-        if conn.session.awaiting_request() && conn.session.requests() != conn.request_gen {
-            // A keep-alive HTTP connection finished a request: the next one gets a fresh deadline.
-            conn.request_gen = conn.session.requests();
-            let generation = conn.request_gen;
+        if conn.session.awaiting_request() && conn.take_flag(REQUEST_DONE) {
+            // A keep-alive HTTP connection finished a request: the next one
+            // gets a fresh deadline, for this request number. (Input is
+            // always followed by this call, so wherever a deadline is
+            // judged, a connection reading a request has had its deadline
+            // armed for its current request number.)
+            let generation = conn.session.requests();
             let at = ms_after(self.epoch, self.now, self.shared.config.handshake_timeout);
             self.push_request_deadline(at, key, serial, generation);
         }
