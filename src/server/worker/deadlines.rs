@@ -299,7 +299,12 @@ impl<S> Core<S> {
 /// `generation`? (What [`Core::expire`] checks before it does anything;
 /// once false it stays false: the phase never returns to a request and
 /// the generation only moves on.)
-fn request_pending<S>(conns: &Slab<Conn<S>>, key: usize, serial: u32, generation: u32) -> bool {
+fn request_pending<S>(
+    conns: &PagedSlab<Conn<S>>,
+    key: usize,
+    serial: u32,
+    generation: u32,
+) -> bool {
     conns.get(key).is_some_and(|c| {
         c.serial == serial
             && c.state != IoState::Gone

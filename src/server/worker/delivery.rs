@@ -167,7 +167,7 @@ impl<S> Core<S> {
 /// subscriber, applying the slow-consumer policy.
 #[allow(clippy::too_many_arguments)]
 fn push_to<S>(
-    conns: &mut Slab<Conn<S>>,
+    conns: &mut PagedSlab<Conn<S>>,
     dirty: &mut Vec<ConnRef>,
     slow: &mut Vec<ConnRef>,
     budget: &mut Budget<'_>,

@@ -15,6 +15,7 @@
 //! | `mod.rs` | [`Core`]: admission, the dirty and re-read lists, flush results, closing, retiring |
 //! | `input.rs` | what a read does: the session's input, the budget charge, pacing and throttling |
 //! | `conn.rs` | [`Conn`]: one connection's entry, and what a backend may reach of it |
+//! | `paged.rs` | `PagedSlab`: the table of entries, grown by pages that never move |
 //! | `delivery.rs` | the fan-out half of a turn: dispatch, the bounded mailbox drain, `push_to`, the shard's budget charge, unthrottling |
 //! | `deadlines.rs` | the sweep (keepalive, message and send deadlines), the FIFO deadline queues, the next wake-up, the drain |
 
@@ -22,6 +23,7 @@ mod conn;
 mod deadlines;
 mod delivery;
 mod input;
+mod paged;
 use input::recharge;
 
 use super::Shared;
@@ -37,7 +39,7 @@ use bytes::Bytes;
 pub use conn::Conn;
 use conn::{ADMITTED, DIRTY, PEER_EOF, PING_PENDING, READ_PAUSED, REQUEST_DONE};
 use deadlines::{ms_after, sweep_period};
-use slab::Slab;
+use paged::PagedSlab;
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -114,7 +116,7 @@ pub enum Input {
 pub struct Core<S> {
     id: usize,
     shared: Arc<Shared>,
-    conns: Slab<Conn<S>>,
+    conns: PagedSlab<Conn<S>>,
     next_serial: u32,
     /// Connections to flush at the end of the turn.
     dirty: Vec<ConnRef>,
@@ -171,7 +173,7 @@ impl<S> Core<S> {
         Self {
             id,
             shared,
-            conns: Slab::new(),
+            conns: PagedSlab::new(),
             next_serial: 0,
             dirty: Vec::new(),
             reread: Vec::new(),
