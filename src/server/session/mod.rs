@@ -54,6 +54,12 @@ pub struct Ctx<'a> {
     pub peer: Option<IpAddr>,
     /// The worker's `/metrics` rendering of this turn (made at `now`).
     pub metrics: &'a mut Option<(Instant, Bytes)>,
+    /// Set by the session: it published something (HTTP or WebSocket).
+    /// The backend applies the mailbox backpressure to it.
+    pub published: bool,
+    /// Counted by the session: HTTP requests it completed (the backend
+    /// arms the next request's deadline).
+    pub requests: u32,
 }
 
 /// What an open WebSocket is for.
@@ -80,8 +86,8 @@ struct Publisher {
 
 #[derive(Debug)]
 enum Phase {
-    /// Reading an HTTP request head.
-    Head(HeadScanner),
+    /// Reading an HTTP request head, after `requests` complete ones.
+    Head { scan: HeadScanner, requests: u32 },
     /// Reading the body of `POST /publish/{topic}`.
     Body(Box<BodyState>),
     /// An open WebSocket.
@@ -119,22 +125,45 @@ pub enum Push {
     SlowConsumer { discarded: usize },
 }
 
-/// One connection's state. No heap when idle, apart from its subscriptions.
+/// One connection's state. No heap when idle, apart from its subscriptions;
+/// 64 bytes (one per connection: idle memory, docs/BENCHMARKS.md).
 #[derive(Debug)]
 pub struct Session {
     phase: Phase,
     /// Input not yet consumed: a partial head, frame header or control frame.
-    /// Exactly sized (16 bytes inline instead of a `Vec`'s 24: idle memory).
-    pending: Box<[u8]>,
-    /// HTTP requests completed (the backend re-arms the request deadline
-    /// when this changes).
-    requests: u32,
-    /// Published something (HTTP or WebSocket) since the last
-    /// [`Session::take_published`]: the backend applies the mailbox
-    /// backpressure to it.
-    published: bool,
+    pending: Pending,
     /// Bytes waiting to be written.
     pub out: OutQueue,
+}
+
+/// Input kept between reads, exactly sized. Behind one more pointer (8
+/// bytes in every session instead of a boxed slice's 16): nearly every
+/// connection keeps none, and one that does pays a second small
+/// allocation.
+#[derive(Debug, Default)]
+struct Pending(Option<Box<Box<[u8]>>>);
+
+impl Pending {
+    fn bytes(&self) -> &[u8] {
+        self.0.as_deref().map_or(&[], |b| b)
+    }
+
+    fn len(&self) -> usize {
+        self.bytes().len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+
+    /// Keeps a copy of `bytes` (nothing, and no allocation, when empty).
+    fn set(&mut self, bytes: &[u8]) {
+        self.0 = (!bytes.is_empty()).then(|| Box::new(bytes.into()));
+    }
+
+    fn clear(&mut self) {
+        self.0 = None;
+    }
 }
 
 impl Default for Session {
@@ -147,10 +176,11 @@ impl Session {
     /// A new connection, waiting for its request head.
     pub fn new() -> Self {
         Self {
-            phase: Phase::Head(HeadScanner::default()),
-            pending: Box::default(),
-            requests: 0,
-            published: false,
+            phase: Phase::Head {
+                scan: HeadScanner::default(),
+                requests: 0,
+            },
+            pending: Pending::default(),
             out: OutQueue::new(),
         }
     }
@@ -158,26 +188,27 @@ impl Session {
     /// Is the connection waiting for (or inside) an HTTP request, so that
     /// the request deadline applies?
     pub fn awaiting_request(&self) -> bool {
-        matches!(self.phase, Phase::Head(_) | Phase::Body(_))
+        matches!(self.phase, Phase::Head { .. } | Phase::Body(_))
     }
 
     /// Has part of an HTTP request (head or body) arrived?
     pub fn partial_request(&self) -> bool {
         match &self.phase {
-            Phase::Head(_) => !self.pending.is_empty(),
+            Phase::Head { .. } => !self.pending.is_empty(),
             Phase::Body(_) => true,
             _ => false,
         }
     }
 
-    /// HTTP requests completed on this connection so far.
+    /// While the connection reads HTTP requests ([`Self::awaiting_request`]):
+    /// how many it completed, what tells one request's deadline from the
+    /// next. 0 once it is no longer in HTTP (no request deadline applies).
     pub fn requests(&self) -> u32 {
-        self.requests
-    }
-
-    /// Did this connection publish since the last call? Clears the mark.
-    pub fn take_published(&mut self) -> bool {
-        std::mem::take(&mut self.published)
+        match &self.phase {
+            Phase::Head { requests, .. } => *requests,
+            Phase::Body(b) => b.requests,
+            _ => 0,
+        }
     }
 
     /// Is this an open WebSocket?
@@ -199,7 +230,7 @@ impl Session {
     /// What the backend should do now.
     pub fn next(&self) -> Next {
         match &self.phase {
-            Phase::Head(_) | Phase::Body(_) => Next::Read,
+            Phase::Head { .. } | Phase::Body(_) => Next::Read,
             Phase::Ws { ws, .. } if ws.close_state() != CloseState::Closed => Next::Read,
             _ => Next::FlushAndClose,
         }
@@ -213,9 +244,9 @@ impl Session {
     /// Copies the bytes kept from the previous read to the start of `buf`;
     /// returns how many. The backend reads new bytes after them.
     pub fn restore_pending(&mut self, buf: &mut [u8]) -> usize {
-        let n = self.pending.len();
-        buf[..n].copy_from_slice(&self.pending);
-        n
+        let pending = self.pending.bytes();
+        buf[..pending.len()].copy_from_slice(pending);
+        pending.len()
     }
 
     /// Keeps `data` after the pending bytes without processing it (input
@@ -224,9 +255,9 @@ impl Session {
     /// like any pending input.
     pub fn hold(&mut self, data: &[u8]) {
         let mut all = Vec::with_capacity(self.pending.len() + data.len());
-        all.extend_from_slice(&self.pending);
+        all.extend_from_slice(self.pending.bytes());
         all.extend_from_slice(data);
-        self.pending = all.into_boxed_slice();
+        self.pending.set(&all);
     }
 
     /// Processes `buf` (previous pending bytes followed by new ones).
@@ -234,10 +265,11 @@ impl Session {
         let mut pos = 0;
         loop {
             match &mut self.phase {
-                Phase::Head(scanner) => {
+                Phase::Head { scan, requests } => {
+                    let done = requests.wrapping_add(1);
                     let cfg = &ctx.shared.config;
                     let rest = &buf[pos..];
-                    let Some(end) = scanner.find_end(rest) else {
+                    let Some(end) = scan.find_end(rest) else {
                         if rest.len() > cfg.max_handshake_size {
                             self.refuse(
                                 Reject::new(Status::HeadTooLarge, "request head too large"),
@@ -260,7 +292,9 @@ impl Session {
                         self.refuse(reject, ctx.stats);
                         return Next::FlushAndClose;
                     }
-                    self.requests = self.requests.wrapping_add(1);
+                    // The next phase (another head, a body) counts it.
+                    self.set_requests(done);
+                    ctx.requests += 1;
                     pos = head_end;
                 }
                 Phase::Body(body) => {
@@ -268,7 +302,7 @@ impl Session {
                     let take = want.min(buf.len() - pos);
                     if take < want {
                         body.body.extend_from_slice(&buf[pos..]);
-                        self.pending = Box::default();
+                        self.pending.clear();
                         return Next::Read;
                     }
                     if !body.body.is_empty() {
@@ -287,7 +321,7 @@ impl Session {
                     self.finish_publish(&state, payload, ctx);
                     pos += take;
                     if matches!(self.phase, Phase::Done) {
-                        self.pending = Box::default();
+                        self.pending.clear();
                         return Next::FlushAndClose;
                     }
                 }
@@ -299,7 +333,7 @@ impl Session {
                 }
                 Phase::Done => {
                     // Whatever else the client sends is ignored.
-                    self.pending = Box::default();
+                    self.pending.clear();
                     return Next::FlushAndClose;
                 }
             }
@@ -338,7 +372,7 @@ impl Session {
                         p.pace.spend(rate, ctx.now_ms);
                         if let Some(t) = &p.topic {
                             ctx.shard.publish(t, encode(kind, payload), ctx.now);
-                            self.published = true;
+                            ctx.published = true;
                         }
                         None
                     }
@@ -440,18 +474,26 @@ impl Session {
         reason: &'static str,
         stats: &WorkerStats,
     ) {
-        self.pending = Box::default();
+        self.pending.clear();
         match &mut self.phase {
             Phase::Ws { ws, .. } => ws.abort(code, reason, &mut self.out),
-            Phase::Head(_) | Phase::Body(_) => self.refuse(Reject::new(status, reason), stats),
+            Phase::Head { .. } | Phase::Body(_) => self.refuse(Reject::new(status, reason), stats),
             Phase::Done => {}
+        }
+    }
+
+    /// Sets the count of completed requests of a connection still in HTTP.
+    fn set_requests(&mut self, n: u32) {
+        match &mut self.phase {
+            Phase::Head { requests, .. } => *requests = n,
+            Phase::Body(b) => b.requests = n,
+            _ => {}
         }
     }
 
     /// Keeps `buf[pos..]` for the next read; frees the buffer when nothing is left.
     fn keep(&mut self, buf: &[u8], pos: usize) {
-        let rest = &buf[pos..];
-        self.pending = rest.into();
+        self.pending.set(&buf[pos..]);
     }
 
     /// Answers `reject` and closes: a refused request, or a connection
@@ -466,7 +508,7 @@ impl Session {
         self.out
             .push(Bytes::from(handshake::error_response(reject)));
         self.phase = Phase::Done;
-        self.pending = Box::default();
+        self.pending.clear();
     }
 }
 

@@ -113,7 +113,11 @@ impl Session {
                 // connection by --max-outbound-bytes (reading pauses above it).
                 self.out.push_shared(response.body);
                 self.phase = if ka {
-                    Phase::Head(HeadScanner::default())
+                    Phase::Head {
+                        scan: HeadScanner::default(),
+                        // Set by the caller once the head is done.
+                        requests: 0,
+                    }
                 } else {
                     Phase::Done
                 };

@@ -28,7 +28,7 @@ pub struct Conn<S> {
     pub(super) charged: u32,
     pub(super) state: IoState,
     /// [`READ_PAUSED`], [`PEER_EOF`], [`DIRTY`], [`PING_PENDING`],
-    /// [`ADMITTED`], [`REQUEST_DONE`]: bits, one byte.
+    /// [`ADMITTED`], [`REQUEST_DONE`], [`PUBLISHED`]: bits, one byte.
     flags: u8,
 }
 
@@ -46,6 +46,9 @@ pub(super) const ADMITTED: u8 = 16;
 /// The session completed an HTTP request since the request deadline was
 /// last armed ([`Core::after_input`](super::Core::after_input) arms the next).
 pub(super) const REQUEST_DONE: u8 = 32;
+/// The session published something since the last read's backpressure
+/// check took the mark.
+pub(super) const PUBLISHED: u8 = 64;
 
 impl<S> Conn<S> {
     /// A connection just accepted at `now_ms`, its request head awaited.

@@ -33,7 +33,6 @@ impl<S> Core<S> {
         let conn = &mut self.conns[key];
         conn.keepalive_ms = now_ms;
         conn.set_flag(PING_PENDING, false);
-        let requests = conn.session.requests();
         let mut ctx = Ctx {
             shared: &self.shared,
             stats,
@@ -47,9 +46,14 @@ impl<S> Core<S> {
                 self.addresses.get(&key).copied()
             },
             metrics: &mut self.metrics,
+            published: false,
+            requests: 0,
         };
         let next = conn.session.on_input(buf, &mut ctx);
-        if conn.session.requests() != requests {
+        if ctx.published {
+            conn.set_flag(PUBLISHED, true);
+        }
+        if ctx.requests > 0 {
             conn.set_flag(REQUEST_DONE, true);
         }
         // What it subscribed to or published is charged here too.
@@ -102,7 +106,7 @@ impl<S> Core<S> {
             conn.set_flag(READ_PAUSED, true);
             return Input::Stop;
         }
-        let published = conn.session.take_published();
+        let published = conn.take_flag(PUBLISHED);
         if (published || conn.session.is_publisher())
             && self.shard.bus().max_queued_bytes() > self.shared.config.mailbox_high_water
         {

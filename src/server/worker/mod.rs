@@ -37,7 +37,7 @@ use crate::pubsub::bus::{Inbox, Publication};
 use crate::pubsub::shard::{ConnRef, Shard};
 use bytes::Bytes;
 pub use conn::Conn;
-use conn::{ADMITTED, DIRTY, PEER_EOF, PING_PENDING, READ_PAUSED, REQUEST_DONE};
+use conn::{ADMITTED, DIRTY, PEER_EOF, PING_PENDING, PUBLISHED, READ_PAUSED, REQUEST_DONE};
 use deadlines::{ms_after, sweep_period};
 use paged::PagedSlab;
 use std::collections::{HashMap, VecDeque};
