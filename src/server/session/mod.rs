@@ -523,3 +523,24 @@ enum Reply {
 fn encode(kind: MessageKind, payload: &[u8]) -> Bytes {
     Bytes::from(server_frame(kind.opcode(), payload))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::size_of;
+
+    /// One per connection (docs/BENCHMARKS.md, "Idle memory per subscriber,
+    /// accounted"): the open WebSocket's phase is the largest (its `WsConn`
+    /// and role; the HTTP phases fit beside them), then the kept input and
+    /// the queue, a pointer each.
+    #[test]
+    fn a_session_stays_64_bytes() {
+        assert_eq!(size_of::<WsConn>(), 32);
+        assert_eq!(size_of::<SubList>(), 16);
+        assert_eq!(size_of::<Role>(), 16);
+        assert_eq!(size_of::<Phase>(), 48);
+        assert_eq!(size_of::<Pending>(), 8);
+        assert_eq!(size_of::<OutQueue>(), 8);
+        assert_eq!(size_of::<Session>(), 64);
+    }
+}

@@ -219,6 +219,19 @@ mod tests {
         assert_eq!(ours.get(ours.end() + 5), None);
     }
 
+    /// A vacant entry costs nothing over an occupied one: the entry's tag
+    /// hides in a niche of the connection (its state byte).
+    #[test]
+    fn an_entry_is_the_size_of_a_connection() {
+        use crate::server::worker::Conn;
+        use std::mem::size_of;
+        assert_eq!(
+            size_of::<Entry<Conn<[u64; 2]>>>(),
+            size_of::<Conn<[u64; 2]>>()
+        );
+        assert_eq!(size_of::<Entry<Conn<u32>>>(), size_of::<Conn<u32>>());
+    }
+
     #[test]
     fn pages_are_never_moved() {
         let mut s = PagedSlab::new();
