@@ -272,3 +272,32 @@ fn subscriber_slots_are_eight_bytes_reused_last_freed_first_and_iterated_in_orde
     assert!(subs.is_empty());
     assert_eq!(subs.iter().count(), 0);
 }
+
+#[test]
+fn subscriber_slots_past_the_first_page_come_in_pages_that_never_move() {
+    let mut subs = Subscribers::new();
+    let n = 3 * SLOT_PAGE + 10;
+    for i in 0..n {
+        assert_eq!(subs.insert((i, i as u32)), i as u32);
+    }
+    let page = subs.more.as_ref().unwrap()[0].as_ptr();
+    for i in n..n + SLOT_PAGE {
+        subs.insert((i, i as u32));
+    }
+    let more = subs.more.as_ref().unwrap();
+    assert_eq!(more[0].as_ptr(), page, "a full page is never copied");
+    assert!(more.iter().all(|p| p.capacity() == SLOT_PAGE));
+    // Free slots on every page are reused last-freed first.
+    for s in [5, SLOT_PAGE as u32 + 1, 2 * SLOT_PAGE as u32 + 7] {
+        subs.remove(s);
+    }
+    assert_eq!(subs.insert((1, 1)), 2 * SLOT_PAGE as u32 + 7);
+    assert_eq!(subs.insert((2, 2)), SLOT_PAGE as u32 + 1);
+    assert_eq!(subs.insert((3, 3)), 5);
+    let all: Vec<ConnRef> = subs.iter().collect();
+    assert_eq!(all.len(), n + SLOT_PAGE);
+    assert_eq!(all[5], (3, 3));
+    assert_eq!(all[SLOT_PAGE + 1], (2, 2));
+    assert_eq!(all[2 * SLOT_PAGE + 7], (1, 1));
+    assert_eq!(all[3 * SLOT_PAGE], (3 * SLOT_PAGE, 3 * SLOT_PAGE as u32));
+}
