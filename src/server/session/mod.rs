@@ -161,6 +161,14 @@ impl Pending {
         self.0 = (!bytes.is_empty()).then(|| Box::new(bytes.into()));
     }
 
+    /// Appends `more` after what is kept.
+    fn append(&mut self, more: &[u8]) {
+        let mut all = Vec::with_capacity(self.len() + more.len());
+        all.extend_from_slice(self.bytes());
+        all.extend_from_slice(more);
+        self.0 = (!all.is_empty()).then(|| Box::new(all.into_boxed_slice()));
+    }
+
     fn clear(&mut self) {
         self.0 = None;
     }
@@ -254,10 +262,7 @@ impl Session {
     /// [`Self::restore_pending`] returns it. Charged to the buffer budget
     /// like any pending input.
     pub fn hold(&mut self, data: &[u8]) {
-        let mut all = Vec::with_capacity(self.pending.len() + data.len());
-        all.extend_from_slice(self.pending.bytes());
-        all.extend_from_slice(data);
-        self.pending.set(&all);
+        self.pending.append(data);
     }
 
     /// Processes `buf` (previous pending bytes followed by new ones).
@@ -542,5 +547,25 @@ mod tests {
         assert_eq!(size_of::<Pending>(), 8);
         assert_eq!(size_of::<OutQueue>(), 8);
         assert_eq!(size_of::<Session>(), 64);
+    }
+
+    #[test]
+    fn kept_input_is_exact_and_held_input_goes_after_it() {
+        let mut s = Session::new();
+        assert_eq!(s.pending_len(), 0);
+        s.hold(b"");
+        assert!(s.pending.0.is_none(), "nothing kept, nothing allocated");
+        s.pending.set(b"GET / HT");
+        s.hold(b"TP/1.1");
+        let mut buf = [0u8; 32];
+        let n = s.restore_pending(&mut buf);
+        assert_eq!(&buf[..n], b"GET / HTTP/1.1");
+        assert_eq!(
+            s.pending.0.as_deref().map(|b| b.len()),
+            Some(n),
+            "exactly sized"
+        );
+        s.pending.set(b"");
+        assert!(s.pending.is_empty());
     }
 }
