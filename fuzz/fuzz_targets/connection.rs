@@ -83,8 +83,7 @@ fn run<'a>(cfg: &Config, reads: impl Iterator<Item = &'a [u8]>) -> Vec<Item> {
     for (i, read) in reads.enumerate() {
         let mut buf = kept.clone();
         buf.extend_from_slice(read);
-        let requests = session.requests();
-        let next = {
+        let (next, responses) = {
             let mut ctx = Ctx {
                 shared: &shared,
                 stats: &stats,
@@ -95,13 +94,15 @@ fn run<'a>(cfg: &Config, reads: impl Iterator<Item = &'a [u8]>) -> Vec<Item> {
                 now_ms: (i as u32).wrapping_mul(7),
                 peer: Some(std::net::IpAddr::from([127, 0, 0, 1])),
                 metrics: &mut None,
+                published: false,
+                requests: 0,
             };
-            session.on_input(&mut buf, &mut ctx)
+            let next = session.on_input(&mut buf, &mut ctx);
+            (next, ctx.requests as usize)
         };
         // End of the loop turn: publications leave (nobody else is subscribed).
         shard.dispatch();
         let wrote = drain(&mut session.out, &mut wire);
-        let responses = session.requests().wrapping_sub(requests) as usize;
         assert!(
             wrote <= AMPLIFICATION * buf.len() + PER_READ_SLACK + responses * max_response,
             "{wrote} bytes written for a read of {} ({responses} requests)",

@@ -130,6 +130,22 @@ impl OutQueue {
         })
     }
 
+    /// The clock of a send deadline, kept here because it only runs while
+    /// something is queued (an idle connection pays nothing for it).
+    /// Progress is judged by epochs: an epoch covers the bytes queued when
+    /// it began, and ends once they have all been written. Called with the
+    /// time (any wrapping millisecond clock), this starts a new epoch if the
+    /// last one is over, and returns when the current one began: a queued
+    /// byte has waited at least `now_ms` minus that. `None` when empty.
+    pub fn send_epoch(&mut self, now_ms: u32) -> Option<u32> {
+        let i = self.inner.as_mut()?;
+        if i.epoch_left == 0 {
+            i.epoch_left = i.len;
+            i.epoch_ms = now_ms;
+        }
+        Some(i.epoch_ms)
+    }
+
     /// Drops `n` written bytes from the front.
     pub fn advance(&mut self, n: usize) {
         if let Some(i) = self.inner.as_mut() {
@@ -163,6 +179,11 @@ struct Inner {
     shared: usize,
     /// Chunks at the front the kernel may be reading ([`OutQueue::pin_front`]).
     pinned: usize,
+    /// The send epoch ([`OutQueue::send_epoch`]): bytes queued when it
+    /// began that have not been written yet (0: it is over), and when it
+    /// began.
+    epoch_left: usize,
+    epoch_ms: u32,
 }
 
 impl Inner {
@@ -173,6 +194,8 @@ impl Inner {
             len: 0,
             shared: 0,
             pinned: 0,
+            epoch_left: 0,
+            epoch_ms: 0,
         }
     }
 
@@ -259,6 +282,7 @@ impl Inner {
         debug_assert!(n <= self.len);
         self.len -= n;
         self.pinned = 0;
+        self.epoch_left = self.epoch_left.saturating_sub(n);
         while n > 0 {
             let Some(front) = self.chunks.front_mut() else {
                 self.tail.advance(n);
@@ -303,6 +327,25 @@ mod tests {
         let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
         let n = q.gather(&mut iov);
         iov[..n].iter().flat_map(|s| s.iter().copied()).collect()
+    }
+
+    #[test]
+    fn a_send_epoch_ends_once_what_was_queued_at_its_start_is_written() {
+        let mut q = OutQueue::new();
+        assert_eq!(q.send_epoch(5), None, "nothing queued, no clock");
+        q.push(Bytes::from_static(b"abcd"));
+        assert_eq!(q.send_epoch(10), Some(10));
+        q.push(Bytes::from_static(b"efgh"));
+        q.advance(3);
+        // One byte of the epoch's four is still queued: it runs on.
+        assert_eq!(q.send_epoch(20), Some(10));
+        q.advance(1);
+        // Those four are out: the next epoch covers the four queued now.
+        assert_eq!(q.send_epoch(30), Some(30));
+        q.advance(4);
+        assert_eq!(q.send_epoch(40), None);
+        q.push(Bytes::from_static(b"i"));
+        assert_eq!(q.send_epoch(50), Some(50), "a refilled queue starts afresh");
     }
 
     #[test]

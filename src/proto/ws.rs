@@ -149,30 +149,41 @@ struct PayloadState {
     fin: bool,
 }
 
-/// Protocol state of one open connection. About 60 bytes when idle.
+/// Protocol state of one open connection: 32 bytes. What only a message
+/// in progress needs (across reads or frames) is boxed in [`Partial`],
+/// present only while there is one: an idle connection pays one pointer.
 #[derive(Debug)]
 pub struct WsConn {
-    recv: RecvState,
-    /// Kind of the message being received, if one is in progress.
-    msg_kind: Option<MessageKind>,
-    /// Payload gathered so far for a message that spans reads or frames.
-    msg_buf: Vec<u8>,
-    /// Declared payload bytes of the message so far (checked against the cap
-    /// before the bytes arrive).
-    msg_len: u64,
-    utf8: Utf8Validator,
-    /// `msg_buf` was handed out in the last event; clear it on the next call.
-    delivered: bool,
-    close: CloseState,
+    /// The message that spans reads or frames, if one is in progress (or
+    /// was just delivered from its buffer).
+    msg: Option<Box<Partial>>,
     limits: Arc<WsLimits>,
-    /// Frames of the message in progress.
-    fragments: u32,
     /// Pings and pongs the client may still send (`limits.control_rate`).
     control: TokenBucket,
     /// The caller's clock at the last [`Self::tick`], in milliseconds.
     clock_ms: u32,
-    /// When the message in progress started (its first frame header).
-    msg_started_ms: u32,
+    close: CloseState,
+}
+
+/// A message being received across reads or frames. A message that
+/// arrives whole in one read never gets one (zero copy, no allocation).
+#[derive(Debug)]
+struct Partial {
+    recv: RecvState,
+    /// Kind of the message; `None` once delivered.
+    kind: Option<MessageKind>,
+    /// Payload gathered so far.
+    buf: Vec<u8>,
+    /// Declared payload bytes of the message so far (checked against the cap
+    /// before the bytes arrive).
+    len: u64,
+    utf8: Utf8Validator,
+    /// Frames of the message so far.
+    fragments: u32,
+    /// When the message started (its first frame header).
+    started_ms: u32,
+    /// `buf` was handed out in the last event; dropped on the next call.
+    delivered: bool,
 }
 
 impl WsConn {
@@ -187,18 +198,11 @@ impl WsConn {
     pub fn with_limits(limits: Arc<WsLimits>, now_ms: u32) -> Self {
         let control = TokenBucket::full(limits.control_rate, now_ms);
         Self {
-            recv: RecvState::Header,
-            msg_kind: None,
-            msg_buf: Vec::new(),
-            msg_len: 0,
-            utf8: Utf8Validator::new(),
-            delivered: false,
-            close: CloseState::Open,
+            msg: None,
             limits,
-            fragments: 0,
             control,
             clock_ms: now_ms,
-            msg_started_ms: now_ms,
+            close: CloseState::Open,
         }
     }
 
@@ -212,13 +216,18 @@ impl WsConn {
 
     /// Is a message (or a frame of one) partly received?
     pub fn in_message(&self) -> bool {
-        self.msg_kind.is_some() || matches!(self.recv, RecvState::Payload(_))
+        self.msg
+            .as_ref()
+            .is_some_and(|m| m.kind.is_some() || matches!(m.recv, RecvState::Payload(_)))
     }
 
     /// When the message in progress started, on the [`Self::tick`] clock;
     /// `None` between messages and once closed.
     pub fn message_started(&self) -> Option<u32> {
-        (self.close != CloseState::Closed && self.in_message()).then_some(self.msg_started_ms)
+        match &self.msg {
+            Some(m) if self.close != CloseState::Closed && self.in_message() => Some(m.started_ms),
+            _ => None,
+        }
     }
 
     /// Fails the connection from outside the decoder (memory budget,
@@ -239,7 +248,7 @@ impl WsConn {
 
     /// Heap bytes held for a partly received message.
     pub fn buffered(&self) -> usize {
-        self.msg_buf.capacity()
+        self.msg.as_ref().map_or(0, |m| m.buf.capacity())
     }
 
     /// Queues a message as one unmasked frame. Returns `false` (and queues
@@ -296,7 +305,7 @@ impl WsConn {
             )));
         }
         self.close = CloseState::Closed;
-        self.msg_buf = Vec::new();
+        self.msg = None;
         Decoded {
             consumed,
             event: Some(Event::Failed { code, reason }),

@@ -11,22 +11,24 @@
 //!   caps) and `start_data_frame` (the zero-copy fast path for a whole
 //!   unfragmented message, else the frame's payload is entered);
 //! - `on_payload`: unmasks, validates (text) and gathers the next bytes of
-//!   a payload that spans reads or frames; `finish_message` completes a
-//!   message after its last frame.
+//!   a payload that spans reads or frames, in the boxed `Partial` that
+//!   exists only while such a message is in progress; `finish_message`
+//!   completes a message after its last frame.
 //!
 //! A step returns a [`Step`]: go on, or what `decode` is to return.
 
-use super::{CloseState, Decoded, Event, MessageKind, PayloadState, RecvState, WsConn};
+use super::{CloseState, Decoded, Event, MessageKind, Partial, PayloadState, RecvState, WsConn};
 use crate::proto::frame::{
     CloseCode, FrameHeader, HeaderError, OpCode, parse_header, server_frame,
 };
 use crate::proto::mask::apply_mask;
 use crate::proto::outbound::OutQueue;
-use crate::proto::utf8;
+use crate::proto::utf8::{self, Utf8Validator};
 use bytes::Bytes;
 
 /// What one step of [`WsConn::decode`] leaves it to do. Positions, not
-/// slices: `decode` makes the event's borrow of `input` (or of `msg_buf`).
+/// slices: `decode` makes the event's borrow of `input` (or of the
+/// message's buffer).
 ///
 /// Plain values only, and a failure is only named here: `decode` calls
 /// [`WsConn::fail`]. A step that called `fail` itself would have it write
@@ -43,7 +45,7 @@ enum Step {
     Message { kind: MessageKind, start: usize },
     /// Return `input[start..pos]` as a pong's payload.
     Pong { start: usize },
-    /// Return the message gathered in `msg_buf`.
+    /// Return the message gathered in the [`Partial`]'s buffer.
     Reassembled(MessageKind),
     /// The peer closed (the reply is queued): return that, all input consumed.
     Closed(Option<u16>),
@@ -54,10 +56,8 @@ enum Step {
 impl WsConn {
     /// Consumes bytes from the client; see the [`ws`](super) module docs.
     pub fn decode<'a>(&'a mut self, input: &'a mut [u8], out: &mut OutQueue) -> Decoded<'a> {
-        if self.delivered {
-            self.delivered = false;
-            self.msg_buf = Vec::new();
-            self.msg_len = 0;
+        if self.msg.as_ref().is_some_and(|m| m.delivered) {
+            self.msg = None;
         }
         if self.close == CloseState::Closed {
             // Nothing more is read after the close handshake or a failure.
@@ -68,7 +68,7 @@ impl WsConn {
         }
         let mut pos = 0;
         loop {
-            let step = match self.recv {
+            let step = match self.msg.as_ref().map_or(RecvState::Header, |m| m.recv) {
                 RecvState::Header => self.on_header(input, &mut pos, out),
                 RecvState::Payload(frame) => self.on_payload(frame, input, &mut pos),
             };
@@ -82,7 +82,7 @@ impl WsConn {
                 Step::Pong { start } => Some(Event::Pong(&input[start..pos])),
                 Step::Reassembled(kind) => Some(Event::Message {
                     kind,
-                    payload: &self.msg_buf,
+                    payload: &self.msg.as_deref().expect("just delivered").buf,
                 }),
                 Step::Closed(code) => {
                     return Decoded {
@@ -115,10 +115,10 @@ impl WsConn {
         if header.opcode.is_control() {
             return self.on_control(&header, mask, input, pos, out);
         }
-        if let Err((code, reason)) = self.admit_data_frame(&header) {
-            return Step::Fail(code, reason);
+        match self.admit_data_frame(&header) {
+            Ok(fragments) => self.start_data_frame(&header, mask, input, pos, fragments),
+            Err((code, reason)) => Step::Fail(code, reason),
         }
-        self.start_data_frame(&header, mask, input, pos)
     }
 
     /// A control frame with its header at `input[*pos..]`: waits until it
@@ -162,12 +162,15 @@ impl WsConn {
 
     /// May a data frame with this header come now? Checks it against the
     /// message in progress (a continuation needs one, a new message must
-    /// not interrupt one) and against the frame, fragment and message caps;
-    /// counts the frame as a fragment. On refusal: the close code and reason.
+    /// not interrupt one) and against the frame, fragment and message caps.
+    /// Returns the message's frame count with this one; on refusal, the
+    /// close code and reason. Between messages there is no [`Partial`] (a
+    /// delivered one was dropped when `decode` began); inside one, its
+    /// kind is set.
     #[inline]
-    fn admit_data_frame(&mut self, header: &FrameHeader) -> Result<(), (CloseCode, &'static str)> {
+    fn admit_data_frame(&self, header: &FrameHeader) -> Result<u32, (CloseCode, &'static str)> {
         let starts_message = header.opcode != OpCode::Continuation;
-        match (starts_message, self.msg_kind.is_some()) {
+        match (starts_message, self.msg.is_some()) {
             (false, false) => {
                 return Err((CloseCode::PROTOCOL_ERROR, "continuation without a message"));
             }
@@ -183,25 +186,25 @@ impl WsConn {
         if plen > self.limits.max_frame {
             return Err((CloseCode::MESSAGE_TOO_BIG, "frame too big"));
         }
-        self.fragments = if starts_message {
-            1
-        } else {
-            self.fragments + 1
-        };
-        if self.fragments > self.limits.max_fragments {
+        let (fragments, so_far) = self
+            .msg
+            .as_ref()
+            .map_or((1, 0), |m| (m.fragments + 1, m.len));
+        if fragments > self.limits.max_fragments {
             return Err((CloseCode::MESSAGE_TOO_BIG, "too many fragments"));
         }
-        if self.msg_len + plen > self.limits.max_message {
+        if so_far + plen > self.limits.max_message {
             return Err((CloseCode::MESSAGE_TOO_BIG, "message too big"));
         }
-        Ok(())
+        Ok(fragments)
     }
 
     /// An admitted data frame with its header at `input[*pos..]`. The fast
     /// path: a whole unfragmented message in `input` is unmasked, validated
     /// and delivered in place. Otherwise the frame's payload is entered
-    /// (and, for a first frame, its message started): [`Self::on_payload`]
-    /// gathers it.
+    /// (and, for a first frame, its message started in a new [`Partial`]):
+    /// [`Self::on_payload`] gathers it. `fragments`: the message's frames
+    /// with this one.
     #[inline]
     fn start_data_frame(
         &mut self,
@@ -209,6 +212,7 @@ impl WsConn {
         mask: [u8; 4],
         input: &mut [u8],
         pos: &mut usize,
+        fragments: u32,
     ) -> Step {
         let starts_message = header.opcode != OpCode::Continuation;
         let kind = if header.opcode == OpCode::Text {
@@ -231,66 +235,65 @@ impl WsConn {
             *pos = end;
             return Step::Message { kind, start };
         }
-        if starts_message {
-            self.msg_kind = Some(kind);
-            self.msg_started_ms = self.clock_ms;
-        }
-        self.msg_len += plen;
-        *pos += hlen;
-        self.recv = RecvState::Payload(PayloadState {
+        let recv = RecvState::Payload(PayloadState {
             remaining: plen,
             mask,
             phase: 0,
             fin: header.fin,
         });
+        match &mut self.msg {
+            Some(m) => {
+                m.fragments = fragments;
+                m.len += plen;
+                m.recv = recv;
+            }
+            None => {
+                self.msg = Some(Box::new(Partial {
+                    recv,
+                    kind: Some(kind),
+                    buf: Vec::new(),
+                    len: plen,
+                    utf8: Utf8Validator::new(),
+                    fragments,
+                    started_ms: self.clock_ms,
+                    delivered: false,
+                }));
+            }
+        }
+        *pos += hlen;
         Step::Next
     }
 
     /// The next bytes of a data frame's payload at `input[*pos..]`: unmasks
-    /// them, validates them as they come for text, gathers them in
-    /// `msg_buf`. Waits for more unless the frame is done; a final frame
-    /// completes the message ([`Self::finish_message`]).
+    /// them, validates them as they come for text, gathers them in the
+    /// [`Partial`]'s buffer. Waits for more unless the frame is done; a
+    /// final frame completes the message ([`Self::finish_message`]).
     #[inline]
     fn on_payload(&mut self, frame: PayloadState, input: &mut [u8], pos: &mut usize) -> Step {
+        let m = self.msg.as_mut().expect("payload state implies a message");
         let avail = frame.remaining.min((input.len() - *pos) as u64) as usize;
         let chunk = &mut input[*pos..*pos + avail];
         let phase = apply_mask(chunk, frame.mask, frame.phase as usize) as u8;
-        if self.msg_kind == Some(MessageKind::Text) && self.utf8.feed(chunk).is_err() {
+        if m.kind == Some(MessageKind::Text) && m.utf8.feed(chunk).is_err() {
             return Step::Fail(CloseCode::INVALID_PAYLOAD, "invalid UTF-8 in text message");
         }
-        self.msg_buf.extend_from_slice(chunk);
+        m.buf.extend_from_slice(chunk);
         *pos += avail;
         let remaining = frame.remaining - avail as u64;
         if remaining > 0 {
-            self.recv = RecvState::Payload(PayloadState {
+            m.recv = RecvState::Payload(PayloadState {
                 remaining,
                 phase,
                 ..frame
             });
             return Step::Wait;
         }
-        self.recv = RecvState::Header;
+        m.recv = RecvState::Header;
         if frame.fin {
-            self.finish_message()
+            finish_message(m)
         } else {
             Step::Next
         }
-    }
-
-    /// The last frame of a gathered message is in: a text message must not
-    /// end inside a UTF-8 sequence. `msg_buf` is handed out, and freed on
-    /// the next call.
-    #[inline]
-    fn finish_message(&mut self) -> Step {
-        let kind = self
-            .msg_kind
-            .take()
-            .expect("payload state implies a message");
-        if kind == MessageKind::Text && self.utf8.finish().is_err() {
-            return Step::Fail(CloseCode::INVALID_PAYLOAD, "truncated UTF-8 sequence");
-        }
-        self.delivered = true;
-        Step::Reassembled(kind)
     }
 
     /// A whole close frame's (unmasked) payload: a code with a UTF-8
@@ -318,9 +321,22 @@ impl WsConn {
             out.push(Bytes::from(server_frame(OpCode::Close, reply)));
         }
         self.close = CloseState::Closed;
-        self.msg_buf = Vec::new();
+        self.msg = None;
         Step::Closed(code)
     }
+}
+
+/// The last frame of a gathered message is in: a text message must not
+/// end inside a UTF-8 sequence. The buffer is handed out, and the
+/// [`Partial`] dropped on the next call.
+#[inline]
+fn finish_message(m: &mut Partial) -> Step {
+    let kind = m.kind.take().expect("payload state implies a message");
+    if kind == MessageKind::Text && m.utf8.finish().is_err() {
+        return Step::Fail(CloseCode::INVALID_PAYLOAD, "truncated UTF-8 sequence");
+    }
+    m.delivered = true;
+    Step::Reassembled(kind)
 }
 
 fn header_reason(e: HeaderError) -> &'static str {

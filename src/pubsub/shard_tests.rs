@@ -243,3 +243,61 @@ fn the_last_unsubscribe_forgets_the_topic() {
     assert!(s[1].topic_id("x").is_none());
     assert!(d.is_empty());
 }
+
+#[test]
+fn subscriber_slots_are_eight_bytes_reused_last_freed_first_and_iterated_in_order() {
+    // One slot per subscription: idle memory per subscriber (docs/BENCHMARKS.md).
+    assert_eq!(std::mem::size_of::<Slot>(), 8);
+    let mut subs = Subscribers::new();
+    let slots: Vec<u32> = (0..5).map(|i| subs.insert((i, 100 + i as u32))).collect();
+    assert_eq!(slots, [0, 1, 2, 3, 4]);
+    subs.remove(1);
+    subs.remove(3);
+    assert_eq!(subs.len(), 3);
+    assert_eq!(
+        subs.iter().collect::<Vec<_>>(),
+        [(0, 100), (2, 102), (4, 104)]
+    );
+    // Like `slab::Slab`: the slot freed last is taken first.
+    assert_eq!(subs.insert((7, 7)), 3);
+    assert_eq!(subs.insert((8, 8)), 1);
+    assert_eq!(subs.insert((9, 9)), 5);
+    assert_eq!(
+        subs.iter().collect::<Vec<_>>(),
+        [(0, 100), (8, 8), (2, 102), (7, 7), (4, 104), (9, 9)]
+    );
+    for s in 0..6 {
+        subs.remove(s);
+    }
+    assert!(subs.is_empty());
+    assert_eq!(subs.iter().count(), 0);
+}
+
+#[test]
+fn subscriber_slots_past_the_first_page_come_in_pages_that_never_move() {
+    let mut subs = Subscribers::new();
+    let n = 3 * SLOT_PAGE + 10;
+    for i in 0..n {
+        assert_eq!(subs.insert((i, i as u32)), i as u32);
+    }
+    let page = subs.more.as_ref().unwrap()[0].as_ptr();
+    for i in n..n + SLOT_PAGE {
+        subs.insert((i, i as u32));
+    }
+    let more = subs.more.as_ref().unwrap();
+    assert_eq!(more[0].as_ptr(), page, "a full page is never copied");
+    assert!(more.iter().all(|p| p.capacity() == SLOT_PAGE));
+    // Free slots on every page are reused last-freed first.
+    for s in [5, SLOT_PAGE as u32 + 1, 2 * SLOT_PAGE as u32 + 7] {
+        subs.remove(s);
+    }
+    assert_eq!(subs.insert((1, 1)), 2 * SLOT_PAGE as u32 + 7);
+    assert_eq!(subs.insert((2, 2)), SLOT_PAGE as u32 + 1);
+    assert_eq!(subs.insert((3, 3)), 5);
+    let all: Vec<ConnRef> = subs.iter().collect();
+    assert_eq!(all.len(), n + SLOT_PAGE);
+    assert_eq!(all[5], (3, 3));
+    assert_eq!(all[SLOT_PAGE + 1], (2, 2));
+    assert_eq!(all[2 * SLOT_PAGE + 7], (1, 1));
+    assert_eq!(all[3 * SLOT_PAGE], (3 * SLOT_PAGE, 3 * SLOT_PAGE as u32));
+}

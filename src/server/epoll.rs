@@ -340,3 +340,20 @@ impl Backend for Worker {
         self.core.finish();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::worker::Conn;
+
+    /// An idle epoll subscriber's slab entry, accounted byte by byte in
+    /// docs/BENCHMARKS.md ("Idle memory per subscriber, accounted"): the
+    /// descriptor (4; mio adds a 12-byte selector id in debug builds), the
+    /// `Session` (64), serial, keepalive time and budget charge (4 each),
+    /// state and flags (1 each), padded to 8.
+    #[test]
+    fn an_epoll_connection_entry_stays_88_bytes() {
+        let expected = if cfg!(debug_assertions) { 96 } else { 88 };
+        assert_eq!(std::mem::size_of::<Conn<TcpStream>>(), expected);
+    }
+}

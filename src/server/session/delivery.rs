@@ -47,8 +47,8 @@ impl Session {
                         shard.unsubscribe(sub);
                     }
                 }
-                Role::Publisher { topic, .. } => {
-                    if let Some(t) = topic.take() {
+                Role::Publisher(p) => {
+                    if let Some(t) = p.topic.take() {
                         shard.directory().release(t);
                     }
                 }

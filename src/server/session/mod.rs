@@ -54,6 +54,12 @@ pub struct Ctx<'a> {
     pub peer: Option<IpAddr>,
     /// The worker's `/metrics` rendering of this turn (made at `now`).
     pub metrics: &'a mut Option<(Instant, Bytes)>,
+    /// Set by the session: it published something (HTTP or WebSocket).
+    /// The backend applies the mailbox backpressure to it.
+    pub published: bool,
+    /// Counted by the session: HTTP requests it completed (the backend
+    /// arms the next request's deadline).
+    pub requests: u32,
 }
 
 /// What an open WebSocket is for.
@@ -63,20 +69,25 @@ enum Role {
     Echo,
     /// `/ws`: receives the topics it subscribed to; sends control messages.
     Subscriber { subs: SubList },
-    /// `/publish/{topic}`: every message it sends is published.
-    Publisher {
-        topic: Option<Arc<TopicInterest>>,
-        /// `--max-publish-rate`: what one read delivers is published, going
-        /// into debt if need be; the backend then stops reading until the
-        /// debt is repaid (pacing, nothing lost).
-        pace: TokenBucket,
-    },
+    /// `/publish/{topic}`: every message it sends is published. Boxed: a
+    /// role is in every connection, and publishers are few (the role is 16
+    /// bytes instead of 24).
+    Publisher(Box<Publisher>),
+}
+
+#[derive(Debug)]
+struct Publisher {
+    topic: Option<Arc<TopicInterest>>,
+    /// `--max-publish-rate`: what one read delivers is published, going
+    /// into debt if need be; the backend then stops reading until the
+    /// debt is repaid (pacing, nothing lost).
+    pace: TokenBucket,
 }
 
 #[derive(Debug)]
 enum Phase {
-    /// Reading an HTTP request head.
-    Head(HeadScanner),
+    /// Reading an HTTP request head, after `requests` complete ones.
+    Head { scan: HeadScanner, requests: u32 },
     /// Reading the body of `POST /publish/{topic}`.
     Body(Box<BodyState>),
     /// An open WebSocket.
@@ -114,22 +125,53 @@ pub enum Push {
     SlowConsumer { discarded: usize },
 }
 
-/// One connection's state. No heap when idle, apart from its subscriptions.
+/// One connection's state. No heap when idle, apart from its subscriptions;
+/// 64 bytes (one per connection: idle memory, docs/BENCHMARKS.md).
 #[derive(Debug)]
 pub struct Session {
     phase: Phase,
     /// Input not yet consumed: a partial head, frame header or control frame.
-    /// Exactly sized (16 bytes inline instead of a `Vec`'s 24: idle memory).
-    pending: Box<[u8]>,
-    /// HTTP requests completed (the backend re-arms the request deadline
-    /// when this changes).
-    requests: u32,
-    /// Published something (HTTP or WebSocket) since the last
-    /// [`Session::take_published`]: the backend applies the mailbox
-    /// backpressure to it.
-    published: bool,
+    pending: Pending,
     /// Bytes waiting to be written.
     pub out: OutQueue,
+}
+
+/// Input kept between reads, exactly sized. Behind one more pointer (8
+/// bytes in every session instead of a boxed slice's 16): nearly every
+/// connection keeps none, and one that does pays a second small
+/// allocation.
+#[derive(Debug, Default)]
+struct Pending(Option<Box<Box<[u8]>>>);
+
+impl Pending {
+    fn bytes(&self) -> &[u8] {
+        self.0.as_deref().map_or(&[], |b| b)
+    }
+
+    fn len(&self) -> usize {
+        self.bytes().len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+
+    /// Keeps a copy of `bytes` (nothing, and no allocation, when empty).
+    fn set(&mut self, bytes: &[u8]) {
+        self.0 = (!bytes.is_empty()).then(|| Box::new(bytes.into()));
+    }
+
+    /// Appends `more` after what is kept.
+    fn append(&mut self, more: &[u8]) {
+        let mut all = Vec::with_capacity(self.len() + more.len());
+        all.extend_from_slice(self.bytes());
+        all.extend_from_slice(more);
+        self.0 = (!all.is_empty()).then(|| Box::new(all.into_boxed_slice()));
+    }
+
+    fn clear(&mut self) {
+        self.0 = None;
+    }
 }
 
 impl Default for Session {
@@ -142,10 +184,11 @@ impl Session {
     /// A new connection, waiting for its request head.
     pub fn new() -> Self {
         Self {
-            phase: Phase::Head(HeadScanner::default()),
-            pending: Box::default(),
-            requests: 0,
-            published: false,
+            phase: Phase::Head {
+                scan: HeadScanner::default(),
+                requests: 0,
+            },
+            pending: Pending::default(),
             out: OutQueue::new(),
         }
     }
@@ -153,26 +196,27 @@ impl Session {
     /// Is the connection waiting for (or inside) an HTTP request, so that
     /// the request deadline applies?
     pub fn awaiting_request(&self) -> bool {
-        matches!(self.phase, Phase::Head(_) | Phase::Body(_))
+        matches!(self.phase, Phase::Head { .. } | Phase::Body(_))
     }
 
     /// Has part of an HTTP request (head or body) arrived?
     pub fn partial_request(&self) -> bool {
         match &self.phase {
-            Phase::Head(_) => !self.pending.is_empty(),
+            Phase::Head { .. } => !self.pending.is_empty(),
             Phase::Body(_) => true,
             _ => false,
         }
     }
 
-    /// HTTP requests completed on this connection so far.
+    /// While the connection reads HTTP requests ([`Self::awaiting_request`]):
+    /// how many it completed, what tells one request's deadline from the
+    /// next. 0 once it is no longer in HTTP (no request deadline applies).
     pub fn requests(&self) -> u32 {
-        self.requests
-    }
-
-    /// Did this connection publish since the last call? Clears the mark.
-    pub fn take_published(&mut self) -> bool {
-        std::mem::take(&mut self.published)
+        match &self.phase {
+            Phase::Head { requests, .. } => *requests,
+            Phase::Body(b) => b.requests,
+            _ => 0,
+        }
     }
 
     /// Is this an open WebSocket?
@@ -185,7 +229,7 @@ impl Session {
         matches!(
             self.phase,
             Phase::Ws {
-                role: Role::Publisher { .. },
+                role: Role::Publisher(_),
                 ..
             }
         )
@@ -194,7 +238,7 @@ impl Session {
     /// What the backend should do now.
     pub fn next(&self) -> Next {
         match &self.phase {
-            Phase::Head(_) | Phase::Body(_) => Next::Read,
+            Phase::Head { .. } | Phase::Body(_) => Next::Read,
             Phase::Ws { ws, .. } if ws.close_state() != CloseState::Closed => Next::Read,
             _ => Next::FlushAndClose,
         }
@@ -208,9 +252,9 @@ impl Session {
     /// Copies the bytes kept from the previous read to the start of `buf`;
     /// returns how many. The backend reads new bytes after them.
     pub fn restore_pending(&mut self, buf: &mut [u8]) -> usize {
-        let n = self.pending.len();
-        buf[..n].copy_from_slice(&self.pending);
-        n
+        let pending = self.pending.bytes();
+        buf[..pending.len()].copy_from_slice(pending);
+        pending.len()
     }
 
     /// Keeps `data` after the pending bytes without processing it (input
@@ -218,10 +262,7 @@ impl Session {
     /// [`Self::restore_pending`] returns it. Charged to the buffer budget
     /// like any pending input.
     pub fn hold(&mut self, data: &[u8]) {
-        let mut all = Vec::with_capacity(self.pending.len() + data.len());
-        all.extend_from_slice(&self.pending);
-        all.extend_from_slice(data);
-        self.pending = all.into_boxed_slice();
+        self.pending.append(data);
     }
 
     /// Processes `buf` (previous pending bytes followed by new ones).
@@ -229,10 +270,11 @@ impl Session {
         let mut pos = 0;
         loop {
             match &mut self.phase {
-                Phase::Head(scanner) => {
+                Phase::Head { scan, requests } => {
+                    let done = requests.wrapping_add(1);
                     let cfg = &ctx.shared.config;
                     let rest = &buf[pos..];
-                    let Some(end) = scanner.find_end(rest) else {
+                    let Some(end) = scan.find_end(rest) else {
                         if rest.len() > cfg.max_handshake_size {
                             self.refuse(
                                 Reject::new(Status::HeadTooLarge, "request head too large"),
@@ -255,7 +297,9 @@ impl Session {
                         self.refuse(reject, ctx.stats);
                         return Next::FlushAndClose;
                     }
-                    self.requests = self.requests.wrapping_add(1);
+                    // The next phase (another head, a body) counts it.
+                    self.set_requests(done);
+                    ctx.requests += 1;
                     pos = head_end;
                 }
                 Phase::Body(body) => {
@@ -263,7 +307,7 @@ impl Session {
                     let take = want.min(buf.len() - pos);
                     if take < want {
                         body.body.extend_from_slice(&buf[pos..]);
-                        self.pending = Box::default();
+                        self.pending.clear();
                         return Next::Read;
                     }
                     if !body.body.is_empty() {
@@ -282,7 +326,7 @@ impl Session {
                     self.finish_publish(&state, payload, ctx);
                     pos += take;
                     if matches!(self.phase, Phase::Done) {
-                        self.pending = Box::default();
+                        self.pending.clear();
                         return Next::FlushAndClose;
                     }
                 }
@@ -294,7 +338,7 @@ impl Session {
                 }
                 Phase::Done => {
                     // Whatever else the client sends is ignored.
-                    self.pending = Box::default();
+                    self.pending.clear();
                     return Next::FlushAndClose;
                 }
             }
@@ -328,12 +372,12 @@ impl Session {
                             "binary messages are not control messages; send JSON text",
                         )))
                     }
-                    Role::Publisher { topic, pace } => {
+                    Role::Publisher(p) => {
                         ctx.stats.message_published();
-                        pace.spend(rate, ctx.now_ms);
-                        if let Some(t) = topic {
+                        p.pace.spend(rate, ctx.now_ms);
+                        if let Some(t) = &p.topic {
                             ctx.shard.publish(t, encode(kind, payload), ctx.now);
-                            self.published = true;
+                            ctx.published = true;
                         }
                         None
                     }
@@ -396,9 +440,9 @@ impl Session {
     pub fn publish_wait_ms(&self, rate: u32) -> u32 {
         match &self.phase {
             Phase::Ws {
-                role: Role::Publisher { pace, .. },
+                role: Role::Publisher(p),
                 ..
-            } => pace.wait_ms(rate),
+            } => p.pace.wait_ms(rate),
             _ => 0,
         }
     }
@@ -435,18 +479,26 @@ impl Session {
         reason: &'static str,
         stats: &WorkerStats,
     ) {
-        self.pending = Box::default();
+        self.pending.clear();
         match &mut self.phase {
             Phase::Ws { ws, .. } => ws.abort(code, reason, &mut self.out),
-            Phase::Head(_) | Phase::Body(_) => self.refuse(Reject::new(status, reason), stats),
+            Phase::Head { .. } | Phase::Body(_) => self.refuse(Reject::new(status, reason), stats),
             Phase::Done => {}
+        }
+    }
+
+    /// Sets the count of completed requests of a connection still in HTTP.
+    fn set_requests(&mut self, n: u32) {
+        match &mut self.phase {
+            Phase::Head { requests, .. } => *requests = n,
+            Phase::Body(b) => b.requests = n,
+            _ => {}
         }
     }
 
     /// Keeps `buf[pos..]` for the next read; frees the buffer when nothing is left.
     fn keep(&mut self, buf: &[u8], pos: usize) {
-        let rest = &buf[pos..];
-        self.pending = rest.into();
+        self.pending.set(&buf[pos..]);
     }
 
     /// Answers `reject` and closes: a refused request, or a connection
@@ -461,7 +513,7 @@ impl Session {
         self.out
             .push(Bytes::from(handshake::error_response(reject)));
         self.phase = Phase::Done;
-        self.pending = Box::default();
+        self.pending.clear();
     }
 }
 
@@ -475,4 +527,45 @@ enum Reply {
 /// A message as one server frame, encoded once for every subscriber.
 fn encode(kind: MessageKind, payload: &[u8]) -> Bytes {
     Bytes::from(server_frame(kind.opcode(), payload))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::size_of;
+
+    /// One per connection (docs/BENCHMARKS.md, "Idle memory per subscriber,
+    /// accounted"): the open WebSocket's phase is the largest (its `WsConn`
+    /// and role; the HTTP phases fit beside them), then the kept input and
+    /// the queue, a pointer each.
+    #[test]
+    fn a_session_stays_64_bytes() {
+        assert_eq!(size_of::<WsConn>(), 32);
+        assert_eq!(size_of::<SubList>(), 16);
+        assert_eq!(size_of::<Role>(), 16);
+        assert_eq!(size_of::<Phase>(), 48);
+        assert_eq!(size_of::<Pending>(), 8);
+        assert_eq!(size_of::<OutQueue>(), 8);
+        assert_eq!(size_of::<Session>(), 64);
+    }
+
+    #[test]
+    fn kept_input_is_exact_and_held_input_goes_after_it() {
+        let mut s = Session::new();
+        assert_eq!(s.pending_len(), 0);
+        s.hold(b"");
+        assert!(s.pending.0.is_none(), "nothing kept, nothing allocated");
+        s.pending.set(b"GET / HT");
+        s.hold(b"TP/1.1");
+        let mut buf = [0u8; 32];
+        let n = s.restore_pending(&mut buf);
+        assert_eq!(&buf[..n], b"GET / HTTP/1.1");
+        assert_eq!(
+            s.pending.0.as_deref().map(|b| b.len()),
+            Some(n),
+            "exactly sized"
+        );
+        s.pending.set(b"");
+        assert!(s.pending.is_empty());
+    }
 }

@@ -16,6 +16,8 @@ pub(super) struct BodyState {
     pub(super) len: usize,
     pub(super) keep_alive: bool,
     pub(super) body: Vec<u8>,
+    /// Requests completed on the connection, this one's head included.
+    pub(super) requests: u32,
 }
 
 impl Session {
@@ -77,6 +79,8 @@ impl Session {
             len,
             keep_alive: keep_alive(req),
             body: Vec::new(),
+            // Set by the caller once the head is done.
+            requests: 0,
         }));
         Ok(())
     }
@@ -98,12 +102,15 @@ impl Session {
         if let Some((topic, workers)) = ctx.shard.directory().interest(&state.topic) {
             let frame = encode(state.kind, body);
             ctx.shard.publish_weak(topic, workers, frame, ctx.now);
-            self.published = true;
+            ctx.published = true;
         }
         self.out
             .push(Bytes::from_static(http::no_content(state.keep_alive)));
         self.phase = if state.keep_alive {
-            Phase::Head(HeadScanner::default())
+            Phase::Head {
+                scan: HeadScanner::default(),
+                requests: state.requests,
+            }
         } else {
             Phase::Done
         };

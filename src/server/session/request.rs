@@ -1,7 +1,7 @@
 //! Requests: where each goes (routing), and the WebSocket upgrade that
 //! gives an open connection its role.
 
-use super::{Ctx, Phase, Role, Session};
+use super::{Ctx, Phase, Publisher, Role, Session};
 use crate::proto::WsConn;
 use crate::proto::handshake::{
     HeadScanner, MAX_HEADERS, Reject, Request, Status, choose_subprotocol, parse_head,
@@ -113,7 +113,11 @@ impl Session {
                 // connection by --max-outbound-bytes (reading pauses above it).
                 self.out.push_shared(response.body);
                 self.phase = if ka {
-                    Phase::Head(HeadScanner::default())
+                    Phase::Head {
+                        scan: HeadScanner::default(),
+                        // Set by the caller once the head is done.
+                        requests: 0,
+                    }
                 } else {
                     Phase::Done
                 };
@@ -136,10 +140,10 @@ impl Session {
             Upgrade::Publish(name) => {
                 check_publisher(req, cfg)?;
                 topic::validate(name, cfg.max_topic_len).map_err(topic_reject)?;
-                Role::Publisher {
+                Role::Publisher(Box::new(Publisher {
                     topic: Some(ctx.shard.directory().entry(name)),
                     pace: TokenBucket::full(cfg.max_publish_rate, ctx.now_ms),
-                }
+                }))
             }
             Upgrade::Subscribe => {
                 let list = topic::from_query(req.query).unwrap_or("");

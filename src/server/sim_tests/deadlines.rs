@@ -181,3 +181,28 @@ fn a_peer_that_stops_reading_while_closing_is_dropped_after_the_linger() {
     assert!(sim.closed.contains(&s));
     assert!(sim.received(s).is_empty());
 }
+
+#[test]
+fn upgraded_connections_leave_no_request_deadlines_behind() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut sim = Sim::new(|_| {});
+    let silent = sim.connect(1 << 20);
+    let half = sim.connect(1 << 20);
+    sim.send(half, b"GET /echo HTTP/1.1\r\nHost: x\r\n");
+    // A thousand subscribers within the handshake timeout: their entries
+    // are dropped as the queue fills, not kept for 10 s each.
+    let subscribers: Vec<usize> = (0..1000)
+        .map(|_| sim.upgrade("/ws?topics=idle", 1 << 16))
+        .collect();
+    assert!(
+        sim.core.request_deadlines() <= 8,
+        "{} entries",
+        sim.core.request_deadlines()
+    );
+    // The two still in their request keep theirs.
+    sim.wait(11 * SECOND, TICK);
+    assert!(sim.closed.contains(&silent));
+    assert!(sim.received(half).starts_with(b"HTTP/1.1 408 "));
+    assert_eq!(sim.stats().handshake_timeouts.load(Relaxed), 2);
+    assert!(subscribers.iter().all(|k| !sim.closed.contains(k)));
+}

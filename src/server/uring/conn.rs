@@ -246,4 +246,13 @@ mod tests {
     fn a_socket_handle_stays_sixteen_bytes() {
         assert_eq!(std::mem::size_of::<Sock>(), 16);
     }
+
+    /// An idle io_uring subscriber's slab entry, accounted byte by byte in
+    /// docs/BENCHMARKS.md ("Idle memory per subscriber, accounted"): the
+    /// `Sock` (16), the `Session` (64), serial, keepalive time and budget
+    /// charge (4 each), state and flags (1 each), padded to 8.
+    #[test]
+    fn an_io_uring_connection_entry_stays_96_bytes() {
+        assert_eq!(std::mem::size_of::<Conn<Sock>>(), 96);
+    }
 }

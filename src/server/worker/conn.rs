@@ -4,6 +4,7 @@
 //! reaches its handle and its queue through the methods here.
 
 use super::IoState;
+
 use crate::proto::OutQueue;
 use crate::pubsub::shard::ConnRef;
 use crate::server::session::Session;
@@ -11,42 +12,77 @@ use crate::server::session::Session;
 /// One connection: the backend's handle `S` and the protocol state.
 ///
 /// The backend reaches its handle and the queue it writes through the
-/// methods below; everything else is the core's.
+/// methods below; everything else is the core's. There is one per
+/// connection, idle ones included: every field counts (see
+/// docs/BENCHMARKS.md, "Idle memory per subscriber, accounted").
 pub struct Conn<S> {
     pub(super) io: S,
     pub(super) session: Session,
     /// Distinguishes this connection from later ones reusing its slab key.
     pub(super) serial: u32,
-    pub(super) state: IoState,
-    /// Stopped reading because the outbound queue is over its bound.
-    pub(super) read_paused: bool,
-    /// The peer sent FIN: once the queue is flushed there is nothing to wait for.
-    pub(super) peer_eof: bool,
-    /// Already in the dirty list this turn.
-    pub(super) dirty: bool,
-    /// A keepalive ping is out and unanswered (nothing received since).
-    pub(super) ping_pending: bool,
-    /// When input last arrived, or the ping went out: milliseconds since
-    /// the worker started (wrapping; compared by difference).
-    pub(super) last_rx_ms: u32,
-    pub(super) ping_sent_ms: u32,
-    /// `session.requests()` when the current request deadline was armed.
-    pub(super) request_gen: u32,
+    /// The keepalive clock, in milliseconds since the worker started
+    /// (wrapping; compared by difference): when input last arrived, or,
+    /// while [`PING_PENDING`], when the ping went out.
+    pub(super) keepalive_ms: u32,
     /// Bytes of this connection charged to the worker's buffer budget.
     pub(super) charged: u32,
-    /// The send deadline, by epochs: at `tx_ms` the queue held everything
-    /// up to byte `tx_goal` of the connection's output (counted by `sent`,
-    /// wrapping). Once `sent` passes `tx_goal` a new epoch starts; an epoch
-    /// older than the send timeout means a queued byte waited that long.
-    pub(super) tx_ms: u32,
-    pub(super) tx_goal: u32,
-    /// Bytes the kernel has taken from this connection's queue (wrapping).
-    pub(super) sent: u32,
-    /// Counted by the admission limits (false: refused at accept).
-    pub(super) admitted: bool,
+    pub(super) state: IoState,
+    /// [`READ_PAUSED`], [`PEER_EOF`], [`DIRTY`], [`PING_PENDING`],
+    /// [`ADMITTED`], [`REQUEST_DONE`], [`PUBLISHED`]: bits, one byte.
+    flags: u8,
 }
 
+/// Stopped reading because the outbound queue is over its bound (or a
+/// publisher is paced or throttled).
+pub(super) const READ_PAUSED: u8 = 1;
+/// The peer sent FIN: once the queue is flushed there is nothing to wait for.
+pub(super) const PEER_EOF: u8 = 2;
+/// Already in the dirty list this turn.
+pub(super) const DIRTY: u8 = 4;
+/// A keepalive ping is out and unanswered (nothing received since).
+pub(super) const PING_PENDING: u8 = 8;
+/// Counted by the admission limits (clear: refused at accept).
+pub(super) const ADMITTED: u8 = 16;
+/// The session completed an HTTP request since the request deadline was
+/// last armed ([`Core::after_input`](super::Core::after_input) arms the next).
+pub(super) const REQUEST_DONE: u8 = 32;
+/// The session published something since the last read's backpressure
+/// check took the mark.
+pub(super) const PUBLISHED: u8 = 64;
+
 impl<S> Conn<S> {
+    /// A connection just accepted at `now_ms`, its request head awaited.
+    pub(super) fn new(io: S, serial: u32, now_ms: u32, admitted: bool) -> Self {
+        Self {
+            io,
+            session: Session::new(),
+            serial,
+            keepalive_ms: now_ms,
+            charged: 0,
+            state: IoState::Active,
+            flags: if admitted { ADMITTED } else { 0 },
+        }
+    }
+
+    pub(super) fn flag(&self, bit: u8) -> bool {
+        self.flags & bit != 0
+    }
+
+    pub(super) fn set_flag(&mut self, bit: u8, on: bool) {
+        if on {
+            self.flags |= bit;
+        } else {
+            self.flags &= !bit;
+        }
+    }
+
+    /// Clears `bit`; returns whether it was set.
+    pub(super) fn take_flag(&mut self, bit: u8) -> bool {
+        let was = self.flag(bit);
+        self.flags &= !bit;
+        was
+    }
+
     /// The backend's socket handle.
     pub fn io(&self) -> &S {
         &self.io
@@ -67,12 +103,12 @@ impl<S> Conn<S> {
 
     /// Not to be read: paused by backpressure, pacing or throttling.
     pub fn read_paused(&self) -> bool {
-        self.read_paused
+        self.flag(READ_PAUSED)
     }
 
     /// The peer has sent its FIN.
     pub fn peer_eof(&self) -> bool {
-        self.peer_eof
+        self.flag(PEER_EOF)
     }
 
     /// The socket handle and the queue together, for a write that gathers
@@ -108,8 +144,8 @@ impl<S> Conn<S> {
 
     /// Lists the connection (slab key `key`) for the end-of-turn flush, once.
     pub(super) fn mark_dirty(&mut self, key: usize, list: &mut Vec<ConnRef>) {
-        if !self.dirty {
-            self.dirty = true;
+        if !self.flag(DIRTY) {
+            self.set_flag(DIRTY, true);
             list.push((key, self.serial));
         }
     }

@@ -49,15 +49,9 @@ impl<S> Core<S> {
             // WebSocket or HTTP: no queued byte may wait longer (a peer that
             // stops reading, or reads too slowly to ever catch up, is cut
             // however it got there; docs/SECURITY.md, "Deadlines").
-            let out = conn.session.out.len();
-            if out == 0 {
-                conn.tx_ms = now;
-                conn.tx_goal = conn.sent;
-            } else if conn.sent.wrapping_sub(conn.tx_goal) as i32 >= 0 {
-                // Everything queued when the epoch began has left: a new one.
-                conn.tx_ms = now;
-                conn.tx_goal = conn.sent.wrapping_add(out as u32);
-            } else if send_timeout.is_some_and(|limit| now.wrapping_sub(conn.tx_ms) >= limit) {
+            if let Some(since) = conn.session.out.send_epoch(now)
+                && send_timeout.is_some_and(|limit| now.wrapping_sub(since) >= limit)
+            {
                 stalled.push(key);
                 continue;
             }
@@ -66,7 +60,7 @@ impl<S> Core<S> {
             // its message: not judged by those while paused. Its pause ends by
             // itself (the queue drains or the send timeout cuts it; the
             // mailboxes drain; the pace runs out).
-            if !conn.session.is_websocket() || conn.read_paused {
+            if !conn.session.is_websocket() || conn.flag(READ_PAUSED) {
                 continue;
             }
             if let (Some(limit), Some(started)) = (message_timeout, conn.session.message_started())
@@ -78,14 +72,14 @@ impl<S> Core<S> {
             let Some(interval) = interval else {
                 continue;
             };
-            if conn.ping_pending {
-                if now.wrapping_sub(conn.ping_sent_ms) >= timeout {
+            if conn.flag(PING_PENDING) {
+                if now.wrapping_sub(conn.keepalive_ms) >= timeout {
                     timed_out.push(key);
                 }
-            } else if now.wrapping_sub(conn.last_rx_ms) >= interval && conn.session.ping() {
+            } else if now.wrapping_sub(conn.keepalive_ms) >= interval && conn.session.ping() {
                 stats.keepalive_ping();
-                conn.ping_pending = true;
-                conn.ping_sent_ms = now;
+                conn.set_flag(PING_PENDING, true);
+                conn.keepalive_ms = now;
                 conn.mark_dirty(key, &mut self.dirty);
             }
         }
@@ -154,6 +148,44 @@ impl<S> Core<S> {
         .min()
     }
 
+    /// Queues a request deadline: at `at`, `key` (`serial`) must have
+    /// finished request number `generation`.
+    ///
+    /// An entry outlives its purpose as soon as the connection upgrades,
+    /// closes or completes the request, and would otherwise wait for its
+    /// time to be popped: at 10 000 connections opened within one handshake
+    /// timeout, 24 bytes each, nearly all dead. So before the queue would
+    /// grow, its dead entries are dropped ([`request_pending`], order
+    /// kept): it holds about as many entries as requests in progress, not
+    /// connections opened. A purge that frees less than half makes room
+    /// for as many again, so each costs O(capacity) once per capacity / 2
+    /// pushes at the least (amortised O(1), however many stay alive).
+    pub(super) fn push_request_deadline(
+        &mut self,
+        at: u64,
+        key: usize,
+        serial: u32,
+        generation: u32,
+    ) {
+        let queue = &mut self.handshake_deadlines;
+        if queue.len() == queue.capacity() && !queue.is_empty() {
+            let conns = &self.conns;
+            queue.retain(|&(_, key, serial, generation)| {
+                request_pending(conns, key as usize, serial, generation)
+            });
+            if queue.len() > queue.capacity() / 2 {
+                queue.reserve(queue.capacity());
+            }
+        }
+        queue.push_back((at, key as u32, serial, generation));
+    }
+
+    /// Request deadlines queued (live or not yet purged).
+    #[cfg(test)]
+    pub fn request_deadlines(&self) -> usize {
+        self.handshake_deadlines.len()
+    }
+
     /// Handles the request and linger deadlines that ran out by `now`;
     /// returns the connections the backend must close now (check each with
     /// [`Self::is_current`]: one may be listed twice).
@@ -168,21 +200,20 @@ impl<S> Core<S> {
             self.handshake_deadlines.pop_front();
             if self.is_current(key, serial) {
                 let conn = &self.conns[key];
-                if conn.read_paused
+                if conn.flag(READ_PAUSED)
                     && conn.session.awaiting_request()
-                    && conn.request_gen == generation
+                    && conn.session.requests() == generation
                 {
                     // Not read because of us (a held publisher, a full queue):
                     // its next request cannot arrive. Judged again once read;
                     // the send timeout covers a queue that does not drain.
                     let at = ms_after(self.epoch, now, self.shared.config.handshake_timeout);
-                    self.handshake_deadlines
-                        .push_back((at, key as u32, serial, generation));
+                    self.push_request_deadline(at, key, serial, generation);
                     continue;
                 }
                 if conn.session.awaiting_request()
                     && conn.state == IoState::Active
-                    && conn.request_gen == generation
+                    && conn.session.requests() == generation
                 {
                     let stats = &self.shared.stats[self.id];
                     stats.handshake_timeout();
@@ -263,6 +294,25 @@ impl<S> Core<S> {
         self.drain_deadline
             .is_some_and(|d| self.conns.is_empty() || self.now >= d)
     }
+}
+
+/// Can the request deadline `(key, serial, generation)` still act: is the
+/// connection still `serial`, not gone, reading request number
+/// `generation`? (What [`Core::expire`] checks before it does anything;
+/// once false it stays false: the phase never returns to a request and
+/// the generation only moves on.)
+fn request_pending<S>(
+    conns: &PagedSlab<Conn<S>>,
+    key: usize,
+    serial: u32,
+    generation: u32,
+) -> bool {
+    conns.get(key).is_some_and(|c| {
+        c.serial == serial
+            && c.state != IoState::Gone
+            && c.session.awaiting_request()
+            && c.session.requests() == generation
+    })
 }
 
 /// `now + after` in milliseconds since `epoch` (rounded up, so a deadline

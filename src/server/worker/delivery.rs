@@ -148,7 +148,7 @@ impl<S> Core<S> {
                 }
                 self.paced.swap_remove(i);
                 if self.is_current(key, serial) && !self.throttled.contains(&(key, serial)) {
-                    self.conns[key].read_paused = false;
+                    self.conns[key].set_flag(READ_PAUSED, false);
                     self.reread.push((key, serial));
                 }
             }
@@ -160,7 +160,7 @@ impl<S> Core<S> {
         }
         for (key, serial) in std::mem::take(&mut self.throttled) {
             if self.is_current(key, serial) {
-                self.conns[key].read_paused = false;
+                self.conns[key].set_flag(READ_PAUSED, false);
                 self.reread.push((key, serial));
             }
         }
@@ -189,7 +189,7 @@ impl<S> Core<S> {
 /// subscriber, applying the slow-consumer policy.
 #[allow(clippy::too_many_arguments)]
 fn push_to<S>(
-    conns: &mut Slab<Conn<S>>,
+    conns: &mut PagedSlab<Conn<S>>,
     dirty: &mut Vec<ConnRef>,
     slow: &mut Vec<ConnRef>,
     budget: &mut Budget<'_>,

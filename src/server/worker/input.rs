@@ -31,8 +31,8 @@ impl<S> Core<S> {
         let now_ms = self.now_ms();
         let stats = &self.shared.stats[self.id];
         let conn = &mut self.conns[key];
-        conn.last_rx_ms = now_ms;
-        conn.ping_pending = false;
+        conn.keepalive_ms = now_ms;
+        conn.set_flag(PING_PENDING, false);
         let mut ctx = Ctx {
             shared: &self.shared,
             stats,
@@ -46,8 +46,16 @@ impl<S> Core<S> {
                 self.addresses.get(&key).copied()
             },
             metrics: &mut self.metrics,
+            published: false,
+            requests: 0,
         };
         let next = conn.session.on_input(buf, &mut ctx);
+        if ctx.published {
+            conn.set_flag(PUBLISHED, true);
+        }
+        if ctx.requests > 0 {
+            conn.set_flag(REQUEST_DONE, true);
+        }
         // What it subscribed to or published is charged here too.
         let shard_grew = self.sync_shard_charge();
         if self.recharge(key) || (shard_grew && self.buffered > self.budget) {
@@ -86,7 +94,7 @@ impl<S> Core<S> {
         if wait > 0 {
             // Over --max-publish-rate: not read until the debt is repaid.
             stats.publisher_paced();
-            conn.read_paused = true;
+            conn.set_flag(READ_PAUSED, true);
             let at = self.now + Duration::from_millis(wait as u64);
             // io_uring may deliver input already received while paused: one
             // entry per connection, holding the latest resume time.
@@ -99,10 +107,10 @@ impl<S> Core<S> {
         }
         if conn.session.out.len() > self.shared.config.max_outbound_bytes {
             // Resumed by `after_flush` once the queue is down to half.
-            conn.read_paused = true;
+            conn.set_flag(READ_PAUSED, true);
             return Input::Stop;
         }
-        let published = conn.session.take_published();
+        let published = conn.take_flag(PUBLISHED);
         if (published || conn.session.is_publisher())
             && self.shard.bus().max_queued_bytes() > self.shared.config.mailbox_high_water
         {
@@ -110,7 +118,7 @@ impl<S> Core<S> {
             // until the mailboxes drain (`unthrottle`), so pipelined
             // requests wait in the socket, not in a mailbox.
             stats.publisher_throttled();
-            conn.read_paused = true;
+            conn.set_flag(READ_PAUSED, true);
             self.throttled.push((key, conn.serial));
             return Input::Stop;
         }
@@ -120,23 +128,26 @@ impl<S> Core<S> {
     /// The peer sent FIN.
     pub fn eof(&mut self, key: usize) {
         let conn = &mut self.conns[key];
-        conn.peer_eof = true;
+        conn.set_flag(PEER_EOF, true);
         conn.state = IoState::Closing;
     }
 
     /// After a batch of input for `key`: re-arms the request deadline of a
     /// keep-alive connection, and starts closing or schedules the flush.
     pub fn after_input(&mut self, key: usize) {
-        let cfg = &self.shared.config;
         let conn = &mut self.conns[key];
         let serial = conn.serial;
-        if conn.session.awaiting_request() && conn.session.requests() != conn.request_gen {
-            // A keep-alive HTTP connection finished a request: the next one gets a fresh deadline.
-            conn.request_gen = conn.session.requests();
-            let at = ms_after(self.epoch, self.now, cfg.handshake_timeout);
-            self.handshake_deadlines
-                .push_back((at, key as u32, serial, conn.request_gen));
+        if conn.session.awaiting_request() && conn.take_flag(REQUEST_DONE) {
+            // A keep-alive HTTP connection finished a request: the next one
+            // gets a fresh deadline, for this request number. (Input is
+            // always followed by this call, so wherever a deadline is
+            // judged, a connection reading a request has had its deadline
+            // armed for its current request number.)
+            let generation = conn.session.requests();
+            let at = ms_after(self.epoch, self.now, self.shared.config.handshake_timeout);
+            self.push_request_deadline(at, key, serial, generation);
         }
+        let conn = &self.conns[key];
         if conn.state == IoState::Closing {
             self.start_closing(key);
         } else if !conn.session.out.is_empty() {

@@ -17,6 +17,7 @@
 //! | `mod.rs` | [`Core`]: admission, the dirty and re-read lists, flush results, closing, retiring |
 //! | `input.rs` | what a read does: the session's input, the budget charge, pacing and throttling |
 //! | `conn.rs` | [`Conn`]: one connection's entry, and what a backend may reach of it |
+//! | `paged.rs` | `PagedSlab`: the table of entries, grown by pages that never move |
 //! | `delivery.rs` | the fan-out half of a turn: dispatch, the bounded mailbox drain, `push_to`, the shard's budget charge, unthrottling |
 //! | `deadlines.rs` | the sweep (keepalive, message and send deadlines), the FIFO deadline queues, the next wake-up, the drain |
 
@@ -24,11 +25,12 @@ mod conn;
 mod deadlines;
 mod delivery;
 mod input;
+mod paged;
 use input::recharge;
 
 use super::Shared;
 use super::config::Config;
-use super::session::{Ctx, Next, Push, Session};
+use super::session::{Ctx, Next, Push};
 use super::stats::{Undelivered, WorkerStats};
 use crate::proto::CloseCode;
 use crate::proto::handshake::{Reject, Status};
@@ -37,8 +39,9 @@ use crate::pubsub::bus::{Inbox, Publication};
 use crate::pubsub::shard::{ConnRef, Shard};
 use bytes::Bytes;
 pub use conn::Conn;
+use conn::{ADMITTED, DIRTY, PEER_EOF, PING_PENDING, PUBLISHED, READ_PAUSED, REQUEST_DONE};
 use deadlines::{ms_after, sweep_period};
-use slab::Slab;
+use paged::PagedSlab;
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -116,7 +119,7 @@ pub enum Input {
 pub struct Core<S> {
     id: usize,
     shared: Arc<Shared>,
-    conns: Slab<Conn<S>>,
+    conns: PagedSlab<Conn<S>>,
     next_serial: u32,
     /// Connections to flush at the end of the turn.
     dirty: Vec<ConnRef>,
@@ -124,8 +127,9 @@ pub struct Core<S> {
     reread: Vec<ConnRef>,
     /// Request-head deadlines, with the request generation they guard.
     /// (deadline, key, serial, generation); times in ms on the worker's
-    /// clock, keys as u32: 24 bytes an entry, since there is one per
-    /// connection accepted in the last timeout period.
+    /// clock, keys as u32: 24 bytes an entry. Entries whose connection has
+    /// moved on are dropped before the queue grows
+    /// ([`Self::push_request_deadline`]).
     handshake_deadlines: VecDeque<(u64, u32, u32, u32)>,
     /// (deadline, key, serial).
     linger_deadlines: VecDeque<(u64, u32, u32)>,
@@ -172,7 +176,7 @@ impl<S> Core<S> {
         Self {
             id,
             shared,
-            conns: Slab::new(),
+            conns: PagedSlab::new(),
             next_serial: 0,
             dirty: Vec::new(),
             reread: Vec::new(),
@@ -266,7 +270,7 @@ impl<S> Core<S> {
 
     /// While closing, the peer's FIN arrived: once flushed, nothing to wait for.
     pub fn peer_closed(&mut self, key: usize) {
-        self.conns[key].peer_eof = true;
+        self.conns[key].set_flag(PEER_EOF, true);
     }
 
     pub fn stats(&self) -> &WorkerStats {
@@ -305,24 +309,9 @@ impl<S> Core<S> {
         let serial = self.next_serial;
         self.next_serial = self.next_serial.wrapping_add(1);
         let admitted = self.shared.admission.admit(peer);
-        let key = self.conns.insert(Conn {
-            io,
-            session: Session::new(),
-            serial,
-            state: IoState::Active,
-            read_paused: false,
-            peer_eof: false,
-            dirty: false,
-            ping_pending: false,
-            last_rx_ms: now_ms,
-            ping_sent_ms: 0,
-            request_gen: 0,
-            charged: 0,
-            tx_ms: now_ms,
-            tx_goal: 0,
-            sent: 0,
-            admitted: admitted.is_ok(),
-        });
+        let key = self
+            .conns
+            .insert(Conn::new(io, serial, now_ms, admitted.is_ok()));
         if let (Ok(ticket), Some(ip)) = (admitted, peer)
             && ticket.per_ip
         {
@@ -345,8 +334,7 @@ impl<S> Core<S> {
             return key;
         }
         let at = ms_after(self.epoch, self.now, self.shared.config.handshake_timeout);
-        self.handshake_deadlines
-            .push_back((at, key as u32, serial, 0));
+        self.push_request_deadline(at, key, serial, 0);
         key
     }
 
@@ -363,7 +351,7 @@ impl<S> Core<S> {
         dirty.retain(|&(key, serial)| {
             let current = self.conns.get(key).is_some_and(|c| c.serial == serial);
             if current {
-                self.conns[key].dirty = false;
+                self.conns[key].set_flag(DIRTY, false);
             }
             current && self.conns[key].state != IoState::Gone
         });
@@ -407,27 +395,28 @@ impl<S> Core<S> {
         self.linger_deadlines.push_back((at, key as u32, serial));
     }
 
-    /// After the backend wrote `wrote` bytes of `key`'s queue (0: none, or
-    /// nothing was queued): resumes reading a connection paused by
-    /// backpressure, and finishes a close once the queue is empty.
-    pub fn after_flush(&mut self, key: usize, wrote: usize) -> AfterFlush {
+    /// After the backend wrote `_wrote` bytes of `key`'s queue (0: none, or
+    /// nothing was queued; the queue counts its own progress, see
+    /// [`OutQueue::send_epoch`](crate::proto::OutQueue::send_epoch)):
+    /// resumes reading a connection paused by backpressure, and finishes a
+    /// close once the queue is empty.
+    pub fn after_flush(&mut self, key: usize, _wrote: usize) -> AfterFlush {
         let max_outbound = self.shared.config.max_outbound_bytes;
         self.recharge(key);
         let conn = &mut self.conns[key];
-        conn.sent = conn.sent.wrapping_add(wrote as u32);
         let serial = conn.serial;
-        if conn.read_paused
+        if conn.flag(READ_PAUSED)
             && conn.session.out.len() <= max_outbound / 2
             && !self.throttled.contains(&(key, serial))
             && !self.paced.iter().any(|&(_, k, s)| (k, s) == (key, serial))
         {
-            conn.read_paused = false;
+            conn.set_flag(READ_PAUSED, false);
             self.reread.push((key, serial));
         }
         if !conn.session.out.is_empty() || conn.state != IoState::Closing {
             return AfterFlush::Keep;
         }
-        if conn.peer_eof {
+        if conn.flag(PEER_EOF) {
             return AfterFlush::Remove;
         }
         conn.state = IoState::Lingering;
@@ -451,7 +440,7 @@ impl<S> Core<S> {
         conn.session.detach(&mut self.shard, stats);
         conn.state = IoState::Gone;
         stats.connection_closed();
-        if std::mem::take(&mut conn.admitted) {
+        if conn.take_flag(ADMITTED) {
             let per_ip = self.addresses.remove(&key);
             self.shared.admission.release(per_ip);
         }
