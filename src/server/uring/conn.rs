@@ -2,7 +2,6 @@
 
 use super::Worker;
 use super::ring::{Op, Ring, on_socket, user_data};
-use super::send::SendOp;
 use crate::server::worker::{Conn, Core, IoState};
 use io_uring::opcode;
 
@@ -11,15 +10,15 @@ use io_uring::opcode;
 /// Its connection stays in the slab (state `Gone` once removed) until the
 /// close of `slot` and every other operation on it have completed
 /// ([`Worker::free_if_done`]): a receive's completion names its entry, and
-/// an in-flight send's arguments and data are owned through it.
+/// an in-flight send's data is the connection's queue (its arguments, for
+/// a vectored send, are in the worker's `send_ops` under the same key).
 pub(in crate::server) struct Sock {
     /// Index in the ring's fixed-file table (with plain descriptors: the
     /// process descriptor).
     slot: u32,
-    /// The vectored send in flight, if any (its msghdr and iovecs).
-    send: Option<Box<SendOp>>,
-    /// [`RECV_ARMED`], [`SEND_SINGLE`], [`SHUTDOWN_PENDING`], [`HELD`]:
-    /// bits, so that the handle stays 16 bytes.
+    /// [`RECV_ARMED`], [`SEND_SINGLE`], [`SEND_VECTORED`],
+    /// [`SHUTDOWN_PENDING`], [`HELD`]: bits, so that the handle stays
+    /// 8 bytes (every connection carries one).
     flags: u8,
     /// Where closing `slot` stands.
     close: SlotClose,
@@ -36,6 +35,9 @@ const SHUTDOWN_PENDING: u8 = 4;
 /// complete after its cancel was submitted) is kept, unprocessed, in the
 /// session's pending bytes; fed to the core on resume.
 const HELD: u8 = 8;
+/// A vectored send is in flight; its `SendOp` is in the worker's
+/// `send_ops`, keyed by this connection's slab key.
+const SEND_VECTORED: u8 = 16;
 
 /// Closing a direct descriptor. The close is submitted only once no other
 /// operation on the slot is in flight: io_uring resolves a fixed file when
@@ -59,7 +61,6 @@ impl Sock {
         Self {
             slot,
             flags: 0,
-            send: None,
             close: SlotClose::Open,
         }
     }
@@ -91,13 +92,13 @@ impl Sock {
 
     /// A send is in flight.
     pub(super) fn sending(&self) -> bool {
-        self.send.is_some() || self.flags & SEND_SINGLE != 0
+        self.flags & (SEND_SINGLE | SEND_VECTORED) != 0
     }
 
-    /// A vectored send naming `op` is pushed: `op` is kept here until
-    /// [`Self::send_ended`]. The box moves; the heap data it points to does not.
-    pub(super) fn send_started(&mut self, op: Box<SendOp>) {
-        self.send = Some(op);
+    /// A vectored send is pushed (its arguments kept by the worker until
+    /// [`Self::send_ended`]).
+    pub(super) fn vectored_send_started(&mut self) {
+        self.set(SEND_VECTORED, true);
     }
 
     /// A single-buffer send is pushed.
@@ -105,11 +106,12 @@ impl Sock {
         self.set(SEND_SINGLE, true);
     }
 
-    /// The send's completion was reaped: its arguments (if it had any) are
-    /// free again.
-    pub(super) fn send_ended(&mut self) -> Option<Box<SendOp>> {
-        self.set(SEND_SINGLE, false);
-        self.send.take()
+    /// The send's completion was reaped; whether it was vectored (its
+    /// arguments are then free again).
+    pub(super) fn send_ended(&mut self) -> bool {
+        let vectored = self.flags & SEND_VECTORED != 0;
+        self.set(SEND_SINGLE | SEND_VECTORED, false);
+        vectored
     }
 
     /// A `shutdown(SHUT_WR)` was pushed.
@@ -243,16 +245,17 @@ mod tests {
     /// Every connection carries a `Sock`: idle memory per connection is
     /// the budget that matters at 250 000 connections.
     #[test]
-    fn a_socket_handle_stays_sixteen_bytes() {
-        assert_eq!(std::mem::size_of::<Sock>(), 16);
+    fn a_socket_handle_stays_eight_bytes() {
+        assert_eq!(std::mem::size_of::<Sock>(), 8);
     }
 
     /// An idle io_uring subscriber's slab entry, accounted byte by byte in
     /// docs/BENCHMARKS.md ("Idle memory per subscriber, accounted"): the
-    /// `Sock` (16), the `Session` (64), serial, keepalive time and budget
-    /// charge (4 each), state and flags (1 each), padded to 8.
+    /// `Sock` (8), the `Session` (64), serial, keepalive time and budget
+    /// charge (4 each), state and flags (1 each), padded to 8: the size of
+    /// an epoll connection's entry.
     #[test]
-    fn an_io_uring_connection_entry_stays_96_bytes() {
-        assert_eq!(std::mem::size_of::<Conn<Sock>>(), 96);
+    fn an_io_uring_connection_entry_stays_88_bytes() {
+        assert_eq!(std::mem::size_of::<Conn<Sock>>(), 88);
     }
 }

@@ -87,10 +87,11 @@ impl Worker {
                 .build()
         })
         .user_data(user_data(Op::Send, key, conn.serial()));
-        // The box moves into the connection; the heap data it points to does not.
-        conn.io_mut().send_started(op);
-        // SAFETY: `msg` and `iov` live in the boxed `op`, now held by
-        // `conn.io` until `on_send` takes it back at the send's completion
+        // The box moves into `send_ops`; the heap data it points to does not.
+        conn.io_mut().vectored_send_started();
+        self.send_ops.insert(key, op);
+        // SAFETY: `msg` and `iov` live in the boxed `op`, now held in
+        // `send_ops` until `on_send` takes it back at the send's completion
         // (a gone connection is freed only once no send is in flight; the
         // exit leaks what is still in flight); the iovecs point at the
         // queue's front, pinned by `pin_front` until `advance` at that
@@ -104,7 +105,11 @@ impl Worker {
         let Some(conn) = conn_of(&mut self.core, key, serial) else {
             return;
         };
-        let op = conn.io_mut().send_ended();
+        let op = if conn.io_mut().send_ended() {
+            self.send_ops.remove(&key)
+        } else {
+            None
+        };
         // Also releases the pin: the queue may move again.
         conn.out_mut().advance(res.max(0) as usize);
         let gone = conn.state() == IoState::Gone;
