@@ -175,3 +175,81 @@ fn an_admin_request_made_at_the_descriptor_limit_is_answered_once_descriptors_fr
         .expect("the admin request answered within 2 s of freeing descriptors");
     assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
 }
+
+/// io_uring: a worker whose fixed-file table fills is steered away from,
+/// but its listener's backlog still holds the clients that arrived before:
+/// each gets `503` with `Retry-After` at once (and its retry goes to a
+/// worker with room), none waits until it times out. The child is stopped
+/// while the clients connect, so they all queue on the first worker.
+#[test]
+fn clients_queued_on_a_full_ring_are_refused_at_once_while_others_have_room() {
+    if io_flag() == "epoll"
+        || std::env::var_os("CORECAST_URING_PLAIN_FDS").is_some_and(|v| v == "1")
+    {
+        return; // one process-wide descriptor limit: clients wait (above)
+    }
+    let _one = exclusive();
+    // 1 024 slots per ring (the limit), 896 before a ring counts as full:
+    // three rings for 1 800 connections, worker 0 the only primary.
+    let server = ChildServer::start(
+        &[
+            "--workers",
+            "1",
+            "--max-connections",
+            "1800",
+            "--ping-interval",
+            "0",
+        ],
+        Some(1024),
+    );
+    let pid = server.pid() as i32;
+    // SAFETY: signals to our own child process.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let mut clients: Vec<TcpStream> = (0..1100)
+        .map(|_| {
+            let mut s = raw(server.addr);
+            s.write_all(upgrade_request("/ws?topics=t").as_bytes())
+                .unwrap();
+            s
+        })
+        .collect();
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    let started = Instant::now();
+    let (mut upgraded, mut refused) = (0, 0);
+    for (i, s) in clients.iter_mut().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let head = try_read_head(s)
+            .unwrap_or_else(|| panic!("client {i} got no answer in {:?}", started.elapsed()));
+        if head.starts_with("HTTP/1.1 101 ") {
+            upgraded += 1;
+        } else {
+            assert!(head.starts_with("HTTP/1.1 503 "), "client {i}: {head}");
+            assert!(head.contains("Retry-After: 1"), "{head}");
+            refused += 1;
+        }
+    }
+    let took = started.elapsed();
+    eprintln!("{upgraded} upgraded, {refused} refused in {took:?}");
+    assert!(took < Duration::from_secs(5), "answered in {took:?}");
+    assert!((896..=1024).contains(&upgraded), "{upgraded} upgraded");
+    assert_eq!(upgraded + refused, 1100);
+    let m = server.metrics();
+    assert_eq!(
+        metric(
+            &m,
+            "corecast_connections_refused_total{limit=\"worker_table_full\"}"
+        ),
+        refused as u64
+    );
+    // The refused retry: it lands on a worker with room.
+    let mut again = raw(server.addr);
+    again
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    again
+        .write_all(upgrade_request("/ws?topics=t").as_bytes())
+        .unwrap();
+    let head = try_read_head(&mut again).expect("the retry is answered");
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+}

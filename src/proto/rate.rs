@@ -5,6 +5,11 @@
 /// Highest rate a bucket honours, per second (keeps the arithmetic in `i32`).
 pub const MAX_RATE: u32 = 1_000_000;
 
+/// A reading up to this much older than a bucket's last one is a clock
+/// stepping back (threads sharing a bucket read their clocks apart), not
+/// the clock wrapping after 49 days: it refills nothing.
+const STEP_BACK_MS: u32 = 60_000;
+
 /// Holds up to one second's worth of a rate (`rate` tokens), counted in
 /// thousandths of a token; refilled continuously at `rate` per second. A
 /// rate of 0 means unlimited. Eight bytes: the rate itself lives in the
@@ -32,6 +37,12 @@ impl TokenBucket {
     /// Adds what accrued since the last refill (the clock may wrap).
     pub fn refill(&mut self, rate: u32, now_ms: u32) {
         let elapsed = now_ms.wrapping_sub(self.last_ms);
+        if elapsed > u32::MAX - STEP_BACK_MS {
+            // A reading a little older than the last one (two threads'
+            // clocks racing to a shared bucket), not a gap of 49 days:
+            // nothing is gained and the later reading stays.
+            return;
+        }
         self.last_ms = now_ms;
         // In i64: a gap of 2^32 ms at the highest rate, and a debt of
         // nearly i32::MIN, both fit; the result lies between the old level
@@ -84,6 +95,24 @@ impl TokenBucket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reading_that_steps_back_refills_nothing() {
+        let mut b = TokenBucket::full(10, 5_000);
+        for _ in 0..10 {
+            assert!(b.take(10, 5_000));
+        }
+        // Another thread's older reading: not 49 days of refill.
+        assert!(!b.take(10, 4_990));
+        assert!(!b.is_full(10, 4_000));
+        assert_eq!(b.last_ms, 5_000, "the later reading stays");
+        assert!(!b.take(10, 5_099));
+        assert!(b.take(10, 5_100), "refilled from the later reading");
+        // A real wrap, far ahead: refilled.
+        let mut w = TokenBucket::full(10, u32::MAX - 10);
+        w.spend(10, u32::MAX - 10);
+        assert!(w.is_full(10, 200_000));
+    }
 
     #[test]
     fn refills_at_its_rate_up_to_one_second() {

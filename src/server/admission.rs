@@ -48,6 +48,11 @@ pub enum Refusal {
     ConnectRate,
     /// The per-address table is full (too many distinct addresses at once).
     TableFull,
+    /// The io_uring worker whose listener the kernel queued the connection
+    /// on has no free slot in its fixed-file table (it was steered away
+    /// from, but its backlog still held clients): retry, and the listener
+    /// group sends the new attempt to a worker with room.
+    WorkerFull,
 }
 
 impl Refusal {
@@ -58,6 +63,7 @@ impl Refusal {
             Self::AddressFull => "too many connections from your address",
             Self::ConnectRate => "connecting too fast from your address",
             Self::TableFull => "server tracking too many addresses",
+            Self::WorkerFull => "no room on the worker that took this connection; retry",
         }
     }
 
@@ -68,14 +74,16 @@ impl Refusal {
             Self::AddressFull => "max_connections_per_ip",
             Self::ConnectRate => "connect_rate",
             Self::TableFull => "address_table_full",
+            Self::WorkerFull => "worker_table_full",
         }
     }
 
-    pub const ALL: [Refusal; 4] = [
+    pub const ALL: [Refusal; 5] = [
         Self::ProcessFull,
         Self::AddressFull,
         Self::ConnectRate,
         Self::TableFull,
+        Self::WorkerFull,
     ];
 
     pub fn index(self) -> usize {
@@ -201,8 +209,10 @@ impl Admission {
             return Ok(Ticket { per_ip: false });
         };
         let l = &self.limits;
-        let now = self.now_ms();
+        // Under the stripe's lock: two workers' readings reach one bucket in
+        // the order they were taken.
         let mut map = stripe.lock().unwrap_or_else(|e| e.into_inner());
+        let now = self.now_ms();
         let verdict = match map.get_mut(&ip) {
             Some(e) => {
                 if l.max_connections_per_ip > 0 && e.conns >= l.max_connections_per_ip {
@@ -271,8 +281,10 @@ impl Admission {
         let Some((ip, stripe)) = self.locate(peer) else {
             return true;
         };
-        let now = self.now_ms();
+        // Under the stripe's lock: two workers' readings reach one bucket in
+        // the order they were taken.
         let mut map = stripe.lock().unwrap_or_else(|e| e.into_inner());
+        let now = self.now_ms();
         // The publisher's connection is open, so its entry exists.
         map.get_mut(&ip).is_none_or(|e| e.publish.take(rate, now))
     }

@@ -13,7 +13,7 @@
 //!
 //! The help is a classic BPF program attached to the group
 //! (`SO_ATTACH_REUSEPORT_CBPF`): it takes the packet's flow hash (or, if
-//! the driver set none, the CPU number), reduces it modulo the number of
+//! none was set, a random number), reduces it modulo the number of
 //! open listeners and returns the group index of one of them. Listeners
 //! join the group in worker order when they `listen()` and are never closed
 //! before shutdown, so a listener's group index is its worker's id. A
@@ -29,12 +29,18 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tracing::{info, warn};
 
-/// A worker with fewer free slots than this stops taking new connections:
-/// what is already in its backlog still fits (it arms at most
-/// [`ACCEPTS_IN_FLIGHT`](super::uring::ACCEPTS_IN_FLIGHT) accepts at a time).
-/// An eighth of the table when that is less.
+/// A worker with fewer free slots than this stops taking new connections
+/// (an eighth of the table when that is less). The headroom absorbs most
+/// of what the kernel had already queued on its listener when the program
+/// changed; a backlog can hold more (up to `net.core.somaxconn`), and the
+/// clients left in it once every slot is in use are answered `503` with
+/// `Retry-After: 1` by the worker's refusing accept while new connections
+/// are steered elsewhere, not left to time out (when every worker is full,
+/// they wait in the backlog for a slot, as on epoll at the descriptor
+/// limit).
 pub const FULL_BELOW: u32 = 256;
 
 /// A full worker takes new connections again once this many slots are
@@ -43,7 +49,7 @@ pub const ROOM_ABOVE: u32 = 1024;
 
 /// Free slots under which a table of `slots` counts as full.
 pub fn full_below(slots: u32) -> u32 {
-    FULL_BELOW.min(slots / 8)
+    FULL_BELOW.min(slots / 8).max(1)
 }
 
 /// Free slots from which a full table of `slots` takes connections again.
@@ -62,6 +68,9 @@ pub fn rings_needed(max_connections: usize, slots: u32, primaries: usize) -> usi
 pub struct Steering {
     primaries: usize,
     state: Mutex<State>,
+    /// The last attach failed: the attached program is not the one the
+    /// workers' fullness calls for (see [`Self::retry`]).
+    stale: AtomicBool,
 }
 
 struct State {
@@ -79,6 +88,7 @@ impl Steering {
                 full: vec![false; workers],
                 attached: Vec::new(),
             }),
+            stale: AtomicBool::new(false),
         }
     }
 
@@ -100,6 +110,13 @@ impl Steering {
         Ok(())
     }
 
+    /// Whether the program attached last sends new connections to
+    /// `worker` (always, when none is attached).
+    pub fn takes(&self, worker: usize) -> bool {
+        let state = self.state.lock().unwrap();
+        state.attached.is_empty() || state.attached.contains(&(worker as u32))
+    }
+
     /// Worker `worker` is full (or has room again): recomputes the open
     /// set and, if it changed, attaches the new program through `listener`.
     pub fn set_full(&self, worker: usize, full: bool, listener: &impl AsRawFd) {
@@ -108,17 +125,37 @@ impl Steering {
             return;
         }
         state.full[worker] = full;
+        self.reattach(&mut state, listener);
+    }
+
+    /// After a failed attach: tries again (each worker calls this every
+    /// turn; it costs an atomic load while nothing failed).
+    pub fn retry(&self, listener: &impl AsRawFd) {
+        if self.stale.load(Ordering::Relaxed) {
+            let mut state = self.state.lock().unwrap();
+            self.reattach(&mut state, listener);
+        }
+    }
+
+    fn reattach(&self, state: &mut State, listener: &impl AsRawFd) {
         let open = open_set(self.primaries, &state.full);
         if open == state.attached {
+            self.stale.store(false, Ordering::Relaxed);
             return;
         }
         match attach(listener, &program(&open)) {
             Ok(()) => {
-                info!(worker, full, taking = ?open, "new connections steered");
+                info!(taking = ?open, "new connections steered");
                 state.attached = open;
+                self.stale.store(false, Ordering::Relaxed);
             }
-            // The old program stays: connections still arrive, some wait.
-            Err(e) => warn!(error = %e, "could not steer new connections"),
+            // The old program stays: connections still arrive, some wait
+            // (or are refused by a full worker); retried next turn.
+            Err(e) => {
+                if !self.stale.swap(true, Ordering::Relaxed) {
+                    warn!(error = %e, "could not steer new connections; retrying");
+                }
+            }
         }
     }
 }
@@ -159,7 +196,8 @@ fn jump(code: u32, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
 }
 
 /// A program returning `open[h % open.len()]`, `h` the packet's flow hash
-/// (the CPU number when the hash is 0).
+/// (a random number when the hash is 0: the CPU number would send every
+/// connection arriving on one CPU to one listener).
 fn program(open: &[u32]) -> Vec<libc::sock_filter> {
     use libc::{BPF_ABS, BPF_ALU, BPF_JEQ, BPF_JMP, BPF_K, BPF_LD, BPF_MOD, BPF_RET, BPF_W};
     let ancillary = |what: i32| (libc::SKF_AD_OFF + what) as u32;
@@ -172,9 +210,12 @@ fn program(open: &[u32]) -> Vec<libc::sock_filter> {
         BPF_LD | BPF_W | BPF_ABS,
         ancillary(libc::SKF_AD_RXHASH),
     ));
-    // A hash of 0 means none: the CPU spreads as well as anything then.
+    // A hash of 0 means none: spread at random then.
     p.push(jump(BPF_JMP | BPF_JEQ | BPF_K, 0, 0, 1));
-    p.push(stmt(BPF_LD | BPF_W | BPF_ABS, ancillary(libc::SKF_AD_CPU)));
+    p.push(stmt(
+        BPF_LD | BPF_W | BPF_ABS,
+        ancillary(libc::SKF_AD_RANDOM),
+    ));
     p.push(stmt(BPF_ALU | BPF_MOD | BPF_K, open.len() as u32));
     for (i, &w) in open.iter().enumerate().take(open.len() - 1) {
         p.push(jump(BPF_JMP | BPF_JEQ | BPF_K, i as u32, 0, 1));
@@ -241,7 +282,7 @@ mod tests {
 
     /// Runs `program` the way the kernel's classic BPF interpreter would,
     /// for the few instructions it uses.
-    fn run(program: &[libc::sock_filter], hash: u32, cpu: u32) -> u32 {
+    fn run(program: &[libc::sock_filter], hash: u32, random: u32) -> u32 {
         let (mut a, mut pc) = (0u32, 0usize);
         loop {
             let i = program[pc];
@@ -252,8 +293,8 @@ mod tests {
                     a = if i.k == (libc::SKF_AD_OFF + libc::SKF_AD_RXHASH) as u32 {
                         hash
                     } else {
-                        assert_eq!(i.k, (libc::SKF_AD_OFF + libc::SKF_AD_CPU) as u32);
-                        cpu
+                        assert_eq!(i.k, (libc::SKF_AD_OFF + libc::SKF_AD_RANDOM) as u32);
+                        random
                     }
                 }
                 c if c == libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K => a %= i.k,
@@ -283,8 +324,9 @@ mod tests {
                     assert_eq!(n, 0, "{open:?}: {w} is not open");
                 }
             }
-            // No hash: the CPU number picks.
+            // No hash: a random number picks.
             assert_eq!(run(&p, 0, 1), open[1 % open.len()]);
+            assert_eq!(run(&p, 0, 2), open[2 % open.len()]);
         }
     }
 

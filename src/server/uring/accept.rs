@@ -7,6 +7,8 @@
 use super::Worker;
 use super::conn::Sock;
 use super::ring::{NO_KEY, Op, Ring, user_data};
+use crate::proto::handshake::{Reject, Status, error_response};
+use crate::server::admission::Refusal;
 use crate::server::backend::{accept_exhausted, is_resource_exhaustion};
 use crate::server::steering;
 use io_uring::{opcode, types};
@@ -22,6 +24,15 @@ use tracing::debug;
 /// load generator's 256 handshakes in flight on two workers (see
 /// docs/BENCHMARKS.md, handshakes) for 32 × 136 bytes of address buffers.
 pub const ACCEPTS_IN_FLIGHT: usize = 32;
+
+/// The accept slot that takes clients the table has no room for: armed
+/// (as a plain, non-direct accept) only while every slot of the fixed-file
+/// table is in use. A worker that fills up is steered away from, but its
+/// listener's backlog (up to `net.core.somaxconn`, 4 096 by default) may
+/// still hold clients that would otherwise wait there until they time
+/// out; each is answered `503` with `Retry-After: 1` and closed at once,
+/// and its retry goes to a worker with room.
+const REFUSE: usize = ACCEPTS_IN_FLIGHT;
 
 /// Where one accept writes its peer's address. `repr(C)` and boxed in
 /// [`Acceptor::addrs`]: the kernel holds pointers to both fields from the
@@ -86,8 +97,11 @@ pub(super) struct Acceptor {
     /// kernel writes into an armed slot's entry), leaked at exit if an
     /// accept is still in flight.
     addrs: Box<[AcceptAddr]>,
-    /// Slot `i` has an accept in flight.
-    armed: [bool; ACCEPTS_IN_FLIGHT],
+    /// Slot `i` has an accept in flight ([`REFUSE`] the refusing one).
+    armed: [bool; ACCEPTS_IN_FLIGHT + 1],
+    /// The refusing accept was cancelled (the table has room again) and
+    /// has not completed yet.
+    refuse_cancelled: bool,
     /// Kept while an accept is in flight, even after accepting stopped: an
     /// armed (or queued, not yet submitted) accept names it by number.
     listener: Option<TcpListener>,
@@ -115,10 +129,11 @@ impl Acceptor {
     /// Accepts on `listener` into a fixed-file table of `table` slots
     /// (`u32::MAX` with plain descriptors: no table to fill).
     pub(super) fn new(listener: TcpListener, table: u32) -> Self {
-        let addrs = (0..ACCEPTS_IN_FLIGHT).map(|_| AcceptAddr::new()).collect();
+        let addrs = (0..=REFUSE).map(|_| AcceptAddr::new()).collect();
         Self {
             addrs,
-            armed: [false; ACCEPTS_IN_FLIGHT],
+            armed: [false; ACCEPTS_IN_FLIGHT + 1],
+            refuse_cancelled: false,
             listener: Some(listener),
             accepting: true,
             retry_at: None,
@@ -152,9 +167,16 @@ impl Acceptor {
         self.listener.as_ref()
     }
 
+    /// Whether every slot of the fixed-file table is in use.
+    pub(super) fn table_full(&self) -> bool {
+        self.slots_used >= self.table
+    }
+
     /// Arms every idle accept slot, unless accepting stopped or is
-    /// paused after running out of resources.
-    pub(super) fn arm(&mut self, ring: &mut Ring) {
+    /// paused after running out of resources; and the refusing one while
+    /// the table is full and new connections are `steered_away` from this
+    /// worker (see [`REFUSE`]).
+    pub(super) fn arm(&mut self, ring: &mut Ring, steered_away: bool) {
         if !self.accepting || self.retry_at.is_some_and(|t| Instant::now() < t) {
             return;
         }
@@ -198,6 +220,37 @@ impl Acceptor {
             self.armed[i] = true;
             armed += 1;
         }
+        self.arm_refusal(ring, fd, free == 0 && steered_away);
+    }
+
+    /// Arms the refusing accept while `refusing` (not while probing after
+    /// running out of resources: that pause covers it too), and cancels it
+    /// once not.
+    fn arm_refusal(&mut self, ring: &mut Ring, fd: i32, refusing: bool) {
+        if ring.plain_fds() {
+            return;
+        }
+        if !refusing {
+            if self.armed[REFUSE] && !self.refuse_cancelled {
+                self.refuse_cancelled = true;
+                cancel(ring, REFUSE);
+            }
+            return;
+        }
+        if self.armed[REFUSE] || self.probing {
+            return;
+        }
+        let sqe = self.addrs[REFUSE]
+            .accept(types::Fd(fd))
+            .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(user_data(Op::Accept, NO_KEY, REFUSE as u32));
+        // SAFETY: as for the other accepts: `addrs[REFUSE]` stays where it
+        // is, and `armed[REFUSE]` keeps it from being re-armed, until this
+        // accept completes.
+        unsafe { ring.push(&sqe) };
+        ring.in_flight_started();
+        self.armed[REFUSE] = true;
     }
 
     /// Stops accepting: cancels the accepts in flight. The listener is
@@ -220,11 +273,7 @@ impl Acceptor {
     /// completion (a connection, an error, or `ECANCELED`).
     fn cancel_armed(&self, ring: &mut Ring) {
         for (i, _) in self.armed.iter().enumerate().filter(|(_, a)| **a) {
-            let sqe = opcode::AsyncCancel::new(user_data(Op::Accept, NO_KEY, i as u32))
-                .build()
-                .user_data(user_data(Op::Cancel, NO_KEY, 0));
-            // SAFETY: a cancel names no memory, only the `user_data` of what it cancels.
-            unsafe { ring.push(&sqe) };
+            cancel(ring, i);
         }
     }
 
@@ -252,15 +301,59 @@ impl Acceptor {
     }
 }
 
+/// Cancels accept slot `i`; it still reports through its own completion.
+fn cancel(ring: &mut Ring, i: usize) {
+    let sqe = opcode::AsyncCancel::new(user_data(Op::Accept, NO_KEY, i as u32))
+        .build()
+        .user_data(user_data(Op::Cancel, NO_KEY, 0));
+    // SAFETY: a cancel names no memory, only the `user_data` of what it cancels.
+    unsafe { ring.push(&sqe) };
+}
+
+/// Answers a client the worker has no room for (`fd`, a plain descriptor
+/// from the refusing accept) with `503` and closes it. What the client
+/// already sent is read first, so that the close is a FIN after the answer
+/// and not a reset that could discard it; anything it sends later is not
+/// waited for. A fresh socket's send buffer takes the ~200-byte answer
+/// whole, so nothing here blocks.
+fn refuse(fd: i32) {
+    let answer = error_response(Reject::new(
+        Status::ServiceUnavailable,
+        Refusal::WorkerFull.reason(),
+    ));
+    let mut sink = [0u8; 2048];
+    // SAFETY: `fd` is a socket this worker owns (just accepted, closed
+    // below and nowhere else); the buffers are valid for their lengths.
+    unsafe {
+        for _ in 0..4 {
+            let n = libc::recv(fd, sink.as_mut_ptr().cast(), sink.len(), libc::MSG_DONTWAIT);
+            if n < sink.len() as isize {
+                break;
+            }
+        }
+        libc::send(
+            fd,
+            answer.as_ptr().cast(),
+            answer.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        );
+        libc::shutdown(fd, libc::SHUT_WR);
+        libc::close(fd);
+    }
+}
+
 impl Worker {
     /// Tells the listener group's steering when this worker's table
     /// becomes full or has room again.
     pub(super) fn steer(&mut self) {
-        if let Some(full) = self.accept.fullness_changed()
-            && let Some(listener) = self.accept.listener()
-        {
-            let steering = &self.core.shared().steering;
-            steering.set_full(self.core.id(), full, listener);
+        let changed = self.accept.fullness_changed();
+        let Some(listener) = self.accept.listener() else {
+            return;
+        };
+        let steering = &self.core.shared().steering;
+        match changed {
+            Some(full) => steering.set_full(self.core.id(), full, listener),
+            None => steering.retry(listener),
         }
     }
 
@@ -274,6 +367,16 @@ impl Worker {
         if !self.accept.accepting && !self.accept.any_armed() {
             // The last accept has ended: nothing names the listener any more.
             self.accept.listener = None;
+        }
+        if i == REFUSE {
+            self.accept.refuse_cancelled = false;
+            if res >= 0 {
+                if self.accept.accepting {
+                    self.core.stats().connection_refused(Refusal::WorkerFull);
+                }
+                refuse(res);
+                return;
+            }
         }
         if res >= 0 {
             let slot = res as u32;

@@ -203,7 +203,8 @@ impl Backend for Worker {
     fn wait(&mut self, busy: bool, deadline: Option<Instant>) -> io::Result<()> {
         // Closes completed in the last turn may have made room.
         self.steer();
-        self.accept.arm(&mut self.ring);
+        let away = self.accept.table_full() && !self.core.shared().steering.takes(self.core.id());
+        self.accept.arm(&mut self.ring, away);
         self.wake.arm(&mut self.ring);
         match self.ring.enter(busy, Instant::now(), deadline) {
             Err(e)

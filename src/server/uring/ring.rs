@@ -8,7 +8,7 @@
 use io_uring::{IoUring, squeue, types};
 use std::io;
 use std::time::{Duration, Instant};
-use tracing::warn;
+use tracing::{error, warn};
 
 /// Submission queue entries.
 const SQ_ENTRIES: u32 = 4096;
@@ -165,14 +165,28 @@ impl Ring {
     /// Submits what is queued (without waiting).
     fn submit_queued(&mut self) {
         self.unsubmitted = 0;
+        // A long turn (thousands of sends, each completing) could fill the
+        // completion queue before the turn's reap; past half full, take
+        // completions aside now rather than leave the kernel to buffer
+        // them in its overflow list (allocated atomically, and dropped,
+        // with EBADR, when that fails).
+        if self.ring.completion().len() >= CQ_ENTRIES as usize / 2 {
+            self.stash();
+        }
         if let Err(e) = self.ring.submit() {
-            if e.raw_os_error() == Some(libc::EBUSY) {
-                // The completion queue is full: take completions aside
-                // so the kernel can post more.
-                self.stash();
-            } else if e.kind() != io::ErrorKind::Interrupted {
-                warn!(error = %e, "io_uring_enter failed");
-                self.stash();
+            match e.raw_os_error() {
+                // Older kernels: the completion queue is full; take
+                // completions aside so the kernel can post more.
+                Some(libc::EBUSY) => self.stash(),
+                Some(libc::EINTR) => {}
+                Some(libc::EBADR) => {
+                    error!(error = %e, "io_uring dropped completions (out of memory in the kernel)");
+                    self.stash();
+                }
+                _ => {
+                    warn!(error = %e, "io_uring_enter failed");
+                    self.stash();
+                }
             }
         }
     }
