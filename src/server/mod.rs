@@ -199,9 +199,11 @@ pub const WORKER_STACK_BYTES: usize = 2 * 1024 * 1024;
 /// for io_uring as many more *overflow* workers as it takes for the rings'
 /// fixed-file tables, each capped at the open-file limit, to hold
 /// `--max-connections` (see [`steering`]). An overflow worker takes
-/// connections only once every primary is full, and costs little until
-/// then (a thread blocked in its ring, untouched buffers). epoll's
-/// descriptors all count against the one process limit: it says so.
+/// connections only once every primary is full, and until then costs a
+/// thread blocked in its ring and its receive buffers, written at start
+/// and so resident from the start (256 KiB; 2 MiB on kernels before 6.12,
+/// without incremental buffers). epoll's descriptors all count against
+/// the one process limit: it says so.
 fn worker_threads(backend: Backend, config: &Config, primaries: usize) -> usize {
     match backend {
         Backend::Uring => {

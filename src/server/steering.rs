@@ -20,7 +20,21 @@
 //! worker reports when it becomes full and when it has room again
 //! ([`Steering::set_full`], with hysteresis: [`FULL_BELOW`] and
 //! [`ROOM_ABOVE`] free slots); the set of open listeners is recomputed and,
-//! when it changed, a new program replaces the old one.
+//! when it changed, a new program replaces the old one. A failed attach
+//! leaves the old program in place and is retried every turn
+//! ([`Steering::retry`]). Clients the kernel had already queued on a
+//! worker whose table then filled are answered `503` by that worker while
+//! new connections go elsewhere (see [`FULL_BELOW`]).
+//!
+//! A limit: the program returns an index in the group, and assumes the
+//! group's listeners are exactly this process's workers, in worker order.
+//! Another process that binds the same port with `SO_REUSEPORT` (the
+//! kernel allows it for the same user) joins the same group and can shift
+//! the indexes: a listener of its that joined before ours, or one that
+//! closes (the kernel moves the group's last listener into the freed
+//! index). Connections would then go to other listeners than the program
+//! means, some of them the other process's. Nothing detects this; do not
+//! share the port.
 //!
 //! With no overflow workers (epoll, plain descriptors, or a table big
 //! enough) nothing is attached and the kernel's own hash spreads
@@ -47,14 +61,17 @@ pub const FULL_BELOW: u32 = 256;
 /// free (half the table when that is less).
 pub const ROOM_ABOVE: u32 = 1024;
 
-/// Free slots under which a table of `slots` counts as full.
+/// Free slots under which a table of `slots` counts as full: at least 1,
+/// so that a table of fewer than 8 slots reports full too (once no slot is
+/// free).
 pub fn full_below(slots: u32) -> u32 {
     FULL_BELOW.min(slots / 8).max(1)
 }
 
 /// Free slots from which a full table of `slots` takes connections again.
 pub fn room_above(slots: u32) -> u32 {
-    ROOM_ABOVE.min(slots / 2)
+    // Never below the full mark: a tiny table would flip every turn.
+    ROOM_ABOVE.min(slots / 2).max(full_below(slots))
 }
 
 /// Rings (workers) needed to hold `max_connections` when each ring's table

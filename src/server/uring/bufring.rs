@@ -20,17 +20,19 @@ pub(super) struct Geometry {
 /// Linux 6.12+): a receive takes only the bytes it needs from the head
 /// buffer, and the next receive, from any connection, continues behind
 /// them, so a few large buffers serve thousands of small receives. The
-/// kernel fills them in ring order and every page ends up resident; at
-/// 256 KiB per worker that is what the ring costs (it was 2 MiB with 256
-/// whole 8 KiB buffers, docs/BENCHMARKS.md). 32 KiB per buffer: a 16 KiB
-/// frame spans at most two receives.
+/// buffers are written at start ([`resident_zeroes`]), so every page is
+/// resident from then on: 256 KiB per worker, whether or not it ever takes
+/// a connection, is what the ring costs (it was 2 MiB with 256 whole
+/// 8 KiB buffers, docs/BENCHMARKS.md). 32 KiB per buffer: a 16 KiB frame
+/// spans at most two receives.
 const INCREMENTAL: Geometry = Geometry {
     count: 8,
     size: 32 * 1024,
     incremental: true,
 };
 /// Without incremental consumption (kernels before 6.12) every receive
-/// takes a whole buffer, so a turn's receives need one each: 256 of 8 KiB.
+/// takes a whole buffer, so a turn's receives need one each: 256 of 8 KiB
+/// (2 MiB per worker, also written at start).
 /// When more complete in one turn than there are buffers, a connection's
 /// multishot receive ends with ENOBUFS and is re-armed once buffers are
 /// back.

@@ -15,7 +15,7 @@ use std::io;
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// How long an exiting worker waits for the kernel to finish its operations.
 const EXIT_WAIT: Duration = Duration::from_secs(2);
@@ -43,8 +43,9 @@ pub(in crate::server) struct Worker {
     pub(super) scratch: Vec<u8>,
     /// This turn's completions (reused).
     cqes: Vec<Cqe>,
-    /// Spare send arguments, reused. Boxed on purpose: a box moves into a
-    /// connection while its send is in flight, and its address must not change.
+    /// Spare send arguments, reused. Boxed on purpose: a box moves into
+    /// `send_ops` while its send is in flight, and the arguments' address
+    /// must not change.
     #[allow(clippy::vec_box)]
     pub(super) send_pool: Vec<Box<SendOp>>,
     /// The arguments of each vectored send in flight, by slab key (a
@@ -214,7 +215,11 @@ impl Backend for Worker {
                 ) =>
             {
                 // Not fatal: the ring is still usable; the next turn retries.
-                warn!(worker = self.core.id(), error = %e, "io_uring_enter failed");
+                if e.raw_os_error() == Some(libc::EBADR) {
+                    error!(worker = self.core.id(), error = %e, "io_uring dropped completions (out of memory in the kernel)");
+                } else {
+                    warn!(worker = self.core.id(), error = %e, "io_uring_enter failed");
+                }
                 Ok(())
             }
             _ => Ok(()),

@@ -8,17 +8,24 @@
 //!   *direct descriptor*: no slot in the process's descriptor table, so the
 //!   open-file limit caps each ring, not the process). Single-shot, not
 //!   multishot: a multishot accept has one address buffer for all its
-//!   completions, so it cannot tell each connection's peer address;
+//!   completions, so it cannot tell each connection's peer address. While
+//!   the table is full and new connections are steered to other workers,
+//!   one more, plain accept answers the clients still queued `503`
+//!   (`REFUSE` in accept.rs);
 //! - one multishot receive per connection, into a provided-buffer ring shared
 //!   by all of the worker's connections and consumed incrementally (a
 //!   receive takes only the bytes it needs; see `BufRing`): an idle
 //!   connection owns no receive buffer, and a used-up buffer goes back to
 //!   the ring as soon as the core has consumed its bytes;
-//! - at the end of each loop turn, one `sendmsg` per dirty connection (up to
-//!   [`MAX_IOVECS`](crate::proto::outbound::MAX_IOVECS) queued chunks), all
-//!   submitted with the next `io_uring_enter`. A connection has at most one send in flight, so its
-//!   bytes never reorder; a short send leaves the rest queued for the next
-//!   turn;
+//! - at the end of each loop turn, one send per dirty connection: a plain
+//!   `IORING_OP_SEND` when its queue's front is a single buffer, a
+//!   vectored `sendmsg` over up to
+//!   [`MAX_IOVECS`](crate::proto::outbound::MAX_IOVECS) queued chunks
+//!   otherwise. `Ring::push` submits every 64 queued entries
+//!   (`SUBMIT_EVERY`) and when the submission queue is full; what is left
+//!   goes with the `io_uring_enter` that starts the next turn. A
+//!   connection has at most one send in flight, so its bytes never
+//!   reorder; a short send leaves the rest queued for the next turn;
 //! - cross-worker wake-ups through an eventfd read kept armed in the ring.
 //!
 //! # Who owns what the kernel reads or writes
@@ -32,9 +39,12 @@
 //!   processed (or at once, when the connection is gone);
 //! - **send data** is the connection's [`OutQueue`](crate::proto::outbound::OutQueue)
 //!   front, pinned ([`pin_front`](crate::proto::outbound::OutQueue::pin_front))
-//!   so that neither new frames nor a slow-consumer cut move or free it;
-//!   the `msghdr` and iovec array live in a boxed [`SendOp`](send::SendOp) held by the
-//!   connection. Both are released only by the send's CQE;
+//!   so that neither new frames nor a slow-consumer cut move or free it.
+//!   A plain send names only that data; a vectored send's `msghdr` and
+//!   iovec array live in a boxed [`SendOp`](send::SendOp) held by the
+//!   worker in `send_ops`, under the connection's slab key (the
+//!   connection's 8-byte `Sock` records only which kind of send is in
+//!   flight). Both are released only by the send's CQE;
 //! - a **closed connection** stays in the slab (state `Gone`, out of every
 //!   list, no longer counted) until its receive, send and close operations
 //!   have all completed; removing it cancels the receive and the send first;
@@ -48,8 +58,9 @@
 //!   while any accept names it;
 //! - at **exit**, the worker cancels everything and waits (bounded) for the
 //!   completions; if the kernel has not finished in time, the memory
-//!   (connections, receive buffers, wake-up counter, accept addresses) is
-//!   leaked rather than freed under it.
+//!   (connections, the vectored sends' arguments in `send_ops`, receive
+//!   buffers, wake-up counter, accept addresses) is leaked rather than
+//!   freed under it.
 //!
 //! # Where things are
 //!
@@ -64,7 +75,7 @@
 //! | `accept.rs` | the single-shot accepts and the peer addresses they write |
 //! | `bufring.rs` | the provided-buffer ring the receives fill |
 //! | `recv.rs` | the receive path: multishot receives to the core |
-//! | `send.rs` | the send path: `SendOp`, one `sendmsg` per dirty connection |
+//! | `send.rs` | the send path: one send per dirty connection, plain (one buffer) or vectored (`sendmsg`, its `SendOp`) |
 //! | `conn.rs` | a connection's socket state (`Sock`) and how it closes (`SlotClose`) |
 //! | `wake.rs` | the eventfd other workers use to wake this one, and its armed read |
 //! | `probe.rs` | the start-up probe: does the kernel run all of this? |

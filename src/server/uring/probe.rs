@@ -39,6 +39,7 @@ fn probe_now() -> Result<(), String> {
         (opcode::Accept::CODE, "accept"),
         (opcode::RecvMulti::CODE, "recv"),
         (opcode::SendMsg::CODE, "sendmsg"),
+        (opcode::Send::CODE, "send"),
         (opcode::Close::CODE, "close"),
         (opcode::AsyncCancel::CODE, "cancel"),
         (opcode::Read::CODE, "read"),

@@ -70,11 +70,12 @@ pub(super) fn split_user_data(ud: u64) -> (u8, usize, u32) {
 /// A completion as the loop handles it: `user_data`, result, flags.
 pub(super) type Cqe = (u64, i32, u32);
 
-/// The ring and a place for completions reaped while the submission queue was full.
+/// The ring and a place for completions reaped in the middle of a turn.
 pub(super) struct Ring {
     ring: IoUring,
-    /// Completions taken aside by [`Self::push`] to make room in a full
-    /// completion queue; [`Self::reap_into`] hands them out first.
+    /// Completions taken aside when [`Self::push`] submits, to make room in
+    /// a completion queue at least half full (or after a failed submit);
+    /// [`Self::reap_into`] hands them out first.
     backlog: Vec<Cqe>,
     /// Operations whose memory the kernel may still touch (receives, sends,
     /// the wake-up read, the accepts): the exit waits for this to reach 0.
@@ -98,6 +99,8 @@ pub(super) struct Ring {
 /// sends wake (the subscribers' readers, on a shared machine) wait for the
 /// whole batch; an enter per this many sends gives the scheduler a point
 /// to run them and costs one syscall per that many sends.
+/// `CORECAST_URING_SUBMIT_EVERY=N` in the environment overrides it (read
+/// when each worker starts; a measuring aid, not a flag).
 const SUBMIT_EVERY: u32 = 64;
 
 impl Ring {
@@ -132,7 +135,8 @@ impl Ring {
         self.plain_fds
     }
 
-    /// Queues `sqe`; when the queue is full, submits first.
+    /// Queues `sqe`; when the queue is full, submits first, and once
+    /// [`SUBMIT_EVERY`] entries are queued, submits them (without waiting).
     ///
     /// # Safety
     ///

@@ -20,10 +20,12 @@ const SEND_POOL_MAX: usize = 256;
 
 /// A `sendmsg`'s arguments, kept at a stable heap address while in flight.
 ///
-/// Boxed, and owned by the connection's [`Sock`](super::conn::Sock) from
-/// the push until the send's completion is reaped: the kernel reads `msg`,
-/// which points at `iov`, whose entries point at the connection's pinned
-/// queue front. Only then does it go back to the worker's pool.
+/// Boxed, and held in the worker's `send_ops` under the connection's slab
+/// key from the push until the send's completion is reaped: the kernel
+/// reads `msg`, which points at `iov`, whose entries point at the
+/// connection's pinned queue front. Only then does it go back to the
+/// worker's pool. (Not in the connection's [`Sock`](super::conn::Sock),
+/// which stays 8 bytes on every idle connection.)
 pub(super) struct SendOp {
     iov: [libc::iovec; MAX_IOVECS],
     msg: libc::msghdr,
