@@ -14,8 +14,10 @@ use crate::server::config::{
     DEFAULT_PING_INTERVAL, DEFAULT_PING_TIMEOUT, DEFAULT_TCP_KEEPALIVE, IoMode, PinMode,
     SlowConsumerPolicy,
 };
+use crate::server::tls::{MinVersion, TlsSettings};
 use clap::{Args, Parser, Subcommand, value_parser};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// corecast: a thread-per-core WebSocket push server (RFC 6455).
@@ -185,6 +187,20 @@ pub struct ServeArgs {
     /// that would grow past it is closed with 1013 (or refused with 503).
     #[arg(long, default_value_t = DEFAULT_MAX_BUFFERED_BYTES, value_parser = parse_size, value_name = "BYTES")]
     pub max_buffered_bytes: usize,
+
+    /// Serve TLS (wss://, https://) on the main listener with this
+    /// certificate chain (PEM, the server's certificate first). Needs
+    /// --tls-key. `SIGHUP` reloads both files.
+    #[arg(long, value_name = "PATH", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 RSA or SEC1 EC).
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// The lowest TLS version a client may use.
+    #[arg(long, value_enum, default_value = "1.2", value_name = "VERSION")]
+    pub tls_min_version: MinVersion,
 }
 
 impl ServeArgs {
@@ -224,6 +240,14 @@ impl ServeArgs {
             send_timeout: (!self.send_timeout.is_zero()).then_some(self.send_timeout),
             tcp_keepalive: (!self.tcp_keepalive.is_zero()).then_some(self.tcp_keepalive),
             max_buffered_bytes: self.max_buffered_bytes,
+            tls: match (&self.tls_cert, &self.tls_key) {
+                (Some(cert), Some(key)) => Some(TlsSettings {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    min_version: self.tls_min_version,
+                }),
+                _ => None,
+            },
             ..Config::default()
         }
     }

@@ -1,9 +1,10 @@
-//! The `corecast` binary: parses flags, starts the server, and turns
-//! SIGINT/SIGTERM into a graceful shutdown (a second signal exits at once).
+//! The `corecast` binary: parses flags, starts the server, turns SIGHUP
+//! into a reload and SIGINT/SIGTERM into a graceful shutdown (a second
+//! signal exits at once).
 
 use clap::Parser;
 use corecast::cli::{Cli, Command};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use std::process::ExitCode;
 use tracing::{error, info, warn};
@@ -26,7 +27,7 @@ fn main() -> ExitCode {
 fn serve(config: corecast::server::Config) -> ExitCode {
     // Install the handlers before the workers start, so an early signal is not
     // met by the default action (immediate termination).
-    let mut signals = match Signals::new([SIGINT, SIGTERM]) {
+    let mut signals = match Signals::new([SIGINT, SIGTERM, SIGHUP]) {
         Ok(s) => s,
         Err(e) => {
             error!(error = %e, "cannot install signal handlers");
@@ -40,13 +41,24 @@ fn serve(config: corecast::server::Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let signal = signals.forever().next();
+    // SIGHUP reloads (the certificate and key); the first other signal
+    // shuts down.
+    let signal = signals.forever().find(|&s| {
+        if s != SIGHUP {
+            return true;
+        }
+        match server.reload() {
+            Ok(()) => info!("reloaded"),
+            Err(e) => error!(error = %e, "reload failed; the old configuration stays"),
+        }
+        false
+    });
     info!(?signal, "shutting down: closing connections with 1001");
     server.shutdown();
     // A second signal during the drain exits immediately.
     let handle = signals.handle();
     std::thread::spawn(move || {
-        if signals.forever().next().is_some() {
+        if signals.forever().any(|s| s != SIGHUP) {
             warn!("second signal: exiting without waiting for the drain");
             std::process::exit(130);
         }

@@ -167,6 +167,9 @@ pub struct Config {
     /// limit that caps it (not a flag: tests lower it to fill rings, and
     /// so start overflow workers, with few connections).
     pub ring_slots: Option<u32>,
+    /// TLS on the main listener (wss://, https://): the certificate and
+    /// key files; `None` serves plain ws:// and http://.
+    pub tls: Option<crate::server::tls::TlsSettings>,
 }
 
 impl Default for Config {
@@ -203,6 +206,7 @@ impl Default for Config {
             max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
             mailbox_high_water: MAILBOX_HIGH_WATER,
             ring_slots: None,
+            tls: None,
         }
     }
 }

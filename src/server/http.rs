@@ -57,11 +57,13 @@ pub(crate) fn admin_response(
 
 /// The metrics as `/metrics` serves them.
 pub(crate) fn render_metrics(shared: &Shared) -> Bytes {
-    Bytes::from(metrics::render(
-        &shared.stats,
-        shared.directory.len(),
-        shared.bus.stranded(),
-    ))
+    let mut s = metrics::render(&shared.stats, shared.directory.len(), shared.bus.stranded());
+    let reloads = shared
+        .reloads
+        .each_ref()
+        .map(|r| r.load(std::sync::atomic::Ordering::Relaxed));
+    metrics::render_process(&mut s, shared.tls.as_ref().map(|c| c.not_after()), reloads);
+    Bytes::from(s)
 }
 
 /// `204 No Content`, the answer to an accepted publish.

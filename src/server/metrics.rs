@@ -3,6 +3,7 @@
 
 use super::admission::Refusal;
 use super::stats::{FAILURE_CODES, Histogram, LATENCY_BUCKETS_US, Undelivered, WorkerStats};
+use super::tls::Failure;
 use crate::proto::handshake::Status;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -204,6 +205,32 @@ pub fn render(workers: &[WorkerStats], topics: usize, stranded: u64) -> String {
     s
 }
 
+/// The process-wide figures: the TLS certificate's expiry (with
+/// `--tls-cert`) and the reloads.
+pub fn render_process(s: &mut String, cert_not_after: Option<i64>, reloads: [u64; 2]) {
+    if let Some(t) = cert_not_after {
+        header(
+            s,
+            "corecast_tls_cert_not_after_seconds",
+            "gauge",
+            "When the serving certificate expires, in seconds since the Unix epoch (0: unreadable).",
+        );
+        let _ = writeln!(s, "corecast_tls_cert_not_after_seconds {t}");
+    }
+    header(
+        s,
+        "corecast_reloads_total",
+        "counter",
+        "Reloads (SIGHUP), by result; a failed one kept the old configuration.",
+    );
+    let _ = writeln!(s, "corecast_reloads_total{{result=\"ok\"}} {}", reloads[0]);
+    let _ = writeln!(
+        s,
+        "corecast_reloads_total{{result=\"failed\"}} {}",
+        reloads[1]
+    );
+}
+
 /// A metric's `# HELP` and `# TYPE` lines.
 fn header(s: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -274,6 +301,32 @@ fn labelled_counters(s: &mut String, workers: &[WorkerStats], stranded: u64) {
         Refusal::ALL
             .iter()
             .map(|r| (r.label().to_string(), r.index())),
+        None,
+    );
+    labelled(
+        s,
+        workers,
+        (
+            "corecast_tls_handshakes_total",
+            "TLS handshakes completed (with --tls-cert), by kind: a full handshake or a resumed session.",
+            "kind",
+            |w| &w.tls_handshakes,
+        ),
+        [("full".to_string(), 0), ("resumed".to_string(), 1)].into_iter(),
+        None,
+    );
+    labelled(
+        s,
+        workers,
+        (
+            "corecast_tls_failures_total",
+            "TLS connections given up, by reason (plain_http: plain HTTP to the TLS port, answered 400; handshake; protocol: a bad record after the handshake).",
+            "reason",
+            |w| &w.tls_failures,
+        ),
+        Failure::ALL
+            .iter()
+            .map(|f| (f.label().to_string(), f.index())),
         None,
     );
     labelled(

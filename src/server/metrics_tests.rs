@@ -22,6 +22,8 @@ fn busy_workers() -> Vec<WorkerStats> {
         set(&w.protocol_errors);
         set(&w.messages_echoed);
         set(&w.accept_errors);
+        w.tls_handshakes.iter().for_each(&mut set);
+        w.tls_failures.iter().for_each(&mut set);
         set(&w.http_requests);
         set(&w.control_errors);
         set(&w.subscriptions);
@@ -73,7 +75,8 @@ fn family<'a>(line: &'a str, histogram: &'a str) -> &'a str {
 #[test]
 fn every_metric_once_with_help_and_type_as_documented() {
     let ws = busy_workers();
-    let text = render(&ws, 7, 11);
+    let mut text = render(&ws, 7, 11);
+    render_process(&mut text, Some(1_900_000_000), [3, 1]);
     let documented: BTreeMap<&str, &str> = include_str!("../../docs/PROTOCOL.md")
         .lines()
         .filter(|l| l.starts_with("| `corecast_"))

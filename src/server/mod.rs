@@ -36,6 +36,7 @@ pub mod session;
 mod sim_tests;
 pub mod stats;
 pub mod steering;
+pub mod tls;
 pub mod uring;
 pub mod worker;
 
@@ -71,6 +72,10 @@ pub struct Shared {
     pub(crate) subscriber_limits: Arc<crate::proto::ws::WsLimits>,
     /// Which listeners take new connections (overflow workers wait).
     pub(crate) steering: steering::Steering,
+    /// TLS on the main listener: the configuration new connections use.
+    pub(crate) tls: Option<tls::Certs>,
+    /// Reloads (`SIGHUP`): succeeded, failed.
+    pub(crate) reloads: [std::sync::atomic::AtomicU64; 2],
 }
 
 impl Shared {
@@ -90,7 +95,23 @@ impl Shared {
             stats,
             directory,
             bus,
+            tls: None,
+            reloads: Default::default(),
         }
+    }
+
+    /// The server's one reload (`SIGHUP`): everything that can change
+    /// without a restart is read again, all or nothing; today that is the
+    /// TLS certificate and key. New connections use what was loaded, open
+    /// ones keep what they started with; a failure keeps the old state.
+    pub(crate) fn reload(&self) -> Result<(), String> {
+        let result = match &self.tls {
+            Some(certs) => certs.reload(),
+            None => Ok(()),
+        };
+        let i = usize::from(result.is_err());
+        self.reloads[i].fetch_add(1, Ordering::Relaxed);
+        result
     }
 }
 
@@ -296,6 +317,14 @@ pub fn start(mut config: Config) -> io::Result<ServerHandle> {
         );
         config.max_handshake_size = MAX_HANDSHAKE_CAP;
     }
+    let tls = match &config.tls {
+        Some(settings) => {
+            let resumption = tls::Resumption::new().map_err(io::Error::other)?;
+            let loaded = tls::load(settings, &resumption).map_err(io::Error::other)?;
+            Some(tls::Certs::new(settings.clone(), resumption, loaded))
+        }
+        None => None,
+    };
     let backend = Backend::choose(config.io)?;
     raise_open_file_limit();
     let workers = worker_threads(backend, &config, primaries);
@@ -335,6 +364,7 @@ pub fn start(mut config: Config) -> io::Result<ServerHandle> {
         bus,
     );
     shared.steering = steering;
+    shared.tls = tls;
     let shared = Arc::new(shared);
     let admin = match shared.config.admin_listen {
         Some(addr) => Some(admin::start(addr, Arc::clone(&shared))?),
@@ -420,6 +450,13 @@ impl ServerHandle {
     }
 
     /// The I/O backend the workers run.
+    /// Reloads what can change without a restart (see `SIGHUP` in the
+    /// README): all or nothing; on failure the old state stays and the
+    /// error says why.
+    pub fn reload(&self) -> Result<(), String> {
+        self.shared.reload()
+    }
+
     pub fn backend(&self) -> Backend {
         self.backend
     }
@@ -431,11 +468,7 @@ impl ServerHandle {
 
     /// The Prometheus text `/metrics` serves.
     pub fn metrics(&self) -> String {
-        metrics::render(
-            &self.shared.stats,
-            self.shared.directory.len(),
-            self.shared.bus.stranded(),
-        )
+        String::from_utf8(http::render_metrics(&self.shared).to_vec()).expect("UTF-8 metrics")
     }
 
     /// Counters summed over all workers.

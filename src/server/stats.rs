@@ -2,6 +2,7 @@
 //! its own cache lines, no contention); readers sum them.
 
 use super::admission::Refusal;
+use super::tls::Failure;
 use crate::proto::handshake::Status;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -79,6 +80,10 @@ pub struct WorkerStats {
     pub protocol_errors: AtomicU64,
     pub messages_echoed: AtomicU64,
     pub accept_errors: AtomicU64,
+    /// TLS handshakes completed: full, resumed.
+    pub tls_handshakes: [AtomicU64; 2],
+    /// TLS connections given up, by [`Failure::index`].
+    pub tls_failures: [AtomicU64; Failure::ALL.len()],
     pub http_requests: AtomicU64,
     pub control_errors: AtomicU64,
     pub subscriptions: AtomicU64,
@@ -158,6 +163,14 @@ impl WorkerStats {
 
     pub fn accept_error(&self) {
         bump(&self.accept_errors);
+    }
+
+    pub fn tls_handshake(&self, resumed: bool) {
+        bump(&self.tls_handshakes[usize::from(resumed)]);
+    }
+
+    pub fn tls_failure(&self, why: Failure) {
+        bump(&self.tls_failures[why.index()]);
     }
 
     pub fn http_request(&self) {

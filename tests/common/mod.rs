@@ -12,10 +12,11 @@ pub mod frames;
 pub mod http;
 pub mod process;
 pub mod sockets;
+pub mod tls;
 
 // One `use common::*;` per test file; each file uses part of them.
 #[allow(unused_imports)]
-pub use {frames::*, http::*, process::*, sockets::*};
+pub use {frames::*, http::*, process::*, sockets::*, tls::*};
 
 use corecast::server::{self, Config, IoMode, ServerHandle};
 use std::net::{SocketAddr, TcpStream};

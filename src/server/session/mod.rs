@@ -503,6 +503,20 @@ impl Session {
 
     /// Answers `reject` and closes: a refused request, or a connection
     /// refused at accept.
+    /// The connection's wire layer (TLS) failed: what is queued is dropped
+    /// unsent (none of it is on the wire: the wire layer takes whole
+    /// bytes), `last_words` (bytes as they go on the wire: an alert, or a
+    /// plain-text answer) are queued instead, and nothing more is read.
+    pub fn fail_wire(&mut self, last_words: &[u8]) {
+        let queued = self.out.len();
+        self.out.advance(queued);
+        if !last_words.is_empty() {
+            self.out.push(Bytes::copy_from_slice(last_words));
+        }
+        self.phase = Phase::Done;
+        self.pending.clear();
+    }
+
     pub fn refuse(&mut self, reject: Reject, stats: &WorkerStats) {
         stats.handshake_rejected(reject.status);
         debug!(

@@ -391,7 +391,10 @@ impl Worker {
             self.accept.probing = false;
             let peer = self.accept.peer(i);
             let key = self.core.admit(Sock::new(slot), peer);
-            self.arm_recv(key);
+            self.start_tls(key);
+            if Self::wants_recv(self.core.conn(key)) {
+                self.arm_recv(key);
+            }
             // Full now? Then new connections go elsewhere at once, not a
             // turn later.
             self.steer();

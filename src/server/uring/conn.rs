@@ -162,6 +162,7 @@ impl Worker {
             && !conn.io_mut().sending()
         {
             drop(self.core.free(key));
+            self.drop_tls(key);
         }
     }
 

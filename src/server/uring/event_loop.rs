@@ -53,6 +53,9 @@ pub(in crate::server) struct Worker {
     /// only once that send has completed). Here rather than in the
     /// connection's `Sock`, which stays 8 bytes on every idle connection.
     pub(super) send_ops: HashMap<usize, Box<SendOp>>,
+    /// The TLS sessions of this worker's connections, by slab key (none
+    /// without `--tls-cert`), each dropped when its entry is freed.
+    pub(super) tls: HashMap<usize, Box<super::tls::TlsState>>,
 }
 
 impl Worker {
@@ -90,6 +93,7 @@ impl Worker {
             cqes: Vec::with_capacity(1024),
             send_pool: Vec::new(),
             send_ops: HashMap::new(),
+            tls: HashMap::new(),
         })
     }
 
@@ -183,6 +187,7 @@ impl Worker {
             // Never free what the kernel may still write to or read from.
             self.core.leak_connections();
             std::mem::forget(std::mem::take(&mut self.send_ops));
+            std::mem::forget(std::mem::take(&mut self.tls));
             self.wake.leak_buf();
             self.accept.leak_addrs();
             self.bufs.leak();

@@ -88,6 +88,7 @@ mod probe;
 mod recv;
 mod ring;
 mod send;
+mod tls;
 mod wake;
 
 pub use accept::ACCEPTS_IN_FLIGHT;

@@ -61,7 +61,10 @@ impl Worker {
                 Some(bid) => {
                     // A closing or lingering connection reads nothing more: discarded.
                     if state == IoState::Active {
-                        if conn.read_paused() {
+                        let paused = conn.read_paused();
+                        if self.tls.get(&key).is_some_and(|t| !t.failed()) {
+                            self.tls_received(key, bid, len, paused);
+                        } else if paused {
                             // Received before the pause took effect: not
                             // processed while paused (a paced publisher,
                             // backpressure), kept for the resume.
@@ -112,6 +115,11 @@ impl Worker {
     /// Feeds the input held while reading was paused to the core.
     pub(super) fn input_held(&mut self, key: usize) {
         self.core.conn_mut(key).io_mut().set_held(false);
+        if self.is_tls(key) {
+            // What was held is ciphertext, in the session.
+            self.pump_tls(key);
+            return;
+        }
         let kept = self.restore_pending(key);
         let verdict = self.core.input(key, &mut self.scratch[..kept]);
         self.after_core_input(key, verdict);
@@ -119,7 +127,7 @@ impl Worker {
 
     /// Copies `key`'s pending bytes to the front of the scratch buffer
     /// (grown if held input made them longer than it); returns how many.
-    fn restore_pending(&mut self, key: usize) -> usize {
+    pub(super) fn restore_pending(&mut self, key: usize) -> usize {
         let conn = self.core.conn_mut(key);
         if self.scratch.len() < conn.pending_len() {
             self.scratch.resize(conn.pending_len(), 0);
@@ -148,7 +156,7 @@ impl Worker {
     }
 
     /// After the core took input: a pause cancels the multishot receive.
-    fn after_core_input(&mut self, key: usize, verdict: Input) {
+    pub(super) fn after_core_input(&mut self, key: usize, verdict: Input) {
         let conn = self.core.conn(key);
         if verdict == Input::Stop && conn.read_paused() && conn.io().recv_armed() {
             // Backpressure: stop the multishot receive; re-armed when unpaused.

@@ -41,6 +41,10 @@ impl SendOp {
 impl Worker {
     /// Sends `key`'s queue (up to [`MAX_IOVECS`] chunks), unless a send is in flight.
     pub(super) fn flush(&mut self, key: usize) {
+        if self.is_tls(key) {
+            self.flush_tls(key);
+            return;
+        }
         let conn = self.core.conn_mut(key);
         if conn.io().sending() {
             // Its completion flushes the rest.
@@ -104,18 +108,24 @@ impl Worker {
 
     /// `key`'s send completed: `res` bytes left its queue (or an error).
     pub(super) fn on_send(&mut self, key: usize, serial: u32, res: i32) {
-        let Some(conn) = conn_of(&mut self.core, key, serial) else {
+        if conn_of(&mut self.core, key, serial).is_none() {
             return;
-        };
+        }
+        // A TLS send of the session's ciphertext: the queue was advanced
+        // when it was encrypted.
+        let tls_done = self.tls_sent(key, res);
+        let conn = self.core.conn_mut(key);
         let op = if conn.io_mut().send_ended() {
             self.send_ops.remove(&key)
         } else {
             None
         };
-        // Also releases the pin: the queue may move again.
-        conn.out_mut().advance(res.max(0) as usize);
+        if tls_done.is_none() {
+            // Also releases the pin: the queue may move again.
+            conn.out_mut().advance(res.max(0) as usize);
+        }
         let gone = conn.state() == IoState::Gone;
-        let pending = !conn.out().is_empty();
+        let pending = !conn.out().is_empty() || tls_done == Some(false);
         if let Some(op) = op
             && self.send_pool.len() < SEND_POOL_MAX
         {
@@ -139,11 +149,15 @@ impl Worker {
             // at the end of this turn in one send.
             self.core.mark_dirty(key);
         }
+        if tls_done == Some(false) {
+            // Ciphertext is still to go: a close must not overtake it.
+            return;
+        }
         self.after_flush(key, res as usize);
     }
 
     /// After a flush wrote `wrote` bytes: what the core wants next.
-    fn after_flush(&mut self, key: usize, wrote: usize) {
+    pub(super) fn after_flush(&mut self, key: usize, wrote: usize) {
         match self.core.after_flush(key, wrote) {
             AfterFlush::Keep => {}
             AfterFlush::Remove => self.remove(key),

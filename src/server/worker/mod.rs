@@ -380,6 +380,18 @@ impl<S> Core<S> {
 
     /// Stops reading `key`: it leaves its topics, what is queued is flushed
     /// at the end of the turn, and it is dropped after [`LINGER`] at the latest.
+    /// `key`'s wire layer (TLS) failed: its queue is replaced by
+    /// `last_words` (see [`Session::fail_wire`]) and it closes like any
+    /// other connection; the backend sends its queue as it is from now on.
+    pub fn fail_wire(&mut self, key: usize, last_words: &[u8]) {
+        self.conns[key].session.fail_wire(last_words);
+        if self.conns[key].state == IoState::Active {
+            self.start_closing(key);
+        } else {
+            self.mark_dirty(key);
+        }
+    }
+
     pub fn start_closing(&mut self, key: usize) {
         let conn = &mut self.conns[key];
         conn.state = IoState::Closing;

@@ -17,13 +17,17 @@
 //! (protocol state, deadlines, delivery, drain) lives in
 //! [`super::worker::Core`].
 
+mod tls;
+
 use super::Shared;
 use super::backend::{self, Backend, READ_BUF_BYTES, is_resource_exhaustion};
+use super::tls::TlsConn;
 use super::worker::{AfterFlush, Core, Input, IoState};
 use crate::proto::outbound::MAX_IOVECS;
 use crate::pubsub::bus::Inbox;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
+use std::collections::HashMap;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::Shutdown;
 use std::sync::Arc;
@@ -51,6 +55,10 @@ pub(super) struct Worker {
     buf: Box<[u8]>,
     accept_again: bool,
     accept_retry_at: Option<Instant>,
+    /// The TLS sessions of this worker's connections, by slab key (none
+    /// without `--tls-cert`): kept beside the slab so that a plain
+    /// connection's entry stays as small as it is.
+    tls: HashMap<usize, Box<TlsConn>>,
 }
 
 impl Worker {
@@ -72,6 +80,7 @@ impl Worker {
             buf: vec![0u8; READ_BUF_BYTES].into_boxed_slice(),
             accept_again: false,
             accept_retry_at: None,
+            tls: HashMap::new(),
         })
     }
 
@@ -102,6 +111,7 @@ impl Worker {
                     }
                     let admitted = self.core.admit(sock, Some(peer.ip()));
                     debug_assert_eq!(admitted, key);
+                    tls::start(&mut self.core, &mut self.tls, key);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -137,6 +147,10 @@ impl Worker {
 
     /// Reads and processes input until `WouldBlock`, the turn budget, or a stop.
     fn read(&mut self, key: usize) {
+        if self.tls.contains_key(&key) {
+            self.read_tls(key);
+            return;
+        }
         let mut budget_used_up = true;
         for _ in 0..MAX_READS_PER_TURN {
             let conn = self.core.conn_mut(key);
@@ -159,7 +173,7 @@ impl Worker {
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => {
-                    remove(&mut self.core, key);
+                    Worker::remove(self, key);
                     return;
                 }
             }
@@ -184,11 +198,15 @@ impl Worker {
             }
         }
         // EOF, an error, or a peer flooding us after its close: done with it.
-        remove(&mut self.core, key);
+        Worker::remove(self, key);
     }
 
     /// Writes the outbound queue with vectored writes until empty or `WouldBlock`.
     fn flush(&mut self, key: usize) {
+        if self.tls.contains_key(&key) {
+            self.flush_tls(key);
+            return;
+        }
         let core = &mut self.core;
         let (io, out) = core.conn_mut(key).io_and_out();
         let mut total = 0;
@@ -243,6 +261,14 @@ impl Worker {
 fn remove(core: &mut Core<TcpStream>, key: usize) {
     core.retire(key);
     drop(core.free(key));
+}
+
+impl Worker {
+    /// Closes `key` and drops its TLS session, if any.
+    fn remove(&mut self, key: usize) {
+        self.tls.remove(&key);
+        remove(&mut self.core, key);
+    }
 }
 
 impl Backend for Worker {
@@ -310,7 +336,7 @@ impl Backend for Worker {
     }
 
     fn remove(&mut self, key: usize) {
-        remove(&mut self.core, key);
+        Worker::remove(self, key);
     }
 
     fn stop_accepting(&mut self) {
@@ -335,7 +361,7 @@ impl Backend for Worker {
         }
         let keys = self.core.keys();
         for key in keys {
-            remove(&mut self.core, key);
+            Worker::remove(self, key);
         }
         self.core.finish();
     }

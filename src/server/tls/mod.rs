@@ -1,0 +1,185 @@
+//! TLS for the main listener (wss://, https://): the certificate and key
+//! the server was given, loaded into a rustls configuration that every
+//! worker's new connections use ([`Certs`], replaced whole by a reload),
+//! and one connection's TLS state ([`TlsConn`], sans-IO: ciphertext in,
+//! plaintext out and back; the backends move the bytes).
+//!
+//! The WebSocket core never sees TLS: a backend decrypts what it reads
+//! before [`Core::input`](super::worker::Core::input) and encrypts the
+//! connection's queue (plaintext, shared frames encoded once per
+//! publication) as the socket takes it, so every limit, budget and policy
+//! counts plaintext, as on a plain connection.
+
+mod cert_time;
+mod conn;
+
+pub use conn::{CIPHERTEXT_LIMIT, Failure, PLAIN_HTTP_ANSWER, Received, TlsConn};
+
+use rustls::ServerConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+/// Largest certificate or key file read (a chain of a few certificates is
+/// a few KiB): a wrong path (a log, a disk image) fails at once instead of
+/// being read whole.
+const MAX_PEM_FILE_BYTES: u64 = 1024 * 1024;
+
+/// The lowest TLS version a client may negotiate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum MinVersion {
+    /// TLS 1.2 and 1.3.
+    #[default]
+    #[value(name = "1.2")]
+    Tls12,
+    /// TLS 1.3 only.
+    #[value(name = "1.3")]
+    Tls13,
+}
+
+/// Where the certificate and key are, and what to accept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// PEM: the server's certificate, then its chain.
+    pub cert: PathBuf,
+    /// PEM: the private key (PKCS#8, PKCS#1 RSA or SEC1 EC).
+    pub key: PathBuf,
+    pub min_version: MinVersion,
+}
+
+/// A loaded certificate: the rustls configuration, and when it expires.
+pub struct Loaded {
+    pub config: Arc<ServerConfig>,
+    /// The leaf certificate's `notAfter`, in seconds since the Unix epoch
+    /// (`None` if its validity could not be read).
+    pub not_after: Option<i64>,
+}
+
+/// What a reload keeps: the session-ticket keys and the session cache, so
+/// that a client's resumption survives a certificate rotation.
+#[derive(Clone)]
+pub struct Resumption {
+    ticketer: Arc<dyn rustls::server::ProducesTickets>,
+    cache: Arc<dyn rustls::server::StoresServerSessions>,
+}
+
+impl Resumption {
+    /// Ticket keys made here, shared by every worker (the configuration is
+    /// one `Arc`) and rotated by rustls every 6 hours (the previous key
+    /// still decrypts); a TLS 1.2 session-ID cache of
+    /// [`SESSION_CACHE_ENTRIES`].
+    pub fn new() -> Result<Self, String> {
+        Ok(Self {
+            ticketer: rustls::crypto::aws_lc_rs::Ticketer::new()
+                .map_err(|e| format!("TLS session tickets: {e}"))?,
+            cache: rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES),
+        })
+    }
+}
+
+/// TLS 1.2 sessions remembered for resumption by session ID (TLS 1.3 and
+/// most 1.2 clients use tickets, which cost the server no memory).
+pub const SESSION_CACHE_ENTRIES: usize = 4096;
+
+/// Reads the certificate chain and key `settings` name and builds the
+/// server configuration, resuming sessions with `resumption`. The error is
+/// one line naming the file.
+pub fn load(settings: &TlsSettings, resumption: &Resumption) -> Result<Loaded, String> {
+    let cert_pem = read_pem(&settings.cert, "certificate")?;
+    let key_pem = read_pem(&settings.key, "key")?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("certificate {}: {e}", settings.cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "certificate {}: no PEM certificate in the file",
+            settings.cert.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|e| format!("key {}: {e}", settings.key.display()))?;
+    let not_after = cert_time::not_after(&chain[0]);
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let versions: &[&rustls::SupportedProtocolVersion] = match settings.min_version {
+        MinVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        MinVersion::Tls13 => &[&rustls::version::TLS13],
+    };
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .map_err(|e| format!("TLS versions: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| {
+            format!(
+                "certificate {} with key {}: {e}",
+                settings.cert.display(),
+                settings.key.display()
+            )
+        })?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Resumption: a reconnect storm after a network blip costs ticket
+    // decryptions, not full handshakes.
+    config.ticketer = Arc::clone(&resumption.ticketer);
+    config.session_storage = Arc::clone(&resumption.cache);
+    // Early data replays: never.
+    config.max_early_data_size = 0;
+    Ok(Loaded {
+        config: Arc::new(config),
+        not_after,
+    })
+}
+
+fn read_pem(path: &Path, what: &str) -> Result<Vec<u8>, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("{what} {}: {e}", path.display()))?;
+    if meta.len() > MAX_PEM_FILE_BYTES {
+        return Err(format!(
+            "{what} {}: {} bytes, more than a PEM file of this kind can be ({MAX_PEM_FILE_BYTES})",
+            path.display(),
+            meta.len()
+        ));
+    }
+    std::fs::read(path).map_err(|e| format!("{what} {}: {e}", path.display()))
+}
+
+/// The configuration new connections get, replaced whole by a reload;
+/// connections already open keep the one they started with.
+pub struct Certs {
+    settings: TlsSettings,
+    resumption: Resumption,
+    current: RwLock<Arc<ServerConfig>>,
+    not_after: std::sync::atomic::AtomicI64,
+}
+
+impl Certs {
+    pub fn new(settings: TlsSettings, resumption: Resumption, loaded: Loaded) -> Self {
+        Self {
+            settings,
+            resumption,
+            current: RwLock::new(loaded.config),
+            not_after: loaded.not_after.unwrap_or(0).into(),
+        }
+    }
+
+    /// The configuration for a new connection.
+    pub fn config(&self) -> Arc<ServerConfig> {
+        Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The current certificate's `notAfter` (Unix seconds; 0 if unknown).
+    pub fn not_after(&self) -> i64 {
+        self.not_after.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Reads the files again; on success new connections use them, on
+    /// failure the old pair stays and the error says why.
+    pub fn reload(&self) -> Result<(), String> {
+        let loaded = load(&self.settings, &self.resumption)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = loaded.config;
+        self.not_after.store(
+            loaded.not_after.unwrap_or(0),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,254 @@
+//! TLS on the io_uring backend. A receive's ciphertext is copied into the
+//! connection's [`TlsState`] and decrypted for the core; a flush encrypts
+//! the queue's front (many small frames to a record) into the state's
+//! `wire` buffer, at most [`CIPHERTEXT_LIMIT`] at a time, and sends it with
+//! one `IORING_OP_SEND`.
+//!
+//! Ownership: `wire` is the kernel's from the send's push until its
+//! completion: while `wire_in_flight`, nothing writes, grows or frees it,
+//! and the state (boxed, in `Worker::tls`) is dropped only when the
+//! connection's entry is freed, which waits for every operation on it
+//! (`free_if_done`); the exit leaks the map if operations remain.
+
+use super::Worker;
+use super::ring::{Op, on_socket, user_data};
+use crate::proto::outbound::MAX_IOVECS;
+use crate::server::tls::{CIPHERTEXT_LIMIT, Failure, PLAIN_HTTP_ANSWER, Received, TlsConn};
+use crate::server::worker::Input;
+use io_uring::opcode;
+use std::io::IoSlice;
+use tracing::warn;
+
+/// Room made in the scratch buffer for one read of decrypted bytes.
+const PLAIN_CHUNK: usize = 16 * 1024;
+
+/// One TLS connection's session and the buffers the ring needs around it.
+pub(super) struct TlsState {
+    conn: TlsConn,
+    /// Ciphertext received that rustls has not taken yet (received while
+    /// reading was paused); empty, and unallocated, otherwise.
+    cipher_in: Vec<u8>,
+    /// Ciphertext being sent: `wire[sent..]` goes in the send in flight (or
+    /// the next); freed once sent, so an idle connection holds none.
+    wire: Vec<u8>,
+    sent: usize,
+    /// A send of `wire` is in flight (see the module's ownership rule).
+    wire_in_flight: bool,
+    /// The session failed: the queue holds plain last words, sent as they are.
+    failed: bool,
+}
+
+impl TlsState {
+    /// The session failed (its connection sends plain last words).
+    pub(super) fn failed(&self) -> bool {
+        self.failed
+    }
+}
+
+impl Worker {
+    /// Gives a connection accepted on the TLS listener its session.
+    pub(super) fn start_tls(&mut self, key: usize) {
+        let Some(certs) = &self.core.shared().tls else {
+            return;
+        };
+        match TlsConn::new(certs.config()) {
+            Ok(conn) => {
+                let state = TlsState {
+                    conn,
+                    cipher_in: Vec::new(),
+                    wire: Vec::new(),
+                    sent: 0,
+                    wire_in_flight: false,
+                    failed: false,
+                };
+                self.tls.insert(key, Box::new(state));
+            }
+            Err(e) => {
+                warn!(error = %e, "TLS session not created; connection closed");
+                self.remove(key);
+            }
+        }
+    }
+
+    /// Whether `key` speaks TLS (a live session, not a failed one).
+    pub(super) fn is_tls(&self, key: usize) -> bool {
+        self.tls.get(&key).is_some_and(|t| !t.failed)
+    }
+
+    /// `len` bytes of receive buffer `bid` arrived for TLS connection `key`:
+    /// decrypted and handed to the core, or kept while reading is paused.
+    pub(super) fn tls_received(&mut self, key: usize, bid: u16, len: usize, paused: bool) {
+        let data = self.bufs.data(bid, len);
+        if let Some(st) = self.tls.get_mut(&key) {
+            st.cipher_in.extend_from_slice(data);
+        }
+        if paused {
+            self.core.conn_mut(key).io_mut().set_held(true);
+            return;
+        }
+        self.pump_tls(key);
+    }
+
+    /// Decrypts what `key` received and feeds the plaintext to the core,
+    /// until the core stops reading or nothing is left.
+    pub(super) fn pump_tls(&mut self, key: usize) {
+        let Some(mut st) = self.tls.remove(&key) else {
+            return;
+        };
+        let mut verdict = Input::More;
+        let mut failure: Option<Option<Failure>> = None;
+        loop {
+            // Plaintext the last record held comes first.
+            let kept = self.restore_pending(key);
+            if self.scratch.len() < kept + PLAIN_CHUNK {
+                self.scratch.resize(kept + PLAIN_CHUNK, 0);
+            }
+            let n = st.conn.read_plain(&mut self.scratch[kept..]);
+            if n > 0 {
+                verdict = self.core.input(key, &mut self.scratch[..kept + n]);
+                if verdict == Input::Stop {
+                    break;
+                }
+                continue;
+            }
+            if st.cipher_in.is_empty() {
+                break;
+            }
+            let mut src = &st.cipher_in[..];
+            let received = st.conn.receive(&mut src);
+            let taken = st.cipher_in.len() - src.len();
+            st.cipher_in.drain(..taken);
+            match received {
+                Received::Bytes(_) => {
+                    if let Some(resumed) = st.conn.just_established() {
+                        self.core.stats().tls_handshake(resumed);
+                    }
+                }
+                Received::Closed => {
+                    self.core.eof(key);
+                    break;
+                }
+                Received::Later => break,
+                Received::Failed(why) => {
+                    failure = Some(Some(why));
+                    break;
+                }
+                Received::Error(_) => {
+                    failure = Some(None);
+                    break;
+                }
+            }
+        }
+        if st.cipher_in.is_empty() {
+            st.cipher_in = Vec::new();
+        }
+        if let Some(why) = failure {
+            let mut last_words = Vec::new();
+            if let Some(why) = why {
+                self.core.stats().tls_failure(why);
+                if why == Failure::PlainHttp {
+                    last_words.extend_from_slice(PLAIN_HTTP_ANSWER);
+                } else {
+                    // The alert rustls queued.
+                    while st.conn.wants_write() {
+                        if st.conn.write_to(&mut last_words).map_or(true, |n| n == 0) {
+                            break;
+                        }
+                    }
+                }
+            }
+            st.failed = true;
+            st.cipher_in = Vec::new();
+            self.tls.insert(key, st);
+            self.core.fail_wire(key, &last_words);
+            self.core.after_input(key);
+            return;
+        }
+        if st.conn.wants_write() {
+            self.core.mark_dirty(key);
+        }
+        self.tls.insert(key, st);
+        self.after_core_input(key, verdict);
+    }
+
+    /// [`Worker::flush`] for a TLS connection: ciphertext waiting in the
+    /// session, then the queue's front encrypted, up to
+    /// [`CIPHERTEXT_LIMIT`], sent in one `send`.
+    pub(super) fn flush_tls(&mut self, key: usize) {
+        let conn = self.core.conn_mut(key);
+        if conn.io().sending() {
+            // Its completion flushes the rest.
+            return;
+        }
+        let Some(st) = self.tls.get_mut(&key) else {
+            return;
+        };
+        if st.sent >= st.wire.len() {
+            st.wire.clear();
+            st.sent = 0;
+            let out = conn.out_mut();
+            loop {
+                while st.conn.wants_write() {
+                    if st.conn.write_to(&mut st.wire).map_or(true, |n| n == 0) {
+                        break;
+                    }
+                }
+                if st.wire.len() >= CIPHERTEXT_LIMIT || out.is_empty() || !st.conn.can_encrypt() {
+                    break;
+                }
+                let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
+                let n = out.gather(&mut iov);
+                let took = st.conn.encrypt(&iov[..n]);
+                if took == 0 {
+                    break;
+                }
+                out.advance(took);
+            }
+        }
+        if st.wire.is_empty() {
+            st.wire = Vec::new();
+            self.after_flush(key, 0);
+            return;
+        }
+        let rest = &st.wire[st.sent..];
+        let (ptr, len) = (rest.as_ptr(), rest.len().min(u32::MAX as usize) as u32);
+        let sqe = on_socket!(self.ring.plain_fds(), conn.io().slot(), |fd| {
+            opcode::Send::new(fd, ptr, len)
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
+        })
+        .user_data(user_data(Op::Send, key, conn.serial()));
+        conn.io_mut().single_send_started();
+        st.wire_in_flight = true;
+        // SAFETY: the buffer is `wire`, which nothing writes, grows or frees
+        // while `wire_in_flight` (set above, cleared at this send's
+        // completion); its `TlsState` is dropped only when the entry is
+        // freed, after every operation on it completed, and the exit leaks
+        // it otherwise (module ownership rule).
+        unsafe { self.ring.push(&sqe) };
+        self.ring.in_flight_started();
+    }
+
+    /// A send completed for `key`: if it was a TLS send of `wire`, counts
+    /// `res` bytes off it and returns `Some(done)`, `done` when nothing of
+    /// the session's ciphertext is left to send; `None` for a send of the
+    /// queue itself.
+    pub(super) fn tls_sent(&mut self, key: usize, res: i32) -> Option<bool> {
+        let st = self.tls.get_mut(&key)?;
+        if !st.wire_in_flight {
+            return None;
+        }
+        st.wire_in_flight = false;
+        st.sent += res.max(0) as usize;
+        if st.sent >= st.wire.len() {
+            st.wire = Vec::new();
+            st.sent = 0;
+        }
+        Some(st.wire.is_empty() && !st.conn.wants_write())
+    }
+
+    /// Drops `key`'s session once its entry is freed.
+    pub(super) fn drop_tls(&mut self, key: usize) {
+        self.tls.remove(&key);
+    }
+}

@@ -1,0 +1,52 @@
+// Round-trips text and binary through a corecast /echo endpoint with Node's
+// `ws` library (an independent client): ws:// or wss:// (trusting the CA
+// file given for wss).
+//
+//   node echo_client.mjs URL [CAFILE]
+import { readFileSync } from "node:fs";
+import WebSocket from "ws";
+
+const [url, cafile] = process.argv.slice(2);
+const options = url.startsWith("wss://") ? { ca: readFileSync(cafile) } : {};
+const ws = new WebSocket(url, options);
+const messages = [
+  ["hello", false],
+  ["é€𝄞 unicode", false],
+  ["x".repeat(70000), false],
+  ...[0, 1, 125, 126, 65535, 65536, 1000003].map((n) => [
+    Buffer.from(Array.from({ length: n }, (_, i) => (i * 31) % 251)),
+    true,
+  ]),
+];
+let i = 0;
+const timer = setTimeout(() => {
+  console.error(`node ws: ${url}: timed out at message ${i}`);
+  process.exit(1);
+}, 20000);
+ws.on("open", () => ws.send(messages[0][0], { binary: messages[0][1] }));
+ws.on("message", (data, isBinary) => {
+  const [want, binary] = messages[i];
+  const same = binary ? isBinary && Buffer.compare(data, want) === 0 : !isBinary && data.toString() === want;
+  if (!same) {
+    console.error(`node ws: ${url}: message ${i} echoed wrong`);
+    process.exit(1);
+  }
+  i += 1;
+  if (i === messages.length) {
+    clearTimeout(timer);
+    ws.close(1000);
+    return;
+  }
+  ws.send(messages[i][0], { binary: messages[i][1] });
+});
+ws.on("close", (code) => {
+  if (i !== messages.length) {
+    console.error(`node ws: ${url}: closed early (${code}) at message ${i}`);
+    process.exit(1);
+  }
+  console.log(`node ws: ${url}: text and binary round trips OK (close ${code})`);
+});
+ws.on("error", (e) => {
+  console.error(`node ws: ${url}: ${e.message}`);
+  process.exit(1);
+});

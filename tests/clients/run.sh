@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Real, independent clients against a release build of corecast, over ws://
+# and wss://, on each backend: Python `websockets`, Node `ws` and headless
+# Chromium each round-trip text and binary through /echo. Installs what it
+# needs (a pip venv, an npm package, Debian's chromium) and stops what it
+# starts. Called by .ci/run; run it alone after `cargo build --release`.
+#
+#   tests/clients/run.sh            BACKENDS="epoll uring" by default
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$ROOT"
+HERE=$ROOT/tests/clients
+PORT=${CLIENTS_PORT:-19101}
+PAGE_PORT=${CLIENTS_PAGE_PORT:-19102}
+WORK=$(mktemp -d)
+SERVER=
+PAGES=
+cleanup() {
+  [ -n "$SERVER" ] && kill -9 "$SERVER" 2>/dev/null || true
+  [ -n "$PAGES" ] && kill -9 "$PAGES" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# A throwaway self-signed certificate for localhost and 127.0.0.1.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+  -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1 \
+  -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
+
+python3 -m venv "$WORK/venv"
+"$WORK/venv/bin/pip" install -q --disable-pip-version-check 'websockets>=13'
+cp "$HERE/echo_client.mjs" "$WORK/"
+(cd "$WORK" && npm install --silent --no-audit --no-fund --no-save ws@8 >/dev/null)
+if ! command -v chromium >/dev/null 2>&1; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+# The page Chromium opens, served over plain HTTP (a page may open wss://).
+python3 -m http.server "$PAGE_PORT" --bind 127.0.0.1 --directory "$HERE" >/dev/null 2>&1 &
+PAGES=$!
+
+wait_port() {
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "nothing listens on port $1" >&2
+  return 1
+}
+wait_port "$PAGE_PORT"
+
+for io in ${BACKENDS:-epoll uring}; do
+  for scheme in ws wss; do
+    flags=(serve --listen "127.0.0.1:$PORT" --io "$io")
+    [ "$scheme" = wss ] && flags+=(--tls-cert "$WORK/cert.pem" --tls-key "$WORK/key.pem")
+    ./target/release/corecast "${flags[@]}" >"$WORK/server.log" 2>&1 &
+    SERVER=$!
+    wait_port "$PORT"
+    url="$scheme://127.0.0.1:$PORT/echo"
+    echo "--- $io, $url"
+    "$WORK/venv/bin/python" "$HERE/echo_client.py" "$url" "$WORK/cert.pem"
+    node "$WORK/echo_client.mjs" "$url" "$WORK/cert.pem"
+    dom=$(timeout 60 chromium --headless=new --no-sandbox --disable-gpu --ignore-certificate-errors \
+      --virtual-time-budget=20000 --dump-dom "http://127.0.0.1:$PAGE_PORT/echo_page.html?url=$url" 2>/dev/null || true)
+    verdict=$(printf '%s' "$dom" | grep -o 'PASS [^<]*\|FAIL [^<]*\|RUNNING' | head -1)
+    echo "chromium $(chromium --version 2>/dev/null | awk '{print $2}'): $url: ${verdict:-no verdict}"
+    if [ "${verdict%% *}" != PASS ]; then
+      echo "chromium did not pass over $url; server log:" >&2
+      tail -20 "$WORK/server.log" >&2
+      exit 1
+    fi
+    kill -TERM "$SERVER"
+    wait "$SERVER"
+    SERVER=
+  done
+done
+echo "real clients: all passed"

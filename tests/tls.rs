@@ -1,0 +1,306 @@
+//! wss:// and https:// on the main listener (`--tls-cert`, `--tls-key`),
+//! against the backend `CORECAST_IO` selects: upgrade, echo, fan-out,
+//! publishing over https, hostile TLS input, the minimum version, and the
+//! certificate reload.
+
+mod common;
+
+use common::*;
+use corecast::server::tls::{MinVersion, TlsSettings};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tungstenite::Message;
+
+fn tls_server(
+    cert: &TestCert,
+    tweak: impl FnOnce(&mut corecast::server::Config),
+) -> corecast::server::ServerHandle {
+    let settings = TlsSettings {
+        cert: cert.cert.clone(),
+        key: cert.key.clone(),
+        min_version: MinVersion::Tls12,
+    };
+    start_with(|c| {
+        c.tls = Some(settings);
+        tweak(c);
+    })
+}
+
+#[test]
+fn a_wss_client_upgrades_and_echoes_text_and_binary_of_every_size() {
+    let cert = test_cert();
+    let server = tls_server(&cert, |_| {});
+    let config = client_config(&cert);
+    let mut ws = wss_connect(server.local_addr(), "/echo", &config);
+    ws.send(Message::text("hello over TLS")).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::text("hello over TLS"));
+    for size in [0, 1, 125, 126, 16 * KIB - 1, 16 * KIB + 7, MIB + 3] {
+        let payload: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
+        ws.send(Message::binary(payload.clone())).unwrap();
+        match ws.read().unwrap() {
+            Message::Binary(b) => assert!(b[..] == payload[..], "{size} bytes echoed wrong"),
+            other => panic!("{size}: {other:?}"),
+        }
+    }
+    ws.close(None).unwrap();
+    let m = server.metrics();
+    assert!(metric(&m, "corecast_tls_handshakes_total") >= 1);
+    assert!(metric(&m, "corecast_tls_cert_not_after_seconds") > 1_700_000_000);
+}
+
+#[test]
+fn a_publication_over_https_reaches_every_wss_subscriber_in_order() {
+    let cert = test_cert();
+    let server = tls_server(&cert, |_| {});
+    let addr = server.local_addr();
+    let config = client_config(&cert);
+    let mut subs: Vec<_> = (0..20)
+        .map(|_| wss_connect(addr, "/ws?topics=prices", &config))
+        .collect();
+    // Subscriptions are registered before the publisher's request is read
+    // on every worker (a publication to a worker without subscribers yet
+    // would be dropped there): wait for them to show.
+    let subscribed = || metric(&server.metrics(), "corecast_subscriptions");
+    assert_eq!(settle(Duration::from_secs(5), subscribed, 20), 20);
+    for i in 0..50u32 {
+        let body = format!("tick {i}");
+        let request = format!(
+            "POST /publish/prices HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let answer = tls_exchange(addr, &config, request.as_bytes());
+        assert!(answer.starts_with("HTTP/1.1 204 "), "{answer}");
+    }
+    for ws in &mut subs {
+        for i in 0..50u32 {
+            assert_eq!(ws.read().unwrap(), Message::text(format!("tick {i}")));
+        }
+    }
+}
+
+#[test]
+fn plain_http_to_the_tls_port_gets_400_in_plain_text_and_others_are_unaffected() {
+    let cert = test_cert();
+    let server = tls_server(&cert, |_| {});
+    let addr = server.local_addr();
+    let config = client_config(&cert);
+    let mut honest = wss_connect(addr, "/echo", &config);
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(upgrade_request("/echo").as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer:?}");
+    assert!(answer.contains("TLS"), "{answer}");
+    honest.send(Message::text("still here")).unwrap();
+    assert_eq!(honest.read().unwrap(), Message::text("still here"));
+    let m = server.metrics();
+    assert_eq!(
+        metric(&m, "corecast_tls_failures_total{reason=\"plain_http\"}"),
+        1
+    );
+}
+
+#[test]
+fn garbage_client_hellos_are_closed_and_counted_without_effect_on_others() {
+    let cert = test_cert();
+    let server = tls_server(&cert, |_| {});
+    let addr = server.local_addr();
+    let config = client_config(&cert);
+    let mut honest = wss_connect(addr, "/echo", &config);
+    let garbage: [&[u8]; 4] = [
+        // A handshake record whose ClientHello is nonsense.
+        &[0x16, 0x03, 0x01, 0x00, 0x05, 0x01, 0x00, 0x00, 0x01, 0xff],
+        // A record of an unknown type.
+        &[0x99, 0x03, 0x03, 0x00, 0x01, 0x00],
+        // An oversized record header (2^16 - 1 bytes announced).
+        &[0x16, 0x03, 0x03, 0xff, 0xff, 0x01],
+        // Binary noise.
+        &[0x00; 64],
+    ];
+    for g in garbage {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(g).unwrap();
+        let started = Instant::now();
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink); // an alert, then EOF (or a reset)
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{g:?} not closed"
+        );
+    }
+    honest.send(Message::text("unaffected")).unwrap();
+    assert_eq!(honest.read().unwrap(), Message::text("unaffected"));
+    let failed = || {
+        metric(
+            &server.metrics(),
+            "corecast_tls_failures_total{reason=\"handshake\"}",
+        )
+    };
+    assert_eq!(settle(Duration::from_secs(3), failed, 4), 4);
+}
+
+#[test]
+fn a_stalled_tls_handshake_is_closed_at_the_handshake_deadline() {
+    let cert = test_cert();
+    let server = tls_server(&cert, |c| c.handshake_timeout = Duration::from_millis(500));
+    let mut s = TcpStream::connect(server.local_addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // Half a ClientHello record, then silence.
+    s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).unwrap();
+    let started = Instant::now();
+    let mut sink = Vec::new();
+    let _ = s.read_to_end(&mut sink);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(3),
+        "closed after {took:?}"
+    );
+}
+
+#[test]
+fn with_tls_1_3_as_the_minimum_a_tls_1_2_client_is_refused() {
+    let cert = test_cert();
+    let settings = TlsSettings {
+        cert: cert.cert.clone(),
+        key: cert.key.clone(),
+        min_version: MinVersion::Tls13,
+    };
+    let server = start_with(|c| c.tls = Some(settings));
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der.clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let tls12 = Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let mut s = tls_connect(server.local_addr(), &tls12);
+    assert!(
+        s.write_all(b"GET / HTTP/1.1\r\n\r\n")
+            .and_then(|_| s.flush())
+            .is_err()
+            || {
+                let mut b = [0u8; 1];
+                s.read(&mut b).is_err()
+            }
+    );
+    // And a 1.3 client is served.
+    let mut ws = wss_connect(server.local_addr(), "/echo", &client_config(&cert));
+    ws.send(Message::text("1.3")).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::text("1.3"));
+}
+
+#[test]
+fn sighup_reload_swaps_the_certificate_for_new_connections_and_a_bad_one_keeps_the_old() {
+    let first = test_cert();
+    let server = tls_server(&first, |_| {});
+    let addr = server.local_addr();
+    let mut open = wss_connect(addr, "/echo", &client_config(&first));
+    // Replace the files with a new pair and reload.
+    let second = test_cert();
+    std::fs::copy(&second.cert, &first.cert).unwrap();
+    std::fs::copy(&second.key, &first.key).unwrap();
+    server.reload().expect("reload");
+    let mut ws = wss_connect(addr, "/echo", &client_config(&second));
+    ws.send(Message::text("new pair")).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::text("new pair"));
+    // A client that trusts only the old certificate now fails.
+    let mut old = tls_connect(addr, &client_config(&first));
+    assert!(old.write_all(b"GET / HTTP/1.1\r\n\r\n").is_err());
+    // The connection opened before the reload is untouched.
+    open.send(Message::text("old session")).unwrap();
+    assert_eq!(open.read().unwrap(), Message::text("old session"));
+    // A broken key: the reload fails, names the file, the second pair stays.
+    std::fs::write(&first.key, "not a key").unwrap();
+    let err = server.reload().expect_err("a broken key is refused");
+    assert!(err.contains("key.pem"), "{err}");
+    let mut ws = wss_connect(addr, "/echo", &client_config(&second));
+    ws.send(Message::text("kept")).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::text("kept"));
+    let m = server.metrics();
+    assert_eq!(metric(&m, "corecast_reloads_total{result=\"ok\"}"), 1);
+    assert_eq!(metric(&m, "corecast_reloads_total{result=\"failed\"}"), 1);
+}
+
+#[test]
+fn an_unreadable_certificate_fails_the_start_with_a_reason_naming_the_file() {
+    let cert = test_cert();
+    let missing = cert.dir.join("missing.pem");
+    let result = corecast::server::start(corecast::server::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        io: io_mode(),
+        tls: Some(TlsSettings {
+            cert: missing.clone(),
+            key: cert.key.clone(),
+            min_version: MinVersion::Tls12,
+        }),
+        ..Default::default()
+    });
+    let err = result
+        .err()
+        .expect("no server without its certificate")
+        .to_string();
+    assert!(err.contains("missing.pem"), "{err}");
+    std::fs::write(
+        &cert.key,
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let result = corecast::server::start(corecast::server::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        io: io_mode(),
+        tls: Some(TlsSettings {
+            cert: cert.cert.clone(),
+            key: cert.key.clone(),
+            min_version: MinVersion::Tls12,
+        }),
+        ..Default::default()
+    });
+    let err = result.err().expect("no server with a bad key").to_string();
+    assert!(err.contains("key.pem"), "{err}");
+}
+
+#[test]
+fn reconnects_resume_their_session_on_any_worker_and_across_a_reload() {
+    let cert = test_cert();
+    let server = tls_server(&cert, |c| c.workers = 2);
+    let addr = server.local_addr();
+    let config = client_config(&cert);
+    let kind = |ws: &tungstenite::WebSocket<TlsStream>| ws.get_ref().conn.handshake_kind();
+    let mut first = wss_connect(addr, "/echo", &config);
+    // A round trip: the client has read the tickets sent after the handshake.
+    first.send(Message::text("ticket")).unwrap();
+    assert_eq!(first.read().unwrap(), Message::text("ticket"));
+    assert_eq!(kind(&first), Some(rustls::HandshakeKind::Full));
+    let mut resumed = 0;
+    for i in 0..8 {
+        if i == 4 {
+            server.reload().expect("reload");
+        }
+        let mut ws = wss_connect(addr, "/echo", &config);
+        ws.send(Message::text("again")).unwrap();
+        assert_eq!(ws.read().unwrap(), Message::text("again"));
+        if kind(&ws) == Some(rustls::HandshakeKind::Resumed) {
+            resumed += 1;
+        }
+    }
+    // Each connection lands on either worker (the kernel's hash): all 8
+    // resume, before and after the reload.
+    assert_eq!(resumed, 8);
+    let m = server.metrics();
+    assert_eq!(
+        metric(&m, "corecast_tls_handshakes_total{kind=\"resumed\"}"),
+        8
+    );
+    assert_eq!(
+        metric(&m, "corecast_tls_handshakes_total{kind=\"full\"}"),
+        1
+    );
+}
