@@ -15,9 +15,12 @@ PAGE_PORT=${CLIENTS_PAGE_PORT:-19102}
 WORK=$(mktemp -d)
 SERVER=
 PAGES=
+BROWSER=
 cleanup() {
-  [ -n "$SERVER" ] && kill -9 "$SERVER" 2>/dev/null || true
-  [ -n "$PAGES" ] && kill -9 "$PAGES" 2>/dev/null || true
+  for pid in $SERVER $BROWSER $PAGES; do
+    kill -9 "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -35,7 +38,8 @@ if ! command -v chromium >/dev/null 2>&1; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
 # The page Chromium opens, served over plain HTTP (a page may open wss://).
-python3 -m http.server "$PAGE_PORT" --bind 127.0.0.1 --directory "$HERE" >/dev/null 2>&1 &
+# Its request log carries the page's verdict (GET /verdict?PASS…).
+python3 -m http.server "$PAGE_PORT" --bind 127.0.0.1 --directory "$HERE" >/dev/null 2>"$WORK/pages.log" &
 PAGES=$!
 
 wait_port() {
@@ -59,10 +63,20 @@ for io in ${BACKENDS:-epoll uring}; do
     echo "--- $io, $url"
     "$WORK/venv/bin/python" "$HERE/echo_client.py" "$url" "$WORK/cert.pem"
     node "$WORK/echo_client.mjs" "$url" "$WORK/cert.pem"
-    dom=$(timeout 60 chromium --headless=new --no-sandbox --disable-gpu --ignore-certificate-errors \
-      --virtual-time-budget=20000 --dump-dom "http://127.0.0.1:$PAGE_PORT/echo_page.html?url=$url" 2>/dev/null || true)
-    verdict=$(printf '%s' "$dom" | grep -o 'PASS [^<]*\|FAIL [^<]*\|RUNNING' | head -1)
-    echo "chromium $(chromium --version 2>/dev/null | awk '{print $2}'): $url: ${verdict:-no verdict}"
+    : >"$WORK/pages.log"
+    chromium --headless=new --no-sandbox --disable-gpu --ignore-certificate-errors \
+      --user-data-dir="$WORK/chromium" "http://127.0.0.1:$PAGE_PORT/echo_page.html?url=$url" >/dev/null 2>&1 &
+    BROWSER=$!
+    verdict=
+    for _ in $(seq 300); do
+      verdict=$(grep -ao 'GET /verdict?[^ ]*' "$WORK/pages.log" | head -1 | sed 's/.*verdict?//' || true)
+      [ -n "$verdict" ] && break
+      sleep 0.1
+    done
+    kill -9 "$BROWSER" 2>/dev/null || true
+    wait "$BROWSER" 2>/dev/null || true
+    verdict=$(python3 -c 'import sys, urllib.parse; print(urllib.parse.unquote(sys.argv[1]))' "$verdict")
+    echo "chromium $(chromium --version 2>/dev/null | awk '{print $2}'): $url: ${verdict:-no verdict in 30 s}"
     if [ "${verdict%% *}" != PASS ]; then
       echo "chromium did not pass over $url; server log:" >&2
       tail -20 "$WORK/server.log" >&2
