@@ -27,7 +27,7 @@ trap cleanup EXIT
 
 # A throwaway self-signed certificate for localhost and 127.0.0.1.
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
-  -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1 \
+  -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1 -addext basicConstraints=critical,CA:FALSE \
   -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
 
 python3 -m venv "$WORK/venv"

@@ -67,6 +67,7 @@ pub fn wait_for_parent(fleet: &mut Fleet, link: &mut dyn Link) -> Result<ToShard
 fn run(shard: usize, plan: &Plan, link: &mut dyn Link) -> Result<(), String> {
     let anchor = Anchor::now();
     let c = &plan.connect;
+    crate::client::tls::configure(&c.tls)?;
     let (first, count) = c.share(shard);
     let topics = match &plan.work {
         Work::Fanout(f) => Some(TopicMap::new(c.connections, f.topics, f.topic_dist)),

@@ -1,9 +1,10 @@
 //! `ws://` and `http://` URLs: just enough of RFC 3986 for a load generator.
 //!
 //! `ws://HOST[:PORT][/PATH][?QUERY]`, where HOST is a name, an IPv4 address
-//! or a bracketed IPv6 address. `wss://` and `https://` are refused (no TLS
-//! yet). `http://` is accepted where a plain HTTP request is made: HTTP
-//! publishers (`POST /publish/T`) and `/metrics`.
+//! or a bracketed IPv6 address, and `wss://` (TLS, see `client::tls`).
+//! `http://` is accepted where a plain HTTP request is made: HTTP
+//! publishers (`POST /publish/T`) and `/metrics`; `https://` is refused
+//! there (use a `wss://` publisher).
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -15,6 +16,9 @@ pub struct WsUrl {
     /// `http://` rather than `ws://`.
     #[serde(default)]
     pub http: bool,
+    /// `wss://`: the connection speaks TLS.
+    #[serde(default)]
+    pub tls: bool,
     /// Host as written, without brackets for IPv6.
     pub host: String,
     pub port: u16,
@@ -30,7 +34,7 @@ impl WsUrl {
         } else {
             self.host.clone()
         };
-        if self.port == 80 {
+        if self.port == if self.tls { 443 } else { 80 } {
             host
         } else {
             format!("{host}:{}", self.port)
@@ -49,7 +53,11 @@ impl WsUrl {
 
 impl fmt::Display for WsUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let scheme = if self.http { "http" } else { "ws" };
+        let scheme = match (self.http, self.tls) {
+            (true, _) => "http",
+            (false, true) => "wss",
+            (false, false) => "ws",
+        };
         write!(f, "{scheme}://{}{}", self.host_header(), self.target)
     }
 }
@@ -76,14 +84,15 @@ fn parse_with(s: &str, http_ok: bool, ws_ok: bool) -> Result<WsUrl, String> {
         (false, true) => "http://",
         _ => "ws://",
     };
-    let (http, rest) = match s.split_once("://") {
-        Some((scheme, rest)) if ws_ok && scheme.eq_ignore_ascii_case("ws") => (false, rest),
-        Some((scheme, rest)) if http_ok && scheme.eq_ignore_ascii_case("http") => (true, rest),
-        Some((scheme, _))
-            if scheme.eq_ignore_ascii_case("wss") || scheme.eq_ignore_ascii_case("https") =>
-        {
+    let (http, tls, rest) = match s.split_once("://") {
+        Some((scheme, rest)) if ws_ok && scheme.eq_ignore_ascii_case("ws") => (false, false, rest),
+        Some((scheme, rest)) if ws_ok && scheme.eq_ignore_ascii_case("wss") => (false, true, rest),
+        Some((scheme, rest)) if http_ok && scheme.eq_ignore_ascii_case("http") => {
+            (true, false, rest)
+        }
+        Some((scheme, _)) if scheme.eq_ignore_ascii_case("https") => {
             return Err(format!(
-                "{s:?}: TLS ({scheme}://) is not supported; use {expected}"
+                "{s:?}: https:// is not supported here; use {expected} (or a wss:// publisher)"
             ));
         }
         Some((scheme, _)) => {
@@ -134,6 +143,7 @@ fn parse_with(s: &str, http_ok: bool, ws_ok: bool) -> Result<WsUrl, String> {
         return Err(format!("{s:?}: invalid host {host:?}"));
     }
     let port = match port {
+        None if tls => 443,
         None => 80,
         Some(p) => match p.parse::<u16>() {
             Ok(0) | Err(_) => return Err(format!("{s:?}: invalid port {p:?}")),
@@ -152,6 +162,7 @@ fn parse_with(s: &str, http_ok: bool, ws_ok: bool) -> Result<WsUrl, String> {
     }
     Ok(WsUrl {
         http,
+        tls,
         host: host.to_string(),
         port,
         target,
@@ -199,7 +210,7 @@ mod tests {
             "",
             "127.0.0.1:9101/echo",
             "http://127.0.0.1/",
-            "wss://127.0.0.1/",
+            "https://127.0.0.1/",
             "ws://",
             "ws:///echo",
             "ws://:80/",
@@ -216,7 +227,21 @@ mod tests {
         ] {
             assert!(parse(bad).is_err(), "{bad:?} should be rejected");
         }
-        assert!(parse("wss://h/").unwrap_err().contains("not supported"));
+        assert!(
+            parse_any("https://h/")
+                .unwrap_err()
+                .contains("not supported")
+        );
+    }
+
+    #[test]
+    fn wss_urls_speak_tls_on_port_443_by_default() {
+        let u = parse("wss://127.0.0.1/echo").unwrap();
+        assert!(u.tls && !u.http);
+        assert_eq!((u.port, u.host_header()), (443, "127.0.0.1".to_string()));
+        assert_eq!(u.to_string(), "wss://127.0.0.1/echo");
+        let u = parse("wss://h:9001/ws").unwrap();
+        assert_eq!(u.to_string(), "wss://h:9001/ws");
     }
 
     #[test]
@@ -227,7 +252,11 @@ mod tests {
         assert!(!parse_any("ws://h/").unwrap().http);
         assert!(parse("http://h/").is_err());
         assert!(parse_http("ws://h/").is_err());
-        assert!(parse_http("https://h/").unwrap_err().contains("TLS"));
+        assert!(
+            parse_http("https://h/")
+                .unwrap_err()
+                .contains("wss:// publisher")
+        );
         assert_eq!(parse_http("http://h:1/metrics").unwrap().target, "/metrics");
     }
 

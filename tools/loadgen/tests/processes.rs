@@ -65,3 +65,69 @@ fn fanout_over_worker_processes() {
     srv.shutdown();
     srv.join();
 }
+
+/// wss:// end to end: worker processes verify the server's (self-signed)
+/// certificate from --ca-file and every frame arrives through TLS.
+#[test]
+fn fanout_over_wss_in_worker_processes() {
+    let dir = std::env::temp_dir().join(format!("loadgen-wss-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, signing_key.serialize_pem()).unwrap();
+    let srv = corecast::server::start(corecast::server::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        workers: 2,
+        pin: corecast::server::PinMode::Never,
+        tls: Some(corecast::server::tls::TlsSettings {
+            cert: cert_path.clone(),
+            key: key_path,
+            min_version: corecast::server::tls::MinVersion::Tls12,
+        }),
+        ..Default::default()
+    })
+    .unwrap();
+    let a = srv.local_addr();
+    let json = dir.join("out.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["fanout", "--url", &format!("wss://{a}/ws?topics=p")])
+        .args(["--publish-url", &format!("wss://{a}/publish/p")])
+        .args([
+            "--connections",
+            "60",
+            "--processes",
+            "2",
+            "--messages",
+            "40",
+            "--size",
+            "3000",
+        ])
+        .arg("--ca-file")
+        .arg(&cert_path)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["frames_received"], 2400);
+    assert_eq!(v["lost"], 0);
+    let m = srv.metrics();
+    let handshakes: u64 = m
+        .lines()
+        .filter(|l| l.starts_with("corecast_tls_handshakes_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(handshakes, 61, "60 subscribers and the publisher over TLS");
+    srv.shutdown();
+    srv.join();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

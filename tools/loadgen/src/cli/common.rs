@@ -51,6 +51,16 @@ pub struct CommonArgs {
     #[arg(long, default_value_t = 10, value_name = "SECS")]
     pub handshake_timeout: u64,
 
+    /// PEM certificates to trust for wss:// targets (e.g. the server's
+    /// self-signed certificate).
+    #[arg(long, value_name = "PATH")]
+    pub ca_file: Option<PathBuf>,
+
+    /// wss://: make a full TLS handshake on every connection instead of
+    /// resuming the session a previous connection of the process got.
+    #[arg(long)]
+    pub no_tls_resume: bool,
+
     /// Server process to measure (repeatable; figures are summed): CPU time
     /// over the measured phase, and for hold VmRSS before, after the
     /// ramp-up and at the end.
@@ -100,6 +110,9 @@ impl CommonArgs {
         if self.in_flight == 0 {
             return Err("--in-flight must be at least 1".into());
         }
+        if targets.iter().any(|t| t.url.tls) && self.ca_file.is_none() {
+            return Err("a wss:// --url needs --ca-file (the certificate to trust)".into());
+        }
         let connect_timeout = secs("connect-timeout", self.connect_timeout, 1)?;
         let handshake_timeout = secs("handshake-timeout", self.handshake_timeout, 1)?;
         let ipv4 = targets[0].dst.is_ipv4();
@@ -139,6 +152,10 @@ impl CommonArgs {
                 processes,
                 connect_timeout,
                 handshake_timeout,
+                tls: crate::client::tls::TlsPlan {
+                    ca_file: self.ca_file.clone(),
+                    resume: !self.no_tls_resume,
+                },
             },
             work,
             server_pids: self.server_pid.clone(),

@@ -55,6 +55,9 @@ pub struct ConnectPlan {
     pub processes: usize,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
+    /// How `wss://` connections set up TLS.
+    #[serde(default)]
+    pub tls: crate::client::tls::TlsPlan,
 }
 
 impl ConnectPlan {

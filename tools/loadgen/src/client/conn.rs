@@ -88,18 +88,25 @@ pub struct Conn {
     out: Vec<u8>,
     /// Stopped reading at [`READS_PER_TURN`]; drive again without an event.
     pub reread: bool,
+    /// `wss://`: the TLS session the socket's bytes go through.
+    tls: Option<Box<rustls::ClientConnection>>,
 }
 
 impl Conn {
     /// Starts a non-blocking connect to `dst`, bound first to `src` (port 0,
     /// with `IP_BIND_ADDRESS_NO_PORT` so the port is chosen at connect time
     /// per destination rather than reserved at bind time).
+    /// With `tls_host`, the connection speaks TLS to that host name.
     pub fn connect(
         src: Option<SocketAddr>,
         dst: SocketAddr,
         key: [u8; 24],
         request: Vec<u8>,
+        tls_host: Option<&str>,
     ) -> io::Result<Self> {
+        let tls = tls_host
+            .map(|h| super::tls::session(h).map(Box::new))
+            .transpose()?;
         let sock = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
         sock.set_nonblocking(true)?;
         sock.set_nodelay(true)?;
@@ -124,6 +131,7 @@ impl Conn {
             frames: FrameReader::default(),
             out: request,
             reread: false,
+            tls,
         })
     }
 
@@ -174,7 +182,7 @@ impl Conn {
             return self.io_error(e);
         }
         for _ in 0..READS_PER_TURN {
-            let n = match self.stream.read(scratch) {
+            let n = match self.read_some(scratch) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Continue,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -301,8 +309,56 @@ impl Conn {
         &mut self.out
     }
 
-    /// Writes queued bytes until done or the socket is full.
+    /// Reads from the socket, through TLS for a `wss://` connection.
+    fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(tls) = self.tls.as_mut() else {
+            return self.stream.read(buf);
+        };
+        loop {
+            match tls.reader().read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            // No plaintext yet: more ciphertext (the handshake's too).
+            if tls.read_tls(&mut self.stream)? == 0 {
+                return Ok(0);
+            }
+            tls.process_new_packets().map_err(io::Error::other)?;
+            while tls.wants_write() {
+                match tls.write_tls(&mut self.stream) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+
+    /// Writes queued bytes until done or the socket is full (through TLS
+    /// for a `wss://` connection: queued bytes are encrypted as rustls
+    /// takes them, its ciphertext written until the socket is full).
     pub fn flush(&mut self) -> io::Result<()> {
+        if let Some(tls) = self.tls.as_mut() {
+            if !self.out.is_empty() {
+                let n = tls.writer().write(&self.out)?;
+                self.out.drain(..n);
+            }
+            while tls.wants_write() {
+                match tls.write_tls(&mut self.stream) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotConnected => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            if self.out.is_empty() && self.out.capacity() > 4096 {
+                self.out = Vec::new();
+            }
+            return Ok(());
+        }
         let mut written = 0;
         // Each write either makes progress or returns; bounded by the queue length.
         while written < self.out.len() {

@@ -21,6 +21,8 @@ pub struct RequestTemplate {
     head: Vec<u8>,
     /// After the placeholder, up to the key; `None`: no placeholder.
     mid: Option<Vec<u8>>,
+    /// `wss://`: the host name TLS verifies the certificate against.
+    tls_host: Option<String>,
 }
 
 impl RequestTemplate {
@@ -34,12 +36,19 @@ impl RequestTemplate {
             Some((before, after)) => Self {
                 head: format!("GET {before}").into_bytes(),
                 mid: Some(format!("{after}{rest}").into_bytes()),
+                tls_host: url.tls.then(|| url.host.clone()),
             },
             None => Self {
                 head: format!("GET {}{rest}", url.target).into_bytes(),
                 mid: None,
+                tls_host: url.tls.then(|| url.host.clone()),
             },
         }
+    }
+
+    /// `wss://`: the host TLS verifies (`None` for `ws://`).
+    pub fn tls_host(&self) -> Option<&str> {
+        self.tls_host.as_deref()
     }
 
     /// The request with `key`, and `topic` in place of the placeholder

@@ -20,6 +20,7 @@
 mod conn;
 mod frames;
 mod handshake;
+pub mod tls;
 
 pub use conn::{Conn, Counters, NoSink, Sink, Step};
 pub use frames::MAX_FRAME_PAYLOAD;

@@ -218,7 +218,13 @@ impl Fleet {
     ) -> io::Result<Option<usize>> {
         let t = self.conns.len();
         let key = self.rng.ws_key();
-        match Conn::connect(src, dst, key, request.render(&key, topic)) {
+        match Conn::connect(
+            src,
+            dst,
+            key,
+            request.render(&key, topic),
+            request.tls_host(),
+        ) {
             Ok(c) => self.add(t, c)?,
             Err(e) => {
                 self.conns.push(None);

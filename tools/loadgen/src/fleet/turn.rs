@@ -17,7 +17,7 @@ impl Fleet {
         let (dst, template) = targets.dst(g);
         let key = self.rng.ws_key();
         let request = template.render(&key, targets.topic(g));
-        match Conn::connect(targets.src(g), *dst, key, request) {
+        match Conn::connect(targets.src(g), *dst, key, request, template.tls_host()) {
             Ok(c) => self.add(t, c)?,
             Err(e) => {
                 self.conns.push(None);

@@ -105,6 +105,7 @@ struct Closed {
 /// scenario's summary), `Ok(false)` when the run completed but not cleanly.
 pub fn run(plan: &Plan, how: Spawn, argv: &[String]) -> Result<bool, String> {
     announce(plan);
+    crate::client::tls::configure(&plan.connect.tls)?;
     let anchor = Anchor::now();
     let before = Snapshot::take(&plan.server_pids);
     let mut coord = Coordinator::spawn(plan, how)?;
