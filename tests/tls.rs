@@ -304,3 +304,86 @@ fn reconnects_resume_their_session_on_any_worker_and_across_a_reload() {
         1
     );
 }
+
+#[test]
+fn a_client_hello_flight_past_its_bound_is_failed_at_once_not_buffered_to_the_deadline() {
+    let cert = test_cert();
+    let server = tls_server(&cert, |_| {});
+    let mut s = TcpStream::connect(server.local_addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    // A ClientHello announced at 65 535 bytes (rustls would wait for all of
+    // it), sent as full 16 KiB handshake records: 16 KiB + the 8 KiB head
+    // allowance is all the server takes before its handshake completes.
+    let started = Instant::now();
+    let mut sent = 0;
+    for i in 0..4 {
+        let mut record = vec![0x16, 0x03, 0x01, 0x40, 0x00];
+        let mut body = vec![0u8; 16 * 1024];
+        if i == 0 {
+            body[..4].copy_from_slice(&[0x01, 0x00, 0xff, 0xff]);
+        }
+        record.extend_from_slice(&body);
+        if s.write_all(&record).is_err() {
+            break; // already closed
+        }
+        sent += record.len();
+    }
+    let mut sink = Vec::new();
+    let _ = s.read_to_end(&mut sink);
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "closed after {took:?} ({sent} bytes sent)"
+    );
+    let failed = || {
+        metric(
+            &server.metrics(),
+            "corecast_tls_failures_total{reason=\"handshake\"}",
+        )
+    };
+    assert_eq!(settle(Duration::from_secs(3), failed, 1), 1);
+}
+
+#[test]
+fn a_burst_of_simultaneous_tls_handshakes_all_complete_though_each_turn_takes_only_some() {
+    let cert = test_cert();
+    let server = tls_server(&cert, |c| c.workers = 1);
+    let addr = server.local_addr();
+    let config = client_config(&cert);
+    // 8 threads × 40 connections, opened at once: far more ClientHellos per
+    // turn than a worker takes (HANDSHAKE_STEPS_PER_TURN); the rest wait a
+    // turn, none is lost.
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let config = Arc::clone(&config);
+            std::thread::spawn(move || {
+                // Every ClientHello goes out before any handshake goes on.
+                let mut streams: Vec<_> = (0..40)
+                    .map(|_| {
+                        let mut s = tls_connect(addr, &config);
+                        s.conn.write_tls(&mut s.sock).unwrap();
+                        s
+                    })
+                    .collect();
+                for s in &mut streams {
+                    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                        .unwrap();
+                }
+                for s in &mut streams {
+                    let mut b = [0u8; 12];
+                    s.read_exact(&mut b).unwrap();
+                    assert_eq!(&b, b"HTTP/1.1 200");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let m = server.metrics();
+    assert_eq!(
+        metric(&m, "corecast_tls_handshakes_total{kind=\"full\"}")
+            + metric(&m, "corecast_tls_handshakes_total{kind=\"resumed\"}"),
+        320
+    );
+}

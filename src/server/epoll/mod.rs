@@ -21,7 +21,7 @@ mod tls;
 
 use super::Shared;
 use super::backend::{self, Backend, READ_BUF_BYTES, is_resource_exhaustion};
-use super::tls::TlsConn;
+use super::tls::{HANDSHAKE_STEPS_PER_TURN, TlsConn};
 use super::worker::{AfterFlush, Core, Input, IoState};
 use crate::proto::outbound::MAX_IOVECS;
 use crate::pubsub::bus::Inbox;
@@ -59,6 +59,8 @@ pub(super) struct Worker {
     /// without `--tls-cert`): kept beside the slab so that a plain
     /// connection's entry stays as small as it is.
     tls: HashMap<usize, Box<TlsConn>>,
+    /// TLS handshake steps left this turn ([`HANDSHAKE_STEPS_PER_TURN`]).
+    tls_steps: u32,
 }
 
 impl Worker {
@@ -81,6 +83,7 @@ impl Worker {
             accept_again: false,
             accept_retry_at: None,
             tls: HashMap::new(),
+            tls_steps: HANDSHAKE_STEPS_PER_TURN,
         })
     }
 
@@ -295,6 +298,7 @@ impl Backend for Worker {
     }
 
     fn handle_events(&mut self) {
+        self.tls_steps = HANDSHAKE_STEPS_PER_TURN;
         let events = std::mem::replace(&mut self.events, Events::with_capacity(0));
         for ev in events.iter() {
             match ev.token() {

@@ -23,7 +23,8 @@ pub(super) fn start(
     let Some(certs) = &core.shared().tls else {
         return;
     };
-    match TlsConn::new(certs.config()) {
+    let core_max_head = core.shared().config.max_handshake_size;
+    match TlsConn::new(certs.config(), core_max_head) {
         Ok(t) => {
             sessions.insert(key, Box::new(t));
         }
@@ -55,6 +56,15 @@ impl Worker {
                     break;
                 }
                 continue;
+            }
+            if !tls.is_established() {
+                // Handshake work is bounded per turn; the rest waits.
+                if self.tls_steps == 0 {
+                    self.core.read_again(key);
+                    budget_used_up = false;
+                    break;
+                }
+                self.tls_steps -= 1;
             }
             match tls.receive(self.core.conn_mut(key).io_mut()) {
                 Received::Bytes(_) => {

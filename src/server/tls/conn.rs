@@ -72,6 +72,10 @@ pub struct TlsConn {
     first: Option<u8>,
     /// The handshake has completed (and was counted).
     established: bool,
+    /// Ciphertext read while the handshake was not complete, and how much
+    /// may be.
+    handshake_read: usize,
+    handshake_limit: usize,
 }
 
 /// Remembers the first byte read through it.
@@ -91,15 +95,24 @@ impl<R: Read + ?Sized> Read for FirstByte<'_, R> {
 }
 
 impl TlsConn {
-    /// A session for a new connection under `config`.
-    pub fn new(config: Arc<ServerConfig>) -> Result<Self, rustls::Error> {
+    /// A session for a new connection under `config`; its client may send
+    /// [`MAX_HANDSHAKE_FLIGHT_BYTES`](super::MAX_HANDSHAKE_FLIGHT_BYTES)
+    /// plus `max_head` bytes before its handshake completes.
+    pub fn new(config: Arc<ServerConfig>, max_head: usize) -> Result<Self, rustls::Error> {
         let mut conn = ServerConnection::new(config)?;
         conn.set_buffer_limit(Some(CIPHERTEXT_LIMIT));
         Ok(Self {
             conn,
             first: None,
             established: false,
+            handshake_read: 0,
+            handshake_limit: super::MAX_HANDSHAKE_FLIGHT_BYTES + max_head,
         })
+    }
+
+    /// The handshake has completed.
+    pub fn is_established(&self) -> bool {
+        self.established || !self.conn.is_handshaking()
     }
 
     /// Reads ciphertext from `src` (a socket, or `&mut &[u8]` over bytes
@@ -118,6 +131,12 @@ impl TlsConn {
             Err(e) if e.kind() == io::ErrorKind::Other => return Received::Later,
             Err(e) => return Received::Error(e),
         };
+        if !self.established && self.conn.is_handshaking() {
+            self.handshake_read += n;
+            if self.handshake_read > self.handshake_limit {
+                return Received::Failed(self.failure());
+            }
+        }
         match self.conn.process_new_packets() {
             Ok(state) => {
                 if state.peer_has_closed() && state.plaintext_bytes_to_read() == 0 {

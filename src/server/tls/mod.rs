@@ -21,6 +21,21 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+/// Steps of TLS handshakes a worker takes per loop turn (a step: one read
+/// of a session whose handshake has not completed; the first, the
+/// ClientHello's, costs the key exchange and the signature, ~0.1 ms). The
+/// rest wait for the next turn, after the turn's fan-out: a reconnect storm
+/// of thousands of clients costs established subscribers at most ~3 ms of
+/// handshake work per turn.
+pub const HANDSHAKE_STEPS_PER_TURN: u32 = 32;
+
+/// Ciphertext a client may send before its handshake completes, besides
+/// its first request head (`--max-handshake-size`): a ClientHello is a few
+/// hundred bytes to ~2 KiB (with a post-quantum key share); a client that
+/// sends more is failed instead of held in rustls' buffers (which accept a
+/// single handshake message of up to 64 KiB).
+pub const MAX_HANDSHAKE_FLIGHT_BYTES: usize = 16 * 1024;
+
 /// Largest certificate or key file read (a chain of a few certificates is
 /// a few KiB): a wrong path (a log, a disk image) fails at once instead of
 /// being read whole.

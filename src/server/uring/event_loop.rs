@@ -56,6 +56,9 @@ pub(in crate::server) struct Worker {
     /// The TLS sessions of this worker's connections, by slab key (none
     /// without `--tls-cert`), each dropped when its entry is freed.
     pub(super) tls: HashMap<usize, Box<super::tls::TlsState>>,
+    /// TLS handshake steps left this turn
+    /// ([`HANDSHAKE_STEPS_PER_TURN`](crate::server::tls::HANDSHAKE_STEPS_PER_TURN)).
+    pub(super) tls_steps: u32,
 }
 
 impl Worker {
@@ -94,6 +97,7 @@ impl Worker {
             send_pool: Vec::new(),
             send_ops: HashMap::new(),
             tls: HashMap::new(),
+            tls_steps: crate::server::tls::HANDSHAKE_STEPS_PER_TURN,
         })
     }
 
@@ -232,6 +236,7 @@ impl Backend for Worker {
     }
 
     fn handle_events(&mut self) {
+        self.tls_steps = crate::server::tls::HANDSHAKE_STEPS_PER_TURN;
         self.reap();
     }
 

@@ -29,7 +29,8 @@ pub(super) struct TlsState {
     /// reading was paused); empty, and unallocated, otherwise.
     cipher_in: Vec<u8>,
     /// Ciphertext being sent: `wire[sent..]` goes in the send in flight (or
-    /// the next); freed once sent, so an idle connection holds none.
+    /// the next); freed by the first flush with nothing to send, so an idle
+    /// connection holds none.
     wire: Vec<u8>,
     sent: usize,
     /// A send of `wire` is in flight (see the module's ownership rule).
@@ -51,7 +52,8 @@ impl Worker {
         let Some(certs) = &self.core.shared().tls else {
             return;
         };
-        match TlsConn::new(certs.config()) {
+        let core_max_head = self.core.shared().config.max_handshake_size;
+        match TlsConn::new(certs.config(), core_max_head) {
             Ok(conn) => {
                 let state = TlsState {
                     conn,
@@ -113,6 +115,16 @@ impl Worker {
             }
             if st.cipher_in.is_empty() {
                 break;
+            }
+            if !st.conn.is_established() {
+                // Handshake work is bounded per turn; the rest waits in
+                // `cipher_in` (held) for the next.
+                if self.tls_steps == 0 {
+                    self.core.conn_mut(key).io_mut().set_held(true);
+                    self.core.read_again(key);
+                    break;
+                }
+                self.tls_steps -= 1;
             }
             let mut src = &st.cipher_in[..];
             let received = st.conn.receive(&mut src);
@@ -241,7 +253,9 @@ impl Worker {
         st.wire_in_flight = false;
         st.sent += res.max(0) as usize;
         if st.sent >= st.wire.len() {
-            st.wire = Vec::new();
+            // Kept allocated for the next flush while the connection is
+            // busy; freed by a flush that finds nothing to send.
+            st.wire.clear();
             st.sent = 0;
         }
         Some(st.wire.is_empty() && !st.conn.wants_write())
