@@ -16,7 +16,10 @@
 //!   the channel: a subscriber that falls more than `--capacity` messages
 //!   behind is *lagged* (it skips the messages it missed, which are counted
 //!   and printed on exit) and keeps going.
-//! - No per-message logging, no TLS, no compression.
+//! - No per-message logging, no compression.
+//!
+//! With `--tls-cert` and `--tls-key` it serves wss:// through tokio-rustls
+//! (aws-lc-rs, ALPN `http/1.1`, session tickets), the TLS baseline.
 //!
 //! Exits on SIGINT (ctrl-c) or SIGTERM, printing its counters.
 
@@ -25,7 +28,7 @@ use futures_util::{SinkExt, StreamExt};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
@@ -44,6 +47,35 @@ struct Args {
     /// Broadcast channel capacity, in messages.
     #[arg(long, default_value_t = 65536, value_name = "N")]
     capacity: usize,
+    /// Serve wss:// with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, value_name = "PATH", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+}
+
+/// The TLS acceptor for --tls-cert/--tls-key.
+fn tls_acceptor(args: &Args) -> std::io::Result<Option<tokio_rustls::TlsAcceptor>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(std::io::Error::other)?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(std::io::Error::other)?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(std::io::Error::other)?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(std::io::Error::other)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(std::io::Error::other)?;
+    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
 }
 
 /// Counters printed on exit.
@@ -99,6 +131,7 @@ fn main() {
 
 async fn serve(args: Args, workers: usize) -> std::io::Result<()> {
     let listener = TcpListener::bind(args.listen).await?;
+    let tls = tls_acceptor(&args)?;
     println!(
         "tt-broadcast listening on {} ({workers} workers, broadcast capacity {})",
         listener.local_addr()?,
@@ -113,7 +146,22 @@ async fn serve(args: Args, workers: usize) -> std::io::Result<()> {
                 // Accept errors (EMFILE, ECONNABORTED) are per connection: keep serving.
                 if let Ok((stream, _)) = accepted {
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(connection(stream, tx.clone(), stats.clone()));
+                    let (tx, stats) = (tx.clone(), stats.clone());
+                    match tls.clone() {
+                        None => {
+                            tokio::spawn(connection(stream, tx, stats));
+                        }
+                        Some(acceptor) => {
+                            tokio::spawn(async move {
+                                match acceptor.accept(stream).await {
+                                    Ok(tls) => connection(tls, tx, stats).await,
+                                    Err(_) => {
+                                        stats.rejected.fetch_add(1, Relaxed);
+                                    }
+                                }
+                            });
+                        }
+                    }
                 }
             }
             _ = tokio::signal::ctrl_c() => break,
@@ -135,7 +183,10 @@ async fn serve(args: Args, workers: usize) -> std::io::Result<()> {
     Ok(())
 }
 
-async fn connection(stream: TcpStream, tx: broadcast::Sender<Message>, stats: Arc<Stats>) {
+async fn connection<S>(stream: S, tx: broadcast::Sender<Message>, stats: Arc<Stats>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let mut role = None;
     let mut rx = None;
     // The signature is tungstenite's `Callback`; its error type is large by design.
