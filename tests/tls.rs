@@ -387,3 +387,51 @@ fn a_burst_of_simultaneous_tls_handshakes_all_complete_though_each_turn_takes_on
         320
     );
 }
+
+#[test]
+fn ciphertext_waiting_for_slow_readers_is_charged_to_the_budget_and_given_back() {
+    let cert = test_cert();
+    let server = tls_server(&cert, |c| {
+        c.workers = 1;
+        c.max_outbound_bytes = 64 * MIB;
+    });
+    let addr = server.local_addr();
+    let config = client_config(&cert);
+    let mut subs: Vec<_> = (0..4)
+        .map(|_| wss_connect(addr, "/ws?topics=slow", &config))
+        .collect();
+    let subscribed = || metric(&server.metrics(), "corecast_subscriptions");
+    assert_eq!(settle(Duration::from_secs(5), subscribed, 4), 4);
+    let held = || metric(&server.metrics(), "corecast_buffered_bytes");
+    // The topic's registry charge (512 B + the name twice + 80 B a subscriber).
+    let registry = 512 + 2 * 4 + 4 * 80;
+    assert_eq!(settle(Duration::from_secs(5), held, registry), registry);
+    // Nobody reads: the sockets fill, ciphertext and then plaintext wait.
+    let mut publisher = wss_connect(addr, "/publish/slow", &config);
+    let payload = vec![7u8; 64 * KIB];
+    for _ in 0..300 {
+        publisher.send(Message::binary(payload.clone())).unwrap();
+    }
+    let started = Instant::now();
+    while held() < 4 * 64 * KIB as u64 && started.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(held() >= 4 * 64 * KIB as u64, "{} bytes charged", held());
+    // Everyone reads everything: every charge is given back.
+    for ws in &mut subs {
+        for _ in 0..300 {
+            match ws.read().unwrap() {
+                Message::Binary(b) => assert_eq!(b.len(), 64 * KIB),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    assert_eq!(
+        settle(Duration::from_secs(5), held, registry),
+        registry,
+        "charges returned"
+    );
+    drop(subs);
+    drop(publisher);
+    assert_eq!(settle(Duration::from_secs(5), held, 0), 0);
+}

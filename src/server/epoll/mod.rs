@@ -269,7 +269,9 @@ fn remove(core: &mut Core<TcpStream>, key: usize) {
 impl Worker {
     /// Closes `key` and drops its TLS session, if any.
     fn remove(&mut self, key: usize) {
-        self.tls.remove(&key);
+        if let Some(tls) = self.tls.remove(&key) {
+            self.core.charge_wire(key, tls.charged(), 0);
+        }
         remove(&mut self.core, key);
     }
 }

@@ -92,6 +92,7 @@ impl Worker {
             }
         }
         if let Some(why) = failed {
+            self.core.charge_wire(key, tls.charged(), 0);
             if let Some(why) = why {
                 self.core.stats().tls_failure(why);
                 let io = self.core.conn_mut(key).io_mut();
@@ -109,7 +110,9 @@ impl Worker {
         if tls.wants_write() {
             self.core.mark_dirty(key);
         }
+        let (was, now) = tls.recharge();
         self.tls.insert(key, tls);
+        self.core.charge_wire(key, was, now);
         if budget_used_up {
             self.core.read_again(key);
         }
@@ -158,11 +161,14 @@ impl Worker {
         }
         core.stats().bytes_sent(sent);
         if failed {
+            core.charge_wire(key, tls.charged(), 0);
             remove(core, key);
             return;
         }
         let waiting = tls.wants_write();
+        let (was, now) = tls.recharge();
         self.tls.insert(key, tls);
+        self.core.charge_wire(key, was, now);
         if waiting {
             // The writable edge flushes the rest; until the ciphertext is
             // out, the connection is not done (a close must not overtake it).

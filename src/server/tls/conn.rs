@@ -76,6 +76,8 @@ pub struct TlsConn {
     /// may be.
     handshake_read: usize,
     handshake_limit: usize,
+    /// What the backend charged to the worker's budget for this session.
+    charged: usize,
 }
 
 /// Remembers the first byte read through it.
@@ -107,7 +109,27 @@ impl TlsConn {
             established: false,
             handshake_read: 0,
             handshake_limit: super::MAX_HANDSHAKE_FLIGHT_BYTES + max_head,
+            charged: 0,
         })
+    }
+
+    /// Re-measures what the session holds that the budget should count,
+    /// for a backend whose socket takes rustls' ciphertext directly
+    /// (epoll): [`CIPHERTEXT_LIMIT`] while ciphertext waits for the socket
+    /// (rustls does not say how much; that is its bound), else nothing.
+    /// Returns (charged before, charged now).
+    pub fn recharge(&mut self) -> (usize, usize) {
+        let now = if self.conn.wants_write() {
+            CIPHERTEXT_LIMIT
+        } else {
+            0
+        };
+        (std::mem::replace(&mut self.charged, now), now)
+    }
+
+    /// What [`Self::recharge`] charged last.
+    pub fn charged(&self) -> usize {
+        self.charged
     }
 
     /// The handshake has completed.

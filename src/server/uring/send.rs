@@ -153,6 +153,10 @@ impl Worker {
             // Ciphertext is still to go: a close must not overtake it.
             return;
         }
+        if tls_done == Some(true) && !pending {
+            // Sent all there was: an idle connection keeps no TLS buffer.
+            self.release_wire(key);
+        }
         self.after_flush(key, res as usize);
     }
 

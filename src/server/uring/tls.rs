@@ -37,6 +37,8 @@ pub(super) struct TlsState {
     wire_in_flight: bool,
     /// The session failed: the queue holds plain last words, sent as they are.
     failed: bool,
+    /// What is charged to the worker's budget for `wire` and `cipher_in`.
+    charged: usize,
 }
 
 impl TlsState {
@@ -62,6 +64,7 @@ impl Worker {
                     sent: 0,
                     wire_in_flight: false,
                     failed: false,
+                    charged: 0,
                 };
                 self.tls.insert(key, Box::new(state));
             }
@@ -180,6 +183,7 @@ impl Worker {
             self.core.mark_dirty(key);
         }
         self.tls.insert(key, st);
+        self.recharge_tls(key);
         self.after_core_input(key, verdict);
     }
 
@@ -219,6 +223,7 @@ impl Worker {
         }
         if st.wire.is_empty() {
             st.wire = Vec::new();
+            self.recharge_tls(key);
             self.after_flush(key, 0);
             return;
         }
@@ -239,6 +244,8 @@ impl Worker {
         // it otherwise (module ownership rule).
         unsafe { self.ring.push(&sqe) };
         self.ring.in_flight_started();
+        // Only reads `wire`'s capacity: nothing here touches the buffer.
+        self.recharge_tls(key);
     }
 
     /// A send completed for `key`: if it was a TLS send of `wire`, counts
@@ -261,8 +268,32 @@ impl Worker {
         Some(st.wire.is_empty() && !st.conn.wants_write())
     }
 
-    /// Drops `key`'s session once its entry is freed.
+    /// Drops `key`'s session once its entry is freed, and its charge.
     pub(super) fn drop_tls(&mut self, key: usize) {
-        self.tls.remove(&key);
+        if let Some(st) = self.tls.remove(&key) {
+            self.core.charge_wire(key, st.charged, 0);
+        }
+    }
+
+    /// Frees `key`'s (sent, empty) ciphertext buffer and its charge.
+    pub(super) fn release_wire(&mut self, key: usize) {
+        if let Some(st) = self.tls.get_mut(&key)
+            && !st.wire_in_flight
+        {
+            st.wire = Vec::new();
+            st.sent = 0;
+        }
+        self.recharge_tls(key);
+    }
+
+    /// Charges `key`'s buffers (`wire` and `cipher_in`, by capacity) to
+    /// the worker's budget; over it, the connection is failed (1013).
+    fn recharge_tls(&mut self, key: usize) {
+        let Some(st) = self.tls.get_mut(&key) else {
+            return;
+        };
+        let now = st.wire.capacity() + st.cipher_in.capacity();
+        let was = std::mem::replace(&mut st.charged, now);
+        self.core.charge_wire(key, was, now);
     }
 }

@@ -25,6 +25,51 @@ impl<S> Core<S> {
         grew && self.buffered > limit
     }
 
+    /// Moves what `key`'s wire layer (TLS) holds outside its session (a
+    /// record being read, ciphertext waiting for the socket) from `was` to
+    /// `now` bytes in the worker's budget. When that grew the worker past
+    /// its budget, the connection is failed like any connection that grows
+    /// past it (1013, or 503 in a request) and `true` is returned. The
+    /// backend keeps the figure and returns it (`now` = 0) when the
+    /// connection is freed.
+    pub fn charge_wire(&mut self, key: usize, was: usize, now: usize) -> bool {
+        let delta = now as isize - was as isize;
+        if delta == 0 {
+            return false;
+        }
+        self.buffered = (self.buffered as isize + delta) as usize;
+        self.shared.stats[self.id].buffered(delta);
+        if delta < 0 || self.buffered <= self.budget {
+            return false;
+        }
+        let Some(conn) = self.conns.get_mut(key) else {
+            return false;
+        };
+        if conn.state != IoState::Active {
+            return false;
+        }
+        let stats = &self.shared.stats[self.id];
+        stats.budget_close();
+        debug!(
+            worker = self.id,
+            buffered = self.buffered,
+            "buffer budget spent (TLS)"
+        );
+        if conn.session.is_websocket() {
+            stats.ws_failure(CloseCode::TRY_AGAIN_LATER.0);
+        }
+        conn.session.abort(
+            CloseCode::TRY_AGAIN_LATER,
+            Status::ServiceUnavailable,
+            "server memory budget exceeded",
+            stats,
+        );
+        conn.state = IoState::Closing;
+        self.recharge(key);
+        self.mark_dirty(key);
+        true
+    }
+
     /// Processes input for `key`: `buf` holds the bytes kept from earlier
     /// input (see [`Session::restore_pending`]) followed by the new ones.
     pub fn input(&mut self, key: usize, buf: &mut [u8]) -> Input {
