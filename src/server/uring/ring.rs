@@ -166,6 +166,14 @@ impl Ring {
         }
     }
 
+    /// Submits what is queued now (without waiting), e.g. a send whose
+    /// buffer was just written and is still in the cache.
+    pub(super) fn submit_now(&mut self) {
+        if self.unsubmitted > 0 {
+            self.submit_queued();
+        }
+    }
+
     /// Submits what is queued (without waiting).
     fn submit_queued(&mut self) {
         self.unsubmitted = 0;
