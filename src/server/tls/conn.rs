@@ -14,6 +14,9 @@ use std::sync::Arc;
 /// besides its plaintext queue.
 pub const CIPHERTEXT_LIMIT: usize = 64 * 1024;
 
+/// A queued chunk at least this long is encrypted from a record boundary.
+const ALIGN_RECORDS_FROM: usize = 4096;
+
 /// Why a TLS connection was given up (the label of
 /// `corecast_tls_failures_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,7 +232,15 @@ impl TlsConn {
         if bufs.is_empty() {
             return 0;
         }
-        self.conn.writer().write_vectored(bufs).unwrap_or(0)
+        // A large chunk (a big frame) starts a record of its own; runs of
+        // small chunks share records.
+        let large = |b: &IoSlice<'_>| b.len() >= ALIGN_RECORDS_FROM;
+        let end = match bufs.iter().position(large) {
+            Some(0) => 1,
+            Some(i) => i,
+            None => bufs.len(),
+        };
+        self.conn.writer().write_vectored(&bufs[..end]).unwrap_or(0)
     }
 
     /// Queues the `close_notify` alert.
@@ -241,6 +252,47 @@ impl TlsConn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn session() -> TlsConn {
+        let rcgen::CertifiedKey { cert, signing_key } =
+            rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::try_from(signing_key.serialize_der()).unwrap();
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], key)
+            .unwrap();
+        TlsConn::new(Arc::new(config), 8192).unwrap()
+    }
+
+    /// Runs of small frames share records; a large frame starts its own,
+    /// so a client's frame reader finds it at a record boundary (measured:
+    /// the load generator's CPU per 16 KiB frame, docs/BENCHMARKS.md).
+    #[test]
+    fn a_large_chunk_starts_a_record_and_small_ones_are_coalesced() {
+        let mut tls = session();
+        let (small, large) = ([1u8; 64], [2u8; ALIGN_RECORDS_FROM]);
+        let iov = [
+            IoSlice::new(&small),
+            IoSlice::new(&small),
+            IoSlice::new(&large),
+            IoSlice::new(&small),
+        ];
+        assert_eq!(
+            tls.encrypt(&iov),
+            128,
+            "the small run, up to the large chunk"
+        );
+        assert_eq!(
+            tls.encrypt(&iov[2..]),
+            ALIGN_RECORDS_FROM,
+            "the large chunk alone"
+        );
+        assert_eq!(tls.encrypt(&iov[3..]), 64);
+        assert_eq!(tls.encrypt(&[]), 0);
+    }
 
     #[test]
     fn the_plain_http_answer_declares_its_length() {
