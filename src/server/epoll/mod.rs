@@ -12,6 +12,10 @@
 //! - a connection whose outbound queue passes the bound stops being read until
 //!   the queue drains to half (backpressure, never unbounded memory).
 //!
+//! With `--tls-cert`, each connection's bytes go through its TLS session
+//! (`tls.rs`): decrypted before the core reads them, the queue encrypted
+//! as the socket takes it.
+//!
 //! The loop itself is [`super::backend::run`], the skeleton both backends
 //! share; this file implements its [`Backend`] contract. Everything else
 //! (protocol state, deadlines, delivery, drain) lives in

@@ -23,9 +23,10 @@
 //!   [`MAX_IOVECS`](crate::proto::outbound::MAX_IOVECS) queued chunks
 //!   otherwise. `Ring::push` submits every 64 queued entries
 //!   (`SUBMIT_EVERY`) and when the submission queue is full; what is left
-//!   goes with the `io_uring_enter` that starts the next turn. A
-//!   connection has at most one send in flight, so its bytes never
-//!   reorder; a short send leaves the rest queued for the next turn;
+//!   goes with the `io_uring_enter` that starts the next turn (a TLS
+//!   connection's send of its own ciphertext is submitted at once, see
+//!   `tls.rs`). A connection has at most one send in flight, so its bytes
+//!   never reorder; a short send leaves the rest queued for the next turn;
 //! - cross-worker wake-ups through an eventfd read kept armed in the ring.
 //!
 //! # Who owns what the kernel reads or writes
@@ -76,6 +77,7 @@
 //! | `bufring.rs` | the provided-buffer ring the receives fill |
 //! | `recv.rs` | the receive path: multishot receives to the core |
 //! | `send.rs` | the send path: one send per dirty connection, plain (one buffer) or vectored (`sendmsg`, its `SendOp`) |
+//! | `tls.rs` | TLS connections: ciphertext received pumped through the session to the core, the queue encrypted into the session's `wire` buffer and sent; who owns `wire` and until when |
 //! | `conn.rs` | a connection's socket state (`Sock`) and how it closes (`SlotClose`) |
 //! | `wake.rs` | the eventfd other workers use to wake this one, and its armed read |
 //! | `probe.rs` | the start-up probe: does the kernel run all of this? |
