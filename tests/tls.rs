@@ -435,3 +435,40 @@ fn ciphertext_waiting_for_slow_readers_is_charged_to_the_budget_and_given_back()
     drop(publisher);
     assert_eq!(settle(Duration::from_secs(5), held, 0), 0);
 }
+
+#[test]
+fn an_oversized_or_forged_record_after_the_handshake_closes_that_connection_only() {
+    let cert = test_cert();
+    let server = tls_server(&cert, |_| {});
+    let addr = server.local_addr();
+    let config = client_config(&cert);
+    let mut honest = wss_connect(addr, "/echo", &config);
+    for forged in [
+        // An application-data record announced at 65 535 bytes (over 2^14 + 256).
+        vec![0x17, 0x03, 0x03, 0xff, 0xff, 0x00, 0x00, 0x00],
+        // A well-formed record header whose "ciphertext" fails authentication.
+        [&[0x17, 0x03, 0x03, 0x00, 0x20][..], &[0x5a; 32][..]].concat(),
+    ] {
+        let mut ws = wss_connect(addr, "/echo", &config);
+        ws.send(Message::text("before")).unwrap();
+        assert_eq!(ws.read().unwrap(), Message::text("before"));
+        let tcp = &mut ws.get_mut().sock;
+        tcp.write_all(&forged).unwrap();
+        let started = Instant::now();
+        let mut sink = Vec::new();
+        let _ = tcp.read_to_end(&mut sink); // an alert, then EOF (or a reset)
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{forged:?} not closed"
+        );
+    }
+    honest.send(Message::text("unaffected")).unwrap();
+    assert_eq!(honest.read().unwrap(), Message::text("unaffected"));
+    let failed = || {
+        metric(
+            &server.metrics(),
+            "corecast_tls_failures_total{reason=\"protocol\"}",
+        )
+    };
+    assert_eq!(settle(Duration::from_secs(3), failed, 2), 2);
+}
