@@ -198,6 +198,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
+    /// With --tls-cert: also serve plain ws:// and http:// on this address
+    /// (one more worker per core; topics are shared with the TLS side).
+    #[arg(long, value_name = "ADDR", requires = "tls_cert")]
+    pub plain_listen: Option<SocketAddr>,
+
     /// The lowest TLS version a client may use.
     #[arg(long, value_enum, default_value = "1.2", value_name = "VERSION")]
     pub tls_min_version: MinVersion,
@@ -248,6 +253,7 @@ impl ServeArgs {
                 }),
                 _ => None,
             },
+            plain_listen: self.plain_listen,
             ..Config::default()
         }
     }
@@ -461,6 +467,49 @@ mod tests {
         }
         let err = parse("129").unwrap_err().to_string();
         assert!(err.contains("1..=128"), "the error names the range: {err}");
+    }
+
+    #[test]
+    fn tls_flags_come_as_a_pair_and_plain_listen_needs_them() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["corecast", "serve"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv)
+        };
+        let Command::Serve(args) = parse(&[
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--tls-min-version",
+            "1.3",
+            "--plain-listen",
+            "127.0.0.1:9080",
+        ])
+        .unwrap()
+        .command;
+        let c = args.to_config();
+        let tls = c.tls.expect("TLS configured");
+        assert_eq!(
+            (tls.cert.to_str(), tls.key.to_str()),
+            (Some("c.pem"), Some("k.pem"))
+        );
+        assert_eq!(tls.min_version, crate::server::tls::MinVersion::Tls13);
+        assert_eq!(c.plain_listen, Some("127.0.0.1:9080".parse().unwrap()));
+        assert!(
+            parse(&["--tls-cert", "c.pem"]).is_err(),
+            "a certificate needs its key"
+        );
+        assert!(
+            parse(&["--tls-key", "k.pem"]).is_err(),
+            "a key needs its certificate"
+        );
+        assert!(
+            parse(&["--plain-listen", "127.0.0.1:1"]).is_err(),
+            "nothing to be beside"
+        );
+        let Command::Serve(args) = parse(&[]).unwrap().command;
+        assert!(args.to_config().tls.is_none());
     }
 
     #[test]

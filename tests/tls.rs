@@ -472,3 +472,33 @@ fn an_oversized_or_forged_record_after_the_handshake_closes_that_connection_only
     };
     assert_eq!(settle(Duration::from_secs(3), failed, 2), 2);
 }
+
+#[test]
+fn plain_listen_serves_ws_beside_wss_and_both_share_every_topic() {
+    let cert = test_cert();
+    let server = tls_server(&cert, |c| {
+        c.plain_listen = Some("127.0.0.1:0".parse().unwrap())
+    });
+    let (tls_addr, plain_addr) = (
+        server.local_addr(),
+        server.plain_addr().expect("plain listener"),
+    );
+    let config = client_config(&cert);
+    let mut over_tls = wss_connect(tls_addr, "/ws?topics=both", &config);
+    let mut in_plain = connect(plain_addr, "/ws?topics=both");
+    let subscribed = || metric(&server.metrics(), "corecast_subscriptions");
+    assert_eq!(settle(Duration::from_secs(5), subscribed, 2), 2);
+    // Published in plain text, received over TLS too, and the reverse.
+    publish(plain_addr, "both", b"from http");
+    let mut publisher = wss_connect(tls_addr, "/publish/both", &config);
+    publisher.send(Message::binary(&b"from wss"[..])).unwrap();
+    for want in [&b"from http"[..], &b"from wss"[..]] {
+        assert_eq!(over_tls.read().unwrap(), Message::binary(want));
+        assert_eq!(in_plain.read().unwrap(), Message::binary(want));
+    }
+    // The TLS port still speaks only TLS.
+    let mut s = TcpStream::connect(tls_addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(upgrade_request("/echo").as_bytes()).unwrap();
+    assert!(read_head(&mut s).starts_with("HTTP/1.1 400 "));
+}

@@ -170,6 +170,9 @@ pub struct Config {
     /// TLS on the main listener (wss://, https://): the certificate and
     /// key files; `None` serves plain ws:// and http://.
     pub tls: Option<crate::server::tls::TlsSettings>,
+    /// With `tls`: also serve plain ws:// and http:// on this address (one
+    /// more worker per core, on its own listener group).
+    pub plain_listen: Option<SocketAddr>,
 }
 
 impl Default for Config {
@@ -207,6 +210,7 @@ impl Default for Config {
             mailbox_high_water: MAILBOX_HIGH_WATER,
             ring_slots: None,
             tls: None,
+            plain_listen: None,
         }
     }
 }

@@ -74,6 +74,9 @@ pub struct Shared {
     pub(crate) steering: steering::Steering,
     /// TLS on the main listener: the configuration new connections use.
     pub(crate) tls: Option<tls::Certs>,
+    /// Workers `0..tls_workers` serve the main listener (TLS with
+    /// `--tls-cert`); the rest serve `--plain-listen` in plain text.
+    pub(crate) tls_workers: usize,
     /// Reloads (`SIGHUP`): succeeded, failed.
     pub(crate) reloads: [std::sync::atomic::AtomicU64; 2],
 }
@@ -96,6 +99,7 @@ impl Shared {
             directory,
             bus,
             tls: None,
+            tls_workers: usize::MAX,
             reloads: Default::default(),
         }
     }
@@ -146,6 +150,7 @@ pub mod fuzzing {
 /// A running server. Dropping it shuts the server down and waits for it.
 pub struct ServerHandle {
     local_addr: SocketAddr,
+    plain_addr: Option<SocketAddr>,
     admin_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     admin: Option<admin::AdminHandle>,
@@ -327,10 +332,20 @@ pub fn start(mut config: Config) -> io::Result<ServerHandle> {
     };
     let backend = Backend::choose(config.io)?;
     raise_open_file_limit();
-    let workers = worker_threads(backend, &config, primaries);
+    let tls_workers = worker_threads(backend, &config, primaries);
     let (local_addr, listeners) =
-        listener::bind_group(config.listen, workers, config.tcp_keepalive)?;
-    let steering = steering::Steering::new(primaries, workers);
+        listener::bind_group(config.listen, tls_workers, config.tcp_keepalive)?;
+    // `--plain-listen`: one more worker per core, on its own listener group,
+    // speaking plain ws:// and http:// (ids after the main listener's).
+    let (plain_addr, plain_listeners) = match config.plain_listen {
+        Some(addr) => {
+            let (a, l) = listener::bind_group(addr, primaries, config.tcp_keepalive)?;
+            (Some(a), l)
+        }
+        None => (None, Vec::new()),
+    };
+    let workers = tls_workers + plain_listeners.len();
+    let steering = steering::Steering::new(primaries, tls_workers);
     if let Err(e) = steering.start(&listeners[0]) {
         warn!(error = %e, "could not steer connections: overflow workers take them from the start");
     }
@@ -365,6 +380,7 @@ pub fn start(mut config: Config) -> io::Result<ServerHandle> {
     );
     shared.steering = steering;
     shared.tls = tls;
+    shared.tls_workers = tls_workers;
     let shared = Arc::new(shared);
     let admin = match shared.config.admin_listen {
         Some(addr) => Some(admin::start(addr, Arc::clone(&shared))?),
@@ -376,7 +392,8 @@ pub fn start(mut config: Config) -> io::Result<ServerHandle> {
     let mut eventfds = eventfds.into_iter();
     // io_uring workers build their ring on their own thread and report here.
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
-    for (id, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
+    let all_listeners = listeners.into_iter().chain(plain_listeners);
+    for (id, (listener, inbox)) in all_listeners.zip(inboxes).enumerate() {
         let placement = placement.clone();
         let pin = move || placement.apply(id);
         let builder = std::thread::Builder::new()
@@ -432,9 +449,10 @@ pub fn start(mut config: Config) -> io::Result<ServerHandle> {
             return Err(io::Error::other(format!("io_uring worker setup: {e}")));
         }
     }
-    info!(%local_addr, workers = primaries, overflow_workers = workers - primaries, io = backend.name(), pinned = placement.pinned(), "corecast listening");
+    info!(%local_addr, workers = primaries, overflow_workers = tls_workers - primaries, io = backend.name(), pinned = placement.pinned(), tls = shared.tls.is_some(), plain_addr = ?plain_addr, "corecast listening");
     Ok(ServerHandle {
         local_addr,
+        plain_addr,
         admin_addr,
         shared,
         admin,
@@ -449,7 +467,11 @@ impl ServerHandle {
         self.local_addr
     }
 
-    /// The I/O backend the workers run.
+    /// The `--plain-listen` listener's bound address, when set.
+    pub fn plain_addr(&self) -> Option<SocketAddr> {
+        self.plain_addr
+    }
+
     /// Reloads what can change without a restart (see `SIGHUP` in the
     /// README): all or nothing; on failure the old state stays and the
     /// error says why.
@@ -457,6 +479,7 @@ impl ServerHandle {
         self.shared.reload()
     }
 
+    /// The I/O backend the workers run.
     pub fn backend(&self) -> Backend {
         self.backend
     }

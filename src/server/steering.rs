@@ -131,14 +131,17 @@ impl Steering {
     /// `worker` (always, when none is attached).
     pub fn takes(&self, worker: usize) -> bool {
         let state = self.state.lock().unwrap();
-        state.attached.is_empty() || state.attached.contains(&(worker as u32))
+        state.attached.is_empty()
+            || worker >= state.full.len()
+            || state.attached.contains(&(worker as u32))
     }
 
     /// Worker `worker` is full (or has room again): recomputes the open
     /// set and, if it changed, attaches the new program through `listener`.
     pub fn set_full(&self, worker: usize, full: bool, listener: &impl AsRawFd) {
         let mut state = self.state.lock().unwrap();
-        if state.attached.is_empty() || state.full.get(worker) == Some(&full) {
+        // A worker of another listener group (`--plain-listen`) is not steered.
+        if state.attached.is_empty() || state.full.get(worker).is_none_or(|&f| f == full) {
             return;
         }
         state.full[worker] = full;
@@ -147,9 +150,12 @@ impl Steering {
 
     /// After a failed attach: tries again (each worker calls this every
     /// turn; it costs an atomic load while nothing failed).
-    pub fn retry(&self, listener: &impl AsRawFd) {
+    pub fn retry(&self, worker: usize, listener: &impl AsRawFd) {
         if self.stale.load(Ordering::Relaxed) {
             let mut state = self.state.lock().unwrap();
+            if worker >= state.full.len() {
+                return; // another listener group's worker
+            }
             self.reattach(&mut state, listener);
         }
     }

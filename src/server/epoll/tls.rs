@@ -23,6 +23,9 @@ pub(super) fn start(
     let Some(certs) = &core.shared().tls else {
         return;
     };
+    if core.id() >= core.shared().tls_workers {
+        return; // a --plain-listen worker
+    }
     let core_max_head = core.shared().config.max_handshake_size;
     match TlsConn::new(certs.config(), core_max_head) {
         Ok(t) => {

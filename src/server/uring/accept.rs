@@ -353,7 +353,7 @@ impl Worker {
         let steering = &self.core.shared().steering;
         match changed {
             Some(full) => steering.set_full(self.core.id(), full, listener),
-            None => steering.retry(listener),
+            None => steering.retry(self.core.id(), listener),
         }
     }
 

@@ -54,6 +54,9 @@ impl Worker {
         let Some(certs) = &self.core.shared().tls else {
             return;
         };
+        if self.core.id() >= self.core.shared().tls_workers {
+            return; // a --plain-listen worker
+        }
         let core_max_head = self.core.shared().config.max_handshake_size;
         match TlsConn::new(certs.config(), core_max_head) {
             Ok(conn) => {
