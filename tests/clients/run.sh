@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Real, independent clients against a release build of corecast, over ws://
 # and wss://, on each backend: Python `websockets`, Node `ws` and headless
-# Chromium each round-trip text and binary through /echo. Installs what it
+# Chromium each round-trip text and binary through /echo; over wss://,
+# OpenSSL's s_client asks to renegotiate and must be refused. Installs what it
 # needs (a pip venv, an npm package, Debian's chromium) and stops what it
 # starts. Called by .ci/run; run it alone after `cargo build --release`.
 #
@@ -81,6 +82,18 @@ for io in ${BACKENDS:-epoll uring}; do
       echo "chromium did not pass over $url; server log:" >&2
       tail -20 "$WORK/server.log" >&2
       exit 1
+    fi
+    if [ "$scheme" = wss ]; then
+      # OpenSSL as a TLS 1.2 client asks to renegotiate ("R"): refused
+      # with an alert and the connection closed.
+      reneg=$( (sleep 0.5; printf 'R\n'; sleep 1.5) | timeout 10 openssl s_client -connect "127.0.0.1:$PORT" -tls1_2 2>&1 || true)
+      if printf '%s' "$reneg" | grep -q "no renegotiation"; then
+        echo "openssl s_client: $url: a TLS 1.2 renegotiation is refused (no_renegotiation), connection closed"
+      else
+        echo "openssl s_client: $url: renegotiation was not refused:" >&2
+        printf '%s\n' "$reneg" | tail -5 >&2
+        exit 1
+      fi
     fi
     kill -TERM "$SERVER"
     wait "$SERVER"
