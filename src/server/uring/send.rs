@@ -38,6 +38,36 @@ impl SendOp {
     }
 }
 
+/// Pushes one plain `send` of `len` bytes at `ptr` for `key` (its
+/// connection `conn`), marked in its `Sock` as the single send in flight. A
+/// buffer longer than `u32::MAX` goes in parts, like any short send.
+///
+/// # Safety
+///
+/// The `len` bytes at `ptr` must stay valid and unmoved, and must not be
+/// written, until this send's completion has been handled (see
+/// [`Ring::push`](super::ring::Ring::push)).
+pub(super) unsafe fn push_single_send(
+    ring: &mut super::ring::Ring,
+    conn: &mut crate::server::worker::Conn<super::conn::Sock>,
+    key: usize,
+    ptr: *const u8,
+    len: usize,
+) {
+    let len = len.min(u32::MAX as usize) as u32;
+    let sqe = on_socket!(ring.plain_fds(), conn.io().slot(), |fd| {
+        opcode::Send::new(fd, ptr, len)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+    })
+    .user_data(user_data(Op::Send, key, conn.serial()));
+    conn.io_mut().single_send_started();
+    // SAFETY: the caller keeps the buffer valid, unmoved and unwritten until
+    // the completion (this function's contract).
+    unsafe { ring.push(&sqe) };
+    ring.in_flight_started();
+}
+
 impl Worker {
     /// Sends `key`'s queue (up to [`MAX_IOVECS`] chunks), unless a send is in flight.
     pub(super) fn flush(&mut self, key: usize) {
@@ -58,21 +88,12 @@ impl Worker {
         if n == 1 {
             let mut iov = [IoSlice::new(&[])];
             conn.out().gather(&mut iov);
-            // A longer chunk goes in parts, like any short send.
-            let (ptr, len) = (iov[0].as_ptr(), iov[0].len().min(u32::MAX as usize) as u32);
-            let sqe = on_socket!(self.ring.plain_fds(), conn.io().slot(), |fd| {
-                opcode::Send::new(fd, ptr, len)
-                    .flags(libc::MSG_NOSIGNAL)
-                    .build()
-            })
-            .user_data(user_data(Op::Send, key, conn.serial()));
-            conn.io_mut().single_send_started();
+            let (ptr, len) = (iov[0].as_ptr(), iov[0].len());
             // SAFETY: the buffer is the queue's front chunk, pinned by
             // `pin_front` (neither moved nor freed) until `advance` at this
             // send's completion; a gone connection is freed only once no
             // send is in flight, and the exit leaks what is still in flight.
-            unsafe { self.ring.push(&sqe) };
-            self.ring.in_flight_started();
+            unsafe { push_single_send(&mut self.ring, conn, key, ptr, len) };
             return;
         }
         let mut op = self.send_pool.pop().unwrap_or_else(SendOp::new);

@@ -11,11 +11,10 @@
 //! (`free_if_done`); the exit leaks the map if operations remain.
 
 use super::Worker;
-use super::ring::{Op, on_socket, user_data};
+use super::send::push_single_send;
 use crate::proto::outbound::MAX_IOVECS;
 use crate::server::tls::{CIPHERTEXT_LIMIT, Failure, PLAIN_HTTP_ANSWER, Received, TlsConn};
 use crate::server::worker::Input;
-use io_uring::opcode;
 use std::io::IoSlice;
 use tracing::warn;
 
@@ -231,22 +230,14 @@ impl Worker {
             return;
         }
         let rest = &st.wire[st.sent..];
-        let (ptr, len) = (rest.as_ptr(), rest.len().min(u32::MAX as usize) as u32);
-        let sqe = on_socket!(self.ring.plain_fds(), conn.io().slot(), |fd| {
-            opcode::Send::new(fd, ptr, len)
-                .flags(libc::MSG_NOSIGNAL)
-                .build()
-        })
-        .user_data(user_data(Op::Send, key, conn.serial()));
-        conn.io_mut().single_send_started();
+        let (ptr, len) = (rest.as_ptr(), rest.len());
         st.wire_in_flight = true;
         // SAFETY: the buffer is `wire`, which nothing writes, grows or frees
         // while `wire_in_flight` (set above, cleared at this send's
         // completion); its `TlsState` is dropped only when the entry is
         // freed, after every operation on it completed, and the exit leaks
         // it otherwise (module ownership rule).
-        unsafe { self.ring.push(&sqe) };
-        self.ring.in_flight_started();
+        unsafe { push_single_send(&mut self.ring, conn, key, ptr, len) };
         // The kernel copies the ciphertext while it is still in the cache:
         // submitted now, not with the next 64 entries, after which another
         // 4 MiB of other connections' ciphertext would have evicted it.

@@ -42,19 +42,30 @@ impl<S> Core<S> {
         if delta < 0 || self.buffered <= self.budget {
             return false;
         }
-        let Some(conn) = self.conns.get_mut(key) else {
-            return false;
-        };
-        if conn.state != IoState::Active {
+        if self
+            .conns
+            .get(key)
+            .is_none_or(|c| c.state != IoState::Active)
+        {
             return false;
         }
+        self.close_over_budget(key);
+        self.mark_dirty(key);
+        true
+    }
+
+    /// Over the buffer budget: `key`, which just grew, goes. A WebSocket
+    /// is failed with 1013; an HTTP request is answered 503, which
+    /// `corecast_ws_failures_total` does not count.
+    fn close_over_budget(&mut self, key: usize) {
         let stats = &self.shared.stats[self.id];
         stats.budget_close();
         debug!(
             worker = self.id,
             buffered = self.buffered,
-            "buffer budget spent (TLS)"
+            "buffer budget spent"
         );
+        let conn = &mut self.conns[key];
         if conn.session.is_websocket() {
             stats.ws_failure(CloseCode::TRY_AGAIN_LATER.0);
         }
@@ -66,8 +77,6 @@ impl<S> Core<S> {
         );
         conn.state = IoState::Closing;
         self.recharge(key);
-        self.mark_dirty(key);
-        true
     }
 
     /// Processes input for `key`: `buf` holds the bytes kept from earlier
@@ -104,28 +113,7 @@ impl<S> Core<S> {
         // What it subscribed to or published is charged here too.
         let shard_grew = self.sync_shard_charge();
         if self.recharge(key) || (shard_grew && self.buffered > self.budget) {
-            // Over the buffer budget: this connection, which just grew, goes.
-            let stats = &self.shared.stats[self.id];
-            stats.budget_close();
-            debug!(
-                worker = self.id,
-                buffered = self.buffered,
-                "buffer budget spent"
-            );
-            let conn = &mut self.conns[key];
-            // A WebSocket is failed with 1013; an HTTP request is answered
-            // 503, which `corecast_ws_failures_total` does not count.
-            if conn.session.is_websocket() {
-                stats.ws_failure(CloseCode::TRY_AGAIN_LATER.0);
-            }
-            conn.session.abort(
-                CloseCode::TRY_AGAIN_LATER,
-                Status::ServiceUnavailable,
-                "server memory budget exceeded",
-                stats,
-            );
-            conn.state = IoState::Closing;
-            self.recharge(key);
+            self.close_over_budget(key);
             return Input::Stop;
         }
         let stats = &self.shared.stats[self.id];
