@@ -25,7 +25,7 @@ mod tls;
 
 use super::Shared;
 use super::backend::{self, Backend, READ_BUF_BYTES, is_resource_exhaustion};
-use super::tls::{HANDSHAKE_STEPS_PER_TURN, TlsConn};
+use super::tls::HANDSHAKE_STEPS_PER_TURN;
 use super::worker::{AfterFlush, Core, Input, IoState};
 use crate::proto::outbound::MAX_IOVECS;
 use crate::pubsub::bus::Inbox;
@@ -62,7 +62,10 @@ pub(super) struct Worker {
     /// The TLS sessions of this worker's connections, by slab key (none
     /// without `--tls-cert`): kept beside the slab so that a plain
     /// connection's entry stays as small as it is.
-    tls: HashMap<usize, Box<TlsConn>>,
+    tls: HashMap<usize, Box<tls::Session>>,
+    /// The worker's ciphertext read buffer (allocated at the first TLS
+    /// read).
+    cipher: Box<[u8]>,
     /// TLS handshake steps left this turn ([`HANDSHAKE_STEPS_PER_TURN`]).
     tls_steps: u32,
 }
@@ -87,6 +90,7 @@ impl Worker {
             accept_again: false,
             accept_retry_at: None,
             tls: HashMap::new(),
+            cipher: Box::default(),
             tls_steps: HANDSHAKE_STEPS_PER_TURN,
         })
     }

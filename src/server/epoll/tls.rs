@@ -1,23 +1,45 @@
-//! TLS on the epoll backend. The socket carries ciphertext; the
-//! connection's [`TlsConn`] turns what is read into the plaintext the core
-//! takes, and the core's queue (plaintext, frames shared by every
-//! subscriber) into records for the socket, encrypting only while less
-//! than [`CIPHERTEXT_LIMIT`](crate::server::tls::CIPHERTEXT_LIMIT) waits for it.
+//! TLS on the epoll backend. A read's ciphertext goes through the
+//! connection's [`TlsConn`] (decrypted in place in the worker's cipher
+//! buffer) to the core; the core's queue (plaintext, frames shared by every
+//! subscriber) is encrypted into the session's [`Wire`], at most
+//! [`CIPHERTEXT_LIMIT`] at a time, and written from there.
 
 use super::{MAX_READS_PER_TURN, Worker, remove};
 use crate::proto::outbound::MAX_IOVECS;
-use crate::server::tls::{Failure, PLAIN_HTTP_ANSWER, Received, TlsConn};
+use crate::server::backend::READ_BUF_BYTES;
+use crate::server::tls::{CIPHERTEXT_LIMIT, Failure, PLAIN_HTTP_ANSWER, TlsConn, Wire};
 use crate::server::worker::{AfterFlush, Core, Input};
 use mio::net::TcpStream;
 use std::collections::HashMap;
-use std::io::{self, IoSlice, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::Shutdown;
 use tracing::warn;
+
+/// One TLS connection: its session, the ciphertext its socket has not
+/// taken, and what both are charged to the worker's budget.
+pub(super) struct Session {
+    tls: TlsConn,
+    wire: Wire,
+    charged: usize,
+}
+
+impl Session {
+    /// What the budget is charged for this session now.
+    pub(super) fn charged(&self) -> usize {
+        self.charged
+    }
+
+    /// Re-measures what the session holds; returns (charged before, now).
+    fn recharge(&mut self) -> (usize, usize) {
+        let now = self.tls.held() + self.wire.capacity();
+        (std::mem::replace(&mut self.charged, now), now)
+    }
+}
 
 /// Gives a connection accepted on the TLS listener its session.
 pub(super) fn start(
     core: &mut Core<TcpStream>,
-    sessions: &mut HashMap<usize, Box<TlsConn>>,
+    sessions: &mut HashMap<usize, Box<Session>>,
     key: usize,
 ) {
     let Some(certs) = &core.shared().tls else {
@@ -28,8 +50,13 @@ pub(super) fn start(
     }
     let core_max_head = core.shared().config.max_handshake_size;
     match TlsConn::new(certs.config(), core_max_head) {
-        Ok(t) => {
-            sessions.insert(key, Box::new(t));
+        Ok(tls) => {
+            let session = Session {
+                tls,
+                wire: Wire::default(),
+                charged: 0,
+            };
+            sessions.insert(key, Box::new(session));
         }
         Err(e) => {
             warn!(error = %e, "TLS session not created; connection closed");
@@ -43,16 +70,19 @@ impl Worker {
     /// core; handshake messages and alerts are written at the end of the
     /// turn.
     pub(super) fn read_tls(&mut self, key: usize) {
-        let Some(mut tls) = self.tls.remove(&key) else {
+        let Some(mut s) = self.tls.remove(&key) else {
             return;
         };
+        if self.cipher.is_empty() {
+            self.cipher = vec![0u8; READ_BUF_BYTES].into_boxed_slice();
+        }
         let mut budget_used_up = true;
         let mut failed = None;
         for _ in 0..MAX_READS_PER_TURN {
-            // Plaintext the last record held comes first.
+            // Plaintext already decrypted comes first.
             let conn = self.core.conn_mut(key);
             let kept = conn.restore_pending(&mut self.buf);
-            let n = tls.read_plain(&mut self.buf[kept..]);
+            let n = s.tls.read_plain(&mut self.buf[kept..]);
             if n > 0 {
                 if self.core.input(key, &mut self.buf[..kept + n]) == Input::Stop {
                     budget_used_up = false;
@@ -60,7 +90,12 @@ impl Worker {
                 }
                 continue;
             }
-            if !tls.is_established() {
+            if s.tls.peer_closed() {
+                self.core.eof(key);
+                budget_used_up = false;
+                break;
+            }
+            if !s.tls.is_established() {
                 // Handshake work is bounded per turn; the rest waits.
                 if self.tls_steps == 0 {
                     self.core.read_again(key);
@@ -69,33 +104,36 @@ impl Worker {
                 }
                 self.tls_steps -= 1;
             }
-            match tls.receive(self.core.conn_mut(key).io_mut()) {
-                Received::Bytes(_) => {
-                    if let Some(resumed) = tls.just_established() {
-                        self.core.stats().tls_handshake(resumed);
-                    }
-                }
-                Received::Closed => {
+            match self.core.conn_mut(key).io_mut().read(&mut self.cipher) {
+                Ok(0) => {
                     self.core.eof(key);
                     budget_used_up = false;
                     break;
                 }
-                Received::Later => {
+                Ok(n) => match s.tls.receive(&mut self.cipher[..n]) {
+                    Ok(()) => {
+                        if let Some(resumed) = s.tls.just_established() {
+                            self.core.stats().tls_handshake(resumed);
+                        }
+                    }
+                    Err(why) => {
+                        failed = Some(Some(why));
+                        break;
+                    }
+                },
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     budget_used_up = false;
                     break;
                 }
-                Received::Failed(why) => {
-                    failed = Some(Some(why));
-                    break;
-                }
-                Received::Error(_) => {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
                     failed = Some(None);
                     break;
                 }
             }
         }
         if let Some(why) = failed {
-            self.core.charge_wire(key, tls.charged(), 0);
+            self.core.charge_wire(key, s.charged, 0);
             if let Some(why) = why {
                 self.core.stats().tls_failure(why);
                 let io = self.core.conn_mut(key).io_mut();
@@ -103,18 +141,19 @@ impl Worker {
                     let _ = io.write(PLAIN_HTTP_ANSWER);
                 } else {
                     // The alert rustls queued, if the socket takes it.
-                    let _ = tls.write_to(io);
+                    s.tls.take_pending(&mut s.wire);
+                    let _ = io.write(s.wire.pending());
                 }
                 let _ = io.shutdown(Shutdown::Write);
             }
             remove(&mut self.core, key);
             return;
         }
-        if tls.wants_write() {
+        if s.tls.wants_write() {
             self.core.mark_dirty(key);
         }
-        let (was, now) = tls.recharge();
-        self.tls.insert(key, tls);
+        let (was, now) = s.recharge();
+        self.tls.insert(key, s);
         self.core.charge_wire(key, was, now);
         if budget_used_up {
             self.core.read_again(key);
@@ -126,51 +165,57 @@ impl Worker {
     /// then the queue's front encrypted (many small frames to a record) and
     /// written, until the socket takes no more or the queue is empty.
     pub(super) fn flush_tls(&mut self, key: usize) {
-        let Some(mut tls) = self.tls.remove(&key) else {
+        let Some(mut s) = self.tls.remove(&key) else {
             return;
         };
         let core = &mut self.core;
         let (io, out) = core.conn_mut(key).io_and_out();
-        let (mut sent, mut failed, mut blocked) = (0, false, false);
+        let (mut sent, mut failed) = (0, false);
         loop {
-            while tls.wants_write() {
-                match tls.write_to(io) {
-                    Ok(0) => {
-                        failed = true;
+            if s.wire.is_empty() {
+                s.tls.take_pending(&mut s.wire);
+                while s.wire.len() < CIPHERTEXT_LIMIT && !out.is_empty() && s.tls.can_encrypt() {
+                    let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
+                    let n = out.gather(&mut iov);
+                    let took = s.tls.encrypt(&iov[..n], &mut s.wire, CIPHERTEXT_LIMIT);
+                    if took == 0 {
                         break;
                     }
-                    Ok(n) => sent += n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        blocked = true;
-                        break;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => {
-                        failed = true;
-                        break;
-                    }
+                    out.advance(took);
                 }
             }
-            if failed || blocked || out.is_empty() || !tls.can_encrypt() {
+            if s.wire.is_empty() {
                 break;
             }
-            let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
-            let n = out.gather(&mut iov);
-            let took = tls.encrypt(&iov[..n]);
-            if took == 0 {
-                break;
+            match io.write(s.wire.pending()) {
+                Ok(0) => {
+                    failed = true;
+                    break;
+                }
+                Ok(n) => {
+                    sent += n;
+                    s.wire.consume(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
             }
-            out.advance(took);
         }
         core.stats().bytes_sent(sent);
         if failed {
-            core.charge_wire(key, tls.charged(), 0);
+            core.charge_wire(key, s.charged, 0);
             remove(core, key);
             return;
         }
-        let waiting = tls.wants_write();
-        let (was, now) = tls.recharge();
-        self.tls.insert(key, tls);
+        let waiting = !s.wire.is_empty();
+        if !waiting {
+            s.wire.free();
+        }
+        let (was, now) = s.recharge();
+        self.tls.insert(key, s);
         self.core.charge_wire(key, was, now);
         if waiting {
             // The writable edge flushes the rest; until the ciphertext is
@@ -181,9 +226,11 @@ impl Worker {
             AfterFlush::Keep => {}
             AfterFlush::Remove => Worker::remove(self, key),
             AfterFlush::ShutdownWrite => {
-                if let Some(tls) = self.tls.get_mut(&key) {
-                    tls.close();
-                    let _ = tls.write_to(self.core.conn_mut(key).io_mut());
+                if let Some(s) = self.tls.get_mut(&key) {
+                    s.tls.close();
+                    s.tls.take_pending(&mut s.wire);
+                    let _ = self.core.conn_mut(key).io_mut().write(s.wire.pending());
+                    s.wire.free();
                 }
                 let _ = self.core.conn_mut(key).io_mut().shutdown(Shutdown::Write);
                 self.discard_input(key);

@@ -1,21 +1,44 @@
-//! One connection's TLS state, sans-IO: the backend hands it ciphertext
-//! (from a socket or from a buffer the kernel filled) and takes plaintext
-//! for the core; it hands it the queue's plaintext and takes ciphertext
-//! for the socket.
+//! One connection's TLS state, sans-IO, over rustls' unbuffered API: the
+//! backend hands it ciphertext (bytes a socket read or the kernel placed in
+//! a buffer) and takes plaintext for the core; it hands it the queue's
+//! plaintext and takes ciphertext for the socket, in a [`Wire`] the backend
+//! owns. rustls holds no buffer of its own here, so an idle session is
+//! rustls' state alone (keys and sequence numbers, ~2.3 KB: measured by
+//! the unit test `an_idle_session_holds_no_buffer`); every byte this module
+//! buffers is in a `Vec` that is freed when empty and counted by
+//! [`TlsConn::held`] for the worker's budget.
 
-use rustls::{ServerConfig, ServerConnection};
-use std::io::{self, IoSlice, Read, Write};
+use rustls::ServerConfig;
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncryptError, UnbufferedStatus, WriteTraffic,
+};
+use std::cell::RefCell;
+use std::io::IoSlice;
 use std::sync::Arc;
 
 /// Ciphertext a connection may hold that its socket has not taken yet:
-/// plaintext is encrypted only while less than this is waiting (rustls'
-/// own default). Four 16 KiB records: a flush writes up to this much per
-/// system call, and a stalled reader holds at most this much ciphertext
-/// besides its plaintext queue.
+/// plaintext is encrypted only while less than this waits. Four 16 KiB
+/// records: a flush writes up to this much per system call, and a stalled
+/// reader holds at most this much ciphertext besides its plaintext queue.
 pub const CIPHERTEXT_LIMIT: usize = 64 * 1024;
 
 /// A queued chunk at least this long is encrypted from a record boundary.
 const ALIGN_RECORDS_FROM: usize = 4096;
+
+/// The largest plaintext of one TLS record.
+const MAX_RECORD_PLAINTEXT: usize = 16 * 1024;
+
+/// Room reserved per record for its header, content type, padding and tag
+/// (TLS 1.3: 22 bytes; TLS 1.2 GCM: 29), and once per call for a key
+/// update rustls may write first; a short guess is corrected by rustls'
+/// `InsufficientSize` answer.
+const RECORD_OVERHEAD: usize = 64;
+
+/// Unprocessed ciphertext an established session may hold: a partial
+/// record, or the fragments of a post-handshake message (a key update is a
+/// few bytes; nothing legitimate spans two full records).
+const INCOMING_LIMIT: usize = 2 * (MAX_RECORD_PLAINTEXT + 2048 + 5);
 
 /// Why a TLS connection was given up (the label of
 /// `corecast_tls_failures_total`).
@@ -48,54 +71,298 @@ impl Failure {
     }
 }
 
-/// What reading ciphertext gave.
-#[derive(Debug)]
-pub enum Received {
-    /// This many bytes of ciphertext were taken and decrypted (plaintext,
-    /// if any, is ready in [`TlsConn::read_plain`]).
-    Bytes(usize),
-    /// The peer closed: TCP EOF, or its `close_notify` alert.
-    Closed,
-    /// Nothing to read now (`WouldBlock`), or the plaintext not yet taken
-    /// fills rustls' buffer (take it first).
-    Later,
-    /// The session failed; an alert may wait in [`TlsConn::wants_write`].
-    Failed(Failure),
-    /// The socket failed.
-    Error(io::Error),
-}
-
 /// The answer to plain HTTP on the TLS port.
 pub const PLAIN_HTTP_ANSWER: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 45\r\nConnection: close\r\n\r\nthis port speaks TLS: use https:// or wss://\n";
 
+/// Ciphertext waiting for the socket: `buf[sent..filled]`. The buffer's
+/// length is a high-water mark (filling it again zeroes nothing); [`free`]
+/// returns it, so an idle connection holds none.
+///
+/// [`free`]: Wire::free
+#[derive(Default)]
+pub struct Wire {
+    buf: Vec<u8>,
+    filled: usize,
+    sent: usize,
+}
+
+impl Wire {
+    /// The bytes not yet sent.
+    pub fn pending(&self) -> &[u8] {
+        &self.buf[self.sent..self.filled]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sent == self.filled
+    }
+
+    /// Bytes not yet sent.
+    pub fn len(&self) -> usize {
+        self.filled - self.sent
+    }
+
+    /// What the buffer holds allocated (the budget's charge).
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// `n` bytes of [`Self::pending`] were sent.
+    pub fn consume(&mut self, n: usize) {
+        self.sent = (self.sent + n).min(self.filled);
+        if self.sent == self.filled {
+            self.sent = 0;
+            self.filled = 0;
+        }
+    }
+
+    /// Returns the allocation (nothing may be pending).
+    pub fn free(&mut self) {
+        *self = Self::default();
+    }
+
+    /// Appends `bytes`.
+    pub fn extend(&mut self, bytes: &[u8]) {
+        let n = bytes.len();
+        self.room(n)[..n].copy_from_slice(bytes);
+        self.filled += n;
+    }
+
+    /// At least `n` writable bytes after the pending ones.
+    fn room(&mut self, n: usize) -> &mut [u8] {
+        if self.buf.len() < self.filled + n {
+            self.buf.resize(self.filled + n, 0);
+        }
+        &mut self.buf[self.filled..]
+    }
+}
+
 /// One connection's TLS session.
 pub struct TlsConn {
-    conn: ServerConnection,
+    conn: UnbufferedServerConnection,
+    /// Ciphertext received and not processed yet: a partial record, or
+    /// fragments of a handshake message (empty and unallocated otherwise).
+    incoming: Vec<u8>,
+    /// Decrypted bytes the backend has not taken: `plain[plain_at..]`.
+    plain: Vec<u8>,
+    plain_at: usize,
+    /// Ciphertext rustls produced on its own (handshake flights, tickets,
+    /// alerts) that no [`Wire`] has taken yet.
+    pending: Wire,
     /// The first byte the client sent (a TLS record starts with 0x16).
     first: Option<u8>,
     /// The handshake has completed (and was counted).
     established: bool,
+    /// The client sent its `close_notify`.
+    peer_closed: bool,
+    /// The session failed; nothing more is processed.
+    failed: bool,
     /// Ciphertext read while the handshake was not complete, and how much
     /// may be.
     handshake_read: usize,
     handshake_limit: usize,
-    /// What the backend charged to the worker's budget for this session.
-    charged: usize,
 }
 
-/// Remembers the first byte read through it.
-struct FirstByte<'a, R: ?Sized> {
-    inner: &'a mut R,
-    first: &'a mut Option<u8>,
+/// Where one run of rustls' state machine stopped.
+enum Stop {
+    /// Every complete record was processed; application data may be sent.
+    Ready,
+    /// The handshake needs more input.
+    Blocked,
+    /// The peer sent `close_notify`.
+    PeerClosed,
+    Failed,
 }
 
-impl<R: Read + ?Sized> Read for FirstByte<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        if n > 0 && self.first.is_none() {
-            *self.first = Some(buf[0]);
+thread_local! {
+    /// Application data is encrypted through this: small chunks are copied
+    /// here to share a record.
+    static STAGE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(MAX_RECORD_PLAINTEXT));
+}
+
+impl Wire {
+    /// `n` bytes were written into [`Self::room`].
+    fn commit(&mut self, n: usize) {
+        self.filled += n;
+    }
+}
+
+/// Encodes a handshake record (or alert) rustls queued into `sink`.
+fn encode(
+    e: &mut rustls::unbuffered::EncodeTlsData<'_, ServerConnectionData>,
+    sink: &mut Wire,
+) -> bool {
+    let mut want = 1024;
+    loop {
+        match e.encode(sink.room(want)) {
+            Ok(n) => {
+                sink.commit(n);
+                return true;
+            }
+            Err(EncodeError::InsufficientSize(s)) if s.required_size > want => {
+                want = s.required_size;
+            }
+            Err(EncodeError::AlreadyEncoded) => return true,
+            Err(_) => return false,
         }
-        Ok(n)
+    }
+}
+
+/// Encrypts `data` (split into records of up to 16 KiB) into `sink`.
+fn seal(w: &mut WriteTraffic<'_, ServerConnectionData>, data: &[u8], sink: &mut Wire) -> bool {
+    let records = data.len() / MAX_RECORD_PLAINTEXT + 1;
+    let mut want = data.len() + (records + 1) * RECORD_OVERHEAD;
+    loop {
+        match w.encrypt(data, sink.room(want)) {
+            Ok(n) => {
+                sink.commit(n);
+                return true;
+            }
+            Err(EncryptError::InsufficientSize(s)) if s.required_size > want => {
+                want = s.required_size;
+            }
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Encrypts from the front of `bufs` into `sink` while it holds less than
+/// `limit`: runs of small chunks (frames) are copied to share records, a
+/// large chunk is encrypted from its own bytes and starts a record (a
+/// client's frame reader finds it at a record boundary). Returns the
+/// plaintext bytes taken, `None` if rustls refused (keys exhausted).
+fn seal_queue(
+    w: &mut WriteTraffic<'_, ServerConnectionData>,
+    bufs: &[IoSlice<'_>],
+    sink: &mut Wire,
+    limit: usize,
+) -> Option<usize> {
+    let large = |b: &IoSlice<'_>| b.len() >= ALIGN_RECORDS_FROM;
+    let (mut i, mut off, mut taken) = (0, 0, 0);
+    while i < bufs.len() && sink.len() < limit {
+        if large(&bufs[i]) {
+            let rest = &bufs[i][off..];
+            let records = ((limit - sink.len()) / (MAX_RECORD_PLAINTEXT + RECORD_OVERHEAD)).max(1);
+            let n = rest.len().min(records * MAX_RECORD_PLAINTEXT);
+            if !seal(w, &rest[..n], sink) {
+                return None;
+            }
+            taken += n;
+            off += n;
+            if off == bufs[i].len() {
+                (i, off) = (i + 1, 0);
+            }
+            continue;
+        }
+        let sealed = STAGE.with_borrow_mut(|stage| {
+            stage.clear();
+            while i < bufs.len() && !large(&bufs[i]) && stage.len() < MAX_RECORD_PLAINTEXT {
+                let rest = &bufs[i][off..];
+                let n = rest.len().min(MAX_RECORD_PLAINTEXT - stage.len());
+                stage.extend_from_slice(&rest[..n]);
+                off += n;
+                if off == bufs[i].len() {
+                    (i, off) = (i + 1, 0);
+                }
+            }
+            taken += stage.len();
+            stage.is_empty() || seal(w, stage, sink)
+        });
+        if !sealed {
+            return None;
+        }
+    }
+    Some(taken)
+}
+
+/// What runs when rustls can take application data.
+type Writer<'a> = dyn FnMut(&mut WriteTraffic<'_, ServerConnectionData>, &mut Wire) -> bool + 'a;
+
+/// Runs rustls' state machine over the ciphertext in `buf` until every
+/// complete record is processed (or it needs more input, or fails):
+/// ciphertext it produces goes to `sink` in order, decrypted application
+/// data to `plain`, and `write` runs at the point where application data
+/// may be sent. Returns the bytes of `buf` consumed and where it stopped.
+fn run(
+    conn: &mut UnbufferedServerConnection,
+    buf: &mut [u8],
+    plain: &mut Vec<u8>,
+    sink: &mut Wire,
+    write: &mut Writer<'_>,
+) -> (usize, Stop) {
+    let (mut at, mut closed) = (0, false);
+    loop {
+        let UnbufferedStatus { discard, state } = conn.process_tls_records(&mut buf[at..]);
+        let mut extra = 0;
+        let stop = match state {
+            Err(_) => Some(Stop::Failed),
+            Ok(ConnectionState::ReadTraffic(mut r)) => {
+                let mut stop = None;
+                while let Some(record) = r.next_record() {
+                    match record {
+                        Ok(record) => {
+                            extra += record.discard;
+                            plain.extend_from_slice(record.payload);
+                        }
+                        Err(_) => {
+                            stop = Some(Stop::Failed);
+                            break;
+                        }
+                    }
+                }
+                stop
+            }
+            Ok(ConnectionState::EncodeTlsData(mut e)) => {
+                (!encode(&mut e, sink)).then_some(Stop::Failed)
+            }
+            Ok(ConnectionState::TransmitTlsData(t)) => {
+                // What was encoded stays in `sink`, in order, until the
+                // backend sends it.
+                t.done();
+                None
+            }
+            Ok(ConnectionState::BlockedHandshake) => Some(Stop::Blocked),
+            Ok(ConnectionState::WriteTraffic(mut w)) => Some(if write(&mut w, sink) {
+                Stop::Ready
+            } else {
+                Stop::Failed
+            }),
+            Ok(ConnectionState::PeerClosed) => {
+                closed = true;
+                None
+            }
+            Ok(ConnectionState::Closed) => Some(Stop::PeerClosed),
+            // Early data (0-RTT is off) or a state this version does not know.
+            Ok(_) => Some(Stop::Failed),
+        };
+        at = (at + discard + extra).min(buf.len());
+        match stop {
+            None => {}
+            Some(Stop::Failed) => {
+                alert(conn, sink);
+                return (at, Stop::Failed);
+            }
+            Some(_) if closed => return (at, Stop::PeerClosed),
+            Some(stop) => return (at, stop),
+        }
+    }
+}
+
+/// After a failure: the alert rustls queued, if any, into `sink`. The
+/// input that failed is not given again (rustls would deframe it again);
+/// what is queued comes out before any input is looked at.
+fn alert(conn: &mut UnbufferedServerConnection, sink: &mut Wire) {
+    for _ in 0..4 {
+        if !conn.wants_write() {
+            return;
+        }
+        match conn.process_tls_records(&mut []).state {
+            Ok(ConnectionState::EncodeTlsData(mut e)) => {
+                if !encode(&mut e, sink) {
+                    return;
+                }
+            }
+            _ => return,
+        }
     }
 }
 
@@ -104,35 +371,25 @@ impl TlsConn {
     /// [`MAX_HANDSHAKE_FLIGHT_BYTES`](super::MAX_HANDSHAKE_FLIGHT_BYTES)
     /// plus `max_head` bytes before its handshake completes.
     pub fn new(config: Arc<ServerConfig>, max_head: usize) -> Result<Self, rustls::Error> {
-        let mut conn = ServerConnection::new(config)?;
-        conn.set_buffer_limit(Some(CIPHERTEXT_LIMIT));
         Ok(Self {
-            conn,
+            conn: UnbufferedServerConnection::new(config)?,
+            incoming: Vec::new(),
+            plain: Vec::new(),
+            plain_at: 0,
+            pending: Wire::default(),
             first: None,
             established: false,
+            peer_closed: false,
+            failed: false,
             handshake_read: 0,
             handshake_limit: super::MAX_HANDSHAKE_FLIGHT_BYTES + max_head,
-            charged: 0,
         })
     }
 
-    /// Re-measures what the session holds that the budget should count,
-    /// for a backend whose socket takes rustls' ciphertext directly
-    /// (epoll): [`CIPHERTEXT_LIMIT`] while ciphertext waits for the socket
-    /// (rustls does not say how much; that is its bound), else nothing.
-    /// Returns (charged before, charged now).
-    pub fn recharge(&mut self) -> (usize, usize) {
-        let now = if self.conn.wants_write() {
-            CIPHERTEXT_LIMIT
-        } else {
-            0
-        };
-        (std::mem::replace(&mut self.charged, now), now)
-    }
-
-    /// What [`Self::recharge`] charged last.
-    pub fn charged(&self) -> usize {
-        self.charged
+    /// Bytes this session holds in its buffers (rustls' own state aside):
+    /// what the worker's budget is charged for it. Zero while idle.
+    pub fn held(&self) -> usize {
+        self.incoming.capacity() + self.plain.capacity() + self.pending.capacity()
     }
 
     /// The handshake has completed.
@@ -140,41 +397,76 @@ impl TlsConn {
         self.established || !self.conn.is_handshaking()
     }
 
-    /// Reads ciphertext from `src` (a socket, or `&mut &[u8]` over bytes
-    /// already received) and decrypts it.
-    pub fn receive(&mut self, src: &mut (impl Read + ?Sized)) -> Received {
-        let mut src = FirstByte {
-            inner: src,
-            first: &mut self.first,
-        };
-        let n = match self.conn.read_tls(&mut src) {
-            Ok(0) => return Received::Closed,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Received::Later,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Received::Later,
-            // "received plaintext buffer full": the caller takes it first.
-            Err(e) if e.kind() == io::ErrorKind::Other => return Received::Later,
-            Err(e) => return Received::Error(e),
-        };
-        if !self.established && self.conn.is_handshaking() {
-            self.handshake_read += n;
+    /// Processes ciphertext the client sent: decrypted bytes wait for
+    /// [`Self::read_plain`], ciphertext to send (handshake flights,
+    /// tickets, alerts) for [`Self::take_pending`]. `data` is decrypted in
+    /// place (scratch afterwards); a partial record is kept. On failure, an
+    /// alert may wait in [`Self::take_pending`].
+    pub fn receive(&mut self, data: &mut [u8]) -> Result<(), Failure> {
+        if self.failed {
+            return Err(self.failure());
+        }
+        if self.first.is_none() {
+            self.first = data.first().copied();
+        }
+        if !self.is_established() {
+            self.handshake_read += data.len();
             if self.handshake_read > self.handshake_limit {
-                return Received::Failed(self.failure());
+                return Err(self.fail());
             }
         }
-        match self.conn.process_new_packets() {
-            Ok(state) => {
-                if state.peer_has_closed() && state.plaintext_bytes_to_read() == 0 {
-                    return Received::Closed;
-                }
-                Received::Bytes(n)
+        if self.plain_at > 0 {
+            self.plain.drain(..self.plain_at);
+            self.plain_at = 0;
+        }
+        let Self {
+            conn,
+            incoming,
+            plain,
+            pending,
+            ..
+        } = self;
+        let mut nothing = |_: &mut WriteTraffic<'_, ServerConnectionData>, _: &mut Wire| true;
+        let stop = if incoming.is_empty() {
+            let (used, stop) = run(conn, data, plain, pending, &mut nothing);
+            incoming.extend_from_slice(&data[used..]);
+            stop
+        } else {
+            incoming.extend_from_slice(data);
+            let (used, stop) = run(conn, incoming, plain, pending, &mut nothing);
+            incoming.drain(..used);
+            stop
+        };
+        if incoming.is_empty() {
+            *incoming = Vec::new();
+        }
+        match stop {
+            Stop::Failed => Err(self.fail()),
+            Stop::PeerClosed => {
+                self.peer_closed = true;
+                Ok(())
             }
-            Err(_) => Received::Failed(self.failure()),
+            Stop::Ready | Stop::Blocked => {
+                if self.is_established() && self.incoming.len() > INCOMING_LIMIT {
+                    return Err(self.fail());
+                }
+                Ok(())
+            }
         }
     }
 
+    /// Marks the session failed and frees what it buffered (a queued alert
+    /// stays for [`Self::take_pending`]).
+    fn fail(&mut self) -> Failure {
+        self.failed = true;
+        self.incoming = Vec::new();
+        self.plain = Vec::new();
+        self.plain_at = 0;
+        self.failure()
+    }
+
     fn failure(&self) -> Failure {
-        if self.established {
+        if self.is_established() {
             Failure::Protocol
         } else if self.first.is_some_and(|b| b.is_ascii_uppercase()) {
             Failure::PlainHttp
@@ -195,84 +487,205 @@ impl TlsConn {
 
     /// Moves decrypted bytes into `buf`; 0 when none is ready.
     pub fn read_plain(&mut self, buf: &mut [u8]) -> usize {
-        self.conn.reader().read(buf).unwrap_or(0)
-    }
-
-    /// Ciphertext (handshake messages, alerts, records) waits for the socket.
-    pub fn wants_write(&self) -> bool {
-        self.conn.wants_write()
-    }
-
-    /// Writes waiting ciphertext to `dst` (one vectored write).
-    pub fn write_to(&mut self, dst: &mut (impl Write + ?Sized)) -> io::Result<usize> {
-        struct Dst<'a, W: ?Sized>(&'a mut W);
-        impl<W: Write + ?Sized> Write for Dst<'_, W> {
-            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-                self.0.write(b)
-            }
-            fn write_vectored(&mut self, b: &[IoSlice<'_>]) -> io::Result<usize> {
-                self.0.write_vectored(b)
-            }
-            fn flush(&mut self) -> io::Result<()> {
-                Ok(())
-            }
+        let ready = &self.plain[self.plain_at..];
+        let n = ready.len().min(buf.len());
+        buf[..n].copy_from_slice(&ready[..n]);
+        self.plain_at += n;
+        if self.plain_at == self.plain.len() {
+            self.plain = Vec::new();
+            self.plain_at = 0;
         }
-        self.conn.write_tls(&mut Dst(dst))
+        n
+    }
+
+    /// The client sent its `close_notify` and every byte before it was
+    /// taken.
+    pub fn peer_closed(&self) -> bool {
+        self.peer_closed && self.plain_at == self.plain.len()
+    }
+
+    /// Ciphertext rustls produced on its own waits for a [`Wire`].
+    pub fn wants_write(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Appends the ciphertext rustls produced on its own (handshake
+    /// flights, tickets, alerts) to `wire`.
+    pub fn take_pending(&mut self, wire: &mut Wire) {
+        if !self.pending.is_empty() {
+            wire.extend(self.pending.pending());
+            self.pending.free();
+        }
     }
 
     /// Application data can be encrypted (the handshake is over).
     pub fn can_encrypt(&self) -> bool {
-        !self.conn.is_handshaking()
+        !self.failed && !self.conn.is_handshaking()
     }
 
-    /// Encrypts from the front of `bufs` into records of up to 16 KiB (many
-    /// small frames share one record), as much as [`CIPHERTEXT_LIMIT`]
-    /// leaves room for; returns the plaintext bytes taken.
-    pub fn encrypt(&mut self, bufs: &[IoSlice<'_>]) -> usize {
-        if bufs.is_empty() {
+    /// Encrypts from the front of `bufs` into `wire` (after what rustls
+    /// queued on its own), in records of up to 16 KiB, many small frames
+    /// to a record, while `wire` holds less than `limit`; returns the
+    /// plaintext bytes taken.
+    pub fn encrypt(&mut self, bufs: &[IoSlice<'_>], wire: &mut Wire, limit: usize) -> usize {
+        self.take_pending(wire);
+        if bufs.is_empty() || !self.can_encrypt() || wire.len() >= limit {
             return 0;
         }
-        // A large chunk (a big frame) starts a record of its own; runs of
-        // small chunks share records.
-        let large = |b: &IoSlice<'_>| b.len() >= ALIGN_RECORDS_FROM;
-        let end = match bufs.iter().position(large) {
-            Some(0) => 1,
-            Some(i) => i,
-            None => bufs.len(),
+        let mut taken = None;
+        let mut write = |w: &mut WriteTraffic<'_, ServerConnectionData>, sink: &mut Wire| {
+            taken = seal_queue(w, bufs, sink, limit);
+            taken.is_some()
         };
-        self.conn.writer().write_vectored(&bufs[..end]).unwrap_or(0)
+        let Self {
+            conn,
+            incoming,
+            plain,
+            ..
+        } = self;
+        // Every complete record was processed when it arrived: this only
+        // reaches the point where rustls takes application data.
+        let (used, stop) = run(conn, incoming, plain, wire, &mut write);
+        incoming.drain(..used);
+        if matches!(stop, Stop::Failed) {
+            self.fail();
+            return 0;
+        }
+        taken.unwrap_or(0)
     }
 
-    /// Queues the `close_notify` alert.
+    /// Queues the `close_notify` alert for [`Self::take_pending`].
     pub fn close(&mut self) {
-        self.conn.send_close_notify();
+        if !self.can_encrypt() {
+            return;
+        }
+        let mut write = |w: &mut WriteTraffic<'_, ServerConnectionData>, sink: &mut Wire| {
+            let mut want = RECORD_OVERHEAD;
+            loop {
+                match w.queue_close_notify(sink.room(want)) {
+                    Ok(n) => {
+                        sink.commit(n);
+                        return true;
+                    }
+                    Err(EncryptError::InsufficientSize(s)) if s.required_size > want => {
+                        want = s.required_size;
+                    }
+                    Err(_) => return false,
+                }
+            }
+        };
+        let Self {
+            conn,
+            incoming,
+            plain,
+            pending,
+            ..
+        } = self;
+        let (used, _) = run(conn, incoming, plain, pending, &mut write);
+        incoming.drain(..used);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
 
-    fn session() -> TlsConn {
+    fn configs() -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
         let rcgen::CertifiedKey { cert, signing_key } =
             rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
         let key = rustls::pki_types::PrivateKeyDer::try_from(signing_key.serialize_der()).unwrap();
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let config = ServerConfig::builder_with_provider(provider)
+        let server = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_no_client_auth()
             .with_single_cert(vec![cert.der().clone()], key)
             .unwrap();
-        TlsConn::new(Arc::new(config), 8192).unwrap()
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (Arc::new(server), Arc::new(client))
     }
 
-    /// Runs of small frames share records; a large frame starts its own,
-    /// so a client's frame reader finds it at a record boundary (measured:
-    /// the load generator's CPU per 16 KiB frame, docs/BENCHMARKS.md).
+    /// A server session and an independent (buffered) rustls client,
+    /// connected in memory.
+    struct Pair {
+        server: TlsConn,
+        client: rustls::ClientConnection,
+        wire: Wire,
+        /// What the client decrypted.
+        got: Vec<u8>,
+    }
+
+    impl Pair {
+        fn new() -> Self {
+            let (server, client) = configs();
+            let mut pair = Pair {
+                server: TlsConn::new(server, 8192).unwrap(),
+                client: rustls::ClientConnection::new(client, "localhost".try_into().unwrap())
+                    .unwrap(),
+                wire: Wire::default(),
+                got: Vec::new(),
+            };
+            pair.pump();
+            assert!(pair.server.is_established());
+            assert_eq!(pair.server.just_established(), Some(false));
+            pair
+        }
+
+        /// Moves ciphertext both ways until neither side has any to send.
+        fn pump(&mut self) {
+            for _ in 0..8 {
+                let mut up = Vec::new();
+                while self.client.wants_write() {
+                    self.client.write_tls(&mut up).unwrap();
+                }
+                if !up.is_empty() {
+                    self.server.receive(&mut up).unwrap();
+                }
+                self.server.take_pending(&mut self.wire);
+                let down = self.wire.pending().to_vec();
+                self.wire.consume(down.len());
+                self.deliver(&down);
+                if !self.client.wants_write() && !self.server.wants_write() {
+                    return;
+                }
+            }
+        }
+
+        fn deliver(&mut self, mut down: &[u8]) {
+            while !down.is_empty() {
+                self.client.read_tls(&mut down).unwrap();
+                self.client.process_new_packets().unwrap();
+                let _ = self.client.reader().read_to_end(&mut self.got);
+            }
+        }
+
+        fn client_reads(&mut self) -> Vec<u8> {
+            std::mem::take(&mut self.got)
+        }
+    }
+
+    /// The content types of the records in `wire`.
+    fn records(mut wire: &[u8]) -> Vec<(u8, usize)> {
+        let mut out = Vec::new();
+        while wire.len() >= 5 {
+            let len = u16::from_be_bytes([wire[3], wire[4]]) as usize;
+            out.push((wire[0], len));
+            wire = &wire[5 + len..];
+        }
+        assert!(wire.is_empty(), "records end at the wire's end");
+        out
+    }
+
     #[test]
-    fn a_large_chunk_starts_a_record_and_small_ones_are_coalesced() {
-        let mut tls = session();
+    fn small_frames_share_a_record_and_a_large_chunk_starts_its_own() {
+        let mut p = Pair::new();
         let (small, large) = ([1u8; 64], [2u8; ALIGN_RECORDS_FROM]);
         let iov = [
             IoSlice::new(&small),
@@ -280,18 +693,142 @@ mod tests {
             IoSlice::new(&large),
             IoSlice::new(&small),
         ];
-        assert_eq!(
-            tls.encrypt(&iov),
-            128,
-            "the small run, up to the large chunk"
-        );
-        assert_eq!(
-            tls.encrypt(&iov[2..]),
-            ALIGN_RECORDS_FROM,
-            "the large chunk alone"
-        );
-        assert_eq!(tls.encrypt(&iov[3..]), 64);
-        assert_eq!(tls.encrypt(&[]), 0);
+        let taken = p.server.encrypt(&iov, &mut p.wire, CIPHERTEXT_LIMIT);
+        assert_eq!(taken, 128 + ALIGN_RECORDS_FROM + 64);
+        let sent = p.wire.pending().to_vec();
+        let data = records(&sent);
+        assert_eq!(data.len(), 3, "two small, the large, one small: {data:?}");
+        assert!(data.iter().all(|&(ty, _)| ty == 23));
+        p.wire.consume(sent.len());
+        p.deliver(&sent);
+        let mut want = Vec::new();
+        want.extend_from_slice(&small);
+        want.extend_from_slice(&small);
+        want.extend_from_slice(&large);
+        want.extend_from_slice(&small);
+        assert_eq!(p.client_reads(), want);
+    }
+
+    #[test]
+    fn encryption_stops_at_the_limit_and_goes_on_where_it_stopped() {
+        let mut p = Pair::new();
+        let big: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+        let mut at = 0;
+        let mut got = Vec::new();
+        while at < big.len() {
+            let n = p
+                .server
+                .encrypt(&[IoSlice::new(&big[at..])], &mut p.wire, CIPHERTEXT_LIMIT);
+            assert!(n > 0);
+            assert!(
+                p.wire.len() < CIPHERTEXT_LIMIT + 2 * (MAX_RECORD_PLAINTEXT + RECORD_OVERHEAD),
+                "{}",
+                p.wire.len()
+            );
+            at += n;
+            let sent = p.wire.pending().to_vec();
+            p.wire.consume(sent.len());
+            p.deliver(&sent);
+            got.extend(p.client_reads());
+        }
+        assert_eq!(got, big);
+    }
+
+    #[test]
+    fn client_data_is_decrypted_and_an_idle_session_holds_no_buffer() {
+        let mut p = Pair::new();
+        p.client.writer().write_all(b"hello").unwrap();
+        p.pump();
+        let mut buf = [0u8; 64];
+        let n = p.server.read_plain(&mut buf);
+        assert_eq!(&buf[..n], b"hello");
+        assert_eq!(p.server.read_plain(&mut buf), 0);
+        let n = p
+            .server
+            .encrypt(&[IoSlice::new(b"world")], &mut p.wire, CIPHERTEXT_LIMIT);
+        assert_eq!(n, 5);
+        let sent = p.wire.pending().to_vec();
+        p.wire.consume(sent.len());
+        p.wire.free();
+        p.deliver(&sent);
+        assert_eq!(p.client_reads(), b"world");
+        assert_eq!(p.server.held(), 0, "an idle session buffers nothing");
+    }
+
+    #[test]
+    fn a_record_split_across_reads_is_kept_until_whole() {
+        let mut p = Pair::new();
+        p.client.writer().write_all(&[7u8; 3000]).unwrap();
+        let mut up = Vec::new();
+        while p.client.wants_write() {
+            p.client.write_tls(&mut up).unwrap();
+        }
+        let mut buf = vec![0u8; 4096];
+        let (a, b) = up.split_at_mut(1000);
+        p.server.receive(a).unwrap();
+        assert_eq!(p.server.read_plain(&mut buf), 0);
+        assert!(p.server.held() >= 1000, "the partial record is held");
+        p.server.receive(b).unwrap();
+        assert_eq!(p.server.read_plain(&mut buf), 3000);
+        assert_eq!(p.server.held(), 0);
+    }
+
+    #[test]
+    fn close_notify_is_seen_after_the_data_before_it() {
+        let mut p = Pair::new();
+        p.client.writer().write_all(b"last").unwrap();
+        p.client.send_close_notify();
+        p.pump();
+        assert!(!p.server.peer_closed(), "data first");
+        let mut buf = [0u8; 16];
+        assert_eq!(p.server.read_plain(&mut buf), 4);
+        assert!(p.server.peer_closed());
+        p.server.close();
+        assert!(p.server.wants_write(), "our close_notify");
+    }
+
+    #[test]
+    fn garbage_after_the_handshake_fails_with_an_alert() {
+        let mut p = Pair::new();
+        let mut junk = [23u8, 3, 3, 0, 40].to_vec();
+        junk.extend([0u8; 40]);
+        assert_eq!(p.server.receive(&mut junk), Err(Failure::Protocol));
+        let mut wire = Wire::default();
+        p.server.take_pending(&mut wire);
+        assert_eq!(records(wire.pending()).len(), 1, "one alert record");
+        assert_eq!(p.server.receive(&mut [23u8]), Err(Failure::Protocol));
+        assert_eq!(p.server.held(), 0);
+    }
+
+    #[test]
+    fn plain_http_and_garbage_hellos_are_told_apart() {
+        let (server, _) = configs();
+        let mut s = TlsConn::new(server.clone(), 8192).unwrap();
+        let mut req = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+        assert_eq!(s.receive(&mut req), Err(Failure::PlainHttp));
+        let mut s = TlsConn::new(server, 8192).unwrap();
+        let mut junk = [22u8, 3, 1, 0, 4, 9, 9, 9, 9].to_vec();
+        assert_eq!(s.receive(&mut junk), Err(Failure::Handshake));
+    }
+
+    #[test]
+    fn a_handshake_flight_past_its_limit_fails() {
+        let (server, _) = configs();
+        let mut s = TlsConn::new(server, 0).unwrap();
+        // A ClientHello record header announcing a long message, then its
+        // bytes dribbled in: refused once past the flight limit.
+        let mut first = [22u8, 3, 1, 0x40, 0, 1, 0, 0xff, 0xff].to_vec();
+        assert_eq!(s.receive(&mut first), Ok(()));
+        let mut chunk = vec![0u8; 4096];
+        let mut result = Ok(());
+        for _ in 0..8 {
+            result = s.receive(&mut chunk);
+            if result.is_err() {
+                break;
+            }
+        }
+        assert_eq!(result, Err(Failure::Handshake));
+        assert_eq!(s.held(), 0);
     }
 
     #[test]

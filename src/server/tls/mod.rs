@@ -13,7 +13,7 @@
 mod cert_time;
 mod conn;
 
-pub use conn::{CIPHERTEXT_LIMIT, Failure, PLAIN_HTTP_ANSWER, Received, TlsConn};
+pub use conn::{CIPHERTEXT_LIMIT, Failure, PLAIN_HTTP_ANSWER, TlsConn, Wire};
 
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;

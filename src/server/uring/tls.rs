@@ -1,8 +1,8 @@
 //! TLS on the io_uring backend. A receive's ciphertext is copied into the
 //! connection's [`TlsState`] and decrypted for the core; a flush encrypts
 //! the queue's front (many small frames to a record) into the state's
-//! `wire` buffer, at most [`CIPHERTEXT_LIMIT`] at a time, and sends it with
-//! one `IORING_OP_SEND`.
+//! `wire` buffer ([`Wire`]), at most [`CIPHERTEXT_LIMIT`] at a time, and
+//! sends it with one `IORING_OP_SEND`.
 //!
 //! Ownership: `wire` is the kernel's from the send's push until its
 //! completion: while `wire_in_flight`, nothing writes, grows or frees it,
@@ -13,7 +13,7 @@
 use super::Worker;
 use super::send::push_single_send;
 use crate::proto::outbound::MAX_IOVECS;
-use crate::server::tls::{CIPHERTEXT_LIMIT, Failure, PLAIN_HTTP_ANSWER, Received, TlsConn};
+use crate::server::tls::{CIPHERTEXT_LIMIT, Failure, PLAIN_HTTP_ANSWER, TlsConn, Wire};
 use crate::server::worker::Input;
 use std::io::IoSlice;
 use tracing::warn;
@@ -24,14 +24,14 @@ const PLAIN_CHUNK: usize = 16 * 1024;
 /// One TLS connection's session and the buffers the ring needs around it.
 pub(super) struct TlsState {
     conn: TlsConn,
-    /// Ciphertext received that rustls has not taken yet (received while
-    /// reading was paused); empty, and unallocated, otherwise.
+    /// Ciphertext received that the session has not taken yet (received
+    /// while reading was paused, or past this turn's handshake steps);
+    /// empty, and unallocated, otherwise.
     cipher_in: Vec<u8>,
-    /// Ciphertext being sent: `wire[sent..]` goes in the send in flight (or
-    /// the next); freed by the first flush with nothing to send, so an idle
-    /// connection holds none.
-    wire: Vec<u8>,
-    sent: usize,
+    /// Ciphertext being sent: its pending bytes go in the send in flight
+    /// (or the next); freed by the first flush with nothing to send, so an
+    /// idle connection holds none.
+    wire: Wire,
     /// A send of `wire` is in flight (see the module's ownership rule).
     wire_in_flight: bool,
     /// The session failed: the queue holds plain last words, sent as they are.
@@ -62,8 +62,7 @@ impl Worker {
                 let state = TlsState {
                     conn,
                     cipher_in: Vec::new(),
-                    wire: Vec::new(),
-                    sent: 0,
+                    wire: Wire::default(),
                     wire_in_flight: false,
                     failed: false,
                     charged: 0,
@@ -118,6 +117,10 @@ impl Worker {
                 }
                 continue;
             }
+            if st.conn.peer_closed() {
+                self.core.eof(key);
+                break;
+            }
             if st.cipher_in.is_empty() {
                 break;
             }
@@ -131,27 +134,15 @@ impl Worker {
                 }
                 self.tls_steps -= 1;
             }
-            let mut src = &st.cipher_in[..];
-            let received = st.conn.receive(&mut src);
-            let taken = st.cipher_in.len() - src.len();
-            st.cipher_in.drain(..taken);
-            match received {
-                Received::Bytes(_) => {
+            let mut data = std::mem::take(&mut st.cipher_in);
+            match st.conn.receive(&mut data) {
+                Ok(()) => {
                     if let Some(resumed) = st.conn.just_established() {
                         self.core.stats().tls_handshake(resumed);
                     }
                 }
-                Received::Closed => {
-                    self.core.eof(key);
-                    break;
-                }
-                Received::Later => break,
-                Received::Failed(why) => {
+                Err(why) => {
                     failure = Some(Some(why));
-                    break;
-                }
-                Received::Error(_) => {
-                    failure = Some(None);
                     break;
                 }
             }
@@ -167,11 +158,9 @@ impl Worker {
                     last_words.extend_from_slice(PLAIN_HTTP_ANSWER);
                 } else {
                     // The alert rustls queued.
-                    while st.conn.wants_write() {
-                        if st.conn.write_to(&mut last_words).map_or(true, |n| n == 0) {
-                            break;
-                        }
-                    }
+                    let mut alert = Wire::default();
+                    st.conn.take_pending(&mut alert);
+                    last_words.extend_from_slice(alert.pending());
                 }
             }
             st.failed = true;
@@ -201,22 +190,13 @@ impl Worker {
         let Some(st) = self.tls.get_mut(&key) else {
             return;
         };
-        if st.sent >= st.wire.len() {
-            st.wire.clear();
-            st.sent = 0;
+        if st.wire.is_empty() {
             let out = conn.out_mut();
-            loop {
-                while st.conn.wants_write() {
-                    if st.conn.write_to(&mut st.wire).map_or(true, |n| n == 0) {
-                        break;
-                    }
-                }
-                if st.wire.len() >= CIPHERTEXT_LIMIT || out.is_empty() || !st.conn.can_encrypt() {
-                    break;
-                }
+            st.conn.take_pending(&mut st.wire);
+            while st.wire.len() < CIPHERTEXT_LIMIT && !out.is_empty() && st.conn.can_encrypt() {
                 let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
                 let n = out.gather(&mut iov);
-                let took = st.conn.encrypt(&iov[..n]);
+                let took = st.conn.encrypt(&iov[..n], &mut st.wire, CIPHERTEXT_LIMIT);
                 if took == 0 {
                     break;
                 }
@@ -224,12 +204,12 @@ impl Worker {
             }
         }
         if st.wire.is_empty() {
-            st.wire = Vec::new();
+            st.wire.free();
             self.recharge_tls(key);
             self.after_flush(key, 0);
             return;
         }
-        let rest = &st.wire[st.sent..];
+        let rest = st.wire.pending();
         let (ptr, len) = (rest.as_ptr(), rest.len());
         st.wire_in_flight = true;
         // SAFETY: the buffer is `wire`, which nothing writes, grows or frees
@@ -256,13 +236,9 @@ impl Worker {
             return None;
         }
         st.wire_in_flight = false;
-        st.sent += res.max(0) as usize;
-        if st.sent >= st.wire.len() {
-            // Kept allocated for the next flush while the connection is
-            // busy; freed by a flush that finds nothing to send.
-            st.wire.clear();
-            st.sent = 0;
-        }
+        // Kept allocated for the next flush while the connection is busy;
+        // freed by a flush that finds nothing to send.
+        st.wire.consume(res.max(0) as usize);
         Some(st.wire.is_empty() && !st.conn.wants_write())
     }
 
@@ -278,19 +254,19 @@ impl Worker {
         if let Some(st) = self.tls.get_mut(&key)
             && !st.wire_in_flight
         {
-            st.wire = Vec::new();
-            st.sent = 0;
+            st.wire.free();
         }
         self.recharge_tls(key);
     }
 
-    /// Charges `key`'s buffers (`wire` and `cipher_in`, by capacity) to
+    /// Charges `key`'s buffers (`wire`, `cipher_in` and the session's, by
+    /// capacity) to
     /// the worker's budget; over it, the connection is failed (1013).
     fn recharge_tls(&mut self, key: usize) {
         let Some(st) = self.tls.get_mut(&key) else {
             return;
         };
-        let now = st.wire.capacity() + st.cipher_in.capacity();
+        let now = st.wire.capacity() + st.cipher_in.capacity() + st.conn.held();
         let was = std::mem::replace(&mut st.charged, now);
         self.core.charge_wire(key, was, now);
     }
