@@ -51,6 +51,30 @@ fn a_wss_client_upgrades_and_echoes_text_and_binary_of_every_size() {
 }
 
 #[test]
+fn a_closed_wss_connection_ends_with_close_notify_before_the_fin() {
+    let cert = test_cert();
+    let server = tls_server(&cert, |_| {});
+    let config = client_config(&cert);
+    let mut ws = wss_connect(server.local_addr(), "/echo", &config);
+    ws.send(Message::text("bye")).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::text("bye"));
+    ws.close(None).unwrap();
+    loop {
+        match ws.read() {
+            Ok(_) => {}
+            Err(tungstenite::Error::ConnectionClosed) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    // rustls reports a FIN without close_notify as `UnexpectedEof` (a
+    // truncation attack looks the same).
+    let mut rest = Vec::new();
+    let end = ws.get_mut().read_to_end(&mut rest);
+    assert!(end.is_ok(), "the stream ends with close_notify: {end:?}");
+    assert!(rest.is_empty());
+}
+
+#[test]
 fn a_publication_over_https_reaches_every_wss_subscriber_in_order() {
     let cert = test_cert();
     let server = tls_server(&cert, |_| {});

@@ -66,6 +66,9 @@ pub(super) struct Worker {
     /// The worker's ciphertext read buffer (allocated at the first TLS
     /// read).
     cipher: Box<[u8]>,
+    /// The worker's ciphertext write buffer: records are sealed here and
+    /// written at once (`tls::Worker::flush_tls`).
+    tls_out: super::tls::Wire,
     /// TLS handshake steps left this turn ([`HANDSHAKE_STEPS_PER_TURN`]).
     tls_steps: u32,
 }
@@ -91,6 +94,7 @@ impl Worker {
             accept_retry_at: None,
             tls: HashMap::new(),
             cipher: Box::default(),
+            tls_out: super::tls::Wire::default(),
             tls_steps: HANDSHAKE_STEPS_PER_TURN,
         })
     }

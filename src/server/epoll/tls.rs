@@ -1,8 +1,9 @@
 //! TLS on the epoll backend. A read's ciphertext goes through the
 //! connection's [`TlsConn`] (decrypted in place in the worker's cipher
 //! buffer) to the core; the core's queue (plaintext, frames shared by every
-//! subscriber) is encrypted into the session's [`Wire`], at most
-//! [`CIPHERTEXT_LIMIT`] at a time, and written from there.
+//! subscriber) is encrypted into the worker's [`Wire`], at most
+//! [`CIPHERTEXT_LIMIT`] at a time, and written from there; what the socket
+//! does not take waits in the session's own.
 
 use super::{MAX_READS_PER_TURN, Worker, remove};
 use crate::proto::outbound::MAX_IOVECS;
@@ -169,40 +170,62 @@ impl Worker {
             return;
         };
         let core = &mut self.core;
+        // Records are sealed into the worker's buffer (hot in the cache,
+        // one for every connection) and written from there; only what the
+        // socket does not take moves to the connection's own `wire`.
+        let scratch = &mut self.tls_out;
         let (io, out) = core.conn_mut(key).io_and_out();
         let (mut sent, mut failed) = (0, false);
         loop {
-            if s.wire.is_empty() {
-                s.tls.take_pending(&mut s.wire);
-                while s.wire.len() < CIPHERTEXT_LIMIT && !out.is_empty() && s.tls.can_encrypt() {
+            let from_scratch = s.wire.is_empty();
+            if from_scratch {
+                s.tls.take_pending(scratch);
+                while scratch.len() < CIPHERTEXT_LIMIT && !out.is_empty() && s.tls.can_encrypt() {
                     let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
                     let n = out.gather(&mut iov);
-                    let took = s.tls.encrypt(&iov[..n], &mut s.wire, CIPHERTEXT_LIMIT);
+                    let took = s.tls.encrypt(&iov[..n], scratch, CIPHERTEXT_LIMIT);
                     if took == 0 {
                         break;
                     }
                     out.advance(took);
                 }
+                if scratch.is_empty() {
+                    break;
+                }
             }
-            if s.wire.is_empty() {
-                break;
-            }
-            match io.write(s.wire.pending()) {
+            let wire = if from_scratch {
+                &mut *scratch
+            } else {
+                &mut s.wire
+            };
+            let blocked = match io.write(wire.pending()) {
                 Ok(0) => {
                     failed = true;
                     break;
                 }
                 Ok(n) => {
                     sent += n;
-                    s.wire.consume(n);
+                    wire.consume(n);
+                    false
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => false,
                 Err(_) => {
                     failed = true;
                     break;
                 }
+            };
+            if from_scratch && !scratch.is_empty() {
+                s.wire.extend(scratch.pending());
+                scratch.consume(scratch.len());
             }
+            if blocked {
+                break;
+            }
+        }
+        if failed {
+            // Nothing of this connection stays in the worker's buffer.
+            scratch.consume(scratch.len());
         }
         core.stats().bytes_sent(sent);
         if failed {

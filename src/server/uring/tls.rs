@@ -9,12 +9,15 @@
 //! and the state (boxed, in `Worker::tls`) is dropped only when the
 //! connection's entry is freed, which waits for every operation on it
 //! (`free_if_done`); the exit leaks the map if operations remain.
+//!
+//! A closing connection's last send carries its `close_notify` after the
+//! queue's last bytes; the shutdown (FIN) follows that send's completion.
 
 use super::Worker;
 use super::send::push_single_send;
 use crate::proto::outbound::MAX_IOVECS;
 use crate::server::tls::{CIPHERTEXT_LIMIT, Failure, PLAIN_HTTP_ANSWER, TlsConn, Wire};
-use crate::server::worker::Input;
+use crate::server::worker::{Input, IoState};
 use std::io::IoSlice;
 use tracing::warn;
 
@@ -36,6 +39,9 @@ pub(super) struct TlsState {
     wire_in_flight: bool,
     /// The session failed: the queue holds plain last words, sent as they are.
     failed: bool,
+    /// Our `close_notify` is queued (after the last of a closing
+    /// connection's queue, before its FIN).
+    close_sent: bool,
     /// What is charged to the worker's budget for `wire` and `cipher_in`.
     charged: usize,
 }
@@ -65,6 +71,7 @@ impl Worker {
                     wire: Wire::default(),
                     wire_in_flight: false,
                     failed: false,
+                    close_sent: false,
                     charged: 0,
                 };
                 self.tls.insert(key, Box::new(state));
@@ -191,6 +198,7 @@ impl Worker {
             return;
         };
         if st.wire.is_empty() {
+            let closing = conn.state() == IoState::Closing;
             let out = conn.out_mut();
             st.conn.take_pending(&mut st.wire);
             while st.wire.len() < CIPHERTEXT_LIMIT && !out.is_empty() && st.conn.can_encrypt() {
@@ -201,6 +209,13 @@ impl Worker {
                     break;
                 }
                 out.advance(took);
+            }
+            if closing && out.is_empty() && !st.close_sent && st.conn.can_encrypt() {
+                // The queue's last bytes (the WebSocket close) are in this
+                // send: `close_notify` goes after them, the FIN after it.
+                st.close_sent = true;
+                st.conn.close();
+                st.conn.take_pending(&mut st.wire);
             }
         }
         if st.wire.is_empty() {
