@@ -38,6 +38,13 @@ pub enum Command {
 /// `K`, `M`, `G`), durations a unit (`ms`, `s`, `m`).
 #[derive(Debug, Args)]
 pub struct ServeArgs {
+    /// A TOML file of settings: each key a flag's long name without `--`
+    /// (`max-connections = 500000`; a repeatable flag takes a list, a
+    /// switch `true`/`false`). Flags given here win over the file; SIGHUP
+    /// reads it again (see README "Configuration file").
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// Address to listen on; every worker binds it with SO_REUSEPORT.
     #[arg(long, default_value = "0.0.0.0:9001", value_name = "ADDR")]
     pub listen: SocketAddr,

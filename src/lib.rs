@@ -9,6 +9,7 @@
 //! - [`cli`]: the `corecast` command's flags.
 
 pub mod cli;
+pub mod config_file;
 pub mod proto;
 pub mod pubsub;
 pub mod server;

@@ -1,11 +1,13 @@
-//! The `corecast` binary: parses flags, starts the server, turns SIGHUP
-//! into a reload and SIGINT/SIGTERM into a graceful shutdown (a second
-//! signal exits at once).
+//! The `corecast` binary: parses flags (and the configuration file
+//! `--config` names), starts the server, turns SIGHUP into a reload and
+//! SIGINT/SIGTERM into a graceful shutdown (a second signal exits at
+//! once).
 
-use clap::Parser;
 use corecast::cli::{Cli, Command};
+use corecast::config_file::{self, ConfigFile};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
+use std::ffi::OsString;
 use std::process::ExitCode;
 use tracing::{error, info, warn};
 
@@ -18,13 +20,21 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let (cli, file) = match config_file::parse(&argv) {
+        Ok(parsed) => parsed,
+        Err(e) => e.exit(),
+    };
     match cli.command {
-        Command::Serve(args) => serve(args.to_config()),
+        Command::Serve(args) => serve(args.to_config(), &argv, file),
     }
 }
 
-fn serve(config: corecast::server::Config) -> ExitCode {
+fn serve(
+    config: corecast::server::Config,
+    argv: &[OsString],
+    mut file: Option<ConfigFile>,
+) -> ExitCode {
     // Install the handlers before the workers start, so an early signal is not
     // met by the default action (immediate termination).
     let mut signals = match Signals::new([SIGINT, SIGTERM, SIGHUP]) {
@@ -34,6 +44,7 @@ fn serve(config: corecast::server::Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let tls_running = config.tls.is_some();
     let server = match corecast::server::start(config) {
         Ok(s) => s,
         Err(e) => {
@@ -41,13 +52,19 @@ fn serve(config: corecast::server::Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // SIGHUP reloads (the certificate and key); the first other signal
-    // shuts down.
+    // SIGHUP reloads (the configuration file, the certificate and key); the
+    // first other signal shuts down.
     let signal = signals.forever().find(|&s| {
         if s != SIGHUP {
             return true;
         }
-        match server.reload() {
+        let result = match &file {
+            None => server.reload(),
+            Some(current) => reload_file(&server, argv, current, tls_running).map(|new| {
+                file = Some(new);
+            }),
+        };
+        match result {
             Ok(()) => info!("reloaded"),
             Err(e) => error!(error = %e, "reload failed; the old configuration stays"),
         }
@@ -67,4 +84,41 @@ fn serve(config: corecast::server::Config) -> ExitCode {
     handle.close();
     info!("stopped");
     ExitCode::SUCCESS
+}
+
+/// Reads the configuration file again and applies what a reload can (the
+/// TLS settings: new handshakes use them), all or nothing; every other
+/// change is logged as waiting for a restart. Returns the file now in
+/// force.
+fn reload_file(
+    server: &corecast::server::ServerHandle,
+    argv: &[OsString],
+    current: &ConfigFile,
+    tls_running: bool,
+) -> Result<ConfigFile, String> {
+    let parsed = ConfigFile::read(current.path()).and_then(|new| {
+        let cli: Cli = config_file::parse_with(argv, &new).map_err(|e| e.to_string())?;
+        Ok((new, cli))
+    });
+    let (new, cli) = match parsed {
+        Ok(p) => p,
+        Err(e) => return Err(server.reload_failed(e)),
+    };
+    let Command::Serve(args) = cli.command;
+    let config = args.to_config();
+    let mut changes = current.changes(&new);
+    if config.tls.is_some() != tls_running {
+        // Turning TLS on or off changes what the listener speaks.
+        changes.need_restart.append(&mut changes.applied);
+        server.reload()?;
+    } else {
+        server.reload_with(config.tls)?;
+    }
+    for key in &changes.applied {
+        info!(setting = %key, "applied from the configuration file");
+    }
+    for key in &changes.need_restart {
+        warn!(setting = %key, file = %new.path().display(), "changed in the configuration file: takes effect at the next restart");
+    }
+    Ok(new)
 }

@@ -108,11 +108,16 @@ impl Shared {
     /// without a restart is read again, all or nothing; today that is the
     /// TLS certificate and key. New connections use what was loaded, open
     /// ones keep what they started with; a failure keeps the old state.
-    pub(crate) fn reload(&self) -> Result<(), String> {
+    pub(crate) fn reload(&self, tls: Option<tls::TlsSettings>) -> Result<(), String> {
         let result = match &self.tls {
-            Some(certs) => certs.reload(),
+            Some(certs) => certs.reload(tls),
             None => Ok(()),
         };
+        self.count_reload(result)
+    }
+
+    /// Counts a reload's outcome (`corecast_reloads_total{result}`).
+    pub(crate) fn count_reload(&self, result: Result<(), String>) -> Result<(), String> {
         let i = usize::from(result.is_err());
         self.reloads[i].fetch_add(1, Ordering::Relaxed);
         result
@@ -476,7 +481,20 @@ impl ServerHandle {
     /// README): all or nothing; on failure the old state stays and the
     /// error says why.
     pub fn reload(&self) -> Result<(), String> {
-        self.shared.reload()
+        self.shared.reload(None)
+    }
+
+    /// [`Self::reload`] with new TLS settings (paths and minimum version,
+    /// from a re-read configuration file): all or nothing.
+    pub fn reload_with(&self, tls: Option<tls::TlsSettings>) -> Result<(), String> {
+        self.shared.reload(tls)
+    }
+
+    /// Counts a reload that failed before reaching the server (a
+    /// configuration file that no longer parses); returns `why`.
+    pub fn reload_failed(&self, why: String) -> String {
+        let _ = self.shared.count_reload(Err(why.clone()));
+        why
     }
 
     /// The I/O backend the workers run.

@@ -160,7 +160,7 @@ fn read_pem(path: &Path, what: &str) -> Result<Vec<u8>, String> {
 /// The configuration new connections get, replaced whole by a reload;
 /// connections already open keep the one they started with.
 pub struct Certs {
-    settings: TlsSettings,
+    settings: std::sync::Mutex<TlsSettings>,
     resumption: Resumption,
     current: RwLock<Arc<ServerConfig>>,
     not_after: std::sync::atomic::AtomicI64,
@@ -169,7 +169,7 @@ pub struct Certs {
 impl Certs {
     pub fn new(settings: TlsSettings, resumption: Resumption, loaded: Loaded) -> Self {
         Self {
-            settings,
+            settings: std::sync::Mutex::new(settings),
             resumption,
             current: RwLock::new(loaded.config),
             not_after: loaded.not_after.unwrap_or(0).into(),
@@ -186,10 +186,15 @@ impl Certs {
         self.not_after.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Reads the files again; on success new connections use them, on
-    /// failure the old pair stays and the error says why.
-    pub fn reload(&self) -> Result<(), String> {
-        let loaded = load(&self.settings, &self.resumption)?;
+    /// Reads the files again (or, with `new`, the files and version it
+    /// names); on success new connections use them, on failure the old
+    /// pair and settings stay and the error says why.
+    pub fn reload(&self, new: Option<TlsSettings>) -> Result<(), String> {
+        let mut settings = self.settings.lock().unwrap_or_else(|e| e.into_inner());
+        let loaded = load(new.as_ref().unwrap_or(&settings), &self.resumption)?;
+        if let Some(new) = new {
+            *settings = new;
+        }
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = loaded.config;
         self.not_after.store(
             loaded.not_after.unwrap_or(0),

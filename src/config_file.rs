@@ -1,0 +1,558 @@
+//! The configuration file (`corecast serve --config FILE`): a TOML file
+//! whose keys are the long names of `serve`'s flags, read into the same
+//! arguments the command line gives, so every setting has one parser, one
+//! default and one meaning whichever way it arrives.
+//!
+//! ```toml
+//! listen = "0.0.0.0:443"
+//! max-connections = 500000
+//! subprotocol = ["chat", "superchat"]   # a repeatable flag: a list
+//! no-pin = true                         # a switch: true or false
+//! tls-cert = "/etc/corecast/cert.pem"
+//! tls-key = "/etc/corecast/key.pem"
+//! ```
+//!
+//! Precedence: a flag on the command line, then the file, then the
+//! environment (`CORECAST_PUBLISH_TOKEN`), then the default. A key the
+//! command line also sets is ignored whole (a list is replaced, not
+//! extended), as is one that conflicts with a flag given (`pin` in the
+//! file, `--no-pin` on the command line).
+//!
+//! Every key is checked before the server starts: an unknown key, a value
+//! of the wrong type or one the flag's own parser refuses fails with the
+//! file, the line and the reason. The file is read again on `SIGHUP`
+//! ([`Changes`]): the TLS settings (certificate, key, minimum version)
+//! take effect with the reload, every other change is reported as waiting
+//! for a restart.
+
+use crate::cli::Cli;
+use clap::{ArgAction, CommandFactory};
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use toml::de::{DeTable, DeValue};
+
+/// Largest configuration file read: a wrong path (a log, a disk image)
+/// fails at once instead of being read whole.
+const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
+/// The keys a reload applies; every other change waits for a restart.
+const RELOADABLE: [&str; 3] = ["tls-cert", "tls-key", "tls-min-version"];
+
+/// One setting of the file: its key, its line and the arguments it stands
+/// for (`--key=value`, once per list element; a switch is `--key` or
+/// nothing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Setting {
+    key: String,
+    line: usize,
+    args: Vec<String>,
+}
+
+/// A configuration file, read and checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigFile {
+    path: PathBuf,
+    settings: Vec<Setting>,
+}
+
+/// What changed between two readings of the file.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Keys the reload applies (the certificate and key paths).
+    pub applied: Vec<String>,
+    /// Keys whose change waits for a restart.
+    pub need_restart: Vec<String>,
+}
+
+/// The `--config` path on a command line (`--config PATH` or
+/// `--config=PATH`, after the subcommand), if any.
+fn config_path(argv: &[OsString]) -> Option<PathBuf> {
+    let mut args = argv.iter().skip(2);
+    while let Some(a) = args.next() {
+        let a = a.to_string_lossy();
+        if a == "--" {
+            return None;
+        }
+        if a == "--config" {
+            return args.next().map(PathBuf::from);
+        }
+        if let Some(p) = a.strip_prefix("--config=") {
+            return Some(PathBuf::from(p));
+        }
+    }
+    None
+}
+
+/// Parses a command line whose `serve` may name a configuration file:
+/// the file's settings come first, then the command line's, which win.
+/// Returns the parsed command line and the file it read.
+pub fn parse(argv: &[OsString]) -> Result<(Cli, Option<ConfigFile>), clap::Error> {
+    let mut cmd = Cli::command();
+    let is_serve = argv.get(1).is_some_and(|a| a == "serve");
+    let file = match config_path(argv).filter(|_| is_serve) {
+        Some(path) => Some(
+            ConfigFile::read(&path)
+                .map_err(|e| cmd.error(clap::error::ErrorKind::ValueValidation, e))?,
+        ),
+        None => None,
+    };
+    let merged = match &file {
+        Some(file) => file.merge(argv),
+        None => argv.to_vec(),
+    };
+    let matches = cmd
+        .try_get_matches_from_mut(merged)
+        .map_err(|e| match &file {
+            Some(file) => blame(e, file),
+            None => e,
+        })?;
+    let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches)?;
+    Ok((cli, file))
+}
+
+/// A command line that fails only with `file`'s settings beside it (a
+/// setting that needs another) says so.
+fn blame(e: clap::Error, file: &ConfigFile) -> clap::Error {
+    use clap::error::ErrorKind::*;
+    let kind = e.kind();
+    if matches!(
+        kind,
+        DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        return e;
+    }
+    let text = e.to_string();
+    let text = text.split("\n\nUsage:").next().unwrap_or(&text);
+    let text = text.strip_prefix("error: ").unwrap_or(text);
+    Cli::command().error(
+        kind,
+        format!("{} with the command line: {text}", file.path.display()),
+    )
+}
+
+/// Parses `argv` with `file` (read again for a reload) in place of the
+/// file its `--config` names.
+pub fn parse_with(argv: &[OsString], file: &ConfigFile) -> Result<Cli, clap::Error> {
+    let matches = Cli::command().try_get_matches_from(file.merge(argv))?;
+    <Cli as clap::FromArgMatches>::from_arg_matches(&matches)
+}
+
+/// The file's lines are counted from 1.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+impl ConfigFile {
+    /// Reads and checks `path`: TOML, known keys, values of the right type
+    /// that the flags' own parsers accept one by one.
+    pub fn read(path: &Path) -> Result<Self, String> {
+        let shown = path.display();
+        let meta = std::fs::metadata(path).map_err(|e| format!("{shown}: {e}"))?;
+        if meta.len() > MAX_FILE_BYTES {
+            return Err(format!(
+                "{shown}: {} bytes, more than a configuration file may hold ({MAX_FILE_BYTES})",
+                meta.len()
+            ));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{shown}: {e}"))?;
+        let settings = Self::settings(&text).map_err(|(line, why)| match line {
+            Some(line) => format!("{shown}:{line}: {why}"),
+            None => format!("{shown}: {why}"),
+        })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            settings,
+        })
+    }
+
+    /// The path the file was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The settings of a file's text, each checked alone against `serve`.
+    fn settings(text: &str) -> Result<Vec<Setting>, (Option<usize>, String)> {
+        let table = DeTable::parse(text).map_err(|e| {
+            let line = e.span().map(|s| line_of(text, s.start));
+            (line, format!("not valid TOML: {}", e.message()))
+        })?;
+        let mut cmd = Cli::command();
+        let serve = cmd
+            .find_subcommand_mut("serve")
+            .expect("the serve subcommand")
+            .clone();
+        let mut settings = Vec::new();
+        for (key, value) in table.get_ref().iter() {
+            let line = line_of(text, key.span().start);
+            let key = key.get_ref().to_string();
+            let fail = |why: String| (Some(line), format!("`{key}`: {why}"));
+            if key == "config" {
+                return Err(fail("a configuration file cannot name another".into()));
+            }
+            let Some(arg) = serve
+                .get_arguments()
+                .find(|a| a.get_long() == Some(key.as_str()))
+            else {
+                return Err(fail(
+                    "unknown setting (the keys are `corecast serve --help`'s flags without `--`)"
+                        .into(),
+                ));
+            };
+            let switch = matches!(arg.get_action(), ArgAction::SetTrue | ArgAction::SetFalse);
+            let list = matches!(arg.get_action(), ArgAction::Append);
+            let args = match value.get_ref() {
+                DeValue::Boolean(on) if switch => {
+                    if *on {
+                        vec![format!("--{key}")]
+                    } else {
+                        Vec::new()
+                    }
+                }
+                _ if switch => return Err(fail("a switch: `true` or `false`".into())),
+                DeValue::Array(items) if list => {
+                    let mut args = Vec::new();
+                    for item in items {
+                        args.push(format!(
+                            "--{key}={}",
+                            scalar(item.get_ref()).map_err(&fail)?
+                        ));
+                    }
+                    args
+                }
+                DeValue::Array(_) => {
+                    return Err(fail("takes one value, not a list".into()));
+                }
+                other => vec![format!("--{key}={}", scalar(other).map_err(&fail)?)],
+            };
+            // The flag's own parser and rules, for this setting alone.
+            let alone = ["corecast".to_string(), "serve".to_string()]
+                .into_iter()
+                .chain(args.iter().cloned())
+                .chain(companions(&key));
+            if let Err(e) = cmd.try_get_matches_from_mut(alone) {
+                return Err(fail(first_line(&e.to_string())));
+            }
+            settings.push(Setting { key, line, args });
+        }
+        Ok(settings)
+    }
+
+    /// `argv` with the file's settings inserted after `serve`, less those
+    /// the command line sets itself (or conflicts with).
+    fn merge(&self, argv: &[OsString]) -> Vec<OsString> {
+        let cmd = Cli::command();
+        let serve = cmd.find_subcommand("serve").expect("the serve subcommand");
+        let given: Vec<String> = argv
+            .iter()
+            .skip(2)
+            .filter_map(|a| {
+                let a = a.to_string_lossy();
+                let long = a.strip_prefix("--")?;
+                Some(long.split('=').next().unwrap_or(long).to_string())
+            })
+            .collect();
+        let overridden = |key: &str| {
+            let Some(arg) = serve.get_arguments().find(|a| a.get_long() == Some(key)) else {
+                return false;
+            };
+            given.iter().any(|g| {
+                g == key
+                    || serve
+                        .get_arg_conflicts_with(arg)
+                        .iter()
+                        .any(|c| c.get_long() == Some(g.as_str()))
+            })
+        };
+        let mut out: Vec<OsString> = argv.iter().take(2).cloned().collect();
+        for s in &self.settings {
+            if !overridden(&s.key) {
+                out.extend(s.args.iter().map(OsString::from));
+            }
+        }
+        out.extend(argv.iter().skip(2).cloned());
+        out
+    }
+
+    /// The keys whose arguments differ between `self` (the running
+    /// configuration's file) and `new`, sorted: what a reload applies and
+    /// what waits for a restart.
+    pub fn changes(&self, new: &ConfigFile) -> Changes {
+        let map = |f: &ConfigFile| -> BTreeMap<String, Vec<String>> {
+            f.settings
+                .iter()
+                .map(|s| (s.key.clone(), s.args.clone()))
+                .collect()
+        };
+        let (old, new) = (map(self), map(new));
+        let mut changes = Changes::default();
+        let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+        for key in keys {
+            if old.get(key) != new.get(key) {
+                if RELOADABLE.contains(&key.as_str()) {
+                    changes.applied.push(key.clone());
+                } else {
+                    changes.need_restart.push(key.clone());
+                }
+            }
+        }
+        changes
+    }
+}
+
+/// The flags a setting needs beside it to be checked alone (`tls-cert`
+/// and `tls-key` come as a pair; `plain-listen` needs both).
+fn companions(key: &str) -> Vec<String> {
+    let pair = || vec!["--tls-cert=x".to_string(), "--tls-key=x".to_string()];
+    match key {
+        "tls-cert" => vec!["--tls-key=x".into()],
+        "tls-key" => vec!["--tls-cert=x".into()],
+        "plain-listen" => pair(),
+        _ => Vec::new(),
+    }
+}
+
+/// A scalar as the text a flag would be given.
+fn scalar(value: &DeValue<'_>) -> Result<String, String> {
+    match value {
+        DeValue::String(s) => Ok(s.to_string()),
+        DeValue::Integer(i) => i64::from_str_radix(&i.as_str().replace('_', ""), i.radix())
+            .map(|n| n.to_string())
+            .map_err(|_| format!("integer {} out of range", i.as_str())),
+        DeValue::Float(f) => Ok(f.as_str().to_string()),
+        DeValue::Boolean(b) => Ok(b.to_string()),
+        DeValue::Datetime(_) => Err("a date is not a value any setting takes".into()),
+        DeValue::Array(_) => Err("a list inside a list".into()),
+        DeValue::Table(_) => Err("a table is not a setting's value".into()),
+    }
+}
+
+/// The first line of a clap error, without its `error: ` prefix.
+fn first_line(message: &str) -> String {
+    let line = message.lines().next().unwrap_or(message);
+    line.strip_prefix("error: ").unwrap_or(line).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::Command;
+    use std::io::Write;
+
+    fn file(text: &str) -> (tempdir::Dir, PathBuf) {
+        let dir = tempdir::Dir::new();
+        let path = dir.0.join("corecast.toml");
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        (dir, path)
+    }
+
+    /// A directory removed at drop.
+    mod tempdir {
+        use std::path::PathBuf;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        pub struct Dir(pub PathBuf);
+
+        impl Dir {
+            pub fn new() -> Self {
+                static N: AtomicUsize = AtomicUsize::new(0);
+                let p = std::env::temp_dir().join(format!(
+                    "corecast-config-test-{}-{}",
+                    std::process::id(),
+                    N.fetch_add(1, Ordering::Relaxed)
+                ));
+                std::fs::create_dir_all(&p).unwrap();
+                Dir(p)
+            }
+        }
+
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    fn argv(args: &[&str]) -> Vec<OsString> {
+        args.iter().map(OsString::from).collect()
+    }
+
+    fn serve(argv: &[OsString]) -> Result<crate::server::Config, String> {
+        let (cli, _) = parse(argv).map_err(|e| e.to_string())?;
+        let Command::Serve(args) = cli.command;
+        Ok(args.to_config())
+    }
+
+    #[test]
+    fn the_file_sets_what_the_command_line_does_not() {
+        let (_d, path) = file(
+            "listen = \"127.0.0.1:9300\"\nmax-connections = 1_000\nsubprotocol = [\"a\", \"b\"]\nno-pin = true\nping-interval = \"5s\"\n",
+        );
+        let p = path.to_str().unwrap();
+        let c = serve(&argv(&["corecast", "serve", "--config", p])).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:9300".parse().unwrap());
+        assert_eq!(c.max_connections, 1000);
+        assert_eq!(c.subprotocols, ["a", "b"]);
+        assert_eq!(c.pin, crate::server::config::PinMode::Never);
+        assert_eq!(c.ping_interval, Some(std::time::Duration::from_secs(5)));
+        // The command line wins, a list is replaced, a conflict is dropped.
+        let c = serve(&argv(&[
+            "corecast",
+            "serve",
+            "--max-connections=7",
+            "--config",
+            p,
+            "--subprotocol",
+            "c",
+            "--pin",
+            "always",
+        ]))
+        .unwrap();
+        assert_eq!(c.max_connections, 7);
+        assert_eq!(c.subprotocols, ["c"]);
+        assert_eq!(c.pin, crate::server::config::PinMode::Always);
+        assert_eq!(c.listen, "127.0.0.1:9300".parse().unwrap());
+    }
+
+    #[test]
+    fn a_false_switch_and_an_empty_file_change_nothing() {
+        let (_d, path) = file("no-pin = false\n");
+        let c = serve(&argv(&[
+            "corecast",
+            "serve",
+            "--config",
+            path.to_str().unwrap(),
+        ]))
+        .unwrap();
+        assert_eq!(c.pin, crate::server::config::Config::default().pin);
+        let (_d, path) = file("# nothing\n");
+        let c = serve(&argv(&[
+            "corecast",
+            "serve",
+            "--config",
+            path.to_str().unwrap(),
+        ]))
+        .unwrap();
+        assert_eq!(
+            c.max_connections,
+            crate::server::config::Config::default().max_connections
+        );
+    }
+
+    /// Each bad file fails with the file, the line and the reason.
+    #[test]
+    fn bad_settings_name_the_file_line_and_reason() {
+        let cases: &[(&str, usize, &str)] = &[
+            (
+                "listen = \"127.0.0.1:1\"\nmax-conections = 5\n",
+                2,
+                "unknown setting",
+            ),
+            (
+                "\n\nmax-message-size = \"12 parsecs\"\n",
+                3,
+                "max-message-size",
+            ),
+            ("workers = \"many\"\n", 1, "workers"),
+            ("no-pin = 1\n", 1, "a switch"),
+            ("listen = [\"a\", \"b\"]\n", 1, "not a list"),
+            ("subprotocol = [[\"a\"]]\n", 1, "a list inside a list"),
+            ("[namespace.prices]\nhistory = 5\n", 1, "unknown setting"),
+            ("config = \"other.toml\"\n", 1, "cannot name another"),
+            ("ipv6-prefix-len = 129\n", 1, "ipv6-prefix-len"),
+            (
+                "max-connections = 5\nmax-connections = 6\n",
+                2,
+                "not valid TOML",
+            ),
+            ("listen = \n", 1, "not valid TOML"),
+            ("plain-listen = \"nonsense\"\n", 1, "plain-listen"),
+            ("tls-min-version = \"1.1\"\n", 1, "tls-min-version"),
+            ("workers = 99999999999999999999\n", 1, "workers"),
+        ];
+        for &(text, line, why) in cases {
+            let (_d, path) = file(text);
+            let err = ConfigFile::read(&path).unwrap_err();
+            let want = format!("{}:{line}: ", path.display());
+            assert!(err.starts_with(&want), "{text:?}: {err}");
+            assert!(err.contains(why), "{text:?}: {err}");
+            // And the command line fails the same way, before anything starts.
+            let e = serve(&argv(&[
+                "corecast",
+                "serve",
+                "--config",
+                path.to_str().unwrap(),
+            ]))
+            .unwrap_err();
+            assert!(e.contains(&want), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_setting_that_needs_another_names_the_file() {
+        let (_d, path) = file("plain-listen = \"127.0.0.1:9\"\n");
+        let e = serve(&argv(&[
+            "corecast",
+            "serve",
+            "--config",
+            path.to_str().unwrap(),
+        ]))
+        .unwrap_err();
+        assert!(
+            e.contains(&format!("{} with the command line", path.display())),
+            "{e}"
+        );
+        assert!(e.contains("--tls-cert"), "{e}");
+        // Given on the command line, the pair completes the file.
+        let ok = serve(&argv(&[
+            "corecast",
+            "serve",
+            "--config",
+            path.to_str().unwrap(),
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+        ]))
+        .unwrap();
+        assert_eq!(ok.plain_listen, Some("127.0.0.1:9".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_missing_or_huge_file_is_refused_by_name() {
+        let dir = tempdir::Dir::new();
+        let missing = dir.0.join("nope.toml");
+        let err = ConfigFile::read(&missing).unwrap_err();
+        assert!(err.starts_with(&missing.display().to_string()), "{err}");
+        let huge = dir.0.join("huge.toml");
+        std::fs::write(&huge, vec![b'#'; MAX_FILE_BYTES as usize + 1]).unwrap();
+        let err = ConfigFile::read(&huge).unwrap_err();
+        assert!(
+            err.contains("more than a configuration file may hold"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_reread_file_tells_what_a_reload_applies_and_what_waits() {
+        let (_d, path) = file("tls-cert = \"a.pem\"\ntls-key = \"a.key\"\nworkers = 2\n");
+        let old = ConfigFile::read(&path).unwrap();
+        std::fs::write(
+            &path,
+            "tls-cert = \"b.pem\"\ntls-key = \"a.key\"\nworkers = 3\nmax-connections = 9\n",
+        )
+        .unwrap();
+        let new = ConfigFile::read(&path).unwrap();
+        let c = old.changes(&new);
+        assert_eq!(c.applied, ["tls-cert"]);
+        assert_eq!(c.need_restart, ["max-connections", "workers"]);
+        assert_eq!(new.changes(&new), Changes::default());
+    }
+}

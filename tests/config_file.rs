@@ -1,0 +1,124 @@
+//! `corecast serve --config FILE`, end to end in a child process: the
+//! file's settings in force, a bad file refused at start with its file and
+//! line, and `SIGHUP` reading it again: the TLS paths applied, other
+//! changes logged as waiting for a restart, a broken file keeping the old
+//! configuration (and counted).
+
+mod common;
+
+use common::*;
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use tungstenite::Message;
+
+fn write_config(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::File::create(&tmp)
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn tls_lines(cert: &TestCert) -> String {
+    format!(
+        "tls-cert = {:?}\ntls-key = {:?}\n",
+        cert.cert.display().to_string(),
+        cert.key.display().to_string()
+    )
+}
+
+fn hup(server: &ChildServer) {
+    let status = Command::new("kill")
+        .args(["-HUP", &server.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Waits until `corecast_reloads_total{result}` reaches `n`.
+fn wait_reloads(server: &ChildServer, result: &str, n: u64) {
+    let name = format!("corecast_reloads_total{{result=\"{result}\"}}");
+    let end = Instant::now() + Duration::from_secs(10);
+    while metric(&server.metrics(), &name) < n {
+        assert!(
+            Instant::now() < end,
+            "no reload counted:\n{}",
+            server.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sighup_rereads_the_file_applying_the_tls_pair_and_logging_what_waits_for_a_restart() {
+    let (first, second) = (test_cert(), test_cert());
+    let config = first.dir.join("corecast.toml");
+    write_config(
+        &config,
+        &format!("{}max-message-size = \"1KiB\"\n", tls_lines(&first)),
+    );
+    let server = ChildServer::start(&["--config", config.to_str().unwrap()], None);
+    let addr = server.addr;
+    // The file's settings are in force: TLS with the first pair, and the
+    // message limit (2 000 bytes close 1009).
+    let mut ws = wss_connect(addr, "/echo", &client_config(&first));
+    ws.send(Message::binary(vec![7u8; 2000])).unwrap();
+    match ws.read().unwrap() {
+        Message::Close(Some(f)) => assert_eq!(u16::from(f.code), 1009),
+        other => panic!("{other:?}"),
+    }
+
+    // The second pair and a change that cannot apply live.
+    write_config(
+        &config,
+        &format!("{}max-message-size = \"2KiB\"\n", tls_lines(&second)),
+    );
+    hup(&server);
+    wait_reloads(&server, "ok", 1);
+    let mut ws2 = wss_connect(addr, "/echo", &client_config(&second));
+    ws2.send(Message::text("second pair")).unwrap();
+    assert_eq!(ws2.read().unwrap(), Message::text("second pair"));
+    let log = server.log_text();
+    assert!(
+        log.contains("max-message-size") && log.contains("next restart"),
+        "{log}"
+    );
+
+    // A broken file: nothing applied, counted, the reason names the line.
+    write_config(
+        &config,
+        &format!("{}max-topic-count = 4\n", tls_lines(&first)),
+    );
+    hup(&server);
+    wait_reloads(&server, "failed", 1);
+    let log = server.log_text();
+    assert!(log.contains("corecast.toml:3"), "{log}");
+    let mut ws3 = wss_connect(addr, "/echo", &client_config(&second));
+    ws3.send(Message::text("kept")).unwrap();
+    assert_eq!(ws3.read().unwrap(), Message::text("kept"));
+    assert_eq!(
+        metric(&server.metrics(), "corecast_reloads_total{result=\"ok\"}"),
+        1
+    );
+}
+
+#[test]
+fn a_bad_file_stops_the_start_with_its_file_line_and_reason() {
+    let cert = test_cert();
+    let config = cert.dir.join("bad.toml");
+    write_config(&config, "workers = 1\nmax-message-size = \"lots\"\n");
+    let out = Command::new(env!("CARGO_BIN_EXE_corecast"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}:2:", config.display())) && err.contains("max-message-size"),
+        "{err}"
+    );
+}
