@@ -22,7 +22,7 @@ use super::directory::TopicInterest;
 use bytes::Bytes;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Instant;
 
 /// Bytes queued for one worker above which publishers pause.
@@ -66,6 +66,25 @@ pub struct Bus {
     mailboxes: Box<[Mailbox]>,
     /// See [`Bus::stranded`].
     stranded: Arc<AtomicU64>,
+    /// One order per topic: see [`Bus::hold_order`].
+    order: [Mutex<()>; ORDER_STRIPES],
+}
+
+/// Locks a topic's publications are sent under ([`Bus::hold_order`]); a
+/// topic maps to one by the address of its directory entry.
+const ORDER_STRIPES: usize = 64;
+
+/// The stripe of the topic whose entry is at `addr`.
+pub fn order_stripe<T>(addr: *const T) -> u32 {
+    // Entries are heap allocations (16-byte aligned): drop the low bits,
+    // then a multiplicative hash's top six bits.
+    let x = (addr as usize as u64 >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (x >> 58) as u32
+}
+
+/// The stripe locks one worker holds while its turn's batches go out.
+pub struct OrderGuard<'a> {
+    _held: Vec<MutexGuard<'a, ()>>,
 }
 
 /// A worker's receiving end.
@@ -104,9 +123,33 @@ impl Bus {
             Arc::new(Self {
                 mailboxes,
                 stranded,
+                order: std::array::from_fn(|_| Mutex::new(())),
             }),
             inboxes,
         )
+    }
+
+    /// Holds the order locks of `stripes` (bit `i`: stripe `i`, from
+    /// [`order_stripe`]) until the guard drops, taking them in increasing
+    /// order (so two workers never wait on each other in a cycle).
+    ///
+    /// A worker holds the stripes of every topic in its turn's batches
+    /// while it sends them to every mailbox: another worker's batch for
+    /// the same topic then reaches every mailbox wholly before or wholly
+    /// after it, and since each mailbox is FIFO, every worker dequeues a
+    /// topic's publications in one order, whoever published them. (Without
+    /// it, worker A's batch could reach mailbox 0 before worker B's and
+    /// mailbox 1 after it.)
+    pub fn hold_order(&self, stripes: u64) -> OrderGuard<'_> {
+        let mut held = Vec::with_capacity(stripes.count_ones() as usize);
+        let mut rest = stripes;
+        while rest != 0 {
+            let i = rest.trailing_zeros() as usize;
+            rest &= rest - 1;
+            // A panic while holding it protects no data: poisoning ignored.
+            held.push(self.order[i].lock().unwrap_or_else(|p| p.into_inner()));
+        }
+        OrderGuard { _held: held }
     }
 
     /// Publications left in a worker's mailbox when it exited (shutdown):
@@ -224,6 +267,47 @@ mod tests {
         fn wake(&self) {
             self.0.fetch_add(1, Ordering::SeqCst);
         }
+    }
+
+    /// Workers holding overlapping sets of order stripes, in any mix,
+    /// never wait on each other in a cycle, and a held stripe excludes.
+    #[test]
+    fn order_stripes_are_exclusive_and_taken_without_deadlock() {
+        let (bus, _inboxes) = Bus::new(vec![
+            Box::new(Count(Arc::new(AtomicUsize::new(0)))),
+            Box::new(Count(Arc::new(AtomicUsize::new(0)))),
+        ]);
+        let d = Directory::new();
+        let topics: Vec<_> = (0..200).map(|i| d.entry(&format!("t{i}"))).collect();
+        let stripes: Vec<u32> = topics
+            .iter()
+            .map(|t| order_stripe(Arc::as_ptr(t)))
+            .collect();
+        assert!(stripes.iter().all(|&s| s < ORDER_STRIPES as u32));
+        let used: std::collections::HashSet<_> = stripes.iter().collect();
+        assert!(
+            used.len() > 32,
+            "200 topics spread over the stripes: {}",
+            used.len()
+        );
+        let inside = Arc::new(AtomicUsize::new(0));
+        std::thread::scope(|scope| {
+            for t in 0..4u64 {
+                let (bus, inside) = (&bus, &inside);
+                scope.spawn(move || {
+                    let mut x = t.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                    for _ in 0..20_000 {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        // Every set includes stripe 0: at most one holder at a time.
+                        let _g = bus.hold_order(x | 1);
+                        assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0);
+                        inside.fetch_sub(1, Ordering::SeqCst);
+                    }
+                });
+            }
+        });
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //!    (bounded per turn);
 //! 3. flushes every connection that received something, once.
 
-use super::bus::{Bus, Publication};
+use super::bus::{Bus, Publication, order_stripe};
 use super::directory::{Directory, TopicInterest};
 use super::ledger::SharedFrames;
 use crate::proto::outbound::COPY_BELOW;
@@ -471,6 +471,19 @@ impl Shard {
     /// publications dispatched.
     pub fn dispatch(&mut self) -> usize {
         let n = self.outbox.len();
+        if n == 0 {
+            return 0;
+        }
+        // One order per topic (see `Bus::hold_order`): the stripes of every
+        // topic in this turn's batches stay locked until all are sent.
+        let stripes = if self.batches.len() > 1 {
+            self.outbox
+                .iter()
+                .fold(0u64, |m, (p, _)| m | 1 << order_stripe(p.topic.as_ptr()))
+        } else {
+            0
+        };
+        let _order = self.bus.hold_order(stripes);
         for (p, workers) in self.outbox.drain(..) {
             let mut targets = workers;
             while targets != 0 {
