@@ -104,7 +104,7 @@ pub fn parse(argv: &[OsString]) -> Result<(Cli, Option<ConfigFile>), clap::Error
     let matches = cmd
         .try_get_matches_from_mut(merged)
         .map_err(|e| match &file {
-            Some(file) => blame(e, file),
+            Some(file) => blame(e, file, argv),
             None => e,
         })?;
     let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches)?;
@@ -113,13 +113,21 @@ pub fn parse(argv: &[OsString]) -> Result<(Cli, Option<ConfigFile>), clap::Error
 
 /// A command line that fails only with `file`'s settings beside it (a
 /// setting that needs another) says so.
-fn blame(e: clap::Error, file: &ConfigFile) -> clap::Error {
+fn blame(e: clap::Error, file: &ConfigFile, argv: &[OsString]) -> clap::Error {
     use clap::error::ErrorKind::*;
     let kind = e.kind();
     if matches!(
         kind,
         DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand
     ) {
+        return e;
+    }
+    // The command line alone fails the same way: its own error.
+    let first = |e: &clap::Error| first_line(&e.to_string());
+    if Cli::command()
+        .try_get_matches_from(argv)
+        .is_err_and(|alone| alone.kind() == kind && first(&alone) == first(&e))
+    {
         return e;
     }
     let text = e.to_string();
@@ -152,14 +160,14 @@ impl ConfigFile {
     /// that the flags' own parsers accept one by one.
     pub fn read(path: &Path) -> Result<Self, String> {
         let shown = path.display();
-        let meta = std::fs::metadata(path).map_err(|e| format!("{shown}: {e}"))?;
-        if meta.len() > MAX_FILE_BYTES {
+        let data = crate::server::config::read_regular_file(path, MAX_FILE_BYTES)
+            .map_err(|e| format!("{shown}: {e}"))?;
+        if data.len() as u64 > MAX_FILE_BYTES {
             return Err(format!(
-                "{shown}: {} bytes, more than a configuration file may hold ({MAX_FILE_BYTES})",
-                meta.len()
+                "{shown}: more than a configuration file may hold ({MAX_FILE_BYTES} bytes)"
             ));
         }
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{shown}: {e}"))?;
+        let text = String::from_utf8(data).map_err(|_| format!("{shown}: not UTF-8 text"))?;
         let settings = Self::settings(&text).map_err(|(line, why)| match line {
             Some(line) => format!("{shown}:{line}: {why}"),
             None => format!("{shown}: {why}"),
@@ -245,29 +253,7 @@ impl ConfigFile {
     /// `argv` with the file's settings inserted after `serve`, less those
     /// the command line sets itself (or conflicts with).
     fn merge(&self, argv: &[OsString]) -> Vec<OsString> {
-        let cmd = Cli::command();
-        let serve = cmd.find_subcommand("serve").expect("the serve subcommand");
-        let given: Vec<String> = argv
-            .iter()
-            .skip(2)
-            .filter_map(|a| {
-                let a = a.to_string_lossy();
-                let long = a.strip_prefix("--")?;
-                Some(long.split('=').next().unwrap_or(long).to_string())
-            })
-            .collect();
-        let overridden = |key: &str| {
-            let Some(arg) = serve.get_arguments().find(|a| a.get_long() == Some(key)) else {
-                return false;
-            };
-            given.iter().any(|g| {
-                g == key
-                    || serve
-                        .get_arg_conflicts_with(arg)
-                        .iter()
-                        .any(|c| c.get_long() == Some(g.as_str()))
-            })
-        };
+        let overridden = overridden_by(argv);
         let mut out: Vec<OsString> = argv.iter().take(2).cloned().collect();
         for s in &self.settings {
             if !overridden(&s.key) {
@@ -278,10 +264,12 @@ impl ConfigFile {
         out
     }
 
-    /// The keys whose arguments differ between `self` (the running
-    /// configuration's file) and `new`, sorted: what a reload applies and
-    /// what waits for a restart.
-    pub fn changes(&self, new: &ConfigFile) -> Changes {
+    /// The keys whose arguments differ between `self` (the file the
+    /// server started with) and `new`, sorted, less those the command line
+    /// `argv` overrides (the file does not matter for them): what a reload
+    /// applies and what waits for a restart.
+    pub fn changes(&self, new: &ConfigFile, argv: &[OsString]) -> Changes {
+        let overridden = overridden_by(argv);
         let map = |f: &ConfigFile| -> BTreeMap<String, Vec<String>> {
             f.settings
                 .iter()
@@ -292,7 +280,7 @@ impl ConfigFile {
         let mut changes = Changes::default();
         let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
         for key in keys {
-            if old.get(key) != new.get(key) {
+            if old.get(key) != new.get(key) && !overridden(key) {
                 if RELOADABLE.contains(&key.as_str()) {
                     changes.applied.push(key.clone());
                 } else {
@@ -301,6 +289,45 @@ impl ConfigFile {
             }
         }
         changes
+    }
+}
+
+/// Whether the command line `argv` sets a key itself, or a flag that
+/// conflicts with it either way (`--no-pin` given, `pin` in the file): such
+/// a file key is dropped.
+fn overridden_by(argv: &[OsString]) -> impl Fn(&str) -> bool {
+    let cmd = Cli::command();
+    let serve = cmd
+        .find_subcommand("serve")
+        .expect("the serve subcommand")
+        .clone();
+    let given: Vec<String> = argv
+        .iter()
+        .skip(2)
+        .filter_map(|a| {
+            let a = a.to_string_lossy();
+            let long = a.strip_prefix("--")?;
+            Some(long.split('=').next().unwrap_or(long).to_string())
+        })
+        .collect();
+    move |key: &str| {
+        let find = |long: &str| serve.get_arguments().find(|a| a.get_long() == Some(long));
+        let Some(arg) = find(key) else {
+            return false;
+        };
+        given.iter().any(|g| {
+            g == key
+                || serve
+                    .get_arg_conflicts_with(arg)
+                    .iter()
+                    .any(|c| c.get_long() == Some(g.as_str()))
+                || find(g).is_some_and(|ga| {
+                    serve
+                        .get_arg_conflicts_with(ga)
+                        .iter()
+                        .any(|c| c.get_long() == Some(key))
+                })
+        })
     }
 }
 
@@ -419,6 +446,33 @@ mod tests {
         assert_eq!(c.subprotocols, ["c"]);
         assert_eq!(c.pin, crate::server::config::PinMode::Always);
         assert_eq!(c.listen, "127.0.0.1:9300".parse().unwrap());
+        // The other way round: `pin` in the file, `--no-pin` given.
+        let (_d2, path2) = file("pin = \"always\"\n");
+        let c = serve(&argv(&[
+            "corecast",
+            "serve",
+            "--config",
+            path2.to_str().unwrap(),
+            "--no-pin",
+        ]))
+        .unwrap();
+        assert_eq!(c.pin, crate::server::config::PinMode::Never);
+    }
+
+    #[test]
+    fn an_error_of_the_command_line_alone_is_not_blamed_on_the_file() {
+        let (_d, path) = file("workers = 2\n");
+        let e = serve(&argv(&[
+            "corecast",
+            "serve",
+            "--config",
+            path.to_str().unwrap(),
+            "--listen",
+            "nowhere",
+        ]))
+        .unwrap_err();
+        assert!(!e.contains("with the command line"), "{e}");
+        assert!(e.contains("--listen"), "{e}");
     }
 
     #[test]
@@ -550,9 +604,17 @@ mod tests {
         )
         .unwrap();
         let new = ConfigFile::read(&path).unwrap();
-        let c = old.changes(&new);
+        let cli = argv(&["corecast", "serve", "--config", path.to_str().unwrap()]);
+        let c = old.changes(&new, &cli);
         assert_eq!(c.applied, ["tls-cert"]);
         assert_eq!(c.need_restart, ["max-connections", "workers"]);
-        assert_eq!(new.changes(&new), Changes::default());
+        assert_eq!(new.changes(&new, &cli), Changes::default());
+        // A key the command line sets is not the file's to change.
+        let mut cli = cli;
+        cli.push("--workers=5".into());
+        cli.push("--tls-cert=c.pem".into());
+        let c = old.changes(&new, &cli);
+        assert!(c.applied.is_empty(), "{c:?}");
+        assert_eq!(c.need_restart, ["max-connections"]);
     }
 }

@@ -33,7 +33,7 @@ fn main() -> ExitCode {
 fn serve(
     config: corecast::server::Config,
     argv: &[OsString],
-    mut file: Option<ConfigFile>,
+    file: Option<ConfigFile>,
 ) -> ExitCode {
     // Install the handlers before the workers start, so an early signal is not
     // met by the default action (immediate termination).
@@ -60,9 +60,7 @@ fn serve(
         }
         let result = match &file {
             None => server.reload(),
-            Some(current) => reload_file(&server, argv, current, tls_running).map(|new| {
-                file = Some(new);
-            }),
+            Some(startup) => reload_file(&server, argv, startup, tls_running),
         };
         match result {
             Ok(()) => info!("reloaded"),
@@ -88,15 +86,15 @@ fn serve(
 
 /// Reads the configuration file again and applies what a reload can (the
 /// TLS settings: new handshakes use them), all or nothing; every other
-/// change is logged as waiting for a restart. Returns the file now in
-/// force.
+/// difference from the file the server started with is logged as waiting
+/// for a restart (again at each reload, until it is undone or restarted).
 fn reload_file(
     server: &corecast::server::ServerHandle,
     argv: &[OsString],
-    current: &ConfigFile,
+    startup: &ConfigFile,
     tls_running: bool,
-) -> Result<ConfigFile, String> {
-    let parsed = ConfigFile::read(current.path()).and_then(|new| {
+) -> Result<(), String> {
+    let parsed = ConfigFile::read(startup.path()).and_then(|new| {
         let cli: Cli = config_file::parse_with(argv, &new).map_err(|e| e.to_string())?;
         Ok((new, cli))
     });
@@ -106,7 +104,7 @@ fn reload_file(
     };
     let Command::Serve(args) = cli.command;
     let config = args.to_config();
-    let mut changes = current.changes(&new);
+    let mut changes = startup.changes(&new, argv);
     if config.tls.is_some() != tls_running {
         // Turning TLS on or off changes what the listener speaks.
         changes.need_restart.append(&mut changes.applied);
@@ -120,5 +118,5 @@ fn reload_file(
     for key in &changes.need_restart {
         warn!(setting = %key, file = %new.path().display(), "changed in the configuration file: takes effect at the next restart");
     }
-    Ok(new)
+    Ok(())
 }

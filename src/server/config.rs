@@ -265,3 +265,49 @@ impl Config {
         }
     }
 }
+
+/// Reads at most `max + 1` bytes of the regular file at `path` (a caller
+/// that gets more than `max` refuses the file): the file is opened without
+/// blocking and must be a regular file, so a FIFO, a device (`/dev/zero`)
+/// or a file still growing is neither waited on nor read without bound,
+/// at start or on a reload.
+pub fn read_regular_file(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let mut data = Vec::new();
+    file.take(max + 1).read_to_end(&mut data)?;
+    Ok(data)
+}
+
+#[cfg(test)]
+mod read_tests {
+    use super::read_regular_file;
+
+    #[test]
+    fn a_fifo_or_a_device_is_refused_and_a_long_file_read_only_past_its_bound() {
+        let dir = std::env::temp_dir().join(format!("corecast-read-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo reads a NUL-terminated path and writes nothing.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = read_regular_file(&fifo, 10).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        assert!(read_regular_file(std::path::Path::new("/dev/zero"), 10).is_err());
+        let long = dir.join("long");
+        std::fs::write(&long, vec![b'x'; 100]).unwrap();
+        assert_eq!(read_regular_file(&long, 10).unwrap().len(), 11);
+        assert_eq!(read_regular_file(&long, 100).unwrap().len(), 100);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

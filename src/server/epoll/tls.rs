@@ -189,6 +189,14 @@ impl Worker {
                     }
                     out.advance(took);
                 }
+                if s.tls.failed() {
+                    // rustls refused to encrypt more (a TLS 1.2 session's
+                    // keys used up): what it sealed, then its close_notify,
+                    // are the last bytes; the connection closes.
+                    let _ = io.write(scratch.pending());
+                    failed = true;
+                    break;
+                }
                 if scratch.is_empty() {
                     break;
                 }

@@ -553,6 +553,14 @@ impl TlsConn {
         }
     }
 
+    /// The session failed (bad input, or rustls refused to encrypt more:
+    /// a TLS 1.2 session's keys used up); its last ciphertext (an alert,
+    /// `close_notify`) may wait in [`Self::take_pending`] or was sealed
+    /// into the caller's [`Wire`].
+    pub fn failed(&self) -> bool {
+        self.failed
+    }
+
     /// Application data can be encrypted (the handshake is over).
     pub fn can_encrypt(&self) -> bool {
         !self.failed && !self.conn.is_handshaking()

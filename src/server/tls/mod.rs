@@ -146,15 +146,15 @@ pub fn load(settings: &TlsSettings, resumption: &Resumption) -> Result<Loaded, S
 }
 
 fn read_pem(path: &Path, what: &str) -> Result<Vec<u8>, String> {
-    let meta = std::fs::metadata(path).map_err(|e| format!("{what} {}: {e}", path.display()))?;
-    if meta.len() > MAX_PEM_FILE_BYTES {
+    let data = crate::server::config::read_regular_file(path, MAX_PEM_FILE_BYTES)
+        .map_err(|e| format!("{what} {}: {e}", path.display()))?;
+    if data.len() as u64 > MAX_PEM_FILE_BYTES {
         return Err(format!(
-            "{what} {}: {} bytes, more than a PEM file of this kind can be ({MAX_PEM_FILE_BYTES})",
+            "{what} {}: more than a PEM file of this kind can be ({MAX_PEM_FILE_BYTES} bytes)",
             path.display(),
-            meta.len()
         ));
     }
-    std::fs::read(path).map_err(|e| format!("{what} {}: {e}", path.display()))
+    Ok(data)
 }
 
 /// The configuration new connections get, replaced whole by a reload;

@@ -159,6 +159,12 @@ impl Worker {
         }
         if let Some(why) = failure {
             let mut last_words = Vec::new();
+            if !st.wire_in_flight {
+                // The unsent rest of records already sealed goes first.
+                last_words.extend_from_slice(st.wire.pending());
+                let n = st.wire.len();
+                st.wire.consume(n);
+            }
             if let Some(why) = why {
                 self.core.stats().tls_failure(why);
                 if why == Failure::PlainHttp {
@@ -209,6 +215,18 @@ impl Worker {
                     break;
                 }
                 out.advance(took);
+            }
+            if st.conn.failed() {
+                // rustls refused to encrypt more (a TLS 1.2 session's keys
+                // used up): what it sealed, then its close_notify, go as
+                // last words, and the connection closes.
+                let last = st.wire.pending().to_vec();
+                st.wire.consume(last.len());
+                st.wire.free();
+                st.failed = true;
+                self.recharge_tls(key);
+                self.core.fail_wire(key, &last);
+                return;
             }
             if closing && out.is_empty() && !st.close_sent && st.conn.can_encrypt() {
                 // The queue's last bytes (the WebSocket close) are in this
