@@ -38,6 +38,20 @@ fn hup(server: &ChildServer) {
     assert!(status.success());
 }
 
+/// Waits until the child's log has a line with every one of `needles`
+/// (the metric counts a reload before its outcome is logged).
+fn wait_log(server: &ChildServer, needles: &[&str]) {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = server.log_text();
+        if log.lines().any(|l| needles.iter().all(|n| l.contains(n))) {
+            return;
+        }
+        assert!(Instant::now() < end, "no line with {needles:?}:\n{log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Waits until `corecast_reloads_total{result}` reaches `n`.
 fn wait_reloads(server: &ChildServer, result: &str, n: u64) {
     let name = format!("corecast_reloads_total{{result=\"{result}\"}}");
@@ -81,11 +95,7 @@ fn sighup_rereads_the_file_applying_the_tls_pair_and_logging_what_waits_for_a_re
     let mut ws2 = wss_connect(addr, "/echo", &client_config(&second));
     ws2.send(Message::text("second pair")).unwrap();
     assert_eq!(ws2.read().unwrap(), Message::text("second pair"));
-    let log = server.log_text();
-    assert!(
-        log.contains("max-message-size") && log.contains("next restart"),
-        "{log}"
-    );
+    wait_log(&server, &["max-message-size", "next restart"]);
 
     // A broken file: nothing applied, counted, the reason names the line.
     write_config(
@@ -94,8 +104,7 @@ fn sighup_rereads_the_file_applying_the_tls_pair_and_logging_what_waits_for_a_re
     );
     hup(&server);
     wait_reloads(&server, "failed", 1);
-    let log = server.log_text();
-    assert!(log.contains("corecast.toml:3"), "{log}");
+    wait_log(&server, &["reload failed", "corecast.toml:3"]);
     let mut ws3 = wss_connect(addr, "/echo", &client_config(&second));
     ws3.send(Message::text("kept")).unwrap();
     assert_eq!(ws3.read().unwrap(), Message::text("kept"));
