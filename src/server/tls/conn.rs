@@ -553,6 +553,11 @@ impl TlsConn {
         }
     }
 
+    /// Why the session failed, if it did (see [`Self::failed`]).
+    pub fn failure_kind(&self) -> Option<Failure> {
+        self.failed.then(|| self.failure())
+    }
+
     /// The session failed (bad input, or rustls refused to encrypt more:
     /// a TLS 1.2 session's keys used up); its last ciphertext (an alert,
     /// `close_notify`) may wait in [`Self::take_pending`] or was sealed

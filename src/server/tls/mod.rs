@@ -32,8 +32,8 @@ pub const HANDSHAKE_STEPS_PER_TURN: u32 = 32;
 /// Ciphertext a client may send before its handshake completes, besides
 /// its first request head (`--max-handshake-size`): a ClientHello is a few
 /// hundred bytes to ~2 KiB (with a post-quantum key share); a client that
-/// sends more is failed instead of held in rustls' buffers (which accept a
-/// single handshake message of up to 64 KiB).
+/// sends more is failed instead of held in the session's buffer (rustls'
+/// handshake reassembly would accept a single message of up to 64 KiB).
 pub const MAX_HANDSHAKE_FLIGHT_BYTES: usize = 16 * 1024;
 
 /// Largest certificate or key file read (a chain of a few certificates is

@@ -1,5 +1,7 @@
-//! TLS on the io_uring backend. A receive's ciphertext is copied into the
-//! connection's [`TlsState`] and decrypted for the core; a flush encrypts
+//! TLS on the io_uring backend. An established session's received
+//! ciphertext is decrypted in place in the ring's buffer (copied into the
+//! connection's [`TlsState`] first while reading is paused or the
+//! handshake waits for its turn) and fed to the core; a flush encrypts
 //! the queue's front (many small frames to a record) into the state's
 //! `wire` buffer ([`Wire`]), at most [`CIPHERTEXT_LIMIT`] at a time, and
 //! sends it with one `IORING_OP_SEND`.
@@ -92,7 +94,16 @@ impl Worker {
     /// decrypted and handed to the core, or kept while reading is paused.
     pub(super) fn tls_received(&mut self, key: usize, bid: u16, len: usize, paused: bool) {
         let data = self.bufs.data(bid, len);
-        if let Some(st) = self.tls.get_mut(&key) {
+        let Some(st) = self.tls.get_mut(&key) else {
+            return;
+        };
+        if !paused && st.cipher_in.is_empty() && st.conn.is_established() && !st.failed {
+            // Nothing held before it and no handshake step to count: the
+            // records are decrypted in place in the ring's buffer (the
+            // session keeps a partial one); a failure is taken up by
+            // `pump_tls`.
+            let _ = st.conn.receive(data);
+        } else {
             st.cipher_in.extend_from_slice(data);
         }
         if paused {
@@ -110,7 +121,13 @@ impl Worker {
         };
         let mut verdict = Input::More;
         let mut failure: Option<Option<Failure>> = None;
-        loop {
+        if !st.failed
+            && let Some(why) = st.conn.failure_kind()
+        {
+            // Failed on input decrypted where it arrived (`tls_received`).
+            failure = Some(Some(why));
+        }
+        while failure.is_none() {
             // Plaintext the last record held comes first.
             let kept = self.restore_pending(key);
             if self.scratch.len() < kept + PLAIN_CHUNK {
