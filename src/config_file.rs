@@ -26,7 +26,7 @@
 //! for a restart.
 
 use crate::cli::Cli;
-use clap::{ArgAction, CommandFactory};
+use clap::{ArgAction, CommandFactory, Parser};
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -88,27 +88,13 @@ fn config_path(argv: &[OsString]) -> Option<PathBuf> {
 /// the file's settings come first, then the command line's, which win.
 /// Returns the parsed command line and the file it read.
 pub fn parse(argv: &[OsString]) -> Result<(Cli, Option<ConfigFile>), clap::Error> {
-    let mut cmd = Cli::command();
     let is_serve = argv.get(1).is_some_and(|a| a == "serve");
-    let file = match config_path(argv).filter(|_| is_serve) {
-        Some(path) => Some(
-            ConfigFile::read(&path)
-                .map_err(|e| cmd.error(clap::error::ErrorKind::ValueValidation, e))?,
-        ),
-        None => None,
+    let Some(path) = config_path(argv).filter(|_| is_serve) else {
+        return Ok((Cli::try_parse_from(argv)?, None));
     };
-    let merged = match &file {
-        Some(file) => file.merge(argv),
-        None => argv.to_vec(),
-    };
-    let matches = cmd
-        .try_get_matches_from_mut(merged)
-        .map_err(|e| match &file {
-            Some(file) => blame(e, file, argv),
-            None => e,
-        })?;
-    let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches)?;
-    Ok((cli, file))
+    let file = ConfigFile::read(&path)
+        .map_err(|e| Cli::command().error(clap::error::ErrorKind::ValueValidation, e))?;
+    Ok((parse_with(argv, &file)?, Some(file)))
 }
 
 /// A command line that fails only with `file`'s settings beside it (a
@@ -139,10 +125,12 @@ fn blame(e: clap::Error, file: &ConfigFile, argv: &[OsString]) -> clap::Error {
     )
 }
 
-/// Parses `argv` with `file` (read again for a reload) in place of the
-/// file its `--config` names.
+/// Parses `argv` with `file`'s settings before its own (`file` is also
+/// the one a reload has just read again).
 pub fn parse_with(argv: &[OsString], file: &ConfigFile) -> Result<Cli, clap::Error> {
-    let matches = Cli::command().try_get_matches_from(file.merge(argv))?;
+    let matches = Cli::command()
+        .try_get_matches_from(file.merge(argv))
+        .map_err(|e| blame(e, file, argv))?;
     <Cli as clap::FromArgMatches>::from_arg_matches(&matches)
 }
 
@@ -191,7 +179,7 @@ impl ConfigFile {
         })?;
         let mut cmd = Cli::command();
         let serve = cmd
-            .find_subcommand_mut("serve")
+            .find_subcommand("serve")
             .expect("the serve subcommand")
             .clone();
         let mut settings = Vec::new();
@@ -334,13 +322,13 @@ fn overridden_by(argv: &[OsString]) -> impl Fn(&str) -> bool {
 /// The flags a setting needs beside it to be checked alone (`tls-cert`
 /// and `tls-key` come as a pair; `plain-listen` needs both).
 fn companions(key: &str) -> Vec<String> {
-    let pair = || vec!["--tls-cert=x".to_string(), "--tls-key=x".to_string()];
-    match key {
-        "tls-cert" => vec!["--tls-key=x".into()],
-        "tls-key" => vec!["--tls-cert=x".into()],
-        "plain-listen" => pair(),
-        _ => Vec::new(),
-    }
+    let needs: &[&str] = match key {
+        "tls-cert" => &["tls-key"],
+        "tls-key" => &["tls-cert"],
+        "plain-listen" => &["tls-cert", "tls-key"],
+        _ => &[],
+    };
+    needs.iter().map(|k| format!("--{k}=x")).collect()
 }
 
 /// A scalar as the text a flag would be given.
@@ -411,6 +399,13 @@ mod tests {
         args.iter().map(OsString::from).collect()
     }
 
+    /// `corecast serve --config PATH` and `extra` flags after it.
+    fn with_file(path: &Path, extra: &[&str]) -> Result<crate::server::Config, String> {
+        let mut args = argv(&["corecast", "serve", "--config", path.to_str().unwrap()]);
+        args.extend(extra.iter().map(OsString::from));
+        serve(&args)
+    }
+
     fn serve(argv: &[OsString]) -> Result<crate::server::Config, String> {
         let (cli, _) = parse(argv).map_err(|e| e.to_string())?;
         let Command::Serve(args) = cli.command;
@@ -423,7 +418,7 @@ mod tests {
             "listen = \"127.0.0.1:9300\"\nmax-connections = 1_000\nsubprotocol = [\"a\", \"b\"]\nno-pin = true\nping-interval = \"5s\"\n",
         );
         let p = path.to_str().unwrap();
-        let c = serve(&argv(&["corecast", "serve", "--config", p])).unwrap();
+        let c = with_file(&path, &[]).unwrap();
         assert_eq!(c.listen, "127.0.0.1:9300".parse().unwrap());
         assert_eq!(c.max_connections, 1000);
         assert_eq!(c.subprotocols, ["a", "b"]);
@@ -448,29 +443,14 @@ mod tests {
         assert_eq!(c.listen, "127.0.0.1:9300".parse().unwrap());
         // The other way round: `pin` in the file, `--no-pin` given.
         let (_d2, path2) = file("pin = \"always\"\n");
-        let c = serve(&argv(&[
-            "corecast",
-            "serve",
-            "--config",
-            path2.to_str().unwrap(),
-            "--no-pin",
-        ]))
-        .unwrap();
+        let c = with_file(&path2, &["--no-pin"]).unwrap();
         assert_eq!(c.pin, crate::server::config::PinMode::Never);
     }
 
     #[test]
     fn an_error_of_the_command_line_alone_is_not_blamed_on_the_file() {
         let (_d, path) = file("workers = 2\n");
-        let e = serve(&argv(&[
-            "corecast",
-            "serve",
-            "--config",
-            path.to_str().unwrap(),
-            "--listen",
-            "nowhere",
-        ]))
-        .unwrap_err();
+        let e = with_file(&path, &["--listen", "nowhere"]).unwrap_err();
         assert!(!e.contains("with the command line"), "{e}");
         assert!(e.contains("--listen"), "{e}");
     }
@@ -478,22 +458,10 @@ mod tests {
     #[test]
     fn a_false_switch_and_an_empty_file_change_nothing() {
         let (_d, path) = file("no-pin = false\n");
-        let c = serve(&argv(&[
-            "corecast",
-            "serve",
-            "--config",
-            path.to_str().unwrap(),
-        ]))
-        .unwrap();
+        let c = with_file(&path, &[]).unwrap();
         assert_eq!(c.pin, crate::server::config::Config::default().pin);
         let (_d, path) = file("# nothing\n");
-        let c = serve(&argv(&[
-            "corecast",
-            "serve",
-            "--config",
-            path.to_str().unwrap(),
-        ]))
-        .unwrap();
+        let c = with_file(&path, &[]).unwrap();
         assert_eq!(
             c.max_connections,
             crate::server::config::Config::default().max_connections
@@ -538,13 +506,7 @@ mod tests {
             assert!(err.starts_with(&want), "{text:?}: {err}");
             assert!(err.contains(why), "{text:?}: {err}");
             // And the command line fails the same way, before anything starts.
-            let e = serve(&argv(&[
-                "corecast",
-                "serve",
-                "--config",
-                path.to_str().unwrap(),
-            ]))
-            .unwrap_err();
+            let e = with_file(&path, &[]).unwrap_err();
             assert!(e.contains(&want), "{e}");
         }
     }
@@ -552,30 +514,14 @@ mod tests {
     #[test]
     fn a_setting_that_needs_another_names_the_file() {
         let (_d, path) = file("plain-listen = \"127.0.0.1:9\"\n");
-        let e = serve(&argv(&[
-            "corecast",
-            "serve",
-            "--config",
-            path.to_str().unwrap(),
-        ]))
-        .unwrap_err();
+        let e = with_file(&path, &[]).unwrap_err();
         assert!(
             e.contains(&format!("{} with the command line", path.display())),
             "{e}"
         );
         assert!(e.contains("--tls-cert"), "{e}");
         // Given on the command line, the pair completes the file.
-        let ok = serve(&argv(&[
-            "corecast",
-            "serve",
-            "--config",
-            path.to_str().unwrap(),
-            "--tls-cert",
-            "c.pem",
-            "--tls-key",
-            "k.pem",
-        ]))
-        .unwrap();
+        let ok = with_file(&path, &["--tls-cert", "c.pem", "--tls-key", "k.pem"]).unwrap();
         assert_eq!(ok.plain_listen, Some("127.0.0.1:9".parse().unwrap()));
     }
 

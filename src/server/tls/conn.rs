@@ -221,43 +221,51 @@ impl Wire {
     }
 }
 
-/// Encodes a handshake record (or alert) rustls queued into `sink`.
-fn encode(
-    e: &mut rustls::unbuffered::EncodeTlsData<'_, ServerConnectionData>,
+/// Writes into `sink` through `put`, which answers the bytes it wrote, or
+/// `Err(Some(n))` when it needs `n` bytes of room (given them, it is asked
+/// again), or `Err(None)` when it refuses. rustls' encoders all work so.
+fn fill(
     sink: &mut Wire,
+    mut want: usize,
+    mut put: impl FnMut(&mut [u8]) -> Result<usize, Option<usize>>,
 ) -> bool {
-    let mut want = 1024;
     loop {
-        match e.encode(sink.room(want)) {
+        match put(sink.room(want)) {
             Ok(n) => {
                 sink.commit(n);
                 return true;
             }
-            Err(EncodeError::InsufficientSize(s)) if s.required_size > want => {
-                want = s.required_size;
-            }
-            Err(EncodeError::AlreadyEncoded) => return true,
+            Err(Some(required)) if required > want => want = required,
             Err(_) => return false,
         }
     }
 }
 
+/// The room an encryption asked for, if that is why it failed.
+fn room_asked(e: EncryptError) -> Option<usize> {
+    match e {
+        EncryptError::InsufficientSize(s) => Some(s.required_size),
+        _ => None,
+    }
+}
+
+/// Encodes a handshake record (or alert) rustls queued into `sink`.
+fn encode(
+    e: &mut rustls::unbuffered::EncodeTlsData<'_, ServerConnectionData>,
+    sink: &mut Wire,
+) -> bool {
+    fill(sink, 1024, |room| match e.encode(room) {
+        Ok(n) => Ok(n),
+        Err(EncodeError::InsufficientSize(s)) => Err(Some(s.required_size)),
+        Err(EncodeError::AlreadyEncoded) => Ok(0),
+    })
+}
+
 /// Encrypts `data` (split into records of up to 16 KiB) into `sink`.
 fn seal(w: &mut WriteTraffic<'_, ServerConnectionData>, data: &[u8], sink: &mut Wire) -> bool {
     let records = data.len() / MAX_RECORD_PLAINTEXT + 1;
-    let mut want = data.len() + (records + 1) * RECORD_OVERHEAD;
-    loop {
-        match w.encrypt(data, sink.room(want)) {
-            Ok(n) => {
-                sink.commit(n);
-                return true;
-            }
-            Err(EncryptError::InsufficientSize(s)) if s.required_size > want => {
-                want = s.required_size;
-            }
-            Err(_) => return false,
-        }
-    }
+    let want = data.len() + (records + 1) * RECORD_OVERHEAD;
+    fill(sink, want, |room| w.encrypt(data, room).map_err(room_asked))
 }
 
 /// Encrypts from the front of `bufs` into `sink` while it holds less than
@@ -286,6 +294,17 @@ fn seal_queue(
             if off == bufs[i].len() {
                 (i, off) = (i + 1, 0);
             }
+            continue;
+        }
+        if bufs.get(i + 1).is_none_or(large) {
+            // A small chunk alone (the last, or before a large one): its
+            // record is sealed from its own bytes, no copy to the stage.
+            let rest = &bufs[i][off..];
+            if !seal(w, rest, sink) {
+                return None;
+            }
+            taken += rest.len();
+            (i, off) = (i + 1, 0);
             continue;
         }
         let sealed = STAGE.with_borrow_mut(|stage| {
@@ -585,21 +604,28 @@ impl TlsConn {
             taken = seal_queue(w, bufs, sink, limit);
             taken.is_some()
         };
-        let Self {
-            conn,
-            incoming,
-            plain,
-            ..
-        } = self;
-        // Every complete record was processed when it arrived: this only
-        // reaches the point where rustls takes application data.
-        let (used, stop) = run(conn, incoming, plain, wire, &mut write);
-        incoming.drain(..used);
-        if matches!(stop, Stop::Failed) {
+        if matches!(self.at_write_point(Some(wire), &mut write), Stop::Failed) {
             self.fail();
             return 0;
         }
         taken.unwrap_or(0)
+    }
+
+    /// Runs rustls over the unprocessed input up to the point where it
+    /// takes application data (every complete record was processed when
+    /// it arrived, so none is here) and calls `write` there; output goes to
+    /// `sink`, or to `pending` without one.
+    fn at_write_point(&mut self, sink: Option<&mut Wire>, write: &mut Writer<'_>) -> Stop {
+        let Self {
+            conn,
+            incoming,
+            plain,
+            pending,
+            ..
+        } = self;
+        let (used, stop) = run(conn, incoming, plain, sink.unwrap_or(pending), write);
+        incoming.drain(..used);
+        stop
     }
 
     /// Queues the `close_notify` alert for [`Self::take_pending`].
@@ -608,29 +634,11 @@ impl TlsConn {
             return;
         }
         let mut write = |w: &mut WriteTraffic<'_, ServerConnectionData>, sink: &mut Wire| {
-            let mut want = RECORD_OVERHEAD;
-            loop {
-                match w.queue_close_notify(sink.room(want)) {
-                    Ok(n) => {
-                        sink.commit(n);
-                        return true;
-                    }
-                    Err(EncryptError::InsufficientSize(s)) if s.required_size > want => {
-                        want = s.required_size;
-                    }
-                    Err(_) => return false,
-                }
-            }
+            fill(sink, RECORD_OVERHEAD, |room| {
+                w.queue_close_notify(room).map_err(room_asked)
+            })
         };
-        let Self {
-            conn,
-            incoming,
-            plain,
-            pending,
-            ..
-        } = self;
-        let (used, _) = run(conn, incoming, plain, pending, &mut write);
-        incoming.drain(..used);
+        self.at_write_point(None, &mut write);
     }
 }
 

@@ -171,9 +171,6 @@ impl Worker {
                 }
             }
         }
-        if st.cipher_in.is_empty() {
-            st.cipher_in = Vec::new();
-        }
         if let Some(why) = failure {
             let mut last_words = Vec::new();
             if !st.wire_in_flight {
