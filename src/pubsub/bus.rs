@@ -19,6 +19,7 @@
 //! so its drain is bounded per loop turn.
 
 use super::directory::TopicInterest;
+use super::envelope::Message;
 use bytes::Bytes;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
@@ -29,13 +30,15 @@ use std::time::Instant;
 /// 64 MiB: a few hundred milliseconds of the fastest fan-out measured here.
 pub const MAILBOX_HIGH_WATER: usize = 64 * 1024 * 1024;
 /// What a mailbox counts for one publication besides its frame: the
-/// `Publication` in its batch, the frame's allocation and the shared
-/// count (~100 B with the allocator's rounding). Without it a flood of
-/// empty messages would hold 60× what the mailbox counted.
-pub const PUBLICATION_OVERHEAD_BYTES: usize = 128;
+/// `Publication` in its batch, its [`Message`] (with room for its
+/// envelope frames' handles), the frame's allocation and shared count
+/// (~230 B with the allocator's rounding). Without it a flood of empty
+/// messages would hold many times what the mailbox counted.
+pub const PUBLICATION_OVERHEAD_BYTES: usize = 256;
 
-/// One published message: encoded once as a server frame, shared by every
-/// subscriber's queue on every worker.
+/// One published message on its way to a worker: the topic by identity
+/// and the sequenced message, whose frames are encoded once and shared by
+/// every subscriber's queue on every worker.
 #[derive(Debug, Clone)]
 pub struct Publication {
     /// The topic, by identity. Weak, so a publication in flight does not keep
@@ -43,10 +46,20 @@ pub struct Publication {
     /// address receivers look it up by) stays reserved while it exists, so
     /// the address cannot be reused by another topic meanwhile.
     pub topic: Weak<TopicInterest>,
-    /// The complete server frame (header + payload), ready to write.
-    pub frame: Bytes,
+    /// The message: raw frame, epoch and sequence number, envelopes.
+    pub msg: Arc<Message>,
+}
+
+impl Publication {
+    /// The raw server frame (header + payload), ready to write.
+    pub fn frame(&self) -> &Bytes {
+        &self.msg.frame
+    }
+
     /// When the publisher's worker decoded it (for the latency histogram).
-    pub published_at: Instant,
+    pub fn published_at(&self) -> Instant {
+        self.msg.published_at
+    }
 }
 
 /// Wakes a worker's event loop (a mio `Waker`, an eventfd).
@@ -205,7 +218,7 @@ impl Bus {
 fn counted_bytes(batch: &[Publication]) -> usize {
     batch
         .iter()
-        .map(|p| p.frame.len() + PUBLICATION_OVERHEAD_BYTES)
+        .map(|p| p.msg.frame.len() + PUBLICATION_OVERHEAD_BYTES)
         .sum()
 }
 
@@ -321,8 +334,7 @@ mod tests {
         let topic = d.entry("t");
         let p = Publication {
             topic: Arc::downgrade(&topic),
-            frame: Bytes::from_static(b"12345"),
-            published_at: Instant::now(),
+            msg: Arc::new(Message::new(Bytes::from_static(b"12345"), Instant::now())),
         };
         assert_eq!(bus.send(0, vec![p.clone(), p.clone()]), Ok(true));
         bus.wake(0);

@@ -3,6 +3,7 @@
 //! | module | holds |
 //! |---|---|
 //! | [`topic`] | topic-name rules, `?topics=` lists |
+//! | [`envelope`] | one sequenced publication and its raw / JSON / binary frames |
 //! | [`control`] | subscriber control messages (JSON): parse, replies, errors |
 //! | [`directory`] | process-wide topic → interested workers (atomic masks) |
 //! | [`bus`] | cross-worker publication batches and wake-ups |
@@ -14,6 +15,7 @@
 pub mod bus;
 pub mod control;
 pub mod directory;
+pub mod envelope;
 pub mod ledger;
 pub mod shard;
 pub mod topic;

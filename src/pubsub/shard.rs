@@ -15,12 +15,13 @@
 
 use super::bus::{Bus, Publication, order_stripe};
 use super::directory::{Directory, TopicInterest};
+use super::envelope::{Form, Message};
 use super::ledger::SharedFrames;
 use crate::proto::outbound::COPY_BELOW;
 use bytes::Bytes;
 use slab::Slab;
 use std::collections::HashMap;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Heap bytes one topic costs the registries besides its name (kept
@@ -59,22 +60,41 @@ impl Subscription {
     }
 }
 
-/// A connection's subscriptions: one inline (the common case costs no heap
-/// allocation and 16 bytes), more behind one pointer.
-#[derive(Debug, Default)]
+/// A connection's subscriptions, and the [`Form`] it receives their
+/// publications in: one subscription inline (the common case costs no
+/// heap allocation and 16 bytes, the form sitting in what would be
+/// padding), more behind one pointer.
+#[derive(Debug)]
 pub enum SubList {
-    #[default]
-    Empty,
-    One(Subscription),
-    Many(Box<Vec<Subscription>>),
+    Empty(Form),
+    One(Form, Subscription),
+    Many(Form, Box<Vec<Subscription>>),
+}
+
+impl Default for SubList {
+    fn default() -> Self {
+        Self::Empty(Form::Raw)
+    }
 }
 
 impl SubList {
+    /// No subscriptions yet; publications to come in `form`.
+    pub fn new(form: Form) -> Self {
+        Self::Empty(form)
+    }
+
+    /// How the connection receives publications.
+    pub fn form(&self) -> Form {
+        match self {
+            Self::Empty(f) | Self::One(f, _) | Self::Many(f, _) => *f,
+        }
+    }
+
     pub fn as_slice(&self) -> &[Subscription] {
         match self {
-            Self::Empty => &[],
-            Self::One(s) => std::slice::from_ref(s),
-            Self::Many(v) => v,
+            Self::Empty(_) => &[],
+            Self::One(_, s) => std::slice::from_ref(s),
+            Self::Many(_, v) => v,
         }
     }
 
@@ -83,66 +103,61 @@ impl SubList {
     }
 
     pub fn is_empty(&self) -> bool {
-        matches!(self, Self::Empty)
+        matches!(self, Self::Empty(_))
+    }
+
+    fn take_all(&mut self) -> (Form, Vec<Subscription>) {
+        let form = self.form();
+        match std::mem::replace(self, Self::Empty(form)) {
+            Self::Empty(_) => (form, Vec::new()),
+            Self::One(_, s) => (form, vec![s]),
+            Self::Many(_, v) => (form, *v),
+        }
+    }
+
+    fn set(&mut self, form: Form, mut v: Vec<Subscription>) {
+        *self = match v.len() {
+            0 => Self::Empty(form),
+            1 => Self::One(form, v[0]),
+            _ => {
+                v.shrink_to_fit();
+                Self::Many(form, Box::new(v))
+            }
+        };
     }
 
     pub fn push(&mut self, sub: Subscription) {
-        *self = match std::mem::take(self) {
-            Self::Empty => Self::One(sub),
-            Self::One(a) => Self::Many(Box::new(vec![a, sub])),
-            Self::Many(mut v) => {
+        let form = self.form();
+        *self = match std::mem::replace(self, Self::Empty(form)) {
+            Self::Empty(_) => Self::One(form, sub),
+            Self::One(_, a) => Self::Many(form, Box::new(vec![a, sub])),
+            Self::Many(_, mut v) => {
                 v.push(sub);
-                Self::Many(v)
+                Self::Many(form, v)
             }
         };
     }
 
     /// Removes entry `i` (order not kept).
     pub fn swap_remove(&mut self, i: usize) -> Subscription {
-        match std::mem::take(self) {
-            Self::Empty => panic!("swap_remove on an empty SubList"),
-            Self::One(s) => {
-                assert_eq!(i, 0);
-                s
-            }
-            Self::Many(mut v) => {
-                let s = v.swap_remove(i);
-                *self = match v.len() {
-                    0 => Self::Empty,
-                    1 => Self::One(v[0]),
-                    _ => Self::Many(v),
-                };
-                s
-            }
-        }
+        let (form, mut v) = self.take_all();
+        let s = v.swap_remove(i);
+        self.set(form, v);
+        s
     }
 
     /// Keeps the subscriptions for which `keep` returns true, in order, in
     /// one pass: how a control message drops many topics at once without a
     /// search per topic. `keep` sees each subscription once.
-    pub fn retain(&mut self, mut keep: impl FnMut(&Subscription) -> bool) {
-        *self = match std::mem::take(self) {
-            Self::Empty => Self::Empty,
-            Self::One(s) if keep(&s) => Self::One(s),
-            Self::One(_) => Self::Empty,
-            Self::Many(mut v) => {
-                v.retain(|s| keep(s));
-                match v.len() {
-                    0 => Self::Empty,
-                    1 => Self::One(v[0]),
-                    _ => Self::Many(v),
-                }
-            }
-        };
+    pub fn retain(&mut self, keep: impl FnMut(&Subscription) -> bool) {
+        let (form, mut v) = self.take_all();
+        v.retain(keep);
+        self.set(form, v);
     }
 
-    /// Takes every subscription, leaving the list empty.
+    /// Takes every subscription, leaving the list empty (the form stays).
     pub fn take(&mut self) -> Vec<Subscription> {
-        match std::mem::take(self) {
-            Self::Empty => Vec::new(),
-            Self::One(s) => vec![s],
-            Self::Many(v) => *v,
-        }
+        self.take_all().1
     }
 }
 
@@ -150,6 +165,12 @@ impl SubList {
 struct LocalTopic {
     interest: Arc<TopicInterest>,
     subs: Subscribers,
+    /// The topic's last sequence number when this worker's interest bit
+    /// was set: publications up to it were dispatched before (some may
+    /// still be in the mailbox, sent while an earlier local topic had the
+    /// bit) and are skipped, so every subscriber here sees strictly
+    /// consecutive numbers from `floor + 1` on.
+    floor: u64,
 }
 
 /// One local topic's subscribers: a slab of 8-byte slots (a connection's
@@ -303,8 +324,10 @@ pub struct Shard {
     /// Local topic id by the address of its shared interest entry: what a
     /// publication is looked up by (no string hashing per delivery).
     by_interest: HashMap<usize, u32>,
-    /// This turn's publications with the workers interested at publish time.
-    outbox: Vec<(Publication, u64)>,
+    /// This turn's publications, not yet sequenced, each with a reference
+    /// to its topic (released together, under one directory lock, once
+    /// they are sent).
+    outbox: Vec<(Arc<TopicInterest>, Arc<Message>)>,
     /// Reused per-peer batches for [`Shard::dispatch`].
     batches: Vec<Vec<Publication>>,
     /// Publications a peer could not take (it had exited), not yet counted.
@@ -372,12 +395,19 @@ impl Shard {
             Some(&id) => id,
             None => {
                 let interest = self.directory.entry(name);
-                self.directory.set(&interest, self.id, true);
+                let floor = {
+                    // Under the topic's order lock, so that every
+                    // publication sequenced after `floor` sees the bit.
+                    let _order = self.hold_order_of(&interest);
+                    self.directory.set(&interest, self.id, true);
+                    interest.seq()
+                };
                 let addr = Arc::as_ptr(&interest) as usize;
                 let name: Arc<str> = Arc::from(name);
                 let id = self.topics.insert(LocalTopic {
                     interest,
                     subs: Subscribers::new(),
+                    floor,
                 }) as u32;
                 self.registry_bytes += topic_charge(name.len());
                 self.by_name.insert(name, id);
@@ -388,6 +418,17 @@ impl Shard {
         self.registry_bytes += SUBSCRIPTION_BYTES;
         let slot = self.topics[topic as usize].subs.insert(conn);
         Subscription { topic, slot }
+    }
+
+    /// The order lock of `topic` (none with a single worker: nothing to
+    /// order against).
+    fn hold_order_of(&self, topic: &Arc<TopicInterest>) -> super::bus::OrderGuard<'_> {
+        let stripes = if self.batches.len() > 1 {
+            1u64 << order_stripe(Arc::as_ptr(topic))
+        } else {
+            0
+        };
+        self.bus.hold_order(stripes)
     }
 
     /// Removes a subscription; the last one of a topic here clears this
@@ -434,75 +475,86 @@ impl Shard {
         std::mem::take(&mut self.lost)
     }
 
-    /// Queues a publication made on this worker; it leaves in [`Self::dispatch`].
+    /// Queues a publication made on this worker; it is sequenced and
+    /// leaves in [`Self::dispatch`].
     pub fn publish(&mut self, topic: &Arc<TopicInterest>, frame: Bytes, now: Instant) {
-        self.publish_weak(Arc::downgrade(topic), topic.workers(), frame, now);
+        self.publish_owned(Arc::clone(topic), frame, now);
     }
 
-    /// [`Self::publish`] for a caller holding no strong reference, with the
-    /// interested `workers` read together with `topic` (see
-    /// [`Directory::interest`]).
-    pub fn publish_weak(
-        &mut self,
-        topic: Weak<TopicInterest>,
-        workers: u64,
-        frame: Bytes,
-        now: Instant,
-    ) {
+    /// [`Self::publish`] taking the caller's reference to the topic (which
+    /// dispatch releases through the directory).
+    pub fn publish_owned(&mut self, topic: Arc<TopicInterest>, frame: Bytes, now: Instant) {
         if frame.len() >= COPY_BELOW {
             // Queued by reference wherever it goes: charged here, once.
             self.frames.charge(&frame);
         }
-        self.outbox.push((
-            Publication {
-                topic,
-                frame,
-                published_at: now,
-            },
-            workers,
-        ));
+        self.outbox
+            .push((topic, Arc::new(Message::new(frame, now))));
     }
 
-    /// Sends this turn's publications to the mailbox of every interested
-    /// worker, one batch each, this worker's own included (without a
-    /// wake-up: the caller drains it next). Local publications thus take
-    /// the same bounded, backpressured path as remote ones: a publisher's
-    /// own worker is never held longer per turn than any other. Returns the
-    /// publications dispatched.
+    /// Charges an envelope frame this worker built (shared by reference
+    /// like a published frame when it is large).
+    pub fn charge_built(&mut self, frame: &Bytes) {
+        if frame.len() >= COPY_BELOW {
+            self.frames.charge(frame);
+        }
+    }
+
+    /// Sequences this turn's publications and sends them to the mailbox of
+    /// every interested worker, one batch each, this worker's own included
+    /// (without a wake-up: the caller drains it next). Local publications
+    /// thus take the same bounded, backpressured path as remote ones: a
+    /// publisher's own worker is never held longer per turn than any other.
+    /// Returns the publications dispatched.
+    ///
+    /// One order per topic: each publication gets its topic's next sequence
+    /// number and is sent to the workers interested *now*, all under the
+    /// topic's order lock (see [`Bus::hold_order`]); so at every worker a
+    /// topic's publications arrive in sequence order, and a worker that
+    /// sees one publication of a topic sees every later one until its
+    /// interest ends.
     pub fn dispatch(&mut self) -> usize {
         let n = self.outbox.len();
         if n == 0 {
             return 0;
         }
-        // One order per topic (see `Bus::hold_order`): the stripes of every
-        // topic in this turn's batches stay locked until all are sent.
-        let stripes = if self.batches.len() > 1 {
-            self.outbox
-                .iter()
-                .fold(0u64, |m, (p, _)| m | 1 << order_stripe(p.topic.as_ptr()))
-        } else {
-            0
-        };
-        let _order = self.bus.hold_order(stripes);
-        for (p, workers) in self.outbox.drain(..) {
-            let mut targets = workers;
-            while targets != 0 {
-                let w = targets.trailing_zeros() as usize;
-                targets &= targets - 1;
-                self.batches[w].push(p.clone());
+        {
+            let stripes = if self.batches.len() > 1 {
+                self.outbox
+                    .iter()
+                    .fold(0u64, |m, (t, _)| m | 1 << order_stripe(Arc::as_ptr(t)))
+            } else {
+                0
+            };
+            let _order = self.bus.hold_order(stripes);
+            for (topic, msg) in &mut self.outbox {
+                let m = Arc::get_mut(msg).expect("an undispatched message is the outbox's alone");
+                m.epoch = topic.epoch();
+                m.seq = topic.next_seq();
+                let mut targets = topic.workers();
+                while targets != 0 {
+                    let w = targets.trailing_zeros() as usize;
+                    targets &= targets - 1;
+                    self.batches[w].push(Publication {
+                        topic: Arc::downgrade(topic),
+                        msg: Arc::clone(msg),
+                    });
+                }
             }
-        }
-        for w in 0..self.batches.len() {
-            if !self.batches[w].is_empty() {
-                let batch = std::mem::take(&mut self.batches[w]);
-                match self.bus.send(w, batch) {
-                    // This worker drains its own mailbox right after: no wake-up.
-                    Ok(wake) if w != self.id => self.wakes |= u64::from(wake) << w,
-                    Ok(_) => {}
-                    Err(lost) => self.lost += lost,
+            for w in 0..self.batches.len() {
+                if !self.batches[w].is_empty() {
+                    let batch = std::mem::take(&mut self.batches[w]);
+                    match self.bus.send(w, batch) {
+                        // This worker drains its own mailbox right after: no wake-up.
+                        Ok(wake) if w != self.id => self.wakes |= u64::from(wake) << w,
+                        Ok(_) => {}
+                        Err(lost) => self.lost += lost,
+                    }
                 }
             }
         }
+        self.directory
+            .release_many(self.outbox.drain(..).map(|(topic, _)| topic));
         n
     }
 
@@ -541,16 +593,17 @@ impl Shard {
         end
     }
 
-    /// Calls `deliver(run, subscribers)` for `pubs` in order: each run is a
-    /// maximal sequence of consecutive publications to one topic, and
-    /// `subscribers` a chunk (≤ 64) of that topic's local subscribers. So the
-    /// backend can push a whole run into one subscriber's queue while it is
-    /// in cache, subscriber by subscriber, and every subscriber still sees
-    /// the publications in order.
+    /// Calls `deliver(run, topic, subscribers)` for `pubs` in order: each
+    /// run is a maximal sequence of consecutive publications to one topic
+    /// (less those at or below the local topic's floor), `topic` its name,
+    /// and `subscribers` a chunk (≤ 64) of that topic's local subscribers.
+    /// So the backend can push a whole run into one subscriber's queue
+    /// while it is in cache, subscriber by subscriber, and every subscriber
+    /// still sees the publications in order.
     pub fn deliver(
         &self,
         pubs: &[Publication],
-        deliver: &mut impl FnMut(&[Publication], &[ConnRef]),
+        deliver: &mut impl FnMut(&[Publication], &str, &[ConnRef]),
     ) {
         let mut start = 0;
         while start < pubs.len() {
@@ -565,19 +618,26 @@ impl Shard {
             let Some(&id) = self.by_interest.get(&(topic as usize)) else {
                 continue;
             };
-            let subs = &self.topics[id as usize].subs;
+            let local = &self.topics[id as usize];
+            let skip = run.partition_point(|p| p.msg.seq <= local.floor);
+            let run = &run[skip..];
+            if run.is_empty() {
+                continue;
+            }
+            let name = local.interest.name();
+            let subs = &local.subs;
             let mut chunk: [ConnRef; 64] = [(0, 0); 64];
             let mut n = 0;
             for c in subs.iter() {
                 chunk[n] = c;
                 n += 1;
                 if n == chunk.len() {
-                    deliver(run, &chunk);
+                    deliver(run, name, &chunk);
                     n = 0;
                 }
             }
             if n > 0 {
-                deliver(run, &chunk[..n]);
+                deliver(run, name, &chunk[..n]);
             }
         }
     }

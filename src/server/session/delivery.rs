@@ -3,6 +3,7 @@
 
 use super::{Phase, Push, Role, Session};
 use crate::proto::CloseCode;
+use crate::pubsub::envelope::Form;
 use crate::pubsub::shard::Shard;
 use crate::server::config::{Config, SlowConsumerPolicy};
 use crate::server::stats::WorkerStats;
@@ -36,12 +37,24 @@ impl Session {
         Push::Queued
     }
 
+    /// How this connection receives publications (raw unless it is a
+    /// subscriber that negotiated an envelope).
+    pub fn form(&self) -> Form {
+        match &self.phase {
+            Phase::Ws {
+                role: Role::Subscriber { subs },
+                ..
+            } => subs.form(),
+            _ => Form::Raw,
+        }
+    }
+
     /// Leaves every topic and lets go of the publisher's topic. Called once
     /// the connection is closing or gone; idempotent.
     pub fn detach(&mut self, shard: &mut Shard, stats: &WorkerStats) {
         if let Phase::Ws { role, .. } = &mut self.phase {
             match role {
-                Role::Subscriber { subs } => {
+                Role::Subscriber { subs, .. } => {
                     stats.unsubscribed(subs.len());
                     for sub in subs.take() {
                         shard.unsubscribe(sub);

@@ -67,7 +67,8 @@ pub struct Ctx<'a> {
 enum Role {
     /// `/echo`: every message comes back with its opcode.
     Echo,
-    /// `/ws`: receives the topics it subscribed to; sends control messages.
+    /// `/ws`: receives the topics it subscribed to (in the form its
+    /// subprotocol asked for, kept in `subs`); sends control messages.
     Subscriber { subs: SubList },
     /// `/publish/{topic}`: every message it sends is published. Boxed: a
     /// role is in every connection, and publishers are few (the role is 16
@@ -403,7 +404,7 @@ impl Session {
                     ws.send(MessageKind::Text, text.as_bytes(), &mut self.out);
                 }
                 Some(Reply::Control(mut msg)) => {
-                    let Role::Subscriber { subs } = role else {
+                    let Role::Subscriber { subs, .. } = role else {
                         unreachable!("control messages come from subscribers")
                     };
                     let reply = subscriber::control_message(&mut msg, subs, ctx);

@@ -99,9 +99,9 @@ impl Session {
         ctx.stats.message_published();
         // One directory lookup, no reference taken: nobody anywhere
         // subscribed means nothing to encode or deliver.
-        if let Some((topic, workers)) = ctx.shard.directory().interest(&state.topic) {
+        if let Some(topic) = ctx.shard.directory().get(&state.topic) {
             let frame = encode(state.kind, body);
-            ctx.shard.publish_weak(topic, workers, frame, ctx.now);
+            ctx.shard.publish_owned(topic, frame, ctx.now);
             ctx.published = true;
         }
         self.out

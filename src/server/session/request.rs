@@ -8,6 +8,7 @@ use crate::proto::handshake::{
     validate_upgrade, write_switching_protocols,
 };
 use crate::proto::rate::TokenBucket;
+use crate::pubsub::envelope::{Form, SUBSCRIBER_PROTOCOLS};
 use crate::pubsub::shard::SubList;
 use crate::pubsub::topic::{self, TopicError};
 use crate::server::config::Config;
@@ -135,6 +136,7 @@ impl Session {
     ) -> Result<(), Reject> {
         let cfg = &ctx.shared.config;
         let upgrade = validate_upgrade(req)?;
+        let mut subprotocol = choose_subprotocol(req, &cfg.subprotocols);
         let role = match up {
             Upgrade::Echo => Role::Echo,
             Upgrade::Publish(name) => {
@@ -155,7 +157,11 @@ impl Session {
                             "too many topics for one connection (see --max-topics-per-conn)",
                         ),
                     })?;
-                let mut subs = SubList::default();
+                // `--subprotocol`'s names first (raw payloads, the
+                // application's own protocol), then the envelopes.
+                subprotocol =
+                    subprotocol.or_else(|| choose_subprotocol(req, &SUBSCRIBER_PROTOCOLS));
+                let mut subs = SubList::new(Form::of_subprotocol(subprotocol));
                 for n in &names {
                     subs.push(ctx.shard.subscribe(n, ctx.me));
                 }
@@ -163,7 +169,6 @@ impl Session {
                 Role::Subscriber { subs }
             }
         };
-        let subprotocol = choose_subprotocol(req, &cfg.subprotocols);
         let mut response = Vec::with_capacity(192);
         write_switching_protocols(&mut response, upgrade.key, subprotocol);
         self.out.push(Bytes::from(response));

@@ -46,18 +46,24 @@ impl<S> Core<S> {
         let last = std::cell::Cell::new(std::ptr::null::<Publication>());
         let work = std::cell::Cell::new(0usize);
         let now = self.now;
-        let mut to_conns = |run: &[Publication], targets: &[(usize, u32)]| {
+        let built = &mut self.built;
+        let mut to_conns = |run: &[Publication], topic: &str, targets: &[(usize, u32)]| {
             // Called once per chunk of subscribers: record each run's times once.
             if !std::ptr::eq(last.get(), run.as_ptr()) {
                 last.set(run.as_ptr());
                 for p in run {
-                    let waited = now.saturating_duration_since(p.published_at);
+                    let waited = now.saturating_duration_since(p.published_at());
                     stats.handoff_latency.observe(waited);
                 }
-                delivered.extend(run.iter().map(|p| p.published_at));
+                delivered.extend(run.iter().map(|p| p.published_at()));
             }
             work.set(work.get() + run.len() * targets.len());
-            push_to(conns, dirty, slow, &mut budget, cfg, stats, run, targets);
+            let to = Targets {
+                run,
+                topic,
+                targets,
+            };
+            push_to(conns, dirty, slow, &mut budget, built, cfg, stats, to);
         };
         let bus = &self.shared.bus;
         self.inbox.begin_drain(bus);
@@ -83,6 +89,10 @@ impl<S> Core<S> {
                 break;
             }
             self.inbox.done(bus, &batch);
+        }
+        // Envelopes built here are charged here, like published frames.
+        for f in self.built.drain(..) {
+            self.shard.charge_built(&f);
         }
         for (key, serial) in std::mem::take(&mut self.slow) {
             if self.is_current(key, serial) && self.conns[key].state == IoState::Active {
@@ -185,27 +195,41 @@ impl<S> Core<S> {
     }
 }
 
+/// A run of publications of one topic and a chunk of its local subscribers.
+struct Targets<'a> {
+    run: &'a [Publication],
+    topic: &'a str,
+    targets: &'a [ConnRef],
+}
+
 /// Queues a run of publications of one topic for each target, subscriber by
-/// subscriber, applying the slow-consumer policy.
+/// subscriber, each in the form it asked for, applying the slow-consumer
+/// policy. Envelopes built on the way are added to `built`.
 #[allow(clippy::too_many_arguments)]
 fn push_to<S>(
     conns: &mut PagedSlab<Conn<S>>,
     dirty: &mut Vec<ConnRef>,
     slow: &mut Vec<ConnRef>,
     budget: &mut Budget<'_>,
+    built: &mut Vec<Bytes>,
     cfg: &Config,
     stats: &WorkerStats,
-    run: &[Publication],
-    targets: &[ConnRef],
+    to: Targets<'_>,
 ) {
+    let Targets {
+        run,
+        topic,
+        targets,
+    } = to;
     // Room for the run's small frames, reserved once per subscriber instead
-    // of growing the tail buffer step by step.
+    // of growing the tail buffer step by step (an envelope adds its header).
     let small: usize = run
         .iter()
-        .map(|p| p.frame.len())
+        .map(|p| p.frame().len())
         .filter(|&n| n < COPY_BELOW)
         .sum();
     let mut sent = 0;
+    let mut on_built = |f: &Bytes| built.push(f.clone());
     for &(key, serial) in targets {
         let Some(conn) = conns.get_mut(key) else {
             continue;
@@ -214,8 +238,10 @@ fn push_to<S>(
         conn.session.out.reserve_tail(small);
         let mut queued = false;
         let over = *budget.buffered > budget.limit;
+        let form = conn.session.form();
         for (i, p) in run.iter().enumerate() {
-            match conn.session.push_published(&p.frame, cfg, over) {
+            let frame = p.msg.frame_for(form, topic, &mut on_built);
+            match conn.session.push_published(frame, cfg, over) {
                 Push::Queued => {
                     sent += 1;
                     queued = true;

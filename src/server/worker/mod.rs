@@ -146,6 +146,8 @@ pub struct Core<S> {
     /// A mailbox batch whose delivery the per-turn bound interrupted, with
     /// the index of its next publication.
     carry: Option<(Vec<Publication>, usize)>,
+    /// Envelope frames built during this turn's delivery, to be charged.
+    built: Vec<Bytes>,
     /// Bytes charged to this worker's connections and shared frames, and
     /// the worker's budget.
     buffered: usize,
@@ -189,6 +191,7 @@ impl<S> Core<S> {
             throttled: Vec::new(),
             paced: Vec::new(),
             carry: None,
+            built: Vec::new(),
             buffered: 0,
             budget,
             shard_charged: 0,

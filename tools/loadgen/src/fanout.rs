@@ -57,6 +57,26 @@ pub fn decode_payload(payload: &[u8]) -> Option<(u64, u64)> {
     Some((seq, sent))
 }
 
+/// Whether subscribers negotiated corecast's binary envelope (`--subprotocol
+/// corecast.v1.binary`): the payload then starts after the envelope's
+/// header and topic. Set once per process, before any connection.
+static BINARY_ENVELOPE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// See [`BINARY_ENVELOPE`].
+pub fn expect_binary_envelope(yes: bool) {
+    BINARY_ENVELOPE.store(yes, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The payload inside a binary envelope (`None`: not one).
+fn unwrap_binary_envelope(frame: &[u8]) -> Option<&[u8]> {
+    use corecast::pubsub::envelope::{BINARY_HEADER_LEN, BINARY_KIND_PUBLICATION};
+    if frame.len() < BINARY_HEADER_LEN || frame[0] != BINARY_KIND_PUBLICATION {
+        return None;
+    }
+    let n = u16::from_be_bytes([frame[2], frame[3]]) as usize;
+    frame.get(BINARY_HEADER_LEN + n..)
+}
+
 /// What every received data frame updates, in fanout and in echo alike.
 #[derive(Debug, Default)]
 pub struct Arrivals {
@@ -79,7 +99,11 @@ impl Arrivals {
         if opcode != OpCode::Binary {
             self.not_binary += 1;
         }
-        let decoded = decode_payload(payload);
+        let decoded = if BINARY_ENVELOPE.load(std::sync::atomic::Ordering::Relaxed) {
+            unwrap_binary_envelope(payload).and_then(decode_payload)
+        } else {
+            decode_payload(payload)
+        };
         if decoded.is_none() {
             self.malformed += 1;
         }
@@ -358,6 +382,26 @@ pub fn subscribe_phase(
 mod tests {
     use super::*;
     use corecast::proto::frame::parse_header;
+
+    #[test]
+    fn a_binary_envelope_is_unwrapped_to_its_payload() {
+        let p = encode_payload_header(7, 99);
+        let frame = corecast::pubsub::envelope::binary_frame(
+            "topic",
+            1,
+            2,
+            corecast::proto::frame::OpCode::Binary,
+            &p,
+        );
+        // Skip the (short) WebSocket header the reader has already removed.
+        let body = &frame[2..];
+        assert_eq!(
+            unwrap_binary_envelope(body).and_then(decode_payload),
+            Some((7, 99))
+        );
+        assert_eq!(unwrap_binary_envelope(&p[..10]), None, "too short");
+        assert_eq!(unwrap_binary_envelope(&[2; 40]), None, "another kind");
+    }
 
     #[test]
     fn payload_round_trips_through_a_masked_frame() {

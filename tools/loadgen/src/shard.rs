@@ -68,6 +68,9 @@ fn run(shard: usize, plan: &Plan, link: &mut dyn Link) -> Result<(), String> {
     let anchor = Anchor::now();
     let c = &plan.connect;
     crate::client::tls::configure(&c.tls)?;
+    crate::fanout::expect_binary_envelope(
+        c.subprotocol.as_deref() == Some(corecast::pubsub::envelope::BINARY_PROTOCOL),
+    );
     let (first, count) = c.share(shard);
     let topics = match &plan.work {
         Work::Fanout(f) => Some(TopicMap::new(c.connections, f.topics, f.topic_dist)),
@@ -77,7 +80,10 @@ fn run(shard: usize, plan: &Plan, link: &mut dyn Link) -> Result<(), String> {
         dsts: c
             .targets
             .iter()
-            .map(|t| (t.dst, RequestTemplate::new(&t.url)))
+            .map(|t| {
+                let offer = c.subprotocol.as_deref();
+                (t.dst, RequestTemplate::offering(&t.url, offer))
+            })
             .collect(),
         sources: c.sources.clone(),
         topics,

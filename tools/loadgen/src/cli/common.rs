@@ -61,6 +61,12 @@ pub struct CommonArgs {
     #[arg(long)]
     pub no_tls_resume: bool,
 
+    /// Offer this subprotocol in every upgrade request (e.g. corecast.v1.binary:
+    /// the subscribers then unwrap corecast's binary envelope before reading
+    /// the payload).
+    #[arg(long, value_name = "NAME")]
+    pub subprotocol: Option<String>,
+
     /// Server process to measure (repeatable; figures are summed): CPU time
     /// over the measured phase, and for hold VmRSS before, after the
     /// ramp-up and at the end.
@@ -156,6 +162,7 @@ impl CommonArgs {
                     ca_file: self.ca_file.clone(),
                     resume: !self.no_tls_resume,
                 },
+                subprotocol: self.subprotocol.clone(),
             },
             work,
             server_pids: self.server_pid.clone(),

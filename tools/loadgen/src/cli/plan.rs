@@ -58,6 +58,9 @@ pub struct ConnectPlan {
     /// How `wss://` connections set up TLS.
     #[serde(default)]
     pub tls: crate::client::tls::TlsPlan,
+    /// Offered in every upgrade request.
+    #[serde(default)]
+    pub subprotocol: Option<String>,
 }
 
 impl ConnectPlan {

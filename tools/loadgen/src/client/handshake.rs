@@ -27,9 +27,17 @@ pub struct RequestTemplate {
 
 impl RequestTemplate {
     pub fn new(url: &WsUrl) -> Self {
+        Self::offering(url, None)
+    }
+
+    /// [`Self::new`], offering `subprotocol` (`Sec-WebSocket-Protocol`).
+    pub fn offering(url: &WsUrl, subprotocol: Option<&str>) -> Self {
+        let offer = subprotocol
+            .map(|p| format!("Sec-WebSocket-Protocol: {p}\r\n"))
+            .unwrap_or_default();
         let rest = format!(
             " HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: ",
+             {offer}Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: ",
             url.host_header()
         );
         match url.target.split_once(TOPIC_PLACEHOLDER) {

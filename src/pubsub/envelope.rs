@@ -1,0 +1,406 @@
+//! What a subscriber receives for one publication, by the protocol it
+//! negotiated: the publisher's payload as it was (`corecast.raw`, the
+//! default), or the payload in an envelope naming its topic, the topic's
+//! epoch and the publication's sequence number: a JSON text form
+//! (`corecast.v1`) or a compact binary form (`corecast.v1.binary`).
+//! docs/PROTOCOL.md ("Envelopes") describes both byte by byte.
+//!
+//! A [`Message`] is one sequenced publication. Its raw frame is built by the
+//! publisher's worker; each envelope form is built the first time any
+//! worker delivers the message to a subscriber of that form, once, and
+//! shared by every such subscriber on every worker. Nobody subscribed with
+//! an envelope: nothing is built.
+
+use crate::proto::frame::{MAX_HEADER_LEN, OpCode, encode_header};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::Bytes;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+/// The subprotocol of the JSON envelope.
+pub const JSON_PROTOCOL: &str = "corecast.v1";
+/// The subprotocol of the binary envelope.
+pub const BINARY_PROTOCOL: &str = "corecast.v1.binary";
+/// The subprotocol naming today's raw payloads (also what a subscriber
+/// gets without any subprotocol).
+pub const RAW_PROTOCOL: &str = "corecast.raw";
+
+/// The subprotocols a subscriber may negotiate besides `--subprotocol`'s,
+/// in the server's order of preference.
+pub const SUBSCRIBER_PROTOCOLS: [&str; 3] = [BINARY_PROTOCOL, JSON_PROTOCOL, RAW_PROTOCOL];
+
+/// How a subscriber receives publications.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Form {
+    /// The payload as published, with the publisher's opcode.
+    #[default]
+    Raw,
+    /// A text frame holding one JSON object.
+    Json,
+    /// A binary frame: a fixed header, the topic, the payload.
+    Binary,
+}
+
+impl Form {
+    /// The form a negotiated subprotocol asks for (`--subprotocol`'s own
+    /// names and no subprotocol at all: raw).
+    pub fn of_subprotocol(name: Option<&str>) -> Self {
+        match name {
+            Some(JSON_PROTOCOL) => Self::Json,
+            Some(BINARY_PROTOCOL) => Self::Binary,
+            _ => Self::Raw,
+        }
+    }
+}
+
+/// Byte 0 of a binary envelope: a publication.
+pub const BINARY_KIND_PUBLICATION: u8 = 1;
+/// Flag bit (byte 1) of a binary envelope: the payload was published as text.
+pub const BINARY_FLAG_TEXT: u8 = 1;
+/// Bytes of a binary envelope before the topic name.
+pub const BINARY_HEADER_LEN: usize = 20;
+
+/// One publication, sequenced: its raw frame, and its envelope forms once built.
+#[derive(Debug)]
+pub struct Message {
+    /// The complete raw server frame (header + payload), built once by the
+    /// publisher's worker.
+    pub frame: Bytes,
+    /// The topic's history lifetime ([`TopicInterest::epoch`](super::directory::TopicInterest::epoch)).
+    pub epoch: u64,
+    /// Position in the topic's one order (from 1); 0 until dispatched.
+    pub seq: u64,
+    /// When the publisher's worker decoded it (for the latency histogram).
+    pub published_at: Instant,
+    json: OnceLock<Bytes>,
+    binary: OnceLock<Bytes>,
+}
+
+impl Message {
+    /// A message not yet sequenced.
+    pub fn new(frame: Bytes, published_at: Instant) -> Self {
+        Self {
+            frame,
+            epoch: 0,
+            seq: 0,
+            published_at,
+            json: OnceLock::new(),
+            binary: OnceLock::new(),
+        }
+    }
+
+    /// The frame for `form`, with `topic` the message's topic name; an
+    /// envelope is built on first use (`built` is then called with it).
+    pub fn frame_for(&self, form: Form, topic: &str, built: &mut impl FnMut(&Bytes)) -> &Bytes {
+        let (cell, encode): (_, fn(&Self, &str) -> Bytes) = match form {
+            Form::Raw => return &self.frame,
+            Form::Json => (&self.json, Self::encode_json),
+            Form::Binary => (&self.binary, Self::encode_binary),
+        };
+        if let Some(f) = cell.get() {
+            return f;
+        }
+        let mut fresh = None;
+        let f = cell.get_or_init(|| {
+            let f = encode(self, topic);
+            fresh = Some(f.clone());
+            f
+        });
+        if let Some(f) = &fresh {
+            built(f);
+        }
+        f
+    }
+
+    /// The publisher's opcode and payload, read back from the raw frame.
+    pub fn payload(&self) -> (OpCode, &[u8]) {
+        let f = &self.frame;
+        let opcode = if f[0] & 0x0F == OpCode::Text as u8 {
+            OpCode::Text
+        } else {
+            OpCode::Binary
+        };
+        let header = match f[1] & 0x7F {
+            126 => 4,
+            127 => 10,
+            _ => 2,
+        };
+        (opcode, &f[header..])
+    }
+
+    fn encode_json(&self, topic: &str) -> Bytes {
+        let (opcode, payload) = self.payload();
+        Bytes::from(json_frame(topic, self.epoch, self.seq, opcode, payload))
+    }
+
+    fn encode_binary(&self, topic: &str) -> Bytes {
+        let (opcode, payload) = self.payload();
+        Bytes::from(binary_frame(topic, self.epoch, self.seq, opcode, payload))
+    }
+}
+
+/// A complete text frame holding the JSON envelope:
+/// `{"op":"pub","topic":T,"epoch":E,"seq":S,"text":"…"}` for a text
+/// payload (a JSON string: `"`, `\` and control characters escaped, the
+/// rest as is), `"base64":"…"` instead of `"text"` for a binary one.
+pub fn json_frame(topic: &str, epoch: u64, seq: u64, opcode: OpCode, payload: &[u8]) -> Vec<u8> {
+    let mut head = String::with_capacity(64 + topic.len());
+    // Topic names need no escaping (see `topic`).
+    head.push_str("{\"op\":\"pub\",\"topic\":\"");
+    head.push_str(topic);
+    head.push_str("\",\"epoch\":");
+    head.push_str(itoa(epoch).as_str());
+    head.push_str(",\"seq\":");
+    head.push_str(itoa(seq).as_str());
+    let text = opcode == OpCode::Text;
+    head.push_str(if text {
+        ",\"text\":\""
+    } else {
+        ",\"base64\":\""
+    });
+    let body_len = if text {
+        escaped_len(payload)
+    } else {
+        base64::encoded_len(payload.len(), true).expect("payloads fit in memory")
+    };
+    let len = head.len() + body_len + 2;
+    let mut hdr = [0u8; MAX_HEADER_LEN];
+    let n = encode_header(&mut hdr, true, OpCode::Text, len as u64, None);
+    let mut out = Vec::with_capacity(n + len);
+    out.extend_from_slice(&hdr[..n]);
+    out.extend_from_slice(head.as_bytes());
+    if text {
+        escape_into(payload, &mut out);
+    } else {
+        let at = out.len();
+        out.resize(at + body_len, 0);
+        let written = BASE64
+            .encode_slice(payload, &mut out[at..])
+            .expect("sized by encoded_len");
+        debug_assert_eq!(written, body_len);
+    }
+    out.extend_from_slice(b"\"}");
+    debug_assert_eq!(out.len(), n + len);
+    out
+}
+
+/// A complete binary frame holding the binary envelope (all integers
+/// big-endian): kind `1`, flags (bit 0: text), topic length (u16), epoch
+/// (u64), seq (u64), the topic, the payload.
+pub fn binary_frame(topic: &str, epoch: u64, seq: u64, opcode: OpCode, payload: &[u8]) -> Vec<u8> {
+    let topic_len = u16::try_from(topic.len()).expect("topic names are at most 65 535 bytes");
+    let len = BINARY_HEADER_LEN + topic.len() + payload.len();
+    let mut hdr = [0u8; MAX_HEADER_LEN];
+    let n = encode_header(&mut hdr, true, OpCode::Binary, len as u64, None);
+    let mut out = Vec::with_capacity(n + len);
+    out.extend_from_slice(&hdr[..n]);
+    out.push(BINARY_KIND_PUBLICATION);
+    out.push(if opcode == OpCode::Text {
+        BINARY_FLAG_TEXT
+    } else {
+        0
+    });
+    out.extend_from_slice(&topic_len.to_be_bytes());
+    out.extend_from_slice(&epoch.to_be_bytes());
+    out.extend_from_slice(&seq.to_be_bytes());
+    out.extend_from_slice(topic.as_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Decimal digits of `v`, without allocating.
+struct Digits {
+    buf: [u8; 20],
+    start: usize,
+}
+
+impl Digits {
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[self.start..]).expect("ASCII digits")
+    }
+}
+
+fn itoa(mut v: u64) -> Digits {
+    let mut buf = [0u8; 20];
+    let mut start = buf.len();
+    loop {
+        start -= 1;
+        buf[start] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    Digits { buf, start }
+}
+
+/// What byte `b` becomes inside a JSON string: itself (`None`) or an escape.
+fn escape(b: u8) -> Option<&'static [u8]> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    const CONTROL: [[u8; 6]; 32] = {
+        let mut t = [[0u8; 6]; 32];
+        let mut i = 0;
+        while i < 32 {
+            t[i] = [b'\\', b'u', b'0', b'0', HEX[i >> 4], HEX[i & 15]];
+            i += 1;
+        }
+        t
+    };
+    match b {
+        b'"' => Some(b"\\\""),
+        b'\\' => Some(b"\\\\"),
+        b'\n' => Some(b"\\n"),
+        b'\r' => Some(b"\\r"),
+        b'\t' => Some(b"\\t"),
+        0..=0x1F => Some(&CONTROL[b as usize]),
+        _ => None,
+    }
+}
+
+/// Bytes `text` takes as the inside of a JSON string.
+fn escaped_len(text: &[u8]) -> usize {
+    text.iter().map(|&b| escape(b).map_or(1, <[u8]>::len)).sum()
+}
+
+/// Appends `text` escaped as the inside of a JSON string: runs that need
+/// no escape are copied whole.
+fn escape_into(text: &[u8], out: &mut Vec<u8>) {
+    let mut start = 0;
+    for (i, &b) in text.iter().enumerate() {
+        if let Some(e) = escape(b) {
+            out.extend_from_slice(&text[start..i]);
+            out.extend_from_slice(e);
+            start = i + 1;
+        }
+    }
+    out.extend_from_slice(&text[start..]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::frame::server_frame;
+
+    fn payload_of(frame: &[u8]) -> &[u8] {
+        let h = match frame[1] & 0x7F {
+            126 => 4,
+            127 => 10,
+            _ => 2,
+        };
+        &frame[h..]
+    }
+
+    #[test]
+    fn the_json_form_of_a_text_payload_is_one_json_object_with_the_text_as_a_string() {
+        let text = "quote \"x\" \\ \n\t\u{1}é€";
+        let f = json_frame("prices.EURUSD", 7, 42, OpCode::Text, text.as_bytes());
+        assert_eq!(f[0], 0x81, "FIN + text");
+        let v: serde_json::Value = serde_json::from_slice(payload_of(&f)).expect("valid JSON");
+        assert_eq!(v["op"], "pub");
+        assert_eq!(v["topic"], "prices.EURUSD");
+        assert_eq!(v["epoch"], 7);
+        assert_eq!(v["seq"], 42);
+        assert_eq!(v["text"], text);
+        assert!(v.get("base64").is_none());
+        assert_eq!(
+            std::str::from_utf8(payload_of(&json_frame("t", 1, 2, OpCode::Text, b"hi"))),
+            Ok(r#"{"op":"pub","topic":"t","epoch":1,"seq":2,"text":"hi"}"#),
+            "the documented example"
+        );
+    }
+
+    #[test]
+    fn the_json_form_of_a_binary_payload_carries_it_in_base64() {
+        let bytes: Vec<u8> = (0..=255).collect();
+        let f = json_frame("t", u64::MAX, 1, OpCode::Binary, &bytes);
+        let v: serde_json::Value = serde_json::from_slice(payload_of(&f)).expect("valid JSON");
+        assert_eq!(v["epoch"], u64::MAX);
+        assert_eq!(BASE64.decode(v["base64"].as_str().unwrap()).unwrap(), bytes);
+        assert!(v.get("text").is_none());
+        assert_eq!(
+            std::str::from_utf8(payload_of(&json_frame(
+                "t",
+                1,
+                2,
+                OpCode::Binary,
+                &[0, 255]
+            ))),
+            Ok(r#"{"op":"pub","topic":"t","epoch":1,"seq":2,"base64":"AP8="}"#)
+        );
+    }
+
+    #[test]
+    fn every_length_gets_a_correct_frame_header() {
+        for n in [0, 1, 50, 125, 126, 65_535, 65_536, 200_000] {
+            let payload = vec![b'a'; n];
+            for f in [
+                json_frame("t", 1, 1, OpCode::Text, &payload),
+                json_frame("t", 1, 1, OpCode::Binary, &payload),
+                binary_frame("t", 1, 1, OpCode::Binary, &payload),
+            ] {
+                let h = crate::proto::frame::parse_header(&f)
+                    .expect("valid")
+                    .expect("complete");
+                assert_eq!(
+                    h.header_len as u64 + h.payload_len,
+                    f.len() as u64,
+                    "n = {n}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_binary_form_is_header_topic_payload() {
+        let f = binary_frame("ab", 0x0102, 0x0304, OpCode::Text, b"xyz");
+        let p = payload_of(&f);
+        assert_eq!(f[0], 0x82, "FIN + binary");
+        assert_eq!(
+            p,
+            [
+                1, 1, 0, 2, 0, 0, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 0, 0, 3, 4, b'a', b'b', b'x', b'y',
+                b'z'
+            ]
+        );
+        assert_eq!(
+            binary_frame("ab", 1, 1, OpCode::Binary, b"")[3],
+            0,
+            "flags: binary"
+        );
+    }
+
+    #[test]
+    fn a_message_builds_each_form_once_and_reads_its_payload_back() {
+        let mut m = Message::new(
+            Bytes::from(server_frame(OpCode::Text, &[b'q'; 300])),
+            Instant::now(),
+        );
+        m.epoch = 9;
+        m.seq = 3;
+        assert_eq!(m.payload(), (OpCode::Text, &[b'q'; 300][..]));
+        let mut built = 0;
+        let raw = m.frame_for(Form::Raw, "t", &mut |_| built += 1).clone();
+        assert_eq!(raw, m.frame);
+        let a = m.frame_for(Form::Json, "t", &mut |_| built += 1).clone();
+        let b = m.frame_for(Form::Json, "t", &mut |_| built += 1).clone();
+        assert_eq!(a.as_ptr(), b.as_ptr(), "one frame, shared");
+        let c = m.frame_for(Form::Binary, "t", &mut |_| built += 1).clone();
+        assert_eq!(built, 2, "each envelope once, raw never");
+        assert_eq!(&c[4..6], &[1, 1]);
+        assert_eq!(
+            Form::of_subprotocol(Some("corecast.v1.binary")),
+            Form::Binary
+        );
+        assert_eq!(Form::of_subprotocol(Some("corecast.v1")), Form::Json);
+        assert_eq!(Form::of_subprotocol(Some("chat")), Form::Raw);
+        assert_eq!(Form::of_subprotocol(None), Form::Raw);
+    }
+
+    #[test]
+    fn numbers_print_in_decimal() {
+        for v in [0, 9, 10, 12_345, u64::MAX] {
+            assert_eq!(itoa(v).as_str(), v.to_string());
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! The opt-in envelope (`corecast.v1`, `corecast.v1.binary`): each form by
+//! its subprotocol, raw subscribers unchanged, one order per topic with
+//! strictly consecutive sequence numbers at every subscriber, epochs.
+//! Clients are tungstenite (an independent implementation); the JSON is
+//! read with serde_json.
+
+mod common;
+
+use common::*;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tungstenite::Message;
+use tungstenite::client::IntoClientRequest;
+
+/// A subscriber offering `protocols`; returns it with the subprotocol the
+/// server chose.
+fn subscribe_with(addr: SocketAddr, path: &str, protocols: &str) -> (Ws, Option<String>) {
+    let mut req = ws_url(addr, path).into_client_request().unwrap();
+    if !protocols.is_empty() {
+        req.headers_mut()
+            .insert("Sec-WebSocket-Protocol", protocols.parse().unwrap());
+    }
+    let (ws, resp) = tungstenite::connect(req).expect("handshake");
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    }
+    let chosen = resp
+        .headers()
+        .get("Sec-WebSocket-Protocol")
+        .map(|v| v.to_str().unwrap().to_owned());
+    (ws, chosen)
+}
+
+/// One publication as a subscriber of either envelope form sees it.
+#[derive(Debug, Clone, PartialEq)]
+struct Env {
+    topic: String,
+    epoch: u64,
+    seq: u64,
+    text: bool,
+    payload: Vec<u8>,
+}
+
+fn read_env(ws: &mut Ws) -> Env {
+    match ws.read().expect("a message") {
+        Message::Text(t) => {
+            let v: serde_json::Value = serde_json::from_str(t.as_str()).expect("JSON");
+            assert_eq!(v["op"], "pub", "{t}");
+            let (text, payload) = match (v.get("text"), v.get("base64")) {
+                (Some(s), None) => (true, s.as_str().unwrap().as_bytes().to_vec()),
+                (None, Some(b)) => {
+                    use base64::Engine;
+                    let b = base64::engine::general_purpose::STANDARD
+                        .decode(b.as_str().unwrap())
+                        .unwrap();
+                    (false, b)
+                }
+                _ => panic!("exactly one of text and base64: {t}"),
+            };
+            Env {
+                topic: v["topic"].as_str().unwrap().to_owned(),
+                epoch: v["epoch"].as_u64().unwrap(),
+                seq: v["seq"].as_u64().unwrap(),
+                text,
+                payload,
+            }
+        }
+        Message::Binary(b) => {
+            assert_eq!(b[0], 1, "kind: publication");
+            let n = u16::from_be_bytes([b[2], b[3]]) as usize;
+            Env {
+                text: b[1] & 1 == 1,
+                epoch: u64::from_be_bytes(b[4..12].try_into().unwrap()),
+                seq: u64::from_be_bytes(b[12..20].try_into().unwrap()),
+                topic: String::from_utf8(b[20..20 + n].to_vec()).unwrap(),
+                payload: b[20 + n..].to_vec(),
+            }
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn each_subscriber_gets_the_form_its_subprotocol_names_and_raw_ones_are_unchanged() {
+    let server = start_with(|c| c.subprotocols = vec!["chat".into()]);
+    let addr = server.local_addr();
+    let (mut raw, p) = subscribe_with(addr, "/ws?topics=fx", "");
+    assert_eq!(p, None);
+    let (mut raw2, p) = subscribe_with(addr, "/ws?topics=fx", "corecast.raw");
+    assert_eq!(p.as_deref(), Some("corecast.raw"));
+    let (mut json, p) = subscribe_with(addr, "/ws?topics=fx", "corecast.v1");
+    assert_eq!(p.as_deref(), Some("corecast.v1"));
+    let (mut bin, p) = subscribe_with(addr, "/ws?topics=fx", "x, corecast.v1.binary");
+    assert_eq!(p.as_deref(), Some("corecast.v1.binary"));
+    let (mut chat, p) = subscribe_with(addr, "/ws?topics=fx", "corecast.v1, chat");
+    assert_eq!(
+        p.as_deref(),
+        Some("chat"),
+        "--subprotocol's names come first, and carry raw payloads"
+    );
+    let (mut both, p) = subscribe_with(addr, "/ws?topics=fx", "corecast.v1, corecast.v1.binary");
+    assert_eq!(
+        p.as_deref(),
+        Some("corecast.v1.binary"),
+        "server preference"
+    );
+
+    let text = "q \"1.0842\" \\ \n é";
+    publish(addr, "fx", text.as_bytes()); // binary (no text/ content type)
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    use std::io::Write;
+    s.write_all(&post_with("fx", "text/plain", text.as_bytes(), ""))
+        .unwrap();
+    assert!(read_head(&mut s).starts_with("HTTP/1.1 204"));
+
+    for ws in [&mut raw, &mut raw2, &mut chat] {
+        assert_eq!(
+            ws.read().unwrap(),
+            Message::binary(text.as_bytes().to_vec())
+        );
+        assert_eq!(ws.read().unwrap(), Message::text(text));
+    }
+    let mut seen = Vec::new();
+    for ws in [&mut json, &mut bin, &mut both] {
+        let a = read_env(ws);
+        let b = read_env(ws);
+        assert_eq!((a.topic.as_str(), a.seq, a.text), ("fx", 1, false));
+        assert_eq!((b.topic.as_str(), b.seq, b.text), ("fx", 2, true));
+        assert_eq!(a.payload, text.as_bytes());
+        assert_eq!(b.payload, text.as_bytes());
+        assert_eq!(a.epoch, b.epoch);
+        seen.push(a.epoch);
+    }
+    assert!(
+        seen.iter().all(|&e| e == seen[0] && e > 0),
+        "one epoch: {seen:?}"
+    );
+    // Control replies stay JSON text in every form.
+    bin.send(Message::text(r#"{"op":"subscribe","topics":["gx"]}"#))
+        .unwrap();
+    match bin.read().unwrap() {
+        Message::Text(t) => assert!(t.contains("subscribed"), "{t}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_topic_forgotten_and_used_again_starts_a_new_epoch_at_sequence_one() {
+    let server = start();
+    let addr = server.local_addr();
+    let (mut a, _) = subscribe_with(addr, "/ws?topics=ep", "corecast.v1");
+    publish(addr, "ep", b"1");
+    publish(addr, "ep", b"2");
+    let first = read_env(&mut a);
+    assert_eq!(read_env(&mut a).seq, 2);
+    // While anyone holds the topic, its numbers go on.
+    let (mut b, _) = subscribe_with(addr, "/ws?topics=ep", "corecast.v1.binary");
+    publish(addr, "ep", b"3");
+    assert_eq!(read_env(&mut a).seq, 3);
+    let e = read_env(&mut b);
+    assert_eq!((e.epoch, e.seq), (first.epoch, 3));
+    drop(a);
+    drop(b);
+    // The server forgets the topic once its last subscriber is gone.
+    assert!(eventually(Duration::from_secs(10), || metric(
+        &metrics(addr),
+        "corecast_topics"
+    ) == 0));
+    let (mut c, _) = subscribe_with(addr, "/ws?topics=ep", "corecast.v1");
+    publish(addr, "ep", b"4");
+    let e = read_env(&mut c);
+    assert_eq!(e.seq, 1, "a new lifetime starts at 1");
+    assert!(e.epoch > first.epoch, "and has a new epoch");
+}
+
+/// One order per topic with sequence numbers: publishers on four workers
+/// publish to one topic at once while subscribers (both forms, on every
+/// worker) are connected, and more subscribers join in the middle; at each
+/// subscriber the numbers are strictly consecutive from its first, and
+/// every two subscribers agree on what each number carries.
+#[test]
+fn concurrent_publishers_give_every_subscriber_consecutive_numbers_of_one_order() {
+    let server = start_with(|c| c.workers = 4);
+    let addr = server.local_addr();
+    const PUBLISHERS: u8 = 6;
+    const EACH: u32 = 1500;
+    let total = u64::from(PUBLISHERS) * u64::from(EACH);
+    let form = |i: usize| {
+        if i.is_multiple_of(2) {
+            "corecast.v1"
+        } else {
+            "corecast.v1.binary"
+        }
+    };
+    let mut early: Vec<Ws> = (0..8)
+        .map(|i| subscribe_with(addr, "/ws?topics=seq", form(i)).0)
+        .collect();
+    let pubs: Vec<Ws> = (0..PUBLISHERS)
+        .map(|_| connect(addr, "/publish/seq"))
+        .collect();
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(PUBLISHERS as usize + 1));
+    let senders: Vec<_> = pubs
+        .into_iter()
+        .enumerate()
+        .map(|(p, mut ws)| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                for i in 0..EACH {
+                    let mut m = vec![p as u8];
+                    m.extend_from_slice(&i.to_be_bytes());
+                    ws.send(Message::binary(m)).unwrap();
+                    if i % 10 == 0 {
+                        // Long enough for the late joiners to join mid-stream.
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+                ws.flush().unwrap();
+                ws
+            })
+        })
+        .collect();
+    barrier.wait();
+    // Late joiners, while the publishers run.
+    let late: Vec<Ws> = (0..8)
+        .map(|i| {
+            std::thread::sleep(Duration::from_millis(5));
+            subscribe_with(addr, "/ws?topics=seq", form(i)).0
+        })
+        .collect();
+    let read_all = |mut ws: Ws, until: u64| {
+        std::thread::spawn(move || {
+            let mut got: Vec<Env> = Vec::new();
+            loop {
+                let e = read_env(&mut ws);
+                let done = e.seq == until;
+                got.push(e);
+                if done {
+                    return got;
+                }
+            }
+        })
+    };
+    let readers: Vec<_> = early
+        .drain(..)
+        .chain(late)
+        .map(|ws| read_all(ws, total))
+        .collect();
+    let _pubs: Vec<Ws> = senders.into_iter().map(|h| h.join().unwrap()).collect();
+    let got: Vec<Vec<Env>> = readers.into_iter().map(|h| h.join().unwrap()).collect();
+    let reference = &got[0];
+    assert_eq!(
+        reference.len() as u64,
+        total,
+        "an early subscriber gets all"
+    );
+    for (i, g) in got.iter().enumerate() {
+        let first = g[0].seq;
+        for (k, e) in g.iter().enumerate() {
+            assert_eq!(e.seq, first + k as u64, "subscriber {i}: consecutive");
+            assert_eq!(e.epoch, reference[0].epoch);
+            assert_eq!(
+                e.payload,
+                reference[(e.seq - 1) as usize].payload,
+                "subscriber {i}: number {} carries what it carries everywhere",
+                e.seq
+            );
+        }
+        if i < 8 {
+            assert_eq!(first, 1, "subscriber {i} was there from the start");
+        } else {
+            assert!(
+                first > 1,
+                "subscriber {i} joined mid-stream (else: pace the publishers)"
+            );
+        }
+    }
+    // Each publisher's own messages in its order.
+    for p in 0..PUBLISHERS {
+        let mine: Vec<u32> = reference
+            .iter()
+            .filter(|e| e.payload[0] == p)
+            .map(|e| u32::from_be_bytes(e.payload[1..5].try_into().unwrap()))
+            .collect();
+        assert_eq!(mine, (0..EACH).collect::<Vec<_>>());
+    }
+}
