@@ -32,14 +32,15 @@ pub const SUBSCRIBER_PROTOCOLS: [&str; 3] = [BINARY_PROTOCOL, JSON_PROTOCOL, RAW
 
 /// How a subscriber receives publications.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(u8)]
 pub enum Form {
     /// The payload as published, with the publisher's opcode.
     #[default]
-    Raw,
+    Raw = 0,
     /// A text frame holding one JSON object.
-    Json,
+    Json = 1,
     /// A binary frame: a fixed header, the topic, the payload.
-    Binary,
+    Binary = 2,
 }
 
 impl Form {

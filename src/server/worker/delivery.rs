@@ -221,13 +221,11 @@ fn push_to<S>(
         topic,
         targets,
     } = to;
-    // Room for the run's small frames, reserved once per subscriber instead
-    // of growing the tail buffer step by step (an envelope adds its header).
-    let small: usize = run
-        .iter()
-        .map(|p| p.frame().len())
-        .filter(|&n| n < COPY_BELOW)
-        .sum();
+    // Room for the run's small frames in each form, reserved once per
+    // subscriber instead of growing the tail buffer step by step; summed
+    // the first time a subscriber of the form comes (which builds the
+    // form's envelopes: they are needed next anyway).
+    let mut small: [Option<usize>; 3] = [None; 3];
     let mut sent = 0;
     let mut on_built = |f: &Bytes| built.push(f.clone());
     for &(key, serial) in targets {
@@ -235,10 +233,16 @@ fn push_to<S>(
             continue;
         };
         debug_assert_eq!(conn.serial, serial, "registry holds a stale connection");
-        conn.session.out.reserve_tail(small);
+        let form = conn.session.form();
+        let room = *small[form as usize].get_or_insert_with(|| {
+            run.iter()
+                .map(|p| p.msg.frame_for(form, topic, &mut on_built).len())
+                .filter(|&n| n < COPY_BELOW)
+                .sum()
+        });
+        conn.session.out.reserve_tail(room);
         let mut queued = false;
         let over = *budget.buffered > budget.limit;
-        let form = conn.session.form();
         for (i, p) in run.iter().enumerate() {
             let frame = p.msg.frame_for(form, topic, &mut on_built);
             match conn.session.push_published(frame, cfg, over) {

@@ -68,6 +68,7 @@ fn run(shard: usize, plan: &Plan, link: &mut dyn Link) -> Result<(), String> {
     let anchor = Anchor::now();
     let c = &plan.connect;
     crate::client::tls::configure(&c.tls)?;
+    crate::client::set_offered(c.subprotocol.as_deref());
     crate::fanout::expect_binary_envelope(
         c.subprotocol.as_deref() == Some(corecast::pubsub::envelope::BINARY_PROTOCOL),
     );

@@ -7,6 +7,15 @@ use super::Failure;
 use crate::url::WsUrl;
 use corecast::proto::handshake::accept_key;
 
+/// The subprotocol this process's requests offer (see
+/// [`RequestTemplate::offering`]): the only one a response may choose.
+static OFFERED: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// Sets what [`check_response`] accepts as the server's subprotocol.
+pub fn set_offered(subprotocol: Option<&str>) {
+    *OFFERED.lock().unwrap_or_else(|p| p.into_inner()) = subprotocol.map(str::to_owned);
+}
+
 /// Largest response head accepted from the server.
 pub const MAX_RESPONSE_HEAD: usize = 8 * 1024;
 
@@ -113,12 +122,17 @@ pub fn check_response(buf: &[u8], key: &[u8; 24]) -> Result<Option<usize>, Failu
     if !has_token("connection", "upgrade") {
         return Err(Failure::BadResponse("no_connection_upgrade"));
     }
-    // We offered neither extensions nor subprotocols (RFC 6455 §4.1).
+    // We offered no extensions, and at most the one subprotocol
+    // (RFC 6455 §4.1).
     if values("sec-websocket-extensions").next().is_some() {
         return Err(Failure::BadResponse("unrequested_extension"));
     }
-    if values("sec-websocket-protocol").next().is_some() {
-        return Err(Failure::BadResponse("unrequested_subprotocol"));
+    let offered = OFFERED.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut chosen = values("sec-websocket-protocol");
+    match (chosen.next(), chosen.next(), offered) {
+        (None, _, _) => {}
+        (Some(v), None, Some(o)) if v.trim_ascii() == o.as_bytes() => {}
+        _ => return Err(Failure::BadResponse("unrequested_subprotocol")),
     }
     let mut accepts = values("sec-websocket-accept");
     match (accepts.next(), accepts.next()) {
@@ -136,6 +150,28 @@ mod tests {
     const KEY: &[u8; 24] = b"dGhlIHNhbXBsZSBub25jZQ==";
     const OK: &str = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
         Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+
+    #[test]
+    fn a_chosen_subprotocol_must_be_the_offered_one() {
+        let with = |p: &str| {
+            OK.replace(
+                "\r\n\r\n",
+                &format!("\r\nSec-WebSocket-Protocol: {p}\r\n\r\n"),
+            )
+        };
+        set_offered(Some("corecast.v1.binary"));
+        let ok = with("corecast.v1.binary");
+        assert_eq!(check_response(ok.as_bytes(), KEY), Ok(Some(ok.len())));
+        assert_eq!(
+            check_response(with("chat").as_bytes(), KEY),
+            Err(Failure::BadResponse("unrequested_subprotocol"))
+        );
+        set_offered(None);
+        assert_eq!(
+            check_response(ok.as_bytes(), KEY),
+            Err(Failure::BadResponse("unrequested_subprotocol"))
+        );
+    }
 
     #[test]
     fn accepts_a_valid_101_and_finds_its_end() {

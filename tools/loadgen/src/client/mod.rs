@@ -24,7 +24,7 @@ pub mod tls;
 
 pub use conn::{Conn, Counters, NoSink, Sink, Step};
 pub use frames::MAX_FRAME_PAYLOAD;
-pub use handshake::{RequestTemplate, TOPIC_PLACEHOLDER};
+pub use handshake::{RequestTemplate, TOPIC_PLACEHOLDER, set_offered};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;

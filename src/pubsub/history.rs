@@ -1,0 +1,363 @@
+//! A topic's recent publications, kept as the already-encoded messages, and
+//! what a subscriber that says where it stopped (`since`) gets back.
+//!
+//! Each topic's [`History`] lives in its directory entry and is appended to
+//! at dispatch, under the topic's order lock, in sequence order; it is read
+//! under the same lock when a subscriber recovers, so what it replays and
+//! the live stream that follows meet exactly (see `Shard::subscribe_since`).
+//!
+//! Bounds ([`HistoryLimits`]): per topic a count, bytes and an age; for the
+//! process a total in bytes ([`HistoryMemory`]), which an append that
+//! would pass it pays for by dropping the oldest entries of its own topic
+//! (and, if that is not enough, by not keeping the new one). Each entry is
+//! counted as its raw frame plus [`ENTRY_OVERHEAD_BYTES`].
+
+use super::envelope::Message;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// What one retained message costs besides its frame: its `Message`
+/// (with room for its envelopes' handles), the frame's allocation and
+/// shared count, its slot here.
+pub const ENTRY_OVERHEAD_BYTES: usize = 256;
+
+/// How much history each topic keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryLimits {
+    /// Most messages per topic; 0 turns history (and recovery) off.
+    pub size: usize,
+    /// Most bytes per topic (frames plus overhead).
+    pub bytes: usize,
+    /// Oldest message kept, by publication time.
+    pub age: Duration,
+    /// Most bytes all topics' histories hold together.
+    pub memory: usize,
+}
+
+/// Default messages kept per topic (`--history-size`).
+pub const DEFAULT_HISTORY_SIZE: usize = 100;
+/// Default bytes kept per topic (`--history-bytes`).
+pub const DEFAULT_HISTORY_BYTES: usize = 1024 * 1024;
+/// Default age of the oldest message kept (`--history-age`).
+pub const DEFAULT_HISTORY_AGE: Duration = Duration::from_secs(300);
+/// Default total of every history (`--history-memory`).
+pub const DEFAULT_HISTORY_MEMORY: usize = 64 * 1024 * 1024;
+
+impl Default for HistoryLimits {
+    fn default() -> Self {
+        Self {
+            size: DEFAULT_HISTORY_SIZE,
+            bytes: DEFAULT_HISTORY_BYTES,
+            age: DEFAULT_HISTORY_AGE,
+            memory: DEFAULT_HISTORY_MEMORY,
+        }
+    }
+}
+
+/// The process's history bytes and counters (metrics), shared by every topic.
+#[derive(Debug, Default)]
+pub struct HistoryMemory {
+    bytes: AtomicUsize,
+    entries: AtomicUsize,
+    /// Entries dropped before their time because the total was reached.
+    evicted_for_memory: AtomicU64,
+}
+
+impl HistoryMemory {
+    /// Bytes all histories hold now.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Messages all histories hold now.
+    pub fn entries(&self) -> usize {
+        self.entries.load(Ordering::Relaxed)
+    }
+
+    /// Entries dropped early to stay under the total.
+    pub fn evicted_for_memory(&self) -> u64 {
+        self.evicted_for_memory.load(Ordering::Relaxed)
+    }
+
+    fn add(&self, bytes: usize) {
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.entries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn sub(&self, bytes: usize) {
+        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.entries.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Where a subscriber says it stopped: the epoch and the last sequence
+/// number it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Since {
+    pub epoch: u64,
+    pub seq: u64,
+}
+
+/// Why a recovery is not complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gap {
+    /// The topic's epoch is another one: its numbering started over.
+    Epoch,
+    /// The history no longer holds the first messages asked for.
+    TooOld,
+    /// More was asked for than one recovery sends (the oldest part is lost).
+    Capped,
+    /// A number the topic has not reached in this epoch.
+    Ahead,
+}
+
+impl Gap {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Epoch => "epoch",
+            Self::TooOld => "too_old",
+            Self::Capped => "capped",
+            Self::Ahead => "ahead",
+        }
+    }
+}
+
+/// What a subscribe with `since` gets: the messages to replay (in order,
+/// numbered `first ..= last`, none when `first > last`), then the live
+/// stream from `last + 1`.
+#[derive(Debug)]
+pub struct Recovery {
+    /// The topic's current epoch.
+    pub epoch: u64,
+    pub first: u64,
+    pub last: u64,
+    pub messages: Vec<Arc<Message>>,
+    /// `None`: nothing between `since` and the live stream is missing.
+    pub gap: Option<Gap>,
+}
+
+/// One topic's retained messages, oldest first, consecutive numbers.
+#[derive(Debug, Default)]
+pub struct History {
+    entries: VecDeque<Arc<Message>>,
+    bytes: usize,
+}
+
+fn cost(m: &Message) -> usize {
+    m.frame.len() + ENTRY_OVERHEAD_BYTES
+}
+
+impl History {
+    /// Messages held.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Appends `msg` (the topic's newest number) and trims to `limits`.
+    pub fn append(
+        &mut self,
+        msg: &Arc<Message>,
+        limits: &HistoryLimits,
+        memory: &HistoryMemory,
+        now: Instant,
+    ) {
+        if limits.size == 0 {
+            return;
+        }
+        debug_assert!(
+            self.entries.back().is_none_or(|b| b.seq + 1 == msg.seq),
+            "consecutive numbers"
+        );
+        let c = cost(msg);
+        self.entries.push_back(Arc::clone(msg));
+        self.bytes += c;
+        memory.add(c);
+        self.expire(limits, memory, now);
+        while !self.entries.is_empty()
+            && (self.entries.len() > limits.size || self.bytes > limits.bytes)
+        {
+            self.pop(memory);
+        }
+        while !self.entries.is_empty() && memory.bytes() > limits.memory {
+            self.pop(memory);
+            memory.evicted_for_memory.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Drops messages older than `limits.age`.
+    pub fn expire(&mut self, limits: &HistoryLimits, memory: &HistoryMemory, now: Instant) {
+        while self
+            .entries
+            .front()
+            .is_some_and(|m| now.saturating_duration_since(m.published_at) > limits.age)
+        {
+            self.pop(memory);
+        }
+    }
+
+    fn pop(&mut self, memory: &HistoryMemory) {
+        if let Some(m) = self.entries.pop_front() {
+            let c = cost(&m);
+            self.bytes -= c;
+            memory.sub(c);
+        }
+    }
+
+    /// Drops everything (the topic is forgotten).
+    pub fn clear(&mut self, memory: &HistoryMemory) {
+        while !self.entries.is_empty() {
+            self.pop(memory);
+        }
+    }
+
+    /// The newest retained number and the oldest (`None`: empty).
+    pub fn range(&self) -> Option<(u64, u64)> {
+        Some((self.entries.front()?.seq, self.entries.back()?.seq))
+    }
+
+    /// What a subscriber at `since` gets, the topic being at `epoch` with
+    /// `current` its last number: the retained messages after `since` (at
+    /// most `max_bytes` of frames, the newest ones when more are held), or
+    /// after the start of the epoch when `since` names another one.
+    pub fn recover(&self, since: Since, epoch: u64, current: u64, max_bytes: usize) -> Recovery {
+        let mut gap = None;
+        let wanted_from = if since.epoch != epoch {
+            gap = Some(Gap::Epoch);
+            1
+        } else if since.seq > current {
+            gap = Some(Gap::Ahead);
+            current + 1
+        } else {
+            since.seq + 1
+        };
+        // Newest first, within the byte cap, down to `wanted_from`.
+        let mut take = 0;
+        let mut bytes = 0;
+        let mut capped = false;
+        for m in self.entries.iter().rev() {
+            if m.seq < wanted_from {
+                break;
+            }
+            if take > 0 && bytes + m.frame.len() > max_bytes {
+                capped = true;
+                break;
+            }
+            bytes += m.frame.len();
+            take += 1;
+        }
+        let messages: Vec<Arc<Message>> = self
+            .entries
+            .iter()
+            .skip(self.entries.len() - take)
+            .cloned()
+            .collect();
+        let first = messages.first().map_or(current + 1, |m| m.seq);
+        if gap.is_none() && first > wanted_from {
+            gap = Some(if capped { Gap::Capped } else { Gap::TooOld });
+        }
+        Recovery {
+            epoch,
+            first,
+            last: current,
+            messages,
+            gap,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn msg(seq: u64, len: usize, at: Instant) -> Arc<Message> {
+        let mut m = Message::new(Bytes::from(vec![0u8; len]), at);
+        m.epoch = 7;
+        m.seq = seq;
+        Arc::new(m)
+    }
+
+    fn limits(size: usize, bytes: usize) -> HistoryLimits {
+        HistoryLimits {
+            size,
+            bytes,
+            age: Duration::from_secs(60),
+            memory: usize::MAX,
+        }
+    }
+
+    #[test]
+    fn keeps_the_newest_within_count_and_bytes() {
+        let mem = HistoryMemory::default();
+        let now = Instant::now();
+        let mut h = History::default();
+        for s in 1..=10 {
+            h.append(&msg(s, 10, now), &limits(4, usize::MAX), &mem, now);
+        }
+        assert_eq!(h.range(), Some((7, 10)));
+        assert_eq!(mem.entries(), 4);
+        assert_eq!(mem.bytes(), 4 * (10 + ENTRY_OVERHEAD_BYTES));
+        let l = limits(100, 2 * (100 + ENTRY_OVERHEAD_BYTES));
+        h.append(&msg(11, 100, now), &l, &mem, now);
+        h.append(&msg(12, 100, now), &l, &mem, now);
+        assert_eq!(h.range(), Some((11, 12)), "bytes bound");
+        h.clear(&mem);
+        assert_eq!((mem.entries(), mem.bytes()), (0, 0));
+    }
+
+    #[test]
+    fn old_messages_expire_and_the_total_is_never_passed() {
+        let mem = HistoryMemory::default();
+        let t0 = Instant::now();
+        let mut h = History::default();
+        let l = limits(100, usize::MAX);
+        h.append(&msg(1, 1, t0), &l, &mem, t0);
+        h.append(&msg(2, 1, t0 + Duration::from_secs(30)), &l, &mem, t0);
+        h.expire(&l, &mem, t0 + Duration::from_secs(61));
+        assert_eq!(h.range(), Some((2, 2)));
+        let tight = HistoryLimits {
+            memory: 3 * (1 + ENTRY_OVERHEAD_BYTES),
+            ..l
+        };
+        let mut other = History::default();
+        for s in 1..=5 {
+            other.append(&msg(s, 1, t0), &tight, &mem, t0);
+            assert!(mem.bytes() <= tight.memory);
+        }
+        assert_eq!(other.range(), Some((4, 5)), "the other topic holds one");
+        assert_eq!(mem.evicted_for_memory(), 3);
+    }
+
+    #[test]
+    fn recovery_replays_exactly_what_follows_since_or_says_what_is_missing() {
+        let mem = HistoryMemory::default();
+        let now = Instant::now();
+        let mut h = History::default();
+        for s in 1..=10 {
+            h.append(&msg(s, 10, now), &limits(5, usize::MAX), &mem, now);
+        }
+        let seqs = |r: &Recovery| r.messages.iter().map(|m| m.seq).collect::<Vec<_>>();
+        let r = h.recover(Since { epoch: 7, seq: 7 }, 7, 10, usize::MAX);
+        assert_eq!((seqs(&r), r.first, r.last, r.gap), (vec![8, 9, 10], 8, 10, None));
+        let r = h.recover(Since { epoch: 7, seq: 10 }, 7, 10, usize::MAX);
+        assert_eq!((r.messages.len(), r.first, r.gap), (0, 11, None), "up to date");
+        let r = h.recover(Since { epoch: 7, seq: 2 }, 7, 10, usize::MAX);
+        assert_eq!((seqs(&r), r.gap), (vec![6, 7, 8, 9, 10], Some(Gap::TooOld)));
+        let r = h.recover(Since { epoch: 7, seq: 2 }, 7, 10, 25);
+        assert_eq!((seqs(&r), r.gap), (vec![9, 10], Some(Gap::TooOld)));
+        let r = h.recover(Since { epoch: 7, seq: 7 }, 7, 10, 25);
+        assert_eq!((seqs(&r), r.gap), (vec![9, 10], Some(Gap::Capped)));
+        let r = h.recover(Since { epoch: 3, seq: 7 }, 7, 10, usize::MAX);
+        assert_eq!((seqs(&r), r.gap), (vec![6, 7, 8, 9, 10], Some(Gap::Epoch)));
+        let r = h.recover(Since { epoch: 7, seq: 99 }, 7, 10, usize::MAX);
+        assert_eq!((r.messages.len(), r.first, r.gap), (0, 11, Some(Gap::Ahead)));
+        let r = History::default().recover(Since { epoch: 7, seq: 0 }, 7, 0, 100);
+        assert_eq!((r.first, r.last, r.gap), (1, 0, None), "a new topic: complete");
+    }
+}
