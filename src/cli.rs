@@ -5,6 +5,10 @@ use crate::proto::ws::{
     DEFAULT_MAX_CONTROL_RATE, DEFAULT_MAX_FRAGMENTS, DEFAULT_MAX_FRAME_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
 };
+use crate::pubsub::directory::DEFAULT_RETAINED_TOPICS;
+use crate::pubsub::history::{
+    DEFAULT_HISTORY_BYTES, DEFAULT_HISTORY_MEMORY, DEFAULT_HISTORY_SIZE, HistoryLimits,
+};
 use crate::pubsub::topic::{DEFAULT_MAX_TOPIC_LEN, DEFAULT_MAX_TOPICS_PER_CONN};
 use crate::server::Config;
 use crate::server::admission::DEFAULT_MAX_CONNECTIONS;
@@ -103,9 +107,32 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = DEFAULT_MAX_TOPICS_PER_CONN, value_name = "N")]
     pub max_topics_per_conn: usize,
 
-    /// Longest topic name, in bytes.
-    #[arg(long, default_value_t = DEFAULT_MAX_TOPIC_LEN, value_name = "BYTES")]
+    /// Longest topic name, in bytes (1 to 65535).
+    #[arg(long, default_value_t = DEFAULT_MAX_TOPIC_LEN, value_parser = parse_topic_len, value_name = "BYTES")]
     pub max_topic_len: usize,
+
+    /// Messages each topic keeps for recovery (`since`); 0 turns history
+    /// and recovery off.
+    #[arg(long, default_value_t = DEFAULT_HISTORY_SIZE, value_name = "N")]
+    pub history_size: usize,
+
+    /// Bytes each topic's history may hold (frames plus 256 B each).
+    #[arg(long, default_value_t = DEFAULT_HISTORY_BYTES, value_parser = parse_size, value_name = "BYTES")]
+    pub history_bytes: usize,
+
+    /// Age of the oldest message a history keeps; also how long a topic
+    /// nobody subscribes to keeps its history.
+    #[arg(long, default_value = "5m", value_parser = parse_duration, value_name = "DURATION")]
+    pub history_age: Duration,
+
+    /// Bytes all histories together may hold.
+    #[arg(long, default_value_t = DEFAULT_HISTORY_MEMORY, value_parser = parse_size, value_name = "BYTES")]
+    pub history_memory: usize,
+
+    /// Most topics kept for their history after their last subscriber
+    /// and publisher left (the oldest goes first).
+    #[arg(long, default_value_t = DEFAULT_RETAINED_TOPICS, value_name = "N")]
+    pub retained_topics: usize,
 
     /// Ping a connection after this long without input; 0 disables keepalive.
     #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
@@ -235,6 +262,13 @@ impl ServeArgs {
             drain_timeout: self.drain_timeout,
             max_topics_per_conn: self.max_topics_per_conn,
             max_topic_len: self.max_topic_len,
+            history: HistoryLimits {
+                size: self.history_size,
+                bytes: self.history_bytes,
+                age: self.history_age,
+                memory: self.history_memory,
+            },
+            retained_topics: self.retained_topics,
             slow_consumer: self.slow_consumer,
             ping_interval: (!self.ping_interval.is_zero()).then_some(self.ping_interval),
             ping_timeout: self.ping_timeout,
@@ -274,6 +308,7 @@ const _: () = assert!(
         && DEFAULT_PING_TIMEOUT.as_secs() == 10
         && DEFAULT_MESSAGE_TIMEOUT.as_secs() == 30
         && DEFAULT_TCP_KEEPALIVE.as_secs() == 60
+        && crate::pubsub::history::DEFAULT_HISTORY_AGE.as_secs() == 300
 );
 
 /// Parses `auto`, `always` or `never`.
@@ -308,6 +343,14 @@ pub fn parse_policy(s: &str) -> Result<SlowConsumerPolicy, String> {
         other => Err(format!(
             "unknown policy {other:?}: use disconnect or drop-newest"
         )),
+    }
+}
+
+/// Parses a topic length limit: 1 to 65535 (the binary envelope's field).
+pub fn parse_topic_len(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n @ 1..=65_535) => Ok(n),
+        _ => Err(format!("invalid topic length {s:?}: expected 1 to 65535")),
     }
 }
 

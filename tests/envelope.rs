@@ -146,7 +146,9 @@ fn each_subscriber_gets_the_form_its_subprotocol_names_and_raw_ones_are_unchange
 
 #[test]
 fn a_topic_forgotten_and_used_again_starts_a_new_epoch_at_sequence_one() {
-    let server = start();
+    // Without history a topic nobody holds is forgotten at once (with it,
+    // retained: `a_lone_subscriber_recovers_what_was_published_while_it_was_away`).
+    let server = start_with(|c| c.history.size = 0);
     let addr = server.local_addr();
     let (mut a, _) = subscribe_with(addr, "/ws?topics=ep", "corecast.v1");
     publish(addr, "ep", b"1");
@@ -283,5 +285,301 @@ fn concurrent_publishers_give_every_subscriber_consecutive_numbers_of_one_order(
             .map(|e| u32::from_be_bytes(e.payload[1..5].try_into().unwrap()))
             .collect();
         assert_eq!(mine, (0..EACH).collect::<Vec<_>>());
+    }
+}
+
+/// A publication or a control reply, as an enveloped subscriber reads them.
+enum Incoming {
+    Pub(Env),
+    Reply(serde_json::Value),
+}
+
+fn read_incoming(ws: &mut Ws) -> Incoming {
+    match ws.read().expect("a message") {
+        Message::Text(t) if !t.as_str().starts_with(r#"{"op":"pub""#) => {
+            Incoming::Reply(serde_json::from_str(t.as_str()).expect("JSON"))
+        }
+        Message::Text(t) => {
+            // Re-read through the envelope reader.
+            let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+            Incoming::Pub(Env {
+                topic: v["topic"].as_str().unwrap().to_owned(),
+                epoch: v["epoch"].as_u64().unwrap(),
+                seq: v["seq"].as_u64().unwrap(),
+                text: v.get("text").is_some(),
+                payload: v
+                    .get("text")
+                    .map(|s| s.as_str().unwrap().as_bytes().to_vec())
+                    .unwrap_or_default(),
+                // (binary payloads are not read back here)
+            })
+        }
+        Message::Binary(b) => {
+            let n = u16::from_be_bytes([b[2], b[3]]) as usize;
+            Incoming::Pub(Env {
+                text: b[1] & 1 == 1,
+                epoch: u64::from_be_bytes(b[4..12].try_into().unwrap()),
+                seq: u64::from_be_bytes(b[12..20].try_into().unwrap()),
+                topic: String::from_utf8(b[20..20 + n].to_vec()).unwrap(),
+                payload: b[20 + n..].to_vec(),
+            })
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// Subscribes to `topic` by control message (with `since` if given);
+/// returns the reply (publications read before it are returned too).
+fn subscribe_since(
+    ws: &mut Ws,
+    topic: &str,
+    since: Option<(u64, u64)>,
+) -> (serde_json::Value, Vec<Env>) {
+    let msg = match since {
+        Some((epoch, seq)) => format!(
+            r#"{{"op":"subscribe","topics":["{topic}"],"since":{{"{topic}":{{"epoch":{epoch},"seq":{seq}}}}}}}"#
+        ),
+        None => format!(r#"{{"op":"subscribe","topics":["{topic}"]}}"#),
+    };
+    ws.send(Message::text(msg)).unwrap();
+    let mut early = Vec::new();
+    loop {
+        match read_incoming(ws) {
+            Incoming::Reply(v) => return (v, early),
+            Incoming::Pub(e) => early.push(e),
+        }
+    }
+}
+
+/// The issue's proof: subscribers cut off in the middle of a stream come
+/// back (on whichever worker) with `since` while publishing goes on, and
+/// each ends with exactly the full sequence, no gap and no duplicate.
+#[test]
+fn subscribers_cut_off_mid_stream_recover_with_since_and_get_every_number_once() {
+    let server = start_with(|c| {
+        c.workers = 4;
+        c.history.size = 10_000;
+    });
+    let addr = server.local_addr();
+    const TOTAL: u64 = 3000;
+    let subscribers: Vec<_> = (0..6)
+        .map(|i| {
+            let form = if i % 2 == 0 {
+                "corecast.v1"
+            } else {
+                "corecast.v1.binary"
+            };
+            let (mut ws, _) = subscribe_with(addr, "/ws", form);
+            let (reply, early) = subscribe_since(&mut ws, "rec", None);
+            assert_eq!(reply["op"], "subscribed");
+            assert!(early.is_empty());
+            (ws, form, i)
+        })
+        .collect();
+    let mut publisher = connect(addr, "/publish/rec");
+    let readers: Vec<_> = subscribers
+        .into_iter()
+        .map(|(mut ws, form, i)| {
+            std::thread::spawn(move || {
+                let mut seen: Vec<u64> = Vec::new();
+                let mut cuts = 0;
+                // Cut off after these numbers (different per subscriber).
+                let cut_at = [400 + 37 * i, 1300 + 91 * i, 2200 + 53 * i];
+                while seen.last() != Some(&TOTAL) {
+                    let e = match read_incoming(&mut ws) {
+                        Incoming::Pub(e) => e,
+                        Incoming::Reply(v) => panic!("unexpected reply {v}"),
+                    };
+                    let epoch = e.epoch;
+                    seen.push(e.seq);
+                    if cuts < cut_at.len() && e.seq == cut_at[cuts] {
+                        cuts += 1;
+                        // Gone without a close handshake, then back.
+                        drop(ws);
+                        let (fresh, _) = subscribe_with(addr, "/ws", form);
+                        ws = fresh;
+                        let (reply, early) = subscribe_since(&mut ws, "rec", Some((epoch, e.seq)));
+                        assert!(early.is_empty(), "nothing before the reply");
+                        let r = &reply["recovery"]["rec"];
+                        assert_eq!(r["complete"], true, "{reply}");
+                        assert_eq!(r["epoch"].as_u64(), Some(epoch));
+                        assert_eq!(r["from"].as_u64(), Some(e.seq + 1), "{reply}");
+                    }
+                }
+                assert_eq!(cuts, 3, "subscriber {i} was cut off three times");
+                seen
+            })
+        })
+        .collect();
+    for n in 0..TOTAL {
+        publisher
+            .send(Message::binary(n.to_be_bytes().to_vec()))
+            .unwrap();
+        if n % 20 == 0 {
+            publisher.flush().unwrap();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    publisher.flush().unwrap();
+    for (i, h) in readers.into_iter().enumerate() {
+        let seen = h.join().unwrap();
+        assert_eq!(
+            seen,
+            (1..=TOTAL).collect::<Vec<_>>(),
+            "subscriber {i}: every number once, in order"
+        );
+    }
+    let m = metrics(addr);
+    assert_eq!(metric(&m, "corecast_recoveries_complete_total"), 18);
+    assert_eq!(metric(&m, "corecast_recoveries_incomplete_total"), 0);
+}
+
+#[test]
+fn an_incomplete_recovery_says_why_and_what_it_replays() {
+    let server = start_with(|c| c.history.size = 5);
+    let addr = server.local_addr();
+    let (mut a, _) = subscribe_with(addr, "/ws?topics=inc", "corecast.v1");
+    for n in 1..=20u8 {
+        publish(addr, "inc", &[n]);
+    }
+    let mut epoch = 0;
+    for n in 1..=20 {
+        let e = read_env(&mut a);
+        assert_eq!(e.seq, n);
+        epoch = e.epoch;
+    }
+    let (mut b, _) = subscribe_with(addr, "/ws", "corecast.v1.binary");
+    let (reply, _) = subscribe_since(&mut b, "inc", Some((epoch, 3)));
+    let r = &reply["recovery"]["inc"];
+    assert_eq!(r["complete"], false);
+    assert_eq!(r["reason"], "too_old");
+    assert_eq!((r["from"].as_u64(), r["to"].as_u64()), (Some(16), Some(20)));
+    for n in 16..=20u8 {
+        let e = read_env(&mut b);
+        assert_eq!((e.seq, e.payload.as_slice()), (u64::from(n), &[n][..]));
+    }
+    let (mut c, _) = subscribe_with(addr, "/ws", "corecast.v1");
+    let (reply, _) = subscribe_since(&mut c, "inc", Some((epoch - 1, 19)));
+    let r = &reply["recovery"]["inc"];
+    assert_eq!(
+        (r["complete"].as_bool(), r["reason"].as_str()),
+        (Some(false), Some("epoch"))
+    );
+    assert_eq!(
+        r["epoch"].as_u64(),
+        Some(epoch),
+        "the epoch to start over in"
+    );
+    for n in 16..=20 {
+        assert_eq!(read_env(&mut c).seq, n, "from the oldest the history holds");
+    }
+    // A bad since is an error reply; the connection stays.
+    c.send(Message::text(
+        r#"{"op":"subscribe","topics":["x"],"since":{"y":{"epoch":1,"seq":1}}}"#,
+    ))
+    .unwrap();
+    match read_incoming(&mut c) {
+        Incoming::Reply(v) => assert_eq!(v["op"], "error", "{v}"),
+        Incoming::Pub(e) => panic!("{e:?}"),
+    }
+    let m = metrics(addr);
+    assert_eq!(metric(&m, "corecast_recoveries_incomplete_total"), 2);
+    assert_eq!(metric(&m, "corecast_messages_recovered_total"), 10);
+}
+
+/// A topic whose only subscriber went away keeps its history (retained),
+/// HTTP publications to it go on being numbered, and the subscriber that
+/// comes back recovers them all.
+#[test]
+fn a_lone_subscriber_recovers_what_was_published_while_it_was_away() {
+    let server = start();
+    let addr = server.local_addr();
+    let (mut a, _) = subscribe_with(addr, "/ws?topics=solo", "corecast.v1");
+    publish(addr, "solo", b"1");
+    let first = read_env(&mut a);
+    drop(a);
+    assert!(eventually(Duration::from_secs(10), || metric(
+        &metrics(addr),
+        "corecast_retained_topics"
+    ) == 1));
+    for n in 2..=4u8 {
+        publish(addr, "solo", &[b'0' + n]);
+    }
+    let (mut b, _) = subscribe_with(addr, "/ws", "corecast.v1");
+    let (reply, _) = subscribe_since(&mut b, "solo", Some((first.epoch, first.seq)));
+    assert_eq!(reply["recovery"]["solo"]["complete"], true, "{reply}");
+    for n in 2..=4 {
+        let e = read_env(&mut b);
+        assert_eq!((e.epoch, e.seq), (first.epoch, n));
+    }
+    assert_eq!(
+        metric(&metrics(addr), "corecast_retained_topics"),
+        0,
+        "held again"
+    );
+}
+
+/// Large frames a history holds stay charged to the publishing worker's
+/// budget (the ledger sees the history's reference) until the history
+/// lets them go; a retained topic's history ages out with the sweep.
+#[test]
+fn large_frames_in_a_history_are_charged_until_it_lets_them_go() {
+    let server = start_with(|c| {
+        c.workers = 1;
+        c.history.size = 5;
+        c.history.age = Duration::from_secs(1);
+    });
+    let addr = server.local_addr();
+    let (mut sub, _) = subscribe_with(addr, "/ws?topics=big", "corecast.v1.binary");
+    let mut publisher = connect(addr, "/publish/big");
+    for _ in 0..20 {
+        publisher.send(Message::binary(vec![1u8; 65_536])).unwrap();
+    }
+    for n in 1..=20 {
+        assert_eq!(read_env(&mut sub).seq, n);
+    }
+    let held = || metric(&metrics(addr), "corecast_buffered_bytes");
+    let registry = 512 + 2 * 3 + 80;
+    let frame = 65_536 + 10;
+    // The history holds the last five messages with the binary envelope
+    // built for them (20 B header and the topic): both stay charged, and
+    // both count in the history's bytes (with 256 B per message).
+    let envelope = frame + 20 + 3;
+    let expected = registry + 5 * (frame + envelope);
+    assert_eq!(settle(Duration::from_secs(5), held, expected), expected);
+    let history = 5 * (frame + envelope + 256);
+    assert_eq!(metric(&metrics(addr), "corecast_history_bytes"), history);
+    drop(sub);
+    drop(publisher);
+    // Retained for its history, then aged out: nothing charged.
+    assert_eq!(settle(Duration::from_secs(10), held, 0), 0);
+    let m = metrics(addr);
+    assert_eq!(metric(&m, "corecast_retained_topics"), 0);
+    assert_eq!(metric(&m, "corecast_history_bytes"), 0);
+}
+
+#[test]
+fn an_http_publish_is_answered_with_the_number_it_got() {
+    let server = start();
+    let addr = server.local_addr();
+    let head = |s: &mut std::net::TcpStream, topic: &str| {
+        use std::io::Write;
+        s.write_all(&post(topic, b"x")).unwrap();
+        read_head(s)
+    };
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let h = head(&mut s, "nobody");
+    assert!(h.starts_with("HTTP/1.1 204"), "{h}");
+    assert!(!h.contains("Corecast-Seq"), "no entry, no number: {h}");
+    let (mut sub, _) = subscribe_with(addr, "/ws?topics=num", "corecast.v1");
+    for n in 1..=3u64 {
+        let h = head(&mut s, "num");
+        let e = read_env(&mut sub);
+        assert!(h.contains(&format!("Corecast-Seq: {n}\r\n")), "{h}");
+        assert!(
+            h.contains(&format!("Corecast-Epoch: {}\r\n", e.epoch)),
+            "{h}"
+        );
+        assert_eq!(e.seq, n);
     }
 }

@@ -3,6 +3,8 @@
 //! ```text
 //! → {"op":"subscribe","topics":["a","b"]}     ← {"op":"subscribed","topics":["a","b"]}
 //! → {"op":"unsubscribe","topics":["a"]}       ← {"op":"unsubscribed","topics":["a"]}
+//! → {"op":"subscribe","topics":["a"],"since":{"a":{"epoch":E,"seq":S}}}
+//!                                    ← {"op":"subscribed","topics":["a"],"recovery":{"a":{…}}}
 //! → anything else                             ← {"op":"error","reason":"..."}
 //! ```
 //!
@@ -14,6 +16,7 @@
 //! at 1 024 levels itself; the check here keeps the limit ours, small and
 //! documented, whatever version is linked.
 
+use super::history::{Recovery, Since};
 use super::topic::{DistinctNames, ListError, TopicError};
 use simd_json::prelude::*;
 use std::fmt;
@@ -54,6 +57,9 @@ pub struct Limits {
 pub struct Control {
     pub op: Op,
     pub topics: Vec<String>,
+    /// A subscribe's positions to recover from, one per topic it names
+    /// (`None` for a topic without one); empty when there is no `since`.
+    pub since: Vec<Option<Since>>,
 }
 
 /// Why a control message was refused; its `Display` is the `reason` of the
@@ -77,6 +83,9 @@ pub enum ControlError {
     /// More distinct topics than one connection may hold: named in the
     /// message, or the message's new ones added to those held.
     TooManyTopics { max: usize },
+    /// `"since"` is not an object of `{"epoch":N,"seq":N}` for topics the
+    /// message names.
+    BadSince,
 }
 
 impl fmt::Display for ControlError {
@@ -93,6 +102,9 @@ impl fmt::Display for ControlError {
             Self::TopicsNotStrings => f.write_str("\"topics\" must be an array of strings"),
             Self::Topic(e) => e.fmt(f),
             Self::TooManyTopics { max } => ListError::TooMany { max: *max }.fmt(f),
+            Self::BadSince => {
+                f.write_str("\"since\" must map topics of \"topics\" to {\"epoch\":N,\"seq\":N}")
+            }
         }
     }
 }
@@ -145,8 +157,38 @@ fn parse_counting(
     });
     *read += names.read();
     result?;
-    let topics = names.into_vec().into_iter().map(str::to_owned).collect();
-    Ok(Control { op, topics })
+    let topics: Vec<String> = names.into_vec().into_iter().map(str::to_owned).collect();
+    let since = match value.get("since") {
+        None => Vec::new(),
+        Some(v) if op == Op::Subscribe => read_since(v, &topics)?,
+        Some(_) => return Err(ControlError::BadSince),
+    };
+    Ok(Control { op, topics, since })
+}
+
+/// `"since"`: `{"topic":{"epoch":N,"seq":N},…}`, every key one of `topics`
+/// (so at most as many entries as topics count; a key given twice keeps
+/// the last). Linear in the object.
+fn read_since(
+    v: &simd_json::BorrowedValue<'_>,
+    topics: &[String],
+) -> Result<Vec<Option<Since>>, ControlError> {
+    let obj = v.as_object().ok_or(ControlError::BadSince)?;
+    let index: std::collections::HashMap<&str, usize> = topics
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
+    let mut since = vec![None; topics.len()];
+    for (k, pos) in obj.iter() {
+        let &i = index.get(k.as_ref()).ok_or(ControlError::BadSince)?;
+        let num = |key: &str| pos.get(key).and_then(|n| n.as_u64());
+        match (num("epoch"), num("seq")) {
+            (Some(epoch), Some(seq)) => since[i] = Some(Since { epoch, seq }),
+            _ => return Err(ControlError::BadSince),
+        }
+    }
+    Ok(since)
 }
 
 /// Refuses `buf` if it nests arrays and objects deeper than `max`, in one
@@ -207,6 +249,41 @@ pub fn reply<S: AsRef<str>>(op: Op, topics: &[S]) -> String {
         s.push('"');
     }
     s.push_str("]}");
+    s
+}
+
+/// The subscribe reply with what each recovering topic gets:
+/// `{"op":"subscribed","topics":[…],"recovery":{"a":{"epoch":E,"from":F,"to":T,"complete":true}}}`,
+/// the messages numbered `from ..= to` following the reply (none when
+/// `from > to`); an incomplete one adds `"reason"` (`epoch`, `too_old`,
+/// `capped`, `ahead`).
+pub fn subscribed_with_recovery<S: AsRef<str>>(
+    topics: &[S],
+    recovered: &[(&str, &Recovery)],
+) -> String {
+    let mut s = reply(Op::Subscribe, topics);
+    if recovered.is_empty() {
+        return s;
+    }
+    s.pop();
+    s.push_str(",\"recovery\":{");
+    for (i, (name, r)) in recovered.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(&format!(
+            "\"{name}\":{{\"epoch\":{},\"from\":{},\"to\":{},\"complete\":{}",
+            r.epoch,
+            r.first,
+            r.last,
+            r.gap.is_none()
+        ));
+        if let Some(g) = r.gap {
+            s.push_str(&format!(",\"reason\":\"{}\"", g.as_str()));
+        }
+        s.push('}');
+    }
+    s.push_str("}}");
     s
 }
 
@@ -291,15 +368,59 @@ mod tests {
             p(r#"{"op":"subscribe","topics":["a","b","a"]}"#),
             Ok(Control {
                 op: Op::Subscribe,
-                topics: vec!["a".into(), "b".into()]
+                topics: vec!["a".into(), "b".into()],
+                since: vec![]
             })
         );
         assert_eq!(
             p(r#" { "topics" : [] , "op" : "unsubscribe" } "#),
             Ok(Control {
                 op: Op::Unsubscribe,
-                topics: vec![]
+                topics: vec![],
+                since: vec![]
             })
+        );
+    }
+
+    #[test]
+    fn a_subscribe_may_say_since_for_the_topics_it_names() {
+        let c = p(r#"{"op":"subscribe","topics":["a","b"],"since":{"b":{"seq":4,"epoch":9007199254740991}}}"#)
+            .unwrap();
+        assert_eq!(
+            c.since,
+            vec![
+                None,
+                Some(Since {
+                    epoch: 9_007_199_254_740_991,
+                    seq: 4
+                })
+            ]
+        );
+        for bad in [
+            r#"{"op":"subscribe","topics":["a"],"since":{"b":{"epoch":1,"seq":1}}}"#,
+            r#"{"op":"subscribe","topics":["a"],"since":{"a":{"epoch":1}}}"#,
+            r#"{"op":"subscribe","topics":["a"],"since":{"a":{"epoch":-1,"seq":1}}}"#,
+            r#"{"op":"subscribe","topics":["a"],"since":{"a":{"epoch":1.5,"seq":1}}}"#,
+            r#"{"op":"subscribe","topics":["a"],"since":[1,2]}"#,
+            r#"{"op":"unsubscribe","topics":["a"],"since":{}}"#,
+        ] {
+            assert_eq!(p(bad), Err(ControlError::BadSince), "{bad}");
+        }
+        let r = Recovery {
+            epoch: 5,
+            first: 3,
+            last: 4,
+            messages: vec![],
+            gap: Some(crate::pubsub::history::Gap::TooOld),
+        };
+        let reply = subscribed_with_recovery(&["a", "b"], &[("a", &r)]);
+        assert_eq!(
+            reply,
+            r#"{"op":"subscribed","topics":["a","b"],"recovery":{"a":{"epoch":5,"from":3,"to":4,"complete":false,"reason":"too_old"}}}"#
+        );
+        assert_eq!(
+            subscribed_with_recovery(&["a"], &[]),
+            r#"{"op":"subscribed","topics":["a"]}"#
         );
     }
 

@@ -16,12 +16,20 @@
 //! forgotten (no unbounded growth from clients trying random names).
 //! Every holder lets go through [`Directory::release`] or
 //! [`Directory::release_many`], under the map's lock, so the last one
-//! always sees that only the map is left. The entry's lifetime is the
-//! topic's history lifetime: its [`epoch`](TopicInterest::epoch).
+//! always sees that only the map is left. A topic whose history holds
+//! something is then *retained* rather than forgotten, so a subscriber
+//! that reconnects can still recover: until its history ages out
+//! (`--history-age`, judged by the workers' sweep) or more than
+//! `--retained-topics` are retained (the longest retained goes first).
+//! The entry's lifetime is the topic's history lifetime: its
+//! [`epoch`](TopicInterest::epoch).
 
-use std::collections::HashMap;
+use super::envelope::Message;
+use super::history::{History, HistoryLimits, HistoryMemory, Recovery, Since};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 /// Most workers a mask can describe.
 pub const MAX_WORKERS: usize = 64;
@@ -38,6 +46,11 @@ pub struct TopicInterest {
     /// the topic's order lock ([`Bus::hold_order`](super::bus::Bus::hold_order)),
     /// or by the only worker.
     seq: AtomicU64,
+    /// Recent publications, appended under the order lock.
+    history: Mutex<History>,
+    /// The listing of this topic in the directory's retained topics that
+    /// counts (0: not retained); written under the directory's lock.
+    retained: AtomicU64,
 }
 
 impl TopicInterest {
@@ -72,14 +85,45 @@ impl TopicInterest {
     pub fn next_seq(&self) -> u64 {
         self.seq.fetch_add(1, Ordering::Relaxed) + 1
     }
+
+    /// The topic's history. Locked under the order lock when appended and
+    /// read; never held while taking the directory's lock.
+    pub fn history(&self) -> MutexGuard<'_, History> {
+        // Every operation leaves it consistent: poisoning ignored.
+        self.history.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
+
+/// Default most topics kept for their history once nobody holds them
+/// (`--retained-topics`).
+pub const DEFAULT_RETAINED_TOPICS: usize = 10_000;
 
 /// Topic name → interest, shared by all workers.
 #[derive(Debug)]
 pub struct Directory {
-    topics: Mutex<HashMap<Arc<str>, Arc<TopicInterest>>>,
+    topics: Mutex<Topics>,
     /// The next entry's epoch.
     next_epoch: AtomicU64,
+    /// What each topic's history keeps.
+    limits: HistoryLimits,
+    /// Most topics in `Topics::retained`.
+    retained_max: usize,
+    /// Every history's bytes together.
+    memory: HistoryMemory,
+}
+
+#[derive(Debug, Default)]
+struct Topics {
+    map: HashMap<Arc<str>, Arc<TopicInterest>>,
+    /// Topics nobody holds any more, kept for their history, in the order
+    /// they were let go (oldest first), each with its listing number. A
+    /// topic taken again (or let go again) leaves a stale listing, skipped
+    /// when its turn comes or a sweep passes.
+    retained: VecDeque<(Arc<str>, u64)>,
+    /// Listings that count: topics retained now.
+    retained_count: usize,
+    /// The last listing number given.
+    listings: u64,
 }
 
 impl Default for Directory {
@@ -89,47 +133,64 @@ impl Default for Directory {
 }
 
 impl Directory {
+    /// A directory with the default history limits.
+    pub fn new() -> Self {
+        Self::with_history(HistoryLimits::default(), DEFAULT_RETAINED_TOPICS)
+    }
+
     /// Epochs start at the wall-clock time in microseconds since 1970 and
     /// count up by one per entry: a restarted process starts past every
     /// epoch of the last one unless that one made more than a million
     /// topic entries per second of its life; below 2^53, so exact in
     /// JavaScript.
-    pub fn new() -> Self {
+    pub fn with_history(limits: HistoryLimits, retained_topics: usize) -> Self {
         let micros = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_micros() as u64);
         Self {
-            topics: Mutex::new(HashMap::new()),
+            topics: Mutex::new(Topics::default()),
             next_epoch: AtomicU64::new(micros.max(1)),
+            limits,
+            retained_max: retained_topics,
+            memory: HistoryMemory::default(),
         }
     }
 
-    fn map(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<TopicInterest>>> {
+    fn lock(&self) -> MutexGuard<'_, Topics> {
         // A panic while holding the lock leaves the map consistent (every
         // operation is a single insert/remove), so poisoning is ignored.
         self.topics.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The entry for `name`, created if absent. Holding it keeps it alive.
+    /// The entry for `name`, created if absent. Holding it keeps it alive
+    /// (and a retained topic is no longer retained).
     pub fn entry(&self, name: &str) -> Arc<TopicInterest> {
-        let mut map = self.map();
-        if let Some(t) = map.get(name) {
-            return Arc::clone(t);
+        let mut t = self.lock();
+        if let Some(e) = t.map.get(name) {
+            let e = Arc::clone(e);
+            if e.retained.swap(0, Ordering::Relaxed) != 0 {
+                t.retained_count -= 1;
+            }
+            return e;
         }
         let name: Arc<str> = Arc::from(name);
-        let t = Arc::new(TopicInterest {
+        let entry = Arc::new(TopicInterest {
             name: Arc::clone(&name),
             workers: AtomicU64::new(0),
             epoch: self.next_epoch.fetch_add(1, Ordering::Relaxed),
             seq: AtomicU64::new(0),
+            history: Mutex::new(History::default()),
+            retained: AtomicU64::new(0),
         });
-        map.insert(name, Arc::clone(&t));
-        t
+        t.map.insert(name, Arc::clone(&entry));
+        entry
     }
 
-    /// The entry for `name` if anyone uses it (no insert).
+    /// The entry for `name` if anyone uses it or it is retained (no insert;
+    /// for a hold of a moment, like a publish: a retained topic stays
+    /// listed).
     pub fn get(&self, name: &str) -> Option<Arc<TopicInterest>> {
-        self.map().get(name).cloned()
+        self.lock().map.get(name).cloned()
     }
 
     /// Marks `worker` as interested in `topic` or not.
@@ -142,21 +203,15 @@ impl Directory {
         }
     }
 
-    /// Drops the caller's `Arc` and forgets the topic if nobody else holds it.
+    /// Drops the caller's `Arc`; a topic nobody else holds is forgotten,
+    /// or retained for its history.
     pub fn release(&self, topic: Arc<TopicInterest>) {
-        let mut map = self.map();
-        let name = Arc::clone(&topic.name);
-        drop(topic);
-        // Under the lock no one can clone from the map, so the count is stable:
-        // 1 means only the map holds it.
-        if map.get(&name).is_some_and(|t| Arc::strong_count(t) == 1) {
-            map.remove(&name);
-        }
+        self.release_many(std::iter::once(topic));
     }
 
     /// [`Self::release`] for many references, under one lock.
     pub fn release_many(&self, topics: impl Iterator<Item = Arc<TopicInterest>>) {
-        let mut map = self.map();
+        let mut t = self.lock();
         for topic in topics {
             // Under the lock, with every holder releasing through it, the
             // count can only grow by a clone of a reference still held
@@ -164,16 +219,146 @@ impl Directory {
             if Arc::strong_count(&topic) == 2 {
                 let name = Arc::clone(&topic.name);
                 drop(topic);
-                if map.get(&name).is_some_and(|t| Arc::strong_count(t) == 1) {
-                    map.remove(&name);
-                }
+                self.let_go(&mut t, &name);
+            }
+        }
+        // Over the bound: forget the longest retained first. One held for
+        // a moment (an HTTP publish to it) keeps its place; at most one
+        // pass over the listings.
+        let mut passes = t.retained.len();
+        while t.retained_count > self.retained_max && passes > 0 {
+            passes -= 1;
+            let Some((name, listing)) = t.retained.pop_front() else {
+                break;
+            };
+            if self.forget_listed(&mut t, &name, listing) == Some(false) {
+                t.retained.push_back((name, listing));
             }
         }
     }
 
+    /// `name` is held by the map alone now: retain it if its history holds
+    /// something, else forget it.
+    fn let_go(&self, t: &mut Topics, name: &Arc<str>) {
+        let Some(entry) = t.map.get(name) else {
+            return;
+        };
+        if Arc::strong_count(entry) != 1 {
+            return;
+        }
+        if self.limits.size > 0 && !entry.history().is_empty() {
+            if entry.retained.load(Ordering::Relaxed) == 0 {
+                t.listings += 1;
+                entry.retained.store(t.listings, Ordering::Relaxed);
+                t.retained.push_back((Arc::clone(name), t.listings));
+                t.retained_count += 1;
+            }
+        } else {
+            if entry.retained.swap(0, Ordering::Relaxed) != 0 {
+                t.retained_count -= 1;
+            }
+            entry.history().clear(&self.memory);
+            t.map.remove(name);
+        }
+    }
+
+    /// Forgets `name` (its history dropped) if `listing` is the listing
+    /// that counts for it and nobody holds it: `Some(true)`. `Some(false)`:
+    /// held for a moment (an HTTP publish), still listed. `None`: a stale
+    /// listing, nothing done.
+    fn forget_listed(&self, t: &mut Topics, name: &str, listing: u64) -> Option<bool> {
+        let entry = t.map.get(name)?;
+        if entry.retained.load(Ordering::Relaxed) != listing {
+            return None;
+        }
+        if Arc::strong_count(entry) != 1 {
+            return Some(false);
+        }
+        entry.retained.store(0, Ordering::Relaxed);
+        entry.history().clear(&self.memory);
+        t.map.remove(name);
+        t.retained_count -= 1;
+        Some(true)
+    }
+
+    /// Forgets retained topics whose history has aged out by `now`, and
+    /// drops the listing of topics taken again. Linear in the retained
+    /// topics (at most `--retained-topics`); called from the workers'
+    /// periodic sweep.
+    pub fn sweep(&self, now: Instant) {
+        let mut t = self.lock();
+        let mut names = std::mem::take(&mut t.retained);
+        names.retain(|(name, listing)| {
+            let Some(entry) = t.map.get(name) else {
+                return false;
+            };
+            if entry.retained.load(Ordering::Relaxed) != *listing {
+                return false; // stale
+            }
+            let mut h = entry.history();
+            h.expire(&self.limits, &self.memory, now);
+            if h.is_empty() {
+                drop(h);
+                // Held for a moment: listed until the next sweep.
+                return self.forget_listed(&mut t, name, *listing) == Some(false);
+            }
+            true
+        });
+        t.retained = names;
+    }
+
+    /// Records `msg`, just numbered, in its topic's history. The caller
+    /// holds the topic's order lock (numbers reach the history in order).
+    pub fn record(&self, topic: &TopicInterest, msg: &Arc<Message>) {
+        if self.limits.size > 0 {
+            topic
+                .history()
+                .append(msg, &self.limits, &self.memory, msg.published_at);
+        }
+    }
+
+    /// What a subscriber at `since` gets from `topic`'s history, the topic
+    /// being at number `current`; at most `max_bytes` of frames. The caller
+    /// holds the topic's order lock.
+    pub fn recover(
+        &self,
+        topic: &TopicInterest,
+        since: Since,
+        current: u64,
+        max_bytes: usize,
+        now: Instant,
+    ) -> Recovery {
+        let mut h = topic.history();
+        h.expire(&self.limits, &self.memory, now);
+        h.recover(since, topic.epoch, current, max_bytes)
+    }
+
+    /// Counts an envelope of `len` bytes just built for `msg` in `topic`'s
+    /// history, if that holds `msg`.
+    pub fn account_envelope(&self, topic: &TopicInterest, msg: &Message, len: usize) {
+        if self.limits.size > 0 {
+            topic.history().add_envelope(msg, len, &self.memory);
+        }
+    }
+
+    /// What every history holds together.
+    pub fn history_memory(&self) -> &HistoryMemory {
+        &self.memory
+    }
+
+    /// The history limits in force.
+    pub fn history_limits(&self) -> &HistoryLimits {
+        &self.limits
+    }
+
+    /// Topics kept for their history that nobody holds.
+    pub fn retained_len(&self) -> usize {
+        self.lock().retained_count
+    }
+
     /// Topics currently known (for metrics).
     pub fn len(&self) -> usize {
-        self.map().len()
+        self.lock().map.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -203,5 +388,51 @@ mod tests {
         d.release(seen);
         d.release(a2);
         assert!(d.is_empty(), "nobody holds it: forgotten");
+    }
+
+    fn numbered(t: &TopicInterest, at: Instant) -> Arc<Message> {
+        let mut m = Message::new(bytes::Bytes::from_static(b"x"), at);
+        m.epoch = t.epoch();
+        m.seq = t.next_seq();
+        Arc::new(m)
+    }
+
+    #[test]
+    fn a_topic_with_history_is_retained_until_it_ages_out_or_is_pushed_out() {
+        let limits = HistoryLimits {
+            age: std::time::Duration::from_secs(10),
+            ..HistoryLimits::default()
+        };
+        let d = Directory::with_history(limits, 2);
+        let t0 = Instant::now();
+        let a = d.entry("a");
+        d.record(&a, &numbered(&a, t0));
+        let epoch = a.epoch();
+        d.release(a);
+        assert_eq!((d.len(), d.retained_len()), (1, 1), "kept for its history");
+        let again = d.entry("a");
+        assert_eq!(
+            (again.epoch(), again.seq()),
+            (epoch, 1),
+            "the same lifetime"
+        );
+        d.release(again);
+        assert_eq!(d.retained_len(), 1, "listed once");
+        let empty = d.entry("nothing");
+        d.release(empty);
+        assert_eq!(d.len(), 1, "no history: forgotten at once");
+        d.sweep(t0 + std::time::Duration::from_secs(5));
+        assert_eq!(d.len(), 1, "not yet aged out");
+        d.sweep(t0 + std::time::Duration::from_secs(11));
+        assert_eq!((d.len(), d.retained_len()), (0, 0), "aged out");
+        assert_eq!(d.history_memory().bytes(), 0);
+        for name in ["x", "y", "z"] {
+            let t = d.entry(name);
+            d.record(&t, &numbered(&t, t0));
+            d.release(t);
+        }
+        assert_eq!(d.retained_len(), 2, "at most --retained-topics");
+        assert!(d.get("x").is_none(), "the longest retained went first");
+        assert_eq!(d.history_memory().entries(), 2);
     }
 }

@@ -74,6 +74,10 @@ pub struct Message {
     pub seq: u64,
     /// When the publisher's worker decoded it (for the latency histogram).
     pub published_at: Instant,
+    /// Bytes of envelopes built while a history held the message (what
+    /// the history counts for it besides the raw frame; changed under
+    /// the topic's history lock).
+    pub envelope_bytes: std::sync::atomic::AtomicUsize,
     json: OnceLock<Bytes>,
     binary: OnceLock<Bytes>,
 }
@@ -86,6 +90,7 @@ impl Message {
             epoch: 0,
             seq: 0,
             published_at,
+            envelope_bytes: std::sync::atomic::AtomicUsize::new(0),
             json: OnceLock::new(),
             binary: OnceLock::new(),
         }

@@ -86,6 +86,10 @@ impl HistoryMemory {
         self.entries.fetch_add(1, Ordering::Relaxed);
     }
 
+    fn add_bytes(&self, bytes: usize) {
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     fn sub(&self, bytes: usize) {
         self.bytes.fetch_sub(bytes, Ordering::Relaxed);
         self.entries.fetch_sub(1, Ordering::Relaxed);
@@ -146,7 +150,7 @@ pub struct History {
 }
 
 fn cost(m: &Message) -> usize {
-    m.frame.len() + ENTRY_OVERHEAD_BYTES
+    m.frame.len() + ENTRY_OVERHEAD_BYTES + m.envelope_bytes.load(Ordering::Relaxed)
 }
 
 impl History {
@@ -187,6 +191,21 @@ impl History {
         while !self.entries.is_empty() && memory.bytes() > limits.memory {
             self.pop(memory);
             memory.evicted_for_memory.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts an envelope of `len` bytes just built for `msg` if this
+    /// history holds `msg` (it keeps the envelope alive as long as it
+    /// keeps the message). The bounds are applied again at the next append.
+    pub fn add_envelope(&mut self, msg: &Message, len: usize, memory: &HistoryMemory) {
+        let held = match (self.entries.front(), self.entries.back()) {
+            (Some(f), Some(b)) => f.seq <= msg.seq && msg.seq <= b.seq && f.epoch == msg.epoch,
+            _ => false,
+        };
+        if held {
+            msg.envelope_bytes.fetch_add(len, Ordering::Relaxed);
+            self.bytes += len;
+            memory.add_bytes(len);
         }
     }
 
@@ -239,13 +258,11 @@ impl History {
         // Newest first, within the byte cap, down to `wanted_from`.
         let mut take = 0;
         let mut bytes = 0;
-        let mut capped = false;
         for m in self.entries.iter().rev() {
             if m.seq < wanted_from {
                 break;
             }
             if take > 0 && bytes + m.frame.len() > max_bytes {
-                capped = true;
                 break;
             }
             bytes += m.frame.len();
@@ -258,8 +275,13 @@ impl History {
             .cloned()
             .collect();
         let first = messages.first().map_or(current + 1, |m| m.seq);
+        let oldest = self.entries.front().map_or(current + 1, |m| m.seq);
         if gap.is_none() && first > wanted_from {
-            gap = Some(if capped { Gap::Capped } else { Gap::TooOld });
+            gap = Some(if oldest > wanted_from {
+                Gap::TooOld
+            } else {
+                Gap::Capped
+            });
         }
         Recovery {
             epoch,
@@ -344,9 +366,16 @@ mod tests {
         }
         let seqs = |r: &Recovery| r.messages.iter().map(|m| m.seq).collect::<Vec<_>>();
         let r = h.recover(Since { epoch: 7, seq: 7 }, 7, 10, usize::MAX);
-        assert_eq!((seqs(&r), r.first, r.last, r.gap), (vec![8, 9, 10], 8, 10, None));
+        assert_eq!(
+            (seqs(&r), r.first, r.last, r.gap),
+            (vec![8, 9, 10], 8, 10, None)
+        );
         let r = h.recover(Since { epoch: 7, seq: 10 }, 7, 10, usize::MAX);
-        assert_eq!((r.messages.len(), r.first, r.gap), (0, 11, None), "up to date");
+        assert_eq!(
+            (r.messages.len(), r.first, r.gap),
+            (0, 11, None),
+            "up to date"
+        );
         let r = h.recover(Since { epoch: 7, seq: 2 }, 7, 10, usize::MAX);
         assert_eq!((seqs(&r), r.gap), (vec![6, 7, 8, 9, 10], Some(Gap::TooOld)));
         let r = h.recover(Since { epoch: 7, seq: 2 }, 7, 10, 25);
@@ -356,8 +385,35 @@ mod tests {
         let r = h.recover(Since { epoch: 3, seq: 7 }, 7, 10, usize::MAX);
         assert_eq!((seqs(&r), r.gap), (vec![6, 7, 8, 9, 10], Some(Gap::Epoch)));
         let r = h.recover(Since { epoch: 7, seq: 99 }, 7, 10, usize::MAX);
-        assert_eq!((r.messages.len(), r.first, r.gap), (0, 11, Some(Gap::Ahead)));
+        assert_eq!(
+            (r.messages.len(), r.first, r.gap),
+            (0, 11, Some(Gap::Ahead))
+        );
         let r = History::default().recover(Since { epoch: 7, seq: 0 }, 7, 0, 100);
-        assert_eq!((r.first, r.last, r.gap), (1, 0, None), "a new topic: complete");
+        assert_eq!(
+            (r.first, r.last, r.gap),
+            (1, 0, None),
+            "a new topic: complete"
+        );
+    }
+
+    #[test]
+    fn envelopes_of_held_messages_count_until_the_message_leaves() {
+        let mem = HistoryMemory::default();
+        let now = Instant::now();
+        let mut h = History::default();
+        let l = limits(2, usize::MAX);
+        let (a, b, c) = (msg(1, 10, now), msg(2, 10, now), msg(3, 10, now));
+        h.append(&a, &l, &mem, now);
+        h.append(&b, &l, &mem, now);
+        let base = mem.bytes();
+        h.add_envelope(&a, 30, &mem);
+        assert_eq!(mem.bytes(), base + 30);
+        h.add_envelope(&c, 30, &mem);
+        assert_eq!(mem.bytes(), base + 30, "not held: not counted");
+        h.append(&c, &l, &mem, now); // pushes out 1 with its envelope
+        assert_eq!(mem.bytes(), 2 * (10 + ENTRY_OVERHEAD_BYTES));
+        h.clear(&mem);
+        assert_eq!((mem.bytes(), mem.entries()), (0, 0));
     }
 }

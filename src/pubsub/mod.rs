@@ -4,6 +4,7 @@
 //! |---|---|
 //! | [`topic`] | topic-name rules, `?topics=` lists |
 //! | [`envelope`] | one sequenced publication and its raw / JSON / binary frames |
+//! | [`history`] | a topic's recent publications, recovery after `since` |
 //! | [`control`] | subscriber control messages (JSON): parse, replies, errors |
 //! | [`directory`] | process-wide topic → interested workers (atomic masks) |
 //! | [`bus`] | cross-worker publication batches and wake-ups |
@@ -16,6 +17,7 @@ pub mod bus;
 pub mod control;
 pub mod directory;
 pub mod envelope;
+pub mod history;
 pub mod ledger;
 pub mod shard;
 pub mod topic;

@@ -16,6 +16,7 @@
 use super::bus::{Bus, Publication, order_stripe};
 use super::directory::{Directory, TopicInterest};
 use super::envelope::{Form, Message};
+use super::history::{Recovery, Since};
 use super::ledger::SharedFrames;
 use crate::proto::outbound::COPY_BELOW;
 use bytes::Bytes;
@@ -171,6 +172,10 @@ struct LocalTopic {
     /// bit) and are skipped, so every subscriber here sees strictly
     /// consecutive numbers from `floor + 1` on.
     floor: u64,
+    /// Subscribers that joined with a recovery, each with the number it
+    /// was recovered up to: publications up to it still in the mailbox
+    /// are skipped for it. Dropped once a later publication passes.
+    joiners: Vec<(ConnRef, u64)>,
 }
 
 /// One local topic's subscribers: a slab of 8-byte slots (a connection's
@@ -328,6 +333,8 @@ pub struct Shard {
     /// to its topic (released together, under one directory lock, once
     /// they are sent).
     outbox: Vec<(Arc<TopicInterest>, Arc<Message>)>,
+    /// The epoch and number of the last message [`Shard::dispatch`] numbered.
+    last_numbered: (u64, u64),
     /// Reused per-peer batches for [`Shard::dispatch`].
     batches: Vec<Vec<Publication>>,
     /// Publications a peer could not take (it had exited), not yet counted.
@@ -354,6 +361,7 @@ impl Shard {
             by_name: HashMap::new(),
             by_interest: HashMap::new(),
             outbox: Vec::new(),
+            last_numbered: (0, 0),
             batches: (0..workers).map(|_| Vec::new()).collect(),
             lost: 0,
             wakes: 0,
@@ -391,16 +399,50 @@ impl Shard {
     /// Adds `conn` to the subscribers of `name`. The caller makes sure a
     /// connection subscribes to a topic at most once.
     pub fn subscribe(&mut self, name: &str, conn: ConnRef) -> Subscription {
-        let topic = match self.by_name.get(name) {
-            Some(&id) => id,
+        self.subscribe_since(name, conn, None, 0, None).0
+    }
+
+    /// [`Self::subscribe`], recovering from `since` when given: under the
+    /// topic's order lock, the history after `since` is read (at most
+    /// `max_bytes` of frames, judged at `now`) and the subscriber joins the
+    /// live stream right after the topic's current number, so the
+    /// recovered messages and the live ones meet with no gap and no
+    /// duplicate. The caller queues the recovered messages before anything
+    /// this worker delivers next.
+    pub fn subscribe_since(
+        &mut self,
+        name: &str,
+        conn: ConnRef,
+        since: Option<Since>,
+        max_bytes: usize,
+        now: Option<Instant>,
+    ) -> (Subscription, Option<Recovery>) {
+        let recover = |d: &Directory, t: &TopicInterest, at: u64| {
+            since.map(|s| d.recover(t, s, at, max_bytes, now.unwrap_or_else(Instant::now)))
+        };
+        let (topic, recovery) = match self.by_name.get(name) {
+            Some(&id) => {
+                let local = &self.topics[id as usize];
+                let recovery = since.and_then(|_| {
+                    let _order = self.hold_order_of(&local.interest);
+                    recover(&self.directory, &local.interest, local.interest.seq())
+                });
+                if let Some(r) = &recovery {
+                    // Publications up to `r.last` may still be in this
+                    // worker's mailbox: not for this subscriber.
+                    self.topics[id as usize].joiners.push((conn, r.last));
+                }
+                (id, recovery)
+            }
             None => {
                 let interest = self.directory.entry(name);
-                let floor = {
+                let (floor, recovery) = {
                     // Under the topic's order lock, so that every
                     // publication sequenced after `floor` sees the bit.
                     let _order = self.hold_order_of(&interest);
                     self.directory.set(&interest, self.id, true);
-                    interest.seq()
+                    let floor = interest.seq();
+                    (floor, recover(&self.directory, &interest, floor))
                 };
                 let addr = Arc::as_ptr(&interest) as usize;
                 let name: Arc<str> = Arc::from(name);
@@ -408,16 +450,17 @@ impl Shard {
                     interest,
                     subs: Subscribers::new(),
                     floor,
+                    joiners: Vec::new(),
                 }) as u32;
                 self.registry_bytes += topic_charge(name.len());
                 self.by_name.insert(name, id);
                 self.by_interest.insert(addr, id);
-                id
+                (id, recovery)
             }
         };
         self.registry_bytes += SUBSCRIPTION_BYTES;
         let slot = self.topics[topic as usize].subs.insert(conn);
-        Subscription { topic, slot }
+        (Subscription { topic, slot }, recovery)
     }
 
     /// The order lock of `topic` (none with a single worker: nothing to
@@ -435,6 +478,10 @@ impl Shard {
     /// worker's interest bit.
     pub fn unsubscribe(&mut self, sub: Subscription) {
         let t = &mut self.topics[sub.topic as usize];
+        if !t.joiners.is_empty() {
+            let s = *t.subs.slot_mut(sub.slot);
+            t.joiners.retain(|j| j.0 != (s.key as usize, s.serial));
+        }
         t.subs.remove(sub.slot);
         self.registry_bytes -= SUBSCRIPTION_BYTES;
         if t.subs.is_empty() {
@@ -492,12 +539,37 @@ impl Shard {
             .push((topic, Arc::new(Message::new(frame, now))));
     }
 
-    /// Charges an envelope frame this worker built (shared by reference
-    /// like a published frame when it is large).
-    pub fn charge_built(&mut self, frame: &Bytes) {
+    /// [`Self::publish_owned`], then [`Self::dispatch`] at once (with
+    /// everything this worker published before it this turn): returns
+    /// the message's epoch and sequence number. For a publisher that
+    /// is answered with them (`POST /publish`); a batch per call.
+    pub fn publish_now(
+        &mut self,
+        topic: Arc<TopicInterest>,
+        frame: Bytes,
+        now: Instant,
+    ) -> (u64, u64) {
+        self.publish_owned(topic, frame, now);
+        self.dispatch();
+        self.last_numbered
+    }
+
+    /// Charges an envelope frame this worker built for `msg` of local
+    /// topic `topic` (shared by reference like a published frame when it
+    /// is large), and counts it in the topic's history if that holds `msg`.
+    pub fn charge_built(&mut self, topic: Option<u32>, msg: &Message, frame: &Bytes) {
         if frame.len() >= COPY_BELOW {
             self.frames.charge(frame);
         }
+        if let Some(t) = topic.and_then(|id| self.topics.get(id as usize)) {
+            self.directory
+                .account_envelope(&t.interest, msg, frame.len());
+        }
+    }
+
+    /// The local id of a publication's topic, if it has subscribers here.
+    pub fn local_id(&self, p: &Publication) -> Option<u32> {
+        self.by_interest.get(&(p.topic.as_ptr() as usize)).copied()
     }
 
     /// Sequences this turn's publications and sends them to the mailbox of
@@ -531,6 +603,7 @@ impl Shard {
                 let m = Arc::get_mut(msg).expect("an undispatched message is the outbox's alone");
                 m.epoch = topic.epoch();
                 m.seq = topic.next_seq();
+                self.last_numbered = (m.epoch, m.seq);
                 let mut targets = topic.workers();
                 while targets != 0 {
                     let w = targets.trailing_zeros() as usize;
@@ -540,6 +613,7 @@ impl Shard {
                         msg: Arc::clone(msg),
                     });
                 }
+                self.directory.record(topic, msg);
             }
             for w in 0..self.batches.len() {
                 if !self.batches[w].is_empty() {
@@ -601,7 +675,7 @@ impl Shard {
     /// while it is in cache, subscriber by subscriber, and every subscriber
     /// still sees the publications in order.
     pub fn deliver(
-        &self,
+        &mut self,
         pubs: &[Publication],
         deliver: &mut impl FnMut(&[Publication], &str, &[ConnRef]),
     ) {
@@ -618,17 +692,27 @@ impl Shard {
             let Some(&id) = self.by_interest.get(&(topic as usize)) else {
                 continue;
             };
-            let local = &self.topics[id as usize];
+            let local = &mut self.topics[id as usize];
             let skip = run.partition_point(|p| p.msg.seq <= local.floor);
             let run = &run[skip..];
-            if run.is_empty() {
+            let Some(newest) = run.last().map(|p| p.msg.seq) else {
                 continue;
-            }
+            };
             let name = local.interest.name();
+            let joiners = &local.joiners;
+            for &(c, upto) in joiners {
+                let from = run.partition_point(|p| p.msg.seq <= upto);
+                if from < run.len() {
+                    deliver(&run[from..], name, &[c]);
+                }
+            }
             let subs = &local.subs;
             let mut chunk: [ConnRef; 64] = [(0, 0); 64];
             let mut n = 0;
-            for c in subs.iter() {
+            for c in subs
+                .iter()
+                .filter(|c| joiners.is_empty() || !joiners.iter().any(|j| j.0 == *c))
+            {
                 chunk[n] = c;
                 n += 1;
                 if n == chunk.len() {
@@ -638,6 +722,9 @@ impl Shard {
             }
             if n > 0 {
                 deliver(run, name, &chunk[..n]);
+            }
+            if !local.joiners.is_empty() {
+                local.joiners.retain(|&(_, upto)| upto >= newest);
             }
         }
     }

@@ -17,7 +17,13 @@ fn shards(
     Vec<crate::pubsub::bus::Inbox>,
     Vec<Shard>,
 ) {
-    let d = Arc::new(Directory::new());
+    // No history: a topic nobody holds is forgotten at once (history and
+    // retention: `shards_with_history`).
+    let no_history = crate::pubsub::history::HistoryLimits {
+        size: 0,
+        ..Default::default()
+    };
+    let d = Arc::new(Directory::with_history(no_history, 0));
     let (bus, inboxes) = Bus::new((0..n).map(|_| Box::new(NoWake) as Box<dyn Wake>).collect());
     let shards = (0..n)
         .map(|i| Shard::new(i, Arc::clone(&d), Arc::clone(&bus)))
@@ -383,4 +389,111 @@ fn released_references_forget_a_topic_nobody_holds() {
     assert_eq!(d.len(), 1, "the outbox still holds it");
     s[0].dispatch();
     assert!(d.is_empty(), "dispatch released the last reference");
+}
+
+fn shards_with_history(
+    n: usize,
+) -> (
+    Arc<Directory>,
+    Arc<Bus>,
+    Vec<crate::pubsub::bus::Inbox>,
+    Vec<Shard>,
+) {
+    let d = Arc::new(Directory::new());
+    let (bus, inboxes) = Bus::new((0..n).map(|_| Box::new(NoWake) as Box<dyn Wake>).collect());
+    let shards = (0..n)
+        .map(|i| Shard::new(i, Arc::clone(&d), Arc::clone(&bus)))
+        .collect();
+    (d, bus, inboxes, shards)
+}
+
+/// Drains worker `w`'s mailbox; returns (connection key, number) per delivery.
+fn drain_numbers(s: &mut Shard, inbox: &crate::pubsub::bus::Inbox, bus: &Bus) -> Vec<(usize, u64)> {
+    let mut got = Vec::new();
+    inbox.drain(bus, |batch| {
+        s.deliver(&batch, &mut |run: &[Publication],
+                                _: &str,
+                                c: &[ConnRef]| {
+            for &c in c {
+                got.extend(run.iter().map(|p| (c.0, p.msg.seq)));
+            }
+        });
+    });
+    got
+}
+
+/// A subscriber recovering on a worker whose mailbox still holds
+/// publications it recovers gets each number once: from the history up to
+/// the topic's number at its join, live after it.
+#[test]
+fn a_recovering_subscriber_gets_each_number_once_though_the_mailbox_holds_some() {
+    use crate::pubsub::history::Since;
+    let (d, bus, inboxes, mut s) = shards_with_history(2);
+    let t = d.entry("t");
+    s[1].subscribe("t", (1, 0));
+    for x in 1..=5u8 {
+        s[0].publish(&t, Bytes::from(vec![x]), Instant::now());
+    }
+    s[0].dispatch(); // 1..=5 in worker 1's mailbox, not delivered yet
+    let since = Since {
+        epoch: t.epoch(),
+        seq: 2,
+    };
+    let (sub, r) = s[1].subscribe_since("t", (2, 0), Some(since), usize::MAX, None);
+    let r = r.expect("a recovery");
+    let replayed: Vec<u64> = r.messages.iter().map(|m| m.seq).collect();
+    assert_eq!(
+        (replayed, r.first, r.last, r.gap),
+        (vec![3, 4, 5], 3, 5, None)
+    );
+    s[0].publish(&t, Bytes::from_static(b"6"), Instant::now());
+    s[0].dispatch();
+    let got = drain_numbers(&mut s[1], &inboxes[1], &bus);
+    let of = |k: usize| {
+        got.iter()
+            .filter(|g| g.0 == k)
+            .map(|g| g.1)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(of(1), [1, 2, 3, 4, 5, 6], "the old subscriber: everything");
+    assert_eq!(of(2), [6], "the recovering one: live after its recovery");
+    // Leaving before its first live publication leaves nothing behind.
+    let (sub3, _) = s[1].subscribe_since("t", (3, 0), Some(since), usize::MAX, None);
+    s[1].unsubscribe(sub3);
+    s[1].unsubscribe(sub);
+    s[0].publish(&t, Bytes::from_static(b"7"), Instant::now());
+    s[0].dispatch();
+    assert_eq!(drain_numbers(&mut s[1], &inboxes[1], &bus), [(1, 7)]);
+}
+
+#[test]
+fn a_recovery_on_a_worker_new_to_the_topic_meets_the_live_stream() {
+    use crate::pubsub::history::{Gap, Since};
+    let (d, bus, inboxes, mut s) = shards_with_history(2);
+    let t = d.entry("t");
+    for x in 1..=3u8 {
+        s[0].publish(&t, Bytes::from(vec![x]), Instant::now());
+    }
+    s[0].dispatch(); // nobody subscribed: numbered and kept, sent nowhere
+    let since = Since {
+        epoch: t.epoch(),
+        seq: 0,
+    };
+    let (_, r) = s[1].subscribe_since("t", (1, 0), Some(since), usize::MAX, None);
+    let r = r.unwrap();
+    assert_eq!((r.messages.len(), r.first, r.last, r.gap), (3, 1, 3, None));
+    s[0].publish(&t, Bytes::from_static(b"4"), Instant::now());
+    s[0].dispatch();
+    assert_eq!(drain_numbers(&mut s[1], &inboxes[1], &bus), [(1, 4)]);
+    let other = Since {
+        epoch: t.epoch() + 1_000,
+        seq: 2,
+    };
+    let (_, r) = s[1].subscribe_since("t", (2, 0), Some(other), usize::MAX, None);
+    let r = r.unwrap();
+    assert_eq!(
+        (r.first, r.last, r.gap),
+        (1, 4, Some(Gap::Epoch)),
+        "start over"
+    );
 }

@@ -118,6 +118,10 @@ pub struct Config {
     pub max_topics_per_conn: usize,
     /// Longest topic name, in bytes.
     pub max_topic_len: usize,
+    /// What each topic's history keeps (size 0: no history, no recovery).
+    pub history: crate::pubsub::history::HistoryLimits,
+    /// Most topics kept for their history once nobody holds them.
+    pub retained_topics: usize,
     /// What to do with a subscriber that cannot keep up.
     pub slow_consumer: SlowConsumerPolicy,
     /// Ping connections idle this long; `None` disables keepalive.
@@ -190,6 +194,8 @@ impl Default for Config {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             max_topics_per_conn: DEFAULT_MAX_TOPICS_PER_CONN,
             max_topic_len: DEFAULT_MAX_TOPIC_LEN,
+            history: crate::pubsub::history::HistoryLimits::default(),
+            retained_topics: crate::pubsub::directory::DEFAULT_RETAINED_TOPICS,
             slow_consumer: SlowConsumerPolicy::Disconnect,
             ping_interval: Some(DEFAULT_PING_INTERVAL),
             ping_timeout: DEFAULT_PING_TIMEOUT,

@@ -58,12 +58,38 @@ pub(crate) fn admin_response(
 /// The metrics as `/metrics` serves them.
 pub(crate) fn render_metrics(shared: &Shared) -> Bytes {
     let mut s = metrics::render(&shared.stats, shared.directory.len(), shared.bus.stranded());
+    let d = &shared.directory;
+    let h = d.history_memory();
+    metrics::render_history(
+        &mut s,
+        h.bytes(),
+        h.entries(),
+        d.retained_len(),
+        h.evicted_for_memory(),
+    );
     let reloads = shared
         .reloads
         .each_ref()
         .map(|r| r.load(std::sync::atomic::Ordering::Relaxed));
     metrics::render_process(&mut s, shared.tls.as_ref().map(|c| c.not_after()), reloads);
     Bytes::from(s)
+}
+
+/// The answer to an accepted publish: `204 No Content`, with the epoch and
+/// sequence number the message was given (`Corecast-Epoch`,
+/// `Corecast-Seq`) when the topic numbered it.
+pub fn published(keep_alive: bool, numbered: Option<(u64, u64)>) -> Bytes {
+    match numbered {
+        None => Bytes::from_static(no_content(keep_alive)),
+        Some((epoch, seq)) => Bytes::from(format!(
+            "HTTP/1.1 204 No Content\r\nCorecast-Epoch: {epoch}\r\nCorecast-Seq: {seq}\r\n{}\r\n",
+            if keep_alive {
+                ""
+            } else {
+                "Connection: close\r\n"
+            }
+        )),
+    }
 }
 
 /// `204 No Content`, the answer to an accepted publish.

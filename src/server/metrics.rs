@@ -75,7 +75,7 @@ const CONNECTION_COUNTERS: [Counter; 8] = [
 
 /// Publication and delivery: messages published, frames and bytes sent,
 /// slow consumers, keepalive, publishers held back (mailbox full, rate).
-const DELIVERY_COUNTERS: [Counter; 11] = [
+const DELIVERY_COUNTERS: [Counter; 14] = [
     (
         "corecast_messages_published_total",
         "Messages published (WebSocket and HTTP publishers).",
@@ -95,6 +95,21 @@ const DELIVERY_COUNTERS: [Counter; 11] = [
         "corecast_frames_dropped_total",
         "Published frames skipped for a subscriber over its queue bound (policy drop-newest).",
         |w| &w.frames_dropped,
+    ),
+    (
+        "corecast_recoveries_complete_total",
+        "Subscribes with since that got every message after it.",
+        |w| &w.recoveries_complete,
+    ),
+    (
+        "corecast_recoveries_incomplete_total",
+        "Subscribes with since that could not get every message after it (epoch changed, history too short, capped).",
+        |w| &w.recoveries_incomplete,
+    ),
+    (
+        "corecast_messages_recovered_total",
+        "Messages replayed from history to recovering subscribers.",
+        |w| &w.messages_recovered,
     ),
     (
         "corecast_slow_consumer_disconnects_total",
@@ -198,11 +213,45 @@ pub fn render(workers: &[WorkerStats], topics: usize, stranded: u64) -> String {
         &mut s,
         "corecast_topics",
         "gauge",
-        "Topics with a subscriber or a WebSocket publisher.",
+        "Topics with a subscriber or a WebSocket publisher, or retained for their history.",
     );
     let _ = writeln!(s, "corecast_topics {topics}");
     latency_histogram(&mut s, workers);
     s
+}
+
+/// The histories: bytes and messages held, topics retained for their
+/// history alone, messages dropped early to stay under `--history-memory`.
+pub fn render_history(s: &mut String, bytes: usize, entries: usize, retained: usize, evicted: u64) {
+    for (name, kind, help, v) in [
+        (
+            "corecast_history_bytes",
+            "gauge",
+            "Bytes all topic histories hold (frames plus 256 B per message).",
+            bytes as u64,
+        ),
+        (
+            "corecast_history_messages",
+            "gauge",
+            "Messages all topic histories hold.",
+            entries as u64,
+        ),
+        (
+            "corecast_retained_topics",
+            "gauge",
+            "Topics nobody subscribes or publishes to, kept for their history.",
+            retained as u64,
+        ),
+        (
+            "corecast_history_evicted_total",
+            "counter",
+            "History messages dropped before their time to stay under --history-memory.",
+            evicted,
+        ),
+    ] {
+        header(s, name, kind, help);
+        let _ = writeln!(s, "{name} {v}");
+    }
 }
 
 /// The process-wide figures: the TLS certificate's expiry (with

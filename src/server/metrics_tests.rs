@@ -31,6 +31,9 @@ fn busy_workers() -> Vec<WorkerStats> {
         set(&w.frames_sent);
         set(&w.bytes_sent);
         set(&w.frames_dropped);
+        set(&w.recoveries_complete);
+        set(&w.recoveries_incomplete);
+        set(&w.messages_recovered);
         set(&w.slow_consumer_disconnects);
         set(&w.slow_consumer_discarded_bytes);
         set(&w.keepalive_pings);
@@ -77,6 +80,7 @@ fn every_metric_once_with_help_and_type_as_documented() {
     let ws = busy_workers();
     let mut text = render(&ws, 7, 11);
     render_process(&mut text, Some(1_900_000_000), [3, 1]);
+    render_history(&mut text, 4096, 12, 3, 2);
     let documented: BTreeMap<&str, &str> = include_str!("../../docs/PROTOCOL.md")
         .lines()
         .filter(|l| l.starts_with("| `corecast_"))

@@ -377,10 +377,11 @@ pub fn start(mut config: Config) -> io::Result<ServerHandle> {
         }
     }
     let (bus, inboxes) = Bus::new(wakers);
+    let directory = Directory::with_history(config.history, config.retained_topics);
     let mut shared = Shared::new(
         config,
         (0..workers).map(|_| WorkerStats::default()).collect(),
-        Arc::new(Directory::new()),
+        Arc::new(directory),
         bus,
     );
     shared.steering = steering;

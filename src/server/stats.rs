@@ -91,6 +91,9 @@ pub struct WorkerStats {
     pub frames_sent: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub frames_dropped: AtomicU64,
+    pub recoveries_complete: AtomicU64,
+    pub recoveries_incomplete: AtomicU64,
+    pub messages_recovered: AtomicU64,
     pub slow_consumer_disconnects: AtomicU64,
     pub slow_consumer_discarded_bytes: AtomicU64,
     pub keepalive_pings: AtomicU64,
@@ -204,6 +207,16 @@ impl WorkerStats {
 
     pub fn frame_dropped(&self) {
         bump(&self.frames_dropped);
+    }
+
+    /// A subscribe with `since`: complete or not, and the messages replayed.
+    pub fn recovered(&self, complete: bool, messages: usize) {
+        bump(if complete {
+            &self.recoveries_complete
+        } else {
+            &self.recoveries_incomplete
+        });
+        add(&self.messages_recovered, messages as u64);
     }
 
     pub fn slow_consumer_disconnect(&self, discarded_bytes: usize) {

@@ -407,8 +407,13 @@ impl Session {
                     let Role::Subscriber { subs, .. } = role else {
                         unreachable!("control messages come from subscribers")
                     };
-                    let reply = subscriber::control_message(&mut msg, subs, ctx);
+                    let (reply, recovered) = subscriber::control_message(&mut msg, subs, ctx);
                     ws.send(MessageKind::Text, reply.as_bytes(), &mut self.out);
+                    if ws.can_send() {
+                        for f in &recovered {
+                            self.out.push_frame(f);
+                        }
+                    }
                 }
             }
         }

@@ -99,13 +99,14 @@ impl Session {
         ctx.stats.message_published();
         // One directory lookup, no reference taken: nobody anywhere
         // subscribed means nothing to encode or deliver.
-        if let Some(topic) = ctx.shard.directory().get(&state.topic) {
+        let numbered = ctx.shard.directory().get(&state.topic).map(|topic| {
             let frame = encode(state.kind, body);
-            ctx.shard.publish_owned(topic, frame, ctx.now);
             ctx.published = true;
-        }
-        self.out
-            .push(Bytes::from_static(http::no_content(state.keep_alive)));
+            // Numbered now (its worker's earlier publications with it), so
+            // the answer can say which number it got.
+            ctx.shard.publish_now(topic, frame, ctx.now)
+        });
+        self.out.push(http::published(state.keep_alive, numbered));
         self.phase = if state.keep_alive {
             Phase::Head {
                 scan: HeadScanner::default(),

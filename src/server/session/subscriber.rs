@@ -3,10 +3,18 @@
 
 use super::Ctx;
 use crate::pubsub::control::{self, Op};
+use crate::pubsub::history::Recovery;
 use crate::pubsub::shard::SubList;
+use bytes::Bytes;
 
-/// Applies a subscriber's control message; returns the JSON reply.
-pub(super) fn control_message(msg: &mut [u8], subs: &mut SubList, ctx: &mut Ctx<'_>) -> String {
+/// Applies a subscriber's control message; returns the JSON reply and the
+/// recovered messages that follow it (a subscribe with `since`), in the
+/// subscriber's form.
+pub(super) fn control_message(
+    msg: &mut [u8],
+    subs: &mut SubList,
+    ctx: &mut Ctx<'_>,
+) -> (String, Vec<Bytes>) {
     let cfg = &ctx.shared.config;
     let limits = control::Limits {
         max_topic_len: cfg.max_topic_len,
@@ -16,7 +24,7 @@ pub(super) fn control_message(msg: &mut [u8], subs: &mut SubList, ctx: &mut Ctx<
         Ok(c) => c,
         Err(e) => {
             ctx.stats.control_error();
-            return control::error(&e.to_string());
+            return (control::error(&e.to_string()), Vec::new());
         }
     };
     // Linear in the names plus the topics held: each name costs hash
@@ -25,20 +33,48 @@ pub(super) fn control_message(msg: &mut [u8], subs: &mut SubList, ctx: &mut Ctx<
         Op::Subscribe => {
             let held: std::collections::HashSet<u32> =
                 subs.as_slice().iter().map(|s| s.topic()).collect();
-            let new: Vec<&String> = c
-                .topics
-                .iter()
-                .filter(|n| ctx.shard.topic_id(n).is_none_or(|id| !held.contains(&id)))
+            let new: Vec<usize> = (0..c.topics.len())
+                .filter(|&i| {
+                    let n = &c.topics[i];
+                    ctx.shard.topic_id(n).is_none_or(|id| !held.contains(&id))
+                })
                 .collect();
             if subs.len() + new.len() > cfg.max_topics_per_conn {
                 ctx.stats.control_error();
                 let max = cfg.max_topics_per_conn;
-                return control::error(&control::ControlError::TooManyTopics { max }.to_string());
+                let e = control::ControlError::TooManyTopics { max };
+                return (control::error(&e.to_string()), Vec::new());
             }
-            for name in new {
-                subs.push(ctx.shard.subscribe(name, ctx.me));
+            // One recovery's replay: at most half a subscriber's queue, so
+            // the live stream that follows is not cut as a slow consumer.
+            let cap = cfg.max_outbound_bytes / 2;
+            let mut recovered = Vec::new();
+            for i in new {
+                let name = &c.topics[i];
+                let since = c.since.get(i).copied().flatten();
+                let (sub, recovery) =
+                    ctx.shard
+                        .subscribe_since(name, ctx.me, since, cap, Some(ctx.now));
+                subs.push(sub);
                 ctx.stats.subscribed(1);
+                if let Some(r) = recovery {
+                    ctx.stats.recovered(r.gap.is_none(), r.messages.len());
+                    recovered.push((name.as_str(), r));
+                }
             }
+            let listed: Vec<(&str, &Recovery)> = recovered.iter().map(|(n, r)| (*n, r)).collect();
+            let reply = control::subscribed_with_recovery(&c.topics, &listed);
+            let form = subs.form();
+            let shard = &mut *ctx.shard;
+            let mut frames = Vec::new();
+            for (name, r) in &recovered {
+                let id = shard.topic_id(name);
+                for m in &r.messages {
+                    let f = m.frame_for(form, name, &mut |f| shard.charge_built(id, m, f));
+                    frames.push(f.clone());
+                }
+            }
+            return (reply, frames);
         }
         Op::Unsubscribe => {
             let gone: std::collections::HashSet<u32> = c
@@ -59,5 +95,5 @@ pub(super) fn control_message(msg: &mut [u8], subs: &mut SubList, ctx: &mut Ctx<
             ctx.stats.unsubscribed(dropped);
         }
     }
-    control::reply(c.op, &c.topics)
+    (control::reply(c.op, &c.topics), Vec::new())
 }

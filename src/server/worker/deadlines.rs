@@ -30,6 +30,10 @@ impl<S> Core<S> {
         // charged until the next full scan of the ledger: this one.
         self.shard.release_frames(true);
         self.sync_shard_charge();
+        if self.id == 0 {
+            // One worker sweeps the retained topics for all.
+            self.shard.directory().sweep(self.now);
+        }
         let cfg = &self.shared.config;
         let interval = cfg.ping_interval.map(|d| d.as_millis() as u32);
         let timeout = cfg.ping_timeout.as_millis() as u32;
@@ -324,8 +328,8 @@ pub(super) fn ms_after(epoch: Instant, now: Instant, after: Duration) -> u64 {
 }
 
 /// The sweep period: a quarter of the shortest timeout it enforces (ping
-/// interval and timeout, message timeout, send timeout; 4 s when the
-/// admission table exists, so it is swept every second), kept between
+/// interval and timeout, message timeout, send timeout, history age; 4 s
+/// when the admission table exists, so it is swept every second), kept between
 /// [`SWEEP_MIN`] and [`SWEEP_MAX`], or `None` with nothing to sweep for.
 pub(super) fn sweep_period(cfg: &Config) -> Option<Duration> {
     let keepalive = cfg.ping_interval.map(|i| i.min(cfg.ping_timeout));
@@ -333,9 +337,17 @@ pub(super) fn sweep_period(cfg: &Config) -> Option<Duration> {
         || cfg.max_connect_rate_per_ip > 0
         || cfg.max_publish_rate > 0)
         .then_some(SWEEP_MAX * 4);
-    let shortest = [keepalive, cfg.message_timeout, cfg.send_timeout, per_ip]
-        .into_iter()
-        .flatten()
-        .min()?;
+    // Retained topics age out of the directory (`Directory::sweep`).
+    let history = (cfg.history.size > 0).then_some(cfg.history.age);
+    let shortest = [
+        keepalive,
+        cfg.message_timeout,
+        cfg.send_timeout,
+        per_ip,
+        history,
+    ]
+    .into_iter()
+    .flatten()
+    .min()?;
     Some((shortest / 4).clamp(SWEEP_MIN, SWEEP_MAX))
 }

@@ -91,8 +91,9 @@ impl<S> Core<S> {
             self.inbox.done(bus, &batch);
         }
         // Envelopes built here are charged here, like published frames.
-        for f in self.built.drain(..) {
-            self.shard.charge_built(&f);
+        for (p, f) in self.built.drain(..) {
+            let topic = self.shard.local_id(&p);
+            self.shard.charge_built(topic, &p.msg, &f);
         }
         for (key, serial) in std::mem::take(&mut self.slow) {
             if self.is_current(key, serial) && self.conns[key].state == IoState::Active {
@@ -211,7 +212,7 @@ fn push_to<S>(
     dirty: &mut Vec<ConnRef>,
     slow: &mut Vec<ConnRef>,
     budget: &mut Budget<'_>,
-    built: &mut Vec<Bytes>,
+    built: &mut Vec<(Publication, Bytes)>,
     cfg: &Config,
     stats: &WorkerStats,
     to: Targets<'_>,
@@ -227,7 +228,6 @@ fn push_to<S>(
     // form's envelopes: they are needed next anyway).
     let mut small: [Option<usize>; 3] = [None; 3];
     let mut sent = 0;
-    let mut on_built = |f: &Bytes| built.push(f.clone());
     for &(key, serial) in targets {
         let Some(conn) = conns.get_mut(key) else {
             continue;
@@ -236,7 +236,10 @@ fn push_to<S>(
         let form = conn.session.form();
         let room = *small[form as usize].get_or_insert_with(|| {
             run.iter()
-                .map(|p| p.msg.frame_for(form, topic, &mut on_built).len())
+                .map(|p| {
+                    let mut on_built = |f: &Bytes| built.push((p.clone(), f.clone()));
+                    p.msg.frame_for(form, topic, &mut on_built).len()
+                })
                 .filter(|&n| n < COPY_BELOW)
                 .sum()
         });
@@ -244,6 +247,7 @@ fn push_to<S>(
         let mut queued = false;
         let over = *budget.buffered > budget.limit;
         for (i, p) in run.iter().enumerate() {
+            let mut on_built = |f: &Bytes| built.push((p.clone(), f.clone()));
             let frame = p.msg.frame_for(form, topic, &mut on_built);
             match conn.session.push_published(frame, cfg, over) {
                 Push::Queued => {
