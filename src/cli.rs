@@ -120,8 +120,9 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = DEFAULT_HISTORY_BYTES, value_parser = parse_size, value_name = "BYTES")]
     pub history_bytes: usize,
 
-    /// Age of the oldest message a history keeps; also how long a topic
-    /// nobody subscribes to keeps its history.
+    /// Age of the oldest message a history keeps (the newest, the last
+    /// value, stays while the topic is held); a topic nobody holds is
+    /// forgotten once even its newest message is this old.
     #[arg(long, default_value = "5m", value_parser = parse_duration, value_name = "DURATION")]
     pub history_age: Duration,
 
@@ -133,6 +134,11 @@ pub struct ServeArgs {
     /// and publisher left (the oldest goes first).
     #[arg(long, default_value_t = DEFAULT_RETAINED_TOPICS, value_name = "N")]
     pub retained_topics: usize,
+
+    /// Do not send a topic's newest publication (its last value, marked as
+    /// a snapshot) to each new enveloped subscriber.
+    #[arg(long)]
+    pub no_last_value: bool,
 
     /// Ping a connection after this long without input; 0 disables keepalive.
     #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
@@ -269,6 +275,7 @@ impl ServeArgs {
                 memory: self.history_memory,
             },
             retained_topics: self.retained_topics,
+            last_value: !self.no_last_value,
             slow_consumer: self.slow_consumer,
             ping_interval: (!self.ping_interval.is_zero()).then_some(self.ping_interval),
             ping_timeout: self.ping_timeout,

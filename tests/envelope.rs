@@ -39,10 +39,36 @@ struct Env {
     seq: u64,
     text: bool,
     payload: Vec<u8>,
+    /// Announced by a snapshot marker: the topic's last value.
+    snapshot: bool,
 }
 
+/// The next publication; a snapshot marker before it is checked against
+/// it and noted.
 fn read_env(ws: &mut Ws) -> Env {
-    match ws.read().expect("a message") {
+    let m = ws.read().expect("a message");
+    let is_marker = match &m {
+        Message::Text(t) => t.as_str().starts_with(r#"{"op":"snapshot""#),
+        Message::Binary(b) => b[0] == 2,
+        _ => false,
+    };
+    if is_marker {
+        let (topic, epoch, seq) = marker_of(m);
+        let e = read_plain_env(ws.read().expect("a message"));
+        assert_eq!(
+            (topic.as_str(), epoch, seq),
+            (e.topic.as_str(), e.epoch, e.seq)
+        );
+        return Env {
+            snapshot: true,
+            ..e
+        };
+    }
+    read_plain_env(m)
+}
+
+fn read_plain_env(m: Message) -> Env {
+    match m {
         Message::Text(t) => {
             let v: serde_json::Value = serde_json::from_str(t.as_str()).expect("JSON");
             assert_eq!(v["op"], "pub", "{t}");
@@ -63,6 +89,7 @@ fn read_env(ws: &mut Ws) -> Env {
                 seq: v["seq"].as_u64().unwrap(),
                 text,
                 payload,
+                snapshot: false,
             }
         }
         Message::Binary(b) => {
@@ -74,6 +101,7 @@ fn read_env(ws: &mut Ws) -> Env {
                 seq: u64::from_be_bytes(b[12..20].try_into().unwrap()),
                 topic: String::from_utf8(b[20..20 + n].to_vec()).unwrap(),
                 payload: b[20 + n..].to_vec(),
+                snapshot: false,
             }
         }
         other => panic!("unexpected {other:?}"),
@@ -296,8 +324,37 @@ enum Incoming {
 
 fn read_incoming(ws: &mut Ws) -> Incoming {
     match ws.read().expect("a message") {
-        Message::Text(t) if !t.as_str().starts_with(r#"{"op":"pub""#) => {
+        Message::Text(t)
+            if !t.as_str().starts_with(r#"{"op":"pub""#)
+                && !t.as_str().starts_with(r#"{"op":"snapshot""#) =>
+        {
             Incoming::Reply(serde_json::from_str(t.as_str()).expect("JSON"))
+        }
+        m @ Message::Text(_) if m.to_text().unwrap().starts_with(r#"{"op":"snapshot""#) => {
+            let (_, _, seq) = marker_of(m);
+            match read_incoming(ws) {
+                Incoming::Pub(e) => {
+                    assert_eq!(e.seq, seq);
+                    Incoming::Pub(Env {
+                        snapshot: true,
+                        ..e
+                    })
+                }
+                Incoming::Reply(v) => panic!("a reply after a marker: {v}"),
+            }
+        }
+        Message::Binary(b) if b[0] == 2 => {
+            let (_, _, seq) = marker_of(Message::Binary(b));
+            match read_incoming(ws) {
+                Incoming::Pub(e) => {
+                    assert_eq!(e.seq, seq);
+                    Incoming::Pub(Env {
+                        snapshot: true,
+                        ..e
+                    })
+                }
+                Incoming::Reply(v) => panic!("a reply after a marker: {v}"),
+            }
         }
         Message::Text(t) => {
             // Re-read through the envelope reader.
@@ -312,6 +369,7 @@ fn read_incoming(ws: &mut Ws) -> Incoming {
                     .map(|s| s.as_str().unwrap().as_bytes().to_vec())
                     .unwrap_or_default(),
                 // (binary payloads are not read back here)
+                snapshot: false,
             })
         }
         Message::Binary(b) => {
@@ -322,6 +380,7 @@ fn read_incoming(ws: &mut Ws) -> Incoming {
                 seq: u64::from_be_bytes(b[12..20].try_into().unwrap()),
                 topic: String::from_utf8(b[20..20 + n].to_vec()).unwrap(),
                 payload: b[20 + n..].to_vec(),
+                snapshot: false,
             })
         }
         other => panic!("unexpected {other:?}"),
@@ -582,4 +641,84 @@ fn an_http_publish_is_answered_with_the_number_it_got() {
         );
         assert_eq!(e.seq, n);
     }
+}
+
+/// Reads a snapshot marker and returns (topic, epoch, seq).
+fn read_marker(ws: &mut Ws) -> (String, u64, u64) {
+    marker_of(ws.read().expect("a marker"))
+}
+
+fn marker_of(m: Message) -> (String, u64, u64) {
+    match m {
+        Message::Text(t) => {
+            let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+            assert_eq!(v["op"], "snapshot", "{t}");
+            (
+                v["topic"].as_str().unwrap().to_owned(),
+                v["epoch"].as_u64().unwrap(),
+                v["seq"].as_u64().unwrap(),
+            )
+        }
+        Message::Binary(b) => {
+            assert_eq!(b[0], 2, "kind: snapshot");
+            let n = u16::from_be_bytes([b[2], b[3]]) as usize;
+            assert_eq!(b.len(), 20 + n, "a marker has no payload");
+            (
+                String::from_utf8(b[20..].to_vec()).unwrap(),
+                u64::from_be_bytes(b[4..12].try_into().unwrap()),
+                u64::from_be_bytes(b[12..20].try_into().unwrap()),
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_new_enveloped_subscriber_gets_the_last_value_marked_then_the_live_stream() {
+    let server = start();
+    let addr = server.local_addr();
+    // Someone holds the topic so it has a history.
+    let (mut first, _) = subscribe_with(addr, "/ws?topics=lv", "corecast.v1");
+    for n in 1..=3u8 {
+        publish(addr, "lv", &[b'0' + n]);
+    }
+    assert_eq!(read_env(&mut first).seq, 1);
+    for form in ["corecast.v1", "corecast.v1.binary"] {
+        let (mut ws, _) = subscribe_with(addr, "/ws?topics=lv", form);
+        let (topic, epoch, seq) = read_marker(&mut ws);
+        let e = read_env(&mut ws);
+        assert_eq!((topic.as_str(), seq), ("lv", 3), "{form}");
+        assert_eq!(
+            (e.epoch, e.seq, e.payload.as_slice()),
+            (epoch, 3, &b"3"[..])
+        );
+    }
+    // By control message too, and only for topics newly held.
+    let (mut c, _) = subscribe_with(addr, "/ws", "corecast.v1.binary");
+    let (reply, _) = subscribe_since(&mut c, "lv", None);
+    assert!(reply.get("recovery").is_none(), "{reply}");
+    assert_eq!(read_marker(&mut c).2, 3);
+    assert_eq!(read_env(&mut c).seq, 3);
+    publish(addr, "lv", b"4");
+    assert_eq!(read_env(&mut c).seq, 4, "then live, nothing twice");
+    // A raw subscriber gets no snapshot: its first message is the next one.
+    let mut raw = connect(addr, "/ws?topics=lv");
+    publish(addr, "lv", b"5");
+    assert_eq!(raw.read().unwrap(), Message::binary(b"5".to_vec()));
+    assert_eq!(metric(&metrics(addr), "corecast_snapshots_sent_total"), 3);
+}
+
+#[test]
+fn no_last_value_turns_snapshots_off() {
+    let server = start_with(|c| c.last_value = false);
+    let addr = server.local_addr();
+    let _holder = subscribe_with(addr, "/ws?topics=nolv", "corecast.v1").0;
+    publish(addr, "nolv", b"1");
+    let (mut ws, _) = subscribe_with(addr, "/ws?topics=nolv", "corecast.v1");
+    publish(addr, "nolv", b"2");
+    assert_eq!(
+        read_env(&mut ws).seq,
+        2,
+        "no snapshot: the next publication first"
+    );
 }

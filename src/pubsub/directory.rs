@@ -297,7 +297,7 @@ impl Directory {
             }
             let mut h = entry.history();
             h.expire(&self.limits, &self.memory, now);
-            if h.is_empty() {
+            if h.stale(&self.limits, now) {
                 drop(h);
                 // Held for a moment: listed until the next sweep.
                 return self.forget_listed(&mut t, name, *listing) == Some(false);
@@ -339,6 +339,12 @@ impl Directory {
         if self.limits.size > 0 {
             topic.history().add_envelope(msg, len, &self.memory);
         }
+    }
+
+    /// The last value of `topic`, now at number `current`: its newest
+    /// message if the history holds it. The caller holds the order lock.
+    pub fn last_value(&self, topic: &TopicInterest, current: u64) -> Recovery {
+        topic.history().last_value(topic.epoch, current)
     }
 
     /// What every history holds together.

@@ -57,6 +57,9 @@ impl Form {
 
 /// Byte 0 of a binary envelope: a publication.
 pub const BINARY_KIND_PUBLICATION: u8 = 1;
+/// Byte 0 of a binary marker: the next publication of the topic is its
+/// last value, published before the subscription (a snapshot).
+pub const BINARY_KIND_SNAPSHOT: u8 = 2;
 /// Flag bit (byte 1) of a binary envelope: the payload was published as text.
 pub const BINARY_FLAG_TEXT: u8 = 1;
 /// Bytes of a binary envelope before the topic name.
@@ -195,13 +198,24 @@ pub fn json_frame(topic: &str, epoch: u64, seq: u64, opcode: OpCode, payload: &[
 /// big-endian): kind `1`, flags (bit 0: text), topic length (u16), epoch
 /// (u64), seq (u64), the topic, the payload.
 pub fn binary_frame(topic: &str, epoch: u64, seq: u64, opcode: OpCode, payload: &[u8]) -> Vec<u8> {
+    binary_frame_of_kind(BINARY_KIND_PUBLICATION, topic, epoch, seq, opcode, payload)
+}
+
+fn binary_frame_of_kind(
+    kind: u8,
+    topic: &str,
+    epoch: u64,
+    seq: u64,
+    opcode: OpCode,
+    payload: &[u8],
+) -> Vec<u8> {
     let topic_len = u16::try_from(topic.len()).expect("topic names are at most 65 535 bytes");
     let len = BINARY_HEADER_LEN + topic.len() + payload.len();
     let mut hdr = [0u8; MAX_HEADER_LEN];
     let n = encode_header(&mut hdr, true, OpCode::Binary, len as u64, None);
     let mut out = Vec::with_capacity(n + len);
     out.extend_from_slice(&hdr[..n]);
-    out.push(BINARY_KIND_PUBLICATION);
+    out.push(kind);
     out.push(if opcode == OpCode::Text {
         BINARY_FLAG_TEXT
     } else {
@@ -213,6 +227,33 @@ pub fn binary_frame(topic: &str, epoch: u64, seq: u64, opcode: OpCode, payload: 
     out.extend_from_slice(topic.as_bytes());
     out.extend_from_slice(payload);
     out
+}
+
+/// The marker sent before a topic's last value to a new subscriber:
+/// JSON `{"op":"snapshot","topic":T,"epoch":E,"seq":S}` (text), or a
+/// binary frame with the publication's header layout, kind
+/// [`BINARY_KIND_SNAPSHOT`], no payload. `None` for raw subscribers, who
+/// get no snapshot.
+pub fn snapshot_marker(form: Form, topic: &str, epoch: u64, seq: u64) -> Option<Bytes> {
+    match form {
+        Form::Raw => None,
+        Form::Json => {
+            let json =
+                format!(r#"{{"op":"snapshot","topic":"{topic}","epoch":{epoch},"seq":{seq}}}"#);
+            Some(Bytes::from(crate::proto::frame::server_frame(
+                OpCode::Text,
+                json.as_bytes(),
+            )))
+        }
+        Form::Binary => Some(Bytes::from(binary_frame_of_kind(
+            BINARY_KIND_SNAPSHOT,
+            topic,
+            epoch,
+            seq,
+            OpCode::Binary,
+            &[],
+        ))),
+    }
 }
 
 /// Decimal digits of `v`, without allocating.

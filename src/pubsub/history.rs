@@ -104,6 +104,18 @@ pub struct Since {
     pub seq: u64,
 }
 
+/// Where a new subscription starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// With the next publication.
+    Live,
+    /// Right after a position the subscriber had (recovery).
+    Since(Since),
+    /// With the topic's newest publication, if its history holds one
+    /// (last value, sent as a snapshot), then the live stream.
+    LastValue,
+}
+
 /// Why a recovery is not complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Gap {
@@ -209,14 +221,40 @@ impl History {
         }
     }
 
-    /// Drops messages older than `limits.age`.
+    /// Drops messages older than `limits.age`, except the newest: a
+    /// topic's last value stays while the topic does.
     pub fn expire(&mut self, limits: &HistoryLimits, memory: &HistoryMemory, now: Instant) {
-        while self
-            .entries
-            .front()
-            .is_some_and(|m| now.saturating_duration_since(m.published_at) > limits.age)
+        while self.entries.len() > 1
+            && self
+                .entries
+                .front()
+                .is_some_and(|m| now.saturating_duration_since(m.published_at) > limits.age)
         {
             self.pop(memory);
+        }
+    }
+
+    /// Whether even the newest message is older than `limits.age` (or
+    /// there is none): what ends a retained topic.
+    pub fn stale(&self, limits: &HistoryLimits, now: Instant) -> bool {
+        self.entries
+            .back()
+            .is_none_or(|m| now.saturating_duration_since(m.published_at) > limits.age)
+    }
+
+    /// The newest message as a one-message recovery, if it is number
+    /// `current` (the topic's last): the last value a new subscriber gets.
+    pub fn last_value(&self, epoch: u64, current: u64) -> Recovery {
+        let newest = self
+            .entries
+            .back()
+            .filter(|m| m.seq == current && current > 0);
+        Recovery {
+            epoch,
+            first: newest.map_or(current + 1, |m| m.seq),
+            last: current,
+            messages: newest.into_iter().cloned().collect(),
+            gap: None,
         }
     }
 
@@ -415,5 +453,23 @@ mod tests {
         assert_eq!(mem.bytes(), 2 * (10 + ENTRY_OVERHEAD_BYTES));
         h.clear(&mem);
         assert_eq!((mem.bytes(), mem.entries()), (0, 0));
+    }
+
+    #[test]
+    fn the_newest_message_outlives_its_age_as_the_last_value() {
+        let mem = HistoryMemory::default();
+        let t0 = Instant::now();
+        let mut h = History::default();
+        let l = limits(100, usize::MAX);
+        h.append(&msg(1, 1, t0), &l, &mem, t0);
+        h.append(&msg(2, 1, t0), &l, &mem, t0);
+        let late = t0 + Duration::from_secs(3600);
+        h.expire(&l, &mem, late);
+        assert_eq!(h.range(), Some((2, 2)), "the last value stays");
+        assert!(h.stale(&l, late));
+        assert!(!h.stale(&l, t0));
+        let r = h.last_value(7, 2);
+        assert_eq!((r.first, r.last, r.messages.len()), (2, 2, 1));
+        assert!(h.last_value(7, 3).messages.is_empty(), "not the topic's last");
     }
 }

@@ -16,7 +16,7 @@
 use super::bus::{Bus, Publication, order_stripe};
 use super::directory::{Directory, TopicInterest};
 use super::envelope::{Form, Message};
-use super::history::{Recovery, Since};
+use super::history::{Recovery, Start};
 use super::ledger::SharedFrames;
 use crate::proto::outbound::COPY_BELOW;
 use bytes::Bytes;
@@ -172,10 +172,16 @@ struct LocalTopic {
     /// bit) and are skipped, so every subscriber here sees strictly
     /// consecutive numbers from `floor + 1` on.
     floor: u64,
-    /// Subscribers that joined with a recovery, each with the number it
-    /// was recovered up to: publications up to it still in the mailbox
-    /// are skipped for it. Dropped once a later publication passes.
-    joiners: Vec<(ConnRef, u64)>,
+    /// The newest number this worker has delivered (or skipped) for the
+    /// topic: what its mailbox may still hold is newer.
+    delivered: u64,
+    /// Subscribers that joined with a recovery or a last value while
+    /// publications up to what they got were still in the mailbox: each
+    /// with that number and its slot, which stays *pending* (left out of
+    /// the ordinary delivery) until a later publication reaches it. Only
+    /// those that join between a publication's numbering and its
+    /// delivery here, so few.
+    joiners: Vec<(ConnRef, u64, u32)>,
 }
 
 /// One local topic's subscribers: a slab of 8-byte slots (a connection's
@@ -216,8 +222,11 @@ struct Slot {
 }
 
 /// The key of a free slot: no connection has it (a worker holds far fewer
-/// than 2^32 - 1 connections).
+/// than 2^31 connections).
 const VACANT: u32 = u32::MAX;
+/// Set in a pending slot's key (see [`LocalTopic::joiners`]); a free
+/// slot's key has it too, so one test leaves both out.
+const PENDING: u32 = 1 << 31;
 /// The end of the free list.
 const NONE: u32 = u32::MAX;
 
@@ -265,8 +274,8 @@ impl Subscribers {
     fn insert(&mut self, (key, serial): ConnRef) -> u32 {
         let key = u32::try_from(key)
             .ok()
-            .filter(|&k| k != VACANT)
-            .expect("connection keys fit in u32");
+            .filter(|&k| k < PENDING - 1)
+            .expect("connection keys fit in 31 bits");
         let slot = Slot { key, serial };
         self.len += 1;
         if self.free == NONE {
@@ -309,13 +318,21 @@ impl Subscribers {
         self.len -= 1;
     }
 
-    /// The subscribers, in slot order.
+    /// The subscribers, in slot order, pending ones left out.
     fn iter(&self) -> impl Iterator<Item = ConnRef> + '_ {
         self.first
             .iter()
             .chain(self.more.iter().flat_map(|m| m.iter()).flatten())
-            .filter(|s| s.key != VACANT)
+            .filter(|s| s.key & PENDING == 0)
             .map(|s| (s.key as usize, s.serial))
+    }
+
+    /// Adds `conn` as pending: left out of [`Self::iter`] until its key's
+    /// [`PENDING`] bit is cleared.
+    fn insert_pending(&mut self, conn: ConnRef) -> u32 {
+        let slot = self.insert(conn);
+        self.slot_mut(slot).key |= PENDING;
+        slot
     }
 }
 
@@ -399,26 +416,31 @@ impl Shard {
     /// Adds `conn` to the subscribers of `name`. The caller makes sure a
     /// connection subscribes to a topic at most once.
     pub fn subscribe(&mut self, name: &str, conn: ConnRef) -> Subscription {
-        self.subscribe_since(name, conn, None, 0, None).0
+        self.subscribe_since(name, conn, Start::Live, 0, None).0
     }
 
-    /// [`Self::subscribe`], recovering from `since` when given: under the
-    /// topic's order lock, the history after `since` is read (at most
-    /// `max_bytes` of frames, judged at `now`) and the subscriber joins the
-    /// live stream right after the topic's current number, so the
-    /// recovered messages and the live ones meet with no gap and no
-    /// duplicate. The caller queues the recovered messages before anything
+    /// [`Self::subscribe`], starting at `start`: for a recovery (`since`)
+    /// or the last value, under the topic's order lock, the history is
+    /// read (at most `max_bytes` of frames, judged at `now`) and the
+    /// subscriber joins the live stream right after the topic's current
+    /// number, so the messages read and the live ones meet with no gap and
+    /// no duplicate. The caller queues the messages read before anything
     /// this worker delivers next.
     pub fn subscribe_since(
         &mut self,
         name: &str,
         conn: ConnRef,
-        since: Option<Since>,
+        start: Start,
         max_bytes: usize,
         now: Option<Instant>,
     ) -> (Subscription, Option<Recovery>) {
-        let recover = |d: &Directory, t: &TopicInterest, at: u64| {
-            since.map(|s| d.recover(t, s, at, max_bytes, now.unwrap_or_else(Instant::now)))
+        let since = (start != Start::Live).then_some(());
+        let recover = |d: &Directory, t: &TopicInterest, at: u64| match start {
+            Start::Live => None,
+            Start::Since(s) => {
+                Some(d.recover(t, s, at, max_bytes, now.unwrap_or_else(Instant::now)))
+            }
+            Start::LastValue => Some(d.last_value(t, at)),
         };
         let (topic, recovery) = match self.by_name.get(name) {
             Some(&id) => {
@@ -427,10 +449,14 @@ impl Shard {
                     let _order = self.hold_order_of(&local.interest);
                     recover(&self.directory, &local.interest, local.interest.seq())
                 });
-                if let Some(r) = &recovery {
+                let local = &mut self.topics[id as usize];
+                if let Some(r) = recovery.as_ref().filter(|r| r.last > local.delivered) {
                     // Publications up to `r.last` may still be in this
                     // worker's mailbox: not for this subscriber.
-                    self.topics[id as usize].joiners.push((conn, r.last));
+                    self.registry_bytes += SUBSCRIPTION_BYTES;
+                    let slot = local.subs.insert_pending(conn);
+                    local.joiners.push((conn, r.last, slot));
+                    return (Subscription { topic: id, slot }, recovery);
                 }
                 (id, recovery)
             }
@@ -450,6 +476,7 @@ impl Shard {
                     interest,
                     subs: Subscribers::new(),
                     floor,
+                    delivered: floor,
                     joiners: Vec::new(),
                 }) as u32;
                 self.registry_bytes += topic_charge(name.len());
@@ -479,8 +506,7 @@ impl Shard {
     pub fn unsubscribe(&mut self, sub: Subscription) {
         let t = &mut self.topics[sub.topic as usize];
         if !t.joiners.is_empty() {
-            let s = *t.subs.slot_mut(sub.slot);
-            t.joiners.retain(|j| j.0 != (s.key as usize, s.serial));
+            t.joiners.retain(|j| j.2 != sub.slot);
         }
         t.subs.remove(sub.slot);
         self.registry_bytes -= SUBSCRIPTION_BYTES;
@@ -698,9 +724,9 @@ impl Shard {
             let Some(newest) = run.last().map(|p| p.msg.seq) else {
                 continue;
             };
+            local.delivered = newest;
             let name = local.interest.name();
-            let joiners = &local.joiners;
-            for &(c, upto) in joiners {
+            for &(c, upto, _) in &local.joiners {
                 let from = run.partition_point(|p| p.msg.seq <= upto);
                 if from < run.len() {
                     deliver(&run[from..], name, &[c]);
@@ -709,10 +735,7 @@ impl Shard {
             let subs = &local.subs;
             let mut chunk: [ConnRef; 64] = [(0, 0); 64];
             let mut n = 0;
-            for c in subs
-                .iter()
-                .filter(|c| joiners.is_empty() || !joiners.iter().any(|j| j.0 == *c))
-            {
+            for c in subs.iter() {
                 chunk[n] = c;
                 n += 1;
                 if n == chunk.len() {
@@ -724,7 +747,15 @@ impl Shard {
                 deliver(run, name, &chunk[..n]);
             }
             if !local.joiners.is_empty() {
-                local.joiners.retain(|&(_, upto)| upto >= newest);
+                // Caught up: ordinary subscribers from the next run on.
+                let subs = &mut local.subs;
+                local.joiners.retain(|&(_, upto, slot)| {
+                    let waiting = upto >= newest;
+                    if !waiting {
+                        subs.slot_mut(slot).key &= !PENDING;
+                    }
+                    waiting
+                });
             }
         }
     }

@@ -427,7 +427,7 @@ fn drain_numbers(s: &mut Shard, inbox: &crate::pubsub::bus::Inbox, bus: &Bus) ->
 /// the topic's number at its join, live after it.
 #[test]
 fn a_recovering_subscriber_gets_each_number_once_though_the_mailbox_holds_some() {
-    use crate::pubsub::history::Since;
+    use crate::pubsub::history::{Since, Start};
     let (d, bus, inboxes, mut s) = shards_with_history(2);
     let t = d.entry("t");
     s[1].subscribe("t", (1, 0));
@@ -439,7 +439,7 @@ fn a_recovering_subscriber_gets_each_number_once_though_the_mailbox_holds_some()
         epoch: t.epoch(),
         seq: 2,
     };
-    let (sub, r) = s[1].subscribe_since("t", (2, 0), Some(since), usize::MAX, None);
+    let (sub, r) = s[1].subscribe_since("t", (2, 0), Start::Since(since), usize::MAX, None);
     let r = r.expect("a recovery");
     let replayed: Vec<u64> = r.messages.iter().map(|m| m.seq).collect();
     assert_eq!(
@@ -458,7 +458,7 @@ fn a_recovering_subscriber_gets_each_number_once_though_the_mailbox_holds_some()
     assert_eq!(of(1), [1, 2, 3, 4, 5, 6], "the old subscriber: everything");
     assert_eq!(of(2), [6], "the recovering one: live after its recovery");
     // Leaving before its first live publication leaves nothing behind.
-    let (sub3, _) = s[1].subscribe_since("t", (3, 0), Some(since), usize::MAX, None);
+    let (sub3, _) = s[1].subscribe_since("t", (3, 0), Start::Since(since), usize::MAX, None);
     s[1].unsubscribe(sub3);
     s[1].unsubscribe(sub);
     s[0].publish(&t, Bytes::from_static(b"7"), Instant::now());
@@ -468,7 +468,7 @@ fn a_recovering_subscriber_gets_each_number_once_though_the_mailbox_holds_some()
 
 #[test]
 fn a_recovery_on_a_worker_new_to_the_topic_meets_the_live_stream() {
-    use crate::pubsub::history::{Gap, Since};
+    use crate::pubsub::history::{Gap, Since, Start};
     let (d, bus, inboxes, mut s) = shards_with_history(2);
     let t = d.entry("t");
     for x in 1..=3u8 {
@@ -479,7 +479,7 @@ fn a_recovery_on_a_worker_new_to_the_topic_meets_the_live_stream() {
         epoch: t.epoch(),
         seq: 0,
     };
-    let (_, r) = s[1].subscribe_since("t", (1, 0), Some(since), usize::MAX, None);
+    let (_, r) = s[1].subscribe_since("t", (1, 0), Start::Since(since), usize::MAX, None);
     let r = r.unwrap();
     assert_eq!((r.messages.len(), r.first, r.last, r.gap), (3, 1, 3, None));
     s[0].publish(&t, Bytes::from_static(b"4"), Instant::now());
@@ -489,11 +489,54 @@ fn a_recovery_on_a_worker_new_to_the_topic_meets_the_live_stream() {
         epoch: t.epoch() + 1_000,
         seq: 2,
     };
-    let (_, r) = s[1].subscribe_since("t", (2, 0), Some(other), usize::MAX, None);
+    let (_, r) = s[1].subscribe_since("t", (2, 0), Start::Since(other), usize::MAX, None);
     let r = r.unwrap();
     assert_eq!(
         (r.first, r.last, r.gap),
         (1, 4, Some(Gap::Epoch)),
         "start over"
+    );
+}
+
+/// A last value taken while the same publication is still in the mailbox:
+/// the new subscriber gets it once (as the snapshot) and then only what
+/// is newer; once caught up it is an ordinary subscriber. Joining when the
+/// worker has delivered everything makes no pending slot at all.
+#[test]
+fn a_last_value_and_the_mailbox_never_give_one_message_twice() {
+    use crate::pubsub::history::Start;
+    let (d, bus, inboxes, mut s) = shards_with_history(2);
+    let t = d.entry("t");
+    s[1].subscribe("t", (1, 0));
+    for x in 1..=2u8 {
+        s[0].publish(&t, Bytes::from(vec![x]), Instant::now());
+    }
+    s[0].dispatch(); // 1, 2 in worker 1's mailbox
+    let (_, r) = s[1].subscribe_since("t", (2, 0), Start::LastValue, usize::MAX, None);
+    let r = r.unwrap();
+    assert_eq!(r.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [2]);
+    assert_eq!(s[1].topics[0].joiners.len(), 1, "pending until caught up");
+    s[0].publish(&t, Bytes::from_static(b"3"), Instant::now());
+    s[0].dispatch();
+    let got = drain_numbers(&mut s[1], &inboxes[1], &bus);
+    let of = |g: &[(usize, u64)], k: usize| {
+        g.iter()
+            .filter(|x| x.0 == k)
+            .map(|x| x.1)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(of(&got, 1), [1, 2, 3]);
+    assert_eq!(of(&got, 2), [3], "2 came as the snapshot");
+    assert!(s[1].topics[0].joiners.is_empty(), "caught up");
+    // Everything delivered: the next one joins as an ordinary subscriber.
+    let (_, r) = s[1].subscribe_since("t", (3, 0), Start::LastValue, usize::MAX, None);
+    assert_eq!(r.unwrap().messages.len(), 1);
+    assert!(s[1].topics[0].joiners.is_empty());
+    s[0].publish(&t, Bytes::from_static(b"4"), Instant::now());
+    s[0].dispatch();
+    let got = drain_numbers(&mut s[1], &inboxes[1], &bus);
+    assert_eq!(
+        (of(&got, 1), of(&got, 2), of(&got, 3)),
+        (vec![4], vec![4], vec![4])
     );
 }

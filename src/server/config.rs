@@ -122,6 +122,9 @@ pub struct Config {
     pub history: crate::pubsub::history::HistoryLimits,
     /// Most topics kept for their history once nobody holds them.
     pub retained_topics: usize,
+    /// Send a topic's newest publication (a snapshot) to each new
+    /// enveloped subscriber.
+    pub last_value: bool,
     /// What to do with a subscriber that cannot keep up.
     pub slow_consumer: SlowConsumerPolicy,
     /// Ping connections idle this long; `None` disables keepalive.
@@ -196,6 +199,7 @@ impl Default for Config {
             max_topic_len: DEFAULT_MAX_TOPIC_LEN,
             history: crate::pubsub::history::HistoryLimits::default(),
             retained_topics: crate::pubsub::directory::DEFAULT_RETAINED_TOPICS,
+            last_value: true,
             slow_consumer: SlowConsumerPolicy::Disconnect,
             ping_interval: Some(DEFAULT_PING_INTERVAL),
             ping_timeout: DEFAULT_PING_TIMEOUT,

@@ -75,7 +75,7 @@ const CONNECTION_COUNTERS: [Counter; 8] = [
 
 /// Publication and delivery: messages published, frames and bytes sent,
 /// slow consumers, keepalive, publishers held back (mailbox full, rate).
-const DELIVERY_COUNTERS: [Counter; 14] = [
+const DELIVERY_COUNTERS: [Counter; 15] = [
     (
         "corecast_messages_published_total",
         "Messages published (WebSocket and HTTP publishers).",
@@ -105,6 +105,11 @@ const DELIVERY_COUNTERS: [Counter; 14] = [
         "corecast_recoveries_incomplete_total",
         "Subscribes with since that could not get every message after it (epoch changed, history too short, capped).",
         |w| &w.recoveries_incomplete,
+    ),
+    (
+        "corecast_snapshots_sent_total",
+        "Last values sent to new enveloped subscribers (each after a snapshot marker).",
+        |w| &w.snapshots_sent,
     ),
     (
         "corecast_messages_recovered_total",

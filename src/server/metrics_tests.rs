@@ -34,6 +34,7 @@ fn busy_workers() -> Vec<WorkerStats> {
         set(&w.recoveries_complete);
         set(&w.recoveries_incomplete);
         set(&w.messages_recovered);
+        set(&w.snapshots_sent);
         set(&w.slow_consumer_disconnects);
         set(&w.slow_consumer_discarded_bytes);
         set(&w.keepalive_pings);

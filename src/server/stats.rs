@@ -94,6 +94,7 @@ pub struct WorkerStats {
     pub recoveries_complete: AtomicU64,
     pub recoveries_incomplete: AtomicU64,
     pub messages_recovered: AtomicU64,
+    pub snapshots_sent: AtomicU64,
     pub slow_consumer_disconnects: AtomicU64,
     pub slow_consumer_discarded_bytes: AtomicU64,
     pub keepalive_pings: AtomicU64,
@@ -207,6 +208,11 @@ impl WorkerStats {
 
     pub fn frame_dropped(&self) {
         bump(&self.frames_dropped);
+    }
+
+    /// A last value sent to a new subscriber.
+    pub fn snapshot_sent(&self) {
+        bump(&self.snapshots_sent);
     }
 
     /// A subscribe with `since`: complete or not, and the messages replayed.

@@ -1,7 +1,7 @@
 //! Requests: where each goes (routing), and the WebSocket upgrade that
 //! gives an open connection its role.
 
-use super::{Ctx, Phase, Publisher, Role, Session};
+use super::{Ctx, Phase, Publisher, Role, Session, subscriber};
 use crate::proto::WsConn;
 use crate::proto::handshake::{
     HeadScanner, MAX_HEADERS, Reject, Request, Status, choose_subprotocol, parse_head,
@@ -137,6 +137,7 @@ impl Session {
         let cfg = &ctx.shared.config;
         let upgrade = validate_upgrade(req)?;
         let mut subprotocol = choose_subprotocol(req, &cfg.subprotocols);
+        let mut snapshots = Vec::new();
         let role = match up {
             Upgrade::Echo => Role::Echo,
             Upgrade::Publish(name) => {
@@ -161,9 +162,18 @@ impl Session {
                 // application's own protocol), then the envelopes.
                 subprotocol =
                     subprotocol.or_else(|| choose_subprotocol(req, &SUBSCRIBER_PROTOCOLS));
-                let mut subs = SubList::new(Form::of_subprotocol(subprotocol));
+                let form = Form::of_subprotocol(subprotocol);
+                let mut subs = SubList::new(form);
+                let start = subscriber::fresh_start(form, cfg);
+                let cap = cfg.max_outbound_bytes / 2;
                 for n in &names {
-                    subs.push(ctx.shard.subscribe(n, ctx.me));
+                    let (sub, r) = ctx
+                        .shard
+                        .subscribe_since(n, ctx.me, start, cap, Some(ctx.now));
+                    subs.push(sub);
+                    if let Some(r) = r {
+                        snapshots.push((*n, r));
+                    }
                 }
                 ctx.stats.subscribed(subs.len());
                 Role::Subscriber { subs }
@@ -172,6 +182,16 @@ impl Session {
         let mut response = Vec::with_capacity(192);
         write_switching_protocols(&mut response, upgrade.key, subprotocol);
         self.out.push(Bytes::from(response));
+        if let Role::Subscriber { subs } = &role {
+            // Each topic's last value, right after the 101.
+            let mut frames = Vec::new();
+            for (name, r) in &snapshots {
+                subscriber::snapshot_frames(subs.form(), name, r, ctx, &mut frames);
+            }
+            for f in &frames {
+                self.out.push_frame(f);
+            }
+        }
         ctx.stats.handshake_accepted();
         let limits = match role {
             Role::Subscriber { .. } => &ctx.shared.subscriber_limits,

@@ -3,9 +3,54 @@
 
 use super::Ctx;
 use crate::pubsub::control::{self, Op};
-use crate::pubsub::history::Recovery;
+use crate::pubsub::envelope::{Form, snapshot_marker};
+use crate::pubsub::history::{Recovery, Start};
 use crate::pubsub::shard::SubList;
+use crate::server::config::Config;
 use bytes::Bytes;
+
+/// How a subscription without `since` starts: with the topic's last
+/// value for an enveloped subscriber (unless `--no-last-value`), live
+/// otherwise (a raw subscriber could not tell a snapshot from news).
+pub(super) fn fresh_start(form: Form, cfg: &Config) -> Start {
+    if form != Form::Raw && cfg.last_value && cfg.history.size > 0 {
+        Start::LastValue
+    } else {
+        Start::Live
+    }
+}
+
+/// Appends the frames of recovered messages, in `form`.
+fn replay_frames(form: Form, name: &str, r: &Recovery, ctx: &mut Ctx<'_>, out: &mut Vec<Bytes>) {
+    let shard = &mut *ctx.shard;
+    let id = shard.topic_id(name);
+    for m in &r.messages {
+        out.push(
+            m.frame_for(form, name, &mut |f| shard.charge_built(id, m, f))
+                .clone(),
+        );
+    }
+}
+
+/// Appends a topic's last value, after its snapshot marker, if `r` (from
+/// [`Start::LastValue`]) holds one.
+pub(super) fn snapshot_frames(
+    form: Form,
+    name: &str,
+    r: &Recovery,
+    ctx: &mut Ctx<'_>,
+    out: &mut Vec<Bytes>,
+) {
+    let Some(m) = r.messages.last() else {
+        return;
+    };
+    let Some(marker) = snapshot_marker(form, name, m.epoch, m.seq) else {
+        return;
+    };
+    out.push(marker);
+    replay_frames(form, name, r, ctx, out);
+    ctx.stats.snapshot_sent();
+}
 
 /// Applies a subscriber's control message; returns the JSON reply and the
 /// recovered messages that follow it (a subscribe with `since`), in the
@@ -48,31 +93,36 @@ pub(super) fn control_message(
             // One recovery's replay: at most half a subscriber's queue, so
             // the live stream that follows is not cut as a slow consumer.
             let cap = cfg.max_outbound_bytes / 2;
+            let form = subs.form();
+            let fresh = fresh_start(form, cfg);
             let mut recovered = Vec::new();
+            let mut snapshots = Vec::new();
             for i in new {
                 let name = &c.topics[i];
                 let since = c.since.get(i).copied().flatten();
+                let start = since.map_or(fresh, Start::Since);
                 let (sub, recovery) =
                     ctx.shard
-                        .subscribe_since(name, ctx.me, since, cap, Some(ctx.now));
+                        .subscribe_since(name, ctx.me, start, cap, Some(ctx.now));
                 subs.push(sub);
                 ctx.stats.subscribed(1);
-                if let Some(r) = recovery {
-                    ctx.stats.recovered(r.gap.is_none(), r.messages.len());
-                    recovered.push((name.as_str(), r));
+                match recovery {
+                    Some(r) if since.is_some() => {
+                        ctx.stats.recovered(r.gap.is_none(), r.messages.len());
+                        recovered.push((name.as_str(), r));
+                    }
+                    Some(r) => snapshots.push((name.as_str(), r)),
+                    None => {}
                 }
             }
             let listed: Vec<(&str, &Recovery)> = recovered.iter().map(|(n, r)| (*n, r)).collect();
             let reply = control::subscribed_with_recovery(&c.topics, &listed);
-            let form = subs.form();
-            let shard = &mut *ctx.shard;
             let mut frames = Vec::new();
             for (name, r) in &recovered {
-                let id = shard.topic_id(name);
-                for m in &r.messages {
-                    let f = m.frame_for(form, name, &mut |f| shard.charge_built(id, m, f));
-                    frames.push(f.clone());
-                }
+                replay_frames(form, name, r, ctx, &mut frames);
+            }
+            for (name, r) in &snapshots {
+                snapshot_frames(form, name, r, ctx, &mut frames);
             }
             return (reply, frames);
         }
