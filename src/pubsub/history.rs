@@ -470,6 +470,9 @@ mod tests {
         assert!(!h.stale(&l, t0));
         let r = h.last_value(7, 2);
         assert_eq!((r.first, r.last, r.messages.len()), (2, 2, 1));
-        assert!(h.last_value(7, 3).messages.is_empty(), "not the topic's last");
+        assert!(
+            h.last_value(7, 3).messages.is_empty(),
+            "not the topic's last"
+        );
     }
 }

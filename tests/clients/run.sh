@@ -2,7 +2,10 @@
 # Real, independent clients against a release build of corecast, over ws://
 # and wss://, on each backend: Python `websockets`, Node `ws` and headless
 # Chromium each round-trip text and binary through /echo; over wss://,
-# OpenSSL's s_client asks to renegotiate and must be refused. Installs what it
+# OpenSSL's s_client asks to renegotiate and must be refused. Then our
+# JavaScript client (clients/js/corecast.mjs) in Node (a dropped connection
+# recovered, a last value, a server restart) and in Chromium (a dropped
+# connection recovered, a last value). Installs what it
 # needs (a pip venv, an npm package, Debian's chromium) and stops what it
 # starts. Called by .ci/run; run it alone after `cargo build --release`.
 #
@@ -13,6 +16,7 @@ cd "$ROOT"
 HERE=$ROOT/tests/clients
 PORT=${CLIENTS_PORT:-19101}
 PAGE_PORT=${CLIENTS_PAGE_PORT:-19102}
+JS_PORT=${CLIENTS_JS_PORT:-19103}
 WORK=$(mktemp -d)
 SERVER=
 PAGES=
@@ -33,14 +37,17 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
 
 python3 -m venv "$WORK/venv"
 "$WORK/venv/bin/pip" install -q --disable-pip-version-check 'websockets>=13'
-cp "$HERE/echo_client.mjs" "$WORK/"
+cp "$HERE/echo_client.mjs" "$HERE/js_client_test.mjs" "$ROOT/clients/js/corecast.mjs" "$WORK/"
+# The pages Chromium opens, with the client module beside them.
+mkdir -p "$WORK/pages"
+cp "$HERE/echo_page.html" "$HERE/js_client_page.html" "$ROOT/clients/js/corecast.mjs" "$WORK/pages/"
 (cd "$WORK" && npm install --silent --no-audit --no-fund --no-save ws@8 >/dev/null)
 if ! command -v chromium >/dev/null 2>&1; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
 # The page Chromium opens, served over plain HTTP (a page may open wss://).
 # Its request log carries the page's verdict (GET /verdict?PASS…).
-python3 -m http.server "$PAGE_PORT" --bind 127.0.0.1 --directory "$HERE" >/dev/null 2>"$WORK/pages.log" &
+python3 -m http.server "$PAGE_PORT" --bind 127.0.0.1 --directory "$WORK/pages" >/dev/null 2>"$WORK/pages.log" &
 PAGES=$!
 
 wait_port() {
@@ -53,6 +60,30 @@ wait_port() {
 }
 wait_port "$PAGE_PORT"
 
+# Opens PAGE in headless Chromium and waits (30 s at most) for its verdict.
+chromium_page() {
+  local page=$1 what=$2 verdict=
+  : >"$WORK/pages.log"
+  chromium --headless=new --no-sandbox --disable-gpu --ignore-certificate-errors \
+    --user-data-dir="$WORK/chromium" "http://127.0.0.1:$PAGE_PORT/$page" >/dev/null 2>&1 &
+  BROWSER=$!
+  for _ in $(seq 300); do
+    verdict=$(grep -ao 'GET /verdict?[^ ]*' "$WORK/pages.log" | head -1 | sed 's/.*verdict?//' || true)
+    [ -n "$verdict" ] && break
+    sleep 0.1
+  done
+  kill -9 "$BROWSER" 2>/dev/null || true
+  wait "$BROWSER" 2>/dev/null || true
+  BROWSER=
+  verdict=$(python3 -c 'import sys, urllib.parse; print(urllib.parse.unquote(sys.argv[1]))' "$verdict")
+  echo "chromium $(chromium --version 2>/dev/null | awk '{print $2}'): $what: ${verdict:-no verdict in 30 s}"
+  if [ "${verdict%% *}" != PASS ]; then
+    echo "chromium did not pass: $what; server log:" >&2
+    tail -20 "$WORK/server.log" >&2
+    exit 1
+  fi
+}
+
 for io in ${BACKENDS:-epoll uring}; do
   for scheme in ws wss; do
     flags=(serve --listen "127.0.0.1:$PORT" --io "$io")
@@ -64,25 +95,11 @@ for io in ${BACKENDS:-epoll uring}; do
     echo "--- $io, $url"
     "$WORK/venv/bin/python" "$HERE/echo_client.py" "$url" "$WORK/cert.pem"
     node "$WORK/echo_client.mjs" "$url" "$WORK/cert.pem"
-    : >"$WORK/pages.log"
-    chromium --headless=new --no-sandbox --disable-gpu --ignore-certificate-errors \
-      --user-data-dir="$WORK/chromium" "http://127.0.0.1:$PAGE_PORT/echo_page.html?url=$url" >/dev/null 2>&1 &
-    BROWSER=$!
-    verdict=
-    for _ in $(seq 300); do
-      verdict=$(grep -ao 'GET /verdict?[^ ]*' "$WORK/pages.log" | head -1 | sed 's/.*verdict?//' || true)
-      [ -n "$verdict" ] && break
-      sleep 0.1
-    done
-    kill -9 "$BROWSER" 2>/dev/null || true
-    wait "$BROWSER" 2>/dev/null || true
-    verdict=$(python3 -c 'import sys, urllib.parse; print(urllib.parse.unquote(sys.argv[1]))' "$verdict")
-    echo "chromium $(chromium --version 2>/dev/null | awk '{print $2}'): $url: ${verdict:-no verdict in 30 s}"
-    if [ "${verdict%% *}" != PASS ]; then
-      echo "chromium did not pass over $url; server log:" >&2
-      tail -20 "$WORK/server.log" >&2
-      exit 1
-    fi
+    chromium_page "echo_page.html?url=$url" "$url"
+    http=http
+    [ "$scheme" = wss ] && http=https
+    chromium_page "js_client_page.html?url=$scheme://127.0.0.1:$PORT/ws&http=$http://127.0.0.1:$PORT" \
+      "js client $scheme://127.0.0.1:$PORT/ws"
     if [ "$scheme" = wss ]; then
       # OpenSSL as a TLS 1.2 client asks to renegotiate ("R"): refused
       # with an alert and the connection closed.
@@ -98,6 +115,9 @@ for io in ${BACKENDS:-epoll uring}; do
     kill -TERM "$SERVER"
     wait "$SERVER"
     SERVER=
+    # The JavaScript client in Node: it starts and restarts its own server.
+    node "$WORK/js_client_test.mjs" ./target/release/corecast "$JS_PORT" "$io" "$scheme" \
+      "$WORK/cert.pem" "$WORK/key.pem"
   done
 done
 echo "real clients: all passed"

@@ -1,0 +1,56 @@
+// Types for corecast.mjs (the corecast.v1 client).
+
+export interface Publication {
+  topic: string;
+  /** The topic's numbering lifetime. */
+  epoch: number;
+  /** The publication's number in the topic's one order (from 1). */
+  seq: number;
+  /** The payload: a string when published as text, bytes when binary. */
+  data: string | Uint8Array;
+  /** The topic's last value, sent on subscribing (published before). */
+  snapshot: boolean;
+  /** Replayed from the server's history after a reconnection. */
+  recovered: boolean;
+}
+
+export type Event =
+  | { type: "open" }
+  | { type: "close"; code: number; reason: string; delayMs: number | null }
+  | {
+      type: "recovered";
+      topic: string;
+      epoch: number;
+      from: number;
+      to: number;
+      complete: boolean;
+      reason?: "epoch" | "too_old" | "capped" | "ahead";
+    }
+  | { type: "gap"; topic: string; epoch: number; from: number; to: number; reason: string }
+  | { type: "reset"; topic: string; epoch: number; previousEpoch: number | null }
+  | { type: "error"; reason: string };
+
+export interface Options {
+  /** A WebSocket class (default: globalThis.WebSocket). */
+  WebSocket?: { new (url: string, protocols?: string | string[]): WebSocket };
+  /** First reconnection delay bound, ms (default 100). */
+  minDelayMs?: number;
+  /** Largest reconnection delay bound, ms (default 10 000). */
+  maxDelayMs?: number;
+  /** Reconnection delay (ms) for attempt 0, 1, …; default full jitter. */
+  backoff?: (attempt: number) => number;
+  /** Gets every event. */
+  onEvent?: (e: Event) => void;
+}
+
+export class CorecastClient {
+  constructor(url: string, options?: Options);
+  on(type: Event["type"] | "*", fn: (e: Event) => void): this;
+  subscribe(topic: string, handler: (p: Publication) => void): void;
+  unsubscribe(topic: string): void;
+  position(topic: string): { epoch: number; seq: number } | null;
+  /** Closes for good (no reconnection). */
+  close(): void;
+  /** Drops the connection as a network failure would; the client reconnects. */
+  dropConnection(): void;
+}

@@ -1,0 +1,234 @@
+// corecast client: subscribe to topics over the `corecast.v1` envelope, keep
+// each topic's epoch and sequence number, reconnect with jittered backoff and
+// resubscribe with `since`, and tell the application about snapshots (last
+// values), recoveries, gaps and restarts. ES module, no dependencies: runs in
+// browsers and in Node (>= 22, or 20 with --experimental-websocket, or any
+// WebSocket class passed as `options.WebSocket`, e.g. the `ws` package).
+//
+// The protocol is docs/PROTOCOL.md ("Envelopes", "Recovery", "Last value").
+
+const PROTOCOL = "corecast.v1";
+
+/** @typedef {{topic: string, epoch: number, seq: number, data: string | Uint8Array,
+ *   snapshot: boolean, recovered: boolean}} Publication */
+
+function decodeBase64(s) {
+  if (typeof atob === "function") {
+    const bin = atob(s);
+    const out = new Uint8Array(bin.length);
+    for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
+    return out;
+  }
+  return new Uint8Array(Buffer.from(s, "base64"));
+}
+
+export class CorecastClient {
+  /**
+   * @param {string} url  ws:// or wss:// URL of the server's `/ws` endpoint
+   * @param {object} [options]
+   * @param {typeof WebSocket} [options.WebSocket]  a WebSocket class (default: the global one)
+   * @param {number} [options.minDelayMs=100]  first reconnection delay bound
+   * @param {number} [options.maxDelayMs=10000]  largest reconnection delay bound
+   * @param {(attempt: number) => number} [options.backoff]  reconnection delay in ms for
+   *   the given attempt (0, 1, …); default: full jitter, random below
+   *   min(maxDelayMs, minDelayMs * 2^attempt)
+   * @param {(e: object) => void} [options.onEvent]  every event (see `on`)
+   */
+  constructor(url, options = {}) {
+    this.url = url;
+    this.WebSocket = options.WebSocket ?? globalThis.WebSocket;
+    if (!this.WebSocket) {
+      throw new Error("no WebSocket class: pass options.WebSocket (e.g. the ws package)");
+    }
+    this.minDelayMs = options.minDelayMs ?? 100;
+    this.maxDelayMs = options.maxDelayMs ?? 10000;
+    // Full jitter: a random delay below an exponentially growing bound, so a
+    // crowd of clients does not come back in step.
+    this.backoff =
+      options.backoff ??
+      ((attempt) => Math.floor(Math.random() * Math.min(this.maxDelayMs, this.minDelayMs * 2 ** attempt)));
+    /** topic -> {handler, epoch, seq} (epoch/seq: the last publication seen) */
+    this.topics = new Map();
+    this.listeners = new Map();
+    if (options.onEvent) this.on("*", options.onEvent);
+    this.attempt = 0;
+    this.closed = false;
+    this.ws = null;
+    this.timer = null;
+    this.snapshotNext = new Map();
+    this.recovering = new Map();
+    this.connect();
+  }
+
+  /**
+   * Listens to events: `open`, `close` ({code, reason, delayMs}), `snapshot`
+   * (a publication that is the topic's last value), `recovered` ({topic, epoch,
+   * from, to, complete, reason}), `gap` ({topic, epoch, from, to, reason}:
+   * numbers that will not arrive), `reset` ({topic, epoch, previousEpoch}: the
+   * topic's numbering started over), `error` ({reason}); `*` gets them all.
+   */
+  on(type, fn) {
+    if (!this.listeners.has(type)) this.listeners.set(type, []);
+    this.listeners.get(type).push(fn);
+    return this;
+  }
+
+  emit(type, detail) {
+    const e = { type, ...detail };
+    for (const fn of this.listeners.get(type) ?? []) fn(e);
+    for (const fn of this.listeners.get("*") ?? []) fn(e);
+  }
+
+  /**
+   * Subscribes to `topic`; `handler(publication)` gets every publication in
+   * order, each number once (a recovered one is marked `recovered`, a last
+   * value `snapshot`).
+   */
+  subscribe(topic, handler) {
+    if (this.topics.has(topic)) {
+      this.topics.get(topic).handler = handler;
+      return;
+    }
+    this.topics.set(topic, { handler, epoch: null, seq: null });
+    this.sendSubscribe([topic]);
+  }
+
+  unsubscribe(topic) {
+    if (!this.topics.delete(topic)) return;
+    this.send({ op: "unsubscribe", topics: [topic] });
+  }
+
+  /** The last position seen on `topic`: {epoch, seq}, or null. */
+  position(topic) {
+    const t = this.topics.get(topic);
+    return t && t.epoch !== null ? { epoch: t.epoch, seq: t.seq } : null;
+  }
+
+  /** Closes for good (no reconnection). */
+  close() {
+    this.closed = true;
+    clearTimeout(this.timer);
+    if (this.ws) this.ws.close(1000, "client closing");
+  }
+
+  /** Drops the connection as a network failure would (for tests and drills). */
+  dropConnection() {
+    if (this.ws) this.ws.close(4000, "dropped by the application");
+  }
+
+  connect() {
+    const ws = new this.WebSocket(this.url, [PROTOCOL]);
+    this.ws = ws;
+    ws.binaryType = "arraybuffer";
+    ws.onopen = () => {
+      if (ws.protocol && ws.protocol !== PROTOCOL) {
+        this.emit("error", { reason: `server chose subprotocol ${ws.protocol}` });
+        ws.close(1002, "unexpected subprotocol");
+        return;
+      }
+      this.attempt = 0;
+      this.snapshotNext.clear();
+      this.recovering.clear();
+      this.emit("open", {});
+      this.sendSubscribe([...this.topics.keys()]);
+    };
+    ws.onmessage = (ev) => this.onMessage(ev.data);
+    ws.onclose = (ev) => {
+      if (this.ws !== ws) return;
+      this.ws = null;
+      if (this.closed) {
+        this.emit("close", { code: ev.code, reason: ev.reason, delayMs: null });
+        return;
+      }
+      const delayMs = this.backoff(this.attempt);
+      this.attempt = Math.min(this.attempt + 1, 30);
+      this.emit("close", { code: ev.code, reason: ev.reason, delayMs });
+      this.timer = setTimeout(() => this.connect(), delayMs);
+    };
+    ws.onerror = () => {};
+  }
+
+  send(obj) {
+    if (this.ws && this.ws.readyState === 1) this.ws.send(JSON.stringify(obj));
+  }
+
+  sendSubscribe(names) {
+    if (names.length === 0) return;
+    const since = {};
+    for (const name of names) {
+      const t = this.topics.get(name);
+      if (t && t.epoch !== null) since[name] = { epoch: t.epoch, seq: t.seq };
+    }
+    const msg = { op: "subscribe", topics: names };
+    if (Object.keys(since).length > 0) msg.since = since;
+    this.send(msg);
+  }
+
+  onMessage(data) {
+    if (typeof data !== "string") {
+      this.emit("error", { reason: "binary frame on corecast.v1" });
+      return;
+    }
+    let m;
+    try {
+      m = JSON.parse(data);
+    } catch {
+      this.emit("error", { reason: "malformed JSON from the server" });
+      return;
+    }
+    switch (m.op) {
+      case "pub":
+        return this.onPublication(m);
+      case "snapshot":
+        this.snapshotNext.set(m.topic, m.seq);
+        return;
+      case "subscribed":
+        for (const [topic, r] of Object.entries(m.recovery ?? {})) this.onRecovery(topic, r);
+        return;
+      case "unsubscribed":
+        return;
+      case "error":
+        this.emit("error", { reason: m.reason });
+        return;
+      default:
+        this.emit("error", { reason: `unknown op ${m.op}` });
+    }
+  }
+
+  onRecovery(topic, r) {
+    const t = this.topics.get(topic);
+    if (!t) return;
+    this.emit("recovered", { topic, ...r });
+    if (r.epoch !== t.epoch) {
+      this.emit("reset", { topic, epoch: r.epoch, previousEpoch: t.epoch });
+    } else if (!r.complete && r.from > t.seq + 1) {
+      this.emit("gap", { topic, epoch: r.epoch, from: t.seq + 1, to: r.from - 1, reason: r.reason });
+    }
+    if (r.epoch !== t.epoch) {
+      // Start over: numbers of the new epoch follow from `from`.
+      t.epoch = r.epoch;
+      t.seq = r.from - 1;
+    }
+    if (r.from <= r.to) this.recovering.set(topic, r.to);
+  }
+
+  onPublication(m) {
+    const t = this.topics.get(m.topic);
+    if (!t) return; // unsubscribed meanwhile
+    const snapshot = this.snapshotNext.get(m.topic) === m.seq;
+    if (snapshot) this.snapshotNext.delete(m.topic);
+    const upto = this.recovering.get(m.topic);
+    const recovered = upto !== undefined && m.seq <= upto;
+    if (upto !== undefined && m.seq >= upto) this.recovering.delete(m.topic);
+    if (t.epoch !== null && m.epoch !== t.epoch) {
+      this.emit("reset", { topic: m.topic, epoch: m.epoch, previousEpoch: t.epoch });
+    } else if (t.epoch !== null && !snapshot && m.seq !== t.seq + 1) {
+      if (m.seq <= t.seq) return; // already delivered (cannot happen with this server)
+      this.emit("gap", { topic: m.topic, epoch: m.epoch, from: t.seq + 1, to: m.seq - 1, reason: "skipped" });
+    }
+    t.epoch = m.epoch;
+    t.seq = m.seq;
+    const data = m.text !== undefined ? m.text : decodeBase64(m.base64);
+    t.handler({ topic: m.topic, epoch: m.epoch, seq: m.seq, data, snapshot, recovered });
+  }
+}
