@@ -722,3 +722,51 @@ fn no_last_value_turns_snapshots_off() {
         "no snapshot: the next publication first"
     );
 }
+
+/// A WebSocket publisher that negotiates corecast.v1 gets one
+/// acknowledgement per message, with the number its subscribers see; one
+/// without it gets none.
+#[test]
+fn a_websocket_publisher_can_ask_for_acknowledgements() {
+    let server = start_with(|c| c.workers = 2);
+    let addr = server.local_addr();
+    let (mut sub, _) = subscribe_with(addr, "/ws?topics=acks", "corecast.v1.binary");
+    let (mut acked, p) = subscribe_with(addr, "/publish/acks", "corecast.v1");
+    assert_eq!(p.as_deref(), Some("corecast.v1"));
+    let mut plain = connect(addr, "/publish/acks");
+    for n in 0..5u8 {
+        acked.send(Message::binary(vec![n])).unwrap();
+    }
+    plain.send(Message::binary(vec![9])).unwrap();
+    let mut seqs = Vec::new();
+    for _ in 0..5 {
+        match acked.read().unwrap() {
+            Message::Text(t) => {
+                let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+                assert_eq!(v["op"], "ack", "{t}");
+                seqs.push((v["epoch"].as_u64().unwrap(), v["seq"].as_u64().unwrap()));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut seen = std::collections::HashMap::new();
+    for _ in 0..6 {
+        let e = read_env(&mut sub);
+        seen.insert(e.payload[0], (e.epoch, e.seq));
+    }
+    for n in 0..5u8 {
+        assert_eq!(
+            seqs[n as usize], seen[&n],
+            "the ack names the number subscribers see"
+        );
+    }
+    // The plain publisher gets nothing but what keepalive sends.
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = plain.get_ref() {
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+    }
+    assert!(
+        plain.read().is_err(),
+        "no acknowledgement without corecast.v1"
+    );
+}

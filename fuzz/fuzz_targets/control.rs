@@ -95,6 +95,11 @@ fn check(data: &[u8]) {
     match result {
         Ok(c) => {
             assert!(c.topics.len() <= limits.max_topics);
+            assert!(
+                c.since.is_empty() || c.since.len() == c.topics.len(),
+                "since: one position per topic, or none"
+            );
+            assert!(c.since.is_empty() || c.op == Op::Subscribe);
             for (i, t) in c.topics.iter().enumerate() {
                 assert_eq!(topic::validate(t, limits.max_topic_len), Ok(t.as_str()));
                 assert!(!c.topics[..i].contains(t), "duplicate topic {t:?}");

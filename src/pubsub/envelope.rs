@@ -26,6 +26,16 @@ pub const BINARY_PROTOCOL: &str = "corecast.v1.binary";
 /// gets without any subprotocol).
 pub const RAW_PROTOCOL: &str = "corecast.raw";
 
+/// The subprotocols a WebSocket publisher may negotiate besides
+/// `--subprotocol`'s: with it, every message it publishes is acknowledged
+/// with the epoch and number it got.
+pub const PUBLISHER_PROTOCOLS: [&str; 1] = [JSON_PROTOCOL];
+
+/// The acknowledgement of one published message (a text frame's payload).
+pub fn ack(epoch: u64, seq: u64) -> String {
+    format!(r#"{{"op":"ack","epoch":{epoch},"seq":{seq}}}"#)
+}
+
 /// The subprotocols a subscriber may negotiate besides `--subprotocol`'s,
 /// in the server's order of preference.
 pub const SUBSCRIBER_PROTOCOLS: [&str; 3] = [BINARY_PROTOCOL, JSON_PROTOCOL, RAW_PROTOCOL];

@@ -350,6 +350,12 @@ pub struct Shard {
     /// to its topic (released together, under one directory lock, once
     /// they are sent).
     outbox: Vec<(Arc<TopicInterest>, Arc<Message>)>,
+    /// Per outbox entry, the publisher to acknowledge it to, if it asked
+    /// (kept apart: most publications have none).
+    ack_to: Vec<(usize, ConnRef)>,
+    /// Acknowledgements due: (publisher, epoch, number), for the caller
+    /// to queue ([`Self::take_acks`]).
+    acks: Vec<(ConnRef, u64, u64)>,
     /// The epoch and number of the last message [`Shard::dispatch`] numbered.
     last_numbered: (u64, u64),
     /// Reused per-peer batches for [`Shard::dispatch`].
@@ -378,6 +384,8 @@ impl Shard {
             by_name: HashMap::new(),
             by_interest: HashMap::new(),
             outbox: Vec::new(),
+            ack_to: Vec::new(),
+            acks: Vec::new(),
             last_numbered: (0, 0),
             batches: (0..workers).map(|_| Vec::new()).collect(),
             lost: 0,
@@ -565,6 +573,25 @@ impl Shard {
             .push((topic, Arc::new(Message::new(frame, now))));
     }
 
+    /// [`Self::publish`], acknowledged to `publisher` once numbered (see
+    /// [`Self::take_acks`]).
+    pub fn publish_acked(
+        &mut self,
+        topic: &Arc<TopicInterest>,
+        frame: Bytes,
+        now: Instant,
+        publisher: ConnRef,
+    ) {
+        self.ack_to.push((self.outbox.len(), publisher));
+        self.publish(topic, frame, now);
+    }
+
+    /// The acknowledgements due since the last call: (publisher, epoch,
+    /// number) in numbering order.
+    pub fn take_acks(&mut self) -> Vec<(ConnRef, u64, u64)> {
+        std::mem::take(&mut self.acks)
+    }
+
     /// [`Self::publish_owned`], then [`Self::dispatch`] at once (with
     /// everything this worker published before it this turn): returns
     /// the message's epoch and sequence number. For a publisher that
@@ -625,11 +652,15 @@ impl Shard {
                 0
             };
             let _order = self.bus.hold_order(stripes);
-            for (topic, msg) in &mut self.outbox {
+            let mut acks = self.ack_to.drain(..).peekable();
+            for (i, (topic, msg)) in self.outbox.iter_mut().enumerate() {
                 let m = Arc::get_mut(msg).expect("an undispatched message is the outbox's alone");
                 m.epoch = topic.epoch();
                 m.seq = topic.next_seq();
                 self.last_numbered = (m.epoch, m.seq);
+                if let Some((_, publisher)) = acks.next_if(|a| a.0 == i) {
+                    self.acks.push((publisher, m.epoch, m.seq));
+                }
                 let mut targets = topic.workers();
                 while targets != 0 {
                     let w = targets.trailing_zeros() as usize;

@@ -37,6 +37,25 @@ impl Session {
         Push::Queued
     }
 
+    /// Queues an acknowledgement of a published message (a publisher that
+    /// negotiated `corecast.v1`); `false` if nothing could be queued (not
+    /// an open WebSocket, or closing).
+    pub fn push_ack(&mut self, epoch: u64, seq: u64) -> bool {
+        let Phase::Ws { ws, .. } = &mut self.phase else {
+            return false;
+        };
+        if !ws.can_send() {
+            return false;
+        }
+        let text = crate::pubsub::envelope::ack(epoch, seq);
+        ws.send(
+            crate::proto::MessageKind::Text,
+            text.as_bytes(),
+            &mut self.out,
+        );
+        true
+    }
+
     /// How this connection receives publications (raw unless it is a
     /// subscriber that negotiated an envelope).
     pub fn form(&self) -> Form {

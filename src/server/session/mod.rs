@@ -79,6 +79,9 @@ enum Role {
 #[derive(Debug)]
 struct Publisher {
     topic: Option<Arc<TopicInterest>>,
+    /// Negotiated `corecast.v1`: each message is acknowledged with its
+    /// epoch and number.
+    acks: bool,
     /// `--max-publish-rate`: what one read delivers is published, going
     /// into debt if need be; the backend then stops reading until the
     /// debt is repaid (pacing, nothing lost).
@@ -377,7 +380,12 @@ impl Session {
                         ctx.stats.message_published();
                         p.pace.spend(rate, ctx.now_ms);
                         if let Some(t) = &p.topic {
-                            ctx.shard.publish(t, encode(kind, payload), ctx.now);
+                            let frame = encode(kind, payload);
+                            if p.acks {
+                                ctx.shard.publish_acked(t, frame, ctx.now, ctx.me);
+                            } else {
+                                ctx.shard.publish(t, frame, ctx.now);
+                            }
                             ctx.published = true;
                         }
                         None

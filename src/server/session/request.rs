@@ -8,7 +8,7 @@ use crate::proto::handshake::{
     validate_upgrade, write_switching_protocols,
 };
 use crate::proto::rate::TokenBucket;
-use crate::pubsub::envelope::{Form, SUBSCRIBER_PROTOCOLS};
+use crate::pubsub::envelope::{Form, JSON_PROTOCOL, PUBLISHER_PROTOCOLS, SUBSCRIBER_PROTOCOLS};
 use crate::pubsub::shard::SubList;
 use crate::pubsub::topic::{self, TopicError};
 use crate::server::config::Config;
@@ -143,8 +143,10 @@ impl Session {
             Upgrade::Publish(name) => {
                 check_publisher(req, cfg)?;
                 topic::validate(name, cfg.max_topic_len).map_err(topic_reject)?;
+                subprotocol = subprotocol.or_else(|| choose_subprotocol(req, &PUBLISHER_PROTOCOLS));
                 Role::Publisher(Box::new(Publisher {
                     topic: Some(ctx.shard.directory().entry(name)),
+                    acks: subprotocol == Some(JSON_PROTOCOL),
                     pace: TokenBucket::full(cfg.max_publish_rate, ctx.now_ms),
                 }))
             }

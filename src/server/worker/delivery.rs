@@ -16,7 +16,23 @@ impl<S> Core<S> {
         if lost > 0 {
             self.stats().undelivered(Undelivered::WorkerStopped, lost);
         }
+        self.queue_acks();
         self.shard.take_wakes()
+    }
+
+    /// Queues the acknowledgements of what this turn numbered to the
+    /// publishers that asked for them (written with the turn's flush).
+    fn queue_acks(&mut self) {
+        for ((key, serial), epoch, seq) in self.shard.take_acks() {
+            if !self.is_current(key, serial) {
+                continue;
+            }
+            let conn = &mut self.conns[key];
+            if conn.session.push_ack(epoch, seq) {
+                conn.mark_dirty(key, &mut self.dirty);
+                recharge(conn, &mut self.buffered, &self.shared.stats[self.id]);
+            }
+        }
     }
 
     /// Hands what the mailbox holds (this turn's local publications and
