@@ -770,3 +770,49 @@ fn a_websocket_publisher_can_ask_for_acknowledgements() {
         "no acknowledgement without corecast.v1"
     );
 }
+
+/// One subscribe's replay is capped as a whole (half of
+/// --max-outbound-bytes), however many topics it names.
+#[test]
+fn one_subscribe_replays_at_most_half_a_queue_over_all_its_topics() {
+    let server = start_with(|c| c.max_outbound_bytes = 64 * 1024);
+    let addr = server.local_addr();
+    let (mut holder, _) = subscribe_with(addr, "/ws?topics=ca,cb", "corecast.v1.binary");
+    let mut epochs = std::collections::HashMap::new();
+    for topic in ["ca", "cb"] {
+        for _ in 0..10 {
+            publish(addr, topic, &[7u8; 4096]);
+        }
+    }
+    for _ in 0..20 {
+        let e = read_env(&mut holder);
+        epochs.insert(e.topic.clone(), e.epoch);
+    }
+    let (mut ws, _) = subscribe_with(addr, "/ws", "corecast.v1.binary");
+    let msg = format!(
+        r#"{{"op":"subscribe","topics":["ca","cb"],"since":{{"ca":{{"epoch":{},"seq":0}},"cb":{{"epoch":{},"seq":0}}}}}}"#,
+        epochs["ca"], epochs["cb"]
+    );
+    ws.send(Message::text(msg)).unwrap();
+    let reply = match read_incoming(&mut ws) {
+        Incoming::Reply(v) => v,
+        Incoming::Pub(e) => panic!("{e:?}"),
+    };
+    let (a, b) = (&reply["recovery"]["ca"], &reply["recovery"]["cb"]);
+    // The cap counts raw frames, 4096 + 4 bytes each: 7 fit in 32 KiB.
+    assert_eq!(
+        (a["from"].as_u64(), a["to"].as_u64()),
+        (Some(4), Some(10)),
+        "{reply}"
+    );
+    assert_eq!(a["reason"], "capped");
+    assert_eq!(
+        (b["from"].as_u64(), b["to"].as_u64()),
+        (Some(11), Some(10)),
+        "{reply}"
+    );
+    assert_eq!(b["reason"], "capped", "nothing left for the second topic");
+    for n in 4..=10 {
+        assert_eq!(read_env(&mut ws).seq, n);
+    }
+}

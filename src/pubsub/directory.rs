@@ -343,8 +343,8 @@ impl Directory {
 
     /// The last value of `topic`, now at number `current`: its newest
     /// message if the history holds it. The caller holds the order lock.
-    pub fn last_value(&self, topic: &TopicInterest, current: u64) -> Recovery {
-        topic.history().last_value(topic.epoch, current)
+    pub fn last_value(&self, topic: &TopicInterest, current: u64, max_bytes: usize) -> Recovery {
+        topic.history().last_value(topic.epoch, current, max_bytes)
     }
 
     /// What every history holds together.

@@ -243,12 +243,13 @@ impl History {
     }
 
     /// The newest message as a one-message recovery, if it is number
-    /// `current` (the topic's last): the last value a new subscriber gets.
-    pub fn last_value(&self, epoch: u64, current: u64) -> Recovery {
+    /// `current` (the topic's last) and its frame is at most `max_bytes`:
+    /// the last value a new subscriber gets.
+    pub fn last_value(&self, epoch: u64, current: u64, max_bytes: usize) -> Recovery {
         let newest = self
             .entries
             .back()
-            .filter(|m| m.seq == current && current > 0);
+            .filter(|m| m.seq == current && current > 0 && m.frame.len() <= max_bytes);
         Recovery {
             epoch,
             first: newest.map_or(current + 1, |m| m.seq),
@@ -300,7 +301,7 @@ impl History {
             if m.seq < wanted_from {
                 break;
             }
-            if take > 0 && bytes + m.frame.len() > max_bytes {
+            if bytes + m.frame.len() > max_bytes {
                 break;
             }
             bytes += m.frame.len();
@@ -468,11 +469,12 @@ mod tests {
         assert_eq!(h.range(), Some((2, 2)), "the last value stays");
         assert!(h.stale(&l, late));
         assert!(!h.stale(&l, t0));
-        let r = h.last_value(7, 2);
+        let r = h.last_value(7, 2, usize::MAX);
         assert_eq!((r.first, r.last, r.messages.len()), (2, 2, 1));
         assert!(
-            h.last_value(7, 3).messages.is_empty(),
+            h.last_value(7, 3, usize::MAX).messages.is_empty(),
             "not the topic's last"
         );
+        assert!(h.last_value(7, 2, 0).messages.is_empty(), "over the cap");
     }
 }

@@ -448,7 +448,7 @@ impl Shard {
             Start::Since(s) => {
                 Some(d.recover(t, s, at, max_bytes, now.unwrap_or_else(Instant::now)))
             }
-            Start::LastValue => Some(d.last_value(t, at)),
+            Start::LastValue => Some(d.last_value(t, at, max_bytes)),
         };
         let (topic, recovery) = match self.by_name.get(name) {
             Some(&id) => {

@@ -167,13 +167,15 @@ impl Session {
                 let form = Form::of_subprotocol(subprotocol);
                 let mut subs = SubList::new(form);
                 let start = subscriber::fresh_start(form, cfg);
-                let cap = cfg.max_outbound_bytes / 2;
+                // Last values: at most half a queue for the whole list.
+                let mut cap_left = cfg.max_outbound_bytes / 2;
                 for n in &names {
-                    let (sub, r) = ctx
-                        .shard
-                        .subscribe_since(n, ctx.me, start, cap, Some(ctx.now));
+                    let (sub, r) =
+                        ctx.shard
+                            .subscribe_since(n, ctx.me, start, cap_left, Some(ctx.now));
                     subs.push(sub);
                     if let Some(r) = r {
+                        cap_left -= r.messages.iter().map(|m| m.frame.len()).sum::<usize>();
                         snapshots.push((*n, r));
                     }
                 }

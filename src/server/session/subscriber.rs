@@ -92,7 +92,8 @@ pub(super) fn control_message(
             }
             // One recovery's replay: at most half a subscriber's queue, so
             // the live stream that follows is not cut as a slow consumer.
-            let cap = cfg.max_outbound_bytes / 2;
+            // (for the whole message, however many topics it names)
+            let mut cap_left = cfg.max_outbound_bytes / 2;
             let form = subs.form();
             let fresh = fresh_start(form, cfg);
             let mut recovered = Vec::new();
@@ -103,9 +104,12 @@ pub(super) fn control_message(
                 let start = since.map_or(fresh, Start::Since);
                 let (sub, recovery) =
                     ctx.shard
-                        .subscribe_since(name, ctx.me, start, cap, Some(ctx.now));
+                        .subscribe_since(name, ctx.me, start, cap_left, Some(ctx.now));
                 subs.push(sub);
                 ctx.stats.subscribed(1);
+                if let Some(r) = &recovery {
+                    cap_left -= r.messages.iter().map(|m| m.frame.len()).sum::<usize>();
+                }
                 match recovery {
                     Some(r) if since.is_some() => {
                         ctx.stats.recovered(r.gap.is_none(), r.messages.len());
