@@ -26,6 +26,7 @@
 //! for a restart.
 
 use crate::cli::Cli;
+use crate::pubsub::policy::NamespacePolicy;
 use clap::{ArgAction, CommandFactory, Parser};
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -54,6 +55,8 @@ struct Setting {
 pub struct ConfigFile {
     path: PathBuf,
     settings: Vec<Setting>,
+    /// The `[namespace."…"]` tables.
+    namespaces: Vec<NamespacePolicy>,
 }
 
 /// What changed between two readings of the file.
@@ -156,14 +159,89 @@ impl ConfigFile {
             ));
         }
         let text = String::from_utf8(data).map_err(|_| format!("{shown}: not UTF-8 text"))?;
-        let settings = Self::settings(&text).map_err(|(line, why)| match line {
+        let blame = |(line, why): (Option<usize>, String)| match line {
             Some(line) => format!("{shown}:{line}: {why}"),
             None => format!("{shown}: {why}"),
-        })?;
+        };
+        let settings = Self::settings(&text).map_err(blame)?;
+        let namespaces = Self::read_namespaces(&text).map_err(blame)?;
         Ok(Self {
             path: path.to_path_buf(),
             settings,
+            namespaces,
         })
+    }
+
+    /// The per-namespace policies (`[namespace."prices"]` tables).
+    pub fn namespaces(&self) -> &[NamespacePolicy] {
+        &self.namespaces
+    }
+
+    /// The `[namespace."…"]` tables of a file's text: each a valid topic
+    /// name with `history-size`, `history-bytes`, `history-age` and
+    /// `last-value` (each optional, read by the flag's own parser).
+    fn read_namespaces(text: &str) -> Result<Vec<NamespacePolicy>, (Option<usize>, String)> {
+        let table = DeTable::parse(text).map_err(|e| {
+            let line = e.span().map(|s| line_of(text, s.start));
+            (line, format!("not valid TOML: {}", e.message()))
+        })?;
+        let Some(ns) = table.get_ref().get("namespace") else {
+            return Ok(Vec::new());
+        };
+        let line = line_of(text, ns.span().start);
+        let DeValue::Table(ns) = ns.get_ref() else {
+            return Err((
+                Some(line),
+                "`namespace`: tables `[namespace.\"prefix\"]`".into(),
+            ));
+        };
+        let mut out = Vec::new();
+        for (prefix, settings) in ns.iter() {
+            let line = line_of(text, prefix.span().start);
+            let prefix = prefix.get_ref().to_string();
+            let fail = |why: String| (Some(line), format!("`namespace.\"{prefix}\"`: {why}"));
+            crate::pubsub::topic::validate(&prefix, 65_535).map_err(|e| fail(e.to_string()))?;
+            let DeValue::Table(settings) = settings.get_ref() else {
+                return Err(fail("a table of settings".into()));
+            };
+            let mut p = NamespacePolicy {
+                prefix: prefix.clone(),
+                ..Default::default()
+            };
+            for (key, value) in settings.iter() {
+                let line = line_of(text, key.span().start);
+                let key = key.get_ref().to_string();
+                let fail =
+                    |why: String| (Some(line), format!("`namespace.\"{prefix}\".{key}`: {why}"));
+                let v = scalar(value.get_ref()).map_err(&fail)?;
+                match key.as_str() {
+                    "history-size" => {
+                        p.history_size =
+                            Some(v.parse().map_err(|_| fail(format!("not a count: {v}")))?)
+                    }
+                    "history-bytes" => {
+                        p.history_bytes = Some(crate::cli::parse_size(&v).map_err(&fail)?)
+                    }
+                    "history-age" => {
+                        p.history_age = Some(crate::cli::parse_duration(&v).map_err(&fail)?)
+                    }
+                    "last-value" => {
+                        p.last_value = Some(match value.get_ref() {
+                            DeValue::Boolean(b) => *b,
+                            _ => return Err(fail("`true` or `false`".into())),
+                        })
+                    }
+                    _ => {
+                        return Err(fail(
+                            "unknown namespace setting (history-size, history-bytes, history-age, last-value)"
+                                .into(),
+                        ));
+                    }
+                }
+            }
+            out.push(p);
+        }
+        Ok(out)
     }
 
     /// The path the file was read from.
@@ -186,6 +264,9 @@ impl ConfigFile {
         for (key, value) in table.get_ref().iter() {
             let line = line_of(text, key.span().start);
             let key = key.get_ref().to_string();
+            if key == "namespace" {
+                continue; // `Self::namespaces`
+            }
             let fail = |why: String| (Some(line), format!("`{key}`: {why}"));
             if key == "config" {
                 return Err(fail("a configuration file cannot name another".into()));
@@ -264,8 +345,11 @@ impl ConfigFile {
                 .map(|s| (s.key.clone(), s.args.clone()))
                 .collect()
         };
-        let (old, new) = (map(self), map(new));
         let mut changes = Changes::default();
+        if self.namespaces != new.namespaces {
+            changes.need_restart.push("namespace".into());
+        }
+        let (old, new) = (map(self), map(new));
         let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
         for key in keys {
             if old.get(key) != new.get(key) && !overridden(key) {
@@ -486,7 +570,29 @@ mod tests {
             ("no-pin = 1\n", 1, "a switch"),
             ("listen = [\"a\", \"b\"]\n", 1, "not a list"),
             ("subprotocol = [[\"a\"]]\n", 1, "a list inside a list"),
-            ("[namespace.prices]\nhistory = 5\n", 1, "unknown setting"),
+            (
+                "[namespace.prices]\nhistory = 5\n",
+                2,
+                "unknown namespace setting",
+            ),
+            (
+                "[namespace.prices]\nhistory-size = \"x\"\n",
+                2,
+                "not a count",
+            ),
+            (
+                "[namespace.prices]\nhistory-age = \"5 parsecs\"\n",
+                2,
+                "history-age",
+            ),
+            (
+                "[namespace.prices]\nlast-value = 1\n",
+                2,
+                "`true` or `false`",
+            ),
+            ("[namespace.\"a b\"]\nlast-value = true\n", 1, "allowed"),
+            ("namespace = 5\n", 1, "tables"),
+            ("[namespace]\nprices = 5\n", 2, "a table of settings"),
             ("config = \"other.toml\"\n", 1, "cannot name another"),
             ("ipv6-prefix-len = 129\n", 1, "ipv6-prefix-len"),
             (
@@ -509,6 +615,33 @@ mod tests {
             let e = with_file(&path, &[]).unwrap_err();
             assert!(e.contains(&want), "{e}");
         }
+    }
+
+    #[test]
+    fn namespace_tables_give_per_namespace_policies_and_their_changes_wait_for_a_restart() {
+        let (_d, path) = file(
+            "workers = 2\n[namespace.prices]\nhistory-size = 1_000\nhistory-age = \"60m\"\n\n[namespace.\"news/eu\"]\nlast-value = false\nhistory-bytes = \"64KiB\"\n",
+        );
+        let f = ConfigFile::read(&path).unwrap();
+        let mut ns = f.namespaces().to_vec();
+        ns.sort_by(|a, b| b.prefix.cmp(&a.prefix));
+        assert_eq!(ns.len(), 2);
+        assert_eq!(ns[0].prefix, "prices");
+        assert_eq!(ns[0].history_size, Some(1000));
+        assert_eq!(
+            ns[0].history_age,
+            Some(std::time::Duration::from_secs(3600))
+        );
+        assert_eq!((ns[0].history_bytes, ns[0].last_value), (None, None));
+        assert_eq!(ns[1].prefix, "news/eu");
+        assert_eq!(
+            (ns[1].history_bytes, ns[1].last_value),
+            (Some(65_536), Some(false))
+        );
+        let (_d2, path2) = file("workers = 2\n[namespace.prices]\nhistory-size = 5\n");
+        let changes = f.changes(&ConfigFile::read(&path2).unwrap(), &[]);
+        assert_eq!(changes.need_restart, ["namespace"]);
+        assert!(changes.applied.is_empty());
     }
 
     #[test]

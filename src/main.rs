@@ -31,10 +31,13 @@ fn main() -> ExitCode {
 }
 
 fn serve(
-    config: corecast::server::Config,
+    mut config: corecast::server::Config,
     argv: &[OsString],
     file: Option<ConfigFile>,
 ) -> ExitCode {
+    if let Some(f) = &file {
+        config.namespaces = f.namespaces().to_vec();
+    }
     // Install the handlers before the workers start, so an early signal is not
     // met by the default action (immediate termination).
     let mut signals = match Signals::new([SIGINT, SIGTERM, SIGHUP]) {

@@ -816,3 +816,52 @@ fn one_subscribe_replays_at_most_half_a_queue_over_all_its_topics() {
         assert_eq!(read_env(&mut ws).seq, n);
     }
 }
+
+#[test]
+fn namespace_policies_set_history_and_last_value_per_topic_prefix() {
+    use corecast::pubsub::policy::NamespacePolicy;
+    let server = start_with(|c| {
+        c.namespaces = vec![
+            NamespacePolicy {
+                prefix: "prices".into(),
+                history_size: Some(2),
+                ..Default::default()
+            },
+            NamespacePolicy {
+                prefix: "quiet".into(),
+                last_value: Some(false),
+                ..Default::default()
+            },
+        ];
+    });
+    let addr = server.local_addr();
+    let (mut holder, _) = subscribe_with(addr, "/ws?topics=prices.a,quiet.x,other", "corecast.v1");
+    let mut epochs = std::collections::HashMap::new();
+    for topic in ["prices.a", "quiet.x", "other"] {
+        for n in 1..=5u8 {
+            publish(addr, topic, &[b'0' + n]);
+        }
+    }
+    for _ in 0..15 {
+        let e = read_env(&mut holder);
+        epochs.insert(e.topic.clone(), e.epoch);
+    }
+    let (mut ws, _) = subscribe_with(addr, "/ws", "corecast.v1");
+    for (topic, from) in [("prices.a", 4), ("other", 1)] {
+        let (reply, _) = subscribe_since(&mut ws, topic, Some((epochs[topic], 0)));
+        let r = &reply["recovery"][topic];
+        assert_eq!(r["from"].as_u64(), Some(from), "{topic}: {reply}");
+        for n in from..=5 {
+            assert_eq!(read_env(&mut ws).seq, n);
+        }
+    }
+    // No last value in `quiet`: the next message is the first one.
+    let (mut q, _) = subscribe_with(addr, "/ws?topics=quiet.x", "corecast.v1");
+    publish(addr, "quiet.x", b"6");
+    let e = read_env(&mut q);
+    assert_eq!((e.seq, e.snapshot), (6, false));
+    // Elsewhere there is one.
+    let (mut o, _) = subscribe_with(addr, "/ws?topics=prices.a", "corecast.v1");
+    let e = read_env(&mut o);
+    assert_eq!((e.seq, e.snapshot), (5, true));
+}

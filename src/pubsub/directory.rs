@@ -26,6 +26,7 @@
 
 use super::envelope::Message;
 use super::history::{History, HistoryLimits, HistoryMemory, Recovery, Since};
+use super::policy::{self, NamespacePolicy};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -51,6 +52,10 @@ pub struct TopicInterest {
     /// The listing of this topic in the directory's retained topics that
     /// counts (0: not retained); written under the directory's lock.
     retained: AtomicU64,
+    /// Its history's bounds (its namespace's, or the flags').
+    limits: HistoryLimits,
+    /// Whether a new enveloped subscriber gets its last value.
+    last_value: bool,
 }
 
 impl TopicInterest {
@@ -86,6 +91,17 @@ impl TopicInterest {
         self.seq.fetch_add(1, Ordering::Relaxed) + 1
     }
 
+    /// Whether a new enveloped subscriber gets the topic's last value (its
+    /// namespace's setting, or the flag's).
+    pub fn last_value(&self) -> bool {
+        self.last_value && self.limits.size > 0
+    }
+
+    /// The history's bounds (its namespace's, or the flags').
+    pub fn limits(&self) -> &HistoryLimits {
+        &self.limits
+    }
+
     /// The topic's history. Locked under the order lock when appended and
     /// read; never held while taking the directory's lock.
     pub fn history(&self) -> MutexGuard<'_, History> {
@@ -104,8 +120,12 @@ pub struct Directory {
     topics: Mutex<Topics>,
     /// The next entry's epoch.
     next_epoch: AtomicU64,
-    /// What each topic's history keeps.
+    /// What each topic's history keeps (the flags), and the total.
     limits: HistoryLimits,
+    /// Per-namespace history bounds and last value.
+    policies: Vec<NamespacePolicy>,
+    /// Whether new enveloped subscribers get last values (the flag).
+    last_value: bool,
     /// Most topics in `Topics::retained`.
     retained_max: usize,
     /// Every history's bytes together.
@@ -138,6 +158,21 @@ impl Directory {
         Self::with_history(HistoryLimits::default(), DEFAULT_RETAINED_TOPICS)
     }
 
+    /// [`Self::with_history`] with per-namespace policies and the
+    /// last-value flag.
+    pub fn with_policies(
+        limits: HistoryLimits,
+        retained_topics: usize,
+        policies: Vec<NamespacePolicy>,
+        last_value: bool,
+    ) -> Self {
+        Self {
+            policies,
+            last_value,
+            ..Self::with_history(limits, retained_topics)
+        }
+    }
+
     /// Epochs start at the wall-clock time in microseconds since 1970 and
     /// count up by one per entry: a restarted process starts past every
     /// epoch of the last one unless that one made more than a million
@@ -151,6 +186,8 @@ impl Directory {
             topics: Mutex::new(Topics::default()),
             next_epoch: AtomicU64::new(micros.max(1)),
             limits,
+            policies: Vec::new(),
+            last_value: true,
             retained_max: retained_topics,
             memory: HistoryMemory::default(),
         }
@@ -173,8 +210,12 @@ impl Directory {
             }
             return e;
         }
+        let (limits, last_value) =
+            policy::resolve(&self.policies, name, &self.limits, self.last_value);
         let name: Arc<str> = Arc::from(name);
         let entry = Arc::new(TopicInterest {
+            limits,
+            last_value,
             name: Arc::clone(&name),
             workers: AtomicU64::new(0),
             epoch: self.next_epoch.fetch_add(1, Ordering::Relaxed),
@@ -246,7 +287,7 @@ impl Directory {
         if Arc::strong_count(entry) != 1 {
             return;
         }
-        if self.limits.size > 0 && !entry.history().is_empty() {
+        if entry.limits.size > 0 && !entry.history().is_empty() {
             if entry.retained.load(Ordering::Relaxed) == 0 {
                 t.listings += 1;
                 entry.retained.store(t.listings, Ordering::Relaxed);
@@ -296,8 +337,8 @@ impl Directory {
                 return false; // stale
             }
             let mut h = entry.history();
-            h.expire(&self.limits, &self.memory, now);
-            if h.stale(&self.limits, now) {
+            h.expire(&entry.limits, &self.memory, now);
+            if h.stale(&entry.limits, now) {
                 drop(h);
                 // Held for a moment: listed until the next sweep.
                 return self.forget_listed(&mut t, name, *listing) == Some(false);
@@ -310,10 +351,10 @@ impl Directory {
     /// Records `msg`, just numbered, in its topic's history. The caller
     /// holds the topic's order lock (numbers reach the history in order).
     pub fn record(&self, topic: &TopicInterest, msg: &Arc<Message>) {
-        if self.limits.size > 0 {
+        if topic.limits.size > 0 {
             topic
                 .history()
-                .append(msg, &self.limits, &self.memory, msg.published_at);
+                .append(msg, &topic.limits, &self.memory, msg.published_at);
         }
     }
 
@@ -329,14 +370,14 @@ impl Directory {
         now: Instant,
     ) -> Recovery {
         let mut h = topic.history();
-        h.expire(&self.limits, &self.memory, now);
+        h.expire(&topic.limits, &self.memory, now);
         h.recover(since, topic.epoch, current, max_bytes)
     }
 
     /// Counts an envelope of `len` bytes just built for `msg` in `topic`'s
     /// history, if that holds `msg`.
     pub fn account_envelope(&self, topic: &TopicInterest, msg: &Message, len: usize) {
-        if self.limits.size > 0 {
+        if topic.limits.size > 0 {
             topic.history().add_envelope(msg, len, &self.memory);
         }
     }

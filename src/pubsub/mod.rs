@@ -5,6 +5,7 @@
 //! | [`topic`] | topic-name rules, `?topics=` lists |
 //! | [`envelope`] | one sequenced publication and its raw / JSON / binary frames |
 //! | [`history`] | a topic's recent publications, recovery after `since` |
+//! | [`policy`] | per-namespace history bounds and last value |
 //! | [`control`] | subscriber control messages (JSON): parse, replies, errors |
 //! | [`directory`] | process-wide topic → interested workers (atomic masks) |
 //! | [`bus`] | cross-worker publication batches and wake-ups |
@@ -19,5 +20,6 @@ pub mod directory;
 pub mod envelope;
 pub mod history;
 pub mod ledger;
+pub mod policy;
 pub mod shard;
 pub mod topic;

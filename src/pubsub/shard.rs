@@ -442,18 +442,24 @@ impl Shard {
         max_bytes: usize,
         now: Option<Instant>,
     ) -> (Subscription, Option<Recovery>) {
-        let since = (start != Start::Live).then_some(());
         let recover = |d: &Directory, t: &TopicInterest, at: u64| match start {
             Start::Live => None,
             Start::Since(s) => {
                 Some(d.recover(t, s, at, max_bytes, now.unwrap_or_else(Instant::now)))
             }
-            Start::LastValue => Some(d.last_value(t, at, max_bytes)),
+            Start::LastValue if t.last_value() => Some(d.last_value(t, at, max_bytes)),
+            Start::LastValue => None,
         };
         let (topic, recovery) = match self.by_name.get(name) {
             Some(&id) => {
                 let local = &self.topics[id as usize];
-                let recovery = since.and_then(|_| {
+                // Nothing to read for a topic without last values: a plain join.
+                let reads = match start {
+                    Start::Live => false,
+                    Start::LastValue => local.interest.last_value(),
+                    Start::Since(_) => true,
+                };
+                let recovery = reads.then_some(()).and_then(|_| {
                     let _order = self.hold_order_of(&local.interest);
                     recover(&self.directory, &local.interest, local.interest.seq())
                 });

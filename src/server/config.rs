@@ -125,6 +125,9 @@ pub struct Config {
     /// Send a topic's newest publication (a snapshot) to each new
     /// enveloped subscriber.
     pub last_value: bool,
+    /// Per-namespace history bounds and last value (the configuration
+    /// file's `[namespace."…"]` tables).
+    pub namespaces: Vec<crate::pubsub::policy::NamespacePolicy>,
     /// What to do with a subscriber that cannot keep up.
     pub slow_consumer: SlowConsumerPolicy,
     /// Ping connections idle this long; `None` disables keepalive.
@@ -200,6 +203,7 @@ impl Default for Config {
             history: crate::pubsub::history::HistoryLimits::default(),
             retained_topics: crate::pubsub::directory::DEFAULT_RETAINED_TOPICS,
             last_value: true,
+            namespaces: Vec::new(),
             slow_consumer: SlowConsumerPolicy::Disconnect,
             ping_interval: Some(DEFAULT_PING_INTERVAL),
             ping_timeout: DEFAULT_PING_TIMEOUT,

@@ -377,7 +377,12 @@ pub fn start(mut config: Config) -> io::Result<ServerHandle> {
         }
     }
     let (bus, inboxes) = Bus::new(wakers);
-    let directory = Directory::with_history(config.history, config.retained_topics);
+    let directory = Directory::with_policies(
+        config.history,
+        config.retained_topics,
+        config.namespaces.clone(),
+        config.last_value,
+    );
     let mut shared = Shared::new(
         config,
         (0..workers).map(|_| WorkerStats::default()).collect(),

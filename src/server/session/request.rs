@@ -166,7 +166,7 @@ impl Session {
                     subprotocol.or_else(|| choose_subprotocol(req, &SUBSCRIBER_PROTOCOLS));
                 let form = Form::of_subprotocol(subprotocol);
                 let mut subs = SubList::new(form);
-                let start = subscriber::fresh_start(form, cfg);
+                let start = subscriber::fresh_start(form);
                 // Last values: at most half a queue for the whole list.
                 let mut cap_left = cfg.max_outbound_bytes / 2;
                 for n in &names {

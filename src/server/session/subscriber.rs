@@ -6,14 +6,15 @@ use crate::pubsub::control::{self, Op};
 use crate::pubsub::envelope::{Form, snapshot_marker};
 use crate::pubsub::history::{Recovery, Start};
 use crate::pubsub::shard::SubList;
-use crate::server::config::Config;
 use bytes::Bytes;
 
 /// How a subscription without `since` starts: with the topic's last
 /// value for an enveloped subscriber (unless `--no-last-value`), live
 /// otherwise (a raw subscriber could not tell a snapshot from news).
-pub(super) fn fresh_start(form: Form, cfg: &Config) -> Start {
-    if form != Form::Raw && cfg.last_value && cfg.history.size > 0 {
+pub(super) fn fresh_start(form: Form) -> Start {
+    // Whether the topic has last values (`--no-last-value`, its
+    // namespace, a history at all) is the topic's to say.
+    if form != Form::Raw {
         Start::LastValue
     } else {
         Start::Live
@@ -95,7 +96,7 @@ pub(super) fn control_message(
             // (for the whole message, however many topics it names)
             let mut cap_left = cfg.max_outbound_bytes / 2;
             let form = subs.form();
-            let fresh = fresh_start(form, cfg);
+            let fresh = fresh_start(form);
             let mut recovered = Vec::new();
             let mut snapshots = Vec::new();
             for i in new {
