@@ -578,11 +578,12 @@ fn a_lone_subscriber_recovers_what_was_published_while_it_was_away() {
     );
 }
 
-/// Large frames a history holds stay charged to the publishing worker's
-/// budget (the ledger sees the history's reference) until the history
-/// lets them go; a retained topic's history ages out with the sweep.
+/// Large frames (and envelopes) are charged to the budget while a queue
+/// holds them; what a history alone keeps is not charged but counted in
+/// the history's bytes (within --history-memory), and a retained topic's
+/// history ages out with the sweep.
 #[test]
-fn large_frames_in_a_history_are_charged_until_it_lets_them_go() {
+fn large_frames_a_history_keeps_count_in_its_bytes_not_in_the_budget() {
     let server = start_with(|c| {
         c.workers = 1;
         c.history.size = 5;
@@ -600,21 +601,21 @@ fn large_frames_in_a_history_are_charged_until_it_lets_them_go() {
     let held = || metric(&metrics(addr), "corecast_buffered_bytes");
     let registry = 512 + 2 * 3 + 80;
     let frame = 65_536 + 10;
-    // The history holds the last five messages with the binary envelope
-    // built for them (20 B header and the topic): both stay charged, and
-    // both count in the history's bytes (with 256 B per message).
+    // Everything written: only the registry stays charged. The history
+    // holds the last five messages with the binary envelope built for
+    // them (20 B header and the topic): both count in its bytes (with
+    // 256 B per message).
+    assert_eq!(settle(Duration::from_secs(5), held, registry), registry);
     let envelope = frame + 20 + 3;
-    let expected = registry + 5 * (frame + envelope);
-    assert_eq!(settle(Duration::from_secs(5), held, expected), expected);
     let history = 5 * (frame + envelope + 256);
     assert_eq!(metric(&metrics(addr), "corecast_history_bytes"), history);
     drop(sub);
     drop(publisher);
-    // Retained for its history, then aged out: nothing charged.
+    // Retained for its history, then aged out (1 s): nothing held.
     assert_eq!(settle(Duration::from_secs(10), held, 0), 0);
-    let m = metrics(addr);
-    assert_eq!(metric(&m, "corecast_retained_topics"), 0);
-    assert_eq!(metric(&m, "corecast_history_bytes"), 0);
+    let retained = || metric(&metrics(addr), "corecast_retained_topics");
+    assert_eq!(settle(Duration::from_secs(10), retained, 0), 0);
+    assert_eq!(metric(&metrics(addr), "corecast_history_bytes"), 0);
 }
 
 #[test]
@@ -864,4 +865,32 @@ fn namespace_policies_set_history_and_last_value_per_topic_prefix() {
     let (mut o, _) = subscribe_with(addr, "/ws?topics=prices.a", "corecast.v1");
     let e = read_env(&mut o);
     assert_eq!((e.seq, e.snapshot), (5, true));
+}
+
+/// The replay cap counts frames as queued, in the subscriber's form: a last
+/// value whose JSON envelope (control characters escaped six-fold) would
+/// pass half the queue is not sent, so the subscriber is not made a slow
+/// consumer by its own snapshot.
+#[test]
+fn a_last_value_too_big_in_its_envelope_is_not_sent() {
+    let server = start();
+    let addr = server.local_addr();
+    let _holder = connect(addr, "/ws?topics=esc");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    use std::io::Write;
+    // 400 KiB of \x01: 2.4 MiB as JSON, over half of the 4 MiB queue.
+    s.write_all(&post_with("esc", "text/plain", &vec![1u8; 400 * 1024], ""))
+        .unwrap();
+    assert!(read_head(&mut s).starts_with("HTTP/1.1 204"));
+    let (mut json, _) = subscribe_with(addr, "/ws?topics=esc", "corecast.v1");
+    let (mut bin, _) = subscribe_with(addr, "/ws?topics=esc", "corecast.v1.binary");
+    let e = read_env(&mut bin);
+    assert_eq!((e.seq, e.snapshot), (1, true), "the binary form fits");
+    publish(addr, "esc", b"small");
+    let e = read_env(&mut json);
+    assert_eq!(
+        (e.seq, e.snapshot),
+        (2, false),
+        "no snapshot: the next message first"
+    );
 }

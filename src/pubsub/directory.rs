@@ -267,6 +267,18 @@ impl Directory {
         // a moment (an HTTP publish to it) keeps its place; at most one
         // pass over the listings.
         let mut passes = t.retained.len();
+        // Listings left stale by topics taken again: dropped in one pass
+        // once they outnumber the live ones (amortised O(1) per listing).
+        if t.retained.len() > 2 * t.retained_count + 64 {
+            let mut listings = std::mem::take(&mut t.retained);
+            listings.retain(|(name, listing)| {
+                t.map
+                    .get(name)
+                    .is_some_and(|e| e.retained.load(Ordering::Relaxed) == *listing)
+            });
+            listings.shrink_to_fit();
+            t.retained = listings;
+        }
         while t.retained_count > self.retained_max && passes > 0 {
             passes -= 1;
             let Some((name, listing)) = t.retained.pop_front() else {
@@ -378,7 +390,9 @@ impl Directory {
     /// history, if that holds `msg`.
     pub fn account_envelope(&self, topic: &TopicInterest, msg: &Message, len: usize) {
         if topic.limits.size > 0 {
-            topic.history().add_envelope(msg, len, &self.memory);
+            topic
+                .history()
+                .add_envelope(msg, len, &topic.limits, &self.memory);
         }
     }
 

@@ -132,6 +132,42 @@ impl Message {
         f
     }
 
+    /// The length of the frame of `form` (built or not: computed without
+    /// building it; linear in the payload for JSON text).
+    pub fn frame_len(&self, form: Form, topic: &str) -> usize {
+        if let Some(f) = self.frame_of(form) {
+            return f.len();
+        }
+        let (opcode, payload) = self.payload();
+        let body = match form {
+            Form::Raw => return self.frame.len(),
+            Form::Binary => BINARY_HEADER_LEN + topic.len() + payload.len(),
+            Form::Json => {
+                let inner = if opcode == OpCode::Text {
+                    escaped_len(payload)
+                } else {
+                    base64::encoded_len(payload.len(), true).expect("payloads fit in memory")
+                };
+                json_head_len(topic, self.epoch, self.seq, opcode == OpCode::Text) + inner + 2
+            }
+        };
+        let header = match body {
+            0..=125 => 2,
+            126..=65_535 => 4,
+            _ => 10,
+        };
+        header + body
+    }
+
+    /// The frame of `form`, if built (the raw one always is).
+    pub fn frame_of(&self, form: Form) -> Option<&Bytes> {
+        match form {
+            Form::Raw => Some(&self.frame),
+            Form::Json => self.json.get(),
+            Form::Binary => self.binary.get(),
+        }
+    }
+
     /// The publisher's opcode and payload, read back from the raw frame.
     pub fn payload(&self) -> (OpCode, &[u8]) {
         let f = &self.frame;
@@ -163,6 +199,21 @@ impl Message {
 /// `{"op":"pub","topic":T,"epoch":E,"seq":S,"text":"…"}` for a text
 /// payload (a JSON string: `"`, `\` and control characters escaped, the
 /// rest as is), `"base64":"…"` instead of `"text"` for a binary one.
+/// Bytes of the JSON envelope before the payload's string.
+fn json_head_len(topic: &str, epoch: u64, seq: u64, text: bool) -> usize {
+    r#"{"op":"pub","topic":""#.len()
+        + topic.len()
+        + r#"","epoch":"#.len()
+        + itoa(epoch).as_str().len()
+        + r#","seq":"#.len()
+        + itoa(seq).as_str().len()
+        + if text {
+            r#","text":""#.len()
+        } else {
+            r#","base64":""#.len()
+        }
+}
+
 pub fn json_frame(topic: &str, epoch: u64, seq: u64, opcode: OpCode, payload: &[u8]) -> Vec<u8> {
     let mut head = String::with_capacity(64 + topic.len());
     // Topic names need no escaping (see `topic`).
@@ -472,6 +523,20 @@ mod tests {
         assert_eq!(a.as_ptr(), b.as_ptr(), "one frame, shared");
         let c = m.frame_for(Form::Binary, "t", &mut |_| built += 1).clone();
         assert_eq!(built, 2, "each envelope once, raw never");
+        // The length without building, for every size and form.
+        for n in [0, 1, 100, 125, 126, 65_535, 65_536, 70_000] {
+            for op in [OpCode::Text, OpCode::Binary] {
+                let payload: Vec<u8> = (0..n).map(|i| (i % 40) as u8).collect();
+                let mut m = Message::new(Bytes::from(server_frame(op, &payload)), Instant::now());
+                m.epoch = 1_764_860_000_000_000;
+                m.seq = 12_345;
+                for form in [Form::Raw, Form::Json, Form::Binary] {
+                    let predicted = m.frame_len(form, "prices.EURUSD");
+                    let built = m.frame_for(form, "prices.EURUSD", &mut |_| {}).len();
+                    assert_eq!(predicted, built, "{n} bytes, {op:?}, {form:?}");
+                }
+            }
+        }
         assert_eq!(&c[4..6], &[1, 1]);
         assert_eq!(
             Form::of_subprotocol(Some("corecast.v1.binary")),

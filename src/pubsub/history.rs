@@ -208,8 +208,16 @@ impl History {
 
     /// Counts an envelope of `len` bytes just built for `msg` if this
     /// history holds `msg` (it keeps the envelope alive as long as it
-    /// keeps the message). The bounds are applied again at the next append.
-    pub fn add_envelope(&mut self, msg: &Message, len: usize, memory: &HistoryMemory) {
+    /// keeps the message), and applies the bounds again: the oldest
+    /// messages go first, so envelopes too stay within the topic's bytes
+    /// and `--history-memory`.
+    pub fn add_envelope(
+        &mut self,
+        msg: &Message,
+        len: usize,
+        limits: &HistoryLimits,
+        memory: &HistoryMemory,
+    ) {
         let held = match (self.entries.front(), self.entries.back()) {
             (Some(f), Some(b)) => f.seq <= msg.seq && msg.seq <= b.seq && f.epoch == msg.epoch,
             _ => false,
@@ -218,6 +226,14 @@ impl History {
             msg.envelope_bytes.fetch_add(len, Ordering::Relaxed);
             self.bytes += len;
             memory.add_bytes(len);
+            // The newest message (the last value) stays, envelopes and all.
+            while self.entries.len() > 1 && self.bytes > limits.bytes {
+                self.pop(memory);
+            }
+            while self.entries.len() > 1 && memory.bytes() > limits.memory {
+                self.pop(memory);
+                memory.evicted_for_memory.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -446,9 +462,9 @@ mod tests {
         h.append(&a, &l, &mem, now);
         h.append(&b, &l, &mem, now);
         let base = mem.bytes();
-        h.add_envelope(&a, 30, &mem);
+        h.add_envelope(&a, 30, &l, &mem);
         assert_eq!(mem.bytes(), base + 30);
-        h.add_envelope(&c, 30, &mem);
+        h.add_envelope(&c, 30, &l, &mem);
         assert_eq!(mem.bytes(), base + 30, "not held: not counted");
         h.append(&c, &l, &mem, now); // pushes out 1 with its envelope
         assert_eq!(mem.bytes(), 2 * (10 + ENTRY_OVERHEAD_BYTES));
@@ -476,5 +492,29 @@ mod tests {
             "not the topic's last"
         );
         assert!(h.last_value(7, 2, 0).messages.is_empty(), "over the cap");
+    }
+
+    #[test]
+    fn envelopes_are_held_to_the_bounds_too() {
+        let mem = HistoryMemory::default();
+        let now = Instant::now();
+        let mut h = History::default();
+        let l = HistoryLimits {
+            memory: 3 * (10 + ENTRY_OVERHEAD_BYTES),
+            ..limits(100, usize::MAX)
+        };
+        let (a, b, c) = (msg(1, 10, now), msg(2, 10, now), msg(3, 10, now));
+        for m in [&a, &b, &c] {
+            h.append(m, &l, &mem, now);
+        }
+        assert_eq!(h.range(), Some((1, 3)));
+        // A large envelope for the newest: the oldest go to make room.
+        h.add_envelope(&c, 2 * (10 + ENTRY_OVERHEAD_BYTES), &l, &mem);
+        assert_eq!(h.range(), Some((3, 3)));
+        assert!(mem.bytes() <= l.memory);
+        assert_eq!(mem.evicted_for_memory(), 2);
+        // Even one too large for the bound leaves the newest, the last value.
+        h.add_envelope(&c, 10 * l.memory, &l, &mem);
+        assert_eq!(h.range(), Some((3, 3)));
     }
 }

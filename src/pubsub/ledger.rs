@@ -1,11 +1,13 @@
 //! The buffer budget's share of published frames: each large published
-//! frame is charged once, to the worker whose client published it, while
-//! any queue or mailbox of any worker still holds it; not once per
-//! subscriber queue that references it.
+//! frame is charged once, to the worker whose client published it (an
+//! envelope to the worker that built it), while any subscriber queue of any
+//! worker still holds it; not once per subscriber queue that references
+//! it. Mailboxes and histories hold the publication (its `Message`), not a
+//! reference to the frame, so they do not count: they have their own
+//! bounds (the mailbox mark, `--history-memory`).
 //!
-//! One ledger holds each frame (the publisher's worker's), so "only the
-//! ledger holds it" is exactly "no queue anywhere holds it": two ledgers
-//! holding one frame would each keep the other's charge alive.
+//! One ledger holds each frame, so "only the ledger (or the message)
+//! holds it" is exactly "no queue anywhere holds it".
 //!
 //! Frames shorter than [`COPY_BELOW`](crate::proto::outbound::COPY_BELOW)
 //! are copied into each queue and charged there as owned bytes; the larger
@@ -15,8 +17,40 @@
 //! when that reference is the last one ([`Bytes::is_unique`]): the frame
 //! has left every queue (written, or dropped with its connection).
 
+use super::envelope::{Form, Message};
 use bytes::Bytes;
 use std::collections::VecDeque;
+use std::sync::Arc;
+
+/// One charged frame: a frame itself, or a publication's frame in one
+/// form, found through its message. A message a history keeps holds its
+/// frames but is not a queue: "held" is judged on the frame's own count,
+/// which only queues raise, so what a history alone keeps is not charged
+/// here (the history's own bound, `--history-memory`, covers it).
+#[derive(Debug)]
+enum Charged {
+    Frame(Bytes),
+    Of(Arc<Message>, Form),
+}
+
+impl Charged {
+    fn frame(&self) -> Option<&Bytes> {
+        match self {
+            Self::Frame(f) => Some(f),
+            Self::Of(m, form) => m.frame_of(*form),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.frame().map_or(0, Bytes::len)
+    }
+
+    /// No queue holds it: the ledger's reference (a frame) or the
+    /// message's (a publication's frame) is the only one.
+    fn unheld(&self) -> bool {
+        self.frame().is_none_or(Bytes::is_unique)
+    }
+}
 
 /// Ledger length up to which every release scans it all: a short ledger is
 /// cheap to scan, and a frame stuck at its front then never keeps the
@@ -26,7 +60,7 @@ const COMPACT_MIN: usize = 64;
 /// Frames charged to one worker's budget (kept by its [`Shard`](super::shard::Shard)).
 #[derive(Debug)]
 pub struct SharedFrames {
-    held: VecDeque<Bytes>,
+    held: VecDeque<Charged>,
     bytes: usize,
     /// Scan the whole ledger once it is this long: each scan costs the
     /// ledger's length and happens only after as many new entries, so the
@@ -62,9 +96,20 @@ impl SharedFrames {
     /// Charges `frame` (a frame this worker's client just published);
     /// returns the bytes added.
     pub fn charge(&mut self, frame: &Bytes) -> usize {
-        self.held.push_back(frame.clone());
+        self.held.push_back(Charged::Frame(frame.clone()));
         self.bytes += frame.len();
         frame.len()
+    }
+
+    /// Charges the `form` frame of `msg` (built or published here) while
+    /// any queue holds it; returns the bytes added. The ledger keeps the
+    /// message, not a second reference to the frame.
+    pub fn charge_message(&mut self, msg: &Arc<Message>, form: Form) -> usize {
+        let c = Charged::Of(Arc::clone(msg), form);
+        let n = c.len();
+        self.held.push_back(c);
+        self.bytes += n;
+        n
     }
 
     /// Releases the frames no queue holds any more; returns the bytes freed.
@@ -76,7 +121,7 @@ impl SharedFrames {
     pub fn release_unheld(&mut self, full: bool) -> usize {
         let mut freed = 0;
         while let Some(f) = self.held.front() {
-            if !f.is_unique() {
+            if !f.unheld() {
                 break;
             }
             freed += f.len();
@@ -85,7 +130,7 @@ impl SharedFrames {
         let len = self.held.len();
         if len > 0 && (full || len <= COMPACT_MIN || len >= self.compact_at) {
             self.held.retain(|f| {
-                let unheld = f.is_unique();
+                let unheld = f.unheld();
                 if unheld {
                     freed += f.len();
                 }
@@ -124,6 +169,22 @@ mod tests {
         drop(last);
         assert_eq!(l.release_unheld(false), 4096);
         assert_eq!((l.bytes(), l.len()), (0, 0));
+    }
+
+    #[test]
+    fn a_message_kept_by_a_history_alone_is_not_charged() {
+        let mut l = SharedFrames::default();
+        let msg = Arc::new(Message::new(frame(4096), std::time::Instant::now()));
+        let history = Arc::clone(&msg);
+        let queued = msg.frame.clone();
+        assert_eq!(l.charge_message(&msg, Form::Raw), 4096);
+        drop(msg);
+        assert_eq!(l.release_unheld(false), 0, "a queue holds it");
+        drop(queued);
+        assert_eq!(l.release_unheld(false), 4096, "the history alone keeps it");
+        assert_eq!(Arc::strong_count(&history), 1);
+        // An envelope not built (yet) counts nothing.
+        assert_eq!(l.charge_message(&history, Form::Json), 0);
     }
 
     #[test]

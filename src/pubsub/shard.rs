@@ -571,10 +571,6 @@ impl Shard {
     /// [`Self::publish`] taking the caller's reference to the topic (which
     /// dispatch releases through the directory).
     pub fn publish_owned(&mut self, topic: Arc<TopicInterest>, frame: Bytes, now: Instant) {
-        if frame.len() >= COPY_BELOW {
-            // Queued by reference wherever it goes: charged here, once.
-            self.frames.charge(&frame);
-        }
         self.outbox
             .push((topic, Arc::new(Message::new(frame, now))));
     }
@@ -616,13 +612,13 @@ impl Shard {
     /// Charges an envelope frame this worker built for `msg` of local
     /// topic `topic` (shared by reference like a published frame when it
     /// is large), and counts it in the topic's history if that holds `msg`.
-    pub fn charge_built(&mut self, topic: Option<u32>, msg: &Message, frame: &Bytes) {
-        if frame.len() >= COPY_BELOW {
-            self.frames.charge(frame);
+    pub fn charge_built(&mut self, topic: Option<u32>, msg: &Arc<Message>, form: Form) {
+        let len = msg.frame_of(form).map_or(0, Bytes::len);
+        if len >= COPY_BELOW {
+            self.frames.charge_message(msg, form);
         }
         if let Some(t) = topic.and_then(|id| self.topics.get(id as usize)) {
-            self.directory
-                .account_envelope(&t.interest, msg, frame.len());
+            self.directory.account_envelope(&t.interest, msg, len);
         }
     }
 
@@ -667,6 +663,11 @@ impl Shard {
                 if let Some((_, publisher)) = acks.next_if(|a| a.0 == i) {
                     self.acks.push((publisher, m.epoch, m.seq));
                 }
+                if m.frame.len() >= COPY_BELOW {
+                    // Queued by reference wherever it goes: charged here,
+                    // once, while a queue holds it.
+                    self.frames.charge_message(msg, Form::Raw);
+                }
                 let mut targets = topic.workers();
                 while targets != 0 {
                     let w = targets.trailing_zeros() as usize;
@@ -690,8 +691,17 @@ impl Shard {
                 }
             }
         }
-        self.directory
-            .release_many(self.outbox.drain(..).map(|(topic, _)| topic));
+        // One reference per run of a topic goes through the directory's
+        // lock: the others are dropped while the run's first is still held
+        // (so none of them can be the last one), outside the lock.
+        let mut last: Option<*const TopicInterest> = None;
+        let runs = self.outbox.drain(..).filter_map(|(topic, _)| {
+            let same = last == Some(Arc::as_ptr(&topic));
+            last = Some(Arc::as_ptr(&topic));
+            (!same).then_some(topic)
+        });
+        let firsts: Vec<Arc<TopicInterest>> = runs.collect();
+        self.directory.release_many(firsts.into_iter());
         n
     }
 

@@ -415,7 +415,9 @@ impl Session {
                     let Role::Subscriber { subs, .. } = role else {
                         unreachable!("control messages come from subscribers")
                     };
-                    let (reply, recovered) = subscriber::control_message(&mut msg, subs, ctx);
+                    let queued = self.out.len();
+                    let (reply, recovered) =
+                        subscriber::control_message(&mut msg, subs, queued, ctx);
                     ws.send(MessageKind::Text, reply.as_bytes(), &mut self.out);
                     if ws.can_send() {
                         for f in &recovered {

@@ -174,9 +174,15 @@ impl Session {
                         ctx.shard
                             .subscribe_since(n, ctx.me, start, cap_left, Some(ctx.now));
                     subs.push(sub);
-                    if let Some(r) = r {
-                        cap_left -= r.messages.iter().map(|m| m.frame.len()).sum::<usize>();
-                        snapshots.push((*n, r));
+                    if let Some(mut r) = r {
+                        let form = subs.form();
+                        snapshots.extend(subscriber::snapshot_frames(
+                            form,
+                            n,
+                            &mut r,
+                            &mut cap_left,
+                            ctx,
+                        ));
                     }
                 }
                 ctx.stats.subscribed(subs.len());
@@ -186,15 +192,9 @@ impl Session {
         let mut response = Vec::with_capacity(192);
         write_switching_protocols(&mut response, upgrade.key, subprotocol);
         self.out.push(Bytes::from(response));
-        if let Role::Subscriber { subs } = &role {
-            // Each topic's last value, right after the 101.
-            let mut frames = Vec::new();
-            for (name, r) in &snapshots {
-                subscriber::snapshot_frames(subs.form(), name, r, ctx, &mut frames);
-            }
-            for f in &frames {
-                self.out.push_frame(f);
-            }
+        // Each topic's last value (marker and message), right after the 101.
+        for f in &snapshots {
+            self.out.push_frame(f);
         }
         ctx.stats.handshake_accepted();
         let limits = match role {

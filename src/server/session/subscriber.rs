@@ -21,36 +21,61 @@ pub(super) fn fresh_start(form: Form) -> Start {
     }
 }
 
-/// Appends the frames of recovered messages, in `form`.
-fn replay_frames(form: Form, name: &str, r: &Recovery, ctx: &mut Ctx<'_>, out: &mut Vec<Bytes>) {
+/// The frames of `r`'s messages in `form`, as many of the newest as fit
+/// in `cap_left` bytes of queue (envelopes counted as built); the older
+/// ones are dropped from `r`, which then says so (`capped`, `from`).
+/// Takes what it returns off `cap_left`.
+pub(super) fn fit(
+    form: Form,
+    name: &str,
+    r: &mut Recovery,
+    cap_left: &mut usize,
+    ctx: &mut Ctx<'_>,
+) -> Vec<Bytes> {
     let shard = &mut *ctx.shard;
     let id = shard.topic_id(name);
-    for m in &r.messages {
-        out.push(
-            m.frame_for(form, name, &mut |f| shard.charge_built(id, m, f))
-                .clone(),
-        );
+    let mut frames = Vec::new();
+    let mut bytes = 0;
+    for m in r.messages.iter().rev() {
+        // Measured before it is built: one that does not fit is not built.
+        let len = m.frame_len(form, name);
+        if bytes + len > *cap_left {
+            break;
+        }
+        bytes += len;
+        let f = m.frame_for(form, name, &mut |_| shard.charge_built(id, m, form));
+        frames.push(f.clone());
     }
+    *cap_left -= bytes;
+    frames.reverse();
+    let dropped = r.messages.len() - frames.len();
+    if dropped > 0 {
+        r.messages.drain(..dropped);
+        r.first = r.messages.first().map_or(r.last + 1, |m| m.seq);
+        r.gap = r.gap.or(Some(crate::pubsub::history::Gap::Capped));
+    }
+    frames
 }
 
-/// Appends a topic's last value, after its snapshot marker, if `r` (from
-/// [`Start::LastValue`]) holds one.
+/// A topic's last value after its snapshot marker, if `r` (from
+/// [`Start::LastValue`]) holds one and it fits in `cap_left`.
 pub(super) fn snapshot_frames(
     form: Form,
     name: &str,
-    r: &Recovery,
+    r: &mut Recovery,
+    cap_left: &mut usize,
     ctx: &mut Ctx<'_>,
-    out: &mut Vec<Bytes>,
-) {
+) -> Vec<Bytes> {
+    let mut frames = fit(form, name, r, cap_left, ctx);
     let Some(m) = r.messages.last() else {
-        return;
+        return Vec::new();
     };
     let Some(marker) = snapshot_marker(form, name, m.epoch, m.seq) else {
-        return;
+        return Vec::new();
     };
-    out.push(marker);
-    replay_frames(form, name, r, ctx, out);
+    frames.insert(0, marker);
     ctx.stats.snapshot_sent();
+    frames
 }
 
 /// Applies a subscriber's control message; returns the JSON reply and the
@@ -59,6 +84,7 @@ pub(super) fn snapshot_frames(
 pub(super) fn control_message(
     msg: &mut [u8],
     subs: &mut SubList,
+    queued: usize,
     ctx: &mut Ctx<'_>,
 ) -> (String, Vec<Bytes>) {
     let cfg = &ctx.shared.config;
@@ -91,14 +117,15 @@ pub(super) fn control_message(
                 let e = control::ControlError::TooManyTopics { max };
                 return (control::error(&e.to_string()), Vec::new());
             }
-            // One recovery's replay: at most half a subscriber's queue, so
-            // the live stream that follows is not cut as a slow consumer.
-            // (for the whole message, however many topics it names)
-            let mut cap_left = cfg.max_outbound_bytes / 2;
+            // One subscribe's replay (recoveries and last values, however
+            // many topics): at most half a subscriber's queue with what is
+            // queued already, so the live stream that follows is not cut
+            // as a slow consumer.
+            let mut cap_left = (cfg.max_outbound_bytes / 2).saturating_sub(queued);
             let form = subs.form();
             let fresh = fresh_start(form);
             let mut recovered = Vec::new();
-            let mut snapshots = Vec::new();
+            let mut frames = Vec::new();
             for i in new {
                 let name = &c.topics[i];
                 let since = c.since.get(i).copied().flatten();
@@ -108,27 +135,20 @@ pub(super) fn control_message(
                         .subscribe_since(name, ctx.me, start, cap_left, Some(ctx.now));
                 subs.push(sub);
                 ctx.stats.subscribed(1);
-                if let Some(r) = &recovery {
-                    cap_left -= r.messages.iter().map(|m| m.frame.len()).sum::<usize>();
-                }
                 match recovery {
-                    Some(r) if since.is_some() => {
+                    Some(mut r) if since.is_some() => {
+                        frames.extend(fit(form, name, &mut r, &mut cap_left, ctx));
                         ctx.stats.recovered(r.gap.is_none(), r.messages.len());
                         recovered.push((name.as_str(), r));
                     }
-                    Some(r) => snapshots.push((name.as_str(), r)),
+                    Some(mut r) => {
+                        frames.extend(snapshot_frames(form, name, &mut r, &mut cap_left, ctx));
+                    }
                     None => {}
                 }
             }
             let listed: Vec<(&str, &Recovery)> = recovered.iter().map(|(n, r)| (*n, r)).collect();
             let reply = control::subscribed_with_recovery(&c.topics, &listed);
-            let mut frames = Vec::new();
-            for (name, r) in &recovered {
-                replay_frames(form, name, r, ctx, &mut frames);
-            }
-            for (name, r) in &snapshots {
-                snapshot_frames(form, name, r, ctx, &mut frames);
-            }
             return (reply, frames);
         }
         Op::Unsubscribe => {

@@ -338,7 +338,16 @@ pub(super) fn sweep_period(cfg: &Config) -> Option<Duration> {
         || cfg.max_publish_rate > 0)
         .then_some(SWEEP_MAX * 4);
     // Retained topics age out of the directory (`Directory::sweep`).
-    let history = (cfg.history.size > 0).then_some(cfg.history.age);
+    let history = std::iter::once((cfg.history.size, cfg.history.age))
+        .chain(cfg.namespaces.iter().map(|n| {
+            (
+                n.history_size.unwrap_or(cfg.history.size),
+                n.history_age.unwrap_or(cfg.history.age),
+            )
+        }))
+        .filter(|&(size, _)| size > 0)
+        .map(|(_, age)| age)
+        .min();
     let shortest = [
         keepalive,
         cfg.message_timeout,

@@ -4,6 +4,7 @@
 //! publishers resumed, and what an exiting worker leaves undelivered.
 
 use super::*;
+use crate::pubsub::envelope::Form;
 
 impl<S> Core<S> {
     /// Sends this turn's publications to the interested workers' mailboxes
@@ -107,9 +108,9 @@ impl<S> Core<S> {
             self.inbox.done(bus, &batch);
         }
         // Envelopes built here are charged here, like published frames.
-        for (p, f) in self.built.drain(..) {
+        for (p, form) in self.built.drain(..) {
             let topic = self.shard.local_id(&p);
-            self.shard.charge_built(topic, &p.msg, &f);
+            self.shard.charge_built(topic, &p.msg, form);
         }
         for (key, serial) in std::mem::take(&mut self.slow) {
             if self.is_current(key, serial) && self.conns[key].state == IoState::Active {
@@ -228,7 +229,7 @@ fn push_to<S>(
     dirty: &mut Vec<ConnRef>,
     slow: &mut Vec<ConnRef>,
     budget: &mut Budget<'_>,
-    built: &mut Vec<(Publication, Bytes)>,
+    built: &mut Vec<(Publication, Form)>,
     cfg: &Config,
     stats: &WorkerStats,
     to: Targets<'_>,
@@ -253,7 +254,7 @@ fn push_to<S>(
         let room = *small[form as usize].get_or_insert_with(|| {
             run.iter()
                 .map(|p| {
-                    let mut on_built = |f: &Bytes| built.push((p.clone(), f.clone()));
+                    let mut on_built = |_: &Bytes| built.push((p.clone(), form));
                     p.msg.frame_for(form, topic, &mut on_built).len()
                 })
                 .filter(|&n| n < COPY_BELOW)
@@ -263,7 +264,7 @@ fn push_to<S>(
         let mut queued = false;
         let over = *budget.buffered > budget.limit;
         for (i, p) in run.iter().enumerate() {
-            let mut on_built = |f: &Bytes| built.push((p.clone(), f.clone()));
+            let mut on_built = |_: &Bytes| built.push((p.clone(), form));
             let frame = p.msg.frame_for(form, topic, &mut on_built);
             match conn.session.push_published(frame, cfg, over) {
                 Push::Queued => {

@@ -147,7 +147,7 @@ pub struct Core<S> {
     /// the index of its next publication.
     carry: Option<(Vec<Publication>, usize)>,
     /// Envelope frames built during this turn's delivery, to be charged.
-    built: Vec<(Publication, Bytes)>,
+    built: Vec<(Publication, crate::pubsub::envelope::Form)>,
     /// Bytes charged to this worker's connections and shared frames, and
     /// the worker's budget.
     buffered: usize,
