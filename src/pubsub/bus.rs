@@ -48,12 +48,23 @@ pub struct Publication {
     pub topic: Weak<TopicInterest>,
     /// The message: raw frame, epoch and sequence number, envelopes.
     pub msg: Arc<Message>,
+    /// Its raw frame, one more reference per publication in a mailbox: a
+    /// frame waiting in a mailbox counts as held for the ledger (which
+    /// judges by the frame's count), so its charge lasts until the last
+    /// queue lets it go.
+    frame: Bytes,
 }
 
 impl Publication {
+    /// A publication of `msg` to `topic`.
+    pub fn new(topic: Weak<TopicInterest>, msg: Arc<Message>) -> Self {
+        let frame = msg.frame.clone();
+        Self { topic, msg, frame }
+    }
+
     /// The raw server frame (header + payload), ready to write.
     pub fn frame(&self) -> &Bytes {
-        &self.msg.frame
+        &self.frame
     }
 
     /// When the publisher's worker decoded it (for the latency histogram).
@@ -332,10 +343,10 @@ mod tests {
         ]);
         let d = Directory::new();
         let topic = d.entry("t");
-        let p = Publication {
-            topic: Arc::downgrade(&topic),
-            msg: Arc::new(Message::new(Bytes::from_static(b"12345"), Instant::now())),
-        };
+        let p = Publication::new(
+            Arc::downgrade(&topic),
+            Arc::new(Message::new(Bytes::from_static(b"12345"), Instant::now())),
+        );
         assert_eq!(bus.send(0, vec![p.clone(), p.clone()]), Ok(true));
         bus.wake(0);
         assert_eq!(

@@ -1,10 +1,10 @@
 //! The buffer budget's share of published frames: each large published
 //! frame is charged once, to the worker whose client published it (an
 //! envelope to the worker that built it), while any subscriber queue of any
-//! worker still holds it; not once per subscriber queue that references
-//! it. Mailboxes and histories hold the publication (its `Message`), not a
-//! reference to the frame, so they do not count: they have their own
-//! bounds (the mailbox mark, `--history-memory`).
+//! worker (or a mailbox on its way to one) still holds it; not once per
+//! subscriber queue that references it. A history holds the publication
+//! (its `Message`), not one more reference to the frame, so it does not
+//! count: it has its own bound (`--history-memory`).
 //!
 //! One ledger holds each frame, so "only the ledger (or the message)
 //! holds it" is exactly "no queue anywhere holds it".

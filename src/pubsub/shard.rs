@@ -672,10 +672,7 @@ impl Shard {
                 while targets != 0 {
                     let w = targets.trailing_zeros() as usize;
                     targets &= targets - 1;
-                    self.batches[w].push(Publication {
-                        topic: Arc::downgrade(topic),
-                        msg: Arc::clone(msg),
-                    });
+                    self.batches[w].push(Publication::new(Arc::downgrade(topic), Arc::clone(msg)));
                 }
                 self.directory.record(topic, msg);
             }

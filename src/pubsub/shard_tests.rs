@@ -172,9 +172,11 @@ fn delivery_steps_keep_whole_runs_and_stay_near_the_budget() {
     }
     s[0].subscribe("b", (0, 0));
     let (a, b) = (d.entry("a"), d.entry("b"));
-    let p = |t: &Arc<TopicInterest>| Publication {
-        topic: Arc::downgrade(t),
-        msg: Arc::new(Message::new(Bytes::from_static(b"x"), Instant::now())),
+    let p = |t: &Arc<TopicInterest>| {
+        Publication::new(
+            Arc::downgrade(t),
+            Arc::new(Message::new(Bytes::from_static(b"x"), Instant::now())),
+        )
     };
     // a×10 (1 000 deliveries), b×5 (5), a×3 (300).
     let pubs: Vec<Publication> = (0..10)
