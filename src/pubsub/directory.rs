@@ -362,11 +362,49 @@ impl Directory {
 
     /// Records `msg`, just numbered, in its topic's history. The caller
     /// holds the topic's order lock (numbers reach the history in order).
+    ///
+    /// Over `--history-memory`, the topics retained for their history alone
+    /// go first (the longest retained first), then this topic's oldest.
     pub fn record(&self, topic: &TopicInterest, msg: &Arc<Message>) {
-        if topic.limits.size > 0 {
-            topic
-                .history()
-                .append(msg, &topic.limits, &self.memory, msg.published_at);
+        if topic.limits.size == 0 {
+            return;
+        }
+        let unbounded = HistoryLimits {
+            memory: usize::MAX,
+            ..topic.limits
+        };
+        topic
+            .history()
+            .append(msg, &unbounded, &self.memory, msg.published_at);
+        if self.memory.bytes() > topic.limits.memory {
+            // Lock order: order lock, then the directory, then histories
+            // (nothing takes an order lock while holding the directory).
+            self.forget_retained_while_over(topic.limits.memory);
+            topic.history().trim_to_memory(&topic.limits, &self.memory);
+        }
+    }
+
+    /// Forgets retained topics, the longest retained first, while all
+    /// histories hold more than `limit` (at most one pass over them).
+    fn forget_retained_while_over(&self, limit: usize) {
+        let mut t = self.lock();
+        let mut passes = t.retained.len();
+        while self.memory.bytes() > limit && passes > 0 {
+            passes -= 1;
+            let Some((name, listing)) = t.retained.pop_front() else {
+                break;
+            };
+            let dropped = t
+                .map
+                .get(&name)
+                .filter(|e| e.retained.load(Ordering::Relaxed) == listing)
+                .map_or(0, |e| e.history().len());
+            match self.forget_listed(&mut t, &name, listing) {
+                Some(true) => self.memory.evicted(dropped),
+                // Held for a moment (a publish to it): keeps its place.
+                Some(false) => t.retained.push_back((name, listing)),
+                None => {}
+            }
         }
     }
 
@@ -495,5 +533,34 @@ mod tests {
         assert_eq!(d.retained_len(), 2, "at most --retained-topics");
         assert!(d.get("x").is_none(), "the longest retained went first");
         assert_eq!(d.history_memory().entries(), 2);
+    }
+
+    #[test]
+    fn over_the_total_retained_topics_go_before_an_active_topic_loses_its_history() {
+        let entry_cost = 1 + crate::pubsub::history::ENTRY_OVERHEAD_BYTES;
+        let limits = HistoryLimits {
+            memory: 6 * entry_cost,
+            ..HistoryLimits::default()
+        };
+        let d = Directory::with_history(limits, 100);
+        let t0 = Instant::now();
+        let old = d.entry("old");
+        for _ in 0..3 {
+            d.record(&old, &numbered(&old, t0));
+        }
+        d.release(old);
+        assert_eq!(d.retained_len(), 1);
+        let live = d.entry("live");
+        for _ in 0..5 {
+            d.record(&live, &numbered(&live, t0));
+        }
+        assert_eq!(d.retained_len(), 0, "the retained topic went first");
+        assert_eq!(live.history().len(), 5, "the active topic kept everything");
+        assert_eq!(d.history_memory().evicted_for_memory(), 3);
+        for _ in 0..3 {
+            d.record(&live, &numbered(&live, t0));
+        }
+        assert_eq!(live.history().len(), 6, "then its own oldest");
+        assert!(d.history_memory().bytes() <= limits.memory);
     }
 }

@@ -86,6 +86,12 @@ impl HistoryMemory {
         self.entries.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts `n` messages dropped early to stay under the total.
+    pub(crate) fn evicted(&self, n: usize) {
+        self.evicted_for_memory
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+
     fn add_bytes(&self, bytes: usize) {
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
     }
@@ -200,6 +206,12 @@ impl History {
         {
             self.pop(memory);
         }
+        self.trim_to_memory(limits, memory);
+    }
+
+    /// Drops this history's oldest messages (the newest too, if need be)
+    /// while all histories together hold more than `limits.memory`.
+    pub fn trim_to_memory(&mut self, limits: &HistoryLimits, memory: &HistoryMemory) {
         while !self.entries.is_empty() && memory.bytes() > limits.memory {
             self.pop(memory);
             memory.evicted_for_memory.fetch_add(1, Ordering::Relaxed);
@@ -283,11 +295,14 @@ impl History {
         }
     }
 
-    /// Drops everything (the topic is forgotten).
-    pub fn clear(&mut self, memory: &HistoryMemory) {
+    /// Drops everything (the topic is forgotten); returns the messages
+    /// dropped.
+    pub fn clear(&mut self, memory: &HistoryMemory) -> usize {
+        let n = self.entries.len();
         while !self.entries.is_empty() {
             self.pop(memory);
         }
+        n
     }
 
     /// The newest retained number and the oldest (`None`: empty).
