@@ -46,25 +46,10 @@ struct Env {
 /// The next publication; a snapshot marker before it is checked against
 /// it and noted.
 fn read_env(ws: &mut Ws) -> Env {
-    let m = ws.read().expect("a message");
-    let is_marker = match &m {
-        Message::Text(t) => t.as_str().starts_with(r#"{"op":"snapshot""#),
-        Message::Binary(b) => b[0] == 2,
-        _ => false,
-    };
-    if is_marker {
-        let (topic, epoch, seq) = marker_of(m);
-        let e = read_plain_env(ws.read().expect("a message"));
-        assert_eq!(
-            (topic.as_str(), epoch, seq),
-            (e.topic.as_str(), e.epoch, e.seq)
-        );
-        return Env {
-            snapshot: true,
-            ..e
-        };
+    match read_incoming(ws) {
+        Incoming::Pub(e) => e,
+        Incoming::Reply(v) => panic!("expected a publication, got {v}"),
     }
-    read_plain_env(m)
 }
 
 fn read_plain_env(m: Message) -> Env {
@@ -323,68 +308,29 @@ enum Incoming {
 }
 
 fn read_incoming(ws: &mut Ws) -> Incoming {
-    match ws.read().expect("a message") {
-        Message::Text(t)
-            if !t.as_str().starts_with(r#"{"op":"pub""#)
-                && !t.as_str().starts_with(r#"{"op":"snapshot""#) =>
-        {
-            Incoming::Reply(serde_json::from_str(t.as_str()).expect("JSON"))
+    let m = ws.read().expect("a message");
+    let marker = match &m {
+        Message::Text(t) if t.as_str().starts_with(r#"{"op":"snapshot""#) => true,
+        Message::Text(t) if !t.as_str().starts_with(r#"{"op":"pub""#) => {
+            return Incoming::Reply(serde_json::from_str(t.as_str()).expect("JSON"));
         }
-        m @ Message::Text(_) if m.to_text().unwrap().starts_with(r#"{"op":"snapshot""#) => {
-            let (_, _, seq) = marker_of(m);
-            match read_incoming(ws) {
-                Incoming::Pub(e) => {
-                    assert_eq!(e.seq, seq);
-                    Incoming::Pub(Env {
-                        snapshot: true,
-                        ..e
-                    })
-                }
-                Incoming::Reply(v) => panic!("a reply after a marker: {v}"),
-            }
-        }
-        Message::Binary(b) if b[0] == 2 => {
-            let (_, _, seq) = marker_of(Message::Binary(b));
-            match read_incoming(ws) {
-                Incoming::Pub(e) => {
-                    assert_eq!(e.seq, seq);
-                    Incoming::Pub(Env {
-                        snapshot: true,
-                        ..e
-                    })
-                }
-                Incoming::Reply(v) => panic!("a reply after a marker: {v}"),
-            }
-        }
-        Message::Text(t) => {
-            // Re-read through the envelope reader.
-            let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
-            Incoming::Pub(Env {
-                topic: v["topic"].as_str().unwrap().to_owned(),
-                epoch: v["epoch"].as_u64().unwrap(),
-                seq: v["seq"].as_u64().unwrap(),
-                text: v.get("text").is_some(),
-                payload: v
-                    .get("text")
-                    .map(|s| s.as_str().unwrap().as_bytes().to_vec())
-                    .unwrap_or_default(),
-                // (binary payloads are not read back here)
-                snapshot: false,
-            })
-        }
-        Message::Binary(b) => {
-            let n = u16::from_be_bytes([b[2], b[3]]) as usize;
-            Incoming::Pub(Env {
-                text: b[1] & 1 == 1,
-                epoch: u64::from_be_bytes(b[4..12].try_into().unwrap()),
-                seq: u64::from_be_bytes(b[12..20].try_into().unwrap()),
-                topic: String::from_utf8(b[20..20 + n].to_vec()).unwrap(),
-                payload: b[20 + n..].to_vec(),
-                snapshot: false,
-            })
-        }
-        other => panic!("unexpected {other:?}"),
+        Message::Binary(b) => b[0] == 2,
+        _ => false,
+    };
+    if !marker {
+        return Incoming::Pub(read_plain_env(m));
     }
+    let (topic, epoch, seq) = marker_of(m);
+    let e = read_plain_env(ws.read().expect("a message"));
+    assert_eq!(
+        (topic.as_str(), epoch, seq),
+        (e.topic.as_str(), e.epoch, e.seq),
+        "a marker names the publication after it"
+    );
+    Incoming::Pub(Env {
+        snapshot: true,
+        ..e
+    })
 }
 
 /// Subscribes to `topic` by control message (with `since` if given);

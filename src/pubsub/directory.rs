@@ -146,6 +146,17 @@ struct Topics {
     listings: u64,
 }
 
+/// What [`Directory::forget_listed`] did with a retained listing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Forget {
+    /// Not the listing that counts (the topic was taken again, or is gone).
+    Stale,
+    /// Held for a moment (an HTTP publish to it): still listed.
+    Held,
+    /// Forgotten, with the messages its history held.
+    Forgotten { dropped: usize },
+}
+
 impl Default for Directory {
     fn default() -> Self {
         Self::new()
@@ -284,7 +295,7 @@ impl Directory {
             let Some((name, listing)) = t.retained.pop_front() else {
                 break;
             };
-            if self.forget_listed(&mut t, &name, listing) == Some(false) {
+            if self.forget_listed(&mut t, &name, listing) == Forget::Held {
                 t.retained.push_back((name, listing));
             }
         }
@@ -316,22 +327,22 @@ impl Directory {
     }
 
     /// Forgets `name` (its history dropped) if `listing` is the listing
-    /// that counts for it and nobody holds it: `Some(true)`. `Some(false)`:
-    /// held for a moment (an HTTP publish), still listed. `None`: a stale
-    /// listing, nothing done.
-    fn forget_listed(&self, t: &mut Topics, name: &str, listing: u64) -> Option<bool> {
-        let entry = t.map.get(name)?;
+    /// that counts for it and nobody holds it.
+    fn forget_listed(&self, t: &mut Topics, name: &str, listing: u64) -> Forget {
+        let Some(entry) = t.map.get(name) else {
+            return Forget::Stale;
+        };
         if entry.retained.load(Ordering::Relaxed) != listing {
-            return None;
+            return Forget::Stale;
         }
         if Arc::strong_count(entry) != 1 {
-            return Some(false);
+            return Forget::Held;
         }
         entry.retained.store(0, Ordering::Relaxed);
-        entry.history().clear(&self.memory);
+        let dropped = entry.history().clear(&self.memory);
         t.map.remove(name);
         t.retained_count -= 1;
-        Some(true)
+        Forget::Forgotten { dropped }
     }
 
     /// Forgets retained topics whose history has aged out by `now`, and
@@ -353,7 +364,7 @@ impl Directory {
             if h.stale(&entry.limits, now) {
                 drop(h);
                 // Held for a moment: listed until the next sweep.
-                return self.forget_listed(&mut t, name, *listing) == Some(false);
+                return self.forget_listed(&mut t, name, *listing) == Forget::Held;
             }
             true
         });
@@ -394,16 +405,11 @@ impl Directory {
             let Some((name, listing)) = t.retained.pop_front() else {
                 break;
             };
-            let dropped = t
-                .map
-                .get(&name)
-                .filter(|e| e.retained.load(Ordering::Relaxed) == listing)
-                .map_or(0, |e| e.history().len());
             match self.forget_listed(&mut t, &name, listing) {
-                Some(true) => self.memory.evicted(dropped),
+                Forget::Forgotten { dropped } => self.memory.evicted(dropped),
                 // Held for a moment (a publish to it): keeps its place.
-                Some(false) => t.retained.push_back((name, listing)),
-                None => {}
+                Forget::Held => t.retained.push_back((name, listing)),
+                Forget::Stale => {}
             }
         }
     }

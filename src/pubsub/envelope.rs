@@ -143,20 +143,14 @@ impl Message {
             Form::Raw => return self.frame.len(),
             Form::Binary => BINARY_HEADER_LEN + topic.len() + payload.len(),
             Form::Json => {
-                let inner = if opcode == OpCode::Text {
-                    escaped_len(payload)
-                } else {
-                    base64::encoded_len(payload.len(), true).expect("payloads fit in memory")
-                };
-                json_head_len(topic, self.epoch, self.seq, opcode == OpCode::Text) + inner + 2
+                let text = opcode == OpCode::Text;
+                json_head(topic, self.epoch, self.seq, text).len()
+                    + json_body_len(payload, text)
+                    + 2
             }
         };
-        let header = match body {
-            0..=125 => 2,
-            126..=65_535 => 4,
-            _ => 10,
-        };
-        header + body
+        let mut header = [0u8; MAX_HEADER_LEN];
+        encode_header(&mut header, true, OpCode::Text, body as u64, None) + body
     }
 
     /// The frame of `form`, if built (the raw one always is).
@@ -176,11 +170,11 @@ impl Message {
         } else {
             OpCode::Binary
         };
-        let header = match f[1] & 0x7F {
-            126 => 4,
-            127 => 10,
-            _ => 2,
-        };
+        let header = crate::proto::frame::parse_header(f)
+            .ok()
+            .flatten()
+            .expect("a server frame built by encode_header")
+            .header_len;
         (opcode, &f[header..])
     }
 
@@ -195,26 +189,9 @@ impl Message {
     }
 }
 
-/// A complete text frame holding the JSON envelope:
-/// `{"op":"pub","topic":T,"epoch":E,"seq":S,"text":"…"}` for a text
-/// payload (a JSON string: `"`, `\` and control characters escaped, the
-/// rest as is), `"base64":"…"` instead of `"text"` for a binary one.
-/// Bytes of the JSON envelope before the payload's string.
-fn json_head_len(topic: &str, epoch: u64, seq: u64, text: bool) -> usize {
-    r#"{"op":"pub","topic":""#.len()
-        + topic.len()
-        + r#"","epoch":"#.len()
-        + itoa(epoch).as_str().len()
-        + r#","seq":"#.len()
-        + itoa(seq).as_str().len()
-        + if text {
-            r#","text":""#.len()
-        } else {
-            r#","base64":""#.len()
-        }
-}
-
-pub fn json_frame(topic: &str, epoch: u64, seq: u64, opcode: OpCode, payload: &[u8]) -> Vec<u8> {
+/// The JSON envelope up to the payload's string:
+/// `{"op":"pub","topic":T,"epoch":E,"seq":S,"text":"` (or `"base64":"`).
+fn json_head(topic: &str, epoch: u64, seq: u64, text: bool) -> String {
     let mut head = String::with_capacity(64 + topic.len());
     // Topic names need no escaping (see `topic`).
     head.push_str("{\"op\":\"pub\",\"topic\":\"");
@@ -223,17 +200,31 @@ pub fn json_frame(topic: &str, epoch: u64, seq: u64, opcode: OpCode, payload: &[
     head.push_str(itoa(epoch).as_str());
     head.push_str(",\"seq\":");
     head.push_str(itoa(seq).as_str());
-    let text = opcode == OpCode::Text;
     head.push_str(if text {
         ",\"text\":\""
     } else {
         ",\"base64\":\""
     });
-    let body_len = if text {
+    head
+}
+
+/// Bytes the payload takes inside the JSON envelope's string.
+fn json_body_len(payload: &[u8], text: bool) -> usize {
+    if text {
         escaped_len(payload)
     } else {
         base64::encoded_len(payload.len(), true).expect("payloads fit in memory")
-    };
+    }
+}
+
+/// A complete text frame holding the JSON envelope:
+/// `{"op":"pub","topic":T,"epoch":E,"seq":S,"text":"…"}` for a text
+/// payload (a JSON string: `"`, `\` and control characters escaped, the
+/// rest as is), `"base64":"…"` instead of `"text"` for a binary one.
+pub fn json_frame(topic: &str, epoch: u64, seq: u64, opcode: OpCode, payload: &[u8]) -> Vec<u8> {
+    let text = opcode == OpCode::Text;
+    let head = json_head(topic, epoch, seq, text);
+    let body_len = json_body_len(payload, text);
     let len = head.len() + body_len + 2;
     let mut hdr = [0u8; MAX_HEADER_LEN];
     let n = encode_header(&mut hdr, true, OpCode::Text, len as u64, None);

@@ -9,26 +9,31 @@ impl Wake for NoWake {
     fn wake(&self) {}
 }
 
-fn shards(
-    n: usize,
-) -> (
+/// `n` workers' shards over one directory and bus.
+type Workers = (
     Arc<Directory>,
     Arc<Bus>,
     Vec<crate::pubsub::bus::Inbox>,
     Vec<Shard>,
-) {
-    // No history: a topic nobody holds is forgotten at once (history and
-    // retention: `shards_with_history`).
-    let no_history = crate::pubsub::history::HistoryLimits {
-        size: 0,
-        ..Default::default()
-    };
-    let d = Arc::new(Directory::with_history(no_history, 0));
+);
+
+fn shards_over(n: usize, directory: Directory) -> Workers {
+    let d = Arc::new(directory);
     let (bus, inboxes) = Bus::new((0..n).map(|_| Box::new(NoWake) as Box<dyn Wake>).collect());
     let shards = (0..n)
         .map(|i| Shard::new(i, Arc::clone(&d), Arc::clone(&bus)))
         .collect();
     (d, bus, inboxes, shards)
+}
+
+/// No history: a topic nobody holds is forgotten at once (history and
+/// retention: `shards_with_history`).
+fn shards(n: usize) -> Workers {
+    let no_history = crate::pubsub::history::HistoryLimits {
+        size: 0,
+        ..Default::default()
+    };
+    shards_over(n, Directory::with_history(no_history, 0))
 }
 
 /// Dispatches `shard`'s outbox and delivers what its own mailbox got,
@@ -393,20 +398,8 @@ fn released_references_forget_a_topic_nobody_holds() {
     assert!(d.is_empty(), "dispatch released the last reference");
 }
 
-fn shards_with_history(
-    n: usize,
-) -> (
-    Arc<Directory>,
-    Arc<Bus>,
-    Vec<crate::pubsub::bus::Inbox>,
-    Vec<Shard>,
-) {
-    let d = Arc::new(Directory::new());
-    let (bus, inboxes) = Bus::new((0..n).map(|_| Box::new(NoWake) as Box<dyn Wake>).collect());
-    let shards = (0..n)
-        .map(|i| Shard::new(i, Arc::clone(&d), Arc::clone(&bus)))
-        .collect();
-    (d, bus, inboxes, shards)
+fn shards_with_history(n: usize) -> Workers {
+    shards_over(n, Directory::new())
 }
 
 /// Drains worker `w`'s mailbox; returns (connection key, number) per delivery.
