@@ -9,7 +9,9 @@ use crate::pubsub::directory::DEFAULT_RETAINED_TOPICS;
 use crate::pubsub::history::{
     DEFAULT_HISTORY_BYTES, DEFAULT_HISTORY_MEMORY, DEFAULT_HISTORY_SIZE, HistoryLimits,
 };
-use crate::pubsub::topic::{DEFAULT_MAX_TOPIC_LEN, DEFAULT_MAX_TOPICS_PER_CONN};
+use crate::pubsub::topic::{
+    DEFAULT_MAX_PATTERNS_PER_CONN, DEFAULT_MAX_TOPIC_LEN, DEFAULT_MAX_TOPICS_PER_CONN,
+};
 use crate::server::Config;
 use crate::server::admission::DEFAULT_MAX_CONNECTIONS;
 use crate::server::config::{
@@ -106,6 +108,10 @@ pub struct ServeArgs {
     /// Most topics one subscriber connection may hold.
     #[arg(long, default_value_t = DEFAULT_MAX_TOPICS_PER_CONN, value_name = "N")]
     pub max_topics_per_conn: usize,
+
+    /// Most patterns (`prices.*.EUR`, `news.>`) among them.
+    #[arg(long, default_value_t = DEFAULT_MAX_PATTERNS_PER_CONN, value_name = "N")]
+    pub max_patterns_per_conn: usize,
 
     /// Longest topic name, in bytes (1 to 65535).
     #[arg(long, default_value_t = DEFAULT_MAX_TOPIC_LEN, value_parser = parse_topic_len, value_name = "BYTES")]
@@ -267,6 +273,7 @@ impl ServeArgs {
             handshake_timeout: self.handshake_timeout,
             drain_timeout: self.drain_timeout,
             max_topics_per_conn: self.max_topics_per_conn,
+            max_patterns_per_conn: self.max_patterns_per_conn,
             max_topic_len: self.max_topic_len,
             history: HistoryLimits {
                 size: self.history_size,
@@ -436,6 +443,7 @@ mod tests {
         assert_eq!(c.drain_timeout, d.drain_timeout);
         assert_eq!(c.slow_consumer, d.slow_consumer);
         assert_eq!(c.max_topics_per_conn, d.max_topics_per_conn);
+        assert_eq!(c.max_patterns_per_conn, d.max_patterns_per_conn);
         assert_eq!(c.max_topic_len, d.max_topic_len);
         assert_eq!(c.ping_interval, d.ping_interval);
         assert_eq!(c.ping_timeout, d.ping_timeout);

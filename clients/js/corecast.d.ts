@@ -46,11 +46,17 @@ export interface Options {
 export class CorecastClient {
   constructor(url: string, options?: Options);
   on(type: Event["type"] | "*", fn: (e: Event) => void): this;
-  subscribe(topic: string, handler: (p: Publication) => void): void;
-  unsubscribe(topic: string): void;
+  /** A topic, or a pattern (`prices.*.EUR`, `news.>`). */
+  subscribe(name: string, handler: (p: Publication) => void): void;
+  unsubscribe(name: string): void;
   position(topic: string): { epoch: number; seq: number } | null;
   /** Closes for good (no reconnection). */
   close(): void;
   /** Drops the connection as a network failure would; the client reconnects. */
   dropConnection(): void;
 }
+
+/** Whether `name` is a pattern: a `*` token, or a last `>` token. */
+export function isPattern(name: string): boolean;
+/** Whether `pattern` matches `topic` (docs/PROTOCOL.md, "Wildcards"). */
+export function matches(pattern: string, topic: string): boolean;

@@ -8,6 +8,25 @@
 // The protocol is docs/PROTOCOL.md ("Envelopes", "Recovery", "Last value").
 
 const PROTOCOL = "corecast.v1";
+/** Most positions one pattern's resubscription sends (the server's cap). */
+const PATTERN_REPLAY_TOPICS = 256;
+
+/** Whether `name` is a pattern: a `*` token, or a last `>` token. */
+export function isPattern(name) {
+  return name.split(".").some((t) => t === "*" || t === ">");
+}
+
+/** Whether pattern `pattern` matches topic `topic` (docs/PROTOCOL.md, "Wildcards"). */
+export function matches(pattern, topic) {
+  const p = pattern.split(".");
+  const t = topic.split(".");
+  for (let i = 0; i < p.length; i++) {
+    if (p[i] === ">") return i < t.length;
+    if (i >= t.length) return false;
+    if (p[i] !== "*" && p[i] !== t[i]) return false;
+  }
+  return p.length === t.length;
+}
 
 /** @typedef {{topic: string, epoch: number, seq: number, data: string | Uint8Array,
  *   snapshot: boolean, recovered: boolean}} Publication */
@@ -47,8 +66,10 @@ export class CorecastClient {
     this.backoff =
       options.backoff ??
       ((attempt) => Math.floor(Math.random() * Math.min(this.maxDelayMs, this.minDelayMs * 2 ** attempt)));
-    /** topic -> {handler, epoch, seq} (epoch/seq: the last publication seen) */
-    this.topics = new Map();
+    /** subscribed name (topic or pattern) -> handler */
+    this.subs = new Map();
+    /** topic -> {epoch, seq}: the last publication seen of each topic */
+    this.positions = new Map();
     this.listeners = new Map();
     if (options.onEvent) this.on("*", options.onEvent);
     this.attempt = 0;
@@ -80,28 +101,41 @@ export class CorecastClient {
   }
 
   /**
-   * Subscribes to `topic`; `handler(publication)` gets every publication in
-   * order, each number once (a recovered one is marked `recovered`, a last
-   * value `snapshot`).
+   * Subscribes to `name`, a topic or a pattern (`prices.*.EUR`, `news.>`);
+   * `handler(publication)` gets every publication of the topic (of each
+   * topic the pattern matches) in order, each number once (a recovered one
+   * is marked `recovered`, a last value `snapshot`). A publication matching
+   * several subscriptions goes to the topic's own handler if there is one,
+   * else to the first subscribed pattern matching it.
    */
-  subscribe(topic, handler) {
-    if (this.topics.has(topic)) {
-      this.topics.get(topic).handler = handler;
-      return;
-    }
-    this.topics.set(topic, { handler, epoch: null, seq: null });
-    this.sendSubscribe([topic]);
+  subscribe(name, handler) {
+    const known = this.subs.has(name);
+    this.subs.set(name, handler);
+    if (!known) this.sendSubscribe([name]);
   }
 
-  unsubscribe(topic) {
-    if (!this.topics.delete(topic)) return;
-    this.send({ op: "unsubscribe", topics: [topic] });
+  unsubscribe(name) {
+    if (!this.subs.delete(name)) return;
+    for (const topic of [...this.positions.keys()]) {
+      if (!this.handlerFor(topic)) this.positions.delete(topic);
+    }
+    this.send({ op: "unsubscribe", topics: [name] });
   }
 
   /** The last position seen on `topic`: {epoch, seq}, or null. */
   position(topic) {
-    const t = this.topics.get(topic);
-    return t && t.epoch !== null ? { epoch: t.epoch, seq: t.seq } : null;
+    const t = this.positions.get(topic);
+    return t ? { epoch: t.epoch, seq: t.seq } : null;
+  }
+
+  /** The handler a publication of `topic` goes to, if any. */
+  handlerFor(topic) {
+    const own = this.subs.get(topic);
+    if (own) return own;
+    for (const [name, handler] of this.subs) {
+      if (isPattern(name) && matches(name, topic)) return handler;
+    }
+    return null;
   }
 
   /** Closes for good (no reconnection). */
@@ -130,7 +164,7 @@ export class CorecastClient {
       this.snapshotNext.clear();
       this.recovering.clear();
       this.emit("open", {});
-      this.sendSubscribe([...this.topics.keys()]);
+      this.sendSubscribe([...this.subs.keys()]);
     };
     ws.onmessage = (ev) => this.onMessage(ev.data);
     ws.onclose = (ev) => {
@@ -155,9 +189,20 @@ export class CorecastClient {
   sendSubscribe(names) {
     if (names.length === 0) return;
     const since = {};
-    for (const name of names) {
-      const t = this.topics.get(name);
-      if (t && t.epoch !== null) since[name] = { epoch: t.epoch, seq: t.seq };
+    const patterns = names.filter(isPattern);
+    const perPattern = new Map(patterns.map((p) => [p, 0]));
+    for (const [topic, t] of this.positions) {
+      if (names.includes(topic)) {
+        since[topic] = { epoch: t.epoch, seq: t.seq };
+      } else if (!this.subs.has(topic)) {
+        // A topic followed through a pattern: its position rides along,
+        // at most PATTERN_REPLAY_TOPICS per pattern.
+        const p = patterns.find((p) => matches(p, topic) && perPattern.get(p) < PATTERN_REPLAY_TOPICS);
+        if (p) {
+          perPattern.set(p, perPattern.get(p) + 1);
+          since[topic] = { epoch: t.epoch, seq: t.seq };
+        }
+      }
     }
     const msg = { op: "subscribe", topics: names };
     if (Object.keys(since).length > 0) msg.since = since;
@@ -196,7 +241,7 @@ export class CorecastClient {
   }
 
   onRecovery(topic, r) {
-    const t = this.topics.get(topic);
+    const t = this.positions.get(topic);
     if (!t) return;
     this.emit("recovered", { topic, ...r });
     if (r.epoch !== t.epoch) {
@@ -213,8 +258,13 @@ export class CorecastClient {
   }
 
   onPublication(m) {
-    const t = this.topics.get(m.topic);
-    if (!t) return; // unsubscribed meanwhile
+    const handler = this.handlerFor(m.topic);
+    if (!handler) return; // unsubscribed meanwhile
+    let t = this.positions.get(m.topic);
+    if (!t) {
+      t = { epoch: null, seq: null };
+      this.positions.set(m.topic, t);
+    }
     const snapshot = this.snapshotNext.get(m.topic) === m.seq;
     if (snapshot) this.snapshotNext.delete(m.topic);
     const upto = this.recovering.get(m.topic);
@@ -229,6 +279,6 @@ export class CorecastClient {
     t.epoch = m.epoch;
     t.seq = m.seq;
     const data = m.text !== undefined ? m.text : decodeBase64(m.base64);
-    t.handler({ topic: m.topic, epoch: m.epoch, seq: m.seq, data, snapshot, recovered });
+    handler({ topic: m.topic, epoch: m.epoch, seq: m.seq, data, snapshot, recovered });
   }
 }

@@ -54,6 +54,7 @@ fn config(a: u8, b: u8) -> Config {
         admin_listen: (a & 0x40 != 0).then(|| "127.0.0.1:9002".parse().expect("address")),
         publish_token: (a & 0x80 != 0).then(|| TOKEN.to_string()),
         max_topics_per_conn: (b & 0x07) as usize,
+        max_patterns_per_conn: (b & 0x03) as usize,
         max_topic_len: [1, 2, 4, 8, 16, 32, 64, 128][(b >> 3 & 7) as usize],
         subprotocols: if b & 0x40 != 0 {
             vec!["chat".into(), "superchat".into()]
@@ -118,6 +119,8 @@ fn run<'a>(cfg: &Config, reads: impl Iterator<Item = &'a [u8]>) -> Vec<Item> {
     }
     session.detach(&mut shard, &stats);
     assert_eq!(shard.topic_count(), 0, "subscriptions left after detach");
+    assert_eq!(shard.pattern_count(), 0, "patterns left after detach");
+    assert_eq!(shard.directory().pattern_count(), 0, "patterns registered after detach");
     // Topics with a history are retained (nobody holds them); no other
     // entry is left.
     let d = shard.directory();

@@ -82,6 +82,8 @@ struct Mailbox {
     tx: Sender<Vec<Publication>>,
     notified: AtomicBool,
     queued_bytes: AtomicUsize,
+    /// Batches handed over so far (see [`Bus::sent_to`]).
+    sent: AtomicU64,
     waker: Box<dyn Wake>,
 }
 
@@ -115,6 +117,8 @@ pub struct OrderGuard<'a> {
 pub struct Inbox {
     worker: usize,
     rx: Receiver<Vec<Publication>>,
+    /// Batches taken so far: the number of the last one taken.
+    taken: std::cell::Cell<u64>,
     /// Shared with the bus: publications this inbox still held when it was
     /// dropped (its worker exited), counted by [`Drop`].
     stranded: Arc<AtomicU64>,
@@ -133,12 +137,14 @@ impl Bus {
                 inboxes.push(Inbox {
                     worker,
                     rx,
+                    taken: std::cell::Cell::new(0),
                     stranded: Arc::clone(&stranded),
                 });
                 Mailbox {
                     tx,
                     notified: AtomicBool::new(false),
                     queued_bytes: AtomicUsize::new(0),
+                    sent: AtomicU64::new(0),
                     waker,
                 }
             })
@@ -176,6 +182,22 @@ impl Bus {
         OrderGuard { _held: held }
     }
 
+    /// Holds every order lock (none with one worker): while it is held no
+    /// batch is on its way to any mailbox, so [`Self::sent_to`] draws a
+    /// line between what was sent before and what will be sent after.
+    pub fn hold_all_order(&self) -> OrderGuard<'_> {
+        self.hold_order(if self.workers() > 1 { u64::MAX } else { 0 })
+    }
+
+    /// Batches handed to `worker`'s mailbox so far. Its inbox numbers the
+    /// batches it takes the same way ([`Inbox::taken`]): batch number `n`
+    /// was sent after this read `k` if and only if `n > k`, when the read
+    /// is made under [`Self::hold_all_order`] (every batch is sent under
+    /// an order lock; with one worker, by the reader itself).
+    pub fn sent_to(&self, worker: usize) -> u64 {
+        self.mailboxes[worker].sent.load(Ordering::Acquire)
+    }
+
     /// Publications left in a worker's mailbox when it exited (shutdown):
     /// batches sent after its last drain and before its inbox was dropped.
     pub fn stranded(&self) -> u64 {
@@ -201,6 +223,7 @@ impl Bus {
             m.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
             return Err(lost.0.len());
         }
+        m.sent.fetch_add(1, Ordering::Release);
         Ok(!m.notified.swap(true, Ordering::AcqRel))
     }
 
@@ -246,7 +269,15 @@ impl Inbox {
     /// The next batch queued for this worker, in arrival order. Its bytes
     /// still count against the mailbox until [`Self::done`].
     pub fn next(&self) -> Option<Vec<Publication>> {
-        self.rx.try_recv().ok()
+        let batch = self.rx.try_recv().ok()?;
+        self.taken.set(self.taken.get() + 1);
+        Some(batch)
+    }
+
+    /// The number of the last batch [`Self::next`] took (1 for the first):
+    /// comparable with [`Bus::sent_to`].
+    pub fn taken(&self) -> u64 {
+        self.taken.get()
     }
 
     /// Marks `batch` (from [`Self::next`]) as delivered: its bytes leave the

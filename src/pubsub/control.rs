@@ -17,7 +17,9 @@
 //! documented, whatever version is linked.
 
 use super::history::{Recovery, Since};
-use super::topic::{DistinctNames, ListError, TopicError};
+use super::pattern;
+use super::shard::PATTERN_REPLAY_TOPICS;
+use super::topic::{self, DistinctNames, ListError, TopicError};
 use simd_json::prelude::*;
 use std::fmt;
 
@@ -60,6 +62,9 @@ pub struct Control {
     /// A subscribe's positions to recover from, one per topic it names
     /// (`None` for a topic without one); empty when there is no `since`.
     pub since: Vec<Option<Since>>,
+    /// Positions for topics the message does not name but one of its
+    /// patterns matches (at most [`PATTERN_REPLAY_TOPICS`]).
+    pub pattern_since: Vec<(String, Since)>,
 }
 
 /// Why a control message was refused; its `Display` is the `reason` of the
@@ -84,7 +89,7 @@ pub enum ControlError {
     /// message, or the message's new ones added to those held.
     TooManyTopics { max: usize },
     /// `"since"` is not an object of `{"epoch":N,"seq":N}` for topics the
-    /// message names.
+    /// message names or its patterns match.
     BadSince,
 }
 
@@ -103,7 +108,11 @@ impl fmt::Display for ControlError {
             Self::Topic(e) => e.fmt(f),
             Self::TooManyTopics { max } => ListError::TooMany { max: *max }.fmt(f),
             Self::BadSince => {
-                f.write_str("\"since\" must map topics of \"topics\" to {\"epoch\":N,\"seq\":N}")
+                write!(
+                    f,
+                    "\"since\" must map topics of \"topics\" (or matched by its patterns, \
+                     at most {PATTERN_REPLAY_TOPICS}) to {{\"epoch\":N,\"seq\":N}}"
+                )
             }
         }
     }
@@ -157,38 +166,70 @@ fn parse_counting(
     });
     *read += names.read();
     result?;
-    let topics: Vec<String> = names.into_vec().into_iter().map(str::to_owned).collect();
-    let since = match value.get("since") {
-        None => Vec::new(),
-        Some(v) if op == Op::Subscribe => read_since(v, &topics)?,
+    let topics: Vec<String> = names
+        .into_vec()
+        .into_iter()
+        .map(|n| n.into_owned())
+        .collect();
+    let (since, pattern_since) = match value.get("since") {
+        None => (Vec::new(), Vec::new()),
+        Some(v) if op == Op::Subscribe => read_since(v, &topics, limits.max_topic_len)?,
         Some(_) => return Err(ControlError::BadSince),
     };
-    Ok(Control { op, topics, since })
+    Ok(Control {
+        op,
+        topics,
+        since,
+        pattern_since,
+    })
 }
 
 /// `"since"`: `{"topic":{"epoch":N,"seq":N},…}`, every key one of `topics`
-/// (so at most as many entries as topics count; a key given twice keeps
-/// the last). Linear in the object.
+/// or a topic one of its patterns matches (a key given twice keeps the
+/// last). Linear in the object times the patterns named.
+#[allow(clippy::type_complexity)]
 fn read_since(
     v: &simd_json::BorrowedValue<'_>,
     topics: &[String],
-) -> Result<Vec<Option<Since>>, ControlError> {
+    max_topic_len: usize,
+) -> Result<(Vec<Option<Since>>, Vec<(String, Since)>), ControlError> {
     let obj = v.as_object().ok_or(ControlError::BadSince)?;
     let index: std::collections::HashMap<&str, usize> = topics
         .iter()
         .enumerate()
         .map(|(i, t)| (t.as_str(), i))
         .collect();
+    let patterns: Vec<&str> = topics
+        .iter()
+        .map(String::as_str)
+        .filter(|t| pattern::is_pattern(t))
+        .collect();
     let mut since = vec![None; topics.len()];
+    let mut matched: std::collections::HashMap<String, Since> = Default::default();
     for (k, pos) in obj.iter() {
-        let &i = index.get(k.as_ref()).ok_or(ControlError::BadSince)?;
         let num = |key: &str| pos.get(key).and_then(|n| n.as_u64());
-        match (num("epoch"), num("seq")) {
-            (Some(epoch), Some(seq)) => since[i] = Some(Since { epoch, seq }),
+        let s = match (num("epoch"), num("seq")) {
+            (Some(epoch), Some(seq)) => Since { epoch, seq },
             _ => return Err(ControlError::BadSince),
+        };
+        match index.get(k.as_ref()) {
+            Some(&i) if !pattern::is_pattern(k) => since[i] = Some(s),
+            Some(_) => return Err(ControlError::BadSince),
+            None => {
+                let name = topic::validate(k, max_topic_len).map_err(|_| ControlError::BadSince)?;
+                if !patterns.iter().any(|p| pattern::matches(p, name)) {
+                    return Err(ControlError::BadSince);
+                }
+                matched.insert(name.to_owned(), s);
+                if matched.len() > PATTERN_REPLAY_TOPICS {
+                    return Err(ControlError::BadSince);
+                }
+            }
         }
     }
-    Ok(since)
+    let mut pattern_since: Vec<(String, Since)> = matched.into_iter().collect();
+    pattern_since.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    Ok((since, pattern_since))
 }
 
 /// Refuses `buf` if it nests arrays and objects deeper than `max`, in one
@@ -369,7 +410,8 @@ mod tests {
             Ok(Control {
                 op: Op::Subscribe,
                 topics: vec!["a".into(), "b".into()],
-                since: vec![]
+                since: vec![],
+                pattern_since: vec![]
             })
         );
         assert_eq!(
@@ -377,7 +419,8 @@ mod tests {
             Ok(Control {
                 op: Op::Unsubscribe,
                 topics: vec![],
-                since: vec![]
+                since: vec![],
+                pattern_since: vec![]
             })
         );
     }

@@ -26,6 +26,7 @@
 
 use super::envelope::Message;
 use super::history::{History, HistoryLimits, HistoryMemory, Recovery, Since};
+use super::pattern::{self, PatternTrie};
 use super::policy::{self, NamespacePolicy};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,6 +57,11 @@ pub struct TopicInterest {
     limits: HistoryLimits,
     /// Whether a new enveloped subscriber gets its last value.
     last_value: bool,
+    /// The workers with a pattern subscription matching this topic, as
+    /// of pattern version `pattern_version` (see [`Directory::targets`]);
+    /// both written only under the topic's order lock.
+    pattern_workers: AtomicU64,
+    pattern_version: AtomicU64,
 }
 
 impl TopicInterest {
@@ -130,6 +136,12 @@ pub struct Directory {
     retained_max: usize,
     /// Every history's bytes together.
     memory: HistoryMemory,
+    /// Patterns subscribed to anywhere, each with the workers holding it
+    /// (bit `w`). Lock order: an order lock, then the map, then this.
+    patterns: Mutex<PatternTrie<u64>>,
+    /// Bumped (under `patterns`) whenever a pattern's workers change; 0
+    /// while no pattern was ever subscribed to.
+    pattern_version: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -201,7 +213,122 @@ impl Directory {
             last_value: true,
             retained_max: retained_topics,
             memory: HistoryMemory::default(),
+            patterns: Mutex::new(PatternTrie::default()),
+            pattern_version: AtomicU64::new(0),
         }
+    }
+
+    fn patterns(&self) -> MutexGuard<'_, PatternTrie<u64>> {
+        // Every operation leaves the trie consistent: poisoning ignored.
+        self.patterns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks `worker` as holding subscriptions to `pattern` or not (its
+    /// first arrives, its last leaves). The caller holds every order lock
+    /// when adding ([`Bus::hold_all_order`](super::bus::Bus::hold_all_order)),
+    /// so each topic's publications reach the worker from one point on.
+    pub fn set_pattern(&self, pattern: &str, worker: usize, interested: bool) {
+        let bit = 1u64 << worker;
+        let mut trie = self.patterns();
+        let changed = if interested {
+            let mask = trie.get_or_insert_with(pattern, || 0);
+            let was = *mask;
+            *mask |= bit;
+            was != *mask
+        } else {
+            match trie.get_mut(pattern) {
+                Some(mask) if *mask & bit != 0 => {
+                    *mask &= !bit;
+                    if *mask == 0 {
+                        trie.remove(pattern);
+                    }
+                    true
+                }
+                _ => false,
+            }
+        };
+        if changed {
+            self.pattern_version.fetch_add(1, Ordering::Release);
+        }
+    }
+
+    /// Distinct patterns subscribed to anywhere (for metrics).
+    pub fn pattern_count(&self) -> usize {
+        self.patterns().len()
+    }
+
+    /// Whether some pattern subscribed to anywhere matches `name`.
+    pub fn pattern_matches(&self, name: &str) -> bool {
+        if self.pattern_version.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let mut any = false;
+        self.patterns().for_each_match(name, |_| any = true);
+        any
+    }
+
+    /// The workers a publication to `topic` goes to: those with a
+    /// subscriber of it, and those with a pattern subscription matching
+    /// it. The caller holds the topic's order lock (or is the only
+    /// worker). The pattern part is cached in the topic and recomputed
+    /// (one walk of the pattern trie, whose cost does not grow with the
+    /// patterns that do not match) only when the patterns changed.
+    pub fn targets(&self, topic: &TopicInterest) -> u64 {
+        let exact = topic.workers();
+        let version = self.pattern_version.load(Ordering::Acquire);
+        if version == 0 {
+            return exact;
+        }
+        if topic.pattern_version.load(Ordering::Relaxed) != version {
+            let trie = self.patterns();
+            let mut mask = 0;
+            trie.for_each_match(&topic.name, |&m| mask |= m);
+            // Read under the trie's lock: the mask is at least this recent.
+            let version = self.pattern_version.load(Ordering::Relaxed);
+            drop(trie);
+            topic.pattern_workers.store(mask, Ordering::Relaxed);
+            topic.pattern_version.store(version, Ordering::Relaxed);
+        }
+        exact | topic.pattern_workers.load(Ordering::Relaxed)
+    }
+
+    /// Up to `max` known topics matching `pattern` (for its snapshot),
+    /// each held until the caller releases it. Linear in the topics known.
+    pub fn matching(&self, pattern: &str, max: usize) -> Vec<Arc<TopicInterest>> {
+        let mut t = self.lock();
+        let found: Vec<Arc<TopicInterest>> = t
+            .map
+            .iter()
+            .filter(|(name, _)| pattern::matches(pattern, name))
+            .take(max)
+            .map(|(_, e)| Arc::clone(e))
+            .collect();
+        for e in &found {
+            if e.retained.swap(0, Ordering::Relaxed) != 0 {
+                t.retained_count -= 1;
+            }
+        }
+        found
+    }
+
+    /// `topic` (known from a publication's weak reference) held again, if
+    /// it is still the directory's entry for its name: how a worker starts
+    /// holding a topic it receives through a pattern. Under the map's lock,
+    /// so it cannot race with the entry being forgotten.
+    pub fn hold(&self, topic: &std::sync::Weak<TopicInterest>) -> Option<Arc<TopicInterest>> {
+        let mut t = self.lock();
+        let e = topic.upgrade()?;
+        let current = t.map.get(&e.name).is_some_and(|m| Arc::ptr_eq(m, &e));
+        if !current {
+            drop(t);
+            // Not the map's: some other holder keeps it; this one goes.
+            drop(e);
+            return None;
+        }
+        if e.retained.swap(0, Ordering::Relaxed) != 0 {
+            t.retained_count -= 1;
+        }
+        Some(e)
     }
 
     fn lock(&self) -> MutexGuard<'_, Topics> {
@@ -233,6 +360,8 @@ impl Directory {
             seq: AtomicU64::new(0),
             history: Mutex::new(History::default()),
             retained: AtomicU64::new(0),
+            pattern_workers: AtomicU64::new(0),
+            pattern_version: AtomicU64::new(0),
         });
         t.map.insert(name, Arc::clone(&entry));
         entry

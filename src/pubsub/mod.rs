@@ -3,6 +3,7 @@
 //! | module | holds |
 //! |---|---|
 //! | [`topic`] | topic-name rules, `?topics=` lists |
+//! | [`pattern`] | wildcard patterns (`*`, `>`) and the trie that matches them |
 //! | [`envelope`] | one sequenced publication and its raw / JSON / binary frames |
 //! | [`history`] | a topic's recent publications, recovery after `since` |
 //! | [`policy`] | per-namespace history bounds and last value |
@@ -20,6 +21,8 @@ pub mod directory;
 pub mod envelope;
 pub mod history;
 pub mod ledger;
+pub mod pattern;
 pub mod policy;
 pub mod shard;
+mod slots;
 pub mod topic;

@@ -16,12 +16,14 @@
 use super::bus::{Bus, Publication, order_stripe};
 use super::directory::{Directory, TopicInterest};
 use super::envelope::{Form, Message};
-use super::history::{Recovery, Start};
+use super::history::{Recovery, Since, Start};
 use super::ledger::SharedFrames;
+use super::pattern::{self, PatternTrie};
+use super::slots::Subscribers;
 use crate::proto::outbound::COPY_BELOW;
 use bytes::Bytes;
 use slab::Slab;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -54,12 +56,57 @@ pub struct Subscription {
     slot: u32,
 }
 
+/// Set in [`Subscription::topic`] for a pattern subscription (the rest is
+/// the local pattern's id).
+const PATTERN_SUB: u32 = 1 << 31;
+
 impl Subscription {
-    /// The local topic id (stable while the topic has subscribers here).
+    /// The local topic id (stable while the topic has subscribers here),
+    /// or for a pattern subscription its local pattern id with the top bit
+    /// set: ids of the two kinds never compare equal.
     pub fn topic(&self) -> u32 {
         self.topic
     }
+
+    /// Whether this subscribes to a pattern.
+    pub fn is_pattern(&self) -> bool {
+        self.topic & PATTERN_SUB != 0
+    }
 }
+
+/// What a new pattern subscription replays of the topics it matches (see
+/// [`Shard::subscribe_pattern`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Replay<'a> {
+    /// Positions to recover from, per topic.
+    pub since: &'a [(String, Since)],
+    /// Whether the other topics' last values are read.
+    pub last_values: bool,
+    /// Topics left out (the connection subscribes to them itself).
+    pub skip: &'a HashSet<String>,
+    /// Most bytes of frames read per topic.
+    pub max_bytes: usize,
+    /// For the histories' ages.
+    pub now: Instant,
+}
+
+impl Replay<'_> {
+    /// Nothing replayed: a live start.
+    pub fn live() -> Replay<'static> {
+        static NONE: std::sync::LazyLock<HashSet<String>> = std::sync::LazyLock::new(HashSet::new);
+        Replay {
+            since: &[],
+            last_values: false,
+            skip: &NONE,
+            max_bytes: 0,
+            now: Instant::now(),
+        }
+    }
+}
+
+/// Most topics one pattern subscription replays (last values, or `since`
+/// recoveries) when it starts; past them the subscription starts live.
+pub const PATTERN_REPLAY_TOPICS: usize = 256;
 
 /// A connection's subscriptions, and the [`Form`] it receives their
 /// publications in: one subscription inline (the common case costs no
@@ -182,160 +229,33 @@ struct LocalTopic {
     /// those that join between a publication's numbering and its
     /// delivery here, so few.
     joiners: Vec<(ConnRef, u64, u32)>,
+    /// The local patterns matching the topic (ids in `Shard::patterns`).
+    patterns: Vec<u32>,
+    /// Pattern subscribers that got the topic's messages up to a number
+    /// (a last value, a recovery) while later ones may still be in the
+    /// mailbox: (connection, number, pattern id, slot), checked against
+    /// the pattern's slot when used (the subscription may have gone).
+    pattern_joiners: Vec<(ConnRef, u64, u32, u32)>,
 }
 
-/// One local topic's subscribers: a slab of 8-byte slots (a connection's
-/// key and serial as `u32`s; `slab::Slab<ConnRef>` takes 24), since there
-/// is one slot per subscription and idle memory is what a subscriber
-/// costs. Same behaviour as `Slab`: a slot is reused last-freed first, and
-/// iteration goes in slot order.
-///
-/// The first [`SLOT_PAGE`] slots grow like a `Vec` (a topic with a few
-/// subscribers holds a few slots); the rest come in pages of that many,
-/// each allocated once at its full size and never copied: a vector that
-/// doubles leaves the arrays it outgrew in the malloc arena, resident
-/// (measured at 10 000 subscribers of one topic: ~5–9 B per subscriber).
-#[derive(Debug, Default)]
-struct Subscribers {
-    /// Slots `0..SLOT_PAGE`.
-    first: Vec<Slot>,
-    /// Slots from `SLOT_PAGE` on, `SLOT_PAGE` per page; all but the last
-    /// full. Boxed: 8 bytes in every topic instead of a `Vec`'s 24, since
-    /// most topics never have that many subscribers here.
-    #[allow(clippy::box_collection)]
-    more: Option<Box<Vec<Vec<Slot>>>>,
-    /// Head of the free list (`NONE`: no free slot).
-    free: u32,
-    len: u32,
-}
-
-/// Slots per page of [`Subscribers`] (4 KiB), a power of two.
-const SLOT_PAGE_BITS: u32 = 9;
-const SLOT_PAGE: usize = 1 << SLOT_PAGE_BITS;
-
-/// An occupied slot holds a connection; a free one has `key == VACANT`
-/// and the next free slot in `serial`.
-#[derive(Debug, Clone, Copy)]
-struct Slot {
-    key: u32,
-    serial: u32,
-}
-
-/// The key of a free slot: no connection has it (a worker holds far fewer
-/// than 2^31 connections).
-const VACANT: u32 = u32::MAX;
-/// Set in a pending slot's key (see [`LocalTopic::joiners`]); a free
-/// slot's key has it too, so one test leaves both out.
-const PENDING: u32 = 1 << 31;
-/// The end of the free list.
-const NONE: u32 = u32::MAX;
-
-impl Subscribers {
-    fn new() -> Self {
-        Self {
-            first: Vec::new(),
-            more: None,
-            free: NONE,
-            len: 0,
-        }
-    }
-
-    /// Slots ever created (free ones included).
-    fn end(&self) -> usize {
-        match self.more.as_deref().and_then(|m| m.last()) {
-            None => self.first.len(),
-            Some(page) => self.more.as_deref().map_or(0, Vec::len) * SLOT_PAGE + page.len(),
-        }
-    }
-
-    fn slot_mut(&mut self, at: u32) -> &mut Slot {
-        let at = at as usize;
-        match at >> SLOT_PAGE_BITS {
-            0 => &mut self.first[at],
-            page => {
-                let more = self
-                    .more
-                    .as_deref_mut()
-                    .expect("a slot past the first page");
-                &mut more[page - 1][at & (SLOT_PAGE - 1)]
-            }
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.len as usize
-    }
-
-    fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Adds `conn`; returns its slot.
-    fn insert(&mut self, (key, serial): ConnRef) -> u32 {
-        let key = u32::try_from(key)
-            .ok()
-            .filter(|&k| k < PENDING - 1)
-            .expect("connection keys fit in 31 bits");
-        let slot = Slot { key, serial };
-        self.len += 1;
-        if self.free == NONE {
-            let at = self.end();
-            assert!(at < NONE as usize, "subscriber slots fit in u32");
-            if at < SLOT_PAGE {
-                self.first.push(slot);
-            } else {
-                let more = self.more.get_or_insert_default();
-                match more.last_mut() {
-                    Some(page) if page.len() < SLOT_PAGE => page.push(slot),
-                    _ => {
-                        let mut page = Vec::with_capacity(SLOT_PAGE);
-                        page.push(slot);
-                        more.push(page);
-                    }
-                }
-            }
-            return at as u32;
-        }
-        let at = self.free;
-        let vacant = self.slot_mut(at);
-        debug_assert_eq!(vacant.key, VACANT);
-        let next = vacant.serial;
-        *vacant = slot;
-        self.free = next;
-        at
-    }
-
-    /// Frees `slot`, which must hold a connection.
-    fn remove(&mut self, slot: u32) {
-        let free = self.free;
-        let s = self.slot_mut(slot);
-        assert_ne!(s.key, VACANT, "removing a free subscriber slot");
-        *s = Slot {
-            key: VACANT,
-            serial: free,
-        };
-        self.free = slot;
-        self.len -= 1;
-    }
-
-    /// The subscribers, in slot order, pending ones left out.
-    fn iter(&self) -> impl Iterator<Item = ConnRef> + '_ {
-        self.first
-            .iter()
-            .chain(self.more.iter().flat_map(|m| m.iter()).flatten())
-            .filter(|s| s.key & PENDING == 0)
-            .map(|s| (s.key as usize, s.serial))
-    }
-
-    /// Adds `conn` as pending: left out of [`Self::iter`] until its key's
-    /// [`PENDING`] bit is cleared.
-    fn insert_pending(&mut self, conn: ConnRef) -> u32 {
-        let slot = self.insert(conn);
-        self.slot_mut(slot).key |= PENDING;
-        slot
+impl LocalTopic {
+    /// Nothing here needs the topic any more.
+    fn unused(&self) -> bool {
+        self.subs.is_empty() && self.patterns.is_empty()
     }
 }
 
+/// A pattern subscribed to on this worker.
+#[derive(Debug)]
+struct LocalPattern {
+    name: Arc<str>,
+    subs: Subscribers,
+    /// The number of the last batch sent to this worker's mailbox before
+    /// the pattern was registered ([`Bus::sent_to`]): batches up to it
+    /// were not sent for it (their topics may have reached this worker
+    /// then only in part), so its subscribers get none of them.
+    start: u64,
+}
 /// A worker's topic registry and outbox.
 pub struct Shard {
     id: usize,
@@ -371,6 +291,13 @@ pub struct Shard {
     /// subscriptions ([`topic_charge`], [`SUBSCRIPTION_BYTES`]), charged to
     /// its budget.
     registry_bytes: usize,
+    /// Patterns subscribed to here, and their ids by pattern.
+    patterns: Slab<LocalPattern>,
+    pattern_ids: PatternTrie<u32>,
+    /// Connections already served in the run being delivered (reused).
+    seen: HashSet<ConnRef>,
+    /// The number of the batch being delivered ([`Inbox::taken`](super::bus::Inbox::taken)).
+    batch: u64,
 }
 
 impl Shard {
@@ -392,7 +319,29 @@ impl Shard {
             wakes: 0,
             frames: SharedFrames::default(),
             registry_bytes: 0,
+            patterns: Slab::new(),
+            pattern_ids: PatternTrie::default(),
+            seen: HashSet::new(),
+            batch: 0,
         }
+    }
+
+    /// Patterns subscribed to on this worker.
+    pub fn pattern_count(&self) -> usize {
+        self.patterns.len()
+    }
+
+    /// The local id of pattern `name`, as a [`Subscription::topic`] would
+    /// hold it, if it has subscribers here.
+    pub fn pattern_id(&self, name: &str) -> Option<u32> {
+        self.pattern_ids.get(name).map(|&id| id | PATTERN_SUB)
+    }
+
+    /// The ids of the local patterns matching topic `name`.
+    fn patterns_matching(&self, name: &str) -> Vec<u32> {
+        let mut ids = Vec::new();
+        self.pattern_ids.for_each_match(name, |&id| ids.push(id));
+        ids
     }
 
     /// The shared directory (publishers take their topic's entry from it).
@@ -408,6 +357,11 @@ impl Shard {
     /// The local id of topic `name`, if it has subscribers on this worker.
     pub fn topic_id(&self, name: &str) -> Option<u32> {
         self.by_name.get(name).copied()
+    }
+
+    /// The name of local topic `id`.
+    pub fn topic_name(&self, id: u32) -> Option<&str> {
+        self.topics.get(id as usize).map(|t| t.interest.name())
     }
 
     /// Topics with local subscribers.
@@ -459,11 +413,26 @@ impl Shard {
                     Start::LastValue => local.interest.last_value(),
                     Start::Since(_) => true,
                 };
-                let recovery = reads.then_some(()).and_then(|_| {
+                // Held here for patterns only so far: this worker's
+                // interest bit is set now, and the floor moves up to it.
+                let first = local.subs.is_empty();
+                let (recovery, floor) = if reads || first {
                     let _order = self.hold_order_of(&local.interest);
-                    recover(&self.directory, &local.interest, local.interest.seq())
-                });
+                    if first {
+                        self.directory.set(&local.interest, self.id, true);
+                    }
+                    let at = local.interest.seq();
+                    let r = reads
+                        .then_some(())
+                        .and_then(|_| recover(&self.directory, &local.interest, at));
+                    (r, first.then_some(at))
+                } else {
+                    (None, None)
+                };
                 let local = &mut self.topics[id as usize];
+                if let Some(f) = floor {
+                    local.floor = f;
+                }
                 if let Some(r) = recovery.as_ref().filter(|r| r.last > local.delivered) {
                     // Publications up to `r.last` may still be in this
                     // worker's mailbox: not for this subscriber.
@@ -484,24 +453,202 @@ impl Shard {
                     let floor = interest.seq();
                     (floor, recover(&self.directory, &interest, floor))
                 };
-                let addr = Arc::as_ptr(&interest) as usize;
-                let name: Arc<str> = Arc::from(name);
-                let id = self.topics.insert(LocalTopic {
-                    interest,
-                    subs: Subscribers::new(),
-                    floor,
-                    delivered: floor,
-                    joiners: Vec::new(),
-                }) as u32;
-                self.registry_bytes += topic_charge(name.len());
-                self.by_name.insert(name, id);
-                self.by_interest.insert(addr, id);
+                let patterns = self.patterns_matching(name);
+                // Publications a local pattern receives may be in the
+                // mailbox: nothing is known delivered yet.
+                let delivered = if patterns.is_empty() { floor } else { 0 };
+                let id = self.add_topic(interest, floor, delivered, patterns);
+                if let Some(r) = recovery.as_ref().filter(|r| r.last > delivered) {
+                    let local = &mut self.topics[id as usize];
+                    self.registry_bytes += SUBSCRIPTION_BYTES;
+                    let slot = local.subs.insert_pending(conn);
+                    local.joiners.push((conn, r.last, slot));
+                    return (Subscription { topic: id, slot }, recovery);
+                }
                 (id, recovery)
             }
         };
         self.registry_bytes += SUBSCRIPTION_BYTES;
         let slot = self.topics[topic as usize].subs.insert(conn);
         (Subscription { topic, slot }, recovery)
+    }
+
+    /// Registers a local topic (charged to the registry); returns its id.
+    fn add_topic(
+        &mut self,
+        interest: Arc<TopicInterest>,
+        floor: u64,
+        delivered: u64,
+        patterns: Vec<u32>,
+    ) -> u32 {
+        let addr = Arc::as_ptr(&interest) as usize;
+        let name: Arc<str> = Arc::from(interest.name());
+        let id = self.topics.insert(LocalTopic {
+            interest,
+            subs: Subscribers::new(),
+            floor,
+            delivered,
+            joiners: Vec::new(),
+            patterns,
+            pattern_joiners: Vec::new(),
+        }) as u32;
+        self.registry_bytes += topic_charge(name.len());
+        self.by_name.insert(name, id);
+        self.by_interest.insert(addr, id);
+        id
+    }
+
+    /// Forgets local topic `id` (nobody here needs it).
+    fn remove_topic(&mut self, id: u32) {
+        let t = self.topics.remove(id as usize);
+        self.registry_bytes -= topic_charge(t.interest.name().len());
+        self.by_name.remove(t.interest.name());
+        self.by_interest
+            .remove(&(Arc::as_ptr(&t.interest) as usize));
+        self.directory.release(t.interest);
+    }
+
+    /// Adds `conn` to the subscribers of pattern `name`; then, per topic it
+    /// matches (at most [`PATTERN_REPLAY_TOPICS`]): the topics of `since`
+    /// are recovered from their positions, and with `last_values` the
+    /// other known topics' last values are read; each under its topic's
+    /// order lock, joining its live stream right after what was read (as
+    /// [`Self::subscribe_since`] does), at most `max_bytes` each; topics in
+    /// `skip` (those the connection subscribes to itself) are not read. Returns
+    /// the subscription and, per topic read, its name and what was read
+    /// (the caller queues it before anything this worker delivers next).
+    pub fn subscribe_pattern(
+        &mut self,
+        name: &str,
+        conn: ConnRef,
+        replay: Replay<'_>,
+    ) -> (Subscription, Vec<(Arc<str>, Recovery)>) {
+        let Replay {
+            since,
+            last_values,
+            skip,
+            max_bytes,
+            now,
+        } = replay;
+        let pid = match self.pattern_ids.get(name) {
+            Some(&id) => id,
+            None => self.add_pattern(name),
+        };
+        self.registry_bytes += SUBSCRIPTION_BYTES;
+        let slot = self.patterns[pid as usize].subs.insert(conn);
+        let sub = Subscription {
+            topic: pid | PATTERN_SUB,
+            slot,
+        };
+        let mut read = Vec::new();
+        if since.is_empty() && !last_values {
+            return (sub, read);
+        }
+        // The topics to read: those of `since` first, then the others'
+        // last values.
+        let mut starts: Vec<(Arc<TopicInterest>, Start)> = Vec::new();
+        for (topic, s) in since.iter().take(PATTERN_REPLAY_TOPICS) {
+            if pattern::matches(name, topic) {
+                starts.push((self.directory.entry(topic), Start::Since(*s)));
+            }
+        }
+        if last_values && starts.len() < PATTERN_REPLAY_TOPICS {
+            let named: HashSet<&str> = since.iter().map(|(t, _)| t.as_str()).collect();
+            let more = self.directory.matching(
+                name,
+                PATTERN_REPLAY_TOPICS - starts.len() + named.len() + skip.len(),
+            );
+            let mut unused = Vec::new();
+            for t in more {
+                if named.contains(t.name())
+                    || skip.contains(t.name())
+                    || starts.len() >= PATTERN_REPLAY_TOPICS
+                {
+                    unused.push(t);
+                } else {
+                    starts.push((t, Start::LastValue));
+                }
+            }
+            self.directory.release_many(unused.into_iter());
+        }
+        for (interest, start) in starts {
+            let r = {
+                let _order = self.hold_order_of(&interest);
+                let at = interest.seq();
+                match start {
+                    Start::Since(s) => {
+                        Some(self.directory.recover(&interest, s, at, max_bytes, now))
+                    }
+                    _ if interest.last_value() => {
+                        Some(self.directory.last_value(&interest, at, max_bytes))
+                    }
+                    _ => None,
+                }
+            };
+            let Some(r) = r else {
+                self.directory.release(interest);
+                continue;
+            };
+            let tname: Arc<str> = Arc::from(interest.name());
+            let id = match self.by_interest.get(&(Arc::as_ptr(&interest) as usize)) {
+                Some(&id) => {
+                    self.directory.release(interest);
+                    id
+                }
+                None => {
+                    let patterns = self.patterns_matching(&tname);
+                    // What the mailbox holds of it is unknown: 0 delivered.
+                    self.add_topic(interest, 0, 0, patterns)
+                }
+            };
+            let local = &mut self.topics[id as usize];
+            if r.last > local.delivered {
+                local.pattern_joiners.push((conn, r.last, pid, slot));
+            }
+            read.push((tname, r));
+        }
+        (sub, read)
+    }
+
+    /// Registers pattern `name` on this worker: with the directory (under
+    /// every order lock, noting the mailbox's position), in the local
+    /// trie, and in each local topic it matches. Returns its id.
+    fn add_pattern(&mut self, name: &str) -> u32 {
+        let start = {
+            let _all = self.bus.hold_all_order();
+            self.directory.set_pattern(name, self.id, true);
+            self.bus.sent_to(self.id)
+        };
+        let name: Arc<str> = Arc::from(name);
+        self.registry_bytes += topic_charge(name.len());
+        let id = self.patterns.insert(LocalPattern {
+            name: Arc::clone(&name),
+            subs: Subscribers::new(),
+            start,
+        }) as u32;
+        *self.pattern_ids.get_or_insert_with(&name, || id) = id;
+        for (_, t) in self.topics.iter_mut() {
+            if pattern::matches(&name, t.interest.name()) {
+                t.patterns.push(id);
+            }
+        }
+        id
+    }
+
+    /// Marks every slot of a connection's subscriptions `subs` as
+    /// [`MULTI`](super::slots::MULTI) or not: set when the connection holds
+    /// a pattern and some other subscription (a publication could reach
+    /// it twice), so delivery serves it once.
+    pub fn mark_multi(&mut self, subs: &[Subscription]) {
+        let multi = subs.len() > 1 && subs.iter().any(Subscription::is_pattern);
+        for s in subs {
+            if s.is_pattern() {
+                let id = (s.topic & !PATTERN_SUB) as usize;
+                self.patterns[id].subs.set_multi(s.slot, multi);
+            } else {
+                self.topics[s.topic as usize].subs.set_multi(s.slot, multi);
+            }
+        }
     }
 
     /// The order lock of `topic` (none with a single worker: nothing to
@@ -516,8 +663,11 @@ impl Shard {
     }
 
     /// Removes a subscription; the last one of a topic here clears this
-    /// worker's interest bit.
+    /// worker's interest bit (and the last of a pattern its registration).
     pub fn unsubscribe(&mut self, sub: Subscription) {
+        if sub.is_pattern() {
+            return self.unsubscribe_pattern(sub);
+        }
         let t = &mut self.topics[sub.topic as usize];
         if !t.joiners.is_empty() {
             t.joiners.retain(|j| j.2 != sub.slot);
@@ -525,13 +675,39 @@ impl Shard {
         t.subs.remove(sub.slot);
         self.registry_bytes -= SUBSCRIPTION_BYTES;
         if t.subs.is_empty() {
-            let t = self.topics.remove(sub.topic as usize);
-            self.registry_bytes -= topic_charge(t.interest.name().len());
             self.directory.set(&t.interest, self.id, false);
-            self.by_name.remove(t.interest.name());
-            self.by_interest
-                .remove(&(Arc::as_ptr(&t.interest) as usize));
-            self.directory.release(t.interest);
+            if t.unused() {
+                self.remove_topic(sub.topic);
+            }
+        }
+    }
+
+    fn unsubscribe_pattern(&mut self, sub: Subscription) {
+        let pid = sub.topic & !PATTERN_SUB;
+        let p = &mut self.patterns[pid as usize];
+        p.subs.remove(sub.slot);
+        self.registry_bytes -= SUBSCRIPTION_BYTES;
+        if !p.subs.is_empty() {
+            return;
+        }
+        // Its last subscriber here: the pattern goes, and with it the
+        // topics only it kept (one pass over the local topics).
+        let p = self.patterns.remove(pid as usize);
+        self.pattern_ids.remove(&p.name);
+        self.directory.set_pattern(&p.name, self.id, false);
+        self.registry_bytes -= topic_charge(p.name.len());
+        let mut gone = Vec::new();
+        for (id, t) in self.topics.iter_mut() {
+            if let Some(i) = t.patterns.iter().position(|&x| x == pid) {
+                t.patterns.swap_remove(i);
+                t.pattern_joiners.retain(|j| j.2 != pid);
+                if t.unused() {
+                    gone.push(id as u32);
+                }
+            }
+        }
+        for id in gone {
+            self.remove_topic(id);
         }
     }
 
@@ -668,7 +844,7 @@ impl Shard {
                     // once, while a queue holds it.
                     self.frames.charge_message(msg, Form::Raw);
                 }
-                let mut targets = topic.workers();
+                let mut targets = self.directory.targets(topic);
                 while targets != 0 {
                     let w = targets.trailing_zeros() as usize;
                     targets &= targets - 1;
@@ -716,10 +892,14 @@ impl Shard {
                 .iter()
                 .position(|p| p.topic.as_ptr() != topic)
                 .unwrap_or(pubs.len() - end);
-            let subs = self
-                .by_interest
-                .get(&(topic as usize))
-                .map_or(0, |&id| self.topics[id as usize].subs.len());
+            let subs = self.by_interest.get(&(topic as usize)).map_or(0, |&id| {
+                let t = &self.topics[id as usize];
+                t.patterns
+                    .iter()
+                    .map(|&p| self.patterns[p as usize].subs.len())
+                    .sum::<usize>()
+                    + t.subs.len()
+            });
             // A run nobody here subscribes to still costs a lookup and a
             // drop per publication.
             let run_cost = run.saturating_mul(subs.max(1));
@@ -737,18 +917,24 @@ impl Shard {
         end
     }
 
-    /// Calls `deliver(run, topic, subscribers)` for `pubs` in order: each
-    /// run is a maximal sequence of consecutive publications to one topic
-    /// (less those at or below the local topic's floor), `topic` its name,
-    /// and `subscribers` a chunk (≤ 64) of that topic's local subscribers.
-    /// So the backend can push a whole run into one subscriber's queue
-    /// while it is in cache, subscriber by subscriber, and every subscriber
-    /// still sees the publications in order.
+    /// Calls `deliver(run, topic, subscribers)` for `pubs` (from the
+    /// mailbox's batch number `batch`, [`Inbox::taken`](super::bus::Inbox::taken))
+    /// in order: each run is a maximal sequence of consecutive publications
+    /// to one topic, `topic` its name, and `subscribers` a chunk (≤ 64) of
+    /// the local subscribers it goes to: the topic's own (less publications
+    /// at or below the local topic's floor), and those of the local
+    /// patterns matching it (batches sent after the pattern was
+    /// registered), each connection once. So the backend can push a whole
+    /// run into one subscriber's queue while it is in cache, subscriber by
+    /// subscriber, and every subscriber still sees the publications in
+    /// order.
     pub fn deliver(
         &mut self,
         pubs: &[Publication],
+        batch: u64,
         deliver: &mut impl FnMut(&[Publication], &str, &[ConnRef]),
     ) {
+        self.batch = batch;
         let mut start = 0;
         while start < pubs.len() {
             let topic = pubs[start].topic.as_ptr();
@@ -759,48 +945,164 @@ impl Shard {
                     .unwrap_or(pubs.len() - start);
             let run = &pubs[start..end];
             start = end;
-            let Some(&id) = self.by_interest.get(&(topic as usize)) else {
-                continue;
+            let id = match self.by_interest.get(&(topic as usize)) {
+                Some(&id) => id,
+                None => match self.materialize(&run[0]) {
+                    Some(id) => id,
+                    None => continue,
+                },
             };
-            let local = &mut self.topics[id as usize];
-            let skip = run.partition_point(|p| p.msg.seq <= local.floor);
-            let run = &run[skip..];
-            let Some(newest) = run.last().map(|p| p.msg.seq) else {
-                continue;
-            };
-            local.delivered = newest;
-            let name = local.interest.name();
-            for &(c, upto, _) in &local.joiners {
+            self.deliver_run(id, run, deliver);
+        }
+    }
+
+    /// A local topic for a publication that reached this worker for its
+    /// patterns only, if one of them takes this batch.
+    fn materialize(&mut self, p: &Publication) -> Option<u32> {
+        if self.patterns.is_empty() {
+            return None;
+        }
+        let interest = self.directory.hold(&p.topic)?;
+        let ids = self.patterns_matching(interest.name());
+        let batch = self.batch;
+        if !ids
+            .iter()
+            .any(|&id| self.patterns[id as usize].start < batch)
+        {
+            self.directory.release(interest);
+            return None;
+        }
+        Some(self.add_topic(interest, 0, 0, ids))
+    }
+
+    fn deliver_run(
+        &mut self,
+        id: u32,
+        run: &[Publication],
+        deliver: &mut impl FnMut(&[Publication], &str, &[ConnRef]),
+    ) {
+        let Self {
+            topics,
+            patterns,
+            seen,
+            batch,
+            ..
+        } = self;
+        let local = &mut topics[id as usize];
+        let Some(newest) = run.last().map(|p| p.msg.seq) else {
+            return;
+        };
+        let exact_run = &run[run.partition_point(|p| p.msg.seq <= local.floor)..];
+        local.delivered = local.delivered.max(newest);
+        let name = local.interest.name();
+        let with_patterns = !local.patterns.is_empty();
+        seen.clear();
+        for &(c, upto, _) in &local.joiners {
+            let from = exact_run.partition_point(|p| p.msg.seq <= upto);
+            if from < exact_run.len() {
+                deliver(&exact_run[from..], name, &[c]);
+            }
+            if with_patterns {
+                seen.insert(c);
+            }
+        }
+        let mut chunk = Chunk::default();
+        if with_patterns {
+            for &(c, upto, pid, slot) in &local.pattern_joiners {
+                let current = patterns
+                    .get(pid as usize)
+                    .and_then(|p| p.subs.get(slot))
+                    .is_some_and(|held| held == c);
+                if !current || !seen.insert(c) {
+                    continue;
+                }
                 let from = run.partition_point(|p| p.msg.seq <= upto);
                 if from < run.len() {
                     deliver(&run[from..], name, &[c]);
                 }
             }
-            let subs = &local.subs;
-            let mut chunk: [ConnRef; 64] = [(0, 0); 64];
-            let mut n = 0;
-            for c in subs.iter() {
-                chunk[n] = c;
-                n += 1;
-                if n == chunk.len() {
-                    deliver(run, name, &chunk);
-                    n = 0;
+            // While pattern joiners wait, every pattern subscriber is
+            // checked against them.
+            let check_all = !local.pattern_joiners.is_empty();
+            for &pid in &local.patterns {
+                let p = &patterns[pid as usize];
+                if *batch <= p.start {
+                    continue; // sent before the pattern was registered
+                }
+                for (c, multi) in p.subs.iter() {
+                    if (multi || check_all) && !seen.insert(c) {
+                        continue;
+                    }
+                    chunk.push(c, run, name, deliver);
                 }
             }
-            if n > 0 {
-                deliver(run, name, &chunk[..n]);
+            chunk.flush(run, name, deliver);
+        }
+        if !exact_run.is_empty() {
+            for (c, multi) in local.subs.iter() {
+                if with_patterns && multi && seen.contains(&c) {
+                    continue;
+                }
+                chunk.push(c, exact_run, name, deliver);
             }
-            if !local.joiners.is_empty() {
-                // Caught up: ordinary subscribers from the next run on.
-                let subs = &mut local.subs;
-                local.joiners.retain(|&(_, upto, slot)| {
-                    let waiting = upto >= newest;
-                    if !waiting {
-                        subs.slot_mut(slot).key &= !PENDING;
-                    }
-                    waiting
-                });
-            }
+            chunk.flush(exact_run, name, deliver);
+        }
+        if !local.joiners.is_empty() {
+            // Caught up: ordinary subscribers from the next run on.
+            let subs = &mut local.subs;
+            local.joiners.retain(|&(_, upto, slot)| {
+                let waiting = upto >= newest;
+                if !waiting {
+                    subs.unpend(slot);
+                }
+                waiting
+            });
+        }
+        if !local.pattern_joiners.is_empty() {
+            local.pattern_joiners.retain(|j| j.1 >= newest);
+        }
+    }
+}
+
+/// Up to 64 subscribers of one run, handed over together.
+struct Chunk {
+    conns: [ConnRef; 64],
+    n: usize,
+}
+
+impl Default for Chunk {
+    fn default() -> Self {
+        Self {
+            conns: [(0, 0); 64],
+            n: 0,
+        }
+    }
+}
+
+impl Chunk {
+    fn push(
+        &mut self,
+        c: ConnRef,
+        run: &[Publication],
+        name: &str,
+        deliver: &mut impl FnMut(&[Publication], &str, &[ConnRef]),
+    ) {
+        self.conns[self.n] = c;
+        self.n += 1;
+        if self.n == self.conns.len() {
+            self.flush(run, name, deliver);
+        }
+    }
+
+    fn flush(
+        &mut self,
+        run: &[Publication],
+        name: &str,
+        deliver: &mut impl FnMut(&[Publication], &str, &[ConnRef]),
+    ) {
+        if self.n > 0 {
+            deliver(run, name, &self.conns[..self.n]);
+            self.n = 0;
         }
     }
 }

@@ -45,7 +45,9 @@ fn dispatch_local(
     mut f: impl FnMut(&[Publication], &[ConnRef]),
 ) {
     shard.dispatch();
-    inbox.drain(bus, |batch| shard.deliver(&batch, &mut |r, _, c| f(r, c)));
+    inbox.drain(bus, |batch| {
+        shard.deliver(&batch, inbox.taken(), &mut |r, _, c| f(r, c))
+    });
 }
 
 fn collect(
@@ -89,6 +91,7 @@ fn publish_reaches_local_and_remote_subscribers_in_order() {
     inboxes[2].drain(&bus, |batch| {
         s[2].deliver(
             &batch,
+            inboxes[2].taken(),
             &mut |run: &[Publication], _: &str, c: &[ConnRef]| {
                 for &c in c {
                     remote.extend(run.iter().map(|p| (p.frame()[0], c)))
@@ -162,9 +165,11 @@ fn publications_in_flight_do_not_keep_a_topic_alive() {
     );
     let mut delivered = 0;
     inboxes[1].drain(&bus, |batch| {
-        s[1].deliver(&batch, &mut |_: &[Publication], _: &str, _: &[ConnRef]| {
-            delivered += 1
-        })
+        s[1].deliver(
+            &batch,
+            inboxes[1].taken(),
+            &mut |_: &[Publication], _: &str, _: &[ConnRef]| delivered += 1,
+        )
     });
     assert_eq!(delivered, 0, "nobody left to deliver to");
 }
@@ -259,64 +264,6 @@ fn the_last_unsubscribe_forgets_the_topic() {
     assert!(d.is_empty());
 }
 
-#[test]
-fn subscriber_slots_are_eight_bytes_reused_last_freed_first_and_iterated_in_order() {
-    // One slot per subscription: idle memory per subscriber (docs/BENCHMARKS.md).
-    assert_eq!(std::mem::size_of::<Slot>(), 8);
-    let mut subs = Subscribers::new();
-    let slots: Vec<u32> = (0..5).map(|i| subs.insert((i, 100 + i as u32))).collect();
-    assert_eq!(slots, [0, 1, 2, 3, 4]);
-    subs.remove(1);
-    subs.remove(3);
-    assert_eq!(subs.len(), 3);
-    assert_eq!(
-        subs.iter().collect::<Vec<_>>(),
-        [(0, 100), (2, 102), (4, 104)]
-    );
-    // Like `slab::Slab`: the slot freed last is taken first.
-    assert_eq!(subs.insert((7, 7)), 3);
-    assert_eq!(subs.insert((8, 8)), 1);
-    assert_eq!(subs.insert((9, 9)), 5);
-    assert_eq!(
-        subs.iter().collect::<Vec<_>>(),
-        [(0, 100), (8, 8), (2, 102), (7, 7), (4, 104), (9, 9)]
-    );
-    for s in 0..6 {
-        subs.remove(s);
-    }
-    assert!(subs.is_empty());
-    assert_eq!(subs.iter().count(), 0);
-}
-
-#[test]
-fn subscriber_slots_past_the_first_page_come_in_pages_that_never_move() {
-    let mut subs = Subscribers::new();
-    let n = 3 * SLOT_PAGE + 10;
-    for i in 0..n {
-        assert_eq!(subs.insert((i, i as u32)), i as u32);
-    }
-    let page = subs.more.as_ref().unwrap()[0].as_ptr();
-    for i in n..n + SLOT_PAGE {
-        subs.insert((i, i as u32));
-    }
-    let more = subs.more.as_ref().unwrap();
-    assert_eq!(more[0].as_ptr(), page, "a full page is never copied");
-    assert!(more.iter().all(|p| p.capacity() == SLOT_PAGE));
-    // Free slots on every page are reused last-freed first.
-    for s in [5, SLOT_PAGE as u32 + 1, 2 * SLOT_PAGE as u32 + 7] {
-        subs.remove(s);
-    }
-    assert_eq!(subs.insert((1, 1)), 2 * SLOT_PAGE as u32 + 7);
-    assert_eq!(subs.insert((2, 2)), SLOT_PAGE as u32 + 1);
-    assert_eq!(subs.insert((3, 3)), 5);
-    let all: Vec<ConnRef> = subs.iter().collect();
-    assert_eq!(all.len(), n + SLOT_PAGE);
-    assert_eq!(all[5], (3, 3));
-    assert_eq!(all[SLOT_PAGE + 1], (2, 2));
-    assert_eq!(all[2 * SLOT_PAGE + 7], (1, 1));
-    assert_eq!(all[3 * SLOT_PAGE], (3 * SLOT_PAGE, 3 * SLOT_PAGE as u32));
-}
-
 /// A worker that loses its last subscriber of a topic and gains a new one
 /// while a publication sent under its old interest is still in its
 /// mailbox: the new subscriber starts after the topic's number at its
@@ -339,6 +286,7 @@ fn a_returning_worker_skips_what_was_sequenced_before_its_new_interest() {
     inboxes[1].drain(&bus, |batch| {
         s[1].deliver(
             &batch,
+            inboxes[1].taken(),
             &mut |run: &[Publication], topic: &str, c: &[ConnRef]| {
                 assert_eq!(topic, "t");
                 for &c in c {
@@ -369,6 +317,7 @@ fn publications_are_numbered_per_topic_in_dispatch_order() {
     inboxes[0].drain(&bus, |batch| {
         s[0].deliver(
             &batch,
+            inboxes[0].taken(),
             &mut |run: &[Publication], topic: &str, _: &[ConnRef]| {
                 got.extend(
                     run.iter()
@@ -406,13 +355,15 @@ fn shards_with_history(n: usize) -> Workers {
 fn drain_numbers(s: &mut Shard, inbox: &crate::pubsub::bus::Inbox, bus: &Bus) -> Vec<(usize, u64)> {
     let mut got = Vec::new();
     inbox.drain(bus, |batch| {
-        s.deliver(&batch, &mut |run: &[Publication],
-                                _: &str,
-                                c: &[ConnRef]| {
-            for &c in c {
-                got.extend(run.iter().map(|p| (c.0, p.msg.seq)));
-            }
-        });
+        s.deliver(
+            &batch,
+            inbox.taken(),
+            &mut |run: &[Publication], _: &str, c: &[ConnRef]| {
+                for &c in c {
+                    got.extend(run.iter().map(|p| (c.0, p.msg.seq)));
+                }
+            },
+        );
     });
     got
 }
@@ -534,4 +485,177 @@ fn a_last_value_and_the_mailbox_never_give_one_message_twice() {
         (of(&got, 1), of(&got, 2), of(&got, 3)),
         (vec![4], vec![4], vec![4])
     );
+}
+
+/// What worker `w`'s mailbox holds, delivered: (connection, topic, number).
+fn drain_named(
+    shard: &mut Shard,
+    inbox: &crate::pubsub::bus::Inbox,
+    bus: &Bus,
+) -> Vec<(ConnRef, String, u64)> {
+    let mut got = Vec::new();
+    inbox.drain(bus, |batch| {
+        shard.deliver(&batch, inbox.taken(), &mut |run, name, conns| {
+            for &c in conns {
+                got.extend(run.iter().map(|p| (c, name.to_owned(), p.msg.seq)));
+            }
+        })
+    });
+    got
+}
+
+/// A pattern registered on a worker while a publication sent for an
+/// earlier, ended interest is still in its mailbox: the pattern's
+/// subscriber does not get that one (it would be followed by a gap: the
+/// worker missed the publications between).
+#[test]
+fn a_new_pattern_skips_what_its_worker_was_sent_before_it() {
+    let (d, bus, inboxes, mut s) = shards(2);
+    let t = d.entry("t.x"); // a publisher's reference
+    let a = s[1].subscribe("t.x", (1, 0));
+    s[0].publish(&t, Bytes::from_static(b"1"), Instant::now());
+    s[0].dispatch(); // number 1, to worker 1's mailbox
+    s[1].unsubscribe(a);
+    s[0].publish(&t, Bytes::from_static(b"2"), Instant::now());
+    s[0].dispatch(); // number 2: worker 1 not interested
+    let (p, _) = s[1].subscribe_pattern("t.*", (2, 0), Replay::live());
+    assert!(p.is_pattern());
+    s[0].publish(&t, Bytes::from_static(b"3"), Instant::now());
+    s[0].dispatch(); // number 3: for the pattern
+    let got = drain_named(&mut s[1], &inboxes[1], &bus);
+    assert_eq!(got, [((2, 0), "t.x".to_owned(), 3)]);
+    s[1].unsubscribe(p);
+    assert_eq!(s[1].topic_count(), 0, "the topic went with the pattern");
+    assert_eq!(s[1].pattern_count(), 0);
+    drop(t);
+}
+
+/// One connection holding two patterns and the topic they match, another
+/// holding one pattern: each gets each publication once; unsubscribing
+/// one pattern keeps the rest working.
+#[test]
+fn overlapping_subscriptions_deliver_once_per_connection() {
+    let (d, bus, inboxes, mut s) = shards(2);
+    let t = d.entry("a.b");
+    let now = Instant::now();
+    let (p1, _) = s[1].subscribe_pattern("a.*", (1, 0), Replay::live());
+    let (p2, _) = s[1].subscribe_pattern("a.>", (1, 0), Replay::live());
+    let e = s[1].subscribe("a.b", (1, 0));
+    let mine = [p1, p2, e];
+    s[1].mark_multi(&mine);
+    let (q, _) = s[1].subscribe_pattern("a.*", (2, 0), Replay::live());
+    s[1].mark_multi(&[q]);
+    for x in [b"1", b"2"] {
+        s[0].publish(&t, Bytes::from_static(x), now);
+    }
+    s[0].dispatch();
+    let mut got = drain_named(&mut s[1], &inboxes[1], &bus);
+    got.sort();
+    let want: Vec<(ConnRef, String, u64)> = [(1, 0), (2, 0)]
+        .into_iter()
+        .flat_map(|c| [1, 2].map(|n| (c, "a.b".to_owned(), n)))
+        .collect();
+    assert_eq!(got, want);
+    // Without the marks, the first connection would get each three times.
+    s[1].unsubscribe(p2);
+    s[1].mark_multi(&[p1, e]);
+    s[0].publish(&t, Bytes::from_static(b"3"), now);
+    s[0].dispatch();
+    let mut got = drain_named(&mut s[1], &inboxes[1], &bus);
+    got.sort();
+    assert_eq!(
+        got,
+        [((1, 0), "a.b".to_owned(), 3), ((2, 0), "a.b".to_owned(), 3)]
+    );
+    for sub in [p1, e, q] {
+        s[1].unsubscribe(sub);
+    }
+    assert_eq!((s[1].topic_count(), s[1].pattern_count()), (0, 0));
+    drop(t);
+    assert_eq!(d.pattern_count(), 0);
+}
+
+/// A publish's cost does not depend on patterns elsewhere: a topic's
+/// targets are cached and recomputed only when the patterns change.
+#[test]
+fn targets_follow_pattern_changes() {
+    let (d, _bus, _inboxes, mut s) = shards(3);
+    let t = d.entry("x.y");
+    assert_eq!(d.targets(&t), 0);
+    let (p, _) = s[2].subscribe_pattern("x.*", (1, 0), Replay::live());
+    assert_eq!(d.targets(&t), 0b100);
+    let other = s[1].subscribe("x.y", (1, 0));
+    assert_eq!(d.targets(&t), 0b110);
+    s[2].unsubscribe(p);
+    assert_eq!(d.targets(&t), 0b010);
+    s[1].unsubscribe(other);
+    assert_eq!(d.targets(&t), 0);
+    assert!(!d.pattern_matches("x.y"));
+}
+
+/// A pattern subscriber that starts with a topic's last value while later
+/// publications of it are already in its worker's mailbox gets each number
+/// once: the last value, then only what follows it; the pattern's earlier
+/// subscriber gets everything.
+#[test]
+fn a_pattern_last_value_meets_the_mailbox_without_a_duplicate() {
+    let (d, bus, inboxes, mut s) = shards_with_history(2);
+    let t = d.entry("p.x");
+    let now = Instant::now();
+    let (a, _) = s[1].subscribe_pattern("p.*", (1, 0), Replay::live());
+    for x in [b"1", b"2"] {
+        s[0].publish(&t, Bytes::from_static(x), now);
+    }
+    s[0].dispatch(); // numbers 1 and 2 in worker 1's mailbox, for the pattern
+    let skip = HashSet::new();
+    let replay = Replay {
+        since: &[],
+        last_values: true,
+        skip: &skip,
+        max_bytes: 1 << 20,
+        now,
+    };
+    let (b, read) = s[1].subscribe_pattern("p.*", (2, 0), replay);
+    assert_eq!(read.len(), 1);
+    assert_eq!(&*read[0].0, "p.x");
+    assert_eq!(
+        read[0].1.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        [2]
+    );
+    s[0].publish(&t, Bytes::from_static(b"3"), now);
+    s[0].dispatch();
+    let got = drain_named(&mut s[1], &inboxes[1], &bus);
+    let of = |c: ConnRef| -> Vec<u64> { got.iter().filter(|g| g.0 == c).map(|g| g.2).collect() };
+    assert_eq!(of((1, 0)), [1, 2, 3]);
+    assert_eq!(of((2, 0)), [3], "2 came as the last value");
+    // With a `since`, the same through the recovery.
+    let positions = [(
+        "p.x".to_owned(),
+        Since {
+            epoch: t.epoch(),
+            seq: 1,
+        },
+    )];
+    let replay = Replay {
+        since: &positions,
+        ..replay
+    };
+    s[0].publish(&t, Bytes::from_static(b"4"), now);
+    s[0].dispatch();
+    let (c, read) = s[1].subscribe_pattern("p.*", (3, 0), replay);
+    assert_eq!(
+        read[0].1.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        [2, 3, 4]
+    );
+    s[0].publish(&t, Bytes::from_static(b"5"), now);
+    s[0].dispatch();
+    let got = drain_named(&mut s[1], &inboxes[1], &bus);
+    let of = |c: ConnRef| -> Vec<u64> { got.iter().filter(|g| g.0 == c).map(|g| g.2).collect() };
+    assert_eq!(of((1, 0)), [4, 5]);
+    assert_eq!(of((2, 0)), [4, 5]);
+    assert_eq!(of((3, 0)), [5], "2 to 4 came as the recovery");
+    for sub in [a, b, c] {
+        s[1].unsubscribe(sub);
+    }
+    assert_eq!((s[1].topic_count(), s[1].pattern_count()), (0, 0));
 }

@@ -3,7 +3,13 @@
 //! A topic name is 1..=`max_len` bytes of `A-Z a-z 0-9 - _ . : / @ ~`. The set
 //! needs no escaping in a path (`/publish/{topic}`), a query
 //! (`?topics=a,b`) or JSON, so a name means the same wherever it appears.
+//! A subscription may also name a [`pattern`](super::pattern): `.`-separated
+//! tokens where `*` stands for one token and a last `>` for the rest.
+//! In `?topics=`, names are percent-decoded (browsers send `>` as `%3E`)
+//! after the list is split at its commas.
 
+use super::pattern::{self, PatternError};
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fmt;
 
@@ -11,13 +17,24 @@ use std::fmt;
 pub const DEFAULT_MAX_TOPIC_LEN: usize = 128;
 /// Default most topics one connection may subscribe to (flag `--max-topics-per-conn`).
 pub const DEFAULT_MAX_TOPICS_PER_CONN: usize = 64;
+/// Default most patterns among them (flag `--max-patterns-per-conn`): a
+/// pattern costs each publication to a topic it matches a trie walk on a
+/// change of patterns, and its worker a scan of its topics when it
+/// arrives and leaves.
+pub const DEFAULT_MAX_PATTERNS_PER_CONN: usize = 16;
 
 /// Why a topic name was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TopicError {
     Empty,
-    TooLong { max: usize },
+    TooLong {
+        max: usize,
+    },
     BadChar(u8),
+    /// A well-formed pattern where one topic is needed (publishing).
+    Pattern,
+    /// `*` or `>` used otherwise than as a whole token, `>` not last.
+    BadWildcard,
 }
 
 impl fmt::Display for TopicError {
@@ -28,6 +45,12 @@ impl fmt::Display for TopicError {
             Self::BadChar(b) => write!(
                 f,
                 "topic name has byte {b:#04x}; allowed: A-Z a-z 0-9 - _ . : / @ ~"
+            ),
+            Self::Pattern => f.write_str(
+                "a pattern (a * or > token) names no single topic: publish to a topic name",
+            ),
+            Self::BadWildcard => f.write_str(
+                "bad pattern: * and > stand for whole .-separated tokens, and > only last",
             ),
         }
     }
@@ -63,18 +86,72 @@ fn allowed(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'/' | b'@' | b'~')
 }
 
-/// Checks one topic name.
+/// Checks one topic name (a pattern is refused: [`TopicError::Pattern`]).
 pub fn validate(name: &str, max_len: usize) -> Result<&str, TopicError> {
+    match validate_subscription(name, max_len)? {
+        Name::Topic(n) => Ok(n),
+        Name::Pattern(_) => Err(TopicError::Pattern),
+    }
+}
+
+/// What a subscription names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Name<'a> {
+    Topic(&'a str),
+    Pattern(&'a str),
+}
+
+/// Checks a name a subscription may hold: a topic or a pattern.
+pub fn validate_subscription(name: &str, max_len: usize) -> Result<Name<'_>, TopicError> {
     if name.is_empty() {
         return Err(TopicError::Empty);
     }
     if name.len() > max_len {
         return Err(TopicError::TooLong { max: max_len });
     }
-    match name.bytes().find(|&b| !allowed(b)) {
-        Some(b) => Err(TopicError::BadChar(b)),
-        None => Ok(name),
+    let mut wild = false;
+    for b in name.bytes() {
+        if b == b'*' || b == b'>' {
+            wild = true;
+        } else if !allowed(b) {
+            return Err(TopicError::BadChar(b));
+        }
     }
+    if !wild {
+        return Ok(Name::Topic(name));
+    }
+    match pattern::check(name) {
+        Ok(()) => Ok(Name::Pattern(name)),
+        Err(PatternError::PartToken | PatternError::RestNotLast) => Err(TopicError::BadWildcard),
+    }
+}
+
+/// `name` with its `%XX` escapes decoded (borrowed when it has none). An
+/// escape that is not two hex digits, or that decodes to a byte outside
+/// ASCII, is left as it is, so the name is then refused for its `%`.
+pub fn percent_decode(name: &str) -> Cow<'_, str> {
+    if !name.contains('%') {
+        return Cow::Borrowed(name);
+    }
+    let b = name.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        let decoded = (b[i] == b'%' && i + 2 < b.len())
+            .then(|| Some((hex(b[i + 1])? * 16 + hex(b[i + 2])?) as u8))
+            .flatten()
+            .filter(u8::is_ascii);
+        if let Some(c) = decoded {
+            out.push(c);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    // Only ASCII was decoded into a valid UTF-8 string: still valid.
+    Cow::Owned(String::from_utf8(out).unwrap_or_else(|_| name.to_owned()))
 }
 
 /// The value of `topics=` in a query string (`a,b,c`), if present. Other
@@ -83,10 +160,14 @@ pub fn from_query(query: Option<&str>) -> Option<&str> {
     query?.split('&').find_map(|kv| kv.strip_prefix("topics="))
 }
 
-/// Splits and validates a comma list; duplicates are removed, order kept.
-/// Refused as soon as it names more than `max_count` distinct topics (see
-/// [`DistinctNames`]): the rest of the list is not read.
-pub fn parse_list(list: &str, max_len: usize, max_count: usize) -> Result<Vec<&str>, ListError> {
+/// Splits, percent-decodes and validates a comma list; duplicates are
+/// removed, order kept. Refused as soon as it names more than `max_count`
+/// distinct topics (see [`DistinctNames`]): the rest of the list is not read.
+pub fn parse_list(
+    list: &str,
+    max_len: usize,
+    max_count: usize,
+) -> Result<Vec<Cow<'_, str>>, ListError> {
     parse_list_counting(list, max_len, max_count, &mut 0)
 }
 
@@ -97,12 +178,12 @@ fn parse_list_counting<'a>(
     max_len: usize,
     max_count: usize,
     read: &mut usize,
-) -> Result<Vec<&'a str>, ListError> {
+) -> Result<Vec<Cow<'a, str>>, ListError> {
     let mut names = DistinctNames::new(max_len, max_count);
     let result = list
         .split(',')
         .filter(|s| !s.is_empty())
-        .try_for_each(|name| names.add(name));
+        .try_for_each(|name| names.add(percent_decode(name)));
     *read += names.read();
     result.map(|()| names.into_vec())
 }
@@ -120,8 +201,8 @@ fn parse_list_counting<'a>(
 /// so names chosen to collide cannot turn probes into scans.
 #[derive(Debug)]
 pub struct DistinctNames<'a> {
-    names: Vec<&'a str>,
-    seen: HashSet<&'a str>,
+    names: Vec<Cow<'a, str>>,
+    seen: HashSet<Cow<'a, str>>,
     max_len: usize,
     max_count: usize,
     read: usize,
@@ -140,11 +221,14 @@ impl<'a> DistinctNames<'a> {
         }
     }
 
-    /// Validates `name` and adds it unless it is already in the list.
-    pub fn add(&mut self, name: &'a str) -> Result<(), ListError> {
+    /// Validates `name` (a topic or a pattern) and adds it unless it is
+    /// already in the list.
+    pub fn add(&mut self, name: impl Into<Cow<'a, str>>) -> Result<(), ListError> {
         self.read += 1;
-        let name = validate(name, self.max_len)?;
-        if self.seen.insert(name) {
+        let name = name.into();
+        validate_subscription(&name, self.max_len)?;
+        if !self.seen.contains(&name) {
+            self.seen.insert(name.clone());
             if self.names.len() == self.max_count {
                 return Err(ListError::TooMany {
                     max: self.max_count,
@@ -161,7 +245,7 @@ impl<'a> DistinctNames<'a> {
     }
 
     /// The distinct names, in the order first seen.
-    pub fn into_vec(self) -> Vec<&'a str> {
+    pub fn into_vec(self) -> Vec<Cow<'a, str>> {
         self.names
     }
 }
@@ -188,7 +272,10 @@ mod tests {
         assert_eq!(from_query(Some("topics=")), Some(""));
         assert_eq!(from_query(Some("x=1")), None);
         assert_eq!(from_query(None), None);
-        assert_eq!(parse_list("a,b,,a,c", 128, 64), Ok(vec!["a", "b", "c"]));
+        assert_eq!(
+            parse_list("a,b,,a,c", 128, 64),
+            Ok(vec!["a".into(), "b".into(), "c".into()])
+        );
         assert_eq!(parse_list("", 128, 64), Ok(vec![]));
         assert_eq!(
             parse_list("a,b c", 128, 64),
@@ -198,7 +285,10 @@ mod tests {
 
     #[test]
     fn a_query_list_may_repeat_names_but_not_hold_more_distinct_ones_than_the_limit() {
-        assert_eq!(parse_list("a,b,a,b,a", 128, 2), Ok(vec!["a", "b"]));
+        assert_eq!(
+            parse_list("a,b,a,b,a", 128, 2),
+            Ok(vec!["a".into(), "b".into()])
+        );
         assert_eq!(
             parse_list("a,b,c", 128, 2),
             Err(ListError::TooMany { max: 2 })
@@ -234,6 +324,59 @@ mod tests {
         assert_eq!(read, 9000);
         assert_eq!(kept.len(), 64);
         assert_eq!(kept[..3], ["t0", "t1", "t2"]);
+    }
+
+    #[test]
+    fn patterns_are_subscription_names_but_not_topics() {
+        assert_eq!(
+            validate_subscription("prices.*.EUR", 128),
+            Ok(Name::Pattern("prices.*.EUR"))
+        );
+        assert_eq!(validate_subscription("a.b", 128), Ok(Name::Topic("a.b")));
+        assert_eq!(validate_subscription(">", 128), Ok(Name::Pattern(">")));
+        assert_eq!(
+            validate_subscription("a*", 128),
+            Err(TopicError::BadWildcard)
+        );
+        assert_eq!(
+            validate_subscription("a.>.b", 128),
+            Err(TopicError::BadWildcard)
+        );
+        assert_eq!(
+            validate_subscription("a.* b", 128),
+            Err(TopicError::BadChar(b' '))
+        );
+        assert_eq!(validate("news.>", 128), Err(TopicError::Pattern));
+        assert_eq!(validate("news>", 128), Err(TopicError::BadWildcard));
+        assert!(
+            TopicError::Pattern
+                .to_string()
+                .contains("publish to a topic")
+        );
+    }
+
+    #[test]
+    fn query_names_are_percent_decoded_after_splitting() {
+        assert_eq!(percent_decode("news.%3E"), "news.>");
+        assert_eq!(percent_decode("a%2Ab"), "a*b");
+        assert_eq!(percent_decode("plain"), "plain");
+        assert_eq!(percent_decode("bad%zz"), "bad%zz");
+        assert_eq!(percent_decode("end%3"), "end%3");
+        assert_eq!(percent_decode("%"), "%");
+        assert_eq!(percent_decode("%C3%A9"), "%C3%A9", "non-ASCII left encoded");
+        assert_eq!(
+            parse_list("prices.*.EUR,news.%3E,a%2Fb", 128, 64),
+            Ok(vec!["prices.*.EUR".into(), "news.>".into(), "a/b".into()])
+        );
+        assert_eq!(
+            parse_list("a%2Cb", 128, 64),
+            Err(ListError::Name(TopicError::BadChar(b','))),
+            "an encoded comma is part of a name, not a separator"
+        );
+        assert_eq!(
+            parse_list("x%3E", 128, 64),
+            Err(ListError::Name(TopicError::BadWildcard))
+        );
     }
 
     #[test]

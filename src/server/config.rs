@@ -6,7 +6,9 @@ use crate::proto::ws::{
     DEFAULT_MAX_MESSAGE_BYTES, WsLimits,
 };
 use crate::pubsub::bus::MAILBOX_HIGH_WATER;
-use crate::pubsub::topic::{DEFAULT_MAX_TOPIC_LEN, DEFAULT_MAX_TOPICS_PER_CONN};
+use crate::pubsub::topic::{
+    DEFAULT_MAX_PATTERNS_PER_CONN, DEFAULT_MAX_TOPIC_LEN, DEFAULT_MAX_TOPICS_PER_CONN,
+};
 use crate::server::admission::{AdmissionLimits, DEFAULT_MAX_CONNECTIONS};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -116,6 +118,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Most topics one subscriber connection may hold.
     pub max_topics_per_conn: usize,
+    /// Most patterns among them.
+    pub max_patterns_per_conn: usize,
     /// Longest topic name, in bytes.
     pub max_topic_len: usize,
     /// What each topic's history keeps (size 0: no history, no recovery).
@@ -199,6 +203,7 @@ impl Default for Config {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             max_topics_per_conn: DEFAULT_MAX_TOPICS_PER_CONN,
+            max_patterns_per_conn: DEFAULT_MAX_PATTERNS_PER_CONN,
             max_topic_len: DEFAULT_MAX_TOPIC_LEN,
             history: crate::pubsub::history::HistoryLimits::default(),
             retained_topics: crate::pubsub::directory::DEFAULT_RETAINED_TOPICS,

@@ -156,7 +156,7 @@ const DELIVERY_COUNTERS: [Counter; 15] = [
 /// The buffer budget and the message and send deadlines, the workers' own
 /// work (deferred deliveries, renderings), then two gauges: the bytes
 /// charged to the budget and the subscriptions.
-const LIMIT_COUNTERS: [Counter; 8] = [
+const LIMIT_COUNTERS: [Counter; 9] = [
     (
         "corecast_buffer_budget_closes_total",
         "Connections closed (1013, or 503 in a request) because --max-buffered-bytes was spent.",
@@ -196,6 +196,11 @@ const LIMIT_COUNTERS: [Counter; 8] = [
         "corecast_subscriptions",
         "Current (connection, topic) subscriptions.",
         |w| &w.subscriptions,
+    ),
+    (
+        "corecast_pattern_subscriptions",
+        "Current (connection, pattern) subscriptions, counted in corecast_subscriptions too.",
+        |w| &w.pattern_subscriptions,
     ),
 ];
 

@@ -27,6 +27,7 @@ fn busy_workers() -> Vec<WorkerStats> {
         set(&w.http_requests);
         set(&w.control_errors);
         set(&w.subscriptions);
+        set(&w.pattern_subscriptions);
         set(&w.messages_published);
         set(&w.frames_sent);
         set(&w.bytes_sent);

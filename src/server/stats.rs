@@ -87,6 +87,8 @@ pub struct WorkerStats {
     pub http_requests: AtomicU64,
     pub control_errors: AtomicU64,
     pub subscriptions: AtomicU64,
+    /// Of which to patterns.
+    pub pattern_subscriptions: AtomicU64,
     pub messages_published: AtomicU64,
     pub frames_sent: AtomicU64,
     pub bytes_sent: AtomicU64,
@@ -195,6 +197,15 @@ impl WorkerStats {
 
     pub fn unsubscribed(&self, n: usize) {
         let c = &self.subscriptions;
+        c.store(c.load(Relaxed) - n as u64, Relaxed);
+    }
+
+    pub fn pattern_subscribed(&self, n: usize) {
+        add(&self.pattern_subscriptions, n as u64);
+    }
+
+    pub fn pattern_unsubscribed(&self, n: usize) {
+        let c = &self.pattern_subscriptions;
         c.store(c.load(Relaxed) - n as u64, Relaxed);
     }
 

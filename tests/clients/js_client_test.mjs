@@ -4,7 +4,10 @@
 //     goes on, reconnects and ends with every number exactly once (the
 //     missed ones marked `recovered`, the recovery complete);
 //  2. a second subscriber gets the topic's last value marked `snapshot`;
-//  3. the server restarts: the client reconnects by itself, is told the
+//  3. a pattern subscriber (`jsp.*`) following two topics is dropped
+//     mid-stream and recovers both through the pattern, every number of
+//     each once;
+//  4. the server restarts: the client reconnects by itself, is told the
 //     numbering started over (`reset`), and receives the new epoch from 1.
 // WebSocket class: Node's `ws` package (installed by run.sh), trusting the
 // test CA for wss://.
@@ -137,7 +140,36 @@ if (!lateGot[0].snapshot || lateGot[0].seq !== 60 || lateGot[0].data !== "m60") 
 }
 late.close();
 
-// 3. The server restarts: a new epoch, numbers from 1, told as a reset.
+// 3. A pattern: two topics through `jsp.*`, dropped mid-stream, both
+// recovered through the pattern.
+const pEvents = [];
+const pGot = [];
+const pc = newClient(pEvents, () => 300);
+pc.subscribe("jsp.*", (p) => pGot.push(p));
+await until("the pattern's connection", () => pEvents.some((e) => e.type === "open"));
+await sleep(50);
+for (let n = 1; n <= 30; n++) {
+  await publish("jsp.a", `a${n}`);
+  await publish("jsp.b", `b${n}`);
+  if (n === 10) {
+    await until("20 through the pattern", () => pGot.length >= 20);
+    pc.dropConnection();
+    await until("the pattern's drop", () => pEvents.some((e) => e.type === "close"));
+  }
+}
+await until("60 through the pattern", () => pGot.length >= 60);
+await sleep(100);
+for (const t of ["jsp.a", "jsp.b"]) {
+  const mine = pGot.filter((p) => p.topic === t);
+  if (mine.map((p) => p.seq).join() !== want.slice(0, 30).join()) fail(`${t} through the pattern: ${mine.map((p) => p.seq)}`);
+  if (mine.some((p, i) => p.data !== `${t.slice(-1)}${i + 1}`)) fail(`${t}: a payload does not match its number`);
+}
+const pRec = pEvents.filter((e) => e.type === "recovered");
+if (pRec.length !== 2 || pRec.some((r) => !r.complete)) fail(`pattern recoveries ${JSON.stringify(pRec)}`);
+if (!pGot.some((p) => p.recovered)) fail("nothing recovered through the pattern");
+pc.close();
+
+// 4. The server restarts: a new epoch, numbers from 1, told as a reset.
 await stopServer();
 await startServer();
 await until("the reset", () => events.some((e) => e.type === "reset"));
@@ -151,6 +183,7 @@ client.close();
 await stopServer();
 console.log(
   `${label}: 60 numbers once each across a dropped connection (recovered ${got.filter((p) => p.recovered).length}), ` +
-    `last value as a snapshot, a restart seen as a reset and the new epoch from 1: PASS`,
+    `last value as a snapshot, two topics recovered through a pattern, ` +
+    `a restart seen as a reset and the new epoch from 1: PASS`,
 );
 process.exit(0);

@@ -8,6 +8,7 @@
 //! (the [`exclusive`] lock) is one per test file, never shared across files.
 #![allow(dead_code)]
 
+pub mod envelope;
 pub mod frames;
 pub mod http;
 pub mod process;
@@ -16,7 +17,7 @@ pub mod tls;
 
 // One `use common::*;` per test file; each file uses part of them.
 #[allow(unused_imports)]
-pub use {frames::*, http::*, process::*, sockets::*, tls::*};
+pub use {envelope::*, frames::*, http::*, process::*, sockets::*, tls::*};
 
 use corecast::server::{self, Config, IoMode, ServerHandle};
 use std::net::{SocketAddr, TcpStream};

@@ -75,6 +75,8 @@ impl Session {
             match role {
                 Role::Subscriber { subs, .. } => {
                     stats.unsubscribed(subs.len());
+                    let patterns = subs.as_slice().iter().filter(|s| s.is_pattern()).count();
+                    stats.pattern_unsubscribed(patterns);
                     for sub in subs.take() {
                         shard.unsubscribe(sub);
                     }

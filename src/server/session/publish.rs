@@ -97,9 +97,16 @@ impl Session {
         }
         ctx.stats.http_request();
         ctx.stats.message_published();
-        // One directory lookup, no reference taken: nobody anywhere
-        // subscribed means nothing to encode or deliver.
-        let numbered = ctx.shard.directory().get(&state.topic).map(|topic| {
+        // One directory lookup (and a walk of the patterns' trie when the
+        // topic is unknown): nobody anywhere subscribed, to the topic or a
+        // pattern matching it, means nothing to encode or deliver.
+        let directory = ctx.shard.directory();
+        let topic = directory.get(&state.topic).or_else(|| {
+            directory
+                .pattern_matches(&state.topic)
+                .then(|| directory.entry(&state.topic))
+        });
+        let numbered = topic.map(|topic| {
             let frame = encode(state.kind, body);
             ctx.published = true;
             // Numbered now (its worker's earlier publications with it), so

@@ -9,6 +9,7 @@ use crate::proto::handshake::{
 };
 use crate::proto::rate::TokenBucket;
 use crate::pubsub::envelope::{Form, JSON_PROTOCOL, PUBLISHER_PROTOCOLS, SUBSCRIBER_PROTOCOLS};
+use crate::pubsub::pattern;
 use crate::pubsub::shard::SubList;
 use crate::pubsub::topic::{self, TopicError};
 use crate::server::config::Config;
@@ -55,6 +56,10 @@ pub(super) fn topic_reject(e: TopicError) -> Reject {
             TopicError::Empty => "empty topic name",
             TopicError::TooLong { .. } => "topic name too long (see --max-topic-len)",
             TopicError::BadChar(_) => "bad topic name; allowed: A-Z a-z 0-9 - _ . : / @ ~",
+            TopicError::Pattern => "cannot publish to a pattern (a * or > token): name one topic",
+            TopicError::BadWildcard => {
+                "bad pattern: * and > stand for whole .-separated tokens, > only last"
+            }
         },
     )
 }
@@ -165,27 +170,20 @@ impl Session {
                 subprotocol =
                     subprotocol.or_else(|| choose_subprotocol(req, &SUBSCRIBER_PROTOCOLS));
                 let form = Form::of_subprotocol(subprotocol);
+                let names: Vec<&str> = names.iter().map(|n| n.as_ref()).collect();
+                let patterns = names.iter().filter(|n| pattern::is_pattern(n)).count();
+                if patterns > cfg.max_patterns_per_conn {
+                    return Err(Reject::new(
+                        Status::BadRequest,
+                        "too many patterns for one connection (see --max-patterns-per-conn)",
+                    ));
+                }
                 let mut subs = SubList::new(form);
-                let start = subscriber::fresh_start(form);
                 // Last values: at most half a queue for the whole list.
                 let mut cap_left = cfg.max_outbound_bytes / 2;
-                for n in &names {
-                    let (sub, r) =
-                        ctx.shard
-                            .subscribe_since(n, ctx.me, start, cap_left, Some(ctx.now));
-                    subs.push(sub);
-                    if let Some(mut r) = r {
-                        let form = subs.form();
-                        snapshots.extend(subscriber::snapshot_frames(
-                            form,
-                            n,
-                            &mut r,
-                            &mut cap_left,
-                            ctx,
-                        ));
-                    }
-                }
-                ctx.stats.subscribed(subs.len());
+                let (frames, _) =
+                    subscriber::subscribe_names(&names, &[], &[], &mut subs, &mut cap_left, ctx);
+                snapshots = frames;
                 Role::Subscriber { subs }
             }
         };

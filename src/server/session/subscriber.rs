@@ -4,9 +4,11 @@
 use super::Ctx;
 use crate::pubsub::control::{self, Op};
 use crate::pubsub::envelope::{Form, snapshot_marker};
-use crate::pubsub::history::{Recovery, Start};
-use crate::pubsub::shard::SubList;
+use crate::pubsub::history::{Recovery, Since, Start};
+use crate::pubsub::pattern;
+use crate::pubsub::shard::{Replay, SubList};
 use bytes::Bytes;
+use std::collections::HashSet;
 
 /// How a subscription without `since` starts: with the topic's last
 /// value for an enveloped subscriber (unless `--no-last-value`), live
@@ -78,6 +80,94 @@ pub(super) fn snapshot_frames(
     frames
 }
 
+/// Subscribes to `names` (topics and patterns, none held yet), each topic
+/// from its `since` position if it has one (`since[i]`, or empty for
+/// none), a pattern's matching topics from theirs in `pattern_since`, the
+/// others with their last values (enveloped subscribers). Returns the
+/// frames to queue (snapshots, recovered messages: at most `cap_left`
+/// bytes, taken off it) and the recoveries to report.
+pub(super) fn subscribe_names(
+    names: &[&str],
+    since: &[Option<Since>],
+    pattern_since: &[(String, Since)],
+    subs: &mut SubList,
+    cap_left: &mut usize,
+    ctx: &mut Ctx<'_>,
+) -> (Vec<Bytes>, Vec<(String, Recovery)>) {
+    let form = subs.form();
+    let fresh = fresh_start(form);
+    let mut recovered = Vec::new();
+    let mut frames = Vec::new();
+    // Topics first, then patterns, whose replays leave out the topics the
+    // connection holds itself (their own last value or recovery covers them).
+    let mut order: Vec<usize> = (0..names.len()).collect();
+    order.sort_by_key(|&i| pattern::is_pattern(names[i]));
+    let mut exact: HashSet<String> = subs
+        .as_slice()
+        .iter()
+        .filter(|s| !s.is_pattern())
+        .filter_map(|s| ctx.shard.topic_name(s.topic()).map(str::to_owned))
+        .collect();
+    let mut positions_used = vec![false; pattern_since.len()];
+    for i in order {
+        let name = names[i];
+        if pattern::is_pattern(name) {
+            // The positions this pattern matches, each used once.
+            let mut mine: Vec<(String, Since)> = Vec::new();
+            for (j, p) in pattern_since.iter().enumerate() {
+                if !positions_used[j] && pattern::matches(name, &p.0) && !exact.contains(&p.0) {
+                    positions_used[j] = true;
+                    mine.push(p.clone());
+                }
+            }
+            let replay = Replay {
+                since: &mine,
+                last_values: fresh == Start::LastValue,
+                skip: &exact,
+                max_bytes: *cap_left,
+                now: ctx.now,
+            };
+            let (sub, reads) = ctx.shard.subscribe_pattern(name, ctx.me, replay);
+            subs.push(sub);
+            ctx.stats.subscribed(1);
+            ctx.stats.pattern_subscribed(1);
+            for (topic, mut r) in reads {
+                if mine.iter().any(|(t, _)| **t == *topic) {
+                    frames.extend(fit(form, &topic, &mut r, cap_left, ctx));
+                    ctx.stats.recovered(r.gap.is_none(), r.messages.len());
+                    recovered.push((topic.to_string(), r));
+                } else {
+                    frames.extend(snapshot_frames(form, &topic, &mut r, cap_left, ctx));
+                }
+            }
+            continue;
+        }
+        exact.insert(name.to_owned());
+        let since = since.get(i).copied().flatten();
+        let start = since.map_or(fresh, Start::Since);
+        let (sub, recovery) =
+            ctx.shard
+                .subscribe_since(name, ctx.me, start, *cap_left, Some(ctx.now));
+        subs.push(sub);
+        ctx.stats.subscribed(1);
+        match recovery {
+            Some(mut r) if since.is_some() => {
+                frames.extend(fit(form, name, &mut r, cap_left, ctx));
+                ctx.stats.recovered(r.gap.is_none(), r.messages.len());
+                recovered.push((name.to_owned(), r));
+            }
+            Some(mut r) => {
+                frames.extend(snapshot_frames(form, name, &mut r, cap_left, ctx));
+            }
+            None => {}
+        }
+    }
+    // A connection holding a pattern and anything else is served once per
+    // publication, whichever of its subscriptions it comes through.
+    ctx.shard.mark_multi(subs.as_slice());
+    (frames, recovered)
+}
+
 /// Applies a subscriber's control message; returns the JSON reply and the
 /// recovered messages that follow it (a subscribe with `since`), in the
 /// subscriber's form.
@@ -99,6 +189,14 @@ pub(super) fn control_message(
             return (control::error(&e.to_string()), Vec::new());
         }
     };
+    // The local id of a name (a topic's, or a pattern's with its top bit).
+    let id_of = |shard: &crate::pubsub::shard::Shard, n: &str| {
+        if pattern::is_pattern(n) {
+            shard.pattern_id(n)
+        } else {
+            shard.topic_id(n)
+        }
+    };
     // Linear in the names plus the topics held: each name costs hash
     // lookups, never a search of `subs` (held at most max_topics_per_conn).
     match c.op {
@@ -106,10 +204,7 @@ pub(super) fn control_message(
             let held: std::collections::HashSet<u32> =
                 subs.as_slice().iter().map(|s| s.topic()).collect();
             let new: Vec<usize> = (0..c.topics.len())
-                .filter(|&i| {
-                    let n = &c.topics[i];
-                    ctx.shard.topic_id(n).is_none_or(|id| !held.contains(&id))
-                })
+                .filter(|&i| id_of(ctx.shard, &c.topics[i]).is_none_or(|id| !held.contains(&id)))
                 .collect();
             if subs.len() + new.len() > cfg.max_topics_per_conn {
                 ctx.stats.control_error();
@@ -117,37 +212,35 @@ pub(super) fn control_message(
                 let e = control::ControlError::TooManyTopics { max };
                 return (control::error(&e.to_string()), Vec::new());
             }
+            let patterns = subs.as_slice().iter().filter(|s| s.is_pattern()).count()
+                + new
+                    .iter()
+                    .filter(|&&i| pattern::is_pattern(&c.topics[i]))
+                    .count();
+            if patterns > cfg.max_patterns_per_conn {
+                ctx.stats.control_error();
+                let max = cfg.max_patterns_per_conn;
+                return (
+                    control::error(&format!(
+                        "too many patterns: at most {max} per connection (see --max-patterns-per-conn)"
+                    )),
+                    Vec::new(),
+                );
+            }
             // One subscribe's replay (recoveries and last values, however
             // many topics): at most half a subscriber's queue with what is
             // queued already, so the live stream that follows is not cut
             // as a slow consumer.
             let mut cap_left = (cfg.max_outbound_bytes / 2).saturating_sub(queued);
-            let form = subs.form();
-            let fresh = fresh_start(form);
-            let mut recovered = Vec::new();
-            let mut frames = Vec::new();
-            for i in new {
-                let name = &c.topics[i];
-                let since = c.since.get(i).copied().flatten();
-                let start = since.map_or(fresh, Start::Since);
-                let (sub, recovery) =
-                    ctx.shard
-                        .subscribe_since(name, ctx.me, start, cap_left, Some(ctx.now));
-                subs.push(sub);
-                ctx.stats.subscribed(1);
-                match recovery {
-                    Some(mut r) if since.is_some() => {
-                        frames.extend(fit(form, name, &mut r, &mut cap_left, ctx));
-                        ctx.stats.recovered(r.gap.is_none(), r.messages.len());
-                        recovered.push((name.as_str(), r));
-                    }
-                    Some(mut r) => {
-                        frames.extend(snapshot_frames(form, name, &mut r, &mut cap_left, ctx));
-                    }
-                    None => {}
-                }
-            }
-            let listed: Vec<(&str, &Recovery)> = recovered.iter().map(|(n, r)| (*n, r)).collect();
+            let names: Vec<&str> = new.iter().map(|&i| c.topics[i].as_str()).collect();
+            let since: Vec<Option<Since>> = new
+                .iter()
+                .map(|&i| c.since.get(i).copied().flatten())
+                .collect();
+            let (frames, recovered) =
+                subscribe_names(&names, &since, &c.pattern_since, subs, &mut cap_left, ctx);
+            let listed: Vec<(&str, &Recovery)> =
+                recovered.iter().map(|(n, r)| (n.as_str(), r)).collect();
             let reply = control::subscribed_with_recovery(&c.topics, &listed);
             return (reply, frames);
         }
@@ -155,19 +248,23 @@ pub(super) fn control_message(
             let gone: std::collections::HashSet<u32> = c
                 .topics
                 .iter()
-                .filter_map(|n| ctx.shard.topic_id(n))
+                .filter_map(|n| id_of(ctx.shard, n))
                 .collect();
             let shard = &mut *ctx.shard;
             let mut dropped = 0;
+            let mut patterns = 0;
             subs.retain(|s| {
                 let keep = !gone.contains(&s.topic());
                 if !keep {
                     shard.unsubscribe(*s);
                     dropped += 1;
+                    patterns += usize::from(s.is_pattern());
                 }
                 keep
             });
+            shard.mark_multi(subs.as_slice());
             ctx.stats.unsubscribed(dropped);
+            ctx.stats.pattern_unsubscribed(patterns);
         }
     }
     (control::reply(c.op, &c.topics), Vec::new())

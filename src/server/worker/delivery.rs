@@ -85,10 +85,10 @@ impl<S> Core<S> {
         let bus = &self.shared.bus;
         self.inbox.begin_drain(bus);
         loop {
-            let (batch, mut pos) = match self.carry.take() {
+            let (batch, mut pos, number) = match self.carry.take() {
                 Some(carried) => carried,
                 None => match self.inbox.next() {
-                    Some(batch) => (batch, 0),
+                    Some(batch) => (batch, 0, self.inbox.taken()),
                     None => break,
                 },
             };
@@ -97,12 +97,12 @@ impl<S> Core<S> {
                 // subscriber still takes a run at a time.
                 let end = shard.step_end(&batch, pos, MAX_DELIVERIES_PER_TURN - work.get());
                 last.set(std::ptr::null());
-                shard.deliver(&batch[pos..end], &mut to_conns);
+                shard.deliver(&batch[pos..end], number, &mut to_conns);
                 pos = end;
             }
             if pos < batch.len() {
                 stats.delivery_deferred();
-                self.carry = Some((batch, pos));
+                self.carry = Some((batch, pos, number));
                 break;
             }
             self.inbox.done(bus, &batch);
@@ -199,7 +199,7 @@ impl<S> Core<S> {
     pub fn finish(&mut self) {
         let bus = &self.shared.bus;
         let mut lost = 0;
-        if let Some((batch, pos)) = self.carry.take() {
+        if let Some((batch, pos, _)) = self.carry.take() {
             lost += batch.len() - pos;
             self.inbox.done(bus, &batch);
         }

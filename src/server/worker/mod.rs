@@ -145,7 +145,7 @@ pub struct Core<S> {
     paced: Vec<(Instant, usize, u32)>,
     /// A mailbox batch whose delivery the per-turn bound interrupted, with
     /// the index of its next publication.
-    carry: Option<(Vec<Publication>, usize)>,
+    carry: Option<(Vec<Publication>, usize, u64)>,
     /// Envelope frames built during this turn's delivery, to be charged.
     built: Vec<(Publication, crate::pubsub::envelope::Form)>,
     /// Bytes charged to this worker's connections and shared frames, and
