@@ -101,7 +101,9 @@ pub struct ServeArgs {
     pub io: IoMode,
 
     /// What to do with a subscriber whose queue would pass --max-outbound-bytes:
-    /// `disconnect` (close 1008 "slow consumer") or `drop-newest` (skip the message for it).
+    /// `disconnect` (close 1008 "slow consumer"), `drop-newest` (skip the message for it),
+    /// `conflate` (keep only each topic's newest waiting publication for it) or
+    /// `always` (conflate at all times).
     #[arg(long, default_value = "disconnect", value_parser = parse_policy, value_name = "POLICY")]
     pub slow_consumer: SlowConsumerPolicy,
 
@@ -349,15 +351,9 @@ pub fn parse_io(s: &str) -> Result<IoMode, String> {
     }
 }
 
-/// Parses `disconnect` or `drop-newest`.
+/// Parses `disconnect`, `drop-newest`, `conflate` or `always`.
 pub fn parse_policy(s: &str) -> Result<SlowConsumerPolicy, String> {
-    match s {
-        "disconnect" => Ok(SlowConsumerPolicy::Disconnect),
-        "drop-newest" => Ok(SlowConsumerPolicy::DropNewest),
-        other => Err(format!(
-            "unknown policy {other:?}: use disconnect or drop-newest"
-        )),
-    }
+    SlowConsumerPolicy::parse(s)
 }
 
 /// Parses a topic length limit: 1 to 65535 (the binary envelope's field).

@@ -231,9 +231,14 @@ impl ConfigFile {
                             _ => return Err(fail("`true` or `false`".into())),
                         })
                     }
+                    "slow-consumer" => {
+                        p.slow_consumer = Some(
+                            crate::pubsub::policy::SlowConsumerPolicy::parse(&v).map_err(&fail)?,
+                        )
+                    }
                     _ => {
                         return Err(fail(
-                            "unknown namespace setting (history-size, history-bytes, history-age, last-value)"
+                            "unknown namespace setting (history-size, history-bytes, history-age, last-value, slow-consumer)"
                                 .into(),
                         ));
                     }
@@ -620,7 +625,7 @@ mod tests {
     #[test]
     fn namespace_tables_give_per_namespace_policies_and_their_changes_wait_for_a_restart() {
         let (_d, path) = file(
-            "workers = 2\n[namespace.prices]\nhistory-size = 1_000\nhistory-age = \"60m\"\n\n[namespace.\"news/eu\"]\nlast-value = false\nhistory-bytes = \"64KiB\"\n",
+            "workers = 2\n[namespace.prices]\nhistory-size = 1_000\nhistory-age = \"60m\"\nslow-consumer = \"always\"\n\n[namespace.\"news/eu\"]\nlast-value = false\nhistory-bytes = \"64KiB\"\n",
         );
         let f = ConfigFile::read(&path).unwrap();
         let mut ns = f.namespaces().to_vec();
@@ -633,6 +638,10 @@ mod tests {
             Some(std::time::Duration::from_secs(3600))
         );
         assert_eq!((ns[0].history_bytes, ns[0].last_value), (None, None));
+        assert_eq!(
+            ns[0].slow_consumer,
+            Some(crate::pubsub::policy::SlowConsumerPolicy::Always)
+        );
         assert_eq!(ns[1].prefix, "news/eu");
         assert_eq!(
             (ns[1].history_bytes, ns[1].last_value),

@@ -12,6 +12,8 @@ export interface Publication {
   snapshot: boolean;
   /** Replayed from the server's history after a reconnection. */
   recovered: boolean;
+  /** Replaced older publications of its topic (conflation; see the `conflated` event). */
+  conflated: boolean;
 }
 
 export type Event =
@@ -27,6 +29,7 @@ export type Event =
       reason?: "epoch" | "too_old" | "capped" | "ahead";
     }
   | { type: "gap"; topic: string; epoch: number; from: number; to: number; reason: string }
+  | { type: "conflated"; topic: string; epoch: number; from: number; to: number; replaced: number }
   | { type: "reset"; topic: string; epoch: number; previousEpoch: number | null }
   | { type: "error"; reason: string };
 

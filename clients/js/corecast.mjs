@@ -29,7 +29,7 @@ export function matches(pattern, topic) {
 }
 
 /** @typedef {{topic: string, epoch: number, seq: number, data: string | Uint8Array,
- *   snapshot: boolean, recovered: boolean}} Publication */
+ *   snapshot: boolean, recovered: boolean, conflated: boolean}} Publication */
 
 function decodeBase64(s) {
   if (typeof atob === "function") {
@@ -77,6 +77,7 @@ export class CorecastClient {
     this.ws = null;
     this.timer = null;
     this.snapshotNext = new Map();
+    this.conflatedNext = new Map();
     this.recovering = new Map();
     this.connect();
   }
@@ -85,7 +86,10 @@ export class CorecastClient {
    * Listens to events: `open`, `close` ({code, reason, delayMs}), `snapshot`
    * (a publication that is the topic's last value), `recovered` ({topic, epoch,
    * from, to, complete, reason}), `gap` ({topic, epoch, from, to, reason}:
-   * numbers that will not arrive), `reset` ({topic, epoch, previousEpoch}: the
+   * numbers that will not arrive), `conflated` ({topic, epoch, from, to, replaced}:
+   * numbers replaced by the newer publication that follows, on a slow
+   * connection or an `always` namespace: not lost, superseded), `reset`
+   * ({topic, epoch, previousEpoch}: the
    * topic's numbering started over), `error` ({reason}); `*` gets them all.
    */
   on(type, fn) {
@@ -162,6 +166,7 @@ export class CorecastClient {
       }
       this.attempt = 0;
       this.snapshotNext.clear();
+      this.conflatedNext.clear();
       this.recovering.clear();
       this.emit("open", {});
       this.sendSubscribe([...this.subs.keys()]);
@@ -227,6 +232,9 @@ export class CorecastClient {
       case "snapshot":
         this.snapshotNext.set(m.topic, m.seq);
         return;
+      case "conflated":
+        this.conflatedNext.set(m.topic, { seq: m.seq, replaced: m.replaced });
+        return;
       case "subscribed":
         for (const [topic, r] of Object.entries(m.recovery ?? {})) this.onRecovery(topic, r);
         return;
@@ -267,6 +275,9 @@ export class CorecastClient {
     }
     const snapshot = this.snapshotNext.get(m.topic) === m.seq;
     if (snapshot) this.snapshotNext.delete(m.topic);
+    const c = this.conflatedNext.get(m.topic);
+    const conflated = c !== undefined && c.seq === m.seq;
+    if (c !== undefined) this.conflatedNext.delete(m.topic);
     const upto = this.recovering.get(m.topic);
     const recovered = upto !== undefined && m.seq <= upto;
     if (upto !== undefined && m.seq >= upto) this.recovering.delete(m.topic);
@@ -274,11 +285,25 @@ export class CorecastClient {
       this.emit("reset", { topic: m.topic, epoch: m.epoch, previousEpoch: t.epoch });
     } else if (t.epoch !== null && !snapshot && m.seq !== t.seq + 1) {
       if (m.seq <= t.seq) return; // already delivered (cannot happen with this server)
-      this.emit("gap", { topic: m.topic, epoch: m.epoch, from: t.seq + 1, to: m.seq - 1, reason: "skipped" });
+      // Numbers the marker accounts for were replaced, not lost; any
+      // before them are a gap.
+      const from = conflated ? m.seq - c.replaced : m.seq;
+      if (from > t.seq + 1) {
+        this.emit("gap", { topic: m.topic, epoch: m.epoch, from: t.seq + 1, to: from - 1, reason: "skipped" });
+      }
+    }
+    if (conflated) {
+      this.emit("conflated", {
+        topic: m.topic,
+        epoch: m.epoch,
+        from: m.seq - c.replaced,
+        to: m.seq - 1,
+        replaced: c.replaced,
+      });
     }
     t.epoch = m.epoch;
     t.seq = m.seq;
     const data = m.text !== undefined ? m.text : decodeBase64(m.base64);
-    handler({ topic: m.topic, epoch: m.epoch, seq: m.seq, data, snapshot, recovered });
+    handler({ topic: m.topic, epoch: m.epoch, seq: m.seq, data, snapshot, recovered, conflated });
   }
 }

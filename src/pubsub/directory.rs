@@ -27,7 +27,7 @@
 use super::envelope::Message;
 use super::history::{History, HistoryLimits, HistoryMemory, Recovery, Since};
 use super::pattern::{self, PatternTrie};
-use super::policy::{self, NamespacePolicy};
+use super::policy::{self, NamespacePolicy, SlowConsumerPolicy};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -57,6 +57,8 @@ pub struct TopicInterest {
     limits: HistoryLimits,
     /// Whether a new enveloped subscriber gets its last value.
     last_value: bool,
+    /// Its namespace's slow-consumer policy (`None`: the flag's).
+    slow_consumer: Option<SlowConsumerPolicy>,
     /// The workers with a pattern subscription matching this topic, as
     /// of pattern version `pattern_version` (see [`Directory::targets`]);
     /// both written only under the topic's order lock.
@@ -101,6 +103,16 @@ impl TopicInterest {
     /// namespace's setting, or the flag's).
     pub fn last_value(&self) -> bool {
         self.last_value && self.limits.size > 0
+    }
+
+    /// Its namespace's slow-consumer policy, if it sets one.
+    pub fn slow_consumer(&self) -> Option<SlowConsumerPolicy> {
+        self.slow_consumer
+    }
+
+    /// The name, shared.
+    pub fn name_arc(&self) -> &Arc<str> {
+        &self.name
     }
 
     /// The history's bounds (its namespace's, or the flags').
@@ -350,10 +362,12 @@ impl Directory {
         }
         let (limits, last_value) =
             policy::resolve(&self.policies, name, &self.limits, self.last_value);
+        let slow_consumer = policy::slow_consumer(&self.policies, name);
         let name: Arc<str> = Arc::from(name);
         let entry = Arc::new(TopicInterest {
             limits,
             last_value,
+            slow_consumer,
             name: Arc::clone(&name),
             workers: AtomicU64::new(0),
             epoch: self.next_epoch.fetch_add(1, Ordering::Relaxed),

@@ -70,6 +70,8 @@ pub const BINARY_KIND_PUBLICATION: u8 = 1;
 /// Byte 0 of a binary marker: the next publication of the topic is its
 /// last value, published before the subscription (a snapshot).
 pub const BINARY_KIND_SNAPSHOT: u8 = 2;
+/// Kind byte of a binary conflation marker ([`conflated_marker`]).
+pub const BINARY_KIND_CONFLATED: u8 = 3;
 /// Flag bit (byte 1) of a binary envelope: the payload was published as text.
 pub const BINARY_FLAG_TEXT: u8 = 1;
 /// Bytes of a binary envelope before the topic name.
@@ -304,6 +306,43 @@ pub fn snapshot_marker(form: Form, topic: &str, epoch: u64, seq: u64) -> Option<
             seq,
             OpCode::Binary,
             &[],
+        ))),
+    }
+}
+
+/// The marker sent before a publication that replaced `replaced` older
+/// ones waiting for this subscriber (conflation): JSON
+/// `{"op":"conflated","topic":T,"epoch":E,"seq":S,"replaced":N}` (text),
+/// or a binary frame with the publication's header layout, kind
+/// [`BINARY_KIND_CONFLATED`] and an 8-byte big-endian `replaced` as its
+/// payload. The publication numbered `seq` follows it; numbers `seq -
+/// replaced` to `seq - 1` were replaced, not lost. `None` for raw
+/// subscribers.
+pub fn conflated_marker(
+    form: Form,
+    topic: &str,
+    epoch: u64,
+    seq: u64,
+    replaced: u64,
+) -> Option<Bytes> {
+    match form {
+        Form::Raw => None,
+        Form::Json => {
+            let json = format!(
+                r#"{{"op":"conflated","topic":"{topic}","epoch":{epoch},"seq":{seq},"replaced":{replaced}}}"#
+            );
+            Some(Bytes::from(crate::proto::frame::server_frame(
+                OpCode::Text,
+                json.as_bytes(),
+            )))
+        }
+        Form::Binary => Some(Bytes::from(binary_frame_of_kind(
+            BINARY_KIND_CONFLATED,
+            topic,
+            epoch,
+            seq,
+            OpCode::Binary,
+            &replaced.to_be_bytes(),
         ))),
     }
 }

@@ -1,12 +1,52 @@
-//! Per-namespace policies: history bounds and last value for the topics
-//! under a name prefix, from the configuration file's `[namespace."…"]`
-//! tables. A namespace `prices` covers the topic `prices` and every topic
+//! Per-namespace policies: history bounds, last value and the
+//! slow-consumer policy for the topics under a name prefix, from the
+//! configuration file's `[namespace."…"]` tables. A namespace `prices` covers the topic `prices` and every topic
 //! that continues it after a separator (`prices.EURUSD`, `prices:fx`,
 //! `prices/EURUSD`), not `pricesX`; the longest namespace covering a topic
 //! wins, and what it leaves unset comes from the flags.
 
 use super::history::HistoryLimits;
 use std::time::Duration;
+
+/// What happens to a subscriber that falls behind a topic's publications:
+/// when its queue would pass `--max-outbound-bytes` (or the worker's
+/// buffer budget is spent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SlowConsumerPolicy {
+    /// Close with 1008 "slow consumer" (queued frames not yet started are
+    /// discarded), then drop the socket if it does not read the close in time.
+    #[default]
+    Disconnect,
+    /// Skip the message for that subscriber, keep the connection.
+    DropNewest,
+    /// Keep only the newest waiting publication of the topic for that
+    /// subscriber, sent (marked as replacing the others, which are
+    /// counted) once its queue has gone to the kernel.
+    Conflate,
+    /// The same at all times: at most one publication of the topic waits
+    /// for the subscriber's queue to go to the kernel, the newest.
+    Always,
+}
+
+impl SlowConsumerPolicy {
+    /// Parses `disconnect`, `drop-newest`, `conflate` or `always`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "disconnect" => Ok(Self::Disconnect),
+            "drop-newest" => Ok(Self::DropNewest),
+            "conflate" => Ok(Self::Conflate),
+            "always" => Ok(Self::Always),
+            other => Err(format!(
+                "unknown policy {other:?}: use disconnect, drop-newest, conflate or always"
+            )),
+        }
+    }
+
+    /// Whether publications may wait in a subscriber's conflation table.
+    pub fn conflates(self) -> bool {
+        matches!(self, Self::Conflate | Self::Always)
+    }
+}
 
 /// One namespace's settings; `None`: the flag's value.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -17,6 +57,7 @@ pub struct NamespacePolicy {
     pub history_bytes: Option<usize>,
     pub history_age: Option<Duration>,
     pub last_value: Option<bool>,
+    pub slow_consumer: Option<SlowConsumerPolicy>,
 }
 
 /// Whether namespace `prefix` covers topic `name`.
@@ -26,6 +67,16 @@ pub fn covers(prefix: &str, name: &str) -> bool {
         Some(rest) => matches!(rest.as_bytes()[0], b'.' | b':' | b'/'),
         None => false,
     }
+}
+
+/// The slow-consumer policy of topic `name`: the longest covering
+/// namespace's if it sets one (`None`: the flag's).
+pub fn slow_consumer(policies: &[NamespacePolicy], name: &str) -> Option<SlowConsumerPolicy> {
+    policies
+        .iter()
+        .filter(|p| covers(&p.prefix, name))
+        .max_by_key(|p| p.prefix.len())
+        .and_then(|p| p.slow_consumer)
 }
 
 /// The history limits and last-value setting of topic `name`: the longest
@@ -95,5 +146,43 @@ mod tests {
             "the longest wins alone (no inheritance between namespaces)"
         );
         assert_eq!(resolve(&policies, "news", &global, true), (global, true));
+    }
+
+    #[test]
+    fn slow_consumer_policies_parse_and_resolve_per_namespace() {
+        for (s, p) in [
+            ("disconnect", SlowConsumerPolicy::Disconnect),
+            ("drop-newest", SlowConsumerPolicy::DropNewest),
+            ("conflate", SlowConsumerPolicy::Conflate),
+            ("always", SlowConsumerPolicy::Always),
+        ] {
+            assert_eq!(SlowConsumerPolicy::parse(s), Ok(p));
+        }
+        assert!(
+            SlowConsumerPolicy::parse("newest")
+                .unwrap_err()
+                .contains("conflate")
+        );
+        let policies = vec![
+            NamespacePolicy {
+                prefix: "prices".into(),
+                slow_consumer: Some(SlowConsumerPolicy::Always),
+                ..Default::default()
+            },
+            NamespacePolicy {
+                prefix: "prices.eq".into(),
+                ..Default::default()
+            },
+        ];
+        assert_eq!(
+            slow_consumer(&policies, "prices.fx"),
+            Some(SlowConsumerPolicy::Always)
+        );
+        assert_eq!(
+            slow_consumer(&policies, "prices.eq.X"),
+            None,
+            "the longest, alone"
+        );
+        assert_eq!(slow_consumer(&policies, "news"), None);
     }
 }

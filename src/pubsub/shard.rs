@@ -920,7 +920,7 @@ impl Shard {
     /// Calls `deliver(run, topic, subscribers)` for `pubs` (from the
     /// mailbox's batch number `batch`, [`Inbox::taken`](super::bus::Inbox::taken))
     /// in order: each run is a maximal sequence of consecutive publications
-    /// to one topic, `topic` its name, and `subscribers` a chunk (≤ 64) of
+    /// to one topic, `topic` its entry (name, policies), and `subscribers` a chunk (≤ 64) of
     /// the local subscribers it goes to: the topic's own (less publications
     /// at or below the local topic's floor), and those of the local
     /// patterns matching it (batches sent after the pattern was
@@ -932,7 +932,7 @@ impl Shard {
         &mut self,
         pubs: &[Publication],
         batch: u64,
-        deliver: &mut impl FnMut(&[Publication], &str, &[ConnRef]),
+        deliver: &mut impl FnMut(&[Publication], &TopicInterest, &[ConnRef]),
     ) {
         self.batch = batch;
         let mut start = 0;
@@ -979,7 +979,7 @@ impl Shard {
         &mut self,
         id: u32,
         run: &[Publication],
-        deliver: &mut impl FnMut(&[Publication], &str, &[ConnRef]),
+        deliver: &mut impl FnMut(&[Publication], &TopicInterest, &[ConnRef]),
     ) {
         let Self {
             topics,
@@ -994,7 +994,7 @@ impl Shard {
         };
         let exact_run = &run[run.partition_point(|p| p.msg.seq <= local.floor)..];
         local.delivered = local.delivered.max(newest);
-        let name = local.interest.name();
+        let name: &TopicInterest = &local.interest;
         let with_patterns = !local.patterns.is_empty();
         seen.clear();
         for &(c, upto, _) in &local.joiners {
@@ -1084,8 +1084,8 @@ impl Chunk {
         &mut self,
         c: ConnRef,
         run: &[Publication],
-        name: &str,
-        deliver: &mut impl FnMut(&[Publication], &str, &[ConnRef]),
+        name: &TopicInterest,
+        deliver: &mut impl FnMut(&[Publication], &TopicInterest, &[ConnRef]),
     ) {
         self.conns[self.n] = c;
         self.n += 1;
@@ -1097,8 +1097,8 @@ impl Chunk {
     fn flush(
         &mut self,
         run: &[Publication],
-        name: &str,
-        deliver: &mut impl FnMut(&[Publication], &str, &[ConnRef]),
+        name: &TopicInterest,
+        deliver: &mut impl FnMut(&[Publication], &TopicInterest, &[ConnRef]),
     ) {
         if self.n > 0 {
             deliver(run, name, &self.conns[..self.n]);

@@ -92,7 +92,7 @@ fn publish_reaches_local_and_remote_subscribers_in_order() {
         s[2].deliver(
             &batch,
             inboxes[2].taken(),
-            &mut |run: &[Publication], _: &str, c: &[ConnRef]| {
+            &mut |run: &[Publication], _: &TopicInterest, c: &[ConnRef]| {
                 for &c in c {
                     remote.extend(run.iter().map(|p| (p.frame()[0], c)))
                 }
@@ -168,7 +168,7 @@ fn publications_in_flight_do_not_keep_a_topic_alive() {
         s[1].deliver(
             &batch,
             inboxes[1].taken(),
-            &mut |_: &[Publication], _: &str, _: &[ConnRef]| delivered += 1,
+            &mut |_: &[Publication], _: &TopicInterest, _: &[ConnRef]| delivered += 1,
         )
     });
     assert_eq!(delivered, 0, "nobody left to deliver to");
@@ -287,8 +287,8 @@ fn a_returning_worker_skips_what_was_sequenced_before_its_new_interest() {
         s[1].deliver(
             &batch,
             inboxes[1].taken(),
-            &mut |run: &[Publication], topic: &str, c: &[ConnRef]| {
-                assert_eq!(topic, "t");
+            &mut |run: &[Publication], topic: &TopicInterest, c: &[ConnRef]| {
+                assert_eq!(topic.name(), "t");
                 for &c in c {
                     got.extend(run.iter().map(|p| (p.msg.seq, p.frame()[0], c)));
                 }
@@ -318,10 +318,10 @@ fn publications_are_numbered_per_topic_in_dispatch_order() {
         s[0].deliver(
             &batch,
             inboxes[0].taken(),
-            &mut |run: &[Publication], topic: &str, _: &[ConnRef]| {
+            &mut |run: &[Publication], topic: &TopicInterest, _: &[ConnRef]| {
                 got.extend(
                     run.iter()
-                        .map(|p| (topic.to_owned(), p.msg.seq, p.frame()[0])),
+                        .map(|p| (topic.name().to_owned(), p.msg.seq, p.frame()[0])),
                 );
             },
         );
@@ -358,7 +358,7 @@ fn drain_numbers(s: &mut Shard, inbox: &crate::pubsub::bus::Inbox, bus: &Bus) ->
         s.deliver(
             &batch,
             inbox.taken(),
-            &mut |run: &[Publication], _: &str, c: &[ConnRef]| {
+            &mut |run: &[Publication], _: &TopicInterest, c: &[ConnRef]| {
                 for &c in c {
                     got.extend(run.iter().map(|p| (c.0, p.msg.seq)));
                 }
@@ -497,7 +497,7 @@ fn drain_named(
     inbox.drain(bus, |batch| {
         shard.deliver(&batch, inbox.taken(), &mut |run, name, conns| {
             for &c in conns {
-                got.extend(run.iter().map(|p| (c, name.to_owned(), p.msg.seq)));
+                got.extend(run.iter().map(|p| (c, name.name().to_owned(), p.msg.seq)));
             }
         })
     });

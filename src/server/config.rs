@@ -53,16 +53,7 @@ pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 1024 * 1024 * 1024;
 /// the cost of grouping more neighbours.
 pub const DEFAULT_IPV6_PREFIX_LEN: u8 = 64;
 
-/// What happens to a subscriber whose queue would pass `max_outbound_bytes`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum SlowConsumerPolicy {
-    /// Close with 1008 "slow consumer" (queued frames not yet started are
-    /// discarded), then drop the socket if it does not read the close in time.
-    #[default]
-    Disconnect,
-    /// Skip the message for that subscriber, keep the connection.
-    DropNewest,
-}
+pub use crate::pubsub::policy::SlowConsumerPolicy;
 
 /// Which event loop the workers run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -75,7 +75,7 @@ const CONNECTION_COUNTERS: [Counter; 8] = [
 
 /// Publication and delivery: messages published, frames and bytes sent,
 /// slow consumers, keepalive, publishers held back (mailbox full, rate).
-const DELIVERY_COUNTERS: [Counter; 15] = [
+const DELIVERY_COUNTERS: [Counter; 17] = [
     (
         "corecast_messages_published_total",
         "Messages published (WebSocket and HTTP publishers).",
@@ -95,6 +95,16 @@ const DELIVERY_COUNTERS: [Counter; 15] = [
         "corecast_frames_dropped_total",
         "Published frames skipped for a subscriber over its queue bound (policy drop-newest).",
         |w| &w.frames_dropped,
+    ),
+    (
+        "corecast_publications_replaced_total",
+        "Publications replaced by a newer one of their topic while waiting for a conflating subscriber (conflate, always).",
+        |w| &w.publications_replaced,
+    ),
+    (
+        "corecast_publications_conflated_total",
+        "Publications delivered to a conflating subscriber in place of older ones of their topic.",
+        |w| &w.publications_conflated,
     ),
     (
         "corecast_recoveries_complete_total",

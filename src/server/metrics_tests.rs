@@ -32,6 +32,8 @@ fn busy_workers() -> Vec<WorkerStats> {
         set(&w.frames_sent);
         set(&w.bytes_sent);
         set(&w.frames_dropped);
+        set(&w.publications_replaced);
+        set(&w.publications_conflated);
         set(&w.recoveries_complete);
         set(&w.recoveries_incomplete);
         set(&w.messages_recovered);

@@ -93,6 +93,10 @@ pub struct WorkerStats {
     pub frames_sent: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub frames_dropped: AtomicU64,
+    /// Publications replaced in a subscriber's conflation table by newer
+    /// ones, and deliveries that replaced some.
+    pub publications_replaced: AtomicU64,
+    pub publications_conflated: AtomicU64,
     pub recoveries_complete: AtomicU64,
     pub recoveries_incomplete: AtomicU64,
     pub messages_recovered: AtomicU64,
@@ -198,6 +202,19 @@ impl WorkerStats {
     pub fn unsubscribed(&self, n: usize) {
         let c = &self.subscriptions;
         c.store(c.load(Relaxed) - n as u64, Relaxed);
+    }
+
+    /// `n` publications replaced by a newer one for a subscriber.
+    pub fn replaced(&self, n: u64) {
+        if n > 0 {
+            add(&self.publications_replaced, n);
+        }
+    }
+
+    /// A delivery that replaced `replaced` older ones.
+    pub fn conflated(&self, replaced: u64) {
+        let _ = replaced;
+        bump(&self.publications_conflated);
     }
 
     pub fn pattern_subscribed(&self, n: usize) {

@@ -11,10 +11,17 @@ use bytes::Bytes;
 
 impl Session {
     /// Queues a published frame for this subscriber, applying the
-    /// slow-consumer policy at the queue bound, or at any backlog at all
-    /// when the worker is `over_budget`. A queue always takes one frame
-    /// when empty, so a message bigger than the bound still goes out.
-    pub fn push_published(&mut self, frame: &Bytes, cfg: &Config, over_budget: bool) -> Push {
+    /// slow-consumer `policy` (its topic's) at the queue bound, or at any
+    /// backlog at all when the worker is `over_budget`. A queue always
+    /// takes one frame when empty, so a message bigger than the bound still
+    /// goes out.
+    pub fn push_published(
+        &mut self,
+        frame: &Bytes,
+        policy: SlowConsumerPolicy,
+        cfg: &Config,
+        over_budget: bool,
+    ) -> Push {
         let Phase::Ws { ws, .. } = &mut self.phase else {
             return Push::Ignored;
         };
@@ -24,8 +31,9 @@ impl Session {
         if !self.out.is_empty()
             && (over_budget || self.out.len() + frame.len() > cfg.max_outbound_bytes)
         {
-            return match cfg.slow_consumer {
+            return match policy {
                 SlowConsumerPolicy::DropNewest => Push::Dropped,
+                SlowConsumerPolicy::Conflate | SlowConsumerPolicy::Always => Push::Conflate,
                 SlowConsumerPolicy::Disconnect => {
                     let discarded = self.out.truncate_to_front();
                     ws.close(CloseCode::POLICY_VIOLATION, "slow consumer", &mut self.out);
@@ -35,6 +43,22 @@ impl Session {
         }
         self.out.push_frame(frame);
         Push::Queued
+    }
+
+    /// Queues frames that waited in the subscriber's conflation table (a
+    /// marker and a publication), if it is an open WebSocket that may still
+    /// send; `false` otherwise.
+    pub fn push_waiting(&mut self, frames: &[&Bytes]) -> bool {
+        let Phase::Ws { ws, .. } = &mut self.phase else {
+            return false;
+        };
+        if !ws.can_send() {
+            return false;
+        }
+        for f in frames {
+            self.out.push_frame(f);
+        }
+        true
     }
 
     /// Queues an acknowledgement of a published message (a publisher that

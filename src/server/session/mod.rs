@@ -127,6 +127,9 @@ pub enum Push {
     /// frames (`discarded` bytes) were dropped and a 1008 close queued. The
     /// backend detaches the session and closes the connection.
     SlowConsumer { discarded: usize },
+    /// The queue is full and the policy conflates: the caller keeps the
+    /// publication as its topic's newest waiting one for this subscriber.
+    Conflate,
 }
 
 /// One connection's state. No heap when idle, apart from its subscriptions;

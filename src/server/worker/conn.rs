@@ -28,7 +28,7 @@ pub struct Conn<S> {
     pub(super) charged: u32,
     pub(super) state: IoState,
     /// [`READ_PAUSED`], [`PEER_EOF`], [`DIRTY`], [`PING_PENDING`],
-    /// [`ADMITTED`], [`REQUEST_DONE`], [`PUBLISHED`]: bits, one byte.
+    /// [`ADMITTED`], [`REQUEST_DONE`], [`PUBLISHED`], [`CONFLATING`]: bits, one byte.
     flags: u8,
 }
 
@@ -49,6 +49,8 @@ pub(super) const REQUEST_DONE: u8 = 32;
 /// The session published something since the last read's backpressure
 /// check took the mark.
 pub(super) const PUBLISHED: u8 = 64;
+/// Publications wait for this subscriber in the core's conflation tables.
+pub(super) const CONFLATING: u8 = 128;
 
 impl<S> Conn<S> {
     /// A connection just accepted at `now_ms`, its request head awaited.

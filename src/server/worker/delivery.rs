@@ -3,8 +3,11 @@
 //! the budget's share of what the shard holds, throttled and paced
 //! publishers resumed, and what an exiting worker leaves undelivered.
 
+use super::conflation::Tables;
 use super::*;
+use crate::pubsub::directory::TopicInterest;
 use crate::pubsub::envelope::Form;
+use crate::server::config::SlowConsumerPolicy;
 
 impl<S> Core<S> {
     /// Sends this turn's publications to the interested workers' mailboxes
@@ -64,24 +67,36 @@ impl<S> Core<S> {
         let work = std::cell::Cell::new(0usize);
         let now = self.now;
         let built = &mut self.built;
-        let mut to_conns = |run: &[Publication], topic: &str, targets: &[(usize, u32)]| {
-            // Called once per chunk of subscribers: record each run's times once.
-            if !std::ptr::eq(last.get(), run.as_ptr()) {
-                last.set(run.as_ptr());
-                for p in run {
-                    let waited = now.saturating_duration_since(p.published_at());
-                    stats.handoff_latency.observe(waited);
+        let tables = &mut self.tables;
+        let mut to_conns =
+            |run: &[Publication], topic: &TopicInterest, targets: &[(usize, u32)]| {
+                // Called once per chunk of subscribers: record each run's times once.
+                if !std::ptr::eq(last.get(), run.as_ptr()) {
+                    last.set(run.as_ptr());
+                    for p in run {
+                        let waited = now.saturating_duration_since(p.published_at());
+                        stats.handoff_latency.observe(waited);
+                    }
+                    delivered.extend(run.iter().map(|p| p.published_at()));
                 }
-                delivered.extend(run.iter().map(|p| p.published_at()));
-            }
-            work.set(work.get() + run.len() * targets.len());
-            let to = Targets {
-                run,
-                topic,
-                targets,
+                work.set(work.get() + run.len() * targets.len());
+                let to = Targets {
+                    run,
+                    topic,
+                    targets,
+                };
+                push_to(
+                    conns,
+                    dirty,
+                    slow,
+                    &mut budget,
+                    built,
+                    tables,
+                    cfg,
+                    stats,
+                    to,
+                );
             };
-            push_to(conns, dirty, slow, &mut budget, built, cfg, stats, to);
-        };
         let bus = &self.shared.bus;
         self.inbox.begin_drain(bus);
         loop {
@@ -107,6 +122,9 @@ impl<S> Core<S> {
             }
             self.inbox.done(bus, &batch);
         }
+        // `always` publications (and any other waiting for a queue that is
+        // empty now) go out this turn, the newest of each topic.
+        self.release_idle_tables();
         // Envelopes built here are charged here, like published frames.
         for (p, form) in self.built.drain(..) {
             let topic = self.shard.local_id(&p);
@@ -123,7 +141,7 @@ impl<S> Core<S> {
     /// holds for this worker's clients (published frames, the topic
     /// registry) since the last call; `true` when it grew.
     pub(super) fn sync_shard_charge(&mut self) -> bool {
-        let now = self.shard.charged_bytes();
+        let now = self.shard.charged_bytes() + self.tables.bytes();
         let delta = now as isize - self.shard_charged as isize;
         if delta != 0 {
             self.shard_charged = now;
@@ -216,13 +234,15 @@ impl<S> Core<S> {
 /// A run of publications of one topic and a chunk of its local subscribers.
 struct Targets<'a> {
     run: &'a [Publication],
-    topic: &'a str,
+    topic: &'a TopicInterest,
     targets: &'a [ConnRef],
 }
 
 /// Queues a run of publications of one topic for each target, subscriber by
-/// subscriber, each in the form it asked for, applying the slow-consumer
-/// policy. Envelopes built on the way are added to `built`.
+/// subscriber, each in the form it asked for, applying the topic's
+/// slow-consumer policy (its namespace's, or the flag's): a publication to
+/// conflate waits in the subscriber's table instead. Envelopes built on
+/// the way are added to `built`.
 #[allow(clippy::too_many_arguments)]
 fn push_to<S>(
     conns: &mut PagedSlab<Conn<S>>,
@@ -230,15 +250,18 @@ fn push_to<S>(
     slow: &mut Vec<ConnRef>,
     budget: &mut Budget<'_>,
     built: &mut Vec<(Publication, Form)>,
+    tables: &mut Tables,
     cfg: &Config,
     stats: &WorkerStats,
     to: Targets<'_>,
 ) {
     let Targets {
         run,
-        topic,
+        topic: entry,
         targets,
     } = to;
+    let topic = entry.name();
+    let policy = entry.slow_consumer().unwrap_or(cfg.slow_consumer);
     // Room for the run's small frames in each form, reserved once per
     // subscriber instead of growing the tail buffer step by step; summed
     // the first time a subscriber of the form comes (which builds the
@@ -260,13 +283,25 @@ fn push_to<S>(
                 .filter(|&n| n < COPY_BELOW)
                 .sum()
         });
-        conn.session.out.reserve_tail(room);
         let mut queued = false;
         let over = *budget.buffered > budget.limit;
+        // A subscriber with publications waiting gets this topic's in its
+        // table too while the policy conflates (so each topic stays in
+        // order); `always` conflates at all times.
+        let waits =
+            policy == SlowConsumerPolicy::Always || (policy.conflates() && conn.flag(CONFLATING));
+        if waits {
+            let last = run.last().expect("a run is not empty");
+            let replaced = tables.put((key, serial), entry, last, run.len() as u64 - 1);
+            stats.replaced(replaced);
+            conn.set_flag(CONFLATING, true);
+            continue;
+        }
+        conn.session.out.reserve_tail(room);
         for (i, p) in run.iter().enumerate() {
             let mut on_built = |_: &Bytes| built.push((p.clone(), form));
             let frame = p.msg.frame_for(form, topic, &mut on_built);
-            match conn.session.push_published(frame, cfg, over) {
+            match conn.session.push_published(frame, policy, cfg, over) {
                 Push::Queued => {
                     sent += 1;
                     queued = true;
@@ -277,6 +312,15 @@ fn push_to<S>(
                     break;
                 }
                 Push::Dropped => stats.frame_dropped(),
+                Push::Conflate => {
+                    // Over the bound: the rest of the run waits, the newest.
+                    let rest = &run[i..];
+                    let last = rest.last().expect("not empty");
+                    let replaced = tables.put((key, serial), entry, last, rest.len() as u64 - 1);
+                    stats.replaced(replaced);
+                    conn.set_flag(CONFLATING, true);
+                    break;
+                }
                 Push::SlowConsumer { discarded } => {
                     stats.slow_consumer_disconnect(discarded);
                     // Only an open WebSocket is queued to: failed with 1008.

@@ -21,6 +21,7 @@
 //! | `delivery.rs` | the fan-out half of a turn: dispatch, the bounded mailbox drain, `push_to`, the shard's budget charge, unthrottling |
 //! | `deadlines.rs` | the sweep (keepalive, message and send deadlines), the FIFO deadline queues, the next wake-up, the drain |
 
+mod conflation;
 mod conn;
 mod deadlines;
 mod delivery;
@@ -39,7 +40,9 @@ use crate::pubsub::bus::{Inbox, Publication};
 use crate::pubsub::shard::{ConnRef, Shard};
 use bytes::Bytes;
 pub use conn::Conn;
-use conn::{ADMITTED, DIRTY, PEER_EOF, PING_PENDING, PUBLISHED, READ_PAUSED, REQUEST_DONE};
+use conn::{
+    ADMITTED, CONFLATING, DIRTY, PEER_EOF, PING_PENDING, PUBLISHED, READ_PAUSED, REQUEST_DONE,
+};
 use deadlines::{ms_after, sweep_period};
 use paged::PagedSlab;
 use std::collections::{HashMap, VecDeque};
@@ -148,6 +151,8 @@ pub struct Core<S> {
     carry: Option<(Vec<Publication>, usize, u64)>,
     /// Envelope frames built during this turn's delivery, to be charged.
     built: Vec<(Publication, crate::pubsub::envelope::Form)>,
+    /// Publications waiting for conflating subscribers' queues.
+    tables: conflation::Tables,
     /// Bytes charged to this worker's connections and shared frames, and
     /// the worker's budget.
     buffered: usize,
@@ -192,6 +197,7 @@ impl<S> Core<S> {
             paced: Vec::new(),
             carry: None,
             built: Vec::new(),
+            tables: conflation::Tables::default(),
             buffered: 0,
             budget,
             shard_charged: 0,
@@ -428,6 +434,14 @@ impl<S> Core<S> {
             conn.set_flag(READ_PAUSED, false);
             self.reread.push((key, serial));
         }
+        if conn.flag(CONFLATING) && conn.session.out.is_empty() && conn.state == IoState::Active {
+            // The queue went to the kernel: what waits goes next (written
+            // at the next turn's flush, which comes at once: dirty).
+            self.release_waiting(key);
+            self.recharge(key);
+            return AfterFlush::Keep;
+        }
+        let conn = &mut self.conns[key];
         if !conn.session.out.is_empty() || conn.state != IoState::Closing {
             return AfterFlush::Keep;
         }
@@ -455,6 +469,11 @@ impl<S> Core<S> {
         conn.session.detach(&mut self.shard, stats);
         conn.state = IoState::Gone;
         stats.connection_closed();
+        if conn.take_flag(CONFLATING) {
+            let n = self.tables.remove(key);
+            stats.undelivered(Undelivered::Closing, n);
+        }
+        let conn = &mut self.conns[key];
         if conn.take_flag(ADMITTED) {
             let per_ip = self.addresses.remove(&key);
             self.shared.admission.release(per_ip);

@@ -1,0 +1,218 @@
+//! Conflation end to end, on the backend `CORECAST_IO` names: a subscriber
+//! that falls behind under `--slow-consumer conflate` keeps its connection,
+//! ends with the newest value of every topic, and can tell conflation (a
+//! marker naming how many were replaced) from loss; `always` per namespace
+//! conflates at all times while other topics keep every publication.
+
+mod common;
+
+use common::*;
+use corecast::pubsub::policy::{NamespacePolicy, SlowConsumerPolicy};
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+use tungstenite::Message;
+
+/// A `corecast.v1` subscriber of `topics` that reads nothing until told
+/// (a 4 KiB receive window).
+fn stalled_enveloped(addr: SocketAddr, topics: &str) -> TcpStream {
+    let mut s = tiny_window(addr);
+    let req = upgrade_request(&format!("/ws?topics={topics}")).replace(
+        "\r\n\r\n",
+        "\r\nSec-WebSocket-Protocol: corecast.v1\r\n\r\n",
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let head = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    assert!(
+        head.contains("Sec-WebSocket-Protocol: corecast.v1"),
+        "{head}"
+    );
+    s
+}
+
+/// What an enveloped subscriber read of one topic: publications in order,
+/// each with the `replaced` of the conflation marker before it (0: none).
+type Read = HashMap<String, Vec<(u64, u64)>>;
+
+/// Checks that `got` accounts for every number up to `last` of each topic:
+/// each jump in the numbers is announced by a marker replacing exactly
+/// the numbers skipped.
+fn accounts_for_everything(got: &Read, last: u64) -> u64 {
+    let mut replaced_total = 0;
+    for (topic, list) in got {
+        let mut expect = list[0].0 - list[0].1;
+        assert_eq!(expect, 1, "{topic}: starts at 1 (or replaces up to it)");
+        for &(seq, replaced) in list {
+            assert_eq!(
+                seq - replaced,
+                expect,
+                "{topic}: {seq} replaced {replaced}: nothing lost between"
+            );
+            expect = seq + 1;
+            replaced_total += replaced;
+        }
+        assert_eq!(expect - 1, last, "{topic}: ends with the newest value");
+    }
+    replaced_total
+}
+
+/// Reads JSON frames from `s` into a [`Read`] until every topic in
+/// `topics` reached number `last`.
+fn read_enveloped(s: &mut TcpStream, topics: &[&str], last: u64) -> Read {
+    let mut got: Read = HashMap::new();
+    let mut marker: Option<(String, u64, u64)> = None;
+    while topics.iter().any(|t| {
+        got.get(*t)
+            .and_then(|l| l.last())
+            .is_none_or(|l| l.0 < last)
+    }) {
+        let (_, op, p) = read_frame(s);
+        assert_eq!(op, 1, "text frames only");
+        let v: serde_json::Value = serde_json::from_slice(&p).unwrap();
+        let topic = v["topic"].as_str().unwrap().to_owned();
+        let seq = v["seq"].as_u64().unwrap();
+        match v["op"].as_str().unwrap() {
+            "conflated" => {
+                assert!(marker.is_none(), "one marker before its publication");
+                marker = Some((topic, seq, v["replaced"].as_u64().unwrap()));
+            }
+            "pub" => {
+                let replaced = match marker.take() {
+                    Some((t, s, n)) => {
+                        assert_eq!(
+                            (t.as_str(), s),
+                            (topic.as_str(), seq),
+                            "a marker names what follows"
+                        );
+                        n
+                    }
+                    None => 0,
+                };
+                got.entry(topic).or_default().push((seq, replaced));
+            }
+            other => panic!("unexpected {other}: {v}"),
+        }
+    }
+    got
+}
+
+#[test]
+fn a_slow_conflating_subscriber_ends_with_the_newest_values_and_tells_conflation_from_loss() {
+    let server = start_with(|c| {
+        c.workers = 2;
+        c.max_outbound_bytes = 64 * KIB;
+        c.slow_consumer = SlowConsumerPolicy::Conflate;
+    });
+    let addr = server.local_addr();
+    let mut stalled = stalled_enveloped(addr, "c.a,c.b");
+    let mut witness = [connect(addr, "/ws?topics=c.a,c.b")];
+    wait_subscriptions(addr, 4);
+    // 2 × 3 000 messages of 2 KiB: far more than the stalled socket's
+    // buffers and its 64 KiB queue hold.
+    const N: u64 = 3000;
+    let mut pubs: Vec<Ws> = ["c.a", "c.b"]
+        .iter()
+        .map(|t| connect(addr, &format!("/publish/{t}")))
+        .collect();
+    // Rounds of 2 × 10 messages (40 KiB): the witness, which reads each
+    // round, never holds more than its 64 KiB bound.
+    for round in 0..N / 10 {
+        for p in pubs.iter_mut() {
+            for i in 0..10 {
+                let mut m = vec![0u8; 2048];
+                m[..8].copy_from_slice(&(round * 10 + i).to_be_bytes());
+                p.send(Message::binary(m)).unwrap();
+            }
+        }
+        for k in 0..20 {
+            if let Err(e) = witness[0].read() {
+                panic!("round {round}, message {k}: {e}; {}", metrics(addr));
+            }
+        }
+    }
+    let m = metrics(addr);
+    assert!(
+        metric(&m, "corecast_publications_replaced_total") > 0,
+        "conflated while stalled"
+    );
+    assert_eq!(metric(&m, "corecast_slow_consumer_disconnects_total"), 0);
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let got = read_enveloped(&mut stalled, &["c.a", "c.b"], N);
+    let replaced = accounts_for_everything(&got, N);
+    assert!(replaced > 0);
+    let m = metrics(addr);
+    assert_eq!(
+        metric(&m, "corecast_publications_replaced_total"),
+        replaced,
+        "every replaced publication counted, and told to the subscriber"
+    );
+    assert_eq!(
+        metric(&m, "corecast_publications_conflated_total"),
+        got.values().flatten().filter(|p| p.1 > 0).count() as u64
+    );
+    // Still subscribed, now keeping up: the next publication comes as is.
+    pubs[0].send(Message::binary(vec![1u8; 16])).unwrap();
+    let (_, _, p) = read_frame(&mut stalled);
+    let v: serde_json::Value = serde_json::from_slice(&p).unwrap();
+    assert_eq!(
+        (v["op"].as_str(), v["seq"].as_u64()),
+        (Some("pub"), Some(N + 1))
+    );
+}
+
+/// Waits until the server counts `n` subscriptions.
+fn wait_subscriptions(addr: SocketAddr, n: u64) {
+    let ok = eventually(Duration::from_secs(10), || {
+        metric(&metrics(addr), "corecast_subscriptions") == n
+    });
+    assert!(ok, "{n} subscriptions");
+}
+
+#[test]
+fn always_conflates_its_namespace_at_all_times_and_leaves_other_topics_whole() {
+    let server = start_with(|c| {
+        c.namespaces = vec![NamespacePolicy {
+            prefix: "fast".into(),
+            slow_consumer: Some(SlowConsumerPolicy::Always),
+            ..Default::default()
+        }];
+    });
+    let addr = server.local_addr();
+    let mut sub = stalled_enveloped(addr, "fast.x,other");
+    wait_subscriptions(addr, 2);
+    const N: u64 = 200;
+    for topic in ["fast.x", "other"] {
+        let mut p = connect(addr, &format!("/publish/{topic}"));
+        // One write: the server reads the burst in one go.
+        for i in 0..N {
+            p.write(Message::binary(i.to_be_bytes().to_vec())).unwrap();
+        }
+        p.flush().unwrap();
+        // Let it be delivered before the publisher goes.
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    sub.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let got = read_enveloped(&mut sub, &["fast.x", "other"], N);
+    let fast: Read = got
+        .iter()
+        .filter(|(t, _)| *t == "fast.x")
+        .map(|(t, l)| (t.clone(), l.clone()))
+        .collect();
+    let replaced = accounts_for_everything(&fast, N);
+    assert!(
+        replaced > 0 && (fast["fast.x"].len() as u64) < N,
+        "a burst read at once is conflated: {:?}",
+        fast["fast.x"]
+    );
+    let other = &got["other"];
+    assert_eq!(
+        other.len() as u64,
+        N,
+        "the other namespace keeps everything"
+    );
+    assert!(other.iter().all(|p| p.1 == 0));
+}
