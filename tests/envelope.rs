@@ -407,7 +407,7 @@ fn large_frames_a_history_keeps_count_in_its_bytes_not_in_the_budget() {
         assert_eq!(read_env(&mut sub).seq, n);
     }
     let held = || metric(&metrics(addr), "corecast_buffered_bytes");
-    let registry = 512 + 2 * 3 + 80;
+    let registry = corecast::pubsub::shard::TOPIC_ENTRY_BYTES as u64 + 2 * 3 + 80;
     let frame = 65_536 + 10;
     // Everything written: only the registry stays charged. The history
     // holds the last five messages with the binary envelope built for

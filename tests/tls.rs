@@ -430,8 +430,8 @@ fn ciphertext_waiting_for_slow_readers_is_charged_to_the_budget_and_given_back()
     let subscribed = || metric(&server.metrics(), "corecast_subscriptions");
     assert_eq!(settle(Duration::from_secs(5), subscribed, 4), 4);
     let held = || metric(&server.metrics(), "corecast_buffered_bytes");
-    // The topic's registry charge (512 B + the name twice + 80 B a subscriber).
-    let registry = 512 + 2 * 4 + 4 * 80;
+    // The topic's registry charge (TOPIC_ENTRY_BYTES + the name twice + 80 B a subscriber).
+    let registry = corecast::pubsub::shard::TOPIC_ENTRY_BYTES as u64 + 2 * 4 + 4 * 80;
     assert_eq!(settle(Duration::from_secs(5), held, registry), registry);
     // Nobody reads: the sockets fill, ciphertext and then plaintext wait.
     let mut publisher = wss_connect(addr, "/publish/slow", &config);

@@ -320,3 +320,33 @@ fn a_pattern_subscription_starts_with_last_values_or_recovers_with_since() {
         .unwrap();
     assert_eq!(text(&mut again)["op"], "error");
 }
+
+/// A topic the connection already gets through one subscription is not
+/// replayed by another: overlapping patterns give one last value, and a
+/// topic subscribed to under a pattern that matches it joins live, its
+/// numbers continuing without a repeat or a hole.
+#[test]
+fn overlapping_subscriptions_replay_a_topic_once_and_never_rejoin_its_stream() {
+    let server = start();
+    let addr = server.local_addr();
+    let mut holder = connect(addr, "/ws?topics=o.a");
+    publish(addr, "o.a", b"1");
+    holder.read().unwrap();
+    let (mut ws, _) = subscribe_with(addr, "/ws?topics=o.*,o.%3E", "corecast.v1");
+    let e = read_env(&mut ws);
+    assert!(e.snapshot && e.seq == 1, "{e:?}");
+    publish(addr, "o.a", b"2");
+    let e = read_env(&mut ws);
+    assert_eq!((e.seq, e.snapshot), (2, false), "the last value came once");
+    ws.send(Message::text(r#"{"op":"subscribe","topics":["o.a"]}"#))
+        .unwrap();
+    match read_incoming(&mut ws) {
+        Incoming::Reply(v) => assert_eq!(v["op"], "subscribed", "{v}"),
+        Incoming::Pub(e) => panic!("no snapshot for a topic held through a pattern: {e:?}"),
+    }
+    for n in 3..=5u64 {
+        publish(addr, "o.a", &[n as u8]);
+        let e = read_env(&mut ws);
+        assert_eq!((e.seq, e.snapshot), (n, false));
+    }
+}

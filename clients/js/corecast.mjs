@@ -8,7 +8,7 @@
 // The protocol is docs/PROTOCOL.md ("Envelopes", "Recovery", "Last value").
 
 const PROTOCOL = "corecast.v1";
-/** Most positions one pattern's resubscription sends (the server's cap). */
+/** Most positions of topics followed through patterns one subscribe may carry (the server's cap). */
 const PATTERN_REPLAY_TOPICS = 256;
 
 /** Whether `name` is a pattern: a `*` token, or a last `>` token. */
@@ -195,18 +195,19 @@ export class CorecastClient {
     if (names.length === 0) return;
     const since = {};
     const patterns = names.filter(isPattern);
-    const perPattern = new Map(patterns.map((p) => [p, 0]));
+    let throughPatterns = 0;
     for (const [topic, t] of this.positions) {
       if (names.includes(topic)) {
         since[topic] = { epoch: t.epoch, seq: t.seq };
-      } else if (!this.subs.has(topic)) {
-        // A topic followed through a pattern: its position rides along,
-        // at most PATTERN_REPLAY_TOPICS per pattern.
-        const p = patterns.find((p) => matches(p, topic) && perPattern.get(p) < PATTERN_REPLAY_TOPICS);
-        if (p) {
-          perPattern.set(p, perPattern.get(p) + 1);
-          since[topic] = { epoch: t.epoch, seq: t.seq };
-        }
+      } else if (
+        !this.subs.has(topic) &&
+        throughPatterns < PATTERN_REPLAY_TOPICS &&
+        patterns.some((p) => matches(p, topic))
+      ) {
+        // A topic followed through a pattern: its position rides along
+        // (at most PATTERN_REPLAY_TOPICS in all; the rest start live).
+        throughPatterns++;
+        since[topic] = { epoch: t.epoch, seq: t.seq };
       }
     }
     const msg = { op: "subscribe", topics: names };

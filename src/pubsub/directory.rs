@@ -264,6 +264,11 @@ impl Directory {
         }
     }
 
+    /// The slow-consumer policy of topic `name` (its namespace's, if set).
+    pub fn slow_consumer_of(&self, name: &str) -> Option<SlowConsumerPolicy> {
+        policy::slow_consumer(&self.policies, name)
+    }
+
     /// Distinct patterns subscribed to anywhere (for metrics).
     pub fn pattern_count(&self) -> usize {
         self.patterns().len()

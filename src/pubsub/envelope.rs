@@ -15,7 +15,7 @@ use crate::proto::frame::{MAX_HEADER_LEN, OpCode, encode_header};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 /// The subprotocol of the JSON envelope.
@@ -89,6 +89,9 @@ pub struct Message {
     pub seq: u64,
     /// When the publisher's worker decoded it (for the latency histogram).
     pub published_at: Instant,
+    /// The topic's name, set when it is numbered: what a worker receiving
+    /// it through a pattern needs when the topic's entry is gone already.
+    pub topic: Option<Arc<str>>,
     /// Bytes of envelopes built while a history held the message (what
     /// the history counts for it besides the raw frame; changed under
     /// the topic's history lock).
@@ -105,6 +108,7 @@ impl Message {
             epoch: 0,
             seq: 0,
             published_at,
+            topic: None,
             envelope_bytes: std::sync::atomic::AtomicUsize::new(0),
             json: OnceLock::new(),
             binary: OnceLock::new(),

@@ -19,6 +19,7 @@ use super::envelope::{Form, Message};
 use super::history::{Recovery, Since, Start};
 use super::ledger::SharedFrames;
 use super::pattern::{self, PatternTrie};
+use super::policy::SlowConsumerPolicy;
 use super::slots::Subscribers;
 use crate::proto::outbound::COPY_BELOW;
 use bytes::Bytes;
@@ -29,11 +30,12 @@ use std::time::Instant;
 
 /// Heap bytes one topic costs the registries besides its name (kept
 /// twice: the directory's copy and this worker's), measured
-/// (tests/registry_memory.rs, names of 8 bytes included: 285–316 B): the
+/// (tests/registry_memory.rs, names of 8 bytes and the first subscription
+/// included: up to 609 B, at 10 000 topics, since the pattern fields): the
 /// directory's map slot and `TopicInterest`, this worker's `LocalTopic`
 /// with its first subscriber slots, and its two map slots, with the maps'
 /// growth slack.
-pub const TOPIC_ENTRY_BYTES: usize = 512;
+pub const TOPIC_ENTRY_BYTES: usize = 576;
 /// Heap bytes one more subscription to an existing topic costs, measured
 /// the same way (24–31 B; the most just after the subscriber slots
 /// doubled): its 8 B slot, its 8 B in a connection's list of several, with
@@ -76,14 +78,15 @@ impl Subscription {
 
 /// What a new pattern subscription replays of the topics it matches (see
 /// [`Shard::subscribe_pattern`]).
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct Replay<'a> {
     /// Positions to recover from, per topic.
     pub since: &'a [(String, Since)],
     /// Whether the other topics' last values are read.
     pub last_values: bool,
-    /// Topics left out (the connection subscribes to them itself).
-    pub skip: &'a HashSet<String>,
+    /// Topics left out (the connection gets them otherwise: subscribed
+    /// itself, through a pattern it holds, or replayed already).
+    pub skip: &'a dyn Fn(&str) -> bool,
     /// Most bytes of frames read per topic.
     pub max_bytes: usize,
     /// For the histories' ages.
@@ -93,13 +96,29 @@ pub struct Replay<'a> {
 impl Replay<'_> {
     /// Nothing replayed: a live start.
     pub fn live() -> Replay<'static> {
-        static NONE: std::sync::LazyLock<HashSet<String>> = std::sync::LazyLock::new(HashSet::new);
         Replay {
             since: &[],
             last_values: false,
-            skip: &NONE,
+            skip: &|_| false,
             max_bytes: 0,
             now: Instant::now(),
+        }
+    }
+}
+
+/// What delivery needs of a topic: its name and its namespace's
+/// slow-consumer policy.
+#[derive(Debug, Clone, Copy)]
+pub struct TopicView<'a> {
+    pub name: &'a Arc<str>,
+    pub slow_consumer: Option<SlowConsumerPolicy>,
+}
+
+impl<'a> TopicView<'a> {
+    fn of(t: &'a TopicInterest) -> Self {
+        Self {
+            name: t.name_arc(),
+            slow_consumer: t.slow_consumer(),
         }
     }
 }
@@ -236,6 +255,8 @@ struct LocalTopic {
     /// mailbox: (connection, number, pattern id, slot), checked against
     /// the pattern's slot when used (the subscription may have gone).
     pattern_joiners: Vec<(ConnRef, u64, u32, u32)>,
+    /// Delivered to since the last [`Shard::sweep_pattern_topics`].
+    touched: bool,
 }
 
 impl LocalTopic {
@@ -335,6 +356,13 @@ impl Shard {
     /// hold it, if it has subscribers here.
     pub fn pattern_id(&self, name: &str) -> Option<u32> {
         self.pattern_ids.get(name).map(|&id| id | PATTERN_SUB)
+    }
+
+    /// The pattern of a [`Subscription::topic`] id, if held here.
+    pub fn pattern_name(&self, id: u32) -> Option<&str> {
+        self.patterns
+            .get((id & !PATTERN_SUB) as usize)
+            .map(|p| &*p.name)
     }
 
     /// The ids of the local patterns matching topic `name`.
@@ -491,6 +519,7 @@ impl Shard {
             joiners: Vec::new(),
             patterns,
             pattern_joiners: Vec::new(),
+            touched: true,
         }) as u32;
         self.registry_bytes += topic_charge(name.len());
         self.by_name.insert(name, id);
@@ -548,20 +577,19 @@ impl Shard {
         // last values.
         let mut starts: Vec<(Arc<TopicInterest>, Start)> = Vec::new();
         for (topic, s) in since.iter().take(PATTERN_REPLAY_TOPICS) {
-            if pattern::matches(name, topic) {
+            if pattern::matches(name, topic) && !skip(topic) {
                 starts.push((self.directory.entry(topic), Start::Since(*s)));
             }
         }
         if last_values && starts.len() < PATTERN_REPLAY_TOPICS {
             let named: HashSet<&str> = since.iter().map(|(t, _)| t.as_str()).collect();
-            let more = self.directory.matching(
-                name,
-                PATTERN_REPLAY_TOPICS - starts.len() + named.len() + skip.len(),
-            );
+            let more = self
+                .directory
+                .matching(name, PATTERN_REPLAY_TOPICS + named.len());
             let mut unused = Vec::new();
             for t in more {
                 if named.contains(t.name())
-                    || skip.contains(t.name())
+                    || skip(t.name())
                     || starts.len() >= PATTERN_REPLAY_TOPICS
                 {
                     unused.push(t);
@@ -603,6 +631,12 @@ impl Shard {
             };
             let local = &mut self.topics[id as usize];
             if r.last > local.delivered {
+                // One entry per connection, none left by subscriptions
+                // that ended: at most one per pattern subscriber here.
+                let patterns = &self.patterns;
+                local.pattern_joiners.retain(|&(c, _, p, s)| {
+                    c != conn && patterns.get(p as usize).and_then(|x| x.subs.get(s)) == Some(c)
+                });
                 local.pattern_joiners.push((conn, r.last, pid, slot));
             }
             read.push((tname, r));
@@ -633,6 +667,28 @@ impl Shard {
             }
         }
         id
+    }
+
+    /// Forgets the local topics kept for patterns alone (no subscriber of
+    /// their own, no joiner waiting) that received nothing since the last
+    /// call: a pattern matching many topics (`>`) holds only those
+    /// published to lately, and their entries can age out of the directory.
+    /// A later publication makes the topic local again (or, if its entry
+    /// is gone, still reaches the patterns). One pass over the local topics;
+    /// called from the worker's periodic sweep.
+    pub fn sweep_pattern_topics(&mut self) {
+        let mut idle = Vec::new();
+        for (id, t) in self.topics.iter_mut() {
+            if t.subs.is_empty() && t.pattern_joiners.is_empty() {
+                if !t.touched {
+                    idle.push(id as u32);
+                }
+                t.touched = false;
+            }
+        }
+        for id in idle {
+            self.remove_topic(id);
+        }
     }
 
     /// Marks every slot of a connection's subscriptions `subs` as
@@ -835,6 +891,7 @@ impl Shard {
                 let m = Arc::get_mut(msg).expect("an undispatched message is the outbox's alone");
                 m.epoch = topic.epoch();
                 m.seq = topic.next_seq();
+                m.topic = Some(Arc::clone(topic.name_arc()));
                 self.last_numbered = (m.epoch, m.seq);
                 if let Some((_, publisher)) = acks.next_if(|a| a.0 == i) {
                     self.acks.push((publisher, m.epoch, m.seq));
@@ -932,7 +989,7 @@ impl Shard {
         &mut self,
         pubs: &[Publication],
         batch: u64,
-        deliver: &mut impl FnMut(&[Publication], &TopicInterest, &[ConnRef]),
+        deliver: &mut impl FnMut(&[Publication], &TopicView<'_>, &[ConnRef]),
     ) {
         self.batch = batch;
         let mut start = 0;
@@ -947,10 +1004,18 @@ impl Shard {
             start = end;
             let id = match self.by_interest.get(&(topic as usize)) {
                 Some(&id) => id,
-                None => match self.materialize(&run[0]) {
+                None if self.patterns.is_empty() => continue,
+                // Its entry is alive: held here from now on.
+                None if run[0].topic.strong_count() > 0 => match self.materialize(&run[0]) {
                     Some(id) => id,
                     None => continue,
                 },
+                // Gone already (no history kept it, nobody else held it):
+                // the patterns' subscribers get the run all the same.
+                None => {
+                    self.deliver_unheld(run, deliver);
+                    continue;
+                }
             };
             self.deliver_run(id, run, deliver);
         }
@@ -975,11 +1040,43 @@ impl Shard {
         Some(self.add_topic(interest, 0, 0, ids))
     }
 
+    /// Delivers `run`, whose topic's entry is gone, to the local patterns
+    /// matching its name (each connection once).
+    fn deliver_unheld(
+        &mut self,
+        run: &[Publication],
+        deliver: &mut impl FnMut(&[Publication], &TopicView<'_>, &[ConnRef]),
+    ) {
+        let Some(name) = run[0].msg.topic.clone() else {
+            return;
+        };
+        let view = TopicView {
+            name: &name,
+            slow_consumer: self.directory.slow_consumer_of(&name),
+        };
+        let ids = self.patterns_matching(&name);
+        self.seen.clear();
+        let mut chunk = Chunk::default();
+        for pid in ids {
+            let p = &self.patterns[pid as usize];
+            if self.batch <= p.start {
+                continue;
+            }
+            for (c, multi) in p.subs.iter() {
+                if multi && !self.seen.insert(c) {
+                    continue;
+                }
+                chunk.push(c, run, &view, deliver);
+            }
+        }
+        chunk.flush(run, &view, deliver);
+    }
+
     fn deliver_run(
         &mut self,
         id: u32,
         run: &[Publication],
-        deliver: &mut impl FnMut(&[Publication], &TopicInterest, &[ConnRef]),
+        deliver: &mut impl FnMut(&[Publication], &TopicView<'_>, &[ConnRef]),
     ) {
         let Self {
             topics,
@@ -992,9 +1089,11 @@ impl Shard {
         let Some(newest) = run.last().map(|p| p.msg.seq) else {
             return;
         };
+        local.touched = true;
         let exact_run = &run[run.partition_point(|p| p.msg.seq <= local.floor)..];
         local.delivered = local.delivered.max(newest);
-        let name: &TopicInterest = &local.interest;
+        let view = TopicView::of(&local.interest);
+        let name = &view;
         let with_patterns = !local.patterns.is_empty();
         seen.clear();
         for &(c, upto, _) in &local.joiners {
@@ -1084,8 +1183,8 @@ impl Chunk {
         &mut self,
         c: ConnRef,
         run: &[Publication],
-        name: &TopicInterest,
-        deliver: &mut impl FnMut(&[Publication], &TopicInterest, &[ConnRef]),
+        name: &TopicView<'_>,
+        deliver: &mut impl FnMut(&[Publication], &TopicView<'_>, &[ConnRef]),
     ) {
         self.conns[self.n] = c;
         self.n += 1;
@@ -1097,8 +1196,8 @@ impl Chunk {
     fn flush(
         &mut self,
         run: &[Publication],
-        name: &TopicInterest,
-        deliver: &mut impl FnMut(&[Publication], &TopicInterest, &[ConnRef]),
+        name: &TopicView<'_>,
+        deliver: &mut impl FnMut(&[Publication], &TopicView<'_>, &[ConnRef]),
     ) {
         if self.n > 0 {
             deliver(run, name, &self.conns[..self.n]);

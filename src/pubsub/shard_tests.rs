@@ -92,7 +92,7 @@ fn publish_reaches_local_and_remote_subscribers_in_order() {
         s[2].deliver(
             &batch,
             inboxes[2].taken(),
-            &mut |run: &[Publication], _: &TopicInterest, c: &[ConnRef]| {
+            &mut |run: &[Publication], _: &TopicView<'_>, c: &[ConnRef]| {
                 for &c in c {
                     remote.extend(run.iter().map(|p| (p.frame()[0], c)))
                 }
@@ -168,7 +168,7 @@ fn publications_in_flight_do_not_keep_a_topic_alive() {
         s[1].deliver(
             &batch,
             inboxes[1].taken(),
-            &mut |_: &[Publication], _: &TopicInterest, _: &[ConnRef]| delivered += 1,
+            &mut |_: &[Publication], _: &TopicView<'_>, _: &[ConnRef]| delivered += 1,
         )
     });
     assert_eq!(delivered, 0, "nobody left to deliver to");
@@ -287,8 +287,8 @@ fn a_returning_worker_skips_what_was_sequenced_before_its_new_interest() {
         s[1].deliver(
             &batch,
             inboxes[1].taken(),
-            &mut |run: &[Publication], topic: &TopicInterest, c: &[ConnRef]| {
-                assert_eq!(topic.name(), "t");
+            &mut |run: &[Publication], topic: &TopicView<'_>, c: &[ConnRef]| {
+                assert_eq!(&**topic.name, "t");
                 for &c in c {
                     got.extend(run.iter().map(|p| (p.msg.seq, p.frame()[0], c)));
                 }
@@ -318,10 +318,10 @@ fn publications_are_numbered_per_topic_in_dispatch_order() {
         s[0].deliver(
             &batch,
             inboxes[0].taken(),
-            &mut |run: &[Publication], topic: &TopicInterest, _: &[ConnRef]| {
+            &mut |run: &[Publication], topic: &TopicView<'_>, _: &[ConnRef]| {
                 got.extend(
                     run.iter()
-                        .map(|p| (topic.name().to_owned(), p.msg.seq, p.frame()[0])),
+                        .map(|p| (topic.name.to_string(), p.msg.seq, p.frame()[0])),
                 );
             },
         );
@@ -358,7 +358,7 @@ fn drain_numbers(s: &mut Shard, inbox: &crate::pubsub::bus::Inbox, bus: &Bus) ->
         s.deliver(
             &batch,
             inbox.taken(),
-            &mut |run: &[Publication], _: &TopicInterest, c: &[ConnRef]| {
+            &mut |run: &[Publication], _: &TopicView<'_>, c: &[ConnRef]| {
                 for &c in c {
                     got.extend(run.iter().map(|p| (c.0, p.msg.seq)));
                 }
@@ -497,7 +497,7 @@ fn drain_named(
     inbox.drain(bus, |batch| {
         shard.deliver(&batch, inbox.taken(), &mut |run, name, conns| {
             for &c in conns {
-                got.extend(run.iter().map(|p| (c, name.name().to_owned(), p.msg.seq)));
+                got.extend(run.iter().map(|p| (c, name.name.to_string(), p.msg.seq)));
             }
         })
     });
@@ -607,11 +607,10 @@ fn a_pattern_last_value_meets_the_mailbox_without_a_duplicate() {
         s[0].publish(&t, Bytes::from_static(x), now);
     }
     s[0].dispatch(); // numbers 1 and 2 in worker 1's mailbox, for the pattern
-    let skip = HashSet::new();
     let replay = Replay {
         since: &[],
         last_values: true,
-        skip: &skip,
+        skip: &|_| false,
         max_bytes: 1 << 20,
         now,
     };
@@ -658,4 +657,40 @@ fn a_pattern_last_value_meets_the_mailbox_without_a_duplicate() {
         s[1].unsubscribe(sub);
     }
     assert_eq!((s[1].topic_count(), s[1].pattern_count()), (0, 0));
+}
+
+/// A topic nobody holds and no history keeps (an HTTP publish to a name
+/// only a pattern matches) is gone from the directory before the pattern's
+/// worker delivers it: the pattern's subscribers get it all the same.
+/// Topics kept for patterns alone are let go once idle for a sweep.
+#[test]
+fn pattern_subscribers_get_publications_of_topics_already_gone_and_idle_topics_go() {
+    let (d, bus, inboxes, mut s) = shards(2);
+    let (p, _) = s[1].subscribe_pattern("n.*", (1, 0), Replay::live());
+    let now = Instant::now();
+    for i in 1..=3u8 {
+        let t = d.entry("n.a");
+        s[0].publish_now(t, Bytes::from(vec![i]), now);
+    }
+    assert!(d.get("n.a").is_none(), "forgotten at each dispatch");
+    let got = drain_named(&mut s[1], &inboxes[1], &bus);
+    assert_eq!(
+        got,
+        [1, 1, 1].map(|n| ((1, 0), "n.a".to_owned(), n)),
+        "each a new epoch's number 1, delivered"
+    );
+    assert_eq!(s[1].topic_count(), 0, "nothing held for it");
+    // A topic someone holds becomes local on arrival, and goes when idle.
+    let held = d.entry("n.b");
+    s[0].publish(&held, Bytes::from_static(b"x"), now);
+    s[0].dispatch();
+    assert_eq!(drain_named(&mut s[1], &inboxes[1], &bus).len(), 1);
+    assert_eq!(s[1].topic_count(), 1);
+    s[1].sweep_pattern_topics();
+    assert_eq!(s[1].topic_count(), 1, "delivered to since the last sweep");
+    s[1].sweep_pattern_topics();
+    assert_eq!(s[1].topic_count(), 0, "idle for a whole sweep");
+    d.release(held);
+    assert!(d.is_empty());
+    s[1].unsubscribe(p);
 }

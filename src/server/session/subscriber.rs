@@ -98,24 +98,36 @@ pub(super) fn subscribe_names(
     let fresh = fresh_start(form);
     let mut recovered = Vec::new();
     let mut frames = Vec::new();
-    // Topics first, then patterns, whose replays leave out the topics the
-    // connection holds itself (their own last value or recovery covers them).
+    // Topics first, then patterns. A replay (last value, recovery) is
+    // left out for a topic the connection already gets otherwise: one it
+    // subscribes to itself, one a pattern it holds matches (joining that
+    // one's stream at another number would skip or repeat some), one an
+    // earlier pattern of this message replayed.
     let mut order: Vec<usize> = (0..names.len()).collect();
     order.sort_by_key(|&i| pattern::is_pattern(names[i]));
-    let mut exact: HashSet<String> = subs
-        .as_slice()
-        .iter()
-        .filter(|s| !s.is_pattern())
-        .filter_map(|s| ctx.shard.topic_name(s.topic()).map(str::to_owned))
-        .collect();
+    let mut exact: HashSet<String> = HashSet::new();
+    let mut held_patterns: Vec<String> = Vec::new();
+    for s in subs.as_slice() {
+        if s.is_pattern() {
+            held_patterns.extend(ctx.shard.pattern_name(s.topic()).map(str::to_owned));
+        } else {
+            exact.extend(ctx.shard.topic_name(s.topic()).map(str::to_owned));
+        }
+    }
+    let mut replayed: HashSet<String> = HashSet::new();
     let mut positions_used = vec![false; pattern_since.len()];
     for i in order {
         let name = names[i];
         if pattern::is_pattern(name) {
+            let covered = |t: &str| {
+                exact.contains(t)
+                    || replayed.contains(t)
+                    || held_patterns.iter().any(|q| pattern::matches(q, t))
+            };
             // The positions this pattern matches, each used once.
             let mut mine: Vec<(String, Since)> = Vec::new();
             for (j, p) in pattern_since.iter().enumerate() {
-                if !positions_used[j] && pattern::matches(name, &p.0) && !exact.contains(&p.0) {
+                if !positions_used[j] && pattern::matches(name, &p.0) && !covered(&p.0) {
                     positions_used[j] = true;
                     mine.push(p.clone());
                 }
@@ -123,15 +135,17 @@ pub(super) fn subscribe_names(
             let replay = Replay {
                 since: &mine,
                 last_values: fresh == Start::LastValue,
-                skip: &exact,
+                skip: &covered,
                 max_bytes: *cap_left,
                 now: ctx.now,
             };
             let (sub, reads) = ctx.shard.subscribe_pattern(name, ctx.me, replay);
             subs.push(sub);
+            held_patterns.push(name.to_owned());
             ctx.stats.subscribed(1);
             ctx.stats.pattern_subscribed(1);
             for (topic, mut r) in reads {
+                replayed.insert(topic.to_string());
                 if mine.iter().any(|(t, _)| **t == *topic) {
                     frames.extend(fit(form, &topic, &mut r, cap_left, ctx));
                     ctx.stats.recovered(r.gap.is_none(), r.messages.len());
@@ -144,7 +158,13 @@ pub(super) fn subscribe_names(
         }
         exact.insert(name.to_owned());
         let since = since.get(i).copied().flatten();
-        let start = since.map_or(fresh, Start::Since);
+        let through_pattern = held_patterns.iter().any(|q| pattern::matches(q, name));
+        let start = match since {
+            _ if through_pattern => Start::Live,
+            Some(s) => Start::Since(s),
+            None => fresh,
+        };
+        let since = since.filter(|_| !through_pattern);
         let (sub, recovery) =
             ctx.shard
                 .subscribe_since(name, ctx.me, start, *cap_left, Some(ctx.now));

@@ -14,7 +14,6 @@
 //! small; a large frame is charged by the ledger while anyone holds it).
 
 use super::*;
-use crate::pubsub::directory::TopicInterest;
 use crate::pubsub::envelope::conflated_marker;
 
 /// What a waiting publication is charged besides a small frame: its entry,
@@ -63,7 +62,7 @@ impl Tables {
     pub(super) fn put(
         &mut self,
         (key, serial): ConnRef,
-        topic: &TopicInterest,
+        topic: &Arc<str>,
         p: &Publication,
         skipped: u64,
     ) -> u64 {
@@ -92,7 +91,7 @@ impl Tables {
                 table.waiting.insert(
                     addr,
                     Waiting {
-                        name: Arc::clone(topic.name_arc()),
+                        name: Arc::clone(topic),
                         newest: p.clone(),
                         replaced: skipped,
                     },

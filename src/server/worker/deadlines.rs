@@ -34,6 +34,7 @@ impl<S> Core<S> {
             // One worker sweeps the retained topics for all.
             self.shard.directory().sweep(self.now);
         }
+        self.shard.sweep_pattern_topics();
         let cfg = &self.shared.config;
         let interval = cfg.ping_interval.map(|d| d.as_millis() as u32);
         let timeout = cfg.ping_timeout.as_millis() as u32;

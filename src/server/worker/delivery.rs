@@ -5,8 +5,8 @@
 
 use super::conflation::Tables;
 use super::*;
-use crate::pubsub::directory::TopicInterest;
 use crate::pubsub::envelope::Form;
+use crate::pubsub::shard::TopicView;
 use crate::server::config::SlowConsumerPolicy;
 
 impl<S> Core<S> {
@@ -69,7 +69,7 @@ impl<S> Core<S> {
         let built = &mut self.built;
         let tables = &mut self.tables;
         let mut to_conns =
-            |run: &[Publication], topic: &TopicInterest, targets: &[(usize, u32)]| {
+            |run: &[Publication], topic: &TopicView<'_>, targets: &[(usize, u32)]| {
                 // Called once per chunk of subscribers: record each run's times once.
                 if !std::ptr::eq(last.get(), run.as_ptr()) {
                     last.set(run.as_ptr());
@@ -234,7 +234,7 @@ impl<S> Core<S> {
 /// A run of publications of one topic and a chunk of its local subscribers.
 struct Targets<'a> {
     run: &'a [Publication],
-    topic: &'a TopicInterest,
+    topic: &'a TopicView<'a>,
     targets: &'a [ConnRef],
 }
 
@@ -260,8 +260,8 @@ fn push_to<S>(
         topic: entry,
         targets,
     } = to;
-    let topic = entry.name();
-    let policy = entry.slow_consumer().unwrap_or(cfg.slow_consumer);
+    let topic: &str = entry.name;
+    let policy = entry.slow_consumer.unwrap_or(cfg.slow_consumer);
     // Room for the run's small frames in each form, reserved once per
     // subscriber instead of growing the tail buffer step by step; summed
     // the first time a subscriber of the form comes (which builds the
@@ -292,7 +292,7 @@ fn push_to<S>(
             policy == SlowConsumerPolicy::Always || (policy.conflates() && conn.flag(CONFLATING));
         if waits {
             let last = run.last().expect("a run is not empty");
-            let replaced = tables.put((key, serial), entry, last, run.len() as u64 - 1);
+            let replaced = tables.put((key, serial), entry.name, last, run.len() as u64 - 1);
             stats.replaced(replaced);
             conn.set_flag(CONFLATING, true);
             continue;
@@ -316,7 +316,8 @@ fn push_to<S>(
                     // Over the bound: the rest of the run waits, the newest.
                     let rest = &run[i..];
                     let last = rest.last().expect("not empty");
-                    let replaced = tables.put((key, serial), entry, last, rest.len() as u64 - 1);
+                    let replaced =
+                        tables.put((key, serial), entry.name, last, rest.len() as u64 - 1);
                     stats.replaced(replaced);
                     conn.set_flag(CONFLATING, true);
                     break;
