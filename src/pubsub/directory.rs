@@ -230,6 +230,15 @@ impl Directory {
         }
     }
 
+    /// The same, numbering epochs from `first` instead of the clock: for
+    /// runs that must be repeatable (the fuzz targets compare two).
+    pub fn with_first_epoch(self, first: u64) -> Self {
+        Self {
+            next_epoch: AtomicU64::new(first.max(1)),
+            ..self
+        }
+    }
+
     fn patterns(&self) -> MutexGuard<'_, PatternTrie<u64>> {
         // Every operation leaves the trie consistent: poisoning ignored.
         self.patterns.lock().unwrap_or_else(|p| p.into_inner())
