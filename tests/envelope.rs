@@ -673,3 +673,86 @@ fn a_last_value_too_big_in_its_envelope_is_not_sent() {
         "no snapshot: the next message first"
     );
 }
+
+/// `{"op":"history"}` tells what a topic's history holds; `DELETE
+/// /publish/{topic}` drops it (and the last value with it); a topic kept
+/// for its history alone is forgotten with it.
+#[test]
+fn a_history_request_tells_the_range_and_delete_drops_the_last_value() {
+    use std::io::Write;
+    let server = start();
+    let addr = server.local_addr();
+    let (mut sub, _) = subscribe_with(addr, "/ws?topics=h", "corecast.v1");
+    for i in 1..=3u8 {
+        publish(addr, "h", &[i]);
+    }
+    for n in 1..=3 {
+        assert_eq!(read_env(&mut sub).seq, n);
+    }
+    let history = |ws: &mut Ws| {
+        ws.send(Message::text(r#"{"op":"history","topics":["h","nope"]}"#))
+            .unwrap();
+        match read_incoming(ws) {
+            Incoming::Reply(v) => v,
+            Incoming::Pub(e) => panic!("{e:?}"),
+        }
+    };
+    let v = history(&mut sub);
+    assert_eq!(v["op"], "history", "{v}");
+    let epoch = v["history"]["h"]["epoch"].as_u64().unwrap();
+    assert_eq!(
+        (
+            v["history"]["h"]["first"].as_u64(),
+            v["history"]["h"]["last"].as_u64()
+        ),
+        (Some(1), Some(3))
+    );
+    assert!(v["history"]["nope"].is_null(), "{v}");
+    let delete = |path: &str, extra: &str| {
+        let mut s = raw(addr);
+        s.write_all(
+            format!("DELETE {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{extra}\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+        String::from_utf8_lossy(&read_to_eof(&mut s)).into_owned()
+    };
+    let answer = delete("/publish/h", "");
+    assert!(answer.starts_with("HTTP/1.1 204 "), "{answer}");
+    assert!(answer.contains("Corecast-Deleted: 3"), "{answer}");
+    let v = history(&mut sub);
+    let h = &v["history"]["h"];
+    assert_eq!(
+        (h["epoch"].as_u64(), h["first"].as_u64(), h["last"].as_u64()),
+        (Some(epoch), Some(4), Some(3)),
+        "in use: same epoch, nothing held"
+    );
+    // No last value for a new subscriber now; numbers go on.
+    let (mut late, _) = subscribe_with(addr, "/ws?topics=h", "corecast.v1");
+    publish(addr, "h", b"4");
+    let e = read_env(&mut late);
+    assert_eq!((e.seq, e.snapshot), (4, false));
+    assert_eq!(read_env(&mut sub).seq, 4);
+    // Refusals.
+    assert!(delete("/publish/nope", "").starts_with("HTTP/1.1 404 "));
+    assert!(delete("/publish/h", "Content-Length: 2\r\n").starts_with("HTTP/1.1 400 "));
+    assert!(delete("/publish/h.*", "").contains("cannot publish to a pattern"));
+    sub.send(Message::text(r#"{"op":"history","topics":["h.*"]}"#))
+        .unwrap();
+    match read_incoming(&mut sub) {
+        Incoming::Reply(v) => assert_eq!(v["op"], "error", "{v}"),
+        Incoming::Pub(e) => panic!("{e:?}"),
+    }
+    // Kept for its history alone, then deleted: forgotten, a new epoch.
+    drop((sub, late));
+    let gone = eventually(Duration::from_secs(5), || {
+        metric(&metrics(addr), "corecast_subscriptions") == 0
+    });
+    assert!(gone);
+    assert!(delete("/publish/h", "").starts_with("HTTP/1.1 204 "));
+    let (mut again, _) = subscribe_with(addr, "/ws?topics=h", "corecast.v1");
+    publish(addr, "h", b"5");
+    let e = read_env(&mut again);
+    assert_eq!(e.seq, 1, "a new lifetime");
+    assert_ne!(e.epoch, epoch);
+}

@@ -287,7 +287,7 @@ fn http_publish_refusals() {
         assert!(r.contains(needle), "{needle:?} not in {r}");
     }
     let r = refused(addr, b"PUT /publish/t HTTP/1.1\r\nHost: x\r\n\r\n");
-    assert!(r.contains("Allow: GET, POST\r\n"), "{r}");
+    assert!(r.contains("Allow: GET, POST, DELETE\r\n"), "{r}");
     assert_eq!(server.stats().messages_published, 0);
 }
 

@@ -101,14 +101,27 @@ fn check(data: &[u8]) {
             );
             assert!(c.since.is_empty() || c.op == Op::Subscribe);
             for (i, t) in c.topics.iter().enumerate() {
-                assert_eq!(topic::validate(t, limits.max_topic_len), Ok(t.as_str()));
+                assert!(topic::validate_subscription(t, limits.max_topic_len).is_ok());
+                assert!(
+                    c.op != Op::History || topic::validate(t, limits.max_topic_len).is_ok(),
+                    "a history names topics only"
+                );
                 assert!(!c.topics[..i].contains(t), "duplicate topic {t:?}");
+            }
+            assert!(c.pattern_since.len() <= corecast::pubsub::shard::PATTERN_REPLAY_TOPICS);
+            for (t, _) in &c.pattern_since {
+                assert_eq!(topic::validate(t, limits.max_topic_len), Ok(t.as_str()));
+                assert!(
+                    c.topics.iter().any(|p| corecast::pubsub::pattern::matches(p, t)),
+                    "a position through a pattern is matched by one: {t:?}"
+                );
             }
             let mut reply = control::reply(c.op, &c.topics).into_bytes();
             let v = simd_json::to_borrowed_value(&mut reply).expect("reply is JSON");
             let want = match c.op {
                 Op::Subscribe => "subscribed",
                 Op::Unsubscribe => "unsubscribed",
+                Op::History => "history",
             };
             assert_eq!(v.get("op").and_then(|o| o.as_str()), Some(want));
             let topics: Vec<&str> = v

@@ -3,6 +3,7 @@
 //! ```text
 //! → {"op":"subscribe","topics":["a","b"]}     ← {"op":"subscribed","topics":["a","b"]}
 //! → {"op":"unsubscribe","topics":["a"]}       ← {"op":"unsubscribed","topics":["a"]}
+//! → {"op":"history","topics":["a"]}           ← {"op":"history","history":{"a":{"epoch":E,"first":F,"last":L}}}
 //! → {"op":"subscribe","topics":["a"],"since":{"a":{"epoch":E,"seq":S}}}
 //!                                    ← {"op":"subscribed","topics":["a"],"recovery":{"a":{…}}}
 //! → anything else                             ← {"op":"error","reason":"..."}
@@ -41,6 +42,8 @@ pub const MAX_CONTROL_DEPTH: usize = 16;
 pub enum Op {
     Subscribe,
     Unsubscribe,
+    /// What the named topics' histories hold (nothing subscribed).
+    History,
 }
 
 /// What a control message may ask for: the `--max-topic-len` and
@@ -103,7 +106,9 @@ impl fmt::Display for ControlError {
             ),
             Self::Malformed => f.write_str("malformed JSON"),
             Self::MissingOp => f.write_str("missing \"op\""),
-            Self::UnknownOp => f.write_str("unknown op; expected subscribe or unsubscribe"),
+            Self::UnknownOp => {
+                f.write_str("unknown op; expected subscribe, unsubscribe or history")
+            }
             Self::TopicsNotStrings => f.write_str("\"topics\" must be an array of strings"),
             Self::Topic(e) => e.fmt(f),
             Self::TooManyTopics { max } => ListError::TooMany { max: *max }.fmt(f),
@@ -152,6 +157,7 @@ fn parse_counting(
     let op = match value.get("op").and_then(|v| v.as_str()) {
         Some("subscribe") => Op::Subscribe,
         Some("unsubscribe") => Op::Unsubscribe,
+        Some("history") => Op::History,
         Some(_) => return Err(ControlError::UnknownOp),
         None => return Err(ControlError::MissingOp),
     };
@@ -171,6 +177,10 @@ fn parse_counting(
         .into_iter()
         .map(|n| n.into_owned())
         .collect();
+    if op == Op::History && topics.iter().any(|t| pattern::is_pattern(t)) {
+        // A history is a topic's: name the topics.
+        return Err(ControlError::Topic(TopicError::Pattern));
+    }
     let (since, pattern_since) = match value.get("since") {
         None => (Vec::new(), Vec::new()),
         Some(v) if op == Op::Subscribe => read_since(v, &topics, limits.max_topic_len)?,
@@ -279,6 +289,7 @@ pub fn reply<S: AsRef<str>>(op: Op, topics: &[S]) -> String {
     let word = match op {
         Op::Subscribe => "subscribed",
         Op::Unsubscribe => "unsubscribed",
+        Op::History => "history",
     };
     let mut s = format!("{{\"op\":\"{word}\",\"topics\":[");
     for (i, t) in topics.iter().enumerate() {
@@ -323,6 +334,30 @@ pub fn subscribed_with_recovery<S: AsRef<str>>(
             s.push_str(&format!(",\"reason\":\"{}\"", g.as_str()));
         }
         s.push('}');
+    }
+    s.push_str("}}");
+    s
+}
+
+/// A topic's history as `{"op":"history"}` reports it: (epoch, first, last).
+pub type Range = (u64, u64, u64);
+
+/// `{"op":"history","history":{"a":{"epoch":E,"first":F,"last":L}}}`: per
+/// topic the numbers `F ..= L` its history holds (none when `F > L`; `L`
+/// is the topic's newest number); a topic the server does not know is
+/// `null`.
+pub fn history_reply(ranges: &[(&str, Option<Range>)]) -> String {
+    let mut s = String::from("{\"op\":\"history\",\"history\":{");
+    for (i, (name, r)) in ranges.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        match r {
+            Some((epoch, first, last)) => s.push_str(&format!(
+                "\"{name}\":{{\"epoch\":{epoch},\"first\":{first},\"last\":{last}}}"
+            )),
+            None => s.push_str(&format!("\"{name}\":null")),
+        }
     }
     s.push_str("}}");
     s

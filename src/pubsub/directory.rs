@@ -587,6 +587,33 @@ impl Directory {
         h.recover(since, topic.epoch, current, max_bytes)
     }
 
+    /// What `topic`'s history holds at `now`: its epoch and the numbers
+    /// `first ..= last` it can replay (`first > last`: none), `last` being
+    /// the topic's newest number.
+    pub fn range(&self, topic: &TopicInterest, now: Instant) -> (u64, u64, u64) {
+        let mut h = topic.history();
+        h.expire(&topic.limits, &self.memory, now);
+        let last = topic.seq();
+        (topic.epoch, h.first_seq().unwrap_or(last + 1), last)
+    }
+
+    /// Deletes `name`'s history (its last value with it); returns the
+    /// messages dropped, or `None` for a topic the directory does not
+    /// know. A topic kept for its history alone is forgotten with it (the
+    /// next use starts a new epoch); one in use keeps its epoch and
+    /// numbers, and a recovery of the deleted numbers is told `too_old`.
+    pub fn delete_history(&self, name: &str) -> Option<usize> {
+        let mut t = self.lock();
+        let entry = Arc::clone(t.map.get(name)?);
+        let dropped = entry.history().clear(&self.memory);
+        let retained = entry.retained.load(Ordering::Relaxed);
+        if retained != 0 {
+            drop(entry);
+            self.forget_listed(&mut t, name, retained);
+        }
+        Some(dropped)
+    }
+
     /// Counts an envelope of `len` bytes just built for `msg` in `topic`'s
     /// history, if that holds `msg`.
     pub fn account_envelope(&self, topic: &TopicInterest, msg: &Message, len: usize) {

@@ -177,6 +177,11 @@ impl History {
         self.entries.len()
     }
 
+    /// The oldest number held, if any.
+    pub fn first_seq(&self) -> Option<u64> {
+        self.entries.front().map(|m| m.seq)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

@@ -21,6 +21,8 @@ use std::sync::Arc;
 enum Route<'p> {
     Upgrade(Upgrade<'p>),
     Publish(&'p str),
+    /// `DELETE /publish/{topic}`: its retained history and last value.
+    Delete(&'p str),
     /// `/metrics` or `/healthz` on the main port.
     Admin,
 }
@@ -40,9 +42,10 @@ fn route<'p>(req: &Request<'p, '_>, cfg: &Config) -> Result<Route<'p>, Reject> {
         p => match p.strip_prefix("/publish/") {
             Some(t) if req.method == "POST" => Ok(Route::Publish(t)),
             Some(t) if req.method == "GET" => Ok(Route::Upgrade(Upgrade::Publish(t))),
+            Some(t) if req.method == "DELETE" => Ok(Route::Delete(t)),
             Some(_) => Err(Reject::method(
-                "publish with POST or a WebSocket (GET)",
-                "GET, POST",
+                "publish with POST or a WebSocket (GET), delete a topic's history with DELETE",
+                "GET, POST, DELETE",
             )),
             None => Err(Reject::new(Status::NotFound, "no such endpoint")),
         },
@@ -99,6 +102,43 @@ impl Session {
             Route::Publish(name) => {
                 check_publisher(&req, cfg)?;
                 self.begin_publish(&req, name, ctx)
+            }
+            Route::Delete(name) => {
+                check_publisher(&req, cfg)?;
+                topic::validate(name, cfg.max_topic_len).map_err(topic_reject)?;
+                let has_body = req.header_values("transfer-encoding").next().is_some()
+                    || req
+                        .header("content-length")
+                        .ok()
+                        .flatten()
+                        .is_some_and(|v| v.trim_ascii() != b"0");
+                if has_body {
+                    return Err(Reject::new(Status::BadRequest, "DELETE takes no body"));
+                }
+                let dropped = ctx
+                    .shard
+                    .directory()
+                    .delete_history(name)
+                    .ok_or(Reject::new(
+                        Status::NotFound,
+                        "no such topic: nothing of it is kept",
+                    ))?;
+                ctx.stats.http_request();
+                let ka = keep_alive(&req);
+                self.out.push(Bytes::from(format!(
+                    "HTTP/1.1 204 No Content\r\nCorecast-Deleted: {dropped}\r\n{}\r\n",
+                    if ka { "" } else { "Connection: close\r\n" }
+                )));
+                self.phase = if ka {
+                    Phase::Head {
+                        scan: HeadScanner::default(),
+                        // Set by the caller once the head is done.
+                        requests: 0,
+                    }
+                } else {
+                    Phase::Done
+                };
+                Ok(())
             }
             Route::Admin => {
                 let ka = keep_alive(&req);

@@ -264,6 +264,22 @@ pub(super) fn control_message(
             let reply = control::subscribed_with_recovery(&c.topics, &listed);
             return (reply, frames);
         }
+        Op::History => {
+            let directory = ctx.shard.directory();
+            let ranges: Vec<(&str, Option<control::Range>)> = c
+                .topics
+                .iter()
+                .map(|n| {
+                    let r = directory.get(n).map(|t| {
+                        let r = directory.range(&t, ctx.now);
+                        directory.release(t);
+                        r
+                    });
+                    (n.as_str(), r)
+                })
+                .collect();
+            return (control::history_reply(&ranges), Vec::new());
+        }
         Op::Unsubscribe => {
             let gone: std::collections::HashSet<u32> = c
                 .topics
