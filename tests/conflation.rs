@@ -216,3 +216,55 @@ fn always_conflates_its_namespace_at_all_times_and_leaves_other_topics_whole() {
     );
     assert!(other.iter().all(|p| p.1 == 0));
 }
+
+/// `max_rate`: at most that many publications per second of each topic
+/// for this subscriber, the newest, each jump announced; the last value
+/// always arrives; other subscribers get everything.
+#[test]
+fn a_maximum_rate_delivers_the_newest_value_at_that_rate() {
+    let server = start();
+    let addr = server.local_addr();
+    let mut rated = stalled_enveloped(addr, "r.a,r.b&max_rate=5");
+    rated
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut full = connect(addr, "/ws?topics=r.a");
+    wait_subscriptions(addr, 3);
+    let mut pubs: Vec<Ws> = ["r.a", "r.b"]
+        .iter()
+        .map(|t| connect(addr, &format!("/publish/{t}")))
+        .collect();
+    const N: u64 = 100;
+    let started = std::time::Instant::now();
+    for i in 0..N {
+        for p in pubs.iter_mut() {
+            p.send(Message::binary(i.to_be_bytes().to_vec())).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let got = read_enveloped(&mut rated, &["r.a", "r.b"], N);
+    let took = started.elapsed().as_secs_f64();
+    accounts_for_everything(&got, N);
+    for (t, list) in &got {
+        // 5 per second over the run, the first at once, the newest at the end.
+        let bound = (took * 5.0).ceil() as usize + 2;
+        assert!(
+            list.len() <= bound,
+            "{t}: {} publications in {took:.2} s at 5/s",
+            list.len()
+        );
+        assert!(list.len() >= 3, "{t}: the rate lets some through: {list:?}");
+    }
+    for i in 0..N {
+        match full.read().unwrap() {
+            Message::Binary(b) => assert_eq!(b[..], i.to_be_bytes()),
+            other => panic!("{other:?}"),
+        }
+    }
+    // Out of range: refused.
+    let answer = refused(
+        addr,
+        upgrade_request("/ws?topics=x&max_rate=5000").as_bytes(),
+    );
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+}

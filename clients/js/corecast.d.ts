@@ -44,6 +44,8 @@ export interface Options {
   backoff?: (attempt: number) => number;
   /** Gets every event. */
   onEvent?: (e: Event) => void;
+  /** At most this many publications per second of each topic (the newest; the rest `conflated`). */
+  maxRate?: number;
 }
 
 export class CorecastClient {

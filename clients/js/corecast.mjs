@@ -52,6 +52,8 @@ export class CorecastClient {
    *   the given attempt (0, 1, …); default: full jitter, random below
    *   min(maxDelayMs, minDelayMs * 2^attempt)
    * @param {(e: object) => void} [options.onEvent]  every event (see `on`)
+   * @param {number} [options.maxRate]  at most this many publications per second of each
+   *   topic (the newest; the others reported as `conflated`)
    */
   constructor(url, options = {}) {
     this.url = url;
@@ -60,6 +62,7 @@ export class CorecastClient {
       throw new Error("no WebSocket class: pass options.WebSocket (e.g. the ws package)");
     }
     this.minDelayMs = options.minDelayMs ?? 100;
+    this.maxRate = options.maxRate ?? 0;
     this.maxDelayMs = options.maxDelayMs ?? 10000;
     // Full jitter: a random delay below an exponentially growing bound, so a
     // crowd of clients does not come back in step.
@@ -211,6 +214,7 @@ export class CorecastClient {
       }
     }
     const msg = { op: "subscribe", topics: names };
+    if (this.maxRate > 0) msg.max_rate = this.maxRate;
     if (Object.keys(since).length > 0) msg.since = since;
     this.send(msg);
   }

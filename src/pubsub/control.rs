@@ -68,7 +68,13 @@ pub struct Control {
     /// Positions for topics the message does not name but one of its
     /// patterns matches (at most [`PATTERN_REPLAY_TOPICS`]).
     pub pattern_since: Vec<(String, Since)>,
+    /// A subscribe's `max_rate`: the connection's most publications per
+    /// second of each topic from now on (0: no limit).
+    pub max_rate: Option<u32>,
 }
+
+/// The most a `max_rate` may be (updates per second per topic).
+pub const MAX_RATE: u32 = 1000;
 
 /// Why a control message was refused; its `Display` is the `reason` of the
 /// `{"op":"error"}` reply.
@@ -94,6 +100,9 @@ pub enum ControlError {
     /// `"since"` is not an object of `{"epoch":N,"seq":N}` for topics the
     /// message names or its patterns match.
     BadSince,
+    /// `"max_rate"` is not an integer from 0 to [`MAX_RATE`] (or not on a
+    /// subscribe).
+    BadRate,
 }
 
 impl fmt::Display for ControlError {
@@ -112,6 +121,10 @@ impl fmt::Display for ControlError {
             Self::TopicsNotStrings => f.write_str("\"topics\" must be an array of strings"),
             Self::Topic(e) => e.fmt(f),
             Self::TooManyTopics { max } => ListError::TooMany { max: *max }.fmt(f),
+            Self::BadRate => write!(
+                f,
+                "\"max_rate\" must be an integer from 0 (no limit) to {MAX_RATE} updates per second, on a subscribe"
+            ),
             Self::BadSince => {
                 write!(
                     f,
@@ -186,11 +199,21 @@ fn parse_counting(
         Some(v) if op == Op::Subscribe => read_since(v, &topics, limits.max_topic_len)?,
         Some(_) => return Err(ControlError::BadSince),
     };
+    let max_rate = match value.get("max_rate") {
+        None => None,
+        Some(v) if op == Op::Subscribe => Some(
+            v.as_u64()
+                .filter(|&r| r <= u64::from(MAX_RATE))
+                .ok_or(ControlError::BadRate)? as u32,
+        ),
+        Some(_) => return Err(ControlError::BadRate),
+    };
     Ok(Control {
         op,
         topics,
         since,
         pattern_since,
+        max_rate,
     })
 }
 
@@ -446,7 +469,8 @@ mod tests {
                 op: Op::Subscribe,
                 topics: vec!["a".into(), "b".into()],
                 since: vec![],
-                pattern_since: vec![]
+                pattern_since: vec![],
+                max_rate: None
             })
         );
         assert_eq!(
@@ -455,7 +479,8 @@ mod tests {
                 op: Op::Unsubscribe,
                 topics: vec![],
                 since: vec![],
-                pattern_since: vec![]
+                pattern_since: vec![],
+                max_rate: None
             })
         );
     }

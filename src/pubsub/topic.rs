@@ -160,6 +160,13 @@ pub fn from_query(query: Option<&str>) -> Option<&str> {
     query?.split('&').find_map(|kv| kv.strip_prefix("topics="))
 }
 
+/// The value of parameter `key` in a query string, if present.
+pub fn query_param<'q>(query: Option<&'q str>, key: &str) -> Option<&'q str> {
+    query?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
 /// Splits, percent-decodes and validates a comma list; duplicates are
 /// removed, order kept. Refused as soon as it names more than `max_count`
 /// distinct topics (see [`DistinctNames`]): the rest of the list is not read.
@@ -272,6 +279,12 @@ mod tests {
         assert_eq!(from_query(Some("topics=")), Some(""));
         assert_eq!(from_query(Some("x=1")), None);
         assert_eq!(from_query(None), None);
+        assert_eq!(
+            query_param(Some("topics=a&max_rate=5"), "max_rate"),
+            Some("5")
+        );
+        assert_eq!(query_param(Some("max_rates=5"), "max_rate"), None);
+        assert_eq!(query_param(None, "max_rate"), None);
         assert_eq!(
             parse_list("a,b,,a,c", 128, 64),
             Ok(vec!["a".into(), "b".into(), "c".into()])

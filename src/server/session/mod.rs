@@ -60,6 +60,9 @@ pub struct Ctx<'a> {
     /// Counted by the session: HTTP requests it completed (the backend
     /// arms the next request's deadline).
     pub requests: u32,
+    /// Set by the session: the subscriber asked for this maximum rate per
+    /// topic (updates per second; 0: none). The backend applies it.
+    pub max_rate: Option<u32>,
 }
 
 /// What an open WebSocket is for.

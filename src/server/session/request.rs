@@ -210,6 +210,17 @@ impl Session {
                 subprotocol =
                     subprotocol.or_else(|| choose_subprotocol(req, &SUBSCRIBER_PROTOCOLS));
                 let form = Form::of_subprotocol(subprotocol);
+                if let Some(r) = topic::query_param(req.query, "max_rate") {
+                    let rate = r
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|&r| r <= crate::pubsub::control::MAX_RATE)
+                        .ok_or(Reject::new(
+                            Status::BadRequest,
+                            "max_rate must be an integer from 0 (no limit) to 1000 updates per second",
+                        ))?;
+                    ctx.max_rate = Some(rate);
+                }
                 let names: Vec<&str> = names.iter().map(|n| n.as_ref()).collect();
                 let patterns = names.iter().filter(|n| pattern::is_pattern(n)).count();
                 if patterns > cfg.max_patterns_per_conn {

@@ -221,6 +221,9 @@ pub(super) fn control_message(
     // lookups, never a search of `subs` (held at most max_topics_per_conn).
     match c.op {
         Op::Subscribe => {
+            if c.max_rate.is_some() {
+                ctx.max_rate = c.max_rate;
+            }
             let held: std::collections::HashSet<u32> =
                 subs.as_slice().iter().map(|s| s.topic()).collect();
             let new: Vec<usize> = (0..c.topics.len())

@@ -7,6 +7,12 @@
 //! subscriber ends up with the newest value of every topic, and an
 //! enveloped one can tell conflation (a marker) from loss (a gap).
 //!
+//! A subscriber that asked for a maximum rate (`max_rate`, updates per
+//! second per topic) has all its publications go through its table: each
+//! topic's newest is released at most once per interval, the others it
+//! replaced counted and announced like any conflation; a timer releases
+//! what waits when its time comes.
+//!
 //! A table costs nothing until a publication waits: tables are kept by the
 //! core, not the connection, and a connection with one has its
 //! `CONFLATING` flag set. What a table holds is charged to the worker's
@@ -36,6 +42,10 @@ struct Table {
     /// first waited.
     order: VecDeque<usize>,
     waiting: HashMap<usize, Waiting>,
+    /// A rated subscriber's topics sent lately: when each may be sent next.
+    next: HashMap<usize, Instant>,
+    /// The release timer set for this table, if any.
+    timer: Option<Instant>,
 }
 
 /// Every subscriber's table on a worker.
@@ -44,7 +54,15 @@ pub(super) struct Tables {
     by_conn: HashMap<usize, Table>,
     /// Bytes charged for what the tables hold.
     bytes: usize,
+    /// Subscribers with a maximum rate: (serial, interval between two
+    /// publications of one topic).
+    rates: HashMap<usize, (u32, Duration)>,
+    /// When rated subscribers' tables are due: (time, key, serial).
+    timers: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, usize, u32)>>,
 }
+
+/// The most `max_rate` may ask (updates per second per topic).
+pub const MAX_RATE: u32 = crate::pubsub::control::MAX_RATE;
 
 fn charge_of(p: &Publication) -> usize {
     WAITING_BYTES
@@ -101,8 +119,26 @@ impl Tables {
         }
     }
 
-    /// Drops `key`'s table (the connection is gone).
+    /// Sets `conn`'s maximum rate per topic (0: none); returns whether it
+    /// has one now.
+    pub(super) fn set_rate(&mut self, (key, serial): ConnRef, per_second: u32) -> bool {
+        if per_second == 0 {
+            self.rates.remove(&key);
+            return false;
+        }
+        let interval = Duration::from_secs(1) / per_second.min(MAX_RATE);
+        self.rates.insert(key, (serial, interval));
+        true
+    }
+
+    /// The earliest release timer.
+    pub(super) fn next_timer(&self) -> Option<Instant> {
+        self.timers.peek().map(|t| t.0.0)
+    }
+
+    /// Drops `key`'s table and rate (the connection is gone).
     pub(super) fn remove(&mut self, key: usize) -> usize {
+        self.rates.remove(&key);
         let Some(t) = self.by_conn.remove(&key) else {
             return 0;
         };
@@ -138,8 +174,27 @@ impl<S> Core<S> {
         let stats = &self.shared.stats[self.id];
         let form = conn.session.form();
         let max = self.shared.config.max_outbound_bytes;
+        let now = self.now;
+        let interval = self
+            .tables
+            .rates
+            .get(&key)
+            .filter(|r| r.0 == conn.serial)
+            .map(|r| r.1);
         let mut queued = false;
+        // Rated: topics sent less than an interval ago wait their turn.
+        let mut later: VecDeque<usize> = VecDeque::new();
+        if interval.is_some() {
+            table
+                .next
+                .retain(|addr, at| *at > now || table.waiting.contains_key(addr));
+        }
         while let Some(&addr) = table.order.front() {
+            if interval.is_some() && table.next.get(&addr).is_some_and(|&at| at > now) {
+                table.order.pop_front();
+                later.push_back(addr);
+                continue;
+            }
             let w = &table.waiting[&addr];
             let mut on_built = |_: &Bytes| self.built.push((w.newest.clone(), form));
             let frame = w.newest.msg.frame_for(form, &w.name, &mut on_built).clone();
@@ -163,10 +218,24 @@ impl<S> Core<S> {
                 stats.undelivered(Undelivered::Closing, 1);
                 continue;
             }
+            if let Some(iv) = interval {
+                table.next.insert(addr, now + iv);
+            }
             stats.frames_sent(1);
             queued = true;
         }
-        if table.order.is_empty() {
+        // Those not due yet keep their order, ahead of any left by the bound.
+        while let Some(addr) = later.pop_back() {
+            table.order.push_front(addr);
+        }
+        let due = later_due(table, now);
+        if let Some(at) = due.filter(|&at| table.timer.is_none_or(|t| t > at || t <= now)) {
+            table.timer = Some(at);
+            self.tables
+                .timers
+                .push(std::cmp::Reverse((at, key, table.serial)));
+        }
+        if table.order.is_empty() && table.next.is_empty() {
             self.tables.by_conn.remove(&key);
             conn.set_flag(CONFLATING, false);
         }
@@ -174,6 +243,37 @@ impl<S> Core<S> {
             conn.mark_dirty(key, &mut self.dirty);
         }
         queued
+    }
+
+    /// Sets the connection's maximum rate per topic (`max_rate`; 0: none).
+    pub(super) fn set_rate(&mut self, key: usize, per_second: u32) {
+        let serial = self.conns[key].serial;
+        let rated = self.tables.set_rate((key, serial), per_second);
+        self.conns[key].set_flag(RATED, rated);
+    }
+
+    /// Releases the rated tables whose timer is due (and whose queue is
+    /// empty; a queue still being written releases them when it empties).
+    pub(super) fn release_due_tables(&mut self) {
+        let now = self.now;
+        while let Some(&std::cmp::Reverse((at, key, serial))) = self.tables.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.tables.timers.pop();
+            if !self.is_current(key, serial) {
+                continue;
+            }
+            if let Some(t) = self.tables.by_conn.get_mut(&key)
+                && t.timer == Some(at)
+            {
+                t.timer = None;
+            }
+            if self.conns[key].session.out.is_empty() {
+                self.release_waiting(key);
+                self.recharge(key);
+            }
+        }
     }
 
     /// Releases the tables of the subscribers whose queue is empty (at the
@@ -194,4 +294,15 @@ impl<S> Core<S> {
             }
         }
     }
+}
+
+/// When the first topic of `table` still waiting for its interval is due.
+fn later_due(table: &Table, now: Instant) -> Option<Instant> {
+    table
+        .order
+        .iter()
+        .filter_map(|a| table.next.get(a))
+        .filter(|&&at| at > now)
+        .min()
+        .copied()
 }

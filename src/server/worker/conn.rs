@@ -28,29 +28,32 @@ pub struct Conn<S> {
     pub(super) charged: u32,
     pub(super) state: IoState,
     /// [`READ_PAUSED`], [`PEER_EOF`], [`DIRTY`], [`PING_PENDING`],
-    /// [`ADMITTED`], [`REQUEST_DONE`], [`PUBLISHED`], [`CONFLATING`]: bits, one byte.
-    flags: u8,
+    /// [`ADMITTED`], [`REQUEST_DONE`], [`PUBLISHED`], [`CONFLATING`], [`RATED`]: bits.
+    flags: u16,
 }
 
 /// Stopped reading because the outbound queue is over its bound (or a
 /// publisher is paced or throttled).
-pub(super) const READ_PAUSED: u8 = 1;
+pub(super) const READ_PAUSED: u16 = 1;
 /// The peer sent FIN: once the queue is flushed there is nothing to wait for.
-pub(super) const PEER_EOF: u8 = 2;
+pub(super) const PEER_EOF: u16 = 2;
 /// Already in the dirty list this turn.
-pub(super) const DIRTY: u8 = 4;
+pub(super) const DIRTY: u16 = 4;
 /// A keepalive ping is out and unanswered (nothing received since).
-pub(super) const PING_PENDING: u8 = 8;
+pub(super) const PING_PENDING: u16 = 8;
 /// Counted by the admission limits (clear: refused at accept).
-pub(super) const ADMITTED: u8 = 16;
+pub(super) const ADMITTED: u16 = 16;
 /// The session completed an HTTP request since the request deadline was
 /// last armed ([`Core::after_input`](super::Core::after_input) arms the next).
-pub(super) const REQUEST_DONE: u8 = 32;
+pub(super) const REQUEST_DONE: u16 = 32;
 /// The session published something since the last read's backpressure
 /// check took the mark.
-pub(super) const PUBLISHED: u8 = 64;
+pub(super) const PUBLISHED: u16 = 64;
 /// Publications wait for this subscriber in the core's conflation tables.
-pub(super) const CONFLATING: u8 = 128;
+pub(super) const CONFLATING: u16 = 128;
+/// The subscriber asked for a maximum rate per topic (`max_rate`): all its
+/// publications go through its conflation table.
+pub(super) const RATED: u16 = 256;
 
 impl<S> Conn<S> {
     /// A connection just accepted at `now_ms`, its request head awaited.
@@ -66,11 +69,11 @@ impl<S> Conn<S> {
         }
     }
 
-    pub(super) fn flag(&self, bit: u8) -> bool {
+    pub(super) fn flag(&self, bit: u16) -> bool {
         self.flags & bit != 0
     }
 
-    pub(super) fn set_flag(&mut self, bit: u8, on: bool) {
+    pub(super) fn set_flag(&mut self, bit: u16, on: bool) {
         if on {
             self.flags |= bit;
         } else {
@@ -79,7 +82,7 @@ impl<S> Conn<S> {
     }
 
     /// Clears `bit`; returns whether it was set.
-    pub(super) fn take_flag(&mut self, bit: u8) -> bool {
+    pub(super) fn take_flag(&mut self, bit: u16) -> bool {
         let was = self.flag(bit);
         self.flags &= !bit;
         was

@@ -147,6 +147,7 @@ impl<S> Core<S> {
             self.next_sweep,
             (!self.throttled.is_empty()).then(|| now + THROTTLE_RECHECK),
             self.paced.iter().map(|p| p.0).min(),
+            self.tables.next_timer(),
         ]
         .into_iter()
         .flatten()

@@ -123,7 +123,9 @@ impl<S> Core<S> {
             self.inbox.done(bus, &batch);
         }
         // `always` publications (and any other waiting for a queue that is
-        // empty now) go out this turn, the newest of each topic.
+        // empty now) go out this turn, the newest of each topic; rated
+        // topics whose interval is over too.
+        self.release_due_tables();
         self.release_idle_tables();
         // Envelopes built here are charged here, like published frames.
         for (p, form) in self.built.drain(..) {
@@ -288,8 +290,10 @@ fn push_to<S>(
         // A subscriber with publications waiting gets this topic's in its
         // table too while the policy conflates (so each topic stays in
         // order); `always` conflates at all times.
-        let waits =
-            policy == SlowConsumerPolicy::Always || (policy.conflates() && conn.flag(CONFLATING));
+        // A rated subscriber (`max_rate`) takes everything through its table.
+        let waits = conn.flag(RATED)
+            || policy == SlowConsumerPolicy::Always
+            || (policy.conflates() && conn.flag(CONFLATING));
         if waits {
             let last = run.last().expect("a run is not empty");
             let replaced = tables.put((key, serial), entry.name, last, run.len() as u64 - 1);

@@ -102,13 +102,18 @@ impl<S> Core<S> {
             metrics: &mut self.metrics,
             published: false,
             requests: 0,
+            max_rate: None,
         };
         let next = conn.session.on_input(buf, &mut ctx);
         if ctx.published {
             conn.set_flag(PUBLISHED, true);
         }
+        let max_rate = ctx.max_rate;
         if ctx.requests > 0 {
             conn.set_flag(REQUEST_DONE, true);
+        }
+        if let Some(rate) = max_rate {
+            self.set_rate(key, rate);
         }
         // What it subscribed to or published is charged here too.
         let shard_grew = self.sync_shard_charge();

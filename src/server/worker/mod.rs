@@ -41,7 +41,8 @@ use crate::pubsub::shard::{ConnRef, Shard};
 use bytes::Bytes;
 pub use conn::Conn;
 use conn::{
-    ADMITTED, CONFLATING, DIRTY, PEER_EOF, PING_PENDING, PUBLISHED, READ_PAUSED, REQUEST_DONE,
+    ADMITTED, CONFLATING, DIRTY, PEER_EOF, PING_PENDING, PUBLISHED, RATED, READ_PAUSED,
+    REQUEST_DONE,
 };
 use deadlines::{ms_after, sweep_period};
 use paged::PagedSlab;
@@ -469,7 +470,7 @@ impl<S> Core<S> {
         conn.session.detach(&mut self.shard, stats);
         conn.state = IoState::Gone;
         stats.connection_closed();
-        if conn.take_flag(CONFLATING) {
+        if conn.take_flag(CONFLATING) | conn.take_flag(RATED) {
             let n = self.tables.remove(key);
             stats.undelivered(Undelivered::Closing, n);
         }
