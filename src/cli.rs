@@ -191,6 +191,12 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 0, value_name = "PER_SECOND")]
     pub max_publish_rate: u32,
 
+    /// Subscribes with `since` each worker admits per second (burst: one
+    /// second's worth); one over it is answered "recovery busy" with a
+    /// retry delay and changes nothing. 0 = no limit.
+    #[arg(long, default_value_t = crate::server::config::DEFAULT_MAX_RECOVERY_RATE, value_name = "PER_SECOND")]
+    pub max_recovery_rate: u32,
+
     /// Leading bits of an IPv6 address that make one source address for
     /// --max-connections-per-ip, --max-connect-rate-per-ip and the HTTP
     /// --max-publish-rate (1 to 128; 128 = each address alone). The default
@@ -294,6 +300,7 @@ impl ServeArgs {
             max_connections_per_ip: self.max_connections_per_ip,
             max_connect_rate_per_ip: self.max_connect_rate_per_ip,
             max_publish_rate: self.max_publish_rate,
+            max_recovery_rate: self.max_recovery_rate,
             ipv6_prefix_len: self.ipv6_prefix_len,
             max_frame_size: self.max_frame_size,
             max_fragments: self.max_fragments,
@@ -448,6 +455,7 @@ mod tests {
         assert_eq!(c.max_connections_per_ip, d.max_connections_per_ip);
         assert_eq!(c.max_connect_rate_per_ip, d.max_connect_rate_per_ip);
         assert_eq!(c.max_publish_rate, d.max_publish_rate);
+        assert_eq!(c.max_recovery_rate, d.max_recovery_rate);
         assert_eq!(c.ipv6_prefix_len, d.ipv6_prefix_len);
         assert_eq!(c.max_frame_size, d.max_frame_size);
         assert_eq!(c.max_fragments, d.max_fragments);

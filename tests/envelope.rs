@@ -756,3 +756,40 @@ fn a_history_request_tells_the_range_and_delete_drops_the_last_value() {
     assert_eq!(e.seq, 1, "a new lifetime");
     assert_ne!(e.epoch, epoch);
 }
+
+/// Over `--max-recovery-rate`, a subscribe with `since` is answered
+/// "recovery busy" with a delay and changes nothing; after it, the same
+/// subscribe recovers.
+#[test]
+fn recoveries_are_admitted_at_a_bounded_rate() {
+    let server = start_with(|c| {
+        c.workers = 1;
+        c.max_recovery_rate = 2;
+    });
+    let addr = server.local_addr();
+    let (mut holder, _) = subscribe_with(addr, "/ws?topics=adm", "corecast.v1");
+    publish(addr, "adm", b"1");
+    let epoch = read_env(&mut holder).epoch;
+    let mut busy = None;
+    let mut clients = Vec::new();
+    // The bucket holds two: the third in the same instant waits.
+    for _ in 0..3 {
+        let (mut ws, _) = subscribe_with(addr, "/ws", "corecast.v1");
+        let (reply, _) = subscribe_since(&mut ws, "adm", Some((epoch, 0)));
+        if reply["op"] == "error" {
+            busy = Some(reply);
+        }
+        clients.push(ws);
+    }
+    let busy = busy.expect("one over the rate");
+    assert_eq!(busy["reason"], "recovery busy: try again", "{busy}");
+    let wait = busy["retry_ms"].as_u64().unwrap();
+    assert!((1..=1000).contains(&wait), "{busy}");
+    assert!(metric(&metrics(addr), "corecast_recoveries_deferred_total") >= 1);
+    std::thread::sleep(Duration::from_millis(wait + 50));
+    let ws = clients.last_mut().unwrap();
+    let (reply, _) = subscribe_since(ws, "adm", Some((epoch, 0)));
+    assert_eq!(reply["op"], "subscribed", "{reply}");
+    assert_eq!(reply["recovery"]["adm"]["complete"], true, "{reply}");
+    assert_eq!(read_env(ws).seq, 1);
+}

@@ -31,6 +31,7 @@ export type Event =
   | { type: "gap"; topic: string; epoch: number; from: number; to: number; reason: string }
   | { type: "conflated"; topic: string; epoch: number; from: number; to: number; replaced: number }
   | { type: "reset"; topic: string; epoch: number; previousEpoch: number | null }
+  | { type: "busy"; retryMs: number }
   | { type: "error"; reason: string };
 
 export interface Options {

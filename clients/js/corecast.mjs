@@ -149,6 +149,7 @@ export class CorecastClient {
   close() {
     this.closed = true;
     clearTimeout(this.timer);
+    clearTimeout(this.retryTimer);
     if (this.ws) this.ws.close(1000, "client closing");
   }
 
@@ -246,6 +247,15 @@ export class CorecastClient {
       case "unsubscribed":
         return;
       case "error":
+        if (m.retry_ms !== undefined) {
+          // Recovery busy (a reconnect storm): nothing was applied; ask
+          // again for everything not held yet, a little later.
+          const delay = m.retry_ms + Math.floor(Math.random() * m.retry_ms);
+          clearTimeout(this.retryTimer);
+          this.retryTimer = setTimeout(() => this.sendSubscribe([...this.subs.keys()]), delay);
+          this.emit("busy", { retryMs: delay });
+          return;
+        }
         this.emit("error", { reason: m.reason });
         return;
       default:

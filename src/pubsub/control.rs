@@ -386,6 +386,13 @@ pub fn history_reply(ranges: &[(&str, Option<Range>)]) -> String {
     s
 }
 
+/// The answer to a subscribe with `since` over `--max-recovery-rate`:
+/// `{"op":"error","reason":"recovery busy: try again","retry_ms":N}`;
+/// nothing of the message was applied.
+pub fn busy(retry_ms: u32) -> String {
+    format!(r#"{{"op":"error","reason":"recovery busy: try again","retry_ms":{retry_ms}}}"#)
+}
+
 /// `{"op":"error","reason":"..."}` with the reason JSON-escaped.
 pub fn error(reason: &str) -> String {
     let mut s = String::from("{\"op\":\"error\",\"reason\":\"");

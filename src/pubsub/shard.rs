@@ -319,6 +319,8 @@ pub struct Shard {
     seen: HashSet<ConnRef>,
     /// The number of the batch being delivered ([`Inbox::taken`](super::bus::Inbox::taken)).
     batch: u64,
+    /// Recoveries admitted (`--max-recovery-rate`); full at first use.
+    recoveries: Option<crate::proto::rate::TokenBucket>,
 }
 
 impl Shard {
@@ -344,7 +346,23 @@ impl Shard {
             pattern_ids: PatternTrie::default(),
             seen: HashSet::new(),
             batch: 0,
+            recoveries: None,
         }
+    }
+
+    /// Admits one subscribe with `since` at `rate` per second (0: no
+    /// limit); `Err(ms)`: none left, try again after that long.
+    pub fn admit_recovery(&mut self, rate: u32, now_ms: u32) -> Result<(), u32> {
+        let bucket = self
+            .recoveries
+            .get_or_insert_with(|| crate::proto::rate::TokenBucket::full(rate, now_ms));
+        if bucket.take(rate, now_ms) {
+            return Ok(());
+        }
+        // Empty: the time until one token has accrued.
+        let mut probe = *bucket;
+        probe.spend(rate, now_ms);
+        Err(probe.wait_ms(rate).max(1))
     }
 
     /// Patterns subscribed to on this worker.

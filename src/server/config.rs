@@ -55,6 +55,13 @@ pub const DEFAULT_IPV6_PREFIX_LEN: u8 = 64;
 
 pub use crate::pubsub::policy::SlowConsumerPolicy;
 
+/// Default `--max-recovery-rate`: subscribes with `since` per worker per
+/// second. A recovery costs its worker a history read under the topic's
+/// lock and the replayed frames (up to half a queue); 2 000 a second leaves
+/// a storm of 10 000 reconnecting subscribers on two workers caught up in
+/// under 3 s while the live stream keeps flowing.
+pub const DEFAULT_MAX_RECOVERY_RATE: u32 = 2000;
+
 /// Which event loop the workers run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum IoMode {
@@ -144,6 +151,9 @@ pub struct Config {
     /// address, answered 429 over it; WebSocket: per connection, paced by
     /// not reading it); 0 = no limit.
     pub max_publish_rate: u32,
+    /// Subscribes with `since` one worker admits per second (a token
+    /// bucket holding one second's worth); 0 = no limit.
+    pub max_recovery_rate: u32,
     /// IPv6 clients whose addresses share this many leading bits count as
     /// one source address for the per-address limits (1 to 128). IPv4
     /// clients, also IPv4-mapped ones, count per address.
@@ -209,6 +219,7 @@ impl Default for Config {
             max_connections_per_ip: 0,
             max_connect_rate_per_ip: 0,
             max_publish_rate: 0,
+            max_recovery_rate: DEFAULT_MAX_RECOVERY_RATE,
             ipv6_prefix_len: DEFAULT_IPV6_PREFIX_LEN,
             max_frame_size: DEFAULT_MAX_FRAME_BYTES,
             max_fragments: DEFAULT_MAX_FRAGMENTS,

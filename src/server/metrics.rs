@@ -75,7 +75,7 @@ const CONNECTION_COUNTERS: [Counter; 8] = [
 
 /// Publication and delivery: messages published, frames and bytes sent,
 /// slow consumers, keepalive, publishers held back (mailbox full, rate).
-const DELIVERY_COUNTERS: [Counter; 17] = [
+const DELIVERY_COUNTERS: [Counter; 18] = [
     (
         "corecast_messages_published_total",
         "Messages published (WebSocket and HTTP publishers).",
@@ -105,6 +105,11 @@ const DELIVERY_COUNTERS: [Counter; 17] = [
         "corecast_publications_conflated_total",
         "Publications delivered to a conflating subscriber in place of older ones of their topic.",
         |w| &w.publications_conflated,
+    ),
+    (
+        "corecast_recoveries_deferred_total",
+        "Subscribes with since answered recovery busy (over --max-recovery-rate): nothing applied, the client retries.",
+        |w| &w.recoveries_deferred,
     ),
     (
         "corecast_recoveries_complete_total",

@@ -34,6 +34,7 @@ fn busy_workers() -> Vec<WorkerStats> {
         set(&w.frames_dropped);
         set(&w.publications_replaced);
         set(&w.publications_conflated);
+        set(&w.recoveries_deferred);
         set(&w.recoveries_complete);
         set(&w.recoveries_incomplete);
         set(&w.messages_recovered);

@@ -97,6 +97,9 @@ pub struct WorkerStats {
     /// ones, and deliveries that replaced some.
     pub publications_replaced: AtomicU64,
     pub publications_conflated: AtomicU64,
+    /// Subscribes with `since` answered "recovery busy" (over
+    /// `--max-recovery-rate`).
+    pub recoveries_deferred: AtomicU64,
     pub recoveries_complete: AtomicU64,
     pub recoveries_incomplete: AtomicU64,
     pub messages_recovered: AtomicU64,
@@ -202,6 +205,10 @@ impl WorkerStats {
     pub fn unsubscribed(&self, n: usize) {
         let c = &self.subscriptions;
         c.store(c.load(Relaxed) - n as u64, Relaxed);
+    }
+
+    pub fn recovery_deferred(&self) {
+        bump(&self.recoveries_deferred);
     }
 
     /// `n` publications replaced by a newer one for a subscriber.

@@ -221,6 +221,16 @@ pub(super) fn control_message(
     // lookups, never a search of `subs` (held at most max_topics_per_conn).
     match c.op {
         Op::Subscribe => {
+            let recovers = c.since.iter().any(Option::is_some) || !c.pattern_since.is_empty();
+            if recovers {
+                // Admitted at a bounded rate per worker (reconnect storms):
+                // over it, nothing changes and the client is told when to
+                // try again.
+                if let Err(ms) = ctx.shard.admit_recovery(cfg.max_recovery_rate, ctx.now_ms) {
+                    ctx.stats.recovery_deferred();
+                    return (control::busy(ms), Vec::new());
+                }
+            }
             if c.max_rate.is_some() {
                 ctx.max_rate = c.max_rate;
             }
