@@ -7,7 +7,10 @@
 //  3. a pattern subscriber (`jsp.*`) following two topics is dropped
 //     mid-stream and recovers both through the pattern, every number of
 //     each once;
-//  4. the server restarts: the client reconnects by itself, is told the
+//  4. a client with `maxRate` gets a burst conflated: fewer publications,
+//     the skipped numbers reported as `conflated` (never as a gap), the
+//     newest last;
+//  5. the server restarts: the client reconnects by itself, is told the
 //     numbering started over (`reset`), and receives the new epoch from 1.
 // WebSocket class: Node's `ws` package (installed by run.sh), trusting the
 // test CA for wss://.
@@ -169,7 +172,27 @@ if (pRec.length !== 2 || pRec.some((r) => !r.complete)) fail(`pattern recoveries
 if (!pGot.some((p) => p.recovered)) fail("nothing recovered through the pattern");
 pc.close();
 
-// 4. The server restarts: a new epoch, numbers from 1, told as a reset.
+// 4. maxRate: a burst of 40 at 5/s arrives conflated, told apart from loss.
+const rEvents = [];
+const rGot = [];
+const rc = new CorecastClient(wsUrl, {
+  WebSocket: TrustingWebSocket,
+  maxRate: 5,
+  onEvent: (e) => rEvents.push(e),
+});
+rc.subscribe("jsr", (p) => rGot.push(p));
+await until("the rated connection", () => rEvents.some((e) => e.type === "open"));
+await sleep(50);
+for (let n = 1; n <= 40; n++) await publish("jsr", `r${n}`);
+await until("the newest value", () => rGot.some((p) => p.seq === 40));
+if (rGot.length >= 40) fail(`maxRate let everything through: ${rGot.length}`);
+const replaced = rEvents.filter((e) => e.type === "conflated").reduce((a, e) => a + e.replaced, 0);
+if (rGot.length + replaced !== 40) fail(`received ${rGot.length} + conflated ${replaced} != 40`);
+if (rEvents.some((e) => e.type === "gap")) fail("conflation reported as a gap");
+if (rGot[rGot.length - 1].data !== "r40") fail("the newest value is not last");
+rc.close();
+
+// 5. The server restarts: a new epoch, numbers from 1, told as a reset.
 await stopServer();
 await startServer();
 await until("the reset", () => events.some((e) => e.type === "reset"));
@@ -183,7 +206,7 @@ client.close();
 await stopServer();
 console.log(
   `${label}: 60 numbers once each across a dropped connection (recovered ${got.filter((p) => p.recovered).length}), ` +
-    `last value as a snapshot, two topics recovered through a pattern, ` +
+    `last value as a snapshot, two topics recovered through a pattern, a rated burst conflated (not a gap), ` +
     `a restart seen as a reset and the new epoch from 1: PASS`,
 );
 process.exit(0);
