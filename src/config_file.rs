@@ -231,6 +231,10 @@ impl ConfigFile {
                             _ => return Err(fail("`true` or `false`".into())),
                         })
                     }
+                    "retained-topics" => {
+                        p.retained_topics =
+                            Some(v.parse().map_err(|_| fail(format!("not a count: {v}")))?)
+                    }
                     "slow-consumer" => {
                         p.slow_consumer = Some(
                             crate::pubsub::policy::SlowConsumerPolicy::parse(&v).map_err(&fail)?,
@@ -238,7 +242,7 @@ impl ConfigFile {
                     }
                     _ => {
                         return Err(fail(
-                            "unknown namespace setting (history-size, history-bytes, history-age, last-value, slow-consumer)"
+                            "unknown namespace setting (history-size, history-bytes, history-age, last-value, slow-consumer, retained-topics)"
                                 .into(),
                         ));
                     }

@@ -59,6 +59,8 @@ pub struct TopicInterest {
     last_value: bool,
     /// Its namespace's slow-consumer policy (`None`: the flag's).
     slow_consumer: Option<SlowConsumerPolicy>,
+    /// Its namespace (index in the directory's policies), if any.
+    namespace: Option<u16>,
     /// The workers with a pattern subscription matching this topic, as
     /// of pattern version `pattern_version` (see [`Directory::targets`]);
     /// both written only under the topic's order lock.
@@ -166,8 +168,22 @@ struct Topics {
     retained: VecDeque<(Arc<str>, u64)>,
     /// Listings that count: topics retained now.
     retained_count: usize,
+    /// Of which per namespace (index in the directory's policies).
+    retained_per_ns: Vec<usize>,
     /// The last listing number given.
     listings: u64,
+}
+
+impl Topics {
+    /// `e` is no longer retained (taken again, or forgotten).
+    fn unretain(&mut self, e: &TopicInterest) {
+        if e.retained.swap(0, Ordering::Relaxed) != 0 {
+            self.retained_count -= 1;
+            if let Some(ns) = e.namespace {
+                self.retained_per_ns[ns as usize] -= 1;
+            }
+        }
+    }
 }
 
 /// What [`Directory::forget_listed`] did with a retained listing.
@@ -330,9 +346,7 @@ impl Directory {
             .map(|(_, e)| Arc::clone(e))
             .collect();
         for e in &found {
-            if e.retained.swap(0, Ordering::Relaxed) != 0 {
-                t.retained_count -= 1;
-            }
+            t.unretain(e);
         }
         found
     }
@@ -351,9 +365,7 @@ impl Directory {
             drop(e);
             return None;
         }
-        if e.retained.swap(0, Ordering::Relaxed) != 0 {
-            t.retained_count -= 1;
-        }
+        t.unretain(&e);
         Some(e)
     }
 
@@ -369,19 +381,19 @@ impl Directory {
         let mut t = self.lock();
         if let Some(e) = t.map.get(name) {
             let e = Arc::clone(e);
-            if e.retained.swap(0, Ordering::Relaxed) != 0 {
-                t.retained_count -= 1;
-            }
+            t.unretain(&e);
             return e;
         }
         let (limits, last_value) =
             policy::resolve(&self.policies, name, &self.limits, self.last_value);
         let slow_consumer = policy::slow_consumer(&self.policies, name);
+        let namespace = policy::namespace_of(&self.policies, name).map(|i| i as u16);
         let name: Arc<str> = Arc::from(name);
         let entry = Arc::new(TopicInterest {
             limits,
             last_value,
             slow_consumer,
+            namespace,
             name: Arc::clone(&name),
             workers: AtomicU64::new(0),
             epoch: self.next_epoch.fetch_add(1, Ordering::Relaxed),
@@ -452,8 +464,10 @@ impl Directory {
             let Some((name, listing)) = t.retained.pop_front() else {
                 break;
             };
-            if self.forget_listed(&mut t, &name, listing) == Forget::Held {
-                t.retained.push_back((name, listing));
+            match self.forget_listed(&mut t, &name, listing) {
+                Forget::Held => t.retained.push_back((name, listing)),
+                Forget::Forgotten { dropped } => self.memory.evicted(dropped),
+                Forget::Stale => {}
             }
         }
     }
@@ -473,12 +487,22 @@ impl Directory {
                 entry.retained.store(t.listings, Ordering::Relaxed);
                 t.retained.push_back((Arc::clone(name), t.listings));
                 t.retained_count += 1;
+                if let Some(ns) = entry.namespace.map(usize::from) {
+                    if t.retained_per_ns.len() <= ns {
+                        t.retained_per_ns.resize(ns + 1, 0);
+                    }
+                    t.retained_per_ns[ns] += 1;
+                    let bound = self.policies[ns].retained_topics;
+                    if bound.is_some_and(|b| t.retained_per_ns[ns] > b) {
+                        self.forget_oldest_of(t, ns);
+                    }
+                }
             }
         } else {
-            if entry.retained.swap(0, Ordering::Relaxed) != 0 {
-                t.retained_count -= 1;
-            }
+            let entry = Arc::clone(entry);
+            t.unretain(&entry);
             entry.history().clear(&self.memory);
+            drop(entry);
             t.map.remove(name);
         }
     }
@@ -495,11 +519,31 @@ impl Directory {
         if Arc::strong_count(entry) != 1 {
             return Forget::Held;
         }
-        entry.retained.store(0, Ordering::Relaxed);
+        let entry = Arc::clone(entry);
+        t.unretain(&entry);
         let dropped = entry.history().clear(&self.memory);
+        drop(entry);
         t.map.remove(name);
-        t.retained_count -= 1;
         Forget::Forgotten { dropped }
+    }
+
+    /// Forgets the longest-retained topic of namespace `ns` that nobody
+    /// holds (one pass over the listings at most), counting what its
+    /// history dropped: a namespace over its `retained-topics`.
+    fn forget_oldest_of(&self, t: &mut Topics, ns: usize) {
+        let found = t.retained.iter().position(|(name, listing)| {
+            t.map.get(name).is_some_and(|e| {
+                e.namespace == Some(ns as u16)
+                    && e.retained.load(Ordering::Relaxed) == *listing
+                    && Arc::strong_count(e) == 1
+            })
+        });
+        if let Some(i) = found {
+            let (name, listing) = t.retained.remove(i).expect("found");
+            if let Forget::Forgotten { dropped } = self.forget_listed(t, &name, listing) {
+                self.memory.evicted(dropped);
+            }
+        }
     }
 
     /// Forgets retained topics whose history has aged out by `now`, and
@@ -723,6 +767,41 @@ mod tests {
         assert_eq!(d.retained_len(), 2, "at most --retained-topics");
         assert!(d.get("x").is_none(), "the longest retained went first");
         assert_eq!(d.history_memory().entries(), 2);
+    }
+
+    #[test]
+    fn a_namespace_keeps_at_most_its_retained_topics_oldest_forgotten_first() {
+        let policies = vec![NamespacePolicy {
+            prefix: "ns".into(),
+            retained_topics: Some(2),
+            ..Default::default()
+        }];
+        let d = Directory::with_policies(HistoryLimits::default(), 100, policies, true);
+        let t0 = Instant::now();
+        for name in ["ns.a", "other.x", "ns.b", "ns.c", "other.y"] {
+            let t = d.entry(name);
+            d.record(&t, &numbered(&t, t0));
+            d.release(t);
+        }
+        assert!(d.get("ns.a").is_none(), "the namespace's oldest went");
+        for kept in ["ns.b", "ns.c", "other.x", "other.y"] {
+            let t = d.get(kept).unwrap_or_else(|| panic!("{kept} kept"));
+            d.release(t);
+        }
+        assert_eq!(d.retained_len(), 4);
+        assert_eq!(d.history_memory().evicted_for_memory(), 1, "counted");
+        // Taken again and let go: counted once.
+        let b = d.entry("ns.b");
+        d.release(b);
+        let t = d.entry("ns.d");
+        d.record(&t, &numbered(&t, t0));
+        d.release(t);
+        assert!(
+            d.get("ns.c").is_none(),
+            "b was let go again after c: c is older"
+        );
+        let b = d.get("ns.b").expect("kept");
+        d.release(b);
     }
 
     #[test]

@@ -58,6 +58,9 @@ pub struct NamespacePolicy {
     pub history_age: Option<Duration>,
     pub last_value: Option<bool>,
     pub slow_consumer: Option<SlowConsumerPolicy>,
+    /// Most topics of the namespace kept for their history alone (within
+    /// `--retained-topics` for all).
+    pub retained_topics: Option<usize>,
 }
 
 /// Whether namespace `prefix` covers topic `name`.
@@ -67,6 +70,17 @@ pub fn covers(prefix: &str, name: &str) -> bool {
         Some(rest) => matches!(rest.as_bytes()[0], b'.' | b':' | b'/'),
         None => false,
     }
+}
+
+/// The index in `policies` of the namespace covering `name` (the longest),
+/// if any.
+pub fn namespace_of(policies: &[NamespacePolicy], name: &str) -> Option<usize> {
+    policies
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| covers(&p.prefix, name))
+        .max_by_key(|(_, p)| p.prefix.len())
+        .map(|(i, _)| i)
 }
 
 /// The slow-consumer policy of topic `name`: the longest covering

@@ -270,7 +270,7 @@ pub fn render_history(s: &mut String, bytes: usize, entries: usize, retained: us
         (
             "corecast_history_evicted_total",
             "counter",
-            "History messages dropped before their time to stay under --history-memory.",
+            "History messages dropped before their time: to stay under --history-memory, or with a retained topic forgotten over --retained-topics or its namespace's retained-topics.",
             evicted,
         ),
     ] {
