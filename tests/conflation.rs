@@ -268,3 +268,61 @@ fn a_maximum_rate_delivers_the_newest_value_at_that_rate() {
     );
     assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
 }
+
+/// A subscriber that leaves a topic gets nothing of it after the
+/// `unsubscribed` reply, even what waited for it in its table (here held
+/// there by a maximum rate of one a second).
+#[test]
+fn leaving_a_topic_drops_what_waited_of_it() {
+    let server = start_with(|c| c.workers = 1);
+    let addr = server.local_addr();
+    let (mut sub, _) = subscribe_with(addr, "/ws?topics=u.a,u.b&max_rate=1", "corecast.v1");
+    wait_subscriptions(addr, 2);
+    for i in 1..=3u8 {
+        publish(addr, "u.a", &[i]);
+    }
+    let first = read_env(&mut sub);
+    assert_eq!(
+        (first.topic.as_str(), first.seq),
+        ("u.a", 1),
+        "the first at once"
+    );
+    // 2 and 3 wait for the interval; leaving the topic drops them.
+    sub.send(Message::text(r#"{"op":"unsubscribe","topics":["u.a"]}"#))
+        .unwrap();
+    match read_incoming(&mut sub) {
+        Incoming::Reply(v) => assert_eq!(v["op"], "unsubscribed", "{v}"),
+        Incoming::Pub(e) => panic!("before the reply: {e:?}"),
+    }
+    std::thread::sleep(Duration::from_millis(1200));
+    publish(addr, "u.b", b"b");
+    let e = read_env(&mut sub);
+    assert_eq!(e.topic, "u.b", "nothing of u.a after leaving it: {e:?}");
+}
+
+/// A conflating subscriber with more distinct topics waiting than its
+/// bound holds is a slow consumer: closed, counted.
+#[test]
+fn a_table_past_its_bound_closes_its_subscriber() {
+    let server = start_with(|c| {
+        c.workers = 1;
+        c.max_outbound_bytes = 4 * KIB;
+        c.slow_consumer = SlowConsumerPolicy::Always;
+    });
+    let addr = server.local_addr();
+    let _stalled = stalled_enveloped(addr, "w.%3E");
+    wait_subscriptions(addr, 1);
+    let mut p = raw(addr);
+    // Keep-alive HTTP publishes of 10 KiB to 1 000 distinct topics: the
+    // socket's buffers fill, then the table grows a topic at a time.
+    for i in 0..1000 {
+        p.write_all(&post_with(&format!("w.{i}"), BINARY, &[0u8; 10 * KIB], ""))
+            .unwrap();
+        let head = read_head(&mut p);
+        assert!(head.starts_with("HTTP/1.1 204 "), "{head}");
+    }
+    let closed = eventually(Duration::from_secs(10), || {
+        metric(&metrics(addr), "corecast_slow_consumer_disconnects_total") == 1
+    });
+    assert!(closed, "{}", metrics(addr));
+}

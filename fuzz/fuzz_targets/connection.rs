@@ -98,6 +98,7 @@ fn run<'a>(cfg: &Config, reads: impl Iterator<Item = &'a [u8]>) -> Vec<Item> {
                 published: false,
                 requests: 0,
                 max_rate: None,
+            resubscribed: false,
             };
             let next = session.on_input(&mut buf, &mut ctx);
             (next, ctx.requests as usize)

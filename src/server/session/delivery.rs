@@ -45,6 +45,31 @@ impl Session {
         Push::Queued
     }
 
+    /// Fails a subscriber as a slow consumer (its conflation table is
+    /// full): the frames queued but not started are discarded, a 1008 close
+    /// queued. Returns the bytes discarded.
+    pub fn fail_slow(&mut self) -> usize {
+        let Phase::Ws { ws, .. } = &mut self.phase else {
+            return 0;
+        };
+        let discarded = self.out.truncate_to_front();
+        if ws.can_send() {
+            ws.close(CloseCode::POLICY_VIOLATION, "slow consumer", &mut self.out);
+        }
+        discarded
+    }
+
+    /// A subscriber's subscriptions (none for other connections).
+    pub fn subscriptions(&self) -> &[crate::pubsub::shard::Subscription] {
+        match &self.phase {
+            Phase::Ws {
+                role: Role::Subscriber { subs },
+                ..
+            } => subs.as_slice(),
+            _ => &[],
+        }
+    }
+
     /// Queues frames that waited in the subscriber's conflation table (a
     /// marker and a publication), if it is an open WebSocket that may still
     /// send; `false` otherwise.

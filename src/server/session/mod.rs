@@ -63,6 +63,9 @@ pub struct Ctx<'a> {
     /// Set by the session: the subscriber asked for this maximum rate per
     /// topic (updates per second; 0: none). The backend applies it.
     pub max_rate: Option<u32>,
+    /// Set by the session: a control message changed the subscriptions
+    /// (the backend drops what waits for topics left).
+    pub resubscribed: bool,
 }
 
 /// What an open WebSocket is for.

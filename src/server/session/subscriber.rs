@@ -221,19 +221,6 @@ pub(super) fn control_message(
     // lookups, never a search of `subs` (held at most max_topics_per_conn).
     match c.op {
         Op::Subscribe => {
-            let recovers = c.since.iter().any(Option::is_some) || !c.pattern_since.is_empty();
-            if recovers {
-                // Admitted at a bounded rate per worker (reconnect storms):
-                // over it, nothing changes and the client is told when to
-                // try again.
-                if let Err(ms) = ctx.shard.admit_recovery(cfg.max_recovery_rate, ctx.now_ms) {
-                    ctx.stats.recovery_deferred();
-                    return (control::busy(ms), Vec::new());
-                }
-            }
-            if c.max_rate.is_some() {
-                ctx.max_rate = c.max_rate;
-            }
             let held: std::collections::HashSet<u32> =
                 subs.as_slice().iter().map(|s| s.topic()).collect();
             let new: Vec<usize> = (0..c.topics.len())
@@ -260,6 +247,24 @@ pub(super) fn control_message(
                     Vec::new(),
                 );
             }
+            // A recovery for a topic not held yet (a pattern's positions
+            // included) is admitted at a bounded rate per worker (reconnect
+            // storms): over it, nothing changes and the client is told when
+            // to try again.
+            let recovers = new
+                .iter()
+                .any(|&i| c.since.get(i).copied().flatten().is_some())
+                || (!c.pattern_since.is_empty()
+                    && new.iter().any(|&i| pattern::is_pattern(&c.topics[i])));
+            if recovers && let Err(ms) = ctx.shard.admit_recovery(cfg.max_recovery_rate, ctx.now_ms)
+            {
+                ctx.stats.recovery_deferred();
+                return (control::busy(ms), Vec::new());
+            }
+            if c.max_rate.is_some() {
+                ctx.max_rate = c.max_rate;
+            }
+            ctx.resubscribed = true;
             // One subscribe's replay (recoveries and last values, however
             // many topics): at most half a subscriber's queue with what is
             // queued already, so the live stream that follows is not cut
@@ -312,6 +317,7 @@ pub(super) fn control_message(
                 keep
             });
             shard.mark_multi(subs.as_slice());
+            ctx.resubscribed = dropped > 0;
             ctx.stats.unsubscribed(dropped);
             ctx.stats.pattern_unsubscribed(patterns);
         }

@@ -28,24 +28,26 @@ pub const WAITING_BYTES: usize = 128;
 
 /// One topic's newest waiting publication for a subscriber.
 struct Waiting {
-    name: Arc<str>,
     newest: Publication,
     /// Older publications it replaced since the last release.
     replaced: u64,
 }
 
-/// One subscriber's waiting publications.
+/// One subscriber's waiting publications, by topic name (a name, not the
+/// directory entry's address: a topic only patterns receive may get a new
+/// entry per publication).
 #[derive(Default)]
 struct Table {
     serial: u32,
-    /// Topics (by the address of their directory entry) in the order they
-    /// first waited.
-    order: VecDeque<usize>,
-    waiting: HashMap<usize, Waiting>,
+    /// Topics in the order they first waited.
+    order: VecDeque<Arc<str>>,
+    waiting: HashMap<Arc<str>, Waiting>,
     /// A rated subscriber's topics sent lately: when each may be sent next.
-    next: HashMap<usize, Instant>,
+    next: HashMap<Arc<str>, Instant>,
     /// The release timer set for this table, if any.
     timer: Option<Instant>,
+    /// Bytes charged for what waits here.
+    bytes: usize,
 }
 
 /// Every subscriber's table on a worker.
@@ -59,6 +61,8 @@ pub(super) struct Tables {
     rates: HashMap<usize, (u32, Duration)>,
     /// When rated subscribers' tables are due: (time, key, serial).
     timers: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, usize, u32)>>,
+    /// Tables put to since the last [`Core::release_idle_tables`].
+    touched: Vec<ConnRef>,
 }
 
 /// The most `max_rate` may ask (updates per second per topic).
@@ -73,50 +77,94 @@ fn charge_of(p: &Publication) -> usize {
         }
 }
 
+/// A table would pass its bound (`--max-outbound-bytes` of waiting
+/// entries): the subscriber is handled as a slow consumer.
+pub(super) struct Full;
+
 impl Tables {
     /// Keeps `p` as the newest waiting publication of `topic` for
     /// `(key, serial)`, replacing the one that waited and the `skipped`
     /// publications of its run before it; returns how many it replaced.
+    /// `Err(Full)` (nothing kept) when a new topic would take the table
+    /// past `max_bytes`.
     pub(super) fn put(
         &mut self,
         (key, serial): ConnRef,
         topic: &Arc<str>,
         p: &Publication,
         skipped: u64,
-    ) -> u64 {
+        max_bytes: usize,
+    ) -> Result<u64, Full> {
         let table = self.by_conn.entry(key).or_default();
         if table.serial != serial {
             // A table left by an earlier connection with this key.
-            for w in table.waiting.values() {
-                self.bytes -= charge_of(&w.newest);
-            }
+            self.bytes -= table.bytes;
             *table = Table {
                 serial,
                 ..Table::default()
             };
         }
-        let addr = p.topic.as_ptr() as usize;
-        self.bytes += charge_of(p);
-        match table.waiting.get_mut(&addr) {
+        let charge = charge_of(p);
+        match table.waiting.get_mut(topic) {
             Some(w) => {
-                self.bytes -= charge_of(&w.newest);
+                let old = charge_of(&w.newest);
                 w.newest = p.clone();
                 w.replaced += skipped + 1;
-                skipped + 1
+                table.bytes = table.bytes + charge - old;
+                self.bytes = self.bytes + charge - old;
+                Ok(skipped + 1)
             }
             None => {
-                table.order.push_back(addr);
+                if table.bytes + charge > max_bytes && !table.waiting.is_empty() {
+                    return Err(Full);
+                }
+                table.order.push_back(Arc::clone(topic));
                 table.waiting.insert(
-                    addr,
+                    Arc::clone(topic),
                     Waiting {
-                        name: Arc::clone(topic),
                         newest: p.clone(),
                         replaced: skipped,
                     },
                 );
-                skipped
+                table.bytes += charge;
+                self.bytes += charge;
+                if self.touched.last() != Some(&(key, serial)) {
+                    self.touched.push((key, serial));
+                }
+                Ok(skipped)
             }
         }
+    }
+
+    /// Whether a publication of `topic` waits for `(key, serial)`: later
+    /// ones of the topic must wait behind it (one order per topic).
+    pub(super) fn waits_for(&self, (key, serial): ConnRef, topic: &str) -> bool {
+        self.by_conn
+            .get(&key)
+            .is_some_and(|t| t.serial == serial && t.waiting.contains_key(topic))
+    }
+
+    /// Drops what waits for `key` of topics `keep` refuses (the subscriber
+    /// left them); returns how many.
+    pub(super) fn prune(&mut self, key: usize, keep: impl Fn(&str) -> bool) -> usize {
+        let Some(t) = self.by_conn.get_mut(&key) else {
+            return 0;
+        };
+        let mut dropped = 0;
+        let (waiting, bytes) = (&mut t.waiting, &mut t.bytes);
+        t.order.retain(|name| {
+            if keep(name) {
+                return true;
+            }
+            if let Some(w) = waiting.remove(name) {
+                let c = charge_of(&w.newest);
+                *bytes -= c;
+                self.bytes -= c;
+                dropped += 1;
+            }
+            false
+        });
+        dropped
     }
 
     /// Sets `conn`'s maximum rate per topic (0: none); returns whether it
@@ -136,15 +184,14 @@ impl Tables {
         self.timers.peek().map(|t| t.0.0)
     }
 
-    /// Drops `key`'s table and rate (the connection is gone).
+    /// Drops `key`'s table and rate (the connection is gone); returns the
+    /// publications that waited.
     pub(super) fn remove(&mut self, key: usize) -> usize {
         self.rates.remove(&key);
         let Some(t) = self.by_conn.remove(&key) else {
             return 0;
         };
-        for w in t.waiting.values() {
-            self.bytes -= charge_of(&w.newest);
-        }
+        self.bytes -= t.bytes;
         t.waiting.len()
     }
 
@@ -152,19 +199,16 @@ impl Tables {
     pub(super) fn bytes(&self) -> usize {
         self.bytes
     }
-
-    /// Connections with a table.
-    pub(super) fn conns(&self) -> Vec<ConnRef> {
-        self.by_conn.iter().map(|(&k, t)| (k, t.serial)).collect()
-    }
 }
 
 impl<S> Core<S> {
     /// Moves what waits for `key` into its queue, each topic's newest value
     /// after a marker when it replaced others, oldest-waiting topic first,
     /// while the queue stays within `--max-outbound-bytes` (at least one
-    /// topic; the rest waits for the next time the queue is empty). Called
-    /// when the queue is empty. Returns whether anything was queued.
+    /// topic; the rest waits for the next time the queue is empty); a
+    /// rated subscriber's topics only once their interval is over (a
+    /// timer is set for the first that is not). Called when the queue is
+    /// empty. Returns whether anything was queued.
     pub(super) fn release_waiting(&mut self, key: usize) -> bool {
         let conn = &mut self.conns[key];
         let Some(table) = self.tables.by_conn.get_mut(&key) else {
@@ -183,57 +227,62 @@ impl<S> Core<S> {
             .map(|r| r.1);
         let mut queued = false;
         // Rated: topics sent less than an interval ago wait their turn.
-        let mut later: VecDeque<usize> = VecDeque::new();
-        if interval.is_some() {
-            table
+        let mut later: VecDeque<Arc<str>> = VecDeque::new();
+        match interval {
+            Some(_) => table
                 .next
-                .retain(|addr, at| *at > now || table.waiting.contains_key(addr));
+                .retain(|name, at| *at > now || table.waiting.contains_key(name)),
+            None => table.next.clear(),
         }
-        while let Some(&addr) = table.order.front() {
-            if interval.is_some() && table.next.get(&addr).is_some_and(|&at| at > now) {
-                table.order.pop_front();
-                later.push_back(addr);
+        while let Some(name) = table.order.front() {
+            if interval.is_some() && table.next.get(name).is_some_and(|&at| at > now) {
+                let name = table.order.pop_front().expect("front");
+                later.push_back(name);
                 continue;
             }
-            let w = &table.waiting[&addr];
+            let w = &table.waiting[name];
             let mut on_built = |_: &Bytes| self.built.push((w.newest.clone(), form));
-            let frame = w.newest.msg.frame_for(form, &w.name, &mut on_built).clone();
+            let frame = w.newest.msg.frame_for(form, name, &mut on_built).clone();
             if queued && conn.session.out.len() + frame.len() > max {
                 break;
             }
             let m = &w.newest.msg;
             let marker = (w.replaced > 0)
-                .then(|| conflated_marker(form, &w.name, m.epoch, m.seq, w.replaced))
+                .then(|| conflated_marker(form, name, m.epoch, m.seq, w.replaced))
                 .flatten();
             let frames: Vec<&Bytes> = marker.iter().chain(std::iter::once(&frame)).collect();
             let ok = conn.session.push_waiting(&frames);
-            if w.replaced > 0 {
-                stats.conflated(w.replaced);
-            }
-            table.order.pop_front();
-            let w = table.waiting.remove(&addr).expect("listed");
-            self.tables.bytes -= charge_of(&w.newest);
+            let name = table.order.pop_front().expect("front");
+            let w = table.waiting.remove(&name).expect("listed");
+            let c = charge_of(&w.newest);
+            table.bytes -= c;
+            self.tables.bytes -= c;
             if !ok {
                 // Closing: nothing more goes out.
                 stats.undelivered(Undelivered::Closing, 1);
                 continue;
             }
+            if w.replaced > 0 {
+                stats.conflated(w.replaced);
+            }
             if let Some(iv) = interval {
-                table.next.insert(addr, now + iv);
+                table.next.insert(name, now + iv);
             }
             stats.frames_sent(1);
             queued = true;
         }
         // Those not due yet keep their order, ahead of any left by the bound.
-        while let Some(addr) = later.pop_back() {
-            table.order.push_front(addr);
+        while let Some(name) = later.pop_back() {
+            table.order.push_front(name);
         }
-        let due = later_due(table, now);
-        if let Some(at) = due.filter(|&at| table.timer.is_none_or(|t| t > at || t <= now)) {
-            table.timer = Some(at);
-            self.tables
-                .timers
-                .push(std::cmp::Reverse((at, key, table.serial)));
+        if interval.is_some() {
+            let due = later_due(table, now);
+            if let Some(at) = due.filter(|&at| table.timer.is_none_or(|t| t > at || t <= now)) {
+                table.timer = Some(at);
+                self.tables
+                    .timers
+                    .push(std::cmp::Reverse((at, key, table.serial)));
+            }
         }
         if table.order.is_empty() && table.next.is_empty() {
             self.tables.by_conn.remove(&key);
@@ -250,6 +299,35 @@ impl<S> Core<S> {
         let serial = self.conns[key].serial;
         let rated = self.tables.set_rate((key, serial), per_second);
         self.conns[key].set_flag(RATED, rated);
+    }
+
+    /// After a subscriber changed its subscriptions: drops what waits for
+    /// it of topics it no longer receives (an unsubscribed topic's value
+    /// must not arrive after the `unsubscribed` reply, nor behind a
+    /// replay when it subscribes again).
+    pub(super) fn prune_waiting(&mut self, key: usize) {
+        let conn = &self.conns[key];
+        if !conn.flag(CONFLATING) {
+            return;
+        }
+        let subs = conn.session.subscriptions();
+        let exact: std::collections::HashSet<u32> = subs
+            .iter()
+            .filter(|s| !s.is_pattern())
+            .map(|s| s.topic())
+            .collect();
+        let patterns: Vec<String> = subs
+            .iter()
+            .filter(|s| s.is_pattern())
+            .filter_map(|s| self.shard.pattern_name(s.topic()).map(str::to_owned))
+            .collect();
+        let shard = &self.shard;
+        self.tables.prune(key, |name| {
+            shard.topic_id(name).is_some_and(|id| exact.contains(&id))
+                || patterns
+                    .iter()
+                    .any(|p| crate::pubsub::pattern::matches(p, name))
+        });
     }
 
     /// Releases the rated tables whose timer is due (and whose queue is
@@ -276,19 +354,13 @@ impl<S> Core<S> {
         }
     }
 
-    /// Releases the tables of the subscribers whose queue is empty (at the
-    /// end of a delivery: `always` publications go out in the same turn).
+    /// Releases the tables put to during this turn's delivery whose queue
+    /// is empty (`always` publications go out in the same turn). Others
+    /// wait for their queue to empty (`after_flush`) or their timer.
     pub(super) fn release_idle_tables(&mut self) {
-        if self.tables.by_conn.is_empty() {
-            return;
-        }
-        for (key, serial) in self.tables.conns() {
-            if !self.is_current(key, serial) {
-                let n = self.tables.remove(key);
-                self.stats().undelivered(Undelivered::Closing, n);
-                continue;
-            }
-            if self.conns[key].session.out.is_empty() {
+        for (key, serial) in std::mem::take(&mut self.tables.touched) {
+            // A connection gone meanwhile had its table dropped by `retire`.
+            if self.is_current(key, serial) && self.conns[key].session.out.is_empty() {
                 self.release_waiting(key);
                 self.recharge(key);
             }

@@ -3,7 +3,7 @@
 //! the budget's share of what the shard holds, throttled and paced
 //! publishers resumed, and what an exiting worker leaves undelivered.
 
-use super::conflation::Tables;
+use super::conflation::{Full, Tables};
 use super::*;
 use crate::pubsub::envelope::Form;
 use crate::pubsub::shard::TopicView;
@@ -132,6 +132,8 @@ impl<S> Core<S> {
             let topic = self.shard.local_id(&p);
             self.shard.charge_built(topic, &p.msg, form);
         }
+        // What the tables took this turn counts now, not at the next turn.
+        self.sync_shard_charge();
         for (key, serial) in std::mem::take(&mut self.slow) {
             if self.is_current(key, serial) && self.conns[key].state == IoState::Active {
                 self.start_closing(key);
@@ -276,6 +278,41 @@ fn push_to<S>(
         };
         debug_assert_eq!(conn.serial, serial, "registry holds a stale connection");
         let form = conn.session.form();
+        let mut queued = false;
+        let over = *budget.buffered > budget.limit;
+        // What waits in the subscriber's table: everything of a rated
+        // subscriber (`max_rate`); everything of an `always` topic; a
+        // conflating topic's while anything waits; and any topic's while
+        // one of its own waits (one order per topic).
+        let waits = conn.flag(RATED)
+            || policy == SlowConsumerPolicy::Always
+            || (conn.flag(CONFLATING)
+                && (policy.conflates() || tables.waits_for((key, serial), topic)));
+        if waits {
+            let last = run.last().expect("a run is not empty");
+            let skipped = run.len() as u64 - 1;
+            match tables.put(
+                (key, serial),
+                entry.name,
+                last,
+                skipped,
+                cfg.max_outbound_bytes,
+            ) {
+                Ok(replaced) => {
+                    stats.replaced(replaced);
+                    conn.set_flag(CONFLATING, true);
+                }
+                Err(Full) => {
+                    // More distinct topics waiting than its bound holds.
+                    let discarded = conn.session.fail_slow();
+                    stats.slow_consumer_disconnect(discarded);
+                    stats.ws_failure(CloseCode::POLICY_VIOLATION.0);
+                    slow.push((key, serial));
+                    conn.mark_dirty(key, dirty);
+                }
+            }
+            continue;
+        }
         let room = *small[form as usize].get_or_insert_with(|| {
             run.iter()
                 .map(|p| {
@@ -285,22 +322,6 @@ fn push_to<S>(
                 .filter(|&n| n < COPY_BELOW)
                 .sum()
         });
-        let mut queued = false;
-        let over = *budget.buffered > budget.limit;
-        // A subscriber with publications waiting gets this topic's in its
-        // table too while the policy conflates (so each topic stays in
-        // order); `always` conflates at all times.
-        // A rated subscriber (`max_rate`) takes everything through its table.
-        let waits = conn.flag(RATED)
-            || policy == SlowConsumerPolicy::Always
-            || (policy.conflates() && conn.flag(CONFLATING));
-        if waits {
-            let last = run.last().expect("a run is not empty");
-            let replaced = tables.put((key, serial), entry.name, last, run.len() as u64 - 1);
-            stats.replaced(replaced);
-            conn.set_flag(CONFLATING, true);
-            continue;
-        }
         conn.session.out.reserve_tail(room);
         for (i, p) in run.iter().enumerate() {
             let mut on_built = |_: &Bytes| built.push((p.clone(), form));
@@ -320,10 +341,21 @@ fn push_to<S>(
                     // Over the bound: the rest of the run waits, the newest.
                     let rest = &run[i..];
                     let last = rest.last().expect("not empty");
-                    let replaced =
-                        tables.put((key, serial), entry.name, last, rest.len() as u64 - 1);
-                    stats.replaced(replaced);
-                    conn.set_flag(CONFLATING, true);
+                    let skipped = rest.len() as u64 - 1;
+                    let max = cfg.max_outbound_bytes;
+                    match tables.put((key, serial), entry.name, last, skipped, max) {
+                        Ok(replaced) => {
+                            stats.replaced(replaced);
+                            conn.set_flag(CONFLATING, true);
+                        }
+                        Err(Full) => {
+                            let discarded = conn.session.fail_slow();
+                            stats.slow_consumer_disconnect(discarded);
+                            stats.ws_failure(CloseCode::POLICY_VIOLATION.0);
+                            slow.push((key, serial));
+                            queued = true;
+                        }
+                    }
                     break;
                 }
                 Push::SlowConsumer { discarded } => {

@@ -103,17 +103,22 @@ impl<S> Core<S> {
             published: false,
             requests: 0,
             max_rate: None,
+            resubscribed: false,
         };
         let next = conn.session.on_input(buf, &mut ctx);
         if ctx.published {
             conn.set_flag(PUBLISHED, true);
         }
         let max_rate = ctx.max_rate;
+        let resubscribed = ctx.resubscribed;
         if ctx.requests > 0 {
             conn.set_flag(REQUEST_DONE, true);
         }
         if let Some(rate) = max_rate {
             self.set_rate(key, rate);
+        }
+        if resubscribed {
+            self.prune_waiting(key);
         }
         // What it subscribed to or published is charged here too.
         let shard_grew = self.sync_shard_charge();
