@@ -3,8 +3,10 @@
 //! Scenarios are subcommands: `connect` (handshake rate and latency),
 //! `hold` (idle connections and what they cost the server), `fanout`
 //! (subscribers and a publisher: delivery rate, loss, reordering,
-//! publish-to-receive latency) and `echo` (round trips with M messages in
-//! flight per connection).
+//! publish-to-receive latency), `echo` (round trips with M messages in
+//! flight per connection) and `storm` (enveloped subscribers dropped while
+//! publishing goes on, reconnecting with `since`: time to caught up,
+//! recovery completeness, gaps and duplicates).
 //!
 //! A run is split into shards of at most [`cli::MAX_CONNECTIONS_PER_PROCESS`]
 //! connections (the open-file limit is 20 000 per process). One shard runs
@@ -12,10 +14,12 @@
 //! executable re-run as `loadgen shard`, each with one event loop. The
 //! parent (`run`, `coord`) starts them, holds them at barriers so every
 //! measured phase starts when all connections of all processes are up,
-//! publishes (fanout), and merges their reports (`report`, `hist`).
+//! publishes (fanout, storm), and merges their reports (`report`, `hist`).
 //!
 //! Exit status: 0 when every connection opened and stayed open (and, for
-//! `fanout` and `echo`, every message arrived once and in order), 1 when
+//! `fanout` and `echo`, every message arrived once and in order; for
+//! `storm`, every dropped subscriber resubscribed and no number was skipped
+//! or repeated), 1 when
 //! not (the report is still printed) or the run failed, 2 for bad arguments.
 
 mod cli;
@@ -32,6 +36,7 @@ mod publish;
 mod report;
 mod run;
 mod shard;
+mod storm;
 mod sys;
 mod topics;
 mod url;

@@ -8,8 +8,9 @@
 //! mode publishes R per second on a deadline schedule (message i is due at
 //! `start + i / R`; a late loop catches up rather than drifting, and how
 //! late it was is reported as the publish lag). Message j goes to topic
-//! j mod T as that topic's number j div T (`topics::route`), once to every
-//! publish URL.
+//! j mod T as that topic's number j div T (`topics::route`): in fanout once
+//! to every publish URL, in storm to every publish URL of that topic
+//! ([`Publisher::open_by_topic`]).
 
 use crate::cli::{FanoutPlan, PublishMode, Target};
 use crate::client::{NoSink, RequestTemplate, Rng, TOPIC_PLACEHOLDER};
@@ -77,7 +78,7 @@ impl Schedule {
     }
 
     /// The next message if it is due at `now`: (topic, seq, sent_ns).
-    fn take(&mut self, now: Instant) -> Option<(usize, u64, u64)> {
+    pub(crate) fn take(&mut self, now: Instant) -> Option<(usize, u64, u64)> {
         if self.done() || self.due(self.sent) > now {
             return None;
         }
@@ -106,6 +107,16 @@ impl Publisher {
             WsPublishers::open(&plan.publish, plan.topics, src, plan.size)
                 .map(|p| Self::Ws(Box::new(p)))
         }
+    }
+
+    /// WebSocket publishers that send each message of topic `t` to every
+    /// URL of `by_topic[t]` (one connection each), from source `src`.
+    pub fn open_by_topic(
+        by_topic: &[Vec<Target>],
+        src: Option<SocketAddr>,
+        size: usize,
+    ) -> Result<Self, String> {
+        WsPublishers::open_by_topic(by_topic, src, size).map(|p| Self::Ws(Box::new(p)))
     }
 
     /// Encodes and hands to the sockets what is due, until nothing more is
@@ -145,28 +156,25 @@ impl Publisher {
 
     pub fn connections(&self) -> usize {
         match self {
-            Self::Ws(p) => p.tokens.iter().map(Vec::len).sum(),
+            Self::Ws(p) => p.all.len(),
             Self::Http(p) => p.conns.len(),
         }
     }
 }
 
-/// WebSocket publishers: `tokens[url][topic]`.
+/// WebSocket publishers: `routes[topic]` are the connections each message
+/// of that topic goes to; `all` every connection once.
 pub struct WsPublishers {
     fleet: Fleet,
-    tokens: Vec<Vec<usize>>,
+    routes: Vec<Vec<usize>>,
+    all: Vec<usize>,
     size: usize,
     rng: Rng,
 }
 
 impl WsPublishers {
-    fn open(
-        publish: &[Target],
-        topics: usize,
-        src: Option<SocketAddr>,
-        size: usize,
-    ) -> Result<Self, String> {
-        let mut fleet = Fleet::new(FleetConfig {
+    fn new_fleet() -> Result<Fleet, String> {
+        Fleet::new(FleetConfig {
             targets: Targets {
                 dsts: Vec::new(),
                 sources: Vec::new(),
@@ -177,49 +185,94 @@ impl WsPublishers {
             in_flight: 1,
             handshake_timeout: OPEN_TIMEOUT,
         })
-        .map_err(|e| format!("cannot create the poller: {e}"))?;
-        let mut tokens = Vec::new();
+        .map_err(|e| format!("cannot create the poller: {e}"))
+    }
+
+    /// Opens one publisher connection to `t` (its `{topic}`, if any, as `topic`).
+    fn open_one(
+        fleet: &mut Fleet,
+        t: &Target,
+        topic: usize,
+        src: Option<SocketAddr>,
+    ) -> Result<usize, String> {
+        let template = RequestTemplate::new(&t.url);
+        fleet
+            .open_extra(
+                src,
+                t.dst,
+                &template,
+                Some(topic),
+                Instant::now() + OPEN_TIMEOUT,
+            )
+            .map_err(|e| format!("event loop failed opening a publisher: {e}"))?
+            .ok_or_else(|| {
+                format!(
+                    "the publisher connection to {} (topic {topic}) did not open: {}",
+                    t.url,
+                    crate::report::counts(&fleet.failures)
+                )
+            })
+    }
+
+    /// Fanout: every message to every URL; one connection per URL and
+    /// topic when the URL names the topic, one per URL otherwise.
+    fn open(
+        publish: &[Target],
+        topics: usize,
+        src: Option<SocketAddr>,
+        size: usize,
+    ) -> Result<Self, String> {
+        let mut fleet = Self::new_fleet()?;
+        let mut rows = Vec::new();
         for t in publish {
-            let template = RequestTemplate::new(&t.url);
             // One connection per topic only when the URL names the topic.
             let per_url = if t.url.target.contains(TOPIC_PLACEHOLDER) {
                 topics
             } else {
                 1
             };
-            let mut row = Vec::with_capacity(per_url);
-            for topic in 0..per_url {
-                let token = fleet
-                    .open_extra(
-                        src,
-                        t.dst,
-                        &template,
-                        Some(topic),
-                        Instant::now() + OPEN_TIMEOUT,
-                    )
-                    .map_err(|e| format!("event loop failed opening a publisher: {e}"))?
-                    .ok_or_else(|| {
-                        format!(
-                            "the publisher connection to {} (topic {topic}) did not open: {}",
-                            t.url,
-                            crate::report::counts(&fleet.failures)
-                        )
-                    })?;
-                row.push(token);
-            }
-            tokens.push(row);
+            let row = (0..per_url)
+                .map(|topic| Self::open_one(&mut fleet, t, topic, src))
+                .collect::<Result<Vec<usize>, String>>()?;
+            rows.push(row);
         }
+        let routes = (0..topics.max(1))
+            .map(|topic| rows.iter().map(|row| row[topic % row.len()]).collect())
+            .collect();
         Ok(Self {
             fleet,
-            tokens,
+            routes,
+            all: rows.into_iter().flatten().collect(),
             size,
             rng: Rng::from_entropy(),
         })
     }
 
-    fn token(&self, url: usize, topic: usize) -> usize {
-        let row = &self.tokens[url];
-        row[topic % row.len()]
+    /// Storm: each message of topic `t` to every URL of `by_topic[t]`.
+    fn open_by_topic(
+        by_topic: &[Vec<Target>],
+        src: Option<SocketAddr>,
+        size: usize,
+    ) -> Result<Self, String> {
+        let mut fleet = Self::new_fleet()?;
+        let mut routes = Vec::with_capacity(by_topic.len());
+        for (topic, targets) in by_topic.iter().enumerate() {
+            if targets.is_empty() {
+                return Err(format!("no publish URL for topic {topic}"));
+            }
+            let row = targets
+                .iter()
+                .map(|t| Self::open_one(&mut fleet, t, topic, src))
+                .collect::<Result<Vec<usize>, String>>()?;
+            routes.push(row);
+        }
+        Ok(Self {
+            fleet,
+            all: routes.iter().flatten().copied().collect(),
+            routes,
+            size,
+            rng: Rng::from_entropy(),
+        })
     }
 
     fn fill(&mut self, s: &mut Schedule) -> Result<(), String> {
@@ -229,8 +282,7 @@ impl WsPublishers {
             let mut progressed = false;
             while s.next_due().is_some_and(|d| d <= now) {
                 let (topic, _) = route(s.sent, s.topics);
-                let full = (0..self.tokens.len()).any(|u| {
-                    let t = self.token(u, topic);
+                let full = self.routes[topic % self.routes.len()].iter().any(|&t| {
                     self.fleet
                         .conn_mut(t)
                         .is_none_or(|c| c.pending() >= PUBLISH_BATCH_BYTES)
@@ -241,8 +293,7 @@ impl WsPublishers {
                 let Some((topic, seq, ns)) = s.take(now) else {
                     break;
                 };
-                for u in 0..self.tokens.len() {
-                    let t = self.token(u, topic);
+                for &t in &self.routes[topic % self.routes.len()] {
                     let mask = self.rng.mask();
                     let conn = self.fleet.conn_mut(t).expect("checked above");
                     push_message(conn.outbox(), seq, ns, self.size, mask);
@@ -250,20 +301,18 @@ impl WsPublishers {
                 progressed = true;
             }
             let mut written_all = true;
-            for row in &self.tokens {
-                for &t in row {
-                    match self.fleet.conn_mut(t) {
-                        Some(c) => {
-                            c.flush()
-                                .map_err(|e| format!("publisher write failed: {e}"))?;
-                            written_all &= c.pending() == 0;
-                        }
-                        None => {
-                            return Err(format!(
-                                "a publisher connection ended: {}",
-                                crate::report::counts(&self.fleet.ended)
-                            ));
-                        }
+            for &t in &self.all {
+                match self.fleet.conn_mut(t) {
+                    Some(c) => {
+                        c.flush()
+                            .map_err(|e| format!("publisher write failed: {e}"))?;
+                        written_all &= c.pending() == 0;
+                    }
+                    None => {
+                        return Err(format!(
+                            "a publisher connection ended: {}",
+                            crate::report::counts(&self.fleet.ended)
+                        ));
                     }
                 }
             }
@@ -275,9 +324,8 @@ impl WsPublishers {
 
     fn idle(&self) -> bool {
         // An ended connection is reported by `fill`.
-        self.tokens
+        self.all
             .iter()
-            .flatten()
             .all(|&t| self.fleet.pending_of(t).is_none_or(|p| p == 0))
     }
 

@@ -3,7 +3,7 @@
 //! channel carrying the same lines).
 //!
 //! A shard moves through three barriers: `Ready` (its connections are up;
-//! it waits for `Go`), `Done` (the measured phase is over; it waits for
+//! it waits for `Go`, or `Storm`), `Done` (the measured phase is over; it waits for
 //! `Close`), `Finished` (closed; it exits). Each carries the shard's whole
 //! [`ShardReport`] so far; the parent merges the reports of all shards.
 
@@ -23,7 +23,12 @@ pub enum ToShard {
     /// (`clock::mono_ns`) for hold and echo; for fanout, `end_ns` is only a
     /// limit and `Published` ends the phase.
     Go { end_ns: u64 },
-    /// Fanout: publishing is over; `per_topic` messages went to each topic.
+    /// Storm: every shard is up and the publishers start now; drop the
+    /// selected subscribers at `drop_ns`. `end_ns` is only a limit:
+    /// `Published` ends the phase.
+    Storm { drop_ns: u64, end_ns: u64 },
+    /// Fanout and storm: publishing is over; `per_topic` messages went to
+    /// each topic.
     /// Wait for them until every subscriber has all, or `drain_until_ns`.
     Published {
         per_topic: Vec<u64>,
@@ -112,6 +117,9 @@ pub struct ShardReport {
     pub cpu_s: f64,
     pub max_rss: u64,
     pub close: CloseStats,
+    /// Storm: the drop, the reconnects, the recoveries.
+    #[serde(default)]
+    pub storm: crate::storm::report::StormCounts,
 }
 
 #[cfg(test)]

@@ -66,6 +66,63 @@ fn fanout_over_worker_processes() {
     srv.join();
 }
 
+/// A reconnect storm over worker processes: 200 JSON-enveloped
+/// subscribers of two topics at 200 messages/s each all drop after a
+/// second and come back with `since`; every one resubscribes and no
+/// number is skipped or repeated (what the 100-message history no longer
+/// holds is announced as `too_old`, not a gap).
+#[test]
+fn storm_over_worker_processes() {
+    let srv = server();
+    let a = srv.local_addr();
+    let dir = std::env::temp_dir();
+    let json = dir.join(format!("loadgen-storm-{}.json", std::process::id()));
+    let svg = dir.join(format!("loadgen-storm-{}.svg", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["storm", "--url", &format!("ws://{a}/ws?topics=s0,s1")])
+        .args(["--publish-url", &format!("ws://{a}/publish/s0")])
+        .args(["--publish-url", &format!("ws://{a}/publish/s1")])
+        .args(["--connections", "200", "--processes", "2"])
+        .args(["--rate", "200", "--duration", "3"])
+        .arg("--json")
+        .arg(&json)
+        .arg("--plot")
+        .arg(&svg)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["subscribers_dropped"], 200);
+    assert_eq!(v["resubscribed"], 200);
+    assert_eq!(v["reconnect_failed"], 0);
+    let (complete, incomplete) = (
+        v["recoveries_complete"].as_u64().unwrap(),
+        v["recoveries_incomplete"].as_u64().unwrap(),
+    );
+    assert_eq!(complete + incomplete, 400, "{v}");
+    let reasons = v["recoveries_incomplete_by_reason"].as_object().unwrap();
+    assert!(reasons.keys().all(|r| r == "too_old"), "{v}");
+    assert_eq!(v["recovered_received"], v["recovered_announced"]);
+    assert_eq!(v["gaps"], 0);
+    assert_eq!(v["duplicates"], 0);
+    assert_eq!(v["caught_up"], 200);
+    assert_eq!(v["subscribers_complete"], 200);
+    assert_eq!(v["published"], 1200);
+    assert_eq!(v["caught_up_us"]["count"], 200);
+    assert!(v["caught_up_us"]["max"].as_f64().unwrap() > 0.0);
+    assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
+    std::fs::remove_file(&json).unwrap();
+    std::fs::remove_file(&svg).unwrap();
+    srv.shutdown();
+    srv.join();
+}
+
 /// wss:// end to end: worker processes verify the server's (self-signed)
 /// certificate from --ca-file and every frame arrives through TLS.
 #[test]

@@ -5,19 +5,22 @@
 //! against and the small checks the subcommands share. Each subcommand's
 //! flags and their validation are in their own file: `common` (the flags
 //! every scenario takes, and how many processes and source addresses they
-//! need), `connect` (connect and hold), `fanout` and `echo`; the validated
-//! plan they produce is in `plan`.
+//! need), `connect` (connect and hold), `fanout`, `echo` and `storm`; the
+//! validated plan they produce is in `plan`.
 
 mod common;
 mod connect;
 mod echo;
 mod fanout;
 mod plan;
+mod storm;
 #[cfg(test)]
 mod tests;
 
 pub use common::Limits;
-pub use plan::{EchoPlan, FanoutPlan, Plan, PublishMode, Target, Work};
+pub use plan::{
+    ConnectPlan, DropMode, EchoPlan, FanoutPlan, Plan, PublishMode, StormPlan, Target, Work,
+};
 
 use crate::client;
 use crate::url::WsUrl;
@@ -26,6 +29,7 @@ use connect::{ConnectCmd, HoldCmd};
 use echo::EchoCmd;
 use fanout::FanoutCmd;
 use std::time::Duration;
+use storm::StormCmd;
 
 /// Most connections one loadgen process opens: the open-file limit (20 000)
 /// less a margin for the poller, stdio, pipes and the report file.
@@ -74,6 +78,12 @@ pub enum Command {
     /// Open N connections to an echo endpoint, keep M messages in flight on
     /// each for T seconds: round-trip latency and throughput.
     Echo(EchoCmd),
+    /// A reconnect storm with recovery: N enveloped subscribers, publishers
+    /// at R messages/s per topic; at --drop-at the subscribers' connections
+    /// drop, each reconnects after a random delay and resubscribes with
+    /// `since`. Reports time to caught up, recovery completeness, gaps and
+    /// duplicates.
+    Storm(StormCmd),
     /// Internal: one worker process of a multi-process run (reads its plan
     /// from stdin, reports on stdout).
     #[command(hide = true)]
@@ -89,6 +99,7 @@ impl Command {
                 .and_then(|duration| c.common.plan(Work::Hold { duration }, limits)),
             Self::Fanout(c) => c.work().and_then(|w| c.common.plan(w, limits)),
             Self::Echo(c) => c.work().and_then(|w| c.common.plan(w, limits)),
+            Self::Storm(c) => c.plan(limits),
             Self::Shard => return None,
         })
     }

@@ -90,6 +90,55 @@ pub struct FanoutPlan {
     pub metrics: Vec<WsUrl>,
 }
 
+/// How `storm` drops a subscriber's connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum DropMode {
+    /// close(2): the server reads EOF (an orderly FIN, no close frame).
+    Close,
+    /// close(2) with SO_LINGER 0: the server gets an RST.
+    Reset,
+}
+
+impl DropMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Close => "close",
+            Self::Reset => "reset",
+        }
+    }
+}
+
+/// Validated `storm` parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StormPlan {
+    /// The topics every subscriber holds: its URL's `topics=`, in order.
+    pub topics: Vec<String>,
+    /// `publish[t]`: the publish URLs of topic `t` (each gets every message of it).
+    pub publish: Vec<Vec<Target>>,
+    /// Messages per second to each topic.
+    pub rate: f64,
+    pub duration: Duration,
+    pub size: usize,
+    /// When the subscribers drop, from the start of publishing.
+    pub drop_at: Duration,
+    /// Share of the subscribers that drop (0 < f <= 1).
+    pub drop_fraction: f64,
+    /// Each dropped subscriber reconnects after a uniform random delay in `0..=jitter`.
+    pub jitter: Duration,
+    pub drop_mode: DropMode,
+    pub drain_timeout: Duration,
+}
+
+impl StormPlan {
+    /// The publisher's schedule: `rate` per topic, round-robin over the topics.
+    pub fn mode(&self) -> PublishMode {
+        PublishMode::Rate {
+            per_s: self.rate * self.topics.len() as f64,
+            duration: self.duration,
+        }
+    }
+}
+
 /// Validated `echo` parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EchoPlan {
@@ -106,6 +155,7 @@ pub enum Work {
     Hold { duration: Duration },
     Fanout(FanoutPlan),
     Echo(EchoPlan),
+    Storm(StormPlan),
 }
 
 impl Work {
@@ -115,6 +165,7 @@ impl Work {
             Self::Hold { .. } => "hold",
             Self::Fanout(_) => "fanout",
             Self::Echo(_) => "echo",
+            Self::Storm(_) => "storm",
         }
     }
 }

@@ -416,3 +416,128 @@ fn plans_round_trip_through_json() {
     let back: Plan = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
     assert_eq!(back, p);
 }
+
+fn storm(extra: &[&str]) -> Result<(Plan, StormPlan), String> {
+    let mut argv = vec![
+        "storm",
+        "--url",
+        "ws://127.0.0.1:9470/ws?topics=s0,s1",
+        "--publish-url",
+        "ws://127.0.0.1:9470/publish/s0",
+        "--publish-url",
+        "ws://127.0.0.1:9470/publish/s1",
+        "--connections",
+        "10000",
+        "--rate",
+        "100",
+    ];
+    argv.extend_from_slice(extra);
+    let p = plan(&argv)?;
+    let Work::Storm(s) = p.work.clone() else {
+        panic!("not storm")
+    };
+    Ok((p, s))
+}
+
+#[test]
+fn storm_defaults_and_flags() {
+    let (p, s) = storm(&[]).unwrap();
+    assert_eq!(s.topics, ["s0", "s1"]);
+    assert_eq!(s.publish.len(), 2);
+    assert_eq!(s.publish[1][0].url.target, "/publish/s1");
+    assert_eq!((s.rate, s.duration), (100.0, Duration::from_secs(12)));
+    assert_eq!(s.drop_at, Duration::from_secs(4), "a third of the duration");
+    assert_eq!((s.drop_fraction, s.drop_mode), (1.0, DropMode::Reset));
+    assert_eq!(s.jitter, Duration::from_millis(1000));
+    assert_eq!(p.connect.subprotocol.as_deref(), Some("corecast.v1"));
+    assert_eq!(
+        s.mode(),
+        PublishMode::Rate {
+            per_s: 200.0,
+            duration: Duration::from_secs(12)
+        }
+    );
+    assert_eq!(p.connect.sources.len(), 1);
+    let (p, s) = storm(&[
+        "--duration",
+        "6",
+        "--drop-at",
+        "1.5",
+        "--drop-fraction",
+        "0.25",
+        "--reconnect-jitter-ms",
+        "200",
+        "--drop-mode",
+        "close",
+        "--subprotocol",
+        "corecast.v1.binary",
+        "--size",
+        "128",
+    ])
+    .unwrap();
+    assert_eq!(s.drop_at, Duration::from_millis(1500));
+    assert_eq!((s.drop_fraction, s.drop_mode), (0.25, DropMode::Close));
+    assert_eq!((s.jitter, s.size), (Duration::from_millis(200), 128));
+    assert_eq!(p.connect.subprotocol.as_deref(), Some("corecast.v1.binary"));
+    // Closed sockets wait in TIME_WAIT: twice the ports, two addresses.
+    assert_eq!(p.connect.sources.len(), 2);
+    // Several publishers of one topic (two servers, say): each gets it.
+    let (_, s) = storm(&["--publish-url", "ws://127.0.0.1:9471/publish/s0"]).unwrap();
+    assert_eq!(s.publish[0].len(), 2);
+    let back: Plan = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
+    assert_eq!(back, p);
+}
+
+#[test]
+fn storm_rejects_bad_arguments() {
+    for bad in [
+        &["--drop-at", "12"][..],
+        &["--drop-at", "0"],
+        &["--drop-at", "11.5"],
+        &["--drop-fraction", "0"],
+        &["--drop-fraction", "1.5"],
+        &["--rate", "0"],
+        &["--size", "8"],
+        &["--subprotocol", "corecast.raw"],
+        &["--drop-mode", "vanish"],
+        &["--reconnect-jitter-ms", "900000"],
+        &["--publish-url", "ws://127.0.0.1:9470/publish/other"],
+        &["--publish-url", "ws://127.0.0.1:9470/ws"],
+        &["--url", "ws://127.0.0.1:9471/ws?topics=s0"],
+    ] {
+        assert!(storm(bad).is_err(), "{bad:?} should be rejected");
+    }
+    let base = |url: &str, publish: &[&str]| {
+        let mut argv = vec!["storm", "--url", url, "--connections", "10", "--rate", "5"];
+        for p in publish {
+            argv.extend(["--publish-url", p]);
+        }
+        plan(&argv)
+    };
+    let p0 = "ws://127.0.0.1:1/publish/s0";
+    let err = base("ws://127.0.0.1:1/ws?topics=s0,s1", &[p0]).unwrap_err();
+    assert!(err.contains("topic s1 has no --publish-url"), "{err}");
+    let err = base("ws://127.0.0.1:1/ws", &[p0]).unwrap_err();
+    assert!(err.contains("name the subscribers' topics"), "{err}");
+    let err = base("ws://127.0.0.1:1/ws?topics=t{topic}", &[p0]).unwrap_err();
+    assert!(err.contains("no {topic}"), "{err}");
+    let err = base("ws://127.0.0.1:1/ws?topics=s0,news.>", &[p0]).unwrap_err();
+    assert!(err.contains("pattern"), "{err}");
+    let mut argv = vec![
+        "storm",
+        "--url",
+        "ws://127.0.0.1:1/ws?topics=s0",
+        "--publish-url",
+        p0,
+        "--connections",
+        "3",
+        "--rate",
+        "5",
+        "--drop-fraction",
+        "0.3",
+    ];
+    let err = plan(&argv).unwrap_err();
+    assert!(err.contains("drops nobody"), "{err}");
+    argv[6] = "4";
+    assert!(plan(&argv).is_ok());
+}

@@ -14,7 +14,8 @@
 //! deadline or after a bounded number of steps.
 //!
 //! Here: the [`Fleet`] and its phases (ramp-up, hold, an extra connection,
-//! single turns, close). Where each connection goes is in `targets`
+//! single turns, close), and what a scenario that drops and reopens
+//! connections needs (`sever`, `reopen`, notices of handshakes that ended). Where each connection goes is in `targets`
 //! ([`Targets`]); one event-loop turn and the bookkeeping of connections
 //! opening, failing and ending in `turn`.
 
@@ -92,6 +93,10 @@ pub struct Fleet {
     last_done: Instant,
     closing: bool,
     clean_closes: usize,
+    /// With `watch`: connections whose handshake ended since the caller
+    /// last took them, `(token, opened)`.
+    notices: Vec<(usize, bool)>,
+    watch: bool,
 }
 
 impl Fleet {
@@ -113,6 +118,8 @@ impl Fleet {
             last_done: Instant::now(),
             closing: false,
             clean_closes: 0,
+            notices: Vec::new(),
+            watch: false,
             cfg,
         })
     }
@@ -135,6 +142,14 @@ impl Fleet {
     /// Is connection `t` (a local token) open or opening?
     pub fn is_live(&self, t: usize) -> bool {
         self.conns.get(t).is_some_and(Option::is_some)
+    }
+
+    /// Is connection `t` open (its handshake done, not ended)?
+    pub fn is_open(&self, t: usize) -> bool {
+        self.conns
+            .get(t)
+            .and_then(Option::as_ref)
+            .is_some_and(|c| !c.is_opening())
     }
 
     /// Opens `connections` connections, at most `in_flight` at a time, until
@@ -251,6 +266,78 @@ impl Fleet {
                 &mut NoSink,
             )?;
         }
+    }
+
+    /// Starts one more connection in place of connection `g` of the run
+    /// (same source address and destination) with its own `request`,
+    /// without waiting: its handshake proceeds in later turns, bounded by
+    /// the handshake timeout ([`Fleet::expire_handshakes`]). Returns its
+    /// token, or `None` when it could not even start (counted in
+    /// `failures`).
+    pub fn reopen(&mut self, g: usize, request: &RequestTemplate) -> io::Result<Option<usize>> {
+        let t = self.conns.len();
+        let key = self.rng.ws_key();
+        let dst = self.cfg.targets.dst(g).0;
+        let src = self.cfg.targets.src(g);
+        match Conn::connect(
+            src,
+            dst,
+            key,
+            request.render(&key, None),
+            request.tls_host(),
+        ) {
+            Ok(c) => {
+                self.add(t, c)?;
+                Ok(Some(t))
+            }
+            Err(e) => {
+                self.conns.push(None);
+                *self
+                    .failures
+                    .entry(Failure::Connect(e.kind()).key())
+                    .or_default() += 1;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Ends open connection `t` at once, without a close handshake: its
+    /// socket is closed (the server reads EOF), or with `reset` closed with
+    /// `SO_LINGER` 0 (the server gets an RST). Not counted as ended.
+    /// `false` when `t` was not open.
+    pub fn sever(&mut self, t: usize, reset: bool) -> bool {
+        if !self.is_open(t) {
+            return false;
+        }
+        let Some(mut c) = self.conns[t].take() else {
+            return false;
+        };
+        if reset {
+            // Best effort: without it the close is an orderly FIN.
+            let _ = socket2::SockRef::from(&c.stream).set_linger(Some(Duration::ZERO));
+        }
+        let _ = self.poll.registry().deregister(&mut c.stream);
+        self.open -= 1;
+        true
+    }
+
+    /// From now on, note every connection whose handshake ends (see
+    /// [`Fleet::take_notices`]).
+    pub fn watch_handshakes(&mut self) {
+        self.watch = true;
+        self.notices.clear();
+    }
+
+    /// Connections whose handshake ended since the last call, as
+    /// `(token, opened)`; one that opened may have ended since.
+    pub fn take_notices(&mut self) -> Vec<(usize, bool)> {
+        std::mem::take(&mut self.notices)
+    }
+
+    /// Connect-to-101 latency of the connections opened since the ramp-up
+    /// (or the last call).
+    pub fn take_latency(&mut self) -> Hist {
+        std::mem::take(&mut self.latency)
     }
 
     /// Bytes queued but unwritten on connection `token`, while it is live.

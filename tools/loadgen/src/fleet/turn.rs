@@ -79,6 +79,9 @@ impl Fleet {
                 self.in_flight -= 1;
                 self.open += 1;
                 self.last_done = at;
+                if self.watch {
+                    self.notices.push((t, true));
+                }
             }
             self.apply(t, step);
         }
@@ -106,11 +109,14 @@ impl Fleet {
             self.in_flight -= 1;
             self.last_done = Instant::now();
             *self.failures.entry(f.key()).or_default() += 1;
+            if self.watch {
+                self.notices.push((t, false));
+            }
         }
     }
 
     /// Fails the connections whose handshake has run past the timeout.
-    pub(super) fn expire_handshakes(&mut self, now: Instant) {
+    pub fn expire_handshakes(&mut self, now: Instant) {
         while let Some(&t) = self.opening.front() {
             match self.conns[t].as_ref() {
                 Some(c) if c.is_opening() => {

@@ -1,11 +1,11 @@
 //! The parent's side of every scenario: start the shards, take the
-//! server's figures around the barriers, publish (fanout), then merge the
+//! server's figures around the barriers, publish (fanout, storm), then merge the
 //! shards' reports, print the summary and write `--json` and `--plot`
 //! ([`summary`]).
 
 mod summary;
 
-use crate::cli::{FanoutPlan, Plan, PublishMode, Work};
+use crate::cli::{FanoutPlan, Plan, PublishMode, StormPlan, Work};
 use crate::clock::Anchor;
 use crate::coord::{Coordinator, Spawn, Stage};
 use crate::metrics;
@@ -54,7 +54,7 @@ impl Snapshot {
     }
 }
 
-/// What the publisher did (fanout).
+/// What the publisher did (fanout, storm).
 #[derive(Debug, Default)]
 struct Published {
     published: u64,
@@ -79,13 +79,13 @@ struct Server {
 /// The measured phase (hold, echo, or publishing and draining), timed.
 struct Phase {
     wall_s: f64,
-    /// CPU of the parent's thread in the phase: the publisher, in fanout.
+    /// CPU of the parent's thread in the phase: the publisher, in fanout and storm.
     parent_cpu_s: f64,
     /// Cores of the whole machine busy in the phase (all processes).
     machine_busy_cores: Option<f64>,
     /// The server's figures at its end.
     end: Snapshot,
-    /// What the publisher did (fanout).
+    /// What the publisher did (fanout, storm).
     published: Option<Published>,
     /// Frames the server counted sent during the phase (fanout with
     /// `--metrics-url`).
@@ -192,12 +192,16 @@ fn measured_phase(plan: &Plan, coord: &mut Coordinator, anchor: &Anchor) -> Resu
             published = Some(p);
             f.drain_timeout
         }
+        Work::Storm(s) => {
+            published = Some(publish_storm(plan, s, coord, anchor)?);
+            s.drain_timeout
+        }
     };
     coord.barrier(
         Stage::Done,
         Instant::now() + done_within + BARRIER_SLACK,
         match &plan.work {
-            Work::Fanout(_) => "draining",
+            Work::Fanout(_) | Work::Storm(_) => "draining",
             Work::Echo(_) => "echo",
             _ => "hold",
         },
@@ -249,8 +253,16 @@ fn close(mut coord: Coordinator) -> Result<Closed, String> {
     })
 }
 
-/// Opens the publishers, starts the shards' receiving phase, publishes,
-/// and tells the shards what was published.
+/// The publisher's source address: the first of the subscribers'.
+fn publisher_source(plan: &Plan) -> Option<SocketAddr> {
+    plan.connect
+        .sources
+        .first()
+        .map(|&ip| SocketAddr::new(ip, 0))
+}
+
+/// Fanout: opens the publishers, starts the shards' receiving phase,
+/// publishes, and tells the shards what was published.
 fn publish(
     plan: &Plan,
     f: &FanoutPlan,
@@ -267,24 +279,81 @@ fn publish(
             Err(e) => out.metrics_problem = Some(e),
         }
     }
-    let src = plan
-        .connect
-        .sources
-        .first()
-        .map(|&ip| SocketAddr::new(ip, 0));
-    let mut publisher = Publisher::open(f, src)?;
+    let publisher = Publisher::open(f, publisher_source(plan))?;
+    let limit_after = match f.mode {
+        PublishMode::Burst { .. } => BURST_PUBLISH_LIMIT,
+        PublishMode::Rate { duration, .. } => duration + f.drain_timeout,
+    };
+    let job = Job {
+        mode: f.mode,
+        topics: f.topics,
+        limit_after,
+        drain_timeout: f.drain_timeout,
+    };
+    // The shards' own limit, should `Published` never reach them.
+    drive(publisher, &job, coord, anchor, &mut out, |start| {
+        ToShard::Go {
+            end_ns: anchor.ns(start + limit_after + f.drain_timeout + BARRIER_SLACK),
+        }
+    })?;
+    Ok(out)
+}
+
+/// Storm: opens the publishers (each topic's to its URLs), starts the
+/// shards' phase with the drop time, publishes at the rate, and tells the
+/// shards what was published.
+fn publish_storm(
+    plan: &Plan,
+    s: &StormPlan,
+    coord: &mut Coordinator,
+    anchor: &Anchor,
+) -> Result<Published, String> {
+    let mode = s.mode();
+    let mut out = Published {
+        planned: mode.messages(),
+        ..Default::default()
+    };
+    let publisher = Publisher::open_by_topic(&s.publish, publisher_source(plan), s.size)?;
+    let limit_after = s.duration + s.drain_timeout;
+    let job = Job {
+        mode,
+        topics: s.topics.len(),
+        limit_after,
+        drain_timeout: s.drain_timeout,
+    };
+    drive(publisher, &job, coord, anchor, &mut out, |start| {
+        ToShard::Storm {
+            drop_ns: anchor.ns(start + s.drop_at),
+            end_ns: anchor.ns(start + limit_after + s.drain_timeout + BARRIER_SLACK),
+        }
+    })?;
+    Ok(out)
+}
+
+/// What a publisher is to send.
+struct Job {
+    mode: PublishMode,
+    topics: usize,
+    /// Publishing gives up this long after its start.
+    limit_after: Duration,
+    drain_timeout: Duration,
+}
+
+/// Starts the shards' phase with `go(start)`, publishes `job` from
+/// `start`, and tells the shards what was published; fills `out`.
+fn drive(
+    mut publisher: Publisher,
+    job: &Job,
+    coord: &mut Coordinator,
+    anchor: &Anchor,
+    out: &mut Published,
+    go: impl FnOnce(Instant) -> ToShard,
+) -> Result<(), String> {
     out.connections = publisher.connections();
     let start = Instant::now();
-    let limit = start
-        + match f.mode {
-            PublishMode::Burst { .. } => BURST_PUBLISH_LIMIT,
-            PublishMode::Rate { duration, .. } => duration + f.drain_timeout,
-        };
-    // The shards' own limit, should `Published` never reach them.
-    coord.broadcast(&ToShard::Go {
-        end_ns: anchor.ns(limit + f.drain_timeout + BARRIER_SLACK),
-    })?;
-    let mut s = Schedule::new(f.mode, f.topics, start);
+    let limit = start + job.limit_after;
+    coord.broadcast(&go(start))?;
+    let mut s = Schedule::new(job.mode, job.topics, start);
     let mut next_draw = start;
     loop {
         let now = Instant::now();
@@ -326,11 +395,11 @@ fn publish(
         .first
         .map_or(0.0, |f| last.saturating_duration_since(f).as_secs_f64());
     coord.broadcast(&ToShard::Published {
-        per_topic: per_topic(s.sent, f.topics),
-        drain_until_ns: anchor.ns(last + f.drain_timeout),
+        per_topic: per_topic(s.sent, job.topics),
+        drain_until_ns: anchor.ns(last + job.drain_timeout),
     })?;
     publisher.close();
-    Ok(out)
+    Ok(())
 }
 
 fn describe_sources(sources: &[std::net::IpAddr]) -> String {
@@ -473,6 +542,37 @@ mod tests {
         assert_eq!(v["lost"], 0);
         // Paced: 40 messages at 40/s take about a second, not a burst.
         assert!(v["publish_s"].as_f64().unwrap() > 0.9, "{v}");
+        srv.shutdown();
+        srv.join();
+    }
+
+    #[test]
+    fn storm_in_threads_binary_envelopes_closed_sockets() {
+        let srv = server();
+        let a = srv.local_addr();
+        let (ok, v) = run_threads(&args(&format!(
+            "storm --url ws://{a}/ws?topics=x,y --publish-url ws://{a}/publish/x \
+             --publish-url ws://{a}/publish/y --connections 40 --processes 2 --rate 40 \
+             --duration 2 --drop-at 0.5 --reconnect-jitter-ms 300 --drop-mode close \
+             --drop-fraction 0.5 --subprotocol corecast.v1.binary"
+        )));
+        assert!(ok, "{v}");
+        assert_eq!(v["subscribers_dropped"], 20);
+        assert_eq!(v["resubscribed"], 20);
+        // The history (100 messages) holds the whole run: all complete.
+        assert_eq!(v["recoveries_complete"], 40, "{v}");
+        assert_eq!(v["recovered_received"], v["recovered_announced"]);
+        assert_eq!(
+            (v["gaps"].as_u64(), v["duplicates"].as_u64()),
+            (Some(0), Some(0))
+        );
+        assert_eq!(v["caught_up"], 20);
+        assert_eq!(v["caught_up_us"]["count"], 20);
+        assert_eq!(v["subscribers_complete"], 40);
+        assert_eq!(v["published"], 160);
+        // 160 publications each (the 20 that came back: before the drop,
+        // recovered and live), and the 20 replies.
+        assert_eq!(v["frames_received"], 40 * 160 + 20);
         srv.shutdown();
         srv.join();
     }

@@ -5,11 +5,12 @@
 //! Here: [`summarize`], the figures every scenario has (the connections
 //! first, loadgen's own cost last) and the [`Summary`] they are written
 //! to; each scenario's own figures are in `connect` (connect and hold),
-//! `echo` and `fanout`.
+//! `echo`, `fanout` and `storm`.
 
 mod connect;
 mod echo;
 mod fanout;
+mod storm;
 
 use super::{Closed, Phase, Server};
 use crate::cli::{Plan, Work};
@@ -23,6 +24,7 @@ use connect::{connect_figures, hold_figures};
 use echo::echo_figures;
 use fanout::fanout_figures;
 use serde_json::{Value, json};
+use storm::storm_figures;
 
 /// Measured-phase CPU over wall time above which an event loop counts as
 /// CPU-bound (then the figures are a floor for the server, not its ceiling).
@@ -83,6 +85,8 @@ pub(super) fn summarize(
         )
     };
 
+    let storm_totals =
+        crate::storm::report::StormTotals::merge(closed.reports.iter().map(|r| &r.storm));
     let mut s = Summary::default();
     s.say("scenario", format!("{name} ({procs})"));
     connection_figures(&mut s, plan, &t, server_phase_cpu);
@@ -91,6 +95,7 @@ pub(super) fn summarize(
         Work::Hold { duration } => hold_figures(&mut s, plan, &t, server, *duration),
         Work::Echo(e) => echo_figures(&mut s, &t, e, phase, server_phase_cpu),
         Work::Fanout(f) => fanout_figures(&mut s, &t, f, anchor, phase, server_phase_cpu),
+        Work::Storm(st) => storm_figures(&mut s, &t, &storm_totals, st, phase, server_phase_cpu),
     };
     let ok = t.up == c.connections && t.ended_early() == 0 && verdict.clean;
     loadgen_lines(&mut s, plan, &t, phase, &closed, &procs);
