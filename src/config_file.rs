@@ -231,6 +231,17 @@ impl ConfigFile {
                             _ => return Err(fail("`true` or `false`".into())),
                         })
                     }
+                    "max-rate" => {
+                        let max = crate::pubsub::control::MAX_RATE;
+                        p.max_rate = Some(
+                            v.parse::<u32>()
+                                .ok()
+                                .filter(|r| (1..=max).contains(r))
+                                .ok_or_else(|| {
+                                    fail(format!("1 to {max} updates per second, not {v}"))
+                                })?,
+                        )
+                    }
                     "retained-topics" => {
                         p.retained_topics =
                             Some(v.parse().map_err(|_| fail(format!("not a count: {v}")))?)
@@ -242,7 +253,7 @@ impl ConfigFile {
                     }
                     _ => {
                         return Err(fail(
-                            "unknown namespace setting (history-size, history-bytes, history-age, last-value, slow-consumer, retained-topics)"
+                            "unknown namespace setting (history-size, history-bytes, history-age, last-value, slow-consumer, retained-topics, max-rate)"
                                 .into(),
                         ));
                     }
@@ -629,7 +640,7 @@ mod tests {
     #[test]
     fn namespace_tables_give_per_namespace_policies_and_their_changes_wait_for_a_restart() {
         let (_d, path) = file(
-            "workers = 2\n[namespace.prices]\nhistory-size = 1_000\nhistory-age = \"60m\"\nslow-consumer = \"always\"\n\n[namespace.\"news/eu\"]\nlast-value = false\nhistory-bytes = \"64KiB\"\n",
+            "workers = 2\n[namespace.prices]\nhistory-size = 1_000\nhistory-age = \"60m\"\nslow-consumer = \"always\"\nmax-rate = 10\n\n[namespace.\"news/eu\"]\nlast-value = false\nhistory-bytes = \"64KiB\"\n",
         );
         let f = ConfigFile::read(&path).unwrap();
         let mut ns = f.namespaces().to_vec();
@@ -646,6 +657,7 @@ mod tests {
             ns[0].slow_consumer,
             Some(crate::pubsub::policy::SlowConsumerPolicy::Always)
         );
+        assert_eq!(ns[0].max_rate, Some(10));
         assert_eq!(ns[1].prefix, "news/eu");
         assert_eq!(
             (ns[1].history_bytes, ns[1].last_value),

@@ -326,3 +326,63 @@ fn a_table_past_its_bound_closes_its_subscriber() {
     });
     assert!(closed, "{}", metrics(addr));
 }
+
+/// A namespace's `max-rate` holds every subscriber of its topics to that
+/// many publications per second each (the newest, announced), and leaves
+/// other topics whole.
+#[test]
+fn a_namespace_maximum_rate_applies_to_every_subscriber_of_its_topics() {
+    let server = start_with(|c| {
+        c.namespaces = vec![NamespacePolicy {
+            prefix: "slow".into(),
+            max_rate: Some(5),
+            ..Default::default()
+        }];
+    });
+    let addr = server.local_addr();
+    let (mut sub, _) = subscribe_with(addr, "/ws?topics=slow.x,fast.x", "corecast.v1");
+    wait_subscriptions(addr, 2);
+    let mut pubs: Vec<Ws> = ["slow.x", "fast.x"]
+        .iter()
+        .map(|t| connect(addr, &format!("/publish/{t}")))
+        .collect();
+    const N: u64 = 100;
+    let started = std::time::Instant::now();
+    for i in 0..N {
+        for p in pubs.iter_mut() {
+            p.send(Message::binary(i.to_be_bytes().to_vec())).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut got: Read = HashMap::new();
+    let mut marker = 0;
+    while got
+        .get("slow.x")
+        .and_then(|l| l.last())
+        .is_none_or(|l| l.0 < N)
+        || got.get("fast.x").is_none_or(|l| (l.len() as u64) < N)
+    {
+        match read_incoming(&mut sub) {
+            Incoming::Pub(e) => {
+                got.entry(e.topic.clone())
+                    .or_default()
+                    .push((e.seq, marker));
+                marker = 0;
+            }
+            Incoming::Reply(v) => {
+                assert_eq!(v["op"], "conflated", "{v}");
+                marker = v["replaced"].as_u64().unwrap();
+            }
+        }
+    }
+    let took = started.elapsed().as_secs_f64();
+    let slow: Read = got
+        .iter()
+        .filter(|(t, _)| *t == "slow.x")
+        .map(|(t, l)| (t.clone(), l.clone()))
+        .collect();
+    accounts_for_everything(&slow, N);
+    let bound = (took * 5.0).ceil() as usize + 2;
+    assert!(slow["slow.x"].len() <= bound, "{:?}", slow["slow.x"]);
+    assert_eq!(got["fast.x"].len() as u64, N, "another namespace keeps all");
+}

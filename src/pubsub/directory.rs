@@ -61,6 +61,8 @@ pub struct TopicInterest {
     slow_consumer: Option<SlowConsumerPolicy>,
     /// Its namespace (index in the directory's policies), if any.
     namespace: Option<u16>,
+    /// Its namespace's `max-rate`, if set.
+    max_rate: Option<u32>,
     /// The workers with a pattern subscription matching this topic, as
     /// of pattern version `pattern_version` (see [`Directory::targets`]);
     /// both written only under the topic's order lock.
@@ -110,6 +112,11 @@ impl TopicInterest {
     /// Its namespace's slow-consumer policy, if it sets one.
     pub fn slow_consumer(&self) -> Option<SlowConsumerPolicy> {
         self.slow_consumer
+    }
+
+    /// Its namespace's most publications per second to one subscriber.
+    pub fn max_rate(&self) -> Option<u32> {
+        self.max_rate
     }
 
     /// The name, shared.
@@ -294,6 +301,11 @@ impl Directory {
         policy::slow_consumer(&self.policies, name)
     }
 
+    /// The `max-rate` of topic `name`'s namespace, if set.
+    pub fn max_rate_of(&self, name: &str) -> Option<u32> {
+        policy::namespace_of(&self.policies, name).and_then(|i| self.policies[i].max_rate)
+    }
+
     /// Distinct patterns subscribed to anywhere (for metrics).
     pub fn pattern_count(&self) -> usize {
         self.patterns().len()
@@ -388,12 +400,14 @@ impl Directory {
             policy::resolve(&self.policies, name, &self.limits, self.last_value);
         let slow_consumer = policy::slow_consumer(&self.policies, name);
         let namespace = policy::namespace_of(&self.policies, name).map(|i| i as u16);
+        let max_rate = self.max_rate_of(name);
         let name: Arc<str> = Arc::from(name);
         let entry = Arc::new(TopicInterest {
             limits,
             last_value,
             slow_consumer,
             namespace,
+            max_rate,
             name: Arc::clone(&name),
             workers: AtomicU64::new(0),
             epoch: self.next_epoch.fetch_add(1, Ordering::Relaxed),

@@ -61,6 +61,9 @@ pub struct NamespacePolicy {
     /// Most topics of the namespace kept for their history alone (within
     /// `--retained-topics` for all).
     pub retained_topics: Option<usize>,
+    /// Most publications per second of one of its topics to one
+    /// subscriber (the newest; 1 to 1000).
+    pub max_rate: Option<u32>,
 }
 
 /// Whether namespace `prefix` covers topic `name`.

@@ -112,6 +112,8 @@ impl Replay<'_> {
 pub struct TopicView<'a> {
     pub name: &'a Arc<str>,
     pub slow_consumer: Option<SlowConsumerPolicy>,
+    /// Its namespace's most publications per second to one subscriber.
+    pub max_rate: Option<u32>,
 }
 
 impl<'a> TopicView<'a> {
@@ -119,6 +121,7 @@ impl<'a> TopicView<'a> {
         Self {
             name: t.name_arc(),
             slow_consumer: t.slow_consumer(),
+            max_rate: t.max_rate(),
         }
     }
 }
@@ -1071,6 +1074,7 @@ impl Shard {
         let view = TopicView {
             name: &name,
             slow_consumer: self.directory.slow_consumer_of(&name),
+            max_rate: self.directory.max_rate_of(&name),
         };
         let ids = self.patterns_matching(&name);
         self.seen.clear();

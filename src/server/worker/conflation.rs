@@ -31,6 +31,8 @@ struct Waiting {
     newest: Publication,
     /// Older publications it replaced since the last release.
     replaced: u64,
+    /// Its namespace's interval between two publications (`max-rate`).
+    interval: Option<Duration>,
 }
 
 /// One subscriber's waiting publications, by topic name (a name, not the
@@ -93,6 +95,7 @@ impl Tables {
         topic: &Arc<str>,
         p: &Publication,
         skipped: u64,
+        interval: Option<Duration>,
         max_bytes: usize,
     ) -> Result<u64, Full> {
         let table = self.by_conn.entry(key).or_default();
@@ -124,6 +127,7 @@ impl Tables {
                     Waiting {
                         newest: p.clone(),
                         replaced: skipped,
+                        interval,
                     },
                 );
                 table.bytes += charge;
@@ -219,7 +223,9 @@ impl<S> Core<S> {
         let form = conn.session.form();
         let max = self.shared.config.max_outbound_bytes;
         let now = self.now;
-        let interval = self
+        // The subscriber's interval (`max_rate`); a topic's namespace may
+        // set a longer one (`max-rate`).
+        let conn_interval = self
             .tables
             .rates
             .get(&key)
@@ -228,14 +234,11 @@ impl<S> Core<S> {
         let mut queued = false;
         // Rated: topics sent less than an interval ago wait their turn.
         let mut later: VecDeque<Arc<str>> = VecDeque::new();
-        match interval {
-            Some(_) => table
-                .next
-                .retain(|name, at| *at > now || table.waiting.contains_key(name)),
-            None => table.next.clear(),
-        }
+        table
+            .next
+            .retain(|name, at| *at > now || table.waiting.contains_key(name));
         while let Some(name) = table.order.front() {
-            if interval.is_some() && table.next.get(name).is_some_and(|&at| at > now) {
+            if table.next.get(name).is_some_and(|&at| at > now) {
                 let name = table.order.pop_front().expect("front");
                 later.push_back(name);
                 continue;
@@ -265,7 +268,7 @@ impl<S> Core<S> {
             if w.replaced > 0 {
                 stats.conflated(w.replaced);
             }
-            if let Some(iv) = interval {
+            if let Some(iv) = conn_interval.max(w.interval) {
                 table.next.insert(name, now + iv);
             }
             stats.frames_sent(1);
@@ -275,7 +278,7 @@ impl<S> Core<S> {
         while let Some(name) = later.pop_back() {
             table.order.push_front(name);
         }
-        if interval.is_some() {
+        if !table.next.is_empty() {
             let due = later_due(table, now);
             if let Some(at) = due.filter(|&at| table.timer.is_none_or(|t| t > at || t <= now)) {
                 table.timer = Some(at);

@@ -266,6 +266,11 @@ fn push_to<S>(
     } = to;
     let topic: &str = entry.name;
     let policy = entry.slow_consumer.unwrap_or(cfg.slow_consumer);
+    // The namespace's maximum rate: every publication waits its turn.
+    let topic_interval = entry
+        .max_rate
+        .filter(|&r| r > 0)
+        .map(|r| Duration::from_secs(1) / r.min(crate::pubsub::control::MAX_RATE));
     // Room for the run's small frames in each form, reserved once per
     // subscriber instead of growing the tail buffer step by step; summed
     // the first time a subscriber of the form comes (which builds the
@@ -285,6 +290,7 @@ fn push_to<S>(
         // conflating topic's while anything waits; and any topic's while
         // one of its own waits (one order per topic).
         let waits = conn.flag(RATED)
+            || topic_interval.is_some()
             || policy == SlowConsumerPolicy::Always
             || (conn.flag(CONFLATING)
                 && (policy.conflates() || tables.waits_for((key, serial), topic)));
@@ -296,6 +302,7 @@ fn push_to<S>(
                 entry.name,
                 last,
                 skipped,
+                topic_interval,
                 cfg.max_outbound_bytes,
             ) {
                 Ok(replaced) => {
@@ -343,7 +350,14 @@ fn push_to<S>(
                     let last = rest.last().expect("not empty");
                     let skipped = rest.len() as u64 - 1;
                     let max = cfg.max_outbound_bytes;
-                    match tables.put((key, serial), entry.name, last, skipped, max) {
+                    match tables.put(
+                        (key, serial),
+                        entry.name,
+                        last,
+                        skipped,
+                        topic_interval,
+                        max,
+                    ) {
                         Ok(replaced) => {
                             stats.replaced(replaced);
                             conn.set_flag(CONFLATING, true);
