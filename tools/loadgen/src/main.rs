@@ -6,7 +6,10 @@
 //! publish-to-receive latency), `echo` (round trips with M messages in
 //! flight per connection) and `storm` (enveloped subscribers dropped while
 //! publishing goes on, reconnecting with `since`: time to caught up,
-//! recovery completeness, gaps and duplicates).
+//! recovery completeness, gaps and duplicates) and `conflation` (a share
+//! of the subscribers reading slowly while publishing overloads them:
+//! staleness of the delivered values, conflation markers, how far behind
+//! each subscriber ends).
 //!
 //! A run is split into shards of at most [`cli::MAX_CONNECTIONS_PER_PROCESS`]
 //! connections (the open-file limit is 20 000 per process). One shard runs
@@ -19,12 +22,15 @@
 //! Exit status: 0 when every connection opened and stayed open (and, for
 //! `fanout` and `echo`, every message arrived once and in order; for
 //! `storm`, every dropped subscriber resubscribed and no number was skipped
-//! or repeated), 1 when
+//! or repeated; for `conflation`, no number skipped unannounced or
+//! repeated and every open subscriber with every topic's last
+//! publication), 1 when
 //! not (the report is still printed) or the run failed, 2 for bad arguments.
 
 mod cli;
 mod client;
 mod clock;
+mod conflation;
 mod coord;
 mod echo;
 mod fanout;

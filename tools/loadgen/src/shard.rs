@@ -14,7 +14,7 @@ use crate::coord::{ChannelLink, Link};
 use crate::fleet::{Fleet, FleetConfig, PROGRESS_EVERY, Targets};
 use crate::topics::TopicMap;
 use crate::wire::{Progress, ShardReport, ToParent, ToShard};
-use crate::{echo, fanout, storm, sys};
+use crate::{conflation, echo, fanout, storm, sys};
 use std::time::{Duration, Instant};
 
 /// How long a shard waits for the parent's next step (`Go` after the
@@ -131,6 +131,8 @@ fn run(shard: usize, plan: &Plan, link: &mut dyn Link) -> Result<(), String> {
         )?,
         // Likewise: a snapshot may arrive before `Storm`.
         Work::Storm(s) => storm::phase(&mut fleet, link, s, c, first, &anchor, &mut report)?,
+        // And here too: the subscribers are followed from `Ready`.
+        Work::Conflation(p) => conflation::phase(&mut fleet, link, p, first, &anchor, &mut report)?,
         work => {
             let end = match wait_for_parent(&mut fleet, link)? {
                 ToShard::Go { end_ns } => anchor.instant(end_ns),

@@ -120,6 +120,9 @@ pub struct ShardReport {
     /// Storm: the drop, the reconnects, the recoveries.
     #[serde(default)]
     pub storm: crate::storm::report::StormCounts,
+    /// Conflation: staleness, markers, continuity, normal and slow apart.
+    #[serde(default)]
+    pub conflation: crate::conflation::report::ConflationCounts,
 }
 
 #[cfg(test)]

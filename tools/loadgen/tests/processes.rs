@@ -188,3 +188,75 @@ fn fanout_over_wss_in_worker_processes() {
     srv.join();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Conflation under overload over worker processes: a server that
+/// conflates past a 16 KiB queue, 100 subscribers (binary envelopes) of
+/// two topics at 100 messages/s each of 16 KiB for 2 s, a tenth of them
+/// reading 1 KiB/s. The server's socket send buffer (up to 4 MiB on
+/// loopback) fills first, so the messages are large enough to fill it
+/// within the run. The slow ones get conflated publications (markers
+/// account for every number skipped), nobody sees an unannounced gap or a
+/// duplicate, and after the drain every subscriber has each topic's last
+/// publication.
+#[test]
+fn conflation_over_worker_processes() {
+    let srv = corecast::server::start(corecast::server::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        workers: 2,
+        pin: corecast::server::PinMode::Never,
+        slow_consumer: corecast::pubsub::policy::SlowConsumerPolicy::Conflate,
+        max_outbound_bytes: 16 * 1024,
+        ..Default::default()
+    })
+    .unwrap();
+    let a = srv.local_addr();
+    let json = std::env::temp_dir().join(format!("loadgen-conf-{}.json", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["conflation", "--url", &format!("ws://{a}/ws?topics=c0,c1")])
+        .args(["--publish-url", &format!("ws://{a}/publish/c0")])
+        .args(["--publish-url", &format!("ws://{a}/publish/c1")])
+        .args(["--connections", "100", "--processes", "2"])
+        .args(["--rate", "100", "--duration", "2", "--size", "16384"])
+        .args(["--subprotocol", "corecast.v1.binary"])
+        .args(["--slow-fraction", "0.1", "--slow-read-bytes-per-s", "1024"])
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["published"], 400);
+    assert_eq!(
+        (
+            v["normal"]["subscribers"].as_u64(),
+            v["slow"]["subscribers"].as_u64()
+        ),
+        (Some(90), Some(10))
+    );
+    assert_eq!(v["gaps"], 0, "{v}");
+    assert_eq!(v["duplicates"], 0);
+    assert_eq!(v["tail_incomplete"], 0);
+    assert_eq!(v["subscribers_complete"], 100);
+    let slow = &v["slow"];
+    assert!(slow["markers"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(slow["conflated"], slow["replaced"], "{v}");
+    assert!(
+        slow["behind_at_publish_end"]["behind"].as_u64().unwrap() > 0,
+        "{v}"
+    );
+    assert!(slow["staleness_us"]["count"].as_u64().unwrap() > 0);
+    assert!(
+        slow["staleness_us"]["p99"].as_f64().unwrap()
+            > v["normal"]["staleness_us"]["p99"].as_f64().unwrap(),
+        "{v}"
+    );
+    std::fs::remove_file(&json).unwrap();
+    srv.shutdown();
+    srv.join();
+}

@@ -5,10 +5,12 @@
 //! against and the small checks the subcommands share. Each subcommand's
 //! flags and their validation are in their own file: `common` (the flags
 //! every scenario takes, and how many processes and source addresses they
-//! need), `connect` (connect and hold), `fanout`, `echo` and `storm`; the
+//! need), `connect` (connect and hold), `fanout`, `echo`, `storm` and
+//! `conflation`; the
 //! validated plan they produce is in `plan`.
 
 mod common;
+mod conflation;
 mod connect;
 mod echo;
 mod fanout;
@@ -19,12 +21,14 @@ mod tests;
 
 pub use common::Limits;
 pub use plan::{
-    ConnectPlan, DropMode, EchoPlan, FanoutPlan, Plan, PublishMode, StormPlan, Target, Work,
+    ConflationPlan, ConnectPlan, DropMode, EchoPlan, FanoutPlan, Plan, PublishMode, StormPlan,
+    Target, Work,
 };
 
 use crate::client;
 use crate::url::WsUrl;
 use clap::{Parser, Subcommand};
+use conflation::ConflationCmd;
 use connect::{ConnectCmd, HoldCmd};
 use echo::EchoCmd;
 use fanout::FanoutCmd;
@@ -84,6 +88,13 @@ pub enum Command {
     /// `since`. Reports time to caught up, recovery completeness, gaps and
     /// duplicates.
     Storm(StormCmd),
+    /// Conflation under overload: N enveloped subscribers, publishers at R
+    /// messages/s per topic, a share of the subscribers reading slowly
+    /// (optionally every one asking `max_rate`). Reports the staleness of
+    /// each delivered value, how far behind each subscriber is at the end,
+    /// conflation markers, unannounced gaps and duplicates, slow-consumer
+    /// disconnects; slow and normal subscribers apart.
+    Conflation(ConflationCmd),
     /// Internal: one worker process of a multi-process run (reads its plan
     /// from stdin, reports on stdout).
     #[command(hide = true)]
@@ -100,6 +111,7 @@ impl Command {
             Self::Fanout(c) => c.work().and_then(|w| c.common.plan(w, limits)),
             Self::Echo(c) => c.work().and_then(|w| c.common.plan(w, limits)),
             Self::Storm(c) => c.plan(limits),
+            Self::Conflation(c) => c.plan(limits),
             Self::Shard => return None,
         })
     }

@@ -139,6 +139,36 @@ impl StormPlan {
     }
 }
 
+/// Validated `conflation` parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConflationPlan {
+    /// The topics every subscriber holds: its URL's `topics=`, in order.
+    pub topics: Vec<String>,
+    /// `publish[t]`: the publish URLs of topic `t` (each gets every message of it).
+    pub publish: Vec<Vec<Target>>,
+    /// Messages per second to each topic.
+    pub rate: f64,
+    pub duration: Duration,
+    pub size: usize,
+    /// Share of the subscribers that read slowly (0 ..= 1).
+    pub slow_fraction: f64,
+    /// A slow subscriber's reading rate while publishing goes on.
+    pub slow_read_bytes_per_s: u64,
+    /// `max_rate=N` on the subscribers' URL (already appended to the targets).
+    pub max_rate: Option<u32>,
+    pub drain_timeout: Duration,
+}
+
+impl ConflationPlan {
+    /// The publisher's schedule: `rate` per topic, round-robin over the topics.
+    pub fn mode(&self) -> PublishMode {
+        PublishMode::Rate {
+            per_s: self.rate * self.topics.len() as f64,
+            duration: self.duration,
+        }
+    }
+}
+
 /// Validated `echo` parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EchoPlan {
@@ -156,6 +186,7 @@ pub enum Work {
     Fanout(FanoutPlan),
     Echo(EchoPlan),
     Storm(StormPlan),
+    Conflation(ConflationPlan),
 }
 
 impl Work {
@@ -166,6 +197,7 @@ impl Work {
             Self::Fanout(_) => "fanout",
             Self::Echo(_) => "echo",
             Self::Storm(_) => "storm",
+            Self::Conflation(_) => "conflation",
         }
     }
 }

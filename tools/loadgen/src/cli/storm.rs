@@ -166,65 +166,77 @@ impl StormCmd {
         })
     }
 
-    /// The subscribers' topics: the `topics=` of every --url, which must agree.
     fn topics(&self) -> Result<Vec<String>, String> {
-        let mut topics: Option<Vec<String>> = None;
-        for u in &self.common.url {
-            if u.target.contains(TOPIC_PLACEHOLDER) {
-                return Err(format!(
-                    "{u}: storm takes no {{topic}}: every subscriber holds all of topics=A,B"
-                ));
-            }
-            let these = topics_of(&u.target);
-            if these.is_empty() {
-                return Err(format!(
-                    "{u}: name the subscribers' topics, e.g. /ws?topics=s0,s1"
-                ));
-            }
-            if these.len() > MAX_TOPICS {
-                return Err(format!("{u}: at most {MAX_TOPICS} topics"));
-            }
-            if let Some(p) = these.iter().find(|t| is_pattern(t)) {
-                return Err(format!(
-                    "{u}: {p} is a pattern; storm recovers topics, name them"
-                ));
-            }
-            match &topics {
-                Some(t) if *t != these => {
-                    return Err(format!(
-                        "{u}: every --url must name the same topics ({})",
-                        t.join(",")
-                    ));
-                }
-                Some(_) => {}
-                None => topics = Some(these),
-            }
-        }
-        topics.ok_or_else(|| "give --url".into())
+        subscriber_topics(&self.common.url)
     }
 
-    /// The publish URLs of each topic.
     fn publishers(&self, topics: &[String]) -> Result<Vec<Vec<Target>>, String> {
-        let mut by_topic = vec![Vec::new(); topics.len()];
-        for (u, t) in self.publish_url.iter().zip(resolve(&self.publish_url)?) {
-            let name = publish_topic(&u.target)
-                .ok_or_else(|| format!("--publish-url {u}: expected ws://HOST:PORT/publish/T"))?;
-            let i = topics.iter().position(|t| t == name).ok_or_else(|| {
-                format!(
-                    "--publish-url {u}: topic {name} is not among the subscribers' topics ({})",
-                    topics.join(",")
-                )
-            })?;
-            by_topic[i].push(t);
-        }
-        if let Some(i) = by_topic.iter().position(Vec::is_empty) {
+        publishers_by_topic(&self.publish_url, topics)
+    }
+}
+
+/// The subscribers' topics: the `topics=` of every --url, which must agree
+/// (named topics, no `{topic}`). Conflation reads them the same way.
+pub(super) fn subscriber_topics(urls: &[WsUrl]) -> Result<Vec<String>, String> {
+    let mut topics: Option<Vec<String>> = None;
+    for u in urls {
+        if u.target.contains(TOPIC_PLACEHOLDER) {
             return Err(format!(
-                "topic {} has no --publish-url (give ws://HOST:PORT/publish/{})",
-                topics[i], topics[i]
+                "{u}: storm takes no {{topic}}: every subscriber holds all of topics=A,B"
             ));
         }
-        Ok(by_topic)
+        let these = topics_of(&u.target);
+        if these.is_empty() {
+            return Err(format!(
+                "{u}: name the subscribers' topics, e.g. /ws?topics=s0,s1"
+            ));
+        }
+        if these.len() > MAX_TOPICS {
+            return Err(format!("{u}: at most {MAX_TOPICS} topics"));
+        }
+        if let Some(p) = these.iter().find(|t| is_pattern(t)) {
+            return Err(format!(
+                "{u}: {p} is a pattern; storm recovers topics, name them"
+            ));
+        }
+        match &topics {
+            Some(t) if *t != these => {
+                return Err(format!(
+                    "{u}: every --url must name the same topics ({})",
+                    t.join(",")
+                ));
+            }
+            Some(_) => {}
+            None => topics = Some(these),
+        }
     }
+    topics.ok_or_else(|| "give --url".into())
+}
+
+/// The publish URLs of each topic (at least one each).
+pub(super) fn publishers_by_topic(
+    publish_url: &[WsUrl],
+    topics: &[String],
+) -> Result<Vec<Vec<Target>>, String> {
+    let mut by_topic = vec![Vec::new(); topics.len()];
+    for (u, t) in publish_url.iter().zip(resolve(publish_url)?) {
+        let name = publish_topic(&u.target)
+            .ok_or_else(|| format!("--publish-url {u}: expected ws://HOST:PORT/publish/T"))?;
+        let i = topics.iter().position(|t| t == name).ok_or_else(|| {
+            format!(
+                "--publish-url {u}: topic {name} is not among the subscribers' topics ({})",
+                topics.join(",")
+            )
+        })?;
+        by_topic[i].push(t);
+    }
+    if let Some(i) = by_topic.iter().position(Vec::is_empty) {
+        return Err(format!(
+            "topic {} has no --publish-url (give ws://HOST:PORT/publish/{})",
+            topics[i], topics[i]
+        ));
+    }
+    Ok(by_topic)
 }
 
 /// A wildcard pattern (or a bad name) rather than a topic name: `*` and

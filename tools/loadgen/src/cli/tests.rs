@@ -541,3 +541,92 @@ fn storm_rejects_bad_arguments() {
     argv[6] = "4";
     assert!(plan(&argv).is_ok());
 }
+
+fn conflation(extra: &[&str]) -> Result<(Plan, ConflationPlan), String> {
+    let mut argv = vec![
+        "conflation",
+        "--url",
+        "ws://127.0.0.1:9480/ws?topics=c0,c1",
+        "--publish-url",
+        "ws://127.0.0.1:9480/publish/c0",
+        "--publish-url",
+        "ws://127.0.0.1:9480/publish/c1",
+        "--connections",
+        "5000",
+        "--rate",
+        "200",
+    ];
+    argv.extend_from_slice(extra);
+    let p = plan(&argv)?;
+    let Work::Conflation(c) = p.work.clone() else {
+        panic!("not conflation")
+    };
+    Ok((p, c))
+}
+
+#[test]
+fn conflation_defaults_and_flags() {
+    let (p, c) = conflation(&[]).unwrap();
+    assert_eq!(c.topics, ["c0", "c1"]);
+    assert_eq!((c.rate, c.duration), (200.0, Duration::from_secs(10)));
+    assert_eq!((c.slow_fraction, c.slow_read_bytes_per_s), (0.1, 2048));
+    assert_eq!((c.max_rate, c.size), (None, 64));
+    assert_eq!(p.connect.subprotocol.as_deref(), Some("corecast.v1"));
+    assert_eq!(p.connect.targets[0].url.target, "/ws?topics=c0,c1");
+    assert_eq!(
+        c.mode(),
+        PublishMode::Rate {
+            per_s: 400.0,
+            duration: Duration::from_secs(10)
+        }
+    );
+    let (p, c) = conflation(&[
+        "--max-rate",
+        "5",
+        "--slow-fraction",
+        "0",
+        "--slow-read-bytes-per-s",
+        "100",
+        "--subprotocol",
+        "corecast.v1.binary",
+    ])
+    .unwrap();
+    assert_eq!(
+        p.connect.targets[0].url.target,
+        "/ws?topics=c0,c1&max_rate=5"
+    );
+    assert_eq!((c.max_rate, c.slow_fraction), (Some(5), 0.0));
+    let back: Plan = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
+    assert_eq!(back, p);
+}
+
+#[test]
+fn conflation_rejects_bad_arguments() {
+    for bad in [
+        &["--slow-fraction", "1.5"][..],
+        &["--slow-fraction", "-0.1"],
+        &["--slow-read-bytes-per-s", "0"],
+        &["--max-rate", "0"],
+        &["--max-rate", "1001"],
+        &["--rate", "0"],
+        &["--size", "8"],
+        &["--subprotocol", "corecast.raw"],
+        &["--publish-url", "ws://127.0.0.1:9480/publish/other"],
+        &["--url", "ws://127.0.0.1:9481/ws?topics=c0"],
+    ] {
+        assert!(conflation(bad).is_err(), "{bad:?} should be rejected");
+    }
+    let err = plan(&[
+        "conflation",
+        "--url",
+        "ws://127.0.0.1:1/ws?topics=c0&max_rate=3",
+        "--publish-url",
+        "ws://127.0.0.1:1/publish/c0",
+        "--connections",
+        "3",
+        "--rate",
+        "5",
+    ])
+    .unwrap_err();
+    assert!(err.contains("--max-rate"), "{err}");
+}

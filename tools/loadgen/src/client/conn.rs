@@ -88,6 +88,12 @@ pub struct Conn {
     out: Vec<u8>,
     /// Stopped reading at [`READS_PER_TURN`]; drive again without an event.
     pub reread: bool,
+    /// Paced reading (`fleet::Fleet::pace`): bytes an open connection may
+    /// still read until its allowance is renewed; `None`: no limit.
+    pub allowance: Option<usize>,
+    /// Stopped reading because the allowance was spent: drive again when
+    /// it is renewed (no readiness event may come for bytes already there).
+    pub starved: bool,
     /// `wss://`: the TLS session the socket's bytes go through.
     tls: Option<Box<rustls::ClientConnection>>,
 }
@@ -131,6 +137,8 @@ impl Conn {
             frames: FrameReader::default(),
             out: request,
             reread: false,
+            allowance: None,
+            starved: false,
             tls,
         })
     }
@@ -166,6 +174,7 @@ impl Conn {
         sink: &mut dyn Sink,
     ) -> Step {
         self.reread = false;
+        self.starved = false;
         if self.phase == Phase::Connecting {
             match self.stream.take_error() {
                 Ok(Some(e)) | Err(e) => return Step::Failed(Failure::Connect(e.kind())),
@@ -182,7 +191,17 @@ impl Conn {
             return self.io_error(e);
         }
         for _ in 0..READS_PER_TURN {
-            let n = match self.read_some(scratch) {
+            // Paced: at most the allowance (never a zero-length read, which
+            // would look like EOF).
+            let cap = match self.allowance.filter(|_| !self.is_opening()) {
+                Some(0) => {
+                    self.starved = true;
+                    return Step::Continue;
+                }
+                Some(a) => a.min(scratch.len()),
+                None => scratch.len(),
+            };
+            let n = match self.read_some(&mut scratch[..cap]) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Continue,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -195,6 +214,11 @@ impl Conn {
                     Phase::ClosedByServer(code) => Step::Ended(End::ServerClosed(code)),
                     _ => Step::Ended(End::Eof),
                 };
+            }
+            if !self.is_opening()
+                && let Some(a) = self.allowance.as_mut()
+            {
+                *a = a.saturating_sub(n);
             }
             let at = Instant::now();
             let mut data = &scratch[..n];

@@ -19,6 +19,7 @@
 //! ([`Targets`]); one event-loop turn and the bookkeeping of connections
 //! opening, failing and ending in `turn`.
 
+mod pace;
 mod targets;
 #[cfg(test)]
 mod tests;
@@ -97,6 +98,8 @@ pub struct Fleet {
     /// last took them, `(token, opened)`.
     notices: Vec<(usize, bool)>,
     watch: bool,
+    /// Connections that read at a bounded rate (`pace`).
+    pacing: Option<pace::Pacing>,
 }
 
 impl Fleet {
@@ -120,6 +123,7 @@ impl Fleet {
             clean_closes: 0,
             notices: Vec::new(),
             watch: false,
+            pacing: None,
             cfg,
         })
     }

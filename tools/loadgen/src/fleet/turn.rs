@@ -46,6 +46,11 @@ impl Fleet {
 
     /// One `poll` and the work it reports (plus deferred re-reads).
     pub(super) fn turn(&mut self, wait: Duration, sink: &mut dyn Sink) -> io::Result<()> {
+        let now = Instant::now();
+        let wait = match self.renew_allowances(now) {
+            Some(next) => wait.min(next.saturating_duration_since(now)),
+            None => wait,
+        };
         let wait = if self.reread.is_empty() {
             wait
         } else {

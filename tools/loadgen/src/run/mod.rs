@@ -5,7 +5,7 @@
 
 mod summary;
 
-use crate::cli::{FanoutPlan, Plan, PublishMode, StormPlan, Work};
+use crate::cli::{ConflationPlan, FanoutPlan, Plan, PublishMode, StormPlan, Work};
 use crate::clock::Anchor;
 use crate::coord::{Coordinator, Spawn, Stage};
 use crate::metrics;
@@ -196,12 +196,16 @@ fn measured_phase(plan: &Plan, coord: &mut Coordinator, anchor: &Anchor) -> Resu
             published = Some(publish_storm(plan, s, coord, anchor)?);
             s.drain_timeout
         }
+        Work::Conflation(c) => {
+            published = Some(publish_conflation(plan, c, coord, anchor)?);
+            c.drain_timeout
+        }
     };
     coord.barrier(
         Stage::Done,
         Instant::now() + done_within + BARRIER_SLACK,
         match &plan.work {
-            Work::Fanout(_) | Work::Storm(_) => "draining",
+            Work::Fanout(_) | Work::Storm(_) | Work::Conflation(_) => "draining",
             Work::Echo(_) => "echo",
             _ => "hold",
         },
@@ -325,6 +329,36 @@ fn publish_storm(
         ToShard::Storm {
             drop_ns: anchor.ns(start + s.drop_at),
             end_ns: anchor.ns(start + limit_after + s.drain_timeout + BARRIER_SLACK),
+        }
+    })?;
+    Ok(out)
+}
+
+/// Conflation: opens the publishers (each topic's to its URLs), starts
+/// the shards' phase (the slow subscribers' pacing with it), publishes at
+/// the rate, and tells the shards what was published.
+fn publish_conflation(
+    plan: &Plan,
+    c: &ConflationPlan,
+    coord: &mut Coordinator,
+    anchor: &Anchor,
+) -> Result<Published, String> {
+    let mode = c.mode();
+    let mut out = Published {
+        planned: mode.messages(),
+        ..Default::default()
+    };
+    let publisher = Publisher::open_by_topic(&c.publish, publisher_source(plan), c.size)?;
+    let limit_after = c.duration + c.drain_timeout;
+    let job = Job {
+        mode,
+        topics: c.topics.len(),
+        limit_after,
+        drain_timeout: c.drain_timeout,
+    };
+    drive(publisher, &job, coord, anchor, &mut out, |start| {
+        ToShard::Go {
+            end_ns: anchor.ns(start + limit_after + c.drain_timeout + BARRIER_SLACK),
         }
     })?;
     Ok(out)

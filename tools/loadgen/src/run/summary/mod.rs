@@ -5,8 +5,9 @@
 //! Here: [`summarize`], the figures every scenario has (the connections
 //! first, loadgen's own cost last) and the [`Summary`] they are written
 //! to; each scenario's own figures are in `connect` (connect and hold),
-//! `echo`, `fanout` and `storm`.
+//! `echo`, `fanout`, `storm` and `conflation`.
 
+mod conflation;
 mod connect;
 mod echo;
 mod fanout;
@@ -20,6 +21,7 @@ use crate::hist::Hist;
 use crate::report::{self, Totals};
 use crate::shard::CLOSE_TIMEOUT;
 use crate::sys;
+use conflation::{SLOW_CONSUMER_CLOSE, conflation_figures};
 use connect::{connect_figures, hold_figures};
 use echo::echo_figures;
 use fanout::fanout_figures;
@@ -96,8 +98,22 @@ pub(super) fn summarize(
         Work::Echo(e) => echo_figures(&mut s, &t, e, phase, server_phase_cpu),
         Work::Fanout(f) => fanout_figures(&mut s, &t, f, anchor, phase, server_phase_cpu),
         Work::Storm(st) => storm_figures(&mut s, &t, &storm_totals, st, phase, server_phase_cpu),
+        Work::Conflation(cp) => {
+            let totals = crate::conflation::report::ConflationTotals::merge(
+                closed.reports.iter().map(|r| &r.conflation),
+            );
+            conflation_figures(&mut s, &t, totals, cp, phase, server_phase_cpu)
+        }
     };
-    let ok = t.up == c.connections && t.ended_early() == 0 && verdict.clean;
+    // Conflation reports the server's slow-consumer closes; any other end
+    // fails the run.
+    let ended = match &plan.work {
+        Work::Conflation(_) => {
+            t.ended_early() - t.ended.get(SLOW_CONSUMER_CLOSE).copied().unwrap_or(0)
+        }
+        _ => t.ended_early(),
+    };
+    let ok = t.up == c.connections && ended == 0 && verdict.clean;
     loadgen_lines(&mut s, plan, &t, phase, &closed, &procs);
     for line in &s.lines {
         println!("{line}");
