@@ -390,7 +390,13 @@ pub fn history_reply(ranges: &[(&str, Option<Range>)]) -> String {
 /// `{"op":"error","reason":"recovery busy: try again","retry_ms":N}`;
 /// nothing of the message was applied.
 pub fn busy(retry_ms: u32) -> String {
-    format!(r#"{{"op":"error","reason":"recovery busy: try again","retry_ms":{retry_ms}}}"#)
+    busy_with("recovery busy: try again", retry_ms)
+}
+
+/// `{"op":"error","reason":R,"retry_ms":N}`: nothing was applied; the
+/// same message may be sent again after `N` ms. `reason` needs no escaping.
+pub fn busy_with(reason: &str, retry_ms: u32) -> String {
+    format!(r#"{{"op":"error","reason":"{reason}","retry_ms":{retry_ms}}}"#)
 }
 
 /// `{"op":"error","reason":"..."}` with the reason JSON-escaped.

@@ -126,6 +126,12 @@ impl<'a> TopicView<'a> {
     }
 }
 
+/// Patterns new to a worker that it registers per second (a bucket of one
+/// second's worth): a client cannot make every worker take all order
+/// locks and rescan its topics at will by subscribing to ever new
+/// patterns. Subscriptions to patterns a worker holds already are free.
+pub const PATTERN_REGISTRATIONS_PER_SECOND: u32 = 1000;
+
 /// Most topics one pattern subscription replays (last values, or `since`
 /// recoveries) when it starts; past them the subscription starts live.
 pub const PATTERN_REPLAY_TOPICS: usize = 256;
@@ -324,6 +330,8 @@ pub struct Shard {
     batch: u64,
     /// Recoveries admitted (`--max-recovery-rate`); full at first use.
     recoveries: Option<crate::proto::rate::TokenBucket>,
+    /// Patterns registered ([`PATTERN_REGISTRATIONS_PER_SECOND`]).
+    registrations: Option<crate::proto::rate::TokenBucket>,
 }
 
 impl Shard {
@@ -350,7 +358,28 @@ impl Shard {
             seen: HashSet::new(),
             batch: 0,
             recoveries: None,
+            registrations: None,
         }
+    }
+
+    /// Admits `n` patterns new to this worker (each costs an
+    /// every-order-lock registration, a scan of the local topics, and a
+    /// refresh of every topic's cached pattern mask), at most
+    /// [`PATTERN_REGISTRATIONS_PER_SECOND`]; `Err(ms)`: try again after
+    /// that long (the tokens taken stay taken).
+    pub fn admit_patterns(&mut self, n: usize, now_ms: u32) -> Result<(), u32> {
+        let rate = PATTERN_REGISTRATIONS_PER_SECOND;
+        let bucket = self
+            .registrations
+            .get_or_insert_with(|| crate::proto::rate::TokenBucket::full(rate, now_ms));
+        for _ in 0..n {
+            if !bucket.take(rate, now_ms) {
+                let mut probe = *bucket;
+                probe.spend(rate, now_ms);
+                return Err(probe.wait_ms(rate).max(1));
+            }
+        }
+        Ok(())
     }
 
     /// Admits one subscribe with `since` at `rate` per second (0: no

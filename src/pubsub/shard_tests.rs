@@ -694,3 +694,20 @@ fn pattern_subscribers_get_publications_of_topics_already_gone_and_idle_topics_g
     assert!(d.is_empty());
     s[1].unsubscribe(p);
 }
+
+/// New patterns are registered at a bounded rate per worker (a bucket of
+/// one second's worth); patterns already held cost nothing.
+#[test]
+fn new_patterns_are_admitted_at_a_bounded_rate() {
+    let (_d, _bus, _inboxes, mut s) = shards(1);
+    let n = PATTERN_REGISTRATIONS_PER_SECOND as usize;
+    assert_eq!(s[0].admit_patterns(n, 0), Ok(()), "a full second's worth");
+    let wait = s[0].admit_patterns(1, 0).expect_err("then none");
+    assert!((1..=2).contains(&wait), "one more accrues in ~1 ms: {wait}");
+    assert_eq!(s[0].admit_patterns(1, 2), Ok(()), "after it");
+    assert_eq!(
+        s[0].admit_patterns(0, 2),
+        Ok(()),
+        "nothing new, nothing taken"
+    );
+}

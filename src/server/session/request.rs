@@ -229,6 +229,16 @@ impl Session {
                         "too many patterns for one connection (see --max-patterns-per-conn)",
                     ));
                 }
+                let new_patterns = names
+                    .iter()
+                    .filter(|n| pattern::is_pattern(n) && ctx.shard.pattern_id(n).is_none())
+                    .count();
+                if new_patterns > 0 && ctx.shard.admit_patterns(new_patterns, ctx.now_ms).is_err() {
+                    return Err(Reject::new(
+                        Status::TooManyRequests,
+                        "patterns changing too fast on this worker: try again",
+                    ));
+                }
                 let mut subs = SubList::new(form);
                 // Last values: at most half a queue for the whole list.
                 let mut cap_left = cfg.max_outbound_bytes / 2;

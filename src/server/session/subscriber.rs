@@ -261,6 +261,22 @@ pub(super) fn control_message(
                 ctx.stats.recovery_deferred();
                 return (control::busy(ms), Vec::new());
             }
+            let new_patterns = new
+                .iter()
+                .filter(|&&i| {
+                    pattern::is_pattern(&c.topics[i])
+                        && ctx.shard.pattern_id(&c.topics[i]).is_none()
+                })
+                .count();
+            if new_patterns > 0
+                && let Err(ms) = ctx.shard.admit_patterns(new_patterns, ctx.now_ms)
+            {
+                ctx.stats.control_error();
+                return (
+                    control::busy_with("patterns changing too fast: try again", ms),
+                    Vec::new(),
+                );
+            }
             if c.max_rate.is_some() {
                 ctx.max_rate = c.max_rate;
             }
