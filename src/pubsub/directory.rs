@@ -398,9 +398,10 @@ impl Directory {
         }
         let (limits, last_value) =
             policy::resolve(&self.policies, name, &self.limits, self.last_value);
-        let slow_consumer = policy::slow_consumer(&self.policies, name);
-        let namespace = policy::namespace_of(&self.policies, name).map(|i| i as u16);
-        let max_rate = self.max_rate_of(name);
+        let ns = policy::namespace_of(&self.policies, name);
+        let slow_consumer = ns.and_then(|i| self.policies[i].slow_consumer);
+        let max_rate = ns.and_then(|i| self.policies[i].max_rate);
+        let namespace = ns.map(|i| i as u16);
         let name: Arc<str> = Arc::from(name);
         let entry = Arc::new(TopicInterest {
             limits,

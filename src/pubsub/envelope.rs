@@ -293,25 +293,7 @@ fn binary_frame_of_kind(
 /// [`BINARY_KIND_SNAPSHOT`], no payload. `None` for raw subscribers, who
 /// get no snapshot.
 pub fn snapshot_marker(form: Form, topic: &str, epoch: u64, seq: u64) -> Option<Bytes> {
-    match form {
-        Form::Raw => None,
-        Form::Json => {
-            let json =
-                format!(r#"{{"op":"snapshot","topic":"{topic}","epoch":{epoch},"seq":{seq}}}"#);
-            Some(Bytes::from(crate::proto::frame::server_frame(
-                OpCode::Text,
-                json.as_bytes(),
-            )))
-        }
-        Form::Binary => Some(Bytes::from(binary_frame_of_kind(
-            BINARY_KIND_SNAPSHOT,
-            topic,
-            epoch,
-            seq,
-            OpCode::Binary,
-            &[],
-        ))),
-    }
+    marker(form, topic, epoch, seq, None)
 }
 
 /// The marker sent before a publication that replaced `replaced` older
@@ -329,25 +311,42 @@ pub fn conflated_marker(
     seq: u64,
     replaced: u64,
 ) -> Option<Bytes> {
+    marker(form, topic, epoch, seq, Some(replaced))
+}
+
+/// A snapshot marker, or with `replaced` a conflation marker.
+fn marker(form: Form, topic: &str, epoch: u64, seq: u64, replaced: Option<u64>) -> Option<Bytes> {
     match form {
         Form::Raw => None,
         Form::Json => {
-            let json = format!(
-                r#"{{"op":"conflated","topic":"{topic}","epoch":{epoch},"seq":{seq},"replaced":{replaced}}}"#
-            );
+            let json = match replaced {
+                None => {
+                    format!(r#"{{"op":"snapshot","topic":"{topic}","epoch":{epoch},"seq":{seq}}}"#)
+                }
+                Some(n) => format!(
+                    r#"{{"op":"conflated","topic":"{topic}","epoch":{epoch},"seq":{seq},"replaced":{n}}}"#
+                ),
+            };
             Some(Bytes::from(crate::proto::frame::server_frame(
                 OpCode::Text,
                 json.as_bytes(),
             )))
         }
-        Form::Binary => Some(Bytes::from(binary_frame_of_kind(
-            BINARY_KIND_CONFLATED,
-            topic,
-            epoch,
-            seq,
-            OpCode::Binary,
-            &replaced.to_be_bytes(),
-        ))),
+        Form::Binary => {
+            let count = replaced.map(u64::to_be_bytes);
+            let (kind, payload): (u8, &[u8]) = match &count {
+                None => (BINARY_KIND_SNAPSHOT, &[]),
+                Some(n) => (BINARY_KIND_CONFLATED, n),
+            };
+            Some(Bytes::from(binary_frame_of_kind(
+                kind,
+                topic,
+                epoch,
+                seq,
+                OpCode::Binary,
+                payload,
+            )))
+        }
     }
 }
 

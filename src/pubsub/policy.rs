@@ -89,11 +89,7 @@ pub fn namespace_of(policies: &[NamespacePolicy], name: &str) -> Option<usize> {
 /// The slow-consumer policy of topic `name`: the longest covering
 /// namespace's if it sets one (`None`: the flag's).
 pub fn slow_consumer(policies: &[NamespacePolicy], name: &str) -> Option<SlowConsumerPolicy> {
-    policies
-        .iter()
-        .filter(|p| covers(&p.prefix, name))
-        .max_by_key(|p| p.prefix.len())
-        .and_then(|p| p.slow_consumer)
+    namespace_of(policies, name).and_then(|i| policies[i].slow_consumer)
 }
 
 /// The history limits and last-value setting of topic `name`: the longest
@@ -105,11 +101,7 @@ pub fn resolve(
     global: &HistoryLimits,
     last_value: bool,
 ) -> (HistoryLimits, bool) {
-    let best = policies
-        .iter()
-        .filter(|p| covers(&p.prefix, name))
-        .max_by_key(|p| p.prefix.len());
-    match best {
+    match namespace_of(policies, name).map(|i| &policies[i]) {
         None => (*global, last_value),
         Some(p) => (
             HistoryLimits {

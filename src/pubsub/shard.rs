@@ -368,33 +368,18 @@ impl Shard {
     /// [`PATTERN_REGISTRATIONS_PER_SECOND`]; `Err(ms)`: try again after
     /// that long (the tokens taken stay taken).
     pub fn admit_patterns(&mut self, n: usize, now_ms: u32) -> Result<(), u32> {
-        let rate = PATTERN_REGISTRATIONS_PER_SECOND;
-        let bucket = self
-            .registrations
-            .get_or_insert_with(|| crate::proto::rate::TokenBucket::full(rate, now_ms));
-        for _ in 0..n {
-            if !bucket.take(rate, now_ms) {
-                let mut probe = *bucket;
-                probe.spend(rate, now_ms);
-                return Err(probe.wait_ms(rate).max(1));
-            }
-        }
-        Ok(())
+        admit(
+            &mut self.registrations,
+            PATTERN_REGISTRATIONS_PER_SECOND,
+            n,
+            now_ms,
+        )
     }
 
     /// Admits one subscribe with `since` at `rate` per second (0: no
     /// limit); `Err(ms)`: none left, try again after that long.
     pub fn admit_recovery(&mut self, rate: u32, now_ms: u32) -> Result<(), u32> {
-        let bucket = self
-            .recoveries
-            .get_or_insert_with(|| crate::proto::rate::TokenBucket::full(rate, now_ms));
-        if bucket.take(rate, now_ms) {
-            return Ok(());
-        }
-        // Empty: the time until one token has accrued.
-        let mut probe = *bucket;
-        probe.spend(rate, now_ms);
-        Err(probe.wait_ms(rate).max(1))
+        admit(&mut self.recoveries, rate, 1, now_ms)
     }
 
     /// Patterns subscribed to on this worker.
@@ -1212,6 +1197,26 @@ impl Shard {
             local.pattern_joiners.retain(|j| j.1 >= newest);
         }
     }
+}
+
+/// Takes `n` tokens from `bucket` (full at first use) at `rate` per
+/// second; `Err(ms)` when one is missing: the time until it has accrued
+/// (the tokens taken before stay taken).
+fn admit(
+    bucket: &mut Option<crate::proto::rate::TokenBucket>,
+    rate: u32,
+    n: usize,
+    now_ms: u32,
+) -> Result<(), u32> {
+    let bucket = bucket.get_or_insert_with(|| crate::proto::rate::TokenBucket::full(rate, now_ms));
+    for _ in 0..n {
+        if !bucket.take(rate, now_ms) {
+            let mut probe = *bucket;
+            probe.spend(rate, now_ms);
+            return Err(probe.wait_ms(rate).max(1));
+        }
+    }
+    Ok(())
 }
 
 /// Up to 64 subscribers of one run, handed over together.

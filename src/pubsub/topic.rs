@@ -157,7 +157,7 @@ pub fn percent_decode(name: &str) -> Cow<'_, str> {
 /// The value of `topics=` in a query string (`a,b,c`), if present. Other
 /// parameters are ignored; an empty value means no topics.
 pub fn from_query(query: Option<&str>) -> Option<&str> {
-    query?.split('&').find_map(|kv| kv.strip_prefix("topics="))
+    query_param(query, "topics")
 }
 
 /// The value of parameter `key` in a query string, if present.

@@ -34,11 +34,9 @@ impl Session {
             return match policy {
                 SlowConsumerPolicy::DropNewest => Push::Dropped,
                 SlowConsumerPolicy::Conflate | SlowConsumerPolicy::Always => Push::Conflate,
-                SlowConsumerPolicy::Disconnect => {
-                    let discarded = self.out.truncate_to_front();
-                    ws.close(CloseCode::POLICY_VIOLATION, "slow consumer", &mut self.out);
-                    Push::SlowConsumer { discarded }
-                }
+                SlowConsumerPolicy::Disconnect => Push::SlowConsumer {
+                    discarded: self.fail_slow(),
+                },
             };
         }
         self.out.push_frame(frame);

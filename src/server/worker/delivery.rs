@@ -295,28 +295,12 @@ fn push_to<S>(
             || (conn.flag(CONFLATING)
                 && (policy.conflates() || tables.waits_for((key, serial), topic)));
         if waits {
-            let last = run.last().expect("a run is not empty");
-            let skipped = run.len() as u64 - 1;
-            match tables.put(
-                (key, serial),
-                entry.name,
-                last,
-                skipped,
-                topic_interval,
-                cfg.max_outbound_bytes,
-            ) {
-                Ok(replaced) => {
-                    stats.replaced(replaced);
-                    conn.set_flag(CONFLATING, true);
-                }
-                Err(Full) => {
-                    // More distinct topics waiting than its bound holds.
-                    let discarded = conn.session.fail_slow();
-                    stats.slow_consumer_disconnect(discarded);
-                    stats.ws_failure(CloseCode::POLICY_VIOLATION.0);
-                    slow.push((key, serial));
-                    conn.mark_dirty(key, dirty);
-                }
+            let to = Waits {
+                name: entry.name,
+                interval: topic_interval,
+            };
+            if wait_in_table(conn, (key, serial), tables, run, to, cfg, stats, slow) {
+                conn.mark_dirty(key, dirty);
             }
             continue;
         }
@@ -346,37 +330,16 @@ fn push_to<S>(
                 Push::Dropped => stats.frame_dropped(),
                 Push::Conflate => {
                     // Over the bound: the rest of the run waits, the newest.
-                    let rest = &run[i..];
-                    let last = rest.last().expect("not empty");
-                    let skipped = rest.len() as u64 - 1;
-                    let max = cfg.max_outbound_bytes;
-                    match tables.put(
-                        (key, serial),
-                        entry.name,
-                        last,
-                        skipped,
-                        topic_interval,
-                        max,
-                    ) {
-                        Ok(replaced) => {
-                            stats.replaced(replaced);
-                            conn.set_flag(CONFLATING, true);
-                        }
-                        Err(Full) => {
-                            let discarded = conn.session.fail_slow();
-                            stats.slow_consumer_disconnect(discarded);
-                            stats.ws_failure(CloseCode::POLICY_VIOLATION.0);
-                            slow.push((key, serial));
-                            queued = true;
-                        }
-                    }
+                    let to = Waits {
+                        name: entry.name,
+                        interval: topic_interval,
+                    };
+                    queued |=
+                        wait_in_table(conn, (key, serial), tables, &run[i..], to, cfg, stats, slow);
                     break;
                 }
                 Push::SlowConsumer { discarded } => {
-                    stats.slow_consumer_disconnect(discarded);
-                    // Only an open WebSocket is queued to: failed with 1008.
-                    stats.ws_failure(CloseCode::POLICY_VIOLATION.0);
-                    slow.push((key, serial));
+                    failed_slow(stats, slow, (key, serial), discarded);
                     queued = true;
                     break;
                 }
@@ -388,6 +351,58 @@ fn push_to<S>(
         }
     }
     stats.frames_sent(sent);
+}
+
+/// A topic's table entry: its name and its namespace's interval.
+struct Waits<'a> {
+    name: &'a Arc<str>,
+    interval: Option<Duration>,
+}
+
+/// Keeps the newest of `run` (the others replaced) in the subscriber's
+/// conflation table; returns `true` when the table was full and the
+/// subscriber failed as a slow consumer (its close is queued).
+#[allow(clippy::too_many_arguments)]
+fn wait_in_table<S>(
+    conn: &mut Conn<S>,
+    me: ConnRef,
+    tables: &mut Tables,
+    run: &[Publication],
+    to: Waits<'_>,
+    cfg: &Config,
+    stats: &WorkerStats,
+    slow: &mut Vec<ConnRef>,
+) -> bool {
+    let last = run.last().expect("a run is not empty");
+    let skipped = run.len() as u64 - 1;
+    match tables.put(
+        me,
+        to.name,
+        last,
+        skipped,
+        to.interval,
+        cfg.max_outbound_bytes,
+    ) {
+        Ok(replaced) => {
+            stats.replaced(replaced);
+            conn.set_flag(CONFLATING, true);
+            false
+        }
+        Err(Full) => {
+            // More distinct topics waiting than its bound holds.
+            failed_slow(stats, slow, me, conn.session.fail_slow());
+            true
+        }
+    }
+}
+
+/// Counts a subscriber failed as a slow consumer (1008) and lists it to
+/// close.
+fn failed_slow(stats: &WorkerStats, slow: &mut Vec<ConnRef>, me: ConnRef, discarded: usize) {
+    stats.slow_consumer_disconnect(discarded);
+    // Only an open WebSocket is queued to: failed with 1008.
+    stats.ws_failure(CloseCode::POLICY_VIOLATION.0);
+    slow.push(me);
 }
 
 /// The worker's buffer budget, lent to [`push_to`].

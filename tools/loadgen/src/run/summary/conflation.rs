@@ -9,7 +9,7 @@ use super::{CPU_BOUND, Summary, Verdict};
 use crate::cli::ConflationPlan;
 use crate::conflation::report::{Behind, ClassCounts, ConflationTotals, NORMAL, SLOW};
 use crate::hist::Hist;
-use crate::report::{self, Totals, pct, per_s};
+use crate::report::{self, Totals, per_s};
 use crate::run::{Phase, Published};
 use serde_json::{Value, json};
 
@@ -180,35 +180,7 @@ fn lines(
             }
         ),
     );
-    s.say(
-        "loadgen phase",
-        format!(
-            "{:.2} s CPU in the {:.3} s phase (publisher {:.2} s, subscribers {:.2} s; busiest subscriber loop {:.0}% of a core)",
-            t.phase_cpu_s + phase.parent_cpu_s,
-            phase.wall_s,
-            phase.parent_cpu_s,
-            t.phase_cpu_s,
-            t.max_phase_load * 100.0
-        ),
-    );
-    if bound {
-        s.say(
-            "note",
-            format!(
-                "a loadgen event loop was CPU-bound (>{:.0}% in the phase): the times are partly loadgen's",
-                CPU_BOUND * 100.0
-            ),
-        );
-    }
-    if let Some(cpu) = server_phase_cpu {
-        s.say(
-            "server CPU",
-            format!(
-                "{cpu:.2} s in the phase ({:.0}% of one core)",
-                pct(cpu, phase.wall_s)
-            ),
-        );
-    }
+    super::say_phase_cpu(s, t, phase, bound, server_phase_cpu);
 }
 
 fn behind_json(b: &Behind) -> Value {

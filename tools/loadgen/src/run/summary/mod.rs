@@ -32,6 +32,47 @@ use storm::storm_figures;
 /// CPU-bound (then the figures are a floor for the server, not its ceiling).
 const CPU_BOUND: f64 = 0.9;
 
+/// The last lines of a scenario with a publisher in the parent and
+/// subscribers in the shards (`storm`, `conflation`): loadgen's CPU in the
+/// phase, whether a loop was CPU-bound, the server's CPU.
+fn say_phase_cpu(
+    s: &mut Summary,
+    t: &Totals,
+    phase: &Phase,
+    bound: bool,
+    server_phase_cpu: Option<f64>,
+) {
+    s.say(
+        "loadgen phase",
+        format!(
+            "{:.2} s CPU in the {:.3} s phase (publisher {:.2} s, subscribers {:.2} s; busiest subscriber loop {:.0}% of a core)",
+            t.phase_cpu_s + phase.parent_cpu_s,
+            phase.wall_s,
+            phase.parent_cpu_s,
+            t.phase_cpu_s,
+            t.max_phase_load * 100.0
+        ),
+    );
+    if bound {
+        s.say(
+            "note",
+            format!(
+                "a loadgen event loop was CPU-bound (>{:.0}% in the phase): the times are partly loadgen's",
+                CPU_BOUND * 100.0
+            ),
+        );
+    }
+    if let Some(cpu) = server_phase_cpu {
+        s.say(
+            "server CPU",
+            format!(
+                "{cpu:.2} s in the phase ({:.0}% of one core)",
+                report::pct(cpu, phase.wall_s)
+            ),
+        );
+    }
+}
+
 /// `b - a`, when both were measured.
 fn diff(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     Some(b? - a?)

@@ -5,7 +5,7 @@
 
 use super::{CPU_BOUND, Summary, Verdict};
 use crate::cli::StormPlan;
-use crate::report::{self, Totals, pct, per_s};
+use crate::report::{self, Totals, per_s};
 use crate::run::{Phase, Published};
 use crate::storm::report::StormTotals;
 use serde_json::json;
@@ -178,35 +178,7 @@ fn storm_lines(
         ),
     );
     s.say("live latency", t.latency.describe());
-    s.say(
-        "loadgen phase",
-        format!(
-            "{:.2} s CPU in the {:.3} s phase (publisher {:.2} s, subscribers {:.2} s; busiest subscriber loop {:.0}% of a core)",
-            t.phase_cpu_s + phase.parent_cpu_s,
-            phase.wall_s,
-            phase.parent_cpu_s,
-            t.phase_cpu_s,
-            t.max_phase_load * 100.0
-        ),
-    );
-    if bound {
-        s.say(
-            "note",
-            format!(
-                "a loadgen event loop was CPU-bound (>{:.0}% in the phase): the times are partly loadgen's",
-                CPU_BOUND * 100.0
-            ),
-        );
-    }
-    if let Some(cpu) = server_phase_cpu {
-        s.say(
-            "server CPU",
-            format!(
-                "{cpu:.2} s in the phase ({:.0}% of one core)",
-                pct(cpu, phase.wall_s)
-            ),
-        );
-    }
+    super::say_phase_cpu(s, t, phase, bound, server_phase_cpu);
 }
 
 #[allow(clippy::too_many_arguments)]
