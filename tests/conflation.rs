@@ -386,3 +386,127 @@ fn a_namespace_maximum_rate_applies_to_every_subscriber_of_its_topics() {
     assert!(slow["slow.x"].len() <= bound, "{:?}", slow["slow.x"]);
     assert_eq!(got["fast.x"].len() as u64, N, "another namespace keeps all");
 }
+
+/// Conflation keys (`?key=`): a conflating subscriber keeps the newest
+/// publication per key of a topic, delivered in number order after one
+/// marker whose `from`, `seq` and `replaced` account for every number
+/// between; each key ends with its newest value.
+#[test]
+fn a_keyed_topic_conflates_per_key_and_accounts_for_every_number() {
+    let server = start_with(|c| {
+        c.workers = 2;
+        c.namespaces = vec![NamespacePolicy {
+            prefix: "venue".into(),
+            slow_consumer: Some(SlowConsumerPolicy::Always),
+            ..Default::default()
+        }];
+    });
+    let addr = server.local_addr();
+    let mut sub = stalled_enveloped(addr, "venue.x");
+    let mut witness = connect(addr, "/ws?topics=venue.x");
+    wait_subscriptions(addr, 2);
+    let mut p = raw(addr);
+    const N: u64 = 300;
+    let keys = ["EURUSD", "GBP%2FUSD", "USDJPY"];
+    let mut newest: HashMap<String, u64> = HashMap::new();
+    // Pipelined in one write: the server reads many in one turn, and
+    // their run reaches the subscriber at once.
+    let mut requests = Vec::new();
+    for i in 0..N {
+        // An irregular order of keys, 1 KiB each.
+        let key = keys[((i * 7) / 3 % 3) as usize];
+        let mut body = vec![b' '; 1024];
+        let text = format!("{key} {i}");
+        body[..text.len()].copy_from_slice(text.as_bytes());
+        let path = format!("venue.x?key={key}");
+        requests.extend(post_with(&path, "text/plain", &body, ""));
+        newest.insert(key.to_owned(), i);
+    }
+    p.write_all(&requests).unwrap();
+    for _ in 0..N {
+        let head = read_head(&mut p);
+        assert!(head.starts_with("HTTP/1.1 204 "), "{head}");
+    }
+    // A raw subscriber is conflated too (`always` is the topic's policy),
+    // without markers: in order, ending with every key's newest.
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    let (mut prev, mut witnessed) = (None, 0);
+    while seen != newest {
+        let m = witness.read().unwrap();
+        witnessed += 1;
+        let (key, i) = m.to_text().unwrap().trim_end().split_once(' ').unwrap();
+        let i: u64 = i.parse().unwrap();
+        assert!(prev < Some(i), "in order");
+        prev = Some(i);
+        seen.insert(key.to_owned(), i);
+    }
+    sub.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // Numbers delivered so far; what the current marker still covers.
+    let (mut last, mut window): (u64, Option<(u64, u64, u64, u64)>) = (0, None);
+    let mut last_of_key: HashMap<String, u64> = HashMap::new();
+    let mut replaced_total = 0;
+    while last < N {
+        let (_, op, body) = read_frame(&mut sub);
+        assert_eq!(op, 1, "text frames only");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let seq = v["seq"].as_u64().unwrap();
+        match v["op"].as_str().unwrap() {
+            "conflated" => {
+                assert!(window.is_none(), "a marker's run ends before the next");
+                let (from, replaced) =
+                    (v["from"].as_u64().unwrap(), v["replaced"].as_u64().unwrap());
+                assert_eq!(from, last + 1, "nothing lost before the run: {v}");
+                window = Some((from, seq, replaced, 0));
+                replaced_total += replaced;
+            }
+            "pub" => {
+                assert!(seq > last, "one order: {seq} after {last}");
+                let text = v["text"].as_str().unwrap();
+                let (key, i) = text.trim_end().split_once(' ').unwrap();
+                assert_eq!(
+                    i.parse::<u64>().unwrap() + 1,
+                    seq,
+                    "payload {i} is number {seq}"
+                );
+                last_of_key.insert(key.to_owned(), seq - 1);
+                match &mut window {
+                    Some((_, to, replaced, k)) => {
+                        *k += 1;
+                        assert!(seq <= *to, "{seq} within its marker's run");
+                        if seq == *to {
+                            let (from, to, replaced, k) = window.take().unwrap();
+                            assert_eq!(replaced, to - from + 1 - k, "the rest were replaced");
+                        } else {
+                            let _ = replaced;
+                        }
+                    }
+                    None => assert_eq!(seq, last + 1, "no marker, no jump"),
+                }
+                last = seq;
+            }
+            other => panic!("unexpected {other}: {v}"),
+        }
+    }
+    assert!(window.is_none());
+    assert!(replaced_total > 0, "the stalled subscriber was conflated");
+    assert_eq!(last_of_key, newest, "every key ends with its newest value");
+    assert_eq!(
+        metric(&metrics(addr), "corecast_publications_replaced_total"),
+        replaced_total + (N - witnessed),
+        "what either subscriber did not get is counted"
+    );
+}
+
+#[test]
+fn a_bad_conflation_key_is_refused() {
+    let server = start();
+    let addr = server.local_addr();
+    let mut p = raw(addr);
+    p.write_all(&post_with("k?key=a%20b", "text/plain", b"x", ""))
+        .unwrap();
+    let answer = String::from_utf8_lossy(&read_to_eof(&mut p)).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert!(answer.contains("key must be"), "{answer}");
+    let err = tungstenite::connect(ws_url(addr, "/publish/k?key=")).unwrap_err();
+    assert!(format!("{err:?}").contains("400"), "{err:?}");
+}

@@ -12,7 +12,7 @@ export interface Publication {
   snapshot: boolean;
   /** Replayed from the server's history after a reconnection. */
   recovered: boolean;
-  /** Replaced older publications of its topic (conflation; see the `conflated` event). */
+  /** Stands for older publications of its topic it replaced, alone or with the newest of the topic's other conflation keys (see the `conflated` event). */
   conflated: boolean;
 }
 

@@ -90,8 +90,10 @@ export class CorecastClient {
    * (a publication that is the topic's last value), `recovered` ({topic, epoch,
    * from, to, complete, reason}), `gap` ({topic, epoch, from, to, reason}:
    * numbers that will not arrive), `conflated` ({topic, epoch, from, to, replaced}:
-   * numbers replaced by the newer publication that follows, on a slow
-   * connection or an `always` namespace: not lost, superseded), `reset`
+   * the `replaced` numbers among `from`..`to` that did not arrive were
+   * replaced by the newer publications that came (the newest of each
+   * conflation key; told with the last of them), on a slow connection, a
+   * `maxRate` or an `always` namespace: not lost, superseded), `reset`
    * ({topic, epoch, previousEpoch}: the
    * topic's numbering started over), `error` ({reason}); `*` gets them all.
    */
@@ -239,7 +241,13 @@ export class CorecastClient {
         this.snapshotNext.set(m.topic, m.seq);
         return;
       case "conflated":
-        this.conflatedNext.set(m.topic, { seq: m.seq, replaced: m.replaced });
+        // The publications numbered `from` to `seq` that follow (one per
+        // conflation key, in order) stand for the rest, replaced.
+        this.conflatedNext.set(m.topic, {
+          seq: m.seq,
+          replaced: m.replaced,
+          from: m.from !== undefined ? m.from : m.seq - m.replaced,
+        });
         return;
       case "subscribed":
         for (const [topic, r] of Object.entries(m.recovery ?? {})) this.onRecovery(topic, r);
@@ -291,8 +299,8 @@ export class CorecastClient {
     const snapshot = this.snapshotNext.get(m.topic) === m.seq;
     if (snapshot) this.snapshotNext.delete(m.topic);
     const c = this.conflatedNext.get(m.topic);
-    const conflated = c !== undefined && c.seq === m.seq;
-    if (c !== undefined) this.conflatedNext.delete(m.topic);
+    const conflated = c !== undefined && m.seq >= c.from && m.seq <= c.seq;
+    if (c !== undefined && m.seq >= c.seq) this.conflatedNext.delete(m.topic);
     const upto = this.recovering.get(m.topic);
     const recovered = upto !== undefined && m.seq <= upto;
     if (upto !== undefined && m.seq >= upto) this.recovering.delete(m.topic);
@@ -302,16 +310,16 @@ export class CorecastClient {
       if (m.seq <= t.seq) return; // already delivered (cannot happen with this server)
       // Numbers the marker accounts for were replaced, not lost; any
       // before them are a gap.
-      const from = conflated ? m.seq - c.replaced : m.seq;
+      const from = conflated ? c.from : m.seq;
       if (from > t.seq + 1) {
         this.emit("gap", { topic: m.topic, epoch: m.epoch, from: t.seq + 1, to: from - 1, reason: "skipped" });
       }
     }
-    if (conflated) {
+    if (conflated && m.seq === c.seq) {
       this.emit("conflated", {
         topic: m.topic,
         epoch: m.epoch,
-        from: m.seq - c.replaced,
+        from: c.from,
         to: m.seq - 1,
         replaced: c.replaced,
       });

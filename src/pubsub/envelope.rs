@@ -92,6 +92,10 @@ pub struct Message {
     /// The topic's name, set when it is numbered: what a worker receiving
     /// it through a pattern needs when the topic's entry is gone already.
     pub topic: Option<Arc<str>>,
+    /// Its conflation key (`?key=` when published), if any: a conflating
+    /// subscriber keeps the newest publication per key of a topic
+    /// instead of per topic.
+    pub key: Option<Arc<str>>,
     /// Bytes of envelopes built while a history held the message (what
     /// the history counts for it besides the raw frame; changed under
     /// the topic's history lock).
@@ -109,10 +113,16 @@ impl Message {
             seq: 0,
             published_at,
             topic: None,
+            key: None,
             envelope_bytes: std::sync::atomic::AtomicUsize::new(0),
             json: OnceLock::new(),
             binary: OnceLock::new(),
         }
+    }
+
+    /// The same message with conflation key `key`.
+    pub fn with_key(self, key: Option<Arc<str>>) -> Self {
+        Self { key, ..self }
     }
 
     /// The frame for `form`, with `topic` the message's topic name; an
@@ -298,12 +308,12 @@ pub fn snapshot_marker(form: Form, topic: &str, epoch: u64, seq: u64) -> Option<
 
 /// The marker sent before a publication that replaced `replaced` older
 /// ones waiting for this subscriber (conflation): JSON
-/// `{"op":"conflated","topic":T,"epoch":E,"seq":S,"replaced":N}` (text),
-/// or a binary frame with the publication's header layout, kind
-/// [`BINARY_KIND_CONFLATED`] and an 8-byte big-endian `replaced` as its
-/// payload. The publication numbered `seq` follows it; numbers `seq -
-/// replaced` to `seq - 1` were replaced, not lost. `None` for raw
-/// subscribers.
+/// `{"op":"conflated","topic":T,"epoch":E,"seq":S,"replaced":N,"from":F}`
+/// (text), or a binary frame with the publication's header layout, kind
+/// [`BINARY_KIND_CONFLATED`] and as its payload `replaced` then `from`,
+/// 8 bytes big-endian each. The publication numbered `seq` follows it;
+/// numbers `from = seq - replaced` to `seq - 1` were replaced, not lost.
+/// `None` for raw subscribers.
 pub fn conflated_marker(
     form: Form,
     topic: &str,
@@ -311,11 +321,32 @@ pub fn conflated_marker(
     seq: u64,
     replaced: u64,
 ) -> Option<Bytes> {
-    marker(form, topic, epoch, seq, Some(replaced))
+    conflated_marker_from(form, topic, epoch, seq, replaced, seq - replaced)
 }
 
-/// A snapshot marker, or with `replaced` a conflation marker.
-fn marker(form: Form, topic: &str, epoch: u64, seq: u64, replaced: Option<u64>) -> Option<Bytes> {
+/// [`conflated_marker`] for a run of publications with conflation keys:
+/// the newest of each key of the topic follow it, in number order, the
+/// last numbered `seq`; of the numbers `from` to `seq`, the `replaced`
+/// that do not follow were replaced.
+pub fn conflated_marker_from(
+    form: Form,
+    topic: &str,
+    epoch: u64,
+    seq: u64,
+    replaced: u64,
+    from: u64,
+) -> Option<Bytes> {
+    marker(form, topic, epoch, seq, Some((replaced, from)))
+}
+
+/// A snapshot marker, or with `(replaced, from)` a conflation marker.
+fn marker(
+    form: Form,
+    topic: &str,
+    epoch: u64,
+    seq: u64,
+    replaced: Option<(u64, u64)>,
+) -> Option<Bytes> {
     match form {
         Form::Raw => None,
         Form::Json => {
@@ -323,8 +354,8 @@ fn marker(form: Form, topic: &str, epoch: u64, seq: u64, replaced: Option<u64>) 
                 None => {
                     format!(r#"{{"op":"snapshot","topic":"{topic}","epoch":{epoch},"seq":{seq}}}"#)
                 }
-                Some(n) => format!(
-                    r#"{{"op":"conflated","topic":"{topic}","epoch":{epoch},"seq":{seq},"replaced":{n}}}"#
+                Some((n, from)) => format!(
+                    r#"{{"op":"conflated","topic":"{topic}","epoch":{epoch},"seq":{seq},"replaced":{n},"from":{from}}}"#
                 ),
             };
             Some(Bytes::from(crate::proto::frame::server_frame(
@@ -333,7 +364,12 @@ fn marker(form: Form, topic: &str, epoch: u64, seq: u64, replaced: Option<u64>) 
             )))
         }
         Form::Binary => {
-            let count = replaced.map(u64::to_be_bytes);
+            let count = replaced.map(|(n, from)| {
+                let mut b = [0u8; 16];
+                b[..8].copy_from_slice(&n.to_be_bytes());
+                b[8..].copy_from_slice(&from.to_be_bytes());
+                b
+            });
             let (kind, payload): (u8, &[u8]) = match &count {
                 None => (BINARY_KIND_SNAPSHOT, &[]),
                 Some(n) => (BINARY_KIND_CONFLATED, n),

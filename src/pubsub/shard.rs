@@ -838,8 +838,23 @@ impl Shard {
     /// [`Self::publish`] taking the caller's reference to the topic (which
     /// dispatch releases through the directory).
     pub fn publish_owned(&mut self, topic: Arc<TopicInterest>, frame: Bytes, now: Instant) {
-        self.outbox
-            .push((topic, Arc::new(Message::new(frame, now))));
+        self.publish_message(topic, Message::new(frame, now));
+    }
+
+    /// [`Self::publish`] with a conflation key (`?key=`).
+    pub fn publish_keyed(
+        &mut self,
+        topic: &Arc<TopicInterest>,
+        frame: Bytes,
+        now: Instant,
+        key: Option<Arc<str>>,
+    ) {
+        self.publish_message(Arc::clone(topic), Message::new(frame, now).with_key(key));
+    }
+
+    /// Queues `msg` (not yet numbered) to `topic`.
+    fn publish_message(&mut self, topic: Arc<TopicInterest>, msg: Message) {
+        self.outbox.push((topic, Arc::new(msg)));
     }
 
     /// [`Self::publish`], acknowledged to `publisher` once numbered (see
@@ -850,9 +865,10 @@ impl Shard {
         frame: Bytes,
         now: Instant,
         publisher: ConnRef,
+        key: Option<Arc<str>>,
     ) {
         self.ack_to.push((self.outbox.len(), publisher));
-        self.publish(topic, frame, now);
+        self.publish_keyed(topic, frame, now, key);
     }
 
     /// The acknowledgements due since the last call: (publisher, epoch,
@@ -870,8 +886,9 @@ impl Shard {
         topic: Arc<TopicInterest>,
         frame: Bytes,
         now: Instant,
+        key: Option<Arc<str>>,
     ) -> (u64, u64) {
-        self.publish_owned(topic, frame, now);
+        self.publish_message(topic, Message::new(frame, now).with_key(key));
         self.dispatch();
         self.last_numbered
     }

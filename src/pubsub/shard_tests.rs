@@ -670,7 +670,7 @@ fn pattern_subscribers_get_publications_of_topics_already_gone_and_idle_topics_g
     let now = Instant::now();
     for i in 1..=3u8 {
         let t = d.entry("n.a");
-        s[0].publish_now(t, Bytes::from(vec![i]), now);
+        s[0].publish_now(t, Bytes::from(vec![i]), now, None);
     }
     assert!(d.get("n.a").is_none(), "forgotten at each dispatch");
     let got = drain_named(&mut s[1], &inboxes[1], &bus);

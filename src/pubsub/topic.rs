@@ -167,6 +167,28 @@ pub fn query_param<'q>(query: Option<&'q str>, key: &str) -> Option<&'q str> {
         .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
 
+/// Most bytes of a conflation key (`?key=` on a publish).
+pub const MAX_KEY_LEN: usize = 128;
+
+/// The conflation key `?key=` of a publish request's query, if any:
+/// percent-decoded, 1 to [`MAX_KEY_LEN`] bytes of visible ASCII (`!` to
+/// `~`) other than `%` (so an escape that does not decode to ASCII is
+/// refused, not kept literally). `Err` with the reason a publisher is told
+/// otherwise.
+pub fn key_of(query: Option<&str>) -> Result<Option<std::sync::Arc<str>>, &'static str> {
+    let Some(raw) = query_param(query, "key") else {
+        return Ok(None);
+    };
+    let key = percent_decode(raw);
+    let ok = |b: u8| b.is_ascii_graphic() && b != b'%';
+    if key.is_empty() || key.len() > MAX_KEY_LEN || !key.bytes().all(ok) {
+        return Err(
+            "key must be 1 to 128 bytes of visible ASCII other than % (percent-encoded as needed)",
+        );
+    }
+    Ok(Some(std::sync::Arc::from(key.as_ref())))
+}
+
 /// Splits, percent-decodes and validates a comma list; duplicates are
 /// removed, order kept. Refused as soon as it names more than `max_count`
 /// distinct topics (see [`DistinctNames`]): the rest of the list is not read.
@@ -259,6 +281,26 @@ impl<'a> DistinctNames<'a> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn conflation_keys_are_short_visible_ascii_percent_decoded() {
+        use super::key_of;
+        assert_eq!(key_of(None), Ok(None));
+        assert_eq!(key_of(Some("token=x")), Ok(None));
+        assert_eq!(
+            key_of(Some("key=EURUSD")).unwrap().as_deref(),
+            Some("EURUSD")
+        );
+        assert_eq!(
+            key_of(Some("a=1&key=EUR%2FUSD")).unwrap().as_deref(),
+            Some("EUR/USD")
+        );
+        assert!(key_of(Some("key=")).is_err());
+        assert!(key_of(Some("key=a%20b")).is_err(), "a space");
+        assert!(key_of(Some("key=%C3%A9")).is_err(), "not ASCII");
+        assert!(key_of(Some(&format!("key={}", "k".repeat(129)))).is_err());
+        assert!(key_of(Some(&format!("key={}", "k".repeat(128)))).is_ok());
+    }
+
     use super::*;
 
     #[test]

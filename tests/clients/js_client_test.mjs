@@ -9,7 +9,8 @@
 //     each once;
 //  4. a client with `maxRate` gets a burst conflated: fewer publications,
 //     the skipped numbers reported as `conflated` (never as a gap), the
-//     newest last;
+//     newest last; with conflation keys (`?key=`), each key's newest, in
+//     order, the rest accounted for the same way;
 //  5. the server restarts: the client reconnects by itself, is told the
 //     numbering started over (`reset`), and receives the new epoch from 1.
 // WebSocket class: Node's `ws` package (installed by run.sh), trusting the
@@ -190,6 +191,19 @@ const replaced = rEvents.filter((e) => e.type === "conflated").reduce((a, e) => 
 if (rGot.length + replaced !== 40) fail(`received ${rGot.length} + conflated ${replaced} != 40`);
 if (rEvents.some((e) => e.type === "gap")) fail("conflation reported as a gap");
 if (rGot[rGot.length - 1].data !== "r40") fail("the newest value is not last");
+// 4b. With conflation keys (?key=): the newest of each key, in number
+// order, the rest accounted for as conflated.
+const kGot = [];
+rc.subscribe("jsk", (p) => kGot.push(p));
+await sleep(300);
+for (let n = 1; n <= 40; n++) await publish(`jsk?key=k${n % 3}`, `k${n % 3}:${n}`);
+await until("every key's newest value", () => ["k0:39", "k1:40", "k2:38"].every((d) => kGot.some((p) => p.data === d)));
+const kReplaced = rEvents
+  .filter((e) => e.type === "conflated" && e.topic === "jsk")
+  .reduce((a, e) => a + e.replaced, 0);
+if (kGot.length + kReplaced !== 40) fail(`keyed: received ${kGot.length} + conflated ${kReplaced} != 40`);
+if (kGot.some((p, i) => i > 0 && p.seq <= kGot[i - 1].seq)) fail("keyed: out of order");
+if (rEvents.some((e) => e.type === "gap")) fail("keyed conflation reported as a gap");
 rc.close();
 
 // 5. The server restarts: a new epoch, numbers from 1, told as a reset.
@@ -206,7 +220,7 @@ client.close();
 await stopServer();
 console.log(
   `${label}: 60 numbers once each across a dropped connection (recovered ${got.filter((p) => p.recovered).length}), ` +
-    `last value as a snapshot, two topics recovered through a pattern, a rated burst conflated (not a gap), ` +
+    `last value as a snapshot, two topics recovered through a pattern, a rated burst conflated (not a gap), also per conflation key, ` +
     `a restart seen as a reset and the new epoch from 1: PASS`,
 );
 process.exit(0);

@@ -88,6 +88,8 @@ struct Publisher {
     /// Negotiated `corecast.v1`: each message is acknowledged with its
     /// epoch and number.
     acks: bool,
+    /// The conflation key of its messages (`?key=`), if any.
+    key: Option<Arc<str>>,
     /// `--max-publish-rate`: what one read delivers is published, going
     /// into debt if need be; the backend then stops reading until the
     /// debt is repaid (pacing, nothing lost).
@@ -390,10 +392,11 @@ impl Session {
                         p.pace.spend(rate, ctx.now_ms);
                         if let Some(t) = &p.topic {
                             let frame = encode(kind, payload);
+                            let key = p.key.clone();
                             if p.acks {
-                                ctx.shard.publish_acked(t, frame, ctx.now, ctx.me);
+                                ctx.shard.publish_acked(t, frame, ctx.now, ctx.me, key);
                             } else {
-                                ctx.shard.publish(t, frame, ctx.now);
+                                ctx.shard.publish_keyed(t, frame, ctx.now, key);
                             }
                             ctx.published = true;
                         }

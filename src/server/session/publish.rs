@@ -12,6 +12,8 @@ use bytes::Bytes;
 #[derive(Debug)]
 pub(super) struct BodyState {
     pub(super) topic: Box<str>,
+    /// Its conflation key (`?key=`), if any.
+    pub(super) key: Option<std::sync::Arc<str>>,
     pub(super) kind: MessageKind,
     pub(super) len: usize,
     pub(super) keep_alive: bool,
@@ -30,6 +32,7 @@ impl Session {
     ) -> Result<(), Reject> {
         let cfg = &ctx.shared.config;
         topic::validate(name, cfg.max_topic_len).map_err(topic_reject)?;
+        let key = topic::key_of(req.query).map_err(|why| Reject::new(Status::BadRequest, why))?;
         if !ctx.shared.admission.allow_publish(ctx.peer) {
             ctx.stats.publish_rate_limited();
             return Err(Reject::new(
@@ -71,6 +74,7 @@ impl Session {
         }
         self.phase = Phase::Body(Box::new(BodyState {
             topic: name.into(),
+            key,
             kind: if is_text {
                 MessageKind::Text
             } else {
@@ -111,7 +115,8 @@ impl Session {
             ctx.published = true;
             // Numbered now (its worker's earlier publications with it), so
             // the answer can say which number it got.
-            ctx.shard.publish_now(topic, frame, ctx.now)
+            ctx.shard
+                .publish_now(topic, frame, ctx.now, state.key.clone())
         });
         self.out.push(http::published(state.keep_alive, numbered));
         self.phase = if state.keep_alive {

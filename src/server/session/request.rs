@@ -188,10 +188,13 @@ impl Session {
             Upgrade::Publish(name) => {
                 check_publisher(req, cfg)?;
                 topic::validate(name, cfg.max_topic_len).map_err(topic_reject)?;
+                let key =
+                    topic::key_of(req.query).map_err(|why| Reject::new(Status::BadRequest, why))?;
                 subprotocol = subprotocol.or_else(|| choose_subprotocol(req, &PUBLISHER_PROTOCOLS));
                 Role::Publisher(Box::new(Publisher {
                     topic: Some(ctx.shard.directory().entry(name)),
                     acks: subprotocol == Some(JSON_PROTOCOL),
+                    key,
                     pace: TokenBucket::full(cfg.max_publish_rate, ctx.now_ms),
                 }))
             }

@@ -20,19 +20,56 @@
 //! small; a large frame is charged by the ledger while anyone holds it).
 
 use super::*;
-use crate::pubsub::envelope::conflated_marker;
+use crate::pubsub::envelope::conflated_marker_from;
 
 /// What a waiting publication is charged besides a small frame: its entry,
 /// the index slot and the order slot, with margin.
 pub const WAITING_BYTES: usize = 128;
 
-/// One topic's newest waiting publication for a subscriber.
+/// One topic's newest waiting publication for a subscriber, or with
+/// conflation keys (`?key=` when published) its newest per key.
 struct Waiting {
-    newest: Publication,
-    /// Older publications it replaced since the last release.
+    /// The newest per key (one, for a topic published without keys), in
+    /// the order their keys first waited.
+    newest: Vec<Publication>,
+    /// `newest`'s index by key, once it holds more than [`SCAN_KEYS`].
+    by_key: Option<HashMap<Option<Arc<str>>, usize>>,
+    /// Older publications they replaced since the last release.
     replaced: u64,
+    /// The number of the first publication this entry stands for: of the
+    /// numbers `from` to the newest, those not in `newest` were replaced.
+    from: u64,
     /// Its namespace's interval between two publications (`max-rate`).
     interval: Option<Duration>,
+}
+
+/// Keys of one topic found by a scan; past them, by an index.
+const SCAN_KEYS: usize = 8;
+
+impl Waiting {
+    /// The index in `newest` of the publication with `key`, if one waits.
+    fn slot(&self, key: &Option<Arc<str>>) -> Option<usize> {
+        match &self.by_key {
+            Some(index) => index.get(key).copied(),
+            None => self.newest.iter().position(|p| p.msg.key == *key),
+        }
+    }
+
+    /// Adds the first waiting publication of a key.
+    fn add(&mut self, p: &Publication) {
+        self.newest.push(p.clone());
+        if let Some(index) = &mut self.by_key {
+            index.insert(p.msg.key.clone(), self.newest.len() - 1);
+        } else if self.newest.len() > SCAN_KEYS {
+            let index = self.newest.iter().enumerate();
+            self.by_key = Some(index.map(|(i, p)| (p.msg.key.clone(), i)).collect());
+        }
+    }
+
+    /// Bytes charged for what waits here.
+    fn charge(&self) -> usize {
+        self.newest.iter().map(charge_of).sum()
+    }
 }
 
 /// One subscriber's waiting publications, by topic name (a name, not the
@@ -84,17 +121,17 @@ fn charge_of(p: &Publication) -> usize {
 pub(super) struct Full;
 
 impl Tables {
-    /// Keeps `p` as the newest waiting publication of `topic` for
-    /// `(key, serial)`, replacing the one that waited and the `skipped`
-    /// publications of its run before it; returns how many it replaced.
-    /// `Err(Full)` (nothing kept) when a new topic would take the table
-    /// past `max_bytes`.
+    /// Keeps the newest of `run` (publications of `topic`, in number
+    /// order) per conflation key as what waits of `topic` for `(key,
+    /// serial)`, replacing what waited of the same keys; returns how many
+    /// publications were replaced. `Err(Full)` when a topic or key new to
+    /// the table would take it past `max_bytes` (the subscriber is then
+    /// closed as a slow consumer, its table dropped).
     pub(super) fn put(
         &mut self,
         (key, serial): ConnRef,
         topic: &Arc<str>,
-        p: &Publication,
-        skipped: u64,
+        run: &[Publication],
         interval: Option<Duration>,
         max_bytes: usize,
     ) -> Result<u64, Full> {
@@ -107,37 +144,62 @@ impl Tables {
                 ..Table::default()
             };
         }
-        let charge = charge_of(p);
-        match table.waiting.get_mut(topic) {
-            Some(w) => {
-                let old = charge_of(&w.newest);
-                w.newest = p.clone();
-                w.replaced += skipped + 1;
-                table.bytes = table.bytes + charge - old;
-                self.bytes = self.bytes + charge - old;
-                Ok(skipped + 1)
-            }
-            None => {
-                if table.bytes + charge > max_bytes && !table.waiting.is_empty() {
-                    return Err(Full);
-                }
-                table.order.push_back(Arc::clone(topic));
-                table.waiting.insert(
-                    Arc::clone(topic),
-                    Waiting {
-                        newest: p.clone(),
-                        replaced: skipped,
-                        interval,
-                    },
-                );
-                table.bytes += charge;
-                self.bytes += charge;
-                if self.touched.last() != Some(&(key, serial)) {
-                    self.touched.push((key, serial));
-                }
-                Ok(skipped)
+        if !table.waiting.contains_key(topic) {
+            table.order.push_back(Arc::clone(topic));
+            table.waiting.insert(
+                Arc::clone(topic),
+                Waiting {
+                    newest: Vec::new(),
+                    by_key: None,
+                    replaced: 0,
+                    from: run[0].msg.seq,
+                    interval,
+                },
+            );
+            if self.touched.last() != Some(&(key, serial)) {
+                self.touched.push((key, serial));
             }
         }
+        let w = table.waiting.get_mut(topic).expect("inserted");
+        let mut replaced = 0;
+        let mut i = 0;
+        while i < run.len() {
+            // A stretch of one key: only its last can wait.
+            let k = &run[i].msg.key;
+            let mut last = i;
+            while last + 1 < run.len() && run[last + 1].msg.key == *k {
+                last += 1;
+            }
+            let p = &run[last];
+            let skipped = (last - i) as u64;
+            i = last + 1;
+            let charge = charge_of(p);
+            match w.slot(k) {
+                Some(at) => {
+                    let old = charge_of(&w.newest[at]);
+                    w.newest[at] = p.clone();
+                    replaced += skipped + 1;
+                    table.bytes = table.bytes + charge - old;
+                    self.bytes = self.bytes + charge - old;
+                }
+                None => {
+                    if table.bytes + charge > max_bytes && table.bytes > 0 {
+                        if w.newest.is_empty() {
+                            // Not left listed empty.
+                            table.waiting.remove(topic);
+                            table.order.retain(|t| t != topic);
+                        }
+                        return Err(Full);
+                    }
+                    w.add(p);
+                    replaced += skipped;
+                    table.bytes += charge;
+                    self.bytes += charge;
+                }
+            }
+        }
+        w.replaced += replaced;
+        Ok(replaced)
     }
 
     /// Whether a publication of `topic` waits for `(key, serial)`: later
@@ -161,10 +223,10 @@ impl Tables {
                 return true;
             }
             if let Some(w) = waiting.remove(name) {
-                let c = charge_of(&w.newest);
+                let c = w.charge();
                 *bytes -= c;
                 self.bytes -= c;
-                dropped += 1;
+                dropped += w.newest.len();
             }
             false
         });
@@ -196,7 +258,7 @@ impl Tables {
             return 0;
         };
         self.bytes -= t.bytes;
-        t.waiting.len()
+        t.waiting.values().map(|w| w.newest.len()).sum()
     }
 
     /// Bytes charged for the tables.
@@ -243,26 +305,37 @@ impl<S> Core<S> {
                 later.push_back(name);
                 continue;
             }
-            let w = &table.waiting[name];
-            let mut on_built = |_: &Bytes| self.built.push((w.newest.clone(), form));
-            let frame = w.newest.msg.frame_for(form, name, &mut on_built).clone();
-            if queued && conn.session.out.len() + frame.len() > max {
+            let w = table.waiting.get_mut(name).expect("listed");
+            // One topic's keys in number order (one order per topic).
+            if w.newest.len() > 1 {
+                w.newest.sort_unstable_by_key(|p| p.msg.seq);
+            }
+            let mut frames: Vec<Bytes> = Vec::with_capacity(w.newest.len() + 1);
+            for p in &w.newest {
+                let mut on_built = |_: &Bytes| self.built.push((p.clone(), form));
+                frames.push(p.msg.frame_for(form, name, &mut on_built).clone());
+            }
+            let len: usize = frames.iter().map(Bytes::len).sum();
+            if queued && conn.session.out.len() + len > max {
                 break;
             }
-            let m = &w.newest.msg;
-            let marker = (w.replaced > 0)
-                .then(|| conflated_marker(form, name, m.epoch, m.seq, w.replaced))
-                .flatten();
-            let frames: Vec<&Bytes> = marker.iter().chain(std::iter::once(&frame)).collect();
-            let ok = conn.session.push_waiting(&frames);
+            let m = &w.newest.last().expect("a waiting entry is not empty").msg;
+            if w.replaced > 0
+                && let Some(marker) =
+                    conflated_marker_from(form, name, m.epoch, m.seq, w.replaced, w.from)
+            {
+                frames.insert(0, marker);
+            }
+            let refs: Vec<&Bytes> = frames.iter().collect();
+            let ok = conn.session.push_waiting(&refs);
             let name = table.order.pop_front().expect("front");
             let w = table.waiting.remove(&name).expect("listed");
-            let c = charge_of(&w.newest);
+            let c = w.charge();
             table.bytes -= c;
             self.tables.bytes -= c;
             if !ok {
                 // Closing: nothing more goes out.
-                stats.undelivered(Undelivered::Closing, 1);
+                stats.undelivered(Undelivered::Closing, w.newest.len());
                 continue;
             }
             if w.replaced > 0 {
@@ -271,7 +344,7 @@ impl<S> Core<S> {
             if let Some(iv) = conn_interval.max(w.interval) {
                 table.next.insert(name, now + iv);
             }
-            stats.frames_sent(1);
+            stats.frames_sent(w.newest.len() as u64);
             queued = true;
         }
         // Those not due yet keep their order, ahead of any left by the bound.

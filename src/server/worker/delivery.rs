@@ -359,8 +359,8 @@ struct Waits<'a> {
     interval: Option<Duration>,
 }
 
-/// Keeps the newest of `run` (the others replaced) in the subscriber's
-/// conflation table; returns `true` when the table was full and the
+/// Keeps the newest of `run` (per conflation key; the others replaced) in
+/// the subscriber's conflation table; returns `true` when the table was full and the
 /// subscriber failed as a slow consumer (its close is queued).
 #[allow(clippy::too_many_arguments)]
 fn wait_in_table<S>(
@@ -373,16 +373,7 @@ fn wait_in_table<S>(
     stats: &WorkerStats,
     slow: &mut Vec<ConnRef>,
 ) -> bool {
-    let last = run.last().expect("a run is not empty");
-    let skipped = run.len() as u64 - 1;
-    match tables.put(
-        me,
-        to.name,
-        last,
-        skipped,
-        to.interval,
-        cfg.max_outbound_bytes,
-    ) {
+    match tables.put(me, to.name, run, to.interval, cfg.max_outbound_bytes) {
         Ok(replaced) => {
             stats.replaced(replaced);
             conn.set_flag(CONFLATING, true);
