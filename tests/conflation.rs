@@ -510,3 +510,99 @@ fn a_bad_conflation_key_is_refused() {
     let err = tungstenite::connect(ws_url(addr, "/publish/k?key=")).unwrap_err();
     assert!(format!("{err:?}").contains("400"), "{err:?}");
 }
+
+/// `max_rate` is per subscription: a subscribe's rate applies to the names
+/// it lists; a topic's own subscription wins over a pattern's; a topic
+/// reached only through patterns gets the most generous of them; a
+/// subscribe without a rate lifts it.
+#[test]
+fn a_maximum_rate_is_per_subscription() {
+    let server = start_with(|c| c.workers = 1);
+    let addr = server.local_addr();
+    let (mut sub, _) = subscribe_with(addr, "/ws?topics=q.free", "corecast.v1");
+    let subscribe = |ws: &mut Ws, msg: &str| {
+        ws.send(Message::text(msg)).unwrap();
+        match read_incoming(ws) {
+            Incoming::Reply(v) => assert_eq!(v["op"], "subscribed", "{v}"),
+            Incoming::Pub(e) => panic!("{e:?}"),
+        }
+    };
+    subscribe(
+        &mut sub,
+        r#"{"op":"subscribe","topics":["q.slow","q.p.*"],"max_rate":1}"#,
+    );
+    subscribe(&mut sub, r#"{"op":"subscribe","topics":["q.p.own"]}"#);
+    wait_subscriptions(addr, 4);
+    // Three each, at once: a rated topic gets the first, then one a second.
+    for t in ["q.free", "q.slow", "q.p.x", "q.p.own"] {
+        for i in 1..=3u8 {
+            publish(addr, t, &[i]);
+        }
+    }
+    let mut got: HashMap<String, Vec<u64>> = HashMap::new();
+    let deadline = std::time::Instant::now() + Duration::from_millis(600);
+    let timeout = |ws: &mut Ws, t: u64| match ws.get_mut() {
+        tungstenite::stream::MaybeTlsStream::Plain(s) => {
+            s.set_read_timeout(Some(Duration::from_millis(t))).unwrap()
+        }
+        _ => unreachable!("plain ws://"),
+    };
+    timeout(&mut sub, 100);
+    while std::time::Instant::now() < deadline {
+        match sub.read() {
+            Ok(Message::Text(t)) => {
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                if v["op"] == "pub" {
+                    got.entry(v["topic"].as_str().unwrap().into())
+                        .or_default()
+                        .push(v["seq"].as_u64().unwrap());
+                }
+            }
+            Ok(other) => panic!("{other:?}"),
+            Err(_) => {}
+        }
+    }
+    assert_eq!(got["q.free"], [1, 2, 3], "unrated: everything");
+    assert_eq!(
+        got["q.p.own"],
+        [1, 2, 3],
+        "its own unrated subscription wins"
+    );
+    assert_eq!(got["q.slow"], [1], "rated: the first, the rest waits");
+    assert_eq!(got["q.p.x"], [1], "rated through its pattern");
+    timeout(&mut sub, 10_000);
+    // Lifting q.slow's rate: what waits still comes first (one order per
+    // topic), then every publication.
+    subscribe(
+        &mut sub,
+        r#"{"op":"subscribe","topics":["q.slow"],"max_rate":0}"#,
+    );
+    for i in 4..=6u8 {
+        publish(addr, "q.slow", &[i]);
+    }
+    let mut slow = Vec::new();
+    while slow.last() != Some(&6) {
+        if let Incoming::Pub(e) = read_incoming(&mut sub)
+            && e.topic == "q.slow"
+        {
+            slow.push(e.seq);
+        }
+    }
+    for i in 7..=9u8 {
+        publish(addr, "q.slow", &[i]);
+    }
+    let mut after = Vec::new();
+    while after.len() < 3 {
+        // (q.p.x's newest comes at its interval meanwhile.)
+        if let Incoming::Pub(e) = read_incoming(&mut sub)
+            && e.topic == "q.slow"
+        {
+            after.push((e.topic, e.seq));
+        }
+    }
+    assert_eq!(
+        after,
+        [7, 8, 9].map(|n| ("q.slow".to_string(), n)),
+        "no limit any more (after {slow:?})"
+    );
+}

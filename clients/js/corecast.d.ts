@@ -53,7 +53,8 @@ export class CorecastClient {
   constructor(url: string, options?: Options);
   on(type: Event["type"] | "*", fn: (e: Event) => void): this;
   /** A topic, or a pattern (`prices.*.EUR`, `news.>`). */
-  subscribe(name: string, handler: (p: Publication) => void): void;
+  /** `options.maxRate`: at most this many publications per second of each of its topics (default: the client's `maxRate`; 0: none). */
+  subscribe(name: string, handler: (p: Publication) => void, options?: { maxRate?: number }): void;
   unsubscribe(name: string): void;
   position(topic: string): { epoch: number; seq: number } | null;
   /** Closes for good (no reconnection). */

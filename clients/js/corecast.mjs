@@ -53,7 +53,8 @@ export class CorecastClient {
    *   min(maxDelayMs, minDelayMs * 2^attempt)
    * @param {(e: object) => void} [options.onEvent]  every event (see `on`)
    * @param {number} [options.maxRate]  at most this many publications per second of each
-   *   topic (the newest; the others reported as `conflated`)
+   *   topic (the newest; the others reported as `conflated`): the default of
+   *   `subscribe`'s own `maxRate`
    */
   constructor(url, options = {}) {
     this.url = url;
@@ -71,6 +72,8 @@ export class CorecastClient {
       ((attempt) => Math.floor(Math.random() * Math.min(this.maxDelayMs, this.minDelayMs * 2 ** attempt)));
     /** subscribed name (topic or pattern) -> handler */
     this.subs = new Map();
+    /** subscribed name -> its maxRate (0: none) */
+    this.rates = new Map();
     /** topic -> {epoch, seq}: the last publication seen of each topic */
     this.positions = new Map();
     this.listeners = new Map();
@@ -116,15 +119,23 @@ export class CorecastClient {
    * is marked `recovered`, a last value `snapshot`). A publication matching
    * several subscriptions goes to the topic's own handler if there is one,
    * else to the first subscribed pattern matching it.
+   *
+   * `options.maxRate`: at most this many publications per second of each of
+   * its topics (the newest; the others reported as `conflated`); default the
+   * client's `maxRate`, 0 for none. Subscribing again to a name changes it.
    */
-  subscribe(name, handler) {
+  subscribe(name, handler, options = {}) {
     const known = this.subs.has(name);
+    const rate = options.maxRate ?? this.maxRate;
+    const changed = known && this.rates.get(name) !== rate;
     this.subs.set(name, handler);
-    if (!known) this.sendSubscribe([name]);
+    this.rates.set(name, rate);
+    if (!known || changed) this.sendSubscribe([name]);
   }
 
   unsubscribe(name) {
     if (!this.subs.delete(name)) return;
+    this.rates.delete(name);
     for (const topic of [...this.positions.keys()]) {
       if (!this.handlerFor(topic)) this.positions.delete(topic);
     }
@@ -199,6 +210,17 @@ export class CorecastClient {
 
   sendSubscribe(names) {
     if (names.length === 0) return;
+    // One message per rate (a subscribe's max_rate is its names').
+    const byRate = new Map();
+    for (const n of names) {
+      const r = this.rates.get(n) ?? this.maxRate;
+      if (!byRate.has(r)) byRate.set(r, []);
+      byRate.get(r).push(n);
+    }
+    if (byRate.size > 1) {
+      for (const group of byRate.values()) this.sendSubscribe(group);
+      return;
+    }
     const since = {};
     const patterns = names.filter(isPattern);
     let throughPatterns = 0;
@@ -217,7 +239,8 @@ export class CorecastClient {
       }
     }
     const msg = { op: "subscribe", topics: names };
-    if (this.maxRate > 0) msg.max_rate = this.maxRate;
+    const rate = this.rates.get(names[0]) ?? this.maxRate;
+    if (rate > 0) msg.max_rate = rate;
     if (Object.keys(since).length > 0) msg.since = since;
     this.send(msg);
   }

@@ -97,7 +97,7 @@ fn run<'a>(cfg: &Config, reads: impl Iterator<Item = &'a [u8]>) -> Vec<Item> {
                 metrics: &mut None,
                 published: false,
                 requests: 0,
-                max_rate: None,
+                rated: None,
             resubscribed: false,
             };
             let next = session.on_input(&mut buf, &mut ctx);

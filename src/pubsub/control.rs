@@ -68,8 +68,8 @@ pub struct Control {
     /// Positions for topics the message does not name but one of its
     /// patterns matches (at most [`PATTERN_REPLAY_TOPICS`]).
     pub pattern_since: Vec<(String, Since)>,
-    /// A subscribe's `max_rate`: the connection's most publications per
-    /// second of each topic from now on (0: no limit).
+    /// A subscribe's `max_rate`: the most publications per second of each
+    /// topic of the names it lists (0 or absent: no limit).
     pub max_rate: Option<u32>,
 }
 

@@ -204,6 +204,13 @@ const kReplaced = rEvents
 if (kGot.length + kReplaced !== 40) fail(`keyed: received ${kGot.length} + conflated ${kReplaced} != 40`);
 if (kGot.some((p, i) => i > 0 && p.seq <= kGot[i - 1].seq)) fail("keyed: out of order");
 if (rEvents.some((e) => e.type === "gap")) fail("keyed conflation reported as a gap");
+// 4c. The rate is per subscription: one without a limit gets everything.
+const uGot = [];
+rc.subscribe("jsu", (p) => uGot.push(p), { maxRate: 0 });
+await sleep(300);
+for (let n = 1; n <= 10; n++) await publish("jsu", `u${n}`);
+await until("every unrated publication", () => uGot.length === 10);
+if (uGot.some((p) => p.conflated)) fail("an unrated subscription was conflated");
 rc.close();
 
 // 5. The server restarts: a new epoch, numbers from 1, told as a reset.

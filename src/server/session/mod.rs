@@ -60,9 +60,10 @@ pub struct Ctx<'a> {
     /// Counted by the session: HTTP requests it completed (the backend
     /// arms the next request's deadline).
     pub requests: u32,
-    /// Set by the session: the subscriber asked for this maximum rate per
-    /// topic (updates per second; 0: none). The backend applies it.
-    pub max_rate: Option<u32>,
+    /// Set by the session: a subscribe (or the upgrade) named these
+    /// topics and patterns, with this maximum rate per topic (updates per
+    /// second; `None` or 0: none). The backend applies it to them.
+    pub rated: Option<(Option<u32>, Vec<String>)>,
     /// Set by the session: a control message changed the subscriptions
     /// (the backend drops what waits for topics left).
     pub resubscribed: bool,

@@ -213,8 +213,9 @@ impl Session {
                 subprotocol =
                     subprotocol.or_else(|| choose_subprotocol(req, &SUBSCRIBER_PROTOCOLS));
                 let form = Form::of_subprotocol(subprotocol);
+                let mut rate = None;
                 if let Some(r) = topic::query_param(req.query, "max_rate") {
-                    let rate = r
+                    let per_second = r
                         .parse::<u32>()
                         .ok()
                         .filter(|&r| r <= crate::pubsub::control::MAX_RATE)
@@ -222,7 +223,7 @@ impl Session {
                             Status::BadRequest,
                             "max_rate must be an integer from 0 (no limit) to 1000 updates per second",
                         ))?;
-                    ctx.max_rate = Some(rate);
+                    rate = Some(per_second);
                 }
                 let names: Vec<&str> = names.iter().map(|n| n.as_ref()).collect();
                 let patterns = names.iter().filter(|n| pattern::is_pattern(n)).count();
@@ -248,6 +249,10 @@ impl Session {
                 let (frames, _) =
                     subscriber::subscribe_names(&names, &[], &[], &mut subs, &mut cap_left, ctx);
                 snapshots = frames;
+                if rate.is_some() {
+                    // The query's rate is its topics'.
+                    ctx.rated = Some((rate, names.iter().map(|n| n.to_string()).collect()));
+                }
                 Role::Subscriber { subs }
             }
         };

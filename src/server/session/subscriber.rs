@@ -277,9 +277,7 @@ pub(super) fn control_message(
                     Vec::new(),
                 );
             }
-            if c.max_rate.is_some() {
-                ctx.max_rate = c.max_rate;
-            }
+            ctx.rated = Some((c.max_rate, c.topics.clone()));
             ctx.resubscribed = true;
             // One subscribe's replay (recoveries and last values, however
             // many topics): at most half a subscriber's queue with what is

@@ -7,10 +7,10 @@
 //! subscriber ends up with the newest value of every topic, and an
 //! enveloped one can tell conflation (a marker) from loss (a gap).
 //!
-//! A subscriber that asked for a maximum rate (`max_rate`, updates per
-//! second per topic) has all its publications go through its table: each
-//! topic's newest is released at most once per interval, the others it
-//! replaced counted and announced like any conflation; a timer releases
+//! A subscription with a maximum rate (`max_rate`, updates per second per
+//! topic) has its topics' publications go through the subscriber's table:
+//! each topic's newest is released at most once per interval, the others
+//! it replaced counted and announced like any conflation; a timer releases
 //! what waits when its time comes.
 //!
 //! A table costs nothing until a publication waits: tables are kept by the
@@ -95,9 +95,8 @@ pub(super) struct Tables {
     by_conn: HashMap<usize, Table>,
     /// Bytes charged for what the tables hold.
     bytes: usize,
-    /// Subscribers with a maximum rate: (serial, interval between two
-    /// publications of one topic).
-    rates: HashMap<usize, (u32, Duration)>,
+    /// Subscribers with a maximum rate on some subscription.
+    rates: HashMap<usize, Rates>,
     /// When rated subscribers' tables are due: (time, key, serial).
     timers: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, usize, u32)>>,
     /// Tables put to since the last [`Core::release_idle_tables`].
@@ -106,6 +105,57 @@ pub(super) struct Tables {
 
 /// The most `max_rate` may ask (updates per second per topic).
 pub const MAX_RATE: u32 = crate::pubsub::control::MAX_RATE;
+
+/// A rated subscriber's subscriptions, each with its interval between two
+/// publications of one topic (`None`: no limit): every subscription of the
+/// connection is listed once one has a rate.
+struct Rates {
+    serial: u32,
+    exact: HashMap<Arc<str>, Option<Duration>>,
+    patterns: Vec<(Arc<str>, Option<Duration>)>,
+}
+
+impl Rates {
+    fn set(&mut self, name: &str, interval: Option<Duration>) {
+        if crate::pubsub::pattern::is_pattern(name) {
+            match self.patterns.iter_mut().find(|(p, _)| &**p == name) {
+                Some(p) => p.1 = interval,
+                None => self.patterns.push((Arc::from(name), interval)),
+            }
+        } else {
+            self.exact.insert(Arc::from(name), interval);
+        }
+    }
+
+    /// The interval of `topic`: its own subscription's if it has one,
+    /// else the shortest of the patterns matching it (none if one of them
+    /// has no limit).
+    fn interval(&self, topic: &str) -> Option<Duration> {
+        if let Some(&iv) = self.exact.get(topic) {
+            return iv;
+        }
+        let mut shortest: Option<Duration> = None;
+        for (p, iv) in &self.patterns {
+            if crate::pubsub::pattern::matches(p, topic) {
+                let iv = (*iv)?;
+                shortest = Some(shortest.map_or(iv, |s| s.min(iv)));
+            }
+        }
+        shortest
+    }
+
+    fn any(&self) -> bool {
+        self.exact
+            .values()
+            .chain(self.patterns.iter().map(|p| &p.1))
+            .any(Option::is_some)
+    }
+}
+
+/// The interval between two publications at `per_second` (0: none).
+fn interval_of(per_second: u32) -> Option<Duration> {
+    (per_second > 0).then(|| Duration::from_secs(1) / per_second.min(MAX_RATE))
+}
 
 fn charge_of(p: &Publication) -> usize {
     WAITING_BYTES
@@ -161,6 +211,7 @@ impl Tables {
             }
         }
         let w = table.waiting.get_mut(topic).expect("inserted");
+        w.interval = interval;
         let mut replaced = 0;
         let mut i = 0;
         while i < run.len() {
@@ -233,16 +284,13 @@ impl Tables {
         dropped
     }
 
-    /// Sets `conn`'s maximum rate per topic (0: none); returns whether it
-    /// has one now.
-    pub(super) fn set_rate(&mut self, (key, serial): ConnRef, per_second: u32) -> bool {
-        if per_second == 0 {
-            self.rates.remove(&key);
-            return false;
-        }
-        let interval = Duration::from_secs(1) / per_second.min(MAX_RATE);
-        self.rates.insert(key, (serial, interval));
-        true
+    /// The interval of `topic` for `(key, serial)` by its subscriptions'
+    /// `max_rate` (`None`: no limit).
+    pub(super) fn interval_for(&self, (key, serial): ConnRef, topic: &str) -> Option<Duration> {
+        self.rates
+            .get(&key)
+            .filter(|r| r.serial == serial)
+            .and_then(|r| r.interval(topic))
     }
 
     /// The earliest release timer.
@@ -285,14 +333,6 @@ impl<S> Core<S> {
         let form = conn.session.form();
         let max = self.shared.config.max_outbound_bytes;
         let now = self.now;
-        // The subscriber's interval (`max_rate`); a topic's namespace may
-        // set a longer one (`max-rate`).
-        let conn_interval = self
-            .tables
-            .rates
-            .get(&key)
-            .filter(|r| r.0 == conn.serial)
-            .map(|r| r.1);
         let mut queued = false;
         // Rated: topics sent less than an interval ago wait their turn.
         let mut later: VecDeque<Arc<str>> = VecDeque::new();
@@ -341,7 +381,7 @@ impl<S> Core<S> {
             if w.replaced > 0 {
                 stats.conflated(w.replaced);
             }
-            if let Some(iv) = conn_interval.max(w.interval) {
+            if let Some(iv) = w.interval {
                 table.next.insert(name, now + iv);
             }
             stats.frames_sent(w.newest.len() as u64);
@@ -370,10 +410,53 @@ impl<S> Core<S> {
         queued
     }
 
-    /// Sets the connection's maximum rate per topic (`max_rate`; 0: none).
-    pub(super) fn set_rate(&mut self, key: usize, per_second: u32) {
-        let serial = self.conns[key].serial;
-        let rated = self.tables.set_rate((key, serial), per_second);
+    /// A subscribe (or the upgrade) named `names` with maximum rate
+    /// `per_second` (`None` or 0: no limit): their rate from now on. The
+    /// first rate a connection gets lists its other subscriptions as
+    /// without one.
+    pub(super) fn set_rates(&mut self, key: usize, per_second: Option<u32>, names: &[String]) {
+        let conn = &self.conns[key];
+        let interval = per_second.and_then(interval_of);
+        if !conn.flag(RATED) && interval.is_none() {
+            return;
+        }
+        let serial = conn.serial;
+        let rates = match self.tables.rates.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) if e.get().serial == serial => {
+                e.into_mut()
+            }
+            e => {
+                let mut fresh = Rates {
+                    serial,
+                    exact: HashMap::new(),
+                    patterns: Vec::new(),
+                };
+                for s in conn.session.subscriptions() {
+                    let name = if s.is_pattern() {
+                        self.shard.pattern_name(s.topic())
+                    } else {
+                        self.shard.topic_name(s.topic())
+                    };
+                    if let Some(name) = name {
+                        fresh.set(name, None);
+                    }
+                }
+                match e {
+                    std::collections::hash_map::Entry::Occupied(mut o) => {
+                        o.insert(fresh);
+                        o.into_mut()
+                    }
+                    std::collections::hash_map::Entry::Vacant(v) => v.insert(fresh),
+                }
+            }
+        };
+        for name in names {
+            rates.set(name, interval);
+        }
+        let rated = rates.any();
+        if !rated {
+            self.tables.rates.remove(&key);
+        }
         self.conns[key].set_flag(RATED, rated);
     }
 
@@ -383,7 +466,7 @@ impl<S> Core<S> {
     /// replay when it subscribes again).
     pub(super) fn prune_waiting(&mut self, key: usize) {
         let conn = &self.conns[key];
-        if !conn.flag(CONFLATING) {
+        if !conn.flag(CONFLATING) && !conn.flag(RATED) {
             return;
         }
         let subs = conn.session.subscriptions();
@@ -398,6 +481,20 @@ impl<S> Core<S> {
             .filter_map(|s| self.shard.pattern_name(s.topic()).map(str::to_owned))
             .collect();
         let shard = &self.shard;
+        // The rates of subscriptions gone go with them.
+        if let Some(r) = self.tables.rates.get_mut(&key) {
+            r.exact
+                .retain(|n, _| shard.topic_id(n).is_some_and(|id| exact.contains(&id)));
+            r.patterns
+                .retain(|(p, _)| patterns.iter().any(|q| **q == **p));
+            if !r.any() {
+                self.tables.rates.remove(&key);
+                self.conns[key].set_flag(RATED, false);
+            }
+        }
+        if !self.conns[key].flag(CONFLATING) {
+            return;
+        }
         self.tables.prune(key, |name| {
             shard.topic_id(name).is_some_and(|id| exact.contains(&id))
                 || patterns

@@ -289,15 +289,20 @@ fn push_to<S>(
         // subscriber (`max_rate`); everything of an `always` topic; a
         // conflating topic's while anything waits; and any topic's while
         // one of its own waits (one order per topic).
-        let waits = conn.flag(RATED)
-            || topic_interval.is_some()
+        // The subscription's `max_rate`; the namespace's may be stricter.
+        let interval = if conn.flag(RATED) {
+            topic_interval.max(tables.interval_for((key, serial), topic))
+        } else {
+            topic_interval
+        };
+        let waits = interval.is_some()
             || policy == SlowConsumerPolicy::Always
             || (conn.flag(CONFLATING)
                 && (policy.conflates() || tables.waits_for((key, serial), topic)));
         if waits {
             let to = Waits {
                 name: entry.name,
-                interval: topic_interval,
+                interval,
             };
             if wait_in_table(conn, (key, serial), tables, run, to, cfg, stats, slow) {
                 conn.mark_dirty(key, dirty);
@@ -332,7 +337,7 @@ fn push_to<S>(
                     // Over the bound: the rest of the run waits, the newest.
                     let to = Waits {
                         name: entry.name,
-                        interval: topic_interval,
+                        interval,
                     };
                     queued |=
                         wait_in_table(conn, (key, serial), tables, &run[i..], to, cfg, stats, slow);

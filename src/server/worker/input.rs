@@ -102,20 +102,20 @@ impl<S> Core<S> {
             metrics: &mut self.metrics,
             published: false,
             requests: 0,
-            max_rate: None,
+            rated: None,
             resubscribed: false,
         };
         let next = conn.session.on_input(buf, &mut ctx);
         if ctx.published {
             conn.set_flag(PUBLISHED, true);
         }
-        let max_rate = ctx.max_rate;
+        let rated = ctx.rated.take();
         let resubscribed = ctx.resubscribed;
         if ctx.requests > 0 {
             conn.set_flag(REQUEST_DONE, true);
         }
-        if let Some(rate) = max_rate {
-            self.set_rate(key, rate);
+        if let Some((rate, names)) = rated {
+            self.set_rates(key, rate, &names);
         }
         if resubscribed {
             self.prune_waiting(key);
