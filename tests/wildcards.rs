@@ -350,3 +350,84 @@ fn overlapping_subscriptions_replay_a_topic_once_and_never_rejoin_its_stream() {
         assert_eq!((e.seq, e.snapshot), (n, false));
     }
 }
+
+/// Subscribers that get a topic through a pattern switch to the topic
+/// itself (subscribe to it, then leave the pattern), and others the other
+/// way round, while publishers on both workers go on: their numbers stay
+/// consecutive, each once.
+#[test]
+fn switching_from_a_pattern_to_the_topic_mid_stream_keeps_every_number() {
+    let server = start_with(|c| c.workers = 2);
+    let addr = server.local_addr();
+    const SUBS: usize = 8;
+    // Even ones start with the pattern, odd ones with the topic.
+    let from = |k: usize| if k.is_multiple_of(2) { "sw.>" } else { "sw.x" };
+    let to = |k: usize| if k.is_multiple_of(2) { "sw.x" } else { "sw.>" };
+    let mut subs: Vec<Ws> = (0..SUBS)
+        .map(|k| {
+            let path = format!("/ws?topics={}", from(k).replace('>', "%3E"));
+            subscribe_with(addr, &path, "corecast.v1").0
+        })
+        .collect();
+    wait_patterns(addr, (SUBS / 2) as u64);
+    // Four publishers (most likely on both workers), 1 500 each.
+    const PER: u64 = 1500;
+    const N: u64 = 4 * PER;
+    let publishers: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut p = connect(addr, "/publish/sw.x");
+                for i in 0..PER {
+                    p.send(Message::binary(i.to_be_bytes().to_vec())).unwrap();
+                }
+                p
+            })
+        })
+        .collect();
+    let readers: Vec<_> = subs
+        .drain(..)
+        .enumerate()
+        .map(|(k, mut sub)| {
+            std::thread::spawn(move || {
+                let mut seqs: Vec<u64> = Vec::new();
+                let mut switched = false;
+                while seqs.last() != Some(&N) {
+                    match read_incoming(&mut sub) {
+                        Incoming::Pub(e) => {
+                            assert_eq!(e.topic, "sw.x");
+                            seqs.push(e.seq);
+                            if seqs.len() == 200 + 300 * (k / 2) && !switched {
+                                switched = true;
+                                // In one segment: one read, one turn.
+                                let (new, old) = (to(k), from(k));
+                                let subscribe =
+                                    format!(r#"{{"op":"subscribe","topics":["{new}"]}}"#);
+                                let leave = format!(r#"{{"op":"unsubscribe","topics":["{old}"]}}"#);
+                                sub.write(Message::text(subscribe)).unwrap();
+                                sub.write(Message::text(leave)).unwrap();
+                                sub.flush().unwrap();
+                            }
+                        }
+                        Incoming::Reply(v) => {
+                            let op = v["op"].as_str().unwrap();
+                            assert!(op == "subscribed" || op == "unsubscribed", "{v}");
+                        }
+                    }
+                }
+                seqs
+            })
+        })
+        .collect();
+    let _p: Vec<Ws> = publishers.into_iter().map(|p| p.join().unwrap()).collect();
+    for (k, r) in readers.into_iter().enumerate() {
+        let seqs = r.join().unwrap();
+        let first = seqs[0];
+        let holes: Vec<(u64, u64)> = seqs
+            .windows(2)
+            .filter(|w| w[1] != w[0] + 1)
+            .map(|w| (w[0], w[1]))
+            .collect();
+        assert!(holes.is_empty(), "subscriber {k}: jumps {holes:?}");
+        assert_eq!(seqs.len() as u64, N - first + 1);
+    }
+}

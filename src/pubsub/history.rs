@@ -120,6 +120,11 @@ pub enum Start {
     /// With the topic's newest publication, if its history holds one
     /// (last value, sent as a snapshot), then the live stream.
     LastValue,
+    /// Where the connection's stream of the topic through a pattern it
+    /// holds is: after what its worker delivered of the topic (or gave it
+    /// as a pattern's last value), nothing read. So leaving the pattern
+    /// later skips nothing still in the mailbox, and repeats nothing.
+    Continue,
 }
 
 /// Why a recovery is not complete.

@@ -91,6 +91,10 @@ pub struct Replay<'a> {
     pub max_bytes: usize,
     /// For the histories' ages.
     pub now: Instant,
+    /// The connection's own topic subscriptions: a topic of them the
+    /// pattern matches goes on through the pattern from where the
+    /// connection's stream of it is, should it leave the topic.
+    pub held: &'a [Subscription],
 }
 
 impl Replay<'_> {
@@ -102,6 +106,7 @@ impl Replay<'_> {
             skip: &|_| false,
             max_bytes: 0,
             now: Instant::now(),
+            held: &[],
         }
     }
 }
@@ -465,14 +470,14 @@ impl Shard {
                 Some(d.recover(t, s, at, max_bytes, now.unwrap_or_else(Instant::now)))
             }
             Start::LastValue if t.last_value() => Some(d.last_value(t, at, max_bytes)),
-            Start::LastValue => None,
+            Start::LastValue | Start::Continue => None,
         };
         let (topic, recovery) = match self.by_name.get(name) {
             Some(&id) => {
                 let local = &self.topics[id as usize];
                 // Nothing to read for a topic without last values: a plain join.
                 let reads = match start {
-                    Start::Live => false,
+                    Start::Live | Start::Continue => false,
                     Start::LastValue => local.interest.last_value(),
                     Start::Since(_) => true,
                 };
@@ -495,6 +500,20 @@ impl Shard {
                 let local = &mut self.topics[id as usize];
                 if let Some(f) = floor {
                     local.floor = f;
+                }
+                if start == Start::Continue && !local.patterns.is_empty() {
+                    // What its patterns gave it so far: it is fed the
+                    // rest of every run (pending) until past the floor.
+                    let upto = local
+                        .pattern_joiners
+                        .iter()
+                        .filter(|j| j.0 == conn)
+                        .map(|j| j.1)
+                        .fold(local.delivered, u64::max);
+                    self.registry_bytes += SUBSCRIPTION_BYTES;
+                    let slot = local.subs.insert_pending(conn);
+                    local.joiners.push((conn, upto, slot));
+                    return (Subscription { topic: id, slot }, None);
                 }
                 if let Some(r) = recovery.as_ref().filter(|r| r.last > local.delivered) {
                     // Publications up to `r.last` may still be in this
@@ -520,7 +539,17 @@ impl Shard {
                 // Publications a local pattern receives may be in the
                 // mailbox: nothing is known delivered yet.
                 let delivered = if patterns.is_empty() { floor } else { 0 };
+                let through_pattern = !patterns.is_empty();
                 let id = self.add_topic(interest, floor, delivered, patterns);
+                if start == Start::Continue && through_pattern {
+                    // Nothing of it was delivered here yet: every run
+                    // that comes is new to it.
+                    let local = &mut self.topics[id as usize];
+                    self.registry_bytes += SUBSCRIPTION_BYTES;
+                    let slot = local.subs.insert_pending(conn);
+                    local.joiners.push((conn, 0, slot));
+                    return (Subscription { topic: id, slot }, None);
+                }
                 if let Some(r) = recovery.as_ref().filter(|r| r.last > delivered) {
                     let local = &mut self.topics[id as usize];
                     self.registry_bytes += SUBSCRIPTION_BYTES;
@@ -593,6 +622,7 @@ impl Shard {
             skip,
             max_bytes,
             now,
+            held,
         } = replay;
         let pid = match self.pattern_ids.get(name) {
             Some(&id) => id,
@@ -604,6 +634,7 @@ impl Shard {
             topic: pid | PATTERN_SUB,
             slot,
         };
+        self.continue_held(held, name, conn, pid, slot);
         let mut read = Vec::new();
         if since.is_empty() && !last_values {
             return (sub, read);
@@ -677,6 +708,39 @@ impl Shard {
             read.push((tname, r));
         }
         (sub, read)
+    }
+
+    /// For each topic of `held` (the connection's own subscriptions) that
+    /// pattern `name` (local `pid`, the connection's `slot` in it)
+    /// matches: a pattern joiner at the connection's position in the
+    /// topic, so that runs still in the mailbox from before the pattern
+    /// was registered here reach it through the pattern should it leave
+    /// the topic (no gap), and nothing it got comes again.
+    fn continue_held(
+        &mut self,
+        held: &[Subscription],
+        name: &str,
+        conn: ConnRef,
+        pid: u32,
+        slot: u32,
+    ) {
+        for s in held.iter().filter(|s| !s.is_pattern()) {
+            let Some(local) = self.topics.get_mut(s.topic as usize) else {
+                continue;
+            };
+            if !pattern::matches(name, local.interest.name()) {
+                continue;
+            }
+            // A pending joiner's own position, else the floor or what was
+            // delivered since.
+            let at = local
+                .joiners
+                .iter()
+                .find(|j| j.0 == conn)
+                .map_or(local.floor.max(local.delivered), |j| j.1);
+            local.pattern_joiners.retain(|j| j.0 != conn);
+            local.pattern_joiners.push((conn, at, pid, slot));
+        }
     }
 
     /// Registers pattern `name` on this worker: with the directory (under
@@ -1150,9 +1214,11 @@ impl Shard {
         let with_patterns = !local.patterns.is_empty();
         seen.clear();
         for &(c, upto, _) in &local.joiners {
-            let from = exact_run.partition_point(|p| p.msg.seq <= upto);
-            if from < exact_run.len() {
-                deliver(&exact_run[from..], name, &[c]);
+            // A joiner's own position (at or past the floor, or one that
+            // came from a pattern: below it).
+            let from = run.partition_point(|p| p.msg.seq <= upto);
+            if from < run.len() {
+                deliver(&run[from..], name, &[c]);
             }
             if with_patterns {
                 seen.insert(c);
@@ -1200,18 +1266,37 @@ impl Shard {
             chunk.flush(exact_run, name, deliver);
         }
         if !local.joiners.is_empty() {
-            // Caught up: ordinary subscribers from the next run on.
-            let subs = &mut local.subs;
-            local.joiners.retain(|&(_, upto, slot)| {
-                let waiting = upto >= newest;
-                if !waiting {
-                    subs.unpend(slot);
+            // Caught up: ordinary subscribers from the next run on. One
+            // that came from a pattern stays fed from its position until
+            // the runs pass the floor (ordinary delivery starts after it).
+            let (subs, floor) = (&mut local.subs, local.floor);
+            local.joiners.retain_mut(|(_, upto, slot)| {
+                if *upto >= newest {
+                    return true;
                 }
-                waiting
+                if newest < floor {
+                    *upto = newest;
+                    return true;
+                }
+                subs.unpend(*slot);
+                false
             });
         }
         if !local.pattern_joiners.is_empty() {
-            local.pattern_joiners.retain(|j| j.1 >= newest);
+            // Done once past their position, and past the batches sent
+            // before their pattern was registered here (which the
+            // pattern's ordinary delivery skips).
+            let batch = *batch;
+            local.pattern_joiners.retain_mut(|j| {
+                if j.1 >= newest {
+                    return true;
+                }
+                if patterns.get(j.2 as usize).is_some_and(|p| batch <= p.start) {
+                    j.1 = newest;
+                    return true;
+                }
+                false
+            });
         }
     }
 }

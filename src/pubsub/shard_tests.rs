@@ -613,6 +613,7 @@ fn a_pattern_last_value_meets_the_mailbox_without_a_duplicate() {
         skip: &|_| false,
         max_bytes: 1 << 20,
         now,
+        held: &[],
     };
     let (b, read) = s[1].subscribe_pattern("p.*", (2, 0), replay);
     assert_eq!(read.len(), 1);
@@ -710,4 +711,112 @@ fn new_patterns_are_admitted_at_a_bounded_rate() {
         Ok(()),
         "nothing new, nothing taken"
     );
+}
+
+/// A connection that gets a topic through a pattern subscribes to the
+/// topic itself, then leaves the pattern, while publications numbered
+/// before its subscription are still in its worker's mailbox: it still
+/// gets every number once, in order (it joins at what its worker
+/// delivered, not at the topic's number).
+#[test]
+fn switching_from_a_pattern_to_its_topic_with_publications_in_flight_leaves_no_gap() {
+    let (d, bus, inboxes, mut s) = shards(2);
+    let t = d.entry("t.x"); // a publisher's reference
+    let now = Instant::now();
+    let (p, _) = s[1].subscribe_pattern("t.*", (1, 0), Replay::live());
+    s[0].publish(&t, Bytes::from_static(b"1"), now);
+    s[0].dispatch();
+    let mut got = drain_numbers(&mut s[1], &inboxes[1], &bus);
+    // 2 and 3 are numbered and sent for the pattern; not delivered yet.
+    for x in [b"2", b"3"] {
+        s[0].publish(&t, Bytes::from_static(x), now);
+        s[0].dispatch();
+    }
+    let (e, _) = s[1].subscribe_since("t.x", (1, 0), Start::Continue, 0, None);
+    s[1].mark_multi(&[p, e]);
+    s[1].unsubscribe(p);
+    s[1].mark_multi(&[e]);
+    s[0].publish(&t, Bytes::from_static(b"4"), now);
+    s[0].dispatch();
+    got.extend(drain_numbers(&mut s[1], &inboxes[1], &bus));
+    assert_eq!(got, [(1, 1), (1, 2), (1, 3), (1, 4)]);
+    s[1].unsubscribe(e);
+    drop(t);
+}
+
+/// The same after a pattern's last value: the connection got number 2 as
+/// its last value while 1 and 2 were still in the mailbox; subscribing to
+/// the topic itself and leaving the pattern repeats nothing.
+#[test]
+fn switching_from_a_pattern_after_its_last_value_repeats_nothing() {
+    let (d, bus, inboxes, mut s) = shards_with_history(2);
+    let t = d.entry("p.x");
+    let now = Instant::now();
+    let (a, _) = s[1].subscribe_pattern("p.*", (1, 0), Replay::live());
+    for x in [b"1", b"2"] {
+        s[0].publish(&t, Bytes::from_static(x), now);
+    }
+    s[0].dispatch();
+    let replay = Replay {
+        since: &[],
+        last_values: true,
+        skip: &|_| false,
+        max_bytes: 1 << 20,
+        now,
+        held: &[],
+    };
+    let (b, read) = s[1].subscribe_pattern("p.*", (2, 0), replay);
+    assert_eq!(
+        read[0].1.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        [2]
+    );
+    let (e, _) = s[1].subscribe_since("p.x", (2, 0), Start::Continue, 0, None);
+    s[1].mark_multi(&[b, e]);
+    s[1].unsubscribe(b);
+    s[1].mark_multi(&[e]);
+    s[0].publish(&t, Bytes::from_static(b"3"), now);
+    s[0].dispatch();
+    let got = drain_named(&mut s[1], &inboxes[1], &bus);
+    let of = |c: ConnRef| -> Vec<u64> { got.iter().filter(|g| g.0 == c).map(|g| g.2).collect() };
+    assert_eq!(of((1, 0)), [1, 2, 3]);
+    assert_eq!(of((2, 0)), [3], "2 came as the last value, 3 live");
+    for sub in [a, e] {
+        s[1].unsubscribe(sub);
+    }
+    assert_eq!((s[1].topic_count(), s[1].pattern_count()), (0, 0));
+}
+
+/// The other way round: a connection holding a topic subscribes to a
+/// pattern new to its worker that matches it, then leaves the topic,
+/// while publications sent for the topic before the pattern was
+/// registered are still in the mailbox: it gets them through the pattern,
+/// each number once.
+#[test]
+fn switching_from_a_topic_to_a_new_pattern_with_publications_in_flight_leaves_no_gap() {
+    let (d, bus, inboxes, mut s) = shards(2);
+    let t = d.entry("t.x");
+    let now = Instant::now();
+    let e = s[1].subscribe("t.x", (1, 0));
+    s[0].publish(&t, Bytes::from_static(b"1"), now);
+    s[0].dispatch();
+    let mut got = drain_numbers(&mut s[1], &inboxes[1], &bus);
+    for x in [b"2", b"3"] {
+        s[0].publish(&t, Bytes::from_static(x), now);
+        s[0].dispatch();
+    }
+    let held = [e];
+    let replay = Replay {
+        held: &held,
+        ..Replay::live()
+    };
+    let (p, _) = s[1].subscribe_pattern("t.*", (1, 0), replay);
+    s[1].mark_multi(&[e, p]);
+    s[1].unsubscribe(e);
+    s[1].mark_multi(&[p]);
+    s[0].publish(&t, Bytes::from_static(b"4"), now);
+    s[0].dispatch();
+    got.extend(drain_numbers(&mut s[1], &inboxes[1], &bus));
+    assert_eq!(got, [(1, 1), (1, 2), (1, 3), (1, 4)]);
+    s[1].unsubscribe(p);
+    drop(t);
 }

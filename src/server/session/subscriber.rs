@@ -138,6 +138,7 @@ pub(super) fn subscribe_names(
                 skip: &covered,
                 max_bytes: *cap_left,
                 now: ctx.now,
+                held: subs.as_slice(),
             };
             let (sub, reads) = ctx.shard.subscribe_pattern(name, ctx.me, replay);
             subs.push(sub);
@@ -160,7 +161,7 @@ pub(super) fn subscribe_names(
         let since = since.get(i).copied().flatten();
         let through_pattern = held_patterns.iter().any(|q| pattern::matches(q, name));
         let start = match since {
-            _ if through_pattern => Start::Live,
+            _ if through_pattern => Start::Continue,
             Some(s) => Start::Since(s),
             None => fresh,
         };
