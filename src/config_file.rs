@@ -37,7 +37,8 @@ use toml::de::{DeTable, DeValue};
 /// fails at once instead of being read whole.
 const MAX_FILE_BYTES: u64 = 1024 * 1024;
 
-/// The keys a reload applies; every other change waits for a restart.
+/// The keys a reload applies (besides the `[namespace."…"]` tables);
+/// every other change waits for a restart.
 const RELOADABLE: [&str; 3] = ["tls-cert", "tls-key", "tls-min-version"];
 
 /// One setting of the file: its key, its line and the arguments it stands
@@ -62,7 +63,8 @@ pub struct ConfigFile {
 /// What changed between two readings of the file.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Changes {
-    /// Keys the reload applies (the certificate and key paths).
+    /// Keys the reload applies (the TLS settings; `namespace` for the
+    /// namespace tables).
     pub applied: Vec<String>,
     /// Keys whose change waits for a restart.
     pub need_restart: Vec<String>,
@@ -367,7 +369,7 @@ impl ConfigFile {
         };
         let mut changes = Changes::default();
         if self.namespaces != new.namespaces {
-            changes.need_restart.push("namespace".into());
+            changes.applied.push("namespace".into());
         }
         let (old, new) = (map(self), map(new));
         let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
@@ -638,7 +640,7 @@ mod tests {
     }
 
     #[test]
-    fn namespace_tables_give_per_namespace_policies_and_their_changes_wait_for_a_restart() {
+    fn namespace_tables_give_per_namespace_policies_and_a_reload_applies_their_changes() {
         let (_d, path) = file(
             "workers = 2\n[namespace.prices]\nhistory-size = 1_000\nhistory-age = \"60m\"\nslow-consumer = \"always\"\nmax-rate = 10\n\n[namespace.\"news/eu\"]\nlast-value = false\nhistory-bytes = \"64KiB\"\n",
         );
@@ -665,8 +667,8 @@ mod tests {
         );
         let (_d2, path2) = file("workers = 2\n[namespace.prices]\nhistory-size = 5\n");
         let changes = f.changes(&ConfigFile::read(&path2).unwrap(), &[]);
-        assert_eq!(changes.need_restart, ["namespace"]);
-        assert!(changes.applied.is_empty());
+        assert_eq!(changes.applied, ["namespace"]);
+        assert!(changes.need_restart.is_empty(), "{changes:?}");
     }
 
     #[test]

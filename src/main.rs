@@ -88,9 +88,10 @@ fn serve(
 }
 
 /// Reads the configuration file again and applies what a reload can (the
-/// TLS settings: new handshakes use them), all or nothing; every other
-/// difference from the file the server started with is logged as waiting
-/// for a restart (again at each reload, until it is undone or restarted).
+/// TLS settings: new handshakes use them; the namespace tables: existing
+/// topics too), all or nothing; every other difference from the file the
+/// server started with is logged as waiting for a restart (again at each
+/// reload, until it is undone or restarted).
 fn reload_file(
     server: &corecast::server::ServerHandle,
     argv: &[OsString],
@@ -108,12 +109,15 @@ fn reload_file(
     let Command::Serve(args) = cli.command;
     let config = args.to_config();
     let mut changes = startup.changes(&new, argv);
+    let namespaces = Some(new.namespaces().to_vec());
     if config.tls.is_some() != tls_running {
-        // Turning TLS on or off changes what the listener speaks.
-        changes.need_restart.append(&mut changes.applied);
-        server.reload()?;
+        // Turning TLS on or off changes what the listener speaks: the TLS
+        // keys wait, the files named at start are read again.
+        let tls_keys = changes.applied.extract_if(.., |k| k.starts_with("tls-"));
+        changes.need_restart.extend(tls_keys);
+        server.reload_with(None, namespaces)?;
     } else {
-        server.reload_with(config.tls)?;
+        server.reload_with(config.tls, namespaces)?;
     }
     for key in &changes.applied {
         info!(setting = %key, "applied from the configuration file");

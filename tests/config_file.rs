@@ -1,7 +1,8 @@
 //! `corecast serve --config FILE`, end to end in a child process: the
 //! file's settings in force, a bad file refused at start with its file and
-//! line, and `SIGHUP` reading it again: the TLS paths applied, other
-//! changes logged as waiting for a restart, a broken file keeping the old
+//! line, and `SIGHUP` reading it again: the TLS paths and the namespace
+//! tables applied (to topics that exist already too), other changes
+//! logged as waiting for a restart, a broken file keeping the old
 //! configuration (and counted).
 
 mod common;
@@ -111,6 +112,84 @@ fn sighup_rereads_the_file_applying_the_tls_pair_and_logging_what_waits_for_a_re
     assert_eq!(
         metric(&server.metrics(), "corecast_reloads_total{result=\"ok\"}"),
         1
+    );
+}
+
+/// A namespace table changed in the file applies at `SIGHUP` to a topic
+/// that exists already, held by a subscriber: its history trimmed to the
+/// new size at once, no last value for new subscribers, and its existing
+/// subscriber held to the new `max-rate`.
+#[test]
+fn sighup_applies_a_changed_namespace_table_to_existing_topics() {
+    // A fresh directory, removed with it (the certificate goes unused).
+    let cert = test_cert();
+    let config = cert.dir.join("corecast.toml");
+    write_config(&config, "[namespace.prices]\nhistory-size = 10\n");
+    let server = ChildServer::start(&["--config", config.to_str().unwrap()], None);
+    let addr = server.addr;
+    let (mut holder, _) = subscribe_with(addr, "/ws?topics=prices.a", "corecast.v1");
+    for n in 1..=3u8 {
+        publish(addr, "prices.a", &[b'0' + n]);
+    }
+    let epoch = read_env(&mut holder).epoch;
+    for n in 2..=3 {
+        assert_eq!(read_env(&mut holder).seq, n);
+    }
+    // Before: a new subscriber gets the last value.
+    let (mut before, _) = subscribe_with(addr, "/ws?topics=prices.a", "corecast.v1");
+    let e = read_env(&mut before);
+    assert_eq!((e.seq, e.snapshot), (3, true));
+    drop(before);
+
+    write_config(
+        &config,
+        "[namespace.prices]\nhistory-size = 2\nlast-value = false\nmax-rate = 1\n",
+    );
+    hup(&server);
+    wait_reloads(&server, "ok", 1);
+    wait_log(
+        &server,
+        &["applied from the configuration file", "namespace"],
+    );
+    assert_eq!(server.log_count("next restart"), 0, "{}", server.log_text());
+
+    // The history holds the newest two only.
+    let (mut rec, _) = subscribe_with(addr, "/ws", "corecast.v1");
+    let (reply, _) = subscribe_since(&mut rec, "prices.a", Some((epoch, 0)));
+    assert_eq!(
+        reply["recovery"]["prices.a"]["from"].as_u64(),
+        Some(2),
+        "{reply}"
+    );
+    drop(rec);
+    // No last value: a new subscriber's first publication is a new one.
+    let (mut after, _) = subscribe_with(addr, "/ws?topics=prices.a", "corecast.v1");
+    const LAST: u64 = 13;
+    for n in 4..=LAST {
+        publish(addr, "prices.a", n.to_string().as_bytes());
+    }
+    let e = read_env(&mut after);
+    assert!(!e.snapshot && e.seq > 3, "{e:?}");
+    // The existing subscriber gets at most one a second: the burst is
+    // conflated to its newest, every one accounted for.
+    let (mut delivered, mut replaced) = (0, 0);
+    loop {
+        match read_incoming(&mut holder) {
+            Incoming::Pub(e) => {
+                delivered += 1;
+                if e.seq == LAST {
+                    break;
+                }
+            }
+            Incoming::Reply(v) => {
+                assert_eq!(v["op"], "conflated", "{v}");
+                replaced += v["replaced"].as_u64().unwrap();
+            }
+        }
+    }
+    assert!(
+        replaced > 0 && delivered + replaced == LAST - 3,
+        "{delivered} delivered, {replaced} replaced"
     );
 }
 

@@ -23,14 +23,22 @@
 //! `--retained-topics` are retained (the longest retained goes first).
 //! The entry's lifetime is the topic's history lifetime: its
 //! [`epoch`](TopicInterest::epoch).
+//!
+//! Policies: each entry holds what the namespace covering its name sets
+//! (history bounds, last value, slow-consumer policy, `max-rate`),
+//! resolved when the entry is made and again, for every entry, when a
+//! reload replaces the namespace table ([`Directory::set_policies`]).
+//! Delivery reads them with one relaxed atomic load per run, so a changed
+//! slow-consumer policy or `max-rate` applies from the next publication;
+//! history bounds live beside the history, under its lock.
 
 use super::envelope::Message;
 use super::history::{History, HistoryLimits, HistoryMemory, Recovery, Since};
 use super::pattern::{self, PatternTrie};
-use super::policy::{self, NamespacePolicy, SlowConsumerPolicy};
+use super::policy::{self, LivePolicy, NamespacePolicy, Resolved, SlowConsumerPolicy};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::Instant;
 
 /// Most workers a mask can describe.
@@ -48,21 +56,15 @@ pub struct TopicInterest {
     /// the topic's order lock ([`Bus::hold_order`](super::bus::Bus::hold_order)),
     /// or by the only worker.
     seq: AtomicU64,
-    /// Recent publications, appended under the order lock.
-    history: Mutex<History>,
+    /// Recent publications, appended under the order lock, with the
+    /// bounds they are kept to.
+    history: Mutex<Kept>,
     /// The listing of this topic in the directory's retained topics that
     /// counts (0: not retained); written under the directory's lock.
     retained: AtomicU64,
-    /// Its history's bounds (its namespace's, or the flags').
-    limits: HistoryLimits,
-    /// Whether a new enveloped subscriber gets its last value.
-    last_value: bool,
-    /// Its namespace's slow-consumer policy (`None`: the flag's).
-    slow_consumer: Option<SlowConsumerPolicy>,
-    /// Its namespace (index in the directory's policies), if any.
-    namespace: Option<u16>,
-    /// Its namespace's `max-rate`, if set.
-    max_rate: Option<u32>,
+    /// Its namespace's policies, written under the directory's lock (when
+    /// the entry is made, and by [`Directory::set_policies`]).
+    policy: LivePolicy,
     /// The workers with a pattern subscription matching this topic, as
     /// of pattern version `pattern_version` (see [`Directory::targets`]);
     /// both written only under the topic's order lock.
@@ -70,7 +72,52 @@ pub struct TopicInterest {
     pattern_version: AtomicU64,
 }
 
+/// A topic's history and the bounds it is kept to (its namespace's, or
+/// the flags'), under one lock: a reload changes the bounds where appends
+/// read them.
+#[derive(Debug)]
+struct Kept {
+    history: History,
+    limits: HistoryLimits,
+}
+
+impl Kept {
+    /// Drops what is older than the bounds' age by `now` (the newest stays).
+    fn expire(&mut self, memory: &HistoryMemory, now: Instant) {
+        self.history.expire(&self.limits, memory, now);
+    }
+}
+
 impl TopicInterest {
+    fn new(name: Arc<str>, epoch: u64, r: &Resolved) -> Self {
+        Self {
+            name,
+            workers: AtomicU64::new(0),
+            epoch,
+            seq: AtomicU64::new(0),
+            history: Mutex::new(Kept {
+                history: History::default(),
+                limits: r.limits,
+            }),
+            retained: AtomicU64::new(0),
+            policy: LivePolicy::new(r),
+            pattern_workers: AtomicU64::new(0),
+            pattern_version: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes the policies `r` (a reload): the history is trimmed to its
+    /// new size and bytes at once (its new age applies wherever it is
+    /// read: appends, recoveries, the sweep). The caller holds the
+    /// directory's lock.
+    fn apply(&self, r: &Resolved, memory: &HistoryMemory) {
+        let mut kept = self.kept();
+        kept.limits = r.limits;
+        let Kept { history, limits } = &mut *kept;
+        history.trim(limits, memory);
+        self.policy.store(r);
+    }
+
     /// The topic name.
     pub fn name(&self) -> &str {
         &self.name
@@ -106,17 +153,28 @@ impl TopicInterest {
     /// Whether a new enveloped subscriber gets the topic's last value (its
     /// namespace's setting, or the flag's).
     pub fn last_value(&self) -> bool {
-        self.last_value && self.limits.size > 0
+        self.policy.last_value()
     }
 
     /// Its namespace's slow-consumer policy, if it sets one.
     pub fn slow_consumer(&self) -> Option<SlowConsumerPolicy> {
-        self.slow_consumer
+        self.policy.slow_consumer()
     }
 
     /// Its namespace's most publications per second to one subscriber.
     pub fn max_rate(&self) -> Option<u32> {
-        self.max_rate
+        self.policy.max_rate()
+    }
+
+    /// Whether its history keeps anything.
+    fn keeps(&self) -> bool {
+        self.policy.keeps()
+    }
+
+    /// Its namespace (index in the directory's policies), if any; read
+    /// under the directory's lock.
+    fn namespace(&self) -> Option<usize> {
+        self.policy.namespace()
     }
 
     /// The name, shared.
@@ -125,13 +183,14 @@ impl TopicInterest {
     }
 
     /// The history's bounds (its namespace's, or the flags').
-    pub fn limits(&self) -> &HistoryLimits {
-        &self.limits
+    pub fn limits(&self) -> HistoryLimits {
+        self.kept().limits
     }
 
-    /// The topic's history. Locked under the order lock when appended and
-    /// read; never held while taking the directory's lock.
-    pub fn history(&self) -> MutexGuard<'_, History> {
+    /// The topic's history and bounds. Locked under the order lock when
+    /// appended and read, under the directory's lock by a sweep or a
+    /// reload; never held while taking the directory's lock.
+    fn kept(&self) -> MutexGuard<'_, Kept> {
         // Every operation leaves it consistent: poisoning ignored.
         self.history.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -149,8 +208,11 @@ pub struct Directory {
     next_epoch: AtomicU64,
     /// What each topic's history keeps (the flags), and the total.
     limits: HistoryLimits,
-    /// Per-namespace history bounds and last value.
-    policies: Vec<NamespacePolicy>,
+    /// Per-namespace policies. Replaced (by [`Self::set_policies`]) only
+    /// while the map's lock is held too, so under that lock the table and
+    /// every entry's resolved policies agree; read-locked alone by the
+    /// lookups for topics without an entry.
+    policies: RwLock<Arc<[NamespacePolicy]>>,
     /// Whether new enveloped subscribers get last values (the flag).
     last_value: bool,
     /// Most topics in `Topics::retained`.
@@ -175,7 +237,8 @@ struct Topics {
     retained: VecDeque<(Arc<str>, u64)>,
     /// Listings that count: topics retained now.
     retained_count: usize,
-    /// Of which per namespace (index in the directory's policies).
+    /// Of which per namespace (index in the directory's policies; grown
+    /// on demand, recounted when the policies are replaced).
     retained_per_ns: Vec<usize>,
     /// The last listing number given.
     listings: u64,
@@ -186,8 +249,8 @@ impl Topics {
     fn unretain(&mut self, e: &TopicInterest) {
         if e.retained.swap(0, Ordering::Relaxed) != 0 {
             self.retained_count -= 1;
-            if let Some(ns) = e.namespace {
-                self.retained_per_ns[ns as usize] -= 1;
+            if let Some(ns) = e.namespace() {
+                self.retained_per_ns[ns] -= 1;
             }
         }
     }
@@ -225,7 +288,7 @@ impl Directory {
         last_value: bool,
     ) -> Self {
         Self {
-            policies,
+            policies: RwLock::new(policies.into()),
             last_value,
             ..Self::with_history(limits, retained_topics)
         }
@@ -244,7 +307,7 @@ impl Directory {
             topics: Mutex::new(Topics::default()),
             next_epoch: AtomicU64::new(micros.max(1)),
             limits,
-            policies: Vec::new(),
+            policies: RwLock::new(Arc::new([])),
             last_value: true,
             retained_max: retained_topics,
             memory: HistoryMemory::default(),
@@ -296,14 +359,101 @@ impl Directory {
         }
     }
 
+    /// The namespace table in force.
+    fn policies(&self) -> RwLockReadGuard<'_, Arc<[NamespacePolicy]>> {
+        // Only ever replaced whole: poisoning ignored.
+        self.policies.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The namespace table in force (the last reload's, or the start's).
+    pub fn namespaces(&self) -> Arc<[NamespacePolicy]> {
+        Arc::clone(&self.policies())
+    }
+
     /// The slow-consumer policy of topic `name` (its namespace's, if set).
     pub fn slow_consumer_of(&self, name: &str) -> Option<SlowConsumerPolicy> {
-        policy::slow_consumer(&self.policies, name)
+        policy::slow_consumer(&self.policies(), name)
     }
 
     /// The `max-rate` of topic `name`'s namespace, if set.
     pub fn max_rate_of(&self, name: &str) -> Option<u32> {
-        policy::namespace_of(&self.policies, name).and_then(|i| self.policies[i].max_rate)
+        let policies = self.policies();
+        policy::namespace_of(&policies, name).and_then(|i| policies[i].max_rate)
+    }
+
+    /// What `policies` give topic `name`.
+    fn resolve(&self, policies: &[NamespacePolicy], name: &str) -> Resolved {
+        policy::resolve(policies, name, &self.limits, self.last_value)
+    }
+
+    /// Replaces the namespace table (a reload) and resolves every entry
+    /// again, under the map's lock: from now on each topic's publications
+    /// see its new slow-consumer policy and `max-rate` (from the next
+    /// run delivered), new subscribers its new last-value setting, and its
+    /// history is trimmed at once to its new size and bytes (its new age
+    /// applies at the next append, recovery or sweep). Retained topics are
+    /// counted per namespace again, and a namespace over its new
+    /// `retained-topics` forgets its longest retained at once. A table
+    /// equal to the one in force changes nothing.
+    pub fn set_policies(&self, policies: Vec<NamespacePolicy>) {
+        let mut t = self.lock();
+        let policies: Arc<[NamespacePolicy]> = policies.into();
+        {
+            let mut current = self.policies.write().unwrap_or_else(|p| p.into_inner());
+            if **current == *policies {
+                return;
+            }
+            *current = Arc::clone(&policies);
+        }
+        let Topics {
+            map,
+            retained_per_ns,
+            ..
+        } = &mut *t;
+        *retained_per_ns = vec![0; policies.len()];
+        for e in map.values() {
+            let r = self.resolve(&policies, &e.name);
+            e.apply(&r, &self.memory);
+            if let Some(ns) = r.namespace
+                && e.retained.load(Ordering::Relaxed) != 0
+            {
+                retained_per_ns[ns] += 1;
+            }
+        }
+        self.forget_over_namespace_bounds(&mut t, &policies);
+    }
+
+    /// Forgets, the longest retained first, the retained topics of each
+    /// namespace over its `retained-topics` (one pass over the listings;
+    /// one held for a moment stays).
+    fn forget_over_namespace_bounds(&self, t: &mut Topics, policies: &[NamespacePolicy]) {
+        let mut excess: Vec<usize> = policies
+            .iter()
+            .zip(&t.retained_per_ns)
+            .map(|(p, &n)| p.retained_topics.map_or(0, |b| n.saturating_sub(b)))
+            .collect();
+        if excess.iter().all(|&n| n == 0) {
+            return;
+        }
+        let mut listings = std::mem::take(&mut t.retained);
+        listings.retain(|(name, listing)| {
+            let Some(ns) = t.map.get(name).and_then(|e| e.namespace()) else {
+                return true;
+            };
+            if excess[ns] == 0 {
+                return true;
+            }
+            match self.forget_listed(t, name, *listing) {
+                Forget::Forgotten { dropped } => {
+                    self.memory.evicted(dropped);
+                    excess[ns] -= 1;
+                    false
+                }
+                Forget::Held => true,
+                Forget::Stale => false,
+            }
+        });
+        t.retained = listings;
     }
 
     /// Distinct patterns subscribed to anywhere (for metrics).
@@ -396,28 +546,10 @@ impl Directory {
             t.unretain(&e);
             return e;
         }
-        let (limits, last_value) =
-            policy::resolve(&self.policies, name, &self.limits, self.last_value);
-        let ns = policy::namespace_of(&self.policies, name);
-        let slow_consumer = ns.and_then(|i| self.policies[i].slow_consumer);
-        let max_rate = ns.and_then(|i| self.policies[i].max_rate);
-        let namespace = ns.map(|i| i as u16);
+        let resolved = self.resolve(&self.policies(), name);
         let name: Arc<str> = Arc::from(name);
-        let entry = Arc::new(TopicInterest {
-            limits,
-            last_value,
-            slow_consumer,
-            namespace,
-            max_rate,
-            name: Arc::clone(&name),
-            workers: AtomicU64::new(0),
-            epoch: self.next_epoch.fetch_add(1, Ordering::Relaxed),
-            seq: AtomicU64::new(0),
-            history: Mutex::new(History::default()),
-            retained: AtomicU64::new(0),
-            pattern_workers: AtomicU64::new(0),
-            pattern_version: AtomicU64::new(0),
-        });
+        let epoch = self.next_epoch.fetch_add(1, Ordering::Relaxed);
+        let entry = Arc::new(TopicInterest::new(Arc::clone(&name), epoch, &resolved));
         t.map.insert(name, Arc::clone(&entry));
         entry
     }
@@ -496,18 +628,18 @@ impl Directory {
         if Arc::strong_count(entry) != 1 {
             return;
         }
-        if entry.limits.size > 0 && !entry.history().is_empty() {
+        if entry.keeps() && !entry.kept().history.is_empty() {
             if entry.retained.load(Ordering::Relaxed) == 0 {
                 t.listings += 1;
                 entry.retained.store(t.listings, Ordering::Relaxed);
                 t.retained.push_back((Arc::clone(name), t.listings));
                 t.retained_count += 1;
-                if let Some(ns) = entry.namespace.map(usize::from) {
+                if let Some(ns) = entry.namespace() {
                     if t.retained_per_ns.len() <= ns {
                         t.retained_per_ns.resize(ns + 1, 0);
                     }
                     t.retained_per_ns[ns] += 1;
-                    let bound = self.policies[ns].retained_topics;
+                    let bound = self.policies()[ns].retained_topics;
                     if bound.is_some_and(|b| t.retained_per_ns[ns] > b) {
                         self.forget_oldest_of(t, ns);
                     }
@@ -516,7 +648,7 @@ impl Directory {
         } else {
             let entry = Arc::clone(entry);
             t.unretain(&entry);
-            entry.history().clear(&self.memory);
+            entry.kept().history.clear(&self.memory);
             drop(entry);
             t.map.remove(name);
         }
@@ -536,7 +668,7 @@ impl Directory {
         }
         let entry = Arc::clone(entry);
         t.unretain(&entry);
-        let dropped = entry.history().clear(&self.memory);
+        let dropped = entry.kept().history.clear(&self.memory);
         drop(entry);
         t.map.remove(name);
         Forget::Forgotten { dropped }
@@ -548,7 +680,7 @@ impl Directory {
     fn forget_oldest_of(&self, t: &mut Topics, ns: usize) {
         let found = t.retained.iter().position(|(name, listing)| {
             t.map.get(name).is_some_and(|e| {
-                e.namespace == Some(ns as u16)
+                e.namespace() == Some(ns)
                     && e.retained.load(Ordering::Relaxed) == *listing
                     && Arc::strong_count(e) == 1
             })
@@ -575,10 +707,10 @@ impl Directory {
             if entry.retained.load(Ordering::Relaxed) != *listing {
                 return false; // stale
             }
-            let mut h = entry.history();
-            h.expire(&entry.limits, &self.memory, now);
-            if h.stale(&entry.limits, now) {
-                drop(h);
+            let mut k = entry.kept();
+            k.expire(&self.memory, now);
+            if k.history.stale(&k.limits, now) {
+                drop(k);
                 // Held for a moment: listed until the next sweep.
                 return self.forget_listed(&mut t, name, *listing) == Forget::Held;
             }
@@ -593,21 +725,25 @@ impl Directory {
     /// Over `--history-memory`, the topics retained for their history alone
     /// go first (the longest retained first), then this topic's oldest.
     pub fn record(&self, topic: &TopicInterest, msg: &Arc<Message>) {
-        if topic.limits.size == 0 {
+        if !topic.keeps() {
             return;
         }
-        let unbounded = HistoryLimits {
-            memory: usize::MAX,
-            ..topic.limits
-        };
-        topic
-            .history()
-            .append(msg, &unbounded, &self.memory, msg.published_at);
-        if self.memory.bytes() > topic.limits.memory {
+        {
+            let mut k = topic.kept();
+            let unbounded = HistoryLimits {
+                memory: usize::MAX,
+                ..k.limits
+            };
+            k.history
+                .append(msg, &unbounded, &self.memory, msg.published_at);
+        }
+        if self.memory.bytes() > self.limits.memory {
             // Lock order: order lock, then the directory, then histories
             // (nothing takes an order lock while holding the directory).
-            self.forget_retained_while_over(topic.limits.memory);
-            topic.history().trim_to_memory(&topic.limits, &self.memory);
+            self.forget_retained_while_over(self.limits.memory);
+            let mut k = topic.kept();
+            let Kept { history, limits } = &mut *k;
+            history.trim_to_memory(limits, &self.memory);
         }
     }
 
@@ -641,19 +777,19 @@ impl Directory {
         max_bytes: usize,
         now: Instant,
     ) -> Recovery {
-        let mut h = topic.history();
-        h.expire(&topic.limits, &self.memory, now);
-        h.recover(since, topic.epoch, current, max_bytes)
+        let mut k = topic.kept();
+        k.expire(&self.memory, now);
+        k.history.recover(since, topic.epoch, current, max_bytes)
     }
 
     /// What `topic`'s history holds at `now`: its epoch and the numbers
     /// `first ..= last` it can replay (`first > last`: none), `last` being
     /// the topic's newest number.
     pub fn range(&self, topic: &TopicInterest, now: Instant) -> (u64, u64, u64) {
-        let mut h = topic.history();
-        h.expire(&topic.limits, &self.memory, now);
+        let mut k = topic.kept();
+        k.expire(&self.memory, now);
         let last = topic.seq();
-        (topic.epoch, h.first_seq().unwrap_or(last + 1), last)
+        (topic.epoch, k.history.first_seq().unwrap_or(last + 1), last)
     }
 
     /// Deletes `name`'s history (its last value with it); returns the
@@ -664,7 +800,7 @@ impl Directory {
     pub fn delete_history(&self, name: &str) -> Option<usize> {
         let mut t = self.lock();
         let entry = Arc::clone(t.map.get(name)?);
-        let dropped = entry.history().clear(&self.memory);
+        let dropped = entry.kept().history.clear(&self.memory);
         let retained = entry.retained.load(Ordering::Relaxed);
         if retained != 0 {
             drop(entry);
@@ -676,17 +812,20 @@ impl Directory {
     /// Counts an envelope of `len` bytes just built for `msg` in `topic`'s
     /// history, if that holds `msg`.
     pub fn account_envelope(&self, topic: &TopicInterest, msg: &Message, len: usize) {
-        if topic.limits.size > 0 {
-            topic
-                .history()
-                .add_envelope(msg, len, &topic.limits, &self.memory);
+        if topic.keeps() {
+            let mut k = topic.kept();
+            let Kept { history, limits } = &mut *k;
+            history.add_envelope(msg, len, limits, &self.memory);
         }
     }
 
     /// The last value of `topic`, now at number `current`: its newest
     /// message if the history holds it. The caller holds the order lock.
     pub fn last_value(&self, topic: &TopicInterest, current: u64, max_bytes: usize) -> Recovery {
-        topic.history().last_value(topic.epoch, current, max_bytes)
+        topic
+            .kept()
+            .history
+            .last_value(topic.epoch, current, max_bytes)
     }
 
     /// What every history holds together.
@@ -820,6 +959,130 @@ mod tests {
     }
 
     #[test]
+    fn a_new_namespace_table_applies_to_every_existing_topic_at_once() {
+        let prices = |slow, rate, last, size| NamespacePolicy {
+            prefix: "prices".into(),
+            slow_consumer: slow,
+            max_rate: rate,
+            last_value: last,
+            history_size: size,
+            ..Default::default()
+        };
+        let d = Directory::with_policies(
+            HistoryLimits::default(),
+            100,
+            vec![prices(
+                Some(SlowConsumerPolicy::Conflate),
+                Some(10),
+                None,
+                Some(5),
+            )],
+            true,
+        );
+        let t0 = Instant::now();
+        let p = d.entry("prices.a");
+        let other = d.entry("other.x");
+        for _ in 0..5 {
+            d.record(&p, &numbered(&p, t0));
+        }
+        assert_eq!(
+            (
+                p.slow_consumer(),
+                p.max_rate(),
+                p.last_value(),
+                p.limits().size
+            ),
+            (Some(SlowConsumerPolicy::Conflate), Some(10), true, 5)
+        );
+        assert_eq!((other.max_rate(), other.slow_consumer()), (None, None));
+        d.set_policies(vec![
+            prices(Some(SlowConsumerPolicy::Always), None, Some(false), Some(2)),
+            NamespacePolicy {
+                prefix: "other".into(),
+                max_rate: Some(5),
+                ..Default::default()
+            },
+        ]);
+        assert_eq!(
+            (
+                p.slow_consumer(),
+                p.max_rate(),
+                p.last_value(),
+                p.limits().size
+            ),
+            (Some(SlowConsumerPolicy::Always), None, false, 2),
+            "the held entry took the new table"
+        );
+        assert_eq!(p.kept().history.len(), 2, "trimmed at once, oldest first");
+        assert_eq!(p.kept().history.first_seq(), Some(4));
+        assert_eq!(
+            d.history_memory().entries(),
+            2,
+            "the dropped ones uncounted"
+        );
+        assert_eq!(
+            (other.max_rate(), d.max_rate_of("other.y")),
+            (Some(5), Some(5))
+        );
+        assert_eq!(
+            d.slow_consumer_of("prices.b"),
+            Some(SlowConsumerPolicy::Always)
+        );
+        // History off: nothing kept, no last value, nothing recorded.
+        d.set_policies(vec![prices(None, None, None, Some(0))]);
+        assert_eq!((p.slow_consumer(), other.max_rate()), (None, None));
+        assert_eq!((p.kept().history.len(), p.last_value()), (0, false));
+        d.record(&p, &numbered(&p, t0));
+        assert_eq!(d.history_memory().entries(), 0);
+        // And on again, last value from the flag.
+        d.set_policies(vec![prices(None, None, None, Some(3))]);
+        d.record(&p, &numbered(&p, t0));
+        assert_eq!((p.kept().history.len(), p.last_value()), (1, true));
+        d.release_many([p, other].into_iter());
+    }
+
+    #[test]
+    fn a_new_namespace_table_moves_topics_and_recounts_the_retained_per_namespace() {
+        let ns = |prefix: &str, retained| NamespacePolicy {
+            prefix: prefix.into(),
+            retained_topics: retained,
+            ..Default::default()
+        };
+        let d = Directory::with_policies(HistoryLimits::default(), 100, vec![ns("ns", None)], true);
+        let t0 = Instant::now();
+        for name in ["ns.x.1", "ns.x.2", "ns.y", "ns.x.3", "free"] {
+            let t = d.entry(name);
+            d.record(&t, &numbered(&t, t0));
+            d.release(t);
+        }
+        assert_eq!(d.lock().retained_per_ns, [4]);
+        // `ns.x` comes in front (indices shift) with room for two.
+        d.set_policies(vec![ns("zz", None), ns("ns.x", Some(2)), ns("ns", Some(1))]);
+        assert!(d.get("ns.x.1").is_none(), "over its bound: the oldest went");
+        assert_eq!(d.lock().retained_per_ns, [0, 2, 1]);
+        assert_eq!((d.retained_len(), d.len()), (4, 4));
+        assert_eq!(d.history_memory().evicted_for_memory(), 1, "counted");
+        // The counts hold: one more of `ns` pushes out `ns.y`, not a topic
+        // of `ns.x`.
+        let t = d.entry("ns.z");
+        d.record(&t, &numbered(&t, t0));
+        d.release(t);
+        assert!(d.get("ns.y").is_none(), "the oldest of `ns`");
+        for kept in ["ns.x.2", "ns.x.3", "ns.z", "free"] {
+            let t = d.get(kept).unwrap_or_else(|| panic!("{kept} kept"));
+            d.release(t);
+        }
+        assert_eq!(d.lock().retained_per_ns, [0, 2, 1]);
+        // A topic held while the table changes is counted when let go.
+        let held = d.entry("ns.x.2");
+        d.set_policies(vec![ns("ns", None)]);
+        assert_eq!(d.lock().retained_per_ns, [2]);
+        d.release(held);
+        assert_eq!(d.lock().retained_per_ns, [3]);
+        assert_eq!(d.retained_len(), 4);
+    }
+
+    #[test]
     fn over_the_total_retained_topics_go_before_an_active_topic_loses_its_history() {
         let entry_cost = 1 + crate::pubsub::history::ENTRY_OVERHEAD_BYTES;
         let limits = HistoryLimits {
@@ -839,12 +1102,16 @@ mod tests {
             d.record(&live, &numbered(&live, t0));
         }
         assert_eq!(d.retained_len(), 0, "the retained topic went first");
-        assert_eq!(live.history().len(), 5, "the active topic kept everything");
+        assert_eq!(
+            live.kept().history.len(),
+            5,
+            "the active topic kept everything"
+        );
         assert_eq!(d.history_memory().evicted_for_memory(), 3);
         for _ in 0..3 {
             d.record(&live, &numbered(&live, t0));
         }
-        assert_eq!(live.history().len(), 6, "then its own oldest");
+        assert_eq!(live.kept().history.len(), 6, "then its own oldest");
         assert!(d.history_memory().bytes() <= limits.memory);
     }
 }

@@ -211,12 +211,19 @@ impl History {
         self.bytes += c;
         memory.add(c);
         self.expire(limits, memory, now);
+        self.trim(limits, memory);
+        self.trim_to_memory(limits, memory);
+    }
+
+    /// Drops the oldest messages while more than `limits.size` or
+    /// `limits.bytes` are held (everything when `limits.size` is 0): after
+    /// an append, and when a reload gives the topic smaller bounds.
+    pub fn trim(&mut self, limits: &HistoryLimits, memory: &HistoryMemory) {
         while !self.entries.is_empty()
             && (self.entries.len() > limits.size || self.bytes > limits.bytes)
         {
             self.pop(memory);
         }
-        self.trim_to_memory(limits, memory);
     }
 
     /// Drops this history's oldest messages (the newest too, if need be)

@@ -4,8 +4,12 @@
 //! that continues it after a separator (`prices.EURUSD`, `prices:fx`,
 //! `prices/EURUSD`), not `pricesX`; the longest namespace covering a topic
 //! wins, and what it leaves unset comes from the flags.
+//!
+//! A topic's resolved policies ([`Resolved`]) live in its directory entry
+//! as a [`LivePolicy`]: a reload replaces them while delivery reads them.
 
 use super::history::HistoryLimits;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 use std::time::Duration;
 
 /// What happens to a subscriber that falls behind a topic's publications:
@@ -92,26 +96,149 @@ pub fn slow_consumer(policies: &[NamespacePolicy], name: &str) -> Option<SlowCon
     namespace_of(policies, name).and_then(|i| policies[i].slow_consumer)
 }
 
-/// The history limits and last-value setting of topic `name`: the longest
-/// covering namespace's, the rest from `global` / `last_value`. Linear in
-/// the namespaces (a handful; resolved once per topic entry).
+/// What the namespace table gives one topic: the covering namespace's
+/// settings, the rest from the flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resolved {
+    pub limits: HistoryLimits,
+    pub last_value: bool,
+    pub slow_consumer: Option<SlowConsumerPolicy>,
+    /// The namespace's index in the table, if one covers the topic.
+    pub namespace: Option<usize>,
+    pub max_rate: Option<u32>,
+}
+
+/// The policies of topic `name`: the longest covering namespace's, the
+/// history limits and last value it leaves unset from `global` /
+/// `last_value` (the flags). Linear in the namespaces (a handful; once
+/// per topic entry, and per entry at a reload).
 pub fn resolve(
     policies: &[NamespacePolicy],
     name: &str,
     global: &HistoryLimits,
     last_value: bool,
-) -> (HistoryLimits, bool) {
-    match namespace_of(policies, name).map(|i| &policies[i]) {
-        None => (*global, last_value),
-        Some(p) => (
-            HistoryLimits {
+) -> Resolved {
+    let namespace = namespace_of(policies, name);
+    match namespace.map(|i| &policies[i]) {
+        None => Resolved {
+            limits: *global,
+            last_value,
+            slow_consumer: None,
+            namespace: None,
+            max_rate: None,
+        },
+        Some(p) => Resolved {
+            limits: HistoryLimits {
                 size: p.history_size.unwrap_or(global.size),
                 bytes: p.history_bytes.unwrap_or(global.bytes),
                 age: p.history_age.unwrap_or(global.age),
                 memory: global.memory,
             },
-            p.last_value.unwrap_or(last_value),
-        ),
+            last_value: p.last_value.unwrap_or(last_value),
+            slow_consumer: p.slow_consumer,
+            namespace,
+            max_rate: p.max_rate,
+        },
+    }
+}
+
+/// A topic's [`Resolved`] policies (less its history limits, which live
+/// with its history), replaceable while they are read: written under the
+/// directory's lock, read with one relaxed load each. Each is a setting of
+/// its own: a reader that sees one old value for a moment after a reload
+/// does no harm.
+#[derive(Debug)]
+pub struct LivePolicy {
+    /// Whether its history keeps anything (`limits.size > 0`): a
+    /// publication to a topic without history takes no lock for it.
+    keeps: AtomicBool,
+    /// Whether a new enveloped subscriber gets its last value (the
+    /// setting, and a history that keeps it).
+    last_value: AtomicBool,
+    /// [`encode`]d; 0: the flag's.
+    slow_consumer: AtomicU8,
+    /// [`NO_NAMESPACE`]: none.
+    namespace: AtomicU32,
+    /// 0: not set (it is at least 1 when set).
+    max_rate: AtomicU32,
+}
+
+/// [`LivePolicy::namespace`] of a topic no namespace covers.
+const NO_NAMESPACE: u32 = u32::MAX;
+
+/// A slow-consumer policy as [`LivePolicy`] holds it.
+fn encode(p: Option<SlowConsumerPolicy>) -> u8 {
+    match p {
+        None => 0,
+        Some(SlowConsumerPolicy::Disconnect) => 1,
+        Some(SlowConsumerPolicy::DropNewest) => 2,
+        Some(SlowConsumerPolicy::Conflate) => 3,
+        Some(SlowConsumerPolicy::Always) => 4,
+    }
+}
+
+/// The inverse of [`encode`].
+fn decode(v: u8) -> Option<SlowConsumerPolicy> {
+    match v {
+        1 => Some(SlowConsumerPolicy::Disconnect),
+        2 => Some(SlowConsumerPolicy::DropNewest),
+        3 => Some(SlowConsumerPolicy::Conflate),
+        4 => Some(SlowConsumerPolicy::Always),
+        _ => None,
+    }
+}
+
+impl LivePolicy {
+    pub fn new(r: &Resolved) -> Self {
+        let p = Self {
+            keeps: AtomicBool::new(false),
+            last_value: AtomicBool::new(false),
+            slow_consumer: AtomicU8::new(0),
+            namespace: AtomicU32::new(NO_NAMESPACE),
+            max_rate: AtomicU32::new(0),
+        };
+        p.store(r);
+        p
+    }
+
+    /// Takes `r` (a reload).
+    pub fn store(&self, r: &Resolved) {
+        let keeps = r.limits.size > 0;
+        let namespace = r.namespace.map_or(NO_NAMESPACE, |i| i as u32);
+        self.keeps.store(keeps, Ordering::Relaxed);
+        self.last_value
+            .store(r.last_value && keeps, Ordering::Relaxed);
+        self.slow_consumer
+            .store(encode(r.slow_consumer), Ordering::Relaxed);
+        self.namespace.store(namespace, Ordering::Relaxed);
+        self.max_rate
+            .store(r.max_rate.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Whether the topic's history keeps anything.
+    pub fn keeps(&self) -> bool {
+        self.keeps.load(Ordering::Relaxed)
+    }
+
+    /// Whether a new enveloped subscriber gets the topic's last value.
+    pub fn last_value(&self) -> bool {
+        self.last_value.load(Ordering::Relaxed)
+    }
+
+    /// Its namespace's slow-consumer policy, if it sets one.
+    pub fn slow_consumer(&self) -> Option<SlowConsumerPolicy> {
+        decode(self.slow_consumer.load(Ordering::Relaxed))
+    }
+
+    /// Its namespace's index in the table, if any.
+    pub fn namespace(&self) -> Option<usize> {
+        let ns = self.namespace.load(Ordering::Relaxed);
+        (ns != NO_NAMESPACE).then_some(ns as usize)
+    }
+
+    /// Its namespace's `max-rate`, if set.
+    pub fn max_rate(&self) -> Option<u32> {
+        Some(self.max_rate.load(Ordering::Relaxed)).filter(|&r| r > 0)
     }
 }
 
@@ -146,15 +273,59 @@ mod tests {
                 ..Default::default()
             },
         ];
-        let (l, lv) = resolve(&policies, "prices.eq.X", &global, true);
-        assert_eq!((l.size, l.age, lv), (1000, global.age, false));
-        let (l, lv) = resolve(&policies, "prices.fx.EURUSD", &global, true);
+        let r = resolve(&policies, "prices.eq.X", &global, true);
         assert_eq!(
-            (l.size, l.age, lv),
-            (global.size, Duration::from_secs(3600), true),
+            (r.limits.size, r.limits.age, r.last_value, r.namespace),
+            (1000, global.age, false, Some(0))
+        );
+        let r = resolve(&policies, "prices.fx.EURUSD", &global, true);
+        assert_eq!(
+            (r.limits.size, r.limits.age, r.last_value, r.namespace),
+            (global.size, Duration::from_secs(3600), true, Some(1)),
             "the longest wins alone (no inheritance between namespaces)"
         );
-        assert_eq!(resolve(&policies, "news", &global, true), (global, true));
+        let r = resolve(&policies, "news", &global, true);
+        assert_eq!((r.limits, r.last_value, r.namespace), (global, true, None));
+    }
+
+    #[test]
+    fn a_live_policy_gives_back_what_it_was_given() {
+        let global = HistoryLimits::default();
+        let mut r = resolve(&[], "t", &global, true);
+        let live = LivePolicy::new(&r);
+        assert_eq!(
+            (
+                live.keeps(),
+                live.last_value(),
+                live.namespace(),
+                live.max_rate()
+            ),
+            (true, true, None, None)
+        );
+        for p in [
+            SlowConsumerPolicy::Disconnect,
+            SlowConsumerPolicy::DropNewest,
+            SlowConsumerPolicy::Conflate,
+            SlowConsumerPolicy::Always,
+        ] {
+            r.slow_consumer = Some(p);
+            live.store(&r);
+            assert_eq!(live.slow_consumer(), Some(p));
+        }
+        r.namespace = Some(7);
+        r.max_rate = Some(1000);
+        r.limits.size = 0;
+        live.store(&r);
+        assert_eq!(
+            (
+                live.keeps(),
+                live.last_value(),
+                live.namespace(),
+                live.max_rate()
+            ),
+            (false, false, Some(7), Some(1000)),
+            "no last value without a history"
+        );
     }
 
     #[test]

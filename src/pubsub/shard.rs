@@ -112,7 +112,8 @@ impl Replay<'_> {
 }
 
 /// What delivery needs of a topic: its name and its namespace's
-/// slow-consumer policy.
+/// slow-consumer policy and `max-rate`, read from the directory entry for
+/// each run (so a reload's new values apply from the next publication).
 #[derive(Debug, Clone, Copy)]
 pub struct TopicView<'a> {
     pub name: &'a Arc<str>,

@@ -127,8 +127,9 @@ pub struct Config {
     /// Send a topic's newest publication (a snapshot) to each new
     /// enveloped subscriber.
     pub last_value: bool,
-    /// Per-namespace history bounds and last value (the configuration
-    /// file's `[namespace."…"]` tables).
+    /// Per-namespace policies (the configuration file's
+    /// `[namespace."…"]` tables) at start; a reload replaces the
+    /// directory's table, not this one.
     pub namespaces: Vec<crate::pubsub::policy::NamespacePolicy>,
     /// What to do with a subscriber that cannot keep up.
     pub slow_consumer: SlowConsumerPolicy,

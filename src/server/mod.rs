@@ -105,14 +105,27 @@ impl Shared {
     }
 
     /// The server's one reload (`SIGHUP`): everything that can change
-    /// without a restart is read again, all or nothing; today that is the
-    /// TLS certificate and key. New connections use what was loaded, open
-    /// ones keep what they started with; a failure keeps the old state.
-    pub(crate) fn reload(&self, tls: Option<tls::TlsSettings>) -> Result<(), String> {
+    /// without a restart is read again, all or nothing: the TLS
+    /// certificate and key (new connections use what was loaded, open ones
+    /// keep what they started with), then, only if those loaded, the
+    /// namespace table `namespaces` when given (see
+    /// [`Directory::set_policies`]: it applies to existing topics too). A
+    /// failure keeps the old state.
+    pub(crate) fn reload(
+        &self,
+        tls: Option<tls::TlsSettings>,
+        namespaces: Option<Vec<crate::pubsub::policy::NamespacePolicy>>,
+    ) -> Result<(), String> {
+        // The fallible part first; replacing the table cannot fail.
         let result = match &self.tls {
             Some(certs) => certs.reload(tls),
             None => Ok(()),
         };
+        if result.is_ok()
+            && let Some(namespaces) = namespaces
+        {
+            self.directory.set_policies(namespaces);
+        }
         self.count_reload(result)
     }
 
@@ -488,13 +501,19 @@ impl ServerHandle {
     /// README): all or nothing; on failure the old state stays and the
     /// error says why.
     pub fn reload(&self) -> Result<(), String> {
-        self.shared.reload(None)
+        self.shared.reload(None, None)
     }
 
-    /// [`Self::reload`] with new TLS settings (paths and minimum version,
-    /// from a re-read configuration file): all or nothing.
-    pub fn reload_with(&self, tls: Option<tls::TlsSettings>) -> Result<(), String> {
-        self.shared.reload(tls)
+    /// [`Self::reload`] with new TLS settings (paths and minimum version)
+    /// and a new namespace table, from a re-read configuration file
+    /// (`None`: the TLS files named at start again, the table unchanged):
+    /// all or nothing, the table replaced only if the TLS part succeeded.
+    pub fn reload_with(
+        &self,
+        tls: Option<tls::TlsSettings>,
+        namespaces: Option<Vec<crate::pubsub::policy::NamespacePolicy>>,
+    ) -> Result<(), String> {
+        self.shared.reload(tls, namespaces)
     }
 
     /// Counts a reload that failed before reaching the server (a

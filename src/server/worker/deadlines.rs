@@ -3,12 +3,13 @@
 //! heads, lingering), the wait's next deadline, and the drain.
 
 use super::*;
+use crate::pubsub::policy::NamespacePolicy;
 
 impl<S> Core<S> {
     /// Runs the periodic sweep (keepalive, message and send deadlines,
     /// admission table, the ledger's full scan) when it is due.
     pub fn keepalive(&mut self) {
-        if self.next_sweep.is_some_and(|t| self.now >= t) {
+        if self.now >= self.next_sweep {
             self.sweep();
         }
     }
@@ -19,10 +20,8 @@ impl<S> Core<S> {
     /// the start of a send epoch that have not all left within the send
     /// timeout.
     fn sweep(&mut self) {
-        let Some(period) = sweep_period(&self.shared.config) else {
-            return;
-        };
-        self.next_sweep = Some(self.now + period);
+        let period = sweep_period(&self.shared.config, &self.shared.directory.namespaces());
+        self.next_sweep = self.now + period;
         self.shared
             .admission
             .sweep(self.id, self.shared.stats.len());
@@ -144,7 +143,7 @@ impl<S> Core<S> {
                 .map(|d| self.epoch + Duration::from_millis(d.0)),
             extra,
             self.drain_deadline,
-            self.next_sweep,
+            Some(self.next_sweep),
             (!self.throttled.is_empty()).then(|| now + THROTTLE_RECHECK),
             self.paced.iter().map(|p| p.0).min(),
             self.tables.next_timer(),
@@ -332,8 +331,14 @@ pub(super) fn ms_after(epoch: Instant, now: Instant, after: Duration) -> u64 {
 /// The sweep period: a quarter of the shortest timeout it enforces (ping
 /// interval and timeout, message timeout, send timeout, history age; 4 s
 /// when the admission table exists, so it is swept every second), kept between
-/// [`SWEEP_MIN`] and [`SWEEP_MAX`], or `None` with nothing to sweep for.
-pub(super) fn sweep_period(cfg: &Config) -> Option<Duration> {
+/// [`SWEEP_MIN`] and [`SWEEP_MAX`]; [`SWEEP_MAX`] with nothing to sweep for.
+///
+/// The history ages are the flag's and those of `namespaces`, the
+/// directory's table in force: recomputed at every sweep, so a reload's
+/// shorter `history-age` sets the period from the next sweep on (within
+/// [`SWEEP_MAX`]), and a sweep always comes for it, even when nothing
+/// needed one when the server started.
+pub(super) fn sweep_period(cfg: &Config, namespaces: &[NamespacePolicy]) -> Duration {
     let keepalive = cfg.ping_interval.map(|i| i.min(cfg.ping_timeout));
     let per_ip = (cfg.max_connections_per_ip > 0
         || cfg.max_connect_rate_per_ip > 0
@@ -341,7 +346,7 @@ pub(super) fn sweep_period(cfg: &Config) -> Option<Duration> {
         .then_some(SWEEP_MAX * 4);
     // Retained topics age out of the directory (`Directory::sweep`).
     let history = std::iter::once((cfg.history.size, cfg.history.age))
-        .chain(cfg.namespaces.iter().map(|n| {
+        .chain(namespaces.iter().map(|n| {
             (
                 n.history_size.unwrap_or(cfg.history.size),
                 n.history_age.unwrap_or(cfg.history.age),
@@ -359,6 +364,43 @@ pub(super) fn sweep_period(cfg: &Config) -> Option<Duration> {
     ]
     .into_iter()
     .flatten()
-    .min()?;
-    Some((shortest / 4).clamp(SWEEP_MIN, SWEEP_MAX))
+    .min();
+    shortest.map_or(SWEEP_MAX, |s| (s / 4).clamp(SWEEP_MIN, SWEEP_MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sweep_period_follows_the_namespace_table_in_force_and_a_sweep_always_comes() {
+        let mut cfg = Config {
+            ping_interval: None,
+            message_timeout: None,
+            send_timeout: None,
+            ..Config::default()
+        };
+        cfg.history.size = 0;
+        assert_eq!(sweep_period(&cfg, &[]), SWEEP_MAX, "nothing to sweep for");
+        let short = NamespacePolicy {
+            prefix: "prices".into(),
+            history_size: Some(10),
+            history_age: Some(Duration::from_secs(2)),
+            ..Default::default()
+        };
+        assert_eq!(
+            sweep_period(&cfg, std::slice::from_ref(&short)),
+            Duration::from_millis(500),
+            "a quarter of the namespace's age"
+        );
+        let off = NamespacePolicy {
+            history_size: None,
+            ..short
+        };
+        assert_eq!(
+            sweep_period(&cfg, &[off]),
+            SWEEP_MAX,
+            "an age without a history"
+        );
+    }
 }

@@ -171,7 +171,7 @@ pub struct Core<S> {
     epoch: Instant,
     /// Time at the top of this loop turn ([`Self::begin_turn`]).
     now: Instant,
-    next_sweep: Option<Instant>,
+    next_sweep: Instant,
     drain_deadline: Option<Instant>,
 }
 
@@ -179,7 +179,7 @@ impl<S> Core<S> {
     pub fn new(id: usize, inbox: Inbox, shared: Arc<Shared>) -> Self {
         let shard = Shard::new(id, Arc::clone(&shared.directory), Arc::clone(&shared.bus));
         let now = Instant::now();
-        let next_sweep = sweep_period(&shared.config).map(|p| now + p);
+        let next_sweep = now + sweep_period(&shared.config, &shared.directory.namespaces());
         let budget = shared.config.buffered_bytes_per_worker();
         Self {
             id,
