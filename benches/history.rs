@@ -2,6 +2,9 @@
 //! - `append/<size>`: one message into a topic's history at its default
 //!   bounds (100 messages), the oldest dropped: what dispatch adds per
 //!   publication, under the topic's order lock;
+//! - `record/<size>`: the same through `Directory::record` (the topic's
+//!   entry, its bounds and the total), with the topic's slow-consumer
+//!   policy and `max-rate` read as delivery reads them once per run;
 //! - `envelope/<form>/<size>`: building one envelope frame (once per
 //!   publication per form, shared by every subscriber of the form);
 //! - `recover/100`: a `since` replaying a full history of 100 messages.
@@ -11,6 +14,7 @@
 use bytes::Bytes;
 use corecast::proto::OpCode;
 use corecast::proto::frame::server_frame;
+use corecast::pubsub::directory::Directory;
 use corecast::pubsub::envelope::{Message, binary_frame, json_frame};
 use corecast::pubsub::history::{History, HistoryLimits, HistoryMemory, Since};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -47,6 +51,20 @@ fn bench(c: &mut Criterion) {
                     i = 0;
                 }
                 h.append(&msgs[i], &limits, &memory, now);
+                i += 1;
+            });
+        });
+        g.bench_function(format!("record/{size}"), |b| {
+            let d = Directory::with_history(limits, 100);
+            let topic = d.entry("prices.EURUSD");
+            let mut i = 0;
+            b.iter(|| {
+                if i == msgs.len() {
+                    d.delete_history("prices.EURUSD");
+                    i = 0;
+                }
+                d.record(&topic, &msgs[i]);
+                black_box((topic.slow_consumer(), topic.max_rate()));
                 i += 1;
             });
         });
