@@ -148,6 +148,11 @@ pub struct ServeArgs {
     #[arg(long)]
     pub no_last_value: bool,
 
+    /// Do not agree to permessage-deflate (RFC 7692) with clients that
+    /// offer it: every frame goes uncompressed.
+    #[arg(long)]
+    pub no_permessage_deflate: bool,
+
     /// Ping a connection after this long without input; 0 disables keepalive.
     #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     pub ping_interval: Duration,
@@ -291,6 +296,7 @@ impl ServeArgs {
             },
             retained_topics: self.retained_topics,
             last_value: !self.no_last_value,
+            permessage_deflate: !self.no_permessage_deflate,
             slow_consumer: self.slow_consumer,
             ping_interval: (!self.ping_interval.is_zero()).then_some(self.ping_interval),
             ping_timeout: self.ping_timeout,

@@ -5,7 +5,8 @@
 //! handshake.
 //!
 //! Input: one byte choosing the message cap (a small power of two or the
-//! default), then cut bytes and the stream (see `corecast_fuzz::Reads`).
+//! default; its top bit: permessage-deflate agreed, so RSV1 messages are
+//! inflated), then cut bytes and the stream (see `corecast_fuzz::Reads`).
 //! Invariants:
 //! - no panic; `consumed` never exceeds the input, and after a call that
 //!   returns no event at most `MAX_PENDING_BYTES` are left for next time;
@@ -35,8 +36,15 @@ enum Ev {
 }
 
 /// Feeds `reads` to a fresh connection; returns its events and the frames it wrote.
-fn run<'a>(max_message: usize, reads: impl Iterator<Item = &'a [u8]>) -> (Vec<Ev>, Vec<Item>) {
+fn run<'a>(
+    max_message: usize,
+    deflate: bool,
+    reads: impl Iterator<Item = &'a [u8]>,
+) -> (Vec<Ev>, Vec<Item>) {
     let mut conn = WsConn::new(max_message);
+    conn.set_deflate(deflate.then_some(corecast::proto::deflate::Agreed {
+        server_window_bits: 15,
+    }));
     let mut out = OutQueue::new();
     let mut pending: Vec<u8> = Vec::new();
     let mut events = Vec::new();
@@ -142,9 +150,10 @@ fn check(data: &[u8]) {
         0x0f => DEFAULT_MAX_MESSAGE_BYTES,
         n => 1 << n,
     };
+    let deflate = cap & 0x80 != 0;
     let reads = Reads::new(data);
-    let whole = run(max_message, std::iter::once(reads.stream()));
-    let cut = run(max_message, reads);
+    let whole = run(max_message, deflate, std::iter::once(reads.stream()));
+    let cut = run(max_message, deflate, reads);
     assert_eq!(
         whole, cut,
         "cutting the stream into reads changed the outcome"

@@ -49,6 +49,9 @@ impl OpCode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameHeader {
     pub fin: bool,
+    /// RSV1: with permessage-deflate, the message is compressed (first
+    /// frame of a data message only; the connection checks that).
+    pub rsv1: bool,
     pub opcode: OpCode,
     pub mask: Option<[u8; 4]>,
     pub payload_len: u64,
@@ -59,7 +62,7 @@ pub struct FrameHeader {
 /// Why a header was rejected. Every variant maps to close code 1002.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HeaderError {
-    /// RSV1-3 set but no extension negotiated.
+    /// RSV2 or RSV3 set (no extension defines them here).
     ReservedBits,
     /// Opcode 3-7 or 0xB-0xF.
     ReservedOpcode(u8),
@@ -88,10 +91,11 @@ impl fmt::Display for HeaderError {
 /// Returns `Ok(None)` when `buf` does not yet hold the whole header.
 pub fn parse_header(buf: &[u8]) -> Result<Option<FrameHeader>, HeaderError> {
     let [b0, b1, ..] = *buf else { return Ok(None) };
-    if b0 & 0x70 != 0 {
+    if b0 & 0x30 != 0 {
         return Err(HeaderError::ReservedBits);
     }
     let fin = b0 & 0x80 != 0;
+    let rsv1 = b0 & 0x40 != 0;
     let opcode = OpCode::from_u8(b0 & 0x0f).ok_or(HeaderError::ReservedOpcode(b0 & 0x0f))?;
     let masked = b1 & 0x80 != 0;
     let len7 = b1 & 0x7f;
@@ -133,6 +137,7 @@ pub fn parse_header(buf: &[u8]) -> Result<Option<FrameHeader>, HeaderError> {
     };
     Ok(Some(FrameHeader {
         fin,
+        rsv1,
         opcode,
         mask,
         payload_len,
@@ -177,6 +182,14 @@ pub fn server_frame(opcode: OpCode, payload: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(n + payload.len());
     v.extend_from_slice(&hdr[..n]);
     v.extend_from_slice(payload);
+    v
+}
+
+/// A complete unmasked frame whose payload is a compressed message's
+/// deflate data (RSV1 set: permessage-deflate).
+pub fn compressed_server_frame(opcode: OpCode, deflated: &[u8]) -> Vec<u8> {
+    let mut v = server_frame(opcode, deflated);
+    v[0] |= 0x40;
     v
 }
 
@@ -268,7 +281,9 @@ mod tests {
 
     #[test]
     fn rejects_protocol_violations() {
-        assert_eq!(parse_header(&[0xc1, 0x80]), Err(HeaderError::ReservedBits));
+        // RSV1 is read (the connection decides: permessage-deflate or 1002).
+        let h = parse_header(&[0xc1, 0x80, 0, 0, 0, 0]).unwrap().unwrap();
+        assert!(h.rsv1 && h.fin);
         assert_eq!(parse_header(&[0x91, 0x80]), Err(HeaderError::ReservedBits));
         assert_eq!(parse_header(&[0xa1, 0x80]), Err(HeaderError::ReservedBits));
         for op in [3u8, 4, 5, 6, 7, 0xb, 0xc, 0xd, 0xe, 0xf] {

@@ -339,6 +339,17 @@ pub fn accept_key(key: &[u8]) -> [u8; 28] {
 
 /// Appends the `101 Switching Protocols` response to `out`.
 pub fn write_switching_protocols(out: &mut Vec<u8>, key: &[u8], subprotocol: Option<&str>) {
+    write_switching_protocols_with(out, key, subprotocol, None);
+}
+
+/// [`write_switching_protocols`] with the `Sec-WebSocket-Extensions`
+/// value agreed, if any.
+pub fn write_switching_protocols_with(
+    out: &mut Vec<u8>,
+    key: &[u8],
+    subprotocol: Option<&str>,
+    extensions: Option<&str>,
+) {
     out.extend_from_slice(
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ",
     );
@@ -346,6 +357,10 @@ pub fn write_switching_protocols(out: &mut Vec<u8>, key: &[u8], subprotocol: Opt
     if let Some(p) = subprotocol {
         out.extend_from_slice(b"\r\nSec-WebSocket-Protocol: ");
         out.extend_from_slice(p.as_bytes());
+    }
+    if let Some(e) = extensions {
+        out.extend_from_slice(b"\r\nSec-WebSocket-Extensions: ");
+        out.extend_from_slice(e.as_bytes());
     }
     out.extend_from_slice(b"\r\n\r\n");
 }

@@ -14,6 +14,7 @@
 //! | [`outbound`] | [`outbound::OutQueue`], a connection's queue of frames to write |
 //! | [`rate`] | [`rate::TokenBucket`], the rate limits' bucket, on a clock the caller passes in |
 
+pub mod deflate;
 pub mod frame;
 pub mod handshake;
 pub mod mask;

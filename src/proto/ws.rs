@@ -16,7 +16,10 @@
 //! This file holds the connection's state, its limits and its outbound side;
 //! `decode` and its steps are in `ws_decode.rs`.
 
-use super::frame::{CloseCode, MAX_HEADER_LEN, OpCode, close_payload, server_frame};
+use super::deflate::{self, Agreed};
+use super::frame::{
+    CloseCode, MAX_HEADER_LEN, OpCode, close_payload, compressed_server_frame, server_frame,
+};
 use super::outbound::OutQueue;
 use super::rate::TokenBucket;
 use super::utf8::Utf8Validator;
@@ -163,6 +166,9 @@ pub struct WsConn {
     /// The caller's clock at the last [`Self::tick`], in milliseconds.
     clock_ms: u32,
     close: CloseState,
+    /// permessage-deflate, if agreed: RSV1 messages are inflated, and what
+    /// [`Self::send`] queues is compressed when it gains.
+    deflate: Option<Agreed>,
 }
 
 /// A message being received across reads or frames. A message that
@@ -184,6 +190,9 @@ struct Partial {
     started_ms: u32,
     /// `buf` was handed out in the last event; dropped on the next call.
     delivered: bool,
+    /// The message is compressed (RSV1): `buf` gathers deflate data,
+    /// inflated (and validated, for text) when its last frame is in.
+    compressed: bool,
 }
 
 impl WsConn {
@@ -203,7 +212,18 @@ impl WsConn {
             control,
             clock_ms: now_ms,
             close: CloseState::Open,
+            deflate: None,
         }
+    }
+
+    /// Agrees permessage-deflate (after the handshake said so).
+    pub fn set_deflate(&mut self, agreed: Option<Agreed>) {
+        self.deflate = agreed;
+    }
+
+    /// permessage-deflate as agreed, if it was.
+    pub fn deflate(&self) -> Option<Agreed> {
+        self.deflate
     }
 
     /// Tells the connection the time (milliseconds on any clock that only
@@ -257,7 +277,14 @@ impl WsConn {
         if !self.can_send() {
             return false;
         }
-        out.push(Bytes::from(server_frame(kind.opcode(), payload)));
+        let compressed = self
+            .deflate
+            .filter(|a| a.compresses(payload.len()))
+            .and_then(|_| deflate::compress(payload));
+        out.push(Bytes::from(match compressed {
+            Some(c) => compressed_server_frame(kind.opcode(), &c),
+            None => server_frame(kind.opcode(), payload),
+        }));
         true
     }
 

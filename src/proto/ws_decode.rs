@@ -18,6 +18,7 @@
 //! A step returns a [`Step`]: go on, or what `decode` is to return.
 
 use super::{CloseState, Decoded, Event, MessageKind, Partial, PayloadState, RecvState, WsConn};
+use crate::proto::deflate::{self, InflateError};
 use crate::proto::frame::{
     CloseCode, FrameHeader, HeaderError, OpCode, parse_header, server_frame,
 };
@@ -112,6 +113,21 @@ impl WsConn {
         let Some(mask) = header.mask else {
             return Step::Fail(CloseCode::PROTOCOL_ERROR, "client frame not masked");
         };
+        if header.rsv1 {
+            // permessage-deflate's bit: on a message's first frame only.
+            if self.deflate.is_none() {
+                return Step::Fail(
+                    CloseCode::PROTOCOL_ERROR,
+                    "reserved bits set without an extension",
+                );
+            }
+            if header.opcode.is_control() || header.opcode == OpCode::Continuation {
+                return Step::Fail(
+                    CloseCode::PROTOCOL_ERROR,
+                    "RSV1 on a control or continuation frame",
+                );
+            }
+        }
         if header.opcode.is_control() {
             return self.on_control(&header, mask, input, pos, out);
         }
@@ -223,7 +239,7 @@ impl WsConn {
         let hlen = header.header_len;
         let plen = header.payload_len;
         let total = hlen as u64 + plen;
-        if starts_message && header.fin && (input.len() - *pos) as u64 >= total {
+        if starts_message && header.fin && !header.rsv1 && (input.len() - *pos) as u64 >= total {
             // Fast path: a whole unfragmented message in the caller's buffer.
             let start = *pos + hlen;
             let end = *pos + total as usize;
@@ -247,6 +263,19 @@ impl WsConn {
                 m.len += plen;
                 m.recv = recv;
             }
+            None if header.rsv1 => {
+                self.msg = Some(Box::new(Partial {
+                    recv,
+                    kind: Some(kind),
+                    buf: Vec::new(),
+                    len: plen,
+                    utf8: Utf8Validator::new(),
+                    fragments,
+                    started_ms: self.clock_ms,
+                    delivered: false,
+                    compressed: true,
+                }));
+            }
             None => {
                 self.msg = Some(Box::new(Partial {
                     recv,
@@ -257,6 +286,7 @@ impl WsConn {
                     fragments,
                     started_ms: self.clock_ms,
                     delivered: false,
+                    compressed: false,
                 }));
             }
         }
@@ -274,7 +304,7 @@ impl WsConn {
         let avail = frame.remaining.min((input.len() - *pos) as u64) as usize;
         let chunk = &mut input[*pos..*pos + avail];
         let phase = apply_mask(chunk, frame.mask, frame.phase as usize) as u8;
-        if m.kind == Some(MessageKind::Text) && m.utf8.feed(chunk).is_err() {
+        if m.kind == Some(MessageKind::Text) && !m.compressed && m.utf8.feed(chunk).is_err() {
             return Step::Fail(CloseCode::INVALID_PAYLOAD, "invalid UTF-8 in text message");
         }
         m.buf.extend_from_slice(chunk);
@@ -290,7 +320,7 @@ impl WsConn {
         }
         m.recv = RecvState::Header;
         if frame.fin {
-            finish_message(m)
+            finish_message(m, self.limits.max_message)
         } else {
             Step::Next
         }
@@ -327,12 +357,31 @@ impl WsConn {
 }
 
 /// The last frame of a gathered message is in: a text message must not
-/// end inside a UTF-8 sequence. The buffer is handed out, and the
-/// [`Partial`] dropped on the next call.
+/// end inside a UTF-8 sequence. A compressed message is inflated first
+/// (at most `cap` bytes: past it, 1009 having inflated no more than that
+/// and a chunk; data that does not inflate, 1007) and then validated
+/// whole. The buffer is handed out, and the [`Partial`] dropped on the
+/// next call.
 #[inline]
-fn finish_message(m: &mut Partial) -> Step {
+fn finish_message(m: &mut Partial, cap: u64) -> Step {
     let kind = m.kind.take().expect("payload state implies a message");
-    if kind == MessageKind::Text && m.utf8.finish().is_err() {
+    if m.compressed {
+        let mut plain = Vec::new();
+        let cap = usize::try_from(cap).unwrap_or(usize::MAX);
+        match deflate::inflate(&m.buf, cap, &mut plain) {
+            Ok(()) => {}
+            Err(InflateError::TooBig) => {
+                return Step::Fail(CloseCode::MESSAGE_TOO_BIG, "message too big once inflated");
+            }
+            Err(InflateError::Invalid) => {
+                return Step::Fail(CloseCode::INVALID_PAYLOAD, "invalid compressed data");
+            }
+        }
+        m.buf = plain;
+        if kind == MessageKind::Text && utf8::validate(&m.buf).is_err() {
+            return Step::Fail(CloseCode::INVALID_PAYLOAD, "invalid UTF-8 in text message");
+        }
+    } else if kind == MessageKind::Text && m.utf8.finish().is_err() {
         return Step::Fail(CloseCode::INVALID_PAYLOAD, "truncated UTF-8 sequence");
     }
     m.delivered = true;

@@ -491,3 +491,120 @@ fn message_start_time_is_reported_until_the_message_ends() {
     assert_eq!(h.conn.message_started(), None, "nothing after a failure");
     assert_eq!(h.conn.buffered(), 0, "the partial message is freed");
 }
+
+/// A client frame with RSV1 set: a compressed message's (first) frame.
+fn compressed_frame(fin: bool, op: OpCode, deflated: &[u8]) -> Vec<u8> {
+    let mut f = frame(fin, op, deflated);
+    f[0] |= 0x40;
+    f
+}
+
+fn deflating(max: usize) -> Harness {
+    let mut h = Harness::new(max);
+    h.conn.set_deflate(Some(crate::proto::deflate::Agreed {
+        server_window_bits: 15,
+    }));
+    h
+}
+
+#[test]
+fn compressed_messages_are_inflated_whole_or_fragmented() {
+    let text = "corecast ".repeat(200);
+    let c = crate::proto::deflate::compress(text.as_bytes()).unwrap();
+    // Whole, in one read.
+    let mut h = deflating(MAX);
+    h.feed(&compressed_frame(true, OpCode::Text, &c));
+    assert_eq!(
+        h.events,
+        [Ev::Msg(MessageKind::Text, text.clone().into_bytes())]
+    );
+    // In three frames (RSV1 on the first only), a byte at a time, with a
+    // ping between fragments; then an uncompressed message.
+    let mut h = deflating(MAX);
+    let (a, rest) = c.split_at(c.len() / 3);
+    let (b, d) = rest.split_at(rest.len() / 2);
+    let mut bytes = compressed_frame(false, OpCode::Text, a);
+    bytes.extend(frame(false, OpCode::Continuation, b));
+    bytes.extend(frame(true, OpCode::Ping, b"p"));
+    bytes.extend(frame(true, OpCode::Continuation, d));
+    bytes.extend(frame(true, OpCode::Binary, b"plain"));
+    for byte in bytes {
+        h.feed(&[byte]);
+    }
+    assert_eq!(
+        h.events,
+        [
+            Ev::Msg(MessageKind::Text, text.into_bytes()),
+            Ev::Msg(MessageKind::Binary, b"plain".to_vec())
+        ]
+    );
+    // An empty compressed message (a single 0x00).
+    let mut h = deflating(MAX);
+    h.feed(&compressed_frame(true, OpCode::Binary, &[0x00]));
+    assert_eq!(h.events, [Ev::Msg(MessageKind::Binary, Vec::new())]);
+}
+
+#[test]
+fn compression_rules_close_with_their_codes() {
+    let fail = |mut h: Harness, bytes: &[u8], code: u16| {
+        h.feed(bytes);
+        assert_eq!(h.events, [Ev::Failed(code)], "{bytes:02x?}");
+        assert_eq!(h.sent_close_code(), Some(code));
+    };
+    let c = crate::proto::deflate::compress(&[b'a'; 1000]).unwrap();
+    // RSV1 without the extension, on a continuation, on a control frame.
+    fail(
+        Harness::new(MAX),
+        &compressed_frame(true, OpCode::Text, &c),
+        1002,
+    );
+    let mut cont = frame(false, OpCode::Text, b"a");
+    cont.extend(compressed_frame(true, OpCode::Continuation, b"b"));
+    fail(deflating(MAX), &cont, 1002);
+    fail(
+        deflating(MAX),
+        &compressed_frame(true, OpCode::Ping, b""),
+        1002,
+    );
+    // Not deflate data: 1007. Invalid UTF-8 once inflated: 1007.
+    fail(
+        deflating(MAX),
+        &compressed_frame(true, OpCode::Binary, &[0xff; 8]),
+        1007,
+    );
+    let bad = crate::proto::deflate::compress(&[0xc0; 200]).unwrap();
+    fail(
+        deflating(MAX),
+        &compressed_frame(true, OpCode::Text, &bad),
+        1007,
+    );
+    // A bomb: 8 MiB of zeros in a few KiB, past a 1 MiB cap: 1009.
+    let bomb = crate::proto::deflate::compress(&vec![0u8; 8 << 20]).unwrap();
+    assert!(bomb.len() < MAX / 16);
+    fail(
+        deflating(MAX),
+        &compressed_frame(true, OpCode::Binary, &bomb),
+        1009,
+    );
+}
+
+#[test]
+fn an_agreed_connection_compresses_what_it_sends_when_it_gains() {
+    let mut h = deflating(MAX);
+    let long = "x".repeat(1000);
+    assert!(h.conn.send(MessageKind::Text, long.as_bytes(), &mut h.out));
+    assert!(h.conn.send(MessageKind::Text, b"short", &mut h.out));
+    let mut iov = [IoSlice::new(&[]); 8];
+    let n = h.out.gather(&mut iov);
+    let bytes: Vec<u8> = iov[..n].iter().flat_map(|s| s.to_vec()).collect();
+    let first = parse_header(&bytes).unwrap().unwrap();
+    assert!(first.rsv1, "1000 bytes compressed");
+    let body = &bytes[first.header_len..first.header_len + first.payload_len as usize];
+    let mut plain = Vec::new();
+    crate::proto::deflate::inflate(body, MAX, &mut plain).unwrap();
+    assert_eq!(plain, long.as_bytes());
+    let second = parse_header(&bytes[first.header_len + first.payload_len as usize..])
+        .unwrap()
+        .unwrap();
+    assert!(!second.rsv1, "5 bytes sent as they are");
+}

@@ -51,9 +51,43 @@ pub enum Form {
     Json = 1,
     /// A binary frame: a fixed header, the topic, the payload.
     Binary = 2,
+    /// [`Self::Raw`] compressed (permessage-deflate), when it gains.
+    RawDeflate = 3,
+    /// [`Self::Json`] compressed, when it gains.
+    JsonDeflate = 4,
+    /// [`Self::Binary`] compressed, when it gains.
+    BinaryDeflate = 5,
 }
 
+/// How many forms there are (for arrays indexed by `form as usize`).
+pub const FORMS: usize = 6;
+
 impl Form {
+    /// The same form compressed (permessage-deflate agreed), or not.
+    pub fn deflated(self, yes: bool) -> Self {
+        match (self.base(), yes) {
+            (Self::Raw, true) => Self::RawDeflate,
+            (Self::Json, true) => Self::JsonDeflate,
+            (Self::Binary, true) => Self::BinaryDeflate,
+            (base, _) => base,
+        }
+    }
+
+    /// The uncompressed form this one is built from.
+    pub fn base(self) -> Self {
+        match self {
+            Self::RawDeflate => Self::Raw,
+            Self::JsonDeflate => Self::Json,
+            Self::BinaryDeflate => Self::Binary,
+            plain => plain,
+        }
+    }
+
+    /// Whether this is a compressed form.
+    pub fn is_deflated(self) -> bool {
+        self != self.base()
+    }
+
     /// The form a negotiated subprotocol asks for (`--subprotocol`'s own
     /// names and no subprotocol at all: raw).
     pub fn of_subprotocol(name: Option<&str>) -> Self {
@@ -102,6 +136,9 @@ pub struct Message {
     pub envelope_bytes: std::sync::atomic::AtomicUsize,
     json: OnceLock<Bytes>,
     binary: OnceLock<Bytes>,
+    /// The compressed forms (indexed by base form), built on first use;
+    /// a form that does not gain holds its base frame (shared, not a copy).
+    deflated: [OnceLock<Bytes>; 3],
 }
 
 impl Message {
@@ -117,6 +154,7 @@ impl Message {
             envelope_bytes: std::sync::atomic::AtomicUsize::new(0),
             json: OnceLock::new(),
             binary: OnceLock::new(),
+            deflated: Default::default(),
         }
     }
 
@@ -128,10 +166,13 @@ impl Message {
     /// The frame for `form`, with `topic` the message's topic name; an
     /// envelope is built on first use (`built` is then called with it).
     pub fn frame_for(&self, form: Form, topic: &str, built: &mut impl FnMut(&Bytes)) -> &Bytes {
+        if form.is_deflated() {
+            return self.deflated_for(form, topic, built);
+        }
         let (cell, encode): (_, fn(&Self, &str) -> Bytes) = match form {
-            Form::Raw => return &self.frame,
             Form::Json => (&self.json, Self::encode_json),
             Form::Binary => (&self.binary, Self::encode_binary),
+            _ => return &self.frame,
         };
         if let Some(f) = cell.get() {
             return f;
@@ -148,17 +189,61 @@ impl Message {
         f
     }
 
+    /// A compressed form's frame: its base form's frame compressed once
+    /// (permessage-deflate, a fresh stream: any subscriber that agreed to
+    /// the extension can inflate it), or, when compressing does not gain
+    /// (short, or not smaller), the base frame itself. `built` is called
+    /// for each frame made (the base one too, if it is new).
+    fn deflated_for(&self, form: Form, topic: &str, built: &mut impl FnMut(&Bytes)) -> &Bytes {
+        let cell = &self.deflated[form.base() as usize];
+        if let Some(f) = cell.get() {
+            return f;
+        }
+        let base = self.frame_for(form.base(), topic, built).clone();
+        let mut fresh = None;
+        let f = cell.get_or_init(|| {
+            let header = crate::proto::frame::parse_header(&base)
+                .ok()
+                .flatten()
+                .expect("a frame built here");
+            let body = &base[header.header_len..];
+            let compressed = (body.len() >= crate::proto::deflate::COMPRESS_FROM)
+                .then(|| crate::proto::deflate::compress(body))
+                .flatten();
+            match compressed {
+                Some(c) => {
+                    let f = Bytes::from(crate::proto::frame::compressed_server_frame(
+                        header.opcode,
+                        &c,
+                    ));
+                    fresh = Some(f.clone());
+                    f
+                }
+                None => base,
+            }
+        });
+        if let Some(f) = &fresh {
+            built(f);
+        }
+        f
+    }
+
     /// The length of the frame of `form` (built or not: computed without
-    /// building it; linear in the payload for JSON text).
+    /// building it; linear in the payload for JSON text). A compressed
+    /// form not built yet counts as its base form (an upper bound).
     pub fn frame_len(&self, form: Form, topic: &str) -> usize {
+        if let Some(f) = self.frame_of(form) {
+            return f.len();
+        }
+        let form = form.base();
         if let Some(f) = self.frame_of(form) {
             return f.len();
         }
         let (opcode, payload) = self.payload();
         let body = match form {
-            Form::Raw => return self.frame.len(),
-            Form::Binary => BINARY_HEADER_LEN + topic.len() + payload.len(),
-            Form::Json => {
+            Form::Raw | Form::RawDeflate => return self.frame.len(),
+            Form::Binary | Form::BinaryDeflate => BINARY_HEADER_LEN + topic.len() + payload.len(),
+            Form::Json | Form::JsonDeflate => {
                 let text = opcode == OpCode::Text;
                 json_head(topic, self.epoch, self.seq, text).len()
                     + json_body_len(payload, text)
@@ -175,6 +260,7 @@ impl Message {
             Form::Raw => Some(&self.frame),
             Form::Json => self.json.get(),
             Form::Binary => self.binary.get(),
+            deflated => self.deflated[deflated.base() as usize].get(),
         }
     }
 
@@ -347,8 +433,9 @@ fn marker(
     seq: u64,
     replaced: Option<(u64, u64)>,
 ) -> Option<Bytes> {
-    match form {
-        Form::Raw => None,
+    // Markers are short: never compressed.
+    match form.base() {
+        Form::Raw | Form::RawDeflate | Form::JsonDeflate | Form::BinaryDeflate => None,
         Form::Json => {
             let json = match replaced {
                 None => {

@@ -127,6 +127,9 @@ pub struct Config {
     /// Send a topic's newest publication (a snapshot) to each new
     /// enveloped subscriber.
     pub last_value: bool,
+    /// Agree to permessage-deflate with clients that offer it: publications
+    /// compressed once for all of them, echoes per message.
+    pub permessage_deflate: bool,
     /// Per-namespace policies (the configuration file's
     /// `[namespace."…"]` tables) at start; a reload replaces the
     /// directory's table, not this one.
@@ -210,6 +213,7 @@ impl Default for Config {
             history: crate::pubsub::history::HistoryLimits::default(),
             retained_topics: crate::pubsub::directory::DEFAULT_RETAINED_TOPICS,
             last_value: true,
+            permessage_deflate: true,
             namespaces: Vec::new(),
             slow_consumer: SlowConsumerPolicy::Disconnect,
             ping_interval: Some(DEFAULT_PING_INTERVAL),

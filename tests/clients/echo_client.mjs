@@ -23,7 +23,14 @@ const timer = setTimeout(() => {
   console.error(`node ws: ${url}: timed out at message ${i}`);
   process.exit(1);
 }, 20000);
-ws.on("open", () => ws.send(messages[0][0], { binary: messages[0][1] }));
+ws.on("open", () => {
+  // ws offers permessage-deflate by default; the server agrees.
+  if (!ws.extensions.includes("permessage-deflate")) {
+    console.error(`node ws: ${url}: no permessage-deflate (${ws.extensions})`);
+    process.exit(1);
+  }
+  ws.send(messages[0][0], { binary: messages[0][1] });
+});
 ws.on("message", (data, isBinary) => {
   const [want, binary] = messages[i];
   const same = binary ? isBinary && Buffer.compare(data, want) === 0 : !isBinary && data.toString() === want;
@@ -44,7 +51,7 @@ ws.on("close", (code) => {
     console.error(`node ws: ${url}: closed early (${code}) at message ${i}`);
     process.exit(1);
   }
-  console.log(`node ws: ${url}: text and binary round trips OK (close ${code})`);
+  console.log(`node ws: ${url}: text and binary round trips OK, ${ws.extensions} (close ${code})`);
 });
 ws.on("error", (e) => {
   console.error(`node ws: ${url}: ${e.message}`);

@@ -17,6 +17,12 @@ async def main(url, cafile):
     if url.startswith("wss://"):
         context = ssl.create_default_context(cafile=cafile)
     async with websockets.connect(url, ssl=context, max_size=None) as ws:
+        # The server agrees to the permessage-deflate websockets offers by
+        # default: the long messages below travel compressed both ways.
+        response = getattr(ws, "response", None)
+        headers = response.headers if response is not None else ws.response_headers
+        ext = headers.get("Sec-WebSocket-Extensions", "")
+        assert ext.startswith("permessage-deflate"), f"no permessage-deflate: {ext!r}"
         for text in ["hello", "é€𝄞 unicode", "x" * 70_000]:
             await ws.send(text)
             got = await ws.recv()
@@ -26,7 +32,7 @@ async def main(url, cafile):
             await ws.send(data)
             got = await ws.recv()
             assert got == data, f"{size} binary bytes echoed wrong"
-    print(f"python websockets {websockets.__version__}: {url}: text and binary round trips OK")
+    print(f"python websockets {websockets.__version__}: {url}: text and binary round trips OK ({ext})")
 
 
 if __name__ == "__main__":

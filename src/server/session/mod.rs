@@ -22,7 +22,7 @@ mod publish;
 mod request;
 mod subscriber;
 
-use crate::proto::frame::server_frame;
+use crate::proto::frame::{compressed_server_frame, server_frame};
 use crate::proto::handshake::{self, HeadScanner, Reject, Status};
 use crate::proto::rate::TokenBucket;
 use crate::proto::{CloseCode, CloseState, Event, MessageKind, OutQueue, WsConn};
@@ -368,6 +368,7 @@ impl Session {
         };
         ws.tick(ctx.now_ms);
         let rate = ctx.shared.config.max_publish_rate;
+        let deflate = ws.deflate();
         loop {
             let decoded = ws.decode(&mut buf[pos..], &mut self.out);
             pos += decoded.consumed;
@@ -377,7 +378,14 @@ impl Session {
                 Some(Event::Message { kind, payload }) => match role {
                     Role::Echo => {
                         ctx.stats.message_echoed();
-                        Some(Reply::Frame(encode(kind, payload)))
+                        // Compressed per message when agreed and it gains.
+                        let compressed = deflate
+                            .filter(|a| a.compresses(payload.len()))
+                            .and_then(|_| crate::proto::deflate::compress(payload));
+                        Some(Reply::Frame(match compressed {
+                            Some(c) => Bytes::from(compressed_server_frame(kind.opcode(), &c)),
+                            None => encode(kind, payload),
+                        }))
                     }
                     Role::Subscriber { .. } if kind == MessageKind::Text => {
                         Some(Reply::Control(payload.to_vec()))

@@ -3,9 +3,10 @@
 
 use super::{Ctx, Phase, Publisher, Role, Session, subscriber};
 use crate::proto::WsConn;
+use crate::proto::deflate;
 use crate::proto::handshake::{
     HeadScanner, MAX_HEADERS, Reject, Request, Status, choose_subprotocol, parse_head,
-    validate_upgrade, write_switching_protocols,
+    validate_upgrade, write_switching_protocols_with,
 };
 use crate::proto::rate::TokenBucket;
 use crate::pubsub::envelope::{Form, JSON_PROTOCOL, PUBLISHER_PROTOCOLS, SUBSCRIBER_PROTOCOLS};
@@ -181,6 +182,11 @@ impl Session {
     ) -> Result<(), Reject> {
         let cfg = &ctx.shared.config;
         let upgrade = validate_upgrade(req)?;
+        // permessage-deflate: the first acceptable offer, if enabled.
+        let deflate = cfg
+            .permessage_deflate
+            .then(|| deflate::negotiate(req.header_values("sec-websocket-extensions")))
+            .flatten();
         let mut subprotocol = choose_subprotocol(req, &cfg.subprotocols);
         let mut snapshots = Vec::new();
         let role = match up {
@@ -212,7 +218,11 @@ impl Session {
                 // application's own protocol), then the envelopes.
                 subprotocol =
                     subprotocol.or_else(|| choose_subprotocol(req, &SUBSCRIBER_PROTOCOLS));
-                let form = Form::of_subprotocol(subprotocol);
+                // Compressed publications for a subscriber that agreed to
+                // permessage-deflate with the full window: the shared
+                // frames use it (a smaller window gets them uncompressed).
+                let full_window = deflate.is_some_and(|a| a.agreed.server_window_bits == 15);
+                let form = Form::of_subprotocol(subprotocol).deflated(full_window);
                 let mut rate = None;
                 if let Some(r) = topic::query_param(req.query, "max_rate") {
                     let per_second = r
@@ -257,7 +267,13 @@ impl Session {
             }
         };
         let mut response = Vec::with_capacity(192);
-        write_switching_protocols(&mut response, upgrade.key, subprotocol);
+        let extension = deflate.map(|a| a.agreed.response(a.offered_server_bits));
+        write_switching_protocols_with(
+            &mut response,
+            upgrade.key,
+            subprotocol,
+            extension.as_deref(),
+        );
         self.out.push(Bytes::from(response));
         // Each topic's last value (marker and message), right after the 101.
         for f in &snapshots {
@@ -268,10 +284,9 @@ impl Session {
             Role::Subscriber { .. } => &ctx.shared.subscriber_limits,
             _ => &ctx.shared.ws_limits,
         };
-        self.phase = Phase::Ws {
-            ws: WsConn::with_limits(Arc::clone(limits), ctx.now_ms),
-            role,
-        };
+        let mut ws = WsConn::with_limits(Arc::clone(limits), ctx.now_ms);
+        ws.set_deflate(deflate.map(|a| a.agreed));
+        self.phase = Phase::Ws { ws, role };
         Ok(())
     }
 }

@@ -16,7 +16,7 @@ use std::collections::HashSet;
 pub(super) fn fresh_start(form: Form) -> Start {
     // Whether the topic has last values (`--no-last-value`, its
     // namespace, a history at all) is the topic's to say.
-    if form != Form::Raw {
+    if form.base() != Form::Raw {
         Start::LastValue
     } else {
         Start::Live

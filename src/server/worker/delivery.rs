@@ -275,7 +275,8 @@ fn push_to<S>(
     // subscriber instead of growing the tail buffer step by step; summed
     // the first time a subscriber of the form comes (which builds the
     // form's envelopes: they are needed next anyway).
-    let mut small: [Option<usize>; 3] = [None; 3];
+    let mut small: [Option<usize>; crate::pubsub::envelope::FORMS] =
+        [None; crate::pubsub::envelope::FORMS];
     let mut sent = 0;
     for &(key, serial) in targets {
         let Some(conn) = conns.get_mut(key) else {

@@ -1,0 +1,396 @@
+//! permessage-deflate (RFC 7692): reading a client's offers and writing the
+//! answer, and compressing or inflating one message. No context is kept
+//! between messages in either direction (the answer always says
+//! `server_no_context_takeover; client_no_context_takeover`), so a
+//! connection holds no compressor or inflater state while idle, and one
+//! compressed frame can be shared by every subscriber that agreed to the
+//! extension.
+//!
+//! Windows: every message is compressed with the full 32 KiB window, as a
+//! fresh stream, so no back-reference reaches further than the message's
+//! own length. A client that limits `server_max_window_bits` to N can
+//! therefore inflate any of our compressed messages of at most 2^N bytes;
+//! longer ones are sent to it uncompressed (RSV1 clear), which the
+//! extension allows per message. The inflater uses the full window, which
+//! reads whatever window the client compresses with.
+//!
+//! Sans-IO: bytes in, bytes out. The compressor and the inflater are
+//! per thread (each worker's), reset before each message.
+
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+use std::cell::RefCell;
+
+/// The extension's token.
+pub const EXTENSION: &str = "permessage-deflate";
+
+/// The bytes every message's deflate data is cut short of (the end of an
+/// empty stored block, §7.2.1) and that the inflater gets back (§7.2.2).
+const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
+
+/// Payloads shorter than this are sent uncompressed: deflate's block
+/// header and Huffman tables cost more than such a payload can save.
+pub const COMPRESS_FROM: usize = 64;
+
+/// What was agreed with one client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Agreed {
+    /// `server_max_window_bits` the client asked for (8..=15; 15 when it
+    /// did not ask): our messages longer than 2^bits go uncompressed.
+    pub server_window_bits: u8,
+}
+
+impl Agreed {
+    /// Whether a message of `len` bytes may go to this client compressed:
+    /// long enough to gain, short enough for its window.
+    pub fn compresses(self, len: usize) -> bool {
+        len >= COMPRESS_FROM && len <= 1usize << self.server_window_bits
+    }
+
+    /// The `Sec-WebSocket-Extensions` value answering the offer.
+    pub fn response(self, offered_server_bits: bool) -> String {
+        let mut s = format!("{EXTENSION}; server_no_context_takeover; client_no_context_takeover");
+        if offered_server_bits {
+            s.push_str(&format!(
+                "; server_max_window_bits={}",
+                self.server_window_bits
+            ));
+        }
+        s
+    }
+}
+
+/// A client's accepted offer: the agreement, and whether the answer must
+/// repeat `server_max_window_bits` (it must when the offer had it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    pub agreed: Agreed,
+    pub offered_server_bits: bool,
+}
+
+/// The first permessage-deflate offer among `values` (each a
+/// `Sec-WebSocket-Extensions` header value: comma-separated extensions,
+/// each `name; param; param=value`) whose parameters are all known,
+/// unrepeated and well-formed; `None` when there is none (the connection
+/// then goes on without compression). Other extensions are ignored.
+pub fn negotiate<'a>(values: impl Iterator<Item = &'a [u8]>) -> Option<Accepted> {
+    values
+        .flat_map(|v| v.split(|&b| b == b','))
+        .find_map(accept_offer)
+}
+
+/// One offer (`permessage-deflate; …`), if it is permessage-deflate and
+/// acceptable.
+fn accept_offer(offer: &[u8]) -> Option<Accepted> {
+    let mut parts = offer.split(|&b| b == b';').map(trim);
+    if parts.next()? != EXTENSION.as_bytes() {
+        return None;
+    }
+    let (mut server_nct, mut client_nct, mut server_bits, mut client_bits) =
+        (false, false, None, false);
+    for param in parts {
+        let (name, value) = match param.iter().position(|&b| b == b'=') {
+            Some(i) => (trim(&param[..i]), Some(unquote(trim(&param[i + 1..])))),
+            None => (param, None),
+        };
+        let seen = match name {
+            b"server_no_context_takeover" if value.is_none() => &mut server_nct,
+            b"client_no_context_takeover" if value.is_none() => &mut client_nct,
+            b"server_max_window_bits" => {
+                if server_bits.is_some() {
+                    return None;
+                }
+                server_bits = Some(window_bits(value?)?);
+                continue;
+            }
+            b"client_max_window_bits" => {
+                if let Some(v) = value {
+                    window_bits(v)?;
+                }
+                &mut client_bits
+            }
+            _ => return None,
+        };
+        if std::mem::replace(seen, true) {
+            return None; // a parameter given twice
+        }
+    }
+    Some(Accepted {
+        agreed: Agreed {
+            server_window_bits: server_bits.unwrap_or(15),
+        },
+        offered_server_bits: server_bits.is_some(),
+    })
+}
+
+/// A window-bits value: a decimal 8 to 15 without a leading zero.
+fn window_bits(v: &[u8]) -> Option<u8> {
+    match v {
+        [d @ b'8'..=b'9'] => Some(d - b'0'),
+        [b'1', d @ b'0'..=b'5'] => Some(10 + d - b'0'),
+        _ => None,
+    }
+}
+
+fn trim(b: &[u8]) -> &[u8] {
+    b.trim_ascii()
+}
+
+/// A quoted-string value (`"10"`) without its quotes.
+fn unquote(b: &[u8]) -> &[u8] {
+    match b {
+        [b'"', inner @ .., b'"'] => inner,
+        _ => b,
+    }
+}
+
+/// Why a compressed message was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InflateError {
+    /// It inflates past the cap (a decompression bomb, or just too big):
+    /// 1009. At most the cap (plus one chunk) was inflated.
+    TooBig,
+    /// Not valid deflate data: 1007.
+    Invalid,
+}
+
+thread_local! {
+    static INFLATER: RefCell<Decompress> = RefCell::new(Decompress::new(false));
+    static COMPRESSOR: RefCell<Compress> = RefCell::new(Compress::new(Compression::default(), false));
+}
+
+/// Inflate output is grown by this much at a time, so a message that would
+/// pass the cap is stopped within a chunk of it.
+const INFLATE_CHUNK: usize = 16 * 1024;
+
+/// Inflates one message's deflate data (`input`, without the tail) into
+/// `out` (cleared first), refusing it as soon as it passes `cap` bytes.
+pub fn inflate(input: &[u8], cap: usize, out: &mut Vec<u8>) -> Result<(), InflateError> {
+    out.clear();
+    INFLATER.with(|d| {
+        let mut d = d.borrow_mut();
+        d.reset(false);
+        if feed(&mut d, input, cap, out)? {
+            return Ok(());
+        }
+        feed(&mut d, &TAIL, cap, out).map(|_| ())
+    })
+}
+
+/// Inflates all of `data` into `out` (grown a chunk at a time, never much
+/// past `cap`); `Ok(true)` when a final block ended the stream there.
+fn feed(
+    d: &mut Decompress,
+    data: &[u8],
+    cap: usize,
+    out: &mut Vec<u8>,
+) -> Result<bool, InflateError> {
+    let mut pos = 0;
+    loop {
+        if out.len() == out.capacity() {
+            out.reserve_exact(INFLATE_CHUNK.min(cap + 1 - out.len().min(cap)).max(1));
+        }
+        let (was_in, was_out) = (d.total_in(), d.total_out());
+        let status = d
+            .decompress_vec(&data[pos..], out, FlushDecompress::Sync)
+            .map_err(|_| InflateError::Invalid)?;
+        let consumed = (d.total_in() - was_in) as usize;
+        pos += consumed;
+        if out.len() > cap {
+            return Err(InflateError::TooBig);
+        }
+        if status == Status::StreamEnd {
+            // A final block ended the message: nothing may follow it.
+            return if pos == data.len() {
+                Ok(true)
+            } else {
+                Err(InflateError::Invalid)
+            };
+        }
+        if pos == data.len() && out.len() < out.capacity() {
+            return Ok(false); // all in, and the output was not the limit
+        }
+        if consumed == 0 && d.total_out() == was_out && out.len() < out.capacity() {
+            return Err(InflateError::Invalid); // stuck: cannot happen with valid data
+        }
+    }
+}
+
+/// Compresses one message's payload as a fresh stream with the full
+/// window, returning the deflate data without the 4-byte tail (what a
+/// frame with RSV1 carries); `None` when it would not be smaller.
+pub fn compress(payload: &[u8]) -> Option<Vec<u8>> {
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        c.reset();
+        // Room for the worst case (stored blocks) in one go.
+        let mut out = Vec::with_capacity(payload.len() + payload.len() / 8 + 64);
+        loop {
+            let done = c.total_in() as usize;
+            c.compress_vec(&payload[done..], &mut out, FlushCompress::Sync)
+                .ok()?;
+            // Spare room left after a sync flush: the flush is complete.
+            if c.total_in() as usize == payload.len() && out.len() < out.capacity() {
+                break;
+            }
+            out.reserve(out.capacity());
+        }
+        // A sync flush ends with the empty stored block's 00 00 ff ff.
+        if !out.ends_with(&TAIL) {
+            return None;
+        }
+        out.truncate(out.len() - TAIL.len());
+        (out.len() < payload.len()).then_some(out)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offer(s: &str) -> Option<Accepted> {
+        negotiate(std::iter::once(s.as_bytes()))
+    }
+
+    #[test]
+    fn offers_are_accepted_by_their_parameters() {
+        let plain = Accepted {
+            agreed: Agreed {
+                server_window_bits: 15,
+            },
+            offered_server_bits: false,
+        };
+        assert_eq!(offer("permessage-deflate"), Some(plain));
+        assert_eq!(
+            offer("permessage-deflate; client_max_window_bits"),
+            Some(plain),
+            "what browsers send"
+        );
+        assert_eq!(
+            offer(
+                "permessage-deflate; client_no_context_takeover; server_no_context_takeover; client_max_window_bits=10"
+            ),
+            Some(plain)
+        );
+        let ten = offer("permessage-deflate; server_max_window_bits=\"10\"").unwrap();
+        assert_eq!(
+            (ten.agreed.server_window_bits, ten.offered_server_bits),
+            (10, true)
+        );
+        for bad in [
+            "permessage-deflate; server_max_window_bits",
+            "permessage-deflate; server_max_window_bits=7",
+            "permessage-deflate; server_max_window_bits=16",
+            "permessage-deflate; server_max_window_bits=010",
+            "permessage-deflate; client_max_window_bits=99",
+            "permessage-deflate; server_no_context_takeover; server_no_context_takeover",
+            "permessage-deflate; server_max_window_bits=9; server_max_window_bits=9",
+            "permessage-deflate; client_no_context_takeover=1",
+            "permessage-deflate; mystery",
+            "x-webkit-deflate-frame",
+            "",
+        ] {
+            assert_eq!(offer(bad), None, "{bad}");
+        }
+        // The first acceptable of several, in order, across header lines.
+        let values: [&[u8]; 2] = [
+            b"foo, permessage-deflate; bogus",
+            b"permessage-deflate; server_max_window_bits=12, permessage-deflate",
+        ];
+        let a = negotiate(values.into_iter()).unwrap();
+        assert_eq!(a.agreed.server_window_bits, 12);
+        assert_eq!(
+            a.agreed.response(a.offered_server_bits),
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover; server_max_window_bits=12"
+        );
+    }
+
+    #[test]
+    fn a_window_limit_sends_longer_messages_uncompressed() {
+        let a = Agreed {
+            server_window_bits: 9,
+        };
+        assert!(!a.compresses(COMPRESS_FROM - 1));
+        assert!(a.compresses(512));
+        assert!(!a.compresses(513));
+        let full = Agreed {
+            server_window_bits: 15,
+        };
+        assert!(full.compresses(1 << 15) && !full.compresses((1 << 15) + 1));
+    }
+
+    fn json_like(n: usize) -> Vec<u8> {
+        let mut v = Vec::new();
+        let mut i = 0u64;
+        while v.len() < n {
+            v.extend_from_slice(
+                format!(
+                    r#"{{"sym":"EURUSD","bid":1.{:04},"ask":1.{:04}}},"#,
+                    i % 9973,
+                    (i * 7) % 9973
+                )
+                .as_bytes(),
+            );
+            i += 1;
+        }
+        v.truncate(n);
+        v
+    }
+
+    #[test]
+    fn compressed_messages_inflate_back_and_to_a_small_window() {
+        for n in [64, 200, 512, 4096, 100_000] {
+            let p = json_like(n);
+            let c = compress(&p).expect("JSON-like text shrinks");
+            assert!(c.len() < p.len());
+            let mut out = Vec::new();
+            inflate(&c, n, &mut out).unwrap();
+            assert_eq!(out, p, "{n}");
+            if n <= 512 {
+                // A 9-bit inflater reads a message of at most 512 bytes.
+                let mut d = Decompress::new_with_window_bits(false, 9);
+                let mut small = vec![0u8; n + 16];
+                let mut input = c.clone();
+                input.extend_from_slice(&TAIL);
+                d.decompress(&input, &mut small, FlushDecompress::Sync)
+                    .unwrap();
+                assert_eq!(&small[..d.total_out() as usize], &p[..], "{n} at 9 bits");
+            }
+        }
+        // Random bytes do not shrink: sent as they are.
+        let mut x = 0x9e3779b97f4a7c15u64;
+        let noise: Vec<u8> = (0..1000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        assert_eq!(compress(&noise), None);
+    }
+
+    #[test]
+    fn a_decompression_bomb_stops_at_the_cap_and_garbage_is_invalid() {
+        let zeros = vec![0u8; 10 << 20];
+        let bomb = compress(&zeros).unwrap();
+        assert!(bomb.len() < 20_000, "{}", bomb.len());
+        let mut out = Vec::new();
+        assert_eq!(inflate(&bomb, 1 << 20, &mut out), Err(InflateError::TooBig));
+        assert!(
+            out.capacity() <= (1 << 20) + INFLATE_CHUNK + 1,
+            "inflated at most the cap and a chunk: {}",
+            out.capacity()
+        );
+        assert_eq!(
+            inflate(&[0xff, 0xff, 0xff, 0xff], 1000, &mut out),
+            Err(InflateError::Invalid)
+        );
+        // An empty message is the empty string.
+        inflate(&[0x00], 1000, &mut out).unwrap();
+        assert!(out.is_empty());
+        // Data after a final block is invalid.
+        let mut c = compress(&json_like(300)).unwrap();
+        c.extend_from_slice(&[0x03, 0x00, 0x01]);
+        assert_eq!(inflate(&c, 10_000, &mut out), Err(InflateError::Invalid));
+    }
+}
