@@ -293,3 +293,63 @@ fn compressed_client_messages_are_inflated_with_limits() {
     sub.write_all(&client_frame(1, &bomb, true)).unwrap();
     assert_eq!(read_close_code(&mut sub), 1009);
 }
+
+/// What compressed publications cost is charged and then released: once
+/// everything is written only the registry stays charged, whether the
+/// publications compressed (the shared frame counted in the history's
+/// bytes beside the raw one) or did not (nothing kept beside the raw
+/// frame, so nothing stays held).
+#[test]
+fn compressed_frames_are_charged_and_released() {
+    for compressible in [false, true] {
+        let server = start_with(|c| {
+            c.workers = 1;
+            c.history.size = 5;
+        });
+        let addr = server.local_addr();
+        let (mut sub, _) = upgrade_with(addr, "/ws?topics=big", "permessage-deflate", "");
+        let ok = eventually(Duration::from_secs(10), || {
+            metric(&metrics(addr), "corecast_subscriptions") == 1
+        });
+        assert!(ok);
+        let mut x = 0x2545f4914f6cdd1du64;
+        let mut payload = |i: u64| -> Vec<u8> {
+            if compressible {
+                quotes(65_536)
+            } else {
+                (0..65_536)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        (x ^ i) as u8
+                    })
+                    .collect()
+            }
+        };
+        let mut p = raw(addr);
+        let mut wire = 0;
+        for i in 0..20 {
+            p.write_all(&post("big", &payload(i))).unwrap();
+            assert!(read_head(&mut p).starts_with("HTTP/1.1 204 "));
+            let (rsv, _, body) = read_frame_rsv(&mut sub);
+            assert_eq!(rsv, compressible);
+            wire = body.len();
+        }
+        let held = || metric(&metrics(addr), "corecast_buffered_bytes");
+        let registry = corecast::pubsub::shard::TOPIC_ENTRY_BYTES as u64 + 2 * 3 + 80;
+        assert_eq!(
+            settle(Duration::from_secs(5), held, registry),
+            registry,
+            "compressible: {compressible}"
+        );
+        let frame = 65_536 + 10;
+        let entry = corecast::pubsub::history::ENTRY_OVERHEAD_BYTES as u64;
+        let compressed = if compressible { wire as u64 + 4 } else { 0 };
+        assert_eq!(
+            metric(&metrics(addr), "corecast_history_bytes"),
+            5 * (frame + compressed + entry),
+            "compressible: {compressible}"
+        );
+    }
+}

@@ -412,10 +412,11 @@ fn large_frames_a_history_keeps_count_in_its_bytes_not_in_the_budget() {
     // Everything written: only the registry stays charged. The history
     // holds the last five messages with the binary envelope built for
     // them (20 B header and the topic): both count in its bytes (with
-    // 256 B per message).
+    // ENTRY_OVERHEAD_BYTES per message).
     assert_eq!(settle(Duration::from_secs(5), held, registry), registry);
     let envelope = frame + 20 + 3;
-    let history = 5 * (frame + envelope + 256);
+    let entry = corecast::pubsub::history::ENTRY_OVERHEAD_BYTES as u64;
+    let history = 5 * (frame + envelope + entry);
     assert_eq!(metric(&metrics(addr), "corecast_history_bytes"), history);
     drop(sub);
     drop(publisher);

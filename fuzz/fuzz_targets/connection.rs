@@ -66,6 +66,10 @@ fn config(a: u8, b: u8) -> Config {
         } else {
             SlowConsumerPolicy::Disconnect
         },
+        // The frame checks below read server frames without inflating
+        // them; permessage-deflate is fuzzed in `frames` (decoding) and
+        // tested end to end in tests/deflate.rs.
+        permessage_deflate: false,
         ..Config::default()
     }
 }

@@ -41,9 +41,11 @@ pub struct Agreed {
 
 impl Agreed {
     /// Whether a message of `len` bytes may go to this client compressed:
-    /// long enough to gain, short enough for its window.
+    /// long enough to gain, and with a window under 15 bits short enough
+    /// for it (the full window takes any length).
     pub fn compresses(self, len: usize) -> bool {
-        len >= COMPRESS_FROM && len <= 1usize << self.server_window_bits
+        len >= COMPRESS_FROM
+            && (self.server_window_bits >= 15 || len <= 1usize << self.server_window_bits)
     }
 
     /// The `Sec-WebSocket-Extensions` value answering the offer.
@@ -187,7 +189,8 @@ fn feed(
     let mut pos = 0;
     loop {
         if out.len() == out.capacity() {
-            out.reserve_exact(INFLATE_CHUNK.min(cap + 1 - out.len().min(cap)).max(1));
+            let room = cap.saturating_add(1) - out.len().min(cap);
+            out.reserve_exact(INFLATE_CHUNK.min(room).max(1));
         }
         let (was_in, was_out) = (d.total_in(), d.total_out());
         let status = d
@@ -199,12 +202,9 @@ fn feed(
             return Err(InflateError::TooBig);
         }
         if status == Status::StreamEnd {
-            // A final block ended the message: nothing may follow it.
-            return if pos == data.len() {
-                Ok(true)
-            } else {
-                Err(InflateError::Invalid)
-            };
+            // A final block (BFINAL) ended the message: what follows it is
+            // ignored (RFC 7692 §7.2.3.4 shows a sender adding a 0x00).
+            return Ok(true);
         }
         if pos == data.len() && out.len() < out.capacity() {
             return Ok(false); // all in, and the output was not the limit
@@ -315,7 +315,10 @@ mod tests {
         let full = Agreed {
             server_window_bits: 15,
         };
-        assert!(full.compresses(1 << 15) && !full.compresses((1 << 15) + 1));
+        assert!(
+            full.compresses(1 << 15) && full.compresses(16 << 20),
+            "any length"
+        );
     }
 
     fn json_like(n: usize) -> Vec<u8> {
@@ -388,9 +391,27 @@ mod tests {
         // An empty message is the empty string.
         inflate(&[0x00], 1000, &mut out).unwrap();
         assert!(out.is_empty());
-        // Data after a final block is invalid.
-        let mut c = compress(&json_like(300)).unwrap();
-        c.extend_from_slice(&[0x03, 0x00, 0x01]);
-        assert_eq!(inflate(&c, 10_000, &mut out), Err(InflateError::Invalid));
+        // RFC 7692 §7.2.3.4: "Hello" in a final block, then a 0x00.
+        inflate(
+            &[0xf3, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00, 0x00],
+            1000,
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(out, b"Hello");
+        // §7.2.3.1's "Hello" (no final block), and the same again as a
+        // second message through the reset inflater.
+        for _ in 0..2 {
+            inflate(&[0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00], 1000, &mut out).unwrap();
+            assert_eq!(out, b"Hello");
+        }
+        // The cap is exact: 5 bytes inflate under a cap of 5, not of 4.
+        inflate(&[0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00], 5, &mut out).unwrap();
+        assert_eq!(
+            inflate(&[0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00], 4, &mut out),
+            Err(InflateError::TooBig)
+        );
+        // A cap at the top of the range does not overflow.
+        inflate(&[0x00], usize::MAX, &mut out).unwrap();
     }
 }

@@ -31,10 +31,11 @@ use std::time::Instant;
 pub const MAILBOX_HIGH_WATER: usize = 64 * 1024 * 1024;
 /// What a mailbox counts for one publication besides its frame: the
 /// `Publication` in its batch, its [`Message`] (with room for its
-/// envelope frames' handles), the frame's allocation and shared count
-/// (~230 B with the allocator's rounding). Without it a flood of empty
+/// envelope frames' handles and its boxed compressed-form cells), the
+/// frame's allocation and shared count (~300 B with the allocator's
+/// rounding; `history.rs` checks the message's size). Without it a flood of empty
 /// messages would hold many times what the mailbox counted.
-pub const PUBLICATION_OVERHEAD_BYTES: usize = 256;
+pub const PUBLICATION_OVERHEAD_BYTES: usize = 320;
 
 /// One published message on its way to a worker: the topic by identity
 /// and the sequenced message, whose frames are encoded once and shared by

@@ -137,8 +137,11 @@ pub struct Message {
     json: OnceLock<Bytes>,
     binary: OnceLock<Bytes>,
     /// The compressed forms (indexed by base form), built on first use;
-    /// a form that does not gain holds its base frame (shared, not a copy).
-    deflated: [OnceLock<Bytes>; 3],
+    /// `None`: compressing does not gain, the base frame is sent (no
+    /// second reference to it is kept: the ledger judges a frame held by
+    /// its reference count).
+    /// Boxed: a message nobody compresses pays one pointer and a state.
+    deflated: OnceLock<Box<[OnceLock<Option<Bytes>>; 3]>>,
 }
 
 impl Message {
@@ -164,8 +167,14 @@ impl Message {
     }
 
     /// The frame for `form`, with `topic` the message's topic name; an
-    /// envelope is built on first use (`built` is then called with it).
-    pub fn frame_for(&self, form: Form, topic: &str, built: &mut impl FnMut(&Bytes)) -> &Bytes {
+    /// envelope is built on first use (`built` is then called with its
+    /// form and frame: a compressed form may build its base form too).
+    pub fn frame_for(
+        &self,
+        form: Form,
+        topic: &str,
+        built: &mut impl FnMut(Form, &Bytes),
+    ) -> &Bytes {
         if form.is_deflated() {
             return self.deflated_for(form, topic, built);
         }
@@ -184,7 +193,7 @@ impl Message {
             f
         });
         if let Some(f) = &fresh {
-            built(f);
+            built(form, f);
         }
         f
     }
@@ -194,38 +203,50 @@ impl Message {
     /// the extension can inflate it), or, when compressing does not gain
     /// (short, or not smaller), the base frame itself. `built` is called
     /// for each frame made (the base one too, if it is new).
-    fn deflated_for(&self, form: Form, topic: &str, built: &mut impl FnMut(&Bytes)) -> &Bytes {
-        let cell = &self.deflated[form.base() as usize];
+    fn deflated_for(
+        &self,
+        form: Form,
+        topic: &str,
+        built: &mut impl FnMut(Form, &Bytes),
+    ) -> &Bytes {
+        let cells = self.deflated.get_or_init(Default::default);
+        let cell = &cells[form.base() as usize];
         if let Some(f) = cell.get() {
-            return f;
+            return f.as_ref().unwrap_or_else(|| self.base_frame(form));
         }
-        let base = self.frame_for(form.base(), topic, built).clone();
-        let mut fresh = None;
+        let base = self.frame_for(form.base(), topic, built);
+        let mut fresh = false;
         let f = cell.get_or_init(|| {
-            let header = crate::proto::frame::parse_header(&base)
+            let header = crate::proto::frame::parse_header(base)
                 .ok()
                 .flatten()
                 .expect("a frame built here");
             let body = &base[header.header_len..];
             let compressed = (body.len() >= crate::proto::deflate::COMPRESS_FROM)
                 .then(|| crate::proto::deflate::compress(body))
-                .flatten();
-            match compressed {
-                Some(c) => {
-                    let f = Bytes::from(crate::proto::frame::compressed_server_frame(
-                        header.opcode,
-                        &c,
-                    ));
-                    fresh = Some(f.clone());
-                    f
-                }
-                None => base,
-            }
+                .flatten()?;
+            fresh = true;
+            Some(Bytes::from(crate::proto::frame::compressed_server_frame(
+                header.opcode,
+                &compressed,
+            )))
         });
-        if let Some(f) = &fresh {
-            built(f);
+        match f {
+            Some(f) => {
+                if fresh {
+                    built(form, f);
+                }
+                f
+            }
+            None => base,
         }
-        f
+    }
+
+    /// The base frame of `form`, built (a compressed form is only built
+    /// after its base).
+    fn base_frame(&self, form: Form) -> &Bytes {
+        self.frame_of(form.base())
+            .expect("a compressed form is built after its base")
     }
 
     /// The length of the frame of `form` (built or not: computed without
@@ -260,7 +281,10 @@ impl Message {
             Form::Raw => Some(&self.frame),
             Form::Json => self.json.get(),
             Form::Binary => self.binary.get(),
-            deflated => self.deflated[deflated.base() as usize].get(),
+            deflated => match self.deflated.get()?[deflated.base() as usize].get()? {
+                Some(f) => Some(f),
+                None => self.frame_of(deflated.base()),
+            },
         }
     }
 
@@ -672,12 +696,14 @@ mod tests {
         m.seq = 3;
         assert_eq!(m.payload(), (OpCode::Text, &[b'q'; 300][..]));
         let mut built = 0;
-        let raw = m.frame_for(Form::Raw, "t", &mut |_| built += 1).clone();
+        let raw = m.frame_for(Form::Raw, "t", &mut |_, _| built += 1).clone();
         assert_eq!(raw, m.frame);
-        let a = m.frame_for(Form::Json, "t", &mut |_| built += 1).clone();
-        let b = m.frame_for(Form::Json, "t", &mut |_| built += 1).clone();
+        let a = m.frame_for(Form::Json, "t", &mut |_, _| built += 1).clone();
+        let b = m.frame_for(Form::Json, "t", &mut |_, _| built += 1).clone();
         assert_eq!(a.as_ptr(), b.as_ptr(), "one frame, shared");
-        let c = m.frame_for(Form::Binary, "t", &mut |_| built += 1).clone();
+        let c = m
+            .frame_for(Form::Binary, "t", &mut |_, _| built += 1)
+            .clone();
         assert_eq!(built, 2, "each envelope once, raw never");
         // The length without building, for every size and form.
         for n in [0, 1, 100, 125, 126, 65_535, 65_536, 70_000] {
@@ -688,7 +714,7 @@ mod tests {
                 m.seq = 12_345;
                 for form in [Form::Raw, Form::Json, Form::Binary] {
                     let predicted = m.frame_len(form, "prices.EURUSD");
-                    let built = m.frame_for(form, "prices.EURUSD", &mut |_| {}).len();
+                    let built = m.frame_for(form, "prices.EURUSD", &mut |_, _| {}).len();
                     assert_eq!(predicted, built, "{n} bytes, {op:?}, {form:?}");
                 }
             }

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 /// What one retained message costs besides its frame: its `Message`
 /// (with room for its envelopes' handles), the frame's allocation and
 /// shared count, its slot here.
-pub const ENTRY_OVERHEAD_BYTES: usize = 256;
+pub const ENTRY_OVERHEAD_BYTES: usize = 288;
 
 /// How much history each topic keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -384,6 +384,24 @@ impl History {
 mod tests {
     use super::*;
     use bytes::Bytes;
+
+    #[test]
+    fn an_entry_costs_at_least_its_message_and_handles() {
+        // The `Arc<Message>` allocation (two counts and the message, with
+        // its envelope and compressed-form cells), the frame's shared
+        // header, and this history's slot.
+        let message = 2 * std::mem::size_of::<usize>() + std::mem::size_of::<Message>();
+        assert!(
+            message + 32 + 16 <= ENTRY_OVERHEAD_BYTES,
+            "{message} B per message: raise ENTRY_OVERHEAD_BYTES"
+        );
+        // A mailbox's count: the same and the `Publication` in its batch.
+        let publication = std::mem::size_of::<crate::pubsub::bus::Publication>();
+        assert!(
+            message + 32 + publication <= crate::pubsub::bus::PUBLICATION_OVERHEAD_BYTES,
+            "raise PUBLICATION_OVERHEAD_BYTES"
+        );
+    }
 
     fn msg(seq: u64, len: usize, at: Instant) -> Arc<Message> {
         let mut m = Message::new(Bytes::from(vec![0u8; len]), at);

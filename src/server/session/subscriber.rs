@@ -45,7 +45,7 @@ pub(super) fn fit(
             break;
         }
         bytes += len;
-        let f = m.frame_for(form, name, &mut |_| shard.charge_built(id, m, form));
+        let f = m.frame_for(form, name, &mut |f, _| shard.charge_built(id, m, f));
         frames.push(f.clone());
     }
     *cap_left -= bytes;

@@ -352,7 +352,8 @@ impl<S> Core<S> {
             }
             let mut frames: Vec<Bytes> = Vec::with_capacity(w.newest.len() + 1);
             for p in &w.newest {
-                let mut on_built = |_: &Bytes| self.built.push((p.clone(), form));
+                let mut on_built =
+                    |f: crate::pubsub::envelope::Form, _: &Bytes| self.built.push((p.clone(), f));
                 frames.push(p.msg.frame_for(form, name, &mut on_built).clone());
             }
             let len: usize = frames.iter().map(Bytes::len).sum();

@@ -313,7 +313,7 @@ fn push_to<S>(
         let room = *small[form as usize].get_or_insert_with(|| {
             run.iter()
                 .map(|p| {
-                    let mut on_built = |_: &Bytes| built.push((p.clone(), form));
+                    let mut on_built = |f: Form, _: &Bytes| built.push((p.clone(), f));
                     p.msg.frame_for(form, topic, &mut on_built).len()
                 })
                 .filter(|&n| n < COPY_BELOW)
@@ -321,7 +321,7 @@ fn push_to<S>(
         });
         conn.session.out.reserve_tail(room);
         for (i, p) in run.iter().enumerate() {
-            let mut on_built = |_: &Bytes| built.push((p.clone(), form));
+            let mut on_built = |f: Form, _: &Bytes| built.push((p.clone(), f));
             let frame = p.msg.frame_for(form, topic, &mut on_built);
             match conn.session.push_published(frame, policy, cfg, over) {
                 Push::Queued => {
