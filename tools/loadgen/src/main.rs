@@ -37,6 +37,7 @@ mod fanout;
 mod fleet;
 mod hist;
 mod metrics;
+mod payload;
 mod plot;
 mod publish;
 mod report;

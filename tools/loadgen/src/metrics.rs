@@ -8,6 +8,9 @@ use std::time::Duration;
 
 /// The server's count of published frames queued to subscribers.
 pub const FRAMES_SENT: &str = "corecast_frames_sent_total";
+/// The server's count of bytes written to sockets (all traffic), counted
+/// where sends complete, on either backend.
+pub const BYTES_SENT: &str = "corecast_bytes_sent_total";
 /// How long one scrape may take.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest metrics page read.
@@ -68,13 +71,16 @@ pub fn fetch(url: &WsUrl) -> Result<String, String> {
     Ok(page.to_string())
 }
 
-/// `name` summed over every URL's page.
-pub fn scrape_sum(urls: &[WsUrl], name: &str) -> Result<f64, String> {
-    let mut total = 0.0;
+/// Each of `names` summed over every URL's page (one scrape per URL).
+pub fn scrape_sums(urls: &[WsUrl], names: &[&str]) -> Result<Vec<f64>, String> {
+    let mut totals = vec![0.0; names.len()];
     for u in urls {
-        total += sum_of(&fetch(u)?, name).ok_or_else(|| format!("{u}: no {name}"))?;
+        let page = fetch(u)?;
+        for (total, name) in totals.iter_mut().zip(names) {
+            *total += sum_of(&page, name).ok_or_else(|| format!("{u}: no {name}"))?;
+        }
     }
-    Ok(total)
+    Ok(totals)
 }
 
 #[cfg(test)]
@@ -103,7 +109,12 @@ mod tests {
         })
         .unwrap();
         let url = crate::url::parse_http(&format!("http://{}/metrics", srv.local_addr())).unwrap();
-        assert_eq!(scrape_sum(&[url], FRAMES_SENT), Ok(0.0));
+        let first = scrape_sums(std::slice::from_ref(&url), &[FRAMES_SENT, BYTES_SENT]).unwrap();
+        assert_eq!(first[0], 0.0);
+        // The first scrape's answer was written: the server counted its bytes.
+        let second = scrape_sums(&[url], &[FRAMES_SENT, BYTES_SENT]).unwrap();
+        assert_eq!(second[0], 0.0);
+        assert!(second[1] > first[1] + 100.0, "{first:?} {second:?}");
         srv.shutdown();
         srv.join();
     }

@@ -15,8 +15,8 @@
 use crate::cli::{FanoutPlan, PublishMode, Target};
 use crate::client::{NoSink, RequestTemplate, Rng, TOPIC_PLACEHOLDER};
 use crate::clock::mono_ns;
-use crate::fanout::{encode_payload_header, push_message};
 use crate::fleet::{Fleet, FleetConfig, Targets};
+use crate::payload::Payloads;
 use crate::topics::route;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
@@ -101,10 +101,11 @@ pub enum Publisher {
 impl Publisher {
     /// Opens the connections of `plan` (from source `src`).
     pub fn open(plan: &FanoutPlan, src: Option<SocketAddr>) -> Result<Self, String> {
+        let payloads = Payloads::of(plan.corpus.as_ref(), plan.size);
         if plan.publish.iter().all(|t| t.url.http) {
-            HttpPublishers::open(&plan.publish, src, plan.size).map(Self::Http)
+            HttpPublishers::open(&plan.publish, src, payloads).map(Self::Http)
         } else {
-            WsPublishers::open(&plan.publish, plan.topics, src, plan.size)
+            WsPublishers::open(&plan.publish, plan.topics, src, payloads)
                 .map(|p| Self::Ws(Box::new(p)))
         }
     }
@@ -116,7 +117,8 @@ impl Publisher {
         src: Option<SocketAddr>,
         size: usize,
     ) -> Result<Self, String> {
-        WsPublishers::open_by_topic(by_topic, src, size).map(|p| Self::Ws(Box::new(p)))
+        WsPublishers::open_by_topic(by_topic, src, Payloads::Synthetic { size })
+            .map(|p| Self::Ws(Box::new(p)))
     }
 
     /// Encodes and hands to the sockets what is due, until nothing more is
@@ -168,7 +170,7 @@ pub struct WsPublishers {
     fleet: Fleet,
     routes: Vec<Vec<usize>>,
     all: Vec<usize>,
-    size: usize,
+    payloads: Payloads,
     rng: Rng,
 }
 
@@ -220,7 +222,7 @@ impl WsPublishers {
         publish: &[Target],
         topics: usize,
         src: Option<SocketAddr>,
-        size: usize,
+        payloads: Payloads,
     ) -> Result<Self, String> {
         let mut fleet = Self::new_fleet()?;
         let mut rows = Vec::new();
@@ -243,7 +245,7 @@ impl WsPublishers {
             fleet,
             routes,
             all: rows.into_iter().flatten().collect(),
-            size,
+            payloads,
             rng: Rng::from_entropy(),
         })
     }
@@ -252,7 +254,7 @@ impl WsPublishers {
     fn open_by_topic(
         by_topic: &[Vec<Target>],
         src: Option<SocketAddr>,
-        size: usize,
+        payloads: Payloads,
     ) -> Result<Self, String> {
         let mut fleet = Self::new_fleet()?;
         let mut routes = Vec::with_capacity(by_topic.len());
@@ -270,7 +272,7 @@ impl WsPublishers {
             fleet,
             all: routes.iter().flatten().copied().collect(),
             routes,
-            size,
+            payloads,
             rng: Rng::from_entropy(),
         })
     }
@@ -296,7 +298,7 @@ impl WsPublishers {
                 for &t in &self.routes[topic % self.routes.len()] {
                     let mask = self.rng.mask();
                     let conn = self.fleet.conn_mut(t).expect("checked above");
-                    push_message(conn.outbox(), seq, ns, self.size, mask);
+                    self.payloads.push_frame(conn.outbox(), seq, ns, mask);
                 }
                 progressed = true;
             }
@@ -352,13 +354,17 @@ pub struct HttpPublishers {
     poll: Poll,
     events: Events,
     conns: Vec<HttpConn>,
-    size: usize,
+    payloads: Payloads,
     /// Requests answered 204.
     pub answered: u64,
 }
 
 impl HttpPublishers {
-    fn open(publish: &[Target], src: Option<SocketAddr>, size: usize) -> Result<Self, String> {
+    fn open(
+        publish: &[Target],
+        src: Option<SocketAddr>,
+        payloads: Payloads,
+    ) -> Result<Self, String> {
         let poll = Poll::new().map_err(|e| format!("cannot create the poller: {e}"))?;
         let mut conns = Vec::new();
         for (i, t) in publish.iter().enumerate() {
@@ -401,7 +407,7 @@ impl HttpPublishers {
             poll,
             events: Events::with_capacity(64),
             conns,
-            size,
+            payloads,
             answered: 0,
         };
         let deadline = Instant::now() + OPEN_TIMEOUT;
@@ -414,21 +420,23 @@ impl HttpPublishers {
         Ok(p)
     }
 
-    fn request(c: &mut HttpConn, topic: usize, seq: u64, ns: u64, size: usize) {
+    fn request(c: &mut HttpConn, topic: usize, seq: u64, ns: u64, payloads: &Payloads) {
         let target = c
             .url
             .url
             .target
             .replace(TOPIC_PLACEHOLDER, &topic.to_string());
+        let mut body = Vec::new();
+        payloads.push_body(&mut body, seq, ns);
         let head = format!(
-            "POST {target} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/octet-stream\r\n\
-             Content-Length: {size}\r\n\r\n",
-            c.url.url.host_header()
+            "POST {target} HTTP/1.1\r\nHost: {}\r\nContent-Type: {}\r\n\
+             Content-Length: {}\r\n\r\n",
+            c.url.url.host_header(),
+            payloads.content_type(),
+            body.len()
         );
         c.out.extend_from_slice(head.as_bytes());
-        let start = c.out.len();
-        c.out.extend_from_slice(&encode_payload_header(seq, ns));
-        c.out.resize(start + size, 0);
+        c.out.extend_from_slice(&body);
         c.in_flight += 1;
     }
 
@@ -445,7 +453,7 @@ impl HttpPublishers {
                 break;
             };
             for c in &mut self.conns {
-                Self::request(c, topic, seq, ns, self.size);
+                Self::request(c, topic, seq, ns, &self.payloads);
             }
         }
         for c in &mut self.conns {

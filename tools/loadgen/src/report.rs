@@ -31,7 +31,11 @@ pub struct Totals {
     pub out_of_order: u64,
     pub duplicates: u64,
     pub malformed: u64,
-    pub not_binary: u64,
+    pub wrong_opcode: u64,
+    pub payload_bytes: u64,
+    pub verified: u64,
+    pub deflate_agreed: u64,
+    pub compressed_received: u64,
     pub with_loss: u64,
     pub with_reorder: u64,
     pub complete: u64,
@@ -97,7 +101,11 @@ impl Totals {
             t.out_of_order += r.out_of_order;
             t.duplicates += r.duplicates;
             t.malformed += r.malformed;
-            t.not_binary += r.not_binary;
+            t.wrong_opcode += r.wrong_opcode;
+            t.payload_bytes += r.payload_bytes;
+            t.verified += r.verified;
+            t.deflate_agreed += r.deflate_agreed;
+            t.compressed_received += r.compressed_received;
             t.with_loss += r.with_loss;
             t.with_reorder += r.with_reorder;
             t.complete += r.complete;

@@ -83,7 +83,10 @@ fn run(shard: usize, plan: &Plan, link: &mut dyn Link) -> Result<(), String> {
             .iter()
             .map(|t| {
                 let offer = c.subprotocol.as_deref();
-                (t.dst, RequestTemplate::offering(&t.url, offer))
+                (
+                    t.dst,
+                    RequestTemplate::offering(&t.url, offer, c.permessage_deflate),
+                )
             })
             .collect(),
         sources: c.sources.clone(),
@@ -159,6 +162,8 @@ fn run(shard: usize, plan: &Plan, link: &mut dyn Link) -> Result<(), String> {
     report.pongs_received = k.pongs_received;
     report.messages_received = k.messages_received;
     report.fragments_received = k.fragments_received;
+    report.deflate_agreed = k.deflate_agreed;
+    report.compressed_received = k.compressed_received;
     link.send(&ToParent::Done(Box::new(report.clone())));
 
     match wait_for_parent(&mut fleet, link)? {

@@ -97,7 +97,23 @@ pub struct ShardReport {
     pub out_of_order: u64,
     pub duplicates: u64,
     pub malformed: u64,
-    pub not_binary: u64,
+    /// Data frames of another opcode than the payloads' (binary, or text
+    /// for a corpus).
+    pub wrong_opcode: u64,
+    /// Fanout: payload bytes of the data frames received, as they came
+    /// (compressed ones compressed).
+    #[serde(default)]
+    pub payload_bytes: u64,
+    /// Fanout: subscribers that decoded and checked what they received
+    /// (`--verify-every`); the others of `tracked` counted frames.
+    #[serde(default)]
+    pub verified: u64,
+    /// Connections that agreed to permessage-deflate.
+    #[serde(default)]
+    pub deflate_agreed: u64,
+    /// Data messages received compressed.
+    #[serde(default)]
+    pub compressed_received: u64,
     /// Subscribers (echo: connections) with at least one lost message.
     pub with_loss: u64,
     /// Subscribers (echo: connections) with at least one late message.

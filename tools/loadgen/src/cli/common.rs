@@ -163,6 +163,7 @@ impl CommonArgs {
                     resume: !self.no_tls_resume,
                 },
                 subprotocol: self.subprotocol.clone(),
+                permessage_deflate: false,
             },
             work,
             server_pids: self.server_pid.clone(),

@@ -37,6 +37,24 @@ pub struct FanoutCmd {
     #[arg(long, default_value_t = 64, value_name = "BYTES")]
     pub size: usize,
 
+    /// Publish text messages from FILE instead: one JSON object per line,
+    /// used round-robin, each with the sequence number and send time put
+    /// in front of its fields (e.g. tools/loadgen/corpus/quotes-1k.jsonl).
+    #[arg(long, value_name = "FILE", conflicts_with = "size")]
+    pub corpus: Option<std::path::PathBuf>,
+
+    /// Offer permessage-deflate (RFC 7692) in the subscribers' upgrades and
+    /// accept compressed frames; the report says how many agreed.
+    #[arg(long)]
+    pub permessage_deflate: bool,
+
+    /// Only subscribers whose index is a multiple of N decode (and inflate)
+    /// what they receive and check it (loss, order, content, latency); the
+    /// others count frames and bytes, so the client's inflating does not
+    /// decide the figures. 1: every subscriber checks.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub verify_every: usize,
+
     /// Topics: subscriber and publish URLs carry `{topic}`, replaced by
     /// 0..T; messages go to the topics round-robin.
     #[arg(long, default_value_t = 1, value_name = "T")]
@@ -58,6 +76,14 @@ pub struct FanoutCmd {
 }
 
 impl FanoutCmd {
+    /// The plan: the common flags', with the fanout work and the
+    /// subscribers' permessage-deflate offer.
+    pub(super) fn plan(&self, limits: super::Limits) -> Result<super::Plan, String> {
+        let mut plan = self.common.plan(self.work()?, limits)?;
+        plan.connect.permessage_deflate = self.permessage_deflate;
+        Ok(plan)
+    }
+
     pub(super) fn work(&self) -> Result<Work, String> {
         let mode = match (self.messages, self.rate, self.duration) {
             (Some(k), None, None) => {
@@ -112,14 +138,30 @@ impl FanoutCmd {
         if self.publish_url.iter().any(|u| u.http) && self.publish_url.iter().any(|u| !u.http) {
             return Err("--publish-url: all ws:// or all http://, not both".into());
         }
+        if self.verify_every == 0 {
+            return Err("--verify-every must be at least 1".into());
+        }
+        let corpus = self
+            .corpus
+            .as_deref()
+            .map(crate::payload::Corpus::load)
+            .transpose()?;
+        if corpus.is_some() && self.common.subprotocol.is_some() {
+            return Err("--corpus: raw text payloads only, without --subprotocol".into());
+        }
         Ok(Work::Fanout(FanoutPlan {
             publish: resolve(&self.publish_url)?,
             mode,
-            size: size(self.size)?,
+            size: match &corpus {
+                Some(c) => c.mean_len(),
+                None => size(self.size)?,
+            },
             topics: self.topics,
             topic_dist: self.topic_dist,
             drain_timeout: secs("drain-timeout", self.drain_timeout, 1)?,
             metrics: self.metrics_url.clone(),
+            corpus,
+            verify_every: self.verify_every,
         }))
     }
 }

@@ -108,7 +108,7 @@ impl Command {
             Self::Connect(c) => c.common.plan(Work::Connect, limits),
             Self::Hold(c) => secs("duration", c.duration, 0)
                 .and_then(|duration| c.common.plan(Work::Hold { duration }, limits)),
-            Self::Fanout(c) => c.work().and_then(|w| c.common.plan(w, limits)),
+            Self::Fanout(c) => c.plan(limits),
             Self::Echo(c) => c.work().and_then(|w| c.common.plan(w, limits)),
             Self::Storm(c) => c.plan(limits),
             Self::Conflation(c) => c.plan(limits),

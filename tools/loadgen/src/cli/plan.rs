@@ -61,6 +61,10 @@ pub struct ConnectPlan {
     /// Offered in every upgrade request.
     #[serde(default)]
     pub subprotocol: Option<String>,
+    /// Offer permessage-deflate (RFC 7692) in every upgrade request
+    /// (fanout's subscribers, `--permessage-deflate`).
+    #[serde(default)]
+    pub permessage_deflate: bool,
 }
 
 impl ConnectPlan {
@@ -88,6 +92,18 @@ pub struct FanoutPlan {
     pub topic_dist: TopicDist,
     pub drain_timeout: Duration,
     pub metrics: Vec<WsUrl>,
+    /// `--corpus`: text payloads, the lines of this file (`None`: the
+    /// synthetic binary payload of `size` bytes).
+    #[serde(default)]
+    pub corpus: Option<crate::payload::Corpus>,
+    /// Subscribers that decode (inflate) and check what they receive: run
+    /// index a multiple of this (1: every one); the others count frames.
+    #[serde(default = "every_one")]
+    pub verify_every: usize,
+}
+
+fn every_one() -> usize {
+    1
 }
 
 /// How `storm` drops a subscriber's connection.

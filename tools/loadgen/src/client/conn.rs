@@ -3,8 +3,8 @@
 //! read and pings and closes answered with masked frames; the bytes it
 //! owes the socket queued and flushed.
 
-use super::frames::FrameReader;
-use super::handshake::check_response;
+use super::frames::{FrameReader, MAX_FRAME_PAYLOAD};
+use super::handshake::{RequestTemplate, check_response};
 use super::{End, Failure, Rng};
 use corecast::proto::OpCode;
 use corecast::proto::frame::client_frame;
@@ -55,6 +55,10 @@ pub struct Counters {
     /// Data frames with FIN clear, or continuations (a scenario that expects
     /// one frame per message sees them only through this counter).
     pub fragments_received: u64,
+    /// Connections that agreed to permessage-deflate.
+    pub deflate_agreed: u64,
+    /// Unfragmented data messages received compressed (RSV1).
+    pub compressed_received: u64,
 }
 
 /// Receives every unfragmented data message of an open connection.
@@ -62,6 +66,31 @@ pub trait Sink {
     /// `conn` is the connection's token, `at` when the read that completed
     /// the message returned.
     fn message(&mut self, conn: usize, opcode: OpCode, payload: &[u8], at: Instant);
+
+    /// A compressed message (permessage-deflate agreed, RSV1 set):
+    /// `deflated` is its deflate data without the 4-byte tail. By default
+    /// inflated and handed to [`Sink::message`]; a sink that looks at only
+    /// some messages may count the rest without inflating them. `Err` ends
+    /// the connection as a protocol error.
+    fn compressed(
+        &mut self,
+        conn: usize,
+        opcode: OpCode,
+        deflated: &[u8],
+        at: Instant,
+    ) -> Result<(), &'static str> {
+        let mut payload = Vec::new();
+        inflate(deflated, &mut payload)?;
+        self.message(conn, opcode, &payload, at);
+        Ok(())
+    }
+}
+
+/// Inflates one compressed message into `out` (as large as a frame may
+/// be); `Err` names the protocol error.
+pub fn inflate(deflated: &[u8], out: &mut Vec<u8>) -> Result<(), &'static str> {
+    corecast::proto::deflate::inflate(deflated, MAX_FRAME_PAYLOAD as usize, out)
+        .map_err(|_| "bad_deflate_data")
 }
 
 /// A [`Sink`] that ignores messages (they are still counted in [`Counters`]).
@@ -96,21 +125,28 @@ pub struct Conn {
     pub starved: bool,
     /// `wss://`: the TLS session the socket's bytes go through.
     tls: Option<Box<rustls::ClientConnection>>,
+    /// The request offered permessage-deflate.
+    deflate_offered: bool,
+    /// permessage-deflate was agreed: data messages may come compressed.
+    deflate: bool,
 }
 
 impl Conn {
     /// Starts a non-blocking connect to `dst`, bound first to `src` (port 0,
     /// with `IP_BIND_ADDRESS_NO_PORT` so the port is chosen at connect time
-    /// per destination rather than reserved at bind time).
-    /// With `tls_host`, the connection speaks TLS to that host name.
+    /// per destination rather than reserved at bind time), to send
+    /// `template`'s request with `key` (and `topic`). A `wss://` template's
+    /// connection speaks TLS to its host name.
     pub fn connect(
         src: Option<SocketAddr>,
         dst: SocketAddr,
         key: [u8; 24],
-        request: Vec<u8>,
-        tls_host: Option<&str>,
+        template: &RequestTemplate,
+        topic: Option<usize>,
     ) -> io::Result<Self> {
-        let tls = tls_host
+        let request = template.render(&key, topic);
+        let tls = template
+            .tls_host()
             .map(|h| super::tls::session(h).map(Box::new))
             .transpose()?;
         let sock = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
@@ -140,6 +176,8 @@ impl Conn {
             allowance: None,
             starved: false,
             tls,
+            deflate_offered: template.offers_deflate(),
+            deflate: false,
         })
     }
 
@@ -224,13 +262,15 @@ impl Conn {
             let mut data = &scratch[..n];
             if self.phase == Phase::Handshaking {
                 self.head.extend_from_slice(data);
-                match check_response(&self.head, &self.key) {
+                match check_response(&self.head, &self.key, self.deflate_offered) {
                     Ok(None) => continue,
-                    Ok(Some(len)) => {
-                        self.frames.push(&self.head[len..]);
+                    Ok(Some(opened)) => {
+                        self.frames.push(&self.head[opened.len..]);
                         self.head = Vec::new();
                         self.phase = Phase::Open;
                         self.opened_at = Some(at);
+                        self.deflate = opened.deflate;
+                        counters.deflate_agreed += u64::from(opened.deflate);
                         data = &[];
                     }
                     Err(f) => return Step::Failed(f),
@@ -271,6 +311,13 @@ impl Conn {
                 Ok(None) => return None,
                 Err(why) => return Some(End::Protocol(why)),
             };
+            // RSV1 only on the first frame of a data message, and only
+            // once permessage-deflate was agreed (RFC 7692 §6).
+            if frame.rsv1
+                && !(self.deflate && matches!(frame.opcode, OpCode::Text | OpCode::Binary))
+            {
+                return Some(End::Protocol("unexpected_rsv1"));
+            }
             match frame.opcode {
                 OpCode::Ping => {
                     // Pings during our close are not answered (§5.5.2 allows it).
@@ -306,6 +353,13 @@ impl Conn {
                         // The answer to our close: the server closes TCP next.
                         Phase::Closing => {}
                         _ => return Some(End::Protocol("second_close")),
+                    }
+                }
+                OpCode::Text | OpCode::Binary if frame.fin && frame.rsv1 => {
+                    counters.messages_received += 1;
+                    counters.compressed_received += 1;
+                    if let Err(why) = sink.compressed(token, frame.opcode, frame.payload, at) {
+                        return Some(End::Protocol(why));
                     }
                 }
                 OpCode::Text | OpCode::Binary if frame.fin => {

@@ -11,6 +11,8 @@ pub const MAX_FRAME_PAYLOAD: u64 = 1 << 20;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame<'a> {
     pub fin: bool,
+    /// RSV1: compressed, when permessage-deflate was agreed.
+    pub rsv1: bool,
     pub opcode: OpCode,
     pub payload: &'a [u8],
 }
@@ -65,6 +67,7 @@ impl FrameReader {
         self.pos += end;
         Ok(Some(Frame {
             fin: h.fin,
+            rsv1: h.rsv1,
             opcode: h.opcode,
             payload,
         }))
@@ -87,8 +90,17 @@ mod tests {
         let f = r.next_frame().unwrap().unwrap();
         assert_eq!((f.opcode, f.payload), (OpCode::Ping, &b"hi"[..]));
         let f = r.next_frame().unwrap().unwrap();
-        assert_eq!((f.opcode, f.fin), (OpCode::Text, true));
+        assert_eq!((f.opcode, f.fin, f.rsv1), (OpCode::Text, true, false));
         assert_eq!(r.next_frame(), Ok(None));
+        r.push(&corecast::proto::frame::compressed_server_frame(
+            OpCode::Text,
+            b"\x02\x00",
+        ));
+        let f = r.next_frame().unwrap().unwrap();
+        assert_eq!(
+            (f.opcode, f.rsv1, f.payload),
+            (OpCode::Text, true, &b"\x02\x00"[..])
+        );
         r.push(&client_frame(true, OpCode::Text, b"x", [1, 2, 3, 4]));
         assert_eq!(r.next_frame(), Err("masked_server_frame"));
     }

@@ -16,6 +16,11 @@ pub fn set_offered(subprotocol: Option<&str>) {
     *OFFERED.lock().unwrap_or_else(|p| p.into_inner()) = subprotocol.map(str::to_owned);
 }
 
+/// What the subscribers offer: the extension alone, no parameter. The
+/// inflater is reset per message, so an answer must include
+/// `server_no_context_takeover` (corecast's always does).
+const DEFLATE_OFFER: &str = "Sec-WebSocket-Extensions: permessage-deflate\r\n";
+
 /// Largest response head accepted from the server.
 pub const MAX_RESPONSE_HEAD: usize = 8 * 1024;
 
@@ -32,18 +37,24 @@ pub struct RequestTemplate {
     mid: Option<Vec<u8>>,
     /// `wss://`: the host name TLS verifies the certificate against.
     tls_host: Option<String>,
+    /// The request offers permessage-deflate.
+    deflate: bool,
 }
 
 impl RequestTemplate {
     pub fn new(url: &WsUrl) -> Self {
-        Self::offering(url, None)
+        Self::offering(url, None, false)
     }
 
-    /// [`Self::new`], offering `subprotocol` (`Sec-WebSocket-Protocol`).
-    pub fn offering(url: &WsUrl, subprotocol: Option<&str>) -> Self {
-        let offer = subprotocol
+    /// [`Self::new`], offering `subprotocol` (`Sec-WebSocket-Protocol`)
+    /// and, with `deflate`, permessage-deflate.
+    pub fn offering(url: &WsUrl, subprotocol: Option<&str>, deflate: bool) -> Self {
+        let mut offer = subprotocol
             .map(|p| format!("Sec-WebSocket-Protocol: {p}\r\n"))
             .unwrap_or_default();
+        if deflate {
+            offer.push_str(DEFLATE_OFFER);
+        }
         let rest = format!(
             " HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              {offer}Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: ",
@@ -54,13 +65,21 @@ impl RequestTemplate {
                 head: format!("GET {before}").into_bytes(),
                 mid: Some(format!("{after}{rest}").into_bytes()),
                 tls_host: url.tls.then(|| url.host.clone()),
+                deflate,
             },
             None => Self {
                 head: format!("GET {}{rest}", url.target).into_bytes(),
                 mid: None,
                 tls_host: url.tls.then(|| url.host.clone()),
+                deflate,
             },
         }
+    }
+
+    /// Whether the request offers permessage-deflate: only then may the
+    /// answer carry `Sec-WebSocket-Extensions`.
+    pub fn offers_deflate(&self) -> bool {
+        self.deflate
     }
 
     /// `wss://`: the host TLS verifies (`None` for `ws://`).
@@ -83,10 +102,23 @@ impl RequestTemplate {
     }
 }
 
-/// Checks the server's response head in `buf` against the key we sent.
-/// `Ok(None)`: incomplete. `Ok(Some(n))`: a valid 101 of `n` bytes (frames
-/// may follow it in `buf`).
-pub fn check_response(buf: &[u8], key: &[u8; 24]) -> Result<Option<usize>, Failure> {
+/// A verified 101.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opened {
+    /// Bytes of the response head (frames may follow it).
+    pub len: usize,
+    /// permessage-deflate was agreed: data frames may have RSV1 set.
+    pub deflate: bool,
+}
+
+/// Checks the server's response head in `buf` against the key we sent
+/// (and whether we offered permessage-deflate). `Ok(None)`: incomplete.
+/// `Ok(Some(_))`: a valid 101 (frames may follow it in `buf`).
+pub fn check_response(
+    buf: &[u8],
+    key: &[u8; 24],
+    deflate_offered: bool,
+) -> Result<Option<Opened>, Failure> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut resp = httparse::Response::new(&mut headers);
     let n = match resp.parse(buf) {
@@ -122,11 +154,17 @@ pub fn check_response(buf: &[u8], key: &[u8; 24]) -> Result<Option<usize>, Failu
     if !has_token("connection", "upgrade") {
         return Err(Failure::BadResponse("no_connection_upgrade"));
     }
-    // We offered no extensions, and at most the one subprotocol
+    // At most the extension we offered, and the one subprotocol
     // (RFC 6455 §4.1).
-    if values("sec-websocket-extensions").next().is_some() {
-        return Err(Failure::BadResponse("unrequested_extension"));
-    }
+    let mut extensions = values("sec-websocket-extensions").peekable();
+    let deflate = match (extensions.peek().is_some(), deflate_offered) {
+        (false, _) => false,
+        (true, false) => return Err(Failure::BadResponse("unrequested_extension")),
+        (true, true) => {
+            check_deflate_answer(extensions)?;
+            true
+        }
+    };
     let offered = OFFERED.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let mut chosen = values("sec-websocket-protocol");
     match (chosen.next(), chosen.next(), offered) {
@@ -136,9 +174,56 @@ pub fn check_response(buf: &[u8], key: &[u8; 24]) -> Result<Option<usize>, Failu
     }
     let mut accepts = values("sec-websocket-accept");
     match (accepts.next(), accepts.next()) {
-        (Some(v), None) if v.trim_ascii() == accept_key(key) => Ok(Some(n)),
+        (Some(v), None) if v.trim_ascii() == accept_key(key) => {
+            Ok(Some(Opened { len: n, deflate }))
+        }
         _ => Err(Failure::BadAccept),
     }
+}
+
+/// The answer to our bare `permessage-deflate` offer (RFC 7692 §7.1):
+/// that extension once, with `server_no_context_takeover` (we inflate each
+/// message as a fresh stream), optionally `client_no_context_takeover` and
+/// `server_max_window_bits=8..15`; nothing else (we offered no
+/// `client_max_window_bits`).
+fn check_deflate_answer<'a>(values: impl Iterator<Item = &'a [u8]>) -> Result<(), Failure> {
+    let bad = Failure::BadResponse("bad_extension_answer");
+    let mut answers = values.flat_map(|v| v.split(|&b| b == b','));
+    let (Some(answer), None) = (answers.next(), answers.next()) else {
+        return Err(bad);
+    };
+    let mut parts = answer.split(|&b| b == b';').map(<[u8]>::trim_ascii);
+    if parts.next() != Some(b"permessage-deflate".as_slice()) {
+        return Err(bad);
+    }
+    let mut seen = [false; 3];
+    for param in parts {
+        let (name, value) = match param.iter().position(|&b| b == b'=') {
+            Some(i) => (param[..i].trim_ascii(), Some(param[i + 1..].trim_ascii())),
+            None => (param, None),
+        };
+        let i = match (name, value) {
+            (b"server_no_context_takeover", None) => 0,
+            (b"client_no_context_takeover", None) => 1,
+            (b"server_max_window_bits", Some(v))
+                if std::str::from_utf8(v.trim_ascii_start().strip_prefix(b"\"").unwrap_or(v))
+                    .ok()
+                    .map(|v| v.trim_end_matches('"'))
+                    .and_then(|v| v.parse::<u8>().ok())
+                    .is_some_and(|b| (8..=15).contains(&b)) =>
+            {
+                2
+            }
+            _ => return Err(bad),
+        };
+        if std::mem::replace(&mut seen[i], true) {
+            return Err(bad);
+        }
+    }
+    if !seen[0] {
+        return Err(Failure::BadResponse("deflate_context_takeover"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -151,6 +236,71 @@ mod tests {
     const OK: &str = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
         Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
 
+    fn opened(len: usize) -> Opened {
+        Opened {
+            len,
+            deflate: false,
+        }
+    }
+
+    #[test]
+    fn permessage_deflate_is_agreed_only_as_offered_and_without_context() {
+        let with = |e: &str| {
+            OK.replace(
+                "\r\n\r\n",
+                &format!("\r\nSec-WebSocket-Extensions: {e}\r\n\r\n"),
+            )
+        };
+        let corecast =
+            with("permessage-deflate; server_no_context_takeover; client_no_context_takeover");
+        assert_eq!(
+            check_response(corecast.as_bytes(), KEY, false),
+            Err(Failure::BadResponse("unrequested_extension"))
+        );
+        let agreed = check_response(corecast.as_bytes(), KEY, true)
+            .unwrap()
+            .unwrap();
+        assert_eq!((agreed.len, agreed.deflate), (corecast.len(), true));
+        assert_eq!(
+            check_response(OK.as_bytes(), KEY, true),
+            Ok(Some(opened(OK.len())))
+        );
+        for ok in [
+            "permessage-deflate;server_no_context_takeover",
+            "permessage-deflate; server_no_context_takeover; server_max_window_bits=10",
+            "permessage-deflate; server_max_window_bits=\"15\"; server_no_context_takeover",
+        ] {
+            assert!(
+                check_response(with(ok).as_bytes(), KEY, true).is_ok(),
+                "{ok}"
+            );
+        }
+        assert_eq!(
+            check_response(with("permessage-deflate").as_bytes(), KEY, true),
+            Err(Failure::BadResponse("deflate_context_takeover"))
+        );
+        for bad in [
+            "permessage-deflate; server_no_context_takeover; client_max_window_bits=10",
+            "permessage-deflate; server_no_context_takeover; server_max_window_bits=16",
+            "permessage-deflate; server_no_context_takeover; server_no_context_takeover",
+            "permessage-deflate; server_no_context_takeover, permessage-deflate",
+            "x-webkit-deflate-frame",
+        ] {
+            assert_eq!(
+                check_response(with(bad).as_bytes(), KEY, true),
+                Err(Failure::BadResponse("bad_extension_answer")),
+                "{bad}"
+            );
+        }
+        let s = RequestTemplate::offering(&crate::url::parse("ws://h:1/ws").unwrap(), None, true)
+            .render(KEY, None);
+        assert!(
+            String::from_utf8(s)
+                .unwrap()
+                .contains("\r\nSec-WebSocket-Extensions: permessage-deflate\r\n")
+        );
+    }
+
     #[test]
     fn a_chosen_subprotocol_must_be_the_offered_one() {
         let with = |p: &str| {
@@ -161,14 +311,17 @@ mod tests {
         };
         set_offered(Some("corecast.v1.binary"));
         let ok = with("corecast.v1.binary");
-        assert_eq!(check_response(ok.as_bytes(), KEY), Ok(Some(ok.len())));
         assert_eq!(
-            check_response(with("chat").as_bytes(), KEY),
+            check_response(ok.as_bytes(), KEY, false),
+            Ok(Some(opened(ok.len())))
+        );
+        assert_eq!(
+            check_response(with("chat").as_bytes(), KEY, false),
             Err(Failure::BadResponse("unrequested_subprotocol"))
         );
         set_offered(None);
         assert_eq!(
-            check_response(ok.as_bytes(), KEY),
+            check_response(ok.as_bytes(), KEY, false),
             Err(Failure::BadResponse("unrequested_subprotocol"))
         );
     }
@@ -176,11 +329,15 @@ mod tests {
     #[test]
     fn accepts_a_valid_101_and_finds_its_end() {
         let mut buf = OK.as_bytes().to_vec();
-        assert_eq!(check_response(&buf, KEY), Ok(Some(OK.len())));
+        assert_eq!(check_response(&buf, KEY, false), Ok(Some(opened(OK.len()))));
         buf.extend_from_slice(&server_frame(OpCode::Ping, b"x"));
-        assert_eq!(check_response(&buf, KEY), Ok(Some(OK.len())));
+        assert_eq!(check_response(&buf, KEY, false), Ok(Some(opened(OK.len()))));
         for cut in 0..OK.len() {
-            assert_eq!(check_response(&buf[..cut], KEY), Ok(None), "cut {cut}");
+            assert_eq!(
+                check_response(&buf[..cut], KEY, false),
+                Ok(None),
+                "cut {cut}"
+            );
         }
     }
 
@@ -188,7 +345,7 @@ mod tests {
     fn classifies_bad_responses() {
         let refused = "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n";
         assert_eq!(
-            check_response(refused.as_bytes(), KEY),
+            check_response(refused.as_bytes(), KEY, false),
             Err(Failure::Status(503))
         );
         let wrong = OK.replace(
@@ -196,33 +353,33 @@ mod tests {
             "AAAAAAAAAAAAAAAAAAAAAAAAAAA=",
         );
         assert_eq!(
-            check_response(wrong.as_bytes(), KEY),
+            check_response(wrong.as_bytes(), KEY, false),
             Err(Failure::BadAccept)
         );
         let missing = OK.replace("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n", "");
         assert_eq!(
-            check_response(missing.as_bytes(), KEY),
+            check_response(missing.as_bytes(), KEY, false),
             Err(Failure::BadAccept)
         );
         let no_upgrade = OK.replace("Upgrade: websocket\r\n", "");
         assert!(matches!(
-            check_response(no_upgrade.as_bytes(), KEY),
+            check_response(no_upgrade.as_bytes(), KEY, false),
             Err(Failure::BadResponse(_))
         ));
         assert!(matches!(
-            check_response(b"garbage\r\n\r\n", KEY),
+            check_response(b"garbage\r\n\r\n", KEY, false),
             Err(Failure::BadResponse(_))
         ));
         let huge = vec![b'x'; MAX_RESPONSE_HEAD + 1];
         assert_eq!(
-            check_response(b"HTTP/1.1 101 OK\r\nX: ", KEY),
+            check_response(b"HTTP/1.1 101 OK\r\nX: ", KEY, false),
             Ok(None),
             "partial"
         );
         let mut long = b"HTTP/1.1 101 OK\r\nX: ".to_vec();
         long.extend_from_slice(&huge);
         assert!(matches!(
-            check_response(&long, KEY),
+            check_response(&long, KEY, false),
             Err(Failure::BadResponse("head_too_large"))
         ));
     }

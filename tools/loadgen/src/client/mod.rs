@@ -22,7 +22,7 @@ mod frames;
 mod handshake;
 pub mod tls;
 
-pub use conn::{Conn, Counters, NoSink, Sink, Step};
+pub use conn::{Conn, Counters, NoSink, Sink, Step, inflate};
 pub use frames::MAX_FRAME_PAYLOAD;
 pub use handshake::{RequestTemplate, TOPIC_PLACEHOLDER, set_offered};
 

@@ -237,13 +237,7 @@ impl Fleet {
     ) -> io::Result<Option<usize>> {
         let t = self.conns.len();
         let key = self.rng.ws_key();
-        match Conn::connect(
-            src,
-            dst,
-            key,
-            request.render(&key, topic),
-            request.tls_host(),
-        ) {
+        match Conn::connect(src, dst, key, request, topic) {
             Ok(c) => self.add(t, c)?,
             Err(e) => {
                 self.conns.push(None);
@@ -283,13 +277,7 @@ impl Fleet {
         let key = self.rng.ws_key();
         let dst = self.cfg.targets.dst(g).0;
         let src = self.cfg.targets.src(g);
-        match Conn::connect(
-            src,
-            dst,
-            key,
-            request.render(&key, None),
-            request.tls_host(),
-        ) {
+        match Conn::connect(src, dst, key, request, None) {
             Ok(c) => {
                 self.add(t, c)?;
                 Ok(Some(t))

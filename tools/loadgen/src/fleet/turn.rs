@@ -16,8 +16,7 @@ impl Fleet {
         let targets = &self.cfg.targets;
         let (dst, template) = targets.dst(g);
         let key = self.rng.ws_key();
-        let request = template.render(&key, targets.topic(g));
-        match Conn::connect(targets.src(g), *dst, key, request, template.tls_host()) {
+        match Conn::connect(targets.src(g), *dst, key, template, targets.topic(g)) {
             Ok(c) => self.add(t, c)?,
             Err(e) => {
                 self.conns.push(None);

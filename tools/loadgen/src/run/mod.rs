@@ -64,7 +64,8 @@ struct Published {
     problem: Option<String>,
     connections: usize,
     first: Option<Instant>,
-    frames_sent_before: Option<f64>,
+    /// The server's frames and bytes sent when publishing started.
+    server_sent_before: Option<[f64; 2]>,
     metrics_problem: Option<String>,
 }
 
@@ -90,6 +91,9 @@ struct Phase {
     /// Frames the server counted sent during the phase (fanout with
     /// `--metrics-url`).
     frames_sent: Option<f64>,
+    /// Bytes the server counted written to sockets during the phase (all
+    /// traffic: the frames, and whatever else it sent meanwhile).
+    bytes_sent: Option<f64>,
 }
 
 /// What is left once the shards are gone.
@@ -214,12 +218,15 @@ fn measured_phase(plan: &Plan, coord: &mut Coordinator, anchor: &Anchor) -> Resu
     let parent_cpu_s = sys::thread_cpu_s() - parent_cpu0;
     let machine1 = sys::machine_cpu_ticks().ok();
     let end = Snapshot::take(&plan.server_pids);
-    let mut frames_sent = None;
+    let (mut frames_sent, mut bytes_sent) = (None, None);
     if let (Work::Fanout(f), Some(p)) = (&plan.work, published.as_mut())
         && !f.metrics.is_empty()
     {
-        match metrics::scrape_sum(&f.metrics, metrics::FRAMES_SENT) {
-            Ok(v) => frames_sent = p.frames_sent_before.map(|b| v - b),
+        match scrape_sent(&f.metrics) {
+            Ok([frames, bytes]) => {
+                frames_sent = p.server_sent_before.map(|b| frames - b[0]);
+                bytes_sent = p.server_sent_before.map(|b| bytes - b[1]);
+            }
             Err(e) => p.metrics_problem = Some(e),
         }
     }
@@ -236,7 +243,14 @@ fn measured_phase(plan: &Plan, coord: &mut Coordinator, anchor: &Anchor) -> Resu
         end,
         published,
         frames_sent,
+        bytes_sent,
     })
+}
+
+/// The server's frames and bytes sent so far.
+fn scrape_sent(urls: &[crate::url::WsUrl]) -> Result<[f64; 2], String> {
+    let v = metrics::scrape_sums(urls, &[metrics::FRAMES_SENT, metrics::BYTES_SENT])?;
+    Ok([v[0], v[1]])
 }
 
 /// Has the shards close their connections, waits for them, and reaps them.
@@ -278,8 +292,8 @@ fn publish(
         ..Default::default()
     };
     if !f.metrics.is_empty() {
-        match metrics::scrape_sum(&f.metrics, metrics::FRAMES_SENT) {
-            Ok(v) => out.frames_sent_before = Some(v),
+        match scrape_sent(&f.metrics) {
+            Ok(v) => out.server_sent_before = Some(v),
             Err(e) => out.metrics_problem = Some(e),
         }
     }
@@ -558,6 +572,62 @@ mod tests {
         assert_eq!(v["publisher_connections"], 4);
         assert!(v["latency_us"]["p999"].as_f64().unwrap() > 0.0);
         assert!(v["delivered_fps"].as_f64().unwrap() > 0.0);
+        srv.shutdown();
+        srv.join();
+    }
+
+    #[test]
+    fn fanout_of_corpus_text_compressed_for_subscribers_that_offered_deflate() {
+        let srv = server();
+        let a = srv.local_addr();
+        let corpus = concat!(env!("CARGO_MANIFEST_DIR"), "/corpus/quotes-1k.jsonl");
+        let run = |extra: &str| {
+            run_threads(&args(&format!(
+                "fanout --url ws://{a}/ws?topics=q --publish-url ws://{a}/publish/q \
+                 --connections 40 --processes 2 --messages 30 --corpus {corpus} \
+                 --verify-every 4 --metrics-url http://{a}/metrics {extra}"
+            )))
+        };
+        let (ok, plain) = run("");
+        assert!(ok, "{plain}");
+        let (ok, v) = run("--permessage-deflate");
+        assert!(ok, "{v}");
+        for v in [&plain, &v] {
+            assert_eq!(v["frames_received"], 40 * 30);
+            assert_eq!(
+                (v["lost"].as_u64(), v["malformed"].as_u64()),
+                (Some(0), Some(0))
+            );
+            assert_eq!(v["not_text"], 0);
+            assert_eq!(v["subscribers_verified"], 10);
+            assert_eq!(v["latency_us"]["count"], 10 * 30);
+            assert!(v["size"].as_u64().unwrap() > 900, "{v}");
+        }
+        assert_eq!(plain["compressed_frames_received"], 0);
+        assert_eq!(
+            (
+                v["deflate_agreed"].as_u64(),
+                v["compressed_frames_received"].as_u64()
+            ),
+            (Some(40), Some(40 * 30))
+        );
+        // Compressed, the payload and the server's bytes shrink alike.
+        let per_frame =
+            |v: &Value, k: &str| v[k].as_f64().unwrap() / v["frames_received"].as_f64().unwrap();
+        let (b0, b1) = (
+            per_frame(&plain, "server_bytes_sent"),
+            per_frame(&v, "server_bytes_sent"),
+        );
+        assert!(b1 < 0.6 * b0, "{b1} vs {b0}");
+        assert!(
+            b0 >= per_frame(&plain, "payload_bytes_received"),
+            "headers too"
+        );
+        let (p0, p1) = (
+            per_frame(&plain, "payload_bytes_received"),
+            per_frame(&v, "payload_bytes_received"),
+        );
+        assert!(p1 < 0.6 * p0 && p0 > 900.0, "{p1} vs {p0}");
         srv.shutdown();
         srv.join();
     }

@@ -87,7 +87,7 @@ pub fn phase(
         .map(|t| {
             let mut url = t.url.clone();
             url.target = request::without_topics(&url.target);
-            RequestTemplate::offering(&url, connect.subprotocol.as_deref())
+            RequestTemplate::offering(&url, connect.subprotocol.as_deref(), false)
         })
         .collect();
     let reset = plan.drop_mode == DropMode::Reset;

@@ -32,7 +32,7 @@ pub(super) fn echo_figures<'t>(
             t.out_of_order,
             t.duplicates,
             t.malformed,
-            t.not_binary,
+            t.wrong_opcode,
             if t.drain_timed_out {
                 "; ended at the drain timeout"
             } else {
@@ -83,7 +83,7 @@ pub(super) fn echo_figures<'t>(
     s.put("out_of_order", json!(t.out_of_order));
     s.put("duplicates", json!(t.duplicates));
     s.put("malformed", json!(t.malformed));
-    s.put("not_binary", json!(t.not_binary));
+    s.put("not_binary", json!(t.wrong_opcode));
     s.put("connections_with_loss", json!(t.with_loss));
     s.put("connections_out_of_order", json!(t.with_reorder));
     s.put("drain_timed_out", json!(t.drain_timed_out));
@@ -92,7 +92,7 @@ pub(super) fn echo_figures<'t>(
             && t.out_of_order == 0
             && t.duplicates == 0
             && t.malformed == 0
-            && t.not_binary == 0,
+            && t.wrong_opcode == 0,
         plot: &t.latency,
         plot_title: format!("round trip, {} in flight per connection", e.window),
     }

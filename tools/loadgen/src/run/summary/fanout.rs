@@ -19,6 +19,8 @@ struct Delivery {
     loadgen_phase_cpu: f64,
     /// A loadgen event loop (or the publisher) was CPU-bound.
     bound: bool,
+    /// The subscribers offered permessage-deflate.
+    deflate_offered: bool,
 }
 
 /// `fanout`: what was published, what arrived and how fast, against the
@@ -27,7 +29,7 @@ struct Delivery {
 pub(super) fn fanout_figures<'t>(
     s: &mut Summary,
     t: &'t Totals,
-    f: &FanoutPlan,
+    (f, deflate_offered): (&FanoutPlan, bool),
     anchor: &Anchor,
     phase: &Phase,
     server_phase_cpu: Option<f64>,
@@ -43,6 +45,7 @@ pub(super) fn fanout_figures<'t>(
         delivered_fps: per_s(t.frames as f64, delivery_s),
         loadgen_phase_cpu: t.phase_cpu_s + phase.parent_cpu_s,
         bound: t.max_phase_load > CPU_BOUND || per_s(phase.parent_cpu_s, phase.wall_s) > CPU_BOUND,
+        deflate_offered,
     };
     fanout_lines(s, t, f, p, &d, phase, server_phase_cpu);
     fanout_json(s, t, f, p, &d, phase, server_phase_cpu);
@@ -52,9 +55,17 @@ pub(super) fn fanout_figures<'t>(
             && t.out_of_order == 0
             && t.duplicates == 0
             && t.malformed == 0
-            && t.not_binary == 0,
+            && t.wrong_opcode == 0,
         plot: &t.latency,
-        plot_title: format!("fanout publish-to-receive, {}", f.mode.describe()),
+        plot_title: format!(
+            "fanout publish-to-receive, {}{}",
+            f.mode.describe(),
+            if t.verified < t.tracked {
+                format!(", {} verified subscribers", t.verified)
+            } else {
+                String::new()
+            }
+        ),
     }
 }
 
@@ -74,10 +85,14 @@ fn fanout_lines(
     s.say(
         "published",
         format!(
-            "{} of {} messages of {} B to {} topic{} in {:.3} s ({:.0}/s) over {} publisher connection{}{}",
+            "{} of {} messages of {} B{} to {} topic{} in {:.3} s ({:.0}/s) over {} publisher connection{}{}",
             p.published,
             p.planned,
             f.size,
+            match &f.corpus {
+                Some(c) => format!(" on average, text from {}", c.path.display()),
+                None => String::new(),
+            },
             f.topics,
             if f.topics == 1 { "" } else { "s" },
             p.publish_s,
@@ -99,7 +114,7 @@ fn fanout_lines(
     s.say(
         "frames",
         format!(
-            "{} expected, {} received ({:.3}%), lost {}, out of order {}, duplicates {}, malformed {}, not binary {}, fragments {}",
+            "{} expected, {} received ({:.3}%), lost {}, out of order {}, duplicates {}, malformed {}, not {} {}, fragments {}",
             t.expected,
             t.frames,
             pct(t.frames as f64, t.expected as f64),
@@ -107,15 +122,56 @@ fn fanout_lines(
             t.out_of_order,
             t.duplicates,
             t.malformed,
-            t.not_binary,
+            if f.corpus.is_some() { "text" } else { "binary" },
+            t.wrong_opcode,
             t.fragments_received
         ),
     );
     s.say(
         "subscribers",
         format!(
-            "{} followed, {} complete, {} with gaps, {} with reordering",
-            t.tracked, t.complete, t.with_loss, t.with_reorder
+            "{} followed, {} complete, {} with gaps, {} with reordering{}",
+            t.tracked,
+            t.complete,
+            t.with_loss,
+            t.with_reorder,
+            if t.verified < t.tracked {
+                format!(
+                    "; {} verified (1 in {}: decoded, order, content and latency checked), the others counted",
+                    t.verified, f.verify_every
+                )
+            } else {
+                String::new()
+            }
+        ),
+    );
+    if d.deflate_offered {
+        s.say(
+            "permessage-deflate",
+            format!(
+                "offered by every subscriber, agreed by {} of {} up; {} frames received compressed ({:.1}%)",
+                t.deflate_agreed,
+                t.up,
+                t.compressed_received,
+                pct(t.compressed_received as f64, t.frames as f64)
+            ),
+        );
+    }
+    s.say(
+        "bytes",
+        format!(
+            "{} of payload received ({:.1} B per frame, as on the wire){}",
+            report::bytes(t.payload_bytes),
+            t.payload_bytes as f64 / t.frames.max(1) as f64,
+            match phase.bytes_sent {
+                Some(b) => format!(
+                    "; the server wrote {} to sockets in the phase ({}, all traffic): {:.1} B per frame received",
+                    report::bytes(b as u64),
+                    metrics::BYTES_SENT,
+                    b / t.frames.max(1) as f64
+                ),
+                None => String::new(),
+            }
         ),
     );
     if !f.metrics.is_empty() {
@@ -196,6 +252,21 @@ fn fanout_json(
     s.put("rate", json!(rate));
     s.put("duration_s", json!(duration_s));
     s.put("size", json!(f.size));
+    s.put(
+        "corpus",
+        json!(f.corpus.as_ref().map(|c| c.path.display().to_string())),
+    );
+    s.put("verify_every", json!(f.verify_every));
+    s.put("subscribers_verified", json!(t.verified));
+    s.put("permessage_deflate_offered", json!(d.deflate_offered));
+    s.put("deflate_agreed", json!(t.deflate_agreed));
+    s.put("compressed_frames_received", json!(t.compressed_received));
+    s.put("payload_bytes_received", json!(t.payload_bytes));
+    s.put("server_bytes_sent", json!(phase.bytes_sent));
+    s.put(
+        "server_bytes_per_frame",
+        json!(phase.bytes_sent.map(|b| b / t.frames.max(1) as f64)),
+    );
     s.put("topics", json!(f.topics));
     s.put("subscribers_up", json!(t.up));
     s.put("subscribers_followed", json!(t.tracked));
@@ -217,7 +288,14 @@ fn fanout_json(
     s.put("out_of_order", json!(t.out_of_order));
     s.put("duplicates", json!(t.duplicates));
     s.put("malformed", json!(t.malformed));
-    s.put("not_binary", json!(t.not_binary));
+    s.put(
+        if f.corpus.is_some() {
+            "not_text"
+        } else {
+            "not_binary"
+        },
+        json!(t.wrong_opcode),
+    );
     s.put("fragments", json!(t.fragments_received));
     s.put("drain_timed_out", json!(t.drain_timed_out));
     s.put("latency_us", t.latency.to_json_us());

@@ -137,7 +137,14 @@ pub(super) fn summarize(
         Work::Connect => connect_figures(&mut s, &t, server),
         Work::Hold { duration } => hold_figures(&mut s, plan, &t, server, *duration),
         Work::Echo(e) => echo_figures(&mut s, &t, e, phase, server_phase_cpu),
-        Work::Fanout(f) => fanout_figures(&mut s, &t, f, anchor, phase, server_phase_cpu),
+        Work::Fanout(f) => fanout_figures(
+            &mut s,
+            &t,
+            (f, plan.connect.permessage_deflate),
+            anchor,
+            phase,
+            server_phase_cpu,
+        ),
         Work::Storm(st) => storm_figures(&mut s, &t, &storm_totals, st, phase, server_phase_cpu),
         Work::Conflation(cp) => {
             let totals = crate::conflation::report::ConflationTotals::merge(

@@ -15,23 +15,34 @@
 //! another process measures publish-to-receive latency without clock
 //! synchronisation.
 //!
+//! With `--corpus`, payloads are text instead: corpus lines with the same
+//! two numbers in front (`payload`).
+//!
 //! Each subscriber keeps a [`SeqTracker`]: gaps (lost messages),
 //! late arrivals (reordering) and duplicates, per subscriber. The phase
 //! ends when every open subscriber has everything published to its topic
 //! (the parent says how much in `Published`), or at the drain deadline.
+//!
+//! With `--verify-every N`, only every N-th subscriber decodes what it
+//! receives (inflating it first if compressed, checking a corpus message
+//! byte for byte); the others count frames and bytes, so their loss is
+//! what they are short of and nothing else is checked. Latency then comes
+//! from the verified sample.
 
 use crate::cli::FanoutPlan;
-use crate::client::Sink;
+use crate::client::{Sink, inflate};
 use crate::clock::Anchor;
 use crate::coord::Link;
 use crate::fleet::{Fleet, PROGRESS_EVERY};
 use crate::hist::Hist;
+use crate::payload::Corpus;
 use crate::topics::{TopicMap, per_topic};
 use crate::wire::{ShardReport, ToShard};
 use corecast::proto::OpCode;
 use corecast::proto::frame::{MAX_HEADER_LEN, encode_header};
 use corecast::proto::mask::apply_mask;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Bytes of sequence number and timestamp at the start of each payload.
@@ -81,10 +92,15 @@ fn unwrap_binary_envelope(frame: &[u8]) -> Option<&[u8]> {
 #[derive(Debug, Default)]
 pub struct Arrivals {
     pub frames: u64,
-    /// Too short to carry a sequence number and a send time.
+    /// Payload bytes of the frames, as received (compressed or not).
+    pub payload_bytes: u64,
+    /// Too short to carry a sequence number and a send time, or (corpus)
+    /// not the message its header names.
     pub malformed: u64,
-    /// Not a binary frame (counted; still decoded).
-    pub not_binary: u64,
+    /// Not of the payloads' opcode (counted; still decoded).
+    pub wrong_opcode: u64,
+    /// The payloads are text from a corpus (`payload`), not binary.
+    pub text: bool,
     pub first: Option<Instant>,
     pub last: Option<Instant>,
 }
@@ -93,13 +109,32 @@ impl Arrivals {
     /// Counts a data frame received at `at`; returns its `(seq, sent_ns)`,
     /// or `None` (counted as malformed) when it carries none.
     pub fn record(&mut self, opcode: OpCode, payload: &[u8], at: Instant) -> Option<(u64, u64)> {
+        self.count(opcode, payload.len(), at);
+        self.decode(payload)
+    }
+
+    /// Counts a data frame of `len` payload bytes received at `at`,
+    /// without reading it.
+    pub fn count(&mut self, opcode: OpCode, len: usize, at: Instant) {
         self.frames += 1;
+        self.payload_bytes += len as u64;
         self.first.get_or_insert(at);
         self.last = Some(at);
-        if opcode != OpCode::Binary {
-            self.not_binary += 1;
+        let expected = if self.text {
+            OpCode::Text
+        } else {
+            OpCode::Binary
+        };
+        if opcode != expected {
+            self.wrong_opcode += 1;
         }
-        let decoded = if BINARY_ENVELOPE.load(std::sync::atomic::Ordering::Relaxed) {
+    }
+
+    /// A payload's `(seq, sent_ns)`, or `None` (counted as malformed).
+    pub fn decode(&mut self, payload: &[u8]) -> Option<(u64, u64)> {
+        let decoded = if self.text {
+            crate::payload::decode_text(payload)
+        } else if BINARY_ENVELOPE.load(std::sync::atomic::Ordering::Relaxed) {
             unwrap_binary_envelope(payload).and_then(decode_payload)
         } else {
             decode_payload(payload)
@@ -113,8 +148,9 @@ impl Arrivals {
     /// The counts and the receive window into `r`.
     pub fn report(&self, r: &mut ShardReport, anchor: &Anchor) {
         r.frames = self.frames;
+        r.payload_bytes = self.payload_bytes;
         r.malformed = self.malformed;
-        r.not_binary = self.not_binary;
+        r.wrong_opcode = self.wrong_opcode;
         r.first_receive_ns = self.first.map(|i| anchor.ns(i));
         r.last_receive_ns = self.last.map(|i| anchor.ns(i));
     }
@@ -230,9 +266,18 @@ pub struct Delivery {
     anchor: Anchor,
     /// `tracked[t]`: local token `t` is a subscriber that was up at `Go`.
     tracked: Vec<bool>,
+    /// `verified[t]`: a tracked subscriber that decodes (inflates) and
+    /// checks what it receives; the others count frames in `counts`.
+    verified: Vec<bool>,
     /// Topic of each subscriber.
     topic: Vec<usize>,
     trackers: Vec<SeqTracker>,
+    /// Frames received by each subscriber not verified.
+    counts: Vec<u64>,
+    /// Corpus payloads are checked against their line, byte for byte.
+    corpus: Option<Arc<Corpus>>,
+    /// Reused for inflating a verified subscriber's compressed messages.
+    inflated: Vec<u8>,
     /// Messages each topic should deliver (the plan, then what was published).
     targets: Vec<u64>,
     /// Tracked subscribers with all of their topic's messages.
@@ -242,12 +287,17 @@ pub struct Delivery {
 }
 
 impl Delivery {
+    /// Every tracked subscriber verified, binary payloads.
     pub fn new(tracked: Vec<bool>, topic: Vec<usize>, targets: Vec<u64>, anchor: Anchor) -> Self {
         let mut d = Self {
             anchor,
             trackers: vec![SeqTracker::default(); tracked.len()],
+            counts: vec![0; tracked.len()],
+            verified: tracked.clone(),
             tracked,
             topic,
+            corpus: None,
+            inflated: Vec::new(),
             targets: Vec::new(),
             complete: 0,
             arrivals: Arrivals::default(),
@@ -257,19 +307,48 @@ impl Delivery {
         d
     }
 
+    /// Only the tracked subscribers `verify` selects decode what they
+    /// receive; the others count it.
+    pub fn verifying(mut self, verify: impl Fn(usize) -> bool) -> Self {
+        for t in 0..self.tracked.len() {
+            self.verified[t] = self.tracked[t] && verify(t);
+        }
+        let targets = std::mem::take(&mut self.targets);
+        self.set_targets(targets);
+        self
+    }
+
+    /// Payloads are text from `corpus`, checked against it.
+    pub fn with_corpus(mut self, corpus: Option<Arc<Corpus>>) -> Self {
+        self.arrivals.text = corpus.is_some();
+        self.corpus = corpus;
+        self
+    }
+
     fn target(&self, t: usize) -> u64 {
         self.targets.get(self.topic[t]).copied().unwrap_or(0)
+    }
+
+    /// Messages subscriber `t` has (distinct ones, when verified).
+    fn received(&self, t: usize) -> u64 {
+        if self.verified[t] {
+            self.trackers[t].received
+        } else {
+            self.counts[t]
+        }
     }
 
     /// What was actually published per topic: judge completion by it.
     pub fn set_targets(&mut self, targets: Vec<u64>) {
         self.targets = targets;
         self.complete = (0..self.trackers.len())
-            .filter(|&t| self.tracked[t] && self.trackers[t].received >= self.target(t))
+            .filter(|&t| self.tracked[t] && self.received(t) >= self.target(t))
             .count();
     }
 
-    /// Totals over the tracked subscribers, into `r`.
+    /// Totals over the tracked subscribers, into `r`. A subscriber not
+    /// verified has lost what it is short of, and duplicated what it has
+    /// beyond, its topic's count.
     pub fn report(&self, r: &mut ShardReport) {
         self.arrivals.report(r, &self.anchor);
         r.complete = self.complete as u64;
@@ -279,26 +358,43 @@ impl Delivery {
                 continue;
             }
             let expected = self.target(t);
-            let lost = tr.lost(expected);
+            let (lost, late, duplicates) = if self.verified[t] {
+                (tr.lost(expected), tr.out_of_order, tr.duplicates)
+            } else {
+                let n = self.counts[t];
+                (expected.saturating_sub(n), 0, n.saturating_sub(expected))
+            };
             r.tracked += 1;
+            r.verified += u64::from(self.verified[t]);
             r.expected += expected;
             r.lost += lost;
-            r.out_of_order += tr.out_of_order;
-            r.duplicates += tr.duplicates;
+            r.out_of_order += late;
+            r.duplicates += duplicates;
             r.with_loss += u64::from(lost > 0);
-            r.with_reorder += u64::from(tr.out_of_order > 0);
+            r.with_reorder += u64::from(late > 0);
         }
     }
-}
 
-impl Sink for Delivery {
-    fn message(&mut self, conn: usize, opcode: OpCode, payload: &[u8], at: Instant) {
-        if !self.tracked.get(conn).copied().unwrap_or(false) {
-            return;
+    /// A message of a subscriber not verified: counted.
+    fn counted(&mut self, conn: usize) {
+        self.counts[conn] += 1;
+        if self.counts[conn] == self.target(conn) {
+            self.complete += 1;
         }
-        let Some((seq, sent_ns)) = self.arrivals.record(opcode, payload, at) else {
+    }
+
+    /// A verified subscriber's message, decoded: its number, its content
+    /// (corpus), its latency.
+    fn check(&mut self, conn: usize, payload: &[u8], at: Instant) {
+        let Some((seq, sent_ns)) = self.arrivals.decode(payload) else {
             return;
         };
+        if let Some(c) = &self.corpus
+            && !c.check(payload, seq, sent_ns)
+        {
+            self.arrivals.malformed += 1;
+            return;
+        }
         let target = self.target(conn);
         let t = &mut self.trackers[conn];
         match t.record(seq) {
@@ -308,6 +404,45 @@ impl Sink for Delivery {
         }
         self.latency
             .record_ns(self.anchor.ns(at).saturating_sub(sent_ns));
+    }
+}
+
+impl Sink for Delivery {
+    fn message(&mut self, conn: usize, opcode: OpCode, payload: &[u8], at: Instant) {
+        if !self.tracked.get(conn).copied().unwrap_or(false) {
+            return;
+        }
+        self.arrivals.count(opcode, payload.len(), at);
+        if self.verified[conn] {
+            self.check(conn, payload, at);
+        } else {
+            self.counted(conn);
+        }
+    }
+
+    /// Counted as it came; inflated only for a verified subscriber.
+    fn compressed(
+        &mut self,
+        conn: usize,
+        opcode: OpCode,
+        deflated: &[u8],
+        at: Instant,
+    ) -> Result<(), &'static str> {
+        if !self.tracked.get(conn).copied().unwrap_or(false) {
+            return Ok(());
+        }
+        self.arrivals.count(opcode, deflated.len(), at);
+        if !self.verified[conn] {
+            self.counted(conn);
+            return Ok(());
+        }
+        let mut payload = std::mem::take(&mut self.inflated);
+        let inflated = inflate(deflated, &mut payload);
+        if inflated.is_ok() {
+            self.check(conn, &payload, at);
+        }
+        self.inflated = payload;
+        inflated
     }
 }
 
@@ -330,7 +465,10 @@ pub fn subscribe_phase(
     let tracked: Vec<bool> = (0..n).map(|t| fleet.is_live(t)).collect();
     let topic: Vec<usize> = (0..n).map(|t| map.topic_of(first + t)).collect();
     let planned = per_topic(plan.mode.messages(), plan.topics);
-    let mut d = Delivery::new(tracked, topic, planned, *anchor);
+    let every = plan.verify_every.max(1);
+    let mut d = Delivery::new(tracked, topic, planned, *anchor)
+        .verifying(|t| (first + t).is_multiple_of(every))
+        .with_corpus(plan.corpus.clone().map(Arc::new));
     // Until `Go`, the parent's silence limit bounds the wait.
     let mut limit = Instant::now() + crate::shard::PARENT_SILENCE_LIMIT;
     let mut cpu0 = crate::sys::thread_cpu_s();
@@ -379,165 +517,4 @@ pub fn subscribe_phase(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use corecast::proto::frame::parse_header;
-
-    #[test]
-    fn a_binary_envelope_is_unwrapped_to_its_payload() {
-        let p = encode_payload_header(7, 99);
-        let frame = corecast::pubsub::envelope::binary_frame(
-            "topic",
-            1,
-            2,
-            corecast::proto::frame::OpCode::Binary,
-            &p,
-        );
-        // Skip the (short) WebSocket header the reader has already removed.
-        let body = &frame[2..];
-        assert_eq!(
-            unwrap_binary_envelope(body).and_then(decode_payload),
-            Some((7, 99))
-        );
-        assert_eq!(unwrap_binary_envelope(&p[..10]), None, "too short");
-        assert_eq!(unwrap_binary_envelope(&[2; 40]), None, "another kind");
-    }
-
-    #[test]
-    fn payload_round_trips_through_a_masked_frame() {
-        let mut out = Vec::new();
-        push_message(&mut out, 7, 123_456_789, 64, [1, 2, 3, 4]);
-        push_message(&mut out, u64::MAX, 1, 300, [9, 8, 7, 6]);
-        let h = parse_header(&out).unwrap().unwrap();
-        assert_eq!((h.fin, h.opcode, h.payload_len), (true, OpCode::Binary, 64));
-        let mask = h.mask.expect("client frames are masked");
-        let mut p = out[h.header_len..h.header_len + 64].to_vec();
-        apply_mask(&mut p, mask, 0);
-        assert_eq!(decode_payload(&p), Some((7, 123_456_789)));
-        assert!(p[PAYLOAD_HEADER..].iter().all(|&b| b == 0));
-        let rest = &out[h.header_len + 64..];
-        let h2 = parse_header(rest).unwrap().unwrap();
-        assert_eq!((h2.payload_len, h2.header_len), (300, 8));
-        let mut p = rest[h2.header_len..].to_vec();
-        assert_eq!(p.len(), 300);
-        apply_mask(&mut p, h2.mask.unwrap(), 0);
-        assert_eq!(decode_payload(&p), Some((u64::MAX, 1)));
-        assert_eq!(decode_payload(&[0; 15]), None);
-        assert_eq!(
-            encode_payload_header(1, 2)[..9],
-            [1, 0, 0, 0, 0, 0, 0, 0, 2]
-        );
-    }
-
-    #[test]
-    fn in_order_delivery_counts_nothing_wrong() {
-        let mut t = SeqTracker::default();
-        for s in 0..100 {
-            assert_eq!(t.record(s), Arrival::InOrder);
-        }
-        assert_eq!(
-            (t.received, t.lost(100), t.out_of_order, t.duplicates),
-            (100, 0, 0, 0)
-        );
-        assert!(t.missing.is_empty());
-        // Messages never seen at the end are lost too.
-        assert_eq!(t.lost(103), 3);
-    }
-
-    #[test]
-    fn gaps_reorders_and_duplicates() {
-        let mut t = SeqTracker::default();
-        assert_eq!(t.record(0), Arrival::InOrder);
-        assert_eq!(t.record(3), Arrival::Gap(2));
-        assert_eq!(t.lost(4), 2);
-        assert_eq!(t.record(1), Arrival::Late);
-        assert_eq!(t.record(1), Arrival::Duplicate);
-        assert_eq!(t.record(3), Arrival::Duplicate);
-        assert_eq!(t.record(0), Arrival::Duplicate);
-        assert_eq!(t.record(4), Arrival::InOrder);
-        assert_eq!(t.record(9), Arrival::Gap(4));
-        assert_eq!(
-            (t.received, t.lost(10), t.out_of_order, t.duplicates),
-            (5, 5, 1, 3)
-        );
-        assert_eq!(t.record(2), Arrival::Late);
-        assert_eq!(t.lost(10), 4);
-        // Only numbers below the expected count are lost.
-        assert_eq!(t.lost(7), 2);
-    }
-
-    #[test]
-    fn a_huge_gap_is_one_hole() {
-        let mut t = SeqTracker::default();
-        assert_eq!(t.record(1_000_000), Arrival::Gap(1_000_000));
-        assert_eq!(t.missing.len(), 1);
-        assert_eq!(t.lost(1_000_001), 1_000_000);
-        assert_eq!(t.record(5), Arrival::Late);
-        assert_eq!(t.record(5), Arrival::Duplicate);
-        assert_eq!(t.record(0), Arrival::Late);
-        assert_eq!(t.record(999_999), Arrival::Late);
-        assert_eq!(t.missing.len(), 2, "{:?}", t.missing);
-        assert_eq!(t.lost(1_000_001), 999_997);
-        assert_eq!((t.out_of_order, t.duplicates), (3, 1));
-    }
-
-    #[test]
-    fn holes_beyond_the_cap_are_counted_not_remembered() {
-        let mut t = SeqTracker::default();
-        // Every other number lost: one hole each.
-        for i in 0..(MAX_TRACKED_GAPS as u64 + 10) {
-            t.record(2 * i + 1);
-        }
-        assert_eq!(t.missing.len(), MAX_TRACKED_GAPS);
-        let n = 2 * (MAX_TRACKED_GAPS as u64 + 10);
-        assert_eq!(t.lost(n), n / 2);
-        // A remembered hole is filled exactly; an untracked one is assumed late.
-        assert_eq!(t.record(0), Arrival::Late);
-        assert_eq!(t.record(0), Arrival::Late);
-        assert_eq!(t.lost(n), n / 2 - 2);
-    }
-
-    #[test]
-    fn delivery_counts_completion_latency_loss_and_strays() {
-        let anchor = Anchor::now();
-        let origin = anchor.ns(Instant::now());
-        // Subscribers 0 and 2 on topic 0, 3 on topic 1; 1 was not up.
-        let mut d = Delivery::new(
-            vec![true, false, true, true],
-            vec![0, 0, 0, 1],
-            vec![2, 1],
-            anchor,
-        );
-        let frame = |seq: u64, sent_ns: u64| {
-            let mut p = encode_payload_header(seq, sent_ns).to_vec();
-            p.resize(64, 0);
-            p
-        };
-        let at = anchor.instant(origin + 500_000);
-        d.message(0, OpCode::Binary, &frame(0, origin + 100_000), at);
-        d.message(0, OpCode::Binary, &frame(1, origin + 200_000), at);
-        d.message(0, OpCode::Binary, &frame(1, origin), at);
-        d.message(1, OpCode::Binary, &frame(0, origin), at); // not tracked
-        d.message(2, OpCode::Text, &frame(1, origin), at); // a gap: 0 is missing
-        d.message(2, OpCode::Binary, b"short", at);
-        d.message(3, OpCode::Binary, &frame(0, origin), at);
-        assert_eq!(
-            (
-                d.arrivals.frames,
-                d.complete,
-                d.arrivals.not_binary,
-                d.arrivals.malformed
-            ),
-            (6, 2, 1, 1)
-        );
-        assert_eq!(d.latency.len(), 4);
-        assert_eq!(d.latency.max_ns().unwrap() / 1000, 500);
-        let mut r = ShardReport::default();
-        d.report(&mut r);
-        assert_eq!((r.tracked, r.expected, r.lost), (3, 5, 1));
-        assert_eq!((r.duplicates, r.with_loss, r.with_reorder), (1, 1, 0));
-        // Fewer published than planned: subscriber 2 is complete after all.
-        d.set_targets(vec![0, 1]);
-        assert_eq!(d.complete, 3);
-    }
-}
+mod tests;
