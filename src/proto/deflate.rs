@@ -149,10 +149,14 @@ fn unquote(b: &[u8]) -> &[u8] {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InflateError {
     /// It inflates past the cap (a decompression bomb, or just too big):
-    /// 1009. At most the cap (plus one chunk) was inflated.
+    /// 1009. At most the cap and one byte were inflated.
     TooBig,
     /// Not valid deflate data: 1007.
     Invalid,
+    /// The caller's check refused inflated bytes (text that is not
+    /// UTF-8: 1007). Checked before the cap, so where a message fails does
+    /// not depend on how its bytes arrived.
+    Refused,
 }
 
 thread_local! {
@@ -164,27 +168,104 @@ thread_local! {
 /// pass the cap is stopped within a chunk of it.
 const INFLATE_CHUNK: usize = 16 * 1024;
 
+/// What a connection's own inflater costs while it holds one (zlib-rs's
+/// state and 32 KiB window, with margin): charged to the buffer budget.
+pub const INFLATER_BYTES: usize = 48 * 1024;
+
 /// Inflates one message's deflate data (`input`, without the tail) into
 /// `out` (cleared first), refusing it as soon as it passes `cap` bytes.
 pub fn inflate(input: &[u8], cap: usize, out: &mut Vec<u8>) -> Result<(), InflateError> {
+    inflate_checked(input, cap, out, &mut |_| true)
+}
+
+/// [`inflate`] with `check` called on each piece of output (within the
+/// cap) as it comes: text validation that fails as early as it can.
+pub fn inflate_checked(
+    input: &[u8],
+    cap: usize,
+    out: &mut Vec<u8>,
+    check: &mut impl FnMut(&[u8]) -> bool,
+) -> Result<(), InflateError> {
+    if out.capacity() > cap.saturating_add(1) {
+        *out = Vec::new();
+    }
     out.clear();
     INFLATER.with(|d| {
         let mut d = d.borrow_mut();
         d.reset(false);
-        if feed(&mut d, input, cap, out)? {
+        if feed(&mut d, input, cap, out, check)? {
             return Ok(());
         }
-        feed(&mut d, &TAIL, cap, out).map(|_| ())
+        feed(&mut d, &TAIL, cap, out, check).map(|_| ())
     })
 }
 
-/// Inflates all of `data` into `out` (grown a chunk at a time, never much
-/// past `cap`); `Ok(true)` when a final block ended the stream there.
+/// An inflater of its own for a compressed message that arrives in
+/// pieces (across reads or frames): fed each piece as it comes, so a bomb
+/// or bad text is refused before the rest arrives and the compressed
+/// bytes are never kept. Costs [`INFLATER_BYTES`] while it exists.
+pub struct Inflater {
+    d: Box<Decompress>,
+    /// A final block ended the stream: the rest of the message is ignored.
+    ended: bool,
+}
+
+impl std::fmt::Debug for Inflater {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inflater")
+            .field("ended", &self.ended)
+            .finish()
+    }
+}
+
+impl Default for Inflater {
+    fn default() -> Self {
+        Self {
+            d: Box::new(Decompress::new(false)),
+            ended: false,
+        }
+    }
+}
+
+impl Inflater {
+    /// Inflates the next piece of the message's deflate data into `out`.
+    pub fn feed(
+        &mut self,
+        data: &[u8],
+        cap: usize,
+        out: &mut Vec<u8>,
+        check: &mut impl FnMut(&[u8]) -> bool,
+    ) -> Result<(), InflateError> {
+        if !self.ended && !data.is_empty() {
+            self.ended = feed(&mut self.d, data, cap, out, check)?;
+        }
+        Ok(())
+    }
+
+    /// The message's last piece is in: the tail the sender removed.
+    pub fn finish(
+        &mut self,
+        cap: usize,
+        out: &mut Vec<u8>,
+        check: &mut impl FnMut(&[u8]) -> bool,
+    ) -> Result<(), InflateError> {
+        if !self.ended {
+            self.ended = feed(&mut self.d, &TAIL, cap, out, check)?;
+        }
+        Ok(())
+    }
+}
+
+/// Inflates all of `data` into `out` (grown a chunk at a time, never past
+/// `cap` and a byte: `out` must not start with more room than that),
+/// `check`ing each new piece within the cap before the cap itself;
+/// `Ok(true)` when a final block ended the stream there.
 fn feed(
     d: &mut Decompress,
     data: &[u8],
     cap: usize,
     out: &mut Vec<u8>,
+    check: &mut impl FnMut(&[u8]) -> bool,
 ) -> Result<bool, InflateError> {
     let mut pos = 0;
     loop {
@@ -193,14 +274,23 @@ fn feed(
             out.reserve_exact(INFLATE_CHUNK.min(room).max(1));
         }
         let (was_in, was_out) = (d.total_in(), d.total_out());
-        let status = d
-            .decompress_vec(&data[pos..], out, FlushDecompress::Sync)
-            .map_err(|_| InflateError::Invalid)?;
+        let before = out.len();
+        // `out`'s room only ever grows to the cap and a byte (above), so
+        // decoding stops there.
+        let result = d.decompress_vec(&data[pos..], out, FlushDecompress::Sync);
         let consumed = (d.total_in() - was_in) as usize;
         pos += consumed;
+        // What was inflated counts first, even in a call that then failed
+        // (zlib may fill the output and only then meet a bad code): so a
+        // message fails at the same point however its bytes arrived.
+        let checked = out.len().min(cap);
+        if checked > before && !check(&out[before..checked]) {
+            return Err(InflateError::Refused);
+        }
         if out.len() > cap {
             return Err(InflateError::TooBig);
         }
+        let status = result.map_err(|_| InflateError::Invalid)?;
         if status == Status::StreamEnd {
             // A final block (BFINAL) ended the message: what follows it is
             // ignored (RFC 7692 §7.2.3.4 shows a sender adding a 0x00).

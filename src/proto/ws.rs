@@ -16,7 +16,7 @@
 //! This file holds the connection's state, its limits and its outbound side;
 //! `decode` and its steps are in `ws_decode.rs`.
 
-use super::deflate::{self, Agreed};
+use super::deflate::{self, Agreed, Inflater};
 use super::frame::{
     CloseCode, MAX_HEADER_LEN, OpCode, close_payload, compressed_server_frame, server_frame,
 };
@@ -190,9 +190,10 @@ struct Partial {
     started_ms: u32,
     /// `buf` was handed out in the last event; dropped on the next call.
     delivered: bool,
-    /// The message is compressed (RSV1): `buf` gathers deflate data,
-    /// inflated (and validated, for text) when its last frame is in.
-    compressed: bool,
+    /// The message is compressed (RSV1): its inflater, fed each piece of
+    /// payload as it comes; `buf` gathers what it inflates (validated as
+    /// it comes, for text). Dropped when the message is complete.
+    inflater: Option<Inflater>,
 }
 
 impl WsConn {
@@ -266,9 +267,12 @@ impl WsConn {
         self.close == CloseState::Open
     }
 
-    /// Heap bytes held for a partly received message.
+    /// Heap bytes held for a partly received message (with its
+    /// inflater, while a compressed one is in progress).
     pub fn buffered(&self) -> usize {
-        self.msg.as_ref().map_or(0, |m| m.buf.capacity())
+        self.msg.as_ref().map_or(0, |m| {
+            m.buf.capacity() + m.inflater.as_ref().map_or(0, |_| deflate::INFLATER_BYTES)
+        })
     }
 
     /// Queues a message as one unmasked frame. Returns `false` (and queues

@@ -18,7 +18,7 @@
 //! A step returns a [`Step`]: go on, or what `decode` is to return.
 
 use super::{CloseState, Decoded, Event, MessageKind, Partial, PayloadState, RecvState, WsConn};
-use crate::proto::deflate::{self, InflateError};
+use crate::proto::deflate::{self, InflateError, Inflater};
 use crate::proto::frame::{
     CloseCode, FrameHeader, HeaderError, OpCode, parse_header, server_frame,
 };
@@ -239,6 +239,38 @@ impl WsConn {
         let hlen = header.header_len;
         let plen = header.payload_len;
         let total = hlen as u64 + plen;
+        if starts_message && header.fin && header.rsv1 && (input.len() - *pos) as u64 >= total {
+            // A whole compressed message: inflated at once by the worker's
+            // inflater, into a buffer of its own.
+            let start = *pos + hlen;
+            let end = *pos + total as usize;
+            let payload = &mut input[start..end];
+            apply_mask(payload, mask, 0);
+            *pos = end;
+            let mut plain = Vec::new();
+            let cap = usize::try_from(self.limits.max_message).unwrap_or(usize::MAX);
+            let mut utf8 = Utf8Validator::new();
+            let text = kind == MessageKind::Text;
+            let mut check = |b: &[u8]| !text || utf8.feed(b).is_ok();
+            if let Err(e) = deflate::inflate_checked(payload, cap, &mut plain, &mut check) {
+                return inflate_failure(e);
+            }
+            if text && utf8.finish().is_err() {
+                return Step::Fail(CloseCode::INVALID_PAYLOAD, "truncated UTF-8 sequence");
+            }
+            self.msg = Some(Box::new(Partial {
+                recv: RecvState::Header,
+                kind: None,
+                buf: plain,
+                len: plen,
+                utf8: Utf8Validator::new(),
+                fragments,
+                started_ms: self.clock_ms,
+                delivered: true,
+                inflater: None,
+            }));
+            return Step::Reassembled(kind);
+        }
         if starts_message && header.fin && !header.rsv1 && (input.len() - *pos) as u64 >= total {
             // Fast path: a whole unfragmented message in the caller's buffer.
             let start = *pos + hlen;
@@ -273,7 +305,7 @@ impl WsConn {
                     fragments,
                     started_ms: self.clock_ms,
                     delivered: false,
-                    compressed: true,
+                    inflater: Some(Inflater::default()),
                 }));
             }
             None => {
@@ -286,7 +318,7 @@ impl WsConn {
                     fragments,
                     started_ms: self.clock_ms,
                     delivered: false,
-                    compressed: false,
+                    inflater: None,
                 }));
             }
         }
@@ -304,10 +336,21 @@ impl WsConn {
         let avail = frame.remaining.min((input.len() - *pos) as u64) as usize;
         let chunk = &mut input[*pos..*pos + avail];
         let phase = apply_mask(chunk, frame.mask, frame.phase as usize) as u8;
-        if m.kind == Some(MessageKind::Text) && !m.compressed && m.utf8.feed(chunk).is_err() {
-            return Step::Fail(CloseCode::INVALID_PAYLOAD, "invalid UTF-8 in text message");
+        let text = m.kind == Some(MessageKind::Text);
+        if let Some(inflater) = &mut m.inflater {
+            // Compressed: inflated as it comes (the deflate data is not kept).
+            let cap = usize::try_from(self.limits.max_message).unwrap_or(usize::MAX);
+            let utf8 = &mut m.utf8;
+            let mut check = |b: &[u8]| !text || utf8.feed(b).is_ok();
+            if let Err(e) = inflater.feed(chunk, cap, &mut m.buf, &mut check) {
+                return inflate_failure(e);
+            }
+        } else {
+            if text && m.utf8.feed(chunk).is_err() {
+                return Step::Fail(CloseCode::INVALID_PAYLOAD, "invalid UTF-8 in text message");
+            }
+            m.buf.extend_from_slice(chunk);
         }
-        m.buf.extend_from_slice(chunk);
         *pos += avail;
         let remaining = frame.remaining - avail as u64;
         if remaining > 0 {
@@ -357,35 +400,39 @@ impl WsConn {
 }
 
 /// The last frame of a gathered message is in: a text message must not
-/// end inside a UTF-8 sequence. A compressed message is inflated first
-/// (at most `cap` bytes: past it, 1009 having inflated no more than that
-/// and a chunk; data that does not inflate, 1007) and then validated
-/// whole. The buffer is handed out, and the [`Partial`] dropped on the
-/// next call.
+/// end inside a UTF-8 sequence. A compressed message gets its inflater's
+/// tail (within the cap, checked as it comes) and lets it go. The buffer
+/// is handed out, and the [`Partial`] dropped on the next call.
 #[inline]
 fn finish_message(m: &mut Partial, cap: u64) -> Step {
     let kind = m.kind.take().expect("payload state implies a message");
-    if m.compressed {
-        let mut plain = Vec::new();
+    let text = kind == MessageKind::Text;
+    if let Some(mut inflater) = m.inflater.take() {
         let cap = usize::try_from(cap).unwrap_or(usize::MAX);
-        match deflate::inflate(&m.buf, cap, &mut plain) {
-            Ok(()) => {}
-            Err(InflateError::TooBig) => {
-                return Step::Fail(CloseCode::MESSAGE_TOO_BIG, "message too big once inflated");
-            }
-            Err(InflateError::Invalid) => {
-                return Step::Fail(CloseCode::INVALID_PAYLOAD, "invalid compressed data");
-            }
+        let utf8 = &mut m.utf8;
+        let mut check = |b: &[u8]| !text || utf8.feed(b).is_ok();
+        if let Err(e) = inflater.finish(cap, &mut m.buf, &mut check) {
+            return inflate_failure(e);
         }
-        m.buf = plain;
-        if kind == MessageKind::Text && utf8::validate(&m.buf).is_err() {
-            return Step::Fail(CloseCode::INVALID_PAYLOAD, "invalid UTF-8 in text message");
-        }
-    } else if kind == MessageKind::Text && m.utf8.finish().is_err() {
+    }
+    if text && m.utf8.finish().is_err() {
         return Step::Fail(CloseCode::INVALID_PAYLOAD, "truncated UTF-8 sequence");
     }
     m.delivered = true;
     Step::Reassembled(kind)
+}
+
+/// The close a failed inflation calls for.
+fn inflate_failure(e: InflateError) -> Step {
+    match e {
+        InflateError::TooBig => {
+            Step::Fail(CloseCode::MESSAGE_TOO_BIG, "message too big once inflated")
+        }
+        InflateError::Invalid => Step::Fail(CloseCode::INVALID_PAYLOAD, "invalid compressed data"),
+        InflateError::Refused => {
+            Step::Fail(CloseCode::INVALID_PAYLOAD, "invalid UTF-8 in text message")
+        }
+    }
 }
 
 fn header_reason(e: HeaderError) -> &'static str {

@@ -608,3 +608,43 @@ fn an_agreed_connection_compresses_what_it_sends_when_it_gains() {
         .unwrap();
     assert!(!second.rsv1, "5 bytes sent as they are");
 }
+
+/// A compressed message that arrives in pieces is inflated as it comes: a
+/// bomb is refused at the fragment that passes the cap, bad text at the
+/// fragment that inflates it, before the message's last frame; the
+/// connection holds an inflater (charged) only while such a message is
+/// in progress.
+#[test]
+fn compressed_fragments_are_inflated_as_they_come() {
+    let bomb = crate::proto::deflate::compress(&vec![0u8; 8 << 20]).unwrap();
+    let (first, rest) = bomb.split_at(bomb.len() / 2);
+    let mut h = deflating(MAX);
+    h.feed(&compressed_frame(false, OpCode::Binary, first));
+    assert_eq!(
+        h.events,
+        [Ev::Failed(1009)],
+        "half the bomb already passes 1 MiB"
+    );
+    let _ = rest;
+    // Bad UTF-8 in the first fragment's output: refused there.
+    let mut text = b"ok ".repeat(100);
+    text.extend_from_slice(&[0xc0, 0x80]);
+    text.extend(b"more ".repeat(100));
+    let c = crate::proto::deflate::compress(&text).unwrap();
+    let mut h = deflating(MAX);
+    h.feed(&compressed_frame(false, OpCode::Text, &c));
+    assert_eq!(h.events, [Ev::Failed(1007)]);
+    // A good one: an inflater is held (and charged) between its frames
+    // only.
+    let good = "corecast ".repeat(500);
+    let c = crate::proto::deflate::compress(good.as_bytes()).unwrap();
+    let (a, b) = c.split_at(c.len() / 2);
+    let mut h = deflating(MAX);
+    assert_eq!(h.conn.buffered(), 0);
+    h.feed(&compressed_frame(false, OpCode::Text, a));
+    assert!(h.conn.buffered() >= crate::proto::deflate::INFLATER_BYTES);
+    h.feed(&frame(true, OpCode::Continuation, b));
+    assert_eq!(h.events, [Ev::Msg(MessageKind::Text, good.into_bytes())]);
+    h.feed(&frame(true, OpCode::Ping, b""));
+    assert_eq!(h.conn.buffered(), 0, "nothing held between messages");
+}
