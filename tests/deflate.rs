@@ -210,6 +210,19 @@ fn a_publication_is_compressed_once_and_shared_byte_identical() {
     for s in &mut deflating[1..] {
         assert_eq!(read_frame_rsv(s), first, "byte-identical");
     }
+    // Compressed once for a thousand subscribers on two workers.
+    let m = metrics(addr);
+    assert_eq!(
+        metric(&m, "corecast_publications_compressed_total"),
+        1,
+        "{m}"
+    );
+    let plain_frame = 4 + payload.len() as u64;
+    let compressed_frame = 4 + first.2.len() as u64;
+    assert_eq!(
+        metric(&m, "corecast_compressed_bytes_saved_total"),
+        plain_frame - compressed_frame
+    );
     assert_eq!(read_frame_rsv(&mut plain), (false, 1, payload.clone()));
     assert_eq!(read_frame_rsv(&mut small), (false, 1, payload.clone()));
     // A payload too short to gain goes uncompressed to everyone.

@@ -75,7 +75,7 @@ const CONNECTION_COUNTERS: [Counter; 8] = [
 
 /// Publication and delivery: messages published, frames and bytes sent,
 /// slow consumers, keepalive, publishers held back (mailbox full, rate).
-const DELIVERY_COUNTERS: [Counter; 18] = [
+const DELIVERY_COUNTERS: [Counter; 20] = [
     (
         "corecast_messages_published_total",
         "Messages published (WebSocket and HTTP publishers).",
@@ -105,6 +105,16 @@ const DELIVERY_COUNTERS: [Counter; 18] = [
         "corecast_publications_conflated_total",
         "Publications delivered to a conflating subscriber in place of older ones of their topic.",
         |w| &w.publications_conflated,
+    ),
+    (
+        "corecast_publications_compressed_total",
+        "Publication frames compressed for permessage-deflate subscribers, once per publication and form (those that would not shrink are not counted).",
+        |w| &w.publications_compressed,
+    ),
+    (
+        "corecast_compressed_bytes_saved_total",
+        "Bytes the compressed publication frames are smaller than the frames they stand for, once per publication and form.",
+        |w| &w.compressed_bytes_saved,
     ),
     (
         "corecast_recoveries_deferred_total",

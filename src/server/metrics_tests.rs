@@ -34,6 +34,8 @@ fn busy_workers() -> Vec<WorkerStats> {
         set(&w.frames_dropped);
         set(&w.publications_replaced);
         set(&w.publications_conflated);
+        set(&w.publications_compressed);
+        set(&w.compressed_bytes_saved);
         set(&w.recoveries_deferred);
         set(&w.recoveries_complete);
         set(&w.recoveries_incomplete);

@@ -97,6 +97,10 @@ pub struct WorkerStats {
     /// ones, and deliveries that replaced some.
     pub publications_replaced: AtomicU64,
     pub publications_conflated: AtomicU64,
+    /// Publication frames compressed for permessage-deflate subscribers
+    /// (once per publication and form), and the bytes that saved.
+    pub publications_compressed: AtomicU64,
+    pub compressed_bytes_saved: AtomicU64,
     /// Subscribes with `since` answered "recovery busy" (over
     /// `--max-recovery-rate`).
     pub recoveries_deferred: AtomicU64,
@@ -216,6 +220,12 @@ impl WorkerStats {
         if n > 0 {
             add(&self.publications_replaced, n);
         }
+    }
+
+    /// A publication frame compressed, `saved` bytes smaller than its base.
+    pub fn compressed(&self, saved: usize) {
+        bump(&self.publications_compressed);
+        add(&self.compressed_bytes_saved, saved as u64);
     }
 
     /// A delivery that replaced `replaced` older ones.

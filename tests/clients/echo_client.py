@@ -6,8 +6,11 @@ Python `websockets` library (an independent client): ws:// or wss://
 """
 
 import asyncio
+import http.client
+import json
 import ssl
 import sys
+import urllib.parse
 
 import websockets
 
@@ -32,7 +35,32 @@ async def main(url, cafile):
             await ws.send(data)
             got = await ws.recv()
             assert got == data, f"{size} binary bytes echoed wrong"
-    print(f"python websockets {websockets.__version__}: {url}: text and binary round trips OK ({ext})")
+    # Publications to a subscriber that agreed to permessage-deflate: the
+    # server compresses each once for all such subscribers.
+    sub_url = url.replace("/echo", "/ws?topics=py.deflate")
+    async with websockets.connect(sub_url, ssl=context, max_size=None) as sub:
+        headers = sub.response.headers if getattr(sub, "response", None) else sub.response_headers
+        assert headers.get("Sec-WebSocket-Extensions", "").startswith("permessage-deflate")
+        await asyncio.sleep(0.2)
+        parts = urllib.parse.urlsplit(url)
+        sent = []
+        for i in range(3):
+            body = json.dumps(
+                [{"sym": f"SYM{j}", "bid": 100 + i + j / 100, "ask": 100.5 + i + j / 100} for j in range(40)]
+            )
+            conn = (
+                http.client.HTTPSConnection(parts.hostname, parts.port, context=context)
+                if parts.scheme == "wss"
+                else http.client.HTTPConnection(parts.hostname, parts.port)
+            )
+            conn.request("POST", "/publish/py.deflate", body, {"Content-Type": "text/plain"})
+            assert conn.getresponse().status == 204
+            conn.close()
+            sent.append(body)
+        for want in sent:
+            got = await asyncio.wait_for(sub.recv(), 10)
+            assert got == want, "a publication arrived changed"
+    print(f"python websockets {websockets.__version__}: {url}: text and binary round trips OK, 3 publications of {len(sent[0])} B received ({ext})")
 
 
 if __name__ == "__main__":

@@ -128,9 +128,14 @@ impl<S> Core<S> {
         self.release_due_tables();
         self.release_idle_tables();
         // Envelopes built here are charged here, like published frames.
+        let stats = &self.shared.stats[self.id];
         for (p, form) in self.built.drain(..) {
             let topic = self.shard.local_id(&p);
             self.shard.charge_built(topic, &p.msg, form);
+            if form.is_deflated() {
+                let len = |f: Form| p.msg.frame_of(f).map_or(0, Bytes::len);
+                stats.compressed(len(form.base()).saturating_sub(len(form)));
+            }
         }
         // What the tables took this turn counts now, not at the next turn.
         self.sync_shard_charge();
