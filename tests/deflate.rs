@@ -9,7 +9,7 @@ mod common;
 
 use common::*;
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
@@ -44,26 +44,10 @@ fn extensions_of(head: &str) -> Option<&str> {
 
 /// A server frame with its RSV1 bit: (rsv1, opcode, payload as sent).
 fn read_frame_rsv(s: &mut TcpStream) -> (bool, u8, Vec<u8>) {
-    let mut h = [0u8; 2];
-    s.read_exact(&mut h).expect("frame header");
-    assert_eq!(h[0] & 0x30, 0, "RSV2/3 clear");
-    assert_eq!(h[0] & 0x80, 0x80, "unfragmented");
-    let len = match h[1] & 0x7f {
-        126 => {
-            let mut b = [0u8; 2];
-            s.read_exact(&mut b).unwrap();
-            u16::from_be_bytes(b) as usize
-        }
-        127 => {
-            let mut b = [0u8; 8];
-            s.read_exact(&mut b).unwrap();
-            u64::from_be_bytes(b) as usize
-        }
-        n => n as usize,
-    };
-    let mut p = vec![0u8; len];
-    s.read_exact(&mut p).unwrap();
-    (h[0] & 0x40 != 0, h[0] & 0x0f, p)
+    let (b0, p) = read_frame_head_byte(s);
+    assert_eq!(b0 & 0x30, 0, "RSV2/3 clear");
+    assert_eq!(b0 & 0x80, 0x80, "unfragmented");
+    (b0 & 0x40 != 0, b0 & 0x0f, p)
 }
 
 /// Inflates a message's deflate data (the 4-byte tail added back).

@@ -17,6 +17,7 @@
 //! Sans-IO: bytes in, bytes out. The compressor and the inflater are
 //! per thread (each worker's), reset before each message.
 
+use super::frame::{OpCode, compressed_server_frame, server_frame};
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 use std::cell::RefCell;
 
@@ -302,6 +303,18 @@ fn feed(
         if consumed == 0 && d.total_out() == was_out && out.len() < out.capacity() {
             return Err(InflateError::Invalid); // stuck: cannot happen with valid data
         }
+    }
+}
+
+/// One unfragmented server frame for a message: compressed (RSV1) when
+/// `agreed` allows it for this length and it shrinks, else plain.
+pub fn message_frame(agreed: Option<Agreed>, opcode: OpCode, payload: &[u8]) -> Vec<u8> {
+    match agreed
+        .filter(|a| a.compresses(payload.len()))
+        .and_then(|_| compress(payload))
+    {
+        Some(c) => compressed_server_frame(opcode, &c),
+        None => server_frame(opcode, payload),
     }
 }
 

@@ -17,9 +17,7 @@
 //! `decode` and its steps are in `ws_decode.rs`.
 
 use super::deflate::{self, Agreed, Inflater};
-use super::frame::{
-    CloseCode, MAX_HEADER_LEN, OpCode, close_payload, compressed_server_frame, server_frame,
-};
+use super::frame::{CloseCode, MAX_HEADER_LEN, OpCode, close_payload, server_frame};
 use super::outbound::OutQueue;
 use super::rate::TokenBucket;
 use super::utf8::Utf8Validator;
@@ -281,14 +279,11 @@ impl WsConn {
         if !self.can_send() {
             return false;
         }
-        let compressed = self
-            .deflate
-            .filter(|a| a.compresses(payload.len()))
-            .and_then(|_| deflate::compress(payload));
-        out.push(Bytes::from(match compressed {
-            Some(c) => compressed_server_frame(kind.opcode(), &c),
-            None => server_frame(kind.opcode(), payload),
-        }));
+        out.push(Bytes::from(deflate::message_frame(
+            self.deflate,
+            kind.opcode(),
+            payload,
+        )));
         true
     }
 

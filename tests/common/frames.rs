@@ -64,6 +64,12 @@ pub fn masked(payload: &[u8], offset: usize) -> Vec<u8> {
 
 /// A server frame: (fin, opcode, payload).
 pub fn read_frame(s: &mut TcpStream) -> (bool, u8, Vec<u8>) {
+    let (b0, p) = read_frame_head_byte(s);
+    (b0 & 0x80 != 0, b0 & 0x0f, p)
+}
+
+/// A server frame: its first byte (FIN, RSV1-3, opcode) and its payload.
+pub fn read_frame_head_byte(s: &mut TcpStream) -> (u8, Vec<u8>) {
     let mut h = [0u8; 2];
     s.read_exact(&mut h).expect("frame header");
     assert_eq!(h[1] & 0x80, 0, "server frames must not be masked");
@@ -82,7 +88,7 @@ pub fn read_frame(s: &mut TcpStream) -> (bool, u8, Vec<u8>) {
     };
     let mut p = vec![0u8; len];
     s.read_exact(&mut p).unwrap();
-    (h[0] & 0x80 != 0, h[0] & 0x0f, p)
+    (h[0], p)
 }
 
 /// Reads the server's close frame and returns its code.

@@ -22,7 +22,7 @@ mod publish;
 mod request;
 mod subscriber;
 
-use crate::proto::frame::{compressed_server_frame, server_frame};
+use crate::proto::frame::server_frame;
 use crate::proto::handshake::{self, HeadScanner, Reject, Status};
 use crate::proto::rate::TokenBucket;
 use crate::proto::{CloseCode, CloseState, Event, MessageKind, OutQueue, WsConn};
@@ -379,13 +379,9 @@ impl Session {
                     Role::Echo => {
                         ctx.stats.message_echoed();
                         // Compressed per message when agreed and it gains.
-                        let compressed = deflate
-                            .filter(|a| a.compresses(payload.len()))
-                            .and_then(|_| crate::proto::deflate::compress(payload));
-                        Some(Reply::Frame(match compressed {
-                            Some(c) => Bytes::from(compressed_server_frame(kind.opcode(), &c)),
-                            None => encode(kind, payload),
-                        }))
+                        Some(Reply::Frame(Bytes::from(
+                            crate::proto::deflate::message_frame(deflate, kind.opcode(), payload),
+                        )))
                     }
                     Role::Subscriber { .. } if kind == MessageKind::Text => {
                         Some(Reply::Control(payload.to_vec()))

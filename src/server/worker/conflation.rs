@@ -422,35 +422,30 @@ impl<S> Core<S> {
             return;
         }
         let serial = conn.serial;
-        let rates = match self.tables.rates.entry(key) {
-            std::collections::hash_map::Entry::Occupied(e) if e.get().serial == serial => {
-                e.into_mut()
-            }
-            e => {
-                let mut fresh = Rates {
-                    serial,
-                    exact: HashMap::new(),
-                    patterns: Vec::new(),
+        if self
+            .tables
+            .rates
+            .get(&key)
+            .is_none_or(|r| r.serial != serial)
+        {
+            let mut fresh = Rates {
+                serial,
+                exact: HashMap::new(),
+                patterns: Vec::new(),
+            };
+            for s in conn.session.subscriptions() {
+                let name = if s.is_pattern() {
+                    self.shard.pattern_name(s.topic())
+                } else {
+                    self.shard.topic_name(s.topic())
                 };
-                for s in conn.session.subscriptions() {
-                    let name = if s.is_pattern() {
-                        self.shard.pattern_name(s.topic())
-                    } else {
-                        self.shard.topic_name(s.topic())
-                    };
-                    if let Some(name) = name {
-                        fresh.set(name, None);
-                    }
-                }
-                match e {
-                    std::collections::hash_map::Entry::Occupied(mut o) => {
-                        o.insert(fresh);
-                        o.into_mut()
-                    }
-                    std::collections::hash_map::Entry::Vacant(v) => v.insert(fresh),
+                if let Some(name) = name {
+                    fresh.set(name, None);
                 }
             }
-        };
+            self.tables.rates.insert(key, fresh);
+        }
+        let rates = self.tables.rates.get_mut(&key).expect("just listed");
         for name in names {
             rates.set(name, interval);
         }
