@@ -152,7 +152,9 @@ pub enum InflateError {
     /// It inflates past the cap (a decompression bomb, or just too big):
     /// 1009. At most the cap and one byte were inflated.
     TooBig,
-    /// Not valid deflate data: 1007.
+    /// Not valid deflate data: 1002. The message broke the encoding the
+    /// extension agreed on (a protocol error, as Python `websockets` has
+    /// it), not its type; text that inflates to bad UTF-8 is the 1007 case.
     Invalid,
     /// The caller's check refused inflated bytes (text that is not
     /// UTF-8: 1007). Checked before the cap, so where a message fails does

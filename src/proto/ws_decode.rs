@@ -428,7 +428,7 @@ fn inflate_failure(e: InflateError) -> Step {
         InflateError::TooBig => {
             Step::Fail(CloseCode::MESSAGE_TOO_BIG, "message too big once inflated")
         }
-        InflateError::Invalid => Step::Fail(CloseCode::INVALID_PAYLOAD, "invalid compressed data"),
+        InflateError::Invalid => Step::Fail(CloseCode::PROTOCOL_ERROR, "invalid compressed data"),
         InflateError::Refused => {
             Step::Fail(CloseCode::INVALID_PAYLOAD, "invalid UTF-8 in text message")
         }

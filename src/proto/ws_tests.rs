@@ -566,11 +566,17 @@ fn compression_rules_close_with_their_codes() {
         &compressed_frame(true, OpCode::Ping, b""),
         1002,
     );
-    // Not deflate data: 1007. Invalid UTF-8 once inflated: 1007.
+    // Not deflate data: 1002 (also Autobahn 3.4's "Hello, world!" with
+    // RSV1, once the extension is agreed). Invalid UTF-8 once inflated: 1007.
     fail(
         deflating(MAX),
         &compressed_frame(true, OpCode::Binary, &[0xff; 8]),
-        1007,
+        1002,
+    );
+    fail(
+        deflating(MAX),
+        &compressed_frame(true, OpCode::Text, b"Hello, world!"),
+        1002,
     );
     let bad = crate::proto::deflate::compress(&[0xc0; 200]).unwrap();
     fail(
