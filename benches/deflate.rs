@@ -17,6 +17,13 @@
 //! One iteration handles all 400 messages; throughput is uncompressed
 //! bytes. Compressed sizes are printed before the timings.
 //!
+//! `deflate/small` measures where compressing stops paying
+//! (`proto::deflate::COMPRESS_FROM`): the first N bytes of every corpus
+//! message (JSON text with the corpus's byte statistics), compressed by the
+//! server's `compress`, for N from 16 to 512; the printed table gives each
+//! N's mean compressed size (a message that does not shrink is counted at
+//! its own size, since it goes out uncompressed) and how many shrink.
+//!
 //! Run: `cargo bench --bench deflate`.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -219,5 +226,47 @@ fn bench_inflate(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_compress, bench_inflate);
+const SMALL: [usize; 8] = [16, 32, 48, 64, 96, 128, 256, 512];
+
+fn bench_small(c: &mut Criterion) {
+    let messages = messages();
+    println!("deflate/small: the first N bytes of each corpus message, server compress:");
+    println!("  N     shrink  mean size sent  saved per message");
+    for n in SMALL {
+        let mut sent = 0;
+        let mut shrunk = 0;
+        for m in &messages {
+            match corecast::proto::deflate::compress(&m[..n]) {
+                Some(c) => {
+                    shrunk += 1;
+                    sent += c.len();
+                }
+                None => sent += n,
+            }
+        }
+        let mean = sent as f64 / messages.len() as f64;
+        println!(
+            "  {n:<5} {:>5.1} %  {mean:>8.1} B      {:>6.1} B ({:.0} %)",
+            100.0 * shrunk as f64 / messages.len() as f64,
+            n as f64 - mean,
+            100.0 * (1.0 - mean / n as f64)
+        );
+    }
+    let mut g = c.benchmark_group("deflate/small");
+    configure(&mut g);
+    // Time per message: one iteration compresses one prefix of each message.
+    g.throughput(Throughput::Elements(messages.len() as u64));
+    for n in SMALL {
+        g.bench_function(format!("server/{n}B"), |b| {
+            b.iter(|| {
+                for m in &messages {
+                    black_box(corecast::proto::deflate::compress(&m[..n]));
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_compress, bench_inflate, bench_small);
 criterion_main!(benches);
