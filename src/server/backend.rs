@@ -75,6 +75,10 @@ pub(super) trait Backend {
     /// Stops accepting new connections (shutdown).
     fn stop_accepting(&mut self);
 
+    /// The core's periodic sweep ran: the backend's own (TLS sessions let
+    /// the keys of quiet connections go).
+    fn sweep(&mut self) {}
+
     /// A deadline of the backend's own, besides the core's (accept retry).
     fn deadline(&self) -> Option<Instant> {
         None
@@ -148,7 +152,10 @@ pub(super) fn end_of_turn<B: Backend>(backend: &mut B) {
     let core = backend.core();
     core.observe_written(Instant::now());
     core.unthrottle();
-    core.keepalive();
+    if core.keepalive() {
+        backend.sweep();
+    }
+    let core = backend.core();
     let now = core.now();
     for (key, serial) in core.expire(now) {
         if backend.core().is_current(key, serial) {

@@ -2,7 +2,8 @@
 # Real, independent clients against a release build of corecast, over ws://
 # and wss://, on each backend: Python `websockets`, Node `ws` and headless
 # Chromium each round-trip text and binary through /echo; over wss://,
-# OpenSSL's s_client asks to renegotiate and must be refused. Then our
+# OpenSSL's s_client asks to renegotiate and must be refused, and updates
+# its TLS 1.3 keys, which must be followed. Then our
 # JavaScript client (clients/js/corecast.mjs) in Node (a dropped connection
 # recovered, a last value, a server restart) and in Chromium (a dropped
 # connection recovered, a last value). Installs what it
@@ -109,6 +110,21 @@ for io in ${BACKENDS:-epoll uring}; do
       else
         echo "openssl s_client: $url: renegotiation was not refused:" >&2
         printf '%s\n' "$reneg" | tail -5 >&2
+        exit 1
+      fi
+      # OpenSSL as a TLS 1.3 client updates its keys asking for ours ("K"),
+      # then without asking ("k"), a request after each: our record layer
+      # (src/server/tls/record.rs) answers the first with one KeyUpdate of
+      # its own and reads both requests under the new keys.
+      ku=$( (sleep 0.5; printf 'K\n'; sleep 0.3; printf 'GET /healthz HTTP/1.1\nHost: x\n\n'; sleep 1
+        printf 'k\n'; sleep 0.3; printf 'GET /healthz HTTP/1.1\nHost: x\n\n'; sleep 1) \
+        | timeout 10 openssl s_client -connect "127.0.0.1:$PORT" -tls1_3 -crlf -msg 2>&1 || true)
+      if [ "$(printf '%s\n' "$ku" | grep -c '^<<< TLS 1.3, Handshake \[length 0005\], KeyUpdate')" = 1 ] \
+        && [ "$(printf '%s\n' "$ku" | grep -c '^HTTP/1.1 200 OK')" = 2 ]; then
+        echo "openssl s_client: $url: TLS 1.3 key updates (asked for and not) are followed, one answered"
+      else
+        echo "openssl s_client: $url: TLS 1.3 key updates not handled:" >&2
+        printf '%s\n' "$ku" | grep -E "KeyUpdate|HTTP/1.1|alert" >&2
         exit 1
       fi
     fi

@@ -334,6 +334,12 @@ impl Backend for Worker {
         self.events = events;
     }
 
+    fn sweep(&mut self) {
+        for s in self.tls.values_mut() {
+            s.sweep();
+        }
+    }
+
     fn before_end_of_turn(&mut self) {
         if self.accept_again {
             self.accept_again = false;

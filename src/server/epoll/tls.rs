@@ -30,6 +30,11 @@ impl Session {
         self.charged
     }
 
+    /// A sweep period ended: quiet sessions let their keys' contexts go.
+    pub(super) fn sweep(&mut self) {
+        self.tls.sweep();
+    }
+
     /// Re-measures what the session holds; returns (charged before, now).
     fn recharge(&mut self) -> (usize, usize) {
         let now = self.tls.held() + self.wire.capacity();

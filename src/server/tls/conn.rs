@@ -2,12 +2,17 @@
 //! backend hands it ciphertext (bytes a socket read or the kernel placed in
 //! a buffer) and takes plaintext for the core; it hands it the queue's
 //! plaintext and takes ciphertext for the socket, in a [`Wire`] the backend
-//! owns. rustls holds no buffer of its own here, so an idle session is
-//! rustls' state alone (keys and sequence numbers, ~2.3 KB: measured by
-//! the unit test `an_idle_session_holds_no_buffer`); every byte this module
+//! owns. rustls holds no buffer of its own here; every byte this module
 //! buffers is in a `Vec` that is freed when empty and counted by
 //! [`TlsConn::held`] for the worker's budget.
+//!
+//! Once a TLS 1.3 handshake is over, the session leaves rustls: its
+//! traffic keys go to [`Records`] (`record.rs`), and rustls' connection,
+//! state machine and key schedule are dropped, so an idle session is two
+//! AEAD keys and rustls' `KernelConnection` (for key updates). TLS 1.2
+//! sessions stay with rustls to the end.
 
+use super::record::{self, Opened, Records};
 use rustls::ServerConfig;
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{
@@ -155,9 +160,21 @@ impl Wire {
     }
 }
 
+/// Who protects the session's records.
+enum Session {
+    /// rustls: the handshake, and TLS 1.2 sessions throughout.
+    Rustls(Box<UnbufferedServerConnection>),
+    /// An established TLS 1.3 session: our record layer.
+    Own(Box<Records>),
+    /// Neither: the hand-over failed (the session failed with it).
+    Gone,
+}
+
 /// One connection's TLS session.
 pub struct TlsConn {
-    conn: UnbufferedServerConnection,
+    session: Session,
+    /// The handshake resumed an earlier session (known once established).
+    resumed: bool,
     /// Ciphertext received and not processed yet: a partial record, or
     /// fragments of a handshake message (empty and unallocated otherwise).
     incoming: Vec<u8>,
@@ -173,6 +190,8 @@ pub struct TlsConn {
     established: bool,
     /// The client sent its `close_notify`.
     peer_closed: bool,
+    /// Our `close_notify` was queued: nothing more is encrypted.
+    sent_close: bool,
     /// The session failed; nothing more is processed.
     failed: bool,
     /// Ciphertext read while the handshake was not complete, and how much
@@ -271,10 +290,11 @@ fn seal(w: &mut WriteTraffic<'_, ServerConnectionData>, data: &[u8], sink: &mut 
 /// Encrypts from the front of `bufs` into `sink` while it holds less than
 /// `limit`: runs of small chunks (frames) are copied to share records, a
 /// large chunk is encrypted from its own bytes and starts a record (a
-/// client's frame reader finds it at a record boundary). Returns the
-/// plaintext bytes taken, `None` if rustls refused (keys exhausted).
+/// client's frame reader finds it at a record boundary). `seal` seals one
+/// slice (rustls' or our record layer). Returns the plaintext bytes taken,
+/// `None` if `seal` refused (keys exhausted).
 fn seal_queue(
-    w: &mut WriteTraffic<'_, ServerConnectionData>,
+    seal: &mut dyn FnMut(&[u8], &mut Wire) -> bool,
     bufs: &[IoSlice<'_>],
     sink: &mut Wire,
     limit: usize,
@@ -286,7 +306,7 @@ fn seal_queue(
             let rest = &bufs[i][off..];
             let records = ((limit - sink.len()) / (MAX_RECORD_PLAINTEXT + RECORD_OVERHEAD)).max(1);
             let n = rest.len().min(records * MAX_RECORD_PLAINTEXT);
-            if !seal(w, &rest[..n], sink) {
+            if !seal(&rest[..n], sink) {
                 return None;
             }
             taken += n;
@@ -300,7 +320,7 @@ fn seal_queue(
             // A small chunk alone (the last, or before a large one): its
             // record is sealed from its own bytes, no copy to the stage.
             let rest = &bufs[i][off..];
-            if !seal(w, rest, sink) {
+            if !seal(rest, sink) {
                 return None;
             }
             taken += rest.len();
@@ -319,7 +339,7 @@ fn seal_queue(
                 }
             }
             taken += stage.len();
-            stage.is_empty() || seal(w, stage, sink)
+            stage.is_empty() || seal(stage, sink)
         });
         if !sealed {
             return None;
@@ -420,13 +440,55 @@ fn alert(conn: &mut UnbufferedServerConnection, sink: &mut Wire) {
     }
 }
 
+/// Seals `data` with our record layer into `sink`.
+fn seal_own(records: &mut Records, data: &[u8], sink: &mut Wire) -> bool {
+    let want = data.len() + Records::overhead(data.len());
+    fill(sink, want, |room| {
+        records.seal(data, room).map_err(|_| None)
+    })
+}
+
+/// Seals alert `description` with our record layer into `sink`.
+fn alert_own(records: &mut Records, description: u8, sink: &mut Wire) {
+    fill(sink, Records::overhead(2) + 2, |room| {
+        records.seal_alert(description, room).map_err(|_| None)
+    });
+}
+
+/// Opens every complete record at the front of `buf` with our record
+/// layer: application data to `plain`; stops after the client's
+/// `close_notify` (setting `closed`; what follows it is ignored). Returns
+/// the bytes consumed (a partial record stays).
+fn open_all(
+    records: &mut Records,
+    buf: &mut [u8],
+    plain: &mut Vec<u8>,
+    closed: &mut bool,
+) -> Result<usize, record::Fatal> {
+    let mut at = 0;
+    while let Some(len) = Records::complete(&buf[at..])? {
+        let one = &mut buf[at..at + len];
+        match records.open(one)? {
+            Opened::Data(range) => plain.extend_from_slice(&one[range]),
+            Opened::Nothing => {}
+            Opened::Closed => {
+                *closed = true;
+                return Ok(buf.len());
+            }
+        }
+        at += len;
+    }
+    Ok(at)
+}
+
 impl TlsConn {
     /// A session for a new connection under `config`; its client may send
     /// [`MAX_HANDSHAKE_FLIGHT_BYTES`](super::MAX_HANDSHAKE_FLIGHT_BYTES)
     /// plus `max_head` bytes before its handshake completes.
     pub fn new(config: Arc<ServerConfig>, max_head: usize) -> Result<Self, rustls::Error> {
         Ok(Self {
-            conn: UnbufferedServerConnection::new(config)?,
+            session: Session::Rustls(Box::new(UnbufferedServerConnection::new(config)?)),
+            resumed: false,
             incoming: Vec::new(),
             plain: Vec::new(),
             plain_at: 0,
@@ -434,13 +496,14 @@ impl TlsConn {
             first: None,
             established: false,
             peer_closed: false,
+            sent_close: false,
             failed: false,
             handshake_read: 0,
             handshake_limit: super::MAX_HANDSHAKE_FLIGHT_BYTES + max_head,
         })
     }
 
-    /// Bytes this session holds in its buffers (rustls' own state aside):
+    /// Bytes this session holds in its buffers (its keys and state aside):
     /// what the worker's budget is charged for it. Zero while idle.
     pub fn held(&self) -> usize {
         self.incoming.capacity() + self.plain.capacity() + self.pending.capacity()
@@ -448,7 +511,17 @@ impl TlsConn {
 
     /// The handshake has completed.
     pub fn is_established(&self) -> bool {
-        self.established || !self.conn.is_handshaking()
+        self.established
+            || match &self.session {
+                Session::Rustls(conn) => !conn.is_handshaking(),
+                Session::Own(_) | Session::Gone => true,
+            }
+    }
+
+    /// Our record layer protects the session (a TLS 1.3 session after its
+    /// handshake).
+    pub fn is_own_records(&self) -> bool {
+        matches!(self.session, Session::Own(_))
     }
 
     /// Processes ciphertext the client sent: decrypted bytes wait for
@@ -473,13 +546,19 @@ impl TlsConn {
             self.plain.drain(..self.plain_at);
             self.plain_at = 0;
         }
+        if self.is_own_records() {
+            return self.receive_own(data);
+        }
         let Self {
-            conn,
+            session,
             incoming,
             plain,
             pending,
             ..
         } = self;
+        let Session::Rustls(conn) = session else {
+            return Err(Failure::Protocol);
+        };
         let mut nothing = |_: &mut WriteTraffic<'_, ServerConnectionData>, _: &mut Wire| true;
         let stop = if incoming.is_empty() {
             let (used, stop) = run(conn, data, plain, pending, &mut nothing);
@@ -504,7 +583,81 @@ impl TlsConn {
                 if self.is_established() && self.incoming.len() > INCOMING_LIMIT {
                     return Err(self.fail());
                 }
+                if matches!(stop, Stop::Ready) {
+                    self.hand_over()?;
+                }
                 Ok(())
+            }
+        }
+    }
+
+    /// An established TLS 1.3 session leaves rustls for our record layer
+    /// (at the point where rustls would take application data: every
+    /// record it had was processed and nothing of its own waits).
+    fn hand_over(&mut self) -> Result<(), Failure> {
+        let Session::Rustls(conn) = &self.session else {
+            return Ok(());
+        };
+        if conn.is_handshaking()
+            || !matches!(
+                conn.negotiated_cipher_suite(),
+                Some(rustls::SupportedCipherSuite::Tls13(_))
+            )
+        {
+            return Ok(());
+        }
+        self.resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        let Session::Rustls(conn) = std::mem::replace(&mut self.session, Session::Gone) else {
+            return Ok(());
+        };
+        match conn.dangerous_into_kernel_connection() {
+            Ok((secrets, kernel)) => match Records::new(secrets, kernel) {
+                Ok(records) => {
+                    self.session = Session::Own(Box::new(records));
+                    Ok(())
+                }
+                Err(_) => Err(self.fail()),
+            },
+            Err(_) => Err(self.fail()),
+        }
+    }
+
+    /// [`Self::receive`] once our record layer has the session.
+    fn receive_own(&mut self, data: &mut [u8]) -> Result<(), Failure> {
+        if self.peer_closed {
+            return Ok(());
+        }
+        let Self {
+            session,
+            incoming,
+            plain,
+            pending,
+            peer_closed,
+            ..
+        } = self;
+        let Session::Own(records) = session else {
+            return Err(Failure::Protocol);
+        };
+        let opened = if incoming.is_empty() {
+            open_all(records, data, plain, peer_closed).map(|used| {
+                incoming.extend_from_slice(&data[used..]);
+            })
+        } else {
+            incoming.extend_from_slice(data);
+            open_all(records, incoming, plain, peer_closed).map(|used| {
+                incoming.drain(..used);
+            })
+        };
+        if incoming.is_empty() {
+            *incoming = Vec::new();
+        }
+        match opened {
+            Ok(()) => Ok(()),
+            Err(fatal) => {
+                if let Some(description) = fatal.alert() {
+                    alert_own(records, description, pending);
+                }
+                Err(self.fail())
             }
         }
     }
@@ -532,11 +685,14 @@ impl TlsConn {
     /// The handshake completed since the last call (once per session):
     /// `Some(resumed)`, `resumed` when it resumed an earlier session.
     pub fn just_established(&mut self) -> Option<bool> {
-        if self.established || self.conn.is_handshaking() {
+        if self.established || !self.is_established() {
             return None;
         }
         self.established = true;
-        Some(self.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed))
+        Some(match &self.session {
+            Session::Rustls(conn) => conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+            Session::Own(_) | Session::Gone => self.resumed,
+        })
     }
 
     /// Moves decrypted bytes into `buf`; 0 when none is ready.
@@ -587,7 +743,13 @@ impl TlsConn {
 
     /// Application data can be encrypted (the handshake is over).
     pub fn can_encrypt(&self) -> bool {
-        !self.failed && !self.conn.is_handshaking()
+        !self.failed
+            && !self.sent_close
+            && match &self.session {
+                Session::Rustls(conn) => !conn.is_handshaking(),
+                Session::Own(_) => true,
+                Session::Gone => false,
+            }
     }
 
     /// Encrypts from the front of `bufs` into `wire` (after what rustls
@@ -599,9 +761,20 @@ impl TlsConn {
         if bufs.is_empty() || !self.can_encrypt() || wire.len() >= limit {
             return 0;
         }
+        if let Session::Own(records) = &mut self.session {
+            let mut sealer = |data: &[u8], sink: &mut Wire| seal_own(records, data, sink);
+            return match seal_queue(&mut sealer, bufs, wire, limit) {
+                Some(taken) => taken,
+                None => {
+                    self.fail();
+                    0
+                }
+            };
+        }
         let mut taken = None;
         let mut write = |w: &mut WriteTraffic<'_, ServerConnectionData>, sink: &mut Wire| {
-            taken = seal_queue(w, bufs, sink, limit);
+            let mut sealer = |data: &[u8], sink: &mut Wire| seal(w, data, sink);
+            taken = seal_queue(&mut sealer, bufs, sink, limit);
             taken.is_some()
         };
         if matches!(self.at_write_point(Some(wire), &mut write), Stop::Failed) {
@@ -617,20 +790,45 @@ impl TlsConn {
     /// `sink`, or to `pending` without one.
     fn at_write_point(&mut self, sink: Option<&mut Wire>, write: &mut Writer<'_>) -> Stop {
         let Self {
-            conn,
+            session,
             incoming,
             plain,
             pending,
             ..
         } = self;
+        let Session::Rustls(conn) = session else {
+            return Stop::Failed;
+        };
         let (used, stop) = run(conn, incoming, plain, sink.unwrap_or(pending), write);
         incoming.drain(..used);
         stop
     }
 
+    /// A sweep period ended (the worker's periodic sweep): an established
+    /// TLS 1.3 session not busy in it lets its AEAD contexts go.
+    pub fn sweep(&mut self) {
+        if let Session::Own(records) = &mut self.session {
+            records.sweep();
+        }
+    }
+
+    /// Whether our record layer's (receive, send) AEAD contexts are built.
+    #[cfg(test)]
+    fn built(&self) -> Option<(bool, bool)> {
+        match &self.session {
+            Session::Own(records) => Some(records.built()),
+            _ => None,
+        }
+    }
+
     /// Queues the `close_notify` alert for [`Self::take_pending`].
     pub fn close(&mut self) {
         if !self.can_encrypt() {
+            return;
+        }
+        self.sent_close = true;
+        if let Session::Own(records) = &mut self.session {
+            alert_own(records, 0, &mut self.pending);
             return;
         }
         let mut write = |w: &mut WriteTraffic<'_, ServerConnectionData>, sink: &mut Wire| {
@@ -648,23 +846,34 @@ mod tests {
     use std::io::{Read, Write};
 
     fn configs() -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
+        configs_with(rustls::DEFAULT_VERSIONS)
+    }
+
+    /// The client offers `versions`, and its keys can be taken out (to
+    /// write records a rustls client would not).
+    fn configs_with(
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
         let rcgen::CertifiedKey { cert, signing_key } =
             rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
         let key = rustls::pki_types::PrivateKeyDer::try_from(signing_key.serialize_der()).unwrap();
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let server = ServerConfig::builder_with_provider(provider.clone())
+        let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_no_client_auth()
             .with_single_cert(vec![cert.der().clone()], key)
             .unwrap();
+        // As `tls::load` sets it: TLS 1.3 sessions move to `record.rs`.
+        server.enable_secret_extraction = true;
         let mut roots = rustls::RootCertStore::empty();
         roots.add(cert.der().clone()).unwrap();
-        let client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
+        client.enable_secret_extraction = true;
         (Arc::new(server), Arc::new(client))
     }
 
@@ -679,8 +888,14 @@ mod tests {
     }
 
     impl Pair {
+        /// A TLS 1.3 session: past its handshake, our record layer has it.
         fn new() -> Self {
-            let (server, client) = configs();
+            let pair = Self::with(configs());
+            assert!(pair.server.is_own_records(), "TLS 1.3 leaves rustls");
+            pair
+        }
+
+        fn with((server, client): (Arc<ServerConfig>, Arc<rustls::ClientConfig>)) -> Self {
             let mut pair = Pair {
                 server: TlsConn::new(server, 8192).unwrap(),
                 client: rustls::ClientConnection::new(client, "localhost".try_into().unwrap())
@@ -724,6 +939,89 @@ mod tests {
 
         fn client_reads(&mut self) -> Vec<u8> {
             std::mem::take(&mut self.got)
+        }
+
+        /// The client's pending ciphertext.
+        fn client_sends(&mut self) -> Vec<u8> {
+            let mut up = Vec::new();
+            while self.client.wants_write() {
+                self.client.write_tls(&mut up).unwrap();
+            }
+            up
+        }
+
+        /// The server encrypts `data`; the client must read it back.
+        fn round_trip_down(&mut self, data: &[u8]) {
+            let n = self
+                .server
+                .encrypt(&[IoSlice::new(data)], &mut self.wire, CIPHERTEXT_LIMIT);
+            assert_eq!(n, data.len());
+            let sent = self.wire.pending().to_vec();
+            self.wire.consume(sent.len());
+            self.deliver(&sent);
+            assert_eq!(self.client_reads(), data);
+        }
+
+        /// The server's failure reaches the client as `alert`.
+        fn client_gets_alert(&mut self, alert: rustls::AlertDescription) {
+            let mut wire = Wire::default();
+            self.server.take_pending(&mut wire);
+            let mut down = wire.pending();
+            assert!(!down.is_empty(), "an alert was sent");
+            self.client.read_tls(&mut down).unwrap();
+            match self.client.process_new_packets() {
+                Err(rustls::Error::AlertReceived(a)) => assert_eq!(a, alert),
+                other => panic!("client saw {other:?}, not {alert:?}"),
+            }
+        }
+    }
+
+    /// Records a rustls client would never send, sealed with its keys.
+    struct Forger {
+        key: aws_lc_rs::aead::LessSafeKey,
+        iv: [u8; 12],
+        seq: u64,
+    }
+
+    impl Forger {
+        /// Takes the client's keys (the pair's client is spent).
+        fn take(p: Pair) -> (TlsConn, Forger) {
+            let secrets = p.client.dangerous_extract_secrets().unwrap();
+            let (seq, tx) = secrets.tx;
+            let rustls::ConnectionTrafficSecrets::Aes256Gcm { key, iv } = tx else {
+                panic!("the default client agrees on AES-256-GCM")
+            };
+            let key = aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_256_GCM, key.as_ref())
+                .unwrap();
+            let forger = Forger {
+                key: aws_lc_rs::aead::LessSafeKey::new(key),
+                iv: iv.as_ref().try_into().unwrap(),
+                seq,
+            };
+            (p.server, forger)
+        }
+
+        /// One record: outer type 23, `inner` (content, type, padding).
+        fn record(&mut self, inner: &[u8]) -> Vec<u8> {
+            let len = (inner.len() + 16) as u16;
+            let mut out = vec![23, 3, 3];
+            out.extend(len.to_be_bytes());
+            let mut nonce = self.iv;
+            for (n, s) in nonce[4..].iter_mut().zip(self.seq.to_be_bytes()) {
+                *n ^= s;
+            }
+            self.seq += 1;
+            let mut body = inner.to_vec();
+            let aad: [u8; 5] = out[..5].try_into().unwrap();
+            self.key
+                .seal_in_place_append_tag(
+                    aws_lc_rs::aead::Nonce::assume_unique_for_key(nonce),
+                    aws_lc_rs::aead::Aad::from(aad),
+                    &mut body,
+                )
+                .unwrap();
+            out.extend(body);
+            out
         }
     }
 
@@ -907,6 +1205,176 @@ mod tests {
         let mut c = Wire::default();
         c.extend(b"x");
         assert!(c.capacity() <= POOLED_WIRE_MAX_BYTES);
+    }
+
+    #[test]
+    fn a_quiet_session_keeps_key_bytes_only_and_a_busy_one_its_contexts() {
+        let mut p = Pair::new();
+        // One message each way after the handshake: built for it, let go.
+        p.client.writer().write_all(b"GET").unwrap();
+        p.pump();
+        let mut buf = [0u8; 8];
+        assert_eq!(p.server.read_plain(&mut buf), 3);
+        p.round_trip_down(b"101");
+        assert_eq!(
+            p.server.built(),
+            Some((false, false)),
+            "one use builds and drops"
+        );
+        // Busy: the second use in a sweep period keeps the send context.
+        p.round_trip_down(b"a");
+        assert_eq!(p.server.built(), Some((false, true)));
+        p.round_trip_down(b"b");
+        p.server.sweep();
+        assert_eq!(
+            p.server.built(),
+            Some((false, true)),
+            "used in the period: kept"
+        );
+        p.server.sweep();
+        assert_eq!(
+            p.server.built(),
+            Some((false, false)),
+            "a quiet period: let go"
+        );
+        // And it works on from the key bytes.
+        p.round_trip_down(b"again");
+        p.client.writer().write_all(b"up").unwrap();
+        p.pump();
+        assert_eq!(p.server.read_plain(&mut buf), 2);
+        assert_eq!(&buf[..2], b"up");
+    }
+
+    #[test]
+    fn a_tls12_session_stays_with_rustls_and_works() {
+        let mut p = Pair::with(configs_with(&[&rustls::version::TLS12]));
+        assert!(!p.server.is_own_records());
+        p.client.writer().write_all(b"up").unwrap();
+        p.pump();
+        let mut buf = [0u8; 8];
+        assert_eq!(p.server.read_plain(&mut buf), 2);
+        p.round_trip_down(b"down");
+    }
+
+    #[test]
+    fn key_updates_the_client_asks_for_are_answered_and_both_sides_go_on() {
+        let mut p = Pair::new();
+        for i in 0..5u8 {
+            p.client.refresh_traffic_keys().unwrap();
+            p.client.writer().write_all(&[i; 100]).unwrap();
+            let mut up = p.client_sends();
+            p.server.receive(&mut up).unwrap();
+            let mut buf = [0u8; 256];
+            assert_eq!(p.server.read_plain(&mut buf), 100);
+            assert_eq!(buf[..100], [i; 100]);
+            // Our own key update comes first, then the data, under the new
+            // key (the client reads it only if it followed).
+            let n = p
+                .server
+                .encrypt(&[IoSlice::new(b"after")], &mut p.wire, CIPHERTEXT_LIMIT);
+            assert_eq!(n, 5);
+            let sent = p.wire.pending().to_vec();
+            p.wire.consume(sent.len());
+            assert_eq!(records(&sent).len(), 2, "a key update, then the data");
+            p.deliver(&sent);
+            assert_eq!(p.client_reads(), b"after");
+        }
+    }
+
+    #[test]
+    fn too_many_key_updates_in_a_row_fail_the_session() {
+        let mut p = Pair::new();
+        let mut failed = None;
+        for i in 0..40 {
+            p.client.refresh_traffic_keys().unwrap();
+            let mut up = p.client_sends();
+            if p.server.receive(&mut up).is_err() {
+                failed = Some(i);
+                break;
+            }
+            // Answer the client, so that it follows our key changes.
+            p.server
+                .encrypt(&[IoSlice::new(b"")], &mut p.wire, CIPHERTEXT_LIMIT);
+        }
+        assert_eq!(failed, Some(32), "the 33rd in a row without data");
+    }
+
+    #[test]
+    fn a_tampered_record_fails_with_bad_record_mac() {
+        let mut p = Pair::new();
+        p.client.writer().write_all(b"secret").unwrap();
+        let mut up = p.client_sends();
+        *up.last_mut().unwrap() ^= 1;
+        assert_eq!(p.server.receive(&mut up), Err(Failure::Protocol));
+        p.client_gets_alert(rustls::AlertDescription::BadRecordMac);
+        assert_eq!(p.server.held(), 0);
+    }
+
+    #[test]
+    fn records_no_client_sends_after_the_handshake_fail_with_their_alerts() {
+        use rustls::AlertDescription as A;
+        // A change_cipher_spec, a plaintext alert, a plaintext handshake
+        // record: unexpected_message; a record over 2^14 + 256: overflow.
+        for (bytes, alert) in [
+            (vec![20u8, 3, 3, 0, 1, 1], A::UnexpectedMessage),
+            (vec![21u8, 3, 3, 0, 2, 2, 40], A::UnexpectedMessage),
+            (vec![22u8, 3, 3, 0, 4, 24, 0, 0, 1], A::UnexpectedMessage),
+            (vec![23u8, 3, 3, 0x41, 0x01], A::RecordOverflow),
+        ] {
+            let mut p = Pair::new();
+            let mut bytes = bytes;
+            assert_eq!(p.server.receive(&mut bytes), Err(Failure::Protocol));
+            p.client_gets_alert(alert);
+        }
+    }
+
+    #[test]
+    fn forged_inner_records_are_checked_like_rustls_would() {
+        type Case = (&'static [&'static [u8]], Option<Failure>);
+        let cases: [Case; 9] = [
+            // Data with padding after its content type: fine.
+            (&[b"hi\x17\0\0\0"], None),
+            // An empty data record, and one of padding alone after it.
+            (&[b"\x17", b"\x17\0"], None),
+            // No content type at all (all padding): refused.
+            (&[b"\0\0\0"], Some(Failure::Protocol)),
+            // A key update split over two records: fine.
+            (&[b"\x18\0\x16", b"\0\x01\x00\x16"], None),
+            // A key update with a byte after it in its record.
+            (&[b"\x18\0\0\x01\x00\x07\x16"], Some(Failure::Protocol)),
+            // request_update 2: illegal.
+            (&[b"\x18\0\0\x01\x02\x16"], Some(Failure::Protocol)),
+            // A NewSessionTicket (or any other handshake message).
+            (&[b"\x04\0\0\x01\x00\x16"], Some(Failure::Protocol)),
+            // A key update cut by data.
+            (&[b"\x18\0\x16", b"x\x17"], Some(Failure::Protocol)),
+            // An alert other than close_notify or user_canceled.
+            (&[b"\x02\x28\x15"], Some(Failure::Protocol)),
+        ];
+        for (i, (inners, expect)) in cases.iter().enumerate() {
+            let (mut server, mut forger) = Forger::take(Pair::new());
+            let mut result = Ok(());
+            for inner in inners.iter() {
+                let mut rec = forger.record(inner);
+                result = server.receive(&mut rec);
+            }
+            assert_eq!(result.err(), *expect, "case {i}");
+        }
+        // user_canceled four times is read, the fifth is one too many.
+        let (mut server, mut forger) = Forger::take(Pair::new());
+        for _ in 0..4 {
+            assert_eq!(server.receive(&mut forger.record(b"\x01\x5a\x15")), Ok(()));
+        }
+        let mut rec = forger.record(b"\x01\x5a\x15");
+        assert_eq!(server.receive(&mut rec), Err(Failure::Protocol));
+        // After a key update, the old key no longer opens anything.
+        let (mut server, mut forger) = Forger::take(Pair::new());
+        assert_eq!(
+            server.receive(&mut forger.record(b"\x18\0\0\x01\x00\x16")),
+            Ok(())
+        );
+        let mut rec = forger.record(b"x\x17");
+        assert_eq!(server.receive(&mut rec), Err(Failure::Protocol));
     }
 
     #[test]

@@ -12,6 +12,7 @@
 
 mod cert_time;
 mod conn;
+mod record;
 
 pub use conn::{CIPHERTEXT_LIMIT, Failure, PLAIN_HTTP_ANSWER, TlsConn, Wire};
 
@@ -139,6 +140,8 @@ pub fn load(settings: &TlsSettings, resumption: &Resumption) -> Result<Loaded, S
     config.session_storage = Arc::clone(&resumption.cache);
     // Early data replays: never.
     config.max_early_data_size = 0;
+    // An established TLS 1.3 session leaves rustls for `record.rs`.
+    config.enable_secret_extraction = true;
     Ok(Loaded {
         config: Arc::new(config),
         not_after,

@@ -240,6 +240,12 @@ impl Backend for Worker {
         self.reap();
     }
 
+    fn sweep(&mut self) {
+        for s in self.tls.values_mut() {
+            s.sweep();
+        }
+    }
+
     /// Feeds input held while paused, and re-arms the multishot receive.
     fn reread(&mut self, key: usize) {
         let conn = self.core.conn(key);

@@ -49,6 +49,11 @@ pub(super) struct TlsState {
 }
 
 impl TlsState {
+    /// A sweep period ended: a quiet session lets its keys' contexts go.
+    pub(super) fn sweep(&mut self) {
+        self.conn.sweep();
+    }
+
     /// The session failed (its connection sends plain last words).
     pub(super) fn failed(&self) -> bool {
         self.failed

@@ -7,11 +7,14 @@ use crate::pubsub::policy::NamespacePolicy;
 
 impl<S> Core<S> {
     /// Runs the periodic sweep (keepalive, message and send deadlines,
-    /// admission table, the ledger's full scan) when it is due.
-    pub fn keepalive(&mut self) {
-        if self.now >= self.next_sweep {
+    /// admission table, the ledger's full scan) when it is due; whether it
+    /// ran (the backend then sweeps what it holds itself).
+    pub fn keepalive(&mut self) -> bool {
+        let due = self.now >= self.next_sweep;
+        if due {
             self.sweep();
         }
+        due
     }
 
     /// Pings connections idle for the ping interval; closes those whose ping
