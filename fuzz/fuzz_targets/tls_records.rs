@@ -157,6 +157,8 @@ impl Forger {
 /// first one that is not plain application data.
 fn build(mut items: &[u8], forger: &mut Forger) -> (Vec<u8>, usize, Vec<u8>) {
     let (mut stream, mut all, mut prefix, mut plain_so_far) = (Vec::new(), 0, Vec::new(), true);
+    // Records with no data in a row: the 33rd is refused.
+    let mut empties = 0;
     while items.len() >= 3 {
         let kind = items[0] % 4;
         let len = (u16::from_be_bytes([items[1], items[2]]) as usize).min(items.len() - 3);
@@ -177,19 +179,22 @@ fn build(mut items: &[u8], forger: &mut Forger) -> (Vec<u8>, usize, Vec<u8>) {
                     *record.last_mut().unwrap() ^= 1;
                 }
                 // RFC 8446 §5.4: the content type is the last non-zero
-                // byte; application data is 23, at most 2^14 bytes.
+                // byte; application data is 23; content, type and padding
+                // at most 2^14 + 1 bytes.
                 let content = inner
                     .iter()
                     .rposition(|&b| b != 0)
                     .map(|at| (inner[at], &inner[..at]));
-                let (data, is_plain) = match content {
-                    Some((23, data))
-                        if data.len() <= 1 << 14 && record.len() <= 5 + (1 << 14) + 256 =>
-                    {
-                        (data, kind != 3)
-                    }
+                let (data, mut is_plain) = match content {
+                    Some((23, data)) if inner.len() <= (1 << 14) + 1 => (data, kind != 3),
                     _ => (&[][..], false),
                 };
+                if is_plain && data.is_empty() {
+                    empties += 1;
+                    is_plain = empties <= 32;
+                } else if is_plain {
+                    empties = 0;
+                }
                 all += data.len();
                 plain_so_far &= is_plain;
                 if plain_so_far {

@@ -351,11 +351,33 @@ fn seal_queue(
 /// What runs when rustls can take application data.
 type Writer<'a> = dyn FnMut(&mut WriteTraffic<'_, ServerConnectionData>, &mut Wire) -> bool + 'a;
 
+/// The end of the record that starts at `buf[from..]`, or `buf.len()` if
+/// it is not all there.
+fn record_end(buf: &[u8], from: usize) -> usize {
+    match buf.get(from..from + 5) {
+        Some(h) => (from + 5 + u16::from_be_bytes([h[3], h[4]]) as usize).min(buf.len()),
+        None => buf.len(),
+    }
+}
+
+/// The session's handshake is over and it goes to our record layer: rustls
+/// must not see a record after the one that ended the handshake (it would
+/// keep state of its own for it: a key update's answer, a fragment).
+fn handing_over(conn: &UnbufferedServerConnection) -> bool {
+    !conn.is_handshaking()
+        && conn
+            .negotiated_cipher_suite()
+            .is_some_and(Records::supports)
+}
+
 /// Runs rustls' state machine over the ciphertext in `buf` until every
 /// complete record is processed (or it needs more input, or fails):
 /// ciphertext it produces goes to `sink` in order, decrypted application
 /// data to `plain`, and `write` runs at the point where application data
-/// may be sent. Returns the bytes of `buf` consumed and where it stopped.
+/// may be sent. While the handshake runs, rustls gets one record at a
+/// time, so that a session handed over to our record layer stops right
+/// after the record that ended it (what follows stays in `buf`). Returns
+/// the bytes of `buf` consumed and where it stopped.
 fn run(
     conn: &mut UnbufferedServerConnection,
     buf: &mut [u8],
@@ -363,9 +385,21 @@ fn run(
     sink: &mut Wire,
     write: &mut Writer<'_>,
 ) -> (usize, Stop) {
-    let (mut at, mut closed) = (0, false);
+    let (mut at, mut end, mut closed) = (0, 0, false);
     loop {
-        let UnbufferedStatus { discard, state } = conn.process_tls_records(&mut buf[at..]);
+        let limit = if conn.is_handshaking() {
+            if end <= at {
+                end = record_end(buf, at);
+            }
+            end
+        } else if handing_over(conn) {
+            end.max(at)
+        } else {
+            buf.len()
+        };
+        let total = buf.len();
+        let mut grow = false;
+        let UnbufferedStatus { discard, state } = conn.process_tls_records(&mut buf[at..limit]);
         let mut extra = 0;
         let stop = match state {
             Err(_) => Some(Stop::Failed),
@@ -394,6 +428,13 @@ fn run(
                 t.done();
                 None
             }
+            // More records wait: the next one; if rustls kept what it was
+            // given (a handshake message that goes on in the next record),
+            // that one as well.
+            Ok(ConnectionState::BlockedHandshake) if limit < total => {
+                grow = discard == 0;
+                None
+            }
             Ok(ConnectionState::BlockedHandshake) => Some(Stop::Blocked),
             Ok(ConnectionState::WriteTraffic(mut w)) => Some(if write(&mut w, sink) {
                 Stop::Ready
@@ -409,6 +450,9 @@ fn run(
             Ok(_) => Some(Stop::Failed),
         };
         at = (at + discard + extra).min(buf.len());
+        if grow {
+            end = record_end(buf, limit);
+        }
         match stop {
             None => {}
             Some(Stop::Failed) => {
@@ -580,11 +624,16 @@ impl TlsConn {
                 Ok(())
             }
             Stop::Ready | Stop::Blocked => {
-                if self.is_established() && self.incoming.len() > INCOMING_LIMIT {
-                    return Err(self.fail());
-                }
                 if matches!(stop, Stop::Ready) {
                     self.hand_over()?;
+                    if self.is_own_records() {
+                        // What the client sent after its Finished, in the
+                        // same read, is ours to open now.
+                        return self.receive_own(&mut []);
+                    }
+                }
+                if self.is_established() && self.incoming.len() > INCOMING_LIMIT {
+                    return Err(self.fail());
                 }
                 Ok(())
             }
@@ -598,12 +647,7 @@ impl TlsConn {
         let Session::Rustls(conn) = &self.session else {
             return Ok(());
         };
-        if conn.is_handshaking()
-            || !matches!(
-                conn.negotiated_cipher_suite(),
-                Some(rustls::SupportedCipherSuite::Tls13(_))
-            )
-        {
+        if !handing_over(conn) {
             return Ok(());
         }
         self.resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
@@ -1279,6 +1323,113 @@ mod tests {
             p.deliver(&sent);
             assert_eq!(p.client_reads(), b"after");
         }
+    }
+
+    #[test]
+    fn what_follows_the_client_finished_in_the_same_read_goes_to_our_record_layer() {
+        // The client's Finished, a key update asking for ours, and data, in
+        // one read: rustls must stop at the Finished (it would answer the
+        // key update itself, out of our sight), the rest is ours.
+        let (server, client) = configs();
+        let mut server = TlsConn::new(server, 8192).unwrap();
+        let mut client =
+            rustls::ClientConnection::new(client, "localhost".try_into().unwrap()).unwrap();
+        let mut hello = Vec::new();
+        while client.wants_write() {
+            client.write_tls(&mut hello).unwrap();
+        }
+        server.receive(&mut hello).unwrap();
+        let mut flight = Wire::default();
+        server.take_pending(&mut flight);
+        let mut down = flight.pending();
+        while !down.is_empty() {
+            client.read_tls(&mut down).unwrap();
+            client.process_new_packets().unwrap();
+        }
+        assert!(
+            !client.is_handshaking(),
+            "the client has its Finished to send"
+        );
+        client.refresh_traffic_keys().unwrap();
+        client.writer().write_all(b"first words").unwrap();
+        let mut up = Vec::new();
+        while client.wants_write() {
+            client.write_tls(&mut up).unwrap();
+        }
+        server.receive(&mut up).unwrap();
+        assert!(server.is_own_records());
+        let mut buf = [0u8; 32];
+        let n = server.read_plain(&mut buf);
+        assert_eq!(&buf[..n], b"first words");
+        let mut p = Pair {
+            server,
+            client,
+            wire: Wire::default(),
+            got: Vec::new(),
+        };
+        // The tickets, then our key update, then the reply: the client
+        // reads the reply only under the keys it asked for.
+        p.server.take_pending(&mut p.wire);
+        let n = p
+            .server
+            .encrypt(&[IoSlice::new(b"reply")], &mut p.wire, CIPHERTEXT_LIMIT);
+        assert_eq!(n, 5);
+        let sent = p.wire.pending().to_vec();
+        p.wire.consume(sent.len());
+        p.deliver(&sent);
+        assert_eq!(p.client_reads(), b"reply");
+        p.round_trip_down(b"and on");
+    }
+
+    #[test]
+    fn empty_records_and_oversized_inner_plaintexts_are_bounded() {
+        // 32 empty records in a row are read, the 33rd is one too many.
+        let (mut server, mut forger) = Forger::take(Pair::new());
+        for _ in 0..32 {
+            assert_eq!(server.receive(&mut forger.record(b"\x17")), Ok(()));
+        }
+        assert_eq!(
+            server.receive(&mut forger.record(b"\x17")),
+            Err(Failure::Protocol)
+        );
+        // Data between them resets the count.
+        let (mut server, mut forger) = Forger::take(Pair::new());
+        for i in 0..100 {
+            let inner: &[u8] = if i % 30 == 29 { b"x\x17" } else { b"\x17\0" };
+            assert_eq!(
+                server.receive(&mut forger.record(inner)),
+                Ok(()),
+                "record {i}"
+            );
+        }
+        // Content, type and padding past 2^14 + 1 bytes: record_overflow,
+        // however short the content.
+        let (mut server, mut forger) = Forger::take(Pair::new());
+        let mut inner = b"x\x17".to_vec();
+        inner.resize(16_386, 0);
+        assert_eq!(
+            server.receive(&mut forger.record(&inner)),
+            Err(Failure::Protocol)
+        );
+        let (mut server, mut forger) = Forger::take(Pair::new());
+        inner.truncate(16_385);
+        assert_eq!(server.receive(&mut forger.record(&inner)), Ok(()));
+        // A fatal alert from the client ends it without ours; a warning
+        // TLS 1.3 does not have is a decode error.
+        let mut wire = Wire::default();
+        assert_eq!(
+            server.receive(&mut forger.record(b"\x02\x28\x15")),
+            Err(Failure::Protocol)
+        );
+        server.take_pending(&mut wire);
+        assert!(wire.is_empty(), "no alert answers a fatal alert");
+        let (mut server, mut forger) = Forger::take(Pair::new());
+        assert_eq!(
+            server.receive(&mut forger.record(b"\x01\x28\x15")),
+            Err(Failure::Protocol)
+        );
+        server.take_pending(&mut wire);
+        assert!(!wire.is_empty(), "decode_error");
     }
 
     #[test]

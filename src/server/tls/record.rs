@@ -20,8 +20,9 @@
 //!     application data between them (as rustls and BoringSSL);
 //! - anything else (a `change_cipher_spec` or plaintext record, a record
 //!   longer than 2^14 + 256, one that does not decrypt, an inner plaintext
-//!   over 2^14 + 1 or with no content type): the session fails with the
-//!   alert RFC 8446 names, sent encrypted.
+//!   over 2^14 + 1 bytes with its padding or with no content type, a 33rd
+//!   record with no data in a row): the session fails with the alert RFC
+//!   8446 names, sent encrypted.
 //!
 //! The send key is updated by ourselves before it reaches the AEAD's
 //! confidentiality limit (2^23 records for AES-GCM as rustls counts).
@@ -52,6 +53,7 @@ const BAD_RECORD_MAC: u8 = 20;
 const RECORD_OVERFLOW: u8 = 22;
 const ILLEGAL_PARAMETER: u8 = 47;
 const DECODE_ERROR: u8 = 50;
+const INTERNAL_ERROR: u8 = 80;
 const USER_CANCELED: u8 = 90;
 
 /// Why the session failed: the alert to send.
@@ -69,9 +71,9 @@ pub struct Fatal(pub u8);
 /// it (~0.14 µs for AES-GCM: `cargo bench --bench aead`) and lets it go.
 struct Direction {
     algorithm: &'static aead::Algorithm,
-    /// The key's bytes (16 or 32 of them), wiped when dropped or replaced.
-    raw: [u8; 32],
-    iv: [u8; 12],
+    /// The key's bytes and IV, boxed so that moving a `Direction` copies a
+    /// pointer, not the key, and wiped when dropped or replaced.
+    secret: Box<KeyBytes>,
     seq: u64,
     /// Records this key may protect (the suite's confidentiality limit).
     limit: u64,
@@ -81,9 +83,16 @@ struct Direction {
     uses: u8,
 }
 
-impl Drop for Direction {
+/// A direction's key (16 or 32 of the bytes) and IV.
+struct KeyBytes {
+    key: [u8; 32],
+    iv: [u8; 12],
+}
+
+impl Drop for KeyBytes {
     fn drop(&mut self) {
-        zeroize::Zeroize::zeroize(&mut self.raw);
+        zeroize::Zeroize::zeroize(&mut self.key);
+        zeroize::Zeroize::zeroize(&mut self.iv);
     }
 }
 
@@ -95,23 +104,23 @@ impl Direction {
             ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
                 (&aead::CHACHA20_POLY1305, key, iv)
             }
-            // A suite this layer does not know: the caller keeps rustls.
-            _ => return Err(Fatal(UNEXPECTED_MESSAGE)),
+            // A suite this layer does not know (`Records::supports` keeps
+            // such sessions with rustls).
+            _ => return Err(Fatal(INTERNAL_ERROR)),
         };
-        let bytes = key.as_ref();
-        if bytes.len() != algorithm.key_len() || bytes.len() > 32 {
-            return Err(Fatal(UNEXPECTED_MESSAGE));
+        let (bytes, iv) = (key.as_ref(), iv.as_ref());
+        if bytes.len() != algorithm.key_len() || bytes.len() > 32 || iv.len() != 12 {
+            return Err(Fatal(INTERNAL_ERROR));
         }
-        let mut raw = [0u8; 32];
-        raw[..bytes.len()].copy_from_slice(bytes);
-        let iv: [u8; 12] = iv
-            .as_ref()
-            .try_into()
-            .map_err(|_| Fatal(UNEXPECTED_MESSAGE))?;
+        let mut secret = Box::new(KeyBytes {
+            key: [0; 32],
+            iv: [0; 12],
+        });
+        secret.key[..bytes.len()].copy_from_slice(bytes);
+        secret.iv.copy_from_slice(iv);
         Ok(Self {
             algorithm,
-            raw,
-            iv,
+            secret,
             seq,
             limit,
             key: None,
@@ -125,9 +134,9 @@ impl Direction {
         self.uses = self.uses.saturating_add(1);
         match self.key.take() {
             Some(key) => Ok(key),
-            None => UnboundKey::new(self.algorithm, &self.raw[..self.algorithm.key_len()])
+            None => UnboundKey::new(self.algorithm, &self.secret.key[..self.algorithm.key_len()])
                 .map(LessSafeKey::new)
-                .map_err(|_| Fatal(UNEXPECTED_MESSAGE)),
+                .map_err(|_| Fatal(INTERNAL_ERROR)),
         }
     }
 
@@ -155,9 +164,9 @@ impl Direction {
     /// The nonce of the next record (RFC 8446 §5.3), and the number used.
     fn next_nonce(&mut self) -> Result<Nonce, Fatal> {
         if self.seq >= self.limit {
-            return Err(Fatal(UNEXPECTED_MESSAGE));
+            return Err(Fatal(INTERNAL_ERROR));
         }
-        let mut nonce = self.iv;
+        let mut nonce = self.secret.iv;
         for (n, s) in nonce[4..].iter_mut().zip(self.seq.to_be_bytes()) {
             *n ^= s;
         }
@@ -194,7 +203,13 @@ pub struct Records {
     /// without sending anything.
     updates_in_a_row: u8,
     warnings: u8,
+    /// Records with no data (padding alone, or nothing) in a row: bounded
+    /// too, as rustls bounds empty fragments.
+    empties_in_a_row: u8,
 }
+
+/// Records with no data in a row.
+const MAX_EMPTIES_IN_A_ROW: u8 = 32;
 
 /// Key updates in a row without application data between them.
 const MAX_UPDATES_IN_A_ROW: u8 = 32;
@@ -202,6 +217,19 @@ const MAX_UPDATES_IN_A_ROW: u8 = 32;
 const MAX_WARNINGS: u8 = 4;
 
 impl Records {
+    /// Whether this layer can drive a session of `suite` (a TLS 1.3 suite
+    /// with one of the three AEADs); others stay with rustls.
+    pub fn supports(suite: rustls::SupportedCipherSuite) -> bool {
+        use rustls::CipherSuite as S;
+        matches!(suite, rustls::SupportedCipherSuite::Tls13(_))
+            && matches!(
+                suite.suite(),
+                S::TLS13_AES_128_GCM_SHA256
+                    | S::TLS13_AES_256_GCM_SHA384
+                    | S::TLS13_CHACHA20_POLY1305_SHA256
+            )
+    }
+
     /// Takes over from rustls. `Err` for a suite this layer cannot drive.
     pub fn new(
         secrets: rustls::ExtractedSecrets,
@@ -211,7 +239,7 @@ impl Records {
             .negotiated_cipher_suite()
             .tls13()
             .map(|s| s.common.confidentiality_limit)
-            .ok_or(Fatal(UNEXPECTED_MESSAGE))?;
+            .ok_or(Fatal(INTERNAL_ERROR))?;
         let (tx_seq, tx) = secrets.tx;
         let (rx_seq, rx) = secrets.rx;
         Ok(Self {
@@ -222,6 +250,7 @@ impl Records {
             partial: [0; 5],
             partial_len: 0,
             updates_in_a_row: 0,
+            empties_in_a_row: 0,
             warnings: 0,
         })
     }
@@ -244,8 +273,9 @@ impl Records {
         if len > MAX_CIPHERTEXT {
             return Err(Fatal(RECORD_OVERFLOW));
         }
-        if len < TAG + 1 {
-            return Err(Fatal(DECODE_ERROR));
+        if len < TAG {
+            // Not even a tag: it cannot authenticate (rustls says the same).
+            return Err(Fatal(BAD_RECORD_MAC));
         }
         Ok((buf.len() >= HEADER + len).then_some(HEADER + len))
     }
@@ -253,8 +283,8 @@ impl Records {
     /// Decrypts the complete record `record` (as [`Self::complete`] measured
     /// it) in place and acts on what it carries.
     pub fn open(&mut self, record: &mut [u8]) -> Result<Opened, Fatal> {
-        if record.len() < HEADER + 1 + TAG {
-            return Err(Fatal(DECODE_ERROR));
+        if record.len() < HEADER + TAG {
+            return Err(Fatal(BAD_RECORD_MAC));
         }
         let (header, body) = record.split_at_mut(HEADER);
         let nonce = self.open.next_nonce()?;
@@ -262,34 +292,45 @@ impl Records {
         let opened = key.open_in_place(nonce, Aad::from(&*header), body);
         self.open.put_back(key);
         let plain = opened.map_err(|_| Fatal(BAD_RECORD_MAC))?;
+        // TLSInnerPlaintext (content, type, padding) is at most 2^14 + 1
+        // bytes (RFC 8446 §5.4).
+        if plain.len() > MAX_PLAINTEXT + 1 {
+            return Err(Fatal(RECORD_OVERFLOW));
+        }
         // The content type is the last non-zero byte; zeros after it are
         // padding.
         let Some(at) = plain.iter().rposition(|&b| b != 0) else {
             return Err(Fatal(UNEXPECTED_MESSAGE));
         };
-        if at > MAX_PLAINTEXT {
-            return Err(Fatal(RECORD_OVERFLOW));
-        }
         let kind = plain[at];
         if kind != HANDSHAKE && self.partial_len > 0 {
             // A handshake message interrupted by another type.
             return Err(Fatal(UNEXPECTED_MESSAGE));
         }
         match kind {
-            APPLICATION_DATA => Ok(if at == 0 {
-                Opened::Nothing
-            } else {
+            APPLICATION_DATA if at == 0 => {
+                if self.empties_in_a_row >= MAX_EMPTIES_IN_A_ROW {
+                    return Err(Fatal(UNEXPECTED_MESSAGE));
+                }
+                self.empties_in_a_row += 1;
+                Ok(Opened::Nothing)
+            }
+            APPLICATION_DATA => {
                 self.updates_in_a_row = 0;
-                Opened::Data(HEADER..HEADER + at)
-            }),
+                self.empties_in_a_row = 0;
+                Ok(Opened::Data(HEADER..HEADER + at))
+            }
+            // Level 1 warning, 2 fatal.
             ALERT => match &plain[..at] {
-                [_, CLOSE_NOTIFY] => Ok(Opened::Closed),
-                [_, USER_CANCELED] if self.warnings < MAX_WARNINGS => {
+                [1 | 2, CLOSE_NOTIFY] => Ok(Opened::Closed),
+                [1, USER_CANCELED] if self.warnings < MAX_WARNINGS => {
                     self.warnings += 1;
                     Ok(Opened::Nothing)
                 }
-                [_, USER_CANCELED] => Err(Fatal(UNEXPECTED_MESSAGE)),
-                [_, _] => Err(Fatal(NO_ALERT)),
+                [1, USER_CANCELED] => Err(Fatal(UNEXPECTED_MESSAGE)),
+                // The peer failed the session: no alert of ours.
+                [2, _] => Err(Fatal(NO_ALERT)),
+                // A warning that TLS 1.3 does not have, or no alert.
                 _ => Err(Fatal(DECODE_ERROR)),
             },
             HANDSHAKE => {
@@ -341,7 +382,7 @@ impl Records {
         let (seq, secrets) = self
             .kernel
             .update_rx_secret()
-            .map_err(|_| Fatal(UNEXPECTED_MESSAGE))?;
+            .map_err(|_| Fatal(INTERNAL_ERROR))?;
         self.open = Direction::new(seq, secrets, u64::MAX)?;
         self.update_owed |= requested;
         Ok(())
@@ -414,7 +455,7 @@ impl Records {
         let (seq, secrets) = self
             .kernel
             .update_tx_secret()
-            .map_err(|_| Fatal(UNEXPECTED_MESSAGE))?;
+            .map_err(|_| Fatal(INTERNAL_ERROR))?;
         self.seal = Direction::new(seq, secrets, self.seal.limit)?;
         self.update_owed = false;
         Ok(n)
@@ -433,7 +474,7 @@ impl Records {
         // The caller sized `out` by `overhead`; short of room, refuse
         // rather than slice past it.
         let Some(out) = out.get_mut(..total) else {
-            return Err(Fatal(UNEXPECTED_MESSAGE));
+            return Err(Fatal(INTERNAL_ERROR));
         };
         out[0] = APPLICATION_DATA;
         out[1..3].copy_from_slice(&[3, 3]);
@@ -445,7 +486,7 @@ impl Records {
         let nonce = self.seal.next_nonce()?;
         let tag = key
             .seal_in_place_separate_tag(nonce, Aad::from(&*header), plain)
-            .map_err(|_| Fatal(UNEXPECTED_MESSAGE))?;
+            .map_err(|_| Fatal(INTERNAL_ERROR))?;
         tag_out.copy_from_slice(tag.as_ref());
         Ok(total)
     }
