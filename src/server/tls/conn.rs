@@ -198,6 +198,10 @@ pub struct TlsConn {
     /// may be.
     handshake_read: usize,
     handshake_limit: usize,
+    /// Bytes at the front of `incoming` rustls was given and kept (a
+    /// handshake message going on in the next record): it must be given
+    /// them again, and more, never fewer (it tracks its progress in them).
+    rustls_seen: usize,
 }
 
 /// Where one run of rustls' state machine stopped.
@@ -376,16 +380,34 @@ fn handing_over(conn: &UnbufferedServerConnection) -> bool {
 /// data to `plain`, and `write` runs at the point where application data
 /// may be sent. While the handshake runs, rustls gets one record at a
 /// time, so that a session handed over to our record layer stops right
-/// after the record that ended it (what follows stays in `buf`). Returns
-/// the bytes of `buf` consumed and where it stopped.
+/// after the record that ended it (what follows stays in `buf`). `seen`:
+/// the bytes at the front of `buf` rustls was given and kept in an earlier
+/// call (given again, never fewer); on return, those of what is left.
+/// Returns the bytes of `buf` consumed and where it stopped.
 fn run(
     conn: &mut UnbufferedServerConnection,
     buf: &mut [u8],
+    seen: &mut usize,
     plain: &mut Vec<u8>,
     sink: &mut Wire,
     write: &mut Writer<'_>,
 ) -> (usize, Stop) {
-    let (mut at, mut end, mut closed) = (0, 0, false);
+    let (at, stop, given) = run_given(conn, buf, *seen, plain, sink, write);
+    *seen = given.saturating_sub(at);
+    (at, stop)
+}
+
+/// [`run`], returning also how far into `buf` rustls was given bytes.
+fn run_given(
+    conn: &mut UnbufferedServerConnection,
+    buf: &mut [u8],
+    seen: usize,
+    plain: &mut Vec<u8>,
+    sink: &mut Wire,
+    write: &mut Writer<'_>,
+) -> (usize, Stop, usize) {
+    let (mut at, mut end, mut closed) = (0, seen.min(buf.len()), false);
+    let mut given = end;
     loop {
         let limit = if conn.is_handshaking() {
             if end <= at {
@@ -398,6 +420,7 @@ fn run(
             buf.len()
         };
         let total = buf.len();
+        given = given.max(limit);
         let mut grow = false;
         let UnbufferedStatus { discard, state } = conn.process_tls_records(&mut buf[at..limit]);
         let mut extra = 0;
@@ -457,10 +480,10 @@ fn run(
             None => {}
             Some(Stop::Failed) => {
                 alert(conn, sink);
-                return (at, Stop::Failed);
+                return (at, Stop::Failed, given);
             }
-            Some(_) if closed => return (at, Stop::PeerClosed),
-            Some(stop) => return (at, stop),
+            Some(_) if closed => return (at, Stop::PeerClosed, given),
+            Some(stop) => return (at, stop, given),
         }
     }
 }
@@ -544,6 +567,7 @@ impl TlsConn {
             failed: false,
             handshake_read: 0,
             handshake_limit: super::MAX_HANDSHAKE_FLIGHT_BYTES + max_head,
+            rustls_seen: 0,
         })
     }
 
@@ -598,6 +622,7 @@ impl TlsConn {
             incoming,
             plain,
             pending,
+            rustls_seen,
             ..
         } = self;
         let Session::Rustls(conn) = session else {
@@ -605,12 +630,14 @@ impl TlsConn {
         };
         let mut nothing = |_: &mut WriteTraffic<'_, ServerConnectionData>, _: &mut Wire| true;
         let stop = if incoming.is_empty() {
-            let (used, stop) = run(conn, data, plain, pending, &mut nothing);
+            // Nothing kept: rustls has seen none of `data`.
+            *rustls_seen = 0;
+            let (used, stop) = run(conn, data, rustls_seen, plain, pending, &mut nothing);
             incoming.extend_from_slice(&data[used..]);
             stop
         } else {
             incoming.extend_from_slice(data);
-            let (used, stop) = run(conn, incoming, plain, pending, &mut nothing);
+            let (used, stop) = run(conn, incoming, rustls_seen, plain, pending, &mut nothing);
             incoming.drain(..used);
             stop
         };
@@ -711,6 +738,7 @@ impl TlsConn {
     fn fail(&mut self) -> Failure {
         self.failed = true;
         self.incoming = Vec::new();
+        self.rustls_seen = 0;
         self.plain = Vec::new();
         self.plain_at = 0;
         self.failure()
@@ -838,12 +866,14 @@ impl TlsConn {
             incoming,
             plain,
             pending,
+            rustls_seen,
             ..
         } = self;
         let Session::Rustls(conn) = session else {
             return Stop::Failed;
         };
-        let (used, stop) = run(conn, incoming, plain, sink.unwrap_or(pending), write);
+        let sink = sink.unwrap_or(pending);
+        let (used, stop) = run(conn, incoming, rustls_seen, plain, sink, write);
         incoming.drain(..used);
         stop
     }
