@@ -480,14 +480,20 @@ impl Records {
         out[1..3].copy_from_slice(&[3, 3]);
         out[3..5].copy_from_slice(&(len as u16).to_be_bytes());
         let (header, body) = out.split_at_mut(HEADER);
-        body[..data.len()].copy_from_slice(data);
-        body[data.len()] = kind;
-        let (plain, tag_out) = body.split_at_mut(data.len() + 1);
+        let (cipher, kind_and_tag) = body.split_at_mut(data.len());
         let nonce = self.seal.next_nonce()?;
-        let tag = key
-            .seal_in_place_separate_tag(nonce, Aad::from(&*header), plain)
-            .map_err(|_| Fatal(INTERNAL_ERROR))?;
-        tag_out.copy_from_slice(tag.as_ref());
+        // Encrypted from where the bytes are (a shared frame, or the
+        // stage) straight into the record: no copy of the plaintext into
+        // `out` first. The content type is the inner plaintext's last byte.
+        key.seal_out_of_place_scatter(
+            nonce,
+            Aad::from(&*header),
+            data,
+            cipher,
+            &[kind],
+            kind_and_tag,
+        )
+        .map_err(|_| Fatal(INTERNAL_ERROR))?;
         Ok(total)
     }
 }
