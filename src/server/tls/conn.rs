@@ -1137,6 +1137,79 @@ mod tests {
         assert_eq!(p.client_reads(), want);
     }
 
+    /// `tls::load`'s configuration chooses AES-128-GCM for a client that
+    /// prefers AES-256-GCM (a rustls client's default order), in TLS 1.3
+    /// and 1.2; a client without AES-128-GCM gets its own choice; and the
+    /// records flow either way.
+    #[test]
+    fn the_loaded_configuration_chooses_aes_128_gcm_first() {
+        use rustls::CipherSuite as S;
+        use rustls::crypto::aws_lc_rs::cipher_suite as cs;
+        let dir = std::env::temp_dir().join(format!("corecast-suites-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let rcgen::CertifiedKey { cert, signing_key } =
+            rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), signing_key.serialize_pem()).unwrap();
+        let settings = super::super::TlsSettings {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            min_version: super::super::MinVersion::Tls12,
+        };
+        let loaded =
+            super::super::load(&settings, &super::super::Resumption::new().unwrap()).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let cases = [
+            (None, &rustls::version::TLS13, S::TLS13_AES_128_GCM_SHA256),
+            (
+                None,
+                &rustls::version::TLS12,
+                S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            ),
+            (
+                Some(vec![
+                    cs::TLS13_AES_256_GCM_SHA384,
+                    cs::TLS13_CHACHA20_POLY1305_SHA256,
+                ]),
+                &rustls::version::TLS13,
+                S::TLS13_AES_256_GCM_SHA384,
+            ),
+            (
+                Some(vec![cs::TLS13_CHACHA20_POLY1305_SHA256]),
+                &rustls::version::TLS13,
+                S::TLS13_CHACHA20_POLY1305_SHA256,
+            ),
+        ];
+        for (only, version, want) in cases {
+            let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+            assert_eq!(
+                provider.cipher_suites[0].suite(),
+                S::TLS13_AES_256_GCM_SHA384,
+                "the client prefers AES-256-GCM"
+            );
+            if let Some(only) = only {
+                provider.cipher_suites = only;
+            }
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(cert.der().clone()).unwrap();
+            let client = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+                .with_protocol_versions(&[version])
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            let mut p = Pair::with((Arc::clone(&loaded.config), Arc::new(client)));
+            assert_eq!(p.client.negotiated_cipher_suite().unwrap().suite(), want);
+            let n = p
+                .server
+                .encrypt(&[IoSlice::new(b"tick")], &mut p.wire, CIPHERTEXT_LIMIT);
+            assert_eq!(n, 4);
+            let sent = p.wire.pending().to_vec();
+            p.wire.consume(sent.len());
+            p.deliver(&sent);
+            assert_eq!(p.client_reads(), b"tick", "{want:?}");
+        }
+    }
+
     #[test]
     fn encryption_stops_at_the_limit_and_goes_on_where_it_stopped() {
         let mut p = Pair::new();

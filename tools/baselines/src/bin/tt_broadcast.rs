@@ -66,7 +66,11 @@ fn tls_acceptor(args: &Args) -> std::io::Result<Option<tokio_rustls::TlsAcceptor
         .and_then(|i| i.collect::<Result<Vec<_>, _>>())
         .map_err(std::io::Error::other)?;
     let key = PrivateKeyDer::from_pem_file(key).map_err(std::io::Error::other)?;
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    // The suite order corecast's server uses (AES-128-GCM first, chosen
+    // by the server): the comparison is of servers, not of suites.
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    corecast::server::tls::server_suite_order(&mut provider.cipher_suites);
+    let provider = Arc::new(provider);
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(std::io::Error::other)?
@@ -74,6 +78,7 @@ fn tls_acceptor(args: &Args) -> std::io::Result<Option<tokio_rustls::TlsAcceptor
         .with_single_cert(chain, key)
         .map_err(std::io::Error::other)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.ignore_client_order = true;
     config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(std::io::Error::other)?;
     Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
 }
