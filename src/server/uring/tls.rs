@@ -113,6 +113,9 @@ impl Worker {
         }
         if paused {
             self.core.conn_mut(key).io_mut().set_held(true);
+            // What is kept while reading is paused is charged at once, not
+            // at the resume.
+            self.recharge_tls(key);
             return;
         }
         self.pump_tls(key);
@@ -198,6 +201,8 @@ impl Worker {
             st.failed = true;
             st.cipher_in = Vec::new();
             self.tls.insert(key, st);
+            // The failed session freed its buffers: its charge goes with them.
+            self.recharge_tls(key);
             self.core.fail_wire(key, &last_words);
             self.core.after_input(key);
             return;
