@@ -59,6 +59,10 @@ pub(in crate::server) struct Worker {
     /// TLS handshake steps left this turn
     /// ([`HANDSHAKE_STEPS_PER_TURN`](crate::server::tls::HANDSHAKE_STEPS_PER_TURN)).
     pub(super) tls_steps: u32,
+    /// The buffer the next TLS flush seals into: given back after each send
+    /// that completes as it is submitted, so it stays in the cache (see
+    /// `flush_tls`); empty until the first TLS flush.
+    pub(super) tls_scratch: Vec<u8>,
 }
 
 impl Worker {
@@ -98,6 +102,7 @@ impl Worker {
             send_ops: HashMap::new(),
             tls: HashMap::new(),
             tls_steps: crate::server::tls::HANDSHAKE_STEPS_PER_TURN,
+            tls_scratch: Vec::new(),
         })
     }
 

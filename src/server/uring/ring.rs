@@ -203,6 +203,19 @@ impl Ring {
         }
     }
 
+    /// Takes the completions posted so far aside (handed out by the next
+    /// reap, in order) and returns the result of the one with `user_data`
+    /// among them, if it was posted: a send that completed inline, while
+    /// it was submitted.
+    pub(super) fn stash_and_find(&mut self, user_data: u64) -> Option<i32> {
+        let from = self.backlog.len();
+        self.stash();
+        self.backlog[from..]
+            .iter()
+            .find(|c| c.0 == user_data)
+            .map(|c| c.1)
+    }
+
     fn stash(&mut self) {
         let backlog = &mut self.backlog;
         backlog.extend(

@@ -10,12 +10,17 @@
 //! completion: while `wire_in_flight`, nothing writes, grows or frees it,
 //! and the state (boxed, in `Worker::tls`) is dropped only when the
 //! connection's entry is freed, which waits for every operation on it
-//! (`free_if_done`); the exit leaks the map if operations remain.
+//! (`free_if_done`); the exit leaks the map if operations remain. The
+//! one exception: a send that completed while it was submitted (its
+//! completion already posted, taken aside for the next reap) gives its
+//! buffer back to the worker at once, to be filled by the next flush
+//! while still in the cache (`Worker::tls_scratch`).
 //!
 //! A closing connection's last send carries its `close_notify` after the
 //! queue's last bytes; the shutdown (FIN) follows that send's completion.
 
 use super::Worker;
+use super::ring::{Op, user_data};
 use super::send::push_single_send;
 use crate::proto::outbound::MAX_IOVECS;
 use crate::server::tls::{CIPHERTEXT_LIMIT, Failure, PLAIN_HTTP_ANSWER, TlsConn, Wire};
@@ -230,6 +235,11 @@ impl Worker {
         if st.wire.is_empty() {
             let closing = conn.state() == IoState::Closing;
             let out = conn.out_mut();
+            if st.wire.capacity() == 0 && self.tls_scratch.capacity() > 0 {
+                // The worker's scratch buffer, still in the cache from the
+                // last flush whose send completed at once.
+                st.wire.adopt(std::mem::take(&mut self.tls_scratch));
+            }
             st.conn.take_pending(&mut st.wire);
             while st.wire.len() < CIPHERTEXT_LIMIT && !out.is_empty() && st.conn.can_encrypt() {
                 let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
@@ -269,16 +279,34 @@ impl Worker {
         let rest = st.wire.pending();
         let (ptr, len) = (rest.as_ptr(), rest.len());
         st.wire_in_flight = true;
+        let ud = user_data(Op::Send, key, conn.serial());
         // SAFETY: the buffer is `wire`, which nothing writes, grows or frees
         // while `wire_in_flight` (set above, cleared at this send's
-        // completion); its `TlsState` is dropped only when the entry is
-        // freed, after every operation on it completed, and the exit leaks
-        // it otherwise (module ownership rule).
+        // completion) until the kernel has posted this send's completion
+        // (below, the buffer is taken back only once it has); its
+        // `TlsState` is dropped only when the entry is freed, after every
+        // operation on it completed, and the exit leaks it otherwise
+        // (module ownership rule).
         unsafe { push_single_send(&mut self.ring, conn, key, ptr, len) };
         // The kernel copies the ciphertext while it is still in the cache:
         // submitted now, not with the next 64 entries, after which another
         // 4 MiB of other connections' ciphertext would have evicted it.
         self.ring.submit_now();
+        // A send the socket took whole completed during the submission:
+        // its completion is posted (and taken aside here for the next
+        // reap, which handles it as usual), the kernel is done with the
+        // buffer, and the buffer goes back to the worker for the next
+        // flush while it is still in the cache, instead of waiting on this
+        // connection, cold by the time it is filled again. A send that
+        // waits for the socket, or took part, keeps the buffer.
+        if self.tls_scratch.capacity() == 0 && self.ring.stash_and_find(ud) == Some(len as i32) {
+            // SAFETY-relevant: the send's completion was posted, so no
+            // operation reads the buffer any more; `wire_in_flight` stays
+            // set until that completion is handled, and `tls_sent` then
+            // counts its bytes off a wire that holds none.
+            st.wire.consume(len);
+            self.tls_scratch = st.wire.take_buffer();
+        }
         // Only reads `wire`'s capacity: nothing here touches the buffer.
         self.recharge_tls(key);
     }
