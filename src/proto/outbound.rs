@@ -117,16 +117,22 @@ impl OutQueue {
     }
 
     /// For completion-based I/O, where the kernel reads the queue after this
-    /// call returns: seals the tail into a chunk and pins up to `max` chunks
-    /// at the front; returns how many. Until the next [`Self::advance`],
-    /// pinned chunks are neither moved nor freed (later pushes go to a new
-    /// tail; [`Self::truncate_to_front`] keeps them), so their addresses,
-    /// gathered with [`Self::gather`] into `max` slots, stay valid.
+    /// call returns: pins up to `max` slots at the front, the chunks and,
+    /// if a slot is left, the tail where it lies; returns how many. Until
+    /// the next [`Self::advance`], pinned bytes are neither moved nor freed
+    /// (a push seals a pinned tail into a chunk first, without moving it,
+    /// and goes behind; [`Self::truncate_to_front`] keeps them), so their
+    /// addresses, gathered with [`Self::gather`] into that many slots, stay
+    /// valid.
+    ///
+    /// The tail is pinned in place rather than sealed: a subscriber that
+    /// gets one small message per turn then costs no chunk (no ring to
+    /// allocate for it, no shared header for the split buffer).
     pub fn pin_front(&mut self, max: usize) -> usize {
         self.inner.as_mut().map_or(0, |i| {
-            i.seal_tail();
             i.pinned = i.chunks.len().min(max);
-            i.pinned
+            i.tail_pinned = !i.tail.is_empty() && i.chunks.len() < max;
+            i.pinned + usize::from(i.tail_pinned)
         })
     }
 
@@ -179,6 +185,8 @@ struct Inner {
     shared: usize,
     /// Chunks at the front the kernel may be reading ([`OutQueue::pin_front`]).
     pinned: usize,
+    /// The tail too, behind them: sealed before anything is added.
+    tail_pinned: bool,
     /// The send epoch ([`OutQueue::send_epoch`]): bytes queued when it
     /// began that have not been written yet (0: it is over), and when it
     /// began.
@@ -194,6 +202,7 @@ impl Inner {
             len: 0,
             shared: 0,
             pinned: 0,
+            tail_pinned: false,
             epoch_left: 0,
             epoch_ms: 0,
         }
@@ -219,6 +228,9 @@ impl Inner {
 
     /// Appends a copy of `bytes` to the tail buffer.
     fn push_copy(&mut self, bytes: &[u8]) {
+        if self.tail_pinned {
+            self.seal_tail();
+        }
         if self.tail.capacity() == 0 {
             self.tail.reserve(TAIL_INITIAL_BYTES.max(bytes.len()));
         }
@@ -232,6 +244,10 @@ impl Inner {
     /// Makes room for `bytes` more in the tail (at most up to its sealing
     /// size), so a run of small frames is copied without reallocations.
     fn reserve_tail(&mut self, bytes: usize) {
+        if self.tail_pinned {
+            // A reservation may move the tail: the kernel's part goes first.
+            self.seal_tail();
+        }
         let want = bytes.min(TAIL_MAX_BYTES.saturating_sub(self.tail.len()));
         if self.tail.capacity() - self.tail.len() < want {
             // Exactly the run: one 64-byte message per turn (a steady rate)
@@ -244,6 +260,11 @@ impl Inner {
     /// partly on the wire (dropping it would cut a frame in half). Returns
     /// the bytes dropped. Used before a slow consumer's close frame.
     fn truncate_to_front(&mut self) -> usize {
+        if self.tail_pinned {
+            // Every chunk and the tail are in the kernel's hands (a push
+            // would have sealed the tail): nothing can go.
+            return 0;
+        }
         let before = self.len;
         let keep = self.pinned.max(1);
         if self.chunks.len() >= keep {
@@ -282,6 +303,7 @@ impl Inner {
         debug_assert!(n <= self.len);
         self.len -= n;
         self.pinned = 0;
+        self.tail_pinned = false;
         self.epoch_left = self.epoch_left.saturating_sub(n);
         while n > 0 {
             let Some(front) = self.chunks.front_mut() else {
@@ -306,14 +328,25 @@ impl Inner {
         }
     }
 
-    /// Moves the tail into `chunks` so that a later shared chunk follows it.
+    /// Moves the tail into `chunks` so that a later shared chunk follows it;
+    /// its bytes stay where they are (a pinned tail becomes a pinned chunk).
     fn seal_tail(&mut self) {
         if !self.tail.is_empty() {
-            let bytes = self.tail.split().freeze();
+            let bytes = if self.tail.len() == self.tail.capacity() {
+                // A full buffer becomes a chunk as it is; splitting it would
+                // allocate a shared header for the empty rest.
+                std::mem::take(&mut self.tail).freeze()
+            } else {
+                self.tail.split().freeze()
+            };
             self.chunks.push_back(Chunk {
                 bytes,
                 shared: false,
             });
+            if self.tail_pinned {
+                self.tail_pinned = false;
+                self.pinned += 1;
+            }
         }
     }
 }
@@ -477,6 +510,101 @@ mod tests {
             }
             prop_assert_eq!(written, expected);
         }
+
+        /// As above, with the queue pinned before each write as the
+        /// io_uring backend does: what was pinned keeps its address and
+        /// bytes through the pushes and cuts made before the write
+        /// completes, and the write takes from it.
+        #[test]
+        fn pinned_bytes_stay_put_through_pushes(
+            ops in proptest::collection::vec(
+                (0usize..1500, any::<bool>(), 0usize..3000, 0usize..3, 1usize..5), 1..60)
+        ) {
+            let mut q = OutQueue::new();
+            let mut written = Vec::new();
+            let mut expected = Vec::new();
+            for (i, (len, shared, write, pushes, slots)) in ops.into_iter().enumerate() {
+                let n = q.pin_front(slots);
+                let mut iov = [IoSlice::new(&[]); 8];
+                let got = q.gather(&mut iov[..n]);
+                prop_assert_eq!(got, n);
+                let pinned: Vec<(usize, Vec<u8>)> =
+                    iov[..n].iter().map(|s| (s.as_ptr() as usize, s.to_vec())).collect();
+                for k in 0..pushes {
+                    let frame: Vec<u8> = (0..len).map(|j| (i * 31 + k * 7 + j) as u8).collect();
+                    expected.extend_from_slice(&frame);
+                    if shared { q.push(Bytes::from(frame)) } else { q.push_frame(&Bytes::from(frame)) }
+                }
+                if i % 7 == 3 {
+                    // A cut drops the end of what is queued.
+                    let dropped = q.truncate_to_front();
+                    expected.truncate(expected.len() - dropped);
+                }
+                let mut again = [IoSlice::new(&[]); 8];
+                let m = q.gather(&mut again[..n]);
+                prop_assert_eq!(m, n);
+                for (slot, (addr, bytes)) in again[..n].iter().zip(&pinned) {
+                    prop_assert_eq!(slot.as_ptr() as usize, *addr);
+                    prop_assert_eq!(&slot[..], &bytes[..]);
+                }
+                let flat: Vec<u8> = pinned.iter().flat_map(|(_, b)| b.iter().copied()).collect();
+                let w = write.min(flat.len());
+                written.extend_from_slice(&flat[..w]);
+                q.advance(w);
+            }
+            while !q.is_empty() {
+                let flat = flatten(&q);
+                written.extend_from_slice(&flat);
+                q.advance(flat.len());
+            }
+            prop_assert_eq!(written, expected);
+        }
+    }
+
+    #[test]
+    fn a_pinned_tail_stays_in_place_and_costs_no_chunk() {
+        let mut q = OutQueue::new();
+        q.reserve_tail(66);
+        q.push_copy(&[5u8; 66]);
+        assert_eq!(q.pin_front(MAX_IOVECS), 1, "the tail alone, in place");
+        let mut iov = [IoSlice::new(&[])];
+        assert_eq!(q.gather(&mut iov), 1);
+        let pinned = (iov[0].as_ptr() as usize, iov[0].len());
+        let inner = q.inner.as_ref().unwrap();
+        assert_eq!(inner.chunks.capacity(), 0, "no ring allocated for it");
+        assert_eq!(pinned, (inner.tail.as_ptr() as usize, 66));
+        // A slow consumer's cut cannot take what the kernel is reading.
+        assert_eq!(q.truncate_to_front(), 0);
+        // More frames while the kernel reads: the pinned tail becomes a
+        // chunk where it lies, the new frames go behind it.
+        q.reserve_tail(70);
+        q.push_copy(&[6u8; 70]);
+        q.push_frame(&Bytes::from(vec![7u8; COPY_BELOW]));
+        let mut iov = [IoSlice::new(&[]); 4];
+        assert_eq!(q.gather(&mut iov), 3);
+        assert_eq!((iov[0].as_ptr() as usize, iov[0].len()), pinned);
+        assert_eq!(
+            q.truncate_to_front(),
+            70 + COPY_BELOW,
+            "the sealed tail is still pinned and kept"
+        );
+        // Part of it written: the pin is released, the rest still queued.
+        q.advance(60);
+        assert_eq!(flatten(&q), vec![5u8; 6]);
+        q.push_copy(b"more");
+        assert_eq!(q.pin_front(MAX_IOVECS), 2);
+        q.advance(10);
+        assert!(q.is_empty());
+        // A partly written pinned tail: the rest stays pinned in place.
+        q.push_copy(&[8u8; 100]);
+        assert_eq!(q.pin_front(MAX_IOVECS), 1);
+        q.advance(40);
+        assert_eq!(q.pin_front(MAX_IOVECS), 1);
+        let mut iov = [IoSlice::new(&[])];
+        q.gather(&mut iov);
+        assert_eq!(&iov[0][..], &[8u8; 60][..]);
+        q.advance(60);
+        assert!(q.inner.is_none());
     }
 
     #[test]
@@ -485,7 +613,7 @@ mod tests {
         q.push_copy(b"small frame");
         q.push(Bytes::from(vec![7u8; 4096]));
         q.push_copy(b"tail");
-        assert_eq!(q.pin_front(64), 3, "the tail is sealed into a third chunk");
+        assert_eq!(q.pin_front(64), 3, "two chunks and the tail, in place");
         let mut iov = [IoSlice::new(&[]); 3];
         let n = q.gather(&mut iov);
         let addrs: Vec<(usize, usize)> = iov[..n]
