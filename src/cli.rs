@@ -175,6 +175,15 @@ pub struct ServeArgs {
     )]
     pub publish_token: Option<String>,
 
+    /// A web origin whose pages may open WebSockets and publish through a
+    /// visitor's browser (repeat): `https://app.example`, `*.example.com`
+    /// (its subdomains), `http://localhost:*` (any port), `null`, or `*`.
+    /// A browser request from another origin gets `403`; a request without
+    /// `Origin` (not from a browser) is not affected. None given: every
+    /// origin. Reloaded with the configuration file (README "Origins").
+    #[arg(long = "allowed-origin", value_name = "ORIGIN", value_parser = crate::server::origin::parse_pattern)]
+    pub allowed_origins: Vec<String>,
+
     /// Most open connections in the process; more are answered
     /// `503 Service Unavailable` with `Retry-After`.
     #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS, value_name = "N")]
@@ -302,6 +311,7 @@ impl ServeArgs {
             ping_timeout: self.ping_timeout,
             admin_listen: self.admin_listen,
             publish_token: self.publish_token.clone().filter(|t| !t.is_empty()),
+            allowed_origins: self.allowed_origins.clone(),
             max_connections: self.max_connections,
             max_connections_per_ip: self.max_connections_per_ip,
             max_connect_rate_per_ip: self.max_connect_rate_per_ip,

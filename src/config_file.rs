@@ -39,7 +39,7 @@ const MAX_FILE_BYTES: u64 = 1024 * 1024;
 
 /// The keys a reload applies (besides the `[namespace."…"]` tables);
 /// every other change waits for a restart.
-const RELOADABLE: [&str; 3] = ["tls-cert", "tls-key", "tls-min-version"];
+const RELOADABLE: [&str; 4] = ["tls-cert", "tls-key", "tls-min-version", "allowed-origin"];
 
 /// One setting of the file: its key, its line and the arguments it stands
 /// for (`--key=value`, once per list element; a switch is `--key` or

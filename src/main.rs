@@ -110,14 +110,15 @@ fn reload_file(
     let config = args.to_config();
     let mut changes = startup.changes(&new, argv);
     let namespaces = Some(new.namespaces().to_vec());
+    let origins = Some(config.allowed_origins.clone());
     if config.tls.is_some() != tls_running {
         // Turning TLS on or off changes what the listener speaks: the TLS
         // keys wait, the files named at start are read again.
         let tls_keys = changes.applied.extract_if(.., |k| k.starts_with("tls-"));
         changes.need_restart.extend(tls_keys);
-        server.reload_with(None, namespaces)?;
+        server.reload_with(None, namespaces, origins)?;
     } else {
-        server.reload_with(config.tls, namespaces)?;
+        server.reload_with(config.tls, namespaces, origins)?;
     }
     for key in &changes.applied {
         info!(setting = %key, "applied from the configuration file");

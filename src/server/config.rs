@@ -144,6 +144,10 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     /// Shared secret publishers must present (`Authorization: Bearer` or `?token=`).
     pub publish_token: Option<String>,
+    /// Web origins whose pages may open WebSockets and publish through a
+    /// visitor's browser ([`crate::server::origin`]); empty: every origin.
+    /// The server keeps its own copy, which a reload replaces.
+    pub allowed_origins: Vec<String>,
     /// Most open connections in the process; more are answered 503.
     pub max_connections: usize,
     /// Most open connections from one source address; 0 = no limit.
@@ -220,6 +224,7 @@ impl Default for Config {
             ping_timeout: DEFAULT_PING_TIMEOUT,
             admin_listen: None,
             publish_token: None,
+            allowed_origins: Vec::new(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_ip: 0,
             max_connect_rate_per_ip: 0,

@@ -391,6 +391,20 @@ fn labelled_counters(s: &mut String, workers: &[WorkerStats], stranded: u64) {
         s,
         workers,
         (
+            "corecast_origin_refused_total",
+            "Requests answered 403 for their Origin header (--allowed-origin), by reason.",
+            "reason",
+            |w| &w.origin_refused,
+        ),
+        crate::server::origin::Refused::ALL
+            .iter()
+            .map(|r| (r.label().to_string(), r.index())),
+        None,
+    );
+    labelled(
+        s,
+        workers,
+        (
             "corecast_tls_handshakes_total",
             "TLS handshakes completed (with --tls-cert), by kind: a full handshake or a resumed session.",
             "kind",

@@ -30,6 +30,7 @@ pub mod epoll;
 pub mod http;
 pub mod listener;
 pub mod metrics;
+pub mod origin;
 pub mod pinning;
 pub mod session;
 #[cfg(test)]
@@ -79,6 +80,10 @@ pub struct Shared {
     pub(crate) tls_workers: usize,
     /// Reloads (`SIGHUP`): succeeded, failed.
     pub(crate) reloads: [std::sync::atomic::AtomicU64; 2],
+    /// The origins whose pages may use the server (`--allowed-origin`),
+    /// replaced whole by a reload; read only for requests that carry an
+    /// `Origin` header.
+    pub(crate) origins: std::sync::RwLock<Arc<origin::AllowList>>,
 }
 
 impl Shared {
@@ -101,7 +106,23 @@ impl Shared {
             tls: None,
             tls_workers: usize::MAX,
             reloads: Default::default(),
+            origins: Default::default(),
         }
+    }
+
+    /// The verdict of the origin allow-list in force on a request's
+    /// `Origin` header values.
+    pub(crate) fn check_origin<'v>(
+        &self,
+        values: impl Iterator<Item = &'v [u8]>,
+    ) -> Result<(), origin::Refused> {
+        let mut values = values.peekable();
+        if values.peek().is_none() {
+            // Not from a browser: no lock taken.
+            return Ok(());
+        }
+        let list = self.origins.read().unwrap_or_else(|p| p.into_inner());
+        list.check(values)
     }
 
     /// The server's one reload (`SIGHUP`): everything that can change
@@ -109,24 +130,43 @@ impl Shared {
     /// certificate and key (new connections use what was loaded, open ones
     /// keep what they started with), then, only if those loaded, the
     /// namespace table `namespaces` when given (see
-    /// [`Directory::set_policies`]: it applies to existing topics too). A
+    /// [`Directory::set_policies`]: it applies to existing topics too) and
+    /// the origin allow-list `origins` when given (new requests). A
     /// failure keeps the old state.
     pub(crate) fn reload(
         &self,
         tls: Option<tls::TlsSettings>,
         namespaces: Option<Vec<crate::pubsub::policy::NamespacePolicy>>,
+        origins: Option<Vec<String>>,
     ) -> Result<(), String> {
-        // The fallible part first; replacing the table cannot fail.
-        let result = match &self.tls {
-            Some(certs) => certs.reload(tls),
-            None => Ok(()),
-        };
-        if result.is_ok()
-            && let Some(namespaces) = namespaces
-        {
-            self.directory.set_policies(namespaces);
-        }
+        // The fallible parts first; replacing the tables cannot fail.
+        let origins = origins
+            .map(|o| origin::AllowList::new(&o).map_err(|e| format!("--allowed-origin {e}")))
+            .transpose();
+        let result = origins.and_then(|origins| {
+            if let Some(certs) = &self.tls {
+                certs.reload(tls)?;
+            }
+            Ok(origins)
+        });
+        let result = result.map(|origins| {
+            if let Some(namespaces) = namespaces {
+                self.directory.set_policies(namespaces);
+            }
+            if let Some(list) = origins {
+                self.set_origins(list);
+            }
+        });
         self.count_reload(result)
+    }
+
+    /// Puts `list` in force for new requests (logged when it changes).
+    fn set_origins(&self, list: origin::AllowList) {
+        let mut current = self.origins.write().unwrap_or_else(|p| p.into_inner());
+        if **current != list {
+            info!(origins = %list, "allowed origins");
+            *current = Arc::new(list);
+        }
     }
 
     /// Counts a reload's outcome (`corecast_reloads_total{result}`).
@@ -341,6 +381,9 @@ pub fn start(mut config: Config) -> io::Result<ServerHandle> {
         );
         config.max_handshake_size = MAX_HANDSHAKE_CAP;
     }
+    let origins = origin::AllowList::new(&config.allowed_origins).map_err(|e| {
+        io::Error::new(io::ErrorKind::InvalidInput, format!("--allowed-origin {e}"))
+    })?;
     let tls = match &config.tls {
         Some(settings) => {
             let resumption = tls::Resumption::new().map_err(io::Error::other)?;
@@ -406,6 +449,7 @@ pub fn start(mut config: Config) -> io::Result<ServerHandle> {
     shared.steering = steering;
     shared.tls = tls;
     shared.tls_workers = tls_workers;
+    shared.set_origins(origins);
     let shared = Arc::new(shared);
     let admin = match shared.config.admin_listen {
         Some(addr) => Some(admin::start(addr, Arc::clone(&shared))?),
@@ -501,19 +545,21 @@ impl ServerHandle {
     /// README): all or nothing; on failure the old state stays and the
     /// error says why.
     pub fn reload(&self) -> Result<(), String> {
-        self.shared.reload(None, None)
+        self.shared.reload(None, None, None)
     }
 
-    /// [`Self::reload`] with new TLS settings (paths and minimum version)
-    /// and a new namespace table, from a re-read configuration file
-    /// (`None`: the TLS files named at start again, the table unchanged):
-    /// all or nothing, the table replaced only if the TLS part succeeded.
+    /// [`Self::reload`] with new TLS settings (paths and minimum version),
+    /// a new namespace table and a new origin allow-list, from a re-read
+    /// configuration file (`None`: the TLS files named at start again, the
+    /// table or the list unchanged): all or nothing, the table and the list
+    /// replaced only if the list parses and the TLS part succeeded.
     pub fn reload_with(
         &self,
         tls: Option<tls::TlsSettings>,
         namespaces: Option<Vec<crate::pubsub::policy::NamespacePolicy>>,
+        origins: Option<Vec<String>>,
     ) -> Result<(), String> {
-        self.shared.reload(tls, namespaces)
+        self.shared.reload(tls, namespaces, origins)
     }
 
     /// Counts a reload that failed before reaching the server (a

@@ -2,6 +2,7 @@
 //! its own cache lines, no contention); readers sum them.
 
 use super::admission::Refusal;
+use super::origin;
 use super::tls::Failure;
 use crate::proto::handshake::Status;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -115,6 +116,8 @@ pub struct WorkerStats {
     pub publishers_throttled: AtomicU64,
     /// Connections refused at accept, by [`Refusal::index`].
     pub connections_refused: [AtomicU64; Refusal::ALL.len()],
+    /// Requests refused 403 for their `Origin`, by [`origin::Refused::index`].
+    pub origin_refused: [AtomicU64; origin::Refused::ALL.len()],
     /// HTTP publications answered 429.
     pub publish_rate_limited: AtomicU64,
     /// Times a WebSocket publisher's reads were paused by `--max-publish-rate`.
@@ -289,6 +292,10 @@ impl WorkerStats {
 
     pub fn connection_refused(&self, why: Refusal) {
         bump(&self.connections_refused[why.index()]);
+    }
+
+    pub fn origin_refused(&self, why: origin::Refused) {
+        bump(&self.origin_refused[why.index()]);
     }
 
     pub fn publish_rate_limited(&self) {

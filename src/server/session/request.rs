@@ -98,7 +98,18 @@ impl Session {
         let cfg = &ctx.shared.config;
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let req = parse_head(head, &mut headers)?;
-        match route(&req, cfg)? {
+        let route = route(&req, cfg)?;
+        if !matches!(route, Route::Admin) {
+            // A web page of a foreign origin may neither open a WebSocket
+            // nor publish through its visitor's browser.
+            ctx.shared
+                .check_origin(req.header_values("origin"))
+                .map_err(|why| {
+                    ctx.stats.origin_refused(why);
+                    Reject::new(Status::Forbidden, why.reason())
+                })?;
+        }
+        match route {
             Route::Upgrade(up) => self.upgrade(&req, up, ctx),
             Route::Publish(name) => {
                 check_publisher(&req, cfg)?;
