@@ -184,6 +184,37 @@ pub struct ServeArgs {
     #[arg(long = "allowed-origin", value_name = "ORIGIN", value_parser = crate::server::origin::parse_pattern)]
     pub allowed_origins: Vec<String>,
 
+    /// A key that verifies the JSON Web Tokens of subscribers and
+    /// publishers (repeat): `[KID@]ALG=FILE`, ALG one of HS256 HS384 HS512
+    /// (FILE holds the secret, at least 32 bytes), RS256 RS384 RS512 PS256
+    /// PS384 PS512 ES256 ES384 EdDSA (FILE: a PEM public key). Each key
+    /// verifies its algorithm only. With a key or `--jwks`, subscribing
+    /// and publishing need a token (README "Tokens").
+    #[arg(long = "jwt-key", value_name = "[KID@]ALG=FILE", value_parser = crate::server::auth::parse_key_spec)]
+    pub jwt_keys: Vec<String>,
+
+    /// A JSON Web Key Set file of token keys; each key must name its
+    /// `alg` (and may name a `kid`).
+    #[arg(long, value_name = "FILE")]
+    pub jwks: Option<PathBuf>,
+
+    /// Tokens must name this audience (`aud`; repeat for several).
+    #[arg(long = "jwt-audience", value_name = "AUD")]
+    pub jwt_audiences: Vec<String>,
+
+    /// Tokens must name this issuer (`iss`; repeat for several).
+    #[arg(long = "jwt-issuer", value_name = "ISS")]
+    pub jwt_issuers: Vec<String>,
+
+    /// Slack allowed on a token's `exp`, `nbf` and `iat` for clock skew.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub jwt_leeway: Duration,
+
+    /// With tokens: subscribers without one may subscribe (to anything;
+    /// publishing still needs a token or `--publish-token`).
+    #[arg(long)]
+    pub anonymous_subscribe: bool,
+
     /// Most open connections in the process; more are answered
     /// `503 Service Unavailable` with `Retry-After`.
     #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS, value_name = "N")]
@@ -312,6 +343,16 @@ impl ServeArgs {
             admin_listen: self.admin_listen,
             publish_token: self.publish_token.clone().filter(|t| !t.is_empty()),
             allowed_origins: self.allowed_origins.clone(),
+            jwt: (!self.jwt_keys.is_empty() || self.jwks.is_some()).then(|| {
+                crate::server::auth::JwtSettings {
+                    keys: self.jwt_keys.clone(),
+                    jwks: self.jwks.clone(),
+                    audience: self.jwt_audiences.clone(),
+                    issuer: self.jwt_issuers.clone(),
+                    leeway: self.jwt_leeway,
+                    anonymous_subscribe: self.anonymous_subscribe,
+                }
+            }),
             max_connections: self.max_connections,
             max_connections_per_ip: self.max_connections_per_ip,
             max_connect_rate_per_ip: self.max_connect_rate_per_ip,

@@ -39,7 +39,18 @@ const MAX_FILE_BYTES: u64 = 1024 * 1024;
 
 /// The keys a reload applies (besides the `[namespace."…"]` tables);
 /// every other change waits for a restart.
-const RELOADABLE: [&str; 4] = ["tls-cert", "tls-key", "tls-min-version", "allowed-origin"];
+const RELOADABLE: [&str; 10] = [
+    "tls-cert",
+    "tls-key",
+    "tls-min-version",
+    "allowed-origin",
+    "jwt-key",
+    "jwks",
+    "jwt-audience",
+    "jwt-issuer",
+    "jwt-leeway",
+    "anonymous-subscribe",
+];
 
 /// One setting of the file: its key, its line and the arguments it stands
 /// for (`--key=value`, once per list element; a switch is `--key` or

@@ -5,6 +5,7 @@
 
 use corecast::cli::{Cli, Command};
 use corecast::config_file::{self, ConfigFile};
+use corecast::server::Reload;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use std::ffi::OsString;
@@ -47,7 +48,10 @@ fn serve(
             return ExitCode::FAILURE;
         }
     };
-    let tls_running = config.tls.is_some();
+    let running = Running {
+        tls: config.tls.is_some(),
+        jwt: config.jwt.is_some(),
+    };
     let server = match corecast::server::start(config) {
         Ok(s) => s,
         Err(e) => {
@@ -63,7 +67,7 @@ fn serve(
         }
         let result = match &file {
             None => server.reload(),
-            Some(startup) => reload_file(&server, argv, startup, tls_running),
+            Some(startup) => reload_file(&server, argv, startup, running),
         };
         match result {
             Ok(()) => info!("reloaded"),
@@ -92,11 +96,28 @@ fn serve(
 /// topics too), all or nothing; every other difference from the file the
 /// server started with is logged as waiting for a restart (again at each
 /// reload, until it is undone or restarted).
+/// What the server started with that a reload cannot switch on or off.
+#[derive(Debug, Clone, Copy)]
+struct Running {
+    tls: bool,
+    jwt: bool,
+}
+
+/// The configuration keys of tokens.
+const JWT_KEYS: [&str; 6] = [
+    "jwt-key",
+    "jwks",
+    "jwt-audience",
+    "jwt-issuer",
+    "jwt-leeway",
+    "anonymous-subscribe",
+];
+
 fn reload_file(
     server: &corecast::server::ServerHandle,
     argv: &[OsString],
     startup: &ConfigFile,
-    tls_running: bool,
+    running: Running,
 ) -> Result<(), String> {
     let parsed = ConfigFile::read(startup.path()).and_then(|new| {
         let cli: Cli = config_file::parse_with(argv, &new).map_err(|e| e.to_string())?;
@@ -109,17 +130,28 @@ fn reload_file(
     let Command::Serve(args) = cli.command;
     let config = args.to_config();
     let mut changes = startup.changes(&new, argv);
-    let namespaces = Some(new.namespaces().to_vec());
-    let origins = Some(config.allowed_origins.clone());
-    if config.tls.is_some() != tls_running {
+    let mut reload = Reload {
+        tls: config.tls.clone(),
+        namespaces: Some(new.namespaces().to_vec()),
+        origins: Some(config.allowed_origins.clone()),
+        jwt: config.jwt.clone(),
+    };
+    if config.tls.is_some() != running.tls {
         // Turning TLS on or off changes what the listener speaks: the TLS
         // keys wait, the files named at start are read again.
         let tls_keys = changes.applied.extract_if(.., |k| k.starts_with("tls-"));
         changes.need_restart.extend(tls_keys);
-        server.reload_with(None, namespaces, origins)?;
-    } else {
-        server.reload_with(config.tls, namespaces, origins)?;
+        reload.tls = None;
     }
+    if config.jwt.is_some() != running.jwt {
+        // Turning tokens on or off waits for a restart too.
+        let jwt_keys = changes
+            .applied
+            .extract_if(.., |k| JWT_KEYS.contains(&k.as_str()));
+        changes.need_restart.extend(jwt_keys);
+        reload.jwt = None;
+    }
+    server.reload_with(reload)?;
     for key in &changes.applied {
         info!(setting = %key, "applied from the configuration file");
     }

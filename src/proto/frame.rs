@@ -211,6 +211,9 @@ pub struct CloseCode(pub u16);
 impl CloseCode {
     pub const NORMAL: Self = Self(1000);
     pub const GOING_AWAY: Self = Self(1001);
+    /// IANA-registered "Unauthorized": a token expired (not in the
+    /// reserved ranges, so peers accept it in a close frame).
+    pub const UNAUTHORIZED: Self = Self(3000);
     pub const PROTOCOL_ERROR: Self = Self(1002);
     pub const UNSUPPORTED_DATA: Self = Self(1003);
     pub const INVALID_PAYLOAD: Self = Self(1007);

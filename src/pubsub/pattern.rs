@@ -69,6 +69,27 @@ pub fn matches(pattern: &str, topic: &str) -> bool {
     t.next().is_none()
 }
 
+/// Whether `right` (a topic or a pattern) covers `wanted` (a topic or a
+/// pattern): every topic `wanted` matches, `right` matches too. So
+/// `prices.>` covers `prices.*.EUR` and `prices.fx`, `prices.*` covers
+/// `prices.fx` but not `prices.>`, and a topic covers only itself. What
+/// an access right (a token's) is checked with. Linear in the two names.
+pub fn covers(right: &str, wanted: &str) -> bool {
+    let mut w = wanted.split('.');
+    for r in right.split('.') {
+        match (r, w.next()) {
+            // One or more tokens, whatever they are.
+            (">", Some(_)) => return true,
+            (_, None) => return false,
+            // Any one token, but not the rest of the name.
+            ("*", Some(x)) if x != ">" => {}
+            (r, Some(x)) if r == x && r != "*" && r != ">" => {}
+            _ => return false,
+        }
+    }
+    w.next().is_none()
+}
+
 /// No node.
 const NONE: u32 = u32::MAX;
 
@@ -401,5 +422,61 @@ mod tests {
         t.get_or_insert_with(&deep, || 7);
         assert_eq!(t.remove(&deep), Some(7));
         assert_eq!(t.node_count(), 1);
+    }
+
+    #[test]
+    fn a_right_covers_what_it_contains_and_nothing_wider() {
+        for (right, wanted) in [
+            ("prices.>", "prices.*.EUR"),
+            ("prices.>", "prices.fx"),
+            ("prices.>", "prices.>"),
+            ("prices.>", "prices.a.b.c"),
+            ("prices.*", "prices.fx"),
+            ("prices.*", "prices.*"),
+            ("prices.fx", "prices.fx"),
+            (">", "a"),
+            (">", "*.>"),
+            ("*.>", "a.*"),
+        ] {
+            assert!(covers(right, wanted), "{right} covers {wanted}");
+        }
+        for (right, wanted) in [
+            ("prices.*.EUR", "prices.>"),
+            ("prices.*", "prices.>"),
+            ("prices.*", "prices.a.b"),
+            ("prices.fx", "prices.*"),
+            ("prices.>", "prices"),
+            ("prices.fx", "prices.fx.EUR"),
+            ("prices.fx", "prices.fxx"),
+            ("a.*", ">"),
+            ("*", "*.a"),
+        ] {
+            assert!(!covers(right, wanted), "{right} does not cover {wanted}");
+        }
+    }
+
+    proptest::proptest! {
+        /// `covers(r, w)` exactly when every topic that `w` matches, `r`
+        /// matches: checked on every topic of up to four tokens from a
+        /// small alphabet.
+        #[test]
+        fn covers_agrees_with_matching(
+            r in proptest::collection::vec(proptest::sample::select(vec!["a", "b", "*", ">"]), 1..4),
+            w in proptest::collection::vec(proptest::sample::select(vec!["a", "b", "*", ">"]), 1..4),
+        ) {
+            let (r, w) = (r.join("."), w.join("."));
+            proptest::prop_assume!(check(&r).is_ok() && check(&w).is_ok());
+            let mut topics = vec![String::new()];
+            let mut all = Vec::new();
+            for _ in 0..5 {
+                topics = topics
+                    .iter()
+                    .flat_map(|t| ["a", "b", "c"].map(|x| if t.is_empty() { x.to_string() } else { format!("{t}.{x}") }))
+                    .collect();
+                all.extend(topics.iter().cloned());
+            }
+            let contained = all.iter().filter(|t| matches(&w, t)).all(|t| matches(&r, t));
+            proptest::prop_assert_eq!(covers(&r, &w), contained, "{} {}", r, w);
+        }
     }
 }

@@ -102,6 +102,12 @@ pub(super) fn run<B: Backend>(backend: &mut B) {
             break;
         }
         backend.core().begin_turn(Instant::now());
+        if backend.core().needs_wall_clock() {
+            let wall = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            backend.core().set_wall_clock(wall);
+        }
         backend.handle_events();
         end_of_turn(backend);
         if backend.core().drain_requested() {

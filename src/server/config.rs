@@ -193,6 +193,9 @@ pub struct Config {
     /// TLS on the main listener (wss://, https://): the certificate and
     /// key files; `None` serves plain ws:// and http://.
     pub tls: Option<crate::server::tls::TlsSettings>,
+    /// Tokens (`--jwt-key`, `--jwks`): who may subscribe and publish;
+    /// `None`: anyone may subscribe, `publish_token` guards publishing.
+    pub jwt: Option<crate::server::auth::JwtSettings>,
     /// With `tls`: also serve plain ws:// and http:// on this address (one
     /// more worker per core, on its own listener group).
     pub plain_listen: Option<SocketAddr>,
@@ -241,6 +244,7 @@ impl Default for Config {
             mailbox_high_water: MAILBOX_HIGH_WATER,
             ring_slots: None,
             tls: None,
+            jwt: None,
             plain_listen: None,
         }
     }

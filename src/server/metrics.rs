@@ -75,7 +75,7 @@ const CONNECTION_COUNTERS: [Counter; 8] = [
 
 /// Publication and delivery: messages published, frames and bytes sent,
 /// slow consumers, keepalive, publishers held back (mailbox full, rate).
-const DELIVERY_COUNTERS: [Counter; 20] = [
+const DELIVERY_COUNTERS: [Counter; 21] = [
     (
         "corecast_messages_published_total",
         "Messages published (WebSocket and HTTP publishers).",
@@ -160,6 +160,11 @@ const DELIVERY_COUNTERS: [Counter; 20] = [
         "corecast_keepalive_timeouts_total",
         "Connections closed for not answering a keepalive ping.",
         |w| &w.keepalive_timeouts,
+    ),
+    (
+        "corecast_tokens_expired_total",
+        "Connections closed (3000) because their token expired.",
+        |w| &w.tokens_expired,
     ),
     (
         "corecast_publishers_throttled_total",
@@ -397,6 +402,20 @@ fn labelled_counters(s: &mut String, workers: &[WorkerStats], stranded: u64) {
             |w| &w.origin_refused,
         ),
         crate::server::origin::Refused::ALL
+            .iter()
+            .map(|r| (r.label().to_string(), r.index())),
+        None,
+    );
+    labelled(
+        s,
+        workers,
+        (
+            "corecast_auth_refused_total",
+            "Requests and subscribes refused for their token (--jwt-key, --jwks), by reason.",
+            "reason",
+            |w| &w.auth_refused,
+        ),
+        crate::server::auth::Refusal::ALL
             .iter()
             .map(|r| (r.label().to_string(), r.index())),
         None,

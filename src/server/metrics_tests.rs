@@ -48,6 +48,8 @@ fn busy_workers() -> Vec<WorkerStats> {
         set(&w.publishers_throttled);
         w.connections_refused.iter().for_each(&mut set);
         w.origin_refused.iter().for_each(&mut set);
+        w.auth_refused.iter().for_each(&mut set);
+        set(&w.tokens_expired);
         set(&w.publish_rate_limited);
         set(&w.publishers_paced);
         w.ws_failures.iter().for_each(&mut set);

@@ -24,6 +24,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod epoll;
@@ -84,6 +85,20 @@ pub struct Shared {
     /// replaced whole by a reload; read only for requests that carry an
     /// `Origin` header.
     pub(crate) origins: std::sync::RwLock<Arc<origin::AllowList>>,
+    /// The token keys and rules in force, when `--jwt-key` or `--jwks`
+    /// was given at start (replaced whole by a reload; never set or unset
+    /// by one).
+    pub(crate) auth: Option<std::sync::RwLock<Arc<auth::Verifier>>>,
+}
+
+/// What a reload replaces (`None`: what is in force stays, but for the
+/// TLS pair and the token keys, read again from the files named at start).
+#[derive(Debug, Default)]
+pub struct Reload {
+    pub tls: Option<tls::TlsSettings>,
+    pub namespaces: Option<Vec<crate::pubsub::policy::NamespacePolicy>>,
+    pub origins: Option<Vec<String>>,
+    pub jwt: Option<auth::JwtSettings>,
 }
 
 impl Shared {
@@ -107,7 +122,15 @@ impl Shared {
             tls_workers: usize::MAX,
             reloads: Default::default(),
             origins: Default::default(),
+            auth: None,
         }
+    }
+
+    /// The token verifier in force, if tokens are on.
+    pub(crate) fn verifier(&self) -> Option<Arc<auth::Verifier>> {
+        self.auth
+            .as_ref()
+            .map(|a| Arc::clone(&a.read().unwrap_or_else(|p| p.into_inner())))
     }
 
     /// The verdict of the origin allow-list in force on a request's
@@ -131,30 +154,40 @@ impl Shared {
     /// keep what they started with), then, only if those loaded, the
     /// namespace table `namespaces` when given (see
     /// [`Directory::set_policies`]: it applies to existing topics too) and
-    /// the origin allow-list `origins` when given (new requests). A
-    /// failure keeps the old state.
-    pub(crate) fn reload(
-        &self,
-        tls: Option<tls::TlsSettings>,
-        namespaces: Option<Vec<crate::pubsub::policy::NamespacePolicy>>,
-        origins: Option<Vec<String>>,
-    ) -> Result<(), String> {
+    /// the origin allow-list `origins` and the token keys `jwt` (with tokens
+    /// on) when given (new requests). A failure keeps the old state.
+    pub(crate) fn reload(&self, r: Reload) -> Result<(), String> {
+        let Reload {
+            tls,
+            namespaces,
+            origins,
+            jwt,
+        } = r;
         // The fallible parts first; replacing the tables cannot fail.
-        let origins = origins
-            .map(|o| origin::AllowList::new(&o).map_err(|e| format!("--allowed-origin {e}")))
-            .transpose();
-        let result = origins.and_then(|origins| {
+        let result = (|| {
+            let origins = origins
+                .map(|o| origin::AllowList::new(&o).map_err(|e| format!("--allowed-origin {e}")))
+                .transpose()?;
+            // With tokens on, the key files are read again (those the file
+            // names now, else those named at start).
+            let verifier = match (&self.auth, jwt.or_else(|| self.config.jwt.clone())) {
+                (Some(_), Some(settings)) => Some(auth::Verifier::load(&settings)?),
+                _ => None,
+            };
             if let Some(certs) = &self.tls {
                 certs.reload(tls)?;
             }
-            Ok(origins)
-        });
-        let result = result.map(|origins| {
+            Ok((origins, verifier))
+        })();
+        let result = result.map(|(origins, verifier)| {
             if let Some(namespaces) = namespaces {
                 self.directory.set_policies(namespaces);
             }
             if let Some(list) = origins {
                 self.set_origins(list);
+            }
+            if let (Some(current), Some(v)) = (&self.auth, verifier) {
+                *current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(v);
             }
         });
         self.count_reload(result)
@@ -384,6 +417,12 @@ pub fn start(mut config: Config) -> io::Result<ServerHandle> {
     let origins = origin::AllowList::new(&config.allowed_origins).map_err(|e| {
         io::Error::new(io::ErrorKind::InvalidInput, format!("--allowed-origin {e}"))
     })?;
+    let verifier = config
+        .jwt
+        .as_ref()
+        .map(auth::Verifier::load)
+        .transpose()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let tls = match &config.tls {
         Some(settings) => {
             let resumption = tls::Resumption::new().map_err(io::Error::other)?;
@@ -450,6 +489,7 @@ pub fn start(mut config: Config) -> io::Result<ServerHandle> {
     shared.tls = tls;
     shared.tls_workers = tls_workers;
     shared.set_origins(origins);
+    shared.auth = verifier.map(|v| std::sync::RwLock::new(Arc::new(v)));
     let shared = Arc::new(shared);
     let admin = match shared.config.admin_listen {
         Some(addr) => Some(admin::start(addr, Arc::clone(&shared))?),
@@ -545,21 +585,16 @@ impl ServerHandle {
     /// README): all or nothing; on failure the old state stays and the
     /// error says why.
     pub fn reload(&self) -> Result<(), String> {
-        self.shared.reload(None, None, None)
+        self.shared.reload(Reload::default())
     }
 
     /// [`Self::reload`] with new TLS settings (paths and minimum version),
     /// a new namespace table and a new origin allow-list, from a re-read
-    /// configuration file (`None`: the TLS files named at start again, the
-    /// table or the list unchanged): all or nothing, the table and the list
-    /// replaced only if the list parses and the TLS part succeeded.
-    pub fn reload_with(
-        &self,
-        tls: Option<tls::TlsSettings>,
-        namespaces: Option<Vec<crate::pubsub::policy::NamespacePolicy>>,
-        origins: Option<Vec<String>>,
-    ) -> Result<(), String> {
-        self.shared.reload(tls, namespaces, origins)
+    /// configuration file: all or nothing (see [`Reload`]); the tables,
+    /// the list and the keys replaced only if the list parses, the keys
+    /// load and the TLS part succeeded.
+    pub fn reload_with(&self, r: Reload) -> Result<(), String> {
+        self.shared.reload(r)
     }
 
     /// Counts a reload that failed before reaching the server (a

@@ -2,8 +2,8 @@
 //! its own cache lines, no contention); readers sum them.
 
 use super::admission::Refusal;
-use super::origin;
 use super::tls::Failure;
+use super::{auth, origin};
 use crate::proto::handshake::Status;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -118,6 +118,10 @@ pub struct WorkerStats {
     pub connections_refused: [AtomicU64; Refusal::ALL.len()],
     /// Requests refused 403 for their `Origin`, by [`origin::Refused::index`].
     pub origin_refused: [AtomicU64; origin::Refused::ALL.len()],
+    /// Requests (and subscribes) refused for their token, by [`auth::Refusal::index`].
+    pub auth_refused: [AtomicU64; auth::Refusal::ALL.len()],
+    /// Connections closed because their token expired.
+    pub tokens_expired: AtomicU64,
     /// HTTP publications answered 429.
     pub publish_rate_limited: AtomicU64,
     /// Times a WebSocket publisher's reads were paused by `--max-publish-rate`.
@@ -296,6 +300,14 @@ impl WorkerStats {
 
     pub fn origin_refused(&self, why: origin::Refused) {
         bump(&self.origin_refused[why.index()]);
+    }
+
+    pub fn auth_refused(&self, why: auth::Refusal) {
+        bump(&self.auth_refused[why.index()]);
+    }
+
+    pub fn token_expired(&self) {
+        bump(&self.tokens_expired);
     }
 
     pub fn publish_rate_limited(&self) {

@@ -67,6 +67,11 @@ pub struct Ctx<'a> {
     /// Set by the session: a control message changed the subscriptions
     /// (the backend drops what waits for topics left).
     pub resubscribed: bool,
+    /// Wall-clock time, Unix seconds (token times are checked against it).
+    pub wall_s: u64,
+    /// What this connection's token grants (with tokens on; `None`: no
+    /// token). Set by the session at the upgrade; the backend keeps it.
+    pub grant: Option<Arc<crate::server::auth::Grant>>,
 }
 
 /// What an open WebSocket is for.

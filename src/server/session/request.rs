@@ -14,7 +14,7 @@ use crate::pubsub::pattern;
 use crate::pubsub::shard::SubList;
 use crate::pubsub::topic::{self, TopicError};
 use crate::server::config::Config;
-use crate::server::http;
+use crate::server::{auth, http};
 use bytes::Bytes;
 use std::sync::Arc;
 
@@ -68,6 +68,81 @@ pub(super) fn topic_reject(e: TopicError) -> Reject {
     )
 }
 
+/// A request refused for its token (counted): `401`, or `403` for a right
+/// the token lacks.
+pub(super) fn refuse(why: auth::Refusal, ctx: &Ctx<'_>) -> Reject {
+    ctx.stats.auth_refused(why);
+    let status = if why.forbidden() {
+        Status::Forbidden
+    } else {
+        Status::Unauthorized
+    };
+    Reject::new(status, why.reason())
+}
+
+/// May this request publish to (or delete) topic `name`? Without tokens
+/// on, `--publish-token` decides as before. With tokens on: the
+/// `--publish-token` itself, if set, may publish anywhere (a back end's
+/// credential); any other request needs a token (`401`) whose rights cover
+/// `name` (`403`; a bad name is `400` before that). Returns the token's
+/// grant.
+pub(super) fn authorize_publish(
+    req: &Request<'_, '_>,
+    name: &str,
+    ctx: &Ctx<'_>,
+) -> Result<Option<Arc<auth::Grant>>, Reject> {
+    let cfg = &ctx.shared.config;
+    let Some(verifier) = ctx.shared.verifier() else {
+        check_publisher(req, cfg)?;
+        return Ok(None);
+    };
+    let authorization = req.header("authorization").ok().flatten();
+    if let Some(token) = &cfg.publish_token
+        && http::authorized(token, authorization, req.query)
+    {
+        return Ok(None);
+    }
+    let token = auth::token_of(authorization, req.query)
+        .ok_or_else(|| refuse(auth::Refusal::Missing, ctx))?;
+    let grant = verifier
+        .verify(token, ctx.wall_s)
+        .map_err(|why| refuse(why, ctx))?;
+    topic::validate(name, cfg.max_topic_len).map_err(topic_reject)?;
+    if !grant.may_publish(name) {
+        return Err(refuse(auth::Refusal::Forbidden, ctx));
+    }
+    Ok(Some(Arc::new(grant)))
+}
+
+/// May this subscriber subscribe to `names` (topics and patterns)? With
+/// tokens on: a token whose rights cover every name (`401` without one,
+/// unless `--anonymous-subscribe`; `403` for a name not covered). Returns
+/// the token's grant.
+fn authorize_subscribe(
+    req: &Request<'_, '_>,
+    names: &[&str],
+    ctx: &Ctx<'_>,
+) -> Result<Option<Arc<auth::Grant>>, Reject> {
+    let Some(verifier) = ctx.shared.verifier() else {
+        return Ok(None);
+    };
+    let authorization = req.header("authorization").ok().flatten();
+    let Some(token) = auth::token_of(authorization, req.query) else {
+        return if verifier.anonymous_subscribe() {
+            Ok(None)
+        } else {
+            Err(refuse(auth::Refusal::Missing, ctx))
+        };
+    };
+    let grant = verifier
+        .verify(token, ctx.wall_s)
+        .map_err(|why| refuse(why, ctx))?;
+    if names.iter().any(|n| !grant.may_subscribe(n)) {
+        return Err(refuse(auth::Refusal::Forbidden, ctx));
+    }
+    Ok(Some(Arc::new(grant)))
+}
+
 pub(super) fn check_publisher(req: &Request<'_, '_>, cfg: &Config) -> Result<(), Reject> {
     let Some(token) = &cfg.publish_token else {
         return Ok(());
@@ -112,11 +187,11 @@ impl Session {
         match route {
             Route::Upgrade(up) => self.upgrade(&req, up, ctx),
             Route::Publish(name) => {
-                check_publisher(&req, cfg)?;
+                authorize_publish(&req, name, ctx)?;
                 self.begin_publish(&req, name, ctx)
             }
             Route::Delete(name) => {
-                check_publisher(&req, cfg)?;
+                authorize_publish(&req, name, ctx)?;
                 topic::validate(name, cfg.max_topic_len).map_err(topic_reject)?;
                 let has_body = req.header_values("transfer-encoding").next().is_some()
                     || req
@@ -203,7 +278,7 @@ impl Session {
         let role = match up {
             Upgrade::Echo => Role::Echo,
             Upgrade::Publish(name) => {
-                check_publisher(req, cfg)?;
+                ctx.grant = authorize_publish(req, name, ctx)?;
                 topic::validate(name, cfg.max_topic_len).map_err(topic_reject)?;
                 let key =
                     topic::key_of(req.query).map_err(|why| Reject::new(Status::BadRequest, why))?;
@@ -247,6 +322,7 @@ impl Session {
                     rate = Some(per_second);
                 }
                 let names: Vec<&str> = names.iter().map(|n| n.as_ref()).collect();
+                ctx.grant = authorize_subscribe(req, &names, ctx)?;
                 let patterns = names.iter().filter(|n| pattern::is_pattern(n)).count();
                 if patterns > cfg.max_patterns_per_conn {
                     return Err(Reject::new(

@@ -7,6 +7,7 @@ use crate::pubsub::envelope::{Form, snapshot_marker};
 use crate::pubsub::history::{Recovery, Since, Start};
 use crate::pubsub::pattern;
 use crate::pubsub::shard::{Replay, SubList};
+use crate::server::auth::Refusal;
 use bytes::Bytes;
 use std::collections::HashSet;
 
@@ -222,6 +223,33 @@ pub(super) fn control_message(
     // lookups, never a search of `subs` (held at most max_topics_per_conn).
     match c.op {
         Op::Subscribe => {
+            // With tokens on: every name within the token's rights (and
+            // the token still valid), or open to anonymous subscribers.
+            // A refusal is a reply; the connection stays.
+            if let Some(verifier) = ctx.shared.verifier() {
+                let why = match &ctx.grant {
+                    Some(g) if g.exp.saturating_add(verifier.leeway_s()) < ctx.wall_s => {
+                        Some(Refusal::Expired)
+                    }
+                    Some(g) => c
+                        .topics
+                        .iter()
+                        .any(|n| !g.may_subscribe(n))
+                        .then_some(Refusal::Forbidden),
+                    None => (!verifier.anonymous_subscribe()).then_some(Refusal::Missing),
+                };
+                if let Some(why) = why {
+                    ctx.stats.auth_refused(why);
+                    let reason = match why {
+                        Refusal::Forbidden => {
+                            "not allowed: the token grants no subscribe right to one of these topics"
+                        }
+                        Refusal::Expired => "not allowed: the token has expired",
+                        _ => "not allowed: subscribing needs a token",
+                    };
+                    return (control::error(reason), Vec::new());
+                }
+            }
             let held: std::collections::HashSet<u32> =
                 subs.as_slice().iter().map(|s| s.topic()).collect();
             let new: Vec<usize> = (0..c.topics.len())

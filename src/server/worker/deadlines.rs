@@ -90,6 +90,31 @@ impl<S> Core<S> {
                 conn.mark_dirty(key, &mut self.dirty);
             }
         }
+        // Tokens past their `exp` (and the leeway): the connection goes,
+        // with 3000 (a subscriber may reconnect with a new token).
+        let mut expired = Vec::new();
+        if !self.grants.is_empty()
+            && let Some(verifier) = self.shared.verifier()
+        {
+            let leeway = verifier.leeway_s();
+            for (&key, grant) in &self.grants {
+                if grant.exp.saturating_add(leeway) < self.wall_s
+                    && self.conns[key].state == IoState::Active
+                    && self.conns[key].session.is_websocket()
+                {
+                    expired.push(key);
+                }
+            }
+        }
+        for key in expired {
+            self.grants.remove(&key);
+            self.stats().token_expired();
+            debug!(worker = self.id, "token expired");
+            self.conns[key]
+                .session
+                .close(CloseCode::UNAUTHORIZED, "token expired");
+            self.start_closing(key);
+        }
         for key in timed_out {
             self.stats().keepalive_timeout();
             debug!(worker = self.id, "keepalive timeout");

@@ -104,6 +104,12 @@ impl<S> Core<S> {
             requests: 0,
             rated: None,
             resubscribed: false,
+            wall_s: self.wall_s,
+            grant: if self.grants.is_empty() {
+                None
+            } else {
+                self.grants.get(&key).cloned()
+            },
         };
         let next = conn.session.on_input(buf, &mut ctx);
         if ctx.published {
@@ -111,6 +117,9 @@ impl<S> Core<S> {
         }
         let rated = ctx.rated.take();
         let resubscribed = ctx.resubscribed;
+        if let Some(grant) = ctx.grant.take() {
+            self.grants.insert(key, grant);
+        }
         if ctx.requests > 0 {
             conn.set_flag(REQUEST_DONE, true);
         }

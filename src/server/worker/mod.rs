@@ -167,6 +167,12 @@ pub struct Core<S> {
     /// The addresses of the connections counted per address (only with a
     /// per-address limit set): kept here, not in every connection's entry.
     addresses: HashMap<usize, IpAddr>,
+    /// What the tokens of this worker's connections grant (only for
+    /// connections that presented one): kept here, not in every entry.
+    grants: HashMap<usize, Arc<crate::server::auth::Grant>>,
+    /// Wall-clock time of this loop turn, Unix seconds ([`Self::set_wall_clock`];
+    /// what token times are checked against).
+    wall_s: u64,
     /// Start of the worker's millisecond clock.
     epoch: Instant,
     /// Time at the top of this loop turn ([`Self::begin_turn`]).
@@ -204,6 +210,8 @@ impl<S> Core<S> {
             shard_charged: 0,
             metrics: None,
             addresses: HashMap::new(),
+            grants: HashMap::new(),
+            wall_s: 0,
             epoch: now,
             now,
             next_sweep,
@@ -291,6 +299,17 @@ impl<S> Core<S> {
     /// the next call uses it (the core reads no clock of its own).
     pub fn begin_turn(&mut self, now: Instant) {
         self.now = now;
+    }
+
+    /// Whether tokens are on, so that [`Self::set_wall_clock`] matters.
+    pub fn needs_wall_clock(&self) -> bool {
+        self.shared.auth.is_some()
+    }
+
+    /// The wall-clock time of this turn (since the Unix epoch), for the
+    /// times of tokens.
+    pub fn set_wall_clock(&mut self, since_epoch: Duration) {
+        self.wall_s = since_epoch.as_secs();
     }
 
     /// The time of this loop turn.
@@ -473,6 +492,9 @@ impl<S> Core<S> {
         if conn.take_flag(CONFLATING) | conn.take_flag(RATED) {
             let n = self.tables.remove(key);
             stats.undelivered(Undelivered::Closing, n);
+        }
+        if !self.grants.is_empty() {
+            self.grants.remove(&key);
         }
         let conn = &mut self.conns[key];
         if conn.take_flag(ADMITTED) {

@@ -1,0 +1,381 @@
+//! Tokens (`--jwt-key`, `--jwks`), end to end: who may subscribe and
+//! publish, the exact refusals (401 by reason, 403 for a right the token
+//! lacks, an error reply to a subscribe over an open connection), expiry
+//! closing a WebSocket with 3000, anonymous subscribers, `--publish-token`
+//! beside tokens, and a reload rotating the key.
+
+mod common;
+
+use common::*;
+use corecast::server::auth::{DEFAULT_LEEWAY, JwtSettings};
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use serde_json::json;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tungstenite::Message;
+use tungstenite::client::IntoClientRequest;
+use tungstenite::protocol::frame::coding::CloseCode;
+
+/// A fresh HMAC secret in a file of its own (made at test time).
+fn secret_file(dir: &Path, name: &str) -> (PathBuf, Vec<u8>) {
+    let secret: Vec<u8> = (0..48)
+        .map(|i| b"0123456789abcdef"[(i * 7 + name.len() + std::process::id() as usize) % 16])
+        .collect();
+    let path = dir.join(name);
+    std::fs::write(&path, &secret).unwrap();
+    (path, secret)
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn token(secret: &[u8], claims: serde_json::Value) -> String {
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret),
+    )
+    .unwrap()
+}
+
+/// A token for `sub` with these rights, valid for an hour.
+fn rights(secret: &[u8], subscribe: &[&str], publish: &[&str]) -> String {
+    token(
+        secret,
+        json!({"sub": "alice", "exp": now() + 3600,
+               "corecast": {"subscribe": subscribe, "publish": publish}}),
+    )
+}
+
+fn settings(key: &Path) -> JwtSettings {
+    JwtSettings {
+        keys: vec![format!("HS256={}", key.display())],
+        jwks: None,
+        audience: Vec::new(),
+        issuer: Vec::new(),
+        leeway: DEFAULT_LEEWAY,
+        anonymous_subscribe: false,
+    }
+}
+
+/// The whole answer to a request that is refused.
+fn answer(addr: SocketAddr, req: &str) -> String {
+    refused(addr, req.as_bytes())
+}
+
+fn upgrade_with(path: &str, extra: &str) -> String {
+    upgrade_request(path).replacen("\r\n\r\n", &format!("\r\n{extra}\r\n"), 1)
+}
+
+/// A subscriber through tungstenite with `token` in the query.
+fn subscriber(addr: SocketAddr, topics: &str, token: &str) -> Ws {
+    let mut req = ws_url(addr, &format!("/ws?topics={topics}&token={token}"))
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", "corecast.v1".parse().unwrap());
+    let (ws, _) = tungstenite::connect(req).expect("allowed");
+    ws
+}
+
+fn post_as(addr: SocketAddr, topic: &str, body: &[u8], bearer: &str) -> String {
+    let req = post_with(
+        topic,
+        BINARY,
+        body,
+        &format!("Authorization: Bearer {bearer}\r\nConnection: close\r\n"),
+    );
+    let mut s = raw(addr);
+    s.write_all(&req).unwrap();
+    read_head(&mut s)
+}
+
+#[test]
+fn subscribing_and_publishing_follow_the_rights_of_the_token() {
+    let cert = test_cert();
+    let (key, secret) = secret_file(&cert.dir, "hs256.key");
+    let server = start_with(|c| {
+        c.jwt = Some(settings(&key));
+        c.publish_token = Some("back-end-secret".into());
+    });
+    let addr = server.local_addr();
+    let reader = rights(&secret, &["prices.>", "user.{sub}.>"], &[]);
+
+    // 401 by reason, 403 for a right the token lacks.
+    let no_token = answer(addr, &upgrade_with("/ws?topics=prices.fx", ""));
+    assert!(no_token.starts_with("HTTP/1.1 401 "), "{no_token}");
+    assert!(no_token.contains("WWW-Authenticate: Bearer"), "{no_token}");
+    assert!(no_token.contains("token required"), "{no_token}");
+    let garbage = answer(
+        addr,
+        &upgrade_with("/ws?topics=prices.fx&token=abc.def.ghi", ""),
+    );
+    assert!(
+        garbage.starts_with("HTTP/1.1 401 ") && garbage.contains("token invalid"),
+        "{garbage}"
+    );
+    let other_key = rights(
+        b"an entirely different secret, 32+ bytes",
+        &["prices.>"],
+        &[],
+    );
+    let forged = answer(
+        addr,
+        &upgrade_with(&format!("/ws?topics=prices.fx&token={other_key}"), ""),
+    );
+    assert!(forged.contains("token invalid"), "{forged}");
+    let old = token(
+        &secret,
+        json!({"exp": now() - 3600, "corecast": {"subscribe": [">"]}}),
+    );
+    let expired = answer(
+        addr,
+        &upgrade_with(&format!("/ws?topics=prices.fx&token={old}"), ""),
+    );
+    assert!(
+        expired.starts_with("HTTP/1.1 401 ") && expired.contains("token expired"),
+        "{expired}"
+    );
+    for wider in [
+        "news.a",
+        "prices",
+        ">",
+        "user.bob.inbox",
+        "prices.fx,news.a",
+    ] {
+        let r = answer(
+            addr,
+            &upgrade_with(&format!("/ws?topics={wider}&token={reader}"), ""),
+        );
+        assert!(
+            r.starts_with("HTTP/1.1 403 ") && r.contains("grants no right"),
+            "{wider}: {r}"
+        );
+    }
+    // In the header too.
+    let r = answer(
+        addr,
+        &upgrade_with(
+            "/ws?topics=news.a",
+            &format!("Authorization: Bearer {reader}\r\n"),
+        ),
+    );
+    assert!(r.starts_with("HTTP/1.1 403 "), "{r}");
+
+    // Within its rights (a pattern inside a wider one): subscribed.
+    let mut sub = subscriber(addr, "prices.*.EUR,user.alice.inbox", &reader);
+    // A reader cannot publish; a writer can, to its topics only; the
+    // back end's --publish-token can publish anywhere.
+    assert!(post_as(addr, "prices.fx.EUR", b"x", &reader).starts_with("HTTP/1.1 403 "));
+    let writer = rights(&secret, &[], &["prices.fx.*"]);
+    assert!(post_as(addr, "prices.fx.USD", b"x", &writer).starts_with("HTTP/1.1 204 "));
+    assert!(post_as(addr, "prices.fx.EUR", b"from a writer", &writer).starts_with("HTTP/1.1 204 "));
+    assert!(post_as(addr, "prices.eq.EUR", b"x", &writer).starts_with("HTTP/1.1 403 "));
+    assert!(
+        post_as(
+            addr,
+            "user.alice.inbox",
+            b"from the back end",
+            "back-end-secret"
+        )
+        .starts_with("HTTP/1.1 204 ")
+    );
+    let missing = answer(
+        addr,
+        &String::from_utf8(post_with(
+            "prices.fx.EUR",
+            BINARY,
+            b"x",
+            "Connection: close\r\n",
+        ))
+        .unwrap(),
+    );
+    assert!(missing.starts_with("HTTP/1.1 401 "), "{missing}");
+    assert_eq!(read_env(&mut sub).payload, b"from a writer");
+    assert_eq!(read_env(&mut sub).payload, b"from the back end");
+
+    // A WebSocket publisher with a token.
+    let mut req = ws_url(addr, "/publish/prices.fx.EUR")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("Authorization", format!("Bearer {writer}").parse().unwrap());
+    let (mut publisher, _) = tungstenite::connect(req).expect("a writer publishes");
+    publisher.send(Message::text("over a socket")).unwrap();
+    assert_eq!(read_env(&mut sub).payload, b"over a socket");
+
+    // Over the open connection: a subscribe outside the rights is an
+    // error reply, nothing changes, the connection stays.
+    sub.send(Message::text(r#"{"op":"subscribe","topics":["news.a"]}"#))
+        .unwrap();
+    match read_incoming(&mut sub) {
+        Incoming::Reply(v) => {
+            assert_eq!(v["op"], "error", "{v}");
+            assert!(v["reason"].as_str().unwrap().contains("not allowed"), "{v}");
+        }
+        Incoming::Pub(e) => panic!("{e:?}"),
+    }
+    sub.send(Message::text(
+        r#"{"op":"subscribe","topics":["prices.eq.>"]}"#,
+    ))
+    .unwrap();
+    match read_incoming(&mut sub) {
+        Incoming::Reply(v) => assert_eq!(v["op"], "subscribed", "{v}"),
+        Incoming::Pub(e) => panic!("{e:?}"),
+    }
+    assert!(
+        post_as(addr, "news.a", b"not for alice", "back-end-secret").starts_with("HTTP/1.1 204 ")
+    );
+    assert!(
+        post_as(addr, "prices.eq.EUR", b"equity", "back-end-secret").starts_with("HTTP/1.1 204 ")
+    );
+    assert_eq!(read_env(&mut sub).payload, b"equity");
+
+    let m = metrics(addr);
+    assert_eq!(
+        metric(&m, "corecast_auth_refused_total{reason=\"missing\"}"),
+        2
+    );
+    assert_eq!(
+        metric(&m, "corecast_auth_refused_total{reason=\"invalid\"}"),
+        2
+    );
+    assert_eq!(
+        metric(&m, "corecast_auth_refused_total{reason=\"expired\"}"),
+        1
+    );
+    assert_eq!(
+        metric(&m, "corecast_auth_refused_total{reason=\"forbidden\"}"),
+        5 + 1 + 2 + 1
+    );
+}
+
+#[test]
+fn anonymous_subscribers_only_when_allowed_and_never_to_publish() {
+    let cert = test_cert();
+    let (key, _) = secret_file(&cert.dir, "anon.key");
+    let server = start_with(|c| {
+        let mut s = settings(&key);
+        s.anonymous_subscribe = true;
+        c.jwt = Some(s);
+    });
+    let addr = server.local_addr();
+    let head = {
+        let mut s = raw(addr);
+        s.write_all(upgrade_request("/ws?topics=anything.at.all").as_bytes())
+            .unwrap();
+        read_head(&mut s)
+    };
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    let r = answer(
+        addr,
+        &String::from_utf8(post_with("t", BINARY, b"x", "Connection: close\r\n")).unwrap(),
+    );
+    assert!(r.starts_with("HTTP/1.1 401 "), "{r}");
+    // A bad token is still refused: anonymity is not a fallback.
+    let r = answer(addr, &upgrade_with("/ws?topics=a&token=x.y.z", ""));
+    assert!(r.starts_with("HTTP/1.1 401 "), "{r}");
+}
+
+#[test]
+fn a_websocket_whose_token_expires_is_closed_with_3000() {
+    let cert = test_cert();
+    let (key, secret) = secret_file(&cert.dir, "exp.key");
+    let server = start_with(|c| {
+        let mut s = settings(&key);
+        s.leeway = Duration::ZERO;
+        c.jwt = Some(s);
+    });
+    let addr = server.local_addr();
+    let short = token(
+        &secret,
+        json!({"exp": now() + 2, "corecast": {"subscribe": ["t"]}}),
+    );
+    let mut ws = subscriber(addr, "t", &short);
+    let lasting = rights(&secret, &["t"], &[]);
+    let mut other = subscriber(addr, "t", &lasting);
+    let started = Instant::now();
+    let close = loop {
+        match ws.read() {
+            Ok(Message::Close(c)) => break c,
+            Ok(_) => {}
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let close = close.expect("a close frame with a code");
+    assert_eq!(close.code, CloseCode::from(3000));
+    assert_eq!(close.reason, "token expired");
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+    // The other subscriber is untouched.
+    let writer = rights(&secret, &[], &["t"]);
+    assert!(post_as(addr, "t", b"still here", &writer).starts_with("HTTP/1.1 204 "));
+    assert_eq!(read_env(&mut other).payload, b"still here");
+    assert_eq!(metric(&metrics(addr), "corecast_tokens_expired_total"), 1);
+}
+
+fn write_config(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[test]
+fn sighup_rotates_the_key_and_a_key_that_does_not_load_keeps_the_old() {
+    let cert = test_cert();
+    let (old_key, old_secret) = secret_file(&cert.dir, "old.key");
+    let (new_key, new_secret) = secret_file(&cert.dir, "newer.key");
+    let config = cert.dir.join("corecast.toml");
+    write_config(
+        &config,
+        &format!("jwt-key = [\"HS256={}\"]\n", old_key.display()),
+    );
+    let server = ChildServer::start(&["--config", config.to_str().unwrap()], None);
+    let addr = server.addr;
+    let status = |secret: &[u8]| {
+        let t = rights(secret, &["t"], &[]);
+        let mut s = raw(addr);
+        s.write_all(upgrade_with(&format!("/ws?topics=t&token={t}"), "").as_bytes())
+            .unwrap();
+        read_head(&mut s)[9..12].to_string()
+    };
+    assert_eq!(status(&old_secret), "101");
+    assert_eq!(status(&new_secret), "401");
+    let hup = || {
+        let ok = std::process::Command::new("kill")
+            .args(["-HUP", &server.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    };
+    let wait_reloads = |result: &str, n: u64| {
+        let name = format!("corecast_reloads_total{{result=\"{result}\"}}");
+        let end = Instant::now() + Duration::from_secs(10);
+        while metric(&server.metrics(), &name) < n {
+            assert!(Instant::now() < end, "{}", server.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    write_config(
+        &config,
+        &format!("jwt-key = [\"HS256={}\"]\n", new_key.display()),
+    );
+    hup();
+    wait_reloads("ok", 1);
+    assert_eq!(status(&old_secret), "401");
+    assert_eq!(status(&new_secret), "101");
+    write_config(&config, "jwt-key = [\"HS256=/nonexistent/corecast.key\"]\n");
+    hup();
+    wait_reloads("failed", 1);
+    assert_eq!(status(&new_secret), "101");
+    assert!(server.log_text().contains("/nonexistent/corecast.key"));
+}
