@@ -175,3 +175,36 @@ fn sigterm_under_load_closes_every_client_1001_and_exits_0_within_the_drain_time
     }
     assert!(publisher.join().unwrap() > 0);
 }
+
+/// From the moment SIGTERM arrives, `/healthz` on the admin listener
+/// answers `503` `draining` (a load balancer stops sending clients) while
+/// the open connections are closed; `/metrics` still answers.
+#[test]
+fn healthz_says_draining_during_the_drain() {
+    let _one = exclusive();
+    let mut server = ChildServer::start(&["--drain-timeout", "3s"], None);
+    let healthz = |addr| {
+        let mut s = raw(addr);
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        String::from_utf8_lossy(&read_to_eof(&mut s)).into_owned()
+    };
+    assert!(healthz(server.admin).starts_with("HTTP/1.1 200 "));
+    // A client that never answers the close keeps the drain going.
+    let silent = raw_ws(server.addr, "/ws?topics=t");
+    server.terminate();
+    let end = Instant::now() + Duration::from_secs(2);
+    let answer = loop {
+        let a = healthz(server.admin);
+        if !a.starts_with("HTTP/1.1 200 ") || Instant::now() > end {
+            break a;
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
+    assert!(answer.ends_with("draining\n"), "{answer}");
+    assert!(metric(&server.metrics(), "corecast_connections_open") >= 1);
+    drop(silent);
+    let status = server.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert!(status.success(), "{status:?}");
+}

@@ -120,6 +120,12 @@ fn subscribing_and_publishing_follow_the_rights_of_the_token() {
         garbage.starts_with("HTTP/1.1 401 ") && garbage.contains("token invalid"),
         "{garbage}"
     );
+    // A header that is not UTF-8 across the scheme: refused, not a crash.
+    let r = answer(
+        addr,
+        &upgrade_with("/ws?topics=prices.fx", "Authorization: Bearer\u{e9}xx\r\n"),
+    );
+    assert!(r.starts_with("HTTP/1.1 401 "), "{r}");
     let other_key = rights(
         b"an entirely different secret, 32+ bytes",
         &["prices.>"],
@@ -221,6 +227,13 @@ fn subscribing_and_publishing_follow_the_rights_of_the_token() {
         }
         Incoming::Pub(e) => panic!("{e:?}"),
     }
+    // Nor what another topic's history holds.
+    sub.send(Message::text(r#"{"op":"history","topics":["news.a"]}"#))
+        .unwrap();
+    match read_incoming(&mut sub) {
+        Incoming::Reply(v) => assert_eq!(v["op"], "error", "{v}"),
+        Incoming::Pub(e) => panic!("{e:?}"),
+    }
     sub.send(Message::text(
         r#"{"op":"subscribe","topics":["prices.eq.>"]}"#,
     ))
@@ -240,7 +253,7 @@ fn subscribing_and_publishing_follow_the_rights_of_the_token() {
     let m = metrics(addr);
     assert_eq!(
         metric(&m, "corecast_auth_refused_total{reason=\"missing\"}"),
-        2
+        3
     );
     assert_eq!(
         metric(&m, "corecast_auth_refused_total{reason=\"invalid\"}"),
@@ -252,7 +265,7 @@ fn subscribing_and_publishing_follow_the_rights_of_the_token() {
     );
     assert_eq!(
         metric(&m, "corecast_auth_refused_total{reason=\"forbidden\"}"),
-        5 + 1 + 2 + 1
+        5 + 1 + 2 + 1 + 1
     );
 }
 
@@ -378,4 +391,64 @@ fn sighup_rotates_the_key_and_a_key_that_does_not_load_keeps_the_old() {
     wait_reloads("failed", 1);
     assert_eq!(status(&new_secret), "101");
     assert!(server.log_text().contains("/nonexistent/corecast.key"));
+}
+
+/// The reply to a control message sent on `ws`.
+fn reply(ws: &mut Ws, msg: serde_json::Value) -> serde_json::Value {
+    ws.send(Message::text(msg.to_string())).unwrap();
+    match read_incoming(ws) {
+        Incoming::Reply(v) => v,
+        Incoming::Pub(e) => panic!("expected a reply, got {e:?}"),
+    }
+}
+
+#[test]
+fn a_refreshed_token_keeps_the_connection_past_the_old_exp() {
+    let cert = test_cert();
+    let (key, secret) = secret_file(&cert.dir, "refresh.key");
+    let server = start_with(|c| {
+        let mut s = settings(&key);
+        s.leeway = Duration::ZERO;
+        c.jwt = Some(s);
+    });
+    let addr = server.local_addr();
+    let short = |sub: &str, topics: &[&str], secs: u64| {
+        token(
+            &secret,
+            json!({"sub": sub, "exp": now() + secs, "corecast": {"subscribe": topics}}),
+        )
+    };
+    let mut ws = subscriber(addr, "t", &short("alice", &["t"], 2));
+    // Refusals change nothing.
+    for (bad, why) in [
+        (json!({"op": "refresh", "token": "x.y.z"}), "token invalid"),
+        (
+            json!({"op": "refresh", "token": short("bob", &["t"], 60)}),
+            "another sub",
+        ),
+        (
+            json!({"op": "refresh", "token": short("alice", &["u"], 60)}),
+            "does not cover",
+        ),
+        (json!({"op": "refresh"}), "needs \"token\""),
+    ] {
+        let v = reply(&mut ws, bad);
+        assert_eq!(v["op"], "error", "{v}");
+        assert!(v["reason"].as_str().unwrap().contains(why), "{v}");
+    }
+    let v = reply(
+        &mut ws,
+        json!({"op": "refresh", "token": short("alice", &["t", "u"], 60)}),
+    );
+    assert_eq!(v["op"], "refreshed", "{v}");
+    assert!(v["exp"].as_u64().unwrap() >= now() + 50, "{v}");
+    // Past the first token's exp, and a sweep or more later: still open,
+    // and the new rights apply.
+    std::thread::sleep(Duration::from_secs(4));
+    let v = reply(&mut ws, json!({"op": "subscribe", "topics": ["u"]}));
+    assert_eq!(v["op"], "subscribed", "{v}");
+    let writer = rights(&secret, &[], &["u"]);
+    assert!(post_as(addr, "u", b"after the refresh", &writer).starts_with("HTTP/1.1 204 "));
+    assert_eq!(read_env(&mut ws).payload, b"after the refresh");
+    assert_eq!(metric(&metrics(addr), "corecast_tokens_expired_total"), 0);
 }

@@ -44,6 +44,9 @@ pub enum Op {
     Unsubscribe,
     /// What the named topics' histories hold (nothing subscribed).
     History,
+    /// A new token for the connection (`{"op":"refresh","token":"…"}`;
+    /// no topics).
+    Refresh,
 }
 
 /// What a control message may ask for: the `--max-topic-len` and
@@ -71,6 +74,8 @@ pub struct Control {
     /// A subscribe's `max_rate`: the most publications per second of each
     /// topic of the names it lists (0 or absent: no limit).
     pub max_rate: Option<u32>,
+    /// A refresh's token.
+    pub token: Option<String>,
 }
 
 /// The most a `max_rate` may be (updates per second per topic).
@@ -103,6 +108,8 @@ pub enum ControlError {
     /// `"max_rate"` is not an integer from 0 to [`MAX_RATE`] (or not on a
     /// subscribe).
     BadRate,
+    /// A refresh without a `"token"` string.
+    NoToken,
 }
 
 impl fmt::Display for ControlError {
@@ -116,8 +123,9 @@ impl fmt::Display for ControlError {
             Self::Malformed => f.write_str("malformed JSON"),
             Self::MissingOp => f.write_str("missing \"op\""),
             Self::UnknownOp => {
-                f.write_str("unknown op; expected subscribe, unsubscribe or history")
+                f.write_str("unknown op; expected subscribe, unsubscribe, history or refresh")
             }
+            Self::NoToken => f.write_str("a refresh needs \"token\": a string"),
             Self::TopicsNotStrings => f.write_str("\"topics\" must be an array of strings"),
             Self::Topic(e) => e.fmt(f),
             Self::TooManyTopics { max } => ListError::TooMany { max: *max }.fmt(f),
@@ -171,9 +179,24 @@ fn parse_counting(
         Some("subscribe") => Op::Subscribe,
         Some("unsubscribe") => Op::Unsubscribe,
         Some("history") => Op::History,
+        Some("refresh") => Op::Refresh,
         Some(_) => return Err(ControlError::UnknownOp),
         None => return Err(ControlError::MissingOp),
     };
+    if op == Op::Refresh {
+        let token = value
+            .get("token")
+            .and_then(|v| v.as_str())
+            .ok_or(ControlError::NoToken)?;
+        return Ok(Control {
+            op,
+            topics: Vec::new(),
+            since: Vec::new(),
+            pattern_since: Vec::new(),
+            max_rate: None,
+            token: Some(token.to_string()),
+        });
+    }
     let list = value
         .get("topics")
         .and_then(|v| v.as_array())
@@ -214,6 +237,7 @@ fn parse_counting(
         since,
         pattern_since,
         max_rate,
+        token: None,
     })
 }
 
@@ -313,6 +337,7 @@ pub fn reply<S: AsRef<str>>(op: Op, topics: &[S]) -> String {
         Op::Subscribe => "subscribed",
         Op::Unsubscribe => "unsubscribed",
         Op::History => "history",
+        Op::Refresh => "refreshed",
     };
     let mut s = format!("{{\"op\":\"{word}\",\"topics\":[");
     for (i, t) in topics.iter().enumerate() {
@@ -475,6 +500,18 @@ mod tests {
     }
 
     #[test]
+    fn parses_a_refresh_and_its_token() {
+        let c = p(r#"{"op":"refresh","token":"a.b.c"}"#).unwrap();
+        assert_eq!((c.op, c.token.as_deref()), (Op::Refresh, Some("a.b.c")));
+        assert!(c.topics.is_empty());
+        assert_eq!(p(r#"{"op":"refresh"}"#), Err(ControlError::NoToken));
+        assert_eq!(
+            p(r#"{"op":"refresh","token":7}"#),
+            Err(ControlError::NoToken)
+        );
+    }
+
+    #[test]
     fn parses_subscribe_and_unsubscribe() {
         assert_eq!(
             p(r#"{"op":"subscribe","topics":["a","b","a"]}"#),
@@ -483,7 +520,8 @@ mod tests {
                 topics: vec!["a".into(), "b".into()],
                 since: vec![],
                 pattern_since: vec![],
-                max_rate: None
+                max_rate: None,
+                token: None,
             })
         );
         assert_eq!(
@@ -493,7 +531,8 @@ mod tests {
                 topics: vec![],
                 since: vec![],
                 pattern_since: vec![],
-                max_rate: None
+                max_rate: None,
+                token: None,
             })
         );
     }

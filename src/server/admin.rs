@@ -1,6 +1,7 @@
 //! The optional admin listener (`--admin-listen`): `/metrics` and `/healthz`
 //! on their own address, so scrapers and health checks stay off the public
-//! port. Low traffic by nature, so one plain thread serves it, one request
+//! port. It runs until the workers have drained (`/healthz` answers `503`
+//! `draining` meanwhile). Low traffic by nature, so one plain thread serves it, one request
 //! per connection, with short socket timeouts so a stuck client cannot
 //! hold it for long.
 
@@ -30,6 +31,8 @@ pub(crate) struct AdminHandle {
     addr: SocketAddr,
     waker: Waker,
     thread: JoinHandle<()>,
+    /// Set by [`AdminHandle::stop`].
+    stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AdminHandle {
@@ -37,7 +40,10 @@ impl AdminHandle {
         self.addr
     }
 
+    /// Stops the listener (after the workers: it answers through the
+    /// drain, `/healthz` with `503 draining`).
     pub(crate) fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
         let _ = self.waker.wake();
     }
 
@@ -55,23 +61,31 @@ pub(crate) fn start(addr: SocketAddr, shared: Arc<Shared>) -> io::Result<AdminHa
     poll.registry()
         .register(&mut listener, LISTENER, Interest::READABLE)?;
     let waker = Waker::new(poll.registry(), WAKER)?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = Arc::clone(&stop);
     let thread = std::thread::Builder::new()
         .name("corecast-admin".into())
-        .spawn(move || run(poll, listener, shared))?;
+        .spawn(move || run(poll, listener, shared, &stopped))?;
     info!(%addr, "admin listener (metrics, healthz)");
     Ok(AdminHandle {
         addr,
         waker,
         thread,
+        stop,
     })
 }
 
-fn run(mut poll: Poll, listener: TcpListener, shared: Arc<Shared>) {
+fn run(
+    mut poll: Poll,
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    stop: &std::sync::atomic::AtomicBool,
+) {
     let mut events = Events::with_capacity(16);
     // Set while out of descriptors: the pending connection stays in the
     // backlog and no new event will announce it, so look again shortly.
     let mut retry = None;
-    while !shared.shutdown.load(Ordering::Acquire) {
+    while !stop.load(Ordering::Acquire) {
         if let Err(e) = poll.poll(&mut events, retry) {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
@@ -144,7 +158,8 @@ fn respond(head: &[u8], shared: &Shared) -> Vec<u8> {
         Ok(r) => r,
         Err(reject) => return handshake::error_response(reject),
     };
-    match http::admin_response(&req, false, None, || http::render_metrics(shared)) {
+    let draining = shared.shutdown.load(Ordering::Acquire);
+    match http::admin_response(&req, false, draining, None, || http::render_metrics(shared)) {
         Some(Ok(r)) => [r.head, r.body.to_vec()].concat(),
         Some(Err(reject)) => handshake::error_response(reject),
         None => handshake::error_response(Reject::new(Status::NotFound, "no such endpoint")),

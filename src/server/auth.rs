@@ -33,6 +33,11 @@ const MAX_KEY_FILE: u64 = 1024 * 1024;
 pub const MAX_RIGHTS: usize = 64;
 /// The longest token looked at (a request head is at most 32 KiB anyway).
 const MAX_TOKEN: usize = 8 * 1024;
+/// Most keys in a JWKS.
+const MAX_KEYS: usize = 64;
+/// Most keys a token without a `kid` is tried against: each costs a
+/// signature check, before anything is known about the client.
+pub const MAX_KEYS_WITHOUT_KID: usize = 4;
 
 /// Why a request was refused for its token (401), or for a right its
 /// token lacks (403).
@@ -249,6 +254,13 @@ impl Verifier {
                 .map_err(|e| format!("--jwks {}: {e}", path.display()))?;
             let set: jsonwebtoken::jwk::JwkSet = serde_json::from_slice(&bytes)
                 .map_err(|e| format!("--jwks {}: {e}", path.display()))?;
+            if set.keys.len() > MAX_KEYS {
+                return Err(format!(
+                    "--jwks {}: {} keys, at most {MAX_KEYS}",
+                    path.display(),
+                    set.keys.len()
+                ));
+            }
             for jwk in &set.keys {
                 let kid = jwk.common.key_id.clone();
                 let name = kid.as_deref().unwrap_or("(no kid)");
@@ -260,6 +272,18 @@ impl Verifier {
                 })?;
                 let alg = algorithm(&alg.to_string())
                     .map_err(|e| format!("--jwks {}: key {name}: {e}", path.display()))?;
+                if let jsonwebtoken::jwk::AlgorithmParameters::OctetKey(oct) = &jwk.algorithm {
+                    use base64::Engine;
+                    let len = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                        .decode(oct.value.trim_end_matches('='))
+                        .map_or(0, |k| k.len());
+                    if len < 32 {
+                        return Err(format!(
+                            "--jwks {}: key {name}: an HMAC secret needs at least 32 bytes",
+                            path.display()
+                        ));
+                    }
+                }
                 let key = DecodingKey::from_jwk(jwk)
                     .map_err(|e| format!("--jwks {}: key {name}: {e}", path.display()))?;
                 keys.push(Key { kid, alg, key });
@@ -322,7 +346,9 @@ impl Verifier {
                 }
         });
         let mut claims = None;
-        for k in candidates {
+        // Keys of one id are few by construction; without an id, at most
+        // a handful are tried (past that, tokens must name their key).
+        for k in candidates.take(MAX_KEYS_WITHOUT_KID) {
             if let Ok(data) = jsonwebtoken::decode::<Claims>(token, &k.key, &self.validation(k.alg))
             {
                 claims = Some(data.claims);
@@ -387,13 +413,14 @@ fn expand(right: &str, sub: Option<&str>) -> Option<Box<str>> {
 /// The token a request carries: `Authorization: Bearer TOKEN` (scheme
 /// case-insensitive), else `?token=TOKEN`.
 pub fn token_of<'r>(authorization: Option<&'r [u8]>, query: Option<&'r str>) -> Option<&'r str> {
+    // Bytes first: a multi-byte character across the scheme's end must
+    // not be sliced as a string.
     if let Some(value) = authorization
-        && let Ok(value) = std::str::from_utf8(value)
+        && let Some((scheme, rest)) = value.trim_ascii().split_at_checked(7)
+        && scheme.eq_ignore_ascii_case(b"bearer ")
+        && let Ok(token) = std::str::from_utf8(rest.trim_ascii_start())
     {
-        let value = value.trim();
-        if value.len() > 7 && value[..7].eq_ignore_ascii_case("bearer ") {
-            return Some(value[7..].trim_start());
-        }
+        return Some(token);
     }
     topic::query_param(query, "token")
 }
@@ -666,5 +693,17 @@ mod tests {
         assert_eq!(token_of(Some(b"Basic abc"), Some("token=q")), Some("q"));
         assert_eq!(token_of(None, Some("topics=a&token=q")), Some("q"));
         assert_eq!(token_of(None, Some("topics=a")), None);
+        // Hostile bytes: no panic, no token from the header.
+        for hostile in [
+            &b"Bearer\xC3\xA9xx"[..],
+            b"Beare\xC3\xA9 xx",
+            b"\xF0\x9F\x92\xA9\xF0\x9F\x92\xA9",
+            b"Bearer \xFF\xFE",
+            b"",
+            b"Bearer",
+        ] {
+            assert_eq!(token_of(Some(hostile), None), None, "{hostile:?}");
+        }
+        assert_eq!(token_of(Some(b"Bearer \xC3\xA9"), None), Some("\u{e9}"));
     }
 }

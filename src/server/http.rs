@@ -5,7 +5,7 @@
 use super::Shared;
 use super::metrics;
 use super::stats::WorkerStats;
-use crate::proto::handshake::{Reject, Request};
+use crate::proto::handshake::{Reject, Request, Status};
 use bytes::Bytes;
 
 /// `Content-Type` of plain-text answers.
@@ -24,9 +24,14 @@ pub(crate) struct AdminResponse {
 /// metrics are rendered, so they include this request. `render` returns
 /// the metrics body: the caller decides how often it is really rendered
 /// (the workers: at most once per loop turn, whatever is pipelined).
+///
+/// `draining`: the server is shutting down (from the first SIGINT or
+/// SIGTERM), so `/healthz` answers `503` `draining` and a load balancer
+/// sends no new clients while the open ones are closed.
 pub(crate) fn admin_response(
     req: &Request<'_, '_>,
     keep_alive: bool,
+    draining: bool,
     counted: Option<&WorkerStats>,
     render: impl FnOnce() -> Bytes,
 ) -> Option<Result<AdminResponse, Reject>> {
@@ -37,6 +42,9 @@ pub(crate) fn admin_response(
     };
     if req.method != "GET" && req.method != "HEAD" {
         return Some(Err(Reject::method("use GET", "GET, HEAD")));
+    }
+    if draining && !is_metrics {
+        return Some(Err(Reject::new(Status::ServiceUnavailable, "draining")));
     }
     if let Some(stats) = counted {
         stats.http_request();

@@ -633,9 +633,8 @@ impl ServerHandle {
         for w in 0..self.shared.bus.workers() {
             self.shared.bus.wake(w);
         }
-        if let Some(a) = &self.admin {
-            a.stop();
-        }
+        // The admin listener stays up through the drain (its /healthz
+        // answers 503 `draining`); `join` stops it.
     }
 
     /// Waits for every worker to exit.
@@ -644,14 +643,14 @@ impl ServerHandle {
     }
 
     fn join_workers(&mut self) {
-        if let Some(a) = self.admin.take() {
-            a.stop();
-            a.join();
-        }
         for t in self.threads.drain(..) {
             if t.join().is_err() {
                 warn!("a worker thread panicked");
             }
+        }
+        if let Some(a) = self.admin.take() {
+            a.stop();
+            a.join();
         }
     }
 }

@@ -239,7 +239,8 @@ impl Session {
                         cache.insert((now, http::render_metrics(shared))).1.clone()
                     }
                 };
-                let response = http::admin_response(&req, ka, Some(ctx.stats), render)
+                let draining = shared.shutdown.load(std::sync::atomic::Ordering::Acquire);
+                let response = http::admin_response(&req, ka, draining, Some(ctx.stats), render)
                     .expect("routed by path")?;
                 self.out.push_copy(&response.head);
                 // Shared with the turn's other requests, and bounded per

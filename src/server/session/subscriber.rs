@@ -221,35 +221,38 @@ pub(super) fn control_message(
     };
     // Linear in the names plus the topics held: each name costs hash
     // lookups, never a search of `subs` (held at most max_topics_per_conn).
+    // With tokens on, a subscribe or a history request names only
+    // topics within the token's rights (and the token is still valid),
+    // or the server is open to anonymous subscribers. A refusal is a
+    // reply; the connection stays.
+    if matches!(c.op, Op::Subscribe | Op::History)
+        && let Some(verifier) = ctx.shared.verifier()
+    {
+        let why = match &ctx.grant {
+            Some(g) if g.exp.saturating_add(verifier.leeway_s()) < ctx.wall_s => {
+                Some(Refusal::Expired)
+            }
+            Some(g) => c
+                .topics
+                .iter()
+                .any(|n| !g.may_subscribe(n))
+                .then_some(Refusal::Forbidden),
+            None => (!verifier.anonymous_subscribe()).then_some(Refusal::Missing),
+        };
+        if let Some(why) = why {
+            ctx.stats.auth_refused(why);
+            let reason = match why {
+                Refusal::Forbidden => {
+                    "not allowed: the token grants no subscribe right to one of these topics"
+                }
+                Refusal::Expired => "not allowed: the token has expired",
+                _ => "not allowed: subscribing needs a token",
+            };
+            return (control::error(reason), Vec::new());
+        }
+    }
     match c.op {
         Op::Subscribe => {
-            // With tokens on: every name within the token's rights (and
-            // the token still valid), or open to anonymous subscribers.
-            // A refusal is a reply; the connection stays.
-            if let Some(verifier) = ctx.shared.verifier() {
-                let why = match &ctx.grant {
-                    Some(g) if g.exp.saturating_add(verifier.leeway_s()) < ctx.wall_s => {
-                        Some(Refusal::Expired)
-                    }
-                    Some(g) => c
-                        .topics
-                        .iter()
-                        .any(|n| !g.may_subscribe(n))
-                        .then_some(Refusal::Forbidden),
-                    None => (!verifier.anonymous_subscribe()).then_some(Refusal::Missing),
-                };
-                if let Some(why) = why {
-                    ctx.stats.auth_refused(why);
-                    let reason = match why {
-                        Refusal::Forbidden => {
-                            "not allowed: the token grants no subscribe right to one of these topics"
-                        }
-                        Refusal::Expired => "not allowed: the token has expired",
-                        _ => "not allowed: subscribing needs a token",
-                    };
-                    return (control::error(reason), Vec::new());
-                }
-            }
             let held: std::collections::HashSet<u32> =
                 subs.as_slice().iter().map(|s| s.topic()).collect();
             let new: Vec<usize> = (0..c.topics.len())
@@ -341,6 +344,7 @@ pub(super) fn control_message(
                 .collect();
             return (control::history_reply(&ranges), Vec::new());
         }
+        Op::Refresh => return refresh(c.token.as_deref().unwrap_or(""), subs, ctx),
         Op::Unsubscribe => {
             let gone: std::collections::HashSet<u32> = c
                 .topics
@@ -366,4 +370,56 @@ pub(super) fn control_message(
         }
     }
     (control::reply(c.op, &c.topics), Vec::new())
+}
+
+/// `{"op":"refresh","token":"…"}`: the connection's token replaced by a
+/// valid one for the same `sub` whose rights cover every subscription
+/// held; anything else is an error reply and the old token stays (until
+/// it expires and the connection is closed with 3000).
+fn refresh(token: &str, subs: &SubList, ctx: &mut Ctx<'_>) -> (String, Vec<Bytes>) {
+    let Some(verifier) = ctx.shared.verifier() else {
+        ctx.stats.control_error();
+        return (
+            control::error("refresh: this server does not use tokens"),
+            Vec::new(),
+        );
+    };
+    let grant = match verifier.verify(token, ctx.wall_s) {
+        Ok(g) => g,
+        Err(why) => {
+            ctx.stats.auth_refused(why);
+            return (
+                control::error(&format!("refresh refused: {}", why.reason())),
+                Vec::new(),
+            );
+        }
+    };
+    if ctx.grant.as_ref().is_some_and(|old| old.sub != grant.sub) {
+        ctx.stats.auth_refused(Refusal::Forbidden);
+        return (
+            control::error("refresh refused: the new token names another sub"),
+            Vec::new(),
+        );
+    }
+    let uncovered = subs.as_slice().iter().any(|s| {
+        let name = if s.is_pattern() {
+            ctx.shard.pattern_name(s.topic())
+        } else {
+            ctx.shard.topic_name(s.topic())
+        };
+        name.is_some_and(|n| !grant.may_subscribe(n))
+    });
+    if uncovered {
+        ctx.stats.auth_refused(Refusal::Forbidden);
+        return (
+            control::error("refresh refused: the new token does not cover the topics held"),
+            Vec::new(),
+        );
+    }
+    let exp = grant.exp;
+    ctx.grant = Some(std::sync::Arc::new(grant));
+    (
+        format!("{{\"op\":\"refreshed\",\"exp\":{exp}}}"),
+        Vec::new(),
+    )
 }
