@@ -452,3 +452,55 @@ fn a_refreshed_token_keeps_the_connection_past_the_old_exp() {
     assert_eq!(read_env(&mut ws).payload, b"after the refresh");
     assert_eq!(metric(&metrics(addr), "corecast_tokens_expired_total"), 0);
 }
+
+#[test]
+fn the_operator_disconnects_every_connection_of_a_sub() {
+    let cert = test_cert();
+    let (key, secret) = secret_file(&cert.dir, "admin.key");
+    let server = ChildServer::start(&["--jwt-key", &format!("HS256={}", key.display())], None);
+    let addr = server.addr;
+    let as_user = |sub: &str| {
+        token(
+            &secret,
+            json!({"sub": sub, "exp": now() + 600, "corecast": {"subscribe": ["t"]}}),
+        )
+    };
+    let mut alice = [
+        subscriber(addr, "t", &as_user("alice")),
+        subscriber(addr, "t", &as_user("alice")),
+    ];
+    let mut bob = subscriber(addr, "t", &as_user("bob"));
+    let admin = |req: &str| answer(server.admin, req);
+    assert!(
+        admin("GET /disconnect?sub=alice HTTP/1.1\r\nHost: x\r\n\r\n").starts_with("HTTP/1.1 405 ")
+    );
+    assert!(admin("POST /disconnect HTTP/1.1\r\nHost: x\r\n\r\n").starts_with("HTTP/1.1 400 "));
+    let on_main = answer(
+        addr,
+        "POST /disconnect?sub=alice HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert!(on_main.starts_with("HTTP/1.1 404 "), "{on_main}");
+    let r = admin("POST /disconnect?sub=alice HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(r.starts_with("HTTP/1.1 202 "), "{r}");
+    for ws in &mut alice {
+        let close = loop {
+            match ws.read() {
+                Ok(Message::Close(c)) => break c.expect("a code"),
+                Ok(_) => {}
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert_eq!(close.code, CloseCode::from(3003));
+        assert_eq!(close.reason, "disconnected by the operator");
+    }
+    let writer = token(
+        &secret,
+        json!({"exp": now() + 600, "corecast": {"publish": ["t"]}}),
+    );
+    assert!(post_as(addr, "t", b"bob stays", &writer).starts_with("HTTP/1.1 204 "));
+    assert_eq!(read_env(&mut bob).payload, b"bob stays");
+    assert_eq!(
+        metric(&server.metrics(), "corecast_operator_disconnects_total"),
+        2
+    );
+}

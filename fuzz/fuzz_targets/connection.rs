@@ -102,7 +102,9 @@ fn run<'a>(cfg: &Config, reads: impl Iterator<Item = &'a [u8]>) -> Vec<Item> {
                 published: false,
                 requests: 0,
                 rated: None,
-            resubscribed: false,
+                resubscribed: false,
+                wall_s: 0,
+                grant: None,
             };
             let next = session.on_input(&mut buf, &mut ctx);
             (next, ctx.requests as usize)

@@ -122,6 +122,10 @@ fn check(data: &[u8]) {
                 Op::Subscribe => "subscribed",
                 Op::Unsubscribe => "unsubscribed",
                 Op::History => "history",
+                Op::Refresh => {
+                    assert!(c.token.is_some() && c.topics.is_empty(), "a refresh has its token");
+                    "refreshed"
+                }
             };
             assert_eq!(v.get("op").and_then(|o| o.as_str()), Some(want));
             let topics: Vec<&str> = v

@@ -214,6 +214,9 @@ impl CloseCode {
     /// IANA-registered "Unauthorized": a token expired (not in the
     /// reserved ranges, so peers accept it in a close frame).
     pub const UNAUTHORIZED: Self = Self(3000);
+    /// IANA-registered "Forbidden": the operator closed the connections of
+    /// a user (`POST /disconnect`).
+    pub const FORBIDDEN: Self = Self(3003);
     pub const PROTOCOL_ERROR: Self = Self(1002);
     pub const UNSUPPORTED_DATA: Self = Self(1003);
     pub const INVALID_PAYLOAD: Self = Self(1007);

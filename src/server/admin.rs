@@ -115,6 +115,44 @@ fn run(
     }
 }
 
+/// `POST /disconnect?sub=NAME`: every connection whose token names `sub`
+/// NAME is closed with 3003 by its worker within a second (only here, on
+/// the admin listener). A token still valid may connect again: rotate the
+/// key, or issue short-lived tokens, to keep a user out.
+fn disconnect(req: &handshake::Request<'_, '_>, shared: &Shared) -> Vec<u8> {
+    if req.method != "POST" {
+        return handshake::error_response(Reject::method("use POST", "POST"));
+    }
+    if shared.auth.is_none() {
+        return handshake::error_response(Reject::new(
+            Status::NotFound,
+            "no tokens in use (--jwt-key, --jwks): no sub to disconnect",
+        ));
+    }
+    let Some(sub) = crate::pubsub::topic::query_param(req.query, "sub")
+        .map(crate::pubsub::topic::percent_decode)
+        .filter(|s| !s.is_empty() && s.len() <= super::MAX_REVOKED_SUB)
+    else {
+        return handshake::error_response(Reject::new(
+            Status::BadRequest,
+            "name the user: ?sub=NAME (1 to 256 bytes, percent-encoded)",
+        ));
+    };
+    if !shared.revoke(&sub) {
+        return handshake::error_response(Reject::new(
+            Status::ServiceUnavailable,
+            "too many disconnections in the last seconds: try again",
+        ));
+    }
+    info!(%sub, "disconnecting the connections of a sub");
+    let body = format!("disconnecting the connections of sub {sub:?}\n");
+    format!(
+        "HTTP/1.1 202 Accepted\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
 /// Answers one request, then closes.
 fn serve(mut sock: TcpStream, shared: &Shared) -> io::Result<()> {
     sock.set_nonblocking(false)?;
@@ -158,6 +196,9 @@ fn respond(head: &[u8], shared: &Shared) -> Vec<u8> {
         Ok(r) => r,
         Err(reject) => return handshake::error_response(reject),
     };
+    if req.path == "/disconnect" {
+        return disconnect(&req, shared);
+    }
     let draining = shared.shutdown.load(Ordering::Acquire);
     match http::admin_response(&req, false, draining, None, || http::render_metrics(shared)) {
         Some(Ok(r)) => [r.head, r.body.to_vec()].concat(),

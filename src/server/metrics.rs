@@ -75,7 +75,7 @@ const CONNECTION_COUNTERS: [Counter; 8] = [
 
 /// Publication and delivery: messages published, frames and bytes sent,
 /// slow consumers, keepalive, publishers held back (mailbox full, rate).
-const DELIVERY_COUNTERS: [Counter; 21] = [
+const DELIVERY_COUNTERS: [Counter; 22] = [
     (
         "corecast_messages_published_total",
         "Messages published (WebSocket and HTTP publishers).",
@@ -165,6 +165,11 @@ const DELIVERY_COUNTERS: [Counter; 21] = [
         "corecast_tokens_expired_total",
         "Connections closed (3000) because their token expired.",
         |w| &w.tokens_expired,
+    ),
+    (
+        "corecast_operator_disconnects_total",
+        "Connections closed (3003) by POST /disconnect?sub= on the admin listener.",
+        |w| &w.operator_disconnects,
     ),
     (
         "corecast_publishers_throttled_total",

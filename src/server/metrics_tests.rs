@@ -50,6 +50,7 @@ fn busy_workers() -> Vec<WorkerStats> {
         w.origin_refused.iter().for_each(&mut set);
         w.auth_refused.iter().for_each(&mut set);
         set(&w.tokens_expired);
+        set(&w.operator_disconnects);
         set(&w.publish_rate_limited);
         set(&w.publishers_paced);
         w.ws_failures.iter().for_each(&mut set);

@@ -52,6 +52,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 /// State shared by all workers (read-mostly); opaque outside the crate.
@@ -89,7 +90,22 @@ pub struct Shared {
     /// was given at start (replaced whole by a reload; never set or unset
     /// by one).
     pub(crate) auth: Option<std::sync::RwLock<Arc<auth::Verifier>>>,
+    /// Subs whose connections the operator asked to close
+    /// (`POST /disconnect`), numbered; each worker acts on those past the
+    /// number it has seen at its next sweep. Kept [`REVOKED_FOR`].
+    revoked: std::sync::Mutex<std::collections::VecDeque<(u64, Instant, Box<str>)>>,
+    /// The number of the newest entry of `revoked`.
+    pub(crate) revoked_last: std::sync::atomic::AtomicU64,
 }
+
+/// How long a disconnection request is kept for the workers (each sweeps
+/// at least once a second).
+const REVOKED_FOR: Duration = Duration::from_secs(10);
+/// Most disconnection requests kept at once (more within [`REVOKED_FOR`]
+/// are refused `503`).
+const MAX_REVOKED: usize = 1024;
+/// The longest `sub` a disconnection request may name.
+pub(crate) const MAX_REVOKED_SUB: usize = 256;
 
 /// What a reload replaces (`None`: what is in force stays, but for the
 /// TLS pair and the token keys, read again from the files named at start).
@@ -123,7 +139,45 @@ impl Shared {
             reloads: Default::default(),
             origins: Default::default(),
             auth: None,
+            revoked: Default::default(),
+            revoked_last: Default::default(),
         }
+    }
+
+    /// Asks every worker to close the connections whose token names
+    /// `sub`; `false` when too many requests are pending.
+    pub(crate) fn revoke(&self, sub: &str) -> bool {
+        let mut list = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        while list
+            .front()
+            .is_some_and(|(_, at, _)| now.duration_since(*at) > REVOKED_FOR)
+        {
+            list.pop_front();
+        }
+        if list.len() >= MAX_REVOKED {
+            return false;
+        }
+        let n = self.revoked_last.load(Ordering::Relaxed) + 1;
+        list.push_back((n, now, sub.into()));
+        self.revoked_last.store(n, Ordering::Release);
+        true
+    }
+
+    /// The subs asked for after number `seen` (and the newest number), or
+    /// `None` when there is nothing new: one atomic load per sweep.
+    pub(crate) fn revoked_since(&self, seen: u64) -> Option<(u64, Vec<Box<str>>)> {
+        let last = self.revoked_last.load(Ordering::Acquire);
+        if last == seen {
+            return None;
+        }
+        let list = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
+        let subs = list
+            .iter()
+            .filter(|(n, _, _)| *n > seen)
+            .map(|(_, _, s)| s.clone())
+            .collect();
+        Some((last, subs))
     }
 
     /// The token verifier in force, if tokens are on.

@@ -122,6 +122,8 @@ pub struct WorkerStats {
     pub auth_refused: [AtomicU64; auth::Refusal::ALL.len()],
     /// Connections closed because their token expired.
     pub tokens_expired: AtomicU64,
+    /// Connections closed by `POST /disconnect?sub=`.
+    pub operator_disconnects: AtomicU64,
     /// HTTP publications answered 429.
     pub publish_rate_limited: AtomicU64,
     /// Times a WebSocket publisher's reads were paused by `--max-publish-rate`.
@@ -308,6 +310,10 @@ impl WorkerStats {
 
     pub fn token_expired(&self) {
         bump(&self.tokens_expired);
+    }
+
+    pub fn operator_disconnect(&self) {
+        bump(&self.operator_disconnects);
     }
 
     pub fn publish_rate_limited(&self) {

@@ -106,6 +106,29 @@ impl<S> Core<S> {
                 }
             }
         }
+        // The operator's disconnections (`POST /disconnect?sub=`), 3003.
+        let mut revoked = Vec::new();
+        if let Some((last, subs)) = self.shared.revoked_since(self.revoked_seen) {
+            self.revoked_seen = last;
+            for (&key, grant) in &self.grants {
+                if grant.sub.as_ref().is_some_and(|s| subs.contains(s))
+                    && self.conns[key].state == IoState::Active
+                    && !expired.contains(&key)
+                {
+                    revoked.push(key);
+                }
+            }
+        }
+        for key in revoked {
+            self.grants.remove(&key);
+            self.stats().operator_disconnect();
+            let conn = &mut self.conns[key];
+            if conn.session.is_websocket() {
+                conn.session
+                    .close(CloseCode::FORBIDDEN, "disconnected by the operator");
+            }
+            self.start_closing(key);
+        }
         for key in expired {
             self.grants.remove(&key);
             self.stats().token_expired();

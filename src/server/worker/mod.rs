@@ -173,6 +173,8 @@ pub struct Core<S> {
     /// Wall-clock time of this loop turn, Unix seconds ([`Self::set_wall_clock`];
     /// what token times are checked against).
     wall_s: u64,
+    /// The newest operator disconnection acted on ([`Shared::revoke`]).
+    revoked_seen: u64,
     /// Start of the worker's millisecond clock.
     epoch: Instant,
     /// Time at the top of this loop turn ([`Self::begin_turn`]).
@@ -184,6 +186,9 @@ pub struct Core<S> {
 impl<S> Core<S> {
     pub fn new(id: usize, inbox: Inbox, shared: Arc<Shared>) -> Self {
         let shard = Shard::new(id, Arc::clone(&shared.directory), Arc::clone(&shared.bus));
+        let revoked_seen = shared
+            .revoked_last
+            .load(std::sync::atomic::Ordering::Acquire);
         let now = Instant::now();
         let next_sweep = now + sweep_period(&shared.config, &shared.directory.namespaces());
         let budget = shared.config.buffered_bytes_per_worker();
@@ -212,6 +217,7 @@ impl<S> Core<S> {
             addresses: HashMap::new(),
             grants: HashMap::new(),
             wall_s: 0,
+            revoked_seen,
             epoch: now,
             now,
             next_sweep,
