@@ -208,3 +208,47 @@ fn healthz_says_draining_during_the_drain() {
     let status = server.wait_exit(Duration::from_secs(10)).expect("exits");
     assert!(status.success(), "{status:?}");
 }
+
+/// The drain's 1001 closes are spread over the first half of the drain
+/// window, not sent all at once: clients reconnect in a spread, not in one
+/// wave.
+#[test]
+fn the_drains_closes_are_spread_over_half_the_window() {
+    let _one = exclusive();
+    let server = start_with(|c| c.drain_timeout = Duration::from_secs(2));
+    let addr = server.local_addr();
+    let clients: Vec<TcpStream> = (0..40).map(|_| raw_ws(addr, "/ws?topics=t")).collect();
+    let started = Instant::now();
+    server.shutdown();
+    let arrivals: Vec<Duration> = thread::scope(|s| {
+        let handles: Vec<_> = clients
+            .into_iter()
+            .map(|mut c| {
+                s.spawn(move || {
+                    assert_eq!(read_close_code(&mut c), 1001);
+                    started.elapsed()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let first = *arrivals.iter().min().unwrap();
+    let last = *arrivals.iter().max().unwrap();
+    assert!(
+        first < Duration::from_millis(300),
+        "first close after {first:?}"
+    );
+    assert!(
+        last >= Duration::from_millis(600) && last < Duration::from_millis(1800),
+        "last close after {last:?}"
+    );
+    let early = arrivals
+        .iter()
+        .filter(|&&a| a < Duration::from_millis(500))
+        .count();
+    assert!(
+        (10..=30).contains(&early),
+        "{early} of 40 closed in the first 500 ms"
+    );
+    server.join();
+}

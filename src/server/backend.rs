@@ -115,6 +115,10 @@ pub(super) fn run<B: Backend>(backend: &mut B) {
             for key in backend.core().begin_drain() {
                 backend.remove(key);
             }
+        } else {
+            for key in backend.core().drain_step() {
+                backend.remove(key);
+            }
         }
         if backend.core().drained() {
             break;

@@ -194,6 +194,8 @@ impl<S> Core<S> {
                 .map(|d| self.epoch + Duration::from_millis(d.0)),
             extra,
             self.drain_deadline,
+            // The next share of the drain's closes.
+            (!self.drain_queue.is_empty()).then(|| now + DRAIN_STEP),
             Some(self.next_sweep),
             (!self.throttled.is_empty()).then(|| now + THROTTLE_RECHECK),
             self.paced.iter().map(|p| p.0).min(),
@@ -317,25 +319,67 @@ impl<S> Core<S> {
 
     /// Starts the close handshake on every open WebSocket; returns the
     /// connections still in an HTTP request, for the backend to close now.
+    ///
+    /// The WebSockets are closed over the first half of the drain window,
+    /// a share each turn ([`Self::drain_step`]), not all at once: their
+    /// clients then reconnect (elsewhere) in a spread, not in one wave.
     pub fn begin_drain(&mut self) -> Vec<usize> {
         let mut remove = Vec::new();
         info!(worker = self.id, connections = self.conns.len(), "draining");
-        self.drain_deadline = Some(self.now + self.shared.config.drain_timeout);
-        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
-        for key in keys {
-            let conn = &mut self.conns[key];
+        let window = self.shared.config.drain_timeout;
+        self.drain_deadline = Some(self.now + window);
+        self.drain_spread = (self.now, window / 2);
+        for (key, conn) in self.conns.iter() {
             if conn.state != IoState::Active {
                 continue;
             }
-            if conn
+            if conn.session.is_websocket() {
+                self.drain_queue.push((key, conn.serial));
+            } else {
+                // Still in an HTTP request: nothing to say goodbye to.
+                remove.push(key);
+            }
+        }
+        self.drain_total = self.drain_queue.len();
+        remove.extend(self.drain_step());
+        remove
+    }
+
+    /// Closes (1001) the share of the draining WebSockets due by now: a
+    /// straight line from none at the drain's start to all at half its
+    /// window. Returns the connections to remove now.
+    pub fn drain_step(&mut self) -> Vec<usize> {
+        let mut remove = Vec::new();
+        if self.drain_queue.is_empty() {
+            return remove;
+        }
+        let (started, spread) = self.drain_spread;
+        let elapsed = self.now.saturating_duration_since(started);
+        let due = if elapsed >= spread {
+            self.drain_total
+        } else {
+            let share = self.drain_total as u128 * elapsed.as_nanos() / spread.as_nanos();
+            (share as usize + 1).min(self.drain_total)
+        };
+        let closed = self.drain_total - self.drain_queue.len();
+        for _ in closed..due {
+            let Some((key, serial)) = self.drain_queue.pop() else {
+                break;
+            };
+            if !self.is_current(key, serial) || self.conns[key].state != IoState::Active {
+                continue;
+            }
+            if self.conns[key]
                 .session
                 .close(CloseCode::GOING_AWAY, "server shutting down")
             {
                 self.mark_dirty(key);
             } else {
-                // Still in an HTTP request: nothing to say goodbye to.
                 remove.push(key);
             }
+        }
+        if self.drain_queue.is_empty() {
+            self.drain_queue = Vec::new();
         }
         remove
     }

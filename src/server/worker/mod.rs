@@ -74,6 +74,8 @@ const THROTTLE_RECHECK: Duration = Duration::from_millis(1);
 /// walking 100 000 connections costs < 0.1 % of a core.
 const SWEEP_MIN: Duration = Duration::from_millis(10);
 const SWEEP_MAX: Duration = Duration::from_secs(1);
+/// How often a drain closes its next share of WebSockets.
+const DRAIN_STEP: Duration = Duration::from_millis(10);
 /// Deliveries (one publication into one subscriber's queue) a worker makes
 /// from its mailbox per loop turn before it goes back to its own sockets,
 /// accepts and timers; the rest waits for the next turn. 1 Mi: about
@@ -181,6 +183,11 @@ pub struct Core<S> {
     now: Instant,
     next_sweep: Instant,
     drain_deadline: Option<Instant>,
+    /// WebSockets still to be closed by the drain, and how many there were.
+    drain_queue: Vec<ConnRef>,
+    drain_total: usize,
+    /// When the drain began, and how long its closes are spread over.
+    drain_spread: (Instant, Duration),
 }
 
 impl<S> Core<S> {
@@ -222,6 +229,9 @@ impl<S> Core<S> {
             now,
             next_sweep,
             drain_deadline: None,
+            drain_queue: Vec::new(),
+            drain_total: 0,
+            drain_spread: (now, Duration::ZERO),
         }
     }
 
