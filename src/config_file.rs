@@ -244,6 +244,12 @@ impl ConfigFile {
                             _ => return Err(fail("`true` or `false`".into())),
                         })
                     }
+                    "anonymous-subscribe" => {
+                        p.anonymous_subscribe = Some(match value.get_ref() {
+                            DeValue::Boolean(b) => *b,
+                            _ => return Err(fail("`true` or `false`".into())),
+                        })
+                    }
                     "max-rate" => {
                         let max = crate::pubsub::control::MAX_RATE;
                         p.max_rate = Some(
@@ -266,7 +272,7 @@ impl ConfigFile {
                     }
                     _ => {
                         return Err(fail(
-                            "unknown namespace setting (history-size, history-bytes, history-age, last-value, slow-consumer, retained-topics, max-rate)"
+                            "unknown namespace setting (history-size, history-bytes, history-age, last-value, slow-consumer, retained-topics, max-rate, anonymous-subscribe)"
                                 .into(),
                         ));
                     }

@@ -504,3 +504,50 @@ fn the_operator_disconnects_every_connection_of_a_sub() {
         2
     );
 }
+
+#[test]
+fn anonymous_access_is_decided_per_namespace() {
+    use corecast::pubsub::policy::NamespacePolicy;
+    let cert = test_cert();
+    let (key, _) = secret_file(&cert.dir, "ns.key");
+    let ns = |prefix: &str, anon: bool| NamespacePolicy {
+        prefix: prefix.into(),
+        anonymous_subscribe: Some(anon),
+        ..Default::default()
+    };
+    let server = start_with(|c| {
+        c.jwt = Some(settings(&key));
+        c.namespaces = vec![ns("public", true), ns("public.private", false)];
+    });
+    let addr = server.local_addr();
+    let status = |topics: &str| {
+        let mut s = raw(addr);
+        s.write_all(upgrade_request(&format!("/ws?topics={topics}")).as_bytes())
+            .unwrap();
+        read_head(&mut s)[9..12].to_string()
+    };
+    assert_eq!(status("public.news"), "101");
+    assert_eq!(status("public.news.*"), "101");
+    assert_eq!(status("public.private.x"), "401");
+    assert_eq!(status("public.>"), "401", "it reaches public.private");
+    assert_eq!(status("other"), "401");
+    assert_eq!(status("public.news,other"), "401");
+    // Over the connection, the same rule.
+    let (mut ws, _) = tungstenite::connect(ws_url(addr, "/ws?topics=public.news")).unwrap();
+    ws.send(Message::text(
+        r#"{"op":"subscribe","topics":["public.private.x"]}"#,
+    ))
+    .unwrap();
+    match read_incoming(&mut ws) {
+        Incoming::Reply(v) => assert_eq!(v["op"], "error", "{v}"),
+        Incoming::Pub(e) => panic!("{e:?}"),
+    }
+    ws.send(Message::text(
+        r#"{"op":"subscribe","topics":["public.sports"]}"#,
+    ))
+    .unwrap();
+    match read_incoming(&mut ws) {
+        Incoming::Reply(v) => assert_eq!(v["op"], "subscribed", "{v}"),
+        Incoming::Pub(e) => panic!("{e:?}"),
+    }
+}

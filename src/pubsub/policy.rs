@@ -68,6 +68,36 @@ pub struct NamespacePolicy {
     /// Most publications per second of one of its topics to one
     /// subscriber (the newest; 1 to 1000).
     pub max_rate: Option<u32>,
+    /// With tokens on: whether subscribers without a token may subscribe
+    /// to its topics (`None`: `--anonymous-subscribe`).
+    pub anonymous_subscribe: Option<bool>,
+}
+
+/// With tokens on, may a subscriber without a token subscribe to `name`
+/// (a topic or a pattern)? The setting of the longest namespace covering
+/// it, else `default` (`--anonymous-subscribe`). A pattern also needs every
+/// namespace it may reach to allow it: any namespace whose prefix begins
+/// with the pattern's literal part (what comes before its first wildcard)
+/// and resolves to no, refuses it (`prices.>` is refused when
+/// `prices.private` is closed, even if `prices` is open).
+pub fn anonymous_may_subscribe(policies: &[NamespacePolicy], name: &str, default: bool) -> bool {
+    let setting = |p: &NamespacePolicy| p.anonymous_subscribe.unwrap_or(default);
+    if !crate::pubsub::pattern::is_pattern(name) {
+        return namespace_of(policies, name).map_or(default, |i| setting(&policies[i]));
+    }
+    let literal = name
+        .split('.')
+        .take_while(|t| *t != "*" && *t != ">")
+        .map(|t| t.len() + 1)
+        .sum::<usize>();
+    let literal = &name[..literal.min(name.len())];
+    let at_prefix = namespace_of(policies, literal.trim_end_matches('.'))
+        .map_or(default, |i| setting(&policies[i]));
+    at_prefix
+        && policies
+            .iter()
+            .filter(|p| p.prefix.starts_with(literal))
+            .all(setting)
 }
 
 /// Whether namespace `prefix` covers topic `name`.
@@ -364,5 +394,46 @@ mod tests {
             "the longest, alone"
         );
         assert_eq!(slow_consumer(&policies, "news"), None);
+    }
+
+    #[test]
+    fn anonymous_subscribers_follow_the_longest_namespace_and_patterns_every_one_they_reach() {
+        let ns = |prefix: &str, anon: Option<bool>| NamespacePolicy {
+            prefix: prefix.into(),
+            anonymous_subscribe: anon,
+            ..Default::default()
+        };
+        let table = [
+            ns("public", Some(true)),
+            ns("public.private", Some(false)),
+            ns("public.quiet", None),
+            ns("news", None),
+        ];
+        let may = |name: &str, default: bool| anonymous_may_subscribe(&table, name, default);
+        assert!(may("public.a", false));
+        assert!(may("public:fx", false));
+        assert!(!may("public.private.a", false));
+        assert!(!may("public.quiet.a", false), "unset: the flag's");
+        assert!(may("public.quiet.a", true));
+        assert!(!may("news.a", false));
+        assert!(!may("other", false));
+        assert!(may("other", true));
+        // Patterns: allowed where every namespace they may reach allows.
+        assert!(may("public.news.*", false));
+        assert!(!may("public.>", false), "reaches public.private");
+        assert!(
+            !may("public.*", false),
+            "reaches public.private and public.quiet"
+        );
+        assert!(!may("public.>", true), "public.private says no");
+        assert!(!may(">", true));
+        assert!(!may("public.private.*", true));
+        let open = [ns("a", Some(true))];
+        assert!(anonymous_may_subscribe(&open, ">", true));
+        assert!(
+            !anonymous_may_subscribe(&open, ">", false),
+            "topics outside any namespace"
+        );
+        assert!(anonymous_may_subscribe(&open, "a.>", false));
     }
 }

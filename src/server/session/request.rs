@@ -128,7 +128,7 @@ fn authorize_subscribe(
     };
     let authorization = req.header("authorization").ok().flatten();
     let Some(token) = auth::token_of(authorization, req.query) else {
-        return if verifier.anonymous_subscribe() {
+        return if anonymous_may_subscribe(names, &verifier, ctx) {
             Ok(None)
         } else {
             Err(refuse(auth::Refusal::Missing, ctx))
@@ -141,6 +141,23 @@ fn authorize_subscribe(
         return Err(refuse(auth::Refusal::Forbidden, ctx));
     }
     Ok(Some(Arc::new(grant)))
+}
+
+/// May a subscriber without a token subscribe to every one of `names`
+/// (`--anonymous-subscribe`, and the namespaces' `anonymous-subscribe`)?
+pub(super) fn anonymous_may_subscribe<S: AsRef<str>>(
+    names: &[S],
+    verifier: &auth::Verifier,
+    ctx: &Ctx<'_>,
+) -> bool {
+    let namespaces = ctx.shared.directory.namespaces();
+    names.iter().all(|n| {
+        crate::pubsub::policy::anonymous_may_subscribe(
+            &namespaces,
+            n.as_ref(),
+            verifier.anonymous_subscribe(),
+        )
+    })
 }
 
 pub(super) fn check_publisher(req: &Request<'_, '_>, cfg: &Config) -> Result<(), Reject> {

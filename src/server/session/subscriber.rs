@@ -237,7 +237,8 @@ pub(super) fn control_message(
                 .iter()
                 .any(|n| !g.may_subscribe(n))
                 .then_some(Refusal::Forbidden),
-            None => (!verifier.anonymous_subscribe()).then_some(Refusal::Missing),
+            None => (!super::request::anonymous_may_subscribe(&c.topics, &verifier, ctx))
+                .then_some(Refusal::Missing),
         };
         if let Some(why) = why {
             ctx.stats.auth_refused(why);
