@@ -19,6 +19,7 @@ pub mod frame;
 pub mod handshake;
 pub mod mask;
 pub mod outbound;
+pub mod proxy;
 pub mod rate;
 pub mod utf8;
 pub mod ws;
