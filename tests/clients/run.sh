@@ -6,7 +6,8 @@
 # its TLS 1.3 keys, which must be followed. Then our
 # JavaScript client (clients/js/corecast.mjs) in Node (a dropped connection
 # recovered, a last value, a server restart) and in Chromium (a dropped
-# connection recovered, a last value). Installs what it
+# connection recovered, a last value). Last, Chromium against
+# --allowed-origin and --jwt-key with a token openssl signs. Installs what it
 # needs (a pip venv, an npm package, Debian's chromium) and stops what it
 # starts. Called by .ci/run; run it alone after `cargo build --release`.
 #
@@ -41,7 +42,7 @@ python3 -m venv "$WORK/venv"
 cp "$HERE/echo_client.mjs" "$HERE/js_client_test.mjs" "$ROOT/clients/js/corecast.mjs" "$WORK/"
 # The pages Chromium opens, with the client module beside them.
 mkdir -p "$WORK/pages"
-cp "$HERE/echo_page.html" "$HERE/js_client_page.html" "$ROOT/clients/js/corecast.mjs" "$WORK/pages/"
+cp "$HERE/echo_page.html" "$HERE/js_client_page.html" "$HERE/access_page.html" "$ROOT/clients/js/corecast.mjs" "$WORK/pages/"
 (cd "$WORK" && npm install --silent --no-audit --no-fund --no-save ws@8 >/dev/null)
 if ! command -v chromium >/dev/null 2>&1; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
@@ -134,6 +135,33 @@ for io in ${BACKENDS:-epoll uring}; do
     # The JavaScript client in Node: it starts and restarts its own server.
     node "$WORK/js_client_test.mjs" ./target/release/corecast "$JS_PORT" "$io" "$scheme" \
       "$WORK/cert.pem" "$WORK/key.pem"
+  done
+done
+# Origins and tokens in a browser: a token made by openssl (HS256, not by
+# our code) in the query, the page's Origin checked against
+# --allowed-origin, and a cross-site text/plain POST from the page.
+b64url() { openssl base64 -A | tr '+/' '-_' | tr -d '='; }
+head -c 48 /dev/urandom | openssl base64 -A | tr -d '=+/' >"$WORK/jwt.key"
+jwt_header=$(printf '{"alg":"HS256","typ":"JWT"}' | b64url)
+jwt_claims=$(printf '{"sub":"page","exp":%d,"corecast":{"subscribe":["t"],"publish":["t"]}}' \
+  "$(($(date +%s) + 600))" | b64url)
+jwt_sig=$(printf '%s.%s' "$jwt_header" "$jwt_claims" \
+  | openssl dgst -sha256 -hmac "$(cat "$WORK/jwt.key")" -binary | b64url)
+jwt="$jwt_header.$jwt_claims.$jwt_sig"
+for io in ${BACKENDS:-epoll uring}; do
+  for origin in "http://127.0.0.1:$PAGE_PORT" "https://elsewhere.example"; do
+    ./target/release/corecast serve --listen "127.0.0.1:$PORT" --io "$io" \
+      --jwt-key "HS256=$WORK/jwt.key" --allowed-origin "$origin" >"$WORK/server.log" 2>&1 &
+    SERVER=$!
+    wait_port "$PORT"
+    expect=allowed
+    [ "$origin" = "https://elsewhere.example" ] && expect=refused
+    echo "--- $io, tokens and --allowed-origin $origin"
+    chromium_page "access_page.html?ws=ws://127.0.0.1:$PORT&http=http://127.0.0.1:$PORT&token=$jwt&expect=$expect" \
+      "access ($expect) with --allowed-origin $origin"
+    kill -TERM "$SERVER"
+    wait "$SERVER"
+    SERVER=
   done
 done
 echo "real clients: all passed"
