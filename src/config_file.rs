@@ -37,13 +37,9 @@ use toml::de::{DeTable, DeValue};
 /// fails at once instead of being read whole.
 const MAX_FILE_BYTES: u64 = 1024 * 1024;
 
-/// The keys a reload applies (besides the `[namespace."…"]` tables);
-/// every other change waits for a restart.
-const RELOADABLE: [&str; 10] = [
-    "tls-cert",
-    "tls-key",
-    "tls-min-version",
-    "allowed-origin",
+/// The keys of tokens: a reload applies them, but only while tokens stay
+/// on (or off) as the server started.
+pub const JWT_KEYS: [&str; 6] = [
     "jwt-key",
     "jwks",
     "jwt-audience",
@@ -51,6 +47,15 @@ const RELOADABLE: [&str; 10] = [
     "jwt-leeway",
     "anonymous-subscribe",
 ];
+
+/// The keys a reload applies (besides the `[namespace."…"]` tables);
+/// every other change waits for a restart.
+fn reloadable(key: &str) -> bool {
+    matches!(
+        key,
+        "tls-cert" | "tls-key" | "tls-min-version" | "allowed-origin"
+    ) || JWT_KEYS.contains(&key)
+}
 
 /// One setting of the file: its key, its line and the arguments it stands
 /// for (`--key=value`, once per list element; a switch is `--key` or
@@ -392,7 +397,7 @@ impl ConfigFile {
         let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
         for key in keys {
             if old.get(key) != new.get(key) && !overridden(key) {
-                if RELOADABLE.contains(&key.as_str()) {
+                if reloadable(key) {
                     changes.applied.push(key.clone());
                 } else {
                     changes.need_restart.push(key.clone());

@@ -103,16 +103,6 @@ struct Running {
     jwt: bool,
 }
 
-/// The configuration keys of tokens.
-const JWT_KEYS: [&str; 6] = [
-    "jwt-key",
-    "jwks",
-    "jwt-audience",
-    "jwt-issuer",
-    "jwt-leeway",
-    "anonymous-subscribe",
-];
-
 fn reload_file(
     server: &corecast::server::ServerHandle,
     argv: &[OsString],
@@ -147,7 +137,7 @@ fn reload_file(
         // Turning tokens on or off waits for a restart too.
         let jwt_keys = changes
             .applied
-            .extract_if(.., |k| JWT_KEYS.contains(&k.as_str()));
+            .extract_if(.., |k| config_file::JWT_KEYS.contains(&k.as_str()));
         changes.need_restart.extend(jwt_keys);
         reload.jwt = None;
     }

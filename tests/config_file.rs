@@ -8,20 +8,9 @@
 mod common;
 
 use common::*;
-use std::io::Write;
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use tungstenite::Message;
-
-fn write_config(path: &Path, text: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::File::create(&tmp)
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
 
 fn tls_lines(cert: &TestCert) -> String {
     format!(
@@ -29,14 +18,6 @@ fn tls_lines(cert: &TestCert) -> String {
         cert.cert.display().to_string(),
         cert.key.display().to_string()
     )
-}
-
-fn hup(server: &ChildServer) {
-    let status = Command::new("kill")
-        .args(["-HUP", &server.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
 }
 
 /// Waits until the child's log has a line with every one of `needles`
@@ -49,20 +30,6 @@ fn wait_log(server: &ChildServer, needles: &[&str]) {
             return;
         }
         assert!(Instant::now() < end, "no line with {needles:?}:\n{log}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Waits until `corecast_reloads_total{result}` reaches `n`.
-fn wait_reloads(server: &ChildServer, result: &str, n: u64) {
-    let name = format!("corecast_reloads_total{{result=\"{result}\"}}");
-    let end = Instant::now() + Duration::from_secs(10);
-    while metric(&server.metrics(), &name) < n {
-        assert!(
-            Instant::now() < end,
-            "no reload counted:\n{}",
-            server.log_text()
-        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -91,8 +58,8 @@ fn sighup_rereads_the_file_applying_the_tls_pair_and_logging_what_waits_for_a_re
         &config,
         &format!("{}max-message-size = \"2KiB\"\n", tls_lines(&second)),
     );
-    hup(&server);
-    wait_reloads(&server, "ok", 1);
+    server.hup();
+    server.wait_reloads("ok", 1);
     let mut ws2 = wss_connect(addr, "/echo", &client_config(&second));
     ws2.send(Message::text("second pair")).unwrap();
     assert_eq!(ws2.read().unwrap(), Message::text("second pair"));
@@ -103,8 +70,8 @@ fn sighup_rereads_the_file_applying_the_tls_pair_and_logging_what_waits_for_a_re
         &config,
         &format!("{}max-topic-count = 4\n", tls_lines(&first)),
     );
-    hup(&server);
-    wait_reloads(&server, "failed", 1);
+    server.hup();
+    server.wait_reloads("failed", 1);
     wait_log(&server, &["reload failed", "corecast.toml:3"]);
     let mut ws3 = wss_connect(addr, "/echo", &client_config(&second));
     ws3.send(Message::text("kept")).unwrap();
@@ -145,8 +112,8 @@ fn sighup_applies_a_changed_namespace_table_to_existing_topics() {
         &config,
         "[namespace.prices]\nhistory-size = 2\nlast-value = false\nmax-rate = 1\n",
     );
-    hup(&server);
-    wait_reloads(&server, "ok", 1);
+    server.hup();
+    server.wait_reloads("ok", 1);
     wait_log(
         &server,
         &["applied from the configuration file", "namespace"],

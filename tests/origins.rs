@@ -10,20 +10,14 @@ mod common;
 use common::*;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
-
-/// The upgrade request for `path` with `extra` header lines (each ending in CRLF).
-fn upgrade_with(path: &str, extra: &str) -> String {
-    upgrade_request(path).replacen("\r\n\r\n", &format!("\r\n{extra}\r\n"), 1)
-}
 
 /// The response head to an upgrade of `path` carrying `Origin: origin`.
 fn handshake(addr: SocketAddr, path: &str, origin: Option<&str>) -> String {
     let extra = origin.map_or(String::new(), |o| format!("Origin: {o}\r\n"));
     let mut s = raw(addr);
-    s.write_all(upgrade_with(path, &extra).as_bytes()).unwrap();
+    s.write_all(upgrade_request_with(path, &extra).as_bytes())
+        .unwrap();
     read_head(&mut s)
 }
 
@@ -56,7 +50,10 @@ fn browser_requests_from_other_origins_get_403_and_the_rest_pass() {
             "https://app.example.evil",
             "null",
         ] {
-            let answer = refused_with(addr, &upgrade_with(path, &format!("Origin: {foreign}\r\n")));
+            let answer = refused_with(
+                addr,
+                &upgrade_request_with(path, &format!("Origin: {foreign}\r\n")),
+            );
             assert!(
                 answer.starts_with("HTTP/1.1 403 Forbidden\r\n"),
                 "{path} {foreign}: {answer}"
@@ -66,13 +63,13 @@ fn browser_requests_from_other_origins_get_403_and_the_rest_pass() {
     }
     let malformed = refused_with(
         addr,
-        &upgrade_with("/ws", "Origin: https://app.example/path\r\n"),
+        &upgrade_request_with("/ws", "Origin: https://app.example/path\r\n"),
     );
     assert!(malformed.starts_with("HTTP/1.1 403 "), "{malformed}");
     assert!(malformed.contains("malformed Origin header"), "{malformed}");
     let two = refused_with(
         addr,
-        &upgrade_with(
+        &upgrade_request_with(
             "/ws",
             "Origin: https://app.example\r\nOrigin: https://evil.example\r\n",
         ),
@@ -171,21 +168,6 @@ fn a_bad_pattern_fails_the_start_naming_it() {
     );
 }
 
-fn write_config(path: &Path, text: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
-fn wait_reloads(server: &ChildServer, result: &str, n: u64) {
-    let name = format!("corecast_reloads_total{{result=\"{result}\"}}");
-    let end = Instant::now() + Duration::from_secs(10);
-    while metric(&server.metrics(), &name) < n {
-        assert!(Instant::now() < end, "no reload:\n{}", server.log_text());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn sighup_replaces_the_list_and_a_bad_one_keeps_the_old() {
     let cert = test_cert();
@@ -197,24 +179,17 @@ fn sighup_replaces_the_list_and_a_bad_one_keeps_the_old() {
     assert_eq!(status("https://a.example"), "101");
     assert_eq!(status("https://b.example"), "403");
 
-    let hup = || {
-        let ok = Command::new("kill")
-            .args(["-HUP", &server.pid().to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-    };
     write_config(&config, "allowed-origin = [\"https://b.example\"]\n");
-    hup();
-    wait_reloads(&server, "ok", 1);
+    server.hup();
+    server.wait_reloads("ok", 1);
     assert_eq!(status("https://a.example"), "403");
     assert_eq!(status("https://b.example"), "101");
     assert_eq!(server.log_count("next restart"), 0, "{}", server.log_text());
 
     // A pattern that does not parse: the reload fails as a whole.
     write_config(&config, "allowed-origin = [\"https://c.example/x\"]\n");
-    hup();
-    wait_reloads(&server, "failed", 1);
+    server.hup();
+    server.wait_reloads("failed", 1);
     assert_eq!(status("https://b.example"), "101");
     assert_eq!(status("https://c.example"), "403");
 }

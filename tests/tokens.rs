@@ -69,10 +69,6 @@ fn answer(addr: SocketAddr, req: &str) -> String {
     refused(addr, req.as_bytes())
 }
 
-fn upgrade_with(path: &str, extra: &str) -> String {
-    upgrade_request(path).replacen("\r\n\r\n", &format!("\r\n{extra}\r\n"), 1)
-}
-
 /// A subscriber through tungstenite with `token` in the query.
 fn subscriber(addr: SocketAddr, topics: &str, token: &str) -> Ws {
     let mut req = ws_url(addr, &format!("/ws?topics={topics}&token={token}"))
@@ -108,13 +104,13 @@ fn subscribing_and_publishing_follow_the_rights_of_the_token() {
     let reader = rights(&secret, &["prices.>", "user.{sub}.>"], &[]);
 
     // 401 by reason, 403 for a right the token lacks.
-    let no_token = answer(addr, &upgrade_with("/ws?topics=prices.fx", ""));
+    let no_token = answer(addr, &upgrade_request_with("/ws?topics=prices.fx", ""));
     assert!(no_token.starts_with("HTTP/1.1 401 "), "{no_token}");
     assert!(no_token.contains("WWW-Authenticate: Bearer"), "{no_token}");
     assert!(no_token.contains("token required"), "{no_token}");
     let garbage = answer(
         addr,
-        &upgrade_with("/ws?topics=prices.fx&token=abc.def.ghi", ""),
+        &upgrade_request_with("/ws?topics=prices.fx&token=abc.def.ghi", ""),
     );
     assert!(
         garbage.starts_with("HTTP/1.1 401 ") && garbage.contains("token invalid"),
@@ -123,7 +119,7 @@ fn subscribing_and_publishing_follow_the_rights_of_the_token() {
     // A header that is not UTF-8 across the scheme: refused, not a crash.
     let r = answer(
         addr,
-        &upgrade_with("/ws?topics=prices.fx", "Authorization: Bearer\u{e9}xx\r\n"),
+        &upgrade_request_with("/ws?topics=prices.fx", "Authorization: Bearer\u{e9}xx\r\n"),
     );
     assert!(r.starts_with("HTTP/1.1 401 "), "{r}");
     let other_key = rights(
@@ -133,7 +129,7 @@ fn subscribing_and_publishing_follow_the_rights_of_the_token() {
     );
     let forged = answer(
         addr,
-        &upgrade_with(&format!("/ws?topics=prices.fx&token={other_key}"), ""),
+        &upgrade_request_with(&format!("/ws?topics=prices.fx&token={other_key}"), ""),
     );
     assert!(forged.contains("token invalid"), "{forged}");
     let old = token(
@@ -142,7 +138,7 @@ fn subscribing_and_publishing_follow_the_rights_of_the_token() {
     );
     let expired = answer(
         addr,
-        &upgrade_with(&format!("/ws?topics=prices.fx&token={old}"), ""),
+        &upgrade_request_with(&format!("/ws?topics=prices.fx&token={old}"), ""),
     );
     assert!(
         expired.starts_with("HTTP/1.1 401 ") && expired.contains("token expired"),
@@ -157,7 +153,7 @@ fn subscribing_and_publishing_follow_the_rights_of_the_token() {
     ] {
         let r = answer(
             addr,
-            &upgrade_with(&format!("/ws?topics={wider}&token={reader}"), ""),
+            &upgrade_request_with(&format!("/ws?topics={wider}&token={reader}"), ""),
         );
         assert!(
             r.starts_with("HTTP/1.1 403 ") && r.contains("grants no right"),
@@ -167,7 +163,7 @@ fn subscribing_and_publishing_follow_the_rights_of_the_token() {
     // In the header too.
     let r = answer(
         addr,
-        &upgrade_with(
+        &upgrade_request_with(
             "/ws?topics=news.a",
             &format!("Authorization: Bearer {reader}\r\n"),
         ),
@@ -292,7 +288,7 @@ fn anonymous_subscribers_only_when_allowed_and_never_to_publish() {
     );
     assert!(r.starts_with("HTTP/1.1 401 "), "{r}");
     // A bad token is still refused: anonymity is not a fallback.
-    let r = answer(addr, &upgrade_with("/ws?topics=a&token=x.y.z", ""));
+    let r = answer(addr, &upgrade_request_with("/ws?topics=a&token=x.y.z", ""));
     assert!(r.starts_with("HTTP/1.1 401 "), "{r}");
 }
 
@@ -336,12 +332,6 @@ fn a_websocket_whose_token_expires_is_closed_with_3000() {
     assert_eq!(metric(&metrics(addr), "corecast_tokens_expired_total"), 1);
 }
 
-fn write_config(path: &Path, text: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
 #[test]
 fn sighup_rotates_the_key_and_a_key_that_does_not_load_keeps_the_old() {
     let cert = test_cert();
@@ -357,38 +347,23 @@ fn sighup_rotates_the_key_and_a_key_that_does_not_load_keeps_the_old() {
     let status = |secret: &[u8]| {
         let t = rights(secret, &["t"], &[]);
         let mut s = raw(addr);
-        s.write_all(upgrade_with(&format!("/ws?topics=t&token={t}"), "").as_bytes())
+        s.write_all(upgrade_request_with(&format!("/ws?topics=t&token={t}"), "").as_bytes())
             .unwrap();
         read_head(&mut s)[9..12].to_string()
     };
     assert_eq!(status(&old_secret), "101");
     assert_eq!(status(&new_secret), "401");
-    let hup = || {
-        let ok = std::process::Command::new("kill")
-            .args(["-HUP", &server.pid().to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-    };
-    let wait_reloads = |result: &str, n: u64| {
-        let name = format!("corecast_reloads_total{{result=\"{result}\"}}");
-        let end = Instant::now() + Duration::from_secs(10);
-        while metric(&server.metrics(), &name) < n {
-            assert!(Instant::now() < end, "{}", server.log_text());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
     write_config(
         &config,
         &format!("jwt-key = [\"HS256={}\"]\n", new_key.display()),
     );
-    hup();
-    wait_reloads("ok", 1);
+    server.hup();
+    server.wait_reloads("ok", 1);
     assert_eq!(status(&old_secret), "401");
     assert_eq!(status(&new_secret), "101");
     write_config(&config, "jwt-key = [\"HS256=/nonexistent/corecast.key\"]\n");
-    hup();
-    wait_reloads("failed", 1);
+    server.hup();
+    server.wait_reloads("failed", 1);
     assert_eq!(status(&new_secret), "101");
     assert!(server.log_text().contains("/nonexistent/corecast.key"));
 }

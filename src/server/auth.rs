@@ -143,13 +143,14 @@ struct Key {
     kid: Option<String>,
     alg: Algorithm,
     key: DecodingKey,
+    /// What a token must pass besides the times: its algorithm, and the
+    /// audience and issuer when set (made once, at load).
+    validation: Validation,
 }
 
 /// The keys in force and the claim rules.
 pub struct Verifier {
     keys: Vec<Key>,
-    audience: Vec<String>,
-    issuer: Vec<String>,
     leeway: u64,
     anonymous_subscribe: bool,
 }
@@ -158,8 +159,6 @@ impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Verifier")
             .field("keys", &self.keys.len())
-            .field("audience", &self.audience)
-            .field("issuer", &self.issuer)
             .field("leeway", &self.leeway)
             .finish()
     }
@@ -213,6 +212,28 @@ fn split_key_spec(spec: &str) -> Result<(Option<&str>, Algorithm, &str), String>
     Ok((kid, algorithm(alg)?, path))
 }
 
+/// The checks `jsonwebtoken` makes for a key of `alg`: the algorithm, and
+/// `aud` and `iss` when set; the times are [`Verifier::verify`]'s, against
+/// the caller's clock.
+fn validation(settings: &JwtSettings, alg: Algorithm) -> Validation {
+    let mut v = Validation::new(alg);
+    v.validate_exp = false;
+    v.validate_nbf = false;
+    let mut required = Vec::new();
+    if settings.audience.is_empty() {
+        v.validate_aud = false;
+    } else {
+        v.set_audience(&settings.audience);
+        required.push("aud");
+    }
+    if !settings.issuer.is_empty() {
+        v.set_issuer(&settings.issuer);
+        required.push("iss");
+    }
+    v.set_required_spec_claims(&required);
+    v
+}
+
 fn decoding_key(alg: Algorithm, bytes: &[u8]) -> jsonwebtoken::errors::Result<DecodingKey> {
     use Algorithm::*;
     match alg {
@@ -243,11 +264,7 @@ impl Verifier {
             }
             let key = decoding_key(alg, &bytes)
                 .map_err(|e| format!("--jwt-key {path}: {e} ({alg:?})"))?;
-            keys.push(Key {
-                kid: kid.map(str::to_string),
-                alg,
-                key,
-            });
+            keys.push((kid.map(str::to_string), alg, key));
         }
         if let Some(path) = &settings.jwks {
             let bytes = crate::server::config::read_regular_file(path, MAX_KEY_FILE)
@@ -286,16 +303,23 @@ impl Verifier {
                 }
                 let key = DecodingKey::from_jwk(jwk)
                     .map_err(|e| format!("--jwks {}: key {name}: {e}", path.display()))?;
-                keys.push(Key { kid, alg, key });
+                keys.push((kid, alg, key));
             }
         }
         if keys.is_empty() {
             return Err("--jwks: no key".into());
         }
+        let keys = keys
+            .into_iter()
+            .map(|(kid, alg, key)| Key {
+                kid,
+                alg,
+                key,
+                validation: validation(settings, alg),
+            })
+            .collect();
         Ok(Self {
             keys,
-            audience: settings.audience.clone(),
-            issuer: settings.issuer.clone(),
             leeway: settings.leeway.as_secs(),
             anonymous_subscribe: settings.anonymous_subscribe,
         })
@@ -309,26 +333,6 @@ impl Verifier {
     /// The slack on token times, seconds.
     pub fn leeway_s(&self) -> u64 {
         self.leeway
-    }
-
-    fn validation(&self, alg: Algorithm) -> Validation {
-        let mut v = Validation::new(alg);
-        // Times are checked below, against the caller's clock.
-        v.validate_exp = false;
-        v.validate_nbf = false;
-        let mut required = Vec::new();
-        if self.audience.is_empty() {
-            v.validate_aud = false;
-        } else {
-            v.set_audience(&self.audience);
-            required.push("aud");
-        }
-        if !self.issuer.is_empty() {
-            v.set_issuer(&self.issuer);
-            required.push("iss");
-        }
-        v.set_required_spec_claims(&required);
-        v
     }
 
     /// Checks `token` at `now` (Unix seconds): its signature by a key of
@@ -349,8 +353,7 @@ impl Verifier {
         // Keys of one id are few by construction; without an id, at most
         // a handful are tried (past that, tokens must name their key).
         for k in candidates.take(MAX_KEYS_WITHOUT_KID) {
-            if let Ok(data) = jsonwebtoken::decode::<Claims>(token, &k.key, &self.validation(k.alg))
-            {
+            if let Ok(data) = jsonwebtoken::decode::<Claims>(token, &k.key, &k.validation) {
                 claims = Some(data.claims);
                 break;
             }

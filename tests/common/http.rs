@@ -21,6 +21,12 @@ pub fn upgrade_request(path: &str) -> String {
     )
 }
 
+/// The upgrade request for `path` with `extra` header lines (each ending
+/// in CRLF).
+pub fn upgrade_request_with(path: &str, extra: &str) -> String {
+    upgrade_request(path).replacen("\r\n\r\n", &format!("\r\n{extra}\r\n"), 1)
+}
+
 /// Reads an HTTP response head (through the blank line) byte by byte, so no
 /// frame bytes after it are consumed.
 pub fn read_head(s: &mut TcpStream) -> String {

@@ -17,6 +17,14 @@ use super::{io_mode, metrics};
 /// Linux architecture, whatever the kernel's own tick rate).
 const USER_HZ: u64 = 100;
 
+/// Replaces the file at `path` with `text` in one rename, so a reload
+/// never reads half of it.
+pub fn write_config(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
 /// Descriptors open in this process (the in-process server's included).
 pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
@@ -184,6 +192,29 @@ impl ChildServer {
             .status()
             .expect("run kill(1)");
         assert!(status.success(), "kill -TERM failed");
+    }
+
+    /// Sends SIGHUP (a reload).
+    pub fn hup(&self) {
+        let status = Command::new("kill")
+            .args(["-HUP", &self.pid().to_string()])
+            .status()
+            .expect("run kill(1)");
+        assert!(status.success(), "kill -HUP failed");
+    }
+
+    /// Waits until `corecast_reloads_total{result}` reaches `n`.
+    pub fn wait_reloads(&self, result: &str, n: u64) {
+        let name = format!("corecast_reloads_total{{result=\"{result}\"}}");
+        let end = Instant::now() + Duration::from_secs(10);
+        while super::metric(&self.metrics(), &name) < n {
+            assert!(
+                Instant::now() < end,
+                "no reload counted:\n{}",
+                self.log_text()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Waits up to `limit` for the child to exit.

@@ -111,13 +111,17 @@ impl<S> Core<S> {
                 self.grants.get(&key).cloned()
             },
         };
+        // The grant held before, to store only one the session changed.
+        let held = ctx.grant.as_ref().map(Arc::as_ptr);
         let next = conn.session.on_input(buf, &mut ctx);
         if ctx.published {
             conn.set_flag(PUBLISHED, true);
         }
         let rated = ctx.rated.take();
         let resubscribed = ctx.resubscribed;
-        if let Some(grant) = ctx.grant.take() {
+        if let Some(grant) = ctx.grant.take()
+            && held != Some(Arc::as_ptr(&grant))
+        {
             self.grants.insert(key, grant);
         }
         if ctx.requests > 0 {
