@@ -302,6 +302,18 @@ pub struct ServeArgs {
     #[arg(long, value_name = "ADDR", requires = "tls_cert")]
     pub plain_listen: Option<SocketAddr>,
 
+    /// The main listener (--listen) expects a PROXY protocol header (v1 or
+    /// v2, from HAProxy, nginx, AWS NLB, …) before each connection's first
+    /// byte, and takes the client's address from it: per-address limits
+    /// count that address. A connection without one is refused (400).
+    /// Only for a port that nothing but the balancer can reach.
+    #[arg(long)]
+    pub proxy_protocol: bool,
+
+    /// The same as --proxy-protocol, for --plain-listen.
+    #[arg(long, requires = "plain_listen")]
+    pub plain_proxy_protocol: bool,
+
     /// The lowest TLS version a client may use.
     #[arg(long, value_enum, default_value = "1.2", value_name = "VERSION")]
     pub tls_min_version: MinVersion,
@@ -375,6 +387,8 @@ impl ServeArgs {
                 _ => None,
             },
             plain_listen: self.plain_listen,
+            proxy_protocol: self.proxy_protocol,
+            plain_proxy_protocol: self.plain_proxy_protocol,
             ..Config::default()
         }
     }
@@ -635,7 +649,27 @@ mod tests {
             "nothing to be beside"
         );
         let Command::Serve(args) = parse(&[]).unwrap().command;
-        assert!(args.to_config().tls.is_none());
+        let c = args.to_config();
+        assert!(c.tls.is_none());
+        assert!(!c.proxy_protocol && !c.plain_proxy_protocol);
+        assert!(
+            parse(&["--plain-proxy-protocol"]).is_err(),
+            "no plain listener to expect the header on"
+        );
+        let Command::Serve(args) = parse(&[
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--plain-listen",
+            "127.0.0.1:9080",
+            "--plain-proxy-protocol",
+            "--proxy-protocol",
+        ])
+        .unwrap()
+        .command;
+        let c = args.to_config();
+        assert!(c.proxy_protocol && c.plain_proxy_protocol);
     }
 
     #[test]

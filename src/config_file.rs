@@ -448,15 +448,17 @@ fn overridden_by(argv: &[OsString]) -> impl Fn(&str) -> bool {
 }
 
 /// The flags a setting needs beside it to be checked alone (`tls-cert`
-/// and `tls-key` come as a pair; `plain-listen` needs both).
+/// and `tls-key` come as a pair; `plain-listen` needs both;
+/// `plain-proxy-protocol` needs `plain-listen`).
 fn companions(key: &str) -> Vec<String> {
     let needs: &[&str] = match key {
-        "tls-cert" => &["tls-key"],
-        "tls-key" => &["tls-cert"],
-        "plain-listen" => &["tls-cert", "tls-key"],
+        "tls-cert" => &["--tls-key=x"],
+        "tls-key" => &["--tls-cert=x"],
+        "plain-listen" => &["--tls-cert=x", "--tls-key=x"],
+        "plain-proxy-protocol" => &["--plain-listen=127.0.0.1:1", "--tls-cert=x", "--tls-key=x"],
         _ => &[],
     };
-    needs.iter().map(|k| format!("--{k}=x")).collect()
+    needs.iter().map(|a| a.to_string()).collect()
 }
 
 /// A scalar as the text a flag would be given.

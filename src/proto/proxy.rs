@@ -23,6 +23,9 @@ pub const MAX_V1: usize = 107;
 /// The most a v2 header's body may hold here: the addresses (36 bytes for
 /// IPv6) and TLVs a balancer sends (SSL, authority, unique id, …).
 pub const MAX_V2_BODY: usize = 1024;
+/// The longest header of either version: whatever a connection has sent
+/// before its header is judged is at most this long.
+pub const MAX_HEADER: usize = 16 + MAX_V2_BODY;
 
 /// What the header says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +46,32 @@ pub enum ProxyError {
     BadV1,
     /// A v2 header with a bad version, command, length or address block.
     BadV2,
+}
+
+impl ProxyError {
+    pub const ALL: [ProxyError; 3] = [Self::NotProxy, Self::BadV1, Self::BadV2];
+
+    /// Label of `corecast_proxy_refused_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::NotProxy => "missing",
+            Self::BadV1 => "bad_v1",
+            Self::BadV2 => "bad_v2",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The reason sent in the 400 answer.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::NotProxy => "this listener expects a PROXY protocol header first",
+            Self::BadV1 => "malformed PROXY protocol v1 header",
+            Self::BadV2 => "malformed PROXY protocol v2 header",
+        }
+    }
 }
 
 /// Reads a header from the start of `buf`: `Ok(None)` when more bytes are

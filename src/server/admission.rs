@@ -205,6 +205,19 @@ impl Admission {
             self.open.fetch_sub(1, Ordering::Relaxed);
             return Err(Refusal::ProcessFull);
         }
+        let verdict = self.admit_address(peer);
+        if verdict.is_err() {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+        }
+        verdict
+    }
+
+    /// The per-address half of [`Self::admit`], for a connection already
+    /// counted against the process-wide cap whose address became known
+    /// later (from a PROXY protocol header). A refusal leaves the process
+    /// count as it is: the connection still holds its place until it is
+    /// released.
+    pub fn admit_address(&self, peer: Option<IpAddr>) -> Result<Ticket, Refusal> {
         let Some((ip, stripe)) = self.locate(peer) else {
             return Ok(Ticket { per_ip: false });
         };
@@ -245,13 +258,7 @@ impl Admission {
             }
         };
         drop(map);
-        match verdict {
-            Ok(()) => Ok(Ticket { per_ip: true }),
-            Err(r) => {
-                self.open.fetch_sub(1, Ordering::Relaxed);
-                Err(r)
-            }
-        }
+        verdict.map(|()| Ticket { per_ip: true })
     }
 
     /// Uncounts an admitted connection; `per_ip` is its address when its
@@ -342,6 +349,24 @@ mod tests {
 
     fn v6(s: &str) -> Option<IpAddr> {
         Some(s.parse().unwrap())
+    }
+
+    #[test]
+    fn an_address_known_later_is_counted_alone_and_its_refusal_keeps_the_place() {
+        // A PROXY listener: the process cap at accept, the address after
+        // the header.
+        let a = Admission::new(limits(1, 0));
+        assert_eq!(a.admit(None), Ok(Ticket { per_ip: false }));
+        assert_eq!(a.admit(None), Ok(Ticket { per_ip: false }));
+        assert_eq!(a.open(), 2);
+        assert_eq!(a.admit_address(ip(1)), Ok(Ticket { per_ip: true }));
+        assert_eq!(a.admit_address(ip(1)), Err(Refusal::AddressFull));
+        // The refused connection still holds its place until released.
+        assert_eq!(a.open(), 2);
+        a.release(None);
+        a.release(ip(1));
+        assert_eq!(a.open(), 0);
+        assert_eq!(a.admit_address(ip(1)), Ok(Ticket { per_ip: true }));
     }
 
     #[test]

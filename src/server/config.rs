@@ -199,6 +199,10 @@ pub struct Config {
     /// With `tls`: also serve plain ws:// and http:// on this address (one
     /// more worker per core, on its own listener group).
     pub plain_listen: Option<SocketAddr>,
+    /// The main listener's connections start with a PROXY protocol header.
+    pub proxy_protocol: bool,
+    /// The `plain_listen` listener's connections start with one.
+    pub plain_proxy_protocol: bool,
 }
 
 impl Default for Config {
@@ -246,6 +250,8 @@ impl Default for Config {
             tls: None,
             jwt: None,
             plain_listen: None,
+            proxy_protocol: false,
+            plain_proxy_protocol: false,
         }
     }
 }

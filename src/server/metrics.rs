@@ -388,11 +388,25 @@ fn labelled_counters(s: &mut String, workers: &[WorkerStats], stranded: u64) {
         workers,
         (
             "corecast_connections_refused_total",
-            "Connections answered 503 at accept, by the limit they hit.",
+            "Connections answered 503 at accept (or at their PROXY protocol header), by the limit they hit.",
             "limit",
             |w| &w.connections_refused,
         ),
         Refusal::ALL
+            .iter()
+            .map(|r| (r.label().to_string(), r.index())),
+        None,
+    );
+    labelled(
+        s,
+        workers,
+        (
+            "corecast_proxy_refused_total",
+            "Connections refused for their PROXY protocol header (--proxy-protocol), by reason.",
+            "reason",
+            |w| &w.proxy_refused,
+        ),
+        crate::proto::proxy::ProxyError::ALL
             .iter()
             .map(|r| (r.label().to_string(), r.index())),
         None,

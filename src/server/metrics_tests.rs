@@ -48,6 +48,7 @@ fn busy_workers() -> Vec<WorkerStats> {
         set(&w.publishers_throttled);
         w.connections_refused.iter().for_each(&mut set);
         w.origin_refused.iter().for_each(&mut set);
+        w.proxy_refused.iter().for_each(&mut set);
         w.auth_refused.iter().for_each(&mut set);
         set(&w.tokens_expired);
         set(&w.operator_disconnects);

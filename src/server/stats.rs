@@ -116,6 +116,9 @@ pub struct WorkerStats {
     pub publishers_throttled: AtomicU64,
     /// Connections refused at accept, by [`Refusal::index`].
     pub connections_refused: [AtomicU64; Refusal::ALL.len()],
+    /// Connections refused for their PROXY protocol header, by
+    /// [`ProxyError::index`](crate::proto::proxy::ProxyError::index).
+    pub proxy_refused: [AtomicU64; crate::proto::proxy::ProxyError::ALL.len()],
     /// Requests refused 403 for their `Origin`, by [`origin::Refused::index`].
     pub origin_refused: [AtomicU64; origin::Refused::ALL.len()],
     /// Requests (and subscribes) refused for their token, by [`auth::Refusal::index`].
@@ -298,6 +301,10 @@ impl WorkerStats {
 
     pub fn connection_refused(&self, why: Refusal) {
         bump(&self.connections_refused[why.index()]);
+    }
+
+    pub fn proxy_refused(&self, why: crate::proto::proxy::ProxyError) {
+        bump(&self.proxy_refused[why.index()]);
     }
 
     pub fn origin_refused(&self, why: origin::Refused) {

@@ -26,8 +26,9 @@ mod tls;
 use super::Shared;
 use super::backend::{self, Backend, READ_BUF_BYTES, is_resource_exhaustion};
 use super::tls::HANDSHAKE_STEPS_PER_TURN;
-use super::worker::{AfterFlush, Core, Input, IoState};
+use super::worker::{AfterFlush, Core, Header, Input, IoState};
 use crate::proto::outbound::MAX_IOVECS;
+use crate::proto::proxy::MAX_HEADER;
 use crate::pubsub::bus::Inbox;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
@@ -162,6 +163,9 @@ impl Worker {
 
     /// Reads and processes input until `WouldBlock`, the turn budget, or a stop.
     fn read(&mut self, key: usize) {
+        if self.core.conn(key).awaits_proxy() && !self.read_proxy_header(key) {
+            return;
+        }
         if self.tls.contains_key(&key) {
             self.read_tls(key);
             return;
@@ -198,6 +202,58 @@ impl Worker {
             self.core.read_again(key);
         }
         self.core.after_input(key);
+    }
+
+    /// A connection on a PROXY protocol listener, its header not yet
+    /// taken: the header is peeked (the socket keeps the bytes until it is
+    /// whole, so nothing is held here), judged, and then read off alone,
+    /// leaving the client's own bytes to the usual read. `true` when the
+    /// header is gone and reading goes on.
+    fn read_proxy_header(&mut self, key: usize) -> bool {
+        let peeked = loop {
+            match self
+                .core
+                .conn_mut(key)
+                .io_mut()
+                .peek(&mut self.buf[..MAX_HEADER])
+            {
+                Ok(0) => {
+                    self.core.eof(key);
+                    self.core.after_input(key);
+                    return false;
+                }
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    Worker::remove(self, key);
+                    return false;
+                }
+            }
+        };
+        match self.core.proxy_header(key, &self.buf[..peeked]) {
+            // The next segment raises a new edge; the request deadline
+            // bounds a header that never completes.
+            Header::Wait => false,
+            Header::Done(n) => {
+                // The peeked bytes are in the socket: this read takes them.
+                match self.core.conn_mut(key).io_mut().read(&mut self.buf[..n]) {
+                    Ok(got) if got == n => true,
+                    _ => {
+                        Worker::remove(self, key);
+                        false
+                    }
+                }
+            }
+            Header::Refused => {
+                // The answer is plain text, also on the TLS listener.
+                if let Some(s) = self.tls.remove(&key) {
+                    self.core.charge_wire(key, s.charged(), 0);
+                }
+                self.core.after_input(key);
+                false
+            }
+        }
     }
 
     /// In the lingering state: read and drop input until EOF.

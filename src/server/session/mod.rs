@@ -286,6 +286,12 @@ impl Session {
         self.pending.append(data);
     }
 
+    /// Forgets the bytes kept (a PROXY protocol header held whole until it
+    /// was complete, now taken).
+    pub fn clear_pending(&mut self) {
+        self.pending.clear();
+    }
+
     /// Processes `buf` (previous pending bytes followed by new ones).
     pub fn on_input(&mut self, buf: &mut [u8], ctx: &mut Ctx<'_>) -> Next {
         let mut pos = 0;

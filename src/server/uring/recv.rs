@@ -4,7 +4,7 @@ use super::Worker;
 use super::bufring::BGID;
 use super::conn::{Sock, conn_of};
 use super::ring::{Op, on_socket, user_data};
-use crate::server::worker::{Conn, Input, IoState};
+use crate::server::worker::{Conn, Header, Input, IoState};
 use io_uring::{cqueue, opcode};
 use tracing::warn;
 
@@ -62,7 +62,9 @@ impl Worker {
                     // A closing or lingering connection reads nothing more: discarded.
                     if state == IoState::Active {
                         let paused = conn.read_paused();
-                        if self.tls.get(&key).is_some_and(|t| !t.failed()) {
+                        if conn.awaits_proxy() {
+                            self.proxy_received(key, bid, len);
+                        } else if self.tls.get(&key).is_some_and(|t| !t.failed()) {
                             self.tls_received(key, bid, len, paused);
                         } else if paused {
                             // Received before the pause took effect: not
@@ -133,6 +135,38 @@ impl Worker {
             self.scratch.resize(conn.pending_len(), 0);
         }
         conn.restore_pending(&mut self.scratch)
+    }
+
+    /// `len` bytes of receive buffer `bid` for a connection whose PROXY
+    /// protocol header has not been taken: judged with what an earlier
+    /// receive kept (at most [`MAX_HEADER`](crate::proto::proxy::MAX_HEADER)
+    /// bytes), then what follows the header goes to TLS or the core.
+    fn proxy_received(&mut self, key: usize, bid: u16, len: usize) {
+        let kept = self.restore_pending(key);
+        let n = kept + len;
+        if self.scratch.len() < n {
+            self.scratch.resize(n, 0);
+        }
+        self.scratch[kept..n].copy_from_slice(self.bufs.data(bid, len));
+        match self.core.proxy_header(key, &self.scratch[..n]) {
+            Header::Wait => {
+                let data = self.bufs.data(bid, len);
+                self.core.conn_mut(key).hold(data);
+            }
+            Header::Done(h) if self.is_tls(key) => {
+                let rest = self.scratch[h..n].to_vec();
+                self.tls_after_proxy(key, &rest);
+            }
+            Header::Done(h) if h < n => {
+                let verdict = self.core.input(key, &mut self.scratch[h..n]);
+                self.after_core_input(key, verdict);
+            }
+            Header::Done(_) => self.core.after_input(key),
+            Header::Refused => {
+                self.tls_refused(key);
+                self.core.after_input(key);
+            }
+        }
     }
 
     /// Feeds `len` bytes of receive buffer `bid` to the core.

@@ -327,6 +327,26 @@ impl Worker {
         Some(st.wire.is_empty() && !st.conn.wants_write())
     }
 
+    /// The bytes after `key`'s PROXY protocol header: the first of its
+    /// ciphertext.
+    pub(super) fn tls_after_proxy(&mut self, key: usize, cipher: &[u8]) {
+        if let Some(st) = self.tls.get_mut(&key) {
+            st.cipher_in.extend_from_slice(cipher);
+        }
+        self.pump_tls(key);
+    }
+
+    /// `key` was refused before its TLS handshake began (its PROXY protocol
+    /// header): the session is set aside like a failed one, so that the
+    /// plain answer in the queue goes out as it is.
+    pub(super) fn tls_refused(&mut self, key: usize) {
+        if let Some(st) = self.tls.get_mut(&key) {
+            st.failed = true;
+            st.cipher_in = Vec::new();
+        }
+        self.recharge_tls(key);
+    }
+
     /// Drops `key`'s session once its entry is freed, and its charge.
     pub(super) fn drop_tls(&mut self, key: usize) {
         if let Some(st) = self.tls.remove(&key) {

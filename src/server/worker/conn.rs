@@ -28,7 +28,8 @@ pub struct Conn<S> {
     pub(super) charged: u32,
     pub(super) state: IoState,
     /// [`READ_PAUSED`], [`PEER_EOF`], [`DIRTY`], [`PING_PENDING`],
-    /// [`ADMITTED`], [`REQUEST_DONE`], [`PUBLISHED`], [`CONFLATING`], [`RATED`]: bits.
+    /// [`ADMITTED`], [`REQUEST_DONE`], [`PUBLISHED`], [`CONFLATING`], [`RATED`],
+    /// [`AWAIT_PROXY`]: bits.
     flags: u16,
 }
 
@@ -54,6 +55,10 @@ pub(super) const CONFLATING: u16 = 128;
 /// The subscriber asked for a maximum rate per topic (`max_rate`): all its
 /// publications go through its conflation table.
 pub(super) const RATED: u16 = 256;
+/// On a listener that expects a PROXY protocol header, which has not come
+/// yet: counted against the process-wide cap only, until it names the
+/// client.
+pub(super) const AWAIT_PROXY: u16 = 512;
 
 impl<S> Conn<S> {
     /// A connection just accepted at `now_ms`, its request head awaited.
@@ -109,6 +114,13 @@ impl<S> Conn<S> {
     /// Not to be read: paused by backpressure, pacing or throttling.
     pub fn read_paused(&self) -> bool {
         self.flag(READ_PAUSED)
+    }
+
+    /// Its first bytes are a PROXY protocol header still to come: give
+    /// them to [`Core::proxy_header`](super::Core::proxy_header), not to
+    /// TLS or the session.
+    pub fn awaits_proxy(&self) -> bool {
+        self.flag(AWAIT_PROXY)
     }
 
     /// The peer has sent its FIN.

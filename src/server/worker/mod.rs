@@ -19,6 +19,7 @@
 //! | `conn.rs` | [`Conn`]: one connection's entry, and what a backend may reach of it |
 //! | `paged.rs` | `PagedSlab`: the table of entries, grown by pages that never move |
 //! | `delivery.rs` | the fan-out half of a turn: dispatch, the bounded mailbox drain, `push_to`, the shard's budget charge, unthrottling |
+//! | `proxy.rs` | the PROXY protocol header: the client's address, admission by it |
 //! | `deadlines.rs` | the sweep (keepalive, message and send deadlines), the FIFO deadline queues, the next wake-up, the drain |
 
 mod conflation;
@@ -27,6 +28,7 @@ mod deadlines;
 mod delivery;
 mod input;
 mod paged;
+mod proxy;
 use input::recharge;
 
 use super::Shared;
@@ -41,11 +43,12 @@ use crate::pubsub::shard::{ConnRef, Shard};
 use bytes::Bytes;
 pub use conn::Conn;
 use conn::{
-    ADMITTED, CONFLATING, DIRTY, PEER_EOF, PING_PENDING, PUBLISHED, RATED, READ_PAUSED,
-    REQUEST_DONE,
+    ADMITTED, AWAIT_PROXY, CONFLATING, DIRTY, PEER_EOF, PING_PENDING, PUBLISHED, RATED,
+    READ_PAUSED, REQUEST_DONE,
 };
 use deadlines::{ms_after, sweep_period};
 use paged::PagedSlab;
+pub use proxy::Header;
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -353,10 +356,19 @@ impl<S> Core<S> {
         let now_ms = self.now_ms();
         let serial = self.next_serial;
         self.next_serial = self.next_serial.wrapping_add(1);
-        let admitted = self.shared.admission.admit(peer);
+        // Behind a balancer the socket's address is the balancer's: only
+        // the process-wide cap applies until the header names the client.
+        let proxied = self.expects_proxy();
+        let admitted = self
+            .shared
+            .admission
+            .admit(if proxied { None } else { peer });
         let key = self
             .conns
             .insert(Conn::new(io, serial, now_ms, admitted.is_ok()));
+        if proxied && admitted.is_ok() {
+            self.conns[key].set_flag(AWAIT_PROXY, true);
+        }
         if let (Ok(ticket), Some(ip)) = (admitted, peer)
             && ticket.per_ip
         {
