@@ -59,6 +59,9 @@ fn serve(
             return ExitCode::FAILURE;
         }
     };
+    // A worker that fails drains the server by itself: stop waiting.
+    let waiting = signals.handle();
+    server.on_worker_failure(move || waiting.close());
     // SIGHUP reloads (the configuration file, the certificate and key); the
     // first other signal shuts down.
     let signal = signals.forever().find(|&s| {
@@ -85,8 +88,12 @@ fn serve(
             std::process::exit(130);
         }
     });
-    server.join();
+    let clean = server.join();
     handle.close();
+    if !clean {
+        error!("stopped after a worker failed");
+        return ExitCode::FAILURE;
+    }
     info!("stopped");
     ExitCode::SUCCESS
 }

@@ -79,7 +79,16 @@ pub(crate) fn render_metrics(shared: &Shared) -> Bytes {
         .reloads
         .each_ref()
         .map(|r| r.load(std::sync::atomic::Ordering::Relaxed));
-    metrics::render_process(&mut s, shared.tls.as_ref().map(|c| c.not_after()), reloads);
+    let panics = shared
+        .panics
+        .each_ref()
+        .map(|r| r.load(std::sync::atomic::Ordering::Relaxed));
+    metrics::render_process(
+        &mut s,
+        shared.tls.as_ref().map(|c| c.not_after()),
+        reloads,
+        panics,
+    );
     Bytes::from(s)
 }
 

@@ -300,8 +300,13 @@ pub fn render_history(s: &mut String, bytes: usize, entries: usize, retained: us
 }
 
 /// The process-wide figures: the TLS certificate's expiry (with
-/// `--tls-cert`) and the reloads.
-pub fn render_process(s: &mut String, cert_not_after: Option<i64>, reloads: [u64; 2]) {
+/// `--tls-cert`), the reloads and the panics caught.
+pub fn render_process(
+    s: &mut String,
+    cert_not_after: Option<i64>,
+    reloads: [u64; 2],
+    panics: [u64; 2],
+) {
     if let Some(t) = cert_not_after {
         header(
             s,
@@ -323,6 +328,18 @@ pub fn render_process(s: &mut String, cert_not_after: Option<i64>, reloads: [u64
         "corecast_reloads_total{{result=\"failed\"}} {}",
         reloads[1]
     );
+    header(
+        s,
+        "corecast_panics_total",
+        "counter",
+        "Panics caught (bugs): in one connection's input (that connection closed alone), in a worker (the server drained and exits).",
+    );
+    let _ = writeln!(
+        s,
+        "corecast_panics_total{{scope=\"connection\"}} {}",
+        panics[0]
+    );
+    let _ = writeln!(s, "corecast_panics_total{{scope=\"worker\"}} {}", panics[1]);
 }
 
 /// A metric's `# HELP` and `# TYPE` lines.

@@ -32,6 +32,8 @@ pub mod http;
 pub mod listener;
 pub mod metrics;
 pub mod origin;
+#[cfg(test)]
+mod panic_tests;
 pub mod pinning;
 pub mod session;
 #[cfg(test)]
@@ -96,7 +98,22 @@ pub struct Shared {
     revoked: std::sync::Mutex<std::collections::VecDeque<(u64, Instant, Box<str>)>>,
     /// The number of the newest entry of `revoked`.
     pub(crate) revoked_last: std::sync::atomic::AtomicU64,
+    /// Panics caught (`corecast_panics_total{scope}`): in one connection's
+    /// input (that connection closed alone), in a worker (the server
+    /// drains and exits; see [`Shared::worker_failed`]).
+    pub(crate) panics: [std::sync::atomic::AtomicU64; 2],
+    /// Told when a worker fails (`main` ends its wait for signals and
+    /// drains); set once.
+    on_failure: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// In the library's tests: the worker (id + 1) to panic at its next turn.
+    #[cfg(test)]
+    pub(crate) test_panic_worker: std::sync::atomic::AtomicUsize,
 }
+
+/// [`Shared::panics`] index: a connection's input.
+pub(crate) const PANIC_CONNECTION: usize = 0;
+/// [`Shared::panics`] index: a worker's loop.
+pub(crate) const PANIC_WORKER: usize = 1;
 
 /// How long a disconnection request is kept for the workers (each sweeps
 /// at least once a second).
@@ -141,6 +158,32 @@ impl Shared {
             auth: None,
             revoked: Default::default(),
             revoked_last: Default::default(),
+            panics: Default::default(),
+            on_failure: Default::default(),
+            #[cfg(test)]
+            test_panic_worker: Default::default(),
+        }
+    }
+
+    /// Worker `id` panicked outside any one connection's input, and its
+    /// thread is gone with its connections: the shared state it touched
+    /// (mailboxes, the topic directory) may be half-changed, so the server
+    /// does not go on with one worker fewer. Counted, logged, and the
+    /// whole server drains as on SIGTERM (`/healthz` answers `503`
+    /// `draining` at once, 1001 closes spread over the drain window); the
+    /// process then exits with a failure, for its supervisor to restart.
+    pub(crate) fn worker_failed(&self, id: usize) {
+        self.panics[PANIC_WORKER].fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            worker = id,
+            "worker panicked (a bug: please report it with the log); draining and exiting"
+        );
+        self.shutdown.store(true, Ordering::Release);
+        for w in 0..self.bus.workers() {
+            self.bus.wake(w);
+        }
+        if let Some(f) = self.on_failure.get() {
+            f();
         }
     }
 
@@ -658,6 +701,18 @@ impl ServerHandle {
         why
     }
 
+    /// Calls `f` (once) when a worker fails: the server is then draining
+    /// by itself, and whoever waits on it (`main`, on signals) should stop
+    /// waiting and [`Self::join`]. Only the first call's `f` is kept.
+    pub fn on_worker_failure(&self, f: impl Fn() + Send + Sync + 'static) {
+        let _ = self.shared.on_failure.set(Box::new(f));
+    }
+
+    /// Has a worker failed (panicked outside a connection's input)?
+    pub fn worker_failed(&self) -> bool {
+        self.shared.panics[PANIC_WORKER].load(Ordering::Relaxed) > 0
+    }
+
     /// The I/O backend the workers run.
     pub fn backend(&self) -> Backend {
         self.backend
@@ -691,9 +746,11 @@ impl ServerHandle {
         // answers 503 `draining`); `join` stops it.
     }
 
-    /// Waits for every worker to exit.
-    pub fn join(mut self) {
+    /// Waits for every worker to exit; `false` when one failed (see
+    /// [`Self::on_worker_failure`]).
+    pub fn join(mut self) -> bool {
         self.join_workers();
+        !self.worker_failed()
     }
 
     fn join_workers(&mut self) {

@@ -102,9 +102,16 @@ impl Worker {
 
     /// Runs the event loop until shutdown has drained every connection.
     pub(super) fn run(mut self) {
-        info!(worker = self.core.id(), "worker started (epoll)");
-        backend::run(&mut self);
-        info!(worker = self.core.id(), "worker stopped");
+        let id = self.core.id();
+        info!(worker = id, "worker started (epoll)");
+        let run =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| backend::run(&mut self)));
+        if run.is_err() {
+            // Its sockets close as the worker is dropped.
+            self.core.shared().worker_failed(id);
+            return;
+        }
+        info!(worker = id, "worker stopped");
     }
 
     fn accept(&mut self) {

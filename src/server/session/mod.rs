@@ -146,6 +146,11 @@ pub enum Push {
     Conflate,
 }
 
+/// Input that panics the session, in the library's own tests only (the
+/// worker's containment of a bug is tested with it).
+#[cfg(test)]
+pub(crate) const TEST_PANIC: &[u8] = b"\xffPANIC";
+
 /// One connection's state. No heap when idle, apart from its subscriptions;
 /// 64 bytes (one per connection: idle memory, docs/BENCHMARKS.md).
 #[derive(Debug)]
@@ -294,6 +299,10 @@ impl Session {
 
     /// Processes `buf` (previous pending bytes followed by new ones).
     pub fn on_input(&mut self, buf: &mut [u8], ctx: &mut Ctx<'_>) -> Next {
+        #[cfg(test)]
+        if buf.starts_with(TEST_PANIC) {
+            panic!("a panic injected by a test");
+        }
         let mut pos = 0;
         loop {
             match &mut self.phase {

@@ -108,9 +108,26 @@ impl Worker {
 
     /// Runs the event loop until shutdown has drained every connection.
     pub(in crate::server) fn run(mut self) {
-        info!(worker = self.core.id(), "worker started (io_uring)");
-        backend::run(&mut self);
-        info!(worker = self.core.id(), "worker stopped");
+        let id = self.core.id();
+        info!(worker = id, "worker started (io_uring)");
+        let run =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| backend::run(&mut self)));
+        if run.is_err() {
+            self.core.shared().worker_failed(id);
+            // Never unwind past memory the kernel may hold: the orderly
+            // exit cancels and waits (leaking what is still held); if that
+            // fails too, everything is leaked, never freed under the
+            // kernel. The process is draining and exits.
+            let exit = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.close_all_and_wait()
+            }));
+            if exit.is_err() {
+                tracing::error!(worker = id, "exit after the panic failed; leaking the ring");
+                std::mem::forget(self);
+            }
+            return;
+        }
+        info!(worker = id, "worker stopped");
     }
 
     /// Handles every completion available.

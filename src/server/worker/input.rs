@@ -113,7 +113,17 @@ impl<S> Core<S> {
         };
         // The grant held before, to store only one the session changed.
         let held = ctx.grant.as_ref().map(Arc::as_ptr);
-        let next = conn.session.on_input(buf, &mut ctx);
+        // A bug in what a client's bytes reach (the request, frames,
+        // control messages, tokens) costs that connection, not the worker.
+        let next = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            conn.session.on_input(buf, &mut ctx)
+        })) {
+            Ok(next) => next,
+            Err(_) => {
+                drop(ctx);
+                return self.input_panicked(key);
+            }
+        };
         if ctx.published {
             conn.set_flag(PUBLISHED, true);
         }
@@ -179,6 +189,27 @@ impl<S> Core<S> {
             return Input::Stop;
         }
         Input::More
+    }
+
+    /// `key`'s input panicked (a bug): counted and logged, and the
+    /// connection is closed alone, with `1011` on a WebSocket or `500` in
+    /// HTTP; its subscriptions go with it as on any close.
+    #[cold]
+    fn input_panicked(&mut self, key: usize) -> Input {
+        self.shared.panics[crate::server::PANIC_CONNECTION].fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            worker = self.id,
+            "a connection's input panicked (a bug: please report it with the log); closing that connection"
+        );
+        let last_words: &[u8] = if self.conns[key].session.is_websocket() {
+            // Close, 2 bytes: 1011 (internal error).
+            &[0x88, 0x02, 0x03, 0xf3]
+        } else {
+            b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 15\r\nConnection: close\r\n\r\ninternal error\n"
+        };
+        self.fail_wire(key, last_words);
+        self.recharge(key);
+        Input::Stop
     }
 
     /// The peer sent FIN.

@@ -318,6 +318,15 @@ impl<S> Core<S> {
     /// the next call uses it (the core reads no clock of its own).
     pub fn begin_turn(&mut self, now: Instant) {
         self.now = now;
+        #[cfg(test)]
+        if self
+            .shared
+            .test_panic_worker
+            .compare_exchange(self.id + 1, 0, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            panic!("a worker panic injected by a test");
+        }
     }
 
     /// Whether tokens are on, so that [`Self::set_wall_clock`] matters.
