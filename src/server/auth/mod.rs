@@ -1,15 +1,19 @@
 //! Who may subscribe and publish: JSON Web Tokens, checked at the upgrade
 //! (and at `POST`/`DELETE /publish`) against the keys of `--jwt-key` and
-//! `--jwks`. Sans-IO: the keys are read once (start, reload); a check
-//! takes the token and the wall-clock time from its caller and answers a
-//! [`Grant`] or a [`Refusal`].
+//! `--jwks`. Sans-IO: the key files are read once (start, reload), a
+//! JWKS URL's body is handed in by the fetcher ([`Verifier::with_jwks`]);
+//! a check takes the token and the wall-clock time from its caller and
+//! answers a [`Grant`] or a [`Refusal`].
 //!
 //! - **Keys.** Each key verifies one algorithm, fixed when it is loaded
 //!   (`--jwt-key [KID@]ALG=FILE`, or a JWKS key's own `alg`): a token whose
 //!   header names another algorithm is not verified by it, so the header
 //!   alone never chooses (no `none`, no HMAC with a public key). A token
 //!   with a `kid` is checked by the keys of that id only; without one, by
-//!   every key of its algorithm.
+//!   every key of its algorithm. A `kid` no key has is refused as
+//!   [`Refusal::UnknownKey`] (the caller may ask for the set again); while
+//!   a JWKS URL has not answered yet, a token it may hold the key of is
+//!   refused as [`Refusal::KeysUnavailable`].
 //! - **Claims.** `exp` is required; `exp`, `nbf` and `iat` are compared
 //!   with the time given, with `--jwt-leeway` of slack; `aud` and `iss`,
 //!   when `--jwt-audience`/`--jwt-issuer` are set, must name one of them.
@@ -26,10 +30,10 @@ mod keys;
 mod tests;
 
 use crate::pubsub::{pattern, topic};
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-pub use keys::parse_key_spec;
+pub use keys::{JwksSource, MAX_KEY_BYTES, parse_jwks, parse_key_spec};
+use keys::{Key, Validations};
 use serde::Deserialize;
-use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Most rights of one kind a token may carry (each check is linear in them).
@@ -46,7 +50,7 @@ pub const MAX_KEYS_WITHOUT_KID: usize = 4;
 pub enum Refusal {
     /// No token, where one is needed.
     Missing,
-    /// Not a JWT, a bad signature, an unknown key or algorithm, a wrong
+    /// Not a JWT, a bad signature, an algorithm no key has, a wrong
     /// audience or issuer, no `exp`, a malformed right.
     Invalid,
     /// Past its `exp` (and the leeway).
@@ -55,16 +59,25 @@ pub enum Refusal {
     NotYetValid,
     /// A valid token without the right asked for.
     Forbidden,
+    /// A `kid` no key in force has (with a JWKS URL, the fetcher is asked
+    /// for the set again).
+    UnknownKey,
+    /// The keys of the JWKS URL have not been fetched yet (unreachable
+    /// since the start, or since a reload named another URL), and the
+    /// token may be signed by one of them.
+    KeysUnavailable,
 }
 
 impl Refusal {
     /// Every reason, in label order (metrics iterate it).
-    pub const ALL: [Refusal; 5] = [
+    pub const ALL: [Refusal; 7] = [
         Self::Missing,
         Self::Invalid,
         Self::Expired,
         Self::NotYetValid,
         Self::Forbidden,
+        Self::UnknownKey,
+        Self::KeysUnavailable,
     ];
 
     /// Position in [`Refusal::ALL`].
@@ -80,6 +93,8 @@ impl Refusal {
             Self::Expired => "expired",
             Self::NotYetValid => "not_yet_valid",
             Self::Forbidden => "forbidden",
+            Self::UnknownKey => "unknown_key",
+            Self::KeysUnavailable => "keys_unavailable",
         }
     }
 
@@ -91,6 +106,8 @@ impl Refusal {
             Self::Expired => "token expired",
             Self::NotYetValid => "token not yet valid",
             Self::Forbidden => "the token grants no right to this topic",
+            Self::UnknownKey => "token key unknown (no key has its kid)",
+            Self::KeysUnavailable => "token keys not loaded yet (the JWKS URL has not answered)",
         }
     }
 
@@ -105,7 +122,9 @@ impl Refusal {
 pub struct JwtSettings {
     /// `[KID@]ALG=FILE`, as given.
     pub keys: Vec<String>,
-    pub jwks: Option<PathBuf>,
+    /// `--jwks`: a file or a URL; its keys are used beside those of
+    /// `keys`.
+    pub jwks: Option<JwksSource>,
     pub audience: Vec<String>,
     pub issuer: Vec<String>,
     pub leeway: Duration,
@@ -140,26 +159,33 @@ impl Grant {
     }
 }
 
-struct Key {
-    kid: Option<String>,
-    alg: Algorithm,
-    key: DecodingKey,
-    /// What a token must pass besides the times: its algorithm, and the
-    /// audience and issuer when set (made once, at load).
-    validation: Validation,
-}
-
 /// The keys in force and the claim rules.
 pub struct Verifier {
-    keys: Vec<Key>,
+    /// The keys of `--jwt-key` and of a JWKS file.
+    local: Arc<[Key]>,
+    /// The keys of a JWKS URL.
+    remote: Remote,
+    /// What a token must pass besides the times, by algorithm.
+    validations: Arc<Validations>,
     leeway: u64,
     anonymous_subscribe: bool,
+}
+
+/// The keys of a JWKS URL, as far as the fetcher has got.
+enum Remote {
+    /// `--jwks` is not a URL.
+    None,
+    /// Not fetched yet.
+    Pending(Box<str>),
+    /// The set last fetched from the URL: a fetch that fails keeps it.
+    Fetched(Box<str>, Arc<[Key]>),
 }
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Verifier")
-            .field("keys", &self.keys.len())
+            .field("keys", &self.local.len())
+            .field("fetched", &self.fetched_keys())
             .field("leeway", &self.leeway)
             .finish()
     }
@@ -184,27 +210,85 @@ struct Rights {
 }
 
 impl Verifier {
-    /// Reads the keys `settings` names; a key that cannot be read or used
-    /// fails the whole load, naming its file.
+    /// Reads the key files `settings` names; a key that cannot be read or
+    /// used fails the whole load, naming its file. A JWKS URL is not
+    /// fetched here: its keys are pending until [`Self::with_jwks`] (or
+    /// [`Self::keeping_fetched`]) hands them in; with a URL, no other key
+    /// is needed.
     pub fn load(settings: &JwtSettings) -> Result<Self, String> {
-        let keys = keys::read(settings)?;
-        if keys.is_empty() {
-            return Err("--jwks: no key".into());
-        }
-        let keys = keys
-            .into_iter()
-            .map(|(kid, alg, key)| Key {
-                kid,
-                alg,
-                key,
-                validation: keys::validation(settings, alg),
-            })
-            .collect();
+        let local = keys::read_local(settings)?;
+        let remote = match settings.jwks.as_ref().and_then(JwksSource::url) {
+            Some(url) => Remote::Pending(url.into()),
+            None if local.is_empty() => return Err("--jwks: no key".into()),
+            None => Remote::None,
+        };
         Ok(Self {
-            keys,
+            local: local.into(),
+            remote,
+            validations: Arc::new(Validations::new(settings)),
             leeway: settings.leeway.as_secs(),
             anonymous_subscribe: settings.anonymous_subscribe,
         })
+    }
+
+    /// The JWKS URL whose keys this verifier uses, if `--jwks` is one.
+    pub fn jwks_url(&self) -> Option<&str> {
+        match &self.remote {
+            Remote::None => None,
+            Remote::Pending(url) | Remote::Fetched(url, _) => Some(url),
+        }
+    }
+
+    /// How many keys came from the JWKS URL; `None` before the first
+    /// fetch (and without a URL).
+    pub fn fetched_keys(&self) -> Option<usize> {
+        match &self.remote {
+            Remote::Fetched(_, keys) => Some(keys.len()),
+            _ => None,
+        }
+    }
+
+    /// This verifier with the keys of `body`, the JWKS its URL answered,
+    /// in place of those fetched before; all or nothing, with the checks
+    /// of a JWKS file (see [`keys::jwks`]); an empty set is refused when
+    /// there is no other key.
+    pub fn with_jwks(&self, body: &[u8]) -> Result<Self, String> {
+        let Some(url) = self.jwks_url() else {
+            return Err("--jwks is not a URL".into());
+        };
+        let fetched = keys::jwks(body)?;
+        if fetched.is_empty() && self.local.is_empty() {
+            return Err("no key".into());
+        }
+        Ok(Self {
+            local: Arc::clone(&self.local),
+            remote: Remote::Fetched(url.into(), fetched.into()),
+            validations: Arc::clone(&self.validations),
+            leeway: self.leeway,
+            anonymous_subscribe: self.anonymous_subscribe,
+        })
+    }
+
+    /// This verifier, just loaded, with the keys `old` fetched when both
+    /// name the same URL: a reload reads the files again and asks for a
+    /// fetch, but does not drop the set in force meanwhile. A reload that
+    /// names another URL starts without its keys.
+    pub fn keeping_fetched(mut self, old: &Verifier) -> Self {
+        if let (Remote::Pending(url), Remote::Fetched(old_url, keys)) = (&self.remote, &old.remote)
+            && url == old_url
+        {
+            self.remote = Remote::Fetched(url.clone(), Arc::clone(keys));
+        }
+        self
+    }
+
+    /// Every key in force: the files', then the URL's.
+    fn keys(&self) -> impl Iterator<Item = &Key> {
+        let fetched: &[Key] = match &self.remote {
+            Remote::Fetched(_, keys) => keys,
+            _ => &[],
+        };
+        self.local.iter().chain(fetched)
     }
 
     /// Whether a subscriber without a token may subscribe.
@@ -224,7 +308,17 @@ impl Verifier {
             return Err(Refusal::Invalid);
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| Refusal::Invalid)?;
-        let candidates = self.keys.iter().filter(|k| {
+        let pending = matches!(self.remote, Remote::Pending(_));
+        if let Some(kid) = &header.kid
+            && !self.keys().any(|k| k.kid.as_deref() == Some(kid.as_str()))
+        {
+            return Err(if pending {
+                Refusal::KeysUnavailable
+            } else {
+                Refusal::UnknownKey
+            });
+        }
+        let candidates = self.keys().filter(|k| {
             k.alg == header.alg
                 && match &header.kid {
                     Some(kid) => k.kid.as_deref() == Some(kid.as_str()),
@@ -235,12 +329,18 @@ impl Verifier {
         // Keys of one id are few by construction; without an id, at most
         // a handful are tried (past that, tokens must name their key).
         for k in candidates.take(MAX_KEYS_WITHOUT_KID) {
-            if let Ok(data) = jsonwebtoken::decode::<Claims>(token, &k.key, &k.validation) {
+            let validation = self.validations.get(k.alg);
+            if let Ok(data) = jsonwebtoken::decode::<Claims>(token, &k.key, validation) {
                 claims = Some(data.claims);
                 break;
             }
         }
-        let claims = claims.ok_or(Refusal::Invalid)?;
+        let claims = claims.ok_or(if pending && header.kid.is_none() {
+            // It may be signed by a key of the set not fetched yet.
+            Refusal::KeysUnavailable
+        } else {
+            Refusal::Invalid
+        })?;
         let leeway = self.leeway as f64;
         let now_f = now as f64;
         let exp = claims.exp.ok_or(Refusal::Invalid)?;

@@ -1,7 +1,7 @@
 //! The token checks, on keys made at test time.
 
 use super::*;
-use jsonwebtoken::{EncodingKey, Header, encode};
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::json;
 
 const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
@@ -119,7 +119,7 @@ fn the_header_cannot_choose_another_algorithm_or_key() {
     let mut h = Header::new(Algorithm::HS256);
     h.kid = Some("other".into());
     let t = encode(&h, &claims, &EncodingKey::from_secret(SECRET)).unwrap();
-    assert_eq!(v.verify(&t, NOW), Err(Refusal::Invalid));
+    assert_eq!(v.verify(&t, NOW), Err(Refusal::UnknownKey));
     // Another secret.
     let t = encode(
         &Header::new(Algorithm::HS256),
@@ -223,7 +223,7 @@ fn ec_keys_from_a_pem_file_or_a_jwks_each_verify_their_own_tokens() {
     }]});
     let jwks = secret_file("keys.json", jwks.to_string().as_bytes());
     let mut s = settings(vec![format!("k1@ES256={pem}")]);
-    s.jwks = Some(jwks.into());
+    s.jwks = Some(JwksSource::File(jwks.into()));
     let v = Verifier::load(&s).unwrap();
     let sign = |kp: &rcgen::KeyPair, kid: Option<&str>| {
         let mut h = Header::new(Algorithm::ES256);
@@ -253,7 +253,7 @@ fn ec_keys_from_a_pem_file_or_a_jwks_each_verify_their_own_tokens() {
     // A JWKS key without "alg" is refused at load.
     let loose = secret_file("loose.json", br#"{"keys":[{"kty":"oct","k":"c2VjcmV0"}]}"#);
     let mut s = settings(Vec::new());
-    s.jwks = Some(loose.clone().into());
+    s.jwks = Some(JwksSource::File(loose.clone().into()));
     let e = Verifier::load(&s).unwrap_err();
     assert!(e.contains("no \"alg\"") && e.contains(&loose), "{e}");
 }
@@ -277,4 +277,209 @@ fn tokens_come_from_the_bearer_header_or_the_query() {
         assert_eq!(token_of(Some(hostile), None), None, "{hostile:?}");
     }
     assert_eq!(token_of(Some(b"Bearer \xC3\xA9"), None), Some("\u{e9}"));
+}
+
+/// A JWKS of HMAC secrets, `(kid, secret)`.
+fn hmac_jwks(keys: &[(&str, &[u8])]) -> Vec<u8> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let keys: Vec<_> = keys
+        .iter()
+        .map(|(kid, secret)| json!({"kty": "oct", "alg": "HS256", "kid": kid, "k": b64.encode(secret)}))
+        .collect();
+    json!({ "keys": keys }).to_string().into_bytes()
+}
+
+fn signed_with(kid: Option<&str>, secret: &[u8]) -> String {
+    let mut h = Header::new(Algorithm::HS256);
+    h.kid = kid.map(str::to_string);
+    encode(
+        &h,
+        &json!({"exp": NOW + 60}),
+        &EncodingKey::from_secret(secret),
+    )
+    .unwrap()
+}
+
+const OTHER: &[u8] = b"another secret of 32 bytes or so";
+
+fn url_settings(url: &str) -> JwtSettings {
+    let mut s = settings(Vec::new());
+    s.jwks = Some(parse_jwks(url).unwrap());
+    s
+}
+
+#[test]
+fn jwks_values_are_urls_of_http_or_https_else_paths() {
+    for url in [
+        "http://127.0.0.1:8080/jwks.json",
+        "https://auth.example/.well-known/jwks.json",
+        "HTTPS://auth.example",
+        "http://[::1]:9/k?x=1",
+    ] {
+        assert_eq!(parse_jwks(url), Ok(JwksSource::Url(url.into())), "{url}");
+    }
+    assert_eq!(
+        parse_jwks("/etc/corecast/jwks.json"),
+        Ok(JwksSource::File("/etc/corecast/jwks.json".into()))
+    );
+    assert_eq!(
+        parse_jwks("keys.json"),
+        Ok(JwksSource::File("keys.json".into()))
+    );
+    for bad in [
+        "",
+        "file:///etc/jwks.json",
+        "ftp://host/jwks",
+        "http://",
+        "https:///jwks.json",
+        "http://user:pw@host/jwks",
+        "http://host name/jwks",
+    ] {
+        assert!(parse_jwks(bad).is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn a_jwks_url_not_fetched_yet_refuses_as_unavailable_then_its_keys_verify() {
+    let pending = Verifier::load(&url_settings("http://127.0.0.1:9/jwks")).unwrap();
+    assert_eq!(pending.jwks_url(), Some("http://127.0.0.1:9/jwks"));
+    assert_eq!(pending.fetched_keys(), None);
+    assert_eq!(
+        pending.verify(&signed_with(Some("a"), SECRET), NOW),
+        Err(Refusal::KeysUnavailable)
+    );
+    assert_eq!(
+        pending.verify(&signed_with(None, SECRET), NOW),
+        Err(Refusal::KeysUnavailable),
+        "no kid: it may be any key of the set"
+    );
+    assert_eq!(
+        pending.verify("not.a.token", NOW),
+        Err(Refusal::Invalid),
+        "what is no JWT is invalid whatever the keys"
+    );
+
+    let v = pending
+        .with_jwks(&hmac_jwks(&[("a", SECRET), ("b", OTHER)]))
+        .unwrap();
+    assert_eq!(v.fetched_keys(), Some(2));
+    assert!(v.verify(&signed_with(Some("a"), SECRET), NOW).is_ok());
+    assert!(v.verify(&signed_with(Some("b"), OTHER), NOW).is_ok());
+    assert!(v.verify(&signed_with(None, OTHER), NOW).is_ok());
+    assert_eq!(
+        v.verify(&signed_with(Some("c"), SECRET), NOW),
+        Err(Refusal::UnknownKey)
+    );
+    assert_eq!(
+        v.verify(&signed_with(Some("a"), OTHER), NOW),
+        Err(Refusal::Invalid),
+        "a known kid, a wrong signature"
+    );
+
+    // A rotation: the new set replaces the old one whole.
+    let rotated = v.with_jwks(&hmac_jwks(&[("b", OTHER)])).unwrap();
+    assert_eq!(
+        rotated.verify(&signed_with(Some("a"), SECRET), NOW),
+        Err(Refusal::UnknownKey)
+    );
+    assert!(rotated.verify(&signed_with(Some("b"), OTHER), NOW).is_ok());
+}
+
+#[test]
+fn a_fetched_set_that_does_not_pass_the_jwks_file_rules_is_refused_whole() {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let v = Verifier::load(&url_settings("https://auth.example/jwks")).unwrap();
+    let too_many: Vec<_> = (0..=64).map(|i| format!("k{i}")).collect();
+    let too_many: Vec<(&str, &[u8])> = too_many.iter().map(|k| (k.as_str(), SECRET)).collect();
+    let mut oversized = hmac_jwks(&[("a", SECRET)]);
+    oversized.extend(std::iter::repeat_n(b' ', MAX_KEY_BYTES as usize));
+    for (body, why) in [
+        (b"<html>not found</html>".to_vec(), "expected value"),
+        (
+            br#"{"keys": [{"kty": "oct", "k": "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0"}]}"#
+                .to_vec(),
+            "no \"alg\"",
+        ),
+        (hmac_jwks(&[("short", b"short")]), "at least 32 bytes"),
+        (hmac_jwks(&too_many), "at most 64"),
+        (oversized, "over 1048576 bytes"),
+        (br#"{"keys": []}"#.to_vec(), "no key"),
+    ] {
+        let e = v.with_jwks(&body).unwrap_err();
+        assert!(e.contains(why), "{why}: {e}");
+    }
+    // An encryption key beside a signature key is left out, not refused.
+    let mixed = json!({"keys": [
+        {"kty": "oct", "alg": "HS256", "kid": "sig", "k": b64.encode(SECRET)},
+        {"kty": "RSA", "use": "enc", "alg": "RSA-OAEP", "kid": "enc", "n": "AQAB", "e": "AQAB"},
+    ]});
+    let v = v.with_jwks(mixed.to_string().as_bytes()).unwrap();
+    assert_eq!(v.fetched_keys(), Some(1));
+    assert!(v.verify(&signed_with(Some("sig"), SECRET), NOW).is_ok());
+}
+
+#[test]
+fn a_reload_keeps_the_fetched_set_of_the_same_url_only_and_its_rules_apply_to_it() {
+    let url = "http://127.0.0.1:9/jwks";
+    let fetched = Verifier::load(&url_settings(url))
+        .unwrap()
+        .with_jwks(&hmac_jwks(&[("a", SECRET)]))
+        .unwrap();
+    // The same URL, a new audience: the keys stay, the new rule holds.
+    let mut s = url_settings(url);
+    s.audience = vec!["feeds".into()];
+    let reloaded = Verifier::load(&s).unwrap().keeping_fetched(&fetched);
+    assert_eq!(reloaded.fetched_keys(), Some(1));
+    let mut h = Header::new(Algorithm::HS256);
+    h.kid = Some("a".into());
+    let for_feeds = |aud: &str| {
+        encode(
+            &h,
+            &json!({"exp": NOW + 60, "aud": aud}),
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap()
+    };
+    assert!(reloaded.verify(&for_feeds("feeds"), NOW).is_ok());
+    assert_eq!(
+        reloaded.verify(&for_feeds("other"), NOW),
+        Err(Refusal::Invalid)
+    );
+    // Another URL: its keys are not those of the old one.
+    let moved = Verifier::load(&url_settings("http://127.0.0.1:9/other"))
+        .unwrap()
+        .keeping_fetched(&fetched);
+    assert_eq!(moved.fetched_keys(), None);
+    assert_eq!(
+        moved.verify(&signed_with(Some("a"), SECRET), NOW),
+        Err(Refusal::KeysUnavailable)
+    );
+    // A file-based verifier has no URL to take keys for.
+    assert!(hs256().with_jwks(&hmac_jwks(&[("a", SECRET)])).is_err());
+}
+
+#[test]
+fn keys_of_a_file_and_of_a_url_are_used_together() {
+    let path = secret_file("hs-and-url", SECRET);
+    let mut s = url_settings("http://127.0.0.1:9/jwks");
+    s.keys = vec![format!("local@HS256={path}")];
+    let v = Verifier::load(&s).unwrap();
+    assert!(
+        v.verify(&signed_with(Some("local"), SECRET), NOW).is_ok(),
+        "the file's key works before the first fetch"
+    );
+    assert_eq!(
+        v.verify(&signed_with(Some("remote"), OTHER), NOW),
+        Err(Refusal::KeysUnavailable)
+    );
+    let v = v.with_jwks(&hmac_jwks(&[("remote", OTHER)])).unwrap();
+    assert!(v.verify(&signed_with(Some("local"), SECRET), NOW).is_ok());
+    assert!(v.verify(&signed_with(Some("remote"), OTHER), NOW).is_ok());
+    // With a key of its own, an empty fetched set is taken.
+    assert_eq!(
+        v.with_jwks(br#"{"keys": []}"#).unwrap().fetched_keys(),
+        Some(0)
+    );
 }
