@@ -80,6 +80,9 @@ pub(crate) fn render_metrics(shared: &Shared) -> Bytes {
         .each_ref()
         .map(|r| r.load(std::sync::atomic::Ordering::Relaxed));
     metrics::render_process(&mut s, shared.tls.as_ref().map(|c| c.not_after()), reloads);
+    if shared.auth.is_some() {
+        metrics::render_jwks(&mut s, shared.jwks.fetches(), shared.jwks.last_ok_s());
+    }
     Bytes::from(s)
 }
 
