@@ -250,7 +250,7 @@ impl Verifier {
 
     /// This verifier with the keys of `body`, the JWKS its URL answered,
     /// in place of those fetched before; all or nothing, with the checks
-    /// of a JWKS file (see [`keys::jwks`]); an empty set is refused when
+    /// of a JWKS file (`keys::jwks`); an empty set is refused when
     /// there is no other key.
     pub fn with_jwks(&self, body: &[u8]) -> Result<Self, String> {
         let Some(url) = self.jwks_url() else {

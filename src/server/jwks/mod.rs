@@ -11,14 +11,14 @@
 //!   met a token naming a `kid` no key has (at most once per
 //!   [`UNKNOWN_KID_INTERVAL`]), and at once on a reload.
 //! - **Asking without waiting.** A worker that refuses a token as
-//!   `unknown_key` or `keys_unavailable` calls [`Jwks::want`]: it sets a
+//!   `unknown_key` or `keys_unavailable` calls `Jwks::want`: it sets a
 //!   flag and unparks the thread only if the flag was clear. The flag
 //!   stays set until a fetch begins, so a flood of unknown `kid`s costs a
 //!   worker one atomic load per token and wakes the thread once.
 //! - **Replacing the keys.** A fetched body becomes a new verifier
 //!   ([`Verifier::with_jwks`]: all or nothing, the checks of a JWKS file)
 //!   swapped into `Shared::auth` the way a reload swaps one, both under
-//!   [`Jwks::lock_update`], so neither undoes the other. A failed fetch
+//!   `Jwks::lock_update`, so neither undoes the other. A failed fetch
 //!   changes nothing; it is logged (once per kind of failure in a row)
 //!   and counted in `corecast_jwks_fetches_total{result="error"}`.
 //!
