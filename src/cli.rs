@@ -193,10 +193,15 @@ pub struct ServeArgs {
     #[arg(long = "jwt-key", value_name = "[KID@]ALG=FILE", value_parser = crate::server::auth::parse_key_spec)]
     pub jwt_keys: Vec<String>,
 
-    /// A JSON Web Key Set file of token keys; each key must name its
-    /// `alg` (and may name a `kid`).
-    #[arg(long, value_name = "FILE")]
-    pub jwks: Option<PathBuf>,
+    /// A JSON Web Key Set of token keys, each naming its `alg` (and maybe
+    /// a `kid`): a file, or an `http://` or `https://` URL, which a
+    /// background thread fetches at start, every 10 minutes, when a token
+    /// names a `kid` the set lacks (at most once per 30 s) and at each
+    /// reload; a failed fetch keeps the keys in force. `https` trusts the
+    /// system's roots (`SSL_CERT_FILE`, `SSL_CERT_DIR`). Beside
+    /// `--jwt-key`, both sets of keys are used (README "Tokens").
+    #[arg(long, value_name = "FILE|URL", value_parser = crate::server::auth::parse_jwks)]
+    pub jwks: Option<crate::server::auth::JwksSource>,
 
     /// Tokens must name this audience (`aud`; repeat for several).
     #[arg(long = "jwt-audience", value_name = "AUD")]

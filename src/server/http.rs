@@ -89,6 +89,9 @@ pub(crate) fn render_metrics(shared: &Shared) -> Bytes {
         reloads,
         panics,
     );
+    if shared.auth.is_some() {
+        metrics::render_jwks(&mut s, shared.jwks.fetches(), shared.jwks.last_ok_s());
+    }
     Bytes::from(s)
 }
 

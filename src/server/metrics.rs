@@ -342,6 +342,27 @@ pub fn render_process(
     let _ = writeln!(s, "corecast_panics_total{{scope=\"worker\"}} {}", panics[1]);
 }
 
+/// The JWKS fetcher's figures (with tokens on): fetches by result, and
+/// when the last one succeeded.
+pub fn render_jwks(s: &mut String, fetches: [u64; 2], last_ok_s: u64) {
+    header(
+        s,
+        "corecast_jwks_fetches_total",
+        "counter",
+        "Fetches of the --jwks URL, by result; an error (unreachable, timeout, not 200, over 1 MiB, not a valid key set) kept the keys in force.",
+    );
+    for (result, n) in ["ok", "error"].iter().zip(fetches) {
+        let _ = writeln!(s, "corecast_jwks_fetches_total{{result=\"{result}\"}} {n}");
+    }
+    header(
+        s,
+        "corecast_jwks_last_success_seconds",
+        "gauge",
+        "When a fetch of the --jwks URL last succeeded, in seconds since the Unix epoch (0: never).",
+    );
+    let _ = writeln!(s, "corecast_jwks_last_success_seconds {last_ok_s}");
+}
+
 /// A metric's `# HELP` and `# TYPE` lines.
 fn header(s: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");

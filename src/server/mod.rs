@@ -21,6 +21,8 @@
 //! | [`metrics`] | Prometheus rendering of the counters |
 //! | [`http`] | plain-HTTP responses and the publisher token check |
 //! | [`admin`] | the optional separate `/metrics` + `/healthz` listener |
+//! | [`auth`] | tokens: the keys, the checks, the refusals |
+//! | [`jwks`] | the thread that fetches a `--jwks` URL's keys |
 
 pub mod admin;
 pub mod admission;
@@ -29,6 +31,7 @@ pub mod backend;
 pub mod config;
 pub mod epoll;
 pub mod http;
+pub mod jwks;
 pub mod listener;
 pub mod metrics;
 pub mod origin;
@@ -92,6 +95,9 @@ pub struct Shared {
     /// was given at start (replaced whole by a reload; never set or unset
     /// by one).
     pub(crate) auth: Option<std::sync::RwLock<Arc<auth::Verifier>>>,
+    /// The JWKS fetcher's requests (from the workers, the reload) and
+    /// counters.
+    pub(crate) jwks: jwks::Jwks,
     /// Subs whose connections the operator asked to close
     /// (`POST /disconnect`), numbered; each worker acts on those past the
     /// number it has seen at its next sweep. Kept [`REVOKED_FOR`].
@@ -156,6 +162,7 @@ impl Shared {
             reloads: Default::default(),
             origins: Default::default(),
             auth: None,
+            jwks: Default::default(),
             revoked: Default::default(),
             revoked_last: Default::default(),
             panics: Default::default(),
@@ -230,6 +237,25 @@ impl Shared {
             .map(|a| Arc::clone(&a.read().unwrap_or_else(|p| p.into_inner())))
     }
 
+    /// Checks `token` at `now` with `verifier` (the one in force). A token
+    /// refused for a key the set lacks, when the keys come from a JWKS
+    /// URL, asks the fetcher for the set again without waiting: the
+    /// request is refused now, a later one may pass.
+    pub(crate) fn verify(
+        &self,
+        verifier: &auth::Verifier,
+        token: &str,
+        now: u64,
+    ) -> Result<auth::Grant, auth::Refusal> {
+        let result = verifier.verify(token, now);
+        if let Err(auth::Refusal::UnknownKey | auth::Refusal::KeysUnavailable) = result
+            && verifier.jwks_url().is_some()
+        {
+            self.jwks.want();
+        }
+        result
+    }
+
     /// The verdict of the origin allow-list in force on a request's
     /// `Origin` header values.
     pub(crate) fn check_origin<'v>(
@@ -252,7 +278,9 @@ impl Shared {
     /// namespace table `namespaces` when given (see
     /// [`Directory::set_policies`]: it applies to existing topics too) and
     /// the origin allow-list `origins` and the token keys `jwt` (with tokens
-    /// on) when given (new requests). A failure keeps the old state.
+    /// on) when given (new requests). A failure keeps the old state. A
+    /// JWKS URL is not fetched here: the set fetched from the same URL
+    /// stays in force and the fetcher is asked for it again at once.
     pub(crate) fn reload(&self, r: Reload) -> Result<(), String> {
         let Reload {
             tls,
@@ -284,7 +312,13 @@ impl Shared {
                 self.set_origins(list);
             }
             if let (Some(current), Some(v)) = (&self.auth, verifier) {
+                let _update = self.jwks.lock_update();
+                let v = v.keeping_fetched(&current.read().unwrap_or_else(|p| p.into_inner()));
+                let url = v.jwks_url().is_some();
                 *current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(v);
+                if url {
+                    self.jwks.fetch_now();
+                }
             }
         });
         self.count_reload(result)
@@ -344,6 +378,8 @@ pub struct ServerHandle {
     shared: Arc<Shared>,
     admin: Option<admin::AdminHandle>,
     threads: Vec<JoinHandle<()>>,
+    /// The JWKS fetcher, with tokens on.
+    fetcher: Option<JoinHandle<()>>,
     backend: Backend,
 }
 
@@ -593,6 +629,11 @@ pub fn start(mut config: Config) -> io::Result<ServerHandle> {
         None => None,
     };
     let admin_addr = admin.as_ref().map(|a| a.local_addr());
+    // A JWKS URL is fetched once before the workers take connections.
+    let fetcher = shared
+        .auth
+        .is_some()
+        .then(|| jwks::Fetcher::first(Arc::clone(&shared)));
     let mut threads = Vec::with_capacity(workers);
     let mut polls = polls.into_iter();
     let mut eventfds = eventfds.into_iter();
@@ -655,6 +696,7 @@ pub fn start(mut config: Config) -> io::Result<ServerHandle> {
             return Err(io::Error::other(format!("io_uring worker setup: {e}")));
         }
     }
+    let fetcher = fetcher.map(jwks::Fetcher::spawn).transpose()?;
     info!(%local_addr, workers = primaries, overflow_workers = tls_workers - primaries, io = backend.name(), pinned = placement.pinned(), tls = shared.tls.is_some(), plain_addr = ?plain_addr, "corecast listening");
     Ok(ServerHandle {
         local_addr,
@@ -663,6 +705,7 @@ pub fn start(mut config: Config) -> io::Result<ServerHandle> {
         shared,
         admin,
         threads,
+        fetcher,
         backend,
     })
 }
@@ -742,6 +785,7 @@ impl ServerHandle {
         for w in 0..self.shared.bus.workers() {
             self.shared.bus.wake(w);
         }
+        self.shared.jwks.wake();
         // The admin listener stays up through the drain (its /healthz
         // answers 503 `draining`); `join` stops it.
     }
@@ -762,6 +806,12 @@ impl ServerHandle {
         if let Some(a) = self.admin.take() {
             a.stop();
             a.join();
+        }
+        // Within a fetch's timeout.
+        if let Some(f) = self.fetcher.take()
+            && f.join().is_err()
+        {
+            warn!("the JWKS fetcher panicked");
         }
     }
 }

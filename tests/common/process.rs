@@ -84,6 +84,15 @@ impl ChildServer {
     /// the child runs under that descriptor limit (set by prlimit(1), which
     /// then execs it: same pid).
     pub fn start(flags: &[&str], nofile: Option<u32>) -> Self {
+        Self::start_full(flags, nofile, &[])
+    }
+
+    /// [`Self::start`] with `env` set in the child's environment.
+    pub fn start_with_env(flags: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_full(flags, None, env)
+    }
+
+    fn start_full(flags: &[&str], nofile: Option<u32>, env: &[(&str, &str)]) -> Self {
         let bin = env!("CARGO_BIN_EXE_corecast");
         let mut cmd = match nofile {
             Some(n) => {
@@ -104,6 +113,7 @@ impl ChildServer {
             io_flag(),
         ])
         .args(flags)
+        .envs(env.iter().copied())
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

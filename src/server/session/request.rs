@@ -104,8 +104,9 @@ pub(super) fn authorize_publish(
     }
     let token = auth::token_of(authorization, req.query)
         .ok_or_else(|| refuse(auth::Refusal::Missing, ctx))?;
-    let grant = verifier
-        .verify(token, ctx.wall_s)
+    let grant = ctx
+        .shared
+        .verify(&verifier, token, ctx.wall_s)
         .map_err(|why| refuse(why, ctx))?;
     topic::validate(name, cfg.max_topic_len).map_err(topic_reject)?;
     if !grant.may_publish(name) {
@@ -134,8 +135,9 @@ fn authorize_subscribe(
             Err(refuse(auth::Refusal::Missing, ctx))
         };
     };
-    let grant = verifier
-        .verify(token, ctx.wall_s)
+    let grant = ctx
+        .shared
+        .verify(&verifier, token, ctx.wall_s)
         .map_err(|why| refuse(why, ctx))?;
     if names.iter().any(|n| !grant.may_subscribe(n)) {
         return Err(refuse(auth::Refusal::Forbidden, ctx));

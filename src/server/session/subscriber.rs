@@ -385,7 +385,7 @@ fn refresh(token: &str, subs: &SubList, ctx: &mut Ctx<'_>) -> (String, Vec<Bytes
             Vec::new(),
         );
     };
-    let grant = match verifier.verify(token, ctx.wall_s) {
+    let grant = match ctx.shared.verify(&verifier, token, ctx.wall_s) {
         Ok(g) => g,
         Err(why) => {
             ctx.stats.auth_refused(why);
