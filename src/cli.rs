@@ -124,7 +124,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = DEFAULT_HISTORY_SIZE, value_name = "N")]
     pub history_size: usize,
 
-    /// Bytes each topic's history may hold (frames plus 256 B each).
+    /// Bytes each topic's history may hold (frames plus 288 B each).
     #[arg(long, default_value_t = DEFAULT_HISTORY_BYTES, value_parser = parse_size, value_name = "BYTES")]
     pub history_bytes: usize,
 

@@ -21,9 +21,11 @@
 //! Every key is checked before the server starts: an unknown key, a value
 //! of the wrong type or one the flag's own parser refuses fails with the
 //! file, the line and the reason. The file is read again on `SIGHUP`
-//! ([`Changes`]): the TLS settings (certificate, key, minimum version)
-//! take effect with the reload, every other change is reported as waiting
-//! for a restart.
+//! ([`Changes`]): the keys [`reloadable`] names (TLS, origins, tokens) and
+//! the `[namespace."…"]` tables take effect with the reload, every other
+//! change is reported as waiting for a restart. [`keys`] and
+//! [`NAMESPACE_KEYS`] list every key a file may hold (deploy/corecast.toml
+//! documents each, checked by tests/deploy.rs).
 
 use crate::cli::Cli;
 use crate::pubsub::policy::NamespacePolicy;
@@ -48,9 +50,44 @@ pub const JWT_KEYS: [&str; 6] = [
     "anonymous-subscribe",
 ];
 
-/// The keys a reload applies (besides the `[namespace."…"]` tables);
-/// every other change waits for a restart.
-fn reloadable(key: &str) -> bool {
+/// The settings a `[namespace."…"]` table accepts: the list the loader
+/// checks every key of a table against (and names in its error).
+pub const NAMESPACE_KEYS: [&str; 8] = [
+    "history-size",
+    "history-bytes",
+    "history-age",
+    "last-value",
+    "slow-consumer",
+    "retained-topics",
+    "max-rate",
+    "anonymous-subscribe",
+];
+
+/// `serve`'s command, whose flags are the file's keys.
+fn serve_command() -> clap::Command {
+    Cli::command()
+        .find_subcommand("serve")
+        .expect("the serve subcommand")
+        .clone()
+}
+
+/// Every key the file accepts at its top level, in `--help` order: the
+/// long names of `serve`'s flags, less `config` (a file cannot name
+/// another). The loader looks each key of a file up in this list.
+pub fn keys() -> Vec<String> {
+    serve_command()
+        .get_arguments()
+        .filter_map(|a| a.get_long())
+        .filter(|&long| long != "config")
+        .map(String::from)
+        .collect()
+}
+
+/// Whether a reload applies a change of `key` (besides the
+/// `[namespace."…"]` tables, which it always applies); every other change
+/// waits for a restart. The TLS keys and the token keys apply only while
+/// TLS, or tokens, stay on (or off) as the server started.
+pub fn reloadable(key: &str) -> bool {
     matches!(
         key,
         "tls-cert" | "tls-key" | "tls-min-version" | "allowed-origin"
@@ -196,8 +233,8 @@ impl ConfigFile {
     }
 
     /// The `[namespace."…"]` tables of a file's text: each a valid topic
-    /// name with `history-size`, `history-bytes`, `history-age` and
-    /// `last-value` (each optional, read by the flag's own parser).
+    /// name with settings of [`NAMESPACE_KEYS`] (each optional, read by
+    /// the flag's own parser).
     fn read_namespaces(text: &str) -> Result<Vec<NamespacePolicy>, (Option<usize>, String)> {
         let table = DeTable::parse(text).map_err(|e| {
             let line = e.span().map(|s| line_of(text, s.start));
@@ -231,6 +268,12 @@ impl ConfigFile {
                 let key = key.get_ref().to_string();
                 let fail =
                     |why: String| (Some(line), format!("`namespace.\"{prefix}\".{key}`: {why}"));
+                if !NAMESPACE_KEYS.contains(&key.as_str()) {
+                    return Err(fail(format!(
+                        "unknown namespace setting ({})",
+                        NAMESPACE_KEYS.join(", ")
+                    )));
+                }
                 let v = scalar(value.get_ref()).map_err(&fail)?;
                 match key.as_str() {
                     "history-size" => {
@@ -275,11 +318,10 @@ impl ConfigFile {
                             crate::pubsub::policy::SlowConsumerPolicy::parse(&v).map_err(&fail)?,
                         )
                     }
-                    _ => {
-                        return Err(fail(
-                            "unknown namespace setting (history-size, history-bytes, history-age, last-value, slow-consumer, retained-topics, max-rate, anonymous-subscribe)"
-                                .into(),
-                        ));
+                    other => {
+                        // Listed in NAMESPACE_KEYS but not read here: the
+                        // unit test `every_namespace_key_is_read` fails first.
+                        return Err(fail(format!("{other}: listed but not read")));
                     }
                 }
             }
@@ -300,10 +342,8 @@ impl ConfigFile {
             (line, format!("not valid TOML: {}", e.message()))
         })?;
         let mut cmd = Cli::command();
-        let serve = cmd
-            .find_subcommand("serve")
-            .expect("the serve subcommand")
-            .clone();
+        let serve = serve_command();
+        let keys = keys();
         let mut settings = Vec::new();
         for (key, value) in table.get_ref().iter() {
             let line = line_of(text, key.span().start);
@@ -315,10 +355,10 @@ impl ConfigFile {
             if key == "config" {
                 return Err(fail("a configuration file cannot name another".into()));
             }
-            let Some(arg) = serve
+            let arg = serve
                 .get_arguments()
-                .find(|a| a.get_long() == Some(key.as_str()))
-            else {
+                .find(|a| a.get_long() == Some(key.as_str()));
+            let Some(arg) = arg.filter(|_| keys.contains(&key)) else {
                 return Err(fail(
                     "unknown setting (the keys are `corecast serve --help`'s flags without `--`)"
                         .into(),
@@ -412,11 +452,7 @@ impl ConfigFile {
 /// conflicts with it either way (`--no-pin` given, `pin` in the file): such
 /// a file key is dropped.
 fn overridden_by(argv: &[OsString]) -> impl Fn(&str) -> bool {
-    let cmd = Cli::command();
-    let serve = cmd
-        .find_subcommand("serve")
-        .expect("the serve subcommand")
-        .clone();
+    let serve = serve_command();
     let given: Vec<String> = argv
         .iter()
         .skip(2)
@@ -693,6 +729,48 @@ mod tests {
         let changes = f.changes(&ConfigFile::read(&path2).unwrap(), &[]);
         assert_eq!(changes.applied, ["namespace"]);
         assert!(changes.need_restart.is_empty(), "{changes:?}");
+    }
+
+    #[test]
+    fn the_keys_are_serves_flags_less_config() {
+        let keys = keys();
+        for k in ["listen", "no-pin", "subprotocol", "tls-cert", "jwt-key"] {
+            assert!(keys.iter().any(|x| x == k), "{k} missing: {keys:?}");
+        }
+        for k in ["config", "help"] {
+            assert!(!keys.iter().any(|x| x == k), "{k} listed: {keys:?}");
+        }
+        assert!(reloadable("tls-cert") && reloadable("jwt-key") && !reloadable("listen"));
+    }
+
+    /// A key listed in `NAMESPACE_KEYS` that the loader does not read
+    /// fails here, not in an operator's file.
+    #[test]
+    fn every_namespace_key_is_read() {
+        let value = |key: &str| match key {
+            "last-value" | "anonymous-subscribe" => "false",
+            "history-bytes" => "\"1KiB\"",
+            "history-age" => "\"1s\"",
+            "slow-consumer" => "\"drop-newest\"",
+            _ => "1",
+        };
+        for key in NAMESPACE_KEYS {
+            let (_d, path) = file(&format!("[namespace.prices]\n{key} = {}\n", value(key)));
+            let f = ConfigFile::read(&path).unwrap_or_else(|e| panic!("{key}: {e}"));
+            let p = &f.namespaces()[0];
+            let read = match key {
+                "history-size" => p.history_size.is_some(),
+                "history-bytes" => p.history_bytes.is_some(),
+                "history-age" => p.history_age.is_some(),
+                "last-value" => p.last_value.is_some(),
+                "slow-consumer" => p.slow_consumer.is_some(),
+                "retained-topics" => p.retained_topics.is_some(),
+                "max-rate" => p.max_rate.is_some(),
+                "anonymous-subscribe" => p.anonymous_subscribe.is_some(),
+                other => panic!("{other}: add it to this test"),
+            };
+            assert!(read, "{key} parsed but not stored");
+        }
     }
 
     #[test]

@@ -272,7 +272,7 @@ pub fn render_history(s: &mut String, bytes: usize, entries: usize, retained: us
         (
             "corecast_history_bytes",
             "gauge",
-            "Bytes all topic histories hold (frames plus 256 B per message).",
+            "Bytes all topic histories hold (frames plus 288 B per message).",
             bytes as u64,
         ),
         (
