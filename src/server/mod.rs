@@ -530,14 +530,71 @@ fn open_file_limit() -> u64 {
     }
 }
 
+/// Why [`start_on`] failed: io_uring workers that could not build their
+/// rings are told apart, for `--io auto` to fall back to epoll.
+enum StartError {
+    Io(io::Error),
+    UringWorkers(io::Error),
+}
+
+impl From<io::Error> for StartError {
+    fn from(e: io::Error) -> Self {
+        Self::Io(e)
+    }
+}
+
+/// What an io_uring setup failure says to whoever reads the log: `ENOMEM`
+/// here is almost always the locked-memory limit, which the kernel charges
+/// each ring (about 1.3 MB per worker on Linux 6.x) to an unprivileged user.
+fn uring_setup_error(e: &io::Error) -> String {
+    if e.raw_os_error() == Some(libc::ENOMEM) {
+        format!(
+            "{e}: io_uring's rings count against the locked-memory limit (RLIMIT_MEMLOCK, `ulimit -l`; systemd LimitMEMLOCK=, see deploy/corecast.service); raise it, or run with --io epoll"
+        )
+    } else {
+        e.to_string()
+    }
+}
+
 /// Starts a server with `config`; returns once every listener is bound.
-pub fn start(mut config: Config) -> io::Result<ServerHandle> {
+///
+/// With `--io auto` (the default), io_uring workers that cannot be set up
+/// (typically an unprivileged user under the usual 8 MiB locked-memory
+/// limit, which a start-up probe's one small ring does not reach) are not
+/// the end: everything started is stopped and the server starts again on
+/// epoll, with a warning that says why. `--io uring` fails instead.
+pub fn start(config: Config) -> io::Result<ServerHandle> {
+    let fallback = (config.io == IoMode::Auto).then(|| config.clone());
+    match start_on(config) {
+        Ok(server) => Ok(server),
+        Err(StartError::Io(e)) => Err(e),
+        Err(StartError::UringWorkers(e)) => match fallback {
+            Some(mut config) => {
+                warn!(
+                    reason = %uring_setup_error(&e),
+                    "io_uring workers could not be set up; using epoll"
+                );
+                config.io = IoMode::Epoll;
+                start_on(config).map_err(|e| match e {
+                    StartError::Io(e) | StartError::UringWorkers(e) => e,
+                })
+            }
+            None => Err(io::Error::new(
+                e.kind(),
+                format!("io_uring worker setup: {}", uring_setup_error(&e)),
+            )),
+        },
+    }
+}
+
+/// [`start`] on the backend `config.io` chooses.
+fn start_on(mut config: Config) -> Result<ServerHandle, StartError> {
     let primaries = config.worker_count();
     if primaries > MAX_WORKERS {
-        return Err(io::Error::new(
+        return Err(StartError::Io(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("at most {MAX_WORKERS} workers are supported"),
-        ));
+        )));
     }
     if config.max_handshake_size > MAX_HANDSHAKE_CAP {
         warn!(
@@ -686,6 +743,8 @@ pub fn start(mut config: Config) -> io::Result<ServerHandle> {
             }
         }
         if let Some(e) = failure {
+            // Everything started goes, its listeners closed, so that a start
+            // on epoll can bind the same addresses.
             shared.shutdown.store(true, Ordering::Release);
             for w in 0..shared.bus.workers() {
                 shared.bus.wake(w);
@@ -693,7 +752,11 @@ pub fn start(mut config: Config) -> io::Result<ServerHandle> {
             for t in threads {
                 let _ = t.join();
             }
-            return Err(io::Error::other(format!("io_uring worker setup: {e}")));
+            if let Some(a) = admin {
+                a.stop();
+                a.join();
+            }
+            return Err(StartError::UringWorkers(e));
         }
     }
     let fetcher = fetcher.map(jwks::Fetcher::spawn).transpose()?;

@@ -84,20 +84,32 @@ impl ChildServer {
     /// the child runs under that descriptor limit (set by prlimit(1), which
     /// then execs it: same pid).
     pub fn start(flags: &[&str], nofile: Option<u32>) -> Self {
-        Self::start_full(flags, nofile, &[])
+        match nofile {
+            Some(n) => {
+                Self::start_full(&["prlimit", &format!("--nofile={n}:{n}"), "--"], flags, &[])
+            }
+            None => Self::start_full(&[], flags, &[]),
+        }
     }
 
     /// [`Self::start`] with `env` set in the child's environment.
     pub fn start_with_env(flags: &[&str], env: &[(&str, &str)]) -> Self {
-        Self::start_full(flags, None, env)
+        Self::start_full(&[], flags, env)
     }
 
-    fn start_full(flags: &[&str], nofile: Option<u32>, env: &[(&str, &str)]) -> Self {
+    /// [`Self::start`] with the binary run by `prefix` (a command that
+    /// execs its last argument: `setpriv …`, `prlimit … --`). `--io` in
+    /// `flags` replaces the backend under test.
+    pub fn start_under(prefix: &[&str], flags: &[&str]) -> Self {
+        Self::start_full(prefix, flags, &[])
+    }
+
+    fn start_full(prefix: &[&str], flags: &[&str], env: &[(&str, &str)]) -> Self {
         let bin = env!("CARGO_BIN_EXE_corecast");
-        let mut cmd = match nofile {
-            Some(n) => {
-                let mut c = Command::new("prlimit");
-                c.arg(format!("--nofile={n}:{n}")).arg("--").arg(bin);
+        let mut cmd = match prefix.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin);
                 c
             }
             None => Command::new(bin),
@@ -109,15 +121,16 @@ impl ChildServer {
             "--admin-listen",
             "127.0.0.1:0",
             "--no-pin",
-            "--io",
-            io_flag(),
-        ])
-        .args(flags)
-        .envs(env.iter().copied())
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        ]);
+        if !flags.contains(&"--io") {
+            cmd.args(["--io", io_flag()]);
+        }
+        cmd.args(flags)
+            .envs(env.iter().copied())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         let mut child = cmd
             .spawn()
             .expect("spawn corecast (with prlimit(1) for a limit)");
@@ -144,7 +157,9 @@ impl ChildServer {
                 log.lock().unwrap_or_else(|p| p.into_inner()).push(line);
             }
         });
-        for _ in 0..2 {
+        // The admin listener is logged before the main one; a start that
+        // falls back to epoll logs a second admin listener, the one in use.
+        while server.addr == unknown {
             match rx.recv_timeout(Duration::from_secs(10)) {
                 Ok((true, Some(a))) => server.admin = a,
                 Ok((false, Some(a))) => server.addr = a,
