@@ -496,21 +496,22 @@ fn worker_threads(backend: Backend, config: &Config, primaries: usize) -> usize 
 /// that use `select`, which nothing here does. It sizes epoll's reach and
 /// each io_uring ring's table.
 fn raise_open_file_limit() {
+    raise_soft_limit(libc::RLIMIT_NOFILE, "open-file limit");
+}
+
+/// Raises a resource's soft limit to its hard limit, and says so.
+fn raise_soft_limit(resource: libc::__rlimit_resource_t, name: &str) {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit writes into the struct we pass; setrlimit reads it.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+        if libc::getrlimit(resource, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
             let from = lim.rlim_cur;
             lim.rlim_cur = lim.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
-                info!(
-                    from,
-                    to = lim.rlim_max,
-                    "open-file limit raised to its hard limit"
-                );
+            if libc::setrlimit(resource, &lim) == 0 {
+                info!(from, to = lim.rlim_max, "{name} raised to its hard limit");
             }
         }
     }
@@ -623,6 +624,11 @@ fn start_on(mut config: Config) -> Result<ServerHandle, StartError> {
     };
     let backend = Backend::choose(config.io)?;
     raise_open_file_limit();
+    if backend == Backend::Uring {
+        // Each worker's ring is charged to it (for a user without
+        // CAP_IPC_LOCK); what the hard limit allows is ours to take.
+        raise_soft_limit(libc::RLIMIT_MEMLOCK, "locked-memory limit");
+    }
     let tls_workers = worker_threads(backend, &config, primaries);
     let (local_addr, listeners) =
         listener::bind_group(config.listen, tls_workers, config.tcp_keepalive)?;
