@@ -79,7 +79,7 @@ pub(super) struct Key {
 }
 
 /// Every algorithm a key may have, in [`Validations`]' order.
-const ALGORITHMS: [Algorithm; 12] = [
+pub(super) const ALGORITHMS: [Algorithm; 12] = [
     Algorithm::HS256,
     Algorithm::HS384,
     Algorithm::HS512,

@@ -483,3 +483,160 @@ fn keys_of_a_file_and_of_a_url_are_used_together() {
         Some(0)
     );
 }
+
+/// One algorithm's key as the server reads it (a secret, or a public key
+/// in PEM) and the key that signs its tokens.
+struct AlgKey {
+    server_file: Vec<u8>,
+    signing: EncodingKey,
+}
+
+/// A fresh key for `alg`: random secrets, and key pairs made with rcgen
+/// (aws-lc-rs), so no key is committed.
+fn fresh_key(alg: Algorithm) -> AlgKey {
+    use rcgen::{KeyPair, RsaKeySize};
+    let pair = |kp: KeyPair| {
+        (
+            kp.public_key_pem().into_bytes(),
+            kp.serialize_pem().into_bytes(),
+        )
+    };
+    match alg {
+        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
+            let secret: Vec<u8> = (0..64).map(|_| rand_byte()).collect();
+            AlgKey {
+                signing: EncodingKey::from_secret(&secret),
+                server_file: secret,
+            }
+        }
+        Algorithm::RS256
+        | Algorithm::RS384
+        | Algorithm::RS512
+        | Algorithm::PS256
+        | Algorithm::PS384
+        | Algorithm::PS512 => {
+            let kp = KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, RsaKeySize::_2048).unwrap();
+            let (public, private) = pair(kp);
+            AlgKey {
+                server_file: public,
+                signing: EncodingKey::from_rsa_pem(&private).unwrap(),
+            }
+        }
+        Algorithm::ES256 | Algorithm::ES384 => {
+            let curve = if alg == Algorithm::ES256 {
+                &rcgen::PKCS_ECDSA_P256_SHA256
+            } else {
+                &rcgen::PKCS_ECDSA_P384_SHA384
+            };
+            let (public, private) = pair(KeyPair::generate_for(curve).unwrap());
+            AlgKey {
+                server_file: public,
+                signing: EncodingKey::from_ec_pem(&private).unwrap(),
+            }
+        }
+        Algorithm::EdDSA => {
+            let (public, private) = pair(KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap());
+            AlgKey {
+                server_file: public,
+                signing: EncodingKey::from_ed_pem(&private).unwrap(),
+            }
+        }
+    }
+}
+
+fn rand_byte() -> u8 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::Instant::now()) as u8
+}
+
+#[test]
+fn every_algorithm_takes_its_own_tokens_and_refuses_expired_early_foreign_wrong_key_none_and_confused_ones()
+ {
+    let b64 =
+        |b: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, b);
+    for (i, alg) in super::keys::ALGORITHMS.iter().copied().enumerate() {
+        let key = fresh_key(alg);
+        let other = fresh_key(alg);
+        let path = secret_file(&format!("alg-{i}"), &key.server_file);
+        let mut s = settings(vec![format!("{alg:?}={path}")]);
+        s.audience = vec!["feeds".into()];
+        let v = Verifier::load(&s).unwrap_or_else(|e| panic!("{alg:?}: {e}"));
+        let sign = |claims: serde_json::Value, k: &EncodingKey| {
+            encode(&Header::new(alg), &claims, k).unwrap()
+        };
+        let good = json!({"sub": "a", "exp": NOW + 60, "aud": "feeds",
+                          "corecast": {"subscribe": ["t"]}});
+        let g = v.verify(&sign(good.clone(), &key.signing), NOW);
+        assert!(
+            g.as_ref().is_ok_and(|g| g.may_subscribe("t")),
+            "{alg:?}: valid: {g:?}"
+        );
+        let expired = json!({"exp": NOW - 31, "aud": "feeds"});
+        assert_eq!(
+            v.verify(&sign(expired, &key.signing), NOW),
+            Err(Refusal::Expired),
+            "{alg:?}"
+        );
+        let early = json!({"exp": NOW + 600, "nbf": NOW + 100, "aud": "feeds"});
+        assert_eq!(
+            v.verify(&sign(early, &key.signing), NOW),
+            Err(Refusal::NotYetValid),
+            "{alg:?}"
+        );
+        let foreign = json!({"exp": NOW + 60, "aud": "elsewhere"});
+        assert_eq!(
+            v.verify(&sign(foreign, &key.signing), NOW),
+            Err(Refusal::Invalid),
+            "{alg:?} audience"
+        );
+        assert_eq!(
+            v.verify(&sign(good.clone(), &other.signing), NOW),
+            Err(Refusal::Invalid),
+            "{alg:?} wrong key"
+        );
+        // `alg: none`, unsigned.
+        let none = format!(
+            "{}.{}.",
+            b64(br#"{"alg":"none","typ":"JWT"}"#),
+            b64(good.to_string().as_bytes())
+        );
+        assert_eq!(v.verify(&none, NOW), Err(Refusal::Invalid), "{alg:?} none");
+        // Algorithm confusion: the server's own key file (a public key for
+        // the asymmetric ones) used as an HMAC secret, under each HS label.
+        for hs in [Algorithm::HS256, Algorithm::HS384, Algorithm::HS512] {
+            if hs == alg {
+                continue;
+            }
+            let t = encode(
+                &Header::new(hs),
+                &good,
+                &EncodingKey::from_secret(&key.server_file),
+            )
+            .unwrap();
+            assert_eq!(
+                v.verify(&t, NOW),
+                Err(Refusal::Invalid),
+                "{alg:?} as {hs:?}"
+            );
+        }
+        // The right signature under another label of the same family.
+        let relabelled = {
+            let t = sign(good.clone(), &key.signing);
+            let (_, rest) = t.split_once('.').unwrap();
+            let other_alg = if alg == Algorithm::ES256 {
+                "ES384"
+            } else {
+                "ES256"
+            };
+            format!(
+                "{}.{rest}",
+                b64(format!(r#"{{"alg":"{other_alg}","typ":"JWT"}}"#).as_bytes())
+            )
+        };
+        assert_eq!(
+            v.verify(&relabelled, NOW),
+            Err(Refusal::Invalid),
+            "{alg:?} relabelled"
+        );
+    }
+}
