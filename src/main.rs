@@ -31,6 +31,27 @@ fn main() -> ExitCode {
     }
 }
 
+/// Panics are bugs; a caught one (docs/SECURITY.md, "A bug that panics")
+/// is logged through the log, not printed whole each time: the first ten,
+/// then every thousandth, with the count, so a bug a client can reach
+/// cannot flood the log. `RUST_BACKTRACE=1` adds backtraces.
+fn install_panic_hook() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static PANICS: AtomicU64 = AtomicU64::new(0);
+    std::panic::set_hook(Box::new(|info| {
+        let n = PANICS.fetch_add(1, Ordering::Relaxed) + 1;
+        if n <= 10 || n.is_multiple_of(1000) {
+            let thread = std::thread::current();
+            let backtrace = std::backtrace::Backtrace::capture();
+            error!(
+                panics = n,
+                thread = thread.name().unwrap_or("?"),
+                "panic: {info}\n{backtrace}"
+            );
+        }
+    }));
+}
+
 fn serve(
     mut config: corecast::server::Config,
     argv: &[OsString],
@@ -48,6 +69,7 @@ fn serve(
             return ExitCode::FAILURE;
         }
     };
+    install_panic_hook();
     let running = Running {
         tls: config.tls.is_some(),
         jwt: config.jwt.is_some(),

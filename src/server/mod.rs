@@ -723,10 +723,17 @@ fn start_on(mut config: Config) -> Result<ServerHandle, StartError> {
                 let shared = Arc::clone(&shared);
                 let ready = ready_tx.clone();
                 builder.spawn(move || {
-                    pin();
-                    match uring::Worker::new(id, listener, inbox, efd, shared) {
+                    // Every worker reports exactly once, also if its setup
+                    // panics: `start` waits for all of them.
+                    let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        pin();
+                        uring::Worker::new(id, listener, inbox, efd, shared)
+                    }))
+                    .unwrap_or_else(|_| Err(io::Error::other("worker setup panicked")));
+                    match built {
                         Ok(worker) => {
                             let _ = ready.send(Ok(()));
+                            drop(ready);
                             worker.run();
                         }
                         Err(e) => {
@@ -813,11 +820,19 @@ impl ServerHandle {
         why
     }
 
-    /// Calls `f` (once) when a worker fails: the server is then draining
-    /// by itself, and whoever waits on it (`main`, on signals) should stop
-    /// waiting and [`Self::join`]. Only the first call's `f` is kept.
+    /// Calls `f` when a worker fails (also when one failed before this
+    /// call; `f` may be called twice, so it must not mind): the server is
+    /// then draining by itself, and whoever waits on it (`main`, on
+    /// signals) should stop waiting and [`Self::join`]. Only the first
+    /// call's `f` is kept.
     pub fn on_worker_failure(&self, f: impl Fn() + Send + Sync + 'static) {
         let _ = self.shared.on_failure.set(Box::new(f));
+        if self.worker_failed() {
+            // Failed before anyone listened: tell now.
+            if let Some(f) = self.shared.on_failure.get() {
+                f();
+            }
+        }
     }
 
     /// Has a worker failed (panicked outside a connection's input)?

@@ -113,7 +113,12 @@ fn a_panic_in_one_connections_input_closes_it_alone() {
         // On a WebSocket: 1011.
         let mut ws = echo(&s);
         ws.write_all(TEST_PANIC).unwrap();
-        assert_eq!(read_all(&mut ws), [0x88, 0x02, 0x03, 0xf3], "{io:?}");
+        let close = read_all(&mut ws);
+        assert_eq!(
+            (close.first(), close.get(2..4)),
+            (Some(&0x88), Some(&[0x03, 0xf3][..])),
+            "{io:?}: {close:?}"
+        );
         // The same worker serves the others as before.
         assert_eq!(round_trip(&mut bystander, b"after"), b"after", "{io:?}");
         assert_eq!(panics(&s, "connection"), 2, "{io:?}");
@@ -155,5 +160,91 @@ fn a_worker_panic_drains_the_server_and_join_reports_it() {
         // with 1001 within the drain), and join says a worker failed.
         let _ = read_all(&mut c);
         assert!(!s.join(), "{io:?}: join reports the failure");
+    }
+}
+
+/// Reads one server frame: (opcode, payload).
+fn read_frame(c: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut h = [0u8; 2];
+    c.read_exact(&mut h).unwrap();
+    let len = match h[1] & 0x7f {
+        126 => {
+            let mut l = [0u8; 2];
+            c.read_exact(&mut l).unwrap();
+            u16::from_be_bytes(l) as usize
+        }
+        127 => {
+            let mut l = [0u8; 8];
+            c.read_exact(&mut l).unwrap();
+            u64::from_be_bytes(l) as usize
+        }
+        n => n as usize,
+    };
+    let mut p = vec![0u8; len];
+    c.read_exact(&mut p).unwrap();
+    (h[0] & 0x0f, p)
+}
+
+#[test]
+fn a_panic_while_the_queue_is_being_sent_keeps_the_stream_whole() {
+    // A subscriber that does not read holds a full queue, part of it in a
+    // send the kernel is reading (io_uring) or half written (epoll); its
+    // panic must not drop or cut that: the publications come whole, then
+    // the 1011 close.
+    for io in [IoMode::Epoll, IoMode::Uring] {
+        let Some(s) = server(io, 1) else { continue };
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        sock.connect(&s.local_addr().into()).unwrap();
+        let mut sub: TcpStream = sock.into();
+        sub.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            sub,
+            "GET /ws?topics=t HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            sub.read_exact(&mut b).unwrap();
+            head.push(b[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 101 "));
+        // 320 publications of 16 KiB: more than the sockets hold (the
+        // server's send buffer grows to 4 MiB), less than the queue's
+        // bound on top of it.
+        let body = vec![b'x'; 16 * 1024];
+        let mut publisher = connect(&s);
+        for _ in 0..320 {
+            write!(
+                publisher,
+                "POST /publish/t HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .unwrap();
+            publisher.write_all(&body).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        sub.write_all(TEST_PANIC).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let mut texts = 0;
+        let close = loop {
+            let (op, payload) = read_frame(&mut sub);
+            match op {
+                1 | 2 => {
+                    assert_eq!(payload.len(), body.len(), "{io:?}: a cut frame");
+                    texts += 1;
+                }
+                8 => break payload,
+                other => panic!("{io:?}: opcode {other}"),
+            }
+        };
+        assert_eq!(close.get(..2), Some(&[0x03, 0xf3][..]), "{io:?}: 1011");
+        assert!(texts > 0, "{io:?}: the queue before the close is delivered");
+        assert_eq!(panics(&s, "connection"), 1, "{io:?}");
+        assert_eq!(panics(&s, "worker"), 0, "{io:?}");
+        s.shutdown();
+        assert!(s.join(), "{io:?}");
     }
 }

@@ -540,6 +540,25 @@ impl Session {
         }
     }
 
+    /// After a panic in this session's input (a bug): closes it with
+    /// `1011` on a WebSocket or `500` in HTTP, as [`Self::abort`] does,
+    /// keeping what is already queued (the kernel may be sending from it).
+    pub fn fail_internal(&mut self) {
+        self.pending.clear();
+        match &mut self.phase {
+            Phase::Ws { ws, .. } => {
+                ws.abort(CloseCode::INTERNAL_ERROR, "internal error", &mut self.out)
+            }
+            Phase::Head { .. } | Phase::Body(_) => {
+                self.out.push(Bytes::from_static(
+                    b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 15\r\nConnection: close\r\n\r\ninternal error\n",
+                ));
+                self.phase = Phase::Done;
+            }
+            Phase::Done => {}
+        }
+    }
+
     /// Sets the count of completed requests of a connection still in HTTP.
     fn set_requests(&mut self, n: u32) {
         match &mut self.phase {

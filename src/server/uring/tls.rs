@@ -129,7 +129,10 @@ impl Worker {
     /// Decrypts what `key` received and feeds the plaintext to the core,
     /// until the core stops reading or nothing is left.
     pub(super) fn pump_tls(&mut self, key: usize) {
-        let Some(mut st) = self.tls.remove(&key) else {
+        // Out of the map while the core takes its plaintext; should a bug
+        // unwind from there, the session is leaked, never freed: its
+        // `wire` may be in a send the kernel still reads.
+        let Some(mut st) = self.tls.remove(&key).map(std::mem::ManuallyDrop::new) else {
             return;
         };
         let mut verdict = Input::More;
@@ -205,7 +208,7 @@ impl Worker {
             }
             st.failed = true;
             st.cipher_in = Vec::new();
-            self.tls.insert(key, st);
+            self.tls.insert(key, std::mem::ManuallyDrop::into_inner(st));
             // The failed session freed its buffers: its charge goes with them.
             self.recharge_tls(key);
             self.core.fail_wire(key, &last_words);
@@ -215,7 +218,7 @@ impl Worker {
         if st.conn.wants_write() {
             self.core.mark_dirty(key);
         }
-        self.tls.insert(key, st);
+        self.tls.insert(key, std::mem::ManuallyDrop::into_inner(st));
         self.recharge_tls(key);
         self.after_core_input(key, verdict);
     }

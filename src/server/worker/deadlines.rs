@@ -276,7 +276,9 @@ impl<S> Core<S> {
                     let stats = &self.shared.stats[self.id];
                     stats.handshake_timeout();
                     debug!(worker = self.id, "request timed out");
-                    if !conn.session.partial_request() {
+                    // A PROXY header still incomplete is not a request
+                    // (and on a TLS listener no answer could be read).
+                    if !conn.session.partial_request() || conn.flag(AWAIT_PROXY) {
                         // Sent nothing (an idle keep-alive or preconnect): just close.
                         remove.push((key, serial));
                         continue;

@@ -201,13 +201,15 @@ impl<S> Core<S> {
             worker = self.id,
             "a connection's input panicked (a bug: please report it with the log); closing that connection"
         );
-        let last_words: &[u8] = if self.conns[key].session.is_websocket() {
-            // Close, 2 bytes: 1011 (internal error).
-            &[0x88, 0x02, 0x03, 0xf3]
+        // Not `fail_wire`: that drops the queue, part of which an io_uring
+        // send may still be reading.
+        let conn = &mut self.conns[key];
+        conn.session.fail_internal();
+        if conn.state == IoState::Active {
+            self.start_closing(key);
         } else {
-            b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 15\r\nConnection: close\r\n\r\ninternal error\n"
-        };
-        self.fail_wire(key, last_words);
+            self.mark_dirty(key);
+        }
         self.recharge(key);
         Input::Stop
     }
