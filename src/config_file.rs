@@ -21,7 +21,8 @@
 //! Every key is checked before the server starts: an unknown key, a value
 //! of the wrong type or one the flag's own parser refuses fails with the
 //! file, the line and the reason. The file is read again on `SIGHUP`
-//! ([`Changes`]): the keys [`reloadable`] names (TLS, origins, tokens) and
+//! ([`Changes`]): the keys [`reloadable`] names (TLS, origins, tokens,
+//! connection limits) and
 //! the `[namespace."…"]` tables take effect with the reload, every other
 //! change is reported as waiting for a restart. [`keys`] and
 //! [`NAMESPACE_KEYS`] list every key a file may hold (deploy/corecast.toml
@@ -83,15 +84,21 @@ pub fn keys() -> Vec<String> {
         .collect()
 }
 
+/// The per-address limits a reload changes, but only while they stay on
+/// (or off) as the server started: their table is made at start.
+pub const PER_ADDRESS_KEYS: [&str; 2] = ["max-connections-per-ip", "max-connect-rate-per-ip"];
+
 /// Whether a reload applies a change of `key` (besides the
 /// `[namespace."…"]` tables, which it always applies); every other change
-/// waits for a restart. The TLS keys and the token keys apply only while
-/// TLS, or tokens, stay on (or off) as the server started.
+/// waits for a restart. The TLS keys, the token keys and the per-address
+/// limits apply only while TLS, tokens or the per-address limits stay on
+/// (or off) as the server started.
 pub fn reloadable(key: &str) -> bool {
     matches!(
         key,
-        "tls-cert" | "tls-key" | "tls-min-version" | "allowed-origin"
+        "tls-cert" | "tls-key" | "tls-min-version" | "allowed-origin" | "max-connections"
     ) || JWT_KEYS.contains(&key)
+        || PER_ADDRESS_KEYS.contains(&key)
 }
 
 /// One setting of the file: its key, its line and the arguments it stands
@@ -808,14 +815,14 @@ mod tests {
         let old = ConfigFile::read(&path).unwrap();
         std::fs::write(
             &path,
-            "tls-cert = \"b.pem\"\ntls-key = \"a.key\"\nworkers = 3\nmax-connections = 9\n",
+            "tls-cert = \"b.pem\"\ntls-key = \"a.key\"\nworkers = 3\nmax-frame-size = 9\n",
         )
         .unwrap();
         let new = ConfigFile::read(&path).unwrap();
         let cli = argv(&["corecast", "serve", "--config", path.to_str().unwrap()]);
         let c = old.changes(&new, &cli);
         assert_eq!(c.applied, ["tls-cert"]);
-        assert_eq!(c.need_restart, ["max-connections", "workers"]);
+        assert_eq!(c.need_restart, ["max-frame-size", "workers"]);
         assert_eq!(new.changes(&new, &cli), Changes::default());
         // A key the command line sets is not the file's to change.
         let mut cli = cli;
@@ -823,6 +830,6 @@ mod tests {
         cli.push("--tls-cert=c.pem".into());
         let c = old.changes(&new, &cli);
         assert!(c.applied.is_empty(), "{c:?}");
-        assert_eq!(c.need_restart, ["max-connections"]);
+        assert_eq!(c.need_restart, ["max-frame-size"]);
     }
 }

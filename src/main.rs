@@ -70,9 +70,13 @@ fn serve(
         }
     };
     install_panic_hook();
+    let admission = config.admission_limits();
     let running = Running {
         tls: config.tls.is_some(),
         jwt: config.jwt.is_some(),
+        tracks_addresses: admission.max_connections_per_ip > 0
+            || admission.connect_rate_per_ip > 0
+            || admission.publish_rate_per_ip > 0,
     };
     let server = match corecast::server::start(config) {
         Ok(s) => s,
@@ -130,6 +134,9 @@ fn serve(
 struct Running {
     tls: bool,
     jwt: bool,
+    /// A per-address limit was set at start (the table that counts
+    /// addresses exists).
+    tracks_addresses: bool,
 }
 
 fn reload_file(
@@ -154,7 +161,26 @@ fn reload_file(
         namespaces: Some(new.namespaces().to_vec()),
         origins: Some(config.allowed_origins.clone()),
         jwt: config.jwt.clone(),
+        limits: None,
     };
+    let admission = config.admission_limits();
+    let tracks = admission.max_connections_per_ip > 0
+        || admission.connect_rate_per_ip > 0
+        || admission.publish_rate_per_ip > 0;
+    let per_address = if tracks == running.tracks_addresses {
+        Some((
+            admission.max_connections_per_ip,
+            admission.connect_rate_per_ip,
+        ))
+    } else {
+        // Turning the per-address limits on or off (their table) waits.
+        let keys = changes
+            .applied
+            .extract_if(.., |k| config_file::PER_ADDRESS_KEYS.contains(&k.as_str()));
+        changes.need_restart.extend(keys);
+        None
+    };
+    reload.limits = Some((admission.max_connections, per_address));
     if config.tls.is_some() != running.tls {
         // Turning TLS on or off changes what the listener speaks: the TLS
         // keys wait, the files named at start are read again.

@@ -185,3 +185,81 @@ fn a_bad_file_stops_the_start_with_its_file_line_and_reason() {
         "{err}"
     );
 }
+
+/// The answer to an upgrade on a new connection: its head.
+fn open_ws(addr: std::net::SocketAddr) -> (std::net::TcpStream, String) {
+    let mut s = raw(addr);
+    let head = request_upgrade(&mut s, "/ws?topics=t");
+    (s, head)
+}
+
+#[test]
+fn sighup_changes_the_connection_limits_for_new_connections_and_keeps_the_open_ones() {
+    let dir = std::env::temp_dir().join(format!("corecast-limits-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("corecast.toml");
+    write_config(&config, "max-connections-per-ip = 1\n");
+    let server = ChildServer::start(&["--config", config.to_str().unwrap()], None);
+    let addr = server.addr;
+    let (mut a, head) = open_ws(addr);
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    let (_, head) = open_ws(addr);
+    assert!(head.starts_with("HTTP/1.1 503 "), "one per address: {head}");
+
+    // Two per address: the next one opens, the one after is refused.
+    write_config(&config, "max-connections-per-ip = 2\n");
+    server.hup();
+    server.wait_reloads("ok", 1);
+    wait_log(
+        &server,
+        &[
+            "applied from the configuration file",
+            "max-connections-per-ip",
+        ],
+    );
+    let (_b, head) = open_ws(addr);
+    assert!(head.starts_with("HTTP/1.1 101 "), "two per address: {head}");
+    let (_, head) = open_ws(addr);
+    assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
+
+    // The process cap lowered to what is open: new connections get 503.
+    write_config(&config, "max-connections-per-ip = 5\nmax-connections = 2\n");
+    server.hup();
+    server.wait_reloads("ok", 2);
+    let (mut c, head) = open_ws(addr);
+    assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut c, &mut rest);
+    assert!(
+        String::from_utf8_lossy(&rest).contains("connection limit"),
+        "{}",
+        String::from_utf8_lossy(&rest)
+    );
+
+    // Turning the per-address limits off waits for a restart: the cap of
+    // 5 stays (with the process cap raised again, 3 more open, not 4).
+    write_config(&config, "max-connections = 100\n");
+    server.hup();
+    server.wait_reloads("ok", 3);
+    wait_log(&server, &["max-connections-per-ip", "next restart"]);
+    let opened: Vec<_> = (0..4).map(|_| open_ws(addr)).collect();
+    let ok = opened
+        .iter()
+        .filter(|(_, h)| h.starts_with("HTTP/1.1 101 "))
+        .count();
+    assert_eq!(
+        ok,
+        3,
+        "{:?}",
+        opened
+            .iter()
+            .map(|(_, h)| h.lines().next())
+            .collect::<Vec<_>>()
+    );
+
+    // The first connection lived through every reload: a ping is answered.
+    std::io::Write::write_all(&mut a, &frame(0x89, b"still", Some([1, 2, 3, 4]))).unwrap();
+    let (_, op, payload) = read_frame(&mut a);
+    assert_eq!((op, payload.as_slice()), (0xA, &b"still"[..]));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Instant;
 
 /// Default process-wide cap on open connections (flag `--max-connections`):
@@ -137,7 +137,12 @@ struct Entry {
 /// Process-wide admission state (one per server).
 #[derive(Debug)]
 pub struct Admission {
+    /// The limits at start; the three a reload changes are read from the
+    /// atomics below instead (see [`Self::current`]).
     limits: AdmissionLimits,
+    max_connections: AtomicUsize,
+    max_connections_per_ip: AtomicU32,
+    connect_rate_per_ip: AtomicU32,
     /// [`ipv6_mask`] of `limits.ipv6_prefix_len`.
     ipv6_mask: u128,
     /// Picks a key's stripe, with random keys drawn when the server starts.
@@ -164,6 +169,9 @@ impl Admission {
             || limits.publish_rate_per_ip > 0;
         Self {
             limits,
+            max_connections: AtomicUsize::new(limits.max_connections),
+            max_connections_per_ip: AtomicU32::new(limits.max_connections_per_ip),
+            connect_rate_per_ip: AtomicU32::new(limits.connect_rate_per_ip),
             ipv6_mask: ipv6_mask(limits.ipv6_prefix_len),
             stripe_hasher: RandomState::new(),
             open: AtomicUsize::new(0),
@@ -193,6 +201,37 @@ impl Admission {
         (self.stripe_hasher.hash_one(key) % STRIPES as u64) as usize
     }
 
+    /// The limits in force (a reload may have changed some).
+    pub fn current(&self) -> AdmissionLimits {
+        AdmissionLimits {
+            max_connections: self.max_connections.load(Ordering::Relaxed),
+            max_connections_per_ip: self.max_connections_per_ip.load(Ordering::Relaxed),
+            connect_rate_per_ip: self.connect_rate_per_ip.load(Ordering::Relaxed),
+            ..self.limits
+        }
+    }
+
+    /// Is the per-address table kept (a per-address limit was set at
+    /// start)? A reload can change the per-address limits' values only
+    /// while this stays as it is.
+    pub fn tracks_addresses(&self) -> bool {
+        self.table.is_some()
+    }
+
+    /// A reload's limits: `--max-connections` always (existing
+    /// connections over a lowered cap stay; new ones wait for room), the
+    /// per-address connection cap and connect rate when given (only while
+    /// [`Self::tracks_addresses`], checked by the caller). Counts and
+    /// buckets carry over.
+    pub fn set_limits(&self, max_connections: usize, per_address: Option<(u32, u32)>) {
+        self.max_connections
+            .store(max_connections, Ordering::Relaxed);
+        if let Some((per_ip, rate)) = per_address {
+            self.max_connections_per_ip.store(per_ip, Ordering::Relaxed);
+            self.connect_rate_per_ip.store(rate, Ordering::Relaxed);
+        }
+    }
+
     /// Open connections counted against `--max-connections`.
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Relaxed)
@@ -201,7 +240,8 @@ impl Admission {
     /// Counts a new connection from `peer`, or says why it is refused.
     /// Without a known address only the process-wide cap applies.
     pub fn admit(&self, peer: Option<IpAddr>) -> Result<Ticket, Refusal> {
-        if self.open.fetch_add(1, Ordering::Relaxed) >= self.limits.max_connections {
+        if self.open.fetch_add(1, Ordering::Relaxed) >= self.max_connections.load(Ordering::Relaxed)
+        {
             self.open.fetch_sub(1, Ordering::Relaxed);
             return Err(Refusal::ProcessFull);
         }
@@ -221,7 +261,7 @@ impl Admission {
         let Some((ip, stripe)) = self.locate(peer) else {
             return Ok(Ticket { per_ip: false });
         };
-        let l = &self.limits;
+        let l = &self.current();
         // Under the stripe's lock: two workers' readings reach one bucket in
         // the order they were taken.
         let mut map = stripe.lock().unwrap_or_else(|e| e.into_inner());
@@ -298,7 +338,7 @@ impl Admission {
 
     /// Would a fresh entry behave the same as this one (buckets full)?
     fn idle(&self, e: &Entry, now: u32) -> bool {
-        let l = &self.limits;
+        let l = &self.current();
         e.connect.is_full(l.connect_rate_per_ip, now)
             && e.publish.is_full(l.publish_rate_per_ip, now)
     }

@@ -138,6 +138,10 @@ pub struct Reload {
     pub namespaces: Option<Vec<crate::pubsub::policy::NamespacePolicy>>,
     pub origins: Option<Vec<String>>,
     pub jwt: Option<auth::JwtSettings>,
+    /// `--max-connections`, and the per-address connection cap and
+    /// connect rate (`None` while turning the per-address limits on or off
+    /// waits for a restart; see [`admission::Admission::set_limits`]).
+    pub limits: Option<(usize, Option<(u32, u32)>)>,
 }
 
 impl Shared {
@@ -287,6 +291,7 @@ impl Shared {
             namespaces,
             origins,
             jwt,
+            limits,
         } = r;
         // The fallible parts first; replacing the tables cannot fail.
         let result = (|| {
@@ -305,6 +310,13 @@ impl Shared {
             Ok((origins, verifier))
         })();
         let result = result.map(|(origins, verifier)| {
+            if let Some((max, per_address)) = limits {
+                let was = self.admission.current();
+                self.admission.set_limits(max, per_address);
+                if self.admission.current() != was {
+                    info!(limits = ?self.admission.current(), "admission limits");
+                }
+            }
             if let Some(namespaces) = namespaces {
                 self.directory.set_policies(namespaces);
             }
