@@ -226,6 +226,7 @@ fn sighup_changes_the_connection_limits_for_new_connections_and_keeps_the_open_o
     write_config(&config, "max-connections-per-ip = 5\nmax-connections = 2\n");
     server.hup();
     server.wait_reloads("ok", 2);
+    assert_eq!(metric(&server.metrics(), "corecast_max_connections"), 2);
     let (mut c, head) = open_ws(addr);
     assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
     let mut rest = Vec::new();

@@ -83,8 +83,14 @@ pub(crate) fn render_metrics(shared: &Shared) -> Bytes {
         .panics
         .each_ref()
         .map(|r| r.load(std::sync::atomic::Ordering::Relaxed));
+    let process = metrics::Process {
+        draining: shared.shutdown.load(std::sync::atomic::Ordering::Acquire),
+        max_connections: shared.admission.current().max_connections,
+        max_buffered_bytes: shared.config.max_buffered_bytes,
+    };
     metrics::render_process(
         &mut s,
+        process,
         shared.tls.as_ref().map(|c| c.not_after()),
         reloads,
         panics,

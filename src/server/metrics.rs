@@ -299,14 +299,45 @@ pub fn render_history(s: &mut String, bytes: usize, entries: usize, retained: us
     }
 }
 
-/// The process-wide figures: the TLS certificate's expiry (with
-/// `--tls-cert`), the reloads and the panics caught.
+/// The limits in force and the drain, as gauges (for alerts that compare
+/// a figure with its limit, and for a drain that does not end).
+#[derive(Debug, Clone, Copy)]
+pub struct Process {
+    pub draining: bool,
+    pub max_connections: usize,
+    pub max_buffered_bytes: usize,
+}
+
+/// The process-wide figures: the limits in force and the drain, the TLS
+/// certificate's expiry (with `--tls-cert`), the reloads and the panics
+/// caught.
 pub fn render_process(
     s: &mut String,
+    process: Process,
     cert_not_after: Option<i64>,
     reloads: [u64; 2],
     panics: [u64; 2],
 ) {
+    for (name, help, v) in [
+        (
+            "corecast_draining",
+            "1 from the first SIGTERM (or a worker's failure) until the exit: /healthz answers 503 draining.",
+            usize::from(process.draining),
+        ),
+        (
+            "corecast_max_connections",
+            "The process-wide connection cap in force (--max-connections; SIGHUP may change it).",
+            process.max_connections,
+        ),
+        (
+            "corecast_max_buffered_bytes",
+            "The buffer budget (--max-buffered-bytes) that corecast_buffered_bytes is charged to.",
+            process.max_buffered_bytes,
+        ),
+    ] {
+        header(s, name, "gauge", help);
+        let _ = writeln!(s, "{name} {v}");
+    }
     if let Some(t) = cert_not_after {
         header(
             s,

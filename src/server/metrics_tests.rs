@@ -91,7 +91,12 @@ fn family<'a>(line: &'a str, histogram: &'a str) -> &'a str {
 fn every_metric_once_with_help_and_type_as_documented() {
     let ws = busy_workers();
     let mut text = render(&ws, 7, 11);
-    render_process(&mut text, Some(1_900_000_000), [3, 1], [1, 1]);
+    let process = Process {
+        draining: true,
+        max_connections: 262_144,
+        max_buffered_bytes: 1 << 30,
+    };
+    render_process(&mut text, process, Some(1_900_000_000), [3, 1], [1, 1]);
     render_jwks(&mut text, [5, 2], 1_900_000_000);
     render_history(&mut text, 4096, 12, 3, 2);
     let documented: BTreeMap<&str, &str> = include_str!("../../docs/PROTOCOL.md")

@@ -137,6 +137,7 @@ fn a_worker_panic_drains_the_server_and_join_reports_it() {
         s.on_worker_failure(move || t.store(true, Ordering::Release));
         let admin = s.admin_addr().unwrap();
         assert!(get(admin, "/healthz").starts_with("HTTP/1.1 200 "));
+        assert!(s.metrics().contains("\ncorecast_draining 0\n"), "{io:?}");
         let mut c = echo(&s);
         assert_eq!(round_trip(&mut c, b"hi"), b"hi");
         s.shared.test_panic_worker.store(1, Ordering::Relaxed);
@@ -156,6 +157,7 @@ fn a_worker_panic_drains_the_server_and_join_reports_it() {
             "{io:?}: {health}"
         );
         assert_eq!(panics(&s, "worker"), 1, "{io:?}");
+        assert!(s.metrics().contains("\ncorecast_draining 1\n"), "{io:?}");
         // Every connection ends (the failed worker's at once, the others'
         // with 1001 within the drain), and join says a worker failed.
         let _ = read_all(&mut c);
