@@ -80,8 +80,10 @@ fn run<'a>(cfg: &Config, reads: impl Iterator<Item = &'a [u8]>) -> Vec<Item> {
     let stats = WorkerStats::default();
     let now = Instant::now();
     let keep_bound = cfg.max_handshake_size.max(MAX_PENDING_BYTES);
-    // The largest HTTP answer: `/metrics` (its numbers stay small here).
-    let max_response = metrics::render(&[WorkerStats::default()], 0, 0).len() + 512;
+    // The largest HTTP answer: `/metrics` (its numbers stay small here):
+    // the workers' part, and 4 KiB for the process-wide figures after it
+    // (history, limits, drain, reloads, panics).
+    let max_response = metrics::render(&[WorkerStats::default()], 0, 0).len() + 4096;
     let mut session = Session::new();
     let mut wire = Vec::new();
     let mut kept: Vec<u8> = Vec::new();
