@@ -44,12 +44,11 @@ fn connect(s: &ServerHandle) -> TcpStream {
     c
 }
 
-/// An upgraded `/echo` connection.
-fn echo(s: &ServerHandle) -> TcpStream {
-    let mut c = connect(s);
+/// Upgrades `c` to a WebSocket on `path`; the answer must be `101`.
+fn upgrade(c: &mut TcpStream, path: &str) {
     write!(
         c,
-        "GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )
     .unwrap();
     let mut head = Vec::new();
@@ -59,6 +58,12 @@ fn echo(s: &ServerHandle) -> TcpStream {
         head.push(b[0]);
     }
     assert!(head.starts_with(b"HTTP/1.1 101 "));
+}
+
+/// An upgraded `/echo` connection.
+fn echo(s: &ServerHandle) -> TcpStream {
+    let mut c = connect(s);
+    upgrade(&mut c, "/echo");
     c
 }
 
@@ -201,18 +206,7 @@ fn a_panic_while_the_queue_is_being_sent_keeps_the_stream_whole() {
         sock.connect(&s.local_addr().into()).unwrap();
         let mut sub: TcpStream = sock.into();
         sub.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(
-            sub,
-            "GET /ws?topics=t HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-        .unwrap();
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            sub.read_exact(&mut b).unwrap();
-            head.push(b[0]);
-        }
-        assert!(head.starts_with(b"HTTP/1.1 101 "));
+        upgrade(&mut sub, "/ws?topics=t");
         // 320 publications of 16 KiB: more than the sockets hold (the
         // server's send buffer grows to 4 MiB), less than the queue's
         // bound on top of it.

@@ -32,6 +32,7 @@ mod proxy;
 use input::recharge;
 
 use super::Shared;
+use super::admission::Refusal;
 use super::config::Config;
 use super::session::{Ctx, Next, Push};
 use super::stats::{Undelivered, WorkerStats};
@@ -385,23 +386,29 @@ impl<S> Core<S> {
         }
         self.stats().connection_opened();
         if let Err(why) = admitted {
-            let stats = &self.shared.stats[self.id];
-            stats.connection_refused(why);
-            debug!(
-                worker = self.id,
-                ?peer,
-                limit = why.label(),
-                "connection refused"
-            );
-            self.conns[key]
-                .session
-                .refuse(Reject::new(Status::ServiceUnavailable, why.reason()), stats);
-            self.start_closing(key);
+            self.refuse_admission(key, why, peer);
             return key;
         }
         let at = ms_after(self.epoch, self.now, self.shared.config.handshake_timeout);
         self.push_request_deadline(at, key, serial, 0);
         key
+    }
+
+    /// `key` (from `peer`) is over admission limit `why`: counted, answered
+    /// 503 with the limit's reason, and closed.
+    fn refuse_admission(&mut self, key: usize, why: Refusal, peer: Option<IpAddr>) {
+        let stats = &self.shared.stats[self.id];
+        stats.connection_refused(why);
+        debug!(
+            worker = self.id,
+            ?peer,
+            limit = why.label(),
+            "connection refused"
+        );
+        self.conns[key]
+            .session
+            .refuse(Reject::new(Status::ServiceUnavailable, why.reason()), stats);
+        self.start_closing(key);
     }
 
     /// Lists `key` for the end-of-turn flush (once per turn).

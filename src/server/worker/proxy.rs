@@ -84,18 +84,7 @@ impl<S> Core<S> {
             Err(why) => {
                 // Still counted against the process cap (ADMITTED): released
                 // when the entry retires, like any connection.
-                let stats = &self.shared.stats[self.id];
-                stats.connection_refused(why);
-                debug!(
-                    worker = self.id,
-                    ?peer,
-                    limit = why.label(),
-                    "connection refused"
-                );
-                self.conns[key]
-                    .session
-                    .refuse(Reject::new(Status::ServiceUnavailable, why.reason()), stats);
-                self.start_closing(key);
+                self.refuse_admission(key, why, peer);
                 Header::Refused
             }
         }
