@@ -322,6 +322,35 @@ pub struct ServeArgs {
     /// The lowest TLS version a client may use.
     #[arg(long, value_enum, default_value = "1.2", value_name = "VERSION")]
     pub tls_min_version: MinVersion,
+
+    /// Join a cluster of corecast nodes over NATS with JetStream
+    /// (`nats://HOST:PORT`, `tls://HOST:PORT`; repeat, or a comma-separated
+    /// list, for several servers of one NATS cluster; `user:pass@` or
+    /// `token@` in the URL authenticate). A publication made on any node
+    /// reaches subscribers on every node, in one order per topic, with
+    /// the same epochs and numbers everywhere (README "Cluster").
+    #[arg(long = "nats-url", value_name = "URL", value_delimiter = ',', value_parser = crate::server::cluster::parse_url)]
+    pub nats_urls: Vec<String>,
+
+    /// A NATS credentials file (JWT and nkey seed) for --nats-url.
+    #[arg(long = "nats-credentials", value_name = "FILE", requires = "nats_urls")]
+    pub nats_credentials: Option<std::path::PathBuf>,
+
+    /// A PEM file of certificate authorities to trust for tls:// NATS
+    /// URLs (beside the system's roots).
+    #[arg(long = "nats-ca", value_name = "FILE", requires = "nats_urls")]
+    pub nats_ca: Option<std::path::PathBuf>,
+
+    /// Most bytes of publications a node holds for the cluster while
+    /// NATS has not stored them yet (NATS slow or unreachable); past it,
+    /// publishing is refused (HTTP 503, a WebSocket publisher closed 1013).
+    #[arg(long, default_value = "64MiB", value_parser = parse_size, value_name = "BYTES")]
+    pub nats_max_pending: usize,
+
+    /// Replicas of the cluster's JetStream stream (with a NATS cluster of
+    /// at least as many servers), set when a node creates it.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5), value_name = "N")]
+    pub nats_replicas: u8,
 }
 
 impl ServeArgs {
@@ -394,6 +423,15 @@ impl ServeArgs {
             plain_listen: self.plain_listen,
             proxy_protocol: self.proxy_protocol,
             plain_proxy_protocol: self.plain_proxy_protocol,
+            cluster: (!self.nats_urls.is_empty()).then(|| {
+                crate::server::cluster::ClusterSettings {
+                    urls: self.nats_urls.clone(),
+                    credentials: self.nats_credentials.clone(),
+                    ca: self.nats_ca.clone(),
+                    max_pending: self.nats_max_pending,
+                    replicas: self.nats_replicas,
+                }
+            }),
             ..Config::default()
         }
     }

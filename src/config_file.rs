@@ -492,13 +492,15 @@ fn overridden_by(argv: &[OsString]) -> impl Fn(&str) -> bool {
 
 /// The flags a setting needs beside it to be checked alone (`tls-cert`
 /// and `tls-key` come as a pair; `plain-listen` needs both;
-/// `plain-proxy-protocol` needs `plain-listen`).
+/// `plain-proxy-protocol` needs `plain-listen`; the NATS credentials and
+/// CA need a NATS URL).
 fn companions(key: &str) -> Vec<String> {
     let needs: &[&str] = match key {
         "tls-cert" => &["--tls-key=x"],
         "tls-key" => &["--tls-cert=x"],
         "plain-listen" => &["--tls-cert=x", "--tls-key=x"],
         "plain-proxy-protocol" => &["--plain-listen=127.0.0.1:1", "--tls-cert=x", "--tls-key=x"],
+        "nats-credentials" | "nats-ca" => &["--nats-url=nats://127.0.0.1:4222"],
         _ => &[],
     };
     needs.iter().map(|a| a.to_string()).collect()

@@ -95,6 +95,8 @@ pub struct Bus {
     stranded: Arc<AtomicU64>,
     /// One order per topic: see [`Bus::hold_order`].
     order: [Mutex<()>; ORDER_STRIPES],
+    /// See [`Bus::add_external_sender`].
+    external: AtomicBool,
 }
 
 /// Locks a topic's publications are sent under ([`Bus::hold_order`]); a
@@ -155,6 +157,7 @@ impl Bus {
                 mailboxes,
                 stranded,
                 order: std::array::from_fn(|_| Mutex::new(())),
+                external: AtomicBool::new(false),
             }),
             inboxes,
         )
@@ -187,7 +190,20 @@ impl Bus {
     /// batch is on its way to any mailbox, so [`Self::sent_to`] draws a
     /// line between what was sent before and what will be sent after.
     pub fn hold_all_order(&self) -> OrderGuard<'_> {
-        self.hold_order(if self.workers() > 1 { u64::MAX } else { 0 })
+        self.hold_order(if self.order_needed() { u64::MAX } else { 0 })
+    }
+
+    /// Whether more than one thread sends batches (more than one worker,
+    /// or a cluster's bridge besides them): otherwise the order locks are
+    /// skipped.
+    pub fn order_needed(&self) -> bool {
+        self.workers() > 1 || self.external.load(Ordering::Relaxed)
+    }
+
+    /// Another thread than the workers will send batches (a cluster's
+    /// bridge): set before any worker runs.
+    pub fn add_external_sender(&self) {
+        self.external.store(true, Ordering::Relaxed);
     }
 
     /// Batches handed to `worker`'s mailbox so far. Its inbox numbers the

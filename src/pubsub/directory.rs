@@ -36,10 +36,24 @@ use super::envelope::Message;
 use super::history::{History, HistoryLimits, HistoryMemory, Recovery, Since};
 use super::pattern::{self, PatternTrie};
 use super::policy::{self, LivePolicy, NamespacePolicy, Resolved, SlowConsumerPolicy};
+use super::remote::Link;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
 use std::time::Instant;
+
+/// What [`TopicInterest::adopt`] made of a number given elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Adopt {
+    /// At or before the topic's newest: a copy already handed on.
+    Old,
+    /// The next number (or the first this entry sees).
+    Next,
+    /// Past the next: the publications between never reached this process.
+    Gap,
+    /// A later epoch: the topic's numbering started over.
+    Restart,
+}
 
 /// Most workers a mask can describe.
 pub const MAX_WORKERS: usize = 64;
@@ -50,8 +64,9 @@ pub struct TopicInterest {
     name: Arc<str>,
     /// Bit `w` set: worker `w` has at least one local subscriber.
     workers: AtomicU64,
-    /// This entry's history lifetime (see [`Self::epoch`]).
-    epoch: u64,
+    /// This entry's history lifetime (see [`Self::epoch`]); changed only
+    /// in a cluster, by [`Self::adopt`] under the topic's order lock.
+    epoch: AtomicU64,
     /// The last sequence number given (0: none yet); advanced only under
     /// the topic's order lock ([`Bus::hold_order`](super::bus::Bus::hold_order)),
     /// or by the only worker.
@@ -93,7 +108,7 @@ impl TopicInterest {
         Self {
             name,
             workers: AtomicU64::new(0),
-            epoch,
+            epoch: AtomicU64::new(epoch),
             seq: AtomicU64::new(0),
             history: Mutex::new(Kept {
                 history: History::default(),
@@ -135,7 +150,7 @@ impl TopicInterest {
     /// entry for the name had in this process or an earlier one (see
     /// [`Directory::new`]). Sequence numbers count from 1 within an epoch.
     pub fn epoch(&self) -> u64 {
-        self.epoch
+        self.epoch.load(Ordering::Relaxed)
     }
 
     /// The last sequence number given (0: none).
@@ -148,6 +163,31 @@ impl TopicInterest {
     /// the publication then reaches every mailbox are one.
     pub fn next_seq(&self) -> u64 {
         self.seq.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Takes the number a publication got elsewhere (a cluster's
+    /// sequencer) as this topic's newest. The caller holds the topic's
+    /// order lock and, unless the answer is [`Adopt::Old`], hands the
+    /// publication to the interested workers under it.
+    pub fn adopt(&self, epoch: u64, seq: u64) -> Adopt {
+        let (now_epoch, now) = (self.epoch(), self.seq());
+        let step = if now == 0 {
+            Adopt::Next
+        } else if epoch == now_epoch {
+            match seq {
+                s if s <= now => return Adopt::Old,
+                s if s == now + 1 => Adopt::Next,
+                _ => Adopt::Gap,
+            }
+        } else if epoch < now_epoch {
+            // Epochs are clock readings: a smaller one is an older lifetime.
+            return Adopt::Old;
+        } else {
+            Adopt::Restart
+        };
+        self.epoch.store(epoch, Ordering::Relaxed);
+        self.seq.store(seq, Ordering::Relaxed);
+        step
     }
 
     /// Whether a new enveloped subscriber gets the topic's last value (its
@@ -225,6 +265,9 @@ pub struct Directory {
     /// Bumped (under `patterns`) whenever a pattern's workers change; 0
     /// while no pattern was ever subscribed to.
     pattern_version: AtomicU64,
+    /// The cluster this process belongs to, if any (`--nats-url`): told
+    /// when the process gains or loses interest in a topic or a pattern.
+    link: OnceLock<Arc<dyn Link>>,
 }
 
 #[derive(Debug, Default)]
@@ -313,7 +356,39 @@ impl Directory {
             memory: HistoryMemory::default(),
             patterns: Mutex::new(PatternTrie::default()),
             pattern_version: AtomicU64::new(0),
+            link: OnceLock::new(),
         }
+    }
+
+    /// Joins this process's fan-out to a cluster (once, before any worker
+    /// runs): interest changes go to `link`, and workers hand it their
+    /// publications instead of numbering them ([`Self::link`]).
+    pub fn set_link(&self, link: Arc<dyn Link>) {
+        let _ = self.link.set(link);
+    }
+
+    /// The cluster link, if the process is in a cluster.
+    pub fn link(&self) -> Option<&Arc<dyn Link>> {
+        self.link.get()
+    }
+
+    /// Whether any worker has a subscriber of `name` (the cluster's view
+    /// of this process's interest in a topic; a pattern's is
+    /// [`Self::pattern_held`]).
+    pub fn topic_held(&self, name: &str) -> bool {
+        self.get(name).is_some_and(|t| t.workers() != 0)
+    }
+
+    /// Whether any worker holds a subscription to `pattern`.
+    pub fn pattern_held(&self, pattern: &str) -> bool {
+        self.patterns().get(pattern).is_some_and(|m| *m != 0)
+    }
+
+    /// Empties `topic`'s history (its numbering jumped: what it holds no
+    /// longer leads without a hole to what comes). The caller holds the
+    /// topic's order lock.
+    pub fn clear_history(&self, topic: &TopicInterest) {
+        topic.kept().history.clear(&self.memory);
     }
 
     /// The same, numbering epochs from `first` instead of the clock: for
@@ -337,25 +412,30 @@ impl Directory {
     pub fn set_pattern(&self, pattern: &str, worker: usize, interested: bool) {
         let bit = 1u64 << worker;
         let mut trie = self.patterns();
-        let changed = if interested {
+        let (changed, edge) = if interested {
             let mask = trie.get_or_insert_with(pattern, || 0);
             let was = *mask;
             *mask |= bit;
-            was != *mask
+            (was != *mask, was == 0)
         } else {
             match trie.get_mut(pattern) {
                 Some(mask) if *mask & bit != 0 => {
                     *mask &= !bit;
-                    if *mask == 0 {
+                    let gone = *mask == 0;
+                    if gone {
                         trie.remove(pattern);
                     }
-                    true
+                    (true, gone)
                 }
-                _ => false,
+                _ => (false, false),
             }
         };
+        drop(trie);
         if changed {
             self.pattern_version.fetch_add(1, Ordering::Release);
+        }
+        if edge && let Some(link) = self.link.get() {
+            link.interest_changed(pattern, true);
         }
     }
 
@@ -564,10 +644,16 @@ impl Directory {
     /// Marks `worker` as interested in `topic` or not.
     pub fn set(&self, topic: &TopicInterest, worker: usize, interested: bool) {
         let bit = 1u64 << worker;
-        if interested {
-            topic.workers.fetch_or(bit, Ordering::Release);
+        let was = if interested {
+            topic.workers.fetch_or(bit, Ordering::Release)
         } else {
-            topic.workers.fetch_and(!bit, Ordering::Release);
+            topic.workers.fetch_and(!bit, Ordering::Release)
+        };
+        let now = if interested { was | bit } else { was & !bit };
+        if (was == 0) != (now == 0)
+            && let Some(link) = self.link.get()
+        {
+            link.interest_changed(&topic.name, false);
         }
     }
 
@@ -779,7 +865,7 @@ impl Directory {
     ) -> Recovery {
         let mut k = topic.kept();
         k.expire(&self.memory, now);
-        k.history.recover(since, topic.epoch, current, max_bytes)
+        k.history.recover(since, topic.epoch(), current, max_bytes)
     }
 
     /// What `topic`'s history holds at `now`: its epoch and the numbers
@@ -789,7 +875,11 @@ impl Directory {
         let mut k = topic.kept();
         k.expire(&self.memory, now);
         let last = topic.seq();
-        (topic.epoch, k.history.first_seq().unwrap_or(last + 1), last)
+        (
+            topic.epoch(),
+            k.history.first_seq().unwrap_or(last + 1),
+            last,
+        )
     }
 
     /// Deletes `name`'s history (its last value with it); returns the
@@ -825,7 +915,7 @@ impl Directory {
         topic
             .kept()
             .history
-            .last_value(topic.epoch, current, max_bytes)
+            .last_value(topic.epoch(), current, max_bytes)
     }
 
     /// What every history holds together.

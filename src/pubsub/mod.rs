@@ -11,6 +11,7 @@
 //! | [`directory`] | process-wide topic → interested workers (atomic masks) |
 //! | [`bus`] | cross-worker publication batches and wake-ups |
 //! | [`shard`] | one worker's registry (topic → local subscribers) and outbox |
+//! | [`remote`] | publications numbered by a cluster, into the fan-out |
 //! | [`ledger`] | published frames shared by reference, each charged once to the buffer budget |
 //!
 //! See docs/ARCHITECTURE.md for the path of one publication.
@@ -23,6 +24,7 @@ pub mod history;
 pub mod ledger;
 pub mod pattern;
 pub mod policy;
+pub mod remote;
 pub mod shard;
 mod slots;
 pub mod topic;

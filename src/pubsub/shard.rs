@@ -308,7 +308,9 @@ pub struct Shard {
     outbox: Vec<(Arc<TopicInterest>, Arc<Message>)>,
     /// Per outbox entry, the publisher to acknowledge it to, if it asked
     /// (kept apart: most publications have none).
-    ack_to: Vec<(usize, ConnRef)>,
+    /// (In a cluster, every WebSocket publisher is listed, `false` where it
+    /// did not ask: a refusal closes it.)
+    ack_to: Vec<(usize, ConnRef, bool)>,
     /// Acknowledgements due: (publisher, epoch, number), for the caller
     /// to queue ([`Self::take_acks`]).
     acks: Vec<(ConnRef, u64, u64)>,
@@ -318,6 +320,9 @@ pub struct Shard {
     batches: Vec<Vec<Publication>>,
     /// Publications a peer could not take (it had exited), not yet counted.
     lost: usize,
+    /// Publications the cluster link refused, not yet counted, with the
+    /// publishers among them that asked for acknowledgements.
+    refused: (usize, Vec<(ConnRef, super::remote::Refused)>),
     /// Workers to wake for this turn's batches (bit `w`), not yet woken.
     wakes: u64,
     /// Large frames published here, charged to this worker's budget while
@@ -356,6 +361,7 @@ impl Shard {
             last_numbered: (0, 0),
             batches: (0..workers).map(|_| Vec::new()).collect(),
             lost: 0,
+            refused: (0, Vec::new()),
             wakes: 0,
             frames: SharedFrames::default(),
             registry_bytes: 0,
@@ -810,7 +816,7 @@ impl Shard {
     /// The order lock of `topic` (none with a single worker: nothing to
     /// order against).
     fn hold_order_of(&self, topic: &Arc<TopicInterest>) -> super::bus::OrderGuard<'_> {
-        let stripes = if self.batches.len() > 1 {
+        let stripes = if self.bus.order_needed() {
             1u64 << order_stripe(Arc::as_ptr(topic))
         } else {
             0
@@ -888,6 +894,14 @@ impl Shard {
         std::mem::take(&mut self.wakes)
     }
 
+    /// Publications the cluster refused since the last call (it is
+    /// unreachable and its link's bound is reached), and the publishers
+    /// among them that wait for acknowledgements, with why: the caller
+    /// counts them and closes those publishers.
+    pub fn take_refused(&mut self) -> (usize, Vec<(ConnRef, super::remote::Refused)>) {
+        std::mem::take(&mut self.refused)
+    }
+
     /// Publications sent to a worker that had already exited (only during
     /// shutdown) since the last call; the caller counts them.
     pub fn take_lost(&mut self) -> usize {
@@ -932,7 +946,25 @@ impl Shard {
         publisher: ConnRef,
         key: Option<Arc<str>>,
     ) {
-        self.ack_to.push((self.outbox.len(), publisher));
+        self.ack_to.push((self.outbox.len(), publisher, true));
+        self.publish_keyed(topic, frame, now, key);
+    }
+
+    /// [`Self::publish_keyed`] from the WebSocket publisher `publisher`,
+    /// which did not ask for acknowledgements: in a cluster, a publication
+    /// the cluster refuses is its publisher's to hear about
+    /// ([`Self::take_refused`]); alone, the same as `publish_keyed`.
+    pub fn publish_from(
+        &mut self,
+        topic: &Arc<TopicInterest>,
+        frame: Bytes,
+        now: Instant,
+        publisher: ConnRef,
+        key: Option<Arc<str>>,
+    ) {
+        if self.directory.link().is_some() {
+            self.ack_to.push((self.outbox.len(), publisher, false));
+        }
         self.publish_keyed(topic, frame, now, key);
     }
 
@@ -994,6 +1026,22 @@ impl Shard {
         if n == 0 {
             return 0;
         }
+        if let Some(link) = self.directory.link().cloned() {
+            // In a cluster, the cluster numbers them, and they come back
+            // (to this process too) through `remote::inject`.
+            let mut acks = self.ack_to.drain(..).peekable();
+            for (i, (topic, msg)) in self.outbox.iter().enumerate() {
+                let from = acks.next_if(|a| a.0 == i);
+                let ack = from.filter(|a| a.2).map(|a| (self.id, a.1));
+                if let Err(why) = link.publish(topic.name_arc(), msg, ack) {
+                    self.refused.0 += 1;
+                    self.refused.1.extend(from.map(|a| (a.1, why)));
+                }
+            }
+            drop(acks);
+            self.release_outbox();
+            return n;
+        }
         {
             let stripes = if self.batches.len() > 1 {
                 self.outbox
@@ -1010,7 +1058,7 @@ impl Shard {
                 m.seq = topic.next_seq();
                 m.topic = Some(Arc::clone(topic.name_arc()));
                 self.last_numbered = (m.epoch, m.seq);
-                if let Some((_, publisher)) = acks.next_if(|a| a.0 == i) {
+                if let Some((_, publisher, _)) = acks.next_if(|a| a.0 == i).filter(|a| a.2) {
                     self.acks.push((publisher, m.epoch, m.seq));
                 }
                 if m.frame.len() >= COPY_BELOW {
@@ -1038,6 +1086,12 @@ impl Shard {
                 }
             }
         }
+        self.release_outbox();
+        n
+    }
+
+    /// Releases the outbox's topic references.
+    fn release_outbox(&mut self) {
         // One reference per run of a topic goes through the directory's
         // lock: the others are dropped while the run's first is still held
         // (so none of them can be the last one), outside the lock.
@@ -1049,7 +1103,6 @@ impl Shard {
         });
         let firsts: Vec<Arc<TopicInterest>> = runs.collect();
         self.directory.release_many(firsts.into_iter());
-        n
     }
 
     /// Where to end a delivery step that starts at `pubs[start]` and should

@@ -199,8 +199,9 @@ fn respond(head: &[u8], shared: &Shared) -> Vec<u8> {
     if req.path == "/disconnect" {
         return disconnect(&req, shared);
     }
-    let draining = shared.shutdown.load(Ordering::Acquire);
-    match http::admin_response(&req, false, draining, None, || http::render_metrics(shared)) {
+    match http::admin_response(&req, false, shared.health(), None, || {
+        http::render_metrics(shared)
+    }) {
         Some(Ok(r)) => [r.head, r.body.to_vec()].concat(),
         Some(Err(reject)) => handshake::error_response(reject),
         None => handshake::error_response(Reject::new(Status::NotFound, "no such endpoint")),

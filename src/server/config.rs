@@ -203,6 +203,8 @@ pub struct Config {
     pub proxy_protocol: bool,
     /// The `plain_listen` listener's connections start with one.
     pub plain_proxy_protocol: bool,
+    /// A cluster over NATS (`--nats-url`); `None`: this process alone.
+    pub cluster: Option<crate::server::cluster::ClusterSettings>,
 }
 
 impl Default for Config {
@@ -252,6 +254,7 @@ impl Default for Config {
             plain_listen: None,
             proxy_protocol: false,
             plain_proxy_protocol: false,
+            cluster: None,
         }
     }
 }

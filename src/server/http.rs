@@ -25,13 +25,14 @@ pub(crate) struct AdminResponse {
 /// the metrics body: the caller decides how often it is really rendered
 /// (the workers: at most once per loop turn, whatever is pipelined).
 ///
-/// `draining`: the server is shutting down (from the first SIGINT or
-/// SIGTERM), so `/healthz` answers `503` `draining` and a load balancer
-/// sends no new clients while the open ones are closed.
+/// `unhealthy`: why `/healthz` answers `503` instead of `ok`: `draining`
+/// (the server is shutting down, from the first SIGINT or SIGTERM, so a
+/// load balancer sends no new clients while the open ones are closed), or
+/// the cluster's NATS is unreachable ([`Shared::health`]).
 pub(crate) fn admin_response(
     req: &Request<'_, '_>,
     keep_alive: bool,
-    draining: bool,
+    unhealthy: Option<&'static str>,
     counted: Option<&WorkerStats>,
     render: impl FnOnce() -> Bytes,
 ) -> Option<Result<AdminResponse, Reject>> {
@@ -43,8 +44,8 @@ pub(crate) fn admin_response(
     if req.method != "GET" && req.method != "HEAD" {
         return Some(Err(Reject::method("use GET", "GET, HEAD")));
     }
-    if draining && !is_metrics {
-        return Some(Err(Reject::new(Status::ServiceUnavailable, "draining")));
+    if let Some(why) = unhealthy.filter(|_| !is_metrics) {
+        return Some(Err(Reject::new(Status::ServiceUnavailable, why)));
     }
     if let Some(stats) = counted {
         stats.http_request();
@@ -97,6 +98,9 @@ pub(crate) fn render_metrics(shared: &Shared) -> Bytes {
     );
     if shared.auth.is_some() {
         metrics::render_jwks(&mut s, shared.jwks.fetches(), shared.jwks.last_ok_s());
+    }
+    if let Some(c) = &shared.cluster {
+        metrics::render_cluster(&mut s, c);
     }
     Bytes::from(s)
 }

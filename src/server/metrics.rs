@@ -618,24 +618,185 @@ fn histogram(
     workers: &[WorkerStats],
     of: impl Fn(&WorkerStats) -> &Histogram,
 ) {
+    let all: Vec<&Histogram> = workers.iter().map(of).collect();
+    histogram_of(s, name, help, &all);
+}
+
+/// A histogram summed over `parts`: cumulative buckets, sum, count.
+fn histogram_of(s: &mut String, name: &str, help: &str, parts: &[&Histogram]) {
     header(s, name, "histogram", help);
     let mut cumulative = 0u64;
     for (i, le) in LATENCY_BUCKETS_US.iter().enumerate() {
-        cumulative += workers.iter().map(|w| get(&of(w).buckets[i])).sum::<u64>();
+        cumulative += parts.iter().map(|h| get(&h.buckets[i])).sum::<u64>();
         let _ = writeln!(
             s,
             "{name}_bucket{{le=\"{}\"}} {cumulative}",
             *le as f64 / 1e6
         );
     }
-    cumulative += workers
+    cumulative += parts
         .iter()
-        .map(|w| get(&of(w).buckets[LATENCY_BUCKETS_US.len()]))
+        .map(|h| get(&h.buckets[LATENCY_BUCKETS_US.len()]))
         .sum::<u64>();
     let _ = writeln!(s, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
-    let sum_ns: u64 = workers.iter().map(|w| get(&of(w).sum_ns)).sum();
+    let sum_ns: u64 = parts.iter().map(|h| get(&h.sum_ns)).sum();
     let _ = writeln!(s, "{name}_sum {}", sum_ns as f64 / 1e9);
     let _ = writeln!(s, "{name}_count {cumulative}");
+}
+
+/// The cluster link's figures (`--nats-url`).
+pub fn render_cluster(s: &mut String, c: &crate::server::cluster::Cluster) {
+    let st = &c.stats;
+    header(
+        s,
+        "corecast_cluster_connected",
+        "gauge",
+        "1 while the node is connected to NATS and the cluster's stream is there (publications flow), else 0.",
+    );
+    let _ = writeln!(s, "corecast_cluster_connected {}", u8::from(c.is_up()));
+    header(
+        s,
+        "corecast_cluster_connects_total",
+        "counter",
+        "Connections established to NATS (the first and every reconnect).",
+    );
+    let _ = writeln!(s, "corecast_cluster_connects_total {}", get(&st.connects));
+    header(
+        s,
+        "corecast_cluster_subscriptions",
+        "gauge",
+        "Interest subscriptions the node holds in NATS: one per topic and per pattern its subscribers hold.",
+    );
+    let _ = writeln!(
+        s,
+        "corecast_cluster_subscriptions {}",
+        get(&st.subscriptions)
+    );
+    header(
+        s,
+        "corecast_cluster_pending_bytes",
+        "gauge",
+        "Bytes of publications made on this node that the stream has not stored yet (bounded by --nats-max-pending).",
+    );
+    let _ = writeln!(s, "corecast_cluster_pending_bytes {}", c.pending_bytes());
+    header(
+        s,
+        "corecast_cluster_published_total",
+        "counter",
+        "Publications made on this node and stored by the cluster's stream.",
+    );
+    let _ = writeln!(s, "corecast_cluster_published_total {}", get(&st.published));
+    header(
+        s,
+        "corecast_cluster_published_bytes_total",
+        "counter",
+        "Payload bytes of those.",
+    );
+    let _ = writeln!(
+        s,
+        "corecast_cluster_published_bytes_total {}",
+        get(&st.published_bytes)
+    );
+    header(
+        s,
+        "corecast_cluster_publish_refused_total",
+        "counter",
+        "Publications refused on this node, by reason: pending (--nats-max-pending reached, or unusable NATS settings: HTTP 503, WebSocket publisher closed 1013), too_large (over NATS max_payload: 413, 1009), rejected (NATS refused one it had taken, logged), abandoned (not stored when the node stopped).",
+    );
+    for (reason, n) in [
+        ("pending", get(&st.refused)),
+        ("too_large", get(&st.too_large)),
+        ("rejected", get(&st.rejected)),
+        ("abandoned", get(&st.abandoned)),
+    ] {
+        let _ = writeln!(
+            s,
+            "corecast_cluster_publish_refused_total{{reason=\"{reason}\"}} {n}"
+        );
+    }
+    header(
+        s,
+        "corecast_cluster_publish_retries_total",
+        "counter",
+        "Publications numbered again, by cause: conflict (another node stored one of the topic first), failure (NATS unreachable or timed out; retried).",
+    );
+    let _ = writeln!(
+        s,
+        "corecast_cluster_publish_retries_total{{cause=\"conflict\"}} {}",
+        get(&st.conflicts)
+    );
+    let _ = writeln!(
+        s,
+        "corecast_cluster_publish_retries_total{{cause=\"failure\"}} {}",
+        get(&st.failures)
+    );
+    header(
+        s,
+        "corecast_cluster_received_total",
+        "counter",
+        "Messages received from the cluster on the node's interest subscriptions.",
+    );
+    let _ = writeln!(s, "corecast_cluster_received_total {}", get(&st.received));
+    header(
+        s,
+        "corecast_cluster_received_bytes_total",
+        "counter",
+        "Payload bytes of those.",
+    );
+    let _ = writeln!(
+        s,
+        "corecast_cluster_received_bytes_total {}",
+        get(&st.received_bytes)
+    );
+    header(
+        s,
+        "corecast_cluster_received_skipped_total",
+        "counter",
+        "Messages received and not handed on, by reason: duplicate (a number already handed on: a topic's and a pattern's subscription both match), foreign (not published by corecast).",
+    );
+    let _ = writeln!(
+        s,
+        "corecast_cluster_received_skipped_total{{reason=\"duplicate\"}} {}",
+        get(&st.duplicates)
+    );
+    let _ = writeln!(
+        s,
+        "corecast_cluster_received_skipped_total{{reason=\"foreign\"}} {}",
+        get(&st.foreign)
+    );
+    header(
+        s,
+        "corecast_cluster_sequence_breaks_total",
+        "counter",
+        "Topic numbers that did not follow the last one handed on here: gap (numbers skipped: messages that never reached this node, which subscribers see as a skip), restart (a new epoch).",
+    );
+    let _ = writeln!(
+        s,
+        "corecast_cluster_sequence_breaks_total{{kind=\"gap\"}} {}",
+        get(&st.gaps)
+    );
+    let _ = writeln!(
+        s,
+        "corecast_cluster_sequence_breaks_total{{kind=\"restart\"}} {}",
+        get(&st.restarts)
+    );
+    header(
+        s,
+        "corecast_cluster_slow_consumer_total",
+        "counter",
+        "Slow-consumer notices from the NATS client (it dropped messages for this node: gaps follow).",
+    );
+    let _ = writeln!(
+        s,
+        "corecast_cluster_slow_consumer_total {}",
+        get(&st.slow_consumer)
+    );
+    histogram_of(
+        s,
+        "corecast_cluster_hop_seconds",
+        "From the publishing node's clock at publish to this node's on receipt, per message received (the NATS hop: the stream's store and republish; across machines, plus their clock difference).",
+        &[&st.latency],
+    );
 }
 
 #[cfg(test)]

@@ -28,6 +28,7 @@ pub mod admin;
 pub mod admission;
 pub mod auth;
 pub mod backend;
+pub mod cluster;
 pub mod config;
 pub mod epoll;
 pub mod http;
@@ -98,6 +99,9 @@ pub struct Shared {
     /// The JWKS fetcher's requests (from the workers, the reload) and
     /// counters.
     pub(crate) jwks: jwks::Jwks,
+    /// The cluster link (`--nats-url`): what the workers and the NATS
+    /// bridge share.
+    pub(crate) cluster: Option<Arc<cluster::Cluster>>,
     /// Subs whose connections the operator asked to close
     /// (`POST /disconnect`), numbered; each worker acts on those past the
     /// number it has seen at its next sweep. Kept [`REVOKED_FOR`].
@@ -167,12 +171,27 @@ impl Shared {
             origins: Default::default(),
             auth: None,
             jwks: Default::default(),
+            cluster: None,
             revoked: Default::default(),
             revoked_last: Default::default(),
             panics: Default::default(),
             on_failure: Default::default(),
             #[cfg(test)]
             test_panic_worker: Default::default(),
+        }
+    }
+
+    /// Why `/healthz` answers `503` now, if it does: `draining` (shutting
+    /// down), or, in a cluster, NATS unreachable (publications are held or
+    /// refused and nothing arrives from other nodes: a balancer should
+    /// send clients to a node that has it).
+    pub(crate) fn health(&self) -> Option<&'static str> {
+        if self.shutdown.load(Ordering::Acquire) {
+            Some("draining")
+        } else if self.cluster.as_ref().is_some_and(|c| !c.is_up()) {
+            Some("cluster: not connected to NATS")
+        } else {
+            None
         }
     }
 
@@ -392,6 +411,8 @@ pub struct ServerHandle {
     threads: Vec<JoinHandle<()>>,
     /// The JWKS fetcher, with tokens on.
     fetcher: Option<JoinHandle<()>>,
+    /// The NATS bridge, in a cluster.
+    bridge: Option<cluster::bridge::Bridge>,
     backend: Backend,
 }
 
@@ -609,6 +630,16 @@ fn start_on(mut config: Config) -> Result<ServerHandle, StartError> {
             format!("at most {MAX_WORKERS} workers are supported"),
         )));
     }
+    if config.cluster.is_some() && config.max_topic_len > cluster::MAX_TOPIC_LEN {
+        return Err(StartError::Io(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "--max-topic-len {} is over {} in a cluster (--nats-url): a topic is a NATS subject",
+                config.max_topic_len,
+                cluster::MAX_TOPIC_LEN
+            ),
+        )));
+    }
     if config.max_handshake_size > MAX_HANDSHAKE_CAP {
         warn!(
             requested = config.max_handshake_size,
@@ -681,12 +712,25 @@ fn start_on(mut config: Config) -> Result<ServerHandle, StartError> {
         }
     }
     let (bus, inboxes) = Bus::new(wakers);
+    // In a cluster, a topic nobody here holds is not followed, so its
+    // history here would go stale: none is retained (the stream keeps it).
+    let retained_topics = if config.cluster.is_some() {
+        0
+    } else {
+        config.retained_topics
+    };
     let directory = Directory::with_policies(
         config.history,
-        config.retained_topics,
+        retained_topics,
         config.namespaces.clone(),
         config.last_value,
     );
+    let cluster = config.cluster.clone().map(|settings| {
+        let c = Arc::new(cluster::Cluster::new(settings, Arc::clone(&bus)));
+        directory.set_link(Arc::clone(&c) as Arc<dyn crate::pubsub::remote::Link>);
+        bus.add_external_sender();
+        c
+    });
     let mut shared = Shared::new(
         config,
         (0..workers).map(|_| WorkerStats::default()).collect(),
@@ -698,6 +742,7 @@ fn start_on(mut config: Config) -> Result<ServerHandle, StartError> {
     shared.tls_workers = tls_workers;
     shared.set_origins(origins);
     shared.auth = verifier.map(|v| std::sync::RwLock::new(Arc::new(v)));
+    shared.cluster = cluster;
     let shared = Arc::new(shared);
     let admin = match shared.config.admin_listen {
         Some(addr) => Some(admin::start(addr, Arc::clone(&shared))?),
@@ -784,6 +829,20 @@ fn start_on(mut config: Config) -> Result<ServerHandle, StartError> {
             return Err(StartError::UringWorkers(e));
         }
     }
+    let bridge = match &shared.cluster {
+        Some(c) => Some(cluster::bridge::Bridge::spawn(
+            Arc::clone(c),
+            Arc::clone(&shared.directory),
+            Arc::clone(&shared.bus),
+            cluster::bridge::StreamSettings {
+                per_topic: shared.config.history.size,
+                max_bytes: shared.config.history.memory,
+                replicas: c.replicas(),
+            },
+            shared.config.mailbox_high_water,
+        )?),
+        None => None,
+    };
     let fetcher = fetcher.map(jwks::Fetcher::spawn).transpose()?;
     info!(%local_addr, workers = primaries, overflow_workers = tls_workers - primaries, io = backend.name(), pinned = placement.pinned(), tls = shared.tls.is_some(), plain_addr = ?plain_addr, "corecast listening");
     Ok(ServerHandle {
@@ -794,6 +853,7 @@ fn start_on(mut config: Config) -> Result<ServerHandle, StartError> {
         admin,
         threads,
         fetcher,
+        bridge,
         backend,
     })
 }
@@ -908,6 +968,11 @@ impl ServerHandle {
             && f.join().is_err()
         {
             warn!("the JWKS fetcher panicked");
+        }
+        // After the workers: what they published during the drain gets
+        // its moment to be stored.
+        if let Some(b) = self.bridge.take() {
+            b.stop();
         }
     }
 }

@@ -11,13 +11,14 @@
 pub mod envelope;
 pub mod frames;
 pub mod http;
+pub mod nats;
 pub mod process;
 pub mod sockets;
 pub mod tls;
 
 // One `use common::*;` per test file; each file uses part of them.
 #[allow(unused_imports)]
-pub use {envelope::*, frames::*, http::*, process::*, sockets::*, tls::*};
+pub use {envelope::*, frames::*, http::*, nats::*, process::*, sockets::*, tls::*};
 
 use corecast::server::{self, Config, IoMode, ServerHandle};
 use std::net::{SocketAddr, TcpStream};

@@ -421,7 +421,7 @@ impl Session {
                             if p.acks {
                                 ctx.shard.publish_acked(t, frame, ctx.now, ctx.me, key);
                             } else {
-                                ctx.shard.publish_keyed(t, frame, ctx.now, key);
+                                ctx.shard.publish_from(t, frame, ctx.now, ctx.me, key);
                             }
                             ctx.published = true;
                         }

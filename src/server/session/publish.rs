@@ -5,8 +5,9 @@ use super::request::{keep_alive, topic_reject};
 use super::{Ctx, Phase, Session, encode};
 use crate::proto::MessageKind;
 use crate::proto::handshake::{HeadScanner, Reject, Request, Status};
+use crate::pubsub::remote::Refused;
 use crate::pubsub::topic;
-use crate::server::http;
+use crate::server::{cluster, http};
 use bytes::Bytes;
 
 #[derive(Debug)]
@@ -100,6 +101,45 @@ impl Session {
             return;
         }
         ctx.stats.http_request();
+        if let Some(cluster) = ctx.shared.cluster.as_deref() {
+            // In a cluster, every publication goes to the cluster (nodes
+            // elsewhere may have subscribers, and its history is there),
+            // and is numbered there: no number to answer with yet.
+            let text = state.kind == MessageKind::Text;
+            match cluster::publish_http(cluster, &state.topic, body, text, state.key.clone()) {
+                Ok(()) => {
+                    ctx.stats.message_published();
+                    self.out.push(http::published(state.keep_alive, None));
+                }
+                Err(Refused::TooLarge) => {
+                    return self.refuse(
+                        Reject::new(
+                            Status::PayloadTooLarge,
+                            "body larger than one NATS message (the cluster's max_payload)",
+                        ),
+                        ctx.stats,
+                    );
+                }
+                Err(Refused::Busy) => {
+                    return self.refuse(
+                        Reject::new(
+                            Status::ServiceUnavailable,
+                            "the cluster is not taking publications (NATS unreachable or slow, --nats-max-pending reached)",
+                        ),
+                        ctx.stats,
+                    );
+                }
+            }
+            self.phase = if state.keep_alive {
+                Phase::Head {
+                    scan: HeadScanner::default(),
+                    requests: state.requests,
+                }
+            } else {
+                Phase::Done
+            };
+            return;
+        }
         ctx.stats.message_published();
         // One directory lookup (and a walk of the patterns' trie when the
         // topic is unknown): nobody anywhere subscribed, to the topic or a

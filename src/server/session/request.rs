@@ -258,9 +258,9 @@ impl Session {
                         cache.insert((now, http::render_metrics(shared))).1.clone()
                     }
                 };
-                let draining = shared.shutdown.load(std::sync::atomic::Ordering::Acquire);
-                let response = http::admin_response(&req, ka, draining, Some(ctx.stats), render)
-                    .expect("routed by path")?;
+                let response =
+                    http::admin_response(&req, ka, shared.health(), Some(ctx.stats), render)
+                        .expect("routed by path")?;
                 self.out.push_copy(&response.head);
                 // Shared with the turn's other requests, and bounded per
                 // connection by --max-outbound-bytes (reading pauses above it).

@@ -5,8 +5,11 @@
 
 use super::conflation::{Full, Tables};
 use super::*;
+use crate::proto::handshake::Status;
 use crate::pubsub::envelope::Form;
+use crate::pubsub::remote::Refused;
 use crate::pubsub::shard::TopicView;
+use crate::server::cluster::Reply;
 use crate::server::config::SlowConsumerPolicy;
 
 impl<S> Core<S> {
@@ -21,7 +24,60 @@ impl<S> Core<S> {
             self.stats().undelivered(Undelivered::WorkerStopped, lost);
         }
         self.queue_acks();
+        if self.shared.cluster.is_some() {
+            self.cluster_answers();
+        }
         self.shard.take_wakes()
+    }
+
+    /// In a cluster: acknowledgements of what the cluster numbered, and
+    /// the publishers whose publications it refused, which are closed
+    /// (1013: it is unreachable or slow; 1009: larger than NATS takes).
+    fn cluster_answers(&mut self) {
+        let (refused, publishers) = self.shard.take_refused();
+        if refused > 0 {
+            debug!(
+                worker = self.id,
+                refused, "publications refused by the cluster link"
+            );
+        }
+        for ((key, serial), why) in publishers {
+            if !self.is_current(key, serial) || self.conns[key].state != IoState::Active {
+                continue;
+            }
+            let (code, reason) = match why {
+                Refused::Busy => (CloseCode::TRY_AGAIN_LATER, "cluster unavailable"),
+                Refused::TooLarge => (
+                    CloseCode::MESSAGE_TOO_BIG,
+                    "message larger than the cluster takes",
+                ),
+            };
+            let stats = &self.shared.stats[self.id];
+            stats.ws_failure(code.0);
+            self.conns[key]
+                .session
+                .abort(code, Status::ServiceUnavailable, reason, stats);
+            self.recharge(key);
+            self.start_closing(key);
+        }
+        let Some(cluster) = self.shared.cluster.clone() else {
+            return;
+        };
+        for reply in cluster.take_replies(self.id) {
+            let Reply::Stored {
+                conn: (key, serial),
+                epoch,
+                seq,
+            } = reply;
+            if !self.is_current(key, serial) {
+                continue;
+            }
+            let conn = &mut self.conns[key];
+            if conn.session.push_ack(epoch, seq) {
+                conn.mark_dirty(key, &mut self.dirty);
+                recharge(conn, &mut self.buffered, &self.shared.stats[self.id]);
+            }
+        }
     }
 
     /// Queues the acknowledgements of what this turn numbered to the

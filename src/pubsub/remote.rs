@@ -1,0 +1,109 @@
+//! Publications numbered elsewhere: the fan-out's side of a cluster.
+//!
+//! In a cluster (`--nats-url`) a topic's one order is decided by the
+//! cluster's sequencer (JetStream, see `server/cluster/`), not by the
+//! topic's order lock here. Workers then hand their publications to the
+//! [`Link`] instead of numbering them (`Shard::dispatch`), and every
+//! publication, this process's own included, comes back through
+//! [`inject`] with its epoch and number, in the cluster's order. From
+//! there on it takes the path of a local one: under the topic's order
+//! lock it becomes the topic's newest number, goes to the mailbox of every
+//! worker interested then, and into the topic's history, so floors,
+//! joiners, recovery and patterns work as on one machine.
+
+use super::bus::{Bus, Publication, order_stripe};
+use super::directory::{Adopt, Directory};
+use super::envelope::Message;
+use super::shard::ConnRef;
+use std::fmt;
+use std::sync::Arc;
+
+/// What the fan-out needs from a cluster (implemented by the server's
+/// NATS bridge). Both calls are made on worker threads and must not block.
+pub trait Link: Send + Sync + fmt::Debug {
+    /// The process may have gained or lost its interest in `name` (a
+    /// topic, or a pattern when `pattern`): the link reads the directory
+    /// again ([`Directory::topic_held`], [`Directory::pattern_held`]).
+    fn interest_changed(&self, name: &str, pattern: bool);
+
+    /// A publication made on `worker` to `topic`, for the cluster to
+    /// number and deliver everywhere, this process included. `ack`: the
+    /// publisher to tell the number (through the worker's replies).
+    /// Refused: the caller counts it and tells the publisher.
+    fn publish(
+        &self,
+        topic: &Arc<str>,
+        msg: &Message,
+        ack: Option<(usize, ConnRef)>,
+    ) -> Result<(), Refused>;
+}
+
+/// Why a cluster link did not take a publication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The link holds all it may (the cluster is slow or unreachable).
+    Busy,
+    /// Larger than one message of the cluster's transport.
+    TooLarge,
+}
+
+/// What [`inject`] did with a publication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Injected {
+    /// Handed to the interested workers (bit `w` of `wakes`: wake worker
+    /// `w`, with [`Bus::wake`]); `step` says how its number followed the
+    /// topic's last one.
+    Delivered {
+        wakes: u64,
+        step: Adopt,
+        lost: usize,
+    },
+    /// Its number was handed on already (a copy through a pattern's
+    /// subscription and the topic's).
+    Duplicate,
+    /// Nobody here holds the topic or a pattern matching it any more.
+    NoInterest,
+}
+
+/// Hands `msg`, numbered elsewhere (`msg.epoch`, `msg.seq` set), to the
+/// workers interested in `name` now, and to its history. Called by one
+/// thread per process (the cluster's bridge), in the cluster's order per
+/// topic.
+pub fn inject(directory: &Directory, bus: &Bus, name: &str, mut msg: Message) -> Injected {
+    let topic = directory.get(name).or_else(|| {
+        directory
+            .pattern_matches(name)
+            .then(|| directory.entry(name))
+    });
+    let Some(topic) = topic else {
+        return Injected::NoInterest;
+    };
+    let done = {
+        let _order = bus.hold_order(1u64 << order_stripe(Arc::as_ptr(&topic)));
+        match topic.adopt(msg.epoch, msg.seq) {
+            Adopt::Old => Injected::Duplicate,
+            step => {
+                if step != Adopt::Next {
+                    directory.clear_history(&topic);
+                }
+                msg.topic = Some(Arc::clone(topic.name_arc()));
+                let msg = Arc::new(msg);
+                let (mut wakes, mut lost) = (0u64, 0usize);
+                let mut targets = directory.targets(&topic);
+                while targets != 0 {
+                    let w = targets.trailing_zeros() as usize;
+                    targets &= targets - 1;
+                    let p = Publication::new(Arc::downgrade(&topic), Arc::clone(&msg));
+                    match bus.send(w, vec![p]) {
+                        Ok(wake) => wakes |= u64::from(wake) << w,
+                        Err(n) => lost += n,
+                    }
+                }
+                directory.record(&topic, &msg);
+                Injected::Delivered { wakes, step, lost }
+            }
+        }
+    };
+    directory.release(topic);
+    done
+}

@@ -1,0 +1,426 @@
+//! The numbering of this node's publications in a cluster (sans-IO: the
+//! bridge performs each [`Step`] and reports how it went).
+//!
+//! A topic's one order is the stream's: every node publishes to the
+//! topic's input subject, and JetStream stores one message at a time. Each
+//! message carries its topic's epoch and number (`Corecast-Epoch`,
+//! `Corecast-Seq`), which this node decides before publishing and the
+//! stream checks: the publication names the stream sequence of the topic's
+//! last stored message (`Nats-Expected-Last-Subject-Sequence`), and the
+//! stream refuses it if another message of the topic was stored since
+//! (another node published). So the numbers are the stream's order, with
+//! no gap and no duplicate, whichever node publishes, and no protocol of
+//! our own between nodes: the check is JetStream's.
+//!
+//! Per topic, one publication is in flight at a time (the next one's
+//! expected sequence is the stream sequence the last one's acknowledgement
+//! gives); the others wait in the topic's queue, in publish order. After
+//! a refusal (another node published), the topic's last stored message is
+//! read again (epoch, number, stream sequence) and the same publication is
+//! numbered again. A topic with nothing stored starts a new epoch, which
+//! the caller passes in (the wall clock in microseconds).
+//!
+//! Everything queued counts against one bound in bytes ([`Sequencer::push`]
+//! refuses past it): what a node holds while NATS is slow or away.
+
+use crate::pubsub::shard::ConnRef;
+use bytes::Bytes;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+/// What one queued publication costs besides its payload.
+pub const PENDING_OVERHEAD_BYTES: usize = 128;
+
+/// Who asked to be told the number a publication got: a WebSocket
+/// publisher (`worker`, connection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckTo {
+    pub worker: usize,
+    pub conn: ConnRef,
+}
+
+/// A publication made on this node, not yet stored by the stream.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    /// Unique per publication of this node: the stream's duplicate check
+    /// (`Nats-Msg-Id`) for a publication tried again after a timeout.
+    pub id: Arc<str>,
+    pub topic: Arc<str>,
+    pub payload: Bytes,
+    pub text: bool,
+    pub key: Option<Arc<str>>,
+    pub ack: Option<AckTo>,
+}
+
+impl Pending {
+    /// What it counts against the bound.
+    pub fn cost(&self) -> usize {
+        self.payload.len() + self.topic.len() + PENDING_OVERHEAD_BYTES
+    }
+}
+
+/// A topic's last stored publication, as the stream has it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Last {
+    pub epoch: u64,
+    pub seq: u64,
+    /// Its sequence in the stream (what the next publication expects).
+    pub stream_seq: u64,
+}
+
+/// What the bridge is to do next for a topic.
+#[derive(Debug, Clone)]
+pub enum Step {
+    /// Read the topic's last stored message, then call [`Sequencer::fetched`].
+    FetchLast { topic: Arc<str> },
+    /// Publish `item` numbered (`epoch`, `seq`), expecting the topic's last
+    /// stored message at stream sequence `expect` (0: none), then call
+    /// [`Sequencer::acked`], [`Sequencer::conflict`] or [`Sequencer::failed`].
+    Publish {
+        item: Pending,
+        epoch: u64,
+        seq: u64,
+        expect: u64,
+    },
+}
+
+/// A publication the stream stored, with its number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub ack: Option<AckTo>,
+    pub epoch: u64,
+    pub seq: u64,
+    /// Its payload's length and what it counted against the bound.
+    pub payload_len: usize,
+    pub cost: usize,
+}
+
+#[derive(Debug, Default)]
+struct TopicState {
+    last: Option<Last>,
+    queue: VecDeque<Pending>,
+    /// A step is in flight (a fetch, or the publication at the queue's front).
+    busy: bool,
+}
+
+/// Every topic this node publishes to, while it has something queued (and
+/// its last known position, kept for the next publication).
+#[derive(Debug)]
+pub struct Sequencer {
+    topics: HashMap<Arc<str>, TopicState>,
+    queued: usize,
+    max_bytes: usize,
+}
+
+impl Sequencer {
+    /// A sequencer holding at most `max_bytes` of queued publications.
+    pub fn new(max_bytes: usize) -> Self {
+        Self {
+            topics: HashMap::new(),
+            queued: 0,
+            max_bytes,
+        }
+    }
+
+    /// Bytes queued (payloads plus overhead), in flight included.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued
+    }
+
+    /// Publications queued, in flight included.
+    pub fn queued(&self) -> usize {
+        self.topics.values().map(|t| t.queue.len()).sum()
+    }
+
+    /// Queues `item`; returns the step to take now, if its topic was idle.
+    /// Past the bound, gives the publication back (the caller refuses it).
+    pub fn push(&mut self, item: Pending) -> Result<Option<Step>, Pending> {
+        let cost = item.cost();
+        if self.queued + cost > self.max_bytes {
+            return Err(item);
+        }
+        self.queued += cost;
+        let t = self.topics.entry(Arc::clone(&item.topic)).or_default();
+        t.queue.push_back(item);
+        Ok(Self::next(t))
+    }
+
+    /// The step an idle topic takes next, if it has work.
+    fn next(t: &mut TopicState) -> Option<Step> {
+        if t.busy {
+            return None;
+        }
+        let front = t.queue.front()?;
+        t.busy = true;
+        Some(match t.last {
+            None => Step::FetchLast {
+                topic: Arc::clone(&front.topic),
+            },
+            Some(last) => Step::Publish {
+                item: front.clone(),
+                epoch: last.epoch,
+                seq: last.seq + 1,
+                expect: last.stream_seq,
+            },
+        })
+    }
+
+    /// The topic's last stored message was read: `None`, nothing is
+    /// stored, so its numbering starts again in `new_epoch`.
+    pub fn fetched(&mut self, topic: &str, last: Option<Last>, new_epoch: u64) -> Option<Step> {
+        let t = self.topics.get_mut(topic)?;
+        t.busy = false;
+        t.last = Some(last.unwrap_or(Last {
+            epoch: new_epoch,
+            seq: 0,
+            stream_seq: 0,
+        }));
+        Self::next(t)
+    }
+
+    /// The publication in flight for `topic` was stored at `stream_seq`.
+    pub fn acked(&mut self, topic: &str, stream_seq: u64) -> (Option<Stored>, Option<Step>) {
+        let Some(t) = self.topics.get_mut(topic) else {
+            return (None, None);
+        };
+        t.busy = false;
+        let (Some(item), Some(last)) = (t.queue.pop_front(), t.last) else {
+            return (None, Self::next(t));
+        };
+        self.queued -= item.cost();
+        let now = Last {
+            epoch: last.epoch,
+            seq: last.seq + 1,
+            stream_seq,
+        };
+        t.last = Some(now);
+        let stored = Stored {
+            ack: item.ack,
+            epoch: now.epoch,
+            seq: now.seq,
+            payload_len: item.payload.len(),
+            cost: item.cost(),
+        };
+        let step = Self::next(t);
+        if step.is_none() && t.queue.is_empty() {
+            // Kept while idle: the next publication skips the fetch. (A
+            // stale position costs one refusal and a fetch, never a wrong
+            // number.)
+            self.trim_idle();
+        }
+        (Some(stored), step)
+    }
+
+    /// The stream refused the publication in flight: the topic moved on
+    /// (another node published, or the stream forgot it). Read its last
+    /// message again; the publication stays first in line.
+    pub fn conflict(&mut self, topic: &str) -> Option<Step> {
+        let t = self.topics.get_mut(topic)?;
+        t.busy = false;
+        t.last = None;
+        Self::next(t)
+    }
+
+    /// The publication in flight for `topic` can never be stored (too
+    /// large for NATS): it leaves the queue; the next one starts.
+    pub fn drop_front(&mut self, topic: &str) -> (Option<Pending>, Option<Step>) {
+        let Some(t) = self.topics.get_mut(topic) else {
+            return (None, None);
+        };
+        t.busy = false;
+        let item = t.queue.pop_front();
+        if let Some(i) = &item {
+            self.queued -= i.cost();
+        }
+        (item, Self::next(t))
+    }
+
+    /// The stream says it had stored the publication in flight already (an
+    /// earlier attempt reached it): it leaves the queue, and the topic's
+    /// position is read again before the next one.
+    pub fn stored_before(&mut self, topic: &str) -> (Option<Pending>, Option<Step>) {
+        if let Some(t) = self.topics.get_mut(topic) {
+            t.last = None;
+        }
+        self.drop_front(topic)
+    }
+
+    /// The step in flight for `topic` failed for want of NATS (disconnected,
+    /// timed out): the publication stays first in line until [`Self::resume`].
+    pub fn failed(&mut self, topic: &str) {
+        if let Some(t) = self.topics.get_mut(topic) {
+            t.busy = false;
+            // A timed-out publication may have been stored after all: its
+            // number is checked again against the stream before reuse.
+            t.last = None;
+        }
+    }
+
+    /// The steps of every idle topic with something queued (after NATS is
+    /// back).
+    pub fn resume(&mut self) -> Vec<Step> {
+        self.topics.values_mut().filter_map(Self::next).collect()
+    }
+
+    /// Gives up on everything queued (the process stops): the publications
+    /// lost, each with whom to tell.
+    pub fn abandon(&mut self) -> Vec<Pending> {
+        self.queued = 0;
+        self.topics
+            .drain()
+            .flat_map(|(_, t)| t.queue.into_iter())
+            .collect()
+    }
+
+    /// Keeps the positions of idle topics bounded (a node publishing to
+    /// many topics once each): past 65 536 topics, the idle ones go.
+    fn trim_idle(&mut self) {
+        const MAX_TOPICS: usize = 65_536;
+        if self.topics.len() > MAX_TOPICS {
+            self.topics.retain(|_, t| t.busy || !t.queue.is_empty());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(topic: &str, p: &[u8]) -> Pending {
+        Pending {
+            id: Arc::from("x"),
+            topic: Arc::from(topic),
+            payload: Bytes::copy_from_slice(p),
+            text: false,
+            key: None,
+            ack: None,
+        }
+    }
+
+    fn publish(step: Option<Step>) -> (Bytes, u64, u64, u64) {
+        match step {
+            Some(Step::Publish {
+                item,
+                epoch,
+                seq,
+                expect,
+            }) => (item.payload, epoch, seq, expect),
+            other => panic!("expected a publish, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn one_in_flight_per_topic_numbered_from_the_stream() {
+        let mut s = Sequencer::new(1 << 20);
+        assert!(matches!(
+            s.push(item("a", b"1")),
+            Ok(Some(Step::FetchLast { .. }))
+        ));
+        assert!(matches!(s.push(item("a", b"2")), Ok(None)), "a is busy");
+        // Another topic does not wait for a.
+        assert!(matches!(
+            s.push(item("b", b"x")),
+            Ok(Some(Step::FetchLast { .. }))
+        ));
+        let last = Last {
+            epoch: 7,
+            seq: 41,
+            stream_seq: 900,
+        };
+        assert_eq!(
+            publish(s.fetched("a", Some(last), 99)),
+            (Bytes::from_static(b"1"), 7, 42, 900)
+        );
+        let (stored, next) = s.acked("a", 1000);
+        assert_eq!(
+            stored.map(|s| (s.epoch, s.seq, s.payload_len)),
+            Some((7, 42, 1))
+        );
+        assert_eq!(publish(next), (Bytes::from_static(b"2"), 7, 43, 1000));
+        let (_, next) = s.acked("a", 1003);
+        assert!(next.is_none());
+        // Idle, its position kept: no fetch for the next one.
+        assert_eq!(
+            publish(s.push(item("a", b"3")).unwrap()),
+            (Bytes::from_static(b"3"), 7, 44, 1003)
+        );
+        // Nothing stored of b: a new epoch from 1, expecting nothing.
+        assert_eq!(
+            publish(s.fetched("b", None, 99)),
+            (Bytes::from_static(b"x"), 99, 1, 0)
+        );
+    }
+
+    #[test]
+    fn a_refusal_renumbers_the_same_publication_after_a_fetch() {
+        let mut s = Sequencer::new(1 << 20);
+        s.push(item("a", b"1")).unwrap();
+        s.push(item("a", b"2")).unwrap();
+        let _ = s.fetched(
+            "a",
+            Some(Last {
+                epoch: 7,
+                seq: 1,
+                stream_seq: 10,
+            }),
+            0,
+        );
+        // Another node stored number 2 first.
+        assert!(matches!(s.conflict("a"), Some(Step::FetchLast { .. })));
+        let step = s.fetched(
+            "a",
+            Some(Last {
+                epoch: 7,
+                seq: 2,
+                stream_seq: 11,
+            }),
+            0,
+        );
+        assert_eq!(publish(step), (Bytes::from_static(b"1"), 7, 3, 11));
+        let (stored, next) = s.acked("a", 12);
+        assert_eq!(stored.map(|s| s.seq), Some(3));
+        assert_eq!(publish(next), (Bytes::from_static(b"2"), 7, 4, 12));
+    }
+
+    #[test]
+    fn a_failure_waits_for_resume_and_checks_the_position_again() {
+        let mut s = Sequencer::new(1 << 20);
+        s.push(item("a", b"1")).unwrap();
+        let _ = s.fetched(
+            "a",
+            Some(Last {
+                epoch: 7,
+                seq: 1,
+                stream_seq: 10,
+            }),
+            0,
+        );
+        s.failed("a");
+        assert!(matches!(
+            s.push(item("a", b"2")),
+            Ok(Some(Step::FetchLast { .. }))
+        ));
+        s.failed("a");
+        let steps = s.resume();
+        assert_eq!(steps.len(), 1);
+        assert!(matches!(steps[0], Step::FetchLast { .. }));
+        assert!(s.resume().is_empty(), "already in flight");
+        assert_eq!(s.queued(), 2);
+    }
+
+    #[test]
+    fn the_bound_counts_payloads_until_stored() {
+        let one = item("a", &[0; 100]).cost();
+        let mut s = Sequencer::new(2 * one);
+        s.push(item("a", &[0; 100])).unwrap();
+        s.push(item("a", &[0; 100])).unwrap();
+        assert!(s.push(item("b", &[0; 100])).is_err());
+        assert_eq!(s.queued_bytes(), 2 * one);
+        let _ = s.fetched("a", None, 5);
+        let _ = s.acked("a", 1);
+        assert_eq!(s.queued_bytes(), one);
+        s.push(item("b", &[0; 100])).unwrap();
+        assert_eq!(s.abandon().len(), 2);
+        assert_eq!(s.queued_bytes(), 0);
+    }
+}

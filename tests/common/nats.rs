@@ -1,0 +1,118 @@
+//! A real `nats-server` with JetStream for the cluster tests, on a free
+//! loopback port below 32768, its store in a fresh directory; stopped
+//! (and its store removed) when dropped. `.ci/run` installs the Debian
+//! package; elsewhere, without it, [`NatsServer::start`] returns `None`
+//! after a loud message, unless `CORECAST_REQUIRE_NATS` is set (as in CI),
+//! when it panics.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct NatsServer {
+    pub port: u16,
+    store: PathBuf,
+    child: Option<Child>,
+}
+
+/// A port below 32768 nothing listens on now, never the same twice in
+/// one test process (tests of a file run in parallel).
+pub fn free_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let seed = std::process::id() as u16;
+    loop {
+        let i = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        assert!(i < 2000, "no free port below 32768");
+        let port = 20000 + (seed.wrapping_mul(7).wrapping_add(i.wrapping_mul(13))) % 12000;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+impl NatsServer {
+    /// Starts one, or `None` when `nats-server` is missing outside CI.
+    pub fn start() -> Option<Self> {
+        let found = Command::new("nats-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            if std::env::var_os("CORECAST_REQUIRE_NATS").is_some() {
+                panic!("nats-server is not installed (CORECAST_REQUIRE_NATS is set)");
+            }
+            eprintln!(
+                "\n*** SKIPPED: nats-server is not installed; the cluster tests need it \
+                 (apt-get install nats-server) ***\n"
+            );
+            return None;
+        }
+        let port = free_port();
+        let store =
+            std::env::temp_dir().join(format!("corecast-nats-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&store);
+        let mut me = Self {
+            port,
+            store,
+            child: None,
+        };
+        me.run();
+        Some(me)
+    }
+
+    /// (Re)starts the server process on the same port and store.
+    pub fn run(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let child = Command::new("nats-server")
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(&self.store)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        self.child = Some(child);
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let end = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < end, "nats-server did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Ours, not another's on the same port: it is still running.
+        std::thread::sleep(Duration::from_millis(50));
+        let exited = self.child.as_mut().map(|c| c.try_wait());
+        assert!(
+            matches!(exited, Some(Ok(None))),
+            "nats-server on port {} exited at start (port taken?)",
+            self.port
+        );
+    }
+
+    /// Stops the server process (the store stays).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.store);
+    }
+}
