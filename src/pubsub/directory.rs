@@ -85,6 +85,9 @@ pub struct TopicInterest {
     /// both written only under the topic's order lock.
     pattern_workers: AtomicU64,
     pattern_version: AtomicU64,
+    /// Its history here holds what there is to recover (always, alone;
+    /// in a cluster, once filled from the stream: see [`Self::set_warm`]).
+    warm: std::sync::atomic::AtomicBool,
 }
 
 /// A topic's history and the bounds it is kept to (its namespace's, or
@@ -104,7 +107,7 @@ impl Kept {
 }
 
 impl TopicInterest {
-    fn new(name: Arc<str>, epoch: u64, r: &Resolved) -> Self {
+    fn new(name: Arc<str>, epoch: u64, r: &Resolved, warm: bool) -> Self {
         Self {
             name,
             workers: AtomicU64::new(0),
@@ -118,7 +121,20 @@ impl TopicInterest {
             policy: LivePolicy::new(r),
             pattern_workers: AtomicU64::new(0),
             pattern_version: AtomicU64::new(0),
+            warm: std::sync::atomic::AtomicBool::new(warm),
         }
+    }
+
+    /// Whether this process's history of the topic can answer a recovery:
+    /// always on one machine; in a cluster, once the node filled it from
+    /// the cluster's stream (until then a recovery is asked to retry).
+    pub fn is_warm(&self) -> bool {
+        self.warm.load(Ordering::Acquire)
+    }
+
+    /// The history was filled from the cluster's stream.
+    pub fn set_warm(&self) {
+        self.warm.store(true, Ordering::Release);
     }
 
     /// Takes the policies `r` (a reload): the history is trimmed to its
@@ -384,6 +400,51 @@ impl Directory {
         self.patterns().get(pattern).is_some_and(|m| *m != 0)
     }
 
+    /// Puts `older` (oldest first, taken from a cluster's stream) in front
+    /// of `topic`'s history: the run of them, in the topic's epoch, that
+    /// ends right before the oldest number held (or at the topic's newest,
+    /// when nothing is held). The caller holds the topic's order lock.
+    pub fn fill_history(&self, topic: &TopicInterest, older: Vec<Arc<Message>>, now: Instant) {
+        if !topic.keeps() {
+            return;
+        }
+        {
+            let mut k = topic.kept();
+            let Some(mut want) = k
+                .history
+                .first_seq()
+                .map_or(Some(topic.seq()), |f| f.checked_sub(1))
+            else {
+                return;
+            };
+            let epoch = topic.epoch();
+            let mut run = Vec::new();
+            for m in older.into_iter().rev() {
+                if m.epoch != epoch || m.seq > want {
+                    continue;
+                }
+                if m.seq < want || want == 0 {
+                    break;
+                }
+                run.push(m);
+                want -= 1;
+            }
+            run.reverse();
+            let Kept { history, limits } = &mut *k;
+            let unbounded = HistoryLimits {
+                memory: usize::MAX,
+                ..*limits
+            };
+            history.prepend(run, &unbounded, &self.memory, now);
+        }
+        if self.memory.bytes() > self.limits.memory {
+            self.forget_retained_while_over(self.limits.memory);
+            let mut k = topic.kept();
+            let Kept { history, limits } = &mut *k;
+            history.trim_to_memory(limits, &self.memory);
+        }
+    }
+
     /// Empties `topic`'s history (its numbering jumped: what it holds no
     /// longer leads without a hole to what comes). The caller holds the
     /// topic's order lock.
@@ -629,7 +690,14 @@ impl Directory {
         let resolved = self.resolve(&self.policies(), name);
         let name: Arc<str> = Arc::from(name);
         let epoch = self.next_epoch.fetch_add(1, Ordering::Relaxed);
-        let entry = Arc::new(TopicInterest::new(Arc::clone(&name), epoch, &resolved));
+        // In a cluster, a new entry's history is filled from the stream.
+        let warm = self.link.get().is_none();
+        let entry = Arc::new(TopicInterest::new(
+            Arc::clone(&name),
+            epoch,
+            &resolved,
+            warm,
+        ));
         t.map.insert(name, Arc::clone(&entry));
         entry
     }
@@ -972,6 +1040,66 @@ mod tests {
         m.epoch = t.epoch();
         m.seq = t.next_seq();
         Arc::new(m)
+    }
+
+    fn from_cluster(epoch: u64, seq: u64, at: Instant) -> Message {
+        let mut m = Message::new(bytes::Bytes::from_static(b"x"), at);
+        m.epoch = epoch;
+        m.seq = seq;
+        m
+    }
+
+    /// Numbers given elsewhere (a cluster): the first taken as is, then
+    /// the next, copies and older epochs skipped, skips and new epochs told.
+    #[test]
+    fn adopted_numbers_follow_on_and_tell_skips_and_restarts() {
+        let d = Directory::new();
+        let t = d.entry("a");
+        assert_eq!(t.adopt(500, 41), Adopt::Next, "nothing numbered here yet");
+        assert_eq!((t.epoch(), t.seq()), (500, 41));
+        assert_eq!(t.adopt(500, 42), Adopt::Next);
+        assert_eq!(t.adopt(500, 42), Adopt::Old);
+        assert_eq!(t.adopt(500, 40), Adopt::Old);
+        assert_eq!(t.adopt(499, 90), Adopt::Old, "an older epoch");
+        assert_eq!(t.adopt(500, 45), Adopt::Gap);
+        assert_eq!(t.adopt(600, 1), Adopt::Restart);
+        assert_eq!((t.epoch(), t.seq()), (600, 1));
+        d.release(t);
+    }
+
+    /// A history filled from a cluster's stream: the run that ends right
+    /// before what is held goes in front; other epochs, numbers past it
+    /// and anything before a hole stay out.
+    #[test]
+    fn a_filled_history_takes_the_run_that_leads_to_what_is_held() {
+        let d = Directory::new();
+        let t = d.entry("a");
+        let now = Instant::now();
+        for s in [8, 9] {
+            t.adopt(7, s);
+            d.record(&t, &Arc::new(from_cluster(7, s, now)));
+        }
+        let older: Vec<Arc<Message>> = [(7, 2), (7, 4), (7, 5), (6, 6), (7, 6), (7, 7), (7, 9)]
+            .into_iter()
+            .map(|(e, s)| Arc::new(from_cluster(e, s, now)))
+            .collect();
+        d.fill_history(&t, older, now);
+        let r = d.recover(&t, Since { epoch: 7, seq: 0 }, 9, usize::MAX, now);
+        let seqs: Vec<u64> = r.messages.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, [4, 5, 6, 7, 8, 9]);
+        assert!(r.messages.iter().all(|m| m.epoch == 7));
+        // Nothing held: the run ending at the topic's newest number.
+        let u = d.entry("b");
+        u.adopt(3, 5);
+        let older = (1..=6).map(|s| Arc::new(from_cluster(3, s, now))).collect();
+        d.fill_history(&u, older, now);
+        let r = d.recover(&u, Since { epoch: 3, seq: 0 }, 5, usize::MAX, now);
+        assert_eq!(
+            r.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5]
+        );
+        d.release(t);
+        d.release(u);
     }
 
     #[test]

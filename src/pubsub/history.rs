@@ -215,6 +215,38 @@ impl History {
         self.trim_to_memory(limits, memory);
     }
 
+    /// Puts `older` (consecutive numbers ending right before the oldest
+    /// held, oldest first) in front and trims to `limits`: a history
+    /// filled from elsewhere (a cluster's stream) behind what arrived live.
+    pub fn prepend(
+        &mut self,
+        older: Vec<Arc<Message>>,
+        limits: &HistoryLimits,
+        memory: &HistoryMemory,
+        now: Instant,
+    ) {
+        if limits.size == 0 {
+            return;
+        }
+        debug_assert!(
+            older.windows(2).all(|w| w[0].seq + 1 == w[1].seq)
+                && older
+                    .last()
+                    .zip(self.entries.front())
+                    .is_none_or(|(l, f)| l.seq + 1 == f.seq),
+            "consecutive numbers"
+        );
+        for m in older.into_iter().rev() {
+            let c = cost(&m);
+            self.entries.push_front(m);
+            self.bytes += c;
+            memory.add(c);
+        }
+        self.expire(limits, memory, now);
+        self.trim(limits, memory);
+        self.trim_to_memory(limits, memory);
+    }
+
     /// Drops the oldest messages while more than `limits.size` or
     /// `limits.bytes` are held (everything when `limits.size` is 0): after
     /// an append, and when a reload gives the topic smaller bounds.

@@ -26,6 +26,12 @@ pub trait Link: Send + Sync + fmt::Debug {
     /// again ([`Directory::topic_held`], [`Directory::pattern_held`]).
     fn interest_changed(&self, name: &str, pattern: bool);
 
+    /// A recovery here needs `name`'s history, which this process has not
+    /// filled from the cluster yet ([`TopicInterest::is_warm`](super::directory::TopicInterest::is_warm)):
+    /// the link fills it (and follows the topic a while meanwhile); the
+    /// caller answers "try again".
+    fn warm(&self, name: &str);
+
     /// A publication made on `worker` to `topic`, for the cluster to
     /// number and deliver everywhere, this process included. `ack`: the
     /// publisher to tell the number (through the worker's replies).
@@ -106,4 +112,35 @@ pub fn inject(directory: &Directory, bus: &Bus, name: &str, mut msg: Message) ->
     };
     directory.release(topic);
     done
+}
+
+/// Fills the history of `name` here with `older` (oldest first, in the
+/// cluster's order, read from its stream) and marks it warm: a recovery
+/// here may then use it. Nothing is delivered: they were published before
+/// anyone here followed the topic. A topic nothing was numbered for here
+/// yet takes the newest of them as its position (what arrives live after
+/// it follows on). `false`: nobody here holds the topic.
+pub fn fill(directory: &Directory, bus: &Bus, name: &str, older: Vec<Message>) -> bool {
+    let Some(topic) = directory.get(name) else {
+        return false;
+    };
+    {
+        let _order = bus.hold_order(1u64 << order_stripe(Arc::as_ptr(&topic)));
+        if topic.seq() == 0
+            && let Some(newest) = older.last()
+        {
+            let _ = topic.adopt(newest.epoch, newest.seq);
+        }
+        let older: Vec<Arc<Message>> = older
+            .into_iter()
+            .map(|mut m| {
+                m.topic = Some(Arc::clone(topic.name_arc()));
+                Arc::new(m)
+            })
+            .collect();
+        directory.fill_history(&topic, older, std::time::Instant::now());
+        topic.set_warm();
+    }
+    directory.release(topic);
+    true
 }

@@ -100,7 +100,7 @@ pub(crate) fn render_metrics(shared: &Shared) -> Bytes {
         metrics::render_jwks(&mut s, shared.jwks.fetches(), shared.jwks.last_ok_s());
     }
     if let Some(c) = &shared.cluster {
-        metrics::render_cluster(&mut s, c);
+        metrics::render_cluster(&mut s, c.is_up(), c.pending_bytes(), &c.stats);
     }
     Bytes::from(s)
 }

@@ -644,16 +644,21 @@ fn histogram_of(s: &mut String, name: &str, help: &str, parts: &[&Histogram]) {
     let _ = writeln!(s, "{name}_count {cumulative}");
 }
 
-/// The cluster link's figures (`--nats-url`).
-pub fn render_cluster(s: &mut String, c: &crate::server::cluster::Cluster) {
-    let st = &c.stats;
+/// The cluster link's figures (`--nats-url`): `up`, connected with the
+/// stream there; `pending`, bytes held for it; its counters.
+pub fn render_cluster(
+    s: &mut String,
+    up: bool,
+    pending: usize,
+    st: &crate::server::cluster::ClusterStats,
+) {
     header(
         s,
         "corecast_cluster_connected",
         "gauge",
         "1 while the node is connected to NATS and the cluster's stream is there (publications flow), else 0.",
     );
-    let _ = writeln!(s, "corecast_cluster_connected {}", u8::from(c.is_up()));
+    let _ = writeln!(s, "corecast_cluster_connected {}", u8::from(up));
     header(
         s,
         "corecast_cluster_connects_total",
@@ -678,7 +683,7 @@ pub fn render_cluster(s: &mut String, c: &crate::server::cluster::Cluster) {
         "gauge",
         "Bytes of publications made on this node that the stream has not stored yet (bounded by --nats-max-pending).",
     );
-    let _ = writeln!(s, "corecast_cluster_pending_bytes {}", c.pending_bytes());
+    let _ = writeln!(s, "corecast_cluster_pending_bytes {pending}");
     header(
         s,
         "corecast_cluster_published_total",

@@ -71,6 +71,40 @@ fn busy_workers() -> Vec<WorkerStats> {
     ws
 }
 
+/// Cluster counters, every one nonzero.
+fn busy_cluster() -> crate::server::cluster::ClusterStats {
+    let c = crate::server::cluster::ClusterStats::default();
+    for a in [
+        &c.published,
+        &c.published_bytes,
+        &c.refused,
+        &c.too_large,
+        &c.rejected,
+        &c.conflicts,
+        &c.failures,
+        &c.abandoned,
+        &c.received,
+        &c.received_bytes,
+        &c.duplicates,
+        &c.gaps,
+        &c.restarts,
+        &c.foreign,
+        &c.connects,
+        &c.slow_consumer,
+        &c.subscriptions,
+    ] {
+        a.store(3, std::sync::atomic::Ordering::Relaxed);
+    }
+    c.latency
+        .buckets
+        .iter()
+        .for_each(|b| b.store(1, std::sync::atomic::Ordering::Relaxed));
+    c.latency
+        .sum_ns
+        .store(5, std::sync::atomic::Ordering::Relaxed);
+    c
+}
+
 /// The metric family of a sample line: its name without labels, and
 /// without a histogram's `_bucket`, `_sum` or `_count`.
 fn family<'a>(line: &'a str, histogram: &'a str) -> &'a str {
@@ -99,6 +133,7 @@ fn every_metric_once_with_help_and_type_as_documented() {
     render_process(&mut text, process, Some(1_900_000_000), [3, 1], [1, 1]);
     render_jwks(&mut text, [5, 2], 1_900_000_000);
     render_history(&mut text, 4096, 12, 3, 2);
+    render_cluster(&mut text, true, 512, &busy_cluster());
     let documented: BTreeMap<&str, &str> = include_str!("../../docs/PROTOCOL.md")
         .lines()
         .filter(|l| l.starts_with("| `corecast_"))

@@ -37,8 +37,8 @@ use async_nats::jetstream::{self, stream};
 use async_nats::{HeaderMap, header};
 use futures_util::StreamExt;
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tracing::{info, warn};
 
@@ -223,6 +223,113 @@ async fn ensure_stream(
         .map_err(|e| e.to_string())
 }
 
+/// What the bridge's tasks share (all on the bridge's one thread).
+struct Node {
+    cluster: Arc<Cluster>,
+    directory: Arc<Directory>,
+    bus: Arc<Bus>,
+    high_water: usize,
+    /// Most messages one fill reads from the stream.
+    fill_limit: usize,
+    /// The stream, while known to exist (a fill reads it).
+    stream: Mutex<Option<stream::Stream>>,
+    /// Per topic followed here: where it stands against the stream.
+    follows: Mutex<HashMap<Arc<str>, Follow>>,
+}
+
+/// A topic this node follows, as the bridge sees it.
+#[derive(Debug, Default)]
+struct Follow {
+    /// The directory entry this is about (its address): a new entry for
+    /// the name (the old one was forgotten) starts over.
+    entry: usize,
+    /// Stream sequence of the newest message handed on here (0: none).
+    last_stream: u64,
+    /// A fill from the stream is running: what arrives live meanwhile
+    /// waits here, in order, and follows it.
+    filling: Option<Vec<Incoming>>,
+    /// Followed without subscribers until then (a recovery asked for its
+    /// history): the entry is held so it stays.
+    hold: Option<(Arc<crate::pubsub::directory::TopicInterest>, Instant)>,
+}
+
+#[derive(Debug)]
+struct Incoming {
+    msg: Message,
+    stream_seq: u64,
+}
+
+/// How long a topic filled for a recovery stays followed without
+/// subscribers (the client's retry comes within milliseconds).
+const WARM_HOLD: Duration = Duration::from_secs(30);
+/// Most live messages waiting behind one running fill; past it they are
+/// dropped (a gap the numbers show, counted).
+const MAX_WAITING: usize = 65_536;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Node {
+    /// The follow state of `topic`, started over if its entry changed.
+    fn follow<'a>(
+        &self,
+        follows: &'a mut HashMap<Arc<str>, Follow>,
+        topic: &str,
+    ) -> &'a mut Follow {
+        let entry = self.directory.get(topic).map_or(0, |t| {
+            let at = Arc::as_ptr(&t) as usize;
+            self.directory.release(t);
+            at
+        });
+        let f = follows.entry(Arc::from(topic)).or_default();
+        if f.entry != entry && f.filling.is_none() {
+            let hold = f.hold.take();
+            *f = Follow {
+                entry,
+                hold,
+                ..Follow::default()
+            };
+        }
+        f
+    }
+
+    /// Hands `msg` to the fan-out here (wake-ups, counters).
+    fn deliver(&self, topic: &str, msg: Message) {
+        let stats = &self.cluster.stats;
+        match inject(&self.directory, &self.bus, topic, msg) {
+            Injected::Delivered { wakes, step, .. } => {
+                let mut w = wakes;
+                while w != 0 {
+                    self.bus.wake(w.trailing_zeros() as usize);
+                    w &= w - 1;
+                }
+                match step {
+                    Adopt::Gap => {
+                        stats.gaps.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Adopt::Restart => {
+                        stats.restarts.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {}
+                }
+            }
+            Injected::Duplicate => {
+                stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            }
+            Injected::NoInterest => {}
+        }
+    }
+
+    /// Starts a fill of `topic` from the stream (the caller set its
+    /// `filling`): `initial`, its history here (nothing delivered);
+    /// otherwise what this node missed from stream sequence `from` on
+    /// (delivered, in order, before what waited).
+    fn start_fill(self: &Arc<Self>, topic: Arc<str>, from: u64, initial: bool) {
+        tokio::spawn(fill(Arc::clone(self), topic, from, initial));
+    }
+}
+
 async fn run(
     cluster: Arc<Cluster>,
     directory: Arc<Directory>,
@@ -240,19 +347,32 @@ async fn run(
             return;
         }
     };
+    let node = Arc::new(Node {
+        cluster: Arc::clone(&cluster),
+        directory: Arc::clone(&directory),
+        bus,
+        high_water,
+        fill_limit: settings.per_topic.max(1) + 1024,
+        stream: Mutex::new(None),
+        follows: Mutex::new(HashMap::new()),
+    });
     let js = jetstream::new(client.clone());
     let mut seq = Sequencer::new(usize::MAX);
     let mut stream: Option<stream::Stream> = None;
+    let mut had_stream = false;
     let mut subs: HashMap<(Box<str>, bool), tokio::task::AbortHandle> = HashMap::new();
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<Done>();
     let mut retry_at: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
     let mut backoff = Duration::from_millis(100);
     let mut stopping: Option<Instant> = None;
+    let mut recheck: Vec<(Box<str>, bool)> = Vec::new();
+    let mut next_prune = Instant::now() + Duration::from_secs(10);
     loop {
         // The stream, after each (re)connect.
         if stream.is_none() && cluster.connected.load(Ordering::Relaxed) && retry_due(retry_at) {
             match ensure_stream(&js, settings).await {
                 Ok(s) => {
+                    *lock(&node.stream) = Some(s.clone());
                     stream = Some(s);
                     cluster
                         .max_payload
@@ -263,6 +383,10 @@ async fn run(
                     for step in seq.resume() {
                         start(step, &js, stream.as_ref(), &done_tx);
                     }
+                    if had_stream {
+                        catch_up_all(&node);
+                    }
+                    had_stream = true;
                 }
                 Err(e) => {
                     warn!(error = %e, "cluster: the stream {STREAM} is not available yet");
@@ -274,6 +398,7 @@ async fn run(
         if !cluster.ready.load(Ordering::Relaxed) && stream.is_some() {
             // Disconnected since: check the stream again once back.
             stream = None;
+            *lock(&node.stream) = None;
             retry_at = Some(tokio::time::Instant::now());
         }
         if stream.is_some() && retry_due(retry_at) {
@@ -300,36 +425,99 @@ async fn run(
             }
             _ = tokio::time::sleep_until(sleep_until) => {}
         }
-        let (publications, interest) = {
+        let (publications, mut interest, warm) = {
             let mut inbox = cluster.inbox();
             (
                 std::mem::take(&mut inbox.publications),
                 std::mem::take(&mut inbox.interest),
+                std::mem::take(&mut inbox.warm),
             )
         };
+        interest.append(&mut recheck);
+        // Recoveries waiting for a topic's history here: follow it a while
+        // (held, subscribed) and fill it.
+        let mut fills: Vec<Arc<str>> = Vec::new();
+        for name in warm {
+            let mut follows = lock(&node.follows);
+            let entry = directory.entry(&name);
+            if entry.is_warm() {
+                directory.release(entry);
+                continue;
+            }
+            let f = node.follow(&mut follows, &name);
+            match &mut f.hold {
+                Some((_, until)) => {
+                    *until = Instant::now() + WARM_HOLD;
+                    directory.release(entry);
+                }
+                None => f.hold = Some((entry, Instant::now() + WARM_HOLD)),
+            }
+            if f.filling.is_none() {
+                f.filling = Some(Vec::new());
+                fills.push(Arc::from(&*name));
+            }
+            interest.push((name, false));
+        }
+        // Holds that ran out.
+        {
+            let now = Instant::now();
+            let mut follows = lock(&node.follows);
+            for (name, f) in follows.iter_mut() {
+                if f.hold.as_ref().is_some_and(|h| h.1 <= now) {
+                    let (entry, _) = f.hold.take().expect("checked");
+                    directory.release(entry);
+                    interest.push((Box::from(&**name), false));
+                }
+            }
+            if now >= next_prune {
+                next_prune = now + Duration::from_secs(10);
+                follows.retain(|name, f| {
+                    f.filling.is_some()
+                        || f.hold.is_some()
+                        || directory.get(name).is_some_and(|t| {
+                            directory.release(t);
+                            true
+                        })
+                });
+            }
+        }
         let mut subscribed = false;
         for (name, pattern) in interest {
             let held = if pattern {
                 directory.pattern_held(&name)
             } else {
                 directory.topic_held(&name)
+                    || lock(&node.follows)
+                        .get(&*name)
+                        .is_some_and(|f| f.hold.is_some())
             };
             let key = (name, pattern);
             match (held, subs.contains_key(&key)) {
-                (true, false) => match client.subscribe(interest_subject(&key.0)).await {
-                    Ok(sub) => {
-                        let task = tokio::spawn(receive(
-                            sub,
-                            Arc::clone(&cluster),
-                            Arc::clone(&directory),
-                            Arc::clone(&bus),
-                            high_water,
-                        ));
-                        subs.insert(key, task.abort_handle());
-                        subscribed = true;
+                (true, false) => {
+                    if !pattern {
+                        // Its history is filled once the subscription is in
+                        // NATS (what is stored after that arrives live).
+                        let mut follows = lock(&node.follows);
+                        let f = node.follow(&mut follows, &key.0);
+                        let warm = directory.get(&key.0).is_some_and(|t| {
+                            let w = t.is_warm();
+                            directory.release(t);
+                            w
+                        });
+                        if !warm && f.filling.is_none() {
+                            f.filling = Some(Vec::new());
+                            fills.push(Arc::from(&*key.0));
+                        }
                     }
-                    Err(e) => warn!(error = %e, topic = %key.0, "cluster: cannot subscribe"),
-                },
+                    match client.subscribe(interest_subject(&key.0)).await {
+                        Ok(sub) => {
+                            let task = tokio::spawn(receive(sub, Arc::clone(&node)));
+                            subs.insert(key, task.abort_handle());
+                            subscribed = true;
+                        }
+                        Err(e) => warn!(error = %e, topic = %key.0, "cluster: cannot subscribe"),
+                    }
+                }
                 (false, true) => {
                     if let Some(task) = subs.remove(&key) {
                         // Dropping the subscriber unsubscribes.
@@ -341,8 +529,12 @@ async fn run(
         }
         if subscribed {
             // A round trip: NATS has every new subscription once the gauge
-            // counts it (a publication anywhere after that reaches us).
+            // counts it (a publication anywhere after that reaches us), and
+            // a fill started after it misses nothing.
             let _ = client.flush().await;
+        }
+        for topic in fills {
+            node.start_fill(topic, 1, true);
         }
         cluster
             .stats
@@ -373,7 +565,93 @@ async fn run(
     for (_, task) in subs {
         task.abort();
     }
+    for (_, f) in lock(&node.follows).drain() {
+        if let Some((entry, _)) = f.hold {
+            directory.release(entry);
+        }
+    }
     let _ = client.flush().await;
+}
+
+/// After a reconnect: each topic followed here catches up with what the
+/// stream stored while this node was away (its subscription was not in
+/// NATS meanwhile).
+fn catch_up_all(node: &Arc<Node>) {
+    let mut starts = Vec::new();
+    {
+        let mut follows = lock(&node.follows);
+        for (name, f) in follows.iter_mut() {
+            if f.filling.is_none() && f.last_stream > 0 {
+                f.filling = Some(Vec::new());
+                starts.push((Arc::clone(name), f.last_stream + 1));
+            }
+        }
+    }
+    for (topic, from) in starts {
+        node.start_fill(topic, from, false);
+    }
+}
+
+/// Reads `topic`'s messages from the stream from sequence `from` on, hands
+/// them on (see [`Node::start_fill`]), then what waited behind the fill.
+async fn fill(node: Arc<Node>, topic: Arc<str>, from: u64, initial: bool) {
+    let stream = lock(&node.stream).clone();
+    let mut fetched: Vec<(Message, u64)> = Vec::new();
+    if let Some(stream) = stream {
+        let subject = publish_subject(&topic);
+        let mut next = from.max(1);
+        while fetched.len() < node.fill_limit {
+            match stream
+                .direct_get_next_for_subject(subject.as_str(), Some(next))
+                .await
+            {
+                Ok(m) => {
+                    next = m.sequence + 1;
+                    if let Some((_, msg)) = decode(&m.subject, Some(&m.headers), &m.payload) {
+                        fetched.push((msg, m.sequence));
+                    }
+                }
+                Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => break,
+                Err(e) => {
+                    warn!(error = %e, %topic, "cluster: reading a topic from the stream failed; what is missing shows as a gap");
+                    break;
+                }
+            }
+        }
+    }
+    let mut follows = lock(&node.follows);
+    let f = node.follow(&mut follows, &topic);
+    let newest = fetched.last().map_or(0, |m| m.1);
+    if initial {
+        // What arrived on the subscription is live (stored after the node's
+        // interest was in NATS, so after its subscribers subscribed): it is
+        // delivered below, not kept as history only.
+        let first_live = f
+            .filling
+            .as_ref()
+            .and_then(|w| w.iter().map(|i| i.stream_seq).find(|&s| s > 0))
+            .unwrap_or(u64::MAX);
+        let older = fetched
+            .into_iter()
+            .filter(|m| m.1 < first_live)
+            .map(|m| m.0)
+            .collect();
+        let _ = crate::pubsub::remote::fill(&node.directory, &node.bus, &topic, older);
+        f.last_stream = f.last_stream.max(newest.min(first_live.saturating_sub(1)));
+    } else {
+        for (msg, _) in fetched {
+            node.deliver(&topic, msg);
+        }
+    }
+    if !initial {
+        f.last_stream = f.last_stream.max(newest);
+    }
+    for inc in f.filling.take().unwrap_or_default() {
+        if inc.stream_seq == 0 || inc.stream_seq > f.last_stream {
+            f.last_stream = f.last_stream.max(inc.stream_seq);
+            node.deliver(&topic, inc.msg);
+        }
+    }
 }
 
 fn retry_due(at: Option<tokio::time::Instant>) -> bool {
@@ -553,19 +831,13 @@ fn finish(
 }
 
 /// Reads one interest subscription and injects what arrives.
-async fn receive(
-    mut sub: async_nats::Subscriber,
-    cluster: Arc<Cluster>,
-    directory: Arc<Directory>,
-    bus: Arc<Bus>,
-    high_water: usize,
-) {
+async fn receive(mut sub: async_nats::Subscriber, node: Arc<Node>) {
     while let Some(m) = sub.next().await {
         // Backpressure: the mailboxes first.
-        while bus.max_queued_bytes() > high_water {
+        while node.bus.max_queued_bytes() > node.high_water {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        let one = std::panic::AssertUnwindSafe(|| accept(&cluster, &directory, &bus, m));
+        let one = std::panic::AssertUnwindSafe(|| accept(&node, m));
         if std::panic::catch_unwind(one).is_err() {
             // A bug on one message: it is lost here (its number will show
             // as a gap), the subscription goes on.
@@ -576,66 +848,77 @@ async fn receive(
     }
 }
 
-/// One message from the cluster into the fan-out.
-fn accept(cluster: &Cluster, directory: &Directory, bus: &Bus, m: async_nats::Message) {
-    let stats = &cluster.stats;
-    stats.received.fetch_add(1, Ordering::Relaxed);
-    stats
-        .received_bytes
-        .fetch_add(m.payload.len() as u64, Ordering::Relaxed);
-    let Some(topic) = topic_of(&m.subject) else {
-        stats.foreign.fetch_add(1, Ordering::Relaxed);
-        return;
-    };
-    let Some(h) = m.headers.as_ref() else {
-        stats.foreign.fetch_add(1, Ordering::Relaxed);
-        return;
-    };
-    let (Some(epoch), Some(number)) = (header_u64(h, H_EPOCH), header_u64(h, H_SEQ)) else {
-        stats.foreign.fetch_add(1, Ordering::Relaxed);
-        return;
-    };
+/// A message of ours as the fan-out takes it: its topic and the message
+/// (framed once, numbered); `None` for anything else.
+fn decode(subject: &str, headers: Option<&HeaderMap>, payload: &[u8]) -> Option<(String, Message)> {
+    let topic = topic_of(subject)?;
+    let h = headers?;
+    let (epoch, number) = (header_u64(h, H_EPOCH)?, header_u64(h, H_SEQ)?);
     if number == 0 {
-        stats.foreign.fetch_add(1, Ordering::Relaxed);
-        return;
-    }
-    if let Some(at) = header_u64(h, H_AT) {
-        let now = now_nanos();
-        stats
-            .latency
-            .observe(Duration::from_nanos(now.saturating_sub(at)));
+        return None;
     }
     let text = h.get(H_KIND).is_some_and(|k| k.as_str() == "text");
     let opcode = if text { OpCode::Text } else { OpCode::Binary };
     let key = h.get(H_KEY).map(|k| Arc::<str>::from(k.as_str()));
-    let mut msg = Message::new(
-        bytes::Bytes::from(server_frame(opcode, &m.payload)),
-        Instant::now(),
-    )
-    .with_key(key);
+    // Its age by the publishing node's clock (history ages), at most now.
+    let now = Instant::now();
+    let at = header_u64(h, H_AT)
+        .and_then(|at| now.checked_sub(Duration::from_nanos(now_nanos().saturating_sub(at))))
+        .unwrap_or(now);
+    let mut msg = Message::new(bytes::Bytes::from(server_frame(opcode, payload)), at).with_key(key);
     msg.epoch = epoch;
     msg.seq = number;
-    match inject(directory, bus, &topic, msg) {
-        Injected::Delivered { wakes, step, lost } => {
-            let mut w = wakes;
-            while w != 0 {
-                bus.wake(w.trailing_zeros() as usize);
-                w &= w - 1;
-            }
-            match step {
-                Adopt::Gap => {
-                    stats.gaps.fetch_add(1, Ordering::Relaxed);
-                }
-                Adopt::Restart => {
-                    stats.restarts.fetch_add(1, Ordering::Relaxed);
-                }
-                _ => {}
-            }
-            let _ = lost;
-        }
-        Injected::Duplicate => {
-            stats.duplicates.fetch_add(1, Ordering::Relaxed);
-        }
-        Injected::NoInterest => {}
+    Some((topic, msg))
+}
+
+/// One message from the cluster into the fan-out.
+fn accept(node: &Arc<Node>, m: async_nats::Message) {
+    let stats = &node.cluster.stats;
+    stats.received.fetch_add(1, Ordering::Relaxed);
+    stats
+        .received_bytes
+        .fetch_add(m.payload.len() as u64, Ordering::Relaxed);
+    let Some((topic, mut msg)) = decode(&m.subject, m.headers.as_ref(), &m.payload) else {
+        stats.foreign.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    if let Some(at) = m.headers.as_ref().and_then(|h| header_u64(h, H_AT)) {
+        stats
+            .latency
+            .observe(Duration::from_nanos(now_nanos().saturating_sub(at)));
     }
+    // Live: its latency here counts from now.
+    msg.published_at = Instant::now();
+
+    let stream_seq = m
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(header::NATS_SEQUENCE))
+        .and_then(|v| v.as_str().parse().ok())
+        .unwrap_or(0);
+    let mut follows = lock(&node.follows);
+    let f = node.follow(&mut follows, &topic);
+    if let Some(waiting) = f.filling.as_mut() {
+        if waiting.len() < MAX_WAITING {
+            waiting.push(Incoming { msg, stream_seq });
+        } else {
+            stats.gaps.fetch_add(1, Ordering::Relaxed);
+        }
+        return;
+    }
+    // A number skipped: what was missed is read from the stream first.
+    let skipped = node.directory.get(&topic).is_some_and(|t| {
+        let skip = t.seq() > 0 && t.epoch() == msg.epoch && msg.seq > t.seq() + 1;
+        node.directory.release(t);
+        skip
+    });
+    if skipped && f.last_stream > 0 && lock(&node.stream).is_some() {
+        f.filling = Some(vec![Incoming { msg, stream_seq }]);
+        let from = f.last_stream + 1;
+        drop(follows);
+        node.start_fill(Arc::from(topic.as_str()), from, false);
+        return;
+    }
+    f.last_stream = f.last_stream.max(stream_seq);
+    node.deliver(&topic, msg);
 }

@@ -153,6 +153,8 @@ pub struct Cluster {
 struct Inbox {
     publications: Vec<Pending>,
     interest: Vec<(Box<str>, bool)>,
+    /// Topics whose history a recovery waits for.
+    warm: Vec<Box<str>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -298,6 +300,11 @@ impl Cluster {
 impl Link for Cluster {
     fn interest_changed(&self, name: &str, pattern: bool) {
         self.inbox().interest.push((name.into(), pattern));
+        self.wake.notify_one();
+    }
+
+    fn warm(&self, name: &str) {
+        self.inbox().warm.push(name.into());
         self.wake.notify_one();
     }
 

@@ -294,6 +294,20 @@ pub(super) fn control_message(
                 ctx.stats.recovery_deferred();
                 return (control::busy(ms), Vec::new());
             }
+            // In a cluster, a topic's history here is filled from the
+            // stream once the node follows it: until then a recovery is
+            // asked to come back (the node starts filling it now).
+            if recovers {
+                let wanted = new
+                    .iter()
+                    .filter(|&&i| c.since.get(i).copied().flatten().is_some())
+                    .map(|&i| c.topics[i].as_str())
+                    .chain(c.pattern_since.iter().map(|(n, _)| n.as_str()));
+                if let Some(ms) = cold_in_cluster(wanted, ctx) {
+                    ctx.stats.recovery_deferred();
+                    return (control::busy(ms), Vec::new());
+                }
+            }
             let new_patterns = new
                 .iter()
                 .filter(|&&i| {
@@ -330,6 +344,9 @@ pub(super) fn control_message(
             return (reply, frames);
         }
         Op::History => {
+            if let Some(ms) = cold_in_cluster(c.topics.iter().map(String::as_str), ctx) {
+                return (control::busy(ms), Vec::new());
+            }
             let directory = ctx.shard.directory();
             let ranges: Vec<(&str, Option<control::Range>)> = c
                 .topics
@@ -423,4 +440,34 @@ fn refresh(token: &str, subs: &SubList, ctx: &mut Ctx<'_>) -> (String, Vec<Bytes
         format!("{{\"op\":\"refreshed\",\"exp\":{exp}}}"),
         Vec::new(),
     )
+}
+
+/// How long a client should wait before asking again for a recovery from
+/// a history the node is filling from the cluster (one stream read per
+/// retained message, on loopback well under this).
+const WARM_RETRY_MS: u32 = 50;
+
+/// In a cluster: whether any of `names` has no history here yet that a
+/// recovery may use; each such topic is handed to the link to fill, and
+/// the client is to retry after the returned milliseconds. `None` on one
+/// machine.
+fn cold_in_cluster<'a>(names: impl Iterator<Item = &'a str>, ctx: &Ctx<'_>) -> Option<u32> {
+    let directory = ctx.shard.directory();
+    let link = directory.link()?;
+    let mut cold = false;
+    for name in names {
+        if pattern::is_pattern(name) {
+            continue;
+        }
+        let warm = directory.get(name).is_some_and(|t| {
+            let w = t.is_warm();
+            directory.release(t);
+            w
+        });
+        if !warm {
+            link.warm(name);
+            cold = true;
+        }
+    }
+    cold.then_some(WARM_RETRY_MS)
 }

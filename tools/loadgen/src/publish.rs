@@ -103,10 +103,19 @@ impl Publisher {
     pub fn open(plan: &FanoutPlan, src: Option<SocketAddr>) -> Result<Self, String> {
         let payloads = Payloads::of(plan.corpus.as_ref(), plan.size);
         if plan.publish.iter().all(|t| t.url.http) {
-            HttpPublishers::open(&plan.publish, src, payloads).map(Self::Http)
+            HttpPublishers::open(&plan.publish, src, payloads).map(|p| {
+                Self::Http(HttpPublishers {
+                    spread: plan.spread,
+                    ..p
+                })
+            })
         } else {
-            WsPublishers::open(&plan.publish, plan.topics, src, payloads)
-                .map(|p| Self::Ws(Box::new(p)))
+            WsPublishers::open(&plan.publish, plan.topics, src, payloads).map(|p| {
+                Self::Ws(Box::new(WsPublishers {
+                    spread: plan.spread,
+                    ..p
+                }))
+            })
         }
     }
 
@@ -172,6 +181,8 @@ pub struct WsPublishers {
     all: Vec<usize>,
     payloads: Payloads,
     rng: Rng,
+    /// Each message to one connection of its route, in turn.
+    spread: bool,
 }
 
 impl WsPublishers {
@@ -247,6 +258,7 @@ impl WsPublishers {
             all: rows.into_iter().flatten().collect(),
             payloads,
             rng: Rng::from_entropy(),
+            spread: false,
         })
     }
 
@@ -274,6 +286,7 @@ impl WsPublishers {
             routes,
             payloads,
             rng: Rng::from_entropy(),
+            spread: false,
         })
     }
 
@@ -295,7 +308,15 @@ impl WsPublishers {
                 let Some((topic, seq, ns)) = s.take(now) else {
                     break;
                 };
-                for &t in &self.routes[topic % self.routes.len()] {
+                let route = &self.routes[topic % self.routes.len()];
+                // Spread: one of them, in turn; otherwise every one.
+                let chosen = if self.spread {
+                    let i = (seq as usize) % route.len();
+                    &route[i..=i]
+                } else {
+                    &route[..]
+                };
+                for &t in chosen {
                     let mask = self.rng.mask();
                     let conn = self.fleet.conn_mut(t).expect("checked above");
                     self.payloads.push_frame(conn.outbox(), seq, ns, mask);
@@ -357,6 +378,8 @@ pub struct HttpPublishers {
     payloads: Payloads,
     /// Requests answered 204.
     pub answered: u64,
+    /// Each message to one connection, in turn.
+    spread: bool,
 }
 
 impl HttpPublishers {
@@ -409,6 +432,7 @@ impl HttpPublishers {
             conns,
             payloads,
             answered: 0,
+            spread: false,
         };
         let deadline = Instant::now() + OPEN_TIMEOUT;
         while !p.conns.iter().all(|c| c.connected) {
@@ -452,6 +476,12 @@ impl HttpPublishers {
             let Some((topic, seq, ns)) = s.take(now) else {
                 break;
             };
+            if self.spread {
+                let n = self.conns.len();
+                let c = &mut self.conns[(seq as usize) % n];
+                Self::request(c, topic, seq, ns, &self.payloads);
+                continue;
+            }
             for c in &mut self.conns {
                 Self::request(c, topic, seq, ns, &self.payloads);
             }

@@ -21,6 +21,15 @@ pub struct FanoutCmd {
     #[arg(long, value_parser = url::parse_any, value_name = "URL", required = true)]
     pub publish_url: Vec<WsUrl>,
 
+    /// A cluster: each message goes to ONE of the publish URLs, in turn
+    /// (message i to URL i mod n), instead of to each: publishers on every
+    /// node of one cluster. The order each topic is delivered in is then
+    /// the cluster's (one order per topic, the same at every subscriber),
+    /// which need not be the send order across URLs: `reordered` counts
+    /// those interleavings, not faults.
+    #[arg(long)]
+    pub publish_spread: bool,
+
     /// Burst mode: publish K messages as fast as the server takes them.
     #[arg(long, value_name = "K", required_unless_present = "rate", conflicts_with_all = ["rate", "duration"])]
     pub messages: Option<u64>,
@@ -162,6 +171,7 @@ impl FanoutCmd {
             metrics: self.metrics_url.clone(),
             corpus,
             verify_every: self.verify_every,
+            spread: self.publish_spread,
         }))
     }
 }

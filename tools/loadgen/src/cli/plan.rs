@@ -96,6 +96,9 @@ pub struct FanoutPlan {
     /// synthetic binary payload of `size` bytes).
     #[serde(default)]
     pub corpus: Option<crate::payload::Corpus>,
+    /// `--publish-spread`: each message to one publish URL in turn.
+    #[serde(default)]
+    pub spread: bool,
     /// Subscribers that decode (inflate) and check what they receive: run
     /// index a multiple of this (1: every one); the others count frames.
     #[serde(default = "every_one")]
