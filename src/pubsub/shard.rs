@@ -256,6 +256,11 @@ struct LocalTopic {
     /// The newest number this worker has delivered (or skipped) for the
     /// topic: what its mailbox may still hold is newer.
     delivered: u64,
+    /// The epoch `floor`, `delivered` and the joiners' positions count in.
+    /// Fixed on one machine; in a cluster a topic's numbering may start
+    /// over (a later epoch from the cluster's stream), and the first run of
+    /// it here starts these over too ([`Shard::deliver_run`]).
+    epoch: u64,
     /// Subscribers that joined with a recovery or a last value while
     /// publications up to what they got were still in the mailbox: each
     /// with that number and its slot, which stays *pending* (left out of
@@ -497,15 +502,22 @@ impl Shard {
                         self.directory.set(&local.interest, self.id, true);
                     }
                     let at = local.interest.seq();
+                    let epoch = local.interest.epoch();
                     let r = reads
                         .then_some(())
                         .and_then(|_| recover(&self.directory, &local.interest, at));
-                    (r, first.then_some(at))
+                    (r, first.then_some((epoch, at)))
                 } else {
                     (None, None)
                 };
                 let local = &mut self.topics[id as usize];
-                if let Some(f) = floor {
+                if let Some((epoch, f)) = floor {
+                    if epoch > local.epoch {
+                        // The numbering started over since (a cluster):
+                        // what was delivered counts in the old epoch.
+                        local.epoch = epoch;
+                        local.delivered = 0;
+                    }
                     local.floor = f;
                 }
                 if start == Start::Continue && !local.patterns.is_empty() {
@@ -534,20 +546,21 @@ impl Shard {
             }
             None => {
                 let interest = self.directory.entry(name);
-                let (floor, recovery) = {
+                let (epoch, floor, recovery) = {
                     // Under the topic's order lock, so that every
                     // publication sequenced after `floor` sees the bit.
                     let _order = self.hold_order_of(&interest);
                     self.directory.set(&interest, self.id, true);
                     let floor = interest.seq();
-                    (floor, recover(&self.directory, &interest, floor))
+                    let epoch = interest.epoch();
+                    (epoch, floor, recover(&self.directory, &interest, floor))
                 };
                 let patterns = self.patterns_matching(name);
                 // Publications a local pattern receives may be in the
                 // mailbox: nothing is known delivered yet.
                 let delivered = if patterns.is_empty() { floor } else { 0 };
                 let through_pattern = !patterns.is_empty();
-                let id = self.add_topic(interest, floor, delivered, patterns);
+                let id = self.add_topic(interest, (epoch, floor), delivered, patterns);
                 if start == Start::Continue && through_pattern {
                     // Nothing of it was delivered here yet: every run
                     // that comes is new to it.
@@ -576,7 +589,7 @@ impl Shard {
     fn add_topic(
         &mut self,
         interest: Arc<TopicInterest>,
-        floor: u64,
+        (epoch, floor): (u64, u64),
         delivered: u64,
         patterns: Vec<u32>,
     ) -> u32 {
@@ -587,6 +600,7 @@ impl Shard {
             subs: Subscribers::new(),
             floor,
             delivered,
+            epoch,
             joiners: Vec::new(),
             patterns,
             pattern_joiners: Vec::new(),
@@ -699,7 +713,8 @@ impl Shard {
                 None => {
                     let patterns = self.patterns_matching(&tname);
                     // What the mailbox holds of it is unknown: 0 delivered.
-                    self.add_topic(interest, 0, 0, patterns)
+                    let epoch = interest.epoch();
+                    self.add_topic(interest, (epoch, 0), 0, patterns)
                 }
             };
             let local = &mut self.topics[id as usize];
@@ -1207,7 +1222,7 @@ impl Shard {
             self.directory.release(interest);
             return None;
         }
-        Some(self.add_topic(interest, 0, 0, ids))
+        Some(self.add_topic(interest, (p.msg.epoch, 0), 0, ids))
     }
 
     /// Delivers `run`, whose topic's entry is gone, to the local patterns
@@ -1256,7 +1271,33 @@ impl Shard {
             batch,
             ..
         } = self;
+        let Some(first) = run.first().map(|p| p.msg.epoch) else {
+            return;
+        };
+        if run.last().is_some_and(|p| p.msg.epoch != first) {
+            // A cluster's topic started its numbering over inside the run:
+            // each epoch's part on its own.
+            let split = run.partition_point(|p| p.msg.epoch == first);
+            self.deliver_run(id, &run[..split], deliver);
+            return self.deliver_run(id, &run[split..], deliver);
+        }
         let local = &mut topics[id as usize];
+        if first < local.epoch {
+            // An older numbering's last publications (a cluster): superseded.
+            return;
+        }
+        if first > local.epoch {
+            // A later epoch (a cluster's stream forgot the topic and it
+            // started over): floor, positions and joiners counted in the
+            // old numbers; from here on everyone here gets the new one.
+            local.epoch = first;
+            local.floor = 0;
+            local.delivered = 0;
+            for (_, _, slot) in local.joiners.drain(..) {
+                local.subs.unpend(slot);
+            }
+            local.pattern_joiners.clear();
+        }
         let Some(newest) = run.last().map(|p| p.msg.seq) else {
             return;
         };

@@ -221,6 +221,14 @@ impl Session {
                 if has_body {
                     return Err(Reject::new(Status::BadRequest, "DELETE takes no body"));
                 }
+                if ctx.shared.cluster.is_some() {
+                    // The history is the cluster's stream's, not this
+                    // node's to drop.
+                    return Err(Reject::method(
+                        "not in a cluster (--nats-url): the cluster's stream keeps the topic's history",
+                        "POST",
+                    ));
+                }
                 let dropped = ctx
                     .shard
                     .directory()

@@ -630,3 +630,19 @@ fn conflation_rejects_bad_arguments() {
     .unwrap_err();
     assert!(err.contains("--max-rate"), "{err}");
 }
+
+#[test]
+fn fanout_publish_spread_is_off_unless_asked() {
+    let (_, f) = fanout(&["--messages", "5"]).unwrap();
+    assert!(!f.spread);
+    let (_, f) = fanout(&[
+        "--messages",
+        "5",
+        "--publish-url",
+        "ws://127.0.0.1:9202/publish/bench",
+        "--publish-spread",
+    ])
+    .unwrap();
+    assert!(f.spread);
+    assert_eq!(f.publish.len(), 2);
+}
