@@ -466,3 +466,108 @@ fn a_topic_the_stream_forgot_starts_a_new_epoch_at_every_subscriber() {
         (new[0].epoch, 2, &b"new2"[..])
     );
 }
+
+#[test]
+fn nodes_reach_nats_over_tls_trusting_the_ca_they_are_given() {
+    let cert = test_cert();
+    let (c, k) = (cert.cert.to_str().unwrap(), cert.key.to_str().unwrap());
+    let Some(nats) = NatsServer::start_with(&["--tls", "--tlscert", c, "--tlskey", k]) else {
+        return;
+    };
+    let url = format!("tls://127.0.0.1:{}", nats.port);
+    let tls_node = |ca: Option<&std::path::Path>| {
+        start_with(|cfg| {
+            cfg.listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            cfg.cluster = Some(ClusterSettings {
+                urls: vec![url.clone()],
+                credentials: None,
+                ca: ca.map(|p| p.to_path_buf()),
+                max_pending: 64 * MIB,
+                replicas: 1,
+            });
+        })
+    };
+    let (a, b) = (tls_node(Some(&cert.cert)), tls_node(Some(&cert.cert)));
+    assert!(eventually(WAIT, || connected(a.local_addr())
+        && connected(b.local_addr())));
+    let mut sub = subscriber(b.local_addr(), "secure", 1);
+    publish(a.local_addr(), "secure", b"over tls");
+    assert_eq!(read_env(&mut sub).payload, b"over tls");
+    // Without the CA the self-signed certificate is not trusted: never up,
+    // and /healthz says so.
+    let untrusting = tls_node(None);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!connected(untrusting.local_addr()));
+    let mut s = raw(untrusting.local_addr());
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    assert!(read_head(&mut s).starts_with("HTTP/1.1 503 "));
+    // And it stops at once, NATS or not.
+    let t = std::time::Instant::now();
+    untrusting.shutdown();
+    assert!(untrusting.join());
+    assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+}
+
+#[test]
+fn publishing_past_the_held_bound_while_nats_is_away_is_refused_then_the_held_are_stored() {
+    let Some(mut nats) = NatsServer::start() else {
+        return;
+    };
+    nats.stop();
+    let url = nats.url();
+    let node = start_with(|c| {
+        c.listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        c.cluster = Some(ClusterSettings {
+            urls: vec![url],
+            credentials: None,
+            ca: None,
+            max_pending: 8 * KIB,
+            replicas: 1,
+        });
+    });
+    let addr = node.local_addr();
+    let body = vec![7u8; KIB];
+    let mut held = 0;
+    let mut refused = None;
+    for _ in 0..20 {
+        let mut s = raw(addr);
+        s.write_all(&post_with("h", BINARY, &body, "Connection: close\r\n"))
+            .unwrap();
+        let head = read_head(&mut s);
+        if head.starts_with("HTTP/1.1 204 ") {
+            held += 1;
+        } else {
+            refused = Some(head);
+            break;
+        }
+    }
+    let head = refused.expect("the bound is reached");
+    assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
+    assert!(held >= 4, "{held} held before the bound");
+    assert_eq!(
+        gauge(
+            addr,
+            "corecast_cluster_publish_refused_total{reason=\"pending\"}"
+        ),
+        1
+    );
+    // A WebSocket publisher past the bound is closed 1013.
+    let mut p = publisher(addr, "h");
+    p.send(Message::binary(body.clone())).unwrap();
+    let close = loop {
+        match p.read() {
+            Ok(Message::Close(c)) => break c,
+            Ok(_) => {}
+            Err(e) => panic!("no close: {e}"),
+        }
+    };
+    assert_eq!(close.map(|c| u16::from(c.code)), Some(1013));
+    // NATS back: every publication answered 204 is stored, in order.
+    nats.run();
+    assert!(eventually(WAIT, || gauge(
+        addr,
+        "corecast_cluster_pending_bytes"
+    ) == 0));
+    assert_eq!(gauge(addr, "corecast_cluster_published_total"), held);
+}

@@ -144,3 +144,73 @@ pub fn fill(directory: &Directory, bus: &Bus, name: &str, older: Vec<Message>) -
     directory.release(topic);
     true
 }
+
+/// What [`inject_batch`] did: the workers to wake (bit `w`) and how the
+/// numbers followed on.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Injection {
+    pub wakes: u64,
+    pub duplicates: usize,
+    pub gaps: usize,
+    pub restarts: usize,
+    pub lost: usize,
+}
+
+/// [`inject`] for several publications at once (in the cluster's order
+/// per topic), with one send per interested worker for all of them: a
+/// worker then delivers a burst as runs, not one publication per turn.
+/// Each is numbered, recorded and its targets read under its topic's order
+/// lock; the sends follow (this thread is the only one that sends in a
+/// cluster, and each mailbox is FIFO, so every worker receives each topic
+/// in order; a worker whose interest starts between the two has its floor
+/// past the number, or was among the targets).
+pub fn inject_batch(directory: &Directory, bus: &Bus, items: Vec<(String, Message)>) -> Injection {
+    let mut done = Injection::default();
+    let mut batches: Vec<Vec<Publication>> = (0..bus.workers()).map(|_| Vec::new()).collect();
+    for (name, mut msg) in items {
+        let topic = directory.get(&name).or_else(|| {
+            directory
+                .pattern_matches(&name)
+                .then(|| directory.entry(&name))
+        });
+        let Some(topic) = topic else {
+            continue;
+        };
+        {
+            let _order = bus.hold_order(1u64 << order_stripe(Arc::as_ptr(&topic)));
+            match topic.adopt(msg.epoch, msg.seq) {
+                Adopt::Old => done.duplicates += 1,
+                step => {
+                    match step {
+                        Adopt::Gap => done.gaps += 1,
+                        Adopt::Restart => done.restarts += 1,
+                        _ => {}
+                    }
+                    if step != Adopt::Next {
+                        directory.clear_history(&topic);
+                    }
+                    msg.topic = Some(Arc::clone(topic.name_arc()));
+                    let msg = Arc::new(msg);
+                    let mut targets = directory.targets(&topic);
+                    while targets != 0 {
+                        let w = targets.trailing_zeros() as usize;
+                        targets &= targets - 1;
+                        batches[w].push(Publication::new(Arc::downgrade(&topic), Arc::clone(&msg)));
+                    }
+                    directory.record(&topic, &msg);
+                }
+            }
+        }
+        directory.release(topic);
+    }
+    for (w, batch) in batches.into_iter().enumerate() {
+        if batch.is_empty() {
+            continue;
+        }
+        match bus.send(w, batch) {
+            Ok(wake) => done.wakes |= u64::from(wake) << w,
+            Err(n) => done.lost += n,
+        }
+    }
+    done
+}

@@ -14,6 +14,8 @@ pub struct NatsServer {
     pub port: u16,
     store: PathBuf,
     child: Option<Child>,
+    /// More command-line flags (TLS, say).
+    extra: Vec<String>,
 }
 
 /// A port below 32768 nothing listens on now, never the same twice in
@@ -34,6 +36,11 @@ pub fn free_port() -> u16 {
 impl NatsServer {
     /// Starts one, or `None` when `nats-server` is missing outside CI.
     pub fn start() -> Option<Self> {
+        Self::start_with(&[])
+    }
+
+    /// [`Self::start`] with more flags for `nats-server`.
+    pub fn start_with(extra: &[&str]) -> Option<Self> {
         let found = Command::new("nats-server")
             .arg("--version")
             .stdout(Stdio::null())
@@ -58,6 +65,7 @@ impl NatsServer {
             port,
             store,
             child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         me.run();
         Some(me)
@@ -76,6 +84,7 @@ impl NatsServer {
                 "-sd",
             ])
             .arg(&self.store)
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
