@@ -95,19 +95,15 @@ fn a_publication_on_one_node_reaches_subscribers_on_every_node_in_order() {
     }
     let ma = metrics(a.local_addr());
     assert_eq!(metric(&ma, "corecast_cluster_published_total"), 50);
-    // One NATS message in per publication per interested node. (The
-    // stream may republish one a moment after the next, which the node
-    // then reads from the stream to keep the order: the late copy still
-    // arrives, as a duplicate.)
+    // At most one NATS message in per publication per interested node
+    // (publications queued for a topic go together), and every node got
+    // every publication. (The stream may republish a message a moment
+    // after the next, which the node then reads from the stream to keep the
+    // order: the late copy still arrives, as a duplicate.)
     for node in [a.local_addr(), b.local_addr()] {
-        assert!(eventually(WAIT, || gauge(
-            node,
-            "corecast_cluster_received_total"
-        ) == 50));
-    }
-    std::thread::sleep(Duration::from_millis(200));
-    for node in [a.local_addr(), b.local_addr()] {
-        assert_eq!(gauge(node, "corecast_cluster_received_total"), 50);
+        let m = metrics(node);
+        let received = metric(&m, "corecast_cluster_received_total");
+        assert!((1..=50).contains(&received), "{received}");
     }
 }
 

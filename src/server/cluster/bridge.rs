@@ -46,6 +46,11 @@ const H_EPOCH: &str = "Corecast-Epoch";
 const H_SEQ: &str = "Corecast-Seq";
 const H_KIND: &str = "Corecast-Kind";
 const H_KEY: &str = "Corecast-Key";
+/// Set when one stream message carries several publications of the topic
+/// (numbered from `Corecast-Seq` on): how many; the payload is then each
+/// one's kind (1 text, 2 binary), key length (u16), key, length (u32) and
+/// bytes, big-endian, in order.
+const H_BATCH: &str = "Corecast-Batch";
 /// The publishing node's wall clock at publish, in nanoseconds since 1970.
 const H_AT: &str = "Corecast-Published-At";
 
@@ -84,16 +89,6 @@ impl Bridge {
         let thread = std::thread::Builder::new()
             .name("corecast-nats".into())
             .spawn(move || {
-                // Each publication waits for the stream's acknowledgement of
-                // the topic's last one: a bridge that waits behind busy
-                // workers for a core stretches every burst. Ahead of them
-                // where the process may raise a priority (root, or
-                // CAP_SYS_NICE); left as it is otherwise.
-                // SAFETY: setpriority on this thread's own id; no memory.
-                unsafe {
-                    let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-                    libc::setpriority(libc::PRIO_PROCESS, tid, -10);
-                }
                 let c2 = Arc::clone(&c);
                 let run = std::panic::AssertUnwindSafe(|| {
                     rt.block_on(run(c, directory, bus, stream, high_water));
@@ -420,9 +415,11 @@ async fn run(
                 Ok(s) => {
                     *lock(&node.stream) = Some(s.clone());
                     stream = Some(s);
-                    cluster
-                        .max_payload
-                        .store(client.server_info().max_payload, Ordering::Relaxed);
+                    let max_payload = client.server_info().max_payload;
+                    cluster.max_payload.store(max_payload, Ordering::Relaxed);
+                    // Publications queued for one topic go together, within
+                    // half of what one NATS message may carry.
+                    seq.set_batch_bytes((max_payload / 2).min(1024 * 1024));
                     cluster.ready.store(true, Ordering::Relaxed);
                     backoff = Duration::from_millis(100);
                     retry_at = None;
@@ -664,8 +661,8 @@ async fn fill(node: Arc<Node>, topic: Arc<str>, from: u64, initial: bool) {
             {
                 Ok(m) => {
                     next = m.sequence + 1;
-                    if let Some((_, msg)) = decode(&m.subject, Some(&m.headers), &m.payload) {
-                        fetched.push((msg, m.sequence));
+                    if let Some((_, msgs)) = decode(&m.subject, Some(&m.headers), &m.payload) {
+                        fetched.extend(msgs.into_iter().map(|msg| (msg, m.sequence)));
                     }
                 }
                 Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => break,
@@ -744,7 +741,7 @@ fn start(
     let Some(stream) = stream else {
         let topic = match step {
             Step::FetchLast { topic } => topic,
-            Step::Publish { item, .. } => item.topic,
+            Step::Publish { items, .. } => Arc::clone(&items[0].topic),
         };
         let _ = done.send(Done::Failed(topic, "not connected".into()));
         return;
@@ -764,7 +761,8 @@ fn start(
                         ) {
                             (Some(epoch), Some(seq)) => Last {
                                 epoch,
-                                seq,
+                                // A batch's header numbers its first.
+                                seq: seq + header_u64(&m.headers, H_BATCH).unwrap_or(1).max(1) - 1,
                                 stream_seq: m.sequence,
                             },
                             // Something else published there: our numbers start over after it.
@@ -788,34 +786,43 @@ fn start(
             });
         }
         Step::Publish {
-            item,
+            items,
             epoch,
             seq,
             expect,
         } => {
             let js = js.clone();
             tokio::spawn(async move {
+                let first = &items[0];
                 let mut h = HeaderMap::new();
                 h.insert(H_EPOCH, epoch.to_string().as_str());
                 h.insert(H_SEQ, seq.to_string().as_str());
-                h.insert(H_KIND, if item.text { "text" } else { "binary" });
-                if let Some(k) = &item.key {
-                    h.insert(H_KEY, &**k);
-                }
                 h.insert(H_AT, now_nanos().to_string().as_str());
-                // The same publication tried again (after a timeout) is
-                // recognised by the stream, not stored twice.
-                h.insert(header::NATS_MESSAGE_ID, &*item.id);
+                // The same publications tried again (after a timeout, always
+                // together) are recognised by the stream, not stored twice.
+                let id = if items.len() == 1 {
+                    first.id.to_string()
+                } else {
+                    format!("{}+{}", first.id, items.len())
+                };
+                h.insert(header::NATS_MESSAGE_ID, id.as_str());
                 h.insert(
                     header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
                     expect.to_string().as_str(),
                 );
-                let subject = publish_subject(&item.topic);
-                let topic = Arc::clone(&item.topic);
-                let r = match js
-                    .publish_with_headers(subject, h, item.payload.clone())
-                    .await
-                {
+                let payload = if items.len() == 1 {
+                    h.insert(H_KIND, if first.text { "text" } else { "binary" });
+                    if let Some(k) = &first.key {
+                        h.insert(H_KEY, &**k);
+                    }
+                    first.payload.clone()
+                } else {
+                    h.insert(H_BATCH, items.len().to_string().as_str());
+                    encode_batch(&items)
+                };
+                let subject = publish_subject(&first.topic);
+                let topic = Arc::clone(&first.topic);
+                let r = match js.publish_with_headers(subject, h, payload).await {
                     Ok(ack) => ack.await,
                     Err(e) => Err(e),
                 };
@@ -849,7 +856,7 @@ fn finish(
         Done::Fetched(topic, last) => seq.fetched(&topic, last, now_micros()),
         Done::Acked(topic, stream_seq) => {
             let (stored, next) = seq.acked(&topic, stream_seq);
-            if let Some(s) = stored {
+            for s in stored {
                 cluster.stats.published.fetch_add(1, Ordering::Relaxed);
                 cluster
                     .stats
@@ -883,7 +890,7 @@ fn finish(
         }
         Done::Duplicate(topic) => {
             let (stored, next) = seq.stored_before(&topic);
-            if let Some(p) = stored {
+            for p in stored {
                 cluster.stats.published.fetch_add(1, Ordering::Relaxed);
                 cluster.release(&p);
             }
@@ -891,9 +898,9 @@ fn finish(
         }
         Done::Rejected(topic, why) => {
             warn!(%topic, %why, "cluster: NATS refused a publication for good; dropped");
-            cluster.stats.rejected.fetch_add(1, Ordering::Relaxed);
             let (dropped, next) = seq.drop_front(&topic);
-            if let Some(p) = dropped {
+            for p in dropped {
+                cluster.stats.rejected.fetch_add(1, Ordering::Relaxed);
                 cluster.release(&p);
             }
             next
@@ -938,27 +945,104 @@ async fn receive(mut sub: async_nats::Subscriber, node: Arc<Node>) {
     }
 }
 
+/// The payload of a stream message carrying several publications.
+fn encode_batch(items: &[super::sequencer::Pending]) -> bytes::Bytes {
+    let size: usize = items
+        .iter()
+        .map(|p| 7 + p.payload.len() + p.key.as_deref().map_or(0, str::len))
+        .sum();
+    let mut out = Vec::with_capacity(size);
+    for p in items {
+        out.push(if p.text { 1 } else { 2 });
+        let key = p.key.as_deref().unwrap_or("").as_bytes();
+        let key = &key[..key.len().min(u16::MAX as usize)];
+        out.extend_from_slice(&(key.len() as u16).to_be_bytes());
+        out.extend_from_slice(key);
+        out.extend_from_slice(&(p.payload.len() as u32).to_be_bytes());
+        out.extend_from_slice(&p.payload);
+    }
+    bytes::Bytes::from(out)
+}
+
+/// The publications of a batch payload: (text, key, payload) each;
+/// `None` if it does not parse as `n` of them exactly.
+/// One publication of a batch: text or not, its key, its payload.
+type Item<'a> = (bool, Option<Arc<str>>, &'a [u8]);
+
+fn decode_batch(mut b: &[u8], n: usize) -> Option<Vec<Item<'_>>> {
+    let mut out = Vec::with_capacity(n.min(MAX_DECODED));
+    for _ in 0..n {
+        let (&kind, rest) = b.split_first()?;
+        let text = match kind {
+            1 => true,
+            2 => false,
+            _ => return None,
+        };
+        let (kl, rest) = rest.split_first_chunk::<2>()?;
+        let kl = u16::from_be_bytes(*kl) as usize;
+        let (key, rest) = rest.split_at_checked(kl)?;
+        let key = (!key.is_empty())
+            .then(|| std::str::from_utf8(key).ok().map(Arc::<str>::from))
+            .flatten();
+        let (len, rest) = rest.split_first_chunk::<4>()?;
+        let len = u32::from_be_bytes(*len) as usize;
+        let (payload, rest) = rest.split_at_checked(len)?;
+        out.push((text, key, payload));
+        b = rest;
+    }
+    b.is_empty().then_some(out)
+}
+
+/// Most publications one decoded message may carry (what a stream message
+/// of ours holds; more is not ours).
+const MAX_DECODED: usize = super::sequencer::MAX_BATCH;
+
 /// A message of ours as the fan-out takes it: its topic and the message
 /// (framed once, numbered); `None` for anything else.
-fn decode(subject: &str, headers: Option<&HeaderMap>, payload: &[u8]) -> Option<(String, Message)> {
+fn decode(
+    subject: &str,
+    headers: Option<&HeaderMap>,
+    payload: &[u8],
+) -> Option<(String, Vec<Message>)> {
     let topic = topic_of(subject)?;
     let h = headers?;
     let (epoch, number) = (header_u64(h, H_EPOCH)?, header_u64(h, H_SEQ)?);
     if number == 0 {
         return None;
     }
-    let text = h.get(H_KIND).is_some_and(|k| k.as_str() == "text");
-    let opcode = if text { OpCode::Text } else { OpCode::Binary };
-    let key = h.get(H_KEY).map(|k| Arc::<str>::from(k.as_str()));
     // Its age by the publishing node's clock (history ages), at most now.
     let now = Instant::now();
     let at = header_u64(h, H_AT)
         .and_then(|at| now.checked_sub(Duration::from_nanos(now_nanos().saturating_sub(at))))
         .unwrap_or(now);
-    let mut msg = Message::new(bytes::Bytes::from(server_frame(opcode, payload)), at).with_key(key);
-    msg.epoch = epoch;
-    msg.seq = number;
-    Some((topic, msg))
+    let message = |i: usize, text: bool, key: Option<Arc<str>>, payload: &[u8]| {
+        let opcode = if text { OpCode::Text } else { OpCode::Binary };
+        let mut msg =
+            Message::new(bytes::Bytes::from(server_frame(opcode, payload)), at).with_key(key);
+        msg.epoch = epoch;
+        msg.seq = number + i as u64;
+        msg
+    };
+    let msgs = match h.get(H_BATCH) {
+        Some(n) => {
+            let n: usize = n
+                .as_str()
+                .parse()
+                .ok()
+                .filter(|&n| (1..=MAX_DECODED).contains(&n))?;
+            decode_batch(payload, n)?
+                .into_iter()
+                .enumerate()
+                .map(|(i, (text, key, p))| message(i, text, key, p))
+                .collect()
+        }
+        None => {
+            let text = h.get(H_KIND).is_some_and(|k| k.as_str() == "text");
+            let key = h.get(H_KEY).map(|k| Arc::<str>::from(k.as_str()));
+            vec![message(0, text, key, payload)]
+        }
+    };
+    Some((topic, msgs))
 }
 
 /// One message from the cluster into the fan-out.
@@ -968,7 +1052,7 @@ fn accept(node: &Arc<Node>, m: async_nats::Message, batch: &mut Vec<(String, Mes
     stats
         .received_bytes
         .fetch_add(m.payload.len() as u64, Ordering::Relaxed);
-    let Some((topic, mut msg)) = decode(&m.subject, m.headers.as_ref(), &m.payload) else {
+    let Some((topic, msgs)) = decode(&m.subject, m.headers.as_ref(), &m.payload) else {
         stats.foreign.fetch_add(1, Ordering::Relaxed);
         return;
     };
@@ -977,9 +1061,6 @@ fn accept(node: &Arc<Node>, m: async_nats::Message, batch: &mut Vec<(String, Mes
             .latency
             .observe(Duration::from_nanos(now_nanos().saturating_sub(at)));
     }
-    // Live: its latency here counts from now.
-    msg.published_at = Instant::now();
-
     let stream_seq = m
         .headers
         .as_ref()
@@ -988,32 +1069,109 @@ fn accept(node: &Arc<Node>, m: async_nats::Message, batch: &mut Vec<(String, Mes
         .unwrap_or(0);
     let mut follows = lock(&node.follows);
     let f = node.follow(&mut follows, &topic);
-    if let Some(waiting) = f.filling.as_mut() {
-        if waiting.len() < MAX_WAITING {
-            waiting.push(Incoming { msg, stream_seq });
-        } else {
-            stats.gaps.fetch_add(1, Ordering::Relaxed);
+    let mut msgs = msgs.into_iter();
+    while let Some(mut msg) = msgs.next() {
+        // Live: its latency here counts from now.
+        msg.published_at = Instant::now();
+        if let Some(waiting) = f.filling.as_mut() {
+            if waiting.len() < MAX_WAITING {
+                waiting.push(Incoming { msg, stream_seq });
+            } else {
+                stats.gaps.fetch_add(1, Ordering::Relaxed);
+            }
+            continue;
         }
-        return;
+        if let Some((epoch, seq)) = f.last {
+            if msg.epoch < epoch || (msg.epoch == epoch && msg.seq <= seq) {
+                // Handed on already (a topic's and a pattern's subscription).
+                stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            // A number skipped: what was missed is read from the stream
+            // first (what this batch holds before it is handed on first),
+            // then this message and the rest of its stream message.
+            let skipped = msg.epoch == epoch && msg.seq > seq + 1;
+            if skipped && f.last_stream > 0 && lock(&node.stream).is_some() {
+                let mut waiting = vec![Incoming { msg, stream_seq }];
+                waiting.extend(msgs.by_ref().map(|msg| Incoming { msg, stream_seq }));
+                f.filling = Some(waiting);
+                let from = f.last_stream + 1;
+                drop(follows);
+                node.start_fill(Arc::from(topic.as_str()), from, false);
+                return;
+            }
+        }
+        f.last = Some((msg.epoch, msg.seq));
+        f.last_stream = f.last_stream.max(stream_seq);
+        batch.push((topic.clone(), msg));
     }
-    if let Some((epoch, seq)) = f.last {
-        if msg.epoch < epoch || (msg.epoch == epoch && msg.seq <= seq) {
-            // Handed on already (a topic's and a pattern's subscription).
-            stats.duplicates.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        // A number skipped: what was missed is read from the stream first
-        // (what this batch holds before it is handed on first).
-        let skipped = msg.epoch == epoch && msg.seq > seq + 1;
-        if skipped && f.last_stream > 0 && lock(&node.stream).is_some() {
-            f.filling = Some(vec![Incoming { msg, stream_seq }]);
-            let from = f.last_stream + 1;
-            drop(follows);
-            node.start_fill(Arc::from(topic.as_str()), from, false);
-            return;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::sequencer::Pending;
+    use super::*;
+
+    fn item(text: bool, key: Option<&str>, p: &[u8]) -> Pending {
+        Pending {
+            id: Arc::from("x"),
+            topic: Arc::from("t"),
+            payload: bytes::Bytes::copy_from_slice(p),
+            text,
+            key: key.map(Arc::from),
+            ack: None,
         }
     }
-    f.last = Some((msg.epoch, msg.seq));
-    f.last_stream = f.last_stream.max(stream_seq);
-    batch.push((topic, msg));
+
+    /// A batch reads back as written, and anything else (cut short, one
+    /// byte more, another count, an unknown kind) is refused whole.
+    #[test]
+    fn batches_read_back_exactly_or_not_at_all() {
+        let items = [
+            item(true, None, b"hi"),
+            item(false, Some("k1"), &[0, 255]),
+            item(true, None, b""),
+        ];
+        let b = encode_batch(&items);
+        let got = decode_batch(&b, 3).unwrap();
+        let want: Vec<Item<'_>> = vec![
+            (true, None, b"hi"),
+            (false, Some(Arc::from("k1")), &[0, 255]),
+            (true, None, b""),
+        ];
+        assert_eq!(got, want);
+        for cut in 0..b.len() {
+            assert!(decode_batch(&b[..cut], 3).is_none(), "cut at {cut}");
+        }
+        let mut longer = b.to_vec();
+        longer.push(0);
+        assert!(decode_batch(&longer, 3).is_none());
+        assert!(decode_batch(&b, 2).is_none());
+        assert!(decode_batch(&b, 4).is_none());
+        let mut bad = b.to_vec();
+        bad[0] = 9;
+        assert!(decode_batch(&bad, 3).is_none());
+    }
+
+    /// Numbers run on through a batch; its size is checked before use.
+    #[test]
+    fn a_batch_message_numbers_its_publications_in_order() {
+        let mut h = HeaderMap::new();
+        h.insert(H_EPOCH, "5");
+        h.insert(H_SEQ, "41");
+        h.insert(H_BATCH, "2");
+        let payload = encode_batch(&[item(true, None, b"a"), item(false, None, b"b")]);
+        let (topic, msgs) = decode("corecast.t.x.y", Some(&h), &payload).unwrap();
+        assert_eq!(topic, "x.y");
+        assert_eq!(
+            msgs.iter().map(|m| (m.epoch, m.seq)).collect::<Vec<_>>(),
+            [(5, 41), (5, 42)]
+        );
+        assert_eq!(msgs[0].payload(), (OpCode::Text, &b"a"[..]));
+        assert_eq!(msgs[1].payload(), (OpCode::Binary, &b"b"[..]));
+        h.insert(H_BATCH, "0");
+        assert!(decode("corecast.t.x", Some(&h), &payload).is_none());
+        h.insert(H_BATCH, "99999");
+        assert!(decode("corecast.t.x", Some(&h), &payload).is_none());
+    }
 }

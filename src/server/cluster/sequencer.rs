@@ -73,11 +73,13 @@ pub struct Last {
 pub enum Step {
     /// Read the topic's last stored message, then call [`Sequencer::fetched`].
     FetchLast { topic: Arc<str> },
-    /// Publish `item` numbered (`epoch`, `seq`), expecting the topic's last
-    /// stored message at stream sequence `expect` (0: none), then call
-    /// [`Sequencer::acked`], [`Sequencer::conflict`] or [`Sequencer::failed`].
+    /// Publish `items` (one, or several of the topic queued behind each
+    /// other, as one stream message) numbered from (`epoch`, `seq`) on,
+    /// expecting the topic's last stored message at stream sequence
+    /// `expect` (0: none), then call [`Sequencer::acked`],
+    /// [`Sequencer::conflict`] or [`Sequencer::failed`].
     Publish {
-        item: Pending,
+        items: Vec<Pending>,
         epoch: u64,
         seq: u64,
         expect: u64,
@@ -99,9 +101,19 @@ pub struct Stored {
 struct TopicState {
     last: Option<Last>,
     queue: VecDeque<Pending>,
-    /// A step is in flight (a fetch, or the publication at the queue's front).
+    /// A step is in flight (a fetch, or the publications at the queue's front).
     busy: bool,
+    /// How many of the queue's first publications the publish in flight
+    /// carries (0 while fetching).
+    flight: usize,
+    /// A publish that failed (NATS away, a timeout): the same publications
+    /// go again together, so the stream recognises them (`Nats-Msg-Id`)
+    /// if the first attempt was stored after all.
+    retry: Option<usize>,
 }
+
+/// Most publications one stream message carries.
+pub const MAX_BATCH: usize = 1024;
 
 /// Every topic this node publishes to, while it has something queued (and
 /// its last known position, kept for the next publication).
@@ -110,6 +122,9 @@ pub struct Sequencer {
     topics: HashMap<Arc<str>, TopicState>,
     queued: usize,
     max_bytes: usize,
+    /// Most payload bytes one stream message carries (under NATS's
+    /// `max_payload`, with room for the headers).
+    batch_bytes: usize,
 }
 
 impl Sequencer {
@@ -119,7 +134,13 @@ impl Sequencer {
             topics: HashMap::new(),
             queued: 0,
             max_bytes,
+            batch_bytes: 256 * 1024,
         }
+    }
+
+    /// Sets how many payload bytes one stream message may carry.
+    pub fn set_batch_bytes(&mut self, n: usize) {
+        self.batch_bytes = n.max(1);
     }
 
     /// Bytes queued (payloads plus overhead), in flight included.
@@ -140,13 +161,16 @@ impl Sequencer {
             return Err(item);
         }
         self.queued += cost;
+        let batch = self.batch_bytes;
         let t = self.topics.entry(Arc::clone(&item.topic)).or_default();
         t.queue.push_back(item);
-        Ok(Self::next(t))
+        Ok(Self::next(t, batch))
     }
 
-    /// The step an idle topic takes next, if it has work.
-    fn next(t: &mut TopicState) -> Option<Step> {
+    /// The step an idle topic takes next, if it has work: the publications
+    /// queued (up to [`MAX_BATCH`] and `batch` bytes, at least one) go as
+    /// one stream message, numbered together.
+    fn next(t: &mut TopicState, batch: usize) -> Option<Step> {
         if t.busy {
             return None;
         }
@@ -156,18 +180,35 @@ impl Sequencer {
             None => Step::FetchLast {
                 topic: Arc::clone(&front.topic),
             },
-            Some(last) => Step::Publish {
-                item: front.clone(),
-                epoch: last.epoch,
-                seq: last.seq + 1,
-                expect: last.stream_seq,
-            },
+            Some(last) => {
+                let n = t.retry.unwrap_or_else(|| {
+                    let mut bytes = 0;
+                    t.queue
+                        .iter()
+                        .take(MAX_BATCH)
+                        .take_while(|p| {
+                            bytes += p.payload.len() + 16;
+                            bytes <= batch
+                        })
+                        .count()
+                        .max(1)
+                });
+                let n = n.min(t.queue.len());
+                t.flight = n;
+                Step::Publish {
+                    items: t.queue.iter().take(n).cloned().collect(),
+                    epoch: last.epoch,
+                    seq: last.seq + 1,
+                    expect: last.stream_seq,
+                }
+            }
         })
     }
 
     /// The topic's last stored message was read: `None`, nothing is
     /// stored, so its numbering starts again in `new_epoch`.
     pub fn fetched(&mut self, topic: &str, last: Option<Last>, new_epoch: u64) -> Option<Step> {
+        let batch = self.batch_bytes;
         let t = self.topics.get_mut(topic)?;
         t.busy = false;
         t.last = Some(last.unwrap_or(Last {
@@ -175,70 +216,82 @@ impl Sequencer {
             seq: 0,
             stream_seq: 0,
         }));
-        Self::next(t)
+        Self::next(t, batch)
     }
 
-    /// The publication in flight for `topic` was stored at `stream_seq`.
-    pub fn acked(&mut self, topic: &str, stream_seq: u64) -> (Option<Stored>, Option<Step>) {
+    /// The publications in flight for `topic` were stored (as one message)
+    /// at `stream_seq`: each with its number.
+    pub fn acked(&mut self, topic: &str, stream_seq: u64) -> (Vec<Stored>, Option<Step>) {
+        let batch = self.batch_bytes;
         let Some(t) = self.topics.get_mut(topic) else {
-            return (None, None);
+            return (Vec::new(), None);
         };
         t.busy = false;
-        let (Some(item), Some(last)) = (t.queue.pop_front(), t.last) else {
-            return (None, Self::next(t));
+        t.retry = None;
+        let n = std::mem::take(&mut t.flight).min(t.queue.len());
+        let Some(last) = t.last.filter(|_| n > 0) else {
+            return (Vec::new(), Self::next(t, batch));
         };
-        self.queued -= item.cost();
-        let now = Last {
+        let mut stored = Vec::with_capacity(n);
+        for (i, item) in t.queue.drain(..n).enumerate() {
+            self.queued -= item.cost();
+            stored.push(Stored {
+                ack: item.ack,
+                epoch: last.epoch,
+                seq: last.seq + 1 + i as u64,
+                payload_len: item.payload.len(),
+                cost: item.cost(),
+            });
+        }
+        t.last = Some(Last {
             epoch: last.epoch,
-            seq: last.seq + 1,
+            seq: last.seq + n as u64,
             stream_seq,
-        };
-        t.last = Some(now);
-        let stored = Stored {
-            ack: item.ack,
-            epoch: now.epoch,
-            seq: now.seq,
-            payload_len: item.payload.len(),
-            cost: item.cost(),
-        };
-        let step = Self::next(t);
+        });
+        let step = Self::next(t, batch);
         if step.is_none() && t.queue.is_empty() {
             // Kept while idle: the next publication skips the fetch. (A
             // stale position costs one refusal and a fetch, never a wrong
             // number.)
             self.trim_idle();
         }
-        (Some(stored), step)
+        (stored, step)
     }
 
-    /// The stream refused the publication in flight: the topic moved on
+    /// The stream refused the publications in flight: the topic moved on
     /// (another node published, or the stream forgot it). Read its last
-    /// message again; the publication stays first in line.
+    /// message again; they stay first in line (and may go with more).
     pub fn conflict(&mut self, topic: &str) -> Option<Step> {
+        let batch = self.batch_bytes;
         let t = self.topics.get_mut(topic)?;
         t.busy = false;
+        t.flight = 0;
+        t.retry = None;
         t.last = None;
-        Self::next(t)
+        Self::next(t, batch)
     }
 
-    /// The publication in flight for `topic` can never be stored (too
-    /// large for NATS): it leaves the queue; the next one starts.
-    pub fn drop_front(&mut self, topic: &str) -> (Option<Pending>, Option<Step>) {
+    /// The publications in flight for `topic` can never be stored (too
+    /// large for NATS): they leave the queue; the next ones start.
+    pub fn drop_front(&mut self, topic: &str) -> (Vec<Pending>, Option<Step>) {
+        let batch = self.batch_bytes;
         let Some(t) = self.topics.get_mut(topic) else {
-            return (None, None);
+            return (Vec::new(), None);
         };
         t.busy = false;
-        let item = t.queue.pop_front();
-        if let Some(i) = &item {
+        t.retry = None;
+        let n = std::mem::take(&mut t.flight).clamp(1, t.queue.len().max(1));
+        let items: Vec<Pending> = t.queue.drain(..n.min(t.queue.len())).collect();
+        for i in &items {
             self.queued -= i.cost();
         }
-        (item, Self::next(t))
+        (items, Self::next(t, batch))
     }
 
-    /// The stream says it had stored the publication in flight already (an
-    /// earlier attempt reached it): it leaves the queue, and the topic's
-    /// position is read again before the next one.
-    pub fn stored_before(&mut self, topic: &str) -> (Option<Pending>, Option<Step>) {
+    /// The stream says it had stored the publications in flight already (an
+    /// earlier attempt reached it): they leave the queue, and the topic's
+    /// position is read again before the next ones.
+    pub fn stored_before(&mut self, topic: &str) -> (Vec<Pending>, Option<Step>) {
         if let Some(t) = self.topics.get_mut(topic) {
             t.last = None;
         }
@@ -246,10 +299,14 @@ impl Sequencer {
     }
 
     /// The step in flight for `topic` failed for want of NATS (disconnected,
-    /// timed out): the publication stays first in line until [`Self::resume`].
+    /// timed out): its publications stay first in line until
+    /// [`Self::resume`], and go again together.
     pub fn failed(&mut self, topic: &str) {
         if let Some(t) = self.topics.get_mut(topic) {
             t.busy = false;
+            if t.flight > 0 {
+                t.retry = Some(std::mem::take(&mut t.flight));
+            }
             // A timed-out publication may have been stored after all: its
             // number is checked again against the stream before reuse.
             t.last = None;
@@ -259,7 +316,11 @@ impl Sequencer {
     /// The steps of every idle topic with something queued (after NATS is
     /// back).
     pub fn resume(&mut self) -> Vec<Step> {
-        self.topics.values_mut().filter_map(Self::next).collect()
+        let batch = self.batch_bytes;
+        self.topics
+            .values_mut()
+            .filter_map(|t| Self::next(t, batch))
+            .collect()
     }
 
     /// Gives up on everything queued (the process stops): the publications
@@ -297,20 +358,30 @@ mod tests {
         }
     }
 
-    fn publish(step: Option<Step>) -> (Bytes, u64, u64, u64) {
+    /// The payloads, first number and expected stream sequence of a publish.
+    fn publish(step: Option<Step>) -> (Vec<Bytes>, u64, u64, u64) {
         match step {
             Some(Step::Publish {
-                item,
+                items,
                 epoch,
                 seq,
                 expect,
-            }) => (item.payload, epoch, seq, expect),
+            }) => (
+                items.into_iter().map(|i| i.payload).collect(),
+                epoch,
+                seq,
+                expect,
+            ),
             other => panic!("expected a publish, got {other:?}"),
         }
     }
 
+    fn b(p: &'static [u8]) -> Bytes {
+        Bytes::from_static(p)
+    }
+
     #[test]
-    fn one_in_flight_per_topic_numbered_from_the_stream() {
+    fn one_in_flight_per_topic_numbered_from_the_stream_the_queued_together() {
         let mut s = Sequencer::new(1 << 20);
         assert!(matches!(
             s.push(item("a", b"1")),
@@ -327,35 +398,90 @@ mod tests {
             seq: 41,
             stream_seq: 900,
         };
+        // Both queued go as one message, numbered 42 and 43.
         assert_eq!(
             publish(s.fetched("a", Some(last), 99)),
-            (Bytes::from_static(b"1"), 7, 42, 900)
+            (vec![b(b"1"), b(b"2")], 7, 42, 900)
         );
+        assert!(matches!(s.push(item("a", b"3")), Ok(None)), "a is busy");
         let (stored, next) = s.acked("a", 1000);
         assert_eq!(
-            stored.map(|s| (s.epoch, s.seq, s.payload_len)),
-            Some((7, 42, 1))
+            stored
+                .iter()
+                .map(|s| (s.epoch, s.seq, s.payload_len))
+                .collect::<Vec<_>>(),
+            [(7, 42, 1), (7, 43, 1)]
         );
-        assert_eq!(publish(next), (Bytes::from_static(b"2"), 7, 43, 1000));
+        assert_eq!(publish(next), (vec![b(b"3")], 7, 44, 1000));
         let (_, next) = s.acked("a", 1003);
         assert!(next.is_none());
         // Idle, its position kept: no fetch for the next one.
         assert_eq!(
-            publish(s.push(item("a", b"3")).unwrap()),
-            (Bytes::from_static(b"3"), 7, 44, 1003)
+            publish(s.push(item("a", b"4")).unwrap()),
+            (vec![b(b"4")], 7, 45, 1003)
         );
         // Nothing stored of b: a new epoch from 1, expecting nothing.
-        assert_eq!(
-            publish(s.fetched("b", None, 99)),
-            (Bytes::from_static(b"x"), 99, 1, 0)
-        );
+        assert_eq!(publish(s.fetched("b", None, 99)), (vec![b(b"x")], 99, 1, 0));
     }
 
     #[test]
-    fn a_refusal_renumbers_the_same_publication_after_a_fetch() {
+    fn a_batch_stays_within_its_bytes_and_count() {
+        let mut s = Sequencer::new(1 << 30);
+        s.set_batch_bytes(100);
+        s.push(item("a", &[0; 10])).unwrap();
+        for _ in 0..9 {
+            s.push(item("a", &[0; 30])).unwrap();
+        }
+        let (items, ..) = publish(s.fetched(
+            "a",
+            Some(Last {
+                epoch: 1,
+                seq: 0,
+                stream_seq: 0,
+            }),
+            0,
+        ));
+        // 10 + 16, then 30 + 16 twice = 118 > 100: two fit.
+        assert_eq!(items.len(), 2);
+        let (stored, next) = s.acked("a", 5);
+        assert_eq!(stored.len(), 2);
+        assert_eq!(publish(next).0.len(), 2);
+        // A single publication over the bytes still goes, alone.
+        let mut s = Sequencer::new(1 << 30);
+        s.set_batch_bytes(10);
+        s.push(item("a", &[0; 50])).unwrap();
+        s.push(item("a", &[0; 50])).unwrap();
+        let (items, ..) = publish(s.fetched(
+            "a",
+            Some(Last {
+                epoch: 1,
+                seq: 0,
+                stream_seq: 0,
+            }),
+            0,
+        ));
+        assert_eq!(items.len(), 1);
+        // At most MAX_BATCH.
+        let mut s = Sequencer::new(1 << 30);
+        for _ in 0..MAX_BATCH + 5 {
+            s.push(item("a", b"")).unwrap();
+        }
+        let (items, ..) = publish(s.fetched(
+            "a",
+            Some(Last {
+                epoch: 1,
+                seq: 0,
+                stream_seq: 0,
+            }),
+            0,
+        ));
+        assert_eq!(items.len(), MAX_BATCH);
+    }
+
+    #[test]
+    fn a_refusal_renumbers_the_same_publications_after_a_fetch() {
         let mut s = Sequencer::new(1 << 20);
         s.push(item("a", b"1")).unwrap();
-        s.push(item("a", b"2")).unwrap();
         let _ = s.fetched(
             "a",
             Some(Last {
@@ -365,6 +491,7 @@ mod tests {
             }),
             0,
         );
+        s.push(item("a", b"2")).unwrap();
         // Another node stored number 2 first.
         assert!(matches!(s.conflict("a"), Some(Step::FetchLast { .. })));
         let step = s.fetched(
@@ -376,17 +503,18 @@ mod tests {
             }),
             0,
         );
-        assert_eq!(publish(step), (Bytes::from_static(b"1"), 7, 3, 11));
+        assert_eq!(publish(step), (vec![b(b"1"), b(b"2")], 7, 3, 11));
         let (stored, next) = s.acked("a", 12);
-        assert_eq!(stored.map(|s| s.seq), Some(3));
-        assert_eq!(publish(next), (Bytes::from_static(b"2"), 7, 4, 12));
+        assert_eq!(stored.iter().map(|s| s.seq).collect::<Vec<_>>(), [3, 4]);
+        assert!(next.is_none());
     }
 
     #[test]
-    fn a_failure_waits_for_resume_and_checks_the_position_again() {
+    fn a_failure_waits_for_resume_and_retries_the_same_batch_after_checking_the_position() {
         let mut s = Sequencer::new(1 << 20);
         s.push(item("a", b"1")).unwrap();
-        let _ = s.fetched(
+        s.push(item("a", b"2")).unwrap();
+        let (items, ..) = publish(s.fetched(
             "a",
             Some(Last {
                 epoch: 7,
@@ -394,10 +522,12 @@ mod tests {
                 stream_seq: 10,
             }),
             0,
-        );
+        ));
+        assert_eq!(items.len(), 2);
         s.failed("a");
+        // More arrives meanwhile; the retry carries the same two.
         assert!(matches!(
-            s.push(item("a", b"2")),
+            s.push(item("a", b"3")),
             Ok(Some(Step::FetchLast { .. }))
         ));
         s.failed("a");
@@ -405,7 +535,21 @@ mod tests {
         assert_eq!(steps.len(), 1);
         assert!(matches!(steps[0], Step::FetchLast { .. }));
         assert!(s.resume().is_empty(), "already in flight");
-        assert_eq!(s.queued(), 2);
+        let (items, _, seq, _) = publish(s.fetched(
+            "a",
+            Some(Last {
+                epoch: 7,
+                seq: 1,
+                stream_seq: 10,
+            }),
+            0,
+        ));
+        assert_eq!((items, seq), (vec![b(b"1"), b(b"2")], 2));
+        // The stream had them already: they leave; the position is read again.
+        let (gone, next) = s.stored_before("a");
+        assert_eq!(gone.len(), 2);
+        assert!(matches!(next, Some(Step::FetchLast { .. })));
+        assert_eq!(s.queued(), 1);
     }
 
     #[test]
@@ -418,9 +562,9 @@ mod tests {
         assert_eq!(s.queued_bytes(), 2 * one);
         let _ = s.fetched("a", None, 5);
         let _ = s.acked("a", 1);
-        assert_eq!(s.queued_bytes(), one);
+        assert_eq!(s.queued_bytes(), 0);
         s.push(item("b", &[0; 100])).unwrap();
-        assert_eq!(s.abandon().len(), 2);
+        assert_eq!(s.abandon().len(), 1);
         assert_eq!(s.queued_bytes(), 0);
     }
 }
