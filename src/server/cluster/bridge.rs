@@ -17,13 +17,20 @@
 //!   workers hold (a topic held through a pattern only is not subscribed
 //!   on its own), made when the first subscriber arrives and dropped when
 //!   the last one leaves; the client makes them again after a reconnect.
-//! - **Publications out.** Through the [`Sequencer`]: one in flight per
-//!   topic, numbered and checked by the stream.
-//! - **Publications in.** Each message received is decoded (topic, epoch,
-//!   number, kind, key), framed once, and injected; while any worker's
-//!   mailbox is over its high-water mark, the bridge stops reading (the
-//!   client buffers, then NATS drops for this slow consumer: a gap the
-//!   numbers show).
+//! - **Publications out.** Through the [`Sequencer`]: one stream message
+//!   in flight per topic, carrying every publication of the topic queued
+//!   behind the last (`Corecast-Batch`), numbered and checked by the
+//!   stream.
+//! - **Publications in.** What has arrived is decoded (topic, epoch,
+//!   numbers, kinds, keys), framed once per publication, and handed to the
+//!   workers as one batch each ([`inject_batch`](crate::pubsub::remote::inject_batch));
+//!   while any worker's mailbox is over its high-water mark, the bridge
+//!   stops reading (the client buffers, then NATS drops for this slow
+//!   consumer: a skip the next message shows, read back from the stream).
+//! - **Fills** ([`fill`]): a topic's retained messages read from the stream
+//!   when the node starts following it (its history), and what the node
+//!   missed after a skip or a reconnect (delivered); live messages wait
+//!   behind a running fill.
 
 use super::sequencer::{Last, Sequencer, Step};
 use super::subject::{IN_PREFIX, OUT_PREFIX, interest_subject, publish_subject, topic_of};
