@@ -5,7 +5,7 @@
 //! topic's order lock here. Workers then hand their publications to the
 //! [`Link`] instead of numbering them (`Shard::dispatch`), and every
 //! publication, this process's own included, comes back through
-//! [`inject`] with its epoch and number, in the cluster's order. From
+//! [`inject_batch`] with its epoch and number, in the cluster's order. From
 //! there on it takes the path of a local one: under the topic's order
 //! lock it becomes the topic's newest number, goes to the mailbox of every
 //! worker interested then, and into the topic's history, so floors,
@@ -53,67 +53,6 @@ pub enum Refused {
     TooLarge,
 }
 
-/// What [`inject`] did with a publication.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Injected {
-    /// Handed to the interested workers (bit `w` of `wakes`: wake worker
-    /// `w`, with [`Bus::wake`]); `step` says how its number followed the
-    /// topic's last one.
-    Delivered {
-        wakes: u64,
-        step: Adopt,
-        lost: usize,
-    },
-    /// Its number was handed on already (a copy through a pattern's
-    /// subscription and the topic's).
-    Duplicate,
-    /// Nobody here holds the topic or a pattern matching it any more.
-    NoInterest,
-}
-
-/// Hands `msg`, numbered elsewhere (`msg.epoch`, `msg.seq` set), to the
-/// workers interested in `name` now, and to its history. Called by one
-/// thread per process (the cluster's bridge), in the cluster's order per
-/// topic.
-pub fn inject(directory: &Directory, bus: &Bus, name: &str, mut msg: Message) -> Injected {
-    let topic = directory.get(name).or_else(|| {
-        directory
-            .pattern_matches(name)
-            .then(|| directory.entry(name))
-    });
-    let Some(topic) = topic else {
-        return Injected::NoInterest;
-    };
-    let done = {
-        let _order = bus.hold_order(1u64 << order_stripe(Arc::as_ptr(&topic)));
-        match topic.adopt(msg.epoch, msg.seq) {
-            Adopt::Old => Injected::Duplicate,
-            step => {
-                if step != Adopt::Next {
-                    directory.clear_history(&topic);
-                }
-                msg.topic = Some(Arc::clone(topic.name_arc()));
-                let msg = Arc::new(msg);
-                let (mut wakes, mut lost) = (0u64, 0usize);
-                let mut targets = directory.targets(&topic);
-                while targets != 0 {
-                    let w = targets.trailing_zeros() as usize;
-                    targets &= targets - 1;
-                    let p = Publication::new(Arc::downgrade(&topic), Arc::clone(&msg));
-                    match bus.send(w, vec![p]) {
-                        Ok(wake) => wakes |= u64::from(wake) << w,
-                        Err(n) => lost += n,
-                    }
-                }
-                directory.record(&topic, &msg);
-                Injected::Delivered { wakes, step, lost }
-            }
-        }
-    };
-    directory.release(topic);
-    done
-}
-
 /// Fills the history of `name` here with `older` (oldest first, in the
 /// cluster's order, read from its stream) and marks it warm: a recovery
 /// here may then use it. Nothing is delivered: they were published before
@@ -156,7 +95,7 @@ pub struct Injection {
     pub lost: usize,
 }
 
-/// [`inject`] for several publications at once (in the cluster's order
+/// [`inject_batch`] for several publications at once (in the cluster's order
 /// per topic), with one send per interested worker for all of them: a
 /// worker then delivers a burst as runs, not one publication per turn.
 /// Each is numbered, recorded and its targets read under its topic's order

@@ -37,9 +37,8 @@ use super::subject::{IN_PREFIX, OUT_PREFIX, interest_subject, publish_subject, t
 use super::{Cluster, Reply, STREAM};
 use crate::proto::frame::{OpCode, server_frame};
 use crate::pubsub::bus::Bus;
-use crate::pubsub::directory::{Adopt, Directory};
+use crate::pubsub::directory::Directory;
 use crate::pubsub::envelope::Message;
-use crate::pubsub::remote::{Injected, inject};
 use async_nats::jetstream::{self, stream};
 use async_nats::{HeaderMap, header};
 use futures_util::StreamExt;
@@ -315,29 +314,7 @@ impl Node {
 
     /// Hands `msg` to the fan-out here (wake-ups, counters).
     fn deliver(&self, topic: &str, msg: Message) {
-        let stats = &self.cluster.stats;
-        match inject(&self.directory, &self.bus, topic, msg) {
-            Injected::Delivered { wakes, step, .. } => {
-                let mut w = wakes;
-                while w != 0 {
-                    self.bus.wake(w.trailing_zeros() as usize);
-                    w &= w - 1;
-                }
-                match step {
-                    Adopt::Gap => {
-                        stats.gaps.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Adopt::Restart => {
-                        stats.restarts.fetch_add(1, Ordering::Relaxed);
-                    }
-                    _ => {}
-                }
-            }
-            Injected::Duplicate => {
-                stats.duplicates.fetch_add(1, Ordering::Relaxed);
-            }
-            Injected::NoInterest => {}
-        }
+        self.deliver_batch(vec![(topic.to_string(), msg)]);
     }
 
     /// Hands a batch of publications to the fan-out here (one send per

@@ -12,7 +12,7 @@
 //! messages per topic and republishes each stored message, in the order
 //! stored, on the topic's output subject. A node subscribes to the output
 //! subject of each topic and pattern it has subscribers for, and hands
-//! what arrives to its workers ([`crate::pubsub::remote::inject`]). The
+//! what arrives to its workers ([`crate::pubsub::remote::inject_batch`]). The
 //! stream's order is the topic's one order; its numbers are decided
 //! before publishing and checked by the stream ([`sequencer`]).
 

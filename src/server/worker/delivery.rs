@@ -64,34 +64,29 @@ impl<S> Core<S> {
             return;
         };
         for reply in cluster.take_replies(self.id) {
-            let Reply::Stored {
-                conn: (key, serial),
-                epoch,
-                seq,
-            } = reply;
-            if !self.is_current(key, serial) {
-                continue;
-            }
-            let conn = &mut self.conns[key];
-            if conn.session.push_ack(epoch, seq) {
-                conn.mark_dirty(key, &mut self.dirty);
-                recharge(conn, &mut self.buffered, &self.shared.stats[self.id]);
-            }
+            let Reply::Stored { conn, epoch, seq } = reply;
+            self.ack(conn, epoch, seq);
         }
     }
 
     /// Queues the acknowledgements of what this turn numbered to the
     /// publishers that asked for them (written with the turn's flush).
     fn queue_acks(&mut self) {
-        for ((key, serial), epoch, seq) in self.shard.take_acks() {
-            if !self.is_current(key, serial) {
-                continue;
-            }
-            let conn = &mut self.conns[key];
-            if conn.session.push_ack(epoch, seq) {
-                conn.mark_dirty(key, &mut self.dirty);
-                recharge(conn, &mut self.buffered, &self.shared.stats[self.id]);
-            }
+        for (conn, epoch, seq) in self.shard.take_acks() {
+            self.ack(conn, epoch, seq);
+        }
+    }
+
+    /// Queues publisher `conn`'s acknowledgement of number `seq` of `epoch`
+    /// (if it is still the same connection and can take it).
+    fn ack(&mut self, (key, serial): ConnRef, epoch: u64, seq: u64) {
+        if !self.is_current(key, serial) {
+            return;
+        }
+        let conn = &mut self.conns[key];
+        if conn.session.push_ack(epoch, seq) {
+            conn.mark_dirty(key, &mut self.dirty);
+            recharge(conn, &mut self.buffered, &self.shared.stats[self.id]);
         }
     }
 
