@@ -503,7 +503,10 @@ fn fresh_key(alg: Algorithm) -> AlgKey {
     };
     match alg {
         Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
-            let secret: Vec<u8> = (0..64).map(|_| rand_byte()).collect();
+            // Letters: the server trims trailing whitespace from a secret
+            // file, so a random byte there (about one key in fifty) would
+            // make the token's key differ from the server's.
+            let secret: Vec<u8> = (0..64).map(|_| b'a' + rand_byte() % 26).collect();
             AlgKey {
                 signing: EncodingKey::from_secret(&secret),
                 server_file: secret,
