@@ -22,7 +22,12 @@ fn node(nats: &NatsServer) -> ServerHandle {
 }
 
 fn node_at(url: &str) -> ServerHandle {
+    node_with(url, |_| {})
+}
+
+fn node_with(url: &str, tweak: impl FnOnce(&mut corecast::server::config::Config)) -> ServerHandle {
     start_with(|c| {
+        tweak(c);
         // A port of its own (two nodes in one process must never share one).
         c.listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
         c.cluster = Some(ClusterSettings {
@@ -33,6 +38,35 @@ fn node_at(url: &str) -> ServerHandle {
             replicas: 1,
         });
     })
+}
+
+/// The `(Corecast-Epoch, Corecast-Seq)` of a `204` answering a publish.
+fn numbered(head: &str) -> (u64, u64) {
+    assert!(head.starts_with("HTTP/1.1 204 "), "{head}");
+    let value = |name: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {head}"))
+    };
+    (value("Corecast-Epoch:"), value("Corecast-Seq:"))
+}
+
+/// `n` pipelined publications of `topic` on one keep-alive connection
+/// (the last closes it); their answers' heads, in order.
+fn publish_pipelined(addr: SocketAddr, topic: &str, bodies: &[&[u8]]) -> Vec<String> {
+    let mut s = raw(addr);
+    let mut all = Vec::new();
+    for (i, body) in bodies.iter().enumerate() {
+        let close = if i + 1 == bodies.len() {
+            "Connection: close\r\n"
+        } else {
+            ""
+        };
+        all.extend(post_with(topic, BINARY, body, close));
+    }
+    s.write_all(&all).unwrap();
+    bodies.iter().map(|_| read_head(&mut s)).collect()
 }
 
 fn gauge(addr: SocketAddr, name: &str) -> u64 {
@@ -93,8 +127,22 @@ fn a_publication_on_one_node_reaches_subscribers_on_every_node_in_order() {
                 .all(|e| e.epoch == got[0].epoch && e.topic == "prices.EURUSD")
         );
     }
+    // An HTTP publication is answered once the stream stored it, with the
+    // number it got; pipelined ones in order, from either node.
+    for (at, from) in [(a.local_addr(), 51u64), (b.local_addr(), 54)] {
+        let heads = publish_pipelined(at, "prices.EURUSD", &[b"x", b"y", b"z"]);
+        let got: Vec<(u64, u64)> = heads.iter().map(|h| numbered(h)).collect();
+        let epoch = read_env(&mut on_a).epoch;
+        assert_eq!(
+            got,
+            (from..from + 3).map(|s| (epoch, s)).collect::<Vec<_>>()
+        );
+        for _ in 0..2 {
+            read_env(&mut on_a);
+        }
+    }
     let ma = metrics(a.local_addr());
-    assert_eq!(metric(&ma, "corecast_cluster_published_total"), 50);
+    assert_eq!(metric(&ma, "corecast_cluster_published_total"), 53);
     // At most one NATS message in per publication per interested node
     // (publications queued for a topic go together), and every node got
     // every publication. (The stream may republish a message a moment
@@ -103,7 +151,7 @@ fn a_publication_on_one_node_reaches_subscribers_on_every_node_in_order() {
     for node in [a.local_addr(), b.local_addr()] {
         let m = metrics(node);
         let received = metric(&m, "corecast_cluster_received_total");
-        assert!((1..=50).contains(&received), "{received}");
+        assert!((1..=56).contains(&received), "{received}");
     }
 }
 
@@ -213,17 +261,30 @@ fn nats_away_at_start_then_back_and_restarted_mid_stream() {
         return;
     };
     nats.stop();
-    // Both nodes start without NATS; /healthz says so.
-    let (a, b) = (node(&nats), node(&nats));
+    // Both nodes start without NATS; /healthz says so. (A short request
+    // deadline: a publication the stream has not stored by then is
+    // answered 202.)
+    let short =
+        |c: &mut corecast::server::config::Config| c.handshake_timeout = Duration::from_millis(500);
+    let (a, b) = (node_with(&nats.url(), short), node_with(&nats.url(), short));
     let mut s = raw(a.local_addr());
     s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         .unwrap();
     let head = read_head(&mut s);
     assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
-    // Publications made meanwhile are held (the bound is 64 MiB) ...
-    for i in 0..5u32 {
-        publish(a.local_addr(), "r", format!("early{i}").as_bytes());
+    // Publications made meanwhile are held (the bound is 64 MiB): answered
+    // 202 at the request deadline, each in turn ...
+    let early: Vec<Vec<u8>> = (0..5u32)
+        .map(|i| format!("early{i}").into_bytes())
+        .collect();
+    let early: Vec<&[u8]> = early.iter().map(|b| &b[..]).collect();
+    for head in publish_pipelined(a.local_addr(), "r", &early) {
+        assert!(head.starts_with("HTTP/1.1 202 "), "{head}");
     }
+    assert_eq!(
+        gauge(a.local_addr(), "corecast_cluster_publish_unconfirmed_total"),
+        5
+    );
     assert!(gauge(a.local_addr(), "corecast_cluster_pending_bytes") > 0);
     nats.run();
     assert!(eventually(WAIT, || connected(a.local_addr())
@@ -235,7 +296,8 @@ fn nats_away_at_start_then_back_and_restarted_mid_stream() {
     ) == 0));
     assert_eq!(gauge(a.local_addr(), "corecast_cluster_published_total"), 5);
     let mut sub = subscriber(b.local_addr(), "r", 1);
-    publish(a.local_addr(), "r", b"live1");
+    let live = publish_pipelined(a.local_addr(), "r", &[b"live1"]);
+    assert_eq!(numbered(&live[0]).1, 6);
     let e = read_env(&mut sub);
     assert_eq!(
         (e.seq, e.payload.as_slice()),
@@ -250,7 +312,8 @@ fn nats_away_at_start_then_back_and_restarted_mid_stream() {
     // the gap.
     nats.stop();
     assert!(eventually(WAIT, || !connected(a.local_addr())));
-    publish(a.local_addr(), "r", b"during");
+    let during = publish_pipelined(a.local_addr(), "r", &[b"during"]);
+    assert!(during[0].starts_with("HTTP/1.1 202 "), "{}", during[0]);
     nats.run();
     assert!(eventually(WAIT, || connected(a.local_addr())
         && connected(b.local_addr())));
@@ -514,6 +577,7 @@ fn publishing_past_the_held_bound_while_nats_is_away_is_refused_then_the_held_ar
     let url = nats.url();
     let node = start_with(|c| {
         c.listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        c.handshake_timeout = Duration::from_secs(1);
         c.cluster = Some(ClusterSettings {
             urls: vec![url],
             credentials: None,
@@ -524,29 +588,38 @@ fn publishing_past_the_held_bound_while_nats_is_away_is_refused_then_the_held_ar
     });
     let addr = node.local_addr();
     let body = vec![7u8; KIB];
-    let mut held = 0;
-    let mut refused = None;
-    for _ in 0..20 {
-        let mut s = raw(addr);
-        s.write_all(&post_with("h", BINARY, &body, "Connection: close\r\n"))
-            .unwrap();
-        let head = read_head(&mut s);
-        if head.starts_with("HTTP/1.1 204 ") {
-            held += 1;
-        } else {
-            refused = Some(head);
-            break;
-        }
-    }
-    let head = refused.expect("the bound is reached");
-    assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
-    assert!(held >= 4, "{held} held before the bound");
+    // Twenty publishers at once, each on its own connection: those within
+    // the bound are held and answered 202 at the request deadline (not
+    // stored yet), the rest refused at once.
+    let mut conns: Vec<_> = (0..20)
+        .map(|_| {
+            let mut s = raw(addr);
+            s.write_all(&post_with("h", BINARY, &body, "Connection: close\r\n"))
+                .unwrap();
+            s
+        })
+        .collect();
+    let heads: Vec<String> = conns.iter_mut().map(read_head).collect();
+    let held = heads
+        .iter()
+        .filter(|h| h.starts_with("HTTP/1.1 202 "))
+        .count() as u64;
+    let refused = heads
+        .iter()
+        .filter(|h| h.starts_with("HTTP/1.1 503 "))
+        .count() as u64;
+    assert_eq!(held + refused, 20, "{heads:?}");
+    assert!((4..20).contains(&held), "{held} held before the bound");
     assert_eq!(
         gauge(
             addr,
             "corecast_cluster_publish_refused_total{reason=\"pending\"}"
         ),
-        1
+        refused
+    );
+    assert_eq!(
+        gauge(addr, "corecast_cluster_publish_unconfirmed_total"),
+        held
     );
     // A WebSocket publisher past the bound is closed 1013.
     let mut p = publisher(addr, "h");
@@ -559,7 +632,7 @@ fn publishing_past_the_held_bound_while_nats_is_away_is_refused_then_the_held_ar
         }
     };
     assert_eq!(close.map(|c| u16::from(c.code)), Some(1013));
-    // NATS back: every publication answered 204 is stored, in order.
+    // NATS back: every publication answered 202 is stored, in order.
     nats.run();
     assert!(eventually(WAIT, || gauge(
         addr,

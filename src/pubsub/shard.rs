@@ -983,6 +983,11 @@ impl Shard {
         self.publish_keyed(topic, frame, now, key);
     }
 
+    /// The worker this shard belongs to.
+    pub fn worker(&self) -> usize {
+        self.id
+    }
+
     /// The acknowledgements due since the last call: (publisher, epoch,
     /// number) in numbering order.
     pub fn take_acks(&mut self) -> Vec<(ConnRef, u64, u64)> {

@@ -131,6 +131,7 @@ pub(super) fn run<B: Backend>(backend: &mut B) {
 /// connection, throttles, keepalive and deadlines (at the turn's time).
 pub(super) fn end_of_turn<B: Backend>(backend: &mut B) {
     backend.before_end_of_turn();
+    backend.core().resume_confirmed();
     let reread = backend.core().take_reread();
     for &(key, serial) in &reread {
         if backend.core().is_current(key, serial) {

@@ -122,6 +122,17 @@ pub fn published(keep_alive: bool, numbered: Option<(u64, u64)>) -> Bytes {
     }
 }
 
+/// `202 Accepted`: in a cluster, a publication the node holds for the
+/// stream that did not store it within the request deadline (it is stored
+/// once NATS takes it, or counted as abandoned if the node stops first).
+pub fn accepted(keep_alive: bool) -> Bytes {
+    Bytes::from_static(if keep_alive {
+        b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n"
+    } else {
+        b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    })
+}
+
 /// `204 No Content`, the answer to an accepted publish.
 pub fn no_content(keep_alive: bool) -> &'static [u8] {
     if keep_alive {

@@ -721,6 +721,17 @@ pub fn render_cluster(
     }
     header(
         s,
+        "corecast_cluster_publish_unconfirmed_total",
+        "counter",
+        "HTTP publications answered 202 Accepted: the stream had not stored them within the request deadline (--handshake-timeout); the node still holds them and stores them once NATS takes them.",
+    );
+    let _ = writeln!(
+        s,
+        "corecast_cluster_publish_unconfirmed_total {}",
+        get(&st.unconfirmed)
+    );
+    header(
+        s,
         "corecast_cluster_publish_retries_total",
         "counter",
         "Publications numbered again, by cause: conflict (another node stored one of the topic first), failure (NATS unreachable or timed out; retried).",

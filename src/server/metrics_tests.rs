@@ -92,6 +92,7 @@ fn busy_cluster() -> crate::server::cluster::ClusterStats {
         &c.connects,
         &c.slow_consumer,
         &c.subscriptions,
+        &c.unconfirmed,
     ] {
         a.store(3, std::sync::atomic::Ordering::Relaxed);
     }

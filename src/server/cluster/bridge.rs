@@ -849,9 +849,10 @@ fn finish(
                 cluster.pending.fetch_sub(s.cost, Ordering::Relaxed);
                 if let Some(a) = s.ack {
                     cluster.reply(
-                        a.worker,
+                        a.worker as usize,
                         Reply::Stored {
                             conn: a.conn,
+                            request: a.request,
                             epoch: s.epoch,
                             seq: s.seq,
                         },
@@ -886,6 +887,15 @@ fn finish(
             for p in dropped {
                 cluster.stats.rejected.fetch_add(1, Ordering::Relaxed);
                 cluster.release(&p);
+                if let Some(a) = &p.ack {
+                    cluster.reply(
+                        a.worker as usize,
+                        Reply::Lost {
+                            conn: a.conn,
+                            request: a.request,
+                        },
+                    );
+                }
             }
             next
         }

@@ -25,7 +25,8 @@ use crate::pubsub::envelope::Message;
 use crate::pubsub::remote::{Link, Refused};
 use crate::pubsub::shard::ConnRef;
 use crate::server::stats::Histogram;
-use sequencer::{AckTo, Pending};
+pub use sequencer::AckTo;
+use sequencer::Pending;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -72,8 +73,16 @@ pub fn parse_url(s: &str) -> Result<String, String> {
 /// What the bridge tells a worker about a publication it handed over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reply {
-    /// Stored by the stream as number `seq` of `epoch`.
-    Stored { conn: ConnRef, epoch: u64, seq: u64 },
+    /// Stored by the stream as number `seq` of `epoch` (`request`: which
+    /// of an HTTP connection's requests; 0 for a WebSocket).
+    Stored {
+        conn: ConnRef,
+        request: u32,
+        epoch: u64,
+        seq: u64,
+    },
+    /// Refused by NATS for good (dropped, counted as rejected).
+    Lost { conn: ConnRef, request: u32 },
 }
 
 /// Counters of the cluster link (`/metrics`, `corecast_cluster_*`).
@@ -116,6 +125,9 @@ pub struct ClusterStats {
     pub slow_consumer: AtomicU64,
     /// Interest subscriptions held now.
     pub subscriptions: AtomicU64,
+    /// HTTP publications answered `202`: not stored within the request
+    /// deadline (still held, stored once NATS takes them).
+    pub unconfirmed: AtomicU64,
     /// From the publishing node's clock to this node's, per message.
     pub latency: Histogram,
 }
@@ -228,7 +240,14 @@ impl Cluster {
         std::mem::take(&mut *r)
     }
 
-    fn reply(&self, worker: usize, reply: Reply) {
+    /// What workers offered and the bridge has not taken (tests stand in
+    /// for the bridge).
+    #[cfg(test)]
+    pub(crate) fn take_offered(&self) -> Vec<Pending> {
+        std::mem::take(&mut self.inbox().publications)
+    }
+
+    pub(crate) fn reply(&self, worker: usize, reply: Reply) {
         self.replies[worker]
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -322,7 +341,11 @@ impl Link for Cluster {
             payload: msg.frame.slice(start..),
             text: opcode == crate::proto::frame::OpCode::Text,
             key: msg.key.clone(),
-            ack: ack.map(|(worker, conn)| AckTo { worker, conn }),
+            ack: ack.map(|(worker, conn)| AckTo {
+                worker: worker as u32,
+                conn,
+                request: 0,
+            }),
         })
     }
 }
@@ -334,6 +357,7 @@ pub fn publish_http(
     payload: &[u8],
     text: bool,
     key: Option<Arc<str>>,
+    ack: AckTo,
 ) -> Result<(), Refused> {
     cluster.offer(Pending {
         id: Arc::from(""),
@@ -341,7 +365,7 @@ pub fn publish_http(
         payload: bytes::Bytes::copy_from_slice(payload),
         text,
         key,
-        ack: None,
+        ack: Some(ack),
     })
 }
 

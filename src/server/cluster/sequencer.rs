@@ -32,11 +32,14 @@ use std::sync::Arc;
 pub const PENDING_OVERHEAD_BYTES: usize = 128;
 
 /// Who asked to be told the number a publication got: a WebSocket
-/// publisher (`worker`, connection).
+/// publisher, or an HTTP one waiting for its answer (`worker`,
+/// connection, and for HTTP the request it answers: a late reply must not
+/// answer the connection's next request).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AckTo {
-    pub worker: usize,
+    pub worker: u32,
     pub conn: ConnRef,
+    pub request: u32,
 }
 
 /// A publication made on this node, not yet stored by the stream.

@@ -33,6 +33,7 @@ use crate::server::Shared;
 use crate::server::stats::WorkerStats;
 use bytes::Bytes;
 use publish::BodyState;
+pub use publish::Confirm;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -108,6 +109,10 @@ enum Phase {
     Head { scan: HeadScanner, requests: u32 },
     /// Reading the body of `POST /publish/{topic}`.
     Body(Box<BodyState>),
+    /// In a cluster: a `POST /publish` handed to the cluster's stream,
+    /// whose answer waits for the number the stream gives it (or for the
+    /// request deadline). Not read meanwhile; pipelined input is kept.
+    Confirming { keep_alive: bool, requests: u32 },
     /// An open WebSocket.
     Ws { ws: WsConn, role: Role },
     /// A final HTTP response is queued: write it, then close.
@@ -222,14 +227,23 @@ impl Session {
     /// Is the connection waiting for (or inside) an HTTP request, so that
     /// the request deadline applies?
     pub fn awaiting_request(&self) -> bool {
-        matches!(self.phase, Phase::Head { .. } | Phase::Body(_))
+        matches!(
+            self.phase,
+            Phase::Head { .. } | Phase::Body(_) | Phase::Confirming { .. }
+        )
+    }
+
+    /// Is an HTTP publication waiting for the cluster's number
+    /// ([`Self::confirm`] answers it)?
+    pub fn confirming(&self) -> bool {
+        matches!(self.phase, Phase::Confirming { .. })
     }
 
     /// Has part of an HTTP request (head or body) arrived?
     pub fn partial_request(&self) -> bool {
         match &self.phase {
             Phase::Head { .. } => !self.pending.is_empty(),
-            Phase::Body(_) => true,
+            Phase::Body(_) | Phase::Confirming { .. } => true,
             _ => false,
         }
     }
@@ -241,6 +255,7 @@ impl Session {
         match &self.phase {
             Phase::Head { requests, .. } => *requests,
             Phase::Body(b) => b.requests,
+            Phase::Confirming { requests, .. } => *requests,
             _ => 0,
         }
     }
@@ -264,7 +279,7 @@ impl Session {
     /// What the backend should do now.
     pub fn next(&self) -> Next {
         match &self.phase {
-            Phase::Head { .. } | Phase::Body(_) => Next::Read,
+            Phase::Head { .. } | Phase::Body(_) | Phase::Confirming { .. } => Next::Read,
             Phase::Ws { ws, .. } if ws.close_state() != CloseState::Closed => Next::Read,
             _ => Next::FlushAndClose,
         }
@@ -365,6 +380,12 @@ impl Session {
                         self.pending.clear();
                         return Next::FlushAndClose;
                     }
+                }
+                Phase::Confirming { .. } => {
+                    // Pipelined input waits until the answer is out (the
+                    // backend reads no more meanwhile).
+                    self.keep(buf, pos);
+                    return Next::Read;
                 }
                 Phase::Ws { .. } => {
                     pos = self.on_frames(buf, pos, ctx);
@@ -535,7 +556,9 @@ impl Session {
         self.pending.clear();
         match &mut self.phase {
             Phase::Ws { ws, .. } => ws.abort(code, reason, &mut self.out),
-            Phase::Head { .. } | Phase::Body(_) => self.refuse(Reject::new(status, reason), stats),
+            Phase::Head { .. } | Phase::Body(_) | Phase::Confirming { .. } => {
+                self.refuse(Reject::new(status, reason), stats)
+            }
             Phase::Done => {}
         }
     }
@@ -549,7 +572,7 @@ impl Session {
             Phase::Ws { ws, .. } => {
                 ws.abort(CloseCode::INTERNAL_ERROR, "internal error", &mut self.out)
             }
-            Phase::Head { .. } | Phase::Body(_) => {
+            Phase::Head { .. } | Phase::Body(_) | Phase::Confirming { .. } => {
                 self.out.push(Bytes::from_static(
                     b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 15\r\nConnection: close\r\n\r\ninternal error\n",
                 ));

@@ -7,6 +7,7 @@ use crate::proto::MessageKind;
 use crate::proto::handshake::{HeadScanner, Reject, Request, Status};
 use crate::pubsub::remote::Refused;
 use crate::pubsub::topic;
+use crate::server::stats::WorkerStats;
 use crate::server::{cluster, http};
 use bytes::Bytes;
 
@@ -104,40 +105,36 @@ impl Session {
         if let Some(cluster) = ctx.shared.cluster.as_deref() {
             // In a cluster, every publication goes to the cluster (nodes
             // elsewhere may have subscribers, and its history is there),
-            // and is numbered there: no number to answer with yet.
+            // and is numbered there: the answer waits for the number.
             let text = state.kind == MessageKind::Text;
-            match cluster::publish_http(cluster, &state.topic, body, text, state.key.clone()) {
+            let me = cluster::AckTo {
+                worker: ctx.shard.worker() as u32,
+                conn: ctx.me,
+                request: state.requests,
+            };
+            match cluster::publish_http(cluster, &state.topic, body, text, state.key.clone(), me) {
                 Ok(()) => {
                     ctx.stats.message_published();
-                    self.out.push(http::published(state.keep_alive, None));
+                    self.phase = Phase::Confirming {
+                        keep_alive: state.keep_alive,
+                        requests: state.requests,
+                    };
                 }
-                Err(Refused::TooLarge) => {
-                    return self.refuse(
-                        Reject::new(
-                            Status::PayloadTooLarge,
-                            "body larger than one NATS message (the cluster's max_payload)",
-                        ),
-                        ctx.stats,
-                    );
-                }
-                Err(Refused::Busy) => {
-                    return self.refuse(
-                        Reject::new(
-                            Status::ServiceUnavailable,
-                            "the cluster is not taking publications (NATS unreachable or slow, --nats-max-pending reached)",
-                        ),
-                        ctx.stats,
-                    );
-                }
+                Err(Refused::TooLarge) => self.refuse(
+                    Reject::new(
+                        Status::PayloadTooLarge,
+                        "body larger than one NATS message (the cluster's max_payload)",
+                    ),
+                    ctx.stats,
+                ),
+                Err(Refused::Busy) => self.refuse(
+                    Reject::new(
+                        Status::ServiceUnavailable,
+                        "the cluster is not taking publications (NATS unreachable or slow, --nats-max-pending reached)",
+                    ),
+                    ctx.stats,
+                ),
             }
-            self.phase = if state.keep_alive {
-                Phase::Head {
-                    scan: HeadScanner::default(),
-                    requests: state.requests,
-                }
-            } else {
-                Phase::Done
-            };
             return;
         }
         ctx.stats.message_published();
@@ -159,13 +156,66 @@ impl Session {
                 .publish_now(topic, frame, ctx.now, state.key.clone())
         });
         self.out.push(http::published(state.keep_alive, numbered));
-        self.phase = if state.keep_alive {
+        self.answered(state.keep_alive, state.requests);
+    }
+
+    /// Answers the cluster publication this connection waits on
+    /// ([`Phase::Confirming`]); `close`: the server is going away, so the
+    /// answer is the last. Returns whether the connection reads its next
+    /// request (else it is closing once the answer is written).
+    pub fn confirm(&mut self, answer: Confirm, close: bool, stats: &WorkerStats) -> bool {
+        let Phase::Confirming {
+            keep_alive,
+            requests,
+        } = self.phase
+        else {
+            return false;
+        };
+        let keep_alive = keep_alive && !close;
+        match answer {
+            Confirm::Stored { epoch, seq } => self
+                .out
+                .push(http::published(keep_alive, Some((epoch, seq)))),
+            Confirm::NotYet => self.out.push(http::accepted(keep_alive)),
+            Confirm::Refused => {
+                self.refuse(
+                    Reject::new(
+                        Status::ServiceUnavailable,
+                        "NATS refused the publication for good (see the server's log)",
+                    ),
+                    stats,
+                );
+                return false;
+            }
+        }
+        self.answered(keep_alive, requests);
+        if !keep_alive {
+            self.pending.clear();
+        }
+        keep_alive
+    }
+
+    /// A request is answered: read the next one, or close.
+    fn answered(&mut self, keep_alive: bool, requests: u32) {
+        self.phase = if keep_alive {
             Phase::Head {
                 scan: HeadScanner::default(),
-                requests: state.requests,
+                requests,
             }
         } else {
             Phase::Done
         };
     }
+}
+
+/// How a cluster publication an HTTP publisher waits on ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Confirm {
+    /// The stream stored it as number `seq` of `epoch`: `204` with both.
+    Stored { epoch: u64, seq: u64 },
+    /// Not stored within the request deadline (NATS slow or away): `202`,
+    /// the node still holds it and stores it once it can.
+    NotYet,
+    /// NATS refused it for good: `503`.
+    Refused,
 }

@@ -11,6 +11,7 @@
 //! throttling and pacing).
 
 mod backpressure;
+mod cluster;
 mod deadlines;
 
 use super::Shared;
@@ -57,6 +58,25 @@ struct Sim {
 
 impl Sim {
     fn new(tweak: impl FnOnce(&mut Config)) -> Self {
+        Self::build(tweak, false)
+    }
+
+    /// A node of a cluster whose bridge is the test: it takes what the
+    /// worker offers ([`Cluster::take_offered`](super::cluster::Cluster))
+    /// and replies for the stream.
+    fn in_cluster(tweak: impl FnOnce(&mut Config)) -> Self {
+        Self::build(tweak, true)
+    }
+
+    fn cluster(&self) -> &super::cluster::Cluster {
+        self.core
+            .shared()
+            .cluster
+            .as_deref()
+            .expect("a cluster node")
+    }
+
+    fn build(tweak: impl FnOnce(&mut Config), cluster: bool) -> Self {
         let mut config = Config {
             workers: 1,
             ..Config::default()
@@ -68,12 +88,23 @@ impl Sim {
                 .map(|_| Box::new(NoWake) as Box<dyn Wake>)
                 .collect(),
         );
-        let shared = Arc::new(Shared::new(
+        let mut shared = Shared::new(
             config,
             (0..workers).map(|_| WorkerStats::default()).collect(),
             Arc::new(Directory::new()),
-            bus,
-        ));
+            Arc::clone(&bus),
+        );
+        if cluster {
+            let settings = super::cluster::ClusterSettings {
+                urls: vec!["nats://127.0.0.1:1".into()],
+                credentials: None,
+                ca: None,
+                max_pending: 1 << 20,
+                replicas: 1,
+            };
+            shared.cluster = Some(Arc::new(super::cluster::Cluster::new(settings, bus)));
+        }
+        let shared = Arc::new(shared);
         let core = Core::new(0, inboxes.remove(0), shared);
         let now = core.now();
         Self {

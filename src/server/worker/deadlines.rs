@@ -258,6 +258,22 @@ impl<S> Core<S> {
             self.handshake_deadlines.pop_front();
             if self.is_current(key, serial) {
                 let conn = &self.conns[key];
+                if conn.session.confirming()
+                    && conn.state == IoState::Active
+                    && conn.session.requests() == generation
+                {
+                    // The cluster has not stored it in time: `202`, it is
+                    // still held for the stream; the next request gets a
+                    // deadline of its own.
+                    if let Some(cluster) = &self.shared.cluster {
+                        cluster.stats.unconfirmed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.confirm(key, Confirm::NotYet, false);
+                    let at = ms_after(self.epoch, now, self.shared.config.handshake_timeout);
+                    self.push_request_deadline(at, key, serial, generation);
+                    continue;
+                }
+                let conn = &self.conns[key];
                 if conn.flag(READ_PAUSED)
                     && conn.session.awaiting_request()
                     && conn.session.requests() == generation
@@ -327,6 +343,7 @@ impl<S> Core<S> {
     /// clients then reconnect (elsewhere) in a spread, not in one wave.
     pub fn begin_drain(&mut self) -> Vec<usize> {
         let mut remove = Vec::new();
+        let mut confirming = Vec::new();
         info!(worker = self.id, connections = self.conns.len(), "draining");
         let window = self.shared.config.drain_timeout;
         self.drain_deadline = Some(self.now + window);
@@ -337,10 +354,17 @@ impl<S> Core<S> {
             }
             if conn.session.is_websocket() {
                 self.drain_queue.push((key, conn.serial));
+            } else if conn.session.confirming() {
+                // Waiting for the cluster: told `202` (still held; stored
+                // if the bridge gets it out before it stops), then closed.
+                confirming.push(key);
             } else {
                 // Still in an HTTP request: nothing to say goodbye to.
                 remove.push(key);
             }
+        }
+        for key in confirming {
+            self.confirm(key, Confirm::NotYet, true);
         }
         self.drain_total = self.drain_queue.len();
         remove.extend(self.drain_step());

@@ -64,8 +64,28 @@ impl<S> Core<S> {
             return;
         };
         for reply in cluster.take_replies(self.id) {
-            let Reply::Stored { conn, epoch, seq } = reply;
-            self.ack(conn, epoch, seq);
+            let ((key, serial), request, answer) = match reply {
+                Reply::Stored {
+                    conn,
+                    request,
+                    epoch,
+                    seq,
+                } => (conn, request, Confirm::Stored { epoch, seq }),
+                Reply::Lost { conn, request } => (conn, request, Confirm::Refused),
+            };
+            if !self.is_current(key, serial) {
+                continue;
+            }
+            let session = &self.conns[key].session;
+            if session.confirming() {
+                // An HTTP publisher waiting for this very request's answer
+                // (a late one, after its 202, is not the next request's).
+                if session.requests() == request && self.conns[key].state == IoState::Active {
+                    self.confirm(key, answer, false);
+                }
+            } else if let Confirm::Stored { epoch, seq } = answer {
+                self.ack((key, serial), epoch, seq);
+            }
         }
     }
 

@@ -155,6 +155,11 @@ impl<S> Core<S> {
             conn.state = IoState::Closing;
             return Input::Stop;
         }
+        if conn.session.confirming() {
+            // Not read until its publication is answered (`confirm`).
+            conn.set_flag(READ_PAUSED, true);
+            return Input::Stop;
+        }
         let rate = self.shared.config.max_publish_rate;
         let wait = conn.session.publish_wait_ms(rate);
         if wait > 0 {

@@ -34,7 +34,7 @@ use input::recharge;
 use super::Shared;
 use super::admission::Refusal;
 use super::config::Config;
-use super::session::{Ctx, Next, Push};
+use super::session::{Confirm, Ctx, Next, Push};
 use super::stats::{Undelivered, WorkerStats};
 use crate::proto::CloseCode;
 use crate::proto::handshake::{Reject, Status};
@@ -135,6 +135,10 @@ pub struct Core<S> {
     dirty: Vec<ConnRef>,
     /// Connections to read again (epoll: budget used up; both: unpaused).
     reread: Vec<ConnRef>,
+    /// HTTP publishers whose cluster publication was just answered: their
+    /// kept (pipelined) input is processed at the next turn's start
+    /// ([`Self::resume_confirmed`]), then they are read again.
+    confirmed: Vec<ConnRef>,
     /// Request-head deadlines, with the request generation they guard.
     /// (deadline, key, serial, generation); times in ms on the worker's
     /// clock, keys as u32: 24 bytes an entry. Entries whose connection has
@@ -210,6 +214,7 @@ impl<S> Core<S> {
             next_serial: 0,
             dirty: Vec::new(),
             reread: Vec::new(),
+            confirmed: Vec::new(),
             handshake_deadlines: VecDeque::new(),
             linger_deadlines: VecDeque::new(),
             shard,
@@ -475,6 +480,46 @@ impl<S> Core<S> {
         self.mark_dirty(key);
     }
 
+    /// Answers `key`'s HTTP publication waiting on the cluster
+    /// ([`Session::confirm`](super::session::Session::confirm)); `close`:
+    /// as its last answer. A keep-alive connection then goes on with its
+    /// next request ([`Self::resume_confirmed`]); otherwise it closes.
+    fn confirm(&mut self, key: usize, answer: Confirm, close: bool) {
+        let conn = &mut self.conns[key];
+        let serial = conn.serial;
+        let go_on = conn
+            .session
+            .confirm(answer, close, &self.shared.stats[self.id]);
+        self.recharge(key);
+        if go_on {
+            self.confirmed.push((key, serial));
+            self.mark_dirty(key);
+        } else {
+            self.start_closing(key);
+        }
+    }
+
+    /// Goes on with the HTTP publishers answered since the last turn:
+    /// what they sent meanwhile (kept while they waited) is processed
+    /// now, as if just read, and they are read again. Called by the
+    /// backend at the start of its end of turn, before the re-reads.
+    pub fn resume_confirmed(&mut self) {
+        for (key, serial) in std::mem::take(&mut self.confirmed) {
+            if !self.is_current(key, serial) || self.conns[key].state != IoState::Active {
+                continue;
+            }
+            self.conns[key].set_flag(READ_PAUSED, false);
+            let kept = self.conns[key].session.pending_len();
+            if kept > 0 {
+                let mut buf = vec![0; kept];
+                self.conns[key].session.restore_pending(&mut buf);
+                let _ = self.input(key, &mut buf);
+                self.after_input(key);
+            }
+            self.reread.push((key, serial));
+        }
+    }
+
     fn push_linger(&mut self, key: usize, serial: u32, now: Instant) {
         let at = ms_after(self.epoch, now, LINGER);
         self.linger_deadlines.push_back((at, key as u32, serial));
@@ -519,7 +564,10 @@ impl<S> Core<S> {
 
     /// Has work that must not wait for an event?
     pub fn busy(&self) -> bool {
-        !self.reread.is_empty() || !self.dirty.is_empty() || self.carry.is_some()
+        !self.reread.is_empty()
+            || !self.dirty.is_empty()
+            || self.carry.is_some()
+            || !self.confirmed.is_empty()
     }
 
     /// Leaves the connection's topics and counts it closed; the backend
