@@ -640,3 +640,60 @@ fn publishing_past_the_held_bound_while_nats_is_away_is_refused_then_the_held_ar
     ) == 0));
     assert_eq!(gauge(addr, "corecast_cluster_published_total"), held);
 }
+
+#[test]
+fn a_node_cut_off_from_nats_catches_up_from_the_stream_in_order_while_publishing_goes_on() {
+    // What a node sees when NATS cuts it as a slow consumer (or its
+    // network fails): its connection closes while others publish. Back, it
+    // reads what it missed from the stream, batches of publications
+    // included, while live ones (batches too) wait behind that read.
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let relay = Relay::start(nats.port);
+    let a = node(&nats);
+    let b = node_with(&relay.url(), |c| c.max_outbound_bytes = 64 * MIB);
+    assert!(eventually(WAIT, || connected(a.local_addr())
+        && connected(b.local_addr())));
+    let connects = gauge(b.local_addr(), "corecast_cluster_connects_total");
+    let mut sub = subscriber(b.local_addr(), "cut", 1);
+    let body = |i: u64| {
+        let mut body = vec![b'.'; 4 * KIB];
+        body[..8].copy_from_slice(&i.to_be_bytes());
+        Message::binary(body)
+    };
+    let mut p = publisher(a.local_addr(), "cut");
+    // Twice: cut while its first fill runs, then again once it follows.
+    const N: u64 = 500;
+    let mut last = 0u64;
+    for round in 0..2u64 {
+        relay.cut(true);
+        assert!(eventually(WAIT, || !connected(b.local_addr())));
+        let base = round * 2 * N;
+        for i in base..base + N {
+            p.send(body(i)).unwrap();
+        }
+        assert!(eventually(WAIT, || gauge(
+            a.local_addr(),
+            "corecast_cluster_published_total"
+        ) == base + N));
+        relay.cut(false);
+        for i in base + N..base + 2 * N {
+            p.send(body(i)).unwrap();
+        }
+        while last < base + 2 * N {
+            let e = read_env(&mut sub);
+            assert_eq!(e.seq, last + 1, "every number, in order (round {round})");
+            assert_eq!(u64::from_be_bytes(e.payload[..8].try_into().unwrap()), last);
+            last = e.seq;
+        }
+    }
+    assert!(gauge(b.local_addr(), "corecast_cluster_connects_total") > connects);
+    assert_eq!(
+        gauge(
+            b.local_addr(),
+            "corecast_cluster_sequence_breaks_total{kind=\"gap\"}"
+        ),
+        0
+    );
+}

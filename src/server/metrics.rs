@@ -782,6 +782,13 @@ pub fn render_cluster(
     );
     header(
         s,
+        "corecast_cluster_catch_ups_total",
+        "counter",
+        "Reads of the stream that caught a followed topic up before handing a message on: its predecessor had not reached this node (its NATS connection was cut, or NATS dropped messages to it as a slow consumer).",
+    );
+    let _ = writeln!(s, "corecast_cluster_catch_ups_total {}", get(&st.missed));
+    header(
+        s,
         "corecast_cluster_sequence_breaks_total",
         "counter",
         "Topic numbers that did not follow the last one handed on here: gap (numbers skipped: messages that never reached this node, which subscribers see as a skip), restart (a new epoch).",

@@ -93,6 +93,7 @@ fn busy_cluster() -> crate::server::cluster::ClusterStats {
         &c.slow_consumer,
         &c.subscriptions,
         &c.unconfirmed,
+        &c.missed,
     ] {
         a.store(3, std::sync::atomic::Ordering::Relaxed);
     }

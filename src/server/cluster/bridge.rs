@@ -261,6 +261,9 @@ struct Follow {
     /// A fill from the stream is running: what arrives live meanwhile
     /// waits here, in order, and follows it.
     filling: Option<Vec<Incoming>>,
+    /// A fill ran (the topic is followed for itself, not only through a
+    /// pattern): `last_stream` says what the stream held of it, even 0.
+    synced: bool,
     /// Followed without subscribers until then (a recovery asked for its
     /// history): the entry is held so it stays.
     hold: Option<(Arc<crate::pubsub::directory::TopicInterest>, Instant)>,
@@ -343,8 +346,8 @@ impl Node {
     /// `filling`): `initial`, its history here (nothing delivered);
     /// otherwise what this node missed from stream sequence `from` on
     /// (delivered, in order, before what waited).
-    fn start_fill(self: &Arc<Self>, topic: Arc<str>, from: u64, initial: bool) {
-        tokio::spawn(fill(Arc::clone(self), topic, from, initial));
+    fn start_fill(self: &Arc<Self>, topic: Arc<str>, from: u64, first: Option<u64>) {
+        tokio::spawn(fill(Arc::clone(self), topic, from, first));
     }
 }
 
@@ -516,6 +519,7 @@ async fn run(
             }
         }
         let mut subscribed = false;
+        let mut boundary: Option<u64> = None;
         for (name, pattern) in interest {
             let held = if pattern {
                 directory.pattern_held(&name)
@@ -531,16 +535,22 @@ async fn run(
                     if !pattern {
                         // Its history is filled once the subscription is in
                         // NATS (what is stored after that arrives live).
-                        let mut follows = lock(&node.follows);
-                        let f = node.follow(&mut follows, &key.0);
-                        let warm = directory.get(&key.0).is_some_and(|t| {
-                            let w = t.is_warm();
-                            directory.release(t);
-                            w
-                        });
-                        if !warm && f.filling.is_none() {
-                            f.filling = Some(Vec::new());
-                            fills.push(Arc::from(&*key.0));
+                        {
+                            let mut follows = lock(&node.follows);
+                            let f = node.follow(&mut follows, &key.0);
+                            let warm = directory.get(&key.0).is_some_and(|t| {
+                                let w = t.is_warm();
+                                directory.release(t);
+                                w
+                            });
+                            if !warm && f.filling.is_none() {
+                                f.filling = Some(Vec::new());
+                                fills.push(Arc::from(&*key.0));
+                            }
+                        }
+                        if boundary.is_none() && !fills.is_empty() {
+                            // Once per round, before subscribing.
+                            boundary = Some(last_sequence(stream.as_ref()).await);
                         }
                     }
                     match client.subscribe(interest_subject(&key.0)).await {
@@ -568,7 +578,7 @@ async fn run(
             let _ = client.flush().await;
         }
         for topic in fills {
-            node.start_fill(topic, 1, true);
+            node.start_fill(topic, 1, Some(boundary.unwrap_or(u64::MAX)));
         }
         cluster
             .stats
@@ -611,33 +621,73 @@ async fn run(
     }
 }
 
+/// The stream's last sequence now (`u64::MAX` when it cannot be read:
+/// then only what arrives live is taken as live).
+async fn last_sequence(stream: Option<&stream::Stream>) -> u64 {
+    let Some(stream) = stream else {
+        return u64::MAX;
+    };
+    let mut stream = stream.clone();
+    match tokio::time::timeout(Duration::from_secs(2), stream.info()).await {
+        Ok(Ok(info)) => info.state.last_sequence,
+        _ => u64::MAX,
+    }
+}
+
+/// Attempts of one read in a fill while NATS is away (200 ms apart).
+const FILL_RETRIES: u32 = 50;
+
 /// After a reconnect: each topic followed here catches up with what the
 /// stream stored while this node was away (its subscription was not in
-/// NATS meanwhile).
+/// NATS meanwhile). A topic nothing was handed on for yet (the stream held
+/// nothing of it when the node began following it) catches up from the
+/// stream's start: all it holds of the topic came after.
 fn catch_up_all(node: &Arc<Node>) {
     let mut starts = Vec::new();
     {
         let mut follows = lock(&node.follows);
         for (name, f) in follows.iter_mut() {
-            if f.filling.is_none() && f.last_stream > 0 {
+            // (A topic seen only through a pattern, and nothing of it yet,
+            // has no place in the stream to go on from.)
+            if f.filling.is_none() && (f.synced || f.last_stream > 0) {
                 f.filling = Some(Vec::new());
                 starts.push((Arc::clone(name), f.last_stream + 1));
             }
         }
     }
     for (topic, from) in starts {
-        node.start_fill(topic, from, false);
+        node.start_fill(topic, from, None);
     }
 }
 
 /// Reads `topic`'s messages from the stream from sequence `from` on, hands
 /// them on (see [`Node::start_fill`]), then what waited behind the fill.
-async fn fill(node: Arc<Node>, topic: Arc<str>, from: u64, initial: bool) {
-    let stream = lock(&node.stream).clone();
+///
+/// `first`: the node starts following the topic, and this is its first
+/// fill, with the stream's last sequence taken before the node subscribed
+/// (after its subscribers did): what the stream stored after that is
+/// theirs live, even what never arrived live (the connection was cut
+/// meanwhile, say); what it stored before is history only.
+async fn fill(node: Arc<Node>, topic: Arc<str>, from: u64, first: Option<u64>) {
+    // Just reconnected, the stream may not be known again yet: wait for it
+    // (what arrives live meanwhile waits behind this fill).
+    let mut stream = lock(&node.stream).clone();
+    for _ in 0..FILL_RETRIES {
+        if stream.is_some() || node.cluster.stop.load(Ordering::Acquire) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        stream = lock(&node.stream).clone();
+    }
     let mut fetched: Vec<(Message, u64)> = Vec::new();
+    let (initial, boundary) = (first.is_some(), first.unwrap_or(u64::MAX));
     if let Some(stream) = stream {
         let subject = publish_subject(&topic);
         let mut next = from.max(1);
+        // NATS may be away for a moment (the connection that made this
+        // fill necessary was cut, say): the client reconnects by itself,
+        // and the read is tried again, for up to FILL_RETRIES × 200 ms.
+        let mut retries = 0;
         while fetched.len() < node.fill_limit {
             match stream
                 .direct_get_next_for_subject(subject.as_str(), Some(next))
@@ -650,6 +700,11 @@ async fn fill(node: Arc<Node>, topic: Arc<str>, from: u64, initial: bool) {
                     }
                 }
                 Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => break,
+                Err(e) if retries < FILL_RETRIES && !node.cluster.stop.load(Ordering::Acquire) => {
+                    retries += 1;
+                    tracing::debug!(error = %e, %topic, "cluster: reading a topic from the stream failed; trying again");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
                 Err(e) => {
                     warn!(error = %e, %topic, "cluster: reading a topic from the stream failed; what is missing shows as a gap");
                     break;
@@ -662,34 +717,38 @@ async fn fill(node: Arc<Node>, topic: Arc<str>, from: u64, initial: bool) {
     let newest = fetched.last().map_or(0, |m| m.1);
     if initial {
         // What arrived on the subscription is live (stored after the node's
-        // interest was in NATS, so after its subscribers subscribed): it is
-        // delivered below, not kept as history only.
+        // interest was in NATS, so after its subscribers subscribed), and
+        // so is what the stream stored after `boundary`: delivered below,
+        // in order. The rest is history only.
         let first_live = f
             .filling
             .as_ref()
             .and_then(|w| w.iter().map(|i| i.stream_seq).find(|&s| s > 0))
             .unwrap_or(u64::MAX);
-        let older = fetched
+        let (older, live): (Vec<_>, Vec<_>) = fetched
             .into_iter()
-            .filter(|m| m.1 < first_live)
-            .map(|m| m.0)
-            .collect();
+            .partition(|m| m.1 < first_live && m.1 <= boundary);
+        let last_older = older.last().map_or(0, |m| m.1);
+        let older = older.into_iter().map(|m| m.0).collect();
         let _ = crate::pubsub::remote::fill(&node.directory, &node.bus, &topic, older);
-        f.last_stream = f.last_stream.max(newest.min(first_live.saturating_sub(1)));
-    } else {
-        for (msg, _) in fetched {
-            node.deliver(&topic, msg);
-        }
+        f.last_stream = f.last_stream.max(last_older);
+        fetched = live;
     }
-    if !initial {
-        f.last_stream = f.last_stream.max(newest);
+    for (msg, _) in fetched {
+        node.deliver(&topic, msg);
     }
+    f.last_stream = f.last_stream.max(newest);
+    // What waited is handed on unless the fill already did: by its stream
+    // message (one stream message may hold a batch of publications, all
+    // with its sequence, and all waiting together).
+    let handed_on = f.last_stream;
     for inc in f.filling.take().unwrap_or_default() {
-        if inc.stream_seq == 0 || inc.stream_seq > f.last_stream {
+        if inc.stream_seq == 0 || inc.stream_seq > handed_on {
             f.last_stream = f.last_stream.max(inc.stream_seq);
             node.deliver(&topic, inc.msg);
         }
     }
+    f.synced = true;
     // Where the topic stands here now (all of it was handed on by this
     // thread): what the next live message follows.
     f.last = node.directory.get(&topic).and_then(|t| {
@@ -1061,8 +1120,36 @@ fn accept(node: &Arc<Node>, m: async_nats::Message, batch: &mut Vec<(String, Mes
         .and_then(|h| h.get(header::NATS_SEQUENCE))
         .and_then(|v| v.as_str().parse().ok())
         .unwrap_or(0);
+    // The stream sequence of the topic's message before this one (the
+    // republish says): another than the last handed on here means some
+    // were missed (this node's connection was cut, say, while others
+    // published), and they are read from the stream first.
+    let previous: Option<u64> = m
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(header::NATS_LAST_SEQUENCE))
+        .and_then(|v| v.as_str().parse().ok());
     let mut follows = lock(&node.follows);
     let f = node.follow(&mut follows, &topic);
+    if f.filling.is_none()
+        && (f.synced || f.last_stream > 0)
+        && previous.is_some_and(|p| p > f.last_stream)
+    {
+        stats.missed.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        f.filling = Some(
+            msgs.into_iter()
+                .map(|mut msg| {
+                    msg.published_at = now;
+                    Incoming { msg, stream_seq }
+                })
+                .collect(),
+        );
+        let from = f.last_stream + 1;
+        drop(follows);
+        node.start_fill(Arc::from(topic.as_str()), from, None);
+        return;
+    }
     let mut msgs = msgs.into_iter();
     while let Some(mut msg) = msgs.next() {
         // Live: its latency here counts from now.
@@ -1085,13 +1172,13 @@ fn accept(node: &Arc<Node>, m: async_nats::Message, batch: &mut Vec<(String, Mes
             // first (what this batch holds before it is handed on first),
             // then this message and the rest of its stream message.
             let skipped = msg.epoch == epoch && msg.seq > seq + 1;
-            if skipped && f.last_stream > 0 && lock(&node.stream).is_some() {
+            if skipped && f.last_stream > 0 {
                 let mut waiting = vec![Incoming { msg, stream_seq }];
                 waiting.extend(msgs.by_ref().map(|msg| Incoming { msg, stream_seq }));
                 f.filling = Some(waiting);
                 let from = f.last_stream + 1;
                 drop(follows);
-                node.start_fill(Arc::from(topic.as_str()), from, false);
+                node.start_fill(Arc::from(topic.as_str()), from, None);
                 return;
             }
         }

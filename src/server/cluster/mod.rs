@@ -128,6 +128,9 @@ pub struct ClusterStats {
     /// HTTP publications answered `202`: not stored within the request
     /// deadline (still held, stored once NATS takes them).
     pub unconfirmed: AtomicU64,
+    /// Catch-ups from the stream started because a message's predecessor
+    /// had not reached this node.
+    pub missed: AtomicU64,
     /// From the publishing node's clock to this node's, per message.
     pub latency: Histogram,
 }
