@@ -588,7 +588,21 @@ async fn run(
             match seq.push(p) {
                 Ok(Some(step)) => start(step, &js, stream.as_ref(), &done_tx),
                 Ok(None) => {}
-                Err(p) => cluster.release(&p),
+                Err(p) => {
+                    // Past the sequencer's own bound (the inbox's is checked
+                    // first, so this is rare): refused, and its publisher told.
+                    cluster.stats.refused.fetch_add(1, Ordering::Relaxed);
+                    cluster.release(&p);
+                    if let Some(a) = &p.ack {
+                        cluster.reply(
+                            a.worker as usize,
+                            Reply::Lost {
+                                conn: a.conn,
+                                request: a.request,
+                            },
+                        );
+                    }
+                }
             }
         }
     }
@@ -628,7 +642,7 @@ async fn last_sequence(stream: Option<&stream::Stream>) -> u64 {
         return u64::MAX;
     };
     let mut stream = stream.clone();
-    match tokio::time::timeout(Duration::from_secs(2), stream.info()).await {
+    match tokio::time::timeout(Duration::from_millis(500), stream.info()).await {
         Ok(Ok(info)) => info.state.last_sequence,
         _ => u64::MAX,
     }

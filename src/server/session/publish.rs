@@ -188,7 +188,9 @@ impl Session {
                 return false;
             }
         }
-        self.answered(keep_alive, requests);
+        // Counted on: the deadline that covered this request does not
+        // judge the next one (the worker arms a fresh one).
+        self.answered(keep_alive, requests.wrapping_add(1));
         if !keep_alive {
             self.pending.clear();
         }

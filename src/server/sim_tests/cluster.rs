@@ -146,3 +146,39 @@ fn a_drain_answers_a_waiting_publisher_202_and_closes() {
     );
     assert!(sim.peers[&key].shut_down);
 }
+
+#[test]
+fn a_publisher_that_half_closed_still_gets_its_answer_then_the_close() {
+    let mut sim = Sim::in_cluster(|_| {});
+    let key = sim.connect(1 << 20);
+    sim.send(key, &post("t", b"x", false));
+    let (_, ack) = sim.offered();
+    sim.core.begin_turn(sim.now);
+    sim.core.eof(key);
+    sim.core.after_input(key);
+    sim.turn();
+    assert!(!sim.closed.contains(&key), "kept for its answer");
+    sim.reply(ack, Some((3, 7)));
+    assert_eq!(
+        text(sim.received(key)),
+        "HTTP/1.1 204 No Content\r\nCorecast-Epoch: 3\r\nCorecast-Seq: 7\r\nConnection: close\r\n\r\n"
+    );
+}
+
+#[test]
+fn a_late_number_for_a_connection_now_a_websocket_sends_it_nothing() {
+    let mut sim = Sim::in_cluster(|c| c.handshake_timeout = 2 * SECOND);
+    let key = sim.connect(1 << 20);
+    sim.send(key, &post("t", b"x", false));
+    let (_, ack) = sim.offered();
+    sim.wait(3 * SECOND, TICK);
+    assert!(text(sim.received(key)).starts_with("HTTP/1.1 202 "));
+    let req = format!(
+        "GET /ws?topics=t HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    sim.send(key, req.as_bytes());
+    assert!(text(sim.received(key)).starts_with("HTTP/1.1 101 "));
+    sim.reply(ack, Some((1, 1)));
+    assert!(sim.received(key).is_empty(), "no frame for a late number");
+}

@@ -69,9 +69,13 @@ impl Worker {
                         } else if paused {
                             // Received before the pause took effect: not
                             // processed while paused (a paced publisher,
-                            // backpressure), kept for the resume.
+                            // backpressure, a publisher waiting for its
+                            // answer), kept for the resume, charged to the
+                            // budget now; the receive is stopped.
                             conn.hold(self.bufs.data(bid, len));
                             conn.io_mut().set_held(true);
+                            self.core.charge_held(key);
+                            self.after_core_input(key, Input::Stop);
                         } else {
                             self.input(key, bid, len);
                         }

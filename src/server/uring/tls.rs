@@ -153,6 +153,9 @@ impl Worker {
             if n > 0 {
                 verdict = self.core.input(key, &mut self.scratch[..kept + n]);
                 if verdict == Input::Stop {
+                    // Plaintext or records may be left in the session: fed
+                    // again when the connection is read again.
+                    self.core.conn_mut(key).io_mut().set_held(true);
                     break;
                 }
                 continue;

@@ -269,8 +269,6 @@ impl<S> Core<S> {
                         cluster.stats.unconfirmed.fetch_add(1, Ordering::Relaxed);
                     }
                     self.confirm(key, Confirm::NotYet, false);
-                    let at = ms_after(self.epoch, now, self.shared.config.handshake_timeout);
-                    self.push_request_deadline(at, key, serial, generation);
                     continue;
                 }
                 let conn = &self.conns[key];

@@ -83,7 +83,11 @@ impl<S> Core<S> {
                 if session.requests() == request && self.conns[key].state == IoState::Active {
                     self.confirm(key, answer, false);
                 }
-            } else if let Confirm::Stored { epoch, seq } = answer {
+            } else if let Confirm::Stored { epoch, seq } = answer
+                && request == 0
+            {
+                // A WebSocket publisher's acknowledgement (an HTTP
+                // request's late number, after its 202, answers nothing).
                 self.ack((key, serial), epoch, seq);
             }
         }

@@ -79,6 +79,15 @@ impl<S> Core<S> {
         self.recharge(key);
     }
 
+    /// Input `key`'s backend kept without processing (reading was paused)
+    /// is charged to the buffer budget; a connection that takes the worker
+    /// over it is closed like any that grows past it.
+    pub fn charge_held(&mut self, key: usize) {
+        if self.recharge(key) {
+            self.close_over_budget(key);
+        }
+    }
+
     /// Processes input for `key`: `buf` holds the bytes kept from earlier
     /// input (see [`Session::restore_pending`]) followed by the new ones.
     pub fn input(&mut self, key: usize, buf: &mut [u8]) -> Input {
@@ -223,6 +232,11 @@ impl<S> Core<S> {
     pub fn eof(&mut self, key: usize) {
         let conn = &mut self.conns[key];
         conn.set_flag(PEER_EOF, true);
+        if conn.session.confirming() && conn.state == IoState::Active {
+            // A publisher that half-closed after its request still gets
+            // its answer (`confirm`), then the connection closes.
+            return;
+        }
         conn.state = IoState::Closing;
     }
 

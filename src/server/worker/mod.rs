@@ -487,11 +487,17 @@ impl<S> Core<S> {
     fn confirm(&mut self, key: usize, answer: Confirm, close: bool) {
         let conn = &mut self.conns[key];
         let serial = conn.serial;
+        let close = close || conn.flag(PEER_EOF);
         let go_on = conn
             .session
             .confirm(answer, close, &self.shared.stats[self.id]);
         self.recharge(key);
         if go_on {
+            // The next request has a deadline of its own (the answer moved
+            // the request count on, so the last one's no longer applies).
+            let generation = self.conns[key].session.requests();
+            let at = ms_after(self.epoch, self.now, self.shared.config.handshake_timeout);
+            self.push_request_deadline(at, key, serial, generation);
             self.confirmed.push((key, serial));
             self.mark_dirty(key);
         } else {
@@ -536,6 +542,7 @@ impl<S> Core<S> {
         let conn = &mut self.conns[key];
         let serial = conn.serial;
         if conn.flag(READ_PAUSED)
+            && !conn.session.confirming()
             && conn.session.out.len() <= max_outbound / 2
             && !self.throttled.contains(&(key, serial))
             && !self.paced.iter().any(|&(_, k, s)| (k, s) == (key, serial))
