@@ -52,7 +52,7 @@ fn numbered(head: &str) -> (u64, u64) {
     (value("Corecast-Epoch:"), value("Corecast-Seq:"))
 }
 
-/// `n` pipelined publications of `topic` on one keep-alive connection
+/// `n` pipelined publications of `topic` (with a query, as `?confirm=1`) on one keep-alive connection
 /// (the last closes it); their answers' heads, in order.
 fn publish_pipelined(addr: SocketAddr, topic: &str, bodies: &[&[u8]]) -> Vec<String> {
     let mut s = raw(addr);
@@ -130,7 +130,7 @@ fn a_publication_on_one_node_reaches_subscribers_on_every_node_in_order() {
     // An HTTP publication is answered once the stream stored it, with the
     // number it got; pipelined ones in order, from either node.
     for (at, from) in [(a.local_addr(), 51u64), (b.local_addr(), 54)] {
-        let heads = publish_pipelined(at, "prices.EURUSD", &[b"x", b"y", b"z"]);
+        let heads = publish_pipelined(at, "prices.EURUSD?confirm=1", &[b"x", b"y", b"z"]);
         let got: Vec<(u64, u64)> = heads.iter().map(|h| numbered(h)).collect();
         let epoch = read_env(&mut on_a).epoch;
         assert_eq!(
@@ -278,7 +278,7 @@ fn nats_away_at_start_then_back_and_restarted_mid_stream() {
         .map(|i| format!("early{i}").into_bytes())
         .collect();
     let early: Vec<&[u8]> = early.iter().map(|b| &b[..]).collect();
-    for head in publish_pipelined(a.local_addr(), "r", &early) {
+    for head in publish_pipelined(a.local_addr(), "r?confirm=1", &early) {
         assert!(head.starts_with("HTTP/1.1 202 "), "{head}");
     }
     assert_eq!(
@@ -296,7 +296,7 @@ fn nats_away_at_start_then_back_and_restarted_mid_stream() {
     ) == 0));
     assert_eq!(gauge(a.local_addr(), "corecast_cluster_published_total"), 5);
     let mut sub = subscriber(b.local_addr(), "r", 1);
-    let live = publish_pipelined(a.local_addr(), "r", &[b"live1"]);
+    let live = publish_pipelined(a.local_addr(), "r?confirm=1", &[b"live1"]);
     assert_eq!(numbered(&live[0]).1, 6);
     let e = read_env(&mut sub);
     assert_eq!(
@@ -312,7 +312,7 @@ fn nats_away_at_start_then_back_and_restarted_mid_stream() {
     // the gap.
     nats.stop();
     assert!(eventually(WAIT, || !connected(a.local_addr())));
-    let during = publish_pipelined(a.local_addr(), "r", &[b"during"]);
+    let during = publish_pipelined(a.local_addr(), "r?confirm=1", &[b"during"]);
     assert!(during[0].starts_with("HTTP/1.1 202 "), "{}", during[0]);
     nats.run();
     assert!(eventually(WAIT, || connected(a.local_addr())
@@ -594,8 +594,13 @@ fn publishing_past_the_held_bound_while_nats_is_away_is_refused_then_the_held_ar
     let mut conns: Vec<_> = (0..20)
         .map(|_| {
             let mut s = raw(addr);
-            s.write_all(&post_with("h", BINARY, &body, "Connection: close\r\n"))
-                .unwrap();
+            s.write_all(&post_with(
+                "h?confirm=1",
+                BINARY,
+                &body,
+                "Connection: close\r\n",
+            ))
+            .unwrap();
             s
         })
         .collect();

@@ -360,7 +360,7 @@ pub fn publish_http(
     payload: &[u8],
     text: bool,
     key: Option<Arc<str>>,
-    ack: AckTo,
+    ack: Option<AckTo>,
 ) -> Result<(), Refused> {
     cluster.offer(Pending {
         id: Arc::from(""),
@@ -368,7 +368,7 @@ pub fn publish_http(
         payload: bytes::Bytes::copy_from_slice(payload),
         text,
         key,
-        ack: Some(ack),
+        ack,
     })
 }
 

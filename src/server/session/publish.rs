@@ -17,6 +17,8 @@ pub(super) struct BodyState {
     /// Its conflation key (`?key=`), if any.
     pub(super) key: Option<std::sync::Arc<str>>,
     pub(super) kind: MessageKind,
+    /// In a cluster, `?confirm=1`: the answer waits for the stream's number.
+    pub(super) confirm: bool,
     pub(super) len: usize,
     pub(super) keep_alive: bool,
     pub(super) body: Vec<u8>,
@@ -35,6 +37,16 @@ impl Session {
         let cfg = &ctx.shared.config;
         topic::validate(name, cfg.max_topic_len).map_err(topic_reject)?;
         let key = topic::key_of(req.query).map_err(|why| Reject::new(Status::BadRequest, why))?;
+        let confirm = match topic::query_param(req.query, "confirm") {
+            None | Some("0") | Some("false") => false,
+            Some("1") | Some("true") => true,
+            Some(_) => {
+                return Err(Reject::new(
+                    Status::BadRequest,
+                    "confirm must be 1 (true) or 0 (false)",
+                ));
+            }
+        };
         if !ctx.shared.admission.allow_publish(ctx.peer) {
             ctx.stats.publish_rate_limited();
             return Err(Reject::new(
@@ -82,6 +94,7 @@ impl Session {
             } else {
                 MessageKind::Binary
             },
+            confirm,
             len,
             keep_alive: keep_alive(req),
             body: Vec::new(),
@@ -105,20 +118,27 @@ impl Session {
         if let Some(cluster) = ctx.shared.cluster.as_deref() {
             // In a cluster, every publication goes to the cluster (nodes
             // elsewhere may have subscribers, and its history is there),
-            // and is numbered there: the answer waits for the number.
+            // and is numbered there: `204` at once (held for the stream),
+            // or, asked with `?confirm=1`, once the stream gave it its
+            // number (the connection then takes one request at a time).
             let text = state.kind == MessageKind::Text;
-            let me = cluster::AckTo {
+            let me = state.confirm.then(|| cluster::AckTo {
                 worker: ctx.shard.worker() as u32,
                 conn: ctx.me,
                 request: state.requests,
-            };
+            });
             match cluster::publish_http(cluster, &state.topic, body, text, state.key.clone(), me) {
-                Ok(()) => {
+                Ok(()) if state.confirm => {
                     ctx.stats.message_published();
                     self.phase = Phase::Confirming {
                         keep_alive: state.keep_alive,
                         requests: state.requests,
                     };
+                }
+                Ok(()) => {
+                    ctx.stats.message_published();
+                    self.out.push(http::published(state.keep_alive, None));
+                    self.answered(state.keep_alive, state.requests);
                 }
                 Err(Refused::TooLarge) => self.refuse(
                     Reject::new(

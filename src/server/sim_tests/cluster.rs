@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 fn post(topic: &str, body: &[u8], close: bool) -> Vec<u8> {
     let mut req = format!(
-        "POST /publish/{topic} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n{}\r\n",
+        "POST /publish/{topic}?confirm=1 HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n{}\r\n",
         body.len(),
         if close { "Connection: close\r\n" } else { "" }
     )
@@ -181,4 +181,31 @@ fn a_late_number_for_a_connection_now_a_websocket_sends_it_nothing() {
     assert!(text(sim.received(key)).starts_with("HTTP/1.1 101 "));
     sim.reply(ack, Some((1, 1)));
     assert!(sim.received(key).is_empty(), "no frame for a late number");
+}
+
+#[test]
+fn without_confirm_the_answer_is_at_once_and_pipelined_requests_go_on() {
+    let mut sim = Sim::in_cluster(|_| {});
+    let key = sim.connect(1 << 20);
+    let one = b"POST /publish/t HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\na";
+    let mut three = one.repeat(2);
+    three.extend_from_slice(
+        b"POST /publish/t?confirm=0 HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nConnection: close\r\n\r\nb",
+    );
+    sim.send(key, &three);
+    let offered = sim.cluster().take_offered();
+    assert_eq!(offered.len(), 3, "all three held for the stream at once");
+    assert!(offered.iter().all(|p| p.ack.is_none()), "nobody waits");
+    assert_eq!(
+        text(sim.received(key)),
+        "HTTP/1.1 204 No Content\r\n\r\n".repeat(2)
+            + "HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n"
+    );
+    // A value other than 0 or 1 is refused.
+    let bad = sim.connect(1 << 20);
+    sim.send(
+        bad,
+        b"POST /publish/t?confirm=yes HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\na",
+    );
+    assert!(text(sim.received(bad)).starts_with("HTTP/1.1 400 "));
 }
