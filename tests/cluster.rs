@@ -702,3 +702,62 @@ fn a_node_cut_off_from_nats_catches_up_from_the_stream_in_order_while_publishing
         0
     );
 }
+
+#[test]
+fn a_node_nats_cuts_as_a_slow_consumer_comes_back_with_every_number_in_order_or_a_counted_gap() {
+    // NATS cuts a client that leaves more than 2 MiB unread, or whose
+    // write blocks for a second: its slow-consumer rule.
+    let conf = std::env::temp_dir().join(format!("corecast-nats-slow-{}.conf", std::process::id()));
+    std::fs::write(&conf, "max_pending: 2097152\nwrite_deadline: \"1s\"\n").unwrap();
+    let Some(nats) = NatsServer::start_with(&["-c", conf.to_str().unwrap()]) else {
+        return;
+    };
+    let relay = Relay::start(nats.port);
+    let a = node(&nats);
+    let b = node_with(&relay.url(), |c| c.max_outbound_bytes = 64 * MIB);
+    assert!(eventually(WAIT, || connected(a.local_addr())
+        && connected(b.local_addr())));
+    let connects = gauge(b.local_addr(), "corecast_cluster_connects_total");
+    let mut sub = subscriber(b.local_addr(), "slow", 1);
+    // b stops reading NATS; 8 MiB is published on a meanwhile.
+    relay.stall(true);
+    const N: u64 = 1000;
+    let mut p = publisher(a.local_addr(), "slow");
+    for i in 0..N {
+        let mut body = vec![b'.'; 8 * KIB];
+        body[..8].copy_from_slice(&i.to_be_bytes());
+        p.send(Message::binary(body)).unwrap();
+    }
+    assert!(eventually(Duration::from_secs(60), || gauge(
+        a.local_addr(),
+        "corecast_cluster_published_total"
+    ) == N));
+    relay.stall(false);
+    // Every number after the last, or a skip counted as a gap.
+    let mut last = 0u64;
+    let mut skipped = 0u64;
+    while last < N {
+        let e = read_env(&mut sub);
+        assert!(e.seq > last, "{} after {last}", e.seq);
+        assert_eq!(
+            u64::from_be_bytes(e.payload[..8].try_into().unwrap()),
+            e.seq - 1
+        );
+        skipped += e.seq - last - 1;
+        last = e.seq;
+    }
+    assert!(
+        gauge(b.local_addr(), "corecast_cluster_connects_total") > connects,
+        "NATS cut the slow node and it came back"
+    );
+    if skipped > 0 {
+        assert!(
+            gauge(
+                b.local_addr(),
+                "corecast_cluster_sequence_breaks_total{kind=\"gap\"}"
+            ) > 0,
+            "{skipped} skipped, not counted"
+        );
+    }
+    let _ = std::fs::remove_file(conf);
+}

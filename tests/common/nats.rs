@@ -133,6 +133,7 @@ impl Drop for NatsServer {
 pub struct Relay {
     pub port: u16,
     cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stall: std::sync::Arc<std::sync::atomic::AtomicBool>,
     open: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
 }
 
@@ -143,8 +144,10 @@ impl Relay {
         let port = free_port();
         let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
         let cut = Arc::new(AtomicBool::new(false));
+        let stall = Arc::new(AtomicBool::new(false));
         let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
         let (is_cut, live) = (Arc::clone(&cut), Arc::clone(&open));
+        let stalled = Arc::clone(&stall);
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { return };
@@ -167,10 +170,41 @@ impl Relay {
                     });
                 };
                 pump(client.try_clone().unwrap(), upstream.try_clone().unwrap());
-                pump(upstream, client);
+                // NATS to the client: not read while stalled.
+                let stalled = Arc::clone(&stalled);
+                let (mut from, mut to) = (upstream, client);
+                std::thread::spawn(move || {
+                    use std::io::{Read, Write};
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let _ = from.set_read_timeout(Some(Duration::from_millis(20)));
+                    loop {
+                        if stalled.load(Ordering::Relaxed) {
+                            std::thread::sleep(Duration::from_millis(5));
+                            continue;
+                        }
+                        match from.read(&mut buf) {
+                            Ok(0) => break,
+                            Ok(n) if to.write_all(&buf[..n]).is_ok() => {}
+                            Ok(_) => break,
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                ) => {}
+                            Err(_) => break,
+                        }
+                    }
+                    let _ = from.shutdown(std::net::Shutdown::Both);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
             }
         });
-        Self { port, cut, open }
+        Self {
+            port,
+            cut,
+            stall,
+            open,
+        }
     }
 
     /// Cuts every connection through the relay and refuses new ones
@@ -182,6 +216,12 @@ impl Relay {
                 let _ = s.shutdown(std::net::Shutdown::Both);
             }
         }
+    }
+
+    /// Stops (or resumes) passing on what NATS sends: the client reads
+    /// nothing, like a node too slow for NATS.
+    pub fn stall(&self, on: bool) {
+        self.stall.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn url(&self) -> String {
