@@ -424,7 +424,9 @@ fn large_frames_a_history_keeps_count_in_its_bytes_not_in_the_budget() {
     assert_eq!(settle(Duration::from_secs(10), held, 0), 0);
     let retained = || metric(&metrics(addr), "corecast_retained_topics");
     assert_eq!(settle(Duration::from_secs(10), retained, 0), 0);
-    assert_eq!(metric(&metrics(addr), "corecast_history_bytes"), 0);
+    // (The history's bytes are given back just after the count drops.)
+    let history = || metric(&metrics(addr), "corecast_history_bytes");
+    assert_eq!(settle(Duration::from_secs(5), history, 0), 0);
 }
 
 #[test]

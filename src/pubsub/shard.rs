@@ -965,6 +965,20 @@ impl Shard {
         self.publish_keyed(topic, frame, now, key);
     }
 
+    /// [`Self::publish_acked`] taking the caller's reference to `topic`
+    /// (one the directory handed out: released with the outbox).
+    pub fn publish_owned_acked(
+        &mut self,
+        topic: Arc<TopicInterest>,
+        frame: Bytes,
+        now: Instant,
+        publisher: ConnRef,
+        key: Option<Arc<str>>,
+    ) {
+        self.ack_to.push((self.outbox.len(), publisher, true));
+        self.publish_message(topic, Message::new(frame, now).with_key(key));
+    }
+
     /// [`Self::publish_keyed`] from the WebSocket publisher `publisher`,
     /// which did not ask for acknowledgements: in a cluster, a publication
     /// the cluster refuses is its publisher's to hear about
@@ -986,6 +1000,20 @@ impl Shard {
     /// The worker this shard belongs to.
     pub fn worker(&self) -> usize {
         self.id
+    }
+
+    /// The acknowledgements due to `publisher` alone, in numbering order
+    /// (the others stay for [`Self::take_acks`]).
+    pub fn take_acks_of(&mut self, publisher: ConnRef) -> Vec<(u64, u64)> {
+        let mut mine = Vec::new();
+        self.acks.retain(|&(p, epoch, seq)| {
+            let me = p == publisher;
+            if me {
+                mine.push((epoch, seq));
+            }
+            !me
+        });
+        mine
     }
 
     /// The acknowledgements due since the last call: (publisher, epoch,

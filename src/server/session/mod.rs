@@ -55,6 +55,11 @@ pub struct Ctx<'a> {
     pub peer: Option<IpAddr>,
     /// The worker's `/metrics` rendering of this turn (made at `now`).
     pub metrics: &'a mut Option<(Instant, Bytes)>,
+    /// `POST /publish` requests of this input not answered yet, in order
+    /// (keep-alive, published: numbered at the next dispatch). Answered
+    /// together ([`Session::answer_published`]), so that the publications of
+    /// one read reach the mailboxes as one batch.
+    pub unanswered: Vec<(bool, bool)>,
     /// Set by the session: it published something (HTTP or WebSocket).
     /// The backend applies the mailbox backpressure to it.
     pub published: bool,
@@ -318,6 +323,14 @@ impl Session {
         if buf.starts_with(TEST_PANIC) {
             panic!("a panic injected by a test");
         }
+        let next = self.input_loop(buf, ctx);
+        // The publications of this read go to the mailboxes together, and
+        // their answers out in order.
+        self.answer_published(ctx);
+        next
+    }
+
+    fn input_loop(&mut self, buf: &mut [u8], ctx: &mut Ctx<'_>) -> Next {
         let mut pos = 0;
         loop {
             match &mut self.phase {
@@ -327,6 +340,7 @@ impl Session {
                     let rest = &buf[pos..];
                     let Some(end) = scan.find_end(rest) else {
                         if rest.len() > cfg.max_handshake_size {
+                            self.answer_published(ctx);
                             self.refuse(
                                 Reject::new(Status::HeadTooLarge, "request head too large"),
                                 ctx.stats,
@@ -337,6 +351,7 @@ impl Session {
                         return Next::Read;
                     };
                     if end > cfg.max_handshake_size {
+                        self.answer_published(ctx);
                         self.refuse(
                             Reject::new(Status::HeadTooLarge, "request head too large"),
                             ctx.stats,
@@ -344,7 +359,13 @@ impl Session {
                         return Next::FlushAndClose;
                     }
                     let head_end = pos + end;
+                    if !buf[pos..].starts_with(b"POST /publish/") {
+                        // Answers in order: what this request answers
+                        // comes after the publications' answers.
+                        self.answer_published(ctx);
+                    }
                     if let Err(reject) = self.request(&buf[pos..head_end], ctx) {
+                        self.answer_published(ctx);
                         self.refuse(reject, ctx.stats);
                         return Next::FlushAndClose;
                     }

@@ -84,6 +84,7 @@ impl Session {
             .flatten()
             .is_some_and(|ct| ct.len() >= 5 && ct[..5].eq_ignore_ascii_case(b"text/"));
         if len > 0 && req.has_token("expect", "100-continue") {
+            self.answer_published(ctx);
             self.out.push(Bytes::from_static(http::CONTINUE));
         }
         self.phase = Phase::Body(Box::new(BodyState {
@@ -108,6 +109,7 @@ impl Session {
     /// body that is not UTF-8). Leaves the phase at `Head` (keep-alive) or `Done`.
     pub(super) fn finish_publish(&mut self, state: &BodyState, body: &[u8], ctx: &mut Ctx<'_>) {
         if state.kind == MessageKind::Text && simdutf8::basic::from_utf8(body).is_err() {
+            self.answer_published(ctx);
             self.refuse(
                 Reject::new(Status::BadRequest, "text/* body is not valid UTF-8"),
                 ctx.stats,
@@ -167,16 +169,38 @@ impl Session {
                 .pattern_matches(&state.topic)
                 .then(|| directory.entry(&state.topic))
         });
-        let numbered = topic.map(|topic| {
+        let numbered = topic.is_some();
+        if let Some(topic) = topic {
             let frame = encode(state.kind, body);
             ctx.published = true;
-            // Numbered now (its worker's earlier publications with it), so
-            // the answer can say which number it got.
+            // Numbered with the other publications of this read (its
+            // worker's earlier ones with them), and answered with its
+            // number then (`answer_published`).
             ctx.shard
-                .publish_now(topic, frame, ctx.now, state.key.clone())
-        });
-        self.out.push(http::published(state.keep_alive, numbered));
+                .publish_owned_acked(topic, frame, ctx.now, ctx.me, state.key.clone());
+        }
+        ctx.unanswered.push((state.keep_alive, numbered));
         self.answered(state.keep_alive, state.requests);
+    }
+
+    /// Answers the `POST /publish` requests of this input not answered yet,
+    /// in order: what they published is numbered first (one dispatch for
+    /// all of them), so each `204` carries its number. Called before
+    /// anything else is answered, and at the end of the input.
+    pub(super) fn answer_published(&mut self, ctx: &mut Ctx<'_>) {
+        if ctx.unanswered.is_empty() {
+            return;
+        }
+        let mut numbers = if ctx.unanswered.iter().any(|&(_, numbered)| numbered) {
+            ctx.shard.dispatch();
+            ctx.shard.take_acks_of(ctx.me).into_iter()
+        } else {
+            Vec::new().into_iter()
+        };
+        for (keep_alive, numbered) in ctx.unanswered.drain(..) {
+            let n = if numbered { numbers.next() } else { None };
+            self.out.push(http::published(keep_alive, n));
+        }
     }
 
     /// Answers the cluster publication this connection waits on

@@ -13,6 +13,7 @@
 mod backpressure;
 mod cluster;
 mod deadlines;
+mod http_publish;
 
 use super::Shared;
 use super::backend::{self, Backend};

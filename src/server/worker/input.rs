@@ -109,6 +109,7 @@ impl<S> Core<S> {
                 self.addresses.get(&key).copied()
             },
             metrics: &mut self.metrics,
+            unanswered: Vec::new(),
             published: false,
             requests: 0,
             rated: None,
