@@ -101,6 +101,7 @@ fn run<'a>(cfg: &Config, reads: impl Iterator<Item = &'a [u8]>) -> Vec<Item> {
                 now_ms: (i as u32).wrapping_mul(7),
                 peer: Some(std::net::IpAddr::from([127, 0, 0, 1])),
                 metrics: &mut None,
+                unanswered: Vec::new(),
                 published: false,
                 requests: 0,
                 rated: None,
