@@ -646,6 +646,17 @@ fn publishing_past_the_held_bound_while_nats_is_away_is_refused_then_the_held_ar
     assert_eq!(gauge(addr, "corecast_cluster_published_total"), held);
 }
 
+/// Node `a` on NATS directly, node `b` through a [`Relay`] (a queue bound
+/// that holds a burst), both connected.
+fn behind_relay(nats: &NatsServer) -> (Relay, ServerHandle, ServerHandle) {
+    let relay = Relay::start(nats.port);
+    let a = node(nats);
+    let b = node_with(&relay.url(), |c| c.max_outbound_bytes = 64 * MIB);
+    assert!(eventually(WAIT, || connected(a.local_addr())
+        && connected(b.local_addr())));
+    (relay, a, b)
+}
+
 #[test]
 fn a_node_cut_off_from_nats_catches_up_from_the_stream_in_order_while_publishing_goes_on() {
     // What a node sees when NATS cuts it as a slow consumer (or its
@@ -655,11 +666,7 @@ fn a_node_cut_off_from_nats_catches_up_from_the_stream_in_order_while_publishing
     let Some(nats) = NatsServer::start() else {
         return;
     };
-    let relay = Relay::start(nats.port);
-    let a = node(&nats);
-    let b = node_with(&relay.url(), |c| c.max_outbound_bytes = 64 * MIB);
-    assert!(eventually(WAIT, || connected(a.local_addr())
-        && connected(b.local_addr())));
+    let (relay, a, b) = behind_relay(&nats);
     let connects = gauge(b.local_addr(), "corecast_cluster_connects_total");
     let mut sub = subscriber(b.local_addr(), "cut", 1);
     let body = |i: u64| {
@@ -712,11 +719,7 @@ fn a_node_nats_cuts_as_a_slow_consumer_comes_back_with_every_number_in_order_or_
     let Some(nats) = NatsServer::start_with(&["-c", conf.to_str().unwrap()]) else {
         return;
     };
-    let relay = Relay::start(nats.port);
-    let a = node(&nats);
-    let b = node_with(&relay.url(), |c| c.max_outbound_bytes = 64 * MIB);
-    assert!(eventually(WAIT, || connected(a.local_addr())
-        && connected(b.local_addr())));
+    let (relay, a, b) = behind_relay(&nats);
     let connects = gauge(b.local_addr(), "corecast_cluster_connects_total");
     let mut sub = subscriber(b.local_addr(), "slow", 1);
     // b stops reading NATS; 8 MiB is published on a meanwhile.

@@ -592,16 +592,7 @@ async fn run(
                     // Past the sequencer's own bound (the inbox's is checked
                     // first, so this is rare): refused, and its publisher told.
                     cluster.stats.refused.fetch_add(1, Ordering::Relaxed);
-                    cluster.release(&p);
-                    if let Some(a) = &p.ack {
-                        cluster.reply(
-                            a.worker as usize,
-                            Reply::Lost {
-                                conn: a.conn,
-                                request: a.request,
-                            },
-                        );
-                    }
+                    cluster.lose(&p);
                 }
             }
         }
@@ -959,16 +950,7 @@ fn finish(
             let (dropped, next) = seq.drop_front(&topic);
             for p in dropped {
                 cluster.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                cluster.release(&p);
-                if let Some(a) = &p.ack {
-                    cluster.reply(
-                        a.worker as usize,
-                        Reply::Lost {
-                            conn: a.conn,
-                            request: a.request,
-                        },
-                    );
-                }
+                cluster.lose(&p);
             }
             next
         }

@@ -317,6 +317,21 @@ impl Cluster {
     fn release(&self, item: &Pending) {
         self.pending.fetch_sub(item.cost(), Ordering::Relaxed);
     }
+
+    /// A publication will never be stored: released, and a publisher
+    /// waiting for its number is told (`Reply::Lost`).
+    fn lose(&self, item: &Pending) {
+        self.release(item);
+        if let Some(a) = &item.ack {
+            self.reply(
+                a.worker as usize,
+                Reply::Lost {
+                    conn: a.conn,
+                    request: a.request,
+                },
+            );
+        }
+    }
 }
 
 impl Link for Cluster {
