@@ -430,6 +430,7 @@ impl ServeArgs {
                     ca: self.nats_ca.clone(),
                     max_pending: self.nats_max_pending,
                     replicas: self.nats_replicas,
+                    buffered: crate::server::cluster::NATS_BUFFERED,
                 }
             }),
             ..Config::default()

@@ -36,6 +36,7 @@ fn node_with(url: &str, tweak: impl FnOnce(&mut corecast::server::config::Config
             ca: None,
             max_pending: 64 * MIB,
             replicas: 1,
+            buffered: corecast::server::cluster::NATS_BUFFERED,
         });
     })
 }
@@ -547,6 +548,7 @@ fn nodes_reach_nats_over_tls_trusting_the_ca_they_are_given() {
                 ca: ca.map(|p| p.to_path_buf()),
                 max_pending: 64 * MIB,
                 replicas: 1,
+                buffered: corecast::server::cluster::NATS_BUFFERED,
             });
         })
     };
@@ -588,6 +590,7 @@ fn publishing_past_the_held_bound_while_nats_is_away_is_refused_then_the_held_ar
             ca: None,
             max_pending: 8 * KIB,
             replicas: 1,
+            buffered: corecast::server::cluster::NATS_BUFFERED,
         });
     });
     let addr = node.local_addr();
@@ -767,4 +770,64 @@ fn a_node_nats_cuts_as_a_slow_consumer_comes_back_with_every_number_in_order_or_
         );
     }
     let _ = std::fs::remove_file(conf);
+}
+
+#[test]
+fn a_node_whose_workers_fall_behind_drops_in_its_nats_client_and_reads_the_rest_from_the_stream() {
+    // While a node's workers are behind (their mailboxes over the
+    // high-water mark), its bridge takes nothing more from NATS, and the
+    // NATS client holds at most `buffered` messages per subscription: the
+    // rest it drops (counted), and the node reads them from the stream,
+    // the last of a burst included (no later message would show them
+    // missing), and a catch-up longer than one fill may read.
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let a = node(&nats);
+    let b = start_with(|c| {
+        c.listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        // Any batch in a mailbox holds the bridge back.
+        c.mailbox_high_water = 1;
+        c.max_outbound_bytes = 64 * MIB;
+        c.cluster = Some(ClusterSettings {
+            urls: vec![nats.url()],
+            credentials: None,
+            ca: None,
+            max_pending: 64 * MIB,
+            replicas: 1,
+            buffered: 1,
+        });
+    });
+    assert!(eventually(WAIT, || connected(a.local_addr())
+        && connected(b.local_addr())));
+    let mut sub = subscriber(b.local_addr(), "behind", 1);
+    // Many subscribers on b, so that each batch takes its worker a while.
+    let _crowd: Vec<Ws> = (0..500)
+        .map(|_| subscriber(b.local_addr(), "behind", 1))
+        .collect();
+    let mut p = publisher(a.local_addr(), "behind");
+    const N: u64 = 4000;
+    for i in 0..N {
+        let mut body = vec![b'.'; 2 * KIB];
+        body[..8].copy_from_slice(&i.to_be_bytes());
+        p.send(Message::binary(body)).unwrap();
+    }
+    let mut last = 0u64;
+    while last < N {
+        let e = read_env(&mut sub);
+        assert_eq!(e.seq, last + 1, "every number, in order");
+        assert_eq!(u64::from_be_bytes(e.payload[..8].try_into().unwrap()), last);
+        last = e.seq;
+    }
+    assert!(
+        gauge(b.local_addr(), "corecast_cluster_slow_consumer_total") > 0,
+        "the client dropped some (else this test tests nothing)"
+    );
+    assert_eq!(
+        gauge(
+            b.local_addr(),
+            "corecast_cluster_sequence_breaks_total{kind=\"gap\"}"
+        ),
+        0
+    );
 }

@@ -160,6 +160,7 @@ async fn connect(cluster: &Arc<Cluster>) -> Result<async_nats::Client, String> {
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(5))
         .request_timeout(Some(Duration::from_secs(5)))
+        .subscription_capacity(cluster.settings.buffered.max(1))
         .event_callback(move |event| {
             let c = Arc::clone(&c);
             async move {
@@ -176,6 +177,7 @@ async fn connect(cluster: &Arc<Cluster>) -> Result<async_nats::Client, String> {
                     }
                     async_nats::Event::SlowConsumer(_) => {
                         c.stats.slow_consumer.fetch_add(1, Ordering::Relaxed);
+                        c.dropped.store(true, Ordering::Relaxed);
                     }
                     other => warn!(event = %other, "cluster: NATS"),
                 }
@@ -267,6 +269,13 @@ struct Follow {
     /// Followed without subscribers until then (a recovery asked for its
     /// history): the entry is held so it stays.
     hold: Option<(Arc<crate::pubsub::directory::TopicInterest>, Instant)>,
+    /// The NATS client dropped messages while a fill ran: once it ends,
+    /// the stream is read again from what it handed on.
+    recheck: bool,
+    /// Where the last fill for a skipped number began: a skip still there
+    /// after a fill from the same place is not in the stream to be read
+    /// (it shows as a gap), and is not read again.
+    refilled_from: u64,
 }
 
 #[derive(Debug)]
@@ -280,6 +289,9 @@ struct Incoming {
 const WARM_HOLD: Duration = Duration::from_secs(30);
 /// Most messages handed on in one batch.
 const MAX_BATCH: usize = 256;
+/// How long after the NATS client's last report of dropped messages the
+/// followed topics are read from the stream (one read for a burst of drops).
+const DROP_SETTLE: Duration = Duration::from_millis(100);
 /// Most topics followed at once for recoveries alone (without
 /// subscribers here): past it a recovery's retry waits for one to end.
 const MAX_HOLDS: usize = 10_000;
@@ -390,6 +402,9 @@ async fn run(
     let mut subs: HashMap<(Box<str>, bool), tokio::task::AbortHandle> = HashMap::new();
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<Done>();
     let mut retry_at: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
+    // The NATS client dropped messages: what every followed topic missed is
+    // read from the stream once the drops have had a moment to end.
+    let mut catch_up_at: Option<tokio::time::Instant> = None;
     let mut backoff = Duration::from_millis(100);
     let mut stopping: Option<Instant> = None;
     // Topics followed for a recovery alone now (bounded by MAX_HOLDS).
@@ -437,14 +452,24 @@ async fn run(
                 start(step, &js, stream.as_ref(), &done_tx);
             }
         }
+        if cluster.dropped.swap(false, Ordering::Relaxed) {
+            catch_up_at.get_or_insert(tokio::time::Instant::now() + DROP_SETTLE);
+        }
+        if stream.is_some() && retry_due(catch_up_at) {
+            catch_up_at = None;
+            catch_up_all(&node);
+        }
         if cluster.stop.load(Ordering::Acquire) {
             let since = *stopping.get_or_insert_with(Instant::now);
             if seq.queued() == 0 || since.elapsed() >= STOP_GRACE || stream.is_none() {
                 break;
             }
         }
-        let sleep_until =
-            retry_at.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_millis(250));
+        let sleep_until = [retry_at, catch_up_at]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_millis(250));
         tokio::select! {
             _ = cluster.wake.notified() => {}
             Some(done) = done_rx.recv() => {
@@ -654,7 +679,9 @@ fn catch_up_all(node: &Arc<Node>) {
         for (name, f) in follows.iter_mut() {
             // (A topic seen only through a pattern, and nothing of it yet,
             // has no place in the stream to go on from.)
-            if f.filling.is_none() && (f.synced || f.last_stream > 0) {
+            if f.filling.is_some() {
+                f.recheck = true;
+            } else if f.synced || f.last_stream > 0 {
                 f.filling = Some(Vec::new());
                 starts.push((Arc::clone(name), f.last_stream + 1));
             }
@@ -717,6 +744,10 @@ async fn fill(node: Arc<Node>, topic: Arc<str>, from: u64, first: Option<u64>) {
             }
         }
     }
+    // Stopped at the bound, not at the stream's end: a catch-up goes on
+    // from where this one ends (a first fill is bounded on purpose: what
+    // it reads is history).
+    let cut_short = !initial && fetched.len() >= node.fill_limit;
     let mut follows = lock(&node.follows);
     let f = node.follow(&mut follows, &topic);
     let newest = fetched.last().map_or(0, |m| m.1);
@@ -747,13 +778,50 @@ async fn fill(node: Arc<Node>, topic: Arc<str>, from: u64, first: Option<u64>) {
     // message (one stream message may hold a batch of publications, all
     // with its sequence, and all waiting together).
     let handed_on = f.last_stream;
-    for inc in f.filling.take().unwrap_or_default() {
-        if inc.stream_seq == 0 || inc.stream_seq > handed_on {
-            f.last_stream = f.last_stream.max(inc.stream_seq);
-            node.deliver(&topic, inc.msg);
+    let mut waiting = f.filling.take().unwrap_or_default().into_iter();
+    while let Some(inc) = waiting.next() {
+        if inc.stream_seq != 0 && inc.stream_seq <= handed_on {
+            continue;
         }
+        // A number skipped before this one: the NATS client dropped what
+        // came between (its buffer was full while this fill ran). Read on
+        // from the stream, the rest waiting, unless a fill from here did
+        // already (what it did not find shows as a gap).
+        let at = node.directory.get(&topic).map(|t| {
+            let at = (t.epoch(), t.seq());
+            node.directory.release(t);
+            at
+        });
+        let from = f.last_stream + 1;
+        if let Some((epoch, seq)) = at
+            && seq > 0
+            && inc.msg.epoch == epoch
+            && inc.msg.seq > seq + 1
+            && f.last_stream > 0
+            && f.refilled_from != from
+        {
+            f.refilled_from = from;
+            f.recheck = false;
+            f.filling = Some(std::iter::once(inc).chain(waiting).collect());
+            drop(follows);
+            node.cluster.stats.missed.fetch_add(1, Ordering::Relaxed);
+            node.start_fill(topic, from, None);
+            return;
+        }
+        f.last_stream = f.last_stream.max(inc.stream_seq);
+        node.deliver(&topic, inc.msg);
     }
     f.synced = true;
+    if std::mem::take(&mut f.recheck) || cut_short {
+        // Messages were dropped while this fill ran, perhaps the last of a
+        // burst, which no later message would show missing; or the fill
+        // read as much as one may.
+        f.filling = Some(Vec::new());
+        let from = f.last_stream + 1;
+        drop(follows);
+        node.start_fill(topic, from, None);
+        return;
+    }
     // Where the topic stands here now (all of it was handed on by this
     // thread): what the next live message follows.
     f.last = node.directory.get(&topic).and_then(|t| {

@@ -49,7 +49,21 @@ pub struct ClusterSettings {
     pub ca: Option<PathBuf>,
     pub max_pending: usize,
     pub replicas: u8,
+    /// Messages the NATS client holds for one interest subscription while
+    /// the workers' mailboxes are over their high-water mark
+    /// ([`NATS_BUFFERED`]).
+    pub buffered: usize,
 }
+
+/// What the NATS client may hold per interest subscription while the
+/// workers fall behind (their mailboxes over the high-water mark, which
+/// stops the bridge taking more). Past it the client drops what NATS sends
+/// for that subscription (`corecast_cluster_slow_consumer_total`), and the
+/// node reads what it missed from the stream. A message is at most NATS's
+/// `max_payload` (1 MiB by default), so this bounds what a node holds for
+/// its peers' publications at 256 MiB per subscription, where the client's
+/// own default (65 536 messages) would allow 64 GiB.
+pub const NATS_BUFFERED: usize = 256;
 
 /// Checks a `--nats-url` value: `nats://`, `tls://` (or no scheme) and a
 /// host with a port.
@@ -146,6 +160,10 @@ pub struct Cluster {
     pending: AtomicUsize,
     /// Connected to NATS now.
     connected: AtomicBool,
+    /// The NATS client dropped messages for this node (its buffer for a
+    /// subscription was full): the bridge reads what was missed from the
+    /// stream.
+    dropped: AtomicBool,
     /// The stream is known to exist (since the last connect).
     ready: AtomicBool,
     stop: AtomicBool,
@@ -192,6 +210,7 @@ impl Cluster {
             wake: tokio::sync::Notify::new(),
             pending: AtomicUsize::new(0),
             connected: AtomicBool::new(false),
+            dropped: AtomicBool::new(false),
             ready: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             unusable: AtomicBool::new(false),

@@ -102,6 +102,7 @@ impl Sim {
                 ca: None,
                 max_pending: 1 << 20,
                 replicas: 1,
+                buffered: super::cluster::NATS_BUFFERED,
             };
             shared.cluster = Some(Arc::new(super::cluster::Cluster::new(settings, bus)));
         }
