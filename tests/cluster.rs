@@ -831,3 +831,141 @@ fn a_node_whose_workers_fall_behind_drops_in_its_nats_client_and_reads_the_rest_
         0
     );
 }
+
+/// The name of the server leading the `CORECAST` stream, asked of `via`
+/// in NATS's own protocol (`$JS.API.STREAM.INFO`).
+fn stream_leader(via: &NatsServer) -> String {
+    use std::io::{BufRead, BufReader, Read};
+    let s = std::net::TcpStream::connect(("127.0.0.1", via.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    w.write_all(
+        b"CONNECT {\"verbose\":false}\r\nSUB _INBOX.leader 1\r\nPUB $JS.API.STREAM.INFO.CORECAST _INBOX.leader 0\r\n\r\nPING\r\n",
+    )
+    .unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line).expect("an answer from NATS");
+        if let Some(rest) = line.strip_prefix("MSG ") {
+            let len: usize = rest.split_whitespace().last().unwrap().parse().unwrap();
+            let mut body = vec![0; len + 2];
+            r.read_exact(&mut body).unwrap();
+            let info: serde_json::Value = serde_json::from_slice(&body[..len]).unwrap();
+            return info["cluster"]["leader"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no leader in {info}"))
+                .to_string();
+        }
+        assert!(!line.starts_with("-ERR"), "{line}");
+    }
+}
+
+/// Three `nats-server`s routed into one NATS cluster (JetStream clustered:
+/// a stream of 3 replicas needs all three to be created).
+fn nats_cluster() -> Option<Vec<NatsServer>> {
+    let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut servers = Vec::new();
+    for (i, &route) in routes.iter().enumerate() {
+        let name = format!("n{i}");
+        let listen = format!("nats://127.0.0.1:{route}");
+        let others = routes
+            .iter()
+            .filter(|&&r| r != route)
+            .map(|r| format!("nats://127.0.0.1:{r}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let server = NatsServer::start_with(&[
+            "--name",
+            &name,
+            "--cluster_name",
+            "corecast-test",
+            "--cluster",
+            &listen,
+            "--routes",
+            &others,
+        ])?;
+        servers.push(server);
+    }
+    Some(servers)
+}
+
+#[test]
+fn a_stream_of_three_replicas_keeps_every_number_when_a_nats_server_of_the_cluster_dies() {
+    // The deployment for a cluster that must outlive a NATS server: three
+    // routed servers, the stream replicated on all three
+    // (`--nats-replicas 3`), each node given every server's URL. One
+    // server dies while publishing goes on: the stream elects another
+    // leader, a node connected to the dead one reconnects to another, and
+    // the subscriber sees every number once, in order.
+    let Some(mut servers) = nats_cluster() else {
+        return;
+    };
+    let urls: Vec<String> = servers.iter().map(NatsServer::url).collect();
+    let node_on = |first: usize| {
+        let mut urls = urls.clone();
+        urls.rotate_left(first);
+        start_with(|c| {
+            c.listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            c.cluster = Some(ClusterSettings {
+                urls,
+                credentials: None,
+                ca: None,
+                max_pending: 64 * MIB,
+                replicas: 3,
+                buffered: corecast::server::cluster::NATS_BUFFERED,
+            });
+        })
+    };
+    let a = node_on(0);
+    let b = node_on(1);
+    // JetStream elects its leaders first: the stream is created (and the
+    // nodes ready) once it has.
+    let ready = |addr| {
+        eventually(Duration::from_secs(30), || {
+            connected(addr) && {
+                let mut s = raw(addr);
+                s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .unwrap();
+                read_head(&mut s).starts_with("HTTP/1.1 200 ")
+            }
+        })
+    };
+    assert!(ready(a.local_addr()) && ready(b.local_addr()));
+    let mut sub = subscriber(b.local_addr(), "r3", 1);
+    let mut p = publisher(a.local_addr(), "r3");
+    let body = |i: u64| Message::binary(i.to_be_bytes().to_vec());
+    let mut last = 0u64;
+    let mut read_to = |sub: &mut Ws, n: u64| {
+        while last < n {
+            let e = read_env(sub);
+            assert_eq!(e.seq, last + 1, "every number once, in order");
+            assert_eq!(u64::from_be_bytes(e.payload[..8].try_into().unwrap()), last);
+            last = e.seq;
+        }
+    };
+    for i in 0..100 {
+        p.send(body(i)).unwrap();
+    }
+    read_to(&mut sub, 100);
+    // The stream's leader dies.
+    let leader = stream_leader(&servers[2]);
+    let i: usize = leader
+        .strip_prefix('n')
+        .and_then(|i| i.parse().ok())
+        .expect(&leader);
+    servers[i].stop();
+    for i in 100..200 {
+        p.send(body(i)).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    read_to(&mut sub, 200);
+    assert_eq!(
+        gauge(
+            b.local_addr(),
+            "corecast_cluster_sequence_breaks_total{kind=\"gap\"}"
+        ),
+        0
+    );
+}
