@@ -105,6 +105,43 @@ fn a_publication_over_https_reaches_every_wss_subscriber_in_order() {
 }
 
 #[test]
+fn a_request_body_written_before_the_handshake_completes_is_answered() {
+    // curl posting a body does this: the request goes out with the
+    // client's Finished, in one flight of ~60 KiB, more than the bound on
+    // what a client may send during its handshake (which counts only the
+    // handshake).
+    let cert = test_cert();
+    let server = tls_server(&cert, |_| {});
+    let addr = server.local_addr();
+    let config = client_config(&cert);
+    let body = vec![b'x'; 60 * 1024];
+    for _ in 0..10 {
+        let mut s = tls_connect(addr, &config);
+        assert!(s.conn.is_handshaking());
+        // Buffered by the client until its handshake completes, then
+        // written with its Finished.
+        write!(
+            s.conn.writer(),
+            "POST /publish/early HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        s.conn.writer().write_all(&body).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        let answer = String::from_utf8_lossy(&out);
+        assert!(answer.starts_with("HTTP/1.1 204 "), "{answer}");
+    }
+    assert_eq!(
+        metric(
+            &server.metrics(),
+            "corecast_tls_failures_total{reason=\"handshake\"}"
+        ),
+        0
+    );
+}
+
+#[test]
 fn plain_http_to_the_tls_port_gets_400_in_plain_text_and_others_are_unaffected() {
     let cert = test_cert();
     let server = tls_server(&cert, |_| {});

@@ -624,12 +624,26 @@ impl TlsConn {
         if self.first.is_none() {
             self.first = data.first().copied();
         }
-        if !self.is_established() {
-            self.handshake_read += data.len();
+        // Counted against the handshake's bound only if the handshake is
+        // still not complete once `data` is processed: what a client sends
+        // right after its Finished, in the same flight (a request body
+        // written before the handshake completed), is not handshake.
+        let received = data.len();
+        let result = self.receive_any(data);
+        if result.is_ok() && !self.is_established() {
+            self.handshake_read += received;
             if self.handshake_read > self.handshake_limit {
+                // Nothing of it is kept.
+                self.incoming = Vec::new();
+                self.plain = Vec::new();
+                self.plain_at = 0;
                 return Err(self.fail());
             }
         }
+        result
+    }
+
+    fn receive_any(&mut self, data: &mut [u8]) -> Result<(), Failure> {
         if self.plain_at > 0 {
             self.plain.drain(..self.plain_at);
             self.plain_at = 0;
@@ -1361,19 +1375,32 @@ mod tests {
     fn a_handshake_flight_past_its_limit_fails() {
         let (server, _) = configs();
         let mut s = TlsConn::new(server, 0).unwrap();
-        // A ClientHello record header announcing a long message, then its
-        // bytes dribbled in: refused once past the flight limit.
-        let mut first = [22u8, 3, 1, 0x40, 0, 1, 0, 0xff, 0xff].to_vec();
-        assert_eq!(s.receive(&mut first), Ok(()));
-        let mut chunk = vec![0u8; 4096];
+        // A ClientHello announcing a long message (which rustls would
+        // reassemble up to 64 KiB), its records dribbled in: refused once
+        // past the flight limit, holding nothing.
+        let mut flight = Vec::new();
+        for i in 0..4 {
+            flight.extend_from_slice(&[22u8, 3, 1, 0x40, 0]);
+            let mut record = vec![0u8; 0x4000];
+            if i == 0 {
+                record[..4].copy_from_slice(&[1, 0, 0xff, 0xff]);
+            }
+            flight.extend_from_slice(&record);
+        }
         let mut result = Ok(());
-        for _ in 0..8 {
-            result = s.receive(&mut chunk);
+        let mut sent = 0;
+        for chunk in flight.chunks(4096) {
+            result = s.receive(&mut chunk.to_vec());
+            sent += chunk.len();
             if result.is_err() {
                 break;
             }
         }
         assert_eq!(result, Err(Failure::Handshake));
+        assert!(
+            sent <= 16 * 1024 + 4096,
+            "refused within one read of the limit"
+        );
         assert_eq!(s.held(), 0);
     }
 
@@ -1397,6 +1424,54 @@ mod tests {
         let mut c = Wire::default();
         c.extend(b"x");
         assert!(c.capacity() <= POOLED_WIRE_MAX_BYTES);
+    }
+
+    #[test]
+    fn data_sent_with_the_clients_finished_is_not_counted_against_the_handshake_bound() {
+        // A client that writes its request before the handshake completes
+        // (curl posting a body, say) sends its Finished and ~60 KiB of
+        // application data in one flight, which the server reads at once:
+        // past the handshake bound (16 KiB + the head bound) but not
+        // handshake bytes.
+        for versions in [
+            &[&rustls::version::TLS13][..],
+            &[&rustls::version::TLS12][..],
+        ] {
+            let (server, client) = configs_with(versions);
+            let mut server = TlsConn::new(server, 8192).unwrap();
+            let mut client =
+                rustls::ClientConnection::new(client, "localhost".try_into().unwrap()).unwrap();
+            let body: Vec<u8> = (0..60 * 1024).map(|i| (i % 251) as u8).collect();
+            client.writer().write_all(&body).unwrap();
+            let mut got = Vec::new();
+            for _ in 0..6 {
+                let mut up = Vec::new();
+                while client.wants_write() {
+                    client.write_tls(&mut up).unwrap();
+                }
+                if !up.is_empty() {
+                    server.receive(&mut up).unwrap();
+                }
+                let mut buf = [0u8; 16 * 1024];
+                loop {
+                    let n = server.read_plain(&mut buf);
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                }
+                let mut wire = Wire::default();
+                server.take_pending(&mut wire);
+                let mut down = wire.pending();
+                while !down.is_empty() {
+                    client.read_tls(&mut down).unwrap();
+                    client.process_new_packets().unwrap();
+                }
+            }
+            assert!(server.is_established());
+            assert_eq!(got.len(), body.len(), "{versions:?}");
+            assert!(got == body);
+        }
     }
 
     #[test]
