@@ -108,6 +108,7 @@ fn run<'a>(cfg: &Config, reads: impl Iterator<Item = &'a [u8]>) -> Vec<Item> {
                 resubscribed: false,
                 wall_s: 0,
                 grant: None,
+                yielded: false,
             };
             let next = session.on_input(&mut buf, &mut ctx);
             (next, ctx.requests as usize)

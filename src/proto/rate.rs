@@ -76,6 +76,15 @@ impl TokenBucket {
         self.milli = self.milli.saturating_sub(1000);
     }
 
+    /// Is the bucket out of debt at `now_ms` (a token may be spent)?
+    pub fn ready(&mut self, rate: u32, now_ms: u32) -> bool {
+        if rate == 0 {
+            return true;
+        }
+        self.refill(rate, now_ms);
+        self.milli >= 0
+    }
+
     /// Milliseconds until the bucket is out of debt (0 when it is not).
     pub fn wait_ms(&self, rate: u32) -> u32 {
         if rate == 0 || self.milli >= 0 {

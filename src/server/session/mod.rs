@@ -78,7 +78,19 @@ pub struct Ctx<'a> {
     /// What this connection's token grants (with tokens on; `None`: no
     /// token). Set by the session at the upgrade; the backend keeps it.
     pub grant: Option<Arc<crate::server::auth::Grant>>,
+    /// Set by the session: it stopped before the end of the input, which it
+    /// keeps (it decoded [`YIELD_AFTER_BYTES`] of messages from it, or a
+    /// paced publisher has no token left). The backend reads on at its
+    /// next turn, or when the pace allows.
+    pub yielded: bool,
 }
+
+/// Message bytes a connection's input may decode in one turn before the
+/// rest of it waits for the next: compressed messages inflate up to 1 000
+/// times their size, so a read of 64 KiB of them could otherwise make the
+/// worker inflate (and hold, and publish) gigabytes before anyone else is
+/// served. A single message always goes whole (`--max-message-size`).
+pub const YIELD_AFTER_BYTES: usize = 1024 * 1024;
 
 /// What an open WebSocket is for.
 #[derive(Debug)]
@@ -431,9 +443,29 @@ impl Session {
         ws.tick(ctx.now_ms);
         let rate = ctx.shared.config.max_publish_rate;
         let deflate = ws.deflate();
+        // Message bytes decoded from this input (inflated, when compressed).
+        let mut decoded_bytes = 0usize;
         loop {
+            if pos < buf.len() {
+                let out_of_tokens = match role {
+                    Role::Publisher(p) => !p.pace.ready(rate, ctx.now_ms),
+                    _ => false,
+                };
+                if out_of_tokens || decoded_bytes >= YIELD_AFTER_BYTES {
+                    // The rest waits: a paced publisher's until its pace
+                    // allows (so it never runs further into debt than one
+                    // message), anyone else's until the next turn (a read
+                    // of compressed messages inflates to at most about
+                    // this much per turn, whatever their ratio).
+                    ctx.yielded = true;
+                    break;
+                }
+            }
             let decoded = ws.decode(&mut buf[pos..], &mut self.out);
             pos += decoded.consumed;
+            if let Some(Event::Message { payload, .. }) = &decoded.event {
+                decoded_bytes += payload.len();
+            }
             // Act while the event still borrows the input; replies go out after.
             let control = match decoded.event {
                 None => break,

@@ -158,25 +158,89 @@ fn a_websocket_publisher_over_the_publish_rate_is_not_read_until_its_debt_is_rep
     });
     let sub = sim.upgrade("/ws?topics=p", 1 << 20);
     let publisher = sim.upgrade("/publish/p", 1 << 20);
-    // 30 messages in one read: all published (the pace loses nothing), 20
-    // past the burst of 10, so 2 s of debt at 10 per second.
+    // 30 messages in one read: the burst of 10 and one more (into one
+    // message of debt) are published at once; the rest wait, read and
+    // published at 10 per second (the pace loses nothing).
     let burst: Vec<u8> = (0..30u8)
         .flat_map(|i| client_frame(true, OpCode::Binary, &[i], MASK))
         .collect();
     sim.send(publisher, &burst);
-    let expected: Vec<u8> = (0..30u8).flat_map(|i| [0x82, 1, i]).collect();
-    assert_eq!(sim.received(sub), expected, "the whole read, in order");
-    assert_eq!(sim.stats().messages_published.load(Relaxed), 30);
-    assert_eq!(sim.stats().publishers_paced.load(Relaxed), 1);
-    // The next message waits in the socket while the debt lasts...
+    let expected: Vec<u8> = (0..11u8).flat_map(|i| [0x82, 1, i]).collect();
+    assert_eq!(
+        sim.received(sub),
+        expected,
+        "the burst and one more, in order"
+    );
+    assert_eq!(sim.stats().messages_published.load(Relaxed), 11);
+    assert!(sim.stats().publishers_paced.load(Relaxed) >= 1);
+    // One second later about ten more, in order.
+    sim.wait(Duration::from_millis(1000), TICK);
+    let got = sim.received(sub);
+    let n = got.len() / 3;
+    assert!((9..=11).contains(&n), "{n} in the second second");
+    let expected: Vec<u8> = (11..11 + n as u8).flat_map(|i| [0x82, 1, i]).collect();
+    assert_eq!(got, expected);
+    // The next message waits behind the rest...
     sim.send(publisher, &client_frame(true, OpCode::Binary, &[30], MASK));
-    sim.wait(Duration::from_millis(1900), TICK);
-    assert!(sim.received(sub).is_empty(), "not read before 2 s");
-    assert_eq!(sim.stats().messages_published.load(Relaxed), 30);
-    // ...and is read, published and delivered once it is repaid.
-    sim.wait(2 * TICK, TICK);
-    assert_eq!(sim.received(sub), [0x82, 1, 30]);
+    sim.wait(Duration::from_millis(1200), TICK);
+    let expected: Vec<u8> = (11 + n as u8..31).flat_map(|i| [0x82, 1, i]).collect();
+    assert_eq!(
+        sim.received(sub),
+        expected,
+        "the rest, then the next, in order"
+    );
     assert_eq!(sim.stats().messages_published.load(Relaxed), 31);
     assert!(!sim.closed.contains(&publisher), "paced, never cut");
+    assert_eq!(ws_failures(&sim), []);
+}
+
+#[test]
+fn compressed_messages_of_one_read_are_inflated_a_turns_worth_at_a_time() {
+    // 8 messages of 512 KiB of one byte, ~600 B each compressed, in one
+    // read: inflated whole, they would make 4 MiB in one turn (a read of
+    // 64 KiB of such messages, 64 GiB). About 1 MiB of messages per turn;
+    // the rest waits, in order, nothing lost.
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut sim = Sim::new(|c| c.ping_interval = None);
+    let sub = sim.upgrade("/ws?topics=z", 64 << 20);
+    let publisher = sim.upgrade_with(
+        "/publish/z",
+        "Sec-WebSocket-Extensions: permessage-deflate\r\n",
+        1 << 20,
+    );
+    let payload = |i: u8| vec![b'a' + i; 512 * 1024];
+    let mut read = Vec::new();
+    for i in 0..8u8 {
+        let compressed = crate::proto::deflate::compress(&payload(i)).unwrap();
+        assert!(compressed.len() < 4096);
+        let mut frame = client_frame(true, OpCode::Binary, &compressed, MASK);
+        frame[0] |= 0x40; // RSV1: compressed
+        read.extend_from_slice(&frame);
+    }
+    sim.send(publisher, &read);
+    assert_eq!(
+        sim.stats().messages_published.load(Relaxed),
+        2,
+        "1 MiB in the first turn"
+    );
+    let mut turns = 1;
+    while sim.stats().messages_published.load(Relaxed) < 8 {
+        let before = sim.stats().messages_published.load(Relaxed);
+        sim.wait(TICK, TICK);
+        turns += 1;
+        assert!(sim.stats().messages_published.load(Relaxed) - before <= 2);
+        assert!(turns <= 8, "the rest follows, a turn's worth at a time");
+    }
+    // Delivered at the turn after its publication.
+    sim.wait(TICK, TICK);
+    let got = sim.received(sub);
+    let mut expected = Vec::new();
+    for i in 0..8u8 {
+        expected.extend_from_slice(&[0x82, 127]);
+        expected.extend_from_slice(&(512u64 * 1024).to_be_bytes());
+        expected.extend_from_slice(&payload(i));
+    }
+    assert_eq!(got.len(), expected.len());
+    assert!(got == expected, "every message whole, in order");
     assert_eq!(ws_failures(&sim), []);
 }

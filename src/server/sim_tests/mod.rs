@@ -139,10 +139,15 @@ impl Sim {
 
     /// A connection upgraded on `path`, its 101 read.
     fn upgrade(&mut self, path: &str, window: usize) -> usize {
+        self.upgrade_with(path, "", window)
+    }
+
+    /// [`Self::upgrade`] with more header lines (each ending in CRLF).
+    fn upgrade_with(&mut self, path: &str, headers: &str, window: usize) -> usize {
         let key = self.connect(window + 256);
         let req = format!(
             "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+             Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n"
         );
         self.send(key, req.as_bytes());
         let peer = self.peers.get_mut(&key).unwrap();

@@ -269,18 +269,37 @@ impl<S> Core<S> {
     pub fn unthrottle(&mut self) {
         if !self.paced.is_empty() {
             let now = self.now;
+            let mut due = Vec::new();
             let mut i = 0;
             while i < self.paced.len() {
-                let (at, key, serial) = self.paced[i];
-                if at > now {
+                if self.paced[i].0 > now {
                     i += 1;
                     continue;
                 }
-                self.paced.swap_remove(i);
-                if self.is_current(key, serial) && !self.throttled.contains(&(key, serial)) {
-                    self.conns[key].set_flag(READ_PAUSED, false);
-                    self.reread.push((key, serial));
+                let (_, key, serial) = self.paced.swap_remove(i);
+                due.push((key, serial));
+            }
+            for (key, serial) in due {
+                if !self.is_current(key, serial) || self.throttled.contains(&(key, serial)) {
+                    continue;
                 }
+                self.conns[key].set_flag(READ_PAUSED, false);
+                // Input it kept (it stopped early, or what arrived while
+                // paused) goes first; the socket is read once it is used up
+                // (a read after it could otherwise find no room).
+                let kept = self.conns[key].session.pending_len();
+                if kept > 0 && self.conns[key].state == IoState::Active {
+                    let mut buf = vec![0; kept];
+                    self.conns[key].session.restore_pending(&mut buf);
+                    let more = self.input(key, &mut buf) == Input::More;
+                    self.after_input(key);
+                    if !more {
+                        // Paused again (its pace, another turn's worth), or
+                        // closing.
+                        continue;
+                    }
+                }
+                self.reread.push((key, serial));
             }
         }
         if self.throttled.is_empty()

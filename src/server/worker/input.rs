@@ -120,6 +120,7 @@ impl<S> Core<S> {
             } else {
                 self.grants.get(&key).cloned()
             },
+            yielded: false,
         };
         // The grant held before, to store only one the session changed.
         let held = ctx.grant.as_ref().map(Arc::as_ptr);
@@ -137,6 +138,7 @@ impl<S> Core<S> {
         if ctx.published {
             conn.set_flag(PUBLISHED, true);
         }
+        let yielded = ctx.yielded;
         let rated = ctx.rated.take();
         let resubscribed = ctx.resubscribed;
         if let Some(grant) = ctx.grant.take()
@@ -183,6 +185,19 @@ impl<S> Core<S> {
             match self.paced.iter_mut().find(|p| (p.1, p.2) == (key, serial)) {
                 Some(p) => p.0 = p.0.max(at),
                 None => self.paced.push((at, key, serial)),
+            }
+            return Input::Stop;
+        }
+        if yielded {
+            // It stopped with input left (decoded as much as one turn
+            // may): read on at the next turn, what arrives meanwhile held.
+            conn.set_flag(READ_PAUSED, true);
+            let serial = conn.serial;
+            if !self.paced.iter().any(|p| (p.1, p.2) == (key, serial)) {
+                // Due at a later turn than this one (whose `unthrottle` has
+                // not run yet).
+                self.paced
+                    .push((self.now + Duration::from_millis(1), key, serial));
             }
             return Input::Stop;
         }
