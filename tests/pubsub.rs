@@ -509,6 +509,20 @@ fn metrics_and_health_on_the_main_port_or_the_admin_listener() {
     );
     let r = refused(admin, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(r.ends_with("\r\n\r\nok\n"), "{r}");
+    // Clients that connect and say nothing (each may take 2 s) do not hold
+    // up a health check: every connection is served on its own.
+    let idle: Vec<_> = (0..10)
+        .map(|_| std::net::TcpStream::connect(admin).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut s = std::net::TcpStream::connect(admin).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut r = String::new();
+    s.read_to_string(&mut r).expect("answered within 1 s");
+    assert!(r.ends_with("\r\n\r\nok\n"), "{r}");
+    drop(idle);
 }
 
 #[test]

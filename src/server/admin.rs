@@ -1,9 +1,10 @@
 //! The optional admin listener (`--admin-listen`): `/metrics` and `/healthz`
 //! on their own address, so scrapers and health checks stay off the public
 //! port. It runs until the workers have drained (`/healthz` answers `503`
-//! `draining` meanwhile). Low traffic by nature, so one plain thread serves it, one request
-//! per connection, with short socket timeouts so a stuck client cannot
-//! hold it for long.
+//! `draining` meanwhile). Low traffic by nature: one plain thread accepts,
+//! and each connection is served by a thread of its own (one request per
+//! connection, 2 s in all), at most [`MAX_CLIENTS`] at once, so that
+//! clients that connect and say nothing cannot hold up a health check.
 
 use super::Shared;
 use super::backend::{ACCEPT_RETRY, is_resource_exhaustion};
@@ -25,6 +26,11 @@ const WAKER: Token = Token(1);
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest admin request head.
 const MAX_HEAD: usize = 8 * 1024;
+/// Admin connections served at once; past it a new one is closed at once.
+const MAX_CLIENTS: usize = 64;
+/// Stack of a thread serving one admin connection (rendering `/metrics`
+/// needs little).
+const CLIENT_STACK_BYTES: usize = 256 * 1024;
 
 /// The running admin thread.
 pub(crate) struct AdminHandle {
@@ -82,6 +88,7 @@ fn run(
     stop: &std::sync::atomic::AtomicBool,
 ) {
     let mut events = Events::with_capacity(16);
+    let serving = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     // Set while out of descriptors: the pending connection stays in the
     // backlog and no new event will announce it, so look again shortly.
     let mut retry = None;
@@ -99,7 +106,24 @@ fn run(
                 Ok((sock, _)) => {
                     let fd = std::os::fd::OwnedFd::from(sock);
                     let sock = TcpStream::from(fd);
-                    let _ = serve(sock, &shared);
+                    if serving.load(Ordering::Acquire) >= MAX_CLIENTS {
+                        // Closed unanswered: the client may try again.
+                        continue;
+                    }
+                    serving.fetch_add(1, Ordering::AcqRel);
+                    let (shared, done) = (Arc::clone(&shared), Arc::clone(&serving));
+                    let spawned = std::thread::Builder::new()
+                        .name("corecast-admin-client".into())
+                        .stack_size(CLIENT_STACK_BYTES)
+                        .spawn(move || {
+                            let _ = serve(sock, &shared);
+                            done.fetch_sub(1, Ordering::AcqRel);
+                        });
+                    if spawned.is_err() {
+                        // No thread (out of memory or threads): the
+                        // connection, moved into it, was closed.
+                        serving.fetch_sub(1, Ordering::AcqRel);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
