@@ -380,3 +380,21 @@ fn a_publisher_fanning_out_to_its_own_worker_is_bounded_per_turn_and_loses_nothi
     );
     assert_eq!((st.frames_dropped, st.undelivered), (0, 0), "{st:?}");
 }
+
+#[test]
+fn an_http_1_1_request_without_exactly_one_host_is_answered_400() {
+    let server = start();
+    let addr = server.local_addr();
+    for req in [
+        &b"POST /publish/h HTTP/1.1\r\nContent-Length: 1\r\n\r\nx"[..],
+        b"POST /publish/h HTTP/1.1\r\nHost: a\r\nHost: b\r\nContent-Length: 1\r\n\r\nx",
+        b"GET /healthz HTTP/1.1\r\n\r\n",
+    ] {
+        let r = refused(addr, req);
+        assert!(r.starts_with("HTTP/1.1 400 "), "{r}");
+        assert!(r.contains("Host header"), "{r}");
+    }
+    // HTTP/1.0 has no Host requirement.
+    let r = refused(addr, b"GET /healthz HTTP/1.0\r\n\r\n");
+    assert!(r.contains(" 200 "), "{r}");
+}

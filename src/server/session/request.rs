@@ -192,6 +192,15 @@ impl Session {
         let cfg = &ctx.shared.config;
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let req = parse_head(head, &mut headers)?;
+        // RFC 9112 §3.2: an HTTP/1.1 request without exactly one Host is
+        // answered 400 (an upgrade says so too, in `validate_upgrade`).
+        if req.version == 1 {
+            match req.header("host") {
+                Err(_) => return Err(Reject::new(Status::BadRequest, "duplicate Host header")),
+                Ok(None) => return Err(Reject::new(Status::BadRequest, "missing Host header")),
+                Ok(Some(_)) => {}
+            }
+        }
         let route = route(&req, cfg)?;
         if !matches!(route, Route::Admin) {
             // A web page of a foreign origin may neither open a WebSocket
