@@ -394,7 +394,16 @@ fn an_http_1_1_request_without_exactly_one_host_is_answered_400() {
         assert!(r.starts_with("HTTP/1.1 400 "), "{r}");
         assert!(r.contains("Host header"), "{r}");
     }
-    // HTTP/1.0 has no Host requirement.
+    // HTTP/1.0 has no Host requirement; its keep-alive is answered with a
+    // close (the answer says so), not left to guess.
     let r = refused(addr, b"GET /healthz HTTP/1.0\r\n\r\n");
     assert!(r.contains(" 200 "), "{r}");
+    let r = refused(
+        addr,
+        b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+    );
+    assert!(
+        r.contains(" 200 ") && r.contains("Connection: close\r\n"),
+        "{r}"
+    );
 }

@@ -178,12 +178,11 @@ pub(super) fn check_publisher(req: &Request<'_, '_>, cfg: &Config) -> Result<(),
 }
 
 /// Does the client want the connection kept open after this request?
+/// HTTP/1.1 unless it says `close`; HTTP/1.0 never (its keep-alive needs a
+/// `Connection: keep-alive` in every answer, which ours, HTTP/1.1 answers,
+/// do not carry: such a client is answered `Connection: close` instead).
 pub(super) fn keep_alive(req: &Request<'_, '_>) -> bool {
-    if req.version == 1 {
-        !req.has_token("connection", "close")
-    } else {
-        req.has_token("connection", "keep-alive")
-    }
+    req.version == 1 && !req.has_token("connection", "close")
 }
 
 impl Session {
