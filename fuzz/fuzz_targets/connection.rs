@@ -12,10 +12,15 @@
 //! Invariants:
 //! - no panic;
 //! - bytes kept between reads never exceed the head limit or one control
-//!   frame (`MAX_PENDING_BYTES`);
-//! - the output of one read is bounded: 16 bytes per input byte (a 6-byte
-//!   binary frame to a subscriber earns an 85-byte error reply), plus one
-//!   HTTP response per request and one refusal or close;
+//!   frame (`MAX_PENDING_BYTES`), unless the session yielded (it decoded a
+//!   turn's worth of messages, `YIELD_AFTER_BYTES`) and keeps the rest of
+//!   its input: then, as the backends do, what it kept is fed to it again,
+//!   alone, before anything more is read;
+//! - the output is bounded by the input so far: 16 bytes per input byte (a
+//!   6-byte binary frame to a subscriber earns an 85-byte error reply),
+//!   plus one HTTP response per request and one refusal or close per read
+//!   (not per read alone: an echo of a message in many fragments goes out
+//!   whole when its last fragment arrives);
 //! - the output is a valid transcript (see `corecast_fuzz::read_transcript`):
 //!   well-formed HTTP responses, then valid server frames, data frames no
 //!   bigger than the message limit plus a control reply;
@@ -87,52 +92,76 @@ fn run<'a>(cfg: &Config, reads: impl Iterator<Item = &'a [u8]>) -> Vec<Item> {
     let mut session = Session::new();
     let mut wire = Vec::new();
     let mut kept: Vec<u8> = Vec::new();
-    for (i, read) in reads.enumerate() {
-        let mut buf = kept.clone();
-        buf.extend_from_slice(read);
-        let (next, responses) = {
-            let mut ctx = Ctx {
-                shared: &shared,
-                stats: &stats,
-                shard: &mut shard,
-                me: (0, 0),
-                now,
-                // 7 ms per read: the control-frame allowance refills as it would.
-                now_ms: (i as u32).wrapping_mul(7),
-                peer: Some(std::net::IpAddr::from([127, 0, 0, 1])),
-                metrics: &mut None,
-                unanswered: Vec::new(),
-                published: false,
-                requests: 0,
-                rated: None,
-                resubscribed: false,
-                wall_s: 0,
-                grant: None,
-                yielded: false,
+    let mut turn = 0u32;
+    // Input bytes read so far, and the output allowed besides 16 per byte.
+    let (mut input, mut allowance) = (0usize, 0usize);
+    'reads: for read in reads {
+        let mut read = read;
+        loop {
+            let mut buf = kept.clone();
+            buf.extend_from_slice(read);
+            let i = turn;
+            turn += 1;
+            let (next, responses, yielded) = {
+                let mut ctx = Ctx {
+                    shared: &shared,
+                    stats: &stats,
+                    shard: &mut shard,
+                    me: (0, 0),
+                    now,
+                    // 7 ms per read: the control-frame allowance refills as it would.
+                    now_ms: (i as u32).wrapping_mul(7),
+                    peer: Some(std::net::IpAddr::from([127, 0, 0, 1])),
+                    metrics: &mut None,
+                    unanswered: Vec::new(),
+                    published: false,
+                    requests: 0,
+                    rated: None,
+                    resubscribed: false,
+                    wall_s: 0,
+                    grant: None,
+                    yielded: false,
+                };
+                let next = session.on_input(&mut buf, &mut ctx);
+                (next, ctx.requests as usize, ctx.yielded)
             };
-            let next = session.on_input(&mut buf, &mut ctx);
-            (next, ctx.requests as usize)
-        };
-        // End of the loop turn: publications leave (nobody else is subscribed).
-        shard.dispatch();
-        let wrote = drain(&mut session.out, &mut wire);
-        assert!(
-            wrote <= AMPLIFICATION * buf.len() + PER_READ_SLACK + responses * max_response,
-            "{wrote} bytes written for a read of {} ({responses} requests)",
-            buf.len()
-        );
-        kept.resize(buf.len(), 0);
-        let n = session.restore_pending(&mut kept);
-        kept.truncate(n);
-        assert!(n <= keep_bound, "{n} bytes kept between reads");
-        if next == Next::FlushAndClose {
-            break;
+            // End of the loop turn: publications leave (nobody else is subscribed).
+            shard.dispatch();
+            let wrote = drain(&mut session.out, &mut wire);
+            // Bounded by all the input so far, not by this read's: an echo
+            // of a message in many fragments goes out whole when its last
+            // (perhaps tiny) fragment arrives.
+            input += read.len();
+            allowance += PER_READ_SLACK + responses * max_response;
+            assert!(
+                wire.len() <= AMPLIFICATION * input + allowance,
+                "{} bytes written for {input} read ({wrote} for a read of {})",
+                wire.len(),
+                buf.len()
+            );
+            kept.resize(buf.len(), 0);
+            let n = session.restore_pending(&mut kept);
+            kept.truncate(n);
+            assert!(n <= keep_bound || yielded, "{n} bytes kept between reads");
+            if next == Next::FlushAndClose {
+                break 'reads;
+            }
+            if !yielded {
+                break;
+            }
+            // Resumed at the next turn: what it kept, alone.
+            assert!(n < buf.len(), "a yield makes progress");
+            read = &[];
         }
     }
     session.detach(&mut shard, &stats);
     assert_eq!(shard.topic_count(), 0, "subscriptions left after detach");
     assert_eq!(shard.pattern_count(), 0, "patterns left after detach");
-    assert_eq!(shard.directory().pattern_count(), 0, "patterns registered after detach");
+    assert_eq!(
+        shard.directory().pattern_count(),
+        0,
+        "patterns registered after detach"
+    );
     // Topics with a history are retained (nobody holds them); no other
     // entry is left.
     let d = shard.directory();
