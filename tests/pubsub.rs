@@ -510,8 +510,9 @@ fn metrics_and_health_on_the_main_port_or_the_admin_listener() {
     let r = refused(admin, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(r.ends_with("\r\n\r\nok\n"), "{r}");
     // Clients that connect and say nothing (each may take 2 s) do not hold
-    // up a health check: every connection is served on its own.
-    let idle: Vec<_> = (0..10)
+    // up a health check: every connection is served on its own, and past 64
+    // at once the oldest is cut.
+    let idle: Vec<_> = (0..100)
         .map(|_| std::net::TcpStream::connect(admin).unwrap())
         .collect();
     std::thread::sleep(Duration::from_millis(100));

@@ -3,8 +3,9 @@
 //! port. It runs until the workers have drained (`/healthz` answers `503`
 //! `draining` meanwhile). Low traffic by nature: one plain thread accepts,
 //! and each connection is served by a thread of its own (one request per
-//! connection, 2 s in all), at most [`MAX_CLIENTS`] at once, so that
-//! clients that connect and say nothing cannot hold up a health check.
+//! connection, 2 s in all), at most [`MAX_CLIENTS`] at once; past that the
+//! oldest is cut to make room, so that clients that connect and say
+//! nothing cannot hold up a health check (which answers in a millisecond).
 
 use super::Shared;
 use super::backend::{ACCEPT_RETRY, is_resource_exhaustion};
@@ -26,7 +27,7 @@ const WAKER: Token = Token(1);
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest admin request head.
 const MAX_HEAD: usize = 8 * 1024;
-/// Admin connections served at once; past it a new one is closed at once.
+/// Admin connections served at once; past it the oldest is cut.
 const MAX_CLIENTS: usize = 64;
 /// Stack of a thread serving one admin connection (rendering `/metrics`
 /// needs little).
@@ -88,7 +89,10 @@ fn run(
     stop: &std::sync::atomic::AtomicBool,
 ) {
     let mut events = Events::with_capacity(16);
-    let serving = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // The connections being served, oldest first (a handle to cut each).
+    let serving: Arc<std::sync::Mutex<std::collections::VecDeque<(u64, TcpStream)>>> =
+        Arc::default();
+    let mut next_id = 0u64;
     // Set while out of descriptors: the pending connection stays in the
     // backlog and no new event will announce it, so look again shortly.
     let mut retry = None;
@@ -106,23 +110,35 @@ fn run(
                 Ok((sock, _)) => {
                     let fd = std::os::fd::OwnedFd::from(sock);
                     let sock = TcpStream::from(fd);
-                    if serving.load(Ordering::Acquire) >= MAX_CLIENTS {
-                        // Closed unanswered: the client may try again.
+                    let Ok(handle) = sock.try_clone() else {
                         continue;
+                    };
+                    let id = next_id;
+                    next_id += 1;
+                    {
+                        let mut list = serving.lock().unwrap_or_else(|e| e.into_inner());
+                        if list.len() >= MAX_CLIENTS
+                            && let Some((_, oldest)) = list.pop_front()
+                        {
+                            // Its thread's read or write fails now; it ends.
+                            let _ = oldest.shutdown(std::net::Shutdown::Both);
+                        }
+                        list.push_back((id, handle));
                     }
-                    serving.fetch_add(1, Ordering::AcqRel);
                     let (shared, done) = (Arc::clone(&shared), Arc::clone(&serving));
                     let spawned = std::thread::Builder::new()
                         .name("corecast-admin-client".into())
                         .stack_size(CLIENT_STACK_BYTES)
                         .spawn(move || {
                             let _ = serve(sock, &shared);
-                            done.fetch_sub(1, Ordering::AcqRel);
+                            let mut list = done.lock().unwrap_or_else(|e| e.into_inner());
+                            list.retain(|(i, _)| *i != id);
                         });
                     if spawned.is_err() {
                         // No thread (out of memory or threads): the
                         // connection, moved into it, was closed.
-                        serving.fetch_sub(1, Ordering::AcqRel);
+                        let mut list = serving.lock().unwrap_or_else(|e| e.into_inner());
+                        list.retain(|(i, _)| *i != id);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -220,6 +236,23 @@ fn respond(head: &[u8], shared: &Shared) -> Vec<u8> {
         Ok(r) => r,
         Err(reject) => return handshake::error_response(reject),
     };
+    if req.version == 1 {
+        match req.header("host") {
+            Err(_) => {
+                return handshake::error_response(Reject::new(
+                    Status::BadRequest,
+                    "duplicate Host header",
+                ));
+            }
+            Ok(None) => {
+                return handshake::error_response(Reject::new(
+                    Status::BadRequest,
+                    "missing Host header",
+                ));
+            }
+            Ok(Some(_)) => {}
+        }
+    }
     if req.path == "/disconnect" {
         return disconnect(&req, shared);
     }

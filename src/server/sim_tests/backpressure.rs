@@ -244,3 +244,60 @@ fn compressed_messages_of_one_read_are_inflated_a_turns_worth_at_a_time() {
     assert!(got == expected, "every message whole, in order");
     assert_eq!(ws_failures(&sim), []);
 }
+
+#[test]
+fn a_paced_publishers_fin_waits_for_what_it_sent_before_it() {
+    // The FIN arrives while the publisher is paced, with 19 of its 30
+    // messages still kept (io_uring reads it so): they are published at
+    // the pace, in order, and then the connection closes.
+    let mut sim = Sim::new(|c| {
+        c.max_publish_rate = 10;
+        c.ping_interval = None;
+    });
+    let sub = sim.upgrade("/ws?topics=p", 1 << 20);
+    let publisher = sim.upgrade("/publish/p", 1 << 20);
+    let burst: Vec<u8> = (0..30u8)
+        .flat_map(|i| client_frame(true, OpCode::Binary, &[i], MASK))
+        .collect();
+    sim.send(publisher, &burst);
+    sim.core.eof(publisher);
+    sim.core.after_input(publisher);
+    sim.turn();
+    assert!(!sim.closed.contains(&publisher), "not before what it sent");
+    sim.wait(Duration::from_millis(2500), TICK);
+    let expected: Vec<u8> = (0..30u8).flat_map(|i| [0x82, 1, i]).collect();
+    assert_eq!(sim.received(sub), expected, "all 30, in order");
+    assert!(sim.closed.contains(&publisher), "then closed");
+    assert_eq!(ws_failures(&sim), []);
+}
+
+#[test]
+fn a_paced_backlog_not_worked_off_within_the_message_timeout_is_closed_1008() {
+    // 100 messages in one read at one per second: 98 s of backlog, past the
+    // 3 s message timeout. Closed 1008 "publish rate exceeded" (while paced
+    // it is not read, so nothing else would show a client that left).
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut sim = Sim::new(|c| {
+        c.max_publish_rate = 1;
+        c.ping_interval = None;
+        c.message_timeout = Some(Duration::from_secs(3));
+    });
+    let sub = sim.upgrade("/ws?topics=p", 1 << 20);
+    let publisher = sim.upgrade("/publish/p", 1 << 20);
+    let burst: Vec<u8> = (0..100u8)
+        .flat_map(|i| client_frame(true, OpCode::Binary, &[i], MASK))
+        .collect();
+    sim.send(publisher, &burst);
+    sim.wait(Duration::from_millis(2500), TICK);
+    assert!(!sim.closed.contains(&publisher));
+    sim.wait(Duration::from_secs(3), TICK);
+    let closing = sim.received(publisher);
+    assert!(
+        closing.windows(2).any(|w| w == 1008u16.to_be_bytes()),
+        "a 1008 close: {closing:?}"
+    );
+    assert_eq!(ws_failures(&sim), [(1008, 1)]);
+    let published = sim.stats().messages_published.load(Relaxed);
+    assert!((2..10).contains(&published), "{published} published");
+    assert_eq!(sim.received(sub).len() as u64, 3 * published);
+}

@@ -296,8 +296,15 @@ impl<S> Core<S> {
                     if !more {
                         // Paused again (its pace, another turn's worth), or
                         // closing.
+                        self.judge_backlog(key, serial);
                         continue;
                     }
+                }
+                self.backlogged.remove(&key);
+                // Its FIN, if it came while it was paused, closes it now.
+                self.after_input(key);
+                if self.conns[key].state != IoState::Active {
+                    continue;
                 }
                 self.reread.push((key, serial));
             }
@@ -313,6 +320,52 @@ impl<S> Core<S> {
                 self.reread.push((key, serial));
             }
         }
+    }
+
+    /// `key` was resumed and paused again with input still kept: a paced
+    /// publisher that sent far more than its rate allows keeps it. It must
+    /// work that off within `--message-timeout` (30 s), or it is closed
+    /// `1008` "publish rate exceeded" and what it kept is dropped unread:
+    /// while it is paced its socket is not read, so without this bound a
+    /// burst of thousands of messages at a rate of one per second would hold
+    /// it, and its descriptor, for hours after the client left.
+    fn judge_backlog(&mut self, key: usize, serial: u32) {
+        if !self.is_current(key, serial)
+            || self.conns[key].state != IoState::Active
+            || self.conns[key].session.pending_len() == 0
+        {
+            self.backlogged.remove(&key);
+            return;
+        }
+        let now = self.now;
+        let since = match self.backlogged.get(&key) {
+            Some(&(s, since)) if s == serial => since,
+            _ => {
+                self.backlogged.insert(key, (serial, now));
+                now
+            }
+        };
+        let Some(limit) = self.shared.config.message_timeout else {
+            return;
+        };
+        if now.saturating_duration_since(since) < limit {
+            return;
+        }
+        self.backlogged.remove(&key);
+        let stats = &self.shared.stats[self.id];
+        stats.ws_failure(CloseCode::POLICY_VIOLATION.0);
+        debug!(
+            worker = self.id,
+            "publish rate exceeded for longer than the message timeout"
+        );
+        self.conns[key].session.abort(
+            CloseCode::POLICY_VIOLATION,
+            Status::TooManyRequests,
+            "publish rate exceeded",
+            stats,
+        );
+        self.recharge(key);
+        self.start_closing(key);
     }
 
     /// At the worker's exit: publications still waiting for it (carried or

@@ -253,6 +253,13 @@ impl<S> Core<S> {
             // its answer (`confirm`), then the connection closes.
             return;
         }
+        if conn.state == IoState::Active && conn.flag(READ_PAUSED) && conn.session.pending_len() > 0
+        {
+            // What it sent before its FIN waits (it was paced, or stopped
+            // at a turn's worth): taken up first when it resumes, then the
+            // connection closes (`after_input`).
+            return;
+        }
         conn.state = IoState::Closing;
     }
 
@@ -270,6 +277,16 @@ impl<S> Core<S> {
             let generation = conn.session.requests();
             let at = ms_after(self.epoch, self.now, self.shared.config.handshake_timeout);
             self.push_request_deadline(at, key, serial, generation);
+        }
+        let conn = &mut self.conns[key];
+        if conn.state == IoState::Active
+            && conn.flag(PEER_EOF)
+            && !conn.flag(READ_PAUSED)
+            && !conn.session.confirming()
+        {
+            // Its FIN came while what it sent before waited; that is
+            // taken up now.
+            conn.state = IoState::Closing;
         }
         let conn = &self.conns[key];
         if conn.state == IoState::Closing {

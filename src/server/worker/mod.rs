@@ -157,6 +157,9 @@ pub struct Core<S> {
     throttled: Vec<ConnRef>,
     /// Publishers paused by `--max-publish-rate`, until the given time.
     paced: Vec<(Instant, usize, u32)>,
+    /// Paced publishers resumed with input still kept after their pause:
+    /// since when (each must work it off within `--message-timeout`).
+    backlogged: HashMap<usize, (u32, Instant)>,
     /// A mailbox batch whose delivery the per-turn bound interrupted, with
     /// the index of its next publication.
     carry: Option<(Vec<Publication>, usize, u64)>,
@@ -223,6 +226,7 @@ impl<S> Core<S> {
             slow: Vec::new(),
             throttled: Vec::new(),
             paced: Vec::new(),
+            backlogged: HashMap::new(),
             carry: None,
             built: Vec::new(),
             tables: conflation::Tables::default(),
