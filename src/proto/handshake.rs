@@ -252,6 +252,16 @@ pub struct UpgradeRequest<'b> {
     pub key: &'b [u8],
 }
 
+/// An HTTP/1.1 request (an upgrade among them) must carry exactly one
+/// `Host` (RFC 9112 §3.2; RFC 6455 §4.2.1): else `400`.
+pub fn check_host(req: &Request<'_, '_>) -> Result<(), Reject> {
+    match req.header("host") {
+        Err(_) => Err(Reject::new(Status::BadRequest, "duplicate Host header")),
+        Ok(None) => Err(Reject::new(Status::BadRequest, "missing Host header")),
+        Ok(Some(_)) => Ok(()),
+    }
+}
+
 /// Validates the WebSocket-specific parts of a request (§4.2.1). The path has
 /// already been routed by the caller.
 pub fn validate_upgrade<'b>(req: &Request<'b, '_>) -> Result<UpgradeRequest<'b>, Reject> {
@@ -268,13 +278,7 @@ pub fn validate_upgrade<'b>(req: &Request<'b, '_>) -> Result<UpgradeRequest<'b>,
             "WebSocket upgrade requires HTTP/1.1",
         ));
     }
-    if req
-        .header("host")
-        .map_err(|_| Reject::new(BadRequest, "duplicate Host header"))?
-        .is_none()
-    {
-        return Err(Reject::new(BadRequest, "missing Host header"));
-    }
+    check_host(req)?;
     if !req.has_token("upgrade", "websocket") {
         return Err(Reject::new(BadRequest, "missing Upgrade: websocket"));
     }

@@ -236,22 +236,10 @@ fn respond(head: &[u8], shared: &Shared) -> Vec<u8> {
         Ok(r) => r,
         Err(reject) => return handshake::error_response(reject),
     };
-    if req.version == 1 {
-        match req.header("host") {
-            Err(_) => {
-                return handshake::error_response(Reject::new(
-                    Status::BadRequest,
-                    "duplicate Host header",
-                ));
-            }
-            Ok(None) => {
-                return handshake::error_response(Reject::new(
-                    Status::BadRequest,
-                    "missing Host header",
-                ));
-            }
-            Ok(Some(_)) => {}
-        }
+    if req.version == 1
+        && let Err(reject) = handshake::check_host(&req)
+    {
+        return handshake::error_response(reject);
     }
     if req.path == "/disconnect" {
         return disconnect(&req, shared);

@@ -358,6 +358,15 @@ impl Node {
     /// `filling`): `initial`, its history here (nothing delivered);
     /// otherwise what this node missed from stream sequence `from` on
     /// (delivered, in order, before what waited).
+    /// Where `topic` stands here, as its last number handed on (`None`:
+    /// nothing yet).
+    fn position(&self, topic: &str) -> Option<(u64, u64)> {
+        let t = self.directory.get(topic)?;
+        let at = (t.seq() > 0).then(|| (t.epoch(), t.seq()));
+        self.directory.release(t);
+        at
+    }
+
     fn start_fill(self: &Arc<Self>, topic: Arc<str>, from: u64, first: Option<u64>) {
         tokio::spawn(fill(Arc::clone(self), topic, from, first));
     }
@@ -787,14 +796,8 @@ async fn fill(node: Arc<Node>, topic: Arc<str>, from: u64, first: Option<u64>) {
         // came between (its buffer was full while this fill ran). Read on
         // from the stream, the rest waiting, unless a fill from here did
         // already (what it did not find shows as a gap).
-        let at = node.directory.get(&topic).map(|t| {
-            let at = (t.epoch(), t.seq());
-            node.directory.release(t);
-            at
-        });
         let from = f.last_stream + 1;
-        if let Some((epoch, seq)) = at
-            && seq > 0
+        if let Some((epoch, seq)) = node.position(&topic)
             && inc.msg.epoch == epoch
             && inc.msg.seq > seq + 1
             && f.last_stream > 0
@@ -824,11 +827,7 @@ async fn fill(node: Arc<Node>, topic: Arc<str>, from: u64, first: Option<u64>) {
     }
     // Where the topic stands here now (all of it was handed on by this
     // thread): what the next live message follows.
-    f.last = node.directory.get(&topic).and_then(|t| {
-        let at = (t.seq() > 0).then(|| (t.epoch(), t.seq()));
-        node.directory.release(t);
-        at
-    });
+    f.last = node.position(&topic);
 }
 
 /// Resolves once the bridge is asked to stop.

@@ -5,7 +5,7 @@ use super::{Ctx, Phase, Publisher, Role, Session, subscriber};
 use crate::proto::WsConn;
 use crate::proto::deflate;
 use crate::proto::handshake::{
-    HeadScanner, MAX_HEADERS, Reject, Request, Status, choose_subprotocol, parse_head,
+    HeadScanner, MAX_HEADERS, Reject, Request, Status, check_host, choose_subprotocol, parse_head,
     validate_upgrade, write_switching_protocols_with,
 };
 use crate::proto::rate::TokenBucket;
@@ -191,14 +191,8 @@ impl Session {
         let cfg = &ctx.shared.config;
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let req = parse_head(head, &mut headers)?;
-        // RFC 9112 §3.2: an HTTP/1.1 request without exactly one Host is
-        // answered 400 (an upgrade says so too, in `validate_upgrade`).
         if req.version == 1 {
-            match req.header("host") {
-                Err(_) => return Err(Reject::new(Status::BadRequest, "duplicate Host header")),
-                Ok(None) => return Err(Reject::new(Status::BadRequest, "missing Host header")),
-                Ok(Some(_)) => {}
-            }
+            check_host(&req)?;
         }
         let route = route(&req, cfg)?;
         if !matches!(route, Route::Admin) {

@@ -287,22 +287,17 @@ impl<S> Core<S> {
                 // Input it kept (it stopped early, or what arrived while
                 // paused) goes first; the socket is read once it is used up
                 // (a read after it could otherwise find no room).
-                let kept = self.conns[key].session.pending_len();
-                if kept > 0 && self.conns[key].state == IoState::Active {
-                    let mut buf = vec![0; kept];
-                    self.conns[key].session.restore_pending(&mut buf);
-                    let more = self.input(key, &mut buf) == Input::More;
-                    self.after_input(key);
-                    if !more {
-                        // Paused again (its pace, another turn's worth), or
-                        // closing.
-                        self.judge_backlog(key, serial);
-                        continue;
-                    }
+                let fed = self.input_kept(key);
+                // Its FIN, if it came while it was paused and nothing it
+                // sent waits any more, closes it now.
+                self.after_input(key);
+                if fed == Some(Input::Stop) {
+                    // Paused again (its pace, another turn's worth), or
+                    // closing.
+                    self.judge_backlog(key, serial);
+                    continue;
                 }
                 self.backlogged.remove(&key);
-                // Its FIN, if it came while it was paused, closes it now.
-                self.after_input(key);
                 if self.conns[key].state != IoState::Active {
                     continue;
                 }

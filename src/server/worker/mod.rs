@@ -155,7 +155,8 @@ pub struct Core<S> {
     slow: Vec<ConnRef>,
     /// Publishers paused because a mailbox is over its high-water mark.
     throttled: Vec<ConnRef>,
-    /// Publishers paused by `--max-publish-rate`, until the given time.
+    /// Publishers paused by `--max-publish-rate`, and connections that
+    /// stopped at a turn's worth of input, until the given time.
     paced: Vec<(Instant, usize, u32)>,
     /// Paced publishers resumed with input still kept after their pause:
     /// since when (each must work it off within `--message-timeout`).
@@ -519,15 +520,25 @@ impl<S> Core<S> {
                 continue;
             }
             self.conns[key].set_flag(READ_PAUSED, false);
-            let kept = self.conns[key].session.pending_len();
-            if kept > 0 {
-                let mut buf = vec![0; kept];
-                self.conns[key].session.restore_pending(&mut buf);
-                let _ = self.input(key, &mut buf);
+            if self.input_kept(key).is_some() {
                 self.after_input(key);
             }
             self.reread.push((key, serial));
         }
+    }
+
+    /// Feeds `key` the input its session kept while it was not read (a
+    /// publisher waiting for its answer, paced, or stopped at a turn's
+    /// worth), as if just read; `None` when it kept none, or is no longer
+    /// active. The caller follows with [`Self::after_input`].
+    fn input_kept(&mut self, key: usize) -> Option<Input> {
+        let kept = self.conns[key].session.pending_len();
+        if kept == 0 || self.conns[key].state != IoState::Active {
+            return None;
+        }
+        let mut buf = vec![0; kept];
+        self.conns[key].session.restore_pending(&mut buf);
+        Some(self.input(key, &mut buf))
     }
 
     fn push_linger(&mut self, key: usize, serial: u32, now: Instant) {
