@@ -121,6 +121,8 @@ fn run<'a>(cfg: &Config, reads: impl Iterator<Item = &'a [u8]>) -> Vec<Item> {
                     wall_s: 0,
                     grant: None,
                     yielded: false,
+                    // A few largest messages per turn, then a refusal (1013).
+                    room: 4 * cfg.max_message_size,
                 };
                 let next = session.on_input(&mut buf, &mut ctx);
                 (next, ctx.requests as usize, ctx.yielded)

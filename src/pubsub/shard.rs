@@ -311,6 +311,9 @@ pub struct Shard {
     /// to its topic (released together, under one directory lock, once
     /// they are sent).
     outbox: Vec<(Arc<TopicInterest>, Arc<Message>)>,
+    /// The outbox's frame bytes, charged to the budget until dispatch
+    /// (then charged as `frames`, or copied into the queues that take them).
+    outbox_bytes: usize,
     /// Per outbox entry, the publisher to acknowledge it to, if it asked
     /// (kept apart: most publications have none).
     /// (In a cluster, every WebSocket publisher is listed, `false` where it
@@ -361,6 +364,7 @@ impl Shard {
             by_name: HashMap::new(),
             by_interest: HashMap::new(),
             outbox: Vec::new(),
+            outbox_bytes: 0,
             ack_to: Vec::new(),
             acks: Vec::new(),
             last_numbered: (0, 0),
@@ -897,10 +901,11 @@ impl Shard {
     }
 
     /// Bytes this worker's budget is charged for what its clients made the
-    /// shard hold: published frames still queued anywhere, and the topic
-    /// registry of its subscribers.
+    /// shard hold: this turn's publications (until dispatch), published
+    /// frames still queued anywhere, and the topic registry of its
+    /// subscribers.
     pub fn charged_bytes(&self) -> usize {
-        self.frames.bytes() + self.registry_bytes
+        self.outbox_bytes + self.frames.bytes() + self.registry_bytes
     }
 
     /// The workers whose mailboxes got a batch needing a wake-up since the
@@ -948,6 +953,7 @@ impl Shard {
 
     /// Queues `msg` (not yet numbered) to `topic`.
     fn publish_message(&mut self, topic: Arc<TopicInterest>, msg: Message) {
+        self.outbox_bytes += msg.frame.len();
         self.outbox.push((topic, Arc::new(msg)));
     }
 
@@ -1144,6 +1150,7 @@ impl Shard {
         // lock: the others are dropped while the run's first is still held
         // (so none of them can be the last one), outside the lock.
         let mut last: Option<*const TopicInterest> = None;
+        self.outbox_bytes = 0;
         let runs = self.outbox.drain(..).filter_map(|(topic, _)| {
             let same = last == Some(Arc::as_ptr(&topic));
             last = Some(Arc::as_ptr(&topic));

@@ -22,7 +22,7 @@ mod publish;
 mod request;
 mod subscriber;
 
-use crate::proto::frame::server_frame;
+use crate::proto::frame::{MAX_SERVER_HEADER_LEN, server_frame};
 use crate::proto::handshake::{self, HeadScanner, Reject, Status};
 use crate::proto::rate::TokenBucket;
 use crate::proto::{CloseCode, CloseState, Event, MessageKind, OutQueue, WsConn};
@@ -83,6 +83,15 @@ pub struct Ctx<'a> {
     /// paced publisher has no token left). The backend reads on at its
     /// next turn, or when the pace allows.
     pub yielded: bool,
+    /// Bytes of publications this input may still add to the worker's
+    /// outbox: what the buffer budget has left (this connection's own
+    /// charge counted as free: it is measured again after the input). A
+    /// WebSocket message that does not fit is not published, and its
+    /// publisher is failed `1013`, as any connection that would take the
+    /// worker past its budget: compressed messages inflate up to 1 000
+    /// times, so the many publishers of one turn could otherwise make the
+    /// worker hold gigabytes before the turn's end charges them.
+    pub room: usize,
 }
 
 /// Message bytes a connection's input may decode in one turn before the
@@ -486,9 +495,13 @@ impl Session {
                             "binary messages are not control messages; send JSON text",
                         )))
                     }
+                    Role::Publisher(_) if payload.len() + MAX_SERVER_HEADER_LEN > ctx.room => {
+                        Some(Reply::OverBudget)
+                    }
                     Role::Publisher(p) => {
                         ctx.stats.message_published();
                         p.pace.spend(rate, ctx.now_ms);
+                        ctx.room -= payload.len() + MAX_SERVER_HEADER_LEN;
                         if let Some(t) = &p.topic {
                             let frame = encode(kind, payload);
                             let key = p.key.clone();
@@ -516,6 +529,17 @@ impl Session {
             };
             match control {
                 None => {}
+                Some(Reply::OverBudget) => {
+                    ctx.stats.budget_close();
+                    ctx.stats.ws_failure(CloseCode::TRY_AGAIN_LATER.0);
+                    debug!("publication over the buffer budget");
+                    ws.abort(
+                        CloseCode::TRY_AGAIN_LATER,
+                        "server memory budget exceeded",
+                        &mut self.out,
+                    );
+                    break;
+                }
                 Some(Reply::Frame(frame)) => {
                     ws.send_frame(frame, &mut self.out);
                 }
@@ -681,6 +705,9 @@ impl Session {
 
 /// A reply decided while the input was borrowed.
 enum Reply {
+    /// A publication the worker's buffer budget cannot take: the
+    /// publisher is failed `1013` ([`Ctx::room`]).
+    OverBudget,
     Frame(Bytes),
     Text(String),
     Control(Vec<u8>),

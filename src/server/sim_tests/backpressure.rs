@@ -301,3 +301,72 @@ fn a_paced_backlog_not_worked_off_within_the_message_timeout_is_closed_1008() {
     assert!((2..10).contains(&published), "{published} published");
     assert_eq!(sim.received(sub).len() as u64, 3 * published);
 }
+
+#[test]
+fn the_compressed_publications_of_one_turn_stay_within_the_budget() {
+    // Six publishers, each one compressed message of 2 MiB (a few KiB on
+    // the wire), all read in the same turn, against a budget of 8 MiB:
+    // what the turn publishes is charged as it is published, so the
+    // messages that would take the worker past the budget are not
+    // published and their publishers are failed 1013, while the worker
+    // holds no more than its budget. The others are delivered whole.
+    use std::sync::atomic::Ordering::Relaxed;
+    const MESSAGE: usize = 2 << 20;
+    let mut sim = Sim::new(|c| {
+        c.max_buffered_bytes = 8 << 20;
+        // The subscriber takes all of them in one turn.
+        c.max_outbound_bytes = 16 << 20;
+        c.ping_interval = None;
+    });
+    let sub = sim.upgrade("/ws?topics=z", 64 << 20);
+    let publishers: Vec<usize> = (0..6)
+        .map(|_| {
+            sim.upgrade_with(
+                "/publish/z",
+                "Sec-WebSocket-Extensions: permessage-deflate\r\n",
+                1 << 20,
+            )
+        })
+        .collect();
+    for (i, &p) in publishers.iter().enumerate() {
+        let compressed = crate::proto::deflate::compress(&vec![b'a' + i as u8; MESSAGE]).unwrap();
+        assert!(compressed.len() < 8192);
+        let mut frame = client_frame(true, OpCode::Binary, &compressed, MASK);
+        frame[0] |= 0x40; // RSV1: compressed
+        sim.peers.get_mut(&p).unwrap().unread = frame;
+    }
+    sim.core.begin_turn(sim.now);
+    let mut peak = 0;
+    for &p in &publishers {
+        sim.pump(p);
+        peak = peak.max(sim.stats().buffered_bytes.load(Relaxed));
+    }
+    assert!(peak <= 8 << 20, "the turn's publications held {peak} bytes");
+    sim.turn();
+    let published = sim.stats().messages_published.load(Relaxed) as usize;
+    assert!(
+        (2..=3).contains(&published),
+        "{published} of 6 fit the budget"
+    );
+    assert_eq!(ws_failures(&sim), [(1013, 6 - published as u64)]);
+    assert_eq!(
+        sim.stats().budget_closes.load(Relaxed) as usize,
+        6 - published
+    );
+    for &p in &publishers[published..] {
+        let wire = sim.received(p);
+        assert_eq!(close_code(&wire), Some(1013), "refused, and told so");
+    }
+    sim.wait(TICK, TICK);
+    let got = sim.received(sub);
+    let mut expected = Vec::new();
+    for i in 0..published {
+        expected.extend_from_slice(&[0x82, 127]);
+        expected.extend_from_slice(&(MESSAGE as u64).to_be_bytes());
+        expected.extend_from_slice(&vec![b'a' + i as u8; MESSAGE]);
+    }
+    assert!(
+        got == expected,
+        "the publications that fit, whole, in order"
+    );
+}

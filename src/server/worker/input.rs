@@ -96,6 +96,7 @@ impl<S> Core<S> {
         let conn = &mut self.conns[key];
         conn.keepalive_ms = now_ms;
         conn.set_flag(PING_PENDING, false);
+        let others = self.buffered.saturating_sub(conn.charged as usize);
         let mut ctx = Ctx {
             shared: &self.shared,
             stats,
@@ -121,6 +122,7 @@ impl<S> Core<S> {
                 self.grants.get(&key).cloned()
             },
             yielded: false,
+            room: self.budget.saturating_sub(others),
         };
         // The grant held before, to store only one the session changed.
         let held = ctx.grant.as_ref().map(Arc::as_ptr);
