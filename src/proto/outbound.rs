@@ -87,14 +87,6 @@ impl OutQueue {
         }
     }
 
-    /// Appends a chunk that other queues share (a `/metrics` rendering):
-    /// referenced, and left out of [`Self::owned`] like a shared frame.
-    pub fn push_shared(&mut self, chunk: Bytes) {
-        if !chunk.is_empty() {
-            self.get().push_chunk(chunk, true);
-        }
-    }
-
     /// Appends a shared frame: copied when small, referenced when large.
     pub fn push_frame(&mut self, frame: &Bytes) {
         if frame.len() < COPY_BELOW {

@@ -272,9 +272,12 @@ impl Session {
                     http::admin_response(&req, ka, shared.health(), Some(ctx.stats), render)
                         .expect("routed by path")?;
                 self.out.push_copy(&response.head);
-                // Shared with the turn's other requests, and bounded per
-                // connection by --max-outbound-bytes (reading pauses above it).
-                self.out.push_shared(response.body);
+                // Shared with the turn's other requests, but charged to
+                // this connection like its own bytes: a client pipelining
+                // scrapes it does not read holds a new rendering per turn,
+                // up to --max-outbound-bytes (reading pauses above it), and
+                // the budget must see that across connections.
+                self.out.push(response.body);
                 self.phase = if ka {
                     Phase::Head {
                         scan: HeadScanner::default(),

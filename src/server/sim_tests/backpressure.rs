@@ -370,3 +370,25 @@ fn the_compressed_publications_of_one_turn_stay_within_the_budget() {
         "the publications that fit, whole, in order"
     );
 }
+
+#[test]
+fn metrics_bodies_a_client_does_not_read_are_charged_to_the_budget() {
+    // A client pipelines a scrape per loop turn and never reads: each turn
+    // renders a new body, which its queue holds. All of it is charged, so
+    // many such clients meet the buffer budget, not the machine's memory.
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut sim = Sim::new(|c| c.ping_interval = None);
+    let key = sim.connect(0);
+    let before = sim.stats().buffered_bytes.load(Relaxed);
+    for _ in 0..10 {
+        sim.now += TICK;
+        sim.send(key, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    }
+    let queued = sim.core.conn_mut(key).out_mut().len() as u64;
+    assert!(queued > 10 * 4096, "ten renderings queued: {queued} bytes");
+    let charged = sim.stats().buffered_bytes.load(Relaxed) - before;
+    assert!(
+        charged >= queued,
+        "{charged} bytes charged for {queued} queued"
+    );
+}
