@@ -41,7 +41,7 @@ pub fn ack(epoch: u64, seq: u64) -> String {
 pub const SUBSCRIBER_PROTOCOLS: [&str; 3] = [BINARY_PROTOCOL, JSON_PROTOCOL, RAW_PROTOCOL];
 
 /// How a subscriber receives publications.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[repr(u8)]
 pub enum Form {
     /// The payload as published, with the publisher's opcode.

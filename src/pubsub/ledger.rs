@@ -19,7 +19,7 @@
 
 use super::envelope::{Form, Message};
 use bytes::Bytes;
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
 /// One charged frame: a frame itself, or a publication's frame in one
@@ -31,13 +31,25 @@ use std::sync::Arc;
 enum Charged {
     Frame(Bytes),
     Of(Arc<Message>, Form),
+    /// A publication's frame replayed from a history into a queue of this
+    /// worker (a recovery, a last value), listed in
+    /// [`SharedFrames::replayed`] while charged.
+    Replayed(Arc<Message>, Form),
 }
 
 impl Charged {
     fn frame(&self) -> Option<&Bytes> {
         match self {
             Self::Frame(f) => Some(f),
-            Self::Of(m, form) => m.frame_of(*form),
+            Self::Of(m, form) | Self::Replayed(m, form) => m.frame_of(*form),
+        }
+    }
+
+    /// The [`SharedFrames::replayed`] key of a replayed frame.
+    fn replayed_key(&self) -> Option<(usize, Form)> {
+        match self {
+            Self::Replayed(m, form) => Some((Arc::as_ptr(m) as usize, *form)),
+            _ => None,
         }
     }
 
@@ -62,6 +74,10 @@ const COMPACT_MIN: usize = 64;
 pub struct SharedFrames {
     held: VecDeque<Charged>,
     bytes: usize,
+    /// The replayed frames charged now, by message address and form: a
+    /// frame replayed to many of this worker's subscribers is charged once
+    /// here (the entry's message reference keeps the address unique).
+    replayed: HashSet<(usize, Form)>,
     /// Scan the whole ledger once it is this long: each scan costs the
     /// ledger's length and happens only after as many new entries, so the
     /// work per charged frame stays constant (amortised).
@@ -73,6 +89,7 @@ impl Default for SharedFrames {
         Self {
             held: VecDeque::new(),
             bytes: 0,
+            replayed: HashSet::new(),
             compact_at: COMPACT_MIN,
         }
     }
@@ -112,6 +129,25 @@ impl SharedFrames {
         n
     }
 
+    /// Charges the `form` frame of `msg`, which a history kept and a queue
+    /// of this worker now holds again (a recovery or a last value), unless
+    /// this worker charges it for a replay already; returns the bytes
+    /// added. Whatever charged it when it was published or built may have
+    /// been released since (no queue held it then), and a history that
+    /// drops it leaves the queues holding it uncharged: so a subscriber
+    /// replaying messages that are then pushed out of their history could
+    /// hold its queue's worth of frames the budget never saw.
+    pub fn charge_replayed(&mut self, msg: &Arc<Message>, form: Form) -> usize {
+        let c = Charged::Replayed(Arc::clone(msg), form);
+        if !self.replayed.insert((Arc::as_ptr(msg) as usize, form)) {
+            return 0;
+        }
+        let n = c.len();
+        self.held.push_back(c);
+        self.bytes += n;
+        n
+    }
+
     /// Releases the frames no queue holds any more; returns the bytes freed.
     /// Frames mostly leave queues in the order they were charged, so the
     /// front is popped first; the whole ledger is scanned when it is short,
@@ -125,14 +161,21 @@ impl SharedFrames {
                 break;
             }
             freed += f.len();
+            if let Some(k) = f.replayed_key() {
+                self.replayed.remove(&k);
+            }
             self.held.pop_front();
         }
         let len = self.held.len();
         if len > 0 && (full || len <= COMPACT_MIN || len >= self.compact_at) {
+            let replayed = &mut self.replayed;
             self.held.retain(|f| {
                 let unheld = f.unheld();
                 if unheld {
                     freed += f.len();
+                    if let Some(k) = f.replayed_key() {
+                        replayed.remove(&k);
+                    }
                 }
                 !unheld
             });
@@ -185,6 +228,27 @@ mod tests {
         assert_eq!(Arc::strong_count(&history), 1);
         // An envelope not built (yet) counts nothing.
         assert_eq!(l.charge_message(&history, Form::Json), 0);
+    }
+
+    #[test]
+    fn a_replayed_frame_is_charged_once_while_queued_and_again_at_a_later_replay() {
+        let mut l = SharedFrames::default();
+        let msg = Arc::new(Message::new(frame(4096), std::time::Instant::now()));
+        // Replayed to three queues of this worker: one charge.
+        let queues: Vec<Bytes> = (0..3).map(|_| msg.frame.clone()).collect();
+        assert_eq!(l.charge_replayed(&msg, Form::Raw), 4096);
+        assert_eq!(l.charge_replayed(&msg, Form::Raw), 0);
+        assert_eq!(l.charge_replayed(&msg, Form::Raw), 0);
+        assert_eq!(l.release_unheld(false), 0, "queues hold it");
+        assert_eq!(l.bytes(), 4096);
+        drop(queues);
+        assert_eq!(l.release_unheld(false), 4096);
+        // Replayed again later: charged again.
+        let queued = msg.frame.clone();
+        assert_eq!(l.charge_replayed(&msg, Form::Raw), 4096);
+        drop(queued);
+        assert_eq!(l.release_unheld(false), 4096);
+        assert!(l.is_empty() && l.replayed.is_empty());
     }
 
     #[test]

@@ -1057,6 +1057,16 @@ impl Shard {
         }
     }
 
+    /// Charges `msg`'s `form` frame, replayed from a history into one of
+    /// this worker's queues by reference (see
+    /// [`SharedFrames::charge_replayed`]); a frame under [`COPY_BELOW`] is
+    /// copied into the queue and charged there.
+    pub fn charge_replayed(&mut self, msg: &Arc<Message>, form: Form) {
+        if msg.frame_of(form).is_some_and(|f| f.len() >= COPY_BELOW) {
+            self.frames.charge_replayed(msg, form);
+        }
+    }
+
     /// The local id of a publication's topic, if it has subscribers here.
     pub fn local_id(&self, p: &Publication) -> Option<u32> {
         self.by_interest.get(&(p.topic.as_ptr() as usize)).copied()

@@ -46,8 +46,17 @@ pub(super) fn fit(
             break;
         }
         bytes += len;
-        let f = m.frame_for(form, name, &mut |f, _| shard.charge_built(id, m, f));
+        let mut built = false;
+        let f = m.frame_for(form, name, &mut |f, _| {
+            built = true;
+            shard.charge_built(id, m, f)
+        });
         frames.push(f.clone());
+        if !built {
+            // Its charges may be gone (no queue held it), and its history
+            // may drop it while the queue holds it.
+            shard.charge_replayed(m, form);
+        }
     }
     *cap_left -= bytes;
     frames.reverse();

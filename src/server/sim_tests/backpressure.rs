@@ -392,3 +392,60 @@ fn metrics_bodies_a_client_does_not_read_are_charged_to_the_budget() {
         "{charged} bytes charged for {queued} queued"
     );
 }
+
+#[test]
+fn frames_replayed_from_a_history_stay_charged_after_the_history_drops_them() {
+    // A message published while nobody listened (its charge released at
+    // once), then replayed to ten subscribers that never read, then pushed
+    // out of its history by the next publication: the ten queues hold the
+    // one frame, and the budget charges it once.
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut sim = Sim::new(|c| {
+        c.ping_interval = None;
+        c.history.size = 1;
+    });
+    let _holder = sim.upgrade("/publish/t", 1 << 20);
+    let http = |sim: &mut Sim, fill: u8| {
+        let key = sim.connect(1 << 20);
+        let body = vec![fill; 64 * 1024];
+        let mut req = format!(
+            "POST /publish/t HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(&body);
+        sim.send(key, &req);
+        let answer = String::from_utf8(sim.received(key)).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 204 "), "{answer}");
+        answer
+            .lines()
+            .find_map(|l| l.strip_prefix("Corecast-Epoch: "))
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let epoch = http(&mut sim, b'a');
+    sim.wait(TICK, TICK);
+    let base = sim.stats().buffered_bytes.load(Relaxed);
+    let subscribe = format!(
+        r#"{{"op":"subscribe","topics":["t"],"since":{{"t":{{"epoch":{epoch},"seq":0}}}}}}"#
+    );
+    for _ in 0..10 {
+        let sub = sim.upgrade("/ws", 0);
+        sim.send(
+            sub,
+            &client_frame(true, OpCode::Text, subscribe.as_bytes(), MASK),
+        );
+    }
+    http(&mut sim, b'b');
+    sim.wait(TICK, TICK);
+    let charged = sim.stats().buffered_bytes.load(Relaxed) - base;
+    assert!(
+        charged >= 2 * 64 * 1024,
+        "two 64 KiB frames queued, {charged} bytes charged"
+    );
+    assert!(
+        charged < 3 * 64 * 1024,
+        "each once: {charged} bytes charged"
+    );
+}
