@@ -389,10 +389,25 @@ fn an_http_1_1_request_without_exactly_one_host_is_answered_400() {
         &b"POST /publish/h HTTP/1.1\r\nContent-Length: 1\r\n\r\nx"[..],
         b"POST /publish/h HTTP/1.1\r\nHost: a\r\nHost: b\r\nContent-Length: 1\r\n\r\nx",
         b"GET /healthz HTTP/1.1\r\n\r\n",
+        // Two values folded into one line, and bytes no host has.
+        b"GET /healthz HTTP/1.1\r\nHost: a, b\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: a b\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: a/b\r\n\r\n",
     ] {
         let r = refused(addr, req);
         assert!(r.starts_with("HTTP/1.1 400 "), "{r}");
         assert!(r.contains("Host header"), "{r}");
+    }
+    // Names, addresses, IP literals and ports are hosts.
+    for host in [
+        "example.com:443",
+        "127.0.0.1",
+        "[::1]:9000",
+        "xn--bcher-kva.example",
+    ] {
+        let req = format!("GET /healthz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let r = refused(addr, req.as_bytes());
+        assert!(r.starts_with("HTTP/1.1 200 "), "{host}: {r}");
     }
     // HTTP/1.0 has no Host requirement; its keep-alive is answered with a
     // close (the answer says so), not left to guess.

@@ -258,8 +258,18 @@ pub fn check_host(req: &Request<'_, '_>) -> Result<(), Reject> {
     match req.header("host") {
         Err(_) => Err(Reject::new(Status::BadRequest, "duplicate Host header")),
         Ok(None) => Err(Reject::new(Status::BadRequest, "missing Host header")),
+        Ok(Some(v)) if !v.iter().all(|&b| is_host_byte(b)) => {
+            Err(Reject::new(Status::BadRequest, "invalid Host header"))
+        }
         Ok(Some(_)) => Ok(()),
     }
+}
+
+/// A byte a `Host` value may hold (RFC 9112 §3.2: `uri-host [ ":" port ]`,
+/// the host a reg-name, an IPv4 address or an IP literal in brackets):
+/// no space, so `Host: a, b` (two values folded into one line) is refused.
+fn is_host_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%:[]".contains(&b)
 }
 
 /// Validates the WebSocket-specific parts of a request (§4.2.1). The path has
