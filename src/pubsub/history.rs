@@ -287,11 +287,15 @@ impl History {
             msg.envelope_bytes.fetch_add(len, Ordering::Relaxed);
             self.bytes += len;
             memory.add_bytes(len);
-            // The newest message (the last value) stays, envelopes and all.
+            // The newest message (the last value) stays, envelopes and
+            // all, past the topic's own bound; not past all histories'
+            // (then it goes as an append's would): else every topic's
+            // last value could add its envelopes (a JSON one up to 6 times
+            // the message) beyond `--history-memory`.
             while self.entries.len() > 1 && self.bytes > limits.bytes {
                 self.pop(memory);
             }
-            while self.entries.len() > 1 && memory.bytes() > limits.memory {
+            while !self.entries.is_empty() && memory.bytes() > limits.memory {
                 self.pop(memory);
                 memory.evicted_for_memory.fetch_add(1, Ordering::Relaxed);
             }
@@ -595,8 +599,20 @@ mod tests {
         assert_eq!(h.range(), Some((3, 3)));
         assert!(mem.bytes() <= l.memory);
         assert_eq!(mem.evicted_for_memory(), 2);
-        // Even one too large for the bound leaves the newest, the last value.
-        h.add_envelope(&c, 10 * l.memory, &l, &mem);
-        assert_eq!(h.range(), Some((3, 3)));
+        // One past all histories' bound takes the newest too: the bound holds.
+        h.add_envelope(&c, 1, &l, &mem);
+        assert_eq!(h.range(), None);
+        assert_eq!(mem.bytes(), 0);
+        assert_eq!(mem.evicted_for_memory(), 3);
+        // One past only the topic's own bytes leaves the newest, the last value.
+        let mut h = History::default();
+        let l = HistoryLimits {
+            bytes: 10 + ENTRY_OVERHEAD_BYTES,
+            ..limits(100, usize::MAX)
+        };
+        let d = msg(1, 10, now);
+        h.append(&d, &l, &mem, now);
+        h.add_envelope(&d, 1000, &l, &mem);
+        assert_eq!(h.range(), Some((1, 1)));
     }
 }

@@ -449,3 +449,38 @@ fn frames_replayed_from_a_history_stay_charged_after_the_history_drops_them() {
         "each once: {charged} bytes charged"
     );
 }
+
+#[test]
+fn a_rated_subscribers_record_of_the_topics_it_was_sent_is_charged() {
+    // A `>`-style subscriber with a rate keeps, per topic it was sent,
+    // when that topic may be sent next: a publisher inventing topic names
+    // makes one record each, charged to the budget until it is forgotten.
+    // Measured against the same run without a rate (the topics' registry
+    // entries cost the same in both).
+    use std::sync::atomic::Ordering::Relaxed;
+    let run = |query: &str| {
+        let mut sim = Sim::new(|c| c.ping_interval = None);
+        let _sub = sim.upgrade(&format!("/ws?topics=r.*{query}"), 1 << 20);
+        for i in 0..200 {
+            publish(&mut sim, &format!("r.t{i}"), b"x");
+        }
+        sim.wait(TICK, TICK);
+        let sent = sim.stats().buffered_bytes.load(Relaxed);
+        // Forgotten once their interval is over, at the next release.
+        sim.wait(2 * SECOND, TICK);
+        publish(&mut sim, "r.t0", b"y");
+        sim.wait(TICK, TICK);
+        (sent, sim.stats().buffered_bytes.load(Relaxed))
+    };
+    let (plain, plain_later) = run("");
+    let (rated, rated_later) = run("&max_rate=1");
+    // `conflation::SENT_LATELY_BYTES` (64) and the name, each.
+    assert!(
+        rated >= plain + 200 * 64,
+        "{rated} bytes charged with a rate, {plain} without"
+    );
+    assert!(
+        rated_later < plain_later + 10 * 64,
+        "{rated_later} bytes still charged with a rate, {plain_later} without"
+    );
+}

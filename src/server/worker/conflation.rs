@@ -17,7 +17,9 @@
 //! core, not the connection, and a connection with one has its
 //! `CONFLATING` flag set. What a table holds is charged to the worker's
 //! buffer budget ([`WAITING_BYTES`] per topic plus the frame when it is
-//! small; a large frame is charged by the ledger while anyone holds it).
+//! small; a large frame is charged by the ledger while anyone holds it),
+//! and so is a rated subscriber's record of the topics it was sent lately
+//! ([`SENT_LATELY_BYTES`] plus the name each).
 
 use super::*;
 use crate::pubsub::envelope::conflated_marker_from;
@@ -25,6 +27,18 @@ use crate::pubsub::envelope::conflated_marker_from;
 /// What a waiting publication is charged besides a small frame: its entry,
 /// the index slot and the order slot, with margin.
 pub const WAITING_BYTES: usize = 128;
+
+/// What a rated subscriber's record of a topic sent lately (`Table::next`)
+/// is charged besides its name: its map slot, with margin. A publisher
+/// sending to many topics a `>` subscriber with a rate receives would
+/// otherwise leave one such record per topic released, uncharged, until
+/// the subscriber's queue empties again.
+pub const SENT_LATELY_BYTES: usize = 64;
+
+/// The charge of `name`'s record in `Table::next`.
+fn sent_lately_charge(name: &str) -> usize {
+    SENT_LATELY_BYTES + name.len()
+}
 
 /// One topic's newest waiting publication for a subscriber, or with
 /// conflation keys (`?key=` when published) its newest per key.
@@ -336,9 +350,16 @@ impl<S> Core<S> {
         let mut queued = false;
         // Rated: topics sent less than an interval ago wait their turn.
         let mut later: VecDeque<Arc<str>> = VecDeque::new();
-        table
-            .next
-            .retain(|name, at| *at > now || table.waiting.contains_key(name));
+        let mut forgotten = 0;
+        table.next.retain(|name, at| {
+            let keep = *at > now || table.waiting.contains_key(name);
+            if !keep {
+                forgotten += sent_lately_charge(name);
+            }
+            keep
+        });
+        table.bytes -= forgotten;
+        self.tables.bytes -= forgotten;
         while let Some(name) = table.order.front() {
             if table.next.get(name).is_some_and(|&at| at > now) {
                 let name = table.order.pop_front().expect("front");
@@ -383,7 +404,11 @@ impl<S> Core<S> {
                 stats.conflated(w.replaced);
             }
             if let Some(iv) = w.interval {
-                table.next.insert(name, now + iv);
+                let c = sent_lately_charge(&name);
+                if table.next.insert(name, now + iv).is_none() {
+                    table.bytes += c;
+                    self.tables.bytes += c;
+                }
             }
             stats.frames_sent(w.newest.len() as u64);
             queued = true;
