@@ -76,6 +76,17 @@ impl TokenBucket {
         self.milli = self.milli.saturating_sub(1000);
     }
 
+    /// [`Self::spend`] of `n` tokens at once (a debt of at most ~2 million
+    /// tokens is kept: more saturates).
+    pub fn spend_n(&mut self, rate: u32, now_ms: u32, n: u32) {
+        if rate == 0 || n == 0 {
+            return;
+        }
+        self.refill(rate, now_ms);
+        let milli = (n as i64 * 1000).min(i32::MAX as i64) as i32;
+        self.milli = self.milli.saturating_sub(milli);
+    }
+
     /// Is the bucket out of debt at `now_ms` (a token may be spent)?
     pub fn ready(&mut self, rate: u32, now_ms: u32) -> bool {
         if rate == 0 {

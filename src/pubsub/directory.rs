@@ -638,12 +638,15 @@ impl Directory {
     }
 
     /// Up to `max` known topics matching `pattern` (for its snapshot),
-    /// each held until the caller releases it. Linear in the topics known.
-    pub fn matching(&self, pattern: &str, max: usize) -> Vec<Arc<TopicInterest>> {
+    /// each held until the caller releases it, and how many topics it
+    /// looked at. Linear in the topics known.
+    pub fn matching(&self, pattern: &str, max: usize) -> (Vec<Arc<TopicInterest>>, usize) {
         let mut t = self.lock();
+        let mut examined = 0;
         let found: Vec<Arc<TopicInterest>> = t
             .map
             .iter()
+            .inspect(|_| examined += 1)
             .filter(|(name, _)| pattern::matches(pattern, name))
             .take(max)
             .map(|(_, e)| Arc::clone(e))
@@ -651,7 +654,7 @@ impl Directory {
         for e in &found {
             t.unretain(e);
         }
-        found
+        (found, examined)
     }
 
     /// `topic` (known from a publication's weak reference) held again, if

@@ -52,6 +52,12 @@ pub fn check(name: &str) -> Result<(), PatternError> {
     Ok(())
 }
 
+/// The tokens of `pattern` (or of a topic name): what one
+/// [`matches`] against a topic costs at most, in token comparisons.
+pub fn token_count(pattern: &str) -> usize {
+    pattern.bytes().filter(|&b| b == b'.').count() + 1
+}
+
 /// Whether `pattern` matches `topic`: one pattern against one name, for a
 /// scan (a worker's topics when a pattern arrives, the directory's for a
 /// pattern's snapshot). Linear in the two names.

@@ -367,7 +367,10 @@ impl Session {
                     .iter()
                     .filter(|n| pattern::is_pattern(n) && ctx.shard.pattern_id(n).is_none())
                     .count();
-                if new_patterns > 0 && ctx.shard.admit_patterns(new_patterns, ctx.now_ms).is_err() {
+                if (patterns > 0 && ctx.shard.admit_scans(ctx.now_ms).is_err())
+                    || (new_patterns > 0
+                        && ctx.shard.admit_patterns(new_patterns, ctx.now_ms).is_err())
+                {
                     return Err(Reject::new(
                         Status::TooManyRequests,
                         "patterns changing too fast on this worker: try again",

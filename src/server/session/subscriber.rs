@@ -324,6 +324,14 @@ pub(super) fn control_message(
                         && ctx.shard.pattern_id(&c.topics[i]).is_none()
                 })
                 .count();
+            let names_pattern = new.iter().any(|&i| pattern::is_pattern(&c.topics[i]));
+            if names_pattern && let Err(ms) = ctx.shard.admit_scans(ctx.now_ms) {
+                ctx.stats.control_error();
+                return (
+                    control::busy_with("patterns changing too fast: try again", ms),
+                    Vec::new(),
+                );
+            }
             if new_patterns > 0
                 && let Err(ms) = ctx.shard.admit_patterns(new_patterns, ctx.now_ms)
             {
