@@ -238,11 +238,29 @@ pub fn parse_head<'b, 'h>(
     };
     Ok(Request {
         method,
-        path,
+        path: origin_path(path),
         query,
         version,
         headers: req.headers,
     })
+}
+
+/// The path of a request target: an absolute-form target
+/// (`http://host:port/path`, RFC 9112 §3.2.2, which a server must accept)
+/// stands for its path, `/` when it has none; any other form is its own.
+fn origin_path(target: &str) -> &str {
+    let b = target.as_bytes();
+    // The scheme is ASCII, so where it ends is a character boundary.
+    let rest = [&b"http://"[..], b"https://"]
+        .into_iter()
+        .find_map(|scheme| {
+            let n = scheme.len();
+            (b.len() >= n && b[..n].eq_ignore_ascii_case(scheme)).then(|| &target[n..])
+        });
+    match rest {
+        Some(rest) => rest.find('/').map_or("/", |i| &rest[i..]),
+        None => target,
+    }
 }
 
 /// What a valid upgrade request carries forward.
@@ -289,6 +307,17 @@ pub fn validate_upgrade<'b>(req: &Request<'b, '_>) -> Result<UpgradeRequest<'b>,
         ));
     }
     check_host(req)?;
+    let body = req.header_values("transfer-encoding").next().is_some()
+        || req
+            .header_values("content-length")
+            .any(|v| v.trim_ascii() != b"0");
+    if body {
+        // Its bytes would be read as the first WebSocket frames.
+        return Err(Reject::new(
+            BadRequest,
+            "a WebSocket upgrade request has no body",
+        ));
+    }
     if !req.has_token("upgrade", "websocket") {
         return Err(Reject::new(BadRequest, "missing Upgrade: websocket"));
     }
@@ -490,6 +519,16 @@ mod tests {
                 "",
                 BadRequest,
             ),
+            (
+                "Host: localhost\r\n",
+                "Host: localhost\r\nContent-Length: 5\r\n",
+                BadRequest,
+            ),
+            (
+                "Host: localhost\r\n",
+                "Host: localhost\r\nTransfer-Encoding: chunked\r\n",
+                BadRequest,
+            ),
         ];
         for (from, to, status) in cases {
             let raw = GOOD.replacen(from, to, 1);
@@ -500,6 +539,31 @@ mod tests {
                 "{from:?} -> {to:?}"
             );
         }
+    }
+
+    #[test]
+    fn an_absolute_form_target_is_its_path() {
+        for (target, path, query) in [
+            ("http://example.com:9001/echo?x=1", "/echo", Some("x=1")),
+            ("HTTPS://example.com/publish/t", "/publish/t", None),
+            ("http://example.com", "/", None),
+            ("http://example.com?a", "/", Some("a")),
+            ("/ws?topics=a", "/ws", Some("topics=a")),
+            ("*", "*", None),
+        ] {
+            let raw = GOOD.replacen("/echo?x=1", target, 1);
+            with(&raw, |r| {
+                let r = r.unwrap();
+                assert_eq!((r.path, r.query), (path, query), "{target}");
+            });
+        }
+        // An empty body is no body.
+        let raw = GOOD.replacen(
+            "Host: localhost\r\n",
+            "Host: localhost\r\nContent-Length: 0\r\n",
+            1,
+        );
+        assert!(upgrade(&raw).is_ok());
     }
 
     #[test]
