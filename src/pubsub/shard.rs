@@ -141,9 +141,10 @@ pub const PATTERN_REGISTRATIONS_PER_SECOND: u32 = 1000;
 /// Pattern matching work a worker does per second for control messages,
 /// in match steps (a topic tested against a pattern costs the pattern's
 /// tokens; ~10 ns each): a new pattern here is tested against every local
-/// topic, a pattern's last values search the directory (under its lock),
-/// and the last unsubscribe of a pattern looks at every local topic. That
-/// work is charged as it is done; a subscribe naming a pattern waits
+/// topic, and a pattern's last values search the directory (under its
+/// lock). That work is charged as it is done (the last unsubscribe of a
+/// pattern, which looks at every local topic once, follows a charged
+/// arrival, so churn costs at most twice this); a subscribe naming a pattern waits
 /// (`busy`) while the worker is in debt. So churning patterns against a
 /// worker holding tens of thousands of long topics costs it a few per
 /// cent of its time, where it could stall it for seconds (outside probe:
@@ -922,8 +923,10 @@ impl Shard {
         self.pattern_ids.remove(&p.name);
         self.directory.set_pattern(&p.name, self.id, false);
         self.registry_bytes -= topic_charge(p.name.len());
+        // Not charged to the scan budget: a pattern's departure follows
+        // its arrival, which was (and cost more), and a mass disconnect
+        // must not leave the worker refusing patterns afterwards.
         let mut gone = Vec::new();
-        self.scanned += self.topics.len();
         for (id, t) in self.topics.iter_mut() {
             if let Some(i) = t.patterns.iter().position(|&x| x == pid) {
                 t.patterns.swap_remove(i);

@@ -839,13 +839,14 @@ fn pattern_scans_are_charged_and_hold_further_pattern_subscribes() {
     // about 0.2 s.
     assert!((150..=250).contains(&wait), "{wait} ms");
     assert_eq!(s[0].admit_scans(wait), Ok(()), "paid for by then");
-    // The last unsubscribe looks at every local topic too.
+    // A departure is not charged (its arrival was); the next arrival is:
+    // 2 × 20 000 steps, about 10 ms.
     s[0].unsubscribe(p);
+    assert_eq!(s[0].admit_scans(wait), Ok(()));
     let (q, _) = s[0].subscribe_pattern("t.*", (2, 0), Replay::live());
     s[0].unsubscribe(q);
-    // 20 000 + 2 × 20 000 + 20 000 steps: about 20 ms more.
     let more = s[0].admit_scans(wait).expect_err("in debt again");
-    assert!((15..=25).contains(&more), "{more} ms");
+    assert!((5..=15).contains(&more), "{more} ms");
     assert_eq!(s[0].admit_scans(wait + more), Ok(()));
     for sub in subs {
         s[0].unsubscribe(sub);
