@@ -69,11 +69,7 @@ impl TokenBucket {
     /// Takes a token even if there is none, going into debt; see
     /// [`Self::wait_ms`] for how long the debt lasts.
     pub fn spend(&mut self, rate: u32, now_ms: u32) {
-        if rate == 0 {
-            return;
-        }
-        self.refill(rate, now_ms);
-        self.milli = self.milli.saturating_sub(1000);
+        self.spend_n(rate, now_ms, 1);
     }
 
     /// [`Self::spend`] of `n` tokens at once (a debt of at most ~2 million

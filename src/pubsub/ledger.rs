@@ -138,10 +138,10 @@ impl SharedFrames {
     /// replaying messages that are then pushed out of their history could
     /// hold its queue's worth of frames the budget never saw.
     pub fn charge_replayed(&mut self, msg: &Arc<Message>, form: Form) -> usize {
-        let c = Charged::Replayed(Arc::clone(msg), form);
         if !self.replayed.insert((Arc::as_ptr(msg) as usize, form)) {
             return 0;
         }
+        let c = Charged::Replayed(Arc::clone(msg), form);
         let n = c.len();
         self.held.push_back(c);
         self.bytes += n;
