@@ -28,7 +28,7 @@
 //! Backends are chosen once at start (`server::Backend`) and the skeleton
 //! is generic over them: no dynamic dispatch per operation.
 
-use super::worker::Core;
+use super::worker::{Core, FLUSHES_PER_TURN};
 use std::io;
 use std::time::{Duration, Instant};
 use tracing::warn;
@@ -152,7 +152,9 @@ pub(super) fn end_of_turn<B: Backend>(backend: &mut B) {
     if core.delivered_any() {
         core.observe_write_pass(Instant::now());
     }
-    let dirty = backend.core().take_dirty();
+    // A bounded batch: the rest of the list waits for the next turn, which
+    // first delivers what was published meanwhile (see `FLUSHES_PER_TURN`).
+    let dirty = backend.core().take_dirty(FLUSHES_PER_TURN);
     for &(key, serial) in &dirty {
         // A flush earlier in this walk may have closed it.
         if backend.core().is_current(key, serial) {

@@ -13,6 +13,7 @@
 mod backpressure;
 mod cluster;
 mod deadlines;
+mod flush_order;
 mod http_publish;
 
 use super::Shared;

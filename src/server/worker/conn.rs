@@ -6,7 +6,6 @@
 use super::IoState;
 
 use crate::proto::OutQueue;
-use crate::pubsub::shard::ConnRef;
 use crate::server::session::Session;
 
 /// One connection: the backend's handle `S` and the protocol state.
@@ -160,7 +159,7 @@ impl<S> Conn<S> {
     }
 
     /// Lists the connection (slab key `key`) for the end-of-turn flush, once.
-    pub(super) fn mark_dirty(&mut self, key: usize, list: &mut Vec<ConnRef>) {
+    pub(super) fn mark_dirty(&mut self, key: usize, list: &mut super::DirtyList) {
         if !self.flag(DIRTY) {
             self.set_flag(DIRTY, true);
             list.push((key, self.serial));

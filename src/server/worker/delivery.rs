@@ -242,25 +242,32 @@ impl<S> Core<S> {
     }
 
     /// Records the publish-to-first-write latency of what this turn
-    /// delivered: `started`, when the write pass began.
+    /// delivered: `started`, when its first write batch began.
     pub fn observe_write_pass(&mut self, started: Instant) {
         let stats = &self.shared.stats[self.id];
-        for &t in &self.delivered {
+        // Written to every local subscriber once the flushes reach the
+        // dirty list's end as it is now (each subscriber is listed, once,
+        // before it).
+        let end = self.dirty.end();
+        for t in self.delivered.drain(..) {
             stats
                 .first_write_latency
                 .observe(started.saturating_duration_since(t));
+            self.unwritten.push_back((t, end));
         }
     }
 
-    /// Records the publish-to-write latency of what this turn delivered,
-    /// now that it has been handed to the kernel.
-    /// `written`: when the turn's writes were handed to the kernel.
+    /// Records the publish-to-write latency of what has now been handed to
+    /// the kernel for every local subscriber. `written`: when this turn's
+    /// batch of writes was.
     pub fn observe_written(&mut self, written: Instant) {
-        if !self.delivered.is_empty() {
-            let stats = &self.shared.stats[self.id];
-            for t in self.delivered.drain(..) {
-                stats.observe_latency(written.saturating_duration_since(t));
-            }
+        let taken = self.dirty.taken();
+        let stats = &self.shared.stats[self.id];
+        while let Some(&(t, end)) = self.unwritten.front()
+            && end <= taken
+        {
+            stats.observe_latency(written.saturating_duration_since(t));
+            self.unwritten.pop_front();
         }
     }
 
@@ -397,7 +404,7 @@ struct Targets<'a> {
 #[allow(clippy::too_many_arguments)]
 fn push_to<S>(
     conns: &mut PagedSlab<Conn<S>>,
-    dirty: &mut Vec<ConnRef>,
+    dirty: &mut DirtyList,
     slow: &mut Vec<ConnRef>,
     budget: &mut Budget<'_>,
     built: &mut Vec<(Publication, Form)>,

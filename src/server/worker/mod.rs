@@ -26,6 +26,7 @@ mod conflation;
 mod conn;
 mod deadlines;
 mod delivery;
+mod dirty;
 mod input;
 mod paged;
 mod proxy;
@@ -48,6 +49,8 @@ use conn::{
     READ_PAUSED, REQUEST_DONE,
 };
 use deadlines::{ms_after, sweep_period};
+use dirty::DirtyList;
+pub use dirty::FLUSHES_PER_TURN;
 use paged::PagedSlab;
 pub use proxy::Header;
 use std::collections::{HashMap, VecDeque};
@@ -131,8 +134,10 @@ pub struct Core<S> {
     shared: Arc<Shared>,
     conns: PagedSlab<Conn<S>>,
     next_serial: u32,
-    /// Connections to flush at the end of the turn.
-    dirty: Vec<ConnRef>,
+    /// Connections to flush, a bounded batch at the end of each turn.
+    dirty: DirtyList,
+    /// The batch being flushed (kept for its capacity).
+    flush_batch: Vec<ConnRef>,
     /// Connections to read again (epoll: budget used up; both: unpaused).
     reread: Vec<ConnRef>,
     /// HTTP publishers whose cluster publication was just answered: their
@@ -151,6 +156,9 @@ pub struct Core<S> {
     inbox: Inbox,
     /// Publication times of what was delivered this turn (latency histogram).
     delivered: Vec<Instant>,
+    /// Publication times of what was delivered and is not yet written to
+    /// every local subscriber, with the dirty list's position that says so.
+    unwritten: VecDeque<(Instant, u64)>,
     /// Subscribers found over their bound while delivering.
     slow: Vec<ConnRef>,
     /// Publishers paused because a mailbox is over its high-water mark.
@@ -216,7 +224,8 @@ impl<S> Core<S> {
             shared,
             conns: PagedSlab::new(),
             next_serial: 0,
-            dirty: Vec::new(),
+            dirty: DirtyList::default(),
+            flush_batch: Vec::new(),
             reread: Vec::new(),
             confirmed: Vec::new(),
             handshake_deadlines: VecDeque::new(),
@@ -224,6 +233,7 @@ impl<S> Core<S> {
             shard,
             inbox,
             delivered: Vec::new(),
+            unwritten: VecDeque::new(),
             slow: Vec::new(),
             throttled: Vec::new(),
             paced: Vec::new(),
@@ -421,32 +431,38 @@ impl<S> Core<S> {
         self.start_closing(key);
     }
 
-    /// Lists `key` for the end-of-turn flush (once per turn).
+    /// Lists `key` for a flush (once until it is flushed).
     pub fn mark_dirty(&mut self, key: usize) {
         self.conns[key].mark_dirty(key, &mut self.dirty);
     }
 
-    /// Takes the dirty list for the flush; each entry is cleared of its
-    /// dirty mark (stale entries are skipped). Hand the vector back with
+    /// Takes the next batch of the dirty list for the flush: at most
+    /// `max` connections from its front, each cleared of its dirty mark
+    /// (stale entries are skipped). The rest stays listed for the next
+    /// turn ([`Self::busy`]). Hand the vector back with
     /// [`Self::return_dirty`] to reuse its capacity.
-    pub fn take_dirty(&mut self) -> Vec<ConnRef> {
-        let mut dirty = std::mem::take(&mut self.dirty);
-        dirty.retain(|&(key, serial)| {
+    pub fn take_dirty(&mut self, max: usize) -> Vec<ConnRef> {
+        let mut batch = std::mem::take(&mut self.flush_batch);
+        batch.clear();
+        while batch.len() < max {
+            let Some((key, serial)) = self.dirty.pop() else {
+                break;
+            };
             let current = self.conns.get(key).is_some_and(|c| c.serial == serial);
             if current {
                 self.conns[key].set_flag(DIRTY, false);
+                if self.conns[key].state != IoState::Gone {
+                    batch.push((key, serial));
+                }
             }
-            current && self.conns[key].state != IoState::Gone
-        });
-        dirty
+        }
+        batch
     }
 
-    /// Gives a list taken with [`Self::take_dirty`] back, cleared, to reuse its capacity.
-    pub fn return_dirty(&mut self, mut list: Vec<ConnRef>) {
-        list.clear();
-        if self.dirty.is_empty() {
-            self.dirty = list;
-        }
+    /// Gives a batch taken with [`Self::take_dirty`] back, to reuse its capacity.
+    pub fn return_dirty(&mut self, mut batch: Vec<ConnRef>) {
+        batch.clear();
+        self.flush_batch = batch;
     }
 
     /// Takes the re-read list; hand it back with [`Self::return_reread`].
