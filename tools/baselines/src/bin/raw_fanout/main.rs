@@ -14,7 +14,9 @@
 //!   bytes and, at the end of the loop turn, writes each subscriber's
 //!   pending frames with ONE `writev` (small frames are copied into one
 //!   contiguous buffer, large ones are shared `Bytes`); partial writes wait
-//!   for writability.
+//!   for writability. With `--flush-batch N` a turn writes the first N
+//!   dirty subscribers and the rest first in the next turn (corecast's
+//!   flush order; bench-gates' `raw-rr`).
 //!
 //! What it deliberately does not do: topics (every subscriber gets every
 //! message; the benchmark uses one topic), validation of the upgrade
@@ -66,6 +68,11 @@ struct Args {
     /// Bytes queued for one subscriber above which it is disconnected.
     #[arg(long, default_value_t = 64 << 20, value_name = "BYTES")]
     max_pending: usize,
+    /// Connections written per loop turn at most, the rest first in the
+    /// next turn (corecast's flush order, `FLUSHES_PER_TURN` = 512); 0
+    /// writes every dirty connection each turn.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    flush_batch: usize,
 }
 
 fn main() -> io::Result<()> {
@@ -101,6 +108,7 @@ fn main() -> io::Result<()> {
             peers.clone(),
             stop.clone(),
             args.max_pending,
+            args.flush_batch,
         );
         handles.push(
             std::thread::Builder::new()

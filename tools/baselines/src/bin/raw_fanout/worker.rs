@@ -9,6 +9,7 @@ use bytes::Bytes;
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
+use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,8 +50,11 @@ pub(super) struct Worker {
     stop: Arc<AtomicBool>,
     max_pending: usize,
     scratch: Vec<u8>,
-    /// Connections with bytes to write at the end of this turn.
-    dirty: Vec<usize>,
+    /// Connections with bytes to write, in order: all of them at the end
+    /// of this turn, or the first `flush_batch` (`--flush-batch`).
+    dirty: VecDeque<usize>,
+    /// Connections written per turn at most (0: every dirty one).
+    flush_batch: usize,
     /// Connections that stopped reading at [`READS_PER_TURN`].
     reread: Vec<usize>,
     /// Frames published on this worker during this turn.
@@ -69,6 +73,7 @@ impl Worker {
         peers: Arc<[Peer]>,
         stop: Arc<AtomicBool>,
         max_pending: usize,
+        flush_batch: usize,
     ) -> Self {
         Self {
             id,
@@ -80,7 +85,8 @@ impl Worker {
             stop,
             max_pending,
             scratch: vec![0; 64 * 1024],
-            dirty: Vec::new(),
+            dirty: VecDeque::new(),
+            flush_batch,
             reread: Vec::new(),
             outgoing: Vec::new(),
             accept_more: false,
@@ -137,7 +143,18 @@ impl Worker {
                 }
                 self.fan_out(&batch);
             }
-            for t in std::mem::take(&mut self.dirty) {
+            // The whole list, or (--flush-batch N) its first N: the rest
+            // is written next turn, after that turn's publications are
+            // appended to every pending queue, so a subscriber this round
+            // has not reached takes them in the same write.
+            let n = match self.flush_batch {
+                0 => self.dirty.len(),
+                n => n.min(self.dirty.len()),
+            };
+            for _ in 0..n {
+                let Some(t) = self.dirty.pop_front() else {
+                    break;
+                };
                 self.flush(t);
             }
         }
@@ -211,7 +228,7 @@ impl Worker {
         // A writable event, or something new to send: write at the end of the turn.
         if c.out.len() > 0 && !c.dirty {
             c.dirty = true;
-            self.dirty.push(t);
+            self.dirty.push_back(t);
         }
     }
 
@@ -239,7 +256,7 @@ impl Worker {
             self.counts.frames_queued += batch.len() as u64;
             if !c.dirty {
                 c.dirty = true;
-                self.dirty.push(t);
+                self.dirty.push_back(t);
             }
         }
     }
@@ -269,7 +286,7 @@ impl Worker {
                 } else if c.out.len() > 0 && all_offered {
                     // Capped by MAX_IOV, not by the socket: go on next turn.
                     c.dirty = true;
-                    self.dirty.push(t);
+                    self.dirty.push_back(t);
                 }
                 // Otherwise the socket is full: the writable event marks it dirty again.
             }
