@@ -50,7 +50,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::channel;
-use worker::{Peer, Worker};
+use worker::{Limits, Peer, Worker};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX);
@@ -107,8 +107,10 @@ fn main() -> io::Result<()> {
             rx,
             peers.clone(),
             stop.clone(),
-            args.max_pending,
-            args.flush_batch,
+            Limits {
+                max_pending: args.max_pending,
+                flush_batch: args.flush_batch,
+            },
         );
         handles.push(
             std::thread::Builder::new()

@@ -40,6 +40,14 @@ pub(super) struct Counts {
     slow_dropped: u64,
 }
 
+/// The flags a worker runs with.
+pub(super) struct Limits {
+    /// Bytes queued for one subscriber above which it is disconnected.
+    pub max_pending: usize,
+    /// Connections written per turn at most (0: every dirty one).
+    pub flush_batch: usize,
+}
+
 pub(super) struct Worker {
     id: usize,
     poll: Poll,
@@ -72,9 +80,12 @@ impl Worker {
         rx: Receiver<Vec<Bytes>>,
         peers: Arc<[Peer]>,
         stop: Arc<AtomicBool>,
-        max_pending: usize,
-        flush_batch: usize,
+        limits: Limits,
     ) -> Self {
+        let Limits {
+            max_pending,
+            flush_batch,
+        } = limits;
         Self {
             id,
             poll,
