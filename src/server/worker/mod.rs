@@ -18,6 +18,7 @@
 //! | `input.rs` | what a read does: the session's input, the budget charge, pacing and throttling |
 //! | `conn.rs` | [`Conn`]: one connection's entry, and what a backend may reach of it |
 //! | `paged.rs` | `PagedSlab`: the table of entries, grown by pages that never move |
+//! | `dirty.rs` | `DirtyList`: the flush order, a bounded batch a turn (`FLUSHES_PER_TURN`) |
 //! | `delivery.rs` | the fan-out half of a turn: dispatch, the bounded mailbox drain, `push_to`, the shard's budget charge, unthrottling |
 //! | `proxy.rs` | the PROXY protocol header: the client's address, admission by it |
 //! | `deadlines.rs` | the sweep (keepalive, message and send deadlines), the FIFO deadline queues, the next wake-up, the drain |
