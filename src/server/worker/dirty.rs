@@ -31,8 +31,6 @@ pub const FLUSHES_PER_TURN: usize = 512;
 #[derive(Default)]
 pub struct DirtyList {
     queue: VecDeque<ConnRef>,
-    /// Entries ever listed.
-    pushed: u64,
     /// Entries ever taken for a flush.
     taken: u64,
 }
@@ -41,7 +39,6 @@ impl DirtyList {
     /// Lists a connection (its caller has checked and set its flag).
     pub fn push(&mut self, conn: ConnRef) {
         self.queue.push_back(conn);
-        self.pushed += 1;
     }
 
     pub fn is_empty(&self) -> bool {
@@ -58,7 +55,7 @@ impl DirtyList {
     /// The position just past the last entry listed so far: once
     /// [`Self::taken`] reaches it, everything listed before has been taken.
     pub fn end(&self) -> u64 {
-        self.pushed
+        self.taken + self.queue.len() as u64
     }
 
     /// Entries ever taken.
