@@ -20,6 +20,7 @@
 //!
 //! Exits on SIGINT (ctrl-c) or SIGTERM, printing its counters.
 
+use baselines::{Role, Stats, role_of};
 use bytes::Bytes;
 use clap::Parser;
 use fastwebsockets::{FragmentCollectorRead, Frame, OpCode, Payload, WebSocketError, upgrade};
@@ -30,7 +31,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::sync::mpsc;
@@ -50,58 +51,14 @@ struct Args {
     capacity: usize,
 }
 
-/// Counters printed on exit.
-#[derive(Debug, Default)]
-struct Stats {
-    subscribers: AtomicU64,
-    publishers: AtomicU64,
-    rejected: AtomicU64,
-    published: AtomicU64,
-    sent: AtomicU64,
-    /// Times a subscriber found it had lagged.
-    lag_events: AtomicU64,
-    /// Messages lagged subscribers skipped, summed.
-    lagged_messages: AtomicU64,
-}
-
 /// One published message: its opcode (text or binary) and payload.
 type Message = (OpCode, Bytes);
 
-/// What a request path asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
-    Subscriber,
-    Publisher,
-}
-
-fn role_of(path: &str) -> Option<Role> {
-    if path == "/ws" {
-        Some(Role::Subscriber)
-    } else if path
-        .strip_prefix("/publish/")
-        .is_some_and(|t| !t.is_empty())
-    {
-        Some(Role::Publisher)
-    } else {
-        None
-    }
-}
-
 fn main() {
     let args = Args::parse();
-    let workers = match args.workers {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
-        .expect("cannot build the tokio runtime");
-    if let Err(e) = rt.block_on(serve(args, workers)) {
-        eprintln!("fws-broadcast: {e}");
-        std::process::exit(1);
-    }
+    baselines::run("fws-broadcast", args.workers, |workers| {
+        serve(args, workers)
+    });
 }
 
 async fn serve(args: Args, workers: usize) -> std::io::Result<()> {
@@ -139,18 +96,7 @@ async fn serve(args: Args, workers: usize) -> std::io::Result<()> {
             _ = sigterm.recv() => break,
         }
     }
-    let c = |a: &AtomicU64| a.load(Relaxed);
-    println!(
-        "fws-broadcast: subscribers {}, publishers {}, rejected {}, published {}, sent {}, \
-         lag events {}, lagged messages skipped {}",
-        c(&stats.subscribers),
-        c(&stats.publishers),
-        c(&stats.rejected),
-        c(&stats.published),
-        c(&stats.sent),
-        c(&stats.lag_events),
-        c(&stats.lagged_messages)
-    );
+    stats.report("fws-broadcast");
     Ok(())
 }
 
@@ -271,42 +217,25 @@ async fn publisher(fut: upgrade::UpgradeFut, tx: broadcast::Sender<Message>, sta
             answers.push((f.opcode, f.payload.to_vec()));
             async { Ok::<(), WebSocketError>(()) }
         };
-        let frame = match read.read_frame(&mut send).await {
-            Ok(f) => f,
-            Err(_) => break,
-        };
-        match frame.opcode {
-            OpCode::Text | OpCode::Binary => {
+        let frame = read.read_frame(&mut send).await;
+        let more = match frame {
+            Ok(f) if matches!(f.opcode, OpCode::Text | OpCode::Binary) => {
                 stats.published.fetch_add(1, Relaxed);
                 // Err only when nobody is subscribed: the message is dropped.
-                let _ = tx.send((frame.opcode, Bytes::copy_from_slice(&frame.payload)));
+                let _ = tx.send((f.opcode, Bytes::copy_from_slice(&f.payload)));
+                true
             }
-            OpCode::Close => break,
-            _ => {}
-        }
+            Ok(f) => f.opcode != OpCode::Close,
+            Err(_) => false,
+        };
+        // The read's obligated answers (pong, close reply), before going on or out.
         for (opcode, payload) in answers.drain(..) {
             let _ = write
                 .write_frame(Frame::new(true, opcode, None, Payload::Owned(payload)))
                 .await;
         }
-    }
-    for (opcode, payload) in answers.drain(..) {
-        let _ = write
-            .write_frame(Frame::new(true, opcode, None, Payload::Owned(payload)))
-            .await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn routes_paths() {
-        assert_eq!(role_of("/ws"), Some(Role::Subscriber));
-        assert_eq!(role_of("/publish/bench"), Some(Role::Publisher));
-        assert_eq!(role_of("/publish/"), None);
-        assert_eq!(role_of("/echo"), None);
-        assert_eq!(role_of("/wsx"), None);
+        if !more {
+            break;
+        }
     }
 }

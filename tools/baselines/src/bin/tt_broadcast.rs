@@ -23,11 +23,12 @@
 //!
 //! Exits on SIGINT (ctrl-c) or SIGTERM, printing its counters.
 
+use baselines::{Role, Stats, role_of};
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio_tungstenite::tungstenite::Message;
@@ -83,55 +84,9 @@ fn tls_acceptor(args: &Args) -> std::io::Result<Option<tokio_rustls::TlsAcceptor
     Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
 }
 
-/// Counters printed on exit.
-#[derive(Debug, Default)]
-struct Stats {
-    subscribers: AtomicU64,
-    publishers: AtomicU64,
-    rejected: AtomicU64,
-    published: AtomicU64,
-    sent: AtomicU64,
-    /// Times a subscriber found it had lagged.
-    lag_events: AtomicU64,
-    /// Messages lagged subscribers skipped, summed.
-    lagged_messages: AtomicU64,
-}
-
-/// What a request path asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
-    Subscriber,
-    Publisher,
-}
-
-fn role_of(path: &str) -> Option<Role> {
-    if path == "/ws" {
-        Some(Role::Subscriber)
-    } else if path
-        .strip_prefix("/publish/")
-        .is_some_and(|t| !t.is_empty())
-    {
-        Some(Role::Publisher)
-    } else {
-        None
-    }
-}
-
 fn main() {
     let args = Args::parse();
-    let workers = match args.workers {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
-        .expect("cannot build the tokio runtime");
-    if let Err(e) = rt.block_on(serve(args, workers)) {
-        eprintln!("tt-broadcast: {e}");
-        std::process::exit(1);
-    }
+    baselines::run("tt-broadcast", args.workers, |workers| serve(args, workers));
 }
 
 async fn serve(args: Args, workers: usize) -> std::io::Result<()> {
@@ -173,18 +128,7 @@ async fn serve(args: Args, workers: usize) -> std::io::Result<()> {
             _ = sigterm.recv() => break,
         }
     }
-    let c = |a: &AtomicU64| a.load(Relaxed);
-    println!(
-        "tt-broadcast: subscribers {}, publishers {}, rejected {}, published {}, sent {}, \
-         lag events {}, lagged messages skipped {}",
-        c(&stats.subscribers),
-        c(&stats.publishers),
-        c(&stats.rejected),
-        c(&stats.published),
-        c(&stats.sent),
-        c(&stats.lag_events),
-        c(&stats.lagged_messages)
-    );
+    stats.report("tt-broadcast");
     Ok(())
 }
 
@@ -267,18 +211,4 @@ where
     }
     // Flush any queued close reply; errors here only mean the peer is gone.
     let _ = sink.close().await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn routes_paths() {
-        assert_eq!(role_of("/ws"), Some(Role::Subscriber));
-        assert_eq!(role_of("/publish/bench"), Some(Role::Publisher));
-        assert_eq!(role_of("/publish/"), None);
-        assert_eq!(role_of("/echo"), None);
-        assert_eq!(role_of("/wsx"), None);
-    }
 }
