@@ -180,6 +180,18 @@ impl<'b> Request<'b, '_> {
             .map(|h| h.value)
     }
 
+    /// Whether the request announces a body (RFC 9112 §6.3): any
+    /// `Transfer-Encoding`, or any `Content-Length` other than `0` (a
+    /// duplicate included). A request that takes none must be refused, not
+    /// answered: on a kept-alive connection its body would be read as the
+    /// next request.
+    pub fn has_body(&self) -> bool {
+        self.header_values("transfer-encoding").next().is_some()
+            || self
+                .header_values("content-length")
+                .any(|v| v.trim_ascii() != b"0")
+    }
+
     /// The single value of header `name`; `Err` if it appears more than once.
     pub fn header(&self, name: &str) -> Result<Option<&'b [u8]>, DuplicateHeader> {
         let mut it = self.header_values(name);
@@ -307,11 +319,7 @@ pub fn validate_upgrade<'b>(req: &Request<'b, '_>) -> Result<UpgradeRequest<'b>,
         ));
     }
     check_host(req)?;
-    let body = req.header_values("transfer-encoding").next().is_some()
-        || req
-            .header_values("content-length")
-            .any(|v| v.trim_ascii() != b"0");
-    if body {
+    if req.has_body() {
         // Its bytes would be read as the first WebSocket frames.
         return Err(Reject::new(
             BadRequest,

@@ -44,6 +44,13 @@ pub(crate) fn admin_response(
     if req.method != "GET" && req.method != "HEAD" {
         return Some(Err(Reject::method("use GET", "GET, HEAD")));
     }
+    if req.has_body() {
+        // Answering and reading on would take the body for the next request.
+        return Some(Err(Reject::new(
+            Status::BadRequest,
+            "GET and HEAD take no body here",
+        )));
+    }
     if let Some(why) = unhealthy.filter(|_| !is_metrics) {
         return Some(Err(Reject::new(Status::ServiceUnavailable, why)));
     }

@@ -83,7 +83,8 @@ impl Session {
             .ok()
             .flatten()
             .is_some_and(|ct| ct.len() >= 5 && ct[..5].eq_ignore_ascii_case(b"text/"));
-        if len > 0 && req.has_token("expect", "100-continue") {
+        // An HTTP/1.0 client's expectation is ignored (RFC 9110 §10.1.1).
+        if len > 0 && req.version == 1 && req.has_token("expect", "100-continue") {
             self.answer_published(ctx);
             self.out.push(Bytes::from_static(http::CONTINUE));
         }

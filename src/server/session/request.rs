@@ -214,13 +214,7 @@ impl Session {
             Route::Delete(name) => {
                 authorize_publish(&req, name, ctx)?;
                 topic::validate(name, cfg.max_topic_len).map_err(topic_reject)?;
-                let has_body = req.header_values("transfer-encoding").next().is_some()
-                    || req
-                        .header("content-length")
-                        .ok()
-                        .flatten()
-                        .is_some_and(|v| v.trim_ascii() != b"0");
-                if has_body {
+                if req.has_body() {
                     return Err(Reject::new(Status::BadRequest, "DELETE takes no body"));
                 }
                 if ctx.shared.cluster.is_some() {

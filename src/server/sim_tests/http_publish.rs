@@ -78,3 +78,86 @@ fn a_refusal_after_publications_comes_after_their_answers() {
     let got = answers(&sim.received(key));
     assert_eq!(got, ["204 No Content #1", "411 Length Required"]);
 }
+
+/// A request that takes no body but announces one (RFC 9112 §6.3) is
+/// refused and its connection ended: answered and read on, its body would
+/// be taken for the next request (a `POST` smuggled past a proxy that only
+/// lets `/healthz` through, or a `DELETE`'s second, conflicting length).
+#[test]
+fn a_body_on_a_request_that_takes_none_is_refused_never_read_as_the_next_request() {
+    let smuggled = post("t", b"SMUGGLED");
+    let cases: [(&str, Vec<u8>); 4] = [
+        (
+            "GET /healthz with a length",
+            format!(
+                "GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+                smuggled.len()
+            )
+            .into_bytes(),
+        ),
+        (
+            "HEAD /metrics, chunked",
+            format!(
+                "HEAD /metrics HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n",
+                smuggled.len()
+            )
+            .into_bytes(),
+        ),
+        (
+            "GET /metrics with a duplicate length",
+            format!(
+                "GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: {}\r\n\r\n",
+                smuggled.len()
+            )
+            .into_bytes(),
+        ),
+        (
+            "DELETE with a second, conflicting length",
+            format!(
+                "DELETE /publish/t HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: {}\r\n\r\n",
+                smuggled.len()
+            )
+            .into_bytes(),
+        ),
+    ];
+    for (case, mut req) in cases {
+        let mut sim = Sim::new(|_| {});
+        let sub = sim.upgrade("/ws?topics=t", 1 << 20);
+        let key = sim.connect(1 << 20);
+        req.extend_from_slice(&smuggled);
+        sim.send(key, &req);
+        assert_eq!(answers(&sim.received(key)), ["400 Bad Request"], "{case}");
+        assert!(
+            sim.peers[&key].shut_down || sim.closed.contains(&key),
+            "{case}: the connection ends"
+        );
+        assert!(
+            sim.received(sub).is_empty(),
+            "{case}: nothing was published"
+        );
+    }
+    // Without a body (or with an empty one) each is answered as before.
+    let mut sim = Sim::new(|_| {});
+    let key = sim.connect(1 << 20);
+    sim.send(
+        key,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\nHEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert_eq!(answers(&sim.received(key)), ["200 OK", "200 OK"]);
+    assert!(!sim.peers[&key].shut_down && !sim.closed.contains(&key));
+}
+
+/// `Expect: 100-continue` from an HTTP/1.0 client is ignored (RFC 9110
+/// §10.1.1): no interim answer, only the final one.
+#[test]
+fn an_http_1_0_expectation_gets_no_interim_answer() {
+    let mut sim = Sim::new(|_| {});
+    let key = sim.connect(1 << 20);
+    sim.send(
+        key,
+        b"POST /publish/t HTTP/1.0\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n",
+    );
+    assert!(sim.received(key).is_empty(), "nothing before the body");
+    sim.send(key, b"hi");
+    assert_eq!(answers(&sim.received(key)), ["204 No Content"]);
+}
