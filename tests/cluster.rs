@@ -969,3 +969,37 @@ fn a_stream_of_three_replicas_keeps_every_number_when_a_nats_server_of_the_clust
         0
     );
 }
+
+/// NATS away, and clients subscribe to topics new to the node: the link
+/// does not wait for NATS to answer (its client answers only once it has
+/// reconnected, which may be never), so it goes on subscribing and the
+/// node still stops at once. (The scenario runs on a thread of its own:
+/// before the fix it never ended, and the test fails at its deadline
+/// instead of hanging.)
+#[test]
+fn a_node_whose_nats_is_away_still_subscribes_new_topics_and_stops_at_once() {
+    let Some(mut nats) = NatsServer::start() else {
+        return;
+    };
+    let a = node(&nats);
+    assert!(eventually(WAIT, || connected(a.local_addr())));
+    nats.stop();
+    assert!(eventually(WAIT, || !connected(a.local_addr())));
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let addr = a.local_addr();
+        // Each subscriber waits for the node's NATS subscriptions to count it.
+        let subs: Vec<Ws> = (1..=3u64)
+            .map(|i| subscriber(addr, &format!("fresh{i}"), i))
+            .collect();
+        a.shutdown();
+        let _ = done_tx.send(a.join());
+        drop(subs);
+    });
+    assert_eq!(
+        done_rx.recv_timeout(3 * WAIT),
+        Ok(true),
+        "subscribed in NATS's absence and stopped"
+    );
+    drop(nats);
+}

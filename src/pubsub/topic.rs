@@ -170,6 +170,13 @@ pub fn query_param<'q>(query: Option<&'q str>, key: &str) -> Option<&'q str> {
 /// Most bytes of a conflation key (`?key=` on a publish).
 pub const MAX_KEY_LEN: usize = 128;
 
+/// Whether `key` may be a conflation key: 1 to [`MAX_KEY_LEN`] bytes of
+/// visible ASCII (`!` to `~`) other than `%`.
+pub fn key_ok(key: &str) -> bool {
+    let ok = |b: u8| b.is_ascii_graphic() && b != b'%';
+    !key.is_empty() && key.len() <= MAX_KEY_LEN && key.bytes().all(ok)
+}
+
 /// The conflation key `?key=` of a publish request's query, if any:
 /// percent-decoded, 1 to [`MAX_KEY_LEN`] bytes of visible ASCII (`!` to
 /// `~`) other than `%` (so an escape that does not decode to ASCII is
@@ -180,8 +187,7 @@ pub fn key_of(query: Option<&str>) -> Result<Option<std::sync::Arc<str>>, &'stat
         return Ok(None);
     };
     let key = percent_decode(raw);
-    let ok = |b: u8| b.is_ascii_graphic() && b != b'%';
-    if key.is_empty() || key.len() > MAX_KEY_LEN || !key.bytes().all(ok) {
+    if !key_ok(&key) {
         return Err(
             "key must be 1 to 128 bytes of visible ASCII other than % (percent-encoded as needed)",
         );

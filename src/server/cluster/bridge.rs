@@ -39,6 +39,7 @@ use crate::proto::frame::{OpCode, server_frame};
 use crate::pubsub::bus::Bus;
 use crate::pubsub::directory::Directory;
 use crate::pubsub::envelope::Message;
+use crate::pubsub::topic;
 use async_nats::jetstream::{self, stream};
 use async_nats::{HeaderMap, header};
 use futures_util::StreamExt;
@@ -609,7 +610,12 @@ async fn run(
             // A round trip: NATS has every new subscription once the gauge
             // counts it (a publication anywhere after that reaches us), and
             // a fill started after it misses nothing.
-            let _ = client.flush().await;
+            // Not while NATS is away: the client answers a flush only once
+            // it has reconnected, and this loop would wait as long (and
+            // SIGTERM with it). Bounded otherwise, for the same reason.
+            if cluster.connected.load(Ordering::Relaxed) {
+                let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
+            }
         }
         for topic in fills {
             node.start_fill(topic, 1, Some(boundary.unwrap_or(u64::MAX)));
@@ -870,23 +876,7 @@ fn start(
                     .await;
                 let d = match r {
                     Ok(m) => {
-                        let last = match (
-                            header_u64(&m.headers, H_EPOCH),
-                            header_u64(&m.headers, H_SEQ),
-                        ) {
-                            (Some(epoch), Some(seq)) => Last {
-                                epoch,
-                                // A batch's header numbers its first.
-                                seq: seq + header_u64(&m.headers, H_BATCH).unwrap_or(1).max(1) - 1,
-                                stream_seq: m.sequence,
-                            },
-                            // Something else published there: our numbers start over after it.
-                            _ => Last {
-                                epoch: now_micros(),
-                                seq: 0,
-                                stream_seq: m.sequence,
-                            },
-                        };
+                        let last = last_stored(&m.headers, m.sequence);
                         Done::Fetched(topic, Some(last))
                     }
                     Err(e)
@@ -1097,9 +1087,13 @@ fn decode_batch(mut b: &[u8], n: usize) -> Option<Vec<Item<'_>>> {
         let (kl, rest) = rest.split_first_chunk::<2>()?;
         let kl = u16::from_be_bytes(*kl) as usize;
         let (key, rest) = rest.split_at_checked(kl)?;
-        let key = (!key.is_empty())
-            .then(|| std::str::from_utf8(key).ok().map(Arc::<str>::from))
-            .flatten();
+        let key = if key.is_empty() {
+            None
+        } else {
+            // A key none of ours could have sent: the message is not ours.
+            let key = std::str::from_utf8(key).ok().filter(|k| topic::key_ok(k))?;
+            Some(Arc::<str>::from(key))
+        };
         let (len, rest) = rest.split_first_chunk::<4>()?;
         let len = u32::from_be_bytes(*len) as usize;
         let (payload, rest) = rest.split_at_checked(len)?;
@@ -1113,6 +1107,61 @@ fn decode_batch(mut b: &[u8], n: usize) -> Option<Vec<Item<'_>>> {
 /// of ours holds; more is not ours).
 const MAX_DECODED: usize = super::sequencer::MAX_BATCH;
 
+/// Numbers of ours stay below 2^53: exact in every JSON reader, and far
+/// from wrapping when the sequencer counts on from the stream's last.
+const MAX_SEQ: u64 = 1 << 53;
+/// How far ahead of this node's clock an epoch (the microsecond a topic's
+/// numbering began, by the clock of the node that began it) may be.
+const EPOCH_AHEAD_MICROS: u64 = 24 * 3600 * 1_000_000;
+/// Longest topic name taken from the cluster (the binary envelope's
+/// 16-bit length); its characters are checked like a local name's.
+const MAX_REMOTE_TOPIC_LEN: usize = u16::MAX as usize;
+
+/// Whether `count` publications numbered from `first` in `epoch` could be
+/// ours. A message of the stream claiming more (a NATS client publishing
+/// to our subjects by hand, or a misconfigured one) is foreign: adopted,
+/// its position would make every later number of the topic look old
+/// everywhere, or wrap the sequencer's count.
+fn position_ok(epoch: u64, first: u64, count: u64) -> bool {
+    first >= 1
+        && first.saturating_add(count) <= MAX_SEQ
+        && epoch <= now_micros().saturating_add(EPOCH_AHEAD_MICROS)
+}
+
+/// Where a topic's numbering stands after the stream's last message for
+/// it (headers `h`, at stream sequence `stream_seq`): that message's last
+/// number, or, when it is not a message of ours (published there by
+/// something else, or claiming a position none of ours could have), 0 in
+/// a new epoch, so the numbers start over after it.
+fn last_stored(h: &HeaderMap, stream_seq: u64) -> Last {
+    // A batch's header numbers its first; a count `decode` refuses is not ours.
+    let count = match h.get(H_BATCH) {
+        None => Some(1),
+        Some(_) => header_u64(h, H_BATCH).filter(|n| (1..=MAX_DECODED as u64).contains(n)),
+    };
+    match (header_u64(h, H_EPOCH), header_u64(h, H_SEQ), count) {
+        (Some(epoch), Some(seq), Some(count)) if position_ok(epoch, seq, count) => Last {
+            epoch,
+            seq: seq + count - 1,
+            stream_seq,
+        },
+        _ => Last {
+            epoch: now_micros(),
+            seq: 0,
+            stream_seq,
+        },
+    }
+}
+
+/// The topic a subject of ours names, if it is a name a client could use
+/// here (a topic, not a pattern; its characters are written into JSON
+/// envelopes unescaped).
+fn remote_topic(subject: &str) -> Option<String> {
+    let name = topic_of(subject)?;
+    topic::validate(&name, MAX_REMOTE_TOPIC_LEN).ok()?;
+    Some(name)
+}
+
 /// A message of ours as the fan-out takes it: its topic and the message
 /// (framed once, numbered); `None` for anything else.
 fn decode(
@@ -1120,10 +1169,10 @@ fn decode(
     headers: Option<&HeaderMap>,
     payload: &[u8],
 ) -> Option<(String, Vec<Message>)> {
-    let topic = topic_of(subject)?;
+    let topic = remote_topic(subject)?;
     let h = headers?;
     let (epoch, number) = (header_u64(h, H_EPOCH)?, header_u64(h, H_SEQ)?);
-    if number == 0 {
+    if !position_ok(epoch, number, 1) {
         return None;
     }
     // Its age by the publishing node's clock (history ages), at most now.
@@ -1154,10 +1203,16 @@ fn decode(
         }
         None => {
             let text = h.get(H_KIND).is_some_and(|k| k.as_str() == "text");
-            let key = h.get(H_KEY).map(|k| Arc::<str>::from(k.as_str()));
+            let key = match h.get(H_KEY) {
+                Some(k) if !topic::key_ok(k.as_str()) => return None,
+                k => k.map(|k| Arc::<str>::from(k.as_str())),
+            };
             vec![message(0, text, key, payload)]
         }
     };
+    if !position_ok(epoch, number, msgs.len() as u64) {
+        return None;
+    }
     Some((topic, msgs))
 }
 
@@ -1317,5 +1372,67 @@ mod tests {
         assert!(decode("corecast.t.x", Some(&h), &payload).is_none());
         h.insert(H_BATCH, "99999");
         assert!(decode("corecast.t.x", Some(&h), &payload).is_none());
+    }
+
+    /// What a NATS client publishing to our subjects by hand (or a
+    /// misconfigured one) could send is not taken: a position that would
+    /// make every later number of the topic look old everywhere (or wrap
+    /// the sequencer's count), a name no client could use here (a pattern,
+    /// characters written into JSON unescaped), a key none of ours could
+    /// have. The stream's last such message starts the numbering over in a
+    /// new epoch instead of going on from it.
+    #[test]
+    fn a_message_claiming_what_ours_never_do_is_foreign() {
+        let single = |epoch: &str, seq: &str, key: Option<&str>| {
+            let mut h = HeaderMap::new();
+            h.insert(H_EPOCH, epoch);
+            h.insert(H_SEQ, seq);
+            if let Some(k) = key {
+                h.insert(H_KEY, k);
+            }
+            h
+        };
+        let now = now_micros().to_string();
+        assert!(decode("corecast.t.x", Some(&single(&now, "7", Some("k"))), b"p").is_some());
+        let max = u64::MAX.to_string();
+        let top = MAX_SEQ.to_string();
+        let far = (now_micros() + 2 * EPOCH_AHEAD_MICROS).to_string();
+        for (why, h) in [
+            ("number 0", single(&now, "0", None)),
+            ("the largest number", single(&now, &max, None)),
+            ("at 2^53", single(&now, &top, None)),
+            ("an epoch two days ahead", single(&far, "1", None)),
+            ("a key with a space", single(&now, "1", Some("a b"))),
+        ] {
+            assert!(decode("corecast.t.x", Some(&h), b"p").is_none(), "{why}");
+        }
+        let h = single(&now, "1", None);
+        for subject in [
+            r#"corecast.t.x""#,
+            "corecast.t.x\u{e9}",
+            r#"corecast.t.news.x","topic":"bank"#,
+            "corecast.t.news.>",
+            "corecast.t.a*",
+        ] {
+            assert!(decode(subject, Some(&h), b"p").is_none(), "{subject}");
+        }
+        // A batch running past 2^53 from a number below it.
+        let mut h = single(&now, &(MAX_SEQ - 1).to_string(), None);
+        h.insert(H_BATCH, "2");
+        let payload = encode_batch(&[item(true, None, b"a"), item(true, None, b"b")]);
+        assert!(decode("corecast.t.x", Some(&h), &payload).is_none());
+        h.insert(H_SEQ, (MAX_SEQ - 2).to_string().as_str());
+        assert!(decode("corecast.t.x", Some(&h), &payload).is_some());
+        // The stream's last message: ours goes on, a poisoned one starts over.
+        h.insert(H_EPOCH, "5");
+        h.insert(H_SEQ, "41");
+        let last = last_stored(&h, 9);
+        assert_eq!((last.epoch, last.seq, last.stream_seq), (5, 42, 9));
+        h.insert(H_BATCH, &*max);
+        let over = last_stored(&h, 10);
+        assert!(over.epoch >= now_micros() - 60_000_000 && over.seq == 0);
+        let poisoned = last_stored(&single("5", &max, None), 11);
+        assert_eq!((poisoned.seq, poisoned.stream_seq), (0, 11));
+        assert!(poisoned.epoch > 5, "a new epoch, later than the old");
     }
 }

@@ -128,7 +128,16 @@ pub struct Sequencer {
     /// Most payload bytes one stream message carries (under NATS's
     /// `max_payload`, with room for the headers).
     batch_bytes: usize,
+    /// Topics gone idle since the last pass of [`Self::trim_idle`].
+    idled: usize,
+    /// Passes of [`Self::trim_idle`] over the topics (tests).
+    #[cfg(test)]
+    trims: usize,
 }
+
+/// Idle topics' positions kept (a node publishing to many topics once
+/// each): past this many topics, the idle ones go.
+const MAX_TOPICS: usize = 65_536;
 
 impl Sequencer {
     /// A sequencer holding at most `max_bytes` of queued publications.
@@ -138,6 +147,9 @@ impl Sequencer {
             queued: 0,
             max_bytes,
             batch_bytes: 256 * 1024,
+            idled: 0,
+            #[cfg(test)]
+            trims: 0,
         }
     }
 
@@ -336,12 +348,22 @@ impl Sequencer {
             .collect()
     }
 
-    /// Keeps the positions of idle topics bounded (a node publishing to
-    /// many topics once each): past 65 536 topics, the idle ones go.
+    /// A topic went idle: keeps the positions of idle topics bounded (a
+    /// node publishing to many topics once each): past [`MAX_TOPICS`], the
+    /// idle ones go, in a pass over all topics once an eighth of them went
+    /// idle since the last. So the passes stay linear in all: after an
+    /// outage every topic may be busy at once, and a pass per
+    /// acknowledgement, each over all of them and freeing one, would be
+    /// quadratic.
     fn trim_idle(&mut self) {
-        const MAX_TOPICS: usize = 65_536;
-        if self.topics.len() > MAX_TOPICS {
+        self.idled += 1;
+        if self.topics.len() > MAX_TOPICS && self.idled >= self.topics.len() / 8 {
             self.topics.retain(|_, t| t.busy || !t.queue.is_empty());
+            self.idled = 0;
+            #[cfg(test)]
+            {
+                self.trims += 1;
+            }
         }
     }
 }
@@ -425,6 +447,41 @@ mod tests {
         );
         // Nothing stored of b: a new epoch from 1, expecting nothing.
         assert_eq!(publish(s.fetched("b", None, 99)), (vec![b(b"x")], 99, 1, 0));
+    }
+
+    /// After an outage every topic may be in flight at once: their
+    /// acknowledgements then trim the idle positions a few times, not once
+    /// each over every topic (quadratic), and the idle ones still go.
+    #[test]
+    fn many_busy_topics_are_trimmed_in_linear_time() {
+        let n = MAX_TOPICS + 5_000;
+        let mut s = Sequencer::new(1 << 30);
+        let names: Vec<String> = (0..n).map(|i| format!("t{i}")).collect();
+        for name in &names {
+            assert!(matches!(
+                s.push(item(name, b"x")),
+                Ok(Some(Step::FetchLast { .. }))
+            ));
+        }
+        let last = Last {
+            epoch: 1,
+            seq: 0,
+            stream_seq: 0,
+        };
+        for name in &names {
+            publish(s.fetched(name, Some(last), 1));
+        }
+        for (i, name) in names.iter().enumerate() {
+            let (stored, next) = s.acked(name, i as u64 + 1);
+            assert_eq!(stored.len(), 1);
+            assert!(next.is_none());
+        }
+        assert!(s.trims <= 16, "{} passes over the topics", s.trims);
+        assert!(
+            s.topics.len() <= MAX_TOPICS + n / 8,
+            "idle positions bounded: {}",
+            s.topics.len()
+        );
     }
 
     #[test]
