@@ -531,6 +531,68 @@ fn a_topic_the_stream_forgot_starts_a_new_epoch_at_every_subscriber() {
     );
 }
 
+/// Deletes corecast's stream, as an operator might by mistake.
+fn delete_stream(nats: &NatsServer) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        assert!(js.delete_stream("CORECAST").await.unwrap().success);
+    });
+}
+
+/// The stream deleted under running nodes: the next publication finds no
+/// stream for its subject, the node ensures the stream again (creating it
+/// as its own), and publishing goes on in a new numbering, delivered
+/// across nodes, instead of being retried for ever against nothing.
+#[test]
+fn a_deleted_stream_is_created_again_and_publishing_goes_on() {
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let (a, b) = (node(&nats), node(&nats));
+    assert!(eventually(WAIT, || connected(a.local_addr())
+        && connected(b.local_addr())));
+    let mut on_b = subscriber(b.local_addr(), "d", 1);
+    let before = publish_pipelined(a.local_addr(), "d?confirm=1", &[b"before"]);
+    let (epoch, seq) = numbered(&before[0]);
+    assert_eq!(seq, 1);
+    assert_eq!(read_env(&mut on_b).payload, b"before");
+    delete_stream(&nats);
+    // The first try may meet the request deadline (202) while the stream
+    // is ensured again; it is stored all the same, and the next ones are
+    // numbered at once.
+    let after = publish_pipelined(a.local_addr(), "d?confirm=1", &[b"after1"]);
+    assert!(
+        after[0].starts_with("HTTP/1.1 204 ") || after[0].starts_with("HTTP/1.1 202 "),
+        "{}",
+        after[0]
+    );
+    let again = publish_pipelined(a.local_addr(), "d?confirm=1", &[b"after2"]);
+    let (new_epoch, new_seq) = numbered(&again[0]);
+    assert!(
+        new_epoch > epoch,
+        "a new numbering: {epoch} then {new_epoch}"
+    );
+    assert_eq!(new_seq, 2);
+    let got: Vec<(u64, u64, Vec<u8>)> = (0..2)
+        .map(|_| {
+            let e = read_env(&mut on_b);
+            (e.epoch, e.seq, e.payload)
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (new_epoch, 1, b"after1".to_vec()),
+            (new_epoch, 2, b"after2".to_vec())
+        ]
+    );
+}
+
 #[test]
 fn nodes_reach_nats_over_tls_trusting_the_ca_they_are_given() {
     let cert = test_cert();

@@ -130,6 +130,10 @@ enum Done {
     Acked(Arc<str>, u64),
     Conflict(Arc<str>),
     Failed(Arc<str>, String),
+    /// No stream takes the topic's subject (the stream was deleted, or
+    /// replaced by one capturing other subjects): tried again once the
+    /// stream has been ensured anew.
+    NoStream(Arc<str>),
     /// The stream can never take it (too large for NATS): dropped.
     Rejected(Arc<str>, String),
     /// The stream had stored it already (an attempt that timed out had
@@ -483,9 +487,20 @@ async fn run(
         tokio::select! {
             _ = cluster.wake.notified() => {}
             Some(done) = done_rx.recv() => {
-                finish(done, &cluster, &mut seq, &js, stream.as_ref(), &done_tx, &mut retry_at);
-                while let Ok(done) = done_rx.try_recv() {
+                let mut gone =
                     finish(done, &cluster, &mut seq, &js, stream.as_ref(), &done_tx, &mut retry_at);
+                while let Ok(done) = done_rx.try_recv() {
+                    gone |= finish(done, &cluster, &mut seq, &js, stream.as_ref(), &done_tx, &mut retry_at);
+                }
+                if gone && stream.is_some() {
+                    // Deleted, or replaced by one that does not capture our
+                    // subjects: ensured anew (created as ours if missing),
+                    // then everything queued is tried again and the followed
+                    // topics read from it.
+                    warn!("cluster: the stream {STREAM} no longer takes corecast's subjects; ensuring it again");
+                    stream = None;
+                    *lock(&node.stream) = None;
+                    retry_at = Some(tokio::time::Instant::now());
                 }
             }
             _ = tokio::time::sleep_until(sleep_until) => {}
@@ -885,6 +900,15 @@ fn start(
                     {
                         Done::Fetched(topic, None)
                     }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            jetstream::stream::LastRawMessageErrorKind::JetStream(j)
+                                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+                        ) =>
+                    {
+                        Done::NoStream(topic)
+                    }
                     Err(e) => Done::Failed(topic, e.to_string()),
                 };
                 let _ = done.send(d);
@@ -936,6 +960,7 @@ fn start(
                     Ok(ack) if ack.duplicate => Done::Duplicate(topic),
                     Ok(ack) => Done::Acked(topic, ack.sequence),
                     Err(e) if e.kind() == K::WrongLastSequence => Done::Conflict(topic),
+                    Err(e) if e.kind() == K::StreamNotFound => Done::NoStream(topic),
                     Err(e) if e.kind() == K::MaxPayloadExceeded => {
                         Done::Rejected(topic, e.to_string())
                     }
@@ -947,7 +972,8 @@ fn start(
     }
 }
 
-/// Applies how a step ended and starts what follows.
+/// Applies how a step ended and starts what follows; `true` when the
+/// stream is gone and must be ensured again.
 fn finish(
     done: Done,
     cluster: &Cluster,
@@ -956,7 +982,8 @@ fn finish(
     stream: Option<&stream::Stream>,
     tx: &tokio::sync::mpsc::UnboundedSender<Done>,
     retry_at: &mut Option<tokio::time::Instant>,
-) {
+) -> bool {
+    let mut no_stream = false;
     let next = match done {
         Done::Fetched(topic, last) => seq.fetched(&topic, last, now_micros()),
         Done::Acked(topic, stream_seq) => {
@@ -985,6 +1012,12 @@ fn finish(
         Done::Conflict(topic) => {
             cluster.stats.conflicts.fetch_add(1, Ordering::Relaxed);
             seq.conflict(&topic)
+        }
+        Done::NoStream(topic) => {
+            cluster.stats.failures.fetch_add(1, Ordering::Relaxed);
+            seq.failed(&topic);
+            no_stream = true;
+            None
         }
         Done::Failed(topic, why) => {
             cluster.stats.failures.fetch_add(1, Ordering::Relaxed);
@@ -1015,6 +1048,7 @@ fn finish(
     if let Some(step) = next {
         start(step, js, stream, tx);
     }
+    no_stream
 }
 
 /// Reads one interest subscription and injects what arrives.
