@@ -267,7 +267,7 @@ struct Follow {
     last: Option<(u64, u64)>,
     /// A fill from the stream is running: what arrives live meanwhile
     /// waits here, in order, and follows it.
-    filling: Option<Vec<Incoming>>,
+    filling: Option<Waiting>,
     /// A fill ran (the topic is followed for itself, not only through a
     /// pattern): `last_stream` says what the stream held of it, even 0.
     synced: bool,
@@ -289,6 +289,53 @@ struct Incoming {
     stream_seq: u64,
 }
 
+/// Live messages waiting behind a running fill, in order, bounded by
+/// count ([`MAX_WAITING`]) and bytes ([`MAX_WAITING_BYTES`]).
+#[derive(Debug, Default)]
+struct Waiting {
+    items: Vec<Incoming>,
+    /// Frame bytes of `items`.
+    bytes: usize,
+}
+
+impl Waiting {
+    /// Appends `inc` if it fits both bounds (the first always does);
+    /// `false` (dropped: a gap the numbers show) if not.
+    fn push(&mut self, inc: Incoming) -> bool {
+        let n = inc.msg.frame.len();
+        if self.items.len() >= MAX_WAITING
+            || (self.bytes + n > MAX_WAITING_BYTES && !self.items.is_empty())
+        {
+            return false;
+        }
+        self.bytes += n;
+        self.items.push(inc);
+        true
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Incoming> {
+        self.items.iter()
+    }
+}
+
+/// What waits already when a fill starts (one stream message's worth, or
+/// what a finished fill left): kept whole, its bytes counted.
+impl FromIterator<Incoming> for Waiting {
+    fn from_iter<I: IntoIterator<Item = Incoming>>(iter: I) -> Self {
+        let items: Vec<Incoming> = iter.into_iter().collect();
+        let bytes = items.iter().map(|i| i.msg.frame.len()).sum();
+        Self { items, bytes }
+    }
+}
+
+impl IntoIterator for Waiting {
+    type Item = Incoming;
+    type IntoIter = std::vec::IntoIter<Incoming>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.items.into_iter()
+    }
+}
+
 /// How long a topic filled for a recovery stays followed without
 /// subscribers (the client's retry comes within milliseconds).
 const WARM_HOLD: Duration = Duration::from_secs(30);
@@ -303,6 +350,9 @@ const MAX_HOLDS: usize = 10_000;
 /// Most live messages waiting behind one running fill; past it they are
 /// dropped (a gap the numbers show, counted).
 const MAX_WAITING: usize = 65_536;
+/// Most frame bytes waiting behind one running fill (a topic of large
+/// messages reaches it long before [`MAX_WAITING`]).
+const MAX_WAITING_BYTES: usize = 16 << 20;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -539,7 +589,7 @@ async fn run(
                 }
             }
             if f.filling.is_none() {
-                f.filling = Some(Vec::new());
+                f.filling = Some(Waiting::default());
                 fills.push(Arc::from(&*name));
             }
             interest.push((name, false));
@@ -594,7 +644,7 @@ async fn run(
                                 w
                             });
                             if !warm && f.filling.is_none() {
-                                f.filling = Some(Vec::new());
+                                f.filling = Some(Waiting::default());
                                 fills.push(Arc::from(&*key.0));
                             }
                         }
@@ -712,7 +762,7 @@ fn catch_up_all(node: &Arc<Node>) {
             if f.filling.is_some() {
                 f.recheck = true;
             } else if f.synced || f.last_stream > 0 {
-                f.filling = Some(Vec::new());
+                f.filling = Some(Waiting::default());
                 starts.push((Arc::clone(name), f.last_stream + 1));
             }
         }
@@ -840,7 +890,7 @@ async fn fill(node: Arc<Node>, topic: Arc<str>, from: u64, first: Option<u64>) {
         // Messages were dropped while this fill ran, perhaps the last of a
         // burst, which no later message would show missing; or the fill
         // read as much as one may.
-        f.filling = Some(Vec::new());
+        f.filling = Some(Waiting::default());
         let from = f.last_stream + 1;
         drop(follows);
         node.start_fill(topic, from, None);
@@ -1307,9 +1357,7 @@ fn accept(node: &Arc<Node>, m: async_nats::Message, batch: &mut Vec<(String, Mes
         // Live: its latency here counts from now.
         msg.published_at = Instant::now();
         if let Some(waiting) = f.filling.as_mut() {
-            if waiting.len() < MAX_WAITING {
-                waiting.push(Incoming { msg, stream_seq });
-            } else {
+            if !waiting.push(Incoming { msg, stream_seq }) {
                 stats.gaps.fetch_add(1, Ordering::Relaxed);
             }
             continue;
@@ -1325,8 +1373,9 @@ fn accept(node: &Arc<Node>, m: async_nats::Message, batch: &mut Vec<(String, Mes
             // then this message and the rest of its stream message.
             let skipped = msg.epoch == epoch && msg.seq > seq + 1;
             if skipped && f.last_stream > 0 {
-                let mut waiting = vec![Incoming { msg, stream_seq }];
-                waiting.extend(msgs.by_ref().map(|msg| Incoming { msg, stream_seq }));
+                let waiting = std::iter::once(Incoming { msg, stream_seq })
+                    .chain(msgs.by_ref().map(|msg| Incoming { msg, stream_seq }))
+                    .collect();
                 f.filling = Some(waiting);
                 let from = f.last_stream + 1;
                 drop(follows);
@@ -1406,6 +1455,34 @@ mod tests {
         assert!(decode("corecast.t.x", Some(&h), &payload).is_none());
         h.insert(H_BATCH, "99999");
         assert!(decode("corecast.t.x", Some(&h), &payload).is_none());
+    }
+
+    /// What waits behind a fill is bounded in bytes as well as in count:
+    /// a topic of large messages cannot make the node hold 65 536 of them.
+    #[test]
+    fn what_waits_behind_a_fill_is_bounded_in_bytes_and_count() {
+        let inc = |len: usize| Incoming {
+            msg: Message::new(bytes::Bytes::from(vec![0u8; len]), Instant::now()),
+            stream_seq: 1,
+        };
+        let mut w = Waiting::default();
+        assert!(w.push(inc(MAX_WAITING_BYTES + 1)), "the first always waits");
+        assert!(!w.push(inc(1)));
+        let mut w = Waiting::default();
+        let big = 1 << 20;
+        let fit = MAX_WAITING_BYTES / big;
+        for _ in 0..fit {
+            assert!(w.push(inc(big)));
+        }
+        assert!(!w.push(inc(big)), "past the bytes");
+        assert_eq!(w.bytes, fit * big);
+        let mut w = Waiting::default();
+        for _ in 0..MAX_WAITING {
+            assert!(w.push(inc(1)));
+        }
+        assert!(!w.push(inc(1)), "past the count");
+        let again: Waiting = w.into_iter().take(3).collect();
+        assert_eq!((again.items.len(), again.bytes), (3, 3));
     }
 
     /// What a NATS client publishing to our subjects by hand (or a
