@@ -423,7 +423,31 @@ impl Node {
     }
 
     fn start_fill(self: &Arc<Self>, topic: Arc<str>, from: u64, first: Option<u64>) {
-        tokio::spawn(fill(Arc::clone(self), topic, from, first));
+        use futures_util::FutureExt;
+        let node = Arc::clone(self);
+        tokio::spawn(async move {
+            let run = std::panic::AssertUnwindSafe(fill(
+                Arc::clone(&node),
+                Arc::clone(&topic),
+                from,
+                first,
+            ));
+            if run.catch_unwind().await.is_err() {
+                // A bug: the topic must not wait behind a fill that will
+                // never end. What waited is dropped (its numbers show as a
+                // gap) and live messages flow again.
+                tracing::error!(%topic, "cluster: a panic filling a topic from the stream (a bug: please report it with the log)");
+                let mut follows = lock(&node.follows);
+                if let Some(f) = follows.get_mut(&*topic)
+                    && let Some(waiting) = f.filling.take()
+                {
+                    node.cluster
+                        .stats
+                        .gaps
+                        .fetch_add(waiting.items.len() as u64, Ordering::Relaxed);
+                }
+            }
+        });
     }
 }
 
