@@ -1129,9 +1129,13 @@ fn finish(
 async fn receive(mut sub: async_nats::Subscriber, node: Arc<Node>) {
     use futures_util::FutureExt;
     while let Some(m) = sub.next().await {
-        // Backpressure: the mailboxes first.
+        // Backpressure: the mailboxes first. Polled, from 1 ms up to 16 ms
+        // apart: one task per subscription polls, and thousands of them at
+        // 1 ms would take the cores the workers need to drain.
+        let mut pause = Duration::from_millis(1);
         while node.bus.max_queued_bytes() > node.high_water {
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(16));
         }
         // What has arrived already goes in one batch (one send per
         // worker), so a burst is delivered as runs.
