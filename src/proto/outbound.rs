@@ -65,9 +65,17 @@ impl OutQueue {
         self.inner.get_or_insert_with(|| Box::new(Inner::new()))
     }
 
-    /// Appends a chunk by reference (empty chunks are ignored).
+    /// Appends a chunk this queue owns (empty chunks are ignored): by
+    /// reference, or copied into the tail when shorter than
+    /// [`COPY_BELOW`]. Small replies (pongs, echoes, control answers) then
+    /// cost their bytes and no more: queued as chunks each would hold an
+    /// allocation and a slot of ~80 bytes that no charge sees, and a
+    /// client sending empty messages it never reads the answers to could
+    /// make the worker hold 40 times what its bound allows.
     pub fn push(&mut self, chunk: Bytes) {
-        if !chunk.is_empty() {
+        if chunk.len() < COPY_BELOW {
+            self.push_copy(&chunk);
+        } else {
             self.get().push(chunk);
         }
     }
@@ -416,11 +424,34 @@ mod tests {
     fn gather_caps_at_slots() {
         let mut q = OutQueue::new();
         for i in 0..100u8 {
-            q.push(Bytes::from(vec![i]));
+            q.push(Bytes::from(vec![i; COPY_BELOW]));
         }
         let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
         assert_eq!(q.gather(&mut iov), MAX_IOVECS);
         assert_eq!(iov[63][0], 63);
+    }
+
+    /// A small chunk the queue owns (a pong, an echo, a control answer) is
+    /// copied into the tail, so 10 000 empty replies cost their 20 000
+    /// bytes in one buffer, not 10 000 allocations and slots no charge
+    /// sees; a large one is still queued by reference.
+    #[test]
+    fn small_owned_chunks_are_copied_into_the_tail() {
+        let mut q = OutQueue::new();
+        for _ in 0..10_000 {
+            q.push(Bytes::from_static(&[0x81, 0]));
+        }
+        let inner = q.inner.as_ref().unwrap();
+        assert!(inner.chunks.len() <= 1, "{} chunks", inner.chunks.len());
+        assert_eq!((q.len(), q.owned()), (20_000, 20_000));
+        let held =
+            inner.chunks.iter().map(|c| c.bytes.len()).sum::<usize>() + inner.tail.capacity();
+        assert!(held < 2 * 20_000 + TAIL_INITIAL_BYTES, "{held} bytes held");
+        let big = Bytes::from(vec![1u8; COPY_BELOW]);
+        q.push(big.clone());
+        let last = q.inner.as_ref().unwrap().chunks.back().unwrap();
+        assert_eq!(last.bytes.as_ptr(), big.as_ptr(), "large: by reference");
+        assert_eq!(flatten(&q).len(), 20_000 + COPY_BELOW);
     }
 
     #[test]

@@ -31,11 +31,14 @@ fn a_queued_byte_that_waits_past_the_send_timeout_closes_the_connection() {
         c.ping_interval = None;
     });
     let slow = sim.upgrade("/echo", 0);
+    // Echoes of 1 KiB and more are queued as chunks of their own (smaller
+    // ones are copied into one buffer, which a cut keeps whole), so the
+    // cut below has frames to discard.
     for _ in 0..3 {
-        sim.send(slow, &client_frame(true, OpCode::Binary, &[7; 1000], MASK));
+        sim.send(slow, &client_frame(true, OpCode::Binary, &[7; 2000], MASK));
     }
-    // It reads 50 bytes a second: progress, but its first 1 004-byte echo
-    // needs 20 s. Not cut before the deadline...
+    // It reads 50 bytes a second: progress, but its first 2 004-byte echo
+    // needs 40 s. Not cut before the deadline...
     for _ in 0..4 {
         sim.wait(SECOND, TICK);
         sim.read(slow, 50);
