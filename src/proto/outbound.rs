@@ -56,6 +56,27 @@ impl OutQueue {
         self.inner.as_ref().map_or(0, |i| i.len - i.shared)
     }
 
+    /// What holding the queue costs besides its bytes: the queue itself,
+    /// a slot per chunk (shared frames included: a subscriber holding
+    /// 4 096 shared 1 KiB frames holds 160 KiB of slots of its own), and
+    /// the tail buffer's room not yet used. Charged to the budget with
+    /// [`Self::owned`], and counted against a subscriber's bound.
+    pub fn overhead(&self) -> usize {
+        self.inner.as_ref().map_or(0, |i| {
+            std::mem::size_of::<Inner>()
+                + i.chunks.capacity() * std::mem::size_of::<Chunk>()
+                + (i.tail.capacity() - i.tail.len())
+        })
+    }
+
+    /// The slots of the queued chunks (part of [`Self::overhead`]): what a
+    /// subscriber's bound counts besides its bytes.
+    pub fn slot_bytes(&self) -> usize {
+        self.inner
+            .as_ref()
+            .map_or(0, |i| i.chunks.len() * std::mem::size_of::<Chunk>())
+    }
+
     /// Nothing left to write.
     pub fn is_empty(&self) -> bool {
         self.inner.is_none()
@@ -429,6 +450,29 @@ mod tests {
         let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
         assert_eq!(q.gather(&mut iov), MAX_IOVECS);
         assert_eq!(iov[63][0], 63);
+    }
+
+    /// The queue's own cost is seen: a slot per chunk, shared or not, the
+    /// tail's spare room, the queue itself; nothing once it is empty.
+    #[test]
+    fn the_overhead_counts_every_slot_and_the_spare_room() {
+        let mut q = OutQueue::new();
+        assert_eq!(q.overhead(), 0);
+        let big = Bytes::from(vec![1u8; COPY_BELOW]);
+        for _ in 0..4096 {
+            q.push_frame(&big);
+        }
+        assert_eq!(q.owned(), 0, "shared frames are charged once, elsewhere");
+        assert!(
+            q.overhead() >= 4096 * std::mem::size_of::<Chunk>(),
+            "{} for 4096 slots",
+            q.overhead()
+        );
+        q.advance(q.len());
+        assert_eq!(q.overhead(), 0);
+        q.reserve_tail(10_000);
+        q.push_copy(b"x");
+        assert!(q.overhead() >= 9_999, "the tail's spare room");
     }
 
     /// A small chunk the queue owns (a pong, an echo, a control answer) is

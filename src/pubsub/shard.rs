@@ -47,6 +47,17 @@ pub const fn topic_charge(name_len: usize) -> usize {
     TOPIC_ENTRY_BYTES + 2 * name_len
 }
 
+/// What one token of a pattern holds: a node in the worker's trie and one
+/// in the directory's, each with its parent's map entry (~450 bytes).
+pub const PATTERN_TOKEN_BYTES: usize = 512;
+
+/// What registering pattern `name` holds: its entry, and a trie node per
+/// token in two tries (a pattern of 122 empty tokens holds ~55 KB, not
+/// the ~900 bytes of a topic's entry).
+pub fn pattern_charge(name: &str) -> usize {
+    topic_charge(name.len()) + pattern::token_count(name) * PATTERN_TOKEN_BYTES
+}
+
 /// A connection as the backend names it: slab key and serial.
 pub type ConnRef = (usize, u32);
 
@@ -824,7 +835,7 @@ impl Shard {
             self.bus.sent_to(self.id)
         };
         let name: Arc<str> = Arc::from(name);
-        self.registry_bytes += topic_charge(name.len());
+        self.registry_bytes += pattern_charge(&name);
         let id = self.patterns.insert(LocalPattern {
             name: Arc::clone(&name),
             subs: Subscribers::new(),
@@ -922,7 +933,7 @@ impl Shard {
         let p = self.patterns.remove(pid as usize);
         self.pattern_ids.remove(&p.name);
         self.directory.set_pattern(&p.name, self.id, false);
-        self.registry_bytes -= topic_charge(p.name.len());
+        self.registry_bytes -= pattern_charge(&p.name);
         // Not charged to the scan budget: a pattern's departure follows
         // its arrival, which was (and cost more), and a mass disconnect
         // must not leave the worker refusing patterns afterwards.
@@ -1002,7 +1013,9 @@ impl Shard {
 
     /// Queues `msg` (not yet numbered) to `topic`.
     fn publish_message(&mut self, topic: Arc<TopicInterest>, msg: Message) {
-        self.outbox_bytes += msg.frame.len();
+        // Its frame and what holds it (the message, its slot), as the
+        // mailbox counts it: an empty message holds ~300 bytes, not 2.
+        self.outbox_bytes += msg.frame.len() + crate::pubsub::bus::PUBLICATION_OVERHEAD_BYTES;
         self.outbox.push((topic, Arc::new(msg)));
     }
 

@@ -852,3 +852,22 @@ fn pattern_scans_are_charged_and_hold_further_pattern_subscribes() {
         s[0].unsubscribe(sub);
     }
 }
+
+/// A pattern is charged per token (a trie node in the worker's trie and
+/// in the directory's each), not as one topic entry, and the charge goes
+/// with it.
+#[test]
+fn a_pattern_is_charged_per_token_and_released_with_it() {
+    let (_d, _bus, _inboxes, mut s) = shards(1);
+    let before = s[0].charged_bytes();
+    let long = format!("p1{}*", ".".repeat(121));
+    assert_eq!(pattern::token_count(&long), 122);
+    let (sub, _) = s[0].subscribe_pattern(&long, (1, 0), Replay::live());
+    let charged = s[0].charged_bytes() - before;
+    assert!(
+        charged >= 122 * PATTERN_TOKEN_BYTES,
+        "{charged} bytes for 122 tokens"
+    );
+    s[0].unsubscribe(sub);
+    assert_eq!(s[0].charged_bytes(), before);
+}

@@ -29,7 +29,8 @@ impl Session {
             return Push::Closing;
         }
         if !self.out.is_empty()
-            && (over_budget || self.out.len() + frame.len() > cfg.max_outbound_bytes)
+            && (over_budget
+                || self.out.len() + self.out.slot_bytes() + frame.len() > cfg.max_outbound_bytes)
         {
             return match policy {
                 SlowConsumerPolicy::DropNewest => Push::Dropped,

@@ -26,6 +26,7 @@ use crate::proto::frame::{MAX_SERVER_HEADER_LEN, server_frame};
 use crate::proto::handshake::{self, HeadScanner, Reject, Status};
 use crate::proto::rate::TokenBucket;
 use crate::proto::{CloseCode, CloseState, Event, MessageKind, OutQueue, WsConn};
+use crate::pubsub::bus::PUBLICATION_OVERHEAD_BYTES;
 use crate::pubsub::control;
 use crate::pubsub::directory::TopicInterest;
 use crate::pubsub::shard::{ConnRef, Shard, SubList};
@@ -473,7 +474,9 @@ impl Session {
             let decoded = ws.decode(&mut buf[pos..], &mut self.out);
             pos += decoded.consumed;
             if let Some(Event::Message { payload, .. }) = &decoded.event {
-                decoded_bytes += payload.len();
+                // Each message costs what holds it besides its bytes: a
+                // read of empty messages yields too.
+                decoded_bytes += payload.len() + PUBLICATION_OVERHEAD_BYTES;
             }
             // Act while the event still borrows the input; replies go out after.
             let control = match decoded.event {
@@ -495,13 +498,17 @@ impl Session {
                             "binary messages are not control messages; send JSON text",
                         )))
                     }
-                    Role::Publisher(_) if payload.len() + MAX_SERVER_HEADER_LEN > ctx.room => {
+                    Role::Publisher(_)
+                        if payload.len() + MAX_SERVER_HEADER_LEN + PUBLICATION_OVERHEAD_BYTES
+                            > ctx.room =>
+                    {
                         Some(Reply::OverBudget)
                     }
                     Role::Publisher(p) => {
                         ctx.stats.message_published();
                         p.pace.spend(rate, ctx.now_ms);
-                        ctx.room -= payload.len() + MAX_SERVER_HEADER_LEN;
+                        ctx.room -=
+                            payload.len() + MAX_SERVER_HEADER_LEN + PUBLICATION_OVERHEAD_BYTES;
                         if let Some(t) = &p.topic {
                             let frame = encode(kind, payload);
                             let key = p.key.clone();
@@ -609,7 +616,8 @@ impl Session {
     }
 
     /// Bytes held for this connection that the memory budget charges:
-    /// partial input, a partial message or body, and owned queued bytes.
+    /// partial input, a partial message or body, owned queued bytes, and
+    /// what holding the queue costs (its slots, shared frames' included).
     /// (Its subscriptions and published frames are charged by the shard.)
     pub fn held_bytes(&self) -> usize {
         let phase = match &self.phase {
@@ -617,7 +625,7 @@ impl Session {
             Phase::Body(b) => b.body.capacity(),
             _ => 0,
         };
-        self.pending.len() + phase + self.out.owned()
+        self.pending.len() + phase + self.out.owned() + self.out.overhead()
     }
 
     /// Gives up on the connection from the server's side: an open WebSocket

@@ -484,3 +484,48 @@ fn a_rated_subscribers_record_of_the_topics_it_was_sent_is_charged() {
         "{rated_later} bytes still charged with a rate, {plain_later} without"
     );
 }
+
+/// Empty publications hold their message and slot (~300 bytes each), not
+/// their 2-byte frame: one read of 20 000 of them (120 KB on the wire) is
+/// charged what it holds, yields after a bounded number, and the rest
+/// follow in the next turns, every one delivered.
+#[test]
+fn empty_publications_are_charged_what_they_hold_and_a_read_of_them_yields() {
+    use crate::pubsub::bus::PUBLICATION_OVERHEAD_BYTES;
+    use crate::server::session::YIELD_AFTER_BYTES;
+    use std::sync::atomic::Ordering::Relaxed;
+    const N: usize = 20_000;
+    let mut sim = Sim::new(|c| c.ping_interval = None);
+    let sub = sim.upgrade("/ws?topics=e", 64 << 20);
+    let p = sim.upgrade("/publish/e", 1 << 20);
+    let read: Vec<u8> = (0..N)
+        .flat_map(|_| client_frame(true, OpCode::Binary, &[], MASK))
+        .collect();
+    sim.peers.get_mut(&p).unwrap().unread = read;
+    sim.core.begin_turn(sim.now);
+    sim.pump(p);
+    let published = sim.stats().messages_published.load(Relaxed) as usize;
+    let held = sim.stats().buffered_bytes.load(Relaxed) as usize;
+    assert!(
+        published <= YIELD_AFTER_BYTES / PUBLICATION_OVERHEAD_BYTES + 1,
+        "{published} publications from one read"
+    );
+    assert!(
+        held >= published * PUBLICATION_OVERHEAD_BYTES,
+        "{published} publications charged {held} bytes"
+    );
+    // Read on a millisecond later (a yielded read is paced), turn by turn.
+    for _ in 0..100 {
+        if sim.stats().messages_published.load(Relaxed) as usize == N {
+            break;
+        }
+        sim.wait(TICK, TICK);
+    }
+    sim.turn();
+    assert_eq!(sim.stats().messages_published.load(Relaxed) as usize, N);
+    assert_eq!(
+        sim.received(sub),
+        [0x82, 0].repeat(N),
+        "every one delivered"
+    );
+}
