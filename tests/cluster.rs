@@ -41,6 +41,30 @@ fn node_with(url: &str, tweak: impl FnOnce(&mut corecast::server::config::Config
     })
 }
 
+/// Two nodes on `nats`, both connected.
+fn two_nodes(nats: &NatsServer) -> (ServerHandle, ServerHandle) {
+    let (a, b) = (node(nats), node(nats));
+    assert!(eventually(WAIT, || connected(a.local_addr())
+        && connected(b.local_addr())));
+    (a, b)
+}
+
+/// Runs `f` with a JetStream context of its own on `nats`, as an
+/// operator's tool would.
+fn with_jetstream<T>(
+    nats: &NatsServer,
+    f: impl AsyncFnOnce(async_nats::jetstream::Context) -> T,
+) -> T {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        f(async_nats::jetstream::new(client)).await
+    })
+}
+
 /// The `(Corecast-Epoch, Corecast-Seq)` of a `204` answering a publish.
 fn numbered(head: &str) -> (u64, u64) {
     assert!(head.starts_with("HTTP/1.1 204 "), "{head}");
@@ -101,9 +125,7 @@ fn a_publication_on_one_node_reaches_subscribers_on_every_node_in_order() {
     let Some(nats) = NatsServer::start() else {
         return;
     };
-    let (a, b) = (node(&nats), node(&nats));
-    assert!(eventually(WAIT, || connected(a.local_addr())
-        && connected(b.local_addr())));
+    let (a, b) = two_nodes(&nats);
     let mut on_a = subscriber(a.local_addr(), "prices.EURUSD", 1);
     let mut on_b = subscriber(b.local_addr(), "prices.EURUSD", 1);
     for i in 0..50u32 {
@@ -161,9 +183,7 @@ fn concurrent_publishers_on_different_nodes_give_every_subscriber_one_order() {
     let Some(nats) = NatsServer::start() else {
         return;
     };
-    let (a, b) = (node(&nats), node(&nats));
-    assert!(eventually(WAIT, || connected(a.local_addr())
-        && connected(b.local_addr())));
+    let (a, b) = two_nodes(&nats);
     let mut subs = [
         subscriber(a.local_addr(), "t", 1),
         subscriber(a.local_addr(), "t", 1),
@@ -218,9 +238,7 @@ fn interest_is_subscribed_while_subscribers_are_there_and_only_then() {
     let Some(nats) = NatsServer::start() else {
         return;
     };
-    let (a, b) = (node(&nats), node(&nats));
-    assert!(eventually(WAIT, || connected(a.local_addr())
-        && connected(b.local_addr())));
+    let (a, b) = two_nodes(&nats);
     assert_eq!(gauge(b.local_addr(), "corecast_cluster_subscriptions"), 0);
     let s1 = subscriber(b.local_addr(), "x", 1);
     let s2 = subscriber(b.local_addr(), "x", 1);
@@ -367,9 +385,7 @@ fn a_subscriber_moves_to_another_node_with_since_and_misses_nothing() {
     let Some(nats) = NatsServer::start() else {
         return;
     };
-    let (a, b) = (node(&nats), node(&nats));
-    assert!(eventually(WAIT, || connected(a.local_addr())
-        && connected(b.local_addr())));
+    let (a, b) = two_nodes(&nats);
     let mut on_a = subscriber(a.local_addr(), "fx.EURUSD", 1);
     for i in 1..=10u32 {
         publish(a.local_addr(), "fx.EURUSD", format!("m{i}").as_bytes());
@@ -420,9 +436,7 @@ fn a_node_stopped_its_subscribers_recover_on_another_node() {
     let Some(nats) = NatsServer::start() else {
         return;
     };
-    let (a, b) = (node(&nats), node(&nats));
-    assert!(eventually(WAIT, || connected(a.local_addr())
-        && connected(b.local_addr())));
+    let (a, b) = two_nodes(&nats);
     let mut on_a = subscriber(a.local_addr(), "quotes", 1);
     for i in 1..=3u32 {
         publish(b.local_addr(), "quotes", format!("q{i}").as_bytes());
@@ -460,13 +474,7 @@ fn a_node_stopped_its_subscribers_recover_on_another_node() {
 /// Empties the stream of `topic` (what an operator's purge, or the
 /// stream's byte limit, does), with the NATS client the server uses.
 fn purge_topic(nats: &NatsServer, topic: &str) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let client = async_nats::connect(nats.url()).await.unwrap();
-        let js = async_nats::jetstream::new(client);
+    with_jetstream(nats, async |js| {
         let stream = js.get_stream("CORECAST").await.unwrap();
         stream
             .purge()
@@ -481,9 +489,7 @@ fn a_topic_the_stream_forgot_starts_a_new_epoch_at_every_subscriber() {
     let Some(nats) = NatsServer::start() else {
         return;
     };
-    let (a, b) = (node(&nats), node(&nats));
-    assert!(eventually(WAIT, || connected(a.local_addr())
-        && connected(b.local_addr())));
+    let (a, b) = two_nodes(&nats);
     let mut on_b = subscriber(b.local_addr(), "e", 1);
     for i in 1..=3u32 {
         publish(a.local_addr(), "e", format!("old{i}").as_bytes());
@@ -533,13 +539,7 @@ fn a_topic_the_stream_forgot_starts_a_new_epoch_at_every_subscriber() {
 
 /// Deletes corecast's stream, as an operator might by mistake.
 fn delete_stream(nats: &NatsServer) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let client = async_nats::connect(nats.url()).await.unwrap();
-        let js = async_nats::jetstream::new(client);
+    with_jetstream(nats, async |js| {
         assert!(js.delete_stream("CORECAST").await.unwrap().success);
     });
 }
@@ -553,9 +553,7 @@ fn a_deleted_stream_is_created_again_and_publishing_goes_on() {
     let Some(nats) = NatsServer::start() else {
         return;
     };
-    let (a, b) = (node(&nats), node(&nats));
-    assert!(eventually(WAIT, || connected(a.local_addr())
-        && connected(b.local_addr())));
+    let (a, b) = two_nodes(&nats);
     let mut on_b = subscriber(b.local_addr(), "d", 1);
     let before = publish_pipelined(a.local_addr(), "d?confirm=1", &[b"before"]);
     let (epoch, seq) = numbered(&before[0]);

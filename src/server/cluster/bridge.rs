@@ -1246,15 +1246,11 @@ fn position_ok(epoch: u64, first: u64, count: u64) -> bool {
 /// something else, or claiming a position none of ours could have), 0 in
 /// a new epoch, so the numbers start over after it.
 fn last_stored(h: &HeaderMap, stream_seq: u64) -> Last {
-    // A batch's header numbers its first; a count `decode` refuses is not ours.
-    let count = match h.get(H_BATCH) {
-        None => Some(1),
-        Some(_) => header_u64(h, H_BATCH).filter(|n| (1..=MAX_DECODED as u64).contains(n)),
-    };
-    match (header_u64(h, H_EPOCH), header_u64(h, H_SEQ), count) {
-        (Some(epoch), Some(seq), Some(count)) if position_ok(epoch, seq, count) => Last {
+    // A batch's header numbers its first.
+    match (header_u64(h, H_EPOCH), header_u64(h, H_SEQ), carried(h)) {
+        (Some(epoch), Some(seq), Some(count)) if position_ok(epoch, seq, count as u64) => Last {
             epoch,
-            seq: seq + count - 1,
+            seq: seq + count as u64 - 1,
             stream_seq,
         },
         _ => Last {
@@ -1262,6 +1258,20 @@ fn last_stored(h: &HeaderMap, stream_seq: u64) -> Last {
             seq: 0,
             stream_seq,
         },
+    }
+}
+
+/// How many publications a stream message carries by its headers: one
+/// without `Corecast-Batch`, else the batch's count if it is 1 to
+/// [`MAX_DECODED`]; `None`: not a message of ours.
+fn carried(h: &HeaderMap) -> Option<usize> {
+    match h.get(H_BATCH) {
+        None => Some(1),
+        Some(n) => n
+            .as_str()
+            .parse()
+            .ok()
+            .filter(|n| (1..=MAX_DECODED).contains(n)),
     }
 }
 
@@ -1284,7 +1294,8 @@ fn decode(
     let topic = remote_topic(subject)?;
     let h = headers?;
     let (epoch, number) = (header_u64(h, H_EPOCH)?, header_u64(h, H_SEQ)?);
-    if !position_ok(epoch, number, 1) {
+    let count = carried(h)?;
+    if !position_ok(epoch, number, count as u64) {
         return None;
     }
     // Its age by the publishing node's clock (history ages), at most now.
@@ -1300,31 +1311,20 @@ fn decode(
         msg.seq = number + i as u64;
         msg
     };
-    let msgs = match h.get(H_BATCH) {
-        Some(n) => {
-            let n: usize = n
-                .as_str()
-                .parse()
-                .ok()
-                .filter(|&n| (1..=MAX_DECODED).contains(&n))?;
-            decode_batch(payload, n)?
-                .into_iter()
-                .enumerate()
-                .map(|(i, (text, key, p))| message(i, text, key, p))
-                .collect()
-        }
-        None => {
-            let text = h.get(H_KIND).is_some_and(|k| k.as_str() == "text");
-            let key = match h.get(H_KEY) {
-                Some(k) if !topic::key_ok(k.as_str()) => return None,
-                k => k.map(|k| Arc::<str>::from(k.as_str())),
-            };
-            vec![message(0, text, key, payload)]
-        }
+    let msgs = if h.get(H_BATCH).is_some() {
+        decode_batch(payload, count)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, (text, key, p))| message(i, text, key, p))
+            .collect()
+    } else {
+        let text = h.get(H_KIND).is_some_and(|k| k.as_str() == "text");
+        let key = match h.get(H_KEY) {
+            Some(k) if !topic::key_ok(k.as_str()) => return None,
+            k => k.map(|k| Arc::<str>::from(k.as_str())),
+        };
+        vec![message(0, text, key, payload)]
     };
-    if !position_ok(epoch, number, msgs.len() as u64) {
-        return None;
-    }
     Some((topic, msgs))
 }
 

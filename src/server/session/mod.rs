@@ -102,6 +102,13 @@ pub struct Ctx<'a> {
 /// served. A single message always goes whole (`--max-message-size`).
 pub const YIELD_AFTER_BYTES: usize = 1024 * 1024;
 
+/// What publishing a payload of `len` bytes makes the worker hold until
+/// the turn's end: its frame at most, and what holds it (as the shard's
+/// outbox charges it).
+fn publication_cost(len: usize) -> usize {
+    len + MAX_SERVER_HEADER_LEN + PUBLICATION_OVERHEAD_BYTES
+}
+
 /// What an open WebSocket is for.
 #[derive(Debug)]
 enum Role {
@@ -498,17 +505,13 @@ impl Session {
                             "binary messages are not control messages; send JSON text",
                         )))
                     }
-                    Role::Publisher(_)
-                        if payload.len() + MAX_SERVER_HEADER_LEN + PUBLICATION_OVERHEAD_BYTES
-                            > ctx.room =>
-                    {
+                    Role::Publisher(_) if publication_cost(payload.len()) > ctx.room => {
                         Some(Reply::OverBudget)
                     }
                     Role::Publisher(p) => {
                         ctx.stats.message_published();
                         p.pace.spend(rate, ctx.now_ms);
-                        ctx.room -=
-                            payload.len() + MAX_SERVER_HEADER_LEN + PUBLICATION_OVERHEAD_BYTES;
+                        ctx.room -= publication_cost(payload.len());
                         if let Some(t) = &p.topic {
                             let frame = encode(kind, payload);
                             let key = p.key.clone();
