@@ -242,8 +242,10 @@ pub struct ServeArgs {
     pub max_publish_rate: u32,
 
     /// Subscribes with `since` each worker admits per second (burst: one
-    /// second's worth); one over it is answered "recovery busy" with a
-    /// retry delay and changes nothing. 0 = no limit.
+    /// second's worth; in a cluster each topic whose history must first be
+    /// read from the stream counts one more, in a `history` request too);
+    /// one over it is answered "recovery busy" with a retry delay and
+    /// changes nothing. 0 = no limit.
     #[arg(long, default_value_t = crate::server::config::DEFAULT_MAX_RECOVERY_RATE, value_name = "PER_SECOND")]
     pub max_recovery_rate: u32,
 

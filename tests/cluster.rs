@@ -1063,3 +1063,89 @@ fn a_node_whose_nats_is_away_still_subscribes_new_topics_and_stops_at_once() {
     );
     drop(nats);
 }
+
+/// A `history` request for topics the node has no history of yet makes it
+/// follow and fill each one: each counts as a recovery against
+/// `--max-recovery-rate` (before: not counted at all, so one client could
+/// have any number of fresh names followed and read from the stream).
+#[test]
+fn history_requests_for_fresh_names_are_admitted_at_the_recovery_rate() {
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let a = node_with(&nats.url(), |c| c.max_recovery_rate = 10);
+    let addr = a.local_addr();
+    assert!(eventually(WAIT, || connected(addr)));
+    let (mut ws, _) = subscribe_with(addr, "/ws", "corecast.v1");
+    let names: Vec<String> = (0..64).map(|i| format!("\"fresh{i}\"")).collect();
+    let ask = |ws: &mut Ws, names: &[String]| {
+        let op = format!("{{\"op\":\"history\",\"topics\":[{}]}}", names.join(","));
+        ws.send(Message::text(op)).unwrap();
+        match ws.read().unwrap() {
+            Message::Text(t) => t.to_string(),
+            other => panic!("{other:?}"),
+        }
+    };
+    // 64 fresh names against 10 a second: none is followed.
+    let reply = ask(&mut ws, &names);
+    assert!(reply.contains("recovery busy"), "{reply}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(gauge(addr, "corecast_cluster_subscriptions"), 0);
+    assert!(metric(&metrics(addr), "corecast_recoveries_deferred_total") >= 1);
+    // Three, once the rate allows: followed, filled, then answered.
+    assert!(eventually(WAIT, || {
+        let reply = ask(&mut ws, &names[..3]);
+        reply.contains("\"op\":\"history\"")
+    }));
+    assert_eq!(gauge(addr, "corecast_cluster_subscriptions"), 3);
+}
+
+/// The NATS client stops taking commands while it reconnects, once 2 048
+/// wait: a subscription past that is tried again later instead of
+/// waiting for NATS (before, the node's link waited, every interest change
+/// piled up behind it, and SIGTERM hung until NATS came back). Once NATS
+/// is back, every topic is subscribed.
+#[test]
+fn a_node_whose_nats_client_is_full_defers_new_subscriptions_and_stops_at_once() {
+    let Some(mut nats) = NatsServer::start() else {
+        return;
+    };
+    let a = node(&nats);
+    let addr = a.local_addr();
+    assert!(eventually(WAIT, || connected(addr)));
+    nats.stop();
+    assert!(eventually(WAIT, || !connected(addr)));
+    // 40 × 64 fresh topics: more than the client's queue holds.
+    let subs: Vec<Ws> = (0..40)
+        .map(|c| {
+            let topics: Vec<String> = (0..64).map(|i| format!("t{c}x{i}")).collect();
+            let (ws, _) = subscribe_with(addr, &format!("/ws?topics={}", topics.join(",")), "");
+            ws
+        })
+        .collect();
+    assert!(
+        eventually(WAIT, || gauge(
+            addr,
+            "corecast_cluster_subscribes_deferred_total"
+        ) >= 1),
+        "the link went on past the full queue"
+    );
+    // (The queue also holds the fills' reads of the stream.)
+    let queued = gauge(addr, "corecast_cluster_subscriptions");
+    assert!(queued < 2560, "{queued} subscriptions");
+    nats.run();
+    assert!(
+        eventually(WAIT, || gauge(addr, "corecast_cluster_subscriptions")
+            == 2560),
+        "every topic subscribed once NATS is back"
+    );
+    nats.stop();
+    assert!(eventually(WAIT, || !connected(addr)));
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        a.shutdown();
+        let _ = done_tx.send(a.join());
+    });
+    assert_eq!(done_rx.recv_timeout(3 * WAIT), Ok(true), "stopped");
+    drop(subs);
+}

@@ -29,8 +29,9 @@ pub trait Link: Send + Sync + fmt::Debug {
     /// A recovery here needs `name`'s history, which this process has not
     /// filled from the cluster yet ([`TopicInterest::is_warm`](super::directory::TopicInterest::is_warm)):
     /// the link fills it (and follows the topic a while meanwhile); the
-    /// caller answers "try again".
-    fn warm(&self, name: &str);
+    /// caller answers "try again". `false`: the link has as many waiting
+    /// as it takes at once, and `name` was not taken (try again later).
+    fn warm(&self, name: &str) -> bool;
 
     /// A publication made on `worker` to `topic`, for the cluster to
     /// number and deliver everywhere, this process included. `ack`: the

@@ -458,6 +458,14 @@ impl Shard {
         admit(&mut self.recoveries, rate, 1, now_ms)
     }
 
+    /// Admits `n` more recoveries from the same bucket: in a cluster, each
+    /// topic whose history must first be read from the stream counts one
+    /// (a `history` request's too), so that reads of fresh names cannot
+    /// outrun the rate a subscribe with `since` is held to.
+    pub fn admit_recoveries(&mut self, rate: u32, n: usize, now_ms: u32) -> Result<(), u32> {
+        admit(&mut self.recoveries, rate, n, now_ms)
+    }
+
     /// Patterns subscribed to on this worker.
     pub fn pattern_count(&self) -> usize {
         self.patterns.len()

@@ -814,6 +814,17 @@ pub fn render_cluster(
         "corecast_cluster_slow_consumer_total {}",
         get(&st.slow_consumer)
     );
+    header(
+        s,
+        "corecast_cluster_subscribes_deferred_total",
+        "counter",
+        "Rounds in which a new interest subscription could not be handed to the NATS client within 100 ms (its command queue full while it reconnects): tried again a second later.",
+    );
+    let _ = writeln!(
+        s,
+        "corecast_cluster_subscribes_deferred_total {}",
+        get(&st.subscribes_deferred)
+    );
     histogram_of(
         s,
         "corecast_cluster_hop_seconds",

@@ -91,6 +91,7 @@ fn busy_cluster() -> crate::server::cluster::ClusterStats {
         &c.foreign,
         &c.connects,
         &c.slow_consumer,
+        &c.subscribes_deferred,
         &c.subscriptions,
         &c.unconfirmed,
         &c.missed,

@@ -34,7 +34,7 @@
 
 use super::sequencer::{Last, Sequencer, Step};
 use super::subject::{IN_PREFIX, OUT_PREFIX, interest_subject, publish_subject, topic_of};
-use super::{Cluster, Reply, STREAM};
+use super::{Cluster, MAX_HOLDS, Reply, STREAM};
 use crate::proto::frame::{OpCode, server_frame};
 use crate::pubsub::bus::Bus;
 use crate::pubsub::directory::Directory;
@@ -43,7 +43,7 @@ use crate::pubsub::topic;
 use async_nats::jetstream::{self, stream};
 use async_nats::{HeaderMap, header};
 use futures_util::StreamExt;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -339,20 +339,102 @@ impl IntoIterator for Waiting {
 /// How long a topic filled for a recovery stays followed without
 /// subscribers (the client's retry comes within milliseconds).
 const WARM_HOLD: Duration = Duration::from_secs(30);
+/// How long a new subscription may wait for the NATS client to take it.
+const SUBSCRIBE_WAIT: Duration = Duration::from_millis(100);
 /// Most messages handed on in one batch.
 const MAX_BATCH: usize = 256;
 /// How long after the NATS client's last report of dropped messages the
 /// followed topics are read from the stream (one read for a burst of drops).
 const DROP_SETTLE: Duration = Duration::from_millis(100);
-/// Most topics followed at once for recoveries alone (without
-/// subscribers here): past it a recovery's retry waits for one to end.
-const MAX_HOLDS: usize = 10_000;
 /// Most live messages waiting behind one running fill; past it they are
 /// dropped (a gap the numbers show, counted).
 const MAX_WAITING: usize = 65_536;
 /// Most frame bytes waiting behind one running fill (a topic of large
 /// messages reaches it long before [`MAX_WAITING`]).
 const MAX_WAITING_BYTES: usize = 16 << 20;
+
+/// The topics followed for recoveries alone ([`Follow::hold`]), in the
+/// order their holds run out.
+#[derive(Debug, Default)]
+struct Holds {
+    /// Holds now (at most [`MAX_HOLDS`]).
+    count: usize,
+    /// Each hold's end with its topic, in time order (every hold ends
+    /// [`WARM_HOLD`] after it was taken or renewed). A renewal lists the
+    /// topic again; the earlier listing, whose time no longer matches the
+    /// hold's, is skipped. So at most one listing per topic and second of
+    /// [`WARM_HOLD`] (renewals are listed once a second at most).
+    order: VecDeque<(Instant, Arc<str>)>,
+}
+
+type Held = Arc<crate::pubsub::directory::TopicInterest>;
+
+impl Holds {
+    /// The hold of the listing at the front, taken if the listing is the
+    /// one that counts.
+    fn take_front(&mut self, follows: &mut HashMap<Arc<str>, Follow>) -> Option<(Arc<str>, Held)> {
+        let (until, name) = self.order.pop_front()?;
+        let f = follows.get_mut(&*name)?;
+        if f.hold.as_ref().is_some_and(|h| h.1 == until) {
+            let (entry, _) = f.hold.take().expect("checked");
+            self.count -= 1;
+            return Some((name, entry));
+        }
+        None
+    }
+
+    /// The holds that ran out by `now`, taken.
+    fn expire(
+        &mut self,
+        follows: &mut HashMap<Arc<str>, Follow>,
+        now: Instant,
+    ) -> Vec<(Arc<str>, Held)> {
+        let mut out = Vec::new();
+        while self.order.front().is_some_and(|(until, _)| *until <= now) {
+            out.extend(self.take_front(follows));
+        }
+        out
+    }
+
+    /// `f`, the follow of `name`, held until `until` (renewed if held:
+    /// then `entry` is handed back, the hold has its own).
+    fn set(&mut self, f: &mut Follow, name: &str, entry: Held, until: Instant) -> Option<Held> {
+        match &mut f.hold {
+            Some((_, at)) => {
+                // Listed again once a second at most per topic.
+                if *at + Duration::from_secs(1) <= until {
+                    *at = until;
+                    self.order.push_back((until, Arc::from(name)));
+                }
+                Some(entry)
+            }
+            None => {
+                f.hold = Some((entry, until));
+                self.count += 1;
+                self.order.push_back((until, Arc::from(name)));
+                None
+            }
+        }
+    }
+
+    /// Room for one more hold within `max`: at it, the hold that runs out
+    /// first is taken before its time.
+    fn make_room(
+        &mut self,
+        follows: &mut HashMap<Arc<str>, Follow>,
+        max: usize,
+    ) -> Option<(Arc<str>, Held)> {
+        if self.count < max {
+            return None;
+        }
+        while !self.order.is_empty() {
+            if let Some(taken) = self.take_front(follows) {
+                return Some(taken);
+            }
+        }
+        None
+    }
+}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -495,9 +577,16 @@ async fn run(
     let mut catch_up_at: Option<tokio::time::Instant> = None;
     let mut backoff = Duration::from_millis(100);
     let mut stopping: Option<Instant> = None;
-    // Topics followed for a recovery alone now (bounded by MAX_HOLDS).
-    let mut holds = 0usize;
+    // Topics followed for a recovery alone now (bounded by MAX_HOLDS),
+    // and when each hold runs out, oldest first (a hold renewed later
+    // leaves its earlier listing stale: skipped when its turn comes).
+    let mut holds = Holds::default();
     let mut next_prune = Instant::now() + Duration::from_secs(10);
+    // Subscriptions the NATS client could not take in time (see
+    // SUBSCRIBE_WAIT), tried again at `deferred_at`. Only names held here:
+    // one let go leaves it with the change that says so.
+    let mut deferred: HashSet<(Box<str>, bool)> = HashSet::new();
+    let mut deferred_at: Option<tokio::time::Instant> = None;
     loop {
         // The stream, after each (re)connect.
         if stream.is_none() && cluster.connected.load(Ordering::Relaxed) && retry_due(retry_at) {
@@ -553,7 +642,7 @@ async fn run(
                 break;
             }
         }
-        let sleep_until = [retry_at, catch_up_at]
+        let sleep_until = [retry_at, catch_up_at, deferred_at]
             .into_iter()
             .flatten()
             .min()
@@ -592,25 +681,26 @@ async fn run(
         let mut fills: Vec<Arc<str>> = Vec::new();
         for name in warm {
             let mut follows = lock(&node.follows);
-            if holds >= MAX_HOLDS && follows.get(&*name).is_none_or(|f| f.hold.is_none()) {
-                // At the bound: the client's retry comes back later.
-                continue;
-            }
             let entry = directory.entry(&name);
             if entry.is_warm() {
                 directory.release(entry);
                 continue;
             }
+            let now = Instant::now();
+            let renewing = follows.get(&*name).is_some_and(|f| f.hold.is_some());
+            if !renewing {
+                // At the bound: the oldest hold gives way. Recoveries are
+                // admitted at a bounded rate per worker, each fresh name
+                // counted, so a hold lasts seconds even under a flood of
+                // them, and its client's retry came within milliseconds.
+                if let Some((old, held)) = holds.make_room(&mut follows, MAX_HOLDS) {
+                    directory.release(held);
+                    interest.push((Box::from(&*old), false));
+                }
+            }
             let f = node.follow(&mut follows, &name);
-            match &mut f.hold {
-                Some((_, until)) => {
-                    *until = Instant::now() + WARM_HOLD;
-                    directory.release(entry);
-                }
-                None => {
-                    f.hold = Some((entry, Instant::now() + WARM_HOLD));
-                    holds += 1;
-                }
+            if let Some(entry) = holds.set(f, &name, entry, now + WARM_HOLD) {
+                directory.release(entry);
             }
             if f.filling.is_none() {
                 f.filling = Some(Waiting::default());
@@ -622,13 +712,9 @@ async fn run(
         {
             let now = Instant::now();
             let mut follows = lock(&node.follows);
-            for (name, f) in follows.iter_mut() {
-                if f.hold.as_ref().is_some_and(|h| h.1 <= now) {
-                    let (entry, _) = f.hold.take().expect("checked");
-                    holds -= 1;
-                    directory.release(entry);
-                    interest.push((Box::from(&**name), false));
-                }
+            for (name, entry) in holds.expire(&mut follows, now) {
+                directory.release(entry);
+                interest.push((Box::from(&*name), false));
             }
             if now >= next_prune {
                 next_prune = now + Duration::from_secs(10);
@@ -644,6 +730,13 @@ async fn run(
         }
         let mut subscribed = false;
         let mut boundary: Option<u64> = None;
+        if !deferred.is_empty() && retry_due(deferred_at) {
+            deferred_at = None;
+            interest.extend(deferred.drain());
+        }
+        // Set once a subscription could not be handed to the NATS client
+        // in time: the rest of the round's wait with it.
+        let mut stalled = false;
         for (name, pattern) in interest {
             let held = if pattern {
                 directory.pattern_held(&name)
@@ -654,7 +747,11 @@ async fn run(
                         .is_some_and(|f| f.hold.is_some())
             };
             let key = (name, pattern);
+            deferred.remove(&key);
             match (held, subs.contains_key(&key)) {
+                (true, false) if stalled => {
+                    deferred.insert(key);
+                }
                 (true, false) => {
                     if !pattern {
                         // Its history is filled once the subscription is in
@@ -677,13 +774,28 @@ async fn run(
                             boundary = Some(last_sequence(stream.as_ref()).await);
                         }
                     }
-                    match client.subscribe(interest_subject(&key.0)).await {
-                        Ok(sub) => {
+                    // The NATS client takes commands into a bounded queue,
+                    // which it stops reading while it reconnects: once that
+                    // is full a subscribe waits for NATS to come back, and so
+                    // would this loop (while every interest change piles up
+                    // in the inbox). Bounded: past it the subscription is
+                    // tried again a second later (a fill started for it
+                    // meanwhile misses what is stored until then, a gap the
+                    // next live message's number shows and fills).
+                    let subject = interest_subject(&key.0);
+                    match tokio::time::timeout(SUBSCRIBE_WAIT, client.subscribe(subject)).await {
+                        Ok(Ok(sub)) => {
                             let task = tokio::spawn(receive(sub, Arc::clone(&node)));
                             subs.insert(key, task.abort_handle());
                             subscribed = true;
                         }
-                        Err(e) => warn!(error = %e, topic = %key.0, "cluster: cannot subscribe"),
+                        Ok(Err(e)) => {
+                            warn!(error = %e, topic = %key.0, "cluster: cannot subscribe")
+                        }
+                        Err(_) => {
+                            stalled = true;
+                            deferred.insert(key);
+                        }
                     }
                 }
                 (false, true) => {
@@ -694,6 +806,13 @@ async fn run(
                 }
                 _ => {}
             }
+        }
+        if stalled && deferred_at.is_none() {
+            cluster
+                .stats
+                .subscribes_deferred
+                .fetch_add(1, Ordering::Relaxed);
+            deferred_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
         }
         if subscribed {
             // A round trip: NATS has every new subscription once the gauge
@@ -1573,5 +1692,62 @@ mod tests {
         let poisoned = last_stored(&single("5", &max, None), 11);
         assert_eq!((poisoned.seq, poisoned.stream_seq), (0, 11));
         assert!(poisoned.epoch > 5, "a new epoch, later than the old");
+    }
+    /// Recovery holds at their bound: the one that runs out first gives
+    /// way (a renewal counts from its own time), never the new one, so a
+    /// client asking for fresh names cannot keep every other recovery out
+    /// (before: refused while 10 000 were held). Holds run out in time
+    /// order, each once.
+    #[test]
+    fn the_oldest_recovery_hold_gives_way_to_a_new_one() {
+        let directory = Directory::new();
+        let mut follows: HashMap<Arc<str>, Follow> = HashMap::new();
+        let mut holds = Holds::default();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let hold = |holds: &mut Holds, follows: &mut HashMap<Arc<str>, Follow>, name: &str, t| {
+            let renewing = follows.get(name).is_some_and(|f| f.hold.is_some());
+            let evicted = if renewing {
+                None
+            } else {
+                holds.make_room(follows, 2).map(|(n, e)| {
+                    directory.release(e);
+                    n.to_string()
+                })
+            };
+            let f = follows.entry(Arc::from(name)).or_default();
+            if let Some(e) = holds.set(f, name, directory.entry(name), t) {
+                directory.release(e);
+            }
+            evicted
+        };
+        assert_eq!(hold(&mut holds, &mut follows, "a", at(30)), None);
+        assert_eq!(hold(&mut holds, &mut follows, "b", at(31)), None);
+        // "a" renewed: "b" now runs out first.
+        assert_eq!(hold(&mut holds, &mut follows, "a", at(32)), None);
+        // Within a second of the last listing: not listed again.
+        assert_eq!(hold(&mut holds, &mut follows, "a", at(32)), None);
+        assert_eq!(holds.order.len(), 3);
+        assert_eq!(holds.count, 2);
+        assert_eq!(
+            hold(&mut holds, &mut follows, "c", at(33)).as_deref(),
+            Some("b")
+        );
+        assert!(follows["b"].hold.is_none() && follows["c"].hold.is_some());
+        assert_eq!(holds.count, 2);
+        // Nothing ran out at 31 ("a" was renewed to 32; "b" is gone).
+        assert!(holds.expire(&mut follows, at(31)).is_empty());
+        let out: Vec<String> = holds
+            .expire(&mut follows, at(40))
+            .into_iter()
+            .map(|(n, e)| {
+                directory.release(e);
+                n.to_string()
+            })
+            .collect();
+        assert_eq!(out, ["a", "c"]);
+        assert_eq!(holds.count, 0);
+        assert!(holds.order.is_empty());
+        assert!(holds.make_room(&mut follows, 2).is_none());
     }
 }

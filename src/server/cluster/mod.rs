@@ -137,6 +137,10 @@ pub struct ClusterStats {
     pub connects: AtomicU64,
     /// Slow-consumer notices from the NATS client.
     pub slow_consumer: AtomicU64,
+    /// Rounds in which a new interest subscription could not be handed to
+    /// the NATS client in time (its queue full while it reconnects): tried
+    /// again a second later.
+    pub subscribes_deferred: AtomicU64,
     /// Interest subscriptions held now.
     pub subscriptions: AtomicU64,
     /// HTTP publications answered `202`: not stored within the request
@@ -181,6 +185,12 @@ pub struct Cluster {
     bus: Arc<Bus>,
     pub stats: ClusterStats,
 }
+
+/// Most topics followed at once for recoveries alone (without
+/// subscribers here), and most waiting to be: past it the oldest hold
+/// gives way (its recovery has had its retry long since), and a
+/// recovery asking for more while as many wait is told to come back.
+pub(crate) const MAX_HOLDS: usize = 10_000;
 
 #[derive(Debug, Default)]
 struct Inbox {
@@ -359,9 +369,18 @@ impl Link for Cluster {
         self.wake.notify_one();
     }
 
-    fn warm(&self, name: &str) {
-        self.inbox().warm.push(name.into());
+    fn warm(&self, name: &str) -> bool {
+        {
+            let mut inbox = self.inbox();
+            // The bridge holds at most MAX_HOLDS topics for recoveries: more
+            // waiting than that would only push out the ones just taken.
+            if inbox.warm.len() >= MAX_HOLDS {
+                return false;
+            }
+            inbox.warm.push(name.into());
+        }
         self.wake.notify_one();
+        true
     }
 
     fn publish(

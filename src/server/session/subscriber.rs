@@ -362,6 +362,7 @@ pub(super) fn control_message(
         }
         Op::History => {
             if let Some(ms) = cold_in_cluster(c.topics.iter().map(String::as_str), ctx) {
+                ctx.stats.recovery_deferred();
                 return (control::busy(ms), Vec::new());
             }
             let directory = ctx.shard.directory();
@@ -463,28 +464,43 @@ fn refresh(token: &str, subs: &SubList, ctx: &mut Ctx<'_>) -> (String, Vec<Bytes
 /// a history the node is filling from the cluster (one stream read per
 /// retained message, on loopback well under this).
 const WARM_RETRY_MS: u32 = 50;
+/// The same when the link has as many topics waiting to be filled as it
+/// takes at once.
+const WARM_FULL_RETRY_MS: u32 = 500;
 
 /// In a cluster: whether any of `names` has no history here yet that a
 /// recovery may use; each such topic is handed to the link to fill, and
 /// the client is to retry after the returned milliseconds. `None` on one
-/// machine.
-fn cold_in_cluster<'a>(names: impl Iterator<Item = &'a str>, ctx: &Ctx<'_>) -> Option<u32> {
+/// machine. Each such topic counts as one recovery against
+/// `--max-recovery-rate` (a subscribe with `since` has counted one
+/// already): over it, none is handed on.
+fn cold_in_cluster<'a>(names: impl Iterator<Item = &'a str>, ctx: &mut Ctx<'_>) -> Option<u32> {
     let directory = ctx.shard.directory();
     let link = directory.link()?;
-    let mut cold = false;
-    for name in names {
-        if pattern::is_pattern(name) {
-            continue;
-        }
-        let warm = directory.get(name).is_some_and(|t| {
-            let w = t.is_warm();
-            directory.release(t);
-            w
-        });
-        if !warm {
-            link.warm(name);
-            cold = true;
+    let cold: Vec<&str> = names
+        .filter(|name| {
+            !pattern::is_pattern(name)
+                && !directory.get(name).is_some_and(|t| {
+                    let w = t.is_warm();
+                    directory.release(t);
+                    w
+                })
+        })
+        .collect();
+    if cold.is_empty() {
+        return None;
+    }
+    let link = std::sync::Arc::clone(link);
+    let rate = ctx.shared.config.max_recovery_rate;
+    if let Err(ms) = ctx.shard.admit_recoveries(rate, cold.len(), ctx.now_ms) {
+        return Some(ms);
+    }
+    let mut retry = WARM_RETRY_MS;
+    for name in cold {
+        if !link.warm(name) {
+            retry = WARM_FULL_RETRY_MS;
+            break;
         }
     }
-    cold.then_some(WARM_RETRY_MS)
+    Some(retry)
 }
