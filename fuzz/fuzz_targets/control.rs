@@ -75,6 +75,7 @@ fn check(data: &[u8]) {
     let limits = control::Limits {
         max_topic_len: *max_topic_len as usize,
         max_topics: *max_topics as usize,
+        max_patterns: 16,
     };
     let mut buf = msg.to_vec();
     let result = control::parse(&mut buf, limits);
@@ -108,6 +109,12 @@ fn check(data: &[u8]) {
                 );
                 assert!(!c.topics[..i].contains(t), "duplicate topic {t:?}");
             }
+            assert!(
+                c.op != Op::Subscribe
+                    || c.topics.iter().filter(|t| corecast::pubsub::pattern::is_pattern(t)).count()
+                        <= limits.max_patterns,
+                "a subscribe names at most max_patterns patterns"
+            );
             assert!(c.pattern_since.len() <= corecast::pubsub::shard::PATTERN_REPLAY_TOPICS);
             for (t, _) in &c.pattern_since {
                 assert_eq!(topic::validate(t, limits.max_topic_len), Ok(t.as_str()));

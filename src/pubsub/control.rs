@@ -58,6 +58,9 @@ pub struct Limits {
     /// Most distinct topics one connection holds, so the most one message
     /// may name (either op: a connection cannot hold more to unsubscribe).
     pub max_topics: usize,
+    /// Most of them that may be patterns (`--max-patterns-per-conn`): a
+    /// message naming more is refused before its `since` is read.
+    pub max_patterns: usize,
 }
 
 /// A well-formed control message with validated topic names.
@@ -102,6 +105,8 @@ pub enum ControlError {
     /// More distinct topics than one connection may hold: named in the
     /// message, or the message's new ones added to those held.
     TooManyTopics { max: usize },
+    /// More patterns than one connection may hold, named in the message.
+    TooManyPatterns { max: usize },
     /// `"since"` is not an object of `{"epoch":N,"seq":N}` for topics the
     /// message names or its patterns match.
     BadSince,
@@ -129,6 +134,10 @@ impl fmt::Display for ControlError {
             Self::TopicsNotStrings => f.write_str("\"topics\" must be an array of strings"),
             Self::Topic(e) => e.fmt(f),
             Self::TooManyTopics { max } => ListError::TooMany { max: *max }.fmt(f),
+            Self::TooManyPatterns { max } => write!(
+                f,
+                "too many patterns: at most {max} per connection (see --max-patterns-per-conn)"
+            ),
             Self::BadRate => write!(
                 f,
                 "\"max_rate\" must be an integer from 0 (no limit) to {MAX_RATE} updates per second, on a subscribe"
@@ -160,15 +169,26 @@ impl From<ListError> for ControlError {
 /// are read into a [`DistinctNames`], which refuses the message at the
 /// first distinct name past `limits.max_topics`.
 pub fn parse(buf: &mut [u8], limits: Limits) -> Result<Control, ControlError> {
-    parse_counting(buf, limits, &mut 0)
+    parse_counting(buf, limits, &mut 0, &mut 0)
 }
 
-/// [`parse`], adding to `read` the topic names it read: the tests' measure
-/// of its work.
+/// [`parse`], adding to `work` the token comparisons it spent matching
+/// `since` keys to patterns, refused or not (the caller charges them).
+pub fn parse_charged(
+    buf: &mut [u8],
+    limits: Limits,
+    work: &mut usize,
+) -> Result<Control, ControlError> {
+    parse_counting(buf, limits, &mut 0, work)
+}
+
+/// [`parse`], adding to `read` the topic names it read (the tests' measure
+/// of its work) and to `work` its token comparisons.
 fn parse_counting(
     buf: &mut [u8],
     limits: Limits,
     read: &mut usize,
+    work: &mut usize,
 ) -> Result<Control, ControlError> {
     if buf.len() > MAX_CONTROL_BYTES {
         return Err(ControlError::TooLarge);
@@ -217,9 +237,17 @@ fn parse_counting(
         // A history is a topic's: name the topics.
         return Err(ControlError::Topic(TopicError::Pattern));
     }
+    if op == Op::Subscribe
+        && topics.iter().filter(|t| pattern::is_pattern(t)).count() > limits.max_patterns
+    {
+        // Refused before `since` is matched against them.
+        return Err(ControlError::TooManyPatterns {
+            max: limits.max_patterns,
+        });
+    }
     let (since, pattern_since) = match value.get("since") {
         None => (Vec::new(), Vec::new()),
-        Some(v) if op == Op::Subscribe => read_since(v, &topics, limits.max_topic_len)?,
+        Some(v) if op == Op::Subscribe => read_since(v, &topics, limits.max_topic_len, work)?,
         Some(_) => return Err(ControlError::BadSince),
     };
     let max_rate = match value.get("max_rate") {
@@ -243,14 +271,21 @@ fn parse_counting(
 
 /// `"since"`: `{"topic":{"epoch":N,"seq":N},…}`, every key one of `topics`
 /// or a topic one of its patterns matches (a key given twice keeps the
-/// last). Linear in the object times the patterns named.
+/// last). Linear in the object times the patterns named, which are at most
+/// `--max-patterns-per-conn`; the object has at most one entry per topic
+/// named and [`PATTERN_REPLAY_TOPICS`] more, a key given twice counted
+/// twice (the parser keeps both). Adds the token comparisons to `work`.
 #[allow(clippy::type_complexity)]
 fn read_since(
     v: &simd_json::BorrowedValue<'_>,
     topics: &[String],
     max_topic_len: usize,
+    work: &mut usize,
 ) -> Result<(Vec<Option<Since>>, Vec<(String, Since)>), ControlError> {
     let obj = v.as_object().ok_or(ControlError::BadSince)?;
+    if obj.len() > topics.len() + PATTERN_REPLAY_TOPICS {
+        return Err(ControlError::BadSince);
+    }
     let index: std::collections::HashMap<&str, usize> = topics
         .iter()
         .enumerate()
@@ -274,7 +309,14 @@ fn read_since(
             Some(_) => return Err(ControlError::BadSince),
             None => {
                 let name = topic::validate(k, max_topic_len).map_err(|_| ControlError::BadSince)?;
-                if !patterns.iter().any(|p| pattern::matches(p, name)) {
+                let tokens = pattern::token_count(name);
+                let mut tried = 0;
+                let found = patterns.iter().any(|p| {
+                    tried += 1;
+                    pattern::matches(p, name)
+                });
+                *work += tried * tokens;
+                if !found {
                     return Err(ControlError::BadSince);
                 }
                 matched.insert(name.to_owned(), s);
@@ -446,6 +488,7 @@ mod tests {
     const LIMITS: Limits = Limits {
         max_topic_len: 16,
         max_topics: 64,
+        max_patterns: 16,
     };
 
     fn p(s: &str) -> Result<Control, ControlError> {
@@ -460,7 +503,7 @@ mod tests {
         let msg = format!(r#"{{"op":"subscribe","topics":[{}]}}"#, list.join(","));
         assert!(msg.len() <= MAX_CONTROL_BYTES, "{} bytes", msg.len());
         let mut read = 0;
-        let result = parse_counting(&mut msg.into_bytes(), LIMITS, &mut read);
+        let result = parse_counting(&mut msg.into_bytes(), LIMITS, &mut read, &mut 0);
         (result, read)
     }
 
@@ -491,6 +534,7 @@ mod tests {
         let limits = Limits {
             max_topic_len: 16,
             max_topics: 2,
+            max_patterns: 2,
         };
         let mut msg = br#"{"op":"unsubscribe","topics":["a","b","a","c"]}"#.to_vec();
         assert_eq!(
@@ -809,5 +853,64 @@ mod tests {
         // Our replies parse with the same parser.
         let mut r = reply(Op::Subscribe, &["x"]).into_bytes();
         assert!(simd_json::to_borrowed_value(&mut r).is_ok());
+    }
+    /// A `since` is matched against at most `--max-patterns-per-conn`
+    /// patterns, and holds at most one entry per topic named and
+    /// PATTERN_REPLAY_TOPICS more, duplicates counted: the outside review's
+    /// message (63 near-miss patterns, 382 copies of one long key) took
+    /// 46–68 ms to parse; refused now before any key is matched.
+    #[test]
+    fn a_since_is_matched_against_few_patterns_and_holds_few_keys() {
+        let limits = Limits {
+            max_topic_len: 128,
+            max_topics: 64,
+            max_patterns: 16,
+        };
+        let near: Vec<String> = (0..63)
+            .map(|i| format!("\"{}*.b{i:02}\"", "a.".repeat(61)))
+            .chain(["\">\"".to_string()])
+            .collect();
+        let key = ["a"; 64].join(".");
+        let since = |n: usize| {
+            (0..n)
+                .map(|_| format!("\"{key}\":{{\"epoch\":1,\"seq\":1}}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let msg = |patterns: &[String], n: usize| {
+            format!(
+                r#"{{"op":"subscribe","topics":[{}],"since":{{{}}}}}"#,
+                patterns.join(","),
+                since(n)
+            )
+        };
+        let big = msg(&near, 382);
+        assert!(big.len() <= MAX_CONTROL_BYTES, "{}", big.len());
+        assert_eq!(
+            parse(&mut big.into_bytes(), limits),
+            Err(ControlError::TooManyPatterns { max: 16 })
+        );
+        // 16 patterns, duplicated keys past the bound: refused unmatched.
+        let few: Vec<String> = near[48..].to_vec();
+        assert_eq!(
+            parse(
+                &mut msg(&few, 16 + PATTERN_REPLAY_TOPICS + 1).into_bytes(),
+                limits
+            ),
+            Err(ControlError::BadSince)
+        );
+        // Within both: accepted, the comparisons counted (15 near misses
+        // and the `>`, per key, of 64 tokens), and counted when refused.
+        let mut work = 0;
+        let c = parse_charged(&mut msg(&few, 3).into_bytes(), limits, &mut work).unwrap();
+        assert_eq!(c.pattern_since.len(), 1);
+        assert_eq!(work, 3 * 16 * 64);
+        work = 0;
+        let only_near = &near[..16];
+        assert_eq!(
+            parse_charged(&mut msg(only_near, 1).into_bytes(), limits, &mut work),
+            Err(ControlError::BadSince)
+        );
+        assert_eq!(work, 16 * 64);
     }
 }

@@ -452,6 +452,14 @@ impl Shard {
         }
     }
 
+    /// Pattern matching done outside the shard for a control message (its
+    /// `since` keys, a replay's topics against the patterns held), in
+    /// token comparisons: charged with the shard's own at the next
+    /// [`Self::admit_scans`].
+    pub fn charge_scans(&mut self, steps: usize) {
+        self.scanned = self.scanned.saturating_add(steps);
+    }
+
     /// Admits one subscribe with `since` at `rate` per second (0: no
     /// limit); `Err(ms)`: none left, try again after that long.
     pub fn admit_recovery(&mut self, rate: u32, now_ms: u32) -> Result<(), u32> {

@@ -102,6 +102,12 @@ pub struct Ctx<'a> {
 /// served. A single message always goes whole (`--max-message-size`).
 pub const YIELD_AFTER_BYTES: usize = 1024 * 1024;
 
+/// What one token comparison (matching a name to a pattern in a control
+/// message) counts toward [`YIELD_AFTER_BYTES`]: it costs about as much as
+/// decoding this many bytes, so a read of control messages that make the
+/// worker match many names yields as soon as one that decodes as much.
+const BYTES_PER_MATCH_STEP: usize = 16;
+
 /// What publishing a payload of `len` bytes makes the worker hold until
 /// the turn's end: its frame at most, and what holds it (as the shard's
 /// outbox charges it).
@@ -561,8 +567,13 @@ impl Session {
                         unreachable!("control messages come from subscribers")
                     };
                     let queued = self.out.len();
+                    let mut work = 0;
                     let (reply, recovered) =
-                        subscriber::control_message(&mut msg, subs, queued, ctx);
+                        subscriber::control_message(&mut msg, subs, queued, ctx, &mut work);
+                    // Matching names to patterns counts toward the turn
+                    // like the bytes it would take to decode as long.
+                    decoded_bytes =
+                        decoded_bytes.saturating_add(work.saturating_mul(BYTES_PER_MATCH_STEP));
                     ws.send(MessageKind::Text, reply.as_bytes(), &mut self.out);
                     if ws.can_send() {
                         for f in &recovered {

@@ -373,8 +373,17 @@ impl Session {
                 let mut subs = SubList::new(form);
                 // Last values: at most half a queue for the whole list.
                 let mut cap_left = cfg.max_outbound_bytes / 2;
-                let (frames, _) =
-                    subscriber::subscribe_names(&names, &[], &[], &mut subs, &mut cap_left, ctx);
+                let mut matched = 0;
+                let (frames, _) = subscriber::subscribe_names(
+                    &names,
+                    &[],
+                    &[],
+                    &mut subs,
+                    &mut cap_left,
+                    ctx,
+                    &mut matched,
+                );
+                ctx.shard.charge_scans(matched);
                 snapshots = frames;
                 if rate.is_some() {
                     // The query's rate is its topics'.

@@ -103,6 +103,7 @@ pub(super) fn subscribe_names(
     subs: &mut SubList,
     cap_left: &mut usize,
     ctx: &mut Ctx<'_>,
+    work: &mut usize,
 ) -> (Vec<Bytes>, Vec<(String, Recovery)>) {
     let form = subs.form();
     let fresh = fresh_start(form);
@@ -129,15 +130,29 @@ pub(super) fn subscribe_names(
     for i in order {
         let name = names[i];
         if pattern::is_pattern(name) {
+            // Token comparisons: at most one per token of the name and
+            // pattern tried.
+            let steps = std::cell::Cell::new(0usize);
             let covered = |t: &str| {
-                exact.contains(t)
-                    || replayed.contains(t)
-                    || held_patterns.iter().any(|q| pattern::matches(q, t))
+                if exact.contains(t) || replayed.contains(t) {
+                    return true;
+                }
+                let mut tried = 0;
+                let hit = held_patterns.iter().any(|q| {
+                    tried += 1;
+                    pattern::matches(q, t)
+                });
+                steps.set(steps.get() + tried * pattern::token_count(t));
+                hit
             };
             // The positions this pattern matches, each used once.
             let mut mine: Vec<(String, Since)> = Vec::new();
             for (j, p) in pattern_since.iter().enumerate() {
-                if !positions_used[j] && pattern::matches(name, &p.0) && !covered(&p.0) {
+                if positions_used[j] {
+                    continue;
+                }
+                steps.set(steps.get() + pattern::token_count(&p.0));
+                if pattern::matches(name, &p.0) && !covered(&p.0) {
                     positions_used[j] = true;
                     mine.push(p.clone());
                 }
@@ -151,6 +166,7 @@ pub(super) fn subscribe_names(
                 held: subs.as_slice(),
             };
             let (sub, reads) = ctx.shard.subscribe_pattern(name, ctx.me, replay);
+            *work += steps.get();
             subs.push(sub);
             held_patterns.push(name.to_owned());
             ctx.stats.subscribed(1);
@@ -201,19 +217,28 @@ pub(super) fn subscribe_names(
 
 /// Applies a subscriber's control message; returns the JSON reply and the
 /// recovered messages that follow it (a subscribe with `since`), in the
-/// subscriber's form.
+/// subscriber's form. Adds to `work` the token comparisons it spent
+/// matching names to patterns (its `since` keys, a replay's topics
+/// against the patterns held), which are also charged to the worker's
+/// pattern-scan budget.
 pub(super) fn control_message(
     msg: &mut [u8],
     subs: &mut SubList,
     queued: usize,
     ctx: &mut Ctx<'_>,
+    work: &mut usize,
 ) -> (String, Vec<Bytes>) {
     let cfg = &ctx.shared.config;
     let limits = control::Limits {
         max_topic_len: cfg.max_topic_len,
         max_topics: cfg.max_topics_per_conn,
+        max_patterns: cfg.max_patterns_per_conn,
     };
-    let c = match control::parse(msg, limits) {
+    let mut parsed = 0;
+    let c = control::parse_charged(msg, limits, &mut parsed);
+    *work += parsed;
+    ctx.shard.charge_scans(parsed);
+    let c = match c {
         Ok(c) => c,
         Err(e) => {
             ctx.stats.control_error();
@@ -353,8 +378,18 @@ pub(super) fn control_message(
                 .iter()
                 .map(|&i| c.since.get(i).copied().flatten())
                 .collect();
-            let (frames, recovered) =
-                subscribe_names(&names, &since, &c.pattern_since, subs, &mut cap_left, ctx);
+            let mut matched = 0;
+            let (frames, recovered) = subscribe_names(
+                &names,
+                &since,
+                &c.pattern_since,
+                subs,
+                &mut cap_left,
+                ctx,
+                &mut matched,
+            );
+            *work += matched;
+            ctx.shard.charge_scans(matched);
             let listed: Vec<(&str, &Recovery)> =
                 recovered.iter().map(|(n, r)| (n.as_str(), r)).collect();
             let reply = control::subscribed_with_recovery(&c.topics, &listed);

@@ -529,3 +529,43 @@ fn empty_publications_are_charged_what_they_hold_and_a_read_of_them_yields() {
         "every one delivered"
     );
 }
+
+/// Matching names to patterns counts toward a read's turn: one read of
+/// two control messages, each making the worker compare 258 048 tokens
+/// (256 `since` keys of 63 tokens against 16 patterns, 15 of them near
+/// misses), answers the first and leaves the second for the next turn
+/// (before: both, and as many as one read holds, in one turn).
+#[test]
+fn control_messages_that_match_many_names_yield_the_turn() {
+    let mut sim = Sim::new(|c| c.ping_interval = None);
+    let sub = sim.upgrade("/ws", 64 << 20);
+    let patterns: Vec<String> = (0..15)
+        .map(|i| format!("\"{}*.b{i:02}\"", "a.".repeat(61)))
+        .chain(["\">\"".to_string()])
+        .collect();
+    let since: Vec<String> = (0..256)
+        .map(|i| format!("\"{}k{i:x}\":{{\"epoch\":1,\"seq\":1}}", "a.".repeat(62)))
+        .collect();
+    let msg = format!(
+        r#"{{"op":"subscribe","topics":[{}],"since":{{{}}}}}"#,
+        patterns.join(","),
+        since.join(",")
+    );
+    let frame = client_frame(true, OpCode::Text, msg.as_bytes(), MASK);
+    sim.peers.get_mut(&sub).unwrap().unread = [frame.clone(), frame].concat();
+    sim.core.begin_turn(sim.now);
+    sim.pump(sub);
+    // The turn ends at once (a yielded read goes on a millisecond later).
+    sim.turn();
+    let replies = |sim: &mut Sim| {
+        String::from_utf8_lossy(&sim.received(sub))
+            .matches("{\"op\":")
+            .count()
+    };
+    assert_eq!(replies(&mut sim), 1, "one answered in the first turn");
+    for _ in 0..10 {
+        sim.wait(TICK, TICK);
+    }
+    sim.turn();
+    assert_eq!(replies(&mut sim), 1, "the second in a later turn");
+}
