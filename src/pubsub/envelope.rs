@@ -222,7 +222,10 @@ impl Message {
                 .flatten()
                 .expect("a frame built here");
             let body = &base[header.header_len..];
-            let compressed = (body.len() >= crate::proto::deflate::COMPRESS_FROM)
+            let compress =
+                crate::proto::deflate::COMPRESS_FROM..=crate::proto::deflate::COMPRESS_UP_TO;
+            let compressed = compress
+                .contains(&body.len())
                 .then(|| crate::proto::deflate::compress(body))
                 .flatten()?;
             fresh = true;
@@ -754,6 +757,28 @@ mod tests {
                     assert_eq!(back.as_bytes(), &text[..], "len {len} at {at}");
                 }
             }
+        }
+    }
+    /// A publication longer than COMPRESS_UP_TO goes to deflate
+    /// subscribers uncompressed, in every form: compressing 16 MB of
+    /// control characters as a JSON envelope (~96 MB) took seconds, while
+    /// every worker needing that form waited (outside probe). Up to the
+    /// bound it is compressed.
+    #[test]
+    fn a_publication_over_the_compression_bound_goes_uncompressed() {
+        use crate::proto::deflate::COMPRESS_UP_TO;
+        let rsv1 = |f: &Bytes| f[0] & 0x40 != 0;
+        for (len, compressed) in [(COMPRESS_UP_TO, true), (COMPRESS_UP_TO + 1, false)] {
+            let m = Message::new(
+                Bytes::from(server_frame(OpCode::Text, &vec![b'a'; len])),
+                Instant::now(),
+            );
+            let raw = m.frame_for(Form::RawDeflate, "t", &mut |_, _| {}).clone();
+            assert_eq!(rsv1(&raw), compressed, "{len} B, raw");
+            assert_eq!(raw == m.frame, !compressed);
+            // The JSON envelope is longer than the payload: over the bound.
+            let json = m.frame_for(Form::JsonDeflate, "t", &mut |_, _| {}).clone();
+            assert!(!rsv1(&json), "{len} B as JSON");
         }
     }
 }
