@@ -161,6 +161,19 @@ impl Message {
         }
     }
 
+    /// Bytes of every frame the message holds now: its raw frame and each
+    /// form built for it (what keeping the message keeps).
+    pub fn frames_len(&self) -> usize {
+        let built = |c: &OnceLock<Bytes>| c.get().map_or(0, Bytes::len);
+        let deflated = self.deflated.get().map_or(0, |cells| {
+            cells
+                .iter()
+                .map(|c| c.get().and_then(Option::as_ref).map_or(0, Bytes::len))
+                .sum()
+        });
+        self.frame.len() + built(&self.json) + built(&self.binary) + deflated
+    }
+
     /// The same message with conflation key `key`.
     pub fn with_key(self, key: Option<Arc<str>>) -> Self {
         Self { key, ..self }

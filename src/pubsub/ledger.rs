@@ -9,6 +9,13 @@
 //! One ledger holds each frame, so "only the ledger (or the message)
 //! holds it" is exactly "no queue anywhere holds it".
 //!
+//! A publication's frame is charged through its message, and the message
+//! keeps every frame built for it (the raw one, each envelope, each
+//! compressed form): so while a queue holds any of them, the ledger
+//! charges the message for all of them, once per worker. Charging only
+//! the queued form let a compressed frame of 16 KB keep its 16 MiB raw
+//! frame (and its 96 MB JSON form) alive uncharged (outside review).
+//!
 //! Frames shorter than [`COPY_BELOW`](crate::proto::outbound::COPY_BELOW)
 //! are copied into each queue and charged there as owned bytes; the larger
 //! ones are shared by reference ([`bytes::Bytes`]), so a 16 MiB frame queued
@@ -19,7 +26,7 @@
 
 use super::envelope::{Form, Message};
 use bytes::Bytes;
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 /// One charged frame: a frame itself, or a publication's frame in one
@@ -53,8 +60,12 @@ impl Charged {
         }
     }
 
-    fn len(&self) -> usize {
-        self.frame().map_or(0, Bytes::len)
+    /// The [`SharedFrames::messages`] key of a publication's frame.
+    fn message_key(&self) -> Option<usize> {
+        match self {
+            Self::Of(m, _) | Self::Replayed(m, _) => Some(Arc::as_ptr(m) as usize),
+            Self::Frame(_) => None,
+        }
     }
 
     /// No queue holds it: the ledger's reference (a frame) or the
@@ -78,6 +89,10 @@ pub struct SharedFrames {
     /// frame replayed to many of this worker's subscribers is charged once
     /// here (the entry's message reference keeps the address unique).
     replayed: HashSet<(usize, Form)>,
+    /// The messages entries hold, by address: how many entries, and the
+    /// bytes charged for the message (all its frames, as of the last entry
+    /// made for it), released with its last entry.
+    messages: HashMap<usize, (u32, usize)>,
     /// Scan the whole ledger once it is this long: each scan costs the
     /// ledger's length and happens only after as many new entries, so the
     /// work per charged frame stays constant (amortised).
@@ -90,6 +105,7 @@ impl Default for SharedFrames {
             held: VecDeque::new(),
             bytes: 0,
             replayed: HashSet::new(),
+            messages: HashMap::new(),
             compact_at: COMPACT_MIN,
         }
     }
@@ -120,13 +136,29 @@ impl SharedFrames {
 
     /// Charges the `form` frame of `msg` (built or published here) while
     /// any queue holds it; returns the bytes added. The ledger keeps the
-    /// message, not a second reference to the frame.
+    /// message, not a second reference to the frame, and so charges every
+    /// frame the message holds (see the module's text).
     pub fn charge_message(&mut self, msg: &Arc<Message>, form: Form) -> usize {
-        let c = Charged::Of(Arc::clone(msg), form);
-        let n = c.len();
-        self.held.push_back(c);
-        self.bytes += n;
-        n
+        if msg.frame_of(form).is_none() {
+            return 0; // not built: no queue can hold it
+        }
+        self.held.push_back(Charged::Of(Arc::clone(msg), form));
+        self.hold(msg)
+    }
+
+    /// One more entry holds `msg`: its frames are charged, those built
+    /// since its last entry included; returns the bytes added.
+    fn hold(&mut self, msg: &Arc<Message>) -> usize {
+        let all = msg.frames_len();
+        let (entries, charged) = self
+            .messages
+            .entry(Arc::as_ptr(msg) as usize)
+            .or_insert((0, 0));
+        *entries += 1;
+        let add = all.saturating_sub(*charged);
+        *charged += add;
+        self.bytes += add;
+        add
     }
 
     /// Charges the `form` frame of `msg`, which a history kept and a queue
@@ -138,14 +170,13 @@ impl SharedFrames {
     /// replaying messages that are then pushed out of their history could
     /// hold its queue's worth of frames the budget never saw.
     pub fn charge_replayed(&mut self, msg: &Arc<Message>, form: Form) -> usize {
-        if !self.replayed.insert((Arc::as_ptr(msg) as usize, form)) {
+        if msg.frame_of(form).is_none() || !self.replayed.insert((Arc::as_ptr(msg) as usize, form))
+        {
             return 0;
         }
-        let c = Charged::Replayed(Arc::clone(msg), form);
-        let n = c.len();
-        self.held.push_back(c);
-        self.bytes += n;
-        n
+        self.held
+            .push_back(Charged::Replayed(Arc::clone(msg), form));
+        self.hold(msg)
     }
 
     /// Releases the frames no queue holds any more; returns the bytes freed.
@@ -160,22 +191,16 @@ impl SharedFrames {
             if !f.unheld() {
                 break;
             }
-            freed += f.len();
-            if let Some(k) = f.replayed_key() {
-                self.replayed.remove(&k);
-            }
-            self.held.pop_front();
+            let f = self.held.pop_front().expect("checked");
+            freed += release(&f, &mut self.replayed, &mut self.messages);
         }
         let len = self.held.len();
         if len > 0 && (full || len <= COMPACT_MIN || len >= self.compact_at) {
-            let replayed = &mut self.replayed;
+            let (replayed, messages) = (&mut self.replayed, &mut self.messages);
             self.held.retain(|f| {
                 let unheld = f.unheld();
                 if unheld {
-                    freed += f.len();
-                    if let Some(k) = f.replayed_key() {
-                        replayed.remove(&k);
-                    }
+                    freed += release(f, replayed, messages);
                 }
                 !unheld
             });
@@ -184,9 +209,37 @@ impl SharedFrames {
         if self.held.is_empty() && self.held.capacity() > 4 * COMPACT_MIN {
             self.held = VecDeque::new();
         }
+        if self.messages.is_empty() && self.messages.capacity() > 4 * COMPACT_MIN {
+            self.messages = HashMap::new();
+        }
         self.bytes -= freed;
         freed
     }
+}
+
+/// Lets go of entry `f`; returns the bytes it frees: a frame's own, or,
+/// for its message's last entry here, what was charged for the message.
+fn release(
+    f: &Charged,
+    replayed: &mut HashSet<(usize, Form)>,
+    messages: &mut HashMap<usize, (u32, usize)>,
+) -> usize {
+    if let Some(k) = f.replayed_key() {
+        replayed.remove(&k);
+    }
+    let Some(key) = f.message_key() else {
+        return f.frame().map_or(0, Bytes::len);
+    };
+    let Some((entries, charged)) = messages.get_mut(&key) else {
+        return 0;
+    };
+    *entries -= 1;
+    if *entries > 0 {
+        return 0;
+    }
+    let charged = *charged;
+    messages.remove(&key);
+    charged
 }
 
 #[cfg(test)]
@@ -303,5 +356,41 @@ mod tests {
         drop(stuck);
         l.release_unheld(true);
         assert!(l.is_empty());
+    }
+    /// A message is charged for every frame it holds while a queue holds
+    /// any one of them: a queued compressed form keeps the raw frame and
+    /// the other forms alive (before: a 16 KB compressed frame was charged
+    /// while it kept its 16 MiB raw frame alive, 1 028x under). Released
+    /// with the last entry that holds it; forms built later are charged
+    /// with the entry made for them.
+    #[test]
+    fn a_message_is_charged_all_its_frames_while_a_queue_holds_one() {
+        let mut l = SharedFrames::default();
+        let text: Vec<u8> = b"x".repeat(1 << 20);
+        let msg = Arc::new(Message::new(
+            Bytes::from(crate::proto::frame::server_frame(
+                crate::proto::frame::OpCode::Text,
+                &text,
+            )),
+            std::time::Instant::now(),
+        ));
+        let raw = msg.frame.len();
+        assert_eq!(l.charge_message(&msg, Form::Raw), raw);
+        let queued_raw = msg.frame.clone();
+        let json = msg.frame_for(Form::Json, "t", &mut |_, _| {}).clone();
+        assert_eq!(l.charge_message(&msg, Form::Json), json.len());
+        assert_eq!(l.bytes(), raw + json.len());
+        // The raw frame leaves its queue; the JSON one is still queued:
+        // the message (raw frame included) stays charged.
+        drop(queued_raw);
+        assert_eq!(l.release_unheld(true), 0);
+        assert_eq!(l.bytes(), raw + json.len());
+        drop(json);
+        assert_eq!(l.release_unheld(true), raw + json_len(&msg));
+        assert!(l.is_empty() && l.messages.is_empty());
+    }
+
+    fn json_len(msg: &Message) -> usize {
+        msg.frame_of(Form::Json).map_or(0, Bytes::len)
     }
 }
