@@ -526,3 +526,53 @@ fn anonymous_access_is_decided_per_namespace() {
         Incoming::Pub(e) => panic!("{e:?}"),
     }
 }
+
+/// In-band refreshes are signature checks a client can ask for at will:
+/// each worker checks at most 500 a second (one second's worth at once),
+/// and answers the rest "refreshes busy" with `retry_ms`, the old token
+/// staying (outside review: unmetered, ~2 200 checks per turn of one
+/// connection). Every message is answered, in order.
+#[test]
+fn refreshes_are_checked_at_a_bounded_rate_per_worker() {
+    let cert = test_cert();
+    let (key, secret) = secret_file(&cert.dir, "refresh-rate.key");
+    let server = start_with(|c| {
+        c.workers = 1;
+        c.jwt = Some(settings(&key));
+    });
+    let addr = server.local_addr();
+    let mut ws = subscriber(addr, "t", &rights(&secret, &["t"], &[]));
+    // Signed with another key: each costs a full signature check.
+    let forged = rights(b"not the server's secret, but as long as one", &["t"], &[]);
+    let n = 700;
+    for _ in 0..n {
+        ws.write(Message::text(
+            json!({"op": "refresh", "token": forged}).to_string(),
+        ))
+        .unwrap();
+    }
+    ws.flush().unwrap();
+    let (mut refused, mut busy) = (0, 0);
+    for _ in 0..n {
+        let Message::Text(t) = ws.read().unwrap() else {
+            panic!("expected a text reply")
+        };
+        let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+        assert_eq!(v["op"], "error", "{v}");
+        match v["reason"].as_str().unwrap() {
+            r if r.starts_with("refresh refused") => refused += 1,
+            "refreshes busy: try again" => {
+                assert!(v["retry_ms"].as_u64().unwrap() >= 1, "{v}");
+                busy += 1;
+            }
+            r => panic!("{r}"),
+        }
+    }
+    assert!(
+        refused <= 600 && busy >= 100,
+        "{refused} checked, {busy} busy"
+    );
+    // The connection and its token are as they were.
+    let v = reply(&mut ws, json!({"op": "subscribe", "topics": ["t"]}));
+    assert_eq!(v["op"], "subscribed", "{v}");
+}

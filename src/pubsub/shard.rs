@@ -380,6 +380,8 @@ pub struct Shard {
     batch: u64,
     /// Recoveries admitted (`--max-recovery-rate`); full at first use.
     recoveries: Option<crate::proto::rate::TokenBucket>,
+    /// Token refreshes (each a signature check) admitted on this worker.
+    refreshes: Option<crate::proto::rate::TokenBucket>,
     /// Patterns registered ([`PATTERN_REGISTRATIONS_PER_SECOND`]).
     registrations: Option<crate::proto::rate::TokenBucket>,
     /// Pattern matching work done ([`SCAN_STEPS_PER_SECOND`]), and the
@@ -414,6 +416,7 @@ impl Shard {
             seen: HashSet::new(),
             batch: 0,
             recoveries: None,
+            refreshes: None,
             registrations: None,
             scans: None,
             scanned: 0,
@@ -464,6 +467,12 @@ impl Shard {
     /// limit); `Err(ms)`: none left, try again after that long.
     pub fn admit_recovery(&mut self, rate: u32, now_ms: u32) -> Result<(), u32> {
         admit(&mut self.recoveries, rate, 1, now_ms)
+    }
+
+    /// Admits one in-band token refresh (a signature check) at `rate` per
+    /// second; `Err(ms)`: none left, try again after that long.
+    pub fn admit_refresh(&mut self, rate: u32, now_ms: u32) -> Result<(), u32> {
+        admit(&mut self.refreshes, rate, 1, now_ms)
     }
 
     /// Admits `n` more recoveries from the same bucket: in a cluster, each

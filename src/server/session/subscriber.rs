@@ -415,7 +415,11 @@ pub(super) fn control_message(
                 .collect();
             return (control::history_reply(&ranges), Vec::new());
         }
-        Op::Refresh => return refresh(c.token.as_deref().unwrap_or(""), subs, ctx),
+        Op::Refresh => {
+            // A signature check costs what decoding tens of kilobytes does.
+            *work += REFRESH_WORK;
+            return refresh(c.token.as_deref().unwrap_or(""), subs, ctx);
+        }
         Op::Unsubscribe => {
             let gone: std::collections::HashSet<u32> = c
                 .topics
@@ -443,6 +447,17 @@ pub(super) fn control_message(
     (control::reply(c.op, &c.topics), Vec::new())
 }
 
+/// In-band token refreshes each worker checks per second (a signature
+/// check each: 50–220 µs with one to four keys; at this rate at most about
+/// a tenth of a core). Over it a refresh is answered busy with
+/// `retry_ms`, the old token staying.
+const REFRESHES_PER_SECOND: u32 = 500;
+
+/// What one refresh counts toward the connection's turn, in token
+/// comparisons (16 B each: 64 KiB, about what decoding costs as long as
+/// a signature check takes).
+const REFRESH_WORK: usize = 4096;
+
 /// `{"op":"refresh","token":"…"}`: the connection's token replaced by a
 /// valid one for the same `sub` whose rights cover every subscription
 /// held; anything else is an error reply and the old token stays (until
@@ -455,6 +470,13 @@ fn refresh(token: &str, subs: &SubList, ctx: &mut Ctx<'_>) -> (String, Vec<Bytes
             Vec::new(),
         );
     };
+    if let Err(ms) = ctx.shard.admit_refresh(REFRESHES_PER_SECOND, ctx.now_ms) {
+        ctx.stats.control_error();
+        return (
+            control::busy_with("refreshes busy: try again", ms),
+            Vec::new(),
+        );
+    }
     let grant = match ctx.shared.verify(&verifier, token, ctx.wall_s) {
         Ok(g) => g,
         Err(why) => {
