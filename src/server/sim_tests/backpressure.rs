@@ -450,6 +450,47 @@ fn frames_replayed_from_a_history_stay_charged_after_the_history_drops_them() {
     );
 }
 
+/// A rated subscriber's rates are its own copies of its names (up to 64
+/// of 128 bytes, ~15 KB), charged to the budget while it holds them
+/// (outside review: uncharged, ~1.5 GB at 100 000 such connections).
+/// Measured against the same subscriptions without a rate.
+#[test]
+fn a_rated_subscribers_rates_are_charged_while_it_holds_them() {
+    use std::sync::atomic::Ordering::Relaxed;
+    // 100 bytes each: 64 of them fit in a request head.
+    let names: Vec<String> = (0..64)
+        .map(|i| format!("{i:02}{}", "n".repeat(98)))
+        .collect();
+    let run = |query: &str| {
+        let mut sim = Sim::new(|c| c.ping_interval = None);
+        let before = sim.stats().buffered_bytes.load(Relaxed);
+        let sub = sim.upgrade(&format!("/ws?topics={}{query}", names.join(",")), 1 << 20);
+        sim.wait(TICK, TICK);
+        let held = sim.stats().buffered_bytes.load(Relaxed) - before;
+        let unsubscribe = format!(
+            r#"{{"op":"unsubscribe","topics":["{}"]}}"#,
+            names[..63].join("\",\"")
+        );
+        sim.send(
+            sub,
+            &client_frame(true, OpCode::Text, unsubscribe.as_bytes(), MASK),
+        );
+        sim.wait(TICK, TICK);
+        (held, sim.stats().buffered_bytes.load(Relaxed) - before)
+    };
+    let (plain, plain_after) = run("");
+    let (rated, rated_after) = run("&max_rate=1");
+    // `RATE_ENTRY_BYTES` (96) and the name (100), each.
+    assert!(
+        rated >= plain + 64 * (96 + 100),
+        "{rated} bytes charged with a rate, {plain} without"
+    );
+    assert!(
+        rated_after < plain_after + 2 * (96 + 100) + 128,
+        "one name left: {rated_after} bytes charged with a rate, {plain_after} without"
+    );
+}
+
 #[test]
 fn a_rated_subscribers_record_of_the_topics_it_was_sent_is_charged() {
     // A `>`-style subscriber with a rate keeps, per topic it was sent,

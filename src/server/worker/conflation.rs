@@ -129,7 +129,23 @@ struct Rates {
     patterns: Vec<(Arc<str>, Option<Duration>)>,
 }
 
+/// What a [`Rates`] is charged besides its entries: its slot in
+/// `Tables::rates` and its own fields, with margin.
+const RATES_BYTES: usize = 128;
+/// What one of its entries is charged besides its name: the map or list
+/// slot (a name's `Arc` and an interval) and the name's allocation header.
+const RATE_ENTRY_BYTES: usize = 96;
+
 impl Rates {
+    /// Bytes charged for it (its own copies of up to
+    /// `--max-topics-per-conn` names: ~15 KB with 64 names of 128 bytes).
+    fn charge(&self) -> usize {
+        let entry = |name: &str| RATE_ENTRY_BYTES + name.len();
+        RATES_BYTES
+            + self.exact.keys().map(|n| entry(n)).sum::<usize>()
+            + self.patterns.iter().map(|(n, _)| entry(n)).sum::<usize>()
+    }
+
     fn set(&mut self, name: &str, interval: Option<Duration>) {
         if crate::pubsub::pattern::is_pattern(name) {
             match self.patterns.iter_mut().find(|(p, _)| &**p == name) {
@@ -315,7 +331,9 @@ impl Tables {
     /// Drops `key`'s table and rate (the connection is gone); returns the
     /// publications that waited.
     pub(super) fn remove(&mut self, key: usize) -> usize {
-        self.rates.remove(&key);
+        if let Some(r) = self.rates.remove(&key) {
+            self.bytes -= r.charge();
+        }
         let Some(t) = self.by_conn.remove(&key) else {
             return 0;
         };
@@ -468,15 +486,21 @@ impl<S> Core<S> {
                     fresh.set(name, None);
                 }
             }
-            self.tables.rates.insert(key, fresh);
+            self.tables.bytes += fresh.charge();
+            if let Some(old) = self.tables.rates.insert(key, fresh) {
+                self.tables.bytes -= old.charge();
+            }
         }
         let rates = self.tables.rates.get_mut(&key).expect("just listed");
+        let before = rates.charge();
         for name in names {
             rates.set(name, interval);
         }
+        self.tables.bytes = self.tables.bytes + rates.charge() - before;
         let rated = rates.any();
         if !rated {
-            self.tables.rates.remove(&key);
+            let gone = self.tables.rates.remove(&key).expect("listed");
+            self.tables.bytes -= gone.charge();
         }
         self.conns[key].set_flag(RATED, rated);
     }
@@ -504,12 +528,15 @@ impl<S> Core<S> {
         let shard = &self.shard;
         // The rates of subscriptions gone go with them.
         if let Some(r) = self.tables.rates.get_mut(&key) {
+            let before = r.charge();
             r.exact
                 .retain(|n, _| shard.topic_id(n).is_some_and(|id| exact.contains(&id)));
             r.patterns
                 .retain(|(p, _)| patterns.iter().any(|q| **q == **p));
+            self.tables.bytes = self.tables.bytes + r.charge() - before;
             if !r.any() {
-                self.tables.rates.remove(&key);
+                let gone = self.tables.rates.remove(&key).expect("listed");
+                self.tables.bytes -= gone.charge();
                 self.conns[key].set_flag(RATED, false);
             }
         }
