@@ -274,6 +274,13 @@ fn http_publish_refusals() {
             "Content-Length",
         ),
         (
+            // Past usize: past the limit too (was 400).
+            b"POST /publish/t HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999\r\n\r\n"
+                .to_vec(),
+            413,
+            "size limit",
+        ),
+        (
             b"PUT /publish/t HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx".to_vec(),
             405,
             "POST",

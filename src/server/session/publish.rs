@@ -70,7 +70,8 @@ impl Session {
         let len: usize = std::str::from_utf8(len.trim_ascii())
             .ok()
             .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|s| s.parse().ok())
+            // A number past usize is past the size limit too (413).
+            .map(|s| s.parse().unwrap_or(usize::MAX))
             .ok_or(Reject::new(Status::BadRequest, "bad Content-Length"))?;
         if len > cfg.max_message_size {
             return Err(Reject::new(
