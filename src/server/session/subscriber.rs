@@ -41,7 +41,15 @@ pub(super) fn fit(
     let mut bytes = 0;
     for m in r.messages.iter().rev() {
         // Measured before it is built: one that does not fit is not built.
-        let len = m.frame_len(form, name);
+        // Measuring an envelope not built yet reads the whole payload (a
+        // JSON one's escapes); its payload's length, which no form not
+        // built yet is shorter than, rules most out first (a replay whose
+        // room is spent would otherwise read every message it is offered).
+        let len = match m.frame_of(form) {
+            Some(f) => f.len(),
+            None if bytes + m.payload().1.len() > *cap_left => break,
+            None => m.frame_len(form, name),
+        };
         if bytes + len > *cap_left {
             break;
         }
