@@ -28,7 +28,7 @@ pub struct Conn<S> {
     pub(super) state: IoState,
     /// [`READ_PAUSED`], [`PEER_EOF`], [`DIRTY`], [`PING_PENDING`],
     /// [`ADMITTED`], [`REQUEST_DONE`], [`PUBLISHED`], [`CONFLATING`], [`RATED`],
-    /// [`AWAIT_PROXY`]: bits.
+    /// [`AWAIT_PROXY`], [`PACED`], [`THROTTLED`]: bits.
     flags: u16,
 }
 
@@ -58,6 +58,11 @@ pub(super) const RATED: u16 = 256;
 /// yet: counted against the process-wide cap only, until it names the
 /// client.
 pub(super) const AWAIT_PROXY: u16 = 512;
+/// Listed in the core's `paced` (one entry per connection): membership
+/// without a search of the list.
+pub(super) const PACED: u16 = 1024;
+/// Listed in the core's `throttled`.
+pub(super) const THROTTLED: u16 = 2048;
 
 impl<S> Conn<S> {
     /// A connection just accepted at `now_ms`, its request head awaited.

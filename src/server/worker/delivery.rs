@@ -287,7 +287,11 @@ impl<S> Core<S> {
                 due.push((key, serial));
             }
             for (key, serial) in due {
-                if !self.is_current(key, serial) || self.throttled.contains(&(key, serial)) {
+                if !self.is_current(key, serial) {
+                    continue;
+                }
+                self.conns[key].set_flag(PACED, false);
+                if self.conns[key].flag(THROTTLED) {
                     continue;
                 }
                 self.conns[key].set_flag(READ_PAUSED, false);
@@ -318,6 +322,10 @@ impl<S> Core<S> {
         }
         for (key, serial) in std::mem::take(&mut self.throttled) {
             if self.is_current(key, serial) {
+                self.conns[key].set_flag(THROTTLED, false);
+                if self.conns[key].flag(PACED) {
+                    continue; // its pace resumes it
+                }
                 self.conns[key].set_flag(READ_PAUSED, false);
                 self.reread.push((key, serial));
             }

@@ -184,9 +184,14 @@ impl<S> Core<S> {
             // io_uring may deliver input already received while paused: one
             // entry per connection, holding the latest resume time.
             let serial = conn.serial;
-            match self.paced.iter_mut().find(|p| (p.1, p.2) == (key, serial)) {
-                Some(p) => p.0 = p.0.max(at),
-                None => self.paced.push((at, key, serial)),
+            if conn.flag(PACED) {
+                // Rare (input delivered while paused): the one search.
+                if let Some(p) = self.paced.iter_mut().find(|p| (p.1, p.2) == (key, serial)) {
+                    p.0 = p.0.max(at);
+                }
+            } else {
+                conn.set_flag(PACED, true);
+                self.paced.push((at, key, serial));
             }
             return Input::Stop;
         }
@@ -195,9 +200,10 @@ impl<S> Core<S> {
             // may): read on at the next turn, what arrives meanwhile held.
             conn.set_flag(READ_PAUSED, true);
             let serial = conn.serial;
-            if !self.paced.iter().any(|p| (p.1, p.2) == (key, serial)) {
+            if !conn.flag(PACED) {
                 // Due at a later turn than this one (whose `unthrottle` has
                 // not run yet).
+                conn.set_flag(PACED, true);
                 self.paced
                     .push((self.now + Duration::from_millis(1), key, serial));
             }
@@ -217,7 +223,10 @@ impl<S> Core<S> {
             // requests wait in the socket, not in a mailbox.
             stats.publisher_throttled();
             conn.set_flag(READ_PAUSED, true);
-            self.throttled.push((key, conn.serial));
+            if !conn.flag(THROTTLED) {
+                conn.set_flag(THROTTLED, true);
+                self.throttled.push((key, conn.serial));
+            }
             return Input::Stop;
         }
         Input::More

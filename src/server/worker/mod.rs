@@ -46,8 +46,8 @@ use crate::pubsub::shard::{ConnRef, Shard};
 use bytes::Bytes;
 pub use conn::Conn;
 use conn::{
-    ADMITTED, AWAIT_PROXY, CONFLATING, DIRTY, PEER_EOF, PING_PENDING, PUBLISHED, RATED,
-    READ_PAUSED, REQUEST_DONE,
+    ADMITTED, AWAIT_PROXY, CONFLATING, DIRTY, PACED, PEER_EOF, PING_PENDING, PUBLISHED, RATED,
+    READ_PAUSED, REQUEST_DONE, THROTTLED,
 };
 use deadlines::{ms_after, sweep_period};
 use dirty::DirtyList;
@@ -576,8 +576,8 @@ impl<S> Core<S> {
         if conn.flag(READ_PAUSED)
             && !conn.session.confirming()
             && conn.session.out.len() <= max_outbound / 2
-            && !self.throttled.contains(&(key, serial))
-            && !self.paced.iter().any(|&(_, k, s)| (k, s) == (key, serial))
+            && !conn.flag(THROTTLED)
+            && !conn.flag(PACED)
         {
             conn.set_flag(READ_PAUSED, false);
             self.reread.push((key, serial));
