@@ -1144,6 +1144,13 @@ impl Shard {
         }
     }
 
+    /// Charges `msg`, a publication from the cluster this worker queued
+    /// (its raw frame, and whatever forms it holds), while a queue holds
+    /// it: no dispatch charged it.
+    pub fn charge_remote(&mut self, msg: &Arc<Message>) {
+        self.frames.charge_message(msg, Form::Raw);
+    }
+
     /// Charges `msg`'s `form` frame, replayed from a history into one of
     /// this worker's queues by reference (see
     /// [`SharedFrames::charge_replayed`]); a frame under [`COPY_BELOW`] is
@@ -1261,8 +1268,10 @@ impl Shard {
     /// cost about `budget` deliveries (publications × local subscribers):
     /// after as many whole runs of one topic as fit, or, when the first run
     /// alone is over the budget, after the part of it that fits (at least
-    /// one publication). One lookup per run.
-    pub fn step_end(&self, pubs: &[Publication], start: usize, budget: usize) -> usize {
+    /// one publication). One lookup per run. Returns the end and the step's
+    /// cost, which the caller counts against its budget (a walk over
+    /// slots costs though it delivers to few).
+    pub fn step_end(&self, pubs: &[Publication], start: usize, budget: usize) -> (usize, usize) {
         let mut end = start;
         let mut cost = 0usize;
         while end < pubs.len() {
@@ -1289,11 +1298,13 @@ impl Shard {
             }
             if end == start {
                 // Part of the first run: what fits, at least one.
-                end += (budget / subs.max(1)).clamp(1, run);
+                let n = (budget / subs.max(1)).clamp(1, run);
+                end += n;
+                cost += n.saturating_mul(subs.max(1));
             }
             break;
         }
-        end
+        (end, cost)
     }
 
     /// Calls `deliver(run, topic, subscribers)` for `pubs` (from the
@@ -1545,9 +1556,12 @@ fn walk_cost(subs: &Subscribers) -> usize {
     subs.len().max(subs.end() / VISITS_PER_DELIVERY)
 }
 
-/// Takes `n` tokens from `bucket` (full at first use) at `rate` per
-/// second; `Err(ms)` when one is missing: the time until it has accrued
-/// (the tokens taken before stay taken).
+/// Admits a request costing `n` tokens from `bucket` (full at first use)
+/// at `rate` per second: when the bucket holds a token, all `n` are taken
+/// at once, into debt for those it lacks (later requests wait it out), so
+/// a request of more tokens than are left, or than a second's worth, is
+/// admitted in its turn rather than never. `Err(ms)`: no token now,
+/// nothing taken; try again after that long.
 fn admit(
     bucket: &mut Option<crate::proto::rate::TokenBucket>,
     rate: u32,
@@ -1555,13 +1569,15 @@ fn admit(
     now_ms: u32,
 ) -> Result<(), u32> {
     let bucket = bucket.get_or_insert_with(|| crate::proto::rate::TokenBucket::full(rate, now_ms));
-    for _ in 0..n {
-        if !bucket.take(rate, now_ms) {
-            let mut probe = *bucket;
-            probe.spend(rate, now_ms);
-            return Err(probe.wait_ms(rate).max(1));
-        }
+    if n == 0 {
+        return Ok(());
     }
+    if !bucket.take(rate, now_ms) {
+        let mut probe = *bucket;
+        probe.spend(rate, now_ms);
+        return Err(probe.wait_ms(rate).max(1));
+    }
+    bucket.spend_n(rate, now_ms, u32::try_from(n - 1).unwrap_or(u32::MAX));
     Ok(())
 }
 

@@ -194,16 +194,20 @@ fn delivery_steps_keep_whole_runs_and_stay_near_the_budget() {
         .chain((0..5).map(|_| p(&b)))
         .chain((0..3).map(|_| p(&a)))
         .collect();
-    assert_eq!(s[0].step_end(&pubs, 0, 10_000), 18, "everything fits");
-    assert_eq!(s[0].step_end(&pubs, 0, 1_005), 15, "two whole runs");
+    assert_eq!(s[0].step_end(&pubs, 0, 10_000).0, 18, "everything fits");
+    assert_eq!(s[0].step_end(&pubs, 0, 1_005).0, 15, "two whole runs");
     assert_eq!(
-        s[0].step_end(&pubs, 0, 1_100),
+        s[0].step_end(&pubs, 0, 1_100).0,
         15,
         "not part of a later run"
     );
-    assert_eq!(s[0].step_end(&pubs, 0, 450), 4, "part of the first run");
-    assert_eq!(s[0].step_end(&pubs, 0, 0), 1, "at least one publication");
-    assert_eq!(s[0].step_end(&pubs, 10, 3), 13, "a run with one subscriber");
+    assert_eq!(s[0].step_end(&pubs, 0, 450).0, 4, "part of the first run");
+    assert_eq!(s[0].step_end(&pubs, 0, 0).0, 1, "at least one publication");
+    assert_eq!(
+        s[0].step_end(&pubs, 10, 3).0,
+        13,
+        "a run with one subscriber"
+    );
 }
 
 /// A delivery step counts the walk over a topic's slots, not only its
@@ -224,12 +228,14 @@ fn a_delivery_step_counts_the_slots_a_topic_walks() {
             )
         })
         .collect();
-    assert_eq!(s[0].step_end(&pubs, 0, 300_000), 3, "100 000 subscribers");
+    assert_eq!(s[0].step_end(&pubs, 0, 300_000).0, 3, "100 000 subscribers");
     for sub in &subs[1..] {
         s[0].unsubscribe(*sub);
     }
-    // One subscriber, 100 000 slots: 3 125 deliveries' worth each.
-    assert_eq!(s[0].step_end(&pubs, 0, 10_000), 3);
+    // One subscriber, 100 000 slots: 3 125 deliveries' worth each, and
+    // the step says so (the worker counts it against its turn).
+    assert_eq!(s[0].step_end(&pubs, 0, 10_000), (3, 3 * 3125));
+    assert_eq!(s[0].step_end(&pubs, 0, 0), (1, 3125), "at least one");
 }
 
 #[test]
@@ -896,4 +902,26 @@ fn a_pattern_is_charged_per_token_and_released_with_it() {
     );
     s[0].unsubscribe(sub);
     assert_eq!(s[0].charged_bytes(), before);
+}
+
+/// A recovery costing more tokens than are left (in a cluster, one per
+/// topic to fill: up to 64 and 256 positions) is admitted when a token is
+/// there, into debt that later ones wait out; a refused one takes nothing
+/// (outside review: it took what was left and was told to retry in a
+/// millisecond, so it never gathered enough and kept the bucket empty for
+/// everyone on the worker).
+#[test]
+fn a_recovery_of_many_topics_is_admitted_in_its_turn_and_a_refusal_takes_nothing() {
+    let (_d, _bus, _inboxes, mut s) = shards(1);
+    // 10 a second (a second's worth at once): 64 at once all the same.
+    assert_eq!(s[0].admit_recoveries(10, 64, 0), Ok(()));
+    // 54 tokens of debt and the one asked for: 5.5 s.
+    assert_eq!(s[0].admit_recovery(10, 0), Err(5_500));
+    for _ in 0..100 {
+        assert!(
+            s[0].admit_recovery(10, 1_000).is_err(),
+            "refusals take nothing"
+        );
+    }
+    assert_eq!(s[0].admit_recovery(10, 5_500), Ok(()));
 }

@@ -536,9 +536,10 @@ const WARM_FULL_RETRY_MS: u32 = 500;
 /// In a cluster: whether any of `names` has no history here yet that a
 /// recovery may use; each such topic is handed to the link to fill, and
 /// the client is to retry after the returned milliseconds. `None` on one
-/// machine. Each such topic counts as one recovery against
-/// `--max-recovery-rate` (a subscribe with `since` has counted one
-/// already): over it, none is handed on.
+/// machine. Each such topic the node has no entry for yet counts as one
+/// recovery against `--max-recovery-rate` (a subscribe with `since` has
+/// counted one already; a retry while its fill runs counts nothing):
+/// over it, none is handed on.
 fn cold_in_cluster<'a>(names: impl Iterator<Item = &'a str>, ctx: &mut Ctx<'_>) -> Option<u32> {
     let directory = ctx.shard.directory();
     let link = directory.link()?;
@@ -556,8 +557,14 @@ fn cold_in_cluster<'a>(names: impl Iterator<Item = &'a str>, ctx: &mut Ctx<'_>) 
         return None;
     }
     let link = std::sync::Arc::clone(link);
+    // Names the node follows already (held, a fill running: a retry) are
+    // not counted again.
+    let fresh = cold
+        .iter()
+        .filter(|n| directory.get(n).map(|t| directory.release(t)).is_none())
+        .count();
     let rate = ctx.shared.config.max_recovery_rate;
-    if let Err(ms) = ctx.shard.admit_recoveries(rate, cold.len(), ctx.now_ms) {
+    if let Err(ms) = ctx.shard.admit_recoveries(rate, fresh, ctx.now_ms) {
         return Some(ms);
     }
     let mut retry = WARM_RETRY_MS;

@@ -209,3 +209,39 @@ fn without_confirm_the_answer_is_at_once_and_pipelined_requests_go_on() {
     );
     assert!(text(sim.received(bad)).starts_with("HTTP/1.1 400 "));
 }
+
+/// In a cluster every publication comes back from NATS, charged by no
+/// dispatch: the worker that queues one charges it (outside review: a
+/// cluster node's queued published frames were charged to no budget).
+#[test]
+fn a_publication_from_the_cluster_is_charged_where_it_is_queued() {
+    let mut sim = Sim::in_cluster(|c| c.ping_interval = None);
+    let shared = Arc::clone(sim.core.shared());
+    let link = Arc::clone(shared.cluster.as_ref().unwrap());
+    shared
+        .directory
+        .set_link(link as Arc<dyn crate::pubsub::remote::Link>);
+    // A raw subscriber that never reads.
+    let sub = sim.upgrade("/ws?topics=t", 0);
+    let before = sim.stats().buffered_bytes.load(Relaxed);
+    let frame = crate::proto::frame::server_frame(crate::proto::frame::OpCode::Binary, &[7; 65536]);
+    let mut msg = crate::pubsub::envelope::Message::new(bytes::Bytes::from(frame), sim.now);
+    let entry = shared.directory.get("t").unwrap();
+    (msg.epoch, msg.seq) = (entry.epoch(), 1);
+    shared.directory.release(entry);
+    crate::pubsub::remote::inject_batch(&shared.directory, &shared.bus, vec![("t".into(), msg)]);
+    sim.wait(TICK, TICK);
+    sim.wait(TICK, TICK);
+    assert_eq!(sim.stats().frames_sent.load(Relaxed), 1, "queued");
+    let charged = sim.stats().buffered_bytes.load(Relaxed) - before;
+    assert!(
+        charged >= 65536,
+        "{charged} bytes charged for a 64 KiB frame queued"
+    );
+    // Read: released.
+    sim.read(sub, 1 << 20);
+    sim.wait(TICK, TICK);
+    assert_eq!(sim.received(sub).len(), 65546);
+    let after = sim.stats().buffered_bytes.load(Relaxed) - before;
+    assert!(after < 4096, "{after} bytes still charged");
+}

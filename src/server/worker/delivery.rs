@@ -143,6 +143,10 @@ impl<S> Core<S> {
         let now = self.now;
         let built = &mut self.built;
         let tables = &mut self.tables;
+        // In a cluster every publication comes from NATS (`remote::inject`),
+        // charged by no dispatch: each worker that queues one charges it.
+        let in_cluster = shard.directory().link().is_some();
+        let unpaid = &mut self.unpaid;
         let mut to_conns =
             |run: &[Publication], topic: &TopicView<'_>, targets: &[(usize, u32)]| {
                 // Called once per chunk of subscribers: record each run's times once.
@@ -153,6 +157,13 @@ impl<S> Core<S> {
                         stats.handoff_latency.observe(waited);
                     }
                     delivered.extend(run.iter().map(|p| p.published_at()));
+                    if in_cluster {
+                        unpaid.extend(
+                            run.iter()
+                                .filter(|p| p.msg.frame.len() >= COPY_BELOW)
+                                .cloned(),
+                        );
+                    }
                 }
                 work.set(work.get() + run.len() * targets.len());
                 let to = Targets {
@@ -185,9 +196,12 @@ impl<S> Core<S> {
             while pos < batch.len() && work.get() < MAX_DELIVERIES_PER_TURN {
                 // Whole runs of one topic while they fit the bound, so each
                 // subscriber still takes a run at a time.
-                let end = shard.step_end(&batch, pos, MAX_DELIVERIES_PER_TURN - work.get());
+                let before = work.get();
+                let (end, cost) = shard.step_end(&batch, pos, MAX_DELIVERIES_PER_TURN - work.get());
                 last.set(std::ptr::null());
                 shard.deliver(&batch[pos..end], number, &mut to_conns);
+                // What it delivered, or what walking its slots cost if more.
+                work.set(work.get().max(before.saturating_add(cost)));
                 pos = end;
             }
             if pos < batch.len() {
@@ -202,6 +216,9 @@ impl<S> Core<S> {
         // topics whose interval is over too.
         self.release_due_tables();
         self.release_idle_tables();
+        for p in self.unpaid.drain(..) {
+            self.shard.charge_remote(&p.msg);
+        }
         // Envelopes built here are charged here, like published frames.
         let stats = &self.shared.stats[self.id];
         for (p, form) in self.built.drain(..) {

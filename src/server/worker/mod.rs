@@ -175,6 +175,10 @@ pub struct Core<S> {
     carry: Option<(Vec<Publication>, usize, u64)>,
     /// Envelope frames built during this turn's delivery, to be charged.
     built: Vec<(Publication, crate::pubsub::envelope::Form)>,
+    /// In a cluster: this turn's delivered publications whose raw frame no
+    /// worker charged (they came from NATS, not from a dispatch here),
+    /// charged here after the delivery, once per run.
+    unpaid: Vec<Publication>,
     /// Publications waiting for conflating subscribers' queues.
     tables: conflation::Tables,
     /// Bytes charged to this worker's connections and shared frames, and
@@ -241,6 +245,7 @@ impl<S> Core<S> {
             backlogged: HashMap::new(),
             carry: None,
             built: Vec::new(),
+            unpaid: Vec::new(),
             tables: conflation::Tables::default(),
             buffered: 0,
             budget,
