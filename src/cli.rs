@@ -265,7 +265,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = DEFAULT_MAX_FRAGMENTS, value_name = "N")]
     pub max_fragments: u32,
 
-    /// Pings and pongs one client may send per second (burst: one second's
+    /// Pings, pongs and token refreshes one client may send per second (burst: one second's
     /// worth); more closes with 1008. 0 = no limit.
     #[arg(long, default_value_t = DEFAULT_MAX_CONTROL_RATE, value_name = "PER_SECOND")]
     pub max_control_rate: u32,

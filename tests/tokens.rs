@@ -539,6 +539,8 @@ fn refreshes_are_checked_at_a_bounded_rate_per_worker() {
     let server = start_with(|c| {
         c.workers = 1;
         c.jwt = Some(settings(&key));
+        // Off: the worker's bound alone (one connection's is its own test).
+        c.max_control_rate = 0;
     });
     let addr = server.local_addr();
     let mut ws = subscriber(addr, "t", &rights(&secret, &["t"], &[]));
@@ -575,4 +577,41 @@ fn refreshes_are_checked_at_a_bounded_rate_per_worker() {
     // The connection and its token are as they were.
     let v = reply(&mut ws, json!({"op": "subscribe", "topics": ["t"]}));
     assert_eq!(v["op"], "subscribed", "{v}");
+}
+
+/// A refresh counts like a ping against `--max-control-rate` (100 a
+/// second per connection, one second's worth at once): one connection
+/// sending more is closed 1008 as for a ping flood, so it cannot take its
+/// worker's refreshes from everyone else (outside review).
+#[test]
+fn one_connection_refreshing_past_the_control_rate_is_closed_1008() {
+    let cert = test_cert();
+    let (key, secret) = secret_file(&cert.dir, "refresh-flood.key");
+    let server = start_with(|c| c.jwt = Some(settings(&key)));
+    let addr = server.local_addr();
+    let mut ws = subscriber(addr, "t", &rights(&secret, &["t"], &[]));
+    let forged = rights(b"not the server's secret, but as long as one", &["t"], &[]);
+    for _ in 0..300 {
+        if ws
+            .write(Message::text(
+                json!({"op": "refresh", "token": forged}).to_string(),
+            ))
+            .is_err()
+        {
+            break;
+        }
+    }
+    let _ = ws.flush();
+    let mut replies = 0;
+    let close = loop {
+        match ws.read() {
+            Ok(Message::Text(_)) => replies += 1,
+            Ok(Message::Close(f)) => break f,
+            Ok(_) => {}
+            Err(e) => panic!("{e} after {replies} replies"),
+        }
+    };
+    let close = close.expect("a close frame");
+    assert_eq!(close.code, CloseCode::Policy, "{close:?}");
+    assert!((100..=110).contains(&replies), "{replies} replies");
 }

@@ -233,6 +233,14 @@ impl WsConn {
         self.clock_ms = now_ms;
     }
 
+    /// Takes one from the control-frame allowance (`--max-control-rate`)
+    /// for something other than a frame that costs as much (a token
+    /// refresh); `false` when none is left: the caller fails the
+    /// connection as for a ping flood.
+    pub fn take_control(&mut self) -> bool {
+        self.control.take(self.limits.control_rate, self.clock_ms)
+    }
+
     /// Is a message (or a frame of one) partly received?
     pub fn in_message(&self) -> bool {
         self.msg

@@ -567,14 +567,32 @@ impl Session {
                         unreachable!("control messages come from subscribers")
                     };
                     let queued = self.out.len();
-                    let mut work = 0;
-                    let (reply, recovered) =
-                        subscriber::control_message(&mut msg, subs, queued, ctx, &mut work);
+                    let (mut work, mut refresh) = (0, false);
+                    let (reply, recovered) = subscriber::control_message(
+                        &mut msg,
+                        subs,
+                        queued,
+                        ctx,
+                        &mut work,
+                        &mut refresh,
+                    );
                     // Matching names to patterns counts toward the turn
                     // like the bytes it would take to decode as long.
                     decoded_bytes =
                         decoded_bytes.saturating_add(work.saturating_mul(BYTES_PER_MATCH_STEP));
                     ws.send(MessageKind::Text, reply.as_bytes(), &mut self.out);
+                    if refresh && !ws.take_control() {
+                        // A refresh is a signature check: it counts like a
+                        // ping against --max-control-rate, so one
+                        // connection cannot take its worker's refreshes.
+                        ctx.stats.ws_failure(CloseCode::POLICY_VIOLATION.0);
+                        ws.abort(
+                            CloseCode::POLICY_VIOLATION,
+                            "control frame flood",
+                            &mut self.out,
+                        );
+                        break;
+                    }
                     if ws.can_send() {
                         for f in &recovered {
                             self.out.push_frame(f);

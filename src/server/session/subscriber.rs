@@ -228,13 +228,15 @@ pub(super) fn subscribe_names(
 /// subscriber's form. Adds to `work` the token comparisons it spent
 /// matching names to patterns (its `since` keys, a replay's topics
 /// against the patterns held), which are also charged to the worker's
-/// pattern-scan budget.
+/// pattern-scan budget. Sets `refreshed` for a token refresh (which the
+/// caller counts against the connection's control-frame allowance).
 pub(super) fn control_message(
     msg: &mut [u8],
     subs: &mut SubList,
     queued: usize,
     ctx: &mut Ctx<'_>,
     work: &mut usize,
+    refreshed: &mut bool,
 ) -> (String, Vec<Bytes>) {
     let cfg = &ctx.shared.config;
     let limits = control::Limits {
@@ -426,6 +428,7 @@ pub(super) fn control_message(
         Op::Refresh => {
             // A signature check costs what decoding tens of kilobytes does.
             *work += REFRESH_WORK;
+            *refreshed = true;
             return refresh(c.token.as_deref().unwrap_or(""), subs, ctx);
         }
         Op::Unsubscribe => {
