@@ -1092,7 +1092,10 @@ fn history_requests_for_fresh_names_are_admitted_at_the_recovery_rate() {
     // 64 fresh names against 10 a second: followed, 54 tokens of debt.
     let reply = ask(&mut ws, &names);
     assert!(reply.contains("recovery busy"), "{reply}");
-    assert!(eventually(WAIT, || gauge(addr, "corecast_cluster_subscriptions") == 64));
+    assert!(eventually(WAIT, || gauge(
+        addr,
+        "corecast_cluster_subscriptions"
+    ) == 64));
     // Three more fresh names wait the debt out: not followed meanwhile.
     let more: Vec<String> = (0..3).map(|i| format!("\"more{i}\"")).collect();
     let reply = ask(&mut ws, &more);

@@ -78,7 +78,20 @@ impl Sim {
             .expect("a cluster node")
     }
 
+    /// A server whose tokens `verifier` checks.
+    fn with_tokens(tweak: impl FnOnce(&mut Config), verifier: super::auth::Verifier) -> Self {
+        Self::build_with(tweak, false, Some(verifier))
+    }
+
     fn build(tweak: impl FnOnce(&mut Config), cluster: bool) -> Self {
+        Self::build_with(tweak, cluster, None)
+    }
+
+    fn build_with(
+        tweak: impl FnOnce(&mut Config),
+        cluster: bool,
+        verifier: Option<super::auth::Verifier>,
+    ) -> Self {
         let mut config = Config {
             workers: 1,
             ..Config::default()
@@ -107,6 +120,7 @@ impl Sim {
             };
             shared.cluster = Some(Arc::new(super::cluster::Cluster::new(settings, bus)));
         }
+        shared.auth = verifier.map(|v| std::sync::RwLock::new(Arc::new(v)));
         let shared = Arc::new(shared);
         let core = Core::new(0, inboxes.remove(0), shared);
         let now = core.now();
