@@ -44,6 +44,12 @@ impl Session {
         Push::Queued
     }
 
+    /// Whether publications can still be queued to it: an open WebSocket
+    /// that has not begun to close.
+    pub fn takes_publications(&self) -> bool {
+        matches!(&self.phase, Phase::Ws { ws, .. } if ws.can_send())
+    }
+
     /// Fails a subscriber as a slow consumer (its conflation table is
     /// full): the frames queued but not started are discarded, a 1008 close
     /// queued. Returns the bytes discarded.

@@ -480,6 +480,12 @@ fn push_to<S>(
             || (conn.flag(CONFLATING)
                 && (policy.conflates() || tables.waits_for((key, serial), topic)));
         if waits {
+            if !conn.session.takes_publications() {
+                // Closing (failed already, or closed by its client): not
+                // put in its table, nor failed and counted again.
+                stats.undelivered(Undelivered::Closing, run.len());
+                continue;
+            }
             let to = Waits {
                 name: entry.name,
                 interval,
