@@ -353,10 +353,20 @@ impl Inner {
     /// its bytes stay where they are (a pinned tail becomes a pinned chunk).
     fn seal_tail(&mut self) {
         if !self.tail.is_empty() {
-            let bytes = if self.tail.len() == self.tail.capacity() {
+            let (len, spare) = (self.tail.len(), self.tail.capacity() - self.tail.len());
+            let bytes = if spare == 0 {
                 // A full buffer becomes a chunk as it is; splitting it would
                 // allocate a shared header for the empty rest.
                 std::mem::take(&mut self.tail).freeze()
+            } else if spare > len / 4 && !self.tail_pinned {
+                // Split, the chunk would keep the whole allocation alive
+                // after the tail moves on, its spare room charged to no
+                // one (outside probe: small frames queued to slow
+                // subscribers held ~2x what was charged): copied out
+                // instead, the buffer kept as the tail's room (charged).
+                let chunk = Bytes::copy_from_slice(&self.tail);
+                self.tail.clear();
+                chunk
             } else {
                 self.tail.split().freeze()
             };
