@@ -74,6 +74,34 @@ fn a_closed_wss_connection_ends_with_close_notify_before_the_fin() {
     assert!(rest.is_empty());
 }
 
+/// A client's `close_notify` is answered with ours before the FIN, on
+/// both backends (outside probe: epoll closed with a bare FIN, which a
+/// strict client takes for a truncation).
+#[test]
+fn a_clients_close_notify_is_answered_with_close_notify() {
+    let cert = test_cert();
+    let server = tls_server(&cert, |_| {});
+    let config = client_config(&cert);
+    let mut s = tls_connect(server.local_addr(), &config);
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "answered");
+        got.extend_from_slice(&buf[..n]);
+    }
+    s.conn.send_close_notify();
+    s.flush().unwrap();
+    s.sock
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut rest = Vec::new();
+    let end = s.read_to_end(&mut rest);
+    assert!(end.is_ok(), "the stream ends with close_notify: {end:?}");
+}
+
 #[test]
 fn a_publication_over_https_reaches_every_wss_subscriber_in_order() {
     let cert = test_cert();

@@ -260,7 +260,22 @@ impl Worker {
         }
         match self.core.after_flush(key, sent) {
             AfterFlush::Keep => {}
-            AfterFlush::Remove => Worker::remove(self, key),
+            AfterFlush::Remove => {
+                // Done (the client closed, or our close is over): our
+                // close_notify goes before the socket does, as io_uring's
+                // last send carries it (best effort: the connection goes
+                // whether the socket takes it or not).
+                if let Some(s) = self.tls.get_mut(&key)
+                    && s.tls.is_established()
+                    && s.tls.can_encrypt()
+                {
+                    s.tls.close();
+                    s.tls.take_pending(&mut s.wire);
+                    let _ = self.core.conn_mut(key).io_mut().write(s.wire.pending());
+                    s.wire.free();
+                }
+                Worker::remove(self, key)
+            }
             AfterFlush::ShutdownWrite => {
                 if let Some(s) = self.tls.get_mut(&key) {
                     s.tls.close();
