@@ -149,14 +149,12 @@ impl SharedFrames {
     /// One more entry holds `msg`: its frames are charged, those built
     /// since its last entry included; returns the bytes added.
     fn hold(&mut self, msg: &Arc<Message>) -> usize {
-        let all = msg.frames_len();
         let (entries, charged) = self
             .messages
             .entry(Arc::as_ptr(msg) as usize)
             .or_insert((0, 0));
         *entries += 1;
-        let add = all.saturating_sub(*charged);
-        *charged += add;
+        let add = grow(charged, msg);
         self.bytes += add;
         add
     }
@@ -230,10 +228,15 @@ fn top_up(f: &Charged, messages: &mut HashMap<usize, (u32, usize)>) -> usize {
     let (Charged::Of(m, _) | Charged::Replayed(m, _)) = f else {
         return 0;
     };
-    let Some((_, charged)) = messages.get_mut(&(Arc::as_ptr(m) as usize)) else {
-        return 0;
-    };
-    let add = m.frames_len().saturating_sub(*charged);
+    messages
+        .get_mut(&(Arc::as_ptr(m) as usize))
+        .map_or(0, |(_, charged)| grow(charged, m))
+}
+
+/// Raises `charged`, a message's charge, to all the frames it holds now;
+/// returns the bytes added.
+fn grow(charged: &mut usize, msg: &Message) -> usize {
+    let add = msg.frames_len().saturating_sub(*charged);
     *charged += add;
     add
 }

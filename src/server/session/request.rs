@@ -373,7 +373,6 @@ impl Session {
                 let mut subs = SubList::new(form);
                 // Last values: at most half a queue for the whole list.
                 let mut cap_left = cfg.max_outbound_bytes / 2;
-                let mut matched = 0;
                 let (frames, _) = subscriber::subscribe_names(
                     &names,
                     &[],
@@ -381,9 +380,8 @@ impl Session {
                     &mut subs,
                     &mut cap_left,
                     ctx,
-                    &mut matched,
+                    &mut 0,
                 );
-                ctx.shard.charge_scans(matched);
                 snapshots = frames;
                 if rate.is_some() {
                     // The query's rate is its topics'.

@@ -103,7 +103,9 @@ pub(super) fn snapshot_frames(
 /// none), a pattern's matching topics from theirs in `pattern_since`, the
 /// others with their last values (enveloped subscribers). Returns the
 /// frames to queue (snapshots, recovered messages: at most `cap_left`
-/// bytes, taken off it) and the recoveries to report.
+/// bytes, taken off it) and the recoveries to report. The token
+/// comparisons it spends checking replayed topics against patterns are
+/// charged to the worker's pattern-scan budget and added to `work`.
 pub(super) fn subscribe_names(
     names: &[&str],
     since: &[Option<Since>],
@@ -175,6 +177,7 @@ pub(super) fn subscribe_names(
             };
             let (sub, reads) = ctx.shard.subscribe_pattern(name, ctx.me, replay);
             *work += steps.get();
+            ctx.shard.charge_scans(steps.get());
             subs.push(sub);
             held_patterns.push(name.to_owned());
             ctx.stats.subscribed(1);
@@ -388,7 +391,6 @@ pub(super) fn control_message(
                 .iter()
                 .map(|&i| c.since.get(i).copied().flatten())
                 .collect();
-            let mut matched = 0;
             let (frames, recovered) = subscribe_names(
                 &names,
                 &since,
@@ -396,10 +398,8 @@ pub(super) fn control_message(
                 subs,
                 &mut cap_left,
                 ctx,
-                &mut matched,
+                work,
             );
-            *work += matched;
-            ctx.shard.charge_scans(matched);
             let listed: Vec<(&str, &Recovery)> =
                 recovered.iter().map(|(n, r)| (n.as_str(), r)).collect();
             let reply = control::subscribed_with_recovery(&c.topics, &listed);
@@ -546,26 +546,27 @@ const WARM_FULL_RETRY_MS: u32 = 500;
 fn cold_in_cluster<'a>(names: impl Iterator<Item = &'a str>, ctx: &mut Ctx<'_>) -> Option<u32> {
     let directory = ctx.shard.directory();
     let link = directory.link()?;
-    let cold: Vec<&str> = names
-        .filter(|name| {
-            !pattern::is_pattern(name)
-                && !directory.get(name).is_some_and(|t| {
-                    let w = t.is_warm();
-                    directory.release(t);
-                    w
-                })
-        })
-        .collect();
+    // Each cold name, and whether the node has no entry for it yet (one it
+    // follows already, held or being filled, is a retry: not counted again).
+    let mut cold: Vec<&str> = Vec::new();
+    let mut fresh = 0;
+    for name in names.filter(|n| !pattern::is_pattern(n)) {
+        match directory.get(name) {
+            None => fresh += 1,
+            Some(t) => {
+                let warm = t.is_warm();
+                directory.release(t);
+                if warm {
+                    continue;
+                }
+            }
+        }
+        cold.push(name);
+    }
     if cold.is_empty() {
         return None;
     }
     let link = std::sync::Arc::clone(link);
-    // Names the node follows already (held, a fill running: a retry) are
-    // not counted again.
-    let fresh = cold
-        .iter()
-        .filter(|n| directory.get(n).map(|t| directory.release(t)).is_none())
-        .count();
     let rate = ctx.shared.config.max_recovery_rate;
     if let Err(ms) = ctx.shard.admit_recoveries(rate, fresh, ctx.now_ms) {
         return Some(ms);
