@@ -28,6 +28,7 @@ pub enum Status {
     RequestTimeout,
     LengthRequired,
     PayloadTooLarge,
+    ExpectationFailed,
     UpgradeRequired,
     TooManyRequests,
     HeadTooLarge,
@@ -36,7 +37,7 @@ pub enum Status {
 
 impl Status {
     /// Every status, in code order (metrics iterate it).
-    pub const ALL: [Status; 12] = [
+    pub const ALL: [Status; 13] = [
         Self::BadRequest,
         Self::Unauthorized,
         Self::Forbidden,
@@ -45,6 +46,7 @@ impl Status {
         Self::RequestTimeout,
         Self::LengthRequired,
         Self::PayloadTooLarge,
+        Self::ExpectationFailed,
         Self::UpgradeRequired,
         Self::TooManyRequests,
         Self::HeadTooLarge,
@@ -61,6 +63,7 @@ impl Status {
             Self::RequestTimeout => 408,
             Self::LengthRequired => 411,
             Self::PayloadTooLarge => 413,
+            Self::ExpectationFailed => 417,
             Self::UpgradeRequired => 426,
             Self::TooManyRequests => 429,
             Self::HeadTooLarge => 431,
@@ -83,6 +86,7 @@ impl Status {
             Self::RequestTimeout => "Request Timeout",
             Self::LengthRequired => "Length Required",
             Self::PayloadTooLarge => "Payload Too Large",
+            Self::ExpectationFailed => "Expectation Failed",
             Self::UpgradeRequired => "Upgrade Required",
             Self::TooManyRequests => "Too Many Requests",
             Self::HeadTooLarge => "Request Header Fields Too Large",

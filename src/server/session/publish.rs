@@ -84,7 +84,14 @@ impl Session {
             .ok()
             .flatten()
             .is_some_and(|ct| ct.len() >= 5 && ct[..5].eq_ignore_ascii_case(b"text/"));
-        // An HTTP/1.0 client's expectation is ignored (RFC 9110 §10.1.1).
+        // An HTTP/1.0 client's expectation is ignored (RFC 9110 §10.1.1);
+        // an HTTP/1.1 one other than `100-continue` cannot be met (417).
+        if req.version == 1 && !expectations_met(req) {
+            return Err(Reject::new(
+                Status::ExpectationFailed,
+                "the only expectation taken is Expect: 100-continue",
+            ));
+        }
         if len > 0 && req.version == 1 && req.has_token("expect", "100-continue") {
             self.answer_published(ctx);
             self.out.push(Bytes::from_static(http::CONTINUE));
@@ -266,4 +273,16 @@ pub enum Confirm {
     NotYet,
     /// NATS refused it for good: `503`.
     Refused,
+}
+
+/// Is every expectation of the request one we meet? `100-continue` is the
+/// only one defined (RFC 9110 §10.1.1); any other member of an `Expect`
+/// field cannot be met and is answered 417.
+fn expectations_met(req: &Request<'_, '_>) -> bool {
+    req.header_values("expect").all(|v| {
+        v.split(|&b| b == b',').all(|m| {
+            let m = m.trim_ascii();
+            m.is_empty() || m.eq_ignore_ascii_case(b"100-continue")
+        })
+    })
 }

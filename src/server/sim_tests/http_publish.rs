@@ -162,6 +162,37 @@ fn an_http_1_0_expectation_gets_no_interim_answer() {
     assert_eq!(answers(&sim.received(key)), ["204 No Content"]);
 }
 
+/// An HTTP/1.1 expectation other than `100-continue` cannot be met: 417,
+/// nothing published, no interim answer (RFC 9110 §10.1.1); one with only
+/// `100-continue` members (any case, empty members) is met as before.
+#[test]
+fn an_expectation_other_than_100_continue_is_answered_417() {
+    for expect in ["fly", "100-continue, fly", "200-ok"] {
+        let mut sim = Sim::new(|_| {});
+        let sub = sim.upgrade("/ws?topics=t", 1 << 20);
+        let key = sim.connect(1 << 20);
+        let req = format!(
+            "POST /publish/t HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: {expect}\r\n\r\nhi"
+        );
+        sim.send(key, req.as_bytes());
+        assert_eq!(
+            answers(&sim.received(key)),
+            ["417 Expectation Failed"],
+            "{expect}"
+        );
+        assert!(sim.received(sub).is_empty(), "{expect}: nothing published");
+    }
+    let mut sim = Sim::new(|_| {});
+    let key = sim.connect(1 << 20);
+    sim.send(
+        key,
+        b"POST /publish/t HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: 100-Continue,\r\n\r\n",
+    );
+    assert_eq!(answers(&sim.received(key)), ["100 Continue"]);
+    sim.send(key, b"hi");
+    assert_eq!(answers(&sim.received(key)), ["204 No Content"]);
+}
+
 /// With tokens on, each request of a pipeline costs a signature check
 /// (~50 µs with ES256): one input's requests stop after 16 and the rest
 /// wait for the connection's next turn (outside probe: 20 000 pipelined
