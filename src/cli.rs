@@ -180,7 +180,7 @@ pub struct ServeArgs {
     /// (its subdomains), `http://localhost:*` (any port), `null`, or `*`.
     /// A browser request from another origin gets `403`; a request without
     /// `Origin` (not from a browser) is not affected. None given: every
-    /// origin. Reloaded with the configuration file (README "Origins").
+    /// origin. Reloaded with the configuration file (docs/PROTOCOL.md "Origins").
     #[arg(long = "allowed-origin", value_name = "ORIGIN", value_parser = crate::server::origin::parse_pattern)]
     pub allowed_origins: Vec<String>,
 
@@ -189,7 +189,7 @@ pub struct ServeArgs {
     /// (FILE holds the secret, at least 32 bytes), RS256 RS384 RS512 PS256
     /// PS384 PS512 ES256 ES384 EdDSA (FILE: a PEM public key). Each key
     /// verifies its algorithm only. With a key or `--jwks`, subscribing
-    /// and publishing need a token (README "Tokens").
+    /// and publishing need a token (docs/PROTOCOL.md "Tokens").
     #[arg(long = "jwt-key", value_name = "[KID@]ALG=FILE", value_parser = crate::server::auth::parse_key_spec)]
     pub jwt_keys: Vec<String>,
 
@@ -199,7 +199,7 @@ pub struct ServeArgs {
     /// names a `kid` the set lacks (at most once per 30 s) and at each
     /// reload; a failed fetch keeps the keys in force. `https` trusts the
     /// system's roots (`SSL_CERT_FILE`, `SSL_CERT_DIR`). Beside
-    /// `--jwt-key`, both sets of keys are used (README "Tokens").
+    /// `--jwt-key`, both sets of keys are used (docs/PROTOCOL.md "Tokens").
     #[arg(long, value_name = "FILE|URL", value_parser = crate::server::auth::parse_jwks)]
     pub jwks: Option<crate::server::auth::JwksSource>,
 
