@@ -192,6 +192,31 @@ fn no_header_or_a_malformed_one_is_answered_400_and_counted() {
     );
 }
 
+/// A client that shuts its side with its header unfinished is let go at
+/// once, with an orderly close, on both backends (outside probe: epoll,
+/// which peeks the header, never saw the end of input and held the
+/// connection to the request deadline, then reset it).
+#[test]
+fn a_header_cut_short_by_the_clients_fin_ends_the_connection_at_once() {
+    let server = proxied_server(|_| {});
+    for partial in [&b"PROXY TCP4 192.0.2."[..], &v2([192, 0, 2, 1])[..20]] {
+        let mut s = behind(server.addr(), partial);
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let started = Instant::now();
+        let mut rest = Vec::new();
+        // An orderly close reads as the end; a reset (or the timeout) as an error.
+        let end = s.read_to_end(&mut rest);
+        let waited = started.elapsed();
+        assert!(end.is_ok(), "{partial:?}: {end:?} after {waited:?}");
+        assert!(
+            waited < Duration::from_secs(2),
+            "{partial:?}: closed after {waited:?}"
+        );
+        assert!(rest.is_empty(), "{partial:?}: no answer to a cut header");
+    }
+}
+
 #[test]
 fn a_header_that_never_completes_is_closed_at_the_handshake_deadline() {
     let server = proxied_server(|c| c.handshake_timeout = Duration::from_secs(1));

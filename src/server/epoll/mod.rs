@@ -72,6 +72,10 @@ pub(super) struct Worker {
     tls_out: super::tls::Wire,
     /// TLS handshake steps left this turn ([`HANDSHAKE_STEPS_PER_TURN`]).
     tls_steps: u32,
+    /// The event being handled says the peer shut its side (`EPOLLRDHUP`):
+    /// a PROXY header still unfinished in the socket can then never
+    /// complete, though peeking it never reads the end of input.
+    peer_closed: bool,
 }
 
 impl Worker {
@@ -97,6 +101,7 @@ impl Worker {
             cipher: Box::default(),
             tls_out: super::tls::Wire::default(),
             tls_steps: HANDSHAKE_STEPS_PER_TURN,
+            peer_closed: false,
         })
     }
 
@@ -239,6 +244,22 @@ impl Worker {
             }
         };
         match self.core.proxy_header(key, &self.buf[..peeked]) {
+            // The client shut its side with the header unfinished: it
+            // can never complete. The peeked bytes are taken off (a socket
+            // closed with unread bytes resets the connection) and the
+            // connection ends as at any end of input, at once rather than
+            // at the request deadline (as io_uring, which reads the header,
+            // sees the end).
+            Header::Wait if self.peer_closed => {
+                let _ = self
+                    .core
+                    .conn_mut(key)
+                    .io_mut()
+                    .read(&mut self.buf[..peeked]);
+                self.core.eof(key);
+                self.core.after_input(key);
+                false
+            }
             // The next segment raises a new edge; the request deadline
             // bounds a header that never completes.
             Header::Wait => false,
@@ -384,7 +405,9 @@ impl Backend for Worker {
                 WAKER => {}
                 Token(key) => {
                     if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                        self.peer_closed = ev.is_read_closed();
                         self.on_readable(key);
+                        self.peer_closed = false;
                     }
                     if ev.is_writable() && self.core.get(key).is_some() {
                         // Written at the end of the turn, together with whatever
