@@ -1089,22 +1089,30 @@ mod tests {
         key: aws_lc_rs::aead::LessSafeKey,
         iv: [u8; 12],
         seq: u64,
+        /// The server's direction, to read what it answers.
+        rx: (aws_lc_rs::aead::LessSafeKey, [u8; 12], u64),
     }
 
     impl Forger {
         /// Takes the client's keys (the pair's client is spent).
         fn take(p: Pair) -> (TlsConn, Forger) {
             let secrets = p.client.dangerous_extract_secrets().unwrap();
-            let (seq, tx) = secrets.tx;
-            let rustls::ConnectionTrafficSecrets::Aes256Gcm { key, iv } = tx else {
-                panic!("the default client agrees on AES-256-GCM")
+            let keys = |(seq, secret)| {
+                let rustls::ConnectionTrafficSecrets::Aes256Gcm { key, iv } = secret else {
+                    panic!("the default client agrees on AES-256-GCM")
+                };
+                let key =
+                    aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_256_GCM, key.as_ref())
+                        .unwrap();
+                let iv: [u8; 12] = iv.as_ref().try_into().unwrap();
+                (aws_lc_rs::aead::LessSafeKey::new(key), iv, seq)
             };
-            let key = aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_256_GCM, key.as_ref())
-                .unwrap();
+            let (key, iv, seq) = keys(secrets.tx);
             let forger = Forger {
-                key: aws_lc_rs::aead::LessSafeKey::new(key),
-                iv: iv.as_ref().try_into().unwrap(),
+                key,
+                iv,
                 seq,
+                rx: keys(secrets.rx),
             };
             (p.server, forger)
         }
@@ -1130,6 +1138,28 @@ mod tests {
                 .unwrap();
             out.extend(body);
             out
+        }
+
+        /// The inner plaintext (content, then its type) of the first
+        /// record of what the server sent.
+        fn open(&mut self, wire: &[u8]) -> Vec<u8> {
+            let len = u16::from_be_bytes([wire[3], wire[4]]) as usize;
+            let aad: [u8; 5] = wire[..5].try_into().unwrap();
+            let (key, iv, seq) = &mut self.rx;
+            let mut nonce = *iv;
+            for (n, s) in nonce[4..].iter_mut().zip(seq.to_be_bytes()) {
+                *n ^= s;
+            }
+            *seq += 1;
+            let mut body = wire[5..5 + len].to_vec();
+            let plain = key
+                .open_in_place(
+                    aws_lc_rs::aead::Nonce::assume_unique_for_key(nonce),
+                    aws_lc_rs::aead::Aad::from(aad),
+                    &mut body,
+                )
+                .unwrap();
+            plain.to_vec()
         }
     }
 
@@ -1630,8 +1660,9 @@ mod tests {
         let (mut server, mut forger) = Forger::take(Pair::new());
         inner.truncate(16_385);
         assert_eq!(server.receive(&mut forger.record(&inner)), Ok(()));
-        // A fatal alert from the client ends it without ours; a warning
-        // TLS 1.3 does not have is a decode error.
+        // A fatal alert from the client ends it without ours, and so does
+        // a warning TLS 1.3 does not have (an error alert whatever its
+        // level, RFC 8446 §6); an alert of no known level is a decode error.
         let mut wire = Wire::default();
         assert_eq!(
             server.receive(&mut forger.record(b"\x02\x28\x15")),
@@ -1642,6 +1673,16 @@ mod tests {
         let (mut server, mut forger) = Forger::take(Pair::new());
         assert_eq!(
             server.receive(&mut forger.record(b"\x01\x28\x15")),
+            Err(Failure::Protocol)
+        );
+        server.take_pending(&mut wire);
+        assert!(
+            wire.is_empty(),
+            "no alert answers a warning-level error alert"
+        );
+        let (mut server, mut forger) = Forger::take(Pair::new());
+        assert_eq!(
+            server.receive(&mut forger.record(b"\x03\x28\x15")),
             Err(Failure::Protocol)
         );
         server.take_pending(&mut wire);
@@ -1675,6 +1716,47 @@ mod tests {
         assert_eq!(p.server.receive(&mut up), Err(Failure::Protocol));
         p.client_gets_alert(rustls::AlertDescription::BadRecordMac);
         assert_eq!(p.server.held(), 0);
+    }
+
+    /// The alert each malformed message after the handshake gets (outside
+    /// probe: a key update of the wrong length was answered
+    /// unexpected_message, and a warning-level bad_certificate
+    /// decode_error).
+    #[test]
+    fn malformed_messages_after_the_handshake_get_the_rfcs_alerts() {
+        const UNEXPECTED_MESSAGE: u8 = 10;
+        const DECODE_ERROR: u8 = 50;
+        let cases: [(&[u8], Option<u8>); 5] = [
+            // KeyUpdate whose length says 2, two bytes of body.
+            (b"\x18\0\0\x02\0\0\x16", Some(DECODE_ERROR)),
+            // KeyUpdate whose length says 0.
+            (b"\x18\0\0\0\x16", Some(DECODE_ERROR)),
+            // A whole KeyUpdate and a byte after it in its record.
+            (b"\x18\0\0\x01\0\x07\x16", Some(UNEXPECTED_MESSAGE)),
+            // A warning-level alert TLS 1.3 does not have: the client
+            // failed the session, nothing of ours answers it.
+            (b"\x01\x2a\x15", None),
+            // An alert of no level.
+            (b"\x07\x00\x15", Some(DECODE_ERROR)),
+        ];
+        for (inner, alert) in cases {
+            let (mut server, mut forger) = Forger::take(Pair::new());
+            assert_eq!(
+                server.receive(&mut forger.record(inner)),
+                Err(Failure::Protocol),
+                "{inner:?}"
+            );
+            let mut wire = Wire::default();
+            server.take_pending(&mut wire);
+            match alert {
+                None => assert!(wire.is_empty(), "{inner:?}: no alert"),
+                Some(code) => assert_eq!(
+                    forger.open(wire.pending()),
+                    [2, code, 21],
+                    "{inner:?}: fatal alert {code}"
+                ),
+            }
+        }
     }
 
     #[test]

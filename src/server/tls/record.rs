@@ -328,9 +328,11 @@ impl Records {
                     Ok(Opened::Nothing)
                 }
                 [1, USER_CANCELED] => Err(Fatal(UNEXPECTED_MESSAGE)),
-                // The peer failed the session: no alert of ours.
-                [2, _] => Err(Fatal(NO_ALERT)),
-                // A warning that TLS 1.3 does not have, or no alert.
+                // The peer failed the session: no alert of ours. TLS 1.3
+                // takes every other alert, of either level and known or
+                // not, as an error alert (RFC 8446 §6).
+                [1 | 2, _] => Err(Fatal(NO_ALERT)),
+                // Not an alert: a length other than 2, or no such level.
                 _ => Err(Fatal(DECODE_ERROR)),
             },
             HANDSHAKE => {
@@ -338,11 +340,12 @@ impl Records {
                 // needs `self` mutably.
                 let mut bytes = [0u8; 5];
                 let message = &plain[..at];
-                if message.is_empty() || message.len() > bytes.len() {
+                if message.is_empty() {
                     return Err(Fatal(UNEXPECTED_MESSAGE));
                 }
-                bytes[..message.len()].copy_from_slice(message);
-                self.handshake(&bytes[..message.len()])?;
+                let n = message.len().min(bytes.len());
+                bytes[..n].copy_from_slice(&message[..n]);
+                self.handshake(&bytes[..n], message.len() > n)?;
                 Ok(Opened::Nothing)
             }
             _ => Err(Fatal(UNEXPECTED_MESSAGE)),
@@ -351,20 +354,26 @@ impl Records {
 
     /// Handshake bytes after the handshake: only a `KeyUpdate` (type 24,
     /// length 1, `update_not_requested` 0 or `update_requested` 1), which
-    /// may come in pieces but must end its record (a key change).
-    fn handshake(&mut self, bytes: &[u8]) -> Result<(), Fatal> {
+    /// may come in pieces but must end its record (a key change). `more`:
+    /// the record holds more bytes after `bytes`.
+    fn handshake(&mut self, bytes: &[u8], more: bool) -> Result<(), Fatal> {
         let have = self.partial_len as usize;
-        if have + bytes.len() > self.partial.len() {
-            return Err(Fatal(UNEXPECTED_MESSAGE));
-        }
-        self.partial[have..have + bytes.len()].copy_from_slice(bytes);
-        self.partial_len += bytes.len() as u8;
+        let take = bytes.len().min(self.partial.len() - have);
+        self.partial[have..have + take].copy_from_slice(&bytes[..take]);
+        self.partial_len += take as u8;
         let m = &self.partial[..self.partial_len as usize];
         if m[0] != KEY_UPDATE {
             return Err(Fatal(UNEXPECTED_MESSAGE));
         }
+        // A key update whose length is not 1 is malformed (RFC 8446 §6.2
+        // decode_error), however long the record.
         if m.len() >= 4 && m[1..4] != [0, 0, 1] {
             return Err(Fatal(DECODE_ERROR));
+        }
+        // Bytes after a whole key update in its record: a handshake
+        // message spanning a key change (§5.1 unexpected_message).
+        if more || take < bytes.len() {
+            return Err(Fatal(UNEXPECTED_MESSAGE));
         }
         if m.len() < 5 {
             return Ok(());
