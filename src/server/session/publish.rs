@@ -57,7 +57,7 @@ impl Session {
         if req.header_values("transfer-encoding").next().is_some() {
             return Err(Reject::new(
                 Status::LengthRequired,
-                "chunked bodies are not supported; send Content-Length",
+                "Transfer-Encoding is not supported (chunked or any other); send Content-Length",
             ));
         }
         let len = req
