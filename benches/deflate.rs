@@ -303,5 +303,35 @@ fn bench_small(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_compress, bench_inflate, bench_small);
+/// One large message inflated into a fresh buffer, as the server takes a
+/// compressed message: 16 MiB of one repeated byte (16 KiB compressed, the
+/// ratio a compression bomb has). The cost must be linear in the message:
+/// growing the output 16 KiB at a time moved it ~1 000 times.
+fn bench_large(c: &mut Criterion) {
+    let size = 16 << 20;
+    let mut z = Compress::new(Compression::default(), false);
+    let message = vec![b'a'; size];
+    let mut buf = vec![0; size];
+    let n = zlib_rs_compress(&mut z, &message, &mut buf);
+    let data = buf[..n - TAIL.len()].to_vec();
+    let mut g = c.benchmark_group("deflate/large");
+    g.sample_size(10);
+    g.throughput(Throughput::Bytes(size as u64));
+    g.bench_function("server/16MiB", |b| {
+        b.iter(|| {
+            let mut v = Vec::new();
+            corecast::proto::deflate::inflate(&data, 64 << 20, &mut v).expect("valid");
+            black_box(v.len())
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_compress,
+    bench_inflate,
+    bench_small,
+    bench_large
+);
 criterion_main!(benches);
