@@ -191,7 +191,7 @@ const DELIVERY_COUNTERS: [Counter; 22] = [
 /// The buffer budget and the message and send deadlines, the workers' own
 /// work (deferred deliveries, renderings), then two gauges: the bytes
 /// charged to the budget and the subscriptions.
-const LIMIT_COUNTERS: [Counter; 9] = [
+const LIMIT_COUNTERS: [Counter; 10] = [
     (
         "corecast_buffer_budget_closes_total",
         "Connections closed (1013, or 503 in a request) because --max-buffered-bytes was spent.",
@@ -221,6 +221,11 @@ const LIMIT_COUNTERS: [Counter; 9] = [
         "corecast_metrics_renders_total",
         "Renderings of /metrics by the workers (pipelined requests of one loop turn share one).",
         |w| &w.metrics_renders,
+    ),
+    (
+        "corecast_memory_trims_total",
+        "Times the allocator was asked to give its free memory back to the kernel: when RSS has grown by 32 MiB since the last time (or the start), less than half of that growth is charged to the buffer budget, and the process sent under 1 MiB in the last second.",
+        |w| &w.memory_trims,
     ),
     (
         "corecast_buffered_bytes",

@@ -60,6 +60,7 @@ fn busy_workers() -> Vec<WorkerStats> {
         set(&w.send_timeouts);
         set(&w.send_timeout_discarded_bytes);
         set(&w.metrics_renders);
+        set(&w.memory_trims);
         set(&w.deliveries_deferred);
         w.undelivered.iter().for_each(&mut set);
         set(&w.buffered_bytes);

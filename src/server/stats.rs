@@ -143,6 +143,8 @@ pub struct WorkerStats {
     pub send_timeout_discarded_bytes: AtomicU64,
     /// `/metrics` renderings on the main port (at most one per turn).
     pub metrics_renders: AtomicU64,
+    /// Free memory given back to the kernel after a load (worker 0).
+    pub memory_trims: AtomicU64,
     /// Loop turns that stopped delivering at the per-turn bound.
     pub deliveries_deferred: AtomicU64,
     /// Publications not delivered, by [`Undelivered::index`].
@@ -352,6 +354,10 @@ impl WorkerStats {
 
     pub fn metrics_rendered(&self) {
         bump(&self.metrics_renders);
+    }
+
+    pub fn memory_trimmed(&self) {
+        bump(&self.memory_trims);
     }
 
     pub fn send_timeout(&self) {

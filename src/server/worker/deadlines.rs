@@ -33,8 +33,25 @@ impl<S> Core<S> {
         self.shard.release_frames(true);
         self.sync_shard_charge();
         if self.id == 0 {
-            // One worker sweeps the retained topics for all.
+            // One worker sweeps the retained topics for all, and gives
+            // memory back after a load.
             self.shard.directory().sweep(self.now);
+            if self.trim.looks(self.now) {
+                // A worker's gauge may wrap below zero (what it frees
+                // another charged): summed with wrapping.
+                let sum = |f: fn(&WorkerStats) -> &std::sync::atomic::AtomicU64| {
+                    self.shared
+                        .stats
+                        .iter()
+                        .fold(0u64, |a, s| a.wrapping_add(f(s).load(Ordering::Relaxed)))
+                };
+                let (charged, sent) = (sum(|s| &s.buffered_bytes), sum(|s| &s.bytes_sent));
+                let rss = trim::resident_bytes().unwrap_or(0);
+                if self.trim.due(self.now, rss, charged, sent) {
+                    trim::release_free_memory();
+                    self.shared.stats[self.id].memory_trimmed();
+                }
+            }
         }
         self.shard.sweep_pattern_topics();
         let cfg = &self.shared.config;

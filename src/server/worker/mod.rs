@@ -22,6 +22,7 @@
 //! | `delivery.rs` | the fan-out half of a turn: dispatch, the bounded mailbox drain, `push_to`, the shard's budget charge, unthrottling |
 //! | `proxy.rs` | the PROXY protocol header: the client's address, admission by it |
 //! | `deadlines.rs` | the sweep (keepalive, message and send deadlines), the FIFO deadline queues, the next wake-up, the drain |
+//! | `trim.rs` | memory given back to the kernel after a load (worker 0, when the process is quiet) |
 
 mod conflation;
 mod conn;
@@ -31,6 +32,7 @@ mod dirty;
 mod input;
 mod paged;
 mod proxy;
+mod trim;
 use input::recharge;
 
 use super::Shared;
@@ -207,6 +209,8 @@ pub struct Core<S> {
     /// Time at the top of this loop turn ([`Self::begin_turn`]).
     now: Instant,
     next_sweep: Instant,
+    /// Worker 0's watch for memory to give back after a load.
+    trim: trim::Trim,
     drain_deadline: Option<Instant>,
     /// WebSockets still to be closed by the drain, and how many there were.
     drain_queue: Vec<ConnRef>,
@@ -258,6 +262,7 @@ impl<S> Core<S> {
             epoch: now,
             now,
             next_sweep,
+            trim: trim::Trim::new(trim::resident_bytes().unwrap_or(0)),
             drain_deadline: None,
             drain_queue: Vec::new(),
             drain_total: 0,
