@@ -164,19 +164,33 @@ fn thousands_of_max_size_messages_stay_within_the_buffer_budget() {
     // and the process is quiet (a trim within a second or two, where the
     // allocator kept it): RSS falls to within a quarter of the peak's
     // growth over the baseline.
-    let bound_kib = baseline_kib + (peak_kib - baseline_kib) / 4;
+    rss_comes_back(
+        pid,
+        addr,
+        baseline_kib,
+        peak_kib,
+        (peak_kib - baseline_kib) / 4,
+    );
+}
+
+/// Waits (10 s at most) for the server's RSS to fall within `margin_kib`
+/// of `baseline_kib` after a load that peaked at `peak_kib`; reports it,
+/// with the trims counted, and fails if it does not.
+fn rss_comes_back(pid: u32, addr: SocketAddr, baseline_kib: u64, peak_kib: u64, margin_kib: u64) {
     let mut after_kib = 0;
-    let fell = eventually(Duration::from_secs(10), || {
+    let back = eventually(Duration::from_secs(10), || {
         after_kib = status_kib(pid, "VmRSS:");
-        after_kib < bound_kib
+        after_kib < baseline_kib + margin_kib
     });
     eprintln!(
-        "RSS after the load {} MiB; trims {}",
+        "baseline {} MiB, peak {} MiB, after {} MiB, trims {}",
+        baseline_kib >> 10,
+        peak_kib >> 10,
         after_kib >> 10,
         metric(&metrics(addr), "corecast_memory_trims_total")
     );
     assert!(
-        fell,
+        back,
         "RSS {} MiB after the load, peak {} MiB, baseline {} MiB",
         after_kib >> 10,
         peak_kib >> 10,
@@ -240,22 +254,5 @@ fn memory_a_load_let_go_is_given_back_to_the_kernel() {
         ) == 0),
         "buffered bytes return to 0"
     );
-    let mut after_kib = 0;
-    let back = eventually(Duration::from_secs(10), || {
-        after_kib = status_kib(pid, "VmRSS:");
-        after_kib < baseline_kib + 32 * 1024
-    });
-    eprintln!(
-        "baseline {} MiB, peak {} MiB, after {} MiB, trims {}",
-        baseline_kib >> 10,
-        peak_kib >> 10,
-        after_kib >> 10,
-        metric(&metrics(addr), "corecast_memory_trims_total")
-    );
-    assert!(
-        back,
-        "RSS {} MiB after the load, baseline {} MiB",
-        after_kib >> 10,
-        baseline_kib >> 10
-    );
+    rss_comes_back(pid, addr, baseline_kib, peak_kib, 32 * 1024);
 }

@@ -375,6 +375,7 @@ pub fn compress(payload: &[u8]) -> Option<Vec<u8>> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     /// Inflate output grows geometrically, never past the cap and a byte:
     /// reaching 16 MiB takes a few dozen steps (it took 1 024), and the
@@ -397,8 +398,6 @@ mod tests {
             assert!(steps <= 32, "{cap}: {steps} steps");
         }
     }
-
-    use super::*;
 
     fn offer(s: &str) -> Option<Accepted> {
         negotiate(std::iter::once(s.as_bytes()))

@@ -405,8 +405,12 @@ fn header(s: &mut String, name: &str, kind: &str, help: &str) {
 }
 
 /// One counter summed over the workers.
-fn sum(workers: &[WorkerStats], f: fn(&WorkerStats) -> &AtomicU64) -> u64 {
-    workers.iter().map(|w| get(f(w))).sum()
+/// One counter or gauge summed over the workers, wrapping: a worker's
+/// gauge may go below zero (it frees what another charged), the sum not.
+pub(crate) fn sum(workers: &[WorkerStats], f: fn(&WorkerStats) -> &AtomicU64) -> u64 {
+    workers
+        .iter()
+        .fold(0, |total: u64, w| total.wrapping_add(get(f(w))))
 }
 
 /// The one metric with a sample per worker.

@@ -1084,6 +1084,17 @@ mod tests {
         }
     }
 
+    /// The nonce of record number `seq` (RFC 8446 §5.3: the IV XOR the
+    /// number), and the number moved on.
+    fn next_nonce(iv: &[u8; 12], seq: &mut u64) -> [u8; 12] {
+        let mut nonce = *iv;
+        for (n, s) in nonce[4..].iter_mut().zip(seq.to_be_bytes()) {
+            *n ^= s;
+        }
+        *seq += 1;
+        nonce
+    }
+
     /// Records a rustls client would never send, sealed with its keys.
     struct Forger {
         key: aws_lc_rs::aead::LessSafeKey,
@@ -1122,11 +1133,7 @@ mod tests {
             let len = (inner.len() + 16) as u16;
             let mut out = vec![23, 3, 3];
             out.extend(len.to_be_bytes());
-            let mut nonce = self.iv;
-            for (n, s) in nonce[4..].iter_mut().zip(self.seq.to_be_bytes()) {
-                *n ^= s;
-            }
-            self.seq += 1;
+            let nonce = next_nonce(&self.iv, &mut self.seq);
             let mut body = inner.to_vec();
             let aad: [u8; 5] = out[..5].try_into().unwrap();
             self.key
@@ -1146,11 +1153,7 @@ mod tests {
             let len = u16::from_be_bytes([wire[3], wire[4]]) as usize;
             let aad: [u8; 5] = wire[..5].try_into().unwrap();
             let (key, iv, seq) = &mut self.rx;
-            let mut nonce = *iv;
-            for (n, s) in nonce[4..].iter_mut().zip(seq.to_be_bytes()) {
-                *n ^= s;
-            }
-            *seq += 1;
+            let nonce = next_nonce(iv, seq);
             let mut body = wire[5..5 + len].to_vec();
             let plain = key
                 .open_in_place(

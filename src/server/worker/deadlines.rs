@@ -37,15 +37,10 @@ impl<S> Core<S> {
             // memory back after a load.
             self.shard.directory().sweep(self.now);
             if self.trim.looks(self.now) {
-                // A worker's gauge may wrap below zero (what it frees
-                // another charged): summed with wrapping.
-                let sum = |f: fn(&WorkerStats) -> &std::sync::atomic::AtomicU64| {
-                    self.shared
-                        .stats
-                        .iter()
-                        .fold(0u64, |a, s| a.wrapping_add(f(s).load(Ordering::Relaxed)))
-                };
-                let (charged, sent) = (sum(|s| &s.buffered_bytes), sum(|s| &s.bytes_sent));
+                use crate::server::metrics::sum;
+                let stats = &self.shared.stats;
+                let charged = sum(stats, |w| &w.buffered_bytes);
+                let sent = sum(stats, |w| &w.bytes_sent);
                 let rss = trim::resident_bytes().unwrap_or(0);
                 if self.trim.due(self.now, rss, charged, sent) {
                     trim::release_free_memory();

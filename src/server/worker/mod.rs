@@ -262,7 +262,12 @@ impl<S> Core<S> {
             epoch: now,
             now,
             next_sweep,
-            trim: trim::Trim::new(trim::resident_bytes().unwrap_or(0)),
+            // Only worker 0 watches (and reads its RSS at the start).
+            trim: if id == 0 {
+                trim::Trim::new(trim::resident_bytes().unwrap_or(0))
+            } else {
+                trim::Trim::default()
+            },
             drain_deadline: None,
             drain_queue: Vec::new(),
             drain_total: 0,
