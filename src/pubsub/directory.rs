@@ -35,7 +35,7 @@
 use super::envelope::Message;
 use super::history::{History, HistoryLimits, HistoryMemory, Recovery, Since};
 use super::pattern::{self, PatternTrie};
-use super::policy::{self, LivePolicy, NamespacePolicy, Resolved, SlowConsumerPolicy};
+use super::policy::{self, LivePolicy, NamespacePolicy, Namespaces, Resolved, SlowConsumerPolicy};
 use super::remote::Link;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -268,7 +268,7 @@ pub struct Directory {
     /// while the map's lock is held too, so under that lock the table and
     /// every entry's resolved policies agree; read-locked alone by the
     /// lookups for topics without an entry.
-    policies: RwLock<Arc<[NamespacePolicy]>>,
+    policies: RwLock<Arc<Namespaces>>,
     /// Whether new enveloped subscribers get last values (the flag).
     last_value: bool,
     /// Most topics in `Topics::retained`.
@@ -351,7 +351,7 @@ impl Directory {
         last_value: bool,
     ) -> Self {
         Self {
-            policies: RwLock::new(policies.into()),
+            policies: RwLock::new(Arc::new(Namespaces::new(policies))),
             last_value,
             ..Self::with_history(limits, retained_topics)
         }
@@ -370,7 +370,7 @@ impl Directory {
             topics: Mutex::new(Topics::default()),
             next_epoch: AtomicU64::new(micros.max(1)),
             limits,
-            policies: RwLock::new(Arc::new([])),
+            policies: RwLock::new(Arc::default()),
             last_value: true,
             retained_max: retained_topics,
             memory: HistoryMemory::default(),
@@ -505,13 +505,13 @@ impl Directory {
     }
 
     /// The namespace table in force.
-    fn policies(&self) -> RwLockReadGuard<'_, Arc<[NamespacePolicy]>> {
+    fn policies(&self) -> RwLockReadGuard<'_, Arc<Namespaces>> {
         // Only ever replaced whole: poisoning ignored.
         self.policies.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The namespace table in force (the last reload's, or the start's).
-    pub fn namespaces(&self) -> Arc<[NamespacePolicy]> {
+    pub fn namespaces(&self) -> Arc<Namespaces> {
         Arc::clone(&self.policies())
     }
 
@@ -527,7 +527,7 @@ impl Directory {
     }
 
     /// What `policies` give topic `name`.
-    fn resolve(&self, policies: &[NamespacePolicy], name: &str) -> Resolved {
+    fn resolve(&self, policies: &Namespaces, name: &str) -> Resolved {
         policy::resolve(policies, name, &self.limits, self.last_value)
     }
 
@@ -542,7 +542,7 @@ impl Directory {
     /// equal to the one in force changes nothing.
     pub fn set_policies(&self, policies: Vec<NamespacePolicy>) {
         let mut t = self.lock();
-        let policies: Arc<[NamespacePolicy]> = policies.into();
+        let policies = Arc::new(Namespaces::new(policies));
         {
             let mut current = self.policies.write().unwrap_or_else(|p| p.into_inner());
             if **current == *policies {

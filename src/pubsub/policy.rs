@@ -9,6 +9,8 @@
 //! as a [`LivePolicy`]: a reload replaces them while delivery reads them.
 
 use super::history::HistoryLimits;
+use std::collections::HashMap;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -73,6 +75,101 @@ pub struct NamespacePolicy {
     pub anonymous_subscribe: Option<bool>,
 }
 
+/// The namespace table with its lookups. The longest namespace covering a
+/// name is found by one hash lookup per separator in the name (at most its
+/// length, itself bounded by `--max-topic-len`), not by a scan of the
+/// table: a publication to a topic without an entry, and every new entry,
+/// look it up, and an operator's table may hold thousands. The namespaces
+/// whose prefix begins with a pattern's literal part are a range of the
+/// table sorted by prefix. Dereferences to the table, in the file's order
+/// (a namespace's index is its place there).
+#[derive(Debug, Default)]
+pub struct Namespaces {
+    table: Vec<NamespacePolicy>,
+    /// Prefix -> index in `table` (of two equal prefixes, the later).
+    by_prefix: HashMap<Box<str>, usize>,
+    /// Indices into `table`, ordered by prefix.
+    sorted: Vec<usize>,
+    /// `lengths[n]`: some prefix is `n` bytes long. A candidate of
+    /// another length (any longer than the longest) is not looked up.
+    lengths: Vec<bool>,
+}
+
+impl Namespaces {
+    pub fn new(table: Vec<NamespacePolicy>) -> Self {
+        let mut by_prefix = HashMap::with_capacity(table.len());
+        for (i, p) in table.iter().enumerate() {
+            by_prefix.insert(p.prefix.as_str().into(), i);
+        }
+        let mut sorted: Vec<usize> = (0..table.len()).collect();
+        sorted.sort_by(|&a, &b| table[a].prefix.cmp(&table[b].prefix));
+        let longest = table.iter().map(|p| p.prefix.len()).max().unwrap_or(0);
+        let mut lengths = vec![false; longest + 1];
+        for p in &table {
+            lengths[p.prefix.len()] = true;
+        }
+        Self {
+            table,
+            by_prefix,
+            sorted,
+            lengths,
+        }
+    }
+
+    /// The index of the namespace covering `name` (the longest), if any:
+    /// `name` itself, then each part of it before a separator, longest
+    /// first.
+    pub fn covering(&self, name: &str) -> Option<usize> {
+        if self.table.is_empty() {
+            return None;
+        }
+        let find = |prefix: &str| {
+            if self.lengths.get(prefix.len()) == Some(&true) {
+                self.by_prefix.get(prefix).copied()
+            } else {
+                None
+            }
+        };
+        find(name).or_else(|| {
+            name.rmatch_indices(['.', ':', '/'])
+                .find_map(|(at, _)| find(&name[..at]))
+        })
+    }
+
+    /// The namespaces whose prefix begins with `literal`.
+    pub fn starting_with<'a>(
+        &'a self,
+        literal: &'a str,
+    ) -> impl Iterator<Item = &'a NamespacePolicy> + 'a {
+        let from = self
+            .sorted
+            .partition_point(|&i| self.table[i].prefix.as_str() < literal);
+        self.sorted[from..]
+            .iter()
+            .map(|&i| &self.table[i])
+            .take_while(move |p| p.prefix.starts_with(literal))
+    }
+}
+
+impl From<Vec<NamespacePolicy>> for Namespaces {
+    fn from(table: Vec<NamespacePolicy>) -> Self {
+        Self::new(table)
+    }
+}
+
+impl Deref for Namespaces {
+    type Target = [NamespacePolicy];
+    fn deref(&self) -> &[NamespacePolicy] {
+        &self.table
+    }
+}
+
+impl PartialEq for Namespaces {
+    fn eq(&self, other: &Self) -> bool {
+        self.table == other.table
+    }
+}
+
 /// With tokens on, may a subscriber without a token subscribe to `name`
 /// (a topic or a pattern)? The setting of the longest namespace covering
 /// it, else `default` (`--anonymous-subscribe`). A pattern also needs every
@@ -80,7 +177,7 @@ pub struct NamespacePolicy {
 /// with the pattern's literal part (what comes before its first wildcard)
 /// and resolves to no, refuses it (`prices.>` is refused when
 /// `prices.private` is closed, even if `prices` is open).
-pub fn anonymous_may_subscribe(policies: &[NamespacePolicy], name: &str, default: bool) -> bool {
+pub fn anonymous_may_subscribe(policies: &Namespaces, name: &str, default: bool) -> bool {
     let setting = |p: &NamespacePolicy| p.anonymous_subscribe.unwrap_or(default);
     if !crate::pubsub::pattern::is_pattern(name) {
         return namespace_of(policies, name).map_or(default, |i| setting(&policies[i]));
@@ -93,36 +190,18 @@ pub fn anonymous_may_subscribe(policies: &[NamespacePolicy], name: &str, default
     let literal = &name[..literal.min(name.len())];
     let at_prefix = namespace_of(policies, literal.trim_end_matches('.'))
         .map_or(default, |i| setting(&policies[i]));
-    at_prefix
-        && policies
-            .iter()
-            .filter(|p| p.prefix.starts_with(literal))
-            .all(setting)
-}
-
-/// Whether namespace `prefix` covers topic `name`.
-pub fn covers(prefix: &str, name: &str) -> bool {
-    match name.strip_prefix(prefix) {
-        Some("") => true,
-        Some(rest) => matches!(rest.as_bytes()[0], b'.' | b':' | b'/'),
-        None => false,
-    }
+    at_prefix && policies.starting_with(literal).all(setting)
 }
 
 /// The index in `policies` of the namespace covering `name` (the longest),
 /// if any.
-pub fn namespace_of(policies: &[NamespacePolicy], name: &str) -> Option<usize> {
-    policies
-        .iter()
-        .enumerate()
-        .filter(|(_, p)| covers(&p.prefix, name))
-        .max_by_key(|(_, p)| p.prefix.len())
-        .map(|(i, _)| i)
+pub fn namespace_of(policies: &Namespaces, name: &str) -> Option<usize> {
+    policies.covering(name)
 }
 
 /// The slow-consumer policy of topic `name`: the longest covering
 /// namespace's if it sets one (`None`: the flag's).
-pub fn slow_consumer(policies: &[NamespacePolicy], name: &str) -> Option<SlowConsumerPolicy> {
+pub fn slow_consumer(policies: &Namespaces, name: &str) -> Option<SlowConsumerPolicy> {
     namespace_of(policies, name).and_then(|i| policies[i].slow_consumer)
 }
 
@@ -140,10 +219,10 @@ pub struct Resolved {
 
 /// The policies of topic `name`: the longest covering namespace's, the
 /// history limits and last value it leaves unset from `global` /
-/// `last_value` (the flags). Linear in the namespaces (a handful; once
-/// per topic entry, and per entry at a reload).
+/// `last_value` (the flags). One lookup per separator in `name` (once per
+/// topic entry, and per entry at a reload).
 pub fn resolve(
-    policies: &[NamespacePolicy],
+    policies: &Namespaces,
     name: &str,
     global: &HistoryLimits,
     last_value: bool,
@@ -276,6 +355,127 @@ impl LivePolicy {
 mod tests {
     use super::*;
 
+    /// Whether namespace `prefix` covers topic `name` (the definition).
+    fn covers(prefix: &str, name: &str) -> bool {
+        match name.strip_prefix(prefix) {
+            Some("") => true,
+            Some(rest) => matches!(rest.as_bytes()[0], b'.' | b':' | b'/'),
+            None => false,
+        }
+    }
+
+    /// The covering namespace by the definition: a scan of the table
+    /// (the lookup before the index), the later of two equal prefixes.
+    fn covering_by_scan(table: &[NamespacePolicy], name: &str) -> Option<usize> {
+        table
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| covers(&p.prefix, name))
+            .max_by_key(|(_, p)| p.prefix.len())
+            .map(|(i, _)| i)
+    }
+
+    fn named(prefix: &str) -> NamespacePolicy {
+        NamespacePolicy {
+            prefix: prefix.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_index_finds_what_a_scan_of_the_table_finds() {
+        let table = Namespaces::new(
+            [
+                "prices",
+                "prices.fx",
+                "prices:fx",
+                "news/eu",
+                "a",
+                "a.b.c",
+                "a.b",
+                "x",
+                "x",
+            ]
+            .into_iter()
+            .map(named)
+            .collect(),
+        );
+        for name in [
+            "prices",
+            "prices.fx.EURUSD",
+            "prices:fx",
+            "prices:fx.X",
+            "prices/eu",
+            "pricesX",
+            "price",
+            "news/eu/de",
+            "news/e",
+            "a.b.c.d",
+            "a.b.cd",
+            "a.b:c",
+            "ab",
+            "x.y",
+            "x",
+            ".",
+            "a.",
+            "",
+        ] {
+            assert_eq!(
+                table.covering(name),
+                covering_by_scan(&table, name),
+                "{name:?}"
+            );
+        }
+        assert_eq!(
+            table.covering("x"),
+            Some(8),
+            "the later of two equal prefixes"
+        );
+        let under = |literal: &'static str| {
+            let mut v: Vec<&str> = table
+                .starting_with(literal)
+                .map(|p| p.prefix.as_str())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(under("prices."), ["prices.fx"]);
+        assert_eq!(under("a."), ["a.b", "a.b.c"]);
+        assert_eq!(under(""), {
+            let mut all: Vec<&str> = table.iter().map(|p| p.prefix.as_str()).collect();
+            all.sort();
+            all
+        });
+        assert!(under("z").is_empty());
+        assert_eq!(Namespaces::default().covering("a"), None);
+    }
+
+    proptest::proptest! {
+        /// Over random tables and names from a small alphabet with every
+        /// separator, the index agrees with the scan, and the range under
+        /// a literal with a filter of the table.
+        #[test]
+        fn the_index_agrees_with_the_scan_on_any_table(
+            prefixes in proptest::collection::vec("[ab.:/]{0,6}", 0..12),
+            names in proptest::collection::vec("[ab.:/]{0,8}", 1..12),
+        ) {
+            let table = Namespaces::new(prefixes.iter().map(|p| named(p)).collect());
+            for name in &names {
+                proptest::prop_assert_eq!(table.covering(name), covering_by_scan(&table, name));
+                let mut by_range: Vec<&str> =
+                    table.starting_with(name).map(|p| p.prefix.as_str()).collect();
+                let mut by_filter: Vec<&str> = table
+                    .iter()
+                    .filter(|p| p.prefix.starts_with(name.as_str()))
+                    .map(|p| p.prefix.as_str())
+                    .collect();
+                by_range.sort();
+                by_filter.sort();
+                proptest::prop_assert_eq!(by_range, by_filter);
+            }
+        }
+    }
+
     #[test]
     fn a_namespace_covers_its_name_and_what_continues_it_after_a_separator() {
         assert!(covers("prices", "prices"));
@@ -290,7 +490,7 @@ mod tests {
     #[test]
     fn the_longest_namespace_wins_and_unset_values_come_from_the_flags() {
         let global = HistoryLimits::default();
-        let policies = vec![
+        let policies = Namespaces::from(vec![
             NamespacePolicy {
                 prefix: "prices".into(),
                 history_size: Some(1000),
@@ -302,7 +502,7 @@ mod tests {
                 history_age: Some(Duration::from_secs(3600)),
                 ..Default::default()
             },
-        ];
+        ]);
         let r = resolve(&policies, "prices.eq.X", &global, true);
         assert_eq!(
             (r.limits.size, r.limits.age, r.last_value, r.namespace),
@@ -321,7 +521,7 @@ mod tests {
     #[test]
     fn a_live_policy_gives_back_what_it_was_given() {
         let global = HistoryLimits::default();
-        let mut r = resolve(&[], "t", &global, true);
+        let mut r = resolve(&Namespaces::default(), "t", &global, true);
         let live = LivePolicy::new(&r);
         assert_eq!(
             (
@@ -373,7 +573,7 @@ mod tests {
                 .unwrap_err()
                 .contains("conflate")
         );
-        let policies = vec![
+        let policies = Namespaces::from(vec![
             NamespacePolicy {
                 prefix: "prices".into(),
                 slow_consumer: Some(SlowConsumerPolicy::Always),
@@ -383,7 +583,7 @@ mod tests {
                 prefix: "prices.eq".into(),
                 ..Default::default()
             },
-        ];
+        ]);
         assert_eq!(
             slow_consumer(&policies, "prices.fx"),
             Some(SlowConsumerPolicy::Always)
@@ -403,12 +603,12 @@ mod tests {
             anonymous_subscribe: anon,
             ..Default::default()
         };
-        let table = [
+        let table = Namespaces::from(vec![
             ns("public", Some(true)),
             ns("public.private", Some(false)),
             ns("public.quiet", None),
             ns("news", None),
-        ];
+        ]);
         let may = |name: &str, default: bool| anonymous_may_subscribe(&table, name, default);
         assert!(may("public.a", false));
         assert!(may("public:fx", false));
@@ -428,7 +628,7 @@ mod tests {
         assert!(!may("public.>", true), "public.private says no");
         assert!(!may(">", true));
         assert!(!may("public.private.*", true));
-        let open = [ns("a", Some(true))];
+        let open = Namespaces::from(vec![ns("a", Some(true))]);
         assert!(anonymous_may_subscribe(&open, ">", true));
         assert!(
             !anonymous_may_subscribe(&open, ">", false),
