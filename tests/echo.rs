@@ -314,6 +314,21 @@ fn refusals_have_status_and_reason() {
             "431 Request Header Fields Too Large",
             "too large",
         ),
+        (
+            "OPTIONS * HTTP/1.1\r\nHost: localhost\r\n\r\n".to_string(),
+            "501 Not Implemented",
+            "method not implemented",
+        ),
+        (
+            "CONNECT localhost:1 HTTP/1.1\r\nHost: localhost:1\r\n\r\n".to_string(),
+            "501 Not Implemented",
+            "method not implemented",
+        ),
+        (
+            "HEAD /nope HTTP/1.1\r\nHost: localhost\r\n\r\n".to_string(),
+            "404 Not Found",
+            "no such endpoint",
+        ),
     ];
     for (req, status, reason) in &cases {
         let resp = refused(addr, req.as_bytes());

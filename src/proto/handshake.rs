@@ -32,12 +32,13 @@ pub enum Status {
     UpgradeRequired,
     TooManyRequests,
     HeadTooLarge,
+    NotImplemented,
     ServiceUnavailable,
 }
 
 impl Status {
     /// Every status, in code order (metrics iterate it).
-    pub const ALL: [Status; 13] = [
+    pub const ALL: [Status; 14] = [
         Self::BadRequest,
         Self::Unauthorized,
         Self::Forbidden,
@@ -50,6 +51,7 @@ impl Status {
         Self::UpgradeRequired,
         Self::TooManyRequests,
         Self::HeadTooLarge,
+        Self::NotImplemented,
         Self::ServiceUnavailable,
     ];
 
@@ -67,6 +69,7 @@ impl Status {
             Self::UpgradeRequired => 426,
             Self::TooManyRequests => 429,
             Self::HeadTooLarge => 431,
+            Self::NotImplemented => 501,
             Self::ServiceUnavailable => 503,
         }
     }
@@ -90,6 +93,7 @@ impl Status {
             Self::UpgradeRequired => "Upgrade Required",
             Self::TooManyRequests => "Too Many Requests",
             Self::HeadTooLarge => "Request Header Fields Too Large",
+            Self::NotImplemented => "Not Implemented",
             Self::ServiceUnavailable => "Service Unavailable",
         }
     }

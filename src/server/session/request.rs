@@ -48,10 +48,19 @@ fn route<'p>(req: &Request<'p, '_>, cfg: &Config) -> Result<Route<'p>, Reject> {
                 "publish with POST or a WebSocket (GET), delete a topic's history with DELETE",
                 "GET, POST, DELETE",
             )),
+            None if !IMPLEMENTED.contains(&req.method) => Err(Reject::new(
+                Status::NotImplemented,
+                "method not implemented here (GET, HEAD, POST and DELETE are)",
+            )),
             None => Err(Reject::new(Status::NotFound, "no such endpoint")),
         },
     }
 }
+
+/// The methods some endpoint takes. Another on a path that is no endpoint
+/// (`OPTIONS *`, `CONNECT host:port`, `PUT /x`) is answered `501` (RFC 9110
+/// §15.6.2); on an endpoint, `405` naming the ones it takes.
+const IMPLEMENTED: [&str; 4] = ["GET", "HEAD", "POST", "DELETE"];
 
 pub(super) fn topic_reject(e: TopicError) -> Reject {
     Reject::new(
