@@ -363,10 +363,21 @@ fn remove(core: &mut Core<TcpStream>, key: usize) {
 }
 
 impl Worker {
-    /// Closes `key` and drops its TLS session, if any.
+    /// Closes `key` and drops its TLS session, if any. A PROXY header
+    /// still awaited is only peeked so far: its bytes are read off first,
+    /// since a socket closed with unread bytes resets the connection (at
+    /// the request deadline it ends with a FIN, as on io_uring, which has
+    /// read them).
     fn remove(&mut self, key: usize) {
         if let Some(tls) = self.tls.remove(&key) {
             self.core.charge_wire(key, tls.charged(), 0);
+        }
+        if self.core.conn(key).awaits_proxy() {
+            let _ = self
+                .core
+                .conn_mut(key)
+                .io_mut()
+                .read(&mut self.buf[..MAX_HEADER]);
         }
         remove(&mut self.core, key);
     }
