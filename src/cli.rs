@@ -154,11 +154,11 @@ pub struct ServeArgs {
     pub no_permessage_deflate: bool,
 
     /// Ping a connection after this long without input; 0 disables keepalive.
-    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, default_value = "30s", value_parser = parse_timer, value_name = "DURATION")]
     pub ping_interval: Duration,
 
     /// Close (1001 "keepalive timeout") a pinged connection that sends nothing for this long.
-    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, default_value = "10s", value_parser = parse_timer, value_name = "DURATION")]
     pub ping_timeout: Duration,
 
     /// Serve /metrics and /healthz on this address instead of the main port.
@@ -272,7 +272,7 @@ pub struct ServeArgs {
 
     /// Time a client has to finish a message it started; over it closes with
     /// 1008 "message not finished in time". 0 disables.
-    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, default_value = "30s", value_parser = parse_timer, value_name = "DURATION")]
     pub message_timeout: Duration,
 
     /// Longest a byte queued for a client may wait to be sent: a client
@@ -280,12 +280,12 @@ pub struct ServeArgs {
     /// queued when a check begins must all have left within this time), is
     /// closed, with 1008 "send timeout" for a WebSocket and 408 in HTTP;
     /// applies in every state, paused or not. 0 disables.
-    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, default_value = "30s", value_parser = parse_timer, value_name = "DURATION")]
     pub send_timeout: Duration,
 
     /// TCP keepalive idle time on accepted sockets (probes every 10 s, 6
     /// unanswered close the socket); 0 disables.
-    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, default_value = "60s", value_parser = parse_tcp_keepalive, value_name = "DURATION")]
     pub tcp_keepalive: Duration,
 
     /// Process-wide budget for bytes held on behalf of connections (partial
@@ -507,7 +507,18 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("size {s:?} overflows"))
 }
 
-/// Parses `250ms`, `10s`, `2m`; a bare number is seconds.
+/// The longest duration any setting takes: a year. Past it a deadline
+/// added to the clock could overflow it.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The longest of the per-connection timers (`--ping-interval`,
+/// `--ping-timeout`, `--message-timeout`, `--send-timeout`): 24 days, as
+/// the workers keep their times in 32-bit milliseconds (elapsed times are
+/// exact up to 2^31 ms).
+pub const MAX_TIMER: Duration = Duration::from_secs(24 * 24 * 3600);
+
+/// Parses `250ms`, `10s`, `2m`; a bare number is seconds. At most
+/// [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -515,12 +526,38 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let n: u64 = num
         .parse()
         .map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 10s, 2m"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "" | "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        other => Err(format!("invalid duration unit {other:?}: use ms, s or m")),
+    let d = match unit {
+        "ms" => Some(Duration::from_millis(n)),
+        "" | "s" => Some(Duration::from_secs(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
+        other => return Err(format!("invalid duration unit {other:?}: use ms, s or m")),
+    };
+    d.filter(|d| *d <= MAX_DURATION)
+        .ok_or_else(|| format!("duration {s:?} is over a year (525600m)"))
+}
+
+/// A per-connection timer: [`parse_duration`], at most [`MAX_TIMER`].
+pub fn parse_timer(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d > MAX_TIMER {
+        return Err(format!("{s:?} is over 24 days (34560m)"));
     }
+    Ok(d)
+}
+
+/// `--tcp-keepalive`: 0 (off) or whole seconds from 1 to 32767, what
+/// Linux takes for `TCP_KEEPIDLE`.
+pub fn parse_tcp_keepalive(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Ok(d);
+    }
+    if d.subsec_nanos() != 0 || !(1..=32767).contains(&d.as_secs()) {
+        return Err(format!(
+            "{s:?}: the TCP keepalive idle time is 0 (off) or whole seconds from 1s to 32767s"
+        ));
+    }
+    Ok(d)
 }
 
 #[cfg(test)]
@@ -545,6 +582,46 @@ mod tests {
         assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("1h").is_err());
+        assert_eq!(parse_duration("525600m"), Ok(MAX_DURATION));
+        // Outside probe: `n * 60` wrapped in a release build, and a huge
+        // `--drain-timeout` overflowed the clock when added to it.
+        for over in [
+            "525601m",
+            "3381903080180084463m",
+            "9223372036854775807s",
+            "18446744073709551615ms",
+            "99999999999999999999",
+        ] {
+            assert!(parse_duration(over).is_err(), "{over}");
+        }
+        assert_eq!(parse_timer("34560m"), Ok(MAX_TIMER));
+        assert!(parse_timer("34561m").is_err());
+        assert_eq!(parse_tcp_keepalive("0"), Ok(Duration::ZERO));
+        assert_eq!(
+            parse_tcp_keepalive("32767s"),
+            Ok(Duration::from_secs(32767))
+        );
+        for bad in ["32768s", "500ms", "1500ms", "600m"] {
+            assert!(parse_tcp_keepalive(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn every_timer_flag_is_bounded_by_its_parser() {
+        for (flag, over) in [
+            ("--ping-interval", "34561m"),
+            ("--ping-timeout", "34561m"),
+            ("--message-timeout", "34561m"),
+            ("--send-timeout", "34561m"),
+            ("--tcp-keepalive", "32768s"),
+            ("--drain-timeout", "9223372036854775807s"),
+            ("--handshake-timeout", "525601m"),
+            ("--history-age", "525601m"),
+            ("--jwt-leeway", "525601m"),
+        ] {
+            let r = Cli::try_parse_from(["corecast", "serve", flag, over]);
+            assert!(r.is_err(), "{flag} {over} accepted");
+        }
     }
 
     #[test]

@@ -445,6 +445,7 @@ fn the_operator_disconnects_every_connection_of_a_sub() {
         subscriber(addr, "t", &as_user("alice")),
     ];
     let mut bob = subscriber(addr, "t", &as_user("bob"));
+    let mut zoe = subscriber(addr, "t", &as_user("zo\u{eb}"));
     let admin = |req: &str| answer(server.admin, req);
     assert!(
         admin("GET /disconnect?sub=alice HTTP/1.1\r\nHost: x\r\n\r\n").starts_with("HTTP/1.1 405 ")
@@ -468,6 +469,20 @@ fn the_operator_disconnects_every_connection_of_a_sub() {
         assert_eq!(close.code, CloseCode::from(3003));
         assert_eq!(close.reason, "disconnected by the operator");
     }
+    // A sub outside ASCII, percent-encoded as UTF-8 (outside probe: the
+    // escapes were left as they were, the answer was 202 and nobody went).
+    let r = admin("POST /disconnect?sub=%FF HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(r.starts_with("HTTP/1.1 400 "), "not UTF-8: {r}");
+    let r = admin("POST /disconnect?sub=zo%C3%AB HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(r.starts_with("HTTP/1.1 202 "), "{r}");
+    let close = loop {
+        match zoe.read() {
+            Ok(Message::Close(c)) => break c.expect("a code"),
+            Ok(_) => {}
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(close.code, CloseCode::from(3003));
     let writer = token(
         &secret,
         json!({"exp": now() + 600, "corecast": {"publish": ["t"]}}),
@@ -476,7 +491,7 @@ fn the_operator_disconnects_every_connection_of_a_sub() {
     assert_eq!(read_env(&mut bob).payload, b"bob stays");
     assert_eq!(
         metric(&server.metrics(), "corecast_operator_disconnects_total"),
-        2
+        3
     );
 }
 

@@ -154,6 +154,30 @@ pub fn percent_decode(name: &str) -> Cow<'_, str> {
     Cow::Owned(String::from_utf8(out).unwrap_or_else(|_| name.to_owned()))
 }
 
+/// `s` with every `%XX` escape decoded, whatever byte it stands for; `None`
+/// when the result is not UTF-8 or an escape is malformed (a `%` without
+/// two hex digits). For values that are not topic names, such as a token's
+/// `sub` (`POST /disconnect?sub=`), which may be any string.
+pub fn percent_decode_utf8(s: &str) -> Option<Cow<'_, str>> {
+    if !s.contains('%') {
+        return Some(Cow::Borrowed(s));
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = |c: Option<&u8>| (*c? as char).to_digit(16);
+            out.push((hex(b.get(i + 1))? * 16 + hex(b.get(i + 2))?) as u8);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok().map(Cow::Owned)
+}
+
 /// The value of `topics=` in a query string (`a,b,c`), if present. Other
 /// parameters are ignored; an empty value means no topics.
 pub fn from_query(query: Option<&str>) -> Option<&str> {
@@ -414,6 +438,17 @@ mod tests {
                 .to_string()
                 .contains("publish to a topic")
         );
+    }
+
+    #[test]
+    fn any_string_is_percent_decoded_when_it_is_utf8() {
+        assert_eq!(percent_decode_utf8("alice").as_deref(), Some("alice"));
+        assert_eq!(percent_decode_utf8("%C3%A9").as_deref(), Some("\u{e9}"));
+        assert_eq!(percent_decode_utf8("a%20b%2Fc").as_deref(), Some("a b/c"));
+        assert_eq!(percent_decode_utf8("z%c3%ab").as_deref(), Some("z\u{eb}"));
+        for bad in ["%FF", "%C3", "%zz", "end%3", "%", "%%41"] {
+            assert_eq!(percent_decode_utf8(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -169,13 +169,14 @@ fn disconnect(req: &handshake::Request<'_, '_>, shared: &Shared) -> Vec<u8> {
             "no tokens in use (--jwt-key, --jwks): no sub to disconnect",
         ));
     }
+    // Any escape is decoded (a `sub` may be any string): `%C3%A9` is "é".
     let Some(sub) = crate::pubsub::topic::query_param(req.query, "sub")
-        .map(crate::pubsub::topic::percent_decode)
+        .and_then(crate::pubsub::topic::percent_decode_utf8)
         .filter(|s| !s.is_empty() && s.len() <= super::MAX_REVOKED_SUB)
     else {
         return handshake::error_response(Reject::new(
             Status::BadRequest,
-            "name the user: ?sub=NAME (1 to 256 bytes, percent-encoded)",
+            "name the user: ?sub=NAME (1 to 256 bytes of UTF-8, percent-encoded)",
         ));
     };
     if !shared.revoke(&sub) {

@@ -50,10 +50,10 @@ impl<S> Core<S> {
         }
         self.shard.sweep_pattern_topics();
         let cfg = &self.shared.config;
-        let interval = cfg.ping_interval.map(|d| d.as_millis() as u32);
-        let timeout = cfg.ping_timeout.as_millis() as u32;
-        let message_timeout = cfg.message_timeout.map(|d| d.as_millis() as u32);
-        let send_timeout = cfg.send_timeout.map(|d| d.as_millis() as u32);
+        let interval = cfg.ping_interval.map(timer_ms);
+        let timeout = timer_ms(cfg.ping_timeout);
+        let message_timeout = cfg.message_timeout.map(timer_ms);
+        let send_timeout = cfg.send_timeout.map(timer_ms);
         let now = self.now_ms();
         let stats = &self.shared.stats[self.id];
         let mut timed_out = Vec::new();
@@ -469,6 +469,13 @@ pub(super) fn ms_after(epoch: Instant, now: Instant, after: Duration) -> u64 {
 /// shorter `history-age` sets the period from the next sweep on (within
 /// [`SWEEP_MAX`]), and a sweep always comes for it, even when nothing
 /// needed one when the server started.
+/// A per-connection timer in the workers' 32-bit milliseconds, where
+/// elapsed times are exact up to 2^31 ms: longer ones (which the flags'
+/// parser refuses, `cli::MAX_TIMER`) are taken as that.
+fn timer_ms(d: Duration) -> u32 {
+    d.as_millis().min(i32::MAX as u128) as u32
+}
+
 pub(super) fn sweep_period(cfg: &Config, namespaces: &[NamespacePolicy]) -> Duration {
     let keepalive = cfg.ping_interval.map(|i| i.min(cfg.ping_timeout));
     let per_ip = (cfg.max_connections_per_ip > 0
@@ -502,6 +509,18 @@ pub(super) fn sweep_period(cfg: &Config, namespaces: &[NamespacePolicy]) -> Dura
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_timer_past_the_clocks_range_saturates_rather_than_wraps() {
+        assert_eq!(timer_ms(Duration::from_millis(1500)), 1500);
+        assert_eq!(timer_ms(crate::cli::MAX_TIMER), 24 * 24 * 3600 * 1000);
+        let fifty_days = Duration::from_secs(50 * 24 * 3600);
+        assert_eq!(
+            timer_ms(fifty_days),
+            i32::MAX as u32,
+            "not 50 days mod 2^32 ms"
+        );
+    }
 
     #[test]
     fn the_sweep_period_follows_the_namespace_table_in_force_and_a_sweep_always_comes() {
