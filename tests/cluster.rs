@@ -537,6 +537,56 @@ fn a_topic_the_stream_forgot_starts_a_new_epoch_at_every_subscriber() {
     );
 }
 
+/// What a NATS client publishes by hand on the subjects the stream
+/// republishes to is not taken, however like ours it looks (outside
+/// probe: one message numbered 1 000 ahead made every later publication
+/// of the topic look handed on already, on every node, and text that was
+/// not UTF-8 went out in text frames).
+#[test]
+fn a_message_published_by_hand_where_the_stream_republishes_is_not_taken() {
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let (a, b) = two_nodes(&nats);
+    let mut on_b = subscriber(b.local_addr(), "f", 1);
+    publish(a.local_addr(), "f", b"one");
+    let first = read_env(&mut on_b);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        for (seq, body) in [
+            (first.seq + 1000, &b"ahead"[..]),
+            (first.seq + 1, b"\xc3(bad"),
+        ] {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("Corecast-Epoch", first.epoch.to_string().as_str());
+            h.insert("Corecast-Seq", seq.to_string().as_str());
+            h.insert("Corecast-Kind", "text");
+            client
+                .publish_with_headers("corecast.t.f", h, bytes::Bytes::copy_from_slice(body))
+                .await
+                .unwrap();
+        }
+        client.flush().await.unwrap();
+    });
+    let foreign = || {
+        gauge(
+            b.local_addr(),
+            "corecast_cluster_received_skipped_total{reason=\"foreign\"}",
+        )
+    };
+    assert_eq!(settle(WAIT, foreign, 2), 2);
+    publish(a.local_addr(), "f", b"two");
+    let next = read_env(&mut on_b);
+    assert_eq!(
+        (next.epoch, next.seq, next.payload.as_slice()),
+        (first.epoch, first.seq + 1, &b"two"[..])
+    );
+}
+
 /// Deletes corecast's stream, as an operator might by mistake.
 fn delete_stream(nats: &NatsServer) {
     with_jetstream(nats, async |js| {

@@ -1430,8 +1430,16 @@ fn decode(
         msg.seq = number + i as u64;
         msg
     };
+    // A text publication of ours is UTF-8 (checked where it was published):
+    // one that is not would go out as a text frame every client must fail
+    // (RFC 6455 §8.1), and stay on as the topic's last value.
+    let utf8 = |text: bool, p: &[u8]| !text || crate::proto::utf8::validate(p).is_ok();
     let msgs = if h.get(H_BATCH).is_some() {
-        decode_batch(payload, count)?
+        let items = decode_batch(payload, count)?;
+        if !items.iter().all(|(text, _, p)| utf8(*text, p)) {
+            return None;
+        }
+        items
             .into_iter()
             .enumerate()
             .map(|(i, (text, key, p))| message(i, text, key, p))
@@ -1442,9 +1450,30 @@ fn decode(
             Some(k) if !topic::key_ok(k.as_str()) => return None,
             k => k.map(|k| Arc::<str>::from(k.as_str())),
         };
+        if !utf8(text, payload) {
+            return None;
+        }
         vec![message(0, text, key, payload)]
     };
     Some((topic, msgs))
+}
+
+/// The stream sequence of a live message the stream republished: the
+/// republish names our stream and the message's place in it. `None` for
+/// anything else on our subjects, such as a NATS client publishing to
+/// them by hand (which could otherwise claim any position: one number far
+/// ahead made every later publication of the topic look handed on
+/// already, on every node).
+fn republished(h: Option<&HeaderMap>) -> Option<u64> {
+    let h = h?;
+    if h.get(header::NATS_STREAM)?.as_str() != super::STREAM {
+        return None;
+    }
+    h.get(header::NATS_SEQUENCE)?
+        .as_str()
+        .parse()
+        .ok()
+        .filter(|&n| n >= 1)
 }
 
 /// One message from the cluster into the fan-out.
@@ -1454,7 +1483,8 @@ fn accept(node: &Arc<Node>, m: async_nats::Message, batch: &mut Vec<(String, Mes
     stats
         .received_bytes
         .fetch_add(m.payload.len() as u64, Ordering::Relaxed);
-    let Some((topic, msgs)) = decode(&m.subject, m.headers.as_ref(), &m.payload) else {
+    let decoded = decode(&m.subject, m.headers.as_ref(), &m.payload);
+    let (Some((topic, msgs)), Some(stream_seq)) = (decoded, republished(m.headers.as_ref())) else {
         stats.foreign.fetch_add(1, Ordering::Relaxed);
         return;
     };
@@ -1463,12 +1493,6 @@ fn accept(node: &Arc<Node>, m: async_nats::Message, batch: &mut Vec<(String, Mes
             .latency
             .observe(Duration::from_nanos(now_nanos().saturating_sub(at)));
     }
-    let stream_seq = m
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(header::NATS_SEQUENCE))
-        .and_then(|v| v.as_str().parse().ok())
-        .unwrap_or(0);
     // The stream sequence of the topic's message before this one (the
     // republish says): another than the last handed on here means some
     // were missed (this node's connection was cut, say, while others
@@ -1674,6 +1698,21 @@ mod tests {
         ] {
             assert!(decode(subject, Some(&h), b"p").is_none(), "{subject}");
         }
+        // Text that is not UTF-8, alone or in a batch (outside probe: it
+        // went out in text frames and stayed on as the last value).
+        let mut text = single(&now, "1", None);
+        text.insert(H_KIND, "text");
+        assert!(decode("corecast.t.x", Some(&text), "caf\u{e9}".as_bytes()).is_some());
+        assert!(decode("corecast.t.x", Some(&text), b"\xc3(bad").is_none());
+        let mut binary = single(&now, "1", None);
+        binary.insert(H_KIND, "binary");
+        assert!(decode("corecast.t.x", Some(&binary), b"\xc3(bad").is_some());
+        let mut batch = single(&now, "1", None);
+        batch.insert(H_BATCH, "2");
+        let good = encode_batch(&[item(true, None, b"a"), item(false, None, b"\xff")]);
+        assert!(decode("corecast.t.x", Some(&batch), &good).is_some());
+        let bad = encode_batch(&[item(true, None, b"a"), item(true, None, b"\xff")]);
+        assert!(decode("corecast.t.x", Some(&batch), &bad).is_none());
         // A batch running past 2^53 from a number below it.
         let mut h = single(&now, &(MAX_SEQ - 1).to_string(), None);
         h.insert(H_BATCH, "2");
@@ -1693,6 +1732,25 @@ mod tests {
         assert_eq!((poisoned.seq, poisoned.stream_seq), (0, 11));
         assert!(poisoned.epoch > 5, "a new epoch, later than the old");
     }
+    /// Only what the stream republished is live: a message on our subjects
+    /// without the republish's stream and sequence is not ours.
+    #[test]
+    fn a_live_message_is_the_streams_republish() {
+        let mut h = HeaderMap::new();
+        assert_eq!(republished(None), None);
+        assert_eq!(republished(Some(&h)), None, "published by hand");
+        h.insert(header::NATS_SEQUENCE, "7");
+        assert_eq!(republished(Some(&h)), None, "no stream named");
+        h.insert(header::NATS_STREAM, "OTHER");
+        assert_eq!(republished(Some(&h)), None, "another stream");
+        h.insert(header::NATS_STREAM, super::super::STREAM);
+        assert_eq!(republished(Some(&h)), Some(7));
+        for bad in ["0", "-1", "x", ""] {
+            h.insert(header::NATS_SEQUENCE, bad);
+            assert_eq!(republished(Some(&h)), None, "{bad:?}");
+        }
+    }
+
     /// Recovery holds at their bound: the one that runs out first gives
     /// way (a renewal counts from its own time), never the new one, so a
     /// client asking for fresh names cannot keep every other recovery out
