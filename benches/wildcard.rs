@@ -9,6 +9,11 @@
 //!   change); `targets/0` is the path without any pattern;
 //! - `targets-after-change/10000`: the same right after a pattern change
 //!   (cache refreshed: one walk).
+//! - `deep-unheld/2048`: a publication to a topic without an entry, with
+//!   2 048 patterns of 64 tokens that all match it (the outside probe's
+//!   set: every mix of `a` and `*` in the first 11 tokens, then 53 `*`),
+//!   held by 2 workers: is there a match (`pattern_matches`), then the new
+//!   entry's workers (`targets`), as the publish path does.
 //!
 //! Run: `cargo bench --bench wildcard`.
 
@@ -74,6 +79,36 @@ fn bench(c: &mut Criterion) {
             on = !on;
             d.set_pattern("zzz.none", 5, on);
             d.targets(black_box(&t))
+        })
+    });
+    let deep: Vec<String> = (0..2048u32)
+        .map(|i| {
+            let mut toks: Vec<&str> = (0..11)
+                .map(|j| if i >> j & 1 == 1 { "a" } else { "*" })
+                .collect();
+            toks.extend(std::iter::repeat_n("*", 53));
+            toks.join(".")
+        })
+        .collect();
+    let d = Directory::new();
+    for (i, p) in deep.iter().enumerate() {
+        d.set_pattern(p, i % 2, true);
+    }
+    let fresh: Vec<String> = (0..64u32)
+        .map(|i| {
+            let mut toks = vec!["a".to_string(); 11];
+            toks.extend((0..53).map(|j| format!("{}", (i + j) % 7)));
+            toks.join(".")
+        })
+        .collect();
+    let mut next = 0;
+    g.bench_function("deep-unheld/2048", |b| {
+        b.iter(|| {
+            next = (next + 1) % fresh.len();
+            let name = &fresh[next];
+            assert!(d.pattern_matches(black_box(name)));
+            let t = d.entry(name);
+            d.targets(&t)
         })
     });
     g.finish();

@@ -38,6 +38,7 @@ use super::pattern::{self, PatternTrie};
 use super::policy::{self, LivePolicy, NamespacePolicy, Namespaces, Resolved, SlowConsumerPolicy};
 use super::remote::Link;
 use std::collections::{HashMap, VecDeque};
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
 use std::time::Instant;
@@ -257,6 +258,44 @@ impl TopicInterest {
 pub const DEFAULT_RETAINED_TOPICS: usize = 10_000;
 
 /// Topic name → interest, shared by all workers.
+/// The patterns subscribed to anywhere: each with the workers holding it
+/// (bit `w`), and how many each worker holds.
+#[derive(Debug)]
+struct Patterns {
+    trie: PatternTrie<u64>,
+    /// Patterns each worker holds.
+    per_worker: [u32; 64],
+    /// The workers holding at least one (bit `w`).
+    holders: u64,
+}
+
+impl Default for Patterns {
+    fn default() -> Self {
+        Self {
+            trie: PatternTrie::default(),
+            per_worker: [0; 64],
+            holders: 0,
+        }
+    }
+}
+
+impl Patterns {
+    /// Counts one pattern more or less for `worker`.
+    fn count(&mut self, worker: usize, more: bool) {
+        let n = &mut self.per_worker[worker];
+        if more {
+            *n += 1;
+        } else {
+            *n -= 1;
+        }
+        if *n == 0 {
+            self.holders &= !(1 << worker);
+        } else {
+            self.holders |= 1 << worker;
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Directory {
     topics: Mutex<Topics>,
@@ -277,7 +316,7 @@ pub struct Directory {
     memory: HistoryMemory,
     /// Patterns subscribed to anywhere, each with the workers holding it
     /// (bit `w`). Lock order: an order lock, then the map, then this.
-    patterns: Mutex<PatternTrie<u64>>,
+    patterns: Mutex<Patterns>,
     /// Bumped (under `patterns`) whenever a pattern's workers change; 0
     /// while no pattern was ever subscribed to.
     pattern_version: AtomicU64,
@@ -374,7 +413,7 @@ impl Directory {
             last_value: true,
             retained_max: retained_topics,
             memory: HistoryMemory::default(),
-            patterns: Mutex::new(PatternTrie::default()),
+            patterns: Mutex::new(Patterns::default()),
             pattern_version: AtomicU64::new(0),
             link: OnceLock::new(),
         }
@@ -401,7 +440,7 @@ impl Directory {
 
     /// Whether any worker holds a subscription to `pattern`.
     pub fn pattern_held(&self, pattern: &str) -> bool {
-        self.patterns().get(pattern).is_some_and(|m| *m != 0)
+        self.patterns().trie.get(pattern).is_some_and(|m| *m != 0)
     }
 
     /// Puts `older` (oldest first, taken from a cluster's stream) in front
@@ -465,7 +504,7 @@ impl Directory {
         }
     }
 
-    fn patterns(&self) -> MutexGuard<'_, PatternTrie<u64>> {
+    fn patterns(&self) -> MutexGuard<'_, Patterns> {
         // Every operation leaves the trie consistent: poisoning ignored.
         self.patterns.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -476,26 +515,31 @@ impl Directory {
     /// so each topic's publications reach the worker from one point on.
     pub fn set_pattern(&self, pattern: &str, worker: usize, interested: bool) {
         let bit = 1u64 << worker;
-        let mut trie = self.patterns();
+        let mut patterns = self.patterns();
         let (changed, edge) = if interested {
-            let mask = trie.get_or_insert_with(pattern, || 0);
+            let mask = patterns.trie.get_or_insert_with(pattern, || 0);
             let was = *mask;
             *mask |= bit;
-            (was != *mask, was == 0)
+            let changed = was != *mask;
+            if changed {
+                patterns.count(worker, true);
+            }
+            (changed, was == 0)
         } else {
-            match trie.get_mut(pattern) {
+            match patterns.trie.get_mut(pattern) {
                 Some(mask) if *mask & bit != 0 => {
                     *mask &= !bit;
                     let gone = *mask == 0;
                     if gone {
-                        trie.remove(pattern);
+                        patterns.trie.remove(pattern);
                     }
+                    patterns.count(worker, false);
                     (true, gone)
                 }
                 _ => (false, false),
             }
         };
-        drop(trie);
+        drop(patterns);
         if changed {
             self.pattern_version.fetch_add(1, Ordering::Release);
         }
@@ -604,17 +648,19 @@ impl Directory {
 
     /// Distinct patterns subscribed to anywhere (for metrics).
     pub fn pattern_count(&self) -> usize {
-        self.patterns().len()
+        self.patterns().trie.len()
     }
 
-    /// Whether some pattern subscribed to anywhere matches `name`.
+    /// Whether some pattern subscribed to anywhere matches `name`: the
+    /// walk stops at the first (outside probe: it went on through every
+    /// matching pattern, for each publication to a topic without an entry).
     pub fn pattern_matches(&self, name: &str) -> bool {
         if self.pattern_version.load(Ordering::Acquire) == 0 {
             return false;
         }
-        let mut any = false;
-        self.patterns().for_each_match(name, |_| any = true);
-        any
+        self.patterns()
+            .trie
+            .try_for_each_match(name, |_| ControlFlow::Break(()))
     }
 
     /// The workers a publication to `topic` goes to: those with a
@@ -631,8 +677,18 @@ impl Directory {
         }
         if topic.pattern_version.load(Ordering::Relaxed) != version {
             let trie = self.patterns();
+            // Once every worker holding a pattern is in, the rest of the
+            // walk could add nothing.
+            let all = trie.holders;
             let mut mask = 0;
-            trie.for_each_match(&topic.name, |&m| mask |= m);
+            trie.trie.try_for_each_match(&topic.name, |&m| {
+                mask |= m;
+                if mask == all {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            });
             // Read under the trie's lock: the mask is at least this recent.
             let version = self.pattern_version.load(Ordering::Relaxed);
             drop(trie);
@@ -1205,6 +1261,42 @@ mod tests {
         assert_eq!(d.retained_len(), 2, "at most --retained-topics");
         assert!(d.get("x").is_none(), "the longest retained went first");
         assert_eq!(d.history_memory().entries(), 2);
+    }
+
+    /// The walks for a topic without an entry stop early (is there a
+    /// match; every worker holding a pattern found) and still give what a
+    /// whole walk gives, as workers take and drop patterns.
+    #[test]
+    fn early_stopping_walks_give_what_whole_walks_give() {
+        let d = Directory::new();
+        let whole = |d: &Directory, name: &str| {
+            let mut mask = 0;
+            d.patterns().trie.for_each_match(name, |&m| mask |= m);
+            mask
+        };
+        let steps: [(&str, usize, bool); 9] = [
+            ("a.*", 0, true),
+            ("*.b", 1, true),
+            ("a.>", 3, true),
+            ("*.b", 3, true),
+            ("a.*", 0, false),
+            ("*.*", 0, true),
+            ("a.>", 3, false),
+            ("*.b", 1, false),
+            ("*.b", 3, false),
+        ];
+        for (pattern, worker, on) in steps {
+            d.set_pattern(pattern, worker, on);
+            for name in ["a.b", "a.c", "x.b", "a", "a.b.c"] {
+                let t = d.entry(name);
+                assert_eq!(d.targets(&t), whole(&d, name), "{name} after {pattern}");
+                assert_eq!(d.pattern_matches(name), whole(&d, name) != 0, "{name}");
+            }
+        }
+        assert_eq!(d.patterns().holders, 0b1, "only worker 0's *.* is left");
+        d.set_pattern("*.*", 0, false);
+        assert_eq!(d.patterns().holders, 0);
+        assert!(!d.pattern_matches("a.b"));
     }
 
     #[test]

@@ -18,6 +18,7 @@
 //! nor a drop recurses, whatever the depth.
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 
 /// Whether `name` (already in the topic alphabet plus `*` and `>`) holds a
 /// wildcard token.
@@ -288,21 +289,39 @@ impl<V> PatternTrie<V> {
     /// Calls `f` with the value of every pattern matching `topic`, each
     /// once. Without recursion: a work list of (node, token index).
     pub fn for_each_match(&self, topic: &str, mut f: impl FnMut(&V)) {
+        self.try_for_each_match(topic, |v| {
+            f(v);
+            ControlFlow::Continue(())
+        });
+    }
+
+    /// [`Self::for_each_match`] until `f` breaks: an answer that needs
+    /// only some of the matches (is there one? which workers?) stops at
+    /// it, rather than walking every matching pattern. `true` if it broke.
+    pub fn try_for_each_match(
+        &self,
+        topic: &str,
+        mut f: impl FnMut(&V) -> ControlFlow<()>,
+    ) -> bool {
         if self.len == 0 {
-            return;
+            return false;
         }
         let tokens: Vec<&str> = topic.split('.').collect();
         let mut work = vec![(0u32, 0usize)];
         while let Some((at, i)) = work.pop() {
             let node = self.node(at);
             if i == tokens.len() {
-                if let Some(v) = &node.here {
-                    f(v);
+                if let Some(v) = &node.here
+                    && f(v).is_break()
+                {
+                    return true;
                 }
                 continue;
             }
-            if let Some(v) = &node.rest {
-                f(v);
+            if let Some(v) = &node.rest
+                && f(v).is_break()
+            {
+                return true;
             }
             if node.star != NONE {
                 work.push((node.star, i + 1));
@@ -311,6 +330,7 @@ impl<V> PatternTrie<V> {
                 work.push((id, i + 1));
             }
         }
+        false
     }
 
     /// Live nodes (the root included): the memory test's measure.
@@ -387,6 +407,42 @@ mod tests {
                 .collect();
             assert_eq!(matched(&t, topic), want, "{topic}");
         }
+    }
+
+    /// A walk that breaks stops there: it says so, and visits no more.
+    #[test]
+    fn a_walk_stops_where_its_caller_breaks() {
+        let mut t = PatternTrie::default();
+        for (i, p) in ["a.*", "*.b", "a.b", ">", "a.>"].iter().enumerate() {
+            *t.get_or_insert_with(p, || 0) = i as u32;
+        }
+        let mut seen = 0;
+        let broke = t.try_for_each_match("a.b", |_| {
+            seen += 1;
+            if seen == 2 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        });
+        assert!(broke);
+        assert_eq!(seen, 2, "of 5 matches");
+        let mut all = 0;
+        assert!(!t.try_for_each_match("a.b", |_| {
+            all += 1;
+            ControlFlow::Continue(())
+        }));
+        assert_eq!(all, 5);
+        assert!(
+            t.try_for_each_match("c", |_| ControlFlow::Break(())),
+            "> matches c"
+        );
+        t.remove(">");
+        assert!(
+            !t.try_for_each_match("c", |_| ControlFlow::Break(())),
+            "no match: no break"
+        );
+        assert!(!PatternTrie::<u32>::default().try_for_each_match("a", |_| ControlFlow::Break(())));
     }
 
     #[test]
