@@ -302,6 +302,16 @@ fn a_silent_peer_is_closed_within_its_deadline_in_every_connection_state() {
     ));
     drop(s);
 
+    // Mid-header: the first two bytes of a frame header (a 16-bit length
+    // follows), never the rest (1008 at the message deadline).
+    let mut s = raw_ws(addr, "/echo");
+    s.write_all(&[0x82, 0xFE]).unwrap();
+    report.push((
+        "mid-header, then lingering",
+        until_all_closed(&server, second + LINGER + SLACK),
+    ));
+    drop(s);
+
     // Paused for backpressure: echoes pile up for a client that never reads.
     let mut s = upgrade(tiny_window(addr), "/echo");
     let big = client_frame(true, OpCode::Binary, &vec![1u8; 4 * MIB], MASK);
@@ -337,7 +347,10 @@ fn a_silent_peer_is_closed_within_its_deadline_in_every_connection_state() {
 
     assert!(st.handshake_timeouts >= 1, "{st:?}");
     assert!(st.keepalive_timeouts >= 2, "active and paced: {st:?}");
-    assert!(st.message_timeouts >= 1, "{st:?}");
+    assert!(
+        st.message_timeouts >= 2,
+        "mid-message and mid-header: {st:?}"
+    );
     assert!(st.send_timeouts >= 1, "{st:?}");
     assert!(st.publishers_paced >= 1, "{st:?}");
     assert!(server.stats().slow_consumer_disconnects >= 1);

@@ -217,11 +217,21 @@ pub struct Session {
 /// connection keeps none, and one that does pays a second small
 /// allocation.
 #[derive(Debug, Default)]
-struct Pending(Option<Box<Box<[u8]>>>);
+struct Pending(Option<Box<Kept>>);
+
+#[derive(Debug)]
+struct Kept {
+    bytes: Box<[u8]>,
+    /// When its first byte was kept (worker milliseconds), if known: on a
+    /// WebSocket, a frame header cut short has been waiting since then
+    /// (the message deadline runs from there). Unknown for input held
+    /// while reading was paused, until it is next looked at.
+    since_ms: Option<u32>,
+}
 
 impl Pending {
     fn bytes(&self) -> &[u8] {
-        self.0.as_deref().map_or(&[], |b| b)
+        self.0.as_deref().map_or(&[], |k| &k.bytes)
     }
 
     fn len(&self) -> usize {
@@ -232,17 +242,29 @@ impl Pending {
         self.0.is_none()
     }
 
-    /// Keeps a copy of `bytes` (nothing, and no allocation, when empty).
-    fn set(&mut self, bytes: &[u8]) {
-        self.0 = (!bytes.is_empty()).then(|| Box::new(bytes.into()));
+    /// When the kept bytes' first byte was kept, if any are and it is known.
+    fn since(&self) -> Option<u32> {
+        self.0.as_ref().and_then(|k| k.since_ms)
+    }
+
+    /// Keeps a copy of `bytes` (nothing, and no allocation, when empty),
+    /// kept since `since_ms`.
+    fn set(&mut self, bytes: &[u8], since_ms: Option<u32>) {
+        self.0 = (!bytes.is_empty()).then(|| {
+            Box::new(Kept {
+                bytes: bytes.into(),
+                since_ms,
+            })
+        });
     }
 
     /// Appends `more` after what is kept.
     fn append(&mut self, more: &[u8]) {
+        let since_ms = self.since();
         let mut all = Vec::with_capacity(self.len() + more.len());
         all.extend_from_slice(self.bytes());
         all.extend_from_slice(more);
-        self.0 = (!all.is_empty()).then(|| Box::new(all.into_boxed_slice()));
+        self.set(&all, since_ms);
     }
 
     fn clear(&mut self) {
@@ -382,7 +404,7 @@ impl Session {
                         // of the pipeline waits for the next turn, so one
                         // connection's requests cannot stall its worker.
                         self.answer_published(ctx);
-                        self.keep(buf, pos);
+                        self.keep(buf, pos, ctx.now_ms);
                         ctx.yielded = true;
                         return Next::Read;
                     }
@@ -398,7 +420,7 @@ impl Session {
                             );
                             return Next::FlushAndClose;
                         }
-                        self.keep(buf, pos);
+                        self.keep(buf, pos, ctx.now_ms);
                         return Next::Read;
                     };
                     if end > cfg.max_handshake_size {
@@ -459,13 +481,13 @@ impl Session {
                 Phase::Confirming { .. } => {
                     // Pipelined input waits until the answer is out (the
                     // backend reads no more meanwhile).
-                    self.keep(buf, pos);
+                    self.keep(buf, pos, ctx.now_ms);
                     return Next::Read;
                 }
                 Phase::Ws { .. } => {
                     pos = self.on_frames(buf, pos, ctx);
                     let next = self.next();
-                    self.keep(buf, pos);
+                    self.keep(buf, pos, ctx.now_ms);
                     return next;
                 }
                 Phase::Done => {
@@ -661,7 +683,9 @@ impl Session {
     /// runs from there.
     pub fn message_started(&self) -> Option<u32> {
         match &self.phase {
-            Phase::Ws { ws, .. } => ws.message_started(),
+            // A frame header cut short is a message begun too (a client
+            // could otherwise hold one open until keepalive's deadline).
+            Phase::Ws { ws, .. } => ws.message_started().or_else(|| self.pending.since()),
             _ => None,
         }
     }
@@ -727,9 +751,15 @@ impl Session {
         }
     }
 
-    /// Keeps `buf[pos..]` for the next read; frees the buffer when nothing is left.
-    fn keep(&mut self, buf: &[u8], pos: usize) {
-        self.pending.set(&buf[pos..]);
+    /// Keeps `buf[pos..]` for the next read; frees the buffer when nothing
+    /// is left. `buf` starts with what was kept before: when none of it was
+    /// consumed (`pos` 0), what is kept began when that did.
+    fn keep(&mut self, buf: &[u8], pos: usize, now_ms: u32) {
+        let since = match self.pending.since() {
+            Some(before) if pos == 0 => before,
+            _ => now_ms,
+        };
+        self.pending.set(&buf[pos..], Some(since));
     }
 
     /// Answers `reject` and closes: a refused request, or a connection
@@ -803,17 +833,23 @@ mod tests {
         assert_eq!(s.pending_len(), 0);
         s.hold(b"");
         assert!(s.pending.0.is_none(), "nothing kept, nothing allocated");
-        s.pending.set(b"GET / HT");
+        s.pending.set(b"GET / HT", Some(5));
         s.hold(b"TP/1.1");
         let mut buf = [0u8; 32];
         let n = s.restore_pending(&mut buf);
         assert_eq!(&buf[..n], b"GET / HTTP/1.1");
         assert_eq!(
-            s.pending.0.as_deref().map(|b| b.len()),
+            s.pending.0.as_deref().map(|k| k.bytes.len()),
             Some(n),
             "exactly sized"
         );
-        s.pending.set(b"");
+        assert_eq!(
+            s.pending.since(),
+            Some(5),
+            "held input keeps the first's time"
+        );
+        s.pending.set(b"", Some(7));
         assert!(s.pending.is_empty());
+        assert_eq!(s.pending.since(), None);
     }
 }

@@ -144,6 +144,39 @@ fn a_message_that_never_completes_is_closed_1008_while_a_steady_talker_stays() {
     assert!(!sim.closed.contains(&steady));
 }
 
+/// A frame header cut short is a message begun: closed `1008` at the
+/// message deadline from its first byte, however it trickles (outside
+/// probe: only keepalive closed it, 40 s later, and never with keepalive
+/// off).
+#[test]
+fn a_frame_header_cut_short_is_closed_1008_at_the_message_deadline() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut sim = Sim::new(|c| c.ping_interval = None);
+    let steady = sim.upgrade("/echo", 1 << 20);
+    let stuck = sim.upgrade("/echo", 1 << 20);
+    // A whole message, then the first byte of the next frame's header.
+    let mut first = client_frame(true, OpCode::Text, b"ok", MASK);
+    first.push(0x81);
+    sim.send(stuck, &first);
+    assert_eq!(sim.received(stuck), [&[0x81, 2][..], b"ok"].concat());
+    for i in 0..35u8 {
+        if i == 20 {
+            // One more byte of the header (a 16-bit length follows): still
+            // not whole, and the deadline still runs from the first.
+            sim.send(stuck, &[0xFE]);
+        }
+        sim.send(steady, &client_frame(true, OpCode::Binary, &[i], MASK));
+        assert_eq!(sim.received(steady), [0x82, 1, i]);
+        if i == 28 {
+            assert!(sim.received(stuck).is_empty(), "not before 30 s");
+        }
+        sim.wait(SECOND, TICK);
+    }
+    assert_eq!(close_code(&sim.received(stuck)), Some(1008));
+    assert_eq!(sim.stats().message_timeouts.load(Relaxed), 1);
+    assert!(!sim.closed.contains(&steady));
+}
+
 #[test]
 fn a_subscriber_that_answers_pings_is_kept_and_pinged_again() {
     use std::sync::atomic::Ordering::Relaxed;
