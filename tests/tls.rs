@@ -418,11 +418,18 @@ fn a_client_hello_flight_past_its_bound_is_failed_at_once_not_buffered_to_the_de
         sent += record.len();
     }
     let mut sink = Vec::new();
-    let _ = s.read_to_end(&mut sink);
+    let end = s.read_to_end(&mut sink);
     let took = started.elapsed();
     assert!(
         took < Duration::from_secs(2),
         "closed after {took:?} ({sent} bytes sent)"
+    );
+    // Told with a fatal alert, in the clear (outside probe: a hello past
+    // the bound in more than one read was dropped without a word).
+    assert_eq!(
+        sink,
+        [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 80],
+        "internal_error alert ({end:?})"
     );
     let failed = || {
         metric(

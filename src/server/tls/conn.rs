@@ -218,11 +218,18 @@ pub struct TlsConn {
     /// may be.
     handshake_read: usize,
     handshake_limit: usize,
+    /// rustls has produced a flight (the ServerHello, say): from then on
+    /// only rustls may speak, under the keys it agreed.
+    spoke: bool,
     /// Bytes at the front of `incoming` rustls was given and kept (a
     /// handshake message going on in the next record): it must be given
     /// them again, and more, never fewer (it tracks its progress in them).
     rustls_seen: usize,
 }
+
+/// A fatal `internal_error` alert in a plaintext record (before any keys):
+/// what a client whose handshake passes the bound we hold is sent.
+const PLAIN_INTERNAL_ERROR: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 80];
 
 /// Where one run of rustls' state machine stopped.
 enum Stop {
@@ -587,6 +594,7 @@ impl TlsConn {
             failed: false,
             handshake_read: 0,
             handshake_limit: super::MAX_HANDSHAKE_FLIGHT_BYTES + max_head,
+            spoke: false,
             rustls_seen: 0,
         })
     }
@@ -630,13 +638,21 @@ impl TlsConn {
         // written before the handshake completed), is not handshake.
         let received = data.len();
         let result = self.receive_any(data);
+        self.spoke |= !self.pending.is_empty();
         if result.is_ok() && !self.is_established() {
             self.handshake_read += received;
             if self.handshake_read > self.handshake_limit {
-                // Nothing of it is kept.
+                // Nothing of it is kept. A client refused before we said
+                // anything (a ClientHello past the bound) is told so in
+                // the clear, as no keys are in use yet (RFC 8446 §6: a
+                // failure gets an alert; whether the whole hello came in
+                // one read, and was taken, is up to the network).
                 self.incoming = Vec::new();
                 self.plain = Vec::new();
                 self.plain_at = 0;
+                if !self.spoke {
+                    self.pending.extend(&PLAIN_INTERNAL_ERROR);
+                }
                 return Err(self.fail());
             }
         }
@@ -1434,6 +1450,10 @@ mod tests {
             sent <= 16 * 1024 + 4096,
             "refused within one read of the limit"
         );
+        // Told so with a fatal alert in the clear (nothing was said before).
+        let mut wire = Wire::default();
+        s.take_pending(&mut wire);
+        assert_eq!(wire.pending(), PLAIN_INTERNAL_ERROR);
         assert_eq!(s.held(), 0);
     }
 
