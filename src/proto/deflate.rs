@@ -225,8 +225,43 @@ pub fn inflate_checked(
         if feed(&mut d, input, cap, out, check)? {
             return Ok(());
         }
-        feed(&mut d, &TAIL, cap, out, check).map(|_| ())
+        end_message(&mut d, cap, out, check)
     })
+}
+
+/// An empty final block (BFINAL 1, fixed codes, end of block at once).
+const EMPTY_FINAL_BLOCK: [u8; 2] = [0x03, 0x00];
+
+/// The end of a message whose data did not end the stream: the tail the
+/// sender removed, which must complete its flush's empty stored block
+/// and so leave the data at a block boundary (RFC 7692 §7.2.1–7.2.2). Data
+/// cut short inside a block would take the tail as more of that block
+/// (stored bytes, Huffman codes) and give output no sender wrote: such a
+/// message is refused, as is one the tail leaves inside a block header
+/// (after it an empty final block must end the stream at once, giving
+/// nothing). An empty payload is taken as the empty message.
+fn end_message(
+    d: &mut Decompress,
+    cap: usize,
+    out: &mut Vec<u8>,
+    check: &mut impl FnMut(&[u8]) -> bool,
+) -> Result<(), InflateError> {
+    if d.total_in() == 0 {
+        return Ok(());
+    }
+    let before = out.len();
+    let ended = feed(d, &TAIL, cap, out, check)?;
+    if out.len() != before {
+        return Err(InflateError::Invalid);
+    }
+    if ended {
+        return Ok(()); // a final empty stored block the tail completed
+    }
+    match feed(d, &EMPTY_FINAL_BLOCK, cap, out, check) {
+        Ok(true) if out.len() == before => Ok(()),
+        Err(InflateError::Invalid) | Ok(_) => Err(InflateError::Invalid),
+        Err(e) => Err(e),
+    }
 }
 
 /// An inflater of its own for a compressed message that arrives in
@@ -279,7 +314,8 @@ impl Inflater {
         check: &mut impl FnMut(&[u8]) -> bool,
     ) -> Result<(), InflateError> {
         if !self.ended {
-            self.ended = feed(&mut self.d, &TAIL, cap, out, check)?;
+            end_message(&mut self.d, cap, out, check)?;
+            self.ended = true;
         }
         Ok(())
     }
@@ -566,5 +602,50 @@ mod tests {
         );
         // A cap at the top of the range does not overflow.
         inflate(&[0x00], usize::MAX, &mut out).unwrap();
+    }
+
+    /// Data cut short inside a block is refused, whole or in pieces
+    /// (outside probe: the tail was taken as more of the block, and
+    /// `hello\0\0\xff\xff` or Huffman noise was published), while every
+    /// message a sender can make still inflates: a sync flush's end, a
+    /// final block, the empty message, an empty payload.
+    #[test]
+    fn data_cut_short_inside_a_block_is_invalid() {
+        let whole = |data: &[u8]| {
+            let mut out = Vec::new();
+            inflate(data, 1 << 20, &mut out).map(|_| out)
+        };
+        let pieces = |data: &[u8]| {
+            let mut inf = Inflater::default();
+            let mut out = Vec::new();
+            for piece in data.chunks(3) {
+                inf.feed(piece, 1 << 20, &mut out, &mut |_| true)?;
+            }
+            inf.finish(1 << 20, &mut out, &mut |_| true).map(|_| out)
+        };
+        // A stored block announcing 10 bytes that carries 5.
+        let stored = [&[0x00, 0x0a, 0x00, 0xf5, 0xff][..], b"hello"].concat();
+        let p = json_like(4096);
+        let c = compress(&p).unwrap();
+        let mut bad = vec![stored];
+        for cut in 1..=8 {
+            bad.push(c[..c.len() - cut].to_vec());
+        }
+        for data in &bad {
+            assert_eq!(whole(data), Err(InflateError::Invalid), "{data:?}");
+            assert_eq!(pieces(data), Err(InflateError::Invalid), "{data:?}");
+        }
+        let final_block = [0xf3, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00];
+        for (data, want) in [
+            (&c[..], &p[..]),
+            (&final_block[..], &b"Hello"[..]),
+            (&[0x00][..], &b""[..]),
+            (&[][..], &b""[..]),
+            // A final empty stored block, its LEN and NLEN the tail.
+            (&[0x01][..], &b""[..]),
+        ] {
+            assert_eq!(whole(data).as_deref(), Ok(want), "{data:?}");
+            assert_eq!(pieces(data).as_deref(), Ok(want), "{data:?}");
+        }
     }
 }
