@@ -690,6 +690,14 @@ impl Session {
         }
     }
 
+    /// Whether a compressed message in progress holds an inflater.
+    pub fn inflating(&self) -> bool {
+        match &self.phase {
+            Phase::Ws { ws, .. } => ws.inflating(),
+            _ => false,
+        }
+    }
+
     /// Bytes held for this connection that the memory budget charges:
     /// partial input, a partial message or body, owned queued bytes, and
     /// what holding the queue costs (its slots, shared frames' included).

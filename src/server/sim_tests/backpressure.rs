@@ -149,6 +149,52 @@ fn large_holders_are_cut_at_ninety_percent_so_a_small_client_is_still_served() {
     assert_eq!(sim.stats().budget_closes.load(Relaxed), 1);
 }
 
+/// A compressed message begun and left holds an inflater (64 KiB charged
+/// for a few bytes sent): such connections are large holders too, cut at
+/// 90 %, so the headroom stays for others (outside probe: they filled the
+/// budget to its last byte and an honest echo was closed 1013).
+#[test]
+fn partial_compressed_messages_are_cut_at_ninety_percent_too() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut sim = Sim::new(|c| c.max_buffered_bytes = 4 << 20);
+    let deflate = "Sec-WebSocket-Extensions: permessage-deflate\r\n";
+    // The first byte of a compressed message, then nothing.
+    let mut begun = client_frame(false, OpCode::Text, &[0x00], MASK);
+    begun[0] |= 0x40;
+    let mut held = Vec::new();
+    let mut cut = None;
+    for i in 0..80 {
+        let c = sim.upgrade_with("/echo", deflate, 1 << 20);
+        sim.send(c, &begun);
+        if sim.stats().budget_closes.load(Relaxed) > 0 {
+            assert_eq!(
+                close_code(&sim.received(c)),
+                Some(1013),
+                "the one that grew"
+            );
+            cut = Some(i);
+            break;
+        }
+        held.push(c);
+    }
+    let cut = cut.expect("cut before 80 such messages");
+    let per = (crate::proto::deflate::INFLATER_BYTES + 16 * 1024) as f64;
+    let share = cut as f64 * per / (4 << 20) as f64;
+    assert!(
+        (0.80..0.92).contains(&share),
+        "cut at {share:.2} of the budget"
+    );
+    assert_eq!(sim.stats().budget_closes.load(Relaxed), 1);
+    // The headroom serves an honest client's 100 KB echo.
+    let honest = sim.upgrade("/echo", 1 << 20);
+    let body = vec![b'x'; 100_000];
+    sim.send(honest, &client_frame(true, OpCode::Binary, &body, MASK));
+    let got = sim.received(honest);
+    assert_eq!(&got[..2], &[0x82, 127], "echoed, not closed");
+    assert_eq!(got.len(), 10 + body.len());
+    assert!(held.iter().all(|&c| sim.received(c).is_empty()));
+}
+
 #[test]
 fn a_websocket_publisher_over_the_publish_rate_is_not_read_until_its_debt_is_repaid() {
     use std::sync::atomic::Ordering::Relaxed;
