@@ -273,8 +273,6 @@ impl WsConn {
         self.close == CloseState::Open
     }
 
-    /// Heap bytes held for a partly received message (with its
-    /// inflater, while a compressed one is in progress).
     /// Whether a compressed message in progress holds an inflater of its
     /// own ([`deflate::INFLATER_BYTES`]: a few bytes from the client hold
     /// that much).
@@ -282,6 +280,8 @@ impl WsConn {
         self.msg.as_ref().is_some_and(|m| m.inflater.is_some())
     }
 
+    /// Heap bytes held for a partly received message (with its
+    /// inflater, while a compressed one is in progress).
     pub fn buffered(&self) -> usize {
         self.msg.as_ref().map_or(0, |m| {
             m.buf.capacity() + m.inflater.as_ref().map_or(0, |_| deflate::INFLATER_BYTES)

@@ -257,7 +257,6 @@ impl TopicInterest {
 /// (`--retained-topics`).
 pub const DEFAULT_RETAINED_TOPICS: usize = 10_000;
 
-/// Topic name → interest, shared by all workers.
 /// The patterns subscribed to anywhere: each with the workers holding it
 /// (bit `w`), and how many each worker holds.
 #[derive(Debug)]
@@ -296,6 +295,7 @@ impl Patterns {
     }
 }
 
+/// Topic name → interest, shared by all workers.
 #[derive(Debug)]
 pub struct Directory {
     topics: Mutex<Topics>,

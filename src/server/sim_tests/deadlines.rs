@@ -177,6 +177,47 @@ fn a_frame_header_cut_short_is_closed_1008_at_the_message_deadline() {
     assert!(!sim.closed.contains(&steady));
 }
 
+/// A connection paused for its queue while a frame header it began is
+/// kept, whose client sent the rest meanwhile (waiting in the socket), is
+/// not judged by the message deadline in the turn that resumes it, before
+/// that rest is read (review of the header deadline: a sweep in that turn
+/// closed it 1008 from the header's first byte).
+#[test]
+fn a_connection_resumed_this_turn_is_read_before_its_message_deadline_is_judged() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut sim = Sim::new(|c| {
+        c.ping_interval = None;
+        c.send_timeout = None;
+        c.max_outbound_bytes = 64 << 10;
+    });
+    let c = sim.upgrade("/echo", 0);
+    // A message whose echo passes the queue's bound (reading pauses),
+    // then the first byte of the next frame's header.
+    let next = client_frame(true, OpCode::Binary, b"after", MASK);
+    let mut input = client_frame(true, OpCode::Binary, &vec![7u8; 100 << 10], MASK);
+    input.push(next[0]);
+    sim.send(c, &input);
+    sim.wait(5 * SECOND, TICK);
+    sim.send(c, &next[1..]); // waits in the socket: not read while paused
+    sim.wait(30 * SECOND, TICK);
+    assert_eq!(
+        sim.stats().message_timeouts.load(Relaxed),
+        0,
+        "paused: not judged"
+    );
+    // The client reads: in the turn that resumes it a sweep is due.
+    sim.now += 2 * SECOND;
+    sim.read(c, 1 << 20);
+    sim.turn();
+    assert_eq!(sim.stats().message_timeouts.load(Relaxed), 0);
+    let got = sim.received(c);
+    assert!(
+        got.ends_with(&[&[0x82, 5][..], b"after"].concat()),
+        "echoed"
+    );
+    assert!(!sim.closed.contains(&c));
+}
+
 #[test]
 fn a_subscriber_that_answers_pings_is_kept_and_pinged_again() {
     use std::sync::atomic::Ordering::Relaxed;

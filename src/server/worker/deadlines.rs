@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::pubsub::policy::NamespacePolicy;
+use std::collections::HashSet;
 
 impl<S> Core<S> {
     /// Runs the periodic sweep (keepalive, message and send deadlines,
@@ -56,6 +57,11 @@ impl<S> Core<S> {
         let send_timeout = cfg.send_timeout.map(timer_ms);
         let now = self.now_ms();
         let stats = &self.shared.stats[self.id];
+        // Connections resumed this turn and not read yet: what they sent
+        // while paused waits in the socket, so they are not judged on what
+        // they had sent before (a message or frame header begun before the
+        // pause) until it is read.
+        let rereading: HashSet<usize> = self.reread.iter().map(|&(key, _)| key).collect();
         let mut timed_out = Vec::new();
         let mut slow_messages = Vec::new();
         let mut stalled = Vec::new();
@@ -79,7 +85,7 @@ impl<S> Core<S> {
             // its message: not judged by those while paused. Its pause ends by
             // itself (the queue drains or the send timeout cuts it; the
             // mailboxes drain; the pace runs out).
-            if !conn.session.is_websocket() || conn.flag(READ_PAUSED) {
+            if !conn.session.is_websocket() || conn.flag(READ_PAUSED) || rereading.contains(&key) {
                 continue;
             }
             if let (Some(limit), Some(started)) = (message_timeout, conn.session.message_started())
@@ -459,6 +465,13 @@ pub(super) fn ms_after(epoch: Instant, now: Instant, after: Duration) -> u64 {
         .div_ceil(1000) as u64
 }
 
+/// A per-connection timer in the workers' 32-bit milliseconds, where
+/// elapsed times are exact up to 2^31 ms: longer ones (which the flags'
+/// parser refuses, `cli::MAX_TIMER`) are taken as that.
+fn timer_ms(d: Duration) -> u32 {
+    d.as_millis().min(i32::MAX as u128) as u32
+}
+
 /// The sweep period: a quarter of the shortest timeout it enforces (ping
 /// interval and timeout, message timeout, send timeout, history age; 4 s
 /// when the admission table exists, so it is swept every second), kept between
@@ -469,13 +482,6 @@ pub(super) fn ms_after(epoch: Instant, now: Instant, after: Duration) -> u64 {
 /// shorter `history-age` sets the period from the next sweep on (within
 /// [`SWEEP_MAX`]), and a sweep always comes for it, even when nothing
 /// needed one when the server started.
-/// A per-connection timer in the workers' 32-bit milliseconds, where
-/// elapsed times are exact up to 2^31 ms: longer ones (which the flags'
-/// parser refuses, `cli::MAX_TIMER`) are taken as that.
-fn timer_ms(d: Duration) -> u32 {
-    d.as_millis().min(i32::MAX as u128) as u32
-}
-
 pub(super) fn sweep_period(cfg: &Config, namespaces: &[NamespacePolicy]) -> Duration {
     let keepalive = cfg.ping_interval.map(|i| i.min(cfg.ping_timeout));
     let per_ip = (cfg.max_connections_per_ip > 0
