@@ -49,18 +49,26 @@ fn two_nodes(nats: &NatsServer) -> (ServerHandle, ServerHandle) {
     (a, b)
 }
 
-/// Runs `f` with a JetStream context of its own on `nats`, as an
-/// operator's tool would.
-fn with_jetstream<T>(
-    nats: &NatsServer,
-    f: impl AsyncFnOnce(async_nats::jetstream::Context) -> T,
-) -> T {
+/// Runs `f` with a NATS client of its own on `nats`, as another program
+/// on the same NATS would.
+fn with_client<T>(nats: &NatsServer, f: impl AsyncFnOnce(async_nats::Client) -> T) -> T {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
         let client = async_nats::connect(nats.url()).await.unwrap();
+        f(client).await
+    })
+}
+
+/// Runs `f` with a JetStream context of its own on `nats`, as an
+/// operator's tool would.
+fn with_jetstream<T>(
+    nats: &NatsServer,
+    f: impl AsyncFnOnce(async_nats::jetstream::Context) -> T,
+) -> T {
+    with_client(nats, async |client| {
         f(async_nats::jetstream::new(client)).await
     })
 }
@@ -551,12 +559,7 @@ fn a_message_published_by_hand_where_the_stream_republishes_is_not_taken() {
     let mut on_b = subscriber(b.local_addr(), "f", 1);
     publish(a.local_addr(), "f", b"one");
     let first = read_env(&mut on_b);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let client = async_nats::connect(nats.url()).await.unwrap();
+    with_client(&nats, async |client| {
         for (seq, body) in [
             (first.seq + 1000, &b"ahead"[..]),
             (first.seq + 1, b"\xc3(bad"),

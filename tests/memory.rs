@@ -146,13 +146,7 @@ fn thousands_of_max_size_messages_stay_within_the_buffer_budget() {
 
     // Everything held comes back once the attackers leave.
     drop(attackers);
-    assert!(
-        eventually(Duration::from_secs(10), || metric(
-            &metrics(addr),
-            "corecast_buffered_bytes"
-        ) == 0),
-        "buffered bytes return to 0"
-    );
+    buffered_returns_to_zero(addr);
     // Every connection the budget cut was a WebSocket (an attacker): each
     // counts as a failure with 1013.
     let m = metrics(addr);
@@ -170,6 +164,17 @@ fn thousands_of_max_size_messages_stay_within_the_buffer_budget() {
         baseline_kib,
         peak_kib,
         (peak_kib - baseline_kib) / 4,
+    );
+}
+
+/// What the budget charged for the connections that left comes back to 0.
+fn buffered_returns_to_zero(addr: SocketAddr) {
+    assert!(
+        eventually(Duration::from_secs(10), || metric(
+            &metrics(addr),
+            "corecast_buffered_bytes"
+        ) == 0),
+        "buffered bytes return to 0"
     );
 }
 
@@ -247,12 +252,6 @@ fn memory_a_load_let_go_is_given_back_to_the_kernel() {
         (peak_kib - baseline_kib) >> 10
     );
     drop(clients);
-    assert!(
-        eventually(Duration::from_secs(10), || metric(
-            &metrics(addr),
-            "corecast_buffered_bytes"
-        ) == 0),
-        "buffered bytes return to 0"
-    );
+    buffered_returns_to_zero(addr);
     rss_comes_back(pid, addr, baseline_kib, peak_kib, 32 * 1024);
 }

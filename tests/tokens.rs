@@ -310,14 +310,7 @@ fn a_websocket_whose_token_expires_is_closed_with_3000() {
     let lasting = rights(&secret, &["t"], &[]);
     let mut other = subscriber(addr, "t", &lasting);
     let started = Instant::now();
-    let close = loop {
-        match ws.read() {
-            Ok(Message::Close(c)) => break c,
-            Ok(_) => {}
-            Err(e) => panic!("{e}"),
-        }
-    };
-    let close = close.expect("a close frame with a code");
+    let close = close_of(&mut ws);
     assert_eq!(close.code, CloseCode::from(3000));
     assert_eq!(close.reason, "token expired");
     assert!(
@@ -369,6 +362,17 @@ fn sighup_rotates_the_key_and_a_key_that_does_not_load_keeps_the_old() {
 }
 
 /// The reply to a control message sent on `ws`.
+/// The close frame `ws` receives next (what comes before it is skipped).
+fn close_of(ws: &mut Ws) -> tungstenite::protocol::CloseFrame {
+    loop {
+        match ws.read() {
+            Ok(Message::Close(c)) => return c.expect("a close frame with a code"),
+            Ok(_) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
 fn reply(ws: &mut Ws, msg: serde_json::Value) -> serde_json::Value {
     ws.send(Message::text(msg.to_string())).unwrap();
     match read_incoming(ws) {
@@ -459,13 +463,7 @@ fn the_operator_disconnects_every_connection_of_a_sub() {
     let r = admin("POST /disconnect?sub=alice HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(r.starts_with("HTTP/1.1 202 "), "{r}");
     for ws in &mut alice {
-        let close = loop {
-            match ws.read() {
-                Ok(Message::Close(c)) => break c.expect("a code"),
-                Ok(_) => {}
-                Err(e) => panic!("{e}"),
-            }
-        };
+        let close = close_of(ws);
         assert_eq!(close.code, CloseCode::from(3003));
         assert_eq!(close.reason, "disconnected by the operator");
     }
@@ -475,14 +473,7 @@ fn the_operator_disconnects_every_connection_of_a_sub() {
     assert!(r.starts_with("HTTP/1.1 400 "), "not UTF-8: {r}");
     let r = admin("POST /disconnect?sub=zo%C3%AB HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(r.starts_with("HTTP/1.1 202 "), "{r}");
-    let close = loop {
-        match zoe.read() {
-            Ok(Message::Close(c)) => break c.expect("a code"),
-            Ok(_) => {}
-            Err(e) => panic!("{e}"),
-        }
-    };
-    assert_eq!(close.code, CloseCode::from(3003));
+    assert_eq!(close_of(&mut zoe).code, CloseCode::from(3003));
     let writer = token(
         &secret,
         json!({"exp": now() + 600, "corecast": {"publish": ["t"]}}),

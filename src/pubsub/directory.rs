@@ -567,7 +567,7 @@ impl Directory {
     /// The `max-rate` of topic `name`'s namespace, if set.
     pub fn max_rate_of(&self, name: &str) -> Option<u32> {
         let policies = self.policies();
-        policy::namespace_of(&policies, name).and_then(|i| policies[i].max_rate)
+        policies.covering(name).and_then(|i| policies[i].max_rate)
     }
 
     /// What `policies` give topic `name`.

@@ -180,7 +180,9 @@ impl PartialEq for Namespaces {
 pub fn anonymous_may_subscribe(policies: &Namespaces, name: &str, default: bool) -> bool {
     let setting = |p: &NamespacePolicy| p.anonymous_subscribe.unwrap_or(default);
     if !crate::pubsub::pattern::is_pattern(name) {
-        return namespace_of(policies, name).map_or(default, |i| setting(&policies[i]));
+        return policies
+            .covering(name)
+            .map_or(default, |i| setting(&policies[i]));
     }
     let literal = name
         .split('.')
@@ -188,21 +190,18 @@ pub fn anonymous_may_subscribe(policies: &Namespaces, name: &str, default: bool)
         .map(|t| t.len() + 1)
         .sum::<usize>();
     let literal = &name[..literal.min(name.len())];
-    let at_prefix = namespace_of(policies, literal.trim_end_matches('.'))
+    let at_prefix = policies
+        .covering(literal.trim_end_matches('.'))
         .map_or(default, |i| setting(&policies[i]));
     at_prefix && policies.starting_with(literal).all(setting)
-}
-
-/// The index in `policies` of the namespace covering `name` (the longest),
-/// if any.
-pub fn namespace_of(policies: &Namespaces, name: &str) -> Option<usize> {
-    policies.covering(name)
 }
 
 /// The slow-consumer policy of topic `name`: the longest covering
 /// namespace's if it sets one (`None`: the flag's).
 pub fn slow_consumer(policies: &Namespaces, name: &str) -> Option<SlowConsumerPolicy> {
-    namespace_of(policies, name).and_then(|i| policies[i].slow_consumer)
+    policies
+        .covering(name)
+        .and_then(|i| policies[i].slow_consumer)
 }
 
 /// What the namespace table gives one topic: the covering namespace's
@@ -227,7 +226,7 @@ pub fn resolve(
     global: &HistoryLimits,
     last_value: bool,
 ) -> Resolved {
-    let namespace = namespace_of(policies, name);
+    let namespace = policies.covering(name);
     match namespace.map(|i| &policies[i]) {
         None => Resolved {
             limits: *global,

@@ -126,6 +126,13 @@ pub fn validate_subscription(name: &str, max_len: usize) -> Result<Name<'_>, Top
     }
 }
 
+/// The byte the `%XX` escape at `b[i]` stands for, if one is there.
+fn escape_at(b: &[u8], i: usize) -> Option<u8> {
+    let hex = |at: usize| (*b.get(at)? as char).to_digit(16);
+    (b[i] == b'%').then_some(())?;
+    Some((hex(i + 1)? * 16 + hex(i + 2)?) as u8)
+}
+
 /// `name` with its `%XX` escapes decoded (borrowed when it has none). An
 /// escape that is not two hex digits, or that decodes to a byte outside
 /// ASCII, is left as it is, so the name is then refused for its `%`.
@@ -137,12 +144,7 @@ pub fn percent_decode(name: &str) -> Cow<'_, str> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        let decoded = (b[i] == b'%' && i + 2 < b.len())
-            .then(|| Some((hex(b[i + 1])? * 16 + hex(b[i + 2])?) as u8))
-            .flatten()
-            .filter(u8::is_ascii);
-        if let Some(c) = decoded {
+        if let Some(c) = escape_at(b, i).filter(u8::is_ascii) {
             out.push(c);
             i += 3;
             continue;
@@ -167,8 +169,7 @@ pub fn percent_decode_utf8(s: &str) -> Option<Cow<'_, str>> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
-            let hex = |c: Option<&u8>| (*c? as char).to_digit(16);
-            out.push((hex(b.get(i + 1))? * 16 + hex(b.get(i + 2))?) as u8);
+            out.push(escape_at(b, i)?);
             i += 3;
         } else {
             out.push(b[i]);

@@ -264,7 +264,12 @@ impl Pending {
         let mut all = Vec::with_capacity(self.len() + more.len());
         all.extend_from_slice(self.bytes());
         all.extend_from_slice(more);
-        self.set(&all, since_ms);
+        self.0 = (!all.is_empty()).then(|| {
+            Box::new(Kept {
+                bytes: all.into_boxed_slice(),
+                since_ms,
+            })
+        });
     }
 
     fn clear(&mut self) {

@@ -130,8 +130,21 @@ fn a_message_that_never_completes_is_closed_1008_while_a_steady_talker_stays() {
     let mut start = client_frame(false, OpCode::Text, b"part one", MASK);
     start.extend_from_slice(&client_frame(false, OpCode::Continuation, &[b'x'; 100], MASK)[..50]);
     sim.send(stuck, &start);
-    // The steady talker's messages complete, one a second, past the deadline.
+    past_the_message_deadline(&mut sim, steady, stuck, |_, _| {});
+    assert_eq!(sim.stats().message_timeouts.load(Relaxed), 1);
+}
+
+/// 35 s pass, `steady` completing a message each second, and `at(i)`
+/// run at each second `i` first: `stuck` hears nothing before 30 s, then
+/// gets `1008`; `steady` stays.
+fn past_the_message_deadline(
+    sim: &mut Sim,
+    steady: usize,
+    stuck: usize,
+    mut at: impl FnMut(&mut Sim, u8),
+) {
     for i in 0..35u8 {
+        at(sim, i);
         sim.send(steady, &client_frame(true, OpCode::Binary, &[i], MASK));
         assert_eq!(sim.received(steady), [0x82, 1, i]);
         if i == 28 {
@@ -140,7 +153,6 @@ fn a_message_that_never_completes_is_closed_1008_while_a_steady_talker_stays() {
         sim.wait(SECOND, TICK);
     }
     assert_eq!(close_code(&sim.received(stuck)), Some(1008));
-    assert_eq!(sim.stats().message_timeouts.load(Relaxed), 1);
     assert!(!sim.closed.contains(&steady));
 }
 
@@ -159,22 +171,14 @@ fn a_frame_header_cut_short_is_closed_1008_at_the_message_deadline() {
     first.push(0x81);
     sim.send(stuck, &first);
     assert_eq!(sim.received(stuck), [&[0x81, 2][..], b"ok"].concat());
-    for i in 0..35u8 {
+    past_the_message_deadline(&mut sim, steady, stuck, |sim, i| {
         if i == 20 {
             // One more byte of the header (a 16-bit length follows): still
             // not whole, and the deadline still runs from the first.
             sim.send(stuck, &[0xFE]);
         }
-        sim.send(steady, &client_frame(true, OpCode::Binary, &[i], MASK));
-        assert_eq!(sim.received(steady), [0x82, 1, i]);
-        if i == 28 {
-            assert!(sim.received(stuck).is_empty(), "not before 30 s");
-        }
-        sim.wait(SECOND, TICK);
-    }
-    assert_eq!(close_code(&sim.received(stuck)), Some(1008));
+    });
     assert_eq!(sim.stats().message_timeouts.load(Relaxed), 1);
-    assert!(!sim.closed.contains(&steady));
 }
 
 /// A connection paused for its queue while a frame header it began is
