@@ -111,6 +111,51 @@ pub const BINARY_FLAG_TEXT: u8 = 1;
 /// Bytes of a binary envelope before the topic name.
 pub const BINARY_HEADER_LEN: usize = 20;
 
+/// What a worker may still compress for its subscribers in this turn.
+///
+/// Compressing runs in one go on the worker's thread at 12–60 MB/s (level 6
+/// on text an attacker picks, e.g. random `acgt`: ~5 ms for 60 KiB), so
+/// publications compressed without a bound could hold a worker for
+/// seconds: outside probe, one publisher of 100 messages of 60 KiB to a
+/// topic with one permessage-deflate subscriber stalled every other
+/// connection of the worker for half a second, three subscriber forms for
+/// three seconds. Past the bound a publication goes uncompressed.
+#[derive(Debug, Clone, Copy)]
+pub struct CompressRoom {
+    /// Bytes of base frames still to compress (the one that crosses the
+    /// bound is compressed whole).
+    pub bytes: usize,
+    /// Publication forms settled uncompressed because the room was spent.
+    pub skipped: usize,
+}
+
+impl CompressRoom {
+    /// A turn's room: [`COMPRESS_PER_TURN`] bytes.
+    pub fn turn() -> Self {
+        Self {
+            bytes: COMPRESS_PER_TURN,
+            skipped: 0,
+        }
+    }
+
+    /// No bound (a replay, a test).
+    pub fn unbounded() -> Self {
+        Self {
+            bytes: usize::MAX,
+            skipped: 0,
+        }
+    }
+}
+
+/// Bytes of publications a worker compresses per turn, at most (and one
+/// more message, up to [`COMPRESS_UP_TO`](crate::proto::deflate::COMPRESS_UP_TO)):
+/// ~2 ms at the speed of typical text (60 MB/s), ~15 ms on the slowest
+/// text found (12 MB/s); a fan-out turn may take as long delivering
+/// ([`MAX_DELIVERIES_PER_TURN`](crate::server::worker::MAX_DELIVERIES_PER_TURN)).
+/// A burst of 1 KiB messages to 10 000 subscribers delivers ~100 of them a
+/// turn per worker: all compressed.
+pub const COMPRESS_PER_TURN: usize = 128 * 1024;
+
 /// One publication, sequenced: its raw frame, and its envelope forms once built.
 #[derive(Debug)]
 pub struct Message {
@@ -188,8 +233,23 @@ impl Message {
         topic: &str,
         built: &mut impl FnMut(Form, &Bytes),
     ) -> &Bytes {
+        self.frame_within(form, topic, built, &mut CompressRoom::unbounded())
+    }
+
+    /// [`Self::frame_for`], compressing only while `room` lasts: a
+    /// compressed form whose frame is not built yet, found with no room
+    /// left, is settled as its base frame (uncompressed, for every
+    /// subscriber of the form, as permessage-deflate allows) and counted
+    /// in `room.skipped`.
+    pub fn frame_within(
+        &self,
+        form: Form,
+        topic: &str,
+        built: &mut impl FnMut(Form, &Bytes),
+        room: &mut CompressRoom,
+    ) -> &Bytes {
         if form.is_deflated() {
-            return self.deflated_for(form, topic, built);
+            return self.deflated_for(form, topic, built, room);
         }
         let (cell, encode): (_, fn(&Self, &str) -> Bytes) = match form {
             Form::Json => (&self.json, Self::encode_json),
@@ -221,6 +281,7 @@ impl Message {
         form: Form,
         topic: &str,
         built: &mut impl FnMut(Form, &Bytes),
+        room: &mut CompressRoom,
     ) -> &Bytes {
         let cells = self.deflated.get_or_init(Default::default);
         let cell = &cells[form.base() as usize];
@@ -237,10 +298,15 @@ impl Message {
             let body = &base[header.header_len..];
             let compress =
                 crate::proto::deflate::COMPRESS_FROM..=crate::proto::deflate::COMPRESS_UP_TO;
-            let compressed = compress
-                .contains(&body.len())
-                .then(|| crate::proto::deflate::compress(body))
-                .flatten()?;
+            if !compress.contains(&body.len()) {
+                return None;
+            }
+            if room.bytes == 0 {
+                room.skipped += 1;
+                return None;
+            }
+            room.bytes = room.bytes.saturating_sub(body.len());
+            let compressed = crate::proto::deflate::compress(body)?;
             fresh = true;
             Some(Bytes::from(crate::proto::frame::compressed_server_frame(
                 header.opcode,
@@ -793,5 +859,47 @@ mod tests {
             let json = m.frame_for(Form::JsonDeflate, "t", &mut |_, _| {}).clone();
             assert!(!rsv1(&json), "{len} B as JSON");
         }
+    }
+
+    #[test]
+    fn compression_stops_where_the_turns_room_ends_and_that_frame_stays_plain() {
+        let rsv1 = |f: &Bytes| f[0] & 0x40 != 0;
+        let text = |i: u8| {
+            Message::new(
+                Bytes::from(server_frame(OpCode::Text, &vec![b'a' + i; 40 * 1024])),
+                Instant::now(),
+            )
+        };
+        let mut room = CompressRoom {
+            bytes: 100 * 1024,
+            skipped: 0,
+        };
+        let msgs: Vec<Message> = (0..5).map(text).collect();
+        let mut built = 0;
+        let frames: Vec<Bytes> = msgs
+            .iter()
+            .map(|m| {
+                m.frame_within(Form::RawDeflate, "t", &mut |_, _| built += 1, &mut room)
+                    .clone()
+            })
+            .collect();
+        // 40 KiB each: the third crosses the bound and is compressed
+        // whole; the fourth finds no room.
+        let compressed: Vec<bool> = frames.iter().map(rsv1).collect();
+        assert_eq!(compressed, [true, true, true, false, false]);
+        assert_eq!((room.bytes, room.skipped, built), (0, 2, 3));
+        assert!(frames[3] == msgs[3].frame && frames[4] == msgs[4].frame);
+        // Settled: a later turn with room sends the same plain frame, so
+        // every subscriber of the form gets the same bytes.
+        let mut fresh = CompressRoom::turn();
+        let again = msgs[3].frame_within(Form::RawDeflate, "t", &mut |_, _| {}, &mut fresh);
+        assert!(!rsv1(again) && fresh.bytes == COMPRESS_PER_TURN && fresh.skipped == 0);
+        // Plain forms need no room.
+        let mut none = CompressRoom {
+            bytes: 0,
+            skipped: 0,
+        };
+        let json = msgs[4].frame_within(Form::Json, "t", &mut |_, _| {}, &mut none);
+        assert!(!rsv1(json) && none.skipped == 0);
     }
 }

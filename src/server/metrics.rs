@@ -75,7 +75,7 @@ const CONNECTION_COUNTERS: [Counter; 8] = [
 
 /// Publication and delivery: messages published, frames and bytes sent,
 /// slow consumers, keepalive, publishers held back (mailbox full, rate).
-const DELIVERY_COUNTERS: [Counter; 22] = [
+const DELIVERY_COUNTERS: [Counter; 23] = [
     (
         "corecast_messages_published_total",
         "Messages published (WebSocket and HTTP publishers).",
@@ -110,6 +110,11 @@ const DELIVERY_COUNTERS: [Counter; 22] = [
         "corecast_publications_compressed_total",
         "Publication frames compressed for permessage-deflate subscribers, once per publication and form (those that would not shrink are not counted).",
         |w| &w.publications_compressed,
+    ),
+    (
+        "corecast_publications_uncompressed_total",
+        "Publication frames sent uncompressed to permessage-deflate subscribers because their worker had compressed its share of the turn (128 KiB), once per publication and form.",
+        |w| &w.compression_skipped,
     ),
     (
         "corecast_compressed_bytes_saved_total",

@@ -35,6 +35,7 @@ fn busy_workers() -> Vec<WorkerStats> {
         set(&w.publications_replaced);
         set(&w.publications_conflated);
         set(&w.publications_compressed);
+        set(&w.compression_skipped);
         set(&w.compressed_bytes_saved);
         set(&w.recoveries_deferred);
         set(&w.recoveries_complete);

@@ -101,6 +101,10 @@ pub struct WorkerStats {
     /// Publication frames compressed for permessage-deflate subscribers
     /// (once per publication and form), and the bytes that saved.
     pub publications_compressed: AtomicU64,
+    /// Publication frames sent uncompressed to permessage-deflate
+    /// subscribers because the worker's turn had compressed its share
+    /// ([`CompressRoom`](crate::pubsub::envelope::CompressRoom)).
+    pub compression_skipped: AtomicU64,
     pub compressed_bytes_saved: AtomicU64,
     /// Subscribes with `since` answered "recovery busy" (over
     /// `--max-recovery-rate`).
@@ -234,6 +238,11 @@ impl WorkerStats {
         if n > 0 {
             add(&self.publications_replaced, n);
         }
+    }
+
+    /// `n` publication frames left uncompressed: the turn's room was spent.
+    pub fn compression_skipped(&self, n: usize) {
+        add(&self.compression_skipped, n as u64);
     }
 
     /// A publication frame compressed, `saved` bytes smaller than its base.

@@ -93,6 +93,18 @@ pub struct Ctx<'a> {
     /// times, so the many publishers of one turn could otherwise make the
     /// worker hold gigabytes before the turn's end charges them.
     pub room: usize,
+    /// The work this connection's input did so far this turn, in bytes'
+    /// worth: each byte received counts [`WIRE_WORK`], each message byte
+    /// decoded one, an echo compressed [`COMPRESS_WORK`] a byte, a token
+    /// check [`CHECK_WORK`]. Set by the backend (what earlier input of
+    /// the same turn did, and this input's new bytes), added to by the
+    /// session, which stops at [`YIELD_AFTER_BYTES`] and keeps the rest
+    /// for the next turn. Counted across the turn, not per read: one
+    /// io_uring receive completion or one epoll read is only part of a
+    /// turn's input (outside probe: a flood of compressed messages,
+    /// inflated 32 KiB of wire at a time, never reached the per-read
+    /// bound and held its worker for the whole flood).
+    pub work: usize,
 }
 
 /// Message bytes a connection's input may decode in one turn before the
@@ -102,10 +114,29 @@ pub struct Ctx<'a> {
 /// served. A single message always goes whole (`--max-message-size`).
 pub const YIELD_AFTER_BYTES: usize = 1024 * 1024;
 
-/// HTTP requests of one input read while tokens are on (each a signature
-/// check, ~50 µs with ES256) before the rest of a pipeline waits for the
-/// connection's next turn: about a millisecond of checks.
-const CHECKS_PER_INPUT: u32 = 16;
+/// What a token check (a signature, ~50 µs with ES256) counts toward
+/// [`YIELD_AFTER_BYTES`]: 16 HTTP requests with tokens a turn, about a
+/// millisecond of checks, before the rest of a pipeline waits for the
+/// connection's next turn.
+pub const CHECK_WORK: usize = YIELD_AFTER_BYTES / 16;
+
+/// What each byte a connection sends counts toward [`YIELD_AFTER_BYTES`]
+/// (besides what decoding it costs): a quarter of a turn's worth, 256 KiB,
+/// is all of one io_uring worker's receive buffers, so a connection that
+/// keeps its socket full cannot take them at every turn: it is paused for
+/// a turn once it had its share, and the others' receives find buffers
+/// (outside probe: a flooding publisher took all 8 at every submission,
+/// and the other connections of its worker got nothing but `ENOBUFS`
+/// until the flood stopped). On epoll it bounds a turn's reads likewise.
+pub const WIRE_WORK: usize = 4;
+
+/// What each byte of an echo compressed for the client counts toward
+/// [`YIELD_AFTER_BYTES`]: deflate at level 6 runs at 12–60 MB/s (12 on
+/// low-entropy text such as random `acgt`: ~5 ms for 60 KiB), a sixteenth
+/// or more of what inflating costs; a turn's worth is then 64 KiB of
+/// echoes (outside probe: a compressed echo of such text held its io_uring
+/// worker's other connections 6 s, 2 s on epoll).
+pub const COMPRESS_WORK: usize = 16;
 
 /// What one token comparison (matching a name to a pattern in a control
 /// message) counts toward [`YIELD_AFTER_BYTES`]: it costs about as much as
@@ -399,14 +430,13 @@ impl Session {
 
     fn input_loop(&mut self, buf: &mut [u8], ctx: &mut Ctx<'_>) -> Next {
         let mut pos = 0;
-        // Requests of this input whose token was checked (tokens on).
-        let mut checked = 0;
         loop {
             match &mut self.phase {
                 Phase::Head { scan, requests } => {
-                    if checked >= CHECKS_PER_INPUT && pos < buf.len() {
-                        // Each costs a signature check (~50 µs): the rest
-                        // of the pipeline waits for the next turn, so one
+                    if ctx.work >= YIELD_AFTER_BYTES && pos < buf.len() {
+                        // A turn's worth (bytes received, publications,
+                        // signature checks of ~50 µs each): the rest of
+                        // the pipeline waits for the next turn, so one
                         // connection's requests cannot stall its worker.
                         self.answer_published(ctx);
                         self.keep(buf, pos, ctx.now_ms);
@@ -450,8 +480,9 @@ impl Session {
                     // The next phase (another head, a body) counts it.
                     self.set_requests(done);
                     ctx.requests += 1;
+                    ctx.work = ctx.work.saturating_add(PUBLICATION_OVERHEAD_BYTES);
                     if ctx.shared.verifier().is_some() {
-                        checked += 1;
+                        ctx.work = ctx.work.saturating_add(CHECK_WORK);
                     }
                     pos = head_end;
                 }
@@ -512,15 +543,13 @@ impl Session {
         ws.tick(ctx.now_ms);
         let rate = ctx.shared.config.max_publish_rate;
         let deflate = ws.deflate();
-        // Message bytes decoded from this input (inflated, when compressed).
-        let mut decoded_bytes = 0usize;
         loop {
             if pos < buf.len() {
                 let out_of_tokens = match role {
                     Role::Publisher(p) => !p.pace.ready(rate, ctx.now_ms),
                     _ => false,
                 };
-                if out_of_tokens || decoded_bytes >= YIELD_AFTER_BYTES {
+                if out_of_tokens || ctx.work >= YIELD_AFTER_BYTES {
                     // The rest waits: a paced publisher's until its pace
                     // allows (so it never runs further into debt than one
                     // message), anyone else's until the next turn (a read
@@ -535,7 +564,7 @@ impl Session {
             if let Some(Event::Message { payload, .. }) = &decoded.event {
                 // Each message costs what holds it besides its bytes: a
                 // read of empty messages yields too.
-                decoded_bytes += payload.len() + PUBLICATION_OVERHEAD_BYTES;
+                ctx.work += payload.len() + PUBLICATION_OVERHEAD_BYTES;
             }
             // Act while the event still borrows the input; replies go out after.
             let control = match decoded.event {
@@ -543,6 +572,11 @@ impl Session {
                 Some(Event::Message { kind, payload }) => match role {
                     Role::Echo => {
                         ctx.stats.message_echoed();
+                        if deflate.is_some_and(|a| a.compresses(payload.len())) {
+                            ctx.work = ctx
+                                .work
+                                .saturating_add(payload.len().saturating_mul(COMPRESS_WORK));
+                        }
                         // Compressed per message when agreed and it gains.
                         Some(Reply::Frame(Bytes::from(
                             crate::proto::deflate::message_frame(deflate, kind.opcode(), payload),
@@ -624,8 +658,9 @@ impl Session {
                     );
                     // Matching names to patterns counts toward the turn
                     // like the bytes it would take to decode as long.
-                    decoded_bytes =
-                        decoded_bytes.saturating_add(work.saturating_mul(BYTES_PER_MATCH_STEP));
+                    ctx.work = ctx
+                        .work
+                        .saturating_add(work.saturating_mul(BYTES_PER_MATCH_STEP));
                     ws.send(MessageKind::Text, reply.as_bytes(), &mut self.out);
                     if refresh && !ws.take_control() {
                         // A refresh is a signature check: it counts like a

@@ -292,6 +292,113 @@ fn compressed_messages_of_one_read_are_inflated_a_turns_worth_at_a_time() {
 }
 
 #[test]
+fn a_turns_worth_of_input_counts_every_read_of_the_turn() {
+    // 40 messages of 60 KiB arrive in pieces of 32 KiB within one turn, as
+    // io_uring hands them over (one receive buffer a completion): each
+    // piece alone is far below a turn's worth, but together they are 2.4
+    // MB. The turn stops at its worth (each byte received counts
+    // WIRE_WORK, each byte decoded one more), and the rest follows at the
+    // next turns, in order, nothing lost. Counted per read, all 40 went in
+    // the first turn (outside probe: a flooding publisher held its io_uring
+    // worker, every other connection of it waiting, for the whole flood).
+    use crate::server::session::{WIRE_WORK, YIELD_AFTER_BYTES};
+    use std::sync::atomic::Ordering::Relaxed;
+    const SIZE: usize = 60 * 1024;
+    let mut sim = Sim::new(|c| c.ping_interval = None);
+    let sub = sim.upgrade("/ws?topics=f", 64 << 20);
+    let publisher = sim.upgrade("/publish/f", 1 << 20);
+    let payload = |i: usize| vec![b'a' + (i % 26) as u8; SIZE];
+    let mut wire = Vec::new();
+    for i in 0..40 {
+        wire.extend_from_slice(&client_frame(true, OpCode::Binary, &payload(i), MASK));
+    }
+    sim.send_in_pieces(publisher, &wire, 32 * 1024);
+    let per_turn = YIELD_AFTER_BYTES / (SIZE * (WIRE_WORK + 1)) + 1;
+    let first = sim.stats().messages_published.load(Relaxed) as usize;
+    assert!(
+        (1..=per_turn).contains(&first),
+        "{first} messages in the first turn, at most {per_turn}"
+    );
+    let mut turns = 1;
+    while sim.stats().messages_published.load(Relaxed) < 40 {
+        let before = sim.stats().messages_published.load(Relaxed) as usize;
+        sim.wait(TICK, TICK);
+        turns += 1;
+        let now = sim.stats().messages_published.load(Relaxed) as usize;
+        // Input held while it was paused was counted when it came: what
+        // decoding it costs is the bound now.
+        assert!(now - before <= YIELD_AFTER_BYTES / SIZE + 1);
+        assert!(turns <= 40, "the rest follows, a turn's worth at a time");
+    }
+    sim.wait(TICK, TICK);
+    let got = sim.received(sub);
+    let mut expected = Vec::new();
+    for i in 0..40 {
+        expected.extend_from_slice(&[0x82, 126]);
+        expected.extend_from_slice(&(SIZE as u16).to_be_bytes());
+        expected.extend_from_slice(&payload(i));
+    }
+    assert!(got == expected, "every message whole, in order");
+    assert!(!sim.closed.contains(&publisher));
+    assert_eq!(ws_failures(&sim), []);
+}
+
+#[test]
+fn a_turn_compresses_its_share_of_publications_and_sends_the_rest_plain() {
+    // A burst of 60 KiB text publications to a permessage-deflate
+    // subscriber: compressing them all in one turn took ~5 ms each on the
+    // worker's thread (outside probe: half a second of every other
+    // connection of the worker waiting, per burst of 100). A turn
+    // compresses its room's worth; the rest go plain (RSV1 clear), counted;
+    // every message arrives whole and in order.
+    use std::sync::atomic::Ordering::Relaxed;
+    const SIZE: usize = 60 * 1024;
+    let mut sim = Sim::new(|c| c.ping_interval = None);
+    let sub = sim.upgrade_with(
+        "/ws?topics=d",
+        "Sec-WebSocket-Extensions: permessage-deflate\r\n",
+        64 << 20,
+    );
+    let publisher = sim.upgrade("/publish/d", 1 << 20);
+    let payload = |i: usize| vec![b'a' + i as u8; SIZE];
+    let mut wire = Vec::new();
+    for i in 0..12 {
+        wire.extend_from_slice(&client_frame(true, OpCode::Text, &payload(i), MASK));
+    }
+    sim.send(publisher, &wire);
+    sim.wait(TICK * 30, TICK);
+    assert_eq!(sim.stats().messages_published.load(Relaxed), 12);
+    let got = sim.received(sub);
+    let (mut pos, mut plain, mut compressed, mut i) = (0, 0, 0, 0);
+    while pos < got.len() {
+        let h = crate::proto::frame::parse_header(&got[pos..])
+            .unwrap()
+            .unwrap();
+        let body = &got[pos + h.header_len..pos + h.header_len + h.payload_len as usize];
+        let message = if got[pos] & 0x40 != 0 {
+            compressed += 1;
+            let mut out = Vec::new();
+            crate::proto::deflate::inflate(body, 1 << 20, &mut out).unwrap();
+            out
+        } else {
+            plain += 1;
+            body.to_vec()
+        };
+        assert!(message == payload(i), "message {i} whole, in order");
+        pos += h.header_len + h.payload_len as usize;
+        i += 1;
+    }
+    assert_eq!(i, 12);
+    assert!(
+        compressed >= 2,
+        "a turn's share is compressed ({compressed})"
+    );
+    assert!(plain >= 1, "past it, plain ({plain})");
+    assert_eq!(sim.stats().compression_skipped.load(Relaxed), plain);
+    assert_eq!(ws_failures(&sim), []);
+}
+
+#[test]
 fn a_paced_publishers_fin_waits_for_what_it_sent_before_it() {
     // The FIN arrives while the publisher is paced, with 19 of its 30
     // messages still kept (io_uring reads it so): they are published at

@@ -185,6 +185,20 @@ impl Sim {
         self.turn();
     }
 
+    /// The peer sends `bytes`, which the server reads in reads of at most
+    /// `piece` bytes within one loop turn (as io_uring hands a turn's
+    /// input over in receive completions of one buffer each), as long as
+    /// it reads that connection; then the turn ends.
+    fn send_in_pieces(&mut self, key: usize, bytes: &[u8], piece: usize) {
+        self.core.begin_turn(self.now);
+        for chunk in bytes.chunks(piece) {
+            let peer = self.peers.get_mut(&key).unwrap();
+            peer.unread.extend_from_slice(chunk);
+            self.pump(key);
+        }
+        backend::end_of_turn(self);
+    }
+
     /// The server reads what `key` sent, if it reads that connection now.
     fn pump(&mut self, key: usize) {
         let readable = self

@@ -6,7 +6,7 @@
 use super::conflation::{Full, Tables};
 use super::*;
 use crate::proto::handshake::Status;
-use crate::pubsub::envelope::Form;
+use crate::pubsub::envelope::{CompressRoom, Form};
 use crate::pubsub::remote::Refused;
 use crate::pubsub::shard::TopicView;
 use crate::server::cluster::Reply;
@@ -132,9 +132,11 @@ impl<S> Core<S> {
         let slow = &mut self.slow;
         let delivered = &mut self.delivered;
         let shard = &mut self.shard;
+        let mut compress = CompressRoom::turn();
         let mut budget = Budget {
             buffered: &mut self.buffered,
             limit: self.budget,
+            compress: &mut compress,
         };
         // The run last seen, reset before each `Shard::deliver` call (its
         // slice is alive for the call, so addresses cannot repeat within it).
@@ -210,6 +212,9 @@ impl<S> Core<S> {
                 break;
             }
             self.inbox.done(bus, &batch);
+        }
+        if compress.skipped > 0 {
+            self.shared.stats[self.id].compression_skipped(compress.skipped);
         }
         // `always` publications (and any other waiting for a queue that is
         // empty now) go out this turn, the newest of each topic; rated
@@ -499,7 +504,9 @@ fn push_to<S>(
             run.iter()
                 .map(|p| {
                     let mut on_built = |f: Form, _: &Bytes| built.push((p.clone(), f));
-                    p.msg.frame_for(form, topic, &mut on_built).len()
+                    p.msg
+                        .frame_within(form, topic, &mut on_built, budget.compress)
+                        .len()
                 })
                 .filter(|&n| n < COPY_BELOW)
                 .sum()
@@ -507,7 +514,9 @@ fn push_to<S>(
         conn.session.out.reserve_tail(room);
         for (i, p) in run.iter().enumerate() {
             let mut on_built = |f: Form, _: &Bytes| built.push((p.clone(), f));
-            let frame = p.msg.frame_for(form, topic, &mut on_built);
+            let frame = p
+                .msg
+                .frame_within(form, topic, &mut on_built, budget.compress);
             match conn.session.push_published(frame, policy, cfg, over) {
                 Push::Queued => {
                     sent += 1;
@@ -591,4 +600,6 @@ fn failed_slow(stats: &WorkerStats, slow: &mut Vec<ConnRef>, me: ConnRef, discar
 struct Budget<'a> {
     buffered: &'a mut usize,
     limit: usize,
+    /// What this turn may still compress.
+    compress: &'a mut CompressRoom,
 }

@@ -4,6 +4,7 @@
 //! outbound queue, a mailbox over its mark hold it).
 
 use super::*;
+use crate::server::session::WIRE_WORK;
 
 impl<S> Core<S> {
     /// Re-measures what `key` holds against the buffer budget; `true` when
@@ -102,6 +103,15 @@ impl<S> Core<S> {
         conn.keepalive_ms = now_ms;
         conn.set_flag(PING_PENDING, false);
         let others = self.buffered.saturating_sub(conn.charged as usize);
+        // This turn's work so far (earlier reads or receive completions of
+        // this turn), and the bytes new in this input (the rest were kept
+        // from earlier input and counted then).
+        let serial = conn.serial;
+        let before = match self.turn_work.get(&key) {
+            Some(&(s, work)) if s == serial => work,
+            _ => 0,
+        };
+        let new_bytes = buf.len().saturating_sub(conn.session.pending_len());
         let mut ctx = Ctx {
             shared: &self.shared,
             stats,
@@ -128,6 +138,7 @@ impl<S> Core<S> {
             },
             yielded: false,
             room: self.budget.saturating_sub(others),
+            work: before.saturating_add(new_bytes.saturating_mul(WIRE_WORK)),
         };
         // The grant held before, to store only one the session changed.
         let held = ctx.grant.as_ref().map(Arc::as_ptr);
@@ -144,6 +155,9 @@ impl<S> Core<S> {
         };
         if ctx.published {
             conn.set_flag(PUBLISHED, true);
+        }
+        if ctx.work > 0 {
+            self.turn_work.insert(key, (serial, ctx.work));
         }
         let yielded = ctx.yielded;
         let rated = ctx.rated.take();
@@ -206,11 +220,13 @@ impl<S> Core<S> {
             conn.set_flag(READ_PAUSED, true);
             let serial = conn.serial;
             if !conn.flag(PACED) {
-                // Due at a later turn than this one (whose `unthrottle` has
-                // not run yet).
+                // Due at the next turn, not this one (whose `unthrottle`
+                // has not run yet): the others' input of the next turn
+                // comes first (on io_uring, their receives are submitted
+                // while this one's is stopped).
                 conn.set_flag(PACED, true);
                 self.paced
-                    .push((self.now + Duration::from_millis(1), key, serial));
+                    .push((self.now + Duration::from_micros(1), key, serial));
             }
             return Input::Stop;
         }

@@ -169,6 +169,11 @@ pub struct Core<S> {
     /// Publishers paused by `--max-publish-rate`, and connections that
     /// stopped at a turn's worth of input, until the given time.
     paced: Vec<(Instant, usize, u32)>,
+    /// The work each connection's input did this turn (by key, with its
+    /// serial): a turn's worth ([`YIELD_AFTER_BYTES`](crate::server::session::YIELD_AFTER_BYTES))
+    /// is counted across all its input of the turn, not per read. Cleared
+    /// at each turn's start.
+    turn_work: HashMap<usize, (u32, usize)>,
     /// Paced publishers resumed with input still kept after their pause:
     /// since when (each must work it off within `--message-timeout`).
     backlogged: HashMap<usize, (u32, Instant)>,
@@ -236,6 +241,7 @@ impl<S> Core<S> {
             dirty: DirtyList::default(),
             flush_batch: Vec::new(),
             reread: Vec::new(),
+            turn_work: HashMap::new(),
             confirmed: Vec::new(),
             handshake_deadlines: VecDeque::new(),
             linger_deadlines: VecDeque::new(),
@@ -355,6 +361,7 @@ impl<S> Core<S> {
     /// the next call uses it (the core reads no clock of its own).
     pub fn begin_turn(&mut self, now: Instant) {
         self.now = now;
+        self.turn_work.clear();
         #[cfg(test)]
         if self
             .shared
