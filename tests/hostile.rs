@@ -411,12 +411,29 @@ fn an_http_1_1_request_without_exactly_one_host_is_answered_400() {
         assert!(r.starts_with("HTTP/1.1 400 "), "{r}");
         assert!(r.contains("Host header"), "{r}");
     }
+    // Host bytes in no host's shape (an outside probe's values), on an
+    // admin endpoint and on an upgrade.
+    for host in [
+        "[zz]", "[::1", "[::1]x", "a:b", "a:80:90", "a:-1", "::1", "a]", "a:65536",
+    ] {
+        let req = format!("GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        let r = refused(addr, req.as_bytes());
+        assert!(r.starts_with("HTTP/1.1 400 "), "{host}: {r}");
+        assert!(r.contains("invalid Host header"), "{host}: {r}");
+    }
+    let upgrade = upgrade_request("/echo").replacen("Host: localhost", "Host: [::1]x", 1);
+    let r = refused(addr, upgrade.as_bytes());
+    assert!(r.starts_with("HTTP/1.1 400 "), "{r}");
+    assert!(r.contains("invalid Host header"), "{r}");
     // Names, addresses, IP literals and ports are hosts.
     for host in [
         "example.com:443",
         "127.0.0.1",
         "[::1]:9000",
+        "[::ffff:127.0.0.1]",
         "xn--bcher-kva.example",
+        "a%20b",
+        "localhost:",
     ] {
         let req = format!("GET /healthz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
         let r = refused(addr, req.as_bytes());
