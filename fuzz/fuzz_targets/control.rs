@@ -1,7 +1,7 @@
 //! Arbitrary bytes as a subscriber control message (`pubsub::control::parse`,
-//! its depth check, then simd-json in place on a mutable copy), and the
-//! replies built from it. Runs on a worker-sized stack
-//! (`corecast_fuzz::on_worker_stack`), so a parse that would overflow a
+//! its depth and surrogate-escape checks, then simd-json in place on a
+//! mutable copy), and the replies built from it. Runs on a worker-sized
+//! stack (`corecast_fuzz::on_worker_stack`), so a parse that would overflow a
 //! worker crashes here.
 //!
 //! Input: one byte for `max_topic_len` (0..=255), one for `max_topics`

@@ -15,7 +15,8 @@
 //! depth ([`MAX_CONTROL_DEPTH`]), because simd-json builds its value
 //! recursively, one stack frame per level. simd-json (from 0.18) also stops
 //! at 1 024 levels itself; the check here keeps the limit ours, small and
-//! documented, whatever version is linked.
+//! documented, whatever version is linked. A second pass refuses a `\u`
+//! escape of half a surrogate pair, which simd-json would read as U+0000.
 
 use super::history::{Recovery, Since};
 use super::pattern;
@@ -94,6 +95,9 @@ pub enum ControlError {
     TooDeep,
     /// Not JSON.
     Malformed,
+    /// A `\u` escape of a UTF-16 surrogate without its pair: JSON text,
+    /// but no Unicode string (RFC 8259 §8.2).
+    UnpairedSurrogate,
     /// No `"op"` string (or not an object at all).
     MissingOp,
     /// An `"op"` other than `subscribe` or `unsubscribe`.
@@ -126,6 +130,7 @@ impl fmt::Display for ControlError {
                 "control message nested deeper than {MAX_CONTROL_DEPTH} levels"
             ),
             Self::Malformed => f.write_str("malformed JSON"),
+            Self::UnpairedSurrogate => f.write_str("malformed JSON: unpaired surrogate escape"),
             Self::MissingOp => f.write_str("missing \"op\""),
             Self::UnknownOp => {
                 f.write_str("unknown op; expected subscribe, unsubscribe, history or refresh")
@@ -194,6 +199,7 @@ fn parse_counting(
         return Err(ControlError::TooLarge);
     }
     check_depth(buf, MAX_CONTROL_DEPTH)?;
+    check_surrogates(buf)?;
     let value = simd_json::to_borrowed_value(buf).map_err(|_| ControlError::Malformed)?;
     let op = match value.get("op").and_then(|v| v.as_str()) {
         Some("subscribe") => Op::Subscribe,
@@ -370,6 +376,48 @@ fn check_depth(buf: &[u8], max: usize) -> Result<(), ControlError> {
         }
     }
     Ok(())
+}
+
+/// Refuses a `\u` escape of a surrogate that is not half of a pair: a high
+/// one (`D800`-`DBFF`) not followed at once by a low one's escape
+/// (`DC00`-`DFFF`), or a low one on its own. simd-json 0.18 reads a lone
+/// high surrogate as U+0000, a byte the client never sent, and refuses a
+/// lone low one; refused here, both get the same reason.
+///
+/// A second pass after [`check_depth`], so a message too deep is refused as
+/// such whatever its strings hold. It needs no string state: a backslash
+/// outside a string is not JSON, and simd-json refuses it.
+fn check_surrogates(buf: &[u8]) -> Result<(), ControlError> {
+    let mut i = 0;
+    while let Some(&b) = buf.get(i) {
+        if b != b'\\' {
+            i += 1;
+            continue;
+        }
+        i += match escaped_unit(buf, i) {
+            Some(0xD800..=0xDBFF) => match escaped_unit(buf, i + 6) {
+                Some(0xDC00..=0xDFFF) => 12,
+                _ => return Err(ControlError::UnpairedSurrogate),
+            },
+            Some(0xDC00..=0xDFFF) => return Err(ControlError::UnpairedSurrogate),
+            Some(_) => 6,
+            // `\\`, `\"` and the other two-byte escapes: skipping both bytes
+            // keeps an escaped backslash from being read as starting an
+            // escape. A bad escape is left to simd-json.
+            None => 2,
+        };
+    }
+    Ok(())
+}
+
+/// The UTF-16 code unit of the `\uXXXX` escape at `at`, if one is there.
+fn escaped_unit(buf: &[u8], at: usize) -> Option<u32> {
+    match buf.get(at..at + 6)? {
+        [b'\\', b'u', hex @ ..] => hex
+            .iter()
+            .try_fold(0, |n, &h| Some((n << 4) | char::from(h).to_digit(16)?)),
+        _ => None,
+    }
 }
 
 /// `{"op":"subscribed"|"unsubscribed","topics":[...]}`. Topic names need no
@@ -652,6 +700,49 @@ mod tests {
             ControlError::TooLarge
                 .to_string()
                 .contains("over 65536 bytes")
+        );
+    }
+
+    #[test]
+    fn an_unpaired_surrogate_escape_is_malformed_json_not_a_nul() {
+        let unpaired = Err(ControlError::UnpairedSurrogate);
+        for (input, want) in [
+            // The outside probe's: simd-json read the first as `x\0y`.
+            (r#"{"op":"subscribe","topics":["x\ud800y"]}"#, &unpaired),
+            (r#"{"op":"subscribe","topics":["x\udc00y"]}"#, &unpaired),
+            (
+                r#"{"op":"subscribe","topics":["x\ud800\u0041"]}"#,
+                &unpaired,
+            ),
+            (r#"{"op":"subscribe","topics":["x\uDBFF"]}"#, &unpaired),
+            (r#"{"op":"subscribe","topics":["\ude00\ud83d"]}"#, &unpaired),
+            (
+                r#"{"op":"subscribe","topics":["a"],"x":"\ud800"}"#,
+                &unpaired,
+            ),
+            // A pair is a character: refused by the topic rules, and
+            // accepted where any string is.
+            (
+                r#"{"op":"subscribe","topics":["\ud83d\ude00"]}"#,
+                &Err(ControlError::Topic(TopicError::BadChar(0xf0))),
+            ),
+            (
+                r#"{"op":"subscribe","topics":["\u0061\u002e\uD83D\uDE00"]}"#,
+                &Err(ControlError::Topic(TopicError::BadChar(0xf0))),
+            ),
+            // An escaped backslash starts no escape.
+            (
+                r#"{"op":"subscribe","topics":["\\ud800"]}"#,
+                &Err(ControlError::Topic(TopicError::BadChar(b'\\'))),
+            ),
+        ] {
+            assert_eq!(&p(input), want, "{input}");
+        }
+        let c = p(r#"{"op":"subscribe","topics":["a\u002eb"],"x":"\ud83d\ude00\\\n"}"#);
+        assert_eq!(c.map(|c| c.topics), Ok(vec!["a.b".to_string()]));
+        assert_eq!(
+            ControlError::UnpairedSurrogate.to_string(),
+            "malformed JSON: unpaired surrogate escape"
         );
     }
 
