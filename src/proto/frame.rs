@@ -68,8 +68,11 @@ pub enum HeaderError {
     ReservedOpcode(u8),
     /// Control frame with FIN clear.
     FragmentedControl,
-    /// Control frame payload over 125 bytes.
-    ControlTooLong,
+    /// Control frame with a 16- or 64-bit length. Its payload is at most
+    /// 125 bytes (RFC 6455 §5.5), which the 7-bit form holds and so must
+    /// carry (§5.2: the minimal encoding): refused before the length is
+    /// read, whether it is over 125 or a small one in a longer form.
+    ControlExtendedLength,
     /// 64-bit length with the most significant bit set.
     LengthOverflow,
 }
@@ -80,7 +83,7 @@ impl fmt::Display for HeaderError {
             Self::ReservedBits => f.write_str("reserved bits set"),
             Self::ReservedOpcode(op) => write!(f, "reserved opcode {op:#x}"),
             Self::FragmentedControl => f.write_str("fragmented control frame"),
-            Self::ControlTooLong => f.write_str("control frame over 125 bytes"),
+            Self::ControlExtendedLength => f.write_str("control frame with an extended length"),
             Self::LengthOverflow => f.write_str("64-bit length with top bit set"),
         }
     }
@@ -103,8 +106,9 @@ pub fn parse_header(buf: &[u8]) -> Result<Option<FrameHeader>, HeaderError> {
         if !fin {
             return Err(HeaderError::FragmentedControl);
         }
+        // Over 125 is 126 or 127: the 16- or 64-bit form.
         if len7 as usize > MAX_CONTROL_PAYLOAD {
-            return Err(HeaderError::ControlTooLong);
+            return Err(HeaderError::ControlExtendedLength);
         }
     }
     let (payload_len, mut pos) = match len7 {
@@ -304,7 +308,7 @@ mod tests {
         );
         assert_eq!(
             parse_header(&[0x89, 0xfe]),
-            Err(HeaderError::ControlTooLong)
+            Err(HeaderError::ControlExtendedLength)
         );
         let mut b = vec![0x82, 0xff];
         b.extend_from_slice(&(1u64 << 63).to_be_bytes());

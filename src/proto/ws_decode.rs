@@ -440,7 +440,7 @@ fn header_reason(e: HeaderError) -> &'static str {
         HeaderError::ReservedBits => "reserved bits set without an extension",
         HeaderError::ReservedOpcode(_) => "reserved opcode",
         HeaderError::FragmentedControl => "fragmented control frame",
-        HeaderError::ControlTooLong => "control frame payload over 125 bytes",
+        HeaderError::ControlExtendedLength => "control frame with an extended length",
         HeaderError::LengthOverflow => "frame length over 2^63",
     }
 }

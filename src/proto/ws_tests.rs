@@ -250,6 +250,53 @@ fn control_frame_rules_are_1002() {
     expect_failure(&frame(true, OpCode::Close, &[3]), 1002);
 }
 
+/// `f` (a frame with a 7-bit length) with the same length in the 16-bit
+/// form: `126` then two bytes.
+fn with_16_bit_length(f: &[u8]) -> Vec<u8> {
+    let len = u16::from(f[1] & 0x7f);
+    let mut b = vec![f[0], (f[1] & 0x80) | 126];
+    b.extend_from_slice(&len.to_be_bytes());
+    b.extend_from_slice(&f[2..]);
+    b
+}
+
+#[test]
+fn a_control_frame_with_an_extended_length_is_closed_1002_saying_so() {
+    // An outside probe's 10-byte ping in the 16-bit form was told its
+    // payload was over 125 bytes. A short length in a longer form and a
+    // long one get the one reason true of both.
+    for bytes in [
+        with_16_bit_length(&frame(true, OpCode::Ping, &[b'p'; 10])),
+        frame(true, OpCode::Ping, &[0; 126]),
+    ] {
+        let mut h = Harness::new(MAX);
+        h.feed(&bytes);
+        assert_eq!(h.events, vec![Ev::Failed(1002)]);
+        let sent = h.sent();
+        let [(OpCode::Close, close)] = &sent[..] else {
+            panic!("one close frame: {sent:?}");
+        };
+        assert_eq!(close[..2], 1002u16.to_be_bytes());
+        assert_eq!(
+            String::from_utf8_lossy(&close[2..]),
+            "control frame with an extended length"
+        );
+    }
+    // A data frame with its length in a longer form than needed is still
+    // read, as before: the fix is the control frame's reason, not a new
+    // rule for data frames.
+    let mut h = Harness::new(MAX);
+    h.feed(&with_16_bit_length(&frame(
+        true,
+        OpCode::Binary,
+        b"0123456789",
+    )));
+    assert_eq!(
+        h.events,
+        vec![Ev::Msg(MessageKind::Binary, b"0123456789".to_vec())]
+    );
+}
+
 #[test]
 fn invalid_close_codes_are_1002() {
     for code in [
