@@ -54,6 +54,46 @@ fn the_connection_that_grows_past_the_budget_is_closed_1013_and_the_others_keep_
 }
 
 #[test]
+fn a_connection_already_closing_is_not_counted_as_a_budget_close() {
+    // The budget is all but held by echoes their clients do not read; the
+    // clients then close (1000). Each close answer that tipped the worker
+    // over the budget used to count a budget close and a 1013 failure,
+    // though the client got its 1000 (outside probe: 11 849 counted, 2
+    // sent). Now only connections the budget actually fails count.
+    use std::sync::atomic::Ordering::Relaxed;
+    const BUDGET: usize = 256 * 1024;
+    let mut sim = Sim::new(|c| c.max_buffered_bytes = BUDGET);
+    let buffered = |sim: &Sim| sim.stats().buffered_bytes.load(Relaxed) as usize;
+    let mut closers = Vec::new();
+    while buffered(&sim) + 1500 < BUDGET && closers.len() < 1000 {
+        let c = sim.upgrade("/echo", 0);
+        sim.send(c, &client_frame(true, OpCode::Binary, &[7u8; 1024], MASK));
+        closers.push(c);
+    }
+    let before = sim.stats().budget_closes.load(Relaxed);
+    let failed_before = ws_failures(&sim).iter().map(|&(_, n)| n).sum::<u64>();
+    for &c in &closers {
+        sim.send(
+            c,
+            &client_frame(true, OpCode::Close, &1000u16.to_be_bytes(), MASK),
+        );
+    }
+    assert_eq!(
+        sim.stats().budget_closes.load(Relaxed) - before,
+        0,
+        "no connection was failed by the budget"
+    );
+    assert_eq!(
+        ws_failures(&sim).iter().map(|&(_, n)| n).sum::<u64>(),
+        failed_before
+    );
+    for &c in &closers[closers.len() - 5..] {
+        sim.read(c, 1 << 20);
+        assert_eq!(close_code(&sim.received(c)), Some(1000), "closer {c}");
+    }
+}
+
+#[test]
 fn an_http_body_past_the_budget_is_answered_503_and_is_no_websocket_failure() {
     use std::sync::atomic::Ordering::Relaxed;
     let mut sim = Sim::new(|c| c.max_buffered_bytes = 1 << 20);

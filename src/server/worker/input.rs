@@ -65,13 +65,26 @@ impl<S> Core<S> {
     /// `corecast_ws_failures_total` does not count.
     fn close_over_budget(&mut self, key: usize) {
         let stats = &self.shared.stats[self.id];
+        let conn = &mut self.conns[key];
+        if conn.session.is_websocket() && !conn.session.takes_publications() {
+            // Its close frame is queued already (it answered its client's
+            // close, or failed for another reason): closing anyway, it is
+            // not failed a second time, nor counted as a budget close
+            // (outside probe: 39 300 clients closing with 1000 while the
+            // budget was ~90 % held counted 11 849 budget closes, and 2
+            // clients got 1013).
+            if conn.state == IoState::Active {
+                conn.state = IoState::Closing;
+            }
+            self.recharge(key);
+            return;
+        }
         stats.budget_close();
         debug!(
             worker = self.id,
             buffered = self.buffered,
             "buffer budget spent"
         );
-        let conn = &mut self.conns[key];
         if conn.session.is_websocket() {
             stats.ws_failure(CloseCode::TRY_AGAIN_LATER.0);
         }
