@@ -500,6 +500,16 @@ fn push_to<S>(
             }
             continue;
         }
+        if !conn.session.takes_publications() {
+            // Closing (failed as a slow consumer, or closed by its client):
+            // nothing is queued, so no envelope is built for it either
+            // (outside probe: a JSON subscriber cut as slow went on making
+            // the worker build every publication's ~384 KiB envelope, 64
+            // KiB of control characters each, and charge it: ~840 MB, the
+            // worker's budget spent, its other connections closed 1013).
+            stats.undelivered(Undelivered::Closing, run.len());
+            continue;
+        }
         let room = *small[form as usize].get_or_insert_with(|| {
             run.iter()
                 .map(|p| {
