@@ -33,7 +33,7 @@ use corecast::server::Config;
 use corecast::server::config::SlowConsumerPolicy;
 use corecast::server::fuzzing;
 use corecast::server::metrics;
-use corecast::server::session::{Ctx, Next, Session};
+use corecast::server::session::{Ctx, Next, Session, WIRE_WORK};
 use corecast::server::stats::WorkerStats;
 use corecast_fuzz::{Item, Reads, drain, on_worker_stack, read_transcript};
 use libfuzzer_sys::fuzz_target;
@@ -123,6 +123,9 @@ fn run<'a>(cfg: &Config, reads: impl Iterator<Item = &'a [u8]>) -> Vec<Item> {
                     yielded: false,
                     // A few largest messages per turn, then a refusal (1013).
                     room: 4 * cfg.max_message_size,
+                    // Each read is a turn: its new bytes count as the
+                    // worker counts them (`Core::input`).
+                    work: read.len().saturating_mul(WIRE_WORK),
                 };
                 let next = session.on_input(&mut buf, &mut ctx);
                 (next, ctx.requests as usize, ctx.yielded)
