@@ -10,9 +10,6 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use sha1::{Digest, Sha1};
 use std::fmt::Write as _;
 
-#[path = "host.rs"]
-mod host;
-
 /// Default cap on a request head, in bytes (flag `--max-handshake-size`).
 pub const DEFAULT_MAX_HEAD_BYTES: usize = 8 * 1024;
 /// Headers parsed per request; a head with more is answered 431.
@@ -299,7 +296,7 @@ pub fn check_host(req: &Request<'_, '_>) -> Result<(), Reject> {
     match req.header("host") {
         Err(_) => Err(Reject::new(Status::BadRequest, "duplicate Host header")),
         Ok(None) => Err(Reject::new(Status::BadRequest, "missing Host header")),
-        Ok(Some(v)) if !host::is_host(v) => {
+        Ok(Some(v)) if !super::host::is_host(v) => {
             Err(Reject::new(Status::BadRequest, "invalid Host header"))
         }
         Ok(Some(_)) => Ok(()),

@@ -1,11 +1,12 @@
 //! The `Host` header's grammar (RFC 9112 §3.2, RFC 3986 §3.2.2), for
-//! [`check_host`](super::check_host).
+//! [`check_host`](super::handshake::check_host); its IP literal is the
+//! origin check's too.
 
 /// Whether `v` is a `Host` value (RFC 9112 §3.2, RFC 3986 §3.2.2):
 /// `uri-host [ ":" port ]`, one pass, no allocation.
 ///
 /// - The host is an IP literal, `[` hex digits, `:` and `.` `]` (an IPv6
-///   address, an IPv4 tail included; the same test as the origin check's),
+///   address, an IPv4 tail included; [`is_ip_literal`]),
 ///   or a reg-name, which covers IPv4 addresses and DNS names. IPvFuture
 ///   (`[v1.x]`) is refused: no version is defined, nothing could be
 ///   reached by it.
@@ -37,9 +38,10 @@ pub(super) fn is_host(v: &[u8]) -> bool {
     }
 }
 
-/// Inside the brackets of an IPv6 literal: not a full parse of the address,
-/// but no bracket, port, name or other field can hide in it.
-fn is_ip_literal(a: &[u8]) -> bool {
+/// Inside the brackets of an IPv6 literal (a `Host` or an `Origin`): not a
+/// full parse of the address, but no bracket, port, name or other field
+/// can hide in it.
+pub fn is_ip_literal(a: &[u8]) -> bool {
     !a.is_empty()
         && a.iter()
             .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')

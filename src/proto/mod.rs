@@ -7,6 +7,7 @@
 //! | module | holds |
 //! |---|---|
 //! | [`handshake`] | request-head scanning and parsing, upgrade validation, `Sec-WebSocket-Accept`, HTTP responses |
+//! | [`host`] | the `Host` header's grammar, and the IP literal an `Origin` may name too |
 //! | [`frame`] | frame header parse/encode, opcodes, close codes |
 //! | [`mask`] | payload (un)masking: bytewise reference, word, SSE2, AVX2 |
 //! | [`utf8`] | incremental, fail-fast UTF-8 validation |
@@ -17,6 +18,7 @@
 pub mod deflate;
 pub mod frame;
 pub mod handshake;
+pub mod host;
 pub mod mask;
 pub mod outbound;
 pub mod proxy;

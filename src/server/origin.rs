@@ -129,11 +129,9 @@ fn valid_scheme(s: &str) -> bool {
 /// label) or a bracketed IPv6 address (hex digits, `:`, `.`).
 fn valid_host(h: &str) -> bool {
     if let Some(inner) = h.strip_prefix('[') {
-        return inner.strip_suffix(']').is_some_and(|a| {
-            !a.is_empty()
-                && a.bytes()
-                    .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
-        });
+        return inner
+            .strip_suffix(']')
+            .is_some_and(|a| crate::proto::host::is_ip_literal(a.as_bytes()));
     }
     !h.is_empty()
         && h.len() <= 253

@@ -467,6 +467,17 @@ fn push_to<S>(
             continue;
         };
         debug_assert_eq!(conn.serial, serial, "registry holds a stale connection");
+        if !conn.session.takes_publications() {
+            // Closing (failed as a slow consumer, or closed by its client):
+            // not put in its table, nor failed and counted again, and no
+            // envelope is built for it (outside probe: a JSON subscriber
+            // cut as slow went on making the worker build every
+            // publication's ~384 KiB envelope, 64 KiB of control characters
+            // each, and charge it: ~840 MB, the worker's budget spent, its
+            // other connections closed 1013).
+            stats.undelivered(Undelivered::Closing, run.len());
+            continue;
+        }
         let form = conn.session.form();
         let mut queued = false;
         let over = *budget.buffered > budget.limit;
@@ -485,12 +496,6 @@ fn push_to<S>(
             || (conn.flag(CONFLATING)
                 && (policy.conflates() || tables.waits_for((key, serial), topic)));
         if waits {
-            if !conn.session.takes_publications() {
-                // Closing (failed already, or closed by its client): not
-                // put in its table, nor failed and counted again.
-                stats.undelivered(Undelivered::Closing, run.len());
-                continue;
-            }
             let to = Waits {
                 name: entry.name,
                 interval,
@@ -498,16 +503,6 @@ fn push_to<S>(
             if wait_in_table(conn, (key, serial), tables, run, to, cfg, stats, slow) {
                 conn.mark_dirty(key, dirty);
             }
-            continue;
-        }
-        if !conn.session.takes_publications() {
-            // Closing (failed as a slow consumer, or closed by its client):
-            // nothing is queued, so no envelope is built for it either
-            // (outside probe: a JSON subscriber cut as slow went on making
-            // the worker build every publication's ~384 KiB envelope, 64
-            // KiB of control characters each, and charge it: ~840 MB, the
-            // worker's budget spent, its other connections closed 1013).
-            stats.undelivered(Undelivered::Closing, run.len());
             continue;
         }
         let room = *small[form as usize].get_or_insert_with(|| {
