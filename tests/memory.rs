@@ -57,7 +57,7 @@ const MAX_MESSAGE: u64 = 16 << 20;
 fn thousands_of_max_size_messages_stay_within_the_buffer_budget() {
     let (server, addr) = spawn_server();
     let pid = server.0.id();
-    let baseline_kib = status_kib(pid, "VmRSS:");
+    let baseline_kib = settled_rss_kib(pid);
 
     // Every attacker opens a 16 MiB binary frame (mask 0: the payload is
     // sent as is) and then feeds it 64 KiB at a time, round robin.
@@ -214,7 +214,7 @@ fn memory_a_load_let_go_is_given_back_to_the_kernel() {
     use flate2::{Compress, Compression, FlushCompress};
     let (server, addr) = spawn_server();
     let pid = server.0.id();
-    let baseline_kib = status_kib(pid, "VmRSS:");
+    let baseline_kib = settled_rss_kib(pid);
     // 8 MiB of one byte, raw deflate, sync-flushed, the tail cut off
     // (RFC 7692); the frame's first half is sent, RSV1 set, masked with 0.
     let mut z = Compress::new(Compression::best(), false);

@@ -35,6 +35,25 @@ pub fn rss_bytes() -> u64 {
     status_file_kib("/proc/self/status", "VmRSS:") * 1024
 }
 
+/// The resident set of process `pid`, in KiB, once it has settled: a
+/// server that accepts connections may still be setting up its other
+/// workers (io_uring rings and buffer rings: ~25 MiB more in a debug
+/// build), so a reading taken at the first accept is too low and makes any
+/// later reading look like growth. Waits (5 s at most) for two readings
+/// 250 ms apart within 256 KiB of each other.
+pub fn settled_rss_kib(pid: u32) -> u64 {
+    let end = Instant::now() + Duration::from_secs(5);
+    let mut last = status_kib(pid, "VmRSS:");
+    loop {
+        thread::sleep(Duration::from_millis(250));
+        let now = status_kib(pid, "VmRSS:");
+        if now.abs_diff(last) <= 256 || Instant::now() >= end {
+            return now;
+        }
+        last = now;
+    }
+}
+
 /// A field of /proc/PID/status, in KiB.
 pub fn status_kib(pid: u32, field: &str) -> u64 {
     status_file_kib(&format!("/proc/{pid}/status"), field)

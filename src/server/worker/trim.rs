@@ -9,12 +9,18 @@
 //!
 //! Worker 0 looks at the process at its sweeps, at most once a second
 //! ([`Trim::due`]): its resident memory, the bytes charged to the budget
-//! and the bytes it has sent. When RSS has grown by [`GROWTH_BYTES`] since
-//! the last trim (or the worker's start, or its lowest since), less than half of
-//! that growth is charged (what the load held has been let go), and the
-//! process is quiet (under [`QUIET_BYTES`] sent in that second), it asks
-//! glibc to return what its arenas hold free (`malloc_trim`), and the RSS
-//! after that is the new base. Only when quiet, because trimming an arena
+//! and the bytes it has sent. When RSS has moved by [`GROWTH_BYTES`] since
+//! the last trim (or the worker's start), less than half of that move is
+//! charged (what the load held has been let go), and the process is quiet
+//! (under [`QUIET_BYTES`] sent in that second), it asks glibc to return
+//! what its arenas hold free (`malloc_trim`), and the RSS after that is the
+//! new base if the process held nothing then (under [`CLEAN_BYTES`]
+//! charged). A move down counts too: a load let go gives part of its memory
+//! back by itself (chunks mapped on their own, an arena's top) and may keep
+//! the rest in its arenas; a base that followed RSS down, or was taken
+//! while the load still held memory, would never see that rest as growth.
+//! A trim while something is held leaves the base and comes at most once
+//! every 10 s. Only when quiet, because trimming an arena
 //! holds that arena's lock while it walks it, and only after a large
 //! growth, because a trim costs time in proportion to the heap: memory that
 //! is in use but not charged (connections' state) costs one useless trim
@@ -29,14 +35,26 @@ pub const GROWTH_BYTES: u64 = 32 << 20;
 pub const QUIET_BYTES: u64 = 1 << 20;
 /// How often the watch looks.
 const EVERY: Duration = Duration::from_secs(1);
+/// Charged bytes under which the process counts as holding nothing: the
+/// RSS after a trim made then is the process's floor with the connections
+/// it has, the next base.
+pub const CLEAN_BYTES: u64 = GROWTH_BYTES / 4;
+/// A trim made while more than [`CLEAN_BYTES`] is charged (a load that
+/// holds part of what it grew, or one being let go) comes at most this
+/// often, and leaves the base where it was.
+const HELD_EVERY: Duration = Duration::from_secs(10);
 
 /// The watch's state (worker 0's).
 #[derive(Debug, Default)]
 pub struct Trim {
-    /// RSS after the last trim, or at the worker's start, or the lowest since.
+    /// RSS after the last trim made holding nothing, or at the worker's
+    /// start.
     base: u64,
-    /// The last look trimmed: the next one takes the RSS as the base.
+    /// The last look trimmed holding nothing: the next one takes the RSS as
+    /// the base.
     rebase: bool,
+    /// When the last trim made while holding something was.
+    held_trim: Option<Instant>,
     /// Bytes sent, process-wide, at the last look.
     sent: u64,
     /// When it last looked.
@@ -69,17 +87,33 @@ impl Trim {
         let quiet = !first && sent.wrapping_sub(self.sent) < QUIET_BYTES;
         self.at = Some(now);
         self.sent = sent;
-        if self.rebase || rss < self.base {
+        if self.rebase {
             self.base = rss;
             self.rebase = false;
             return false;
         }
-        let growth = rss - self.base;
-        if quiet && growth >= GROWTH_BYTES && charged < growth / 2 {
-            self.rebase = true;
-            return true;
+        // A growth held free, or a fall: a load let go may have given part
+        // of its memory back by itself (chunks glibc had mapped on their
+        // own, the top of an arena) and kept the rest in its arenas. The
+        // base never follows RSS down without a trim, nor is it taken while
+        // a load still holds memory (mid-load, or mid-way through letting
+        // it go): what the load then frees and the arenas keep would never
+        // be seen as growth again.
+        let moved = rss.abs_diff(self.base);
+        if !quiet || moved < GROWTH_BYTES || charged >= moved / 2 {
+            return false;
         }
-        false
+        if charged < CLEAN_BYTES {
+            self.rebase = true;
+        } else if self
+            .held_trim
+            .is_some_and(|at| now.duration_since(at) < HELD_EVERY)
+        {
+            return false;
+        } else {
+            self.held_trim = Some(now);
+        }
+        true
     }
 }
 
@@ -144,6 +178,55 @@ mod tests {
         assert_eq!(run(&mut t, start, &looks), [3, 7]);
     }
 
+    /// A load that is quiet while it grows (it receives, it sends nothing)
+    /// may be trimmed while it still holds memory; once it lets go, RSS
+    /// falls part of the way by itself, and what the arenas kept is
+    /// trimmed too (the base used to follow RSS down, and that rest stayed:
+    /// 33 MiB over the start in `tests/memory.rs`).
+    #[test]
+    fn what_a_load_left_after_giving_back_part_by_itself_is_trimmed() {
+        let mut t = Trim::new(15 * MB);
+        let start = Instant::now();
+        let looks = [
+            (15 * MB, 0, 0),
+            (500 * MB, 100 * MB, 0),
+            (900 * MB, 850 * MB, 0),
+            (60 * MB, 0, 0),
+            (20 * MB, 0, 0),
+            (20 * MB, 0, 0),
+            (30 * MB, 0, 0),
+        ];
+        assert_eq!(run(&mut t, start, &looks), [1, 3]);
+        // The same, with the trim made while the load is being let go (a
+        // third still charged): the rest is trimmed once it is all let go.
+        let mut t = Trim::new(15 * MB);
+        let looks = [
+            (15 * MB, 0, 0),
+            (900 * MB, 850 * MB, 0),
+            (500 * MB, 100 * MB, 0),
+            (80 * MB, 0, 0),
+            (20 * MB, 0, 0),
+            (20 * MB, 0, 0),
+        ];
+        assert_eq!(run(&mut t, start, &looks), [2, 3]);
+        // A quiet load that keeps a share charged (under half its growth,
+        // over CLEAN_BYTES) is trimmed once every HELD_EVERY, not each look.
+        let mut t = Trim::new(15 * MB);
+        let mut looks = vec![(15 * MB, 0, 0)];
+        looks.extend(std::iter::repeat_n((300 * MB, 100 * MB, 0), 20));
+        assert_eq!(run(&mut t, start, &looks), [1, 11]);
+        // RSS that fell by itself, with nothing to give back: one trim,
+        // and the base is where it fell to.
+        let mut t = Trim::new(200 * MB);
+        let fell = [
+            (200 * MB, 0, 0),
+            (20 * MB, 0, 0),
+            (20 * MB, 0, 0),
+            (60 * MB, 0, 0),
+        ];
+        assert_eq!(run(&mut t, start, &fell), [1, 3]);
+    }
+
     #[test]
     fn small_growth_held_memory_busy_processes_and_frequent_looks_do_not_trim() {
         let start = Instant::now();
@@ -171,10 +254,10 @@ mod tests {
             (500 * MB, 0, 20 * MB),
         ];
         assert!(run(&mut t, start, &busy).is_empty());
-        // RSS that fell by itself lowers the base.
-        let mut t = Trim::new(200 * MB);
-        let fell = [(200 * MB, 0, 0), (20 * MB, 0, 0), (60 * MB, 0, 0)];
-        assert_eq!(run(&mut t, start, &fell), [2]);
+        // A fall under the size of a growth does not trim.
+        let mut t = Trim::new(100 * MB);
+        let fell = [(100 * MB, 0, 0), (100 * MB - GROWTH_BYTES + 1, 0, 0)];
+        assert!(run(&mut t, start, &fell).is_empty());
         // Looks closer together than a second are not looks.
         let mut t = Trim::new(10 * MB);
         assert!(!t.due(start, 10 * MB, 0, 0));
