@@ -9,6 +9,7 @@
 //! |---|---|
 //! | [`config`] | [`Config`] and its defaults |
 //! | [`admission`] | the connection cap and the per-address limits |
+//! | [`budget`] | the buffer budget's pool and each worker's lease of it |
 //! | [`session`] | per-connection state and endpoints, independent of the backend |
 //! | [`backend`] | the backend contract and the loop skeleton both backends share |
 //! | [`worker`] | the backend-independent half of a worker: connection state, deadlines, delivery |
@@ -28,6 +29,7 @@ pub mod admin;
 pub mod admission;
 pub mod auth;
 pub mod backend;
+pub mod budget;
 pub mod cluster;
 pub mod config;
 pub mod epoll;
@@ -73,6 +75,9 @@ pub struct Shared {
     pub(crate) bus: Arc<Bus>,
     /// Connection counts and per-address limits.
     pub(crate) admission: admission::Admission,
+    /// What is left of the buffer budget (`--max-buffered-bytes`), which
+    /// every worker leases from, overflow workers included.
+    pub(crate) budget: budget::Pool,
     /// What every WebSocket enforces on its client's frames.
     pub(crate) ws_limits: Arc<crate::proto::ws::WsLimits>,
     /// The same for subscribers, whose messages are control messages: a
@@ -157,6 +162,7 @@ impl Shared {
     ) -> Self {
         Self {
             admission: admission::Admission::new(config.admission_limits()),
+            budget: budget::Pool::new(config.max_buffered_bytes),
             ws_limits: Arc::new(config.ws_limits()),
             subscriber_limits: Arc::new(config.subscriber_limits()),
             steering: steering::Steering::new(stats.len(), stats.len()),

@@ -135,7 +135,8 @@ impl<S> Core<S> {
         let mut compress = CompressRoom::turn();
         let mut budget = Budget {
             buffered: &mut self.buffered,
-            limit: self.budget,
+            lease: &mut self.lease,
+            pool: &self.shared.budget,
             compress: &mut compress,
         };
         // The run last seen, reset before each `Shard::deliver` call (its
@@ -480,7 +481,7 @@ fn push_to<S>(
         }
         let form = conn.session.form();
         let mut queued = false;
-        let over = *budget.buffered > budget.limit;
+        let over = !budget.lease.fits(budget.pool, *budget.buffered, 100);
         // What waits in the subscriber's table: everything of a rated
         // subscriber (`max_rate`); everything of an `always` topic; a
         // conflating topic's while anything waits; and any topic's while
@@ -604,7 +605,10 @@ fn failed_slow(stats: &WorkerStats, slow: &mut Vec<ConnRef>, me: ConnRef, discar
 /// The worker's buffer budget, lent to [`push_to`].
 struct Budget<'a> {
     buffered: &'a mut usize,
-    limit: usize,
+    /// The worker's lease of the process's budget, grown to cover
+    /// `buffered` where the pool has room.
+    lease: &'a mut crate::server::budget::Lease,
+    pool: &'a crate::server::budget::Pool,
     /// What this turn may still compress.
     compress: &'a mut CompressRoom,
 }

@@ -23,12 +23,20 @@ impl<S> Core<S> {
         let conn = &mut self.conns[key];
         let grew = recharge(conn, &mut self.buffered, &self.shared.stats[self.id]);
         let large = conn.charged as usize >= LARGE_HOLDER_BYTES || conn.session.inflating();
-        let limit = if large {
-            self.budget / 100 * LARGE_HOLDER_SHARE_PERCENT
+        let percent = if large {
+            LARGE_HOLDER_SHARE_PERCENT
         } else {
-            self.budget
+            100
         };
-        grew && self.buffered > limit
+        grew && self.over_budget(percent)
+    }
+
+    /// Whether what the worker holds is over `percent` % of what it may
+    /// hold: its share of the budget, or what the other workers' leases
+    /// left of the process's pool if that is less. The lease grows first
+    /// to cover what is held, where the pool has room.
+    pub(super) fn over_budget(&mut self, percent: usize) -> bool {
+        !self.lease.fits(&self.shared.budget, self.buffered, percent)
     }
 
     /// Moves what `key`'s wire layer (TLS) holds outside its session (a
@@ -45,7 +53,7 @@ impl<S> Core<S> {
         }
         self.buffered = (self.buffered as isize + delta) as usize;
         self.shared.stats[self.id].buffered(delta);
-        if delta < 0 || self.buffered <= self.budget {
+        if delta < 0 || !self.over_budget(100) {
             return false;
         }
         if self
@@ -150,7 +158,7 @@ impl<S> Core<S> {
                 self.grants.get(&key).cloned()
             },
             yielded: false,
-            room: self.budget.saturating_sub(others),
+            room: self.lease.limit(&self.shared.budget).saturating_sub(others),
             work: before.saturating_add(new_bytes.saturating_mul(WIRE_WORK)),
         };
         // The grant held before, to store only one the session changed.
@@ -191,7 +199,7 @@ impl<S> Core<S> {
         }
         // What it subscribed to or published is charged here too.
         let shard_grew = self.sync_shard_charge();
-        if self.recharge(key) || (shard_grew && self.buffered > self.budget) {
+        if self.recharge(key) || (shard_grew && self.over_budget(100)) {
             self.close_over_budget(key);
             return Input::Stop;
         }

@@ -189,9 +189,9 @@ pub struct Core<S> {
     /// Publications waiting for conflating subscribers' queues.
     tables: conflation::Tables,
     /// Bytes charged to this worker's connections and shared frames, and
-    /// the worker's budget.
+    /// the part of the process's budget leased to cover them.
     buffered: usize,
-    budget: usize,
+    lease: crate::server::budget::Lease,
     /// Bytes the shard holds for this worker's clients, as charged to
     /// `buffered` at the last [`Self::sync_shard_charge`].
     shard_charged: usize,
@@ -232,7 +232,10 @@ impl<S> Core<S> {
             .load(std::sync::atomic::Ordering::Acquire);
         let now = Instant::now();
         let next_sweep = now + sweep_period(&shared.config, &shared.directory.namespaces());
-        let budget = shared.config.buffered_bytes_per_worker();
+        let lease = crate::server::budget::Lease::new(
+            shared.config.buffered_bytes_per_worker(),
+            shared.config.max_buffered_bytes,
+        );
         Self {
             id,
             shared,
@@ -258,7 +261,7 @@ impl<S> Core<S> {
             unpaid: Vec::new(),
             tables: conflation::Tables::default(),
             buffered: 0,
-            budget,
+            lease,
             shard_charged: 0,
             metrics: None,
             addresses: HashMap::new(),
@@ -362,6 +365,8 @@ impl<S> Core<S> {
     pub fn begin_turn(&mut self, now: Instant) {
         self.now = now;
         self.turn_work.clear();
+        // What the last turn let go of goes back to the pool.
+        self.lease.settle(&self.shared.budget, self.buffered);
         #[cfg(test)]
         if self
             .shared
