@@ -993,6 +993,13 @@ impl Directory {
             true
         });
         t.retained = names;
+        // The room a burst of topics let go left behind (see
+        // `Shard::shrink_registry`).
+        super::shard::shrink_sparse(&mut t.map);
+        let listed = t.retained.len();
+        if t.retained.capacity() > 1024 && t.retained.capacity() / 4 >= listed {
+            t.retained.shrink_to(listed * 2);
+        }
     }
 
     /// Records `msg`, just numbered, in its topic's history. The caller
@@ -1121,6 +1128,12 @@ impl Directory {
     /// Topics kept for their history that nobody holds.
     pub fn retained_len(&self) -> usize {
         self.lock().retained_count
+    }
+
+    /// The room the topic map has (tests: it shrinks after a burst).
+    #[cfg(test)]
+    pub fn map_capacity(&self) -> usize {
+        self.lock().map.capacity()
     }
 
     /// Topics currently known (for metrics).

@@ -328,6 +328,21 @@ struct LocalPattern {
     /// then only in part), so its subscribers get none of them.
     start: u64,
 }
+/// Tables under this capacity are not shrunk (a few pages at most).
+const SHRINK_ABOVE: usize = 1024;
+
+/// Whether a table of `capacity` holding `len` is worth shrinking.
+fn sparse(capacity: usize, len: usize) -> bool {
+    capacity > SHRINK_ABOVE && capacity / 4 >= len
+}
+
+/// Shrinks `map` to twice what it holds once it is a quarter full or less.
+pub(super) fn shrink_sparse<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>) {
+    if sparse(map.capacity(), map.len()) {
+        map.shrink_to(map.len() * 2);
+    }
+}
+
 /// A worker's topic registry and outbox.
 pub struct Shard {
     id: usize,
@@ -896,6 +911,25 @@ impl Shard {
         for id in idle {
             self.remove_topic(id);
         }
+    }
+
+    /// Gives back the room the registry kept for topics and patterns it
+    /// no longer has: a burst of registrations let go left their tables
+    /// at the burst's size (outside probe: 320 000 topics registered and
+    /// released left 84-91 MiB of RSS over the baseline). A table is
+    /// shrunk once it is a quarter full or less (so each shrink follows as
+    /// many removals as it costs); the slabs only down to their last
+    /// entry in use (their keys are the topics' ids). Called from the
+    /// worker's periodic sweep.
+    pub fn shrink_registry(&mut self) {
+        if sparse(self.topics.capacity(), self.topics.len()) {
+            self.topics.shrink_to_fit();
+        }
+        if sparse(self.patterns.capacity(), self.patterns.len()) {
+            self.patterns.shrink_to_fit();
+        }
+        shrink_sparse(&mut self.by_name);
+        shrink_sparse(&mut self.by_interest);
     }
 
     /// Marks every slot of a connection's subscriptions `subs` as

@@ -296,6 +296,49 @@ fn the_last_unsubscribe_forgets_the_topic() {
     assert!(d.is_empty());
 }
 
+/// A burst of topics registered and let go leaves no tables at the
+/// burst's size behind: the worker's sweep shrinks the shard's, the
+/// directory's sweep its map (outside probe: 320 000 topics registered
+/// and released left 84-91 MiB of RSS over the baseline).
+#[test]
+fn tables_a_burst_of_topics_let_go_are_shrunk_at_the_sweep() {
+    let (d, _bus, _inboxes, mut s) = shards(1);
+    let keep = s[0].subscribe("kept", (0, 0));
+    let subs: Vec<_> = (0..20_000)
+        .map(|i| s[0].subscribe(&format!("burst.{i}"), (1, 0)))
+        .collect();
+    let grown = (s[0].by_name.capacity(), d.map_capacity());
+    assert!(grown.0 >= 20_000 && grown.1 >= 20_000, "{grown:?}");
+    for sub in subs {
+        s[0].unsubscribe(sub);
+    }
+    assert!(s[0].by_name.capacity() >= 20_000, "kept until the sweep");
+    s[0].shrink_registry();
+    d.sweep(Instant::now());
+    assert!(
+        s[0].by_name.capacity() < 1024,
+        "{}",
+        s[0].by_name.capacity()
+    );
+    assert!(s[0].by_interest.capacity() < 1024);
+    assert!(s[0].topics.capacity() < 1024, "{}", s[0].topics.capacity());
+    assert!(d.map_capacity() < 1024, "{}", d.map_capacity());
+    // What is left is still there.
+    assert_eq!(s[0].subscriber_count("kept"), 1);
+    s[0].unsubscribe(keep);
+    assert!(d.is_empty());
+    // A table not sparse enough stays as it is (no shrink per sweep).
+    let subs: Vec<_> = (0..4000)
+        .map(|i| s[0].subscribe(&format!("again.{i}"), (1, 0)))
+        .collect();
+    for sub in &subs[..2000] {
+        s[0].unsubscribe(*sub);
+    }
+    let cap = s[0].by_name.capacity();
+    s[0].shrink_registry();
+    assert_eq!(s[0].by_name.capacity(), cap);
+}
+
 /// A worker that loses its last subscriber of a topic and gains a new one
 /// while a publication sent under its old interest is still in its
 /// mailbox: the new subscriber starts after the topic's number at its

@@ -50,6 +50,7 @@ impl<S> Core<S> {
             }
         }
         self.shard.sweep_pattern_topics();
+        self.shard.shrink_registry();
         let cfg = &self.shared.config;
         let interval = cfg.ping_interval.map(timer_ms);
         let timeout = timer_ms(cfg.ping_timeout);
