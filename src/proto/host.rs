@@ -5,8 +5,8 @@
 /// Whether `v` is a `Host` value (RFC 9112 §3.2, RFC 3986 §3.2.2):
 /// `uri-host [ ":" port ]`, one pass, no allocation.
 ///
-/// - The host is an IP literal, `[` hex digits, `:` and `.` `]` (an IPv6
-///   address, an IPv4 tail included; [`is_ip_literal`]),
+/// - The host is an IP literal, `[` an IPv6 address `]` (an IPv4 tail
+///   included; [`is_ip_literal`]),
 ///   or a reg-name, which covers IPv4 addresses and DNS names. IPvFuture
 ///   (`[v1.x]`) is refused: no version is defined, nothing could be
 ///   reached by it.
@@ -38,13 +38,13 @@ pub(super) fn is_host(v: &[u8]) -> bool {
     }
 }
 
-/// Inside the brackets of an IPv6 literal (a `Host` or an `Origin`): not a
-/// full parse of the address, but no bracket, port, name or other field
-/// can hide in it.
+/// Inside the brackets of an IPv6 literal (a `Host` or an `Origin`): an
+/// IPv6 address, an IPv4 tail included (RFC 3986 `IPv6address`, parsed by
+/// the standard library: `[1]` or nine groups are not addresses). No zone
+/// (`%25eth0`): RFC 3986 has none, and a browser never sends one.
 pub fn is_ip_literal(a: &[u8]) -> bool {
-    !a.is_empty()
-        && a.iter()
-            .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+    // The longest address is 45 bytes; anything longer is not parsed.
+    a.len() <= 45 && std::str::from_utf8(a).is_ok_and(|s| s.parse::<std::net::Ipv6Addr>().is_ok())
 }
 
 /// `reg-name = *( unreserved / pct-encoded / sub-delims )`: no `[`, `]` or
@@ -122,6 +122,13 @@ mod tests {
             ("127.0.0.1:80", true),
             ("[::1]:9001", true),
             ("[::ffff:127.0.0.1]", true),
+            ("[1]", false),
+            ("[1:2:3:4:5:6:7:8:9]", false),
+            ("[1::2::3]", false),
+            ("[::ffff:999.0.0.1]", false),
+            ("[fe80::1%25eth0]", false),
+            ("[2001:db8:0:0:0:0:2:1]:443", true),
+            ("[:::]", false),
             ("xn--bcher-kva.example", true),
             ("a%20b", true),
             ("localhost:", true),

@@ -126,7 +126,7 @@ fn valid_scheme(s: &str) -> bool {
 }
 
 /// A DNS name, an IPv4 address (both: letters, digits, `-`, `.`; no empty
-/// label) or a bracketed IPv6 address (hex digits, `:`, `.`).
+/// label) or a bracketed IPv6 address.
 fn valid_host(h: &str) -> bool {
     if let Some(inner) = h.strip_prefix('[') {
         return inner
