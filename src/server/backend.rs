@@ -175,6 +175,7 @@ pub(super) fn end_of_turn<B: Backend>(backend: &mut B) {
             backend.remove(key);
         }
     }
+    backend.core().settle_lease();
 }
 
 /// Accept errors that mean "out of descriptors or memory": retry after

@@ -8,8 +8,8 @@
 //! fixed-file tables), and a share each would add up to more than the
 //! budget (outside probe: 14 workers with the defaults, 127 % of a
 //! 256 MiB budget held). So what a worker holds is also leased from the
-//! process's pool, in [`chunk`]s, as it grows, and given back at the next
-//! turn once it is no longer held: every worker together never holds more
+//! process's pool, in [`chunk`]s, as it grows, and given back at the end
+//! of the worker's turn once it is no longer held: every worker together never holds more
 //! than the budget.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -121,7 +121,7 @@ impl Lease {
     }
 
     /// Gives back what is held beyond `buffered` and two chunks (a worker
-    /// calls it at each turn's start).
+    /// calls it at each turn's end).
     pub fn settle(&mut self, pool: &Pool, buffered: usize) {
         let keep = buffered.saturating_add(2 * self.chunk).min(self.share);
         if self.held > keep {

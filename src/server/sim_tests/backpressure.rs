@@ -97,6 +97,13 @@ fn a_worker_holds_no_more_than_the_other_workers_leases_left_of_the_budget() {
     let held = sim.stats().buffered_bytes.load(Relaxed);
     assert!(held >= 3 << 20, "all read: {held}");
     assert!(sim.received(b).is_empty(), "the whole share");
+    assert!(sim.core.shared().budget.free() <= BUDGET - (3 << 20));
+    // Once b is gone, the turn gives its lease back to the pool (all but
+    // a chunk or two of slack), for the other workers.
+    Backend::remove(&mut sim, b);
+    sim.turn();
+    let chunk = crate::server::budget::chunk(BUDGET);
+    assert!(sim.core.shared().budget.free() >= BUDGET - 2 * chunk);
 }
 
 #[test]

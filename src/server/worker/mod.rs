@@ -365,8 +365,6 @@ impl<S> Core<S> {
     pub fn begin_turn(&mut self, now: Instant) {
         self.now = now;
         self.turn_work.clear();
-        // What the last turn let go of goes back to the pool.
-        self.lease.settle(&self.shared.budget, self.buffered);
         #[cfg(test)]
         if self
             .shared
@@ -376,6 +374,14 @@ impl<S> Core<S> {
         {
             panic!("a worker panic injected by a test");
         }
+    }
+
+    /// Gives back to the process's budget what this worker's lease holds
+    /// beyond what it buffers now (and a little slack): at the end of each
+    /// turn, before the worker may sleep, so another worker never waits
+    /// on an idle one's lease.
+    pub fn settle_lease(&mut self) {
+        self.lease.settle(&self.shared.budget, self.buffered);
     }
 
     /// Whether tokens are on, so that [`Self::set_wall_clock`] matters.
