@@ -655,12 +655,18 @@ impl Directory {
     /// walk stops at the first (outside probe: it went on through every
     /// matching pattern, for each publication to a topic without an entry).
     pub fn pattern_matches(&self, name: &str) -> bool {
+        self.pattern_matches_counted(name, &mut 0)
+    }
+
+    /// [`Self::pattern_matches`], adding the trie nodes walked to `steps`
+    /// (a publisher's request pays for the walk its new name costs).
+    pub fn pattern_matches_counted(&self, name: &str, steps: &mut usize) -> bool {
         if self.pattern_version.load(Ordering::Acquire) == 0 {
             return false;
         }
         self.patterns()
             .trie
-            .try_for_each_match(name, |_| ControlFlow::Break(()))
+            .try_for_each_match_counted(name, steps, |_| ControlFlow::Break(()))
     }
 
     /// The workers a publication to `topic` goes to: those with a
@@ -670,6 +676,12 @@ impl Directory {
     /// (one walk of the pattern trie, whose cost does not grow with the
     /// patterns that do not match) only when the patterns changed.
     pub fn targets(&self, topic: &TopicInterest) -> u64 {
+        self.targets_counted(topic, &mut 0)
+    }
+
+    /// [`Self::targets`], adding the trie nodes walked (if it walked) to
+    /// `steps`.
+    pub fn targets_counted(&self, topic: &TopicInterest, steps: &mut usize) -> u64 {
         let exact = topic.workers();
         let version = self.pattern_version.load(Ordering::Acquire);
         if version == 0 {
@@ -681,14 +693,15 @@ impl Directory {
             // walk could add nothing.
             let all = trie.holders;
             let mut mask = 0;
-            trie.trie.try_for_each_match(&topic.name, |&m| {
-                mask |= m;
-                if mask == all {
-                    ControlFlow::Break(())
-                } else {
-                    ControlFlow::Continue(())
-                }
-            });
+            trie.trie
+                .try_for_each_match_counted(&topic.name, steps, |&m| {
+                    mask |= m;
+                    if mask == all {
+                        ControlFlow::Break(())
+                    } else {
+                        ControlFlow::Continue(())
+                    }
+                });
             // Read under the trie's lock: the mask is at least this recent.
             let version = self.pattern_version.load(Ordering::Relaxed);
             drop(trie);

@@ -298,9 +298,18 @@ impl<V> PatternTrie<V> {
     /// [`Self::for_each_match`] until `f` breaks: an answer that needs
     /// only some of the matches (is there one? which workers?) stops at
     /// it, rather than walking every matching pattern. `true` if it broke.
-    pub fn try_for_each_match(
+    pub fn try_for_each_match(&self, topic: &str, f: impl FnMut(&V) -> ControlFlow<()>) -> bool {
+        self.try_for_each_match_counted(topic, &mut 0, f)
+    }
+
+    /// [`Self::try_for_each_match`], adding to `steps` the nodes it
+    /// visited: what the walk cost, for its caller to charge (a trie of
+    /// many long patterns that share prefixes with a name costs a visit
+    /// per node along every partial match, matched or not).
+    pub fn try_for_each_match_counted(
         &self,
         topic: &str,
+        steps: &mut usize,
         mut f: impl FnMut(&V) -> ControlFlow<()>,
     ) -> bool {
         if self.len == 0 {
@@ -309,6 +318,7 @@ impl<V> PatternTrie<V> {
         let tokens: Vec<&str> = topic.split('.').collect();
         let mut work = vec![(0u32, 0usize)];
         while let Some((at, i)) = work.pop() {
+            *steps += 1;
             let node = self.node(at);
             if i == tokens.len() {
                 if let Some(v) = &node.here
@@ -443,6 +453,28 @@ mod tests {
             "no match: no break"
         );
         assert!(!PatternTrie::<u32>::default().try_for_each_match("a", |_| ControlFlow::Break(())));
+    }
+
+    /// The walk counts a step per node visited, matched or not: a name
+    /// that shares long prefixes with many patterns costs them all.
+    #[test]
+    fn a_walk_counts_the_nodes_it_visits() {
+        let mut t = PatternTrie::default();
+        // 64 patterns `a.a.….*.xN`: one shared chain of 10 nodes and a
+        // leaf each under the star; a name `a.a.….q.r` walks the chain
+        // and the star without matching any.
+        for i in 0..64 {
+            let p = format!("{}*.x{i}", "a.".repeat(10));
+            *t.get_or_insert_with(&p, || 0) = i;
+        }
+        let name = format!("{}q.r", "a.".repeat(10));
+        let mut steps = 0;
+        assert!(!t.try_for_each_match_counted(&name, &mut steps, |_| ControlFlow::Break(())));
+        assert_eq!(steps, 12, "the root, 10 chain nodes, the star, and no leaf");
+        let mut steps = 0;
+        let hit = format!("{}q.x5", "a.".repeat(10));
+        assert!(t.try_for_each_match_counted(&hit, &mut steps, |_| ControlFlow::Break(())));
+        assert_eq!(steps, 13, "and the leaf");
     }
 
     #[test]

@@ -360,6 +360,9 @@ pub struct Shard {
     /// The outbox's frame bytes, charged to the budget until dispatch
     /// (then charged as `frames`, or copied into the queues that take them).
     outbox_bytes: usize,
+    /// Pattern-trie nodes the last [`Self::dispatch`] walked to find its
+    /// publications' workers ([`Self::walked`]).
+    walked: usize,
     /// Per outbox entry, the publisher to acknowledge it to, if it asked
     /// (kept apart: most publications have none).
     /// (In a cluster, every WebSocket publisher is listed, `false` where it
@@ -417,6 +420,7 @@ impl Shard {
             by_interest: HashMap::new(),
             outbox: Vec::new(),
             outbox_bytes: 0,
+            walked: 0,
             ack_to: Vec::new(),
             acks: Vec::new(),
             last_numbered: (0, 0),
@@ -1124,6 +1128,13 @@ impl Shard {
         self.publish_keyed(topic, frame, now, key);
     }
 
+    /// Pattern-trie nodes the last [`Self::dispatch`] walked (a topic's
+    /// pattern targets are walked once per change of the patterns): what
+    /// an HTTP publisher, whose request dispatches, pays for.
+    pub fn walked(&self) -> usize {
+        self.walked
+    }
+
     /// The worker this shard belongs to.
     pub fn worker(&self) -> usize {
         self.id
@@ -1214,6 +1225,7 @@ impl Shard {
     /// sees one publication of a topic sees every later one until its
     /// interest ends.
     pub fn dispatch(&mut self) -> usize {
+        self.walked = 0;
         let n = self.outbox.len();
         if n == 0 {
             return 0;
@@ -1258,7 +1270,7 @@ impl Shard {
                     // once, while a queue holds it.
                     self.frames.charge_message(msg, Form::Raw);
                 }
-                let mut targets = self.directory.targets(topic);
+                let mut targets = self.directory.targets_counted(topic, &mut self.walked);
                 while targets != 0 {
                     let w = targets.trailing_zeros() as usize;
                     targets &= targets - 1;

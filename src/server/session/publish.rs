@@ -173,11 +173,18 @@ impl Session {
         // topic is unknown): nobody anywhere subscribed, to the topic or a
         // pattern matching it, means nothing to encode or deliver.
         let directory = ctx.shard.directory();
+        let mut steps = 0;
         let topic = directory.get(&state.topic).or_else(|| {
             directory
-                .pattern_matches(&state.topic)
+                .pattern_matches_counted(&state.topic, &mut steps)
                 .then(|| directory.entry(&state.topic))
         });
+        // The walk counts toward the turn like the bytes it would take to
+        // decode as long: a pipeline of requests naming new topics against
+        // many long patterns yields instead of holding the worker.
+        ctx.work = ctx
+            .work
+            .saturating_add(steps.saturating_mul(super::BYTES_PER_MATCH_STEP));
         let numbered = topic.is_some();
         if let Some(topic) = topic {
             let frame = encode(state.kind, body);
@@ -202,6 +209,13 @@ impl Session {
         }
         let mut numbers = if ctx.unanswered.iter().any(|&(_, numbered)| numbered) {
             ctx.shard.dispatch();
+            // Finding the workers of topics new to the patterns walked
+            // the trie: counted like the walk above.
+            ctx.work = ctx.work.saturating_add(
+                ctx.shard
+                    .walked()
+                    .saturating_mul(super::BYTES_PER_MATCH_STEP),
+            );
             ctx.shard.take_acks_of(ctx.me).into_iter()
         } else {
             Vec::new().into_iter()

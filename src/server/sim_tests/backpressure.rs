@@ -887,3 +887,59 @@ fn a_conflating_subscriber_failed_as_slow_is_counted_once() {
     assert_eq!(st.slow_consumer_disconnects.load(Relaxed), 1);
     assert_eq!(ws_failures(&sim), [(1008, 1)]);
 }
+
+/// A pipeline of `POST /publish` requests, each naming a topic nobody has
+/// named, against many long patterns that share prefixes with the names:
+/// each request walks the patterns' trie (is there a pattern matching the
+/// new name?), thousands of nodes matched in part and never whole. The
+/// walk counts toward the connection's turn like the bytes it would take
+/// to decode as long, so the pipeline yields after a few requests instead
+/// of holding the worker for every one (it counted 320 bytes a request:
+/// ~3 000 requests, and their walks, in one turn).
+#[test]
+fn http_publications_to_new_names_pay_for_their_pattern_walks() {
+    let mut sim = Sim::new(|c| c.ping_interval = None);
+    // 256 patterns: the first 8 tokens `a` or `*` (every combination),
+    // then 40 tokens `a` and a last one no name here has. A name of 49
+    // `a`s then `q` walks every one of their ~10 700 nodes.
+    let patterns: Vec<String> = (0..256u32)
+        .map(|bits| {
+            let head: Vec<&str> = (0..8)
+                .map(|j| if bits >> j & 1 == 1 { "*" } else { "a" })
+                .collect();
+            format!("{}.{}zz", head.join("."), "a.".repeat(40))
+        })
+        .collect();
+    for chunk in patterns.chunks(16) {
+        let sub = sim.upgrade("/ws", 1 << 20);
+        let list: Vec<String> = chunk.iter().map(|p| format!("\"{p}\"")).collect();
+        let msg = format!(r#"{{"op":"subscribe","topics":[{}]}}"#, list.join(","));
+        sim.send(sub, &client_frame(true, OpCode::Text, msg.as_bytes(), MASK));
+        sim.wait(TICK, TICK);
+        let reply = String::from_utf8_lossy(&sim.received(sub)).into_owned();
+        assert!(reply.contains("\"op\":\"subscribed\""), "{reply}");
+    }
+    let publisher = sim.connect(1 << 30);
+    let pipeline: String = (0..40)
+        .map(|i| {
+            format!(
+                "POST /publish/{}q{i} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx",
+                "a.".repeat(48)
+            )
+        })
+        .collect();
+    sim.send(publisher, pipeline.as_bytes());
+    let answered = |sim: &mut Sim| {
+        String::from_utf8_lossy(&sim.received(publisher))
+            .matches("HTTP/1.1 204")
+            .count()
+    };
+    let first = answered(&mut sim);
+    assert!(
+        (1..=8).contains(&first),
+        "{first} answered in the first turn"
+    );
+    // The rest in later turns, none lost.
+    sim.wait(Duration::from_millis(50), Duration::from_millis(1));
+    assert_eq!(first + answered(&mut sim), 40);
+}
