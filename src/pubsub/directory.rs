@@ -1010,7 +1010,7 @@ impl Directory {
         // `Shard::shrink_registry`).
         super::shard::shrink_sparse(&mut t.map);
         let listed = t.retained.len();
-        if t.retained.capacity() > 1024 && t.retained.capacity() / 4 >= listed {
+        if super::shard::sparse(t.retained.capacity(), listed) {
             t.retained.shrink_to(listed * 2);
         }
     }

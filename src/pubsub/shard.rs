@@ -332,7 +332,7 @@ struct LocalPattern {
 const SHRINK_ABOVE: usize = 1024;
 
 /// Whether a table of `capacity` holding `len` is worth shrinking.
-fn sparse(capacity: usize, len: usize) -> bool {
+pub(super) fn sparse(capacity: usize, len: usize) -> bool {
     capacity > SHRINK_ABOVE && capacity / 4 >= len
 }
 

@@ -134,6 +134,7 @@ impl Lease {
     }
 
     /// The bytes this lease holds.
+    #[cfg(test)]
     pub fn held(&self) -> usize {
         self.held
     }

@@ -107,6 +107,17 @@ pub struct Ctx<'a> {
     pub work: usize,
 }
 
+impl Ctx<'_> {
+    /// Counts `steps` pattern-matching steps (token comparisons, trie nodes
+    /// walked) toward the turn's [`work`](Self::work), like the bytes it
+    /// would take to decode as long ([`BYTES_PER_MATCH_STEP`] each).
+    fn count_match_steps(&mut self, steps: usize) {
+        self.work = self
+            .work
+            .saturating_add(steps.saturating_mul(BYTES_PER_MATCH_STEP));
+    }
+}
+
 /// Message bytes a connection's input may decode in one turn before the
 /// rest of it waits for the next: compressed messages inflate up to 1 000
 /// times their size, so a read of 64 KiB of them could otherwise make the
@@ -656,11 +667,8 @@ impl Session {
                         &mut work,
                         &mut refresh,
                     );
-                    // Matching names to patterns counts toward the turn
-                    // like the bytes it would take to decode as long.
-                    ctx.work = ctx
-                        .work
-                        .saturating_add(work.saturating_mul(BYTES_PER_MATCH_STEP));
+                    // Matching names to patterns counts toward the turn.
+                    ctx.count_match_steps(work);
                     ws.send(MessageKind::Text, reply.as_bytes(), &mut self.out);
                     if refresh && !ws.take_control() {
                         // A refresh is a signature check: it counts like a

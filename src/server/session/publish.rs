@@ -179,12 +179,10 @@ impl Session {
                 .pattern_matches_counted(&state.topic, &mut steps)
                 .then(|| directory.entry(&state.topic))
         });
-        // The walk counts toward the turn like the bytes it would take to
-        // decode as long: a pipeline of requests naming new topics against
-        // many long patterns yields instead of holding the worker.
-        ctx.work = ctx
-            .work
-            .saturating_add(steps.saturating_mul(super::BYTES_PER_MATCH_STEP));
+        // The walk counts toward the turn: a pipeline of requests naming
+        // new topics against many long patterns yields instead of holding
+        // the worker.
+        ctx.count_match_steps(steps);
         let numbered = topic.is_some();
         if let Some(topic) = topic {
             let frame = encode(state.kind, body);
@@ -211,11 +209,8 @@ impl Session {
             ctx.shard.dispatch();
             // Finding the workers of topics new to the patterns walked
             // the trie: counted like the walk above.
-            ctx.work = ctx.work.saturating_add(
-                ctx.shard
-                    .walked()
-                    .saturating_mul(super::BYTES_PER_MATCH_STEP),
-            );
+            let walked = ctx.shard.walked();
+            ctx.count_match_steps(walked);
             ctx.shard.take_acks_of(ctx.me).into_iter()
         } else {
             Vec::new().into_iter()
