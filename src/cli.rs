@@ -70,17 +70,17 @@ pub struct ServeArgs {
     pub no_pin: bool,
 
     /// Largest message a client may send (after reassembly); larger closes with 1009.
-    #[arg(long, default_value_t = DEFAULT_MAX_MESSAGE_BYTES, value_parser = parse_size, value_name = "BYTES")]
+    #[arg(long, default_value_t = DEFAULT_MAX_MESSAGE_BYTES, value_parser = parse_limit_size, value_name = "BYTES")]
     pub max_message_size: usize,
 
     /// Largest HTTP request head; larger is answered 431 (capped at 32 KiB).
-    #[arg(long, default_value_t = DEFAULT_MAX_HEAD_BYTES, value_parser = parse_size, value_name = "BYTES")]
+    #[arg(long, default_value_t = DEFAULT_MAX_HEAD_BYTES, value_parser = parse_limit_size, value_name = "BYTES")]
     pub max_handshake_size: usize,
 
     /// Per-connection bound on queued outbound bytes. A subscriber over it is
     /// handled by --slow-consumer; an echo client is not read until its queue
     /// drains to half.
-    #[arg(long, default_value_t = DEFAULT_MAX_OUTBOUND_BYTES, value_parser = parse_size, value_name = "BYTES")]
+    #[arg(long, default_value_t = DEFAULT_MAX_OUTBOUND_BYTES, value_parser = parse_limit_size, value_name = "BYTES")]
     pub max_outbound_bytes: usize,
 
     /// A subprotocol the server accepts (repeat, in order of preference).
@@ -88,7 +88,7 @@ pub struct ServeArgs {
     pub subprotocols: Vec<String>,
 
     /// Time a client has to send its complete request head.
-    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, default_value = "10s", value_parser = parse_limit_duration, value_name = "DURATION")]
     pub handshake_timeout: Duration,
 
     /// On SIGINT/SIGTERM, how long to wait for clients to finish closing.
@@ -158,7 +158,7 @@ pub struct ServeArgs {
     pub ping_interval: Duration,
 
     /// Close (1001 "keepalive timeout") a pinged connection that sends nothing for this long.
-    #[arg(long, default_value = "10s", value_parser = parse_timer, value_name = "DURATION")]
+    #[arg(long, default_value = "10s", value_parser = parse_limit_timer, value_name = "DURATION")]
     pub ping_timeout: Duration,
 
     /// Serve /metrics and /healthz on this address instead of the main port.
@@ -222,7 +222,7 @@ pub struct ServeArgs {
 
     /// Most open connections in the process; more are answered
     /// `503 Service Unavailable` with `Retry-After`.
-    #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS, value_name = "N")]
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS, value_parser = parse_limit, value_name = "N")]
     pub max_connections: usize,
 
     /// Most open connections from one source address (503 over it); 0 = no
@@ -258,11 +258,11 @@ pub struct ServeArgs {
     pub ipv6_prefix_len: u8,
 
     /// Largest frame payload a client may send; larger closes with 1009.
-    #[arg(long, default_value_t = DEFAULT_MAX_FRAME_BYTES, value_parser = parse_size, value_name = "BYTES")]
+    #[arg(long, default_value_t = DEFAULT_MAX_FRAME_BYTES, value_parser = parse_limit_size, value_name = "BYTES")]
     pub max_frame_size: usize,
 
     /// Most frames (fragments) in one client message; more closes with 1009.
-    #[arg(long, default_value_t = DEFAULT_MAX_FRAGMENTS, value_name = "N")]
+    #[arg(long, default_value_t = DEFAULT_MAX_FRAGMENTS, value_parser = value_parser!(u32).range(1..), value_name = "N")]
     pub max_fragments: u32,
 
     /// Pings, pongs and token refreshes one client may send per second (burst: one second's
@@ -291,7 +291,7 @@ pub struct ServeArgs {
     /// Process-wide budget for bytes held on behalf of connections (partial
     /// requests and messages, queued replies, copied frames). A connection
     /// that would grow past it is closed with 1013 (or refused with 503).
-    #[arg(long, default_value_t = DEFAULT_MAX_BUFFERED_BYTES, value_parser = parse_size, value_name = "BYTES")]
+    #[arg(long, default_value_t = DEFAULT_MAX_BUFFERED_BYTES, value_parser = parse_limit_size, value_name = "BYTES")]
     pub max_buffered_bytes: usize,
 
     /// Serve TLS (wss://, https://) on the main listener with this
@@ -507,6 +507,51 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("size {s:?} overflows"))
 }
 
+/// A limit's size ([`parse_size`]) that must let something through: 0
+/// would refuse every client (every message over it, every request head,
+/// every queue), and is not "no limit" as it is for the per-address and
+/// rate flags, so it is refused at start rather than taken.
+pub fn parse_limit_size(s: &str) -> Result<usize, String> {
+    match parse_size(s)? {
+        0 => Err(format!(
+            "{s:?}: 0 would refuse every client (this limit has no \"off\"; give a size)"
+        )),
+        n => Ok(n),
+    }
+}
+
+/// A count limit that must let something through (see
+/// [`parse_limit_size`]).
+pub fn parse_limit(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err(format!(
+            "{s:?}: 0 would refuse every client (this limit has no \"off\"; give a number)"
+        )),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("invalid number {s:?}")),
+    }
+}
+
+/// A deadline that must leave the client some time ([`parse_duration`]):
+/// 0 would close every connection it covers at once.
+pub fn parse_limit_duration(s: &str) -> Result<Duration, String> {
+    nonzero_deadline(s, parse_duration(s)?)
+}
+
+/// [`parse_limit_duration`] for a per-connection timer ([`parse_timer`]).
+pub fn parse_limit_timer(s: &str) -> Result<Duration, String> {
+    nonzero_deadline(s, parse_timer(s)?)
+}
+
+fn nonzero_deadline(s: &str, d: Duration) -> Result<Duration, String> {
+    if d.is_zero() {
+        return Err(format!(
+            "{s:?}: 0 would close every connection at once (this deadline has no \"off\"; give a time)"
+        ));
+    }
+    Ok(d)
+}
+
 /// The longest duration any setting takes: a year. Past it a deadline
 /// added to the clock could overflow it.
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -621,6 +666,60 @@ mod tests {
         ] {
             let r = Cli::try_parse_from(["corecast", "serve", flag, over]);
             assert!(r.is_err(), "{flag} {over} accepted");
+        }
+    }
+
+    /// A limit with no "off" refuses 0 at start, with the reason, instead
+    /// of starting a server that refuses every client (`--max-connections
+    /// 0` read as "no limit" answered every client 503; a 0 handshake
+    /// timeout closed every connection at once).
+    #[test]
+    fn limits_without_an_off_refuse_zero_and_take_one() {
+        for flag in [
+            "--max-message-size",
+            "--max-handshake-size",
+            "--max-outbound-bytes",
+            "--max-frame-size",
+            "--max-buffered-bytes",
+            "--max-connections",
+            "--max-fragments",
+            "--handshake-timeout",
+            "--ping-timeout",
+        ] {
+            let timer = flag.ends_with("timeout");
+            let size = flag.ends_with("size") || flag.ends_with("bytes");
+            let other = [(timer, "0ms"), (size, "0KiB")].into_iter().filter(|o| o.0);
+            for zero in std::iter::once("0").chain(other.map(|o| o.1)) {
+                let err = Cli::try_parse_from(["corecast", "serve", flag, zero])
+                    .err()
+                    .unwrap_or_else(|| panic!("{flag} {zero} accepted"))
+                    .to_string();
+                assert!(err.contains(flag), "{flag} {zero}: {err}");
+                assert!(
+                    err.contains("0 would") || err.contains("1.."),
+                    "{flag} {zero}: the reason is given: {err}"
+                );
+            }
+            let one = if timer { "1ms" } else { "1" };
+            assert!(
+                Cli::try_parse_from(["corecast", "serve", flag, one]).is_ok(),
+                "{flag} {one} refused"
+            );
+        }
+        // The flags whose 0 means "off" still take it.
+        for flag in [
+            "--max-connections-per-ip",
+            "--max-publish-rate",
+            "--max-control-rate",
+            "--message-timeout",
+            "--send-timeout",
+            "--ping-interval",
+            "--history-size",
+        ] {
+            assert!(
+                Cli::try_parse_from(["corecast", "serve", flag, "0"]).is_ok(),
+                "{flag} 0 refused"
+            );
         }
     }
 
