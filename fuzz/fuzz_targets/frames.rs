@@ -6,7 +6,9 @@
 //!
 //! Input: one byte choosing the message cap (a small power of two or the
 //! default; its top bit: permessage-deflate agreed, so RSV1 messages are
-//! inflated), then cut bytes and the stream (see `corecast_fuzz::Reads`).
+//! inflated; bits 4-6: the room each decode call may inflate, none or a
+//! power of four, as a turn gives it), then cut bytes and the stream (see
+//! `corecast_fuzz::Reads`).
 //! Invariants:
 //! - no panic; `consumed` never exceeds the input, and after a call that
 //!   returns no event at most `MAX_PENDING_BYTES` are left for next time;
@@ -17,7 +19,8 @@
 //! - everything queued is a valid sequence of server frames (see
 //!   `corecast_fuzz::read_frames`): in particular every close has a valid code;
 //! - cutting the stream into reads changes nothing: the events and the
-//!   frames written are those of the same stream in one read.
+//!   frames written are those of the same stream in one read; nor does
+//!   inflating in rooms (a call that stops for its room is called again).
 #![no_main]
 
 use corecast::proto::frame::MAX_CONTROL_PAYLOAD;
@@ -39,6 +42,7 @@ enum Ev {
 fn run<'a>(
     max_message: usize,
     deflate: bool,
+    room: usize,
     reads: impl Iterator<Item = &'a [u8]>,
 ) -> (Vec<Ev>, Vec<Item>) {
     let mut conn = WsConn::new(max_message);
@@ -56,7 +60,8 @@ fn run<'a>(
         loop {
             let ended = matches!(events.last(), Some(Ev::Closed(_) | Ev::Failed(_)));
             let avail = buf.len() - pos;
-            let decoded = conn.decode(&mut buf[pos..], &mut out);
+            let mut left = room;
+            let decoded = conn.decode_within(&mut buf[pos..], &mut out, &mut left);
             assert!(decoded.consumed <= avail, "consumed past the input");
             let consumed = decoded.consumed;
             // An owned copy: the event borrows both the input and the connection.
@@ -101,6 +106,9 @@ fn run<'a>(
             });
             pos += consumed;
             let Some(event) = event else {
+                if left == 0 && consumed < avail {
+                    continue; // stopped for the room: on at the next turn
+                }
                 assert!(
                     buf.len() - pos <= MAX_PENDING_BYTES,
                     "{} bytes left pending",
@@ -153,11 +161,15 @@ fn check(data: &[u8]) {
         n => 1 << n,
     };
     let deflate = cap & 0x80 != 0;
+    let room = match (cap >> 4) & 7 {
+        0 => usize::MAX,
+        n => 1 << (2 * n),
+    };
     let reads = Reads::new(data);
-    let whole = run(max_message, deflate, std::iter::once(reads.stream()));
-    let cut = run(max_message, deflate, reads);
+    let whole = run(max_message, deflate, usize::MAX, std::iter::once(reads.stream()));
+    let cut = run(max_message, deflate, room, reads);
     assert_eq!(
         whole, cut,
-        "cutting the stream into reads changed the outcome"
+        "cutting the stream into reads, inflating in rooms, changed the outcome"
     );
 }

@@ -215,6 +215,34 @@ pub fn inflate_checked(
     out: &mut Vec<u8>,
     check: &mut impl FnMut(&[u8]) -> bool,
 ) -> Result<(), InflateError> {
+    match inflate_whole(input, cap, &mut { usize::MAX }, out, check)? {
+        Whole::Done => Ok(()),
+        Whole::Paused { .. } => unreachable!("no room limit"),
+    }
+}
+
+/// What [`inflate_whole`] made of a message's deflate data.
+#[derive(Debug)]
+pub enum Whole {
+    /// All of it inflated, the message complete in the output.
+    Done,
+    /// The room ran out with `input[consumed..]` not inflated yet: the
+    /// `inflater` holds the stream where it stopped, to be fed the rest
+    /// (and finished) as a message arriving in pieces is.
+    Paused { consumed: usize, inflater: Inflater },
+}
+
+/// [`inflate_checked`] by the worker's inflater, inflating at most about
+/// `room` bytes (less what it inflated): a message that would inflate more
+/// stops there ([`Whole::Paused`]), so one small compressed message (16 KB
+/// inflates to 16 MiB) costs a turn no more than its room.
+pub fn inflate_whole(
+    input: &[u8],
+    cap: usize,
+    room: &mut usize,
+    out: &mut Vec<u8>,
+    check: &mut impl FnMut(&[u8]) -> bool,
+) -> Result<Whole, InflateError> {
     if out.capacity() > cap.saturating_add(1) {
         *out = Vec::new();
     }
@@ -222,10 +250,22 @@ pub fn inflate_checked(
     INFLATER.with(|d| {
         let mut d = d.borrow_mut();
         d.reset(false);
-        if feed(&mut d, input, cap, out, check)? {
-            return Ok(());
+        match feed(&mut d, input, cap, room, out, check)? {
+            Fed::Ended => Ok(Whole::Done),
+            Fed::All => end_message(&mut d, cap, out, check).map(|()| Whole::Done),
+            Fed::Paused(consumed) => {
+                // The stream goes on in an inflater of its own; the
+                // worker's gets a fresh state (allocated only here).
+                let d = std::mem::replace(&mut *d, Decompress::new(false));
+                Ok(Whole::Paused {
+                    consumed,
+                    inflater: Inflater {
+                        d: Box::new(d),
+                        ended: false,
+                    },
+                })
+            }
         }
-        end_message(&mut d, cap, out, check)
     })
 }
 
@@ -250,15 +290,15 @@ fn end_message(
         return Ok(());
     }
     let before = out.len();
-    let ended = feed(d, &TAIL, cap, out, check)?;
+    let ended = feed(d, &TAIL, cap, &mut { usize::MAX }, out, check)?;
     if out.len() != before {
         return Err(InflateError::Invalid);
     }
-    if ended {
+    if matches!(ended, Fed::Ended) {
         return Ok(()); // a final empty stored block the tail completed
     }
-    match feed(d, &EMPTY_FINAL_BLOCK, cap, out, check) {
-        Ok(true) if out.len() == before => Ok(()),
+    match feed(d, &EMPTY_FINAL_BLOCK, cap, &mut { usize::MAX }, out, check) {
+        Ok(Fed::Ended) if out.len() == before => Ok(()),
         Err(InflateError::Invalid) | Ok(_) => Err(InflateError::Invalid),
         Err(e) => Err(e),
     }
@@ -292,18 +332,29 @@ impl Default for Inflater {
 }
 
 impl Inflater {
-    /// Inflates the next piece of the message's deflate data into `out`.
+    /// Inflates the next piece of the message's deflate data into `out`,
+    /// at most about `room` bytes (less what it inflated). Returns how much
+    /// of `data` it took: all of it, or, when the room ran out first, a
+    /// part (the rest is to be fed again, from where it stopped).
     pub fn feed(
         &mut self,
         data: &[u8],
         cap: usize,
+        room: &mut usize,
         out: &mut Vec<u8>,
         check: &mut impl FnMut(&[u8]) -> bool,
-    ) -> Result<(), InflateError> {
-        if !self.ended && !data.is_empty() {
-            self.ended = feed(&mut self.d, data, cap, out, check)?;
+    ) -> Result<usize, InflateError> {
+        if self.ended || data.is_empty() {
+            return Ok(data.len());
         }
-        Ok(())
+        Ok(match feed(&mut self.d, data, cap, room, out, check)? {
+            Fed::Ended => {
+                self.ended = true;
+                data.len()
+            }
+            Fed::All => data.len(),
+            Fed::Paused(consumed) => consumed,
+        })
     }
 
     /// The message's last piece is in: the tail the sender removed.
@@ -321,19 +372,36 @@ impl Inflater {
     }
 }
 
-/// Inflates all of `data` into `out` (grown a chunk at a time, never past
-/// `cap` and a byte: `out` must not start with more room than that),
-/// `check`ing each new piece within the cap before the cap itself;
-/// `Ok(true)` when a final block ended the stream there.
+/// How far [`feed`] got.
+enum Fed {
+    /// A final block (BFINAL) ended the stream: the rest is ignored.
+    Ended,
+    /// All of the data inflated.
+    All,
+    /// The room ran out with `data[n..]` left (zlib holds no output back
+    /// then: it stopped for want of room with input left).
+    Paused(usize),
+}
+
+/// Inflates `data` into `out` (grown a chunk at a time, never past `cap`
+/// and a byte: `out` must not start with more room than that), `check`ing
+/// each new piece within the cap before the cap itself, until all of it is
+/// in or `room` (less each piece inflated) runs out with data left. Once
+/// all the data is in, what zlib still holds of it comes out whatever the
+/// room (a few symbols' worth: its bit buffer).
 fn feed(
     d: &mut Decompress,
     data: &[u8],
     cap: usize,
+    room: &mut usize,
     out: &mut Vec<u8>,
     check: &mut impl FnMut(&[u8]) -> bool,
-) -> Result<bool, InflateError> {
+) -> Result<Fed, InflateError> {
     let mut pos = 0;
     loop {
+        if *room == 0 && pos < data.len() {
+            return Ok(Fed::Paused(pos));
+        }
         if out.len() == out.capacity() {
             out.reserve_exact(inflate_room(out.len(), cap));
         }
@@ -341,7 +409,19 @@ fn feed(
         let before = out.len();
         // `out`'s room only ever grows to the cap and a byte (above), so
         // decoding stops there.
-        let result = d.decompress_vec(&data[pos..], out, FlushDecompress::Sync);
+        let window = if pos < data.len() { *room } else { usize::MAX };
+        let result = if out.capacity() - before <= window {
+            d.decompress_vec(&data[pos..], out, FlushDecompress::Sync)
+        } else {
+            // More room in the buffer than this call may fill: a window
+            // of what it may, zeroed (zlib writes to initialised bytes).
+            out.resize(before + window, 0);
+            let r = d.decompress(&data[pos..], &mut out[before..], FlushDecompress::Sync);
+            out.truncate(before + (d.total_out() - was_out) as usize);
+            r
+        };
+        let full = out.len() == out.capacity() || out.len() - before == window;
+        *room = room.saturating_sub(out.len() - before);
         let consumed = (d.total_in() - was_in) as usize;
         pos += consumed;
         // What was inflated counts first, even in a call that then failed
@@ -358,12 +438,12 @@ fn feed(
         if status == Status::StreamEnd {
             // A final block (BFINAL) ended the message: what follows it is
             // ignored (RFC 7692 §7.2.3.4 shows a sender adding a 0x00).
-            return Ok(true);
+            return Ok(Fed::Ended);
         }
-        if pos == data.len() && out.len() < out.capacity() {
-            return Ok(false); // all in, and the output was not the limit
+        if pos == data.len() && !full {
+            return Ok(Fed::All); // all in, and the output was not the limit
         }
-        if consumed == 0 && d.total_out() == was_out && out.len() < out.capacity() {
+        if consumed == 0 && d.total_out() == was_out && !full {
             return Err(InflateError::Invalid); // stuck: cannot happen with valid data
         }
     }
@@ -619,7 +699,11 @@ mod tests {
             let mut inf = Inflater::default();
             let mut out = Vec::new();
             for piece in data.chunks(3) {
-                inf.feed(piece, 1 << 20, &mut out, &mut |_| true)?;
+                // In rooms of 7 bytes: each piece fed on where it stopped.
+                let mut at = 0;
+                while at < piece.len() {
+                    at += inf.feed(&piece[at..], 1 << 20, &mut 7, &mut out, &mut |_| true)?;
+                }
             }
             inf.finish(1 << 20, &mut out, &mut |_| true).map(|_| out)
         };

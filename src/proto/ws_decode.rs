@@ -18,7 +18,7 @@
 //! A step returns a [`Step`]: go on, or what `decode` is to return.
 
 use super::{CloseState, Decoded, Event, MessageKind, Partial, PayloadState, RecvState, WsConn};
-use crate::proto::deflate::{self, InflateError, Inflater};
+use crate::proto::deflate::{self, InflateError, Inflater, Whole};
 use crate::proto::frame::{
     CloseCode, FrameHeader, HeaderError, OpCode, parse_header, server_frame,
 };
@@ -57,6 +57,22 @@ enum Step {
 impl WsConn {
     /// Consumes bytes from the client; see the [`ws`](super) module docs.
     pub fn decode<'a>(&'a mut self, input: &'a mut [u8], out: &mut OutQueue) -> Decoded<'a> {
+        self.decode_within(input, out, &mut { usize::MAX })
+    }
+
+    /// [`Self::decode`], inflating at most about `room` bytes of compressed
+    /// messages (less what it inflated): a compressed message that would
+    /// inflate more stops where the room ran out, with no event and the
+    /// rest of its data not consumed, and goes on from there at the next
+    /// call. A caller that shares a turn's work among connections gives
+    /// each what it has left: 16 KB of deflate data inflates to 16 MiB,
+    /// which would otherwise go whole in one call.
+    pub fn decode_within<'a>(
+        &'a mut self,
+        input: &'a mut [u8],
+        out: &mut OutQueue,
+        room: &mut usize,
+    ) -> Decoded<'a> {
         if self.msg.as_ref().is_some_and(|m| m.delivered) {
             self.msg = None;
         }
@@ -70,8 +86,8 @@ impl WsConn {
         let mut pos = 0;
         loop {
             let step = match self.msg.as_ref().map_or(RecvState::Header, |m| m.recv) {
-                RecvState::Header => self.on_header(input, &mut pos, out),
-                RecvState::Payload(frame) => self.on_payload(frame, input, &mut pos),
+                RecvState::Header => self.on_header(input, &mut pos, out, room),
+                RecvState::Payload(frame) => self.on_payload(frame, input, &mut pos, room),
             };
             let event = match step {
                 Step::Next => continue,
@@ -104,7 +120,13 @@ impl WsConn {
     /// a data frame is checked against the message in progress and the
     /// limits, then delivered at once or entered.
     #[inline]
-    fn on_header(&mut self, input: &mut [u8], pos: &mut usize, out: &mut OutQueue) -> Step {
+    fn on_header(
+        &mut self,
+        input: &mut [u8],
+        pos: &mut usize,
+        out: &mut OutQueue,
+        room: &mut usize,
+    ) -> Step {
         let header = match parse_header(&input[*pos..]) {
             Ok(Some(h)) => h,
             Ok(None) => return Step::Wait,
@@ -132,7 +154,7 @@ impl WsConn {
             return self.on_control(&header, mask, input, pos, out);
         }
         match self.admit_data_frame(&header) {
-            Ok(fragments) => self.start_data_frame(&header, mask, input, pos, fragments),
+            Ok(fragments) => self.start_data_frame(&header, mask, input, pos, fragments, room),
             Err((code, reason)) => Step::Fail(code, reason),
         }
     }
@@ -220,7 +242,9 @@ impl WsConn {
     /// and delivered in place. Otherwise the frame's payload is entered
     /// (and, for a first frame, its message started in a new [`Partial`]):
     /// [`Self::on_payload`] gathers it. `fragments`: the message's frames
-    /// with this one.
+    /// with this one. A whole compressed message is inflated at once
+    /// within `room`, or goes on as one arriving in pieces where the room
+    /// ran out.
     #[inline]
     fn start_data_frame(
         &mut self,
@@ -229,6 +253,7 @@ impl WsConn {
         input: &mut [u8],
         pos: &mut usize,
         fragments: u32,
+        room: &mut usize,
     ) -> Step {
         let starts_message = header.opcode != OpCode::Continuation;
         let kind = if header.opcode == OpCode::Text {
@@ -246,15 +271,42 @@ impl WsConn {
             let end = *pos + total as usize;
             let payload = &mut input[start..end];
             apply_mask(payload, mask, 0);
-            *pos = end;
             let mut plain = Vec::new();
             let cap = usize::try_from(self.limits.max_message).unwrap_or(usize::MAX);
             let mut utf8 = Utf8Validator::new();
             let text = kind == MessageKind::Text;
             let mut check = |b: &[u8]| !text || utf8.feed(b).is_ok();
-            if let Err(e) = deflate::inflate_checked(payload, cap, &mut plain, &mut check) {
-                return inflate_failure(e);
+            let whole = deflate::inflate_whole(payload, cap, room, &mut plain, &mut check);
+            let (consumed, inflater) = match whole {
+                Ok(Whole::Done) => (payload.len(), None),
+                Ok(Whole::Paused { consumed, inflater }) => (consumed, Some(inflater)),
+                Err(e) => return inflate_failure(e),
+            };
+            if let Some(inflater) = inflater {
+                // The room ran out: the rest of the payload goes back to
+                // the wire's masking (it is unmasked as it is gathered)
+                // and the message on as one arriving in pieces.
+                apply_mask(&mut payload[consumed..], mask, consumed & 3);
+                *pos = start + consumed;
+                self.msg = Some(Box::new(Partial {
+                    recv: RecvState::Payload(PayloadState {
+                        remaining: plen - consumed as u64,
+                        mask,
+                        phase: (consumed & 3) as u8,
+                        fin: true,
+                    }),
+                    kind: Some(kind),
+                    buf: plain,
+                    len: plen,
+                    utf8,
+                    fragments,
+                    started_ms: self.clock_ms,
+                    delivered: false,
+                    inflater: Some(inflater),
+                }));
+                return Step::Wait;
             }
+            *pos = end;
             if text && utf8.finish().is_err() {
                 return Step::Fail(CloseCode::INVALID_PAYLOAD, "truncated UTF-8 sequence");
             }
@@ -331,19 +383,41 @@ impl WsConn {
     /// [`Partial`]'s buffer. Waits for more unless the frame is done; a
     /// final frame completes the message ([`Self::finish_message`]).
     #[inline]
-    fn on_payload(&mut self, frame: PayloadState, input: &mut [u8], pos: &mut usize) -> Step {
+    fn on_payload(
+        &mut self,
+        frame: PayloadState,
+        input: &mut [u8],
+        pos: &mut usize,
+        room: &mut usize,
+    ) -> Step {
         let m = self.msg.as_mut().expect("payload state implies a message");
-        let avail = frame.remaining.min((input.len() - *pos) as u64) as usize;
+        let mut avail = frame.remaining.min((input.len() - *pos) as u64) as usize;
         let chunk = &mut input[*pos..*pos + avail];
-        let phase = apply_mask(chunk, frame.mask, frame.phase as usize) as u8;
+        let mut phase = apply_mask(chunk, frame.mask, frame.phase as usize) as u8;
         let text = m.kind == Some(MessageKind::Text);
         if let Some(inflater) = &mut m.inflater {
-            // Compressed: inflated as it comes (the deflate data is not kept).
+            // Compressed: inflated as it comes (the deflate data is not
+            // kept), as much as the room allows.
             let cap = usize::try_from(self.limits.max_message).unwrap_or(usize::MAX);
             let utf8 = &mut m.utf8;
             let mut check = |b: &[u8]| !text || utf8.feed(b).is_ok();
-            if let Err(e) = inflater.feed(chunk, cap, &mut m.buf, &mut check) {
-                return inflate_failure(e);
+            let taken = match inflater.feed(chunk, cap, room, &mut m.buf, &mut check) {
+                Ok(taken) => taken,
+                Err(e) => return inflate_failure(e),
+            };
+            if taken < avail {
+                // The room ran out: what was not taken goes back to the
+                // wire's masking, to be unmasked again when it is.
+                let at = (frame.phase as usize + taken) & 3;
+                apply_mask(&mut chunk[taken..], frame.mask, at);
+                (avail, phase) = (taken, at as u8);
+                *pos += avail;
+                m.recv = RecvState::Payload(PayloadState {
+                    remaining: frame.remaining - avail as u64,
+                    phase,
+                    ..frame
+                });
+                return Step::Wait;
             }
         } else {
             if text && m.utf8.feed(chunk).is_err() {

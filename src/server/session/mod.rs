@@ -570,8 +570,17 @@ impl Session {
                     break;
                 }
             }
-            let decoded = ws.decode(&mut buf[pos..], &mut self.out);
+            // Compressed messages inflate within what is left of the
+            // turn's work (each inflated byte counts), stopping where it
+            // runs out to go on at the next turn: one 16 KB message can
+            // inflate to 16 MiB.
+            let room_given = YIELD_AFTER_BYTES.saturating_sub(ctx.work).max(1);
+            let mut room = room_given;
+            let left = buf.len() - pos;
+            let decoded = ws.decode_within(&mut buf[pos..], &mut self.out, &mut room);
             pos += decoded.consumed;
+            let paused = room == 0 && decoded.consumed < left;
+            ctx.work = ctx.work.saturating_add(room_given - room);
             if let Some(Event::Message { payload, .. }) = &decoded.event {
                 // Each message costs what holds it besides its bytes: a
                 // read of empty messages yields too.
@@ -579,6 +588,11 @@ impl Session {
             }
             // Act while the event still borrows the input; replies go out after.
             let control = match decoded.event {
+                None if paused => {
+                    // Inflating stopped for the turn with its data left.
+                    ctx.yielded = true;
+                    break;
+                }
                 None => break,
                 Some(Event::Message { kind, payload }) => match role {
                     Role::Echo => {
