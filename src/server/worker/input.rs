@@ -251,7 +251,11 @@ impl<S> Core<S> {
             }
             return Input::Stop;
         }
-        if conn.session.out.len() > self.shared.config.max_outbound_bytes {
+        if conn.session.out.len()
+            > conn
+                .session
+                .queue_bound(self.shared.config.max_outbound_bytes)
+        {
             // Resumed by `after_flush` once the queue is down to half.
             conn.set_flag(READ_PAUSED, true);
             return Input::Stop;

@@ -608,12 +608,20 @@ impl<S> Core<S> {
         let serial = conn.serial;
         if conn.flag(READ_PAUSED)
             && !conn.session.confirming()
-            && conn.session.out.len() <= max_outbound / 2
+            && conn.session.out.len() <= conn.session.queue_bound(max_outbound) / 2
             && !conn.flag(THROTTLED)
             && !conn.flag(PACED)
         {
-            conn.set_flag(READ_PAUSED, false);
-            self.reread.push((key, serial));
+            if conn.session.pending_len() > 0 {
+                // Requests it pipelined wait, kept: they go first, at the
+                // next turn's `unthrottle` (as a read stopped at a turn's
+                // worth does), then the socket is read.
+                conn.set_flag(PACED, true);
+                self.paced.push((self.now, key, serial));
+            } else {
+                conn.set_flag(READ_PAUSED, false);
+                self.reread.push((key, serial));
+            }
         }
         if conn.flag(CONFLATING) && conn.session.out.is_empty() && conn.state == IoState::Active {
             // The queue went to the kernel: what waits goes next (written
