@@ -99,9 +99,9 @@ impl Lease {
     /// [`limit`](Self::limit); the lease first grows to cover them (in
     /// chunks, up to the share) where the pool has room.
     pub fn fits(&mut self, pool: &Pool, buffered: usize, percent: usize) -> bool {
-        if buffered <= self.held && percent >= 100 {
-            // What is held is leased already: the pool is not looked at
-            // (the fan-out asks once per subscriber).
+        if buffered.saturating_mul(100) <= self.held.saturating_mul(percent.min(100)) {
+            // Within the part of the lease held already: the pool is not
+            // looked at (the fan-out asks once per subscriber).
             return true;
         }
         if buffered > self.held && self.held < self.share {

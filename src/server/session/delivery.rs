@@ -12,7 +12,8 @@ use bytes::Bytes;
 impl Session {
     /// Queues a published frame for this subscriber, applying the
     /// slow-consumer `policy` (its topic's) at the queue bound, or at any
-    /// backlog at all when the worker is `over_budget`. A queue always
+    /// backlog at all when the worker is `over_budget` (over 90 % of it:
+    /// the caller judges). A queue always
     /// takes one frame when empty, so a message bigger than the bound still
     /// goes out.
     pub fn push_published(

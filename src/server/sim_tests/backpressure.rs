@@ -242,6 +242,61 @@ fn large_holders_are_cut_at_ninety_percent_so_a_small_client_is_still_served() {
     assert_eq!(sim.stats().budget_closes.load(Relaxed), 1);
 }
 
+/// Subscribers that never read, under a policy that keeps them
+/// (`drop-newest`, `conflate`), hold what their queues hold: publications
+/// queued behind a backlog take at most 90 % of the budget, so the last
+/// 10 % stays for everyone's replies (outside probe: 300 such subscribers
+/// filled the whole budget, and honest echo clients were closed 1013).
+#[test]
+fn subscribers_kept_behind_a_backlog_leave_the_last_tenth_of_the_budget() {
+    use crate::server::config::SlowConsumerPolicy;
+    use std::sync::atomic::Ordering::Relaxed;
+    for policy in [SlowConsumerPolicy::DropNewest, SlowConsumerPolicy::Conflate] {
+        let mut sim = Sim::new(|c| {
+            c.max_buffered_bytes = 8 << 20;
+            c.slow_consumer = policy;
+            c.ping_interval = None;
+        });
+        let subs: Vec<usize> = (0..12).map(|_| sim.upgrade("/ws?topics=k", 0)).collect();
+        let publisher = sim.upgrade("/publish/k", 1 << 20);
+        let mut peak = 0;
+        for round in 0..20u8 {
+            let burst: Vec<u8> = (0..100)
+                .flat_map(|_| client_frame(true, OpCode::Binary, &[round; 1000], MASK))
+                .collect();
+            sim.send(publisher, &burst);
+            sim.wait(TICK, TICK);
+            peak = peak.max(sim.stats().buffered_bytes.load(Relaxed));
+        }
+        let budget = 8u64 << 20;
+        // A subscriber is judged once per run of a topic's publications
+        // (here 100 of 1 KB): the one that crosses takes its run (and a
+        // conflating one's table holds its newest).
+        assert!(
+            peak <= budget / 100 * 90 + 256 * 1024,
+            "{policy:?}: {peak} of {budget} held"
+        );
+        assert!(
+            sim.stats().frames_dropped.load(Relaxed) > 0
+                || policy != SlowConsumerPolicy::DropNewest,
+            "{policy:?}: dropped, counted"
+        );
+        // The headroom is for small clients: an echo goes through.
+        let c = sim.upgrade("/echo", 1 << 20);
+        sim.send(c, &client_frame(true, OpCode::Text, b"still serving", MASK));
+        assert_eq!(
+            sim.received(c),
+            [&[0x81, 13][..], b"still serving"].concat(),
+            "{policy:?}"
+        );
+        assert_eq!(sim.stats().budget_closes.load(Relaxed), 0, "{policy:?}");
+        assert!(
+            subs.iter().all(|s| !sim.closed.contains(s)),
+            "{policy:?}: kept"
+        );
+    }
+}
+
 /// A compressed message begun and left holds an inflater (64 KiB charged
 /// for a few bytes sent): such connections are large holders too, cut at
 /// 90 %, so the headroom stays for others (outside probe: they filled the

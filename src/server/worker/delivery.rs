@@ -481,7 +481,14 @@ fn push_to<S>(
         }
         let form = conn.session.form();
         let mut queued = false;
-        let over = !budget.lease.fits(budget.pool, *budget.buffered, 100);
+        // Publications queued behind a backlog take at most 90 % of the
+        // budget, as large holders do: the rest stays for everyone's
+        // replies and echoes (outside probe: 300 subscribers that never
+        // read, under `drop-newest`, filled the whole budget, 4 MiB
+        // queued each, and honest echo clients were closed 1013).
+        let over = !budget
+            .lease
+            .fits(budget.pool, *budget.buffered, LARGE_HOLDER_SHARE_PERCENT);
         // What waits in the subscriber's table: everything of a rated
         // subscriber (`max_rate`); everything of an `always` topic; a
         // conflating topic's while anything waits; and any topic's while
