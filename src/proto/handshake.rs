@@ -162,6 +162,27 @@ fn memchr_newline(hay: &[u8]) -> Option<usize> {
     memchr::memchr(b'\n', hay)
 }
 
+/// How much of an incomplete request head [`refutes_head`] looks at.
+const REFUTE_WITHIN: usize = 64;
+
+/// Whether the start of a request head that is not complete yet already
+/// cannot begin one: its first line breaks HTTP/1.x's syntax as far as it
+/// goes (a TLS ClientHello on a plain port, NUL bytes, a control character
+/// in the method, a version other than `HTTP/1.x`). Such input was kept
+/// until the request deadline and answered `408` ten seconds later; it can
+/// be answered `400` at once. Looks at the first [`REFUTE_WITHIN`] bytes
+/// only, so a head arriving a byte at a time costs little per read.
+pub fn refutes_head(partial: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; 0];
+    let mut req = httparse::Request::new(&mut headers);
+    // The header array is empty: a first line complete and valid and a
+    // header begun is "too many headers", which refutes nothing.
+    matches!(
+        req.parse(&partial[..partial.len().min(REFUTE_WITHIN)]),
+        Err(e) if e != httparse::Error::TooManyHeaders
+    )
+}
+
 /// A header that must appear once appeared more than once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DuplicateHeader;
@@ -452,6 +473,35 @@ pub fn error_response(reject: Reject) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Input that cannot begin a request is refuted as soon as its first
+    /// bytes show it; any prefix of a real request, however cut, is not.
+    #[test]
+    fn heads_that_cannot_be_http_are_refuted_early() {
+        let real = b"GET /ws?topics=a HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n";
+        for n in 0..real.len() {
+            assert!(!refutes_head(&real[..n]), "{:?}", &real[..n]);
+        }
+        assert!(
+            !refutes_head(b"\r\nGET / HTTP/1.0\r\n"),
+            "a leading blank line"
+        );
+        let long = format!("GET /{} HTTP/1.1\r\n", "x".repeat(200));
+        assert!(!refutes_head(long.as_bytes()), "a long target");
+        let tls_hello = [
+            0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+        ];
+        for junk in [
+            &tls_hello[..],
+            &[0u8; 64][..],
+            b"G\x01T / HTTP/1.1",
+            b"GET / HTTP/2.0\r\n",
+            b"GET / FTP/1.1\r\n",
+            b"GET /\x00 HTTP/1.1\r\n",
+        ] {
+            assert!(refutes_head(junk), "{junk:?}");
+        }
+    }
 
     const GOOD: &str = "GET /echo?x=1 HTTP/1.1\r\nHost: localhost\r\nUpgrade: WebSocket\r\n\
         Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\

@@ -495,6 +495,16 @@ impl Session {
                             );
                             return Next::FlushAndClose;
                         }
+                        if handshake::refutes_head(rest) {
+                            // Not HTTP (TLS on the plain port, binary junk):
+                            // answered now, not at the request deadline.
+                            self.answer_published(ctx);
+                            self.refuse(
+                                Reject::new(Status::BadRequest, "not an HTTP/1.1 request"),
+                                ctx.stats,
+                            );
+                            return Next::FlushAndClose;
+                        }
                         self.keep(buf, pos, ctx.now_ms);
                         return Next::Read;
                     };

@@ -287,3 +287,28 @@ fn upgraded_connections_leave_no_request_deadlines_behind() {
     assert_eq!(sim.stats().handshake_timeouts.load(Relaxed), 2);
     assert!(subscribers.iter().all(|k| !sim.closed.contains(k)));
 }
+
+/// Bytes that cannot begin an HTTP request (a wss:// client's ClientHello
+/// on the plain port) are answered `400` at once, not kept until the
+/// request deadline (outside probe: `408` ten seconds later), while a
+/// request arriving a byte at a time is still waited for.
+#[test]
+fn a_first_line_that_cannot_be_http_is_answered_at_once() {
+    let mut sim = Sim::new(|_| {});
+    let tls = sim.connect(1 << 20);
+    sim.send(tls, &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc]);
+    let answer = String::from_utf8_lossy(&sim.received(tls)).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert!(answer.contains("not an HTTP/1.1 request"), "{answer}");
+    let slow = sim.connect(1 << 20);
+    for b in b"GET /healthz HTTP/1.1\r\nHost: x\r\n" {
+        sim.send(slow, &[*b]);
+    }
+    assert!(
+        sim.received(slow).is_empty(),
+        "a real request is waited for"
+    );
+    sim.send(slow, b"\r\n");
+    let answer = String::from_utf8_lossy(&sim.received(slow)).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+}
