@@ -119,7 +119,15 @@ pub enum ControlError {
     BadRate,
     /// A refresh without a `"token"` string.
     NoToken,
+    /// A key this message's meaning rests on (`op`, `topics`, `since`,
+    /// `max_rate`, `token`) given twice: parsers disagree on which one
+    /// counts (first or last), so a proxy that checks the message could
+    /// read another than ours.
+    DuplicateKey(&'static str),
 }
+
+/// The keys a control message's meaning rests on: each at most once.
+const KEYS: [&str; 5] = ["op", "topics", "since", "max_rate", "token"];
 
 impl fmt::Display for ControlError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -136,6 +144,7 @@ impl fmt::Display for ControlError {
                 f.write_str("unknown op; expected subscribe, unsubscribe, history or refresh")
             }
             Self::NoToken => f.write_str("a refresh needs \"token\": a string"),
+            Self::DuplicateKey(k) => write!(f, "\"{k}\" given more than once"),
             Self::TopicsNotStrings => f.write_str("\"topics\" must be an array of strings"),
             Self::Topic(e) => e.fmt(f),
             Self::TooManyTopics { max } => ListError::TooMany { max: *max }.fmt(f),
@@ -201,6 +210,18 @@ fn parse_counting(
     check_depth(buf, MAX_CONTROL_DEPTH)?;
     check_surrogates(buf)?;
     let value = simd_json::to_borrowed_value(buf).map_err(|_| ControlError::Malformed)?;
+    if let Some(obj) = value.as_object() {
+        // One pass over the keys (the parser keeps duplicates, and `get`
+        // finds the first).
+        let mut seen = [false; KEYS.len()];
+        for (k, _) in obj.iter() {
+            if let Some(i) = KEYS.iter().position(|&key| key == k.as_ref()) {
+                if std::mem::replace(&mut seen[i], true) {
+                    return Err(ControlError::DuplicateKey(KEYS[i]));
+                }
+            }
+        }
+    }
     let op = match value.get("op").and_then(|v| v.as_str()) {
         Some("subscribe") => Op::Subscribe,
         Some("unsubscribe") => Op::Unsubscribe,
@@ -687,6 +708,20 @@ mod tests {
             ),
             (r#"{"op":"subscribe","topics":[""]}"#, "empty"),
             ("[1,2]", "missing \"op\""),
+            // Outside probe: the first of two took effect (most parsers,
+            // and a proxy checking the message, take the last).
+            (
+                r#"{"op":"subscribe","op":"unsubscribe","topics":["a"]}"#,
+                "\"op\" given more than once",
+            ),
+            (
+                r#"{"op":"subscribe","topics":["a"],"x":1,"topics":["b"]}"#,
+                "\"topics\" given more than once",
+            ),
+            (
+                r#"{"op":"refresh","token":"a","token":"b"}"#,
+                "\"token\" given more than once",
+            ),
         ] {
             let err = p(input).unwrap_err().to_string();
             assert!(err.contains(needle), "{input}: {err}");

@@ -63,6 +63,8 @@ pub struct HistoryMemory {
     entries: AtomicUsize,
     /// Entries dropped before their time because the total was reached.
     evicted_for_memory: AtomicU64,
+    /// Publications larger than their topic's history bytes, so never kept.
+    too_large: AtomicU64,
 }
 
 impl HistoryMemory {
@@ -79,6 +81,13 @@ impl HistoryMemory {
     /// Entries dropped early to stay under the total.
     pub fn evicted_for_memory(&self) -> u64 {
         self.evicted_for_memory.load(Ordering::Relaxed)
+    }
+
+    /// Publications not kept because they alone were over their topic's
+    /// history bytes (delivered live, but neither recoverable nor a last
+    /// value).
+    pub fn too_large(&self) -> u64 {
+        self.too_large.load(Ordering::Relaxed)
     }
 
     fn add(&self, bytes: usize) {
@@ -207,6 +216,12 @@ impl History {
             "consecutive numbers"
         );
         let c = cost(msg);
+        if c > limits.bytes {
+            // It alone is over the topic's bytes: the trim below would drop
+            // it at once (and everything before it). Counted, as a message
+            // recovery will not find.
+            memory.too_large.fetch_add(1, Ordering::Relaxed);
+        }
         self.entries.push_back(Arc::clone(msg));
         self.bytes += c;
         memory.add(c);
@@ -472,6 +487,24 @@ mod tests {
         assert_eq!(h.range(), Some((11, 12)), "bytes bound");
         h.clear(&mem);
         assert_eq!((mem.entries(), mem.bytes()), (0, 0));
+    }
+
+    /// A publication alone over its topic's bytes is not kept, and that is
+    /// counted (outside probe: a 2 MB publication left no history and no
+    /// last value, and no counter moved).
+    #[test]
+    fn a_message_over_the_topics_bytes_is_not_kept_and_is_counted() {
+        let mem = HistoryMemory::default();
+        let now = Instant::now();
+        let mut h = History::default();
+        let l = limits(100, 1000);
+        h.append(&msg(1, 10, now), &l, &mem, now);
+        assert_eq!(mem.too_large(), 0);
+        h.append(&msg(2, 2000, now), &l, &mem, now);
+        assert_eq!(h.range(), None, "neither kept");
+        assert_eq!(mem.too_large(), 1, "counted");
+        h.append(&msg(3, 10, now), &l, &mem, now);
+        assert_eq!((h.range(), mem.too_large()), (Some((3, 3)), 1));
     }
 
     #[test]

@@ -82,6 +82,7 @@ pub(crate) fn render_metrics(shared: &Shared) -> Bytes {
         h.entries(),
         d.retained_len(),
         h.evicted_for_memory(),
+        h.too_large(),
     );
     let reloads = shared
         .reloads

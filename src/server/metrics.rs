@@ -277,7 +277,14 @@ pub fn render(workers: &[WorkerStats], topics: usize, stranded: u64) -> String {
 
 /// The histories: bytes and messages held, topics retained for their
 /// history alone, messages dropped early to stay under `--history-memory`.
-pub fn render_history(s: &mut String, bytes: usize, entries: usize, retained: usize, evicted: u64) {
+pub fn render_history(
+    s: &mut String,
+    bytes: usize,
+    entries: usize,
+    retained: usize,
+    evicted: u64,
+    too_large: u64,
+) {
     for (name, kind, help, v) in [
         (
             "corecast_history_bytes",
@@ -302,6 +309,12 @@ pub fn render_history(s: &mut String, bytes: usize, entries: usize, retained: us
             "counter",
             "History messages dropped before their time: to stay under --history-memory, or with a retained topic forgotten over --retained-topics or its namespace's retained-topics.",
             evicted,
+        ),
+        (
+            "corecast_history_too_large_total",
+            "counter",
+            "Publications larger than their topic's --history-bytes (or its namespace's history-bytes): delivered live, but never kept, so neither recoverable with since nor a last value.",
+            too_large,
         ),
     ] {
         header(s, name, kind, help);

@@ -137,7 +137,7 @@ fn every_metric_once_with_help_and_type_as_documented() {
     };
     render_process(&mut text, process, Some(1_900_000_000), [3, 1], [1, 1]);
     render_jwks(&mut text, [5, 2], 1_900_000_000);
-    render_history(&mut text, 4096, 12, 3, 2);
+    render_history(&mut text, 4096, 12, 3, 2, 1);
     render_cluster(&mut text, true, 512, &busy_cluster());
     let documented: BTreeMap<&str, &str> = include_str!("../../docs/PROTOCOL.md")
         .lines()
