@@ -215,10 +215,10 @@ fn parse_counting(
         // finds the first).
         let mut seen = [false; KEYS.len()];
         for (k, _) in obj.iter() {
-            if let Some(i) = KEYS.iter().position(|&key| key == k.as_ref()) {
-                if std::mem::replace(&mut seen[i], true) {
-                    return Err(ControlError::DuplicateKey(KEYS[i]));
-                }
+            if let Some(i) = KEYS.iter().position(|&key| key == k.as_ref())
+                && std::mem::replace(&mut seen[i], true)
+            {
+                return Err(ControlError::DuplicateKey(KEYS[i]));
             }
         }
     }
