@@ -105,6 +105,14 @@ pub struct Ctx<'a> {
     /// inflated 32 KiB of wire at a time, never reached the per-read
     /// bound and held its worker for the whole flood).
     pub work: usize,
+    /// Bytes of echoes the worker may still compress this turn, every
+    /// connection's together: past it, echoes go uncompressed (the
+    /// extension allows it), as publications do past their room. Each
+    /// connection's compressing also counts toward its own turn
+    /// ([`COMPRESS_WORK`]), but one message always goes, so 32 clients
+    /// echoing 64 KiB of text each made a turn compress 2 MiB (outside
+    /// probe: a victim's round trip waited ~90 ms a turn).
+    pub echo_compress: usize,
 }
 
 impl Ctx<'_> {
@@ -636,12 +644,16 @@ impl Session {
                 Some(Event::Message { kind, payload }) => match role {
                     Role::Echo => {
                         ctx.stats.message_echoed();
-                        if deflate.is_some_and(|a| a.compresses(payload.len())) {
+                        let deflate = deflate
+                            .filter(|a| a.compresses(payload.len()) && ctx.echo_compress > 0);
+                        if deflate.is_some() {
                             ctx.work = ctx
                                 .work
                                 .saturating_add(payload.len().saturating_mul(COMPRESS_WORK));
+                            ctx.echo_compress = ctx.echo_compress.saturating_sub(payload.len());
                         }
-                        // Compressed per message when agreed and it gains.
+                        // Compressed per message when agreed and it gains,
+                        // while the worker's turn has room to.
                         Some(Reply::Frame(Bytes::from(
                             crate::proto::deflate::message_frame(deflate, kind.opcode(), payload),
                         )))

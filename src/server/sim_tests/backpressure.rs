@@ -548,6 +548,53 @@ fn a_turn_compresses_its_share_of_publications_and_sends_the_rest_plain() {
 }
 
 #[test]
+fn a_turn_compresses_its_share_of_echoes_and_sends_the_rest_plain() {
+    // Eight permessage-deflate echo clients each send a 60 KiB text
+    // message, all read in one turn: each compressed echo costs ~1-5 ms,
+    // and each connection's own turn always takes one message, so the
+    // worker compressed them all in the turn (outside probe: 32 such
+    // clients kept a victim's round trip at ~90 ms). The turn compresses
+    // its room's worth; the rest go plain (RSV1 clear), every echo whole.
+    const SIZE: usize = 60 * 1024;
+    let mut sim = Sim::new(|c| c.ping_interval = None);
+    let deflate = "Sec-WebSocket-Extensions: permessage-deflate\r\n";
+    let clients: Vec<usize> = (0..8)
+        .map(|_| sim.upgrade_with("/echo", deflate, 1 << 20))
+        .collect();
+    let text = |i: usize| vec![b'a' + i as u8; SIZE];
+    for (i, &c) in clients.iter().enumerate() {
+        sim.peers.get_mut(&c).unwrap().unread = client_frame(true, OpCode::Text, &text(i), MASK);
+    }
+    sim.core.begin_turn(sim.now);
+    for &c in &clients {
+        sim.pump(c);
+    }
+    sim.turn();
+    let (mut compressed, mut plain) = (0, 0);
+    for (i, &c) in clients.iter().enumerate() {
+        let got = sim.received(c);
+        let h = crate::proto::frame::parse_header(&got).unwrap().unwrap();
+        let body = &got[h.header_len..h.header_len + h.payload_len as usize];
+        let message = if h.rsv1 {
+            compressed += 1;
+            let mut out = Vec::new();
+            crate::proto::deflate::inflate(body, 1 << 20, &mut out).unwrap();
+            out
+        } else {
+            plain += 1;
+            body.to_vec()
+        };
+        assert!(message == text(i), "echo {i} whole");
+    }
+    assert!(
+        (2..=3).contains(&compressed),
+        "a turn's share: {compressed}"
+    );
+    assert_eq!(compressed + plain, 8);
+    assert_eq!(ws_failures(&sim), []);
+}
+
+#[test]
 fn a_paced_publishers_fin_waits_for_what_it_sent_before_it() {
     // The FIN arrives while the publisher is paced, with 19 of its 30
     // messages still kept (io_uring reads it so): they are published at

@@ -160,6 +160,7 @@ impl<S> Core<S> {
             yielded: false,
             room: self.lease.limit(&self.shared.budget).saturating_sub(others),
             work: before.saturating_add(new_bytes.saturating_mul(WIRE_WORK)),
+            echo_compress: self.echo_compress,
         };
         // The grant held before, to store only one the session changed.
         let held = ctx.grant.as_ref().map(Arc::as_ptr);
@@ -174,6 +175,7 @@ impl<S> Core<S> {
                 return self.input_panicked(key);
             }
         };
+        self.echo_compress = ctx.echo_compress;
         if ctx.published {
             conn.set_flag(PUBLISHED, true);
         }

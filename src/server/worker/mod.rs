@@ -174,6 +174,9 @@ pub struct Core<S> {
     /// is counted across all its input of the turn, not per read. Cleared
     /// at each turn's start.
     turn_work: HashMap<usize, (u32, usize)>,
+    /// Bytes of echoes this turn may still compress, all connections
+    /// together ([`COMPRESS_PER_TURN`](crate::pubsub::envelope::COMPRESS_PER_TURN)).
+    echo_compress: usize,
     /// Paced publishers resumed with input still kept after their pause:
     /// since when (each must work it off within `--message-timeout`).
     backlogged: HashMap<usize, (u32, Instant)>,
@@ -245,6 +248,7 @@ impl<S> Core<S> {
             flush_batch: Vec::new(),
             reread: Vec::new(),
             turn_work: HashMap::new(),
+            echo_compress: crate::pubsub::envelope::COMPRESS_PER_TURN,
             confirmed: Vec::new(),
             handshake_deadlines: VecDeque::new(),
             linger_deadlines: VecDeque::new(),
@@ -365,6 +369,7 @@ impl<S> Core<S> {
     pub fn begin_turn(&mut self, now: Instant) {
         self.now = now;
         self.turn_work.clear();
+        self.echo_compress = crate::pubsub::envelope::COMPRESS_PER_TURN;
         #[cfg(test)]
         if self
             .shared
