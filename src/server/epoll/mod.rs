@@ -25,7 +25,6 @@ mod tls;
 
 use super::Shared;
 use super::backend::{self, Backend, READ_BUF_BYTES, is_resource_exhaustion};
-use super::tls::HANDSHAKE_STEPS_PER_TURN;
 use super::worker::{AfterFlush, Core, Header, Input, IoState};
 use crate::proto::outbound::MAX_IOVECS;
 use crate::proto::proxy::MAX_HEADER;
@@ -70,7 +69,8 @@ pub(super) struct Worker {
     /// The worker's ciphertext write buffer: records are sealed here and
     /// written at once (`tls::Worker::flush_tls`).
     tls_out: super::tls::Wire,
-    /// TLS handshake steps left this turn ([`HANDSHAKE_STEPS_PER_TURN`]).
+    /// TLS handshake steps left this turn (the current key's
+    /// [`Certs::handshake_steps`](super::tls::Certs::handshake_steps)).
     tls_steps: u32,
     /// The event being handled says the peer shut its side (`EPOLLRDHUP`):
     /// a PROXY header still unfinished in the socket can then never
@@ -100,7 +100,7 @@ impl Worker {
             tls: HashMap::new(),
             cipher: Box::default(),
             tls_out: super::tls::Wire::default(),
-            tls_steps: HANDSHAKE_STEPS_PER_TURN,
+            tls_steps: 0,
             peer_closed: false,
         })
     }
@@ -407,7 +407,7 @@ impl Backend for Worker {
     }
 
     fn handle_events(&mut self) {
-        self.tls_steps = HANDSHAKE_STEPS_PER_TURN;
+        self.tls_steps = self.core.handshake_steps_per_turn();
         let events = std::mem::replace(&mut self.events, Events::with_capacity(0));
         for ev in events.iter() {
             match ev.token() {

@@ -231,6 +231,11 @@ pub struct TlsConn {
 /// what a client whose handshake passes the bound we hold is sent.
 const PLAIN_INTERNAL_ERROR: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 80];
 
+/// A fatal `record_overflow` alert in a plaintext record (before any
+/// keys): what a client that sends a record over 2^14 + 256 bytes before
+/// the server's flight is sent (RFC 8446 §5.1, §5.2).
+const PLAIN_RECORD_OVERFLOW: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 22];
+
 /// Where one run of rustls' state machine stopped.
 enum Stop {
     /// Every complete record was processed; application data may be sent.
@@ -240,6 +245,9 @@ enum Stop {
     /// The peer sent `close_notify`.
     PeerClosed,
     Failed,
+    /// A record longer than any a client may send, seen on its header
+    /// during the handshake (rustls was not given it).
+    Overflow,
 }
 
 thread_local! {
@@ -383,12 +391,16 @@ fn seal_queue(
 type Writer<'a> = dyn FnMut(&mut WriteTraffic<'_, ServerConnectionData>, &mut Wire) -> bool + 'a;
 
 /// The end of the record that starts at `buf[from..]`, or `buf.len()` if
-/// it is not all there.
-fn record_end(buf: &[u8], from: usize) -> usize {
-    match buf.get(from..from + 5) {
-        Some(h) => (from + 5 + u16::from_be_bytes([h[3], h[4]]) as usize).min(buf.len()),
-        None => buf.len(),
-    }
+/// it is not all there; `None` if its header says it is longer than any
+/// record a client may send (2^14 + 256 bytes, RFC 8446 §5.2; no suite we
+/// offer, TLS 1.2's included, expands a record by more), refused on the
+/// header instead of waiting for the rest.
+fn record_end(buf: &[u8], from: usize) -> Option<usize> {
+    let Some(h) = buf.get(from..from + record::HEADER) else {
+        return Some(buf.len());
+    };
+    let len = u16::from_be_bytes([h[3], h[4]]) as usize;
+    (len <= record::MAX_CIPHERTEXT).then(|| (from + record::HEADER + len).min(buf.len()))
 }
 
 /// The session's handshake is over and it goes to our record layer: rustls
@@ -433,12 +445,28 @@ fn run_given(
     sink: &mut Wire,
     write: &mut Writer<'_>,
 ) -> (usize, Stop, usize) {
-    let (mut at, mut end, mut closed) = (0, seen.min(buf.len()), false);
+    let (mut at, mut closed) = (0, false);
+    let mut end = seen.min(buf.len());
+    if conn.is_handshaking() {
+        // What rustls kept may end inside a record (a partial one): `end`
+        // goes on to that record's end, so that it is always a record
+        // boundary (or the end of `buf`) and the next header read is one.
+        end = 0;
+        while end < seen.min(buf.len()) {
+            let Some(e) = record_end(buf, end) else {
+                return (0, Stop::Overflow, seen);
+            };
+            end = e;
+        }
+    }
     let mut given = end;
     loop {
         let limit = if conn.is_handshaking() {
             if end <= at {
-                end = record_end(buf, at);
+                let Some(e) = record_end(buf, at) else {
+                    return (at, Stop::Overflow, given);
+                };
+                end = e;
             }
             end
         } else if handing_over(conn) {
@@ -501,7 +529,10 @@ fn run_given(
         };
         at = (at + discard + extra).min(buf.len());
         if grow {
-            end = record_end(buf, limit);
+            let Some(e) = record_end(buf, limit) else {
+                return (at, Stop::Overflow, given);
+            };
+            end = e;
         }
         match stop {
             None => {}
@@ -696,6 +727,19 @@ impl TlsConn {
         }
         match stop {
             Stop::Failed => Err(self.fail()),
+            Stop::Overflow => {
+                // rustls answers `decode_error`, on the header only from
+                // 2^14 + 2 048 bytes (TLS 1.2's bound), below it once the
+                // whole record is read (RFC 8446 §5.1 asks for
+                // `record_overflow`). Told so in the clear if
+                // we have not spoken yet; after the server's flight only
+                // rustls' keys may speak, and the session closes without
+                // an alert (RFC 8446 §6.2: an alert SHOULD be sent).
+                if !self.spoke && self.pending.is_empty() {
+                    self.pending.extend(&PLAIN_RECORD_OVERFLOW);
+                }
+                Err(self.fail())
+            }
             Stop::PeerClosed => {
                 self.peer_closed = true;
                 Ok(())
@@ -899,7 +943,10 @@ impl TlsConn {
             taken = seal_queue(&mut sealer, bufs, sink, limit);
             taken.is_some()
         };
-        if matches!(self.at_write_point(Some(wire), &mut write), Stop::Failed) {
+        if matches!(
+            self.at_write_point(Some(wire), &mut write),
+            Stop::Failed | Stop::Overflow
+        ) {
             self.fail();
             return 0;
         }
@@ -1455,6 +1502,80 @@ mod tests {
         s.take_pending(&mut wire);
         assert_eq!(wire.pending(), PLAIN_INTERNAL_ERROR);
         assert_eq!(s.held(), 0);
+    }
+
+    /// A rustls client's first flight: its ClientHello, one record.
+    fn client_hello(client: &Arc<rustls::ClientConfig>) -> Vec<u8> {
+        let mut c =
+            rustls::ClientConnection::new(client.clone(), "localhost".try_into().unwrap()).unwrap();
+        let mut hello = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut hello).unwrap();
+        }
+        assert_eq!(records(&hello).len(), 1);
+        hello
+    }
+
+    #[test]
+    fn a_record_over_the_limit_before_the_handshake_is_refused_on_its_header_with_record_overflow()
+    {
+        let (server, client) = configs();
+        // rustls would wait for all of a record under 2^14 + 2 048 bytes,
+        // then say decode_error: refused on the header, told so in the
+        // clear.
+        for len in [16_641u16, 18_431, 18_432, 65_535] {
+            let mut s = TlsConn::new(server.clone(), 8192).unwrap();
+            let mut header = [22u8, 3, 1, (len >> 8) as u8, len as u8].to_vec();
+            assert_eq!(s.receive(&mut header), Err(Failure::Handshake), "{len}");
+            let mut wire = Wire::default();
+            s.take_pending(&mut wire);
+            assert_eq!(wire.pending(), PLAIN_RECORD_OVERFLOW, "{len}");
+            assert_eq!(s.held(), 0);
+        }
+        // The largest a record may be waits for the rest.
+        let mut s = TlsConn::new(server.clone(), 8192).unwrap();
+        assert_eq!(s.receive(&mut [22u8, 3, 1, 0x41, 0x00].to_vec()), Ok(()));
+        // After the server's flight its keys are rustls': refused, without
+        // an alert of ours in the clear.
+        let mut s = TlsConn::new(server, 8192).unwrap();
+        assert_eq!(s.receive(&mut client_hello(&client)), Ok(()));
+        let mut flight = Wire::default();
+        s.take_pending(&mut flight);
+        assert!(!flight.is_empty());
+        let mut header = [23u8, 3, 3, 0x41, 0x01].to_vec();
+        assert_eq!(s.receive(&mut header), Err(Failure::Handshake));
+        let mut wire = Wire::default();
+        s.take_pending(&mut wire);
+        assert!(wire.is_empty());
+    }
+
+    /// Record headers are read at record boundaries only, wherever the
+    /// reads cut: within a header, within a record, within a handshake
+    /// message that goes on in the next record.
+    #[test]
+    fn a_client_hello_cut_anywhere_is_answered_with_the_servers_flight() {
+        let (server, client) = configs();
+        let hello = client_hello(&client);
+        // The same message in two records, cut 100 bytes in.
+        let body = &hello[5..];
+        let mut two = Vec::new();
+        for part in [&body[..100], &body[100..]] {
+            two.extend_from_slice(&[22, 3, 1]);
+            two.extend_from_slice(&(part.len() as u16).to_be_bytes());
+            two.extend_from_slice(part);
+        }
+        for flight in [hello, two] {
+            let cuts = (1..16)
+                .chain((16..flight.len()).step_by(29))
+                .chain(100..112);
+            for cut in cuts {
+                let mut s = TlsConn::new(server.clone(), 8192).unwrap();
+                for piece in [&flight[..cut], &flight[cut..]] {
+                    assert_eq!(s.receive(&mut piece.to_vec()), Ok(()), "cut at {cut}");
+                }
+                assert!(s.wants_write(), "cut at {cut}: the server's flight");
+            }
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@
 
 mod cert_time;
 mod conn;
+pub mod cost;
 mod record;
 
 pub use conn::{CIPHERTEXT_LIMIT, Failure, PLAIN_HTTP_ANSWER, TlsConn, Wire};
@@ -20,14 +21,23 @@ use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 
-/// Steps of TLS handshakes a worker takes per loop turn (a step: one read
-/// of a session whose handshake has not completed; the first, the
-/// ClientHello's, costs the key exchange and the signature, ~0.1 ms). The
-/// rest wait for the next turn, after the turn's fan-out: a reconnect storm
-/// of thousands of clients costs established subscribers at most ~3 ms of
-/// handshake work per turn.
+/// The most TLS handshake steps a worker takes per loop turn (a step: one
+/// read of a session whose handshake has not completed); the rest wait for
+/// the next turn, after the turn's fan-out. The ClientHello's step costs
+/// the key exchange and the flight (~0.15 ms: a whole P-256 handshake,
+/// accept to close, took 0.17 ms of server CPU here) and the signature,
+/// which depends on the key by two orders of magnitude (P-256 ~20 µs,
+/// RSA-2048 ~0.8 ms, RSA-4096 5–10 ms), so a worker takes the current
+/// key's [`Certs::handshake_steps`]: as many as sign within
+/// [`cost::SIGNING_BUDGET_PER_TURN`] (3 ms), timed when the key is loaded
+/// ([`cost::steps_per_turn`]), at least 1 and at most this many (P-256:
+/// 32; RSA-2048: 3 or 4; RSA-4096: 1). A reconnect storm of
+/// thousands of clients thus holds established subscribers for ~5 ms of
+/// handshakes per turn with P-256, ~3 ms with RSA-2048, one signature
+/// (5–10 ms) where a signature alone takes longer than the budget.
 pub const HANDSHAKE_STEPS_PER_TURN: u32 = 32;
 
 /// Ciphertext a client may send before its handshake completes, besides
@@ -70,6 +80,9 @@ pub struct Loaded {
     /// The leaf certificate's `notAfter`, in seconds since the Unix epoch
     /// (`None` if its validity could not be read).
     pub not_after: Option<i64>,
+    /// Handshake steps per loop turn with this key
+    /// ([`cost::steps_per_turn`] of its measured signature).
+    pub handshake_steps: u32,
 }
 
 /// What a reload keeps: the session-ticket keys and the session cache, so
@@ -123,7 +136,8 @@ pub fn load(settings: &TlsSettings, resumption: &Resumption) -> Result<Loaded, S
         MinVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
         MinVersion::Tls13 => &[&rustls::version::TLS13],
     };
-    let mut config = ServerConfig::builder_with_provider(provider)
+    let signing = key.clone_key();
+    let mut config = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(versions)
         .map_err(|e| format!("TLS versions: {e}"))?
         .with_no_client_auth()
@@ -146,10 +160,36 @@ pub fn load(settings: &TlsSettings, resumption: &Resumption) -> Result<Loaded, S
     config.max_early_data_size = 0;
     // An established TLS 1.3 session leaves rustls for `record.rs`.
     config.enable_secret_extraction = true;
+    // Timed once the pair is known to make a configuration: a failed
+    // reload logs no steps of its own.
+    let handshake_steps = handshake_steps(&provider, signing);
     Ok(Loaded {
         config: Arc::new(config),
         not_after,
+        handshake_steps,
     })
+}
+
+/// The handshake steps per turn for `key`, from its signature timed here
+/// (four signatures, at start and at each reload: ~25–40 ms with an
+/// RSA-4096 key, well under a millisecond with P-256). A key that cannot
+/// be timed (it signs with no scheme a client may offer) keeps the most.
+fn handshake_steps(provider: &rustls::crypto::CryptoProvider, key: PrivateKeyDer<'static>) -> u32 {
+    let signature = provider
+        .key_provider
+        .load_private_key(key)
+        .ok()
+        .and_then(|k| cost::signature_cost(&*k));
+    let Some(signature) = signature else {
+        return HANDSHAKE_STEPS_PER_TURN;
+    };
+    let steps = cost::steps_per_turn(signature);
+    tracing::info!(
+        signature_us = signature.as_micros() as u64,
+        steps,
+        "TLS handshake steps per loop turn for this key"
+    );
+    steps
 }
 
 /// Puts the AES-128-GCM suites first, keeping the provider's order
@@ -196,6 +236,7 @@ pub struct Certs {
     resumption: Resumption,
     current: RwLock<Arc<ServerConfig>>,
     not_after: std::sync::atomic::AtomicI64,
+    handshake_steps: AtomicU32,
 }
 
 impl Certs {
@@ -205,6 +246,7 @@ impl Certs {
             resumption,
             current: RwLock::new(loaded.config),
             not_after: loaded.not_after.unwrap_or(0).into(),
+            handshake_steps: loaded.handshake_steps.into(),
         }
     }
 
@@ -216,6 +258,13 @@ impl Certs {
     /// The current certificate's `notAfter` (Unix seconds; 0 if unknown).
     pub fn not_after(&self) -> i64 {
         self.not_after.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Handshake steps a worker may take per loop turn with the current
+    /// key (read at each turn's start: a reload's key applies from the
+    /// next turn).
+    pub fn handshake_steps(&self) -> u32 {
+        self.handshake_steps.load(Ordering::Relaxed)
     }
 
     /// Reads the files again (or, with `new`, the files and version it
@@ -232,6 +281,63 @@ impl Certs {
             loaded.not_after.unwrap_or(0),
             std::sync::atomic::Ordering::Relaxed,
         );
+        self.handshake_steps
+            .store(loaded.handshake_steps, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes a self-signed certificate for `key` and the key as PEM files
+    /// named `name` in `dir`.
+    fn write_pair(dir: &Path, name: &str, key: &rcgen::KeyPair) -> (PathBuf, PathBuf) {
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .self_signed(key)
+            .unwrap();
+        let (c, k) = (
+            dir.join(format!("{name}.crt")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
+    /// Coarse, as in `cost.rs`: an RSA-4096 signature costs two orders of
+    /// magnitude more than a P-256 one on any machine.
+    #[test]
+    fn a_reload_with_a_slower_key_lowers_the_steps_workers_read() {
+        let dir = std::env::temp_dir().join(format!("corecast-tls-cost-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p256 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let rsa =
+            rcgen::KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_4096)
+                .unwrap();
+        let (cert, key) = write_pair(&dir, "p256", &p256);
+        let settings = TlsSettings {
+            cert,
+            key,
+            min_version: MinVersion::Tls12,
+        };
+        let resumption = Resumption::new().unwrap();
+        let loaded = load(&settings, &resumption).unwrap();
+        let certs = Certs::new(settings, resumption, loaded);
+        let fast = certs.handshake_steps();
+        let (cert, key) = write_pair(&dir, "rsa", &rsa);
+        certs
+            .reload(Some(TlsSettings {
+                cert,
+                key,
+                min_version: MinVersion::Tls12,
+            }))
+            .unwrap();
+        let slow = certs.handshake_steps();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!((1..fast).contains(&slow), "P-256 {fast}, RSA-4096 {slow}");
+        assert!(fast <= HANDSHAKE_STEPS_PER_TURN);
     }
 }

@@ -39,7 +39,7 @@ const TAG: usize = 16;
 /// The largest plaintext a record may carry.
 pub const MAX_PLAINTEXT: usize = 1 << 14;
 /// The largest `TLSCiphertext.length` (RFC 8446 §5.2).
-const MAX_CIPHERTEXT: usize = MAX_PLAINTEXT + 256;
+pub const MAX_CIPHERTEXT: usize = MAX_PLAINTEXT + 256;
 
 const APPLICATION_DATA: u8 = 23;
 const ALERT: u8 = 21;

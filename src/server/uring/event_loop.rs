@@ -56,8 +56,8 @@ pub(in crate::server) struct Worker {
     /// The TLS sessions of this worker's connections, by slab key (none
     /// without `--tls-cert`), each dropped when its entry is freed.
     pub(super) tls: HashMap<usize, Box<super::tls::TlsState>>,
-    /// TLS handshake steps left this turn
-    /// ([`HANDSHAKE_STEPS_PER_TURN`](crate::server::tls::HANDSHAKE_STEPS_PER_TURN)).
+    /// TLS handshake steps left this turn (the current key's
+    /// [`Certs::handshake_steps`](crate::server::tls::Certs::handshake_steps)).
     pub(super) tls_steps: u32,
     /// The buffer the next TLS flush seals into: given back after each send
     /// that completes as it is submitted, so it stays in the cache (see
@@ -101,7 +101,7 @@ impl Worker {
             send_pool: Vec::new(),
             send_ops: HashMap::new(),
             tls: HashMap::new(),
-            tls_steps: crate::server::tls::HANDSHAKE_STEPS_PER_TURN,
+            tls_steps: 0,
             tls_scratch: Vec::new(),
         })
     }
@@ -258,7 +258,7 @@ impl Backend for Worker {
     }
 
     fn handle_events(&mut self) {
-        self.tls_steps = crate::server::tls::HANDSHAKE_STEPS_PER_TURN;
+        self.tls_steps = self.core.handshake_steps_per_turn();
         self.reap();
     }
 

@@ -298,6 +298,17 @@ impl<S> Core<S> {
         &self.shared
     }
 
+    /// TLS handshake steps this worker may take in the turn starting now:
+    /// the current key's
+    /// ([`Certs::handshake_steps`](crate::server::tls::Certs::handshake_steps)),
+    /// so a reload with a slower key applies from the next turn.
+    pub fn handshake_steps_per_turn(&self) -> u32 {
+        self.shared
+            .tls
+            .as_ref()
+            .map_or(0, crate::server::tls::Certs::handshake_steps)
+    }
+
     /// The connection at `key` (which must exist).
     pub fn conn(&self, key: usize) -> &Conn<S> {
         &self.conns[key]
