@@ -156,6 +156,14 @@ pub const CHECK_WORK: usize = YIELD_AFTER_BYTES / 16;
 /// until the flood stopped). On epoll it bounds a turn's reads likewise.
 pub const WIRE_WORK: usize = 4;
 
+/// What each byte inflated from a compressed message counts toward
+/// [`YIELD_AFTER_BYTES`] (besides the 1 of the decoded message): inflating
+/// runs at ~0.3-1 GB/s, a tenth or less of unmasking and copying, so a
+/// turn's worth is ~128 KiB of inflated bytes, ~0.2-0.4 ms (outside
+/// probe: counted 1 a byte, 32 clients echoing compressed 64 KiB messages
+/// each inflated ~6 a turn, and a victim's round trip waited ~70 ms).
+pub const INFLATE_WORK: usize = 8;
+
 /// What each byte of an echo compressed for the client counts toward
 /// [`YIELD_AFTER_BYTES`]: deflate at level 6 runs at 12–60 MB/s (12 on
 /// low-entropy text such as random `acgt`: ~5 ms for 60 KiB), a sixteenth
@@ -618,16 +626,18 @@ impl Session {
                 }
             }
             // Compressed messages inflate within what is left of the
-            // turn's work (each inflated byte counts), stopping where it
-            // runs out to go on at the next turn: one 16 KB message can
-            // inflate to 16 MiB.
-            let room_given = YIELD_AFTER_BYTES.saturating_sub(ctx.work).max(1);
+            // turn's work (each inflated byte counts INFLATE_WORK),
+            // stopping where it runs out to go on at the next turn: one
+            // 16 KB message can inflate to 16 MiB.
+            let room_given = (YIELD_AFTER_BYTES.saturating_sub(ctx.work) / INFLATE_WORK).max(1);
             let mut room = room_given;
             let left = buf.len() - pos;
             let decoded = ws.decode_within(&mut buf[pos..], &mut self.out, &mut room);
             pos += decoded.consumed;
             let paused = room == 0 && decoded.consumed < left;
-            ctx.work = ctx.work.saturating_add(room_given - room);
+            ctx.work = ctx
+                .work
+                .saturating_add((room_given - room).saturating_mul(INFLATE_WORK));
             if let Some(Event::Message { payload, .. }) = &decoded.event {
                 // Each message costs what holds it besides its bytes: a
                 // read of empty messages yields too.
