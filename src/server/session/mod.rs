@@ -846,25 +846,28 @@ impl Session {
     ) {
         let in_request = self.partial_request();
         self.pending.clear();
-        // What is queued and not begun goes too (the front chunk may be
-        // partly on the wire): the connection is closed for what it
-        // holds, which lingering with it would keep (outside probe: 3 500
-        // clients pipelining /metrics unread held 2.3 GB against a 1 GiB
-        // budget, each closed but lingering with its answers).
-        let dropped = self.out.truncate_to_front();
         match &mut self.phase {
-            Phase::Ws { ws, .. } => ws.abort(code, reason, &mut self.out),
+            Phase::Ws { ws, .. } => {
+                // What is queued and not begun goes too (the front chunk
+                // may be partly on the wire, and holds whole frames): the
+                // connection is closed for what it holds, which lingering
+                // with it would keep.
+                self.out.truncate_to_front();
+                ws.abort(code, reason, &mut self.out)
+            }
             Phase::Head { .. } | Phase::Body(_) | Phase::Confirming { .. } => {
-                if in_request && dropped == 0 {
-                    // The answer to the request in progress (after the
-                    // answers queued before it, in order).
+                // Answers queued stay whole (an answer may span chunks:
+                // its head, then a shared body), at most the pipeline's
+                // bound and one answer (`PIPELINE_AHEAD_BYTES`).
+                if in_request {
+                    // The answer to the request in progress, after the
+                    // answers queued before it, in order.
                     self.refuse(Reject::new(status, reason), stats);
                 } else {
-                    // No request of its own to answer (a 503 would have
-                    // been read as the answer to the next, which was not
-                    // made), or its answers were dropped (a 503 would have
-                    // answered the first of those): it is closed after
-                    // what is begun.
+                    // No request of its own to answer: a 503 would be read
+                    // as the answer to the next one, which was not made
+                    // (outside probe: an honest POST got 204, then 503).
+                    // Closed once what is queued is written.
                     self.phase = Phase::Done;
                 }
             }

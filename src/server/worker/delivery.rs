@@ -363,9 +363,17 @@ impl<S> Core<S> {
     /// burst of thousands of messages at a rate of one per second would hold
     /// it, and its descriptor, for hours after the client left.
     fn judge_backlog(&mut self, key: usize, serial: u32) {
+        let rate = self.shared.config.max_publish_rate;
         if !self.is_current(key, serial)
             || self.conns[key].state != IoState::Active
             || self.conns[key].session.pending_len() == 0
+            // Only the publish rate holds input back for want of the
+            // client's own pace: a connection stopped at a turn's worth, or
+            // an HTTP pipeline waiting for its answers to be read, goes on
+            // as the turns come and the client reads (outside probe: a
+            // pipeline read at 2 MB/s, and a compressed echo on io_uring,
+            // were closed "publish rate exceeded" at --message-timeout).
+            || self.conns[key].session.publish_wait_ms(rate) == 0
         {
             self.backlogged.remove(&key);
             return;
