@@ -126,6 +126,9 @@ fn run<'a>(cfg: &Config, reads: impl Iterator<Item = &'a [u8]>) -> Vec<Item> {
                     // Each read is a turn: its new bytes count as the
                     // worker counts them (`Core::input`).
                     work: read.len().saturating_mul(WIRE_WORK),
+                    // Each read is a turn: the worker's echo compression
+                    // room is whole again.
+                    echo_compress: corecast::pubsub::envelope::COMPRESS_PER_TURN,
                 };
                 let next = session.on_input(&mut buf, &mut ctx);
                 (next, ctx.requests as usize, ctx.yielded)

@@ -111,7 +111,10 @@ fn check(data: &[u8]) {
             }
             assert!(
                 c.op != Op::Subscribe
-                    || c.topics.iter().filter(|t| corecast::pubsub::pattern::is_pattern(t)).count()
+                    || c.topics
+                        .iter()
+                        .filter(|t| corecast::pubsub::pattern::is_pattern(t))
+                        .count()
                         <= limits.max_patterns,
                 "a subscribe names at most max_patterns patterns"
             );
@@ -119,7 +122,9 @@ fn check(data: &[u8]) {
             for (t, _) in &c.pattern_since {
                 assert_eq!(topic::validate(t, limits.max_topic_len), Ok(t.as_str()));
                 assert!(
-                    c.topics.iter().any(|p| corecast::pubsub::pattern::matches(p, t)),
+                    c.topics
+                        .iter()
+                        .any(|p| corecast::pubsub::pattern::matches(p, t)),
                     "a position through a pattern is matched by one: {t:?}"
                 );
             }
@@ -130,7 +135,10 @@ fn check(data: &[u8]) {
                 Op::Unsubscribe => "unsubscribed",
                 Op::History => "history",
                 Op::Refresh => {
-                    assert!(c.token.is_some() && c.topics.is_empty(), "a refresh has its token");
+                    assert!(
+                        c.token.is_some() && c.topics.is_empty(),
+                        "a refresh has its token"
+                    );
                     "refreshed"
                 }
             };

@@ -127,8 +127,7 @@ fn run<'a>(
         // Vec growth may double the capacity (and allocates at least 8
         // bytes); a compressed message in progress adds its inflater.
         assert!(
-            conn.buffered()
-                <= (2 * max_message).max(8) + corecast::proto::deflate::INFLATER_BYTES,
+            conn.buffered() <= (2 * max_message).max(8) + corecast::proto::deflate::INFLATER_BYTES,
             "reassembly buffer of {} bytes for a cap of {max_message}",
             conn.buffered()
         );
@@ -166,7 +165,12 @@ fn check(data: &[u8]) {
         n => 1 << (2 * n),
     };
     let reads = Reads::new(data);
-    let whole = run(max_message, deflate, usize::MAX, std::iter::once(reads.stream()));
+    let whole = run(
+        max_message,
+        deflate,
+        usize::MAX,
+        std::iter::once(reads.stream()),
+    );
     let cut = run(max_message, deflate, room, reads);
     assert_eq!(
         whole, cut,

@@ -28,7 +28,11 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         Ok(None) => {
-            assert!(data.len() < MAX_HEADER, "{} bytes still undecided", data.len());
+            assert!(
+                data.len() < MAX_HEADER,
+                "{} bytes still undecided",
+                data.len()
+            );
             for cut in 0..data.len() {
                 assert_eq!(parse(&data[..cut]), Ok(None), "cut {cut}");
             }
@@ -36,7 +40,9 @@ fuzz_target!(|data: &[u8]| {
         Err(e) => {
             // Every longer input with this prefix is refused alike: check
             // the first prefix that is refused is refused for the same reason.
-            let first = (0..=data.len()).find(|&k| parse(&data[..k]).is_err()).unwrap();
+            let first = (0..=data.len())
+                .find(|&k| parse(&data[..k]).is_err())
+                .unwrap();
             assert_eq!(parse(&data[..first]), Err(e));
             for k in first..=data.len() {
                 assert_eq!(parse(&data[..k]), Err(e), "prefix {k}");

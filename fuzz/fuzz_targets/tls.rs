@@ -40,7 +40,8 @@ fn config() -> Arc<ServerConfig> {
             params.is_ca = rcgen::IsCa::ExplicitNoCa;
             let key = rcgen::KeyPair::generate().unwrap();
             let cert = params.self_signed(&key).unwrap();
-            let dir = std::env::temp_dir().join(format!("corecast-fuzz-tls-{}", std::process::id()));
+            let dir =
+                std::env::temp_dir().join(format!("corecast-fuzz-tls-{}", std::process::id()));
             std::fs::create_dir_all(&dir).unwrap();
             let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
             std::fs::write(&cert_path, cert.pem()).unwrap();
@@ -84,7 +85,10 @@ fn feed<'a>(reads: impl Iterator<Item = &'a [u8]>, first: Option<u8>) -> Result<
             assert_eq!(session.receive(&mut again), Err(why), "failure is final");
             return Err(why);
         }
-        assert!(!session.is_established(), "no handshake completes without keys");
+        assert!(
+            !session.is_established(),
+            "no handshake completes without keys"
+        );
         assert!(session.held() <= bound, "{} bytes held", session.held());
     }
     Ok(())
