@@ -516,7 +516,7 @@ impl Session {
                             // answered now, not at the request deadline.
                             self.answer_published(ctx);
                             self.refuse(
-                                Reject::new(Status::BadRequest, "not an HTTP/1.1 request"),
+                                Reject::new(Status::BadRequest, "malformed request head"),
                                 ctx.stats,
                             );
                             return Next::FlushAndClose;

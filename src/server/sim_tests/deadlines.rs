@@ -299,7 +299,9 @@ fn a_first_line_that_cannot_be_http_is_answered_at_once() {
     sim.send(tls, &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc]);
     let answer = String::from_utf8_lossy(&sim.received(tls)).into_owned();
     assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
-    assert!(answer.contains("not an HTTP/1.1 request"), "{answer}");
+    // The reason the whole head would get: how the bytes are cut into
+    // reads changes nothing (the `connection` fuzz target checks it).
+    assert!(answer.contains("malformed request head"), "{answer}");
     let slow = sim.connect(1 << 20);
     for b in b"GET /healthz HTTP/1.1\r\nHost: x\r\n" {
         sim.send(slow, &[*b]);
