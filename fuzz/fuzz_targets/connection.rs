@@ -33,7 +33,7 @@ use corecast::server::Config;
 use corecast::server::config::SlowConsumerPolicy;
 use corecast::server::fuzzing;
 use corecast::server::metrics;
-use corecast::server::session::{Ctx, Next, Session, WIRE_WORK};
+use corecast::server::session::{Ctx, Next, PIPELINE_AHEAD_BYTES, Session, WIRE_WORK};
 use corecast::server::stats::WorkerStats;
 use corecast_fuzz::{Item, Reads, drain, on_worker_stack, read_transcript};
 use libfuzzer_sys::fuzz_target;
@@ -135,6 +135,9 @@ fn run<'a>(cfg: &Config, reads: impl Iterator<Item = &'a [u8]>) -> Vec<Item> {
             };
             // End of the loop turn: publications leave (nobody else is subscribed).
             shard.dispatch();
+            // Over the pipeline's bound the worker stops reading until the
+            // answers drain, then goes on with the requests kept.
+            let waited = session.out.len() > PIPELINE_AHEAD_BYTES && session.awaiting_request();
             let wrote = drain(&mut session.out, &mut wire);
             // Bounded by all the input so far, not by this read's: an echo
             // of a message in many fragments goes out whole when its last
@@ -150,11 +153,14 @@ fn run<'a>(cfg: &Config, reads: impl Iterator<Item = &'a [u8]>) -> Vec<Item> {
             kept.resize(buf.len(), 0);
             let n = session.restore_pending(&mut kept);
             kept.truncate(n);
-            assert!(n <= keep_bound || yielded, "{n} bytes kept between reads");
+            assert!(
+                n <= keep_bound || yielded || waited,
+                "{n} bytes kept between reads"
+            );
             if next == Next::FlushAndClose {
                 break 'reads;
             }
-            if !yielded {
+            if !yielded && !(waited && n > 0) {
                 break;
             }
             // Resumed at the next turn: what it kept, alone.

@@ -172,13 +172,17 @@ const REFUTE_WITHIN: usize = 64;
 /// until the request deadline and answered `408` ten seconds later; it can
 /// be answered `400` at once. Looks at the first [`REFUTE_WITHIN`] bytes
 /// only, so a head arriving a byte at a time costs little per read.
-pub fn refutes_head(partial: &[u8]) -> bool {
+/// `max_head` (`--max-handshake-size`) narrows the bytes looked at, so
+/// that a head refused for its size and refuted are judged on the same
+/// bytes however they were cut into reads.
+pub fn refutes_head(partial: &[u8], max_head: usize) -> bool {
     let mut headers = [httparse::EMPTY_HEADER; 0];
     let mut req = httparse::Request::new(&mut headers);
+    let within = partial.len().min(REFUTE_WITHIN).min(max_head);
     // The header array is empty: a first line complete and valid and a
     // header begun is "too many headers", which refutes nothing.
     matches!(
-        req.parse(&partial[..partial.len().min(REFUTE_WITHIN)]),
+        req.parse(&partial[..within]),
         Err(e) if e != httparse::Error::TooManyHeaders
     )
 }
@@ -480,14 +484,14 @@ mod tests {
     fn heads_that_cannot_be_http_are_refuted_early() {
         let real = b"GET /ws?topics=a HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n";
         for n in 0..real.len() {
-            assert!(!refutes_head(&real[..n]), "{:?}", &real[..n]);
+            assert!(!refutes_head(&real[..n], 8192), "{:?}", &real[..n]);
         }
         assert!(
-            !refutes_head(b"\r\nGET / HTTP/1.0\r\n"),
+            !refutes_head(b"\r\nGET / HTTP/1.0\r\n", 8192),
             "a leading blank line"
         );
         let long = format!("GET /{} HTTP/1.1\r\n", "x".repeat(200));
-        assert!(!refutes_head(long.as_bytes()), "a long target");
+        assert!(!refutes_head(long.as_bytes(), 8192), "a long target");
         let tls_hello = [
             0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
         ];
@@ -499,7 +503,7 @@ mod tests {
             b"GET / FTP/1.1\r\n",
             b"GET /\x00 HTTP/1.1\r\n",
         ] {
-            assert!(refutes_head(junk), "{junk:?}");
+            assert!(refutes_head(junk, 8192), "{junk:?}");
         }
     }
 

@@ -502,21 +502,24 @@ impl Session {
                     let done = requests.wrapping_add(1);
                     let cfg = &ctx.shared.config;
                     let rest = &buf[pos..];
+                    // Judged before the size, on the same bytes whole or
+                    // cut into reads: what cannot be HTTP is 400 at once.
+                    if handshake::refutes_head(rest, cfg.max_handshake_size) {
+                        // Not HTTP (TLS on the plain port, binary junk):
+                        // answered now, not at the request deadline, with
+                        // the reason the whole head gets.
+                        self.answer_published(ctx);
+                        self.refuse(
+                            Reject::new(Status::BadRequest, "malformed request head"),
+                            ctx.stats,
+                        );
+                        return Next::FlushAndClose;
+                    }
                     let Some(end) = scan.find_end(rest) else {
                         if rest.len() > cfg.max_handshake_size {
                             self.answer_published(ctx);
                             self.refuse(
                                 Reject::new(Status::HeadTooLarge, "request head too large"),
-                                ctx.stats,
-                            );
-                            return Next::FlushAndClose;
-                        }
-                        if handshake::refutes_head(rest) {
-                            // Not HTTP (TLS on the plain port, binary junk):
-                            // answered now, not at the request deadline.
-                            self.answer_published(ctx);
-                            self.refuse(
-                                Reject::new(Status::BadRequest, "malformed request head"),
                                 ctx.stats,
                             );
                             return Next::FlushAndClose;
