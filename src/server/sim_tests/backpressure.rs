@@ -653,6 +653,27 @@ fn a_paced_backlog_not_worked_off_within_the_message_timeout_is_closed_1008() {
     assert_eq!(sim.received(sub).len() as u64, 3 * published);
 }
 
+/// `n` permessage-deflate publishers of `topic`, each with one compressed
+/// message of `size` bytes of one letter (a few KiB on the wire) sent and
+/// not read yet: the test pumps them within one turn.
+fn compressed_publishers(sim: &mut Sim, topic: &str, n: usize, size: usize) -> Vec<usize> {
+    (0..n)
+        .map(|i| {
+            let p = sim.upgrade_with(
+                &format!("/publish/{topic}"),
+                "Sec-WebSocket-Extensions: permessage-deflate\r\n",
+                1 << 20,
+            );
+            let compressed = crate::proto::deflate::compress(&vec![b'a' + i as u8; size]).unwrap();
+            assert!(compressed.len() < 8192);
+            let mut frame = client_frame(true, OpCode::Binary, &compressed, MASK);
+            frame[0] |= 0x40; // RSV1: compressed
+            sim.peers.get_mut(&p).unwrap().unread = frame;
+            p
+        })
+        .collect()
+}
+
 #[test]
 fn a_small_compressed_message_that_inflates_to_megabytes_takes_turns() {
     // Four publishers each send one compressed message of 4 KiB that
@@ -669,22 +690,7 @@ fn a_small_compressed_message_that_inflates_to_megabytes_takes_turns() {
         c.ping_interval = None;
     });
     let sub = sim.upgrade("/ws?topics=b", 64 << 20);
-    let publishers: Vec<usize> = (0..4)
-        .map(|_| {
-            sim.upgrade_with(
-                "/publish/b",
-                "Sec-WebSocket-Extensions: permessage-deflate\r\n",
-                1 << 20,
-            )
-        })
-        .collect();
-    for (i, &p) in publishers.iter().enumerate() {
-        let compressed = crate::proto::deflate::compress(&vec![b'a' + i as u8; MESSAGE]).unwrap();
-        assert!(compressed.len() < 8192);
-        let mut frame = client_frame(true, OpCode::Binary, &compressed, MASK);
-        frame[0] |= 0x40; // RSV1: compressed
-        sim.peers.get_mut(&p).unwrap().unread = frame;
-    }
+    let publishers = compressed_publishers(&mut sim, "b", 4, MESSAGE);
     sim.core.begin_turn(sim.now);
     for &p in &publishers {
         sim.pump(p);
@@ -730,22 +736,7 @@ fn the_compressed_publications_of_one_turn_stay_within_the_budget() {
         c.ping_interval = None;
     });
     let sub = sim.upgrade("/ws?topics=z", 64 << 20);
-    let publishers: Vec<usize> = (0..6)
-        .map(|_| {
-            sim.upgrade_with(
-                "/publish/z",
-                "Sec-WebSocket-Extensions: permessage-deflate\r\n",
-                1 << 20,
-            )
-        })
-        .collect();
-    for (i, &p) in publishers.iter().enumerate() {
-        let compressed = crate::proto::deflate::compress(&vec![b'a' + i as u8; MESSAGE]).unwrap();
-        assert!(compressed.len() < 8192);
-        let mut frame = client_frame(true, OpCode::Binary, &compressed, MASK);
-        frame[0] |= 0x40; // RSV1: compressed
-        sim.peers.get_mut(&p).unwrap().unread = frame;
-    }
+    let publishers = compressed_publishers(&mut sim, "z", 6, MESSAGE);
     sim.core.begin_turn(sim.now);
     let mut peak = 0;
     for &p in &publishers {
