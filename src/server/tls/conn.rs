@@ -221,11 +221,31 @@ pub struct TlsConn {
     /// rustls has produced a flight (the ServerHello, say): from then on
     /// only rustls may speak, under the keys it agreed.
     spoke: bool,
-    /// Bytes at the front of `incoming` rustls was given and kept (a
-    /// handshake message going on in the next record): it must be given
-    /// them again, and more, never fewer (it tracks its progress in them).
-    rustls_seen: usize,
+    /// What rustls was given of `incoming` and kept (a handshake message
+    /// going on in the next record).
+    rustls_seen: Seen,
 }
+
+/// The bytes at the front of a session's input that rustls was given and
+/// kept: it must be given them again, and more, never fewer (it tracks its
+/// progress in them). rustls may rewrite them (it joins a handshake
+/// message's pieces in place, over the headers of the records after the
+/// first), so the end of the record they end in is remembered here, not
+/// read again from them.
+#[derive(Debug, Default, Clone, Copy)]
+struct Seen {
+    /// Bytes given and kept.
+    given: usize,
+    /// Where the record the last of them belongs to starts, and ends
+    /// (≥ `given`; past the input's end while that record is not all
+    /// there; [`UNKNOWN_END`] while its header is not: rustls got less
+    /// than a header of it, left as it was, and it is read again).
+    record_start: usize,
+    record_end: usize,
+}
+
+/// The end of a record whose header is not all there.
+const UNKNOWN_END: usize = usize::MAX;
 
 /// A fatal `internal_error` alert in a plaintext record (before any keys):
 /// what a client whose handshake passes the bound we hold is sent.
@@ -390,17 +410,19 @@ fn seal_queue(
 /// What runs when rustls can take application data.
 type Writer<'a> = dyn FnMut(&mut WriteTraffic<'_, ServerConnectionData>, &mut Wire) -> bool + 'a;
 
-/// The end of the record that starts at `buf[from..]`, or `buf.len()` if
-/// it is not all there; `None` if its header says it is longer than any
-/// record a client may send (2^14 + 256 bytes, RFC 8446 §5.2; no suite we
-/// offer, TLS 1.2's included, expands a record by more), refused on the
-/// header instead of waiting for the rest.
+/// The end of the record that starts at `buf[from..]` (past `buf`'s end
+/// if it is not all there; [`UNKNOWN_END`] if its header is not); `None` if
+/// its header says it is longer than any record a client may send
+/// (2^14 + 256 bytes, RFC 8446 §5.2; no suite we offer, TLS 1.2's
+/// included, expands a record by more), refused on the header instead of
+/// waiting for the rest. `from` must be a record boundary of bytes rustls
+/// has not been given (it rewrites those it was).
 fn record_end(buf: &[u8], from: usize) -> Option<usize> {
     let Some(h) = buf.get(from..from + record::HEADER) else {
-        return Some(buf.len());
+        return Some(UNKNOWN_END);
     };
     let len = u16::from_be_bytes([h[3], h[4]]) as usize;
-    (len <= record::MAX_CIPHERTEXT).then(|| (from + record::HEADER + len).min(buf.len()))
+    (len <= record::MAX_CIPHERTEXT).then_some(from + record::HEADER + len)
 }
 
 /// The session's handshake is over and it goes to our record layer: rustls
@@ -426,47 +448,66 @@ fn handing_over(conn: &UnbufferedServerConnection) -> bool {
 fn run(
     conn: &mut UnbufferedServerConnection,
     buf: &mut [u8],
-    seen: &mut usize,
+    seen: &mut Seen,
     plain: &mut Vec<u8>,
     sink: &mut Wire,
     write: &mut Writer<'_>,
 ) -> (usize, Stop) {
-    let (at, stop, given) = run_given(conn, buf, *seen, plain, sink, write);
-    *seen = given.saturating_sub(at);
+    let (at, stop, given, (start, end)) = run_given(conn, buf, *seen, plain, sink, write);
+    let kept = given.saturating_sub(at);
+    *seen = if kept == 0 {
+        Seen::default()
+    } else {
+        Seen {
+            given: kept,
+            record_start: start.saturating_sub(at),
+            record_end: if end == UNKNOWN_END {
+                UNKNOWN_END
+            } else {
+                end.max(given) - at
+            },
+        }
+    };
     (at, stop)
 }
 
-/// [`run`], returning also how far into `buf` rustls was given bytes.
+/// [`run`], returning also how far into `buf` rustls was given bytes, and
+/// where the record the last of them belongs to starts and ends.
 fn run_given(
     conn: &mut UnbufferedServerConnection,
     buf: &mut [u8],
-    seen: usize,
+    seen: Seen,
     plain: &mut Vec<u8>,
     sink: &mut Wire,
     write: &mut Writer<'_>,
-) -> (usize, Stop, usize) {
+) -> (usize, Stop, usize, (usize, usize)) {
     let (mut at, mut closed) = (0, false);
-    let mut end = seen.min(buf.len());
-    if conn.is_handshaking() {
-        // What rustls kept may end inside a record (a partial one): `end`
-        // goes on to that record's end, so that it is always a record
-        // boundary (or the end of `buf`) and the next header read is one.
-        end = 0;
-        while end < seen.min(buf.len()) {
-            let Some(e) = record_end(buf, end) else {
-                return (0, Stop::Overflow, seen);
-            };
-            end = e;
-        }
+    // While the handshake runs, `end` is always a record boundary (or the
+    // end of `buf`), so that the next header read is one: what rustls kept
+    // may end inside a record (a partial one), and goes on to that
+    // record's end, remembered from the last call (its header is read
+    // again only if rustls got less than all of it: it may have rewritten
+    // one it had).
+    let mut given = seen.given.min(buf.len());
+    let mut record = (seen.record_start, seen.given);
+    if conn.is_handshaking() && seen.given > 0 {
+        record.1 = match seen.record_end {
+            UNKNOWN_END => match record_end(buf, record.0) {
+                Some(e) => e,
+                None => return (0, Stop::Overflow, given, record),
+            },
+            e => e.max(seen.given),
+        };
     }
-    let mut given = end;
+    let mut end = record.1.min(buf.len());
     loop {
         let limit = if conn.is_handshaking() {
             if end <= at {
                 let Some(e) = record_end(buf, at) else {
-                    return (at, Stop::Overflow, given);
+                    return (at, Stop::Overflow, given, record);
                 };
-                end = e;
+                record = (at, e);
+                end = e.min(buf.len());
             }
             end
         } else if handing_over(conn) {
@@ -530,18 +571,19 @@ fn run_given(
         at = (at + discard + extra).min(buf.len());
         if grow {
             let Some(e) = record_end(buf, limit) else {
-                return (at, Stop::Overflow, given);
+                return (at, Stop::Overflow, given, record);
             };
-            end = e;
+            record = (limit, e);
+            end = e.min(buf.len());
         }
         match stop {
             None => {}
             Some(Stop::Failed) => {
                 alert(conn, sink);
-                return (at, Stop::Failed, given);
+                return (at, Stop::Failed, given, record);
             }
-            Some(_) if closed => return (at, Stop::PeerClosed, given),
-            Some(stop) => return (at, stop, given),
+            Some(_) if closed => return (at, Stop::PeerClosed, given, record),
+            Some(stop) => return (at, stop, given, record),
         }
     }
 }
@@ -626,7 +668,7 @@ impl TlsConn {
             handshake_read: 0,
             handshake_limit: super::MAX_HANDSHAKE_FLIGHT_BYTES + max_head,
             spoke: false,
-            rustls_seen: 0,
+            rustls_seen: Seen::default(),
         })
     }
 
@@ -712,7 +754,7 @@ impl TlsConn {
         let mut nothing = |_: &mut WriteTraffic<'_, ServerConnectionData>, _: &mut Wire| true;
         let stop = if incoming.is_empty() {
             // Nothing kept: rustls has seen none of `data`.
-            *rustls_seen = 0;
+            *rustls_seen = Seen::default();
             let (used, stop) = run(conn, data, rustls_seen, plain, pending, &mut nothing);
             incoming.extend_from_slice(&data[used..]);
             stop
@@ -832,7 +874,7 @@ impl TlsConn {
     fn fail(&mut self) -> Failure {
         self.failed = true;
         self.incoming = Vec::new();
-        self.rustls_seen = 0;
+        self.rustls_seen = Seen::default();
         self.plain = Vec::new();
         self.plain_at = 0;
         self.failure()

@@ -562,6 +562,34 @@ fn a_client_hello_cut_anywhere_is_answered_with_the_servers_flight() {
     }
 }
 
+/// rustls joins a handshake message's pieces in place, over the headers
+/// of the records after the first: the record a read ends in is
+/// remembered, not read again from what rustls rewrote (the tls fuzz
+/// target: a false record_overflow from a header read in the middle of
+/// joined bytes).
+#[test]
+fn a_client_hello_in_many_records_read_in_small_pieces_is_answered() {
+    let (server, client) = configs();
+    let hello = client_hello(&client);
+    let body = &hello[5..];
+    for part_len in [1, 3, 40, 100] {
+        let mut flight = Vec::new();
+        for part in body.chunks(part_len) {
+            flight.extend_from_slice(&[22, 3, 1]);
+            flight.extend_from_slice(&(part.len() as u16).to_be_bytes());
+            flight.extend_from_slice(part);
+        }
+        for read in [1, 2, 5, 7, 64, 300] {
+            let mut s = TlsConn::new(server.clone(), 8192).unwrap();
+            for piece in flight.chunks(read) {
+                let got = s.receive(&mut piece.to_vec());
+                assert_eq!(got, Ok(()), "records of {part_len}, reads of {read}");
+            }
+            assert!(s.wants_write(), "records of {part_len}, reads of {read}");
+        }
+    }
+}
+
 #[test]
 fn a_freed_wire_buffer_serves_the_next_busy_connection() {
     let mut a = Wire::default();
