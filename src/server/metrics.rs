@@ -30,7 +30,7 @@ type Labelled = (
 /// Connections and what came of them: accepted (or not), upgraded, plain
 /// HTTP requests, handshake deadlines, control-message and protocol errors,
 /// echoes.
-const CONNECTION_COUNTERS: [Counter; 8] = [
+const CONNECTION_COUNTERS: [Counter; 9] = [
     (
         "corecast_connections_accepted_total",
         "TCP connections accepted.",
@@ -40,6 +40,11 @@ const CONNECTION_COUNTERS: [Counter; 8] = [
         "corecast_accept_errors_total",
         "Failed accept calls (e.g. out of descriptors).",
         |w| &w.accept_errors,
+    ),
+    (
+        "corecast_receives_starved_total",
+        "io_uring receives that found the shared receive buffers used up and were served from the worker's reserve, in the order they starved.",
+        |w| &w.receives_starved,
     ),
     (
         "corecast_handshakes_accepted_total",

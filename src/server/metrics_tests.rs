@@ -22,6 +22,7 @@ fn busy_workers() -> Vec<WorkerStats> {
         set(&w.protocol_errors);
         set(&w.messages_echoed);
         set(&w.accept_errors);
+        set(&w.receives_starved);
         w.tls_handshakes.iter().for_each(&mut set);
         w.tls_failures.iter().for_each(&mut set);
         set(&w.http_requests);

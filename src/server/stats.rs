@@ -81,6 +81,9 @@ pub struct WorkerStats {
     pub protocol_errors: AtomicU64,
     pub messages_echoed: AtomicU64,
     pub accept_errors: AtomicU64,
+    /// Receives served from the io_uring reserve: a connection's receive
+    /// found the shared buffers used up (`ENOBUFS`).
+    pub receives_starved: AtomicU64,
     /// TLS handshakes completed: full, resumed.
     pub tls_handshakes: [AtomicU64; 2],
     /// TLS connections given up, by [`Failure::index`].
@@ -194,6 +197,10 @@ impl WorkerStats {
 
     pub fn message_echoed(&self) {
         bump(&self.messages_echoed);
+    }
+
+    pub fn receive_starved(&self) {
+        bump(&self.receives_starved);
     }
 
     pub fn accept_error(&self) {

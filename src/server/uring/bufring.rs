@@ -44,11 +44,33 @@ const WHOLE_BUFFERS: Geometry = Geometry {
 /// Both geometries, for the tests that run with each.
 #[cfg(test)]
 pub(super) const GEOMETRIES: [Geometry; 2] = [INCREMENTAL, WHOLE_BUFFERS];
+/// The reserve ([`BufRing::reserve`]): a small group that only the
+/// worker's own single-shot receives of starved connections draw from, so
+/// that a flood holding the shared buffers cannot keep a quiet connection
+/// waiting. Incremental: 16 KiB in two buffers.
+const RESERVE_INCREMENTAL: Geometry = Geometry {
+    count: 2,
+    size: 8 * 1024,
+    incremental: true,
+};
+/// The reserve without incremental consumption: 16 whole buffers of one
+/// reserve receive each.
+const RESERVE_WHOLE: Geometry = Geometry {
+    count: 16,
+    size: RESERVE_RECV_BYTES,
+    incremental: false,
+};
+/// What one receive from the reserve takes at most: a quiet connection's
+/// message (a subscription, a ping, a small publication) in one, a flood's
+/// share of the reserve small.
+pub(super) const RESERVE_RECV_BYTES: usize = 1024;
 /// `IOU_PBUF_RING_INC` from `<linux/io_uring.h>` (not exported by the
 /// io-uring crate): register the buffer ring for incremental consumption.
 const IOU_PBUF_RING_INC: u16 = 2;
 /// The buffer group of the worker's receive buffers.
 pub(super) const BGID: u16 = 0;
+/// The buffer group of the worker's reserve ([`BufRing::reserve`]).
+pub(super) const RESERVE_BGID: u16 = 1;
 
 /// The receive buffers and the ring that hands them to the kernel.
 ///
@@ -74,6 +96,8 @@ pub(super) struct BufRing {
     /// buffer published in the ring, so this is freed only once the group
     /// is unregistered, or leaked ([`Self::leak`]).
     bufs: Box<[u8]>,
+    /// The buffer group it is registered as.
+    bgid: u16,
 }
 
 /// `len` zero bytes, written (not just mapped): the receive buffers are
@@ -102,9 +126,37 @@ impl BufRing {
         }
     }
 
+    /// The worker's reserve, buffer group [`RESERVE_BGID`]: no multishot
+    /// receive names it. A connection whose receive found the shared
+    /// buffers used up (`ENOBUFS`) waits in the worker's starved queue,
+    /// and is served from here by a single-shot, non-blocking receive of
+    /// at most [`RESERVE_RECV_BYTES`] submitted before the turn's wait, in
+    /// the order they starved ([`Self::recvs_per_turn`] a turn). Such a
+    /// receive completes at once (with data, or `EAGAIN`), so the reserve
+    /// is full again at the next turn.
+    pub(super) fn reserve(ring: &IoUring) -> io::Result<Self> {
+        match Self::with_group(ring, RESERVE_INCREMENTAL, RESERVE_BGID) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                Self::with_group(ring, RESERVE_WHOLE, RESERVE_BGID)
+            }
+            other => other,
+        }
+    }
+
+    /// How many reserve receives of [`RESERVE_RECV_BYTES`] the buffers
+    /// hold.
+    pub(super) fn recvs_per_turn(&self) -> usize {
+        self.geometry.count as usize * self.geometry.size / RESERVE_RECV_BYTES
+    }
+
     /// Maps the ring, registers it as buffer group [`BGID`] of `ring`, and
     /// publishes every buffer.
     pub(super) fn with_geometry(ring: &IoUring, geometry: Geometry) -> io::Result<Self> {
+        Self::with_group(ring, geometry, BGID)
+    }
+
+    /// [`Self::with_geometry`], as buffer group `bgid`.
+    pub(super) fn with_group(ring: &IoUring, geometry: Geometry, bgid: u16) -> io::Result<Self> {
         let count = geometry.count;
         debug_assert!(count.is_power_of_two());
         let map_len = count as usize * std::mem::size_of::<types::BufRingEntry>();
@@ -129,6 +181,7 @@ impl BufRing {
             geometry,
             offsets: vec![0; count as usize].into_boxed_slice(),
             bufs: resident_zeroes(count as usize * geometry.size),
+            bgid,
         };
         let flags = if geometry.incremental {
             IOU_PBUF_RING_INC
@@ -140,7 +193,7 @@ impl BufRing {
         // ring is gone). On failure `me` is dropped unregistered.
         unsafe {
             ring.submitter()
-                .register_buf_ring_with_flags(ptr as u64, count, BGID, flags)?;
+                .register_buf_ring_with_flags(ptr as u64, count, bgid, flags)?;
         }
         for bid in 0..count {
             me.put(bid);
@@ -196,21 +249,22 @@ impl BufRing {
         }
     }
 
-    /// Unregisters the worker's buffer group from `ring`: once no receive
-    /// is in flight, the buffers are ours again and may be freed.
-    pub(super) fn unregister(ring: &IoUring) -> io::Result<()> {
-        ring.submitter().unregister_buf_ring(BGID)
+    /// Unregisters the buffer group from `ring`: once no receive is in
+    /// flight, the buffers are ours again and may be freed.
+    pub(super) fn unregister(&self, ring: &IoUring) -> io::Result<()> {
+        ring.submitter().unregister_buf_ring(self.bgid)
     }
 
     /// Leaks the mapping and the buffers (the kernel may still write to
     /// them: a receive is in flight at exit), leaving [`Self::leaked`] in
     /// their place.
     pub(super) fn leak(&mut self) {
-        std::mem::forget(std::mem::replace(self, Self::leaked()));
+        let stand_in = self.leaked();
+        std::mem::forget(std::mem::replace(self, stand_in));
     }
 
     /// An empty stand-in for a buffer ring that had to be leaked.
-    fn leaked() -> Self {
+    fn leaked(&self) -> Self {
         Self {
             entries: std::ptr::null_mut(),
             map_len: 0,
@@ -218,6 +272,7 @@ impl BufRing {
             geometry: WHOLE_BUFFERS,
             offsets: Box::new([]),
             bufs: Box::new([]),
+            bgid: self.bgid,
         }
     }
 }
@@ -283,6 +338,96 @@ mod tests {
                 break;
             }
         }
-        BufRing::unregister(&ring).unwrap();
+        bufs.unregister(&ring).unwrap();
+    }
+
+    /// What the starved queue relies on: a multishot receive that finds
+    /// the shared buffers used up ends with `ENOBUFS`; a single-shot,
+    /// non-blocking receive from the reserve then gets a quiet
+    /// connection's bytes (a flood's at most `RESERVE_RECV_BYTES`), and one
+    /// that finds nothing completes at once with `EAGAIN`, never waiting
+    /// on the socket.
+    #[test]
+    fn a_starved_receive_is_served_from_the_reserve_and_an_empty_one_completes_at_once() {
+        use super::super::recv::RESERVE_RECV_FLAGS;
+        use io_uring::squeue;
+        use std::io::Write;
+        let mut ring = IoUring::new(16).unwrap();
+        let shared = BufRing::with_geometry(&ring, INCREMENTAL).unwrap();
+        let mut reserve = BufRing::reserve(&ring).unwrap();
+        assert_eq!(reserve.recvs_per_turn(), 16);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let pair = || {
+            let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (server, _) = listener.accept().unwrap();
+            socket2::SockRef::from(&server)
+                .set_recv_buffer_size(1 << 20)
+                .unwrap();
+            (client, server)
+        };
+        let (mut flood, flood_at) = pair();
+        let (mut quiet, quiet_at) = pair();
+        let shared_bytes = INCREMENTAL.count as usize * INCREMENTAL.size;
+        flood.write_all(&vec![7u8; shared_bytes + 8192]).unwrap();
+        quiet.write_all(b"ping").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let multishot = |fd: &std::net::TcpStream, ud| {
+            opcode::RecvMulti::new(types::Fd(fd.as_raw_fd()), BGID)
+                .build()
+                .user_data(ud)
+        };
+        let from_reserve = |fd: &std::net::TcpStream, ud| {
+            opcode::Recv::new(
+                types::Fd(fd.as_raw_fd()),
+                std::ptr::null_mut(),
+                RESERVE_RECV_BYTES as u32,
+            )
+            .buf_group(RESERVE_BGID)
+            .flags(RESERVE_RECV_FLAGS)
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT)
+            .user_data(ud)
+        };
+        // SAFETY (each push below): receives with BUFFER_SELECT name no
+        // memory of their own; both groups stay registered until the end.
+        unsafe { ring.submission().push(&multishot(&flood_at, 1)) }.unwrap();
+        // The flood takes every shared buffer (none is given back here).
+        let mut taken = 0;
+        let last = loop {
+            let (ud, res, flags) = wait_one(&mut ring).unwrap();
+            assert_eq!(ud, 1);
+            if res > 0 {
+                taken += res as usize;
+            }
+            if !cqueue::more(flags) {
+                break res;
+            }
+        };
+        assert_eq!(last, -libc::ENOBUFS);
+        assert_eq!(taken, shared_bytes);
+        // The quiet connection finds none.
+        unsafe { ring.submission().push(&multishot(&quiet_at, 2)) }.unwrap();
+        let (ud, res, flags) = wait_one(&mut ring).unwrap();
+        assert_eq!((ud, res, cqueue::more(flags)), (2, -libc::ENOBUFS, false));
+        // The reserve serves it.
+        unsafe { ring.submission().push(&from_reserve(&quiet_at, 3)) }.unwrap();
+        let (ud, res, flags) = wait_one(&mut ring).unwrap();
+        assert_eq!((ud, res), (3, 4));
+        let bid = cqueue::buffer_select(flags).expect("a reserve buffer");
+        assert_eq!(reserve.data(bid, 4), b"ping");
+        reserve.consumed(bid, 4, cqueue::buffer_more(flags));
+        // Nothing more to read: done at once, not waiting with a buffer.
+        unsafe { ring.submission().push(&from_reserve(&quiet_at, 4)) }.unwrap();
+        assert_eq!(wait_one(&mut ring).unwrap().1, -libc::EAGAIN);
+        // The flood gets one receive's worth.
+        unsafe { ring.submission().push(&from_reserve(&flood_at, 5)) }.unwrap();
+        let (ud, res, flags) = wait_one(&mut ring).unwrap();
+        assert_eq!((ud, res as usize), (5, RESERVE_RECV_BYTES));
+        assert_eq!(
+            reserve.data(cqueue::buffer_select(flags).unwrap(), RESERVE_RECV_BYTES),
+            &[7u8; RESERVE_RECV_BYTES][..]
+        );
+        shared.unregister(&ring).unwrap();
+        reserve.unregister(&ring).unwrap();
     }
 }

@@ -17,7 +17,7 @@ pub(in crate::server) struct Sock {
     /// process descriptor).
     slot: u32,
     /// [`RECV_ARMED`], [`SEND_SINGLE`], [`SEND_VECTORED`],
-    /// [`SHUTDOWN_PENDING`], [`HELD`]: bits, so that the handle stays
+    /// [`SHUTDOWN_PENDING`], [`HELD`], [`STARVED`]: bits, so that the handle stays
     /// 8 bytes (every connection carries one).
     flags: u8,
     /// Where closing `slot` stands.
@@ -38,6 +38,10 @@ const HELD: u8 = 8;
 /// A vectored send is in flight; its `SendOp` is in the worker's
 /// `send_ops`, keyed by this connection's slab key.
 const SEND_VECTORED: u8 = 16;
+/// Its receive found the shared buffers used up (`ENOBUFS`): it waits in
+/// the worker's starved queue for a receive from the reserve, and is not
+/// re-armed meanwhile.
+const STARVED: u8 = 32;
 
 /// Closing a direct descriptor. The close is submitted only once no other
 /// operation on the slot is in flight: io_uring resolves a fixed file when
@@ -128,6 +132,16 @@ impl Sock {
     /// connection.
     pub(super) fn close_ended(&mut self) {
         self.close = SlotClose::Done;
+    }
+
+    /// Waits in the worker's starved queue.
+    pub(super) fn starved(&self) -> bool {
+        self.flags & STARVED != 0
+    }
+
+    /// Joins (`true`) or leaves the worker's starved queue.
+    pub(super) fn set_starved(&mut self, starved: bool) {
+        self.set(STARVED, starved);
     }
 
     /// Input that arrived while reading was paused is kept for the resume.

@@ -3,6 +3,7 @@
 use super::accept::Acceptor;
 use super::bufring::BufRing;
 use super::conn::{Sock, conn_of};
+use super::recv::Group;
 use super::ring::{Cqe, Op, PLAIN_FDS_ENV, Ring, split_user_data, table_slots};
 use super::send::SendOp;
 use super::wake::{EventFd, WakeRead};
@@ -10,7 +11,7 @@ use crate::pubsub::bus::Inbox;
 use crate::server::Shared;
 use crate::server::backend::{self, Backend};
 use crate::server::worker::{Core, IoState};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -36,6 +37,13 @@ pub(in crate::server) struct Worker {
     pub(super) core: Core<Sock>,
     pub(super) ring: Ring,
     pub(super) bufs: BufRing,
+    /// The reserve: buffers only starved connections' receives draw from
+    /// ([`BufRing::reserve`]).
+    pub(super) reserve: BufRing,
+    /// Connections whose receive found no shared buffer, by slab key and
+    /// serial, in the order they starved (each at most once: its
+    /// `STARVED` bit); served from the reserve before each wait.
+    pub(super) starved: VecDeque<(usize, u32)>,
     pub(super) accept: Acceptor,
     wake: WakeRead,
     /// The receive path's scratch buffer ([`SCRATCH_BYTES`], grown when
@@ -87,6 +95,7 @@ impl Worker {
         let table = slots.unwrap_or(u32::MAX);
         let ring = Ring::new(plain_fds, table)?;
         let bufs = BufRing::new(ring.uring())?;
+        let reserve = BufRing::reserve(ring.uring())?;
         // Accepted sockets inherit TCP_NODELAY from the listener: pushed
         // frames leave at once, without a setsockopt per direct descriptor.
         socket2::SockRef::from(&listener).set_nodelay(true)?;
@@ -94,6 +103,8 @@ impl Worker {
             core: Core::new(id, inbox, shared),
             ring,
             bufs,
+            reserve,
+            starved: VecDeque::new(),
             accept: Acceptor::new(listener, table),
             wake: WakeRead::new(wake),
             scratch: vec![0u8; SCRATCH_BYTES],
@@ -146,7 +157,10 @@ impl Worker {
         let (op, key, serial) = split_user_data(ud);
         match op {
             x if x == Op::Accept as u8 => self.on_accept(serial as usize, res),
-            x if x == Op::Recv as u8 => self.on_recv(key, serial, res, flags),
+            x if x == Op::Recv as u8 => self.on_recv(key, serial, res, flags, Group::Shared),
+            x if x == Op::RecvReserve as u8 => {
+                self.on_recv(key, serial, res, flags, Group::Reserve)
+            }
             x if x == Op::Send as u8 => self.on_send(key, serial, res),
             x if x == Op::Close as u8 => {
                 if !self.ring.plain_fds() {
@@ -217,9 +231,11 @@ impl Worker {
             self.wake.leak_buf();
             self.accept.leak_addrs();
             self.bufs.leak();
+            self.reserve.leak();
             return;
         }
-        let _ = BufRing::unregister(self.ring.uring());
+        let _ = self.bufs.unregister(self.ring.uring());
+        let _ = self.reserve.unregister(self.ring.uring());
     }
 }
 
@@ -238,6 +254,7 @@ impl Backend for Worker {
         let away = self.accept.table_full() && !self.core.shared().steering.takes(self.core.id());
         self.accept.arm(&mut self.ring, away);
         self.wake.arm(&mut self.ring);
+        self.serve_starved();
         match self.ring.enter(busy, Instant::now(), deadline) {
             Err(e)
                 if !matches!(

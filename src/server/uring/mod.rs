@@ -16,7 +16,9 @@
 //!   by all of the worker's connections and consumed incrementally (a
 //!   receive takes only the bytes it needs; see `BufRing`): an idle
 //!   connection owns no receive buffer, and a used-up buffer goes back to
-//!   the ring as soon as the core has consumed its bytes;
+//!   the ring as soon as the core has consumed its bytes. A receive that
+//!   finds none (`ENOBUFS`) waits in the starved queue, served in order
+//!   from a small reserve group before each wait (`Worker::serve_starved`);
 //! - at the end of each loop turn, one send per dirty connection: a plain
 //!   `IORING_OP_SEND` when its queue's front is a single buffer, a
 //!   vectored `sendmsg` over up to
@@ -37,7 +39,8 @@
 //!   write only entries past the published tail); a CQE hands us the bytes
 //!   it names, and one without `IORING_CQE_F_BUF_MORE` hands back the
 //!   whole buffer `bid`, which we publish again once its bytes are
-//!   processed (or at once, when the connection is gone);
+//!   processed (or at once, when the connection is gone); the same holds
+//!   for the reserve group, each its own `BufRing`;
 //! - **send data** is the connection's [`OutQueue`](crate::proto::outbound::OutQueue)
 //!   front, pinned ([`pin_front`](crate::proto::outbound::OutQueue::pin_front))
 //!   so that neither new frames nor a slow-consumer cut move or free it.

@@ -53,6 +53,10 @@ fn probe_now() -> Result<(), String> {
         .register_files_sparse(4)
         .map_err(|e| format!("sparse file table: {e}"))?;
     let mut bufs = BufRing::new(&ring).map_err(|e| format!("buffer ring: {e}"))?;
+    // The worker's reserve group is registered beside it.
+    let reserve = BufRing::reserve(&ring).map_err(|e| format!("reserve buffer ring: {e}"))?;
+    let _ = reserve.unregister(&ring);
+    drop(reserve);
     let mut peer = Box::new(AcceptAddr::new());
     let result = probe_loopback(&mut ring, &mut bufs, &mut peer);
     if result.is_err() {
@@ -63,7 +67,7 @@ fn probe_now() -> Result<(), String> {
         return result;
     }
     // Nothing is in flight any more.
-    let _ = BufRing::unregister(&ring);
+    let _ = bufs.unregister(&ring);
     drop(ring);
     drop(bufs);
     result
@@ -177,7 +181,7 @@ mod tests {
             let mut bufs = BufRing::with_geometry(&ring, geometry).unwrap();
             let mut peer = Box::new(AcceptAddr::new());
             probe_loopback(&mut ring, &mut bufs, &mut peer).unwrap();
-            BufRing::unregister(&ring).unwrap();
+            bufs.unregister(&ring).unwrap();
         }
     }
 }

@@ -1,12 +1,38 @@
 //! The receive path: a multishot receive per connection, its bytes to the core.
 
 use super::Worker;
-use super::bufring::BGID;
+use super::bufring::{BGID, RESERVE_BGID, RESERVE_RECV_BYTES};
 use super::conn::{Sock, conn_of};
 use super::ring::{Op, on_socket, user_data};
 use crate::server::worker::{Conn, Header, Input, IoState};
-use io_uring::{cqueue, opcode};
+use io_uring::{cqueue, opcode, squeue};
 use tracing::warn;
+
+/// The buffer group a receive's bytes are in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Group {
+    /// The shared buffers every multishot receive draws from.
+    Shared,
+    /// The reserve, for starved connections ([`Worker::serve_starved`]).
+    Reserve,
+}
+
+/// The buffer ring of `$group` in worker `$w` (a field borrow, so that
+/// the core stays usable beside the bytes).
+macro_rules! bufs {
+    ($w:expr, $group:expr) => {
+        match $group {
+            Group::Shared => &mut $w.bufs,
+            Group::Reserve => &mut $w.reserve,
+        }
+    };
+}
+pub(super) use bufs;
+
+/// The flags of a receive from the reserve: it completes at once, with
+/// what is there or `EAGAIN`, never waiting on the socket with a reserve
+/// buffer to take.
+pub(super) const RESERVE_RECV_FLAGS: i32 = libc::MSG_DONTWAIT;
 
 impl Worker {
     /// Arms `key`'s multishot receive.
@@ -26,10 +52,12 @@ impl Worker {
         self.ring.in_flight_started();
     }
 
-    /// Should `conn` have a receive armed?
+    /// Should `conn` have a receive armed? Not while it waits in the
+    /// starved queue (served from there).
     pub(super) fn wants_recv(conn: &Conn<Sock>) -> bool {
         !conn.peer_eof()
             && !conn.io().recv_armed()
+            && !conn.io().starved()
             && match conn.state() {
                 IoState::Active => !conn.read_paused(),
                 IoState::Lingering => true,
@@ -37,17 +65,82 @@ impl Worker {
             }
     }
 
-    /// A receive completion for `key`: bytes for the core (held while
-    /// reading is paused), the peer's end of stream, or an error; re-arms
-    /// the receive if it ended and the connection still reads.
-    pub(super) fn on_recv(&mut self, key: usize, serial: u32, res: i32, flags: u32) {
+    /// A connection's receive found no buffer (`ENOBUFS`): it joins the
+    /// starved queue (once), served from the reserve before the next wait.
+    fn starve(&mut self, key: usize) {
+        let conn = self.core.conn_mut(key);
+        if !conn.io().starved() {
+            conn.io_mut().set_starved(true);
+            let serial = conn.serial();
+            self.starved.push_back((key, serial));
+        }
+    }
+
+    /// Serves the starved queue in order, as many as the reserve holds
+    /// ([`BufRing::recvs_per_turn`](super::bufring::BufRing::recvs_per_turn)):
+    /// each gets a single-shot, non-blocking receive of at most
+    /// [`RESERVE_RECV_BYTES`] from the reserve, and its multishot receive
+    /// is armed again on the shared buffers once that completes. Run just
+    /// before the turn's wait, so the receives are issued at its submit,
+    /// while the reserve is full (no multishot receive draws from it).
+    /// A flood that takes every shared buffer as soon as it is published
+    /// (its receives run in the kernel whenever data arrives) thus cannot
+    /// keep a quiet connection waiting for more than a few turns.
+    pub(super) fn serve_starved(&mut self) {
+        let mut room = self.reserve.recvs_per_turn();
+        // Entries of connections gone since do not take the room; each is
+        // looked at once a turn at most.
+        let mut left = self.starved.len();
+        while room > 0 && left > 0 {
+            left -= 1;
+            let Some((key, serial)) = self.starved.pop_front() else {
+                break;
+            };
+            let Some(conn) = conn_of(&mut self.core, key, serial) else {
+                continue;
+            };
+            if !conn.io().starved() {
+                continue;
+            }
+            conn.io_mut().set_starved(false);
+            if !Self::wants_recv(conn) {
+                // Paused or closing: armed as usual when it reads again.
+                continue;
+            }
+            let sqe = on_socket!(self.ring.plain_fds(), conn.io().slot(), |fd| {
+                opcode::Recv::new(fd, std::ptr::null_mut(), RESERVE_RECV_BYTES as u32)
+                    .buf_group(RESERVE_BGID)
+                    .flags(RESERVE_RECV_FLAGS)
+                    .build()
+                    .flags(squeue::Flags::BUFFER_SELECT)
+            })
+            .user_data(user_data(Op::RecvReserve, key, serial));
+            conn.io_mut().set_recv_armed(true);
+            // SAFETY: a receive with BUFFER_SELECT names no memory of its
+            // own: it writes into a buffer of group RESERVE_BGID
+            // (`self.reserve`), which stays mapped and registered until
+            // the exit, as the shared group does (see `arm_recv`).
+            unsafe { self.ring.push(&sqe) };
+            self.ring.in_flight_started();
+            self.core.stats().receive_starved();
+            room -= 1;
+        }
+    }
+
+    /// A receive completion for `key` (from the shared buffers' multishot
+    /// receive, or a starved connection's receive from the reserve): bytes
+    /// for the core (held while reading is paused), the peer's end of
+    /// stream, or an error; re-arms the multishot receive if it ended and
+    /// the connection still reads, or queues it as starved if it found no
+    /// buffer.
+    pub(super) fn on_recv(&mut self, key: usize, serial: u32, res: i32, flags: u32, group: Group) {
         let bid = cqueue::buffer_select(flags);
         let buf_more = cqueue::buffer_more(flags);
         let len = res.max(0) as usize;
         let Some(conn) = conn_of(&mut self.core, key, serial) else {
             // Cannot happen (entries outlive their operations); the buffer is accounted for regardless.
             if let Some(bid) = bid {
-                self.bufs.consumed(bid, len, buf_more);
+                bufs!(self, group).consumed(bid, len, buf_more);
             }
             return;
         };
@@ -63,24 +156,24 @@ impl Worker {
                     if state == IoState::Active {
                         let paused = conn.read_paused();
                         if conn.awaits_proxy() {
-                            self.proxy_received(key, bid, len);
+                            self.proxy_received(key, group, bid, len);
                         } else if self.tls.get(&key).is_some_and(|t| !t.failed()) {
-                            self.tls_received(key, bid, len, paused);
+                            self.tls_received(key, group, bid, len, paused);
                         } else if paused {
                             // Received before the pause took effect: not
                             // processed while paused (a paced publisher,
                             // backpressure, a publisher waiting for its
                             // answer), kept for the resume, charged to the
                             // budget now; the receive is stopped.
-                            conn.hold(self.bufs.data(bid, len));
+                            conn.hold(bufs!(self, group).data(bid, len));
                             conn.io_mut().set_held(true);
                             self.core.charge_held(key);
                             self.after_core_input(key, Input::Stop);
                         } else {
-                            self.input(key, bid, len);
+                            self.input(key, group, bid, len);
                         }
                     }
-                    self.bufs.consumed(bid, len, buf_more);
+                    bufs!(self, group).consumed(bid, len, buf_more);
                 }
                 None => {
                     // A receive with data always names its buffer; if a kernel
@@ -96,7 +189,7 @@ impl Worker {
             }
         } else {
             if let Some(bid) = bid {
-                self.bufs.consumed(bid, 0, buf_more);
+                bufs!(self, group).consumed(bid, 0, buf_more);
             }
             match (res, state) {
                 (_, IoState::Gone) => {}
@@ -106,7 +199,12 @@ impl Worker {
                 }
                 (0, IoState::Closing) => self.core.peer_closed(key),
                 (0, IoState::Lingering) => self.remove(key),
-                (e, _) if -e == libc::ENOBUFS || -e == libc::ECANCELED => {}
+                (e, IoState::Active | IoState::Lingering) if -e == libc::ENOBUFS => {
+                    self.starve(key)
+                }
+                // A reserve receive that found nothing (the bytes went to
+                // an earlier receive); a cancelled one.
+                (e, _) if -e == libc::EAGAIN || -e == libc::ECANCELED => {}
                 (_, _) => self.remove(key),
             }
         }
@@ -141,20 +239,21 @@ impl Worker {
         conn.restore_pending(&mut self.scratch)
     }
 
-    /// `len` bytes of receive buffer `bid` for a connection whose PROXY
-    /// protocol header has not been taken: judged with what an earlier
-    /// receive kept (at most [`MAX_HEADER`](crate::proto::proxy::MAX_HEADER)
-    /// bytes), then what follows the header goes to TLS or the core.
-    fn proxy_received(&mut self, key: usize, bid: u16, len: usize) {
+    /// `len` bytes of receive buffer `bid` of `group` for a connection
+    /// whose PROXY protocol header has not been taken: judged with what an
+    /// earlier receive kept (at most
+    /// [`MAX_HEADER`](crate::proto::proxy::MAX_HEADER) bytes), then what
+    /// follows the header goes to TLS or the core.
+    fn proxy_received(&mut self, key: usize, group: Group, bid: u16, len: usize) {
         let kept = self.restore_pending(key);
         let n = kept + len;
         if self.scratch.len() < n {
             self.scratch.resize(n, 0);
         }
-        self.scratch[kept..n].copy_from_slice(self.bufs.data(bid, len));
+        self.scratch[kept..n].copy_from_slice(bufs!(self, group).data(bid, len));
         match self.core.proxy_header(key, &self.scratch[..n]) {
             Header::Wait => {
-                let data = self.bufs.data(bid, len);
+                let data = bufs!(self, group).data(bid, len);
                 self.core.conn_mut(key).hold(data);
             }
             Header::Done(h) if self.is_tls(key) => {
@@ -173,10 +272,10 @@ impl Worker {
         }
     }
 
-    /// Feeds `len` bytes of receive buffer `bid` to the core.
-    fn input(&mut self, key: usize, bid: u16, len: usize) {
+    /// Feeds `len` bytes of receive buffer `bid` of `group` to the core.
+    fn input(&mut self, key: usize, group: Group, bid: u16, len: usize) {
         let kept = self.restore_pending(key);
-        let data = self.bufs.data(bid, len);
+        let data = bufs!(self, group).data(bid, len);
         let verdict = if kept == 0 {
             // The common case: processed (and unmasked) in place.
             self.core.input(key, data)

@@ -29,6 +29,8 @@ pub(super) enum Op {
     Shutdown = 5,
     Cancel = 6,
     Wake = 7,
+    /// A single-shot receive from the reserve (a starved connection's).
+    RecvReserve = 8,
 }
 
 /// The hidden switch for plain descriptors (see [`Ring::plain_fds`]).

@@ -20,6 +20,7 @@
 //! queue's last bytes; the shutdown (FIN) follows that send's completion.
 
 use super::Worker;
+use super::recv::{Group, bufs};
 use super::ring::{Op, user_data};
 use super::send::push_single_send;
 use crate::proto::outbound::MAX_IOVECS;
@@ -100,10 +101,18 @@ impl Worker {
         self.tls.get(&key).is_some_and(|t| !t.failed)
     }
 
-    /// `len` bytes of receive buffer `bid` arrived for TLS connection `key`:
-    /// decrypted and handed to the core, or kept while reading is paused.
-    pub(super) fn tls_received(&mut self, key: usize, bid: u16, len: usize, paused: bool) {
-        let data = self.bufs.data(bid, len);
+    /// `len` bytes of receive buffer `bid` of `group` arrived for TLS
+    /// connection `key`: decrypted and handed to the core, or kept while
+    /// reading is paused.
+    pub(super) fn tls_received(
+        &mut self,
+        key: usize,
+        group: Group,
+        bid: u16,
+        len: usize,
+        paused: bool,
+    ) {
+        let data = bufs!(self, group).data(bid, len);
         let Some(st) = self.tls.get_mut(&key) else {
             return;
         };
