@@ -53,11 +53,15 @@ impl Worker {
     }
 
     /// Should `conn` have a receive armed? Not while it waits in the
-    /// starved queue (served from there).
+    /// starved queue (armed from there, [`Self::serve_starved`]).
     pub(super) fn wants_recv(conn: &Conn<Sock>) -> bool {
+        !conn.io().starved() && Self::reads(conn)
+    }
+
+    /// Does `conn` read, and has no receive armed?
+    fn reads(conn: &Conn<Sock>) -> bool {
         !conn.peer_eof()
             && !conn.io().recv_armed()
-            && !conn.io().starved()
             && match conn.state() {
                 IoState::Active => !conn.read_paused(),
                 IoState::Lingering => true,
@@ -66,7 +70,8 @@ impl Worker {
     }
 
     /// A connection's receive found no buffer (`ENOBUFS`): it joins the
-    /// starved queue (once), served from the reserve before the next wait.
+    /// starved queue, at the back unless it is in it already (its place is
+    /// kept while it waits).
     fn starve(&mut self, key: usize) {
         let conn = self.core.conn_mut(key);
         if !conn.io().starved() {
@@ -76,23 +81,26 @@ impl Worker {
         }
     }
 
-    /// Serves the starved queue in order, as many as the reserve holds
-    /// ([`BufRing::recvs_per_turn`](super::bufring::BufRing::recvs_per_turn)):
-    /// each gets a single-shot, non-blocking receive of at most
-    /// [`RESERVE_RECV_BYTES`] from the reserve, and its multishot receive
-    /// is armed again on the shared buffers once that completes. Run just
-    /// before the turn's wait, so the receives are issued at its submit,
-    /// while the reserve is full (no multishot receive draws from it).
-    /// A flood that takes every shared buffer as soon as it is published
-    /// (its receives run in the kernel whenever data arrives) thus cannot
-    /// keep a quiet connection waiting for more than a few turns.
+    /// Serves the starved queue, in order, just before the turn's wait:
+    /// - the first [`BufRing::recvs_per_turn`](super::bufring::BufRing::recvs_per_turn)
+    ///   get a single-shot, non-blocking receive of at most
+    ///   [`RESERVE_RECV_BYTES`] from the reserve and leave the queue (their
+    ///   multishot receive is armed again on the shared buffers once it
+    ///   completes). Issued at the wait's submit, while the reserve is
+    ///   full (no multishot receive draws from it), so each gets its bytes;
+    /// - the others get their multishot receive on the shared buffers armed
+    ///   again, as every starved receive was before the reserve, and keep
+    ///   their place: one that finds a buffer leaves the queue, one that
+    ///   finds none again waits where it was.
+    ///
+    /// A flood that takes every shared buffer as soon as it comes back (its
+    /// receives run in the kernel whenever its data arrives) thus cannot
+    /// keep a connection from being read for more than ⌈place / 16⌉ turns.
+    /// Each entry is looked at once a turn; those of connections gone,
+    /// paused, or read since, leave.
     pub(super) fn serve_starved(&mut self) {
         let mut room = self.reserve.recvs_per_turn();
-        // Entries of connections gone since do not take the room; each is
-        // looked at once a turn at most.
-        let mut left = self.starved.len();
-        while room > 0 && left > 0 {
-            left -= 1;
+        for _ in 0..self.starved.len() {
             let Some((key, serial)) = self.starved.pop_front() else {
                 break;
             };
@@ -102,11 +110,23 @@ impl Worker {
             if !conn.io().starved() {
                 continue;
             }
-            conn.io_mut().set_starved(false);
-            if !Self::wants_recv(conn) {
-                // Paused or closing: armed as usual when it reads again.
+            if conn.io().recv_armed() {
+                // Its multishot receive waits on the shared buffers.
+                self.starved.push_back((key, serial));
                 continue;
             }
+            if !Self::reads(conn) {
+                // Paused or closing: armed as usual when it reads again.
+                conn.io_mut().set_starved(false);
+                continue;
+            }
+            if room == 0 {
+                self.starved.push_back((key, serial));
+                self.arm_recv(key);
+                continue;
+            }
+            room -= 1;
+            conn.io_mut().set_starved(false);
             let sqe = on_socket!(self.ring.plain_fds(), conn.io().slot(), |fd| {
                 opcode::Recv::new(fd, std::ptr::null_mut(), RESERVE_RECV_BYTES as u32)
                     .buf_group(RESERVE_BGID)
@@ -123,7 +143,6 @@ impl Worker {
             unsafe { self.ring.push(&sqe) };
             self.ring.in_flight_started();
             self.core.stats().receive_starved();
-            room -= 1;
         }
     }
 
@@ -150,6 +169,9 @@ impl Worker {
         }
         let state = conn.state();
         if res > 0 {
+            // Read: no longer starved (its queue entry leaves when next
+            // looked at).
+            conn.io_mut().set_starved(false);
             match bid {
                 Some(bid) => {
                     // A closing or lingering connection reads nothing more: discarded.
