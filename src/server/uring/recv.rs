@@ -6,6 +6,7 @@ use super::conn::{Sock, conn_of};
 use super::ring::{Op, on_socket, user_data};
 use crate::server::worker::{Conn, Header, Input, IoState};
 use io_uring::{cqueue, opcode, squeue};
+use std::collections::VecDeque;
 use tracing::warn;
 
 /// The buffer group a receive's bytes are in.
@@ -33,6 +34,9 @@ pub(super) use bufs;
 /// what is there or `EAGAIN`, never waiting on the socket with a reserve
 /// buffer to take.
 pub(super) const RESERVE_RECV_FLAGS: i32 = libc::MSG_DONTWAIT;
+
+/// Entries the starved queue keeps room for once empty (16 B each).
+const STARVED_KEPT: usize = 1024;
 
 impl Worker {
     /// Arms `key`'s multishot receive.
@@ -143,6 +147,10 @@ impl Worker {
             unsafe { self.ring.push(&sqe) };
             self.ring.in_flight_started();
             self.core.stats().receive_starved();
+        }
+        if self.starved.is_empty() && self.starved.capacity() > STARVED_KEPT {
+            // After a flood that starved thousands: not kept at its peak.
+            self.starved = VecDeque::new();
         }
     }
 
