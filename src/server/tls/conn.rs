@@ -412,17 +412,29 @@ type Writer<'a> = dyn FnMut(&mut WriteTraffic<'_, ServerConnectionData>, &mut Wi
 
 /// The end of the record that starts at `buf[from..]` (past `buf`'s end
 /// if it is not all there; [`UNKNOWN_END`] if its header is not); `None` if
-/// its header says it is longer than any record a client may send
-/// (2^14 + 256 bytes, RFC 8446 §5.2; no suite we offer, TLS 1.2's
-/// included, expands a record by more), refused on the header instead of
-/// waiting for the rest. `from` must be a record boundary of bytes rustls
-/// has not been given (it rewrites those it was).
-fn record_end(buf: &[u8], from: usize) -> Option<usize> {
+/// its header says it is longer than `max`, refused on the header instead
+/// of waiting for the rest. `from` must be a record boundary of bytes
+/// rustls has not been given (it rewrites those it was).
+fn record_end(buf: &[u8], from: usize, max: usize) -> Option<usize> {
     let Some(h) = buf.get(from..from + record::HEADER) else {
         return Some(UNKNOWN_END);
     };
     let len = u16::from_be_bytes([h[3], h[4]]) as usize;
-    (len <= record::MAX_CIPHERTEXT).then_some(from + record::HEADER + len)
+    (len <= max).then_some(from + record::HEADER + len)
+}
+
+/// The longest record a client may send now: before the server has said
+/// anything (`spoke`, or a flight waiting in `sink`) every record is
+/// plaintext, 2^14 bytes at most (RFC 8446 §5.1, RFC 5246 §6.2.1); after,
+/// 2^14 + 256 (RFC 8446 §5.2; no suite we offer, TLS 1.2's included,
+/// expands a record by more). Judged as each header is read, so the
+/// answer does not depend on how the records were cut into reads.
+fn max_record(spoke: bool, sink: &Wire) -> usize {
+    if spoke || !sink.is_empty() {
+        record::MAX_CIPHERTEXT
+    } else {
+        record::MAX_PLAINTEXT
+    }
 }
 
 /// The session's handshake is over and it goes to our record layer: rustls
@@ -449,11 +461,12 @@ fn run(
     conn: &mut UnbufferedServerConnection,
     buf: &mut [u8],
     seen: &mut Seen,
+    spoke: bool,
     plain: &mut Vec<u8>,
     sink: &mut Wire,
     write: &mut Writer<'_>,
 ) -> (usize, Stop) {
-    let (at, stop, given, (start, end)) = run_given(conn, buf, *seen, plain, sink, write);
+    let (at, stop, given, (start, end)) = run_given(conn, buf, *seen, spoke, plain, sink, write);
     let kept = given.saturating_sub(at);
     *seen = if kept == 0 {
         Seen::default()
@@ -477,6 +490,7 @@ fn run_given(
     conn: &mut UnbufferedServerConnection,
     buf: &mut [u8],
     seen: Seen,
+    spoke: bool,
     plain: &mut Vec<u8>,
     sink: &mut Wire,
     write: &mut Writer<'_>,
@@ -492,7 +506,7 @@ fn run_given(
     let mut record = (seen.record_start, seen.given);
     if conn.is_handshaking() && seen.given > 0 {
         record.1 = match seen.record_end {
-            UNKNOWN_END => match record_end(buf, record.0) {
+            UNKNOWN_END => match record_end(buf, record.0, max_record(spoke, sink)) {
                 Some(e) => e,
                 None => return (0, Stop::Overflow, given, record),
             },
@@ -503,7 +517,7 @@ fn run_given(
     loop {
         let limit = if conn.is_handshaking() {
             if end <= at {
-                let Some(e) = record_end(buf, at) else {
+                let Some(e) = record_end(buf, at, max_record(spoke, sink)) else {
                     return (at, Stop::Overflow, given, record);
                 };
                 record = (at, e);
@@ -570,7 +584,7 @@ fn run_given(
         };
         at = (at + discard + extra).min(buf.len());
         if grow {
-            let Some(e) = record_end(buf, limit) else {
+            let Some(e) = record_end(buf, limit, max_record(spoke, sink)) else {
                 return (at, Stop::Overflow, given, record);
             };
             record = (limit, e);
@@ -746,6 +760,7 @@ impl TlsConn {
             plain,
             pending,
             rustls_seen,
+            spoke,
             ..
         } = self;
         let Session::Rustls(conn) = session else {
@@ -755,12 +770,28 @@ impl TlsConn {
         let stop = if incoming.is_empty() {
             // Nothing kept: rustls has seen none of `data`.
             *rustls_seen = Seen::default();
-            let (used, stop) = run(conn, data, rustls_seen, plain, pending, &mut nothing);
+            let (used, stop) = run(
+                conn,
+                data,
+                rustls_seen,
+                *spoke,
+                plain,
+                pending,
+                &mut nothing,
+            );
             incoming.extend_from_slice(&data[used..]);
             stop
         } else {
             incoming.extend_from_slice(data);
-            let (used, stop) = run(conn, incoming, rustls_seen, plain, pending, &mut nothing);
+            let (used, stop) = run(
+                conn,
+                incoming,
+                rustls_seen,
+                *spoke,
+                plain,
+                pending,
+                &mut nothing,
+            );
             incoming.drain(..used);
             stop
         };
@@ -1006,13 +1037,14 @@ impl TlsConn {
             plain,
             pending,
             rustls_seen,
+            spoke,
             ..
         } = self;
         let Session::Rustls(conn) = session else {
             return Stop::Failed;
         };
         let sink = sink.unwrap_or(pending);
-        let (used, stop) = run(conn, incoming, rustls_seen, plain, sink, write);
+        let (used, stop) = run(conn, incoming, rustls_seen, *spoke, plain, sink, write);
         incoming.drain(..used);
         stop
     }

@@ -506,8 +506,9 @@ fn a_record_over_the_limit_before_the_handshake_is_refused_on_its_header_with_re
     let (server, client) = configs();
     // rustls would wait for all of a record under 2^14 + 2 048 bytes,
     // then say decode_error: refused on the header, told so in the
-    // clear.
-    for len in [16_641u16, 18_431, 18_432, 65_535] {
+    // clear. Before the server has spoken, every record is plaintext:
+    // 2^14 bytes at most.
+    for len in [16_385u16, 16_640, 16_641, 18_431, 18_432, 65_535] {
         let mut s = TlsConn::new(server.clone(), 8192).unwrap();
         let mut header = [22u8, 3, 1, (len >> 8) as u8, len as u8].to_vec();
         assert_eq!(s.receive(&mut header), Err(Failure::Handshake), "{len}");
@@ -516,21 +517,37 @@ fn a_record_over_the_limit_before_the_handshake_is_refused_on_its_header_with_re
         assert_eq!(wire.pending(), PLAIN_RECORD_OVERFLOW, "{len}");
         assert_eq!(s.held(), 0);
     }
-    // The largest a record may be waits for the rest.
+    // The largest a plaintext record may be waits for the rest.
     let mut s = TlsConn::new(server.clone(), 8192).unwrap();
-    assert_eq!(s.receive(&mut [22u8, 3, 1, 0x41, 0x00].to_vec()), Ok(()));
-    // After the server's flight its keys are rustls': refused, without
-    // an alert of ours in the clear.
-    let mut s = TlsConn::new(server, 8192).unwrap();
-    assert_eq!(s.receive(&mut client_hello(&client)), Ok(()));
-    let mut flight = Wire::default();
-    s.take_pending(&mut flight);
-    assert!(!flight.is_empty());
-    let mut header = [23u8, 3, 3, 0x41, 0x01].to_vec();
-    assert_eq!(s.receive(&mut header), Err(Failure::Handshake));
-    let mut wire = Wire::default();
-    s.take_pending(&mut wire);
-    assert!(wire.is_empty());
+    assert_eq!(s.receive(&mut [22u8, 3, 1, 0x40, 0x00].to_vec()), Ok(()));
+    // After the server's flight, records may be encrypted: 2^14 + 256
+    // waits, one more is refused, without an alert of ours in the clear
+    // (its keys are rustls'). The same whether the header came in the
+    // hello's read or after the flight was taken.
+    for taken in [true, false] {
+        for (len, refused) in [(0x4100u16, false), (0x4101, true)] {
+            let mut s = TlsConn::new(server.clone(), 8192).unwrap();
+            let mut input = client_hello(&client);
+            if taken {
+                assert_eq!(s.receive(&mut input), Ok(()));
+                input.clear();
+                let mut flight = Wire::default();
+                s.take_pending(&mut flight);
+                assert!(!flight.is_empty());
+            }
+            input.extend_from_slice(&[23u8, 3, 3, (len >> 8) as u8, len as u8]);
+            let got = s.receive(&mut input);
+            assert_eq!(got.is_err(), refused, "{len} {taken}");
+            if refused {
+                let mut wire = Wire::default();
+                s.take_pending(&mut wire);
+                assert!(
+                    !wire.pending().ends_with(&PLAIN_RECORD_OVERFLOW),
+                    "{len} {taken}"
+                );
+            }
+        }
+    }
 }
 
 /// Record headers are read at record boundaries only, wherever the
