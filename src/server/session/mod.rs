@@ -502,9 +502,14 @@ impl Session {
                     let done = requests.wrapping_add(1);
                     let cfg = &ctx.shared.config;
                     let rest = &buf[pos..];
+                    let end = scan.find_end(rest);
                     // Judged before the size, on the same bytes whole or
                     // cut into reads: what cannot be HTTP is 400 at once.
-                    if handshake::refutes_head(rest, cfg.max_handshake_size) {
+                    // Only the head is looked at, up to its blank line if
+                    // it has one (what follows it is the next request's,
+                    // not there yet when the reads are cut there).
+                    let head = &rest[..end.unwrap_or(rest.len())];
+                    if handshake::refutes_head(head, cfg.max_handshake_size) {
                         // Not HTTP (TLS on the plain port, binary junk):
                         // answered now, not at the request deadline, with
                         // the reason the whole head gets.
@@ -515,7 +520,7 @@ impl Session {
                         );
                         return Next::FlushAndClose;
                     }
-                    let Some(end) = scan.find_end(rest) else {
+                    let Some(end) = end else {
                         if rest.len() > cfg.max_handshake_size {
                             self.answer_published(ctx);
                             self.refuse(

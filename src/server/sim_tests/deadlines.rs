@@ -314,3 +314,24 @@ fn a_first_line_that_cannot_be_http_is_answered_at_once() {
     let answer = String::from_utf8_lossy(&sim.received(slow)).into_owned();
     assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
 }
+
+/// The early refusal looks at the head only, up to its blank line: blank
+/// lines then junk give the same answer in one read as cut into reads
+/// (the `connection` fuzz target: "malformed" whole, where the junk
+/// after the first "\n\n" was read with it, "incomplete" cut there).
+#[test]
+fn a_head_is_judged_up_to_its_blank_line_however_the_reads_cut_it() {
+    let stream: &[u8] = b"\n\n\n\nTP/1.1\r\nHost: x\r\n\r\n";
+    let mut answers = Vec::new();
+    for cut in [stream.len(), 1, 2, 5] {
+        let mut sim = Sim::new(|_| {});
+        let c = sim.connect(1 << 20);
+        for read in stream.chunks(cut) {
+            sim.send(c, read);
+        }
+        let answer = String::from_utf8_lossy(&sim.received(c)).into_owned();
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{cut}: {answer}");
+        answers.push(answer);
+    }
+    assert!(answers.iter().all(|a| *a == answers[0]), "{answers:#?}");
+}
