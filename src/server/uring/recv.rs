@@ -233,8 +233,9 @@ impl Worker {
                     self.starve(key)
                 }
                 // A reserve receive that found nothing (the bytes went to
-                // an earlier receive); a cancelled one.
-                (e, _) if -e == libc::EAGAIN || -e == libc::ECANCELED => {}
+                // an earlier receive); a cancelled one; no buffer for a
+                // connection that reads no more (closing).
+                (e, _) if [libc::EAGAIN, libc::ECANCELED, libc::ENOBUFS].contains(&-e) => {}
                 (_, _) => self.remove(key),
             }
         }
