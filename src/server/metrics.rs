@@ -43,7 +43,7 @@ const CONNECTION_COUNTERS: [Counter; 9] = [
     ),
     (
         "corecast_receives_starved_total",
-        "io_uring receives that found the shared receive buffers used up and were served from the worker's reserve, in the order they starved.",
+        "io_uring receives that found the shared receive buffers used up and then got bytes from the worker's reserve, in the order they starved.",
         |w| &w.receives_starved,
     ),
     (

@@ -47,15 +47,11 @@ pub(super) const GEOMETRIES: [Geometry; 2] = [INCREMENTAL, WHOLE_BUFFERS];
 /// The reserve ([`BufRing::reserve`]): a small group that only the
 /// worker's own single-shot receives of starved connections draw from, so
 /// that a flood holding the shared buffers cannot keep a quiet connection
-/// waiting. Incremental: 16 KiB in two buffers.
-const RESERVE_INCREMENTAL: Geometry = Geometry {
-    count: 2,
-    size: 8 * 1024,
-    incremental: true,
-};
-/// The reserve without incremental consumption: 16 whole buffers of one
-/// reserve receive each.
-const RESERVE_WHOLE: Geometry = Geometry {
+/// waiting. 16 whole buffers of one reserve receive each, on every kernel:
+/// consumed incrementally, a buffer a short receive left partly used stays
+/// with the kernel, and the next turn's receives would share what is left
+/// of it (some getting `ENOBUFS`).
+const RESERVE: Geometry = Geometry {
     count: 16,
     size: RESERVE_RECV_BYTES,
     incremental: false,
@@ -135,12 +131,7 @@ impl BufRing {
     /// receive completes at once (with data, or `EAGAIN`), so the reserve
     /// is full again at the next turn.
     pub(super) fn reserve(ring: &IoUring) -> io::Result<Self> {
-        match Self::with_group(ring, RESERVE_INCREMENTAL, RESERVE_BGID) {
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                Self::with_group(ring, RESERVE_WHOLE, RESERVE_BGID)
-            }
-            other => other,
-        }
+        Self::with_group(ring, RESERVE, RESERVE_BGID)
     }
 
     /// How many reserve receives of [`RESERVE_RECV_BYTES`] the buffers
@@ -368,7 +359,10 @@ mod tests {
         let (mut flood, flood_at) = pair();
         let (mut quiet, quiet_at) = pair();
         let shared_bytes = INCREMENTAL.count as usize * INCREMENTAL.size;
-        flood.write_all(&vec![7u8; shared_bytes + 8192]).unwrap();
+        let reserve_bytes = RESERVE.count as usize * RESERVE.size;
+        flood
+            .write_all(&vec![7u8; shared_bytes + reserve_bytes])
+            .unwrap();
         quiet.write_all(b"ping").unwrap();
         std::thread::sleep(std::time::Duration::from_millis(50));
         let multishot = |fd: &std::net::TcpStream, ud| {
@@ -416,17 +410,29 @@ mod tests {
         let bid = cqueue::buffer_select(flags).expect("a reserve buffer");
         assert_eq!(reserve.data(bid, 4), b"ping");
         reserve.consumed(bid, 4, cqueue::buffer_more(flags));
-        // Nothing more to read: done at once, not waiting with a buffer.
+        // Nothing more to read: done at once, not waiting with a buffer,
+        // and holding none.
         unsafe { ring.submission().push(&from_reserve(&quiet_at, 4)) }.unwrap();
-        assert_eq!(wait_one(&mut ring).unwrap().1, -libc::EAGAIN);
-        // The flood gets one receive's worth.
-        unsafe { ring.submission().push(&from_reserve(&flood_at, 5)) }.unwrap();
-        let (ud, res, flags) = wait_one(&mut ring).unwrap();
-        assert_eq!((ud, res as usize), (5, RESERVE_RECV_BYTES));
-        assert_eq!(
-            reserve.data(cqueue::buffer_select(flags).unwrap(), RESERVE_RECV_BYTES),
-            &[7u8; RESERVE_RECV_BYTES][..]
-        );
+        let (_, res, flags) = wait_one(&mut ring).unwrap();
+        assert_eq!(res, -libc::EAGAIN);
+        assert_eq!(cqueue::buffer_select(flags), None);
+        // A turn's 16 receives, submitted together after that short one,
+        // each get a whole receive's worth of the flood (a buffer consumed
+        // incrementally would have stayed with the kernel, partly used,
+        // and been shared: one receive cut short).
+        for ud in 0..reserve.recvs_per_turn() as u64 {
+            unsafe { ring.submission().push(&from_reserve(&flood_at, 10 + ud)) }.unwrap();
+        }
+        ring.submit().unwrap();
+        for _ in 0..reserve.recvs_per_turn() {
+            let (ud, res, flags) = wait_one(&mut ring).unwrap();
+            assert!(ud >= 10, "{ud}");
+            assert_eq!(res as usize, RESERVE_RECV_BYTES, "receive {ud}");
+            assert_eq!(
+                reserve.data(cqueue::buffer_select(flags).unwrap(), RESERVE_RECV_BYTES),
+                &[7u8; RESERVE_RECV_BYTES][..]
+            );
+        }
         shared.unregister(&ring).unwrap();
         reserve.unregister(&ring).unwrap();
     }

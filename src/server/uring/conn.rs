@@ -17,7 +17,7 @@ pub(in crate::server) struct Sock {
     /// process descriptor).
     slot: u32,
     /// [`RECV_ARMED`], [`SEND_SINGLE`], [`SEND_VECTORED`],
-    /// [`SHUTDOWN_PENDING`], [`HELD`], [`STARVED`]: bits, so that the handle stays
+    /// [`SHUTDOWN_PENDING`], [`HELD`], [`STARVED`], [`QUEUED`]: bits, so that the handle stays
     /// 8 bytes (every connection carries one).
     flags: u8,
     /// Where closing `slot` stands.
@@ -38,10 +38,15 @@ const HELD: u8 = 8;
 /// A vectored send is in flight; its `SendOp` is in the worker's
 /// `send_ops`, keyed by this connection's slab key.
 const SEND_VECTORED: u8 = 16;
-/// Its receive found the shared buffers used up (`ENOBUFS`): it waits in
-/// the worker's starved queue for a receive from the reserve, and is not
-/// re-armed meanwhile.
+/// Its receive found the shared buffers used up (`ENOBUFS`) and has not
+/// read since: the worker's starved queue serves it (a receive from the
+/// reserve, or its multishot receive armed again); no other path re-arms
+/// it meanwhile.
 const STARVED: u8 = 32;
+/// It has an entry in the worker's starved queue (at most one: a
+/// connection that reads and starves again before its entry is looked at
+/// keeps that entry, and its place).
+const QUEUED: u8 = 64;
 
 /// Closing a direct descriptor. The close is submitted only once no other
 /// operation on the slot is in flight: io_uring resolves a fixed file when
@@ -139,9 +144,23 @@ impl Sock {
         self.flags & STARVED != 0
     }
 
-    /// Joins (`true`) or leaves the worker's starved queue.
+    /// Starved (`true`), or read since.
     pub(super) fn set_starved(&mut self, starved: bool) {
         self.set(STARVED, starved);
+    }
+
+    /// Its receive found no shared buffer: starved from now on; `true` if
+    /// it needs an entry in the starved queue (it has none yet).
+    pub(super) fn starve(&mut self) -> bool {
+        self.set(STARVED, true);
+        let join = self.flags & QUEUED == 0;
+        self.set(QUEUED, true);
+        join
+    }
+
+    /// Its entry leaves the starved queue, and it is no longer starved.
+    pub(super) fn unqueue(&mut self) {
+        self.set(STARVED | QUEUED, false);
     }
 
     /// Input that arrived while reading was paused is kept for the resume.

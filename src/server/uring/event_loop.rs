@@ -41,8 +41,8 @@ pub(in crate::server) struct Worker {
     /// ([`BufRing::reserve`]).
     pub(super) reserve: BufRing,
     /// Connections whose receive found no shared buffer, by slab key and
-    /// serial, in the order they starved (each at most once: its
-    /// `STARVED` bit); served from the reserve before each wait.
+    /// serial, in the order they starved (each at most once: its `QUEUED`
+    /// bit); served before each wait ([`Worker::serve_starved`]).
     pub(super) starved: VecDeque<(usize, u32)>,
     pub(super) accept: Acceptor,
     wake: WakeRead,

@@ -38,6 +38,39 @@ pub(super) const RESERVE_RECV_FLAGS: i32 = libc::MSG_DONTWAIT;
 /// Entries the starved queue keeps room for once empty (16 B each).
 const STARVED_KEPT: usize = 1024;
 
+/// What a pass of the starved queue does with one entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Pass {
+    /// The entry leaves the queue.
+    Leave,
+    /// Its multishot receive is armed again on the shared buffers; the
+    /// entry keeps its place.
+    Rearm,
+    /// A receive from the reserve; the entry leaves the queue.
+    Reserve,
+}
+
+/// Decides for one entry of the starved queue, from its connection's
+/// socket state, whether the connection reads (armed or not), and whether
+/// the reserve has room left this turn; its `STARVED` and `QUEUED` bits
+/// follow. It leaves if it read since it starved, if it reads no more
+/// (paused or closing: armed as usual when it reads again), or if the
+/// receive the last pass armed is still armed: that receive neither read
+/// nor found the buffers used up, so the connection is quiet and the
+/// shared buffers will serve it (a connection that starves again takes a
+/// new place at the back).
+pub(super) fn pass(io: &mut Sock, reads: bool, room: bool) -> Pass {
+    if !io.starved() || io.recv_armed() || !reads {
+        io.unqueue();
+        Pass::Leave
+    } else if room {
+        io.unqueue();
+        Pass::Reserve
+    } else {
+        Pass::Rearm
+    }
+}
+
 impl Worker {
     /// Arms `key`'s multishot receive.
     pub(super) fn arm_recv(&mut self, key: usize) {
@@ -64,8 +97,12 @@ impl Worker {
 
     /// Does `conn` read, and has no receive armed?
     fn reads(conn: &Conn<Sock>) -> bool {
+        !conn.io().recv_armed() && Self::reads_unarmed(conn)
+    }
+
+    /// Does `conn` read (armed or not)?
+    fn reads_unarmed(conn: &Conn<Sock>) -> bool {
         !conn.peer_eof()
-            && !conn.io().recv_armed()
             && match conn.state() {
                 IoState::Active => !conn.read_paused(),
                 IoState::Lingering => true,
@@ -75,11 +112,10 @@ impl Worker {
 
     /// A connection's receive found no buffer (`ENOBUFS`): it joins the
     /// starved queue, at the back unless it is in it already (its place is
-    /// kept while it waits).
+    /// kept while it waits, even if it read in between).
     fn starve(&mut self, key: usize) {
         let conn = self.core.conn_mut(key);
-        if !conn.io().starved() {
-            conn.io_mut().set_starved(true);
+        if conn.io_mut().starve() {
             let serial = conn.serial();
             self.starved.push_back((key, serial));
         }
@@ -91,7 +127,9 @@ impl Worker {
     ///   [`RESERVE_RECV_BYTES`] from the reserve and leave the queue (their
     ///   multishot receive is armed again on the shared buffers once it
     ///   completes). Issued at the wait's submit, while the reserve is
-    ///   full (no multishot receive draws from it), so each gets its bytes;
+    ///   full (no multishot receive draws from it, and the last turn's
+    ///   reserve receives completed at once and gave their buffers back),
+    ///   so each gets its bytes;
     /// - the others get their multishot receive on the shared buffers armed
     ///   again, as every starved receive was before the reserve, and keep
     ///   their place: one that finds a buffer leaves the queue, one that
@@ -100,8 +138,9 @@ impl Worker {
     /// A flood that takes every shared buffer as soon as it comes back (its
     /// receives run in the kernel whenever its data arrives) thus cannot
     /// keep a connection from being read for more than ⌈place / 16⌉ turns.
-    /// Each entry is looked at once a turn; those of connections gone,
-    /// paused, or read since, leave.
+    /// Each entry is looked at once a turn ([`pass`]); those of connections
+    /// gone, paused, read since, or whose receive armed from here neither
+    /// read nor failed (quiet: the shared buffers serve it), leave.
     pub(super) fn serve_starved(&mut self) {
         let mut room = self.reserve.recvs_per_turn();
         for _ in 0..self.starved.len() {
@@ -111,47 +150,44 @@ impl Worker {
             let Some(conn) = conn_of(&mut self.core, key, serial) else {
                 continue;
             };
-            if !conn.io().starved() {
-                continue;
+            let reads = Self::reads_unarmed(conn);
+            match pass(conn.io_mut(), reads, room > 0) {
+                Pass::Leave => {}
+                Pass::Rearm => {
+                    self.starved.push_back((key, serial));
+                    self.arm_recv(key);
+                }
+                Pass::Reserve => {
+                    room -= 1;
+                    self.recv_from_reserve(key);
+                }
             }
-            if conn.io().recv_armed() {
-                // Its multishot receive waits on the shared buffers.
-                self.starved.push_back((key, serial));
-                continue;
-            }
-            if !Self::reads(conn) {
-                // Paused or closing: armed as usual when it reads again.
-                conn.io_mut().set_starved(false);
-                continue;
-            }
-            if room == 0 {
-                self.starved.push_back((key, serial));
-                self.arm_recv(key);
-                continue;
-            }
-            room -= 1;
-            conn.io_mut().set_starved(false);
-            let sqe = on_socket!(self.ring.plain_fds(), conn.io().slot(), |fd| {
-                opcode::Recv::new(fd, std::ptr::null_mut(), RESERVE_RECV_BYTES as u32)
-                    .buf_group(RESERVE_BGID)
-                    .flags(RESERVE_RECV_FLAGS)
-                    .build()
-                    .flags(squeue::Flags::BUFFER_SELECT)
-            })
-            .user_data(user_data(Op::RecvReserve, key, serial));
-            conn.io_mut().set_recv_armed(true);
-            // SAFETY: a receive with BUFFER_SELECT names no memory of its
-            // own: it writes into a buffer of group RESERVE_BGID
-            // (`self.reserve`), which stays mapped and registered until
-            // the exit, as the shared group does (see `arm_recv`).
-            unsafe { self.ring.push(&sqe) };
-            self.ring.in_flight_started();
-            self.core.stats().receive_starved();
         }
         if self.starved.is_empty() && self.starved.capacity() > STARVED_KEPT {
             // After a flood that starved thousands: not kept at its peak.
             self.starved = VecDeque::new();
         }
+    }
+
+    /// Pushes `key`'s single-shot, non-blocking receive of at most
+    /// [`RESERVE_RECV_BYTES`] from the reserve.
+    fn recv_from_reserve(&mut self, key: usize) {
+        let conn = self.core.conn_mut(key);
+        let sqe = on_socket!(self.ring.plain_fds(), conn.io().slot(), |fd| {
+            opcode::Recv::new(fd, std::ptr::null_mut(), RESERVE_RECV_BYTES as u32)
+                .buf_group(RESERVE_BGID)
+                .flags(RESERVE_RECV_FLAGS)
+                .build()
+                .flags(squeue::Flags::BUFFER_SELECT)
+        })
+        .user_data(user_data(Op::RecvReserve, key, conn.serial()));
+        conn.io_mut().set_recv_armed(true);
+        // SAFETY: a receive with BUFFER_SELECT names no memory of its
+        // own: it writes into a buffer of group RESERVE_BGID
+        // (`self.reserve`), which stays mapped and registered until
+        // the exit, as the shared group does (see `arm_recv`).
+        unsafe { self.ring.push(&sqe) };
+        self.ring.in_flight_started();
     }
 
     /// A receive completion for `key` (from the shared buffers' multishot
@@ -177,9 +213,13 @@ impl Worker {
         }
         let state = conn.state();
         if res > 0 {
-            // Read: no longer starved (its queue entry leaves when next
-            // looked at).
+            // Read: no longer starved (its queue entry, if any, leaves
+            // when next looked at, unless it starves again first).
             conn.io_mut().set_starved(false);
+            if group == Group::Reserve {
+                self.core.stats().receive_starved();
+            }
+            let conn = self.core.conn_mut(key);
             match bid {
                 Some(bid) => {
                     // A closing or lingering connection reads nothing more: discarded.
@@ -335,5 +375,59 @@ impl Worker {
             unsafe { self.ring.push(&sqe) };
         }
         self.core.after_input(key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Pass, Sock, pass};
+
+    /// A connection that reads and starves again before its entry is
+    /// looked at keeps its one entry and its place; one whose receive,
+    /// armed from the queue, neither read nor failed leaves; one served
+    /// from the reserve, or that reads no more, leaves. (a2c9faf pushed a
+    /// new entry at each starve after a read: N flooders behind the
+    /// reserve's 16 grew the queue by about N a turn, every entry walked
+    /// each turn; and quiet connections stayed in it until they read.)
+    #[test]
+    fn a_starved_connection_has_one_entry_and_leaves_when_served_or_quiet() {
+        let mut io = Sock::new(0);
+        let mut entries = 0;
+        let starve = |io: &mut Sock, entries: &mut i32| {
+            io.set_recv_armed(false);
+            if io.starve() {
+                *entries += 1;
+            }
+        };
+        starve(&mut io, &mut entries);
+        assert_eq!(entries, 1);
+        // No room in the reserve: armed again, the entry kept.
+        assert_eq!(pass(&mut io, true, false), Pass::Rearm);
+        io.set_recv_armed(true);
+        // It reads, then finds no buffer again, before the next pass.
+        io.set_starved(false);
+        starve(&mut io, &mut entries);
+        assert_eq!(entries, 1, "one entry, its place kept");
+        assert_eq!(pass(&mut io, true, false), Pass::Rearm);
+        io.set_recv_armed(true);
+        // Its receive neither read nor failed by the next pass: quiet.
+        assert_eq!(pass(&mut io, true, false), Pass::Leave);
+        assert!(!io.starved());
+        starve(&mut io, &mut entries);
+        assert_eq!(entries, 2, "a new entry once the old one left");
+        // Served from the reserve: leaves.
+        assert_eq!(pass(&mut io, true, true), Pass::Reserve);
+        assert!(!io.starved());
+        io.set_recv_armed(true);
+        starve(&mut io, &mut entries);
+        assert_eq!(entries, 3);
+        // Read since it starved (entry looked at afterwards): leaves.
+        io.set_starved(false);
+        assert_eq!(pass(&mut io, true, true), Pass::Leave);
+        starve(&mut io, &mut entries);
+        assert_eq!(entries, 4);
+        // Paused or closing: leaves, not starved.
+        assert_eq!(pass(&mut io, false, true), Pass::Leave);
+        assert!(!io.starved());
     }
 }
