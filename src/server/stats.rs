@@ -81,8 +81,8 @@ pub struct WorkerStats {
     pub protocol_errors: AtomicU64,
     pub messages_echoed: AtomicU64,
     pub accept_errors: AtomicU64,
-    /// Receives served from the io_uring reserve: a connection's receive
-    /// found the shared buffers used up (`ENOBUFS`).
+    /// Receives from the io_uring reserve that got bytes: a connection's
+    /// receive had found the shared buffers used up (`ENOBUFS`).
     pub receives_starved: AtomicU64,
     /// TLS handshakes completed: full, resumed.
     pub tls_handshakes: [AtomicU64; 2],

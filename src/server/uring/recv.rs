@@ -92,16 +92,11 @@ impl Worker {
     /// Should `conn` have a receive armed? Not while it waits in the
     /// starved queue (armed from there, [`Self::serve_starved`]).
     pub(super) fn wants_recv(conn: &Conn<Sock>) -> bool {
-        !conn.io().starved() && Self::reads(conn)
+        !conn.io().starved() && !conn.io().recv_armed() && Self::reads(conn)
     }
 
-    /// Does `conn` read, and has no receive armed?
+    /// Does `conn` read (whether or not a receive is armed)?
     fn reads(conn: &Conn<Sock>) -> bool {
-        !conn.io().recv_armed() && Self::reads_unarmed(conn)
-    }
-
-    /// Does `conn` read (armed or not)?
-    fn reads_unarmed(conn: &Conn<Sock>) -> bool {
         !conn.peer_eof()
             && match conn.state() {
                 IoState::Active => !conn.read_paused(),
@@ -150,7 +145,7 @@ impl Worker {
             let Some(conn) = conn_of(&mut self.core, key, serial) else {
                 continue;
             };
-            let reads = Self::reads_unarmed(conn);
+            let reads = Self::reads(conn);
             match pass(conn.io_mut(), reads, room > 0) {
                 Pass::Leave => {}
                 Pass::Rearm => {
