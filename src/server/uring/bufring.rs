@@ -358,6 +358,7 @@ mod tests {
         };
         let (mut flood, flood_at) = pair();
         let (mut quiet, quiet_at) = pair();
+        let (mut idle, idle_at) = pair();
         let shared_bytes = INCREMENTAL.count as usize * INCREMENTAL.size;
         let reserve_bytes = RESERVE.count as usize * RESERVE.size;
         flood
@@ -403,6 +404,20 @@ mod tests {
         unsafe { ring.submission().push(&multishot(&quiet_at, 2)) }.unwrap();
         let (ud, res, flags) = wait_one(&mut ring).unwrap();
         assert_eq!((ud, res, cqueue::more(flags)), (2, -libc::ENOBUFS, false));
+        // So does one with nothing to read: the buffer is picked before the
+        // socket is looked at. Re-armed to wait for data first (the starved
+        // queue's re-arm), it waits, and fails only once data comes.
+        unsafe { ring.submission().push(&multishot(&idle_at, 5)) }.unwrap();
+        let (ud, res, _) = wait_one(&mut ring).unwrap();
+        assert_eq!((ud, res), (5, -libc::ENOBUFS));
+        let waiting = super::super::recv::poll_first(multishot(&idle_at, 6));
+        unsafe { ring.submission().push(&waiting) }.unwrap();
+        ring.submit().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(ring.completion().is_empty(), "waits for data");
+        idle.write_all(b"x").unwrap();
+        let (ud, res, flags) = wait_one(&mut ring).unwrap();
+        assert_eq!((ud, res, cqueue::more(flags)), (6, -libc::ENOBUFS, false));
         // The reserve serves it.
         unsafe { ring.submission().push(&from_reserve(&quiet_at, 3)) }.unwrap();
         let (ud, res, flags) = wait_one(&mut ring).unwrap();

@@ -44,6 +44,10 @@ pub(in crate::server) struct Worker {
     /// serial, in the order they starved (each at most once: its `QUEUED`
     /// bit); served before each wait ([`Worker::serve_starved`]).
     pub(super) starved: VecDeque<(usize, u32)>,
+    /// The last pass of the starved queue had more entries than the
+    /// reserve serves in a turn: receives re-armed after a reserve receive
+    /// then wait for data ([`super::recv::poll_first`]).
+    pub(super) reserve_short: bool,
     pub(super) accept: Acceptor,
     wake: WakeRead,
     /// The receive path's scratch buffer ([`SCRATCH_BYTES`], grown when
@@ -105,6 +109,7 @@ impl Worker {
             bufs,
             reserve,
             starved: VecDeque::new(),
+            reserve_short: false,
             accept: Acceptor::new(listener, table),
             wake: WakeRead::new(wake),
             scratch: vec![0u8; SCRATCH_BYTES],

@@ -71,15 +71,51 @@ pub(super) fn pass(io: &mut Sock, reads: bool, room: bool) -> Pass {
     }
 }
 
+/// `IORING_RECVSEND_POLL_FIRST` (`include/uapi/linux/io_uring.h`, since
+/// Linux 5.19), a receive's `ioprio` flag: the receive waits until the
+/// socket is readable before it is tried, so before it picks a buffer.
+const RECVSEND_POLL_FIRST: u16 = 1;
+
+/// `sqe` with [`RECVSEND_POLL_FIRST`] added to its `ioprio` (the io-uring
+/// crate's `RecvMulti` builder sets `ioprio` to multishot and exposes no
+/// other flag).
+///
+/// Without it, a receive armed while its buffer group is empty fails at
+/// once with `ENOBUFS`: the kernel picks a buffer before it looks at the
+/// socket. A quiet connection re-armed from the starved queue while a
+/// flood keeps the shared buffers empty would then starve again turn
+/// after turn, never quiet long enough to leave the queue; with it, the
+/// receive waits for the connection's data, and the entry leaves.
+pub(super) fn poll_first(mut sqe: squeue::Entry) -> squeue::Entry {
+    const _: () = assert!(std::mem::size_of::<squeue::Entry>() == 64);
+    // SAFETY: `squeue::Entry` is `#[repr(C)]` around the kernel's 64-byte
+    // `struct io_uring_sqe` (its size checked above), whose `ioprio` is the
+    // `u16` at byte 2, after `opcode: u8` and `flags: u8`; read and written
+    // unaligned, inside `sqe`, which we own.
+    unsafe {
+        let ioprio = (&raw mut sqe).cast::<u8>().add(2).cast::<u16>();
+        ioprio.write_unaligned(ioprio.read_unaligned() | RECVSEND_POLL_FIRST);
+    }
+    sqe
+}
+
 impl Worker {
     /// Arms `key`'s multishot receive.
     pub(super) fn arm_recv(&mut self, key: usize) {
+        self.arm_recv_with(key, false);
+    }
+
+    /// Arms `key`'s multishot receive, waiting for the socket to be
+    /// readable before it picks a buffer if `wait_for_data`
+    /// ([`poll_first`]).
+    fn arm_recv_with(&mut self, key: usize, wait_for_data: bool) {
         let conn = self.core.conn_mut(key);
         debug_assert!(!conn.io().recv_armed());
         let sqe = on_socket!(self.ring.plain_fds(), conn.io().slot(), |fd| {
             opcode::RecvMulti::new(fd, BGID).build()
-        })
-        .user_data(user_data(Op::Recv, key, conn.serial()));
+        });
+        let sqe = if wait_for_data { poll_first(sqe) } else { sqe };
+        let sqe = sqe.user_data(user_data(Op::Recv, key, conn.serial()));
         conn.io_mut().set_recv_armed(true);
         // SAFETY: a receive from group BGID names no memory of its own; the
         // group's buffers (`self.bufs`) stay mapped and registered until the
@@ -126,9 +162,10 @@ impl Worker {
     ///   reserve receives completed at once and gave their buffers back),
     ///   so each gets its bytes;
     /// - the others get their multishot receive on the shared buffers armed
-    ///   again, as every starved receive was before the reserve, and keep
-    ///   their place: one that finds a buffer leaves the queue, one that
-    ///   finds none again waits where it was.
+    ///   again, waiting for data before it picks a buffer ([`poll_first`]),
+    ///   and keep their place: one that finds a buffer leaves the queue,
+    ///   one that finds none again waits where it was, and one still
+    ///   waiting for data at the next pass leaves (quiet).
     ///
     /// A flood that takes every shared buffer as soon as it comes back (its
     /// receives run in the kernel whenever its data arrives) thus cannot
@@ -138,6 +175,7 @@ impl Worker {
     /// read nor failed (quiet: the shared buffers serve it), leave.
     pub(super) fn serve_starved(&mut self) {
         let mut room = self.reserve.recvs_per_turn();
+        self.reserve_short = false;
         for _ in 0..self.starved.len() {
             let Some((key, serial)) = self.starved.pop_front() else {
                 break;
@@ -149,8 +187,11 @@ impl Worker {
             match pass(conn.io_mut(), reads, room > 0) {
                 Pass::Leave => {}
                 Pass::Rearm => {
+                    self.reserve_short = true;
                     self.starved.push_back((key, serial));
-                    self.arm_recv(key);
+                    // Waits for data: armed while the flood keeps the
+                    // shared buffers empty, it would fail at once.
+                    self.arm_recv_with(key, true);
                 }
                 Pass::Reserve => {
                     room -= 1;
@@ -278,7 +319,15 @@ impl Worker {
         if conn.state() == IoState::Gone {
             self.free_if_done(key);
         } else if Self::wants_recv(conn) {
-            self.arm_recv(key);
+            // After a receive from the reserve the shared buffers are
+            // likely still empty, so a multishot receive armed now fails
+            // at once and the connection starves again: served from the
+            // reserve next turn whether it has data or not, which costs
+            // nothing while the reserve has room for every entry and
+            // reads a connection that is waiting for its answer as soon as
+            // it sends. Once the reserve is short, every such poll takes
+            // a place from a connection with data: it waits for its data.
+            self.arm_recv_with(key, group == Group::Reserve && self.reserve_short);
         }
     }
 
@@ -375,7 +424,28 @@ impl Worker {
 
 #[cfg(test)]
 mod tests {
-    use super::{Pass, Sock, pass};
+    use super::{Pass, Sock, pass, poll_first};
+    use io_uring::{opcode, types};
+
+    /// `poll_first` adds `IORING_RECVSEND_POLL_FIRST` (1) to the entry's
+    /// `ioprio` (bytes 2-3), beside the builder's `IORING_RECV_MULTISHOT`
+    /// (2), and changes no other byte. (The kernel-side behaviour is in
+    /// `bufring.rs`'s starved receive test.)
+    #[test]
+    fn poll_first_sets_only_its_ioprio_bit() {
+        let bytes = |e: &io_uring::squeue::Entry| -> [u8; 64] {
+            // SAFETY: an `Entry` is 64 plain bytes (`#[repr(C)]` around
+            // `io_uring_sqe`, checked in `poll_first`); copied out.
+            unsafe { std::mem::transmute_copy(e) }
+        };
+        let sqe = opcode::RecvMulti::new(types::Fd(7), 3).build().user_data(9);
+        let before = bytes(&sqe);
+        let after = bytes(&poll_first(sqe));
+        assert_eq!(u16::from_ne_bytes([before[2], before[3]]), 2);
+        assert_eq!(u16::from_ne_bytes([after[2], after[3]]), 3);
+        let rest = |b: &[u8; 64]| [&b[..2], &b[4..]].concat();
+        assert_eq!(rest(&before), rest(&after));
+    }
 
     /// A connection that reads and starves again before its entry is
     /// looked at keeps its one entry and its place; one whose receive,
