@@ -132,6 +132,25 @@ impl OutQueue {
         self.inner.as_mut().map_or(0, |i| i.truncate_to_front())
     }
 
+    /// Moves everything `other` holds (none of it written or pinned yet)
+    /// behind what this queue holds, in order, leaving `other` empty:
+    /// chunks by reference (shared ones stay shared), the tail copied.
+    pub fn append(&mut self, other: &mut OutQueue) {
+        let Some(other) = other.inner.take() else {
+            return;
+        };
+        debug_assert!(other.pinned == 0 && !other.tail_pinned);
+        let Inner { chunks, tail, .. } = *other;
+        for chunk in chunks {
+            if chunk.shared {
+                self.push_frame(&chunk.bytes);
+            } else {
+                self.push(chunk.bytes);
+            }
+        }
+        self.push_copy(&tail);
+    }
+
     /// Fills `iov` with the queued bytes in order; returns how many slots were filled.
     pub fn gather<'a>(&'a self, iov: &mut [IoSlice<'a>]) -> usize {
         self.inner.as_ref().map_or(0, |i| i.gather(iov))
@@ -410,6 +429,29 @@ mod tests {
         assert_eq!(q.send_epoch(40), None);
         q.push(Bytes::from_static(b"i"));
         assert_eq!(q.send_epoch(50), Some(50), "a refilled queue starts afresh");
+    }
+
+    /// `append` moves another queue's frames behind this one's, in order,
+    /// shared ones still shared (not charged as owned), and empties it.
+    #[test]
+    fn append_keeps_order_and_sharing() {
+        let big = Bytes::from(vec![7u8; COPY_BELOW]);
+        let mut q = OutQueue::new();
+        q.push(Bytes::from_static(b"ab"));
+        let mut other = OutQueue::new();
+        other.push_copy(b"cd");
+        other.push_frame(&big);
+        other.push(Bytes::from_static(b"ef"));
+        q.append(&mut other);
+        assert!(other.is_empty());
+        let mut want = b"abcd".to_vec();
+        want.extend_from_slice(&big);
+        want.extend_from_slice(b"ef");
+        assert_eq!(flatten(&q), want);
+        assert_eq!(q.len(), want.len());
+        assert_eq!(q.owned(), 6, "the shared frame is not owned");
+        q.append(&mut OutQueue::new());
+        assert_eq!(flatten(&q), want);
     }
 
     #[test]

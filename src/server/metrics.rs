@@ -80,11 +80,16 @@ const CONNECTION_COUNTERS: [Counter; 9] = [
 
 /// Publication and delivery: messages published, frames and bytes sent,
 /// slow consumers, keepalive, publishers held back (mailbox full, rate).
-const DELIVERY_COUNTERS: [Counter; 23] = [
+const DELIVERY_COUNTERS: [Counter; 24] = [
     (
         "corecast_messages_published_total",
         "Messages published (WebSocket and HTTP publishers).",
         |w| &w.messages_published,
+    ),
+    (
+        "corecast_messages_after_close_total",
+        "Messages a publisher that asked for acknowledgements (corecast.v1) sent after the server's close frame: not published, since no acknowledgement may follow a close frame.",
+        |w| &w.messages_after_close,
     ),
     (
         "corecast_frames_sent_total",

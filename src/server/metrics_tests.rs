@@ -30,6 +30,7 @@ fn busy_workers() -> Vec<WorkerStats> {
         set(&w.subscriptions);
         set(&w.pattern_subscriptions);
         set(&w.messages_published);
+        set(&w.messages_after_close);
         set(&w.frames_sent);
         set(&w.bytes_sent);
         set(&w.frames_dropped);

@@ -94,6 +94,9 @@ pub struct WorkerStats {
     /// Of which to patterns.
     pub pattern_subscriptions: AtomicU64,
     pub messages_published: AtomicU64,
+    /// Messages an acknowledged publisher sent after our close frame: not
+    /// published, since no acknowledgement may follow a close frame.
+    pub messages_after_close: AtomicU64,
     pub frames_sent: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub frames_dropped: AtomicU64,
@@ -225,6 +228,12 @@ impl WorkerStats {
 
     pub fn message_published(&self) {
         bump(&self.messages_published);
+    }
+
+    /// An acknowledged publisher's message read after our close frame, not
+    /// published.
+    pub fn publication_after_close(&self) {
+        bump(&self.messages_after_close);
     }
 
     pub fn subscribed(&self, n: usize) {

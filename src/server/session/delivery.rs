@@ -51,6 +51,12 @@ impl Session {
         matches!(&self.phase, Phase::Ws { ws, .. } if ws.can_send())
     }
 
+    /// Whether it is a WebSocket publisher that asked for acknowledgements
+    /// (`corecast.v1`).
+    pub fn wants_acks(&self) -> bool {
+        matches!(&self.phase, Phase::Ws { role: Role::Publisher(p), .. } if p.acks)
+    }
+
     /// Fails a subscriber as a slow consumer (its conflation table is
     /// full): the frames queued but not started are discarded, a 1008 close
     /// queued. Returns the bytes discarded.

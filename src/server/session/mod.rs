@@ -199,6 +199,30 @@ enum Role {
     Publisher(Box<Publisher>),
 }
 
+/// Numbers this worker's publications not numbered yet and queues the
+/// acknowledgements due to publisher `ctx.me` (all of them, in order) to
+/// `out`, ahead of the close frame about to follow: what the end of the
+/// turn would have sent ([`crate::server::worker`]'s `queue_acks`), which
+/// could not follow a close frame (a publisher that sends its last
+/// messages and its close in one write got none of their acks).
+fn ack_before_close(
+    out: &mut OutQueue,
+    deflate: Option<crate::proto::deflate::Agreed>,
+    ctx: &mut Ctx<'_>,
+) {
+    ctx.shard.dispatch();
+    let walked = ctx.shard.walked();
+    ctx.count_match_steps(walked);
+    for (epoch, seq) in ctx.shard.take_acks_of(ctx.me) {
+        let text = crate::pubsub::envelope::ack(epoch, seq);
+        out.push(Bytes::from(crate::proto::deflate::message_frame(
+            deflate,
+            MessageKind::Text.opcode(),
+            text.as_bytes(),
+        )));
+    }
+}
+
 #[derive(Debug)]
 struct Publisher {
     topic: Option<Arc<TopicInterest>>,
@@ -617,6 +641,10 @@ impl Session {
         ws.tick(ctx.now_ms);
         let rate = ctx.shared.config.max_publish_rate;
         let deflate = ws.deflate();
+        // A publisher that asked for acknowledgements gets them for what
+        // it published before a close frame, whoever closes (see
+        // `ack_before_close`).
+        let acked = matches!(role, Role::Publisher(p) if p.acks);
         loop {
             if pos < buf.len() {
                 let out_of_tokens = match role {
@@ -640,7 +668,21 @@ impl Session {
             let room_given = (YIELD_AFTER_BYTES.saturating_sub(ctx.work) / INFLATE_WORK).max(1);
             let mut room = room_given;
             let left = buf.len() - pos;
-            let decoded = ws.decode_within(&mut buf[pos..], &mut self.out, &mut room);
+            // Whether this call's message (if any) came before our close
+            // frame: nothing may follow one, acknowledgements included.
+            let open = ws.can_send();
+            // An acknowledged publisher's pongs and close frame wait for
+            // its acknowledgements (see below).
+            let mut replies = OutQueue::new();
+            let decoded = ws.decode_within(
+                &mut buf[pos..],
+                if acked { &mut replies } else { &mut self.out },
+                &mut room,
+            );
+            let closing = matches!(
+                decoded.event,
+                Some(Event::Closed { .. } | Event::Failed { .. })
+            );
             pos += decoded.consumed;
             let paused = room == 0 && decoded.consumed < left;
             ctx.work = ctx
@@ -685,6 +727,14 @@ impl Session {
                             "binary messages are not control messages; send JSON text",
                         )))
                     }
+                    Role::Publisher(p) if p.acks && !open => {
+                        // Read after our close frame (the shutdown drain's,
+                        // a keepalive's): it could not be acknowledged, so
+                        // it is not published; the publisher sees it
+                        // unacknowledged, as it is.
+                        ctx.stats.publication_after_close();
+                        None
+                    }
                     Role::Publisher(_) if publication_cost(payload.len()) > ctx.room => {
                         Some(Reply::OverBudget)
                     }
@@ -717,9 +767,18 @@ impl Session {
                     None
                 }
             };
+            if acked {
+                if closing {
+                    ack_before_close(&mut self.out, deflate, ctx);
+                }
+                self.out.append(&mut replies);
+            }
             match control {
                 None => {}
                 Some(Reply::OverBudget) => {
+                    if acked {
+                        ack_before_close(&mut self.out, deflate, ctx);
+                    }
                     ctx.stats.budget_close();
                     ctx.stats.ws_failure(CloseCode::TRY_AGAIN_LATER.0);
                     debug!("publication over the buffer budget");

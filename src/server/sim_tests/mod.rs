@@ -5,11 +5,13 @@
 //! (read, end of turn: re-reads, delivery, one flush per dirty connection,
 //! unthrottle, sweep, deadlines) is done here in the same order.
 //!
-//! This file holds the simulator; the tests are in `deadlines.rs`
+//! This file holds the simulator; the tests are in `acks.rs` (a
+//! publisher's acknowledgements around a close), `deadlines.rs`
 //! (keepalive, request, message, send and linger deadlines) and
 //! `backpressure.rs` (slow consumers, the buffer budget, publisher
 //! throttling and pacing).
 
+mod acks;
 mod backpressure;
 mod cluster;
 mod deadlines;
