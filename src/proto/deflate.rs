@@ -461,6 +461,19 @@ pub fn message_frame(agreed: Option<Agreed>, opcode: OpCode, payload: &[u8]) -> 
     }
 }
 
+/// How much longer than `len` bytes of data their deflate encoding may
+/// be: zlib's `deflateBound` for raw deflate (stored blocks cost 5 bytes
+/// per 64 KiB; a compressor's block headers, a few more), plus a sync
+/// flush's empty block. A client that compresses every message (browsers
+/// do, once the extension is agreed) sends incompressible data a little
+/// longer than it is: the wire caps of a compressed frame or message are
+/// the caps plus this, so that a message within `--max-message-size`
+/// is not refused for its encoding. What it inflates to is still held to
+/// the cap itself.
+pub fn encoded_slack(len: u64) -> u64 {
+    (len >> 12) + (len >> 14) + (len >> 25) + 32
+}
+
 /// Compresses one message's payload as a fresh stream with the full
 /// window, returning the deflate data without the 4-byte tail (what a
 /// frame with RSV1 carries); `None` when it would not be smaller.

@@ -221,7 +221,22 @@ impl WsConn {
             _ => {}
         }
         let plen = header.payload_len;
-        if plen > self.limits.max_frame {
+        // A compressed message's wire bytes may exceed what they inflate
+        // to (incompressible data): its caps allow the encoding's slack,
+        // and what it inflates to is held to the cap itself.
+        let compressed = if starts_message {
+            header.rsv1
+        } else {
+            self.msg.as_ref().is_some_and(|m| m.inflater.is_some())
+        };
+        let slack = |cap: u64| {
+            if compressed {
+                cap.saturating_add(deflate::encoded_slack(cap))
+            } else {
+                cap
+            }
+        };
+        if plen > slack(self.limits.max_frame) {
             return Err((CloseCode::MESSAGE_TOO_BIG, "frame too big"));
         }
         let (fragments, so_far) = self
@@ -231,7 +246,7 @@ impl WsConn {
         if fragments > self.limits.max_fragments {
             return Err((CloseCode::MESSAGE_TOO_BIG, "too many fragments"));
         }
-        if so_far + plen > self.limits.max_message {
+        if so_far + plen > slack(self.limits.max_message) {
             return Err((CloseCode::MESSAGE_TOO_BIG, "message too big"));
         }
         Ok(fragments)
