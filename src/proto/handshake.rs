@@ -281,9 +281,15 @@ pub fn parse_head<'b, 'h>(
         Some((p, q)) => (p, Some(q)),
         None => (target, None),
     };
+    let Some(path) = origin_path(path) else {
+        return Err(Reject::new(
+            Status::BadRequest,
+            "invalid authority in the request target",
+        ));
+    };
     Ok(Request {
         method,
-        path: origin_path(path),
+        path,
         query,
         version,
         headers: req.headers,
@@ -293,7 +299,13 @@ pub fn parse_head<'b, 'h>(
 /// The path of a request target: an absolute-form target
 /// (`http://host:port/path`, RFC 9112 §3.2.2, which a server must accept)
 /// stands for its path, `/` when it has none; any other form is its own.
-fn origin_path(target: &str) -> &str {
+/// `None` when an absolute-form target's authority is not a valid,
+/// non-empty host and optional port: it stands in for `Host` (RFC 9112
+/// §3.2.2), which is held to the same grammar ([`check_host`]); an
+/// `http` URI with an empty host is refused (RFC 9110 §4.2.1), and so is
+/// userinfo (`user@host`, deprecated by RFC 9110 §4.2.4, a known source of
+/// disagreement between parsers).
+fn origin_path(target: &str) -> Option<&str> {
     let b = target.as_bytes();
     // The scheme is ASCII, so where it ends is a character boundary.
     let rest = [&b"http://"[..], b"https://"]
@@ -303,8 +315,11 @@ fn origin_path(target: &str) -> &str {
             (b.len() >= n && b[..n].eq_ignore_ascii_case(scheme)).then(|| &target[n..])
         });
     match rest {
-        Some(rest) => rest.find('/').map_or("/", |i| &rest[i..]),
-        None => target,
+        Some(rest) => {
+            let (authority, path) = rest.find('/').map_or((rest, "/"), |i| rest.split_at(i));
+            (!authority.is_empty() && super::host::is_host(authority.as_bytes())).then_some(path)
+        }
+        None => Some(target),
     }
 }
 
@@ -614,11 +629,34 @@ mod tests {
             ("http://example.com?a", "/", Some("a")),
             ("/ws?topics=a", "/ws", Some("topics=a")),
             ("*", "*", None),
+            ("http://[::1]:80/ws", "/ws", None),
         ] {
             let raw = GOOD.replacen("/echo?x=1", target, 1);
             with(&raw, |r| {
                 let r = r.unwrap();
                 assert_eq!((r.path, r.query), (path, query), "{target}");
+            });
+        }
+        // Its authority stands in for Host, and is held to Host's grammar
+        // (these were taken, and are 400 as a Host): an empty host too.
+        for target in [
+            "http:///healthz",
+            "http://:80/x",
+            "http://a:99999/x",
+            "http://[::1/x",
+            "http://a:b:c/x",
+            "http://a:80:90/x",
+            "http://%zz/x",
+            "http://a\\b/x",
+            "http://[v1.x]/x",
+            "http://user@a/x",
+            "http://?x",
+        ] {
+            let raw = GOOD.replacen("/echo?x=1", target, 1);
+            with(&raw, |r| {
+                let e = r.expect_err(target);
+                assert_eq!(e.status, Status::BadRequest, "{target}");
+                assert_eq!(e.reason, "invalid authority in the request target");
             });
         }
         // An empty body is no body.
