@@ -114,6 +114,10 @@ pub enum ControlError {
     /// `"since"` is not an object of `{"epoch":N,"seq":N}` for topics the
     /// message names or its patterns match.
     BadSince,
+    /// `"since"` names a topic twice, or a position gives `"epoch"` or
+    /// `"seq"` twice (parsers differ on which one counts, as for the
+    /// message's own keys).
+    DuplicateSince,
     /// `"max_rate"` is not an integer from 0 to [`MAX_RATE`] (or not on a
     /// subscribe).
     BadRate,
@@ -155,6 +159,10 @@ impl fmt::Display for ControlError {
             Self::BadRate => write!(
                 f,
                 "\"max_rate\" must be an integer from 0 (no limit) to {MAX_RATE} updates per second, on a subscribe"
+            ),
+            Self::DuplicateSince => write!(
+                f,
+                "\"since\" names a topic, or a position its \"epoch\" or \"seq\", more than once"
             ),
             Self::BadSince => {
                 write!(
@@ -297,11 +305,13 @@ fn parse_counting(
 }
 
 /// `"since"`: `{"topic":{"epoch":N,"seq":N},…}`, every key one of `topics`
-/// or a topic one of its patterns matches (a key given twice keeps the
-/// last). Linear in the object times the patterns named, which are at most
+/// or a topic one of its patterns matches, each once, and each position's
+/// `epoch` and `seq` once (else [`ControlError::DuplicateSince`]: the
+/// parser keeps both copies, and parsers differ on which one counts).
+/// Linear in the object times the patterns named, which are at most
 /// `--max-patterns-per-conn`; the object has at most one entry per topic
-/// named and [`PATTERN_REPLAY_TOPICS`] more, a key given twice counted
-/// twice (the parser keeps both). Adds the token comparisons to `work`.
+/// named and [`PATTERN_REPLAY_TOPICS`] more. Adds the token comparisons to
+/// `work`.
 #[allow(clippy::type_complexity)]
 fn read_since(
     v: &simd_json::BorrowedValue<'_>,
@@ -326,13 +336,23 @@ fn read_since(
     let mut since = vec![None; topics.len()];
     let mut matched: std::collections::HashMap<String, Since> = Default::default();
     for (k, pos) in obj.iter() {
+        let fields = pos.as_object().ok_or(ControlError::BadSince)?;
+        for key in ["epoch", "seq"] {
+            if fields.iter().filter(|(f, _)| f.as_ref() == key).count() > 1 {
+                return Err(ControlError::DuplicateSince);
+            }
+        }
         let num = |key: &str| pos.get(key).and_then(|n| n.as_u64());
         let s = match (num("epoch"), num("seq")) {
             (Some(epoch), Some(seq)) => Since { epoch, seq },
             _ => return Err(ControlError::BadSince),
         };
         match index.get(k.as_ref()) {
-            Some(&i) if !pattern::is_pattern(k) => since[i] = Some(s),
+            Some(&i) if !pattern::is_pattern(k) => {
+                if since[i].replace(s).is_some() {
+                    return Err(ControlError::DuplicateSince);
+                }
+            }
             Some(_) => return Err(ControlError::BadSince),
             None => {
                 let name = topic::validate(k, max_topic_len).map_err(|_| ControlError::BadSince)?;
@@ -346,7 +366,9 @@ fn read_since(
                 if !found {
                     return Err(ControlError::BadSince);
                 }
-                matched.insert(name.to_owned(), s);
+                if matched.insert(name.to_owned(), s).is_some() {
+                    return Err(ControlError::DuplicateSince);
+                }
                 if matched.len() > PATTERN_REPLAY_TOPICS {
                     return Err(ControlError::BadSince);
                 }
@@ -674,6 +696,17 @@ mod tests {
         ] {
             assert_eq!(p(bad), Err(ControlError::BadSince), "{bad}");
         }
+        // Given twice: a topic (named, or matched by a pattern), a
+        // position's epoch or seq. (The first or the last counted, by
+        // level, as parsers differ; a proxy could read another.)
+        for twice in [
+            r#"{"op":"subscribe","topics":["a"],"since":{"a":{"epoch":1,"seq":2,"seq":8}}}"#,
+            r#"{"op":"subscribe","topics":["a"],"since":{"a":{"epoch":1,"epoch":2,"seq":8}}}"#,
+            r#"{"op":"subscribe","topics":["a"],"since":{"a":{"epoch":1,"seq":2},"a":{"epoch":1,"seq":8}}}"#,
+            r#"{"op":"subscribe","topics":["a.*"],"since":{"a.b":{"epoch":1,"seq":2},"a.b":{"epoch":1,"seq":8}}}"#,
+        ] {
+            assert_eq!(p(twice), Err(ControlError::DuplicateSince), "{twice}");
+        }
         let r = Recovery {
             epoch: 5,
             first: 3,
@@ -982,8 +1015,9 @@ mod tests {
     }
     /// A `since` is matched against at most `--max-patterns-per-conn`
     /// patterns, and holds at most one entry per topic named and
-    /// PATTERN_REPLAY_TOPICS more, duplicates counted: the outside review's
-    /// message (63 near-miss patterns, 382 copies of one long key) took
+    /// PATTERN_REPLAY_TOPICS more: the outside review's message (63
+    /// near-miss patterns, 382 copies of one long key; copies are refused
+    /// since) took
     /// 46–68 ms to parse; refused now before any key is matched.
     #[test]
     fn a_since_is_matched_against_few_patterns_and_holds_few_keys() {
@@ -996,10 +1030,10 @@ mod tests {
             .map(|i| format!("\"{}*.b{i:02}\"", "a.".repeat(61)))
             .chain(["\">\"".to_string()])
             .collect();
-        let key = ["a"; 64].join(".");
+        // Distinct keys of 63 tokens (a key given twice is refused at once).
         let since = |n: usize| {
             (0..n)
-                .map(|_| format!("\"{key}\":{{\"epoch\":1,\"seq\":1}}"))
+                .map(|i| format!("\"{}k{i}\":{{\"epoch\":1,\"seq\":1}}", "a.".repeat(62)))
                 .collect::<Vec<_>>()
                 .join(",")
         };
@@ -1010,13 +1044,13 @@ mod tests {
                 since(n)
             )
         };
-        let big = msg(&near, 382);
+        let big = msg(&near, 370);
         assert!(big.len() <= MAX_CONTROL_BYTES, "{}", big.len());
         assert_eq!(
             parse(&mut big.into_bytes(), limits),
             Err(ControlError::TooManyPatterns { max: 16 })
         );
-        // 16 patterns, duplicated keys past the bound: refused unmatched.
+        // 16 patterns, keys past the bound: refused unmatched.
         let few: Vec<String> = near[48..].to_vec();
         assert_eq!(
             parse(
@@ -1026,17 +1060,17 @@ mod tests {
             Err(ControlError::BadSince)
         );
         // Within both: accepted, the comparisons counted (15 near misses
-        // and the `>`, per key, of 64 tokens), and counted when refused.
+        // and the `>`, per key, of 63 tokens), and counted when refused.
         let mut work = 0;
         let c = parse_charged(&mut msg(&few, 3).into_bytes(), limits, &mut work).unwrap();
-        assert_eq!(c.pattern_since.len(), 1);
-        assert_eq!(work, 3 * 16 * 64);
+        assert_eq!(c.pattern_since.len(), 3);
+        assert_eq!(work, 3 * 16 * 63);
         work = 0;
         let only_near = &near[..16];
         assert_eq!(
             parse_charged(&mut msg(only_near, 1).into_bytes(), limits, &mut work),
             Err(ControlError::BadSince)
         );
-        assert_eq!(work, 16 * 64);
+        assert_eq!(work, 16 * 63);
     }
 }
