@@ -214,15 +214,16 @@ impl<'b> Request<'b, '_> {
     }
 
     /// Whether the request announces a body (RFC 9112 §6.3): any
-    /// `Transfer-Encoding`, or any `Content-Length` other than `0` (a
-    /// duplicate included). A request that takes none must be refused, not
-    /// answered: on a kept-alive connection its body would be read as the
-    /// next request.
+    /// `Transfer-Encoding`, or any `Content-Length` other than zero (`0`,
+    /// or `00`: digits, as a body's length is read), a duplicate included.
+    /// A request that takes none must be refused, not answered: on a
+    /// kept-alive connection its body would be read as the next request.
     pub fn has_body(&self) -> bool {
         self.header_values("transfer-encoding").next().is_some()
-            || self
-                .header_values("content-length")
-                .any(|v| v.trim_ascii() != b"0")
+            || self.header_values("content-length").any(|v| {
+                let v = v.trim_ascii();
+                v.is_empty() || v.iter().any(|&b| b != b'0')
+            })
     }
 
     /// The single value of header `name`; `Err` if it appears more than once.
@@ -659,13 +660,23 @@ mod tests {
                 assert_eq!(e.reason, "invalid authority in the request target");
             });
         }
-        // An empty body is no body.
-        let raw = GOOD.replacen(
-            "Host: localhost\r\n",
-            "Host: localhost\r\nContent-Length: 0\r\n",
-            1,
-        );
-        assert!(upgrade(&raw).is_ok());
+        // An empty body is no body, however its length is written (a
+        // POST's `0002` is read as 2, so `00` is 0); an empty length is
+        // not a length.
+        for (length, ok) in [
+            ("0", true),
+            ("00", true),
+            (" 000 ", true),
+            ("01", false),
+            ("", false),
+        ] {
+            let raw = GOOD.replacen(
+                "Host: localhost\r\n",
+                &format!("Host: localhost\r\nContent-Length: {length}\r\n"),
+                1,
+            );
+            assert_eq!(upgrade(&raw).is_ok(), ok, "{length:?}");
+        }
     }
 
     #[test]
