@@ -368,9 +368,11 @@ pub struct Shard {
     /// (In a cluster, every WebSocket publisher is listed, `false` where it
     /// did not ask: a refusal closes it.)
     ack_to: Vec<(usize, ConnRef, bool)>,
-    /// Acknowledgements due: (publisher, epoch, number), for the caller
-    /// to queue ([`Self::take_acks`]).
-    acks: Vec<(ConnRef, u64, u64)>,
+    /// Acknowledgements due, by publisher: (epoch, number) in numbering
+    /// order, for the caller to queue ([`Self::take_acks`]); by publisher
+    /// so that taking one publisher's ([`Self::take_acks_of`], at its close
+    /// or its HTTP answers) costs its own, not every publisher's.
+    acks: HashMap<ConnRef, Vec<(u64, u64)>>,
     /// The epoch and number of the last message [`Shard::dispatch`] numbered.
     last_numbered: (u64, u64),
     /// Reused per-peer batches for [`Shard::dispatch`].
@@ -422,7 +424,7 @@ impl Shard {
             outbox_bytes: 0,
             walked: 0,
             ack_to: Vec::new(),
-            acks: Vec::new(),
+            acks: HashMap::new(),
             last_numbered: (0, 0),
             batches: (0..workers).map(|_| Vec::new()).collect(),
             lost: 0,
@@ -1143,21 +1145,16 @@ impl Shard {
     /// The acknowledgements due to `publisher` alone, in numbering order
     /// (the others stay for [`Self::take_acks`]).
     pub fn take_acks_of(&mut self, publisher: ConnRef) -> Vec<(u64, u64)> {
-        let mut mine = Vec::new();
-        self.acks.retain(|&(p, epoch, seq)| {
-            let me = p == publisher;
-            if me {
-                mine.push((epoch, seq));
-            }
-            !me
-        });
-        mine
+        self.acks.remove(&publisher).unwrap_or_default()
     }
 
     /// The acknowledgements due since the last call: (publisher, epoch,
-    /// number) in numbering order.
+    /// number), each publisher's in numbering order.
     pub fn take_acks(&mut self) -> Vec<(ConnRef, u64, u64)> {
-        std::mem::take(&mut self.acks)
+        self.acks
+            .drain()
+            .flat_map(|(p, due)| due.into_iter().map(move |(epoch, seq)| (p, epoch, seq)))
+            .collect()
     }
 
     /// [`Self::publish_owned`], then [`Self::dispatch`] at once (with
@@ -1263,7 +1260,10 @@ impl Shard {
                 m.topic = Some(Arc::clone(topic.name_arc()));
                 self.last_numbered = (m.epoch, m.seq);
                 if let Some((_, publisher, _)) = acks.next_if(|a| a.0 == i).filter(|a| a.2) {
-                    self.acks.push((publisher, m.epoch, m.seq));
+                    self.acks
+                        .entry(publisher)
+                        .or_default()
+                        .push((m.epoch, m.seq));
                 }
                 if m.frame.len() >= COPY_BELOW {
                     // Queued by reference wherever it goes: charged here,

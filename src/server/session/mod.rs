@@ -683,6 +683,14 @@ impl Session {
                 decoded.event,
                 Some(Event::Closed { .. } | Event::Failed { .. })
             );
+            if acked {
+                // Before anything else: the loop may end below with no
+                // event (a pong queued for a ping with nothing after it).
+                if closing && open {
+                    ack_before_close(&mut self.out, deflate, ctx);
+                }
+                self.out.append(&mut replies);
+            }
             pos += decoded.consumed;
             let paused = room == 0 && decoded.consumed < left;
             ctx.work = ctx
@@ -767,12 +775,6 @@ impl Session {
                     None
                 }
             };
-            if acked {
-                if closing {
-                    ack_before_close(&mut self.out, deflate, ctx);
-                }
-                self.out.append(&mut replies);
-            }
             match control {
                 None => {}
                 Some(Reply::OverBudget) => {

@@ -177,3 +177,62 @@ fn messages_read_before_a_budget_close_are_acknowledged_before_it() {
     let (seqs, close) = acks_then_close(&frames(&sim.received(publisher)));
     assert_eq!((seqs, close), (vec![1, 2], Some(1013)));
 }
+
+/// A ping from an acknowledged publisher is answered (its pong queued
+/// apart, with the close frames, and moved to the connection's queue
+/// whether or not a message follows in the read).
+#[test]
+fn an_acknowledged_publishers_ping_is_answered() {
+    let mut sim = Sim::new(|_| {});
+    let publisher = sim.upgrade_with(
+        "/publish/t",
+        "Sec-WebSocket-Protocol: corecast.v1\r\n",
+        1 << 20,
+    );
+    sim.send(publisher, &client_frame(true, OpCode::Ping, b"hi", MASK));
+    assert_eq!(frames(&sim.received(publisher)), [(0xa, b"hi".to_vec())]);
+    let mut read = client_frame(true, OpCode::Ping, b"1", MASK);
+    read.extend_from_slice(&text_frame(b"m"));
+    read.extend_from_slice(&client_frame(true, OpCode::Ping, b"2", MASK));
+    sim.send(publisher, &read);
+    let got = frames(&sim.received(publisher));
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert_eq!((got[0].0, &got[0].1[..]), (0xa, &b"1"[..]));
+    assert_eq!(got[2].0, 0x1, "the ack, at the end of the turn");
+}
+
+/// Input kept when a publisher's read yielded is read by a later turn's
+/// `unthrottle`, after that turn's dispatch; a close the server makes in
+/// the same turn (here the drain's) follows the acknowledgements of what
+/// that input published, numbered at once (they could not follow it).
+#[test]
+fn what_a_kept_read_published_is_acknowledged_before_a_close_the_same_turn() {
+    let mut sim = Sim::new(|c| c.drain_timeout = 2 * SECOND);
+    let publisher = sim.upgrade_with(
+        "/publish/t",
+        "Sec-WebSocket-Protocol: corecast.v1\r\n",
+        1 << 20,
+    );
+    // 300 KiB in one read: past a turn's work at once, kept whole.
+    let mut read = Vec::new();
+    for _ in 0..100 {
+        read.extend_from_slice(&text_frame(&[b'x'; 3000]));
+    }
+    sim.send(publisher, &read);
+    assert!(sim.received(publisher).is_empty(), "yielded, nothing read");
+    // The next turn's unthrottle reads it; the drain begins right after.
+    sim.now += TICK;
+    sim.turn();
+    let mut remove = sim.core.begin_drain();
+    for _ in 0..15 {
+        for k in remove {
+            Backend::remove(&mut sim, k);
+        }
+        sim.now += TICK;
+        sim.turn();
+        remove = sim.core.drain_step();
+    }
+    let (seqs, close) = acks_then_close(&frames(&sim.received(publisher)));
+    assert_eq!(seqs, (1..=100).collect::<Vec<u64>>());
+    assert_eq!(close, Some(1001));
+}

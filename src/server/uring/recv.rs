@@ -73,7 +73,8 @@ pub(super) fn pass(io: &mut Sock, reads: bool, room: bool) -> Pass {
 
 /// `IORING_RECVSEND_POLL_FIRST` (`include/uapi/linux/io_uring.h`, since
 /// Linux 5.19), a receive's `ioprio` flag: the receive waits until the
-/// socket is readable before it is tried, so before it picks a buffer.
+/// socket is readable before it is tried, so before it picks a buffer
+/// (the io-uring crate has the constant in its private `sys` module).
 const RECVSEND_POLL_FIRST: u16 = 1;
 
 /// `sqe` with [`RECVSEND_POLL_FIRST`] added to its `ioprio` (the io-uring

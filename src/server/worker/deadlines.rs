@@ -141,6 +141,7 @@ impl<S> Core<S> {
         for key in revoked {
             self.grants.remove(&key);
             self.stats().operator_disconnect();
+            self.ack_owed(key);
             let conn = &mut self.conns[key];
             if conn.session.is_websocket() {
                 conn.session
@@ -152,6 +153,7 @@ impl<S> Core<S> {
             self.grants.remove(&key);
             self.stats().token_expired();
             debug!(worker = self.id, "token expired");
+            self.ack_owed(key);
             self.conns[key]
                 .session
                 .close(CloseCode::UNAUTHORIZED, "token expired");
@@ -160,6 +162,7 @@ impl<S> Core<S> {
         for key in timed_out {
             self.stats().keepalive_timeout();
             debug!(worker = self.id, "keepalive timeout");
+            self.ack_owed(key);
             self.conns[key]
                 .session
                 .close(CloseCode::GOING_AWAY, "keepalive timeout");
@@ -186,6 +189,7 @@ impl<S> Core<S> {
             self.start_closing(key);
         }
         for key in slow_messages {
+            self.ack_owed(key);
             let stats = &self.shared.stats[self.id];
             stats.message_timeout();
             stats.ws_failure(CloseCode::POLICY_VIOLATION.0);
@@ -412,6 +416,7 @@ impl<S> Core<S> {
             if !self.is_current(key, serial) || self.conns[key].state != IoState::Active {
                 continue;
             }
+            self.ack_owed(key);
             if self.conns[key]
                 .session
                 .close(CloseCode::GOING_AWAY, "server shutting down")

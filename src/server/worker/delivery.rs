@@ -101,6 +101,24 @@ impl<S> Core<S> {
         }
     }
 
+    /// Before the server closes `key` itself (the drain, keepalive, a
+    /// token's end, a deadline, the budget, publish pacing): a publisher
+    /// that asked for acknowledgements gets those still due to it, what it
+    /// published being numbered now if the turn has not yet (input read
+    /// after the turn's dispatch, by `unthrottle`): no acknowledgement may
+    /// follow the close frame. A close the publisher's own input brings is
+    /// handled where it is read (`Session::on_frames`).
+    pub(super) fn ack_owed(&mut self, key: usize) {
+        if !self.conns[key].session.wants_acks() {
+            return;
+        }
+        self.shard.dispatch();
+        let serial = self.conns[key].serial;
+        for (epoch, seq) in self.shard.take_acks_of((key, serial)) {
+            self.ack((key, serial), epoch, seq);
+        }
+    }
+
     /// Queues publisher `conn`'s acknowledgement of number `seq` of `epoch`
     /// (if it is still the same connection and can take it).
     fn ack(&mut self, (key, serial): ConnRef, epoch: u64, seq: u64) {
@@ -393,6 +411,7 @@ impl<S> Core<S> {
             return;
         }
         self.backlogged.remove(&key);
+        self.ack_owed(key);
         let stats = &self.shared.stats[self.id];
         stats.ws_failure(CloseCode::POLICY_VIOLATION.0);
         debug!(

@@ -96,16 +96,7 @@ impl<S> Core<S> {
         if conn.session.is_websocket() {
             stats.ws_failure(CloseCode::TRY_AGAIN_LATER.0);
         }
-        if conn.session.wants_acks() {
-            // What it published before this turn's end gets its
-            // acknowledgements ahead of the close frame, as at a close
-            // it reads (`Session::on_frames`).
-            self.shard.dispatch();
-            let conn = &mut self.conns[key];
-            for (epoch, seq) in self.shard.take_acks_of((key, conn.serial)) {
-                conn.session.push_ack(epoch, seq);
-            }
-        }
+        self.ack_owed(key);
         let stats = &self.shared.stats[self.id];
         let conn = &mut self.conns[key];
         conn.session.abort(
