@@ -157,7 +157,8 @@ pub struct ServeArgs {
     #[arg(long, default_value = "30s", value_parser = parse_timer, value_name = "DURATION")]
     pub ping_interval: Duration,
 
-    /// Close (1001 "keepalive timeout") a pinged connection that sends nothing for this long.
+    /// Close (1001 "keepalive timeout") a pinged connection that sends nothing for this long
+    /// (counted again from each write it takes: a ping behind a backlog waits for the client).
     #[arg(long, default_value = "10s", value_parser = parse_limit_timer, value_name = "DURATION")]
     pub ping_timeout: Duration,
 

@@ -335,3 +335,44 @@ fn a_head_is_judged_up_to_its_blank_line_however_the_reads_cut_it() {
     }
     assert!(answers.iter().all(|a| *a == answers[0]), "{answers:#?}");
 }
+
+/// A ping queued behind a backlog the client is still reading waits for
+/// it: while the client takes our bytes, the ping's wait starts over
+/// (outside probe: a subscriber reading 200 KB/s and answering every ping
+/// at once was closed 1001 `keepalive timeout` while its ping sat behind
+/// its own queue, and lost what was queued). One that stops answering is
+/// still cut once nothing more goes out.
+#[test]
+fn a_ping_behind_a_backlog_the_client_reads_does_not_time_out() {
+    let mut sim = Sim::new(|c| {
+        c.ping_interval = Some(2 * SECOND);
+        c.ping_timeout = SECOND;
+        c.send_timeout = Some(10 * SECOND);
+    });
+    let s = sim.upgrade("/ws?topics=feed", 0);
+    for _ in 0..20 {
+        publish(&mut sim, "feed", &[1; 10_000]);
+    }
+    // Not reading for 2.5 s: the ping is queued behind 200 KB.
+    sim.wait(Duration::from_millis(2500), TICK);
+    assert!(sim.received(s).is_empty());
+    // Then 10 KB a tick (100 KB/s): the ping comes out after ~2 s, well
+    // past the 1 s ping timeout counted from its queueing.
+    let mut got = Vec::new();
+    for _ in 0..25 {
+        sim.now += TICK;
+        sim.read(s, 10_000);
+        got.extend(sim.received(s));
+    }
+    assert_eq!(close_code(&got), None, "not cut while reading");
+    assert!(got.ends_with(&[0x89, 0x00]), "the ping, behind the backlog");
+    sim.send(s, &client_frame(true, OpCode::Pong, b"", MASK));
+    sim.wait(Duration::from_millis(1500), TICK);
+    assert!(!sim.closed.contains(&s));
+    assert_eq!(close_code(&sim.received(s)), None);
+    // Silent from now on (nothing to write): pinged, then cut.
+    sim.wait(4 * SECOND, TICK);
+    let wire = sim.received(s);
+    assert!(wire.starts_with(&[0x89, 0x00]), "{wire:02x?}");
+    assert_eq!(close_code(&wire), Some(1001));
+}
