@@ -108,12 +108,7 @@ impl Session {
         if !ws.can_send() {
             return false;
         }
-        let text = crate::pubsub::envelope::ack(epoch, seq);
-        ws.send(
-            crate::proto::MessageKind::Text,
-            text.as_bytes(),
-            &mut self.out,
-        );
+        self.out.push(ack_frame(ws.deflate(), epoch, seq));
         true
     }
 
@@ -151,4 +146,19 @@ impl Session {
             }
         }
     }
+}
+
+/// The frame acknowledging number `seq` of `epoch` to a publisher
+/// (compressed when agreed and it gains).
+pub(super) fn ack_frame(
+    deflate: Option<crate::proto::deflate::Agreed>,
+    epoch: u64,
+    seq: u64,
+) -> Bytes {
+    let text = crate::pubsub::envelope::ack(epoch, seq);
+    Bytes::from(crate::proto::deflate::message_frame(
+        deflate,
+        crate::proto::MessageKind::Text.opcode(),
+        text.as_bytes(),
+    ))
 }

@@ -214,12 +214,7 @@ fn ack_before_close(
     let walked = ctx.shard.walked();
     ctx.count_match_steps(walked);
     for (epoch, seq) in ctx.shard.take_acks_of(ctx.me) {
-        let text = crate::pubsub::envelope::ack(epoch, seq);
-        out.push(Bytes::from(crate::proto::deflate::message_frame(
-            deflate,
-            MessageKind::Text.opcode(),
-            text.as_bytes(),
-        )));
+        out.push(delivery::ack_frame(deflate, epoch, seq));
     }
 }
 

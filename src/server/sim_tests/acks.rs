@@ -4,30 +4,6 @@
 
 use super::*;
 
-/// The frames in `wire` (server frames: unmasked, uncompressed), as
-/// (opcode, payload).
-fn frames(wire: &[u8]) -> Vec<(u8, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut pos = 0;
-    while pos + 2 <= wire.len() {
-        let (op, len7) = (wire[pos] & 0x0f, (wire[pos + 1] & 0x7f) as usize);
-        let (len, head) = match len7 {
-            126 => (
-                u16::from_be_bytes([wire[pos + 2], wire[pos + 3]]) as usize,
-                4,
-            ),
-            127 => (
-                u64::from_be_bytes(wire[pos + 2..pos + 10].try_into().unwrap()) as usize,
-                10,
-            ),
-            n => (n, 2),
-        };
-        out.push((op, wire[pos + head..pos + head + len].to_vec()));
-        pos += head + len;
-    }
-    out
-}
-
 /// The sequence numbers of the acknowledgements in `frames`, in order,
 /// and the close code of the frame after them (which must be the last).
 fn acks_then_close(frames: &[(u8, Vec<u8>)]) -> (Vec<u64>, Option<u16>) {
@@ -50,6 +26,21 @@ fn acks_then_close(frames: &[(u8, Vec<u8>)]) -> (Vec<u64>, Option<u16>) {
         }
     }
     (seqs, close)
+}
+
+/// The drain, as the backends' loop runs it: begun, then a step a turn
+/// (its closes spread over half its window) for 1.5 s.
+fn drain(sim: &mut Sim) {
+    sim.core.begin_turn(sim.now);
+    let mut remove = sim.core.begin_drain();
+    for _ in 0..15 {
+        for k in remove {
+            Backend::remove(sim, k);
+        }
+        sim.now += TICK;
+        sim.turn();
+        remove = sim.core.drain_step();
+    }
 }
 
 fn text_frame(payload: &[u8]) -> Vec<u8> {
@@ -111,18 +102,7 @@ fn an_acknowledged_publishers_messages_after_our_close_are_not_published() {
     );
     let plain = sim.upgrade("/publish/u", 1 << 20);
     sim.send(publisher, &text_frame(b"before"));
-    // The drain, as the backends' loop runs it: begun, then a step a turn
-    // (its closes spread over half its window).
-    sim.core.begin_turn(sim.now);
-    let mut remove = sim.core.begin_drain();
-    for _ in 0..15 {
-        for k in remove {
-            Backend::remove(&mut sim, k);
-        }
-        sim.now += TICK;
-        sim.turn();
-        remove = sim.core.drain_step();
-    }
+    drain(&mut sim);
     let (seqs, close) = acks_then_close(&frames(&sim.received(publisher)));
     assert_eq!((seqs, close), (vec![1], Some(1001)));
     let published = |sim: &Sim| {
@@ -223,15 +203,7 @@ fn what_a_kept_read_published_is_acknowledged_before_a_close_the_same_turn() {
     // The next turn's unthrottle reads it; the drain begins right after.
     sim.now += TICK;
     sim.turn();
-    let mut remove = sim.core.begin_drain();
-    for _ in 0..15 {
-        for k in remove {
-            Backend::remove(&mut sim, k);
-        }
-        sim.now += TICK;
-        sim.turn();
-        remove = sim.core.drain_step();
-    }
+    drain(&mut sim);
     let (seqs, close) = acks_then_close(&frames(&sim.received(publisher)));
     assert_eq!(seqs, (1..=100).collect::<Vec<u64>>());
     assert_eq!(close, Some(1001));

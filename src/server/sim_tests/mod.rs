@@ -308,8 +308,10 @@ impl Backend for Sim {
     fn exit(&mut self) {}
 }
 
-/// The close code of the first close frame in `wire`, if any.
-fn close_code(wire: &[u8]) -> Option<u16> {
+/// The frames in `wire` (server frames: unmasked, uncompressed), as
+/// (opcode, payload); a frame cut short at the end is left out.
+fn frames(wire: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
     let mut pos = 0;
     while pos + 2 <= wire.len() {
         let (op, len7) = (wire[pos] & 0x0f, (wire[pos + 1] & 0x7f) as usize);
@@ -324,12 +326,21 @@ fn close_code(wire: &[u8]) -> Option<u16> {
             ),
             n => (n, 2),
         };
-        if op == 0x8 {
-            return Some(u16::from_be_bytes([wire[pos + head], wire[pos + head + 1]]));
-        }
+        let Some(payload) = wire.get(pos + head..pos + head + len) else {
+            break;
+        };
+        out.push((op, payload.to_vec()));
         pos += head + len;
     }
-    None
+    out
+}
+
+/// The close code of the first close frame in `wire`, if any.
+fn close_code(wire: &[u8]) -> Option<u16> {
+    frames(wire)
+        .into_iter()
+        .find(|(op, _)| *op == 0x8)
+        .map(|(_, payload)| u16::from_be_bytes([payload[0], payload[1]]))
 }
 
 fn publish(sim: &mut Sim, topic: &str, body: &[u8]) {

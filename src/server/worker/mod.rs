@@ -620,17 +620,16 @@ impl<S> Core<S> {
     pub fn after_flush(&mut self, key: usize, wrote: usize) -> AfterFlush {
         let max_outbound = self.shared.config.max_outbound_bytes;
         self.recharge(key);
-        let now_ms = self.now_ms();
-        let conn = &mut self.conns[key];
-        let serial = conn.serial;
-        if wrote > 0 && conn.flag(PING_PENDING) {
+        if wrote > 0 && self.conns[key].flag(PING_PENDING) {
             // The client takes our bytes: it is there, and our ping may
             // wait behind a backlog it is still reading (its pong cannot
             // come sooner). The ping's wait starts over; a client that
             // stops reading is the send timeout's, one that never answers
             // is cut once nothing more is written for --ping-timeout.
-            conn.keepalive_ms = now_ms;
+            self.conns[key].keepalive_ms = self.now_ms();
         }
+        let conn = &mut self.conns[key];
+        let serial = conn.serial;
         if conn.flag(READ_PAUSED)
             && !conn.session.confirming()
             && conn.session.out.len() <= conn.session.queue_bound(max_outbound) / 2
