@@ -12,6 +12,11 @@
 //! Run sizes: 200 × 66 B (a burst of 64-byte messages) and 50 × 1 KiB / 16 KiB
 //! frames. `COPY_BELOW` = 1 KiB sits where copying stops paying.
 //!
+//! `trickle/<turns>x66B`: one 66-byte frame per turn (a steady rate),
+//! reserved and copied turn by turn as `push_to` does, for a subscriber
+//! written every `turns` turns (the overload benchmark's 10 000 subscribers
+//! are written about every ten turns), then drained: the tail's growth.
+//!
 //! Run: `cargo bench --bench outbound`.
 
 use bytes::Bytes;
@@ -72,7 +77,29 @@ fn bench(c: &mut Criterion) {
             b.iter(|| queue_and_drain(black_box(&frames), true))
         });
     }
+    let frame = Bytes::from(vec![9u8; 66]);
+    for turns in [1usize, 10] {
+        g.throughput(Throughput::Elements(turns as u64));
+        g.bench_function(format!("trickle/{turns}x66B"), |b| {
+            b.iter(|| trickle(black_box(&frame), turns))
+        });
+    }
     g.finish();
+}
+
+/// `turns` runs of one frame each (a reservation, a copy), then the drain.
+fn trickle(frame: &Bytes, turns: usize) -> usize {
+    let mut q = OutQueue::new();
+    for _ in 0..turns {
+        q.reserve_tail(frame.len());
+        q.push_frame(frame);
+    }
+    let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
+    let n = q.gather(&mut iov);
+    let bytes: usize = iov[..n].iter().map(|s| s.len()).sum();
+    black_box(&iov[..n]);
+    q.advance(bytes);
+    bytes
 }
 
 criterion_group!(benches, bench);

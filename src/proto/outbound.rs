@@ -288,11 +288,28 @@ impl Inner {
             // A reservation may move the tail: the kernel's part goes first.
             self.seal_tail();
         }
-        let want = bytes.min(TAIL_MAX_BYTES.saturating_sub(self.tail.len()));
-        if self.tail.capacity() - self.tail.len() < want {
-            // Exactly the run: one 64-byte message per turn (a steady rate)
-            // must not cost a 2 KiB allocation per subscriber per turn.
-            self.tail.reserve(want);
+        let len = self.tail.len();
+        let want = bytes.min(TAIL_MAX_BYTES.saturating_sub(len));
+        let cap = self.tail.capacity();
+        if cap - len < want {
+            let room = if cap == 0 {
+                // Exactly the run: one 64-byte message per turn (a steady
+                // rate), written in the turn it came, must not cost a 2 KiB
+                // allocation per subscriber per turn.
+                want
+            } else {
+                // A second run before the write (a subscriber written every
+                // few turns): room for many more at once. Grown by doubling
+                // from the first run's ~70 bytes it took four reallocations
+                // and their copies per write, ~12 % of a worker's CPU under
+                // the overload benchmark (benches/outbound.rs, `trickle`).
+                (len + want)
+                    .max(2 * cap)
+                    .max(TAIL_INITIAL_BYTES)
+                    .min(TAIL_MAX_BYTES.max(len + want))
+                    - len
+            };
+            self.tail.reserve(room);
         }
     }
 
@@ -548,6 +565,38 @@ mod tests {
         let last = q.inner.as_ref().unwrap().chunks.back().unwrap();
         assert_eq!(last.bytes.as_ptr(), big.as_ptr(), "large: by reference");
         assert_eq!(flatten(&q).len(), 20_000 + COPY_BELOW);
+    }
+
+    /// One small frame a turn, the subscriber written every 30 turns: the
+    /// first run gets exactly its room (a subscriber written in the same
+    /// turn holds no more), the second grows the tail once, for 2 KiB, and
+    /// the rest fit; doubling from 66 bytes grew it five times.
+    #[test]
+    fn a_tail_filled_turn_by_turn_grows_once() {
+        let mut q = OutQueue::new();
+        let frame = [3u8; 66];
+        q.reserve_tail(66);
+        q.push_copy(&frame);
+        assert_eq!(
+            q.overhead() - std::mem::size_of::<Inner>(),
+            0,
+            "no spare room"
+        );
+        let mut grown = 0;
+        let mut cap = q.inner.as_ref().unwrap().tail.capacity();
+        for _ in 1..30 {
+            q.reserve_tail(66);
+            q.push_copy(&frame);
+            let now = q.inner.as_ref().unwrap().tail.capacity();
+            grown += usize::from(now != cap);
+            cap = now;
+        }
+        assert_eq!(grown, 1);
+        assert_eq!(flatten(&q), frame.repeat(30));
+        // A run larger than the step still gets its whole room at once.
+        q.reserve_tail(10_000);
+        let inner = q.inner.as_ref().unwrap();
+        assert!(inner.tail.capacity() - inner.tail.len() >= 10_000);
     }
 
     #[test]
