@@ -11,9 +11,9 @@ use bytes::Bytes;
 
 impl Session {
     /// Queues a published frame for this subscriber, applying the
-    /// slow-consumer `policy` (its topic's) at the queue bound, or at any
-    /// backlog at all when the worker is `over_budget` (over 90 % of it:
-    /// the caller judges). A queue always
+    /// slow-consumer `policy` (its topic's) at the queue bound, or under
+    /// budget `pressure` at a backlog of that many bytes (the caller
+    /// judges: `delivery::Budget::pressure`). A queue always
     /// takes one frame when empty, so a message bigger than the bound still
     /// goes out.
     pub fn push_published(
@@ -21,7 +21,7 @@ impl Session {
         frame: &Bytes,
         policy: SlowConsumerPolicy,
         cfg: &Config,
-        over_budget: bool,
+        pressure: Option<usize>,
     ) -> Push {
         let Phase::Ws { ws, .. } = &mut self.phase else {
             return Push::Ignored;
@@ -30,7 +30,7 @@ impl Session {
             return Push::Closing;
         }
         if !self.out.is_empty()
-            && (over_budget
+            && (pressure.is_some_and(|from| self.out.len() >= from)
                 || self.out.len() + self.out.slot_bytes() + frame.len() > cfg.max_outbound_bytes)
         {
             return match policy {

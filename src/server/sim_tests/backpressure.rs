@@ -297,6 +297,121 @@ fn subscribers_kept_behind_a_backlog_leave_the_last_tenth_of_the_budget() {
     }
 }
 
+/// Past 90 % of the budget, only backlogs of 64 KiB or more stop growing:
+/// a subscriber that reads, sent a burst of ten messages in one turn,
+/// gets all ten, its queue holding the burst's first while the rest come.
+/// Before, any backlog did (outside probe: an honest subscriber closed
+/// 1008 beside 100 that never read; here, under `drop-newest`, nine of
+/// its ten dropped).
+#[test]
+fn past_ninety_percent_a_subscriber_that_reads_still_gets_its_burst() {
+    use crate::server::config::SlowConsumerPolicy;
+    use std::sync::atomic::Ordering::Relaxed;
+    let budget = 8u64 << 20;
+    let mut sim = Sim::new(|c| {
+        c.max_buffered_bytes = budget as usize;
+        c.slow_consumer = SlowConsumerPolicy::DropNewest;
+        c.ping_interval = None;
+    });
+    let _stalled: Vec<usize> = (0..12).map(|_| sim.upgrade("/ws?topics=k", 0)).collect();
+    let publisher = sim.upgrade("/publish/k", 1 << 20);
+    for round in 0..20u8 {
+        let burst: Vec<u8> = (0..100)
+            .flat_map(|_| client_frame(true, OpCode::Binary, &[round; 1000], MASK))
+            .collect();
+        sim.send(publisher, &burst);
+        sim.wait(TICK, TICK);
+    }
+    let held = sim.stats().buffered_bytes.load(Relaxed);
+    assert!(
+        held > budget / 100 * 90 && held <= budget,
+        "{held} of {budget}: past 90 %, within the budget"
+    );
+    let dropped = sim.stats().frames_dropped.load(Relaxed);
+    let reader = sim.upgrade("/ws?topics=v", 1 << 20);
+    let to_v = sim.upgrade("/publish/v", 1 << 20);
+    let burst: Vec<u8> = (0..10u8)
+        .flat_map(|i| client_frame(true, OpCode::Binary, &[i; 100], MASK))
+        .collect();
+    sim.send(to_v, &burst);
+    sim.wait(TICK, TICK);
+    let got = frames(&sim.received(reader));
+    assert_eq!(got.len(), 10, "the whole burst");
+    assert_eq!(sim.stats().frames_dropped.load(Relaxed), dropped);
+}
+
+/// Rated subscribers (`max_rate`) that never read, and a publisher
+/// inventing topic names: each name waits in every one's table, charged,
+/// up to `--max-outbound-bytes` each. Under budget pressure a table of
+/// 64 KiB or more takes no new name, as a queue would not: the subscriber
+/// is closed 1008, and the worker stays within its budget (outside probe:
+/// 100 of them held 5x a 64 MiB budget and were never closed, while an
+/// honest subscriber was).
+#[test]
+fn rated_subscribers_tables_stop_growing_under_budget_pressure() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let budget = 4u64 << 20;
+    let mut sim = Sim::new(|c| {
+        c.max_buffered_bytes = budget as usize;
+        c.ping_interval = None;
+    });
+    let rated: Vec<usize> = (0..20)
+        .map(|_| sim.upgrade("/ws?topics=r.*&max_rate=1", 0))
+        .collect();
+    let mut peak = 0;
+    for i in 0..1500 {
+        publish(&mut sim, &format!("r.t{i}"), &[b'x'; 900]);
+        peak = peak.max(sim.stats().buffered_bytes.load(Relaxed));
+    }
+    assert!(peak <= budget, "{peak} of {budget} held");
+    let closed = sim.stats().slow_consumer_disconnects.load(Relaxed);
+    assert!(
+        closed > 0,
+        "the tables' subscribers closed as slow: {closed}"
+    );
+    assert!(closed <= rated.len() as u64);
+}
+
+/// A subscriber gone with a large conflation table (20 000 topics waiting)
+/// leaves it to be freed a share per turn, charged until the last share;
+/// the worker keeps turning meanwhile.
+#[test]
+fn a_large_table_left_behind_is_freed_over_turns_and_charged_until_then() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut sim = Sim::new(|c| c.ping_interval = None);
+    let rated = sim.upgrade("/ws?topics=r.*&max_rate=1", 0);
+    for i in 0..20_000 {
+        publish(&mut sim, &format!("r.t{i}"), b"x");
+    }
+    let held = sim.stats().buffered_bytes.load(Relaxed);
+    assert!(held > 20_000 * 128, "{held} charged for the table");
+    // It closes; it reads nothing, so it goes at the linger's end.
+    sim.send(
+        rated,
+        &client_frame(true, OpCode::Close, &[0x03, 0xe8], MASK),
+    );
+    let mut turns = 0;
+    while !sim.closed.contains(&rated) {
+        sim.wait(TICK, TICK);
+        assert!(turns < 100, "gone within the linger");
+        turns += 1;
+    }
+    let just_gone = sim.stats().buffered_bytes.load(Relaxed);
+    assert!(just_gone > 20_000 * 128, "{just_gone}: still charged");
+    assert!(sim.core.busy(), "turns on to free it");
+    let mut more = 0;
+    while sim.core.busy() {
+        sim.turn();
+        more += 1;
+        assert!(more < 10, "freed in a few turns");
+    }
+    assert!(more >= 1, "not all in one turn");
+    assert!(
+        sim.stats().buffered_bytes.load(Relaxed) < held / 10,
+        "given back"
+    );
+}
+
 /// A compressed message begun and left holds an inflater (64 KiB charged
 /// for a few bytes sent): such connections are large holders too, cut at
 /// 90 %, so the headroom stays for others (outside probe: they filled the

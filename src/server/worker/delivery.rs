@@ -156,6 +156,7 @@ impl<S> Core<S> {
             lease: &mut self.lease,
             pool: &self.shared.budget,
             compress: &mut compress,
+            tables_synced: self.tables.bytes(),
         };
         // The run last seen, reset before each `Shard::deliver` call (its
         // slice is alive for the call, so addresses cannot repeat within it).
@@ -240,6 +241,7 @@ impl<S> Core<S> {
         // topics whose interval is over too.
         self.release_due_tables();
         self.release_idle_tables();
+        self.tables.free_some();
         for p in self.unpaid.drain(..) {
             self.shard.charge_remote(&p.msg);
         }
@@ -508,14 +510,7 @@ fn push_to<S>(
         }
         let form = conn.session.form();
         let mut queued = false;
-        // Publications queued behind a backlog take at most 90 % of the
-        // budget, as large holders do: the rest stays for everyone's
-        // replies and echoes (outside probe: 300 subscribers that never
-        // read, under `drop-newest`, filled the whole budget, 4 MiB
-        // queued each, and honest echo clients were closed 1013).
-        let over = !budget
-            .lease
-            .fits(budget.pool, *budget.buffered, LARGE_HOLDER_SHARE_PERCENT);
+        let pressure = budget.pressure(tables);
         // What waits in the subscriber's table: everything of a rated
         // subscriber (`max_rate`); everything of an `always` topic; a
         // conflating topic's while anything waits; and any topic's while
@@ -535,7 +530,17 @@ fn push_to<S>(
                 name: entry.name,
                 interval,
             };
-            if wait_in_table(conn, (key, serial), tables, run, to, cfg, stats, slow) {
+            if wait_in_table(
+                conn,
+                (key, serial),
+                tables,
+                run,
+                to,
+                pressure,
+                cfg,
+                stats,
+                slow,
+            ) {
                 conn.mark_dirty(key, dirty);
             }
             continue;
@@ -557,7 +562,7 @@ fn push_to<S>(
             let frame = p
                 .msg
                 .frame_within(form, topic, &mut on_built, budget.compress);
-            match conn.session.push_published(frame, policy, cfg, over) {
+            match conn.session.push_published(frame, policy, cfg, pressure) {
                 Push::Queued => {
                     sent += 1;
                     queued = true;
@@ -574,8 +579,17 @@ fn push_to<S>(
                         name: entry.name,
                         interval,
                     };
-                    queued |=
-                        wait_in_table(conn, (key, serial), tables, &run[i..], to, cfg, stats, slow);
+                    queued |= wait_in_table(
+                        conn,
+                        (key, serial),
+                        tables,
+                        &run[i..],
+                        to,
+                        pressure,
+                        cfg,
+                        stats,
+                        slow,
+                    );
                     break;
                 }
                 Push::SlowConsumer { discarded } => {
@@ -601,7 +615,9 @@ struct Waits<'a> {
 
 /// Keeps the newest of `run` (per conflation key; the others replaced) in
 /// the subscriber's conflation table; returns `true` when the table was full and the
-/// subscriber failed as a slow consumer (its close is queued).
+/// subscriber failed as a slow consumer (its close is queued). Under
+/// budget `pressure` a table holding that much or more takes no new topic
+/// or key (what waits is still replaced): full, as a queue would be.
 #[allow(clippy::too_many_arguments)]
 fn wait_in_table<S>(
     conn: &mut Conn<S>,
@@ -609,11 +625,16 @@ fn wait_in_table<S>(
     tables: &mut Tables,
     run: &[Publication],
     to: Waits<'_>,
+    pressure: Option<usize>,
     cfg: &Config,
     stats: &WorkerStats,
     slow: &mut Vec<ConnRef>,
 ) -> bool {
-    match tables.put(me, to.name, run, to.interval, cfg.max_outbound_bytes) {
+    let max_bytes = match pressure {
+        Some(from) if tables.bytes_of(me) >= from => 0,
+        _ => cfg.max_outbound_bytes,
+    };
+    match tables.put(me, to.name, run, to.interval, max_bytes) {
         Ok(replaced) => {
             stats.replaced(replaced);
             conn.set_flag(CONFLATING, true);
@@ -645,4 +666,40 @@ struct Budget<'a> {
     pool: &'a crate::server::budget::Pool,
     /// What this turn may still compress.
     compress: &'a mut CompressRoom,
+    /// The conflation tables' charge already in `buffered` (their growth
+    /// during the delivery is counted in `buffered` at its end).
+    tables_synced: usize,
+}
+
+/// Under budget pressure, the backlog (queued bytes, or a conflation
+/// table's charge) from which a subscriber's next publication is refused
+/// while the worker is past [`LARGE_HOLDER_SHARE_PERCENT`] of its budget
+/// (its policy decides: dropped, conflated, or closed 1008). 64 KiB: a
+/// subscriber that reads has a frame or two in flight, far less; one that
+/// does not fills its `--max-outbound-bytes` (4 MiB) and passes it early.
+const PRESSURE_BACKLOG_BYTES: usize = 64 * 1024;
+
+impl Budget<'_> {
+    /// The backlog from which subscribers take no more (`None`: any).
+    /// Past 90 % of the worker's budget, backlogs of
+    /// [`PRESSURE_BACKLOG_BYTES`] (the rest stays for everyone's replies
+    /// and echoes; outside probe: 300 subscribers that never read, under
+    /// `drop-newest`, filled the whole budget, 4 MiB queued each, and
+    /// honest echo clients were closed 1013); past all of it, any backlog
+    /// (a byte). Before, any backlog past 90 %: an honest subscriber that
+    /// reads at once was closed 1008 beside 100 that never read (outside
+    /// probe), its queue holding a frame not yet written.
+    /// The tables' growth during this delivery counts (a turn delivering
+    /// thousands of new topics to rated subscribers grew them by 100 MB
+    /// past the budget before the end of the turn counted it).
+    fn pressure(&mut self, tables: &Tables) -> Option<usize> {
+        let held = *self.buffered + tables.bytes().saturating_sub(self.tables_synced);
+        if self.lease.fits(self.pool, held, LARGE_HOLDER_SHARE_PERCENT) {
+            None
+        } else if self.lease.fits(self.pool, held, 100) {
+            Some(PRESSURE_BACKLOG_BYTES)
+        } else {
+            Some(1)
+        }
+    }
 }

@@ -672,6 +672,7 @@ impl<S> Core<S> {
             || !self.dirty.is_empty()
             || self.carry.is_some()
             || !self.confirmed.is_empty()
+            || self.tables.has_buried()
     }
 
     /// Leaves the connection's topics and counts it closed; the backend
