@@ -21,6 +21,10 @@ pub const MAX_IOVECS: usize = 64;
 /// shared. 1 KiB: below it the copy costs less than the iovec and refcount
 /// it replaces (benches/outbound.rs); above it sharing wins.
 pub const COPY_BELOW: usize = 1024;
+/// An owned front chunk written this far, and further than what is left
+/// of it, has its rest copied out (see `Inner::advance`): a large echo or
+/// reply partly read holds at most twice what is left, or this.
+const FRONT_COPY_BYTES: usize = 64 * 1024;
 /// First allocation of the tail buffer: room for ~30 small frames.
 const TAIL_INITIAL_BYTES: usize = 2048;
 /// The tail is sealed into a chunk once it holds this much, so chunk
@@ -51,9 +55,13 @@ impl OutQueue {
 
     /// Bytes this queue alone keeps alive: everything queued except shared
     /// frames ([`Self::push_frame`] above [`COPY_BELOW`]), which exist once
-    /// however many queues hold them. What the memory budget charges.
+    /// however many queues hold them, and the written part of an owned
+    /// front chunk, which lives as long as its rest. What the memory
+    /// budget charges.
     pub fn owned(&self) -> usize {
-        self.inner.as_ref().map_or(0, |i| i.len - i.shared)
+        self.inner
+            .as_ref()
+            .map_or(0, |i| i.len - i.shared + i.front_written)
     }
 
     /// What holding the queue costs besides its bytes: the queue itself,
@@ -227,6 +235,9 @@ struct Inner {
     pinned: usize,
     /// The tail too, behind them: sealed before anything is added.
     tail_pinned: bool,
+    /// Bytes written of the front chunk when it is owned: its allocation
+    /// stays whole until the rest is written (see [`FRONT_COPY_BYTES`]).
+    front_written: usize,
     /// The send epoch ([`OutQueue::send_epoch`]): bytes queued when it
     /// began that have not been written yet (0: it is over), and when it
     /// began.
@@ -243,6 +254,7 @@ impl Inner {
             shared: 0,
             pinned: 0,
             tail_pinned: false,
+            front_written: 0,
             epoch_left: 0,
             epoch_ms: 0,
         }
@@ -373,8 +385,24 @@ impl Inner {
             }
             if take == front.bytes.len() {
                 self.chunks.pop_front();
+                self.front_written = 0;
             } else {
                 front.bytes.advance(take);
+                if !front.shared {
+                    self.front_written += take;
+                    if self.front_written >= FRONT_COPY_BYTES
+                        && self.front_written >= front.bytes.len()
+                    {
+                        // More written than left: the rest moves to an
+                        // allocation of its own, the whole one is freed
+                        // (outside probe: clients reading all but ~5 MiB
+                        // of a 16 MiB echo held 16 MiB each, charged the
+                        // rest only). Each copy at least halves what is
+                        // held, so the copies cost at most the chunk.
+                        front.bytes = Bytes::copy_from_slice(&front.bytes);
+                        self.front_written = 0;
+                    }
+                }
             }
             n -= take;
         }
@@ -597,6 +625,38 @@ mod tests {
         q.reserve_tail(10_000);
         let inner = q.inner.as_ref().unwrap();
         assert!(inner.tail.capacity() - inner.tail.len() >= 10_000);
+    }
+
+    /// A large owned chunk partly written is charged whole while its
+    /// allocation lives; once more of it is written than is left, the
+    /// rest is copied out and the whole allocation freed.
+    #[test]
+    fn a_large_owned_chunk_partly_written_is_charged_whole_then_copied_out() {
+        let mut q = OutQueue::new();
+        let big = Bytes::from(vec![4u8; 1 << 20]);
+        let base = big.as_ptr() as usize;
+        q.push(big);
+        q.advance(100 << 10);
+        assert_eq!(q.len(), (1 << 20) - (100 << 10));
+        assert_eq!(q.owned(), 1 << 20, "the allocation is held whole");
+        q.advance(500 << 10);
+        let left = (1 << 20) - (600 << 10);
+        assert_eq!(q.owned(), left, "copied out: what is left");
+        let front = q.inner.as_ref().unwrap().chunks.front().unwrap();
+        let at = front.bytes.as_ptr() as usize;
+        assert!(at < base || at >= base + (1 << 20), "a new allocation");
+        assert_eq!(flatten(&q), vec![4u8; left]);
+        // A shared frame is charged once elsewhere: never copied.
+        let mut q = OutQueue::new();
+        let frame = Bytes::from(vec![5u8; 1 << 20]);
+        q.push_frame(&frame);
+        q.advance(900 << 10);
+        assert_eq!(q.owned(), 0);
+        let front = q.inner.as_ref().unwrap().chunks.front().unwrap();
+        assert_eq!(
+            front.bytes.as_ptr() as usize,
+            frame.as_ptr() as usize + (900 << 10)
+        );
     }
 
     #[test]
