@@ -236,7 +236,12 @@ fn a_panic_while_the_queue_is_being_sent_keeps_the_stream_whole() {
                 other => panic!("{io:?}: opcode {other}"),
             }
         };
-        assert_eq!(close.get(..2), Some(&[0x03, 0xf3][..]), "{io:?}: 1011");
+        assert_eq!(
+            close.get(..2),
+            Some(&[0x03, 0xf3][..]),
+            "{io:?}: 1011, not {:?} ({texts} frames before it)",
+            String::from_utf8_lossy(&close)
+        );
         assert!(texts > 0, "{io:?}: the queue before the close is delivered");
         assert_eq!(panics(&s, "connection"), 1, "{io:?}");
         assert_eq!(panics(&s, "worker"), 0, "{io:?}");

@@ -103,6 +103,10 @@ struct Table {
     next: HashMap<Arc<str>, Instant>,
     /// When `next` was last looked through for records to forget.
     forgot_at: Option<Instant>,
+    /// Of `bytes`, the records in `next` (not waiting publications).
+    sent_bytes: usize,
+    /// Publications waiting (every key's of every topic).
+    waited: usize,
     /// The release timer set for this table, if any.
     timer: Option<Instant>,
     /// Bytes charged for what waits here.
@@ -289,6 +293,7 @@ impl Tables {
                         return Err(Full);
                     }
                     w.add(p);
+                    table.waited += 1;
                     replaced += skipped;
                     table.bytes += charge;
                     self.bytes += charge;
@@ -327,6 +332,7 @@ impl Tables {
             }
             false
         });
+        t.waited -= dropped;
         dropped
     }
 
@@ -353,8 +359,8 @@ impl Tables {
         let Some(t) = self.by_conn.remove(&key) else {
             return 0;
         };
-        let waited = t.waiting.values().map(|w| w.newest.len()).sum();
-        if t.waiting.len() + t.next.len() > FREE_PER_TURN {
+        let waited = t.waited;
+        if t.waited + t.next.len() > FREE_PER_TURN {
             self.buried.push(t);
         } else {
             self.bytes -= t.bytes;
@@ -374,9 +380,13 @@ impl Tables {
         while left > 0
             && let Some(t) = self.buried.last_mut()
         {
-            let n = left.min(t.waiting.len());
-            t.waiting.extract_if(|_, _| true).take(n).for_each(drop);
-            left -= n;
+            // A topic's entry holds a publication per key: each counts.
+            for (_, w) in t.waiting.extract_if(|_, _| true) {
+                left = left.saturating_sub(1 + w.newest.len());
+                if left == 0 {
+                    break;
+                }
+            }
             let n = left.min(t.next.len());
             t.next.extract_if(|_, _| true).take(n).for_each(drop);
             left -= n;
@@ -395,12 +405,14 @@ impl Tables {
         self.bytes
     }
 
-    /// Bytes charged for `(key, serial)`'s table.
-    pub(super) fn bytes_of(&self, (key, serial): ConnRef) -> usize {
+    /// Bytes charged for what waits in `(key, serial)`'s table (a rated
+    /// subscriber's records of topics sent lately left out: they are no
+    /// backlog).
+    pub(super) fn waiting_bytes_of(&self, (key, serial): ConnRef) -> usize {
         self.by_conn
             .get(&key)
             .filter(|t| t.serial == serial)
-            .map_or(0, |t| t.bytes)
+            .map_or(0, |t| t.bytes - t.sent_bytes)
     }
 }
 
@@ -444,6 +456,7 @@ impl<S> Core<S> {
                 keep
             });
             table.bytes -= forgotten;
+            table.sent_bytes -= forgotten;
             self.tables.bytes -= forgotten;
         }
         while let Some(name) = table.order.front() {
@@ -478,6 +491,7 @@ impl<S> Core<S> {
             let ok = conn.session.push_waiting(&refs);
             let name = table.order.pop_front().expect("front");
             let w = table.waiting.remove(&name).expect("listed");
+            table.waited -= w.newest.len();
             let c = w.charge();
             table.bytes -= c;
             self.tables.bytes -= c;
@@ -493,6 +507,7 @@ impl<S> Core<S> {
                 let c = sent_lately_charge(&name);
                 if table.next.insert(name, now + iv).is_none() {
                     table.bytes += c;
+                    table.sent_bytes += c;
                     self.tables.bytes += c;
                 }
             }

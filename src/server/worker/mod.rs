@@ -183,6 +183,10 @@ pub struct Core<S> {
     /// A mailbox batch whose delivery the per-turn bound interrupted, with
     /// the index of its next publication.
     carry: Option<(Vec<Publication>, usize, u64)>,
+    /// What a delivery costs on average, in plain deliveries, as the last
+    /// turn's delivery found it (1 to `TABLE_PUT_WORK`: the share of them
+    /// put in conflation tables): a turn's steps are planned with it.
+    delivery_weight: usize,
     /// Envelope frames built during this turn's delivery, to be charged.
     built: Vec<(Publication, crate::pubsub::envelope::Form)>,
     /// In a cluster: this turn's delivered publications whose raw frame no
@@ -261,6 +265,7 @@ impl<S> Core<S> {
             paced: Vec::new(),
             backlogged: HashMap::new(),
             carry: None,
+            delivery_weight: 1,
             built: Vec::new(),
             unpaid: Vec::new(),
             tables: conflation::Tables::default(),
