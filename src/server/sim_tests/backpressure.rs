@@ -248,28 +248,45 @@ fn large_holders_are_cut_at_ninety_percent_so_a_small_client_is_still_served() {
 /// queued behind a backlog take at most 90 % of the budget, so the last
 /// 10 % stays for everyone's replies (outside probe: 300 such subscribers
 /// filled the whole budget, and honest echo clients were closed 1013).
+/// An 8 MiB budget (one worker) under `policy`, filled by 12 subscribers
+/// of `k` that never read: 20 bursts of 100 × 1 KB, a virtual tick apart.
+/// Returns the sim, the stalled subscribers and the peak charge.
+fn stalled_behind_bursts(
+    policy: crate::server::config::SlowConsumerPolicy,
+) -> (Sim, Vec<usize>, u64) {
+    let mut sim = Sim::new(|c| {
+        c.max_buffered_bytes = STALLED_BUDGET as usize;
+        c.slow_consumer = policy;
+        c.ping_interval = None;
+    });
+    let subs: Vec<usize> = (0..12).map(|_| sim.upgrade("/ws?topics=k", 0)).collect();
+    let publisher = sim.upgrade("/publish/k", 1 << 20);
+    let mut peak = 0;
+    for round in 0..20u8 {
+        let burst: Vec<u8> = (0..100)
+            .flat_map(|_| client_frame(true, OpCode::Binary, &[round; 1000], MASK))
+            .collect();
+        sim.send(publisher, &burst);
+        sim.wait(TICK, TICK);
+        peak = peak.max(
+            sim.stats()
+                .buffered_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
+    }
+    (sim, subs, peak)
+}
+
+/// [`stalled_behind_bursts`]' budget.
+const STALLED_BUDGET: u64 = 8 << 20;
+
 #[test]
 fn subscribers_kept_behind_a_backlog_leave_the_last_tenth_of_the_budget() {
     use crate::server::config::SlowConsumerPolicy;
     use std::sync::atomic::Ordering::Relaxed;
     for policy in [SlowConsumerPolicy::DropNewest, SlowConsumerPolicy::Conflate] {
-        let mut sim = Sim::new(|c| {
-            c.max_buffered_bytes = 8 << 20;
-            c.slow_consumer = policy;
-            c.ping_interval = None;
-        });
-        let subs: Vec<usize> = (0..12).map(|_| sim.upgrade("/ws?topics=k", 0)).collect();
-        let publisher = sim.upgrade("/publish/k", 1 << 20);
-        let mut peak = 0;
-        for round in 0..20u8 {
-            let burst: Vec<u8> = (0..100)
-                .flat_map(|_| client_frame(true, OpCode::Binary, &[round; 1000], MASK))
-                .collect();
-            sim.send(publisher, &burst);
-            sim.wait(TICK, TICK);
-            peak = peak.max(sim.stats().buffered_bytes.load(Relaxed));
-        }
-        let budget = 8u64 << 20;
+        let (mut sim, subs, peak) = stalled_behind_bursts(policy);
+        let budget = STALLED_BUDGET;
         // A subscriber is judged once per run of a topic's publications
         // (here 100 of 1 KB): the one that crosses takes its run (and a
         // conflating one's table holds its newest).
@@ -308,21 +325,8 @@ fn subscribers_kept_behind_a_backlog_leave_the_last_tenth_of_the_budget() {
 fn past_ninety_percent_a_subscriber_that_reads_still_gets_its_burst() {
     use crate::server::config::SlowConsumerPolicy;
     use std::sync::atomic::Ordering::Relaxed;
-    let budget = 8u64 << 20;
-    let mut sim = Sim::new(|c| {
-        c.max_buffered_bytes = budget as usize;
-        c.slow_consumer = SlowConsumerPolicy::DropNewest;
-        c.ping_interval = None;
-    });
-    let _stalled: Vec<usize> = (0..12).map(|_| sim.upgrade("/ws?topics=k", 0)).collect();
-    let publisher = sim.upgrade("/publish/k", 1 << 20);
-    for round in 0..20u8 {
-        let burst: Vec<u8> = (0..100)
-            .flat_map(|_| client_frame(true, OpCode::Binary, &[round; 1000], MASK))
-            .collect();
-        sim.send(publisher, &burst);
-        sim.wait(TICK, TICK);
-    }
+    let budget = STALLED_BUDGET;
+    let (mut sim, _, _) = stalled_behind_bursts(SlowConsumerPolicy::DropNewest);
     let held = sim.stats().buffered_bytes.load(Relaxed);
     assert!(
         held > budget / 100 * 90 && held <= budget,
@@ -349,24 +353,11 @@ fn past_ninety_percent_a_subscriber_that_reads_still_gets_its_burst() {
 fn past_ninety_percent_a_rated_subscriber_that_reads_gets_every_topic() {
     use crate::server::config::SlowConsumerPolicy;
     use std::sync::atomic::Ordering::Relaxed;
-    let budget = 8u64 << 20;
-    let mut sim = Sim::new(|c| {
-        c.max_buffered_bytes = budget as usize;
-        c.slow_consumer = SlowConsumerPolicy::DropNewest;
-        c.ping_interval = None;
-    });
-    let _stalled: Vec<usize> = (0..12).map(|_| sim.upgrade("/ws?topics=k", 0)).collect();
-    let reader = sim.upgrade("/ws?topics=r.*&max_rate=1", 1 << 30);
-    let publisher = sim.upgrade("/publish/k", 1 << 20);
-    for round in 0..20u8 {
-        let burst: Vec<u8> = (0..100)
-            .flat_map(|_| client_frame(true, OpCode::Binary, &[round; 1000], MASK))
-            .collect();
-        sim.send(publisher, &burst);
-        sim.wait(TICK, TICK);
-    }
+    let budget = STALLED_BUDGET;
+    let (mut sim, _, _) = stalled_behind_bursts(SlowConsumerPolicy::DropNewest);
     let held = sim.stats().buffered_bytes.load(Relaxed);
     assert!(held > budget / 100 * 90, "{held} of {budget}: past 90 %");
+    let reader = sim.upgrade("/ws?topics=r.*&max_rate=1", 1 << 30);
     for i in 0..1200 {
         publish(&mut sim, &format!("r.t{i}"), b"x");
     }

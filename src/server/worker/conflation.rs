@@ -125,13 +125,15 @@ pub(super) struct Tables {
     timers: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, usize, u32)>>,
     /// Tables put to since the last [`Core::release_idle_tables`].
     touched: Vec<ConnRef>,
-    /// Large tables of subscribers gone, freed [`FREE_PER_TURN`] entries a
-    /// turn ([`Tables::free_some`]), charged until freed.
+    /// Large tables of subscribers gone, freed [`FREE_PER_TURN`]
+    /// publications and records a turn ([`Tables::free_some`]), charged
+    /// until freed.
     buried: Vec<Table>,
 }
 
-/// Entries of buried tables freed per loop turn: a few milliseconds. A
-/// table holds up to `--max-outbound-bytes` of charges, ~30 000 entries;
+/// Publications and records of buried tables freed per loop turn: a few
+/// milliseconds. A table holds up to `--max-outbound-bytes` of charges,
+/// ~30 000 publications;
 /// freed whole as their subscribers went, 350 of them held their workers
 /// ~1.5 s (outside probe: rated `>` subscribers that never read, sent new
 /// topics until the budget's pressure closed them all at once).
@@ -373,8 +375,8 @@ impl Tables {
         !self.buried.is_empty()
     }
 
-    /// Frees up to [`FREE_PER_TURN`] entries of the buried tables, and
-    /// their charge with the last.
+    /// Frees up to [`FREE_PER_TURN`] publications and records of the
+    /// buried tables, and each table's charge with its last.
     pub(super) fn free_some(&mut self) {
         let mut left = FREE_PER_TURN;
         while left > 0
