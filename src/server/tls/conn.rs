@@ -724,6 +724,7 @@ impl TlsConn {
         // right after its Finished, in the same flight (a request body
         // written before the handshake completed), is not handshake.
         let received = data.len();
+        let spoke_before = self.spoke;
         let result = self.receive_any(data);
         self.spoke |= !self.pending.is_empty();
         if result.is_ok() && !self.is_established() {
@@ -732,12 +733,15 @@ impl TlsConn {
                 // Nothing of it is kept. A client refused before we said
                 // anything (a ClientHello past the bound) is told so in
                 // the clear, as no keys are in use yet (RFC 8446 §6: a
-                // failure gets an alert; whether the whole hello came in
-                // one read, and was taken, is up to the network).
+                // failure gets an alert). The answer does not depend on
+                // how the network cut the hello: a flight rustls wrote
+                // for the very bytes that crossed the bound is not sent.
                 self.incoming = Vec::new();
                 self.plain = Vec::new();
                 self.plain_at = 0;
-                if !self.spoke {
+                if !spoke_before {
+                    self.pending = Wire::default();
+                    self.spoke = false;
                     self.pending.extend(&PLAIN_INTERNAL_ERROR);
                 }
                 return Err(self.fail());

@@ -489,6 +489,75 @@ fn a_handshake_flight_past_its_limit_fails() {
     assert_eq!(s.held(), 0);
 }
 
+/// A ClientHello past the handshake's bound is refused with the same
+/// answer however the network cuts it: a fatal alert in the clear, never
+/// the server's flight (which rustls writes when the whole hello arrives
+/// in the read that crosses the bound) followed by a close.
+#[test]
+fn a_client_hello_past_the_bound_gets_one_answer_however_it_is_cut() {
+    let (server, client) = configs();
+    let hello = padded_client_hello(&client, 30_000);
+    assert!(hello.len() > 16 * 1024 + 8192);
+    for cut in [hello.len(), 20_000, 16_384, 4096, 1000] {
+        let mut s = TlsConn::new(server.clone(), 8192).unwrap();
+        let mut result = Ok(());
+        for chunk in hello.chunks(cut) {
+            result = s.receive(&mut chunk.to_vec());
+            if result.is_err() {
+                break;
+            }
+        }
+        assert_eq!(result, Err(Failure::Handshake), "cut {cut}");
+        let mut wire = Wire::default();
+        s.take_pending(&mut wire);
+        assert_eq!(wire.pending(), PLAIN_INTERNAL_ERROR, "cut {cut}");
+        assert_eq!(s.held(), 0);
+    }
+    // Within the bound, the same padding is taken and answered.
+    let hello = padded_client_hello(&client, 10_000);
+    for cut in [hello.len(), 4096] {
+        let mut s = TlsConn::new(server.clone(), 8192).unwrap();
+        for chunk in hello.chunks(cut) {
+            assert_eq!(s.receive(&mut chunk.to_vec()), Ok(()), "cut {cut}");
+        }
+        let mut wire = Wire::default();
+        s.take_pending(&mut wire);
+        assert_eq!(wire.pending().first(), Some(&22), "cut {cut}");
+    }
+}
+
+/// A rustls client's ClientHello with an unknown (GREASE) extension of
+/// `pad` zero bytes first, in records of 2^14 bytes.
+fn padded_client_hello(client: &Arc<rustls::ClientConfig>, pad: usize) -> Vec<u8> {
+    let record = client_hello(client);
+    let msg = &record[5..];
+    assert_eq!(msg[0], 1, "a ClientHello");
+    let body = &msg[4..];
+    // version, random, session id, cipher suites, compression methods
+    let mut at = 2 + 32;
+    at += 1 + body[at] as usize;
+    at += 2 + u16::from_be_bytes([body[at], body[at + 1]]) as usize;
+    at += 1 + body[at] as usize;
+    let ext_len = u16::from_be_bytes([body[at], body[at + 1]]) as usize;
+    let mut exts = vec![0xfa, 0xfa];
+    exts.extend_from_slice(&(pad as u16).to_be_bytes());
+    exts.resize(exts.len() + pad, 0);
+    exts.extend_from_slice(&body[at + 2..at + 2 + ext_len]);
+    let mut new_body = body[..at].to_vec();
+    new_body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
+    new_body.extend_from_slice(&exts);
+    let mut msg = vec![1];
+    msg.extend_from_slice(&(new_body.len() as u32).to_be_bytes()[1..]);
+    msg.extend_from_slice(&new_body);
+    let mut out = Vec::new();
+    for part in msg.chunks(16 * 1024) {
+        out.extend_from_slice(&[22, 3, 1]);
+        out.extend_from_slice(&(part.len() as u16).to_be_bytes());
+        out.extend_from_slice(part);
+    }
+    out
+}
+
 /// A rustls client's first flight: its ClientHello, one record.
 fn client_hello(client: &Arc<rustls::ClientConfig>) -> Vec<u8> {
     let mut c =
