@@ -11,12 +11,18 @@
 //! flag and wakes it: no batch is left waiting for a wake-up that never comes.
 //!
 //! Backpressure: each mailbox counts the bytes queued in it, until the
-//! receiver has delivered them. A publisher's worker stops reading its
-//! publishers (WebSocket and HTTP alike) while any mailbox is over
-//! [`MAILBOX_HIGH_WATER`] and resumes below half of it, so a burst faster than
-//! the subscribers' workers cannot grow memory without bound. The receiver
-//! takes batches one at a time ([`Inbox::next`]) and may stop between them,
-//! so its drain is bounded per loop turn.
+//! receiver has delivered them, and how long its oldest publication not
+//! yet delivered has waited (its *lag*, as the receiver last saw it). A
+//! publisher's worker stops reading its publishers (WebSocket and HTTP
+//! alike) while any mailbox is over [`MAILBOX_HIGH_WATER`] or behind by
+//! more than [`MAILBOX_HIGH_LAG`], and resumes below half of both, so a
+//! burst faster than the subscribers' workers can grow neither memory nor
+//! the wait of everyone else's publications behind it without bound: a
+//! publication that costs many deliveries (a `>` subscriber's table on
+//! every worker) is a few hundred bytes in a mailbox, and 64 MiB of them
+//! were seconds of work. The receiver takes batches one at a time
+//! ([`Inbox::next`]) and may stop between them, so its drain is bounded
+//! per loop turn.
 
 use super::directory::TopicInterest;
 use super::envelope::Message;
@@ -24,11 +30,20 @@ use bytes::Bytes;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Bytes queued for one worker above which publishers pause.
 /// 64 MiB: a few hundred milliseconds of the fastest fan-out measured here.
 pub const MAILBOX_HIGH_WATER: usize = 64 * 1024 * 1024;
+/// How far behind a worker's deliveries may fall (the wait of the oldest
+/// publication its last turn found in its mailbox, behind the turn's
+/// delivery bound or behind a long turn) before publishers pause. The
+/// benchmarks' bursts and overload stay well below it
+/// (docs/BENCHMARKS.md: their p99 from publish to write is under 100 ms).
+/// Outside probe: rated `>` subscribers on both workers and a publisher
+/// of new topic names kept the mailboxes 2–3 s behind, far below the byte
+/// mark, and an honest publication of another topic waited that long.
+pub const MAILBOX_HIGH_LAG: Duration = Duration::from_millis(200);
 /// What a mailbox counts for one publication besides its frame: the
 /// `Publication` in its batch, its [`Message`] (with room for its
 /// envelope frames' handles and its boxed compressed-form cells), the
@@ -83,6 +98,9 @@ struct Mailbox {
     tx: Sender<Vec<Publication>>,
     notified: AtomicBool,
     queued_bytes: AtomicUsize,
+    /// The lag its receiver last reported ([`Inbox::report_lag`]), in
+    /// microseconds.
+    lag_us: AtomicU64,
     /// Batches handed over so far (see [`Bus::sent_to`]).
     sent: AtomicU64,
     waker: Box<dyn Wake>,
@@ -147,6 +165,7 @@ impl Bus {
                     tx,
                     notified: AtomicBool::new(false),
                     queued_bytes: AtomicUsize::new(0),
+                    lag_us: AtomicU64::new(0),
                     sent: AtomicU64::new(0),
                     waker,
                 }
@@ -259,6 +278,16 @@ impl Bus {
             .unwrap_or(0)
     }
 
+    /// The lag of the worker furthest behind: how long the oldest
+    /// publication its last turn found had waited ([`Inbox::report_lag`]).
+    pub fn max_lag(&self) -> Duration {
+        let us = self
+            .mailboxes
+            .iter()
+            .map(|m| m.lag_us.load(Ordering::Relaxed));
+        Duration::from_micros(us.max().unwrap_or(0))
+    }
+
     /// Bytes waiting in `worker`'s mailbox.
     pub fn queued_bytes(&self, worker: usize) -> usize {
         self.mailboxes[worker].queued_bytes.load(Ordering::Relaxed)
@@ -303,6 +332,17 @@ impl Inbox {
         bus.mailboxes[self.worker]
             .queued_bytes
             .fetch_sub(counted_bytes(batch), Ordering::Relaxed);
+    }
+
+    /// Reports how long the oldest publication this worker's drain found
+    /// (carried from its last turn, or first in its mailbox) had waited
+    /// when the turn began (zero if it found none): at the end of each
+    /// drain.
+    pub fn report_lag(&self, bus: &Bus, lag: Duration) {
+        let us = u64::try_from(lag.as_micros()).unwrap_or(u64::MAX);
+        bus.mailboxes[self.worker]
+            .lag_us
+            .store(us, Ordering::Relaxed);
     }
 
     /// Takes every batch queued for this worker, in arrival order.

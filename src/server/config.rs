@@ -5,7 +5,7 @@ use crate::proto::ws::{
     DEFAULT_MAX_CONTROL_RATE, DEFAULT_MAX_FRAGMENTS, DEFAULT_MAX_FRAME_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES, WsLimits,
 };
-use crate::pubsub::bus::MAILBOX_HIGH_WATER;
+use crate::pubsub::bus::{MAILBOX_HIGH_LAG, MAILBOX_HIGH_WATER};
 use crate::pubsub::topic::{
     DEFAULT_MAX_PATTERNS_PER_CONN, DEFAULT_MAX_TOPIC_LEN, DEFAULT_MAX_TOPICS_PER_CONN,
 };
@@ -186,6 +186,9 @@ pub struct Config {
     /// Bytes queued in a worker's mailbox above which every publisher is
     /// held (not a flag: tests lower it to reach the mark with little data).
     pub mailbox_high_water: usize,
+    /// How far behind a worker's deliveries may fall before every
+    /// publisher is held ([`MAILBOX_HIGH_LAG`]; not a flag, like the mark).
+    pub mailbox_high_lag: Duration,
     /// Slots of each io_uring ring's fixed-file table, below the open-file
     /// limit that caps it (not a flag: tests lower it to fill rings, and
     /// so start overflow workers, with few connections).
@@ -248,6 +251,7 @@ impl Default for Config {
             tcp_keepalive: Some(DEFAULT_TCP_KEEPALIVE),
             max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
             mailbox_high_water: MAILBOX_HIGH_WATER,
+            mailbox_high_lag: MAILBOX_HIGH_LAG,
             ring_slots: None,
             tls: None,
             jwt: None,

@@ -188,7 +188,7 @@ const DELIVERY_COUNTERS: [Counter; 24] = [
     ),
     (
         "corecast_publishers_throttled_total",
-        "Times a publisher's reads were paused because a worker's mailbox was full.",
+        "Times a publisher's reads were paused because a worker's mailbox was full or its deliveries were behind.",
         |w| &w.publishers_throttled,
     ),
     (

@@ -214,6 +214,69 @@ fn an_http_publisher_is_not_read_while_a_peer_mailbox_is_over_its_mark() {
     assert_eq!(sim.stats().messages_published.load(Relaxed), 9);
 }
 
+/// A worker behind on its deliveries by more than the lag mark holds
+/// every publisher until it catches up, however few bytes its mailbox
+/// holds: a publication put in 500 rated `>` subscribers' tables is a few
+/// hundred bytes in a mailbox and 500 table puts of work (outside probe:
+/// a publisher of new topic names kept both workers 2–3 s behind, far
+/// below the byte mark, and an honest publication of another topic waited
+/// that long behind it).
+#[test]
+fn a_publisher_is_not_read_while_a_worker_is_behind_by_the_lag_mark() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut sim = Sim::new(|c| c.ping_interval = None);
+    let rated: Vec<usize> = (0..500)
+        .map(|_| sim.upgrade("/ws?topics=r.>&max_rate=1", 1 << 30))
+        .collect();
+    let c = sim.connect(1 << 30);
+    let pipeline = |from: usize, n: usize| -> Vec<u8> {
+        (from..from + n)
+            .flat_map(|i| {
+                format!("POST /publish/r.t{i} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx")
+                    .into_bytes()
+            })
+            .collect()
+    };
+    let answers = |wire: &[u8]| wire.windows(12).filter(|w| w == b"HTTP/1.1 204").count();
+    // The worker learns what its deliveries cost; then 500 000 puts, more
+    // than three turns' worth (a put counts 8 deliveries of 1 Mi a turn),
+    // all read and answered while no time passes.
+    sim.send(c, &pipeline(0, 100));
+    sim.send(c, &pipeline(100, 1000));
+    let mut answered = answers(&sim.received(c));
+    for _ in 0..10 {
+        if answered == 1100 {
+            break;
+        }
+        sim.turn();
+        answered += answers(&sim.received(c));
+    }
+    assert_eq!(answered, 1100);
+    let bus = Arc::clone(&sim.core.shared().bus);
+    assert!(bus.max_queued_bytes() < sim.core.shared().config.mailbox_high_water / 100);
+    assert_eq!(bus.max_lag(), Duration::ZERO, "no time has passed");
+    // 300 ms later the worker has delivered one more turn's worth and is
+    // still behind: by 300 ms.
+    let later = Duration::from_millis(300);
+    sim.wait(later, later);
+    assert_eq!(bus.max_lag(), later);
+    // The publisher's next request is taken (the mark is checked after a
+    // read), then it is held: the one after waits in its socket.
+    sim.send(c, &pipeline(1100, 1));
+    assert_eq!(answers(&sim.received(c)), 1);
+    assert_eq!(sim.stats().publishers_throttled.load(Relaxed), 1);
+    sim.send(c, &pipeline(1101, 1));
+    assert!(
+        sim.received(c).is_empty(),
+        "held while the worker is behind"
+    );
+    // Caught up, the worker reports no lag, and the publisher is read.
+    sim.wait(5 * TICK, TICK);
+    assert_eq!(bus.max_lag(), Duration::ZERO);
+    assert_eq!(answers(&sim.received(c)), 1);
+    assert_eq!(frames(&sim.received(rated[0])).len(), 1102, "nothing lost");
+}
+
 #[test]
 fn large_holders_are_cut_at_ninety_percent_so_a_small_client_is_still_served() {
     use std::sync::atomic::Ordering::Relaxed;

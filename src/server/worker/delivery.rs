@@ -247,6 +247,14 @@ impl<S> Core<S> {
             }
             self.inbox.done(bus, &batch);
         }
+        // How far behind this worker is: publishers pause past a mark.
+        let lag = self
+            .carry
+            .as_ref()
+            .map_or(Duration::ZERO, |(batch, pos, _)| {
+                now.saturating_duration_since(batch[*pos].published_at())
+            });
+        self.inbox.report_lag(bus, lag);
         let (n, t) = (delivered_n.get(), tabled_n.get());
         if n > 0 {
             self.delivery_weight = 1 + (t * (TABLE_PUT_WORK - 1)).div_ceil(n);
@@ -376,8 +384,10 @@ impl<S> Core<S> {
                 self.reread.push((key, serial));
             }
         }
+        let cfg = &self.shared.config;
         if self.throttled.is_empty()
-            || self.shared.bus.max_queued_bytes() > self.shared.config.mailbox_high_water / 2
+            || self.shared.bus.max_queued_bytes() > cfg.mailbox_high_water / 2
+            || self.shared.bus.max_lag() > cfg.mailbox_high_lag / 2
         {
             return;
         }

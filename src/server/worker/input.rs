@@ -266,12 +266,16 @@ impl<S> Core<S> {
             return Input::Stop;
         }
         let published = conn.take_flag(PUBLISHED);
+        let cfg = &self.shared.config;
         if (published || conn.session.is_publisher())
-            && self.shard.bus().max_queued_bytes() > self.shared.config.mailbox_high_water
+            && (self.shard.bus().max_queued_bytes() > cfg.mailbox_high_water
+                || self.shard.bus().max_lag() > cfg.mailbox_high_lag)
         {
             // Every publisher, WebSocket or HTTP, is held alike: not read
-            // until the mailboxes drain (`unthrottle`), so pipelined
-            // requests wait in the socket, not in a mailbox.
+            // until the mailboxes drain and catch up (`unthrottle`), so
+            // pipelined requests wait in the socket, not in a mailbox, and
+            // a flood of costly publications cannot keep everyone else's
+            // waiting behind it for seconds.
             stats.publisher_throttled();
             conn.set_flag(READ_PAUSED, true);
             if !conn.flag(THROTTLED) {
