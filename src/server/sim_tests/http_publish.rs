@@ -247,3 +247,46 @@ fn a_pipeline_of_token_checked_requests_yields_after_sixteen() {
     assert_eq!(total, 40, "the rest in later turns");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A request cut short by the client's FIN (half a head, or a body shorter
+/// than its `Content-Length`) is answered `400` with the reason before the
+/// close: a client that half-closed can still read (outside probe: it was
+/// closed without a word). Requests answered before it keep their answers,
+/// first; a connection that sent nothing more is closed without one.
+#[test]
+fn a_request_cut_short_by_the_clients_fin_is_answered_400() {
+    let cut_body = [
+        post("t", b"0123456789"),
+        b"POST /publish/t HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n01234".to_vec(),
+    ]
+    .concat();
+    for (input, before) in [
+        (b"POST /publish/t HTTP/1.1\r\nHost".to_vec(), 0),
+        (cut_body, 1),
+    ] {
+        let mut sim = Sim::new(|_| {});
+        let c = sim.connect(1 << 20);
+        sim.send(c, &input);
+        sim.core.eof(c);
+        sim.core.after_input(c);
+        sim.turn();
+        let wire = sim.received(c);
+        let got = answers(&wire);
+        assert_eq!(got.len(), before + 1, "{got:?}");
+        assert!(got[before].starts_with("400"), "{got:?}");
+        let text = String::from_utf8_lossy(&wire);
+        assert!(text.contains("request cut short"), "{text}");
+        assert!(text.contains("Connection: close"), "{text}");
+    }
+    // Nothing after the last complete request: closed, no answer made up.
+    let mut sim = Sim::new(|_| {});
+    let c = sim.connect(1 << 20);
+    sim.send(c, &post("t", b"x"));
+    sim.core.eof(c);
+    sim.core.after_input(c);
+    sim.turn();
+    assert_eq!(answers(&sim.received(c)).len(), 1);
+    assert!(
+        sim.closed.contains(&c) || sim.core.get(c).is_none_or(|x| x.state() != IoState::Active)
+    );
+}

@@ -326,6 +326,24 @@ impl<S> Core<S> {
             // connection closes (`after_input`).
             return;
         }
+        if conn.state == IoState::Active
+            && conn.session.awaiting_request()
+            && conn.session.partial_request()
+            && !conn.flag(AWAIT_PROXY)
+        {
+            // Part of a request, then its FIN: a client that half-closed
+            // can still read, and is told why nothing comes (outside
+            // probe: a cut body or head was closed without a word).
+            let stats = &self.shared.stats[self.id];
+            conn.session.abort(
+                CloseCode::POLICY_VIOLATION,
+                Status::BadRequest,
+                "request cut short by the client's end of stream",
+                stats,
+            );
+            self.recharge(key);
+        }
+        let conn = &mut self.conns[key];
         conn.state = IoState::Closing;
     }
 
