@@ -192,6 +192,20 @@ pub fn query_param<'q>(query: Option<&'q str>, key: &str) -> Option<&'q str> {
         .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
 
+/// The first of `names` given more than once in a query string, if any:
+/// parsers differ on which one counts (the first, the last, a list), so a
+/// proxy checking a request could read another value than the server.
+pub fn repeated_param<'n>(query: Option<&str>, names: &[&'n str]) -> Option<&'n str> {
+    let query = query?;
+    names.iter().copied().find(|name| {
+        query
+            .split('&')
+            .filter(|kv| kv.strip_prefix(name).is_some_and(|r| r.starts_with('=')))
+            .nth(1)
+            .is_some()
+    })
+}
+
 /// Most bytes of a conflation key (`?key=` on a publish).
 pub const MAX_KEY_LEN: usize = 128;
 
@@ -357,6 +371,25 @@ mod tests {
             Some("5")
         );
         assert_eq!(query_param(Some("max_rates=5"), "max_rate"), None);
+        let names = ["topics", "token"];
+        assert_eq!(
+            repeated_param(Some("token=a&token=b"), &names),
+            Some("token")
+        );
+        assert_eq!(
+            repeated_param(Some("topics=a&x=1&topics="), &names),
+            Some("topics")
+        );
+        assert_eq!(
+            repeated_param(Some("token=a&tokens=b&topics=c"), &names),
+            None
+        );
+        assert_eq!(
+            repeated_param(Some("token&token"), &names),
+            None,
+            "no value: not read"
+        );
+        assert_eq!(repeated_param(None, &names), None);
         assert_eq!(query_param(None, "max_rate"), None);
         assert_eq!(
             parse_list("a,b,,a,c", 128, 64),

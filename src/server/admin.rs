@@ -169,6 +169,12 @@ fn disconnect(req: &handshake::Request<'_, '_>, shared: &Shared) -> Vec<u8> {
             "no tokens in use (--jwt-key, --jwks): no sub to disconnect",
         ));
     }
+    if crate::pubsub::topic::repeated_param(req.query, &["sub"]).is_some() {
+        return handshake::error_response(Reject::new(
+            Status::BadRequest,
+            "duplicate query parameter: sub (disconnect one at a time)",
+        ));
+    }
     // Any escape is decoded (a `sub` may be any string): `%C3%A9` is "é".
     let Some(sub) = crate::pubsub::topic::query_param(req.query, "sub")
         .and_then(crate::pubsub::topic::percent_decode_utf8)

@@ -186,6 +186,55 @@ pub(super) fn check_publisher(req: &Request<'_, '_>, cfg: &Config) -> Result<(),
     }
 }
 
+/// The query parameters the server reads, each of which a request may
+/// give once.
+const PARAMS: [&str; 5] = ["topics", "token", "key", "confirm", "max_rate"];
+
+/// The header fields the server reads as one value, each of which a
+/// request may give once (`Content-Length`, `Host` and the WebSocket
+/// fields are checked where they are read).
+const SINGLE_HEADERS: [(&str, &str); 2] = [
+    ("authorization", "duplicate Authorization header"),
+    ("content-type", "duplicate Content-Type header"),
+];
+
+/// Refuses a request that gives a parameter or field the server reads
+/// twice, or a token both ways with two values: parsers differ on which
+/// one counts, so a proxy checking the request could read another than
+/// the server (outside probe: `?token=GOOD&token=NONE` was taken, the
+/// reverse refused; two `Authorization` fields were answered `401 token
+/// required`). The same rule as the control messages' repeated keys.
+fn refuse_repeats(req: &Request<'_, '_>) -> Result<(), Reject> {
+    if let Some(name) = topic::repeated_param(req.query, &PARAMS) {
+        return Err(Reject::new(
+            Status::BadRequest,
+            match name {
+                "topics" => "duplicate query parameter: topics (list them in one: topics=a,b)",
+                "token" => "duplicate query parameter: token",
+                "key" => "duplicate query parameter: key",
+                "confirm" => "duplicate query parameter: confirm",
+                _ => "duplicate query parameter: max_rate",
+            },
+        ));
+    }
+    for (name, reason) in SINGLE_HEADERS {
+        if req.header(name).is_err() {
+            return Err(Reject::new(Status::BadRequest, reason));
+        }
+    }
+    let authorization = req.header("authorization").ok().flatten();
+    if let Some(query_token) = topic::query_param(req.query, "token")
+        && let Some(header_token) = auth::token_of(authorization, None)
+        && header_token != query_token
+    {
+        return Err(Reject::new(
+            Status::BadRequest,
+            "two different tokens (Authorization and ?token=): send one",
+        ));
+    }
+    Ok(())
+}
+
 /// Does the client want the connection kept open after this request?
 /// HTTP/1.1 unless it says `close`; HTTP/1.0 never (its keep-alive needs a
 /// `Connection: keep-alive` in every answer, which ours, HTTP/1.1 answers,
@@ -204,6 +253,7 @@ impl Session {
             check_host(&req)?;
         }
         let route = route(&req, cfg)?;
+        refuse_repeats(&req)?;
         if !matches!(route, Route::Admin) {
             // A web page of a foreign origin may neither open a WebSocket
             // nor publish through its visitor's browser.
