@@ -194,6 +194,12 @@ impl std::fmt::Debug for Verifier {
 #[derive(Deserialize)]
 struct Claims {
     sub: Option<String>,
+    /// Only its type is checked here (a string, RFC 7519 §4.1.1; its value
+    /// is `jsonwebtoken`'s to compare, which also takes a list): an `iss`
+    /// of another type fails the decoding (outside probe: `["iss1"]` was
+    /// taken).
+    #[allow(dead_code)]
+    iss: Option<String>,
     exp: Option<f64>,
     nbf: Option<f64>,
     iat: Option<f64>,

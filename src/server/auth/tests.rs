@@ -179,6 +179,9 @@ fn audience_and_issuer_are_required_when_configured() {
         json!({"exp": NOW + 60, "aud": "other", "iss": "https://auth.example"}),
         json!({"exp": NOW + 60, "aud": "feeds", "iss": "https://evil.example"}),
         json!({"exp": NOW + 60, "aud": "feeds"}),
+        // `iss` is one string (RFC 7519 §4.1.1), never a list.
+        json!({"exp": NOW + 60, "aud": "feeds", "iss": ["https://auth.example"]}),
+        json!({"exp": NOW + 60, "aud": "feeds", "iss": 7}),
     ] {
         assert_eq!(
             v.verify(&token(Algorithm::HS256, bad.clone()), NOW),
@@ -189,6 +192,10 @@ fn audience_and_issuer_are_required_when_configured() {
     // Without --jwt-audience, a token naming an audience still passes.
     let plain = hs256();
     assert!(plain.verify(&ok, NOW).is_ok());
+    // Without --jwt-issuer, an `iss` that is not a string is refused all
+    // the same.
+    let listed = token(Algorithm::HS256, json!({"exp": NOW + 60, "iss": ["a"]}));
+    assert_eq!(plain.verify(&listed, NOW), Err(Refusal::Invalid));
 }
 
 #[test]
