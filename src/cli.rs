@@ -74,7 +74,7 @@ pub struct ServeArgs {
     pub max_message_size: usize,
 
     /// Largest HTTP request head; larger is answered 431 (capped at 32 KiB).
-    #[arg(long, default_value_t = DEFAULT_MAX_HEAD_BYTES, value_parser = parse_limit_size, value_name = "BYTES")]
+    #[arg(long, default_value_t = DEFAULT_MAX_HEAD_BYTES, value_parser = parse_head_size, value_name = "BYTES")]
     pub max_handshake_size: usize,
 
     /// Per-connection bound on queued outbound bytes. A subscriber over it is
@@ -292,7 +292,7 @@ pub struct ServeArgs {
     /// Process-wide budget for bytes held on behalf of connections (partial
     /// requests and messages, queued replies, copied frames). A connection
     /// that would grow past it is closed with 1013 (or refused with 503).
-    #[arg(long, default_value_t = DEFAULT_MAX_BUFFERED_BYTES, value_parser = parse_limit_size, value_name = "BYTES")]
+    #[arg(long, default_value_t = DEFAULT_MAX_BUFFERED_BYTES, value_parser = parse_budget_size, value_name = "BYTES")]
     pub max_buffered_bytes: usize,
 
     /// Serve TLS (wss://, https://) on the main listener with this
@@ -521,6 +521,38 @@ pub fn parse_limit_size(s: &str) -> Result<usize, String> {
     }
 }
 
+/// The smallest `--max-handshake-size`: a browser's upgrade request is
+/// 400 to 1 500 bytes before its cookies.
+pub const MIN_HEAD_BYTES: usize = 1024;
+
+/// The smallest `--max-buffered-bytes`: below it a worker's share cannot
+/// hold a few clients' buffers (a subscriber's 64 KiB read buffer, a
+/// queued reply), and every client would be closed `1013`.
+pub const MIN_BUFFERED_BYTES: usize = 1024 * 1024;
+
+/// `--max-handshake-size`: at least [`MIN_HEAD_BYTES`] (an outside probe
+/// started the server with 1 byte, and every request was answered `431`).
+pub fn parse_head_size(s: &str) -> Result<usize, String> {
+    match parse_size(s)? {
+        n if n < MIN_HEAD_BYTES => Err(format!(
+            "{s:?}: below 1KiB would refuse every browser's upgrade request (400 to 1500 bytes before cookies)"
+        )),
+        n => Ok(n),
+    }
+}
+
+/// `--max-buffered-bytes`: at least [`MIN_BUFFERED_BYTES`] (an outside
+/// probe started the server with 1 byte, and every client was closed
+/// `1013` at its first message).
+pub fn parse_budget_size(s: &str) -> Result<usize, String> {
+    match parse_size(s)? {
+        n if n < MIN_BUFFERED_BYTES => Err(format!(
+            "{s:?}: below 1MiB the budget could not hold a few clients' buffers, and every client would be closed 1013"
+        )),
+        n => Ok(n),
+    }
+}
+
 /// A count limit that must let something through (see
 /// [`parse_limit_size`]).
 pub fn parse_limit(s: &str) -> Result<usize, String> {
@@ -678,10 +710,8 @@ mod tests {
     fn limits_without_an_off_refuse_zero_and_take_one() {
         for flag in [
             "--max-message-size",
-            "--max-handshake-size",
             "--max-outbound-bytes",
             "--max-frame-size",
-            "--max-buffered-bytes",
             "--max-connections",
             "--max-fragments",
             "--handshake-timeout",
@@ -720,6 +750,41 @@ mod tests {
             assert!(
                 Cli::try_parse_from(["corecast", "serve", flag, "0"]).is_ok(),
                 "{flag} 0 refused"
+            );
+        }
+    }
+
+    /// Two limits have a floor above 0: a request head of a few bytes, or
+    /// a budget of one, refused or closed every client (outside probe).
+    #[test]
+    fn the_head_and_budget_limits_refuse_values_that_serve_nobody() {
+        for (flag, below, floor, why) in [
+            (
+                "--max-handshake-size",
+                ["0", "1", "1023"],
+                "1KiB",
+                "below 1KiB",
+            ),
+            (
+                "--max-buffered-bytes",
+                ["0", "1", "1048575"],
+                "1MiB",
+                "below 1MiB",
+            ),
+        ] {
+            for bad in below {
+                let err = Cli::try_parse_from(["corecast", "serve", flag, bad])
+                    .err()
+                    .unwrap_or_else(|| panic!("{flag} {bad} accepted"))
+                    .to_string();
+                assert!(
+                    err.contains(flag) && err.contains(why),
+                    "{flag} {bad}: {err}"
+                );
+            }
+            assert!(
+                Cli::try_parse_from(["corecast", "serve", flag, floor]).is_ok(),
+                "{flag} {floor} refused"
             );
         }
     }
