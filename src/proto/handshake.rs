@@ -135,6 +135,11 @@ pub struct HeadScanner {
 }
 
 impl HeadScanner {
+    /// Nothing of this head has been scanned yet.
+    pub fn is_fresh(&self) -> bool {
+        self.scanned == 0
+    }
+
     /// Length of the head (through the blank line) if `buf` holds all of it.
     /// `buf` must be the same bytes as on the previous call, possibly longer.
     pub fn find_end(&mut self, buf: &[u8]) -> Option<usize> {

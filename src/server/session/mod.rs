@@ -518,6 +518,20 @@ impl Session {
                         ctx.yielded = true;
                         return Next::Read;
                     }
+                    if scan.is_fresh() {
+                        // Empty lines before a request line are skipped
+                        // (RFC 9112 §2.2), however many, as they are read:
+                        // never kept, and a client sending only those is
+                        // the request deadline's (outside probe: two were
+                        // read as a head of their own, `400 incomplete
+                        // request head`).
+                        let blank = buf[pos..].iter().take_while(|&&b| b == b'\r' || b == b'\n');
+                        pos += blank.count();
+                        if pos == buf.len() {
+                            self.keep(buf, pos, ctx.now_ms);
+                            return Next::Read;
+                        }
+                    }
                     let done = requests.wrapping_add(1);
                     let cfg = &ctx.shared.config;
                     let rest = &buf[pos..];
