@@ -455,6 +455,34 @@ fn the_operator_disconnects_every_connection_of_a_sub() {
         admin("GET /disconnect?sub=alice HTTP/1.1\r\nHost: x\r\n\r\n").starts_with("HTTP/1.1 405 ")
     );
     assert!(admin("POST /disconnect HTTP/1.1\r\nHost: x\r\n\r\n").starts_with("HTTP/1.1 400 "));
+    // Two subs, a body, or what cannot be HTTP: refused, nobody goes
+    // (outside probe: 202 for the first sub, 202 with the body unread, a
+    // ClientHello closed silently 2 s later).
+    for (req, reason) in [
+        (
+            "POST /disconnect?sub=alice&sub=bob HTTP/1.1\r\nHost: x\r\n\r\n",
+            "duplicate query parameter: sub",
+        ),
+        (
+            "POST /disconnect?sub=alice HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nxx",
+            "takes no body",
+        ),
+        (
+            "\u{16}\u{3}\u{1}\u{2}\u{0}\u{1}\u{0}\u{1}\u{fc}\u{3}\u{3}",
+            "malformed request head",
+        ),
+    ] {
+        let started = std::time::Instant::now();
+        let r = admin(req);
+        assert!(
+            r.starts_with("HTTP/1.1 400 ") && r.contains(reason),
+            "{req:?}: {r}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "answered at once"
+        );
+    }
     let on_main = answer(
         addr,
         "POST /disconnect?sub=alice HTTP/1.1\r\nHost: x\r\n\r\n",

@@ -163,6 +163,14 @@ fn disconnect(req: &handshake::Request<'_, '_>, shared: &Shared) -> Vec<u8> {
     if req.method != "POST" {
         return handshake::error_response(Reject::method("use POST", "POST"));
     }
+    if req.has_body() {
+        // Not read: refused, as on the main port, rather than taken
+        // with its body unread.
+        return handshake::error_response(Reject::new(
+            Status::BadRequest,
+            "POST /disconnect takes no body (name the user in ?sub=)",
+        ));
+    }
     if shared.auth.is_none() {
         return handshake::error_response(Reject::new(
             Status::NotFound,
@@ -213,6 +221,12 @@ fn serve(mut sock: TcpStream, shared: &Shared) -> io::Result<()> {
     let end = loop {
         if let Some(end) = scanner.find_end(&buf[..len]) {
             break Some(end);
+        }
+        if handshake::refutes_head(&buf[..len], MAX_HEAD) {
+            // Not HTTP (a TLS ClientHello, binary junk): answered now, as
+            // on the main port, not closed silently at the deadline.
+            let reject = Reject::new(Status::BadRequest, "malformed request head");
+            return sock.write_all(&handshake::error_response(reject));
         }
         if len == buf.len() {
             break None;
