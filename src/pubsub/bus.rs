@@ -11,8 +11,9 @@
 //! flag and wakes it: no batch is left waiting for a wake-up that never comes.
 //!
 //! Backpressure: each mailbox counts the bytes queued in it, until the
-//! receiver has delivered them, and how long its oldest publication not
-//! yet delivered has waited (its *lag*, as the receiver last saw it). A
+//! receiver has delivered them, and when the oldest publication its
+//! receiver has found and not yet delivered was published (so its *lag*,
+//! seen from any thread, is the time since). A
 //! publisher's worker stops reading its publishers (WebSocket and HTTP
 //! alike) while any mailbox is over [`MAILBOX_HIGH_WATER`] or behind by
 //! more than [`MAILBOX_HIGH_LAG`], and resumes below half of both, so a
@@ -36,10 +37,12 @@ use std::time::{Duration, Instant};
 /// 64 MiB: a few hundred milliseconds of the fastest fan-out measured here.
 pub const MAILBOX_HIGH_WATER: usize = 64 * 1024 * 1024;
 /// How far behind a worker's deliveries may fall (the wait of the oldest
-/// publication its last turn found in its mailbox, behind the turn's
-/// delivery bound or behind a long turn) before publishers pause. The
-/// benchmarks' bursts and overload stay well below it
-/// (docs/BENCHMARKS.md: their p99 from publish to write is under 100 ms).
+/// publication it has found, taken from its mailbox or carried past a
+/// turn's delivery bound, and not yet delivered) before publishers pause.
+/// On a quiet machine the benchmarks' bursts and overload stay below it
+/// (docs/BENCHMARKS.md: the overload's p99 from publish to the clients is
+/// 40–100 ms); where they reach it, the publisher is held instead of its
+/// backlog growing, and nothing is lost.
 /// Outside probe: rated `>` subscribers on both workers and a publisher
 /// of new topic names kept the mailboxes 2–3 s behind, far below the byte
 /// mark, and an honest publication of another topic waited that long.
@@ -98,9 +101,10 @@ struct Mailbox {
     tx: Sender<Vec<Publication>>,
     notified: AtomicBool,
     queued_bytes: AtomicUsize,
-    /// The lag its receiver last reported ([`Inbox::report_lag`]), in
-    /// microseconds.
-    lag_us: AtomicU64,
+    /// When the oldest publication its receiver found and has not
+    /// delivered was published ([`Inbox::report_oldest`]), in nanoseconds
+    /// after the bus's `epoch` plus one; 0 when there is none.
+    oldest_ns: AtomicU64,
     /// Batches handed over so far (see [`Bus::sent_to`]).
     sent: AtomicU64,
     waker: Box<dyn Wake>,
@@ -115,6 +119,8 @@ pub struct Bus {
     order: [Mutex<()>; ORDER_STRIPES],
     /// See [`Bus::add_external_sender`].
     external: AtomicBool,
+    /// What [`Inbox::report_oldest`] counts from.
+    epoch: Instant,
 }
 
 /// Locks a topic's publications are sent under ([`Bus::hold_order`]); a
@@ -165,7 +171,7 @@ impl Bus {
                     tx,
                     notified: AtomicBool::new(false),
                     queued_bytes: AtomicUsize::new(0),
-                    lag_us: AtomicU64::new(0),
+                    oldest_ns: AtomicU64::new(0),
                     sent: AtomicU64::new(0),
                     waker,
                 }
@@ -177,6 +183,7 @@ impl Bus {
                 stranded,
                 order: std::array::from_fn(|_| Mutex::new(())),
                 external: AtomicBool::new(false),
+                epoch: Instant::now(),
             }),
             inboxes,
         )
@@ -278,14 +285,20 @@ impl Bus {
             .unwrap_or(0)
     }
 
-    /// The lag of the worker furthest behind: how long the oldest
-    /// publication its last turn found had waited ([`Inbox::report_lag`]).
-    pub fn max_lag(&self) -> Duration {
-        let us = self
+    /// The lag of the worker furthest behind at `now`: how long the
+    /// oldest publication a worker has found and not yet delivered has
+    /// waited ([`Inbox::report_oldest`]); zero if every worker delivered
+    /// all it found.
+    pub fn max_lag(&self, now: Instant) -> Duration {
+        let oldest = self
             .mailboxes
             .iter()
-            .map(|m| m.lag_us.load(Ordering::Relaxed));
-        Duration::from_micros(us.max().unwrap_or(0))
+            .map(|m| m.oldest_ns.load(Ordering::Relaxed))
+            .filter(|&ns| ns > 0)
+            .min();
+        oldest.map_or(Duration::ZERO, |ns| {
+            now.saturating_duration_since(self.epoch + Duration::from_nanos(ns - 1))
+        })
     }
 
     /// Bytes waiting in `worker`'s mailbox.
@@ -334,15 +347,19 @@ impl Inbox {
             .fetch_sub(counted_bytes(batch), Ordering::Relaxed);
     }
 
-    /// Reports how long the oldest publication this worker's drain found
-    /// (carried from its last turn, or first in its mailbox) had waited
-    /// when the turn began (zero if it found none): at the end of each
-    /// drain.
-    pub fn report_lag(&self, bus: &Bus, lag: Duration) {
-        let us = u64::try_from(lag.as_micros()).unwrap_or(u64::MAX);
+    /// Reports when the oldest publication this worker has found (taken
+    /// from its mailbox, or carried from its last turn) and not yet
+    /// delivered was published; `None` once it has delivered all it found.
+    /// Set when a drain finds its first publication (so that a long turn's
+    /// delivery shows as a growing lag to the other workers) and at its end.
+    pub fn report_oldest(&self, bus: &Bus, published_at: Option<Instant>) {
+        let ns = published_at.map_or(0, |t| {
+            let since = t.saturating_duration_since(bus.epoch).as_nanos();
+            u64::try_from(since).unwrap_or(u64::MAX - 1) + 1
+        });
         bus.mailboxes[self.worker]
-            .lag_us
-            .store(us, Ordering::Relaxed);
+            .oldest_ns
+            .store(ns, Ordering::Relaxed);
     }
 
     /// Takes every batch queued for this worker, in arrival order.
@@ -455,5 +472,28 @@ mod tests {
             Ok(true),
             "drained: the next send wakes again"
         );
+    }
+
+    /// The lag is the wait of the oldest publication a worker found and
+    /// has not delivered, measured at the reader's `now`, not frozen at
+    /// the report (a worker that caught up reports none: a stale lag would
+    /// hold every publisher until that worker's next turn).
+    #[test]
+    fn the_lag_is_the_oldest_pending_publications_wait_until_it_is_delivered() {
+        let (bus, inboxes) = Bus::new(vec![
+            Box::new(Count(Arc::new(AtomicUsize::new(0)))),
+            Box::new(Count(Arc::new(AtomicUsize::new(0)))),
+        ]);
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        assert_eq!(bus.max_lag(t0 + ms(500)), Duration::ZERO, "none found");
+        inboxes[0].report_oldest(&bus, Some(t0 + ms(10)));
+        inboxes[1].report_oldest(&bus, Some(t0));
+        assert_eq!(bus.max_lag(t0 + ms(250)), ms(250), "the oldest of all");
+        assert_eq!(bus.max_lag(t0 + ms(400)), ms(400), "it grows with time");
+        inboxes[1].report_oldest(&bus, None);
+        assert_eq!(bus.max_lag(t0 + ms(400)), ms(390));
+        inboxes[0].report_oldest(&bus, None);
+        assert_eq!(bus.max_lag(t0 + ms(400)), Duration::ZERO, "caught up");
     }
 }

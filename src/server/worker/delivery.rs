@@ -217,6 +217,7 @@ impl<S> Core<S> {
             };
         let bus = &self.shared.bus;
         self.inbox.begin_drain(bus);
+        let mut found = false;
         loop {
             let (batch, mut pos, number) = match self.carry.take() {
                 Some(carried) => carried,
@@ -225,6 +226,13 @@ impl<S> Core<S> {
                     None => break,
                 },
             };
+            if !found {
+                // Seen by the other workers while this turn delivers: a
+                // long turn shows as a growing lag.
+                found = true;
+                self.inbox
+                    .report_oldest(bus, batch.get(pos).map(Publication::published_at));
+            }
             while pos < batch.len() && work.get() < MAX_DELIVERIES_PER_TURN {
                 // Whole runs of one topic while they fit the bound, so each
                 // subscriber still takes a run at a time.
@@ -247,14 +255,13 @@ impl<S> Core<S> {
             }
             self.inbox.done(bus, &batch);
         }
-        // How far behind this worker is: publishers pause past a mark.
-        let lag = self
+        // What this worker has found and not delivered: the carry, if any
+        // (publishers pause while it waits too long: `MAILBOX_HIGH_LAG`).
+        let pending = self
             .carry
             .as_ref()
-            .map_or(Duration::ZERO, |(batch, pos, _)| {
-                now.saturating_duration_since(batch[*pos].published_at())
-            });
-        self.inbox.report_lag(bus, lag);
+            .map(|(b, pos, _)| b[*pos].published_at());
+        self.inbox.report_oldest(bus, pending);
         let (n, t) = (delivered_n.get(), tabled_n.get());
         if n > 0 {
             self.delivery_weight = 1 + (t * (TABLE_PUT_WORK - 1)).div_ceil(n);
@@ -387,7 +394,7 @@ impl<S> Core<S> {
         let cfg = &self.shared.config;
         if self.throttled.is_empty()
             || self.shared.bus.max_queued_bytes() > cfg.mailbox_high_water / 2
-            || self.shared.bus.max_lag() > cfg.mailbox_high_lag / 2
+            || self.shared.bus.max_lag(self.now) > cfg.mailbox_high_lag / 2
         {
             return;
         }

@@ -269,7 +269,7 @@ impl<S> Core<S> {
         let cfg = &self.shared.config;
         if (published || conn.session.is_publisher())
             && (self.shard.bus().max_queued_bytes() > cfg.mailbox_high_water
-                || self.shard.bus().max_lag() > cfg.mailbox_high_lag)
+                || self.shard.bus().max_lag(self.now) > cfg.mailbox_high_lag)
         {
             // Every publisher, WebSocket or HTTP, is held alike: not read
             // until the mailboxes drain and catch up (`unthrottle`), so
