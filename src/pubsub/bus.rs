@@ -301,6 +301,12 @@ impl Bus {
         })
     }
 
+    /// Clears what `worker` reported pending ([`Inbox::report_oldest`]):
+    /// it stopped (panicked), and will deliver nothing more.
+    pub fn forget_lag(&self, worker: usize) {
+        self.mailboxes[worker].oldest_ns.store(0, Ordering::Relaxed);
+    }
+
     /// Bytes waiting in `worker`'s mailbox.
     pub fn queued_bytes(&self, worker: usize) -> usize {
         self.mailboxes[worker].queued_bytes.load(Ordering::Relaxed)

@@ -195,12 +195,16 @@ pub fn query_param<'q>(query: Option<&'q str>, key: &str) -> Option<&'q str> {
 /// The first of `names` given more than once in a query string, if any:
 /// parsers differ on which one counts (the first, the last, a list), so a
 /// proxy checking a request could read another value than the server.
+/// Names are compared percent-decoded, as such a proxy may read them
+/// (review: `%74oken=NONE&token=GOOD` is one `token` undecoded, two
+/// decoded); the server itself reads only the plain name.
 pub fn repeated_param<'n>(query: Option<&str>, names: &[&'n str]) -> Option<&'n str> {
     let query = query?;
-    names.iter().copied().find(|name| {
+    names.iter().copied().find(|&name| {
         query
             .split('&')
-            .filter(|kv| kv.strip_prefix(name).is_some_and(|r| r.starts_with('=')))
+            .filter_map(|kv| kv.split_once('=').map(|(k, _)| k))
+            .filter(|&k| k == name || (k.contains('%') && percent_decode(k) == name))
             .nth(1)
             .is_some()
     })
@@ -390,6 +394,12 @@ mod tests {
             "no value: not read"
         );
         assert_eq!(repeated_param(None, &names), None);
+        assert_eq!(
+            repeated_param(Some("%74oken=a&token=b"), &names),
+            Some("token"),
+            "as a decoding proxy reads it"
+        );
+        assert_eq!(repeated_param(Some("%74oken=a&topics=b"), &names), None);
         assert_eq!(query_param(None, "max_rate"), None);
         assert_eq!(
             parse_list("a,b,,a,c", 128, 64),

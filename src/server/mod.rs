@@ -215,6 +215,9 @@ impl Shared {
             "worker panicked (a bug: please report it with the log); draining and exiting"
         );
         self.shutdown.store(true, Ordering::Release);
+        // What it had found and not delivered is not coming: its lag must
+        // not hold the other workers' publishers through the drain.
+        self.bus.forget_lag(id);
         for w in 0..self.bus.workers() {
             self.bus.wake(w);
         }

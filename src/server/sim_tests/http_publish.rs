@@ -278,6 +278,29 @@ fn a_request_cut_short_by_the_clients_fin_is_answered_400() {
         assert!(text.contains("request cut short"), "{text}");
         assert!(text.contains("Connection: close"), "{text}");
     }
+    // The same when the FIN comes while a turn's worth of the pipeline
+    // waits (the connection is read again at the next turn): answered once
+    // the requests before it are (review: closed without a word).
+    let mut sim = Sim::new(|_| {});
+    let c = sim.connect(1 << 30);
+    let pipeline: Vec<u8> = (0..300).flat_map(|_| post("t", &[b'x'; 4096])).collect();
+    sim.send(
+        c,
+        &[&pipeline[..], b"POST /publish/t HTTP/1.1\r\nHo"].concat(),
+    );
+    sim.core.eof(c);
+    sim.core.after_input(c);
+    sim.wait(5 * TICK, TICK);
+    let wire = sim.received(c);
+    let got = answers(&wire);
+    assert_eq!(got.len(), 301, "every request answered");
+    assert!(
+        got[..300].iter().all(|a| a.starts_with("204")),
+        "{:?}",
+        &got[..3]
+    );
+    assert!(got[300].starts_with("400"), "{:?}", got[300]);
+    assert!(String::from_utf8_lossy(&wire).contains("request cut short"));
     // Nothing after the last complete request: closed, no answer made up.
     let mut sim = Sim::new(|_| {});
     let c = sim.connect(1 << 20);

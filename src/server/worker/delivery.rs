@@ -217,7 +217,6 @@ impl<S> Core<S> {
             };
         let bus = &self.shared.bus;
         self.inbox.begin_drain(bus);
-        let mut found = false;
         loop {
             let (batch, mut pos, number) = match self.carry.take() {
                 Some(carried) => carried,
@@ -226,13 +225,11 @@ impl<S> Core<S> {
                     None => break,
                 },
             };
-            if !found {
-                // Seen by the other workers while this turn delivers: a
-                // long turn shows as a growing lag.
-                found = true;
-                self.inbox
-                    .report_oldest(bus, batch.get(pos).map(Publication::published_at));
-            }
+            // The oldest publication found and not delivered is this
+            // batch's next: seen by the other workers while this turn
+            // delivers, so a long turn shows as a growing lag.
+            self.inbox
+                .report_oldest(bus, batch.get(pos).map(Publication::published_at));
             while pos < batch.len() && work.get() < MAX_DELIVERIES_PER_TURN {
                 // Whole runs of one topic while they fit the bound, so each
                 // subscriber still takes a run at a time.
@@ -348,7 +345,8 @@ impl<S> Core<S> {
     }
 
     /// Resumes throttled publishers once every mailbox is below half its
-    /// mark, and paced publishers whose pause is over.
+    /// byte mark and every worker less than half its lag mark behind, and
+    /// paced publishers whose pause is over.
     pub fn unthrottle(&mut self) {
         if !self.paced.is_empty() {
             let now = self.now;
@@ -394,7 +392,7 @@ impl<S> Core<S> {
         let cfg = &self.shared.config;
         if self.throttled.is_empty()
             || self.shared.bus.max_queued_bytes() > cfg.mailbox_high_water / 2
-            || self.shared.bus.max_lag(self.now) > cfg.mailbox_high_lag / 2
+            || behind(&self.shared, self.now, cfg.mailbox_high_lag / 2)
         {
             return;
         }
@@ -469,6 +467,9 @@ impl<S> Core<S> {
     /// in its mailbox) will never be delivered; count them.
     pub fn finish(&mut self) {
         let bus = &self.shared.bus;
+        // Nothing of it is pending any more: a lag left set would hold
+        // every other worker's publishers.
+        self.inbox.report_oldest(bus, None);
         let mut lost = 0;
         if let Some((batch, pos, _)) = self.carry.take() {
             lost += batch.len() - pos;
@@ -745,4 +746,14 @@ impl Budget<'_> {
             Some(1)
         }
     }
+}
+
+/// Whether some worker is more than `mark` behind on its deliveries at
+/// `now` ([`Bus::max_lag`](crate::pubsub::bus::Bus::max_lag)). Never in a
+/// cluster: there every publication reaches the mailboxes through the NATS
+/// bridge, local publishers publish to NATS, and holding them would not
+/// slow what keeps a worker behind (review: a flood through another node
+/// would have held every publisher of this one).
+pub(super) fn behind(shared: &Shared, now: Instant, mark: Duration) -> bool {
+    shared.cluster.is_none() && shared.bus.max_lag(now) > mark
 }

@@ -269,7 +269,7 @@ impl<S> Core<S> {
         let cfg = &self.shared.config;
         if (published || conn.session.is_publisher())
             && (self.shard.bus().max_queued_bytes() > cfg.mailbox_high_water
-                || self.shard.bus().max_lag(self.now) > cfg.mailbox_high_lag)
+                || super::delivery::behind(&self.shared, self.now, cfg.mailbox_high_lag))
         {
             // Every publisher, WebSocket or HTTP, is held alike: not read
             // until the mailboxes drain and catch up (`unthrottle`), so
@@ -326,14 +326,22 @@ impl<S> Core<S> {
             // connection closes (`after_input`).
             return;
         }
+        self.answer_cut_short(key);
+        self.conns[key].state = IoState::Closing;
+    }
+
+    /// A connection closing on its client's FIN with part of a request:
+    /// answered `400`, as a client that half-closed can still read, and is
+    /// told why nothing comes (outside probe: a cut body or head was
+    /// closed without a word).
+    fn answer_cut_short(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
         if conn.state == IoState::Active
             && conn.session.awaiting_request()
             && conn.session.partial_request()
+            && !conn.session.confirming()
             && !conn.flag(AWAIT_PROXY)
         {
-            // Part of a request, then its FIN: a client that half-closed
-            // can still read, and is told why nothing comes (outside
-            // probe: a cut body or head was closed without a word).
             let stats = &self.shared.stats[self.id];
             conn.session.abort(
                 CloseCode::POLICY_VIOLATION,
@@ -343,8 +351,6 @@ impl<S> Core<S> {
             );
             self.recharge(key);
         }
-        let conn = &mut self.conns[key];
-        conn.state = IoState::Closing;
     }
 
     /// After a batch of input for `key`: re-arms the request deadline of a
@@ -369,8 +375,9 @@ impl<S> Core<S> {
             && !conn.session.confirming()
         {
             // Its FIN came while what it sent before waited; that is
-            // taken up now.
-            conn.state = IoState::Closing;
+            // taken up now, and a request it left cut short is answered.
+            self.answer_cut_short(key);
+            self.conns[key].state = IoState::Closing;
         }
         let conn = &self.conns[key];
         if conn.state == IoState::Closing {

@@ -19,13 +19,18 @@ fn split(target: &str) -> (&str, Option<&str>) {
 
 /// The topics of a subscriber's request target: its `topics=` list,
 /// split at commas, each percent-decoded as the server does; empty items
-/// skipped, duplicates removed, order kept.
+/// skipped, duplicates removed, order kept. Only the first `topics=`
+/// counts (the server answers a target with two `400`).
 pub fn topics_of(target: &str) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     let (_, Some(query)) = split(target) else {
         return out;
     };
-    for list in query.split('&').filter_map(|p| p.strip_prefix("topics=")) {
+    for list in query
+        .split('&')
+        .filter_map(|p| p.strip_prefix("topics="))
+        .take(1)
+    {
         for name in list.split(',').filter(|n| !n.is_empty()) {
             let name = percent_decode(name);
             if !out.contains(&name) {
@@ -111,7 +116,7 @@ mod tests {
     fn topics_come_from_the_query() {
         assert_eq!(topics_of("/ws?topics=s0,s1"), ["s0", "s1"]);
         assert_eq!(topics_of("/ws?x=1&topics=a,,b,a&y=2"), ["a", "b"]);
-        assert_eq!(topics_of("/ws?topics=a&topics=b"), ["a", "b"]);
+        assert_eq!(topics_of("/ws?topics=a&topics=b"), ["a"]);
         assert_eq!(topics_of("/ws?topics=news.%3E"), ["news.>"]);
         assert!(topics_of("/ws").is_empty());
         assert!(topics_of("/ws?topics=").is_empty());
