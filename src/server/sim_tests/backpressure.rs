@@ -1489,3 +1489,55 @@ fn http_publications_to_new_names_pay_for_their_pattern_walks() {
     sim.wait(Duration::from_millis(50), Duration::from_millis(1));
     assert_eq!(first + answered(&mut sim), 40);
 }
+
+/// A release from a conflating subscriber's table stops at the topic whose
+/// frames would take its queue past `--max-outbound-bytes`; that topic and
+/// those after it wait for the next release, in their order, and every
+/// topic's newest value arrives (review: no test took that path).
+#[test]
+fn a_release_cut_by_the_queue_bound_leaves_the_rest_waiting_in_order() {
+    use crate::server::config::SlowConsumerPolicy;
+    let mut sim = Sim::new(|c| {
+        c.max_outbound_bytes = 64 * 1024;
+        c.slow_consumer = SlowConsumerPolicy::Conflate;
+        c.ping_interval = None;
+    });
+    let sub = sim.upgrade("/ws?topics=c.>", 0);
+    let body = |t: usize, v: usize| {
+        let mut b = format!("{t}:{v}:").into_bytes();
+        b.resize(20 * 1024, b'x');
+        b
+    };
+    // Ten topics twice, 20 KiB each: the queue takes the first few, the
+    // rest wait in the table, the newest of each topic.
+    for v in 0..2 {
+        for t in 0..10 {
+            publish(&mut sim, &format!("c.t{t}"), &body(t, v));
+        }
+    }
+    for _ in 0..30 {
+        sim.read(sub, 1 << 20);
+    }
+    let got: Vec<(usize, usize)> = frames(&sim.received(sub))
+        .into_iter()
+        .filter(|(op, _)| *op == 0x1 || *op == 0x2)
+        .map(|(_, p)| {
+            let text = String::from_utf8_lossy(&p[..8]).into_owned();
+            let mut it = text.split(':');
+            let t = it.next().unwrap().parse().unwrap();
+            (t, it.next().unwrap().parse().unwrap())
+        })
+        .collect();
+    for t in 0..10 {
+        assert_eq!(
+            got.iter().rev().find(|(topic, _)| *topic == t).map(|g| g.1),
+            Some(1),
+            "topic {t}'s newest value arrives last: {got:?}"
+        );
+    }
+    // Released in the order the topics first waited, each once: the
+    // first three went to the queue at once, so 3 to 9 waited first, then
+    // the second values of 0 to 2.
+    let newest: Vec<usize> = got.iter().filter(|g| g.1 == 1).map(|g| g.0).collect();
+    assert_eq!(newest, [3, 4, 5, 6, 7, 8, 9, 0, 1, 2], "{got:?}");
+}

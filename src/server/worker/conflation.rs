@@ -246,23 +246,24 @@ impl Tables {
                 ..Table::default()
             };
         }
-        if !table.waiting.contains_key(topic) {
-            table.order.push_back(Arc::clone(topic));
-            table.waiting.insert(
-                Arc::clone(topic),
-                Waiting {
+        // One lookup (the name hashed once): a put of a new topic's
+        // publication hashed its name three times, of a waiting one's twice.
+        let w = match table.waiting.entry(Arc::clone(topic)) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                table.order.push_back(Arc::clone(topic));
+                if self.touched.last() != Some(&(key, serial)) {
+                    self.touched.push((key, serial));
+                }
+                e.insert(Waiting {
                     newest: Vec::new(),
                     by_key: None,
                     replaced: 0,
                     from: run[0].msg.seq,
                     interval,
-                },
-            );
-            if self.touched.last() != Some(&(key, serial)) {
-                self.touched.push((key, serial));
+                })
             }
-        }
-        let w = table.waiting.get_mut(topic).expect("inserted");
+        };
         w.interval = interval;
         let mut replaced = 0;
         let mut i = 0;
@@ -467,7 +468,10 @@ impl<S> Core<S> {
                 later.push_back(name);
                 continue;
             }
-            let w = table.waiting.get_mut(name).expect("listed");
+            // Taken out at once (one lookup), put back in the rare case
+            // the queue cannot take it this time.
+            let name = table.order.pop_front().expect("front");
+            let mut w = table.waiting.remove(&name).expect("listed");
             // One topic's keys in number order (one order per topic).
             if w.newest.len() > 1 {
                 w.newest.sort_unstable_by_key(|p| p.msg.seq);
@@ -476,23 +480,23 @@ impl<S> Core<S> {
             for p in &w.newest {
                 let mut on_built =
                     |f: crate::pubsub::envelope::Form, _: &Bytes| self.built.push((p.clone(), f));
-                frames.push(p.msg.frame_for(form, name, &mut on_built).clone());
+                frames.push(p.msg.frame_for(form, &name, &mut on_built).clone());
             }
             let len: usize = frames.iter().map(Bytes::len).sum();
             if queued && conn.session.out.len() + len > max {
+                table.order.push_front(Arc::clone(&name));
+                table.waiting.insert(name, w);
                 break;
             }
             let m = &w.newest.last().expect("a waiting entry is not empty").msg;
             if w.replaced > 0
                 && let Some(marker) =
-                    conflated_marker_from(form, name, m.epoch, m.seq, w.replaced, w.from)
+                    conflated_marker_from(form, &name, m.epoch, m.seq, w.replaced, w.from)
             {
                 frames.insert(0, marker);
             }
             let refs: Vec<&Bytes> = frames.iter().collect();
             let ok = conn.session.push_waiting(&refs);
-            let name = table.order.pop_front().expect("front");
-            let w = table.waiting.remove(&name).expect("listed");
             table.waited -= w.newest.len();
             let c = w.charge();
             table.bytes -= c;
