@@ -404,14 +404,19 @@ mod tests {
         }
     }
 
+    /// A bus of two workers whose wake-ups are counted nowhere.
+    fn two_workers() -> (Arc<Bus>, Vec<Inbox>) {
+        Bus::new(vec![
+            Box::new(Count(Arc::new(AtomicUsize::new(0)))),
+            Box::new(Count(Arc::new(AtomicUsize::new(0)))),
+        ])
+    }
+
     /// Workers holding overlapping sets of order stripes, in any mix,
     /// never wait on each other in a cycle, and a held stripe excludes.
     #[test]
     fn order_stripes_are_exclusive_and_taken_without_deadlock() {
-        let (bus, _inboxes) = Bus::new(vec![
-            Box::new(Count(Arc::new(AtomicUsize::new(0)))),
-            Box::new(Count(Arc::new(AtomicUsize::new(0)))),
-        ]);
+        let (bus, _inboxes) = two_workers();
         let d = Directory::new();
         let topics: Vec<_> = (0..200).map(|i| d.entry(&format!("t{i}"))).collect();
         let stripes: Vec<u32> = topics
@@ -486,10 +491,7 @@ mod tests {
     /// hold every publisher until that worker's next turn).
     #[test]
     fn the_lag_is_the_oldest_pending_publications_wait_until_it_is_delivered() {
-        let (bus, inboxes) = Bus::new(vec![
-            Box::new(Count(Arc::new(AtomicUsize::new(0)))),
-            Box::new(Count(Arc::new(AtomicUsize::new(0)))),
-        ]);
+        let (bus, inboxes) = two_workers();
         let t0 = Instant::now();
         let ms = Duration::from_millis;
         assert_eq!(bus.max_lag(t0 + ms(500)), Duration::ZERO, "none found");

@@ -214,6 +214,17 @@ fn an_http_publisher_is_not_read_while_a_peer_mailbox_is_over_its_mark() {
     assert_eq!(sim.stats().messages_published.load(Relaxed), 9);
 }
 
+/// `n` pipelined `POST`s of one byte, each to a new topic `r.t{i}` from
+/// `from` on.
+fn posts_to_new_topics(from: usize, n: usize) -> Vec<u8> {
+    (from..from + n)
+        .flat_map(|i| {
+            format!("POST /publish/r.t{i} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx")
+                .into_bytes()
+        })
+        .collect()
+}
+
 /// A worker behind on its deliveries by more than the lag mark holds
 /// every publisher until it catches up, however few bytes its mailbox
 /// holds: a publication put in 500 rated `>` subscribers' tables is a few
@@ -229,20 +240,12 @@ fn a_publisher_is_not_read_while_a_worker_is_behind_by_the_lag_mark() {
         .map(|_| sim.upgrade("/ws?topics=r.>&max_rate=1", 1 << 30))
         .collect();
     let c = sim.connect(1 << 30);
-    let pipeline = |from: usize, n: usize| -> Vec<u8> {
-        (from..from + n)
-            .flat_map(|i| {
-                format!("POST /publish/r.t{i} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx")
-                    .into_bytes()
-            })
-            .collect()
-    };
     let answers = |wire: &[u8]| wire.windows(12).filter(|w| w == b"HTTP/1.1 204").count();
     // The worker learns what its deliveries cost; then 500 000 puts, more
     // than three turns' worth (a put counts 8 deliveries of 1 Mi a turn),
     // all read and answered while no time passes.
-    sim.send(c, &pipeline(0, 100));
-    sim.send(c, &pipeline(100, 1000));
+    sim.send(c, &posts_to_new_topics(0, 100));
+    sim.send(c, &posts_to_new_topics(100, 1000));
     let mut answered = answers(&sim.received(c));
     for _ in 0..10 {
         if answered == 1100 {
@@ -262,10 +265,10 @@ fn a_publisher_is_not_read_while_a_worker_is_behind_by_the_lag_mark() {
     assert_eq!(bus.max_lag(sim.now), later);
     // The publisher's next request is taken (the mark is checked after a
     // read), then it is held: the one after waits in its socket.
-    sim.send(c, &pipeline(1100, 1));
+    sim.send(c, &posts_to_new_topics(1100, 1));
     assert_eq!(answers(&sim.received(c)), 1);
     assert_eq!(sim.stats().publishers_throttled.load(Relaxed), 1);
-    sim.send(c, &pipeline(1101, 1));
+    sim.send(c, &posts_to_new_topics(1101, 1));
     assert!(
         sim.received(c).is_empty(),
         "held while the worker is behind"
@@ -443,18 +446,10 @@ fn table_puts_count_more_toward_a_turns_deliveries() {
         .map(|_| sim.upgrade("/ws?topics=r.*&max_rate=1", 1 << 30))
         .collect();
     let c = sim.connect(1 << 30);
-    let pipeline = |from: usize, n: usize| -> Vec<u8> {
-        (from..from + n)
-            .flat_map(|i| {
-                format!("POST /publish/r.t{i} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx")
-                    .into_bytes()
-            })
-            .collect()
-    };
     // A first read: the worker learns what its deliveries cost.
-    sim.send(c, &pipeline(0, 100));
+    sim.send(c, &posts_to_new_topics(0, 100));
     let before = sim.stats().deliveries_deferred.load(Relaxed);
-    sim.send(c, &pipeline(100, 1000));
+    sim.send(c, &posts_to_new_topics(100, 1000));
     assert!(sim.stats().deliveries_deferred.load(Relaxed) > before);
     // The rest follows at the next turns, every one.
     sim.wait(TICK, TICK);

@@ -389,11 +389,7 @@ impl<S> Core<S> {
                 self.reread.push((key, serial));
             }
         }
-        let cfg = &self.shared.config;
-        if self.throttled.is_empty()
-            || self.shared.bus.max_queued_bytes() > cfg.mailbox_high_water / 2
-            || behind(&self.shared, self.now, cfg.mailbox_high_lag / 2)
-        {
+        if self.throttled.is_empty() || past_marks(&self.shared, self.now, 2) {
             return;
         }
         for (key, serial) in std::mem::take(&mut self.throttled) {
@@ -748,12 +744,17 @@ impl Budget<'_> {
     }
 }
 
-/// Whether some worker is more than `mark` behind on its deliveries at
-/// `now` ([`Bus::max_lag`](crate::pubsub::bus::Bus::max_lag)). Never in a
-/// cluster: there every publication reaches the mailboxes through the NATS
-/// bridge, local publishers publish to NATS, and holding them would not
-/// slow what keeps a worker behind (review: a flood through another node
-/// would have held every publisher of this one).
-pub(super) fn behind(shared: &Shared, now: Instant, mark: Duration) -> bool {
-    shared.cluster.is_none() && shared.bus.max_lag(now) > mark
+/// Whether publishers are held at `now`: a mailbox holds more than
+/// `1/divisor` of `mailbox_high_water`, or a worker is more than
+/// `1/divisor` of `mailbox_high_lag` behind on its deliveries
+/// ([`Bus::max_lag`](crate::pubsub::bus::Bus::max_lag)). Held past the
+/// marks (`divisor` 1), resumed at half (2). The lag never counts in a
+/// cluster: there every publication reaches the mailboxes through the
+/// NATS bridge, local publishers publish to NATS, and holding them would
+/// not slow what keeps a worker behind (review: a flood through another
+/// node would have held every publisher of this one).
+pub(super) fn past_marks(shared: &Shared, now: Instant, divisor: u32) -> bool {
+    let cfg = &shared.config;
+    shared.bus.max_queued_bytes() > cfg.mailbox_high_water / divisor as usize
+        || (shared.cluster.is_none() && shared.bus.max_lag(now) > cfg.mailbox_high_lag / divisor)
 }

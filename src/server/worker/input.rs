@@ -266,10 +266,8 @@ impl<S> Core<S> {
             return Input::Stop;
         }
         let published = conn.take_flag(PUBLISHED);
-        let cfg = &self.shared.config;
         if (published || conn.session.is_publisher())
-            && (self.shard.bus().max_queued_bytes() > cfg.mailbox_high_water
-                || super::delivery::behind(&self.shared, self.now, cfg.mailbox_high_lag))
+            && super::delivery::past_marks(&self.shared, self.now, 1)
         {
             // Every publisher, WebSocket or HTTP, is held alike: not read
             // until the mailboxes drain and catch up (`unthrottle`), so
